@@ -1,0 +1,102 @@
+"""Trainer callbacks: a progress bar with loss, tokens/s and ETA; a loss history for the plot."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any, TextIO
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+
+def format_duration(seconds: float) -> str:
+    """``3725`` → ``"1:02:05"``; ``65`` → ``"1:05"``."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = round(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class ProgressCallback(TrainerCallback):
+    """One status line: step/total, epoch, last loss, learning rate, tokens/s (real tokens) and ETA.
+
+    Tokens are ``state.num_input_tokens_seen``, which the Trainer counts as the attention-mask sum when
+    ``include_num_input_tokens_seen="non_padding"`` (padding is not work). On a terminal the line is redrawn in
+    place; otherwise (logs, CI, pipes) a full line is printed at each logging step.
+    """
+
+    def __init__(self, stream: TextIO | None = None, tty: bool | None = None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self._t0 = 0.0
+        self._tokens0 = 0
+        self._step0 = 0
+        self._loss: float | None = None
+        self._lr: float | None = None
+        self.tokens_per_second: float = 0.0
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        # Measured from here so a resumed run's speed excludes the steps it skipped.
+        self._t0 = time.perf_counter()
+        self._tokens0 = state.num_input_tokens_seen or 0
+        self._step0 = state.global_step
+
+    def status(self, state: TrainerState) -> str:
+        """The current status line (no newline)."""
+        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        done = state.global_step - self._step0
+        tokens = (state.num_input_tokens_seen or 0) - self._tokens0
+        self.tokens_per_second = tokens / elapsed
+        total = state.max_steps or 0
+        eta = (total - state.global_step) * elapsed / done if done > 0 and total else float("nan")
+        parts = [f"step {state.global_step}/{total}"]
+        if state.epoch is not None:
+            parts.append(f"epoch {state.epoch:.2f}")
+        if self._loss is not None:
+            parts.append(f"loss {self._loss:.4f}")
+        if self._lr is not None:
+            parts.append(f"lr {self._lr:.2e}")
+        parts.append(f"{self.tokens_per_second:,.0f} tok/s")
+        parts.append(f"elapsed {format_duration(elapsed)}")
+        parts.append(f"ETA {format_duration(eta)}")
+        return " | ".join(parts)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        if self.tty:
+            self.stream.write("\r\033[K" + self.status(state))
+            self.stream.flush()
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kw: Any):
+        logs = logs or {}
+        if "loss" in logs:
+            self._loss = float(logs["loss"])
+            self._lr = float(logs["learning_rate"]) if "learning_rate" in logs else self._lr
+            if not self.tty:
+                self._println(self.status(state))
+        if "eval_loss" in logs:
+            ppl = math.exp(min(float(logs["eval_loss"]), 50.0))
+            self._println(f"eval at step {state.global_step}: loss {logs['eval_loss']:.4f} | ppl {ppl:.2f}")
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        self._println(self.status(state))
+
+    def _println(self, line: str) -> None:
+        prefix = "\r\033[K" if self.tty else ""
+        self.stream.write(prefix + line + "\n")
+        self.stream.flush()
+
+
+class StopAtStepCallback(TrainerCallback):
+    """Ask the Trainer to stop (saving a checkpoint) after optimizer step ``step`` — an orderly interruption."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        if state.global_step >= self.step:
+            control.should_save = True
+            control.should_training_stop = True
+        return control

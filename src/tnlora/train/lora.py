@@ -1,0 +1,154 @@
+"""Which parameters train: LoRA target discovery and peft config, full and freeze fine-tuning.
+
+TransNormerLLM's only linear layers are ``qkvu_proj`` and ``out_proj`` (token mixer) and ``l1``, ``l2``, ``l3``
+(channel mixer), plus ``lm_head``. A Llama-style target list (q_proj, v_proj, …) matches nothing, and peft
+would fail or silently train nothing, so every requested name is checked against the model first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from tnlora.config import LINEAR_TARGETS_ALL, RunConfig, split_list
+from tnlora.errors import ConfigError
+
+# The output head is tied to the embedding; adapting it with LoRA would untie what the checkpoint ties.
+EXCLUDED_LINEARS = ("lm_head",)
+
+_LLAMA_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "query_key_value"}
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` by qualified name, the output head excluded."""
+    out: dict[str, nn.Linear] = {}
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Linear) and leaf not in EXCLUDED_LINEARS:
+            out[name] = module
+    return out
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """The distinct leaf names of the linear layers, in model order (for TNL: qkvu_proj, out_proj, l1, l2, l3)."""
+    names: list[str] = []
+    for name in linear_modules(model):
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf not in names:
+            names.append(leaf)
+    return names
+
+
+def resolve_lora_targets(model: nn.Module, lora_target: str | Sequence[str]) -> list[str]:
+    """Turn ``"all"`` or a comma list into peft ``target_modules``; a name that matches no linear layer is an error."""
+    available = linear_layer_names(model)
+    if isinstance(lora_target, str):
+        if lora_target.strip().lower() == LINEAR_TARGETS_ALL:
+            if not available:
+                raise ConfigError("lora_target: this model has no linear layers to adapt")
+            return available
+        requested = split_list(lora_target)
+    else:
+        requested = [t.strip() for t in lora_target if t.strip()]
+    qualified = list(linear_modules(model))
+    missing = [t for t in requested if not any(q == t or q.endswith("." + t) for q in qualified)]
+    if missing:
+        hint = ""
+        if _LLAMA_NAMES.intersection(missing):
+            hint = " (TransNormerLLM fuses q, k, v and the output gate into qkvu_proj)"
+        raise ConfigError(
+            f"lora_target: {', '.join(repr(m) for m in missing)} matches no linear layer of this model{hint}; "
+            f"its linear layers are: {', '.join(available)} (or use 'all')"
+        )
+    return requested
+
+
+def build_lora_config(
+    cfg: RunConfig, target_modules: list[str], trainable_token_ids: list[int] | None = None
+):  # -> peft.LoraConfig (peft imported lazily: it is slow to import)
+    """The peft ``LoraConfig`` of a run."""
+    from peft import LoraConfig, TaskType
+
+    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_rank
+    modules_to_save = split_list(cfg.additional_target) or None
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=cfg.lora_rank,
+        lora_alpha=alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=target_modules,
+        use_dora=cfg.use_dora,
+        use_rslora=cfg.use_rslora,
+        modules_to_save=modules_to_save,
+        trainable_token_indices=({"embed_tokens": list(trainable_token_ids)} if trainable_token_ids else None),
+        # embed_tokens and lm_head share one tensor; keep them shared in any trained copy
+        ensure_weight_tying=True,
+        bias="none",
+    )
+
+
+def apply_finetuning(model: nn.Module, cfg: RunConfig, trainable_token_ids: list[int] | None = None) -> nn.Module:
+    """Make the parameters of ``cfg.finetuning_type`` trainable; for LoRA return the peft-wrapped model."""
+    if cfg.finetuning_type == "lora":
+        from peft import get_peft_model
+
+        targets = resolve_lora_targets(model, cfg.lora_target)
+        if cfg.additional_target:
+            _check_module_names(model, split_list(cfg.additional_target), "additional_target")
+        return get_peft_model(model, build_lora_config(cfg, targets, trainable_token_ids))
+    if cfg.finetuning_type == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    _freeze_all_but_layers(model, cfg.freeze_trainable_layers)
+    return model
+
+
+def _check_module_names(model: nn.Module, names: list[str], key: str) -> None:
+    qualified = [n for n, _ in model.named_modules() if n]
+    missing = [t for t in names if not any(q == t or q.endswith("." + t) for q in qualified)]
+    if missing:
+        raise ConfigError(f"{key}: {', '.join(repr(m) for m in missing)} matches no module of this model")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of decoder layers (``model.layers`` of a CausalLM, or ``layers`` of a bare model)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.split(".")[-1] == "layers":
+            return module
+    raise ConfigError("finetuning_type: freeze needs a model with a 'layers' list; this model has none")
+
+
+def _freeze_all_but_layers(model: nn.Module, n: int) -> None:
+    """LLaMA-Factory's freeze tuning: train the last ``n`` decoder layers (the first ``-n`` when negative)."""
+    layers = decoder_layers(model)
+    if abs(n) > len(layers):
+        raise ConfigError(f"freeze_trainable_layers: {n} but the model has only {len(layers)} layers")
+    chosen = layers[len(layers) - n :] if n > 0 else layers[: -n]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in chosen:
+        for p in layer.parameters():
+            p.requires_grad_(True)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared (tied) tensors count once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def describe_trainable(model: nn.Module) -> str:
+    """The line printed at the start of training."""
+    trainable, total = count_parameters(model)
+    share = 100.0 * trainable / max(total, 1)
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}"

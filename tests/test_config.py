@@ -1,0 +1,173 @@
+"""tnlora.config: YAML + overrides → one validated RunConfig; every refusal names the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tnlora.config import (
+    RUN_CONFIG_NAME,
+    RunConfig,
+    load_run_config,
+    parse_overrides,
+    read_run_config,
+    resolve_defaults,
+    save_run_config,
+)
+from tnlora.errors import ConfigError
+
+BASE = ["--model_name_or_path", "tiny", "--dataset", "d.json", "--output_dir", "out"]
+
+
+def write_yaml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def refusal(overrides: list[str], path: Path | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_run_config(path, BASE + overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_yaml_values_are_typed_and_overrides_win(tmp_path):
+    path = write_yaml(
+        tmp_path,
+        "model_name_or_path: tiny\ndataset: [a.json, b.json]\noutput_dir: o\nlearning_rate: 1e-4\n"
+        "lora_target: [l1, l2]\nlora_rank: 4\nnum_train_epochs: 2\n",
+    )
+    cfg = load_run_config(path, ["--lora_rank", "16", "--packing", "--system=Be brief.", "--bf16", "false"])
+    assert cfg.learning_rate == pytest.approx(1e-4)  # YAML 1.1 reads "1e-4" as a string
+    assert cfg.dataset == "a.json,b.json"
+    assert cfg.lora_targets() == ["l1", "l2"]
+    assert cfg.lora_rank == 16
+    assert cfg.packing is True
+    assert cfg.system == "Be brief."
+    assert cfg.bf16 is False
+    assert cfg.num_train_epochs == 2.0 and isinstance(cfg.num_train_epochs, float)
+
+
+def test_parse_overrides_forms():
+    assert parse_overrides(["--a", "1", "--b=x=y", "--flag", "--c", "-3"]) == {
+        "a": "1",
+        "b": "x=y",
+        "flag": True,
+        "c": "-3",
+    }
+    with pytest.raises(ConfigError, match="unexpected argument 'stray'"):
+        parse_overrides(["stray"])
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path):
+    assert "unknown config key 'lora_rnak'" in refusal(["--lora_rnak", "4"])
+    assert "did you mean 'lora_rank'" in refusal(["--lora_rnak", "4"])
+    path = write_yaml(tmp_path, "model_name_or_path: tiny\ndataset: d\noutput_dir: o\nlearnig_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'learnig_rate' in .*run.yaml \(did you mean 'learning_rate'"):
+        load_run_config(path)
+
+
+def test_bad_type_is_refused_with_the_key():
+    assert refusal(["--lora_rank", "eight"]) == "lora_rank: expected an integer, got 'eight' (from --lora_rank)"
+    assert refusal(["--learning_rate", "fast"]).startswith("learning_rate: expected a number")
+    assert refusal(["--packing", "maybe"]).startswith("packing: expected true or false")
+
+
+def test_bad_type_from_yaml(tmp_path):
+    path = write_yaml(tmp_path, "model_name_or_path: tiny\ndataset: d\noutput_dir: o\ncutoff_len: [1, 2]\n")
+    with pytest.raises(ConfigError, match=r"^cutoff_len: expected an integer, got \[1, 2\]$"):
+        load_run_config(path)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (["--lora_rank", "0"], "lora_rank: must be >= 1, got 0"),
+        (["--lora_dropout", "1.0"], "lora_dropout: must be < 1, got 1.0"),
+        (["--learning_rate", "0"], "learning_rate: must be > 0, got 0.0"),
+        (["--cutoff_len", "1"], "cutoff_len: must be >= 2, got 1"),
+        (["--warmup_ratio", "-0.1"], "warmup_ratio: must be >= 0, got -0.1"),
+        (["--max_steps", "0"], "max_steps: must be -1"),
+        (["--val_size", "2.5"], "val_size: a fraction below 1 or a whole number"),
+    ],
+)
+def test_bad_range_is_refused(override, expected):
+    assert refusal(override).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (["--finetuning_type", "qlora"], "finetuning_type: must be one of lora, full, freeze; got 'qlora'"),
+        (["--lr_scheduler_type", "cosine_annealing"], "lr_scheduler_type: must be one of linear, cosine"),
+        (["--report_to", "wandb"], "report_to: must be one of none, tensorboard; got 'wandb'"),
+        (["--stage", "dpo"], "stage: must be one of sft"),
+        (["--attention_impl", "flash"], "attention_impl: must be one of auto, chunked"),
+    ],
+)
+def test_bad_choice_is_refused(override, expected):
+    assert refusal(override).startswith(expected)
+
+
+def test_required_keys_and_combinations():
+    with pytest.raises(ConfigError, match=r"^model_name_or_path: required"):
+        load_run_config(None, ["--dataset", "d", "--output_dir", "o"])
+    with pytest.raises(ConfigError, match=r"^output_dir: required"):
+        load_run_config(None, ["--model_name_or_path", "tiny", "--dataset", "d"])
+    assert refusal(["--train_on_prompt", "--mask_history"]).startswith("mask_history: cannot be combined")
+    assert refusal(["--warmup_ratio", "0.1", "--warmup_steps", "5"]).startswith("warmup_steps:")
+    # null is allowed for optional keys only
+    assert load_run_config(None, [*BASE, "--system", "null"]).system is None
+    assert refusal(["--lora_rank", "null"]) == "lora_rank: a value is required, got null (from --lora_rank)"
+
+
+def test_yaml_problems_are_one_line(tmp_path):
+    bad = write_yaml(tmp_path, "model_name_or_path: tiny\n  dataset: : x\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML \(line \d+\)"):
+        load_run_config(bad)
+    listy = write_yaml(tmp_path, "- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_run_config(listy)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_run_config(tmp_path / "missing.yaml")
+
+
+def test_resume_from_checkpoint_words():
+    assert load_run_config(None, [*BASE, "--resume_from_checkpoint", "true"]).resume_from_checkpoint is True
+    assert load_run_config(None, [*BASE, "--resume_from_checkpoint", "false"]).resume_from_checkpoint is None
+    assert load_run_config(None, [*BASE, "--resume_from_checkpoint", "o/checkpoint-3"]).resume_from_checkpoint == (
+        "o/checkpoint-3"
+    )
+
+
+def test_dataset_dir_is_found_beside_the_yaml(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    path = write_yaml(tmp_path, "model_name_or_path: tiny\ndataset: d\noutput_dir: o\ndataset_dir: data\n")
+    monkeypatch.chdir(tmp_path.parent)
+    assert Path(load_run_config(path).dataset_dir) == tmp_path / "data"
+
+
+def test_resolve_defaults_cpu_and_gpu():
+    cfg = load_run_config(None, [*BASE, "--lora_rank", "4"])
+    cpu = resolve_defaults(cfg, cuda=False, cuda_bf16=False)
+    assert (cpu.bf16, cpu.packing, cpu.lora_alpha) == (False, False, 8.0)
+    gpu = resolve_defaults(cfg, cuda=True, cuda_bf16=True)
+    assert (gpu.bf16, gpu.packing) == (True, True)
+    with pytest.raises(ConfigError, match=r"^bf16:"):
+        resolve_defaults(load_run_config(None, [*BASE, "--bf16", "true"]), cuda=True, cuda_bf16=False)
+    assert cfg.bf16 is None  # resolving returns a copy
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = resolve_defaults(
+        load_run_config(None, [*BASE, "--sample_prompts", "hi", "--system", "S"]), cuda=False, cuda_bf16=False
+    )
+    save_run_config(cfg, tmp_path)
+    assert (tmp_path / RUN_CONFIG_NAME).is_file()
+    again = read_run_config(tmp_path)
+    assert again == cfg
+    assert isinstance(again, RunConfig)
+    assert read_run_config(tmp_path / "nowhere") is None
