@@ -1,0 +1,268 @@
+"""The ``tnlora`` command: one small function per verb, argument parsing only.
+
+Every ``TnloraError`` becomes ``error: <message>`` on one line of stderr and exit status 2. Heavy imports
+(torch, transformers, peft) happen inside the verbs so ``tnlora --help`` and config refusals are quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from tnlora.errors import TnloraError
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, like the rest of tnlora's refusals."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(EXIT_USER_ERROR)
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes", "on", "1"):
+        return True
+    if lowered in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared option groups
+
+
+def _add_model_args(p: argparse.ArgumentParser, adapter_required: bool = False) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="base checkpoint dir or preset (default: the adapter's base model)")
+    g.add_argument("--adapter", required=adapter_required, help="a tnlora training output dir (LoRA adapter)")
+    g.add_argument("--template", help="chat template (default: the one the adapter was trained with)")
+    g.add_argument("--system", help="system prompt (default: the one the adapter was trained with)")
+    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
+    g.add_argument("--attention_impl", choices=("auto", "chunked", "recurrent", "fla"), default=None)
+
+
+def _add_generation_args(p: argparse.ArgumentParser, do_sample: bool) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max_new_tokens", type=int, default=512)
+    g.add_argument(
+        "--do_sample", type=_bool, nargs="?", const=True, default=do_sample, help="true: sample; false: greedy"
+    )
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--top_p", type=float, default=0.9)
+    g.add_argument("--top_k", type=int, default=50)
+    g.add_argument("--repetition_penalty", type=float, default=1.03)
+    g.add_argument("--seed", type=int, default=None, help="fix the sampling seed")
+
+
+def _load(args: argparse.Namespace):
+    from tnlora.infer.loading import load_for_inference
+
+    return load_for_inference(
+        args.model,
+        args.adapter,
+        template=args.template,
+        system=args.system,
+        dtype=args.dtype,
+        device=args.device,
+        attention_impl=args.attention_impl,
+    )
+
+
+def _generation_options(args: argparse.Namespace):
+    from tnlora.infer.generate import GenerationOptions
+
+    return GenerationOptions(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Verbs
+
+
+def cmd_train(argv: list[str]) -> int:
+    """``tnlora train [CONFIG.yaml] [--key value | --key=value …]``."""
+    # Parsed by hand: argparse would take the value of an unknown --key for the positional CONFIG.
+    if argv and argv[0] in ("-h", "--help"):
+        from tnlora.config import FIELDS
+
+        print("usage: tnlora train [CONFIG.yaml] [--key value | --key=value ...]\n\nkeys:")
+        for name, f in FIELDS.items():
+            print(f"  {name:30s} {f.metadata.get('help', '')}")
+        return 0
+    config_path = argv[0] if argv and not argv[0].startswith("-") else None
+    overrides = argv[1:] if config_path is not None else argv
+    from tnlora.config import load_run_config
+
+    cfg = load_run_config(config_path, overrides)
+    from tnlora.train.run import train
+
+    train(cfg)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive multi-turn chat with streamed replies."""
+    from tnlora.infer.chat import chat_loop
+
+    chat_loop(_load(args), _generation_options(args), stdin=sys.stdin, stdout=sys.stdout)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Batched generation for a file of prompts → JSONL."""
+    from tnlora.infer.generate import generate_file
+
+    n = generate_file(_load(args), args.prompts, args.output, _generation_options(args), batch_size=args.batch_size)
+    print(f"wrote {n} replies to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Merge an adapter into its base model and save a full checkpoint."""
+    from tnlora.infer.merge import merge_adapter
+
+    out = merge_adapter(args.model, args.adapter, args.output, dtype=args.dtype)
+    print(f"merged model written to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Per-token loss and perplexity on a dataset, masked as in training."""
+    from tnlora.infer.evaluate import evaluate
+
+    result = evaluate(
+        _load(args),
+        args.dataset,
+        dataset_dir=args.dataset_dir,
+        cutoff_len=args.cutoff_len,
+        batch_size=args.batch_size,
+        max_samples=args.max_samples,
+        train_on_prompt=args.train_on_prompt,
+        mask_history=args.mask_history,
+    )
+    print(result.summary())
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    """Show how a dataset is read, rendered, tokenized and masked."""
+    from tnlora.data.inspect import inspect_dataset
+
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("func", "verb", "data_verb")}
+    print(inspect_dataset(**kwargs))
+    return 0
+
+
+def cmd_bench(argv: list[str]) -> int:
+    """``tnlora bench …``: the benchmark lives in ``tnlora.bench`` (optional)."""
+    try:
+        import tnlora.bench as bench
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("tnlora.bench",):
+            raise
+        raise TnloraError("the 'bench' verb is not available in this install (tnlora.bench is missing)") from None
+    return int(bench.main(argv) or 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every verb except ``train`` and ``bench`` (which take free-form arguments)."""
+    parser = _Parser(prog="tnlora", description="LoRA fine-tuning, chat and export for TransNormerLLM.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    sub.add_parser("train", help="fine-tune: tnlora train CONFIG.yaml [--key value …]", add_help=False)
+    sub.add_parser("bench", help="benchmark (tnlora bench --help)", add_help=False)
+
+    p = sub.add_parser("chat", help="interactive chat (/reset, /exit)")
+    _add_model_args(p)
+    _add_generation_args(p, do_sample=True)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="batched generation: prompts file → JSONL")
+    _add_model_args(p)
+    p.add_argument("--prompts", required=True, help="a .txt file (one prompt a line) or .jsonl (prompt/messages)")
+    p.add_argument("--output", required=True, help="the JSONL file to write")
+    p.add_argument("--batch_size", type=int, default=8)
+    _add_generation_args(p, do_sample=False)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("merge", help="merge an adapter into the base model (full checkpoint)")
+    p.add_argument("--model", help="base checkpoint dir or preset (default: the adapter's base model)")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("eval", help="loss and perplexity on a dataset")
+    _add_model_args(p)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--dataset_dir")
+    p.add_argument("--cutoff_len", type=int, default=None, help="default: the adapter's cutoff_len, else 1024")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--max_samples", type=int, default=None)
+    p.add_argument("--train_on_prompt", type=_bool, nargs="?", const=True, default=None)
+    p.add_argument("--mask_history", type=_bool, nargs="?", const=True, default=None)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("data", help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_verb", metavar="ACTION", parser_class=_Parser, required=True)
+    q = data_sub.add_parser("inspect", help="show rendering, tokens and masks of a few records")
+    q.add_argument("dataset")
+    q.add_argument("--dataset_dir")
+    q.add_argument("--template", required=True)
+    q.add_argument("--cutoff_len", type=int, default=1024)
+    q.add_argument("--model", default="tiny", help="whose tokenizer to use (checkpoint dir or preset)")
+    q.add_argument("--num", type=int, default=3, help="records to show")
+    q.set_defaults(func=cmd_data_inspect)
+    return parser
+
+
+def _dispatch(argv: list[str]) -> int:
+    if argv and argv[0] == "train":
+        return cmd_train(argv[1:])
+    if argv and argv[0] == "bench":
+        return cmd_bench(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return EXIT_USER_ERROR
+    return func(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(argv)
+    except TnloraError as exc:
+        message = " ".join(str(exc).split("\n"))
+        sys.stderr.write(f"error: {message}\n")
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return 0
+    except SystemExit as exc:  # argparse --help / usage errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USER_ERROR)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,140 @@
+"""Interactive multi-turn chat with streamed replies (works on a terminal and on a pipe)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, TextIO
+
+import torch
+from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+from tnlora.infer.generate import (
+    GenerationOptions,
+    StopOnStrings,
+    cut_at_stop,
+    generation_inputs,
+    prompt_ids,
+    stop_settings,
+)
+
+HELP = "commands: /reset clears the conversation, /exit (or end of input) quits"
+
+
+class StopStringFilter:
+    """Holds back streamed text that might be the start of a stop string, so ``<|im_end|>`` never shows."""
+
+    def __init__(self, stop_strings: list[str]):
+        self.stop_strings = stop_strings
+        self.buffer = ""
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        """Feed a piece of text; return what is safe to print now."""
+        if self.stopped:
+            return ""
+        self.buffer += piece
+        cut = cut_at_stop(self.buffer, self.stop_strings)
+        if len(cut) < len(self.buffer):
+            self.stopped = True
+            self.buffer = ""
+            return cut
+        keep = 0  # longest buffer suffix that is a proper prefix of a stop string
+        for s in self.stop_strings:
+            for k in range(min(len(s) - 1, len(self.buffer)), 0, -1):
+                if self.buffer.endswith(s[:k]):
+                    keep = max(keep, k)
+                    break
+        safe, self.buffer = self.buffer[: len(self.buffer) - keep], self.buffer[len(self.buffer) - keep :]
+        return safe
+
+    def flush(self) -> str:
+        """What is left once generation ended."""
+        rest, self.buffer = ("" if self.stopped else self.buffer), ""
+        return rest
+
+
+def stream_reply(loaded, messages: list[dict[str, Any]], options: GenerationOptions, out: TextIO) -> str:
+    """Generate the assistant's reply to ``messages``, writing it to ``out`` as it is produced; return it."""
+    options.check()
+    tokenizer, model = loaded.tokenizer, loaded.model
+    eos_ids, stop_strings = stop_settings(tokenizer, loaded.template)
+    ids, mask = generation_inputs(
+        tokenizer, [prompt_ids(tokenizer, loaded.template, messages, loaded.system)], loaded.device
+    )
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+    criteria = StoppingCriteriaList([StopOnStrings(tokenizer, stop_strings, ids.shape[1])] if stop_strings else [])
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with torch.inference_mode():
+                model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    eos_token_id=eos_ids,
+                    pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+                    stopping_criteria=criteria,
+                    streamer=streamer,
+                    **options.to_kwargs(),
+                )
+        except BaseException as exc:  # re-raised in the caller's thread
+            failure.append(exc)
+            streamer.end()  # unblock the reader
+
+    if options.seed is not None:
+        torch.manual_seed(options.seed)
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    shown = StopStringFilter(stop_strings)
+    pieces: list[str] = []
+    for piece in streamer:
+        safe = shown.push(piece)
+        if safe:
+            pieces.append(safe)
+            out.write(safe)
+            out.flush()
+    worker.join()
+    rest = shown.flush()
+    pieces.append(rest)
+    out.write(rest)
+    if failure:
+        raise failure[0]
+    return "".join(pieces).strip()
+
+
+def chat_loop(loaded, options: GenerationOptions, stdin: TextIO, stdout: TextIO) -> None:
+    """Read user turns from ``stdin`` until ``/exit`` or end of input; stream each reply to ``stdout``."""
+    interactive = stdin.isatty() and stdout.isatty()
+    if interactive:
+        stdout.write(f"tnlora chat — {loaded.base}" + (f" + {loaded.adapter}" if loaded.adapter else "") + "\n")
+        stdout.write(HELP + "\n")
+    history: list[dict[str, Any]] = []
+    while True:
+        if interactive:
+            stdout.write("\nuser: ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line:  # EOF
+            if interactive:
+                stdout.write("\n")
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history.clear()
+            stdout.write("(conversation cleared)\n")
+            stdout.flush()
+            continue
+        if text.startswith("/") and text[1:].isalpha():
+            stdout.write(f"(unknown command {text}; {HELP})\n")
+            continue
+        history.append({"role": "user", "content": text})
+        stdout.write("assistant: ")
+        stdout.flush()
+        reply = stream_reply(loaded, history, options, stdout)
+        stdout.write("\n")
+        stdout.flush()
+        history.append({"role": "assistant", "content": reply})

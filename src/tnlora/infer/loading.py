@@ -1,0 +1,158 @@
+"""Load a base model (+ adapter) for inference, with the template and system prompt training used."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tnlora.config import RunConfig, read_run_config
+from tnlora.errors import TnloraError
+
+TEMPLATE_FILE = "template.json"
+DEFAULT_TEMPLATE = "chatml"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class InferenceModel:
+    """A ready-to-run model with everything needed to prompt it the way it was trained."""
+
+    model: Any
+    tokenizer: Any
+    template: Any
+    system: str | None
+    device: torch.device
+    base: str
+    adapter: Path | None = None
+    run_config: RunConfig | None = None
+
+
+def run_dir_of(adapter: str | Path) -> Path | None:
+    """The training output dir that describes ``adapter``: itself, or the parent of a checkpoint-N."""
+    adapter = Path(adapter)
+    for candidate in (adapter, adapter.parent):
+        if (candidate / TEMPLATE_FILE).is_file() or (candidate / "tnlora_run.yaml").is_file():
+            return candidate
+    return None
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` → cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise TnloraError(f"--device: unknown device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TnloraError("--device: CUDA requested but no GPU is available")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` → bf16 on a GPU that supports it, fp32 otherwise."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise TnloraError(f"--dtype: must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def load_base_model(name: str, dtype: torch.dtype, device: torch.device, attention_impl: str | None = None):
+    """``tnlora.model.load_model`` plus the lightning-attention backend choice."""
+    from tnlora.model import load_model
+
+    model = load_model(name, dtype=dtype, device=device)
+    if attention_impl:
+        set_attention_impl(model, attention_impl)
+    return model
+
+
+def set_attention_impl(model, impl: str) -> None:
+    """Choose the lightning-attention backend (``TransnormerConfig.lightning_impl``, read at forward time)."""
+    model.config.lightning_impl = impl
+
+
+def _adapter_base_name(adapter: Path) -> str | None:
+    cfg_file = adapter / "adapter_config.json"
+    if cfg_file.is_file():
+        return json.loads(cfg_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    return None
+
+
+def load_template(run_dir: Path | None, name: str | None):
+    """The saved template of the run (``template.json``) unless ``name`` overrides it."""
+    from tnlora.data.templates import Template, get_template
+
+    saved = Template.load(run_dir / TEMPLATE_FILE) if run_dir and (run_dir / TEMPLATE_FILE).is_file() else None
+    if name is None:
+        if saved is not None:
+            return saved
+        print(f"note: no --template given and no saved template; using {DEFAULT_TEMPLATE}", file=sys.stderr)
+        name = DEFAULT_TEMPLATE
+    try:
+        template = get_template(name)
+    except (KeyError, ValueError) as exc:
+        raise TnloraError(f"--template: {exc}") from None
+    if saved is not None and saved.to_dict() != template.to_dict():
+        print(f"warning: --template {name} differs from the template the adapter was trained with", file=sys.stderr)
+    return template
+
+
+def load_for_inference(
+    model: str | None = None,
+    adapter: str | Path | None = None,
+    *,
+    template: str | None = None,
+    system: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    attention_impl: str | None = None,
+) -> InferenceModel:
+    """Base model (``model`` or the adapter's recorded base) + LoRA adapter, tokenizer, template, system."""
+    from tnlora.model.tokenizer import load_tokenizer
+
+    adapter_path = Path(adapter) if adapter else None
+    if adapter_path is not None and not (adapter_path / "adapter_config.json").is_file():
+        raise TnloraError(f"--adapter: {adapter_path} holds no adapter_config.json (not a LoRA output dir)")
+    run_dir = run_dir_of(adapter_path) if adapter_path else None
+    run_cfg = read_run_config(run_dir) if run_dir else None
+    base = model or (run_cfg.model_name_or_path if run_cfg else None)
+    base = base or (_adapter_base_name(adapter_path) if adapter_path else None)
+    if not base:
+        raise TnloraError("--model: required (no adapter run config names the base model)")
+    # The run's tokenizer first: it carries any tokens added for training.
+    has_saved_tokenizer = run_dir is not None and (run_dir / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(str(run_dir) if has_saved_tokenizer else base)
+    tpl = load_template(run_dir, template)
+    if system is None and run_cfg is not None:
+        system = run_cfg.system
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    impl = attention_impl or (run_cfg.attention_impl if run_cfg else None)
+    net = load_base_model(base, torch_dtype, dev, impl)
+    if len(tokenizer) > net.get_input_embeddings().num_embeddings:
+        net.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)  # as training did
+    if adapter_path is not None:
+        from peft import PeftModel
+
+        net = PeftModel.from_pretrained(net, str(adapter_path))
+    net.to(dev)
+    net.eval()
+    return InferenceModel(
+        model=net,
+        tokenizer=tokenizer,
+        template=tpl,
+        system=system,
+        device=dev,
+        base=base,
+        adapter=adapter_path,
+        run_config=run_cfg,
+    )

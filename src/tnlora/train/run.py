@@ -1,0 +1,452 @@
+"""One training run, in the order it happens: preflight → tokenizer → data → model → Trainer → save.
+
+``train(cfg)`` is the whole flow. Its steps are separate functions (``build_tokenizer``, ``build_datasets``,
+``build_model``, ``build_trainer``) so the GPU benchmark can reuse the exact model / data / collator /
+optimizer setup without running the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tnlora.config import RunConfig, resolve_defaults, save_run_config, split_list
+from tnlora.errors import ConfigError, TnloraError
+
+TEMPLATE_FILE = "template.json"
+LOSS_PLOT = "loss.png"
+# Files whose presence means "this directory is a training output" (safe to replace on overwrite_output_dir).
+_OUTPUT_MARKERS = ("tnlora_run.yaml", "trainer_state.json", "adapter_config.json", "config.json")
+
+
+@dataclass
+class DataBundle:
+    """What the data step hands to the Trainer."""
+
+    train: Any  # datasets.Dataset with input_ids / labels (/ seq_ids) and a "length" column
+    eval: Any | None
+    collator: Any
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    output_dir: Path
+    global_step: int
+    train_loss: float
+    metrics: dict[str, float]
+    trainable_params: int
+    total_params: int
+    log_history: list[dict[str, Any]]
+    samples: list[tuple[str, str]] = field(default_factory=list)
+    config: RunConfig | None = None
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preflight: everything that can be refused before a model is loaded
+
+
+def preflight(cfg: RunConfig) -> tuple[RunConfig, str | None]:
+    """Resolve machine-dependent defaults, check the model name, template, tensorboard and output dir.
+
+    Returns the resolved config and the checkpoint to resume from (or ``None``).
+    """
+    cuda = torch.cuda.is_available()
+    cfg = resolve_defaults(cfg, cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported())
+    check_model_name(cfg.model_name_or_path)
+    get_template_checked(cfg.template)
+    if "tensorboard" in split_list(cfg.report_to):
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("report_to: tensorboard is not installed (pip install tensorboard)") from None
+    if cfg.attention_impl == "fla" and not cuda:
+        raise ConfigError("attention_impl: 'fla' needs a CUDA GPU; use auto or chunked on CPU")
+    resume = prepare_output_dir(cfg)
+    return cfg, resume
+
+
+def check_model_name(name: str) -> None:
+    """A preset name or a directory holding config.json; anything else is refused naming the key."""
+    from tnlora.model.configuration import PRESETS
+
+    if name in PRESETS:
+        return
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return
+    presets = ", ".join(sorted(PRESETS))
+    if path.is_dir():
+        raise ConfigError(f"model_name_or_path: {name} has no config.json (not a checkpoint directory)")
+    raise ConfigError(f"model_name_or_path: {name!r} is neither a preset ({presets}) nor a checkpoint directory")
+
+
+def get_template_checked(name: str):
+    """The named chat template; an unknown name is a config error on ``template``."""
+    from tnlora.data.templates import get_template
+
+    try:
+        return get_template(name)
+    except TnloraError as exc:
+        raise ConfigError(f"template: {exc}") from None
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(f"template: unknown template {name!r} ({exc})") from None
+
+
+def prepare_output_dir(cfg: RunConfig) -> str | None:
+    """Refuse a non-empty output_dir unless overwriting or resuming; return the checkpoint to resume from."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {out} exists and is not a directory")
+    nonempty = out.is_dir() and any(out.iterdir())
+    if cfg.resume_from_checkpoint:
+        if cfg.resume_from_checkpoint is True:
+            last = get_last_checkpoint(str(out)) if out.is_dir() else None
+            if last is None:
+                raise ConfigError(f"resume_from_checkpoint: no checkpoint-N folder in {out} to resume from")
+            return last
+        ckpt = Path(str(cfg.resume_from_checkpoint))
+        if not (ckpt / "trainer_state.json").is_file():
+            raise ConfigError(f"resume_from_checkpoint: {ckpt} is not a checkpoint (no trainer_state.json)")
+        return str(ckpt)
+    if nonempty:
+        if not cfg.overwrite_output_dir:
+            raise ConfigError(
+                f"output_dir: {out} is not empty; pass --overwrite_output_dir true to replace it "
+                "or --resume_from_checkpoint true to continue its last checkpoint"
+            )
+        if not any((out / m).exists() for m in _OUTPUT_MARKERS) and not any(out.glob("checkpoint-*")):
+            raise ConfigError(
+                f"output_dir: {out} is not empty and does not look like a training output; "
+                "not deleting it (remove it yourself or choose another output_dir)"
+            )
+        shutil.rmtree(out)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer, data, model
+
+
+def build_tokenizer(cfg: RunConfig):
+    """The base model's tokenizer, plus any ``add_special_tokens`` (e.g. ``<|im_start|>,<|im_end|>``)."""
+    from tnlora.model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    extra = split_list(cfg.add_special_tokens)
+    if extra:
+        tokenizer.add_special_tokens({"additional_special_tokens": extra}, replace_extra_special_tokens=False)
+    return tokenizer
+
+
+def added_token_ids(cfg: RunConfig, tokenizer) -> list[int]:
+    """Ids of the tokens named in ``add_special_tokens`` (their embedding rows must train)."""
+    return [tokenizer.convert_tokens_to_ids(t) for t in split_list(cfg.add_special_tokens)]
+
+
+def load_examples(cfg: RunConfig, tokenizer, template) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    """Read, split (val_size, seeded) and encode the conversations: (train examples, eval examples, stats)."""
+    from tnlora.data.encode import build_dataset
+    from tnlora.data.readers import load_conversations
+
+    conversations = load_conversations(cfg.dataset, cfg.dataset_dir)
+    if cfg.max_samples is not None:
+        conversations = conversations[: cfg.max_samples]
+    if not conversations:
+        raise ConfigError(f"dataset: {cfg.dataset} holds no records")
+    if cfg.system is not None:
+        conversations = [c if c.system else dataclasses.replace(c, system=cfg.system) for c in conversations]
+    train_convs, eval_convs = split_validation(conversations, cfg.val_size, cfg.seed)
+    encode_kwargs = dict(
+        cutoff_len=cfg.cutoff_len, train_on_prompt=cfg.train_on_prompt, mask_history=cfg.mask_history
+    )
+    train_examples, train_stats = build_dataset(train_convs, tokenizer, template, **encode_kwargs)
+    eval_examples: list[Any] = []
+    if eval_convs:
+        eval_examples, _ = build_dataset(eval_convs, tokenizer, template, **encode_kwargs)
+    if not train_examples:
+        raise ConfigError(
+            f"dataset: no example left after encoding with cutoff_len {cfg.cutoff_len} ({train_stats})"
+        )
+    stats = {"records": len(conversations), "train": len(train_examples), "eval": len(eval_examples)}
+    stats["encode"] = train_stats
+    return train_examples, eval_examples, stats
+
+
+def split_validation(items: list[Any], val_size: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """Hold out ``val_size`` (fraction < 1 or a count) of ``items``, chosen with ``seed``; order is kept."""
+    if val_size <= 0:
+        return list(items), []
+    n_val = int(val_size) if val_size >= 1 else max(1, round(val_size * len(items)))
+    if n_val >= len(items):
+        raise ConfigError(f"val_size: {val_size} leaves no training records (the dataset has {len(items)})")
+    held = set(random.Random(seed).sample(range(len(items)), n_val))
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def build_datasets(cfg: RunConfig, tokenizer, template=None) -> DataBundle:
+    """Encoded train / eval datasets and the collator (packed rows with seq_ids, or padded + length-grouped)."""
+    import datasets
+
+    from tnlora.data import encode
+
+    template = template if template is not None else get_template_checked(cfg.template)
+    train_examples, eval_examples, stats = load_examples(cfg, tokenizer, template)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if cfg.packing:
+        rows = encode.pack_examples(train_examples, cfg.cutoff_len)
+        train_rows = [_as_row(r) for r in rows]
+        stats["packed_rows"] = len(train_rows)
+    else:
+        train_rows = [_as_row(e) for e in train_examples]
+    eval_rows = [_as_row(e) for e in eval_examples]
+    collator = TrainingCollator(encode.PaddingCollator(pad_token_id=pad_id))
+    train_ds = datasets.Dataset.from_list(train_rows)
+    eval_ds = datasets.Dataset.from_list(eval_rows) if eval_rows else None
+    return DataBundle(train=train_ds, eval=eval_ds, collator=collator, stats=stats)
+
+
+def _as_row(example: Any) -> dict[str, Any]:
+    """An encoded example or packed row → a dict with a ``length`` column for length-grouped batching."""
+    if isinstance(example, dict):
+        row = {k: list(v) for k, v in example.items() if v is not None}
+    else:
+        row = {k: list(v) for k, v in dataclasses.asdict(example).items() if isinstance(v, (list, tuple))}
+    row["length"] = len(row["input_ids"])
+    return row
+
+
+class TrainingCollator:
+    """Wraps the data layer's collator so the Trainer counts exactly the tokens the loss averages over.
+
+    The model shifts labels: position 0 of a row and the first token of each packed example are never
+    prediction targets. Marking them -100 here makes ``num_items_in_batch`` (counted by the Trainer from
+    the labels) equal the number of tokens in the loss, so the per-token loss stays exact under gradient
+    accumulation and packing.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        features = [{k: v for k, v in f.items() if k != "length"} for f in features]
+        batch = dict(self.inner(features))
+        labels = batch["labels"].clone()
+        labels[:, 0] = -100
+        seq_ids = batch.get("seq_ids")
+        if seq_ids is not None:
+            starts = seq_ids[:, 1:] != seq_ids[:, :-1]
+            labels[:, 1:][starts] = -100
+        batch["labels"] = labels
+        return batch
+
+
+def model_dtype(cfg: RunConfig) -> torch.dtype:
+    """LoRA + bf16: the frozen base in bf16 (half the memory); otherwise fp32 master weights under autocast."""
+    return torch.bfloat16 if (cfg.bf16 and cfg.finetuning_type == "lora") else torch.float32
+
+
+def build_model(cfg: RunConfig, tokenizer):
+    """The base model with the run's fine-tuning method applied (peft-wrapped for LoRA)."""
+    from tnlora.model import load_model
+    from tnlora.train.lora import apply_finetuning
+
+    model = load_model(cfg.model_name_or_path, dtype=model_dtype(cfg), attention_impl=cfg.attention_impl)
+    new_ids = added_token_ids(cfg, tokenizer)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    model.config.use_cache = False  # no cache while training
+    if cfg.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError("gradient_checkpointing: this model does not support it")
+    return apply_finetuning(model, cfg, trainable_token_ids=new_ids or None)
+
+
+def build_model_and_tokenizer(cfg: RunConfig):
+    """(model, tokenizer) exactly as ``train`` builds them."""
+    tokenizer = build_tokenizer(cfg)
+    return build_model(cfg, tokenizer), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trainer
+
+
+def training_arguments(cfg: RunConfig, has_eval: bool):
+    """Map the run config onto ``transformers.TrainingArguments``."""
+    from transformers import TrainingArguments
+
+    warmup: float = cfg.warmup_ratio if cfg.warmup_ratio > 0 else cfg.warmup_steps
+    return TrainingArguments(
+        output_dir=cfg.output_dir,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=warmup,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=cfg.optim,
+        bf16=bool(cfg.bf16),
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        # non-reentrant checkpointing needs no requires_grad trick on the (frozen) embeddings
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg.eval_steps if has_eval else None,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=[r for r in split_list(cfg.report_to) if r != "none"],
+        disable_tqdm=True,  # ProgressCallback draws the bar
+        include_num_input_tokens_seen="non_padding",
+        train_sampling_strategy="random" if cfg.packing else "group_by_length",
+        length_column_name="length",
+        remove_unused_columns=False,  # TrainingCollator drops "length" itself
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        prediction_loss_only=True,  # eval needs the loss only; keeping logits costs B×T×V memory
+        label_names=["labels"],
+        save_only_model=False,
+    )
+
+
+def build_trainer(cfg: RunConfig, model, tokenizer, data: DataBundle, callbacks: list[Any] | None = None):
+    """A ``transformers.Trainer`` wired with our collator and callbacks; loss kwargs checked."""
+    from transformers import PrinterCallback, Trainer
+
+    from tnlora.train.callbacks import ProgressCallback
+
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(cfg, has_eval=data.eval is not None),
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=data.collator,
+        processing_class=tokenizer,
+        callbacks=[ProgressCallback(), *(callbacks or [])],
+    )
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback says the same in a line
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "num_items_in_batch" in inspect.signature(base.forward).parameters:
+        # The model divides the summed loss by num_items_in_batch itself; the Trainer must pass the count
+        # and must not also divide by the accumulation steps.
+        trainer.model_accepts_loss_kwargs = True
+    if not trainer.model_accepts_loss_kwargs:
+        _say("warning: the model ignores num_items_in_batch; the loss is a mean of per-micro-batch means")
+    return trainer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_run_files(cfg: RunConfig, tokenizer, template, directory: str | Path) -> None:
+    """The files that make an output dir self-describing: run config, template, tokenizer."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_run_config(cfg, directory)
+    template.save(directory / TEMPLATE_FILE)
+    tokenizer.save_pretrained(str(directory))
+
+
+def _json_safe(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
+    """Fine-tune as ``cfg`` says; write the adapter, checkpoints, run files and loss plot to ``output_dir``."""
+    from tnlora.train.lora import count_parameters, describe_trainable
+    from tnlora.train.plot import plot_loss
+
+    t0 = time.perf_counter()
+    cfg, resume = preflight(cfg)
+    template = get_template_checked(cfg.template)
+    tokenizer = build_tokenizer(cfg)
+    data = build_datasets(cfg, tokenizer, template)
+    _say(
+        f"data: {data.stats['records']} records → {data.stats['train']} train / {data.stats['eval']} eval examples"
+        + (f" ({data.stats['packed_rows']} packed rows)" if "packed_rows" in data.stats else "")
+    )
+    model = build_model(cfg, tokenizer)
+    trainable, total = count_parameters(model)
+    _say(describe_trainable(model))
+    save_run_files(cfg, tokenizer, template, cfg.output_dir)
+    trainer = build_trainer(cfg, model, tokenizer, data, callbacks)
+    if resume:
+        _say(f"resuming from {resume}")
+    output = trainer.train(resume_from_checkpoint=resume)
+
+    out = Path(cfg.output_dir)
+    trainer.save_model(str(out))
+    trainer.save_state()
+    metrics = _json_safe(output.metrics)
+    if data.eval is not None:
+        metrics.update({k: v for k, v in _json_safe(trainer.evaluate()).items()})
+        if "eval_loss" in metrics:
+            metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50.0))
+    trainer.save_metrics("all", metrics)
+    save_run_files(cfg, tokenizer, template, out)
+    if cfg.plot_loss:
+        plot_loss(trainer.state.log_history, out / LOSS_PLOT, title=Path(cfg.output_dir).name)
+    result = TrainResult(
+        output_dir=out,
+        global_step=trainer.state.global_step,
+        train_loss=float(output.training_loss),
+        metrics=metrics,
+        trainable_params=trainable,
+        total_params=total,
+        log_history=list(trainer.state.log_history),
+        config=cfg,
+    )
+    _say(f"saved adapter to {out} ({time.perf_counter() - t0:.1f} s)")
+    if cfg.sample_prompts:
+        result.samples = answer_samples(cfg, trainer.model, tokenizer, template)
+    return result
+
+
+def answer_samples(cfg: RunConfig, model, tokenizer, template) -> list[tuple[str, str]]:
+    """Greedy replies of the trained model to ``sample_prompts``, printed to stdout."""
+    from tnlora.infer.generate import GenerationOptions, generate_replies
+
+    options = GenerationOptions(max_new_tokens=cfg.sample_max_new_tokens, do_sample=False, repetition_penalty=1.0)
+    messages = [[{"role": "user", "content": p}] for p in cfg.sample_prompts or []]
+    model.eval()
+    replies = generate_replies(model, tokenizer, template, messages, options, system=cfg.system)
+    pairs = list(zip(cfg.sample_prompts or [], replies))
+    for prompt, reply in pairs:
+        print(f"user: {prompt}\nassistant: {reply}\n", flush=True)
+    return pairs
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The config as JSON (handy in logs)."""
+    return json.dumps(cfg.to_dict(), ensure_ascii=False)
