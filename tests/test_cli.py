@@ -1,0 +1,80 @@
+"""tnlora.cli: argument parsing and the one-line error contract (model-free parts; end-to-end runs live in
+tests/train and tests/infer)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tnlora.cli import main
+
+BASE = ["--model_name_or_path", "tiny", "--dataset", "d.json", "--output_dir"]
+
+
+def run_main(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_unknown_key_is_one_line_exit_2(capsys, tmp_path):
+    code, out, err = run_main(["train", *BASE, str(tmp_path / "o"), "--lora_rnak", "4"], capsys)
+    assert code == 2
+    assert err == "error: unknown config key 'lora_rnak' (did you mean 'lora_rank'?)\n"
+    assert "Traceback" not in err and out == ""
+
+
+def test_config_file_errors_name_the_file(capsys, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model_name_or_path: tiny\ndataset: d\noutput_dir: o\nlora_rank: eight\n")
+    code, _, err = run_main(["train", str(cfg)], capsys)
+    assert code == 2 and err == "error: lora_rank: expected an integer, got 'eight'\n"
+    code, _, err = run_main(["train", str(cfg), "--lora_rank=4", "--cutoff_len", "-5"], capsys)
+    assert code == 2 and err == "error: cutoff_len: must be >= 2, got -5 (from --cutoff_len)\n"
+
+
+def test_train_help_lists_the_keys(capsys):
+    code, out, _ = run_main(["train", "--help"], capsys)
+    assert code == 0
+    assert "lora_target" in out and "per_device_train_batch_size" in out
+
+
+def test_bad_arguments_of_other_verbs_are_one_line(capsys):
+    code, _, err = run_main(["generate", "--model", "tiny"], capsys)
+    assert code == 2
+    assert err.startswith("error: the following arguments are required: --prompts, --output")
+    assert err.count("\n") == 1
+    code, _, err = run_main(["chat", "--do_sample", "perhaps"], capsys)
+    assert code == 2 and "expected true or false" in err
+
+
+def test_no_verb_prints_help_and_fails(capsys):
+    code, out, _ = run_main([], capsys)
+    assert code == 2 and "chat" in out and "merge" in out
+
+
+def test_bench_without_module_is_a_clear_error(capsys, monkeypatch):
+    # tnlora.bench is the lead's module; hide it if present to check the message
+    monkeypatch.setitem(sys.modules, "tnlora.bench", None)
+    code, _, err = run_main(["bench", "--help"], capsys)
+    assert code == 2
+    assert err == "error: the 'bench' verb is not available in this install (tnlora.bench is missing)\n"
+
+
+def test_console_script_refusal_in_a_subprocess(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "tnlora.cli", "train", *BASE, str(tmp_path / "o"), "--finetuning_type", "qlora"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: finetuning_type: must be one of lora, full, freeze; got 'qlora' (from --finetuning_type)"
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_verb_help_exits_zero(flag, capsys):
+    code, out, _ = run_main(["generate", flag], capsys)
+    assert code == 0 and "--prompts" in out
