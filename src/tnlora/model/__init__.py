@@ -1,5 +1,41 @@
-"""Native TransNormerLLM (placeholder until the model lands)."""
+"""Native TransNormerLLM: config, model, lightning attention and recurrent-state cache."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from tnlora.model.attention import lightning_attention
+from tnlora.model.cache import TransnormerCache
+from tnlora.model.configuration import PRESETS, TransnormerConfig, config_from_preset
+from tnlora.model.modeling import (
+    TransnormerForCausalLM,
+    TransnormerModel,
+    TransnormerPreTrainedModel,
+    load_model,
+)
+
+__all__ = [
+    "PRESETS",
+    "TransnormerCache",
+    "TransnormerConfig",
+    "TransnormerForCausalLM",
+    "TransnormerModel",
+    "TransnormerPreTrainedModel",
+    "config_from_preset",
+    "lightning_attention",
+    "load_model",
+    "register_model_classes",
+]
 
 
 def register_model_classes() -> None:
-    """Register TransnormerConfig / TransnormerForCausalLM with transformers' Auto classes."""
+    """Register TransnormerConfig / TransnormerModel / TransnormerForCausalLM with transformers' Auto classes.
+
+    Directories that name ``"model_type": "transnormer"`` (everything save_pretrained writes) then load through
+    AutoConfig / AutoModelForCausalLM with our classes and no trust_remote_code prompt, even with an
+    ``auto_map``. The official config.json has no model_type, which AutoConfig cannot resolve on its own:
+    load those directories with ``load_model(dir)`` or ``TransnormerForCausalLM.from_pretrained(dir)``.
+    """
+    AutoConfig.register(TransnormerConfig.model_type, TransnormerConfig, exist_ok=True)
+    AutoModel.register(TransnormerConfig, TransnormerModel, exist_ok=True)
+    AutoModelForCausalLM.register(TransnormerConfig, TransnormerForCausalLM, exist_ok=True)

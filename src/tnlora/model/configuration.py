@@ -1,0 +1,137 @@
+"""TransnormerConfig (spec §2) and the size presets.
+
+The config accepts every field of the official ``config.json`` files unchanged (``auto_map``, ``torch_dtype``,
+``model_max_length`` and ``architectures`` included); unknown keys are kept as plain attributes, as transformers
+does for every config. Fields after ``bias`` are tnlora additions with defaults that reproduce the fp32 math.
+"""
+
+from __future__ import annotations
+
+from dataclasses import field
+from typing import Any, ClassVar
+
+from transformers import PreTrainedConfig
+
+from tnlora.errors import ConfigError
+
+LIGHTNING_IMPLS = ("auto", "chunked", "recurrent", "fla")
+LRPE_ANGLE_DTYPES = ("float32", "model")
+
+
+class TransnormerConfig(PreTrainedConfig):
+    """Configuration of TransNormerLLM (TNL1): field names and defaults of the official remote code."""
+
+    model_type = "transnormer"
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
+    # transformers' generic code (DynamicCache, DeepSpeed auto values, ...) reads the standard names.
+    attribute_map: ClassVar[dict[str, str]] = {
+        "num_hidden_layers": "decoder_layers",
+        "hidden_size": "decoder_embed_dim",
+        "num_attention_heads": "decoder_attention_heads",
+    }
+
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    vocab_size: int = 64000
+    use_cache: bool = True
+    init_std: float = 0.02
+    decoder_embed_dim: int = 1024
+    decoder_layers: int = 24
+    decoder_attention_heads: int = 8
+    no_scale_embedding: bool = False
+    add_bos_token: bool = False
+    norm_type: str = "simplermsnorm"
+    linear_use_lrpe_list: list[int] = field(default_factory=list)
+    hidden_dim: int = 1024
+    linear_act_fun: str = "silu"
+    glu_dim: int = 2816
+    bias: bool = False
+    tie_word_embeddings: bool = True
+    # tnlora additions.
+    # "float32": LRPE angles θ·p in fp32 or wider (the fp32 math); "model": the official rounding of p and θ·p in the
+    # model dtype (bf16 checkpoints were run this way by the official code, spec §10).
+    lrpe_angle_dtype: str = "float32"
+    # Lightning attention implementation: "auto" (fla on CUDA if importable, else chunked; recurrent for
+    # one-token steps), "chunked", "recurrent" or "fla".
+    lightning_impl: str = "auto"
+    # Chunk length of the pure-PyTorch chunked attention.
+    lightning_chunk_size: int = 64
+    # Tokens per chunk of the loss: fp32 logits of at most this many tokens exist at a time.
+    loss_chunk_size: int = 1024
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.decoder_layers < 1 or self.decoder_attention_heads < 1:
+            raise ConfigError("decoder_layers and decoder_attention_heads must be at least 1")
+        if self.hidden_dim % self.decoder_attention_heads:
+            raise ConfigError(
+                f"hidden_dim ({self.hidden_dim}) must be a multiple of decoder_attention_heads "
+                f"({self.decoder_attention_heads})"
+            )
+        if self.linear_use_lrpe_list and len(self.linear_use_lrpe_list) != self.decoder_layers:
+            raise ConfigError(
+                f"linear_use_lrpe_list has {len(self.linear_use_lrpe_list)} entries, expected one per layer "
+                f"({self.decoder_layers})"
+            )
+        if self.norm_type != "simplermsnorm":
+            # Other norms would carry weights that no released checkpoint has.
+            raise ConfigError(f"norm_type {self.norm_type!r} is not supported (only 'simplermsnorm')")
+        if self.lrpe_angle_dtype not in LRPE_ANGLE_DTYPES:
+            raise ConfigError(f"lrpe_angle_dtype must be one of {LRPE_ANGLE_DTYPES}, got {self.lrpe_angle_dtype!r}")
+        if self.lightning_impl not in LIGHTNING_IMPLS:
+            raise ConfigError(f"lightning_impl must be one of {LIGHTNING_IMPLS}, got {self.lightning_impl!r}")
+        if self.lightning_chunk_size < 1 or self.loss_chunk_size < 1:
+            raise ConfigError("lightning_chunk_size and loss_chunk_size must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        """Value head dim hd = D / h (q/k are 2·hd wide in LRPE layers)."""
+        return self.hidden_dim // self.decoder_attention_heads
+
+    @property
+    def channel_dim(self) -> int:
+        """GLU width G; the official code reads glu_dim -1 as the embedding dim."""
+        return self.decoder_embed_dim if self.glu_dim == -1 else self.glu_dim
+
+    @property
+    def embed_scale(self) -> float:
+        """Embedding multiplier: 1 with no_scale_embedding, else sqrt(d) (spec §4.1)."""
+        return 1.0 if self.no_scale_embedding else self.decoder_embed_dim**0.5
+
+    def uses_lrpe(self, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx`` applies LRPE (an empty list means no layer does)."""
+        return bool(self.linear_use_lrpe_list) and bool(self.linear_use_lrpe_list[layer_idx])
+
+
+def _sizes(d: int, layers: int, heads: int, glu: int, vocab: int = 64000, **extra: Any) -> dict[str, Any]:
+    return {
+        "vocab_size": vocab,
+        "decoder_embed_dim": d,
+        "hidden_dim": d,
+        "decoder_layers": layers,
+        "decoder_attention_heads": heads,
+        "glu_dim": glu,
+        "linear_use_lrpe_list": [1] + [0] * (layers - 1),
+        "linear_act_fun": "swish",
+        **extra,
+    }
+
+
+# Spec §2 table; "tiny" is the quickstart/test model (docs/internals.md), sized for the byte tokenizer.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": _sizes(64, 2, 2, 128, vocab=384),
+    "385M": _sizes(1024, 24, 8, 2816),
+    "1B": _sizes(2048, 16, 16, 5632),
+    "7B": _sizes(4096, 30, 32, 11008, no_scale_embedding=True),
+}
+
+
+def config_from_preset(name: str, **overrides: Any) -> TransnormerConfig:
+    """Build the config of a preset ("tiny", "385M", "1B", "7B"), with field overrides."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return TransnormerConfig(**{**PRESETS[name], **overrides})

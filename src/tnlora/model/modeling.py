@@ -1,0 +1,564 @@
+"""Native TransNormerLLM (TNL1), checkpoint-compatible with OpenNLPLab's 385M / 1B / 7B releases.
+
+Read top to bottom in the order of the spec (shared/design/transnormer.md §4): SRMSNorm, activations, decay
+slopes, LRPE, token mixer, channel mixer, decoder layer, model, LM head + loss, loading. State-dict keys and
+shapes are exactly the official ones (§3); the lightning attention itself lives in ``attention.py`` and the
+recurrent-state cache in ``cache.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
+
+from tnlora.model.attention import lightning_attention
+from tnlora.model.cache import TransnormerCache
+from tnlora.model.configuration import PRESETS, TransnormerConfig, config_from_preset
+
+logger = logging.get_logger(__name__)
+
+# ---------------------------------------------------------------------------------------------------------
+# §4.3 SRMSNorm: no gain, no bias; fp32 inside, input dtype outside.
+
+
+class SimpleRMSNorm(nn.Module):
+    """y = x / sqrt(mean(x²) + eps) over the last dim, computed in fp32 and cast back."""
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x.float()
+        return (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# §4.4 step 2: the activation on q and k (v and u get none). Unknown names mean identity, as officially.
+
+
+def _exp_activation(x: Tensor) -> Tensor:
+    with torch.no_grad():
+        shift = x.amax(dim=-1, keepdim=True)
+    return torch.exp(x - shift)
+
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "elu": F.elu,
+    "sigmoid": torch.sigmoid,
+    "exp": _exp_activation,
+    "leak": F.leaky_relu,
+    "1+elu": lambda x: 1 + F.elu(x),
+    "2+elu": lambda x: 2 + F.elu(x),
+    "sine": torch.sin,
+}
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------
+# §4.4 step 4: decay. ALiBi base slopes, scaled per layer; always fp32.
+
+
+def get_slopes(num_heads: int) -> list[float]:
+    """ALiBi slopes: 2^(−8(j+1)/h) for a power of two h; else those of the lower power of two followed by
+    every other slope of the next one."""
+    if math.log2(num_heads).is_integer():
+        start = 2 ** (-8 / num_heads)
+        return [start * start**j for j in range(num_heads)]
+    lower = 2 ** math.floor(math.log2(num_heads))
+    return get_slopes(lower) + get_slopes(2 * lower)[0::2][: num_heads - lower]
+
+
+def layer_log_decay(num_heads: int, layer_idx: int, num_layers: int, device: torch.device | None = None) -> Tensor:
+    """log λ_{l,j} = −s_j·(1 − l/(L−1) + 1e-5), fp32 [H] (the official fp32 slope times a Python float)."""
+    # A one-layer model has no (L−1); keep the full slope there instead of dividing by zero.
+    factor = 1 - layer_idx / (num_layers - 1) + 1e-5 if num_layers > 1 else 1 + 1e-5
+    slopes = torch.tensor(get_slopes(num_heads), dtype=torch.float32, device=device)
+    return -(slopes * factor)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# §4.4 step 3: LRPE, concatenation [x cos θp, x sin θp] (not rotary); q/k head dim doubles.
+
+
+def lrpe_theta(num_heads: int, head_dim: int) -> Tensor:
+    """Initial θ: 10000^(−2i/d) for i < d = h·hd, head j taking the j-th block, shape [h, 1, hd]."""
+    d = num_heads * head_dim
+    return (10000 ** (-2 / d * torch.arange(d, dtype=torch.float32))).reshape(num_heads, 1, head_dim)
+
+
+class Lrpe(nn.Module):
+    """Linearised relative positional encoding of layer 0; positions are absolute, from the cache."""
+
+    def __init__(self, num_heads: int, head_dim: int, angle_dtype: str) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(lrpe_theta(num_heads, head_dim))
+        self.angle_dtype = angle_dtype
+
+    def forward(self, x: Tensor, offset: int) -> Tensor:
+        """x [B, T, H, hd] at positions offset…offset+T−1 → [B, T, H, 2·hd]."""
+        heads, head_dim = self.theta.shape[0], self.theta.shape[-1]
+        if self.angle_dtype == "model":
+            # Official numerics: the index and θ·index are rounded to the model dtype (lossy in bf16).
+            index = torch.arange(x.shape[1], device=x.device).to(x.dtype) + offset
+            angles = self.theta.to(x.dtype).reshape(heads, head_dim) * index[:, None, None]
+            return torch.cat([x * torch.cos(angles), x * torch.sin(angles)], dim=-1)
+        # At least fp32 (fp64 models keep fp64, so that float64 references can be matched exactly).
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        index = torch.arange(offset, offset + x.shape[1], device=x.device, dtype=dtype)
+        angles = self.theta.to(dtype).reshape(heads, head_dim) * index[:, None, None]
+        xf = x.to(dtype)
+        return torch.cat([xf * torch.cos(angles), xf * torch.sin(angles)], dim=-1).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# §4.4 token mixer ("NormLinearAttention"): qkvu → act(q), act(k) → LRPE → masked v → lightning attention →
+# SRMSNorm over the full D → ⊙ raw u → out_proj.
+
+
+class NormLinearAttention(nn.Module):
+    """The token mixer of one layer; ``log_decay`` is a non-persistent fp32 buffer."""
+
+    def __init__(self, config: TransnormerConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_layers = config.decoder_layers
+        self.num_heads = config.decoder_attention_heads
+        self.head_dim = config.head_dim
+        self.impl = config.lightning_impl
+        self.chunk_size = config.lightning_chunk_size
+        # Registration order gives the official key order: out_proj, lrpe.theta, qkvu_proj.
+        self.out_proj = nn.Linear(config.hidden_dim, config.decoder_embed_dim, bias=config.bias)
+        self.act = ACTIVATIONS.get(config.linear_act_fun, _identity)
+        self.norm = SimpleRMSNorm()
+        self.lrpe = (
+            Lrpe(self.num_heads, self.head_dim, config.lrpe_angle_dtype) if config.uses_lrpe(layer_idx) else None
+        )
+        self.qkvu_proj = nn.Linear(config.decoder_embed_dim, 4 * config.hidden_dim, bias=config.bias)
+        self.register_buffer("log_decay", self._log_decay(), persistent=False)
+
+    def _log_decay(self, device: torch.device | None = None) -> Tensor:
+        return layer_log_decay(self.num_heads, self.layer_idx, self.num_layers, device)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
+        super()._apply(fn, recurse)
+        # `.to(bfloat16)` casts buffers too; the decay must stay fp32, so rebuild it exactly.
+        if self.log_decay.dtype != torch.float32:
+            self.log_decay = self._log_decay(self.log_decay.device)
+        return self
+
+    def forward(
+        self,
+        x: Tensor,
+        v_mask: Tensor | None = None,
+        seq_ids: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+        cache: TransnormerCache | None = None,
+        position_offset: int = 0,
+    ) -> Tensor:
+        batch, length, _ = x.shape
+        q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)
+        shape = (batch, length, self.num_heads, self.head_dim)
+        q, k, v = self.act(q.reshape(shape)), self.act(k.reshape(shape)), v.reshape(shape)
+        if self.lrpe is not None:
+            q, k = self.lrpe(q, position_offset), self.lrpe(k, position_offset)
+        if v_mask is not None:
+            # Padded tokens add nothing to any state; q and k stay unmasked (official behaviour).
+            v = v.masked_fill(~v_mask[:, :, None, None], 0)
+        o, state = lightning_attention(
+            q,
+            k,
+            v,
+            self.log_decay,
+            seq_ids=seq_ids,
+            cu_seqlens=cu_seqlens,
+            initial_state=cache.get_state(self.layer_idx) if cache is not None else None,
+            output_final_state=cache is not None,
+            impl=self.impl,
+            chunk_size=self.chunk_size,
+        )
+        if cache is not None:
+            cache.update_state(state, self.layer_idx)
+        o = self.norm(o.reshape(batch, length, -1))
+        return self.out_proj(u * o)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# §4.5 channel mixer: a GLU with no activation.
+
+
+class GLU(nn.Module):
+    """y = l3(l1(z) ⊙ l2(z))."""
+
+    def __init__(self, dim: int, glu_dim: int, bias: bool) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(dim, glu_dim, bias=bias)
+        self.l2 = nn.Linear(dim, glu_dim, bias=bias)
+        self.l3 = nn.Linear(glu_dim, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.l3(self.l1(x) * self.l2(x))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# §4.2 decoder layer: pre-norm, two residuals.
+
+
+class TransnormerDecoderLayer(GradientCheckpointingLayer):
+    """x ← x + TokenMixer(SRMSNorm(x)); x ← x + GLU(SRMSNorm(x))."""
+
+    def __init__(self, config: TransnormerConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.token_norm = SimpleRMSNorm()
+        self.channel_norm = SimpleRMSNorm()
+        self.token_mixer = NormLinearAttention(config, layer_idx)
+        self.channel_mixer = GLU(config.decoder_embed_dim, config.channel_dim, config.bias)
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        v_mask: Tensor | None = None,
+        seq_ids: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+        past_key_values: TransnormerCache | None = None,
+        position_offset: int = 0,
+    ) -> Tensor:
+        x = hidden_states
+        x = x + self.token_mixer(self.token_norm(x), v_mask, seq_ids, cu_seqlens, past_key_values, position_offset)
+        return x + self.channel_mixer(self.channel_norm(x))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model.
+
+
+class TransnormerPreTrainedModel(PreTrainedModel):
+    """Weight init (spec §10), loading rules and capabilities shared by the model classes."""
+
+    config_class = TransnormerConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["TransnormerDecoderLayer"]  # noqa: RUF012 (transformers' class-attribute API)
+    _keys_to_ignore_on_load_unexpected = [r"decoder\.version"]  # noqa: RUF012
+    # A recurrent state cannot be rolled back: transformers then refuses assisted decoding.
+    _is_stateful = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # transformers.initialization skips tensors already loaded from a checkpoint.
+        std = self.config.init_std
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, Lrpe):
+            init.copy_(module.theta, lrpe_theta(*module.theta.shape[::2]))
+        elif isinstance(module, NormLinearAttention):
+            # A non-persistent buffer is rebuilt on the meta device by from_pretrained: give it real values.
+            init.copy_(module.log_decay, module._log_decay())
+
+
+class TransnormerModel(TransnormerPreTrainedModel):
+    """Embedding → decoder layers → final SRMSNorm."""
+
+    def __init__(self, config: TransnormerConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.decoder_embed_dim, config.pad_token_id)
+        self.layers = nn.ModuleList(TransnormerDecoderLayer(config, i) for i in range(config.decoder_layers))
+        self.final_norm = SimpleRMSNorm()
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: Tensor | None = None,
+        use_cache: bool | None = None,
+        seq_ids: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: object,
+    ) -> BaseModelOutputWithPast | tuple:
+        """Hidden states after the final norm.
+
+        ``inputs_embeds`` are raw embedding rows (what ``get_input_embeddings()(ids)`` returns): the embedding
+        scale is applied to them exactly as to looked-up ids, so both inputs give identical outputs.
+        ``position_ids`` are ignored: LRPE positions come from the cache length.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        scale = self.config.embed_scale
+        hidden = inputs_embeds * scale if scale != 1.0 else inputs_embeds
+        length = hidden.shape[1]
+
+        cache = self._resolve_cache(past_key_values, use_cache)
+        offset = cache.get_seq_length() if cache is not None else 0
+        v_mask = _value_mask(attention_mask, length)
+
+        all_hidden = [] if output_hidden_states else None
+        for layer in self.layers:
+            if all_hidden is not None:
+                all_hidden.append(hidden)
+            hidden = layer(
+                hidden,
+                v_mask=v_mask,
+                seq_ids=seq_ids,
+                cu_seqlens=cu_seqlens,
+                past_key_values=cache,
+                position_offset=offset,
+            )
+        hidden = self.final_norm(hidden)
+        if all_hidden is not None:
+            all_hidden.append(hidden)
+        if cache is not None:
+            cache.advance(length)
+        out = BaseModelOutputWithPast(
+            last_hidden_state=hidden,
+            past_key_values=cache,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+    def _resolve_cache(self, past_key_values: Cache | None, use_cache: bool | None) -> TransnormerCache | None:
+        """The cache this forward reads and updates, or None."""
+        if isinstance(past_key_values, TransnormerCache):
+            # A given state must be used even with use_cache=False: dropping it would silently restart.
+            cache = past_key_values
+        elif past_key_values is not None and (
+            not isinstance(past_key_values, Cache) or past_key_values.get_seq_length() > 0
+        ):
+            raise TypeError("past_key_values must be a TransnormerCache (a recurrent state, not keys/values)")
+        else:
+            # generate() hands over an empty generic cache; replace it with the recurrent-state cache.
+            if use_cache is None:
+                use_cache = self.config.use_cache and not self.training
+            cache = TransnormerCache(self.config) if use_cache else None
+        if cache is not None and self.gradient_checkpointing and self.training:
+            logger.warning_once("Gradient checkpointing recomputes layers; the cache is not used in training.")
+            return None
+        return cache
+
+
+def _value_mask(attention_mask: Tensor | None, length: int) -> Tensor | None:
+    """Bool keep-mask [B, T] of the current tokens from a bool/int/float 2-D mask (1 keep, 0 pad).
+
+    generate() passes the mask of the whole sequence while feeding only new tokens: keep its last T columns.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or attention_mask.shape[1] < length:
+        raise ValueError(f"attention_mask must be 2-D [batch, >= {length}] (1 keep, 0 pad)")
+    return attention_mask[:, -length:].to(torch.bool)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# §4.6 LM head (tied to the embedding) and the loss.
+
+
+def causal_lm_loss_from_logits(
+    logits: Tensor, labels: Tensor, num_items_in_batch: Tensor | int | None = None
+) -> Tensor:
+    """Plain path: fp32 cross-entropy of the model-shifted labels over full logits (-100 ignored)."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1).to(logits.device)
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    if num_items_in_batch is None:
+        return F.cross_entropy(flat, targets, ignore_index=-100)
+    return F.cross_entropy(flat, targets, ignore_index=-100, reduction="sum") / num_items_in_batch
+
+
+def _cross_entropy_sum(lm_head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
+
+
+def chunked_causal_lm_loss(
+    hidden: Tensor,
+    lm_head: nn.Module,
+    labels: Tensor,
+    num_items_in_batch: Tensor | int | None = None,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """The same loss without full logits: fp32 logits of at most ``chunk_size`` tokens exist at a time.
+
+    Only labelled tokens go through the LM head (one host sync to count them). Each chunk is recomputed in
+    the backward pass (activation checkpointing), so the saved activations are the hidden rows only.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1).to(hidden.device)
+    keep = (targets != -100).nonzero().squeeze(1)
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
+    targets = targets.index_select(0, keep)
+    total = rows[:0].float().sum()  # stays attached to the graph even when nothing is labelled
+    for lo in range(0, targets.shape[0], chunk_size):
+        chunk = (rows[lo : lo + chunk_size], targets[lo : lo + chunk_size])
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_cross_entropy_sum, lm_head, *chunk, use_reentrant=False)
+        else:
+            total = total + _cross_entropy_sum(lm_head, *chunk)
+    if num_items_in_batch is None:
+        return total / targets.shape[0]
+    if isinstance(num_items_in_batch, Tensor):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
+    """TransNormerLLM with the tied LM head; generation through transformers' GenerationMixin."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # noqa: RUF012
+
+    def __init__(self, config: TransnormerConfig) -> None:
+        super().__init__(config)
+        self.model = TransnormerModel(config)
+        self.lm_head = nn.Linear(config.decoder_embed_dim, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def get_decoder(self) -> TransnormerModel:
+        return self.model
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        seq_ids: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+        num_items_in_batch: Tensor | int | None = None,
+        logits_to_keep: int | Tensor = 0,
+        return_dict: bool | None = None,
+        return_logits: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs: object,
+    ) -> CausalLMOutputWithPast | tuple:
+        """Logits and/or the loss (labels are shifted here; -100 is ignored).
+
+        Without labels, logits of the last ``logits_to_keep`` positions (0 = all) are returned. With labels the
+        loss is computed in token chunks and no logits are returned unless asked for (``return_logits=True``,
+        or ``logits_to_keep`` ≠ 0 for a subset); when all logits are asked for, the loss is the plain fp32 CE
+        over them. ``num_items_in_batch`` turns the mean into sum / num_items_in_batch.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            seq_ids=seq_ids,
+            cu_seqlens=cu_seqlens,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden = outputs.last_hidden_state
+        keep_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
+        logits = None
+        if labels is None or return_logits or not keep_all:
+            kept = hidden[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else hidden[:, logits_to_keep]
+            logits = self.lm_head(kept)
+        loss = None
+        if labels is not None:
+            if logits is not None and keep_all:
+                loss = causal_lm_loss_from_logits(logits, labels, num_items_in_batch)
+            else:
+                loss = chunked_causal_lm_loss(
+                    hidden, self.lm_head, labels, num_items_in_batch, self.config.loss_chunk_size
+                )
+        out = CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: Tensor,
+        next_sequence_length: int | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs: object,
+    ) -> dict:
+        """transformers' preparation, plus: a recurrent state must see each token exactly once, so with a
+        filled cache only the tokens it has not seen yet are fed (whatever the caller sliced)."""
+        if isinstance(past_key_values, TransnormerCache) and next_sequence_length is None:
+            seen = past_key_values.get_seq_length()
+            prompt_embeds = inputs_embeds is not None and is_first_iteration
+            if 0 < seen < input_ids.shape[1] and not prompt_embeds:
+                next_sequence_length = input_ids.shape[1] - seen
+        return super().prepare_inputs_for_generation(
+            input_ids,
+            next_sequence_length=next_sequence_length,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_model(
+    name_or_path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> TransnormerForCausalLM:
+    """A preset name → deterministic random weights (seed 0, built on CPU in fp32, spec §10 init); anything
+    else → ``from_pretrained`` (official checkpoint dirs included; dtype defaults to the config's). Returned in
+    eval mode."""
+    if name_or_path in PRESETS:
+        # fork_rng keeps the caller's global RNG stream untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = TransnormerForCausalLM(config_from_preset(name_or_path))
+        return model.to(device=device, dtype=dtype).eval()
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    if device is not None:
+        kwargs["device_map"] = device
+    return TransnormerForCausalLM.from_pretrained(name_or_path, **kwargs).eval()
+

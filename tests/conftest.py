@@ -1,0 +1,60 @@
+"""Fixtures shared by every test package.
+
+``official_dir``: a tiny checkpoint directory in the layout of the official OpenNLPLab releases, for any test
+that loads "an official checkpoint":
+
+* ``config.json``: the official 1B file with the sizes shrunk (d = D = 64, 2 layers, 2 heads, glu 128,
+  LRPE in layer 0); every other field is kept, ``auto_map``, ``torch_dtype: bfloat16`` and the 64000-token
+  vocabulary included (so the real tokenizer's ids fit), and, like the official file, no ``model_type``.
+* ``pytorch_model.bin``: bf16 weights written with ``torch.save``, holding BOTH ``model.embed_tokens.weight``
+  and ``lm_head.weight`` (one shared storage, as in the hub files); random, seed 0, std 0.02.
+* ``tokenizer.model`` (Baichuan SentencePiece), ``tokenizer_config.json``, ``special_tokens_map.json``,
+  ``generation_config.json``: copied from /work/shared.
+
+The directory is read-only by convention: copy it (``shutil.copytree``) before changing anything.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path("/work/shared")
+OFFICIAL_1B = SHARED / "models" / "1B"
+TOKENIZER_MODEL = SHARED / "tokenizers" / "baichuan-7b" / "tokenizer.model"
+
+OFFICIAL_DIR_SIZES = {
+    "decoder_embed_dim": 64,
+    "hidden_dim": 64,
+    "decoder_layers": 2,
+    "decoder_attention_heads": 2,
+    "glu_dim": 128,
+    "linear_use_lrpe_list": [1, 0],
+}
+
+
+@pytest.fixture(scope="session")
+def official_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint directory in the official layout (see the module docstring)."""
+    from tnlora.model import TransnormerConfig, TransnormerForCausalLM
+
+    out = tmp_path_factory.mktemp("official")
+    config = json.loads((OFFICIAL_1B / "config.json").read_text())
+    config.update(OFFICIAL_DIR_SIZES)
+    (out / "config.json").write_text(json.dumps(config, indent=4))
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = TransnormerForCausalLM(TransnormerConfig(**config))
+    state = model.to(torch.bfloat16).state_dict()
+    assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
+    torch.save(state, out / "pytorch_model.bin")
+
+    shutil.copy(TOKENIZER_MODEL, out / "tokenizer.model")
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        shutil.copy(OFFICIAL_1B / name, out / name)
+    return out
