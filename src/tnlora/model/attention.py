@@ -17,6 +17,7 @@ Example boundaries inside a row (``seq_ids`` or ``cu_seqlens``) reset the state:
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import Literal
 
@@ -70,7 +71,9 @@ def lightning_attention(
     if impl == "fla":
         return _fla(q, k, v, log_decay, seq_ids, cu_seqlens, initial_state, output_final_state)
     if impl == "chunked":
-        return _chunked(q, k, v, log_decay, seq_ids, cu_seqlens, initial_state, output_final_state, chunk_size)
+        return _chunked(
+            q, k, v, log_decay, seq_ids, cu_seqlens, initial_state, output_final_state, chunk_size
+        )
     if impl == "recurrent":
         return _recurrent(q, k, v, log_decay, seq_ids, cu_seqlens, initial_state, output_final_state)
     raise ValueError(f"unknown lightning attention impl {impl!r}; choose auto, chunked, recurrent or fla")
@@ -293,7 +296,7 @@ def _recurrent(
         # Reference path for packed rows: run each example alone (one host sync for the boundaries).
         bounds = cu_seqlens.tolist()
         outs, finals = [], []
-        for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
             s0 = None if initial_state is None else initial_state[i : i + 1]
             o_i, f_i = _recurrent(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], log_decay, None, None, s0, True)
             outs.append(o_i)
@@ -346,7 +349,7 @@ def _fla(
 
     if not q.is_cuda:
         raise ValueError("impl='fla' needs CUDA tensors")
-    B, T, H, K = q.shape
+    B, T, H = q.shape[:3]
     g_gamma = log_decay.to(device=q.device, dtype=torch.float32)
     row_first = row_last = None
     if seq_ids is not None:

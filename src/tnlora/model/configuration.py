@@ -81,7 +81,9 @@ class TransnormerConfig(PreTrainedConfig):
             # Other norms would carry weights that no released checkpoint has.
             raise ConfigError(f"norm_type {self.norm_type!r} is not supported (only 'simplermsnorm')")
         if self.lrpe_angle_dtype not in LRPE_ANGLE_DTYPES:
-            raise ConfigError(f"lrpe_angle_dtype must be one of {LRPE_ANGLE_DTYPES}, got {self.lrpe_angle_dtype!r}")
+            raise ConfigError(
+                f"lrpe_angle_dtype must be one of {LRPE_ANGLE_DTYPES}, got {self.lrpe_angle_dtype!r}"
+            )
         if self.lightning_impl not in LIGHTNING_IMPLS:
             raise ConfigError(f"lightning_impl must be one of {LIGHTNING_IMPLS}, got {self.lightning_impl!r}")
         if self.lightning_chunk_size < 1 or self.loss_chunk_size < 1:

@@ -87,7 +87,9 @@ def get_slopes(num_heads: int) -> list[float]:
     return get_slopes(lower) + get_slopes(2 * lower)[0::2][: num_heads - lower]
 
 
-def layer_log_decay(num_heads: int, layer_idx: int, num_layers: int, device: torch.device | None = None) -> Tensor:
+def layer_log_decay(
+    num_heads: int, layer_idx: int, num_layers: int, device: torch.device | None = None
+) -> Tensor:
     """log λ_{l,j} = −s_j·(1 − l/(L−1) + 1e-5), fp32 [H] (the official fp32 slope times a Python float)."""
     # A one-layer model has no (L−1); keep the full slope there instead of dividing by zero.
     factor = 1 - layer_idx / (num_layers - 1) + 1e-5 if num_layers > 1 else 1 + 1e-5
@@ -150,7 +152,9 @@ class NormLinearAttention(nn.Module):
         self.act = ACTIVATIONS.get(config.linear_act_fun, _identity)
         self.norm = SimpleRMSNorm()
         self.lrpe = (
-            Lrpe(self.num_heads, self.head_dim, config.lrpe_angle_dtype) if config.uses_lrpe(layer_idx) else None
+            Lrpe(self.num_heads, self.head_dim, config.lrpe_angle_dtype)
+            if config.uses_lrpe(layer_idx)
+            else None
         )
         self.qkvu_proj = nn.Linear(config.decoder_embed_dim, 4 * config.hidden_dim, bias=config.bias)
         self.register_buffer("log_decay", self._log_decay(), persistent=False)
@@ -242,7 +246,9 @@ class TransnormerDecoderLayer(GradientCheckpointingLayer):
         position_offset: int = 0,
     ) -> Tensor:
         x = hidden_states
-        x = x + self.token_mixer(self.token_norm(x), v_mask, seq_ids, cu_seqlens, past_key_values, position_offset)
+        x = x + self.token_mixer(
+            self.token_norm(x), v_mask, seq_ids, cu_seqlens, past_key_values, position_offset
+        )
         return x + self.channel_mixer(self.channel_norm(x))
 
 
@@ -352,7 +358,9 @@ class TransnormerModel(TransnormerPreTrainedModel):
         )
         return out if return_dict is not False else out.to_tuple()
 
-    def _resolve_cache(self, past_key_values: Cache | None, use_cache: bool | None) -> TransnormerCache | None:
+    def _resolve_cache(
+        self, past_key_values: Cache | None, use_cache: bool | None
+    ) -> TransnormerCache | None:
         """The cache this forward reads and updates, or None."""
         if isinstance(past_key_values, TransnormerCache):
             # A given state must be used even with use_cache=False: dropping it would silently restart.
@@ -367,7 +375,9 @@ class TransnormerModel(TransnormerPreTrainedModel):
                 use_cache = self.config.use_cache and not self.training
             cache = TransnormerCache(self.config) if use_cache else None
         if cache is not None and self.gradient_checkpointing and self.training:
-            logger.warning_once("Gradient checkpointing recomputes layers; the cache is not used in training.")
+            logger.warning_once(
+                "Gradient checkpointing recomputes layers; the cache is not used in training."
+            )
             return None
         return cache
 
@@ -498,7 +508,9 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
         keep_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
         logits = None
         if labels is None or return_logits or not keep_all:
-            kept = hidden[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else hidden[:, logits_to_keep]
+            kept = (
+                hidden[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else hidden[:, logits_to_keep]
+            )
             logits = self.lm_head(kept)
         loss = None
         if labels is not None:
@@ -509,7 +521,10 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
                     hidden, self.lm_head, labels, num_items_in_batch, self.config.loss_chunk_size
                 )
         out = CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
         )
         return out if return_dict is not False else out.to_tuple()
 
@@ -561,4 +576,3 @@ def load_model(
     if device is not None:
         kwargs["device_map"] = device
     return TransnormerForCausalLM.from_pretrained(name_or_path, **kwargs).eval()
-
