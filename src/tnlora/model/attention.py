@@ -192,7 +192,7 @@ def _chunked(
         st = torch.cat([starts, starts[:, -1:].expand(-1, pad)], dim=1).reshape(-1, 1, NC, C)
         pos = torch.arange(NC * C, device=q.device).reshape(NC, C)
         intra = intra * (pos[:, None, :] >= st[..., :, None])  # key s in query t's example
-        q_in = q_in * (st <= (n * C)[:, None]).unsqueeze(-1)  # query's example began before the chunk
+        q_in = q_in * (st < (n * C)[:, None]).unsqueeze(-1)  # the chunk's previous token is in t's example
         last_start = st[..., -1]  # [B',1,NC]: start of the example of each chunk's last token
         k_in = k_in * (pos >= last_start[..., None]).unsqueeze(-1)  # keys that survive to the chunk end
         prev_start = F.pad(last_start, (1, 0))[..., :-1]  # example start at the end of chunk c−1
