@@ -120,7 +120,9 @@ def test_final_state_continues_the_sequence(impl: str) -> None:
     B, T, H, K, V = 2, 29, 2, 6, 5
     q, k, v = _inputs(B, T, H, K, V, seed=4)
     log_decay = _decays(H)[0]
-    full, full_state = lightning_attention(q, k, v, log_decay, output_final_state=True, impl=impl, chunk_size=4)
+    full, full_state = lightning_attention(
+        q, k, v, log_decay, output_final_state=True, impl=impl, chunk_size=4
+    )
     split = 11
     head, state = lightning_attention(
         q[:, :split], k[:, :split], v[:, :split], log_decay, output_final_state=True, impl=impl, chunk_size=4

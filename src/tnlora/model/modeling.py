@@ -32,6 +32,11 @@ logger = logging.get_logger(__name__)
 # §4.3 SRMSNorm: no gain, no bias; fp32 inside, input dtype outside.
 
 
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """Upcast half types to fp32; fp64 stays fp64 (float64 models are the exact references)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class SimpleRMSNorm(nn.Module):
     """y = x / sqrt(mean(x²) + eps) over the last dim, computed in fp32 and cast back."""
 
@@ -40,7 +45,7 @@ class SimpleRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        y = x.float()
+        y = _at_least_fp32(x)
         return (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
@@ -403,14 +408,14 @@ def causal_lm_loss_from_logits(
 ) -> Tensor:
     """Plain path: fp32 cross-entropy of the model-shifted labels over full logits (-100 ignored)."""
     targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1).to(logits.device)
-    flat = logits.float().reshape(-1, logits.shape[-1])
+    flat = _at_least_fp32(logits).reshape(-1, logits.shape[-1])
     if num_items_in_batch is None:
         return F.cross_entropy(flat, targets, ignore_index=-100)
     return F.cross_entropy(flat, targets, ignore_index=-100, reduction="sum") / num_items_in_batch
 
 
 def _cross_entropy_sum(lm_head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
-    return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
+    return F.cross_entropy(_at_least_fp32(lm_head(hidden)), targets, reduction="sum")
 
 
 def chunked_causal_lm_loss(
@@ -429,7 +434,7 @@ def chunked_causal_lm_loss(
     keep = (targets != -100).nonzero().squeeze(1)
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
     targets = targets.index_select(0, keep)
-    total = rows[:0].float().sum()  # stays attached to the graph even when nothing is labelled
+    total = _at_least_fp32(rows[:0]).sum()  # stays attached to the graph even when nothing is labelled
     for lo in range(0, targets.shape[0], chunk_size):
         chunk = (rows[lo : lo + chunk_size], targets[lo : lo + chunk_size])
         if torch.is_grad_enabled():

@@ -24,9 +24,11 @@ from tnlora.errors import ConfigError
 # SentencePiece piece types (sentencepiece_model.proto).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 _SPACE = "▁"  # SentencePiece's escaped whitespace (U+2581)
-# User-defined symbols that the NFKC map would rewrite (e.g. "，" → ","): they are hidden behind these
-# private-use characters while the map runs, because SentencePiece never normalises a user-defined symbol.
-_PLACEHOLDER_BASE = 0xF0000
+# User-defined symbols that the NFKC map would rewrite (e.g. "，" → ","): they are hidden behind Unicode
+# noncharacters (U+FDD0..U+FDEF, never assigned, so absent from real text) while the map runs, because
+# SentencePiece never normalises a user-defined symbol. (Private-use characters will not do: the Baichuan
+# vocabulary has pieces for some of them.)
+_PLACEHOLDERS = [chr(c) for c in range(0xFDD0, 0xFDF0)]
 
 # The "chatml" template of tnlora.data.templates as Jinja (tnlora.model must not import tnlora.data; a test
 # checks that this string equals get_template("chatml").to_jinja()).
@@ -108,7 +110,10 @@ def build_sentencepiece_backend(model_file: str | os.PathLike[str]) -> Tokenizer
     if spec.precompiled_charsmap:
         charsmap = normalizers.Precompiled(spec.precompiled_charsmap)
         rewritten = [u for u in user_defined if charsmap.normalize_str(u) != u]
-        hidden = {u: chr(_PLACEHOLDER_BASE + i) for i, u in enumerate(rewritten)}
+        free = [c for c in _PLACEHOLDERS if c not in vocab and charsmap.normalize_str(c) == c]
+        if len(free) < len(rewritten):
+            raise ConfigError(f"{model_file}: too many user-defined symbols that NFKC would rewrite")
+        hidden = dict(zip(rewritten, free))
         steps += [normalizers.Replace(u, h) for u, h in hidden.items()]
         steps.append(charsmap)
         steps += [normalizers.Replace(h, u) for u, h in hidden.items()]

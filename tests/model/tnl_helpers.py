@@ -1,17 +1,17 @@
-"""Fixtures for the model tests: small deterministic models, float64 unless a test says otherwise."""
+"""Helpers for the model tests: small deterministic models, float64 unless a test says otherwise."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-import pytest
 import torch
 
 from tnlora.model import TransnormerForCausalLM, config_from_preset
 
 
-def build_model(dtype: torch.dtype = torch.float64, seed: int = 0, **overrides: Any) -> TransnormerForCausalLM:
+def build_model(
+    dtype: torch.dtype = torch.float64, seed: int = 0, **overrides: Any
+) -> TransnormerForCausalLM:
     """The "tiny" preset with overrides, seeded, in eval mode.
 
     init_std defaults to 0.3 (not 0.02) so that a random model's next-token choices differ from step to step
@@ -22,8 +22,3 @@ def build_model(dtype: torch.dtype = torch.float64, seed: int = 0, **overrides: 
         torch.manual_seed(seed)
         model = TransnormerForCausalLM(config_from_preset("tiny", **overrides))
     return model.to(dtype).eval()
-
-
-@pytest.fixture
-def make_model() -> Callable[..., TransnormerForCausalLM]:
-    return build_model

@@ -1,0 +1,373 @@
+"""tnlora.model.modeling: keys and sizes, forward math vs a float64 reference, masks, packing, LRPE numerics,
+decay, loss and gradient checkpointing."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tnl_helpers import build_model
+from tnl_reference import reference_logits
+from torch.profiler import ProfilerActivity, profile
+
+from tnlora.model import TransnormerConfig, TransnormerForCausalLM
+from tnlora.model.modeling import Lrpe, get_slopes, layer_log_decay, lrpe_theta
+
+MODELS = Path("/work/shared/models")
+PARAMS = {"385M": 398_984_192, "1B": 1_020_266_496, "7B": 6_836_719_616}
+
+
+def _ids(batch: int, length: int, seed: int = 0, vocab: int = 384) -> torch.Tensor:
+    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------------------------- structure
+
+
+@pytest.mark.parametrize("size", ["385M", "1B", "7B"])
+def test_official_configs_give_exact_keys_shapes_and_parameter_counts(size: str) -> None:
+    config = TransnormerConfig(**json.loads((MODELS / size / "config.json").read_text()))
+    with torch.device("meta"):
+        model = TransnormerForCausalLM(config)
+    V, d, D, G = config.vocab_size, config.decoder_embed_dim, config.hidden_dim, config.glu_dim
+    h = config.decoder_attention_heads
+    expected = {"model.embed_tokens.weight": (V, d)}
+    for i in range(config.decoder_layers):
+        p = f"model.layers.{i}."
+        expected[p + "token_mixer.out_proj.weight"] = (d, D)
+        if i == 0:
+            expected[p + "token_mixer.lrpe.theta"] = (h, 1, D // h)
+        expected[p + "token_mixer.qkvu_proj.weight"] = (4 * D, d)
+        expected[p + "channel_mixer.l1.weight"] = (G, d)
+        expected[p + "channel_mixer.l2.weight"] = (G, d)
+        expected[p + "channel_mixer.l3.weight"] = (d, G)
+    expected["lm_head.weight"] = (V, d)
+    state = model.state_dict()
+    assert list(state) == list(expected)  # same keys, in the official checkpoint order
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected
+    assert sum(p.numel() for p in model.parameters()) == PARAMS[size]
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_random_init_follows_the_spec() -> None:
+    model = build_model(torch.float32, init_std=0.02)
+    embed = model.model.embed_tokens.weight
+    assert torch.all(embed[0] == 0)  # padding row
+    assert embed[1:].std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.model.layers[0].channel_mixer.l1.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    theta = model.model.layers[0].token_mixer.lrpe.theta
+    d = theta.numel()
+    expected = torch.tensor([10000 ** (-2 * i / d) for i in range(d)]).reshape(theta.shape)
+    assert torch.allclose(theta, expected, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ forward math
+
+MATH_CASES = {
+    "tiny": {},
+    "odd_heads": {"decoder_attention_heads": 3, "hidden_dim": 48},
+    "no_scale_small_chunks": {"no_scale_embedding": True, "lightning_chunk_size": 16},
+    "three_layers_lrpe_twice": {"decoder_layers": 3, "linear_use_lrpe_list": [1, 0, 1]},
+}
+
+
+@pytest.mark.parametrize("case", list(MATH_CASES))
+def test_logits_equal_float64_reference(case: str) -> None:
+    model = build_model(**MATH_CASES[case])
+    ids = _ids(2, 70)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0  # left padding: v is zeroed there in both
+    logits = model(ids, attention_mask=mask).logits
+    ref = reference_logits(model.state_dict(), model.config, ids, attention_mask=mask)
+    assert (logits - ref).abs().max() < 1e-9 * ref.abs().max()
+
+
+def test_get_slopes_for_powers_of_two_and_40_heads() -> None:
+    assert get_slopes(8) == pytest.approx([2.0**-i for i in range(1, 9)])
+    assert get_slopes(16) == pytest.approx([2 ** (-0.5 * (j + 1)) for j in range(16)])
+    slopes = get_slopes(40)
+    assert len(slopes) == 40
+    assert slopes[:32] == pytest.approx(get_slopes(32))
+    assert slopes[32:] == pytest.approx([2 ** (-0.125 * (2 * m + 1)) for m in range(8)])
+
+
+def test_decay_matches_spec_examples_for_7b() -> None:
+    first = torch.exp(layer_log_decay(32, 0, 30))
+    last = torch.exp(layer_log_decay(32, 29, 30).double())
+    assert first[0].item() == pytest.approx(0.431, abs=5e-4)
+    assert 1 - last[31].item() == pytest.approx(3.9e-8, rel=0.01)
+    assert layer_log_decay(32, 0, 30).dtype == torch.float32
+
+
+def test_decay_buffers_stay_fp32_under_dtype_casts() -> None:
+    model = build_model(torch.float32)
+    before = [layer.token_mixer.log_decay.clone() for layer in model.model.layers]
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        model.to(dtype)
+        for layer, value in zip(model.model.layers, before):
+            assert layer.token_mixer.log_decay.dtype == torch.float32
+            assert torch.equal(layer.token_mixer.log_decay, value)
+    assert "log_decay" not in " ".join(model.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------- LRPE
+
+
+def test_lrpe_angle_switch_is_exact_in_fp32_and_lossy_in_bf16() -> None:
+    ids = _ids(1, 300)
+    fp32 = build_model(torch.float32)
+    official = build_model(torch.float32, lrpe_angle_dtype="model")
+    assert torch.equal(fp32(ids).logits, official(ids).logits)
+
+    reference = fp32(ids).logits
+    bf16_fp32_angles = fp32.to(torch.bfloat16)(ids).logits.float()
+    bf16_model_angles = official.to(torch.bfloat16)(ids).logits.float()
+    assert not torch.equal(bf16_fp32_angles, bf16_model_angles)
+    # Spec §10: fp32 angles keep the bf16 model closer to the fp32 math beyond position 256.
+    late = slice(256, None)
+    err_fp32 = (bf16_fp32_angles[:, late] - reference[:, late]).abs().mean()
+    err_model = (bf16_model_angles[:, late] - reference[:, late]).abs().mean()
+    assert err_fp32 < err_model
+
+
+def test_lrpe_model_dtype_rounds_positions_like_the_official_code() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 2, 4).to(torch.bfloat16)
+    official, exact = Lrpe(2, 4, "model").to(torch.bfloat16), Lrpe(2, 4, "float32").to(torch.bfloat16)
+    # 257 is not a bf16 number: the official index rounds it to 256.
+    assert torch.equal(official(x, 257), official(x, 256))
+    assert not torch.equal(exact(x, 257), exact(x, 256))
+
+
+def test_lrpe_depends_only_on_relative_position() -> None:
+    lrpe = Lrpe(2, 8, "float32").double()
+    q, k = torch.randn(1, 1, 2, 8, dtype=torch.float64), torch.randn(1, 1, 2, 8, dtype=torch.float64)
+    near = (lrpe(q, 10) * lrpe(k, 3)).sum(-1)
+    far = (lrpe(q, 1007) * lrpe(k, 1000)).sum(-1)
+    assert torch.allclose(near, far, atol=1e-10)
+    assert lrpe(q, 0).shape[-1] == 16
+    assert torch.equal(lrpe_theta(2, 8), Lrpe(2, 8, "float32").theta.data)
+
+
+# ---------------------------------------------------------------------------------- masks and padding
+
+
+def test_bool_int_and_float_masks_give_identical_logits() -> None:
+    model = build_model()
+    ids = _ids(2, 20)
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[0, :5] = 0
+    out = [model(ids, attention_mask=m).logits for m in (mask, mask.bool(), mask.double())]
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
+
+
+def test_inputs_embeds_give_the_same_logits_as_input_ids() -> None:
+    model = build_model()
+    ids = _ids(2, 33)
+    embeds = model.get_input_embeddings()(ids)
+    assert torch.equal(model(inputs_embeds=embeds).logits, model(ids).logits)
+
+
+def test_left_padded_rows_equal_rows_alone() -> None:
+    model = build_model()
+    rows = [_ids(1, 30, seed=1)[0], _ids(1, 17, seed=2)[0]]
+    ids = torch.zeros(2, 30, dtype=torch.long)
+    mask = torch.zeros(2, 30, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, 30 - len(row) :] = row
+        mask[i, 30 - len(row) :] = 1
+    ids[1, :13] = 77  # garbage under the padding must not matter
+    logits = model(ids, attention_mask=mask).logits
+    for i, row in enumerate(rows):
+        alone = model(row[None]).logits[0]
+        assert torch.allclose(logits[i, 30 - len(row) :], alone, atol=1e-10)
+
+
+def test_right_padding_leaves_real_token_logits_unchanged() -> None:
+    model = build_model()
+    row = _ids(1, 20)[0]
+    ids = torch.cat([row, torch.zeros(6, dtype=torch.long)])[None]
+    mask = (torch.arange(26) < 20).long()[None]
+    assert torch.allclose(
+        model(ids, attention_mask=mask).logits[0, :20], model(row[None]).logits[0], atol=1e-10
+    )
+
+
+def test_packed_rows_equal_examples_alone() -> None:
+    model = build_model(lightning_chunk_size=8)
+    lengths = [[9, 14, 5], [20, 8]]
+    examples = [[_ids(1, n, seed=10 * r + i)[0] for i, n in enumerate(row)] for r, row in enumerate(lengths)]
+    ids = torch.stack([torch.cat(row) for row in examples])
+    seq_ids = torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in lengths])
+    logits = model(ids, seq_ids=seq_ids).logits
+    for r, row in enumerate(examples):
+        start = 0
+        for example in row:
+            alone = model(example[None]).logits[0]
+            assert torch.allclose(logits[r, start : start + len(example)], alone, atol=1e-10)
+            start += len(example)
+    # The same examples as one flat row with cu_seqlens.
+    flat = torch.cat([e for row in examples for e in row])[None]
+    cu = torch.tensor([0, *torch.tensor([n for r in lengths for n in r]).cumsum(0).tolist()])
+    assert torch.allclose(
+        model(flat, cu_seqlens=cu).logits[0], logits.reshape(-1, logits.shape[-1]), atol=1e-10
+    )
+
+
+def test_attention_masks_must_be_two_dimensional() -> None:
+    model = build_model()
+    ids = _ids(1, 4)
+    with pytest.raises(ValueError, match="2-D"):
+        model(ids, attention_mask=torch.ones(1, 1, 4, 4))
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+
+def _labels(ids: torch.Tensor) -> torch.Tensor:
+    labels = ids.clone()
+    labels[0, :7] = -100  # a masked prompt
+    labels[1, -3:] = -100  # right padding
+    return labels
+
+
+def test_chunked_loss_equals_plain_fp32_cross_entropy_and_its_gradients() -> None:
+    model = build_model(torch.float32, loss_chunk_size=7)
+    ids = _ids(2, 25)
+    labels = _labels(ids)
+    chunked = model(ids, labels=labels)
+    assert chunked.logits is None
+    grads = torch.autograd.grad(chunked.loss, list(model.parameters()))
+    plain = model(ids, labels=labels, return_logits=True)
+    assert plain.logits.shape == (2, 25, 384)
+    plain_grads = torch.autograd.grad(plain.loss, list(model.parameters()))
+    assert torch.allclose(chunked.loss, plain.loss, rtol=1e-6)
+    for got, want in zip(grads, plain_grads):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_loss_shifts_labels_and_ignores_minus_100() -> None:
+    model = build_model()
+    ids = _ids(2, 25)
+    labels = _labels(ids)
+    logits = model(ids).logits
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 384), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert torch.allclose(model(ids, labels=labels).loss, expected, rtol=1e-12)
+
+
+def test_num_items_in_batch_turns_the_mean_into_a_sum_over_items() -> None:
+    model = build_model()
+    ids = _ids(2, 25)
+    labels = _labels(ids)
+    counted = int((labels[:, 1:] != -100).sum())
+    mean = model(ids, labels=labels).loss
+    for loss in (model(ids, labels=labels, num_items_in_batch=100).loss,
+                 model(ids, labels=labels, num_items_in_batch=torch.tensor(100)).loss,
+                 model(ids, labels=labels, num_items_in_batch=100, return_logits=True).loss):  # fmt: skip
+        assert torch.allclose(loss, mean * counted / 100, rtol=1e-12)
+
+
+def test_logits_are_returned_with_labels_only_when_asked() -> None:
+    model = build_model()
+    ids = _ids(2, 10)
+    assert model(ids, labels=ids).logits is None
+    assert model(ids, labels=ids, logits_to_keep=1).logits.shape == (2, 1, 384)
+    assert model(ids, logits_to_keep=3).logits.shape == (2, 3, 384)
+    assert torch.allclose(model(ids, logits_to_keep=3).logits, model(ids).logits[:, -3:], rtol=1e-12)
+
+
+def test_chunked_loss_never_keeps_full_vocabulary_logits() -> None:
+    model = build_model(torch.float32, loss_chunk_size=8).train()
+    ids = _ids(2, 64)
+    vocab = model.config.vocab_size
+
+    def largest_saved_logits(**kwargs: object) -> int:
+        sizes = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() and t.shape[-1] == vocab and t.data_ptr() != model.lm_head.weight.data_ptr():
+                sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(ids, labels=ids, **kwargs).loss
+        loss.backward()
+        return max(sizes)
+
+    assert largest_saved_logits() <= 8 * vocab
+    # The hook does see logits when the plain path keeps them.
+    assert largest_saved_logits(return_logits=True) >= ids.numel() * vocab
+
+
+# ------------------------------------------------------------------------------ gradient checkpointing
+
+
+def _peak_bytes(step: callable) -> int:
+    """Peak CPU memory of step() from the profiler's allocation/free timeline."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    current = peak = 0
+    for event in events:
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+def test_gradient_checkpointing_lowers_peak_memory_and_keeps_gradients() -> None:
+    model = build_model(torch.float32, decoder_layers=4, linear_use_lrpe_list=[1, 0, 0, 0]).train()
+    ids = _ids(4, 256)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+
+    plain_peak = _peak_bytes(step)
+    plain_grads = [p.grad.clone() for p in model.parameters()]
+    model.gradient_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
+    checkpointed_peak = _peak_bytes(step)
+    assert checkpointed_peak < 0.5 * plain_peak
+    for p, want in zip(model.parameters(), plain_grads):
+        assert torch.equal(p.grad, want)
+
+
+def test_gradient_checkpointing_works_under_peft_lora() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    ids = _ids(2, 40)
+
+    def lora_grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["qkvu_proj", "out_proj", "l1", "l2", "l3"])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)  # the same LoRA A matrices in both runs
+            model = get_peft_model(build_model(torch.float32).train(), lora)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(len(name)))
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = lora_grads(False), lora_grads(True)
+    assert set(plain) == set(checkpointed) and len(plain) == 2 * 5 * 2
+    for name, grad in plain.items():
+        assert grad.abs().sum() > 0
+        assert torch.allclose(checkpointed[name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_embedding_scale_is_sqrt_d_unless_disabled() -> None:
+    ids = _ids(1, 5)
+    scaled, plain = build_model(), build_model(no_scale_embedding=True)
+    rows = scaled.model.embed_tokens(ids)
+    first_norm = scaled.model.layers[0].token_norm
+    # The first layer sees embed_scale · E[ids]; its token norm removes the scale, the residual keeps it.
+    hidden = scaled(ids, output_hidden_states=True).hidden_states[0]
+    assert torch.allclose(hidden, rows * math.sqrt(64))
+    assert torch.allclose(plain(ids, output_hidden_states=True).hidden_states[0], rows)
+    assert torch.allclose(first_norm(hidden), first_norm(rows))
