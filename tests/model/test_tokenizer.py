@@ -21,10 +21,32 @@ DATA = SHARED / "data"
 # NFKC (full-width letters, ideographic space, ligatures, CR, zero-width space), protected user-defined
 # symbols ("，", "\n", digits, "```"), byte fallback (emoji), and the escaped-space character itself.
 EDGE_TEXTS = [
-    "，你好", "\n你好", " hello", "  two", "a  b", "123abc", "x\r\ny", "\t\ttab", "ＡＢＣ　全角", "ﬁ",
-    "😀 and 🦙", "<SEP>x", "<reserved_5>", " ", "  ", "▁x", "a▁▁b", "\u200b", " \n ", "```python\nx = 1\n```",
-    "０１２，！？：￥", "e\u0301", "（括号）", "Tab\tand\nnew line", "",
-]  # fmt: skip
+    "，你好",
+    "\n你好",
+    " hello",
+    "  two",
+    "a  b",
+    "123abc",
+    "x\r\ny",
+    "\t\ttab",
+    "ＡＢＣ　全角",
+    "ﬁ",
+    "😀 and 🦙",
+    "<SEP>x",
+    "<reserved_5>",
+    " ",
+    "  ",
+    "▁x",
+    "a▁▁b",
+    "\u200b",
+    " \n ",
+    "```python\nx = 1\n```",
+    "０１２，！？：￥",
+    "e\u0301",
+    "（括号）",
+    "Tab\tand\nnew line",
+    "",
+]
 
 
 def _strings(value) -> list[str]:
@@ -100,12 +122,14 @@ def test_special_tokens_and_padding_follow_the_official_config(tok):
     assert 2 not in tok("answer</s>", add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
-def test_decode_round_trips_around_added_tokens(tok, tmp_path):
+def test_decode_round_trips_around_added_tokens():
     from tokenizers import AddedToken
 
     tok = BaiChuanTokenizer(vocab_file=str(SP_MODEL))
-    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")],
-                   special_tokens=True)  # fmt: skip
+    tok.add_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")],
+        special_tokens=True,
+    )
     text = "<|im_start|>user\n你好 world<|im_end|>\n<|im_start|>assistant\n Hi there.<|im_end|></s>"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert ids.count(tok.convert_tokens_to_ids("<|im_end|>")) == 2
@@ -158,7 +182,7 @@ def test_load_tokenizer(tmp_path, request):
         load_tokenizer("1B")
 
 
-def test_fast_tokenizer_save_load_round_trip(tok, tmp_path):
+def test_fast_tokenizer_save_load_round_trip(tmp_path):
     from tokenizers import AddedToken
 
     text = "<|im_start|>user\n皇上驾到！ 123<|im_end|>"
@@ -174,7 +198,7 @@ def test_fast_tokenizer_save_load_round_trip(tok, tmp_path):
         assert len(loaded) == 64001
 
 
-def test_byte_tokenizer_ids_and_round_trip(byte_tok=None):
+def test_byte_tokenizer_ids_and_round_trip():
     tok = ByteTokenizer()
     assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2, 0)
     assert tok.vocab_size == 259 and len(tok) == 259

@@ -191,7 +191,7 @@ def _registry_entry(
         if hub:
             raise DataError(
                 str(registry_path),
-                f"{where} is hub-only ({hub[0]}: {entry[hub[0]]}); tnlora reads local files only: download it "
+                f"{where} is hub-only ({hub[0]}: {entry[hub[0]]}); it needs a local file: download it "
                 f"into {base} and add \"file_name\" to the entry",
                 field=name,
             )
