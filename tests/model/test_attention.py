@@ -87,25 +87,44 @@ def test_packed_row_equals_examples_run_alone(impl: str) -> None:
     alone_o, alone_f, lo = [], [], 0
     for i, n in enumerate(lengths):
         o, f = lightning_attention(
-            q[:, lo : lo + n], k[:, lo : lo + n], v[:, lo : lo + n], log_decay,
-            initial_state=s0[i : i + 1], output_final_state=True, impl="recurrent",
-        )  # fmt: skip
+            q[:, lo : lo + n],
+            k[:, lo : lo + n],
+            v[:, lo : lo + n],
+            log_decay,
+            initial_state=s0[i : i + 1],
+            output_final_state=True,
+            impl="recurrent",
+        )
         alone_o.append(o)
         alone_f.append(f)
         lo += n
     alone_o, alone_f = torch.cat(alone_o, dim=1), torch.cat(alone_f)
 
     o, f = lightning_attention(
-        q, k, v, log_decay, cu_seqlens=cu_seqlens, initial_state=s0, output_final_state=True, impl=impl,
+        q,
+        k,
+        v,
+        log_decay,
+        cu_seqlens=cu_seqlens,
+        initial_state=s0,
+        output_final_state=True,
+        impl=impl,
         chunk_size=5,
-    )  # fmt: skip
+    )
     _close(o, alone_o)
     _close(f, alone_f)
     # seq_ids: the row state belongs to the first example (initial) and the last one (final).
     o, f = lightning_attention(
-        q, k, v, log_decay, seq_ids=seq_ids, initial_state=s0[:1], output_final_state=True, impl=impl,
+        q,
+        k,
+        v,
+        log_decay,
+        seq_ids=seq_ids,
+        initial_state=s0[:1],
+        output_final_state=True,
+        impl=impl,
         chunk_size=5,
-    )  # fmt: skip
+    )
     first = lengths[0]
     _close(o[:, :first], alone_o[:, :first])
     o_rest, f_rest = lightning_attention(
@@ -128,9 +147,15 @@ def test_final_state_continues_the_sequence(impl: str) -> None:
         q[:, :split], k[:, :split], v[:, :split], log_decay, output_final_state=True, impl=impl, chunk_size=4
     )
     tail, tail_state = lightning_attention(
-        q[:, split:], k[:, split:], v[:, split:], log_decay, initial_state=state, output_final_state=True,
-        impl=impl, chunk_size=4,
-    )  # fmt: skip
+        q[:, split:],
+        k[:, split:],
+        v[:, split:],
+        log_decay,
+        initial_state=state,
+        output_final_state=True,
+        impl=impl,
+        chunk_size=4,
+    )
     _close(torch.cat([head, tail], dim=1), full)
     _close(tail_state, full_state)
 
@@ -144,9 +169,16 @@ def test_chunked_gradients_equal_reference_gradients() -> None:
     weight = torch.randn(B, T, H, V, dtype=torch.float64)
 
     o, f = lightning_attention(
-        q, k, v, log_decay, seq_ids=seq_ids, initial_state=s0, output_final_state=True, impl="chunked",
+        q,
+        k,
+        v,
+        log_decay,
+        seq_ids=seq_ids,
+        initial_state=s0,
+        output_final_state=True,
+        impl="chunked",
         chunk_size=6,
-    )  # fmt: skip
+    )
     out_grads = torch.autograd.grad((o * weight).sum(), (q, k, v, s0), retain_graph=True)
     all_grads = torch.autograd.grad((o * weight).sum() + f.sum(), (q, k, v, s0))
     ref = reference_attention(q, k, v, log_decay, seq_ids, s0)

@@ -73,9 +73,22 @@ def test_presets_match_official_files_on_every_architecture_field() -> None:
     for size in ("385M", "1B", "7B"):
         official = TransnormerConfig.from_pretrained(MODELS / size).to_dict()
         preset = config_from_preset(size).to_dict()
-        for key in ("vocab_size", "decoder_embed_dim", "decoder_layers", "decoder_attention_heads",
-                    "no_scale_embedding", "linear_use_lrpe_list", "hidden_dim", "linear_act_fun", "glu_dim",
-                    "bias", "norm_type", "pad_token_id", "bos_token_id", "eos_token_id"):  # fmt: skip
+        for key in (
+            "vocab_size",
+            "decoder_embed_dim",
+            "decoder_layers",
+            "decoder_attention_heads",
+            "no_scale_embedding",
+            "linear_use_lrpe_list",
+            "hidden_dim",
+            "linear_act_fun",
+            "glu_dim",
+            "bias",
+            "norm_type",
+            "pad_token_id",
+            "bos_token_id",
+            "eos_token_id",
+        ):
             assert preset[key] == official[key], (size, key)
 
 

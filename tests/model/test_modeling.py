@@ -265,9 +265,11 @@ def test_num_items_in_batch_turns_the_mean_into_a_sum_over_items() -> None:
     labels = _labels(ids)
     counted = int((labels[:, 1:] != -100).sum())
     mean = model(ids, labels=labels).loss
-    for loss in (model(ids, labels=labels, num_items_in_batch=100).loss,
-                 model(ids, labels=labels, num_items_in_batch=torch.tensor(100)).loss,
-                 model(ids, labels=labels, num_items_in_batch=100, return_logits=True).loss):  # fmt: skip
+    for loss in (
+        model(ids, labels=labels, num_items_in_batch=100).loss,
+        model(ids, labels=labels, num_items_in_batch=torch.tensor(100)).loss,
+        model(ids, labels=labels, num_items_in_batch=100, return_logits=True).loss,
+    ):
         assert torch.allclose(loss, mean * counted / 100, rtol=1e-12)
 
 

@@ -1,0 +1,189 @@
+"""Generation through transformers' GenerationMixin with the recurrent-state cache (modeling + cache)."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from tnl_helpers import build_model
+from transformers import TextIteratorStreamer
+
+from tnlora.model import TransnormerCache
+
+
+def _prompt(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 384, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _greedy_by_recompute(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding with a full forward over the whole sequence at every step (no cache)."""
+    for _ in range(steps):
+        logits = model(ids, use_cache=False).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def test_cached_greedy_equals_full_recompute() -> None:
+    model = build_model()
+    prompt = _prompt(2, 12)
+    cached = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None)
+    uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, use_cache=False)
+    manual = _greedy_by_recompute(model, prompt, 12)
+    assert torch.equal(cached, manual) and torch.equal(uncached, manual)
+    assert len(set(cached[:, 12:].flatten().tolist())) >= 4  # a non-degenerate continuation
+
+
+def test_incremental_logits_equal_full_forward() -> None:
+    model = build_model()
+    ids = _prompt(2, 30)
+    full = model(ids).logits
+    cache = TransnormerCache(model.config)
+    pieces = [model(ids[:, :10], past_key_values=cache).logits]
+    for t in range(10, 20):  # one token at a time (recurrent step)
+        pieces.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+    pieces.append(model(ids[:, 20:], past_key_values=cache).logits)  # several new tokens at once
+    assert cache.get_seq_length() == 30
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-10)
+
+
+def test_left_padded_batch_generation_equals_each_row_alone() -> None:
+    model = build_model()
+    rows = [_prompt(1, 15, seed=1)[0], _prompt(1, 6, seed=2)[0], _prompt(1, 11, seed=3)[0]]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
+    batch = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=8,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    for i, row in enumerate(rows):
+        alone = model.generate(
+            row[None],
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=None,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        assert torch.equal(batch.sequences[i, width:], alone.sequences[0, len(row) :])
+        for step_batch, step_alone in zip(batch.logits, alone.logits):
+            assert torch.allclose(step_batch[i], step_alone[0], atol=1e-10)
+
+
+def test_beam_search_scores_equal_recomputed_log_probs() -> None:
+    model = build_model()
+    prompt = _prompt(1, 9)
+    out = model.generate(
+        prompt,
+        num_beams=4,
+        num_return_sequences=4,
+        max_new_tokens=6,
+        do_sample=False,
+        length_penalty=0.0,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    assert isinstance(out.past_key_values, TransnormerCache)
+    assert len({tuple(s.tolist()) for s in out.sequences}) == 4
+    eos = model.generation_config.eos_token_id
+    for sequence, score in zip(out.sequences, out.sequences_scores):
+        generated = sequence[9:].tolist()
+        if eos in generated:  # a finished beam is padded after its EOS
+            generated = generated[: generated.index(eos) + 1]
+        tokens = torch.tensor(prompt[0].tolist() + generated)[None]
+        log_probs = torch.log_softmax(model(tokens, use_cache=False).logits[0].double(), dim=-1)
+        recomputed = sum(log_probs[8 + i, tok] for i, tok in enumerate(generated))
+        assert abs(score.item() - recomputed.item()) < 1e-4
+
+
+def test_sampling_is_reproducible_and_the_cache_changes_nothing() -> None:
+    model = build_model()
+    prompt = _prompt(2, 7)
+    runs = []
+    for use_cache in (True, True, False):
+        torch.manual_seed(123)
+        runs.append(
+            model.generate(
+                prompt,
+                do_sample=True,
+                top_k=40,
+                temperature=0.9,
+                max_new_tokens=10,
+                eos_token_id=None,
+                use_cache=use_cache,
+            )
+        )
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    assert runs[0].shape == (2, 17) and int(runs[0].max()) < 384
+
+
+class _LetterTokenizer:
+    """The part of a tokenizer a streamer uses: decode ids to one letter each."""
+
+    def decode(self, ids: list[int] | torch.Tensor, **kwargs: object) -> str:
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+        return "".join(chr(ord("a") + int(i) % 26) for i in ids)
+
+
+def test_text_iterator_streamer_yields_the_generated_text() -> None:
+    model = build_model()
+    prompt = _prompt(1, 5)
+    tokenizer = _LetterTokenizer()
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, timeout=60)
+    result: dict[str, torch.Tensor] = {}
+    kwargs = {"max_new_tokens": 9, "do_sample": False, "eos_token_id": None, "streamer": streamer}
+    thread = threading.Thread(target=lambda: result.update(out=model.generate(prompt, **kwargs)))
+    thread.start()
+    text = "".join(streamer)
+    thread.join()
+    assert text == tokenizer.decode(result["out"][0, 5:])
+    assert len(text) == 9
+
+
+def test_prepare_inputs_feeds_only_tokens_the_cache_has_not_seen() -> None:
+    model = build_model()
+    ids = _prompt(1, 12)
+    cache = TransnormerCache(model.config)
+    model(ids[:, :10], past_key_values=cache)
+    inputs = model.prepare_inputs_for_generation(ids, past_key_values=cache, use_cache=True)
+    assert torch.equal(inputs["input_ids"], ids[:, 10:])
+    assert inputs["past_key_values"] is cache
+    fresh = model.prepare_inputs_for_generation(ids, past_key_values=TransnormerCache(model.config))
+    assert torch.equal(fresh["input_ids"], ids)
+
+
+def test_repeated_generate_calls_give_identical_tokens() -> None:
+    # The official code kept LRPE offsets in the modules, so every generate() after the first drifted.
+    model = build_model()
+    prompt = _prompt(1, 10)
+    first = model.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    model.generate(_prompt(1, 33, seed=5), max_new_tokens=3, do_sample=False, eos_token_id=None)
+    assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None), first)
+
+
+def test_generate_from_inputs_embeds_matches_input_ids() -> None:
+    model = build_model()
+    prompt = _prompt(1, 8)
+    from_ids = model.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    embeds = model.get_input_embeddings()(prompt)
+    from_embeds = model.generate(inputs_embeds=embeds, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    assert torch.equal(from_embeds[0, -6:], from_ids[0, 8:])
+
+
+def test_generate_keeps_fp32_states_of_the_documented_shapes() -> None:
+    model = build_model(torch.bfloat16)
+    out = model.generate(_prompt(3, 5), max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    cache = out.past_key_values
+    assert isinstance(cache, TransnormerCache)
+    assert cache.get_state(0).shape == (3, 2, 64, 32)  # layer 0: LRPE doubles q/k to 2·hd
+    assert cache.get_state(1).shape == (3, 2, 32, 32)
+    assert all(cache.get_state(i).dtype == torch.float32 for i in range(2))
