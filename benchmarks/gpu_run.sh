@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One device call: install the carried wheels, then run the named stages, logging to $OUT/log.txt.
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_run.sh check ladder1b ...
+# Stages: check (GPU tests: fla vs chunked), attn (attention fwd+bwd table), ladder1b, b7 (7B data-shaped),
+#         long (fixed long sequences), maxlen (longest trainable sequence), decode.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD/src
+export TRITON_CACHE_DIR=$PWD/.tcache  # autotune results travel back in $OUT/tcache.tgz (fla autotunes ~minutes)
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" "$TRITON_CACHE_DIR"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  >/dev/null 2>&1 || echo "wheel install failed"
+log() { echo "## $(date +%T) $*" | tee -a "$OUT/log.txt"; }
+bench() { log "bench $*"; timeout "${BENCH_TIMEOUT:-240}" python3 -m tnlora.cli bench "$@" 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 >> "$OUT/table.txt"; }
+for stage in "$@"; do
+  case $stage in
+    check)
+      log "GPU tests"
+      timeout 300 python3 -m pytest -x -q tests/model/test_attention_gpu.py -p no:cacheprovider 2>&1 | tail -n 30 | tee -a "$OUT/log.txt" ;;
+    attn)
+      log "attention benchmark"
+      timeout 200 python3 benchmarks/attention.py 2>&1 | tee -a "$OUT/log.txt" | tail -n 20 >> "$OUT/table.txt" ;;
+    ladder1b)
+      bench --model 1B --no-packing --attn chunked --batch_size 4 --grad_accum 4 --name "1B huanhuan: padding, chunked torch attn, b4x4"
+      bench --model 1B --packing --pack_len 2048 --attn chunked --batch_size 1 --grad_accum 4 --name "1B huanhuan: + packing 2048 rows, chunked attn, b1x4"
+      bench --model 1B --packing --pack_len 2048 --attn fla --batch_size 1 --grad_accum 4 --name "1B huanhuan: + fla kernel"
+      bench --model 1B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --name "1B huanhuan: + 16k-token micro-batches" ;;
+    b7)
+      bench --model 7B --no-packing --attn fla --batch_size 4 --grad_accum 4 --name "7B huanhuan: padding, fla, b4x4"
+      bench --model 7B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --name "7B huanhuan: packing 16k rows, fla" ;;
+    long)
+      bench --model 1B --seq_len 2048 --attn fla --batch_size 1 --grad_accum 1 --name "1B one 2,048-token sequence"
+      bench --model 1B --seq_len 8192 --attn fla --batch_size 1 --grad_accum 1 --name "1B one 8,192-token sequence"
+      bench --model 7B --seq_len 4096 --attn fla --batch_size 1 --grad_accum 1 --name "7B one 4,096-token sequence" ;;
+    maxlen)
+      for n in 65536 131072; do
+        BENCH_TIMEOUT=150 bench --model 7B --seq_len $n --attn fla --gradient_checkpointing --batch_size 1 --grad_accum 1 --steps 1 --warmup 1 --name "7B one $n-token sequence, checkpointing"
+      done ;;
+    decode)
+      log "decode"; timeout 240 python3 -m tnlora.cli bench --decode --model 1B 2>&1 | tee -a "$OUT/log.txt" | tail -n 4 >> "$OUT/table.txt"
+      timeout 240 python3 -m tnlora.cli bench --decode --model 7B 2>&1 | tee -a "$OUT/log.txt" | tail -n 4 >> "$OUT/table.txt" ;;
+  esac
+done
+find "$TRITON_CACHE_DIR" -name '*.autotune.json' | tar czf "$OUT/tcache.tgz" -T - 2>/dev/null
+nvidia-smi --query-gpu=name,memory.used --format=csv,noheader | tee -a "$OUT/log.txt"
+echo; cat "$OUT/table.txt" 2>/dev/null

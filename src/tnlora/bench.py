@@ -1,0 +1,284 @@
+"""`tnlora bench`: real LoRA training steps (and decoding) on a preset with random weights.
+
+Training goes through the same code as ``tnlora train``: the run config, ``apply_finetuning`` (peft LoRA),
+the data layer's packing / padding collators wrapped by ``TrainingCollator``, the model's chunked loss and the
+transformers ``Trainer`` built by ``build_trainer`` (its optimizer, scheduler, accumulation). Only the
+examples are synthetic: random token ids whose prompt / response lengths come from a lengths file (by
+default ``benchmarks/huanhuan_lengths.json``, measured on huanhuan.json under the chatml template) or a
+fixed long length. Prints one table row per configuration: real (non-pad) tokens/s, MFU, peak memory.
+
+MFU = 4 · N · tokens/s ÷ peak bf16 FLOP/s, N the parameter count (tied embedding once): the forward plus the
+input-gradient half of the backward; LoRA skips the frozen weights' gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM (datasheet), the MFU denominator of issue 5
+
+
+@dataclass
+class BenchResult:
+    """One configuration's figures."""
+
+    name: str
+    tokens_per_s: float
+    mfu: float
+    peak_gib: float
+    step_s: float
+    loss: float
+
+
+def environment_line() -> str:
+    """Card, versions and commit, for the table header."""
+    import transformers
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    try:
+        import triton
+
+        triton_v = triton.__version__
+    except ImportError:
+        triton_v = "-"
+    try:
+        import fla
+
+        fla_v = getattr(fla, "__version__", "?")
+    except ImportError:
+        fla_v = "-"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        commit = "?"
+    return (
+        f"card {card} | torch {torch.__version__} | triton {triton_v} | transformers {transformers.__version__}"
+        f" | fla-core {fla_v} | commit {commit or '?'}"
+    )
+
+
+def synthetic_examples(
+    lengths: list[tuple[int, int]], vocab_size: int, seed: int = 0
+) -> list[Any]:
+    """Random-id examples with the given (prompt, learned) token counts; prompts masked like real data."""
+    from tnlora.data.encode import IGNORE_INDEX, EncodedExample
+
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(p + learned for p, learned in lengths)
+    pool = torch.randint(3, vocab_size, (total,), generator=gen).tolist()
+    out, start = [], 0
+    for prompt, learned in lengths:
+        ids = pool[start : start + prompt + learned]
+        start += prompt + learned
+        out.append(EncodedExample(input_ids=ids, labels=[IGNORE_INDEX] * prompt + ids[prompt:]))
+    return out
+
+
+def read_lengths(path: str | Path) -> list[tuple[int, int]]:
+    """(prompt, learned) pairs from a lengths file written from the data pipeline's statistics."""
+    rows = json.loads(Path(path).read_text(encoding="utf-8"))["rows"]
+    return [(int(p), int(learned)) for p, learned in rows]
+
+
+def build_model(preset: str, attention_impl: str, device: str) -> torch.nn.Module:
+    """A preset with random weights built directly on ``device`` in bf16 (no fp32 CPU copy of a 7B)."""
+    from tnlora.model import TransnormerForCausalLM, config_from_preset
+    from tnlora.train.run import set_attention_impl
+
+    config = config_from_preset(preset)
+    previous = torch.get_default_dtype()
+    torch.manual_seed(0)
+    try:
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device(device):
+            model = TransnormerForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.to(torch.bfloat16)
+    set_attention_impl(model, attention_impl)
+    model.config.use_cache = False
+    return model
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Distinct parameters (the tied embedding once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+class _StepTimer:
+    """A TrainerCallback that times optimizer steps after a warm-up (syncing only between steps)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.t0, self.tokens0, self.steps, self.t1, self.tokens1 = warmup, 0.0, 0, 0, 0.0, 0
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001 - TrainerCallback API
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if state.global_step == self.warmup:
+            self.t0, self.tokens0 = time.perf_counter(), int(state.num_input_tokens_seen)
+        elif state.global_step > self.warmup:
+            self.t1, self.tokens1, self.steps = time.perf_counter(), int(state.num_input_tokens_seen), (
+                state.global_step - self.warmup
+            )
+        return control
+
+    # The Trainer calls every hook by name; the rest do nothing.
+    def __getattr__(self, name: str):
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+
+def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: str) -> BenchResult:
+    """Real LoRA training steps through ``build_trainer``; figures from the timed steps after warm-up."""
+    import tempfile
+
+    from tnlora.config import RunConfig
+    from tnlora.model.tokenizer import ByteTokenizer
+    from tnlora.train.lora import apply_finetuning
+    from tnlora.train.run import build_trainer, bundle_from_examples
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.cuda.empty_cache() if device == "cuda" else None
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    steps = args.warmup + args.steps
+    per_step = args.batch_size * args.grad_accum
+    cutoff = args.seq_len if args.seq_len else max(p + learned for p, learned in lengths)
+    with tempfile.TemporaryDirectory() as out:
+        cfg = RunConfig(
+            model_name_or_path=args.model,
+            output_dir=out,
+            overwrite_output_dir=True,
+            finetuning_type="lora",
+            lora_rank=args.lora_rank,
+            lora_alpha=4 * args.lora_rank,
+            lora_dropout=args.lora_dropout,
+            cutoff_len=cutoff,
+            packing=args.packing,
+            per_device_train_batch_size=args.batch_size,
+            gradient_accumulation_steps=args.grad_accum,
+            learning_rate=1e-4,
+            max_steps=steps,
+            bf16=True,
+            gradient_checkpointing=args.gradient_checkpointing,
+            attention_impl=args.attn,
+            logging_steps=10**6,
+            save_steps=10**6,
+            report_to="none",
+            seed=0,
+        )
+        model = build_model(args.model, args.attn, device)
+        n_params = count_params(model)
+        model = apply_finetuning(model, cfg)
+        # Enough examples for every timed step; packing packs them into cutoff-length rows first.
+        mean_len = sum(p + learned for p, learned in lengths) / len(lengths)
+        need = steps * per_step * (math.ceil(1.1 * cutoff / mean_len) if args.packing else 1)
+        rng = random.Random(0)
+        chosen = [lengths[rng.randrange(len(lengths))] for _ in range(need)]
+        examples = synthetic_examples(chosen, model.config.vocab_size)
+        data = bundle_from_examples(cfg, examples, [], pad_token_id=0)
+        timer = _StepTimer(args.warmup)
+        trainer = build_trainer(cfg, model, ByteTokenizer(), data, callbacks=[timer])
+        trainer.train()
+        loss = float(trainer.state.log_history[-1].get("train_loss", math.nan))
+    seconds = timer.t1 - timer.t0
+    tokens = timer.tokens1 - timer.tokens0
+    tps = tokens / seconds if seconds > 0 else math.nan
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else math.nan
+    del trainer, model
+    return BenchResult(name, tps, 4 * n_params * tps / H100_BF16_FLOPS, peak, seconds / max(1, timer.steps), loss)
+
+
+def decode_bench(args: argparse.Namespace, batch: int) -> tuple[float, float]:
+    """Greedy decoding through ``generate()``: (tokens/s over the whole batch, ms per step)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = getattr(args, "_decode_model", None)
+    if model is None:
+        model = build_model(args.model, "auto", device).eval()
+        model.config.use_cache = True
+        args._decode_model = model
+    prompt = torch.randint(3, model.config.vocab_size, (batch, args.prompt_len), device=device)
+    kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(prompt, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(prompt, **kwargs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    return batch * args.new_tokens / seconds, 1e3 * seconds / args.new_tokens
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tnlora bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="1B", help="preset: tiny, 385M, 1B, 7B")
+    parser.add_argument("--lengths", default="benchmarks/huanhuan_lengths.json",
+                        help="lengths file (prompt/learned per record) for data-shaped runs")
+    parser.add_argument("--seq_len", type=int, default=0,
+                        help="one fixed-length sequence per row instead of the lengths file (0: use the file)")
+    parser.add_argument("--pack_len", type=int, default=0, help="packed row length for data-shaped runs")
+    parser.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--attn", default="auto", choices=["auto", "fla", "chunked"])
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--grad_accum", type=int, default=4)
+    parser.add_argument("--lora_rank", type=int, default=8)
+    parser.add_argument("--lora_dropout", type=float, default=0.0)
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
+    parser.add_argument("--decode", action="store_true", help="measure generate() decoding instead of training")
+    parser.add_argument("--decode_batch", default="1,32")
+    parser.add_argument("--prompt_len", type=int, default=64)
+    parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--name", default="", help="row label")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``tnlora bench``."""
+    args = parse_args(argv)
+    print(environment_line(), flush=True)
+    if args.decode:
+        print("| model | batch | tokens/s | ms/step |\n|---|---|---|---|")
+        for batch in [int(b) for b in args.decode_batch.split(",")]:
+            tps, ms = decode_bench(args, batch)
+            print(f"| {args.model} | {batch} | {tps:,.0f} | {ms:.1f} |", flush=True)
+        return 0
+    if args.seq_len:
+        lengths = [(0, args.seq_len)]
+        args.packing = False
+    else:
+        lengths = read_lengths(args.lengths)
+        if args.packing and args.pack_len:
+            args.seq_len = args.pack_len
+    name = args.name or (
+        f"{args.model} {'len ' + str(lengths[0][1]) if lengths[0][0] == 0 and len(lengths) == 1 else 'data-shaped'}"
+        f" pack={args.packing} attn={args.attn} ckpt={args.gradient_checkpointing} b={args.batch_size}x{args.grad_accum}"
+    )
+    r = train_bench(args, lengths, name)
+    print("| run | tokens/s | MFU | peak GiB | s/step | loss |\n|---|---|---|---|---|---|")
+    print(f"| {r.name} | {r.tokens_per_s:,.0f} | {100 * r.mfu:.1f}% | {r.peak_gib:.1f} | {r.step_s:.3f} | {r.loss:.3f} |",
+          flush=True)
+    return 0
