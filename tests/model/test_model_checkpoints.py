@@ -101,7 +101,7 @@ def test_bin_files_are_loaded_weights_only(official_dir: Path, tmp_path: Path) -
     state["decoder.version"] = _NotATensor()
     torch.save(state, tmp_path / "pytorch_model.bin")
     shutil.copy(official_dir / "config.json", tmp_path / "config.json")
-    with pytest.raises(Exception, match="(?i)weights.only|unsupported global"):
+    with pytest.raises(Exception, match=r"(?i)weights.only|unsupported global"):
         TransnormerForCausalLM.from_pretrained(tmp_path)
 
 
