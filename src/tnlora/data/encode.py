@@ -112,6 +112,8 @@ def plan_pieces(
         add("marker", template.system_suffix, False, -1)
     turn = 0
     for i, message in enumerate(messages):
+        if message.role not in ("user", "assistant"):
+            raise ValueError(f"message {i + 1}: role must be user or assistant, not {message.role!r}")
         if message.role == "user":
             turn = i // 2
             if turn > 0:
@@ -365,7 +367,10 @@ def build_dataset(
             examples.append(example)
     stats.kept = len(examples)
     if cache_file is not None:
-        _write_cache(cache_file, examples, stats)
+        try:
+            _write_cache(cache_file, examples, stats)
+        except OSError as exc:  # a cache that cannot be written only costs time next run
+            logger.warning("could not write the dataset cache %s: %s", cache_file, exc)
     logger.info("%s", stats.summary())
     return examples, stats
 
