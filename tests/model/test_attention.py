@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.abc
 import sys
+import types
 
 import pytest
 import torch
@@ -236,6 +237,41 @@ def test_fla_impl_refuses_cpu_tensors() -> None:
     q, k, v = _inputs(1, 4, 1, 4, 4)
     with pytest.raises((ValueError, ImportError)):
         lightning_attention(q, k, v, -torch.ones(1), impl="fla")
+
+
+def test_fla_adapter_flattens_packed_rows_and_maps_states(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fla path's own logic, on CPU, against a stand-in kernel with fla's calling convention."""
+    calls: list[dict] = []
+
+    def fake_chunk_simple_gla(q, k, v, g_gamma=None, scale=None, initial_state=None, output_final_state=False,
+                              cu_seqlens=None, **kwargs):  # fmt: skip
+        calls.append({"scale": scale, "B": q.shape[0], "cu_seqlens": cu_seqlens})
+        assert g_gamma.dtype == torch.float32 and initial_state.dtype == torch.float32
+        return lightning_attention(
+            q, k, v, g_gamma, cu_seqlens=cu_seqlens, initial_state=initial_state,
+            output_final_state=output_final_state, impl="recurrent",
+        )  # fmt: skip
+
+    fake = types.ModuleType("fla.ops.simple_gla")
+    fake.chunk_simple_gla = fake_chunk_simple_gla
+    for name in ("fla", "fla.ops"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "fla.ops.simple_gla", fake)
+    attention._fla_takes_cu_seqlens_cpu.cache_clear()
+
+    B, T, H, K, V = 2, 17, 2, 6, 4
+    q, k, v = _inputs(B, T, H, K, V, seed=6)
+    seq_ids = torch.tensor([[0] * 5 + [1] * 12, [4] * 9 + [2] * 8])
+    s0 = torch.randn(B, H, K, V).double()  # fp32 values: fla takes fp32 states
+    log_decay = _decays(H)[0]
+    kwargs = {"seq_ids": seq_ids, "initial_state": s0, "output_final_state": True}
+    o, f = attention._fla(q, k, v, log_decay, seq_ids, None, s0, True)
+    want_o, want_f = lightning_attention(q, k, v, log_decay, impl="recurrent", **kwargs)
+    attention._fla_takes_cu_seqlens_cpu.cache_clear()
+    _close(o, want_o)
+    _close(f, want_f)
+    assert calls[0]["scale"] == 1.0 and calls[0]["B"] == 1
+    assert calls[0]["cu_seqlens"].tolist() == [0, 5, 17, 26, 34]
 
 
 def test_bad_shapes_are_refused() -> None:

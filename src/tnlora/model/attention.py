@@ -17,6 +17,7 @@ Example boundaries inside a row (``seq_ids`` or ``cu_seqlens``) reset the state:
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import math
 from typing import Literal
@@ -69,6 +70,8 @@ def lightning_attention(
         else:
             impl = "chunked"
     if impl == "fla":
+        if not q.is_cuda:
+            raise ValueError("impl='fla' needs CUDA tensors (fla's kernels are Triton)")
         return _fla(q, k, v, log_decay, seq_ids, cu_seqlens, initial_state, output_final_state)
     if impl == "chunked":
         return _chunked(
@@ -334,6 +337,14 @@ def fla_available() -> bool:
     return True
 
 
+@functools.cache
+def _fla_takes_cu_seqlens_cpu() -> bool:
+    """fla-core added ``cu_seqlens_cpu`` in 2026; older releases lack it."""
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    return "cu_seqlens_cpu" in inspect.signature(chunk_simple_gla).parameters
+
+
 def _fla(
     q: Tensor,
     k: Tensor,
@@ -347,11 +358,9 @@ def _fla(
     """fla-core ``chunk_simple_gla``: g_gamma = log λ, scale 1 (TNL does not scale q·k)."""
     from fla.ops.simple_gla import chunk_simple_gla
 
-    if not q.is_cuda:
-        raise ValueError("impl='fla' needs CUDA tensors")
     B, T, H = q.shape[:3]
     g_gamma = log_decay.to(device=q.device, dtype=torch.float32)
-    row_first = row_last = None
+    row_last = None
     if seq_ids is not None:
         # Packed rows become one flat row with an example boundary at every row start and id change.
         new = torch.ones_like(seq_ids, dtype=torch.bool)
@@ -364,7 +373,9 @@ def _fla(
             s0 = initial_state.new_zeros(cu_seqlens.shape[0] - 1, *initial_state.shape[1:])
             initial_state = s0.index_copy(0, row_first, initial_state)
         q, k, v = (x.reshape(1, B * T, H, x.shape[-1]) for x in (q, k, v))
-    cu_cpu = cu_seqlens.cpu() if cu_seqlens is not None else None
+    extra = {}
+    if cu_seqlens is not None and _fla_takes_cu_seqlens_cpu():
+        extra["cu_seqlens_cpu"] = cu_seqlens.cpu()  # lets fla plan its chunks without another sync
     o, final = chunk_simple_gla(
         q,
         k,
@@ -374,7 +385,7 @@ def _fla(
         initial_state=None if initial_state is None else initial_state.float(),
         output_final_state=output_final_state,
         cu_seqlens=cu_seqlens,
-        cu_seqlens_cpu=cu_cpu,
+        **extra,
     )
     if row_last is not None:
         o = o.reshape(B, T, H, -1)
