@@ -110,8 +110,23 @@ def cmd_train(argv: list[str]) -> int:
     cfg = load_run_config(config_path, overrides)
     from tnlora.train.run import train
 
-    train(cfg)
+    result = train(cfg)
+    if cfg.sample_prompts:
+        print_samples(result, cfg.sample_prompts, cfg.sample_max_new_tokens)
     return 0
+
+
+def print_samples(result, prompts: list[str], max_new_tokens: int) -> None:
+    """Greedy replies of the just-trained model, so a run ends with something to read."""
+    from tnlora.infer.generate import GenerationOptions, generate_replies
+
+    options = GenerationOptions(max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.0)
+    result.model.eval()
+    replies = generate_replies(
+        result.model, result.tokenizer, result.template, [[{"role": "user", "content": p}] for p in prompts], options
+    )
+    for prompt, reply in zip(prompts, replies):
+        print(f"user: {prompt}\nassistant: {reply}\n", flush=True)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -162,8 +177,18 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     """Show how a dataset is read, rendered, tokenized and masked."""
     from tnlora.data.inspect import inspect_dataset
 
-    kwargs = {k: v for k, v in vars(args).items() if k not in ("func", "verb", "data_verb")}
-    print(inspect_dataset(**kwargs))
+    color = args.color if args.color is not None else sys.stdout.isatty()
+    report = inspect_dataset(
+        args.dataset,
+        args.dataset_dir,
+        args.model,
+        args.template,
+        args.cutoff_len,
+        example=args.example,
+        color=color,
+        skip_invalid=args.skip_invalid,
+    )
+    print(report)
     return 0
 
 
@@ -227,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--template", required=True)
     q.add_argument("--cutoff_len", type=int, default=1024)
     q.add_argument("--model", default="tiny", help="whose tokenizer to use (checkpoint dir or preset)")
-    q.add_argument("--num", type=int, default=3, help="records to show")
+    q.add_argument("--example", type=int, default=0, help="which example to render (0-based)")
+    q.add_argument("--color", type=_bool, nargs="?", const=True, default=None, help="dim masked text")
+    q.add_argument("--skip_invalid", type=_bool, nargs="?", const=True, default=False)
     q.set_defaults(func=cmd_data_inspect)
     return parser
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,28 +58,12 @@ class GenerationOptions:
 # Prompts
 
 
-def to_messages(messages: Iterable[dict[str, Any]]) -> tuple[list[Any], str | None]:
-    """``[{"role", "content"}, …]`` → (data-layer ``Message`` list, system prompt found among them)."""
-    from tnlora.data.readers import Message
-
-    out: list[Any] = []
-    system: str | None = None
-    for m in messages:
-        role, content = m.get("role"), m.get("content")
-        if role == "system":
-            system = str(content)
-            continue
-        out.append(Message(role=str(role), content=str(content)))
-    return out, system
-
-
 def prompt_ids(tokenizer, template, messages: list[dict[str, Any]], system: str | None) -> list[int]:
-    """Token ids of the rendered prompt (ends with the assistant prefix)."""
-    msgs, inline_system = to_messages(messages)
-    rendered = template.render_prompt(msgs, inline_system if inline_system is not None else system)
-    if isinstance(rendered, str):
-        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
-    return list(rendered)
+    """Token ids of the rendered prompt (ends with the assistant prefix); ``system`` None: the template's."""
+    from tnlora.data.encode import encode_prompt
+
+    # encode_prompt tokenises piece by piece exactly as training did (whole-string tokenisation can differ).
+    return encode_prompt(messages, tokenizer, template, system)
 
 
 def stop_settings(tokenizer, template) -> tuple[list[int], list[str]]:

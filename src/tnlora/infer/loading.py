@@ -65,21 +65,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def load_base_model(name: str, dtype: torch.dtype, device: torch.device, attention_impl: str | None = None):
-    """``tnlora.model.load_model`` plus the lightning-attention backend choice."""
-    from tnlora.model import load_model
-
-    model = load_model(name, dtype=dtype, device=device)
-    if attention_impl:
-        set_attention_impl(model, attention_impl)
-    return model
-
-
-def set_attention_impl(model, impl: str) -> None:
-    """Choose the lightning-attention backend (``TransnormerConfig.lightning_impl``, read at forward time)."""
-    model.config.lightning_impl = impl
-
-
 def _adapter_base_name(adapter: Path) -> str | None:
     cfg_file = adapter / "adapter_config.json"
     if cfg_file.is_file():
@@ -118,6 +103,7 @@ def load_for_inference(
 ) -> InferenceModel:
     """Base model (``model`` or the adapter's recorded base) + LoRA adapter, tokenizer, template, system."""
     from tnlora.model.tokenizer import load_tokenizer
+    from tnlora.train.run import load_base_model
 
     adapter_path = Path(adapter) if adapter else None
     if adapter_path is not None and not (adapter_path / "adapter_config.json").is_file():
@@ -137,7 +123,7 @@ def load_for_inference(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     impl = attention_impl or (run_cfg.attention_impl if run_cfg else None)
-    net = load_base_model(base, torch_dtype, dev, impl)
+    net = load_base_model(base, dtype=torch_dtype, device=dev, attention_impl=impl or "auto")
     if len(tokenizer) > net.get_input_embeddings().num_embeddings:
         net.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)  # as training did
     if adapter_path is not None:

@@ -37,6 +37,7 @@ class ProgressCallback(TrainerCallback):
         self._loss: float | None = None
         self._lr: float | None = None
         self.tokens_per_second: float = 0.0
+        self._printed_step = -1
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
         # Measured from here so a resumed run's speed excludes the steps it skipped.
@@ -76,12 +77,14 @@ class ProgressCallback(TrainerCallback):
             self._lr = float(logs["learning_rate"]) if "learning_rate" in logs else self._lr
             if not self.tty:
                 self._println(self.status(state))
+                self._printed_step = state.global_step
         if "eval_loss" in logs:
             ppl = math.exp(min(float(logs["eval_loss"]), 50.0))
             self._println(f"eval at step {state.global_step}: loss {logs['eval_loss']:.4f} | ppl {ppl:.2f}")
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
-        self._println(self.status(state))
+        if self.tty or self._printed_step != state.global_step:
+            self._println(self.status(state))
 
     def _println(self, line: str) -> None:
         prefix = "\r\033[K" if self.tty else ""

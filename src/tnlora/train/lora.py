@@ -83,7 +83,7 @@ def build_lora_config(
         modules_to_save=modules_to_save,
         trainable_token_indices=({"embed_tokens": list(trainable_token_ids)} if trainable_token_ids else None),
         # embed_tokens and lm_head share one tensor; keep them shared in any trained copy of either
-        ensure_weight_tying=bool(modules_to_save or trainable_token_ids),
+        ensure_weight_tying=bool(modules_to_save),
         bias="none",
     )
 

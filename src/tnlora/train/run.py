@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import set_seed
 
 from tnlora.config import RunConfig, resolve_defaults, save_run_config, split_list
 from tnlora.errors import ConfigError, TnloraError
@@ -51,8 +52,10 @@ class TrainResult:
     trainable_params: int
     total_params: int
     log_history: list[dict[str, Any]]
-    samples: list[tuple[str, str]] = field(default_factory=list)
     config: RunConfig | None = None
+    model: Any = None  # the trained (peft-wrapped) model, in memory
+    tokenizer: Any = None
+    template: Any = None
 
 
 def _say(message: str) -> None:
@@ -98,12 +101,15 @@ def check_model_name(name: str) -> None:
     raise ConfigError(f"model_name_or_path: {name!r} is neither a preset ({presets}) nor a checkpoint directory")
 
 
-def get_template_checked(name: str):
-    """The named chat template; an unknown name is a config error on ``template``."""
+def get_template_checked(name: str, system: str | None = None):
+    """The named chat template (its default system prompt replaced by ``system``); unknown → ``template`` error.
+
+    The run's ``system`` goes into the template, so ``template.json`` carries it to chat and generate.
+    """
     from tnlora.data.templates import get_template
 
     try:
-        return get_template(name)
+        return get_template(name) if system is None else get_template(name, default_system=system)
     except TnloraError as exc:
         raise ConfigError(f"template: {exc}") from None
     except (KeyError, ValueError) as exc:
@@ -149,13 +155,21 @@ def prepare_output_dir(cfg: RunConfig) -> str | None:
 
 def build_tokenizer(cfg: RunConfig):
     """The base model's tokenizer, plus any ``add_special_tokens`` (e.g. ``<|im_start|>,<|im_end|>``)."""
+    from tokenizers import AddedToken
+
     from tnlora.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     extra = split_list(cfg.add_special_tokens)
     if extra:
-        tokenizer.add_special_tokens({"additional_special_tokens": extra}, replace_extra_special_tokens=False)
+        # normalized=False: matched verbatim in text, so "<|im_end|>" in a rendered example becomes one id
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in extra], special_tokens=True)
     return tokenizer
+
+
+def attach_chat_template(tokenizer, template) -> None:
+    """Give the saved tokenizer the run's template as a Jinja chat_template (for apply_chat_template users)."""
+    tokenizer.chat_template = template.to_jinja()
 
 
 def added_token_ids(cfg: RunConfig, tokenizer) -> list[int]:
@@ -173,8 +187,6 @@ def load_examples(cfg: RunConfig, tokenizer, template) -> tuple[list[Any], list[
         conversations = conversations[: cfg.max_samples]
     if not conversations:
         raise ConfigError(f"dataset: {cfg.dataset} holds no records")
-    if cfg.system is not None:
-        conversations = [c if c.system else dataclasses.replace(c, system=cfg.system) for c in conversations]
     train_convs, eval_convs = split_validation(conversations, cfg.val_size, cfg.seed)
     encode_kwargs = dict(
         cutoff_len=cfg.cutoff_len, train_on_prompt=cfg.train_on_prompt, mask_history=cfg.mask_history
@@ -209,7 +221,7 @@ def build_datasets(cfg: RunConfig, tokenizer, template=None) -> DataBundle:
 
     from tnlora.data import encode
 
-    template = template if template is not None else get_template_checked(cfg.template)
+    template = template if template is not None else get_template_checked(cfg.template, cfg.system)
     train_examples, eval_examples, stats = load_examples(cfg, tokenizer, template)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if cfg.packing:
@@ -219,7 +231,12 @@ def build_datasets(cfg: RunConfig, tokenizer, template=None) -> DataBundle:
     else:
         train_rows = [_as_row(e) for e in train_examples]
     eval_rows = [_as_row(e) for e in eval_examples]
-    collator = TrainingCollator(encode.PaddingCollator(pad_token_id=pad_id))
+    inner = (
+        encode.PackingCollator(max_length=cfg.cutoff_len, pad_token_id=pad_id)
+        if cfg.packing
+        else encode.PaddingCollator(pad_token_id=pad_id)
+    )
+    collator = TrainingCollator(inner, eval_inner=encode.PaddingCollator(pad_token_id=pad_id))
     train_ds = datasets.Dataset.from_list(train_rows)
     eval_ds = datasets.Dataset.from_list(eval_rows) if eval_rows else None
     return DataBundle(train=train_ds, eval=eval_ds, collator=collator, stats=stats)
@@ -244,12 +261,15 @@ class TrainingCollator:
     accumulation and packing.
     """
 
-    def __init__(self, inner):
+    def __init__(self, inner, eval_inner=None):
         self.inner = inner
+        self.eval_inner = eval_inner or inner
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         features = [{k: v for k, v in f.items() if k != "length"} for f in features]
-        batch = dict(self.inner(features))
+        # Eval examples are never packed: they carry no seq_ids and go to the padding collator.
+        packed = bool(features) and "seq_ids" in features[0]
+        batch = dict((self.inner if packed else self.eval_inner)(features))
         labels = batch["labels"].clone()
         labels[:, 0] = -100
         seq_ids = batch.get("seq_ids")
@@ -265,18 +285,43 @@ def model_dtype(cfg: RunConfig) -> torch.dtype:
     return torch.bfloat16 if (cfg.bf16 and cfg.finetuning_type == "lora") else torch.float32
 
 
+def load_base_model(
+    name: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None, attention_impl: str = "auto"
+):
+    """``tnlora.model.load_model`` plus the choice of lightning-attention backend."""
+    from tnlora.model import load_model
+
+    model = load_model(name, dtype=dtype, device=device)
+    set_attention_impl(model, attention_impl)
+    return model
+
+
+def set_attention_impl(model, impl: str) -> None:
+    """Point every token mixer at backend ``impl`` (auto, chunked, recurrent, fla).
+
+    load_model() has no backend argument and each token mixer copies ``config.lightning_impl`` when it is
+    built, so the choice is applied to the config and to the mixers (the modules with an ``impl`` string).
+    """
+    model.config.lightning_impl = impl
+    for module in model.modules():
+        if isinstance(getattr(module, "impl", None), str):
+            module.impl = impl
+
+
 def build_model(cfg: RunConfig, tokenizer):
     """The base model with the run's fine-tuning method applied (peft-wrapped for LoRA)."""
-    from tnlora.model import load_model
     from tnlora.train.lora import apply_finetuning
 
-    model = load_model(cfg.model_name_or_path, dtype=model_dtype(cfg), attention_impl=cfg.attention_impl)
+    model = load_base_model(cfg.model_name_or_path, dtype=model_dtype(cfg), attention_impl=cfg.attention_impl)
     new_ids = added_token_ids(cfg, tokenizer)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     model.config.use_cache = False  # no cache while training
+    # A preset keeps an empty name_or_path: peft would look a non-path name up on the Hub when saving.
     if cfg.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
         raise ConfigError("gradient_checkpointing: this model does not support it")
+    # The adapter's random init comes from the run's seed, not from whatever ran before in this process.
+    set_seed(cfg.seed)
     return apply_finetuning(model, cfg, trainable_token_ids=new_ids or None)
 
 
@@ -332,6 +377,7 @@ def training_arguments(cfg: RunConfig, has_eval: bool):
         prediction_loss_only=True,  # eval needs the loss only; keeping logits costs B×T×V memory
         label_names=["labels"],
         save_only_model=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
 
 
@@ -371,7 +417,21 @@ def save_run_files(cfg: RunConfig, tokenizer, template, directory: str | Path) -
     directory.mkdir(parents=True, exist_ok=True)
     save_run_config(cfg, directory)
     template.save(directory / TEMPLATE_FILE)
+    attach_chat_template(tokenizer, template)
     tokenizer.save_pretrained(str(directory))
+
+
+def final_eval_metrics(trainer) -> dict[str, float]:
+    """Eval metrics at the last step: taken from the log when the Trainer just evaluated, else computed."""
+    last = [e for e in trainer.state.log_history if "eval_loss" in e]
+    if last and last[-1].get("step") == trainer.state.global_step:
+        metrics = {k: v for k, v in last[-1].items() if k.startswith("eval_")}
+    else:
+        metrics = trainer.evaluate()
+    metrics = _json_safe(metrics)
+    if "eval_loss" in metrics:
+        metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50.0))
+    return metrics
 
 
 def _json_safe(metrics: dict[str, Any]) -> dict[str, float]:
@@ -389,7 +449,7 @@ def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
 
     t0 = time.perf_counter()
     cfg, resume = preflight(cfg)
-    template = get_template_checked(cfg.template)
+    template = get_template_checked(cfg.template, cfg.system)
     tokenizer = build_tokenizer(cfg)
     data = build_datasets(cfg, tokenizer, template)
     _say(
@@ -410,9 +470,7 @@ def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
     trainer.save_state()
     metrics = _json_safe(output.metrics)
     if data.eval is not None:
-        metrics.update({k: v for k, v in _json_safe(trainer.evaluate()).items()})
-        if "eval_loss" in metrics:
-            metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50.0))
+        metrics.update(final_eval_metrics(trainer))
     trainer.save_metrics("all", metrics)
     save_run_files(cfg, tokenizer, template, out)
     if cfg.plot_loss:
@@ -426,25 +484,12 @@ def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
         total_params=total,
         log_history=list(trainer.state.log_history),
         config=cfg,
+        model=trainer.model,
+        tokenizer=tokenizer,
+        template=template,
     )
-    _say(f"saved adapter to {out} ({time.perf_counter() - t0:.1f} s)")
-    if cfg.sample_prompts:
-        result.samples = answer_samples(cfg, trainer.model, tokenizer, template)
+    _say(f"saved to {out} ({time.perf_counter() - t0:.1f} s)")
     return result
-
-
-def answer_samples(cfg: RunConfig, model, tokenizer, template) -> list[tuple[str, str]]:
-    """Greedy replies of the trained model to ``sample_prompts``, printed to stdout."""
-    from tnlora.infer.generate import GenerationOptions, generate_replies
-
-    options = GenerationOptions(max_new_tokens=cfg.sample_max_new_tokens, do_sample=False, repetition_penalty=1.0)
-    messages = [[{"role": "user", "content": p}] for p in cfg.sample_prompts or []]
-    model.eval()
-    replies = generate_replies(model, tokenizer, template, messages, options, system=cfg.system)
-    pairs = list(zip(cfg.sample_prompts or [], replies))
-    for prompt, reply in pairs:
-        print(f"user: {prompt}\nassistant: {reply}\n", flush=True)
-    return pairs
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -1,0 +1,291 @@
+"""tnlora.train.run end to end on the tiny preset: loss falls, the output dir is standard and reloads,
+resume equals an uninterrupted run, the loss is per token under gradient accumulation and packing."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from tnlora.cli import main
+from tnlora.model import load_model
+from tnlora.train.callbacks import StopAtStepCallback
+from tnlora.train.run import (
+    TrainingCollator,
+    build_datasets,
+    build_model,
+    build_tokenizer,
+    build_trainer,
+    train,
+)
+
+PROBE = torch.tensor([[3 + b for b in b"<|im_start|>user\nWho are you?<|im_end|>\n"]])
+
+
+def logits(model, ids: torch.Tensor = PROBE) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One 24-step LoRA run with eval, checkpoints, tensorboard and the loss plot."""
+    from tests.train.conftest import tiny_config
+
+    out = tmp_path_factory.mktemp("run") / "out"
+    cfg = tiny_config(
+        out,
+        "--max_steps", "24",
+        "--save_steps", "12",
+        "--val_size", "6",
+        "--eval_steps", "12",
+        "--report_to", "tensorboard",
+        "--plot_loss", "true",
+        "--lora_dropout", "0.1",
+    )  # fmt: skip
+    return train(cfg)
+
+
+def test_loss_falls(trained):
+    losses = [e["loss"] for e in trained.log_history if "loss" in e]
+    assert len(losses) == 12
+    assert losses[-1] < losses[0] - 0.3
+    assert math.isfinite(trained.metrics["eval_loss"])
+    assert trained.metrics["eval_ppl"] == pytest.approx(math.exp(trained.metrics["eval_loss"]))
+
+
+def test_output_dir_has_the_standard_layout(trained):
+    out = trained.output_dir
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "trainer_state.json",
+        "tnlora_run.yaml",
+        "template.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "loss.png",
+        "checkpoint-12/adapter_model.safetensors",
+        "checkpoint-24/optimizer.pt",
+    ):
+        assert (out / name).is_file(), name
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((out / "runs").rglob("events.out.tfevents.*")), "no tensorboard event file"
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 24
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert set(adapter["target_modules"]) == {"qkvu_proj", "out_proj", "l1", "l2", "l3"}
+    assert adapter["r"] == 8 and adapter["lora_alpha"] == 16 and adapter["lora_dropout"] == 0.1
+    # the saved run config is the resolved one (CPU: fp32, no packing)
+    run = (out / "tnlora_run.yaml").read_text()
+    assert "bf16: false" in run and "packing: false" in run and "lora_alpha: 16.0" in run
+    assert json.loads((out / "template.json").read_text())["name"] == "chatml"
+    assert trained.trainable_params == 16_384  # 2 layers × r 8 × Σ(in + out) of the five linears
+
+
+def test_saved_adapter_reproduces_the_trained_logits(trained):
+    from peft import PeftModel
+
+    from tnlora.infer.loading import load_for_inference
+
+    expected = logits(trained.model)
+    assert not torch.allclose(expected, logits(load_model("tiny")), atol=1e-3)  # training changed something
+    reloaded = PeftModel.from_pretrained(load_model("tiny"), str(trained.output_dir))
+    torch.testing.assert_close(logits(reloaded), expected, rtol=1e-5, atol=1e-5)
+    ours = load_for_inference(None, trained.output_dir)
+    assert ours.template.name == "chatml" and ours.base == "tiny"
+    torch.testing.assert_close(logits(ours.model), expected, rtol=1e-5, atol=1e-5)
+
+
+def _adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("packing", ["false", "true"])
+def test_resume_after_interruption_equals_an_uninterrupted_run(make_config, tmp_path, packing):
+    # lora_dropout > 0: resuming must restore the RNG too, not only weights, optimizer and data position
+    args = ("--max_steps", "6", "--save_steps", "3", "--lora_dropout", "0.1", "--packing", packing)
+    args += ("--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2")
+    whole = train(make_config(tmp_path / "whole", *args))
+    cut = make_config(tmp_path / "cut", *args)
+    first = train(cut, callbacks=[StopAtStepCallback(3)])
+    assert first.global_step == 3 and (tmp_path / "cut" / "checkpoint-3").is_dir()
+    resumed = train(make_config(tmp_path / "cut", *args, "--resume_from_checkpoint", "true"))
+    assert resumed.global_step == 6
+    a, b = _adapter_tensors(whole.output_dir), _adapter_tensors(resumed.output_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+    # and the weights did move between step 3 and step 6
+    mid = _adapter_tensors(tmp_path / "cut" / "checkpoint-3")
+    assert any(not torch.allclose(mid[k], a[k]) for k in a)
+
+
+class GradCapture(TrainerCallback):
+    """Copies every trainable gradient just before the (only) optimizer step."""
+
+    def __init__(self):
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _one_step_grads(make_config, out: Path, batch: int, accumulation: int, data) -> dict[str, torch.Tensor]:
+    cfg = make_config(
+        out,
+        "--max_steps", "1",
+        "--per_device_train_batch_size", str(batch),
+        "--gradient_accumulation_steps", str(accumulation),
+        "--max_grad_norm", "0",
+        "--max_samples", "2",
+    )  # fmt: skip
+    from tnlora.config import resolve_defaults
+
+    cfg = resolve_defaults(cfg, cuda=False, cuda_bf16=False)
+    tokenizer = build_tokenizer(cfg)
+    model = build_model(cfg, tokenizer)
+    # B = 0 at init makes A's gradient zero; start from a non-trivial adapter so every LoRA grad counts
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    capture = GradCapture()
+    trainer = build_trainer(cfg, model, tokenizer, data, callbacks=[capture])
+    assert trainer.model_accepts_loss_kwargs
+    trainer.train()
+    return capture.grads
+
+
+def test_gradient_accumulation_gives_the_full_batch_gradient(make_config, tmp_path):
+    from tnlora.config import resolve_defaults
+
+    cfg = resolve_defaults(make_config(tmp_path / "d", "--max_samples", "2"), cuda=False, cuda_bf16=False)
+    data = build_datasets(cfg, build_tokenizer(cfg))
+    learned = [sum(label != -100 for label in row["labels"][1:]) for row in data.train]
+    assert len(learned) == 2 and learned[0] != learned[1]  # unequal lengths: mean-of-means would differ
+    full = _one_step_grads(make_config, tmp_path / "full", 2, 1, data)
+    accumulated = _one_step_grads(make_config, tmp_path / "acc", 1, 2, data)
+    assert full.keys() == accumulated.keys() and len(full) == 20
+    for name in full:
+        torch.testing.assert_close(accumulated[name], full[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_packed_rows_give_the_same_loss_as_padded_examples(make_config, tmp_path):
+    from tnlora.config import resolve_defaults
+
+    def config(*extra: str):
+        return resolve_defaults(
+            make_config(tmp_path / "p", "--max_samples", "12", "--cutoff_len", "600", *extra), cuda=False, cuda_bf16=False
+        )
+
+    tokenizer = build_tokenizer(config())
+    padded = build_datasets(config(), tokenizer)
+    packed = build_datasets(config("--packing", "true"), tokenizer)
+    assert len(packed.train) < len(padded.train)
+    model = load_model("tiny")
+
+    def summed_loss(bundle) -> tuple[float, int]:
+        batch = bundle.collator(list(bundle.train))
+        count = int((batch["labels"][:, 1:] != -100).sum())
+        with torch.no_grad():
+            out = model(**batch, num_items_in_batch=1)
+        return float(out.loss), count
+
+    loss_padded, n_padded = summed_loss(padded)
+    loss_packed, n_packed = summed_loss(packed)
+    assert n_packed == n_padded > 0
+    assert loss_packed == pytest.approx(loss_padded, rel=1e-4)
+
+
+def test_collator_masks_row_starts_and_packed_example_starts():
+    class Inner:
+        def __call__(self, features):
+            return {
+                "input_ids": torch.tensor([[5, 6, 7, 8, 9]]),
+                "labels": torch.tensor([[5, 6, 7, 8, 9]]),
+                "attention_mask": torch.ones(1, 5, dtype=torch.long),
+                "seq_ids": torch.tensor([[0, 0, 1, 1, 1]]),
+            }
+
+    batch = TrainingCollator(Inner())([{"input_ids": [1], "seq_ids": [0], "length": 1}])
+    assert batch["labels"].tolist() == [[-100, 6, -100, 8, 9]]
+
+
+def test_full_and_freeze_finetuning_save_model_weights(make_config, tmp_path):
+    full = train(make_config(tmp_path / "full", "--finetuning_type", "full", "--max_steps", "4"))
+    assert full.trainable_params == full.total_params
+    assert (tmp_path / "full" / "model.safetensors").is_file() and (tmp_path / "full" / "config.json").is_file()
+    losses = [e["loss"] for e in full.log_history if "loss" in e]
+    assert losses[-1] < losses[0]
+    frozen = train(
+        make_config(tmp_path / "freeze", "--finetuning_type", "freeze", "--freeze_trainable_layers", "1",
+                    "--max_steps", "2")
+    )  # fmt: skip
+    assert 0 < frozen.trainable_params < frozen.total_params
+
+
+# --- refusals that need the model or the file system (through the CLI, in-process) -------------------------
+
+
+def _cli_train(make_config, out: Path, *extra: str) -> list[str]:
+    cfg = make_config(out)
+    argv = ["train"]
+    for key in ("model_name_or_path", "dataset", "dataset_dir", "template", "output_dir"):
+        argv += [f"--{key}", str(getattr(cfg, key))]
+    return [*argv, "--max_steps", "1", "--report_to", "none", *extra]
+
+
+def test_lora_target_matching_nothing_lists_the_linear_layers(make_config, tmp_path, capsys):
+    code = main(_cli_train(make_config, tmp_path / "o", "--lora_target", "q_proj,v_proj"))
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("error: lora_target: 'q_proj', 'v_proj' matches no linear layer of this model")
+    assert "its linear layers are: out_proj, qkvu_proj, l1, l2, l3" in err
+    assert not (tmp_path / "o").exists()  # nothing written for a refused run
+
+
+def test_non_empty_output_dir_is_refused(make_config, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(_cli_train(make_config, out)) == 2
+    assert capsys.readouterr().err.startswith(f"error: output_dir: {out} is not empty; pass --overwrite_output_dir")
+    # overwrite refuses to delete a folder that is not a training output
+    assert main(_cli_train(make_config, out, "--overwrite_output_dir", "true")) == 2
+    assert "does not look like a training output" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+    # nothing to resume from
+    assert main(_cli_train(make_config, out, "--resume_from_checkpoint", "true")) == 2
+    assert "no checkpoint-N folder" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_a_previous_run(make_config, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(_cli_train(make_config, out)) == 0
+    (out / "stale.txt").write_text("old")
+    assert main(_cli_train(make_config, out)) == 2
+    assert main(_cli_train(make_config, out, "--overwrite_output_dir", "true")) == 0
+    assert not (out / "stale.txt").exists() and (out / "adapter_model.safetensors").is_file()
+
+
+def test_refusals_come_before_the_model_loads(make_config, tmp_path, capsys, monkeypatch):
+    import tnlora.train.run as run
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the model must not load for a refused config")
+
+    monkeypatch.setattr(run, "load_base_model", boom)
+    assert main(_cli_train(make_config, tmp_path / "a", "--template", "chatmll")) == 2
+    assert capsys.readouterr().err.startswith("error: template: unknown template 'chatmll'")
+    assert main(_cli_train(make_config, tmp_path / "b", "--model_name_or_path", "huge")) == 2
+    assert capsys.readouterr().err.startswith("error: model_name_or_path: 'huge' is neither a preset")
+    assert main(_cli_train(make_config, tmp_path / "c", "--dataset", "nope.json")) == 2
+    assert "nope.json" in capsys.readouterr().err
