@@ -25,9 +25,9 @@ from tnlora.errors import ConfigError
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 _SPACE = "▁"  # SentencePiece's escaped whitespace (U+2581)
 # User-defined symbols that the NFKC map would rewrite (e.g. "，" → ","): they are hidden behind Unicode
-# noncharacters (U+FDD0..U+FDEF, never assigned, so absent from real text) while the map runs, because
-# SentencePiece never normalises a user-defined symbol. (Private-use characters will not do: the Baichuan
-# vocabulary has pieces for some of them.)
+# noncharacters (U+FDD0..U+FDEF, never assigned; text that contains them anyway loses SentencePiece parity)
+# while the map runs, because SentencePiece never normalises a user-defined symbol. (Private-use characters
+# will not do: the Baichuan vocabulary has pieces for some of them.)
 _PLACEHOLDERS = [chr(c) for c in range(0xFDD0, 0xFDF0)]
 
 # The "chatml" template of tnlora.data.templates as Jinja (tnlora.model must not import tnlora.data; a test
