@@ -1,0 +1,122 @@
+"""Forward + backward time of each lightning-attention implementation (a script, not a test).
+
+    python benchmarks/attention.py                       # CUDA if present: T = 512 … 32768, bf16
+    python benchmarks/attention.py --device cpu --dtype float32 --lengths 512,1024 --repeats 3
+
+Shapes are 1B-like: H = 16 heads, V = 128, and K = 128 (layers 1…L−1) or K = 256 (layer 0, LRPE doubles q/k).
+One row per (K, T, impl): milliseconds for forward + backward (median of --repeats after --warmup runs) and,
+on CUDA, the peak memory of that step. The per-token recurrent loop is timed only up to --recurrent-max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from tnlora.model.attention import fla_available, lightning_attention
+from tnlora.model.modeling import layer_log_decay
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def header(device: torch.device, dtype: torch.dtype) -> str:
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    versions = [f"torch {torch.__version__}"]
+    for name in ("triton", "fla", "transformers"):
+        try:
+            versions.append(f"{name} {importlib.import_module(name).__version__}")
+        except Exception:  # a missing optional package is reported, not fatal
+            versions.append(f"{name} -")
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return f"# {card} | {' | '.join(versions)} | commit {commit} | {dtype} | H=16 V=128"
+
+
+def time_step(impl: str, K: int, T: int, args: argparse.Namespace) -> tuple[float, float | None]:
+    """Median ms of forward + backward, and peak MiB on CUDA."""
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    H, V, B = 16, 128, args.batch
+    q, k, v = (torch.randn(B, T, H, d, device=device, dtype=dtype).requires_grad_() for d in (K, K, V))
+    grad = torch.randn(B, T, H, V, device=device, dtype=dtype)
+    log_decay = layer_log_decay(H, 0, 16, device)
+
+    def step() -> None:
+        o, _ = lightning_attention(q, k, v, log_decay, impl=impl, chunk_size=args.chunk_size)
+        o.backward(grad)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(args.repeats):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return statistics.median(times), peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    parser.add_argument("--lengths", default="512,1024,2048,4096,8192,16384,32768")
+    parser.add_argument("--head-dims", default="128,256", help="q/k head dims K")
+    parser.add_argument(
+        "--impls", default=None, help="comma list; default: chunked, recurrent, fla if usable"
+    )
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--chunk-size", type=int, default=64, help="chunk of the pure-PyTorch chunked impl")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--recurrent-max", type=int, default=2048, help="longest T for the per-token loop")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    impls = args.impls.split(",") if args.impls else ["chunked", "recurrent"]
+    if not args.impls and device.type == "cuda" and fla_available():
+        impls.insert(0, "fla")
+    print(header(device, DTYPES[args.dtype]))
+    print(f"{'impl':<10} {'K':>4} {'T':>6} {'fwd+bwd ms':>11} {'peak MiB':>9}")
+    for head_k in (int(x) for x in args.head_dims.split(",")):
+        for length in (int(x) for x in args.lengths.split(",")):
+            for impl in impls:
+                row = f"{impl:<10} {head_k:>4} {length:>6}"
+                if impl == "recurrent" and length > args.recurrent_max:
+                    print(f"{row} {'skipped':>11}")
+                    continue
+                try:
+                    ms, peak = time_step(impl, head_k, length, args)
+                except torch.OutOfMemoryError:
+                    print(f"{row} {'OOM':>11}")
+                    torch.cuda.empty_cache()
+                    continue
+                peak_text = f"{peak:9.0f}" if peak is not None else f"{'-':>9}"
+                print(f"{row} {ms:11.2f} {peak_text}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
