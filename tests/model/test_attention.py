@@ -274,6 +274,16 @@ def test_fla_adapter_flattens_packed_rows_and_maps_states(monkeypatch: pytest.Mo
     assert calls[0]["cu_seqlens"].tolist() == [0, 5, 17, 26, 34]
 
 
+def test_row_flattening_costs_one_sync_per_seq_ids_tensor() -> None:
+    seq_ids = torch.tensor([[0, 0, 1], [2, 2, 2]])
+    first = attention._flatten_rows(seq_ids)
+    assert attention._flatten_rows(seq_ids) is first  # the next layers reuse it
+    assert first[0].tolist() == [0, 2, 3, 6] and first[1].tolist() == [0, 2, 3, 6]
+    assert first[2].tolist() == [0, 2] and first[3].tolist() == [1, 2]
+    seq_ids[1, 2] = 5  # an in-place change invalidates it
+    assert attention._flatten_rows(seq_ids)[0].tolist() == [0, 2, 3, 5, 6]
+
+
 def test_bad_shapes_are_refused() -> None:
     q, k, v = _inputs(2, 4, 2, 4, 4)
     with pytest.raises(ValueError, match="log_decay"):

@@ -20,6 +20,7 @@ import functools
 import inspect
 import itertools
 import math
+import weakref
 from typing import Literal
 
 import torch
@@ -337,6 +338,34 @@ def fla_available() -> bool:
     return True
 
 
+class _RowFlattening:
+    """Single-entry memo of :func:`_flatten_rows`: every layer of a forward passes the same seq_ids tensor."""
+
+    source: weakref.ref | None = None
+    version = -1
+    value: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+
+
+def _flatten_rows(seq_ids: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Packed rows as one flat row: (cu_seqlens, its CPU copy, each row's first and last example index).
+
+    Example boundaries are every row start and every id change. Finding them costs one host sync, paid once
+    per seq_ids tensor (and per in-place change of it), not once per layer.
+    """
+    memo = _RowFlattening
+    if memo.source is not None and memo.source() is seq_ids and memo.version == seq_ids._version:
+        return memo.value
+    B, T = seq_ids.shape
+    new = torch.ones_like(seq_ids, dtype=torch.bool)
+    new[:, 1:] = seq_ids[:, 1:] != seq_ids[:, :-1]
+    new = new.reshape(-1)
+    cu_seqlens = F.pad(new.nonzero().squeeze(1), (0, 1), value=B * T)
+    example = (new.cumsum(0) - 1).reshape(B, T)
+    memo.value = (cu_seqlens, cu_seqlens.cpu(), example[:, 0], example[:, -1])
+    memo.source, memo.version = weakref.ref(seq_ids), seq_ids._version
+    return memo.value
+
+
 @functools.cache
 def _fla_takes_cu_seqlens_cpu() -> bool:
     """fla-core added ``cu_seqlens_cpu`` in 2026; older releases lack it."""
@@ -360,22 +389,17 @@ def _fla(
 
     B, T, H = q.shape[:3]
     g_gamma = log_decay.to(device=q.device, dtype=torch.float32)
-    row_last = None
+    row_last = cu_seqlens_cpu = None
     if seq_ids is not None:
-        # Packed rows become one flat row with an example boundary at every row start and id change.
-        new = torch.ones_like(seq_ids, dtype=torch.bool)
-        new[:, 1:] = seq_ids[:, 1:] != seq_ids[:, :-1]
-        new = new.reshape(-1)
-        cu_seqlens = F.pad(new.nonzero().squeeze(1), (0, 1), value=B * T)  # one host sync
-        example = (new.cumsum(0) - 1).reshape(B, T)
-        row_first, row_last = example[:, 0], example[:, -1]
+        cu_seqlens, cu_seqlens_cpu, row_first, row_last = _flatten_rows(seq_ids)
         if initial_state is not None:
             s0 = initial_state.new_zeros(cu_seqlens.shape[0] - 1, *initial_state.shape[1:])
             initial_state = s0.index_copy(0, row_first, initial_state)
         q, k, v = (x.reshape(1, B * T, H, x.shape[-1]) for x in (q, k, v))
     extra = {}
     if cu_seqlens is not None and _fla_takes_cu_seqlens_cpu():
-        extra["cu_seqlens_cpu"] = cu_seqlens.cpu()  # lets fla plan its chunks without another sync
+        # Lets fla plan its chunks without another device->host copy.
+        extra["cu_seqlens_cpu"] = cu_seqlens_cpu if cu_seqlens_cpu is not None else cu_seqlens.cpu()
     o, final = chunk_simple_gla(
         q,
         k,
