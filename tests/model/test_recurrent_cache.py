@@ -74,9 +74,10 @@ def test_model_replaces_empty_generic_caches_and_refuses_filled_ones() -> None:
         model(ids, past_key_values=((torch.zeros(1),),))
 
 
-def test_training_forward_builds_no_cache_unless_asked() -> None:
+def test_training_and_scoring_build_no_cache_unless_asked() -> None:
     model = build_model().train()
     ids = torch.randint(3, 384, (1, 5), generator=torch.Generator().manual_seed(3))
     assert model(ids).past_key_values is None
     assert isinstance(model(ids, use_cache=True).past_key_values, TransnormerCache)
     assert isinstance(model.eval()(ids).past_key_values, TransnormerCache)
+    assert model(ids, labels=ids).past_key_values is None  # scoring needs no state

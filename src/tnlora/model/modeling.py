@@ -339,6 +339,8 @@ class TransnormerModel(TransnormerPreTrainedModel):
         offset = cache.get_seq_length() if cache is not None else 0
         v_mask = _value_mask(attention_mask, length)
 
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         all_hidden = [] if output_hidden_states else None
         for layer in self.layers:
             if all_hidden is not None:
@@ -361,7 +363,9 @@ class TransnormerModel(TransnormerPreTrainedModel):
             past_key_values=cache,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
         )
-        return out if return_dict is not False else out.to_tuple()
+        return (
+            out if (return_dict if return_dict is not None else self.config.return_dict) else out.to_tuple()
+        )
 
     def _resolve_cache(
         self, past_key_values: Cache | None, use_cache: bool | None
@@ -499,6 +503,8 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
         or ``logits_to_keep`` ≠ 0 for a subset); when all logits are asked for, the loss is the plain fp32 CE
         over them. ``num_items_in_batch`` turns the mean into sum / num_items_in_batch.
         """
+        if use_cache is None and labels is not None:
+            use_cache = False  # scoring needs no recurrent state
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -531,7 +537,9 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
         )
-        return out if return_dict is not False else out.to_tuple()
+        return (
+            out if (return_dict if return_dict is not None else self.config.return_dict) else out.to_tuple()
+        )
 
     def prepare_inputs_for_generation(
         self,
