@@ -3,6 +3,7 @@ tests/train and tests/infer)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -69,6 +70,7 @@ def test_console_script_refusal_in_a_subprocess(tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: finetuning_type: must be one of lora, full, freeze; got 'qlora' (from --finetuning_type)"

@@ -133,15 +133,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
     """Interactive multi-turn chat with streamed replies."""
     from tnlora.infer.chat import chat_loop
 
-    chat_loop(_load(args), _generation_options(args), stdin=sys.stdin, stdout=sys.stdout)
+    options = _generation_options(args)
+    options.check()
+    chat_loop(_load(args), options, stdin=sys.stdin, stdout=sys.stdout)
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Batched generation for a file of prompts → JSONL."""
-    from tnlora.infer.generate import generate_file
+    from tnlora.infer.generate import generate_file, read_prompts
 
-    n = generate_file(_load(args), args.prompts, args.output, _generation_options(args), batch_size=args.batch_size)
+    prompts = read_prompts(args.prompts)  # a bad file is refused before the model loads
+    options = _generation_options(args)
+    options.check()
+    n = generate_file(_load(args), prompts, args.output, options, batch_size=args.batch_size)
     print(f"wrote {n} replies to {args.output}", file=sys.stderr)
     return 0
 

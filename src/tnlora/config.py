@@ -67,7 +67,6 @@ class RunConfig:
     add_special_tokens: str | None = field(
         default=None, metadata=_opt("comma list of tokens added as single special tokens (e.g. chatml markers)")
     )
-    preprocessing_num_workers: int | None = field(default=None, metadata=_opt("processes for encoding", ge=1))
     # --- fine-tuning method ---
     finetuning_type: str = field(default="lora", metadata=_opt("method", choices=("lora", "full", "freeze")))
     lora_rank: int = field(default=8, metadata=_opt("LoRA rank r", ge=1))

@@ -34,12 +34,10 @@ def logits(model, ids: torch.Tensor = PROBE) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, make_config, one_thread):
     """One 24-step LoRA run with eval, checkpoints, tensorboard and the loss plot."""
-    from tests.train.conftest import tiny_config
-
     out = tmp_path_factory.mktemp("run") / "out"
-    cfg = tiny_config(
+    cfg = make_config(
         out,
         "--max_steps", "24",
         "--save_steps", "12",
@@ -49,7 +47,8 @@ def trained(tmp_path_factory):
         "--plot_loss", "true",
         "--lora_dropout", "0.1",
     )  # fmt: skip
-    return train(cfg)
+    with one_thread():
+        return train(cfg)
 
 
 def test_loss_falls(trained):

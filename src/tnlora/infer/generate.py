@@ -220,10 +220,18 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
 
 
 def generate_file(
-    loaded, prompts_path: str | Path, output_path: str | Path, options: GenerationOptions, batch_size: int = 8
+    loaded,
+    prompts: str | Path | list[dict[str, Any]],
+    output_path: str | Path,
+    options: GenerationOptions,
+    batch_size: int = 8,
 ) -> int:
-    """Answer every prompt of ``prompts_path`` and write ``output_path`` (JSONL, one row per prompt, atomically)."""
-    prompts = read_prompts(prompts_path)
+    """Answer every prompt (a prompts file or ``read_prompts``' result); write ``output_path`` atomically.
+
+    The output is JSONL, one row per prompt in input order: the input record plus ``response``.
+    """
+    if not isinstance(prompts, list):
+        prompts = read_prompts(prompts)
     # Rows with their own system prompt are generated apart from the rest (the system prompt is per batch).
     groups: dict[str | None, list[int]] = {}
     for i, p in enumerate(prompts):

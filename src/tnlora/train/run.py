@@ -35,7 +35,7 @@ _OUTPUT_MARKERS = ("tnlora_run.yaml", "trainer_state.json", "adapter_config.json
 class DataBundle:
     """What the data step hands to the Trainer."""
 
-    train: Any  # datasets.Dataset with input_ids / labels (/ seq_ids) and a "length" column
+    train: Any  # a list of rows: input_ids / labels (/ seq_ids) and a "length" column
     eval: Any | None
     collator: Any
     stats: dict[str, Any] = field(default_factory=dict)
@@ -217,13 +217,27 @@ def split_validation(items: list[Any], val_size: float, seed: int) -> tuple[list
 
 def build_datasets(cfg: RunConfig, tokenizer, template=None) -> DataBundle:
     """Encoded train / eval datasets and the collator (packed rows with seq_ids, or padded + length-grouped)."""
-    import datasets
-
-    from tnlora.data import encode
-
     template = template if template is not None else get_template_checked(cfg.template, cfg.system)
     train_examples, eval_examples, stats = load_examples(cfg, tokenizer, template)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return bundle_from_examples(cfg, train_examples, eval_examples, pad_id, stats)
+
+
+def bundle_from_examples(
+    cfg: RunConfig,
+    train_examples: list[Any],
+    eval_examples: list[Any],
+    pad_token_id: int = 0,
+    stats: dict[str, Any] | None = None,
+) -> DataBundle:
+    """Encoded examples → train rows (packed when ``cfg.packing``), eval rows and the collator.
+
+    Rows are plain lists of dicts (a map-style dataset): the Trainer's length-grouped sampler reads their
+    ``input_ids`` lengths, and the GPU benchmark feeds synthetic examples through this same function.
+    """
+    from tnlora.data import encode
+
+    stats = dict(stats or {})
     if cfg.packing:
         rows = encode.pack_examples(train_examples, cfg.cutoff_len)
         train_rows = [_as_row(r) for r in rows]
@@ -232,14 +246,12 @@ def build_datasets(cfg: RunConfig, tokenizer, template=None) -> DataBundle:
         train_rows = [_as_row(e) for e in train_examples]
     eval_rows = [_as_row(e) for e in eval_examples]
     inner = (
-        encode.PackingCollator(max_length=cfg.cutoff_len, pad_token_id=pad_id)
+        encode.PackingCollator(max_length=cfg.cutoff_len, pad_token_id=pad_token_id)
         if cfg.packing
-        else encode.PaddingCollator(pad_token_id=pad_id)
+        else encode.PaddingCollator(pad_token_id=pad_token_id)
     )
-    collator = TrainingCollator(inner, eval_inner=encode.PaddingCollator(pad_token_id=pad_id))
-    train_ds = datasets.Dataset.from_list(train_rows)
-    eval_ds = datasets.Dataset.from_list(eval_rows) if eval_rows else None
-    return DataBundle(train=train_ds, eval=eval_ds, collator=collator, stats=stats)
+    collator = TrainingCollator(inner, eval_inner=encode.PaddingCollator(pad_token_id=pad_token_id))
+    return DataBundle(train=train_rows, eval=eval_rows or None, collator=collator, stats=stats)
 
 
 def _as_row(example: Any) -> dict[str, Any]:

@@ -1,0 +1,73 @@
+"""tnlora chat: streamed multi-turn replies, /reset, /exit and end of input, through a real pipe."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+from tnlora.infer.chat import StopStringFilter, chat_loop
+from tnlora.infer.generate import GenerationOptions, generate_replies
+from tnlora.infer.loading import load_for_inference
+
+GREEDY = ["--do_sample", "false", "--max_new_tokens", "12"]
+
+
+def _chat_process(adapter_dir, stdin: str) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tnlora.cli", "chat", "--adapter", str(adapter_dir), *GREEDY],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # see conftest.one_torch_thread
+    )
+    proc.stdin.write(stdin)
+    proc.stdin.close()  # end of input after the lines
+    proc.stdin = None  # so communicate() only reads
+    return proc
+
+
+def test_chat_through_a_pipe_answers_and_exits_on_exit_and_on_eof(adapter_dir):
+    # Both sessions run at once: each pays the interpreter and model start-up.
+    with_exit = _chat_process(adapter_dir, "Who are you?\n/reset\nWho are you?\n/exit\nnever read\n")
+    with_eof = _chat_process(adapter_dir, "Hello\n\nWhat is your name?\n")
+    out, err = with_exit.communicate(timeout=240)
+    assert with_exit.returncode == 0, err
+    replies = [line for line in out.splitlines() if line.startswith("assistant: ")]
+    assert len(replies) == 2 and "(conversation cleared)" in out
+    assert replies[0] == replies[1]  # /reset: the same question in a fresh conversation, greedy → same answer
+    assert "Traceback" not in err
+    out, err = with_eof.communicate(timeout=240)
+    assert with_eof.returncode == 0, err
+    assert len([line for line in out.splitlines() if line.startswith("assistant: ")]) == 2
+
+
+def test_streamed_chat_equals_batch_generation_and_keeps_history(adapter_dir, system_prompt):
+    loaded = load_for_inference(None, adapter_dir)
+    assert loaded.template.default_system == system_prompt  # the run's system prompt travels in template.json
+    options = GenerationOptions(max_new_tokens=12, do_sample=False, repetition_penalty=1.0)
+    out = io.StringIO()
+    chat_loop(loaded, options, stdin=io.StringIO("Hi there\nAnd then?\n"), stdout=out)
+    first, second = [line[len("assistant: ") :] for line in out.getvalue().splitlines()]
+    expected_first = generate_replies(
+        loaded.model, loaded.tokenizer, loaded.template, [[{"role": "user", "content": "Hi there"}]], options
+    )[0]
+    assert first.strip() == expected_first
+    history = [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": expected_first},
+        {"role": "user", "content": "And then?"},
+    ]
+    expected_second = generate_replies(loaded.model, loaded.tokenizer, loaded.template, [history], options)[0]
+    assert second.strip() == expected_second
+
+
+def test_stop_string_filter_never_shows_a_marker():
+    shown = StopStringFilter(["<|im_end|>"])
+    pieces = ["Hel", "lo <|im", "_e", "nd|> trailing"]
+    text = "".join(shown.push(p) for p in pieces) + shown.flush()
+    assert text == "Hello "
+    partial = StopStringFilter(["<|im_end|>"])
+    assert partial.push("a <|im") == "a " and partial.flush() == "<|im"  # not a stop after all

@@ -1,0 +1,108 @@
+"""tnlora merge (merged == base + adapter, official key names, loads with AutoModelForCausalLM) and
+tnlora eval (per-token loss / perplexity equal to a float64 computation by hand)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tnlora.cli import main
+from tnlora.infer.loading import load_for_inference
+
+PROBE = torch.tensor([[3 + b for b in b"<|im_start|>user\nName a planet.<|im_end|>\n<|im_start|>assistant\n"]])
+OFFICIAL_KEY = re.compile(
+    r"^(model\.embed_tokens\.weight|lm_head\.weight|model\.layers\.\d+\.token_mixer\.(qkvu_proj|out_proj)\.weight"
+    r"|model\.layers\.0\.token_mixer\.lrpe\.theta|model\.layers\.\d+\.channel_mixer\.l[123]\.weight)$"
+)
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=PROBE).logits.float()
+
+
+@pytest.fixture(scope="module")
+def merged_dir(adapter_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("merged") / "model"
+    assert main(["merge", "--adapter", str(adapter_dir), "--output", str(out)]) == 0
+    return out
+
+
+def test_merged_model_equals_base_plus_adapter(adapter_dir, merged_dir):
+    import tnlora  # noqa: F401  (registers the model with the Auto classes)
+
+    with_adapter = load_for_inference(None, adapter_dir)
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
+    torch.testing.assert_close(logits(merged), logits(with_adapter.model), rtol=1e-5, atol=1e-5)
+
+
+def test_merged_checkpoint_layout(merged_dir, adapter_dir):
+    names = {p.name for p in merged_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer_config.json", "chat_template.jinja", "template.json"} <= names
+    assert not any(n.startswith("adapter_") for n in names)
+    with safe_open(str(merged_dir / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    bad = [k for k in keys if not OFFICIAL_KEY.match(k)]
+    assert not bad, bad
+    assert "model.layers.1.channel_mixer.l3.weight" in keys
+    config = json.loads((merged_dir / "config.json").read_text())
+    assert config["model_type"] == "transnormer"
+    assert not [p for p in merged_dir.parent.iterdir() if p.name.startswith(".")]  # atomic: no temp dir left
+
+
+def test_merged_tokenizer_chat_template_matches_the_training_template(merged_dir):
+    import tnlora  # noqa: F401
+    from tnlora.data.templates import Template
+
+    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
+    template = Template.load(merged_dir / "template.json")
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Name a planet."}]  # fmt: skip
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == template.render_prompt(messages)
+
+
+def test_merge_refuses_a_missing_adapter(tmp_path, capsys):
+    assert main(["merge", "--adapter", str(tmp_path), "--output", str(tmp_path / "m")]) == 2
+    assert "holds no adapter_config.json" in capsys.readouterr().err
+
+
+def _manual_loss(loaded, dataset: str, dataset_dir: str) -> tuple[float, int]:
+    """Float64 cross-entropy over every supervised (shifted, unmasked) token, one example at a time."""
+    from tnlora.data.encode import build_dataset
+    from tnlora.data.readers import load_conversations
+
+    convs = load_conversations(dataset, dataset_dir)[:10]
+    examples, _ = build_dataset(convs, loaded.tokenizer, loaded.template, cutoff_len=256)
+    total, count = 0.0, 0
+    for ex in examples:
+        ids = torch.tensor([ex.input_ids])
+        with torch.no_grad():
+            out = loaded.model(input_ids=ids).logits[0].double()
+        targets = torch.tensor(ex.labels[1:])
+        keep = targets != -100
+        logp = torch.log_softmax(out[:-1], dim=-1)
+        total += float(-logp[keep, targets[keep]].sum())
+        count += int(keep.sum())
+    return total / count, count
+
+
+def test_eval_reports_the_per_token_loss_and_perplexity(adapter_dir, capsys):
+    data_dir = str(Path(__file__).resolve().parents[2] / "examples" / "data")
+    argv = ["eval", "--adapter", str(adapter_dir), "--dataset", "quickstart_alpaca", "--dataset_dir", data_dir]
+    assert main([*argv, "--max_samples", "10", "--batch_size", "4"]) == 0
+    line = capsys.readouterr().out.strip()
+    match = re.fullmatch(r"loss (\S+) \| ppl (\S+) \| tokens (\d+) \| examples 10", line)
+    assert match, line
+    loss, ppl, tokens = float(match[1]), float(match[2]), int(match[3])
+    expected, count = _manual_loss(load_for_inference(None, adapter_dir), "quickstart_alpaca", data_dir)
+    assert tokens == count
+    assert loss == pytest.approx(expected, abs=2e-4)
+    assert ppl == pytest.approx(math.exp(expected), rel=1e-3)
