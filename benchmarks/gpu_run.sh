@@ -9,16 +9,25 @@ export TRITON_CACHE_DIR=$PWD/.tcache  # autotune results travel back in $OUT/tca
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" "$TRITON_CACHE_DIR"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   >/dev/null 2>&1 || echo "wheel install failed"
+python3 - <<'PY' 2>&1 | tee -a "$OUT/log.txt"
+import importlib
+for name in ["torch", "triton", "transformers", "peft", "accelerate", "datasets", "safetensors", "sentencepiece",
+             "tokenizers", "yaml", "matplotlib", "tensorboard", "fla", "einops", "liger_kernel"]:
+    try:
+        print(name, getattr(importlib.import_module(name), "__version__", "?"))
+    except Exception as exc:
+        print(name, "MISSING", type(exc).__name__, exc)
+PY
 log() { echo "## $(date +%T) $*" | tee -a "$OUT/log.txt"; }
-bench() { log "bench $*"; timeout "${BENCH_TIMEOUT:-240}" python3 -m tnlora.cli bench "$@" 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 >> "$OUT/table.txt"; }
+bench() { log "bench $*"; timeout "${BENCH_TIMEOUT:-150}" python3 -m tnlora.cli bench "$@" 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 >> "$OUT/table.txt"; }
 for stage in "$@"; do
   case $stage in
     check)
       log "GPU tests"
-      timeout 300 python3 -m pytest -x -q tests/model/test_attention_gpu.py -p no:cacheprovider 2>&1 | tail -n 30 | tee -a "$OUT/log.txt" ;;
+      timeout 300 python3 -m pytest -q -s tests/model/test_attention_gpu.py -p no:cacheprovider 2>&1 | tee -a "$OUT/log.txt" | grep -E "relative error|passed|failed|Error" | tail -n 60 ;;
     attn)
       log "attention benchmark"
-      timeout 200 python3 benchmarks/attention.py 2>&1 | tee -a "$OUT/log.txt" | tail -n 20 >> "$OUT/table.txt" ;;
+      timeout 200 python3 benchmarks/attention.py --impls fla,chunked 2>&1 | tee -a "$OUT/log.txt" | tail -n 20 >> "$OUT/table.txt" ;;
     ladder1b)
       bench --model 1B --no-packing --attn chunked --batch_size 4 --grad_accum 4 --name "1B huanhuan: padding, chunked torch attn, b4x4"
       bench --model 1B --packing --pack_len 2048 --attn chunked --batch_size 1 --grad_accum 4 --name "1B huanhuan: + packing 2048 rows, chunked attn, b1x4"

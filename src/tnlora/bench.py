@@ -94,20 +94,22 @@ def read_lengths(path: str | Path) -> list[tuple[int, int]]:
 
 
 def build_model(preset: str, attention_impl: str, device: str) -> torch.nn.Module:
-    """A preset with random weights built directly on ``device`` in bf16 (no fp32 CPU copy of a 7B)."""
+    """A preset with random weights built directly on ``device``, in bf16 on CUDA (no fp32 CPU copy of a
+    7B), fp32 on the CPU."""
     from tnlora.model import TransnormerForCausalLM, config_from_preset
     from tnlora.train.run import set_attention_impl
 
     config = config_from_preset(preset)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     previous = torch.get_default_dtype()
     torch.manual_seed(0)
     try:
-        torch.set_default_dtype(torch.bfloat16)
+        torch.set_default_dtype(dtype)
         with torch.device(device):
             model = TransnormerForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
-    model.to(torch.bfloat16)
+    model.to(dtype)
     set_attention_impl(model, attention_impl)
     model.config.use_cache = False
     return model
@@ -130,7 +132,7 @@ class _StepTimer:
     def __init__(self, warmup: int) -> None:
         self.warmup, self.t0, self.tokens0, self.steps, self.t1, self.tokens1 = warmup, 0.0, 0, 0, 0.0, 0
 
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001 - TrainerCallback API
+    def on_step_end(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         if state.global_step == self.warmup:
@@ -179,7 +181,7 @@ def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: 
             gradient_accumulation_steps=args.grad_accum,
             learning_rate=1e-4,
             max_steps=steps,
-            bf16=True,
+            bf16=device == "cuda",
             gradient_checkpointing=args.gradient_checkpointing,
             attention_impl=args.attn,
             logging_steps=10**6,
