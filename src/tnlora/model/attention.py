@@ -118,14 +118,20 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 # Example boundaries
 
 
+def _first_tokens(seq_ids: Tensor) -> Tensor:
+    """Bool [B, T]: True where an example begins (every row start and every change of id)."""
+    new = torch.ones_like(seq_ids, dtype=torch.bool)
+    new[:, 1:] = seq_ids[:, 1:] != seq_ids[:, :-1]
+    return new
+
+
 def segment_starts(seq_ids: Tensor | None, cu_seqlens: Tensor | None, length: int) -> Tensor | None:
     """Position where each token's example starts, [B, T] (None when every row is one example).
 
     Computed with tensor ops only, so it never waits for the device.
     """
     if seq_ids is not None:
-        new = torch.ones_like(seq_ids, dtype=torch.bool)
-        new[:, 1:] = seq_ids[:, 1:] != seq_ids[:, :-1]
+        new = _first_tokens(seq_ids)
     elif cu_seqlens is not None:
         # Size T + 1 so that an empty last example (start == T) has somewhere harmless to land.
         new = torch.zeros(length + 1, dtype=torch.bool, device=cu_seqlens.device)
@@ -356,9 +362,7 @@ def _flatten_rows(seq_ids: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if memo.source is not None and memo.source() is seq_ids and memo.version == seq_ids._version:
         return memo.value
     B, T = seq_ids.shape
-    new = torch.ones_like(seq_ids, dtype=torch.bool)
-    new[:, 1:] = seq_ids[:, 1:] != seq_ids[:, :-1]
-    new = new.reshape(-1)
+    new = _first_tokens(seq_ids).reshape(-1)
     cu_seqlens = F.pad(new.nonzero().squeeze(1), (0, 1), value=B * T)
     example = (new.cumsum(0) - 1).reshape(B, T)
     memo.value = (cu_seqlens, cu_seqlens.cpu(), example[:, 0], example[:, -1])

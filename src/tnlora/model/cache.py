@@ -39,6 +39,11 @@ class RecurrentStateLayer(LinearAttentionCacheLayerMixin):
         self.has_previous_state[state_idx] = True
         return recurrent_states
 
+    def reset(self) -> None:
+        # Drop the state instead of zeroing it in place: the tensor may still be referenced elsewhere.
+        self.recurrent_states[0] = None
+        self.is_recurrent_states_initialized[0] = self.has_previous_state[0] = False
+
     @property
     def state(self) -> Tensor | None:
         return self.recurrent_states[0] if self.has_previous_state[0] else None

@@ -59,6 +59,14 @@ def _exp_activation(x: Tensor) -> Tensor:
     return torch.exp(x - shift)
 
 
+def _one_plus_elu(x: Tensor) -> Tensor:
+    return 1 + F.elu(x)
+
+
+def _two_plus_elu(x: Tensor) -> Tensor:
+    return 2 + F.elu(x)
+
+
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
     "swish": F.silu,
@@ -68,8 +76,8 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "sigmoid": torch.sigmoid,
     "exp": _exp_activation,
     "leak": F.leaky_relu,
-    "1+elu": lambda x: 1 + F.elu(x),
-    "2+elu": lambda x: 2 + F.elu(x),
+    "1+elu": _one_plus_elu,
+    "2+elu": _two_plus_elu,
     "sine": torch.sin,
 }
 
@@ -128,11 +136,9 @@ class Lrpe(nn.Module):
             index = torch.arange(x.shape[1], device=x.device).to(x.dtype) + offset
             angles = self.theta.to(x.dtype).reshape(heads, head_dim) * index[:, None, None]
             return torch.cat([x * torch.cos(angles), x * torch.sin(angles)], dim=-1)
-        # At least fp32 (fp64 models keep fp64, so that float64 references can be matched exactly).
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        index = torch.arange(offset, offset + x.shape[1], device=x.device, dtype=dtype)
-        angles = self.theta.to(dtype).reshape(heads, head_dim) * index[:, None, None]
-        xf = x.to(dtype)
+        xf = _at_least_fp32(x)  # fp64 models keep fp64, so that float64 references can be matched exactly
+        index = torch.arange(offset, offset + x.shape[1], device=x.device, dtype=xf.dtype)
+        angles = self.theta.to(xf.dtype).reshape(heads, head_dim) * index[:, None, None]
         return torch.cat([xf * torch.cos(angles), xf * torch.sin(angles)], dim=-1).to(x.dtype)
 
 

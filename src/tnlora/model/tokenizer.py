@@ -33,20 +33,20 @@ _PLACEHOLDERS = [chr(c) for c in range(0xFDD0, 0xFDF0)]
 # The "chatml" template of tnlora.data.templates as Jinja (tnlora.model must not import tnlora.data; a test
 # checks that this string equals get_template("chatml").to_jinja()).
 DEFAULT_CHAT_TEMPLATE = (
-    "{%- set ns = namespace(system=\"You are a helpful assistant.\", start=0, after_answer=false) -%}"
+    '{%- set ns = namespace(system="You are a helpful assistant.", start=0, after_answer=false) -%}'
     "{%- if messages and messages[0]['role'] == 'system' -%}"
     "{%- set ns.system = messages[0]['content'] -%}{%- set ns.start = 1 -%}{%- endif -%}"
-    "{%- if ns.system -%}{{ \"<|im_start|>system\\n\" + ns.system + \"<|im_end|>\\n\" }}{%- endif -%}"
+    '{%- if ns.system -%}{{ "<|im_start|>system\\n" + ns.system + "<|im_end|>\\n" }}{%- endif -%}'
     "{%- for message in messages[ns.start:] -%}"
     "{%- if message['role'] == 'user' -%}"
-    "{%- if ns.after_answer -%}{{ \"\\n\" }}{%- endif -%}"
-    "{{ \"<|im_start|>user\\n\" + message['content'] + \"<|im_end|>\\n\" }}{%- set ns.after_answer = false -%}"
+    '{%- if ns.after_answer -%}{{ "\\n" }}{%- endif -%}'
+    '{{ "<|im_start|>user\\n" + message[\'content\'] + "<|im_end|>\\n" }}{%- set ns.after_answer = false -%}'
     "{%- elif message['role'] == 'assistant' -%}"
-    "{{ \"<|im_start|>assistant\\n\" + message['content'] + \"<|im_end|>\" }}{{ eos_token }}"
+    '{{ "<|im_start|>assistant\\n" + message[\'content\'] + "<|im_end|>" }}{{ eos_token }}'
     "{%- set ns.after_answer = true -%}"
     "{%- else -%}{{ raise_exception('unsupported role: ' + message['role']) }}{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ \"<|im_start|>assistant\\n\" }}{%- endif -%}"
+    '{%- if add_generation_prompt -%}{{ "<|im_start|>assistant\\n" }}{%- endif -%}'
 )
 
 
@@ -132,7 +132,11 @@ def build_sentencepiece_backend(model_file: str | os.PathLike[str]) -> Tokenizer
         splitters.append(pre_tokenizers.Split(Regex(pattern), behavior="isolated"))
     backend.pre_tokenizer = pre_tokenizers.Sequence(splitters)
 
-    steps_out: list[decoders.Decoder] = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    steps_out: list[decoders.Decoder] = [
+        decoders.Replace(_SPACE, " "),
+        decoders.ByteFallback(),
+        decoders.Fuse(),
+    ]
     if spec.add_dummy_prefix:
         steps_out.append(decoders.Strip(content=" ", left=1, right=0))
     backend.decoder = decoders.Sequence(steps_out)
@@ -152,7 +156,10 @@ class BaiChuanTokenizer(TokenizersBackend):
     from ``tokenizer.model``. Carries the "chatml" chat template unless the directory provides another.
     """
 
-    vocab_files_names: ClassVar[dict[str, str]] = {"vocab_file": "tokenizer.model", "tokenizer_file": "tokenizer.json"}
+    vocab_files_names: ClassVar[dict[str, str]] = {
+        "vocab_file": "tokenizer.model",
+        "tokenizer_file": "tokenizer.json",
+    }
     model_input_names: ClassVar[list[str]] = ["input_ids", "attention_mask"]
     padding_side = "right"
 
