@@ -187,3 +187,14 @@ def test_generate_keeps_fp32_states_of_the_documented_shapes() -> None:
     assert cache.get_state(0).shape == (3, 2, 64, 32)  # layer 0: LRPE doubles q/k to 2·hd
     assert cache.get_state(1).shape == (3, 2, 32, 32)
     assert all(cache.get_state(i).dtype == torch.float32 for i in range(2))
+
+
+def test_generate_continues_from_a_returned_cache() -> None:
+    # A chat turn can resume from the state of the previous one instead of re-reading the history.
+    model = build_model()
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "eos_token_id": None}
+    first = model.generate(_prompt(1, 10), return_dict_in_generate=True, **kwargs)
+    assert first.past_key_values.get_seq_length() == 13  # the last sampled token is not fed yet
+    follow = torch.cat([first.sequences, _prompt(1, 5, seed=9)], dim=1)
+    resumed = model.generate(follow, past_key_values=first.past_key_values, **kwargs)
+    assert torch.equal(resumed, model.generate(follow, **kwargs))
