@@ -214,7 +214,6 @@ def _chunked(
     o = o + ((qc @ kc.transpose(-1, -2)) * intra) @ vc
     o = o.reshape(B, H, NC * C, V)[:, :, :T].transpose(1, 2)  # [B,T,H,V]
 
-    final = None
     if cu_seqlens is not None:
         o, final = _segment_states_cu(q, k, v, g, o, cu_seqlens, starts, initial_state, output_final_state)
     else:
