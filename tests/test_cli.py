@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,12 @@ def test_console_script_refusal_in_a_subprocess(tmp_path):
 def test_verb_help_exits_zero(flag, capsys):
     code, out, _ = run_main(["generate", flag], capsys)
     assert code == 0 and "--prompts" in out
+
+
+def test_data_inspect_reports_on_the_sample_data(capsys):
+    data_dir = str(Path(__file__).resolve().parents[1] / "examples" / "data")
+    code = main(["data", "inspect", "quickstart_chat", "--dataset_dir", data_dir, "--template", "chatml",
+                 "--cutoff_len", "512", "--color", "false"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "records: 10, conversations: 10" in out and "⟦<|im_start|>system" in out

@@ -171,3 +171,15 @@ def test_saved_config_round_trips(tmp_path):
     assert again == cfg
     assert isinstance(again, RunConfig)
     assert read_run_config(tmp_path / "nowhere") is None
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "huanhuan_7b_lora.yaml", "huanhuan_1b_lora.yaml"])
+def test_example_configs_are_valid(name):
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    cfg = load_run_config(examples / name)
+    assert cfg.finetuning_type == "lora" and cfg.template == "chatml"
+    if name.startswith("huanhuan_7b"):  # the seed tutorial's hyper-parameters
+        assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout) == (8, 32, 0.1)
+        assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == (4, 4)
+        assert (cfg.learning_rate, cfg.num_train_epochs, cfg.cutoff_len) == (1e-4, 3, 384)
+        assert cfg.gradient_checkpointing

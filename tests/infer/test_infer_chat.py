@@ -70,4 +70,6 @@ def test_stop_string_filter_never_shows_a_marker():
     text = "".join(shown.push(p) for p in pieces) + shown.flush()
     assert text == "Hello "
     partial = StopStringFilter(["<|im_end|>"])
-    assert partial.push("a <|im") == "a " and partial.flush() == "<|im"  # not a stop after all
+    assert partial.push("a <|im") == "a " and partial.flush() == ""  # out of tokens mid-marker: dropped
+    lone = StopStringFilter(["<|im_end|>"])
+    assert lone.push("1 <") == "1 " and lone.flush() == "<"  # one character is text, not a marker

@@ -76,3 +76,6 @@ def test_bad_prompt_files_are_data_errors(tmp_path, capsys):
 def test_cut_at_stop():
     assert cut_at_stop("answer<|im_end|>\nmore", ["<|im_end|>"]) == "answer"
     assert cut_at_stop("no stop", ["<|im_end|>"]) == "no stop"
+    assert cut_at_stop("ran out <|im_e", ["<|im_end|>"], final=True) == "ran out "
+    assert cut_at_stop("ran out <|im_e", ["<|im_end|>"]) == "ran out <|im_e"
+    assert cut_at_stop("a < b <", ["<|im_end|>"], final=True) == "a < b <"

@@ -288,3 +288,46 @@ def test_refusals_come_before_the_model_loads(make_config, tmp_path, capsys, mon
     assert capsys.readouterr().err.startswith("error: model_name_or_path: 'huge' is neither a preset")
     assert main(_cli_train(make_config, tmp_path / "c", "--dataset", "nope.json")) == 2
     assert "nope.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("packing", "sampler"), [("false", "LengthGroupedSampler"), ("true", "RandomSampler")])
+def test_unpacked_batches_are_length_grouped(make_config, tmp_path, packing, sampler):
+    from tnlora.config import resolve_defaults
+
+    cfg = resolve_defaults(make_config(tmp_path / "s", "--packing", packing), cuda=False, cuda_bf16=False)
+    tokenizer = build_tokenizer(cfg)
+    trainer = build_trainer(cfg, build_model(cfg, tokenizer), tokenizer, build_datasets(cfg, tokenizer))
+    assert type(trainer._get_train_sampler()).__name__ == sampler
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(make_config, tmp_path):
+    args = ("--max_steps", "2", "--per_device_train_batch_size", "2")
+    plain = train(make_config(tmp_path / "plain", *args))
+    checkpointed = train(make_config(tmp_path / "gc", *args, "--gradient_checkpointing", "true"))
+    a, b = _adapter_tensors(plain.output_dir), _adapter_tensors(checkpointed.output_dir)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_attention_impl_reaches_every_token_mixer():
+    from tnlora.train.run import load_base_model
+
+    chunked = load_base_model("tiny", attention_impl="chunked")
+    recurrent = load_base_model("tiny", attention_impl="recurrent")
+    assert {m.impl for m in recurrent.modules() if isinstance(getattr(m, "impl", None), str)} == {"recurrent"}
+    torch.testing.assert_close(logits(recurrent), logits(chunked), rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_keeps_the_frozen_base_in_bf16_and_trains_fp32_adapters(make_config, tmp_path):
+    # The GPU default, run on CPU autocast: the base is loaded in bf16, everything trainable is fp32.
+    result = train(make_config(tmp_path / "bf16", "--bf16", "true", "--max_steps", "2",
+                               "--additional_target", "embed_tokens"))  # fmt: skip
+    params = dict(result.model.named_parameters())
+    trainable = {n: p.dtype for n, p in params.items() if p.requires_grad}
+    frozen = {n: p.dtype for n, p in params.items() if not p.requires_grad}
+    assert trainable and set(trainable.values()) == {torch.float32}
+    assert set(frozen.values()) == {torch.bfloat16}
+    assert "bf16: true" in (tmp_path / "bf16" / "tnlora_run.yaml").read_text()
+    saved = _adapter_tensors(result.output_dir)
+    assert any("modules_to_save" in k or "embed_tokens" in k for k in saved)
+    assert all(t.dtype == torch.float32 for t in saved.values())

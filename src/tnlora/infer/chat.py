@@ -13,6 +13,7 @@ from tnlora.infer.generate import (
     StopOnStrings,
     cut_at_stop,
     generation_inputs,
+    partial_stop_suffix,
     prompt_ids,
     stop_settings,
 )
@@ -38,19 +39,14 @@ class StopStringFilter:
             self.stopped = True
             self.buffer = ""
             return cut
-        keep = 0  # longest buffer suffix that is a proper prefix of a stop string
-        for s in self.stop_strings:
-            for k in range(min(len(s) - 1, len(self.buffer)), 0, -1):
-                if self.buffer.endswith(s[:k]):
-                    keep = max(keep, k)
-                    break
+        keep = partial_stop_suffix(self.buffer, self.stop_strings, min_length=1)
         safe, self.buffer = self.buffer[: len(self.buffer) - keep], self.buffer[len(self.buffer) - keep :]
         return safe
 
     def flush(self) -> str:
-        """What is left once generation ended."""
+        """What is left once generation ended (a trailing partial marker is dropped, as generate does)."""
         rest, self.buffer = ("" if self.stopped else self.buffer), ""
-        return rest
+        return rest[: len(rest) - partial_stop_suffix(rest, self.stop_strings)]
 
 
 def stream_reply(loaded, messages: list[dict[str, Any]], options: GenerationOptions, out: TextIO) -> str:

@@ -75,14 +75,30 @@ def stop_settings(tokenizer, template) -> tuple[list[int], list[str]]:
     return ids, strings
 
 
-def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
-    """Text before the first stop string."""
+def cut_at_stop(text: str, stop_strings: Sequence[str], final: bool = False) -> str:
+    """Text before the first stop string; ``final`` also drops a trailing partial one (``"…<|im_"``) left
+    when generation ran out of tokens mid-marker."""
     cut = len(text)
     for s in stop_strings:
         i = text.find(s)
         if i != -1:
             cut = min(cut, i)
-    return text[:cut]
+    text = text[:cut]
+    if final:
+        text = text[: len(text) - partial_stop_suffix(text, stop_strings)]
+    return text
+
+
+def partial_stop_suffix(text: str, stop_strings: Sequence[str], min_length: int = 2) -> int:
+    """Length of the longest end of ``text`` that is a proper prefix of a stop string (0 if shorter than
+    ``min_length``: a lone "<" is more likely text than the start of a marker)."""
+    best = 0
+    for s in stop_strings:
+        for k in range(min(len(s) - 1, len(text)), min_length - 1, -1):
+            if text.endswith(s[:k]):
+                best = max(best, k)
+                break
+    return best
 
 
 class StopOnStrings(StoppingCriteria):
@@ -159,7 +175,7 @@ def generate_replies(
         )
         for row, i in zip(out[:, ids.shape[1] :], idx):
             text = tokenizer.decode(_until_eos(row.tolist(), eos_ids), skip_special_tokens=True)
-            replies[i] = cut_at_stop(text, stop_strings).strip()
+            replies[i] = cut_at_stop(text, stop_strings, final=True).strip()
     return replies
 
 

@@ -40,7 +40,7 @@ def merge_adapter(model: str | None, adapter: str | Path, output: str | Path, dt
 def _target_dtype(model, dtype: str) -> torch.dtype:
     if dtype != "auto":
         return resolve_dtype(dtype, torch.device("cpu"))
-    recorded = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    recorded = getattr(model.config, "dtype", None)
     if isinstance(recorded, torch.dtype):
         return recorded
     if isinstance(recorded, str) and hasattr(torch, recorded):

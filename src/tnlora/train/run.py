@@ -334,7 +334,17 @@ def build_model(cfg: RunConfig, tokenizer):
         raise ConfigError("gradient_checkpointing: this model does not support it")
     # The adapter's random init comes from the run's seed, not from whatever ran before in this process.
     set_seed(cfg.seed)
-    return apply_finetuning(model, cfg, trainable_token_ids=new_ids or None)
+    model = apply_finetuning(model, cfg, trainable_token_ids=new_ids or None)
+    upcast_trainable(model)
+    return model
+
+
+def upcast_trainable(model) -> None:
+    """Trainable parameters in fp32 (a bf16 base keeps its frozen weights in bf16): AdamW updates of
+    ~lr × 1e-3 vanish below bf16's resolution."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def build_model_and_tokenizer(cfg: RunConfig):
@@ -352,6 +362,13 @@ def training_arguments(cfg: RunConfig, has_eval: bool):
     from transformers import TrainingArguments
 
     warmup: float = cfg.warmup_ratio if cfg.warmup_ratio > 0 else cfg.warmup_steps
+    try:
+        return _training_arguments(TrainingArguments, cfg, has_eval, warmup)
+    except ValueError as exc:  # a combination TrainingArguments refuses: still the user's config
+        raise ConfigError(f"training arguments: {' '.join(str(exc).split())}") from None
+
+
+def _training_arguments(TrainingArguments, cfg: RunConfig, has_eval: bool, warmup: float):
     return TrainingArguments(
         output_dir=cfg.output_dir,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
@@ -390,10 +407,13 @@ def training_arguments(cfg: RunConfig, has_eval: bool):
         label_names=["labels"],
         save_only_model=False,
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),  # lets bf16 autocast run on CPU too
     )
 
 
-def build_trainer(cfg: RunConfig, model, tokenizer, data: DataBundle, callbacks: list[Any] | None = None):
+def build_trainer(
+    cfg: RunConfig, model, tokenizer, data: DataBundle, callbacks: list[Any] | None = None, args=None
+):
     """A ``transformers.Trainer`` wired with our collator and callbacks; loss kwargs checked."""
     from transformers import PrinterCallback, Trainer
 
@@ -401,7 +421,7 @@ def build_trainer(cfg: RunConfig, model, tokenizer, data: DataBundle, callbacks:
 
     trainer = Trainer(
         model=model,
-        args=training_arguments(cfg, has_eval=data.eval is not None),
+        args=args if args is not None else training_arguments(cfg, has_eval=data.eval is not None),
         train_dataset=data.train,
         eval_dataset=data.eval,
         data_collator=data.collator,
@@ -468,11 +488,12 @@ def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
         f"data: {data.stats['records']} records → {data.stats['train']} train / {data.stats['eval']} eval examples"
         + (f" ({data.stats['packed_rows']} packed rows)" if "packed_rows" in data.stats else "")
     )
+    args = training_arguments(cfg, has_eval=data.eval is not None)  # refused combinations: before the model
     model = build_model(cfg, tokenizer)
     trainable, total = count_parameters(model)
     _say(describe_trainable(model))
     save_run_files(cfg, tokenizer, template, cfg.output_dir)
-    trainer = build_trainer(cfg, model, tokenizer, data, callbacks)
+    trainer = build_trainer(cfg, model, tokenizer, data, callbacks, args=args)
     if resume:
         _say(f"resuming from {resume}")
     output = trainer.train(resume_from_checkpoint=resume)
