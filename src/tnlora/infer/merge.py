@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -22,8 +23,8 @@ def merge_adapter(model: str | None, adapter: str | Path, output: str | Path, dt
     if adapter and Path(output).resolve() == Path(adapter).resolve():
         raise TnloraError("--output: must differ from --adapter")
     loaded = load_for_inference(model, adapter, dtype="float32", device="cpu")
+    target = _target_dtype(loaded.base, dtype)
     merged = loaded.model.merge_and_unload()
-    target = _target_dtype(merged, dtype)
     merged.to(target)
     merged.config.use_cache = True
     tokenizer = loaded.tokenizer
@@ -37,14 +38,17 @@ def merge_adapter(model: str | None, adapter: str | Path, output: str | Path, dt
     return output
 
 
-def _target_dtype(model, dtype: str) -> torch.dtype:
+def _target_dtype(base: str, dtype: str) -> torch.dtype:
+    """``dtype``, or for "auto" the dtype the base checkpoint's config.json records (fp32 for presets)."""
     if dtype != "auto":
         return resolve_dtype(dtype, torch.device("cpu"))
-    recorded = getattr(model.config, "dtype", None)
-    if isinstance(recorded, torch.dtype):
-        return recorded
-    if isinstance(recorded, str) and hasattr(torch, recorded):
-        return getattr(torch, recorded)
+    config_file = Path(base) / "config.json"
+    if config_file.is_file():
+        # Read from disk: the model in memory was loaded in fp32 for the merge and says so.
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        recorded = config.get("dtype") or config.get("torch_dtype")
+        if isinstance(recorded, str) and isinstance(getattr(torch, recorded, None), torch.dtype):
+            return getattr(torch, recorded)
     return torch.float32
 
 
