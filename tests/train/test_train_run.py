@@ -331,3 +331,11 @@ def test_bf16_keeps_the_frozen_base_in_bf16_and_trains_fp32_adapters(make_config
     saved = _adapter_tensors(result.output_dir)
     assert any("modules_to_save" in k or "embed_tokens" in k for k in saved)
     assert all(t.dtype == torch.float32 for t in saved.values())
+
+
+def test_overwrite_never_deletes_the_base_model(official_dir, make_config, tmp_path, capsys):
+    argv = _cli_train(make_config, official_dir, "--model_name_or_path", str(official_dir),
+                      "--overwrite_output_dir", "true")  # fmt: skip
+    assert main(argv) == 2
+    assert "holds the base model" in capsys.readouterr().err
+    assert (official_dir / "config.json").is_file() and (official_dir / "pytorch_model.bin").is_file()

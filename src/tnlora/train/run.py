@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import math
 import random
 import shutil
@@ -28,7 +27,8 @@ from tnlora.errors import ConfigError, TnloraError
 TEMPLATE_FILE = "template.json"
 LOSS_PLOT = "loss.png"
 # Files whose presence means "this directory is a training output" (safe to replace on overwrite_output_dir).
-_OUTPUT_MARKERS = ("tnlora_run.yaml", "trainer_state.json", "adapter_config.json", "config.json")
+# (Not config.json: a base model directory has one, and overwrite must never delete a model.)
+_OUTPUT_MARKERS = ("tnlora_run.yaml", "trainer_state.json", "adapter_config.json")
 
 
 @dataclass
@@ -123,6 +123,9 @@ def prepare_output_dir(cfg: RunConfig) -> str | None:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir: {out} exists and is not a directory")
+    model_dir = Path(cfg.model_name_or_path).expanduser()
+    if model_dir.is_dir() and (out.resolve() == model_dir.resolve() or out.resolve() in model_dir.resolve().parents):
+        raise ConfigError(f"output_dir: {out} holds the base model {cfg.model_name_or_path}; choose another folder")
     nonempty = out.is_dir() and any(out.iterdir())
     if cfg.resume_from_checkpoint:
         if cfg.resume_from_checkpoint is True:
@@ -255,7 +258,8 @@ def bundle_from_examples(
 
 
 def _as_row(example: Any) -> dict[str, Any]:
-    """An encoded example or packed row → a dict with a ``length`` column for length-grouped batching."""
+    """An encoded example or packed row → a plain dict of lists (+ ``length``, for inspection; the
+    Trainer's length-grouped sampler measures ``input_ids`` itself and the collator drops ``length``)."""
     if isinstance(example, dict):
         row = {k: list(v) for k, v in example.items() if v is not None}
     else:
@@ -328,8 +332,9 @@ def build_model(cfg: RunConfig, tokenizer):
     new_ids = added_token_ids(cfg, tokenizer)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
-    model.config.use_cache = False  # no cache while training
-    # A preset keeps an empty name_or_path: peft would look a non-path name up on the Hub when saving.
+    # No cache while training. (A preset keeps its empty name_or_path: peft would look a name that is not a
+    # path up on the Hub when saving, so adapter_config.json names no base; tnlora_run.yaml does.)
+    model.config.use_cache = False
     if cfg.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
         raise ConfigError("gradient_checkpointing: this model does not support it")
     # The adapter's random init comes from the run's seed, not from whatever ran before in this process.
@@ -400,7 +405,6 @@ def _training_arguments(TrainingArguments, cfg: RunConfig, has_eval: bool, warmu
         disable_tqdm=True,  # ProgressCallback draws the bar
         include_num_input_tokens_seen="non_padding",
         train_sampling_strategy="random" if cfg.packing else "group_by_length",
-        length_column_name="length",
         remove_unused_columns=False,  # TrainingCollator drops "length" itself
         dataloader_num_workers=cfg.dataloader_num_workers,
         prediction_loss_only=True,  # eval needs the loss only; keeping logits costs B×T×V memory
@@ -524,7 +528,3 @@ def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
     _say(f"saved to {out} ({time.perf_counter() - t0:.1f} s)")
     return result
 
-
-def dump_config(cfg: RunConfig) -> str:
-    """The config as JSON (handy in logs)."""
-    return json.dumps(cfg.to_dict(), ensure_ascii=False)
