@@ -150,6 +150,36 @@ class _StepTimer:
         raise AttributeError(name)
 
 
+class _Profiler:
+    """A TrainerCallback that profiles the optimizer step after the warm-up and prints its top kernels."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.prof = warmup, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.warmup:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(activities=activities)
+            self.prof.__enter__()
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.prof is not None and state.global_step == self.warmup + 1:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            print(self.prof.key_averages().table(sort_by="cuda_time_total" if torch.cuda.is_available() else "cpu_time_total", row_limit=25, max_name_column_width=60))
+            self.prof = None
+        return control
+
+    def __getattr__(self, name: str):
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+
 def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: str) -> BenchResult:
     """Real LoRA training steps through ``build_trainer``; figures from the timed steps after warm-up."""
     import tempfile
@@ -200,7 +230,10 @@ def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: 
         examples = synthetic_examples(chosen, model.config.vocab_size)
         data = bundle_from_examples(cfg, examples, [], pad_token_id=0)
         timer = _StepTimer(args.warmup)
-        trainer = build_trainer(cfg, model, ByteTokenizer(), data, callbacks=[timer])
+        callbacks: list[Any] = [timer]
+        if args.profile:
+            callbacks.append(_Profiler(args.warmup))
+        trainer = build_trainer(cfg, model, ByteTokenizer(), data, callbacks=callbacks)
         trainer.train()
         loss = float(trainer.state.log_history[-1].get("train_loss", math.nan))
     seconds = timer.t1 - timer.t0
@@ -216,7 +249,7 @@ def decode_bench(args: argparse.Namespace, batch: int) -> tuple[float, float]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = getattr(args, "_decode_model", None)
     if model is None:
-        model = build_model(args.model, "auto", device).eval()
+        model = build_model(args.model, args.attn, device).eval()
         model.config.use_cache = True
         args._decode_model = model
     prompt = torch.randint(3, model.config.vocab_size, (batch, args.prompt_len), device=device)
@@ -255,6 +288,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt_len", type=int, default=64)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--name", default="", help="row label")
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one timed step")
     return parser.parse_args(argv)
 
 
