@@ -24,7 +24,7 @@ START=$SECONDS
 for stage in "$@"; do
   case $stage in
     warm)  # autotune fla for both q/k widths in parallel, in the background
-      for kd in 128 256; do python3 benchmarks/fla_warmup.py $kd > "$OUT/warm$kd.txt" 2>&1 & done ;;
+      for kd in 128 256; do for h in 16 32; do python3 benchmarks/fla_warmup.py $kd $h > "$OUT/warm$kd-$h.txt" 2>&1 & done; done ;;
     waitwarm)
       log "waiting for the fla warm-up"; while [ -n "$(jobs -pr)" ] && [ $((SECONDS - START)) -lt ${WARM_LIMIT:-300} ]; do sleep 2; done
       cat "$OUT"/warm*.txt | grep -v Warning | tail -n 4 | tee -a "$OUT/log.txt" ;;
@@ -34,6 +34,8 @@ for stage in "$@"; do
     flabench)
       bench --model 1B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --name "1B huanhuan: packing 16k rows, fla"
       bench --model 7B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --name "7B huanhuan: packing 16k rows, fla"
+      ;;
+    long7b)
       BENCH_TIMEOUT=120 bench --model 7B --seq_len 65536 --attn fla --gradient_checkpointing --batch_size 1 --grad_accum 1 --steps 1 --warmup 1 --name "7B one 65,536-token sequence, checkpointing" ;;
     check)
       log "GPU tests"
@@ -58,8 +60,8 @@ for stage in "$@"; do
         BENCH_TIMEOUT=150 bench --model 7B --seq_len $n --attn fla --gradient_checkpointing --batch_size 1 --grad_accum 1 --steps 1 --warmup 1 --name "7B one $n-token sequence, checkpointing"
       done ;;
     decode)
-      log "decode"; timeout 100 python3 -m tnlora.cli bench --decode --attn chunked --model 1B 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt"
-      timeout 120 python3 -m tnlora.cli bench --decode --attn chunked --model 7B 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt" ;;
+      log "decode"; timeout 100 python3 -m tnlora.cli bench --decode --model 1B 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt"
+      timeout 120 python3 -m tnlora.cli bench --decode --model 7B 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt" ;;
   esac
 done
 find "$TRITON_CACHE_DIR" -name '*.autotune.json' | tar czf "$OUT/tcache.tgz" -T - 2>/dev/null
