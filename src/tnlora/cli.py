@@ -113,6 +113,7 @@ def cmd_train(argv: list[str]) -> int:
     result = train(cfg)
     if cfg.sample_prompts:
         print_samples(result, cfg.sample_prompts, cfg.sample_max_new_tokens)
+    print(f"chat with it: tnlora chat --adapter {result.output_dir}", file=sys.stderr)
     return 0
 
 

@@ -77,8 +77,6 @@ def stream_reply(loaded, messages: list[dict[str, Any]], options: GenerationOpti
             failure.append(exc)
             streamer.end()  # unblock the reader
 
-    if options.seed is not None:
-        torch.manual_seed(options.seed)
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
     shown = StopStringFilter(stop_strings)
@@ -105,6 +103,8 @@ def chat_loop(loaded, options: GenerationOptions, stdin: TextIO, stdout: TextIO)
         stdout.write(f"tnlora chat — {loaded.base}" + (f" + {loaded.adapter}" if loaded.adapter else "") + "\n")
         stdout.write(HELP + "\n")
     history: list[dict[str, Any]] = []
+    if options.seed is not None:  # once per session: a reseed per reply would repeat the same draws
+        torch.manual_seed(options.seed)
     while True:
         if interactive:
             stdout.write("\nuser: ")

@@ -84,7 +84,7 @@ def load_template(run_dir: Path | None, name: str | None):
         name = DEFAULT_TEMPLATE
     try:
         template = get_template(name)
-    except (KeyError, ValueError) as exc:
+    except (TnloraError, KeyError, ValueError) as exc:
         raise TnloraError(f"--template: {exc}") from None
     if saved is not None and saved.to_dict() != template.to_dict():
         print(f"warning: --template {name} differs from the template the adapter was trained with", file=sys.stderr)
