@@ -106,3 +106,9 @@ def test_eval_reports_the_per_token_loss_and_perplexity(adapter_dir, capsys):
     assert tokens == count
     assert loss == pytest.approx(expected, abs=2e-4)
     assert ppl == pytest.approx(math.exp(expected), rel=1e-3)
+
+
+def test_a_merged_dir_chats_with_its_saved_template(merged_dir, adapter_dir, system_prompt):
+    loaded = load_for_inference(str(merged_dir))
+    assert loaded.adapter is None and loaded.template.default_system == system_prompt
+    assert loaded.template == load_for_inference(None, adapter_dir).template

@@ -108,7 +108,11 @@ def load_for_inference(
     adapter_path = Path(adapter) if adapter else None
     if adapter_path is not None and not (adapter_path / "adapter_config.json").is_file():
         raise TnloraError(f"--adapter: {adapter_path} holds no adapter_config.json (not a LoRA output dir)")
-    run_dir = run_dir_of(adapter_path) if adapter_path else None
+    # The adapter's run; with no adapter, a merged or fully fine-tuned model dir carries its own run files.
+    if adapter_path is not None:
+        run_dir = run_dir_of(adapter_path)
+    else:
+        run_dir = run_dir_of(model) if model and Path(model).is_dir() else None
     run_cfg = read_run_config(run_dir) if run_dir else None
     base = model or (run_cfg.model_name_or_path if run_cfg else None)
     base = base or (_adapter_base_name(adapter_path) if adapter_path else None)
