@@ -198,6 +198,15 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """``tnlora prepare DIR``: let transformers' Auto classes load an official checkpoint dir natively."""
+    from tnlora.model.checkpoint import add_model_type
+
+    changed = add_model_type(args.directory)
+    print(f"{args.directory}/config.json: " + ("added model_type 'transnormer'" if changed else "already prepared"))
+    return 0
+
+
 def cmd_bench(argv: list[str]) -> int:
     """``tnlora bench …``: the benchmark lives in ``tnlora.bench`` (optional)."""
     try:
@@ -249,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train_on_prompt", type=_bool, nargs="?", const=True, default=None)
     p.add_argument("--mask_history", type=_bool, nargs="?", const=True, default=None)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("prepare", help="add model_type to an official checkpoint's config.json (Auto* loading)")
+    p.add_argument("directory")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_verb", metavar="ACTION", parser_class=_Parser, required=True)
