@@ -44,4 +44,5 @@ def test_atomic_dir_replaces_directory_only_on_success(tmp_path: Path) -> None:
     with atomic_dir(target) as tmp:
         (tmp / "c").write_text("3")
     assert sorted(p.name for p in target.iterdir()) == ["c"]
+    assert target.stat().st_mode & 0o077 != 0  # not left private like a mkdtemp folder
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
