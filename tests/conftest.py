@@ -9,7 +9,7 @@ that loads "an official checkpoint":
 * ``pytorch_model.bin``: bf16 weights written with ``torch.save``, holding BOTH ``model.embed_tokens.weight``
   and ``lm_head.weight`` (one shared storage, as in the hub files); random, seed 0, std 0.02.
 * ``tokenizer.model`` (Baichuan SentencePiece), ``tokenizer_config.json``, ``special_tokens_map.json``,
-  ``generation_config.json``: copied from /work/shared.
+  ``generation_config.json``: copied from ../shared beside the repository.
 
 The directory is read-only by convention: copy it (``shutil.copytree``) before changing anything.
 """
@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED = Path("/work/shared")
+# The workplace's shared/ folder lies beside the repository (CI clones the repo elsewhere, shared/ beside it).
+SHARED = (Path(__file__).resolve().parents[1] / ".." / "shared").resolve()
 OFFICIAL_1B = SHARED / "models" / "1B"
 TOKENIZER_MODEL = SHARED / "tokenizers" / "baichuan-7b" / "tokenizer.model"
 

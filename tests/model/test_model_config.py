@@ -10,7 +10,7 @@ import pytest
 from tnlora.errors import ConfigError
 from tnlora.model import PRESETS, TransnormerConfig, config_from_preset
 
-MODELS = Path("/work/shared/models")
+MODELS = (Path(__file__).resolve().parents[2] / ".." / "shared" / "models").resolve()
 
 
 @pytest.mark.parametrize("size", ["385M", "1B", "7B"])

@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 from tnlora.model import TransnormerConfig, TransnormerForCausalLM
 from tnlora.model.modeling import Lrpe, get_slopes, layer_log_decay, lrpe_theta
 
-MODELS = Path("/work/shared/models")
+MODELS = (Path(__file__).resolve().parents[2] / ".." / "shared" / "models").resolve()
 PARAMS = {"385M": 398_984_192, "1B": 1_020_266_496, "7B": 6_836_719_616}
 
 
