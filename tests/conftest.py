@@ -16,8 +16,10 @@ The directory is read-only by convention: copy it (``shutil.copytree``) before c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,3 +61,21 @@ def official_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         shutil.copy(OFFICIAL_1B / name, out / name)
     return out
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run torch on one thread: the tiny model gains nothing from two, and two threads per process on a
+    shared 2-core machine (other test processes) slow each step down by up to 10×."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def one_thread():
+    """The ``one_torch_thread`` context manager, for fixtures wider than a test."""
+    return one_torch_thread

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from tnlora.config import load_run_config
 
@@ -15,21 +13,11 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SYSTEM = "Answer briefly."
 
 
-@contextlib.contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Run torch on one thread: the tiny model gains nothing from two, and two threads per process on a
-    shared 2-core machine (other test processes) slow each step down by up to 10×."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    with one_torch_thread():
+def _single_thread(one_thread) -> Iterator[None]:
+    with one_thread():
         yield
 
 
@@ -40,7 +28,7 @@ def system_prompt() -> str:
 
 
 @pytest.fixture(scope="session")
-def adapter_dir(tmp_path_factory) -> Path:
+def adapter_dir(tmp_path_factory, one_thread) -> Path:
     """Output dir of a 30-step LoRA run on the tiny preset (chatml, a custom system prompt)."""
     from tnlora.train.run import train
 
@@ -64,6 +52,6 @@ def adapter_dir(tmp_path_factory) -> Path:
             "--seed", "0",
         ],
     )  # fmt: skip
-    with one_torch_thread():
+    with one_thread():
         train(cfg)
     return out

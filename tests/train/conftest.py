@@ -2,39 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from tnlora.config import RunConfig, load_run_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-@contextlib.contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Run torch on one thread: the tiny model gains nothing from two, and two threads per process on a
-    shared 2-core machine (other test processes) slow each step down by up to 10×."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def one_thread():
-    """The ``one_torch_thread`` context manager, for fixtures wider than a test."""
-    return one_torch_thread
 
 
 @pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    with one_torch_thread():
+def _single_thread(one_thread) -> Iterator[None]:
+    with one_thread():
         yield
 
 
