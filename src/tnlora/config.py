@@ -67,6 +67,10 @@ class RunConfig:
     add_special_tokens: str | None = field(
         default=None, metadata=_opt("comma list of tokens added as single special tokens (e.g. chatml markers)")
     )
+    dataset_cache_dir: str | None = field(
+        default=None, metadata=_opt("where tokenised datasets are cached (default ~/.cache/tnlora/datasets)")
+    )
+    overwrite_cache: bool = field(default=False, metadata=_opt("tokenise again instead of reading the cache"))
     # --- fine-tuning method ---
     finetuning_type: str = field(default="lora", metadata=_opt("method", choices=("lora", "full", "freeze")))
     lora_rank: int = field(default=8, metadata=_opt("LoRA rank r", ge=1))

@@ -37,6 +37,7 @@ def tiny_config(output_dir: Path, *overrides: str) -> RunConfig:
         "--report_to", "none",
         "--plot_loss", "false",
         "--seed", "0",
+        "--dataset_cache_dir", str(output_dir.parent / f"{output_dir.name}-token-cache"),
     ]  # fmt: skip
     return load_run_config(None, [*base, *overrides])
 

@@ -339,3 +339,22 @@ def test_overwrite_never_deletes_the_base_model(official_dir, make_config, tmp_p
     assert main(argv) == 2
     assert "holds the base model" in capsys.readouterr().err
     assert (official_dir / "config.json").is_file() and (official_dir / "pytorch_model.bin").is_file()
+
+
+def test_tokenised_dataset_is_cached_and_reused(tmp_path: Path, make_config, monkeypatch) -> None:
+    import tnlora.data.encode as encode
+
+    cfg = make_config(tmp_path / "out", "--dataset_cache_dir", str(tmp_path / "cache"))
+    tokenizer = build_tokenizer(cfg)
+    first = build_datasets(cfg, tokenizer)
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+
+    class NoTokenising:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("tokenised again despite a cache hit")
+
+    monkeypatch.setattr(encode, "PieceEncoder", NoTokenising)
+    second = build_datasets(cfg, tokenizer)
+    assert [r["input_ids"] for r in second.train] == [r["input_ids"] for r in first.train]
+    with pytest.raises(AssertionError, match="tokenised again"):
+        build_datasets(make_config(tmp_path / "out", "--overwrite_cache", "true"), tokenizer)

@@ -182,7 +182,7 @@ def added_token_ids(cfg: RunConfig, tokenizer) -> list[int]:
 
 def load_examples(cfg: RunConfig, tokenizer, template) -> tuple[list[Any], list[Any], dict[str, Any]]:
     """Read, split (val_size, seeded) and encode the conversations: (train examples, eval examples, stats)."""
-    from tnlora.data.encode import build_dataset
+    from tnlora.data.encode import build_dataset, default_cache_dir
     from tnlora.data.readers import load_conversations
 
     conversations = load_conversations(cfg.dataset, cfg.dataset_dir)
@@ -191,8 +191,13 @@ def load_examples(cfg: RunConfig, tokenizer, template) -> tuple[list[Any], list[
     if not conversations:
         raise ConfigError(f"dataset: {cfg.dataset} holds no records")
     train_convs, eval_convs = split_validation(conversations, cfg.val_size, cfg.seed)
+    # The cache key covers the records' text, the tokenizer, the template and these settings.
+    cache_dir = None if cfg.overwrite_cache else (cfg.dataset_cache_dir or default_cache_dir())
     encode_kwargs = dict(
-        cutoff_len=cfg.cutoff_len, train_on_prompt=cfg.train_on_prompt, mask_history=cfg.mask_history
+        cutoff_len=cfg.cutoff_len,
+        train_on_prompt=cfg.train_on_prompt,
+        mask_history=cfg.mask_history,
+        cache_dir=cache_dir,
     )
     train_examples, train_stats = build_dataset(train_convs, tokenizer, template, **encode_kwargs)
     eval_examples: list[Any] = []
