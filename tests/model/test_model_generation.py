@@ -9,6 +9,7 @@ from tnl_helpers import build_model
 from transformers import TextIteratorStreamer
 
 from tnlora.model import TransnormerCache
+from tnlora.model.modeling import CACHE_FIELD
 
 
 def _prompt(batch: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -156,7 +157,7 @@ def test_prepare_inputs_feeds_only_tokens_the_cache_has_not_seen() -> None:
     model(ids[:, :10], past_key_values=cache)
     inputs = model.prepare_inputs_for_generation(ids, past_key_values=cache, use_cache=True)
     assert torch.equal(inputs["input_ids"], ids[:, 10:])
-    assert inputs["past_key_values"] is cache
+    assert inputs[CACHE_FIELD] is cache  # the name the installed transformers uses
     fresh = model.prepare_inputs_for_generation(ids, past_key_values=TransnormerCache(model.config))
     assert torch.equal(fresh["input_ids"], ids)
 

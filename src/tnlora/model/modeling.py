@@ -28,6 +28,10 @@ from tnlora.model.configuration import PRESETS, TransnormerConfig, config_from_p
 
 logger = logging.get_logger(__name__)
 
+# transformers ≤ 5.23 calls the cache `past_key_values` (in generate, forward kwargs and outputs); 5.24 renamed
+# it `cache`. Both are accepted on input; outputs use whichever name the installed release defines.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 # ---------------------------------------------------------------------------------------------------------
 # §4.3 SRMSNorm: no gain, no bias; fp32 inside, input dtype outside.
 
@@ -319,6 +323,7 @@ class TransnormerModel(TransnormerPreTrainedModel):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: Tensor | None = None,
         use_cache: bool | None = None,
         seq_ids: Tensor | None = None,
@@ -333,6 +338,7 @@ class TransnormerModel(TransnormerPreTrainedModel):
         scale is applied to them exactly as to looked-up ids, so both inputs give identical outputs.
         ``position_ids`` are ignored: LRPE positions come from the cache length.
         """
+        past_key_values = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -366,8 +372,8 @@ class TransnormerModel(TransnormerPreTrainedModel):
             cache.advance(length)
         out = BaseModelOutputWithPast(
             last_hidden_state=hidden,
-            past_key_values=cache,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            **{CACHE_FIELD: cache},
         )
         return (
             out if (return_dict if return_dict is not None else self.config.return_dict) else out.to_tuple()
@@ -490,6 +496,7 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: Tensor | None = None,
         labels: Tensor | None = None,
         use_cache: bool | None = None,
@@ -514,7 +521,7 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            past_key_values=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             seq_ids=seq_ids,
@@ -540,8 +547,8 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
         out = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            **{CACHE_FIELD: outputs.get(CACHE_FIELD)},
         )
         return (
             out if (return_dict if return_dict is not None else self.config.return_dict) else out.to_tuple()
@@ -559,15 +566,17 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
     ) -> dict:
         """transformers' preparation, plus: a recurrent state must see each token exactly once, so with a
         filled cache only the tokens it has not seen yet are fed (whatever the caller sliced)."""
-        if isinstance(past_key_values, TransnormerCache) and next_sequence_length is None:
-            seen = past_key_values.get_seq_length()
+        cache = past_key_values if past_key_values is not None else kwargs.get("cache")
+        if isinstance(cache, TransnormerCache) and next_sequence_length is None:
+            seen = cache.get_seq_length()
             prompt_embeds = inputs_embeds is not None and is_first_iteration
             if 0 < seen < input_ids.shape[1] and not prompt_embeds:
                 next_sequence_length = input_ids.shape[1] - seen
+        if past_key_values is not None:
+            kwargs[CACHE_FIELD] = past_key_values
         return super().prepare_inputs_for_generation(
             input_ids,
             next_sequence_length=next_sequence_length,
-            past_key_values=past_key_values,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
             is_first_iteration=is_first_iteration,
