@@ -64,6 +64,6 @@ for stage in "$@"; do
       timeout 120 python3 -m tnlora.cli bench --decode --model 7B 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt" ;;
   esac
 done
-find "$TRITON_CACHE_DIR" -name '*.autotune.json' | tar czf "$OUT/tcache.tgz" -T - 2>/dev/null
+(cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf "$OUT/tcache.tgz" -T -) 2>/dev/null  # extract into .tcache here, carry .tcache
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader | tee -a "$OUT/log.txt"
 echo; cat "$OUT/table.txt" 2>/dev/null
