@@ -230,7 +230,7 @@ def encode_conversation(
     mask_history: bool = False,
 ) -> EncodedExample:
     """Ids and labels of one conversation, truncated to ``cutoff_len`` (see the module docstring)."""
-    return _encode_batch([conv], PieceEncoder(tokenizer), template, cutoff_len, train_on_prompt, mask_history)[0][0]
+    return _encode_batch([conv], PieceEncoder(tokenizer), template, cutoff_len, train_on_prompt, mask_history)[0]
 
 
 def encode_prompt(
@@ -267,7 +267,7 @@ def _encode_batch(
     cutoff_len: int,
     train_on_prompt: bool,
     mask_history: bool,
-) -> list[tuple[EncodedExample, list[Piece]]]:
+) -> list[EncodedExample]:
     plans = [plan_pieces(c.messages, c.system, template) for c in convs]
     encoder.encode(plans)
     out = []
@@ -276,9 +276,9 @@ def _encode_batch(
         if _length(pieces) > cutoff_len:
             pieces, truncated, reason = _fit(conv, pieces, encoder, template, cutoff_len)
             if reason is not None:
-                out.append((EncodedExample([], [], truncated=True, dropped=f"{conv.source}: {reason}"), pieces))
+                out.append(EncodedExample([], [], truncated=True, dropped=f"{conv.source}: {reason}"))
                 continue
-        out.append((_assemble(pieces, truncated, train_on_prompt, mask_history), pieces))
+        out.append(_assemble(pieces, truncated, train_on_prompt, mask_history))
     return out
 
 
@@ -356,7 +356,7 @@ def build_dataset(
     examples: list[EncodedExample] = []
     for start in range(0, len(conversations), 1024):
         chunk = conversations[start : start + 1024]
-        for example, _ in _encode_batch(chunk, encoder, template, cutoff_len, train_on_prompt, mask_history):
+        for example in _encode_batch(chunk, encoder, template, cutoff_len, train_on_prompt, mask_history):
             if example.dropped:
                 stats.dropped += 1
                 stats.first_dropped = stats.first_dropped or example.dropped
