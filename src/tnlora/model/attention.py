@@ -181,12 +181,15 @@ def _chunked(
     pad = NC * C - T
     g = log_decay.to(device=q.device, dtype=dtype)
     starts = segment_starts(seq_ids, cu_seqlens, T)
+    # Cast once: the chunks and the state terms below all read the compute-dtype copies.
+    qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
+    s0 = initial_state.to(dtype) if initial_state is not None else None
 
-    def to_chunks(x: Tensor) -> Tensor:  # [B,T,H,D] -> [B,H,NC,C,D] in the compute dtype
-        x = F.pad(x.to(dtype).transpose(1, 2), (0, 0, 0, pad))
+    def to_chunks(x: Tensor) -> Tensor:  # [B,T,H,D] -> [B,H,NC,C,D]
+        x = F.pad(x.transpose(1, 2), (0, 0, 0, pad))
         return x.reshape(B, H, NC, C, x.shape[-1])
 
-    qc, kc, vc = to_chunks(q), to_chunks(k), to_chunks(v)
+    qc, kc, vc = to_chunks(qf), to_chunks(kf), to_chunks(vf)
     t = torch.arange(C, device=q.device)
     q_decay = torch.exp(g[:, None] * (t + 1))  # [H,C]
     k_decay = torch.exp(g[:, None] * (C - 1 - t))  # [H,C]
@@ -215,9 +218,9 @@ def _chunked(
     o = o.reshape(B, H, NC * C, V)[:, :, :T].transpose(1, 2)  # [B,T,H,V]
 
     if cu_seqlens is not None:
-        o, final = _segment_states_cu(q, k, v, g, o, cu_seqlens, starts, initial_state, output_final_state)
+        o, final = _segment_states_cu(qf, kf, vf, g, o, cu_seqlens, starts, s0, output_final_state)
     else:
-        o, final = _segment_states_rows(q, k, v, g, o, starts, initial_state, output_final_state)
+        o, final = _segment_states_rows(qf, kf, vf, g, o, starts, s0, output_final_state)
     return o.to(v.dtype), final
 
 
@@ -231,26 +234,28 @@ def _segment_states_rows(
     initial_state: Tensor | None,
     output_final_state: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    """Initial-state term and final state when each row's state belongs to its first / last example."""
-    T, dtype = q.shape[1], o.dtype
+    """Initial-state term and final state when each row's state belongs to its first / last example.
+
+    q, k, v and initial_state are already in the compute dtype (that of ``o``).
+    """
+    T = q.shape[1]
     pos = torch.arange(T, device=q.device)
     if initial_state is not None:
-        s0 = initial_state.to(dtype)
         w = torch.exp(g[None, :] * (pos + 1)[:, None])  # [T,H]
         if starts is not None:
             w = w * (starts == 0).unsqueeze(-1)  # [B,T,H]: only the row's first example sees S0
-        o = o + torch.einsum("bthk,bhkv->bthv", q.to(dtype), s0) * w.unsqueeze(-1)
+        o = o + torch.einsum("bthk,bhkv->bthv", q, initial_state) * w.unsqueeze(-1)
     if not output_final_state:
         return o, None
     w = torch.exp(g[None, :] * (T - 1 - pos)[:, None])  # [T,H]: keys decayed to the row end
     if starts is not None:
         w = w * (pos[None, :] >= starts[:, -1:]).unsqueeze(-1)  # keys of the last example only
-    final = torch.einsum("bthk,bthv->bhkv", k.to(dtype) * w.unsqueeze(-1), v.to(dtype))
+    final = torch.einsum("bthk,bthv->bhkv", k * w.unsqueeze(-1), v)
     if initial_state is not None:
         carry = torch.exp(g * T)[None, :, None, None]
         if starts is not None:
             carry = carry * (starts[:, -1] == 0)[:, None, None, None]
-        final = final + carry * initial_state.to(dtype)
+        final = final + carry * initial_state
     return o, final
 
 
@@ -265,7 +270,10 @@ def _segment_states_cu(
     initial_state: Tensor | None,
     output_final_state: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    """Initial-state term and final states with one state per example (cu_seqlens, B = 1)."""
+    """Initial-state term and final states with one state per example (cu_seqlens, B = 1).
+
+    q, k, v and initial_state are already in the compute dtype (that of ``o``).
+    """
     T, dtype = q.shape[1], o.dtype
     N = cu_seqlens.shape[0] - 1
     pos = torch.arange(T, device=q.device)
@@ -273,16 +281,16 @@ def _segment_states_cu(
     onehot = F.one_hot(seg, N).to(dtype)  # [T,N]
     if initial_state is not None:
         w = torch.exp(g[None, :] * (pos - starts[0] + 1)[:, None])  # [T,H]
-        init_out = torch.einsum("tn,thk,nhkv->thv", onehot, q[0].to(dtype), initial_state.to(dtype))
+        init_out = torch.einsum("tn,thk,nhkv->thv", onehot, q[0], initial_state)
         o = o + (init_out * w.unsqueeze(-1)).unsqueeze(0)
     if not output_final_state:
         return o, None
     ends = cu_seqlens[1:][seg]  # exclusive end of each token's example
     w = torch.exp(g[None, :] * (ends - 1 - pos)[:, None])
-    final = torch.einsum("tn,thk,thv->nhkv", onehot, k[0].to(dtype) * w.unsqueeze(-1), v[0].to(dtype))
+    final = torch.einsum("tn,thk,thv->nhkv", onehot, k[0] * w.unsqueeze(-1), v[0])
     if initial_state is not None:
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(dtype)
-        final = final + torch.exp(g[None, :] * lengths[:, None])[..., None, None] * initial_state.to(dtype)
+        final = final + torch.exp(g[None, :] * lengths[:, None])[..., None, None] * initial_state
     return o, final
 
 
