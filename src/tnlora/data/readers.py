@@ -29,6 +29,8 @@ REGISTRY_FILE = "dataset_info.json"
 _JSON_SUFFIXES = (".json", ".jsonl")
 _DATASETS_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 _HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
+# LLaMA-Factory's alpaca column defaults (registry entries may override them).
+_ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,11 +171,7 @@ def _load_registry(base: Path) -> dict[str, Any] | None:
     path = base / REGISTRY_FILE
     if not path.is_file():
         return None
-    text = _read_text(path)
-    try:
-        registry = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(str(path), f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    registry = _parse_json(path, _read_text(path))
     if not isinstance(registry, dict):
         raise DataError(str(path), "expected a JSON object mapping dataset names to entries")
     return registry
@@ -279,13 +277,7 @@ def _iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
     text = _read_text(path)
     stripped = text.lstrip()
     if stripped.startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                str(path), f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
-            ) from None
-        yield from enumerate(records, start=1)
+        yield from enumerate(_parse_json(path, text), start=1)
         return
     if stripped.startswith("{") and stripped.count("\n") > 0 and not _first_line_parses(stripped):
         # One pretty-printed object rather than JSON Lines: say so instead of a per-line syntax error.
@@ -309,6 +301,14 @@ def _iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
             yield number, DataError(
                 str(path), f"invalid JSON on line {line_no}, column {exc.colno}: {exc.msg}", record=number
             )
+
+
+def _parse_json(path: Path, text: str) -> Any:
+    """The JSON value of a whole file; a syntax error is one DataError line with its position."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(str(path), f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
 
 
 def _first_line_parses(text: str) -> bool:
@@ -381,8 +381,7 @@ def _convert_all(
 def _resolve_format(fmt: RecordFormat, first: dict[str, Any]) -> RecordFormat:
     """Fill in LLaMA-Factory's defaults; in "auto" mode pick the format from the first record's keys."""
     if fmt.formatting == "alpaca":
-        columns = {"prompt": "instruction", "query": "input", "response": "output", **fmt.columns}
-        return RecordFormat("alpaca", columns, {})
+        return RecordFormat("alpaca", {**_ALPACA_COLUMNS, **fmt.columns}, {})
     if fmt.formatting in ("sharegpt", "openai"):
         if fmt.formatting == "openai":
             defaults = {"role_tag": "role", "content_tag": "content", "user_tag": "user",
@@ -398,9 +397,7 @@ def _resolve_format(fmt: RecordFormat, first: dict[str, Any]) -> RecordFormat:
     for key in ("messages", "conversations"):
         if key in first:
             return RecordFormat("auto-sharegpt", {"messages": key, "system": "system"}, {})
-    columns = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
-               "history": "history"}  # fmt: skip
-    return RecordFormat("alpaca", columns, {})
+    return RecordFormat("alpaca", {**_ALPACA_COLUMNS, "system": "system", "history": "history"}, {})
 
 
 def _convert(record: dict[str, Any], fmt: RecordFormat, path: str, number: int) -> Conversation:
@@ -539,10 +536,7 @@ def _required_str(record: dict[str, Any], key: str, path: str, number: int) -> s
 def _optional_str(record: dict[str, Any], key: str | None, path: str, number: int) -> str | None:
     if key is None or record.get(key) is None:
         return None
-    value = record[key]
-    if not isinstance(value, str):
-        raise DataError(path, f"expected a string, got {_type_name(value)}", record=number, field=key)
-    return value
+    return _required_str(record, key, path, number)
 
 
 def _type_name(value: Any) -> str:
