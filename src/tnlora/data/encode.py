@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 # Bump when the encoding of a conversation changes, so old cache files are not reused.
 ENCODING_VERSION = 1
+# Conversations planned and tokenised together: big enough batches for the fast tokenizer, bounded memory.
+ENCODE_BATCH = 1024
 # Tokenised before a piece that continues earlier text; "\n" is one atomic token in both of our tokenizers.
 _SENTINEL = "\n"
 
@@ -354,8 +356,8 @@ def build_dataset(
     encoder = PieceEncoder(tokenizer)
     stats = EncodeStats(examples=len(conversations))
     examples: list[EncodedExample] = []
-    for start in range(0, len(conversations), 1024):
-        chunk = conversations[start : start + 1024]
+    for start in range(0, len(conversations), ENCODE_BATCH):
+        chunk = conversations[start : start + ENCODE_BATCH]
         for example in _encode_batch(chunk, encoder, template, cutoff_len, train_on_prompt, mask_history):
             if example.dropped:
                 stats.dropped += 1
@@ -455,8 +457,7 @@ def pack_examples(examples: Sequence[EncodedExample], max_length: int) -> list[d
     space: list[int] = []
     for i in order:
         n = len(examples[i].input_ids)
-        if n > max_length:
-            raise ValueError(f"an example of {n} tokens does not fit in a packed row of {max_length}")
+        _check_fits(n, max_length)
         for r, free in enumerate(space):
             if n <= free:
                 rows[r].append(i)
@@ -466,6 +467,11 @@ def pack_examples(examples: Sequence[EncodedExample], max_length: int) -> list[d
             rows.append([i])
             space.append(max_length - n)
     return [_pack_row([examples[i] for i in members]) for members in rows]
+
+
+def _check_fits(n: int, max_length: int) -> None:
+    if n > max_length:
+        raise ValueError(f"an example of {n} tokens does not fit in a packed row of {max_length}")
 
 
 def _pack_row(members: Sequence[EncodedExample | dict[str, Any]]) -> dict[str, list[int]]:
@@ -577,8 +583,7 @@ class PackingCollator:
             rows, current, used = [], [], 0
             for feature in features:
                 n = len(_ids_labels(feature)[0])
-                if n > self.max_length:
-                    raise ValueError(f"an example of {n} tokens does not fit in a packed row of {self.max_length}")
+                _check_fits(n, self.max_length)
                 if current and used + n > self.max_length:
                     rows.append(_pack_row(current))
                     current, used = [], 0

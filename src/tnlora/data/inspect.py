@@ -42,8 +42,8 @@ def inspect_dataset(
     conversations, report = read_conversations(dataset, dataset_dir, skip_invalid=skip_invalid)
     encoder = encode.PieceEncoder(tokenizer)
     plans = [encode.plan_pieces(c.messages, c.system, template) for c in conversations]
-    for start in range(0, len(plans), 1024):
-        encoder.encode(plans[start : start + 1024])
+    for start in range(0, len(plans), encode.ENCODE_BATCH):
+        encoder.encode(plans[start : start + encode.ENCODE_BATCH])
     lengths = np.array([encode._length(p) for p in plans])
     learned = np.array([sum(len(x.ids or []) for x in p if x.learned) for p in plans])
     over = [i for i, n in enumerate(lengths) if n > cutoff_len]
