@@ -20,7 +20,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import logging
+from transformers.utils import ModelOutput, logging
 
 from tnlora.model.attention import lightning_attention
 from tnlora.model.cache import TransnormerCache
@@ -375,9 +375,7 @@ class TransnormerModel(TransnormerPreTrainedModel):
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             **{CACHE_FIELD: cache},
         )
-        return (
-            out if (return_dict if return_dict is not None else self.config.return_dict) else out.to_tuple()
-        )
+        return _as_requested(out, return_dict, self.config)
 
     def _resolve_cache(
         self, past_key_values: Cache | None, use_cache: bool | None
@@ -403,6 +401,14 @@ class TransnormerModel(TransnormerPreTrainedModel):
         return cache
 
 
+def _as_requested(
+    out: ModelOutput, return_dict: bool | None, config: TransnormerConfig
+) -> ModelOutput | tuple:
+    """The output object, or its tuple form when return_dict (default: the config's) is False."""
+    use_dict = return_dict if return_dict is not None else config.return_dict
+    return out if use_dict else out.to_tuple()
+
+
 def _value_mask(attention_mask: Tensor | None, length: int) -> Tensor | None:
     """Bool keep-mask [B, T] of the current tokens from a bool/int/float 2-D mask (1 keep, 0 pad).
 
@@ -419,11 +425,16 @@ def _value_mask(attention_mask: Tensor | None, length: int) -> Tensor | None:
 # §4.6 LM head (tied to the embedding) and the loss.
 
 
+def _shifted_targets(labels: Tensor, device: torch.device) -> Tensor:
+    """Flat [B·T] targets: position t predicts labels[t+1]; each row's last position gets -100."""
+    return F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1).to(device)
+
+
 def causal_lm_loss_from_logits(
     logits: Tensor, labels: Tensor, num_items_in_batch: Tensor | int | None = None
 ) -> Tensor:
     """Plain path: fp32 cross-entropy of the model-shifted labels over full logits (-100 ignored)."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1).to(logits.device)
+    targets = _shifted_targets(labels, logits.device)
     flat = _at_least_fp32(logits).reshape(-1, logits.shape[-1])
     if num_items_in_batch is None:
         return F.cross_entropy(flat, targets, ignore_index=-100)
@@ -446,7 +457,7 @@ def chunked_causal_lm_loss(
     Only labelled tokens go through the LM head (one host sync to count them). Each chunk is recomputed in
     the backward pass (activation checkpointing), so the saved activations are the hidden rows only.
     """
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1).to(hidden.device)
+    targets = _shifted_targets(labels, hidden.device)
     keep = (targets != -100).nonzero().squeeze(1)
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
     targets = targets.index_select(0, keep)
@@ -550,9 +561,7 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             **{CACHE_FIELD: outputs.get(CACHE_FIELD)},
         )
-        return (
-            out if (return_dict if return_dict is not None else self.config.return_dict) else out.to_tuple()
-        )
+        return _as_requested(out, return_dict, self.config)
 
     def prepare_inputs_for_generation(
         self,
