@@ -5,15 +5,11 @@ from __future__ import annotations
 import threading
 
 import torch
-from tnl_helpers import build_model
+from tnl_helpers import build_model, random_ids
 from transformers import TextIteratorStreamer
 
 from tnlora.model import TransnormerCache
 from tnlora.model.modeling import CACHE_FIELD
-
-
-def _prompt(batch: int, length: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 384, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def _greedy_by_recompute(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> torch.Tensor:
@@ -26,7 +22,7 @@ def _greedy_by_recompute(model: torch.nn.Module, ids: torch.Tensor, steps: int) 
 
 def test_cached_greedy_equals_full_recompute() -> None:
     model = build_model()
-    prompt = _prompt(2, 12)
+    prompt = random_ids(2, 12)
     cached = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None)
     uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, use_cache=False)
     manual = _greedy_by_recompute(model, prompt, 12)
@@ -36,7 +32,7 @@ def test_cached_greedy_equals_full_recompute() -> None:
 
 def test_incremental_logits_equal_full_forward() -> None:
     model = build_model()
-    ids = _prompt(2, 30)
+    ids = random_ids(2, 30)
     full = model(ids).logits
     cache = TransnormerCache(model.config)
     pieces = [model(ids[:, :10], past_key_values=cache).logits]
@@ -49,7 +45,7 @@ def test_incremental_logits_equal_full_forward() -> None:
 
 def test_left_padded_batch_generation_equals_each_row_alone() -> None:
     model = build_model()
-    rows = [_prompt(1, 15, seed=1)[0], _prompt(1, 6, seed=2)[0], _prompt(1, 11, seed=3)[0]]
+    rows = [random_ids(1, 15, seed=1)[0], random_ids(1, 6, seed=2)[0], random_ids(1, 11, seed=3)[0]]
     width = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -82,7 +78,7 @@ def test_left_padded_batch_generation_equals_each_row_alone() -> None:
 
 def test_beam_search_scores_equal_recomputed_log_probs() -> None:
     model = build_model()
-    prompt = _prompt(1, 9)
+    prompt = random_ids(1, 9)
     out = model.generate(
         prompt,
         num_beams=4,
@@ -108,7 +104,7 @@ def test_beam_search_scores_equal_recomputed_log_probs() -> None:
 
 def test_sampling_is_reproducible_and_the_cache_changes_nothing() -> None:
     model = build_model()
-    prompt = _prompt(2, 7)
+    prompt = random_ids(2, 7)
     runs = []
     for use_cache in (True, True, False):
         torch.manual_seed(123)
@@ -137,7 +133,7 @@ class _LetterTokenizer:
 
 def test_text_iterator_streamer_yields_the_generated_text() -> None:
     model = build_model()
-    prompt = _prompt(1, 5)
+    prompt = random_ids(1, 5)
     tokenizer = _LetterTokenizer()
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, timeout=60)
     result: dict[str, torch.Tensor] = {}
@@ -152,7 +148,7 @@ def test_text_iterator_streamer_yields_the_generated_text() -> None:
 
 def test_prepare_inputs_feeds_only_tokens_the_cache_has_not_seen() -> None:
     model = build_model()
-    ids = _prompt(1, 12)
+    ids = random_ids(1, 12)
     cache = TransnormerCache(model.config)
     model(ids[:, :10], past_key_values=cache)
     inputs = model.prepare_inputs_for_generation(ids, past_key_values=cache, use_cache=True)
@@ -165,15 +161,15 @@ def test_prepare_inputs_feeds_only_tokens_the_cache_has_not_seen() -> None:
 def test_repeated_generate_calls_give_identical_tokens() -> None:
     # The official code kept LRPE offsets in the modules, so every generate() after the first drifted.
     model = build_model()
-    prompt = _prompt(1, 10)
+    prompt = random_ids(1, 10)
     first = model.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None)
-    model.generate(_prompt(1, 33, seed=5), max_new_tokens=3, do_sample=False, eos_token_id=None)
+    model.generate(random_ids(1, 33, seed=5), max_new_tokens=3, do_sample=False, eos_token_id=None)
     assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None), first)
 
 
 def test_generate_from_inputs_embeds_matches_input_ids() -> None:
     model = build_model()
-    prompt = _prompt(1, 8)
+    prompt = random_ids(1, 8)
     from_ids = model.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None)
     embeds = model.get_input_embeddings()(prompt)
     from_embeds = model.generate(inputs_embeds=embeds, max_new_tokens=6, do_sample=False, eos_token_id=None)
@@ -182,7 +178,7 @@ def test_generate_from_inputs_embeds_matches_input_ids() -> None:
 
 def test_generate_keeps_fp32_states_of_the_documented_shapes() -> None:
     model = build_model(torch.bfloat16)
-    out = model.generate(_prompt(3, 5), max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    out = model.generate(random_ids(3, 5), max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
     cache = out.past_key_values
     assert isinstance(cache, TransnormerCache)
     assert cache.get_state(0).shape == (3, 2, 64, 32)  # layer 0: LRPE doubles q/k to 2·hd
@@ -194,8 +190,8 @@ def test_generate_continues_from_a_returned_cache() -> None:
     # A chat turn can resume from the state of the previous one instead of re-reading the history.
     model = build_model()
     kwargs = {"max_new_tokens": 4, "do_sample": False, "eos_token_id": None}
-    first = model.generate(_prompt(1, 10), return_dict_in_generate=True, **kwargs)
+    first = model.generate(random_ids(1, 10), return_dict_in_generate=True, **kwargs)
     assert first.past_key_values.get_seq_length() == 13  # the last sampled token is not fed yet
-    follow = torch.cat([first.sequences, _prompt(1, 5, seed=9)], dim=1)
+    follow = torch.cat([first.sequences, random_ids(1, 5, seed=9)], dim=1)
     resumed = model.generate(follow, past_key_values=first.past_key_values, **kwargs)
     assert torch.equal(resumed, model.generate(follow, **kwargs))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tnl_helpers import build_model
+from tnl_helpers import build_model, random_ids
 from tnl_reference import reference_logits
 from torch.profiler import ProfilerActivity, profile
 
@@ -19,10 +19,6 @@ from tnlora.model.modeling import Lrpe, get_slopes, layer_log_decay, lrpe_theta
 
 MODELS = (Path(__file__).resolve().parents[2] / ".." / "shared" / "models").resolve()
 PARAMS = {"385M": 398_984_192, "1B": 1_020_266_496, "7B": 6_836_719_616}
-
-
-def _ids(batch: int, length: int, seed: int = 0, vocab: int = 384) -> torch.Tensor:
-    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 # --------------------------------------------------------------------------------------------- structure
@@ -78,7 +74,7 @@ MATH_CASES = {
 @pytest.mark.parametrize("case", list(MATH_CASES))
 def test_logits_equal_float64_reference(case: str) -> None:
     model = build_model(**MATH_CASES[case])
-    ids = _ids(2, 70)
+    ids = random_ids(2, 70)
     mask = torch.ones_like(ids)
     mask[1, :9] = 0  # left padding: v is zeroed there in both
     logits = model(ids, attention_mask=mask).logits
@@ -118,7 +114,7 @@ def test_decay_buffers_stay_fp32_under_dtype_casts() -> None:
 
 
 def test_lrpe_angle_switch_is_exact_in_fp32_and_lossy_in_bf16() -> None:
-    ids = _ids(1, 300)
+    ids = random_ids(1, 300)
     fp32 = build_model(torch.float32)
     official = build_model(torch.float32, lrpe_angle_dtype="model")
     assert torch.equal(fp32(ids).logits, official(ids).logits)
@@ -158,7 +154,7 @@ def test_lrpe_depends_only_on_relative_position() -> None:
 
 def test_bool_int_and_float_masks_give_identical_logits() -> None:
     model = build_model()
-    ids = _ids(2, 20)
+    ids = random_ids(2, 20)
     mask = torch.ones(2, 20, dtype=torch.long)
     mask[0, :5] = 0
     out = [model(ids, attention_mask=m).logits for m in (mask, mask.bool(), mask.double())]
@@ -167,14 +163,14 @@ def test_bool_int_and_float_masks_give_identical_logits() -> None:
 
 def test_inputs_embeds_give_the_same_logits_as_input_ids() -> None:
     model = build_model()
-    ids = _ids(2, 33)
+    ids = random_ids(2, 33)
     embeds = model.get_input_embeddings()(ids)
     assert torch.equal(model(inputs_embeds=embeds).logits, model(ids).logits)
 
 
 def test_left_padded_rows_equal_rows_alone() -> None:
     model = build_model()
-    rows = [_ids(1, 30, seed=1)[0], _ids(1, 17, seed=2)[0]]
+    rows = [random_ids(1, 30, seed=1)[0], random_ids(1, 17, seed=2)[0]]
     ids = torch.zeros(2, 30, dtype=torch.long)
     mask = torch.zeros(2, 30, dtype=torch.long)
     for i, row in enumerate(rows):
@@ -189,7 +185,7 @@ def test_left_padded_rows_equal_rows_alone() -> None:
 
 def test_right_padding_leaves_real_token_logits_unchanged() -> None:
     model = build_model()
-    row = _ids(1, 20)[0]
+    row = random_ids(1, 20)[0]
     ids = torch.cat([row, torch.zeros(6, dtype=torch.long)])[None]
     mask = (torch.arange(26) < 20).long()[None]
     assert torch.allclose(
@@ -200,7 +196,9 @@ def test_right_padding_leaves_real_token_logits_unchanged() -> None:
 def test_packed_rows_equal_examples_alone() -> None:
     model = build_model(lightning_chunk_size=8)
     lengths = [[9, 14, 5], [20, 8]]
-    examples = [[_ids(1, n, seed=10 * r + i)[0] for i, n in enumerate(row)] for r, row in enumerate(lengths)]
+    examples = [
+        [random_ids(1, n, seed=10 * r + i)[0] for i, n in enumerate(row)] for r, row in enumerate(lengths)
+    ]
     ids = torch.stack([torch.cat(row) for row in examples])
     seq_ids = torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in lengths])
     logits = model(ids, seq_ids=seq_ids).logits
@@ -220,7 +218,7 @@ def test_packed_rows_equal_examples_alone() -> None:
 
 def test_attention_masks_must_be_two_dimensional() -> None:
     model = build_model()
-    ids = _ids(1, 4)
+    ids = random_ids(1, 4)
     with pytest.raises(ValueError, match="2-D"):
         model(ids, attention_mask=torch.ones(1, 1, 4, 4))
 
@@ -237,7 +235,7 @@ def _labels(ids: torch.Tensor) -> torch.Tensor:
 
 def test_chunked_loss_equals_plain_fp32_cross_entropy_and_its_gradients() -> None:
     model = build_model(torch.float32, loss_chunk_size=7)
-    ids = _ids(2, 25)
+    ids = random_ids(2, 25)
     labels = _labels(ids)
     chunked = model(ids, labels=labels)
     assert chunked.logits is None
@@ -252,7 +250,7 @@ def test_chunked_loss_equals_plain_fp32_cross_entropy_and_its_gradients() -> Non
 
 def test_loss_shifts_labels_and_ignores_minus_100() -> None:
     model = build_model()
-    ids = _ids(2, 25)
+    ids = random_ids(2, 25)
     labels = _labels(ids)
     logits = model(ids).logits
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, 384), labels[:, 1:].reshape(-1), ignore_index=-100)
@@ -261,7 +259,7 @@ def test_loss_shifts_labels_and_ignores_minus_100() -> None:
 
 def test_num_items_in_batch_turns_the_mean_into_a_sum_over_items() -> None:
     model = build_model()
-    ids = _ids(2, 25)
+    ids = random_ids(2, 25)
     labels = _labels(ids)
     counted = int((labels[:, 1:] != -100).sum())
     mean = model(ids, labels=labels).loss
@@ -275,7 +273,7 @@ def test_num_items_in_batch_turns_the_mean_into_a_sum_over_items() -> None:
 
 def test_logits_are_returned_with_labels_only_when_asked() -> None:
     model = build_model()
-    ids = _ids(2, 10)
+    ids = random_ids(2, 10)
     assert model(ids, labels=ids).logits is None
     assert model(ids, labels=ids, logits_to_keep=1).logits.shape == (2, 1, 384)
     assert model(ids, logits_to_keep=3).logits.shape == (2, 3, 384)
@@ -284,7 +282,7 @@ def test_logits_are_returned_with_labels_only_when_asked() -> None:
 
 def test_chunked_loss_never_keeps_full_vocabulary_logits() -> None:
     model = build_model(torch.float32, loss_chunk_size=8).train()
-    ids = _ids(2, 64)
+    ids = random_ids(2, 64)
     vocab = model.config.vocab_size
 
     def largest_saved_logits(**kwargs: object) -> int:
@@ -322,7 +320,7 @@ def _peak_bytes(step: callable) -> int:
 
 def test_gradient_checkpointing_lowers_peak_memory_and_keeps_gradients() -> None:
     model = build_model(torch.float32, decoder_layers=4, linear_use_lrpe_list=[1, 0, 0, 0]).train()
-    ids = _ids(4, 256)
+    ids = random_ids(4, 256)
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
@@ -341,7 +339,7 @@ def test_gradient_checkpointing_lowers_peak_memory_and_keeps_gradients() -> None
 def test_gradient_checkpointing_works_under_peft_lora() -> None:
     from peft import LoraConfig, get_peft_model
 
-    ids = _ids(2, 40)
+    ids = random_ids(2, 40)
 
     def lora_grads(checkpointing: bool) -> dict[str, torch.Tensor]:
         lora = LoraConfig(r=4, lora_alpha=8, target_modules=["qkvu_proj", "out_proj", "l1", "l2", "l3"])
@@ -364,7 +362,7 @@ def test_gradient_checkpointing_works_under_peft_lora() -> None:
 
 
 def test_embedding_scale_is_sqrt_d_unless_disabled() -> None:
-    ids = _ids(1, 5)
+    ids = random_ids(1, 5)
     scaled, plain = build_model(), build_model(no_scale_embedding=True)
     rows = scaled.model.embed_tokens(ids)
     first_norm = scaled.model.layers[0].token_norm

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tnl_helpers import build_model
+from tnl_helpers import build_model, random_ids
 from transformers import DynamicCache
 
 from tnlora.model import TransnormerCache
@@ -13,7 +13,7 @@ from tnlora.model import TransnormerCache
 def _filled_cache(batch: int = 3, length: int = 7) -> tuple[torch.nn.Module, TransnormerCache]:
     model = build_model()
     cache = TransnormerCache(model.config)
-    ids = torch.randint(3, 384, (batch, length), generator=torch.Generator().manual_seed(0))
+    ids = random_ids(batch, length)
     model(ids, past_key_values=cache)
     return model, cache
 
@@ -50,7 +50,7 @@ def test_reset_forgets_states_and_positions() -> None:
     model, cache = _filled_cache()
     cache.reset()
     assert cache.get_seq_length() == 0 and cache.get_state(0) is None
-    ids = torch.randint(3, 384, (3, 4), generator=torch.Generator().manual_seed(1))
+    ids = random_ids(3, 4, seed=1)
     assert torch.allclose(model(ids, past_key_values=cache).logits, model(ids).logits, atol=1e-12)
 
 
@@ -63,7 +63,7 @@ def test_recurrent_states_cannot_be_rolled_back() -> None:
 
 def test_model_replaces_empty_generic_caches_and_refuses_filled_ones() -> None:
     model = build_model()
-    ids = torch.randint(3, 384, (1, 5), generator=torch.Generator().manual_seed(2))
+    ids = random_ids(1, 5, seed=2)
     out = model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
     assert isinstance(out.past_key_values, TransnormerCache)
     filled = DynamicCache()
@@ -76,7 +76,7 @@ def test_model_replaces_empty_generic_caches_and_refuses_filled_ones() -> None:
 
 def test_training_and_scoring_build_no_cache_unless_asked() -> None:
     model = build_model().train()
-    ids = torch.randint(3, 384, (1, 5), generator=torch.Generator().manual_seed(3))
+    ids = random_ids(1, 5, seed=3)
     assert model(ids).past_key_values is None
     assert isinstance(model(ids, use_cache=True).past_key_values, TransnormerCache)
     assert isinstance(model.eval()(ids).past_key_values, TransnormerCache)

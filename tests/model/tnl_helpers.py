@@ -22,3 +22,8 @@ def build_model(
         torch.manual_seed(seed)
         model = TransnormerForCausalLM(config_from_preset("tiny", **overrides))
     return model.to(dtype).eval()
+
+
+def random_ids(batch: int, length: int, seed: int = 0, vocab: int = 384) -> torch.Tensor:
+    """Seeded token ids [batch, length] drawn from 3…vocab−1 (above the pad, bos and eos ids)."""
+    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
