@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the named stages, logging to $OUT/log.txt.
 # Usage (on the GPU machine, repo root): bash benchmarks/gpu_run.sh check ladder1b ...
-# Stages: check (GPU tests: fla vs chunked), attn (attention fwd+bwd table), ladder1b, b7 (7B data-shaped),
+# Stages: warm/waitwarm (fla autotuning), pack (autotune cache into $OUT), check / pcheck (GPU tests: fla vs
+#         chunked, serial / one process per test), attn (attention fwd+bwd table), ladder1b, b7 (7B data-shaped),
 #         long (fixed long sequences), maxlen (longest trainable sequence), decode.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD/src
@@ -28,6 +29,9 @@ for stage in "$@"; do
     waitwarm)
       log "waiting for the fla warm-up"; while [ -n "$(jobs -pr)" ] && [ $((SECONDS - START)) -lt ${WARM_LIMIT:-300} ]; do sleep 2; done
       cat "$OUT"/warm*.txt | grep -v Warning | tail -n 4 | tee -a "$OUT/log.txt" ;;
+    pack)  # the autotune results so far, in case a later stage runs past the call's limit
+      (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf "$OUT/tcache.tgz" -T -) 2>/dev/null
+      log "packed $(tar tzf "$OUT/tcache.tgz" | wc -l) autotune results" ;;
     profile)
       log "profile"; timeout 120 python3 -m tnlora.cli bench --model 1B --packing --pack_len 2048 --attn chunked --batch_size 1 --grad_accum 1 --steps 1 --warmup 1 --profile > "$OUT/profile.txt" 2>&1
       grep -E "Name|aten::|void|gemm|triton|Self CUDA" "$OUT/profile.txt" | head -n 22 | cut -c1-160 ;;
@@ -40,9 +44,16 @@ for stage in "$@"; do
     check)
       log "GPU tests"
       timeout ${CHECK_LIMIT:-200} python3 -m pytest -q -s tests/model/test_attention_gpu.py -p no:cacheprovider 2>&1 | tee -a "$OUT/log.txt" | grep -E "relative error|passed|failed|Error" | tail -n 60 ;;
+    pcheck)  # the same GPU tests, one process per test id in parallel: first-use autotuning overlaps
+      log "GPU tests, one process each"; mkdir -p /tmp/pcheck
+      python3 -m pytest --collect-only -q tests/model/test_attention_gpu.py -p no:cacheprovider | grep '::' > /tmp/pcheck/ids
+      i=0; while read -r id; do i=$((i + 1))
+        (echo "=== $id"; timeout ${CHECK_LIMIT:-300} python3 -m pytest -q -s "$id" -p no:cacheprovider 2>&1) > /tmp/pcheck/$i.txt &
+      done < /tmp/pcheck/ids; wait
+      cat /tmp/pcheck/[0-9]*.txt | grep -E "^===|relative error|passed|failed|Error|assert" | tee -a "$OUT/log.txt" "$OUT/check.txt" ;;
     attn)
       log "attention benchmark"
-      timeout 200 python3 benchmarks/attention.py --impls fla,chunked 2>&1 | tee -a "$OUT/log.txt" | tail -n 20 >> "$OUT/table.txt" ;;
+      timeout ${ATTN_LIMIT:-200} python3 benchmarks/attention.py --impls fla,chunked 2>&1 | tee -a "$OUT/log.txt" | tail -n 20 >> "$OUT/table.txt" ;;
     ladder1b)
       bench --model 1B --no-packing --attn chunked --batch_size 4 --grad_accum 4 --name "1B huanhuan: padding, chunked torch attn, b4x4"
       bench --model 1B --packing --pack_len 2048 --attn chunked --batch_size 1 --grad_accum 4 --name "1B huanhuan: + packing 2048 rows, chunked attn, b1x4"

@@ -79,7 +79,7 @@ def test_fla_forward_and_gradients_match_chunked(head_dim_k: int, layer: int) ->
 
 @pytest.mark.parametrize("head_dim_k", [128, 256])
 def test_fla_packed_rows_match_chunked(head_dim_k: int) -> None:
-    H, V = 8, 128
+    H, V = 16, 128  # the head counts of the warm-up (fla autotunes per H)
     lengths = [300, 17, 1024, 1, 611]
     T = sum(lengths)
     q, k, v = _qkv(1, T, H, head_dim_k, V, seed=1)
@@ -116,9 +116,9 @@ def _model(impl: str) -> TransnormerForCausalLM:
     config = config_from_preset(
         "tiny",
         vocab_size=1000,
-        decoder_embed_dim=512,
-        hidden_dim=512,
-        decoder_attention_heads=4,
+        decoder_embed_dim=2048,
+        hidden_dim=2048,
+        decoder_attention_heads=16,
         glu_dim=1024,
         lightning_impl=impl,
     )
