@@ -244,14 +244,24 @@ def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: 
     return BenchResult(name, tps, 4 * n_params * tps / H100_BF16_FLOPS, peak, seconds / max(1, timer.steps), loss)
 
 
+def decode_cuda_graphs(args: argparse.Namespace) -> bool:
+    """``--cuda_graphs`` as given, else on exactly when a GPU is present (the fast default)."""
+    return torch.cuda.is_available() if args.cuda_graphs is None else args.cuda_graphs
+
+
 def decode_bench(args: argparse.Namespace, batch: int) -> tuple[float, float]:
-    """Greedy decoding through ``generate()``: (tokens/s over the whole batch, ms per step)."""
+    """Greedy decoding through ``generate()``: (tokens/s over the whole batch, ms per step).
+
+    With CUDA graphs the untimed warm-up call captures the step graph for this batch size; the timed call
+    replays it (as every later ``generate()`` of a chat or a batch job would).
+    """
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = getattr(args, "_decode_model", None)
     if model is None:
         model = build_model(args.model, args.attn, device).eval()
         model.config.use_cache = True
         args._decode_model = model
+    model.config.decode_cuda_graphs = decode_cuda_graphs(args)
     prompt = torch.randint(3, model.config.vocab_size, (batch, args.prompt_len), device=device)
     kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
     with torch.inference_mode():
@@ -287,6 +297,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--decode_batch", default="1,32")
     parser.add_argument("--prompt_len", type=int, default=64)
     parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--cuda_graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="decode steps as replayed CUDA graphs (config decode_cuda_graphs; default: on with CUDA)")
     parser.add_argument("--name", default="", help="row label")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one timed step")
     return parser.parse_args(argv)
@@ -297,10 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     print(environment_line(), flush=True)
     if args.decode:
-        print("| model | batch | tokens/s | ms/step |\n|---|---|---|---|")
+        graphs = decode_cuda_graphs(args) and torch.cuda.is_available()  # graphs need CUDA
+        print("| model | cuda graphs | batch | tokens/s | ms/step |\n|---|---|---|---|---|")
         for batch in [int(b) for b in args.decode_batch.split(",")]:
             tps, ms = decode_bench(args, batch)
-            print(f"| {args.model} | {batch} | {tps:,.0f} | {ms:.1f} |", flush=True)
+            print(f"| {args.model} | {graphs} | {batch} | {tps:,.0f} | {ms:.2f} |", flush=True)
         return 0
     if args.seq_len:
         lengths = [(0, args.seq_len)]

@@ -100,8 +100,13 @@ def load_for_inference(
     dtype: str = "auto",
     device: str = "auto",
     attention_impl: str | None = None,
+    decode_cuda_graphs: bool | None = None,
 ) -> InferenceModel:
-    """Base model (``model`` or the adapter's recorded base) + LoRA adapter, tokenizer, template, system."""
+    """Base model (``model`` or the adapter's recorded base) + LoRA adapter, tokenizer, template, system.
+
+    ``decode_cuda_graphs`` (the model config's switch for CUDA-graph decode steps) defaults to on exactly
+    when the model runs on a GPU; an unmerged adapter is captured along with the base model.
+    """
     from tnlora.model.tokenizer import load_tokenizer
     from tnlora.train.run import load_base_model
 
@@ -128,6 +133,7 @@ def load_for_inference(
     torch_dtype = resolve_dtype(dtype, dev)
     impl = attention_impl or (run_cfg.attention_impl if run_cfg else None)
     net = load_base_model(base, dtype=torch_dtype, device=dev, attention_impl=impl or "auto")
+    net.config.decode_cuda_graphs = dev.type == "cuda" if decode_cuda_graphs is None else decode_cuda_graphs
     if len(tokenizer) > net.get_input_embeddings().num_embeddings:
         net.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)  # as training did
     if adapter_path is not None:

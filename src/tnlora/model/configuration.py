@@ -59,6 +59,10 @@ class TransnormerConfig(PreTrainedConfig):
     lightning_chunk_size: int = 64
     # Tokens per chunk of the loss: fp32 logits of at most this many tokens exist at a time.
     loss_chunk_size: int = 1024
+    # One-token decode steps (cache given, no grad, eval mode, CUDA) replay a captured CUDA graph of the whole
+    # forward (tnlora.model.decode_graph) instead of launching ~10 kernels per layer; same results. Off by
+    # default; `tnlora chat` / `tnlora generate` turn it on when they run on a GPU.
+    decode_cuda_graphs: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)

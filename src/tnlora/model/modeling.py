@@ -25,6 +25,7 @@ from transformers.utils import ModelOutput, logging
 from tnlora.model.attention import lightning_attention
 from tnlora.model.cache import TransnormerCache
 from tnlora.model.configuration import PRESETS, TransnormerConfig, config_from_preset
+from tnlora.model.decode_graph import decode_step
 
 logger = logging.get_logger(__name__)
 
@@ -132,16 +133,35 @@ class Lrpe(nn.Module):
         self.theta = nn.Parameter(lrpe_theta(num_heads, head_dim))
         self.angle_dtype = angle_dtype
 
-    def forward(self, x: Tensor, offset: int) -> Tensor:
-        """x [B, T, H, hd] at positions offset…offset+T−1 → [B, T, H, 2·hd]."""
+    def forward(self, x: Tensor, offset: int | Tensor) -> Tensor:
+        """x [B, T, H, hd] at positions offset…offset+T−1 → [B, T, H, 2·hd].
+
+        ``offset`` is a Python int or a 0-dim integer tensor (CUDA-graph decoding keeps the position on the
+        device so that no int is baked into the graph). Both give bitwise the same result for one token (the
+        decode step) below 2^24 positions; for several tokens with angle_dtype "model" the int path's rounding
+        is the device's own (the CPU rounds the int to the model dtype before adding, CUDA adds in fp32) and
+        the tensor path follows CUDA's.
+        """
         heads, head_dim = self.theta.shape[0], self.theta.shape[-1]
+        length = x.shape[1]
         if self.angle_dtype == "model":
             # Official numerics: the index and θ·index are rounded to the model dtype (lossy in bf16).
-            index = torch.arange(x.shape[1], device=x.device).to(x.dtype) + offset
+            index = torch.arange(length, device=x.device).to(x.dtype)
+            if isinstance(offset, Tensor):
+                # On CUDA `bf16 + int` adds in fp32 and rounds once; a bf16 + tensor add would round the
+                # position to bf16 first, so spell out the fp32 add.
+                wide = _at_least_fp32(index)
+                index = (wide + offset.to(wide.dtype)).to(x.dtype)
+            else:
+                index = index + offset
             angles = self.theta.to(x.dtype).reshape(heads, head_dim) * index[:, None, None]
             return torch.cat([x * torch.cos(angles), x * torch.sin(angles)], dim=-1)
         xf = _at_least_fp32(x)  # fp64 models keep fp64, so that float64 references can be matched exactly
-        index = torch.arange(offset, offset + x.shape[1], device=x.device, dtype=xf.dtype)
+        if isinstance(offset, Tensor):
+            # Integer positions rounded once to the angle dtype, as arange(offset, offset + T) gives.
+            index = (offset + torch.arange(length, device=x.device)).to(xf.dtype)
+        else:
+            index = torch.arange(offset, offset + length, device=x.device, dtype=xf.dtype)
         angles = self.theta.to(xf.dtype).reshape(heads, head_dim) * index[:, None, None]
         return torch.cat([xf * torch.cos(angles), xf * torch.sin(angles)], dim=-1).to(x.dtype)
 
@@ -529,10 +549,28 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
         """
         if use_cache is None and labels is not None:
             use_cache = False  # scoring needs no recurrent state
+        past_key_values = cache if cache is not None else past_key_values
+        if self.config.decode_cuda_graphs:
+            # One-token cached steps without grad on CUDA replay a captured graph (decode_graph.py); None: eager.
+            logits = decode_step(
+                self,
+                input_ids,
+                attention_mask,
+                past_key_values,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                seq_ids=seq_ids,
+                cu_seqlens=cu_seqlens,
+                output_hidden_states=output_hidden_states,
+                logits_to_keep=logits_to_keep,
+            )
+            if logits is not None:
+                out = CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: past_key_values})
+                return _as_requested(out, return_dict, self.config)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            past_key_values=cache if cache is not None else past_key_values,
+            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             seq_ids=seq_ids,

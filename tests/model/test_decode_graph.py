@@ -1,0 +1,254 @@
+"""CUDA-graph decoding (decode_graph.py): the static-buffer step against the eager cached forward.
+
+On the CPU the runners run with ``capture=False`` (the same in-place step on the same static buffers, no
+graph), which checks everything but the capture itself bitwise; the GPU tests at the end compare captured
+graphs with eager decoding in bf16 and skip without CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tnl_helpers import build_model, random_ids
+
+from tnlora.model import TransnormerCache
+from tnlora.model.decode_graph import DecodeStepRunner, graphs_of
+from tnlora.model.modeling import Lrpe
+
+GREEDY = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0}
+
+
+def _static(model: torch.nn.Module) -> torch.nn.Module:
+    """Switch ``model`` to static-buffer decoding without graphs (runs anywhere)."""
+    model.config.decode_cuda_graphs = True
+    graphs_of(model, capture=False)
+    return model
+
+
+def _generate(model: torch.nn.Module, graphs: bool, *args: object, **kwargs: object):
+    """generate() with the static path on or off; the logits of every step are returned too."""
+    model.config.decode_cuda_graphs = graphs
+    try:
+        return model.generate(*args, return_dict_in_generate=True, output_logits=True, **kwargs)
+    finally:
+        model.config.decode_cuda_graphs = False
+
+
+def _assert_same(eager, static) -> None:
+    assert torch.equal(eager.sequences, static.sequences)
+    assert len(eager.logits) == len(static.logits)
+    for a, b in zip(eager.logits, static.logits):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LRPE with the position as a tensor
+
+
+@pytest.mark.parametrize("angle_dtype", ["float32", "model"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_lrpe_tensor_offset_equals_int_offset(angle_dtype: str, dtype: torch.dtype) -> None:
+    lrpe = Lrpe(2, 8, angle_dtype).to(dtype)
+    # Several tokens only for fp32 angles: with "model" rounding the int path itself rounds per device.
+    for length in (1, 5) if angle_dtype == "float32" else (1,):
+        x = torch.randn(3, length, 2, 8, generator=torch.Generator().manual_seed(length)).to(dtype)
+        for offset in (0, 1, 255, 257, 1001, 4099, 70001):
+            want = lrpe(x, offset)
+            got = lrpe(x, torch.tensor(offset))
+            assert torch.equal(got, want), (offset, length)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The static step itself
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_static_step_logits_equal_cached_forward(dtype: torch.dtype) -> None:
+    model = build_model(dtype)
+    ids = random_ids(3, 20)
+    eager_cache, static_cache = TransnormerCache(model.config), TransnormerCache(model.config)
+    with torch.no_grad():
+        model(ids[:, :7], past_key_values=eager_cache)
+        model(ids[:, :7], past_key_values=static_cache)
+        runner = DecodeStepRunner(model, 3, torch.device("cpu"), capture=False)
+        for t in range(7, 20):
+            want = model(ids[:, t : t + 1], past_key_values=eager_cache).logits
+            got = runner.step(model, ids[:, t : t + 1], None, static_cache)
+            assert torch.equal(got, want)
+            assert static_cache.get_seq_length() == eager_cache.get_seq_length() == t + 1
+            assert all(static_cache.get_state(i) is runner.states[i] for i in range(2))
+    for i in range(2):
+        assert torch.equal(static_cache.get_state(i), eager_cache.get_state(i))
+
+
+def test_static_step_with_official_lrpe_rounding() -> None:
+    model = _static(build_model(torch.bfloat16, lrpe_angle_dtype="model"))
+    prompt = random_ids(2, 9)
+    _assert_same(_generate(model, False, prompt, max_new_tokens=12, **GREEDY),
+                 _generate(_static(model), True, prompt, max_new_tokens=12, **GREEDY))
+
+
+def test_model_forward_dispatches_only_for_no_grad_eval_one_token_steps() -> None:
+    model = _static(build_model())
+    graphs = graphs_of(model)
+    ids = random_ids(2, 6)
+    cache = TransnormerCache(model.config)
+    model(ids[:, :5], past_key_values=cache)  # grad enabled: eager
+    model(ids[:, 5:], past_key_values=cache)
+    assert not graphs.runners
+    with torch.no_grad():
+        model(ids, past_key_values=TransnormerCache(model.config))  # several tokens: eager
+        assert not graphs.runners
+        model.train()
+        model(ids[:, :1], past_key_values=TransnormerCache(model.config))  # training mode: eager
+        assert not graphs.runners
+        model.eval()
+        model(ids[:, :1], past_key_values=TransnormerCache(model.config))
+        assert set(graphs.runners) == {2}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Through generate()
+
+
+def test_greedy_generate_is_identical() -> None:
+    model = _static(build_model(torch.float32))
+    prompt = random_ids(1, 11)
+    eager = _generate(model, False, prompt, max_new_tokens=14, **GREEDY)
+    static = _generate(model, True, prompt, max_new_tokens=14, **GREEDY)
+    _assert_same(eager, static)
+    assert len(set(static.sequences[0, 11:].tolist())) >= 4  # a non-degenerate continuation
+    cache = static.past_key_values
+    assert all(cache.get_state(i) is graphs_of(model).runners[1].states[i] for i in range(2))
+
+
+def test_beam_search_reordering_is_identical() -> None:
+    model = _static(build_model())
+    prompt = random_ids(2, 8)
+    kwargs = {"num_beams": 3, "num_return_sequences": 3, "max_new_tokens": 7, "length_penalty": 0.0}
+    eager = _generate(model, False, prompt, output_scores=True, **kwargs, **GREEDY)
+    static = _generate(model, True, prompt, output_scores=True, **kwargs, **GREEDY)
+    assert torch.equal(eager.sequences, static.sequences)
+    assert torch.equal(eager.sequences_scores, static.sequences_scores)
+    assert 6 in graphs_of(model).runners  # 2 prompts × 3 beams went through the static step
+
+
+def test_left_padded_batch_is_identical() -> None:
+    model = _static(build_model())
+    rows = [random_ids(1, 13, seed=1)[0], random_ids(1, 4, seed=2)[0], random_ids(1, 9, seed=3)[0]]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
+    eager = _generate(model, False, ids, attention_mask=mask, max_new_tokens=9, **GREEDY)
+    static = _generate(model, True, ids, attention_mask=mask, max_new_tokens=9, **GREEDY)
+    _assert_same(eager, static)
+
+
+def test_successive_generate_calls_reuse_the_runner_and_keep_old_caches() -> None:
+    model = _static(build_model())
+    prompts = [random_ids(2, 10, seed=s) for s in (1, 2, 3)]
+    eager = [_generate(model, False, p, max_new_tokens=6, **GREEDY) for p in prompts]
+    static = []
+    for p in prompts:
+        static.append(_generate(model, True, p, max_new_tokens=6, **GREEDY))
+        kept = [static[-1].past_key_values.get_state(i).clone() for i in range(2)]
+        if len(static) == 1:
+            runner = graphs_of(model).runners[2]
+        assert graphs_of(model).runners[2] is runner  # built once, reused by the later calls
+    for e, s in zip(eager, static):
+        _assert_same(e, s)
+    # An earlier call's cache was handed its own copy before the next call overwrote the static states,
+    # so every returned cache still holds its own final state (equal to the eager one).
+    for e, s in zip(eager, static):
+        for i in range(2):
+            assert torch.equal(s.past_key_values.get_state(i), e.past_key_values.get_state(i))
+    assert all(torch.equal(static[-1].past_key_values.get_state(i), kept[i]) for i in range(2))
+
+
+def test_generate_continues_from_a_returned_cache() -> None:
+    model = _static(build_model())
+    first = _generate(model, True, random_ids(1, 10), max_new_tokens=4, **GREEDY)
+    follow = torch.cat([first.sequences, random_ids(1, 5, seed=9)], dim=1)
+    resumed = _generate(model, True, follow, past_key_values=first.past_key_values, max_new_tokens=4, **GREEDY)
+    assert torch.equal(resumed.sequences, _generate(model, False, follow, max_new_tokens=4, **GREEDY).sequences)
+
+
+def test_unmerged_lora_is_run_through_the_static_step_and_adapter_switches_rebuild_it() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["qkvu_proj", "out_proj", "l1", "l2", "l3"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        model = get_peft_model(build_model(), lora)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.3, generator=torch.Generator().manual_seed(len(name)))
+    model.eval()
+    base = model.get_base_model()
+    _static(base)
+    prompt = random_ids(1, 8)
+    eager = _generate(base, False, prompt, max_new_tokens=8, **GREEDY)
+    static = _generate(base, True, prompt, max_new_tokens=8, **GREEDY)
+    _assert_same(eager, static)
+    runner = graphs_of(base).runners[1]
+    with model.disable_adapter():
+        plain_eager = _generate(base, False, prompt, max_new_tokens=8, **GREEDY)
+        plain_static = _generate(base, True, prompt, max_new_tokens=8, **GREEDY)
+    _assert_same(plain_eager, plain_static)
+    assert not torch.equal(plain_eager.sequences, eager.sequences)  # the adapter matters
+    assert graphs_of(base).runners[1] is not runner  # the switch was noticed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CUDA graphs (skipped without a GPU)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _cuda_model(**overrides: object) -> torch.nn.Module:
+    return build_model(torch.float32, **overrides).to(device="cuda", dtype=torch.bfloat16)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 4])
+def test_cuda_graph_greedy_generate_equals_eager(batch: int) -> None:
+    model = _cuda_model()
+    prompt = random_ids(batch, 12).cuda()
+    eager = _generate(model, False, prompt, max_new_tokens=24, **GREEDY)
+    graphed = _generate(model, True, prompt, max_new_tokens=24, **GREEDY)
+    runner = graphs_of(model).runners[batch]
+    assert runner.capture and runner.graph is not None  # really replayed a captured graph
+    assert torch.equal(eager.sequences, graphed.sequences)
+    for a, b in zip(eager.logits, graphed.logits):
+        torch.testing.assert_close(b, a, atol=1e-2, rtol=1e-2)
+    again = _generate(model, True, prompt, max_new_tokens=24, **GREEDY)  # replayed, not recaptured
+    assert graphs_of(model).runners[batch] is runner
+    assert torch.equal(again.sequences, graphed.sequences)
+
+
+@cuda
+@pytest.mark.gpu
+def test_cuda_graph_beam_search_and_left_padding_equal_eager() -> None:
+    model = _cuda_model()
+    ids = random_ids(2, 10).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    kwargs = {"num_beams": 3, "max_new_tokens": 10, "attention_mask": mask, **GREEDY}
+    eager = _generate(model, False, ids, **kwargs)
+    graphed = _generate(model, True, ids, **kwargs)
+    assert graphs_of(model).runners[6].graph is not None
+    assert torch.equal(eager.sequences, graphed.sequences)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("angle_dtype", ["float32", "model"])
+def test_cuda_lrpe_tensor_offset_equals_int_offset(angle_dtype: str) -> None:
+    lrpe = Lrpe(4, 64, angle_dtype).to(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(2, 1, 4, 64, device="cuda").to(torch.bfloat16)
+    for offset in (0, 257, 1001, 4099, 70001):
+        assert torch.equal(lrpe(x, torch.tensor(offset, device="cuda")), lrpe(x, offset))
