@@ -168,6 +168,19 @@ def test_successive_generate_calls_reuse_the_runner_and_keep_old_caches() -> Non
     assert all(torch.equal(static[-1].past_key_values.get_state(i), kept[i]) for i in range(2))
 
 
+def test_inference_mode_and_no_grad_calls_share_the_runner() -> None:
+    # generate_replies runs under inference_mode, plain generate() under no_grad: the static buffers must
+    # accept in-place writes in both (they are created as normal tensors).
+    model = _static(build_model())
+    prompt = random_ids(2, 6)
+    eager = _generate(model, False, prompt, max_new_tokens=5, **GREEDY)
+    with torch.inference_mode():
+        first = _generate(model, True, prompt, max_new_tokens=5, **GREEDY)
+    second = _generate(model, True, prompt, max_new_tokens=5, **GREEDY)
+    _assert_same(eager, first)
+    _assert_same(eager, second)
+
+
 def test_generate_continues_from_a_returned_cache() -> None:
     model = _static(build_model())
     first = _generate(model, True, random_ids(1, 10), max_new_tokens=4, **GREEDY)
