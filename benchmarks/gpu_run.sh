@@ -46,7 +46,7 @@ for stage in "$@"; do
       timeout ${CHECK_LIMIT:-200} python3 -m pytest -q -s tests/model/test_attention_gpu.py -p no:cacheprovider 2>&1 | tee -a "$OUT/log.txt" | grep -E "relative error|passed|failed|Error" | tail -n 60 ;;
     pcheck)  # the same GPU tests, one process per test id in parallel: first-use autotuning overlaps
       log "GPU tests, one process each"; mkdir -p /tmp/pcheck
-      python3 -m pytest --collect-only -q tests/model/test_attention_gpu.py -p no:cacheprovider | grep '::' > /tmp/pcheck/ids
+      python3 -m pytest -o addopts= --collect-only -q tests/model/test_attention_gpu.py -p no:cacheprovider | grep '::' > /tmp/pcheck/ids
       i=0; while read -r id; do i=$((i + 1))
         (echo "=== $id"; timeout ${CHECK_LIMIT:-300} python3 -m pytest -q -s "$id" -p no:cacheprovider 2>&1) > /tmp/pcheck/$i.txt &
       done < /tmp/pcheck/ids; wait
@@ -59,6 +59,11 @@ for stage in "$@"; do
       bench --model 1B --packing --pack_len 2048 --attn chunked --batch_size 1 --grad_accum 4 --name "1B huanhuan: + packing 2048 rows, chunked attn, b1x4"
       bench --model 1B --packing --pack_len 2048 --attn fla --batch_size 1 --grad_accum 4 --name "1B huanhuan: + fla kernel"
       bench --model 1B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --name "1B huanhuan: + 16k-token micro-batches" ;;
+    rungs)  # the rungs the first calls did not reach
+      bench --model 1B --packing --pack_len 2048 --attn fla --batch_size 1 --grad_accum 4 --name "1B huanhuan: packing 2048 rows, fla, b1x4"
+      bench --model 7B --packing --pack_len 16384 --attn fla --gradient_checkpointing --batch_size 1 --grad_accum 1 --name "7B huanhuan: packing 16k rows, fla, checkpointing"
+      BENCH_TIMEOUT=120 bench --model 7B --seq_len 65536 --attn fla --gradient_checkpointing --batch_size 1 --grad_accum 1 --steps 2 --warmup 1 --name "7B one 65,536-token sequence, checkpointing"
+      log "decode 7B"; timeout 120 python3 -m tnlora.cli bench --decode --model 7B 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt" ;;
     b7)
       bench --model 7B --no-packing --attn fla --batch_size 4 --grad_accum 4 --name "7B huanhuan: padding, fla, b4x4"
       bench --model 7B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --name "7B huanhuan: packing 16k rows, fla" ;;
