@@ -187,7 +187,7 @@ def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: 
     from tnlora.config import RunConfig
     from tnlora.model.tokenizer import ByteTokenizer
     from tnlora.train.lora import apply_finetuning
-    from tnlora.train.run import build_trainer, bundle_from_examples
+    from tnlora.train.run import build_trainer, bundle_from_examples, compile_decoder_layers
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.cuda.empty_cache() if device == "cuda" else None
@@ -213,6 +213,7 @@ def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: 
             max_steps=steps,
             bf16=device == "cuda",
             gradient_checkpointing=args.gradient_checkpointing,
+            torch_compile=args.torch_compile,
             attention_impl=args.attn,
             logging_steps=10**6,
             save_steps=10**6,
@@ -222,6 +223,9 @@ def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: 
         model = build_model(args.model, args.attn, device)
         n_params = count_params(model)
         model = apply_finetuning(model, cfg)
+        if cfg.torch_compile:
+            # As build_model does for `tnlora train`; the warm-up steps absorb the compile time.
+            compile_decoder_layers(model)
         # Enough examples for every timed step; packing packs them into cutoff-length rows first.
         mean_len = sum(p + learned for p, learned in lengths) / len(lengths)
         need = steps * per_step * (math.ceil(1.1 * cutoff / mean_len) if args.packing else 1)
@@ -286,6 +290,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pack_len", type=int, default=0, help="packed row length for data-shaped runs")
     parser.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="compile each decoder layer (torch_compile: true of a run config)")
     parser.add_argument("--attn", default="auto", choices=["auto", "fla", "chunked"])
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--grad_accum", type=int, default=4)
@@ -322,9 +328,16 @@ def main(argv: list[str] | None = None) -> int:
         lengths = read_lengths(args.lengths)
         if args.packing and args.pack_len:
             args.seq_len = args.pack_len
+    settings = (
+        f"pack={args.packing}{f' pack_len={args.seq_len}' if args.packing and args.seq_len else ''}"
+        f" attn={args.attn} ckpt={args.gradient_checkpointing} compile={args.torch_compile}"
+        f" b={args.batch_size}x{args.grad_accum}"
+    )
+    # Printed even under a custom --name, so every table row can be traced to its settings.
+    print(f"config: {args.model} {settings}", flush=True)
     name = args.name or (
         f"{args.model} {'len ' + str(lengths[0][1]) if lengths[0][0] == 0 and len(lengths) == 1 else 'data-shaped'}"
-        f" pack={args.packing} attn={args.attn} ckpt={args.gradient_checkpointing} b={args.batch_size}x{args.grad_accum}"
+        f" {settings}"
     )
     r = train_bench(args, lengths, name)
     print("| run | tokens/s | MFU | peak GiB | s/step | loss |\n|---|---|---|---|---|---|")

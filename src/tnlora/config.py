@@ -104,6 +104,10 @@ class RunConfig:
     optim: str = field(default="adamw_torch", metadata=_opt("optimizer", choices=OPTIMIZERS))
     bf16: bool | None = field(default=None, metadata=_opt("bf16 mixed precision (GPU default)"))
     gradient_checkpointing: bool = field(default=False, metadata=_opt("recompute activations to save memory"))
+    torch_compile: bool = field(
+        default=False,
+        metadata=_opt("compile each decoder layer with torch.compile for training (lightning attention stays eager)"),
+    )
     seed: int = field(default=42, metadata=_opt("seed for init, shuffling and dropout", ge=0))
     dataloader_num_workers: int = field(default=0, metadata=_opt("data loader processes", ge=0))
     # --- evaluation, saving, logging ---

@@ -31,6 +31,10 @@ Impl = Literal["auto", "chunked", "recurrent", "fla"]
 DEFAULT_CHUNK_SIZE = 64
 
 
+# A compile boundary: under torch.compile (the decoder layers, ``torch_compile: true``) dynamo graph-breaks
+# here instead of tracing fla's Triton launches or the Python loops of the chunked / recurrent paths. The layers'
+# elementwise work on either side still compiles; the attention runs exactly as in eager mode.
+@torch.compiler.disable
 def lightning_attention(
     q: Tensor,
     k: Tensor,
@@ -221,7 +225,11 @@ def _chunked(
         o, final = _segment_states_cu(qf, kf, vf, g, o, cu_seqlens, starts, s0, output_final_state)
     else:
         o, final = _segment_states_rows(qf, kf, vf, g, o, starts, s0, output_final_state)
-    return o.to(v.dtype), final
+    # Contiguous like fla's output, in one copy (the cast makes it when the dtype changes; `.to` returns a
+    # same-dtype view unchanged, hence .contiguous()): the caller's reshape is then a view, and a compiled
+    # caller sees one layout whatever T is (the transposed, chunk-padded view's strides depend on T mod C and
+    # would fail a compiled caller's stride guards: a recompile).
+    return o.to(v.dtype, memory_format=torch.contiguous_format).contiguous(), final
 
 
 def _segment_states_rows(

@@ -346,6 +346,8 @@ def build_model(cfg: RunConfig, tokenizer):
     set_seed(cfg.seed)
     model = apply_finetuning(model, cfg, trainable_token_ids=new_ids or None)
     upcast_trainable(model)
+    if cfg.torch_compile:
+        compile_decoder_layers(model)
     return model
 
 
@@ -355,6 +357,36 @@ def upcast_trainable(model) -> None:
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+
+
+def compile_decoder_layers(model, *, dynamic: bool | None = True, backend: str = "inductor") -> int:
+    """Compile each decoder layer in place (``nn.Module.compile``) after LoRA is applied; returns the count.
+
+    Regional compilation: the layers' many small elementwise ops and dtype casts (norms, LoRA adds, GLU,
+    residuals) fuse into a few kernels, while the lightning attention is a compile boundary (it is wrapped in
+    ``torch.compiler.disable``) and the embedding, loss, peft wrapper and Trainer stay eager. Not
+    ``TrainingArguments(torch_compile=True)``: compiling the whole peft model graph-breaks all over. In-place
+    compilation keeps parameter names (no ``_orig_mod.``), so checkpoints and adapters save as usual, and
+    ``GradientCheckpointingLayer.__call__`` still wraps the compiled call in its checkpoint. Layers of the same
+    structure share one compiled graph. ``dynamic=True`` makes batch and sequence length symbolic from the
+    first compile, so unpacked batches of varying length (and eval batches) do not recompile.
+    """
+    from tnlora.train.lora import decoder_layers
+
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=dynamic, backend=backend)
+    return len(layers)
+
+
+def uncompile_decoder_layers(model) -> None:
+    """Undo :func:`compile_decoder_layers`: generation after training (cache objects, one-token steps) runs
+    eager. ``nn.Module.compile`` only sets ``_compiled_call_impl``; clearing it is the inverse (torch has no
+    public call for it)."""
+    from tnlora.train.lora import decoder_layers
+
+    for layer in decoder_layers(model):
+        layer._compiled_call_impl = None
 
 
 def build_model_and_tokenizer(cfg: RunConfig):
@@ -505,7 +537,12 @@ def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
     trainer = build_trainer(cfg, model, tokenizer, data, callbacks, args=args)
     if resume:
         _say(f"resuming from {resume}")
-    output = trainer.train(resume_from_checkpoint=resume)
+    try:
+        output = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        if cfg.torch_compile:
+            # The model outlives the run (TrainResult.model, sample_prompts): back to eager for generation.
+            uncompile_decoder_layers(model)
 
     out = Path(cfg.output_dir)
     trainer.save_model(str(out))
