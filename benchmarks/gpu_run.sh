@@ -64,6 +64,13 @@ for stage in "$@"; do
       bench --model 7B --packing --pack_len 16384 --attn fla --gradient_checkpointing --batch_size 1 --grad_accum 1 --name "7B huanhuan: packing 16k rows, fla, checkpointing"
       BENCH_TIMEOUT=120 bench --model 7B --seq_len 65536 --attn fla --gradient_checkpointing --batch_size 1 --grad_accum 1 --steps 2 --warmup 1 --name "7B one 65,536-token sequence, checkpointing"
       log "decode 7B"; timeout 120 python3 -m tnlora.cli bench --decode --model 7B 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt" ;;
+    final)  # CUDA-graph decoding (tests, then 7B/1B figures) and the torch.compile rung against its baseline
+      log "decode graph GPU tests"
+      timeout 150 python3 -m pytest -q -s -m gpu tests/model/test_decode_graph.py -p no:cacheprovider 2>&1 | tail -n 12 | tee -a "$OUT/log.txt"
+      log "decode 7B, cuda graphs"; timeout 100 python3 -m tnlora.cli bench --decode --model 7B --cuda_graphs 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt"
+      BENCH_TIMEOUT=80 bench --model 1B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --name "1B huanhuan: packing 16k rows, fla (baseline for compile)"
+      BENCH_TIMEOUT=200 bench --model 1B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --torch_compile --name "1B huanhuan: packing 16k rows, fla, + torch.compile of each block"
+      log "decode 1B, cuda graphs"; timeout 60 python3 -m tnlora.cli bench --decode --model 1B --cuda_graphs 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt" ;;
     b7)
       bench --model 7B --no-packing --attn fla --batch_size 4 --grad_accum 4 --name "7B huanhuan: padding, fla, b4x4"
       bench --model 7B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --name "7B huanhuan: packing 16k rows, fla" ;;

@@ -222,6 +222,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 
 def _cuda_model(**overrides: object) -> torch.nn.Module:
+    # The prefill runs the chunked path: fla would first autotune its kernels for the tiny head shape (minutes).
+    overrides.setdefault("lightning_impl", "chunked")
     return build_model(torch.float32, **overrides).to(device="cuda", dtype=torch.bfloat16)
 
 
