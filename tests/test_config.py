@@ -153,9 +153,11 @@ def test_dataset_dir_is_found_beside_the_yaml(tmp_path, monkeypatch):
 def test_resolve_defaults_cpu_and_gpu():
     cfg = load_run_config(None, [*BASE, "--lora_rank", "4"])
     cpu = resolve_defaults(cfg, cuda=False, cuda_bf16=False)
-    assert (cpu.bf16, cpu.packing, cpu.lora_alpha) == (False, False, 8.0)
+    assert (cpu.bf16, cpu.packing, cpu.torch_compile, cpu.lora_alpha) == (False, False, False, 8.0)
     gpu = resolve_defaults(cfg, cuda=True, cuda_bf16=True)
-    assert (gpu.bf16, gpu.packing) == (True, True)
+    assert (gpu.bf16, gpu.packing, gpu.torch_compile) == (True, True, True)
+    chosen = load_run_config(None, [*BASE, "--torch_compile", "false", "--packing", "false"])
+    assert (resolve_defaults(chosen, cuda=True, cuda_bf16=True).torch_compile, chosen.packing) == (False, False)
     with pytest.raises(ConfigError, match=r"^bf16:"):
         resolve_defaults(load_run_config(None, [*BASE, "--bf16", "true"]), cuda=True, cuda_bf16=False)
     assert cfg.bf16 is None  # resolving returns a copy

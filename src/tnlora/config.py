@@ -42,7 +42,7 @@ def _opt(help: str, **checks: Any) -> dict[str, Any]:
 
 @dataclass
 class RunConfig:
-    """One training run. ``None`` on bf16 / packing / lora_alpha means "pick for me" (see ``resolve_defaults``)."""
+    """One training run. ``None`` on bf16 / packing / torch_compile / lora_alpha means "pick for me" (see ``resolve_defaults``)."""
 
     # --- model ---
     model_name_or_path: str = field(
@@ -104,9 +104,9 @@ class RunConfig:
     optim: str = field(default="adamw_torch", metadata=_opt("optimizer", choices=OPTIMIZERS))
     bf16: bool | None = field(default=None, metadata=_opt("bf16 mixed precision (GPU default)"))
     gradient_checkpointing: bool = field(default=False, metadata=_opt("recompute activations to save memory"))
-    torch_compile: bool = field(
-        default=False,
-        metadata=_opt("compile each decoder layer with torch.compile for training (lightning attention stays eager)"),
+    torch_compile: bool | None = field(
+        default=None,
+        metadata=_opt("compile each decoder layer for training, attention kernels stay eager (GPU default)"),
     )
     seed: int = field(default=42, metadata=_opt("seed for init, shuffling and dropout", ge=0))
     dataloader_num_workers: int = field(default=0, metadata=_opt("data loader processes", ge=0))
@@ -382,7 +382,8 @@ def _check_combinations(cfg: RunConfig) -> None:
 
 
 def resolve_defaults(cfg: RunConfig, *, cuda: bool, cuda_bf16: bool) -> RunConfig:
-    """Fill the "pick for me" values: bf16 and packing on a GPU, fp32 and no packing on CPU; alpha = 2 × rank."""
+    """Fill the "pick for me" values: bf16, packing and compiled decoder layers on a GPU, none of them on CPU
+    (compiling pays only where kernel launches dominate; on CPU it costs minutes); alpha = 2 × rank."""
     out = dataclasses.replace(cfg)
     if out.bf16 is None:
         out.bf16 = bool(cuda and cuda_bf16)
@@ -390,6 +391,8 @@ def resolve_defaults(cfg: RunConfig, *, cuda: bool, cuda_bf16: bool) -> RunConfi
         raise ConfigError("bf16: this GPU does not support bfloat16; set bf16: false")
     if out.packing is None:
         out.packing = bool(cuda)
+    if out.torch_compile is None:
+        out.torch_compile = bool(cuda)
     if out.lora_alpha is None:
         out.lora_alpha = float(2 * out.lora_rank)
     if out.eval_steps is None:
