@@ -225,7 +225,7 @@ def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: 
         model = apply_finetuning(model, cfg)
         if cfg.torch_compile:
             # As build_model does for `tnlora train`; the warm-up steps absorb the compile time.
-            compile_decoder_layers(model)
+            compile_decoder_layers(model, checkpointing=cfg.gradient_checkpointing)
         # Enough examples for every timed step; packing packs them into cutoff-length rows first.
         mean_len = sum(p + learned for p, learned in lengths) / len(lengths)
         need = steps * per_step * (math.ceil(1.1 * cutoff / mean_len) if args.packing else 1)

@@ -99,7 +99,7 @@ def test_compiled_layers_train_like_eager(checkpointing):
     for model in (eager, compiled):
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert compile_decoder_layers(compiled) == 2
+    assert compile_decoder_layers(compiled, checkpointing=checkpointing) == 2
     inputs = batch(48)
     assert_close(loss_and_grads(eager, inputs), loss_and_grads(compiled, inputs))
     # The layers really ran compiled, and broke the graph at the (disabled) lightning attention only.

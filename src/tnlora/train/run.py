@@ -347,7 +347,7 @@ def build_model(cfg: RunConfig, tokenizer):
     model = apply_finetuning(model, cfg, trainable_token_ids=new_ids or None)
     upcast_trainable(model)
     if cfg.torch_compile:
-        compile_decoder_layers(model)
+        compile_decoder_layers(model, checkpointing=cfg.gradient_checkpointing)
     return model
 
 
@@ -359,23 +359,29 @@ def upcast_trainable(model) -> None:
             p.data = p.data.float()
 
 
-def compile_decoder_layers(model, *, dynamic: bool | None = True, backend: str = "inductor") -> int:
+def compile_decoder_layers(
+    model, *, checkpointing: bool = False, dynamic: bool | None = True, backend: str = "inductor"
+) -> int:
     """Compile each decoder layer in place (``nn.Module.compile``) after LoRA is applied; returns the count.
 
     Regional compilation: the layers' many small elementwise ops and dtype casts (norms, LoRA adds, GLU,
     residuals) fuse into a few kernels, while the lightning attention is a compile boundary (it is wrapped in
     ``torch.compiler.disable``) and the embedding, loss, peft wrapper and Trainer stay eager. Not
     ``TrainingArguments(torch_compile=True)``: compiling the whole peft model graph-breaks all over. In-place
-    compilation keeps parameter names (no ``_orig_mod.``), so checkpoints and adapters save as usual, and
-    ``GradientCheckpointingLayer.__call__`` still wraps the compiled call in its checkpoint. Layers of the same
-    structure share one compiled graph. ``dynamic=True`` makes batch and sequence length symbolic from the
-    first compile, so unpacked batches of varying length (and eval batches) do not recompile.
+    compilation keeps parameter names (no ``_orig_mod.``), so checkpoints and adapters save as usual. Layers of
+    the same structure share one compiled graph; ``dynamic=True`` makes batch and sequence length symbolic from
+    the first compile, so batches of varying length do not recompile.
+
+    With ``checkpointing`` the layer's sub-blocks (norms, token mixer, channel mixer) are compiled instead of
+    the layer: newer transformers (5.24) put the checkpoint inside the layer's ``forward``, which dynamo then
+    skips whole (nothing would be compiled), while a sub-block runs inside the checkpoint in every version.
     """
     from tnlora.train.lora import decoder_layers
 
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile(dynamic=dynamic, backend=backend)
+        for module in layer.children() if checkpointing else [layer]:
+            module.compile(dynamic=dynamic, backend=backend)
     return len(layers)
 
 
@@ -386,7 +392,8 @@ def uncompile_decoder_layers(model) -> None:
     from tnlora.train.lora import decoder_layers
 
     for layer in decoder_layers(model):
-        layer._compiled_call_impl = None
+        for module in [layer, *layer.children()]:
+            module._compiled_call_impl = None
 
 
 def build_model_and_tokenizer(cfg: RunConfig):
