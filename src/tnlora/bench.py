@@ -212,7 +212,8 @@ def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: 
             learning_rate=1e-4,
             max_steps=steps,
             bf16=device == "cuda",
-            gradient_checkpointing=args.gradient_checkpointing,
+            gradient_checkpointing=args.gradient_checkpointing or args.use_unsloth_gc,
+            use_unsloth_gc=args.use_unsloth_gc,
             torch_compile=args.torch_compile,
             attention_impl=args.attn,
             logging_steps=10**6,
@@ -290,6 +291,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pack_len", type=int, default=0, help="packed row length for data-shaped runs")
     parser.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--use_unsloth_gc", action=argparse.BooleanOptionalAction, default=False,
+                        help="checkpointing with the layer inputs offloaded to CPU memory (use_unsloth_gc: true)")
     parser.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=False,
                         help="compile each decoder layer (torch_compile: true of a run config)")
     parser.add_argument("--attn", default="auto", choices=["auto", "fla", "chunked"])
@@ -330,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             args.seq_len = args.pack_len
     settings = (
         f"pack={args.packing}{f' pack_len={args.seq_len}' if args.packing and args.seq_len else ''}"
-        f" attn={args.attn} ckpt={args.gradient_checkpointing} compile={args.torch_compile}"
+        f" attn={args.attn} ckpt={args.gradient_checkpointing} offload={args.use_unsloth_gc} compile={args.torch_compile}"
         f" b={args.batch_size}x{args.grad_accum}"
     )
     # Printed even under a custom --name, so every table row can be traced to its settings.

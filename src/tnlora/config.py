@@ -104,6 +104,13 @@ class RunConfig:
     optim: str = field(default="adamw_torch", metadata=_opt("optimizer", choices=OPTIMIZERS))
     bf16: bool | None = field(default=None, metadata=_opt("bf16 mixed precision (GPU default)"))
     gradient_checkpointing: bool = field(default=False, metadata=_opt("recompute activations to save memory"))
+    use_unsloth_gc: bool = field(
+        default=False,
+        metadata=_opt(
+            "gradient checkpointing with each layer's saved input kept in CPU memory (LLaMA-Factory's name for "
+            "unsloth-style offloaded checkpointing; implies gradient_checkpointing)"
+        ),
+    )
     torch_compile: bool | None = field(
         default=None,
         metadata=_opt("compile each decoder layer for training, attention kernels stay eager (GPU default)"),
@@ -393,6 +400,8 @@ def resolve_defaults(cfg: RunConfig, *, cuda: bool, cuda_bf16: bool) -> RunConfi
         out.packing = bool(cuda)
     if out.torch_compile is None:
         out.torch_compile = bool(cuda)
+    if out.use_unsloth_gc:
+        out.gradient_checkpointing = True
     if out.lora_alpha is None:
         out.lora_alpha = float(2 * out.lora_rank)
     if out.eval_steps is None:

@@ -8,8 +8,10 @@ recurrent-state cache in ``cache.py``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -261,6 +263,18 @@ class GLU(nn.Module):
 # §4.2 decoder layer: pre-norm, two residuals.
 
 
+def offloaded_checkpoint(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``torch.utils.checkpoint.checkpoint`` whose saved inputs wait in CPU memory for the backward.
+
+    The checkpoint saves its inputs (``save_for_backward``) outside its own saved-tensor hooks and everything
+    inside the layer under them, so a ``save_on_cpu`` around the call moves exactly the inputs: the hidden
+    states [B, T, D] (plus the small masks) leave the GPU, and the recompute in the backward brings them back.
+    """
+    pin = any(isinstance(a, Tensor) and a.is_cuda for a in args)
+    with torch.autograd.graph.save_on_cpu(pin_memory=pin):
+        return checkpoint(function, *args, **kwargs)
+
+
 class TransnormerDecoderLayer(GradientCheckpointingLayer):
     """x ← x + TokenMixer(SRMSNorm(x)); x ← x + GLU(SRMSNorm(x))."""
 
@@ -301,6 +315,30 @@ class TransnormerPreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"decoder\.version"]  # noqa: RUF012
     # A recurrent state cannot be rolled back: transformers then refuses assisted decoding.
     _is_stateful = True
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        """transformers' activation checkpointing of every decoder layer, with one more key accepted in
+        ``gradient_checkpointing_kwargs``: ``offload_to_cpu: True`` keeps each checkpointed layer's inputs in
+        (pinned) CPU memory from the forward to the backward, freeing layers × tokens × hidden of GPU memory for
+        long sequences at the cost of one copy each way per layer (see :func:`offloaded_checkpoint`).
+
+        Reached from both Trainer entry points: ``gradient_checkpointing_enable`` (transformers ≤ 5.23) and
+        ``activation_checkpointing_enable`` (5.24+, which defers to this override).
+        """
+        ckpt_kwargs = dict(gradient_checkpointing_kwargs or {"use_reentrant": False})
+        offload = ckpt_kwargs.pop("offload_to_cpu", False)
+        enable = getattr(super(), "_activation_checkpointing_enable", None)
+        if enable is not None:  # 5.24+: the deprecated public name would warn
+            enable(ckpt_kwargs, **kwargs)
+        else:
+            super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs, **kwargs)
+        if offload:
+            func = functools.partial(offloaded_checkpoint, **ckpt_kwargs)
+            for module in self.modules():
+                if hasattr(module, "gradient_checkpointing"):
+                    module._gradient_checkpointing_func = func
 
     def _init_weights(self, module: nn.Module) -> None:
         # transformers.initialization skips tensors already loaded from a checkpoint.

@@ -435,8 +435,11 @@ def _training_arguments(TrainingArguments, cfg: RunConfig, has_eval: bool, warmu
         optim=cfg.optim,
         bf16=bool(cfg.bf16),
         gradient_checkpointing=cfg.gradient_checkpointing,
-        # non-reentrant checkpointing needs no requires_grad trick on the (frozen) embeddings
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        # non-reentrant checkpointing needs no requires_grad trick on the (frozen) embeddings; offload_to_cpu is
+        # handled by the model's gradient_checkpointing_enable
+        gradient_checkpointing_kwargs=(
+            {"use_reentrant": False, "offload_to_cpu": cfg.use_unsloth_gc} if cfg.gradient_checkpointing else None
+        ),
         eval_strategy="steps" if has_eval else "no",
         eval_steps=cfg.eval_steps if has_eval else None,
         save_strategy="steps",

@@ -1,0 +1,78 @@
+"""use_unsloth_gc: checkpointed layers whose saved inputs wait in CPU memory train exactly like plain ones.
+
+On the CPU the offload copies are no-ops, so these tests check what can fail anywhere: that the non-reentrant
+checkpoint saves only the layer's inputs at its own level (the premise of wrapping it in ``save_on_cpu``),
+that the model installs the offloading function from ``gradient_checkpointing_kwargs`` on every transformers
+entry point, and that loss and LoRA gradients (dropout replayed) equal the un-checkpointed step. The memory
+saving itself is measured on a GPU by ``tnlora bench --use_unsloth_gc``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from train_helpers import batch, lora_model, loss_and_grads
+
+from tnlora.config import load_run_config, resolve_defaults
+from tnlora.model.modeling import offloaded_checkpoint
+from tnlora.train.lora import decoder_layers
+
+OFFLOAD = {"use_reentrant": False, "offload_to_cpu": True}
+
+
+def test_checkpoint_saves_only_its_inputs_outside_its_own_hooks():
+    layer = decoder_layers(lora_model(dropout=0.1))[0]
+    hidden = torch.randn(2, 40, layer.channel_mixer.l1.in_features, requires_grad=True)
+    seen: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = checkpoint(layer, hidden, use_reentrant=False)
+    # The inner activations (GLU hidden, q/k/v, norms) are held by the checkpoint's own hooks, not here.
+    assert len(seen) == 1 and seen[0] is hidden
+    out.sum().backward()
+    assert hidden.grad is not None
+
+
+def test_offloaded_checkpoint_is_installed_and_trains_like_no_checkpoint():
+    reference = lora_model(dropout=0.1)
+    plain_ckpt, offloaded = lora_model(dropout=0.1), lora_model(dropout=0.1)
+    plain_ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    offloaded.gradient_checkpointing_enable(gradient_checkpointing_kwargs=OFFLOAD)  # through peft's wrapper
+    layers = decoder_layers(offloaded)
+    assert all(layer.gradient_checkpointing for layer in layers)
+    assert all(layer._gradient_checkpointing_func.func is offloaded_checkpoint for layer in layers)
+    assert all(layer._gradient_checkpointing_func.func is not offloaded_checkpoint for layer in decoder_layers(plain_ckpt))
+
+    inputs = batch(48)
+    results = []
+    for model in (reference, plain_ckpt, offloaded):
+        torch.manual_seed(3)  # the same dropout masks; checkpointing replays them in the recompute
+        results.append(loss_and_grads(model, inputs))
+    (loss0, grads0), *others = results
+    assert any("lora_A" in name for name in grads0)
+    for loss, grads in others:
+        assert loss == loss0
+        for name, grad in grads0.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-6, atol=1e-8, msg=name)
+
+
+def test_activation_checkpointing_enable_reaches_the_override():
+    model = lora_model().get_base_model()
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is None:  # transformers ≤ 5.23 has only gradient_checkpointing_enable (tested above)
+        enable = model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs=OFFLOAD)
+    else:
+        enable(activation_checkpointing_kwargs=OFFLOAD)
+    assert all(layer._gradient_checkpointing_func.func is offloaded_checkpoint for layer in decoder_layers(model))
+
+
+def test_use_unsloth_gc_implies_gradient_checkpointing():
+    base = ["--model_name_or_path", "tiny", "--dataset", "d.json", "--output_dir", "out"]
+    cfg = load_run_config(None, [*base, "--use_unsloth_gc", "true"])
+    assert cfg.gradient_checkpointing is False
+    assert resolve_defaults(cfg, cuda=False, cuda_bf16=False).gradient_checkpointing is True

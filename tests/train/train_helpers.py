@@ -1,0 +1,55 @@
+"""Shared pieces of the training-step tests: a tiny LoRA model with nonzero adapters, packed batches, and the
+loss + LoRA gradients of one step."""
+
+from __future__ import annotations
+
+import torch
+
+from tnlora.config import RunConfig
+from tnlora.model import load_model
+from tnlora.train.lora import apply_finetuning
+from tnlora.train.run import set_attention_impl
+
+
+def lora_model(dropout: float = 0.0) -> torch.nn.Module:
+    """The tiny preset in float32 with LoRA on every linear layer; the adapters get random values (the
+    zero-initialised B would make every lora_A gradient zero and the comparison vacuous)."""
+    model = load_model("tiny")
+    set_attention_impl(model, "chunked")
+    model.config.use_cache = False
+    cfg = RunConfig(
+        model_name_or_path="tiny", dataset="d", output_dir="o", lora_rank=4, lora_alpha=8.0, lora_dropout=dropout
+    )
+    model = apply_finetuning(model, cfg)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model.train()
+
+
+def batch(length: int, rows: int = 2) -> dict[str, torch.Tensor]:
+    """Packed rows: three examples per row, the tail of the second row padded (mask 0, own seq id)."""
+    gen = torch.Generator().manual_seed(length)
+    ids = torch.randint(3, 300, (rows, length), generator=gen)
+    cut1, cut2 = length // 3, 2 * length // 3
+    seq_ids = torch.zeros(rows, length, dtype=torch.long)
+    seq_ids[:, cut1:] = 1
+    seq_ids[:, cut2:] = 2
+    mask = torch.ones(rows, length, dtype=torch.long)
+    mask[-1, -5:] = 0
+    seq_ids[-1, -5:] = 3
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "labels": labels, "seq_ids": seq_ids, "attention_mask": mask}
+
+
+def loss_and_grads(
+    model: torch.nn.Module, inputs: dict[str, torch.Tensor]
+) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(**inputs, num_items_in_batch=int((inputs["labels"][:, 1:] != -100).sum())).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.item(), grads
