@@ -45,8 +45,9 @@ for stage in "$@"; do
       log "GPU tests"
       timeout ${CHECK_LIMIT:-200} python3 -m pytest -q -s tests/model/test_attention_gpu.py -p no:cacheprovider 2>&1 | tee -a "$OUT/log.txt" | grep -E "relative error|passed|failed|Error" | tail -n 60 ;;
     pcheck)  # the same GPU tests, one process per test id in parallel: first-use autotuning overlaps
+      GPU_TESTS=${GPU_TESTS:-"tests/model/test_attention_gpu.py tests/model/test_decode_graph.py tests/train/test_compile_gpu.py"}
       log "GPU tests, one process each"; mkdir -p /tmp/pcheck
-      python3 -m pytest -o addopts= --collect-only -q tests/model/test_attention_gpu.py -p no:cacheprovider | grep '::' > /tmp/pcheck/ids
+      python3 -m pytest -o addopts= --collect-only -q -m gpu $GPU_TESTS -p no:cacheprovider | grep '::' > /tmp/pcheck/ids
       i=0; while read -r id; do i=$((i + 1))
         (echo "=== $id"; timeout ${CHECK_LIMIT:-300} python3 -m pytest -q -s "$id" -p no:cacheprovider 2>&1) > /tmp/pcheck/$i.txt &
       done < /tmp/pcheck/ids; wait

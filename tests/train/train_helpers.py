@@ -6,26 +6,41 @@ from __future__ import annotations
 import torch
 
 from tnlora.config import RunConfig
-from tnlora.model import load_model
+from tnlora.model import TransnormerForCausalLM, config_from_preset
 from tnlora.train.lora import apply_finetuning
-from tnlora.train.run import set_attention_impl
+from tnlora.train.run import set_attention_impl, upcast_trainable
+
+# Two layers with the 1B's head geometry (16 heads of 128; layer 0 at K = 256 with LRPE): the GPU tests.
+GEOMETRY_1B = {"decoder_embed_dim": 2048, "hidden_dim": 2048, "decoder_attention_heads": 16, "glu_dim": 1024}
 
 
-def lora_model(dropout: float = 0.0) -> torch.nn.Module:
-    """The tiny preset in float32 with LoRA on every linear layer; the adapters get random values (the
-    zero-initialised B would make every lora_A gradient zero and the comparison vacuous)."""
-    model = load_model("tiny")
-    set_attention_impl(model, "chunked")
+def lora_model(
+    dropout: float = 0.0,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    impl: str = "chunked",
+    **overrides: object,
+) -> torch.nn.Module:
+    """The tiny preset (with config ``overrides``) with LoRA on every linear layer, trainable weights in fp32
+    as ``tnlora train`` keeps them; the adapters get random values (the zero-initialised B would make every
+    lora_A gradient zero and the comparison vacuous)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = TransnormerForCausalLM(config_from_preset("tiny", **overrides))
+    model = model.to(device=device, dtype=dtype)
+    set_attention_impl(model, impl)
     model.config.use_cache = False
     cfg = RunConfig(
         model_name_or_path="tiny", dataset="d", output_dir="o", lora_rank=4, lora_alpha=8.0, lora_dropout=dropout
     )
     model = apply_finetuning(model, cfg)
+    upcast_trainable(model)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+                p.copy_(torch.randn(p.shape, generator=gen).to(p.device) * 0.05)
     return model.train()
 
 
