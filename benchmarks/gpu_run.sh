@@ -51,7 +51,7 @@ for stage in "$@"; do
       i=0; while read -r id; do i=$((i + 1))
         (echo "=== $id"; timeout ${CHECK_LIMIT:-300} python3 -m pytest -q -s "$id" -p no:cacheprovider 2>&1) > /tmp/pcheck/$i.txt &
       done < /tmp/pcheck/ids; wait
-      cat /tmp/pcheck/[0-9]*.txt | grep -E "^===|relative error|passed|failed|Error|assert" | tee -a "$OUT/log.txt" "$OUT/check.txt" ;;
+      cat /tmp/pcheck/[0-9]*.txt | grep -E "^===|relative error|loss|passed|failed|skipped|Error|assert" | tee -a "$OUT/log.txt" "$OUT/check.txt" ;;
     attn)
       log "attention benchmark"
       timeout ${ATTN_LIMIT:-200} python3 benchmarks/attention.py --impls fla,chunked 2>&1 | tee -a "$OUT/log.txt" | tail -n 20 >> "$OUT/table.txt" ;;
