@@ -3,7 +3,8 @@
 # Usage (on the GPU machine, repo root): bash benchmarks/gpu_run.sh check ladder1b ...
 # Stages: warm/waitwarm (fla autotuning), pack (autotune cache into $OUT), check / pcheck (GPU tests: fla vs
 #         chunked, serial / one process per test), attn (attention fwd+bwd table), ladder1b, b7 (7B data-shaped),
-#         long (fixed long sequences), maxlen (longest trainable sequence), decode.
+#         long (fixed long sequences), maxlen (longest trainable sequence), seed (7B at the seed's settings),
+#         final (decode graphs + compile rung), decode.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD/src
 export TRITON_CACHE_DIR=$PWD/.tcache  # autotune results travel back in $OUT/tcache.tgz (fla autotunes ~minutes)
@@ -79,10 +80,14 @@ for stage in "$@"; do
       bench --model 1B --seq_len 2048 --attn fla --batch_size 1 --grad_accum 1 --name "1B one 2,048-token sequence"
       bench --model 1B --seq_len 8192 --attn fla --batch_size 1 --grad_accum 1 --name "1B one 8,192-token sequence"
       bench --model 7B --seq_len 4096 --attn fla --batch_size 1 --grad_accum 1 --name "7B one 4,096-token sequence" ;;
-    maxlen)  # 7B: the longest single sequence, checkpointed layer inputs in CPU memory (use_unsloth_gc)
-      for n in 131072 262144; do
-        BENCH_TIMEOUT=200 bench --model 7B --seq_len $n --attn fla --use_unsloth_gc --torch_compile --batch_size 1 --grad_accum 1 --steps 1 --warmup 1 --name "7B one $n-token sequence, offloaded checkpointing"
-      done ;;
+    maxlen)  # the longest single sequence that trains (doubling), layer inputs in CPU memory (use_unsloth_gc)
+      for m in 1B 7B; do for n in 131072 262144 524288; do
+        BENCH_TIMEOUT=240 bench --model $m --seq_len $n --attn fla --use_unsloth_gc --torch_compile --batch_size 1 --grad_accum 1 --steps 1 --warmup 1 --name "$m one $n-token sequence, offloaded checkpointing"
+        tail -n 1 "$OUT/table.txt" | grep -q "^|" || break  # out of memory (or over time): stop doubling
+      done; done ;;
+    seed)  # the seed recipe's own settings (padding, b4x4, checkpointing as its script sets), peak memory
+      bench --model 7B --no-packing --attn fla --gradient_checkpointing --batch_size 4 --grad_accum 4 --name "7B huanhuan at the seed's settings: padding b4x4, checkpointing"
+      bench --model 7B --no-packing --attn fla --gradient_checkpointing --torch_compile --batch_size 4 --grad_accum 4 --name "same + torch.compile" ;;
     decode)
       log "decode"; timeout 100 python3 -m tnlora.cli bench --decode --model 1B 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt"
       timeout 120 python3 -m tnlora.cli bench --decode --model 7B 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt" ;;
