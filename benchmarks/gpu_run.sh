@@ -4,7 +4,8 @@
 # Stages: warm/waitwarm (fla autotuning), pack (autotune cache into $OUT), check / pcheck (GPU tests: fla vs
 #         chunked, serial / one process per test), attn (attention fwd+bwd table), ladder1b, b7 (7B data-shaped),
 #         long (fixed long sequences), maxlen (longest trainable sequence), seed (7B at the seed's settings),
-#         final (decode graphs + compile rung), decode.
+#         final (decode graphs + compile rung), decode, decodek (fused Triton decode step: tests, then torch vs
+#         triton decode figures).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD/src
 export TRITON_CACHE_DIR=$PWD/.tcache  # autotune results travel back in $OUT/tcache.tgz (fla autotunes ~minutes)
@@ -91,6 +92,13 @@ for stage in "$@"; do
     decode)
       log "decode"; timeout 100 python3 -m tnlora.cli bench --decode --model 1B 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt"
       timeout 120 python3 -m tnlora.cli bench --decode --model 7B 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt" ;;
+    decodek)  # the fused Triton recurrent step (decode_kernel triton) against the in-place torch step, CUDA graphs
+      log "recurrent kernel GPU tests"
+      timeout 200 python3 -m pytest -q -s tests/model/test_recurrent_kernel.py -p no:cacheprovider 2>&1 | tail -n 12 | tee -a "$OUT/log.txt"
+      for m in 7B 1B; do for kern in torch triton; do
+        log "decode $m, decode_kernel $kern"
+        timeout 120 python3 -m tnlora.cli bench --decode --model $m --decode_kernel $kern 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt"
+      done; done ;;
   esac
 done
 (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf "$OUT/tcache.tgz" -T -) 2>/dev/null  # extract into .tcache here, carry .tcache

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from tnlora.errors import ConfigError
+
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM (datasheet), the MFU denominator of issue 5
 
 
@@ -267,6 +269,7 @@ def decode_bench(args: argparse.Namespace, batch: int) -> tuple[float, float]:
         model.config.use_cache = True
         args._decode_model = model
     model.config.decode_cuda_graphs = decode_cuda_graphs(args)
+    model.config.decode_kernel = args.decode_kernel
     prompt = torch.randint(3, model.config.vocab_size, (batch, args.prompt_len), device=device)
     kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
     with torch.inference_mode():
@@ -308,6 +311,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--cuda_graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="decode steps as replayed CUDA graphs (config decode_cuda_graphs; default: on with CUDA)")
+    parser.add_argument("--decode_kernel", default="torch", choices=["torch", "triton"],
+                        help="recurrence of the CUDA-graph decode step (config decode_kernel): in-place torch ops "
+                             "or the fused Triton kernel")
     parser.add_argument("--name", default="", help="row label")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one timed step")
     return parser.parse_args(argv)
@@ -319,10 +325,15 @@ def main(argv: list[str] | None = None) -> int:
     print(environment_line(), flush=True)
     if args.decode:
         graphs = decode_cuda_graphs(args) and torch.cuda.is_available()  # graphs need CUDA
-        print("| model | cuda graphs | batch | tokens/s | ms/step |\n|---|---|---|---|---|")
+        if args.decode_kernel != "torch" and not graphs:
+            # Only the static CUDA-graph step reads decode_kernel: an eager run would time the torch step.
+            raise ConfigError("--decode_kernel triton needs CUDA-graph decoding (a GPU and --cuda_graphs)")
+        print(f"config: {args.model} decode cuda_graphs={graphs} decode_kernel={args.decode_kernel} "
+              f"prompt={args.prompt_len} new_tokens={args.new_tokens}", flush=True)
+        print("| model | cuda graphs | decode kernel | batch | tokens/s | ms/step |\n|---|---|---|---|---|---|")
         for batch in [int(b) for b in args.decode_batch.split(",")]:
             tps, ms = decode_bench(args, batch)
-            print(f"| {args.model} | {graphs} | {batch} | {tps:,.0f} | {ms:.2f} |", flush=True)
+            print(f"| {args.model} | {graphs} | {args.decode_kernel} | {batch} | {tps:,.0f} | {ms:.2f} |", flush=True)
         return 0
     if args.seq_len:
         lengths = [(0, args.seq_len)]

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 from transformers import PreTrainedConfig
 
 from tnlora.errors import ConfigError
+from tnlora.model.recurrent_kernel import DECODE_KERNELS
 
 LIGHTNING_IMPLS = ("auto", "chunked", "recurrent", "fla")
 LRPE_ANGLE_DTYPES = ("float32", "model")
@@ -63,6 +64,10 @@ class TransnormerConfig(PreTrainedConfig):
     # forward (tnlora.model.decode_graph) instead of launching ~10 kernels per layer; same results. Off by
     # default; `tnlora chat` / `tnlora generate` turn it on when they run on a GPU.
     decode_cuda_graphs: bool = False
+    # The recurrence of those static decode steps: "torch" (in-place PyTorch ops, bitwise the eager step) or
+    # "triton" (one fused kernel per layer that reads and writes each fp32 state once; needs triton and CUDA;
+    # equal up to rounding). Only the static step reads it; eager decoding and prefill are unchanged.
+    decode_kernel: str = "torch"
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -90,6 +95,11 @@ class TransnormerConfig(PreTrainedConfig):
             )
         if self.lightning_impl not in LIGHTNING_IMPLS:
             raise ConfigError(f"lightning_impl must be one of {LIGHTNING_IMPLS}, got {self.lightning_impl!r}")
+        if self.decode_kernel not in DECODE_KERNELS:
+            raise ConfigError(
+                f"decode_kernel must be one of {DECODE_KERNELS} (the recurrence of CUDA-graph decode steps), "
+                f"got {self.decode_kernel!r}"
+            )
         if self.lightning_chunk_size < 1 or self.loss_chunk_size < 1:
             raise ConfigError("lightning_chunk_size and loss_chunk_size must be positive")
 

@@ -19,6 +19,11 @@ attention for T = 1), only writing the new state into the old one, so its result
 ``capture=False`` runners run the same step on the same buffers without a graph, on any device: the tests use
 them to check the buffer logic on the CPU.
 
+``TransnormerConfig.decode_kernel`` picks the recurrence (:mod:`tnlora.model.recurrent_kernel`): "torch" (the
+in-place ops above, bitwise the eager step) or "triton" (one fused kernel per layer that reads and writes each
+state once and zeroes padded v itself; equal up to rounding). A runner keeps the choice it was built with; a
+changed choice rebuilds the runners at the next ``generate()`` call (it is part of the fingerprint).
+
 Switched on by ``TransnormerConfig.decode_cuda_graphs``; the model's forward calls :func:`decode_step`, which
 returns None whenever the eager path must run (training mode, grad enabled, not CUDA, several tokens, labels,
 hidden states asked for, ...). peft LoRA layers are captured as they are (the adapter's extra matmuls are
@@ -36,7 +41,9 @@ import torch
 from torch import Tensor, nn
 from transformers.utils import logging
 
+from tnlora.errors import ConfigError
 from tnlora.model.cache import TransnormerCache
+from tnlora.model.recurrent_kernel import DECODE_KERNELS, torch_step, triton_available, triton_step
 
 if TYPE_CHECKING:
     from tnlora.model.modeling import NormLinearAttention, TransnormerForCausalLM
@@ -56,6 +63,7 @@ class DecodeStepRunner:
 
     def __init__(self, model: TransnormerForCausalLM, batch_size: int, device: torch.device, capture: bool) -> None:
         self.capture = capture
+        self.kernel = decode_kernel(model)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
         self.owner: weakref.ref[TransnormerCache] | None = None
@@ -73,8 +81,8 @@ class DecodeStepRunner:
                 key_dim = 2 * mixer.head_dim if mixer.lrpe is not None else mixer.head_dim
                 shape = (batch_size, mixer.num_heads, key_dim, mixer.head_dim)
                 self.states.append(torch.zeros(shape, dtype=dtype, device=device))
-                # λ as attention._recurrent computes it at every step; here once.
-                self.decays.append(torch.exp(mixer.log_decay.to(device=device, dtype=dtype))[None, :, None, None])
+                # λ [H] as attention._recurrent computes it at every step; here once.
+                self.decays.append(torch.exp(mixer.log_decay.to(device=device, dtype=dtype)))
 
     @property
     def batch_size(self) -> int:
@@ -103,13 +111,10 @@ class DecodeStepRunner:
         q, k, v = mixer.act(q.reshape(shape)), mixer.act(k.reshape(shape)), v.reshape(shape)
         if mixer.lrpe is not None:
             q, k = mixer.lrpe(q, self.position), mixer.lrpe(k, self.position)
-        # Always masked (a graph has no branches): with no pad this copies v unchanged, as the eager path's
-        # skipped masking leaves it.
-        v = v.masked_fill(self.pad[:, :, None, None], 0)
-        qf, kf, vf = q.to(state.dtype), k.to(state.dtype), v.to(state.dtype)
-        # attention._recurrent's `λ·S + kᵀv`: the same products and sum (bitwise), written into S.
-        state.mul_(decay).add_(kf[:, 0, :, :, None] * vf[:, 0, :, None, :])
-        o = torch.einsum("bhk,bhkv->bhv", qf[:, 0], state).unsqueeze(1).to(v.dtype)
+        # Both steps always apply the pad flags (a graph has no branches): with no pad, v is unchanged, as the
+        # eager path's skipped masking leaves it. The kernel reads v straight from the projection's slice.
+        step = triton_step if self.kernel == "triton" else torch_step
+        o = step(q[:, 0], k[:, 0], v[:, 0], state, decay, self.pad[:, 0])
         o = mixer.norm(o.reshape(batch, 1, -1))
         return mixer.out_proj(u * o)
 
@@ -246,10 +251,24 @@ def graphs_of(model: TransnormerForCausalLM, capture: bool | None = None) -> Dec
     return graphs
 
 
+def decode_kernel(model: nn.Module) -> str:
+    """``config.decode_kernel`` of ``model``, checked (it may have been set after the config was built)."""
+    kernel = getattr(model.config, "decode_kernel", "torch")
+    if kernel not in DECODE_KERNELS:
+        raise ConfigError(f"decode_kernel must be one of {DECODE_KERNELS}, got {kernel!r}")
+    if kernel == "triton" and not triton_available():
+        raise ConfigError(
+            "decode_kernel 'triton' needs the triton package (installed with PyTorch's CUDA wheels); "
+            "use decode_kernel 'torch'"
+        )
+    return kernel
+
+
 def model_fingerprint(model: nn.Module) -> Hashable | None:
     """What a captured graph depends on beyond tensor values: the module tree, every parameter and buffer's
-    address, shape, dtype and device, and peft's adapter switches. None when the model spans several devices."""
-    items: list[Hashable] = []
+    address, shape, dtype and device, peft's adapter switches and the decode kernel. None when the model
+    spans several devices."""
+    items: list[Hashable] = [("decode_kernel", getattr(model.config, "decode_kernel", "torch"))]
     devices = set()
     for name, module in model.named_modules():
         items.append((name, type(module)))
@@ -316,4 +335,4 @@ def decode_step(
         return None
 
 
-__all__ = ["DecodeGraphs", "DecodeStepRunner", "decode_step", "graphs_of", "model_fingerprint"]
+__all__ = ["DecodeGraphs", "DecodeStepRunner", "decode_kernel", "decode_step", "graphs_of", "model_fingerprint"]

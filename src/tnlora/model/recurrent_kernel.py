@@ -1,0 +1,218 @@
+"""The one-token recurrent step of lightning attention, in PyTorch and as one fused Triton kernel.
+
+For every batch row b and head h, with λ_h = exp(log_decay_h) and the token's q, k [K] and v [V]:
+
+    S ← λ_h·S + kᵀv        (S [K, V], fp32; fp64 for fp64 models; written in place)
+    o = q·S                (after the update, as ``attention._recurrent``; cast to v's dtype)
+
+Padded rows (``pad`` True) add nothing: their v counts as zero, so S only decays, and q, k stay unmasked
+(``NormLinearAttention.forward`` zeroes v at pads, nothing else).
+
+:func:`torch_step` is the static decode step's PyTorch form (``decode_graph.DecodeStepRunner``): the same
+products and sum as the eager ``attention._recurrent``, written into S, so its results equal the eager ones
+bitwise. It reads S about four times and writes it twice (decay, outer product, add, q·S). At large batch
+those passes over the fp32 states dominate a step (7B, batch 32: ~2 GB of states).
+
+:func:`triton_step` is one kernel that reads each state tile once, updates it, stores it and reduces q·S
+from the registers: one read and one write of S per step. Results equal :func:`torch_step` up to rounding
+(the kernel may fuse λ·S + k·v into one FMA and sums q·S in another order). It launches one kernel and
+allocates only its output (or none, given ``out``), with no host synchronisation, so it can be captured in a
+CUDA graph.
+
+Triton is imported on the first :func:`triton_step` call, never at import: the CPU path and ``import tnlora``
+work without it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# The static decode step's recurrence implementations (TransnormerConfig.decode_kernel).
+DECODE_KERNELS = ("torch", "triton")
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, state: Tensor, decay: Tensor, pad: Tensor | None) -> None:
+    """Shape checks shared by both steps (Python only: no device work)."""
+    if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"expected q, k [B, H, K] and v [B, H, V]; got {q.shape}, {k.shape}, {v.shape}")
+    batch, heads, key_dim = q.shape
+    expected = (batch, heads, key_dim, v.shape[2])
+    if tuple(state.shape) != expected:
+        raise ValueError(f"state must have shape {expected}, got {tuple(state.shape)}")
+    if tuple(decay.shape) != (heads,):
+        raise ValueError(f"decay must have shape [H]={heads}, got {tuple(decay.shape)}")
+    if pad is not None and (pad.dtype != torch.bool or tuple(pad.shape) != (batch,)):
+        raise ValueError(f"pad must be a bool tensor [B]={batch}, got {pad.dtype} {tuple(pad.shape)}")
+
+
+def torch_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, decay: Tensor, pad: Tensor | None = None) -> Tensor:
+    """One token in PyTorch: ``state`` [B, H, K, V] ← λ·state + kᵀv in place; returns o = q·state [B, H, V].
+
+    q, k [B, H, K]; v [B, H, V] (any dtype); ``decay`` λ [H] in the state's dtype; ``pad`` bool [B] (v of a
+    padded row counts as zero). o is in v's dtype.
+    """
+    _check(q, k, v, state, decay, pad)
+    if pad is not None:
+        # Always masked when given (a graph has no branches): with no pad this copies v unchanged.
+        v = v.masked_fill(pad[:, None, None], 0)
+    qf, kf, vf = q.to(state.dtype), k.to(state.dtype), v.to(state.dtype)
+    # attention._recurrent's `λ·S + kᵀv`: the same products and sum (bitwise), written into S.
+    state.mul_(decay[:, None, None]).add_(kf[:, :, :, None] * vf[:, :, None, :])
+    return torch.einsum("bhk,bhkv->bhv", qf, state).to(v.dtype)
+
+
+# Tile of one program: BLOCK_K rows of the state (looped over K) by BLOCK_V columns (128-byte row segments,
+# whole sectors). 128 × 32 at 4 warps is 32 fp32 values a thread: ptxas (sm_90, bf16 inputs) gives 64
+# registers at K = 128 and 72 at K = 256, no spills, so 8 programs fit an SM; 64 × 64 tiles took 167. The 7B
+# at batch 32 launches B·H·V/32 = 4,096 programs per layer. Not yet timed on a GPU.
+BLOCK_K = 128
+BLOCK_V = 32
+NUM_WARPS = 4
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+@functools.cache
+def _kernel() -> Any:
+    """The Triton kernel, defined on first use so that importing this module never imports triton."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def recurrent_step_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        state_ptr,
+        decay_ptr,
+        pad_ptr,
+        o_ptr,
+        heads,
+        stride_qb,
+        stride_qh,
+        stride_kb,
+        stride_kh,
+        stride_vb,
+        stride_vh,
+        stride_ob,
+        stride_oh,
+        K: tl.constexpr,
+        V: tl.constexpr,
+        HAS_PAD: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+    ):
+        # Axis 0 is (row, head) (up to 2³¹ programs; axis 1 is capped at 65,535), axis 1 the V block.
+        i_bh = tl.program_id(0)
+        i_v = tl.program_id(1)
+        i_b = i_bh // heads
+        i_h = i_bh % heads
+        # int64 offsets: B·H·K·V passes 2³¹ from batch ~1,000 in LRPE layers.
+        i_b64 = i_b.to(tl.int64)
+        compute = state_ptr.dtype.element_ty
+
+        cols = i_v * BV + tl.arange(0, BV)
+        col_ok = cols < V
+        v = tl.load(v_ptr + i_b64 * stride_vb + i_h * stride_vh + cols, mask=col_ok, other=0.0).to(compute)
+        if HAS_PAD:
+            # where, not a product: a padded v of inf/nan must still count as zero (masked_fill).
+            keep = tl.load(pad_ptr + i_b).to(tl.int32) == 0
+            v = tl.where(keep, v, tl.zeros_like(v))
+        decay = tl.load(decay_ptr + i_h)
+
+        state_base = state_ptr + i_bh.to(tl.int64) * (K * V)
+        q_base = q_ptr + i_b64 * stride_qb + i_h * stride_qh
+        k_base = k_ptr + i_b64 * stride_kb + i_h * stride_kh
+        o = tl.zeros([BV], dtype=compute)
+        for k0 in tl.static_range(0, K, BK):
+            rows = k0 + tl.arange(0, BK)
+            row_ok = rows < K
+            q = tl.load(q_base + rows, mask=row_ok, other=0.0).to(compute)
+            k = tl.load(k_base + rows, mask=row_ok, other=0.0).to(compute)
+            ptrs = state_base + rows[:, None] * V + cols[None, :]
+            tile_ok = row_ok[:, None] & col_ok[None, :]
+            s = tl.load(ptrs, mask=tile_ok, other=0.0)
+            s = decay * s + k[:, None] * v[None, :]
+            tl.store(ptrs, s, mask=tile_ok)
+            # o after the update (attention._recurrent's order), reduced from the registers just stored.
+            o += tl.sum(q[:, None] * s, axis=0)
+        tl.store(o_ptr + i_b64 * stride_ob + i_h * stride_oh + cols, o.to(o_ptr.dtype.element_ty), mask=col_ok)
+
+    return recurrent_step_kernel
+
+
+def triton_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    state: Tensor,
+    decay: Tensor,
+    pad: Tensor | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """One token as one Triton kernel: the arguments and results of :func:`torch_step` (``state`` updated in
+    place), o written into ``out`` [B, H, V] (v's dtype) when given.
+
+    q, k, v may be strided views (the last dim contiguous, as the slices of the fused projection are);
+    ``state`` must be contiguous. Any B, H, K, V; every tensor on one CUDA device (or CPU tensors under
+    Triton's interpreter).
+    """
+    _check(q, k, v, state, decay, pad)
+    if not state.is_contiguous():
+        raise ValueError("state must be contiguous (it is updated in place)")
+    if decay.dtype != state.dtype:
+        raise ValueError(f"decay must be in the state's dtype {state.dtype}, got {decay.dtype}")
+    # The kernel indexes the last dim with stride 1; anything else is copied (never on the model's path).
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    batch, heads, key_dim = q.shape
+    value_dim = v.shape[2]
+    if out is None:
+        out = torch.empty((batch, heads, value_dim), dtype=v.dtype, device=v.device)
+    elif tuple(out.shape) != (batch, heads, value_dim) or out.dtype != v.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be a {v.dtype} tensor [B, H, V] with a contiguous last dim")
+    block_k = min(BLOCK_K, _next_power_of_2(key_dim))
+    block_v = min(BLOCK_V, _next_power_of_2(value_dim))
+    grid = (batch * heads, -(-value_dim // block_v))
+    _kernel()[grid](
+        q,
+        k,
+        v,
+        state,
+        decay,
+        pad if pad is not None else decay,  # unread without HAS_PAD; any pointer will do
+        out,
+        heads,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        K=key_dim,
+        V=value_dim,
+        HAS_PAD=pad is not None,
+        BK=block_k,
+        BV=block_v,
+        num_warps=NUM_WARPS,
+    )
+    return out
+
+
+def triton_available() -> bool:
+    """Whether triton imports (the kernel itself also needs a CUDA device or Triton's interpreter)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+__all__ = ["DECODE_KERNELS", "torch_step", "triton_available", "triton_step"]

@@ -1,0 +1,294 @@
+"""The fused Triton decode step (``recurrent_kernel.triton_step``) against the PyTorch step it replaces.
+
+The kernel tests need triton and either a CUDA device or Triton's CPU interpreter; on a CPU-only machine run
+
+    TRITON_INTERPRET=1 PYTHONPATH=<dir holding triton> pytest -q tests/model/test_recurrent_kernel.py
+
+(shapes are kept small: the interpreter runs every program in Python). The config and import tests run
+everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tnl_helpers import build_model, random_ids
+
+from tnlora.errors import ConfigError
+from tnlora.model import TransnormerCache, config_from_preset
+from tnlora.model.decode_graph import DecodeStepRunner, graphs_of
+from tnlora.model.recurrent_kernel import DECODE_KERNELS, torch_step, triton_available, triton_step
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# The interpreter runs kernels on CPU tensors; compiled kernels need CUDA ones.
+DEVICE = "cpu" if INTERPRET else "cuda"
+needs_kernel = pytest.mark.skipif(
+    not (triton_available() and (INTERPRET or torch.cuda.is_available())),
+    reason="needs triton and CUDA, or Triton's CPU interpreter: "
+    "TRITON_INTERPRET=1 PYTHONPATH=<dir holding triton> pytest tests/model/test_recurrent_kernel.py",
+)
+cuda = pytest.mark.skipif(
+    INTERPRET or not torch.cuda.is_available() or not triton_available(),
+    reason="needs a CUDA device and triton (not the interpreter)",
+)
+GREEDY = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0}
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got − want| / max |want| (in fp64)."""
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).item()
+
+
+def _step_inputs(
+    batch: int, heads: int, key_dim: int, value_dim: int, dtype: torch.dtype, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k [B, H, K] and v [B, H, V] as the model hands them over: strided slices of wider tensors."""
+    qk = torch.randn(batch, heads, 2 * key_dim, generator=gen).to(dtype)
+    # v is a slice of the fused projection in the model (batch and head strides ≠ contiguous ones).
+    wide_v = torch.randn(batch, heads, 3 * value_dim, generator=gen).to(dtype)
+    q, k, v = qk[..., :key_dim], qk[..., key_dim:], wide_v[..., value_dim : 2 * value_dim]
+    return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Everywhere: config and imports
+
+
+def test_config_validates_decode_kernel() -> None:
+    assert DECODE_KERNELS == ("torch", "triton")
+    assert config_from_preset("tiny").decode_kernel == "torch"
+    assert config_from_preset("tiny", decode_kernel="triton").decode_kernel == "triton"
+    with pytest.raises(ConfigError, match="decode_kernel"):
+        config_from_preset("tiny", decode_kernel="cuda")
+
+
+def test_runner_rejects_a_decode_kernel_set_after_the_config() -> None:
+    model = build_model(torch.float32)
+    model.config.decode_kernel = "fused"
+    with pytest.raises(ConfigError, match="decode_kernel"):
+        DecodeStepRunner(model, 1, torch.device("cpu"), capture=False)
+
+
+def test_import_and_torch_step_never_import_triton() -> None:
+    """With triton made unimportable: tnlora imports, the torch step runs, and 'triton' is refused clearly."""
+    script = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("triton blocked by the test")
+sys.meta_path.insert(0, Block())
+import torch
+import tnlora, tnlora.model
+from tnlora.errors import ConfigError
+from tnlora.model import TransnormerForCausalLM, config_from_preset
+from tnlora.model.decode_graph import DecodeStepRunner
+from tnlora.model.recurrent_kernel import torch_step, triton_available
+state = torch.zeros(1, 2, 4, 3)
+torch_step(torch.ones(1, 2, 4), torch.ones(1, 2, 4), torch.ones(1, 2, 3), state, torch.full((2,), 0.5))
+assert state.sum().item() == 24.0 and not triton_available() and "triton" not in sys.modules
+model = TransnormerForCausalLM(config_from_preset("tiny", decode_kernel="triton")).eval()
+try:
+    DecodeStepRunner(model, 1, torch.device("cpu"), capture=False)
+except ConfigError as exc:
+    assert "triton" in str(exc), exc
+else:
+    raise AssertionError("no ConfigError")
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The kernel against torch_step
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("key_dim", "batch", "heads"), [(128, 1, 2), (128, 3, 3), (256, 1, 3), (256, 3, 2)])
+def test_kernel_equals_torch_step_over_steps(key_dim: int, batch: int, heads: int, dtype: torch.dtype) -> None:
+    value_dim = 128
+    gen = torch.Generator().manual_seed(key_dim + 10 * batch + heads)
+    # λ of real layers (0.5 … ~1) and a non-zero starting state, as after a prefill.
+    decay = (0.5 + 0.5 * torch.rand(heads, generator=gen)).to(DEVICE)
+    want_state = torch.randn(batch, heads, key_dim, value_dim, generator=gen).to(DEVICE)
+    got_state = want_state.clone()
+    address = got_state.data_ptr()
+    for step in range(12):
+        q, k, v = _step_inputs(batch, heads, key_dim, value_dim, dtype, gen)
+        pad = (torch.rand(batch, generator=gen) < 0.3).to(DEVICE)
+        if step in (3, 7):
+            pad[0] = True  # a padded row every few steps (B = 1 included)
+        if step == 7:
+            v[0] = float("nan")  # a padded v counts as zero whatever it holds (masked_fill, not a product)
+        want = torch_step(q, k, v, want_state, decay, pad)
+        got = triton_step(q, k, v, got_state, decay, pad)
+        assert got.dtype == dtype and got.shape == (batch, heads, value_dim)
+        assert got_state.data_ptr() == address  # in place
+        assert torch.isfinite(got_state).all()
+        assert _rel_err(got_state, want_state) < 1e-5, step
+        # fp32: rounding only; bf16: o is rounded to bf16 from fp32 sums that differ in the last bits, so an
+        # element may land one bf16 step (2⁻⁸ relative) away.
+        tolerance = 1e-5 if dtype == torch.float32 else 2**-7
+        torch.testing.assert_close(got.float(), want.float(), rtol=tolerance, atol=tolerance * want.abs().max().item())
+
+
+@needs_kernel
+def test_kernel_without_pad_with_out_and_fp64() -> None:
+    gen = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.float64):
+        q, k, v = _step_inputs(2, 3, 64, 32, dtype, gen)
+        decay = torch.rand(3, generator=gen).to(device=DEVICE, dtype=dtype)
+        want_state = torch.randn(2, 3, 64, 32, generator=gen).to(device=DEVICE, dtype=dtype)
+        got_state = want_state.clone()
+        out = torch.empty(2, 3, 32, dtype=dtype, device=DEVICE)
+        want = torch_step(q, k, v, want_state, decay)
+        got = triton_step(q, k, v, got_state, decay, out=out)
+        assert got is out
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+        assert _rel_err(got_state, want_state) < tolerance
+        assert _rel_err(got, want) < tolerance
+
+
+@needs_kernel
+def test_kernel_checks_its_arguments() -> None:
+    q = torch.zeros(1, 2, 8, device=DEVICE)
+    v = torch.zeros(1, 2, 4, device=DEVICE)
+    state = torch.zeros(1, 2, 8, 4, device=DEVICE)
+    decay = torch.ones(2, device=DEVICE)
+    with pytest.raises(ValueError, match="state must have shape"):
+        triton_step(q, q, v, state[:, :, :4], decay)
+    with pytest.raises(ValueError, match="contiguous"):
+        triton_step(q, q, v, state.transpose(2, 3).contiguous().transpose(2, 3), decay)
+    with pytest.raises(ValueError, match="pad"):
+        triton_step(q, q, v, state, decay, pad=torch.zeros(1, device=DEVICE))
+    with pytest.raises(ValueError, match="decay"):
+        triton_step(q, q, v, state, decay.double())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Whole model: the static decode step with decode_kernel "triton" (capture=False: runs on the interpreter too)
+
+
+def _generate(model: torch.nn.Module, kernel: str, *args: object, **kwargs: object):
+    """generate() through the static step (no graph) with the given kernel; the logits of every step too."""
+    model.config.decode_cuda_graphs = True
+    model.config.decode_kernel = kernel
+    graphs_of(model, capture=False)
+    try:
+        return model.generate(*args, return_dict_in_generate=True, output_logits=True, **kwargs)
+    finally:
+        model.config.decode_cuda_graphs = False
+        model.config.decode_kernel = "torch"
+
+
+@needs_kernel
+def test_greedy_generate_with_the_kernel_equals_torch_step() -> None:
+    model = build_model(torch.float32).to(DEVICE)
+    prompt = random_ids(1, 11).to(DEVICE)
+    torch_run = _generate(model, "torch", prompt, max_new_tokens=14, **GREEDY)
+    kernel_run = _generate(model, "triton", prompt, max_new_tokens=14, **GREEDY)
+    runner = graphs_of(model).runners[1]
+    assert runner.kernel == "triton"  # the changed config rebuilt the runners
+    assert torch.equal(kernel_run.sequences, torch_run.sequences)
+    assert len(set(kernel_run.sequences[0, 11:].tolist())) >= 4  # a non-degenerate continuation
+    for got, want in zip(kernel_run.logits, torch_run.logits, strict=True):
+        assert _rel_err(got, want) < 1e-5
+    cache = kernel_run.past_key_values
+    assert all(cache.get_state(i) is runner.states[i] for i in range(2))
+
+
+@needs_kernel
+def test_left_padded_batch_with_the_kernel_equals_torch_step() -> None:
+    model = build_model(torch.float32).to(DEVICE)
+    rows = [random_ids(1, 13, seed=1)[0], random_ids(1, 4, seed=2)[0], random_ids(1, 9, seed=3)[0]]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+    # A 0 at the newest column: the static step's pad flags (v zeroed in the kernel) are exercised too.
+    torch_run = _generate(model, "torch", ids, attention_mask=mask, max_new_tokens=9, **GREEDY)
+    kernel_run = _generate(model, "triton", ids, attention_mask=mask, max_new_tokens=9, **GREEDY)
+    assert torch.equal(kernel_run.sequences, torch_run.sequences)
+    for got, want in zip(kernel_run.logits, torch_run.logits, strict=True):
+        assert _rel_err(got, want) < 1e-5
+
+
+@needs_kernel
+def test_padded_decode_step_through_the_runner_equals_torch_step() -> None:
+    """A new token marked as padding (attention_mask 0 in its last column) only decays the state."""
+    model = build_model(torch.float32).to(DEVICE)
+    ids = random_ids(3, 8).to(DEVICE)
+    mask = torch.ones(3, 8, dtype=torch.long, device=DEVICE)
+    mask[1, -1] = 0
+    results = {}
+    for kernel in DECODE_KERNELS:
+        model.config.decode_kernel = kernel
+        cache = TransnormerCache(model.config)
+        with torch.no_grad():
+            model(ids[:, :7], past_key_values=cache)
+            runner = DecodeStepRunner(model, 3, torch.device(DEVICE), capture=False)
+            logits = runner.step(model, ids[:, 7:], mask, cache)
+        results[kernel] = (logits, [s.clone() for s in runner.states])
+    model.config.decode_kernel = "torch"
+    assert _rel_err(results["triton"][0], results["torch"][0]) < 1e-5
+    for got, want in zip(results["triton"][1], results["torch"][1], strict=True):
+        assert _rel_err(got, want) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU only: model-sized shapes and a captured CUDA graph
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("key_dim", [128, 256])
+def test_cuda_kernel_at_7b_shapes(key_dim: int) -> None:
+    gen = torch.Generator().manual_seed(key_dim)
+    batch, heads, value_dim = 32, 32, 128
+    decay = (0.5 + 0.5 * torch.rand(heads, generator=gen)).cuda()
+    want_state = torch.randn(batch, heads, key_dim, value_dim, generator=gen).cuda()
+    got_state = want_state.clone()
+    for _ in range(10):
+        q, k, v = _step_inputs(batch, heads, key_dim, value_dim, torch.bfloat16, gen)
+        pad = (torch.rand(batch, generator=gen) < 0.1).cuda()
+        want = torch_step(q, k, v, want_state, decay, pad)
+        got = triton_step(q, k, v, got_state, decay, pad)
+        assert _rel_err(got_state, want_state) < 1e-5
+        torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=2**-7 * want.abs().max().item())
+    print(f"\nK={key_dim}: state relative error {_rel_err(got_state, want_state):.2e}")
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decoding_with_the_kernel(dtype: torch.dtype) -> None:
+    """Captured graphs with decode_kernel "triton" against captured graphs with "torch" (greedy, batch 3)."""
+    model = build_model(torch.float32).to(device="cuda", dtype=dtype)
+    prompt = random_ids(3, 12).cuda()
+    runs = {}
+    for kernel in DECODE_KERNELS:
+        model.config.decode_cuda_graphs = True
+        model.config.decode_kernel = kernel
+        graphs = graphs_of(model, capture=True)
+        runs[kernel] = model.generate(prompt, max_new_tokens=16, return_dict_in_generate=True, output_logits=True,
+                                      **GREEDY)
+        assert not graphs.failed and graphs.runners[3].graph is not None and graphs.runners[3].kernel == kernel
+    model.config.decode_cuda_graphs = False
+    model.config.decode_kernel = "torch"
+    if dtype == torch.float32:
+        assert torch.equal(runs["triton"].sequences, runs["torch"].sequences)
+    else:
+        # bf16: a near-tie may flip on rounding later on; the first 4 new tokens agree.
+        assert torch.equal(runs["triton"].sequences[:, : 12 + 4], runs["torch"].sequences[:, : 12 + 4])
+    first = _rel_err(runs["triton"].logits[1], runs["torch"].logits[1])
+    assert first < (1e-4 if dtype == torch.float32 else 2e-2)
