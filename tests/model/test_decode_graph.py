@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tnl_helpers import build_model, random_ids
+from tnl_helpers import build_model, left_padded, random_ids
 
 from tnlora.model import TransnormerCache
 from tnlora.model.decode_graph import DecodeStepRunner, graphs_of
@@ -136,12 +136,7 @@ def test_beam_search_reordering_is_identical() -> None:
 def test_left_padded_batch_is_identical() -> None:
     model = _static(build_model())
     rows = [random_ids(1, 13, seed=1)[0], random_ids(1, 4, seed=2)[0], random_ids(1, 9, seed=3)[0]]
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = row
-        mask[i, width - len(row) :] = 1
+    ids, mask = left_padded(rows)
     eager = _generate(model, False, ids, attention_mask=mask, max_new_tokens=9, **GREEDY)
     static = _generate(model, True, ids, attention_mask=mask, max_new_tokens=9, **GREEDY)
     _assert_same(eager, static)

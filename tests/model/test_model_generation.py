@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import torch
-from tnl_helpers import build_model, random_ids
+from tnl_helpers import build_model, left_padded, random_ids
 from transformers import TextIteratorStreamer
 
 from tnlora.model import TransnormerCache
@@ -46,12 +46,7 @@ def test_incremental_logits_equal_full_forward() -> None:
 def test_left_padded_batch_generation_equals_each_row_alone() -> None:
     model = build_model()
     rows = [random_ids(1, 15, seed=1)[0], random_ids(1, 6, seed=2)[0], random_ids(1, 11, seed=3)[0]]
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = row
-        mask[i, width - len(row) :] = 1
+    ids, mask = left_padded(rows)
     batch = model.generate(
         ids,
         attention_mask=mask,
@@ -71,7 +66,7 @@ def test_left_padded_batch_generation_equals_each_row_alone() -> None:
             output_logits=True,
             return_dict_in_generate=True,
         )
-        assert torch.equal(batch.sequences[i, width:], alone.sequences[0, len(row) :])
+        assert torch.equal(batch.sequences[i, ids.shape[1] :], alone.sequences[0, len(row) :])
         for step_batch, step_alone in zip(batch.logits, alone.logits):
             assert torch.allclose(step_batch[i], step_alone[0], atol=1e-10)
 

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from tnl_helpers import build_model, random_ids
+from tnl_helpers import build_model, left_padded, random_ids
 
 from tnlora.errors import ConfigError
 from tnlora.model import TransnormerCache, config_from_preset
@@ -208,12 +208,7 @@ def test_greedy_generate_with_the_kernel_equals_torch_step() -> None:
 def test_left_padded_batch_with_the_kernel_equals_torch_step() -> None:
     model = build_model(torch.float32).to(DEVICE)
     rows = [random_ids(1, 13, seed=1)[0], random_ids(1, 4, seed=2)[0], random_ids(1, 9, seed=3)[0]]
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = row
-        mask[i, width - len(row) :] = 1
+    ids, mask = left_padded(rows)
     ids, mask = ids.to(DEVICE), mask.to(DEVICE)
     # A 0 at the newest column: the static step's pad flags (v zeroed in the kernel) are exercised too.
     torch_run = _generate(model, "torch", ids, attention_mask=mask, max_new_tokens=9, **GREEDY)

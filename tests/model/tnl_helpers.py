@@ -27,3 +27,14 @@ def build_model(
 def random_ids(batch: int, length: int, seed: int = 0, vocab: int = 384) -> torch.Tensor:
     """Seeded token ids [batch, length] drawn from 3…vocab−1 (above the pad, bos and eos ids)."""
     return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask) [len(rows), longest]: each row right-aligned behind pad id 0 with mask 0."""
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
+    return ids, mask
