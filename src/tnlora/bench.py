@@ -186,7 +186,7 @@ def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: 
     """Real LoRA training steps through ``build_trainer``; figures from the timed steps after warm-up."""
     import tempfile
 
-    from tnlora.config import RunConfig
+    from tnlora.config import RunConfig, resolve_defaults
     from tnlora.model.tokenizer import ByteTokenizer
     from tnlora.train.lora import apply_finetuning
     from tnlora.train.run import build_trainer, bundle_from_examples, compile_decoder_layers
@@ -214,7 +214,7 @@ def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: 
             learning_rate=1e-4,
             max_steps=steps,
             bf16=device == "cuda",
-            gradient_checkpointing=args.gradient_checkpointing or args.use_unsloth_gc,
+            gradient_checkpointing=args.gradient_checkpointing,
             use_unsloth_gc=args.use_unsloth_gc,
             torch_compile=args.torch_compile,
             attention_impl=args.attn,
@@ -223,6 +223,8 @@ def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: 
             report_to="none",
             seed=0,
         )
+        # Explicit values above stay; the rules between keys (use_unsloth_gc → checkpointing) apply as in train.
+        cfg = resolve_defaults(cfg, cuda=device == "cuda", cuda_bf16=device == "cuda")
         model = build_model(args.model, args.attn, device)
         n_params = count_params(model)
         model = apply_finetuning(model, cfg)
