@@ -27,6 +27,10 @@ for name in ["torch", "triton", "transformers", "peft", "accelerate", "datasets"
 PY
 log() { echo "## $(date +%T) $*" | tee -a "$OUT/log.txt"; }
 bench() { log "bench $*"; timeout "${BENCH_TIMEOUT:-150}" python3 -m tnlora.cli bench "$@" 2>&1 | grep -v Warning >> "$OUT/log.txt"; tail -n 1 "$OUT/log.txt" | tee -a "$OUT/table.txt"; }
+pack() {  # the Triton autotune results as $OUT/tcache.tgz (paths relative to the cache dir)
+  (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf "$OUT/tcache.tgz" -T -) 2>/dev/null
+  log "packed $(tar tzf "$OUT/tcache.tgz" | wc -l) autotune results"
+}
 START=$SECONDS
 for stage in "$@"; do
   case $stage in
@@ -36,8 +40,7 @@ for stage in "$@"; do
       log "waiting for the fla warm-up"; while [ -n "$(jobs -pr)" ] && [ $((SECONDS - START)) -lt ${WARM_LIMIT:-300} ]; do sleep 2; done
       cat "$OUT"/warm*.txt | grep -v Warning | tail -n 4 | tee -a "$OUT/log.txt" ;;
     pack)  # the autotune results so far, in case a later stage runs past the call's limit
-      (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf "$OUT/tcache.tgz" -T -) 2>/dev/null
-      log "packed $(tar tzf "$OUT/tcache.tgz" | wc -l) autotune results" ;;
+      pack ;;
     profile)
       log "profile"; timeout 120 python3 -m tnlora.cli bench --model 1B --packing --pack_len 2048 --attn chunked --batch_size 1 --grad_accum 1 --steps 1 --warmup 1 --profile > "$OUT/profile.txt" 2>&1
       grep -E "Name|aten::|void|gemm|triton|Self CUDA" "$OUT/profile.txt" | head -n 22 | cut -c1-160 ;;
@@ -105,6 +108,6 @@ for stage in "$@"; do
       done; done ;;
   esac
 done
-(cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf "$OUT/tcache.tgz" -T -) 2>/dev/null  # extract into .tcache here, carry .tcache
+pack  # extract $OUT/tcache.tgz into .tcache here and carry it (or replace benchmarks/fla_autotune_h100.tgz)
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader | tee -a "$OUT/log.txt"
 echo; cat "$OUT/table.txt" 2>/dev/null
