@@ -188,8 +188,7 @@ def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: 
 
     from tnlora.config import RunConfig, resolve_defaults
     from tnlora.model.tokenizer import ByteTokenizer
-    from tnlora.train.lora import apply_finetuning
-    from tnlora.train.run import build_trainer, bundle_from_examples, compile_decoder_layers
+    from tnlora.train.run import build_trainer, bundle_from_examples, prepare_for_training
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.cuda.empty_cache() if device == "cuda" else None
@@ -227,10 +226,8 @@ def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: 
         cfg = resolve_defaults(cfg, cuda=device == "cuda", cuda_bf16=device == "cuda")
         model = build_model(args.model, args.attn, device)
         n_params = count_params(model)
-        model = apply_finetuning(model, cfg)
-        if cfg.torch_compile:
-            # As build_model does for `tnlora train`; the warm-up steps absorb the compile time.
-            compile_decoder_layers(model, checkpointing=cfg.gradient_checkpointing)
+        # As `tnlora train` does (fp32 adapter weights, compiled layers); warm-up steps absorb compile time.
+        model = prepare_for_training(model, cfg)
         # Enough examples for every timed step; packing packs them into cutoff-length rows first.
         mean_len = sum(p + learned for p, learned in lengths) / len(lengths)
         need = steps * per_step * (math.ceil(1.1 * cutoff / mean_len) if args.packing else 1)

@@ -331,8 +331,6 @@ def set_attention_impl(model, impl: str) -> None:
 
 def build_model(cfg: RunConfig, tokenizer):
     """The base model with the run's fine-tuning method applied (peft-wrapped for LoRA)."""
-    from tnlora.train.lora import apply_finetuning
-
     model = load_base_model(cfg.model_name_or_path, dtype=model_dtype(cfg), attention_impl=cfg.attention_impl)
     new_ids = added_token_ids(cfg, tokenizer)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -342,9 +340,20 @@ def build_model(cfg: RunConfig, tokenizer):
     model.config.use_cache = False
     if cfg.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
         raise ConfigError("gradient_checkpointing: this model does not support it")
+    return prepare_for_training(model, cfg, trainable_token_ids=new_ids or None)
+
+
+def prepare_for_training(model, cfg: RunConfig, trainable_token_ids: list[int] | None = None):
+    """Apply the run's fine-tuning method, keep trainable weights in fp32 and compile the layers if asked.
+
+    The one path from a base model to the model the Trainer sees: ``tnlora train`` and ``tnlora bench``
+    both go through it, so the bench measures what training runs.
+    """
+    from tnlora.train.lora import apply_finetuning
+
     # The adapter's random init comes from the run's seed, not from whatever ran before in this process.
     set_seed(cfg.seed)
-    model = apply_finetuning(model, cfg, trainable_token_ids=new_ids or None)
+    model = apply_finetuning(model, cfg, trainable_token_ids=trainable_token_ids)
     upcast_trainable(model)
     if cfg.torch_compile:
         compile_decoder_layers(model, checkpointing=cfg.gradient_checkpointing)
