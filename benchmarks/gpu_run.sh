@@ -81,6 +81,8 @@ for stage in "$@"; do
       BENCH_TIMEOUT=80 bench --model 1B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --name "1B huanhuan: packing 16k rows, fla (baseline for compile)"
       BENCH_TIMEOUT=200 bench --model 1B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --torch_compile --name "1B huanhuan: packing 16k rows, fla, + torch.compile of each block"
       log "decode 1B, cuda graphs"; timeout 60 python3 -m tnlora.cli bench --decode --model 1B --cuda_graphs 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt" ;;
+    compile1b)  # the best 1B data-shaped setting (the default of tnlora train on a GPU)
+      BENCH_TIMEOUT=200 bench --model 1B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --torch_compile --name "1B huanhuan: packing 16k rows, fla, torch.compile ($(git log -1 --format=%h 2>/dev/null || cat COMMIT))" ;;
     b7)
       bench --model 7B --no-packing --attn fla --batch_size 4 --grad_accum 4 --name "7B huanhuan: padding, fla, b4x4"
       bench --model 7B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --name "7B huanhuan: packing 16k rows, fla" ;;

@@ -105,6 +105,23 @@ def apply_finetuning(model: nn.Module, cfg: RunConfig, trainable_token_ids: list
     return model
 
 
+def skip_adapter_input_casts(model: nn.Module) -> int:
+    """Let peft's adapted layers feed their input to the adapter as it comes; returns how many layers.
+
+    For bf16 mixed-precision training only: under the Trainer's autocast the adapter matmuls run in the
+    compute dtype whatever their weights' dtype, so peft's cast of each input to the fp32 adapter weights'
+    dtype only writes an fp32 copy of the activation (and autocast casts it straight back) in every adapted
+    layer, forward and backward. ``cast_input_dtype_enabled`` is peft's own switch for this
+    (``peft.helpers.disable_input_dtype_casting``); the result under autocast is identical.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    return len(layers)
+
+
 def _check_module_names(model: nn.Module, names: list[str], key: str) -> None:
     qualified = [n for n, _ in model.named_modules() if n]
     missing = [t for t in names if not any(q == t or q.endswith("." + t) for q in qualified)]

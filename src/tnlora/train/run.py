@@ -349,12 +349,14 @@ def prepare_for_training(model, cfg: RunConfig, trainable_token_ids: list[int] |
     The one path from a base model to the model the Trainer sees: ``tnlora train`` and ``tnlora bench``
     both go through it, so the bench measures what training runs.
     """
-    from tnlora.train.lora import apply_finetuning
+    from tnlora.train.lora import apply_finetuning, skip_adapter_input_casts
 
     # The adapter's random init comes from the run's seed, not from whatever ran before in this process.
     set_seed(cfg.seed)
     model = apply_finetuning(model, cfg, trainable_token_ids=trainable_token_ids)
     upcast_trainable(model)
+    if cfg.bf16:
+        skip_adapter_input_casts(model)
     if cfg.torch_compile:
         compile_decoder_layers(model, checkpointing=cfg.gradient_checkpointing)
     return model
