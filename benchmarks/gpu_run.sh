@@ -82,7 +82,7 @@ for stage in "$@"; do
       BENCH_TIMEOUT=200 bench --model 1B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --torch_compile --name "1B huanhuan: packing 16k rows, fla, + torch.compile of each block"
       log "decode 1B, cuda graphs"; timeout 60 python3 -m tnlora.cli bench --decode --model 1B --cuda_graphs 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt" ;;
     compile1b)  # the best 1B data-shaped setting (the default of tnlora train on a GPU)
-      BENCH_TIMEOUT=200 bench --model 1B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --torch_compile --name "1B huanhuan: packing 16k rows, fla, torch.compile ($(git log -1 --format=%h 2>/dev/null || cat COMMIT))" ;;
+      BENCH_TIMEOUT=200 bench --model 1B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --torch_compile --name "1B huanhuan: packing 16k rows, fla, torch.compile ($(cat COMMIT 2>/dev/null))" ;;
     b7)
       bench --model 7B --no-packing --attn fla --batch_size 4 --grad_accum 4 --name "7B huanhuan: padding, fla, b4x4"
       bench --model 7B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --name "7B huanhuan: packing 16k rows, fla" ;;
@@ -96,17 +96,19 @@ for stage in "$@"; do
         tail -n 1 "$OUT/table.txt" | grep -q "^|" || break  # out of memory (or over time): stop doubling
       done; done ;;
     seed)  # the seed recipe's own settings (padding, b4x4, checkpointing as its script sets), peak memory
-      bench --model 7B --no-packing --attn fla --gradient_checkpointing --batch_size 4 --grad_accum 4 --name "7B huanhuan at the seed's settings: padding b4x4, checkpointing"
-      bench --model 7B --no-packing --attn fla --gradient_checkpointing --torch_compile --batch_size 4 --grad_accum 4 --name "same + torch.compile" ;;
+      bench --model 7B --no-packing --attn fla --gradient_checkpointing --batch_size 4 --grad_accum 4 --name "7B huanhuan at the seed's settings: padding b4x4, checkpointing" ;;
+    b7c)  # 7B data-shaped with compile, without checkpointing (fits a 141 GB H200, not an 80 GB H100)
+      BENCH_TIMEOUT=220 bench --model 7B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --torch_compile --name "7B huanhuan: packing 16k rows, fla, torch.compile ($(cat COMMIT 2>/dev/null))" ;;
     decode)
       log "decode"; timeout 100 python3 -m tnlora.cli bench --decode --model 1B 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt"
       timeout 120 python3 -m tnlora.cli bench --decode --model 7B 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt" ;;
     decodek)  # the fused Triton recurrent step (decode_kernel triton) against the in-place torch step, CUDA graphs
       log "recurrent kernel GPU tests"
-      timeout 200 python3 -m pytest -q -s tests/model/test_recurrent_kernel.py -p no:cacheprovider 2>&1 | tail -n 12 | tee -a "$OUT/log.txt"
-      for m in 7B 1B; do for kern in torch triton; do
+      timeout ${KTEST_LIMIT:-90} python3 -m pytest -v -s -x tests/model/test_recurrent_kernel.py -p no:cacheprovider > "$OUT/ktest.txt" 2>&1
+      grep -E "PASS|FAIL|SKIP|Error|error" "$OUT/ktest.txt" | tail -n 30 | tee -a "$OUT/log.txt"
+      for m in ${DECODE_MODELS:-7B 1B}; do for kern in torch triton; do
         log "decode $m, decode_kernel $kern"
-        timeout 120 python3 -m tnlora.cli bench --decode --model $m --decode_kernel $kern 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt"
+        timeout ${DECODE_LIMIT:-120} python3 -m tnlora.cli bench --decode --model $m --decode_kernel $kern 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt"
       done; done ;;
   esac
 done
