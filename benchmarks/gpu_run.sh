@@ -91,7 +91,7 @@ for stage in "$@"; do
       bench --model 1B --seq_len 8192 --attn fla --batch_size 1 --grad_accum 1 --name "1B one 8,192-token sequence"
       bench --model 7B --seq_len 4096 --attn fla --batch_size 1 --grad_accum 1 --name "7B one 4,096-token sequence" ;;
     maxlen)  # the longest single sequence that trains (doubling), layer inputs in CPU memory (use_unsloth_gc)
-      for m in 1B 7B; do for n in 131072 262144 524288; do
+      for m in ${MAXLEN_MODELS:-1B 7B}; do for n in ${MAXLEN_LENS:-131072 262144 524288}; do
         BENCH_TIMEOUT=240 bench --model $m --seq_len $n --attn fla --use_unsloth_gc --torch_compile --batch_size 1 --grad_accum 1 --steps 1 --warmup 1 --name "$m one $n-token sequence, offloaded checkpointing"
         tail -n 1 "$OUT/table.txt" | grep -q "^|" || break  # out of memory (or over time): stop doubling
       done; done ;;
@@ -102,6 +102,9 @@ for stage in "$@"; do
     decode)
       log "decode"; timeout 100 python3 -m tnlora.cli bench --decode --model 1B 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt"
       timeout 120 python3 -m tnlora.cli bench --decode --model 7B 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt" ;;
+    khang)  # the kernel tests that stopped a call: a traceback of every thread after 25 s in one test
+      timeout 70 python3 -m pytest -q -s -x tests/model/test_recurrent_kernel.py -k "generate or padded or cuda" \
+        -o faulthandler_timeout=25 -p no:cacheprovider > "$OUT/khang.txt" 2>&1; log "khang rc $?" ;;
     decodek)  # the fused Triton recurrent step (decode_kernel triton) against the in-place torch step, CUDA graphs
       log "recurrent kernel GPU tests"
       timeout ${KTEST_LIMIT:-90} python3 -m pytest -v -s -x tests/model/test_recurrent_kernel.py -p no:cacheprovider > "$OUT/ktest.txt" 2>&1
