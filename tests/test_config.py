@@ -161,6 +161,14 @@ def test_resolve_defaults_cpu_and_gpu():
     with pytest.raises(ConfigError, match=r"^bf16:"):
         resolve_defaults(load_run_config(None, [*BASE, "--bf16", "true"]), cuda=True, cuda_bf16=False)
     assert cfg.bf16 is None  # resolving returns a copy
+    # The batch: 8 examples unpacked; packed, as many cutoff_len rows as make 16,384 tokens; a set value stays.
+    assert (cpu.per_device_train_batch_size, gpu.per_device_train_batch_size) == (8, 16)
+    short = resolve_defaults(load_run_config(None, [*BASE, "--cutoff_len", "384"]), cuda=True, cuda_bf16=True)
+    assert short.per_device_train_batch_size == 42
+    long = resolve_defaults(load_run_config(None, [*BASE, "--cutoff_len", "65536"]), cuda=True, cuda_bf16=True)
+    assert long.per_device_train_batch_size == 1
+    mine = load_run_config(None, [*BASE, "--per_device_train_batch_size", "3"])
+    assert resolve_defaults(mine, cuda=True, cuda_bf16=True).per_device_train_batch_size == 3
 
 
 def test_saved_config_round_trips(tmp_path):

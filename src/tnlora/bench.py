@@ -310,9 +310,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--cuda_graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="decode steps as replayed CUDA graphs (config decode_cuda_graphs; default: on with CUDA)")
-    parser.add_argument("--decode_kernel", default="torch", choices=["torch", "triton"],
-                        help="recurrence of the CUDA-graph decode step (config decode_kernel): in-place torch ops "
-                             "or the fused Triton kernel")
+    parser.add_argument("--decode_kernel", default="auto", choices=["auto", "torch", "triton"],
+                        help="recurrence of the CUDA-graph decode step (config decode_kernel): in-place torch ops, "
+                             "the fused Triton kernel, or auto (triton when it imports)")
     parser.add_argument("--name", default="", help="row label")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one timed step")
     return parser.parse_args(argv)
@@ -324,15 +324,19 @@ def main(argv: list[str] | None = None) -> int:
     print(environment_line(), flush=True)
     if args.decode:
         graphs = decode_cuda_graphs(args) and torch.cuda.is_available()  # graphs need CUDA
-        if args.decode_kernel != "torch" and not graphs:
+        if args.decode_kernel == "triton" and not graphs:
             # Only the static CUDA-graph step reads decode_kernel: an eager run would time the torch step.
             raise ConfigError("--decode_kernel triton needs CUDA-graph decoding (a GPU and --cuda_graphs)")
-        print(f"config: {args.model} decode cuda_graphs={graphs} decode_kernel={args.decode_kernel} "
+        from tnlora.model.decode_graph import resolve_decode_kernel
+
+        # What the static step runs ("auto" resolved); eager decoding (no graphs) never reads it.
+        kernel = resolve_decode_kernel(args.decode_kernel, "cuda") if graphs else "torch"
+        print(f"config: {args.model} decode cuda_graphs={graphs} decode_kernel={args.decode_kernel} ({kernel}) "
               f"prompt={args.prompt_len} new_tokens={args.new_tokens}", flush=True)
         print("| model | cuda graphs | decode kernel | batch | tokens/s | ms/step |\n|---|---|---|---|---|---|")
         for batch in [int(b) for b in args.decode_batch.split(",")]:
             tps, ms = decode_bench(args, batch)
-            print(f"| {args.model} | {graphs} | {args.decode_kernel} | {batch} | {tps:,.0f} | {ms:.2f} |", flush=True)
+            print(f"| {args.model} | {graphs} | {kernel} | {batch} | {tps:,.0f} | {ms:.2f} |", flush=True)
         return 0
     if args.seq_len:
         lengths = [(0, args.seq_len)]

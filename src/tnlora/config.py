@@ -88,7 +88,10 @@ class RunConfig:
         default=2, metadata=_opt("freeze: train the last n layers (negative: the first n)")
     )
     # --- optimisation ---
-    per_device_train_batch_size: int = field(default=8, metadata=_opt("examples (or packed rows) per step", ge=1))
+    per_device_train_batch_size: int | None = field(
+        default=None,
+        metadata=_opt("examples (or packed rows) per micro-batch (default: 8; packed, rows of 16,384 tokens in all)", ge=1),
+    )
     per_device_eval_batch_size: int = field(default=8, metadata=_opt("examples per eval step", ge=1))
     gradient_accumulation_steps: int = field(default=1, metadata=_opt("micro-batches per optimizer step", ge=1))
     learning_rate: float = field(default=5e-5, metadata=_opt("peak learning rate", gt=0))
@@ -388,9 +391,18 @@ def _check_combinations(cfg: RunConfig) -> None:
 # Defaults that depend on the machine
 
 
+# Examples per micro-batch when unpacked (LLaMA-Factory's and the Trainer's 8).
+DEFAULT_BATCH_SIZE = 8
+# Tokens per micro-batch of packed rows when the batch size is left to us: the fla kernel runs the rows as one
+# sequence, and below ~16k tokens a step is bound by kernel launches, not the GPU (benchmarks/RESULTS.md:
+# 1B 13,658 tokens/s in 2,048-token micro-batches, 41,178 in 16,384-token ones, 69,839 compiled on an H200).
+PACKED_TOKENS_PER_MICRO_BATCH = 16_384
+
+
 def resolve_defaults(cfg: RunConfig, *, cuda: bool, cuda_bf16: bool) -> RunConfig:
     """Fill the "pick for me" values: bf16, packing and compiled decoder layers on a GPU, none of them on CPU
-    (compiling pays only where kernel launches dominate; on CPU it costs minutes); alpha = 2 × rank."""
+    (compiling pays only where kernel launches dominate; on CPU it costs minutes); micro-batches of packed rows
+    sized by a token budget; alpha = 2 × rank."""
     out = dataclasses.replace(cfg)
     if out.bf16 is None:
         out.bf16 = bool(cuda and cuda_bf16)
@@ -402,6 +414,10 @@ def resolve_defaults(cfg: RunConfig, *, cuda: bool, cuda_bf16: bool) -> RunConfi
         out.torch_compile = bool(cuda)
     if out.use_unsloth_gc:
         out.gradient_checkpointing = True
+    if out.per_device_train_batch_size is None:
+        out.per_device_train_batch_size = (
+            max(1, PACKED_TOKENS_PER_MICRO_BATCH // out.cutoff_len) if out.packing else DEFAULT_BATCH_SIZE
+        )
     if out.lora_alpha is None:
         out.lora_alpha = float(2 * out.lora_rank)
     if out.eval_steps is None:

@@ -36,6 +36,10 @@ cuda = pytest.mark.skipif(
     reason="needs a CUDA device and triton (not the interpreter)",
 )
 GREEDY = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0}
+KERNELS = ("torch", "triton")
+# The kernel tests' prefill runs the chunked path: on a GPU "auto" would pick fla, whose first use autotunes
+# every new shape (minutes for the tiny model's on a fresh machine); the decode steps are what is compared.
+PREFILL = {"lightning_impl": "chunked"}
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -59,8 +63,8 @@ def _step_inputs(
 
 
 def test_config_validates_decode_kernel() -> None:
-    assert DECODE_KERNELS == ("torch", "triton")
-    assert config_from_preset("tiny").decode_kernel == "torch"
+    assert DECODE_KERNELS == ("auto", "torch", "triton")
+    assert config_from_preset("tiny").decode_kernel == "auto"
     assert config_from_preset("tiny", decode_kernel="triton").decode_kernel == "triton"
     with pytest.raises(ConfigError, match="decode_kernel"):
         config_from_preset("tiny", decode_kernel="cuda")
@@ -98,11 +102,23 @@ except ConfigError as exc:
     assert "triton" in str(exc), exc
 else:
     raise AssertionError("no ConfigError")
+auto = DecodeStepRunner(TransnormerForCausalLM(config_from_preset("tiny")).eval(), 1, torch.device("cpu"), False)
+assert auto.kernel == "torch" and "triton" not in sys.modules
 print("ok")
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+@pytest.mark.parametrize(("importable", "device", "want"),
+                         [(True, "cuda", "triton"), (True, "cpu", "torch"), (False, "cuda", "torch")])
+def test_auto_is_triton_on_cuda_when_it_imports(monkeypatch, importable: bool, device: str, want: str) -> None:
+    from tnlora.model import decode_graph
+
+    monkeypatch.setattr(decode_graph, "triton_available", lambda: importable)
+    assert decode_graph.resolve_decode_kernel("auto", device) == want
+    assert decode_graph.resolve_decode_kernel("torch", device) == "torch"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -190,7 +206,7 @@ def _generate(model: torch.nn.Module, kernel: str, *args: object, **kwargs: obje
 
 @needs_kernel
 def test_greedy_generate_with_the_kernel_equals_torch_step() -> None:
-    model = build_model(torch.float32).to(DEVICE)
+    model = build_model(torch.float32, **PREFILL).to(DEVICE)
     prompt = random_ids(1, 11).to(DEVICE)
     torch_run = _generate(model, "torch", prompt, max_new_tokens=14, **GREEDY)
     kernel_run = _generate(model, "triton", prompt, max_new_tokens=14, **GREEDY)
@@ -206,7 +222,7 @@ def test_greedy_generate_with_the_kernel_equals_torch_step() -> None:
 
 @needs_kernel
 def test_left_padded_batch_with_the_kernel_equals_torch_step() -> None:
-    model = build_model(torch.float32).to(DEVICE)
+    model = build_model(torch.float32, **PREFILL).to(DEVICE)
     rows = [random_ids(1, 13, seed=1)[0], random_ids(1, 4, seed=2)[0], random_ids(1, 9, seed=3)[0]]
     ids, mask = left_padded(rows)
     ids, mask = ids.to(DEVICE), mask.to(DEVICE)
@@ -221,12 +237,12 @@ def test_left_padded_batch_with_the_kernel_equals_torch_step() -> None:
 @needs_kernel
 def test_padded_decode_step_through_the_runner_equals_torch_step() -> None:
     """A new token marked as padding (attention_mask 0 in its last column) only decays the state."""
-    model = build_model(torch.float32).to(DEVICE)
+    model = build_model(torch.float32, **PREFILL).to(DEVICE)
     ids = random_ids(3, 8).to(DEVICE)
     mask = torch.ones(3, 8, dtype=torch.long, device=DEVICE)
     mask[1, -1] = 0
     results = {}
-    for kernel in DECODE_KERNELS:
+    for kernel in KERNELS:
         model.config.decode_kernel = kernel
         cache = TransnormerCache(model.config)
         with torch.no_grad():
@@ -268,10 +284,10 @@ def test_cuda_kernel_at_7b_shapes(key_dim: int) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_decoding_with_the_kernel(dtype: torch.dtype) -> None:
     """Captured graphs with decode_kernel "triton" against captured graphs with "torch" (greedy, batch 3)."""
-    model = build_model(torch.float32).to(device="cuda", dtype=dtype)
+    model = build_model(torch.float32, **PREFILL).to(device="cuda", dtype=dtype)
     prompt = random_ids(3, 12).cuda()
     runs = {}
-    for kernel in DECODE_KERNELS:
+    for kernel in KERNELS:
         model.config.decode_cuda_graphs = True
         model.config.decode_kernel = kernel
         graphs = graphs_of(model, capture=True)

@@ -358,3 +358,21 @@ def test_tokenised_dataset_is_cached_and_reused(tmp_path: Path, make_config, mon
     assert [r["input_ids"] for r in second.train] == [r["input_ids"] for r in first.train]
     with pytest.raises(AssertionError, match="tokenised again"):
         build_datasets(make_config(tmp_path / "out", "--overwrite_cache", "true"), tokenizer)
+
+
+class _OutOfMemoryAtStep(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def test_out_of_memory_is_one_line_naming_the_keys(make_config, tmp_path):
+    from tnlora.errors import ConfigError
+
+    cfg = make_config(tmp_path / "o", "--max_steps", "1", "--per_device_train_batch_size", "16")
+    with pytest.raises(ConfigError) as info:
+        train(cfg, callbacks=[_OutOfMemoryAtStep()])
+    assert str(info.value) == (
+        "out of GPU memory with micro-batches of up to 16 × 256 tokens (per_device_train_batch_size × "
+        "cutoff_len); try gradient_checkpointing: true, or use_unsloth_gc: true (layer inputs kept in CPU "
+        "memory), or a per_device_train_batch_size below 16"
+    )

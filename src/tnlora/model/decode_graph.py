@@ -20,8 +20,9 @@ attention for T = 1), only writing the new state into the old one, so its result
 them to check the buffer logic on the CPU.
 
 ``TransnormerConfig.decode_kernel`` picks the recurrence (:mod:`tnlora.model.recurrent_kernel`): "torch" (the
-in-place ops above, bitwise the eager step) or "triton" (one fused kernel per layer that reads and writes each
-state once and zeroes padded v itself; equal up to rounding). A runner keeps the choice it was built with; a
+in-place ops above, bitwise the eager step), "triton" (one fused kernel per layer that reads and writes each
+state once and zeroes padded v itself; equal up to rounding) or "auto" (the default: triton on CUDA when it
+imports). A runner keeps the choice it was built with; a
 changed choice rebuilds the runners at the next ``generate()`` call (it is part of the fingerprint).
 
 Switched on by ``TransnormerConfig.decode_cuda_graphs``; the model's forward calls :func:`decode_step`, which
@@ -63,7 +64,7 @@ class DecodeStepRunner:
 
     def __init__(self, model: TransnormerForCausalLM, batch_size: int, device: torch.device, capture: bool) -> None:
         self.capture = capture
-        self.kernel = decode_kernel(model)
+        self.kernel = decode_kernel(model, device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
         self.owner: weakref.ref[TransnormerCache] | None = None
@@ -251,11 +252,19 @@ def graphs_of(model: TransnormerForCausalLM, capture: bool | None = None) -> Dec
     return graphs
 
 
-def decode_kernel(model: nn.Module) -> str:
-    """``config.decode_kernel`` of ``model``, checked (it may have been set after the config was built)."""
-    kernel = getattr(model.config, "decode_kernel", "torch")
+def decode_kernel(model: nn.Module, device: torch.device | str) -> str:
+    """``config.decode_kernel`` of ``model`` for a step on ``device``, checked (it may have been set after the
+    config was built), "auto" resolved: "triton" on CUDA when triton imports, else "torch"."""
+    return resolve_decode_kernel(getattr(model.config, "decode_kernel", "auto"), device)
+
+
+def resolve_decode_kernel(kernel: str, device: torch.device | str) -> str:
+    """The recurrence a static step on ``device`` runs for the decode_kernel value ``kernel``."""
     if kernel not in DECODE_KERNELS:
         raise ConfigError(f"decode_kernel must be one of {DECODE_KERNELS}, got {kernel!r}")
+    if kernel == "auto":
+        # The device first: a CPU step never imports triton.
+        return "triton" if torch.device(device).type == "cuda" and triton_available() else "torch"
     if kernel == "triton" and not triton_available():
         raise ConfigError(
             "decode_kernel 'triton' needs the triton package (installed with PyTorch's CUDA wheels); "
@@ -268,7 +277,7 @@ def model_fingerprint(model: nn.Module) -> Hashable | None:
     """What a captured graph depends on beyond tensor values: the module tree, every parameter and buffer's
     address, shape, dtype and device, peft's adapter switches and the decode kernel. None when the model
     spans several devices."""
-    items: list[Hashable] = [("decode_kernel", getattr(model.config, "decode_kernel", "torch"))]
+    items: list[Hashable] = [("decode_kernel", getattr(model.config, "decode_kernel", "auto"))]
     devices = set()
     for name, module in model.named_modules():
         items.append((name, type(module)))
@@ -335,4 +344,12 @@ def decode_step(
         return None
 
 
-__all__ = ["DecodeGraphs", "DecodeStepRunner", "decode_kernel", "decode_step", "graphs_of", "model_fingerprint"]
+__all__ = [
+    "DecodeGraphs",
+    "DecodeStepRunner",
+    "decode_kernel",
+    "decode_step",
+    "graphs_of",
+    "model_fingerprint",
+    "resolve_decode_kernel",
+]

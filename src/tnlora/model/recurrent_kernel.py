@@ -31,8 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-# The static decode step's recurrence implementations (TransnormerConfig.decode_kernel).
-DECODE_KERNELS = ("torch", "triton")
+# The static decode step's recurrence implementations (TransnormerConfig.decode_kernel); "auto" is "triton"
+# on a CUDA device when triton imports, else "torch".
+DECODE_KERNELS = ("auto", "torch", "triton")
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, state: Tensor, decay: Tensor, pad: Tensor | None) -> None:

@@ -536,6 +536,24 @@ def _json_safe(metrics: dict[str, Any]) -> dict[str, float]:
 # The run
 
 
+def out_of_memory_advice(cfg: RunConfig) -> str:
+    """One line for a run that ran out of GPU memory: how big its micro-batch was and which keys shrink it."""
+    rows, length = cfg.per_device_train_batch_size, cfg.cutoff_len
+    advice = []
+    if not cfg.gradient_checkpointing:
+        advice.append("gradient_checkpointing: true")
+    if not cfg.use_unsloth_gc:
+        advice.append("use_unsloth_gc: true (layer inputs kept in CPU memory)")
+    if rows and rows > 1:
+        advice.append(f"a per_device_train_batch_size below {rows}")
+    if not advice:
+        advice.append("a smaller cutoff_len")
+    return (
+        f"out of GPU memory with micro-batches of up to {rows} × {length} tokens "
+        f"(per_device_train_batch_size × cutoff_len); try {', or '.join(advice)}"
+    )
+
+
 def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
     """Fine-tune as ``cfg`` says; write the adapter, checkpoints, run files and loss plot to ``output_dir``."""
     from tnlora.train.lora import count_parameters, describe_trainable
@@ -560,6 +578,8 @@ def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
         _say(f"resuming from {resume}")
     try:
         output = trainer.train(resume_from_checkpoint=resume)
+    except torch.OutOfMemoryError:
+        raise ConfigError(out_of_memory_advice(cfg)) from None
     finally:
         if cfg.torch_compile:
             # The model outlives the run (TrainResult.model, sample_prompts): back to eager for generation.
