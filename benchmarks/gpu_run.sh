@@ -10,10 +10,10 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD/src
 export TRITON_CACHE_DIR=$PWD/.tcache  # autotune results travel back in $OUT/tcache.tgz (fla autotunes ~minutes)
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" "$TRITON_CACHE_DIR"
-# fla's autotune results from earlier calls (H100 80GB HBM3, triton 3.6.0, fla-core 0.6.0): a fresh machine then
-# skips ~5 minutes of first-use tuning per q/k width. Triton keys them by kernel source and versions, so other
-# cards or versions simply tune again.
-[ -n "$(ls -A "$TRITON_CACHE_DIR")" ] || tar xzf benchmarks/fla_autotune_h100.tgz -C "$TRITON_CACHE_DIR"
+# fla's autotune results from earlier calls (tuned on an H100 80GB HBM3 and reused unchanged on an H200: both
+# sm_90; triton 3.6.0, fla-core 0.6.0): a fresh machine then skips ~5 minutes of first-use tuning per q/k width.
+# Triton keys them by kernel source, target and versions, so other cards or versions simply tune again.
+[ -n "$(ls -A "$TRITON_CACHE_DIR")" ] || tar xzf benchmarks/fla_autotune_sm90.tgz -C "$TRITON_CACHE_DIR"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   >/dev/null 2>&1 || echo "wheel install failed"
 python3 - <<'PY' 2>&1 | tee -a "$OUT/log.txt"
@@ -115,6 +115,6 @@ for stage in "$@"; do
       done; done ;;
   esac
 done
-pack  # extract $OUT/tcache.tgz into .tcache here and carry it (or replace benchmarks/fla_autotune_h100.tgz)
+pack  # extract $OUT/tcache.tgz into .tcache here and carry it (or replace benchmarks/fla_autotune_sm90.tgz)
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader | tee -a "$OUT/log.txt"
 echo; cat "$OUT/table.txt" 2>/dev/null
