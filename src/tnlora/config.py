@@ -11,6 +11,7 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,8 @@ def _opt(help: str, **checks: Any) -> dict[str, Any]:
 
 @dataclass
 class RunConfig:
-    """One training run. ``None`` on bf16 / packing / torch_compile / lora_alpha means "pick for me" (see ``resolve_defaults``)."""
+    """One training run. ``None`` on bf16 / packing / torch_compile / per_device_train_batch_size /
+    gradient_checkpointing / lora_alpha means "pick for me" (see ``resolve_defaults``)."""
 
     # --- model ---
     model_name_or_path: str = field(
@@ -106,7 +108,13 @@ class RunConfig:
     max_grad_norm: float = field(default=1.0, metadata=_opt("gradient clipping norm (0: off)", ge=0))
     optim: str = field(default="adamw_torch", metadata=_opt("optimizer", choices=OPTIMIZERS))
     bf16: bool | None = field(default=None, metadata=_opt("bf16 mixed precision (GPU default)"))
-    gradient_checkpointing: bool = field(default=False, metadata=_opt("recompute activations to save memory"))
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata=_opt(
+            "recompute activations to save memory (default: off, on a GPU on when a micro-batch's activations "
+            "are estimated not to fit)"
+        ),
+    )
     use_unsloth_gc: bool = field(
         default=False,
         metadata=_opt(
@@ -399,10 +407,13 @@ DEFAULT_BATCH_SIZE = 8
 PACKED_TOKENS_PER_MICRO_BATCH = 16_384
 
 
-def resolve_defaults(cfg: RunConfig, *, cuda: bool, cuda_bf16: bool) -> RunConfig:
+def resolve_defaults(
+    cfg: RunConfig, *, cuda: bool, cuda_bf16: bool, fits: Callable[[RunConfig], bool] | None = None
+) -> RunConfig:
     """Fill the "pick for me" values: bf16, packing and compiled decoder layers on a GPU, none of them on CPU
     (compiling pays only where kernel launches dominate; on CPU it costs minutes); micro-batches of packed rows
-    sized by a token budget; alpha = 2 × rank."""
+    sized by a token budget; alpha = 2 × rank. Gradient checkpointing: on with a GPU when ``fits`` (given the
+    otherwise resolved config, checkpointing off) says the run would not fit its memory, else off."""
     out = dataclasses.replace(cfg)
     if out.bf16 is None:
         out.bf16 = bool(cuda and cuda_bf16)
@@ -418,6 +429,10 @@ def resolve_defaults(cfg: RunConfig, *, cuda: bool, cuda_bf16: bool) -> RunConfi
         out.per_device_train_batch_size = (
             max(1, PACKED_TOKENS_PER_MICRO_BATCH // out.cutoff_len) if out.packing else DEFAULT_BATCH_SIZE
         )
+    if out.gradient_checkpointing is None:
+        out.gradient_checkpointing = False
+        if cuda and fits is not None:
+            out.gradient_checkpointing = not fits(out)
     if out.lora_alpha is None:
         out.lora_alpha = float(2 * out.lora_rank)
     if out.eval_steps is None:

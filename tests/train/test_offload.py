@@ -74,5 +74,5 @@ def test_activation_checkpointing_enable_reaches_the_override():
 def test_use_unsloth_gc_implies_gradient_checkpointing():
     base = ["--model_name_or_path", "tiny", "--dataset", "d.json", "--output_dir", "out"]
     cfg = load_run_config(None, [*base, "--use_unsloth_gc", "true"])
-    assert cfg.gradient_checkpointing is False
+    assert cfg.gradient_checkpointing is None  # "pick for me" until resolved
     assert resolve_defaults(cfg, cuda=False, cuda_bf16=False).gradient_checkpointing is True

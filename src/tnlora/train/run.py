@@ -72,8 +72,23 @@ def preflight(cfg: RunConfig) -> tuple[RunConfig, str | None]:
     Returns the resolved config and the checkpoint to resume from (or ``None``).
     """
     cuda = torch.cuda.is_available()
-    cfg = resolve_defaults(cfg, cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported())
     check_model_name(cfg.model_name_or_path)
+    fits = None
+    if cuda:
+        from tnlora.train.memory import fits_without_checkpointing
+
+        device_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+
+        def fits(resolved: RunConfig) -> bool:
+            return fits_without_checkpointing(resolved, device_bytes)
+
+    chosen = cfg.gradient_checkpointing
+    cfg = resolve_defaults(cfg, cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported(), fits=fits)
+    if chosen is None and cfg.gradient_checkpointing and not cfg.use_unsloth_gc:
+        _say(
+            f"gradient_checkpointing: on (micro-batches of {cfg.per_device_train_batch_size} × {cfg.cutoff_len} "
+            "tokens would not fit this GPU without it; set gradient_checkpointing: false to try anyway)"
+        )
     get_template_checked(cfg.template)
     if "tensorboard" in split_list(cfg.report_to):
         try:

@@ -1,0 +1,71 @@
+"""How much GPU memory a training run needs without gradient checkpointing: the default's deciding figure.
+
+A rough model calibrated on measured peaks rather than derived: the frozen weights plus the activations
+that autograd keeps for the backward, which grow with tokens per micro-batch × layers × model width.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tnlora.config import RunConfig
+
+# Saved activations in bytes per token, per layer, per unit of model width (decoder_embed_dim), LoRA on every
+# linear layer, bf16, 16,384-token micro-batches, no checkpointing (benchmarks/RESULTS.md): compiled layers
+# 44.6 (1B: 24.3 GiB peak) and 43.4 (7B: 94.0 GiB); eager 54 (1B: 29.8 GiB). Rounded up for a margin.
+ACTIVATION_BYTES_COMPILED = 48
+ACTIVATION_BYTES_EAGER = 60
+# The part of the card a run may plan to use: the CUDA context, the allocator's fragmentation and the
+# optimizer's first step take the rest.
+USABLE_FRACTION = 0.9
+
+
+def model_config(name_or_path: str):
+    """The TransnormerConfig of a preset name or a checkpoint directory (nothing else is read)."""
+    from tnlora.model import TransnormerConfig, config_from_preset
+    from tnlora.model.configuration import PRESETS
+
+    if name_or_path in PRESETS:
+        return config_from_preset(name_or_path)
+    return TransnormerConfig.from_pretrained(str(Path(name_or_path).expanduser()))
+
+
+def parameter_count(config) -> int:
+    """Parameters of the model ``config`` describes, counted on the meta device (no memory, no init)."""
+    from tnlora.model import TransnormerForCausalLM
+
+    with torch.device("meta"):
+        model = TransnormerForCausalLM(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def memory_without_checkpointing(config, cfg: RunConfig) -> int:
+    """Estimated peak bytes of a run of ``cfg`` on the model ``config`` with checkpointing off."""
+    tokens = int(cfg.per_device_train_batch_size or 1) * cfg.cutoff_len
+    params = parameter_count(config)
+    weights = params * (2 if cfg.bf16 else 4)
+    # Trained weights also hold an fp32 copy, its gradient and AdamW's two moments: 16 bytes each.
+    if cfg.finetuning_type == "full":
+        weights = 16 * params
+    elif cfg.finetuning_type == "freeze":
+        weights += 16 * params * min(1.0, abs(cfg.freeze_trainable_layers) / config.decoder_layers)
+    per_unit = ACTIVATION_BYTES_COMPILED if cfg.torch_compile else ACTIVATION_BYTES_EAGER
+    per_unit *= 1 if cfg.bf16 else 2  # fp32 activations are twice the size
+    return int(weights + per_unit * tokens * config.decoder_layers * config.decoder_embed_dim)
+
+
+def fits_without_checkpointing(cfg: RunConfig, device_bytes: int) -> bool:
+    """Whether the estimate stays within the usable part of ``device_bytes``."""
+    return memory_without_checkpointing(model_config(cfg.model_name_or_path), cfg) <= USABLE_FRACTION * device_bytes
+
+
+__all__ = [
+    "ACTIVATION_BYTES_COMPILED",
+    "ACTIVATION_BYTES_EAGER",
+    "fits_without_checkpointing",
+    "memory_without_checkpointing",
+    "model_config",
+    "parameter_count",
+]

@@ -1,0 +1,78 @@
+"""The estimate behind the gradient_checkpointing default: its calibration points, the cards it decides on,
+and how the default is picked from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tnlora.config import RunConfig, load_run_config, resolve_defaults
+from tnlora.model import config_from_preset
+from tnlora.train.memory import (
+    fits_without_checkpointing,
+    memory_without_checkpointing,
+    model_config,
+    parameter_count,
+)
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "models"
+GIB = 2**30
+H100_80GB = 79.6 * GIB  # total_memory torch reports for the 80 GB cards
+H200 = 139.8 * GIB
+
+
+def gpu_config(model: str, *overrides: str) -> RunConfig:
+    cfg = load_run_config(None, ["--model_name_or_path", model, "--dataset", "d", "--output_dir", "o", *overrides])
+    return resolve_defaults(cfg, cuda=True, cuda_bf16=True)
+
+
+def test_parameter_counts_are_the_benchmarks_n():
+    assert parameter_count(config_from_preset("1B")) == 1_020_266_496
+    assert parameter_count(config_from_preset("7B")) == 6_836_719_616
+
+
+@pytest.mark.skipif(not (SHARED / "7B" / "config.json").is_file(), reason="needs ../shared/models")
+def test_model_config_reads_an_official_checkpoint_dir():
+    official, preset = model_config(str(SHARED / "7B")), config_from_preset("7B")
+    assert (official.decoder_embed_dim, official.decoder_layers, official.vocab_size) == (
+        preset.decoder_embed_dim, preset.decoder_layers, preset.vocab_size,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("model", "compiled", "measured_gib"),
+    [("1B", "true", 24.3), ("7B", "true", 94.0), ("1B", "false", 29.8)],  # peaks of benchmarks/RESULTS.md
+)
+def test_estimate_is_a_little_above_the_measured_peaks(model, compiled, measured_gib):
+    cfg = gpu_config(model, "--torch_compile", compiled)  # 16 packed rows of 1,024 tokens
+    estimate = memory_without_checkpointing(config_from_preset(model), cfg) / GIB
+    assert measured_gib <= estimate <= 1.15 * measured_gib
+
+
+def test_only_7b_at_16k_tokens_needs_checkpointing_on_an_80gb_card():
+    assert fits_without_checkpointing(gpu_config("1B"), H100_80GB)
+    assert not fits_without_checkpointing(gpu_config("7B"), H100_80GB)
+    assert fits_without_checkpointing(gpu_config("7B"), H200)  # measured: 94.0 GiB, it trained
+    assert fits_without_checkpointing(gpu_config("7B", "--per_device_train_batch_size", "4"), H100_80GB)
+    # Full fine-tuning keeps 16 bytes per parameter besides the activations.
+    assert not fits_without_checkpointing(gpu_config("7B", "--finetuning_type", "full", "--cutoff_len", "128",
+                                                     "--per_device_train_batch_size", "1"), H100_80GB)
+
+
+def test_default_is_picked_from_the_estimate_only_when_unset():
+    cfg = load_run_config(None, ["--model_name_or_path", "7B", "--dataset", "d", "--output_dir", "o"])
+    assert cfg.gradient_checkpointing is None
+    seen = []
+
+    def fits(resolved: RunConfig) -> bool:
+        seen.append((resolved.gradient_checkpointing, resolved.per_device_train_batch_size))
+        return False
+
+    assert resolve_defaults(cfg, cuda=True, cuda_bf16=True, fits=fits).gradient_checkpointing is True
+    assert seen == [(False, 16)]  # asked about the run without checkpointing, batch already resolved
+    assert resolve_defaults(cfg, cuda=True, cuda_bf16=True, fits=lambda c: True).gradient_checkpointing is False
+    assert resolve_defaults(cfg, cuda=False, cuda_bf16=False, fits=fits).gradient_checkpointing is False
+    mine = load_run_config(None, ["--model_name_or_path", "7B", "--dataset", "d", "--output_dir", "o",
+                                  "--gradient_checkpointing", "false"])
+    assert resolve_defaults(mine, cuda=True, cuda_bf16=True, fits=fits).gradient_checkpointing is False
