@@ -1,0 +1,24 @@
+"""GPU check of the picked defaults (no training): the checkpointing decision for 1B / 7B micro-batches on this
+card, and which recurrence CUDA-graph decoding resolves ``decode_kernel: auto`` to."""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+
+from tnlora.config import load_run_config
+from tnlora.model.decode_graph import resolve_decode_kernel
+from tnlora.train.memory import memory_without_checkpointing, model_config
+from tnlora.train.run import preflight
+
+total = torch.cuda.get_device_properties(0).total_memory
+print(f"{torch.cuda.get_device_name(0)}: {total / 2**30:.1f} GiB; decode_kernel auto -> "
+      f"{resolve_decode_kernel('auto', 'cuda')}")
+for model, extra in [("1B", []), ("7B", []), ("7B", ["--cutoff_len", "16384", "--per_device_train_batch_size", "4"])]:
+    with tempfile.TemporaryDirectory() as out:
+        cfg = load_run_config(None, ["--model_name_or_path", model, "--dataset", "d", "--output_dir", out, *extra])
+        cfg, _ = preflight(cfg)
+        need = memory_without_checkpointing(model_config(model), cfg) / 2**30
+        print(f"| {model} | {cfg.per_device_train_batch_size} x {cfg.cutoff_len} | estimate {need:.1f} GiB | "
+              f"gradient_checkpointing {cfg.gradient_checkpointing} | compile {cfg.torch_compile} |")
