@@ -8,7 +8,7 @@ from train_helpers import batch, lora_model, loss_and_grads
 
 from tnlora.config import RunConfig
 from tnlora.model import TransnormerForCausalLM, config_from_preset
-from tnlora.train.lora import skip_adapter_input_casts
+from tnlora.train.lora import set_adapter_input_casts
 from tnlora.train.run import prepare_for_training
 
 
@@ -17,7 +17,7 @@ def test_autocast_step_is_identical_without_adapter_input_casts():
     model = lora_model(dtype=torch.bfloat16)  # bf16 base, fp32 adapters, as tnlora train keeps them
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss_cast, grads_cast = loss_and_grads(model, inputs)
-        assert skip_adapter_input_casts(model) == 10  # 5 linear layers in each of the tiny model's 2 layers
+        assert set_adapter_input_casts(model, False) == 10  # 5 linear layers in each of the tiny model's 2 layers
         loss_plain, grads_plain = loss_and_grads(model, inputs)
     assert loss_plain == loss_cast
     assert grads_plain.keys() == grads_cast.keys() and len(grads_plain) == 20

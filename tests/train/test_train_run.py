@@ -318,19 +318,34 @@ def test_attention_impl_reaches_every_token_mixer():
     torch.testing.assert_close(logits(recurrent), logits(chunked), rtol=1e-4, atol=1e-4)
 
 
+class _DtypesWhileTraining(TrainerCallback):
+    def __init__(self) -> None:
+        self.trainable: set[torch.dtype] = set()
+        self.frozen: set[torch.dtype] = set()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        for p in model.parameters():
+            (self.trainable if p.requires_grad else self.frozen).add(p.dtype)
+
+
 def test_bf16_keeps_the_frozen_base_in_bf16_and_trains_fp32_adapters(make_config, tmp_path):
     # The GPU default, run on CPU autocast: the base is loaded in bf16, everything trainable is fp32.
+    seen = _DtypesWhileTraining()
     result = train(make_config(tmp_path / "bf16", "--bf16", "true", "--max_steps", "2",
-                               "--additional_target", "embed_tokens"))  # fmt: skip
-    params = dict(result.model.named_parameters())
-    trainable = {n: p.dtype for n, p in params.items() if p.requires_grad}
-    frozen = {n: p.dtype for n, p in params.items() if not p.requires_grad}
-    assert trainable and set(trainable.values()) == {torch.float32}
-    assert set(frozen.values()) == {torch.bfloat16}
+                               "--additional_target", "embed_tokens"), callbacks=[seen])  # fmt: skip
+    assert seen.trainable == {torch.float32} and seen.frozen == {torch.bfloat16}
+    # Returned for inference: all bf16, as the saved adapter loaded onto the bf16 base would be.
+    assert {p.dtype for p in result.model.parameters()} == {torch.bfloat16}
     assert "bf16: true" in (tmp_path / "bf16" / "tnlora_run.yaml").read_text()
     saved = _adapter_tensors(result.output_dir)
     assert any("modules_to_save" in k or "embed_tokens" in k for k in saved)
     assert all(t.dtype == torch.float32 for t in saved.values())
+    # The returned model works outside the Trainer's autocast (sample_prompts generate with it): peft's
+    # adapter input casts, skipped while training, are back on.
+    model = result.model.eval()
+    with torch.no_grad():
+        out = model.generate(PROBE, max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert out.shape == (1, PROBE.shape[1] + 3)
 
 
 def test_overwrite_never_deletes_the_base_model(official_dir, make_config, tmp_path, capsys):

@@ -105,10 +105,10 @@ def apply_finetuning(model: nn.Module, cfg: RunConfig, trainable_token_ids: list
     return model
 
 
-def skip_adapter_input_casts(model: nn.Module) -> int:
-    """Let peft's adapted layers feed their input to the adapter as it comes; returns how many layers.
+def set_adapter_input_casts(model: nn.Module, enabled: bool) -> int:
+    """Switch peft's cast of each adapted layer's input to the adapter weights' dtype; returns how many layers.
 
-    For bf16 mixed-precision training only: under the Trainer's autocast the adapter matmuls run in the
+    Off for bf16 mixed-precision training only (and back on after it, for use outside autocast): under the Trainer's autocast the adapter matmuls run in the
     compute dtype whatever their weights' dtype, so peft's cast of each input to the fp32 adapter weights'
     dtype only writes an fp32 copy of the activation (and autocast casts it straight back) in every adapted
     layer, forward and backward. ``cast_input_dtype_enabled`` is peft's own switch for this
@@ -118,7 +118,7 @@ def skip_adapter_input_casts(model: nn.Module) -> int:
 
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     for layer in layers:
-        layer.cast_input_dtype_enabled = False
+        layer.cast_input_dtype_enabled = enabled
     return len(layers)
 
 

@@ -364,17 +364,31 @@ def prepare_for_training(model, cfg: RunConfig, trainable_token_ids: list[int] |
     The one path from a base model to the model the Trainer sees: ``tnlora train`` and ``tnlora bench``
     both go through it, so the bench measures what training runs.
     """
-    from tnlora.train.lora import apply_finetuning, skip_adapter_input_casts
+    from tnlora.train.lora import apply_finetuning, set_adapter_input_casts
 
     # The adapter's random init comes from the run's seed, not from whatever ran before in this process.
     set_seed(cfg.seed)
     model = apply_finetuning(model, cfg, trainable_token_ids=trainable_token_ids)
     upcast_trainable(model)
     if cfg.bf16:
-        skip_adapter_input_casts(model)
+        set_adapter_input_casts(model, False)
     if cfg.torch_compile:
         compile_decoder_layers(model, checkpointing=cfg.gradient_checkpointing)
     return model
+
+
+def ready_for_inference(model, cfg: RunConfig) -> None:
+    """After a bf16 run has been saved: trainable weights (fp32 for the optimizer) down to the base's bf16 and
+    peft's adapter input casts back on, so the returned model runs outside the Trainer's autocast (sample
+    replies, ``TrainResult.model``) as the saved adapter loaded onto a bf16 base would."""
+    from tnlora.train.lora import set_adapter_input_casts
+
+    if not cfg.bf16:
+        return
+    set_adapter_input_casts(model, True)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype == torch.float32:
+            p.data = p.data.to(torch.bfloat16)
 
 
 def upcast_trainable(model) -> None:
@@ -610,6 +624,7 @@ def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
     save_run_files(cfg, tokenizer, template, out)
     if cfg.plot_loss:
         plot_loss(trainer.state.log_history, out / LOSS_PLOT, title=Path(cfg.output_dir).name)
+    ready_for_inference(model, cfg)
     result = TrainResult(
         output_dir=out,
         global_step=trainer.state.global_step,
