@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the named stages, logging to $OUT/log.txt.
 # Usage (on the GPU machine, repo root): bash benchmarks/gpu_run.sh check ladder1b ...
-# Stages: warm/waitwarm (fla autotuning), pack (autotune cache into $OUT), check / pcheck (GPU tests: fla vs
+# Stages: defaults (the picked defaults on this card), profile (compiled 1B step), warm/waitwarm (fla autotuning), pack (autotune cache into $OUT), check / pcheck (GPU tests: fla vs
 #         chunked, serial / one process per test), attn (attention fwd+bwd table), ladder1b, b7 (7B data-shaped),
 #         long (fixed long sequences), maxlen (longest trainable sequence), seed (7B at the seed's settings),
 #         final (decode graphs + compile rung), decode, decodek (fused Triton decode step: tests, then torch vs
@@ -41,9 +41,11 @@ for stage in "$@"; do
       cat "$OUT"/warm*.txt | grep -v Warning | tail -n 4 | tee -a "$OUT/log.txt" ;;
     pack)  # the autotune results so far, in case a later stage runs past the call's limit
       pack ;;
-    profile)
-      log "profile"; timeout 120 python3 -m tnlora.cli bench --model 1B --packing --pack_len 2048 --attn chunked --batch_size 1 --grad_accum 1 --steps 1 --warmup 1 --profile > "$OUT/profile.txt" 2>&1
-      grep -E "Name|aten::|void|gemm|triton|Self CUDA" "$OUT/profile.txt" | head -n 22 | cut -c1-160 ;;
+    profile)  # the top CUDA kernels of one step at the fastest 1B setting (compiled layers, 16k rows, fla)
+      log "profile"; timeout 200 python3 -m tnlora.cli bench --model 1B --packing --pack_len 16384 --attn fla --torch_compile --batch_size 1 --grad_accum 1 --steps 1 --warmup 2 --profile > "$OUT/profile.txt" 2>&1
+      grep -E "Name|aten::|void|gemm|triton|Self CUDA" "$OUT/profile.txt" | head -n 30 | cut -c1-160 | tee -a "$OUT/log.txt" ;;
+    defaults)  # what the picked defaults come to on this card (no training)
+      log "defaults"; timeout 120 python3 benchmarks/gpu_defaults.py 2>&1 | grep -v Warning | tail -n 5 | tee -a "$OUT/log.txt" "$OUT/table.txt" ;;
     flabench)
       bench --model 1B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --name "1B huanhuan: packing 16k rows, fla"
       bench --model 7B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --name "7B huanhuan: packing 16k rows, fla"
