@@ -348,6 +348,16 @@ def test_bf16_keeps_the_frozen_base_in_bf16_and_trains_fp32_adapters(make_config
     assert out.shape == (1, PROBE.shape[1] + 3)
 
 
+def test_bf16_freeze_tuning_returns_a_usable_fp32_model(make_config, tmp_path):
+    # Freeze tuning trains fp32 master weights of an fp32 model under autocast: nothing is cast afterwards.
+    result = train(make_config(tmp_path / "f", "--bf16", "true", "--max_steps", "1", "--finetuning_type", "freeze",
+                               "--freeze_trainable_layers", "1"))  # fmt: skip
+    assert {p.dtype for p in result.model.parameters()} == {torch.float32}
+    with torch.no_grad():
+        out = result.model.eval().generate(PROBE, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, PROBE.shape[1] + 2)
+
+
 def test_overwrite_never_deletes_the_base_model(official_dir, make_config, tmp_path, capsys):
     argv = _cli_train(make_config, official_dir, "--model_name_or_path", str(official_dir),
                       "--overwrite_output_dir", "true")  # fmt: skip

@@ -386,9 +386,11 @@ def ready_for_inference(model, cfg: RunConfig) -> None:
     if not cfg.bf16:
         return
     set_adapter_input_casts(model, True)
-    for p in model.parameters():
-        if p.requires_grad and p.dtype == torch.float32:
-            p.data = p.data.to(torch.bfloat16)
+    # Only over a bf16 base: full and freeze tuning keep the whole model in fp32 (model_dtype).
+    if {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}:
+        for p in model.parameters():
+            if p.requires_grad and p.dtype == torch.float32:
+                p.data = p.data.to(torch.bfloat16)
 
 
 def upcast_trainable(model) -> None:
