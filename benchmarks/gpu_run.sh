@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the named stages, logging to $OUT/log.txt.
 # Usage (on the GPU machine, repo root): bash benchmarks/gpu_run.sh check ladder1b ...
-# Stages: defaults (the picked defaults on this card), profile (compiled 1B step), warm/waitwarm (fla autotuning), pack (autotune cache into $OUT), check / pcheck (GPU tests: fla vs
-#         chunked, serial / one process per test), attn (attention fwd+bwd table), ladder1b, b7 (7B data-shaped),
-#         long (fixed long sequences), maxlen (longest trainable sequence), seed (7B at the seed's settings),
+# Stages: defaults (the picked defaults on this card), profile (compiled 1B step), warm/waitwarm (fla
+#         autotuning), pack (autotune cache into $OUT), check / pcheck (GPU tests: fla vs chunked, serial / one
+#         process per test), compile1b / b7c (1B / 7B 16k rows compiled), attn (attention fwd+bwd table),
+#         ladder1b, b7 (7B data-shaped), long (fixed long sequences), maxlen (longest trainable sequence), seed (7B at the seed's settings),
 #         final (decode graphs + compile rung), decode, decodek (fused Triton decode step: tests, then torch vs
 #         triton decode figures).
 set -uo pipefail
@@ -104,9 +105,6 @@ for stage in "$@"; do
     decode)
       log "decode"; timeout 100 python3 -m tnlora.cli bench --decode --model 1B 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt"
       timeout 120 python3 -m tnlora.cli bench --decode --model 7B 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt" ;;
-    khang)  # the kernel tests that stopped a call: a traceback of every thread after 25 s in one test
-      timeout 70 python3 -m pytest -q -s -x tests/model/test_recurrent_kernel.py -k "generate or padded or cuda" \
-        -o faulthandler_timeout=25 -p no:cacheprovider > "$OUT/khang.txt" 2>&1; log "khang rc $?" ;;
     decodek)  # the fused Triton recurrent step (decode_kernel triton) against the in-place torch step, CUDA graphs
       log "recurrent kernel GPU tests"
       timeout ${KTEST_LIMIT:-90} python3 -m pytest -v -s -x tests/model/test_recurrent_kernel.py -p no:cacheprovider > "$OUT/ktest.txt" 2>&1

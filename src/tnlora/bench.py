@@ -117,17 +117,6 @@ def build_model(preset: str, attention_impl: str, device: str) -> torch.nn.Modul
     return model
 
 
-def count_params(model: torch.nn.Module) -> int:
-    """Distinct parameters (the tied embedding once)."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
-
-
 class _StepTimer:
     """A TrainerCallback that times optimizer steps after a warm-up (syncing only between steps)."""
 
@@ -188,6 +177,7 @@ def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: 
 
     from tnlora.config import RunConfig, resolve_defaults
     from tnlora.model.tokenizer import ByteTokenizer
+    from tnlora.train.lora import count_parameters
     from tnlora.train.run import build_trainer, bundle_from_examples, prepare_for_training
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -225,7 +215,7 @@ def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: 
         # Explicit values above stay; the rules between keys (use_unsloth_gc → checkpointing) apply as in train.
         cfg = resolve_defaults(cfg, cuda=device == "cuda", cuda_bf16=device == "cuda")
         model = build_model(args.model, args.attn, device)
-        n_params = count_params(model)
+        n_params = count_parameters(model)[1]  # the tied embedding once
         # As `tnlora train` does (fp32 adapter weights, compiled layers); warm-up steps absorb compile time.
         model = prepare_for_training(model, cfg)
         # Enough examples for every timed step; packing packs them into cutoff-length rows first.

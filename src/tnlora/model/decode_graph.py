@@ -22,8 +22,8 @@ them to check the buffer logic on the CPU.
 ``TransnormerConfig.decode_kernel`` picks the recurrence (:mod:`tnlora.model.recurrent_kernel`): "torch" (the
 in-place ops above, bitwise the eager step), "triton" (one fused kernel per layer that reads and writes each
 state once and zeroes padded v itself; equal up to rounding) or "auto" (the default: triton on CUDA when it
-imports). A runner keeps the choice it was built with; a
-changed choice rebuilds the runners at the next ``generate()`` call (it is part of the fingerprint).
+imports). A runner keeps the choice it was built with; a changed choice rebuilds the runners at the next
+``generate()`` call (it is part of the fingerprint).
 
 Switched on by ``TransnormerConfig.decode_cuda_graphs``; the model's forward calls :func:`decode_step`, which
 returns None whenever the eager path must run (training mode, grad enabled, not CUDA, several tokens, labels,

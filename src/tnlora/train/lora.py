@@ -108,10 +108,10 @@ def apply_finetuning(model: nn.Module, cfg: RunConfig, trainable_token_ids: list
 def set_adapter_input_casts(model: nn.Module, enabled: bool) -> int:
     """Switch peft's cast of each adapted layer's input to the adapter weights' dtype; returns how many layers.
 
-    Off for bf16 mixed-precision training only (and back on after it, for use outside autocast): under the Trainer's autocast the adapter matmuls run in the
-    compute dtype whatever their weights' dtype, so peft's cast of each input to the fp32 adapter weights'
-    dtype only writes an fp32 copy of the activation (and autocast casts it straight back) in every adapted
-    layer, forward and backward. ``cast_input_dtype_enabled`` is peft's own switch for this
+    Off for bf16 mixed-precision training only, and back on after it for use outside autocast: under the
+    Trainer's autocast the adapter matmuls run in the compute dtype whatever their weights' dtype, so peft's
+    cast of each input to the fp32 adapter weights' dtype only writes an fp32 copy of the activation (and
+    autocast casts it straight back) in every adapted layer, forward and backward. ``cast_input_dtype_enabled`` is peft's own switch for this
     (``peft.helpers.disable_input_dtype_casting``); the result under autocast is identical.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer

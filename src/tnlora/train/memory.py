@@ -35,15 +35,16 @@ def model_config(name_or_path: str):
 def parameter_count(config) -> int:
     """Parameters of the model ``config`` describes, counted on the meta device (no memory, no init)."""
     from tnlora.model import TransnormerForCausalLM
+    from tnlora.train.lora import count_parameters
 
     with torch.device("meta"):
         model = TransnormerForCausalLM(config)
-    return sum(p.numel() for p in model.parameters())
+    return count_parameters(model)[1]
 
 
 def memory_without_checkpointing(config, cfg: RunConfig) -> int:
     """Estimated peak bytes of a run of ``cfg`` on the model ``config`` with checkpointing off."""
-    tokens = int(cfg.per_device_train_batch_size or 1) * cfg.cutoff_len
+    tokens = cfg.per_device_train_batch_size * cfg.cutoff_len  # cfg is resolved: the batch size is set
     params = parameter_count(config)
     weights = params * (2 if cfg.bf16 else 4)
     # Trained weights also hold an fp32 copy, its gradient and AdamW's two moments: 16 bytes each.
