@@ -5,6 +5,7 @@
 #         autotuning), pack (autotune cache into $OUT), check / pcheck (GPU tests: fla vs chunked, serial / one
 #         process per test), compile1b / b7c (1B / 7B 16k rows compiled), attn (attention fwd+bwd table),
 #         ladder1b, b7 (7B data-shaped), long (fixed long sequences), maxlen (longest trainable sequence), seed (7B at the seed's settings),
+#         dprofile (7B b32 decode), pack16 (16 x 1,024-token rows),
 #         final (decode graphs + compile rung), decode, decodek (fused Triton decode step: tests, then torch vs
 #         triton decode figures).
 set -uo pipefail
@@ -45,6 +46,12 @@ for stage in "$@"; do
     profile)  # the top CUDA kernels of one step at the fastest 1B setting (compiled layers, 16k rows, fla)
       log "profile"; timeout 200 python3 -m tnlora.cli bench --model 1B --packing --pack_len 16384 --attn fla --torch_compile --batch_size 1 --grad_accum 1 --steps 1 --warmup 2 --profile > "$OUT/profile.txt" 2>&1
       grep -E "Name|aten::|void|gemm|triton|Self CUDA" "$OUT/profile.txt" | head -n 30 | cut -c1-160 | tee -a "$OUT/log.txt" ;;
+    dprofile)  # the top CUDA kernels of one timed 7B batch-32 generate() (CUDA graphs, fused decode step)
+      log "decode profile"; timeout 150 python3 -m tnlora.cli bench --decode --model 7B --decode_batch ${DPROFILE_BATCH:-32} --profile > "$OUT/dprofile.txt" 2>&1
+      grep -E "ms/step|Name|Self CUDA|^\|" "$OUT/dprofile.txt" | cut -c1-160 | tee -a "$OUT/log.txt"
+      grep -E "void|gemm|triton|Memcpy|cudaGraph|aten::" "$OUT/dprofile.txt" | head -n 25 | cut -c1-160 | tee -a "$OUT/log.txt" ;;
+    pack16)  # the default micro-batch: 16 packed rows of 1,024 tokens (one 16k row is the measured setting)
+      BENCH_TIMEOUT=200 bench --model 1B --packing --pack_len 1024 --attn fla --batch_size 16 --grad_accum 1 --torch_compile --name "1B huanhuan: 16 packed rows x 1,024, fla, torch.compile ($(cat COMMIT 2>/dev/null))" ;;
     defaults)  # what the picked defaults come to on this card (no training)
       log "defaults"; timeout 120 python3 benchmarks/gpu_defaults.py 2>&1 | grep -v Warning | tail -n 5 | tee -a "$OUT/log.txt" "$OUT/table.txt" ;;
     flabench)

@@ -14,6 +14,7 @@ input-gradient half of the backward; LoRA skips the frozen weights' gradients.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -141,6 +142,19 @@ class _StepTimer:
         raise AttributeError(name)
 
 
+def _profile_region() -> torch.profiler.profile:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities)
+
+
+def _print_profile(prof: torch.profiler.profile) -> None:
+    """The top kernels (device time when there is a GPU) of a finished profile."""
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
+
+
 class _Profiler:
     """A TrainerCallback that profiles the optimizer step after the warm-up and prints its top kernels."""
 
@@ -149,10 +163,7 @@ class _Profiler:
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == self.warmup:
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if torch.cuda.is_available():
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self.prof = torch.profiler.profile(activities=activities)
+            self.prof = _profile_region()
             self.prof.__enter__()
         return control
 
@@ -161,7 +172,7 @@ class _Profiler:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.prof.__exit__(None, None, None)
-            print(self.prof.key_averages().table(sort_by="cuda_time_total" if torch.cuda.is_available() else "cpu_time_total", row_limit=25, max_name_column_width=60))
+            _print_profile(self.prof)
             self.prof = None
         return control
 
@@ -266,10 +277,15 @@ def decode_bench(args: argparse.Namespace, batch: int) -> tuple[float, float]:
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model.generate(prompt, **kwargs)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        prof = _profile_region() if getattr(args, "profile", False) else contextlib.nullcontext()
+        with prof:
+            model.generate(prompt, **kwargs)
+            if device == "cuda":
+                torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
+    if getattr(args, "profile", False):
+        print(f"batch {batch}: {1e3 * seconds / args.new_tokens:.2f} ms/step (profiled)")
+        _print_profile(prof)
     return batch * args.new_tokens / seconds, 1e3 * seconds / args.new_tokens
 
 
@@ -304,7 +320,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="recurrence of the CUDA-graph decode step (config decode_kernel): in-place torch ops, "
                              "the fused Triton kernel, or auto (triton when it imports)")
     parser.add_argument("--name", default="", help="row label")
-    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one timed step")
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one timed training step (or of the timed generate() call)")
     return parser.parse_args(argv)
 
 
