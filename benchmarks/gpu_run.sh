@@ -5,7 +5,7 @@
 #         autotuning), pack (autotune cache into $OUT), check / pcheck (GPU tests: fla vs chunked, serial / one
 #         process per test), compile1b / b7c (1B / 7B 16k rows compiled), attn (attention fwd+bwd table),
 #         ladder1b, b7 (7B data-shaped), long (fixed long sequences), maxlen (longest trainable sequence), seed (7B at the seed's settings),
-#         dprofile (7B b32 decode), pack16 (16 x 1,024-token rows),
+#         trace / dtrace (idle-gap timelines of the 1B step / 7B b32 decoding), dprofile (7B b32 decode), pack16 (16 x 1,024-token rows),
 #         final (decode graphs + compile rung), decode, decodek (fused Triton decode step: tests, then torch vs
 #         triton decode figures).
 set -uo pipefail
@@ -46,6 +46,12 @@ for stage in "$@"; do
     profile)  # the top CUDA kernels of one step at the fastest 1B setting (compiled layers, 16k rows, fla)
       log "profile"; timeout 200 python3 -m tnlora.cli bench --model 1B --packing --pack_len 16384 --attn fla --torch_compile --batch_size 1 --grad_accum 1 --steps 1 --warmup 2 --profile > "$OUT/profile.txt" 2>&1
       grep -E "Name|aten::|void|gemm|triton|Self CUDA" "$OUT/profile.txt" | head -n 30 | cut -c1-160 | tee -a "$OUT/log.txt" ;;
+    trace)  # timeline of one compiled 1B 16k-row step: where the GPU waits for the host (benchmarks/trace_gaps.py)
+      log "trace"; timeout 220 python3 -m tnlora.cli bench --model 1B --packing --pack_len 16384 --attn fla --torch_compile --batch_size 1 --grad_accum 1 --steps 1 --warmup 2 --trace /tmp/trace.json > "$OUT/trace.txt" 2>&1
+      python3 benchmarks/trace_gaps.py /tmp/trace.json 2>&1 | tee -a "$OUT/log.txt" "$OUT/gaps.txt"; gzip -c /tmp/trace.json > "$OUT/trace.json.gz" ;;
+    dtrace)  # the same for 7B batch-32 decoding (32 new tokens)
+      log "decode trace"; timeout 150 python3 -m tnlora.cli bench --decode --model 7B --decode_batch 32 --new_tokens 32 --trace /tmp/dtrace.json > "$OUT/dtrace.txt" 2>&1
+      python3 benchmarks/trace_gaps.py /tmp/dtrace.json 2>&1 | tee -a "$OUT/log.txt" "$OUT/dgaps.txt"; gzip -c /tmp/dtrace.json > "$OUT/dtrace.json.gz" ;;
     dprofile)  # the top CUDA kernels of one timed 7B batch-32 generate() (CUDA graphs, fused decode step)
       log "decode profile"; timeout 150 python3 -m tnlora.cli bench --decode --model 7B --decode_batch ${DPROFILE_BATCH:-32} --profile > "$OUT/dprofile.txt" 2>&1
       grep -E "ms/step|Name|Self CUDA|^\|" "$OUT/dprofile.txt" | cut -c1-160 | tee -a "$OUT/log.txt"

@@ -149,17 +149,20 @@ def _profile_region() -> torch.profiler.profile:
     return torch.profiler.profile(activities=activities)
 
 
-def _print_profile(prof: torch.profiler.profile) -> None:
-    """The top kernels (device time when there is a GPU) of a finished profile."""
+def _print_profile(prof: torch.profiler.profile, trace: str = "") -> None:
+    """The top kernels (device time when there is a GPU) of a finished profile; the timeline to ``trace``."""
     key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
+    if trace:
+        prof.export_chrome_trace(trace)
+        print(f"timeline: {trace} (chrome://tracing, or benchmarks/trace_gaps.py)")
 
 
 class _Profiler:
     """A TrainerCallback that profiles the optimizer step after the warm-up and prints its top kernels."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.prof = warmup, None
+    def __init__(self, warmup: int, trace: str = "") -> None:
+        self.warmup, self.prof, self.trace = warmup, None, trace
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == self.warmup:
@@ -172,7 +175,7 @@ class _Profiler:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.prof.__exit__(None, None, None)
-            _print_profile(self.prof)
+            _print_profile(self.prof, self.trace)
             self.prof = None
         return control
 
@@ -239,7 +242,7 @@ def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: 
         timer = _StepTimer(args.warmup)
         callbacks: list[Any] = [timer]
         if args.profile:
-            callbacks.append(_Profiler(args.warmup))
+            callbacks.append(_Profiler(args.warmup, args.trace))
         trainer = build_trainer(cfg, model, ByteTokenizer(), data, callbacks=callbacks)
         trainer.train()
         loss = float(trainer.state.log_history[-1].get("train_loss", math.nan))
@@ -277,15 +280,15 @@ def decode_bench(args: argparse.Namespace, batch: int) -> tuple[float, float]:
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        prof = _profile_region() if getattr(args, "profile", False) else contextlib.nullcontext()
+        prof = _profile_region() if args.profile else contextlib.nullcontext()
         with prof:
             model.generate(prompt, **kwargs)
             if device == "cuda":
                 torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-    if getattr(args, "profile", False):
+    if args.profile:
         print(f"batch {batch}: {1e3 * seconds / args.new_tokens:.2f} ms/step (profiled)")
-        _print_profile(prof)
+        _print_profile(prof, args.trace)
     return batch * args.new_tokens / seconds, 1e3 * seconds / args.new_tokens
 
 
@@ -321,7 +324,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "the fused Triton kernel, or auto (triton when it imports)")
     parser.add_argument("--name", default="", help="row label")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one timed training step (or of the timed generate() call)")
-    return parser.parse_args(argv)
+    parser.add_argument("--trace", default="", help="with --profile: also write the timeline (Chrome trace JSON) here")
+    args = parser.parse_args(argv)
+    args.profile = args.profile or bool(args.trace)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

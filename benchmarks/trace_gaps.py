@@ -1,0 +1,86 @@
+"""Where the GPU waits: idle gaps of a Chrome trace from ``tnlora bench --trace`` and the host work behind them.
+
+Usage: python benchmarks/trace_gaps.py TRACE.json [--min_us 20] [--top 15]
+
+Prints the device's busy and idle time over the traced step, the longest idle gaps with the host operators
+that launched the kernel ending each gap (the host was late there), and every synchronising runtime call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import gzip
+import json
+from collections import Counter
+from pathlib import Path
+
+DEVICE_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
+SYNC_CALLS = ("Synchronize", "cudaMemcpy", "cudaStreamWaitEvent", "cudaMalloc", "cudaFree")
+
+
+def load(path: Path) -> list[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    return [e for e in events if e.get("ph") == "X" and "dur" in e]
+
+
+def enclosing(ops: list[dict], starts: list[float], tid: object, t: float, depth: int = 4) -> str:
+    """The innermost ``depth`` host operators of thread ``tid`` running at time ``t``."""
+    i = bisect.bisect_right(starts, t)
+    names = [e["name"] for e in ops[max(0, i - 4000) : i] if e["tid"] == tid and e["ts"] + e["dur"] >= t]
+    return " > ".join(n[:40] for n in names[-depth:]) or "(no host operator)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("trace", type=Path)
+    parser.add_argument("--min_us", type=float, default=20.0)
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args()
+    events = load(args.trace)
+    device = sorted((e for e in events if e.get("cat") in DEVICE_CATS), key=lambda e: e["ts"])
+    ops = sorted((e for e in events if e.get("cat") in ("cpu_op", "user_annotation")), key=lambda e: e["ts"])
+    starts = [e["ts"] for e in ops]
+    launches = {e["args"].get("correlation"): e for e in events if e.get("cat") == "cuda_runtime" and "args" in e}
+    if not device:
+        print("no device events in the trace")
+        return
+    span0, span1 = device[0]["ts"], max(e["ts"] + e["dur"] for e in device)
+    busy, gaps, end = 0.0, [], device[0]["ts"]
+    for e in device:
+        if e["ts"] > end:
+            gaps.append((e["ts"] - end, end, e))
+        busy += max(0.0, e["ts"] + e["dur"] - max(end, e["ts"]))
+        end = max(end, e["ts"] + e["dur"])
+    span = span1 - span0
+    idle = [g for g in gaps if g[0] >= args.min_us]
+    print(f"device span {span / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms ({100 * busy / span:.0f}%), "
+          f"{len(idle)} gaps >= {args.min_us:.0f} us totalling {sum(g[0] for g in idle) / 1e3:.1f} ms, "
+          f"all gaps {sum(g[0] for g in gaps) / 1e3:.1f} ms")
+    blame: Counter[str] = Counter()
+    for dur, _, kernel in idle:
+        launch = launches.get(kernel.get("args", {}).get("correlation"))
+        where = enclosing(ops, starts, launch["tid"], launch["ts"], 2) if launch else "(launch not traced)"
+        blame[where] += dur
+    print("\nidle time by the host operators that ended the gaps (top):")
+    for where, dur in blame.most_common(args.top):
+        print(f"  {dur / 1e3:8.2f} ms  {where}")
+    print(f"\nlongest gaps (>= {args.min_us:.0f} us):")
+    for dur, t, kernel in sorted(idle, key=lambda g: -g[0])[: args.top]:
+        launch = launches.get(kernel.get("args", {}).get("correlation"))
+        where = enclosing(ops, starts, launch["tid"], launch["ts"]) if launch else "(launch not traced)"
+        print(f"  {dur:8.0f} us at +{(t - span0) / 1e3:7.2f} ms before {kernel['name'][:40]}  <- {where}")
+    syncs = [e for e in events if e.get("cat") == "cuda_runtime" and any(s in e["name"] for s in SYNC_CALLS)]
+    print("\nsynchronising / allocating runtime calls:")
+    totals: Counter[str] = Counter()
+    for e in syncs:
+        totals[f"{e['name']} in {enclosing(ops, starts, e['tid'], e['ts'], 2)}"] += e["dur"]
+    for where, dur in totals.most_common(args.top):
+        print(f"  {dur / 1e3:8.2f} ms  {where}")
+
+
+if __name__ == "__main__":
+    main()
