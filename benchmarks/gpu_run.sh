@@ -5,6 +5,7 @@
 #         autotuning), pack (autotune cache into $OUT), check / pcheck (GPU tests: fla vs chunked, serial / one
 #         process per test), compile1b / b7c (1B / 7B 16k rows compiled), attn (attention fwd+bwd table),
 #         ladder1b, b7 (7B data-shaped), long (fixed long sequences), maxlen (longest trainable sequence), seed (7B at the seed's settings),
+#         kcheck (decode kernels, packed fla, compile GPU tests), decodeauto (7B/1B decode, defaults),
 #         trace / dtrace (idle-gap timelines of the 1B step / 7B b32 decoding), dprofile (7B b32 decode), pack16 (16 x 1,024-token rows),
 #         final (decode graphs + compile rung), decode, decodek (fused Triton decode step: tests, then torch vs
 #         triton decode figures).
@@ -46,6 +47,15 @@ for stage in "$@"; do
     profile)  # the top CUDA kernels of one step at the fastest 1B setting (compiled layers, 16k rows, fla)
       log "profile"; timeout 200 python3 -m tnlora.cli bench --model 1B --packing --pack_len 16384 --attn fla --torch_compile --batch_size 1 --grad_accum 1 --steps 1 --warmup 2 --profile > "$OUT/profile.txt" 2>&1
       grep -E "Name|aten::|void|gemm|triton|Self CUDA" "$OUT/profile.txt" | head -n 30 | cut -c1-160 | tee -a "$OUT/log.txt" ;;
+    kcheck)  # the fused decode kernels' tests, packed fla rows, compiled vs eager layers (serial, on CUDA)
+      log "kernel / packed / compile GPU tests"
+      timeout ${KCHECK_LIMIT:-240} python3 -m pytest -o addopts= -q -s -p no:cacheprovider tests/model/test_norm_kernel.py tests/model/test_recurrent_kernel.py \
+        tests/model/test_attention_gpu.py::test_fla_packed_rows_match_chunked tests/train/test_compile_gpu.py > "$OUT/kcheck.txt" 2>&1
+      grep -E "relative error|loss|passed|failed|Error|assert" "$OUT/kcheck.txt" | tail -n 40 | tee -a "$OUT/log.txt" ;;
+    decodeauto)  # generate() with the defaults (CUDA graphs, decode_kernel auto) for 7B and 1B
+      for m in 7B 1B; do log "decode $m, defaults"
+        timeout ${DECODE_LIMIT:-120} python3 -m tnlora.cli bench --decode --model $m 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 2 | tee -a "$OUT/table.txt"
+      done ;;
     trace)  # timeline of one compiled 1B 16k-row step: where the GPU waits for the host (benchmarks/trace_gaps.py)
       log "trace"; timeout 220 python3 -m tnlora.cli bench --model 1B --packing --pack_len 16384 --attn fla --torch_compile --batch_size 1 --grad_accum 1 --steps 1 --warmup 2 --trace /tmp/trace.json > "$OUT/trace.txt" 2>&1
       python3 benchmarks/trace_gaps.py /tmp/trace.json 2>&1 | tee -a "$OUT/log.txt" "$OUT/gaps.txt"; gzip -c /tmp/trace.json > "$OUT/trace.json.gz" ;;

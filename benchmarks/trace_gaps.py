@@ -44,7 +44,9 @@ def main() -> None:
     device = sorted((e for e in events if e.get("cat") in DEVICE_CATS), key=lambda e: e["ts"])
     ops = sorted((e for e in events if e.get("cat") in ("cpu_op", "user_annotation")), key=lambda e: e["ts"])
     starts = [e["ts"] for e in ops]
-    launches = {e["args"].get("correlation"): e for e in events if e.get("cat") == "cuda_runtime" and "args" in e}
+    launches = {
+        e["args"].get("correlation"): e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver") and "args" in e
+    }
     if not device:
         print("no device events in the trace")
         return
@@ -73,7 +75,7 @@ def main() -> None:
         launch = launches.get(kernel.get("args", {}).get("correlation"))
         where = enclosing(ops, starts, launch["tid"], launch["ts"]) if launch else "(launch not traced)"
         print(f"  {dur:8.0f} us at +{(t - span0) / 1e3:7.2f} ms before {kernel['name'][:40]}  <- {where}")
-    syncs = [e for e in events if e.get("cat") == "cuda_runtime" and any(s in e["name"] for s in SYNC_CALLS)]
+    syncs = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver") and any(s in e["name"] for s in SYNC_CALLS)]
     print("\nsynchronising / allocating runtime calls:")
     totals: Counter[str] = Counter()
     for e in syncs:

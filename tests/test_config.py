@@ -156,6 +156,9 @@ def test_resolve_defaults_cpu_and_gpu():
     assert (cpu.bf16, cpu.packing, cpu.torch_compile, cpu.lora_alpha) == (False, False, False, 8.0)
     gpu = resolve_defaults(cfg, cuda=True, cuda_bf16=True)
     assert (gpu.bf16, gpu.packing, gpu.torch_compile) == (True, True, True)
+    assert (cpu.optim, gpu.optim) == ("adamw_torch", "adamw_torch_fused")
+    picked = load_run_config(None, [*BASE, "--optim", "adamw_torch"])
+    assert resolve_defaults(picked, cuda=True, cuda_bf16=True).optim == "adamw_torch"  # a set value stays
     chosen = load_run_config(None, [*BASE, "--torch_compile", "false", "--packing", "false"])
     assert (resolve_defaults(chosen, cuda=True, cuda_bf16=True).torch_compile, chosen.packing) == (False, False)
     with pytest.raises(ConfigError, match=r"^bf16:"):

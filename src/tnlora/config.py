@@ -106,7 +106,9 @@ class RunConfig:
     adam_beta1: float = field(default=0.9, metadata=_opt("AdamW beta1", ge=0, lt=1))
     adam_beta2: float = field(default=0.999, metadata=_opt("AdamW beta2", ge=0, lt=1))
     max_grad_norm: float = field(default=1.0, metadata=_opt("gradient clipping norm (0: off)", ge=0))
-    optim: str = field(default="adamw_torch", metadata=_opt("optimizer", choices=OPTIMIZERS))
+    optim: str | None = field(
+        default=None, metadata=_opt("optimizer (default: adamw_torch_fused on a GPU, adamw_torch on CPU)", choices=OPTIMIZERS)
+    )
     bf16: bool | None = field(default=None, metadata=_opt("bf16 mixed precision (GPU default)"))
     gradient_checkpointing: bool | None = field(
         default=None,
@@ -412,7 +414,7 @@ def resolve_defaults(
 ) -> RunConfig:
     """Fill the "pick for me" values: bf16, packing and compiled decoder layers on a GPU, none of them on CPU
     (compiling pays only where kernel launches dominate; on CPU it costs minutes); micro-batches of packed rows
-    sized by a token budget; alpha = 2 × rank. Gradient checkpointing: on with a GPU when ``fits`` (given the
+    sized by a token budget; the fused AdamW; alpha = 2 × rank. Gradient checkpointing: on with a GPU when ``fits`` (given the
     otherwise resolved config, checkpointing off) says the run would not fit its memory, else off."""
     out = dataclasses.replace(cfg)
     if out.bf16 is None:
@@ -423,6 +425,9 @@ def resolve_defaults(
         out.packing = bool(cuda)
     if out.torch_compile is None:
         out.torch_compile = bool(cuda)
+    if out.optim is None:
+        # The fused AdamW updates all LoRA tensors in a few kernels; the foreach one launches dozens per step.
+        out.optim = "adamw_torch_fused" if cuda else "adamw_torch"
     if out.use_unsloth_gc:
         out.gradient_checkpointing = True
     if out.per_device_train_batch_size is None:

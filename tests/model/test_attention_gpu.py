@@ -96,17 +96,23 @@ def test_fla_packed_rows_match_chunked(head_dim_k: int) -> None:
     for name, got, want in zip(("dq", "dk", "dv"), grads, grads_ref):
         _check(f"packed {name} K={head_dim_k}", got, want)
 
-    # The same examples as two rows with seq_ids (flattened to cu_seqlens inside the fla path).
-    seq_ids = torch.repeat_interleave(
-        torch.arange(len(lengths), device=DEVICE), torch.tensor(lengths, device=DEVICE)
+    # Packed rows with seq_ids (flattened to cu_seqlens inside the fla path), with a run of 1-3-token examples
+    # (up to ~30 example starts in one 64-token chunk) and an initial state per row.
+    row_lengths = [300, 17, *([1, 2, 3] * 20), 1024, 1, 611]
+    ids = torch.repeat_interleave(
+        torch.arange(len(row_lengths), device=DEVICE), torch.tensor(row_lengths, device=DEVICE)
     )
-    half = T // 2
-    rows = [x[:, : 2 * half].reshape(2, half, *x.shape[2:]) for x in (q, k, v)]
-    ids = seq_ids[: 2 * half].reshape(2, half)
-    grad_rows = grad_out[:, : 2 * half].reshape(2, half, H, V)
-    o, _, grads = _fwd_bwd("fla", *rows, log_decay, grad_rows, seq_ids=ids)
-    o_ref, _, grads_ref = _fwd_bwd("chunked", *rows, log_decay, grad_rows, seq_ids=ids)
+    half = ids.shape[0] // 2
+    ids = ids[: 2 * half].reshape(2, half)
+    rows = _qkv(2, half, H, head_dim_k, V, seed=2)
+    s0_rows = torch.randn(2, H, head_dim_k, V, device=DEVICE) * 0.1
+    grad_rows = torch.randn(2, half, H, V, device=DEVICE)
+    o, s, grads = _fwd_bwd("fla", *rows, log_decay, grad_rows, seq_ids=ids, initial_state=s0_rows)
+    o_ref, s_ref, grads_ref = _fwd_bwd(
+        "chunked", *rows, log_decay, grad_rows, seq_ids=ids, initial_state=s0_rows
+    )
     _check(f"seq_ids o K={head_dim_k}", o, o_ref)
+    _check(f"seq_ids states K={head_dim_k}", s, s_ref)
     for name, got, want in zip(("dq", "dk", "dv"), grads, grads_ref):
         _check(f"seq_ids {name} K={head_dim_k}", got, want)
 

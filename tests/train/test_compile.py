@@ -59,10 +59,14 @@ def test_compiled_layers_train_like_eager(checkpointing):
     assert compile_decoder_layers(compiled, checkpointing=checkpointing) == 2
     inputs = batch(48)
     assert_close(loss_and_grads(eager, inputs), loss_and_grads(compiled, inputs))
-    # The layers really ran compiled, and broke the graph at the (disabled) lightning attention only.
-    assert counters["stats"]["unique_graphs"] > 0
-    breaks = list(counters["graph_break"])
-    assert breaks and all("lightning_attention" in reason for reason in breaks), breaks
+    # The layers really ran compiled. A compiled layer breaks its graph at the (disabled) attention step only:
+    # two graphs a layer, and the two layers differ (LRPE in layer 0) -- not four a layer as when the break
+    # sat inside the token mixer's own forward. Under checkpointing the steps around it compile on their own.
+    graphs, breaks = counters["stats"]["unique_graphs"], list(counters["graph_break"])
+    if checkpointing:
+        assert graphs > 0 and not breaks, breaks
+    else:
+        assert 0 < graphs <= 4 and breaks and all("NormLinearAttention.attend" in reason for reason in breaks), breaks
     # A second step (the compiled code is reused) still matches.
     assert_close(loss_and_grads(eager, batch(48)), loss_and_grads(compiled, batch(48)))
 

@@ -21,7 +21,8 @@ them to check the buffer logic on the CPU.
 
 ``TransnormerConfig.decode_kernel`` picks the recurrence (:mod:`tnlora.model.recurrent_kernel`): "torch" (the
 in-place ops above, bitwise the eager step), "triton" (one fused kernel per layer that reads and writes each
-state once and zeroes padded v itself; equal up to rounding) or "auto" (the default: triton on CUDA when it
+state once and zeroes padded v itself, and the norms fused with the residual adds and the output gate
+(:mod:`tnlora.model.norm_kernel`); equal up to rounding) or "auto" (the default: triton on CUDA when it
 imports). A runner keeps the choice it was built with; a changed choice rebuilds the runners at the next
 ``generate()`` call (it is part of the fingerprint).
 
@@ -44,6 +45,7 @@ from transformers.utils import logging
 
 from tnlora.errors import ConfigError
 from tnlora.model.cache import TransnormerCache
+from tnlora.model.norm_kernel import add_rms_norm, gated_rms_norm
 from tnlora.model.recurrent_kernel import DECODE_KERNELS, torch_step, triton_available, triton_step
 
 if TYPE_CHECKING:
@@ -99,10 +101,24 @@ class DecodeStepRunner:
         scale = model.config.embed_scale
         if scale != 1.0:
             hidden = hidden * scale
+        if self.kernel == "triton":
+            return self._forward_fused(model, hidden)
         for layer, state, decay in zip(core.layers, self.states, self.decays, strict=True):
             hidden = hidden + self._token_mix(layer.token_mixer, layer.token_norm(hidden), state, decay)
             hidden = hidden + layer.channel_mixer(layer.channel_norm(hidden))
         return model.lm_head(core.final_norm(hidden))
+
+    def _forward_fused(self, model: TransnormerForCausalLM, hidden: Tensor) -> Tensor:
+        """``_forward`` with the Triton kernels: each residual add with the norm after it, one kernel
+        (:func:`~tnlora.model.norm_kernel.add_rms_norm`), as is the token mixer's gated output norm."""
+        core = model.model
+        _, normed = add_rms_norm(hidden, None, core.layers[0].token_norm.eps)
+        for i, (layer, state, decay) in enumerate(zip(core.layers, self.states, self.decays, strict=True)):
+            delta = self._token_mix(layer.token_mixer, normed, state, decay)
+            hidden, normed = add_rms_norm(hidden, delta, layer.channel_norm.eps)
+            after = core.layers[i + 1].token_norm if i + 1 < len(core.layers) else core.final_norm
+            hidden, normed = add_rms_norm(hidden, layer.channel_mixer(normed), after.eps)
+        return model.lm_head(normed)
 
     def _token_mix(self, mixer: NormLinearAttention, x: Tensor, state: Tensor, decay: Tensor) -> Tensor:
         """NormLinearAttention.forward for one token, with the recurrence written into ``state``."""
@@ -114,10 +130,11 @@ class DecodeStepRunner:
             q, k = mixer.lrpe(q, self.position), mixer.lrpe(k, self.position)
         # Both steps always apply the pad flags (a graph has no branches): with no pad, v is unchanged, as the
         # eager path's skipped masking leaves it. The kernel reads v straight from the projection's slice.
-        step = triton_step if self.kernel == "triton" else torch_step
-        o = step(q[:, 0], k[:, 0], v[:, 0], state, decay, self.pad[:, 0])
-        o = mixer.norm(o.reshape(batch, 1, -1))
-        return mixer.out_proj(u * o)
+        if self.kernel == "triton":
+            o = triton_step(q[:, 0], k[:, 0], v[:, 0], state, decay, self.pad[:, 0])
+            return mixer.out_proj(gated_rms_norm(o.reshape(batch, 1, -1), u, mixer.norm.eps))
+        o = torch_step(q[:, 0], k[:, 0], v[:, 0], state, decay, self.pad[:, 0])
+        return mixer.out_proj(u * mixer.norm(o.reshape(batch, 1, -1)))
 
     # -----------------------------------------------------------------------------------------------------
     # Capture and replay

@@ -215,6 +215,13 @@ class NormLinearAttention(nn.Module):
         cache: TransnormerCache | None = None,
         position_offset: int = 0,
     ) -> Tensor:
+        q, k, v, u = self.project(x, v_mask, position_offset)
+        return self.output(self.attend(q, k, v, seq_ids, cu_seqlens, cache), u)
+
+    def project(
+        self, x: Tensor, v_mask: Tensor | None = None, position_offset: int = 0
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """q, k, v [B, T, H, D] (activation, LRPE and the pad mask applied) and the output gate u [B, T, hidden]."""
         batch, length, _ = x.shape
         q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)
         shape = (batch, length, self.num_heads, self.head_dim)
@@ -224,6 +231,20 @@ class NormLinearAttention(nn.Module):
         if v_mask is not None:
             # Padded tokens add nothing to any state; q and k stay unmasked (official behaviour).
             v = v.masked_fill(~v_mask[:, :, None, None], 0)
+        return q, k, v, u
+
+    # The compile boundary of a compiled layer (besides lightning_attention's own): the cache is Python state.
+    @torch.compiler.disable
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        seq_ids: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+        cache: TransnormerCache | None = None,
+    ) -> Tensor:
+        """The lightning attention o [B, T, H, V], reading and advancing this layer's state in ``cache``."""
         o, state = lightning_attention(
             q,
             k,
@@ -238,8 +259,12 @@ class NormLinearAttention(nn.Module):
         )
         if cache is not None:
             cache.update_state(state, self.layer_idx)
-        o = self.norm(o.reshape(batch, length, -1))
-        return self.out_proj(u * o)
+        return o
+
+    def output(self, o: Tensor, u: Tensor) -> Tensor:
+        """out_proj(u ⊙ SRMSNorm(o)) [B, T, dim]."""
+        batch, length = o.shape[:2]
+        return self.out_proj(u * self.norm(o.reshape(batch, length, -1)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -295,9 +320,12 @@ class TransnormerDecoderLayer(GradientCheckpointingLayer):
         position_offset: int = 0,
     ) -> Tensor:
         x = hidden_states
-        x = x + self.token_mixer(
-            self.token_norm(x), v_mask, seq_ids, cu_seqlens, past_key_values, position_offset
-        )
+        # The token mixer's steps (its forward) called from here: in a compiled layer the attention, a compile
+        # boundary, then splits this one frame into two graphs. Through `self.token_mixer(...)` a boundary in
+        # the called module also ends this frame's graph: four graphs a layer, each entered from Python.
+        mixer = self.token_mixer
+        q, k, v, u = mixer.project(self.token_norm(x), v_mask, position_offset)
+        x = x + mixer.output(mixer.attend(q, k, v, seq_ids, cu_seqlens, past_key_values), u)
         return x + self.channel_mixer(self.channel_norm(x))
 
 

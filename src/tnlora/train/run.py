@@ -401,6 +401,10 @@ def upcast_trainable(model) -> None:
             p.data = p.data.float()
 
 
+# NormLinearAttention methods compiled per instance under checkpointing (instance attributes over the methods).
+COMPILED_MIXER_STEPS = ("project", "output")
+
+
 def compile_decoder_layers(
     model, *, checkpointing: bool = False, dynamic: bool | None = True, backend: str = "inductor"
 ) -> int:
@@ -414,17 +418,25 @@ def compile_decoder_layers(
     the same structure share one compiled graph; ``dynamic=True`` makes batch and sequence length symbolic from
     the first compile, so batches of varying length do not recompile.
 
-    With ``checkpointing`` the layer's sub-blocks (norms, token mixer, channel mixer) are compiled instead of
-    the layer: newer transformers (5.24) put the checkpoint inside the layer's ``forward``, which dynamo then
+    With ``checkpointing`` the layer's sub-blocks (norms, the token mixer's projection and output, channel
+    mixer) are compiled instead of the layer: newer transformers (5.24) put the checkpoint inside the layer's ``forward``, which dynamo then
     skips whole (nothing would be compiled), while a sub-block runs inside the checkpoint in every version.
     """
     from tnlora.train.lora import decoder_layers
 
     layers = decoder_layers(model)
     for layer in layers:
-        for module in layer.children() if checkpointing else [layer]:
+        if not checkpointing:
+            layer.compile(dynamic=dynamic, backend=backend)
+            continue
+        for module in (layer.token_norm, layer.channel_norm, layer.channel_mixer):
             module.compile(dynamic=dynamic, backend=backend)
+        # The layer calls its token mixer's steps, not its forward: compile the two around the attention.
+        mixer = layer.token_mixer
+        for step in COMPILED_MIXER_STEPS:
+            setattr(mixer, step, torch.compile(getattr(mixer, step), dynamic=dynamic, backend=backend))
     return len(layers)
+
 
 
 def uncompile_decoder_layers(model) -> None:
@@ -436,6 +448,8 @@ def uncompile_decoder_layers(model) -> None:
     for layer in decoder_layers(model):
         for module in [layer, *layer.children()]:
             module._compiled_call_impl = None
+        for step in COMPILED_MIXER_STEPS:
+            vars(layer.token_mixer).pop(step, None)
 
 
 def build_model_and_tokenizer(cfg: RunConfig):

@@ -1,0 +1,70 @@
+"""The fused norm kernels of the decode step (``norm_kernel``) against ``SimpleRMSNorm`` and the PyTorch ops.
+
+Needs triton and a CUDA device, or Triton's CPU interpreter (see tests/model/test_recurrent_kernel.py):
+
+    TRITON_INTERPRET=1 PYTHONPATH=<dir holding triton> pytest -q tests/model/test_norm_kernel.py
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tnlora.model.modeling import SimpleRMSNorm
+from tnlora.model.norm_kernel import add_rms_norm, gated_rms_norm
+from tnlora.model.recurrent_kernel import triton_available
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+pytestmark = pytest.mark.skipif(
+    not (triton_available() and (INTERPRET or torch.cuda.is_available())),
+    reason="needs triton and CUDA, or Triton's CPU interpreter",
+)
+# fp32 / fp64: only the order of the sum over D differs; bf16: the rounding of h and of the output.
+TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-14, torch.bfloat16: 2**-6}
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    err = ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+    assert err <= TOLERANCE[want.dtype], err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("width", [96, 256])  # not a power of two / one
+def test_add_rms_norm_equals_add_then_norm(dtype: torch.dtype, width: int) -> None:
+    gen = torch.Generator().manual_seed(width)
+    x = (3 * torch.randn(4, 1, width, generator=gen)).to(dtype).to(DEVICE)
+    delta = torch.randn(4, 1, width, generator=gen).to(dtype).to(DEVICE)
+    norm = SimpleRMSNorm()
+    h, y = add_rms_norm(x, delta, norm.eps)
+    if dtype == torch.bfloat16 and INTERPRET:
+        _close(h, x + delta)  # the interpreter truncates fp32 -> bf16; compiled Triton rounds to nearest even
+    else:
+        assert torch.equal(h, x + delta)  # the residual add rounds exactly as PyTorch's
+    _close(y, norm(x + delta))
+    same, y0 = add_rms_norm(x, None, norm.eps)
+    assert same is x
+    _close(y0, norm(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_rms_norm_reads_a_strided_gate(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(1)
+    width = 128
+    o = torch.randn(3, 1, width, generator=gen).to(dtype).to(DEVICE)
+    # The gate is the last quarter of the fused q/k/v/u projection's output: row stride 4 × width.
+    fused = torch.randn(3, 1, 4 * width, generator=gen).to(dtype).to(DEVICE)
+    u = fused.chunk(4, dim=-1)[3]
+    got = gated_rms_norm(o, u, 1e-6)
+    _close(got, u * SimpleRMSNorm()(o))
+
+
+def test_bad_arguments_are_refused() -> None:
+    x = torch.randn(2, 1, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="delta must match"):
+        add_rms_norm(x, torch.randn(2, 1, 4, device=DEVICE), 1e-6)
+    with pytest.raises(ValueError, match="contiguous last dim"):
+        gated_rms_norm(x, torch.randn(2, 1, 16, device=DEVICE)[..., ::2], 1e-6)
