@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tnl_helpers import build_model, left_padded, random_ids
 
 from tnlora.errors import ConfigError
@@ -170,6 +171,24 @@ def test_kernel_without_pad_with_out_and_fp64() -> None:
         tolerance = 1e-5 if dtype == torch.float32 else 1e-12
         assert _rel_err(got_state, want_state) < tolerance
         assert _rel_err(got, want) < tolerance
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_kernel_applies_silu_to_raw_q_and_k(dtype: torch.dtype) -> None:
+    """silu_qk: the kernel's own SiLU of the projection slices equals the step after F.silu."""
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = _step_inputs(2, 3, 128, 32, dtype, gen)
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    decay = torch.rand(3, generator=gen).to(device=DEVICE, dtype=state_dtype)
+    want_state = torch.randn(2, 3, 128, 32, generator=gen).to(device=DEVICE, dtype=state_dtype)
+    got_state = want_state.clone()
+    want = torch_step(F.silu(q), F.silu(k), v, want_state, decay)
+    got = triton_step(q, k, v, got_state, decay, silu_qk=True)
+    # bf16: the interpreter truncates the rounded SiLU where CUDA rounds to nearest (one bf16 step apart).
+    tolerance = {torch.bfloat16: 2**-6, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    assert _rel_err(got_state, want_state) < tolerance
+    assert _rel_err(got, want) < tolerance
 
 
 @needs_kernel

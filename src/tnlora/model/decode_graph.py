@@ -40,6 +40,7 @@ from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.utils import logging
 
@@ -125,13 +126,17 @@ class DecodeStepRunner:
         batch = x.shape[0]
         q, k, v, u = mixer.qkvu_proj(x).chunk(4, dim=-1)
         shape = (batch, 1, mixer.num_heads, mixer.head_dim)
-        q, k, v = mixer.act(q.reshape(shape)), mixer.act(k.reshape(shape)), v.reshape(shape)
+        q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
+        # The Triton step applies SiLU (TNL's activation) itself where nothing comes between it and the kernel.
+        fuse_silu = self.kernel == "triton" and mixer.act is F.silu and mixer.lrpe is None
+        if not fuse_silu:
+            q, k = mixer.act(q), mixer.act(k)
         if mixer.lrpe is not None:
             q, k = mixer.lrpe(q, self.position), mixer.lrpe(k, self.position)
         # Both steps always apply the pad flags (a graph has no branches): with no pad, v is unchanged, as the
         # eager path's skipped masking leaves it. The kernel reads v straight from the projection's slice.
         if self.kernel == "triton":
-            o = triton_step(q[:, 0], k[:, 0], v[:, 0], state, decay, self.pad[:, 0])
+            o = triton_step(q[:, 0], k[:, 0], v[:, 0], state, decay, self.pad[:, 0], silu_qk=fuse_silu)
             return mixer.out_proj(gated_rms_norm(o.reshape(batch, 1, -1), u, mixer.norm.eps))
         o = torch_step(q[:, 0], k[:, 0], v[:, 0], state, decay, self.pad[:, 0])
         return mixer.out_proj(u * mixer.norm(o.reshape(batch, 1, -1)))

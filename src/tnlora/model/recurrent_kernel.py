@@ -106,6 +106,7 @@ def _kernel() -> Any:
         K: tl.constexpr,
         V: tl.constexpr,
         HAS_PAD: tl.constexpr,
+        SILU: tl.constexpr,
         BK: tl.constexpr,
         BV: tl.constexpr,
     ):
@@ -134,8 +135,15 @@ def _kernel() -> Any:
         for k0 in tl.static_range(0, K, BK):
             rows = k0 + tl.arange(0, BK)
             row_ok = rows < K
-            q = tl.load(q_base + rows, mask=row_ok, other=0.0).to(compute)
-            k = tl.load(k_base + rows, mask=row_ok, other=0.0).to(compute)
+            q = tl.load(q_base + rows, mask=row_ok, other=0.0)
+            k = tl.load(k_base + rows, mask=row_ok, other=0.0)
+            if SILU:
+                # F.silu on the projection's slices (fp32 math for half types), rounded to their dtype as
+                # PyTorch's op returns it.
+                qf, kf = q.to(compute), k.to(compute)
+                q = (qf / (1.0 + tl.exp(-qf))).to(q.dtype)
+                k = (kf / (1.0 + tl.exp(-kf))).to(k.dtype)
+            q, k = q.to(compute), k.to(compute)
             ptrs = state_base + rows[:, None] * V + cols[None, :]
             tile_ok = row_ok[:, None] & col_ok[None, :]
             s = tl.load(ptrs, mask=tile_ok, other=0.0)
@@ -156,9 +164,12 @@ def triton_step(
     decay: Tensor,
     pad: Tensor | None = None,
     out: Tensor | None = None,
+    silu_qk: bool = False,
 ) -> Tensor:
     """One token as one Triton kernel: the arguments and results of :func:`torch_step` (``state`` updated in
-    place), o written into ``out`` [B, H, V] (v's dtype) when given.
+    place), o written into ``out`` [B, H, V] (v's dtype) when given. With ``silu_qk`` the kernel applies the
+    token mixer's SiLU to q and k itself (they are then the projection's raw slices): the step of
+    ``torch_step(F.silu(q), F.silu(k), ...)`` with two fewer kernels.
 
     q, k, v may be strided views (the last dim contiguous, as the slices of the fused projection are);
     ``state`` must be contiguous. Any B, H, K, V; every tensor on one CUDA device (or CPU tensors under
@@ -200,6 +211,7 @@ def triton_step(
         K=key_dim,
         V=value_dim,
         HAS_PAD=pad is not None,
+        SILU=silu_qk,
         BK=block_k,
         BV=block_v,
         num_warps=NUM_WARPS,
