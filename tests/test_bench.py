@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -40,3 +44,34 @@ def test_bench_trains_tiny_and_prints_one_row(capsys, monkeypatch):
     assert 4.0 < float(loss) < 8.0
     # The bench went through the same preparation as `tnlora train` (the spy ran): fp32 LoRA weights.
     assert seen["dtypes"] == {torch.float32}
+
+
+def test_bench_trace_writes_a_timeline(tmp_path, capsys):
+    trace = tmp_path / "step.json"
+    code = bench.main(["--model", "tiny", "--attn", "chunked", "--seq_len", "32", "--batch_size", "1",
+                       "--grad_accum", "1", "--steps", "1", "--warmup", "1", "--trace", str(trace)])
+    assert code == 0 and "timeline:" in capsys.readouterr().out
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any(e.get("name") == "aten::mm" for e in events)
+
+
+def test_trace_gaps_blames_the_launch_that_ended_a_gap(tmp_path):
+    """benchmarks/trace_gaps.py on a two-kernel timeline: 90 us idle, ended by a kernel aten::add launched."""
+    events = [
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 50, "tid": 1},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 10, "dur": 5, "tid": 1,
+         "args": {"correlation": 1}},
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 20, "dur": 10, "tid": 7, "args": {"correlation": 1}},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 90, "dur": 5, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::add", "ts": 100, "dur": 50, "tid": 1},
+        {"ph": "X", "cat": "cuda_driver", "name": "cuLaunchKernelEx", "ts": 110, "dur": 5, "tid": 1,
+         "args": {"correlation": 2}},
+        {"ph": "X", "cat": "kernel", "name": "add", "ts": 120, "dur": 10, "tid": 7, "args": {"correlation": 2}},
+    ]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    script = Path(__file__).parents[1] / "benchmarks" / "trace_gaps.py"
+    out = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, check=True).stdout
+    assert "busy 0.0 ms (18%)" in out and "1 gaps >= 20 us" in out
+    assert re.search(r"90 us at .* before add\s+<- aten::add", out)
+    assert "cudaStreamSynchronize" in out
