@@ -1,4 +1,4 @@
-"""Where the GPU waits: idle gaps of a Chrome trace from ``tnlora bench --trace`` and the host work behind them.
+"""Where the GPU waits: idle gaps of a ``tnlora bench --trace`` timeline and the host work behind them.
 
 Usage: python benchmarks/trace_gaps.py TRACE.json [--min_us 20] [--top 15]
 
@@ -45,7 +45,9 @@ def main() -> None:
     ops = sorted((e for e in events if e.get("cat") in ("cpu_op", "user_annotation")), key=lambda e: e["ts"])
     starts = [e["ts"] for e in ops]
     launches = {
-        e["args"].get("correlation"): e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver") and "args" in e
+        e["args"].get("correlation"): e
+        for e in events
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "args" in e
     }
     if not device:
         print("no device events in the trace")
@@ -59,9 +61,11 @@ def main() -> None:
         end = max(end, e["ts"] + e["dur"])
     span = span1 - span0
     idle = [g for g in gaps if g[0] >= args.min_us]
-    print(f"device span {span / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms ({100 * busy / span:.0f}%), "
-          f"{len(idle)} gaps >= {args.min_us:.0f} us totalling {sum(g[0] for g in idle) / 1e3:.1f} ms, "
-          f"all gaps {sum(g[0] for g in gaps) / 1e3:.1f} ms")
+    print(
+        f"device span {span / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms ({100 * busy / span:.0f}%), "
+        f"{len(idle)} gaps >= {args.min_us:.0f} us totalling {sum(g[0] for g in idle) / 1e3:.1f} ms, "
+        f"all gaps {sum(g[0] for g in gaps) / 1e3:.1f} ms"
+    )
     blame: Counter[str] = Counter()
     for dur, _, kernel in idle:
         launch = launches.get(kernel.get("args", {}).get("correlation"))
@@ -75,7 +79,11 @@ def main() -> None:
         launch = launches.get(kernel.get("args", {}).get("correlation"))
         where = enclosing(ops, starts, launch["tid"], launch["ts"]) if launch else "(launch not traced)"
         print(f"  {dur:8.0f} us at +{(t - span0) / 1e3:7.2f} ms before {kernel['name'][:40]}  <- {where}")
-    syncs = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver") and any(s in e["name"] for s in SYNC_CALLS)]
+    syncs = [
+        e
+        for e in events
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and any(s in e["name"] for s in SYNC_CALLS)
+    ]
     print("\nsynchronising / allocating runtime calls:")
     totals: Counter[str] = Counter()
     for e in syncs:

@@ -61,17 +61,20 @@ def test_trace_gaps_blames_the_launch_that_ended_a_gap(tmp_path):
         {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 50, "tid": 1},
         {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 10, "dur": 5, "tid": 1,
          "args": {"correlation": 1}},
-        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 20, "dur": 10, "tid": 7, "args": {"correlation": 1}},
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 20, "dur": 10, "tid": 7,
+         "args": {"correlation": 1}},
         {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 90, "dur": 5, "tid": 1},
         {"ph": "X", "cat": "cpu_op", "name": "aten::add", "ts": 100, "dur": 50, "tid": 1},
         {"ph": "X", "cat": "cuda_driver", "name": "cuLaunchKernelEx", "ts": 110, "dur": 5, "tid": 1,
          "args": {"correlation": 2}},
-        {"ph": "X", "cat": "kernel", "name": "add", "ts": 120, "dur": 10, "tid": 7, "args": {"correlation": 2}},
+        {"ph": "X", "cat": "kernel", "name": "add", "ts": 120, "dur": 10, "tid": 7,
+         "args": {"correlation": 2}},
     ]
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"traceEvents": events}))
     script = Path(__file__).parents[1] / "benchmarks" / "trace_gaps.py"
-    out = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, check=True).stdout
+    run = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, check=True)
+    out = run.stdout
     assert "busy 0.0 ms (18%)" in out and "1 gaps >= 20 us" in out
     assert re.search(r"90 us at .* before add\s+<- aten::add", out)
     assert "cudaStreamSynchronize" in out

@@ -323,8 +323,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="recurrence of the CUDA-graph decode step (config decode_kernel): in-place torch ops, "
                              "the fused Triton kernel, or auto (triton when it imports)")
     parser.add_argument("--name", default="", help="row label")
-    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one timed training step (or of the timed generate() call)")
-    parser.add_argument("--trace", default="", help="with --profile: also write the timeline (Chrome trace JSON) here")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the top CUDA kernels of one timed training step (or generate() call)")
+    parser.add_argument("--trace", default="",
+                        help="profile, and also write the timeline (Chrome trace JSON) here")
     args = parser.parse_args(argv)
     args.profile = args.profile or bool(args.trace)
     return args

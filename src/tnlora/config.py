@@ -107,7 +107,8 @@ class RunConfig:
     adam_beta2: float = field(default=0.999, metadata=_opt("AdamW beta2", ge=0, lt=1))
     max_grad_norm: float = field(default=1.0, metadata=_opt("gradient clipping norm (0: off)", ge=0))
     optim: str | None = field(
-        default=None, metadata=_opt("optimizer (default: adamw_torch_fused on a GPU, adamw_torch on CPU)", choices=OPTIMIZERS)
+        default=None,
+        metadata=_opt("optimizer (GPU default adamw_torch_fused, else adamw_torch)", choices=OPTIMIZERS),
     )
     bf16: bool | None = field(default=None, metadata=_opt("bf16 mixed precision (GPU default)"))
     gradient_checkpointing: bool | None = field(
@@ -414,8 +415,9 @@ def resolve_defaults(
 ) -> RunConfig:
     """Fill the "pick for me" values: bf16, packing and compiled decoder layers on a GPU, none of them on CPU
     (compiling pays only where kernel launches dominate; on CPU it costs minutes); micro-batches of packed rows
-    sized by a token budget; the fused AdamW; alpha = 2 × rank. Gradient checkpointing: on with a GPU when ``fits`` (given the
-    otherwise resolved config, checkpointing off) says the run would not fit its memory, else off."""
+    sized by a token budget; the fused AdamW on a GPU; alpha = 2 × rank. Gradient checkpointing: on with a GPU
+    when ``fits`` (given the otherwise resolved config, checkpointing off) says the run would not fit its
+    memory, else off."""
     out = dataclasses.replace(cfg)
     if out.bf16 is None:
         out.bf16 = bool(cuda and cuda_bf16)

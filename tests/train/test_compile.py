@@ -66,7 +66,8 @@ def test_compiled_layers_train_like_eager(checkpointing):
     if checkpointing:
         assert graphs > 0 and not breaks, breaks
     else:
-        assert 0 < graphs <= 4 and breaks and all("NormLinearAttention.attend" in reason for reason in breaks), breaks
+        assert 0 < graphs <= 4 and breaks, breaks
+        assert all("NormLinearAttention.attend" in reason for reason in breaks), breaks
     # A second step (the compiled code is reused) still matches.
     assert_close(loss_and_grads(eager, batch(48)), loss_and_grads(compiled, batch(48)))
 

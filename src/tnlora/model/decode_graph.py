@@ -127,7 +127,7 @@ class DecodeStepRunner:
         q, k, v, u = mixer.qkvu_proj(x).chunk(4, dim=-1)
         shape = (batch, 1, mixer.num_heads, mixer.head_dim)
         q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
-        # The Triton step applies SiLU (TNL's activation) itself where nothing comes between it and the kernel.
+        # The Triton step applies SiLU (TNL's activation) itself where nothing comes between it and the step.
         fuse_silu = self.kernel == "triton" and mixer.act is F.silu and mixer.lrpe is None
         if not fuse_silu:
             q, k = mixer.act(q), mixer.act(k)

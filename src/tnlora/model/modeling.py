@@ -221,7 +221,7 @@ class NormLinearAttention(nn.Module):
     def project(
         self, x: Tensor, v_mask: Tensor | None = None, position_offset: int = 0
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """q, k, v [B, T, H, D] (activation, LRPE and the pad mask applied) and the output gate u [B, T, hidden]."""
+        """q, k, v [B, T, H, D] (activation, LRPE and the pad mask applied) and the gate u [B, T, hidden]."""
         batch, length, _ = x.shape
         q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)
         shape = (batch, length, self.num_heads, self.head_dim)

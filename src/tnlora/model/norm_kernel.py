@@ -2,8 +2,8 @@
 
 Per row x [D]:   y = x / sqrt(mean(x²) + eps)   (fp32 math, fp64 for fp64 rows; y cast back to x's dtype)
 
-:func:`add_rms_norm` first adds the residual branch, h = x + delta (rounded to the model dtype, as ``x + delta``
-is), and returns both h and its norm: the two residual adds and the norms after them of a decoder layer.
+:func:`add_rms_norm` first adds the residual branch, h = x + delta (rounded to the model dtype, as
+``x + delta`` is), and returns both h and its norm: a decoder layer's two residual adds and the norms after.
 :func:`gated_rms_norm` returns gate ⊙ norm(o), the token mixer's ``u * self.norm(o)``, the product rounded
 from the rounded norm as in PyTorch. Each replaces the ~7 small kernels of the PyTorch form (cast, square,
 mean, add, rsqrt, multiply, cast; plus the add or the product): at the 7B's batch-32 step they took ~2 ms of
@@ -81,12 +81,16 @@ def _rows(x: Tensor, name: str) -> Tensor:
     raise ValueError(f"{name} must be [rows, D] or [B, 1, D]")
 
 
-def _launch(x: Tensor, eps: float, delta: Tensor | None = None, gate: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _launch(
+    x: Tensor, eps: float, delta: Tensor | None = None, gate: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     rows = _rows(x, "x")
     n, width = rows.shape
     for other, name in ((delta, "delta"), (gate, "gate")):
         if other is not None and (tuple(other.shape) != tuple(x.shape) or other.dtype != x.dtype):
-            raise ValueError(f"{name} must match x: {tuple(x.shape)} {x.dtype}, got {tuple(other.shape)} {other.dtype}")
+            raise ValueError(
+                f"{name} must match x: {tuple(x.shape)} {x.dtype}, got {tuple(other.shape)} {other.dtype}"
+            )
     delta_rows = _rows(delta, "delta") if delta is not None else rows
     gate_rows = _rows(gate, "gate") if gate is not None else rows
     y = torch.empty((n, width), dtype=x.dtype, device=x.device)
@@ -115,7 +119,7 @@ def _launch(x: Tensor, eps: float, delta: Tensor | None = None, gate: Tensor | N
 
 
 def add_rms_norm(x: Tensor, delta: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
-    """(h, norm(h)) with h = x + delta (h is x itself when delta is None). x, delta: [rows, D] or [B, 1, D]."""
+    """(h, norm(h)) with h = x + delta (x itself when delta is None); x, delta [rows, D] or [B, 1, D]."""
     if delta is None:
         return x, _launch(x, eps)[1]
     return _launch(x, eps, delta=delta)

@@ -401,7 +401,7 @@ def upcast_trainable(model) -> None:
             p.data = p.data.float()
 
 
-# NormLinearAttention methods compiled per instance under checkpointing (instance attributes over the methods).
+# NormLinearAttention steps compiled per instance under checkpointing (instance attributes over the methods).
 COMPILED_MIXER_STEPS = ("project", "output")
 
 
@@ -419,8 +419,9 @@ def compile_decoder_layers(
     the first compile, so batches of varying length do not recompile.
 
     With ``checkpointing`` the layer's sub-blocks (norms, the token mixer's projection and output, channel
-    mixer) are compiled instead of the layer: newer transformers (5.24) put the checkpoint inside the layer's ``forward``, which dynamo then
-    skips whole (nothing would be compiled), while a sub-block runs inside the checkpoint in every version.
+    mixer) are compiled instead of the layer: newer transformers (5.24) put the checkpoint inside the layer's
+    ``forward``, which dynamo then skips whole (nothing would be compiled), while a sub-block runs inside the
+    checkpoint in every version.
     """
     from tnlora.train.lora import decoder_layers
 
@@ -436,7 +437,6 @@ def compile_decoder_layers(
         for step in COMPILED_MIXER_STEPS:
             setattr(mixer, step, torch.compile(getattr(mixer, step), dynamic=dynamic, backend=backend))
     return len(layers)
-
 
 
 def uncompile_decoder_layers(model) -> None:
