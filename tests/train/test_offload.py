@@ -76,3 +76,24 @@ def test_use_unsloth_gc_implies_gradient_checkpointing():
     cfg = load_run_config(None, [*base, "--use_unsloth_gc", "true"])
     assert cfg.gradient_checkpointing is None  # "pick for me" until resolved
     assert resolve_defaults(cfg, cuda=False, cuda_bf16=False).gradient_checkpointing is True
+
+
+def test_training_arguments_use_this_transformers_checkpointing_names(tmp_path):
+    """No deprecation warning on transformers 5.24+ (activation_checkpointing*), the old names before; the
+    offload key reaches the kwargs either way."""
+    import warnings
+
+    from tnlora.train.run import training_arguments
+
+    base = ["--model_name_or_path", "tiny", "--dataset", "d.json", "--output_dir", str(tmp_path)]
+    cfg = resolve_defaults(load_run_config(None, [*base, "--use_unsloth_gc", "true"]), cuda=False, cuda_bf16=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*checkpointing.*deprecated")
+        args = training_arguments(cfg, has_eval=False)
+    kwargs = getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs
+    assert args.gradient_checkpointing is True  # mirrored from the new name on 5.24+
+    assert kwargs == {"use_reentrant": False, "offload_to_cpu": True}
+    plain = resolve_defaults(load_run_config(None, base), cuda=False, cuda_bf16=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*checkpointing.*deprecated")
+        assert training_arguments(plain, has_eval=False).gradient_checkpointing is False

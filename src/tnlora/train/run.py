@@ -473,6 +473,17 @@ def training_arguments(cfg: RunConfig, has_eval: bool):
         raise ConfigError(f"training arguments: {' '.join(str(exc).split())}") from None
 
 
+def _checkpointing_arguments(TrainingArguments, cfg: RunConfig) -> dict[str, Any]:
+    """The checkpointing keys, under the names this transformers takes (5.24 renamed ``gradient_checkpointing*``
+    to ``activation_checkpointing*`` and warns on the old ones)."""
+    # non-reentrant checkpointing needs no requires_grad trick on the (frozen) embeddings; offload_to_cpu is
+    # handled by the model's gradient_checkpointing_enable
+    kwargs = {"use_reentrant": False, "offload_to_cpu": cfg.use_unsloth_gc} if cfg.gradient_checkpointing else None
+    names = {field.name for field in dataclasses.fields(TrainingArguments)}
+    prefix = "activation" if "activation_checkpointing" in names else "gradient"
+    return {f"{prefix}_checkpointing": bool(cfg.gradient_checkpointing), f"{prefix}_checkpointing_kwargs": kwargs}
+
+
 def _training_arguments(TrainingArguments, cfg: RunConfig, has_eval: bool, warmup: float):
     return TrainingArguments(
         output_dir=cfg.output_dir,
@@ -490,12 +501,7 @@ def _training_arguments(TrainingArguments, cfg: RunConfig, has_eval: bool, warmu
         max_grad_norm=cfg.max_grad_norm,
         optim=cfg.optim,
         bf16=bool(cfg.bf16),
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        # non-reentrant checkpointing needs no requires_grad trick on the (frozen) embeddings; offload_to_cpu is
-        # handled by the model's gradient_checkpointing_enable
-        gradient_checkpointing_kwargs=(
-            {"use_reentrant": False, "offload_to_cpu": cfg.use_unsloth_gc} if cfg.gradient_checkpointing else None
-        ),
+        **_checkpointing_arguments(TrainingArguments, cfg),
         eval_strategy="steps" if has_eval else "no",
         eval_steps=cfg.eval_steps if has_eval else None,
         save_strategy="steps",
