@@ -254,6 +254,29 @@ def test_left_padded_batch_with_the_kernel_equals_torch_step() -> None:
 
 
 @needs_kernel
+def test_lora_beam_search_with_the_kernels_equals_torch_step() -> None:
+    """The Triton step (fused recurrence, SiLU and norms) under an unmerged peft LoRA adapter, with beam
+    search reordering the cache between steps."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["qkvu_proj", "out_proj", "l1", "l2", "l3"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        model = get_peft_model(build_model(torch.float32, **PREFILL), lora)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.3, generator=torch.Generator().manual_seed(len(name)))
+    base = model.eval().get_base_model().to(DEVICE)
+    prompt = random_ids(2, 9, seed=4).to(DEVICE)
+    kwargs = {"num_beams": 3, "num_return_sequences": 3, "max_new_tokens": 6, "length_penalty": 0.0, **GREEDY}
+    torch_run = _generate(base, "torch", prompt, output_scores=True, **kwargs)
+    kernel_run = _generate(base, "triton", prompt, output_scores=True, **kwargs)
+    assert graphs_of(base).runners[6].kernel == "triton"  # 2 prompts × 3 beams
+    assert torch.equal(kernel_run.sequences, torch_run.sequences)
+    torch.testing.assert_close(kernel_run.sequences_scores, torch_run.sequences_scores, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
 def test_padded_decode_step_through_the_runner_equals_torch_step() -> None:
     """A new token marked as padding (attention_mask 0 in its last column) only decays the state."""
     model = build_model(torch.float32, **PREFILL).to(DEVICE)
