@@ -123,10 +123,7 @@ class DecodeStepRunner:
 
     def _token_mix(self, mixer: NormLinearAttention, x: Tensor, state: Tensor, decay: Tensor) -> Tensor:
         """NormLinearAttention.forward for one token, with the recurrence written into ``state``."""
-        batch = x.shape[0]
-        q, k, v, u = mixer.qkvu_proj(x).chunk(4, dim=-1)
-        shape = (batch, 1, mixer.num_heads, mixer.head_dim)
-        q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
+        q, k, v, u = mixer.heads(x)
         # The Triton step applies SiLU (TNL's activation) itself where nothing comes between it and the step.
         fuse_silu = self.kernel == "triton" and mixer.act is F.silu and mixer.lrpe is None
         if not fuse_silu:
@@ -137,9 +134,9 @@ class DecodeStepRunner:
         # eager path's skipped masking leaves it. The kernel reads v straight from the projection's slice.
         if self.kernel == "triton":
             o = triton_step(q[:, 0], k[:, 0], v[:, 0], state, decay, self.pad[:, 0], silu_qk=fuse_silu)
-            return mixer.out_proj(gated_rms_norm(o.reshape(batch, 1, -1), u, mixer.norm.eps))
+            return mixer.out_proj(gated_rms_norm(o.reshape(o.shape[0], 1, -1), u, mixer.norm.eps))
         o = torch_step(q[:, 0], k[:, 0], v[:, 0], state, decay, self.pad[:, 0])
-        return mixer.out_proj(u * mixer.norm(o.reshape(batch, 1, -1)))
+        return mixer.output(o[:, None], u)
 
     # -----------------------------------------------------------------------------------------------------
     # Capture and replay

@@ -222,16 +222,21 @@ class NormLinearAttention(nn.Module):
         self, x: Tensor, v_mask: Tensor | None = None, position_offset: int = 0
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """q, k, v [B, T, H, D] (activation, LRPE and the pad mask applied) and the gate u [B, T, hidden]."""
-        batch, length, _ = x.shape
-        q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)
-        shape = (batch, length, self.num_heads, self.head_dim)
-        q, k, v = self.act(q.reshape(shape)), self.act(k.reshape(shape)), v.reshape(shape)
+        q, k, v, u = self.heads(x)
+        q, k = self.act(q), self.act(k)
         if self.lrpe is not None:
             q, k = self.lrpe(q, position_offset), self.lrpe(k, position_offset)
         if v_mask is not None:
             # Padded tokens add nothing to any state; q and k stay unmasked (official behaviour).
             v = v.masked_fill(~v_mask[:, :, None, None], 0)
         return q, k, v, u
+
+    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The fused projection split: q, k, v [B, T, H, D] as projected (no activation) and u [B, T, hidden]."""
+        batch, length, _ = x.shape
+        q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)
+        shape = (batch, length, self.num_heads, self.head_dim)
+        return q.reshape(shape), k.reshape(shape), v.reshape(shape), u
 
     # The compile boundary of a compiled layer (besides lightning_attention's own): the cache is Python state.
     @torch.compiler.disable
