@@ -479,7 +479,7 @@ def _checkpointing_arguments(TrainingArguments, cfg: RunConfig) -> dict[str, Any
     # non-reentrant checkpointing needs no requires_grad trick on the (frozen) embeddings; offload_to_cpu is
     # handled by the model's gradient_checkpointing_enable
     kwargs = {"use_reentrant": False, "offload_to_cpu": cfg.use_unsloth_gc} if cfg.gradient_checkpointing else None
-    names = {field.name for field in dataclasses.fields(TrainingArguments)}
+    names = {spec.name for spec in dataclasses.fields(TrainingArguments)}
     prefix = "activation" if "activation_checkpointing" in names else "gradient"
     return {f"{prefix}_checkpointing": bool(cfg.gradient_checkpointing), f"{prefix}_checkpointing_kwargs": kwargs}
 
