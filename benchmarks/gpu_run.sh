@@ -7,6 +7,7 @@
 #         ladder1b, b7 (7B data-shaped), long (fixed long sequences), maxlen (longest trainable sequence), seed (7B at the seed's settings),
 #         kcheck (decode kernels, packed fla, compile GPU tests), decodeauto (7B/1B decode, defaults),
 #         trace / dtrace (idle-gap timelines of the 1B step / 7B b32 decoding), dprofile (7B b32 decode), pack16 (16 x 1,024-token rows),
+#         hostplan (sync-free fla chunk planning: tests, then with / without), budget32 (32k-token rows),
 #         final (decode graphs + compile rung), decode, decodek (fused Triton decode step: tests, then torch vs
 #         triton decode figures).
 set -uo pipefail
@@ -108,6 +109,14 @@ for stage in "$@"; do
       BENCH_TIMEOUT=80 bench --model 1B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --name "1B huanhuan: packing 16k rows, fla (baseline for compile)"
       BENCH_TIMEOUT=200 bench --model 1B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --torch_compile --name "1B huanhuan: packing 16k rows, fla, + torch.compile of each block"
       log "decode 1B, cuda graphs"; timeout 60 python3 -m tnlora.cli bench --decode --model 1B --cuda_graphs 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt" ;;
+    hostplan)  # fla_backend.py: its GPU tests, then the compiled 1B 16k step through fla's own path and through it
+      log "host-planned fla backend GPU tests"
+      timeout ${KCHECK_LIMIT:-240} python3 -m pytest -o addopts= -q -s -p no:cacheprovider tests/model/test_attention_gpu.py > "$OUT/hostplan.txt" 2>&1
+      grep -E "relative error|passed|failed|Error|assert" "$OUT/hostplan.txt" | tail -n 30 | tee -a "$OUT/log.txt"
+      FLA_DISABLE_BACKEND_DISPATCH=1 BENCH_TIMEOUT=200 bench --model 1B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --torch_compile --name "1B huanhuan: 16k rows, fla, compiled, fla's own chunk planning (syncs) ($(cat COMMIT 2>/dev/null))"
+      BENCH_TIMEOUT=200 bench --model 1B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --torch_compile --name "1B huanhuan: 16k rows, fla, compiled, host-planned chunks ($(cat COMMIT 2>/dev/null))" ;;
+    budget32)  # twice the token budget of a micro-batch
+      BENCH_TIMEOUT=200 bench --model 1B --packing --pack_len 32768 --attn fla --batch_size 1 --grad_accum 1 --torch_compile --name "1B huanhuan: 32k rows, fla, compiled, host-planned chunks ($(cat COMMIT 2>/dev/null))" ;;
     compile1b)  # the best 1B data-shaped setting (the default of tnlora train on a GPU)
       BENCH_TIMEOUT=200 bench --model 1B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --torch_compile --name "1B huanhuan: packing 16k rows, fla, torch.compile ($(cat COMMIT 2>/dev/null))" ;;
     b7)

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("fla.ops.simple_gla", reason="needs fla-core (pip install 'tnlora[gpu]')")
 
 from tnlora.model import TransnormerForCausalLM, config_from_preset
-from tnlora.model.attention import fla_available, lightning_attention
+from tnlora.model.attention import _flatten_rows, fla_available, lightning_attention
 from tnlora.model.modeling import layer_log_decay
 
 pytestmark = pytest.mark.gpu
@@ -168,3 +168,45 @@ def test_auto_uses_fla_on_cuda_and_decoding_continues_its_state() -> None:
         _check("prefill+decode logits", torch.cat(pieces, 1), chunked_model(ids).logits, MODEL_TOLERANCE)
     generated = fla_model.generate(ids[:, :20], max_new_tokens=5, do_sample=False)
     assert generated.shape == (2, 25)
+
+
+@pytest.mark.parametrize("head_dim_k", [128, 256])
+def test_host_planned_backend_is_fla_bitwise_and_never_syncs(head_dim_k: int) -> None:
+    """tnlora's fla backend (fla_backend.py): same kernels, buffers sized from the host copy of cu_seqlens."""
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    from tnlora.model import fla_backend
+
+    assert fla_backend.install()
+    H, V = 16, 128
+    lengths = [300, 17, *([1, 2, 3] * 20), 1024, 1, 611, 131]  # two rows of 1,102; one example spans both
+    ids = torch.repeat_interleave(
+        torch.arange(len(lengths), device=DEVICE), torch.tensor(lengths, device=DEVICE)
+    ).reshape(2, -1)
+    B, T = ids.shape
+    q, k, v = _qkv(B, T, H, head_dim_k, V, seed=3)
+    log_decay = layer_log_decay(H, 0, 16, DEVICE)
+    grad_out = torch.randn(B, T, H, V, device=DEVICE)
+
+    _fwd_bwd("fla", q, k, v, log_decay, grad_out, seq_ids=ids)  # flattens ids once (one sync), fills caches
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any device->host read in forward or backward raises
+    try:
+        o, s, grads = _fwd_bwd("fla", q, k, v, log_decay, grad_out, seq_ids=ids)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+    # fla's own path: an unregistered copy of the same cu_seqlens goes past the backend.
+    registered, _, _, row_last = _flatten_rows(ids)
+    assert fla_backend.host_copy(registered) is not None
+    cu = registered.clone()
+    assert fla_backend.host_copy(cu) is None
+    leaves = [x.reshape(1, B * T, H, -1).detach().requires_grad_() for x in (q, k, v)]
+    o_ref, s_ref = chunk_simple_gla(
+        *leaves, g_gamma=log_decay, scale=1.0, output_final_state=True, cu_seqlens=cu
+    )
+    o_ref.backward(grad_out.reshape(1, B * T, H, V).to(o_ref.dtype))
+    assert torch.equal(o.reshape(1, B * T, H, V), o_ref)
+    assert torch.equal(s, s_ref[row_last])
+    for got, want in zip(grads, (x.grad for x in leaves)):
+        assert torch.equal(got.reshape(want.shape), want)

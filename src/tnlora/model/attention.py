@@ -406,6 +406,8 @@ def _fla(
     """fla-core ``chunk_simple_gla``: g_gamma = log λ, scale 1 (TNL does not scale q·k)."""
     from fla.ops.simple_gla import chunk_simple_gla
 
+    from tnlora.model import fla_backend
+
     B, T, H = q.shape[:3]
     g_gamma = log_decay.to(device=q.device, dtype=torch.float32)
     row_last = cu_seqlens_cpu = None
@@ -416,9 +418,15 @@ def _fla(
             initial_state = s0.index_copy(0, row_first, initial_state)
         q, k, v = (x.reshape(1, B * T, H, x.shape[-1]) for x in (q, k, v))
     extra = {}
-    if cu_seqlens is not None and _fla_takes_cu_seqlens_cpu():
-        # Lets fla plan its chunks without another device->host copy.
-        extra["cu_seqlens_cpu"] = cu_seqlens_cpu if cu_seqlens_cpu is not None else cu_seqlens.cpu()
+    if cu_seqlens is not None:
+        if cu_seqlens_cpu is None:
+            cu_seqlens_cpu = cu_seqlens.cpu()
+        if fla_backend.install():
+            # fla's state kernels then size their buffers from the host copy instead of reading the device.
+            fla_backend.remember_host_copy(cu_seqlens, cu_seqlens_cpu)
+        if _fla_takes_cu_seqlens_cpu():
+            # Lets fla plan its chunks without another device->host copy.
+            extra["cu_seqlens_cpu"] = cu_seqlens_cpu
     o, final = chunk_simple_gla(
         q,
         k,
