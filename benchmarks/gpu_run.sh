@@ -7,7 +7,7 @@
 #         ladder1b, b7 (7B data-shaped), long (fixed long sequences), maxlen (longest trainable sequence), seed (7B at the seed's settings),
 #         kcheck (decode kernels, packed fla, compile GPU tests), decodeauto (7B/1B decode, defaults),
 #         trace / dtrace (idle-gap timelines of the 1B step / 7B b32 decoding), dprofile (7B b32 decode), pack16 (16 x 1,024-token rows),
-#         hostplan (sync-free fla chunk planning: tests, then with / without), budget32 (32k-token rows),
+#         hostplan (sync-free fla chunk planning: tests, then with / without), syncaudit, budget32 (32k-token rows),
 #         final (decode graphs + compile rung), decode, decodek (fused Triton decode step: tests, then torch vs
 #         triton decode figures).
 set -uo pipefail
@@ -115,6 +115,9 @@ for stage in "$@"; do
       grep -E "relative error|passed|failed|Error|assert" "$OUT/hostplan.txt" | tail -n 30 | tee -a "$OUT/log.txt"
       FLA_DISABLE_BACKEND_DISPATCH=1 BENCH_TIMEOUT=200 bench --model 1B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --torch_compile --name "1B huanhuan: 16k rows, fla, compiled, fla's own chunk planning (syncs) ($(cat COMMIT 2>/dev/null))"
       BENCH_TIMEOUT=200 bench --model 1B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --torch_compile --name "1B huanhuan: 16k rows, fla, compiled, host-planned chunks ($(cat COMMIT 2>/dev/null))" ;;
+    syncaudit)  # every host sync left in two compiled 1B 16k steps, by calling line
+      log "sync audit"; timeout 200 python3 -m tnlora.cli bench --model 1B --packing --pack_len 16384 --attn fla --torch_compile --batch_size 1 --grad_accum 1 --steps 2 --warmup 2 --sync_audit > "$OUT/syncaudit.txt" 2>&1
+      grep -A12 "host syncs" "$OUT/syncaudit.txt" | cut -c1-200 | tee -a "$OUT/log.txt" ;;
     budget32)  # twice the token budget of a micro-batch
       BENCH_TIMEOUT=200 bench --model 1B --packing --pack_len 32768 --attn fla --batch_size 1 --grad_accum 1 --torch_compile --name "1B huanhuan: 32k rows, fla, compiled, host-planned chunks ($(cat COMMIT 2>/dev/null))" ;;
     compile1b)  # the best 1B data-shaped setting (the default of tnlora train on a GPU)

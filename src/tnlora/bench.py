@@ -21,6 +21,8 @@ import platform
 import random
 import subprocess
 import time
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,12 +121,18 @@ def build_model(preset: str, attention_impl: str, device: str) -> torch.nn.Modul
 
 
 class _StepTimer:
-    """A TrainerCallback that times optimizer steps after a warm-up (syncing only between steps)."""
+    """A TrainerCallback that times the optimizer steps after a warm-up.
+
+    It syncs only where the timed region starts and ends: a sync after every step would stop the host from
+    running ahead into the next step, as it does in ``tnlora train``.
+    """
 
     def __init__(self, warmup: int) -> None:
         self.warmup, self.t0, self.tokens0, self.steps, self.t1, self.tokens1 = warmup, 0.0, 0, 0, 0.0, 0
 
     def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step not in (self.warmup, state.max_steps):
+            return control
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         if state.global_step == self.warmup:
@@ -243,6 +251,8 @@ def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: 
         callbacks: list[Any] = [timer]
         if args.profile:
             callbacks.append(_Profiler(args.warmup, args.trace))
+        if args.sync_audit:
+            callbacks.append(_SyncAudit(args.warmup))
         trainer = build_trainer(cfg, model, ByteTokenizer(), data, callbacks=callbacks)
         trainer.train()
         loss = float(trainer.state.log_history[-1].get("train_loss", math.nan))
@@ -292,6 +302,42 @@ def decode_bench(args: argparse.Namespace, batch: int) -> tuple[float, float]:
     return batch * args.new_tokens / seconds, 1e3 * seconds / args.new_tokens
 
 
+class _SyncAudit:
+    """A TrainerCallback that lists, after the warm-up, every operation that makes the host wait for the GPU
+    (PyTorch's sync debug mode), by the Python line that called it."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.sites, self.steps, self._record = warmup, Counter(), 0, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.warmup and torch.cuda.is_available():
+            self._record = warnings.catch_warnings(record=True)
+            self._log = self._record.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        elif self._record is not None:
+            self.steps += 1
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._record is None:
+            return control
+        torch.cuda.set_sync_debug_mode("default")
+        self._record.__exit__(None, None, None)
+        for w in self._log:
+            if "synchroniz" in str(w.message):
+                self.sites[f"{w.filename}:{w.lineno}"] += 1
+        print(f"host syncs in {self.steps} optimizer steps after the warm-up: {sum(self.sites.values())}")
+        for site, n in self.sites.most_common():
+            print(f"  {n:5d}  {site}")
+        return control
+
+    def __getattr__(self, name: str):
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tnlora bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="1B", help="preset: tiny, 385M, 1B, 7B")
@@ -325,6 +371,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--name", default="", help="row label")
     parser.add_argument("--profile", action="store_true",
                         help="print the top CUDA kernels of one timed training step (or generate() call)")
+    parser.add_argument("--sync_audit", action="store_true",
+                        help="list the operations that make the host wait for the GPU in the timed steps")
     parser.add_argument("--trace", default="",
                         help="profile, and also write the timeline (Chrome trace JSON) here")
     args = parser.parse_args(argv)

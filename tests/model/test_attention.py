@@ -292,3 +292,17 @@ def test_bad_shapes_are_refused() -> None:
         lightning_attention(q, k, v, -torch.ones(2), cu_seqlens=torch.tensor([0, 4]))
     with pytest.raises(ValueError, match="initial_state"):
         lightning_attention(q, k, v, -torch.ones(2), initial_state=torch.zeros(1, 2, 4, 4))
+
+
+def test_host_flattening_equals_the_device_one_and_checks_its_copy() -> None:
+    seq_ids = torch.tensor([[0, 0, 1, 1, 1, 2], [2, 2, 2, 5, 6, 6], [7, 7, 7, 7, 7, 7]])
+    want = [t.tolist() for t in attention._flatten_rows(seq_ids)]
+    other = seq_ids.clone()  # a new tensor: the memo of seq_ids does not answer for it
+    host = attention.flat_cu_seqlens(other)
+    assert host.tolist() == want[0] == [0, 2, 5, 6, 9, 10, 12, 18]
+    attention.remember_flattening(other, tuple(host.tolist()))
+    got = attention._flatten_rows(other)
+    assert [t.tolist() for t in got] == want
+    assert got[1].device.type == "cpu"
+    with pytest.raises(RuntimeError, match="does not match"):
+        attention.remember_flattening(other.clone(), (0, 2, 6, 12, 18))

@@ -371,3 +371,22 @@ def test_embedding_scale_is_sqrt_d_unless_disabled() -> None:
     assert torch.allclose(hidden, rows * math.sqrt(64))
     assert torch.allclose(plain(ids, output_hidden_states=True).hidden_states[0], rows)
     assert torch.allclose(first_norm(hidden), first_norm(rows))
+
+
+def test_chunked_loss_with_a_host_count_equals_the_counted_one() -> None:
+    from tnlora.model.modeling import chunked_causal_lm_loss
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=False).double()
+    hidden = torch.randn(2, 9, 8, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 9))
+    labels[0, :4] = -100
+    labels[1, 7] = -100
+    count = int((labels[:, 1:] != -100).sum())
+    want = chunked_causal_lm_loss(hidden, head, labels, chunk_size=3)
+    (want_grad,) = torch.autograd.grad(want, hidden)
+    got = chunked_causal_lm_loss(hidden, head, labels, chunk_size=3, num_loss_tokens=count)
+    (got_grad,) = torch.autograd.grad(got, hidden)
+    assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
+    with pytest.raises(RuntimeError, match="num_loss_tokens"):
+        chunked_causal_lm_loss(hidden, head, labels, chunk_size=3, num_loss_tokens=count - 1)

@@ -216,6 +216,24 @@ def test_collator_masks_row_starts_and_packed_example_starts():
 
     batch = TrainingCollator(Inner())([{"input_ids": [1], "seq_ids": [0], "length": 1}])
     assert batch["labels"].tolist() == [[-100, 6, -100, 8, 9]]
+    # Host-side counts, so that neither the loss nor the Trainer reads them back from the GPU.
+    assert batch["num_loss_tokens"] == 3 and batch["num_real_tokens"] == 5
+    assert batch["cu_seqlens_cpu"] == (0, 2, 5)
+
+
+def test_tokens_seen_are_the_collated_non_padding_tokens(make_config, tmp_path):
+    from tnlora.config import resolve_defaults
+
+    cfg = resolve_defaults(
+        make_config(tmp_path / "t", "--max_steps", "2", "--max_samples", "6", "--packing", "false",
+                    "--per_device_train_batch_size", "3"),
+        cuda=False, cuda_bf16=False,
+    )  # fmt: skip
+    tokenizer = build_tokenizer(cfg)
+    data = build_datasets(cfg, tokenizer)
+    trainer = build_trainer(cfg, build_model(cfg, tokenizer), tokenizer, data)
+    trainer.train()
+    assert trainer.state.num_input_tokens_seen == sum(len(row["input_ids"]) for row in data.train)
 
 
 def test_full_and_freeze_finetuning_save_model_weights(make_config, tmp_path):

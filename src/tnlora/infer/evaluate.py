@@ -89,7 +89,10 @@ def evaluate(
     total, tokens = 0.0, 0
     loaded.model.eval()
     for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(loaded.device) for k, v in collate(rows[start : start + batch_size]).items()}
+        batch = {
+            k: v.to(loaded.device) if isinstance(v, torch.Tensor) else v
+            for k, v in collate(rows[start : start + batch_size]).items()
+        }
         s, n = supervised_token_sum(loaded.model, batch)
         total += s
         tokens += n

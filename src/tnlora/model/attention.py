@@ -21,6 +21,7 @@ import inspect
 import itertools
 import math
 import weakref
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -367,22 +368,57 @@ class _RowFlattening:
     value: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
 
+def flat_cu_seqlens(seq_ids: Tensor) -> Tensor:
+    """cu_seqlens [N+1] of ``seq_ids``' rows laid end to end: a boundary at every row start and id change.
+
+    On the device this reads N back (a host sync); the training collator computes it on the CPU instead and
+    hands it to the model (``cu_seqlens_cpu``), which seeds :func:`remember_flattening` with it.
+    """
+    B, T = seq_ids.shape
+    return F.pad(_first_tokens(seq_ids).reshape(-1).nonzero().squeeze(1), (0, 1), value=B * T)
+
+
 def _flatten_rows(seq_ids: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Packed rows as one flat row: (cu_seqlens, its CPU copy, each row's first and last example index).
 
-    Example boundaries are every row start and every id change. Finding them costs one host sync, paid once
-    per seq_ids tensor (and per in-place change of it), not once per layer.
+    Found once per seq_ids tensor (and per in-place change of it), not once per layer: from the host copy
+    given to :func:`remember_flattening`, or else on the device at the cost of two host syncs.
     """
     memo = _RowFlattening
     if memo.source is not None and memo.source() is seq_ids and memo.version == seq_ids._version:
         return memo.value
     B, T = seq_ids.shape
     new = _first_tokens(seq_ids).reshape(-1)
-    cu_seqlens = F.pad(new.nonzero().squeeze(1), (0, 1), value=B * T)
+    cu_seqlens = flat_cu_seqlens(seq_ids)
     example = (new.cumsum(0) - 1).reshape(B, T)
     memo.value = (cu_seqlens, cu_seqlens.cpu(), example[:, 0], example[:, -1])
     memo.source, memo.version = weakref.ref(seq_ids), seq_ids._version
     return memo.value
+
+
+def remember_flattening(seq_ids: Tensor, cu_seqlens_cpu: Tensor | Sequence[int]) -> None:
+    """Let :func:`_flatten_rows` take ``seq_ids``' boundaries from their host copy (``flat_cu_seqlens`` of
+    the CPU ids): nothing is read back from the device. A copy that does not match ``seq_ids`` fails a
+    device-side assertion."""
+    B, T = seq_ids.shape
+    host = torch.as_tensor(cu_seqlens_cpu, dtype=torch.long).cpu()
+    row_starts = torch.arange(B) * T
+    # Each row's first and last example: the examples holding the row's first and last token.
+    first = torch.searchsorted(host[:-1], row_starts, right=True) - 1
+    last = torch.searchsorted(host[:-1], row_starts + T - 1, right=True) - 1
+    device = seq_ids.device
+
+    def to_device(x: Tensor) -> Tensor:
+        # From pinned memory without waiting: a blocking copy from pageable memory syncs the stream.
+        return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+
+    cu_seqlens = to_device(host)
+    new = _first_tokens(seq_ids).reshape(-1)
+    matches = (new.sum() == host.shape[0] - 1) & new[cu_seqlens[:-1]].all() & (cu_seqlens[-1] == B * T)
+    torch._assert_async(matches, "cu_seqlens_cpu does not match seq_ids")
+    memo = _RowFlattening
+    memo.value = (cu_seqlens, host, to_device(first), to_device(last))
+    memo.source, memo.version = weakref.ref(seq_ids), seq_ids._version
 
 
 @functools.cache

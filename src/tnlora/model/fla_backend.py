@@ -16,7 +16,6 @@ the buffer's size comes from the host. The results are bitwise those of fla's pa
 
 from __future__ import annotations
 
-import functools
 import weakref
 
 import torch
@@ -55,15 +54,23 @@ def host_copy(cu_seqlens: Tensor | None) -> Tensor | None:
     return host if ref is not None and ref() is cu_seqlens else None
 
 
-@functools.cache
-def install() -> bool:
-    """Register the backend with fla once per process; False when this fla version is not one we checked."""
-    import fla
-    import triton
-    from fla.backends import BaseBackend, register
-    from fla.ops.common.chunk_h import chunk_bwd_kernel_dh, chunk_fwd_kernel_h
-    from fla.ops.utils import prepare_chunk_offsets
+_installed = False
 
+
+def install() -> bool:
+    """Register the backend with fla (once per process); False when fla lacks the registry or kernels, or is
+    a version this backend was not checked against: fla's own path then runs, syncs and all."""
+    global _installed
+    if _installed:
+        return True
+    try:
+        import fla
+        import triton
+        from fla.backends import BaseBackend, register
+        from fla.ops.common.chunk_h import chunk_bwd_kernel_dh, chunk_fwd_kernel_h
+        from fla.ops.utils import prepare_chunk_offsets
+    except ImportError:
+        return False
     if getattr(fla, "__version__", None) not in TESTED_FLA_VERSIONS:
         return False
 
@@ -151,4 +158,5 @@ def install() -> bool:
             return dh, dh0
 
     register("common")(TnloraHostPlannedBackend)
+    _installed = True
     return True

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import ModelOutput, logging
 
-from tnlora.model.attention import lightning_attention
+from tnlora.model.attention import lightning_attention, remember_flattening
 from tnlora.model.cache import TransnormerCache
 from tnlora.model.configuration import PRESETS, TransnormerConfig, config_from_preset
 from tnlora.model.decode_graph import decode_step
@@ -419,6 +419,7 @@ class TransnormerModel(TransnormerPreTrainedModel):
         use_cache: bool | None = None,
         seq_ids: Tensor | None = None,
         cu_seqlens: Tensor | None = None,
+        cu_seqlens_cpu: Tensor | Sequence[int] | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs: object,
@@ -427,8 +428,12 @@ class TransnormerModel(TransnormerPreTrainedModel):
 
         ``inputs_embeds`` are raw embedding rows (what ``get_input_embeddings()(ids)`` returns): the embedding
         scale is applied to them exactly as to looked-up ids, so both inputs give identical outputs.
-        ``position_ids`` are ignored: LRPE positions come from the cache length.
+        ``position_ids`` are ignored: LRPE positions come from the cache length. ``cu_seqlens_cpu``, with
+        ``seq_ids``: the example boundaries of the rows laid end to end, on the host
+        (``attention.flat_cu_seqlens`` of the CPU ids), which spares the fla kernels two host syncs.
         """
+        if seq_ids is not None and cu_seqlens_cpu is not None:
+            remember_flattening(seq_ids, cu_seqlens_cpu)
         past_key_values = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -542,14 +547,23 @@ def chunked_causal_lm_loss(
     labels: Tensor,
     num_items_in_batch: Tensor | int | None = None,
     chunk_size: int = 1024,
+    num_loss_tokens: int | None = None,
 ) -> Tensor:
     """The same loss without full logits: fp32 logits of at most ``chunk_size`` tokens exist at a time.
 
-    Only labelled tokens go through the LM head (one host sync to count them). Each chunk is recomputed in
-    the backward pass (activation checkpointing), so the saved activations are the hidden rows only.
+    Only labelled tokens go through the LM head. Finding them reads their count back from the device (a
+    host sync) unless the caller already knows it (``num_loss_tokens``: the labels ≠ -100 after the first
+    position of each row, as the training collator counts them on the host); a wrong count fails a
+    device-side assertion. Each chunk is recomputed in the backward pass (activation checkpointing), so the
+    saved activations are the hidden rows only.
     """
     targets = _shifted_targets(labels, hidden.device)
-    keep = (targets != -100).nonzero().squeeze(1)
+    labelled = targets != -100
+    if num_loss_tokens is None:
+        keep = labelled.nonzero().squeeze(1)
+    else:
+        torch._assert_async(labelled.sum() == num_loss_tokens, "num_loss_tokens is not the number of labels")
+        keep = torch.nonzero_static(labelled, size=num_loss_tokens).squeeze(1)
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
     targets = targets.index_select(0, keep)
     total = _at_least_fp32(rows[:0]).sum()  # stays attached to the graph even when nothing is labelled
@@ -604,7 +618,9 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         seq_ids: Tensor | None = None,
         cu_seqlens: Tensor | None = None,
+        cu_seqlens_cpu: Tensor | Sequence[int] | None = None,
         num_items_in_batch: Tensor | int | None = None,
+        num_loss_tokens: int | None = None,
         logits_to_keep: int | Tensor = 0,
         return_dict: bool | None = None,
         return_logits: bool | None = None,
@@ -616,7 +632,8 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
         Without labels, logits of the last ``logits_to_keep`` positions (0 = all) are returned. With labels the
         loss is computed in token chunks and no logits are returned unless asked for (``return_logits=True``,
         or ``logits_to_keep`` ≠ 0 for a subset); when all logits are asked for, the loss is the plain fp32 CE
-        over them. ``num_items_in_batch`` turns the mean into sum / num_items_in_batch.
+        over them. ``num_items_in_batch`` turns the mean into sum / num_items_in_batch. ``num_loss_tokens``
+        (the number of labels ≠ -100, counted on the host) spares the chunked loss a device→host read.
         """
         if use_cache is None and labels is not None:
             use_cache = False  # scoring needs no recurrent state
@@ -646,6 +663,7 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             seq_ids=seq_ids,
             cu_seqlens=cu_seqlens,
+            cu_seqlens_cpu=cu_seqlens_cpu,
             output_hidden_states=output_hidden_states,
         )
         hidden = outputs.last_hidden_state
@@ -662,7 +680,7 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
                 loss = causal_lm_loss_from_logits(logits, labels, num_items_in_batch)
             else:
                 loss = chunked_causal_lm_loss(
-                    hidden, self.lm_head, labels, num_items_in_batch, self.config.loss_chunk_size
+                    hidden, self.lm_head, labels, num_items_in_batch, self.config.loss_chunk_size, num_loss_tokens
                 )
         out = CausalLMOutputWithPast(
             loss=loss,

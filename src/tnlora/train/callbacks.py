@@ -23,8 +23,8 @@ def format_duration(seconds: float) -> str:
 class ProgressCallback(TrainerCallback):
     """One status line: step/total, epoch, last loss, learning rate, tokens/s (real tokens) and ETA.
 
-    Tokens are ``state.num_input_tokens_seen``, which the Trainer counts as the attention-mask sum when
-    ``include_num_input_tokens_seen="non_padding"`` (padding is not work). On a terminal the line is redrawn in
+    Tokens are ``state.num_input_tokens_seen``, the non-padding tokens (padding is not work) that
+    ``run.trainer_class()`` adds up from the collator's host-side count. On a terminal the line is redrawn in
     place; otherwise (logs, CI, pipes) a full line is printed at each logging step.
     """
 

@@ -8,6 +8,7 @@ optimizer setup without running the loop.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import random
@@ -23,6 +24,7 @@ from transformers import set_seed
 
 from tnlora.config import RunConfig, resolve_defaults, save_run_config, split_list
 from tnlora.errors import ConfigError, TnloraError
+from tnlora.model.attention import flat_cu_seqlens
 
 TEMPLATE_FILE = "template.json"
 LOSS_PLOT = "loss.png"
@@ -288,13 +290,21 @@ def _as_row(example: Any) -> dict[str, Any]:
     return row
 
 
+# Host-side counts the collator adds to each batch as Python ints (accelerate moves tensors to the GPU and
+# leaves ints alone): reading them from device tensors would stall the GPU once per micro-batch each.
+NUM_LOSS_TOKENS = "num_loss_tokens"  # labelled positions, for the model's loss (a forward argument)
+NUM_REAL_TOKENS = "num_real_tokens"  # non-padding tokens, for the Trainer's tokens-seen count (popped there)
+CU_SEQLENS_CPU = "cu_seqlens_cpu"  # packed rows: the example boundaries of the rows end to end (a tuple)
+
+
 class TrainingCollator:
     """Wraps the data layer's collator so the Trainer counts exactly the tokens the loss averages over.
 
     The model shifts labels: position 0 of a row and the first token of each packed example are never
     prediction targets. Marking them -100 here makes ``num_items_in_batch`` (counted by the Trainer from
     the labels) equal the number of tokens in the loss, so the per-token loss stays exact under gradient
-    accumulation and packing.
+    accumulation and packing. The batch also carries ``num_loss_tokens``, ``num_real_tokens`` and, when
+    packed, ``cu_seqlens_cpu``, all computed here on the host.
     """
 
     def __init__(self, inner, eval_inner=None):
@@ -313,7 +323,34 @@ class TrainingCollator:
             starts = seq_ids[:, 1:] != seq_ids[:, :-1]
             labels[:, 1:][starts] = -100
         batch["labels"] = labels
+        if seq_ids is not None:
+            # The model's fla path would otherwise find these boundaries on the GPU and read them back.
+            batch[CU_SEQLENS_CPU] = tuple(flat_cu_seqlens(seq_ids).tolist())
+        batch[NUM_LOSS_TOKENS] = int((labels != -100).sum())
+        mask = batch.get("attention_mask")
+        batch[NUM_REAL_TOKENS] = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         return batch
+
+
+@functools.cache
+def trainer_class():
+    """``transformers.Trainer`` that counts tokens seen from the collator's host-side count.
+
+    The Trainer's own count (``include_num_input_tokens_seen``) sums the attention mask on the device and
+    reads it back with ``.item()`` after every micro-batch: a full stall of the GPU each time.
+    """
+    from transformers import Trainer
+
+    class TnloraTrainer(Trainer):
+        def training_step(self, model, inputs, *args, **kwargs):
+            self.state.num_input_tokens_seen += inputs.pop(NUM_REAL_TOKENS, 0)
+            return super().training_step(model, inputs, *args, **kwargs)
+
+        def prediction_step(self, model, inputs, *args, **kwargs):
+            inputs.pop(NUM_REAL_TOKENS, None)
+            return super().prediction_step(model, inputs, *args, **kwargs)
+
+    return TnloraTrainer
 
 
 def model_dtype(cfg: RunConfig) -> torch.dtype:
@@ -512,7 +549,11 @@ def _training_arguments(TrainingArguments, cfg: RunConfig, has_eval: bool, warmu
         data_seed=cfg.seed,
         report_to=[r for r in split_list(cfg.report_to) if r != "none"],
         disable_tqdm=True,  # ProgressCallback draws the bar
-        include_num_input_tokens_seen="non_padding",
+        # Counted from the collator's host-side count by trainer_class() (the Trainer's count syncs).
+        include_num_input_tokens_seen="no",
+        # A NaN loss is logged as NaN, not replaced by a running mean; the check read the loss back from the
+        # GPU after every micro-batch.
+        logging_nan_inf_filter=False,
         train_sampling_strategy="random" if cfg.packing else "group_by_length",
         remove_unused_columns=False,  # TrainingCollator drops "length" itself
         dataloader_num_workers=cfg.dataloader_num_workers,
@@ -520,6 +561,8 @@ def _training_arguments(TrainingArguments, cfg: RunConfig, has_eval: bool, warmu
         label_names=["labels"],
         save_only_model=False,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # Batches go to the GPU from pinned memory without waiting for the copy (a blocking copy syncs).
+        accelerator_config={"non_blocking": torch.cuda.is_available()},
         use_cpu=not torch.cuda.is_available(),  # lets bf16 autocast run on CPU too
     )
 
@@ -528,11 +571,11 @@ def build_trainer(
     cfg: RunConfig, model, tokenizer, data: DataBundle, callbacks: list[Any] | None = None, args=None
 ):
     """A ``transformers.Trainer`` wired with our collator and callbacks; loss kwargs checked."""
-    from transformers import PrinterCallback, Trainer
+    from transformers import PrinterCallback
 
     from tnlora.train.callbacks import ProgressCallback
 
-    trainer = Trainer(
+    trainer = trainer_class()(
         model=model,
         args=args if args is not None else training_arguments(cfg, has_eval=data.eval is not None),
         train_dataset=data.train,
