@@ -7,7 +7,7 @@
 #         ladder1b, b7 (7B data-shaped), long (fixed long sequences), maxlen (longest trainable sequence), seed (7B at the seed's settings),
 #         kcheck (decode kernels, packed fla, compile GPU tests), decodeauto (7B/1B decode, defaults),
 #         trace / dtrace (idle-gap timelines of the 1B step / 7B b32 decoding), dprofile (7B b32 decode), pack16 (16 x 1,024-token rows),
-#         hostplan (sync-free fla chunk planning: tests, then with / without), syncaudit, budget32 (32k-token rows),
+#         hostplan (sync-free fla chunk planning: tests, then with / without), syncaudit, budget32 (32k-token rows), final5,
 #         final (decode graphs + compile rung), decode, decodek (fused Triton decode step: tests, then torch vs
 #         triton decode figures).
 set -uo pipefail
@@ -115,6 +115,13 @@ for stage in "$@"; do
       grep -E "relative error|passed|failed|Error|assert" "$OUT/hostplan.txt" | tail -n 30 | tee -a "$OUT/log.txt"
       FLA_DISABLE_BACKEND_DISPATCH=1 BENCH_TIMEOUT=200 bench --model 1B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --torch_compile --name "1B huanhuan: 16k rows, fla, compiled, fla's own chunk planning (syncs) ($(cat COMMIT 2>/dev/null))"
       BENCH_TIMEOUT=200 bench --model 1B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --torch_compile --name "1B huanhuan: 16k rows, fla, compiled, host-planned chunks ($(cat COMMIT 2>/dev/null))" ;;
+    final5)  # session 5: the GPU tests of the sync-free step, the picked defaults, the 16k rung and the default micro-batch
+      log "GPU tests: fla (host-planned backend), sync-free Trainer step"
+      timeout 200 python3 -m pytest -o addopts= -q -s -p no:cacheprovider tests/model/test_attention_gpu.py tests/train/test_sync_gpu.py > "$OUT/final.txt" 2>&1
+      grep -E "host syncs|^ +[0-9]+ +/|passed|failed|Error|assert" "$OUT/final.txt" | tail -n 20 | tee -a "$OUT/log.txt"
+      log "defaults"; timeout 120 python3 benchmarks/gpu_defaults.py 2>&1 | grep -v Warning | tail -n 4 | tee -a "$OUT/log.txt" "$OUT/table.txt"
+      BENCH_TIMEOUT=200 bench --model 1B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --torch_compile --name "1B huanhuan: one 16k row, fla, compiled, sync-free step ($(cat COMMIT 2>/dev/null))"
+      BENCH_TIMEOUT=200 bench --model 1B --packing --pack_len 1024 --attn fla --batch_size 32 --grad_accum 1 --torch_compile --name "1B huanhuan: the default micro-batch, 32 rows x 1,024, fla, compiled ($(cat COMMIT 2>/dev/null))" ;;
     syncaudit)  # every host sync left in two compiled 1B 16k steps, by calling line
       log "sync audit"; timeout 200 python3 -m tnlora.cli bench --model 1B --packing --pack_len 16384 --attn fla --torch_compile --batch_size 1 --grad_accum 1 --steps 2 --warmup 2 --sync_audit > "$OUT/syncaudit.txt" 2>&1
       grep -A12 "host syncs" "$OUT/syncaudit.txt" | cut -c1-200 | tee -a "$OUT/log.txt" ;;

@@ -248,13 +248,14 @@ def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: 
         examples = synthetic_examples(chosen, model.config.vocab_size)
         data = bundle_from_examples(cfg, examples, [], pad_token_id=0)
         timer = _StepTimer(args.warmup)
-        callbacks: list[Any] = [timer]
+        audit = SyncAudit(args.warmup) if args.sync_audit else None
+        callbacks: list[Any] = [audit, timer] if audit else [timer]  # the audit closes before the timer syncs
         if args.profile:
             callbacks.append(_Profiler(args.warmup, args.trace))
-        if args.sync_audit:
-            callbacks.append(_SyncAudit(args.warmup))
         trainer = build_trainer(cfg, model, ByteTokenizer(), data, callbacks=callbacks)
         trainer.train()
+        if audit:
+            print(audit.report())
         loss = float(trainer.state.log_history[-1].get("train_loss", math.nan))
     seconds = timer.t1 - timer.t0
     tokens = timer.tokens1 - timer.tokens0
@@ -302,12 +303,16 @@ def decode_bench(args: argparse.Namespace, batch: int) -> tuple[float, float]:
     return batch * args.new_tokens / seconds, 1e3 * seconds / args.new_tokens
 
 
-class _SyncAudit:
-    """A TrainerCallback that lists, after the warm-up, every operation that makes the host wait for the GPU
-    (PyTorch's sync debug mode), by the Python line that called it."""
+class SyncAudit:
+    """A TrainerCallback that lists every operation that makes the host wait for the GPU (PyTorch's sync debug
+    mode) from the end of warm-up step ``warmup`` to the end of the last step, by the Python line calling it.
+
+    The window closes at the last step's end, before the Trainer's final logging and saving; register it
+    ahead of callbacks that synchronise on purpose (the step timer)."""
 
     def __init__(self, warmup: int) -> None:
-        self.warmup, self.sites, self.steps, self._record = warmup, Counter(), 0, None
+        self.warmup, self.sites, self.steps = warmup, Counter(), 0
+        self._record: warnings.catch_warnings | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.warmup and torch.cuda.is_available():
@@ -317,20 +322,22 @@ class _SyncAudit:
             torch.cuda.set_sync_debug_mode("warn")
         elif self._record is not None:
             self.steps += 1
+            if state.global_step >= state.max_steps:
+                self._close()
         return control
 
-    def on_train_end(self, args, state, control, **kwargs):
-        if self._record is None:
-            return control
+    def _close(self) -> None:
         torch.cuda.set_sync_debug_mode("default")
         self._record.__exit__(None, None, None)
+        self._record = None
         for w in self._log:
             if "synchroniz" in str(w.message):
                 self.sites[f"{w.filename}:{w.lineno}"] += 1
-        print(f"host syncs in {self.steps} optimizer steps after the warm-up: {sum(self.sites.values())}")
-        for site, n in self.sites.most_common():
-            print(f"  {n:5d}  {site}")
-        return control
+
+    def report(self) -> str:
+        lines = [f"host syncs in {self.steps} optimizer steps after the warm-up: {sum(self.sites.values())}"]
+        lines += [f"  {n:5d}  {site}" for site, n in self.sites.most_common()]
+        return "\n".join(lines)
 
     def __getattr__(self, name: str):
         if name.startswith("on_"):

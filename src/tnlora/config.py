@@ -408,6 +408,9 @@ DEFAULT_BATCH_SIZE = 8
 # sequence, and below ~16k tokens a step is bound by kernel launches, not the GPU (benchmarks/RESULTS.md:
 # 1B 13,658 tokens/s in 2,048-token micro-batches, 41,178 in 16,384-token ones, 69,839 compiled on an H200).
 PACKED_TOKENS_PER_MICRO_BATCH = 16_384
+# On a GPU where the memory estimate says it fits without checkpointing: twice that. The optimizer step and the
+# step's fixed host work are spread over twice the tokens (1B on an H200: 90,566 → 96,436 tokens/s).
+LARGE_PACKED_TOKENS_PER_MICRO_BATCH = 32_768
 
 
 def resolve_defaults(
@@ -415,9 +418,10 @@ def resolve_defaults(
 ) -> RunConfig:
     """Fill the "pick for me" values: bf16, packing and compiled decoder layers on a GPU, none of them on CPU
     (compiling pays only where kernel launches dominate; on CPU it costs minutes); micro-batches of packed rows
-    sized by a token budget; the fused AdamW on a GPU; alpha = 2 × rank. Gradient checkpointing: on with a GPU
-    when ``fits`` (given the otherwise resolved config, checkpointing off) says the run would not fit its
-    memory, else off."""
+    sized by a token budget (32,768 tokens on a GPU where ``fits`` says they fit without checkpointing, else
+    16,384); the fused AdamW on a GPU; alpha = 2 × rank. Gradient checkpointing: on with a GPU when ``fits``
+    (given the otherwise resolved config, checkpointing off) says the run would not fit its memory, else
+    off."""
     out = dataclasses.replace(cfg)
     if out.bf16 is None:
         out.bf16 = bool(cuda and cuda_bf16)
@@ -436,6 +440,14 @@ def resolve_defaults(
         out.per_device_train_batch_size = (
             max(1, PACKED_TOKENS_PER_MICRO_BATCH // out.cutoff_len) if out.packing else DEFAULT_BATCH_SIZE
         )
+        if out.packing and cuda and fits is not None and not out.gradient_checkpointing:
+            larger = dataclasses.replace(
+                out,
+                per_device_train_batch_size=max(1, LARGE_PACKED_TOKENS_PER_MICRO_BATCH // out.cutoff_len),
+                gradient_checkpointing=False,
+            )
+            if fits(larger):
+                out.per_device_train_batch_size = larger.per_device_train_batch_size
     if out.gradient_checkpointing is None:
         out.gradient_checkpointing = False
         if cuda and fits is not None:

@@ -70,9 +70,27 @@ def test_default_is_picked_from_the_estimate_only_when_unset():
         return False
 
     assert resolve_defaults(cfg, cuda=True, cuda_bf16=True, fits=fits).gradient_checkpointing is True
-    assert seen == [(False, 16)]  # asked about the run without checkpointing, batch already resolved
+    # Asked first whether twice the tokens fit without checkpointing, then about the resolved batch.
+    assert seen == [(False, 32), (False, 16)]
     assert resolve_defaults(cfg, cuda=True, cuda_bf16=True, fits=lambda c: True).gradient_checkpointing is False
     assert resolve_defaults(cfg, cuda=False, cuda_bf16=False, fits=fits).gradient_checkpointing is False
     mine = load_run_config(None, ["--model_name_or_path", "7B", "--dataset", "d", "--output_dir", "o",
                                   "--gradient_checkpointing", "false"])
     assert resolve_defaults(mine, cuda=True, cuda_bf16=True, fits=fits).gradient_checkpointing is False
+
+
+def test_the_micro_batch_doubles_where_it_fits_without_checkpointing():
+    def picked(model: str, card: float) -> tuple[int, bool]:
+        cfg = load_run_config(None, ["--model_name_or_path", model, "--dataset", "d", "--output_dir", "o"])
+        cfg = resolve_defaults(
+            cfg, cuda=True, cuda_bf16=True, fits=lambda c: fits_without_checkpointing(c, card)
+        )
+        return cfg.per_device_train_batch_size, cfg.gradient_checkpointing
+
+    assert picked("1B", H100_80GB) == (32, False)  # 32 rows of 1,024 tokens
+    assert picked("7B", H200) == (16, False)  # 32k would need checkpointing: 16k without it
+    assert picked("7B", H100_80GB) == (16, True)
+    chosen = load_run_config(None, ["--model_name_or_path", "1B", "--dataset", "d", "--output_dir", "o",
+                                    "--gradient_checkpointing", "true"])  # fmt: skip
+    on = resolve_defaults(chosen, cuda=True, cuda_bf16=True, fits=lambda c: True)
+    assert on.per_device_train_batch_size == 16

@@ -350,6 +350,13 @@ def trainer_class():
             inputs.pop(NUM_REAL_TOKENS, None)
             return super().prediction_step(model, inputs, *args, **kwargs)
 
+        def floating_point_ops(self, inputs) -> int:
+            # transformers' estimate (6 · tokens · non-embedding parameters), with the parameters counted once:
+            # its own walks every module of the (peft-wrapped) model after each micro-batch.
+            if not hasattr(self, "_flop_parameters"):
+                self._flop_parameters = self.model.num_parameters(exclude_embeddings=True)
+            return 6 * inputs["input_ids"].numel() * self._flop_parameters
+
     return TnloraTrainer
 
 
