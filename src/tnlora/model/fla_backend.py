@@ -79,7 +79,17 @@ def install() -> bool:
         split = chunk_size if split_size is None else split_size
         # A device tensor derived from cu_seqlens on the device (fla caches it per cu_seqlens): no sync.
         offsets = prepare_chunk_offsets(cu_seqlens, split)
-        return B, T, H, K, V, split, cu_seqlens.shape[0] - 1, num_splits(host_copy(cu_seqlens), split), offsets
+        return (
+            B,
+            T,
+            H,
+            K,
+            V,
+            split,
+            cu_seqlens.shape[0] - 1,
+            num_splits(host_copy(cu_seqlens), split),
+            offsets,
+        )
 
     def accepts(*args, cu_seqlens: Tensor | None = None, **kwargs) -> tuple[bool, str | None]:
         if host_copy(cu_seqlens) is None:
