@@ -122,6 +122,21 @@ for stage in "$@"; do
       log "defaults"; timeout 120 python3 benchmarks/gpu_defaults.py 2>&1 | grep -v Warning | tail -n 4 | tee -a "$OUT/log.txt" "$OUT/table.txt"
       BENCH_TIMEOUT=200 bench --model 1B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --torch_compile --name "1B huanhuan: one 16k row, fla, compiled, sync-free step ($(cat COMMIT 2>/dev/null))"
       BENCH_TIMEOUT=200 bench --model 1B --packing --pack_len 1024 --attn fla --batch_size 32 --grad_accum 1 --torch_compile --name "1B huanhuan: the default micro-batch, 32 rows x 1,024, fla, compiled ($(cat COMMIT 2>/dev/null))" ;;
+    s6tests)  # session 6: split decode graphs, fused prefill norms (GPU tests)
+      log "GPU tests: decode graphs in parts, fused no-grad norms"
+      timeout ${S6_TEST_LIMIT:-150} python3 -m pytest -o addopts= -q -s -p no:cacheprovider -m gpu tests/model/test_decode_graph.py tests/model/test_norm_kernel.py > "$OUT/s6tests.txt" 2>&1
+      grep -E "passed|failed|Error|assert" "$OUT/s6tests.txt" | tail -n 20 | tee -a "$OUT/log.txt" ;;
+    dparts)  # graphs per decode step and the prefill's fused norms (benchmarks/decode_parts.py)
+      log "decode parts ${DPARTS_MODEL:-7B}"; timeout ${DPARTS_LIMIT:-200} python3 benchmarks/decode_parts.py --model ${DPARTS_MODEL:-7B} --parts ${DPARTS:-1,2,4,8} --repeats ${DPARTS_REPEATS:-2} > "$OUT/dparts.txt" 2>&1
+      grep -E "^\||Error|error" "$OUT/dparts.txt" | grep -v "all runs" | tee -a "$OUT/log.txt" "$OUT/table.txt" ;;
+    gc32)  # the default 1B micro-batch, 10 timed steps, without and with gc_freeze
+      BENCH_TIMEOUT=200 bench --model 1B --packing --pack_len 1024 --attn fla --batch_size 32 --grad_accum 1 --torch_compile --steps 10 --no-gc_freeze --name "1B huanhuan: default micro-batch 32 x 1,024, compiled, no gc_freeze, 10 steps ($(cat COMMIT 2>/dev/null))"
+      grep "python gc" "$OUT/log.txt" | tail -n 1 | tee -a "$OUT/table.txt"
+      BENCH_TIMEOUT=160 bench --model 1B --packing --pack_len 1024 --attn fla --batch_size 32 --grad_accum 1 --torch_compile --steps 10 --name "1B huanhuan: default micro-batch 32 x 1,024, compiled, gc_freeze, 10 steps ($(cat COMMIT 2>/dev/null))"
+      grep "python gc" "$OUT/log.txt" | tail -n 1 | tee -a "$OUT/table.txt" ;;
+    profile32)  # the top CUDA kernels of one step of the default 1B micro-batch
+      log "profile 32 x 1,024"; timeout ${PROFILE_LIMIT:-200} python3 -m tnlora.cli bench --model 1B --packing --pack_len 1024 --attn fla --torch_compile --batch_size 32 --grad_accum 1 --steps 1 --warmup 2 --profile > "$OUT/profile32.txt" 2>&1
+      grep -E "Self CUDA time total|Self CPU time total" "$OUT/profile32.txt" | tee -a "$OUT/log.txt" ;;
     syncaudit)  # every host sync left in two compiled 1B 16k steps, by calling line
       log "sync audit"; timeout 200 python3 -m tnlora.cli bench --model 1B --packing --pack_len 16384 --attn fla --torch_compile --batch_size 1 --grad_accum 1 --steps 2 --warmup 2 --sync_audit > "$OUT/syncaudit.txt" 2>&1
       grep -A12 "host syncs" "$OUT/syncaudit.txt" | cut -c1-200 | tee -a "$OUT/log.txt" ;;

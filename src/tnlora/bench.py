@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import platform
@@ -129,6 +130,22 @@ class _StepTimer:
 
     def __init__(self, warmup: int) -> None:
         self.warmup, self.t0, self.tokens0, self.steps, self.t1, self.tokens1 = warmup, 0.0, 0, 0, 0.0, 0
+        # Python's garbage collections in the timed steps: generation -> (count, seconds).
+        self.gc: dict[int, list[float]] = {}
+        self._gc_start = 0.0
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        else:
+            entry = self.gc.setdefault(info["generation"], [0, 0.0])
+            entry[0] += 1
+            entry[1] += time.perf_counter() - self._gc_start
+
+    def gc_report(self) -> str:
+        """The collections of the timed steps, by generation."""
+        parts = [f"gen {g}: {int(n)} ({1e3 * t:.1f} ms)" for g, (n, t) in sorted(self.gc.items())]
+        return "python gc in the timed steps: " + (", ".join(parts) if parts else "none")
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step not in (self.warmup, state.max_steps):
@@ -137,10 +154,13 @@ class _StepTimer:
             torch.cuda.synchronize()
         if state.global_step == self.warmup:
             self.t0, self.tokens0 = time.perf_counter(), int(state.num_input_tokens_seen)
+            gc.callbacks.append(self._on_gc)
         elif state.global_step > self.warmup:
             self.t1, self.tokens1, self.steps = time.perf_counter(), int(state.num_input_tokens_seen), (
                 state.global_step - self.warmup
             )
+            if self._on_gc in gc.callbacks:
+                gc.callbacks.remove(self._on_gc)
         return control
 
     # The Trainer calls every hook by name; the rest do nothing.
@@ -227,6 +247,7 @@ def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: 
             bf16=device == "cuda",
             gradient_checkpointing=args.gradient_checkpointing,
             use_unsloth_gc=args.use_unsloth_gc,
+            gc_freeze=args.gc_freeze,
             torch_compile=args.torch_compile,
             attention_impl=args.attn,
             logging_steps=10**6,
@@ -256,6 +277,7 @@ def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: 
         trainer.train()
         if audit:
             print(audit.report())
+        print(timer.gc_report(), flush=True)
         loss = float(trainer.state.log_history[-1].get("train_loss", math.nan))
     seconds = timer.t1 - timer.t0
     tokens = timer.tokens1 - timer.tokens0
@@ -357,6 +379,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--use_unsloth_gc", action=argparse.BooleanOptionalAction, default=False,
                         help="checkpointing with the layer inputs offloaded to CPU memory (use_unsloth_gc: true)")
+    parser.add_argument("--gc_freeze", action=argparse.BooleanOptionalAction, default=True,
+                        help="the objects alive after the first steps out of Python's collector (gc_freeze)")
     parser.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=False,
                         help="compile each decoder layer (torch_compile: true of a run config)")
     parser.add_argument("--attn", default="auto", choices=["auto", "fla", "chunked"])
@@ -417,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = (
         f"pack={args.packing}{f' pack_len={args.seq_len}' if args.packing and args.seq_len else ''}"
         f" attn={args.attn} ckpt={args.gradient_checkpointing} offload={args.use_unsloth_gc} compile={args.torch_compile}"
-        f" b={args.batch_size}x{args.grad_accum}"
+        f" b={args.batch_size}x{args.grad_accum}{'' if args.gc_freeze else ' gc_freeze=False'}"
     )
     # Printed even under a custom --name, so every table row can be traced to its settings.
     print(f"config: {args.model} {settings}", flush=True)

@@ -390,3 +390,16 @@ def test_chunked_loss_with_a_host_count_equals_the_counted_one() -> None:
     assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
     with pytest.raises(RuntimeError, match="num_loss_tokens"):
         chunked_causal_lm_loss(hidden, head, labels, chunk_size=3, num_loss_tokens=count - 1)
+
+
+def test_gated_norm_and_the_kernel_layout_check() -> None:
+    from tnlora.model.modeling import SimpleRMSNorm
+    from tnlora.model.norm_kernel import takes_rows
+
+    gen = torch.Generator().manual_seed(0)
+    o, u = torch.randn(2, 5, 8, generator=gen), torch.randn(2, 5, 32, generator=gen)[..., 8:16]
+    norm = SimpleRMSNorm()
+    assert torch.equal(norm(o, gate=u), u * norm(o))
+    assert not norm._fused(o, u)  # no config, CPU, grad: the PyTorch form
+    assert takes_rows(o, u, None) and takes_rows(o[:, :1]) and takes_rows(o[0])
+    assert not takes_rows(o.transpose(1, 2)) and not takes_rows(o[:, ::2]) and not takes_rows(o[None])

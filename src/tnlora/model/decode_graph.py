@@ -9,7 +9,8 @@ for 0.6 ms of weights). A :class:`DecodeStepRunner` owns static buffers for one 
 * one recurrent state [B, H, K, V] per layer (fp32; fp64 for fp64 models), updated IN PLACE;
 * the logits [B, 1, vocab],
 
-and a ``torch.cuda.CUDAGraph`` of embedding → layers → final norm → LM head on them. Before a replay the new
+and ``torch.cuda.CUDAGraph``s of embedding → layers → final norm → LM head on them (``GRAPH_PARTS`` graphs
+of consecutive layers, launched one after the other). Before a replay the new
 ids, position and mask are copied in, and a cache state that is not the static buffer (after the prefill, or
 after beam search reordered the cache) is copied into it; after the replay the cache's layers point at the
 static buffers (the next step copies nothing) and the cache advances by one token.
@@ -35,6 +36,7 @@ switched, enabled, disabled, merged or unmerged, checked whenever a new cache (a
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Hashable
 from typing import TYPE_CHECKING
@@ -56,6 +58,10 @@ logger = logging.get_logger(__name__)
 
 # Graphs kept per model (one per batch size); the oldest goes first. Each holds B·L states and a memory pool.
 MAX_RUNNERS = 4
+# Graphs the step is captured as, consecutive runs of layers. The GPU starts on the first while the host
+# still launches the others: launching one graph of the whole 7B step (~440 nodes) takes 0.3–0.7 ms of host
+# time, which the GPU spent idle after generate()'s per-step sync.
+GRAPH_PARTS = 4
 # Eager runs before capture, on a side stream (PyTorch's CUDA-graph recipe: lazy inits, cuBLAS workspaces).
 WARMUP_STEPS = 2
 # peft layer attributes that change what a captured LoRA forward computes without touching any parameter.
@@ -65,10 +71,21 @@ _ADAPTER_SWITCHES = ("active_adapters", "disable_adapters", "merged_adapters", "
 class DecodeStepRunner:
     """Static buffers, and with ``capture`` a CUDA graph, of the one-token forward for one batch size."""
 
-    def __init__(self, model: TransnormerForCausalLM, batch_size: int, device: torch.device, capture: bool) -> None:
+    def __init__(
+        self,
+        model: TransnormerForCausalLM,
+        batch_size: int,
+        device: torch.device,
+        capture: bool,
+        parts: int = GRAPH_PARTS,
+    ) -> None:
         self.capture = capture
         self.kernel = decode_kernel(model, device)
-        self.graph: torch.cuda.CUDAGraph | None = None
+        num_layers = len(model.model.layers)
+        bounds = sorted({round(i * num_layers / max(1, parts)) for i in range(max(1, parts) + 1)})
+        # Layer ranges [lo, hi) of the graphs, in order (fewer than `parts` when there are fewer layers).
+        self.parts = list(itertools.pairwise(bounds)) or [(0, 0)]
+        self.graphs: list[torch.cuda.CUDAGraph] = []
         self.logits: Tensor | None = None
         self.owner: weakref.ref[TransnormerCache] | None = None
         # Plain tensors even under an outer inference_mode: later no_grad calls write into them in place.
@@ -92,34 +109,54 @@ class DecodeStepRunner:
     def batch_size(self) -> int:
         return self.ids.shape[0]
 
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        """The first captured graph (None before capture or without ``capture``)."""
+        return self.graphs[0] if self.graphs else None
+
     # -----------------------------------------------------------------------------------------------------
     # The step on the static buffers (what the graph records)
 
     def _forward(self, model: TransnormerForCausalLM) -> Tensor:
         """Logits [B, 1, vocab] of the token in ``self.ids``; advances ``self.states`` in place."""
+        carry = self._begin(model)
+        carry = self._layers(model, carry, 0, len(self.states))
+        return self._end(model, carry)
+
+    def _begin(self, model: TransnormerForCausalLM) -> tuple[Tensor, Tensor | None]:
+        """The embedding: (hidden, its norm for the first layer when the norms are fused, else None)."""
         core = model.model
         hidden = core.embed_tokens(self.ids)
         scale = model.config.embed_scale
         if scale != 1.0:
             hidden = hidden * scale
-        if self.kernel == "triton":
-            return self._forward_fused(model, hidden)
-        for layer, state, decay in zip(core.layers, self.states, self.decays, strict=True):
-            hidden = hidden + self._token_mix(layer.token_mixer, layer.token_norm(hidden), state, decay)
-            hidden = hidden + layer.channel_mixer(layer.channel_norm(hidden))
-        return model.lm_head(core.final_norm(hidden))
+        if self.kernel != "triton":
+            return hidden, None
+        return add_rms_norm(hidden, None, core.layers[0].token_norm.eps)
 
-    def _forward_fused(self, model: TransnormerForCausalLM, hidden: Tensor) -> Tensor:
-        """``_forward`` with the Triton kernels: each residual add with the norm after it, one kernel
-        (:func:`~tnlora.model.norm_kernel.add_rms_norm`), as is the token mixer's gated output norm."""
+    def _layers(
+        self, model: TransnormerForCausalLM, carry: tuple[Tensor, Tensor | None], lo: int, hi: int
+    ) -> tuple[Tensor, Tensor | None]:
+        """Layers ``lo`` … ``hi``-1 on ``carry``. With the Triton kernels each residual add comes with the norm
+        after it, one kernel (:func:`~tnlora.model.norm_kernel.add_rms_norm`), as does the token mixer's gated
+        output norm; the norm of the next layer's input then travels in the carry."""
         core = model.model
-        _, normed = add_rms_norm(hidden, None, core.layers[0].token_norm.eps)
-        for i, (layer, state, decay) in enumerate(zip(core.layers, self.states, self.decays, strict=True)):
+        hidden, normed = carry
+        for i in range(lo, hi):
+            layer, state, decay = core.layers[i], self.states[i], self.decays[i]
+            if normed is None:
+                hidden = hidden + self._token_mix(layer.token_mixer, layer.token_norm(hidden), state, decay)
+                hidden = hidden + layer.channel_mixer(layer.channel_norm(hidden))
+                continue
             delta = self._token_mix(layer.token_mixer, normed, state, decay)
             hidden, normed = add_rms_norm(hidden, delta, layer.channel_norm.eps)
             after = core.layers[i + 1].token_norm if i + 1 < len(core.layers) else core.final_norm
             hidden, normed = add_rms_norm(hidden, layer.channel_mixer(normed), after.eps)
-        return model.lm_head(normed)
+        return hidden, normed
+
+    def _end(self, model: TransnormerForCausalLM, carry: tuple[Tensor, Tensor | None]) -> Tensor:
+        hidden, normed = carry
+        return model.lm_head(model.model.final_norm(hidden) if normed is None else normed)
 
     def _token_mix(self, mixer: NormLinearAttention, x: Tensor, state: Tensor, decay: Tensor) -> Tensor:
         """NormLinearAttention.forward for one token, with the recurrence written into ``state``."""
@@ -142,7 +179,9 @@ class DecodeStepRunner:
     # Capture and replay
 
     def _capture(self, model: TransnormerForCausalLM) -> None:
-        """Warm up on a side stream, then record ``_forward`` (it scribbles on the buffers; step refills them)."""
+        """Warm up on a side stream, then record ``_forward`` as one graph per part, sharing one memory pool
+        (they always replay in capture order); the carry between parts lives in that pool. Capture scribbles on
+        the buffers; step refills them."""
         device = self.ids.device
         with torch.cuda.device(device), torch.inference_mode(False), torch.no_grad():
             side = torch.cuda.Stream()
@@ -151,10 +190,16 @@ class DecodeStepRunner:
                 for _ in range(WARMUP_STEPS):
                     self._forward(model)
             torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.logits = self._forward(model)
-        self.graph = graph
+            graphs: list[torch.cuda.CUDAGraph] = []
+            carry: tuple[Tensor, Tensor | None] | None = None
+            for lo, hi in self.parts:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=graphs[0].pool() if graphs else None):
+                    carry = self._layers(model, self._begin(model) if carry is None else carry, lo, hi)
+                    if hi == len(self.states):
+                        self.logits = self._end(model, carry)
+                graphs.append(graph)
+        self.graphs = graphs
 
     def fits(self, input_ids: Tensor, cache: TransnormerCache) -> bool:
         """Whether this runner can take the step (same device, every cache state of the static shape)."""
@@ -170,7 +215,7 @@ class DecodeStepRunner:
         self, model: TransnormerForCausalLM, input_ids: Tensor, attention_mask: Tensor | None, cache: TransnormerCache
     ) -> Tensor:
         """Logits [B, 1, vocab] of ``input_ids`` [B, 1]; ``cache`` ends up on the static states, one token on."""
-        if self.capture and self.graph is None:
+        if self.capture and not self.graphs:
             self._capture(model)
         self._adopt(cache)
         self.ids.copy_(input_ids)
@@ -179,22 +224,30 @@ class DecodeStepRunner:
             self.pad.fill_(False)
         else:
             torch.logical_not(attention_mask[:, -1:].to(torch.bool), out=self.pad)
-        for i, static in enumerate(self.states):
-            state = cache.get_state(i)
-            if state is None:
-                static.zero_()  # attention._recurrent starts from zeros
-            elif state is not static:
-                static.copy_(state)
-        if self.graph is not None:
-            self.graph.replay()
+        states = [cache.get_state(i) for i in range(len(self.states))]
+        if self.graphs:
+            # Each part's states just before its launch: the first graph starts as early as possible.
+            for graph, (lo, hi) in zip(self.graphs, self.parts, strict=True):
+                self._load_states(states, lo, hi)
+                graph.replay()
             # A copy: the static logits are overwritten by the next replay.
             logits = self.logits.clone()
         else:
+            self._load_states(states, 0, len(self.states))
             logits = self._forward(model)
         for i, static in enumerate(self.states):
             cache.update_state(static, i)
         cache.advance(1)
         return logits
+
+    def _load_states(self, states: list[Tensor | None], lo: int, hi: int) -> None:
+        """Bring the static states of layers ``lo`` … ``hi``-1 to the cache's (no copy when they are its)."""
+        for i in range(lo, hi):
+            state, static = states[i], self.states[i]
+            if state is None:
+                static.zero_()  # attention._recurrent starts from zeros
+            elif state is not static:
+                static.copy_(state)
 
     def _adopt(self, cache: TransnormerCache) -> None:
         """Make ``cache`` the owner of the static states; a previous owner still alive keeps private copies."""
@@ -219,8 +272,9 @@ class DecodeStepRunner:
 class DecodeGraphs:
     """The runners of one model, by batch size, and the model fingerprint they were built against."""
 
-    def __init__(self, capture: bool) -> None:
+    def __init__(self, capture: bool, parts: int = GRAPH_PARTS) -> None:
         self.capture = capture
+        self.parts = parts
         self.runners: dict[int, DecodeStepRunner] = {}
         self.fingerprint: Hashable | None = None
         self.last_cache: weakref.ref[TransnormerCache] | None = None
@@ -249,7 +303,7 @@ class DecodeGraphs:
         if runner is None:
             if len(self.runners) >= MAX_RUNNERS:
                 self.runners.pop(next(iter(self.runners))).release()
-            runner = DecodeStepRunner(model, batch, input_ids.device, self.capture)
+            runner = DecodeStepRunner(model, batch, input_ids.device, self.capture, self.parts)
             self.runners[batch] = runner
         return runner if runner.fits(input_ids, cache) else None
 
@@ -259,14 +313,21 @@ class DecodeGraphs:
 _GRAPHS: weakref.WeakKeyDictionary[nn.Module, DecodeGraphs] = weakref.WeakKeyDictionary()
 
 
-def graphs_of(model: TransnormerForCausalLM, capture: bool | None = None) -> DecodeGraphs:
+def graphs_of(model: TransnormerForCausalLM, capture: bool | None = None, parts: int | None = None) -> DecodeGraphs:
     """The model's runners, created on first use; ``capture=False`` makes it run the static step without
-    graphs on any device (for tests); ``capture`` given for an existing set with another value rebuilds it."""
+    graphs on any device (for tests); ``parts``: graphs per step (default ``GRAPH_PARTS``). Either given for an
+    existing set with another value rebuilds it."""
     graphs = _GRAPHS.get(model)
-    if graphs is None or (capture is not None and graphs.capture != capture):
+    if (
+        graphs is None
+        or (capture is not None and graphs.capture != capture)
+        or (parts is not None and graphs.parts != parts)
+    ):
         if graphs is not None:
             graphs.clear()
-        graphs = DecodeGraphs(capture=True if capture is None else capture)
+        graphs = DecodeGraphs(
+            capture=True if capture is None else capture, parts=GRAPH_PARTS if parts is None else parts
+        )
         _GRAPHS[model] = graphs
     return graphs
 

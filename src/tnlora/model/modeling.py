@@ -27,7 +27,8 @@ from transformers.utils import ModelOutput, logging
 from tnlora.model.attention import lightning_attention, remember_flattening
 from tnlora.model.cache import TransnormerCache
 from tnlora.model.configuration import PRESETS, TransnormerConfig, config_from_preset
-from tnlora.model.decode_graph import decode_step
+from tnlora.model.decode_graph import decode_step, resolve_decode_kernel
+from tnlora.model.norm_kernel import add_rms_norm, gated_rms_norm, takes_rows
 
 logger = logging.get_logger(__name__)
 
@@ -45,15 +46,35 @@ def _at_least_fp32(x: Tensor) -> Tensor:
 
 
 class SimpleRMSNorm(nn.Module):
-    """y = x / sqrt(mean(x²) + eps) over the last dim, computed in fp32 and cast back."""
+    """y = x / sqrt(mean(x²) + eps) over the last dim, computed in fp32 and cast back; ``gate`` ⊙ y with a gate.
 
-    def __init__(self, eps: float = 1e-6) -> None:
+    With a ``config`` whose ``decode_kernel`` resolves to "triton", forwards without grad on CUDA (generation's
+    prefill, evaluation) run one Triton kernel (:mod:`~tnlora.model.norm_kernel`, equal up to the order of the
+    sum) instead of the ~7 PyTorch kernels; training and compiled forwards keep the PyTorch form.
+    """
+
+    def __init__(self, eps: float = 1e-6, config: TransnormerConfig | None = None) -> None:
         super().__init__()
         self.eps = eps
+        self.config = config
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
+        if self._fused(x, gate):
+            return add_rms_norm(x, None, self.eps)[1] if gate is None else gated_rms_norm(x, gate, self.eps)
         y = _at_least_fp32(x)
-        return (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return y if gate is None else gate * y
+
+    def _fused(self, x: Tensor, gate: Tensor | None) -> bool:
+        return (
+            self.config is not None
+            and x.is_cuda
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and x.is_contiguous()
+            and takes_rows(x, gate)
+            and resolve_decode_kernel(self.config.decode_kernel, x.device) == "triton"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -187,7 +208,7 @@ class NormLinearAttention(nn.Module):
         # Registration order gives the official key order: out_proj, lrpe.theta, qkvu_proj.
         self.out_proj = nn.Linear(config.hidden_dim, config.decoder_embed_dim, bias=config.bias)
         self.act = ACTIVATIONS.get(config.linear_act_fun, _identity)
-        self.norm = SimpleRMSNorm()
+        self.norm = SimpleRMSNorm(config=config)
         self.lrpe = (
             Lrpe(self.num_heads, self.head_dim, config.lrpe_angle_dtype)
             if config.uses_lrpe(layer_idx)
@@ -269,7 +290,7 @@ class NormLinearAttention(nn.Module):
     def output(self, o: Tensor, u: Tensor) -> Tensor:
         """out_proj(u ⊙ SRMSNorm(o)) [B, T, dim]."""
         batch, length = o.shape[:2]
-        return self.out_proj(u * self.norm(o.reshape(batch, length, -1)))
+        return self.out_proj(self.norm(o.reshape(batch, length, -1), gate=u))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -310,8 +331,8 @@ class TransnormerDecoderLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: TransnormerConfig, layer_idx: int) -> None:
         super().__init__()
-        self.token_norm = SimpleRMSNorm()
-        self.channel_norm = SimpleRMSNorm()
+        self.token_norm = SimpleRMSNorm(config=config)
+        self.channel_norm = SimpleRMSNorm(config=config)
         self.token_mixer = NormLinearAttention(config, layer_idx)
         self.channel_mixer = GLU(config.decoder_embed_dim, config.channel_dim, config.bias)
 
@@ -398,7 +419,7 @@ class TransnormerModel(TransnormerPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.decoder_embed_dim, config.pad_token_id)
         self.layers = nn.ModuleList(TransnormerDecoderLayer(config, i) for i in range(config.decoder_layers))
-        self.final_norm = SimpleRMSNorm()
+        self.final_norm = SimpleRMSNorm(config=config)
         self.gradient_checkpointing = False
         self.post_init()
 

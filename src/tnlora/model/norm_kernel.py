@@ -9,8 +9,8 @@ from the rounded norm as in PyTorch. Each replaces the ~7 small kernels of the P
 mean, add, rsqrt, multiply, cast; plus the add or the product): at the 7B's batch-32 step they took ~2 ms of
 an 8.7 ms step. Results equal ``SimpleRMSNorm`` up to the order of the sum over D.
 
-Used by the static decode step with ``decode_kernel: triton`` (``decode_graph.DecodeStepRunner``). Triton is
-imported on first use, never at import.
+Used by the static decode step with ``decode_kernel: triton`` (``decode_graph.DecodeStepRunner``) and by
+``SimpleRMSNorm`` in no-grad CUDA forwards (the prefill). Triton is imported on first use, never at import.
 """
 
 from __future__ import annotations
@@ -81,6 +81,18 @@ def _rows(x: Tensor, name: str) -> Tensor:
     raise ValueError(f"{name} must be [rows, D] or [B, 1, D]")
 
 
+def takes_rows(*tensors: Tensor | None) -> bool:
+    """Whether every given tensor has a layout the kernel reads without a copy (what ``_rows`` accepts)."""
+    for x in tensors:
+        if x is None:
+            continue
+        if x.stride(-1) != 1 or x.dim() not in (2, 3):
+            return False
+        if x.dim() == 3 and not (x.shape[1] == 1 or x.stride(0) == x.shape[1] * x.stride(1)):
+            return False
+    return True
+
+
 def _launch(
     x: Tensor, eps: float, delta: Tensor | None = None, gate: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -130,4 +142,4 @@ def gated_rms_norm(x: Tensor, gate: Tensor, eps: float) -> Tensor:
     return _launch(x, eps, gate=gate)[1]
 
 
-__all__ = ["add_rms_norm", "gated_rms_norm"]
+__all__ = ["add_rms_norm", "gated_rms_norm", "takes_rows"]
