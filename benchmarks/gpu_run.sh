@@ -129,11 +129,9 @@ for stage in "$@"; do
     dparts)  # graphs per decode step and the prefill's fused norms (benchmarks/decode_parts.py)
       log "decode parts ${DPARTS_MODEL:-7B}"; timeout ${DPARTS_LIMIT:-200} python3 benchmarks/decode_parts.py --model ${DPARTS_MODEL:-7B} --parts ${DPARTS:-1,2,4,8} --repeats ${DPARTS_REPEATS:-2} > "$OUT/dparts.txt" 2>&1
       grep -E "^\||Error|error" "$OUT/dparts.txt" | grep -v "all runs" | tee -a "$OUT/log.txt" "$OUT/table.txt" ;;
-    gc32)  # the default 1B micro-batch, 10 timed steps, without and with gc_freeze
-      BENCH_TIMEOUT=200 bench --model 1B --packing --pack_len 1024 --attn fla --batch_size 32 --grad_accum 1 --torch_compile --steps 10 --no-gc_freeze --name "1B huanhuan: default micro-batch 32 x 1,024, compiled, no gc_freeze, 10 steps ($(cat COMMIT 2>/dev/null))"
-      grep "python gc" "$OUT/log.txt" | tail -n 1 | tee -a "$OUT/table.txt"
-      BENCH_TIMEOUT=160 bench --model 1B --packing --pack_len 1024 --attn fla --batch_size 32 --grad_accum 1 --torch_compile --steps 10 --name "1B huanhuan: default micro-batch 32 x 1,024, compiled, gc_freeze, 10 steps ($(cat COMMIT 2>/dev/null))"
-      grep "python gc" "$OUT/log.txt" | tail -n 1 | tee -a "$OUT/table.txt" ;;
+    skinny)  # the decode step's projections at batch 32: cuBLAS vs a Triton split-K kernel (benchmarks/skinny_gemm.py)
+      log "skinny GEMMs"; timeout ${SKINNY_LIMIT:-180} python3 benchmarks/skinny_gemm.py --m ${SKINNY_M:-32} > "$OUT/skinny.txt" 2>&1
+      grep -E "^\\||Error|error" "$OUT/skinny.txt" | tail -n 8 | tee -a "$OUT/log.txt" "$OUT/table.txt" ;;
     profile32)  # the top CUDA kernels of one step of the default 1B micro-batch
       log "profile 32 x 1,024"; timeout ${PROFILE_LIMIT:-200} python3 -m tnlora.cli bench --model 1B --packing --pack_len 1024 --attn fla --torch_compile --batch_size 32 --grad_accum 1 --steps 1 --warmup 2 --profile > "$OUT/profile32.txt" 2>&1
       grep -E "Self CUDA time total|Self CPU time total" "$OUT/profile32.txt" | tee -a "$OUT/log.txt" ;;

@@ -247,7 +247,6 @@ def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: 
             bf16=device == "cuda",
             gradient_checkpointing=args.gradient_checkpointing,
             use_unsloth_gc=args.use_unsloth_gc,
-            gc_freeze=args.gc_freeze,
             torch_compile=args.torch_compile,
             attention_impl=args.attn,
             logging_steps=10**6,
@@ -379,8 +378,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--use_unsloth_gc", action=argparse.BooleanOptionalAction, default=False,
                         help="checkpointing with the layer inputs offloaded to CPU memory (use_unsloth_gc: true)")
-    parser.add_argument("--gc_freeze", action=argparse.BooleanOptionalAction, default=True,
-                        help="the objects alive after the first steps out of Python's collector (gc_freeze)")
     parser.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=False,
                         help="compile each decoder layer (torch_compile: true of a run config)")
     parser.add_argument("--attn", default="auto", choices=["auto", "fla", "chunked"])
@@ -441,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = (
         f"pack={args.packing}{f' pack_len={args.seq_len}' if args.packing and args.seq_len else ''}"
         f" attn={args.attn} ckpt={args.gradient_checkpointing} offload={args.use_unsloth_gc} compile={args.torch_compile}"
-        f" b={args.batch_size}x{args.grad_accum}{'' if args.gc_freeze else ' gc_freeze=False'}"
+        f" b={args.batch_size}x{args.grad_accum}"
     )
     # Printed even under a custom --name, so every table row can be traced to its settings.
     print(f"config: {args.model} {settings}", flush=True)

@@ -129,13 +129,6 @@ class RunConfig:
         default=None,
         metadata=_opt("compile each decoder layer for training, attention kernels stay eager (GPU default)"),
     )
-    gc_freeze: bool = field(
-        default=True,
-        metadata=_opt(
-            "move the objects alive after the first optimizer steps out of Python's garbage collector, so that "
-            "its full collections do not pause training (~0.1 s each with a compiled model)"
-        ),
-    )
     seed: int = field(default=42, metadata=_opt("seed for init, shuffling and dropout", ge=0))
     dataloader_num_workers: int = field(default=0, metadata=_opt("data loader processes", ge=0))
     # --- evaluation, saving, logging ---

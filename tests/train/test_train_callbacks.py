@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import gc
 import io
 
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from tnlora.train.callbacks import GcFreezeCallback, ProgressCallback, StopAtStepCallback, format_duration
+from tnlora.train.callbacks import ProgressCallback, StopAtStepCallback, format_duration
 from tnlora.train.plot import loss_series, plot_loss
 
 
@@ -70,28 +69,3 @@ def test_plot_writes_a_png_with_train_and_eval(tmp_path):
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["loss.png"]  # no temp file left
     assert plot_loss([{"epoch": 1}], tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
-
-
-def test_gc_freeze_moves_live_objects_out_of_the_collector_until_training_ends(tmp_path):
-    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
-    state, control = TrainerState(), TrainerControl()
-    cb = GcFreezeCallback()
-    assert gc.get_freeze_count() == 0
-    try:
-        cb.on_train_begin(args, state, control)
-        frozen = gc.get_freeze_count()
-        assert frozen > 1000  # this process's modules, functions, ...
-        late = [[i] for i in range(2000)]  # alive after train begin: frozen at step 1, not at step 3
-        state.global_step = 3
-        cb.on_step_end(args, state, control)
-        assert gc.get_freeze_count() == frozen
-        state.global_step = 1
-        cb.on_step_end(args, state, control)
-        assert gc.get_freeze_count() >= frozen + len(late)
-        cycle: list = []
-        cycle.append(cycle)  # garbage made after the freeze is still collected
-        del cycle
-        assert gc.collect() >= 1
-    finally:
-        cb.on_train_end(args, state, control)
-    assert gc.get_freeze_count() == 0

@@ -3,7 +3,6 @@ resume equals an uninterrupted run, the loss is per token under gradient accumul
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 from pathlib import Path
@@ -15,7 +14,7 @@ from transformers import TrainerCallback
 
 from tnlora.cli import main
 from tnlora.model import load_model
-from tnlora.train.callbacks import GcFreezeCallback, StopAtStepCallback
+from tnlora.train.callbacks import StopAtStepCallback
 from tnlora.train.run import (
     TrainingCollator,
     build_datasets,
@@ -235,11 +234,6 @@ def test_tokens_seen_are_the_collated_non_padding_tokens(make_config, tmp_path):
     trainer = build_trainer(cfg, build_model(cfg, tokenizer), tokenizer, data)
     trainer.train()
     assert trainer.state.num_input_tokens_seen == sum(len(row["input_ids"]) for row in data.train)
-    assert any(isinstance(cb, GcFreezeCallback) for cb in trainer.callback_handler.callbacks)
-    assert gc.get_freeze_count() == 0  # handed back at the end of training
-    cfg.gc_freeze = False
-    trainer = build_trainer(cfg, build_model(cfg, tokenizer), tokenizer, data)
-    assert not any(isinstance(cb, GcFreezeCallback) for cb in trainer.callback_handler.callbacks)
 
 
 def test_full_and_freeze_finetuning_save_model_weights(make_config, tmp_path):

@@ -9,7 +9,7 @@ for 0.6 ms of weights). A :class:`DecodeStepRunner` owns static buffers for one 
 * one recurrent state [B, H, K, V] per layer (fp32; fp64 for fp64 models), updated IN PLACE;
 * the logits [B, 1, vocab],
 
-and ``torch.cuda.CUDAGraph``s of embedding → layers → final norm → LM head on them (``GRAPH_PARTS`` graphs
+and ``torch.cuda.CUDAGraph``s of embedding → layers → final norm → LM head on them (one, or ``parts`` graphs
 of consecutive layers, launched one after the other). Before a replay the new
 ids, position and mask are copied in, and a cache state that is not the static buffer (after the prefill, or
 after beam search reordered the cache) is copied into it; after the replay the cache's layers point at the
@@ -58,10 +58,10 @@ logger = logging.get_logger(__name__)
 
 # Graphs kept per model (one per batch size); the oldest goes first. Each holds B·L states and a memory pool.
 MAX_RUNNERS = 4
-# Graphs the step is captured as, consecutive runs of layers. The GPU starts on the first while the host
-# still launches the others: launching one graph of the whole 7B step (~440 nodes) takes 0.3–0.7 ms of host
-# time, which the GPU spent idle after generate()'s per-step sync.
-GRAPH_PARTS = 4
+# Graphs the step is captured as (consecutive runs of layers, launched one after the other). Splitting would
+# let the GPU start on the first while the host still launches the rest, but it did not pay on an H200 (7B
+# batch 32: 4,901 / 4,887 / 4,793 / 4,872 tokens/s with 1 / 2 / 4 / 8 graphs, benchmarks/decode_parts.py).
+GRAPH_PARTS = 1
 # Eager runs before capture, on a side stream (PyTorch's CUDA-graph recipe: lazy inits, cuBLAS workspaces).
 WARMUP_STEPS = 2
 # peft layer attributes that change what a captured LoRA forward computes without touching any parameter.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import math
 import sys
 import time
@@ -104,38 +103,3 @@ class StopAtStepCallback(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
-
-
-class GcFreezeCallback(TrainerCallback):
-    """Keep Python's full garbage collections short: what is alive after the first optimizer steps (the model,
-    torch.compile's code, the libraries) is moved out of the collector's reach (``gc.freeze``).
-
-    A full collection walks every tracked object: ~10⁶ in a process with a compiled model, 0.1–0.2 s during
-    which the host launches nothing and the GPU runs dry. Collecting still runs as usual for everything newer;
-    the frozen objects are handed back (``gc.unfreeze``) when training ends.
-    """
-
-    FREEZE_AFTER_STEPS = (1, 2)  # the first steps compile the layers (and the second any recompilation)
-
-    def __init__(self) -> None:
-        self._evaluated = False
-
-    @staticmethod
-    def _freeze() -> None:
-        gc.collect()  # garbage first: frozen objects are never collected
-        gc.freeze()
-
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
-        self._freeze()
-
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
-        if state.global_step in self.FREEZE_AFTER_STEPS:
-            self._freeze()
-
-    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
-        if not self._evaluated:  # the first evaluation compiles its own graphs
-            self._evaluated = True
-            self._freeze()
-
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
-        gc.unfreeze()

@@ -580,7 +580,7 @@ def build_trainer(
     """A ``transformers.Trainer`` wired with our collator and callbacks; loss kwargs checked."""
     from transformers import PrinterCallback
 
-    from tnlora.train.callbacks import GcFreezeCallback, ProgressCallback
+    from tnlora.train.callbacks import ProgressCallback
 
     trainer = trainer_class()(
         model=model,
@@ -589,7 +589,7 @@ def build_trainer(
         eval_dataset=data.eval,
         data_collator=data.collator,
         processing_class=tokenizer,
-        callbacks=[ProgressCallback(), *([GcFreezeCallback()] if cfg.gc_freeze else []), *(callbacks or [])],
+        callbacks=[ProgressCallback(), *(callbacks or [])],
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback says the same in a line
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
