@@ -127,7 +127,7 @@ for stage in "$@"; do
       timeout ${S6_TEST_LIMIT:-150} python3 -m pytest -o addopts= -q -s -p no:cacheprovider -m gpu tests/model/test_decode_graph.py tests/model/test_norm_kernel.py > "$OUT/s6tests.txt" 2>&1
       grep -E "passed|failed|Error|assert" "$OUT/s6tests.txt" | tail -n 20 | tee -a "$OUT/log.txt" ;;
     dparts)  # graphs per decode step and the prefill's fused norms (benchmarks/decode_parts.py)
-      log "decode parts ${DPARTS_MODEL:-7B}"; timeout ${DPARTS_LIMIT:-200} python3 benchmarks/decode_parts.py --model ${DPARTS_MODEL:-7B} --parts ${DPARTS:-1,2,4,8} --repeats ${DPARTS_REPEATS:-2} > "$OUT/dparts.txt" 2>&1
+      log "decode parts ${DPARTS_MODEL:-7B}"; timeout ${DPARTS_LIMIT:-200} python3 benchmarks/decode_parts.py --model ${DPARTS_MODEL:-7B} --parts ${DPARTS:-1,2,4,8} --blas ${DPARTS_BLAS:-cublaslt} --repeats ${DPARTS_REPEATS:-2} > "$OUT/dparts.txt" 2>&1
       grep -E "^\||Error|error" "$OUT/dparts.txt" | grep -v "all runs" | tee -a "$OUT/log.txt" "$OUT/table.txt" ;;
     skinny)  # the decode step's projections at batch 32: cuBLAS vs a Triton split-K kernel (benchmarks/skinny_gemm.py)
       log "skinny GEMMs"; timeout ${SKINNY_LIMIT:-180} python3 benchmarks/skinny_gemm.py --m ${SKINNY_M:-32} > "$OUT/skinny.txt" 2>&1

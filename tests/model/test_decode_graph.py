@@ -260,7 +260,9 @@ def test_cuda_graph_greedy_generate_equals_eager(batch: int) -> None:
     model = _cuda_model()
     prompt = random_ids(batch, 12).cuda()
     eager = _generate(model, False, prompt, max_new_tokens=24, **GREEDY)
+    library = torch.backends.cuda.preferred_blas_library()
     graphed = _generate(model, True, prompt, max_new_tokens=24, **GREEDY)
+    assert torch.backends.cuda.preferred_blas_library() == library  # cuBLASLt for the capture only
     runner = graphs_of(model).runners[batch]
     assert runner.capture and runner.graph is not None  # really replayed a captured graph
     assert torch.equal(eager.sequences, graphed.sequences)

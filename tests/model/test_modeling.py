@@ -403,3 +403,43 @@ def test_gated_norm_and_the_kernel_layout_check() -> None:
     assert not norm._fused(o, u)  # no config, CPU, grad: the PyTorch form
     assert takes_rows(o, u, None) and takes_rows(o[:, :1]) and takes_rows(o[0])
     assert not takes_rows(o.transpose(1, 2)) and not takes_rows(o[:, ::2]) and not takes_rows(o[None])
+
+
+def _loss_paths(dtype: torch.dtype, autocast: bool = False):
+    """The chunked loss through the fused linear cross-entropy and through per-chunk checkpointing (a head that
+    is not a plain nn.Linear takes that path), with the gradients of the rows and the head's weight."""
+    from tnlora.model.modeling import chunked_causal_lm_loss
+
+    class Head(torch.nn.Linear):  # same weight, same math: only the type differs
+        pass
+
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 23, 16, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    labels = torch.randint(0, 50, (2, 23), generator=gen)
+    labels[0, :5] = -100
+    out = {}
+    for name, cls in (("fused", torch.nn.Linear), ("checkpointed", Head)):
+        head = cls(16, 50, bias=False).to(dtype)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(50, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = chunked_causal_lm_loss(hidden, head, labels, num_items_in_batch=37, chunk_size=6)
+        out[name] = (loss, *torch.autograd.grad(loss, [hidden, head.weight]))
+    return out
+
+
+def test_fused_linear_cross_entropy_equals_checkpointed_chunks_in_float64() -> None:
+    out = _loss_paths(torch.float64)
+    for got, want in zip(out["fused"], out["checkpointed"], strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    assert out["fused"][1].abs().sum() > 0 and out["fused"][2].abs().sum() > 0
+
+
+def test_fused_linear_cross_entropy_under_bf16_autocast_matches_the_checkpointed_path() -> None:
+    out = _loss_paths(torch.float32, autocast=True)
+    loss, rows, weight = out["fused"]
+    assert loss.dtype == torch.float32 and rows.dtype == weight.dtype == torch.float32
+    for got, want in zip(out["fused"], out["checkpointed"], strict=True):
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        assert err <= 2e-2, err  # bf16 GEMMs in both; the gradients are rounded at different points

@@ -36,9 +36,10 @@ switched, enabled, disabled, merged or unmerged, checked whenever a new cache (a
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import weakref
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -62,6 +63,10 @@ MAX_RUNNERS = 4
 # let the GPU start on the first while the host still launches the rest, but it did not pay on an H200 (7B
 # batch 32: 4,901 / 4,887 / 4,793 / 4,872 tokens/s with 1 / 2 / 4 / 8 graphs, benchmarks/decode_parts.py).
 GRAPH_PARTS = 1
+# The BLAS library the graphs are captured with (PyTorch's preferred_blas_library, set for the capture only).
+# At batch 32, cuBLASLt's kernels for the N = 4,096 projections reach more of the copy bandwidth than cuBLAS's
+# split-K ones (7B out_proj 12.1 vs 13.9 µs, l3 25.1 vs 27.5 µs on an H200, benchmarks/skinny_gemm.py).
+GRAPH_BLAS = "cublaslt"
 # Eager runs before capture, on a side stream (PyTorch's CUDA-graph recipe: lazy inits, cuBLAS workspaces).
 WARMUP_STEPS = 2
 # peft layer attributes that change what a captured LoRA forward computes without touching any parameter.
@@ -78,8 +83,10 @@ class DecodeStepRunner:
         device: torch.device,
         capture: bool,
         parts: int = GRAPH_PARTS,
+        blas: str | None = GRAPH_BLAS,
     ) -> None:
         self.capture = capture
+        self.blas = blas
         self.kernel = decode_kernel(model, device)
         num_layers = len(model.model.layers)
         bounds = sorted({round(i * num_layers / max(1, parts)) for i in range(max(1, parts) + 1)})
@@ -183,7 +190,7 @@ class DecodeStepRunner:
         (they always replay in capture order); the carry between parts lives in that pool. Capture scribbles on
         the buffers; step refills them."""
         device = self.ids.device
-        with torch.cuda.device(device), torch.inference_mode(False), torch.no_grad():
+        with torch.cuda.device(device), torch.inference_mode(False), torch.no_grad(), _blas_library(self.blas):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -269,12 +276,27 @@ class DecodeStepRunner:
         self.owner = None
 
 
+@contextlib.contextmanager
+def _blas_library(name: str | None) -> Iterator[None]:
+    """PyTorch's preferred BLAS library set to ``name`` inside (None: unchanged), restored after."""
+    if name is None:
+        yield
+        return
+    previous = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(name)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(previous)
+
+
 class DecodeGraphs:
     """The runners of one model, by batch size, and the model fingerprint they were built against."""
 
-    def __init__(self, capture: bool, parts: int = GRAPH_PARTS) -> None:
+    def __init__(self, capture: bool, parts: int = GRAPH_PARTS, blas: str | None = GRAPH_BLAS) -> None:
         self.capture = capture
         self.parts = parts
+        self.blas = blas
         self.runners: dict[int, DecodeStepRunner] = {}
         self.fingerprint: Hashable | None = None
         self.last_cache: weakref.ref[TransnormerCache] | None = None
@@ -303,7 +325,7 @@ class DecodeGraphs:
         if runner is None:
             if len(self.runners) >= MAX_RUNNERS:
                 self.runners.pop(next(iter(self.runners))).release()
-            runner = DecodeStepRunner(model, batch, input_ids.device, self.capture, self.parts)
+            runner = DecodeStepRunner(model, batch, input_ids.device, self.capture, self.parts, self.blas)
             self.runners[batch] = runner
         return runner if runner.fits(input_ids, cache) else None
 
@@ -313,20 +335,27 @@ class DecodeGraphs:
 _GRAPHS: weakref.WeakKeyDictionary[nn.Module, DecodeGraphs] = weakref.WeakKeyDictionary()
 
 
-def graphs_of(model: TransnormerForCausalLM, capture: bool | None = None, parts: int | None = None) -> DecodeGraphs:
+def graphs_of(
+    model: TransnormerForCausalLM,
+    capture: bool | None = None,
+    parts: int | None = None,
+    blas: str | None = GRAPH_BLAS,
+) -> DecodeGraphs:
     """The model's runners, created on first use; ``capture=False`` makes it run the static step without
-    graphs on any device (for tests); ``parts``: graphs per step (default ``GRAPH_PARTS``). Either given for an
-    existing set with another value rebuilds it."""
+    graphs on any device (for tests); ``parts``: graphs per step (default ``GRAPH_PARTS``); ``blas``: the BLAS
+    library of the capture (None: PyTorch's current one). Any of them given for an existing set with another
+    value rebuilds it."""
     graphs = _GRAPHS.get(model)
     if (
         graphs is None
         or (capture is not None and graphs.capture != capture)
         or (parts is not None and graphs.parts != parts)
+        or graphs.blas != blas
     ):
         if graphs is not None:
             graphs.clear()
         graphs = DecodeGraphs(
-            capture=True if capture is None else capture, parts=GRAPH_PARTS if parts is None else parts
+            capture=True if capture is None else capture, parts=GRAPH_PARTS if parts is None else parts, blas=blas
         )
         _GRAPHS[model] = graphs
     return graphs
