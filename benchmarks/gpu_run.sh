@@ -132,6 +132,13 @@ for stage in "$@"; do
     skinny)  # the decode step's projections at batch 32: cuBLAS vs a Triton split-K kernel (benchmarks/skinny_gemm.py)
       log "skinny GEMMs"; timeout ${SKINNY_LIMIT:-180} python3 benchmarks/skinny_gemm.py --m ${SKINNY_M:-32} > "$OUT/skinny.txt" 2>&1
       grep -E "^\\||Error|error" "$OUT/skinny.txt" | tail -n 8 | tee -a "$OUT/log.txt" "$OUT/table.txt" ;;
+    s6final)  # session 6: GPU tests of the changed paths, decode with cuBLAS / cuBLASLt graphs, the 1B default
+      log "GPU tests: decode graphs, fused norms, sync-free step with the fused loss, compiled vs eager"
+      timeout ${S6_TEST_LIMIT:-240} python3 -m pytest -o addopts= -q -s -p no:cacheprovider -m gpu tests/model/test_decode_graph.py tests/model/test_norm_kernel.py tests/train/test_sync_gpu.py tests/train/test_compile_gpu.py > "$OUT/s6tests.txt" 2>&1
+      grep -E "host syncs|passed|failed|Error|assert" "$OUT/s6tests.txt" | tail -n 20 | tee -a "$OUT/log.txt"
+      log "decode 7B: cuBLASLt / cuBLAS graphs"; timeout 200 python3 benchmarks/decode_parts.py --model 7B --parts 1 --blas cublaslt,cublas --repeats 3 > "$OUT/dparts.txt" 2>&1
+      grep -E "^\\||Error|error" "$OUT/dparts.txt" | grep -v "all runs" | tee -a "$OUT/log.txt" "$OUT/table.txt"
+      BENCH_TIMEOUT=200 bench --model 1B --packing --pack_len 1024 --attn fla --batch_size 32 --grad_accum 1 --torch_compile --steps 10 --name "1B huanhuan: the default micro-batch 32 x 1,024, compiled, fused loss gradients, 10 steps ($(cat COMMIT 2>/dev/null))" ;;
     profile32)  # the top CUDA kernels of one step of the default 1B micro-batch
       log "profile 32 x 1,024"; timeout ${PROFILE_LIMIT:-200} python3 -m tnlora.cli bench --model 1B --packing --pack_len 1024 --attn fla --torch_compile --batch_size 32 --grad_accum 1 --steps 1 --warmup 2 --profile > "$OUT/profile32.txt" 2>&1
       grep -E "Self CUDA time total|Self CPU time total" "$OUT/profile32.txt" | tee -a "$OUT/log.txt" ;;
