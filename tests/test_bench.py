@@ -78,3 +78,19 @@ def test_trace_gaps_blames_the_launch_that_ended_a_gap(tmp_path):
     assert "busy 0.0 ms (18%)" in out and "1 gaps >= 20 us" in out
     assert re.search(r"90 us at .* before add\s+<- aten::add", out)
     assert "cudaStreamSynchronize" in out
+
+
+def test_sync_audit_counts_sync_warnings_by_site_and_first_caller_outside_torch():
+    from tnlora.bench import SyncAudit
+
+    audit = SyncAudit(0)
+
+    def caller():  # stands in for code calling a torch function that synchronises
+        audit._show("called a synchronizing CUDA operation", UserWarning, "/torch/cuda/__init__.py", 1270)
+
+    caller()
+    audit._show("an unrelated warning", UserWarning, "x.py", 1)
+    assert audit.sites == {"/torch/cuda/__init__.py:1270": 1}
+    ((site, n),) = audit.callers.items()
+    assert n == 1 and site.endswith(f"test_bench.py:{caller.__code__.co_firstlineno + 1}")
+    assert "first callers outside torch" in audit.report()

@@ -22,6 +22,7 @@ import platform
 import random
 import subprocess
 import time
+import traceback
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -326,20 +327,23 @@ def decode_bench(args: argparse.Namespace, batch: int) -> tuple[float, float]:
 
 class SyncAudit:
     """A TrainerCallback that lists every operation that makes the host wait for the GPU (PyTorch's sync debug
-    mode) from the end of warm-up step ``warmup`` to the end of the last step, by the Python line calling it.
+    mode) from the end of warm-up step ``warmup`` to the end of the last step, by the Python line calling it
+    (``sites``) and the first frame outside torch on the way there (``callers``: who called torch's own
+    function, such as ``torch.cuda.synchronize``).
 
     The window closes at the last step's end, before the Trainer's final logging and saving; register it
     ahead of callbacks that synchronise on purpose (the step timer)."""
 
     def __init__(self, warmup: int) -> None:
-        self.warmup, self.sites, self.steps = warmup, Counter(), 0
+        self.warmup, self.sites, self.callers, self.steps = warmup, Counter(), Counter(), 0
         self._record: warnings.catch_warnings | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.warmup and torch.cuda.is_available():
-            self._record = warnings.catch_warnings(record=True)
-            self._log = self._record.__enter__()
+            self._record = warnings.catch_warnings()
+            self._record.__enter__()
             warnings.simplefilter("always")
+            warnings.showwarning = self._show
             torch.cuda.set_sync_debug_mode("warn")
         elif self._record is not None:
             self.steps += 1
@@ -347,17 +351,25 @@ class SyncAudit:
                 self._close()
         return control
 
+    def _show(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" not in str(message):
+            return
+        self.sites[f"{filename}:{lineno}"] += 1
+        torch_dir = str(Path(torch.__file__).parent)
+        for frame in reversed(traceback.extract_stack()[:-1]):
+            if not frame.filename.startswith(torch_dir) and frame.filename != warnings.__file__:
+                self.callers[f"{frame.filename}:{frame.lineno}"] += 1
+                break
+
     def _close(self) -> None:
         torch.cuda.set_sync_debug_mode("default")
         self._record.__exit__(None, None, None)
         self._record = None
-        for w in self._log:
-            if "synchroniz" in str(w.message):
-                self.sites[f"{w.filename}:{w.lineno}"] += 1
 
     def report(self) -> str:
         lines = [f"host syncs in {self.steps} optimizer steps after the warm-up: {sum(self.sites.values())}"]
         lines += [f"  {n:5d}  {site}" for site, n in self.sites.most_common()]
+        lines += ["  first callers outside torch:"] + [f"  {n:5d}  {site}" for site, n in self.callers.most_common()]
         return "\n".join(lines)
 
     def __getattr__(self, name: str):
