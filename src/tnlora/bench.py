@@ -340,11 +340,13 @@ class SyncAudit:
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.warmup and torch.cuda.is_available():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # switching the mode on counts as a sync itself (torch 2.11)
+                torch.cuda.set_sync_debug_mode("warn")
             self._record = warnings.catch_warnings()
             self._record.__enter__()
             warnings.simplefilter("always")
             warnings.showwarning = self._show
-            torch.cuda.set_sync_debug_mode("warn")
         elif self._record is not None:
             self.steps += 1
             if state.global_step >= state.max_steps:
