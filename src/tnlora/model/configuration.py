@@ -67,8 +67,8 @@ class TransnormerConfig(PreTrainedConfig):
     # The recurrence of those static decode steps: "torch" (in-place PyTorch ops, bitwise the eager step),
     # "triton" (one fused kernel per layer that reads and writes each fp32 state once; needs triton and CUDA;
     # equal up to rounding) or "auto": triton on CUDA when it imports (measured faster on an H200: 7B batch
-    # 32 3,676 vs 2,510 tokens/s, benchmarks/RESULTS.md), else torch. Only the static step reads it; eager
-    # decoding and prefill are unchanged.
+    # 32 3,676 vs 2,510 tokens/s, benchmarks/RESULTS.md), else torch. Where it resolves to triton, the norms
+    # of every other forward without grad on CUDA (the prefill, evaluation) are one Triton kernel each too.
     decode_kernel: str = "auto"
 
     def __post_init__(self, **kwargs: Any) -> None:
