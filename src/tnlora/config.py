@@ -411,6 +411,10 @@ PACKED_TOKENS_PER_MICRO_BATCH = 16_384
 # On a GPU where the memory estimate says it fits without checkpointing: twice that. The optimizer step and the
 # step's fixed host work are spread over twice the tokens (1B on an H200: 90,566 → 96,436 tokens/s).
 LARGE_PACKED_TOKENS_PER_MICRO_BATCH = 32_768
+# Where not even 16,384 fit without checkpointing: half, when that fits. Checkpointing recomputes every layer's
+# forward, half again the work of a LoRA step (forward + input gradients); halving the rows costs only the
+# step's fixed work (7B on an 80 GB card: 8,192 tokens estimated at 65 GB; not measured on one).
+SMALL_PACKED_TOKENS_PER_MICRO_BATCH = 8_192
 
 
 def resolve_defaults(
@@ -418,10 +422,10 @@ def resolve_defaults(
 ) -> RunConfig:
     """Fill the "pick for me" values: bf16, packing and compiled decoder layers on a GPU, none of them on CPU
     (compiling pays only where kernel launches dominate; on CPU it costs minutes); micro-batches of packed rows
-    sized by a token budget (32,768 tokens on a GPU where ``fits`` says they fit without checkpointing, else
-    16,384); the fused AdamW on a GPU; alpha = 2 × rank. Gradient checkpointing: on with a GPU when ``fits``
-    (given the otherwise resolved config, checkpointing off) says the run would not fit its memory, else
-    off."""
+    sized by a token budget (on a GPU the largest of 32,768, 16,384 and 8,192 tokens that ``fits`` says fits
+    without checkpointing; else, and on CPU, 16,384); the fused AdamW on a GPU; alpha = 2 × rank. Gradient
+    checkpointing: on with a GPU when ``fits`` (given the otherwise resolved config, checkpointing off) says
+    the run would not fit its memory, else off."""
     out = dataclasses.replace(cfg)
     if out.bf16 is None:
         out.bf16 = bool(cuda and cuda_bf16)
@@ -441,13 +445,15 @@ def resolve_defaults(
             max(1, PACKED_TOKENS_PER_MICRO_BATCH // out.cutoff_len) if out.packing else DEFAULT_BATCH_SIZE
         )
         if out.packing and cuda and fits is not None and not out.gradient_checkpointing:
-            larger = dataclasses.replace(
-                out,
-                per_device_train_batch_size=max(1, LARGE_PACKED_TOKENS_PER_MICRO_BATCH // out.cutoff_len),
-                gradient_checkpointing=False,
-            )
-            if fits(larger):
-                out.per_device_train_batch_size = larger.per_device_train_batch_size
+            for budget in (
+                LARGE_PACKED_TOKENS_PER_MICRO_BATCH,
+                PACKED_TOKENS_PER_MICRO_BATCH,
+                SMALL_PACKED_TOKENS_PER_MICRO_BATCH,
+            ):
+                rows = max(1, budget // out.cutoff_len)
+                if fits(dataclasses.replace(out, per_device_train_batch_size=rows, gradient_checkpointing=False)):
+                    out.per_device_train_batch_size = rows
+                    break
     if out.gradient_checkpointing is None:
         out.gradient_checkpointing = False
         if cuda and fits is not None:

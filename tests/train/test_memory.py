@@ -70,8 +70,8 @@ def test_default_is_picked_from_the_estimate_only_when_unset():
         return False
 
     assert resolve_defaults(cfg, cuda=True, cuda_bf16=True, fits=fits).gradient_checkpointing is True
-    # Asked first whether twice the tokens fit without checkpointing, then about the resolved batch.
-    assert seen == [(False, 32), (False, 16)]
+    # Asked whether 32k, 16k, 8k tokens fit without checkpointing, then about the resolved (16k) batch.
+    assert seen == [(False, 32), (False, 16), (False, 8), (False, 16)]
     assert resolve_defaults(cfg, cuda=True, cuda_bf16=True, fits=lambda c: True).gradient_checkpointing is False
     assert resolve_defaults(cfg, cuda=False, cuda_bf16=False, fits=fits).gradient_checkpointing is False
     mine = load_run_config(None, ["--model_name_or_path", "7B", "--dataset", "d", "--output_dir", "o",
@@ -79,7 +79,7 @@ def test_default_is_picked_from_the_estimate_only_when_unset():
     assert resolve_defaults(mine, cuda=True, cuda_bf16=True, fits=fits).gradient_checkpointing is False
 
 
-def test_the_micro_batch_doubles_where_it_fits_without_checkpointing():
+def test_the_micro_batch_is_the_largest_that_fits_without_checkpointing():
     def picked(model: str, card: float) -> tuple[int, bool]:
         cfg = load_run_config(None, ["--model_name_or_path", model, "--dataset", "d", "--output_dir", "o"])
         cfg = resolve_defaults(
@@ -89,7 +89,8 @@ def test_the_micro_batch_doubles_where_it_fits_without_checkpointing():
 
     assert picked("1B", H100_80GB) == (32, False)  # 32 rows of 1,024 tokens
     assert picked("7B", H200) == (16, False)  # 32k would need checkpointing: 16k without it
-    assert picked("7B", H100_80GB) == (16, True)
+    assert picked("7B", H100_80GB) == (8, False)  # 8k rows without checkpointing rather than 16k with it
+    assert picked("7B", 40 * GIB) == (16, True)  # not even 8k fit: 16k rows with checkpointing
     chosen = load_run_config(None, ["--model_name_or_path", "1B", "--dataset", "d", "--output_dir", "o",
                                     "--gradient_checkpointing", "true"])  # fmt: skip
     on = resolve_defaults(chosen, cuda=True, cuda_bf16=True, fits=lambda c: True)
