@@ -374,8 +374,12 @@ def flat_cu_seqlens(seq_ids: Tensor) -> Tensor:
     On the device this reads N back (a host sync); the training collator computes it on the CPU instead and
     hands it to the model (``cu_seqlens_cpu``), which seeds :func:`remember_flattening` with it.
     """
-    B, T = seq_ids.shape
-    return F.pad(_first_tokens(seq_ids).reshape(-1).nonzero().squeeze(1), (0, 1), value=B * T)
+    return _cu_seqlens(_first_tokens(seq_ids).reshape(-1))
+
+
+def _cu_seqlens(new: Tensor) -> Tensor:
+    """cu_seqlens [N+1] from the flat example-start flags ``new`` [B·T]."""
+    return F.pad(new.nonzero().squeeze(1), (0, 1), value=new.shape[0])
 
 
 def _flatten_rows(seq_ids: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -389,7 +393,7 @@ def _flatten_rows(seq_ids: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return memo.value
     B, T = seq_ids.shape
     new = _first_tokens(seq_ids).reshape(-1)
-    cu_seqlens = flat_cu_seqlens(seq_ids)
+    cu_seqlens = _cu_seqlens(new)
     example = (new.cumsum(0) - 1).reshape(B, T)
     memo.value = (cu_seqlens, cu_seqlens.cpu(), example[:, 0], example[:, -1])
     memo.source, memo.version = weakref.ref(seq_ids), seq_ids._version
