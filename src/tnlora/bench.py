@@ -155,7 +155,8 @@ class _StepTimer:
             torch.cuda.synchronize()
         if state.global_step == self.warmup:
             self.t0, self.tokens0 = time.perf_counter(), int(state.num_input_tokens_seen)
-            gc.callbacks.append(self._on_gc)
+            if state.global_step < state.max_steps:  # no timed steps, nothing to watch (and no end to unhook it)
+                gc.callbacks.append(self._on_gc)
         elif state.global_step > self.warmup:
             self.t1, self.tokens1, self.steps = time.perf_counter(), int(state.num_input_tokens_seen), (
                 state.global_step - self.warmup
