@@ -9,7 +9,8 @@
 #         trace / dtrace (idle-gap timelines of the 1B step / 7B b32 decoding), dprofile (7B b32 decode), pack16 (16 x 1,024-token rows),
 #         hostplan (sync-free fla chunk planning: tests, then with / without), syncaudit, budget32 (32k-token rows), final5,
 #         final (decode graphs + compile rung), decode, decodek (fused Triton decode step: tests, then torch vs
-#         triton decode figures).
+#         triton decode figures), m80 / m80long (session 7: defaults and the 7B long sequence within an H100's
+#         79.6 GiB, the allocator capped by tnlora bench --gpu_memory_gib).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD/src
 export TRITON_CACHE_DIR=$PWD/.tcache  # autotune results travel back in $OUT/tcache.tgz (fla autotunes ~minutes)
@@ -165,6 +166,18 @@ for stage in "$@"; do
       bench --model 7B --no-packing --attn fla --gradient_checkpointing --batch_size 4 --grad_accum 4 --name "7B huanhuan at the seed's settings: padding b4x4, checkpointing" ;;
     b7c)  # 7B data-shaped with compile, without checkpointing (fits a 141 GB H200, not an 80 GB H100)
       BENCH_TIMEOUT=220 bench --model 7B --packing --pack_len 16384 --attn fla --batch_size 1 --grad_accum 1 --torch_compile --name "7B huanhuan: packing 16k rows, fla, torch.compile ($(cat COMMIT 2>/dev/null))" ;;
+    m80)  # session 7: an H100 80GB's memory on the H200 (the allocator capped at 79.6 GiB), defaults as tnlora train picks them
+      for m in 7B 1B; do
+        BENCH_TIMEOUT=260 bench --model $m --train_defaults --gpu_memory_gib ${CARD_GIB:-79.6} --steps ${M80_STEPS:-5} --name "$m huanhuan, tnlora train's defaults, ${CARD_GIB:-79.6} GiB ($(cat COMMIT 2>/dev/null))"
+        grep "^resolved:" "$OUT/log.txt" | tail -n 1 | tee -a "$OUT/table.txt"
+        [ $m = 7B ] || continue  # the default before session 6 on that card: 16 rows x 1,024 with checkpointing
+        BENCH_TIMEOUT=260 bench --model $m --train_defaults --gradient_checkpointing --gpu_memory_gib ${CARD_GIB:-79.6} --steps ${M80_STEPS:-5} --name "$m huanhuan, defaults but checkpointing, ${CARD_GIB:-79.6} GiB ($(cat COMMIT 2>/dev/null))"
+        grep "^resolved:" "$OUT/log.txt" | tail -n 1 | tee -a "$OUT/table.txt"
+      done ;;
+    m80long)  # the longest 7B sequence within 79.6 GiB, layer inputs in CPU memory (524,288 would need 128 GB of it)
+      for n in ${M80_LENS:-131072}; do
+        BENCH_TIMEOUT=300 bench --model 7B --seq_len $n --attn fla --use_unsloth_gc --torch_compile --batch_size 1 --grad_accum 1 --steps 1 --warmup 1 --gpu_memory_gib ${CARD_GIB:-79.6} --name "7B one $n-token sequence, offloaded checkpointing, ${CARD_GIB:-79.6} GiB ($(cat COMMIT 2>/dev/null))"
+      done ;;
     decode)
       log "decode"; timeout 100 python3 -m tnlora.cli bench --decode --model 1B 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt"
       timeout 120 python3 -m tnlora.cli bench --decode --model 7B 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt" ;;

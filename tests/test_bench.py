@@ -94,3 +94,48 @@ def test_sync_audit_counts_sync_warnings_by_site_and_first_caller_outside_torch(
     ((site, n),) = audit.callers.items()
     assert n == 1 and site.endswith(f"test_bench.py:{caller.__code__.co_firstlineno + 1}")
     assert "first callers outside torch" in audit.report()
+
+
+def test_bench_fixed_defaults_unless_train_defaults_asked():
+    fixed = bench.parse_args([])
+    assert (fixed.batch_size, fixed.grad_accum, fixed.gradient_checkpointing, fixed.torch_compile) == (
+        4, 4, False, False,
+    )  # fmt: skip
+    train = bench.parse_args(["--train_defaults"])
+    assert (train.batch_size, train.grad_accum, train.gradient_checkpointing, train.torch_compile) == (
+        None, 1, None, None,
+    )  # fmt: skip
+    given = bench.parse_args(["--train_defaults", "--batch_size", "2", "--grad_accum", "3"])
+    assert (given.batch_size, given.grad_accum) == (2, 3)
+
+
+def test_bench_train_defaults_resolve_as_tnlora_train_does(capsys):
+    """On the CPU: 16 packed rows of train's default cutoff_len (1,024), one micro-batch a step, not compiled."""
+    code = bench.main(["--model", "tiny", "--attn", "chunked", "--train_defaults", "--steps", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert ("resolved: 16 x 1024 tokens a micro-batch, 1 a step, packing True, gradient_checkpointing False, "
+            "torch_compile False") in out
+    assert re.search(r"^config: tiny .* train_defaults", out, re.M)
+    _row(out)
+
+
+def test_gpu_memory_cap_is_refused_without_a_gpu_or_beyond_the_card(monkeypatch):
+    import pytest
+
+    from tnlora.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="--gpu_memory_gib needs a CUDA GPU"):
+        bench.main(["--model", "tiny", "--gpu_memory_gib", "80"])
+
+    class Props:
+        total_memory = 80 * 2**30
+
+    set_to = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Props())
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", set_to.append)
+    with pytest.raises(ConfigError, match="not within this card's 80.0 GiB"):
+        bench.cap_gpu_memory(96)
+    assert bench.cap_gpu_memory(40) == " gpu_memory=40GiB of 80.0" and set_to == [0.5]

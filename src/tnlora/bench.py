@@ -229,8 +229,12 @@ def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     steps = args.warmup + args.steps
-    per_step = args.batch_size * args.grad_accum
-    cutoff = args.seq_len if args.seq_len else max(p + learned for p, learned in lengths)
+    if args.seq_len:
+        cutoff = args.seq_len
+    elif args.train_defaults:
+        cutoff = RunConfig.cutoff_len  # tnlora train's default, whatever the data's longest example
+    else:
+        cutoff = max(p + learned for p, learned in lengths)
     with tempfile.TemporaryDirectory() as out:
         cfg = RunConfig(
             model_name_or_path=args.model,
@@ -256,8 +260,18 @@ def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: 
             report_to="none",
             seed=0,
         )
-        # Explicit values above stay; the rules between keys (use_unsloth_gc → checkpointing) apply as in train.
-        cfg = resolve_defaults(cfg, cuda=device == "cuda", cuda_bf16=device == "cuda")
+        # Explicit values above stay; the rules between keys (use_unsloth_gc → checkpointing) apply as in train,
+        # and with --train_defaults the values left open are picked as train picks them on this GPU.
+        fits = None
+        if device == "cuda" and args.train_defaults:
+            from tnlora.train.memory import gpu_fits
+
+            fits = gpu_fits()
+        cfg = resolve_defaults(cfg, cuda=device == "cuda", cuda_bf16=device == "cuda", fits=fits)
+        per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+        print(f"resolved: {cfg.per_device_train_batch_size} x {cfg.cutoff_len} tokens a micro-batch, "
+              f"{cfg.gradient_accumulation_steps} a step, packing {cfg.packing}, "
+              f"gradient_checkpointing {cfg.gradient_checkpointing}, torch_compile {cfg.torch_compile}", flush=True)
         model = build_model(args.model, args.attn, device)
         n_params = count_parameters(model)[1]  # the tied embedding once
         # As `tnlora train` does (fp32 adapter weights, compiled layers); warm-up steps absorb compile time.
@@ -390,14 +404,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="one fixed-length sequence per row instead of the lengths file (0: use the file)")
     parser.add_argument("--pack_len", type=int, default=0, help="packed row length for data-shaped runs")
     parser.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                        help="default: off (with --train_defaults: as tnlora train picks)")
     parser.add_argument("--use_unsloth_gc", action=argparse.BooleanOptionalAction, default=False,
                         help="checkpointing with the layer inputs offloaded to CPU memory (use_unsloth_gc: true)")
-    parser.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=False,
-                        help="compile each decoder layer (torch_compile: true of a run config)")
+    parser.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile each decoder layer (torch_compile: true of a run config); default: off "
+                             "(with --train_defaults: as tnlora train picks)")
     parser.add_argument("--attn", default="auto", choices=["auto", "fla", "chunked"])
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--grad_accum", type=int, default=4)
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="rows a micro-batch; default 4 (with --train_defaults: as tnlora train picks)")
+    parser.add_argument("--grad_accum", type=int, default=None,
+                        help="micro-batches a step; default 4 (with --train_defaults: tnlora train's, 1)")
+    parser.add_argument("--train_defaults", action="store_true",
+                        help="leave micro-batch, accumulation, checkpointing, compile and (data-shaped) cutoff_len "
+                             "unset unless given, so they resolve as `tnlora train` resolves them on this card")
+    parser.add_argument("--gpu_memory_gib", type=float, default=0.0,
+                        help="let this process allocate at most this much GPU memory (the card's size for the "
+                             "defaults too): stands in for a smaller card, e.g. 79.2 for an H100 80GB")
     parser.add_argument("--lora_rank", type=int, default=8)
     parser.add_argument("--lora_dropout", type=float, default=0.0)
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
@@ -420,13 +444,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="profile, and also write the timeline (Chrome trace JSON) here")
     args = parser.parse_args(argv)
     args.profile = args.profile or bool(args.trace)
+    if not args.train_defaults:  # the bench's own fixed defaults
+        for key, value in (("batch_size", 4), ("grad_accum", 4), ("gradient_checkpointing", False),
+                           ("torch_compile", False)):
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    elif args.grad_accum is None:
+        args.grad_accum = 1  # RunConfig's default
     return args
+
+
+def cap_gpu_memory(gib: float) -> str:
+    """Let this process allocate at most ``gib`` GiB of the current GPU; the config line's note."""
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    if not 0 < gib * 2**30 <= total:
+        raise ConfigError(f"--gpu_memory_gib: {gib:g} is not within this card's {total / 2**30:.1f} GiB")
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total)
+    return f" gpu_memory={gib:g}GiB of {total / 2**30:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``tnlora bench``."""
     args = parse_args(argv)
     print(environment_line(), flush=True)
+    cap = ""
+    if args.gpu_memory_gib:
+        if not torch.cuda.is_available():
+            raise ConfigError("--gpu_memory_gib needs a CUDA GPU")
+        cap = cap_gpu_memory(args.gpu_memory_gib)
     if args.decode:
         graphs = decode_cuda_graphs(args) and torch.cuda.is_available()  # graphs need CUDA
         if args.decode_kernel == "triton" and not graphs:
@@ -437,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         # What the static step runs ("auto" resolved); eager decoding (no graphs) never reads it.
         kernel = resolve_decode_kernel(args.decode_kernel, "cuda") if graphs else "torch"
         print(f"config: {args.model} decode cuda_graphs={graphs} decode_kernel={args.decode_kernel} ({kernel}) "
-              f"prompt={args.prompt_len} new_tokens={args.new_tokens}", flush=True)
+              f"prompt={args.prompt_len} new_tokens={args.new_tokens}{cap}", flush=True)
         print("| model | cuda graphs | decode kernel | batch | tokens/s | ms/step |\n|---|---|---|---|---|---|")
         for batch in [int(b) for b in args.decode_batch.split(",")]:
             tps, ms = decode_bench(args, batch)
@@ -453,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = (
         f"pack={args.packing}{f' pack_len={args.seq_len}' if args.packing and args.seq_len else ''}"
         f" attn={args.attn} ckpt={args.gradient_checkpointing} offload={args.use_unsloth_gc} compile={args.torch_compile}"
-        f" b={args.batch_size}x{args.grad_accum}"
+        f" b={args.batch_size}x{args.grad_accum}{' train_defaults' if args.train_defaults else ''}{cap}"
     )
     # Printed even under a custom --name, so every table row can be traced to its settings.
     print(f"config: {args.model} {settings}", flush=True)

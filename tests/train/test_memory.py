@@ -95,3 +95,26 @@ def test_the_micro_batch_is_the_largest_that_fits_without_checkpointing():
                                     "--gradient_checkpointing", "true"])  # fmt: skip
     on = resolve_defaults(chosen, cuda=True, cuda_bf16=True, fits=lambda c: True)
     assert on.per_device_train_batch_size == 16
+
+
+def test_the_defaults_fit_the_share_of_the_card_the_process_may_use(monkeypatch):
+    """A process capped by set_per_process_memory_fraction (tnlora bench --gpu_memory_gib) gets the defaults
+    of the smaller card: on an H200 capped at an H100's 79.6 GiB, 7B gets 8 rows rather than 16."""
+    import torch
+
+    from tnlora.train import memory
+
+    class Props:
+        total_memory = int(H200)
+
+    fraction = {"value": 1.0}
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Props())
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda index: fraction["value"])
+    cfg = load_run_config(None, ["--model_name_or_path", "7B", "--dataset", "d", "--output_dir", "o"])
+    assert memory.device_memory() == int(H200)
+    assert resolve_defaults(cfg, cuda=True, cuda_bf16=True, fits=memory.gpu_fits()).per_device_train_batch_size == 16
+    fraction["value"] = H100_80GB / H200
+    assert abs(memory.device_memory() - H100_80GB) <= 1
+    on_80gb = resolve_defaults(cfg, cuda=True, cuda_bf16=True, fits=memory.gpu_fits())
+    assert (on_80gb.per_device_train_batch_size, on_80gb.gradient_checkpointing) == (8, False)

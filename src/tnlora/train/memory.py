@@ -6,6 +6,7 @@ that autograd keeps for the backward, which grow with tokens per micro-batch × 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -62,10 +63,26 @@ def fits_without_checkpointing(cfg: RunConfig, device_bytes: int) -> bool:
     return memory_without_checkpointing(model_config(cfg.model_name_or_path), cfg) <= USABLE_FRACTION * device_bytes
 
 
+def device_memory(device: int | None = None) -> int:
+    """The bytes this process may allocate on a GPU (default: the current one): the card's memory times the
+    share ``torch.cuda.set_per_process_memory_fraction`` left it, so a capped process gets defaults that fit
+    its share (and ``tnlora bench --gpu_memory_gib`` can stand in for a smaller card)."""
+    index = torch.cuda.current_device() if device is None else device
+    return int(torch.cuda.get_device_properties(index).total_memory * torch.cuda.get_per_process_memory_fraction(index))
+
+
+def gpu_fits(device: int | None = None) -> Callable[[RunConfig], bool]:
+    """``resolve_defaults``'s ``fits`` for a GPU: whether a resolved config trains without checkpointing there."""
+    device_bytes = device_memory(device)
+    return lambda resolved: fits_without_checkpointing(resolved, device_bytes)
+
+
 __all__ = [
     "ACTIVATION_BYTES_COMPILED",
     "ACTIVATION_BYTES_EAGER",
+    "device_memory",
     "fits_without_checkpointing",
+    "gpu_fits",
     "memory_without_checkpointing",
     "model_config",
     "parameter_count",

@@ -77,13 +77,9 @@ def preflight(cfg: RunConfig) -> tuple[RunConfig, str | None]:
     check_model_name(cfg.model_name_or_path)
     fits = None
     if cuda:
-        from tnlora.train.memory import fits_without_checkpointing
+        from tnlora.train.memory import gpu_fits
 
-        device_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-
-        def fits(resolved: RunConfig) -> bool:
-            return fits_without_checkpointing(resolved, device_bytes)
-
+        fits = gpu_fits()
     chosen = cfg.gradient_checkpointing
     cfg = resolve_defaults(cfg, cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported(), fits=fits)
     if chosen is None and cfg.gradient_checkpointing and not cfg.use_unsloth_gc:
