@@ -10,7 +10,7 @@
 #         hostplan (sync-free fla chunk planning: tests, then with / without), syncaudit, budget32 (32k-token rows), final5,
 #         final (decode graphs + compile rung), decode, decodek (fused Triton decode step: tests, then torch vs
 #         triton decode figures), m80 / m80long (session 7: defaults and the 7B long sequence within an H100's
-#         79.6 GiB, the allocator capped by tnlora bench --gpu_memory_gib).
+#         79.6 GiB, the allocator capped by tnlora bench --gpu_memory_gib), dbw (decode: the step alone, GB/s).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD/src
 export TRITON_CACHE_DIR=$PWD/.tcache  # autotune results travel back in $OUT/tcache.tgz (fla autotunes ~minutes)
@@ -177,6 +177,13 @@ for stage in "$@"; do
     m80long)  # the longest 7B sequence within 79.6 GiB, layer inputs in CPU memory (524,288 would need 128 GB of it)
       for n in ${M80_LENS:-131072}; do
         BENCH_TIMEOUT=300 bench --model 7B --seq_len $n --attn fla --use_unsloth_gc --torch_compile --batch_size 1 --grad_accum 1 --steps 1 --warmup 1 --gpu_memory_gib ${CARD_GIB:-79.6} --name "7B one $n-token sequence, offloaded checkpointing, ${CARD_GIB:-79.6} GiB ($(cat COMMIT 2>/dev/null))"
+      done ;;
+    dbw)  # session 7: decode-graph GPU tests, then 7B / 1B decoding with the step alone and its share of the copy bandwidth
+      log "GPU tests: decode graphs"
+      timeout ${DBW_TEST_LIMIT:-150} python3 -m pytest -o addopts= -q -s -p no:cacheprovider -m gpu tests/model/test_decode_graph.py > "$OUT/dbwtests.txt" 2>&1
+      grep -E "passed|failed|Error|assert" "$OUT/dbwtests.txt" | tail -n 10 | tee -a "$OUT/log.txt"
+      for m in 7B 1B; do
+        log "decode $m"; timeout ${DECODE_LIMIT:-180} python3 -m tnlora.cli bench --decode --model $m 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | grep -E "^\| [0-9]|copy bandwidth" | tee -a "$OUT/table.txt"
       done ;;
     decode)
       log "decode"; timeout 100 python3 -m tnlora.cli bench --decode --model 1B 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt"

@@ -136,6 +136,29 @@ def test_gpu_memory_cap_is_refused_without_a_gpu_or_beyond_the_card(monkeypatch)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Props())
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", set_to.append)
-    with pytest.raises(ConfigError, match="not within this card's 80.0 GiB"):
+    with pytest.raises(ConfigError, match=r"not within this card.s 80\.0 GiB"):
         bench.cap_gpu_memory(96)
     assert bench.cap_gpu_memory(40) == " gpu_memory=40GiB of 80.0" and set_to == [0.5]
+
+
+def test_decode_bench_prints_the_step_alone_and_its_traffic(capsys):
+    code = bench.main(["--decode", "--model", "tiny", "--decode_batch", "2", "--new_tokens", "8"])
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = [line for line in out.splitlines() if line.startswith("| tiny")]
+    assert len(rows) == 1, out
+    model, graphs, kernel, batch, tps, ms, step_ms, rate, share = (c.strip() for c in rows[0].strip("|").split("|"))
+    assert (model, graphs, kernel, batch, share) == ("tiny", "False", "torch", "2", "–")  # no copy figure on CPU
+    assert float(tps.replace(",", "")) > 0 and float(ms) > 0 and float(step_ms) > 0 and float(rate.replace(",", "")) >= 0
+
+
+def test_decode_step_bytes_are_the_weights_once_and_the_states_twice():
+    from tnlora.model.decode_graph import DecodeStepRunner
+
+    model = bench.build_model("tiny", "auto", "cpu")
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied: counted once below
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    row = model.config.decoder_embed_dim * model.lm_head.weight.element_size()
+    states = DecodeStepRunner(model, 3, torch.device("cpu"), capture=False).states
+    expected = weights + 3 * row + 2 * sum(s.numel() * s.element_size() for s in states)
+    assert bench.decode_step_bytes(model, 3) == expected

@@ -27,7 +27,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -307,11 +307,57 @@ def decode_cuda_graphs(args: argparse.Namespace) -> bool:
     return torch.cuda.is_available() if args.cuda_graphs is None else args.cuda_graphs
 
 
-def decode_bench(args: argparse.Namespace, batch: int) -> tuple[float, float]:
-    """Greedy decoding through ``generate()``: (tokens/s over the whole batch, ms per step).
+class DecodeResult(NamedTuple):
+    """One batch size's decoding figures."""
+
+    tokens_per_s: float  # the whole generate() call, prefill included, over the batch
+    ms_per_step: float  # the whole call ÷ new tokens
+    step_ms: float  # one decode step alone: (call − a 1-token call) ÷ (new tokens − 1)
+
+
+def decode_step_bytes(model: torch.nn.Module, batch: int) -> int:
+    """The bytes one decode step has to move at least: every layer's weights, the final norm's and the LM
+    head's read once (the head's although tied to the embedding, of which B rows are read), and each layer's
+    recurrent state read and written."""
+    from tnlora.model.decode_graph import state_layout
+
+    def size(params: Any) -> int:
+        return sum(p.numel() * p.element_size() for p in params)
+
+    core = model.model
+    weights = size(core.layers.parameters()) + size(core.final_norm.parameters()) + size(model.lm_head.parameters())
+    rows = batch * core.embed_tokens.weight[0].numel() * core.embed_tokens.weight.element_size()
+    states = 0
+    for layer in core.layers:
+        shape, dtype = state_layout(layer.token_mixer, batch)
+        states += 2 * math.prod(shape) * dtype.itemsize
+    return weights + rows + states
+
+
+def copy_bandwidth(size_bytes: int = 2**30, repeats: int = 10) -> float:
+    """Bytes/s of a device-to-device copy (read + write), the median of ``repeats``: what a step bound by
+    memory traffic can reach at most, measured rather than the datasheet's."""
+    src = torch.empty(size_bytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * size_bytes / sorted(times)[len(times) // 2]
+
+
+def decode_bench(args: argparse.Namespace, batch: int) -> DecodeResult:
+    """Greedy decoding through ``generate()``: the whole call, and one decode step alone.
 
     With CUDA graphs the untimed warm-up call captures the step graph for this batch size; the timed call
-    replays it (as every later ``generate()`` of a chat or a batch job would).
+    replays it (as every later ``generate()`` of a chat or a batch job would). The step alone is the timed
+    call less a 1-token call (the prefill and generate()'s set-up), over the remaining steps.
     """
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = getattr(args, "_decode_model", None)
@@ -323,21 +369,27 @@ def decode_bench(args: argparse.Namespace, batch: int) -> tuple[float, float]:
     model.config.decode_kernel = args.decode_kernel
     prompt = torch.randint(3, model.config.vocab_size, (batch, args.prompt_len), device=device)
     kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-    with torch.inference_mode():
-        model.generate(prompt, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+
+    def timed(new_tokens: int, region: Any = None) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        prof = _profile_region() if args.profile else contextlib.nullcontext()
-        with prof:
-            model.generate(prompt, **kwargs)
+        with region or contextlib.nullcontext():
+            model.generate(prompt, **{**kwargs, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens})
             if device == "cuda":
                 torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-    if args.profile:
+        return time.perf_counter() - t0
+
+    with torch.inference_mode():
+        timed(4)  # captures the step graph (with CUDA graphs)
+        prof = _profile_region() if args.profile else None
+        seconds = timed(args.new_tokens, prof)
+        first = sorted(timed(1) for _ in range(3))[1]
+    if prof is not None:
         print(f"batch {batch}: {1e3 * seconds / args.new_tokens:.2f} ms/step (profiled)")
         _print_profile(prof, args.trace)
-    return batch * args.new_tokens / seconds, 1e3 * seconds / args.new_tokens
+    step = (seconds - first) / max(1, args.new_tokens - 1)
+    return DecodeResult(batch * args.new_tokens / seconds, 1e3 * seconds / args.new_tokens, 1e3 * step)
 
 
 class SyncAudit:
@@ -483,10 +535,17 @@ def main(argv: list[str] | None = None) -> int:
         kernel = resolve_decode_kernel(args.decode_kernel, "cuda") if graphs else "torch"
         print(f"config: {args.model} decode cuda_graphs={graphs} decode_kernel={args.decode_kernel} ({kernel}) "
               f"prompt={args.prompt_len} new_tokens={args.new_tokens}{cap}", flush=True)
-        print("| model | cuda graphs | decode kernel | batch | tokens/s | ms/step |\n|---|---|---|---|---|---|")
+        copy = copy_bandwidth() if torch.cuda.is_available() else math.nan
+        if torch.cuda.is_available():
+            print(f"copy bandwidth: {copy / 1e9:,.0f} GB/s (device-to-device copies of 1 GiB, read + write)")
+        print("| model | cuda graphs | decode kernel | batch | tokens/s | ms/step | decode step ms | step GB/s | "
+              "of copy bandwidth |\n|---|---|---|---|---|---|---|---|---|")
         for batch in [int(b) for b in args.decode_batch.split(",")]:
-            tps, ms = decode_bench(args, batch)
-            print(f"| {args.model} | {graphs} | {kernel} | {batch} | {tps:,.0f} | {ms:.2f} |", flush=True)
+            r = decode_bench(args, batch)
+            rate = decode_step_bytes(args._decode_model, batch) / (r.step_ms / 1e3)
+            share = f"{100 * rate / copy:.0f}%" if math.isfinite(copy) else "–"
+            print(f"| {args.model} | {graphs} | {kernel} | {batch} | {r.tokens_per_s:,.0f} | {r.ms_per_step:.2f} | "
+                  f"{r.step_ms:.2f} | {rate / 1e9:,.0f} | {share} |", flush=True)
         return 0
     if args.seq_len:
         lengths = [(0, args.seq_len)]

@@ -104,10 +104,7 @@ class DecodeStepRunner:
             self.decays: list[Tensor] = []
             for layer in model.model.layers:
                 mixer = layer.token_mixer
-                # attention._recurrent's compute dtype: fp64 for fp64 inputs, fp32 otherwise.
-                dtype = torch.float64 if mixer.qkvu_proj.weight.dtype == torch.float64 else torch.float32
-                key_dim = 2 * mixer.head_dim if mixer.lrpe is not None else mixer.head_dim
-                shape = (batch_size, mixer.num_heads, key_dim, mixer.head_dim)
+                shape, dtype = state_layout(mixer, batch_size)
                 self.states.append(torch.zeros(shape, dtype=dtype, device=device))
                 # λ [H] as attention._recurrent computes it at every step; here once.
                 self.decays.append(torch.exp(mixer.log_decay.to(device=device, dtype=dtype)))
@@ -274,6 +271,14 @@ class DecodeStepRunner:
             if i < len(cache.layers) and cache.get_state(i) is static:
                 cache.update_state(static.clone(), i)
         self.owner = None
+
+
+def state_layout(mixer: NormLinearAttention, batch_size: int) -> tuple[tuple[int, int, int, int], torch.dtype]:
+    """Shape [B, H, K, V] and dtype of one layer's recurrent state: K doubles with LRPE (its cos and sin halves);
+    attention._recurrent's compute dtype, fp64 for fp64 weights, else fp32."""
+    dtype = torch.float64 if mixer.qkvu_proj.weight.dtype == torch.float64 else torch.float32
+    key_dim = 2 * mixer.head_dim if mixer.lrpe is not None else mixer.head_dim
+    return (batch_size, mixer.num_heads, key_dim, mixer.head_dim), dtype
 
 
 @contextlib.contextmanager
