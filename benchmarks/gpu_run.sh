@@ -10,7 +10,7 @@
 #         hostplan (sync-free fla chunk planning: tests, then with / without), syncaudit, budget32 (32k-token rows), final5,
 #         final (decode graphs + compile rung), decode, decodek (fused Triton decode step: tests, then torch vs
 #         triton decode figures), m80 / m80long (session 7: defaults and the 7B long sequence within an H100's
-#         79.6 GiB, the allocator capped by tnlora bench --gpu_memory_gib), dbw (decode: the step alone, GB/s).
+#         79.6 GiB, the allocator capped by tnlora bench --gpu_memory_gib), dbw (decode: the step alone, GB/s), e2e (tnlora train on huanhuan.json, timed).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD/src
 export TRITON_CACHE_DIR=$PWD/.tcache  # autotune results travel back in $OUT/tcache.tgz (fla autotunes ~minutes)
@@ -185,6 +185,10 @@ for stage in "$@"; do
       for m in 7B 1B; do
         log "decode $m"; timeout ${DECODE_LIMIT:-180} python3 -m tnlora.cli bench --decode --model $m 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | grep -E "^\| [0-9]|copy bandwidth" | tee -a "$OUT/table.txt"
       done ;;
+    e2e)  # session 7: `tnlora train examples/huanhuan_7b_lora_fast.yaml` end to end on huanhuan.json, random 7B weights
+      # .whl/e2e holds the official 7B config / tokenizer files and huanhuan.json (from ../shared, not in git)
+      log "e2e train ${E2E_MODEL:-7B}"; timeout ${E2E_LIMIT:-480} python3 benchmarks/e2e_train.py --recipe examples/huanhuan_7b_lora_fast.yaml --model_files .whl/e2e --data .whl/e2e/huanhuan.json --work /tmp/e2e > "$OUT/e2e.txt" 2>&1
+      grep -vE "Warning|warn|it/s\]" "$OUT/e2e.txt" | tail -n 25 | tee -a "$OUT/log.txt" "$OUT/table.txt" ;;
     decode)
       log "decode"; timeout 100 python3 -m tnlora.cli bench --decode --model 1B 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt"
       timeout 120 python3 -m tnlora.cli bench --decode --model 7B 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt" ;;

@@ -1,0 +1,82 @@
+"""`tnlora train` end to end, as a user runs it: a recipe YAML, a checkpoint directory, a data file, timed.
+
+Usage: python benchmarks/e2e_train.py --recipe examples/huanhuan_7b_lora_fast.yaml --model_files DIR --data FILE
+       [--work /tmp/e2e] [--shrink] [-- extra tnlora train arguments]
+
+No weights can be downloaded, so the checkpoint is written first: the official config.json of ``--model_files``
+(with its tokenizer.model, tokenizer_config.json, special_tokens_map.json, generation_config.json) and random
+weights in its layout (safetensors, bf16), built on the GPU when there is one. ``--shrink`` makes it 2 layers of
+width 64 (the real vocabulary and tokenizer) for a CPU smoke run. ``--data`` (e.g. huanhuan.json) is
+registered as the dataset named in the recipe. Then ``python -m tnlora.cli train RECIPE --model_name_or_path
+CKPT --dataset_dir DATA --output_dir OUT --report_to none [extra]`` runs with its output streamed; the last
+line gives the wall time of the whole command (loading, tokenising, compiling, evaluation, saving included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def write_checkpoint(model_files: Path, out: Path, shrink: bool) -> Path:
+    """A random-weight checkpoint directory in the official layout, from ``model_files``' config and tokenizer."""
+    from tnlora.model import TransnormerConfig, TransnormerForCausalLM
+
+    config = TransnormerConfig.from_pretrained(str(model_files))
+    if shrink:
+        config.decoder_layers, config.decoder_embed_dim, config.hidden_dim = 2, 64, 64
+        config.decoder_attention_heads, config.glu_dim = 2, 128
+        config.linear_use_lrpe_list = [1, 0]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = TransnormerForCausalLM(config)
+    model.to(torch.bfloat16).save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (model_files / name).is_file():
+            shutil.copy(model_files / name, out / name)
+    del model
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--model_files", required=True, help="dir with the official config.json and tokenizer files")
+    parser.add_argument("--data", required=True, help="the recipe's dataset file (e.g. huanhuan.json)")
+    parser.add_argument("--work", default="/tmp/e2e")
+    parser.add_argument("--shrink", action="store_true", help="2 layers of width 64 (a CPU smoke run)")
+    opts, extra = parser.parse_known_args()
+    extra = [a for a in extra if a != "--"]
+    import yaml
+
+    dataset = yaml.safe_load(Path(opts.recipe).read_text())["dataset"]
+    work = Path(opts.work)
+    shutil.rmtree(work, ignore_errors=True)
+    data = work / "data"
+    data.mkdir(parents=True)
+    shutil.copy(opts.data, data / Path(opts.data).name)
+    (data / "dataset_info.json").write_text(json.dumps({dataset: {"file_name": Path(opts.data).name}}))
+    t0 = time.perf_counter()
+    ckpt = write_checkpoint(Path(opts.model_files), work / "ckpt", opts.shrink)
+    print(f"checkpoint written in {time.perf_counter() - t0:.1f} s: {ckpt}", flush=True)
+    command = [sys.executable, "-m", "tnlora.cli", "train", opts.recipe, "--model_name_or_path", str(ckpt),
+               "--dataset_dir", str(data), "--output_dir", str(work / "out"), "--report_to", "none", *extra]
+    print("$ " + " ".join(command), flush=True)
+    t0 = time.perf_counter()
+    code = subprocess.call(command)
+    print(f"tnlora train: exit {code}, {time.perf_counter() - t0:.1f} s wall (the whole command)", flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
