@@ -1,7 +1,7 @@
 """`tnlora train` end to end, as a user runs it: a recipe YAML, a checkpoint directory, a data file, timed.
 
 Usage: python benchmarks/e2e_train.py --recipe examples/huanhuan_7b_lora_fast.yaml --model_files DIR --data FILE
-       [--work /tmp/e2e] [--shrink] [-- extra tnlora train arguments]
+       [--work /tmp/e2e] [--shrink] [--keep_checkpoint] [-- extra tnlora train arguments]
 
 No weights can be downloaded, so the checkpoint is written first: the official config.json of ``--model_files``
 (with its tokenizer.model, tokenizer_config.json, special_tokens_map.json, generation_config.json) and random
@@ -55,20 +55,24 @@ def main() -> int:
     parser.add_argument("--data", required=True, help="the recipe's dataset file (e.g. huanhuan.json)")
     parser.add_argument("--work", default="/tmp/e2e")
     parser.add_argument("--shrink", action="store_true", help="2 layers of width 64 (a CPU smoke run)")
+    parser.add_argument("--keep_checkpoint", action="store_true", help="reuse the checkpoint of an earlier run in --work")
     opts, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
     import yaml
 
     dataset = yaml.safe_load(Path(opts.recipe).read_text())["dataset"]
     work = Path(opts.work)
-    shutil.rmtree(work, ignore_errors=True)
+    ckpt = work / "ckpt"
+    for path in (work / "data", work / "out") if opts.keep_checkpoint and ckpt.is_dir() else (work,):
+        shutil.rmtree(path, ignore_errors=True)
     data = work / "data"
     data.mkdir(parents=True)
     shutil.copy(opts.data, data / Path(opts.data).name)
     (data / "dataset_info.json").write_text(json.dumps({dataset: {"file_name": Path(opts.data).name}}))
-    t0 = time.perf_counter()
-    ckpt = write_checkpoint(Path(opts.model_files), work / "ckpt", opts.shrink)
-    print(f"checkpoint written in {time.perf_counter() - t0:.1f} s: {ckpt}", flush=True)
+    if not (opts.keep_checkpoint and ckpt.is_dir()):
+        t0 = time.perf_counter()
+        write_checkpoint(Path(opts.model_files), ckpt, opts.shrink)
+        print(f"checkpoint written in {time.perf_counter() - t0:.1f} s: {ckpt}", flush=True)
     command = [sys.executable, "-m", "tnlora.cli", "train", opts.recipe, "--model_name_or_path", str(ckpt),
                "--dataset_dir", str(data), "--output_dir", str(work / "out"), "--report_to", "none", *extra]
     print("$ " + " ".join(command), flush=True)
