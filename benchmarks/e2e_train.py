@@ -7,9 +7,10 @@ No weights can be downloaded, so the checkpoint is written first: the official c
 (with its tokenizer.model, tokenizer_config.json, special_tokens_map.json, generation_config.json) and random
 weights in its layout (safetensors, bf16), built on the GPU when there is one. ``--shrink`` makes it 2 layers of
 width 64 (the real vocabulary and tokenizer) for a CPU smoke run. ``--data`` (e.g. huanhuan.json) is
-registered as the dataset named in the recipe. Then ``python -m tnlora.cli train RECIPE --model_name_or_path
-CKPT --dataset_dir DATA --output_dir OUT --report_to none [extra]`` runs with its output streamed; the last
-line gives the wall time of the whole command (loading, tokenising, compiling, evaluation, saving included).
+registered as the dataset named in the recipe. Then ``tnlora train RECIPE --model_name_or_path CKPT
+--dataset_dir DATA --output_dir OUT --report_to none [extra]`` runs in this process (``--gpu_memory_gib``
+caps its GPU memory, standing in for a smaller card); the last line gives the wall time of the whole command
+(loading, tokenising, compiling, evaluation, saving included) and its peak GPU memory.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -55,6 +54,8 @@ def main() -> int:
     parser.add_argument("--data", required=True, help="the recipe's dataset file (e.g. huanhuan.json)")
     parser.add_argument("--work", default="/tmp/e2e")
     parser.add_argument("--shrink", action="store_true", help="2 layers of width 64 (a CPU smoke run)")
+    parser.add_argument("--gpu_memory_gib", type=float, default=0.0,
+                        help="cap this process's GPU memory for the run (as tnlora bench --gpu_memory_gib)")
     parser.add_argument("--keep_checkpoint", action="store_true", help="reuse the checkpoint of an earlier run in --work")
     opts, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
@@ -73,12 +74,24 @@ def main() -> int:
         t0 = time.perf_counter()
         write_checkpoint(Path(opts.model_files), ckpt, opts.shrink)
         print(f"checkpoint written in {time.perf_counter() - t0:.1f} s: {ckpt}", flush=True)
-    command = [sys.executable, "-m", "tnlora.cli", "train", opts.recipe, "--model_name_or_path", str(ckpt),
-               "--dataset_dir", str(data), "--output_dir", str(work / "out"), "--report_to", "none", *extra]
-    print("$ " + " ".join(command), flush=True)
+    command = ["train", opts.recipe, "--model_name_or_path", str(ckpt), "--dataset_dir", str(data),
+               "--output_dir", str(work / "out"), "--report_to", "none", *extra]
+    print("$ tnlora " + " ".join(command), flush=True)
+    cap = ""
+    if opts.gpu_memory_gib:
+        from tnlora.bench import cap_gpu_memory
+
+        cap = cap_gpu_memory(opts.gpu_memory_gib)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    from tnlora.cli import main as tnlora_main
+
     t0 = time.perf_counter()
-    code = subprocess.call(command)
-    print(f"tnlora train: exit {code}, {time.perf_counter() - t0:.1f} s wall (the whole command)", flush=True)
+    code = tnlora_main(command)  # in this process, so the memory cap and the peak apply to it
+    peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_available() else ""
+    print(f"tnlora train: exit {code}, {time.perf_counter() - t0:.1f} s wall (the whole command){peak}{cap}",
+          flush=True)
     return code
 
 

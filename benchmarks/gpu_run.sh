@@ -187,7 +187,7 @@ for stage in "$@"; do
       done ;;
     e2e)  # session 7: `tnlora train examples/huanhuan_7b_lora_fast.yaml` end to end on huanhuan.json, random 7B weights
       # .whl/e2e holds the official 7B config / tokenizer files and huanhuan.json (from ../shared, not in git)
-      log "e2e train 7B ${E2E_ARGS:-}"; timeout ${E2E_LIMIT:-480} python3 benchmarks/e2e_train.py --recipe examples/huanhuan_7b_lora_fast.yaml --model_files .whl/e2e --data .whl/e2e/huanhuan.json --work /tmp/e2e --keep_checkpoint -- ${E2E_ARGS:-} > "$OUT/e2e${E2E_TAG:-}.txt" 2>&1
+      log "e2e train 7B ${E2E_ARGS:-}"; timeout ${E2E_LIMIT:-480} python3 benchmarks/e2e_train.py --recipe examples/huanhuan_7b_lora_fast.yaml --model_files .whl/e2e --data .whl/e2e/huanhuan.json --work /tmp/e2e --keep_checkpoint ${E2E_CAP:+--gpu_memory_gib $E2E_CAP} -- ${E2E_ARGS:-} > "$OUT/e2e${E2E_TAG:-}.txt" 2>&1
       grep -vE "Warning|warn|it/s\]" "$OUT/e2e${E2E_TAG:-}.txt" | grep -v "^ *\(File\|torch\._dynamo\)" | tail -n ${E2E_TAIL:-25} | cut -c1-240 | tee -a "$OUT/log.txt" "$OUT/table.txt" ;;
     decode)
       log "decode"; timeout 100 python3 -m tnlora.cli bench --decode --model 1B 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt"

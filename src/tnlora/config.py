@@ -417,11 +417,24 @@ LARGE_PACKED_TOKENS_PER_MICRO_BATCH = 32_768
 SMALL_PACKED_TOKENS_PER_MICRO_BATCH = 8_192
 
 
+# Compiling the decoder layers pays only on long runs: on an H200, 7B's first steps spend ~110 s compiling (plus
+# ~25 s for evaluation's no-grad variant) to go from ~12,900 to ~16,600 tokens/s, ~17 s saved per million
+# tokens. huanhuan's 3 epochs (1.14 M tokens) ran 119 s eager and 267 s compiled, whole `tnlora train`
+# command (benchmarks/RESULTS.md, session 7). Unset, torch_compile is on only from this many training tokens.
+COMPILE_MIN_TOKENS = 8_000_000
+
+
 def resolve_defaults(
-    cfg: RunConfig, *, cuda: bool, cuda_bf16: bool, fits: Callable[[RunConfig], bool] | None = None
+    cfg: RunConfig,
+    *,
+    cuda: bool,
+    cuda_bf16: bool,
+    fits: Callable[[RunConfig], bool] | None = None,
+    train_tokens: int | None = None,
 ) -> RunConfig:
     """Fill the "pick for me" values: bf16, packing and compiled decoder layers on a GPU, none of them on CPU
-    (compiling pays only where kernel launches dominate; on CPU it costs minutes); micro-batches of packed rows
+    (compiling pays only where kernel launches dominate; on CPU it costs minutes; on a GPU only when the run
+    trains at least ``COMPILE_MIN_TOKENS`` tokens, or ``train_tokens`` is not known); micro-batches of packed rows
     sized by a token budget (on a GPU the largest of 32,768, 16,384 and 8,192 tokens that ``fits`` says fits
     without checkpointing; else, and on CPU, 16,384); the fused AdamW on a GPU; alpha = 2 × rank. Gradient
     checkpointing: on with a GPU when ``fits`` (given the otherwise resolved config, checkpointing off) says
@@ -434,7 +447,7 @@ def resolve_defaults(
     if out.packing is None:
         out.packing = bool(cuda)
     if out.torch_compile is None:
-        out.torch_compile = bool(cuda)
+        out.torch_compile = bool(cuda) and (train_tokens is None or train_tokens >= COMPILE_MIN_TOKENS)
     if out.optim is None:
         # The fused AdamW updates all LoRA tensors in a few kernels; the foreach one launches dozens per step.
         out.optim = "adamw_torch_fused" if cuda else "adamw_torch"

@@ -118,3 +118,49 @@ def test_the_defaults_fit_the_share_of_the_card_the_process_may_use(monkeypatch)
     assert abs(memory.device_memory() - H100_80GB) <= 1
     on_80gb = resolve_defaults(cfg, cuda=True, cuda_bf16=True, fits=memory.gpu_fits())
     assert (on_80gb.per_device_train_batch_size, on_80gb.gradient_checkpointing) == (8, False)
+
+
+def test_compile_is_the_default_only_for_runs_long_enough_to_repay_it():
+    from tnlora.config import COMPILE_MIN_TOKENS
+
+    cfg = load_run_config(None, ["--model_name_or_path", "7B", "--dataset", "d", "--output_dir", "o"])
+
+    def compiled(**kw) -> bool:
+        return resolve_defaults(cfg, cuda=True, cuda_bf16=True, **kw).torch_compile
+
+    assert compiled() is True  # length not known yet (preflight, bench): the fast steady state
+    assert compiled(train_tokens=COMPILE_MIN_TOKENS) is True
+    assert compiled(train_tokens=1_140_000) is False  # huanhuan's 3 epochs
+    assert resolve_defaults(cfg, cuda=False, cuda_bf16=False, train_tokens=10**9).torch_compile is False
+    chosen = load_run_config(None, ["--model_name_or_path", "7B", "--dataset", "d", "--output_dir", "o",
+                                    "--torch_compile", "true"])
+    assert resolve_defaults(chosen, cuda=True, cuda_bf16=True, train_tokens=1).torch_compile is True
+
+
+def test_eager_layers_are_sized_with_their_own_memory_estimate(monkeypatch, capsys):
+    """Re-resolved for a short run, the micro-batch and checkpointing follow the eager estimate (60 bytes, not
+    48): on a card where 8 x 1,024 7B tokens fit compiled but not eager, the eager run checkpoints."""
+    import torch
+
+    from tnlora.train import memory, run
+
+    cfg = load_run_config(None, ["--model_name_or_path", "7B", "--dataset", "d", "--output_dir", "o"])
+    card = 70 * GIB  # 0.9 x 70 = 63 GiB: 8k tokens need ~57.5 compiled, ~69 eager
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(memory, "gpu_fits", lambda: lambda c: fits_without_checkpointing(c, card))
+    first = run.resolve_for_this_machine(cfg)
+    assert (first.torch_compile, first.per_device_train_batch_size, first.gradient_checkpointing) == (True, 8, False)
+    short = run.resolve_for_this_machine(cfg, train_tokens=1_000_000)
+    assert (short.torch_compile, short.per_device_train_batch_size, short.gradient_checkpointing) == (False, 16, True)
+    assert "gradient_checkpointing: on" in capsys.readouterr().err
+
+
+def test_planned_train_tokens_count_epochs_or_max_steps():
+    from tnlora.train.run import DataBundle, planned_train_tokens
+
+    data = DataBundle(train=[{"input_ids": [1] * 100} for _ in range(10)], eval=None, collator=None)
+    base = ["--model_name_or_path", "tiny", "--dataset", "d", "--output_dir", "o", "--per_device_train_batch_size", "2"]
+    assert planned_train_tokens(load_run_config(None, [*base, "--num_train_epochs", "3"]), data) == 3_000
+    # an epoch: 1,000 tokens in 5 steps of 2 rows; 7 steps: 1,000 x 7 / 5
+    assert planned_train_tokens(load_run_config(None, [*base, "--max_steps", "7"]), data) == 1_400

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import set_seed
 
-from tnlora.config import RunConfig, resolve_defaults, save_run_config, split_list
+from tnlora.config import COMPILE_MIN_TOKENS, RunConfig, resolve_defaults, save_run_config, split_list
 from tnlora.errors import ConfigError, TnloraError
 from tnlora.model.attention import flat_cu_seqlens
 
@@ -73,30 +73,51 @@ def preflight(cfg: RunConfig) -> tuple[RunConfig, str | None]:
 
     Returns the resolved config and the checkpoint to resume from (or ``None``).
     """
-    cuda = torch.cuda.is_available()
     check_model_name(cfg.model_name_or_path)
-    fits = None
-    if cuda:
-        from tnlora.train.memory import gpu_fits
-
-        fits = gpu_fits()
-    chosen = cfg.gradient_checkpointing
-    cfg = resolve_defaults(cfg, cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported(), fits=fits)
-    if chosen is None and cfg.gradient_checkpointing and not cfg.use_unsloth_gc:
-        _say(
-            f"gradient_checkpointing: on (micro-batches of {cfg.per_device_train_batch_size} × {cfg.cutoff_len} "
-            "tokens would not fit this GPU without it; set gradient_checkpointing: false to try anyway)"
-        )
+    cfg = resolve_for_this_machine(cfg)
     get_template_checked(cfg.template)
     if "tensorboard" in split_list(cfg.report_to):
         try:
             import tensorboard  # noqa: F401
         except ImportError:
             raise ConfigError("report_to: tensorboard is not installed (pip install tensorboard)") from None
-    if cfg.attention_impl == "fla" and not cuda:
+    if cfg.attention_impl == "fla" and not torch.cuda.is_available():
         raise ConfigError("attention_impl: 'fla' needs a CUDA GPU; use auto or chunked on CPU")
     resume = prepare_output_dir(cfg)
     return cfg, resume
+
+
+def resolve_for_this_machine(cfg: RunConfig, train_tokens: int | None = None, announce: bool = True) -> RunConfig:
+    """``resolve_defaults`` with this machine's GPU (and its memory) and, once the data is known, the run's
+    training tokens; says when it switched gradient checkpointing on (unless not ``announce``)."""
+    cuda = torch.cuda.is_available()
+    fits = None
+    if cuda:
+        from tnlora.train.memory import gpu_fits
+
+        fits = gpu_fits()
+    chosen = cfg.gradient_checkpointing
+    resolved = resolve_defaults(
+        cfg, cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported(), fits=fits, train_tokens=train_tokens
+    )
+    if announce and chosen is None and resolved.gradient_checkpointing and not resolved.use_unsloth_gc:
+        _say(
+            f"gradient_checkpointing: on (micro-batches of {resolved.per_device_train_batch_size} × "
+            f"{resolved.cutoff_len} tokens would not fit this GPU without it; set gradient_checkpointing: false "
+            "to try anyway)"
+        )
+    return resolved
+
+
+def planned_train_tokens(cfg: RunConfig, data: DataBundle) -> int:
+    """The tokens the run will train on: the train rows' tokens times the epochs, or per step times
+    ``max_steps`` when that is set (padding is not counted; resumed steps are)."""
+    per_epoch = sum(len(row["input_ids"]) for row in data.train)
+    if cfg.max_steps > 0:
+        steps_per_epoch = max(1, math.ceil(len(data.train) / (cfg.per_device_train_batch_size
+                                                               * cfg.gradient_accumulation_steps)))
+        return int(per_epoch * cfg.max_steps / steps_per_epoch)
+    return int(per_epoch * cfg.num_train_epochs)
 
 
 def check_model_name(name: str) -> None:
@@ -657,6 +678,7 @@ def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
     from tnlora.train.plot import plot_loss
 
     t0 = time.perf_counter()
+    given = cfg
     cfg, resume = preflight(cfg)
     template = get_template_checked(cfg.template, cfg.system)
     tokenizer = build_tokenizer(cfg)
@@ -665,6 +687,16 @@ def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
         f"data: {data.stats['records']} records → {data.stats['train']} train / {data.stats['eval']} eval examples"
         + (f" ({data.stats['packed_rows']} packed rows)" if "packed_rows" in data.stats else "")
     )
+    if given.torch_compile is None and cfg.torch_compile:
+        # Now that the run's length is known: too short a run would spend longer compiling than compiling saves.
+        # Resolved again from the given config, so the memory defaults follow the eager layers' larger estimate.
+        tokens = planned_train_tokens(cfg, data)
+        if tokens < COMPILE_MIN_TOKENS:
+            cfg = resolve_for_this_machine(given, train_tokens=tokens, announce=not cfg.gradient_checkpointing)
+            _say(
+                f"torch_compile: off (this run trains ~{tokens / 1e6:.2f} M tokens; compiling the layers takes 1–2 "
+                f"minutes and pays from ~{COMPILE_MIN_TOKENS / 1e6:.0f} M; set torch_compile: true to compile anyway)"
+            )
     args = training_arguments(cfg, has_eval=data.eval is not None)  # refused combinations: before the model
     model = build_model(cfg, tokenizer)
     trainable, total = count_parameters(model)
