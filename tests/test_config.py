@@ -186,12 +186,18 @@ def test_saved_config_round_trips(tmp_path):
     assert read_run_config(tmp_path / "nowhere") is None
 
 
-@pytest.mark.parametrize("name", ["quickstart.yaml", "huanhuan_7b_lora.yaml", "huanhuan_1b_lora.yaml"])
+@pytest.mark.parametrize(
+    "name", ["quickstart.yaml", "huanhuan_7b_lora.yaml", "huanhuan_1b_lora.yaml", "huanhuan_7b_lora_fast.yaml"]
+)
 def test_example_configs_are_valid(name):
     examples = Path(__file__).resolve().parents[1] / "examples"
     cfg = load_run_config(examples / name)
     assert cfg.finetuning_type == "lora" and cfg.template == "chatml"
-    if name.startswith("huanhuan_7b"):  # the seed tutorial's hyper-parameters
+    if name == "huanhuan_7b_lora_fast.yaml":  # the seed's adapter; packed 8 x 1,024 rows; defaults left open
+        assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target) == (8, 32, 0.1, "all")
+        assert (cfg.packing, cfg.per_device_train_batch_size, cfg.cutoff_len) == (True, 8, 1024)
+        assert cfg.gradient_checkpointing is None and cfg.torch_compile is None
+    elif name.startswith("huanhuan_7b"):  # the seed tutorial's hyper-parameters
         assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout) == (8, 32, 0.1)
         assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == (4, 4)
         assert (cfg.learning_rate, cfg.num_train_epochs, cfg.cutoff_len) == (1e-4, 3, 384)
