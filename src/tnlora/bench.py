@@ -219,10 +219,15 @@ def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: 
     """Real LoRA training steps through ``build_trainer``; figures from the timed steps after warm-up."""
     import tempfile
 
-    from tnlora.config import RunConfig, resolve_defaults
+    from tnlora.config import RunConfig
     from tnlora.model.tokenizer import ByteTokenizer
     from tnlora.train.lora import count_parameters
-    from tnlora.train.run import build_trainer, bundle_from_examples, prepare_for_training
+    from tnlora.train.run import (
+        build_trainer,
+        bundle_from_examples,
+        prepare_for_training,
+        resolve_for_this_machine,
+    )
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.cuda.empty_cache() if device == "cuda" else None
@@ -261,13 +266,9 @@ def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: 
             seed=0,
         )
         # Explicit values above stay; the rules between keys (use_unsloth_gc → checkpointing) apply as in train,
-        # and with --train_defaults the values left open are picked as train picks them on this GPU.
-        fits = None
-        if device == "cuda" and args.train_defaults:
-            from tnlora.train.memory import gpu_fits
-
-            fits = gpu_fits()
-        cfg = resolve_defaults(cfg, cuda=device == "cuda", cuda_bf16=device == "cuda", fits=fits)
+        # and with --train_defaults the values left open are picked as train's preflight picks them on this GPU
+        # (the run's length unknown, so compiled on a GPU).
+        cfg = resolve_for_this_machine(cfg)
         per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
         print(f"resolved: {cfg.per_device_train_batch_size} x {cfg.cutoff_len} tokens a micro-batch, "
               f"{cfg.gradient_accumulation_steps} a step, packing {cfg.packing}, "
@@ -473,7 +474,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "unset unless given, so they resolve as `tnlora train` resolves them on this card")
     parser.add_argument("--gpu_memory_gib", type=float, default=0.0,
                         help="let this process allocate at most this much GPU memory (the card's size for the "
-                             "defaults too): stands in for a smaller card, e.g. 79.2 for an H100 80GB")
+                             "defaults too): stands in for a smaller card, e.g. 79.6 for an 80 GB H100")
     parser.add_argument("--lora_rank", type=int, default=8)
     parser.add_argument("--lora_dropout", type=float, default=0.0)
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
