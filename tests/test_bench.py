@@ -162,3 +162,35 @@ def test_decode_step_bytes_are_the_weights_once_and_the_states_twice():
     states = DecodeStepRunner(model, 3, torch.device("cpu"), capture=False).states
     expected = weights + 3 * row + 2 * sum(s.numel() * s.element_size() for s in states)
     assert bench.decode_step_bytes(model, 3) == expected
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def test_e2e_train_script_runs_a_recipe_on_a_random_official_checkpoint(tmp_path):
+    """benchmarks/e2e_train.py (the session-7 figures), shrunk to 2 layers: a checkpoint in the official layout
+    with the real tokenizer, the recipe's dataset registered, `tnlora train` run and timed."""
+    import pytest
+
+    model_files = tmp_path / "model_files"
+    model_files.mkdir()
+    sources = [SHARED / "models" / "7B" / n for n in ("config.json", "tokenizer_config.json",
+                                                      "special_tokens_map.json", "generation_config.json")]
+    sources += [SHARED / "tokenizers" / "baichuan-7b" / "tokenizer.model"]
+    if not all(p.is_file() for p in sources) or not (SHARED / "data" / "identity.json").is_file():
+        pytest.skip("needs ../shared (models, tokenizer, data)")
+    for p in sources:
+        (model_files / p.name).write_bytes(p.read_bytes())
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "e2e_train.py"), "--recipe",
+         str(root / "examples" / "huanhuan_7b_lora_fast.yaml"), "--model_files", str(model_files), "--data",
+         str(SHARED / "data" / "identity.json"), "--work", str(tmp_path / "work"), "--shrink", "--",
+         "--max_steps", "1", "--val_size", "0", "--sample_prompts", "null"],
+        capture_output=True, text=True, timeout=300, cwd=root,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"^tnlora train: exit 0, [\d.]+ s wall", out.stdout, re.M), out.stdout
+    assert (tmp_path / "work" / "ckpt" / "model.safetensors").is_file()
+    assert (tmp_path / "work" / "ckpt" / "tokenizer.model").is_file()
+    assert (tmp_path / "work" / "out" / "adapter_model.safetensors").is_file()
