@@ -127,7 +127,10 @@ class RunConfig:
     )
     torch_compile: bool | None = field(
         default=None,
-        metadata=_opt("compile each decoder layer for training, attention kernels stay eager (GPU default)"),
+        metadata=_opt(
+            "compile each decoder layer for training, attention kernels stay eager (GPU default for runs of at "
+            "least 8 M training tokens)"
+        ),
     )
     seed: int = field(default=42, metadata=_opt("seed for init, shuffling and dropout", ge=0))
     dataloader_num_workers: int = field(default=0, metadata=_opt("data loader processes", ge=0))
