@@ -10,7 +10,8 @@
 #         hostplan (sync-free fla chunk planning: tests, then with / without), syncaudit, budget32 (32k-token rows), final5,
 #         final (decode graphs + compile rung), decode, decodek (fused Triton decode step: tests, then torch vs
 #         triton decode figures), m80 / m80long (session 7: defaults and the 7B long sequence within an H100's
-#         79.6 GiB, the allocator capped by tnlora bench --gpu_memory_gib), dbw (decode: the step alone, GB/s), e2e (tnlora train on huanhuan.json, timed).
+#         79.6 GiB, the allocator capped by tnlora bench --gpu_memory_gib), dbw (decode: the step alone, GB/s), e2e (tnlora train on huanhuan.json, timed),
+#         norms (session 8: Triton training norms, tests and eager torch / triton).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD/src
 export TRITON_CACHE_DIR=$PWD/.tcache  # autotune results travel back in $OUT/tcache.tgz (fla autotunes ~minutes)
@@ -189,6 +190,15 @@ for stage in "$@"; do
       # .whl/e2e holds the official 7B config / tokenizer files and huanhuan.json (from ../shared, not in git)
       log "e2e train 7B ${E2E_ARGS:-}"; timeout ${E2E_LIMIT:-480} python3 benchmarks/e2e_train.py --recipe examples/huanhuan_7b_lora_fast.yaml --model_files .whl/e2e --data .whl/e2e/huanhuan.json --work /tmp/e2e --keep_checkpoint ${E2E_CAP:+--gpu_memory_gib $E2E_CAP} -- ${E2E_ARGS:-} > "$OUT/e2e${E2E_TAG:-}.txt" 2>&1
       grep -vE "Warning|warn|it/s\]" "$OUT/e2e${E2E_TAG:-}.txt" | grep -v "^ *\(File\|torch\._dynamo\)" | tail -n ${E2E_TAIL:-25} | cut -c1-240 | tee -a "$OUT/log.txt" "$OUT/table.txt" ;;
+    norms)  # session 8: the Triton training norms (norm_kernel): GPU tests, then eager layers with torch / triton norms
+      log "GPU tests: training norms"
+      timeout ${NORM_TEST_LIMIT:-200} python3 -m pytest -o addopts= -q -s -p no:cacheprovider tests/model/test_norm_kernel.py \
+        tests/train/test_norm_kernel_gpu.py ${NORM_TESTS:-} > "$OUT/normtests.txt" 2>&1
+      grep -E "norm_kernel|compile,|passed|failed|Error|assert" "$OUT/normtests.txt" | tail -n 16 | tee -a "$OUT/log.txt"
+      for m in ${NORM_MODELS:-7B}; do for kern in ${NORM_KERNELS:-torch triton}; do
+        BENCH_TIMEOUT=260 bench --model $m --train_defaults --no-torch_compile --norm_kernel $kern --gpu_memory_gib ${CARD_GIB:-79.6} --steps ${NORM_STEPS:-5} --name "$m huanhuan, defaults, eager layers, norms $kern, ${CARD_GIB:-79.6} GiB ($(cat COMMIT 2>/dev/null))"
+        grep "^resolved:" "$OUT/log.txt" | tail -n 1 | tee -a "$OUT/table.txt"
+      done; done ;;
     decode)
       log "decode"; timeout 100 python3 -m tnlora.cli bench --decode --model 1B 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt"
       timeout 120 python3 -m tnlora.cli bench --decode --model 7B 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt" ;;

@@ -274,6 +274,7 @@ def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: 
               f"{cfg.gradient_accumulation_steps} a step, packing {cfg.packing}, "
               f"gradient_checkpointing {cfg.gradient_checkpointing}, torch_compile {cfg.torch_compile}", flush=True)
         model = build_model(args.model, args.attn, device)
+        model.config.norm_kernel = args.norm_kernel
         n_params = count_parameters(model)[1]  # the tied embedding once
         # As `tnlora train` does (fp32 adapter weights, compiled layers); warm-up steps absorb compile time.
         model = prepare_for_training(model, cfg)
@@ -488,6 +489,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--decode_kernel", default="auto", choices=["auto", "torch", "triton"],
                         help="recurrence of the CUDA-graph decode step (config decode_kernel): in-place torch ops, "
                              "the fused Triton kernel, or auto (triton when it imports)")
+    parser.add_argument("--norm_kernel", default="auto", choices=["auto", "torch", "triton"],
+                        help="norms of the eager training layers (config norm_kernel): PyTorch ops, the Triton "
+                             "forward and backward kernels, or auto (triton on CUDA when it imports)")
     parser.add_argument("--name", default="", help="row label")
     parser.add_argument("--profile", action="store_true",
                         help="print the top CUDA kernels of one timed training step (or generate() call)")
@@ -558,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = (
         f"pack={args.packing}{f' pack_len={args.seq_len}' if args.packing and args.seq_len else ''}"
         f" attn={args.attn} ckpt={args.gradient_checkpointing} offload={args.use_unsloth_gc} compile={args.torch_compile}"
-        f" b={args.batch_size}x{args.grad_accum}{' train_defaults' if args.train_defaults else ''}{cap}"
+        f" b={args.batch_size}x{args.grad_accum} norms={args.norm_kernel}"
+        f"{' train_defaults' if args.train_defaults else ''}{cap}"
     )
     # Printed even under a custom --name, so every table row can be traced to its settings.
     print(f"config: {args.model} {settings}", flush=True)

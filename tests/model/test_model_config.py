@@ -112,6 +112,7 @@ def test_preset_overrides_apply() -> None:
         ({"norm_type": "layernorm"}, "not supported"),
         ({"lrpe_angle_dtype": "bf16"}, "lrpe_angle_dtype"),
         ({"lightning_impl": "triton"}, "lightning_impl"),
+        ({"norm_kernel": "cuda"}, "norm_kernel"),
     ],
 )
 def test_bad_values_are_refused_where_they_enter(overrides: dict, message: str) -> None:

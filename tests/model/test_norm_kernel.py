@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tnlora.model.modeling import SimpleRMSNorm
-from tnlora.model.norm_kernel import add_rms_norm, gated_rms_norm
+from tnlora.model.norm_kernel import add_rms_norm, gated_rms_norm, rms_norm
 from tnlora.model.recurrent_kernel import triton_available
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -92,7 +92,71 @@ def test_no_grad_cuda_forward_uses_the_kernel_and_matches_pytorch_norms(monkeypa
         assert len(launches) == 3 * layers + 1
     model.config.decode_kernel = "auto"
     x = torch.randn(2, 9, model.config.decoder_embed_dim, device="cuda").to(torch.bfloat16)
-    assert not model.model.final_norm._fused(x, None)  # with grad: the PyTorch form
+    # With grad, norm_kernel decides: the differentiable kernel (auto on CUDA) or the PyTorch form.
+    assert model.model.final_norm._kernel(x, None) == "train"
+    model.config.norm_kernel = "torch"
+    assert not model.model.final_norm._fused(x, None)
     err = ((fused.double() - plain.double()).abs().max() / plain.double().abs().max()).item()
     assert err <= 2e-2, err  # at most bf16 rounding of the norms
     assert modeling.SimpleRMSNorm is type(model.model.final_norm)
+
+
+# The differentiable form (training, ``norm_kernel``): forward and both gradients against autograd through the
+# PyTorch form. fp64: only the order of the sums differs; bf16: the kernel keeps fp32 where PyTorch rounds.
+GRAD_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2**-6}
+
+
+def _pytorch_norm(x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    return SimpleRMSNorm()(x, gate=gate)  # no config: always the PyTorch form
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gated", [False, True])
+def test_rms_norm_forward_and_gradients_match_autograd(dtype: torch.dtype, gated: bool) -> None:
+    gen = torch.Generator().manual_seed(7 + gated)
+    width = 96  # not a power of two
+    x = (2 * torch.randn(2, 5, width, generator=gen)).to(dtype).to(DEVICE)
+    # A gate as the token mixer gets it: the last quarter of the fused projection (rows of stride 4 × width).
+    fused = torch.randn(2, 5, 4 * width, generator=gen).to(dtype).to(DEVICE)
+    dout = torch.randn(2, 5, width, generator=gen).to(dtype).to(DEVICE)
+    results = []
+    for fn in (rms_norm, None):
+        xs = x.clone().requires_grad_(True)
+        fs = fused.clone().requires_grad_(True)
+        gate = fs.chunk(4, dim=-1)[3] if gated else None
+        y = fn(xs, gate, 1e-6) if fn is not None else _pytorch_norm(xs, gate)
+        y.backward(dout)
+        results.append((y.detach(), xs.grad, fs.grad if gated else None))
+    (y, dx, dfused), (want_y, want_dx, want_dfused) = results
+    _close(y, want_y)
+    bound = GRAD_TOLERANCE[dtype]
+    for got, want in ((dx, want_dx), (dfused, want_dfused)):
+        if want is None:
+            continue
+        assert got.dtype == want.dtype and got.shape == want.shape
+        err = ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+        assert err <= bound, err
+    if gated:
+        assert torch.equal(dfused[..., : 3 * width], torch.zeros_like(dfused[..., : 3 * width]))
+
+
+def test_rms_norm_passes_gradcheck_in_float64() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 2, 16, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_(True)
+    gate = torch.randn(3, 2, 16, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, 1e-6), (x, gate))
+    assert torch.autograd.gradcheck(lambda a: rms_norm(a, None, 1e-6), (x,))
+
+
+def test_rms_norm_takes_a_non_contiguous_incoming_gradient() -> None:
+    x = torch.randn(4, 32, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    (rms_norm(x, None, 1e-6) * torch.tensor(3.0, dtype=torch.float64, device=DEVICE)).sum().backward()
+    want = x.detach().clone().requires_grad_(True)
+    (_pytorch_norm(want, None) * 3).sum().backward()  # an expanded (stride-0) gradient reaches the norm
+    assert torch.allclose(x.grad, want.grad, rtol=0, atol=1e-12)
+
+
+def test_rms_norm_refuses_a_mismatched_gate() -> None:
+    x = torch.randn(2, 3, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="gate must match"):
+        rms_norm(x, torch.randn(2, 3, 8, device=DEVICE, dtype=torch.float64), 1e-6)

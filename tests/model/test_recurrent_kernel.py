@@ -21,7 +21,7 @@ from tnl_helpers import build_model, left_padded, random_ids
 
 from tnlora.errors import ConfigError
 from tnlora.model import TransnormerCache, config_from_preset
-from tnlora.model.decode_graph import DecodeStepRunner, graphs_of
+from tnlora.model.decode_graph import DecodeStepRunner, graphs_of, resolve_decode_kernel
 from tnlora.model.recurrent_kernel import DECODE_KERNELS, torch_step, triton_available, triton_step
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -76,6 +76,15 @@ def test_runner_rejects_a_decode_kernel_set_after_the_config() -> None:
     model.config.decode_kernel = "fused"
     with pytest.raises(ConfigError, match="decode_kernel"):
         DecodeStepRunner(model, 1, torch.device("cpu"), capture=False)
+
+
+def test_a_training_norm_kernel_set_after_the_config_is_named_in_the_error() -> None:
+    norm = build_model(torch.float32).model.final_norm
+    norm.config.norm_kernel = "fused"
+    x = torch.randn(2, 3, norm.config.decoder_embed_dim)
+    assert norm._kernel(x, None) is None  # CPU: the PyTorch form, the value unread
+    with pytest.raises(ConfigError, match="norm_kernel must be one of"):
+        resolve_decode_kernel(norm.config.norm_kernel, "cuda", "norm_kernel")
 
 
 def test_import_and_torch_step_never_import_triton() -> None:

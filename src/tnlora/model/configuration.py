@@ -70,6 +70,11 @@ class TransnormerConfig(PreTrainedConfig):
     # 32 3,676 vs 2,510 tokens/s, benchmarks/RESULTS.md), else torch. Where it resolves to triton, the norms
     # of every other forward without grad on CUDA (the prefill, evaluation) are one Triton kernel each too.
     decode_kernel: str = "auto"
+    # The norms of forwards with grad on CUDA outside torch.compile (eager training layers): "triton" (one
+    # fused kernel forward, one backward, saving x and 1/rms instead of an fp32 copy of x; equal up to
+    # rounding), "torch" (the PyTorch ops) or "auto": triton on CUDA when it imports. Compiled layers always
+    # keep the PyTorch form, which Inductor fuses.
+    norm_kernel: str = "auto"
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -101,6 +106,11 @@ class TransnormerConfig(PreTrainedConfig):
             raise ConfigError(
                 f"decode_kernel must be one of {DECODE_KERNELS} (the recurrence of CUDA-graph decode steps), "
                 f"got {self.decode_kernel!r}"
+            )
+        if self.norm_kernel not in DECODE_KERNELS:
+            raise ConfigError(
+                f"norm_kernel must be one of {DECODE_KERNELS} (the norms of training forwards), "
+                f"got {self.norm_kernel!r}"
             )
         if self.lightning_chunk_size < 1 or self.loss_chunk_size < 1:
             raise ConfigError("lightning_chunk_size and loss_chunk_size must be positive")

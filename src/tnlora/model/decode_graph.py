@@ -372,17 +372,18 @@ def decode_kernel(model: nn.Module, device: torch.device | str) -> str:
     return resolve_decode_kernel(getattr(model.config, "decode_kernel", "auto"), device)
 
 
-def resolve_decode_kernel(kernel: str, device: torch.device | str) -> str:
-    """The recurrence a static step on ``device`` runs for the decode_kernel value ``kernel``."""
+def resolve_decode_kernel(kernel: str, device: torch.device | str, field: str = "decode_kernel") -> str:
+    """The implementation ("torch" or "triton") on ``device`` for the value ``kernel`` of the config ``field``
+    (decode_kernel: the static step's recurrence; norm_kernel: the training norms)."""
     if kernel not in DECODE_KERNELS:
-        raise ConfigError(f"decode_kernel must be one of {DECODE_KERNELS}, got {kernel!r}")
+        raise ConfigError(f"{field} must be one of {DECODE_KERNELS}, got {kernel!r}")
     if kernel == "auto":
         # The device first: a CPU step never imports triton.
         return "triton" if torch.device(device).type == "cuda" and triton_available() else "torch"
     if kernel == "triton" and not triton_available():
         raise ConfigError(
-            "decode_kernel 'triton' needs the triton package (installed with PyTorch's CUDA wheels); "
-            "use decode_kernel 'torch'"
+            f"{field} 'triton' needs the triton package (installed with PyTorch's CUDA wheels); "
+            f"use {field} 'torch'"
         )
     return kernel
 

@@ -28,7 +28,7 @@ from tnlora.model.attention import lightning_attention, remember_flattening
 from tnlora.model.cache import TransnormerCache
 from tnlora.model.configuration import PRESETS, TransnormerConfig, config_from_preset
 from tnlora.model.decode_graph import decode_step, resolve_decode_kernel
-from tnlora.model.norm_kernel import add_rms_norm, gated_rms_norm, takes_rows
+from tnlora.model.norm_kernel import add_rms_norm, gated_rms_norm, rms_norm, takes_rows
 
 logger = logging.get_logger(__name__)
 
@@ -50,7 +50,8 @@ class SimpleRMSNorm(nn.Module):
 
     With a ``config`` whose ``decode_kernel`` resolves to "triton", forwards without grad on CUDA (generation's
     prefill, evaluation) run one Triton kernel (:mod:`~tnlora.model.norm_kernel`, equal up to the order of the
-    sum) instead of the ~7 PyTorch kernels; training and compiled forwards keep the PyTorch form.
+    sum) instead of the ~7 PyTorch kernels; with ``norm_kernel`` resolving to "triton", so do eager forwards
+    with grad (training), whose backward is one more kernel. Compiled forwards keep the PyTorch form.
     """
 
     def __init__(self, eps: float = 1e-6, config: TransnormerConfig | None = None) -> None:
@@ -59,22 +60,34 @@ class SimpleRMSNorm(nn.Module):
         self.config = config
 
     def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
-        if self._fused(x, gate):
+        kernel = self._kernel(x, gate)
+        if kernel == "decode":
             return add_rms_norm(x, None, self.eps)[1] if gate is None else gated_rms_norm(x, gate, self.eps)
+        if kernel == "train":
+            return rms_norm(x, gate, self.eps)
         y = _at_least_fp32(x)
         y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
         return y if gate is None else gate * y
 
     def _fused(self, x: Tensor, gate: Tensor | None) -> bool:
-        return (
-            self.config is not None
-            and x.is_cuda
-            and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
-            and x.is_contiguous()
-            and takes_rows(x, gate)
-            and resolve_decode_kernel(self.config.decode_kernel, x.device) == "triton"
-        )
+        """Whether this forward runs a Triton kernel (either form)."""
+        return self._kernel(x, gate) is not None
+
+    def _kernel(self, x: Tensor, gate: Tensor | None) -> str | None:
+        """"decode" (the no-grad kernel), "train" (the differentiable one) or None (the PyTorch form)."""
+        if (
+            self.config is None
+            or not x.is_cuda
+            or torch.compiler.is_compiling()
+            or not x.is_contiguous()
+            or not takes_rows(x, gate)
+            or (gate is not None and (gate.dtype != x.dtype or gate.shape != x.shape))
+        ):
+            return None
+        if not torch.is_grad_enabled():
+            return "decode" if resolve_decode_kernel(self.config.decode_kernel, x.device) == "triton" else None
+        norm_kernel = getattr(self.config, "norm_kernel", "auto")
+        return "train" if resolve_decode_kernel(norm_kernel, x.device, "norm_kernel") == "triton" else None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""SimpleRMSNorm of the decode step as one Triton kernel, with the residual add or the output gate fused in.
+"""SimpleRMSNorm as one Triton kernel, with the residual add or the output gate fused in; and its backward.
 
 Per row x [D]:   y = x / sqrt(mean(x²) + eps)   (fp32 math, fp64 for fp64 rows; y cast back to x's dtype)
 
@@ -10,7 +10,11 @@ mean, add, rsqrt, multiply, cast; plus the add or the product): at the 7B's batc
 an 8.7 ms step. Results equal ``SimpleRMSNorm`` up to the order of the sum over D.
 
 Used by the static decode step with ``decode_kernel: triton`` (``decode_graph.DecodeStepRunner``) and by
-``SimpleRMSNorm`` in no-grad CUDA forwards (the prefill). Triton is imported on first use, never at import.
+``SimpleRMSNorm`` in no-grad CUDA forwards (the prefill). :func:`rms_norm` is the differentiable form for
+eager training (``norm_kernel``): the forward also keeps each row's 1/rms (fp32), and the backward is one
+more kernel that reads x, the gate and the incoming gradient once. The PyTorch form saves an fp32 copy of x
+for its backward and spends ~15 kernels on the pair; under ``torch.compile`` Inductor fuses that form
+itself, so compiled layers keep it. Triton is imported on first use, never at import.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ def _kernel() -> Any:
         gate_ptr,
         h_ptr,
         y_ptr,
+        rstd_ptr,
         stride_x,
         stride_delta,
         stride_gate,
@@ -46,6 +51,7 @@ def _kernel() -> Any:
         eps,
         HAS_DELTA: tl.constexpr,
         HAS_GATE: tl.constexpr,
+        STORE_RSTD: tl.constexpr,
         FP64: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
@@ -61,13 +67,62 @@ def _kernel() -> Any:
             tl.store(h_ptr + row * stride_h + cols, x, mask=ok)
             xf = x.to(xf.dtype)
         mean_square = tl.sum(xf * xf, axis=0) / D
-        y = (xf * (1.0 / tl.sqrt(mean_square + eps))).to(y_ptr.dtype.element_ty)
+        rstd = 1.0 / tl.sqrt(mean_square + eps)
+        if STORE_RSTD:
+            tl.store(rstd_ptr + row, rstd)
+        y = (xf * rstd).to(y_ptr.dtype.element_ty)
         if HAS_GATE:
             gate = tl.load(gate_ptr + row * stride_gate + cols, mask=ok, other=0.0)
             y = (gate.to(xf.dtype) * y.to(xf.dtype)).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + row * stride_y + cols, y, mask=ok)
 
     return rms_norm_kernel
+
+
+@functools.cache
+def _backward_kernel() -> Any:
+    """The backward of ``gate ⊙ norm(x)`` (or of ``norm(x)``) for one row per program."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rms_norm_backward_kernel(
+        x_ptr,
+        gate_ptr,
+        rstd_ptr,
+        dout_ptr,
+        dx_ptr,
+        dgate_ptr,
+        stride_x,
+        stride_gate,
+        stride_dout,
+        stride_dx,
+        stride_dgate,
+        D,
+        HAS_GATE: tl.constexpr,
+        FP64: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < D
+        x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
+        xf = x.to(tl.float64) if FP64 else x.to(tl.float32)
+        rstd = tl.load(rstd_ptr + row)
+        normed = xf * rstd
+        g = tl.load(dout_ptr + row * stride_dout + cols, mask=ok, other=0.0).to(xf.dtype)
+        if HAS_GATE:
+            gate = tl.load(gate_ptr + row * stride_gate + cols, mask=ok, other=0.0)
+            # d gate = dout ⊙ y with y rounded to the model dtype, as the forward's product read it.
+            y = normed.to(dx_ptr.dtype.element_ty).to(xf.dtype)
+            tl.store(dgate_ptr + row * stride_dgate + cols, (g * y).to(dgate_ptr.dtype.element_ty), mask=ok)
+            g = g * gate.to(xf.dtype)
+        # d x = rstd · (g − x̂ · mean(g ⊙ x̂)), x̂ = x · rstd.
+        dot = tl.sum(g * normed, axis=0) / D
+        dx = rstd * (g - normed * dot)
+        tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+
+    return rms_norm_backward_kernel
 
 
 def _rows(x: Tensor, name: str) -> Tensor:
@@ -78,7 +133,7 @@ def _rows(x: Tensor, name: str) -> Tensor:
         return x
     if x.dim() == 3 and (x.shape[1] == 1 or x.stride(0) == x.shape[1] * x.stride(1)):
         return x.reshape(-1, x.shape[-1])  # a view for these strides
-    raise ValueError(f"{name} must be [rows, D] or [B, 1, D]")
+    raise ValueError(f"{name} must be [rows, D], or [B, T, D] with rows of one stride")
 
 
 def takes_rows(*tensors: Tensor | None) -> bool:
@@ -94,7 +149,7 @@ def takes_rows(*tensors: Tensor | None) -> bool:
 
 
 def _launch(
-    x: Tensor, eps: float, delta: Tensor | None = None, gate: Tensor | None = None
+    x: Tensor, eps: float, delta: Tensor | None = None, gate: Tensor | None = None, rstd: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     rows = _rows(x, "x")
     n, width = rows.shape
@@ -113,6 +168,7 @@ def _launch(
         gate_rows,
         h,
         y,
+        rstd if rstd is not None else y,  # unwritten without rstd
         rows.stride(0),
         delta_rows.stride(0),
         gate_rows.stride(0),
@@ -122,12 +178,69 @@ def _launch(
         eps,
         HAS_DELTA=delta is not None,
         HAS_GATE=gate is not None,
+        STORE_RSTD=rstd is not None,
         FP64=x.dtype == torch.float64,
-        BLOCK=1 << (width - 1).bit_length(),
+        BLOCK=_block(width),
         num_warps=NUM_WARPS,
     )
     shape = (*x.shape[:-1], width)
     return h.view(shape), y.view(shape)
+
+
+def _block(width: int) -> int:
+    return 1 << (width - 1).bit_length()
+
+
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class _RMSNorm(torch.autograd.Function):
+    """``gate ⊙ norm(x)`` (``norm(x)`` without a gate) with the Triton forward and backward kernels."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, gate: Tensor | None, eps: float) -> Tensor:  # type: ignore[override]
+        rstd = torch.empty(_rows(x, "x").shape[0], dtype=_stat_dtype(x), device=x.device)
+        y = _launch(x, eps, gate=gate, rstd=rstd)[1]
+        ctx.save_for_backward(x, gate, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dout: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, gate, rstd = ctx.saved_tensors
+        rows = _rows(x, "x")
+        n, width = rows.shape
+        grads = _rows(dout if takes_rows(dout) else dout.contiguous(), "dout")
+        gate_rows = _rows(gate, "gate") if gate is not None else rows
+        dx = torch.empty((n, width), dtype=x.dtype, device=x.device)
+        dgate = torch.empty_like(dx) if gate is not None else dx  # unwritten without a gate
+        _backward_kernel()[(n,)](
+            rows,
+            gate_rows,
+            rstd,
+            grads,
+            dx,
+            dgate,
+            rows.stride(0),
+            gate_rows.stride(0),
+            grads.stride(0),
+            dx.stride(0),
+            dgate.stride(0),
+            width,
+            HAS_GATE=gate is not None,
+            FP64=x.dtype == torch.float64,
+            BLOCK=_block(width),
+            num_warps=NUM_WARPS,
+        )
+        return dx.view(x.shape), dgate.view(x.shape) if gate is not None else None, None
+
+
+def rms_norm(x: Tensor, gate: Tensor | None, eps: float) -> Tensor:
+    """``gate ⊙ norm(x)`` (or ``norm(x)``), differentiable in x and the gate; x, gate [rows, D] or [B, T, D]
+    with rows of one stride (what :func:`takes_rows` accepts), of one dtype and shape."""
+    if gate is not None and (tuple(gate.shape) != tuple(x.shape) or gate.dtype != x.dtype):
+        raise ValueError(f"gate must match x: {tuple(x.shape)} {x.dtype}, got {tuple(gate.shape)} {gate.dtype}")
+    return _RMSNorm.apply(x, gate, eps)
 
 
 def add_rms_norm(x: Tensor, delta: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
@@ -142,4 +255,4 @@ def gated_rms_norm(x: Tensor, gate: Tensor, eps: float) -> Tensor:
     return _launch(x, eps, gate=gate)[1]
 
 
-__all__ = ["add_rms_norm", "gated_rms_norm", "takes_rows"]
+__all__ = ["add_rms_norm", "gated_rms_norm", "rms_norm", "takes_rows"]

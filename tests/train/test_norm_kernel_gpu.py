@@ -1,0 +1,48 @@
+"""``norm_kernel`` on CUDA in bf16: eager training with the Triton norms (forward and backward kernels) gives
+the loss and LoRA gradients of the PyTorch norms within bf16 tolerance, and each norm of the step runs the
+kernel. Skipped without CUDA; run on a GPU with ``pytest -s -m gpu tests/train``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+pytest.importorskip("triton")
+
+from train_helpers import GEOMETRY_1B, batch, lora_model, loss_and_grads
+
+from tnlora.model import modeling
+
+pytestmark = pytest.mark.gpu
+TOLERANCE = 2e-2  # relative norm; bf16 autocast (the kernel keeps fp32 where the PyTorch form rounds)
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm().clamp(min=1e-30)).item()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_triton_training_norms_match_the_pytorch_form(monkeypatch, dropout: float) -> None:
+    calls = []
+    monkeypatch.setattr(modeling, "rms_norm", lambda *a, _f=modeling.rms_norm: calls.append(1) or _f(*a))
+    inputs = {name: t.cuda() for name, t in batch(1000).items()}
+    results = []
+    for kernel in ("triton", "torch"):
+        torch.manual_seed(0)  # the same LoRA dropout masks in both runs
+        model = lora_model(dropout, device="cuda", dtype=torch.bfloat16, **GEOMETRY_1B).train()
+        model.config.norm_kernel = kernel
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            results.append(loss_and_grads(model, inputs))
+        if kernel == "triton":
+            layers = len(model.base_model.model.model.layers)
+            assert len(calls) == 3 * layers + 1  # token, output-gate and channel norm a layer; the final norm
+    assert len(calls) == 3 * layers + 1  # none with norm_kernel torch
+    (loss, grads), (want_loss, want_grads) = results
+    print(f"norm_kernel, dropout {dropout}: loss {loss:.6f} triton, {want_loss:.6f} torch")
+    assert loss == pytest.approx(want_loss, rel=1e-2)
+    worst = max(_rel(grads[name], grad) for name, grad in want_grads.items())
+    print(f"norm_kernel, dropout {dropout}: worst LoRA-gradient relative error {worst:.2e}")
+    assert worst < TOLERANCE
