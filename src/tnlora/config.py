@@ -129,7 +129,7 @@ class RunConfig:
         default=None,
         metadata=_opt(
             "compile each decoder layer for training, attention kernels stay eager (GPU default for runs of at "
-            "least 8 M training tokens)"
+            "least 16 M training tokens)"
         ),
     )
     seed: int = field(default=42, metadata=_opt("seed for init, shuffling and dropout", ge=0))
@@ -420,11 +420,12 @@ LARGE_PACKED_TOKENS_PER_MICRO_BATCH = 32_768
 SMALL_PACKED_TOKENS_PER_MICRO_BATCH = 8_192
 
 
-# Compiling the decoder layers pays only on long runs: on an H200, 7B's first steps spend ~110 s compiling (plus
-# ~25 s for evaluation's no-grad variant) to go from ~12,900 to ~16,600 tokens/s, ~17 s saved per million
-# tokens. huanhuan's 3 epochs (1.14 M tokens) ran 119 s eager and 267 s compiled, whole `tnlora train`
-# command (benchmarks/RESULTS.md, session 7). Unset, torch_compile is on only from this many training tokens.
-COMPILE_MIN_TOKENS = 8_000_000
+# Compiling the decoder layers pays only on long runs. On an H200 (benchmarks/RESULTS.md, session 8), with the
+# eager layers' norms as Triton kernels (norm_kernel), 7B trains at 16,314 tokens/s eager and 17,746 compiled:
+# ~5 s saved per million tokens, against ~60 s of compiling in the first steps (huanhuan's 3 epochs, 1.17 M
+# tokens, whole `tnlora train` command: 94 s eager, 154 s compiled; 126 s with a warm Inductor cache). 1B: 88,596
+# and 99,390 tokens/s, ~1.2 s per million. Unset, torch_compile is on only from this many training tokens.
+COMPILE_MIN_TOKENS = 16_000_000
 
 
 def resolve_defaults(

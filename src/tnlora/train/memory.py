@@ -12,14 +12,19 @@ from pathlib import Path
 import torch
 
 from tnlora.config import RunConfig
+from tnlora.model.recurrent_kernel import triton_available
 
 # Saved activations in bytes per token, per layer, per unit of model width (decoder_embed_dim), LoRA on every
-# linear layer, bf16, 16,384-token micro-batches, no checkpointing (benchmarks/RESULTS.md): compiled layers
-# 44.6 (1B: 24.3 GiB peak) and 43.4 (7B: 94.0 GiB); eager 54 (1B: 29.8 GiB), and eager 60.1 for 7B with LoRA
-# dropout 0.1 in 8 x 1,024-token micro-batches (`tnlora train`, huanhuan, capped at 79.6 GiB: 69.1 GiB).
-# Rounded up for a margin.
-ACTIVATION_BYTES_COMPILED = 48
-ACTIVATION_BYTES_EAGER = 62
+# linear layer, bf16, no checkpointing. Measured peaks (benchmarks/RESULTS.md; H200, 7B runs capped at
+# 79.6 GiB), as bytes per unit after the weights: compiled layers 44.6 (1B, 16 × 1,024 tokens, 24.3 GiB), 43.4
+# (7B, 16 × 1,024, 94.0 GiB) and 43.7 (1B, 32 × 1,024, 46.6 GiB); eager layers with the Triton norms
+# (norm_kernel, the default on CUDA) 43.5 (7B, 8 × 1,024, 53.4 GiB) and 43.8 (1B, 32 × 1,024, 45.7 GiB).
+# LoRA dropout keeps each adapted layer's dropped input as well: 52.2 eager and 52.3 compiled (`tnlora train`
+# on huanhuan, 7B, 8 × 1,024, dropout 0.1: 61.6 / 61.7 GiB). The PyTorch norms save an fp32 copy of each
+# norm's input: 55.8 (1B eager, 16 × 1,024, 29.8 GiB) and 60.1 (the huanhuan run: 69.1 GiB). Rounded up.
+ACTIVATION_BYTES = 46
+ACTIVATION_BYTES_LORA_DROPOUT = 10
+ACTIVATION_BYTES_TORCH_NORMS = 12
 # The part of the card a run may plan to use: the CUDA context, the allocator's fragmentation and the
 # optimizer's first step take the rest.
 USABLE_FRACTION = 0.9
@@ -55,7 +60,12 @@ def memory_without_checkpointing(config, cfg: RunConfig) -> int:
         weights = 16 * params
     elif cfg.finetuning_type == "freeze":
         weights += 16 * params * min(1.0, abs(cfg.freeze_trainable_layers) / config.decoder_layers)
-    per_unit = ACTIVATION_BYTES_COMPILED if cfg.torch_compile else ACTIVATION_BYTES_EAGER
+    per_unit = ACTIVATION_BYTES
+    if cfg.finetuning_type == "lora" and cfg.lora_dropout > 0:
+        per_unit += ACTIVATION_BYTES_LORA_DROPOUT
+    if not cfg.torch_compile and not triton_available():
+        # Eager layers run the Triton norms (norm_kernel "auto") wherever triton imports.
+        per_unit += ACTIVATION_BYTES_TORCH_NORMS
     per_unit *= 1 if cfg.bf16 else 2  # fp32 activations are twice the size
     return int(weights + per_unit * tokens * config.decoder_layers * config.decoder_embed_dim)
 
@@ -80,8 +90,9 @@ def gpu_fits(device: int | None = None) -> Callable[[RunConfig], bool]:
 
 
 __all__ = [
-    "ACTIVATION_BYTES_COMPILED",
-    "ACTIVATION_BYTES_EAGER",
+    "ACTIVATION_BYTES",
+    "ACTIVATION_BYTES_LORA_DROPOUT",
+    "ACTIVATION_BYTES_TORCH_NORMS",
     "device_memory",
     "fits_without_checkpointing",
     "gpu_fits",

@@ -705,8 +705,8 @@ def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
         if tokens < COMPILE_MIN_TOKENS:
             cfg = resolve_for_this_machine(given, train_tokens=tokens, announce=not cfg.gradient_checkpointing)
             _say(
-                f"torch_compile: off (this run trains ~{tokens / 1e6:.2f} M tokens; compiling the layers takes 1–2 "
-                f"minutes and pays from ~{COMPILE_MIN_TOKENS / 1e6:.0f} M; set torch_compile: true to compile anyway)"
+                f"torch_compile: off (this run trains ~{tokens / 1e6:.2f} M tokens; compiling the layers takes about a "
+                f"minute and pays from ~{COMPILE_MIN_TOKENS / 1e6:.0f} M; set torch_compile: true to compile anyway)"
             )
     args = training_arguments(cfg, has_eval=data.eval is not None)  # refused combinations: before the model
     model = build_model(cfg, tokenizer)
