@@ -421,10 +421,11 @@ SMALL_PACKED_TOKENS_PER_MICRO_BATCH = 8_192
 
 
 # Compiling the decoder layers pays only on long runs. On an H200 (benchmarks/RESULTS.md, session 8), with the
-# eager layers' norms as Triton kernels (norm_kernel), 7B trains at 16,314 tokens/s eager and 17,746 compiled:
-# ~5 s saved per million tokens, against ~60 s of compiling in the first steps (huanhuan's 3 epochs, 1.17 M
-# tokens, whole `tnlora train` command: 94 s eager, 154 s compiled; 126 s with a warm Inductor cache). 1B: 88,596
-# and 99,390 tokens/s, ~1.2 s per million. Unset, torch_compile is on only from this many training tokens.
+# eager layers' norms as Triton kernels (norm_kernel), 7B trains at 16,314 tokens/s eager and 17,318 compiled
+# (the first layer eager): ~3.6 s saved per million tokens, against ~60 s of compiling in the first steps
+# (huanhuan's 3 epochs, 1.17 M tokens, whole `tnlora train` command: 93–106 s eager, 154 s compiled, 126 s
+# compiled with a warm Inductor cache). 1B: 88,596 eager and 99,390 compiled (session 7). Unset, torch_compile
+# is on only from this many training tokens.
 COMPILE_MIN_TOKENS = 16_000_000
 
 
