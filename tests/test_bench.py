@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tnlora import bench
@@ -162,6 +163,29 @@ def test_decode_step_bytes_are_the_weights_once_and_the_states_twice():
     states = DecodeStepRunner(model, 3, torch.device("cpu"), capture=False).states
     expected = weights + 3 * row + 2 * sum(s.numel() * s.element_size() for s in states)
     assert bench.decode_step_bytes(model, 3) == expected
+
+
+@pytest.mark.parametrize("mode", ["unmerged", "merged"])
+def test_decode_adapter_is_random_lora_kept_or_merged(mode):
+    from peft import PeftModel
+
+    args = bench.parse_args(["--decode", "--model", "tiny", "--decode_adapter", mode, "--lora_rank", "4"])
+    base = bench.build_model("tiny", "auto", "cpu")
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    net = bench.with_decode_adapter(base, args)
+    if mode == "unmerged":
+        assert isinstance(net, PeftModel)
+        ranks = {p.shape[0] for n, p in net.named_parameters() if "lora_A" in n}
+        assert ranks == {4} and all(p.abs().sum() > 0 for n, p in net.named_parameters() if "lora_B" in n)
+        # The bytes a step moves: the base's, plus the adapter's weights.
+        lora = sum(p.numel() * p.element_size() for n, p in net.named_parameters() if "lora_" in n)
+        assert bench.decode_step_bytes(net, 2) == bench.decode_step_bytes(bench.build_model("tiny", "auto", "cpu"), 2) + lora
+    else:
+        assert not isinstance(net, PeftModel) and not any("lora_" in n for n, _ in net.named_parameters())
+        changed = [n for n, p in net.named_parameters() if not torch.equal(p, before[n])]
+        assert changed and all(n.endswith(("qkvu_proj.weight", "out_proj.weight", ".l1.weight", ".l2.weight",
+                                           ".l3.weight")) for n in changed)  # fmt: skip
+    assert bench.with_decode_adapter(base, bench.parse_args(["--decode"])) is base  # "none"
 
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -317,6 +317,25 @@ class DecodeResult(NamedTuple):
     step_ms: float  # one decode step alone: (call − a 1-token call) ÷ (new tokens − 1)
 
 
+def with_decode_adapter(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+    """``model`` with ``--decode_adapter``: a random LoRA adapter of rank ``--lora_rank`` on every linear
+    layer, kept as peft layers ("unmerged", fp32 adapter weights as a loaded adapter has them) or folded into
+    the base weights ("merged", as ``tnlora chat`` / ``generate`` load one by default); "none": as it is."""
+    if args.decode_adapter == "none":
+        return model
+    from tnlora.config import RunConfig
+    from tnlora.train.lora import apply_finetuning
+
+    cfg = RunConfig(model_name_or_path=args.model, dataset="d", output_dir="o", lora_rank=args.lora_rank,
+                    lora_alpha=2 * args.lora_rank)  # fmt: skip
+    net = apply_finetuning(model, cfg)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)  # peft's zero B would merge to nothing (the same kernels either way)
+    return net.merge_and_unload() if args.decode_adapter == "merged" else net
+
+
 def decode_step_bytes(model: torch.nn.Module, batch: int) -> int:
     """The bytes one decode step has to move at least: every layer's weights, the final norm's and the LM
     head's read once (the head's although tied to the embedding, of which B rows are read), and each layer's
@@ -326,6 +345,7 @@ def decode_step_bytes(model: torch.nn.Module, batch: int) -> int:
     def size(params: Any) -> int:
         return sum(p.numel() * p.element_size() for p in params)
 
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # an unmerged adapter's
     core = model.model
     weights = size(core.layers.parameters()) + size(core.final_norm.parameters()) + size(model.lm_head.parameters())
     rows = batch * core.embed_tokens.weight[0].numel() * core.embed_tokens.weight.element_size()
@@ -364,7 +384,7 @@ def decode_bench(args: argparse.Namespace, batch: int) -> DecodeResult:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = getattr(args, "_decode_model", None)
     if model is None:
-        model = build_model(args.model, args.attn, device).eval()
+        model = with_decode_adapter(build_model(args.model, args.attn, device), args).eval()
         model.config.use_cache = True
         args._decode_model = model
     model.config.decode_cuda_graphs = decode_cuda_graphs(args)
@@ -489,6 +509,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--decode_kernel", default="auto", choices=["auto", "torch", "triton"],
                         help="recurrence of the CUDA-graph decode step (config decode_kernel): in-place torch ops, "
                              "the fused Triton kernel, or auto (triton when it imports)")
+    parser.add_argument("--decode_adapter", default="none", choices=["none", "unmerged", "merged"],
+                        help="decode with a random LoRA adapter of rank --lora_rank on every linear layer: kept as "
+                             "peft layers, or merged into the weights (tnlora chat / generate's default)")
     parser.add_argument("--norm_kernel", default="auto", choices=["auto", "torch", "triton"],
                         help="norms of the eager training layers (config norm_kernel): PyTorch ops, the Triton "
                              "forward and backward kernels, or auto (triton on CUDA when it imports)")
@@ -539,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         # What the static step runs ("auto" resolved); eager decoding (no graphs) never reads it.
         kernel = resolve_decode_kernel(args.decode_kernel, "cuda") if graphs else "torch"
         print(f"config: {args.model} decode cuda_graphs={graphs} decode_kernel={args.decode_kernel} ({kernel}) "
-              f"prompt={args.prompt_len} new_tokens={args.new_tokens}{cap}", flush=True)
+              f"prompt={args.prompt_len} new_tokens={args.new_tokens} adapter={args.decode_adapter}{cap}", flush=True)
         copy = copy_bandwidth() if torch.cuda.is_available() else math.nan
         if torch.cuda.is_available():
             print(f"copy bandwidth: {copy / 1e9:,.0f} GB/s (device-to-device copies of 1 GiB, read + write)")

@@ -37,7 +37,7 @@ def _bool(text: str) -> bool:
 # Shared option groups
 
 
-def _add_model_args(p: argparse.ArgumentParser, adapter_required: bool = False) -> None:
+def _add_model_args(p: argparse.ArgumentParser, adapter_required: bool = False, merge: bool = False) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", help="base checkpoint dir or preset (default: the adapter's base model)")
     g.add_argument("--adapter", required=adapter_required, help="a tnlora training output dir (LoRA adapter)")
@@ -46,6 +46,11 @@ def _add_model_args(p: argparse.ArgumentParser, adapter_required: bool = False) 
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
     g.add_argument("--attention_impl", choices=("auto", "chunked", "recurrent", "fla"), default=None)
+    g.add_argument(
+        "--merge_adapter", type=_bool, nargs="?", const=True, default=merge,
+        help=f"fold the adapter into the base weights for decoding, as `tnlora merge` exports them (default "
+        f"{str(merge).lower()}; unmerged, each adapted layer runs its LoRA matmuls at every step)",
+    )  # fmt: skip
 
 
 def _add_generation_args(p: argparse.ArgumentParser, do_sample: bool) -> None:
@@ -72,6 +77,7 @@ def _load(args: argparse.Namespace):
         dtype=args.dtype,
         device=args.device,
         attention_impl=args.attention_impl,
+        merge_adapter=args.merge_adapter,
     )
 
 
@@ -229,12 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="benchmark (tnlora bench --help)", add_help=False)
 
     p = sub.add_parser("chat", help="interactive chat (/reset, /exit)")
-    _add_model_args(p)
+    _add_model_args(p, merge=True)
     _add_generation_args(p, do_sample=True)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="batched generation: prompts file → JSONL")
-    _add_model_args(p)
+    _add_model_args(p, merge=True)
     p.add_argument("--prompts", required=True, help="a .txt file (one prompt a line) or .jsonl (prompt/messages)")
     p.add_argument("--output", required=True, help="the JSONL file to write")
     p.add_argument("--batch_size", type=int, default=8)

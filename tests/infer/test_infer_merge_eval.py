@@ -112,3 +112,46 @@ def test_a_merged_dir_chats_with_its_saved_template(merged_dir, adapter_dir, sys
     loaded = load_for_inference(str(merged_dir))
     assert loaded.adapter is None and loaded.template.default_system == system_prompt
     assert loaded.template == load_for_inference(None, adapter_dir).template
+
+
+def test_merge_adapter_at_load_gives_the_exported_weights(adapter_dir, tmp_path):
+    """load_for_inference(merge_adapter=True), the default of chat and generate: a plain model whose weights
+    are those `tnlora merge` writes (bitwise in fp32), with the unmerged adapter's logits."""
+    from peft import PeftModel
+
+    from tnlora.model import TransnormerForCausalLM, load_model
+
+    base = load_model("tiny").state_dict()  # the adapter's base, fp32
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        assert main(["merge", "--adapter", str(adapter_dir), "--output", str(out), "--dtype", dtype]) == 0
+        exported = AutoModelForCausalLM.from_pretrained(str(out), dtype=getattr(torch, dtype)).state_dict()
+        merged = load_for_inference(None, adapter_dir, dtype=dtype, merge_adapter=True).model
+        assert type(merged) is TransnormerForCausalLM
+        state = merged.state_dict()
+        assert set(state) == set(exported)
+        for name, tensor in state.items():
+            # Values only: from_pretrained keeps lrpe.theta an fp32 parameter holding the saved bf16 values.
+            tensor, want = tensor.float(), exported[name].float()
+            if dtype == "float32":
+                assert torch.equal(tensor, want), name
+            else:
+                # The preset base is fp32: loaded in bf16 it is rounded before the merge, the export only
+                # after it (a bf16 checkpoint is the same either way): apart by the two roundings at most.
+                bound = torch.finfo(torch.bfloat16).eps * (base[name].abs() + want.abs())
+                assert ((tensor - want).abs() <= bound).all(), name
+    unmerged = load_for_inference(None, adapter_dir)
+    assert isinstance(unmerged.model, PeftModel)
+    merged32 = load_for_inference(None, adapter_dir, merge_adapter=True).model
+    torch.testing.assert_close(logits(merged32), logits(unmerged.model), rtol=1e-5, atol=1e-5)
+
+
+def test_chat_and_generate_merge_by_default_eval_does_not():
+    from tnlora.cli import build_parser
+
+    parser = build_parser()
+    base = ["--adapter", "a"]
+    assert parser.parse_args(["chat", *base]).merge_adapter is True
+    assert parser.parse_args(["generate", *base, "--prompts", "p", "--output", "o"]).merge_adapter is True
+    assert parser.parse_args(["chat", *base, "--merge_adapter", "false"]).merge_adapter is False
+    assert parser.parse_args(["eval", *base, "--dataset", "d"]).merge_adapter is False

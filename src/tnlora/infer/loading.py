@@ -101,11 +101,16 @@ def load_for_inference(
     device: str = "auto",
     attention_impl: str | None = None,
     decode_cuda_graphs: bool | None = None,
+    merge_adapter: bool = False,
 ) -> InferenceModel:
     """Base model (``model`` or the adapter's recorded base) + LoRA adapter, tokenizer, template, system.
 
     ``decode_cuda_graphs`` (the model config's switch for CUDA-graph decode steps) defaults to on exactly
-    when the model runs on a GPU; an unmerged adapter is captured along with the base model.
+    when the model runs on a GPU; an unmerged adapter is captured along with the base model. With
+    ``merge_adapter`` the adapter is folded into the base weights once (peft's ``merge_and_unload``: the fp32
+    product added to each weight and rounded once to its dtype, the weights ``tnlora merge`` exports): a
+    decode step then runs the base model's kernels only, where an unmerged adapter adds four small kernels
+    per adapted layer.
     """
     from tnlora.model.tokenizer import load_tokenizer
     from tnlora.train.run import load_base_model
@@ -140,6 +145,8 @@ def load_for_inference(
         from peft import PeftModel
 
         net = PeftModel.from_pretrained(net, str(adapter_path))
+        if merge_adapter:
+            net = net.merge_and_unload()
     net.to(dev)
     net.eval()
     return InferenceModel(
