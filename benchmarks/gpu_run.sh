@@ -11,7 +11,7 @@
 #         final (decode graphs + compile rung), decode, decodek (fused Triton decode step: tests, then torch vs
 #         triton decode figures), m80 / m80long (session 7: defaults and the 7B long sequence within an H100's
 #         79.6 GiB, the allocator capped by tnlora bench --gpu_memory_gib), dbw (decode: the step alone, GB/s), e2e (tnlora train on huanhuan.json, timed),
-#         norms (session 8: Triton training norms, tests and eager torch / triton).
+#         norms (session 8: Triton training norms, tests and eager torch / triton), dadapter (7B decoding with a LoRA adapter, unmerged / merged).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD/src
 export TRITON_CACHE_DIR=$PWD/.tcache  # autotune results travel back in $OUT/tcache.tgz (fla autotunes ~minutes)
@@ -199,6 +199,10 @@ for stage in "$@"; do
         BENCH_TIMEOUT=260 bench --model $m --train_defaults --no-torch_compile --norm_kernel $kern --gpu_memory_gib ${CARD_GIB:-79.6} --steps ${NORM_STEPS:-5} --name "$m huanhuan, defaults, eager layers, norms $kern, ${CARD_GIB:-79.6} GiB ($(cat COMMIT 2>/dev/null))"
         grep "^resolved:" "$OUT/log.txt" | tail -n 1 | tee -a "$OUT/table.txt"
       done; done ;;
+    dadapter)  # session 8: 7B decoding with a random LoRA adapter kept as peft layers / merged (chat's default)
+      for a in unmerged merged; do log "decode 7B, adapter $a"
+        timeout ${DECODE_LIMIT:-120} python3 -m tnlora.cli bench --decode --model 7B --decode_adapter $a 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | grep -E "^\| [0-9]|^\| 7B|copy bandwidth" | tee -a "$OUT/table.txt"
+      done ;;
     decode)
       log "decode"; timeout 100 python3 -m tnlora.cli bench --decode --model 1B 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt"
       timeout 120 python3 -m tnlora.cli bench --decode --model 7B 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | tail -n 3 | tee -a "$OUT/table.txt" ;;
