@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tnlora.cli import main
 from tnlora.infer.loading import load_for_inference
 
+EXAMPLE_DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
 PROBE = torch.tensor([[3 + b for b in b"<|im_start|>user\nName a planet.<|im_end|>\n<|im_start|>assistant\n"]])
 OFFICIAL_KEY = re.compile(
     r"^(model\.embed_tokens\.weight|lm_head\.weight|model\.layers\.\d+\.token_mixer\.(qkvu_proj|out_proj)\.weight"
@@ -155,3 +156,27 @@ def test_chat_and_generate_merge_by_default_eval_does_not():
     assert parser.parse_args(["generate", *base, "--prompts", "p", "--output", "o"]).merge_adapter is True
     assert parser.parse_args(["chat", *base, "--merge_adapter", "false"]).merge_adapter is False
     assert parser.parse_args(["eval", *base, "--dataset", "d"]).merge_adapter is False
+
+
+def test_merge_adapter_at_load_folds_added_special_tokens_too(tmp_path):
+    """An adapter with added tokens (peft trainable tokens on the tied embedding) merges at load as well."""
+    from tnlora.config import load_run_config
+    from tnlora.model import TransnormerForCausalLM
+    from tnlora.train.run import train
+
+    out = tmp_path / "out"
+    cfg = load_run_config(None, [
+        "--model_name_or_path", "tiny", "--dataset", "quickstart_chat", "--dataset_dir", str(EXAMPLE_DATA),
+        "--template", "chatml", "--add_special_tokens", "<|im_start|>,<|im_end|>", "--cutoff_len", "512",
+        "--output_dir", str(out), "--max_steps", "3", "--learning_rate", "1e-2", "--report_to", "none",
+        "--plot_loss", "false",
+    ])  # fmt: skip
+    train(cfg)
+    unmerged, merged = load_for_inference(None, out), load_for_inference(None, out, merge_adapter=True)
+    assert type(merged.model) is TransnormerForCausalLM
+    ids = merged.tokenizer("<|im_start|>user\nHi<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    assert ids[0] >= 259  # an added token: its embedding row was trained
+    probe = torch.tensor([ids])
+    with torch.no_grad():
+        want, got = unmerged.model(input_ids=probe).logits, merged.model(input_ids=probe).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
