@@ -12,16 +12,11 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 pytest.importorskip("triton")
 
-from train_helpers import GEOMETRY_1B, batch, lora_model, loss_and_grads
+from train_helpers import GEOMETRY_1B, assert_bf16_step_matches, batch, lora_model, loss_and_grads
 
 from tnlora.model import modeling
 
 pytestmark = pytest.mark.gpu
-TOLERANCE = 2e-2  # relative norm; bf16 autocast (the kernel keeps fp32 where the PyTorch form rounds)
-
-
-def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.float() - want.float()).norm() / want.float().norm().clamp(min=1e-30)).item()
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -40,9 +35,5 @@ def test_triton_training_norms_match_the_pytorch_form(monkeypatch, dropout: floa
             layers = len(model.base_model.model.model.layers)
             assert len(calls) == 3 * layers + 1  # token, output-gate and channel norm a layer; the final norm
     assert len(calls) == 3 * layers + 1  # none with norm_kernel torch
-    (loss, grads), (want_loss, want_grads) = results
-    print(f"norm_kernel, dropout {dropout}: loss {loss:.6f} triton, {want_loss:.6f} torch")
-    assert loss == pytest.approx(want_loss, rel=1e-2)
-    worst = max(_rel(grads[name], grad) for name, grad in want_grads.items())
-    print(f"norm_kernel, dropout {dropout}: worst LoRA-gradient relative error {worst:.2e}")
-    assert worst < TOLERANCE
+    # bf16 autocast; the kernel keeps fp32 where the PyTorch form rounds. Reference: the PyTorch norms.
+    assert_bf16_step_matches(results[0], results[1], f"norm_kernel triton, dropout {dropout}")

@@ -3,6 +3,7 @@ loss + LoRA gradients of one step."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tnlora.config import RunConfig
@@ -68,3 +69,21 @@ def loss_and_grads(
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return loss.item(), grads
+
+
+def assert_bf16_step_matches(
+    got: tuple[float, dict[str, torch.Tensor]],
+    want: tuple[float, dict[str, torch.Tensor]],
+    label: str,
+    tolerance: float = 2e-2,
+) -> None:
+    """Loss within 1 % and every LoRA gradient within ``tolerance`` (relative norm) of the reference step;
+    prints both figures (the GPU tests' results go into the notes)."""
+    (loss, grads), (want_loss, want_grads) = got, want
+    print(f"{label}: loss {loss:.6f}, reference {want_loss:.6f}")
+    assert loss == pytest.approx(want_loss, rel=1e-2)
+    worst = max(
+        ((grads[n].float() - g.float()).norm() / g.float().norm().clamp(min=1e-30)).item() for n, g in want_grads.items()
+    )
+    print(f"{label}: worst LoRA-gradient relative error {worst:.2e}")
+    assert worst < tolerance

@@ -78,6 +78,7 @@ class SimpleRMSNorm(nn.Module):
         if (
             self.config is None
             or not x.is_cuda
+            or x.numel() == 0
             or torch.compiler.is_compiling()
             or not x.is_contiguous()
             or not takes_rows(x, gate)
