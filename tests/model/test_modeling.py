@@ -400,7 +400,7 @@ def test_gated_norm_and_the_kernel_layout_check() -> None:
     o, u = torch.randn(2, 5, 8, generator=gen), torch.randn(2, 5, 32, generator=gen)[..., 8:16]
     norm = SimpleRMSNorm()
     assert torch.equal(norm(o, gate=u), u * norm(o))
-    assert not norm._fused(o, u)  # no config, CPU, grad: the PyTorch form
+    assert norm._kernel(o, u) is None  # no config, CPU, grad: the PyTorch form
     assert takes_rows(o, u, None) and takes_rows(o[:, :1]) and takes_rows(o[0])
     assert not takes_rows(o.transpose(1, 2)) and not takes_rows(o[:, ::2]) and not takes_rows(o[None])
 

@@ -69,10 +69,6 @@ class SimpleRMSNorm(nn.Module):
         y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
         return y if gate is None else gate * y
 
-    def _fused(self, x: Tensor, gate: Tensor | None) -> bool:
-        """Whether this forward runs a Triton kernel (either form)."""
-        return self._kernel(x, gate) is not None
-
     def _kernel(self, x: Tensor, gate: Tensor | None) -> str | None:
         """"decode" (the no-grad kernel), "train" (the differentiable one) or None (the PyTorch form)."""
         if (
