@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from tnlora.config import RunConfig
-from tnlora.model.recurrent_kernel import triton_available
 
 # Saved activations in bytes per token, per layer, per unit of model width (decoder_embed_dim), LoRA on every
 # linear layer, bf16, no checkpointing. Measured peaks (benchmarks/RESULTS.md; H200, 7B runs capped at
@@ -63,7 +62,9 @@ def memory_without_checkpointing(config, cfg: RunConfig) -> int:
     per_unit = ACTIVATION_BYTES
     if cfg.finetuning_type == "lora" and cfg.lora_dropout > 0:
         per_unit += ACTIVATION_BYTES_LORA_DROPOUT
-    if not cfg.torch_compile and not triton_available():
+    from tnlora.model import recurrent_kernel
+
+    if not cfg.torch_compile and not recurrent_kernel.triton_available():
         # Eager layers run the Triton norms (norm_kernel "auto") wherever triton imports.
         per_unit += ACTIVATION_BYTES_TORCH_NORMS
     per_unit *= 1 if cfg.bf16 else 2  # fp32 activations are twice the size
