@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from tnlora.model.attention import fla_available, lightning_attention
 from tnlora.model.modeling import layer_log_decay
+from tnlora.ops.fla import fla_available
+from tnlora.ops.lightning import lightning_attention
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from tnlora.model.attention import lightning_attention
 from tnlora.model.modeling import layer_log_decay
+from tnlora.ops.lightning import lightning_attention
 
 if __name__ == "__main__":
     width = int(sys.argv[1])

@@ -8,13 +8,13 @@ import tempfile
 import torch
 
 from tnlora.config import load_run_config
-from tnlora.model.decode_graph import resolve_decode_kernel
+from tnlora.ops.select import kernel_impl
 from tnlora.train.memory import memory_without_checkpointing, model_config
 from tnlora.train.run import preflight
 
 total = torch.cuda.get_device_properties(0).total_memory
 print(f"{torch.cuda.get_device_name(0)}: {total / 2**30:.1f} GiB; decode_kernel auto -> "
-      f"{resolve_decode_kernel('auto', 'cuda')}")
+      f"{kernel_impl('auto', 'cuda', 'decode_kernel')}")
 for model, extra in [("1B", []), ("7B", []), ("7B", ["--cutoff_len", "16384", "--per_device_train_batch_size", "4"])]:
     with tempfile.TemporaryDirectory() as out:
         cfg = load_run_config(None, ["--model_name_or_path", model, "--dataset", "d", "--output_dir", out, *extra])

@@ -154,7 +154,7 @@ def test_decode_bench_prints_the_step_alone_and_its_traffic(capsys):
 
 
 def test_decode_step_bytes_are_the_weights_once_and_the_states_twice():
-    from tnlora.model.decode_graph import DecodeStepRunner
+    from tnlora.infer.decode_graph import DecodeStepRunner
 
     model = bench.build_model("tiny", "auto", "cpu")
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied: counted once below

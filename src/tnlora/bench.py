@@ -275,6 +275,7 @@ def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: 
               f"gradient_checkpointing {cfg.gradient_checkpointing}, torch_compile {cfg.torch_compile}", flush=True)
         model = build_model(args.model, args.attn, device)
         model.config.norm_kernel = args.norm_kernel
+        model.select_kernels()
         n_params = count_parameters(model)[1]  # the tied embedding once
         # As `tnlora train` does (fp32 adapter weights, compiled layers); warm-up steps absorb compile time.
         model = prepare_for_training(model, cfg)
@@ -340,7 +341,7 @@ def decode_step_bytes(model: torch.nn.Module, batch: int) -> int:
     """The bytes one decode step has to move at least: every layer's weights, the final norm's and the LM
     head's read once (the head's although tied to the embedding, of which B rows are read), and each layer's
     recurrent state read and written."""
-    from tnlora.model.decode_graph import state_layout
+    from tnlora.infer.decode_graph import state_layout
 
     def size(params: Any) -> int:
         return sum(p.numel() * p.element_size() for p in params)
@@ -387,8 +388,13 @@ def decode_bench(args: argparse.Namespace, batch: int) -> DecodeResult:
         model = with_decode_adapter(build_model(args.model, args.attn, device), args).eval()
         model.config.use_cache = True
         args._decode_model = model
-    model.config.decode_cuda_graphs = decode_cuda_graphs(args)
+    from tnlora.infer.decode_graph import install_graph_decoding, remove_graph_decoding
+
     model.config.decode_kernel = args.decode_kernel
+    if decode_cuda_graphs(args):
+        install_graph_decoding(model)
+    else:
+        remove_graph_decoding(model)
     prompt = torch.randint(3, model.config.vocab_size, (batch, args.prompt_len), device=device)
     kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
 
@@ -557,10 +563,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.decode_kernel == "triton" and not graphs:
             # Only the static CUDA-graph step reads decode_kernel: an eager run would time the torch step.
             raise ConfigError("--decode_kernel triton needs CUDA-graph decoding (a GPU and --cuda_graphs)")
-        from tnlora.model.decode_graph import resolve_decode_kernel
+        from tnlora.ops.select import kernel_impl
 
         # What the static step runs ("auto" resolved); eager decoding (no graphs) never reads it.
-        kernel = resolve_decode_kernel(args.decode_kernel, "cuda") if graphs else "torch"
+        kernel = kernel_impl(args.decode_kernel, "cuda", "decode_kernel") if graphs else "torch"
         print(f"config: {args.model} decode cuda_graphs={graphs} decode_kernel={args.decode_kernel} ({kernel}) "
               f"prompt={args.prompt_len} new_tokens={args.new_tokens} adapter={args.decode_adapter}{cap}", flush=True)
         copy = copy_bandwidth() if torch.cuda.is_available() else math.nan

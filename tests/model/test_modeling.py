@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tnl_helpers import build_model, random_ids
-from tnl_reference import reference_logits
 from torch.profiler import ProfilerActivity, profile
 
+from tnl_helpers import build_model, random_ids
+from tnl_reference import reference_logits
 from tnlora.model import TransnormerConfig, TransnormerForCausalLM
 from tnlora.model.modeling import Lrpe, get_slopes, layer_log_decay, lrpe_theta
 
@@ -394,13 +394,13 @@ def test_chunked_loss_with_a_host_count_equals_the_counted_one() -> None:
 
 def test_gated_norm_and_the_kernel_layout_check() -> None:
     from tnlora.model.modeling import SimpleRMSNorm
-    from tnlora.model.norm_kernel import takes_rows
+    from tnlora.ops.norm import takes_rows
 
     gen = torch.Generator().manual_seed(0)
     o, u = torch.randn(2, 5, 8, generator=gen), torch.randn(2, 5, 32, generator=gen)[..., 8:16]
-    norm = SimpleRMSNorm()
+    norm = SimpleRMSNorm(kernel="triton")
     assert torch.equal(norm(o, gate=u), u * norm(o))
-    assert norm._kernel(o, u) is None  # no config, CPU, grad: the PyTorch form
+    assert not norm._triton_takes(o, u)  # CPU tensors: the PyTorch form whatever the kernel choice
     assert takes_rows(o, u, None) and takes_rows(o[:, :1]) and takes_rows(o[0])
     assert not takes_rows(o.transpose(1, 2)) and not takes_rows(o[:, ::2]) and not takes_rows(o[None])
 
@@ -443,3 +443,29 @@ def test_fused_linear_cross_entropy_under_bf16_autocast_matches_the_checkpointed
     for got, want in zip(out["fused"], out["checkpointed"], strict=True):
         err = ((got - want).abs().max() / want.abs().max()).item()
         assert err <= 2e-2, err  # bf16 GEMMs in both; the gradients are rounded at different points
+
+
+def test_packed_rows_are_built_once_and_reach_every_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tnlora.model import modeling
+    from tnlora.ops.packing import PackedRows
+
+    model = build_model(torch.float64)
+    seen: list[object] = []
+    attend = modeling.NormLinearAttention.attend
+
+    def recording(self, q, k, v, rows=None, cache=None):
+        seen.append(rows)
+        return attend(self, q, k, v, rows, cache)
+
+    monkeypatch.setattr(modeling.NormLinearAttention, "attend", recording)
+    ids = random_ids(2, 9)
+    seq_ids = torch.tensor([[0] * 4 + [1] * 5, [2] * 9])
+    by_ids = model(ids, seq_ids=seq_ids).logits
+    assert len(seen) == len(model.model.layers) and all(r is seen[0] for r in seen)  # one object, every layer
+    assert isinstance(seen[0], PackedRows)
+    seen.clear()
+    rows = PackedRows.from_seq_ids(seq_ids)
+    assert torch.equal(model(ids, packed_rows=rows).logits, by_ids)
+    assert all(r is rows for r in seen)
+    with pytest.raises(ValueError, match="one of packed_rows"):
+        model(ids, packed_rows=rows, seq_ids=seq_ids)

@@ -17,7 +17,7 @@ from train_helpers import batch, lora_model, loss_and_grads
 
 from tnlora.config import load_run_config
 from tnlora.errors import ConfigError
-from tnlora.model.attention import lightning_attention
+from tnlora.ops.lightning import lightning_attention
 from tnlora.train.run import compile_decoder_layers, uncompile_decoder_layers
 
 

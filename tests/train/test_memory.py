@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from tnlora.config import RunConfig, load_run_config, resolve_defaults
-from tnlora.model import config_from_preset, recurrent_kernel
+from tnlora.model import config_from_preset
+from tnlora.ops import select
 from tnlora.train import memory
 from tnlora.train.memory import (
     fits_without_checkpointing,
@@ -57,7 +58,7 @@ def test_model_config_reads_an_official_checkpoint_dir():
     ],
 )  # peaks of benchmarks/RESULTS.md (dropout 0.1: `tnlora train` on huanhuan); compiled layers: the PyTorch norms
 def test_estimate_is_a_little_above_the_measured_peaks(monkeypatch, model, compiled, norms, dropout, measured_gib, rows):
-    monkeypatch.setattr(recurrent_kernel, "triton_available", lambda: norms == "triton")
+    monkeypatch.setattr(select, "triton_available", lambda: norms == "triton")
     cfg = gpu_config(
         model, "--torch_compile", compiled, "--per_device_train_batch_size", str(rows), "--lora_dropout", dropout
     )
@@ -162,7 +163,7 @@ def test_eager_layers_are_sized_with_their_own_memory_estimate(monkeypatch, caps
 
     cfg = load_run_config(None, ["--model_name_or_path", "7B", "--dataset", "d", "--output_dir", "o"])
     card = 70 * GIB  # 0.9 x 70 = 63 GiB: 8k tokens need ~55.8 compiled, ~67.1 eager with the PyTorch norms
-    monkeypatch.setattr(recurrent_kernel, "triton_available", lambda: False)
+    monkeypatch.setattr(select, "triton_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     monkeypatch.setattr(memory, "gpu_fits", lambda: lambda c: fits_without_checkpointing(c, card))
@@ -171,7 +172,7 @@ def test_eager_layers_are_sized_with_their_own_memory_estimate(monkeypatch, caps
     short = run.resolve_for_this_machine(cfg, train_tokens=1_000_000)
     assert (short.torch_compile, short.per_device_train_batch_size, short.gradient_checkpointing) == (False, 16, True)
     assert "gradient_checkpointing: on" in capsys.readouterr().err
-    monkeypatch.setattr(recurrent_kernel, "triton_available", lambda: True)
+    monkeypatch.setattr(select, "triton_available", lambda: True)
     short = run.resolve_for_this_machine(cfg, train_tokens=1_000_000)
     assert (short.torch_compile, short.per_device_train_batch_size, short.gradient_checkpointing) == (False, 8, False)
 

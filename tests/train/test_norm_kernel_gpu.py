@@ -27,8 +27,7 @@ def test_triton_training_norms_match_the_pytorch_form(monkeypatch, dropout: floa
     results = []
     for kernel in ("triton", "torch"):
         torch.manual_seed(0)  # the same LoRA dropout masks in both runs
-        model = lora_model(dropout, device="cuda", dtype=torch.bfloat16, **GEOMETRY_1B).train()
-        model.config.norm_kernel = kernel
+        model = lora_model(dropout, device="cuda", dtype=torch.bfloat16, norm_kernel=kernel, **GEOMETRY_1B).train()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             results.append(loss_and_grads(model, inputs))
         if kernel == "triton":

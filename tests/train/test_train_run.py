@@ -218,7 +218,9 @@ def test_collator_masks_row_starts_and_packed_example_starts():
     assert batch["labels"].tolist() == [[-100, 6, -100, 8, 9]]
     # Host-side counts, so that neither the loss nor the Trainer reads them back from the GPU.
     assert batch["num_loss_tokens"] == 3 and batch["num_real_tokens"] == 5
-    assert batch["cu_seqlens_cpu"] == (0, 2, 5)
+    assert "seq_ids" not in batch  # the boundaries travel as one object, built here on the host
+    assert batch["packed_rows"].cu_seqlens_cpu.tolist() == [0, 2, 5]
+    assert batch["packed_rows"].seq_ids.tolist() == [[0, 0, 1, 1, 1]]
 
 
 def test_tokens_seen_are_the_collated_non_padding_tokens(make_config, tmp_path):
@@ -333,6 +335,7 @@ def test_attention_impl_reaches_every_token_mixer():
     chunked = load_base_model("tiny", attention_impl="chunked")
     recurrent = load_base_model("tiny", attention_impl="recurrent")
     assert {m.impl for m in recurrent.modules() if isinstance(getattr(m, "impl", None), str)} == {"recurrent"}
+    assert {m.impl for m in chunked.modules() if isinstance(getattr(m, "impl", None), str)} == {"chunked"}
     torch.testing.assert_close(logits(recurrent), logits(chunked), rtol=1e-4, atol=1e-4)
 
 

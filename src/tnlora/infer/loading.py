@@ -100,13 +100,14 @@ def load_for_inference(
     dtype: str = "auto",
     device: str = "auto",
     attention_impl: str | None = None,
-    decode_cuda_graphs: bool | None = None,
+    graph_decoding: bool | None = None,
     merge_adapter: bool = False,
 ) -> InferenceModel:
     """Base model (``model`` or the adapter's recorded base) + LoRA adapter, tokenizer, template, system.
 
-    ``decode_cuda_graphs`` (the model config's switch for CUDA-graph decode steps) defaults to on exactly
-    when the model runs on a GPU; an unmerged adapter is captured along with the base model. With
+    ``graph_decoding`` (CUDA-graph decode steps, :func:`tnlora.infer.decode_graph.install_graph_decoding`)
+    defaults to on exactly when the model runs on a GPU; an unmerged adapter is captured along with the base
+    model. With
     ``merge_adapter`` the adapter is folded into the base weights once (peft's ``merge_and_unload``: the fp32
     product added to each weight and rounded once to its dtype, the weights ``tnlora merge`` exports): a
     decode step then runs the base model's kernels only, where an unmerged adapter adds four small kernels
@@ -138,7 +139,6 @@ def load_for_inference(
     torch_dtype = resolve_dtype(dtype, dev)
     impl = attention_impl or (run_cfg.attention_impl if run_cfg else None)
     net = load_base_model(base, dtype=torch_dtype, device=dev, attention_impl=impl or "auto")
-    net.config.decode_cuda_graphs = dev.type == "cuda" if decode_cuda_graphs is None else decode_cuda_graphs
     if len(tokenizer) > net.get_input_embeddings().num_embeddings:
         net.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)  # as training did
     if adapter_path is not None:
@@ -149,6 +149,10 @@ def load_for_inference(
             net = net.merge_and_unload()
     net.to(dev)
     net.eval()
+    if graph_decoding if graph_decoding is not None else dev.type == "cuda":
+        from tnlora.infer.decode_graph import install_graph_decoding
+
+        install_graph_decoding(net)  # CUDA graphs: steps on another device decode eagerly
     return InferenceModel(
         model=net,
         tokenizer=tokenizer,

@@ -1,10 +1,9 @@
-"""Native TransNormerLLM: config, model, lightning attention and recurrent-state cache."""
+"""Native TransNormerLLM: config, model and recurrent-state cache (the kernels live in ``tnlora.ops``)."""
 
 from __future__ import annotations
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from tnlora.model.attention import lightning_attention
 from tnlora.model.cache import TransnormerCache
 from tnlora.model.configuration import PRESETS, TransnormerConfig, config_from_preset
 from tnlora.model.modeling import (
@@ -22,7 +21,6 @@ __all__ = [
     "TransnormerModel",
     "TransnormerPreTrainedModel",
     "config_from_preset",
-    "lightning_attention",
     "load_model",
     "register_model_classes",
 ]

@@ -13,9 +13,8 @@ from typing import Any, ClassVar
 from transformers import PreTrainedConfig
 
 from tnlora.errors import ConfigError
-from tnlora.model.recurrent_kernel import DECODE_KERNELS
+from tnlora.ops.select import KERNEL_CHOICES, LIGHTNING_IMPLS
 
-LIGHTNING_IMPLS = ("auto", "chunked", "recurrent", "fla")
 LRPE_ANGLE_DTYPES = ("float32", "model")
 
 
@@ -53,27 +52,21 @@ class TransnormerConfig(PreTrainedConfig):
     # "float32": LRPE angles θ·p in fp32 or wider (the fp32 math); "model": the official rounding of p and θ·p in the
     # model dtype (bf16 checkpoints were run this way by the official code, spec §10).
     lrpe_angle_dtype: str = "float32"
-    # Lightning attention implementation: "auto" (fla on CUDA if importable, else chunked; recurrent for
-    # one-token steps), "chunked", "recurrent" or "fla".
+    # The implementations of the operations (tnlora.ops.select resolves "auto" for the model's device when the
+    # model is built or moved). Lightning attention: "auto" (fla on CUDA if importable, else chunked; recurrent
+    # for one-token steps), "chunked", "recurrent" or "fla".
     lightning_impl: str = "auto"
     # Chunk length of the pure-PyTorch chunked attention.
     lightning_chunk_size: int = 64
     # Tokens per chunk of the loss: fp32 logits of at most this many tokens exist at a time.
     loss_chunk_size: int = 1024
-    # One-token decode steps (cache given, no grad, eval mode, CUDA) replay a captured CUDA graph of the whole
-    # forward (tnlora.model.decode_graph) instead of launching ~10 kernels per layer; same results. Off by
-    # default; `tnlora chat` / `tnlora generate` turn it on when they run on a GPU.
-    decode_cuda_graphs: bool = False
-    # The recurrence of those static decode steps: "torch" (in-place PyTorch ops, bitwise the eager step),
-    # "triton" (one fused kernel per layer that reads and writes each fp32 state once; needs triton and CUDA;
-    # equal up to rounding) or "auto": triton on CUDA when it imports (measured faster on an H200: 7B batch
-    # 32 3,676 vs 2,510 tokens/s, benchmarks/RESULTS.md), else torch. Where it resolves to triton, the norms
-    # of every other forward without grad on CUDA (the prefill, evaluation) are one Triton kernel each too.
+    # The recurrence of static (CUDA-graph) decode steps and their fused norms: "torch" (in-place PyTorch ops,
+    # bitwise the eager step), "triton" (one fused kernel per layer that reads and writes each fp32 state once;
+    # equal up to rounding) or "auto": triton on CUDA when it imports.
     decode_kernel: str = "auto"
-    # The norms of forwards with grad on CUDA outside torch.compile (eager training layers): "triton" (one
-    # fused kernel forward, one backward, saving x and 1/rms instead of an fp32 copy of x; equal up to
-    # rounding), "torch" (the PyTorch ops) or "auto": triton on CUDA when it imports. Compiled layers always
-    # keep the PyTorch form, which Inductor fuses.
+    # SimpleRMSNorm on CUDA outside torch.compile: "triton" (one fused kernel; with grad a forward and a
+    # backward kernel saving x and 1/rms instead of an fp32 copy of x; equal up to rounding), "torch" or
+    # "auto": triton on CUDA when it imports. Compiled layers keep the PyTorch form, which Inductor fuses.
     norm_kernel: str = "auto"
 
     def __post_init__(self, **kwargs: Any) -> None:
@@ -102,14 +95,14 @@ class TransnormerConfig(PreTrainedConfig):
             )
         if self.lightning_impl not in LIGHTNING_IMPLS:
             raise ConfigError(f"lightning_impl must be one of {LIGHTNING_IMPLS}, got {self.lightning_impl!r}")
-        if self.decode_kernel not in DECODE_KERNELS:
+        if self.decode_kernel not in KERNEL_CHOICES:
             raise ConfigError(
-                f"decode_kernel must be one of {DECODE_KERNELS} (the recurrence of CUDA-graph decode steps), "
+                f"decode_kernel must be one of {KERNEL_CHOICES} (the recurrence of static decode steps), "
                 f"got {self.decode_kernel!r}"
             )
-        if self.norm_kernel not in DECODE_KERNELS:
+        if self.norm_kernel not in KERNEL_CHOICES:
             raise ConfigError(
-                f"norm_kernel must be one of {DECODE_KERNELS} (the norms of training forwards), "
+                f"norm_kernel must be one of {KERNEL_CHOICES} (the norms on CUDA), "
                 f"got {self.norm_kernel!r}"
             )
         if self.lightning_chunk_size < 1 or self.loss_chunk_size < 1:

@@ -2,15 +2,16 @@
 
 Read top to bottom in the order of the spec (shared/design/transnormer.md §4): SRMSNorm, activations, decay
 slopes, LRPE, token mixer, channel mixer, decoder layer, model, LM head + loss, loading. State-dict keys and
-shapes are exactly the official ones (§3); the lightning attention itself lives in ``attention.py`` and the
-recurrent-state cache in ``cache.py``.
+shapes are exactly the official ones (§3); the lightning attention and the Triton kernels live in
+:mod:`tnlora.ops` (which implementation runs is chosen once per device, :meth:`~TransnormerPreTrainedModel.
+select_kernels`), the recurrent-state cache in ``cache.py``.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,11 +25,12 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import ModelOutput, logging
 
-from tnlora.model.attention import lightning_attention, remember_flattening
 from tnlora.model.cache import TransnormerCache
 from tnlora.model.configuration import PRESETS, TransnormerConfig, config_from_preset
-from tnlora.model.decode_graph import decode_step, resolve_decode_kernel
-from tnlora.model.norm_kernel import add_rms_norm, gated_rms_norm, rms_norm, takes_rows
+from tnlora.ops.lightning import lightning_attention
+from tnlora.ops.norm import add_rms_norm, gated_rms_norm, rms_norm, takes_rows
+from tnlora.ops.packing import PackedRows
+from tnlora.ops.select import Kernels, kernels_for
 
 logger = logging.get_logger(__name__)
 
@@ -48,43 +50,38 @@ def _at_least_fp32(x: Tensor) -> Tensor:
 class SimpleRMSNorm(nn.Module):
     """y = x / sqrt(mean(x²) + eps) over the last dim, computed in fp32 and cast back; ``gate`` ⊙ y with a gate.
 
-    With a ``config`` whose ``decode_kernel`` resolves to "triton", forwards without grad on CUDA (generation's
-    prefill, evaluation) run one Triton kernel (:mod:`~tnlora.model.norm_kernel`, equal up to the order of the
-    sum) instead of the ~7 PyTorch kernels; with ``norm_kernel`` resolving to "triton", so do eager forwards
-    with grad (training), whose backward is one more kernel. Compiled forwards keep the PyTorch form.
+    ``kernel`` "triton" (set by the model's ``select_kernels``) runs CUDA forwards as one Triton kernel
+    (:mod:`tnlora.ops.norm`, equal up to the order of the sum) instead of ~7 PyTorch kernels: without grad
+    (prefill, evaluation) the forward kernel, with grad (eager training) a differentiable form whose backward
+    is one more kernel. Compiled forwards, and tensors the kernel cannot read in place, keep the PyTorch form.
     """
 
-    def __init__(self, eps: float = 1e-6, config: TransnormerConfig | None = None) -> None:
+    def __init__(self, eps: float = 1e-6, kernel: str = "torch") -> None:
         super().__init__()
         self.eps = eps
-        self.config = config
+        self.kernel = kernel
 
     def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
-        kernel = self._kernel(x, gate)
-        if kernel == "decode":
+        if self.kernel == "triton" and self._triton_takes(x, gate):
+            if torch.is_grad_enabled():
+                return rms_norm(x, gate, self.eps)
             return add_rms_norm(x, None, self.eps)[1] if gate is None else gated_rms_norm(x, gate, self.eps)
-        if kernel == "train":
-            return rms_norm(x, gate, self.eps)
         y = _at_least_fp32(x)
         y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
         return y if gate is None else gate * y
 
-    def _kernel(self, x: Tensor, gate: Tensor | None) -> str | None:
-        """"decode" (the no-grad kernel), "train" (the differentiable one) or None (the PyTorch form)."""
-        if (
-            self.config is None
-            or not x.is_cuda
-            or x.numel() == 0
-            or torch.compiler.is_compiling()
-            or not x.is_contiguous()
-            or not takes_rows(x, gate)
-            or (gate is not None and (gate.dtype != x.dtype or gate.shape != x.shape))
-        ):
-            return None
-        if not torch.is_grad_enabled():
-            return "decode" if resolve_decode_kernel(self.config.decode_kernel, x.device) == "triton" else None
-        norm_kernel = getattr(self.config, "norm_kernel", "auto")
-        return "train" if resolve_decode_kernel(norm_kernel, x.device, "norm_kernel") == "triton" else None
+    @staticmethod
+    def _triton_takes(x: Tensor, gate: Tensor | None) -> bool:
+        """Whether the Triton kernel can take this call: a CUDA tensor it reads without a copy, a gate of the
+        same shape and dtype, outside torch.compile (Inductor fuses the PyTorch form itself)."""
+        return (
+            x.is_cuda
+            and x.numel() > 0
+            and not torch.compiler.is_compiling()
+            and x.is_contiguous()
+            and takes_rows(x, gate)
+            and (gate is None or (gate.dtype == x.dtype and gate.shape == x.shape))
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -169,14 +166,17 @@ class Lrpe(nn.Module):
     def forward(self, x: Tensor, offset: int | Tensor) -> Tensor:
         """x [B, T, H, hd] at positions offset…offset+T−1 → [B, T, H, 2·hd].
 
-        ``offset`` is a Python int or a 0-dim integer tensor (CUDA-graph decoding keeps the position on the
-        device so that no int is baked into the graph). Both give bitwise the same result for one token (the
+        ``offset`` is a Python int, a 0-dim integer tensor (CUDA-graph decoding keeps the position on the
+        device so that no int is baked into the graph) or a [B] integer tensor, one position per row (a decode
+        batch whose requests joined at different times). All give bitwise the same result for one token (the
         decode step) below 2^24 positions; for several tokens with angle_dtype "model" the int path's rounding
         is the device's own (the CPU rounds the int to the model dtype before adding, CUDA adds in fp32) and
         the tensor path follows CUDA's.
         """
         heads, head_dim = self.theta.shape[0], self.theta.shape[-1]
         length = x.shape[1]
+        if isinstance(offset, Tensor) and offset.dim() == 1:
+            offset = offset[:, None]  # [B, 1]: the index below becomes [B, T], the angles [B, T, H, hd]
         if self.angle_dtype == "model":
             # Official numerics: the index and θ·index are rounded to the model dtype (lossy in bf16).
             index = torch.arange(length, device=x.device).to(x.dtype)
@@ -187,7 +187,7 @@ class Lrpe(nn.Module):
                 index = (wide + offset.to(wide.dtype)).to(x.dtype)
             else:
                 index = index + offset
-            angles = self.theta.to(x.dtype).reshape(heads, head_dim) * index[:, None, None]
+            angles = self.theta.to(x.dtype).reshape(heads, head_dim) * index[..., None, None]
             return torch.cat([x * torch.cos(angles), x * torch.sin(angles)], dim=-1)
         xf = _at_least_fp32(x)  # fp64 models keep fp64, so that float64 references can be matched exactly
         if isinstance(offset, Tensor):
@@ -195,7 +195,7 @@ class Lrpe(nn.Module):
             index = (offset + torch.arange(length, device=x.device)).to(xf.dtype)
         else:
             index = torch.arange(offset, offset + length, device=x.device, dtype=xf.dtype)
-        angles = self.theta.to(xf.dtype).reshape(heads, head_dim) * index[:, None, None]
+        angles = self.theta.to(xf.dtype).reshape(heads, head_dim) * index[..., None, None]
         return torch.cat([xf * torch.cos(angles), xf * torch.sin(angles)], dim=-1).to(x.dtype)
 
 
@@ -205,7 +205,8 @@ class Lrpe(nn.Module):
 
 
 class NormLinearAttention(nn.Module):
-    """The token mixer of one layer; ``log_decay`` is a non-persistent fp32 buffer."""
+    """The token mixer of one layer; ``log_decay`` is a non-persistent fp32 buffer. ``impl`` / ``step_impl``:
+    the lightning attention of multi-token and one-token calls (set by the model's ``select_kernels``)."""
 
     def __init__(self, config: TransnormerConfig, layer_idx: int) -> None:
         super().__init__()
@@ -213,12 +214,13 @@ class NormLinearAttention(nn.Module):
         self.num_layers = config.decoder_layers
         self.num_heads = config.decoder_attention_heads
         self.head_dim = config.head_dim
-        self.impl = config.lightning_impl
+        self.impl = "chunked"
+        self.step_impl = "recurrent"
         self.chunk_size = config.lightning_chunk_size
         # Registration order gives the official key order: out_proj, lrpe.theta, qkvu_proj.
         self.out_proj = nn.Linear(config.hidden_dim, config.decoder_embed_dim, bias=config.bias)
         self.act = ACTIVATIONS.get(config.linear_act_fun, _identity)
-        self.norm = SimpleRMSNorm(config=config)
+        self.norm = SimpleRMSNorm()
         self.lrpe = (
             Lrpe(self.num_heads, self.head_dim, config.lrpe_angle_dtype)
             if config.uses_lrpe(layer_idx)
@@ -241,16 +243,15 @@ class NormLinearAttention(nn.Module):
         self,
         x: Tensor,
         v_mask: Tensor | None = None,
-        seq_ids: Tensor | None = None,
-        cu_seqlens: Tensor | None = None,
+        rows: PackedRows | None = None,
         cache: TransnormerCache | None = None,
-        position_offset: int = 0,
+        position_offset: int | Tensor = 0,
     ) -> Tensor:
         q, k, v, u = self.project(x, v_mask, position_offset)
-        return self.output(self.attend(q, k, v, seq_ids, cu_seqlens, cache), u)
+        return self.output(self.attend(q, k, v, rows, cache), u)
 
     def project(
-        self, x: Tensor, v_mask: Tensor | None = None, position_offset: int = 0
+        self, x: Tensor, v_mask: Tensor | None = None, position_offset: int | Tensor = 0
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """q, k, v [B, T, H, D] (activation, LRPE and the pad mask applied) and the gate u [B, T, hidden]."""
         q, k, v, u = self.heads(x)
@@ -276,8 +277,7 @@ class NormLinearAttention(nn.Module):
         q: Tensor,
         k: Tensor,
         v: Tensor,
-        seq_ids: Tensor | None = None,
-        cu_seqlens: Tensor | None = None,
+        rows: PackedRows | None = None,
         cache: TransnormerCache | None = None,
     ) -> Tensor:
         """The lightning attention o [B, T, H, V], reading and advancing this layer's state in ``cache``."""
@@ -286,11 +286,10 @@ class NormLinearAttention(nn.Module):
             k,
             v,
             self.log_decay,
-            seq_ids=seq_ids,
-            cu_seqlens=cu_seqlens,
+            rows=rows,
             initial_state=cache.get_state(self.layer_idx) if cache is not None else None,
             output_final_state=cache is not None,
-            impl=self.impl,
+            impl=self.step_impl if q.shape[1] == 1 and rows is None else self.impl,
             chunk_size=self.chunk_size,
         )
         if cache is not None:
@@ -341,8 +340,8 @@ class TransnormerDecoderLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: TransnormerConfig, layer_idx: int) -> None:
         super().__init__()
-        self.token_norm = SimpleRMSNorm(config=config)
-        self.channel_norm = SimpleRMSNorm(config=config)
+        self.token_norm = SimpleRMSNorm()
+        self.channel_norm = SimpleRMSNorm()
         self.token_mixer = NormLinearAttention(config, layer_idx)
         self.channel_mixer = GLU(config.decoder_embed_dim, config.channel_dim, config.bias)
 
@@ -350,8 +349,7 @@ class TransnormerDecoderLayer(GradientCheckpointingLayer):
         self,
         hidden_states: Tensor,
         v_mask: Tensor | None = None,
-        seq_ids: Tensor | None = None,
-        cu_seqlens: Tensor | None = None,
+        rows: PackedRows | None = None,
         past_key_values: TransnormerCache | None = None,
         position_offset: int = 0,
     ) -> Tensor:
@@ -361,7 +359,7 @@ class TransnormerDecoderLayer(GradientCheckpointingLayer):
         # the called module also ends this frame's graph: four graphs a layer, each entered from Python.
         mixer = self.token_mixer
         q, k, v, u = mixer.project(self.token_norm(x), v_mask, position_offset)
-        x = x + mixer.output(mixer.attend(q, k, v, seq_ids, cu_seqlens, past_key_values), u)
+        x = x + mixer.output(mixer.attend(q, k, v, rows, past_key_values), u)
         return x + self.channel_mixer(self.channel_norm(x))
 
 
@@ -404,6 +402,40 @@ class TransnormerPreTrainedModel(PreTrainedModel):
                 if hasattr(module, "gradient_checkpointing"):
                     module._gradient_checkpointing_func = func
 
+    def post_init(self) -> None:
+        super().post_init()
+        self.select_kernels()
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``from_pretrained``, then the kernels chosen for the device the weights landed on (a
+        ``device_map`` places them without moving the model, so ``_apply`` never sees it)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True: (model, info)
+        model.select_kernels()
+        return loaded
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
+        # `.to(device)`, `.cuda()`, `.cpu()`: the implementations follow the model to its new device.
+        super()._apply(fn, recurse)
+        self.select_kernels()
+        return self
+
+    def select_kernels(self, device: torch.device | str | None = None) -> Kernels:
+        """Point every norm and token mixer at the implementations ``tnlora.ops.select`` chooses for this config
+        on ``device`` (default: where the parameters are). Called when the model is built, loaded or moved, and
+        after a change of ``config.lightning_impl`` / ``norm_kernel``; forwards only read the choice."""
+        if device is None:
+            first = next(self.parameters(), None)
+            device = first.device if first is not None else torch.device("cpu")
+        kernels = kernels_for(self.config, device)
+        for module in self.modules():
+            if isinstance(module, SimpleRMSNorm):
+                module.kernel = kernels.norm
+            elif isinstance(module, NormLinearAttention):
+                module.impl, module.step_impl = kernels.attention, kernels.attention_step
+        return kernels
+
     def _init_weights(self, module: nn.Module) -> None:
         # transformers.initialization skips tensors already loaded from a checkpoint.
         std = self.config.init_std
@@ -429,7 +461,7 @@ class TransnormerModel(TransnormerPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.decoder_embed_dim, config.pad_token_id)
         self.layers = nn.ModuleList(TransnormerDecoderLayer(config, i) for i in range(config.decoder_layers))
-        self.final_norm = SimpleRMSNorm(config=config)
+        self.final_norm = SimpleRMSNorm()
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -448,9 +480,9 @@ class TransnormerModel(TransnormerPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: Tensor | None = None,
         use_cache: bool | None = None,
+        packed_rows: PackedRows | None = None,
         seq_ids: Tensor | None = None,
         cu_seqlens: Tensor | None = None,
-        cu_seqlens_cpu: Tensor | Sequence[int] | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs: object,
@@ -459,12 +491,12 @@ class TransnormerModel(TransnormerPreTrainedModel):
 
         ``inputs_embeds`` are raw embedding rows (what ``get_input_embeddings()(ids)`` returns): the embedding
         scale is applied to them exactly as to looked-up ids, so both inputs give identical outputs.
-        ``position_ids`` are ignored: LRPE positions come from the cache length. ``cu_seqlens_cpu``, with
-        ``seq_ids``: the example boundaries of the rows laid end to end, on the host
-        (``attention.flat_cu_seqlens`` of the CPU ids), which spares the fla kernels two host syncs.
+        ``position_ids`` are ignored: LRPE positions come from the cache length. Packed rows: ``packed_rows``
+        (a :class:`~tnlora.ops.packing.PackedRows`, what the training collator passes: built on the host, so
+        nothing is read back from the GPU), or ``seq_ids`` [B, T] (example id per token), or ``cu_seqlens``
+        [N+1] for one row; no state or decay crosses an example boundary.
         """
-        if seq_ids is not None and cu_seqlens_cpu is not None:
-            remember_flattening(seq_ids, cu_seqlens_cpu)
+        rows = _packed_rows(packed_rows, seq_ids, cu_seqlens, input_ids if input_ids is not None else inputs_embeds)
         past_key_values = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -487,8 +519,7 @@ class TransnormerModel(TransnormerPreTrainedModel):
             hidden = layer(
                 hidden,
                 v_mask=v_mask,
-                seq_ids=seq_ids,
-                cu_seqlens=cu_seqlens,
+                rows=rows,
                 past_key_values=cache,
                 position_offset=offset,
             )
@@ -546,6 +577,29 @@ def _value_mask(attention_mask: Tensor | None, length: int) -> Tensor | None:
     if attention_mask.dim() != 2 or attention_mask.shape[1] < length:
         raise ValueError(f"attention_mask must be 2-D [batch, >= {length}] (1 keep, 0 pad)")
     return attention_mask[:, -length:].to(torch.bool)
+
+
+def _packed_rows(
+    packed_rows: PackedRows | None, seq_ids: Tensor | None, cu_seqlens: Tensor | None, inputs: Tensor | None
+) -> PackedRows | None:
+    """The batch's example boundaries as one object for every layer (built once per forward), on the inputs'
+    device."""
+    given = [x is not None for x in (packed_rows, seq_ids, cu_seqlens)]
+    if sum(given) > 1:
+        raise ValueError("pass one of packed_rows, seq_ids or cu_seqlens")
+    if seq_ids is not None:
+        packed_rows = PackedRows.from_seq_ids(seq_ids)
+    elif cu_seqlens is not None:
+        if inputs is None or inputs.shape[0] != 1:
+            raise ValueError("cu_seqlens needs one row (batch size 1); pass seq_ids for several rows")
+        packed_rows = PackedRows.from_cu_seqlens(cu_seqlens, inputs.shape[1])
+    if packed_rows is not None and inputs is not None:
+        if tuple(packed_rows.seq_ids.shape) != tuple(inputs.shape[:2]):
+            raise ValueError(
+                f"packed rows of shape {tuple(packed_rows.seq_ids.shape)} for inputs of {tuple(inputs.shape[:2])}"
+            )
+        packed_rows = packed_rows.to(inputs.device)
+    return packed_rows
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -676,6 +730,8 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = TransnormerModel(config)
         self.lm_head = nn.Linear(config.decoder_embed_dim, config.vocab_size, bias=False)
+        # Fast one-token decoding, installed by the inference side (infer.decode_graph.install_graph_decoding).
+        self.step_decoder: Callable[..., Tensor | None] | None = None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -703,9 +759,9 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
         inputs_embeds: Tensor | None = None,
         labels: Tensor | None = None,
         use_cache: bool | None = None,
+        packed_rows: PackedRows | None = None,
         seq_ids: Tensor | None = None,
         cu_seqlens: Tensor | None = None,
-        cu_seqlens_cpu: Tensor | Sequence[int] | None = None,
         num_items_in_batch: Tensor | int | None = None,
         num_loss_tokens: int | None = None,
         logits_to_keep: int | Tensor = 0,
@@ -725,17 +781,17 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
         if use_cache is None and labels is not None:
             use_cache = False  # scoring needs no recurrent state
         past_key_values = cache if cache is not None else past_key_values
-        if self.config.decode_cuda_graphs:
-            # One-token cached steps without grad on CUDA replay a captured graph (decode_graph.py); None: eager.
-            logits = decode_step(
+        if self.step_decoder is not None and input_ids is not None and input_ids.shape[-1] == 1:
+            # Installed by the inference side (tnlora.infer.decode_graph): one-token cached steps replayed from
+            # static buffers; it returns None whenever the eager forward must run.
+            logits = self.step_decoder(
                 self,
                 input_ids,
                 attention_mask,
                 past_key_values,
                 inputs_embeds=inputs_embeds,
                 labels=labels,
-                seq_ids=seq_ids,
-                cu_seqlens=cu_seqlens,
+                packed=packed_rows is not None or seq_ids is not None or cu_seqlens is not None,
                 output_hidden_states=output_hidden_states,
                 logits_to_keep=logits_to_keep,
             )
@@ -748,9 +804,9 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            packed_rows=packed_rows,
             seq_ids=seq_ids,
             cu_seqlens=cu_seqlens,
-            cu_seqlens_cpu=cu_seqlens_cpu,
             output_hidden_states=output_hidden_states,
         )
         hidden = outputs.last_hidden_state

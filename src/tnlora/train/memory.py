@@ -62,9 +62,9 @@ def memory_without_checkpointing(config, cfg: RunConfig) -> int:
     per_unit = ACTIVATION_BYTES
     if cfg.finetuning_type == "lora" and cfg.lora_dropout > 0:
         per_unit += ACTIVATION_BYTES_LORA_DROPOUT
-    from tnlora.model import recurrent_kernel
+    from tnlora.ops import select
 
-    if not cfg.torch_compile and not recurrent_kernel.triton_available():
+    if not cfg.torch_compile and not select.triton_available():
         # Eager layers run the Triton norms (norm_kernel "auto") wherever triton imports.
         per_unit += ACTIVATION_BYTES_TORCH_NORMS
     per_unit *= 1 if cfg.bf16 else 2  # fp32 activations are twice the size

@@ -24,7 +24,7 @@ from transformers import set_seed
 
 from tnlora.config import COMPILE_MIN_TOKENS, RunConfig, resolve_defaults, save_run_config, split_list
 from tnlora.errors import ConfigError, TnloraError
-from tnlora.model.attention import flat_cu_seqlens
+from tnlora.ops.packing import PackedRows
 
 TEMPLATE_FILE = "template.json"
 LOSS_PLOT = "loss.png"
@@ -311,7 +311,7 @@ def _as_row(example: Any) -> dict[str, Any]:
 # leaves ints alone): reading them from device tensors would stall the GPU once per micro-batch each.
 NUM_LOSS_TOKENS = "num_loss_tokens"  # labelled positions, for the model's loss (a forward argument)
 NUM_REAL_TOKENS = "num_real_tokens"  # non-padding tokens, for the Trainer's tokens-seen count (popped there)
-CU_SEQLENS_CPU = "cu_seqlens_cpu"  # packed rows: the example boundaries of the rows end to end (a tuple)
+PACKED_ROWS = "packed_rows"  # packed rows: their example boundaries (tnlora.ops.PackedRows, built on the host)
 
 
 class TrainingCollator:
@@ -321,7 +321,7 @@ class TrainingCollator:
     prediction targets. Marking them -100 here makes ``num_items_in_batch`` (counted by the Trainer from
     the labels) equal the number of tokens in the loss, so the per-token loss stays exact under gradient
     accumulation and packing. The batch also carries ``num_loss_tokens``, ``num_real_tokens`` and, when
-    packed, ``cu_seqlens_cpu``, all computed here on the host.
+    packed, ``packed_rows`` (in place of ``seq_ids``), all computed here on the host.
     """
 
     def __init__(self, inner, eval_inner=None):
@@ -341,8 +341,9 @@ class TrainingCollator:
             labels[:, 1:][starts] = -100
         batch["labels"] = labels
         if seq_ids is not None:
-            # The model's fla path would otherwise find these boundaries on the GPU and read them back.
-            batch[CU_SEQLENS_CPU] = tuple(flat_cu_seqlens(seq_ids).tolist())
+            # Built here, where the ids are on the host: from seq_ids on the GPU the model would read the
+            # boundaries back (a stall per micro-batch). The data loader moves it with the batch.
+            batch[PACKED_ROWS] = PackedRows.from_seq_ids(batch.pop("seq_ids"))
         batch[NUM_LOSS_TOKENS] = int((labels != -100).sum())
         mask = batch.get("attention_mask")
         batch[NUM_REAL_TOKENS] = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
@@ -400,15 +401,11 @@ def load_base_model(
 
 
 def set_attention_impl(model, impl: str) -> None:
-    """Point every token mixer at backend ``impl`` (auto, chunked, recurrent, fla).
-
-    load_model() has no backend argument and each token mixer copies ``config.lightning_impl`` when it is
-    built, so the choice is applied to the config and to the mixers (the modules with an ``impl`` string).
-    """
-    model.config.lightning_impl = impl
-    for module in model.modules():
-        if isinstance(getattr(module, "impl", None), str):
-            module.impl = impl
+    """Run the lightning attention as ``impl`` (auto, chunked, recurrent, fla): the config's choice, applied to
+    the model's token mixers for the device the model is on (a later move re-applies it)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.config.lightning_impl = impl
+    base.select_kernels()
 
 
 def build_model(cfg: RunConfig, tokenizer):

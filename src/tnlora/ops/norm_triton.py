@@ -1,6 +1,6 @@
-"""The Triton kernels of :mod:`tnlora.model.norm_kernel` (see there for what they compute).
+"""The Triton kernels of :mod:`tnlora.ops.norm` (see there for what they compute).
 
-This module imports triton at import; ``norm_kernel`` imports it on first use only, so that importing tnlora
+This module imports triton at import; ``tnlora.ops.norm`` imports it on first use only, so that importing tnlora
 never imports triton.
 """
 

@@ -1,11 +1,16 @@
 """CUDA-graph decoding: the one-token forward captured once per batch size and replayed at every decode step.
 
+The inference side installs it on a model (:func:`install_graph_decoding`, done by ``load_for_inference`` on a
+GPU); the model's forward then offers every one-token step to it (``TransnormerForCausalLM.step_decoder``).
+
 An eager decode step of :class:`~tnlora.model.modeling.TransnormerForCausalLM` launches a dozen small kernels
 per layer; at small batch their launches, not the weight reads, set the step time (1B, batch 1: 22 ms per step
 for 0.6 ms of weights). A :class:`DecodeStepRunner` owns static buffers for one batch size
 
-* inputs: token ids [B, 1], the pad flags of the new token [B, 1] and the position (LRPE offset) as a 0-dim
-  device tensor, so that no Python int is baked into the graph;
+* inputs: token ids [B, 1], the pad flags of the new token [B, 1] and the position (LRPE offset) as a device
+  tensor, so that no Python int is baked into the graph: 0-dim (every row at the cache's position, what
+  ``generate()`` needs) or [B] with ``per_row_positions`` (rows at positions of their own: a serving batch
+  whose requests joined at different steps);
 * one recurrent state [B, H, K, V] per layer (fp32; fp64 for fp64 models), updated IN PLACE;
 * the logits [B, 1, vocab],
 
@@ -20,18 +25,19 @@ attention for T = 1), only writing the new state into the old one, so its result
 ``capture=False`` runners run the same step on the same buffers without a graph, on any device: the tests use
 them to check the buffer logic on the CPU.
 
-``TransnormerConfig.decode_kernel`` picks the recurrence (:mod:`tnlora.model.recurrent_kernel`): "torch" (the
-in-place ops above, bitwise the eager step), "triton" (one fused kernel per layer that reads and writes each
-state once and zeroes padded v itself, and the norms fused with the residual adds and the output gate
-(:mod:`tnlora.model.norm_kernel`); equal up to rounding) or "auto" (the default: triton on CUDA when it
-imports). A runner keeps the choice it was built with; a changed choice rebuilds the runners at the next
-``generate()`` call (it is part of the fingerprint).
+``TransnormerConfig.decode_kernel`` picks the recurrence (resolved by :mod:`tnlora.ops.select`): "torch"
+(:func:`tnlora.ops.recurrent.torch_step`, the in-place ops above, bitwise the eager step), "triton" (one fused
+kernel per layer that reads and writes each state once and zeroes padded v itself,
+:mod:`tnlora.ops.recurrent_triton`, and the norms fused with the residual adds and the output gate,
+:mod:`tnlora.ops.norm`; equal up to rounding) or "auto" (the default: triton on CUDA when it imports). A runner
+keeps the choice it was built with; a changed choice rebuilds the runners at the next ``generate()`` call (it
+is part of the fingerprint).
 
-Switched on by ``TransnormerConfig.decode_cuda_graphs``; the model's forward calls :func:`decode_step`, which
-returns None whenever the eager path must run (training mode, grad enabled, not CUDA, several tokens, labels,
-hidden states asked for, ...). peft LoRA layers are captured as they are (the adapter's extra matmuls are
-part of the graph); the graphs are rebuilt when a parameter moves, the module tree changes or an adapter is
-switched, enabled, disabled, merged or unmerged, checked whenever a new cache (a new ``generate()`` call) comes.
+:class:`DecodeGraphs` (the installed object) returns None whenever the eager path must run (training mode,
+grad enabled, not CUDA, several tokens, labels, hidden states asked for, ...). peft LoRA layers are captured
+as they are (the adapter's extra matmuls are part of the graph); the graphs are rebuilt when a parameter moves,
+the module tree changes or an adapter is switched, enabled, disabled, merged or unmerged, checked whenever a
+new cache (a new ``generate()`` call) comes.
 """
 
 from __future__ import annotations
@@ -40,20 +46,18 @@ import contextlib
 import itertools
 import weakref
 from collections.abc import Hashable, Iterator
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.utils import logging
 
-from tnlora.errors import ConfigError
 from tnlora.model.cache import TransnormerCache
-from tnlora.model.norm_kernel import add_rms_norm, gated_rms_norm
-from tnlora.model.recurrent_kernel import DECODE_KERNELS, torch_step, triton_available, triton_step
-
-if TYPE_CHECKING:
-    from tnlora.model.modeling import NormLinearAttention, TransnormerForCausalLM
+from tnlora.model.modeling import NormLinearAttention, TransnormerForCausalLM
+from tnlora.ops.norm import add_rms_norm, gated_rms_norm
+from tnlora.ops.recurrent import torch_step
+from tnlora.ops.recurrent_triton import triton_step
+from tnlora.ops.select import kernel_impl
 
 logger = logging.get_logger(__name__)
 
@@ -84,6 +88,7 @@ class DecodeStepRunner:
         capture: bool,
         parts: int = GRAPH_PARTS,
         blas: str | None = GRAPH_BLAS,
+        per_row_positions: bool = False,
     ) -> None:
         self.capture = capture
         self.blas = blas
@@ -99,7 +104,7 @@ class DecodeStepRunner:
         with torch.inference_mode(False):
             self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
             self.pad = torch.zeros(batch_size, 1, dtype=torch.bool, device=device)
-            self.position = torch.zeros((), dtype=torch.long, device=device)
+            self.position = torch.zeros((batch_size,) if per_row_positions else (), dtype=torch.long, device=device)
             self.states: list[Tensor] = []
             self.decays: list[Tensor] = []
             for layer in model.model.layers:
@@ -313,6 +318,56 @@ class DecodeGraphs:
             runner.release()
         self.runners.clear()
 
+    def __call__(
+        self,
+        model: TransnormerForCausalLM,
+        input_ids: Tensor | None,
+        attention_mask: Tensor | None,
+        cache: object,
+        *,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        packed: bool = False,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | Tensor = 0,
+    ) -> Tensor | None:
+        """Logits [B, 1, vocab] of a one-token cached step through the static runner, or None when the eager
+        forward must run (and has not been touched: the cache is unchanged then)."""
+        if (
+            input_ids is None
+            or input_ids.dim() != 2
+            or input_ids.shape[1] != 1
+            or inputs_embeds is not None
+            or labels is not None
+            or packed
+            or not isinstance(cache, TransnormerCache)
+            or not isinstance(logits_to_keep, int)
+            or (output_hidden_states if output_hidden_states is not None else model.config.output_hidden_states)
+            or model.training
+            or torch.is_grad_enabled()
+            or self.failed
+            or (self.capture and not input_ids.is_cuda)
+        ):
+            return None
+        if attention_mask is not None and (
+            attention_mask.dim() != 2 or attention_mask.shape[0] != input_ids.shape[0]
+        ):
+            return None  # the eager path raises its error for a malformed mask
+        runner = self.runner(model, input_ids, cache)
+        if runner is None:
+            return None
+        if not self.capture or runner.graph is not None:
+            return runner.step(model, input_ids, attention_mask, cache)
+        try:
+            return runner.step(model, input_ids, attention_mask, cache)
+        except RuntimeError as exc:
+            # A failed capture (e.g. an op that cannot be captured) must not break generation: decode eagerly.
+            # The cache is untouched: capture comes before any copy into or out of it.
+            logger.warning(f"CUDA-graph decoding disabled for this model (capture failed: {exc}); decoding eagerly")
+            self.failed = True
+            self.clear()
+            return None
+
     def runner(self, model: TransnormerForCausalLM, input_ids: Tensor, cache: TransnormerCache) -> DecodeStepRunner | None:
         """The runner for this step, built (and later captured) on first use; None when eager must run."""
         last = self.last_cache() if self.last_cache is not None else None
@@ -335,57 +390,10 @@ class DecodeGraphs:
         return runner if runner.fits(input_ids, cache) else None
 
 
-# Keyed weakly by the model, so that the graphs (and their memory pools) go with it; nothing in a runner
-# refers back to the model, which is passed to every call.
-_GRAPHS: weakref.WeakKeyDictionary[nn.Module, DecodeGraphs] = weakref.WeakKeyDictionary()
-
-
-def graphs_of(
-    model: TransnormerForCausalLM,
-    capture: bool | None = None,
-    parts: int | None = None,
-    blas: str | None = GRAPH_BLAS,
-) -> DecodeGraphs:
-    """The model's runners, created on first use; ``capture=False`` makes it run the static step without
-    graphs on any device (for tests); ``parts``: graphs per step (default ``GRAPH_PARTS``); ``blas``: the BLAS
-    library of the capture (None: PyTorch's current one). Any of them given for an existing set with another
-    value rebuilds it."""
-    graphs = _GRAPHS.get(model)
-    if (
-        graphs is None
-        or (capture is not None and graphs.capture != capture)
-        or (parts is not None and graphs.parts != parts)
-        or graphs.blas != blas
-    ):
-        if graphs is not None:
-            graphs.clear()
-        graphs = DecodeGraphs(
-            capture=True if capture is None else capture, parts=GRAPH_PARTS if parts is None else parts, blas=blas
-        )
-        _GRAPHS[model] = graphs
-    return graphs
-
-
 def decode_kernel(model: nn.Module, device: torch.device | str) -> str:
-    """``config.decode_kernel`` of ``model`` for a step on ``device``, checked (it may have been set after the
-    config was built), "auto" resolved: "triton" on CUDA when triton imports, else "torch"."""
-    return resolve_decode_kernel(getattr(model.config, "decode_kernel", "auto"), device)
-
-
-def resolve_decode_kernel(kernel: str, device: torch.device | str, field: str = "decode_kernel") -> str:
-    """The implementation ("torch" or "triton") on ``device`` for the value ``kernel`` of the config ``field``
-    (decode_kernel: the static step's recurrence; norm_kernel: the training norms)."""
-    if kernel not in DECODE_KERNELS:
-        raise ConfigError(f"{field} must be one of {DECODE_KERNELS}, got {kernel!r}")
-    if kernel == "auto":
-        # The device first: a CPU step never imports triton.
-        return "triton" if torch.device(device).type == "cuda" and triton_available() else "torch"
-    if kernel == "triton" and not triton_available():
-        raise ConfigError(
-            f"{field} 'triton' needs the triton package (installed with PyTorch's CUDA wheels); "
-            f"use {field} 'torch'"
-        )
-    return kernel
+    """``config.decode_kernel`` of ``model`` for a step on ``device`` ("torch" or "triton"), checked (it may have
+    been set after the config was built)."""
+    return kernel_impl(getattr(model.config, "decode_kernel", "auto"), device, "decode_kernel")
 
 
 def model_fingerprint(model: nn.Module) -> Hashable | None:
@@ -404,67 +412,51 @@ def model_fingerprint(model: nn.Module) -> Hashable | None:
     return tuple(items) if len(devices) == 1 else None
 
 
-def decode_step(
-    model: TransnormerForCausalLM,
-    input_ids: Tensor | None,
-    attention_mask: Tensor | None,
-    cache: object,
-    *,
-    inputs_embeds: Tensor | None = None,
-    labels: Tensor | None = None,
-    seq_ids: Tensor | None = None,
-    cu_seqlens: Tensor | None = None,
-    output_hidden_states: bool | None = None,
-    logits_to_keep: int | Tensor = 0,
-) -> Tensor | None:
-    """Logits [B, 1, vocab] of a one-token cached step through the static runner, or None when the eager
-    forward must run (and has not been touched: the cache is unchanged then)."""
-    if (
-        input_ids is None
-        or input_ids.dim() != 2
-        or input_ids.shape[1] != 1
-        or inputs_embeds is not None
-        or labels is not None
-        or seq_ids is not None
-        or cu_seqlens is not None
-        or not isinstance(cache, TransnormerCache)
-        or not isinstance(logits_to_keep, int)
-        or (output_hidden_states if output_hidden_states is not None else model.config.output_hidden_states)
-        or model.training
-        or torch.is_grad_enabled()
-    ):
-        return None
-    if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != input_ids.shape[0]):
-        return None  # the eager path raises its error for a malformed mask
-    graphs = _GRAPHS.get(model)
-    if graphs is None:
-        if not input_ids.is_cuda:
-            return None
-        graphs = graphs_of(model)
-    if graphs.failed or (graphs.capture and not input_ids.is_cuda):
-        return None
-    runner = graphs.runner(model, input_ids, cache)
-    if runner is None:
-        return None
-    if not graphs.capture or runner.graph is not None:
-        return runner.step(model, input_ids, attention_mask, cache)
-    try:
-        return runner.step(model, input_ids, attention_mask, cache)
-    except RuntimeError as exc:
-        # A failed capture (e.g. an op that cannot be captured) must not break generation: decode eagerly.
-        # The cache is untouched: capture comes before any copy into or out of it.
-        logger.warning(f"CUDA-graph decoding disabled for this model (capture failed: {exc}); decoding eagerly")
-        graphs.failed = True
-        graphs.clear()
-        return None
+def _base_model(model: nn.Module) -> TransnormerForCausalLM:
+    """The TransnormerForCausalLM under a peft wrapper (the module whose forward offers the steps)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(base, TransnormerForCausalLM):
+        raise TypeError(f"graph decoding needs a TransnormerForCausalLM, got {type(base).__name__}")
+    return base
+
+
+def install_graph_decoding(
+    model: nn.Module,
+    capture: bool = True,
+    parts: int = GRAPH_PARTS,
+    blas: str | None = GRAPH_BLAS,
+) -> DecodeGraphs:
+    """Let ``model`` (or the model under its peft wrapper) take one-token cached steps through static runners,
+    replacing any installed before. ``capture=False`` runs the static step without CUDA graphs, on any device
+    (what the CPU tests check the buffer logic with); ``parts``: graphs per step; ``blas``: the BLAS library of
+    the capture (None: PyTorch's current one)."""
+    base = _base_model(model)
+    remove_graph_decoding(base)
+    graphs = DecodeGraphs(capture=capture, parts=parts, blas=blas)
+    base.step_decoder = graphs
+    return graphs
+
+
+def remove_graph_decoding(model: nn.Module) -> None:
+    """Back to eager decoding; any cache still on a runner's states gets private copies."""
+    base = _base_model(model)
+    if isinstance(base.step_decoder, DecodeGraphs):
+        base.step_decoder.clear()
+    base.step_decoder = None
+
+
+def installed_graphs(model: nn.Module) -> DecodeGraphs | None:
+    """The runners installed on ``model`` (None when it decodes eagerly)."""
+    decoder = _base_model(model).step_decoder
+    return decoder if isinstance(decoder, DecodeGraphs) else None
 
 
 __all__ = [
     "DecodeGraphs",
     "DecodeStepRunner",
     "decode_kernel",
-    "decode_step",
-    "graphs_of",
+    "install_graph_decoding",
+    "installed_graphs",
     "model_fingerprint",
-    "resolve_decode_kernel",
+    "remove_graph_decoding",
 ]

@@ -1,23 +1,12 @@
-"""The one-token recurrent step of lightning attention, in PyTorch and as one fused Triton kernel.
+"""The one-token recurrent step of lightning attention as one fused Triton kernel.
 
-For every batch row b and head h, with λ_h = exp(log_decay_h) and the token's q, k [K] and v [V]:
-
-    S ← λ_h·S + kᵀv        (S [K, V], fp32; fp64 for fp64 models; written in place)
-    o = q·S                (after the update, as ``attention._recurrent``; cast to v's dtype)
-
-Padded rows (``pad`` True) add nothing: their v counts as zero, so S only decays, and q, k stay unmasked
-(``NormLinearAttention.forward`` zeroes v at pads, nothing else).
-
-:func:`torch_step` is the static decode step's PyTorch form (``decode_graph.DecodeStepRunner``): the same
-products and sum as the eager ``attention._recurrent``, written into S, so its results equal the eager ones
-bitwise. It reads S about four times and writes it twice (decay, outer product, add, q·S). At large batch
-those passes over the fp32 states dominate a step (7B, batch 32: ~2 GB of states).
-
-:func:`triton_step` is one kernel that reads each state tile once, updates it, stores it and reduces q·S
-from the registers: one read and one write of S per step. Results equal :func:`torch_step` up to rounding
-(the kernel may fuse λ·S + k·v into one FMA and sums q·S in another order). It launches one kernel and
-allocates only its output (or none, given ``out``), with no host synchronisation, so it can be captured in a
-CUDA graph.
+:func:`triton_step` computes what :func:`tnlora.ops.recurrent.torch_step` does (S ← λ·S + kᵀv in place,
+o = q·S after the update, padded rows adding nothing) in one kernel that reads each state tile once, updates
+it, stores it and reduces q·S from the registers: one read and one write of S per step, where the PyTorch
+form reads S about four times and writes it twice. At large batch those passes over the fp32 states dominate
+a decode step. Results equal ``torch_step`` up to rounding (the kernel may fuse λ·S + k·v into one FMA and
+sums q·S in another order). It launches one kernel and allocates only its output (or none, given ``out``),
+with no host synchronisation, so it can be captured in a CUDA graph.
 
 Triton is imported on the first :func:`triton_step` call, never at import: the CPU path and ``import tnlora``
 work without it.
@@ -31,45 +20,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-# The static decode step's recurrence implementations (TransnormerConfig.decode_kernel); "auto" is "triton"
-# on a CUDA device when triton imports, else "torch".
-DECODE_KERNELS = ("auto", "torch", "triton")
-
-
-def _check(q: Tensor, k: Tensor, v: Tensor, state: Tensor, decay: Tensor, pad: Tensor | None) -> None:
-    """Shape checks shared by both steps (Python only: no device work)."""
-    if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
-        raise ValueError(f"expected q, k [B, H, K] and v [B, H, V]; got {q.shape}, {k.shape}, {v.shape}")
-    batch, heads, key_dim = q.shape
-    expected = (batch, heads, key_dim, v.shape[2])
-    if tuple(state.shape) != expected:
-        raise ValueError(f"state must have shape {expected}, got {tuple(state.shape)}")
-    if tuple(decay.shape) != (heads,):
-        raise ValueError(f"decay must have shape [H]={heads}, got {tuple(decay.shape)}")
-    if pad is not None and (pad.dtype != torch.bool or tuple(pad.shape) != (batch,)):
-        raise ValueError(f"pad must be a bool tensor [B]={batch}, got {pad.dtype} {tuple(pad.shape)}")
-
-
-def torch_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, decay: Tensor, pad: Tensor | None = None) -> Tensor:
-    """One token in PyTorch: ``state`` [B, H, K, V] ← λ·state + kᵀv in place; returns o = q·state [B, H, V].
-
-    q, k [B, H, K]; v [B, H, V] (any dtype); ``decay`` λ [H] in the state's dtype; ``pad`` bool [B] (v of a
-    padded row counts as zero). o is in v's dtype.
-    """
-    _check(q, k, v, state, decay, pad)
-    if pad is not None:
-        # Always masked when given (a graph has no branches): with no pad this copies v unchanged.
-        v = v.masked_fill(pad[:, None, None], 0)
-    qf, kf, vf = q.to(state.dtype), k.to(state.dtype), v.to(state.dtype)
-    # attention._recurrent's `λ·S + kᵀv`: the same products and sum (bitwise), written into S.
-    state.mul_(decay[:, None, None]).add_(kf[:, :, :, None] * vf[:, :, None, :])
-    return torch.einsum("bhk,bhkv->bhv", qf, state).to(v.dtype)
-
+from tnlora.ops.recurrent import check_step_shapes
 
 # Tile of one program: BLOCK_K rows of the state (looped over K) by BLOCK_V columns (128-byte row segments,
-# whole sectors). 128 × 32 at 4 warps is 32 fp32 values a thread: ptxas (sm_90, bf16 inputs) gives 64
-# registers at K = 128 and 72 at K = 256, no spills, so 8 programs fit an SM; 64 × 64 tiles took 167. The 7B
-# at batch 32 launches B·H·V/32 = 4,096 programs per layer. Not yet timed on a GPU.
+# whole sectors). 128 × 32 at 4 warps is 32 fp32 values a thread, which keeps
+# the register count low enough (no spills on sm_90) for 8 programs an SM; 64 × 64 tiles need more than
+# twice the registers.
 BLOCK_K = 128
 BLOCK_V = 32
 NUM_WARPS = 4
@@ -149,7 +105,7 @@ def _kernel() -> Any:
             s = tl.load(ptrs, mask=tile_ok, other=0.0)
             s = decay * s + k[:, None] * v[None, :]
             tl.store(ptrs, s, mask=tile_ok)
-            # o after the update (attention._recurrent's order), reduced from the registers just stored.
+            # o after the update (recurrent_attention's order), reduced from the registers just stored.
             o += tl.sum(q[:, None] * s, axis=0)
         tl.store(o_ptr + i_b64 * stride_ob + i_h * stride_oh + cols, o.to(o_ptr.dtype.element_ty), mask=col_ok)
 
@@ -175,7 +131,7 @@ def triton_step(
     ``state`` must be contiguous. Any B, H, K, V; every tensor on one CUDA device (or CPU tensors under
     Triton's interpreter).
     """
-    _check(q, k, v, state, decay, pad)
+    check_step_shapes(q, k, v, state, decay, pad)
     if not state.is_contiguous():
         raise ValueError("state must be contiguous (it is updated in place)")
     if decay.dtype != state.dtype:
@@ -219,13 +175,4 @@ def triton_step(
     return out
 
 
-def triton_available() -> bool:
-    """Whether triton imports (the kernel itself also needs a CUDA device or Triton's interpreter)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-__all__ = ["DECODE_KERNELS", "torch_step", "triton_available", "triton_step"]
+__all__ = ["triton_step"]

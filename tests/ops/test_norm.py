@@ -1,8 +1,8 @@
-"""The fused norm kernels of the decode step (``norm_kernel``) against ``SimpleRMSNorm`` and the PyTorch ops.
+"""The fused norm kernels (``tnlora.ops.norm``) against ``SimpleRMSNorm`` and the PyTorch ops.
 
-Needs triton and a CUDA device, or Triton's CPU interpreter (see tests/model/test_recurrent_kernel.py):
+Needs triton and a CUDA device, or Triton's CPU interpreter (see tests/ops/test_recurrent.py):
 
-    TRITON_INTERPRET=1 PYTHONPATH=<dir holding triton> pytest -q tests/model/test_norm_kernel.py
+    TRITON_INTERPRET=1 PYTHONPATH=<dir holding triton> pytest -q tests/ops/test_norm.py
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from tnlora.model.modeling import SimpleRMSNorm
-from tnlora.model.norm_kernel import add_rms_norm, gated_rms_norm, rms_norm
-from tnlora.model.recurrent_kernel import triton_available
+from tnlora.ops.norm import add_rms_norm, gated_rms_norm, rms_norm
+from tnlora.ops.select import triton_available
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -73,13 +73,12 @@ def test_bad_arguments_are_refused() -> None:
 @pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.gpu
 def test_no_grad_cuda_forward_uses_the_kernel_and_matches_pytorch_norms(monkeypatch) -> None:
-    # The prefill's norms (decode_kernel auto → triton on CUDA) against the PyTorch form (decode_kernel torch).
+    # The prefill's norms (norm_kernel auto → triton on CUDA) against the PyTorch form (norm_kernel torch).
     from tnl_helpers import build_model, random_ids
-
-    from tnlora.model import modeling, norm_kernel
+    from tnlora.ops import norm as norm_ops
 
     launches = []
-    monkeypatch.setattr(norm_kernel, "_launch", lambda *a, _f=norm_kernel._launch, **k: launches.append(1) or _f(*a, **k))
+    monkeypatch.setattr(norm_ops, "_launch", lambda *a, _f=norm_ops._launch, **k: launches.append(1) or _f(*a, **k))
     model = build_model(torch.float32).to(device="cuda", dtype=torch.bfloat16)
     model.config.lightning_impl = "chunked"
     ids = random_ids(2, 9).cuda()
@@ -87,18 +86,16 @@ def test_no_grad_cuda_forward_uses_the_kernel_and_matches_pytorch_norms(monkeypa
         fused = model(ids).logits
         layers = len(model.model.layers)
         assert len(launches) == 3 * layers + 1  # token, output-gate and channel norm of each layer; final norm
-        model.config.decode_kernel = "torch"
+        model.config.norm_kernel = "torch"
+        model.select_kernels()
         plain = model(ids).logits
         assert len(launches) == 3 * layers + 1
-    model.config.decode_kernel = "auto"
-    x = torch.randn(2, 9, model.config.decoder_embed_dim, device="cuda").to(torch.bfloat16)
-    # With grad, norm_kernel decides: the differentiable kernel (auto on CUDA) or the PyTorch form.
-    assert model.model.final_norm._kernel(x, None) == "train"
-    model.config.norm_kernel = "torch"
-    assert model.model.final_norm._kernel(x, None) is None
+    assert model.model.final_norm.kernel == "torch"
+    model.config.norm_kernel = "auto"
+    model.select_kernels()
+    assert model.model.final_norm.kernel == "triton"  # chosen for the device, not per call
     err = ((fused.double() - plain.double()).abs().max() / plain.double().abs().max()).item()
     assert err <= 2e-2, err  # at most bf16 rounding of the norms
-    assert modeling.SimpleRMSNorm is type(model.model.final_norm)
 
 
 # The differentiable form (training, ``norm_kernel``): forward and both gradients against autograd through the
@@ -107,7 +104,7 @@ GRAD_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2**
 
 
 def _pytorch_norm(x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-    return SimpleRMSNorm()(x, gate=gate)  # no config: always the PyTorch form
+    return SimpleRMSNorm(kernel="torch")(x, gate=gate)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])

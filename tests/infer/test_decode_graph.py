@@ -1,4 +1,4 @@
-"""CUDA-graph decoding (decode_graph.py): the static-buffer step against the eager cached forward.
+"""CUDA-graph decoding (infer/decode_graph.py): the static-buffer step against the eager cached forward.
 
 On the CPU the runners run with ``capture=False`` (the same in-place step on the same static buffers, no
 graph), which checks everything but the capture itself bitwise; the GPU tests at the end compare captured
@@ -9,29 +9,34 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tnl_helpers import build_model, left_padded, random_ids
 
+from tnl_helpers import build_model, left_padded, random_ids
+from tnlora.infer.decode_graph import DecodeStepRunner, install_graph_decoding, installed_graphs
 from tnlora.model import TransnormerCache
-from tnlora.model.decode_graph import DecodeStepRunner, graphs_of
 from tnlora.model.modeling import Lrpe
 
 GREEDY = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0}
 
 
 def _static(model: torch.nn.Module) -> torch.nn.Module:
-    """Switch ``model`` to static-buffer decoding without graphs (runs anywhere)."""
-    model.config.decode_cuda_graphs = True
-    graphs_of(model, capture=False)
+    """Install static-buffer decoding without graphs on ``model`` (runs anywhere)."""
+    install_graph_decoding(model, capture=False)
     return model
 
 
 def _generate(model: torch.nn.Module, graphs: bool, *args: object, **kwargs: object):
-    """generate() with the static path on or off; the logits of every step are returned too."""
-    model.config.decode_cuda_graphs = graphs
+    """generate() with the static path on (installing CUDA graphs if nothing is installed) or off (the
+    installed runners set aside meanwhile); the logits of every step are returned too."""
+    installed = model.step_decoder
+    if graphs and installed is None:
+        install_graph_decoding(model)
+    elif not graphs:
+        model.step_decoder = None
     try:
         return model.generate(*args, return_dict_in_generate=True, output_logits=True, **kwargs)
     finally:
-        model.config.decode_cuda_graphs = False
+        if not graphs:
+            model.step_decoder = installed
 
 
 def _assert_same(eager, static) -> None:
@@ -121,7 +126,7 @@ def test_static_step_with_official_lrpe_rounding() -> None:
 
 def test_model_forward_dispatches_only_for_no_grad_eval_one_token_steps() -> None:
     model = _static(build_model())
-    graphs = graphs_of(model)
+    graphs = installed_graphs(model)
     ids = random_ids(2, 6)
     cache = TransnormerCache(model.config)
     model(ids[:, :5], past_key_values=cache)  # grad enabled: eager
@@ -150,7 +155,7 @@ def test_greedy_generate_is_identical() -> None:
     _assert_same(eager, static)
     assert len(set(static.sequences[0, 11:].tolist())) >= 4  # a non-degenerate continuation
     cache = static.past_key_values
-    assert all(cache.get_state(i) is graphs_of(model).runners[1].states[i] for i in range(2))
+    assert all(cache.get_state(i) is installed_graphs(model).runners[1].states[i] for i in range(2))
 
 
 def test_beam_search_reordering_is_identical() -> None:
@@ -161,7 +166,7 @@ def test_beam_search_reordering_is_identical() -> None:
     static = _generate(model, True, prompt, output_scores=True, **kwargs, **GREEDY)
     assert torch.equal(eager.sequences, static.sequences)
     assert torch.equal(eager.sequences_scores, static.sequences_scores)
-    assert 6 in graphs_of(model).runners  # 2 prompts × 3 beams went through the static step
+    assert 6 in installed_graphs(model).runners  # 2 prompts × 3 beams went through the static step
 
 
 def test_left_padded_batch_is_identical() -> None:
@@ -182,8 +187,8 @@ def test_successive_generate_calls_reuse_the_runner_and_keep_old_caches() -> Non
         static.append(_generate(model, True, p, max_new_tokens=6, **GREEDY))
         kept = [static[-1].past_key_values.get_state(i).clone() for i in range(2)]
         if len(static) == 1:
-            runner = graphs_of(model).runners[2]
-        assert graphs_of(model).runners[2] is runner  # built once, reused by the later calls
+            runner = installed_graphs(model).runners[2]
+        assert installed_graphs(model).runners[2] is runner  # built once, reused by the later calls
     for e, s in zip(eager, static):
         _assert_same(e, s)
     # An earlier call's cache was handed its own copy before the next call overwrote the static states,
@@ -232,13 +237,13 @@ def test_unmerged_lora_is_run_through_the_static_step_and_adapter_switches_rebui
     eager = _generate(base, False, prompt, max_new_tokens=8, **GREEDY)
     static = _generate(base, True, prompt, max_new_tokens=8, **GREEDY)
     _assert_same(eager, static)
-    runner = graphs_of(base).runners[1]
+    runner = installed_graphs(base).runners[1]
     with model.disable_adapter():
         plain_eager = _generate(base, False, prompt, max_new_tokens=8, **GREEDY)
         plain_static = _generate(base, True, prompt, max_new_tokens=8, **GREEDY)
     _assert_same(plain_eager, plain_static)
     assert not torch.equal(plain_eager.sequences, eager.sequences)  # the adapter matters
-    assert graphs_of(base).runners[1] is not runner  # the switch was noticed
+    assert installed_graphs(base).runners[1] is not runner  # the switch was noticed
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -263,18 +268,18 @@ def test_cuda_graph_greedy_generate_equals_eager(batch: int) -> None:
     library = torch.backends.cuda.preferred_blas_library()
     graphed = _generate(model, True, prompt, max_new_tokens=24, **GREEDY)
     assert torch.backends.cuda.preferred_blas_library() == library  # cuBLASLt for the capture only
-    runner = graphs_of(model).runners[batch]
+    runner = installed_graphs(model).runners[batch]
     assert runner.capture and runner.graph is not None  # really replayed a captured graph
     assert torch.equal(eager.sequences, graphed.sequences)
     for a, b in zip(eager.logits, graphed.logits):
         torch.testing.assert_close(b, a, atol=1e-2, rtol=1e-2)
     again = _generate(model, True, prompt, max_new_tokens=24, **GREEDY)  # replayed, not recaptured
-    assert graphs_of(model).runners[batch] is runner
+    assert installed_graphs(model).runners[batch] is runner
     assert torch.equal(again.sequences, graphed.sequences)
     assert len(runner.graphs) == 1
-    graphs_of(model, parts=2)  # one graph per layer of the tiny model: the same kernels, the same numbers
+    install_graph_decoding(model, parts=2)  # one graph per layer of the tiny model: the same kernels, the same numbers
     split = _generate(model, True, prompt, max_new_tokens=24, **GREEDY)
-    assert len(graphs_of(model).runners[batch].graphs) == 2
+    assert len(installed_graphs(model).runners[batch].graphs) == 2
     assert torch.equal(split.sequences, graphed.sequences)
     for a, b in zip(split.logits, graphed.logits, strict=True):
         assert torch.equal(a, b)
@@ -290,7 +295,7 @@ def test_cuda_graph_beam_search_and_left_padding_equal_eager() -> None:
     kwargs = {"num_beams": 3, "max_new_tokens": 10, "attention_mask": mask, **GREEDY}
     eager = _generate(model, False, ids, **kwargs)
     graphed = _generate(model, True, ids, **kwargs)
-    assert graphs_of(model).runners[6].graph is not None
+    assert installed_graphs(model).runners[6].graph is not None
     assert torch.equal(eager.sequences, graphed.sequences)
 
 

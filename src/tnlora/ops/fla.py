@@ -1,32 +1,37 @@
-"""Sync-free chunk planning for fla-core's packed-row state kernels, as a backend in fla's own registry.
+"""fla-core's Triton kernels for lightning attention (CUDA), and sync-free chunk planning for them.
+
+:func:`fla_attention` runs ``chunk_simple_gla`` with ``g_gamma = log λ`` and ``scale = 1`` (TNL does not
+scale q·k). Packed rows are laid end to end as one row with ``cu_seqlens`` (fla's varlen convention, one
+state per example); each row's initial state goes to its first example and its final state comes from its
+last. fla-core is an optional extra (``tnlora[gpu]``), imported on first use.
 
 fla-core 0.6.0 sizes the chunk-state buffer of ``chunk_fwd_h`` / ``chunk_bwd_dh`` with
-``split_offsets[-1].item()`` whenever ``cu_seqlens`` is given. That device→host read drains the stream
-three times per layer per micro-batch (forward, recomputed forward, backward): 48 idle gaps in a 1B step.
-tnlora already holds a host copy of every ``cu_seqlens`` it passes to fla (``attention._flatten_rows``),
-so the number of chunks is known without asking the device.
-
-This module registers a backend for fla's ``common`` operations (fla's ``fla.backends.register``, the
-extension point its TileLang and Ascend backends use). It accepts only calls whose ``cu_seqlens`` tnlora
-registered with :func:`remember_host_copy`; every other call, and every fla version it was not checked
-against, goes to fla's own implementation. It launches fla's own kernels with fla's own arguments; only
-the buffer's size comes from the host. The results are bitwise those of fla's path
-(tests/model/test_attention_gpu.py).
+``split_offsets[-1].item()`` whenever ``cu_seqlens`` is given: a device→host read that drains the stream three
+times per layer per micro-batch (forward, recomputed forward, backward). :class:`~tnlora.ops.packing.PackedRows`
+already holds a host copy of its ``cu_seqlens``, so the number of chunks is known without asking the device.
+:func:`install` registers a backend for fla's ``common`` operations in fla's own registry (the extension point
+its TileLang and Ascend backends use). It accepts only calls whose ``cu_seqlens`` carries a host copy
+(:func:`tag_host_copy`); every other call, and every fla version it was not checked against, goes to fla's own
+implementation. It launches fla's own kernels with fla's own arguments; only the buffer's size comes from the
+host. The results are bitwise those of fla's path (tests/ops/test_lightning_gpu.py).
 """
 
 from __future__ import annotations
 
-import weakref
+import functools
+import inspect
 
 import torch
 from torch import Tensor
 
+from tnlora.ops.packing import PackedRows
+
 # fla versions whose chunk_fwd_h / chunk_bwd_dh kernel arguments this backend was checked against.
 TESTED_FLA_VERSIONS = frozenset({"0.6.0"})
 
-# id(device cu_seqlens) → (weak reference to it, its host copy). Keyed by identity (a tensor's == is
-# elementwise, so WeakKeyDictionary cannot hold tensors); an entry is dropped with the micro-batch's tensor.
-_host_copies: dict[int, tuple[weakref.ref, Tensor]] = {}
+# The attribute of a device ``cu_seqlens`` tensor that holds its host copy (set by :func:`tag_host_copy`):
+# fla's dispatcher hands the backend the device tensor only, in the forward and again in the backward.
+HOST_COPY_ATTR = "_tnlora_host_copy"
 
 
 def num_splits(host_cu_seqlens: Tensor, split_size: int) -> int:
@@ -35,34 +40,24 @@ def num_splits(host_cu_seqlens: Tensor, split_size: int) -> int:
     return int(((lengths + split_size - 1) // split_size).sum())
 
 
-def remember_host_copy(cu_seqlens: Tensor, host_cu_seqlens: Tensor) -> None:
-    """Let the backend size fla's buffers for ``cu_seqlens`` from ``host_cu_seqlens`` (same values, on CPU)."""
-    key = id(cu_seqlens)
-
-    def forget(ref: weakref.ref) -> None:
-        if _host_copies.get(key, (None,))[0] is ref:
-            del _host_copies[key]
-
-    _host_copies[key] = (weakref.ref(cu_seqlens, forget), host_cu_seqlens)
+def tag_host_copy(cu_seqlens: Tensor, host_cu_seqlens: Tensor) -> None:
+    """Attach ``host_cu_seqlens`` (the same values, on the host) to the device tensor ``cu_seqlens`` for the
+    backend; the tag holds only while ``cu_seqlens`` is not changed in place."""
+    setattr(cu_seqlens, HOST_COPY_ATTR, (cu_seqlens._version, host_cu_seqlens))
 
 
 def host_copy(cu_seqlens: Tensor | None) -> Tensor | None:
-    """The registered host copy of ``cu_seqlens``, or None."""
+    """The host copy tagged on ``cu_seqlens`` (None: untagged, or changed in place since)."""
     if cu_seqlens is None:
         return None
-    ref, host = _host_copies.get(id(cu_seqlens), (None, None))
-    return host if ref is not None and ref() is cu_seqlens else None
+    version, host = getattr(cu_seqlens, HOST_COPY_ATTR, (None, None))
+    return host if version == cu_seqlens._version else None
 
 
-_installed = False
-
-
+@functools.cache
 def install() -> bool:
     """Register the backend with fla (once per process); False when fla lacks the registry or kernels, or is
     a version this backend was not checked against: fla's own path then runs, syncs and all."""
-    global _installed
-    if _installed:
-        return True
     try:
         import fla
         import triton
@@ -93,7 +88,7 @@ def install() -> bool:
 
     def accepts(*args, cu_seqlens: Tensor | None = None, **kwargs) -> tuple[bool, str | None]:
         if host_copy(cu_seqlens) is None:
-            return False, "no host copy of cu_seqlens registered by tnlora"
+            return False, "no host copy of cu_seqlens tagged by tnlora"
         return True, None
 
     class TnloraHostPlannedBackend(BaseBackend):
@@ -168,5 +163,72 @@ def install() -> bool:
             return dh, dh0
 
     register("common")(TnloraHostPlannedBackend)
-    _installed = True
     return True
+
+
+@functools.cache
+def fla_available() -> bool:
+    """Whether fla-core's simple_gla kernel imports (needs triton and a CUDA build)."""
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla  # noqa: F401
+    except Exception:  # an installed but broken fla (e.g. triton mismatch) counts as absent
+        return False
+    return True
+
+
+@functools.cache
+def _takes_cu_seqlens_cpu() -> bool:
+    """fla-core added ``cu_seqlens_cpu`` in 2026; older releases lack it."""
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    return "cu_seqlens_cpu" in inspect.signature(chunk_simple_gla).parameters
+
+
+def fla_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_decay: Tensor,
+    rows: PackedRows | None,
+    cu_seqlens: Tensor | None,
+    initial_state: Tensor | None,
+    output_final_state: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """``lightning_attention`` through fla-core's ``chunk_simple_gla`` (see the module docstring)."""
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    B, T, H = q.shape[:3]
+    g_gamma = log_decay.to(device=q.device, dtype=torch.float32)
+    cu_seqlens_cpu = None
+    if rows is not None:
+        rows = rows.to(q.device)
+        cu_seqlens, cu_seqlens_cpu = rows.cu_seqlens, rows.cu_seqlens_cpu
+        if initial_state is not None:
+            s0 = initial_state.new_zeros(rows.num_examples, *initial_state.shape[1:])
+            initial_state = s0.index_copy(0, rows.row_first, initial_state)
+        q, k, v = (x.reshape(1, B * T, H, x.shape[-1]) for x in (q, k, v))
+    extra = {}
+    if cu_seqlens is not None:
+        if cu_seqlens_cpu is None:
+            cu_seqlens_cpu = cu_seqlens.cpu()
+        if install():
+            # fla's state kernels then size their buffers from the host copy instead of reading the device.
+            tag_host_copy(cu_seqlens, cu_seqlens_cpu)
+        if _takes_cu_seqlens_cpu():
+            # Lets fla plan its chunks without another device->host copy.
+            extra["cu_seqlens_cpu"] = cu_seqlens_cpu
+    o, final = chunk_simple_gla(
+        q,
+        k,
+        v,
+        g_gamma=g_gamma,
+        scale=1.0,
+        initial_state=None if initial_state is None else initial_state.float(),
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        **extra,
+    )
+    if rows is not None:
+        o = o.reshape(B, T, H, -1)
+        final = final[rows.row_last] if final is not None else None
+    return o.to(v.dtype), final

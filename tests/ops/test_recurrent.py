@@ -1,8 +1,9 @@
-"""The fused Triton decode step (``recurrent_kernel.triton_step``) against the PyTorch step it replaces.
+"""The fused Triton decode step (``ops.recurrent_triton.triton_step``) against the PyTorch step it replaces
+(``ops.recurrent.torch_step``), alone and inside the static decode step (``infer.decode_graph``).
 
 The kernel tests need triton and either a CUDA device or Triton's CPU interpreter; on a CPU-only machine run
 
-    TRITON_INTERPRET=1 PYTHONPATH=<dir holding triton> pytest -q tests/model/test_recurrent_kernel.py
+    TRITON_INTERPRET=1 PYTHONPATH=<dir holding triton> pytest -q tests/ops/test_recurrent.py
 
 (shapes are kept small: the interpreter runs every program in Python). The config and import tests run
 everywhere.
@@ -17,12 +18,14 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from tnl_helpers import build_model, left_padded, random_ids
 
+from tnl_helpers import build_model, left_padded, random_ids
 from tnlora.errors import ConfigError
+from tnlora.infer.decode_graph import DecodeStepRunner, install_graph_decoding, installed_graphs
 from tnlora.model import TransnormerCache, config_from_preset
-from tnlora.model.decode_graph import DecodeStepRunner, graphs_of, resolve_decode_kernel
-from tnlora.model.recurrent_kernel import DECODE_KERNELS, torch_step, triton_available, triton_step
+from tnlora.ops.recurrent import torch_step
+from tnlora.ops.recurrent_triton import triton_step
+from tnlora.ops.select import KERNEL_CHOICES, triton_available
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # The interpreter runs kernels on CPU tensors; compiled kernels need CUDA ones.
@@ -30,7 +33,7 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 needs_kernel = pytest.mark.skipif(
     not (triton_available() and (INTERPRET or torch.cuda.is_available())),
     reason="needs triton and CUDA, or Triton's CPU interpreter: "
-    "TRITON_INTERPRET=1 PYTHONPATH=<dir holding triton> pytest tests/model/test_recurrent_kernel.py",
+    "TRITON_INTERPRET=1 PYTHONPATH=<dir holding triton> pytest tests/ops/test_recurrent.py",
 )
 cuda = pytest.mark.skipif(
     INTERPRET or not torch.cuda.is_available() or not triton_available(),
@@ -64,7 +67,7 @@ def _step_inputs(
 
 
 def test_config_validates_decode_kernel() -> None:
-    assert DECODE_KERNELS == ("auto", "torch", "triton")
+    assert KERNEL_CHOICES == ("auto", "torch", "triton")
     assert config_from_preset("tiny").decode_kernel == "auto"
     assert config_from_preset("tiny", decode_kernel="triton").decode_kernel == "triton"
     with pytest.raises(ConfigError, match="decode_kernel"):
@@ -78,13 +81,12 @@ def test_runner_rejects_a_decode_kernel_set_after_the_config() -> None:
         DecodeStepRunner(model, 1, torch.device("cpu"), capture=False)
 
 
-def test_a_training_norm_kernel_set_after_the_config_is_named_in_the_error() -> None:
-    norm = build_model(torch.float32).model.final_norm
-    norm.config.norm_kernel = "fused"
-    x = torch.randn(2, 3, norm.config.decoder_embed_dim)
-    assert norm._kernel(x, None) is None  # CPU: the PyTorch form, the value unread
+def test_a_norm_kernel_set_after_the_config_is_named_in_the_error() -> None:
+    model = build_model(torch.float32)
+    assert model.model.final_norm.kernel == "torch"  # CPU: the PyTorch form
+    model.config.norm_kernel = "fused"
     with pytest.raises(ConfigError, match="norm_kernel must be one of"):
-        resolve_decode_kernel(norm.config.norm_kernel, "cuda", "norm_kernel")
+        model.select_kernels()
 
 
 def test_import_and_torch_step_never_import_triton() -> None:
@@ -100,8 +102,9 @@ import torch
 import tnlora, tnlora.model
 from tnlora.errors import ConfigError
 from tnlora.model import TransnormerForCausalLM, config_from_preset
-from tnlora.model.decode_graph import DecodeStepRunner
-from tnlora.model.recurrent_kernel import torch_step, triton_available
+from tnlora.infer.decode_graph import DecodeStepRunner
+from tnlora.ops.recurrent import torch_step
+from tnlora.ops.select import triton_available
 state = torch.zeros(1, 2, 4, 3)
 torch_step(torch.ones(1, 2, 4), torch.ones(1, 2, 4), torch.ones(1, 2, 3), state, torch.full((2,), 0.5))
 assert state.sum().item() == 24.0 and not triton_available() and "triton" not in sys.modules
@@ -124,11 +127,11 @@ print("ok")
 @pytest.mark.parametrize(("importable", "device", "want"),
                          [(True, "cuda", "triton"), (True, "cpu", "torch"), (False, "cuda", "torch")])
 def test_auto_is_triton_on_cuda_when_it_imports(monkeypatch, importable: bool, device: str, want: str) -> None:
-    from tnlora.model import decode_graph
+    from tnlora.ops import select
 
-    monkeypatch.setattr(decode_graph, "triton_available", lambda: importable)
-    assert decode_graph.resolve_decode_kernel("auto", device) == want
-    assert decode_graph.resolve_decode_kernel("torch", device) == "torch"
+    monkeypatch.setattr(select, "triton_available", lambda: importable)
+    assert select.kernel_impl("auto", device, "decode_kernel") == want
+    assert select.kernel_impl("torch", device, "decode_kernel") == "torch"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -221,14 +224,13 @@ def test_kernel_checks_its_arguments() -> None:
 
 
 def _generate(model: torch.nn.Module, kernel: str, *args: object, **kwargs: object):
-    """generate() through the static step (no graph) with the given kernel; the logits of every step too."""
-    model.config.decode_cuda_graphs = True
+    """generate() through the static step (no graph) with the given kernel; the logits of every step too. The
+    runners stay installed for the test to inspect."""
     model.config.decode_kernel = kernel
-    graphs_of(model, capture=False)
+    install_graph_decoding(model, capture=False)
     try:
         return model.generate(*args, return_dict_in_generate=True, output_logits=True, **kwargs)
     finally:
-        model.config.decode_cuda_graphs = False
         model.config.decode_kernel = "torch"
 
 
@@ -238,8 +240,8 @@ def test_greedy_generate_with_the_kernel_equals_torch_step() -> None:
     prompt = random_ids(1, 11).to(DEVICE)
     torch_run = _generate(model, "torch", prompt, max_new_tokens=14, **GREEDY)
     kernel_run = _generate(model, "triton", prompt, max_new_tokens=14, **GREEDY)
-    runner = graphs_of(model).runners[1]
-    assert runner.kernel == "triton"  # the changed config rebuilt the runners
+    runner = installed_graphs(model).runners[1]
+    assert runner.kernel == "triton"
     assert torch.equal(kernel_run.sequences, torch_run.sequences)
     assert len(set(kernel_run.sequences[0, 11:].tolist())) >= 4  # a non-degenerate continuation
     for got, want in zip(kernel_run.logits, torch_run.logits, strict=True):
@@ -280,7 +282,7 @@ def test_lora_beam_search_with_the_kernels_equals_torch_step() -> None:
     kwargs = {"num_beams": 3, "num_return_sequences": 3, "max_new_tokens": 6, "length_penalty": 0.0, **GREEDY}
     torch_run = _generate(base, "torch", prompt, output_scores=True, **kwargs)
     kernel_run = _generate(base, "triton", prompt, output_scores=True, **kwargs)
-    assert graphs_of(base).runners[6].kernel == "triton"  # 2 prompts × 3 beams
+    assert installed_graphs(base).runners[6].kernel == "triton"  # 2 prompts × 3 beams
     assert torch.equal(kernel_run.sequences, torch_run.sequences)
     torch.testing.assert_close(kernel_run.sequences_scores, torch_run.sequences_scores, rtol=1e-5, atol=1e-5)
 
@@ -339,13 +341,11 @@ def test_cuda_graph_decoding_with_the_kernel(dtype: torch.dtype) -> None:
     prompt = random_ids(3, 12).cuda()
     runs = {}
     for kernel in KERNELS:
-        model.config.decode_cuda_graphs = True
         model.config.decode_kernel = kernel
-        graphs = graphs_of(model, capture=True)
+        graphs = install_graph_decoding(model, capture=True)
         runs[kernel] = model.generate(prompt, max_new_tokens=16, return_dict_in_generate=True, output_logits=True,
                                       **GREEDY)
         assert not graphs.failed and graphs.runners[3].graph is not None and graphs.runners[3].kernel == kernel
-    model.config.decode_cuda_graphs = False
     model.config.decode_kernel = "torch"
     if dtype == torch.float32:
         assert torch.equal(runs["triton"].sequences, runs["torch"].sequences)

@@ -1,4 +1,4 @@
-"""tnlora.model.attention: every CPU implementation equals the float64 O(n²) reference."""
+"""tnlora.ops.lightning: every CPU implementation equals the float64 O(n²) reference."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import types
 
 import pytest
 import torch
-from tnl_reference import reference_attention
 
-from tnlora.model import attention
-from tnlora.model.attention import lightning_attention, segment_starts
+from tnl_reference import reference_attention
 from tnlora.model.modeling import layer_log_decay
+from tnlora.ops import fla
+from tnlora.ops.lightning import lightning_attention
+from tnlora.ops.packing import PackedRows, segment_starts
 
 # (B, T, H, K, V, chunk): chunk boundaries not aligned with T, head counts not powers of two, K = 2·V
 # as in the LRPE layer, and T shorter than one chunk.
@@ -225,11 +226,11 @@ def test_cpu_path_never_imports_fla(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "meta_path", [Recorder(), *sys.meta_path])
     for name in [m for m in sys.modules if m == "fla" or m.startswith("fla.")]:
         monkeypatch.delitem(sys.modules, name)
-    attention.fla_available.cache_clear()
+    fla.fla_available.cache_clear()
     q, k, v = _inputs(1, 9, 2, 4, 4)
     for T in (9, 1):
         lightning_attention(q[:, :T], k[:, :T], v[:, :T], _decays(2)[0], impl="auto")
-    attention.fla_available.cache_clear()
+    fla.fla_available.cache_clear()
     assert attempted == []
 
 
@@ -257,7 +258,8 @@ def test_fla_adapter_flattens_packed_rows_and_maps_states(monkeypatch: pytest.Mo
     for name in ("fla", "fla.ops"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, "fla.ops.simple_gla", fake)
-    attention._fla_takes_cu_seqlens_cpu.cache_clear()
+    fla._takes_cu_seqlens_cpu.cache_clear()
+    fla.install.cache_clear()  # the stand-in fla has no backend registry: fla's own path
 
     B, T, H, K, V = 2, 17, 2, 6, 4
     q, k, v = _inputs(B, T, H, K, V, seed=6)
@@ -265,23 +267,14 @@ def test_fla_adapter_flattens_packed_rows_and_maps_states(monkeypatch: pytest.Mo
     s0 = torch.randn(B, H, K, V).double()  # fp32 values: fla takes fp32 states
     log_decay = _decays(H)[0]
     kwargs = {"seq_ids": seq_ids, "initial_state": s0, "output_final_state": True}
-    o, f = attention._fla(q, k, v, log_decay, seq_ids, None, s0, True)
+    o, f = fla.fla_attention(q, k, v, log_decay, PackedRows.from_seq_ids(seq_ids), None, s0, True)
     want_o, want_f = lightning_attention(q, k, v, log_decay, impl="recurrent", **kwargs)
-    attention._fla_takes_cu_seqlens_cpu.cache_clear()
+    fla._takes_cu_seqlens_cpu.cache_clear()
+    fla.install.cache_clear()
     _close(o, want_o)
     _close(f, want_f)
     assert calls[0]["scale"] == 1.0 and calls[0]["B"] == 1
     assert calls[0]["cu_seqlens"].tolist() == [0, 5, 17, 26, 34]
-
-
-def test_row_flattening_costs_one_sync_per_seq_ids_tensor() -> None:
-    seq_ids = torch.tensor([[0, 0, 1], [2, 2, 2]])
-    first = attention._flatten_rows(seq_ids)
-    assert attention._flatten_rows(seq_ids) is first  # the next layers reuse it
-    assert first[0].tolist() == [0, 2, 3, 6] and first[1].tolist() == [0, 2, 3, 6]
-    assert first[2].tolist() == [0, 2] and first[3].tolist() == [1, 2]
-    seq_ids[1, 2] = 5  # an in-place change invalidates it
-    assert attention._flatten_rows(seq_ids)[0].tolist() == [0, 2, 3, 5, 6]
 
 
 def test_bad_shapes_are_refused() -> None:
@@ -292,17 +285,3 @@ def test_bad_shapes_are_refused() -> None:
         lightning_attention(q, k, v, -torch.ones(2), cu_seqlens=torch.tensor([0, 4]))
     with pytest.raises(ValueError, match="initial_state"):
         lightning_attention(q, k, v, -torch.ones(2), initial_state=torch.zeros(1, 2, 4, 4))
-
-
-def test_host_flattening_equals_the_device_one_and_checks_its_copy() -> None:
-    seq_ids = torch.tensor([[0, 0, 1, 1, 1, 2], [2, 2, 2, 5, 6, 6], [7, 7, 7, 7, 7, 7]])
-    want = [t.tolist() for t in attention._flatten_rows(seq_ids)]
-    other = seq_ids.clone()  # a new tensor: the memo of seq_ids does not answer for it
-    host = attention.flat_cu_seqlens(other)
-    assert host.tolist() == want[0] == [0, 2, 5, 6, 9, 10, 12, 18]
-    attention.remember_flattening(other, tuple(host.tolist()))
-    got = attention._flatten_rows(other)
-    assert [t.tolist() for t in got] == want
-    assert got[1].device.type == "cpu"
-    with pytest.raises(RuntimeError, match="does not match"):
-        attention.remember_flattening(other.clone(), (0, 2, 6, 12, 18))

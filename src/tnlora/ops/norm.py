@@ -6,10 +6,10 @@ Per row x [D]:   y = x / sqrt(mean(x²) + eps)   (fp32 math, fp64 for fp64 rows;
 ``x + delta`` is), and returns both h and its norm: a decoder layer's two residual adds and the norms after.
 :func:`gated_rms_norm` returns gate ⊙ norm(o), the token mixer's ``u * self.norm(o)``, the product rounded
 from the rounded norm as in PyTorch. Each replaces the ~7 small kernels of the PyTorch form (cast, square,
-mean, add, rsqrt, multiply, cast; plus the add or the product): at the 7B's batch-32 step they took ~2 ms of
-an 8.7 ms step. Results equal ``SimpleRMSNorm`` up to the order of the sum over D.
+mean, add, rsqrt, multiply, cast; plus the add or the product), which dominate a decode step's norms at
+large batch. Results equal ``SimpleRMSNorm`` up to the order of the sum over D.
 
-Used by the static decode step with ``decode_kernel: triton`` (``decode_graph.DecodeStepRunner``) and by
+Used by the static decode step with ``decode_kernel: triton`` (``infer.decode_graph.DecodeStepRunner``) and by
 ``SimpleRMSNorm`` in no-grad CUDA forwards (the prefill). :func:`rms_norm` is the differentiable form for
 eager training (``norm_kernel``): the forward also keeps each row's 1/rms (fp32), and the backward is one
 more kernel that reads x, the gate and the incoming gradient once. The PyTorch form saves an fp32 copy of x
@@ -29,14 +29,14 @@ NUM_WARPS = 8  # a 4,096-wide row is 16 values per thread
 
 def _kernel() -> Any:
     """The forward kernel, imported on first use so that importing this module never imports triton."""
-    from tnlora.model.norm_triton import rms_norm_kernel
+    from tnlora.ops.norm_triton import rms_norm_kernel
 
     return rms_norm_kernel
 
 
 def _backward_kernel() -> Any:
     """The backward of ``gate ⊙ norm(x)`` (or of ``norm(x)``), one row per program."""
-    from tnlora.model.norm_triton import rms_norm_backward_kernel
+    from tnlora.ops.norm_triton import rms_norm_backward_kernel
 
     return rms_norm_backward_kernel
 

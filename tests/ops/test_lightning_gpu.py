@@ -17,8 +17,10 @@ if not torch.cuda.is_available():
 pytest.importorskip("fla.ops.simple_gla", reason="needs fla-core (pip install 'tnlora[gpu]')")
 
 from tnlora.model import TransnormerForCausalLM, config_from_preset
-from tnlora.model.attention import _flatten_rows, fla_available, lightning_attention
 from tnlora.model.modeling import layer_log_decay
+from tnlora.ops import fla
+from tnlora.ops.lightning import lightning_attention
+from tnlora.ops.packing import PackedRows
 
 pytestmark = pytest.mark.gpu
 
@@ -155,7 +157,7 @@ def test_lora_gradients_through_whole_layers_match_chunked() -> None:
 
 
 def test_auto_uses_fla_on_cuda_and_decoding_continues_its_state() -> None:
-    assert fla_available()
+    assert fla.fla_available()
     fla_model, chunked_model = _model("auto").eval(), _model("chunked").eval()
     ids = torch.randint(3, 1000, (2, 300), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     with torch.no_grad():
@@ -172,12 +174,11 @@ def test_auto_uses_fla_on_cuda_and_decoding_continues_its_state() -> None:
 
 @pytest.mark.parametrize("head_dim_k", [128, 256])
 def test_host_planned_backend_is_fla_bitwise_and_never_syncs(head_dim_k: int) -> None:
-    """tnlora's fla backend (fla_backend.py): same kernels, buffers sized from the host copy of cu_seqlens."""
+    """tnlora's fla backend (ops/fla.py): same kernels, buffers sized from the host copy of cu_seqlens, and
+    packed rows built on the host (as the training collator builds them) reach fla without a device read."""
     from fla.ops.simple_gla import chunk_simple_gla
 
-    from tnlora.model import fla_backend
-
-    assert fla_backend.install()
+    assert fla.install()
     H, V = 16, 128
     lengths = [300, 17, *([1, 2, 3] * 20), 1024, 1, 611, 131]  # two rows of 1,102; one example spans both
     ids = torch.repeat_interleave(
@@ -188,19 +189,20 @@ def test_host_planned_backend_is_fla_bitwise_and_never_syncs(head_dim_k: int) ->
     log_decay = layer_log_decay(H, 0, 16, DEVICE)
     grad_out = torch.randn(B, T, H, V, device=DEVICE)
 
-    _fwd_bwd("fla", q, k, v, log_decay, grad_out, seq_ids=ids)  # flattens ids once (one sync), fills caches
+    host_ids = ids.cpu()
+    _fwd_bwd("fla", q, k, v, log_decay, grad_out, rows=PackedRows.from_seq_ids(host_ids).to(DEVICE))  # warm
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any device->host read in forward or backward raises
     try:
-        o, s, grads = _fwd_bwd("fla", q, k, v, log_decay, grad_out, seq_ids=ids)
+        rows = PackedRows.from_seq_ids(host_ids).to(DEVICE)
+        o, s, grads = _fwd_bwd("fla", q, k, v, log_decay, grad_out, rows=rows)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
-    # fla's own path: an unregistered copy of the same cu_seqlens goes past the backend.
-    registered, _, _, row_last = _flatten_rows(ids)
-    assert fla_backend.host_copy(registered) is not None
-    cu = registered.clone()
-    assert fla_backend.host_copy(cu) is None
+    # fla's own path: an untagged copy of the same cu_seqlens goes past the backend.
+    assert fla.host_copy(rows.cu_seqlens) is not None
+    cu, row_last = rows.cu_seqlens.clone(), rows.row_last
+    assert fla.host_copy(cu) is None
     leaves = [x.reshape(1, B * T, H, -1).detach().requires_grad_() for x in (q, k, v)]
     o_ref, s_ref = chunk_simple_gla(
         *leaves, g_gamma=log_decay, scale=1.0, output_final_state=True, cu_seqlens=cu

@@ -1,0 +1,131 @@
+"""Packed-row boundaries: where each example of a packed batch starts, as one object passed to the attention.
+
+A packed batch holds several examples per row; ``seq_ids`` [B, T] gives each token's example (a change of
+value between neighbours starts a new example; ids may repeat across rows). The attention needs those
+boundaries in three forms: per token (the chunked and recurrent paths mask by example start), as the rows laid
+end to end (``cu_seqlens``, FlashAttention's convention, for fla's varlen kernels) and as a host copy of that
+(fla plans its chunks on the host; reading the device copy back would stall the GPU). :class:`PackedRows`
+holds all of them. The training collator builds it on the host, where the copy is free, and the data loader
+moves it to the GPU with the batch (``to`` / ``pin_memory``); the model builds one per forward when it is
+only given ``seq_ids`` (costing a host read on a GPU) and hands the same object to every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def first_tokens(seq_ids: Tensor) -> Tensor:
+    """Bool [B, T]: True where an example begins (every row start and every change of id)."""
+    new = torch.ones_like(seq_ids, dtype=torch.bool)
+    new[:, 1:] = seq_ids[:, 1:] != seq_ids[:, :-1]
+    return new
+
+
+def cu_seqlens_of(new: Tensor) -> Tensor:
+    """cu_seqlens [N+1] from the flat example-start flags ``new`` [B·T] (starts, then the total length)."""
+    return F.pad(new.nonzero().squeeze(1), (0, 1), value=new.shape[0])
+
+
+def segment_starts(seq_ids: Tensor | None, cu_seqlens: Tensor | None, length: int) -> Tensor | None:
+    """Position where each token's example starts, [B, T] (None when every row is one example).
+
+    Computed with tensor ops only, so it never waits for the device.
+    """
+    if seq_ids is not None:
+        new = first_tokens(seq_ids)
+    elif cu_seqlens is not None:
+        # Size T + 1 so that an empty last example (start == T) has somewhere harmless to land.
+        new = torch.zeros(length + 1, dtype=torch.bool, device=cu_seqlens.device)
+        new[cu_seqlens[:-1]] = True
+        new = new[:length].unsqueeze(0)
+    else:
+        return None
+    positions = torch.arange(length, device=new.device)
+    return torch.where(new, positions, 0).cummax(dim=1).values
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """The example boundaries of a batch of packed rows.
+
+    Attributes:
+        seq_ids: [B, T] example id of each token (on the batch's device).
+        cu_seqlens: [N+1] boundaries of the rows laid end to end (every row start and id change), same device.
+        cu_seqlens_cpu: the same values on the host.
+        row_first, row_last: [B] index (into the N examples) of each row's first and last example; a row's
+            recurrent state enters its first example and leaves from its last.
+    """
+
+    seq_ids: Tensor
+    cu_seqlens: Tensor
+    cu_seqlens_cpu: Tensor
+    row_first: Tensor
+    row_last: Tensor
+
+    @classmethod
+    def from_seq_ids(cls, seq_ids: Tensor) -> PackedRows:
+        """The boundaries of ``seq_ids``, computed where it lives (on a GPU the host copy is a device read)."""
+        if seq_ids.dim() != 2:
+            raise ValueError(f"seq_ids must be [B, T], got shape {tuple(seq_ids.shape)}")
+        batch, length = seq_ids.shape
+        new = first_tokens(seq_ids).reshape(-1)
+        cu_seqlens = cu_seqlens_of(new)
+        example = (new.cumsum(0) - 1).reshape(batch, length)
+        return cls(seq_ids, cu_seqlens, cu_seqlens.cpu(), example[:, 0], example[:, -1])
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: Tensor, length: int) -> PackedRows:
+        """One row (B = 1) of ``length`` tokens cut at ``cu_seqlens`` [N+1]."""
+        positions = torch.arange(length, device=cu_seqlens.device)
+        seq_ids = torch.searchsorted(cu_seqlens[1:], positions, right=True)[None]
+        return cls.from_seq_ids(seq_ids)
+
+    @property
+    def device(self) -> torch.device:
+        return self.seq_ids.device
+
+    @property
+    def num_examples(self) -> int:
+        """N, read from the host copy (no device access)."""
+        return self.cu_seqlens_cpu.shape[0] - 1
+
+    def starts(self) -> Tensor:
+        """Position where each token's example starts, [B, T]."""
+        return segment_starts(self.seq_ids, None, self.seq_ids.shape[1])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedRows:
+        """The same boundaries on ``device`` (the host copy stays on the host). Called by the data loader's
+        device placement (accelerate's ``send_to_device`` moves any object with a ``to`` method)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+
+        def move(x: Tensor) -> Tensor:
+            if device.type == "cuda" and x.device.type == "cpu":
+                # From pinned memory without waiting: a blocking copy from pageable memory syncs the stream.
+                source = x if x.is_pinned() else x.pin_memory()
+                return source.to(device, non_blocking=True)
+            return x.to(device, non_blocking=non_blocking)
+
+        cu_seqlens = move(self.cu_seqlens_cpu) if self.cu_seqlens.device.type == "cpu" else self.cu_seqlens.to(device)
+        return PackedRows(move(self.seq_ids), cu_seqlens, self.cu_seqlens_cpu, move(self.row_first), move(self.row_last))
+
+    def pin_memory(self) -> PackedRows:
+        """Pinned host copies (the data loader's ``pin_memory`` calls this on any object that has it)."""
+        if self.device.type != "cpu":
+            return self
+        return PackedRows(
+            self.seq_ids.pin_memory(),
+            self.cu_seqlens.pin_memory(),
+            self.cu_seqlens_cpu,
+            self.row_first.pin_memory(),
+            self.row_last.pin_memory(),
+        )
+
+
+__all__ = ["PackedRows", "cu_seqlens_of", "first_tokens", "segment_starts"]

@@ -1,0 +1,95 @@
+"""Which implementation of each operation runs on which device: decided here and nowhere else.
+
+The model's config names a choice per operation (``lightning_impl``, ``norm_kernel``, ``decode_kernel``), each
+"auto" by default; :func:`kernels_for` turns the choices into implementations for one device. The model applies
+them when it is built and whenever it moves to another device (``TransnormerPreTrainedModel.select_kernels``),
+never inside a forward; the static decode step (``infer.decode_graph``) resolves ``decode_kernel`` with
+:func:`kernel_impl` when its runner is built.
+
+"auto" means: on CUDA, fla-core's kernels for multi-token attention when fla imports and the Triton kernels
+for norms and the decode step when triton imports; everywhere else, the PyTorch implementations. One-token
+attention calls (decoding without a static step) use the recurrent form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tnlora.errors import ConfigError
+from tnlora.ops.fla import fla_available
+
+LIGHTNING_IMPLS = ("auto", "chunked", "recurrent", "fla")
+KERNEL_CHOICES = ("auto", "torch", "triton")
+
+
+def triton_available() -> bool:
+    """Whether triton imports (its kernels also need a CUDA device or Triton's CPU interpreter)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def attention_impl(choice: str, device: torch.device | str) -> str:
+    """The multi-token lightning attention for ``choice`` on ``device``: auto → fla on CUDA when fla-core imports,
+    else chunked."""
+    if choice not in LIGHTNING_IMPLS:
+        raise ConfigError(f"lightning_impl must be one of {LIGHTNING_IMPLS}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    return "fla" if torch.device(device).type == "cuda" and fla_available() else "chunked"
+
+
+def step_attention_impl(choice: str) -> str:
+    """The lightning attention of one-token calls: recurrent unless a specific implementation was chosen."""
+    return "recurrent" if choice == "auto" else choice
+
+
+def kernel_impl(choice: str, device: torch.device | str, field: str) -> str:
+    """"torch" or "triton" for the config ``field`` (norm_kernel, decode_kernel) set to ``choice`` on ``device``:
+    auto → triton on CUDA when it imports (the device is checked first: a CPU model never imports triton)."""
+    if choice not in KERNEL_CHOICES:
+        raise ConfigError(f"{field} must be one of {KERNEL_CHOICES}, got {choice!r}")
+    if choice == "auto":
+        return "triton" if torch.device(device).type == "cuda" and triton_available() else "torch"
+    if choice == "triton" and not triton_available():
+        raise ConfigError(
+            f"{field} 'triton' needs the triton package (installed with PyTorch's CUDA wheels); use {field} 'torch'"
+        )
+    return choice
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The implementations a model runs on one device."""
+
+    attention: str  # multi-token lightning attention: chunked | recurrent | fla
+    attention_step: str  # one-token lightning attention calls
+    norm: str  # SimpleRMSNorm: torch | triton (forward and backward kernels; no-grad forwards too)
+
+
+def kernels_for(config: object, device: torch.device | str) -> Kernels:
+    """The implementations for a model with ``config`` (a TransnormerConfig) on ``device``."""
+    impl = getattr(config, "lightning_impl", "auto")
+    # A model on the meta device (being loaded) is planned as on the CPU; loading re-selects on its device.
+    device = torch.device("cpu") if torch.device(device).type == "meta" else torch.device(device)
+    return Kernels(
+        attention=attention_impl(impl, device),
+        attention_step=step_attention_impl(impl),
+        norm=kernel_impl(getattr(config, "norm_kernel", "auto"), device, "norm_kernel"),
+    )
+
+
+__all__ = [
+    "KERNEL_CHOICES",
+    "LIGHTNING_IMPLS",
+    "Kernels",
+    "attention_impl",
+    "kernel_impl",
+    "kernels_for",
+    "step_attention_impl",
+    "triton_available",
+]
