@@ -79,7 +79,7 @@ def main() -> int:
     print("$ tnlora " + " ".join(command), flush=True)
     cap = ""
     if opts.gpu_memory_gib:
-        from tnlora.bench import cap_gpu_memory
+        from tnlora.bench.common import cap_gpu_memory
 
         cap = cap_gpu_memory(opts.gpu_memory_gib)
     if torch.cuda.is_available():

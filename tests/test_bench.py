@@ -1,4 +1,5 @@
-"""``tnlora bench`` on the CPU: real LoRA steps through the training path, one parseable table row."""
+"""``tnlora bench train`` / ``decode`` on the CPU: real LoRA steps through the training path, generate() through
+the decoding path, one parseable table row each."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pytest
 import torch
 
 from tnlora import bench
+from tnlora.bench import common, decode
+from tnlora.bench import train as train_bench
 
 
 def _row(out: str) -> list[str]:
@@ -32,11 +35,12 @@ def test_bench_trains_tiny_and_prints_one_row(capsys, monkeypatch):
         return out
 
     monkeypatch.setattr(run, "prepare_for_training", spy)
-    code = bench.main(["--model", "tiny", "--attn", "chunked", "--seq_len", "64", "--batch_size", "2",
-                       "--grad_accum", "1", "--steps", "2", "--warmup", "1", "--name", "tiny smoke"])
+    code = bench.main(["train", "--model", "tiny", "--attention_impl", "chunked", "--seq_len", "64",
+                       "--per_device_train_batch_size", "2", "--steps", "2", "--warmup", "1", "--name", "tiny smoke"])
     out = capsys.readouterr().out
     assert code == 0
-    assert re.search(r"^config: tiny .*attn=chunked", out, re.M)
+    assert re.search(r"^config: tiny .*attention_impl=chunked", out, re.M)
+    assert "resolved: 2 x 64 tokens a micro-batch, 1 a step, packing False" in out
     name, tps, mfu, _peak, step_s, loss = _row(out)
     assert name == "tiny smoke"
     assert float(tps.replace(",", "")) > 0 and float(step_s) > 0
@@ -49,8 +53,8 @@ def test_bench_trains_tiny_and_prints_one_row(capsys, monkeypatch):
 
 def test_bench_trace_writes_a_timeline(tmp_path, capsys):
     trace = tmp_path / "step.json"
-    code = bench.main(["--model", "tiny", "--attn", "chunked", "--seq_len", "32", "--batch_size", "1",
-                       "--grad_accum", "1", "--steps", "1", "--warmup", "1", "--trace", str(trace)])
+    code = bench.main(["train", "--model", "tiny", "--attention_impl", "chunked", "--seq_len", "32",
+                       "--per_device_train_batch_size", "1", "--steps", "1", "--warmup", "1", "--trace", str(trace)])
     assert code == 0 and "timeline:" in capsys.readouterr().out
     events = json.loads(trace.read_text())["traceEvents"]
     assert any(e.get("name") == "aten::mm" for e in events)
@@ -82,9 +86,7 @@ def test_trace_gaps_blames_the_launch_that_ended_a_gap(tmp_path):
 
 
 def test_sync_audit_counts_sync_warnings_by_site_and_first_caller_outside_torch():
-    from tnlora.bench import SyncAudit
-
-    audit = SyncAudit(0)
+    audit = train_bench.SyncAudit(0)
 
     def caller():  # stands in for code calling a torch function that synchronises
         audit._show("called a synchronizing CUDA operation", UserWarning, "/torch/cuda/__init__.py", 1270)
@@ -97,27 +99,34 @@ def test_sync_audit_counts_sync_warnings_by_site_and_first_caller_outside_torch(
     assert "first callers outside torch" in audit.report()
 
 
-def test_bench_fixed_defaults_unless_train_defaults_asked():
-    fixed = bench.parse_args([])
-    assert (fixed.batch_size, fixed.grad_accum, fixed.gradient_checkpointing, fixed.torch_compile) == (
-        4, 4, False, False,
-    )  # fmt: skip
-    train = bench.parse_args(["--train_defaults"])
-    assert (train.batch_size, train.grad_accum, train.gradient_checkpointing, train.torch_compile) == (
-        None, 1, None, None,
-    )  # fmt: skip
-    given = bench.parse_args(["--train_defaults", "--batch_size", "2", "--grad_accum", "3"])
-    assert (given.batch_size, given.grad_accum) == (2, 3)
+def test_bench_passes_run_config_keys_through_and_refuses_bad_ones():
+    from tnlora.errors import ConfigError
+
+    args, keys = train_bench.parse_args(["--model", "tiny", "--gradient_checkpointing", "true", "--lora_rank=4"])
+    assert args.model == "tiny" and keys == {"gradient_checkpointing": "true", "lora_rank": "4"}
+    cfg = train_bench.run_config(args, keys, [(3, 4)], "out")
+    assert cfg.gradient_checkpointing is True and cfg.lora_rank == 4 and cfg.lora_alpha == 8.0
+    with pytest.raises(ConfigError, match="unknown config key 'lora_rnak'"):
+        train_bench.run_config(args, {"lora_rnak": "4"}, [(3, 4)], "out")
+    with pytest.raises(ConfigError, match="--max_steps: set by the bench"):
+        train_bench.run_config(args, {"max_steps": "3"}, [(3, 4)], "out")
+
+
+def test_the_default_lengths_are_package_data_not_a_repository_path(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # nothing of the repository around
+    lengths = train_bench.read_lengths(None)
+    assert len(lengths) > 100 and all(p > 0 and learned > 0 for p, learned in lengths)
 
 
 def test_bench_train_defaults_resolve_as_tnlora_train_does(capsys):
     """On the CPU: 16 packed rows of train's default cutoff_len (1,024), one micro-batch a step, not compiled."""
-    code = bench.main(["--model", "tiny", "--attn", "chunked", "--train_defaults", "--steps", "1", "--warmup", "0"])
+    code = bench.main(["train", "--model", "tiny", "--attention_impl", "chunked", "--packing", "true", "--steps", "1",
+                       "--warmup", "0"])
     out = capsys.readouterr().out
     assert code == 0
     assert ("resolved: 16 x 1024 tokens a micro-batch, 1 a step, packing True, gradient_checkpointing False, "
             "torch_compile False") in out
-    assert re.search(r"^config: tiny .* train_defaults", out, re.M)
+    assert re.search(r"^config: tiny data-shaped", out, re.M)
     _row(out)
 
 
@@ -128,7 +137,7 @@ def test_gpu_memory_cap_is_refused_without_a_gpu_or_beyond_the_card(monkeypatch)
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="--gpu_memory_gib needs a CUDA GPU"):
-        bench.main(["--model", "tiny", "--gpu_memory_gib", "80"])
+        bench.main(["train", "--model", "tiny", "--gpu_memory_gib", "80"])
 
     class Props:
         total_memory = 80 * 2**30
@@ -137,13 +146,14 @@ def test_gpu_memory_cap_is_refused_without_a_gpu_or_beyond_the_card(monkeypatch)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Props())
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", set_to.append)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ConfigError, match=r"not within this card.s 80\.0 GiB"):
-        bench.cap_gpu_memory(96)
-    assert bench.cap_gpu_memory(40) == " gpu_memory=40GiB of 80.0" and set_to == [0.5]
+        common.cap_gpu_memory(96)
+    assert common.cap_gpu_memory(40) == " gpu_memory=40GiB of 80.0" and set_to == [0.5]
 
 
 def test_decode_bench_prints_the_step_alone_and_its_traffic(capsys):
-    code = bench.main(["--decode", "--model", "tiny", "--decode_batch", "2", "--new_tokens", "8"])
+    code = bench.main(["decode", "--model", "tiny", "--batch", "2", "--new_tokens", "8"])
     out = capsys.readouterr().out
     assert code == 0
     rows = [line for line in out.splitlines() if line.startswith("| tiny")]
@@ -156,36 +166,35 @@ def test_decode_bench_prints_the_step_alone_and_its_traffic(capsys):
 def test_decode_step_bytes_are_the_weights_once_and_the_states_twice():
     from tnlora.infer.decode_graph import DecodeStepRunner
 
-    model = bench.build_model("tiny", "auto", "cpu")
+    model = common.random_model("tiny", "auto", "cpu")
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied: counted once below
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     row = model.config.decoder_embed_dim * model.lm_head.weight.element_size()
     states = DecodeStepRunner(model, 3, torch.device("cpu"), capture=False).states
     expected = weights + 3 * row + 2 * sum(s.numel() * s.element_size() for s in states)
-    assert bench.decode_step_bytes(model, 3) == expected
+    assert decode.decode_step_bytes(model, 3) == expected
 
 
 @pytest.mark.parametrize("mode", ["unmerged", "merged"])
 def test_decode_adapter_is_random_lora_kept_or_merged(mode):
     from peft import PeftModel
 
-    args = bench.parse_args(["--decode", "--model", "tiny", "--decode_adapter", mode, "--lora_rank", "4"])
-    base = bench.build_model("tiny", "auto", "cpu")
+    base = common.random_model("tiny", "auto", "cpu")
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
-    net = bench.with_decode_adapter(base, args)
+    net = decode.with_adapter(base, mode, 4, "tiny")
     if mode == "unmerged":
         assert isinstance(net, PeftModel)
         ranks = {p.shape[0] for n, p in net.named_parameters() if "lora_A" in n}
         assert ranks == {4} and all(p.abs().sum() > 0 for n, p in net.named_parameters() if "lora_B" in n)
         # The bytes a step moves: the base's, plus the adapter's weights.
         lora = sum(p.numel() * p.element_size() for n, p in net.named_parameters() if "lora_" in n)
-        assert bench.decode_step_bytes(net, 2) == bench.decode_step_bytes(bench.build_model("tiny", "auto", "cpu"), 2) + lora
+        assert decode.decode_step_bytes(net, 2) == decode.decode_step_bytes(common.random_model("tiny", "auto", "cpu"), 2) + lora
     else:
         assert not isinstance(net, PeftModel) and not any("lora_" in n for n, _ in net.named_parameters())
         changed = [n for n, p in net.named_parameters() if not torch.equal(p, before[n])]
         assert changed and all(n.endswith(("qkvu_proj.weight", "out_proj.weight", ".l1.weight", ".l2.weight",
                                            ".l3.weight")) for n in changed)  # fmt: skip
-    assert bench.with_decode_adapter(base, bench.parse_args(["--decode"])) is base  # "none"
+    assert decode.with_adapter(base, "none", 4, "tiny") is base
 
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -1,0 +1,90 @@
+"""What both benchmarks share: the environment line, a random-weight model on the device, the memory cap and
+the profiler output."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+from tnlora.errors import ConfigError
+
+# Dense bf16 peak of an H100 SXM (datasheet), the MFU denominator; an H200 has the same peak.
+H100_BF16_FLOPS = 989e12
+
+
+def environment_line() -> str:
+    """Card, versions and commit, printed before a benchmark's table."""
+    import transformers
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    versions = [f"torch {torch.__version__}"]
+    for name, label in (("triton", "triton"), ("transformers", "transformers"), ("peft", "peft"), ("fla", "fla-core")):
+        try:
+            module = transformers if name == "transformers" else __import__(name)
+            versions.append(f"{label} {getattr(module, '__version__', '?')}")
+        except ImportError:
+            versions.append(f"{label} -")
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    return f"card {card} | {' | '.join(versions)} | commit {commit or '?'}"
+
+
+def random_model(preset: str, attention_impl: str, device: str) -> torch.nn.Module:
+    """A preset with random weights built directly on ``device``, in bf16 on CUDA (no fp32 CPU copy of a
+    7B), fp32 on the CPU; no cache (training); eval mode is the caller's."""
+    from tnlora.model import TransnormerForCausalLM, config_from_preset
+
+    config = config_from_preset(preset, lightning_impl=attention_impl)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    previous = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        try:
+            torch.set_default_dtype(dtype)
+            with torch.device(device):
+                model = TransnormerForCausalLM(config)
+        finally:
+            torch.set_default_dtype(previous)
+    model.to(dtype)  # also selects the kernels for the device
+    model.config.use_cache = False
+    return model
+
+
+def cap_gpu_memory(gib: float) -> str:
+    """Let this process allocate at most ``gib`` GiB of the current GPU (a smaller card's memory, on this one);
+    returns the note for the config line."""
+    if not torch.cuda.is_available():
+        raise ConfigError("--gpu_memory_gib needs a CUDA GPU")
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    if not 0 < gib * 2**30 <= total:
+        raise ConfigError(f"--gpu_memory_gib: {gib:g} is not within this card's {total / 2**30:.1f} GiB")
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total)
+    return f" gpu_memory={gib:g}GiB of {total / 2**30:.1f}"
+
+
+def profile_region() -> torch.profiler.profile:
+    """A profiler over the CPU and, when there is one, the GPU."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities)
+
+
+def print_profile(prof: torch.profiler.profile, trace: str = "") -> None:
+    """The top kernels (device time when there is a GPU) of a finished profile; the timeline to ``trace``."""
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
+    if trace:
+        prof.export_chrome_trace(trace)
+        print(f"timeline: {trace} (chrome://tracing, or benchmarks/trace_gaps.py)")

@@ -1,0 +1,172 @@
+"""`tnlora bench decode`: greedy ``generate()`` on a preset with random weights, at several batch sizes.
+
+For each batch size: the whole call (prefill included) as tokens/s and ms per new token, and one decode step
+alone, (call − a 1-token call) ÷ (new tokens − 1), with the bytes the step has to move (weights once, the
+recurrent states read and written) as GB/s and as a share of a measured device-to-device copy. With CUDA
+graphs (the default on a GPU, as ``tnlora chat`` runs) the untimed warm-up call captures the step graph; the
+timed call replays it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import time
+from typing import Any, NamedTuple
+
+import torch
+
+from tnlora.bench.common import cap_gpu_memory, environment_line, print_profile, profile_region, random_model
+from tnlora.errors import ConfigError
+
+
+class DecodeResult(NamedTuple):
+    """One batch size's decoding figures."""
+
+    tokens_per_s: float  # the whole generate() call, prefill included, over the batch
+    ms_per_step: float  # the whole call ÷ new tokens
+    step_ms: float  # one decode step alone
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tnlora bench decode", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="7B", help="preset: tiny, 385M, 1B, 7B")
+    parser.add_argument("--batch", default="1,32", help="comma-separated batch sizes")
+    parser.add_argument("--prompt_len", type=int, default=64)
+    parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="decode steps as replayed CUDA graphs (default: on with a GPU)")
+    parser.add_argument("--decode_kernel", default="auto", choices=["auto", "torch", "triton"],
+                        help="the static step's recurrence (config decode_kernel)")
+    parser.add_argument("--adapter", default="none", choices=["none", "unmerged", "merged"],
+                        help="a random LoRA adapter on every linear layer, kept as peft layers or merged into the "
+                             "weights (tnlora chat's default)")
+    parser.add_argument("--lora_rank", type=int, default=8, help="the adapter's rank")
+    parser.add_argument("--gpu_memory_gib", type=float, default=0.0, help="allocate at most this much GPU memory")
+    parser.add_argument("--profile", action="store_true", help="print the top kernels of the timed call")
+    parser.add_argument("--trace", default="", help="profile, and write the timeline (Chrome trace JSON) here")
+    return parser.parse_args(argv)
+
+
+def with_adapter(model: torch.nn.Module, mode: str, rank: int, preset: str) -> torch.nn.Module:
+    """``model`` with a random LoRA adapter of ``rank`` on every linear layer, kept as peft layers ("unmerged",
+    fp32 adapter weights as a loaded adapter has them) or folded into the base weights ("merged"); "none":
+    as it is."""
+    if mode == "none":
+        return model
+    from tnlora.config import RunConfig
+    from tnlora.train.lora import apply_finetuning
+
+    cfg = RunConfig(model_name_or_path=preset, dataset="d", output_dir="o", lora_rank=rank, lora_alpha=2 * rank)
+    net = apply_finetuning(model, cfg)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)  # peft's zero B would merge to nothing (the same kernels either way)
+    return net.merge_and_unload() if mode == "merged" else net
+
+
+def decode_step_bytes(model: torch.nn.Module, batch: int) -> int:
+    """The bytes one decode step has to move at least: every layer's weights, the final norm's and the LM
+    head's read once (the head's although tied to the embedding, of which B rows are read), and each layer's
+    recurrent state read and written."""
+    from tnlora.infer.decode_graph import state_layout
+
+    def size(params: Any) -> int:
+        return sum(p.numel() * p.element_size() for p in params)
+
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # an unmerged adapter's
+    core = model.model
+    weights = size(core.layers.parameters()) + size(core.final_norm.parameters()) + size(model.lm_head.parameters())
+    rows = batch * core.embed_tokens.weight[0].numel() * core.embed_tokens.weight.element_size()
+    states = 0
+    for layer in core.layers:
+        shape, dtype = state_layout(layer.token_mixer, batch)
+        states += 2 * math.prod(shape) * dtype.itemsize
+    return weights + rows + states
+
+
+def copy_bandwidth(size_bytes: int = 2**30, repeats: int = 10) -> float:
+    """Bytes/s of a device-to-device copy (read + write), the median of ``repeats``: what a step bound by
+    memory traffic can reach at most, measured rather than the datasheet's."""
+    src = torch.empty(size_bytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * size_bytes / sorted(times)[len(times) // 2]
+
+
+def decode_bench(
+    model: torch.nn.Module, batch: int, prompt_len: int, new_tokens: int, profile: bool = False, trace: str = ""
+) -> DecodeResult:
+    """Greedy decoding of ``batch`` random prompts through ``generate()``: the whole call and one step alone."""
+    device = next(model.parameters()).device
+    prompt = torch.randint(3, model.config.vocab_size, (batch, prompt_len), device=device)
+
+    def timed(tokens: int, region: Any = None) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with region or contextlib.nullcontext():
+            model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    with torch.inference_mode():
+        timed(4)  # captures the step graph (with CUDA graphs)
+        prof = profile_region() if profile or trace else None
+        seconds = timed(new_tokens, prof)
+        first = sorted(timed(1) for _ in range(3))[1]
+    if prof is not None:
+        print(f"batch {batch}: {1e3 * seconds / new_tokens:.2f} ms/step (profiled)")
+        print_profile(prof, trace)
+    step = (seconds - first) / max(1, new_tokens - 1)
+    return DecodeResult(batch * new_tokens / seconds, 1e3 * seconds / new_tokens, 1e3 * step)
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``tnlora bench decode``."""
+    from tnlora.infer.decode_graph import install_graph_decoding
+    from tnlora.ops.select import kernel_impl
+
+    args = parse_args(argv)
+    print(environment_line(), flush=True)
+    cuda = torch.cuda.is_available()
+    cap = cap_gpu_memory(args.gpu_memory_gib) if args.gpu_memory_gib else ""
+    graphs = cuda if args.graphs is None else args.graphs
+    if graphs and not cuda:
+        raise ConfigError("--graphs needs a CUDA GPU")
+    if args.decode_kernel == "triton" and not graphs:
+        # Only the static CUDA-graph step reads decode_kernel: an eager run would time the torch step.
+        raise ConfigError("--decode_kernel triton needs CUDA-graph decoding (a GPU and --graphs)")
+    kernel = kernel_impl(args.decode_kernel, "cuda", "decode_kernel") if graphs else "torch"
+    print(f"config: {args.model} decode graphs={graphs} decode_kernel={args.decode_kernel} ({kernel}) "
+          f"prompt={args.prompt_len} new_tokens={args.new_tokens} adapter={args.adapter}{cap}", flush=True)
+    model = random_model(args.model, "auto", "cuda" if cuda else "cpu")
+    model = with_adapter(model, args.adapter, args.lora_rank, args.model).eval()
+    model.config.use_cache = True
+    model.config.decode_kernel = args.decode_kernel
+    if graphs:
+        install_graph_decoding(model)
+    copy = copy_bandwidth() if cuda else math.nan
+    if cuda:
+        print(f"copy bandwidth: {copy / 1e9:,.0f} GB/s (device-to-device copies of 1 GiB, read + write)")
+    print("| model | cuda graphs | decode kernel | batch | tokens/s | ms/step | decode step ms | step GB/s | "
+          "of copy bandwidth |\n|---|---|---|---|---|---|---|---|---|")
+    for batch in [int(b) for b in args.batch.split(",")]:
+        r = decode_bench(model, batch, args.prompt_len, args.new_tokens, args.profile, args.trace)
+        rate = decode_step_bytes(model, batch) / (r.step_ms / 1e3)
+        share = f"{100 * rate / copy:.0f}%" if math.isfinite(copy) else "–"
+        print(f"| {args.model} | {graphs} | {kernel} | {batch} | {r.tokens_per_s:,.0f} | {r.ms_per_step:.2f} | "
+              f"{r.step_ms:.2f} | {rate / 1e9:,.0f} | {share} |", flush=True)
+    return 0
