@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 pytest.importorskip("fla.ops.simple_gla", reason="needs fla-core (pip install 'tnlora[gpu]')")
 
-from tnlora.bench import SyncAudit, synthetic_examples
+from tnlora.bench.train import SyncAudit, synthetic_examples
 from tnlora.config import RunConfig, resolve_defaults
 from tnlora.model import TransnormerForCausalLM, config_from_preset
 from tnlora.model.tokenizer import ByteTokenizer
