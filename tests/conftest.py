@@ -1,15 +1,20 @@
 """Fixtures shared by every test package.
 
+``sp_model_file``: a small SentencePiece BPE model in Baichuan-7B's conventions (unk 0, bos 1, eos 2, byte
+fallback, NFKC, dummy prefix, user-defined symbols), trained once per session from tests/fixtures/tokenizer
+(see ``fixture_files.build_sample_sentencepiece``); ``SAMPLE_VOCAB_SIZE`` pieces.
+
 ``official_dir``: a tiny checkpoint directory in the layout of the official OpenNLPLab releases, for any test
 that loads "an official checkpoint":
 
 * ``config.json``: the official 1B file with the sizes shrunk (d = D = 64, 2 layers, 2 heads, glu 128,
   LRPE in layer 0); every other field is kept, ``auto_map``, ``torch_dtype: bfloat16`` and the 64000-token
-  vocabulary included (so the real tokenizer's ids fit), and, like the official file, no ``model_type``.
+  vocabulary included (the sample tokenizer's ids all fit), and, like the official file, no ``model_type``.
 * ``pytorch_model.bin``: bf16 weights written with ``torch.save``, holding BOTH ``model.embed_tokens.weight``
   and ``lm_head.weight`` (one shared storage, as in the hub files); random, seed 0, std 0.02.
-* ``tokenizer.model`` (Baichuan SentencePiece), ``tokenizer_config.json``, ``special_tokens_map.json``,
-  ``generation_config.json``: copied from ../shared beside the repository.
+* ``tokenizer.model``: the session's sample SentencePiece model (``sp_model_file``);
+  ``tokenizer_config.json``, ``special_tokens_map.json``, ``generation_config.json``: the official 1B files
+  (committed under tests/fixtures/models).
 
 The directory is read-only by convention: copy it (``shutil.copytree``) before changing anything.
 """
@@ -25,10 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-# The workplace's shared/ folder lies beside the repository (CI clones the repo elsewhere, shared/ beside it).
-SHARED = (Path(__file__).resolve().parents[1] / ".." / "shared").resolve()
-OFFICIAL_1B = SHARED / "models" / "1B"
-TOKENIZER_MODEL = SHARED / "tokenizers" / "baichuan-7b" / "tokenizer.model"
+from fixture_files import OFFICIAL_CONFIGS, build_sample_sentencepiece
 
 OFFICIAL_DIR_SIZES = {
     "decoder_embed_dim": 64,
@@ -41,12 +43,19 @@ OFFICIAL_DIR_SIZES = {
 
 
 @pytest.fixture(scope="session")
-def official_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sp_model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample SentencePiece model (see the module docstring). Read-only by convention."""
+    return build_sample_sentencepiece(tmp_path_factory.mktemp("sentencepiece"))
+
+
+@pytest.fixture(scope="session")
+def official_dir(tmp_path_factory: pytest.TempPathFactory, sp_model_file: Path) -> Path:
     """A tiny checkpoint directory in the official layout (see the module docstring)."""
     from tnlora.model import TransnormerConfig, TransnormerForCausalLM
 
     out = tmp_path_factory.mktemp("official")
-    config = json.loads((OFFICIAL_1B / "config.json").read_text())
+    official_1b = OFFICIAL_CONFIGS / "1B"
+    config = json.loads((official_1b / "config.json").read_text())
     config.update(OFFICIAL_DIR_SIZES)
     (out / "config.json").write_text(json.dumps(config, indent=4))
 
@@ -57,9 +66,9 @@ def official_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
     torch.save(state, out / "pytorch_model.bin")
 
-    shutil.copy(TOKENIZER_MODEL, out / "tokenizer.model")
+    shutil.copy(sp_model_file, out / "tokenizer.model")
     for name in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-        shutil.copy(OFFICIAL_1B / name, out / name)
+        shutil.copy(official_1b / name, out / name)
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fixture_files import OFFICIAL_CONFIGS, SAMPLE_DATA
 from tnlora import bench
 from tnlora.bench import common, decode
 from tnlora.bench import train as train_bench
@@ -197,28 +199,19 @@ def test_decode_adapter_is_random_lora_kept_or_merged(mode):
     assert decode.with_adapter(base, "none", 4, "tiny") is base
 
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-
-
-def test_e2e_train_script_runs_a_recipe_on_a_random_official_checkpoint(tmp_path):
-    """benchmarks/e2e_train.py (the session-7 figures), shrunk to 2 layers: a checkpoint in the official layout
-    with the real tokenizer, the recipe's dataset registered, `tnlora train` run and timed."""
-    import pytest
-
+def test_e2e_train_script_runs_a_recipe_on_a_random_official_checkpoint(tmp_path, sp_model_file):
+    """benchmarks/e2e_train.py, shrunk to 2 layers: a checkpoint in the official layout (the 7B configuration
+    files, the sample SentencePiece model), the recipe's dataset registered, `tnlora train` run and timed."""
     model_files = tmp_path / "model_files"
     model_files.mkdir()
-    sources = [SHARED / "models" / "7B" / n for n in ("config.json", "tokenizer_config.json",
-                                                      "special_tokens_map.json", "generation_config.json")]
-    sources += [SHARED / "tokenizers" / "baichuan-7b" / "tokenizer.model"]
-    if not all(p.is_file() for p in sources) or not (SHARED / "data" / "identity.json").is_file():
-        pytest.skip("needs ../shared (models, tokenizer, data)")
-    for p in sources:
-        (model_files / p.name).write_bytes(p.read_bytes())
+    for name in ("config.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        shutil.copy(OFFICIAL_CONFIGS / "7B" / name, model_files / name)
+    shutil.copy(sp_model_file, model_files / "tokenizer.model")
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run(
         [sys.executable, str(root / "benchmarks" / "e2e_train.py"), "--recipe",
          str(root / "examples" / "huanhuan_7b_lora_fast.yaml"), "--model_files", str(model_files), "--data",
-         str(SHARED / "data" / "identity.json"), "--work", str(tmp_path / "work"), "--shrink", "--",
+         str(SAMPLE_DATA / "quickstart_alpaca.json"), "--work", str(tmp_path / "work"), "--shrink", "--",
          "--max_steps", "1", "--val_size", "0", "--sample_prompts", "null"],
         capture_output=True, text=True, timeout=300, cwd=root,
     )

@@ -77,6 +77,17 @@ def test_console_script_refusal_in_a_subprocess(tmp_path):
     assert proc.stderr.strip() == "error: finetuning_type: must be one of lora, full, freeze; got 'qlora' (from --finetuning_type)"
 
 
+def test_python_dash_m_tnlora_is_the_command(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "tnlora"]
+    usage = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=120, env=env)
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: tnlora ") and "train" in usage.stdout
+    refused = subprocess.run([*run, "train", *BASE, str(tmp_path / "o"), "--finetuning_type", "qlora"],
+                             capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert refused.returncode == 2
+    assert refused.stderr == "error: finetuning_type: must be one of lora, full, freeze; got 'qlora' (from --finetuning_type)\n"
+
+
 @pytest.mark.parametrize("flag", ["-h", "--help"])
 def test_verb_help_exits_zero(flag, capsys):
     code, out, _ = run_main(["generate", flag], capsys)

@@ -34,13 +34,25 @@ def turns(conv: Conversation) -> list[tuple[str, str]]:
 # Formats
 
 
-def test_shared_registry_loads_datasets_by_name(data_dir):
-    convs = load_conversations("alpaca_en_demo, identity", dataset_dir=data_dir)
+def test_bundled_registry_loads_datasets_by_name(data_dir):
+    convs = load_conversations("quickstart_alpaca, quickstart_chat", dataset_dir=data_dir)
+    assert len(convs) == 50 + 10
+    assert convs[0].source.endswith("quickstart_alpaca.json, record 1")
+    assert turns(convs[0]) == [("user", "What is the capital of France?"),
+                               ("assistant", "The capital of France is Paris.")]  # fmt: skip
+    assert turns(convs[50])[:2] == [("user", "Hi!"), ("assistant", "Hello! How can I help you today?")]
+    assert convs[50].system == "You are Tini, a tiny and friendly assistant."
+    assert len(load_conversations(["quickstart_chat"], dataset_dir=data_dir)) == 10
+
+
+def test_shared_registry_loads_datasets_by_name(shared_data_dir):
+    # LLaMA-Factory's own dataset_info.json (104 entries, most of them hub-only) and two of its demo sets.
+    convs = load_conversations("alpaca_en_demo, identity", dataset_dir=shared_data_dir)
     assert len(convs) == 999 + 91
     assert convs[0].source.endswith("alpaca_en_demo.json, record 1")
     assert turns(convs[999])[0] == ("user", "hi")
     assert "{{name}}" in convs[999].messages[1].content
-    assert len(load_conversations(["identity"], dataset_dir=data_dir)) == 91
+    assert len(load_conversations(["identity"], dataset_dir=shared_data_dir)) == 91
 
 
 def test_alpaca_joins_instruction_and_input_and_keeps_system_and_history(tmp_path):
@@ -100,8 +112,8 @@ def test_registry_columns_tags_split_and_num_samples(tmp_path):
 
 
 def test_plain_paths_still_work_beside_a_registry(tmp_path, data_dir):
-    convs = load_conversations(str(data_dir / "identity.json"), dataset_dir=str(data_dir))
-    assert len(convs) == 91
+    convs = load_conversations(str(data_dir / "quickstart_alpaca.json"), dataset_dir=str(data_dir))
+    assert len(convs) == 50
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -188,9 +200,12 @@ def test_record_that_is_not_an_object(tmp_path):
 
 def test_registry_unknown_name_and_hub_only_entries(tmp_path, data_dir):
     with pytest.raises(DataError, match=r"dataset_info.json: unknown dataset 'nope': not a file and not registered"):
-        load_conversations("identity,nope", dataset_dir=str(data_dir))
+        load_conversations("quickstart_alpaca,nope", dataset_dir=str(data_dir))
+    hub = tmp_path / "hub"  # an entry as LLaMA-Factory's registry writes it
+    write(hub / "dataset_info.json", {"belle_2m": {"hf_hub_url": "BelleGroup/train_2M_CN",
+                                                   "ms_hub_url": "AI-ModelScope/train_2M_CN"}})  # fmt: skip
     with pytest.raises(DataError, match=r"field .belle_2m.: dataset .belle_2m. is hub-only .*needs a local file: download it"):
-        load_conversations("belle_2m", dataset_dir=str(data_dir))
+        load_conversations("belle_2m", dataset_dir=str(hub))
     with pytest.raises(DataError, match="preference \\(ranking\\) dataset"):
         write(tmp_path / "p.json", [GOOD])
         write(tmp_path / "dataset_info.json", {"p": {"file_name": "p.json", "ranking": True}})

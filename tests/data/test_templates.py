@@ -6,6 +6,7 @@ import copy
 
 import pytest
 
+from fixture_files import SAMPLE_VOCAB_SIZE
 from tnlora.data.readers import Message
 from tnlora.data.templates import TEMPLATES, Template, add_template_tokens, get_template
 from tnlora.errors import ConfigError
@@ -81,23 +82,24 @@ def test_bad_templates_are_config_errors(tmp_path):
         Template.load(tmp_path / "nothing.json")
 
 
-def test_stop_strings_and_stop_token_ids(baichuan, byte_tok):
+def test_stop_strings_and_stop_token_ids(sp_tok, byte_tok):
     chatml, transnormer = get_template("chatml"), get_template("transnormer")
     assert chatml.stop_strings == ["<|im_end|>"]
-    assert chatml.stop_token_ids(baichuan) == [2]  # the marker is plain text in the Baichuan vocab
-    assert transnormer.stop_token_ids(baichuan) == [2] and "\nHuman:\n" in transnormer.stop_strings
+    assert chatml.stop_token_ids(sp_tok) == [2]  # the marker is plain text in a SentencePiece vocabulary
+    assert transnormer.stop_token_ids(sp_tok) == [2] and "\nHuman:\n" in transnormer.stop_strings
     ids = add_template_tokens(byte_tok, chatml)
     assert ids == [259, 260]
     assert chatml.stop_token_ids(byte_tok) == [2, 260]
 
 
-def test_add_template_tokens_makes_markers_single_special_tokens(baichuan):
-    tok = copy.deepcopy(baichuan)
+def test_add_template_tokens_makes_markers_single_special_tokens(sp_tok):
+    tok = copy.deepcopy(sp_tok)
+    n = SAMPLE_VOCAB_SIZE
     ids = add_template_tokens(tok, get_template("chatml"))
-    assert ids == [64000, 64001] and len(tok) == 64002
+    assert ids == [n, n + 1] and len(tok) == n + 2
     assert add_template_tokens(tok, get_template("chatml")) == ids  # idempotent
     text = get_template("chatml").render_prompt([Message("user", "hi")], "S")
     encoded = tok(text, add_special_tokens=False)["input_ids"]
-    assert encoded.count(64000) == 3 and encoded.count(64001) == 2
+    assert encoded.count(n) == 3 and encoded.count(n + 1) == 2
     assert add_template_tokens(tok, get_template("transnormer")) == []
-    assert len(baichuan) == 64000  # the shared fixture is untouched
+    assert len(sp_tok) == n  # the session's fixture is untouched

@@ -7,10 +7,24 @@ from pathlib import Path
 
 import pytest
 
+from fixture_files import OFFICIAL_CONFIGS as MODELS
+from fixture_files import needs_shared
 from tnlora.errors import ConfigError
 from tnlora.model import PRESETS, TransnormerConfig, config_from_preset
 
-MODELS = (Path(__file__).resolve().parents[2] / ".." / "shared" / "models").resolve()
+
+@pytest.fixture
+def shared_models() -> Path:
+    return needs_shared("models")
+
+
+@pytest.mark.parametrize("size", ["385M", "1B", "7B"])
+def test_committed_official_files_equal_the_shared_ones(shared_models: Path, size: str) -> None:
+    shared = shared_models / size
+    names = sorted(p.name for p in (MODELS / size).iterdir())
+    assert names == ["config.json", "generation_config.json", "special_tokens_map.json", "tokenizer_config.json"]
+    for name in names:
+        assert (MODELS / size / name).read_bytes() == (shared / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("size", ["385M", "1B", "7B"])

@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from fixture_files import OFFICIAL_CONFIGS as MODELS
 from tnl_helpers import build_model, random_ids
 from tnl_reference import reference_logits
 from tnlora.model import TransnormerConfig, TransnormerForCausalLM
 from tnlora.model.modeling import Lrpe, get_slopes, layer_log_decay, lrpe_theta
 
-MODELS = (Path(__file__).resolve().parents[2] / ".." / "shared" / "models").resolve()
 PARAMS = {"385M": 398_984_192, "1B": 1_020_266_496, "7B": 6_836_719_616}
 
 

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import sentencepiece as spm
 from transformers import AutoTokenizer
 
+from fixture_files import SAMPLE_CORPUS, SAMPLE_DATA, needs_shared
 from tnlora.errors import ConfigError
 from tnlora.model.tokenizer import BaiChuanTokenizer, ByteTokenizer, load_tokenizer
-
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
-SP_MODEL = SHARED / "tokenizers" / "baichuan-7b" / "tokenizer.model"
-DATA = SHARED / "data"
 
 # Texts that exercise each SentencePiece rule: dummy prefix before spaces and before user-defined symbols,
 # NFKC (full-width letters, ideographic space, ligatures, CR, zero-width space), protected user-defined
@@ -59,25 +55,60 @@ def _strings(value) -> list[str]:
     return []
 
 
-@pytest.fixture(scope="module")
-def sp() -> spm.SentencePieceProcessor:
-    return spm.SentencePieceProcessor(model_file=str(SP_MODEL))
+@pytest.fixture(scope="module", params=["sample", "baichuan-7b"])
+def model_file(request, sp_model_file) -> Path:
+    """The session's sample SentencePiece model, and in CI also Baichuan-7B's (the official checkpoints')."""
+    if request.param == "sample":
+        return sp_model_file
+    return needs_shared("tokenizers", "baichuan-7b", "tokenizer.model")
 
 
 @pytest.fixture(scope="module")
-def tok() -> BaiChuanTokenizer:
-    return BaiChuanTokenizer(vocab_file=str(SP_MODEL))
+def sp(model_file) -> spm.SentencePieceProcessor:
+    return spm.SentencePieceProcessor(model_file=str(model_file))
 
 
 @pytest.fixture(scope="module")
-def record_texts() -> list[str]:
-    """Every string field of every record of the shared data files."""
+def tok(model_file) -> BaiChuanTokenizer:
+    return BaiChuanTokenizer(vocab_file=str(model_file))
+
+
+@pytest.fixture(scope="module")
+def record_texts(model_file, sp_model_file) -> list[str]:
+    """Every string field of every record: of the sample data sets, plus the corpus the sample model was
+    trained on (line by line and whole), for the sample model; of the real data sets for Baichuan's."""
+    if model_file == sp_model_file:
+        corpus = SAMPLE_CORPUS.read_text(encoding="utf-8")
+        texts = [*corpus.splitlines(), corpus]
+        texts += _strings(json.loads((SAMPLE_DATA / "quickstart_alpaca.json").read_text(encoding="utf-8")))
+        for line in (SAMPLE_DATA / "quickstart_chat.jsonl").read_text(encoding="utf-8").splitlines():
+            texts += _strings(json.loads(line))
+        assert len(texts) > 250
+        return texts
     texts = []
-    for path in sorted(DATA.glob("*.json")):
+    for path in sorted(needs_shared("data").glob("*.json")):
         if path.name != "dataset_info.json":
             texts += _strings(json.loads(path.read_text(encoding="utf-8")))
     assert len(texts) > 15000
     return texts
+
+
+def test_sentencepiece_models_follow_baichuans_conventions(model_file):
+    # What lets the sample model stand in for Baichuan-7B's, read from each model's proto.
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_file.read_bytes())
+    spec, norm = proto.trainer_spec, proto.normalizer_spec
+    assert spec.model_type == spec.BPE and spec.byte_fallback
+    assert (spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id) == (0, 1, 2, -1)
+    assert [(p.piece, p.type) for p in proto.pieces[:3]] == [("<unk>", 2), ("<s>", 3), ("</s>", 3)]
+    assert (norm.name, norm.add_dummy_prefix, norm.remove_extra_whitespaces, norm.escape_whitespaces) == (
+        "nmt_nfkc", True, False, True,
+    )  # fmt: skip
+    assert sum(p.type == 6 for p in proto.pieces) == 256  # byte pieces
+    user_defined = {p.piece for p in proto.pieces if p.type == 4}
+    assert {"\n", "\t", "<SEP>", "0", "9", "０", "，", "！", "```", "<reserved_5>"} <= user_defined
 
 
 def test_fast_ids_equal_sentencepiece_on_every_record(tok, sp, record_texts):
@@ -122,10 +153,10 @@ def test_special_tokens_and_padding_follow_the_official_config(tok):
     assert 2 not in tok("answer</s>", add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
-def test_decode_round_trips_around_added_tokens():
+def test_decode_round_trips_around_added_tokens(model_file):
     from tokenizers import AddedToken
 
-    tok = BaiChuanTokenizer(vocab_file=str(SP_MODEL))
+    tok = BaiChuanTokenizer(vocab_file=str(model_file))
     tok.add_tokens(
         [AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")],
         special_tokens=True,
@@ -137,24 +168,12 @@ def test_decode_round_trips_around_added_tokens():
     assert tok.decode(ids, skip_special_tokens=True) == "user\n你好 world\nassistant\n Hi there."
 
 
-def _official_layout(tmp_path: Path, request) -> Path:
-    """The conftest ``official_dir`` fixture when present, else a copy of the shared files in that layout."""
-    try:
-        return request.getfixturevalue("official_dir")
-    except pytest.FixtureLookupError:
-        out = tmp_path / "official"
-        out.mkdir()
-        shutil.copy(SP_MODEL, out / "tokenizer.model")
-        for name in ("config.json", "tokenizer_config.json", "special_tokens_map.json"):
-            shutil.copy(SHARED / "models" / "1B" / name, out / name)
-        return out
-
-
 @pytest.mark.parametrize("kwargs", [{}, {"trust_remote_code": False}])
-def test_autotokenizer_loads_an_official_directory_without_remote_code(tmp_path, request, sp, kwargs):
+def test_autotokenizer_loads_an_official_directory_without_remote_code(official_dir, kwargs):
     from tnlora.data.templates import get_template
 
-    directory = _official_layout(tmp_path, request)
+    directory = official_dir
+    sp = spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
     assert not list(directory.glob("*.py"))
     assert (
         json.loads((directory / "tokenizer_config.json").read_text())["tokenizer_class"]
@@ -171,9 +190,8 @@ def test_autotokenizer_loads_an_official_directory_without_remote_code(tmp_path,
     assert prompt.endswith("<|im_start|>assistant\n")
 
 
-def test_load_tokenizer(tmp_path, request):
-    directory = _official_layout(tmp_path, request)
-    tok = load_tokenizer(directory)
+def test_load_tokenizer(tmp_path, official_dir):
+    tok = load_tokenizer(official_dir)
     assert isinstance(tok, BaiChuanTokenizer) and tok.pad_token_id == 0
     assert isinstance(load_tokenizer("tiny"), ByteTokenizer)
     with pytest.raises(ConfigError, match="not a directory"):
@@ -182,11 +200,11 @@ def test_load_tokenizer(tmp_path, request):
         load_tokenizer("1B")
 
 
-def test_fast_tokenizer_save_load_round_trip(tmp_path):
+def test_fast_tokenizer_save_load_round_trip(tmp_path, model_file, sp):
     from tokenizers import AddedToken
 
     text = "<|im_start|>user\n皇上驾到！ 123<|im_end|>"
-    tok = BaiChuanTokenizer(vocab_file=str(SP_MODEL))
+    tok = BaiChuanTokenizer(vocab_file=str(model_file))
     tok.add_tokens([AddedToken("<|im_end|>", special=True, normalized=False)], special_tokens=True)
     tok.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
@@ -195,7 +213,7 @@ def test_fast_tokenizer_save_load_round_trip(tmp_path):
         assert isinstance(loaded, BaiChuanTokenizer)
         assert loaded(text)["input_ids"] == tok(text)["input_ids"]
         assert loaded.chat_template == tok.chat_template and loaded.pad_token_id == 0
-        assert len(loaded) == 64001
+        assert len(loaded) == sp.get_piece_size() + 1
 
 
 def test_byte_tokenizer_ids_and_round_trip():

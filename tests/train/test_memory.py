@@ -3,10 +3,9 @@ and how the default is picked from it."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
+from fixture_files import OFFICIAL_CONFIGS
 from tnlora.config import RunConfig, load_run_config, resolve_defaults
 from tnlora.model import config_from_preset
 from tnlora.ops import select
@@ -18,7 +17,6 @@ from tnlora.train.memory import (
     parameter_count,
 )
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "models"
 GIB = 2**30
 H100_80GB = 79.6 * GIB  # total_memory torch reports for the 80 GB cards
 H200 = 139.8 * GIB
@@ -34,9 +32,8 @@ def test_parameter_counts_are_the_benchmarks_n():
     assert parameter_count(config_from_preset("7B")) == 6_836_719_616
 
 
-@pytest.mark.skipif(not (SHARED / "7B" / "config.json").is_file(), reason="needs ../shared/models")
 def test_model_config_reads_an_official_checkpoint_dir():
-    official, preset = model_config(str(SHARED / "7B")), config_from_preset("7B")
+    official, preset = model_config(str(OFFICIAL_CONFIGS / "7B")), config_from_preset("7B")
     assert (official.decoder_embed_dim, official.decoder_layers, official.vocab_size) == (
         preset.decoder_embed_dim, preset.decoder_layers, preset.vocab_size,
     )  # fmt: skip
