@@ -118,7 +118,7 @@ def test_torch_compile_config_key():
 
 def test_evaluation_runs_compiled_layers_eagerly(tmp_path):
     """Trainer.evaluate compiles nothing (no no-grad variants of the layers' graphs); training still does."""
-    from tnlora.bench import synthetic_examples
+    from tnlora.bench.train import synthetic_examples
     from tnlora.config import RunConfig, resolve_defaults
     from tnlora.model import load_model
     from tnlora.model.tokenizer import ByteTokenizer
