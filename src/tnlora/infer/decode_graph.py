@@ -4,8 +4,7 @@ The inference side installs it on a model (:func:`install_graph_decoding`, done 
 GPU); the model's forward then offers every one-token step to it (``TransnormerForCausalLM.step_decoder``).
 
 An eager decode step of :class:`~tnlora.model.modeling.TransnormerForCausalLM` launches a dozen small kernels
-per layer; at small batch their launches, not the weight reads, set the step time (1B, batch 1: 22 ms per step
-for 0.6 ms of weights). A :class:`DecodeStepRunner` owns static buffers for one batch size
+per layer; at small batch their launches, not the weight reads, set the step time. A :class:`DecodeStepRunner` owns static buffers for one batch size
 
 * inputs: token ids [B, 1], the pad flags of the new token [B, 1] and the position (LRPE offset) as a device
   tensor, so that no Python int is baked into the graph: 0-dim (every row at the cache's position, what
@@ -64,12 +63,12 @@ logger = logging.get_logger(__name__)
 # Graphs kept per model (one per batch size); the oldest goes first. Each holds B·L states and a memory pool.
 MAX_RUNNERS = 4
 # Graphs the step is captured as (consecutive runs of layers, launched one after the other). Splitting would
-# let the GPU start on the first while the host still launches the rest, but it did not pay on an H200 (7B
-# batch 32: 4,901 / 4,887 / 4,793 / 4,872 tokens/s with 1 / 2 / 4 / 8 graphs, benchmarks/decode_parts.py).
+# let the GPU start on the first while the host still launches the rest; measured, it did not pay
+# (benchmarks/RESULTS.md, "What was tried and dropped"), so one graph.
 GRAPH_PARTS = 1
-# The BLAS library the graphs are captured with (PyTorch's preferred_blas_library, set for the capture only).
-# At batch 32, cuBLASLt's kernels for the N = 4,096 projections reach more of the copy bandwidth than cuBLAS's
-# split-K ones (7B out_proj 12.1 vs 13.9 µs, l3 25.1 vs 27.5 µs on an H200, benchmarks/skinny_gemm.py).
+# The BLAS library the graphs are captured with (PyTorch's preferred_blas_library, set for the capture only):
+# at batch 32, cuBLASLt's kernels for the skinny projections move their weights faster than cuBLAS's split-K
+# ones (benchmarks/RESULTS.md).
 GRAPH_BLAS = "cublaslt"
 # Eager runs before capture, on a side stream (PyTorch's CUDA-graph recipe: lazy inits, cuBLAS workspaces).
 WARMUP_STEPS = 2

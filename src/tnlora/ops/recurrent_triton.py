@@ -23,9 +23,8 @@ from torch import Tensor
 from tnlora.ops.recurrent import check_step_shapes
 
 # Tile of one program: BLOCK_K rows of the state (looped over K) by BLOCK_V columns (128-byte row segments,
-# whole sectors). 128 × 32 at 4 warps is 32 fp32 values a thread, which keeps
-# the register count low enough (no spills on sm_90) for 8 programs an SM; 64 × 64 tiles need more than
-# twice the registers.
+# whole sectors). 128 × 32 at 4 warps is 32 fp32 values a thread, few enough registers (no spills on sm_90)
+# for 8 programs an SM; 64 × 64 tiles need more than twice the registers.
 BLOCK_K = 128
 BLOCK_V = 32
 NUM_WARPS = 4

@@ -14,13 +14,11 @@ import torch
 from tnlora.config import RunConfig
 
 # Saved activations in bytes per token, per layer, per unit of model width (decoder_embed_dim), LoRA on every
-# linear layer, bf16, no checkpointing. Measured peaks (benchmarks/RESULTS.md; H200, 7B runs capped at
-# 79.6 GiB), as bytes per unit after the weights: compiled layers 44.6 (1B, 16 × 1,024 tokens, 24.3 GiB), 43.4
-# (7B, 16 × 1,024, 94.0 GiB) and 43.7 (1B, 32 × 1,024, 46.6 GiB); eager layers with the Triton norms
-# (norm_kernel, the default on CUDA) 43.5 (7B, 8 × 1,024, 53.4 GiB) and 43.8 (1B, 32 × 1,024, 45.7 GiB).
-# LoRA dropout keeps each adapted layer's dropped input as well: 52.2 eager and 52.3 compiled (`tnlora train`
-# on huanhuan, 7B, 8 × 1,024, dropout 0.1: 61.6 / 61.7 GiB). The PyTorch norms save an fp32 copy of each
-# norm's input: 55.8 (1B eager, 16 × 1,024, 29.8 GiB) and 60.1 (the huanhuan run: 69.1 GiB). Rounded up.
+# linear layer, bf16, no checkpointing: fitted on measured peaks (benchmarks/RESULTS.md, "Memory estimate
+# against measured peaks") and rounded up, so that each estimate lies a little above its peak
+# (tests/train/test_memory.py holds those peaks). Compiled layers and eager ones with the Triton norms keep
+# about the same; LoRA dropout also keeps each adapted layer's dropped input; the PyTorch norms (eager, no
+# triton) keep an fp32 copy of each norm's input.
 ACTIVATION_BYTES = 46
 ACTIVATION_BYTES_LORA_DROPOUT = 10
 ACTIVATION_BYTES_TORCH_NORMS = 12
