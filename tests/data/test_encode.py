@@ -13,7 +13,6 @@ from tnlora.data import encode
 from tnlora.data.encode import (
     IGNORE_INDEX,
     EncodedExample,
-    LengthGroupedSampler,
     PackingCollator,
     PaddingCollator,
     build_dataset,
@@ -202,17 +201,6 @@ def test_padding_collator_right_pads_with_zero_and_minus_100():
     assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7, -100], [8, -100, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
-
-
-def test_length_grouped_sampler_groups_similar_lengths():
-    lengths = [(i * 37) % 101 for i in range(400)]
-    order = list(LengthGroupedSampler(lengths, batch_size=8, seed=3))
-    assert sorted(order) == list(range(400)) and order == list(LengthGroupedSampler(lengths, 8, seed=3))
-    assert lengths[order[0]] == max(lengths)
-    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b)
-                 for b in (order[k : k + 8] for k in range(0, 400, 8)))  # fmt: skip
-    assert spread < 0.25 * 50 * 100
-    assert encode.SFTDataset(pack_examples([EncodedExample([1, 2], [1, 2])], 8)).lengths == [2]
 
 
 def test_cache_hit_does_not_retokenise(byte_tok, tmp_path, monkeypatch, data_dir):

@@ -12,8 +12,6 @@ from tnlora.config import RunConfig, load_run_config
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-
-
 @pytest.fixture(autouse=True)
 def _single_thread(one_thread) -> Iterator[None]:
     with one_thread():

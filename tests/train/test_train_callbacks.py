@@ -6,7 +6,7 @@ import io
 
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from tnlora.train.callbacks import ProgressCallback, StopAtStepCallback, format_duration
+from tnlora.train.callbacks import ProgressCallback, format_duration
 from tnlora.train.plot import loss_series, plot_loss
 
 
@@ -45,18 +45,6 @@ def test_progress_on_a_terminal_redraws_one_line(tmp_path):
         state.global_step = step
         cb.on_step_end(args, state, control)
     assert stream.getvalue().count("\r\033[K") == 2 and "\n" not in stream.getvalue()
-
-
-def test_stop_at_step_requests_save_and_stop(tmp_path):
-    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
-    state, control = TrainerState(), TrainerControl()
-    cb = StopAtStepCallback(3)
-    state.global_step = 2
-    cb.on_step_end(args, state, control)
-    assert not control.should_training_stop
-    state.global_step = 3
-    cb.on_step_end(args, state, control)
-    assert control.should_training_stop and control.should_save
 
 
 def test_plot_writes_a_png_with_train_and_eval(tmp_path):

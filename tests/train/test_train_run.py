@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import StopAtStep
 from transformers import TrainerCallback
 
 from tnlora.cli import main
 from tnlora.model import load_model
-from tnlora.train.callbacks import StopAtStepCallback
 from tnlora.train.run import (
     TrainingCollator,
     build_datasets,
@@ -113,7 +113,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(make_config, tmp_
     args += ("--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2")
     whole = train(make_config(tmp_path / "whole", *args))
     cut = make_config(tmp_path / "cut", *args)
-    first = train(cut, callbacks=[StopAtStepCallback(3)])
+    first = train(cut, callbacks=[StopAtStep(3)])
     assert first.global_step == 3 and (tmp_path / "cut" / "checkpoint-3").is_dir()
     resumed = train(make_config(tmp_path / "cut", *args, "--resume_from_checkpoint", "true"))
     assert resumed.global_step == 6

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from tnlora.config import RunConfig
 from tnlora.model import TransnormerForCausalLM, config_from_preset
@@ -87,3 +88,16 @@ def assert_bf16_step_matches(
     )
     print(f"{label}: worst LoRA-gradient relative error {worst:.2e}")
     assert worst < tolerance
+
+
+class StopAtStep(TrainerCallback):
+    """Ask the Trainer to stop (saving a checkpoint) after optimizer step ``step``: an orderly interruption."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_save = True
+            control.should_training_stop = True
+        return control

@@ -18,8 +18,7 @@ import hashlib
 import json
 import logging
 import os
-import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -488,58 +487,6 @@ def _ids_labels(item: EncodedExample | dict[str, Any]) -> tuple[list[int], list[
     if isinstance(item, EncodedExample):
         return item.input_ids, item.labels
     return list(item["input_ids"]), list(item["labels"])
-
-
-class SFTDataset(torch.utils.data.Dataset):
-    """Examples (or packed rows) as dicts of lists for the Trainer; ``lengths`` serve length grouping."""
-
-    def __init__(self, items: Sequence[EncodedExample | dict[str, list[int]]]) -> None:
-        self.items = [
-            {"input_ids": it.input_ids, "labels": it.labels} if isinstance(it, EncodedExample) else it
-            for it in items
-        ]
-        self.lengths = [len(it["input_ids"]) for it in self.items]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
-        return self.items[index]
-
-
-class LengthGroupedSampler(torch.utils.data.Sampler[int]):
-    """Random order in which each run of ``batch_size`` indices has similar lengths (less padding).
-
-    Indices are shuffled, cut into mega-batches of ``batch_size * mega``, sorted by length inside each, and
-    the longest batch goes first (an out-of-memory error shows up at step one). Deterministic per seed/epoch.
-    """
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, mega: int = 50) -> None:
-        self.lengths, self.batch_size, self.seed, self.mega, self.epoch = list(lengths), batch_size, seed, mega, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(length_grouped_order(self.lengths, self.batch_size, self.seed + self.epoch, self.mega))
-
-
-def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int = 0, mega: int = 50) -> list[int]:
-    """The index order of ``LengthGroupedSampler``."""
-    order = list(range(len(lengths)))
-    random.Random(seed).shuffle(order)
-    size = max(1, batch_size * mega)
-    chunks = [sorted(order[i : i + size], key=lambda j: -lengths[j]) for i in range(0, len(order), size)]
-    flat = [j for chunk in chunks for j in chunk]
-    if flat:
-        longest = max(range(len(flat)), key=lambda k: lengths[flat[k]]) // batch_size
-        batches = [flat[i : i + batch_size] for i in range(0, len(flat), batch_size)]
-        batches[0], batches[longest] = batches[longest], batches[0]
-        flat = [j for b in batches for j in b]
-    return flat
 
 
 @dataclass

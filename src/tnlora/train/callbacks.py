@@ -90,16 +90,3 @@ class ProgressCallback(TrainerCallback):
         prefix = "\r\033[K" if self.tty else ""
         self.stream.write(prefix + line + "\n")
         self.stream.flush()
-
-
-class StopAtStepCallback(TrainerCallback):
-    """Ask the Trainer to stop (saving a checkpoint) after optimizer step ``step`` — an orderly interruption."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
-        if state.global_step >= self.step:
-            control.should_save = True
-            control.should_training_stop = True
-        return control

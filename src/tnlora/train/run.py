@@ -521,12 +521,6 @@ def uncompile_decoder_layers(model) -> None:
             vars(layer.token_mixer).pop(step, None)
 
 
-def build_model_and_tokenizer(cfg: RunConfig):
-    """(model, tokenizer) exactly as ``train`` builds them."""
-    tokenizer = build_tokenizer(cfg)
-    return build_model(cfg, tokenizer), tokenizer
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Trainer
 
