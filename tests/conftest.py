@@ -79,3 +79,31 @@ def one_torch_thread() -> Iterator[None]:
 def one_thread():
     """The ``one_torch_thread`` context manager, for fixtures wider than a test."""
     return one_torch_thread
+
+
+def write_tiny_checkpoint(directory: Path, official_layout: bool = True) -> Path:
+    """The tiny preset as a checkpoint directory (safetensors + the byte tokenizer's files), needing nothing
+    beside the repository. With ``official_layout`` its config.json is shaped like the official releases': no
+    ``model_type``, an ``auto_map`` naming remote code, and the named .py file present (never run)."""
+    from tnlora.model import load_model
+    from tnlora.model.tokenizer import ByteTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    load_model("tiny").save_pretrained(str(directory))
+    ByteTokenizer().save_pretrained(str(directory))
+    if official_layout:
+        config = json.loads((directory / "config.json").read_text())
+        config.pop("model_type", None)
+        config["auto_map"] = {
+            "AutoConfig": "configuration_transnormer.TransnormerConfig",
+            "AutoModelForCausalLM": "modeling_transnormer.TransnormerForCausalLM",
+        }
+        (directory / "config.json").write_text(json.dumps(config, indent=2))
+        (directory / "modeling_transnormer.py").write_text("raise RuntimeError('remote code must never run')\n")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_official_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset saved in the official layout (``write_tiny_checkpoint``); read-only by convention."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-official") / "TransNormerLLM-tiny")

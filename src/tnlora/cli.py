@@ -230,6 +230,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         max_shard_size_gb=args.export_size,
         device=args.export_device,
+        template=args.template,
     )
     print(f"merged model written to {out}", file=sys.stderr)
     return 0
@@ -341,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--adapter", required=True)
         p.add_argument("--output", required=True, help="the directory to write (export_dir)")
         p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-        p.add_argument("--template", help="accepted for LLaMA-Factory YAMLs; the adapter's template is exported")
+        p.add_argument("--template", help="chat template to export (default: the one the adapter was trained with)")
         p.add_argument("--export_size", type=int, default=None, help="at most this many GB per weights file")
         p.add_argument("--export_device", default="cpu", choices=("cpu", "auto"), help="auto: merge on the GPU")
         p.add_argument("--export_legacy_format", type=_bool, nargs="?", const=True, default=False,

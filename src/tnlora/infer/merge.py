@@ -30,13 +30,15 @@ def merge_adapter(
     overwrite: bool = False,
     max_shard_size_gb: int | None = None,
     device: str = "cpu",
+    template: str | None = None,
 ) -> Path:
     """Fold the adapter into the base weights and save model, tokenizer, template and chat template.
 
     The merge happens in fp32 (adding a low-rank product to bf16 weights would round it away), then the
     result is cast to ``dtype`` ("auto": the base checkpoint's dtype, fp32 for presets). ``device`` "auto" merges
     on the GPU when there is one (LLaMA-Factory's ``export_device``); ``max_shard_size_gb`` splits the weights
-    into files of at most that many GB (``export_size``).
+    into files of at most that many GB (``export_size``). ``template`` overrides the adapter's saved template
+    (the exported chat template).
     """
     output = Path(output)
     if device not in EXPORT_DEVICES:
@@ -52,7 +54,9 @@ def merge_adapter(
         overwrite_flag="--overwrite to replace it",
         inputs={"the adapter": adapter, "the adapter's run": run_dir, "the base model": _local(base)},
     )
-    loaded = load_for_inference(model, adapter, dtype="float32", device="auto" if device == "auto" else "cpu")
+    loaded = load_for_inference(
+        model, adapter, template=template, dtype="float32", device="auto" if device == "auto" else "cpu"
+    )
     target = _target_dtype(loaded.base, dtype)
     merged = loaded.model.merge_and_unload()
     merged.to(device="cpu", dtype=target)
