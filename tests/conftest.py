@@ -107,3 +107,30 @@ def write_tiny_checkpoint(directory: Path, official_layout: bool = True) -> Path
 def tiny_official_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny preset saved in the official layout (``write_tiny_checkpoint``); read-only by convention."""
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-official") / "TransNormerLLM-tiny")
+
+
+HUB_REPO = "OpenNLPLab/TransNormerLLM-7B"
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, tiny_official_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An offline Hugging Face cache holding ``HUB_REPO`` (the tiny preset in the official layout), laid out as
+    huggingface_hub lays one out (models--owner--name/snapshots/<commit>/…, refs/main); returns the snapshot.
+
+    HF_HUB_CACHE and HF_HUB_OFFLINE point at it, for subprocesses; huggingface_hub reads them into its
+    ``constants`` at import, so those are set for this process too.
+    """
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    repo = cache / ("models--" + HUB_REPO.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(tiny_official_dir, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return snapshot
