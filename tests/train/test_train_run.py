@@ -537,3 +537,33 @@ def test_out_of_memory_is_one_line_naming_the_keys(make_config, tmp_path):
         "cutoff_len); try gradient_checkpointing: true, or use_unsloth_gc: true (layer inputs kept in CPU "
         "memory), or a per_device_train_batch_size below 16"
     )
+
+
+def test_trainer_keys_reach_the_training_arguments(make_config, tmp_path):
+    from tnlora.config import resolve_defaults
+    from tnlora.train.run import training_arguments
+
+    cfg = resolve_defaults(make_config(
+        tmp_path / "o", "--val_size", "4", "--eval_strategy", "epoch", "--save_strategy", "epoch",
+        "--logging_strategy", "epoch", "--save_only_model", "true", "--ddp_timeout", "180000000",
+        "--ddp_find_unused_parameters", "false", "--run_name", "r1", "--lr_scheduler_type", "cosine_with_restarts",
+        "--lr_scheduler_kwargs", '{"num_cycles": 2}', "--save_total_limit", "2", "--weight_decay", "0.01",
+        "--per_device_eval_batch_size", "3", "--dataloader_num_workers", "1",
+    ), cuda=False, cuda_bf16=False)  # fmt: skip
+    args = training_arguments(cfg, has_eval=True)
+    # (the strategies are str enums of transformers: equal to their names)
+    assert (args.eval_strategy, args.save_strategy, args.logging_strategy) == ("epoch", "epoch", "epoch")
+    assert (args.save_only_model, args.ddp_timeout, args.ddp_find_unused_parameters) == (True, 180000000, False)
+    assert (args.run_name, args.lr_scheduler_kwargs, args.save_total_limit) == ("r1", {"num_cycles": 2}, 2)
+    assert (args.weight_decay, args.per_device_eval_batch_size, args.dataloader_num_workers) == (0.01, 3, 1)
+    assert training_arguments(cfg, has_eval=False).eval_strategy == "no"
+
+
+def test_tokens_seen_are_logged_when_asked_and_tensorboard_goes_to_logging_dir(make_config, tmp_path):
+    result = train(make_config(tmp_path / "o", "--max_steps", "2", "--logging_steps", "1",
+                               "--include_num_input_tokens_seen", "true", "--report_to", "tensorboard",
+                               "--logging_dir", str(tmp_path / "tb")))  # fmt: skip
+    logged = [e["num_input_tokens_seen"] for e in result.log_history if "loss" in e]
+    assert len(logged) == 2 and 0 < logged[0] < logged[1]
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert not (tmp_path / "o" / "runs").exists()
