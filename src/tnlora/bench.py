@@ -27,11 +27,12 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
-
-import torch
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tnlora.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch  # imported inside the functions: `tnlora bench --help` must not load it
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM (datasheet), the MFU denominator of issue 5
 
@@ -50,6 +51,7 @@ class BenchResult:
 
 def environment_line() -> str:
     """Card, versions and commit, for the table header."""
+    import torch
     import transformers
 
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
@@ -81,6 +83,8 @@ def synthetic_examples(
     lengths: list[tuple[int, int]], vocab_size: int, seed: int = 0
 ) -> list[Any]:
     """Random-id examples with the given (prompt, learned) token counts; prompts masked like real data."""
+    import torch
+
     from tnlora.data.encode import IGNORE_INDEX, EncodedExample
 
     gen = torch.Generator().manual_seed(seed)
@@ -103,6 +107,8 @@ def read_lengths(path: str | Path) -> list[tuple[int, int]]:
 def build_model(preset: str, attention_impl: str, device: str) -> torch.nn.Module:
     """A preset with random weights built directly on ``device``, in bf16 on CUDA (no fp32 CPU copy of a
     7B), fp32 on the CPU."""
+    import torch
+
     from tnlora.model import TransnormerForCausalLM, config_from_preset
     from tnlora.train.run import set_attention_impl
 
@@ -149,6 +155,8 @@ class _StepTimer:
         return "python gc in the timed steps: " + (", ".join(parts) if parts else "none")
 
     def on_step_end(self, args, state, control, **kwargs):
+        import torch
+
         if state.global_step not in (self.warmup, state.max_steps):
             return control
         if torch.cuda.is_available():
@@ -173,6 +181,8 @@ class _StepTimer:
 
 
 def _profile_region() -> torch.profiler.profile:
+    import torch
+
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -181,6 +191,8 @@ def _profile_region() -> torch.profiler.profile:
 
 def _print_profile(prof: torch.profiler.profile, trace: str = "") -> None:
     """The top kernels (device time when there is a GPU) of a finished profile; the timeline to ``trace``."""
+    import torch
+
     key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
     if trace:
@@ -201,6 +213,8 @@ class _Profiler:
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
+        import torch
+
         if self.prof is not None and state.global_step == self.warmup + 1:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
@@ -218,6 +232,8 @@ class _Profiler:
 def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: str) -> BenchResult:
     """Real LoRA training steps through ``build_trainer``; figures from the timed steps after warm-up."""
     import tempfile
+
+    import torch
 
     from tnlora.config import RunConfig
     from tnlora.model.tokenizer import ByteTokenizer
@@ -306,6 +322,8 @@ def train_bench(args: argparse.Namespace, lengths: list[tuple[int, int]], name: 
 
 def decode_cuda_graphs(args: argparse.Namespace) -> bool:
     """``--cuda_graphs`` as given, else on exactly when a GPU is present (the fast default)."""
+    import torch
+
     return torch.cuda.is_available() if args.cuda_graphs is None else args.cuda_graphs
 
 
@@ -321,6 +339,8 @@ def with_decode_adapter(model: torch.nn.Module, args: argparse.Namespace) -> tor
     """``model`` with ``--decode_adapter``: a random LoRA adapter of rank ``--lora_rank`` on every linear
     layer, kept as peft layers ("unmerged", fp32 adapter weights as a loaded adapter has them) or folded into
     the base weights ("merged", as ``tnlora chat`` / ``generate`` load one by default); "none": as it is."""
+    import torch
+
     if args.decode_adapter == "none":
         return model
     from tnlora.config import RunConfig
@@ -359,6 +379,8 @@ def decode_step_bytes(model: torch.nn.Module, batch: int) -> int:
 def copy_bandwidth(size_bytes: int = 2**30, repeats: int = 10) -> float:
     """Bytes/s of a device-to-device copy (read + write), the median of ``repeats``: what a step bound by
     memory traffic can reach at most, measured rather than the datasheet's."""
+    import torch
+
     src = torch.empty(size_bytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -381,6 +403,8 @@ def decode_bench(args: argparse.Namespace, batch: int) -> DecodeResult:
     replays it (as every later ``generate()`` of a chat or a batch job would). The step alone is the timed
     call less a 1-token call (the prefill and generate()'s set-up), over the remaining steps.
     """
+    import torch
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = getattr(args, "_decode_model", None)
     if model is None:
@@ -428,6 +452,8 @@ class SyncAudit:
         self._record: warnings.catch_warnings | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
+        import torch
+
         if state.global_step == self.warmup and torch.cuda.is_available():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # switching the mode on counts as a sync itself (torch 2.11)
@@ -443,6 +469,8 @@ class SyncAudit:
         return control
 
     def _show(self, message, category, filename, lineno, file=None, line=None) -> None:
+        import torch
+
         if "synchroniz" not in str(message):
             return
         self.sites[f"{filename}:{lineno}"] += 1
@@ -453,6 +481,8 @@ class SyncAudit:
                 break
 
     def _close(self) -> None:
+        import torch
+
         torch.cuda.set_sync_debug_mode("default")
         self._record.__exit__(None, None, None)
         self._record = None
@@ -536,6 +566,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def cap_gpu_memory(gib: float) -> str:
     """Let this process allocate at most ``gib`` GiB of the current GPU; the config line's note."""
+    import torch
+
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     if not 0 < gib * 2**30 <= total:
         raise ConfigError(f"--gpu_memory_gib: {gib:g} is not within this card's {total / 2**30:.1f} GiB")
@@ -545,7 +577,9 @@ def cap_gpu_memory(gib: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``tnlora bench``."""
-    args = parse_args(argv)
+    args = parse_args(argv)  # before torch loads: --help answers at once
+    import torch
+
     print(environment_line(), flush=True)
     cap = ""
     if args.gpu_memory_gib:
