@@ -114,10 +114,12 @@ def _read_into(stream, buffer: bytearray) -> None:
         buffer.extend(chunk)
 
 
-def _wait_for(condition, seconds: float = 120) -> None:
+def _wait_for(condition, proc: subprocess.Popen, out: bytearray, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
-        assert time.monotonic() < deadline, "timed out"
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"exit {proc.poll()}; stdout {bytes(out[-300:])!r}; stderr {proc.stderr.read()!r}")
         time.sleep(0.05)
 
 
@@ -132,12 +134,13 @@ def test_sigint_stops_a_streamed_reply_and_at_the_prompt_exits_130():
     threading.Thread(target=_read_into, args=(proc.stdout, out), daemon=True).start()
     try:
         for question in (b"Hi\n", b"Hello\n"):
+            n = out.count(b"assistant: ")  # before asking: the reply may start at once
             proc.stdin.write(question)
             proc.stdin.flush()
-            n = out.count(b"assistant: ")
-            _wait_for(lambda n=n: out.count(b"assistant: ") > n and len(out.rsplit(b"assistant: ", 1)[1]) > 10)
+            _wait_for(lambda n=n: out.count(b"assistant: ") > n and len(out.rsplit(b"assistant: ", 1)[1]) > 10,
+                      proc, out)  # fmt: skip
             proc.send_signal(signal.SIGINT)  # while the reply streams
-            _wait_for(lambda n=n: out.count(b"(reply stopped") > n)
+            _wait_for(lambda n=n: out.count(b"(reply stopped") > n, proc, out)
         proc.send_signal(signal.SIGINT)  # at the prompt
         code = proc.wait(timeout=120)
     finally:
