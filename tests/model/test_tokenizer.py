@@ -176,7 +176,7 @@ def test_load_tokenizer(tmp_path, request):
     tok = load_tokenizer(directory)
     assert isinstance(tok, BaiChuanTokenizer) and tok.pad_token_id == 0
     assert isinstance(load_tokenizer("tiny"), ByteTokenizer)
-    with pytest.raises(ConfigError, match="is neither a preset .* a checkpoint directory nor a Hugging Face Hub id"):
+    with pytest.raises(ConfigError, match=r"is neither a preset .* a checkpoint directory nor a Hugging Face Hub id"):
         load_tokenizer(tmp_path / "missing")
     with pytest.raises(ConfigError, match="preset '1B'"):
         load_tokenizer("1B")
