@@ -18,7 +18,7 @@ print(f"{torch.cuda.get_device_name(0)}: {total / 2**30:.1f} GiB; decode_kernel 
 for model, extra in [("1B", []), ("7B", []), ("7B", ["--cutoff_len", "16384", "--per_device_train_batch_size", "4"])]:
     with tempfile.TemporaryDirectory() as out:
         cfg = load_run_config(None, ["--model_name_or_path", model, "--dataset", "d", "--output_dir", out, *extra])
-        cfg, _ = preflight(cfg)
+        cfg, _, _ = preflight(cfg)
         need = memory_without_checkpointing(model_config(model), cfg) / 2**30
         print(f"| {model} | {cfg.per_device_train_batch_size} x {cfg.cutoff_len} | estimate {need:.1f} GiB | "
               f"gradient_checkpointing {cfg.gradient_checkpointing} | compile {cfg.torch_compile} |")

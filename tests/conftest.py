@@ -88,3 +88,58 @@ def one_torch_thread() -> Iterator[None]:
 def one_thread():
     """The ``one_torch_thread`` context manager, for fixtures wider than a test."""
     return one_torch_thread
+
+
+def write_tiny_checkpoint(directory: Path, official_layout: bool = True) -> Path:
+    """The tiny preset as a checkpoint directory (safetensors + the byte tokenizer's files), needing nothing
+    beside the repository. With ``official_layout`` its config.json is shaped like the official releases': no
+    ``model_type``, an ``auto_map`` naming remote code, and the named .py file present (never run)."""
+    from tnlora.model import load_model
+    from tnlora.model.tokenizer import ByteTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    load_model("tiny").save_pretrained(str(directory))
+    ByteTokenizer().save_pretrained(str(directory))
+    if official_layout:
+        config = json.loads((directory / "config.json").read_text())
+        config.pop("model_type", None)
+        config["auto_map"] = {
+            "AutoConfig": "configuration_transnormer.TransnormerConfig",
+            "AutoModelForCausalLM": "modeling_transnormer.TransnormerForCausalLM",
+        }
+        (directory / "config.json").write_text(json.dumps(config, indent=2))
+        (directory / "modeling_transnormer.py").write_text("raise RuntimeError('remote code must never run')\n")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_official_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset saved in the official layout (``write_tiny_checkpoint``); read-only by convention."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-official") / "TransNormerLLM-tiny")
+
+
+HUB_REPO = "OpenNLPLab/TransNormerLLM-7B"
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, tiny_official_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An offline Hugging Face cache holding ``HUB_REPO`` (the tiny preset in the official layout), laid out as
+    huggingface_hub lays one out (models--owner--name/snapshots/<commit>/…, refs/main); returns the snapshot.
+
+    HF_HUB_CACHE and HF_HUB_OFFLINE point at it, for subprocesses; huggingface_hub reads them into its
+    ``constants`` at import, so those are set for this process too.
+    """
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    repo = cache / ("models--" + HUB_REPO.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(tiny_official_dir, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return snapshot

@@ -101,3 +101,91 @@ def test_data_inspect_reports_on_the_sample_data(capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "records: 10, conversations: 10" in out and "⟦<|im_start|>system" in out
+
+
+def test_help_and_version_never_import_torch():
+    code = (
+        "import sys\n"
+        "from tnlora.cli import main\n"
+        "codes = [main(argv) for argv in (['--help'], ['--version'], ['train', '--help'], ['chat', '--help'],\n"
+        "         ['generate', '--help'], ['merge', '--help'], ['export', '--help'], ['eval', '--help'],\n"
+        "         ['prepare', '--help'], ['data', 'inspect', '--help'], ['bench', '--help'])]\n"
+        "assert codes == [0] * 11, codes\n"
+        "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "tnlora 0.1.0" in proc.stdout
+
+
+def test_version(capsys):
+    from tnlora import __version__
+
+    code, out, _ = run_main(["--version"], capsys)
+    assert code == 0 and out == f"tnlora {__version__}\n"
+
+
+def test_train_help_shows_defaults_and_choices(capsys):
+    code, out, _ = run_main(["train", "--help"], capsys)
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert code == 0
+    assert lines["lora_rank"].endswith("(default 8)")
+    assert lines["lr_scheduler_type"].endswith("(default linear; one of linear, cosine, cosine_with_restarts, "
+                                               "polynomial, constant, constant_with_warmup, inverse_sqrt)")  # fmt: skip
+    assert lines["model_name_or_path"].endswith("(required)")
+    assert "refused when set (features tnlora does not have): deepspeed" in out
+
+
+def test_key_value_overrides_beside_dashed_ones(capsys, tmp_path):
+    # LLaMA-Factory's form: the first problem found names the key, whichever form it came in
+    code, _, err = run_main(["train", "model_name_or_path=tiny", "dataset=d.json", f"output_dir={tmp_path}",
+                             "lora_rank=eight"], capsys)  # fmt: skip
+    assert code == 2 and err == "error: lora_rank: expected an integer, got 'eight' (from --lora_rank)\n"
+    code, _, err = run_main(["chat", "max_new_tokens=0", "--model", "tiny"], capsys)
+    assert code == 2 and err == "error: --max_new_tokens: must be >= 1, got 0\n"
+
+
+def test_verb_yaml_maps_llamafactory_keys_and_later_options_win(tmp_path, capsys):
+    from tnlora.cli import build_parser, expand_verb_argv
+
+    config = tmp_path / "infer.yaml"
+    config.write_text(
+        "model_name_or_path: tiny\nadapter_name_or_path: saves/x\ntemplate: chatml\nfinetuning_type: lora\n"
+        "trust_remote_code: true\ninfer_backend: huggingface\ninfer_dtype: float32\nmax_new_tokens: 7\n"
+        "do_sample: false\n"
+    )
+    parser = build_parser()
+    argv = expand_verb_argv(parser, ["chat", str(config), "temperature=0.3", "--max_new_tokens", "9"])
+    args = parser.parse_args(argv)
+    assert (args.model, args.adapter, args.template, args.dtype) == ("tiny", "saves/x", "chatml", "float32")
+    assert (args.max_new_tokens, args.do_sample, args.temperature) == (9, False, 0.3)
+    assert "trust_remote_code: ignored; tnlora never runs a model's remote code" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("infer_backend: vllm", "error: infer_backend: this inference backend (tnlora generates with transformers) "
+                                "is not available in tnlora chat; got 'vllm'"),
+        ("export_hub_model_id: me/model", "error: export_hub_model_id: uploading to the Hugging Face Hub is not "
+                                          "available in tnlora; got 'me/model'"),
+        ("adapter_name_or_path: a,b", "error: adapter_name_or_path: one adapter at a time"),
+        ("max_new_token: 5", "error: unknown key 'max_new_token' in"),
+    ],
+)
+def test_verb_yaml_refusals_are_one_line(tmp_path, capsys, line, message):
+    config = tmp_path / "infer.yaml"
+    config.write_text(f"model_name_or_path: tiny\n{line}\n")
+    code, _, err = run_main(["chat", str(config)], capsys)
+    assert code == 2 and err.startswith(message) and err.count("\n") == 1
+
+
+def test_data_inspect_defaults_to_chatml_and_says_which_tokenizer_counts(capsys):
+    data_dir = str(Path(__file__).resolve().parents[1] / "examples" / "data")
+    code = main(["data", "inspect", "quickstart_chat", "--dataset_dir", data_dir, "--color", "false"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "template: chatml; tokenizer: ByteTokenizer" in captured.out
+    assert captured.err == ("note: no --model given: tokens are counted with the byte tokenizer of the tiny "
+                            "preset; pass --model DIR for the model's own tokenizer\n")  # fmt: skip

@@ -103,8 +103,8 @@ def test_bad_range_is_refused(override, expected):
     [
         (["--finetuning_type", "qlora"], "finetuning_type: must be one of lora, full, freeze; got 'qlora'"),
         (["--lr_scheduler_type", "cosine_annealing"], "lr_scheduler_type: must be one of linear, cosine"),
-        (["--report_to", "wandb"], "report_to: must be one of none, tensorboard; got 'wandb'"),
-        (["--stage", "dpo"], "stage: must be one of sft"),
+        (["--report_to", "wandb"], "report_to: logging to Weights & Biases ('wandb') is not available in tnlora"),
+        (["--stage", "dpo"], "stage: DPO ('dpo') is not available in tnlora, which trains sft only"),
         (["--attention_impl", "flash"], "attention_impl: must be one of auto, chunked"),
     ],
 )
@@ -138,8 +138,9 @@ def test_yaml_problems_are_one_line(tmp_path):
 def test_resume_from_checkpoint_words():
     assert load_run_config(None, [*BASE, "--resume_from_checkpoint", "true"]).resume_from_checkpoint is True
     assert load_run_config(None, [*BASE, "--resume_from_checkpoint", "false"]).resume_from_checkpoint is None
+    # a checkpoint path is recorded absolute, like every path of a run
     assert load_run_config(None, [*BASE, "--resume_from_checkpoint", "o/checkpoint-3"]).resume_from_checkpoint == (
-        "o/checkpoint-3"
+        str(Path.cwd() / "o" / "checkpoint-3")
     )
 
 
@@ -202,3 +203,76 @@ def test_example_configs_are_valid(name):
         assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == (4, 4)
         assert (cfg.learning_rate, cfg.num_train_epochs, cfg.cutoff_len) == (1e-4, 3, 384)
         assert cfg.gradient_checkpointing
+
+
+def test_llamafactory_and_trainer_keys_are_accepted_with_their_meaning(tmp_path):
+    path = write_yaml(tmp_path, (
+        "model_name_or_path: tiny\ntrust_remote_code: true\nstage: sft\ndo_train: true\ndataset: d.json\n"
+        "output_dir: o\npreprocessing_num_workers: 16\ndataloader_num_workers: 4\nsave_only_model: true\n"
+        "ddp_timeout: 180000000\nval_size: 0.1\neval_strategy: epoch\nper_device_eval_batch_size: 1\n"
+        "save_strategy: epoch\nlogging_strategy: steps\nsave_total_limit: 2\nweight_decay: 0.01\nbf16: true\n"
+        "fp16: false\nlr_scheduler_kwargs: {num_cycles: 2}\nrun_name: r1\nlogging_dir: logs\n"
+        "include_num_input_tokens_seen: true\nddp_find_unused_parameters: false\nreport_to: none\n"
+        "neat_packing: true\ndisable_gradient_checkpointing: true\ndefault_system: Be brief.\n"
+        "quantization_bit: null\ndeepspeed: null\nflash_attn: auto\nresume_from_checkpoint: null\n"
+    ))  # fmt: skip
+    cfg = load_run_config(path)
+    assert cfg.trust_remote_code and cfg.preprocessing_num_workers == 16 and cfg.dataloader_num_workers == 4
+    assert (cfg.save_only_model, cfg.ddp_timeout, cfg.eval_strategy, cfg.save_strategy) == (True, 180000000, "epoch", "epoch")
+    assert cfg.lr_scheduler_kwargs == {"num_cycles": 2} and cfg.run_name == "r1"
+    assert cfg.include_num_input_tokens_seen and cfg.ddp_find_unused_parameters is False
+    assert (cfg.packing, cfg.gradient_checkpointing, cfg.system) == (True, False, "Be brief.")  # the aliases
+    assert cfg.logging_dir == str(Path.cwd() / "logs")
+    # from the command line: a JSON mapping
+    assert load_run_config(None, [*BASE, "--lr_scheduler_kwargs", '{"power": 2.0}']).lr_scheduler_kwargs == {"power": 2.0}
+    # the tnlora key wins over its LLaMA-Factory alias
+    assert load_run_config(None, [*BASE, "--neat_packing", "true", "--packing", "false"]).packing is False
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (["--quantization_bit", "4"], "quantization_bit: quantized (QLoRA) training is not available in tnlora; got '4'"),
+        (["--deepspeed", "ds_z3.json"], "deepspeed: DeepSpeed is not available in tnlora"),
+        (["--use_galore", "true"], "use_galore: the GaLore optimizer is not available in tnlora"),
+        (["--fp16", "true"], "fp16: fp16 mixed precision is not available in tnlora (use bf16: true"),
+        (["--flash_attn", "fa2"], "flash_attn: a softmax-attention kernel"),
+        (["--eval_strategy", "steps"], "eval_strategy: steps needs an eval set; set val_size"),
+        (["--eval_dataset", "e.json", "--val_size", "0.1"], "eval_dataset: set either eval_dataset or val_size"),
+        (["--eval_delay", "1"], "unknown config key 'eval_delay': a TrainingArguments option tnlora does not pass on"),
+    ],
+)
+def test_features_tnlora_lacks_are_refused_naming_them(override, expected):
+    assert refusal(override).startswith(expected)
+
+
+def test_the_stage_is_checked_first(tmp_path):
+    path = write_yaml(tmp_path, "model_name_or_path: tiny\ndataset: d\noutput_dir: o\npref_beta: 0.1\nstage: dpo\n")
+    with pytest.raises(ConfigError, match=r"^stage: DPO \('dpo'\) is not available in tnlora, which trains sft only$"):
+        load_run_config(path)
+
+
+def test_recorded_paths_are_absolute_and_dataset_dir_defaults_to_data(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset_info.json").write_text('{"mine": {"file_name": "mine.json"}}')
+    (tmp_path / "extra.json").write_text("[]")
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_run_config(None, ["--model_name_or_path", "models/m", "--dataset", "mine,extra.json,gone.json",
+                                 "--output_dir", "saves/run"])  # fmt: skip
+    assert cfg.dataset_dir == str(tmp_path / "data")  # LLaMA-Factory's default, here because it holds a registry
+    assert cfg.dataset == f"mine,{tmp_path / 'extra.json'},gone.json"  # registered names and unknowns stay names
+    assert cfg.model_name_or_path == str(tmp_path / "models" / "m")
+    assert cfg.output_dir == str(tmp_path / "saves" / "run")
+    assert load_run_config(None, [*BASE, "--model_name_or_path", "OpenNLPLab/TransNormerLLM-7B"]).model_name_or_path == (
+        "OpenNLPLab/TransNormerLLM-7B"
+    )
+
+
+def test_key_value_overrides_parse_like_llamafactory():
+    assert parse_overrides(["learning_rate=1e-5", "--bf16", "lora_rank=4", "--system", "a=b"]) == {
+        "learning_rate": "1e-5",
+        "bf16": True,  # a flag followed by key=value of a config key is a flag
+        "lora_rank": "4",
+        "system": "a=b",  # the value of --system
+    }

@@ -1,7 +1,12 @@
 """The ``tnlora`` command: one small function per verb, argument parsing only.
 
-Every ``TnloraError`` becomes ``error: <message>`` on one line of stderr and exit status 2. Heavy imports
-(torch, transformers, peft) happen inside the verbs so ``tnlora --help`` and config refusals are quick.
+Every ``TnloraError`` becomes ``error: <message>`` on one line of stderr and exit status 2; Ctrl-C exits with
+status 130. Heavy imports (torch, transformers, peft) happen inside the verbs, so ``tnlora --help``, every
+verb's ``--help`` and ``--version`` never load them.
+
+Like LLaMA-Factory's ``chat`` and ``export``, ``chat``, ``generate``, ``eval`` and ``merge`` (alias ``export``)
+take a run YAML as their first argument (``tnlora chat CONFIG.yaml``); every verb also takes LLaMA-Factory's
+``key=value`` overrides beside ``--key value``.
 """
 
 from __future__ import annotations
@@ -9,11 +14,16 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NoReturn
 
+from tnlora import __version__
 from tnlora.errors import TnloraError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+# Verbs that take a run YAML as their first argument (export is LLaMA-Factory's name for merge).
+YAML_VERBS = ("chat", "generate", "eval", "merge", "export")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,9 +47,18 @@ def _bool(text: str) -> bool:
 # Shared option groups
 
 
+def _add_config_arg(p: argparse.ArgumentParser, keys: str) -> None:
+    p.add_argument(
+        "config", nargs="?", metavar="CONFIG.yaml",
+        help=f"a run YAML (LLaMA-Factory's keys: {keys}, or this verb's option names); options given after it win",
+    )  # fmt: skip
+
+
 def _add_model_args(p: argparse.ArgumentParser, adapter_required: bool = False, merge: bool = False) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="base checkpoint dir or preset (default: the adapter's base model)")
+    g.add_argument(
+        "--model", help="base checkpoint dir, Hub id or preset (default: the base model the adapter's run recorded)"
+    )
     g.add_argument("--adapter", required=adapter_required, help="a tnlora training output dir (LoRA adapter)")
     g.add_argument("--template", help="chat template (default: the one the adapter was trained with)")
     g.add_argument("--system", help="system prompt (default: the one the adapter was trained with)")
@@ -99,17 +118,45 @@ def _generation_options(args: argparse.Namespace):
 # Verbs
 
 
+def train_help() -> str:
+    """``tnlora train --help``: every key with its help, default and choices; the LLaMA-Factory keys accepted
+    under other names; the ones refused."""
+    from tnlora.config import ALIASES, FIELDS, UNSUPPORTED_KEYS
+
+    def shown(value) -> str:
+        if value is None:
+            return "null"
+        if isinstance(value, bool):
+            return str(value).lower()
+        return str(value)
+
+    lines = [
+        "usage: tnlora train [CONFIG.yaml] [--key value | --key=value | key=value ...]",
+        "",
+        "Fine-tune as the YAML and the overrides say (LLaMA-Factory's keys). keys (default; choices):",
+    ]
+    for name, f in FIELDS.items():
+        meta = f.metadata
+        extra = "required" if meta.get("required") else f"default {shown(f.default)}"
+        if "default" in meta.get("help", "") and not meta.get("required"):
+            extra = ""  # the help line says what the default is
+
+        if "choices" in meta:
+            extra += ("; " if extra else "") + "one of " + ", ".join(shown(c) for c in meta["choices"])
+        lines.append(f"  {name:30s} {meta.get('help', '')}" + (f" ({extra})" if extra else ""))
+    lines += ["", "also accepted (LLaMA-Factory's names): " + ", ".join(
+        f"{key} (→ {target})" for key, (target, _) in ALIASES.items())]  # fmt: skip
+    lines += ["refused when set (features tnlora does not have): " + ", ".join(sorted(UNSUPPORTED_KEYS))]
+    return "\n".join(lines)
+
+
 def cmd_train(argv: list[str]) -> int:
-    """``tnlora train [CONFIG.yaml] [--key value | --key=value …]``."""
+    """``tnlora train [CONFIG.yaml] [--key value | --key=value | key=value …]``."""
     # Parsed by hand: argparse would take the value of an unknown --key for the positional CONFIG.
     if argv and argv[0] in ("-h", "--help"):
-        from tnlora.config import FIELDS
-
-        print("usage: tnlora train [CONFIG.yaml] [--key value | --key=value ...]\n\nkeys:")
-        for name, f in FIELDS.items():
-            print(f"  {name:30s} {f.metadata.get('help', '')}")
+        print(train_help())
         return 0
-    config_path = argv[0] if argv and not argv[0].startswith("-") else None
+    config_path = argv[0] if argv and not argv[0].startswith("-") and "=" not in argv[0] else None
     overrides = argv[1:] if config_path is not None else argv
     from tnlora.config import load_run_config
 
@@ -148,12 +195,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Batched generation for a file of prompts → JSONL."""
-    from tnlora.infer.generate import generate_file, read_prompts
+    from tnlora.infer.generate import check_generate_output, generate_file, partial_path, read_prompts
 
-    prompts = read_prompts(args.prompts)  # a bad file is refused before the model loads
+    prompts = read_prompts(args.prompts)  # a bad file or output is refused before the model loads
+    check_generate_output(args.output, args.overwrite)
     options = _generation_options(args)
     options.check()
-    n = generate_file(_load(args), prompts, args.output, options, batch_size=args.batch_size)
+    try:
+        n = generate_file(
+            _load(args), prompts, args.output, options, batch_size=args.batch_size, overwrite=args.overwrite
+        )
+    except KeyboardInterrupt:
+        partial = partial_path(args.output)
+        if partial.exists():
+            print(f"\nthe replies finished so far are in {partial}; the same command continues from them",
+                  file=sys.stderr)  # fmt: skip
+        raise
     print(f"wrote {n} replies to {args.output}", file=sys.stderr)
     return 0
 
@@ -162,15 +219,29 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """Merge an adapter into its base model and save a full checkpoint."""
     from tnlora.infer.merge import merge_adapter
 
-    out = merge_adapter(args.model, args.adapter, args.output, dtype=args.dtype)
+    if args.export_legacy_format:
+        raise TnloraError("--export_legacy_format: tnlora writes safetensors only (the legacy .bin format is not "
+                          "available)")  # fmt: skip
+    out = merge_adapter(
+        args.model,
+        args.adapter,
+        args.output,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        max_shard_size_gb=args.export_size,
+        device=args.export_device,
+        template=args.template,
+    )
     print(f"merged model written to {out}", file=sys.stderr)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Per-token loss and perplexity on a dataset, masked as in training."""
-    from tnlora.infer.evaluate import evaluate
+    from tnlora.infer.evaluate import check_eval_output, evaluate, write_eval_result
 
+    if args.output:
+        check_eval_output(args.output, args.overwrite)
     result = evaluate(
         _load(args),
         args.dataset,
@@ -182,6 +253,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         mask_history=args.mask_history,
     )
     print(result.summary())
+    if args.output:
+        write_eval_result(result, args.output, dataset=args.dataset, model=args.model, adapter=args.adapter)
+        print(f"metrics written to {args.output}", file=sys.stderr)
     return 0
 
 
@@ -190,10 +264,13 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     from tnlora.data.inspect import inspect_dataset
 
     color = args.color if args.color is not None else sys.stdout.isatty()
+    if args.model is None:
+        print("note: no --model given: tokens are counted with the byte tokenizer of the tiny preset; pass "
+              "--model DIR for the model's own tokenizer", file=sys.stderr)  # fmt: skip
     report = inspect_dataset(
         args.dataset,
         args.dataset_dir,
-        args.model,
+        args.model or "tiny",
         args.template,
         args.cutoff_len,
         example=args.example,
@@ -230,31 +307,51 @@ def cmd_bench(argv: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every verb except ``train`` and ``bench`` (which take free-form arguments)."""
     parser = _Parser(prog="tnlora", description="LoRA fine-tuning, chat and export for TransNormerLLM.")
+    parser.add_argument("--version", action="version", version=f"tnlora {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
-    sub.add_parser("train", help="fine-tune: tnlora train CONFIG.yaml [--key value …]", add_help=False)
+    sub.add_parser("train", help="fine-tune: tnlora train CONFIG.yaml [--key value | key=value …]", add_help=False)
     sub.add_parser("bench", help="benchmark (tnlora bench --help)", add_help=False)
+    model_keys = "model_name_or_path, adapter_name_or_path, template, default_system, infer_dtype"
 
-    p = sub.add_parser("chat", help="interactive chat (/reset, /exit)")
+    p = sub.add_parser("chat", help="interactive chat (/reset, /exit; Ctrl-C stops a reply)")
+    _add_config_arg(p, model_keys + ", max_new_tokens, temperature, top_p, …")
     _add_model_args(p, merge=True)
     _add_generation_args(p, do_sample=True)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("generate", help="batched generation: prompts file → JSONL")
+    p = sub.add_parser("generate", help="batched generation: prompts file → JSONL (a rerun continues)")
+    _add_config_arg(p, model_keys + ", prompts, output, batch_size, max_new_tokens, …")
     _add_model_args(p, merge=True)
     p.add_argument("--prompts", required=True, help="a .txt file (one prompt a line) or .jsonl (prompt/messages)")
-    p.add_argument("--output", required=True, help="the JSONL file to write")
+    p.add_argument(
+        "--output", required=True,
+        help="the JSONL file to write (replies finished so far wait in OUTPUT.partial; rerun to continue)",
+    )  # fmt: skip
     p.add_argument("--batch_size", type=int, default=8)
+    _add_overwrite_arg(p, "replace an earlier generate output")
     _add_generation_args(p, do_sample=False)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("merge", help="merge an adapter into the base model (full checkpoint)")
-    p.add_argument("--model", help="base checkpoint dir or preset (default: the adapter's base model)")
-    p.add_argument("--adapter", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    p.set_defaults(func=cmd_merge)
+    for verb, help_text in (
+        ("merge", "merge an adapter into the base model (full checkpoint)"),
+        ("export", "the same as merge, with LLaMA-Factory's export keys"),
+    ):
+        p = sub.add_parser(verb, help=help_text)
+        _add_config_arg(p, "model_name_or_path, adapter_name_or_path, export_dir, export_size, export_device")
+        p.add_argument("--model", help="base checkpoint dir, Hub id or preset (default: the adapter's base model)")
+        p.add_argument("--adapter", required=True)
+        p.add_argument("--output", required=True, help="the directory to write (export_dir)")
+        p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+        p.add_argument("--template", help="chat template to export (default: the one the adapter was trained with)")
+        p.add_argument("--export_size", type=int, default=None, help="at most this many GB per weights file")
+        p.add_argument("--export_device", default="cpu", choices=("cpu", "auto"), help="auto: merge on the GPU")
+        p.add_argument("--export_legacy_format", type=_bool, nargs="?", const=True, default=False,
+                       help="must be false: tnlora writes safetensors")  # fmt: skip
+        _add_overwrite_arg(p, "replace an earlier merge output (only its own files)")
+        p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("eval", help="loss and perplexity on a dataset")
+    _add_config_arg(p, model_keys + ", eval_dataset, dataset_dir, cutoff_len, per_device_eval_batch_size, …")
     _add_model_args(p)
     p.add_argument("--dataset", required=True)
     p.add_argument("--dataset_dir")
@@ -263,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_samples", type=int, default=None)
     p.add_argument("--train_on_prompt", type=_bool, nargs="?", const=True, default=None)
     p.add_argument("--mask_history", type=_bool, nargs="?", const=True, default=None)
+    p.add_argument("--output", help="also write the metrics to this JSON file")
+    _add_overwrite_arg(p, "replace an earlier eval output")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("prepare", help="add model_type to an official checkpoint's config.json (Auto* loading)")
@@ -274,14 +373,50 @@ def build_parser() -> argparse.ArgumentParser:
     q = data_sub.add_parser("inspect", help="show rendering, tokens and masks of a few records")
     q.add_argument("dataset")
     q.add_argument("--dataset_dir")
-    q.add_argument("--template", required=True)
+    q.add_argument("--template", default="chatml", help="chat template (default chatml, as for training)")
     q.add_argument("--cutoff_len", type=int, default=1024)
-    q.add_argument("--model", default="tiny", help="whose tokenizer to use (checkpoint dir or preset)")
+    q.add_argument(
+        "--model", default=None,
+        help="whose tokenizer counts the tokens (checkpoint dir or Hub id; default: the tiny preset's byte tokenizer)",
+    )  # fmt: skip
     q.add_argument("--example", type=int, default=0, help="which example to render (0-based)")
     q.add_argument("--color", type=_bool, nargs="?", const=True, default=None, help="dim masked text")
     q.add_argument("--skip_invalid", type=_bool, nargs="?", const=True, default=False)
     q.set_defaults(func=cmd_data_inspect)
     return parser
+
+
+def _add_overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", type=_bool, nargs="?", const=True, default=False, help=what)
+
+
+def _verb_options(parser: argparse.ArgumentParser, verb: str) -> dict[str, bool]:
+    """The verb's option names, each with whether it must take a value (argparse keeps its actions in
+    ``_actions``; there is no public accessor)."""
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    options: dict[str, bool] = {}
+    for action in subparsers.choices[verb]._actions:
+        for flag in action.option_strings:
+            if flag.startswith("--"):
+                options[flag[2:]] = action.nargs is None
+    return options
+
+
+def expand_verb_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``VERB CONFIG.yaml key=value …`` → ``VERB --option value …`` (YAML first, so given options win)."""
+    from tnlora.config import key_value_argv, verb_config_argv
+
+    verb, rest = argv[0], argv[1:]
+    options = _verb_options(parser, verb)
+    if rest and not rest[0].startswith("-") and "=" not in rest[0]:
+        config = Path(rest[0])
+        if not config.is_file():
+            raise TnloraError(f"{config}: config file not found")
+        from_yaml, notes = verb_config_argv(verb, config, options)
+        for note in notes:
+            print(note, file=sys.stderr)
+        rest = from_yaml + rest[1:]
+    return [verb, *key_value_argv(rest, options)]
 
 
 def _dispatch(argv: list[str]) -> int:
@@ -290,7 +425,11 @@ def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])
     parser = build_parser()
+    if argv and argv[0] in YAML_VERBS and not {"-h", "--help"} & set(argv):
+        argv = expand_verb_argv(parser, argv)
     args = parser.parse_args(argv)
+    if getattr(args, "config", None) is not None:
+        parser.error(f"unexpected argument '{args.config}' (a run YAML goes right after the verb)")
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_help()
@@ -308,8 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"error: {message}\n")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        return 130
+        sys.stderr.write("\ninterrupted\n")
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         return 0
     except SystemExit as exc:  # argparse --help / usage errors

@@ -1,14 +1,21 @@
-"""The run schema: one validated ``RunConfig`` from a YAML file plus ``--key value`` overrides.
+"""The run schema: one validated ``RunConfig`` from a YAML file plus ``--key value`` / ``key=value`` overrides.
 
 Keys follow LLaMA-Factory (and Hugging Face ``TrainingArguments``) where one exists, so a LLaMA-Factory SFT
-YAML needs few edits. Every refusal is a ``ConfigError`` that names the key, raised before any model loads.
+YAML runs with only its model path and template changed. LLaMA-Factory keys that name another spelling of a
+tnlora setting are mapped onto it (``ALIASES``); keys of features tnlora does not have are refused in one line
+naming the feature (``UNSUPPORTED_KEYS``). Every refusal is a ``ConfigError`` that names the key, raised before
+any model loads. Paths are recorded absolute, so a run read back from another folder still finds them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import json
 import math
+import os
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -33,6 +40,7 @@ SCHEDULERS = (
 )
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor")
 REPORTERS = ("none", "tensorboard")
+STRATEGIES = ("no", "steps", "epoch")
 LINEAR_TARGETS_ALL = "all"
 
 
@@ -48,7 +56,14 @@ class RunConfig:
 
     # --- model ---
     model_name_or_path: str = field(
-        default="", metadata=_opt("checkpoint directory or preset name (tiny, 385M, 1B, 7B)", required=True)
+        default="",
+        metadata=_opt(
+            "checkpoint directory, Hugging Face Hub id (OpenNLPLab/TransNormerLLM-7B) or preset (tiny, 385M, 1B, 7B)",
+            required=True,
+        ),
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata=_opt("accepted for LLaMA-Factory YAMLs; tnlora never runs a model's remote code")
     )
     attention_impl: str = field(
         default="auto", metadata=_opt("lightning attention backend", choices=("auto", "chunked", "recurrent", "fla"))
@@ -57,7 +72,13 @@ class RunConfig:
     dataset: str = field(
         default="", metadata=_opt("file, comma list, or name in dataset_dir/dataset_info.json", required=True)
     )
-    dataset_dir: str | None = field(default=None, metadata=_opt("folder holding dataset_info.json"))
+    dataset_dir: str | None = field(
+        default=None,
+        metadata=_opt("folder holding dataset_info.json (default: ./data when it holds one, as in LLaMA-Factory)"),
+    )
+    eval_dataset: str | None = field(
+        default=None, metadata=_opt("dataset(s) to evaluate on during training, instead of a val_size split")
+    )
     template: str = field(default="chatml", metadata=_opt("chat template name"))
     system: str | None = field(default=None, metadata=_opt("default system prompt (records may override it)"))
     cutoff_len: int = field(default=1024, metadata=_opt("maximum tokens per example", ge=2))
@@ -73,6 +94,10 @@ class RunConfig:
         default=None, metadata=_opt("where tokenised datasets are cached (default ~/.cache/tnlora/datasets)")
     )
     overwrite_cache: bool = field(default=False, metadata=_opt("tokenise again instead of reading the cache"))
+    preprocessing_num_workers: int | None = field(
+        default=None,
+        metadata=_opt("processes that tokenise a large dataset (default 1; the result is the same)", ge=1),
+    )
     # --- fine-tuning method ---
     finetuning_type: str = field(default="lora", metadata=_opt("method", choices=("lora", "full", "freeze")))
     lora_rank: int = field(default=8, metadata=_opt("LoRA rank r", ge=1))
@@ -94,12 +119,15 @@ class RunConfig:
         default=None,
         metadata=_opt("examples (or packed rows) per micro-batch (default: 8; packed, rows of 16,384 tokens in all)", ge=1),
     )
-    per_device_eval_batch_size: int = field(default=8, metadata=_opt("examples per eval step", ge=1))
+    per_device_eval_batch_size: int = field(default=8, metadata=_opt("examples per evaluation batch", ge=1))
     gradient_accumulation_steps: int = field(default=1, metadata=_opt("micro-batches per optimizer step", ge=1))
     learning_rate: float = field(default=5e-5, metadata=_opt("peak learning rate", gt=0))
     num_train_epochs: float = field(default=3.0, metadata=_opt("epochs (ignored when max_steps > 0)", gt=0))
     max_steps: int = field(default=-1, metadata=_opt("stop after this many optimizer steps (-1: use epochs)", ge=-1))
     lr_scheduler_type: str = field(default="linear", metadata=_opt("schedule", choices=SCHEDULERS))
+    lr_scheduler_kwargs: dict[str, Any] | None = field(
+        default=None, metadata=_opt("extra arguments of the schedule, e.g. {num_cycles: 2} (a JSON object on the command line)")
+    )
     warmup_ratio: float = field(default=0.0, metadata=_opt("warm-up fraction of all steps", ge=0, lt=1))
     warmup_steps: int = field(default=0, metadata=_opt("warm-up steps (instead of warmup_ratio)", ge=0))
     weight_decay: float = field(default=0.0, metadata=_opt("AdamW weight decay", ge=0))
@@ -111,6 +139,7 @@ class RunConfig:
         metadata=_opt("optimizer (GPU default adamw_torch_fused, else adamw_torch)", choices=OPTIMIZERS),
     )
     bf16: bool | None = field(default=None, metadata=_opt("bf16 mixed precision (GPU default)"))
+    fp16: bool = field(default=False, metadata=_opt("fp16 mixed precision: not supported (use bf16)", choices=(False,)))
     gradient_checkpointing: bool | None = field(
         default=None,
         metadata=_opt(
@@ -134,24 +163,46 @@ class RunConfig:
     )
     seed: int = field(default=42, metadata=_opt("seed for init, shuffling and dropout", ge=0))
     dataloader_num_workers: int = field(default=0, metadata=_opt("data loader processes", ge=0))
+    ddp_timeout: int = field(default=1800, metadata=_opt("seconds distributed processes wait for each other", ge=1))
+    ddp_find_unused_parameters: bool | None = field(
+        default=None, metadata=_opt("DDP's find_unused_parameters (passed to the Trainer)")
+    )
     # --- evaluation, saving, logging ---
+    eval_strategy: str | None = field(
+        default=None,
+        metadata=_opt("when to evaluate (default: steps when there is an eval set, else no)", choices=STRATEGIES),
+    )
     eval_steps: int | None = field(default=None, metadata=_opt("evaluate every n steps (default: save_steps)", ge=1))
+    save_strategy: str = field(default="steps", metadata=_opt("when to save a checkpoint", choices=STRATEGIES))
     save_steps: int = field(default=500, metadata=_opt("save a checkpoint every n steps", ge=1))
     save_total_limit: int | None = field(default=None, metadata=_opt("keep at most n checkpoints", ge=1))
+    save_only_model: bool = field(
+        default=False, metadata=_opt("checkpoints without optimizer and scheduler state (cannot be resumed)")
+    )
+    logging_strategy: str = field(default="steps", metadata=_opt("when to log", choices=STRATEGIES))
     logging_steps: int = field(default=10, metadata=_opt("log every n steps", ge=1))
+    logging_dir: str | None = field(
+        default=None, metadata=_opt("TensorBoard log folder (default: output_dir/runs/<date>)")
+    )
+    include_num_input_tokens_seen: bool = field(
+        default=False, metadata=_opt("log the number of (non-padding) tokens seen with each loss")
+    )
+    run_name: str | None = field(default=None, metadata=_opt("name of the run in the logs"))
     output_dir: str = field(default="", metadata=_opt("where the adapter and checkpoints go", required=True))
-    overwrite_output_dir: bool = field(default=False, metadata=_opt("replace an existing output_dir"))
+    overwrite_output_dir: bool = field(
+        default=False, metadata=_opt("replace a previous tnlora run in output_dir (only the files it wrote)")
+    )
     resume_from_checkpoint: str | bool | None = field(
         default=None, metadata=_opt("a checkpoint dir, or true for the last one in output_dir")
     )
-    report_to: str = field(default="none", metadata=_opt("none or tensorboard", choices=REPORTERS))
+    report_to: str = field(default="none", metadata=_opt("where to log", choices=REPORTERS))
     plot_loss: bool = field(default=True, metadata=_opt("write loss.png at the end"))
     sample_prompts: list[str] | None = field(
         default=None, metadata=_opt("prompts answered by the trained model at the end (printed)")
     )
     sample_max_new_tokens: int = field(default=48, metadata=_opt("reply length for sample_prompts", ge=1))
     # --- accepted for LLaMA-Factory compatibility ---
-    stage: str = field(default="sft", metadata=_opt("training stage (only sft)", choices=("sft",)))
+    stage: str = field(default="sft", metadata=_opt("training stage (supervised fine-tuning)", choices=("sft",)))
     do_train: bool = field(default=True, metadata=_opt("must be true", choices=(True,)))
 
     def to_dict(self) -> dict[str, Any]:
@@ -172,6 +223,79 @@ class RunConfig:
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(RunConfig)}
 _TYPES: dict[str, Any] = typing.get_type_hints(RunConfig)
 
+# LLaMA-Factory keys that spell a tnlora setting another way: key -> (tnlora key, value mapping). Applied only
+# when the tnlora key itself is not given.
+ALIASES: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "default_system": ("system", lambda v: v),
+    "new_special_tokens": ("add_special_tokens", lambda v: v),
+    # tnlora's packing keeps examples apart (no attention or state crosses a boundary): it is neat packing.
+    "neat_packing": ("packing", lambda v: True if _truthy(v) else None),
+    "disable_gradient_checkpointing": ("gradient_checkpointing", lambda v: False if _truthy(v) else None),
+}
+
+# LLaMA-Factory / Trainer keys of features tnlora does not have. A YAML that spells out their off value (null,
+# false, 0, "none") still runs; any other value is refused naming the feature. A feature that arrives in tnlora
+# becomes a RunConfig field and leaves this table.
+UNSUPPORTED_KEYS: dict[str, str] = {
+    "quantization_bit": "quantized (QLoRA) training",
+    "quantization_method": "quantized (QLoRA) training",
+    "deepspeed": "DeepSpeed",
+    "fsdp": "FSDP",
+    "fsdp_config": "FSDP",
+    "use_galore": "the GaLore optimizer",
+    "use_apollo": "the APOLLO optimizer",
+    "use_badam": "the BAdam optimizer",
+    "use_adam_mini": "the Adam-mini optimizer",
+    "use_muon": "the Muon optimizer",
+    "use_llama_pro": "LLaMA Pro block expansion",
+    "pissa_init": "PiSSA initialisation",
+    "pissa_convert": "PiSSA initialisation",
+    "loraplus_lr_ratio": "LoRA+",
+    "neftune_noise_alpha": "NEFTune",
+    "rope_scaling": "RoPE scaling (TransNormerLLM has no RoPE)",
+    "enable_liger_kernel": "Liger kernels",
+    "use_unsloth": "Unsloth",
+    "shift_attn": "shift short attention",
+    "mixture_of_depths": "mixture of depths",
+    "use_ray": "Ray",
+    "tokenized_path": "pre-tokenised datasets (tnlora caches tokenised data itself: dataset_cache_dir)",
+    "streaming": "streamed datasets",
+    "resize_vocab": "vocabulary resizing (add_special_tokens adds tokens)",
+    "ref_model": "reference models (preference training)",
+    "reward_model": "reward models (PPO)",
+    "do_predict": "prediction inside train (answer prompts with `tnlora generate`)",
+    "predict_with_generate": "prediction inside train (answer prompts with `tnlora generate`)",
+    "push_to_hub": "uploading to the Hugging Face Hub",
+    "hub_model_id": "uploading to the Hugging Face Hub",
+    "freeze_vision_tower": "vision-language models",
+}
+# Values of accepted keys that ask for a feature tnlora does not have: key -> {value: feature}.
+_STAGES = {"pt": "pre-training", "rm": "reward modelling", "ppo": "PPO", "dpo": "DPO", "kto": "KTO"}
+_REPORTERS = {
+    "wandb": "Weights & Biases",
+    "swanlab": "SwanLab",
+    "mlflow": "MLflow",
+    "comet_ml": "Comet",
+    "clearml": "ClearML",
+    "neptune": "Neptune",
+    "trackio": "Trackio",
+    "dvclive": "DVCLive",
+    "azure_ml": "Azure ML",
+    "codecarbon": "CodeCarbon",
+}
+# LLaMA-Factory keys accepted with the one value that matches what tnlora does: key -> (accepted values, feature).
+_FIXED_KEYS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "flash_attn": (("auto", "disabled"), "a softmax-attention kernel (TransNormerLLM's attention is attention_impl)"),
+    "mix_strategy": (("concat",), "interleaved dataset mixing (datasets are concatenated)"),
+}
+_OFF_VALUES = (None, False, 0, "", "none", "null", "false")
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "yes", "on", "1")
+    return bool(value)
+
 
 def split_list(value: str | None) -> list[str]:
     """Split a comma list, dropping blanks."""
@@ -185,7 +309,9 @@ def split_list(value: str | None) -> list[str]:
 def load_run_config(
     path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None
 ) -> RunConfig:
-    """Read ``path`` (YAML mapping), apply ``overrides`` (a dict, or ``["--key", "value", "--k=v"]``), validate."""
+    """Read ``path`` (YAML mapping), apply ``overrides`` (a dict, or ``["--key", "value", "--k=v", "k=v"]``),
+    validate, and make every path absolute (relative ones are taken from the current folder; a ``dataset_dir``
+    that is not there is also looked up beside the YAML file)."""
     values: dict[str, tuple[Any, str]] = {}
     if path is not None:
         for key, value in read_yaml_mapping(path).items():
@@ -195,9 +321,7 @@ def load_run_config(
     for key, value in (overrides or {}).items():
         values[key] = (value, f"--{key}")
     cfg = build_config(values)
-    if cfg.dataset_dir and path is not None:
-        cfg.dataset_dir = _resolve_beside(cfg.dataset_dir, Path(path).parent)
-    return cfg
+    return absolute_paths(cfg, Path(path).parent if path is not None else None)
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
@@ -219,20 +343,37 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return {str(k): v for k, v in data.items()}
 
 
-def parse_overrides(argv: list[str]) -> dict[str, str | bool]:
-    """``["--a", "1", "--b=2", "--flag"]`` → ``{"a": "1", "b": "2", "flag": True}`` (values stay strings)."""
+_KEY_VALUE = re.compile(r"^([A-Za-z_][A-Za-z0-9_.-]*)=(.*)$", re.DOTALL)
+
+
+def parse_overrides(argv: list[str], known: typing.Collection[str] | None = None) -> dict[str, str | bool]:
+    """``["--a", "1", "--b=2", "--flag", "c=3"]`` → ``{"a": "1", "b": "2", "flag": True, "c": "3"}`` (values
+    stay strings). ``key=value`` is LLaMA-Factory's form of an override. A bare ``--flag`` followed by
+    ``key=value`` with a ``known`` key (default: every config key and alias) is a flag, not that value."""
+    known = set(FIELDS) | set(ALIASES) | set(UNSUPPORTED_KEYS) if known is None else set(known)
     out: dict[str, str | bool] = {}
     i = 0
     while i < len(argv):
         arg = argv[i]
+        pair = _KEY_VALUE.match(arg)
+        if pair and not arg.startswith("-"):
+            out[pair[1].replace("-", "_")] = pair[2]
+            i += 1
+            continue
         if not arg.startswith("--") or len(arg) == 2:
-            raise ConfigError(f"unexpected argument '{arg}': overrides are written --key value or --key=value")
+            raise ConfigError(
+                f"unexpected argument '{arg}': overrides are written --key value, --key=value or key=value"
+            )
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        next_pair = _KEY_VALUE.match(following) if following is not None else None
         if eq:
             out[key] = value
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            out[key] = argv[i + 1]
+        elif following is not None and not following.startswith("--") and not (
+            next_pair and next_pair[1].replace("-", "_") in known
+        ):
+            out[key] = following
             i += 1
         else:
             out[key] = True  # a bare --flag means true
@@ -248,6 +389,58 @@ def _resolve_beside(path: str, base: Path) -> str:
     return str(base / p)
 
 
+# LLaMA-Factory's default dataset_dir: used when the key is not set and this folder holds a registry.
+DEFAULT_DATASET_DIR = "data"
+REGISTRY_FILE = "dataset_info.json"
+
+
+def absolute_paths(cfg: RunConfig, config_dir: Path | None = None) -> RunConfig:
+    """Record every path of ``cfg`` absolute, so the saved run loads from any folder: the model when it is a
+    local directory, dataset_dir (beside the YAML file when not found from here; ./data by default when it
+    holds a dataset_info.json), dataset files, output and log folders, an explicit checkpoint. Names that are
+    not paths (presets, Hub ids, registered datasets) stay as they are."""
+    if cfg.dataset_dir:
+        base = _resolve_beside(cfg.dataset_dir, config_dir) if config_dir is not None else cfg.dataset_dir
+        cfg.dataset_dir = _absolute(base)
+    elif (Path(DEFAULT_DATASET_DIR) / REGISTRY_FILE).is_file():
+        cfg.dataset_dir = _absolute(DEFAULT_DATASET_DIR)
+    registered = _registered_names(cfg.dataset_dir)
+    cfg.dataset = ",".join(_absolute_if_exists(n, registered) for n in split_list(cfg.dataset))
+    if cfg.eval_dataset:
+        cfg.eval_dataset = ",".join(_absolute_if_exists(n, registered) for n in split_list(cfg.eval_dataset))
+    if cfg.model_name_or_path and Path(cfg.model_name_or_path).expanduser().exists():
+        cfg.model_name_or_path = _absolute(cfg.model_name_or_path)
+    cfg.output_dir = _absolute(cfg.output_dir)
+    for key in ("logging_dir", "dataset_cache_dir"):
+        if getattr(cfg, key):
+            setattr(cfg, key, _absolute(getattr(cfg, key)))
+    if isinstance(cfg.resume_from_checkpoint, str):
+        cfg.resume_from_checkpoint = _absolute(cfg.resume_from_checkpoint)
+    return cfg
+
+
+def _absolute(path: str) -> str:
+    # abspath, not resolve(): a symlinked folder is recorded by the name the user gave it
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _registered_names(dataset_dir: str | None) -> set[str]:
+    if not dataset_dir:
+        return set()
+    try:
+        registry = json.loads((Path(dataset_dir) / REGISTRY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    return set(registry) if isinstance(registry, dict) else set()
+
+
+def _absolute_if_exists(name: str, registered: set[str]) -> str:
+    # The reader looks a name up in the registry first, so a registered name stays a name.
+    if name in registered or not Path(name).expanduser().exists():
+        return name
+    return _absolute(name)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Validation
 
@@ -255,10 +448,31 @@ def _resolve_beside(path: str, base: Path) -> str:
 def build_config(values: dict[str, tuple[Any, str]]) -> RunConfig:
     """Check every key and value (``{key: (value, where)}``) and build the config; the first problem is raised."""
     kwargs: dict[str, Any] = {}
+    aliased: dict[str, Any] = {}
+    stage = values.get("stage")
+    if stage is not None:  # first: a DPO YAML's other keys would be refused for the wrong reason
+        _check_value("stage", *stage)
     for key, (value, where) in values.items():
+        if key in ALIASES:
+            target, convert = ALIASES[key]
+            mapped = convert(value)
+            if mapped is not None:
+                aliased[target] = _check_value(target, mapped, where)
+            continue
+        if key in UNSUPPORTED_KEYS:
+            if value not in _OFF_VALUES:
+                raise ConfigError(f"{key}: {UNSUPPORTED_KEYS[key]} is not available in tnlora; got {value!r}")
+            continue
+        if key in _FIXED_KEYS:
+            accepted, feature = _FIXED_KEYS[key]
+            if value is not None and value not in accepted:
+                raise ConfigError(f"{key}: {feature} is not available in tnlora; got {value!r}")
+            continue
         if key not in FIELDS:
             raise ConfigError(_unknown_key_message(key, where))
         kwargs[key] = _check_value(key, value, where)
+    for key, value in aliased.items():
+        kwargs.setdefault(key, value)
     cfg = RunConfig(**kwargs)
     for name, f in FIELDS.items():
         if f.metadata.get("required") and not getattr(cfg, name):
@@ -268,10 +482,21 @@ def build_config(values: dict[str, tuple[Any, str]]) -> RunConfig:
 
 
 def _unknown_key_message(key: str, where: str) -> str:
+    src = "" if where.startswith("--") else f" in {where}"
+    if _is_trainer_option(key):
+        # Not a near-miss of a tnlora key: e.g. eval_delay is no typo of eval_steps.
+        return f"unknown config key '{key}'{src}: a TrainingArguments option tnlora does not pass on"
     close = difflib.get_close_matches(key, list(FIELDS), n=1, cutoff=0.6)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    src = "" if where.startswith("--") else f" in {where}"
     return f"unknown config key '{key}'{src}{hint}"
+
+
+def _is_trainer_option(key: str) -> bool:
+    try:
+        from transformers import TrainingArguments  # only on this error path: it is slow to import
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return key in {f.name for f in dataclasses.fields(TrainingArguments)}
 
 
 def _type_options(tp: Any) -> tuple[list[Any], bool]:
@@ -300,7 +525,7 @@ def _check_value(key: str, value: Any, where: str) -> Any:
 
 def _describe(options: list[Any]) -> str:
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-    parts = [names.get(o, "a list of strings") for o in options]
+    parts = [names.get(o, "a mapping" if typing.get_origin(o) is dict else "a list of strings") for o in options]
     return " or ".join(parts)
 
 
@@ -345,11 +570,24 @@ def _coerce(key: str, value: Any, options: list[Any], src: str) -> Any:
                 return list(value)
             if isinstance(value, str):
                 return [value]
+        elif typing.get_origin(tp) is dict:
+            if isinstance(value, str):  # from the command line: a JSON (or YAML flow) mapping
+                with contextlib.suppress(yaml.YAMLError):
+                    value = yaml.safe_load(value)
+            if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+                return dict(value)
     raise ConfigError(f"{key}: expected {_describe(options)}, got {value!r}{src}")
 
 
 # keys written as "a,b" in LLaMA-Factory that YAML users also write as lists
-_LIST_AS_COMMA_STRING = {"dataset", "lora_target", "additional_target", "add_special_tokens", "report_to"}
+_LIST_AS_COMMA_STRING = {
+    "dataset",
+    "eval_dataset",
+    "lora_target",
+    "additional_target",
+    "add_special_tokens",
+    "report_to",
+}
 
 
 def _check_range(key: str, value: Any, meta: typing.Mapping[str, Any], src: str) -> None:
@@ -360,8 +598,7 @@ def _check_range(key: str, value: Any, meta: typing.Mapping[str, Any], src: str)
             bad = [v for v in split_list(value) if v not in choices]
             candidate = bad[0] if bad else choices[0]
         if candidate not in choices:
-            shown = ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices)
-            raise ConfigError(f"{key}: must be one of {shown}; got {candidate!r}{src}")
+            raise ConfigError(_choice_message(key, candidate, choices, src))
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     if "ge" in meta and value < meta["ge"]:
@@ -372,6 +609,21 @@ def _check_range(key: str, value: Any, meta: typing.Mapping[str, Any], src: str)
         raise ConfigError(f"{key}: must be < {meta['lt']}, got {value}{src}")
     if "le" in meta and value > meta["le"]:
         raise ConfigError(f"{key}: must be <= {meta['le']}, got {value}{src}")
+
+
+def _choice_message(key: str, value: Any, choices: tuple[Any, ...], src: str) -> str:
+    """A refused choice; values that name a feature tnlora does not have say so."""
+    shown = ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices)
+    if key == "stage" and value in _STAGES:
+        return f"stage: {_STAGES[value]} ({value!r}) is not available in tnlora, which trains sft only{src}"
+    if key == "report_to" and value in _REPORTERS:
+        return f"report_to: logging to {_REPORTERS[value]} ({value!r}) is not available in tnlora; use {shown}{src}"
+    if key == "fp16":
+        return (
+            "fp16: fp16 mixed precision is not available in tnlora (use bf16: true on a GPU that has bf16, "
+            f"else fp32){src}"
+        )
+    return f"{key}: must be one of {shown}; got {value!r}{src}"
 
 
 def _check_combinations(cfg: RunConfig) -> None:
@@ -390,6 +642,12 @@ def _check_combinations(cfg: RunConfig) -> None:
         raise ConfigError("dataset: required (a file, a comma list, or a name in dataset_info.json)")
     if cfg.finetuning_type == "lora" and not cfg.lora_targets():
         raise ConfigError('lora_target: empty; use "all" or a comma list of module names')
+    if cfg.eval_dataset and cfg.val_size > 0:
+        raise ConfigError("eval_dataset: set either eval_dataset or val_size, not both")
+    if cfg.eval_strategy in ("steps", "epoch") and not (cfg.val_size > 0 or cfg.eval_dataset):
+        raise ConfigError(
+            f"eval_strategy: {cfg.eval_strategy} needs an eval set; set val_size (a held-out part) or eval_dataset"
+        )
     if isinstance(cfg.resume_from_checkpoint, str) and cfg.resume_from_checkpoint.strip().lower() in (
         "true",
         "false",
@@ -499,3 +757,90 @@ def read_run_config(directory: str | Path) -> RunConfig | None:
         return None
     values = {k: (v, str(path)) for k, v in read_yaml_mapping(path).items() if k in FIELDS}
     return build_config(values)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run YAMLs of the other verbs (LLaMA-Factory's inference and export YAMLs)
+
+# LLaMA-Factory's names for options of chat, generate, eval and merge/export.
+VERB_KEY_NAMES: dict[str, str] = {
+    "model_name_or_path": "model",
+    "adapter_name_or_path": "adapter",
+    "default_system": "system",
+    "infer_dtype": "dtype",
+    "export_dir": "output",
+    "eval_dataset": "dataset",
+    "per_device_eval_batch_size": "batch_size",
+}
+# Keys accepted with the values that match what tnlora does (None: any value): key -> (values, feature).
+_VERB_FIXED: dict[str, tuple[tuple[Any, ...] | None, str]] = {
+    "trust_remote_code": (None, ""),
+    "finetuning_type": (("lora", "full", "freeze"), "this fine-tuning method"),
+    "infer_backend": (("huggingface",), "this inference backend (tnlora generates with transformers)"),
+    "stage": (("sft",), "this training stage"),
+    "export_legacy_format": ((False,), "the legacy .bin export format (tnlora writes safetensors)"),
+    "flash_attn": (("auto", "disabled"), "a softmax-attention kernel (TransNormerLLM's attention is attention_impl)"),
+}
+_VERB_UNSUPPORTED: dict[str, str] = {
+    "export_hub_model_id": "uploading to the Hugging Face Hub",
+    "export_quantization_bit": "quantized export",
+    "export_quantization_dataset": "quantized export",
+    "quantization_bit": "quantized models",
+    "task": "benchmark tasks (tnlora eval measures loss and perplexity on a dataset)",
+}
+
+
+def verb_config_argv(verb: str, path: str | Path, options: typing.Collection[str]) -> tuple[list[str], list[str]]:
+    """A chat / generate / eval / merge YAML as ``--option value`` arguments of that verb (put before the user's
+    own arguments, which then win), plus notes to print. ``options`` are the verb's option names; LLaMA-Factory's
+    key names are mapped onto them (``VERB_KEY_NAMES``)."""
+    argv: list[str] = []
+    notes: list[str] = []
+    for key, value in read_yaml_mapping(path).items():
+        option = VERB_KEY_NAMES.get(key, key)
+        if key in _VERB_UNSUPPORTED:
+            if value not in _OFF_VALUES:
+                raise ConfigError(f"{key}: {_VERB_UNSUPPORTED[key]} is not available in tnlora; got {value!r}")
+            continue
+        if key in _VERB_FIXED and option not in options:
+            accepted, feature = _VERB_FIXED[key]
+            if accepted is not None and value not in accepted:
+                raise ConfigError(f"{key}: {feature} is not available in tnlora {verb}; got {value!r}")
+            if key == "trust_remote_code" and value:
+                notes.append("trust_remote_code: ignored; tnlora never runs a model's remote code")
+            continue
+        if option not in options:
+            known = sorted(set(options) | {k for k, v in VERB_KEY_NAMES.items() if v in options})
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown key '{key}' in {path} for tnlora {verb}{hint}")
+        if value is None:
+            continue
+        if key == "adapter_name_or_path" and len(split_list(str(value))) > 1:
+            raise ConfigError(f"{key}: one adapter at a time (got {value!r}); merge them one after the other")
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, list):
+            text = ",".join(str(v) for v in value)
+        else:
+            text = str(value)
+        argv += [f"--{option}", text]
+    return argv, notes
+
+
+def key_value_argv(argv: list[str], options: typing.Mapping[str, bool]) -> list[str]:
+    """LLaMA-Factory's ``key=value`` overrides as ``--key value`` for a verb whose ``options`` map each option
+    name to whether it must take a value (a token after such an option is its value, even if it holds "=")."""
+    out: list[str] = []
+    takes_value = False
+    for token in argv:
+        pair = _KEY_VALUE.match(token)
+        if pair and not takes_value and not token.startswith("-"):
+            option = VERB_KEY_NAMES.get(pair[1], pair[1])
+            if option in options:
+                out += [f"--{option}", pair[2]]
+                continue
+        out.append(token)
+        name = token[2:].partition("=")[0] if token.startswith("--") else None
+        takes_value = bool(name) and "=" not in token and options.get(name, False)
+    return out

@@ -243,3 +243,26 @@ def test_packed_row_logits_equal_separate_examples(byte_tok):
             start += len(example.input_ids)
         loss = model(**batch).loss
     assert torch.isfinite(loss)
+
+
+def test_several_tokenising_processes_give_the_same_result(byte_tok, monkeypatch):
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[2] / "examples" / "data"
+    base = load_conversations("quickstart_alpaca,quickstart_chat", dataset_dir=examples)
+    convs = [c for _ in range(2 * encode.ENCODE_BATCH // len(base) + 1) for c in base]  # three batches
+    template = get_template("chatml")
+    pools = []
+
+    class CountedPool(encode.ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            pools.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(encode, "ProcessPoolExecutor", CountedPool)
+    one, one_stats = build_dataset(convs, byte_tok, template, 160)
+    assert pools == []
+    two, two_stats = build_dataset(convs, byte_tok, template, 160, num_workers=2)
+    assert pools == [2]
+    assert [(e.input_ids, e.labels, e.truncated) for e in two] == [(e.input_ids, e.labels, e.truncated) for e in one]
+    assert two_stats == one_stats and one_stats.truncated > 0 and one_stats.dropped > 0

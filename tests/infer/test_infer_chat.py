@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
-from tnlora.infer.chat import StopStringFilter, chat_loop
+from tnlora.infer.chat import StopStringFilter, chat_loop, stream_reply
 from tnlora.infer.generate import GenerationOptions, generate_replies
 from tnlora.infer.loading import load_for_inference
 
@@ -73,3 +76,75 @@ def test_stop_string_filter_never_shows_a_marker():
     assert partial.push("a <|im") == "a " and partial.flush() == ""  # out of tokens mid-marker: dropped
     lone = StopStringFilter(["<|im_end|>"])
     assert lone.push("1 <") == "1 " and lone.flush() == "<"  # one character is text, not a marker
+
+
+class _CtrlCWhileStreaming(io.StringIO):
+    """A stdout whose ``at``-th streamed write raises KeyboardInterrupt, as Ctrl-C does in the main thread."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at, self.streamed = at, 0
+
+    def write(self, text: str) -> int:
+        if self.getvalue().endswith("assistant: ") or self.streamed:
+            self.streamed += 1
+            if self.streamed == self.at:
+                raise KeyboardInterrupt
+        return super().write(text)
+
+
+def test_ctrl_c_stops_the_reply_and_returns_to_the_prompt():
+    loaded = load_for_inference("tiny", None)  # random weights: replies run to max_new_tokens
+    options = GenerationOptions(max_new_tokens=400, do_sample=False, repetition_penalty=1.0)
+    threads = threading.active_count()
+    out = _CtrlCWhileStreaming(at=3)
+    chat_loop(loaded, options, stdin=io.StringIO("Stop me\nAnd then?\n"), stdout=out)
+    text = out.getvalue()
+    assert "(reply stopped; this turn is not kept. Ctrl-C at the prompt quits)" in text
+    assert threading.active_count() == threads  # the generating thread was stopped and joined
+    # The stopped turn is not in the history: the next reply is that of a fresh conversation.
+    second = text.rsplit("assistant: ", 1)[1].strip()
+    short = GenerationOptions(max_new_tokens=400, do_sample=False, repetition_penalty=1.0)
+    fresh = stream_reply(loaded, [{"role": "user", "content": "And then?"}], short, io.StringIO())
+    assert second == fresh.strip()
+
+
+def _read_into(stream, buffer: bytearray) -> None:
+    while chunk := os.read(stream.fileno(), 4096):
+        buffer.extend(chunk)
+
+
+def _wait_for(condition, proc: subprocess.Popen, out: bytearray, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"exit {proc.poll()}; stdout {bytes(out[-300:])!r}; stderr {proc.stderr.read()!r}")
+        time.sleep(0.05)
+
+
+def test_sigint_stops_a_streamed_reply_and_at_the_prompt_exits_130():
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tnlora.cli", "chat", "--model", "tiny", "--do_sample", "false",
+         "--max_new_tokens", "100000"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    out = bytearray()
+    threading.Thread(target=_read_into, args=(proc.stdout, out), daemon=True).start()
+    try:
+        for question in (b"Hi\n", b"Hello\n"):
+            n = out.count(b"assistant: ")  # before asking: the reply may start at once
+            proc.stdin.write(question)
+            proc.stdin.flush()
+            _wait_for(lambda n=n: out.count(b"assistant: ") > n and len(out.rsplit(b"assistant: ", 1)[1]) > 10,
+                      proc, out)  # fmt: skip
+            proc.send_signal(signal.SIGINT)  # while the reply streams
+            _wait_for(lambda n=n: out.count(b"(reply stopped") > n, proc, out)
+        proc.send_signal(signal.SIGINT)  # at the prompt
+        code = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    err = proc.stderr.read().decode()
+    assert code == 130, err
+    assert err.endswith("\ninterrupted\n") and "Traceback" not in err and "terminate called" not in err

@@ -79,3 +79,76 @@ def test_cut_at_stop():
     assert cut_at_stop("ran out <|im_e", ["<|im_end|>"], final=True) == "ran out "
     assert cut_at_stop("ran out <|im_e", ["<|im_end|>"]) == "ran out <|im_e"
     assert cut_at_stop("a < b <", ["<|im_end|>"], final=True) == "a < b <"
+
+
+class _StopsAfter:
+    """The loaded model, whose generate() is interrupted (Ctrl-C) after ``calls`` calls; counts its calls."""
+
+    def __init__(self, model, calls: int | None):
+        self.model, self.calls, self.seen = model, calls, 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def generate(self, *args, **kwargs):
+        if self.calls is not None and self.seen >= self.calls:
+            raise KeyboardInterrupt
+        self.seen += 1
+        return self.model.generate(*args, **kwargs)
+
+
+def test_generate_keeps_finished_batches_and_a_rerun_continues(adapter_dir, tmp_path):
+    import dataclasses
+
+    from tnlora.infer.generate import generate_file, partial_path
+
+    loaded = load_for_inference(None, adapter_dir)
+    options = GenerationOptions(max_new_tokens=6, do_sample=False, repetition_penalty=1.0)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"Say the number {n}.\n" for n in range(7)), encoding="utf-8")
+    whole = tmp_path / "whole.jsonl"
+    generate_file(loaded, prompts, whole, options, batch_size=2)
+    out = tmp_path / "out.jsonl"
+    stopped = dataclasses.replace(loaded, model=_StopsAfter(loaded.model, calls=2))
+    with pytest.raises(KeyboardInterrupt):
+        generate_file(stopped, prompts, out, options, batch_size=2)
+    assert not out.exists()
+    kept = partial_path(out).read_text(encoding="utf-8").splitlines()
+    assert len(kept) == 1 + 4  # the header and two batches of two
+    counted = dataclasses.replace(loaded, model=_StopsAfter(loaded.model, calls=None))
+    notes: list[str] = []
+    assert generate_file(counted, prompts, out, options, batch_size=2, log=notes.append) == 7
+    assert counted.model.seen == 2  # the three prompts left: batches of 2 and 1
+    assert notes == [f"continuing: 4 of 7 prompts already answered in {partial_path(out)}"]
+    assert out.read_text(encoding="utf-8") == whole.read_text(encoding="utf-8")
+    assert not partial_path(out).exists()
+
+
+def test_a_partial_file_of_other_prompts_is_not_mixed_in(adapter_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hi\nHello\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    (tmp_path / "out.jsonl.partial").write_text('{"tnlora_generate": "other"}\n{"index": 0, "response": "x"}\n')
+    argv = ["generate", "--adapter", str(adapter_dir), "--prompts", str(prompts), "--output", str(out), *GREEDY]
+    assert main(argv) == 2
+    assert "out.jsonl.partial holds replies to other prompts or settings; pass --overwrite" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
+    assert [json.loads(line)["response"] != "x" for line in out.read_text().splitlines()] == [True, True]
+
+
+def test_generate_replaces_only_its_own_output(adapter_dir, tmp_path, capsys, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hi\n", encoding="utf-8")
+    mine = tmp_path / "notes.jsonl"
+    mine.write_text('{"note": "mine"}\n')
+    monkeypatch.chdir(tmp_path)
+    argv = ["generate", "--adapter", str(adapter_dir), "--prompts", str(prompts), *GREEDY, "--output"]
+    assert main([*argv, "."]) == 2
+    assert capsys.readouterr().err == "error: --output: . is a directory; name a file for generated replies (JSONL)\n"
+    assert main([*argv, str(mine)]) == 2
+    assert capsys.readouterr().err == f"error: --output: {mine} exists; pass --overwrite to replace it\n"
+    assert main([*argv, str(mine), "--overwrite"]) == 2
+    assert "is not generated replies (JSONL) written by tnlora" in capsys.readouterr().err
+    assert mine.read_text() == '{"note": "mine"}\n'
+    assert main([*argv, "replies.jsonl"]) == 0
+    assert main([*argv, "replies.jsonl", "--overwrite"]) == 0

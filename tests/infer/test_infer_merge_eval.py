@@ -180,3 +180,83 @@ def test_merge_adapter_at_load_folds_added_special_tokens_too(tmp_path):
     with torch.no_grad():
         want, got = unmerged.model(input_ids=probe).logits, merged.model(input_ids=probe).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_merge_never_writes_over_an_input_the_current_folder_or_a_users_folder(
+    adapter_dir, tmp_path, capsys, monkeypatch
+):
+    adapter_before = _files(adapter_dir)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "mine.json").write_text("[]")
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        (".", "error: --output: . is the current folder; name a new folder for the output\n"),
+        (str(adapter_dir), f"error: --output: {adapter_dir} holds the adapter ({adapter_dir}); choose another folder"),
+        (str(adapter_dir.parent), f"error: --output: {adapter_dir.parent} holds the adapter"),
+        ("data", "error: --output: data is not empty and was not written by tnlora merge (it holds mine.json)"),
+    ]
+    for output, message in cases:
+        for extra in ([], ["--overwrite"]):
+            assert main(["merge", "--adapter", str(adapter_dir), "--output", output, *extra]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(message) and err.count("\n") == 1, err
+    assert _files(adapter_dir) == adapter_before and _files(data) == {"mine.json": b"[]"}
+
+
+def test_merge_replaces_only_an_earlier_merge_and_only_with_overwrite(adapter_dir, tmp_path, capsys):
+    out = tmp_path / "merged"
+    argv = ["merge", "--adapter", str(adapter_dir), "--output", str(out)]
+    assert main(argv) == 0
+    assert json.loads((out / "tnlora_output.json").read_text())["verb"] == "merge"
+    first = _files(out)
+    assert main(argv) == 2
+    assert f"--output: {out} holds an earlier tnlora merge output; pass --overwrite to replace it" in capsys.readouterr().err
+    (out / "notes.md").write_text("mine")
+    assert main([*argv, "--overwrite"]) == 2
+    assert "holds files tnlora did not write (notes.md)" in capsys.readouterr().err
+    assert _files(out) == {**first, "notes.md": b"mine"}
+    (out / "notes.md").unlink()
+    assert main([*argv, "--overwrite", "--dtype", "bfloat16"]) == 0
+    assert _files(out).keys() == first.keys() and _files(out) != first
+
+
+def test_merged_config_names_no_remote_code(tiny_official_dir, tmp_path):
+    """The official config.json's auto_map names .py files a merged directory does not contain."""
+    from tnlora.config import load_run_config
+    from tnlora.train.run import train
+
+    assert "auto_map" in json.loads((tiny_official_dir / "config.json").read_text())
+    cfg = load_run_config(None, [
+        "--model_name_or_path", str(tiny_official_dir), "--dataset", "quickstart_chat", "--dataset_dir", str(EXAMPLE_DATA),
+        "--template", "chatml", "--cutoff_len", "256", "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+        "--report_to", "none", "--plot_loss", "false", "--max_samples", "2",
+    ])  # fmt: skip
+    train(cfg)
+    assert main(["merge", "--adapter", str(tmp_path / "out"), "--output", str(tmp_path / "m")]) == 0
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert "auto_map" not in config and config["model_type"] == "transnormer"
+    assert not list((tmp_path / "m").glob("*.py"))
+
+
+def test_eval_output_is_written_and_replaced_only_when_it_is_an_eval_output(adapter_dir, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    argv = ["eval", "--adapter", str(adapter_dir), "--dataset", "quickstart_alpaca", "--dataset_dir",
+            str(EXAMPLE_DATA), "--max_samples", "4", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    line = capsys.readouterr().out.strip()
+    metrics = json.loads(out.read_text())
+    assert line.startswith(f"loss {metrics['eval_loss']:.4f} | ppl {metrics['eval_ppl']:.3f}")
+    assert metrics["eval_examples"] == 4 and metrics["adapter"] == str(adapter_dir)
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"error: --output: {out} exists; pass --overwrite to replace it\n"
+    assert main([*argv, "--overwrite"]) == 0
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"a": 1}')
+    assert main([*argv[:-1], str(mine), "--overwrite"]) == 2
+    assert "is not evaluation metrics (JSON) written by tnlora" in capsys.readouterr().err
+    assert mine.read_text() == '{"a": 1}'

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from tnlora.train.run import (
     train,
 )
 
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PROBE = torch.tensor([[3 + b for b in b"<|im_start|>user\nWho are you?<|im_end|>\n"]])
 
 
@@ -271,28 +273,107 @@ def test_lora_target_matching_nothing_lists_the_linear_layers(make_config, tmp_p
     assert not (tmp_path / "o").exists()  # nothing written for a refused run
 
 
-def test_non_empty_output_dir_is_refused(make_config, tmp_path, capsys):
+def _listing(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` with its bytes (to show a refused run touched nothing)."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_folder_of_the_users_is_never_touched(make_config, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    assert main(_cli_train(make_config, out)) == 2
-    assert capsys.readouterr().err.startswith(f"error: output_dir: {out} is not empty; pass --overwrite_output_dir")
-    # overwrite refuses to delete a folder that is not a training output
-    assert main(_cli_train(make_config, out, "--overwrite_output_dir", "true")) == 2
-    assert "does not look like a training output" in capsys.readouterr().err
-    assert (out / "notes.txt").read_text() == "mine"
+    for extra in ((), ("--overwrite_output_dir", "true")):
+        assert main(_cli_train(make_config, out, *extra)) == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: output_dir: {out} is not empty and was not written by tnlora train (it holds "
+                       "notes.txt); not touching it: choose another folder\n")  # fmt: skip
+    assert _listing(out) == {"notes.txt": b"mine"}
     # nothing to resume from
     assert main(_cli_train(make_config, out, "--resume_from_checkpoint", "true")) == 2
     assert "no checkpoint-N folder" in capsys.readouterr().err
 
 
-def test_overwrite_replaces_a_previous_run(make_config, tmp_path, capsys):
+def test_overwrite_replaces_only_the_earlier_runs_files(make_config, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(_cli_train(make_config, out, "--max_steps", "2", "--save_steps", "1")) == 0
+    marker = json.loads((out / "tnlora_output.json").read_text())
+    assert marker["verb"] == "train" and {"checkpoint-1", "checkpoint-2", "adapter_model.safetensors"} <= set(
+        marker["files"]
+    )
+    assert sorted(marker["files"]) == sorted(p.name for p in out.iterdir())
+    capsys.readouterr()
+    assert main(_cli_train(make_config, out)) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: output_dir: {out} holds an earlier tnlora train output; pass --overwrite_output_dir true"
+    )
+    # A file of the user's beside the run: the run is not replaced, and nothing is deleted.
+    (out / "generations.jsonl").write_text("{}")
+    before = _listing(out)
+    assert main(_cli_train(make_config, out, "--overwrite_output_dir", "true")) == 2
+    assert "holds files tnlora did not write (generations.jsonl)" in capsys.readouterr().err
+    assert _listing(out) == before
+    (out / "generations.jsonl").unlink()
+    assert main(_cli_train(make_config, out, "--overwrite_output_dir", "true")) == 0
+    assert not (out / "checkpoint-2").exists() and (out / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
+
+
+@pytest.mark.parametrize(
+    ("mistake", "message"),
+    [
+        (("--dataset", "quickstart_alpacca"), "unknown dataset 'quickstart_alpacca'"),
+        (("--dataset_dir", "/nowhere/data"), "no such file or directory"),
+        (("--lora_target", "q_proj"), "lora_target: 'q_proj' matches no linear layer"),
+        (("--cutoff_len", "2"), "dataset: no example left after encoding with cutoff_len 2 (encoded 0/60 examples"),
+        (("--dataset", "BAD"), "record 2"),
+        (("--template", "chatmll"), "template: unknown template"),
+    ],
+)
+def test_a_refused_run_deletes_nothing_of_the_earlier_one(make_config, tmp_path, capsys, mistake, message):
     out = tmp_path / "o"
     assert main(_cli_train(make_config, out)) == 0
-    (out / "stale.txt").write_text("old")
-    assert main(_cli_train(make_config, out)) == 2
-    assert main(_cli_train(make_config, out, "--overwrite_output_dir", "true")) == 0
-    assert not (out / "stale.txt").exists() and (out / "adapter_model.safetensors").is_file()
+    (tmp_path / "bad.json").write_text('[{"instruction": "a", "output": "b"}, {"instruction": 3, "output": "b"}]')
+    mistake = tuple(str(tmp_path / "bad.json") if m == "BAD" else m for m in mistake)
+    before = _listing(out)
+    capsys.readouterr()
+    assert main(_cli_train(make_config, out, "--overwrite_output_dir", "true", *mistake)) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "EncodeStats(" not in err
+    assert _listing(out) == before
+
+
+def test_an_interrupted_run_is_still_recognised_as_tnloras(make_config, tmp_path):
+    from tnlora.errors import ConfigError
+
+    out = tmp_path / "o"
+    with pytest.raises(ConfigError, match="out of GPU memory"):
+        train(make_config(out, "--max_steps", "2"), callbacks=[_OutOfMemoryAtStep()])
+    listed = json.loads((out / "tnlora_output.json").read_text())["files"]
+    assert sorted(listed) == sorted(p.name for p in out.iterdir())
+    # A checkpoint the marker does not list yet (a run killed mid-save) is the run's too.
+    (out / "checkpoint-7").mkdir()
+    assert train(make_config(out, "--max_steps", "1", "--overwrite_output_dir", "true")).global_step == 1
+    assert not (out / "checkpoint-7").exists()
+
+
+def test_a_run_written_before_markers_is_replaced_too(make_config, tmp_path):
+    out = tmp_path / "o"
+    train(make_config(out, "--max_steps", "1"))
+    (out / "tnlora_output.json").unlink()
+    train(make_config(out, "--max_steps", "1", "--overwrite_output_dir", "true"))
+    assert (out / "tnlora_output.json").is_file()
+
+
+def test_inputs_and_the_current_folder_are_never_the_output(make_config, tmp_path, capsys, monkeypatch):
+    data = tmp_path / "data"
+    shutil.copytree(EXAMPLES / "data", data)
+    argv = _cli_train(make_config, data, "--dataset_dir", str(data), "--overwrite_output_dir", "true")
+    assert main(argv) == 2
+    assert f"error: output_dir: {data} holds the dataset folder ({data})" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    assert main(_cli_train(make_config, tmp_path / "x", "--output_dir", ".")) == 2
+    assert capsys.readouterr().err == f"error: output_dir: {tmp_path} is the current folder; name a new folder for the output\n"
+    assert sorted(p.name for p in data.iterdir()) == sorted(p.name for p in (EXAMPLES / "data").iterdir())
 
 
 def test_refusals_come_before_the_model_loads(make_config, tmp_path, capsys, monkeypatch):
@@ -308,6 +389,42 @@ def test_refusals_come_before_the_model_loads(make_config, tmp_path, capsys, mon
     assert capsys.readouterr().err.startswith("error: model_name_or_path: 'huge' is neither a preset")
     assert main(_cli_train(make_config, tmp_path / "c", "--dataset", "nope.json")) == 2
     assert "nope.json" in capsys.readouterr().err
+
+
+def test_lora_targets_are_checked_on_the_meta_device_before_weights_load(
+    official_dir, make_config, tmp_path, capsys, monkeypatch
+):
+    import tnlora.model.modeling as modeling
+    import tnlora.train.run as run
+
+    def boom(*args, **kwargs):
+        raise AssertionError("no weights may be read for a refused config")
+
+    monkeypatch.setattr(run, "load_base_model", boom)
+    monkeypatch.setattr(modeling.TransnormerForCausalLM, "from_pretrained", boom)
+    for model in ("tiny", str(official_dir)):
+        assert main(_cli_train(make_config, tmp_path / "o", "--model_name_or_path", model,
+                               "--lora_target", "q_proj,l1")) == 2  # fmt: skip
+        err = capsys.readouterr().err
+        assert err.startswith("error: lora_target: 'q_proj' matches no linear layer of this model (TransNormerLLM")
+        assert main(_cli_train(make_config, tmp_path / "o", "--model_name_or_path", model,
+                               "--finetuning_type", "freeze", "--freeze_trainable_layers", "3")) == 2  # fmt: skip
+        assert "freeze_trainable_layers: 3 but the model has only 2 layers" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_preset_names_ignore_letter_case_and_the_run_records_the_canonical_one(make_config, tmp_path):
+    result = train(make_config(tmp_path / "o", "--model_name_or_path", "TINY", "--max_steps", "1"))
+    assert result.config.model_name_or_path == "tiny"
+    assert "model_name_or_path: tiny\n" in (tmp_path / "o" / "tnlora_run.yaml").read_text()
+
+
+def test_the_adapter_model_card_names_the_base_model_and_no_peft_warning(make_config, tmp_path, recwarn):
+    train(make_config(tmp_path / "o", "--max_steps", "2", "--save_steps", "1"))
+    for directory in (tmp_path / "o", tmp_path / "o" / "checkpoint-1"):
+        card = (directory / "README.md").read_text()
+        assert "Base model: tnlora preset `tiny`" in card, directory
+    assert not [w for w in recwarn if "is_gradient_checkpointing" in str(w.message)]
 
 
 @pytest.mark.parametrize(("packing", "sampler"), [("false", "LengthGroupedSampler"), ("true", "RandomSampler")])
@@ -380,11 +497,12 @@ def test_bf16_freeze_tuning_returns_a_usable_fp32_model(make_config, tmp_path):
 
 
 def test_overwrite_never_deletes_the_base_model(official_dir, make_config, tmp_path, capsys):
+    before = _listing(official_dir)
     argv = _cli_train(make_config, official_dir, "--model_name_or_path", str(official_dir),
                       "--overwrite_output_dir", "true")  # fmt: skip
     assert main(argv) == 2
     assert "holds the base model" in capsys.readouterr().err
-    assert (official_dir / "config.json").is_file() and (official_dir / "pytorch_model.bin").is_file()
+    assert _listing(official_dir) == before
 
 
 def test_tokenised_dataset_is_cached_and_reused(tmp_path: Path, make_config, monkeypatch) -> None:
@@ -422,3 +540,33 @@ def test_out_of_memory_is_one_line_naming_the_keys(make_config, tmp_path):
         "cutoff_len); try gradient_checkpointing: true, or use_unsloth_gc: true (layer inputs kept in CPU "
         "memory), or a per_device_train_batch_size below 16"
     )
+
+
+def test_trainer_keys_reach_the_training_arguments(make_config, tmp_path):
+    from tnlora.config import resolve_defaults
+    from tnlora.train.run import training_arguments
+
+    cfg = resolve_defaults(make_config(
+        tmp_path / "o", "--val_size", "4", "--eval_strategy", "epoch", "--save_strategy", "epoch",
+        "--logging_strategy", "epoch", "--save_only_model", "true", "--ddp_timeout", "180000000",
+        "--ddp_find_unused_parameters", "false", "--run_name", "r1", "--lr_scheduler_type", "cosine_with_restarts",
+        "--lr_scheduler_kwargs", '{"num_cycles": 2}', "--save_total_limit", "2", "--weight_decay", "0.01",
+        "--per_device_eval_batch_size", "3", "--dataloader_num_workers", "1",
+    ), cuda=False, cuda_bf16=False)  # fmt: skip
+    args = training_arguments(cfg, has_eval=True)
+    # (the strategies are str enums of transformers: equal to their names)
+    assert (args.eval_strategy, args.save_strategy, args.logging_strategy) == ("epoch", "epoch", "epoch")
+    assert (args.save_only_model, args.ddp_timeout, args.ddp_find_unused_parameters) == (True, 180000000, False)
+    assert (args.run_name, args.lr_scheduler_kwargs, args.save_total_limit) == ("r1", {"num_cycles": 2}, 2)
+    assert (args.weight_decay, args.per_device_eval_batch_size, args.dataloader_num_workers) == (0.01, 3, 1)
+    assert training_arguments(cfg, has_eval=False).eval_strategy == "no"
+
+
+def test_tokens_seen_are_logged_when_asked_and_tensorboard_goes_to_logging_dir(make_config, tmp_path):
+    result = train(make_config(tmp_path / "o", "--max_steps", "2", "--logging_steps", "1",
+                               "--include_num_input_tokens_seen", "true", "--report_to", "tensorboard",
+                               "--logging_dir", str(tmp_path / "tb")))  # fmt: skip
+    logged = [e["num_input_tokens_seen"] for e in result.log_history if "loss" in e]
+    assert len(logged) == 2 and 0 < logged[0] < logged[1]
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert not (tmp_path / "o" / "runs").exists()

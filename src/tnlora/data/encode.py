@@ -18,7 +18,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -335,12 +336,14 @@ def build_dataset(
     train_on_prompt: bool = False,
     mask_history: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
+    num_workers: int = 1,
 ) -> tuple[list[EncodedExample], EncodeStats]:
     """Encode every conversation; dropped ones are left out and counted. Logs ``EncodeStats.summary()``.
 
     With ``cache_dir`` the result is stored there (atomically) under a hash of the conversations' text, the
     tokenizer, the template and these settings, and a later call with the same inputs reads it back
-    without tokenising.
+    without tokenising. ``num_workers`` > 1 tokenises batches of ``ENCODE_BATCH`` conversations in that many
+    processes (at most one per CPU and per batch); the result is the same as in one process.
     """
     if cutoff_len < 1:
         raise ValueError("cutoff_len must be positive")
@@ -352,12 +355,11 @@ def build_dataset(
         if cached is not None:
             logger.info("%s (cached: %s)", cached[1].summary(), cache_file)
             return cached
-    encoder = PieceEncoder(tokenizer)
     stats = EncodeStats(examples=len(conversations))
     examples: list[EncodedExample] = []
-    for start in range(0, len(conversations), ENCODE_BATCH):
-        chunk = conversations[start : start + ENCODE_BATCH]
-        for example in _encode_batch(chunk, encoder, template, cutoff_len, train_on_prompt, mask_history):
+    settings = (template, cutoff_len, train_on_prompt, mask_history)
+    for batch in _encoded_batches(conversations, tokenizer, settings, num_workers):
+        for example in batch:
             if example.dropped:
                 stats.dropped += 1
                 stats.first_dropped = stats.first_dropped or example.dropped
@@ -374,6 +376,47 @@ def build_dataset(
             logger.warning("could not write the dataset cache %s: %s", cache_file, exc)
     logger.info("%s", stats.summary())
     return examples, stats
+
+
+def _encoded_batches(
+    conversations: Sequence[Conversation], tokenizer: Any, settings: tuple, num_workers: int
+) -> Iterator[list[EncodedExample]]:
+    """Encoded batches of ``ENCODE_BATCH`` conversations, in order, from this process or a pool of workers."""
+    batches = [conversations[i : i + ENCODE_BATCH] for i in range(0, len(conversations), ENCODE_BATCH)]
+    workers = min(num_workers, len(batches), _usable_cpus())
+    if workers <= 1:
+        encoder = PieceEncoder(tokenizer)
+        for batch in batches:
+            yield _encode_batch(batch, encoder, *settings)
+        return
+    import multiprocessing
+
+    # spawn, not fork: the parent may hold torch and tokenizer threads, which a forked child would inherit
+    # half-initialised.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                             initargs=(tokenizer, settings)) as pool:  # fmt: skip
+        yield from pool.map(_encode_in_worker, batches)
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# Each worker process's encoder and settings, set once by _start_worker (a process-local object, not shared).
+_WORKER: dict[str, Any] = {}
+
+
+def _start_worker(tokenizer: Any, settings: tuple) -> None:
+    _WORKER["encoder"] = PieceEncoder(tokenizer)
+    _WORKER["settings"] = settings
+
+
+def _encode_in_worker(batch: Sequence[Conversation]) -> list[EncodedExample]:
+    return _encode_batch(batch, _WORKER["encoder"], *_WORKER["settings"])
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -1,4 +1,9 @@
-"""Interactive multi-turn chat with streamed replies (works on a terminal and on a pipe)."""
+"""Interactive multi-turn chat with streamed replies (works on a terminal and on a pipe).
+
+Ctrl-C while a reply streams stops that reply (the generating thread sees a stop flag at its next step and is
+joined, never left running) and returns to the prompt; Ctrl-C at the prompt, or again while a reply is being
+stopped, ends the chat (the command exits with status 130).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import threading
 from typing import Any, TextIO
 
 import torch
-from transformers import StoppingCriteriaList, TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from tnlora.infer.generate import (
     GenerationOptions,
@@ -18,7 +23,36 @@ from tnlora.infer.generate import (
     stop_settings,
 )
 
-HELP = "commands: /reset clears the conversation, /exit (or end of input) quits"
+HELP = "commands: /reset clears the conversation, /exit (or end of input) quits; Ctrl-C stops a reply"
+
+
+class ReplyStopped(Exception):
+    """Ctrl-C stopped a streamed reply; ``text`` is what had been shown of it."""
+
+    def __init__(self, text: str):
+        super().__init__("reply stopped")
+        self.text = text
+
+
+class StopOnFlag(StoppingCriteria):
+    """Ends generate() at its next step once ``flag`` is set (from another thread)."""
+
+    def __init__(self, flag: threading.Event):
+        self.flag = flag
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.flag.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _join(worker: threading.Thread) -> bool:
+    """Wait for ``worker`` to end even through Ctrl-C; True when Ctrl-C was pressed meanwhile."""
+    interrupted = False
+    while worker.is_alive():
+        try:
+            worker.join()
+        except KeyboardInterrupt:
+            interrupted = True
+    return interrupted
 
 
 class StopStringFilter:
@@ -50,7 +84,11 @@ class StopStringFilter:
 
 
 def stream_reply(loaded, messages: list[dict[str, Any]], options: GenerationOptions, out: TextIO) -> str:
-    """Generate the assistant's reply to ``messages``, writing it to ``out`` as it is produced; return it."""
+    """Generate the assistant's reply to ``messages``, writing it to ``out`` as it is produced; return it.
+
+    Ctrl-C (KeyboardInterrupt) during the reply stops generation and raises ``ReplyStopped``; a second one
+    while it stops propagates as KeyboardInterrupt. Either way the generating thread has ended on return.
+    """
     options.check()
     tokenizer, model = loaded.tokenizer, loaded.model
     eos_ids, stop_strings = stop_settings(tokenizer, loaded.template)
@@ -58,7 +96,10 @@ def stream_reply(loaded, messages: list[dict[str, Any]], options: GenerationOpti
         tokenizer, [prompt_ids(tokenizer, loaded.template, messages, loaded.system)], loaded.device
     )
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-    criteria = StoppingCriteriaList([StopOnStrings(tokenizer, stop_strings, ids.shape[1])] if stop_strings else [])
+    stop = threading.Event()
+    criteria = StoppingCriteriaList(
+        [StopOnFlag(stop), *([StopOnStrings(tokenizer, stop_strings, ids.shape[1])] if stop_strings else [])]
+    )
     failure: list[BaseException] = []
 
     def run() -> None:
@@ -81,12 +122,22 @@ def stream_reply(loaded, messages: list[dict[str, Any]], options: GenerationOpti
     worker.start()
     shown = StopStringFilter(stop_strings)
     pieces: list[str] = []
-    for piece in streamer:
-        safe = shown.push(piece)
-        if safe:
-            pieces.append(safe)
-            out.write(safe)
-            out.flush()
+    try:
+        for piece in streamer:
+            safe = shown.push(piece)
+            if safe:
+                pieces.append(safe)
+                out.write(safe)
+                out.flush()
+    except KeyboardInterrupt:
+        stop.set()
+        if _join(worker):
+            raise
+        raise ReplyStopped("".join(pieces)) from None
+    except BaseException:  # e.g. a closed pipe: the thread must not outlive the reply either
+        stop.set()
+        _join(worker)
+        raise
     worker.join()
     rest = shown.flush()
     pieces.append(rest)
@@ -130,7 +181,13 @@ def chat_loop(loaded, options: GenerationOptions, stdin: TextIO, stdout: TextIO)
         history.append({"role": "user", "content": text})
         stdout.write("assistant: ")
         stdout.flush()
-        reply = stream_reply(loaded, history, options, stdout)
+        try:
+            reply = stream_reply(loaded, history, options, stdout)
+        except ReplyStopped:
+            history.pop()  # the turn is dropped: a cut-off answer would mislead the next ones
+            stdout.write("\n(reply stopped; this turn is not kept. Ctrl-C at the prompt quits)\n")
+            stdout.flush()
+            continue
         stdout.write("\n")
         stdout.flush()
         history.append({"role": "assistant", "content": reply})

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from tnlora.errors import TnloraError
+
+EVAL_WRITER = "tnlora eval"
 
 
 @dataclass
@@ -105,3 +109,41 @@ def _row(example: Any) -> dict[str, Any]:
     if isinstance(example, dict):
         return {"input_ids": list(example["input_ids"]), "labels": list(example["labels"])}
     return {"input_ids": list(example.input_ids), "labels": list(example.labels)}
+
+
+def is_eval_output(path: Path) -> bool:
+    """Whether ``path`` is a metrics file ``write_eval_result`` wrote."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("written_by") == EVAL_WRITER
+
+
+def check_eval_output(path: str | Path, overwrite: bool) -> None:
+    """Refuse an output that is a directory, or an existing file unless ``overwrite`` and it is an eval output
+    (checked before the model loads)."""
+    from tnlora.outputs import check_output_file
+
+    check_output_file(
+        path,
+        key="--output",
+        overwrite=overwrite,
+        overwrite_flag="--overwrite to replace it",
+        is_ours=is_eval_output,
+        what="evaluation metrics (JSON)",
+    )
+
+
+def write_eval_result(result: EvalResult, path: str | Path, **details: Any) -> None:
+    """The metrics as JSON (Trainer names: eval_loss, eval_ppl, …) plus ``details`` (dataset, model, adapter)."""
+    from tnlora.io import atomic_write_json
+
+    atomic_write_json(path, {
+        "eval_loss": result.loss,
+        "eval_ppl": result.ppl,
+        "eval_tokens": result.tokens,
+        "eval_examples": result.examples,
+        **{k: (str(v) if v is not None else None) for k, v in details.items()},
+        "written_by": EVAL_WRITER,
+    })  # fmt: skip

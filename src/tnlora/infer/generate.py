@@ -1,9 +1,17 @@
-"""Generation: prompt rendering with the trained template, batched left-padded generate, JSONL output."""
+"""Generation: prompt rendering with the trained template, batched left-padded generate, JSONL output.
+
+``generate_file`` keeps what it finished: each batch's replies are appended (and flushed) to ``<output>.partial``
+as they complete, and the output file is written (atomically) only once every prompt is answered. A rerun with
+the same prompts and settings continues from the partial file, skipping the prompts already answered.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,8 +155,11 @@ def generate_replies(
     options: GenerationOptions,
     system: str | None = None,
     batch_size: int = 8,
+    on_batch: Callable[[list[int], list[str]], None] | None = None,
 ) -> list[str]:
-    """One reply per conversation (the last turn is the user's), batched with left padding."""
+    """One reply per conversation (the last turn is the user's), batched with left padding.
+
+    ``on_batch(indices, replies)`` is called as each batch completes (indices into ``conversations``)."""
     options.check()
     if batch_size < 1:
         raise TnloraError(f"--batch_size: must be >= 1, got {batch_size}")
@@ -176,6 +187,8 @@ def generate_replies(
         for row, i in zip(out[:, ids.shape[1] :], idx):
             text = tokenizer.decode(_until_eos(row.tolist(), eos_ids), skip_special_tokens=True)
             replies[i] = cut_at_stop(text, stop_strings, final=True).strip()
+        if on_batch is not None:
+            on_batch(idx, [replies[i] for i in idx])
     return replies
 
 
@@ -235,41 +248,140 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_path(output_path: str | Path) -> Path:
+    """Where ``generate_file`` keeps the replies finished so far: ``<output>.partial``."""
+    output_path = Path(output_path)
+    return output_path.with_name(output_path.name + PARTIAL_SUFFIX)
+
+
+def is_generate_output(path: Path) -> bool:
+    """Whether ``path`` is a JSONL file of rows with a ``response`` (what ``generate_file`` writes)."""
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [json.loads(line) for line in lines]
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return bool(rows) and all(isinstance(r, dict) and "response" in r for r in rows)
+
+
+def generation_fingerprint(prompts: list[dict[str, Any]], options: GenerationOptions, loaded) -> str:
+    """What a partial file's replies depend on: the prompts, the sampling settings, the model and template."""
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update(json.dumps([p["messages"], p["system"]], ensure_ascii=False, sort_keys=True).encode())
+    settings = [dataclasses.asdict(options), str(loaded.base), str(loaded.adapter), loaded.system,
+                loaded.template.to_dict() if hasattr(loaded.template, "to_dict") else str(loaded.template)]
+    h.update(json.dumps(settings, ensure_ascii=False, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
+def read_partial(path: Path, fingerprint: str, total: int) -> dict[int, str] | None:
+    """The replies a partial file holds ({prompt index: reply}), None when it was written for other prompts or
+    settings. A last line cut off mid-write is ignored."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    try:
+        header = json.loads(lines[0]) if lines else None
+    except ValueError:
+        return None
+    if not isinstance(header, dict) or header.get("tnlora_generate") != fingerprint:
+        return None
+    done: dict[int, str] = {}
+    for line in lines[1:]:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("index"), int) and 0 <= row["index"] < total:
+            done[row["index"]] = str(row.get("response", ""))
+    return done
+
+
 def generate_file(
     loaded,
     prompts: str | Path | list[dict[str, Any]],
     output_path: str | Path,
     options: GenerationOptions,
     batch_size: int = 8,
+    *,
+    overwrite: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> int:
     """Answer every prompt (a prompts file or ``read_prompts``' result); write ``output_path`` atomically.
 
-    The output is JSONL, one row per prompt in input order: the input record plus ``response``.
+    The output is JSONL, one row per prompt in input order: the input record plus ``response``. Finished
+    batches go to ``<output>.partial`` first, so an interrupted run loses at most the batch in flight and a
+    rerun (same prompts, settings, model) answers only the rest. An existing output is replaced only with
+    ``overwrite`` and only when it is an earlier generate output (``check_generate_output``).
     """
     if not isinstance(prompts, list):
         prompts = read_prompts(prompts)
-    # Rows with their own system prompt are generated apart from the rest (the system prompt is per batch).
-    groups: dict[str | None, list[int]] = {}
-    for i, p in enumerate(prompts):
-        groups.setdefault(p["system"], []).append(i)
-    replies: list[str] = [""] * len(prompts)
-    for system, idx in groups.items():
-        convs = [prompts[i]["messages"] for i in idx]
-        answers = generate_replies(
-            loaded.model,
-            loaded.tokenizer,
-            loaded.template,
-            convs,
-            options,
-            system=system if system is not None else loaded.system,
-            batch_size=batch_size,
-        )
-        for i, a in zip(idx, answers):
-            replies[i] = a
+    check_generate_output(output_path, overwrite)
+    say = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    partial = partial_path(output_path)
+    fingerprint = generation_fingerprint(prompts, options, loaded)
+    done: dict[int, str] = {}
+    if partial.exists():
+        previous = None if overwrite else read_partial(partial, fingerprint, len(prompts))
+        if previous is None and not overwrite:
+            raise TnloraError(
+                f"--output: {partial} holds replies to other prompts or settings; pass --overwrite to start again"
+            )
+        done = previous or {}
+        if done:
+            say(f"continuing: {len(done)} of {len(prompts)} prompts already answered in {partial}")
+    # Rewritten whole (atomically) before appending: a line cut off by an interruption must not run into the next.
+    rows = [json.dumps({"tnlora_generate": fingerprint})]
+    rows += [json.dumps({"index": i, "response": r}, ensure_ascii=False) for i, r in sorted(done.items())]
+    atomic_write_text(partial, "\n".join(rows) + "\n")
+    with open(partial, "a", encoding="utf-8") as sink:
+
+        def keep(indices: list[int], answers: list[str]) -> None:
+            for i, a in zip(indices, answers):
+                done[i] = a
+                sink.write(json.dumps({"index": i, "response": a}, ensure_ascii=False) + "\n")
+            sink.flush()
+
+        # Rows with their own system prompt are generated apart from the rest (the system prompt is per batch).
+        groups: dict[str | None, list[int]] = {}
+        for i, p in enumerate(prompts):
+            if i not in done:
+                groups.setdefault(p["system"], []).append(i)
+        for system, idx in groups.items():
+            generate_replies(
+                loaded.model,
+                loaded.tokenizer,
+                loaded.template,
+                [prompts[i]["messages"] for i in idx],
+                options,
+                system=system if system is not None else loaded.system,
+                batch_size=batch_size,
+                on_batch=lambda positions, answers, idx=idx: keep([idx[k] for k in positions], answers),
+            )
     lines = []
-    for p, reply in zip(prompts, replies):
+    for i, p in enumerate(prompts):
         row: dict[str, Any] = dict(p["record"]) if isinstance(p["record"], dict) else {"prompt": p["record"]}
-        row["response"] = reply
+        row["response"] = done[i]
         lines.append(json.dumps(row, ensure_ascii=False))
     atomic_write_text(output_path, "\n".join(lines) + "\n")
+    partial.unlink(missing_ok=True)
     return len(lines)
+
+
+def check_generate_output(output_path: str | Path, overwrite: bool) -> None:
+    """Refuse an output that is a directory, or an existing file unless ``overwrite`` and it is a generate output."""
+    from tnlora.outputs import check_output_file
+
+    check_output_file(
+        output_path,
+        key="--output",
+        overwrite=overwrite,
+        overwrite_flag="--overwrite to replace it",
+        is_ours=is_generate_output,
+        what="generated replies (JSONL)",
+    )

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from tnlora.config import RunConfig, read_run_config
+from tnlora.config import RUN_CONFIG_NAME, RunConfig, read_run_config
 from tnlora.errors import TnloraError
 
 TEMPLATE_FILE = "template.json"
@@ -72,6 +72,44 @@ def _adapter_base_name(adapter: Path) -> str | None:
     return None
 
 
+def base_model_of(model: str | None, adapter: str | Path | None) -> tuple[str, Path | None, RunConfig | None]:
+    """(base model, run dir, run config) for ``model`` and/or ``adapter``, without loading anything.
+
+    The base is ``model`` when given, else the one the adapter's run recorded (``model_name_or_path`` in its
+    tnlora_run.yaml, or peft's ``base_model_name_or_path``), as a preset's canonical name, a directory's
+    absolute path or a Hub id. A recorded base that is no longer there is refused in one line naming the file
+    that records it and ``--model``, which overrides it.
+    """
+    from tnlora.model.hub import model_source
+
+    adapter_path = Path(adapter) if adapter else None
+    if adapter_path is not None and not (adapter_path / "adapter_config.json").is_file():
+        raise TnloraError(f"--adapter: {adapter_path} holds no adapter_config.json (not a LoRA output dir)")
+    # The adapter's run; with no adapter, a merged or fully fine-tuned model dir carries its own run files.
+    if adapter_path is not None:
+        run_dir = run_dir_of(adapter_path)
+    else:
+        run_dir = run_dir_of(model) if model and Path(model).is_dir() else None
+    run_cfg = read_run_config(run_dir) if run_dir else None
+    if model:
+        return model_source(model, key="--model"), run_dir, run_cfg
+    recorded, where = None, None
+    if run_cfg is not None and run_cfg.model_name_or_path:
+        recorded, where = run_cfg.model_name_or_path, f"{run_dir / RUN_CONFIG_NAME} (model_name_or_path)"
+    elif adapter_path is not None and _adapter_base_name(adapter_path):
+        recorded = _adapter_base_name(adapter_path)
+        where = f"{adapter_path / 'adapter_config.json'} (base_model_name_or_path)"
+    if not recorded:
+        raise TnloraError("--model: required (no adapter run config names the base model)")
+    try:
+        return model_source(recorded, key="--model"), run_dir, run_cfg
+    except TnloraError:
+        raise TnloraError(
+            f"--model: the base model {recorded} recorded in {where} is not there; pass --model with its "
+            "directory, Hub id or preset"
+        ) from None
+
+
 def load_template(run_dir: Path | None, name: str | None):
     """The saved template of the run (``template.json``) unless ``name`` overrides it."""
     from tnlora.data.templates import Template, get_template
@@ -114,21 +152,11 @@ def load_for_inference(
     per adapted layer.
     """
     from tnlora.model.tokenizer import load_tokenizer
+    from tnlora.train.lora import peft_quietly
     from tnlora.train.run import load_base_model
 
     adapter_path = Path(adapter) if adapter else None
-    if adapter_path is not None and not (adapter_path / "adapter_config.json").is_file():
-        raise TnloraError(f"--adapter: {adapter_path} holds no adapter_config.json (not a LoRA output dir)")
-    # The adapter's run; with no adapter, a merged or fully fine-tuned model dir carries its own run files.
-    if adapter_path is not None:
-        run_dir = run_dir_of(adapter_path)
-    else:
-        run_dir = run_dir_of(model) if model and Path(model).is_dir() else None
-    run_cfg = read_run_config(run_dir) if run_dir else None
-    base = model or (run_cfg.model_name_or_path if run_cfg else None)
-    base = base or (_adapter_base_name(adapter_path) if adapter_path else None)
-    if not base:
-        raise TnloraError("--model: required (no adapter run config names the base model)")
+    base, run_dir, run_cfg = base_model_of(model, adapter_path)
     # The run's tokenizer first: it carries any tokens added for training.
     has_saved_tokenizer = run_dir is not None and (run_dir / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(str(run_dir) if has_saved_tokenizer else base)
@@ -144,7 +172,8 @@ def load_for_inference(
     if adapter_path is not None:
         from peft import PeftModel
 
-        net = PeftModel.from_pretrained(net, str(adapter_path))
+        with peft_quietly():
+            net = PeftModel.from_pretrained(net, str(adapter_path))
         if merge_adapter:
             net = net.merge_and_unload()
     net.to(dev)

@@ -1,4 +1,9 @@
-"""Merged export: base + LoRA adapter → one full checkpoint (safetensors, official key names), atomically."""
+"""Merged export: base + LoRA adapter → one full checkpoint (safetensors, official key names), atomically.
+
+The output directory is checked before anything loads (``tnlora.outputs``): an existing non-empty one is
+replaced only with ``overwrite`` and only when it is an earlier merge holding nothing else; the base model, the
+adapter and the current folder are never valid outputs.
+"""
 
 from __future__ import annotations
 
@@ -9,40 +14,80 @@ from pathlib import Path
 import torch
 
 from tnlora.errors import TnloraError
-from tnlora.infer.loading import TEMPLATE_FILE, load_for_inference, resolve_dtype
+from tnlora.infer.loading import TEMPLATE_FILE, base_model_of, load_for_inference, resolve_dtype
 from tnlora.io import atomic_dir
+from tnlora.outputs import claim_dir, plan_dir
+
+EXPORT_DEVICES = ("cpu", "auto")
 
 
-def merge_adapter(model: str | None, adapter: str | Path, output: str | Path, dtype: str = "auto") -> Path:
+def merge_adapter(
+    model: str | None,
+    adapter: str | Path,
+    output: str | Path,
+    dtype: str = "auto",
+    *,
+    overwrite: bool = False,
+    max_shard_size_gb: int | None = None,
+    device: str = "cpu",
+    template: str | None = None,
+) -> Path:
     """Fold the adapter into the base weights and save model, tokenizer, template and chat template.
 
     The merge happens in fp32 (adding a low-rank product to bf16 weights would round it away), then the
-    result is cast to ``dtype`` ("auto": the base checkpoint's dtype, fp32 for presets).
+    result is cast to ``dtype`` ("auto": the base checkpoint's dtype, fp32 for presets). ``device`` "auto" merges
+    on the GPU when there is one (LLaMA-Factory's ``export_device``); ``max_shard_size_gb`` splits the weights
+    into files of at most that many GB (``export_size``). ``template`` overrides the adapter's saved template
+    (the exported chat template).
     """
     output = Path(output)
-    if adapter and Path(output).resolve() == Path(adapter).resolve():
-        raise TnloraError("--output: must differ from --adapter")
-    loaded = load_for_inference(model, adapter, dtype="float32", device="cpu")
+    if device not in EXPORT_DEVICES:
+        raise TnloraError(f"--export_device: must be one of {', '.join(EXPORT_DEVICES)}; got {device!r}")
+    if max_shard_size_gb is not None and max_shard_size_gb < 1:
+        raise TnloraError(f"--export_size: must be >= 1 (GB per weights file), got {max_shard_size_gb}")
+    base, run_dir, _ = base_model_of(model, adapter)
+    plan_dir(
+        output,
+        "merge",
+        key="--output",
+        overwrite=overwrite,
+        overwrite_flag="--overwrite to replace it",
+        inputs={"the adapter": adapter, "the adapter's run": run_dir, "the base model": _local(base)},
+    )
+    loaded = load_for_inference(
+        model, adapter, template=template, dtype="float32", device="auto" if device == "auto" else "cpu"
+    )
     target = _target_dtype(loaded.base, dtype)
     merged = loaded.model.merge_and_unload()
-    merged.to(target)
+    merged.to(device="cpu", dtype=target)
     merged.config.use_cache = True
     tokenizer = loaded.tokenizer
     chat_template = _chat_template(loaded.template)
     if chat_template:
         tokenizer.chat_template = chat_template
+    shards = {} if max_shard_size_gb is None else {"max_shard_size": f"{max_shard_size_gb}GB"}
     with atomic_dir(output) as tmp:
-        merged.save_pretrained(str(tmp), safe_serialization=True)
+        merged.save_pretrained(str(tmp), **shards)
         tokenizer.save_pretrained(str(tmp))
         loaded.template.save(tmp / TEMPLATE_FILE)
+        claim_dir(tmp, "merge")
     return output
+
+
+def _local(base: str) -> str | None:
+    return base if Path(base).is_dir() else None
 
 
 def _target_dtype(base: str, dtype: str) -> torch.dtype:
     """``dtype``, or for "auto" the dtype the base checkpoint's config.json records (fp32 for presets)."""
+    from tnlora.model.configuration import canonical_preset
+    from tnlora.model.hub import model_dir
+
     if dtype != "auto":
         return resolve_dtype(dtype, torch.device("cpu"))
-    config_file = Path(base) / "config.json"
+    if canonical_preset(base) is not None:
+        return torch.float32
+    config_file = Path(model_dir(base, "config", key="--model")) / "config.json"
     if config_file.is_file():
         # Read from disk: the model in memory was loaded in fp32 for the merge and says so.
         config = json.loads(config_file.read_text(encoding="utf-8"))

@@ -37,3 +37,11 @@ def register_model_classes() -> None:
     AutoConfig.register(TransnormerConfig.model_type, TransnormerConfig, exist_ok=True)
     AutoModel.register(TransnormerConfig, TransnormerModel, exist_ok=True)
     AutoModelForCausalLM.register(TransnormerConfig, TransnormerForCausalLM, exist_ok=True)
+
+
+# Importing the model package is what makes the Auto classes know TransNormerLLM (and its tokenizers): every
+# loading path imports it, while ``import tnlora`` alone stays light for the command line.
+register_model_classes()
+from tnlora.model.tokenizer import register_tokenizer_classes  # noqa: E402  (needs the classes above)
+
+register_tokenizer_classes()

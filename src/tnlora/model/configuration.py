@@ -151,8 +151,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def canonical_preset(name: str) -> str | None:
+    """The preset ``name`` spells in any letter case ("TINY", "7b"), or None when it names no preset."""
+    lowered = str(name).strip().lower()
+    return next((p for p in PRESETS if p.lower() == lowered), None)
+
+
 def config_from_preset(name: str, **overrides: Any) -> TransnormerConfig:
-    """Build the config of a preset ("tiny", "385M", "1B", "7B"), with field overrides."""
-    if name not in PRESETS:
+    """Build the config of a preset ("tiny", "385M", "1B", "7B"; any letter case), with field overrides."""
+    preset = canonical_preset(name)
+    if preset is None:
         raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return TransnormerConfig(**{**PRESETS[name], **overrides})
+    return TransnormerConfig(**{**PRESETS[preset], **overrides})

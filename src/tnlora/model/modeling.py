@@ -870,9 +870,12 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
 def load_model(
     name_or_path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None
 ) -> TransnormerForCausalLM:
-    """A preset name → deterministic random weights (seed 0, built on CPU in fp32, spec §10 init); anything
-    else → ``from_pretrained`` (official checkpoint dirs included; dtype defaults to the config's). Returned in
-    eval mode."""
+    """A preset name (any letter case) → deterministic random weights (seed 0, built on CPU in fp32, spec §10
+    init); a directory or Hugging Face Hub id (``tnlora.model.hub``) → ``from_pretrained`` (official checkpoint
+    dirs included; dtype defaults to the config's). Returned in eval mode."""
+    from tnlora.model.hub import model_dir
+
+    name_or_path = model_dir(str(name_or_path))
     if name_or_path in PRESETS:
         # fork_rng keeps the caller's global RNG stream untouched.
         with torch.random.fork_rng(devices=[]):

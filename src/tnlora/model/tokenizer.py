@@ -325,22 +325,23 @@ class ByteTokenizer(PythonBackend):
 
 
 def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
-    """A preset name ("tiny") gives the ByteTokenizer; a directory goes through AutoTokenizer.
+    """A preset name ("tiny", any letter case) gives the ByteTokenizer; a directory or Hugging Face Hub id
+    (``tnlora.model.hub``) goes through AutoTokenizer.
 
     The result always has pad_token_id 0 (never eos) and adds no BOS.
     """
-    from tnlora.model.configuration import PRESETS
+    from tnlora.model.configuration import canonical_preset
+    from tnlora.model.hub import model_dir
 
-    name = str(name_or_path)
-    if name == "tiny":
+    preset = canonical_preset(str(name_or_path))
+    if preset == "tiny":
         return ByteTokenizer()
-    if not os.path.isdir(name):
-        if name in PRESETS:
-            raise ConfigError(
-                f"tokenizer: preset '{name}' has no tokenizer files; pass the checkpoint directory "
-                "(it holds tokenizer.model)"
-            )
-        raise ConfigError(f"tokenizer: '{name}' is not a directory (nor the preset 'tiny')")
+    if preset is not None:
+        raise ConfigError(
+            f"tokenizer: preset '{preset}' has no tokenizer files; pass the checkpoint directory "
+            "(it holds tokenizer.model)"
+        )
+    name = model_dir(str(name_or_path), "tokenizer", key="tokenizer")
     try:
         # trust_remote_code=False: the official config.json names remote code (auto_map) and no model_type, so
         # AutoConfig would otherwise ask on the terminal before giving up; our class is found either way.

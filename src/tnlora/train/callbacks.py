@@ -90,3 +90,56 @@ class ProgressCallback(TrainerCallback):
         prefix = "\r\033[K" if self.tty else ""
         self.stream.write(prefix + line + "\n")
         self.stream.flush()
+
+
+class OutputRecordCallback(TrainerCallback):
+    """Keeps the run's output dir self-describing as checkpoints are written: the marker lists every entry the
+    run wrote (``tnlora.outputs``), and each checkpoint's adapter model card names the base model."""
+
+    def __init__(self, output_dir: str, base_model: str, exclude: list[str] | None = None):
+        self.output_dir = output_dir
+        self.base_model = base_model
+        self.exclude = list(exclude or [])
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        from pathlib import Path
+
+        from tnlora.outputs import claim_dir
+
+        checkpoint = Path(self.output_dir) / f"checkpoint-{state.global_step}"
+        if checkpoint.is_dir():
+            name_base_model_in_card(checkpoint, self.base_model)
+        claim_dir(self.output_dir, "train", exclude=self.exclude)
+
+
+BASE_MODEL_LINE = "Base model:"
+
+
+def name_base_model_in_card(directory, base_model: str) -> bool:
+    """Make the adapter's model card (the README.md peft writes) name its base model; False without a card.
+
+    peft names the base only from the model's ``name_or_path``, which is empty for a preset (a name that is no
+    path would make peft look it up on the Hub while saving) and a cache folder for a Hub id. The card's
+    ``base_model`` metadata gets the Hub id or the directory; a preset, which is on no Hub, is named in the text.
+    """
+    from pathlib import Path
+
+    from huggingface_hub import ModelCard
+
+    from tnlora.model.configuration import canonical_preset
+
+    card_file = Path(directory) / "README.md"
+    if not card_file.is_file():
+        return False
+    card = ModelCard.load(card_file)
+    preset = canonical_preset(base_model)
+    if preset is None:
+        card.data["base_model"] = base_model
+        line = f"{BASE_MODEL_LINE} `{base_model}`"
+    else:
+        card.data.pop("base_model", None)
+        line = f"{BASE_MODEL_LINE} tnlora preset `{preset}` (random weights: `tnlora.model.load_model('{preset}')`)"
+    lines = [t for t in card.text.splitlines() if not t.startswith(BASE_MODEL_LINE)]
+    card.text = "\n".join([*lines, "", line, ""])
+    card.save(card_file)
+    return True

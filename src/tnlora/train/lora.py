@@ -7,7 +7,9 @@ would fail or silently train nothing, so every requested name is checked against
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
 
 from torch import nn
 
@@ -88,6 +90,34 @@ def build_lora_config(
     )
 
 
+@contextlib.contextmanager
+def peft_quietly() -> Iterator[None]:
+    """Wrap a model with peft without transformers' ``is_gradient_checkpointing`` FutureWarning.
+
+    peft (0.21) reads the deprecated ``model.is_gradient_checkpointing`` property while wrapping a model, and
+    transformers 5 warns on every read; neither the user nor tnlora can act on it. Only that one warning is
+    filtered, and only around the wrapping call.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        yield
+
+
+def check_finetuning(model: nn.Module, cfg: RunConfig) -> None:
+    """Refuse LoRA / additional / freeze targets that name nothing in ``model`` (its module tree is enough: the
+    training preflight passes a model built on the meta device, before any weight is read)."""
+    if cfg.finetuning_type == "lora":
+        resolve_lora_targets(model, cfg.lora_target)
+        if cfg.additional_target:
+            _check_module_names(model, split_list(cfg.additional_target), "additional_target")
+    elif cfg.finetuning_type == "freeze":
+        layers = decoder_layers(model)
+        if abs(cfg.freeze_trainable_layers) > len(layers):
+            raise ConfigError(
+                f"freeze_trainable_layers: {cfg.freeze_trainable_layers} but the model has only {len(layers)} layers"
+            )
+
+
 def apply_finetuning(model: nn.Module, cfg: RunConfig, trainable_token_ids: list[int] | None = None) -> nn.Module:
     """Make the parameters of ``cfg.finetuning_type`` trainable; for LoRA return the peft-wrapped model."""
     if cfg.finetuning_type == "lora":
@@ -96,7 +126,8 @@ def apply_finetuning(model: nn.Module, cfg: RunConfig, trainable_token_ids: list
         targets = resolve_lora_targets(model, cfg.lora_target)
         if cfg.additional_target:
             _check_module_names(model, split_list(cfg.additional_target), "additional_target")
-        return get_peft_model(model, build_lora_config(cfg, targets, trainable_token_ids))
+        with peft_quietly():
+            return get_peft_model(model, build_lora_config(cfg, targets, trainable_token_ids))
     if cfg.finetuning_type == "full":
         for p in model.parameters():
             p.requires_grad_(True)

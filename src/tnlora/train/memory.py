@@ -7,7 +7,6 @@ that autograd keeps for the backward, which grow with tokens per micro-batch × 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -28,13 +27,10 @@ USABLE_FRACTION = 0.9
 
 
 def model_config(name_or_path: str):
-    """The TransnormerConfig of a preset name or a checkpoint directory (nothing else is read)."""
-    from tnlora.model import TransnormerConfig, config_from_preset
-    from tnlora.model.configuration import PRESETS
+    """The TransnormerConfig of a preset name, a checkpoint directory or a Hub id (only config.json is read)."""
+    from tnlora.model.hub import load_model_config
 
-    if name_or_path in PRESETS:
-        return config_from_preset(name_or_path)
-    return TransnormerConfig.from_pretrained(str(Path(name_or_path).expanduser()))
+    return load_model_config(name_or_path)
 
 
 def parameter_count(config) -> int:

@@ -12,7 +12,6 @@ import functools
 import inspect
 import math
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,12 +24,10 @@ from transformers import set_seed
 from tnlora.config import COMPILE_MIN_TOKENS, RunConfig, resolve_defaults, save_run_config, split_list
 from tnlora.errors import ConfigError, TnloraError
 from tnlora.ops.packing import PackedRows
+from tnlora.outputs import OutputPlan, claim_dir, clear_previous, foreign_entries, plan_dir
 
 TEMPLATE_FILE = "template.json"
 LOSS_PLOT = "loss.png"
-# Files whose presence means "this directory is a training output" (safe to replace on overwrite_output_dir).
-# (Not config.json: a base model directory has one, and overwrite must never delete a model.)
-_OUTPUT_MARKERS = ("tnlora_run.yaml", "trainer_state.json", "adapter_config.json")
 
 
 @dataclass
@@ -65,16 +62,19 @@ def _say(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Preflight: everything that can be refused before a model is loaded
+# Preflight: everything that can be refused before a model is loaded (nothing is written or deleted)
 
 
-def preflight(cfg: RunConfig) -> tuple[RunConfig, str | None]:
-    """Resolve machine-dependent defaults, check the model name, template, tensorboard and output dir.
+def preflight(cfg: RunConfig) -> tuple[RunConfig, OutputPlan, str | None]:
+    """Resolve machine-dependent defaults; check the model (its config only), template, tensorboard, the LoRA
+    targets (on the module tree built on the meta device) and the output dir.
 
-    Returns the resolved config and the checkpoint to resume from (or ``None``).
+    Returns the resolved config, what writing output_dir will replace, and the checkpoint to resume from (or
+    ``None``). The data is checked by ``train`` next, still before anything is deleted.
     """
-    check_model_name(cfg.model_name_or_path)
-    cfg = resolve_for_this_machine(cfg)
+    if cfg.trust_remote_code:
+        _say("trust_remote_code: ignored; tnlora never runs a model's remote code (TransNormerLLM is built in)")
+    cfg = resolve_for_this_machine(with_model_source(cfg))
     get_template_checked(cfg.template)
     if "tensorboard" in split_list(cfg.report_to):
         try:
@@ -83,8 +83,9 @@ def preflight(cfg: RunConfig) -> tuple[RunConfig, str | None]:
             raise ConfigError("report_to: tensorboard is not installed (pip install tensorboard)") from None
     if cfg.attention_impl == "fla" and not torch.cuda.is_available():
         raise ConfigError("attention_impl: 'fla' needs a CUDA GPU; use auto or chunked on CPU")
-    resume = prepare_output_dir(cfg)
-    return cfg, resume
+    check_finetuning_targets(cfg)
+    plan, resume = plan_output_dir(cfg)
+    return cfg, plan, resume
 
 
 def resolve_for_this_machine(cfg: RunConfig, train_tokens: int | None = None, announce: bool = True) -> RunConfig:
@@ -120,19 +121,30 @@ def planned_train_tokens(cfg: RunConfig, data: DataBundle) -> int:
     return int(per_epoch * cfg.num_train_epochs)
 
 
-def check_model_name(name: str) -> None:
-    """A preset name or a directory holding config.json; anything else is refused naming the key."""
-    from tnlora.model.configuration import PRESETS
+def check_model_name(name: str) -> str:
+    """The model as the run records it (a preset's canonical name, a directory's absolute path, a Hub id whose
+    config.json is there); anything else is refused naming the key."""
+    from tnlora.model.hub import model_source
 
-    if name in PRESETS:
-        return
-    path = Path(name).expanduser()
-    if path.is_dir() and (path / "config.json").is_file():
-        return
-    presets = ", ".join(sorted(PRESETS))
-    if path.is_dir():
-        raise ConfigError(f"model_name_or_path: {name} has no config.json (not a checkpoint directory)")
-    raise ConfigError(f"model_name_or_path: {name!r} is neither a preset ({presets}) nor a checkpoint directory")
+    return model_source(name, key="model_name_or_path")
+
+
+def with_model_source(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``model_name_or_path`` as :func:`check_model_name` records it."""
+    return dataclasses.replace(cfg, model_name_or_path=check_model_name(cfg.model_name_or_path))
+
+
+def check_finetuning_targets(cfg: RunConfig) -> None:
+    """lora_target, additional_target and freeze_trainable_layers checked against the model's module tree, built
+    from its config on the meta device: a target that matches nothing is refused before any weight is read."""
+    from tnlora.model import TransnormerForCausalLM
+    from tnlora.model.hub import load_model_config
+    from tnlora.train.lora import check_finetuning
+
+    config = load_model_config(cfg.model_name_or_path)
+    with torch.device("meta"):
+        skeleton = TransnormerForCausalLM(config)
+    check_finetuning(skeleton, cfg)
 
 
 def get_template_checked(name: str, system: str | None = None):
@@ -150,40 +162,57 @@ def get_template_checked(name: str, system: str | None = None):
         raise ConfigError(f"template: unknown template {name!r} ({exc})") from None
 
 
-def prepare_output_dir(cfg: RunConfig) -> str | None:
-    """Refuse a non-empty output_dir unless overwriting or resuming; return the checkpoint to resume from."""
+def plan_output_dir(cfg: RunConfig) -> tuple[OutputPlan, str | None]:
+    """What writing output_dir will replace (nothing is deleted here) and the checkpoint to resume from.
+
+    A non-empty output_dir is refused unless resuming, or overwriting an earlier tnlora training run that holds
+    nothing tnlora did not write (``tnlora.outputs``); the base model, the data and the current folder are
+    never valid output dirs.
+    """
     from transformers.trainer_utils import get_last_checkpoint
 
     out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir: {out} exists and is not a directory")
-    model_dir = Path(cfg.model_name_or_path).expanduser()
-    if model_dir.is_dir() and (out.resolve() == model_dir.resolve() or out.resolve() in model_dir.resolve().parents):
-        raise ConfigError(f"output_dir: {out} holds the base model {cfg.model_name_or_path}; choose another folder")
-    nonempty = out.is_dir() and any(out.iterdir())
-    if cfg.resume_from_checkpoint:
-        if cfg.resume_from_checkpoint is True:
-            last = get_last_checkpoint(str(out)) if out.is_dir() else None
-            if last is None:
-                raise ConfigError(f"resume_from_checkpoint: no checkpoint-N folder in {out} to resume from")
-            return last
+    inputs: dict[str, str | None] = {
+        "the base model": cfg.model_name_or_path if Path(cfg.model_name_or_path).is_dir() else None,
+        "the dataset folder": cfg.dataset_dir,
+    }
+    for name in split_list(cfg.dataset) + split_list(cfg.eval_dataset):
+        inputs[f"the dataset {name}"] = name if Path(name).exists() else None
+    resume = None
+    if cfg.resume_from_checkpoint is True:
+        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if last is None:
+            raise ConfigError(f"resume_from_checkpoint: no checkpoint-N folder in {out} to resume from")
+        resume = last
+    elif cfg.resume_from_checkpoint:
         ckpt = Path(str(cfg.resume_from_checkpoint))
         if not (ckpt / "trainer_state.json").is_file():
             raise ConfigError(f"resume_from_checkpoint: {ckpt} is not a checkpoint (no trainer_state.json)")
-        return str(ckpt)
-    if nonempty:
-        if not cfg.overwrite_output_dir:
-            raise ConfigError(
-                f"output_dir: {out} is not empty; pass --overwrite_output_dir true to replace it "
-                "or --resume_from_checkpoint true to continue its last checkpoint"
-            )
-        if not any((out / m).exists() for m in _OUTPUT_MARKERS) and not any(out.glob("checkpoint-*")):
-            raise ConfigError(
-                f"output_dir: {out} is not empty and does not look like a training output; "
-                "not deleting it (remove it yourself or choose another output_dir)"
-            )
-        shutil.rmtree(out)
-    return None
+        resume = str(ckpt)
+    try:
+        plan = plan_dir(
+            out,
+            "train",
+            key="output_dir",
+            overwrite=cfg.overwrite_output_dir,
+            overwrite_flag="--overwrite_output_dir true to replace it or --resume_from_checkpoint true to continue it",
+            inputs=inputs,
+            resume=resume is not None,
+        )
+    except ConfigError:
+        raise
+    except TnloraError as exc:
+        raise ConfigError(str(exc)) from None
+    return plan, resume
+
+
+def claim_output_dir(plan: OutputPlan) -> list[str]:
+    """Replace the earlier run (its files only) and mark output_dir as this run's; returns the entries that were
+    there already and are not the run's (files beside a resumed run), which the marker never lists."""
+    keep = foreign_entries(plan.directory, "train") if plan.directory.is_dir() and not plan.remove else []
+    clear_previous(plan)
+    claim_dir(plan.directory, "train", exclude=keep)
+    return keep
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -225,6 +254,10 @@ def load_examples(cfg: RunConfig, tokenizer, template) -> tuple[list[Any], list[
     if not conversations:
         raise ConfigError(f"dataset: {cfg.dataset} holds no records")
     train_convs, eval_convs = split_validation(conversations, cfg.val_size, cfg.seed)
+    if cfg.eval_dataset:
+        eval_convs = load_conversations(cfg.eval_dataset, cfg.dataset_dir)
+        if cfg.max_samples is not None:
+            eval_convs = eval_convs[: cfg.max_samples]
     # The cache key covers the records' text, the tokenizer, the template and these settings.
     cache_dir = None if cfg.overwrite_cache else (cfg.dataset_cache_dir or default_cache_dir())
     encode_kwargs = dict(
@@ -232,6 +265,7 @@ def load_examples(cfg: RunConfig, tokenizer, template) -> tuple[list[Any], list[
         train_on_prompt=cfg.train_on_prompt,
         mask_history=cfg.mask_history,
         cache_dir=cache_dir,
+        num_workers=cfg.preprocessing_num_workers or 1,
     )
     train_examples, train_stats = build_dataset(train_convs, tokenizer, template, **encode_kwargs)
     eval_examples: list[Any] = []
@@ -239,8 +273,10 @@ def load_examples(cfg: RunConfig, tokenizer, template) -> tuple[list[Any], list[
         eval_examples, _ = build_dataset(eval_convs, tokenizer, template, **encode_kwargs)
     if not train_examples:
         raise ConfigError(
-            f"dataset: no example left after encoding with cutoff_len {cfg.cutoff_len} ({train_stats})"
+            f"dataset: no example left after encoding with cutoff_len {cfg.cutoff_len} ({train_stats.summary()})"
         )
+    if eval_convs and not eval_examples:
+        raise ConfigError(f"eval_dataset: no example left after encoding with cutoff_len {cfg.cutoff_len}")
     stats = {"records": len(conversations), "train": len(train_examples), "eval": len(eval_examples)}
     stats["encode"] = train_stats
     return train_examples, eval_examples, stats
@@ -368,6 +404,12 @@ def trainer_class():
             inputs.pop(NUM_REAL_TOKENS, None)
             return super().prediction_step(model, inputs, *args, **kwargs)
 
+        def log(self, logs, *args, **kwargs):
+            # include_num_input_tokens_seen: the count this class keeps (the Trainer's own is off, see above)
+            if getattr(self, "log_tokens_seen", False):
+                logs = {**logs, "num_input_tokens_seen": self.state.num_input_tokens_seen}
+            return super().log(logs, *args, **kwargs)
+
         def evaluate(self, *args, **kwargs):
             # Compiled layers would compile no-grad variants of their graphs for a few evaluation batches
             # (7B: ~25 s at the first evaluation); evaluation runs them eagerly instead.
@@ -397,6 +439,10 @@ def load_base_model(
 
     model = load_model(name, dtype=dtype, device=device)
     set_attention_impl(model, attention_impl)
+    # The official config names remote code files (auto_map) that no directory tnlora saves contains; a saved
+    # config that kept it would point transformers at files that are not there.
+    if hasattr(model.config, "auto_map"):
+        del model.config.auto_map
     return model
 
 
@@ -557,6 +603,7 @@ def _training_arguments(TrainingArguments, cfg: RunConfig, has_eval: bool, warmu
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
         lr_scheduler_type=cfg.lr_scheduler_type,
+        lr_scheduler_kwargs=cfg.lr_scheduler_kwargs or {},
         warmup_steps=warmup,
         weight_decay=cfg.weight_decay,
         adam_beta1=cfg.adam_beta1,
@@ -565,12 +612,17 @@ def _training_arguments(TrainingArguments, cfg: RunConfig, has_eval: bool, warmu
         optim=cfg.optim,
         bf16=bool(cfg.bf16),
         **_checkpointing_arguments(TrainingArguments, cfg),
-        eval_strategy="steps" if has_eval else "no",
+        eval_strategy=(cfg.eval_strategy or "steps") if has_eval else "no",
         eval_steps=cfg.eval_steps if has_eval else None,
-        save_strategy="steps",
+        save_strategy=cfg.save_strategy,
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
+        save_only_model=cfg.save_only_model,
+        logging_strategy=cfg.logging_strategy,
         logging_steps=cfg.logging_steps,
+        run_name=cfg.run_name,
+        ddp_timeout=cfg.ddp_timeout,
+        ddp_find_unused_parameters=cfg.ddp_find_unused_parameters,
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to=[r for r in split_list(cfg.report_to) if r != "none"],
@@ -585,7 +637,6 @@ def _training_arguments(TrainingArguments, cfg: RunConfig, has_eval: bool, warmu
         dataloader_num_workers=cfg.dataloader_num_workers,
         prediction_loss_only=True,  # eval needs the loss only; keeping logits costs B×T×V memory
         label_names=["labels"],
-        save_only_model=False,
         dataloader_pin_memory=torch.cuda.is_available(),
         # Batches go to the GPU from pinned memory without waiting for the copy (a blocking copy syncs).
         accelerator_config={"non_blocking": torch.cuda.is_available()},
@@ -611,6 +662,15 @@ def build_trainer(
         callbacks=[ProgressCallback(), *(callbacks or [])],
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback says the same in a line
+    trainer.log_tokens_seen = cfg.include_num_input_tokens_seen
+    if cfg.logging_dir and "tensorboard" in split_list(cfg.report_to):
+        # transformers 5 has no logging_dir argument; its TensorBoard callback takes the folder as an attribute.
+        from transformers.integrations import TensorBoardCallback
+
+        board = TensorBoardCallback()
+        board.logging_dir = cfg.logging_dir
+        trainer.remove_callback(TensorBoardCallback)
+        trainer.add_callback(board)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if "num_items_in_batch" in inspect.signature(base.forward).parameters:
         # The model divides the summed loss by num_items_in_batch itself; the Trainer must pass the count
@@ -676,12 +736,13 @@ def out_of_memory_advice(cfg: RunConfig) -> str:
 
 def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
     """Fine-tune as ``cfg`` says; write the adapter, checkpoints, run files and loss plot to ``output_dir``."""
+    from tnlora.train.callbacks import OutputRecordCallback, name_base_model_in_card
     from tnlora.train.lora import count_parameters, describe_trainable
     from tnlora.train.plot import plot_loss
 
     t0 = time.perf_counter()
-    given = cfg
-    cfg, resume = preflight(cfg)
+    given = with_model_source(cfg)
+    cfg, plan, resume = preflight(given)
     template = get_template_checked(cfg.template, cfg.system)
     tokenizer = build_tokenizer(cfg)
     data = build_datasets(cfg, tokenizer, template)
@@ -700,32 +761,40 @@ def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
                 f"minute and pays from ~{COMPILE_MIN_TOKENS / 1e6:.0f} M; set torch_compile: true to compile anyway)"
             )
     args = training_arguments(cfg, has_eval=data.eval is not None)  # refused combinations: before the model
-    model = build_model(cfg, tokenizer)
-    trainable, total = count_parameters(model)
-    _say(describe_trainable(model))
-    save_run_files(cfg, tokenizer, template, cfg.output_dir)
-    trainer = build_trainer(cfg, model, tokenizer, data, callbacks, args=args)
-    if resume:
-        _say(f"resuming from {resume}")
-    try:
-        output = trainer.train(resume_from_checkpoint=resume)
-    except torch.OutOfMemoryError:
-        raise ConfigError(out_of_memory_advice(cfg)) from None
-    finally:
-        if cfg.torch_compile:
-            # The model outlives the run (TrainResult.model, sample_prompts): back to eager for generation.
-            uncompile_decoder_layers(model)
-
+    # Everything is checked: only now is an earlier run in output_dir replaced (its own files only).
+    keep = claim_output_dir(plan)
     out = Path(cfg.output_dir)
-    trainer.save_model(str(out))
-    trainer.save_state()
-    metrics = _json_safe(output.metrics)
-    if data.eval is not None:
-        metrics.update(final_eval_metrics(trainer))
-    trainer.save_metrics("all", metrics)
-    save_run_files(cfg, tokenizer, template, out)
-    if cfg.plot_loss:
-        plot_loss(trainer.state.log_history, out / LOSS_PLOT, title=Path(cfg.output_dir).name)
+    recorder = OutputRecordCallback(str(out), cfg.model_name_or_path, exclude=keep)
+    try:
+        model = build_model(cfg, tokenizer)
+        trainable, total = count_parameters(model)
+        _say(describe_trainable(model))
+        save_run_files(cfg, tokenizer, template, cfg.output_dir)
+        trainer = build_trainer(cfg, model, tokenizer, data, [recorder, *(callbacks or [])], args=args)
+        if resume:
+            _say(f"resuming from {resume}")
+        try:
+            output = trainer.train(resume_from_checkpoint=resume)
+        except torch.OutOfMemoryError:
+            raise ConfigError(out_of_memory_advice(cfg)) from None
+        finally:
+            if cfg.torch_compile:
+                # The model outlives the run (TrainResult.model, sample_prompts): back to eager for generation.
+                uncompile_decoder_layers(model)
+
+        trainer.save_model(str(out))
+        name_base_model_in_card(out, cfg.model_name_or_path)
+        trainer.save_state()
+        metrics = _json_safe(output.metrics)
+        if data.eval is not None:
+            metrics.update(final_eval_metrics(trainer))
+        trainer.save_metrics("all", metrics)
+        save_run_files(cfg, tokenizer, template, out)
+        if cfg.plot_loss:
+            plot_loss(trainer.state.log_history, out / LOSS_PLOT, title=Path(cfg.output_dir).name)
+    finally:
+        # Also when the run fails or is interrupted: whatever it wrote is listed as its own.
+        claim_dir(out, "train", exclude=keep)
     ready_for_inference(model, cfg)
     result = TrainResult(
         output_dir=out,
