@@ -10,15 +10,13 @@ import torch
 
 from fixture_files import SAMPLE_CORPUS
 from tnlora.data import encode
+from tnlora.data.collate import PackingCollator, PaddingCollator, pack_examples
 from tnlora.data.encode import (
     IGNORE_INDEX,
     EncodedExample,
-    PackingCollator,
-    PaddingCollator,
     build_dataset,
     encode_conversation,
     encode_prompt,
-    pack_examples,
 )
 from tnlora.data.readers import Conversation, Message, load_conversations
 from tnlora.data.templates import TEMPLATES, add_template_tokens, get_template

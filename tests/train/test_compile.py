@@ -18,7 +18,7 @@ from train_helpers import batch, lora_model, loss_and_grads
 from tnlora.config import load_run_config
 from tnlora.errors import ConfigError
 from tnlora.ops.lightning import lightning_attention
-from tnlora.train.run import compile_decoder_layers, uncompile_decoder_layers
+from tnlora.train.compile import compile_decoder_layers, uncompile_decoder_layers
 
 
 def _compile_usable() -> str | None:
@@ -122,7 +122,8 @@ def test_evaluation_runs_compiled_layers_eagerly(tmp_path):
     from tnlora.config import RunConfig, resolve_defaults
     from tnlora.model import load_model
     from tnlora.model.tokenizer import ByteTokenizer
-    from tnlora.train.run import build_trainer, bundle_from_examples, prepare_for_training
+    from tnlora.train.run import bundle_from_examples, prepare_for_training
+    from tnlora.train.trainer import build_trainer
 
     cfg = RunConfig(
         model_name_or_path="tiny", dataset="d", output_dir=str(tmp_path), overwrite_output_dir=True,

@@ -14,7 +14,7 @@ pytest.importorskip("fla.ops.simple_gla", reason="needs fla-core (pip install 't
 
 from train_helpers import GEOMETRY_1B, assert_bf16_step_matches, batch, lora_model, loss_and_grads
 
-from tnlora.train.run import compile_decoder_layers
+from tnlora.train.compile import compile_decoder_layers
 
 pytestmark = pytest.mark.gpu
 

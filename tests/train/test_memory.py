@@ -175,10 +175,17 @@ def test_eager_layers_are_sized_with_their_own_memory_estimate(monkeypatch, caps
 
 
 def test_planned_train_tokens_count_epochs_or_max_steps():
-    from tnlora.train.run import DataBundle, planned_train_tokens
+    from tnlora.train.run import planned_train_tokens
 
-    data = DataBundle(train=[{"input_ids": [1] * 100} for _ in range(10)], eval=None, collator=None)
+    examples = [{"input_ids": [1] * 100} for _ in range(10)]
     base = ["--model_name_or_path", "tiny", "--dataset", "d", "--output_dir", "o", "--per_device_train_batch_size", "2"]
-    assert planned_train_tokens(load_run_config(None, [*base, "--num_train_epochs", "3"]), data) == 3_000
-    # an epoch: 1,000 tokens in 5 steps of 2 rows; 7 steps: 1,000 x 7 / 5
-    assert planned_train_tokens(load_run_config(None, [*base, "--max_steps", "7"]), data) == 1_400
+    assert planned_train_tokens(load_run_config(None, [*base, "--num_train_epochs", "3"]), examples) == 3_000
+    # unpacked: a step is 2 examples of 100 tokens; 7 steps: 1,400
+    assert planned_train_tokens(load_run_config(None, [*base, "--max_steps", "7", "--packing", "false"]), examples) == 1_400
+    # packed rows of cutoff_len 128, 2 a micro-batch, 2 micro-batches a step, 3 steps
+    packed = [*base, "--max_steps", "3", "--packing", "true", "--cutoff_len", "128", "--gradient_accumulation_steps", "2"]
+    assert planned_train_tokens(load_run_config(None, packed), examples) == 3 * 2 * 2 * 128
+    # the micro-batch left open, packed: the token budget the defaults start from, at most an epoch's tokens
+    open_batch = ["--model_name_or_path", "tiny", "--dataset", "d", "--output_dir", "o", "--max_steps", "4",
+                  "--packing", "true"]  # fmt: skip
+    assert planned_train_tokens(load_run_config(None, open_batch), examples) == 4 * 1_000

@@ -83,7 +83,7 @@ def test_training_arguments_use_this_transformers_checkpointing_names(tmp_path):
     offload key reaches the kwargs either way."""
     import warnings
 
-    from tnlora.train.run import training_arguments
+    from tnlora.train.trainer import training_arguments
 
     base = ["--model_name_or_path", "tiny", "--dataset", "d.json", "--output_dir", str(tmp_path)]
     cfg = resolve_defaults(load_run_config(None, [*base, "--use_unsloth_gc", "true"]), cuda=False, cuda_bf16=False)

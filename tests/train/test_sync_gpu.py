@@ -21,7 +21,8 @@ from tnlora.bench.train import SyncAudit, synthetic_examples
 from tnlora.config import RunConfig, resolve_defaults
 from tnlora.model import TransnormerForCausalLM, config_from_preset
 from tnlora.model.tokenizer import ByteTokenizer
-from tnlora.train.run import build_trainer, bundle_from_examples, prepare_for_training
+from tnlora.train.run import bundle_from_examples, prepare_for_training
+from tnlora.train.trainer import build_trainer
 
 pytestmark = pytest.mark.gpu
 SRC = str(Path(__file__).resolve().parents[2] / "src" / "tnlora")

@@ -15,15 +15,10 @@ from train_helpers import StopAtStep
 from transformers import TrainerCallback
 
 from tnlora.cli import main
+from tnlora.data.collate import TrainingCollator
 from tnlora.model import load_model
-from tnlora.train.run import (
-    TrainingCollator,
-    build_datasets,
-    build_model,
-    build_tokenizer,
-    build_trainer,
-    train,
-)
+from tnlora.train.run import build_datasets, build_model, build_tokenizer, train
+from tnlora.train.trainer import build_trainer
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PROBE = torch.tensor([[3 + b for b in b"<|im_start|>user\nWho are you?<|im_end|>\n"]])
@@ -447,7 +442,7 @@ def test_gradient_checkpointing_changes_nothing_but_memory(make_config, tmp_path
 
 
 def test_attention_impl_reaches_every_token_mixer():
-    from tnlora.train.run import load_base_model
+    from tnlora.model.loading import load_base_model
 
     chunked = load_base_model("tiny", attention_impl="chunked")
     recurrent = load_base_model("tiny", attention_impl="recurrent")
@@ -544,7 +539,7 @@ def test_out_of_memory_is_one_line_naming_the_keys(make_config, tmp_path):
 
 def test_trainer_keys_reach_the_training_arguments(make_config, tmp_path):
     from tnlora.config import resolve_defaults
-    from tnlora.train.run import training_arguments
+    from tnlora.train.trainer import training_arguments
 
     cfg = resolve_defaults(make_config(
         tmp_path / "o", "--val_size", "4", "--eval_strategy", "epoch", "--save_strategy", "epoch",

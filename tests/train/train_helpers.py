@@ -9,8 +9,9 @@ from transformers import TrainerCallback
 
 from tnlora.config import RunConfig
 from tnlora.model import TransnormerForCausalLM, config_from_preset
+from tnlora.model.loading import set_attention_impl
 from tnlora.train.lora import apply_finetuning
-from tnlora.train.run import set_attention_impl, upcast_trainable
+from tnlora.train.run import upcast_trainable
 
 # Two layers with the 1B's head geometry (16 heads of 128; layer 0 at K = 256 with LRPE): the GPU tests.
 GEOMETRY_1B = {"decoder_embed_dim": 2048, "hidden_dim": 2048, "decoder_attention_heads": 16, "glu_dim": 1024}

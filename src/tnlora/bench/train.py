@@ -265,7 +265,8 @@ def train_bench(args: argparse.Namespace, keys: dict[str, Any], name: str) -> Tr
     """Real LoRA training steps through ``build_trainer``; figures from the timed steps after the warm-up."""
     from tnlora.model.tokenizer import ByteTokenizer
     from tnlora.train.lora import count_parameters
-    from tnlora.train.run import build_trainer, bundle_from_examples, prepare_for_training
+    from tnlora.train.run import bundle_from_examples, prepare_for_training
+    from tnlora.train.trainer import build_trainer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":

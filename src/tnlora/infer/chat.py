@@ -22,6 +22,7 @@ from tnlora.infer.generate import (
     prompt_ids,
     stop_settings,
 )
+from tnlora.model.tokenizer import pad_token_id
 
 HELP = "commands: /reset clears the conversation, /exit (or end of input) quits; Ctrl-C stops a reply"
 
@@ -109,7 +110,7 @@ def stream_reply(loaded, messages: list[dict[str, Any]], options: GenerationOpti
                     input_ids=ids,
                     attention_mask=mask,
                     eos_token_id=eos_ids,
-                    pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+                    pad_token_id=pad_token_id(tokenizer),
                     stopping_criteria=criteria,
                     streamer=streamer,
                     **options.to_kwargs(),

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from tnlora.errors import TnloraError
+from tnlora.model.tokenizer import pad_token_id
 
 EVAL_WRITER = "tnlora eval"
 
@@ -59,9 +60,9 @@ def evaluate(
     mask_history: bool | None = None,
 ) -> EvalResult:
     """Encode ``dataset`` with the loaded template and settings of the run, then average the loss per token."""
-    from tnlora.data.encode import PaddingCollator, build_dataset
+    from tnlora.data.collate import PaddingCollator, TrainingCollator
+    from tnlora.data.encode import build_dataset
     from tnlora.data.readers import load_conversations
-    from tnlora.train.run import TrainingCollator
 
     if batch_size < 1:
         raise TnloraError(f"--batch_size: must be >= 1, got {batch_size}")
@@ -86,7 +87,7 @@ def evaluate(
     )
     if not examples:
         raise TnloraError(f"--dataset: {dataset} gives no example to evaluate")
-    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(loaded.tokenizer)
     collate = TrainingCollator(PaddingCollator(pad_token_id=pad))
     rows: list[dict[str, Any]] = [_row(e) for e in examples]
     rows.sort(key=lambda r: len(r["input_ids"]))  # less padding; the sum does not depend on order

@@ -21,6 +21,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tnlora.errors import DataError, TnloraError
 from tnlora.io import atomic_write_text
+from tnlora.model.tokenizer import pad_token_id
 
 
 @dataclass
@@ -131,7 +132,7 @@ def generation_inputs(
     tokenizer, rows: list[list[int]], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded input ids and attention mask (generation continues every row at the right edge)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer)
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -164,7 +165,7 @@ def generate_replies(
     if batch_size < 1:
         raise TnloraError(f"--batch_size: must be >= 1, got {batch_size}")
     eos_ids, stop_strings = stop_settings(tokenizer, template)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer)
     device = _model_device(model)
     encoded = [prompt_ids(tokenizer, template, list(c), system) for c in conversations]
     replies: list[str] = [""] * len(encoded)

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 
 from tnlora.config import RUN_CONFIG_NAME, RunConfig, read_run_config
+from tnlora.data.templates import TEMPLATE_FILE
 from tnlora.errors import TnloraError
 
-TEMPLATE_FILE = "template.json"
 DEFAULT_TEMPLATE = "chatml"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,7 +36,7 @@ def run_dir_of(adapter: str | Path) -> Path | None:
     """The training output dir that describes ``adapter``: itself, or the parent of a checkpoint-N."""
     adapter = Path(adapter)
     for candidate in (adapter, adapter.parent):
-        if (candidate / TEMPLATE_FILE).is_file() or (candidate / "tnlora_run.yaml").is_file():
+        if (candidate / TEMPLATE_FILE).is_file() or (candidate / RUN_CONFIG_NAME).is_file():
             return candidate
     return None
 
@@ -151,9 +151,8 @@ def load_for_inference(
     decode step then runs the base model's kernels only, where an unmerged adapter adds four small kernels
     per adapted layer.
     """
+    from tnlora.model.loading import load_base_model, peft_quietly
     from tnlora.model.tokenizer import load_tokenizer
-    from tnlora.train.lora import peft_quietly
-    from tnlora.train.run import load_base_model
 
     adapter_path = Path(adapter) if adapter else None
     base, run_dir, run_cfg = base_model_of(model, adapter_path)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
+from tnlora.data.templates import TEMPLATE_FILE
 from tnlora.errors import TnloraError
-from tnlora.infer.loading import TEMPLATE_FILE, base_model_of, load_for_inference, resolve_dtype
+from tnlora.infer.loading import base_model_of, load_for_inference, resolve_dtype
 from tnlora.io import atomic_dir
 from tnlora.outputs import claim_dir, plan_dir
 

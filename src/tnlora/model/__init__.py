@@ -6,12 +6,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from tnlora.model.cache import TransnormerCache
 from tnlora.model.configuration import PRESETS, TransnormerConfig, config_from_preset
-from tnlora.model.modeling import (
-    TransnormerForCausalLM,
-    TransnormerModel,
-    TransnormerPreTrainedModel,
-    load_model,
-)
+from tnlora.model.loading import load_model
+from tnlora.model.modeling import TransnormerForCausalLM, TransnormerModel, TransnormerPreTrainedModel
 
 __all__ = [
     "PRESETS",

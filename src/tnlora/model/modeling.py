@@ -26,7 +26,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.utils import ModelOutput, logging
 
 from tnlora.model.cache import TransnormerCache
-from tnlora.model.configuration import PRESETS, TransnormerConfig, config_from_preset
+from tnlora.model.configuration import TransnormerConfig
 from tnlora.ops.lightning import lightning_attention
 from tnlora.ops.norm import add_rms_norm, gated_rms_norm, rms_norm, takes_rows
 from tnlora.ops.packing import PackedRows
@@ -861,28 +861,3 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
             is_first_iteration=is_first_iteration,
             **kwargs,
         )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Loading
-
-
-def load_model(
-    name_or_path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None
-) -> TransnormerForCausalLM:
-    """A preset name (any letter case) → deterministic random weights (seed 0, built on CPU in fp32, spec §10
-    init); a directory or Hugging Face Hub id (``tnlora.model.hub``) → ``from_pretrained`` (official checkpoint
-    dirs included; dtype defaults to the config's). Returned in eval mode."""
-    from tnlora.model.hub import model_dir
-
-    name_or_path = model_dir(str(name_or_path))
-    if name_or_path in PRESETS:
-        # fork_rng keeps the caller's global RNG stream untouched.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = TransnormerForCausalLM(config_from_preset(name_or_path))
-        return model.to(device=device, dtype=dtype).eval()
-    kwargs = {} if dtype is None else {"dtype": dtype}
-    if device is not None:
-        kwargs["device_map"] = device
-    return TransnormerForCausalLM.from_pretrained(name_or_path, **kwargs).eval()

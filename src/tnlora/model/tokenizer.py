@@ -349,8 +349,18 @@ def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerB
     except (OSError, ValueError) as exc:
         raise ConfigError(f"tokenizer: cannot load {name}: {str(exc).splitlines()[0]}") from exc
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token_id = 0
+        tokenizer.pad_token_id = PAD_TOKEN_ID
     return tokenizer
+
+
+# The pad id of every tnlora tokenizer: 0 (<unk>) as in the official configs, never eos (a padded eos would
+# teach the model to stop at every pad).
+PAD_TOKEN_ID = 0
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's pad id, or :data:`PAD_TOKEN_ID` for a tokenizer that has none."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else PAD_TOKEN_ID
 
 
 def register_tokenizer_classes() -> None:

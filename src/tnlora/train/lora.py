@@ -7,14 +7,13 @@ would fail or silently train nothing, so every requested name is checked against
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
 from tnlora.config import LINEAR_TARGETS_ALL, RunConfig, split_list
 from tnlora.errors import ConfigError
+from tnlora.model.loading import peft_quietly
 
 # The output head is tied to the embedding; adapting it with LoRA would untie what the checkpoint ties.
 EXCLUDED_LINEARS = ("lm_head",)
@@ -88,19 +87,6 @@ def build_lora_config(
         ensure_weight_tying=bool(modules_to_save),
         bias="none",
     )
-
-
-@contextlib.contextmanager
-def peft_quietly() -> Iterator[None]:
-    """Wrap a model with peft without transformers' ``is_gradient_checkpointing`` FutureWarning.
-
-    peft (0.21) reads the deprecated ``model.is_gradient_checkpointing`` property while wrapping a model, and
-    transformers 5 warns on every read; neither the user nor tnlora can act on it. Only that one warning is
-    filtered, and only around the wrapping call.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
-        yield
 
 
 def check_finetuning(model: nn.Module, cfg: RunConfig) -> None:
