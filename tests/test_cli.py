@@ -4,6 +4,7 @@ tests/train and tests/infer)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -189,3 +190,14 @@ def test_data_inspect_defaults_to_chatml_and_says_which_tokenizer_counts(capsys)
     assert "template: chatml; tokenizer: ByteTokenizer" in captured.out
     assert captured.err == ("note: no --model given: tokens are counted with the byte tokenizer of the tiny "
                             "preset; pass --model DIR for the model's own tokenizer\n")  # fmt: skip
+
+
+def test_the_data_pipeline_summary_is_shown_at_the_default_level(tmp_path, capsys):
+    examples = Path(__file__).resolve().parents[1] / "examples" / "data"
+    argv = ["train", "--model_name_or_path", "tiny", "--dataset", "quickstart_alpaca", "--dataset_dir", str(examples),
+            "--cutoff_len", "256", "--max_steps", "1", "--output_dir", str(tmp_path / "out"), "--report_to", "none",
+            "--plot_loss", "false", "--dataset_cache_dir", str(tmp_path / "cache")]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"^encoded \d+/\d+ examples, \d+ tokens \(\d+ learned\); \d+ prompt-truncated, \d+ dropped", err, re.M)
+    assert re.search(r"^\d+ conversations from \d+ records", err, re.M)

@@ -12,6 +12,7 @@ take a run YAML as their first argument (``tnlora chat CONFIG.yaml``); every ver
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -437,9 +438,34 @@ def _dispatch(argv: list[str]) -> int:
     return func(args)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a line is logged (a redirected or captured stream)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def setup_logging() -> None:
+    """Show tnlora's own log lines (the data pipeline's summaries: records read and skipped, examples encoded,
+    truncated and dropped) on stderr, one plain line each, at INFO; the libraries keep their own levels."""
+    log = logging.getLogger("tnlora")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    setup_logging()
     try:
         return _dispatch(argv)
     except TnloraError as exc:
