@@ -666,24 +666,22 @@ def _check_combinations(cfg: RunConfig) -> None:
 # Examples per micro-batch when unpacked (LLaMA-Factory's and the Trainer's 8).
 DEFAULT_BATCH_SIZE = 8
 # Tokens per micro-batch of packed rows when the batch size is left to us: the fla kernel runs the rows as one
-# sequence, and below ~16k tokens a step is bound by kernel launches, not the GPU (benchmarks/RESULTS.md:
-# 1B 13,658 tokens/s in 2,048-token micro-batches, 41,178 in 16,384-token ones, 69,839 compiled on an H200).
+# sequence, and with fewer tokens a step is bound by kernel launches, not the GPU (benchmarks/RESULTS.md, the
+# 1B ladder).
 PACKED_TOKENS_PER_MICRO_BATCH = 16_384
 # On a GPU where the memory estimate says it fits without checkpointing: twice that. The optimizer step and the
-# step's fixed host work are spread over twice the tokens (1B on an H200: 90,566 → 96,436 tokens/s).
+# step's fixed host work are spread over twice the tokens.
 LARGE_PACKED_TOKENS_PER_MICRO_BATCH = 32_768
 # Where not even 16,384 fit without checkpointing: half, when that fits. Checkpointing recomputes every layer's
 # forward, half again the work of a LoRA step (forward + input gradients); halving the rows costs only the
-# step's fixed work (7B on an 80 GB card: 8,192 tokens estimated at 65 GB; not measured on one).
+# step's fixed work.
 SMALL_PACKED_TOKENS_PER_MICRO_BATCH = 8_192
 
 
-# Compiling the decoder layers pays only on long runs. On an H200 (benchmarks/RESULTS.md, session 8), with the
-# eager layers' norms as Triton kernels (norm_kernel), 7B trains at 16,314 tokens/s eager and 17,318 compiled
-# (the first layer eager): ~3.6 s saved per million tokens, against ~60 s of compiling in the first steps
-# (huanhuan's 3 epochs, 1.17 M tokens, whole `tnlora train` command: 93–106 s eager, 154 s compiled, 126 s
-# compiled with a warm Inductor cache). 1B: 88,596 eager and 99,390 compiled (session 7). Unset, torch_compile
-# is on only from this many training tokens.
+# Compiling the decoder layers pays only on long runs: compiled layers save a few seconds per million tokens
+# over eager ones (with the Triton norms), against about a minute of compiling in the first steps
+# (benchmarks/RESULTS.md, "tnlora train end to end" and the 7B rows). Unset, torch_compile is on only from
+# this many training tokens.
 COMPILE_MIN_TOKENS = 16_000_000
 
 
