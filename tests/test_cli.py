@@ -110,8 +110,9 @@ def test_help_and_version_never_import_torch():
         "from tnlora.cli import main\n"
         "codes = [main(argv) for argv in (['--help'], ['--version'], ['train', '--help'], ['chat', '--help'],\n"
         "         ['generate', '--help'], ['merge', '--help'], ['export', '--help'], ['eval', '--help'],\n"
-        "         ['prepare', '--help'], ['data', 'inspect', '--help'], ['bench', '--help'])]\n"
-        "assert codes == [0] * 11, codes\n"
+        "         ['prepare', '--help'], ['data', 'inspect', '--help'], ['bench', '--help'],\n"
+        "         ['bench', 'train', '--help'], ['bench', 'decode', '--help'])]\n"
+        "assert codes == [0] * 13, codes\n"
         "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

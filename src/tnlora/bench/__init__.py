@@ -24,10 +24,17 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     verb, rest = argv[0], argv[1:]
+    # Parsed before the bench's module is imported: --help answers without loading torch.
+    from tnlora.bench.options import decode_args, train_args
+
     if verb == "train":
-        from tnlora.bench.train import main as run
-    elif verb == "decode":
-        from tnlora.bench.decode import main as run
-    else:
-        raise ConfigError(f"unknown bench {verb!r}: choose train or decode (tnlora bench --help)")
-    return int(run(rest) or 0)
+        args, keys = train_args(rest)
+        from tnlora.bench.train import run
+
+        return run(args, keys)
+    if verb == "decode":
+        args = decode_args(rest)
+        from tnlora.bench.decode import run as run_decode
+
+        return run_decode(args)
+    raise ConfigError(f"unknown bench {verb!r}: choose train or decode (tnlora bench --help)")

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import torch
 
 from tnlora.bench.common import cap_gpu_memory, environment_line, print_profile, profile_region, random_model
+from tnlora.bench.options import decode_args as parse_args
 from tnlora.errors import ConfigError
 
 
@@ -27,26 +28,6 @@ class DecodeResult(NamedTuple):
     tokens_per_s: float  # the whole generate() call, prefill included, over the batch
     ms_per_step: float  # the whole call ÷ new tokens
     step_ms: float  # one decode step alone
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tnlora bench decode", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="7B", help="preset: tiny, 385M, 1B, 7B")
-    parser.add_argument("--batch", default="1,32", help="comma-separated batch sizes")
-    parser.add_argument("--prompt_len", type=int, default=64)
-    parser.add_argument("--new_tokens", type=int, default=128)
-    parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
-                        help="decode steps as replayed CUDA graphs (default: on with a GPU)")
-    parser.add_argument("--decode_kernel", default="auto", choices=["auto", "torch", "triton"],
-                        help="the static step's recurrence (config decode_kernel)")
-    parser.add_argument("--adapter", default="none", choices=["none", "unmerged", "merged"],
-                        help="a random LoRA adapter on every linear layer, kept as peft layers or merged into the "
-                             "weights (tnlora chat's default)")
-    parser.add_argument("--lora_rank", type=int, default=8, help="the adapter's rank")
-    parser.add_argument("--gpu_memory_gib", type=float, default=0.0, help="allocate at most this much GPU memory")
-    parser.add_argument("--profile", action="store_true", help="print the top kernels of the timed call")
-    parser.add_argument("--trace", default="", help="profile, and write the timeline (Chrome trace JSON) here")
-    return parser.parse_args(argv)
 
 
 def with_adapter(model: torch.nn.Module, mode: str, rank: int, preset: str) -> torch.nn.Module:
@@ -136,10 +117,14 @@ def decode_bench(
 
 def main(argv: list[str]) -> int:
     """Entry point of ``tnlora bench decode``."""
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The bench with parsed options: the environment line, the settings, one table row per batch size."""
     from tnlora.infer.decode_graph import install_graph_decoding
     from tnlora.ops.select import kernel_impl
 
-    args = parse_args(argv)
     print(environment_line(), flush=True)
     cuda = torch.cuda.is_available()
     cap = cap_gpu_memory(args.gpu_memory_gib) if args.gpu_memory_gib else ""

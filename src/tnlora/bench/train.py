@@ -40,6 +40,7 @@ from tnlora.bench.common import (
     profile_region,
     random_model,
 )
+from tnlora.bench.options import train_args as parse_args
 
 DEFAULT_LENGTHS = "huanhuan_lengths.json"  # package data: (prompt, learned) tokens of huanhuan.json's records
 
@@ -199,36 +200,6 @@ class SyncAudit(TrainerCallback):
         return "\n".join(lines)
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
-    """The bench's own options, and the run-config keys given beside them (``--key value`` as to train)."""
-    from tnlora.config import parse_overrides
-
-    parser = argparse.ArgumentParser(
-        prog="tnlora bench train",
-        description="LoRA training steps on random weights. Any run-config key may follow (--key value, as "
-        "to `tnlora train`); keys left open resolve as `tnlora train` resolves them on this machine.",
-    )
-    parser.add_argument("--model", default="1B", help="preset: tiny, 385M, 1B, 7B")
-    parser.add_argument("--lengths", default=None,
-                        help="lengths file (prompt/learned tokens per record; default: huanhuan.json's profile)")
-    parser.add_argument("--seq_len", type=int, default=0,
-                        help="one sequence of this many tokens per row instead of data-shaped examples")
-    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
-    parser.add_argument("--norm_kernel", default="auto", choices=["auto", "torch", "triton"],
-                        help="the model's norm implementation (config norm_kernel)")
-    parser.add_argument("--gpu_memory_gib", type=float, default=0.0,
-                        help="allocate at most this much GPU memory (the defaults size for it too): a smaller "
-                             "card on this one, e.g. 79.6 for an 80 GB card")
-    parser.add_argument("--name", default="", help="row label")
-    parser.add_argument("--profile", action="store_true", help="print the top kernels of one timed step")
-    parser.add_argument("--trace", default="", help="profile, and write the timeline (Chrome trace JSON) here")
-    parser.add_argument("--sync_audit", action="store_true",
-                        help="list the operations that make the host wait for the GPU in the timed steps")
-    args, rest = parser.parse_known_args(argv)
-    return args, parse_overrides(rest)
-
-
 def run_config(args: argparse.Namespace, keys: dict[str, Any], lengths: list[tuple[int, int]], output_dir: str):
     """The run config of the bench: its fixed keys, the given ones, the rest resolved for this machine."""
     from tnlora.config import build_config
@@ -312,7 +283,11 @@ def train_bench(args: argparse.Namespace, keys: dict[str, Any], name: str) -> Tr
 
 def main(argv: list[str]) -> int:
     """Entry point of ``tnlora bench train``."""
-    args, keys = parse_args(argv)
+    return run(*parse_args(argv))
+
+
+def run(args: argparse.Namespace, keys: dict[str, Any]) -> int:
+    """The bench with parsed options and run-config keys: the environment line, the settings, one table row."""
     print(environment_line(), flush=True)
     cap = cap_gpu_memory(args.gpu_memory_gib) if args.gpu_memory_gib else ""
     shape = f"one {args.seq_len}-token sequence a row" if args.seq_len else "data-shaped"

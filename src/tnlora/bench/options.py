@@ -1,0 +1,57 @@
+"""The options of the two benchmarks, parsed without importing torch (``tnlora bench train --help`` is quick)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def train_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """The bench's own options, and the run-config keys given beside them (``--key value`` as to train)."""
+    from tnlora.config import parse_overrides
+
+    parser = argparse.ArgumentParser(
+        prog="tnlora bench train",
+        description="LoRA training steps on random weights. Any run-config key may follow (--key value, as "
+        "to `tnlora train`); keys left open resolve as `tnlora train` resolves them on this machine.",
+    )
+    parser.add_argument("--model", default="1B", help="preset: tiny, 385M, 1B, 7B")
+    parser.add_argument("--lengths", default=None,
+                        help="lengths file (prompt/learned tokens per record; default: huanhuan.json's profile)")
+    parser.add_argument("--seq_len", type=int, default=0,
+                        help="one sequence of this many tokens per row instead of data-shaped examples")
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
+    parser.add_argument("--norm_kernel", default="auto", choices=["auto", "torch", "triton"],
+                        help="the model's norm implementation (config norm_kernel)")
+    parser.add_argument("--gpu_memory_gib", type=float, default=0.0,
+                        help="allocate at most this much GPU memory (the defaults size for it too): a smaller "
+                             "card on this one, e.g. 79.6 for an 80 GB card")
+    parser.add_argument("--name", default="", help="row label")
+    parser.add_argument("--profile", action="store_true", help="print the top kernels of one timed step")
+    parser.add_argument("--trace", default="", help="profile, and write the timeline (Chrome trace JSON) here")
+    parser.add_argument("--sync_audit", action="store_true",
+                        help="list the operations that make the host wait for the GPU in the timed steps")
+    args, rest = parser.parse_known_args(argv)
+    return args, parse_overrides(rest)
+
+
+def decode_args(argv: list[str]) -> argparse.Namespace:
+    """The options of ``tnlora bench decode``."""
+    parser = argparse.ArgumentParser(prog="tnlora bench decode", description="greedy generate() on a preset with random weights, at several batch sizes")
+    parser.add_argument("--model", default="7B", help="preset: tiny, 385M, 1B, 7B")
+    parser.add_argument("--batch", default="1,32", help="comma-separated batch sizes")
+    parser.add_argument("--prompt_len", type=int, default=64)
+    parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="decode steps as replayed CUDA graphs (default: on with a GPU)")
+    parser.add_argument("--decode_kernel", default="auto", choices=["auto", "torch", "triton"],
+                        help="the static step's recurrence (config decode_kernel)")
+    parser.add_argument("--adapter", default="none", choices=["none", "unmerged", "merged"],
+                        help="a random LoRA adapter on every linear layer, kept as peft layers or merged into the "
+                             "weights (tnlora chat's default)")
+    parser.add_argument("--lora_rank", type=int, default=8, help="the adapter's rank")
+    parser.add_argument("--gpu_memory_gib", type=float, default=0.0, help="allocate at most this much GPU memory")
+    parser.add_argument("--profile", action="store_true", help="print the top kernels of the timed call")
+    parser.add_argument("--trace", default="", help="profile, and write the timeline (Chrome trace JSON) here")
+    return parser.parse_args(argv)
