@@ -472,8 +472,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(exc).split("\n"))
         sys.stderr.write(f"error: {message}\n")
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        sys.stderr.write("\ninterrupted\n")
+    except KeyboardInterrupt as exc:
+        # RunInterrupted carries where the run stopped and how to resume it
+        sys.stderr.write(f"\n{exc}\n" if str(exc) else "\ninterrupted\n")
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return 0
