@@ -49,6 +49,14 @@ def trainer_class():
                 self.nonfinite.check_step(self, model, grad_norm)
             return grad_norm
 
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            # A run resumed from the checkpoint of its last step would take one step more when max_steps is not
+            # a whole number of epochs (the Trainer checks the limit only after a step): no batch is left to take.
+            if 0 < self.state.max_steps <= self.state.global_step:
+                self.control.should_training_stop = True
+                return [], None
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+
         def _get_output_dir(self, trial) -> str:
             # While a checkpoint is written, the Trainer's checkpoint folder lives in the staging folder.
             if self._staging_root is not None:
