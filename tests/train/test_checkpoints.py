@@ -238,8 +238,6 @@ def test_harmless_changes_are_allowed_on_resume(four_steps, tmp_path, capsys):
 
 
 def test_every_run_config_key_is_either_harmless_or_changes_what_a_checkpoint_means():
-    from tnlora.config import FIELDS
-
     assert not MEANING_KEYS & HARMLESS_KEYS
     assert set(FIELDS) == MEANING_KEYS | HARMLESS_KEYS, set(FIELDS) ^ (MEANING_KEYS | HARMLESS_KEYS)
     for key in ("model_name_or_path", "template", "lora_rank", "lora_target", "lora_alpha", "cutoff_len", "packing",
