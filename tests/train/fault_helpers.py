@@ -30,6 +30,11 @@ EXIT_CRASHED = 99  # the child raised something that is not tnlora's one-line er
 def run_in_child(target: Callable[[], int], log: Path, timeout: float = 120.0) -> int:
     """Run ``target()`` in a forked child with its stdout and stderr in ``log``; its exit status, or minus the
     signal that ended it (-9: SIGKILL)."""
+    return wait_child(start_child(target, log), log, timeout)
+
+
+def start_child(target: Callable[[], int], log: Path) -> int:
+    """Fork a child that runs ``target()`` with its stdout and stderr in ``log`` and exits with its status."""
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         code = EXIT_CRASHED
@@ -45,6 +50,11 @@ def run_in_child(target: Callable[[], int], log: Path, timeout: float = 120.0) -
         finally:
             sys.stderr.flush()
             os._exit(code)
+    return pid
+
+
+def wait_child(pid: int, log: Path, timeout: float = 120.0) -> int:
+    """The child's exit status, or minus the signal that ended it; killed (and an error) past ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
