@@ -75,7 +75,9 @@ def test_a_run_killed_at_random_moments_resumes_to_the_uninterrupted_adapter(tmp
     cache = tmp_path / "cache"
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     counts = tmp_path / "ref-moments.json"
-    code = run_in_child(lambda: train_with_kill_switch(_argv(ref, cache), None, counts, ref), tmp_path / "ref.log")
+    code = run_in_child(
+        lambda: train_with_kill_switch(_argv(ref, cache), None, counts, ref), tmp_path / "ref.log"
+    )
     assert code == 0, (tmp_path / "ref.log").read_text()[-3000:]
     # The moments of a run: before training (S), per step (P), after training (F); a resumed run has those of
     # the steps it has left. Each kill falls uniformly within the run that is left.
@@ -111,7 +113,9 @@ def test_a_run_killed_at_random_moments_resumes_to_the_uninterrupted_adapter(tmp
     # The kills fell inside checkpoint saves too, and a resume after one skipped the interrupted checkpoint.
     assert sum(k["inside_a_checkpoint_save"] for k in kills) >= 2, kills
     skipped = [line for log in logs for line in log.splitlines() if "skipping the incomplete" in line]
-    assert skipped and all(line.startswith("resume_from_checkpoint: skipping the incomplete checkpoint-") for line in skipped)
+    assert skipped and all(
+        line.startswith("resume_from_checkpoint: skipping the incomplete checkpoint-") for line in skipped
+    )
     assert not any("Traceback" in log for log in logs)
 
 
@@ -143,7 +147,9 @@ def _error(capsys) -> str:
 
 
 def _listing(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +170,18 @@ def test_checkpoints_carry_a_completion_record_and_the_run_config(four_steps):
     for step in (2, 4):
         checkpoint = four_steps / f"checkpoint-{step}"
         record = json.loads((checkpoint / RECORD).read_text())
-        assert record["step"] == step and record["run_id"] == json.loads((four_steps / "tnlora_output.json").read_text())["run_id"]
+        assert (
+            record["step"] == step
+            and record["run_id"] == json.loads((four_steps / "tnlora_output.json").read_text())["run_id"]
+        )
         assert sorted(record["files"]) == sorted(p.name for p in checkpoint.iterdir() if p.name != RECORD)
-        assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "tnlora_run.yaml"} <= set(record["files"])
+        assert {
+            "optimizer.pt",
+            "scheduler.pt",
+            "rng_state.pth",
+            "trainer_state.json",
+            "tnlora_run.yaml",
+        } <= set(record["files"])
         assert is_complete(checkpoint)
     assert not (four_steps / ".tnlora-saving").exists()
 
@@ -263,7 +278,9 @@ def test_another_runs_checkpoint_is_refused(four_steps, tmp_path, capsys):
     shutil.copytree(other / "checkpoint-4", mine / "checkpoint-4")
     assert main(_cli(mine, "--resume_from_checkpoint", "true")) == 2
     line = _error(capsys)
-    assert line.startswith(f"error: resume_from_checkpoint: {mine / 'checkpoint-4'} was written by another run (run id ")
+    assert line.startswith(
+        f"error: resume_from_checkpoint: {mine / 'checkpoint-4'} was written by another run (run id "
+    )
     assert line.endswith("); it cannot continue this run")
     shutil.rmtree(mine / "checkpoint-4")
     assert _listing(mine) == before
@@ -319,7 +336,9 @@ def test_a_full_disk_while_a_checkpoint_is_written_stops_in_one_line_and_keeps_t
     assert is_complete(out / "checkpoint-4")
 
 
-def test_a_full_disk_when_the_completion_record_is_written_leaves_no_checkpoint(tmp_path, capsys, monkeypatch):
+def test_a_full_disk_when_the_completion_record_is_written_leaves_no_checkpoint(
+    tmp_path, capsys, monkeypatch
+):
     out = tmp_path / "o"
     real = checkpoints.atomic_write_json
 
@@ -335,7 +354,9 @@ def test_a_full_disk_when_the_completion_record_is_written_leaves_no_checkpoint(
     assert not (out / "checkpoint-4").exists()
 
 
-def test_a_full_disk_during_the_final_save_leaves_each_file_old_or_new(four_steps, tmp_path, capsys, monkeypatch):
+def test_a_full_disk_during_the_final_save_leaves_each_file_old_or_new(
+    four_steps, tmp_path, capsys, monkeypatch
+):
     out = _copy(four_steps, tmp_path / "o")
     before = _listing(out)
     from tnlora.train import callbacks
@@ -348,7 +369,12 @@ def test_a_full_disk_during_the_final_save_leaves_each_file_old_or_new(four_step
     assert main(_cli(out, "--resume_from_checkpoint", "true", "--max_steps", "5", "--save_steps", "100")) == 2
     assert "no space left on the device" in _error(capsys)
     after = _listing(out)
-    for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json", "all_results.json"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "trainer_state.json",
+        "all_results.json",
+    ):
         assert after[name] == before[name], name  # the final save moved nothing into place
     assert not [p for p in out.iterdir() if p.name.endswith(".tnlora-tmp")]
 
@@ -372,5 +398,7 @@ def test_a_disk_without_room_for_one_checkpoint_is_refused_before_training(tmp_p
     out = tmp_path / "o"
     assert main(_cli(out)) == 2
     line = _error(capsys)
-    assert line.startswith(f"error: output_dir: {out} has 1.0 MB free; one checkpoint and the adapter of this run need about ")
+    assert line.startswith(
+        f"error: output_dir: {out} has 1.0 MB free; one checkpoint and the adapter of this run need about "
+    )
     assert not list(out.glob("checkpoint-*"))

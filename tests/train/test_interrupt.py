@@ -100,5 +100,7 @@ def test_second_ctrl_c_stops_at_once_and_the_run_still_resumes(make_config, tmp_
     assert log.rstrip().splitlines()[-1] == (
         "interrupted again: stopped at once; --resume_from_checkpoint true resumes from the last complete checkpoint"
     )
-    assert [p.name for p in complete_checkpoints(cut)] == ["checkpoint-2"] and is_complete(cut / "checkpoint-2")
+    assert [p.name for p in complete_checkpoints(cut)] == ["checkpoint-2"] and is_complete(
+        cut / "checkpoint-2"
+    )
     _resume_equals_uninterrupted(make_config, tmp_path, cut)

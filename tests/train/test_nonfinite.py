@@ -86,7 +86,9 @@ def test_stop_names_the_step_and_the_last_good_checkpoint_and_saves_nothing_afte
     assert _train_cli(monkeypatch, out, [Poison({4}, grad_only)]) == 2
     line = _error(capsys)
     values = r"\(loss \d+\.\d+, gradient norm inf\)" if grad_only else r"\(loss nan, gradient norm nan\)"
-    assert re.match(f"error: nan_policy: step 4 had a non-finite loss or gradient norm {values}; ", line), line
+    assert re.match(f"error: nan_policy: step 4 had a non-finite loss or gradient norm {values}; ", line), (
+        line
+    )
     assert line.endswith(
         f"training stopped there (nan_policy: stop). The last good checkpoint is {out / 'checkpoint-3'}. "
         "nan_policy: skip would skip such batches; a lower learning_rate may avoid them."
@@ -94,13 +96,18 @@ def test_stop_names_the_step_and_the_last_good_checkpoint_and_saves_nothing_afte
     assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     assert not (out / "adapter_model.safetensors").exists()  # no final adapter
     for checkpoint in complete_checkpoints(out):
-        assert all(torch.isfinite(t).all() for t in load_file(str(checkpoint / "adapter_model.safetensors")).values())
+        assert all(
+            torch.isfinite(t).all() for t in load_file(str(checkpoint / "adapter_model.safetensors")).values()
+        )
 
 
 def test_skip_leaves_weights_and_optimizer_untouched_and_counts_across_resumes(tmp_path, capsys, monkeypatch):
     out = tmp_path / "o"
     snaps = Snapshots()
-    assert _train_cli(monkeypatch, out, [Poison({4}), snaps], "--nan_policy", "skip", "--nan_skip_limit", "1") == 0
+    assert (
+        _train_cli(monkeypatch, out, [Poison({4}), snaps], "--nan_policy", "skip", "--nan_skip_limit", "1")
+        == 0
+    )
     err = capsys.readouterr().err
     assert ("step 4: a non-finite loss or gradient norm (loss nan, gradient norm nan); its batch skipped "
             "(nan_policy: skip; 1 skipped, nan_skip_limit 1)") in err  # fmt: skip
@@ -117,7 +124,12 @@ def test_skip_leaves_weights_and_optimizer_untouched_and_counts_across_resumes(t
     assert all(v == v for v in losses)
     # resumed from step 4, a second bad step is one more than nan_skip_limit 1
     argv = ("--nan_policy", "skip", "--nan_skip_limit", "1", "--max_steps", "8")
-    assert _train_cli(monkeypatch, out, [Poison({7})], *argv, "--resume_from_checkpoint", str(out / "checkpoint-4")) == 2
+    assert (
+        _train_cli(
+            monkeypatch, out, [Poison({7})], *argv, "--resume_from_checkpoint", str(out / "checkpoint-4")
+        )
+        == 2
+    )
     assert _error(capsys) == (
         "error: nan_skip_limit: 2 steps had a non-finite loss or gradient norm (steps 4, 7), more than "
         f"nan_skip_limit 1; training stopped at step 7. The last good checkpoint is {out / 'checkpoint-6'}."

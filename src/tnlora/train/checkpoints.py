@@ -1,19 +1,20 @@
 """Checkpoints that count only when complete, the one a run resumes from, and what a resume may change.
 
-A checkpoint is written where no reader looks, then renamed into place in one step. The Trainer writes its files
-into ``<output_dir>/.tnlora-saving/checkpoint-N`` (``trainer.trainer_class()`` points its checkpoint folder
-there); tnlora adds the run config and, last, ``tnlora_checkpoint.json`` (the completion record: step, run id,
-files), flushes everything to the disk and renames the folder to ``<output_dir>/checkpoint-N``. A process killed at
-any moment therefore leaves either no ``checkpoint-N`` or a complete one, and an interrupted save only a folder
-in ``.tnlora-saving``, which the next save (or claiming the output dir) removes. A ``checkpoint-N`` without the
-record (one copied in part, or written by other tools) is incomplete too: ``--resume_from_checkpoint true``
-skips every incomplete checkpoint in favour of the last complete one, saying so in one line.
+A checkpoint is written where no reader looks, then renamed into place in one step. The Trainer writes its
+files into ``<output_dir>/.tnlora-saving/checkpoint-N`` (``trainer.trainer_class()`` points its checkpoint
+folder there); tnlora adds the run config and, last, ``tnlora_checkpoint.json`` (the completion record: step,
+run id, files), flushes everything to the disk and renames the folder to ``<output_dir>/checkpoint-N``. A
+process killed at any moment therefore leaves either no ``checkpoint-N`` or a complete one, and an interrupted
+save only a folder in ``.tnlora-saving``, which the next save (or claiming the output dir) removes. A
+``checkpoint-N`` without the record (one copied in part, or written by other tools) is incomplete too:
+``--resume_from_checkpoint true`` skips every incomplete checkpoint in favour of the last complete one, saying
+so in one line.
 
-Resuming is refused when the checkpoint belongs to another run (it sits in another output dir, or its run id is
-not the output dir's) or when the run config changes what the checkpoint means (``MEANING_KEYS``: the base
+Resuming is refused when the checkpoint belongs to another run (it sits in another output dir, or its run id
+is not the output dir's) or when the run config changes what the checkpoint means (``MEANING_KEYS``: the base
 model, the data and its encoding, the fine-tuning method, the step ↔ data mapping, the optimizer and schedule
-that the checkpoint restores); the other keys (``HARMLESS_KEYS``: logging, saving, evaluation, the run's length,
-implementation and memory choices) may change.
+that the checkpoint restores); the other keys (``HARMLESS_KEYS``: logging, saving, evaluation, the run's
+length, implementation and memory choices) may change.
 """
 
 from __future__ import annotations
@@ -66,11 +67,11 @@ def _say(message: str) -> None:
 
 
 def new_run_id() -> str:
-    """A fresh id for a run that starts from step 0 (kept in the output dir's marker and in each checkpoint)."""
+    """A fresh id for a run that starts from step 0 (kept in the output dir's marker and its checkpoints)."""
     return uuid.uuid4().hex
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Complete and incomplete checkpoints
 
 
@@ -126,7 +127,7 @@ def incomplete_checkpoints(output_dir: str | Path) -> list[str]:
     return found
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Writing: staging folder → completion record → rename into place
 
 
@@ -144,24 +145,33 @@ def end_staging(output_dir: str | Path) -> None:
 
 
 def commit(staged: Path, final: Path, *, run_id: str | None) -> None:
-    """Complete the checkpoint assembled in ``staged`` and move it to ``final``: its files are flushed to the disk,
-    the record is written (and flushed) last, and one rename puts the whole folder in place (a folder already
-    at ``final``, from a run resumed from an earlier step, is replaced)."""
+    """Complete the checkpoint assembled in ``staged`` and move it to ``final``: its files are flushed to the
+    disk, the record is written (and flushed) last, and one rename puts the whole folder in place (a folder
+    already at ``final``, from a run resumed from an earlier step, is replaced)."""
     fsync_tree(staged)
     files = sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file())
-    record = {"step": checkpoint_step(final), "run_id": run_id, "files": files}
-    atomic_write_json(staged / RECORD, record)
-    fsync_tree(staged)
+    _write_record(staged, {"step": checkpoint_step(final), "run_id": run_id, "files": files})
     replace_dir(staged, final)
     fsync_dir(final.parent)
+
+
+def _write_record(checkpoint: Path, record: dict[str, Any]) -> None:
+    atomic_write_json(checkpoint / RECORD, record)
+    fd = os.open(checkpoint / RECORD, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(checkpoint)
 
 
 def commit_in_place(checkpoint: Path, *, run_id: str | None) -> None:
     """Complete a checkpoint written in place (runs of several processes): flushed, then the record last."""
     fsync_tree(checkpoint)
-    files = sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file() and p.name != RECORD)
-    atomic_write_json(checkpoint / RECORD, {"step": checkpoint_step(checkpoint), "run_id": run_id, "files": files})
-    fsync_dir(checkpoint)
+    files = sorted(
+        str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file() and p.name != RECORD
+    )
+    _write_record(checkpoint, {"step": checkpoint_step(checkpoint), "run_id": run_id, "files": files})
 
 
 def rotate(output_dir: str | Path, limit: int | None, keep: Path) -> None:
@@ -186,31 +196,35 @@ def checkpoint_bytes(checkpoint: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(checkpoint).rglob("*") if p.is_file())
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Choosing the checkpoint to resume from
 
 
 def resume_point(setting: bool | str, output_dir: Path) -> tuple[str | None, bool]:
-    """The checkpoint that ``resume_from_checkpoint`` names (``True``: the last complete one in ``output_dir``,
-    incomplete later ones skipped with one line) and whether the run instead starts again from step 0: with
-    ``True``, when ``output_dir`` is new, empty or holds this verb's unfinished run that never completed a
-    checkpoint (killed before its first save). Refusals are one line naming the key."""
+    """The checkpoint that ``resume_from_checkpoint`` names (``True``: the last complete one in
+    ``output_dir``, incomplete later ones skipped with one line) and whether the run instead starts again from
+    step 0: with ``True``, when ``output_dir`` is new, empty or holds this verb's unfinished run that never
+    completed a checkpoint (killed before its first save). Refusals are one line naming the key."""
     if setting is True:
         last = last_complete(output_dir)
-        skipped = [s for s in incomplete_checkpoints(output_dir) if last is None or _step_of(s) > checkpoint_step(last)]
+        after = _step_of(last.name) if last is not None else -1
+        later = [s for s in incomplete_checkpoints(output_dir) if _step_of(s) > after]
+        skipped = ", ".join(later)
         if last is not None:
-            if skipped:
-                _say(f"resume_from_checkpoint: skipping the incomplete {', '.join(skipped)}; resuming from {last.name}")
+            if later:
+                _say(f"resume_from_checkpoint: skipping the incomplete {skipped}; resuming from {last.name}")
             return str(last), False
-        entries = [p.name for p in output_dir.iterdir() if not is_leftover(p.name)] if output_dir.is_dir() else []
+        entries = (
+            [p.name for p in output_dir.iterdir() if not is_leftover(p.name)] if output_dir.is_dir() else []
+        )
         if entries and owned_entries(output_dir, "train") is None:
             raise ConfigError(f"resume_from_checkpoint: no checkpoint-N folder in {output_dir} to resume from")
         if (output_dir / "trainer_state.json").is_file():
             raise ConfigError(
-                f"resume_from_checkpoint: no complete checkpoint-N folder in {output_dir} to resume from (the run "
-                "there finished); pass --overwrite_output_dir true to train it again"
+                f"resume_from_checkpoint: no complete checkpoint-N folder in {output_dir} to resume from "
+                "(the run there finished); pass --overwrite_output_dir true to train it again"
             )
-        why = f"the incomplete {', '.join(skipped)} skipped" if skipped else "the run stopped before its first save"
+        why = f"the incomplete {skipped} skipped" if later else "the run stopped before its first save"
         _say(f"resume_from_checkpoint: no complete checkpoint in {output_dir} yet ({why}); starting from step 0")
         return None, True
     checkpoint = Path(str(setting))
@@ -218,8 +232,8 @@ def resume_point(setting: bool | str, output_dir: Path) -> tuple[str | None, boo
         raise ConfigError(f"resume_from_checkpoint: {checkpoint} is not a checkpoint (no trainer_state.json)")
     if not is_complete(checkpoint):
         raise ConfigError(
-            f"resume_from_checkpoint: {checkpoint} is incomplete (no complete {RECORD}: its save was interrupted); "
-            f"{RESUME_FLAG} resumes from the last complete one"
+            f"resume_from_checkpoint: {checkpoint} is incomplete (no complete {RECORD}: its save was "
+            f"interrupted); {RESUME_FLAG} resumes from the last complete one"
         )
     return str(checkpoint), False
 
@@ -229,27 +243,27 @@ def _step_of(description: str) -> int:
 
 
 def check_owner(checkpoint: str | Path, output_dir: Path) -> None:
-    """Refuse a checkpoint that belongs to another run than the one in ``output_dir``: one that sits in another
-    folder, or whose recorded run id is not the output dir's."""
+    """Refuse a checkpoint that belongs to another run than the one in ``output_dir``: one that sits in
+    another folder, or whose recorded run id is not the output dir's."""
     checkpoint = Path(checkpoint)
     home = checkpoint.parent
     if os.path.realpath(home) != os.path.realpath(output_dir):
         raise ConfigError(
-            f"resume_from_checkpoint: {checkpoint} belongs to the run in {home}, not to output_dir {output_dir}; "
-            f"resume that run there (--output_dir {home})"
+            f"resume_from_checkpoint: {checkpoint} belongs to the run in {home}, not to output_dir "
+            f"{output_dir}; resume that run there (--output_dir {home})"
         )
     record = read_record(checkpoint) or {}
     theirs, ours = record.get("run_id"), run_id_of(output_dir)
     if theirs and ours and theirs != ours:
         raise ConfigError(
-            f"resume_from_checkpoint: {checkpoint} was written by another run (run id {theirs}) than the one that owns "
-            f"{output_dir} (run id {ours}); it cannot continue this run"
+            f"resume_from_checkpoint: {checkpoint} was written by another run (run id {theirs}) than the one "
+            f"that owns {output_dir} (run id {ours}); it cannot continue this run"
         )
 
 
 def resume_differences(saved: RunConfig, cfg: RunConfig) -> list[str]:
-    """The ``MEANING_KEYS`` whose value in ``cfg`` differs from the checkpoint's run config, as ``key old → new``
-    (keys that ``cfg`` leaves open, None, are compared once they are resolved)."""
+    """The ``MEANING_KEYS`` whose value in ``cfg`` differs from the checkpoint's run config, as ``key old →
+    new`` (keys that ``cfg`` leaves open, None, are compared once they are resolved)."""
     changes = []
     for key in sorted(MEANING_KEYS):
         new, old = getattr(cfg, key), getattr(saved, key)
@@ -263,26 +277,28 @@ def _shown(value: Any) -> str:
 
 
 def check_resume_config(checkpoint: str | Path, cfg: RunConfig) -> None:
-    """Refuse to resume ``checkpoint`` with a config that changes what it means (its own ``tnlora_run.yaml``, or
-    else the one of its output dir, is the reference)."""
+    """Refuse to resume ``checkpoint`` with a config that changes what it means (its own ``tnlora_run.yaml``,
+    or else the one of its output dir, is the reference)."""
     checkpoint = Path(checkpoint)
     source = checkpoint if (checkpoint / "tnlora_run.yaml").is_file() else checkpoint.parent
     try:
         saved = read_run_config(source)
     except ConfigError as exc:
-        raise ConfigError(f"resume_from_checkpoint: the run config saved with {checkpoint} is unreadable ({exc})") from None
+        raise ConfigError(
+            f"resume_from_checkpoint: the run config saved with {checkpoint} is unreadable ({exc})"
+        ) from None
     if saved is None:
         return
     changes = resume_differences(saved, cfg)
     if changes:
         raise ConfigError(
-            f"resume_from_checkpoint: {checkpoint} was trained with other settings, and these change what it means: "
-            f"{'; '.join(changes)} (resume with the values in {source / 'tnlora_run.yaml'}, or start a new run in "
-            "another output_dir)"
+            f"resume_from_checkpoint: {checkpoint} was trained with other settings, and these change what it "
+            f"means: {'; '.join(changes)} (resume with the values in {source / 'tnlora_run.yaml'}, or start a "
+            "new run in another output_dir)"
         )
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Room for the output
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -304,8 +320,8 @@ def check_writable(output_dir: str | Path) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         where = out if probe == out else f"{out} cannot be created: {probe}"
         raise OutputError(
-            f"output_dir: {where} is not writable (tnlora train writes the adapter and its checkpoints there); "
-            "choose another folder or change its permissions"
+            f"output_dir: {where} is not writable (tnlora train writes the adapter and its checkpoints "
+            "there); choose another folder or change its permissions"
         )
 
 
@@ -321,8 +337,8 @@ def check_free_space(output_dir: str | Path, trainable_params: int) -> None:
     free = free_bytes(output_dir)
     if free < need:
         raise OutputError(
-            f"output_dir: {output_dir} has {_size(free)} free; one checkpoint and the adapter of this run need about "
-            f"{_size(need)}: free some space or choose another output_dir"
+            f"output_dir: {output_dir} has {_size(free)} free; one checkpoint and the adapter of this run need "
+            f"about {_size(need)}: free some space or choose another output_dir"
         )
 
 
@@ -335,12 +351,16 @@ def _size(n: float) -> str:
 
 
 def storage_error(exc: OSError, output_dir: str | Path, writing: str) -> OutputError | None:
-    """One line for a write that failed for want of space or permission (None for other errors): the path, what
-    it needs, and the last complete checkpoint, which is intact."""
+    """One line for a write that failed for want of space or permission (None for other errors): the path,
+    what it needs, and the last complete checkpoint, which is intact."""
     out = Path(output_dir)
     last = last_complete(out)
     if exc.errno in _NO_SPACE:
-        size = f"; a checkpoint of this run takes about {_size(checkpoint_bytes(last))}" if last is not None else ""
+        size = (
+            f"; a checkpoint of this run takes about {_size(checkpoint_bytes(last))}"
+            if last is not None
+            else ""
+        )
         problem = f"no space left on the device of {out} while writing {writing}{size}"
         remedy = "free some space"
     elif exc.errno in _NOT_WRITABLE:

@@ -18,6 +18,8 @@ from transformers import TrainerCallback
 
 from tnlora.errors import RunInterrupted
 
+FIRST_INTERRUPT = "Ctrl-C: saving a checkpoint at the end of this step, then stopping (Ctrl-C again stops at once)"
+
 
 class StopOnInterrupt(TrainerCallback):
     """Once ``requested``, asks the Trainer at the next step end to save a checkpoint and stop."""
@@ -41,22 +43,20 @@ def stop_cleanly_on_interrupt(stop: StopOnInterrupt) -> Iterator[None]:
         yield  # signal handlers belong to the main thread
         return
     previous = signal.getsignal(signal.SIGINT)
-    if previous is signal.SIG_IGN:  # a run started to ignore Ctrl-C (nohup, background jobs) keeps ignoring it
+    if (
+        previous is signal.SIG_IGN
+    ):  # a run started to ignore Ctrl-C (nohup, background jobs) keeps ignoring it
         yield
         return
 
     def handler(signum, frame) -> None:
         if stop.requested:
             raise RunInterrupted(
-                "interrupted again: stopped at once; --resume_from_checkpoint true resumes from the last complete "
-                "checkpoint"
+                "interrupted again: stopped at once; --resume_from_checkpoint true resumes from the last "
+                "complete checkpoint"
             )
         stop.requested = True
-        print(
-            "\nCtrl-C: saving a checkpoint at the end of this step, then stopping (Ctrl-C again stops at once)",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"\n{FIRST_INTERRUPT}", file=sys.stderr, flush=True)
 
     signal.signal(signal.SIGINT, handler)
     try:

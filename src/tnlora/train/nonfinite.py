@@ -112,7 +112,7 @@ class NonFiniteGuard(TrainerCallback, ExportableState):
                 self._stop(step, None, None)
 
     def _skip(self, trainer, model, step: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
-        # No gradient, no update: torch's optimizers leave a parameter without .grad (and its moments) as it is.
+        # No gradient, no update: torch's optimizers leave a parameter without .grad, and its moments, as is.
         for p in model.parameters():
             p.grad = None
         if self._logged_loss is not None and getattr(trainer, "_tr_loss", None) is not None:
@@ -127,15 +127,15 @@ class NonFiniteGuard(TrainerCallback, ExportableState):
         if len(self.skipped) > self.limit:
             raise NonFiniteLoss(
                 f"nan_skip_limit: {len(self.skipped)} steps had a non-finite loss or gradient norm (steps "
-                f"{_steps(self.skipped)}), more than nan_skip_limit {self.limit}; training stopped at step {step}. "
-                f"{self._last_good()}"
+                f"{_steps(self.skipped)}), more than nan_skip_limit {self.limit}; training stopped at step "
+                f"{step}. {self._last_good()}"
             )
 
     def _stop(self, step: int, loss: torch.Tensor | None, norm: torch.Tensor | None) -> None:
         raise NonFiniteLoss(
             f"nan_policy: step {step} had a non-finite loss or gradient norm{_values(loss, norm)}; training "
-            f"stopped there (nan_policy: stop). {self._last_good(step)} nan_policy: skip would skip such batches; a "
-            "lower learning_rate may avoid them."
+            f"stopped there (nan_policy: stop). {self._last_good(step)} nan_policy: skip would skip such "
+            "batches; a lower learning_rate may avoid them."
         )
 
     def _last_good(self, before: int | None = None) -> str:

@@ -77,6 +77,7 @@ def trainer_class():
                 # Every process writes its own RNG state into the folder: it is written in place, the main
                 # process's completion record last (no rename).
                 super()._save_checkpoint(model, trial)
+                self.accelerator.wait_for_everyone()  # every RNG file written before the record lists them
                 if self.args.should_save:
                     checkpoints.commit_in_place(run_dir / name, run_id=self.run_id)
                 return
