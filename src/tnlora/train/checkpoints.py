@@ -2,10 +2,10 @@
 
 A checkpoint is written where no reader looks, then renamed into place in one step. The Trainer writes its
 files into ``<output_dir>/.tnlora-saving/checkpoint-N`` (``trainer.trainer_class()`` points its checkpoint
-folder there); tnlora adds the run config and, last, ``tnlora_checkpoint.json`` (the completion record: step,
-run id, files), flushes everything to the disk and renames the folder to ``<output_dir>/checkpoint-N``. A
-process killed at any moment therefore leaves either no ``checkpoint-N`` or a complete one, and an interrupted
-save only a folder in ``.tnlora-saving``, which the next save (or claiming the output dir) removes. A
+folder there); tnlora adds, last, ``tnlora_checkpoint.json`` (the completion record: step, run id, files),
+flushes everything to the disk and renames the folder to ``<output_dir>/checkpoint-N``. A process killed at any
+moment therefore leaves either no ``checkpoint-N`` or a complete one, and an interrupted save only a folder in
+``.tnlora-saving``, which the next save (or claiming the output dir) removes. A
 ``checkpoint-N`` without the record (one copied in part, or written by other tools) is incomplete too:
 ``--resume_from_checkpoint true`` skips every incomplete checkpoint in favour of the last complete one, saying
 so in one line.
@@ -277,10 +277,10 @@ def _shown(value: Any) -> str:
 
 
 def check_resume_config(checkpoint: str | Path, cfg: RunConfig) -> None:
-    """Refuse to resume ``checkpoint`` with a config that changes what it means (its own ``tnlora_run.yaml``,
-    or else the one of its output dir, is the reference)."""
+    """Refuse to resume ``checkpoint`` with a config that changes what it means, compared with the run's saved
+    ``tnlora_run.yaml`` (in the checkpoint's output dir: a resume rewrites it only with harmless changes)."""
     checkpoint = Path(checkpoint)
-    source = checkpoint if (checkpoint / "tnlora_run.yaml").is_file() else checkpoint.parent
+    source = checkpoint.parent
     try:
         saved = read_run_config(source)
     except ConfigError as exc:

@@ -30,7 +30,6 @@ def trainer_class():
     from transformers import Trainer
 
     class TnloraTrainer(Trainer):
-        run_config: RunConfig | None = None  # saved into each checkpoint: what a resume is compared against
         run_id: str | None = None  # the run that owns output_dir (train.run sets it), recorded in each checkpoint
         nonfinite: Any = None  # the NonFiniteGuard (build_trainer)
         _staging_root: Path | None = None  # while a checkpoint is being written: where it goes first
@@ -66,7 +65,6 @@ def trainer_class():
         def _save_checkpoint(self, model, trial) -> None:
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-            from tnlora.config import save_run_config
             from tnlora.train import checkpoints
 
             if self.nonfinite is not None:
@@ -87,10 +85,7 @@ def trainer_class():
                     super()._save_checkpoint(model, trial)
                 finally:
                     self._staging_root = None
-                staged = staging / name
-                if self.run_config is not None:
-                    save_run_config(self.run_config, staged)
-                checkpoints.commit(staged, run_dir / name, run_id=self.run_id)
+                checkpoints.commit(staging / name, run_dir / name, run_id=self.run_id)
                 checkpoints.rotate(run_dir, self.args.save_total_limit, keep=run_dir / name)
             except OSError as exc:
                 checkpoints.end_staging(run_dir)  # also frees the room the unfinished checkpoint took
@@ -219,7 +214,6 @@ def build_trainer(
         callbacks=[ProgressCallback(), guard, *(callbacks or [])],
     )
     trainer.nonfinite = guard
-    trainer.run_config = cfg
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback says the same in a line
     trainer.log_tokens_seen = cfg.include_num_input_tokens_seen
     if cfg.logging_dir and "tensorboard" in split_list(cfg.report_to):
