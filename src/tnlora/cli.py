@@ -73,7 +73,7 @@ def _add_model_args(p: argparse.ArgumentParser, adapter_required: bool = False, 
     )  # fmt: skip
 
 
-def _add_generation_args(p: argparse.ArgumentParser, do_sample: bool) -> None:
+def _add_generation_args(p: argparse.ArgumentParser, do_sample: bool, repetition_penalty: float = 1.03) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max_new_tokens", type=int, default=512)
     g.add_argument(
@@ -82,7 +82,7 @@ def _add_generation_args(p: argparse.ArgumentParser, do_sample: bool) -> None:
     g.add_argument("--temperature", type=float, default=0.7)
     g.add_argument("--top_p", type=float, default=0.9)
     g.add_argument("--top_k", type=int, default=50)
-    g.add_argument("--repetition_penalty", type=float, default=1.03)
+    g.add_argument("--repetition_penalty", type=float, default=repetition_penalty)
     g.add_argument("--seed", type=int, default=None, help="fix the sampling seed")
 
 
@@ -238,13 +238,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Per-token loss and perplexity on a dataset, masked as in training."""
+    """Per-token loss and perplexity on a dataset, masked as in training; with ``--predict`` also a generated
+    reply for every example, scored (BLEU-4, ROUGE, exact match) and written with the metrics to a folder."""
+    from tnlora.config import DEFAULT_DATASET_DIR, REGISTRY_FILE
     from tnlora.infer.evaluate import check_eval_output, evaluate, write_eval_result
 
-    if args.output:
+    if args.dataset_dir is None and (Path(DEFAULT_DATASET_DIR) / REGISTRY_FILE).is_file():
+        args.dataset_dir = DEFAULT_DATASET_DIR  # LLaMA-Factory's default dataset_dir, as for training
+    plan = None
+    if args.predict:
+        plan = _check_predict_args(args)
+    elif args.output:
         check_eval_output(args.output, args.overwrite)
+    loaded = _load(args)
     result = evaluate(
-        _load(args),
+        loaded,
         args.dataset,
         dataset_dir=args.dataset_dir,
         cutoff_len=args.cutoff_len,
@@ -253,11 +261,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
         train_on_prompt=args.train_on_prompt,
         mask_history=args.mask_history,
     )
-    print(result.summary())
-    if args.output:
+    print(result.summary(), flush=True)
+    if plan is not None:
+        _predict(args, loaded, result, plan)
+    elif args.output:
         write_eval_result(result, args.output, dataset=args.dataset, model=args.model, adapter=args.adapter)
         print(f"metrics written to {args.output}", file=sys.stderr)
     return 0
+
+
+def _check_predict_args(args: argparse.Namespace):
+    """``--predict``'s refusals, before the model loads: the output folder, the sampling options, the metric
+    libraries."""
+    from tnlora.infer.evaluate import plan_predict_output
+    from tnlora.infer.metrics import check_metric_libraries
+
+    if not args.output:
+        raise TnloraError("--predict: needs --output DIR, the folder for predictions.jsonl and metrics.json")
+    _generation_options(args).check()
+    check_metric_libraries()
+    inputs = {"the adapter": args.adapter, "the base model": args.model if args.model and Path(args.model).is_dir()
+              else None, "the dataset folder": args.dataset_dir,
+              "the dataset": args.dataset if Path(args.dataset).exists() else None}  # fmt: skip
+    return plan_predict_output(args.output, args.overwrite, inputs)
+
+
+def _predict(args: argparse.Namespace, loaded, loss, plan) -> None:
+    import dataclasses
+
+    from tnlora.infer.evaluate import METRICS_FILE, PREDICTIONS_FILE, predict, write_predict_outputs
+
+    options = _generation_options(args)
+    predicted = predict(
+        loaded, args.dataset, options=options, dataset_dir=args.dataset_dir, batch_size=args.batch_size,
+        max_samples=args.max_samples, log=lambda line: print(line, file=sys.stderr, flush=True),
+    )  # fmt: skip
+    print(predicted.summary())
+    out = write_predict_outputs(
+        plan, predicted, loss, dataset=args.dataset, dataset_dir=args.dataset_dir, model=str(loaded.base),
+        adapter=str(loaded.adapter) if loaded.adapter else None, generation=dataclasses.asdict(options),
+    )  # fmt: skip
+    print(f"predictions written to {out / PREDICTIONS_FILE}, metrics to {out / METRICS_FILE}", file=sys.stderr)
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
@@ -351,18 +395,29 @@ def build_parser() -> argparse.ArgumentParser:
         _add_overwrite_arg(p, "replace an earlier merge output (only its own files)")
         p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("eval", help="loss and perplexity on a dataset")
-    _add_config_arg(p, model_keys + ", eval_dataset, dataset_dir, cutoff_len, per_device_eval_batch_size, …")
+    p = sub.add_parser("eval", help="loss and perplexity on a dataset; --predict: generated replies, BLEU / ROUGE")
+    _add_config_arg(p, model_keys + ", eval_dataset, dataset_dir, cutoff_len, per_device_eval_batch_size, "
+                    "do_predict, predict_with_generate, output_dir, …")  # fmt: skip
     _add_model_args(p)
     p.add_argument("--dataset", required=True)
-    p.add_argument("--dataset_dir")
+    p.add_argument("--dataset_dir", help="folder holding dataset_info.json (default: ./data when it holds one)")
     p.add_argument("--cutoff_len", type=int, default=None, help="default: the adapter's cutoff_len, else 1024")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_samples", type=int, default=None)
     p.add_argument("--train_on_prompt", type=_bool, nargs="?", const=True, default=None)
     p.add_argument("--mask_history", type=_bool, nargs="?", const=True, default=None)
-    p.add_argument("--output", help="also write the metrics to this JSON file")
+    p.add_argument(
+        "--predict", type=_bool, nargs="?", const=True, default=False,
+        help="also generate a reply for every example and score it against the dataset's (BLEU-4, ROUGE-1/2/L as "
+        "LLaMA-Factory computes them, exact match; needs pip install 'tnlora[eval]')",
+    )  # fmt: skip
+    p.add_argument(
+        "--output",
+        help="also write the metrics to this JSON file; with --predict: the folder for predictions.jsonl and "
+        "metrics.json",
+    )
     _add_overwrite_arg(p, "replace an earlier eval output")
+    _add_generation_args(p, do_sample=False, repetition_penalty=1.0)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("prepare", help="add model_type to an official checkpoint's config.json (Auto* loading)")

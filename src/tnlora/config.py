@@ -769,6 +769,11 @@ VERB_KEY_NAMES: dict[str, str] = {
     "export_dir": "output",
     "eval_dataset": "dataset",
     "per_device_eval_batch_size": "batch_size",
+    # LLaMA-Factory's prediction YAML (examples/train_lora/*_lora_predict.yaml) for `tnlora eval`
+    "do_predict": "predict",
+    "predict_with_generate": "predict",
+    "output_dir": "output",
+    "overwrite_output_dir": "overwrite",
 }
 # Keys accepted with the values that match what tnlora does (None: any value): key -> (values, feature).
 _VERB_FIXED: dict[str, tuple[tuple[Any, ...] | None, str]] = {
@@ -778,6 +783,11 @@ _VERB_FIXED: dict[str, tuple[tuple[Any, ...] | None, str]] = {
     "stage": (("sft",), "this training stage"),
     "export_legacy_format": ((False,), "the legacy .bin export format (tnlora writes safetensors)"),
     "flash_attn": (("auto", "disabled"), "a softmax-attention kernel (TransNormerLLM's attention is attention_impl)"),
+    # How LLaMA-Factory prepares and runs prediction; the results do not depend on them.
+    "overwrite_cache": (None, ""),
+    "preprocessing_num_workers": (None, ""),
+    "dataloader_num_workers": (None, ""),
+    "ddp_timeout": (None, ""),
 }
 _VERB_UNSUPPORTED: dict[str, str] = {
     "export_hub_model_id": "uploading to the Hugging Face Hub",

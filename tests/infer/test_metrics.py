@@ -10,8 +10,8 @@ pytest.importorskip("jieba", reason="the generation metrics need the 'eval' extr
 pytest.importorskip("rouge_chinese", reason="the generation metrics need the 'eval' extra")
 pytest.importorskip("nltk", reason="the generation metrics need the 'eval' extra")
 
-from tnlora.errors import TnloraError  # noqa: E402
-from tnlora.infer import metrics  # noqa: E402
+from tnlora.errors import TnloraError
+from tnlora.infer import metrics
 
 
 def test_identical_texts_score_100_on_every_metric():
