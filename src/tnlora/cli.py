@@ -312,6 +312,13 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     if args.model is None:
         print("note: no --model given: tokens are counted with the byte tokenizer of the tiny preset; pass "
               "--model DIR for the model's own tokenizer", file=sys.stderr)  # fmt: skip
+    if args.val_size and args.eval_dataset:
+        raise TnloraError("--eval_dataset: set either eval_dataset or val_size, not both")
+    split = None
+    if args.val_size:
+        from tnlora.train.run import split_validation
+
+        split = lambda records: split_validation(records, args.val_size, args.seed)  # noqa: E731
     report = inspect_dataset(
         args.dataset,
         args.dataset_dir,
@@ -321,6 +328,9 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
         example=args.example,
         color=color,
         skip_invalid=args.skip_invalid,
+        split=split,
+        split_label=f"validation split (val_size {args.val_size:g}, seed {args.seed})",
+        eval_dataset=args.eval_dataset,
     )
     print(report)
     return 0
@@ -426,7 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_verb", metavar="ACTION", parser_class=_Parser, required=True)
-    q = data_sub.add_parser("inspect", help="show rendering, tokens and masks of a few records")
+    q = data_sub.add_parser(
+        "inspect", help="show rendering, tokens and masks of a record, and audit the data (duplicates, leaks, …)"
+    )
     q.add_argument("dataset")
     q.add_argument("--dataset_dir")
     q.add_argument("--template", default="chatml", help="chat template (default chatml, as for training)")
@@ -438,6 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--example", type=int, default=0, help="which example to render (0-based)")
     q.add_argument("--color", type=_bool, nargs="?", const=True, default=None, help="dim masked text")
     q.add_argument("--skip_invalid", type=_bool, nargs="?", const=True, default=False)
+    q.add_argument(
+        "--val_size", type=float, default=0.0,
+        help="audit the run's validation split too: a fraction < 1 or a record count, as in the run YAML",
+    )  # fmt: skip
+    q.add_argument("--seed", type=int, default=42, help="the run's seed, which picks the validation split")
+    q.add_argument("--eval_dataset", help="audit this eval dataset against the training data")
     q.set_defaults(func=cmd_data_inspect)
     return parser
 
