@@ -165,23 +165,17 @@ def cmd_train(argv: list[str]) -> int:
     from tnlora.train.run import train
 
     result = train(cfg)
-    if cfg.sample_prompts:
-        print_samples(result, cfg.sample_prompts, cfg.sample_max_new_tokens)
+    if result.samples:
+        print_samples(result.samples)
     print(f"chat with it: tnlora chat --adapter {result.output_dir}", file=sys.stderr)
     return 0
 
 
-def print_samples(result, prompts: list[str], max_new_tokens: int) -> None:
-    """Greedy replies of the just-trained model, so a run ends with something to read."""
-    from tnlora.infer.generate import GenerationOptions, generate_replies
-
-    options = GenerationOptions(max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.0)
-    result.model.eval()
-    replies = generate_replies(
-        result.model, result.tokenizer, result.template, [[{"role": "user", "content": p}] for p in prompts], options
-    )
-    for prompt, reply in zip(prompts, replies):
-        print(f"user: {prompt}\nassistant: {reply}\n", flush=True)
+def print_samples(samples: list[dict]) -> None:
+    """The greedy replies to ``sample_prompts`` at the end of training (also in samples.jsonl), so a run ends with
+    something to read."""
+    for row in samples:
+        print(f"user: {row['prompt']}\nassistant: {row['reply']}\n", flush=True)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
