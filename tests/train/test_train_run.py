@@ -646,3 +646,12 @@ def test_do_predict_scores_greedy_replies_to_the_eval_set(make_config, tmp_path)
     assert result.metrics["predict_bleu-4"] == metrics["predict_bleu-4"]
     files = json.loads((out / "tnlora_output.json").read_text())["files"]
     assert {"predictions.jsonl", "predict_results.json"} <= set(files)
+
+
+def test_bf16_runs_sample_under_the_training_autocast(make_config, tmp_path):
+    # the adapter is fp32 over a bf16 base with peft's input casts off while training: outside autocast a sample
+    # would mix dtypes
+    result = train(make_config(tmp_path / "o", "--bf16", "true", "--max_steps", "2", "--val_size", "4",
+                               "--eval_steps", "1", "--sample_prompts", "Who are you?"))  # fmt: skip
+    rows = [json.loads(line) for line in (result.output_dir / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(isinstance(r["reply"], str) for r in rows)
