@@ -1,0 +1,270 @@
+"""serve/engine.py: the scheduler, slots, sampling and stops, on the tiny preset on the CPU (the static decode
+step without a CUDA graph, the same buffers and code as the GPU path).
+
+The reference is the model itself recomputing the whole sequence at every step in float64; the concurrency
+properties are bitwise: a request's tokens alone and among others are the same list.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from tnlora.model import load_model
+from tnlora.model.tokenizer import ByteTokenizer
+from tnlora.serve.engine import Engine, EngineError, Event, Request, SamplingParams
+from tnlora.serve.sessions import SessionStore
+
+EOS = 2
+
+
+def make_engine(dtype: torch.dtype = torch.float32, max_batch: int = 4, eos_ids: Sequence[int] = (EOS,),
+                sessions: int = 0) -> Engine:  # fmt: skip
+    model = load_model("tiny", dtype=dtype)
+    store = SessionStore(torch.device("cpu"), sessions, sessions)
+    return Engine(model, ByteTokenizer(), eos_ids=eos_ids, max_batch=max_batch, sessions=store).start()
+
+
+class Waiter:
+    """A sink that records a request's events and signals its end."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.done = threading.Event()
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+        if event.finish_reason is not None:
+            self.done.set()
+
+    def wait(self) -> Event:
+        assert self.done.wait(60), "the request did not finish"
+        return self.events[-1]
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events)
+
+
+def submit(engine: Engine, ids: list[int], params: SamplingParams, **kwargs) -> tuple[Request, Waiter]:
+    waiter = Waiter()
+    return engine.submit(ids, params, waiter, **kwargs), waiter
+
+
+def run(engine: Engine, ids: list[int], params: SamplingParams, **kwargs) -> tuple[Request, Waiter]:
+    request, waiter = submit(engine, ids, params, **kwargs)
+    waiter.wait()
+    return request, waiter
+
+
+def wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def prompts(count: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 259) for _ in range(rng.randrange(1, 40))] for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    eng = make_engine(max_batch=4)
+    yield eng
+    eng.shutdown()
+
+
+def test_greedy_tokens_equal_full_recompute_in_float64() -> None:
+    engine = make_engine(torch.float64, max_batch=3, eos_ids=())
+    try:
+        model = engine.model
+        for ids in prompts(3, seed=1):
+            request, waiter = run(engine, ids, SamplingParams(max_tokens=12))
+            want, seq = [], list(ids)
+            with torch.no_grad():
+                for _ in range(12):
+                    token = int(model(torch.tensor([seq])).logits[0, -1].argmax())
+                    want.append(token)
+                    seq.append(token)
+            assert request.generated == want
+            assert waiter.wait().finish_reason == "length"
+    finally:
+        engine.shutdown()
+
+
+def test_greedy_output_is_the_same_alone_and_under_any_concurrency(engine: Engine) -> None:
+    batch = prompts(10, seed=2)
+    lengths = [5 + 3 * i for i in range(10)]
+    alone = [run(engine, ids, SamplingParams(max_tokens=n))[0].generated for ids, n in zip(batch, lengths)]
+    # All at once (more requests than slots: they queue, join and leave at different steps), in another order.
+    order = list(range(10))
+    random.Random(3).shuffle(order)
+    together = {i: submit(engine, batch[i], SamplingParams(max_tokens=lengths[i])) for i in order}
+    for i, (request, waiter) in together.items():
+        waiter.wait()
+        assert request.generated == alone[i], i
+        assert len(request.generated) == lengths[i]
+    assert engine.stats()["slots"]["active"] == 0
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_concurrency(engine: Engine) -> None:
+    ids = prompts(1, seed=4)[0]
+    params = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, seed=7)
+    first = run(engine, ids, params)[0].generated
+    others = [submit(engine, p, SamplingParams(max_tokens=15, temperature=1.0)) for p in prompts(3, seed=5)]
+    again, waiter = submit(engine, ids, params)
+    waiter.wait()
+    for _, w in others:
+        w.wait()
+    assert again.generated == first
+    other_seed = run(engine, ids, SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, seed=8))[0]
+    assert other_seed.generated != first
+    greedy = run(engine, ids, SamplingParams(max_tokens=20))[0].generated
+    assert first != greedy  # the draws really sample
+
+
+def test_top_p_near_zero_keeps_only_the_most_probable_token(engine: Engine) -> None:
+    ids = prompts(1, seed=6)[0]
+    greedy = run(engine, ids, SamplingParams(max_tokens=15))[0].generated
+    nucleus = run(engine, ids, SamplingParams(max_tokens=15, temperature=1.5, top_p=1e-9, seed=1))[0].generated
+    assert nucleus == greedy
+
+
+def test_length_and_eos_finish_reasons_and_usage() -> None:
+    probe = make_engine(eos_ids=())
+    ids = prompts(1, seed=7)[0]
+    try:
+        tokens = run(probe, ids, SamplingParams(max_tokens=10))[0].generated
+    finally:
+        probe.shutdown()
+    # An engine whose eos is the 4th greedy token stops there, with that token counted but not shown.
+    eos = tokens[3]
+    first = tokens.index(eos)
+    engine = make_engine(eos_ids=(eos,))
+    try:
+        request, waiter = run(engine, ids, SamplingParams(max_tokens=10))
+        last = waiter.wait()
+        assert last.finish_reason == "stop"
+        assert request.generated == tokens[: first + 1]
+        assert last.usage.completion_tokens == first + 1 and last.usage.prompt_tokens == len(ids)
+        assert waiter.text == ByteTokenizer().decode(tokens[:first], skip_special_tokens=True)
+        request, waiter = run(engine, ids, SamplingParams(max_tokens=10, ignore_eos=True))
+        assert waiter.wait().finish_reason == "length" and request.generated == tokens
+    finally:
+        engine.shutdown()
+
+
+def test_a_stop_string_ends_the_reply_and_is_never_returned(engine: Engine) -> None:
+    tokenizer = ByteTokenizer()
+    ids = tokenizer.encode("Tell me a story about", add_special_tokens=False)
+    full_request, full = run(engine, ids, SamplingParams(max_tokens=30, temperature=1.0, seed=3))
+    text = full.text
+    stop = text[10:13]
+    assert len(stop) == 3 and text.index(stop) >= 1
+    request, waiter = run(engine, ids, SamplingParams(max_tokens=30, temperature=1.0, seed=3, stop=(stop,)))
+    last = waiter.wait()
+    assert last.finish_reason == "stop"
+    assert waiter.text == text[: text.index(stop)]
+    assert stop not in waiter.text
+    # The reply ends with the token that completed the stop string.
+    assert request.generated == full_request.generated[: len(request.generated)]
+    assert stop in tokenizer.decode(request.generated) and stop not in tokenizer.decode(request.generated[:-1])
+
+
+def test_a_cancelled_request_leaves_its_slot_within_one_step(engine: Engine) -> None:
+    request, _ = submit(engine, prompts(1, seed=8)[0], SamplingParams(max_tokens=100_000, ignore_eos=True))
+    wait_until(lambda: len(request.generated) >= 5)
+    request.cancel()
+    at_cancel = len(request.generated)
+    wait_until(lambda: request.done)
+    # The scheduler checks the flag before taking each row's token: at most the step under way adds one.
+    assert len(request.generated) <= at_cancel + 1
+    assert engine.slots[request.slot] is None and engine.stats()["slots"]["active"] == 0
+
+
+def test_a_failing_sink_or_prompt_does_not_stop_the_scheduler(engine: Engine) -> None:
+    def broken(event: Event) -> None:
+        raise RuntimeError("the consumer is gone")
+
+    broken_request = engine.submit(prompts(1)[0], SamplingParams(max_tokens=50, ignore_eos=True), broken)
+    # Token ids outside the vocabulary fail in the prefill: that request ends with an error event.
+    bad, waiter = submit(engine, [10_000], SamplingParams(max_tokens=5))
+    last = waiter.wait()
+    assert last.finish_reason == "error" and last.error
+    ok, good = run(engine, prompts(1, seed=9)[0], SamplingParams(max_tokens=5))
+    assert good.wait().finish_reason == "length" and len(ok.generated) == 5
+    wait_until(lambda: broken_request.done)
+    assert engine.running and engine.stats()["slots"]["active"] == 0
+
+
+def test_session_continues_from_the_stored_state_and_matches_a_full_prefill_in_float64() -> None:
+    engine = make_engine(torch.float64, eos_ids=(), sessions=2)
+    plain = make_engine(torch.float64, eos_ids=())
+    try:
+        turn1 = prompts(1, seed=10)[0]
+        first, waiter = run(engine, turn1, SamplingParams(max_tokens=8), session_id="s")
+        assert waiter.wait().usage.cached_tokens == 0
+        fed = turn1 + first.generated[:-1]
+        assert engine.sessions.counts()["on_device"] == 1
+        # The next turn repeats the conversation so far and adds new tokens: only those are prefilled.
+        turn2 = [*turn1, *first.generated, 40, 41, 42]
+        before = engine.stats()["prompt_tokens_prefilled"]
+        second, waiter = run(engine, turn2, SamplingParams(max_tokens=8), session_id="s")
+        assert waiter.wait().usage.cached_tokens == len(fed)
+        assert engine.stats()["prompt_tokens_prefilled"] - before == len(turn2) - len(fed)
+        assert second.generated == run(plain, turn2, SamplingParams(max_tokens=8))[0].generated
+        # Another conversation under the same id: a full prefill, and the same answer as without a session.
+        other = prompts(1, seed=11)[0]
+        third, waiter = run(engine, other, SamplingParams(max_tokens=8), session_id="s")
+        assert waiter.wait().usage.cached_tokens == 0
+        assert third.generated == run(plain, other, SamplingParams(max_tokens=8))[0].generated
+        assert engine.sessions.hits == 1
+    finally:
+        engine.shutdown()
+        plain.shutdown()
+
+
+def test_cancelled_and_failed_requests_store_no_session() -> None:
+    engine = make_engine(eos_ids=(), sessions=4)
+    try:
+        bad, waiter = submit(engine, [10_000], SamplingParams(max_tokens=5), session_id="bad")
+        waiter.wait()
+        request, waiter = submit(engine, prompts(1)[0], SamplingParams(max_tokens=10_000), session_id="gone")
+        wait_until(lambda: waiter.events)
+        request.cancel()
+        wait_until(lambda: request.done and engine.stats()["slots"]["active"] == 0)
+        assert len(engine.sessions) == 0
+    finally:
+        engine.shutdown()
+
+
+def test_submit_refuses_when_stopped_or_full_and_shutdown_ends_pending_requests() -> None:
+    engine = make_engine(max_batch=1)
+    engine.max_waiting = 2
+    ids = prompts(1)[0]
+    running, first = submit(engine, ids, SamplingParams(max_tokens=100_000, ignore_eos=True))
+    wait_until(lambda: first.events)
+    waiting = [submit(engine, ids, SamplingParams(max_tokens=5)) for _ in range(2)]
+    with pytest.raises(EngineError, match="too many requests waiting"):
+        engine.submit(ids, SamplingParams(max_tokens=5), Waiter())
+    engine.shutdown()
+    assert first.wait().finish_reason == "error"
+    assert all(w.wait().finish_reason == "error" for _, w in waiting)
+    with pytest.raises(EngineError, match="not running"):
+        engine.submit(ids, SamplingParams(max_tokens=5), Waiter())
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"max_tokens": 0}, {"max_tokens": 1, "temperature": -0.1}, {"max_tokens": 1, "top_p": 1.5},
+               {"max_tokens": 1, "seed": 2**64}],  # fmt: skip
+)
+def test_sampling_params_refuse_bad_values(kwargs) -> None:
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)
