@@ -4,8 +4,9 @@ Decoding each new token alone is wrong (a multi-byte character spans tokens; Sen
 depends on the neighbour), and decoding the whole reply at every step costs O(n) per token. The detokenizer
 decodes a short window of recent tokens twice per token (the window before the new token, the window with it)
 and emits the difference once it no longer ends in an incomplete character; a fast tokenizer does the same in
-one Rust call (``tokenizers.decoders.DecodeStream``). Both end with a final full decode that returns whatever
-the windows held back, so a finished reply is exactly ``tokenizer.decode(ids, skip_special_tokens=True)``.
+one Rust call (``tokenizers.decoders.DecodeStream``). A finished reply of valid text is exactly
+``tokenizer.decode(ids, skip_special_tokens=True)``; invalid bytes come out as replacement characters, though
+not always as many as a decode of the whole would show.
 """
 
 from __future__ import annotations
@@ -45,25 +46,29 @@ class IncrementalDetokenizer:
         self.emitted += len(delta)
         return delta
 
-    def _window_delta(self) -> str:
+    def _window_delta(self, final: bool = False) -> str:
         decode = self.tokenizer.decode
         before = decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
         after = decode(self.ids[self._prefix :], skip_special_tokens=True)
         # An incomplete character at the end waits for the tokens that complete it (a UTF-8 character is at most
         # 4 bytes, so at most 4 tokens): past that it is invalid text and goes out as the replacement character.
+        # (A window that changes its earlier text only happens after such replacement characters went out: the
+        # text is invalid anyway, and moving on keeps the stream going.)
         incomplete = after.endswith(REPLACEMENT) and len(self.ids) - self._read < MAX_CHARACTER_TOKENS
-        if len(after) <= len(before) or incomplete or not after.startswith(before):
+        if len(after) <= len(before) or (incomplete and not final):
             return ""
         self._prefix, self._read = self._read, len(self.ids)
         return after[len(before) :]
 
     def flush(self) -> str:
         """The rest of the reply's text, held back so far (e.g. an incomplete character at the end)."""
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if len(full) <= self.emitted:
-            return ""
-        rest = full[self.emitted :]
-        self.emitted = len(full)
+        if self._stream is None:
+            rest = self._window_delta(final=True)
+        else:
+            # DecodeStream keeps no pending text to ask for: the whole reply's decode says what is missing.
+            full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            rest = full[self.emitted :]
+        self.emitted += len(rest)
         return rest
 
 
