@@ -279,7 +279,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
-    first = errors[0]
+    # The most specific error: pydantic reports one per member of a union (str | list[...]), the deepest is the
+    # one that names what is wrong (messages[0].content[0].type rather than "not a string").
+    first = max(errors, key=lambda e: len(_param(e.get("loc", ())) or ""))
     kind = first.get("type", "")
     if kind == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")

@@ -308,11 +308,7 @@ class Engine:
             logger.exception("prefill of request %d failed", request.id)
             self._emit(request, self._finish(request, "error", error="internal error while reading the prompt"))
             return
-        final = self._accept(request, token)
-        if final is not None:
-            self._store_session(request, [cache.get_state(i)[0] for i in range(len(self.runner.states))])
-            self._emit(request, final)
-            return
+        # The slot first, so that the request counts as active from its first token on.
         slot = self.slots.index(None)
         request.slot = slot
         self.slots[slot] = request
@@ -322,6 +318,11 @@ class Engine:
         runner.position[slot] = len(request.prompt_ids)
         runner.ids[slot, 0] = token
         runner.pad[slot, 0] = False
+        final = self._accept(request, token)
+        if final is not None:
+            self._store_session(request, [cache.get_state(i)[0] for i in range(len(runner.states))])
+            self._free(slot)
+            self._emit(request, final)
 
     def _prefill_cache(self, request: Request) -> tuple[TransnormerCache, int]:
         """A cache to prefill into: empty, or holding the request's stored session when the prompt continues

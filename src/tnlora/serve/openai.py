@@ -167,7 +167,7 @@ async def _completion_events(
 def check_model(ctx: ServeContext, name: str | None) -> None:
     """An unknown model name is a 404, as OpenAI answers it; no name means the served model."""
     if name is not None and name != ctx.config.model_name:
-        raise ApiError(404, f"The model '{name}' does not exist (this server serves '{ctx.config.model_name}')",
+        raise ApiError(404, f"model: '{name}' does not exist here (this server serves '{ctx.config.model_name}')",
                        param="model", code="model_not_found")  # fmt: skip
 
 
