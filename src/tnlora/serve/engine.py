@@ -143,6 +143,9 @@ class Engine:
         self.model = base
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(int(i) for i in eos_ids)
+        # Embedding rows past the tokenizer's vocabulary (padding to a multiple of 64) are never sampled.
+        vocab = base.get_output_embeddings().out_features
+        self.vocab = min(len(tokenizer), vocab) if len(tokenizer) > 0 else vocab
         self.device = next(base.parameters()).device
         self.max_batch = max_batch
         self.max_waiting = max_waiting
@@ -303,7 +306,7 @@ class Engine:
                 request.generator = torch.Generator(device=self.device)
                 seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
                 request.generator.manual_seed(seed)
-            token = int(self._sample(out.logits[0, -1], request))
+            token = int(self._sample(out.logits[0, -1, : self.vocab], request))
         except Exception:
             logger.exception("prefill of request %d failed", request.id)
             self._emit(request, self._finish(request, "error", error="internal error while reading the prompt"))
@@ -341,7 +344,7 @@ class Engine:
     def _decode_step(self) -> None:
         """All slots one token on; each active request takes its next token."""
         runner = self.runner
-        logits = runner.run(self.model)[:, 0]
+        logits = runner.run(self.model)[:, 0, : self.vocab]
         tokens = logits.argmax(dim=-1)
         for slot, request in enumerate(self.slots):
             if request is not None and request.params.temperature > 0:
