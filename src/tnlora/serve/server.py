@@ -38,7 +38,8 @@ def default_model_name(model: str | None, adapter: str | None) -> str:
     """The adapter's directory name, else the base model's (a preset name or a directory's name)."""
     for source in (adapter, model):
         if source:
-            return Path(source).resolve().name if Path(source).exists() else str(source)
+            path = Path(source).resolve() if Path(source).exists() else Path(source)
+            return path.name or str(source)
     return "tnlora"
 
 
