@@ -196,7 +196,7 @@ def test_a_failing_sink_or_prompt_does_not_stop_the_scheduler(engine: Engine) ->
 
     broken_request = engine.submit(prompts(1)[0], SamplingParams(max_tokens=50, ignore_eos=True), broken)
     # Token ids outside the vocabulary fail in the prefill: that request ends with an error event.
-    bad, waiter = submit(engine, [10_000], SamplingParams(max_tokens=5))
+    _bad, waiter = submit(engine, [10_000], SamplingParams(max_tokens=5))
     last = waiter.wait()
     assert last.finish_reason == "error" and last.error
     ok, good = run(engine, prompts(1, seed=9)[0], SamplingParams(max_tokens=5))
@@ -221,12 +221,17 @@ def test_session_continues_from_the_stored_state_and_matches_a_full_prefill_in_f
         assert waiter.wait().usage.cached_tokens == len(fed)
         assert engine.stats()["prompt_tokens_prefilled"] - before == len(turn2) - len(fed)
         assert second.generated == run(plain, turn2, SamplingParams(max_tokens=8))[0].generated
+        # The reply sent back in other tokens: the checkpoint after the last prompt serves.
+        turn3 = [*turn2, 50, *second.generated[1:], 43]
+        third, waiter = run(engine, turn3, SamplingParams(max_tokens=8), session_id="s")
+        assert waiter.wait().usage.cached_tokens == len(turn2)
+        assert third.generated == run(plain, turn3, SamplingParams(max_tokens=8))[0].generated
         # Another conversation under the same id: a full prefill, and the same answer as without a session.
         other = prompts(1, seed=11)[0]
         third, waiter = run(engine, other, SamplingParams(max_tokens=8), session_id="s")
         assert waiter.wait().usage.cached_tokens == 0
         assert third.generated == run(plain, other, SamplingParams(max_tokens=8))[0].generated
-        assert engine.sessions.hits == 1
+        assert engine.sessions.hits == 2
     finally:
         engine.shutdown()
         plain.shutdown()
@@ -235,7 +240,7 @@ def test_session_continues_from_the_stored_state_and_matches_a_full_prefill_in_f
 def test_cancelled_and_failed_requests_store_no_session() -> None:
     engine = make_engine(eos_ids=(), sessions=4)
     try:
-        bad, waiter = submit(engine, [10_000], SamplingParams(max_tokens=5), session_id="bad")
+        _bad, waiter = submit(engine, [10_000], SamplingParams(max_tokens=5), session_id="bad")
         waiter.wait()
         request, waiter = submit(engine, prompts(1)[0], SamplingParams(max_tokens=10_000), session_id="gone")
         wait_until(lambda: waiter.events)
@@ -250,7 +255,7 @@ def test_submit_refuses_when_stopped_or_full_and_shutdown_ends_pending_requests(
     engine = make_engine(max_batch=1)
     engine.max_waiting = 2
     ids = prompts(1)[0]
-    running, first = submit(engine, ids, SamplingParams(max_tokens=100_000, ignore_eos=True))
+    _running, first = submit(engine, ids, SamplingParams(max_tokens=100_000, ignore_eos=True))
     wait_until(lambda: first.events)
     waiting = [submit(engine, ids, SamplingParams(max_tokens=5)) for _ in range(2)]
     with pytest.raises(EngineError, match="too many requests waiting"):
@@ -264,7 +269,7 @@ def test_submit_refuses_when_stopped_or_full_and_shutdown_ends_pending_requests(
 
 @pytest.mark.parametrize(
     "kwargs", [{"max_tokens": 0}, {"max_tokens": 1, "temperature": -0.1}, {"max_tokens": 1, "top_p": 1.5},
-               {"max_tokens": 1, "seed": 2**64}],  # fmt: skip
+               {"max_tokens": 1, "seed": 2**64}],
 )
 def test_sampling_params_refuse_bad_values(kwargs) -> None:
     with pytest.raises(ValueError):

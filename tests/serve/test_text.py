@@ -63,7 +63,7 @@ def test_fast_tokenizer_stream_equals_the_window_stream_and_the_whole_decode(tex
         pytest.skip("needs the Baichuan tokenizer in ../shared")
     tokenizer = load_tokenizer(BAICHUAN)
     assert tokenizer.backend_tokenizer is not None
-    ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    ids = [*tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_id]
     whole = tokenizer.decode(ids, skip_special_tokens=True)
     assert stream(tokenizer, ids, fast=True)[1] == whole
     assert stream(tokenizer, ids, fast=False)[1] == whole

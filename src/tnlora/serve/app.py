@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -102,10 +103,15 @@ class EngineStream:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
 
     async def events(self) -> AsyncIterator[Event]:
-        """The request's events up to its last one; leaving early (or being cancelled) cancels it."""
+        """The request's events up to its last one; leaving early (or being cancelled) cancels it. Events that
+        queued up while the consumer was busy come as one (their texts joined): under load the server writes
+        fewer, longer chunks instead of falling behind."""
         try:
             while True:
                 event = await self._queue.get()
+                while event.finish_reason is None and not self._queue.empty():
+                    following = self._queue.get_nowait()
+                    event = dataclasses.replace(following, text=event.text + following.text)
                 yield event
                 if event.finish_reason is not None:
                     return

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from tnlora.infer.decode_graph import DecodeStepRunner, installed_graphs, remove_graph_decoding
 from tnlora.model.cache import TransnormerCache
-from tnlora.serve.sessions import SessionStore
+from tnlora.serve.sessions import Checkpoint, SessionStore
 from tnlora.serve.text import ReplyText
 
 logger = logging.getLogger("tnlora.serve")
@@ -111,6 +111,7 @@ class Request:
     slot: int | None = None
     text: ReplyText | None = None
     generator: torch.Generator | None = None
+    prompt_states: list[Tensor] | None = None  # the states after the prompt (for the session)
     done: bool = False
 
     def cancel(self) -> None:
@@ -153,6 +154,10 @@ class Engine:
         self.capture = self.device.type == "cuda" if capture is None else capture
         self.runner = DecodeStepRunner(base, max_batch, self.device, self.capture, per_row_positions=True)
         self.slots: list[Request | None] = [None] * max_batch
+        self._host_tokens: Tensor | None = None
+        if self.device.type == "cuda":
+            self._host_tokens = torch.zeros(max_batch, dtype=torch.long, pin_memory=True)
+            self._copied = torch.cuda.Event()
         self._waiting: deque[Request] = deque()
         self._inbox: list[Request] = []
         self._cond = threading.Condition()
@@ -301,6 +306,8 @@ class Engine:
                              logits_to_keep=1)  # fmt: skip
             request.cached_tokens = cached
             self.prompt_tokens_prefilled += len(fresh)
+            if request.session_id is not None and self.sessions.enabled:
+                request.prompt_states = [cache.get_state(i)[0].clone() for i in range(len(self.runner.states))]
             request.text = ReplyText(self.tokenizer, request.stop_strings)
             if request.params.temperature > 0:
                 request.generator = torch.Generator(device=self.device)
@@ -333,13 +340,13 @@ class Engine:
         cache = TransnormerCache(self.model.config)
         if request.session_id is None or not self.sessions.enabled:
             return cache, 0
-        session = self.sessions.take(request.session_id, request.prompt_ids)
-        if session is None:
+        checkpoint = self.sessions.take(request.session_id, request.prompt_ids)
+        if checkpoint is None:
             return cache, 0
-        for i, state in enumerate(session.states):
+        for i, state in enumerate(checkpoint.states):
             cache.update_state(state.to(self.device, non_blocking=True)[None], i)
-        cache.seen_tokens = len(session.ids)
-        return cache, len(session.ids)
+        cache.seen_tokens = len(checkpoint.ids)
+        return cache, len(checkpoint.ids)
 
     def _decode_step(self) -> None:
         """All slots one token on; each active request takes its next token."""
@@ -352,7 +359,7 @@ class Engine:
         runner.ids[:, 0].copy_(tokens)
         runner.position.add_(1)
         self.steps += 1
-        host = tokens.tolist()
+        host = self._to_host(tokens)
         for slot, request in enumerate(self.slots):
             if request is None:
                 continue
@@ -365,6 +372,16 @@ class Engine:
                 self._store_session(request, [state[slot] for state in runner.states])
                 self._free(slot)
                 self._emit(request, final)
+
+    def _to_host(self, tokens: Tensor) -> list[int]:
+        """The step's tokens as ints. On a GPU through a pinned buffer and an event, whose wait releases the GIL:
+        the server's event loop streams the previous tokens while the step runs."""
+        if self._host_tokens is None:
+            return tokens.tolist()
+        self._host_tokens.copy_(tokens, non_blocking=True)
+        self._copied.record()
+        self._copied.synchronize()
+        return self._host_tokens.tolist()
 
     def _sample(self, logits: Tensor, request: Request) -> Tensor:
         """The next token (0-dim) from one row of logits: argmax at temperature 0, else a draw from the
@@ -421,13 +438,19 @@ class Engine:
 
     def _store_session(self, request: Request, states: list[Tensor]) -> None:
         """Keep the finished request's states for its session: the tokens fed so far are the prompt and every
-        generated token but the last (sampled, never fed)."""
+        generated token but the last (sampled, never fed); and the checkpoint taken after the prompt."""
         if request.session_id is None or not self.sessions.enabled or request.cancelled:
             return
-        ids = request.prompt_ids + request.generated[:-1]
-        self.sessions.put(request.session_id, ids, [s.clone() for s in states])
+        checkpoints = [Checkpoint(request.prompt_ids + request.generated[:-1], [s.clone() for s in states])]
+        if request.prompt_states is not None and len(request.generated) > 1:
+            checkpoints.append(Checkpoint(list(request.prompt_ids), request.prompt_states))
+        request.prompt_states = None
+        self.sessions.put(request.session_id, checkpoints)
 
     def _free(self, slot: int) -> None:
+        request = self.slots[slot]
+        if request is not None:
+            request.prompt_states = None
         self.slots[slot] = None
         self.runner.pad[slot, 0] = True
 

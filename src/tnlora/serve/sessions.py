@@ -1,9 +1,9 @@
 """Conversation states kept between requests, so that the next turn of a chat prefills only its new tokens.
 
 A recurrent model's whole memory of a conversation is one fixed-size state per layer. After a reply the engine
-stores, under the request's session id, the token ids fed into those states so far and the states themselves;
-the next request with that id whose prompt ids START WITH the stored ids continues from the stored states and
-prefills only the rest. Anything else (another conversation under the id, an edited history, a dropped
+stores, under the request's session id, the token ids fed into those states so far and the states themselves
+(twice: after the reply, and after the prompt alone); the next request with that id whose prompt ids START
+WITH stored ids continues from those states and prefills only the rest. Anything else (another conversation under the id, an edited history, a dropped
 session) is a full prefill: answers never depend on what the store holds.
 
 Memory is bounded by two least-recently-used tiers: ``device_capacity`` sessions on the model's device, then
@@ -24,15 +24,29 @@ from torch import Tensor
 
 
 @dataclass
-class SessionState:
-    """What a conversation has fed into the model: its token ids and the states after them."""
+class Checkpoint:
+    """Token ids fed into the model and the states after them."""
 
     ids: list[int]
     states: list[Tensor]  # one [H, K, V] per layer (the states' own dtype, fp32 or fp64)
 
+
+@dataclass
+class SessionState:
+    """A conversation's checkpoints, longest first: after the reply (the prompt and the reply's tokens but the
+    last) and after the prompt alone. The second serves when the client sends the reply back in words that
+    tokenize differently from the tokens generated (a tokenizer's non-canonical pieces): then the reply's
+    re-encoding is prefilled with the new turn, and the answer is still the full prefill's."""
+
+    checkpoints: list[Checkpoint]
+
+    @property
+    def ids(self) -> list[int]:
+        return self.checkpoints[0].ids
+
     @property
     def nbytes(self) -> int:
-        return sum(s.numel() * s.element_size() for s in self.states)
+        return sum(s.numel() * s.element_size() for c in self.checkpoints for s in c.states)
 
 
 class SessionStore:
@@ -72,29 +86,29 @@ class SessionStore:
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._on_device or session_id in self._on_host
 
-    def take(self, session_id: str, prompt_ids: list[int]) -> SessionState | None:
-        """The stored session if ``prompt_ids`` continue it (start with its ids and go further), removed from
-        the store (the reply stores its successor); else None, and a stale session under the id is dropped."""
+    def take(self, session_id: str, prompt_ids: list[int]) -> Checkpoint | None:
+        """The longest checkpoint of the stored session that ``prompt_ids`` continue (start with its ids and go
+        further), the session removed from the store (the reply stores its successor); else None."""
         session = self._on_device.pop(session_id, None)
         if session is None:
             session = self._on_host.pop(session_id, None)
-        if session is None:
-            self.misses += 1
-            return None
-        stored = len(session.ids)
-        if stored < len(prompt_ids) and prompt_ids[:stored] == session.ids:
-            self.hits += 1
-            return session
+        for checkpoint in session.checkpoints if session is not None else ():
+            stored = len(checkpoint.ids)
+            if stored < len(prompt_ids) and prompt_ids[:stored] == checkpoint.ids:
+                self.hits += 1
+                return checkpoint
         self.misses += 1
         return None
 
-    def put(self, session_id: str, ids: list[int], states: list[Tensor]) -> None:
-        """Store ``states`` (device tensors the caller no longer uses) as the newest session under the id."""
-        if not self.enabled or not ids:
+    def put(self, session_id: str, checkpoints: list[Checkpoint]) -> None:
+        """Store the checkpoints (device tensors the caller no longer uses), longest first, as the newest
+        session under the id."""
+        checkpoints = [c for c in checkpoints if c.ids]
+        if not self.enabled or not checkpoints:
             return
         self._on_device.pop(session_id, None)
         self._on_host.pop(session_id, None)
-        self._on_device[session_id] = SessionState(list(ids), states)
+        self._on_device[session_id] = SessionState(checkpoints)
         while len(self._on_device) > self.device_capacity:
             oldest, session = self._on_device.popitem(last=False)
             if self.host_capacity == 0:
@@ -114,12 +128,15 @@ class SessionStore:
         """The session with its states in host memory: pinned copies on a GPU machine, unchanged on the CPU."""
         if self.device.type == "cpu":
             return session
-        host = []
-        for state in session.states:
-            pinned = torch.empty(state.shape, dtype=state.dtype, pin_memory=torch.cuda.is_available())
-            pinned.copy_(state)
-            host.append(pinned)
-        return SessionState(session.ids, host)
+        checkpoints = []
+        for checkpoint in session.checkpoints:
+            host = []
+            for state in checkpoint.states:
+                pinned = torch.empty(state.shape, dtype=state.dtype, pin_memory=torch.cuda.is_available())
+                pinned.copy_(state)
+                host.append(pinned)
+            checkpoints.append(Checkpoint(checkpoint.ids, host))
+        return SessionState(checkpoints)
 
 
-__all__ = ["SessionState", "SessionStore"]
+__all__ = ["Checkpoint", "SessionState", "SessionStore"]
