@@ -274,3 +274,40 @@ def test_submit_refuses_when_stopped_or_full_and_shutdown_ends_pending_requests(
 def test_sampling_params_refuse_bad_values(kwargs) -> None:
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# On a GPU: the slots are one CUDA-graph replay
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernel", ["torch", "auto"])
+def test_cuda_graph_slots_are_concurrency_independent_and_match_the_eager_step(kernel: str) -> None:
+    def cuda_engine(capture: bool) -> Engine:
+        model = load_model("tiny", dtype=torch.float32, device="cuda")
+        model.config.decode_kernel = kernel
+        store = SessionStore(torch.device("cuda"), 1, 1)
+        return Engine(model, ByteTokenizer(), eos_ids=(), max_batch=4, sessions=store, capture=capture).start()
+
+    graphs, eager = cuda_engine(True), cuda_engine(False)
+    try:
+        assert graphs.runner.graphs and not eager.runner.graphs
+        batch = prompts(8, seed=12)
+        alone = [run(graphs, ids, SamplingParams(max_tokens=6 + i))[0].generated for i, ids in enumerate(batch)]
+        together = [submit(graphs, ids, SamplingParams(max_tokens=6 + i)) for i, ids in enumerate(batch)]
+        for (request, waiter), want in zip(together, alone):
+            waiter.wait()
+            assert request.generated == want
+        if graphs.runner.kernel == "torch":  # the torch step replays the eager step's operations exactly
+            assert [run(eager, ids, SamplingParams(max_tokens=6 + i))[0].generated
+                    for i, ids in enumerate(batch)] == alone  # fmt: skip
+        # Sessions on the GPU, the least recent moved to pinned host memory and still continued from there.
+        first, _ = run(graphs, batch[0], SamplingParams(max_tokens=5), session_id="a")
+        run(graphs, batch[1], SamplingParams(max_tokens=5), session_id="b")
+        assert graphs.sessions.counts()["on_host"] == 1
+        follow = [*batch[0], *first.generated, 7, 8]
+        request, waiter = run(graphs, follow, SamplingParams(max_tokens=5), session_id="a")
+        assert waiter.wait().usage.cached_tokens == len(batch[0]) + 4
+    finally:
+        graphs.shutdown()
+        eager.shutdown()

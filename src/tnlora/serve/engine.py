@@ -237,6 +237,7 @@ class Engine:
         active = sum(r is not None for r in self.slots)
         return {
             "slots": {"total": self.max_batch, "active": active, "free": self.max_batch - active},
+            "vocab": self.vocab,
             "waiting": len(self._waiting) + len(self._inbox),
             "sessions": self.sessions.counts(),
             "requests_finished": self.requests_finished,
