@@ -39,7 +39,12 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "baichuan-7b"
+# The Baichuan tokenizer from shared/ beside the repository (or inside it, as a device copy lays it out).
+SHARED_TOKENIZER = next(
+    (d for d in (ROOT.parent / "shared" / "tokenizers" / "baichuan-7b", ROOT / "shared" / "tokenizers" / "baichuan-7b")
+     if (d / "tokenizer.model").is_file()),
+    ROOT.parent / "shared" / "tokenizers" / "baichuan-7b",
+)  # fmt: skip
 MODEL_NAME = "bench"
 WORDS = ("time", "river", "light", "stone", "answer", "garden", "city", "music", "number", "window", "story",
          "question", "market", "winter", "paper", "bridge")  # fmt: skip

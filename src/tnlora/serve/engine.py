@@ -255,6 +255,8 @@ class Engine:
     # The scheduler thread
 
     def _loop(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # a new thread starts on device 0
         with torch.inference_mode():
             while True:
                 with self._cond:
@@ -380,7 +382,7 @@ class Engine:
         if self._host_tokens is None:
             return tokens.tolist()
         self._host_tokens.copy_(tokens, non_blocking=True)
-        self._copied.record()
+        self._copied.record(torch.cuda.current_stream(self.device))
         self._copied.synchronize()
         return self._host_tokens.tolist()
 
