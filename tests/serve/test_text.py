@@ -3,6 +3,7 @@ stop string or part of one."""
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from pathlib import Path
@@ -14,6 +15,11 @@ from tnlora.serve.text import IncrementalDetokenizer, ReplyText
 
 BAICHUAN = Path(__file__).resolve().parents[3] / "shared" / "tokenizers" / "baichuan-7b"
 SAMPLES = ["Hello, world!", "数学 is fun ✓ — naïve café 😀", "line one\nline two\n\n  indented", "a" * 50]
+
+
+@functools.cache
+def baichuan():
+    return load_tokenizer(BAICHUAN)
 
 
 def stream(tokenizer, ids: list[int], fast: bool | None = None) -> tuple[list[str], str]:
@@ -61,7 +67,7 @@ def test_random_byte_ids_stream_every_ascii_character_once_and_in_order() -> Non
 def test_fast_tokenizer_stream_equals_the_window_stream_and_the_whole_decode(text: str) -> None:
     if not (BAICHUAN / "tokenizer.model").is_file():
         pytest.skip("needs the Baichuan tokenizer in ../shared")
-    tokenizer = load_tokenizer(BAICHUAN)
+    tokenizer = baichuan()
     assert tokenizer.backend_tokenizer is not None
     ids = [*tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_id]
     whole = tokenizer.decode(ids, skip_special_tokens=True)
