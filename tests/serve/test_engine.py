@@ -311,3 +311,19 @@ def test_cuda_graph_slots_are_concurrency_independent_and_match_the_eager_step(k
     finally:
         graphs.shutdown()
         eager.shutdown()
+
+
+def test_a_request_cancelled_while_queued_leaves_the_queue() -> None:
+    engine = make_engine(max_batch=1)
+    try:
+        busy, _ = submit(engine, prompts(1)[0], SamplingParams(max_tokens=100_000, ignore_eos=True))
+        wait_until(lambda: busy.generated)
+        queued, _ = submit(engine, prompts(1, seed=3)[0], SamplingParams(max_tokens=5))
+        wait_until(lambda: engine.stats()["waiting"] == 1)
+        queued.cancel()
+        wait_until(lambda: engine.stats()["waiting"] == 0)
+        assert queued.done and not queued.generated and engine.stats()["slots"]["active"] == 1
+        busy.cancel()
+        wait_until(lambda: busy.done)
+    finally:
+        engine.shutdown()

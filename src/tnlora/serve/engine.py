@@ -118,7 +118,7 @@ class Request:
         """Stop generating (the client went away); the slot is freed at the scheduler's next step."""
         if not self.done:
             self.cancelled = True
-            self.engine._wake()
+            self.engine._wake(cancelled=True)
 
 
 class Engine:
@@ -163,6 +163,7 @@ class Engine:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._purge = False  # a request was cancelled: drop the cancelled ones from the queue
         self._ids = itertools.count(1)
         # Counters (read by other threads for /health; plain ints).
         self.requests_finished = 0
@@ -247,8 +248,9 @@ class Engine:
             "errors": self.errors,
         }
 
-    def _wake(self) -> None:
+    def _wake(self, cancelled: bool = False) -> None:
         with self._cond:
+            self._purge = self._purge or cancelled
             self._cond.notify_all()
 
     # ---------------------------------------------------------------------------------------------------
@@ -266,6 +268,11 @@ class Engine:
                         break
                     self._waiting.extend(self._inbox)
                     self._inbox.clear()
+                    if self._purge:
+                        self._purge = False
+                        for request in [r for r in self._waiting if r.cancelled]:
+                            request.done = True
+                        self._waiting = deque(r for r in self._waiting if not r.cancelled)
                 try:
                     self._iteration()
                 except Exception:
