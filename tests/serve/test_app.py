@@ -8,8 +8,7 @@ import socket
 import time
 
 import pytest
-
-from conftest import MODEL_NAME
+from serve_helpers import MODEL_NAME
 
 requests = pytest.importorskip("requests", reason="needs requests (the test extra)")
 

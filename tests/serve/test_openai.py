@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from serve_helpers import MODEL_NAME, SYSTEM
 
-from conftest import MODEL_NAME, SYSTEM
 from tnlora.infer.generate import prompt_ids
 
 openai = pytest.importorskip("openai", reason="needs the openai client (the test extra)")

@@ -8,8 +8,8 @@ import os
 import time
 
 import pytest
+from serve_helpers import MODEL_NAME, SYSTEM
 
-from conftest import MODEL_NAME, SYSTEM
 from tnlora.infer.generate import prompt_ids
 
 CHROMIUM = "/usr/bin/chromium"

@@ -10,8 +10,8 @@ import shutil
 import subprocess
 
 import pytest
+from serve_helpers import MODEL_NAME, SYSTEM
 
-from conftest import MODEL_NAME, SYSTEM
 from tnlora.infer.generate import prompt_ids
 
 requests = pytest.importorskip("requests", reason="needs requests (the test extra)")
