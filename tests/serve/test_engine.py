@@ -212,7 +212,7 @@ def test_session_continues_from_the_stored_state_and_matches_a_full_prefill_in_f
         turn1 = prompts(1, seed=10)[0]
         first, waiter = run(engine, turn1, SamplingParams(max_tokens=8), session_id="s")
         assert waiter.wait().usage.cached_tokens == 0
-        fed = turn1 + first.generated[:-1]
+        fed = turn1 + first.generated  # the last token too: the step after the reply's end fed it
         assert engine.sessions.counts()["on_device"] == 1
         # The next turn repeats the conversation so far and adds new tokens: only those are prefilled.
         turn2 = [*turn1, *first.generated, 40, 41, 42]

@@ -9,9 +9,10 @@ slots hold: a request's greedy output is the same under any concurrency as alone
 CUDA-graph replay (the fused decode kernels included); elsewhere the same step runs eagerly on the same buffers.
 
 The loop: take new requests; prefill waiting ones one at a time (batch 1, from a stored session state when
-the prompt continues one: :mod:`tnlora.serve.sessions`) while slots are free; sample their first token; run
-one decode step for all slots; sample each active row (greedy, or temperature / top-p with the request's own
-generator); turn tokens into text (:mod:`tnlora.serve.text`) and hand it to the request's sink. A request
+the prompt continues one: :mod:`tnlora.serve.sessions`) while slots are free; sample their first token; launch
+one decode step for all slots, sampling each active row on the device (greedy, or temperature / top-p with the
+request's own generator); then, while it runs, turn the previous step's tokens into text
+(:mod:`tnlora.serve.text`) and hand it to the requests' sinks. A request
 ends on an eos id, a stop string, its token limit or cancellation (a client that went away); its slot is free
 for the next step. Sinks are called on the scheduler thread and must not block (the server's hand the
 event to an asyncio loop with ``call_soon_threadsafe``).
@@ -121,6 +122,16 @@ class Request:
             self.engine._wake(cancelled=True)
 
 
+@dataclass
+class _Step:
+    """A launched decode step: the request of each slot when it ran, its tokens [B] (a pinned host buffer on a
+    GPU, filled once ``copied`` has happened)."""
+
+    rows: list[Request | None]
+    tokens: Tensor
+    copied: torch.cuda.Event | None = None
+
+
 class Engine:
     """Owns the model; ``submit`` requests from any thread, ``start`` / ``shutdown`` the scheduler."""
 
@@ -154,10 +165,14 @@ class Engine:
         self.capture = self.device.type == "cuda" if capture is None else capture
         self.runner = DecodeStepRunner(base, max_batch, self.device, self.capture, per_row_positions=True)
         self.slots: list[Request | None] = [None] * max_batch
-        self._host_tokens: Tensor | None = None
+        # The step in flight: launched, its tokens not yet taken (see _iteration). On a GPU its tokens come back
+        # through one of two pinned buffers (the other holds the step before) and an event.
+        self._in_flight: _Step | None = None
+        self._host_buffers: list[Tensor] = []
+        self._copied: list[torch.cuda.Event] = []
         if self.device.type == "cuda":
-            self._host_tokens = torch.zeros(max_batch, dtype=torch.long, pin_memory=True)
-            self._copied = torch.cuda.Event()
+            self._host_buffers = [torch.zeros(max_batch, dtype=torch.long, pin_memory=True) for _ in range(2)]
+            self._copied = [torch.cuda.Event() for _ in range(2)]
         self._waiting: deque[Request] = deque()
         self._inbox: list[Request] = []
         self._cond = threading.Condition()
@@ -262,7 +277,7 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not (self._stopping or self._inbox or self._waiting or any(self.slots)):
+                    while not (self._stopping or self._inbox or self._waiting or any(self.slots) or self._in_flight):
                         self._cond.wait()
                     if self._stopping:
                         break
@@ -278,6 +293,7 @@ class Engine:
                 except Exception:
                     # A failed decode step (e.g. out of memory) ends the requests in it, not the server.
                     logger.exception("decode step failed; ending the requests in the batch")
+                    self._in_flight = None
                     for slot, request in enumerate(self.slots):
                         if request is not None:
                             self._free(slot)
@@ -291,7 +307,13 @@ class Engine:
         self._inbox.clear()
 
     def _iteration(self) -> None:
-        """One scheduler round: drop cancelled requests, admit waiting ones, run one decode step."""
+        """One scheduler round: drop cancelled requests, admit waiting ones, launch one decode step for all slots,
+        then take the tokens of the step before it.
+
+        Taking a step's tokens (text, stops, the sinks) after the next step is launched keeps the GPU busy
+        while the host does that work. A request that ends at step t has therefore been fed its last token by
+        step t + 1 (whose token for it is dropped): its session stores the prompt and every generated token.
+        Each row's arithmetic is unchanged, so outputs are too."""
         for slot, request in enumerate(self.slots):
             if request is not None and request.cancelled:
                 self._free(slot)
@@ -304,8 +326,10 @@ class Engine:
                 continue
             budget -= len(request.prompt_ids)
             self._admit(request)
-        if any(self.slots):
-            self._decode_step()
+        launched = self._launch_step() if any(self.slots) else None
+        previous, self._in_flight = self._in_flight, launched
+        if previous is not None:
+            self._take_tokens(previous)
 
     def _admit(self, request: Request) -> None:
         """Prefill ``request`` (batch 1), sample its first token and give it a slot unless it is done."""
@@ -340,7 +364,7 @@ class Engine:
         runner.pad[slot, 0] = False
         final = self._accept(request, token)
         if final is not None:
-            self._store_session(request, [cache.get_state(i)[0] for i in range(len(runner.states))])
+            self._store_session(request, [cache.get_state(i)[0] for i in range(len(runner.states))], 0)
             self._free(slot)
             self._emit(request, final)
 
@@ -358,40 +382,40 @@ class Engine:
         cache.seen_tokens = len(checkpoint.ids)
         return cache, len(checkpoint.ids)
 
-    def _decode_step(self) -> None:
-        """All slots one token on; each active request takes its next token."""
+    def _launch_step(self) -> _Step:
+        """Run one decode step for all slots and sample each active row (on the device); on a GPU this returns
+        once the work is queued."""
         runner = self.runner
         logits = runner.run(self.model)[:, 0, : self.vocab]
         tokens = logits.argmax(dim=-1)
-        for slot, request in enumerate(self.slots):
+        rows = list(self.slots)
+        for slot, request in enumerate(rows):
             if request is not None and request.params.temperature > 0:
                 tokens[slot] = self._sample(logits[slot], request)
         runner.ids[:, 0].copy_(tokens)
         runner.position.add_(1)
         self.steps += 1
-        host = self._to_host(tokens)
-        for slot, request in enumerate(self.slots):
-            if request is None:
-                continue
-            if request.cancelled:
-                self._free(slot)
-                request.done = True
-                continue
-            final = self._accept(request, host[slot])
+        if not self._host_buffers:
+            return _Step(rows, tokens)
+        buffer, copied = self._host_buffers[self.steps % 2], self._copied[self.steps % 2]
+        buffer.copy_(tokens, non_blocking=True)
+        copied.record(torch.cuda.current_stream(self.device))
+        return _Step(rows, buffer, copied)
+
+    def _take_tokens(self, step: _Step) -> None:
+        """Hand each request of ``step`` its token; free the slots of the requests that ended."""
+        if step.copied is not None:
+            step.copied.synchronize()  # releases the GIL: the server's event loop runs meanwhile
+        tokens = step.tokens.tolist()
+        for slot, request in enumerate(step.rows):
+            if request is None or request.done or request.cancelled:
+                continue  # ended at an earlier step (this token is the one fed after its end), or cancelled
+            final = self._accept(request, tokens[slot])
             if final is not None:
-                self._store_session(request, [state[slot] for state in runner.states])
+                # The launched step fed this last token: the states after it are the states after the reply.
+                self._store_session(request, [state[slot] for state in self.runner.states], len(request.generated))
                 self._free(slot)
                 self._emit(request, final)
-
-    def _to_host(self, tokens: Tensor) -> list[int]:
-        """The step's tokens as ints. On a GPU through a pinned buffer and an event, whose wait releases the GIL:
-        the server's event loop streams the previous tokens while the step runs."""
-        if self._host_tokens is None:
-            return tokens.tolist()
-        self._host_tokens.copy_(tokens, non_blocking=True)
-        self._copied.record(torch.cuda.current_stream(self.device))
-        self._copied.synchronize()
-        return self._host_tokens.tolist()
 
     def _sample(self, logits: Tensor, request: Request) -> Tensor:
         """The next token (0-dim) from one row of logits: argmax at temperature 0, else a draw from the
@@ -446,13 +470,13 @@ class Engine:
             logger.debug("sink of request %d failed; cancelling it", request.id, exc_info=True)
             request.cancelled = True
 
-    def _store_session(self, request: Request, states: list[Tensor]) -> None:
-        """Keep the finished request's states for its session: the tokens fed so far are the prompt and every
-        generated token but the last (sampled, never fed); and the checkpoint taken after the prompt."""
+    def _store_session(self, request: Request, states: list[Tensor], fed: int) -> None:
+        """Keep the finished request's states for its session: after the prompt and the first ``fed``
+        generated tokens; and the checkpoint taken after the prompt alone."""
         if request.session_id is None or not self.sessions.enabled or request.cancelled:
             return
-        checkpoints = [Checkpoint(request.prompt_ids + request.generated[:-1], [s.clone() for s in states])]
-        if request.prompt_states is not None and len(request.generated) > 1:
+        checkpoints = [Checkpoint(request.prompt_ids + request.generated[:fed], [s.clone() for s in states])]
+        if request.prompt_states is not None and fed > 0:
             checkpoints.append(Checkpoint(list(request.prompt_ids), request.prompt_states))
         request.prompt_states = None
         self.sessions.put(request.session_id, checkpoints)
