@@ -202,3 +202,25 @@ def test_the_data_pipeline_summary_is_shown_at_the_default_level(tmp_path, capsy
     err = capsys.readouterr().err
     assert re.search(r"^encoded \d+/\d+ examples, \d+ tokens \(\d+ learned\); \d+ prompt-truncated, \d+ dropped", err, re.M)
     assert re.search(r"^\d+ conversations from \d+ records", err, re.M)
+
+
+def test_data_inspect_audits_the_runs_validation_split_or_an_eval_dataset(capsys):
+    from fixture_files import FIXTURES
+    from tnlora.data.audit import exact_key, near_key
+    from tnlora.data.readers import load_conversations
+    from tnlora.train.run import split_validation
+
+    sample, eval_set = FIXTURES / "data" / "audit_sample.json", FIXTURES / "data" / "audit_eval.json"
+    assert main(["data", "inspect", str(sample), "--val_size", "4", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    train, held = split_validation(load_conversations(str(sample)), 4, 3)
+    exact = sum(exact_key(c) in {exact_key(t) for t in train} for c in held)
+    near = sum(exact_key(c) not in {exact_key(t) for t in train} and near_key(c) in {near_key(t) for t in train}
+               for c in held)  # fmt: skip
+    assert exact + near > 0  # the seed puts a repeated record in the split
+    assert f"validation split (val_size 4, seed 3): {exact + near} of 4 examples also in the training data " \
+           f"(exact {exact}, near {near};" in out  # fmt: skip
+    assert main(["data", "inspect", str(sample), "--eval_dataset", str(eval_set)]) == 0
+    assert f"eval dataset {eval_set}: 2 of 3 examples also in the training data" in capsys.readouterr().out
+    assert main(["data", "inspect", str(sample), "--eval_dataset", str(eval_set), "--val_size", "0.1"]) == 2
+    assert capsys.readouterr().err.endswith("error: --eval_dataset: set either eval_dataset or val_size, not both\n")

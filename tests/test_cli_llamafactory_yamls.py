@@ -1,5 +1,5 @@
-"""The tnlora command on LLaMA-Factory-shaped YAMLs (tests/fixtures/llamafactory): train, chat, generate and
-export run them unchanged but for the model and the template (LLaMA-Factory's key=value overrides)."""
+"""The tnlora command on LLaMA-Factory-shaped YAMLs (tests/fixtures/llamafactory): train, chat, generate,
+predict (eval) and export run them unchanged but for the model and the template (LLaMA-Factory's key=value overrides)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def llamafactory_folder(tmp_path, monkeypatch, one_thread):
         yield tmp_path
 
 
-def test_train_chat_generate_and_export_yamls_run_unchanged(llamafactory_folder, capsys, monkeypatch):
+def test_train_chat_generate_predict_and_export_yamls_run_unchanged(llamafactory_folder, capsys, monkeypatch):
     assert main(["train", str(FIXTURES / "tnl_lora_sft.yaml"), *OURS]) == 0
     err = capsys.readouterr().err
     assert "trust_remote_code: ignored; tnlora never runs a model's remote code" in err
@@ -47,6 +47,11 @@ def test_train_chat_generate_and_export_yamls_run_unchanged(llamafactory_folder,
     assert main(["generate", infer, *OURS, "--prompts", "prompts.txt", "--output", "preds.jsonl",
                  "max_new_tokens=8"]) == 0  # fmt: skip
     assert len((llamafactory_folder / "preds.jsonl").read_text().splitlines()) == 2
+
+    assert main(["eval", str(FIXTURES / "tnl_lora_sft_predict.yaml"), *OURS, "max_new_tokens=4"]) == 0
+    predicted = llamafactory_folder / "saves" / "tnl-385m" / "lora" / "predict"
+    assert len((predicted / "predictions.jsonl").read_text().splitlines()) == 4  # max_samples: 4
+    assert "predict_bleu-4" in json.loads((predicted / "metrics.json").read_text())
 
     assert main(["export", str(FIXTURES / "tnl_lora_sft_merge.yaml"), *OURS]) == 0
     merged = llamafactory_folder / "output" / "tnl-385m_lora_sft"

@@ -278,3 +278,25 @@ def test_key_value_overrides_parse_like_llamafactory():
         "lora_rank": "4",
         "system": "a=b",  # the value of --system
     }
+
+
+def test_prediction_keys_need_an_eval_set_and_each_other():
+    assert refusal(["--do_predict", "true"]) == (
+        "do_predict: needs an eval set to predict; set val_size (a held-out part) or eval_dataset"
+    )
+    assert refusal(["--predict_with_generate", "true"]).startswith("predict_with_generate: set do_predict: true too")
+    assert refusal(["--do_train", "false"]).startswith(
+        "do_train: tnlora train always trains; to predict with a trained adapter (do_predict) run tnlora eval"
+    )
+    cfg = load_run_config(None, [*BASE, "do_predict=true", "predict_with_generate=true", "val_size=0.1"])
+    assert cfg.do_predict and cfg.max_new_tokens == 512
+    assert load_run_config(None, [*BASE, "--dedup", "true"]).dedup
+
+
+def test_sample_prompts_are_a_list_one_prompt_or_a_file_recorded_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_run_config(None, [*BASE, "--sample_prompts", "Who are you?"]).sample_prompts == "Who are you?"
+    assert load_run_config(None, [*BASE, "--sample_prompts", '["Hi", "Who?"]']).sample_prompts == ["Hi", "Who?"]
+    assert load_run_config(None, [*BASE, "--sample_prompts", "p.txt"]).sample_prompts == str(tmp_path / "p.txt")
+    from_yaml = write_yaml(tmp_path, "sample_prompts:\n  - '[not a list]'\n  - b\n")
+    assert load_run_config(from_yaml, BASE).sample_prompts == ["[not a list]", "b"]

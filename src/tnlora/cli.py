@@ -73,7 +73,7 @@ def _add_model_args(p: argparse.ArgumentParser, adapter_required: bool = False, 
     )  # fmt: skip
 
 
-def _add_generation_args(p: argparse.ArgumentParser, do_sample: bool) -> None:
+def _add_generation_args(p: argparse.ArgumentParser, do_sample: bool, repetition_penalty: float = 1.03) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max_new_tokens", type=int, default=512)
     g.add_argument(
@@ -82,7 +82,7 @@ def _add_generation_args(p: argparse.ArgumentParser, do_sample: bool) -> None:
     g.add_argument("--temperature", type=float, default=0.7)
     g.add_argument("--top_p", type=float, default=0.9)
     g.add_argument("--top_k", type=int, default=50)
-    g.add_argument("--repetition_penalty", type=float, default=1.03)
+    g.add_argument("--repetition_penalty", type=float, default=repetition_penalty)
     g.add_argument("--seed", type=int, default=None, help="fix the sampling seed")
 
 
@@ -165,23 +165,17 @@ def cmd_train(argv: list[str]) -> int:
     from tnlora.train.run import train
 
     result = train(cfg)
-    if cfg.sample_prompts:
-        print_samples(result, cfg.sample_prompts, cfg.sample_max_new_tokens)
+    if result.samples:
+        print_samples(result.samples)
     print(f"chat with it: tnlora chat --adapter {result.output_dir}", file=sys.stderr)
     return 0
 
 
-def print_samples(result, prompts: list[str], max_new_tokens: int) -> None:
-    """Greedy replies of the just-trained model, so a run ends with something to read."""
-    from tnlora.infer.generate import GenerationOptions, generate_replies
-
-    options = GenerationOptions(max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.0)
-    result.model.eval()
-    replies = generate_replies(
-        result.model, result.tokenizer, result.template, [[{"role": "user", "content": p}] for p in prompts], options
-    )
-    for prompt, reply in zip(prompts, replies):
-        print(f"user: {prompt}\nassistant: {reply}\n", flush=True)
+def print_samples(samples: list[dict]) -> None:
+    """The greedy replies to ``sample_prompts`` at the end of training (also in samples.jsonl), so a run ends with
+    something to read."""
+    for row in samples:
+        print(f"user: {row['prompt']}\nassistant: {row['reply']}\n", flush=True)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -238,13 +232,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Per-token loss and perplexity on a dataset, masked as in training."""
+    """Per-token loss and perplexity on a dataset, masked as in training; with ``--predict`` also a generated
+    reply for every example, scored (BLEU-4, ROUGE, exact match) and written with the metrics to a folder."""
+    from tnlora.config import DEFAULT_DATASET_DIR, REGISTRY_FILE
     from tnlora.infer.evaluate import check_eval_output, evaluate, write_eval_result
 
-    if args.output:
+    if args.dataset_dir is None and (Path(DEFAULT_DATASET_DIR) / REGISTRY_FILE).is_file():
+        args.dataset_dir = DEFAULT_DATASET_DIR  # LLaMA-Factory's default dataset_dir, as for training
+    plan = None
+    if args.predict:
+        plan = _check_predict_args(args)
+    elif args.output:
         check_eval_output(args.output, args.overwrite)
+    loaded = _load(args)
     result = evaluate(
-        _load(args),
+        loaded,
         args.dataset,
         dataset_dir=args.dataset_dir,
         cutoff_len=args.cutoff_len,
@@ -253,11 +255,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
         train_on_prompt=args.train_on_prompt,
         mask_history=args.mask_history,
     )
-    print(result.summary())
-    if args.output:
+    print(result.summary(), flush=True)
+    if plan is not None:
+        _predict(args, loaded, result, plan)
+    elif args.output:
         write_eval_result(result, args.output, dataset=args.dataset, model=args.model, adapter=args.adapter)
         print(f"metrics written to {args.output}", file=sys.stderr)
     return 0
+
+
+def _check_predict_args(args: argparse.Namespace):
+    """``--predict``'s refusals, before the model loads: the output folder, the sampling options, the metric
+    libraries."""
+    from tnlora.infer.evaluate import plan_predict_output
+    from tnlora.infer.metrics import check_metric_libraries
+
+    if not args.output:
+        raise TnloraError("--predict: needs --output DIR, the folder for predictions.jsonl and metrics.json")
+    _generation_options(args).check()
+    check_metric_libraries()
+    inputs = {"the adapter": args.adapter, "the base model": args.model if args.model and Path(args.model).is_dir()
+              else None, "the dataset folder": args.dataset_dir,
+              "the dataset": args.dataset if Path(args.dataset).exists() else None}  # fmt: skip
+    return plan_predict_output(args.output, args.overwrite, inputs)
+
+
+def _predict(args: argparse.Namespace, loaded, loss, plan) -> None:
+    import dataclasses
+
+    from tnlora.infer.evaluate import METRICS_FILE, PREDICTIONS_FILE, predict, write_predict_outputs
+
+    options = _generation_options(args)
+    predicted = predict(
+        loaded, args.dataset, options=options, dataset_dir=args.dataset_dir, batch_size=args.batch_size,
+        max_samples=args.max_samples, log=lambda line: print(line, file=sys.stderr, flush=True),
+    )  # fmt: skip
+    print(predicted.summary())
+    out = write_predict_outputs(
+        plan, predicted, loss, dataset=args.dataset, dataset_dir=args.dataset_dir, model=str(loaded.base),
+        adapter=str(loaded.adapter) if loaded.adapter else None, generation=dataclasses.asdict(options),
+    )  # fmt: skip
+    print(f"predictions written to {out / PREDICTIONS_FILE}, metrics to {out / METRICS_FILE}", file=sys.stderr)
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
@@ -268,6 +306,13 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     if args.model is None:
         print("note: no --model given: tokens are counted with the byte tokenizer of the tiny preset; pass "
               "--model DIR for the model's own tokenizer", file=sys.stderr)  # fmt: skip
+    if args.val_size and args.eval_dataset:
+        raise TnloraError("--eval_dataset: set either eval_dataset or val_size, not both")
+    split = None
+    if args.val_size:
+        from tnlora.train.run import split_validation
+
+        split = lambda records: split_validation(records, args.val_size, args.seed)  # noqa: E731
     report = inspect_dataset(
         args.dataset,
         args.dataset_dir,
@@ -277,6 +322,9 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
         example=args.example,
         color=color,
         skip_invalid=args.skip_invalid,
+        split=split,
+        split_label=f"validation split (val_size {args.val_size:g}, seed {args.seed})",
+        eval_dataset=args.eval_dataset,
     )
     print(report)
     return 0
@@ -288,6 +336,19 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     changed = add_model_type(args.directory)
     print(f"{args.directory}/config.json: " + ("added model_type 'transnormer'" if changed else "already prepared"))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The OpenAI-compatible server (the ``serve`` extra: FastAPI and uvicorn)."""
+    import importlib.util
+
+    if any(importlib.util.find_spec(m) is None for m in ("fastapi", "uvicorn")):
+        raise TnloraError("tnlora serve needs the serve extra: pip install 'tnlora[serve]'")
+    from tnlora.serve.server import options_from_args, run_server
+
+    config, options = options_from_args(args)  # refused before the model loads
+    run_server(_load(args), config, options, args.host, args.port)
     return 0
 
 
@@ -351,19 +412,47 @@ def build_parser() -> argparse.ArgumentParser:
         _add_overwrite_arg(p, "replace an earlier merge output (only its own files)")
         p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("eval", help="loss and perplexity on a dataset")
-    _add_config_arg(p, model_keys + ", eval_dataset, dataset_dir, cutoff_len, per_device_eval_batch_size, …")
+    p = sub.add_parser("eval", help="loss and perplexity on a dataset; --predict: generated replies, BLEU / ROUGE")
+    _add_config_arg(p, model_keys + ", eval_dataset, dataset_dir, cutoff_len, per_device_eval_batch_size, "
+                    "do_predict, predict_with_generate, output_dir, …")  # fmt: skip
     _add_model_args(p)
     p.add_argument("--dataset", required=True)
-    p.add_argument("--dataset_dir")
+    p.add_argument("--dataset_dir", help="folder holding dataset_info.json (default: ./data when it holds one)")
     p.add_argument("--cutoff_len", type=int, default=None, help="default: the adapter's cutoff_len, else 1024")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_samples", type=int, default=None)
     p.add_argument("--train_on_prompt", type=_bool, nargs="?", const=True, default=None)
     p.add_argument("--mask_history", type=_bool, nargs="?", const=True, default=None)
-    p.add_argument("--output", help="also write the metrics to this JSON file")
+    p.add_argument(
+        "--predict", type=_bool, nargs="?", const=True, default=False,
+        help="also generate a reply for every example and score it against the dataset's (BLEU-4, ROUGE-1/2/L as "
+        "LLaMA-Factory computes them, exact match; needs pip install 'tnlora[eval]')",
+    )  # fmt: skip
+    p.add_argument(
+        "--output",
+        help="also write the metrics to this JSON file; with --predict: the folder for predictions.jsonl and "
+        "metrics.json",
+    )
     _add_overwrite_arg(p, "replace an earlier eval output")
+    _add_generation_args(p, do_sample=False, repetition_penalty=1.0)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server with a chat page (needs tnlora[serve])")
+    _add_model_args(p, merge=True)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api_key", help="require Authorization: Bearer KEY (default: $TNLORA_API_KEY, else none)")
+    g.add_argument("--served_model_name", help="the model name clients send (default: the adapter's dir name)")
+    g.add_argument("--max_batch", type=int, default=16, help="requests decoded together (slots)")
+    g.add_argument("--max_prompt_tokens", type=int, default=16384, help="longer prompts are refused")
+    g.add_argument("--max_tokens", type=int, default=512, help="reply limit of a chat request that sets none")
+    g.add_argument("--max_tokens_limit", type=int, default=8192, help="the largest max_tokens a request may ask")
+    g.add_argument("--temperature", type=float, default=0.7, help="for requests that set none (0: greedy)")
+    g.add_argument("--top_p", type=float, default=0.9, help="for requests that set none")
+    g.add_argument("--max_sessions", type=int, default=64, help="conversation states kept on the device")
+    g.add_argument("--host_sessions", type=int, default=256, help="further ones kept in host memory")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("prepare", help="add model_type to an official checkpoint's config.json (Auto* loading)")
     p.add_argument("directory")
@@ -371,7 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_verb", metavar="ACTION", parser_class=_Parser, required=True)
-    q = data_sub.add_parser("inspect", help="show rendering, tokens and masks of a few records")
+    q = data_sub.add_parser(
+        "inspect", help="show rendering, tokens and masks of a record, and audit the data (duplicates, leaks, …)"
+    )
     q.add_argument("dataset")
     q.add_argument("--dataset_dir")
     q.add_argument("--template", default="chatml", help="chat template (default chatml, as for training)")
@@ -383,6 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--example", type=int, default=0, help="which example to render (0-based)")
     q.add_argument("--color", type=_bool, nargs="?", const=True, default=None, help="dim masked text")
     q.add_argument("--skip_invalid", type=_bool, nargs="?", const=True, default=False)
+    q.add_argument(
+        "--val_size", type=float, default=0.0,
+        help="audit the run's validation split too: a fraction < 1 or a record count, as in the run YAML",
+    )  # fmt: skip
+    q.add_argument("--seed", type=int, default=42, help="the run's seed, which picks the validation split")
+    q.add_argument("--eval_dataset", help="audit this eval dataset against the training data")
     q.set_defaults(func=cmd_data_inspect)
     return parser
 

@@ -85,6 +85,13 @@ class RunConfig:
     cutoff_len: int = field(default=1024, metadata=_opt("maximum tokens per example", ge=2))
     max_samples: int | None = field(default=None, metadata=_opt("use at most this many records", ge=1))
     val_size: float = field(default=0.0, metadata=_opt("held-out part: a fraction < 1 or a record count", ge=0))
+    dedup: bool = field(
+        default=False,
+        metadata=_opt(
+            "drop records that exactly repeat an earlier one (same system prompt and messages) before training; "
+            "says how many (tnlora data inspect lists them)"
+        ),
+    )
     packing: bool | None = field(default=None, metadata=_opt("pack examples into cutoff_len rows (GPU default)"))
     train_on_prompt: bool = field(default=False, metadata=_opt("also train on the prompt tokens"))
     mask_history: bool = field(default=False, metadata=_opt("train on the last assistant turn only"))
@@ -209,10 +216,25 @@ class RunConfig:
     )
     report_to: str = field(default="none", metadata=_opt("where to log", choices=REPORTERS))
     plot_loss: bool = field(default=True, metadata=_opt("write loss.png at the end"))
-    sample_prompts: list[str] | None = field(
-        default=None, metadata=_opt("prompts answered by the trained model at the end (printed)")
+    sample_prompts: str | list[str] | None = field(
+        default=None,
+        metadata=_opt(
+            "prompts answered with greedy decoding at each evaluation and at the end (samples.jsonl, TensorBoard's "
+            "text tab, printed at the end): a list, one prompt, or a .txt (one a line) / .jsonl file of prompts"
+        ),
     )
     sample_max_new_tokens: int = field(default=48, metadata=_opt("reply length for sample_prompts", ge=1))
+    do_predict: bool = field(
+        default=False,
+        metadata=_opt(
+            "after training, generate a reply for every eval example (val_size or eval_dataset) and score it: "
+            "predictions.jsonl, predict_results.json (BLEU-4, ROUGE; pip install 'tnlora[eval]')"
+        ),
+    )
+    predict_with_generate: bool = field(
+        default=False, metadata=_opt("LLaMA-Factory's switch for generated predictions (do_predict always generates)")
+    )
+    max_new_tokens: int = field(default=512, metadata=_opt("reply length of do_predict's greedy predictions", ge=1))
     # --- accepted for LLaMA-Factory compatibility ---
     stage: str = field(default="sft", metadata=_opt("training stage (supervised fine-tuning)", choices=("sft",)))
     do_train: bool = field(default=True, metadata=_opt("must be true", choices=(True,)))
@@ -275,8 +297,6 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "resize_vocab": "vocabulary resizing (add_special_tokens adds tokens)",
     "ref_model": "reference models (preference training)",
     "reward_model": "reward models (PPO)",
-    "do_predict": "prediction inside train (answer prompts with `tnlora generate`)",
-    "predict_with_generate": "prediction inside train (answer prompts with `tnlora generate`)",
     "push_to_hub": "uploading to the Hugging Face Hub",
     "hub_model_id": "uploading to the Hugging Face Hub",
     "freeze_vision_tower": "vision-language models",
@@ -426,9 +446,22 @@ def absolute_paths(cfg: RunConfig, config_dir: Path | None = None) -> RunConfig:
     for key in ("logging_dir", "dataset_cache_dir"):
         if getattr(cfg, key):
             setattr(cfg, key, _absolute(getattr(cfg, key)))
+    if sample_prompts_file(cfg.sample_prompts) is not None:
+        cfg.sample_prompts = _absolute(str(cfg.sample_prompts))
     if isinstance(cfg.resume_from_checkpoint, str):
         cfg.resume_from_checkpoint = _absolute(cfg.resume_from_checkpoint)
     return cfg
+
+
+# sample_prompts given as one string: a prompts file when it ends like one, else one prompt.
+PROMPT_FILE_SUFFIXES = (".txt", ".jsonl", ".json")
+
+
+def sample_prompts_file(value: str | list[str] | None) -> str | None:
+    """The prompts file ``sample_prompts`` names (a string ending in .txt, .jsonl or .json), else None."""
+    if isinstance(value, str) and Path(value.strip()).suffix.lower() in PROMPT_FILE_SUFFIXES:
+        return value.strip()
+    return None
 
 
 def _absolute(path: str) -> str:
@@ -542,6 +575,13 @@ def _describe(options: list[Any]) -> str:
 
 
 def _coerce(key: str, value: Any, options: list[Any], src: str) -> Any:
+    list_field = any(typing.get_origin(tp) is list for tp in options)
+    if src and list_field and isinstance(value, str) and value.lstrip().startswith("["):
+        # from the command line: a list as JSON (or a YAML flow list), e.g. --sample_prompts '["Hi", "Who?"]'
+        with contextlib.suppress(yaml.YAMLError):
+            parsed = yaml.safe_load(value)
+            if isinstance(parsed, list) and all(isinstance(v, str) for v in parsed):
+                return parsed
     # bool before int: in Python True is an int, and a YAML "1" must not mean true.
     for tp in options:
         if tp is bool:
@@ -630,6 +670,11 @@ def _choice_message(key: str, value: Any, choices: tuple[Any, ...], src: str) ->
         return f"stage: {_STAGES[value]} ({value!r}) is not available in tnlora, which trains sft only{src}"
     if key == "report_to" and value in _REPORTERS:
         return f"report_to: logging to {_REPORTERS[value]} ({value!r}) is not available in tnlora; use {shown}{src}"
+    if key == "do_train":
+        return (
+            "do_train: tnlora train always trains; to predict with a trained adapter (do_predict) run tnlora eval "
+            f"CONFIG.yaml{src}"
+        )
     if key == "fp16":
         return (
             "fp16: fp16 mixed precision is not available in tnlora (use bf16: true on a GPU that has bf16, "
@@ -656,6 +701,13 @@ def _check_combinations(cfg: RunConfig) -> None:
         raise ConfigError('lora_target: empty; use "all" or a comma list of module names')
     if cfg.eval_dataset and cfg.val_size > 0:
         raise ConfigError("eval_dataset: set either eval_dataset or val_size, not both")
+    if cfg.do_predict and not (cfg.val_size > 0 or cfg.eval_dataset):
+        raise ConfigError("do_predict: needs an eval set to predict; set val_size (a held-out part) or eval_dataset")
+    if cfg.predict_with_generate and not cfg.do_predict:
+        raise ConfigError(
+            "predict_with_generate: set do_predict: true too (tnlora predicts after training, on the eval set; "
+            "for an adapter already trained: tnlora eval CONFIG.yaml)"
+        )
     if cfg.eval_strategy in ("steps", "epoch") and not (cfg.val_size > 0 or cfg.eval_dataset):
         raise ConfigError(
             f"eval_strategy: {cfg.eval_strategy} needs an eval set; set val_size (a held-out part) or eval_dataset"
@@ -781,6 +833,11 @@ VERB_KEY_NAMES: dict[str, str] = {
     "export_dir": "output",
     "eval_dataset": "dataset",
     "per_device_eval_batch_size": "batch_size",
+    # LLaMA-Factory's prediction YAML (examples/train_lora/*_lora_predict.yaml) for `tnlora eval`
+    "do_predict": "predict",
+    "predict_with_generate": "predict",
+    "output_dir": "output",
+    "overwrite_output_dir": "overwrite",
 }
 # Keys accepted with the values that match what tnlora does (None: any value): key -> (values, feature).
 _VERB_FIXED: dict[str, tuple[tuple[Any, ...] | None, str]] = {
@@ -790,6 +847,11 @@ _VERB_FIXED: dict[str, tuple[tuple[Any, ...] | None, str]] = {
     "stage": (("sft",), "this training stage"),
     "export_legacy_format": ((False,), "the legacy .bin export format (tnlora writes safetensors)"),
     "flash_attn": (("auto", "disabled"), "a softmax-attention kernel (TransNormerLLM's attention is attention_impl)"),
+    # How LLaMA-Factory prepares and runs prediction; the results do not depend on them.
+    "overwrite_cache": (None, ""),
+    "preprocessing_num_workers": (None, ""),
+    "dataloader_num_workers": (None, ""),
+    "ddp_timeout": (None, ""),
 }
 _VERB_UNSUPPORTED: dict[str, str] = {
     "export_hub_model_id": "uploading to the Hugging Face Hub",

@@ -33,7 +33,7 @@ STAGING = ".tnlora-saving"
 LEFTOVER_PATTERNS = (f"*{TEMP_SUFFIX}", STAGING)
 # Entries a training run writes under names of its own: recognised as the run's even where the marker has not
 # listed them yet (a run killed between a checkpoint save and the marker update).
-TRAIN_OUTPUT_PATTERNS = ("checkpoint-*", "runs")
+TRAIN_OUTPUT_PATTERNS = ("checkpoint-*", "runs", "samples.jsonl")
 # What a training output dir written before markers existed holds (recognised by its tnlora_run.yaml).
 _LEGACY_TRAIN_OUTPUTS = (
     "tnlora_run.yaml", "template.json", "trainer_state.json", "adapter_config.json", "adapter_model.safetensors",

@@ -19,7 +19,9 @@ def test_report_has_counts_percentiles_truncation_and_a_bracketed_example(data_d
     assert 0 < over < 50
     rendered = f"{MASK_OPEN}Human:\nWhat is the capital of Italy?\nAssistant:\n{MASK_CLOSE}The capital of Italy is Rome."
     assert rendered in report
-    assert report.rstrip().endswith("</s>")
+    example, audit = report.split("\n\naudit of ")
+    assert example.rstrip().endswith("</s>")
+    assert audit.startswith("50 records:\n  exact duplicates (same system prompt and messages): none")
     assert "\x1b[" not in report
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 
 import torch
-from tnl_helpers import build_model, left_padded, random_ids
 from transformers import TextIteratorStreamer
 
+from tnl_helpers import build_model, left_padded, random_ids
 from tnlora.model import TransnormerCache
 from tnlora.model.modeling import CACHE_FIELD
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tnl_helpers import build_model, random_ids
 from transformers import DynamicCache
 
+from tnl_helpers import build_model, random_ids
 from tnlora.model import TransnormerCache
 
 

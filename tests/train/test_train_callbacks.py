@@ -57,3 +57,95 @@ def test_plot_writes_a_png_with_train_and_eval(tmp_path):
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["loss.png"]  # no temp file left
     assert plot_loss([{"epoch": 1}], tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sample replies
+
+
+def _sampler(tmp_path, prompts=("Who are you?", "Say hi."), board=None):
+    from tnlora.data.templates import get_template
+    from tnlora.model.tokenizer import load_tokenizer
+    from tnlora.train.callbacks import SampleRepliesCallback, read_sample_prompts
+
+    return SampleRepliesCallback(read_sample_prompts(list(prompts)), load_tokenizer("tiny"), get_template("chatml"),
+                                 str(tmp_path), max_new_tokens=6, board=board)  # fmt: skip
+
+
+def test_sampling_leaves_the_random_state_and_the_train_mode_as_they_were(tmp_path):
+    import torch
+    from train_helpers import lora_model
+
+    from tnlora.infer.generate import GenerationOptions, generate_replies
+
+    model = lora_model(dropout=0.5)  # in train mode: its dropout would draw from the random state
+    sampler = _sampler(tmp_path)
+    before = torch.get_rng_state()
+    replies = sampler.replies(model)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert model.training
+    options = GenerationOptions(max_new_tokens=6, do_sample=False, repetition_penalty=1.0)
+    expected = generate_replies(model.eval(), sampler.tokenizer, sampler.template,
+                                [[{"role": "user", "content": p}] for p in ("Who are you?", "Say hi.")], options)  # fmt: skip
+    assert replies == expected
+
+
+def test_samples_are_appended_per_step_and_a_resumed_run_drops_the_steps_it_redoes(tmp_path):
+    import json
+
+    from train_helpers import lora_model
+
+    model = lora_model().eval()
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    state, control = TrainerState(), TrainerControl()
+    sampler = _sampler(tmp_path)
+    for step in (2, 4):
+        state.global_step = step
+        sampler.on_evaluate(args, state, control, model=model)
+    sampler.on_train_end(args, state, control, model=model)  # step 4 was sampled already
+    path = tmp_path / "samples.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r["prompt"]) for r in rows] == [(2, "Who are you?"), (2, "Say hi."), (4, "Who are you?"),
+                                                       (4, "Say hi.")]  # fmt: skip
+    assert sampler.last == rows[2:]
+    state.global_step = 2  # resumed from checkpoint-2
+    _sampler(tmp_path).on_train_begin(args, state, control)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 2]
+
+
+def test_samples_go_to_tensorboards_text_tab(tmp_path):
+    from types import SimpleNamespace
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from train_helpers import lora_model
+
+    board = SimpleNamespace(logging_dir=str(tmp_path / "runs"))
+    sampler = _sampler(tmp_path, prompts=("Who are you?",), board=board)
+    state = TrainerState()
+    state.global_step = 3
+    sampler.sample(lora_model().eval(), state)
+    sampler.on_train_end(TrainingArguments(output_dir=str(tmp_path), report_to=[]), state, TrainerControl())
+    events = EventAccumulator(board.logging_dir, size_guidance={"tensors": 0})
+    events.Reload()
+    (text,) = events.Tensors("samples/1/text_summary")
+    reply = sampler.last[0]["reply"]
+    assert text.step == 3
+    assert text.tensor_proto.string_val[0].decode() == f"**Who are you?**\n\n> {reply or '(empty)'}"
+
+
+def test_sample_prompts_come_from_a_list_one_prompt_or_a_file(tmp_path):
+    import pytest
+
+    from tnlora.errors import DataError
+    from tnlora.train.callbacks import read_sample_prompts
+
+    assert [p["messages"] for p in read_sample_prompts(["a", "b"])] == [[{"role": "user", "content": "a"}],
+                                                                      [{"role": "user", "content": "b"}]]  # fmt: skip
+    assert [p["messages"][0]["content"] for p in read_sample_prompts("Who are you?")] == ["Who are you?"]
+    (tmp_path / "p.txt").write_text("first\n\nsecond\n")
+    assert [p["messages"][0]["content"] for p in read_sample_prompts(str(tmp_path / "p.txt"))] == ["first", "second"]
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi", "system": "Be brief."}\n')
+    (prompt,) = read_sample_prompts(str(tmp_path / "p.jsonl"))
+    assert prompt["system"] == "Be brief." and prompt["messages"] == [{"role": "user", "content": "hi"}]
+    with pytest.raises(DataError, match="prompts file not found"):
+        read_sample_prompts(str(tmp_path / "missing.txt"))

@@ -1,14 +1,17 @@
-"""The report behind `tnlora data inspect`: sizes, token-length percentiles, truncation, one rendered example."""
+"""The report behind `tnlora data inspect`: sizes, token-length percentiles, truncation, one rendered example, and
+the data audit (``tnlora.data.audit``)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from tnlora.data import encode
-from tnlora.data.readers import read_conversations
+from tnlora.data.audit import audit_conversations
+from tnlora.data.readers import Conversation, read_conversations
 from tnlora.data.templates import Template, get_template
 
 MASK_OPEN, MASK_CLOSE = "⟦", "⟧"
@@ -25,13 +28,17 @@ def inspect_dataset(
     example: int = 0,
     color: bool = False,
     skip_invalid: bool = False,
+    split: Callable[[list[Conversation]], tuple[Sequence[Conversation], Sequence[Conversation]]] | None = None,
+    split_label: str = "the validation split",
+    eval_dataset: str | list[str] | None = None,
 ) -> str:
-    """A plain-text report on a dataset as training would see it.
+    """A plain-text report on a dataset as training would see it, ending with the data audit.
 
     ``tokenizer`` is a tokenizer or a name/path for ``load_tokenizer``; ``template`` a Template or a name.
     Lengths are untruncated tokens per example (prompt + answer + end marker + eos). In the rendered
     example (number ``example``, 0-based) masked text is inside ⟦…⟧ (and dim with ``color``), learned text
-    is bare.
+    is bare. The audit counts the eval examples also in the training data: those of ``split`` (the records →
+    (train, eval), as the run's ``val_size`` splits them), or of ``eval_dataset``.
     """
     if isinstance(tokenizer, str | os.PathLike):
         from tnlora.model.tokenizer import load_tokenizer
@@ -75,6 +82,18 @@ def inspect_dataset(
         f"masked text in {MASK_OPEN}…{MASK_CLOSE}, learned text bare:"
     )
     lines.append(render_masked(pieces, tokenizer, color=color))
+    train, held = conversations, None
+    label = split_label
+    if split is not None:
+        train, held = split(conversations)
+    elif eval_dataset:
+        held, _ = read_conversations(eval_dataset, dataset_dir, skip_invalid=skip_invalid)
+        label = f"eval dataset {eval_dataset if isinstance(eval_dataset, str) else ','.join(eval_dataset)}"
+    audit = audit_conversations(
+        conversations, train=train, eval=held, eval_label=label, empty_replies=report.empty_replies,
+        first_empty=report.first_error if report.empty_replies else None,
+    )  # fmt: skip
+    lines += ["", audit.render()]
     return "\n".join(lines)
 
 

@@ -54,20 +54,27 @@ class Conversation:
     source: str
 
 
+class EmptyReplyError(DataError):
+    """A record whose reply (an assistant turn) is empty or whitespace only."""
+
+
 @dataclass
 class ReadReport:
-    """What reading produced: records seen, conversations kept, records skipped (with the first reason)."""
+    """What reading produced: records seen, conversations kept, records skipped (with the first reason; how many
+    for an empty reply)."""
 
     records: int = 0
     conversations: int = 0
     skipped: int = 0
     first_error: str | None = None
+    empty_replies: int = 0
 
     def add(self, other: ReadReport) -> None:
         self.records += other.records
         self.conversations += other.conversations
         self.skipped += other.skipped
         self.first_error = self.first_error or other.first_error
+        self.empty_replies += other.empty_replies
 
     def summary(self) -> str:
         line = f"{self.conversations} conversations from {self.records} records"
@@ -368,6 +375,7 @@ def _convert_all(
                 raise
             report.skipped += 1
             report.first_error = report.first_error or str(exc)
+            report.empty_replies += isinstance(exc, EmptyReplyError)
     if report.records == 0:
         raise DataError(path, "the dataset is empty: no records")
     report.conversations = len(out)
@@ -429,12 +437,12 @@ def _alpaca(
             if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
                 raise DataError(path, "expected a [query, response] pair of strings", record=number, field=where)
             if not pair[1].strip():
-                raise DataError(path, "empty response", record=number, field=f"{where}[1]")
+                raise EmptyReplyError(path, "empty response", record=number, field=f"{where}[1]")
             messages += [Message("user", pair[0]), Message("assistant", pair[1])]
     # LLaMA-Factory's convention: the human turn is "instruction\ninput".
     user = f"{prompt}\n{query}" if prompt and query else prompt or query
     if not response.strip():
-        raise DataError(path, "empty response", record=number, field=columns["response"])
+        raise EmptyReplyError(path, "empty response", record=number, field=columns["response"])
     messages += [Message("user", user), Message("assistant", response)]
     return messages, system
 
@@ -500,7 +508,7 @@ def _check_turns(messages: list[Message], path: str, number: int, fmt: RecordFor
                 field=field_name,
             )
         if message.role == "assistant" and not message.content.strip():
-            raise DataError(path, f"empty response (turn {i + 1})", record=number, field=field_name)
+            raise EmptyReplyError(path, f"empty response (turn {i + 1})", record=number, field=field_name)
     if messages[-1].role != "assistant":
         raise DataError(path, "the conversation ends with a user turn that has no answer", record=number,
                         field=field_name)  # fmt: skip

@@ -248,6 +248,20 @@ class DecodeStepRunner:
         cache.advance(1)
         return logits
 
+    def run(self, model: TransnormerForCausalLM) -> Tensor:
+        """Logits [B, 1, vocab] of the step on the buffers as they are (ids, pad, position, states), the states
+        advanced in place: the slot-based use of a serving engine, which keeps each row's state and position
+        in the buffers itself (``states[layer][row]``). With ``capture`` the first call records the graph,
+        which runs the step on the buffers a few times first: make it before they hold anything that matters.
+        With a graph the logits are the static buffer, overwritten by the next run."""
+        if self.capture and not self.graphs:
+            self._capture(model)
+        if not self.graphs:
+            return self._forward(model)
+        for graph in self.graphs:
+            graph.replay()
+        return self.logits
+
     def _load_states(self, states: list[Tensor | None], lo: int, hi: int) -> None:
         """Bring the static states of layers ``lo`` … ``hi``-1 to the cache's (no copy when they are its)."""
         for i in range(lo, hi):

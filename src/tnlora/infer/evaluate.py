@@ -1,10 +1,13 @@
-"""Loss and perplexity of a model (+ adapter) on a dataset, per token and masked exactly as in training."""
+"""Loss and perplexity of a model (+ adapter) on a dataset, per token and masked exactly as in training; and
+predictions: a generated reply for every example, scored against the dataset's reply (``tnlora eval --predict``,
+``do_predict``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,8 @@ from tnlora.errors import TnloraError
 from tnlora.model.tokenizer import pad_token_id
 
 EVAL_WRITER = "tnlora eval"
+PREDICTIONS_FILE = "predictions.jsonl"
+METRICS_FILE = "metrics.json"
 
 
 @dataclass
@@ -148,3 +153,164 @@ def write_eval_result(result: EvalResult, path: str | Path, **details: Any) -> N
         **{k: (str(v) if v is not None else None) for k, v in details.items()},
         "written_by": EVAL_WRITER,
     })  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Predictions
+
+
+@dataclass
+class PredictResult:
+    """One row per example (``prompt``, ``reference``, ``prediction``, ``source``; ``history`` and ``system`` when
+    the record has them) and the generation metrics (``predict_bleu-4``, ``predict_rouge-1``, …)."""
+
+    rows: list[dict[str, Any]]
+    metrics: dict[str, float]
+
+    def summary(self) -> str:
+        """The line ``tnlora eval --predict`` prints."""
+        m = self.metrics
+        return (
+            f"bleu-4 {m['predict_bleu-4']:.2f} | rouge-1 {m['predict_rouge-1']:.2f} | rouge-2 {m['predict_rouge-2']:.2f}"
+            f" | rouge-l {m['predict_rouge-l']:.2f} | exact match {m['predict_exact_match']:.1f}% | reply "
+            f"{m['predict_reply_chars']:.1f} chars (reference {m['predict_reference_chars']:.1f}) | examples "
+            f"{m['predict_examples']}"
+        )
+
+
+def predict_conversations(
+    model,
+    tokenizer,
+    template,
+    conversations: Sequence[Any],
+    options,
+    *,
+    system: str | None = None,
+    batch_size: int = 8,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Generate the last assistant turn of every conversation from the turns before it (batched, left padding,
+    the template's stops); a record's own system prompt wins over ``system``. ``on_batch(done)`` after each batch.
+
+    Rows in input order: ``prompt`` (the last user message), ``reference`` (the record's reply), ``prediction``,
+    ``source``, plus ``history`` (earlier turns) and ``system`` where the record has them."""
+    from tnlora.infer.generate import generate_replies
+
+    predictions: list[str] = [""] * len(conversations)
+    done = 0
+    # generate_replies takes one system prompt per call: records are grouped by theirs.
+    groups: dict[str | None, list[int]] = {}
+    for i, c in enumerate(conversations):
+        groups.setdefault(c.system if c.system is not None else system, []).append(i)
+    for group_system, idx in groups.items():
+        prompts = [[{"role": m.role, "content": m.content} for m in conversations[i].messages[:-1]] for i in idx]
+
+        def keep(positions: list[int], replies: list[str], idx: list[int] = idx) -> None:
+            nonlocal done
+            for k, reply in zip(positions, replies):
+                predictions[idx[k]] = reply
+            done += len(positions)
+            if on_batch is not None:
+                on_batch(done)
+
+        generate_replies(
+            model, tokenizer, template, prompts, options, system=group_system, batch_size=batch_size, on_batch=keep
+        )
+    rows = []
+    for c, prediction in zip(conversations, predictions):
+        row: dict[str, Any] = {"prompt": c.messages[-2].content, "reference": c.messages[-1].content,
+                               "prediction": prediction, "source": c.source}  # fmt: skip
+        if len(c.messages) > 2:
+            row["history"] = [{"role": m.role, "content": m.content} for m in c.messages[:-2]]
+        if c.system is not None:
+            row["system"] = c.system
+        rows.append(row)
+    return rows
+
+
+def score_predictions(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """``generation_metrics`` of the rows, under LLaMA-Factory's names for prediction metrics (``predict_…``)."""
+    from tnlora.infer.metrics import generation_metrics
+
+    scores = generation_metrics([r["prediction"] for r in rows], [r["reference"] for r in rows])
+    return {f"predict_{k}": v for k, v in scores.items()}
+
+
+def predict(
+    loaded,
+    dataset: str,
+    *,
+    options,
+    dataset_dir: str | None = None,
+    batch_size: int = 8,
+    max_samples: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> PredictResult:
+    """A reply for every example of ``dataset`` with the loaded model, template and system prompt, scored."""
+    from tnlora.data.readers import load_conversations
+    from tnlora.infer.metrics import check_metric_libraries
+
+    check_metric_libraries()
+    if batch_size < 1:
+        raise TnloraError(f"--batch_size: must be >= 1, got {batch_size}")
+    conversations = load_conversations(dataset, dataset_dir)
+    if max_samples is not None:
+        conversations = conversations[:max_samples]
+    if not conversations:
+        raise TnloraError(f"--dataset: {dataset} gives no example to predict")
+    total = len(conversations)
+    shown = [0]
+
+    def progress(done: int) -> None:
+        # about ten lines for the whole dataset
+        if log is not None and (done == total or done - shown[0] >= max(1, total // 10)):
+            shown[0] = done
+            log(f"predicted {done}/{total}")
+
+    loaded.model.eval()
+    rows = predict_conversations(
+        loaded.model, loaded.tokenizer, loaded.template, conversations, options,
+        system=loaded.system, batch_size=batch_size, on_batch=progress,
+    )  # fmt: skip
+    return PredictResult(rows=rows, metrics=score_predictions(rows))
+
+
+def plan_predict_output(directory: str | Path, overwrite: bool, inputs: dict[str, str | Path | None]):
+    """Check the folder ``--predict`` writes into (before the model loads): new, empty, or an earlier
+    ``tnlora eval`` output holding only its own files (replaced with ``overwrite``); never an input."""
+    from tnlora.outputs import plan_dir
+
+    return plan_dir(
+        directory, "eval", key="--output", overwrite=overwrite, overwrite_flag="--overwrite to replace it",
+        inputs=inputs,
+    )  # fmt: skip
+
+
+def write_predictions(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """The rows as JSON Lines, atomically."""
+    from tnlora.io import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def write_predict_outputs(
+    plan, predicted: PredictResult, loss: EvalResult | None = None, **details: Any
+) -> Path:
+    """Replace the earlier output (its own files only), then write ``predictions.jsonl`` and ``metrics.json``
+    (the loss metrics, the prediction metrics and ``details``) atomically, and the marker listing them."""
+    from tnlora.io import atomic_write_json
+    from tnlora.outputs import claim_dir, clear_previous
+
+    out = Path(plan.directory)
+    clear_previous(plan)
+    claim_dir(out, "eval")  # first: an interruption leaves a folder recognised as this verb's
+    write_predictions(predicted.rows, out / PREDICTIONS_FILE)
+    metrics: dict[str, Any] = {}
+    if loss is not None:
+        metrics.update(eval_loss=loss.loss, eval_ppl=loss.ppl, eval_tokens=loss.tokens, eval_examples=loss.examples)
+    metrics.update(predicted.metrics)
+    metrics.update(details)
+    metrics["written_by"] = EVAL_WRITER
+    atomic_write_json(out / METRICS_FILE, metrics)
+    claim_dir(out, "eval")
+    return out

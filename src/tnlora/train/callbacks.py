@@ -1,10 +1,12 @@
-"""Trainer callbacks: a progress bar with loss, tokens/s and ETA; a loss history for the plot."""
+"""Trainer callbacks: a progress bar with loss, tokens/s and ETA; the output dir's record; sample replies while
+training."""
 
 from __future__ import annotations
 
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any, TextIO
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -146,3 +148,155 @@ def name_base_model_in_card(directory, base_model: str) -> bool:
     with atomic_path(card_file) as tmp:  # in a checkpoint already in place: the old card or the new one
         card.save(tmp)
     return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sample replies while training
+
+SAMPLES_FILE = "samples.jsonl"
+
+
+def read_sample_prompts(value: str | list[str] | None) -> list[dict[str, Any]]:
+    """``sample_prompts`` as prompts (``{"messages", "system", "record"}``, as ``infer.generate.read_prompts``
+    returns them): a list of prompts, one prompt, or a .txt / .jsonl file of prompts (``config.sample_prompts_file``).
+    """
+    from tnlora.config import sample_prompts_file
+    from tnlora.infer.generate import read_prompts
+
+    if not value:
+        return []
+    path = sample_prompts_file(value)
+    if path is not None:
+        return read_prompts(path)
+    texts = [value] if isinstance(value, str) else value
+    return [{"messages": [{"role": "user", "content": t}], "system": None, "record": t} for t in texts]
+
+
+class SampleRepliesCallback(TrainerCallback):
+    """Greedy replies to a few prompts at each evaluation and at the end of training, so the run shows what the
+    model answers as it learns: appended to ``samples.jsonl`` in the output dir (``{"step", "prompt", "reply"}``
+    lines) and, given a TensorBoard log folder, to TensorBoard's text tab (one tag per prompt, ``samples/N``).
+
+    Sampling leaves training as it was: the CPU and CUDA random states are restored afterwards (dropout and the
+    data order draw from them), the model goes back to the train/eval mode it was in, compiled layers run
+    eagerly (no graphs compiled for generation), and a bf16 run generates under the same autocast it trains in.
+    Only the main process samples. ``last`` holds the latest replies (``{"step", "prompt", "reply"}``).
+    """
+
+    def __init__(
+        self,
+        prompts: list[dict[str, Any]],
+        tokenizer,
+        template,
+        output_dir: str,
+        max_new_tokens: int,
+        *,
+        autocast_dtype=None,
+        board=None,
+    ):
+        self.prompts = prompts
+        self.tokenizer = tokenizer
+        self.template = template
+        self.path = Path(output_dir) / SAMPLES_FILE
+        self.max_new_tokens = max_new_tokens
+        self.autocast_dtype = autocast_dtype
+        self.board = board  # transformers' TensorBoardCallback: its logging_dir is where the text goes
+        self.last: list[dict[str, Any]] = []
+        self._step = -1
+        self._writer = None
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        # A resumed run redoes the steps after its checkpoint: their earlier samples go.
+        if state.is_world_process_zero and self.path.is_file():
+            rows = [r for r in _read_jsonl(self.path) if r.get("step", 0) <= state.global_step]
+            _write_jsonl(self.path, rows)
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        self.sample(kw.get("model"), state)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        if self._step != state.global_step:
+            self.sample(kw.get("model"), state)
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def sample(self, model, state: TrainerState) -> None:
+        """Answer the prompts with ``model`` now and record the replies under ``state.global_step``."""
+        if model is None or not state.is_world_process_zero:
+            return
+        replies = self.replies(model)
+        step = state.global_step
+        self.last = [
+            {"step": step, "prompt": p["messages"][-1]["content"], "reply": r} for p, r in zip(self.prompts, replies)
+        ]
+        self._step = step
+        earlier = _read_jsonl(self.path) if self.path.is_file() else []
+        _write_jsonl(self.path, [*earlier, *self.last])
+        self._write_board(step)
+
+    def replies(self, model) -> list[str]:
+        """Greedy replies of ``model`` to the prompts, leaving its mode and the random states as they were."""
+        import torch
+
+        from tnlora.infer.generate import GenerationOptions, generate_replies
+
+        options = GenerationOptions(max_new_tokens=self.max_new_tokens, do_sample=False, repetition_penalty=1.0)
+        device = next(model.parameters()).device
+        cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        autocast = torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+        replies = [""] * len(self.prompts)
+        groups: dict[str | None, list[int]] = {}
+        for i, p in enumerate(self.prompts):
+            groups.setdefault(p["system"], []).append(i)
+        was_training = model.training
+        with torch.random.fork_rng(devices=cuda_devices), torch.compiler.set_stance("force_eager"), autocast:
+            model.eval()
+            try:
+                for system, idx in groups.items():
+                    answers = generate_replies(
+                        model, self.tokenizer, self.template, [self.prompts[i]["messages"] for i in idx], options,
+                        system=system,
+                    )  # fmt: skip
+                    for i, answer in zip(idx, answers):
+                        replies[i] = answer
+            finally:
+                model.train(was_training)
+        return replies
+
+    def _write_board(self, step: int) -> None:
+        log_dir = getattr(self.board, "logging_dir", None)
+        if log_dir is None:
+            return
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # A writer of its own in the run's log folder: TensorBoard shows its events in the same run.
+            self._writer = SummaryWriter(log_dir=log_dir)
+        for n, row in enumerate(self.last, start=1):
+            # TensorBoard renders text as Markdown: the prompt in bold, the reply as a quote.
+            reply = "\n".join(f"> {line}" for line in (row["reply"] or "(empty)").splitlines())
+            self._writer.add_text(f"samples/{n}", f"**{row['prompt']}**\n\n{reply}", global_step=step)
+        self._writer.flush()
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    import json
+
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # not a row of ours (the file is rewritten whole, so a line is never cut off)
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    import json
+
+    from tnlora.io import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

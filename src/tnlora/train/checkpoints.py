@@ -43,7 +43,7 @@ MEANING_KEYS = frozenset({
     "model_name_or_path", "finetuning_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target",
     "additional_target", "use_dora", "use_rslora", "freeze_trainable_layers", "add_special_tokens",
     # the data and how it is encoded, split, ordered and batched (a step is a fixed slice of the data)
-    "dataset", "dataset_dir", "template", "system", "cutoff_len", "max_samples", "val_size", "packing",
+    "dataset", "dataset_dir", "dedup", "template", "system", "cutoff_len", "max_samples", "val_size", "packing",
     "train_on_prompt", "mask_history", "seed", "per_device_train_batch_size", "gradient_accumulation_steps",
     # what the checkpoint's optimizer and scheduler state restores (a change would be silently overridden)
     "optim", "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps",
@@ -58,6 +58,7 @@ HARMLESS_KEYS = frozenset({
     "save_strategy", "save_steps", "save_total_limit", "save_only_model", "logging_strategy", "logging_steps",
     "logging_dir", "include_num_input_tokens_seen", "run_name", "output_dir", "overwrite_output_dir",
     "resume_from_checkpoint", "report_to", "plot_loss", "sample_prompts", "sample_max_new_tokens", "do_train",
+    "do_predict", "predict_with_generate", "max_new_tokens",
 })  # fmt: skip
 RESUME_FLAG = "--resume_from_checkpoint true"
 

@@ -17,7 +17,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ class Examples:
     train: list[Any]
     eval: list[Any]
     stats: dict[str, Any]
+    eval_conversations: list[Any] = field(default_factory=list)  # what do_predict answers
 
 
 @dataclass
@@ -78,6 +79,7 @@ class TrainResult:
     model: Any = None  # the trained (peft-wrapped) model, in memory
     tokenizer: Any = None
     template: Any = None
+    samples: list[dict[str, Any]] | None = None  # the last sample replies (sample_prompts)
 
 
 def _say(message: str) -> None:
@@ -109,6 +111,14 @@ def preflight(cfg: RunConfig) -> tuple[RunConfig, OutputPlan, str | None]:
     if cfg.attention_impl == "fla" and not torch.cuda.is_available():
         raise ConfigError("attention_impl: 'fla' needs a CUDA GPU; use auto or chunked on CPU")
     check_finetuning_targets(cfg)
+    if cfg.sample_prompts:
+        from tnlora.train.callbacks import read_sample_prompts
+
+        read_sample_prompts(cfg.sample_prompts)  # a missing or bad prompts file: refused now
+    if cfg.do_predict:
+        from tnlora.infer.metrics import check_metric_libraries
+
+        check_metric_libraries()
     plan, resume = plan_output_dir(cfg)
     from tnlora.train.checkpoints import check_writable
 
@@ -282,6 +292,12 @@ def load_examples(cfg: RunConfig, tokenizer, template) -> Examples:
     from tnlora.data.readers import load_conversations
 
     conversations = load_conversations(cfg.dataset, cfg.dataset_dir)
+    dropped = 0
+    if cfg.dedup:
+        from tnlora.data.audit import drop_exact_duplicates
+
+        conversations, dropped = drop_exact_duplicates(conversations)
+        _say(f"dedup: dropped {dropped} records that exactly repeat an earlier one ({len(conversations)} left)")
     if cfg.max_samples is not None:
         conversations = conversations[: cfg.max_samples]
     if not conversations:
@@ -312,7 +328,9 @@ def load_examples(cfg: RunConfig, tokenizer, template) -> Examples:
         raise ConfigError(f"eval_dataset: no example left after encoding with cutoff_len {cfg.cutoff_len}")
     stats = {"records": len(conversations), "train": len(train_examples), "eval": len(eval_examples)}
     stats["encode"] = train_stats
-    return Examples(train_examples, eval_examples, stats)
+    if cfg.dedup:
+        stats["duplicates_dropped"] = dropped
+    return Examples(train_examples, eval_examples, stats, eval_conversations=list(eval_convs))
 
 
 def split_validation(items: list[Any], val_size: float, seed: int) -> tuple[list[Any], list[Any]]:
@@ -425,6 +443,59 @@ def upcast_trainable(model) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Looking at what the model learns: sample replies while training, predictions on the eval set after it
+
+PREDICTIONS_FILE = "predictions.jsonl"
+PREDICT_RESULTS_FILE = "predict_results.json"
+
+
+def sample_callback(cfg: RunConfig, tokenizer, template):
+    """The callback answering ``sample_prompts`` at each evaluation and at the end (None without prompts)."""
+    from tnlora.train.callbacks import SampleRepliesCallback, read_sample_prompts
+
+    prompts = read_sample_prompts(cfg.sample_prompts)
+    if not prompts:
+        return None
+    # bf16 runs keep the adapter in fp32 with peft's input casts off: they generate under the training autocast.
+    autocast = torch.bfloat16 if cfg.bf16 else None
+    return SampleRepliesCallback(
+        prompts, tokenizer, template, cfg.output_dir, cfg.sample_max_new_tokens, autocast_dtype=autocast
+    )
+
+
+def tensorboard_callback(trainer):
+    """The Trainer's TensorBoard callback (report_to: tensorboard), else None."""
+    from transformers.integrations import TensorBoardCallback
+
+    return next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TensorBoardCallback)), None)
+
+
+def predict_eval_set(cfg: RunConfig, model, tokenizer, template, conversations: list[Any], out: Path):
+    """``do_predict``: a greedy reply for every eval conversation, scored (BLEU-4, ROUGE, exact match) and written
+    to ``predictions.jsonl`` and ``predict_results.json``; returns the ``predict_…`` metrics."""
+    from tnlora.infer.evaluate import predict_conversations, score_predictions, write_predictions
+    from tnlora.infer.generate import GenerationOptions
+    from tnlora.io import atomic_write_json
+
+    ready_for_inference(model, cfg)
+    model.eval()
+    options = GenerationOptions(max_new_tokens=cfg.max_new_tokens, do_sample=False, repetition_penalty=1.0)
+    _say(f"predicting the {len(conversations)} eval examples (greedy, at most {cfg.max_new_tokens} new tokens)")
+    rows = predict_conversations(
+        model, tokenizer, template, conversations, options, batch_size=cfg.per_device_eval_batch_size
+    )
+    metrics = score_predictions(rows)
+    write_predictions(rows, out / PREDICTIONS_FILE)
+    atomic_write_json(out / PREDICT_RESULTS_FILE, metrics)
+    _say(
+        f"predict: bleu-4 {metrics['predict_bleu-4']:.2f} | rouge-1 {metrics['predict_rouge-1']:.2f} | rouge-l "
+        f"{metrics['predict_rouge-l']:.2f} | exact match {metrics['predict_exact_match']:.1f}% "
+        f"({out / PREDICTIONS_FILE})"
+    )
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Saving
 
 
@@ -472,9 +543,12 @@ def resumed_run_id(output_dir: Path, resume: str | None) -> str:
     return run_id_of(output_dir) or (read_record(resume) or {}).get("run_id") or new_run_id()
 
 
-def save_final_outputs(cfg: RunConfig, trainer, output, data: DataBundle, tokenizer, template) -> dict[str, float]:
-    """The adapter (or model), trainer state, metrics, run files and loss plot in output_dir, each file replaced
-    by a rename (``trainer_state.json``, which marks a finished run, last); returns the metrics."""
+def save_final_outputs(
+    cfg: RunConfig, trainer, output, data: DataBundle, tokenizer, template, predict=None
+) -> dict[str, float]:
+    """The adapter (or model), run files, ``predict()``'s outputs (do_predict), metrics, trainer state and loss
+    plot in output_dir, each file replaced by a rename (``trainer_state.json``, which marks a finished run,
+    last); returns the metrics."""
     from tnlora.io import atomic_files
     from tnlora.train.callbacks import name_base_model_in_card
     from tnlora.train.plot import plot_loss
@@ -483,10 +557,13 @@ def save_final_outputs(cfg: RunConfig, trainer, output, data: DataBundle, tokeni
     metrics = _json_safe(output.metrics)
     if data.eval is not None:
         metrics.update(final_eval_metrics(trainer))
-    with atomic_files(out, last=(TRAINER_STATE,)) as staged:
+    with atomic_files(out) as staged:
         trainer.save_model(str(staged))
         name_base_model_in_card(staged, cfg.model_name_or_path)
         save_run_files(cfg, tokenizer, template, staged)
+    if predict is not None:  # after the adapter is saved (it casts a bf16 run's adapter for generation)
+        metrics.update(predict())
+    with atomic_files(out, last=(TRAINER_STATE,)) as staged:
         # what Trainer.save_metrics("all", …) and save_state() write, into the staging folder
         (staged / ALL_RESULTS).write_text(json.dumps(metrics, indent=4, sort_keys=True), encoding="utf-8")
         trainer.state.save_to_json(str(staged / TRAINER_STATE))
@@ -531,6 +608,7 @@ def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
     keep = claim_output_dir(plan, run_id)
     recorder = OutputRecordCallback(str(out), cfg.model_name_or_path, exclude=keep)
     stop = StopOnInterrupt()
+    sampler = sample_callback(cfg, tokenizer, template)
     try:
         model = build_model(cfg, tokenizer)
         trainable, total = count_parameters(model)
@@ -538,8 +616,13 @@ def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
         checkpoints.check_free_space(out, trainable)
         try:
             save_run_files(cfg, tokenizer, template, cfg.output_dir)
-            trainer = build_trainer(cfg, model, tokenizer, data, [recorder, stop, *(callbacks or [])], args=args)
+            extra = [sampler] if sampler is not None else []
+            trainer = build_trainer(
+                cfg, model, tokenizer, data, [recorder, stop, *extra, *(callbacks or [])], args=args
+            )
             trainer.run_id = run_id
+            if sampler is not None:
+                sampler.board = tensorboard_callback(trainer)
             if resume:
                 _say(f"resuming from {resume}")
             try:
@@ -556,7 +639,11 @@ def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
                     f"interrupted at step {trainer.state.global_step} of {trainer.state.max_steps}: saved "
                     f"{checkpoints.last_complete(out)}; --resume_from_checkpoint true continues the run"
                 )
-            metrics = save_final_outputs(cfg, trainer, output, data, tokenizer, template)
+            predict = None
+            if cfg.do_predict:
+                def predict():
+                    return predict_eval_set(cfg, model, tokenizer, template, examples.eval_conversations, out)
+            metrics = save_final_outputs(cfg, trainer, output, data, tokenizer, template, predict)
         except OSError as exc:
             error = checkpoints.storage_error(exc, out, str(exc.filename or out))
             if error is None:
@@ -580,6 +667,7 @@ def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
         model=trainer.model,
         tokenizer=tokenizer,
         template=template,
+        samples=sampler.last if sampler is not None else None,
     )
     _say(f"saved to {out} ({time.perf_counter() - t0:.1f} s)")
     return result
