@@ -2,7 +2,7 @@
 
 For each N (``--clients``, default 1,8,32,64) every client sends ``--requests`` streamed text completions one
 after the other (a random ``--prompt_tokens``-token prompt, ``--max_tokens`` new tokens, greedy, ``ignore_eos``:
-the shape of ``tnlora bench --decode``, prompt 64 and 128 new tokens by default) and the script prints one row:
+the shape of ``tnlora bench decode``, prompt 64 and 128 new tokens by default) and the script prints one row:
 aggregate tokens/s (completion tokens of all requests ÷ first send to last end), time to first token (send →
 first chunk with text) p50 / p99, and inter-token latency (gap between a reply's consecutive text chunks: one
 token each unless the server sent several at once) p50 / p99. The clients run in ``--client_procs``
@@ -89,7 +89,7 @@ def serve(args: argparse.Namespace) -> None:
     from tnlora.serve.server import EngineOptions, build_context
 
     if args.model in PRESETS and args.adapter is None:
-        from tnlora.bench import build_model
+        from tnlora.bench.common import random_model as build_model
 
         model = build_model(args.model, "auto", args.device).eval()
         model.config.use_cache = True
@@ -269,7 +269,7 @@ def sessions_run(args: argparse.Namespace, server: Server) -> list[dict]:
 
 def environment(server: Server) -> str:
     try:
-        from tnlora.bench import environment_line
+        from tnlora.bench.common import environment_line
 
         line = environment_line()
     except Exception as exc:  # a client machine without the model's dependencies
