@@ -80,19 +80,23 @@ def cli_train(argv: list[str], callbacks: list[Any]) -> int:
 class KillSwitch:
     """Counts the moments of a run: every file opened for writing (and again at its close, before the data is
     flushed), every ``torch.save`` / safetensors save (before and after), every rename and tree removal, and the
-    Trainer's step phases. At moment ``at`` it notes what the moment was in ``notes`` and SIGKILLs its process;
-    with ``at`` None it only counts, and ``phases`` records the count at the start and end of training."""
+    Trainer's step phases. At moment ``at`` (counting only the moments inside checkpoint saves, while the
+    staging folder exists, when ``inside_saves``) it notes what the moment was in ``notes`` and SIGKILLs its
+    process; with ``at`` None it only counts, and ``phases`` records the count at the start and end of
+    training."""
 
-    def __init__(self, at: int | None, notes: Path, output_dir: Path):
-        self.at, self.notes, self.output_dir = at, notes, output_dir
+    def __init__(self, at: int | None, notes: Path, output_dir: Path, inside_saves: bool = False):
+        self.at, self.notes, self.output_dir, self.inside_saves = at, notes, output_dir, inside_saves
         self.count = 0
+        self.saving = 0  # moments inside checkpoint saves
         self.phases: dict[str, int] = {}
 
     def moment(self, what: str) -> None:
         self.count += 1
-        if self.count != self.at:
-            return
         saving = (self.output_dir / ".tnlora-saving").is_dir()
+        self.saving += saving
+        if (self.saving if self.inside_saves else self.count) != self.at or (self.inside_saves and not saving):
+            return
         line = json.dumps({"moment": self.count, "what": what, "inside_a_checkpoint_save": saving}) + "\n"
         fd = os.open(self.notes, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.write(fd, line.encode())
@@ -193,12 +197,14 @@ class KillSwitch:
         return Moments()
 
 
-def train_with_kill_switch(argv: list[str], at: int | None, notes: Path, output_dir: Path) -> int:
-    """The child's work: ``tnlora train ARGV`` killed at moment ``at``; a run that ends writes its moment counts
-    to ``notes`` (as JSON: phases and the total)."""
-    switch = KillSwitch(at, notes, output_dir)
+def train_with_kill_switch(
+    argv: list[str], at: int | None, notes: Path, output_dir: Path, inside_saves: bool = False
+) -> int:
+    """The child's work: ``tnlora train ARGV`` killed at moment ``at`` (see ``KillSwitch``); a run that ends
+    writes its moment counts to ``notes`` (as JSON: phases, the total and those inside checkpoint saves)."""
+    switch = KillSwitch(at, notes, output_dir, inside_saves)
     switch.install()
     code = cli_train(argv, [switch.callback()])
     if at is None:
-        notes.write_text(json.dumps({**switch.phases, "total": switch.count}))
+        notes.write_text(json.dumps({**switch.phases, "total": switch.count, "saving": switch.saving}))
     return code

@@ -79,22 +79,29 @@ def test_a_run_killed_at_random_moments_resumes_to_the_uninterrupted_adapter(tmp
         lambda: train_with_kill_switch(_argv(ref, cache), None, counts, ref), tmp_path / "ref.log"
     )
     assert code == 0, (tmp_path / "ref.log").read_text()[-3000:]
-    # The moments of a run: before training (S), per step (P), after training (F); a resumed run has those of
-    # the steps it has left. Each kill falls uniformly within the run that is left.
+    # The moments of a run: before training, per step (inside checkpoint saves: per_save), after training; a
+    # resumed run has those of the steps it has left. The first five kills fall inside the checkpoint saves of
+    # the next three steps, the other five anywhere in what is left of the run.
     moments = json.loads(counts.read_text())
     before, after = moments["train_begin"], moments["total"] - moments["train_end"]
     per_step = (moments["train_end"] - moments["train_begin"]) / MAX_STEPS
+    per_save = moments["saving"] / MAX_STEPS
     rng = random.Random(20)
     notes = tmp_path / "kills.jsonl"
     logs = []
     for attempt in range(10):
         last = last_complete(cut) if cut.is_dir() else None
         done = checkpoints.checkpoint_step(last) if last is not None else 0
-        left = before + (MAX_STEPS - done) * per_step + after
-        at = rng.randint(1, int(0.9 * left))
+        inside = attempt < 5
+        if inside:
+            at = rng.randint(1, int(3 * per_save))
+        else:
+            at = rng.randint(1, int(0.9 * (before + (MAX_STEPS - done) * per_step + after)))
         log = tmp_path / f"attempt-{attempt}.log"
         argv = _argv(cut, cache, "--resume_from_checkpoint", "true")
-        code = run_in_child(lambda argv=argv, at=at: train_with_kill_switch(argv, at, notes, cut), log)
+        code = run_in_child(
+            lambda argv=argv, at=at, inside=inside: train_with_kill_switch(argv, at, notes, cut, inside), log
+        )
         logs.append(log.read_text())
         assert code == -9, f"attempt {attempt} was not killed (exit {code}): {logs[-1][-3000:]}"
         assert_no_truncated_file(cut)
@@ -110,8 +117,8 @@ def test_a_run_killed_at_random_moments_resumes_to_the_uninterrupted_adapter(tmp
     for key in whole:
         assert torch.equal(resumed[key], whole[key]), key
     assert json.loads((cut / "trainer_state.json").read_text())["global_step"] == MAX_STEPS
-    # The kills fell inside checkpoint saves too, and a resume after one skipped the interrupted checkpoint.
-    assert sum(k["inside_a_checkpoint_save"] for k in kills) >= 2, kills
+    # Half the kills fell inside checkpoint saves, and the resumes after them skipped the interrupted checkpoint.
+    assert all(k["inside_a_checkpoint_save"] for k in kills[:5]), kills
     skipped = [line for log in logs for line in log.splitlines() if "skipping the incomplete" in line]
     assert skipped and all(
         line.startswith("resume_from_checkpoint: skipping the incomplete checkpoint-") for line in skipped
