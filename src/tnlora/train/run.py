@@ -639,10 +639,11 @@ def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
                     f"interrupted at step {trainer.state.global_step} of {trainer.state.max_steps}: saved "
                     f"{checkpoints.last_complete(out)}; --resume_from_checkpoint true continues the run"
                 )
-            predict = None
-            if cfg.do_predict:
-                def predict():
-                    return predict_eval_set(cfg, model, tokenizer, template, examples.eval_conversations, out)
+            predict = (
+                (lambda: predict_eval_set(cfg, model, tokenizer, template, examples.eval_conversations, out))
+                if cfg.do_predict
+                else None
+            )
             metrics = save_final_outputs(cfg, trainer, output, data, tokenizer, template, predict)
         except OSError as exc:
             error = checkpoints.storage_error(exc, out, str(exc.filename or out))
