@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tnlora.model import load_model
+from tnlora.model.loading import set_attention_impl
 from tnlora.model.tokenizer import ByteTokenizer
 from tnlora.serve.engine import Engine, EngineError, Event, Request, SamplingParams
 from tnlora.serve.sessions import SessionStore
@@ -285,6 +286,9 @@ def test_sampling_params_refuse_bad_values(kwargs) -> None:
 def test_cuda_graph_slots_are_concurrency_independent_and_match_the_eager_step(kernel: str) -> None:
     def cuda_engine(capture: bool) -> Engine:
         model = load_model("tiny", dtype=torch.float32, device="cuda")
+        # The prefill on the chunked path: fla would first autotune its kernels for the tiny head shape (minutes,
+        # and Triton's autotuner is not safe to run from two engines' threads at once).
+        set_attention_impl(model, "chunked")
         model.config.decode_kernel = kernel
         store = SessionStore(torch.device("cuda"), 1, 1)
         return Engine(model, ByteTokenizer(), eos_ids=(), max_batch=4, sessions=store, capture=capture).start()
