@@ -132,9 +132,11 @@ def train_help() -> str:
         return str(value)
 
     lines = [
-        "usage: tnlora train [CONFIG.yaml] [--key value | --key=value | key=value ...]",
+        "usage: tnlora train [CONFIG.yaml] [--key value | --key=value | key=value ...] [--nproc_per_node N]",
         "",
-        "Fine-tune as the YAML and the overrides say (LLaMA-Factory's keys). keys (default; choices):",
+        "Fine-tune as the YAML and the overrides say (LLaMA-Factory's keys). Several GPUs: --nproc_per_node N "
+        "(runs torchrun --standalone --nproc_per_node N -m tnlora train ...), or launch tnlora with torchrun / "
+        "accelerate launch yourself. keys (default; choices):",
     ]
     for name, f in FIELDS.items():
         meta = f.metadata
@@ -157,18 +159,72 @@ def cmd_train(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(train_help())
         return 0
+    argv, nproc = _take_nproc(argv)
     config_path = argv[0] if argv and not argv[0].startswith("-") and "=" not in argv[0] else None
     overrides = argv[1:] if config_path is not None else argv
     from tnlora.config import load_run_config
 
     cfg = load_run_config(config_path, overrides)
+    if nproc is not None:
+        return launch_processes(nproc, argv)
+    from tnlora.train import distributed
     from tnlora.train.run import train
 
     result = train(cfg)
-    if result.samples:
-        print_samples(result.samples)
-    print(f"chat with it: tnlora chat --adapter {result.output_dir}", file=sys.stderr)
+    if distributed.is_main():
+        if result.samples:
+            print_samples(result.samples)
+        print(f"chat with it: tnlora chat --adapter {result.output_dir}", file=sys.stderr)
+    distributed.finish()
     return 0
+
+
+NPROC_OPTION = "--nproc_per_node"
+
+
+def _take_nproc(argv: list[str]) -> tuple[list[str], int | None]:
+    """``argv`` without ``--nproc_per_node N`` (torchrun's option), and N."""
+    rest, nproc, i = [], None, 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        if name == NPROC_OPTION:
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise _train_error(f"{NPROC_OPTION}: a number of processes is required")
+                value, i = argv[i + 1], i + 1
+            if not value.isdigit() or int(value) < 1:
+                raise _train_error(f"{NPROC_OPTION}: expected a number of processes (one per GPU), got {value!r}")
+            nproc = int(value)
+        else:
+            rest.append(argv[i])
+        i += 1
+    return rest, nproc
+
+
+def _train_error(message: str):
+    from tnlora.errors import ConfigError
+
+    return ConfigError(message)
+
+
+def launch_processes(nproc: int, argv: list[str]) -> int:
+    """``tnlora train ... --nproc_per_node N``: the same command in N processes under torchrun (one host, a free
+    port), whose exit status it returns. The config was checked once here first, so a typo fails before any
+    process starts."""
+    import os
+    import subprocess
+
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        raise _train_error(f"{NPROC_OPTION}: this process is already one of {os.environ['WORLD_SIZE']} started "
+                           "by a launcher; leave the option to the launcher")  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "tnlora", "train", *argv]  # fmt: skip
+    process = subprocess.Popen(command)
+    while True:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:  # torchrun got Ctrl-C too: it stops the processes, and then itself
+            continue
 
 
 def print_samples(samples: list[dict]) -> None:

@@ -186,6 +186,23 @@ class RunConfig:
     ddp_find_unused_parameters: bool | None = field(
         default=None, metadata=_opt("DDP's find_unused_parameters (passed to the Trainer)")
     )
+    deepspeed: str | None = field(
+        default=None,
+        metadata=_opt(
+            "a DeepSpeed config file (ZeRO-2 / ZeRO-3, e.g. examples/deepspeed/ds_z3_config.json; GPUs, pip "
+            "install deepspeed)"
+        ),
+    )
+    fsdp: bool | str | None = field(
+        default=None,
+        metadata=_opt(
+            "FSDP2 on GPUs: full_shard (or shard_grad_op), optionally with offload; each decoder layer is one "
+            "FSDP unit"
+        ),
+    )
+    fsdp_config: dict[str, Any] | str | None = field(
+        default=None, metadata=_opt("the Trainer's fsdp_config (a mapping or a JSON file; FSDP2 only)")
+    )
     # --- evaluation, saving, logging ---
     eval_strategy: str | None = field(
         default=None,
@@ -273,9 +290,6 @@ ALIASES: dict[str, tuple[str, Callable[[Any], Any]]] = {
 UNSUPPORTED_KEYS: dict[str, str] = {
     "quantization_bit": "quantized (QLoRA) training",
     "quantization_method": "quantized (QLoRA) training",
-    "deepspeed": "DeepSpeed",
-    "fsdp": "FSDP",
-    "fsdp_config": "FSDP",
     "use_galore": "the GaLore optimizer",
     "use_apollo": "the APOLLO optimizer",
     "use_badam": "the BAdam optimizer",
@@ -443,6 +457,8 @@ def absolute_paths(cfg: RunConfig, config_dir: Path | None = None) -> RunConfig:
     if cfg.model_name_or_path and Path(cfg.model_name_or_path).expanduser().exists():
         cfg.model_name_or_path = _absolute(cfg.model_name_or_path)
     cfg.output_dir = _absolute(cfg.output_dir)
+    if isinstance(cfg.fsdp_config, str):
+        cfg.fsdp_config = _absolute(_resolve_beside(cfg.fsdp_config, config_dir) if config_dir else cfg.fsdp_config)
     for key in ("logging_dir", "dataset_cache_dir"):
         if getattr(cfg, key):
             setattr(cfg, key, _absolute(getattr(cfg, key)))
@@ -450,6 +466,9 @@ def absolute_paths(cfg: RunConfig, config_dir: Path | None = None) -> RunConfig:
         cfg.sample_prompts = _absolute(str(cfg.sample_prompts))
     if isinstance(cfg.resume_from_checkpoint, str):
         cfg.resume_from_checkpoint = _absolute(cfg.resume_from_checkpoint)
+    if cfg.deepspeed:
+        base = _resolve_beside(cfg.deepspeed, config_dir) if config_dir is not None else cfg.deepspeed
+        cfg.deepspeed = _absolute(base)
     return cfg
 
 
@@ -721,6 +740,41 @@ def _check_combinations(cfg: RunConfig) -> None:
         cfg.resume_from_checkpoint = word != "false"
     if cfg.resume_from_checkpoint is False:
         cfg.resume_from_checkpoint = None
+    _check_sharding(cfg)
+
+
+# The words of the Trainer's (and LLaMA-Factory's) ``fsdp`` string that FSDP2 has.
+FSDP_WORDS = ("full_shard", "shard_grad_op", "offload", "auto_wrap")
+
+
+def _check_sharding(cfg: RunConfig) -> None:
+    """``fsdp`` / ``deepspeed``: known FSDP2 words, one engine at a time (the files are read in preflight)."""
+    if cfg.fsdp is False or (isinstance(cfg.fsdp, str) and cfg.fsdp.strip().lower() in ("", "false", "none")):
+        cfg.fsdp = None
+    if cfg.fsdp is True:
+        cfg.fsdp = "full_shard"
+    if cfg.fsdp is not None:
+        words = cfg.fsdp.replace(",", " ").split()
+        unknown = [w for w in words if w not in FSDP_WORDS]
+        if unknown:
+            hybrid = " (hybrid_shard and no_shard are FSDP1 strategies; tnlora runs FSDP2)" if any(
+                "hybrid" in w or w == "no_shard" for w in unknown
+            ) else ""
+            raise ConfigError(
+                f"fsdp: unknown option {unknown[0]!r}{hybrid}; use full_shard or shard_grad_op, optionally with "
+                "offload (e.g. fsdp: full_shard)"
+            )
+        if "full_shard" in words and "shard_grad_op" in words:
+            raise ConfigError("fsdp: full_shard and shard_grad_op exclude each other; choose one")
+        cfg.fsdp = " ".join(words) if any(w in words for w in ("full_shard", "shard_grad_op")) else " ".join(
+            ["full_shard", *words]
+        )
+    elif cfg.fsdp_config:
+        raise ConfigError("fsdp_config: set fsdp: full_shard too (fsdp_config only configures FSDP)")
+    if cfg.deepspeed is not None and not str(cfg.deepspeed).strip():
+        cfg.deepspeed = None
+    if cfg.deepspeed and cfg.fsdp:
+        raise ConfigError("deepspeed: set either deepspeed or fsdp, not both (they are two ways to shard a model)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -336,13 +336,15 @@ def build_dataset(
     mask_history: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     num_workers: int = 1,
+    refresh: bool = False,
 ) -> tuple[list[EncodedExample], EncodeStats]:
     """Encode every conversation; dropped ones are left out and counted. Logs ``EncodeStats.summary()``.
 
     With ``cache_dir`` the result is stored there (atomically) under a hash of the conversations' text, the
     tokenizer, the template and these settings, and a later call with the same inputs reads it back
-    without tokenising. ``num_workers`` > 1 tokenises batches of ``ENCODE_BATCH`` conversations in that many
-    processes (at most one per CPU and per batch); the result is the same as in one process.
+    without tokenising (``refresh``: encode again and replace the cached file). ``num_workers`` > 1 tokenises
+    batches of ``ENCODE_BATCH`` conversations in that many processes (at most one per CPU and per batch); the
+    result is the same as in one process.
     """
     if cutoff_len < 1:
         raise ValueError("cutoff_len must be positive")
@@ -350,7 +352,7 @@ def build_dataset(
     if cache_dir is not None:
         key = dataset_fingerprint(conversations, tokenizer, template, cutoff_len, train_on_prompt, mask_history)
         cache_file = Path(cache_dir) / f"{key}.npz"
-        cached = _read_cache(cache_file)
+        cached = None if refresh else _read_cache(cache_file)
         if cached is not None:
             logger.info("%s (cached: %s)", cached[1].summary(), cache_file)
             return cached

@@ -672,6 +672,13 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         return rows, weight, None, None
 
 
+def partitioned(module: nn.Module) -> bool:
+    """Whether ``module``'s weights are DeepSpeed ZeRO-3 partitions (tagged ``ds_id``): their data is gathered only
+    while the module's own forward runs, so the loss calls the head instead of reading its weight. (FSDP2 gathers
+    the root unit's weights, the head's among them, for the whole forward of the model.)"""
+    return any(hasattr(p, "ds_id") for p in module.parameters(recurse=False))
+
+
 def chunked_causal_lm_loss(
     hidden: Tensor,
     lm_head: nn.Module,
@@ -686,8 +693,9 @@ def chunked_causal_lm_loss(
     host sync) unless the caller already knows it (``num_loss_tokens``: the labels ≠ -100 after the first
     position of each row, as the training collator counts them on the host); a wrong count fails a
     device-side assertion. With grad and a plain ``nn.Linear`` head (LoRA leaves it alone) each chunk's
-    gradients are computed in the forward pass (:class:`_LinearCrossEntropySum`); any other head is
-    recomputed per chunk in the backward pass (activation checkpointing). Either way the saved activations
+    gradients are computed in the forward pass (:class:`_LinearCrossEntropySum`); any other head, and a head
+    whose weight ZeRO-3 partitions (:func:`partitioned`), is recomputed per chunk in the backward pass
+    (activation checkpointing). Either way the saved activations
     are one row of D values per labelled token.
     """
     targets = _shifted_targets(labels, hidden.device)
@@ -699,7 +707,7 @@ def chunked_causal_lm_loss(
         keep = torch.nonzero_static(labelled, size=num_loss_tokens).squeeze(1)
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
     targets = targets.index_select(0, keep)
-    if torch.is_grad_enabled() and type(lm_head) is nn.Linear and lm_head.bias is None:
+    if torch.is_grad_enabled() and type(lm_head) is nn.Linear and lm_head.bias is None and not partitioned(lm_head):
         total = _LinearCrossEntropySum.apply(rows, lm_head.weight, targets, chunk_size)
         return _loss_mean(total, targets.shape[0], num_items_in_batch)
     total = _at_least_fp32(rows[:0]).sum()  # stays attached to the graph even when nothing is labelled

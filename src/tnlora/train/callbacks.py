@@ -27,7 +27,8 @@ class ProgressCallback(TrainerCallback):
 
     Tokens are ``state.num_input_tokens_seen``, the non-padding tokens (padding is not work) that
     ``run.trainer_class()`` adds up from the collator's host-side count. On a terminal the line is redrawn in
-    place; otherwise (logs, CI, pipes) a full line is printed at each logging step.
+    place; otherwise (logs, CI, pipes) a full line is printed at each logging step. With several processes only
+    the main one prints (its tokens/s are its own share).
     """
 
     def __init__(self, stream: TextIO | None = None, tty: bool | None = None):
@@ -68,11 +69,13 @@ class ProgressCallback(TrainerCallback):
         return " | ".join(parts)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
-        if self.tty:
+        if self.tty and state.is_world_process_zero:
             self.stream.write("\r\033[K" + self.status(state))
             self.stream.flush()
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kw: Any):
+        if not state.is_world_process_zero:
+            return
         logs = logs or {}
         if "loss" in logs:
             self._loss = float(logs["loss"])
@@ -85,6 +88,8 @@ class ProgressCallback(TrainerCallback):
             self._println(f"eval at step {state.global_step}: loss {logs['eval_loss']:.4f} | ppl {ppl:.2f}")
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        if not state.is_world_process_zero:
+            return
         if self.tty or self._printed_step != state.global_step:
             self._println(self.status(state))
 
@@ -96,7 +101,8 @@ class ProgressCallback(TrainerCallback):
 
 class OutputRecordCallback(TrainerCallback):
     """Keeps the run's output dir self-describing as checkpoints are written: the marker lists every entry the
-    run wrote (``tnlora.outputs``), and each checkpoint's adapter model card names the base model."""
+    run wrote (``tnlora.outputs``), and each checkpoint's adapter model card names the base model. (The main
+    process writes them.)"""
 
     def __init__(self, output_dir: str, base_model: str, exclude: list[str] | None = None):
         self.output_dir = output_dir
@@ -108,6 +114,8 @@ class OutputRecordCallback(TrainerCallback):
 
         from tnlora.outputs import claim_dir
 
+        if not state.is_world_process_zero:
+            return
         checkpoint = Path(self.output_dir) / f"checkpoint-{state.global_step}"
         if checkpoint.is_dir():
             name_base_model_in_card(checkpoint, self.base_model)

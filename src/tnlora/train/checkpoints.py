@@ -48,6 +48,8 @@ MEANING_KEYS = frozenset({
     # what the checkpoint's optimizer and scheduler state restores (a change would be silently overridden)
     "optim", "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps",
     "weight_decay", "adam_beta1", "adam_beta2", "stage",
+    # how the optimizer state and weights are laid out in the checkpoint (DDP, DeepSpeed or FSDP files)
+    "deepspeed", "fsdp", "fsdp_config",
 })  # fmt: skip
 # Keys a resumed run may change: logging, saving, evaluation, how long it runs, how it runs.
 HARMLESS_KEYS = frozenset({

@@ -46,6 +46,7 @@ from tnlora.errors import ConfigError, RunInterrupted, TnloraError
 from tnlora.model.loading import load_base_model
 from tnlora.model.tokenizer import pad_token_id
 from tnlora.outputs import OutputPlan, claim_dir, clear_previous, foreign_entries, plan_dir
+from tnlora.train import distributed
 from tnlora.train.compile import compile_decoder_layers, uncompile_decoder_layers
 from tnlora.train.trainer import _json_safe, build_trainer, final_eval_metrics, training_arguments
 
@@ -83,7 +84,8 @@ class TrainResult:
 
 
 def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if distributed.is_main():  # several processes: the run's messages once
+        print(message, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,6 +112,7 @@ def preflight(cfg: RunConfig) -> tuple[RunConfig, OutputPlan, str | None]:
             raise ConfigError("report_to: tensorboard is not installed (pip install tensorboard)") from None
     if cfg.attention_impl == "fla" and not torch.cuda.is_available():
         raise ConfigError("attention_impl: 'fla' needs a CUDA GPU; use auto or chunked on CPU")
+    distributed.check_engine(cfg, cuda=torch.cuda.is_available())
     check_finetuning_targets(cfg)
     if cfg.sample_prompts:
         from tnlora.train.callbacks import read_sample_prompts
@@ -130,6 +133,8 @@ def resolve_for_this_machine(cfg: RunConfig, train_tokens: int | None = None, an
     """``resolve_defaults`` with this machine's GPU (and its memory) and, once the data is known, the run's
     training tokens; says when it switched gradient checkpointing on (unless not ``announce``)."""
     cuda = torch.cuda.is_available()
+    if (cfg.deepspeed or cfg.fsdp) and cfg.torch_compile is None:
+        cfg = dataclasses.replace(cfg, torch_compile=False)  # compiled layers are not combined with the engines
     fits = None
     if cuda:
         from tnlora.train.memory import gpu_fits
@@ -307,14 +312,17 @@ def load_examples(cfg: RunConfig, tokenizer, template) -> Examples:
         eval_convs = load_conversations(cfg.eval_dataset, cfg.dataset_dir)
         if cfg.max_samples is not None:
             eval_convs = eval_convs[: cfg.max_samples]
-    # The cache key covers the records' text, the tokenizer, the template and these settings.
-    cache_dir = None if cfg.overwrite_cache else (cfg.dataset_cache_dir or default_cache_dir())
+    # The cache key covers the records' text, the tokenizer, the template and these settings. Several processes
+    # share it: the main one encodes first (overwrite_cache: encodes again and replaces it), the others read it.
+    several = distributed.world_size() > 1
+    cache_dir = None if cfg.overwrite_cache and not several else (cfg.dataset_cache_dir or default_cache_dir())
     encode_kwargs = dict(
         cutoff_len=cfg.cutoff_len,
         train_on_prompt=cfg.train_on_prompt,
         mask_history=cfg.mask_history,
         cache_dir=cache_dir,
         num_workers=cfg.preprocessing_num_workers or 1,
+        refresh=cfg.overwrite_cache and several and distributed.is_main(),
     )
     train_examples, train_stats = build_dataset(train_convs, tokenizer, template, **encode_kwargs)
     eval_examples: list[Any] = []
@@ -436,9 +444,10 @@ def ready_for_inference(model, cfg: RunConfig) -> None:
 
 def upcast_trainable(model) -> None:
     """Trainable parameters in fp32 (a bf16 base keeps its frozen weights in bf16): AdamW updates of
-    ~lr × 1e-3 vanish below bf16's resolution."""
+    ~lr × 1e-3 vanish below bf16's resolution. (DeepSpeed's ZeRO-3 partitions, tagged ``ds_id``, hold no data
+    here: DeepSpeed keeps their fp32 master copies itself.)"""
     for p in model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
+        if p.requires_grad and p.dtype != torch.float32 and not hasattr(p, "ds_id"):
             p.data = p.data.float()
 
 
@@ -556,11 +565,17 @@ def save_final_outputs(
     out = Path(cfg.output_dir)
     metrics = _json_safe(output.metrics)
     if data.eval is not None:
-        metrics.update(final_eval_metrics(trainer))
-    with atomic_files(out) as staged:
-        trainer.save_model(str(staged))
-        name_base_model_in_card(staged, cfg.model_name_or_path)
-        save_run_files(cfg, tokenizer, template, staged)
+        metrics.update(final_eval_metrics(trainer))  # every process: evaluation is collective
+    main = distributed.is_main()
+    with atomic_files(out) if main else contextlib.nullcontext() as staged:
+        # Every process takes part (FSDP and ZeRO-3 gather the sharded weights); only the main one writes, into
+        # its staging folder.
+        trainer.save_model(distributed.broadcast(str(staged) if main else None))
+        if main:
+            name_base_model_in_card(staged, cfg.model_name_or_path)
+            save_run_files(cfg, tokenizer, template, staged)
+    if not main:
+        return metrics
     if predict is not None:  # after the adapter is saved (it casts a bf16 run's adapter for generation)
         metrics.update(predict())
     with atomic_files(out, last=(TRAINER_STATE,)) as staged:
@@ -581,9 +596,12 @@ def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
 
     t0 = time.perf_counter()
     cfg, plan, resume = preflight(cfg)
+    # Several processes (torchrun / accelerate launch), DeepSpeed or FSDP: the process group, opened now.
+    distributed.start(cfg.ddp_timeout, needs_group=bool(cfg.deepspeed or cfg.fsdp))
+    main = distributed.is_main()
     template = get_template_checked(cfg.template, cfg.system)
     tokenizer = build_tokenizer(cfg)
-    examples = load_examples(cfg, tokenizer, template)
+    examples = distributed.main_first(lambda: load_examples(cfg, tokenizer, template), "reading the data")
     # The machine defaults, once, now that the run's length is known: compiling pays only on long runs, and the
     # micro-batch and checkpointing follow from the memory estimate of the layers as they will run.
     tokens = planned_train_tokens(cfg, examples.train)
@@ -603,9 +621,10 @@ def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
     if resume:
         checkpoints.check_resume_config(resume, cfg)  # now with the machine's defaults resolved
     out = Path(cfg.output_dir)
-    run_id = resumed_run_id(out, resume)
-    # Everything is checked: only now is an earlier run in output_dir replaced (its own files only).
-    keep = claim_output_dir(plan, run_id)
+    run_id = distributed.broadcast(resumed_run_id(out, resume))
+    # Everything is checked: only now is an earlier run in output_dir replaced (its own files only), by the main
+    # process while the others wait.
+    keep = distributed.main_first(lambda: claim_output_dir(plan, run_id) if main else [], "preparing output_dir")
     recorder = OutputRecordCallback(str(out), cfg.model_name_or_path, exclude=keep)
     stop = StopOnInterrupt()
     sampler = sample_callback(cfg, tokenizer, template)
@@ -615,7 +634,8 @@ def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
         _say(describe_trainable(model))
         checkpoints.check_free_space(out, trainable)
         try:
-            save_run_files(cfg, tokenizer, template, cfg.output_dir)
+            if main:
+                save_run_files(cfg, tokenizer, template, cfg.output_dir)
             extra = [sampler] if sampler is not None else []
             trainer = build_trainer(
                 cfg, model, tokenizer, data, [recorder, stop, *extra, *(callbacks or [])], args=args
@@ -625,8 +645,11 @@ def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
                 sampler.board = tensorboard_callback(trainer)
             if resume:
                 _say(f"resuming from {resume}")
+            # Several processes stop at once on Ctrl-C (each gets the signal; a clean stop would need them to
+            # agree on its step): the run resumes from its last complete checkpoint.
+            interrupts = stop_cleanly_on_interrupt(stop) if distributed.world_size() == 1 else contextlib.nullcontext()
             try:
-                with stop_cleanly_on_interrupt(stop):
+                with interrupts:
                     output = trainer.train(resume_from_checkpoint=resume)
             except torch.OutOfMemoryError:
                 raise ConfigError(out_of_memory_advice(cfg)) from None
@@ -653,9 +676,11 @@ def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
     finally:
         # Also when the run fails or is interrupted: whatever it wrote is listed as its own. (Best effort: a
         # full disk keeps the marker as it was, which still names the run's earlier entries.)
-        with contextlib.suppress(OSError):
-            claim_dir(out, "train", exclude=keep)
-    ready_for_inference(model, cfg)
+        if main:
+            with contextlib.suppress(OSError):
+                claim_dir(out, "train", exclude=keep)
+    if not (cfg.deepspeed or cfg.fsdp):  # the engines own the weights' dtypes (and FSDP's are sharded)
+        ready_for_inference(model, cfg)
     result = TrainResult(
         output_dir=out,
         global_step=trainer.state.global_step,

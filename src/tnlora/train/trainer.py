@@ -16,6 +16,7 @@ import torch
 from tnlora.config import RunConfig, split_list
 from tnlora.data.collate import NUM_REAL_TOKENS, DataBundle
 from tnlora.errors import ConfigError
+from tnlora.train.distributed import engine_arguments
 
 
 @functools.cache
@@ -172,7 +173,10 @@ def _training_arguments(TrainingArguments, cfg: RunConfig, has_eval: bool, warmu
         logging_steps=cfg.logging_steps,
         run_name=cfg.run_name,
         ddp_timeout=cfg.ddp_timeout,
-        ddp_find_unused_parameters=cfg.ddp_find_unused_parameters,
+        # Every trainable weight takes part in every forward (LoRA, full and freeze tuning alike): DDP need not
+        # search the graph for unused ones each step (the Trainer's default would, without checkpointing).
+        ddp_find_unused_parameters=bool(cfg.ddp_find_unused_parameters),
+        **engine_arguments(cfg),  # DeepSpeed or FSDP2 (train.distributed)
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to=[r for r in split_list(cfg.report_to) if r != "none"],

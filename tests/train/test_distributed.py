@@ -1,0 +1,244 @@
+"""``tnlora train`` in several processes (``train.distributed``) on the CPU: DDP through torchrun (gloo, two
+processes, the tiny preset, float32) against one process, resumed against uninterrupted, who writes what, and
+errors that end every process; FSDP2's wrapping of the model (torch's ``fully_shard``, which runs on the CPU
+with gloo; accelerate runs the Trainer's FSDP on GPUs only: tests/train/test_distributed_gpu.py). Each run is
+bounded by a subprocess timeout."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tnlora
+from tnlora.config import load_run_config
+from tnlora.train import distributed
+
+SRC = Path(tnlora.__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+RUN_TIMEOUT = 150  # seconds for one torchrun of two processes (imports ~10 s, four tiny steps ~5 s)
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="this torch has no gloo backend",
+)
+
+
+def run_processes(args: list[str], timeout: float = RUN_TIMEOUT) -> tuple[int, str, float]:
+    """Two processes on this host under torchrun (a free port); their exit status, output and wall time."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    start = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+    return done.returncode, done.stdout + done.stderr, time.monotonic() - start
+
+
+def two_examples(path: Path) -> Path:
+    """Two records of very different lengths: a per-token loss over both ranks differs from the mean of the
+    ranks' means."""
+    records = [
+        {"instruction": "Say hi.", "input": "", "output": "Hi!"},
+        {
+            "instruction": "Describe the sea in a few sentences, please, with some detail about its colour.",
+            "input": "",
+            "output": "The sea is wide and restless; its colour changes from grey to deep blue with the sky.",
+        },
+    ]
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+def run_argv(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--model_name_or_path", "tiny", "--dataset", str(data), "--template", "chatml", "--cutoff_len", "256",
+        "--packing", "false", "--lora_rank", "4", "--learning_rate", "1e-2", "--max_steps", "4",
+        "--logging_steps", "1", "--save_steps", "2", "--report_to", "none", "--seed", "0", "--ddp_timeout", "60",
+        "--dataset_cache_dir", str(out.parent / "token-cache"), "--output_dir", str(out), *extra,
+    ]  # fmt: skip
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "adapter_model.safetensors")
+
+
+def losses(out: Path) -> list[float]:
+    state = json.loads((out / "trainer_state.json").read_text())
+    return [e["loss"] for e in state["log_history"] if "loss" in e]
+
+
+class Runs:
+    """The runs the tests compare, each made once (in the order a test first asks for it)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.data = two_examples(root / "two.json")
+        self._done: dict[str, tuple[Path, str]] = {}
+
+    def ddp(self) -> tuple[Path, str]:
+        """Two processes of one row each, uninterrupted; rank 1's writes recorded."""
+        if "ddp" not in self._done:
+            out = self.root / "ddp"
+            argv = run_argv(self.data, out, "--per_device_train_batch_size", "1", "--plot_loss", "true",
+                            "--sample_prompts", "Say hi.", "--sample_max_new_tokens", "4")  # fmt: skip
+            code, log, _ = run_processes([str(HERE / "ddp_worker.py"), "--record", str(self.root / "writes"),
+                                          "--output_dir_for_record", str(out), "::", *argv])  # fmt: skip
+            assert code == 0, log[-3000:]
+            self._done["ddp"] = (out, log)
+        return self._done["ddp"]
+
+    def single(self) -> Path:
+        """One process of both rows (in this process)."""
+        if "single" not in self._done:
+            from tnlora.train.run import train
+
+            out = self.root / "single"
+            train(load_run_config(None, run_argv(self.data, out, "--per_device_train_batch_size", "2")))
+            self._done["single"] = (out, "")
+        return self._done["single"][0]
+
+    def resumed(self) -> tuple[Path, str]:
+        """Two processes killed right after checkpoint-2 was completed, then resumed."""
+        if "resumed" not in self._done:
+            out = self.root / "resumed"
+            argv = run_argv(self.data, out, "--per_device_train_batch_size", "1", "--plot_loss", "true",
+                            "--sample_prompts", "Say hi.", "--sample_max_new_tokens", "4")  # fmt: skip
+            code, log, _ = run_processes([str(HERE / "ddp_worker.py"), "--exit_after_save", "2", "::", *argv])
+            assert code != 0 and (out / "checkpoint-2").is_dir() and not (out / "checkpoint-4").exists(), log[-3000:]
+            code, log, _ = run_processes([str(HERE / "ddp_worker.py"), "::", *argv,
+                                          "--resume_from_checkpoint", "true"])  # fmt: skip
+            assert code == 0, log[-3000:]
+            self._done["resumed"] = (out, log)
+        return self._done["resumed"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    return Runs(tmp_path_factory.mktemp("ddp"))
+
+
+def test_ddp_two_ranks_of_one_row_equal_one_process_of_two_rows(runs: Runs):
+    ddp, _ = runs.ddp()
+    single = runs.single()
+    got, want = adapter(ddp), adapter(single)
+    assert got.keys() == want.keys() and got
+    # float32, summed in another order: one process adds the two rows' gradients inside each matmul, DDP adds
+    # the ranks' gradients in the all-reduce (and the short row is padded in one process only). Four AdamW
+    # steps at lr 1e-2 keep those ~1e-7 relative differences far below the 1e-2 that a step moves a weight.
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+    # The loss is per token over both ranks (the Trainer gathers the token count): the same logged losses.
+    assert losses(ddp) == pytest.approx(losses(single), rel=1e-5)
+    assert len(losses(ddp)) == 4
+    # B starts at zero: the adapter moved, so the comparison is not of two initial states.
+    assert any(v.abs().max() > 1e-3 for k, v in got.items() if "lora_B" in k)
+
+
+def test_ddp_resume_equals_uninterrupted_run(runs: Runs):
+    ddp, _ = runs.ddp()
+    resumed, log = runs.resumed()
+    assert "resuming from" in log
+    got, want = adapter(resumed), adapter(ddp)
+    for name in want:
+        # the same two processes, the same order of every sum: bitwise
+        assert torch.equal(got[name], want[name]), name
+    assert losses(resumed)[-2:] == losses(ddp)[-2:]
+    # the samples of the steps after the checkpoint, once
+    steps = [json.loads(line)["step"] for line in (resumed / "samples.jsonl").read_text().splitlines()]
+    assert steps == [4]
+
+
+def test_ddp_only_rank_zero_writes_outputs(runs: Runs):
+    out, log = runs.ddp()
+    rank1 = (runs.root / "writes.rank1").read_text().split()
+    # rank 1 writes its own random state into each checkpoint, and nothing else
+    assert sorted(set(rank1)) == ["checkpoint-2/rng_state_1.pth", "checkpoint-4/rng_state_1.pth"]
+    rank0 = set((runs.root / "writes.rank0").read_text().split())
+    assert {"tnlora_output.json", "loss.png", "samples.jsonl"} <= {Path(p).name for p in rank0}
+    for name in ("adapter_model.safetensors", "trainer_state.json", "tnlora_run.yaml", "loss.png"):
+        assert (out / name).is_file(), name
+    from tnlora.train.checkpoints import is_complete
+
+    assert is_complete(out / "checkpoint-2") and is_complete(out / "checkpoint-4")
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tnlora-tmp") or p.name == ".tnlora-saving"]
+    marker = json.loads((out / "tnlora_output.json").read_text())
+    assert "adapter_model.safetensors" in marker["files"]
+    # the run's messages once: rank 0's
+    assert log.count("saved to ") == 1 and log.count("step 4/4") == 1 and log.count("data: 2 records") == 1
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 1
+
+
+def test_ddp_error_on_one_rank_ends_both_processes(tmp_path: Path):
+    data = two_examples(tmp_path / "two.json")
+    argv = run_argv(data, tmp_path / "out", "--per_device_train_batch_size", "1", "--ddp_timeout", "20")
+    code, log, seconds = run_processes([str(HERE / "ddp_worker.py"), "--fail_rank", "1", "--fail_step", "2",
+                                        "::", *argv], timeout=90)  # fmt: skip
+    assert code != 0
+    assert "error: train.json, record 2: an injected bad record" in log
+    # rank 0 waits in step 2's all-reduce; torchrun ends it (or, at the latest, the 20 s ddp_timeout would)
+    assert seconds < 80, log[-2000:]
+
+
+def test_bad_record_read_by_the_main_process_stops_every_process(tmp_path: Path):
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps([{"instruction": "Hi", "output": "Hello"}, {"instruction": 3, "output": "x"}]))
+    argv = run_argv(data, tmp_path / "out", "--per_device_train_batch_size", "1")
+    # the shortcut: tnlora train ... --nproc_per_node 2 runs the command under torchrun
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "tnlora", "train", *argv, "--nproc_per_node", "2"],
+                          capture_output=True, text=True, env=env, timeout=90, stdin=subprocess.DEVNULL)  # fmt: skip
+    log = done.stdout + done.stderr
+    assert done.returncode != 0 and time.monotonic() - start < 80
+    assert "bad.json, record 2" in log
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_nproc_per_node_is_refused_inside_a_launched_process(monkeypatch: pytest.MonkeyPatch, capsys):
+    from tnlora.cli import main
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "--model_name_or_path", "tiny", "--dataset", "d", "--output_dir", "o",
+                 "--nproc_per_node", "2"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --nproc_per_node: this process is already one of 2") and "\n" not in err
+
+
+def test_fsdp2_wrapping_equals_one_process(tmp_path: Path):
+    """Each decoder layer and the root as FSDP2 units over two processes, each with one of two rows: LoRA (frozen
+    and trainable weights in one unit), full (the tied head read by the fused loss inside the root unit) and
+    freeze tuning end three AdamW steps where one process with both rows does; the gathered state dict is the
+    one process's."""
+    code, log, _ = run_processes([str(HERE / "fsdp2_check.py"), str(tmp_path)])
+    if "fully_shard unavailable" in log:
+        pytest.skip("this torch has no FSDP2 fully_shard on the CPU")
+    assert code == 0, log[-3000:]
+    for method in ("lora", "full", "freeze"):
+        sharded = torch.load(tmp_path / f"{method}-fsdp.pt")
+        plain = torch.load(tmp_path / f"{method}-plain.pt")
+        initial = torch.load(tmp_path / f"{method}-init.pt")
+        assert sharded.keys() == plain.keys() and sharded
+        trained = [k for k in plain if k in json.loads((tmp_path / f"{method}-trained.json").read_text())]
+        # every trained weight moved (the comparison is not of two initial states), the frozen ones did not
+        assert trained and all((plain[k] - initial[k]).abs().max() > 1e-4 for k in trained), method
+        assert all(torch.equal(sharded[k], initial[k]) for k in plain if k not in trained), method
+        for name in plain:
+            # float32 sums in another order (the reduce-scatter adds the ranks' gradients; three SGD steps of
+            # rate 0.1 move weights by ~1e-2): 1e-6
+            torch.testing.assert_close(sharded[name], plain[name], rtol=1e-5, atol=1e-6, msg=f"{method} {name}")
+
+
+def test_world_size_and_rank_without_a_launcher(monkeypatch: pytest.MonkeyPatch):
+    for name in distributed.LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main()
+    assert distributed.main_first(lambda: 7, "testing") == 7
+    assert distributed.broadcast("x") == "x"
