@@ -82,7 +82,9 @@ def main() -> int:
     ids, labels = rows()
     for method in ("lora", "full", "freeze"):
         model = build(method)
-        trained = [n for n, p in model.named_parameters() if p.requires_grad]
+        # by identity: the tied LM head is a state-dict name of the trained embedding too
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        trained = [n for n, t in model.state_dict(keep_vars=True).items() if id(t) in trainable]
         for module in model.modules():
             if type(module).__name__ == FSDP_LAYER:
                 fully_shard(module)

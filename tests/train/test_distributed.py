@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -31,13 +32,18 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def worker_env() -> dict[str, str]:
+    """This checkout's sources first; one thread a process (two processes share the CPUs)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1"}  # fmt: skip
+
+
 def run_processes(args: list[str], timeout: float = RUN_TIMEOUT) -> tuple[int, str, float]:
     """Two processes on this host under torchrun (a free port); their exit status, output and wall time."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     start = time.monotonic()
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+    done = subprocess.run(command, capture_output=True, text=True, env=worker_env(), timeout=timeout,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
     return done.returncode, done.stdout + done.stderr, time.monotonic() - start
 
 
@@ -80,16 +86,19 @@ class Runs:
     def __init__(self, root: Path):
         self.root = root
         self.data = two_examples(root / "two.json")
-        self._done: dict[str, tuple[Path, str]] = {}
+        self._done: dict[str, Any] = {}
+
+    def argv(self, out: Path) -> list[str]:
+        """The two-process runs' arguments: one row each."""
+        return run_argv(self.data, out, "--per_device_train_batch_size", "1", "--plot_loss", "true",
+                        "--sample_prompts", "Say hi.", "--sample_max_new_tokens", "4")  # fmt: skip
 
     def ddp(self) -> tuple[Path, str]:
         """Two processes of one row each, uninterrupted; rank 1's writes recorded."""
         if "ddp" not in self._done:
             out = self.root / "ddp"
-            argv = run_argv(self.data, out, "--per_device_train_batch_size", "1", "--plot_loss", "true",
-                            "--sample_prompts", "Say hi.", "--sample_max_new_tokens", "4")  # fmt: skip
             code, log, _ = run_processes([str(HERE / "ddp_worker.py"), "--record", str(self.root / "writes"),
-                                          "--output_dir_for_record", str(out), "::", *argv])  # fmt: skip
+                                          "--output_dir_for_record", str(out), "::", *self.argv(out)])  # fmt: skip
             assert code == 0, log[-3000:]
             self._done["ddp"] = (out, log)
         return self._done["ddp"]
@@ -104,17 +113,27 @@ class Runs:
             self._done["single"] = (out, "")
         return self._done["single"][0]
 
-    def resumed(self) -> tuple[Path, str]:
-        """Two processes killed right after checkpoint-2 was completed, then resumed."""
-        if "resumed" not in self._done:
+    def failed(self) -> tuple[Path, str, int, float, list[str]]:
+        """Two processes, rank 1 failing at the start of step 4 (after checkpoint-2 was completed: step 3's
+        all-reduce waited for rank 0's save); their exit status, output, wall time and the entries they left."""
+        if "failed" not in self._done:
             out = self.root / "resumed"
-            argv = run_argv(self.data, out, "--per_device_train_batch_size", "1", "--plot_loss", "true",
-                            "--sample_prompts", "Say hi.", "--sample_max_new_tokens", "4")  # fmt: skip
-            code, log, _ = run_processes([str(HERE / "ddp_worker.py"), "--exit_after_save", "2", "::", *argv])
-            assert code != 0 and (out / "checkpoint-2").is_dir() and not (out / "checkpoint-4").exists(), log[-3000:]
-            code, log, _ = run_processes([str(HERE / "ddp_worker.py"), "::", *argv,
-                                          "--resume_from_checkpoint", "true"])  # fmt: skip
-            assert code == 0, log[-3000:]
+            code, log, seconds = run_processes([str(HERE / "ddp_worker.py"), "--fail_rank", "1", "--fail_step", "4",
+                                                "::", *self.argv(out)], timeout=90)  # fmt: skip
+            self._done["failed"] = (out, log, code, seconds, sorted(p.name for p in out.iterdir()))
+        return self._done["failed"]
+
+    def resumed(self) -> tuple[Path, str]:
+        """The failed run resumed, through the shortcut: ``tnlora train ... --nproc_per_node 2``."""
+        if "resumed" not in self._done:
+            out, _, code, _, _ = self.failed()
+            assert code != 0 and (out / "checkpoint-2").is_dir() and not (out / "checkpoint-4").exists()
+            done = subprocess.run([sys.executable, "-m", "tnlora", "train", *self.argv(out),
+                                   "--resume_from_checkpoint", "true", "--nproc_per_node", "2"],
+                                  capture_output=True, text=True, env=worker_env(), timeout=RUN_TIMEOUT,
+                                  stdin=subprocess.DEVNULL)  # fmt: skip
+            log = done.stdout + done.stderr
+            assert done.returncode == 0, log[-3000:]
             self._done["resumed"] = (out, log)
         return self._done["resumed"]
 
@@ -175,30 +194,24 @@ def test_ddp_only_rank_zero_writes_outputs(runs: Runs):
     assert len((out / "samples.jsonl").read_text().splitlines()) == 1
 
 
-def test_ddp_error_on_one_rank_ends_both_processes(tmp_path: Path):
-    data = two_examples(tmp_path / "two.json")
-    argv = run_argv(data, tmp_path / "out", "--per_device_train_batch_size", "1", "--ddp_timeout", "20")
-    code, log, seconds = run_processes([str(HERE / "ddp_worker.py"), "--fail_rank", "1", "--fail_step", "2",
-                                        "::", *argv], timeout=90)  # fmt: skip
+def test_ddp_error_on_one_rank_ends_both_processes(runs: Runs):
+    _, log, code, seconds, left = runs.failed()
     assert code != 0
-    assert "error: train.json, record 2: an injected bad record" in log
-    # rank 0 waits in step 2's all-reduce; torchrun ends it (or, at the latest, the 20 s ddp_timeout would)
+    assert "error: train.json, record 4: an injected bad record" in log
+    # rank 0 waits in step 4's all-reduce; torchrun ends it (or, at the latest, the 60 s ddp_timeout would)
     assert seconds < 80, log[-2000:]
+    # checkpoint-2 and the run's files; no final outputs from a failed run
+    assert "checkpoint-2" in left and "tnlora_output.json" in left and "adapter_model.safetensors" not in left
 
 
-def test_bad_record_read_by_the_main_process_stops_every_process(tmp_path: Path):
-    data = tmp_path / "bad.json"
-    data.write_text(json.dumps([{"instruction": "Hi", "output": "Hello"}, {"instruction": 3, "output": "x"}]))
-    argv = run_argv(data, tmp_path / "out", "--per_device_train_batch_size", "1")
-    # the shortcut: tnlora train ... --nproc_per_node 2 runs the command under torchrun
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-    start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "tnlora", "train", *argv, "--nproc_per_node", "2"],
-                          capture_output=True, text=True, env=env, timeout=90, stdin=subprocess.DEVNULL)  # fmt: skip
-    log = done.stdout + done.stderr
-    assert done.returncode != 0 and time.monotonic() - start < 80
-    assert "bad.json, record 2" in log
-    assert not (tmp_path / "out").exists()  # refused before anything was written
+def test_error_in_the_main_process_while_it_reads_the_data_reaches_the_others(tmp_path: Path):
+    code, log, _ = run_processes([str(HERE / "main_first_check.py")], timeout=60)
+    assert code != 0
+    # rank 0 ends with its own error; rank 1, which waited for the cache, names it instead of hanging
+    assert "rank 0: error: " in log and "bad.json, record 2, field 'instruction': expected a string" in log
+    rank1 = [line for line in log.splitlines() if line.startswith("rank 1: error: ")]
+    assert len(rank1) == 1 and "stopped, the main process failed while reading the data: " in rank1[0]
+    assert "bad.json, record 2, field 'instruction'" in rank1[0]
 
 
 def test_nproc_per_node_is_refused_inside_a_launched_process(monkeypatch: pytest.MonkeyPatch, capsys):
@@ -215,7 +228,7 @@ def test_nproc_per_node_is_refused_inside_a_launched_process(monkeypatch: pytest
 def test_fsdp2_wrapping_equals_one_process(tmp_path: Path):
     """Each decoder layer and the root as FSDP2 units over two processes, each with one of two rows: LoRA (frozen
     and trainable weights in one unit), full (the tied head read by the fused loss inside the root unit) and
-    freeze tuning end three AdamW steps where one process with both rows does; the gathered state dict is the
+    freeze tuning end three SGD steps where one process with both rows does; the gathered state dict is the
     one process's."""
     code, log, _ = run_processes([str(HERE / "fsdp2_check.py"), str(tmp_path)])
     if "fully_shard unavailable" in log:
