@@ -6,6 +6,7 @@ bounded by a subprocess timeout."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -255,3 +256,77 @@ def test_world_size_and_rank_without_a_launcher(monkeypatch: pytest.MonkeyPatch)
     assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main()
     assert distributed.main_first(lambda: 7, "testing") == 7
     assert distributed.broadcast("x") == "x"
+
+
+def train_error(tmp_path: Path, capsys, *extra: str) -> str:
+    """The one ``error:`` line of ``tnlora train`` on the tiny preset with ``extra`` (nothing written)."""
+    from tnlora.cli import main
+
+    data = two_examples(tmp_path / "two.json")
+    assert main(["train", *run_argv(data, tmp_path / "out"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert not (tmp_path / "out").exists()
+    return err
+
+
+def write_ds_config(path: Path, **zero: Any) -> Path:
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": zero}))
+    return path
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="DeepSpeed is installed")
+def test_deepspeed_without_the_package_is_refused_in_one_line(tmp_path: Path, capsys):
+    config = write_ds_config(tmp_path / "ds.json", stage=2)
+    err = train_error(tmp_path, capsys, "--deepspeed", str(config))
+    assert "deepspeed: DeepSpeed is not installed (pip install 'tnlora[deepspeed]'" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (("--deepspeed", "missing.json"), "deepspeed: cannot read "),
+        (("--deepspeed", "{ds}"), "sets ZeRO-3 without stage3_gather_16bit_weights_on_model_save: true"),
+        (("--fsdp", "hybrid_shard"), "fsdp: unknown option 'hybrid_shard' (hybrid_shard and no_shard are FSDP1"),
+        (("--fsdp", "full_shard shard_grad_op"), "fsdp: full_shard and shard_grad_op exclude each other"),
+        (("--fsdp_config", '{"version": 2}'), "fsdp_config: set fsdp: full_shard too"),
+        (("--fsdp", "full_shard", "--deepspeed", "{ds}"), "deepspeed: set either deepspeed or fsdp, not both"),
+    ],
+)
+def test_engine_settings_are_checked_in_one_line(tmp_path: Path, capsys, extra: tuple[str, ...], expected: str):
+    ds = write_ds_config(tmp_path / "z3.json", stage=3)
+    err = train_error(tmp_path, capsys, *[a.replace("{ds}", str(ds)) for a in extra])
+    assert expected in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
+def test_fsdp_without_a_gpu_is_refused_in_one_line(tmp_path: Path, capsys):
+    err = train_error(tmp_path, capsys, "--fsdp", "full_shard")
+    assert "fsdp: needs CUDA GPUs" in err and "DDP (torchrun)" in err
+
+
+def test_fsdp_options_wrap_each_decoder_layer_and_save_gathered():
+    cfg = load_run_config(None, ["--model_name_or_path", "tiny", "--dataset", "d", "--output_dir", "o",
+                                 "--fsdp", "shard_grad_op offload",
+                                 "--fsdp_config", '{"fsdp_activation_checkpointing": false}'])  # fmt: skip
+    args = distributed.engine_arguments(cfg)
+    assert args["fsdp"] is True
+    options = args["fsdp_config"]
+    assert options["version"] == 2 and options["transformer_layer_cls_to_wrap"] == ["TransnormerDecoderLayer"]
+    assert options["state_dict_type"] == "FULL_STATE_DICT" and options["cpu_offload"] is True
+    assert options["reshard_after_forward"] is False  # shard_grad_op
+    assert options["activation_checkpointing"] is False  # accelerate's fsdp_ prefix, the Trainer's spelling
+    from tnlora.model.modeling import TransnormerDecoderLayer
+
+    assert TransnormerDecoderLayer.__name__ == distributed.FSDP_LAYER
+    plain = load_run_config(None, ["--model_name_or_path", "tiny", "--dataset", "d", "--output_dir", "o"])
+    assert distributed.engine_arguments(plain) == {}
+
+
+def test_resuming_with_another_engine_is_refused():
+    from tnlora.train.checkpoints import resume_differences
+
+    base = ["--model_name_or_path", "tiny", "--dataset", "d", "--output_dir", "o"]
+    saved = load_run_config(None, [*base, "--fsdp", "full_shard"])
+    assert resume_differences(saved, load_run_config(None, base)) == ["fsdp full_shard → null"]
+    assert resume_differences(saved, load_run_config(None, [*base, "--fsdp", "full_shard"])) == []

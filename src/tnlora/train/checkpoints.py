@@ -49,8 +49,10 @@ MEANING_KEYS = frozenset({
     "optim", "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps",
     "weight_decay", "adam_beta1", "adam_beta2", "stage",
     # how the optimizer state and weights are laid out in the checkpoint (DDP, DeepSpeed or FSDP files)
-    "deepspeed", "fsdp", "fsdp_config",
+    *("deepspeed", "fsdp", "fsdp_config"),
 })  # fmt: skip
+# Meaning keys whose None is a value too (no engine: the Trainer's own optimizer.pt), not a key left open.
+ENGINE_KEYS = frozenset({"deepspeed", "fsdp", "fsdp_config"})
 # Keys a resumed run may change: logging, saving, evaluation, how long it runs, how it runs.
 HARMLESS_KEYS = frozenset({
     "trust_remote_code", "attention_impl", "eval_dataset", "dataset_cache_dir", "overwrite_cache",
@@ -66,7 +68,10 @@ RESUME_FLAG = "--resume_from_checkpoint true"
 
 
 def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    from tnlora.train import distributed
+
+    if distributed.is_main():  # several processes: the run's messages once
+        print(message, file=sys.stderr, flush=True)
 
 
 def new_run_id() -> str:
@@ -270,7 +275,7 @@ def resume_differences(saved: RunConfig, cfg: RunConfig) -> list[str]:
     changes = []
     for key in sorted(MEANING_KEYS):
         new, old = getattr(cfg, key), getattr(saved, key)
-        if new is not None and new != old:
+        if (new is not None or key in ENGINE_KEYS) and new != old:
             changes.append(f"{key} {_shown(old)} → {_shown(new)}")
     return changes
 

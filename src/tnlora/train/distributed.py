@@ -18,6 +18,7 @@ FSDP2 or DeepSpeed. What tnlora adds around it:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import socket
@@ -211,21 +212,19 @@ def check_engine(cfg, cuda: bool) -> None:
     key = "deepspeed" if cfg.deepspeed else "fsdp" if cfg.fsdp else None
     if key is None:
         return
-    if not cuda:
-        raise ConfigError(f"{key}: needs CUDA GPUs (accelerate runs {'DeepSpeed' if cfg.deepspeed else 'FSDP'} on "
-                          "GPUs only); without them, several CPU processes train with DDP (torchrun)")  # fmt: skip
     if cfg.deepspeed:
-        config = read_deepspeed_config(cfg.deepspeed)
-        try:
-            import deepspeed  # noqa: F401
-        except ImportError:
-            raise ConfigError("deepspeed: DeepSpeed is not installed (pip install deepspeed)") from None
-        zero = config.get("zero_optimization", {})
+        zero = read_deepspeed_config(cfg.deepspeed).get("zero_optimization", {})
         if str(zero.get("stage", 0)) == "3" and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
             raise ConfigError(
                 f"deepspeed: {cfg.deepspeed} sets ZeRO-3 without stage3_gather_16bit_weights_on_model_save: true; "
                 "the adapter or model would be saved as DeepSpeed shards that one process cannot load"
             )
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("deepspeed: DeepSpeed is not installed (pip install 'tnlora[deepspeed]', on a machine "
+                              "with CUDA GPUs)")  # fmt: skip
+    if not cuda:
+        raise ConfigError(f"{key}: needs CUDA GPUs (accelerate runs {'DeepSpeed' if cfg.deepspeed else 'FSDP'} on "
+                          "GPUs only); without them, several CPU processes train with DDP (torchrun)")  # fmt: skip
     if cfg.fsdp_config is not None:
         version = fsdp_options(cfg).get("version", 2)
         if str(version) != "2":

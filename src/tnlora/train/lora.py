@@ -168,16 +168,18 @@ def _freeze_all_but_layers(model: nn.Module, n: int) -> None:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared (tied) tensors count once."""
+    """(trainable, total) parameter counts; shared (tied) tensors count once. (A DeepSpeed ZeRO-3 partition
+    counts its full size, ``ds_numel``: its own data is empty outside its module's forward.)"""
     seen: set[int] = set()
     trainable = total = 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
+        size = getattr(p, "ds_numel", None) or p.numel()
+        total += size
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += size
     return trainable, total
 
 

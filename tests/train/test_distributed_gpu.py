@@ -1,0 +1,149 @@
+"""DeepSpeed ZeRO-2 / ZeRO-3 and FSDP2 through the Trainer (``train.distributed``) on one CUDA GPU, world size 1:
+each engine trains what plain training trains, on the tiny preset in float32 (four AdamW steps, a checkpoint
+every two), and its outputs load in one process (``tnlora merge``, ``load_base_model`` as ``tnlora chat`` does).
+
+Each run is ``python -m tnlora train`` in a subprocess (an engine's process group and accelerate's state are per
+process). Skipped without CUDA; the DeepSpeed cases also without DeepSpeed (``pip install 'tnlora[deepspeed]'``;
+no compiled DeepSpeed ops are needed: the Trainer's torch AdamW runs inside ZeRO). Run on a GPU with
+``pytest -s -m gpu tests/train/test_distributed_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tnlora
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+pytestmark = pytest.mark.gpu
+
+SRC = Path(tnlora.__file__).resolve().parents[1]
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "deepspeed"
+RUN_TIMEOUT = 600
+ENGINES = {
+    "z2": ("--deepspeed", str(EXAMPLES / "ds_z2_config.json")),
+    "z3": ("--deepspeed", str(EXAMPLES / "ds_z3_config.json")),
+    "z3_offload": ("--deepspeed", str(EXAMPLES / "ds_z3_offload_config.json")),
+    "fsdp": ("--fsdp", "full_shard"),
+}
+METHODS = {"lora": (), "full": (), "freeze": ("--freeze_trainable_layers", "1")}
+# float32 on both sides; the engines sum and clip over flat buffers (another order of the same float32 sums),
+# and a step moves a weight by ~1e-2 (lr 1e-2): 1e-4 is 1 % of a step.
+ATOL, RTOL = 1e-4, 1e-3
+
+
+def needs_deepspeed(engine: str) -> None:
+    if engine != "fsdp" and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("needs DeepSpeed (pip install 'tnlora[deepspeed]')")
+
+
+def run_tnlora(*argv: str) -> str:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "tnlora", *argv], capture_output=True, text=True, env=env,
+                          timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    return log
+
+
+class Runs:
+    """Each (method, engine) run made once; engine None is plain training."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.data = root / "two.json"
+        self.data.write_text(json.dumps([
+            {"instruction": "Say hi.", "input": "", "output": "Hi!"},
+            {"instruction": "Describe the sea in a few sentences, with its colour.", "input": "",
+             "output": "The sea is wide and restless; its colour changes from grey to deep blue with the sky."},
+        ]))  # fmt: skip
+        self.done: dict[tuple[str, str | None], Path] = {}
+
+    def get(self, method: str, engine: str | None) -> Path:
+        key = (method, engine)
+        if key not in self.done:
+            out = self.root / f"{method}-{engine or 'plain'}"
+            run_tnlora(
+                "train", "--model_name_or_path", "tiny", "--dataset", str(self.data), "--template", "chatml",
+                "--cutoff_len", "256", "--packing", "false", "--finetuning_type", method, "--lora_rank", "4",
+                "--learning_rate", "1e-2", "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1",
+                "--per_device_train_batch_size", "2", "--bf16", "false", "--torch_compile", "false",
+                "--gradient_checkpointing", "false", "--attention_impl", "chunked", "--report_to", "none",
+                "--seed", "0", "--dataset_cache_dir", str(self.root / "cache"), "--output_dir", str(out),
+                *METHODS[method], *(ENGINES[engine] if engine else ()),
+            )  # fmt: skip
+            self.done[key] = out
+        return self.done[key]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    return Runs(tmp_path_factory.mktemp("engines"))
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    """The run's saved weights: the adapter, or the whole model (one file at the tiny size)."""
+    name = "adapter_model.safetensors" if (out / "adapter_model.safetensors").is_file() else "model.safetensors"
+    return load_file(out / name)
+
+
+def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> None:
+    assert got.keys() == want.keys() and want, what
+    for name in want:
+        assert got[name].dtype == want[name].dtype == torch.float32, f"{what} {name}"
+        torch.testing.assert_close(got[name], want[name], atol=ATOL, rtol=RTOL, msg=f"{what} {name}")
+
+
+@pytest.mark.parametrize("engine", ["z2", "z3", "z3_offload", "fsdp"])
+def test_engine_trains_the_adapter_plain_training_trains(runs: Runs, engine: str):
+    needs_deepspeed(engine)
+    got, want = weights(runs.get("lora", engine)), weights(runs.get("lora", None))
+    assert_same_weights(got, want, f"lora {engine}")
+    # B starts at zero: the adapter moved
+    assert any(v.abs().max() > 1e-3 for k, v in want.items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize("method", ["full", "freeze"])
+@pytest.mark.parametrize("engine", ["z3", "fsdp"])
+def test_engine_trains_the_model_plain_training_trains(runs: Runs, engine: str, method: str):
+    needs_deepspeed(engine)
+    out = runs.get(method, engine)
+    assert_same_weights(weights(out), weights(runs.get(method, None)), f"{method} {engine}")
+    # one process loads it as tnlora chat does, and it runs
+    from tnlora.model.loading import load_base_model
+
+    model = load_base_model(str(out), dtype=torch.float32, attention_impl="chunked")
+    logits = model(input_ids=torch.tensor([[5, 6, 7]])).logits
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("engine", ["z3", "fsdp"])
+def test_engine_adapter_merges_in_one_process(runs: Runs, engine: str, tmp_path: Path):
+    needs_deepspeed(engine)
+    merged = {}
+    for name, e in (("engine", engine), ("plain", None)):
+        run_tnlora("merge", "--model", "tiny", "--adapter", str(runs.get("lora", e)), "--output",
+                   str(tmp_path / name), "--dtype", "float32")  # fmt: skip
+        merged[name] = load_file(tmp_path / name / "model.safetensors")
+    assert_same_weights(merged["engine"], merged["plain"], f"merged {engine}")
+
+
+@pytest.mark.parametrize("engine", ["z2", "z3", "fsdp"])
+def test_engine_checkpoints_are_complete(runs: Runs, engine: str):
+    needs_deepspeed(engine)
+    from tnlora.train.checkpoints import is_complete
+
+    out = runs.get("lora", engine)
+    assert is_complete(out / "checkpoint-2") and is_complete(out / "checkpoint-4")
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tnlora-tmp") or p.name == ".tnlora-saving"]
