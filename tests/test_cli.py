@@ -136,7 +136,8 @@ def test_train_help_shows_defaults_and_choices(capsys):
     assert lines["lr_scheduler_type"].endswith("(default linear; one of linear, cosine, cosine_with_restarts, "
                                                "polynomial, constant, constant_with_warmup, inverse_sqrt)")  # fmt: skip
     assert lines["model_name_or_path"].endswith("(required)")
-    assert "refused when set (features tnlora does not have): deepspeed" in out
+    assert "refused when set (features tnlora does not have): " in out and "use_galore" in out
+    assert lines["deepspeed"].startswith("  deepspeed ") and "fsdp" in lines
 
 
 def test_key_value_overrides_beside_dashed_ones(capsys, tmp_path):

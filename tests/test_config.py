@@ -235,7 +235,6 @@ def test_llamafactory_and_trainer_keys_are_accepted_with_their_meaning(tmp_path)
     ("override", "expected"),
     [
         (["--quantization_bit", "4"], "quantization_bit: quantized (QLoRA) training is not available in tnlora; got '4'"),
-        (["--deepspeed", "ds_z3.json"], "deepspeed: DeepSpeed is not available in tnlora"),
         (["--use_galore", "true"], "use_galore: the GaLore optimizer is not available in tnlora"),
         (["--fp16", "true"], "fp16: fp16 mixed precision is not available in tnlora (use bf16: true"),
         (["--flash_attn", "fa2"], "flash_attn: a softmax-attention kernel"),
