@@ -205,9 +205,22 @@ def test_ddp_error_on_one_rank_ends_both_processes(runs: Runs):
     assert "checkpoint-2" in left and "tnlora_output.json" in left and "adapter_model.safetensors" not in left
 
 
-def test_error_in_the_main_process_while_it_reads_the_data_reaches_the_others(tmp_path: Path):
-    code, log, _ = run_processes([str(HERE / "main_first_check.py")], timeout=60)
-    assert code != 0
+LAUNCHERS = {
+    "torchrun": ["torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    # accelerate's launcher (no config file): two processes on this host, through torchrun's machinery
+    "accelerate": ["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_error_in_the_main_process_while_it_reads_the_data_reaches_the_others(launcher: str):
+    # the process group as every launcher sets it up (RANK, WORLD_SIZE, the rendezvous): tnlora's own, opened
+    # before the data is read
+    done = subprocess.run([sys.executable, "-m", *LAUNCHERS[launcher], str(HERE / "main_first_check.py")],
+                          capture_output=True, text=True, env=worker_env(), timeout=60, stdin=subprocess.DEVNULL)  # fmt: skip
+    code, log = done.returncode, done.stdout + done.stderr
+    assert code != 0, log[-2000:]
     # rank 0 ends with its own error; rank 1, which waited for the cache, names it instead of hanging
     assert "rank 0: error: " in log and "bad.json, record 2, field 'instruction': expected a string" in log
     rank1 = [line for line in log.splitlines() if line.startswith("rank 1: error: ")]
