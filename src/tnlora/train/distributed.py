@@ -204,8 +204,8 @@ def shards_parameters(cfg) -> bool:
 
 
 def check_engine(cfg, cuda: bool) -> None:
-    """Refuse, in one line naming the key, what the chosen engine cannot run: DeepSpeed and FSDP without a GPU
-    or without their package, ZeRO-3 configs that would save shards instead of the gathered adapter, and the
+    """Refuse, in one line naming the key, what the chosen engine cannot run: DeepSpeed without its package, FSDP
+    without a GPU, ZeRO-3 configs that would save shards instead of the gathered adapter, and the
     features that run the model in the main process alone while the weights are sharded."""
     from tnlora.errors import ConfigError
 
@@ -220,11 +220,11 @@ def check_engine(cfg, cuda: bool) -> None:
                 "the adapter or model would be saved as DeepSpeed shards that one process cannot load"
             )
         if importlib.util.find_spec("deepspeed") is None:
-            raise ConfigError("deepspeed: DeepSpeed is not installed (pip install 'tnlora[deepspeed]', on a machine "
-                              "with CUDA GPUs)")  # fmt: skip
-    if not cuda:
-        raise ConfigError(f"{key}: needs CUDA GPUs (accelerate runs {'DeepSpeed' if cfg.deepspeed else 'FSDP'} on "
-                          "GPUs only); without them, several CPU processes train with DDP (torchrun)")  # fmt: skip
+            raise ConfigError("deepspeed: DeepSpeed is not installed (pip install 'tnlora[deepspeed]')")
+    elif not cuda:
+        # (DeepSpeed has a CPU accelerator of its own; accelerate runs FSDP on GPUs only and would train without it)
+        raise ConfigError("fsdp: needs CUDA GPUs (accelerate runs FSDP on GPUs only); without them, several CPU "
+                          "processes train with DDP (torchrun) or DeepSpeed (deepspeed: FILE)")  # fmt: skip
     if cfg.fsdp_config is not None:
         version = fsdp_options(cfg).get("version", 2)
         if str(version) != "2":
