@@ -246,8 +246,10 @@ def write_ds_config(path: Path, **zero: Any) -> Path:
     return path
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="DeepSpeed is installed")
-def test_deepspeed_without_the_package_is_refused_in_one_line(tmp_path: Path, capsys):
+def test_deepspeed_without_the_package_is_refused_in_one_line(tmp_path: Path, capsys, monkeypatch):
+    find_spec = importlib.util.find_spec
+    # as where it is not installed (the check asks importlib)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a))
     config = write_ds_config(tmp_path / "ds.json", stage=2)
     err = train_error(tmp_path, capsys, "--deepspeed", str(config))
     assert "deepspeed: DeepSpeed is not installed (pip install 'tnlora[deepspeed]'" in err
