@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from distributed_helpers import saved_weights
 from safetensors.torch import load_file
 
 import tnlora
@@ -68,12 +69,12 @@ class Runs:
             {"instruction": "Describe the sea in a few sentences, with its colour.", "input": "",
              "output": "The sea is wide and restless; its colour changes from grey to deep blue with the sky."},
         ]))  # fmt: skip
-        self.done: dict[tuple[str, str | None], Path] = {}
+        self.done: dict[tuple[str | None, ...], Path] = {}
 
-    def get(self, method: str, engine: str | None) -> Path:
-        key = (method, engine)
+    def get(self, method: str, engine: str | None, *extra: str) -> Path:
+        key = (method, engine, *extra)
         if key not in self.done:
-            out = self.root / f"{method}-{engine or 'plain'}"
+            out = self.root / f"{method}-{engine or 'plain'}{'-' + '-'.join(extra).strip('-') if extra else ''}"
             run_tnlora(
                 "train", "--model_name_or_path", "tiny", "--dataset", str(self.data), "--template", "chatml",
                 "--cutoff_len", "256", "--packing", "false", "--finetuning_type", method, "--lora_rank", "4",
@@ -81,7 +82,7 @@ class Runs:
                 "--per_device_train_batch_size", "2", "--bf16", "false", "--torch_compile", "false",
                 "--gradient_checkpointing", "false", "--attention_impl", "chunked", "--report_to", "none",
                 "--seed", "0", "--dataset_cache_dir", str(self.root / "cache"), "--output_dir", str(out),
-                *METHODS[method], *(ENGINES[engine] if engine else ()),
+                *METHODS[method], *(ENGINES[engine] if engine else ()), *extra,
             )  # fmt: skip
             self.done[key] = out
         return self.done[key]
@@ -90,12 +91,6 @@ class Runs:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     return Runs(tmp_path_factory.mktemp("engines"))
-
-
-def weights(out: Path) -> dict[str, torch.Tensor]:
-    """The run's saved weights: the adapter, or the whole model (one file at the tiny size)."""
-    name = "adapter_model.safetensors" if (out / "adapter_model.safetensors").is_file() else "model.safetensors"
-    return load_file(out / name)
 
 
 def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> None:
@@ -108,7 +103,7 @@ def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
 @pytest.mark.parametrize("engine", ["z2", "z3", "z3_offload", "fsdp"])
 def test_engine_trains_the_adapter_plain_training_trains(runs: Runs, engine: str):
     needs_deepspeed(engine)
-    got, want = weights(runs.get("lora", engine)), weights(runs.get("lora", None))
+    got, want = saved_weights(runs.get("lora", engine)), saved_weights(runs.get("lora", None))
     assert_same_weights(got, want, f"lora {engine}")
     # B starts at zero: the adapter moved
     assert any(v.abs().max() > 1e-3 for k, v in want.items() if "lora_B" in k)
@@ -119,7 +114,7 @@ def test_engine_trains_the_adapter_plain_training_trains(runs: Runs, engine: str
 def test_engine_trains_the_model_plain_training_trains(runs: Runs, engine: str, method: str):
     needs_deepspeed(engine)
     out = runs.get(method, engine)
-    assert_same_weights(weights(out), weights(runs.get(method, None)), f"{method} {engine}")
+    assert_same_weights(saved_weights(out), saved_weights(runs.get(method, None)), f"{method} {engine}")
     # one process loads it as tnlora chat does, and it runs
     from tnlora.model.loading import load_base_model
 
@@ -147,3 +142,17 @@ def test_engine_checkpoints_are_complete(runs: Runs, engine: str):
     out = runs.get("lora", engine)
     assert is_complete(out / "checkpoint-2") and is_complete(out / "checkpoint-4")
     assert not [p for p in out.rglob("*") if p.name.endswith(".tnlora-tmp") or p.name == ".tnlora-saving"]
+
+
+@pytest.mark.parametrize("engine", ["z2", "z3", "fsdp"])
+def test_engine_trains_a_bf16_adapter(runs: Runs, engine: str):
+    """bf16 as real runs train (a bf16 base, the adapter's master weights in fp32): the run ends with finite
+    losses and an adapter that moved. (No equality: bf16 rounds differently under each engine.)"""
+    needs_deepspeed(engine)
+    out = runs.get("lora", engine, "--bf16", "true")
+    state = json.loads((out / "trainer_state.json").read_text())
+    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    adapter = saved_weights(out)
+    assert all(torch.isfinite(v.float()).all() for v in adapter.values())
+    assert any(v.float().abs().max() > 1e-3 for k, v in adapter.items() if "lora_B" in k)
