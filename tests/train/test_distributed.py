@@ -1,8 +1,9 @@
 """``tnlora train`` in several processes (``train.distributed``) on the CPU: DDP through torchrun (gloo, two
 processes, the tiny preset, float32) against one process, resumed against uninterrupted, who writes what, and
-errors that end every process; FSDP2's wrapping of the model (torch's ``fully_shard``, which runs on the CPU
-with gloo; accelerate runs the Trainer's FSDP on GPUs only: tests/train/test_distributed_gpu.py). Each run is
-bounded by a subprocess timeout."""
+errors that end every process (under torchrun and accelerate launch); FSDP2's wrapping of the model (torch's
+``fully_shard``, which runs on the CPU with gloo; accelerate runs the Trainer's FSDP on GPUs only:
+tests/train/test_distributed_gpu.py); the engine settings' refusals. DeepSpeed's runs:
+tests/train/test_distributed_deepspeed.py. Each run is bounded by a subprocess timeout."""
 
 from __future__ import annotations
 
