@@ -127,7 +127,7 @@ def test_bench_train_defaults_resolve_as_tnlora_train_does(capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert ("resolved: 16 x 1024 tokens a micro-batch, 1 a step, packing True, gradient_checkpointing False, "
-            "torch_compile False") in out
+            "use_unsloth_gc False, torch_compile False, attention chunked, quantization_bit None") in out
     assert re.search(r"^config: tiny data-shaped", out, re.M)
     _row(out)
 

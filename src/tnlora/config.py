@@ -969,6 +969,7 @@ _VERB_FIXED: dict[str, tuple[tuple[Any, ...] | None, str]] = {
     "infer_backend": (("huggingface",), "this inference backend (tnlora generates with transformers)"),
     "stage": (("sft",), "this training stage"),
     "export_legacy_format": ((False,), "the legacy .bin export format (tnlora writes safetensors)"),
+    "quantization_method": (("bnb",), "this quantization method (tnlora quantizes with bitsandbytes)"),
     "flash_attn": (("auto", "disabled"), "a softmax-attention kernel (TransNormerLLM's attention is attention_impl)"),
     # How LLaMA-Factory prepares and runs prediction; the results do not depend on them.
     "overwrite_cache": (None, ""),
@@ -980,7 +981,7 @@ _VERB_UNSUPPORTED: dict[str, str] = {
     "export_hub_model_id": "uploading to the Hugging Face Hub",
     "export_quantization_bit": "quantized export",
     "export_quantization_dataset": "quantized export",
-    "quantization_bit": "quantized models",
+    "quantization_bit": "a quantized export (a QLoRA adapter is merged onto its base dequantized to bf16)",
     "task": "benchmark tasks (tnlora eval measures loss and perplexity on a dataset)",
 }
 
@@ -993,7 +994,7 @@ def verb_config_argv(verb: str, path: str | Path, options: typing.Collection[str
     notes: list[str] = []
     for key, value in read_yaml_mapping(path).items():
         option = VERB_KEY_NAMES.get(key, key)
-        if key in _VERB_UNSUPPORTED:
+        if key in _VERB_UNSUPPORTED and option not in options:
             if value not in _OFF_VALUES:
                 raise ConfigError(f"{key}: {_VERB_UNSUPPORTED[key]} is not available in tnlora; got {value!r}")
             continue

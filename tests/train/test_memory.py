@@ -7,10 +7,10 @@ import pytest
 
 from fixture_files import OFFICIAL_CONFIGS
 from tnlora.config import RunConfig, load_run_config, resolve_defaults
+from tnlora.errors import ConfigError
 from tnlora.model import config_from_preset
 from tnlora.ops import select
 from tnlora.train import memory
-from tnlora.errors import ConfigError
 from tnlora.train.memory import (
     fits_in_memory,
     fits_without_checkpointing,
@@ -301,7 +301,7 @@ def test_a_given_micro_batch_gets_the_least_checkpointing_that_fits():
     assert resolved(24) == (True, False)
     assert resolved(12) == (True, True)
     assert resolved(4) == (True, True)  # nothing fits: the most saving, and the out-of-memory advice if it fails
-    with pytest.raises(ConfigError, match="^quantization_bit: a quantized base needs a CUDA GPU"):
+    with pytest.raises(ConfigError, match=r"^quantization_bit: a quantized base needs a CUDA GPU"):
         resolve_defaults(cfg, cuda=False, cuda_bf16=False)
     plain = load_run_config(None, ["--model_name_or_path", "7B", "--dataset", "d", "--output_dir", "o"])
     assert resolve_defaults(plain, cuda=False, cuda_bf16=False).use_unsloth_gc is False
