@@ -217,7 +217,7 @@ def run_config(args: argparse.Namespace, keys: dict[str, Any], lengths: list[tup
         "save_steps": 10**6,
         "report_to": "none",
         "seed": 0,
-        "bf16": cuda,
+        "bf16": True if cuda else None,  # None: resolved (fp32 on the CPU), so the CPU refusals come first
     }
     if args.seq_len:
         values.update(cutoff_len=args.seq_len, packing=False)
