@@ -188,7 +188,14 @@ def test_saved_config_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["quickstart.yaml", "huanhuan_7b_lora.yaml", "huanhuan_1b_lora.yaml", "huanhuan_7b_lora_fast.yaml"]
+    "name",
+    [
+        "quickstart.yaml",
+        "huanhuan_7b_lora.yaml",
+        "huanhuan_1b_lora.yaml",
+        "huanhuan_7b_lora_fast.yaml",
+        "huanhuan_7b_qlora.yaml",
+    ],
 )
 def test_example_configs_are_valid(name):
     examples = Path(__file__).resolve().parents[1] / "examples"
@@ -198,6 +205,11 @@ def test_example_configs_are_valid(name):
         assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target) == (8, 32, 0.1, "all")
         assert (cfg.packing, cfg.per_device_train_batch_size, cfg.cutoff_len) == (True, 8, 1024)
         assert cfg.gradient_checkpointing is None and cfg.torch_compile is None
+    elif name == "huanhuan_7b_qlora.yaml":  # the fast recipe on a 4-bit base, the micro-batch left to the card
+        assert (cfg.quantization_bit, cfg.quantization_type, cfg.double_quantization) == (4, "nf4", True)
+        assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.cutoff_len) == (8, 32, 0.1, 1024)
+        assert cfg.per_device_train_batch_size is None and cfg.gradient_checkpointing is None
+        assert cfg.use_unsloth_gc is None and cfg.torch_compile is None
     elif name.startswith("huanhuan_7b"):  # the seed tutorial's hyper-parameters
         assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout) == (8, 32, 0.1)
         assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == (4, 4)
