@@ -568,7 +568,9 @@ def out_of_memory_advice(cfg: RunConfig) -> str:
         advice.append("use_unsloth_gc: true (layer inputs kept in CPU memory)")
     if rows and rows > 1:
         advice.append(f"a per_device_train_batch_size below {rows}")
-    if not advice:
+    if not advice and cfg.finetuning_type == "lora" and cfg.quantization_bit != 4:
+        advice.append("quantization_bit: 4 (QLoRA: a 4-bit base)")
+    if len(advice) < 2 and not (rows and rows > 1):
         advice.append("a smaller cutoff_len")
     return (
         f"out of GPU memory with micro-batches of up to {rows} × {length} tokens "
