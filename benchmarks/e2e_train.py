@@ -55,7 +55,7 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/e2e")
     parser.add_argument("--shrink", action="store_true", help="2 layers of width 64 (a CPU smoke run)")
     parser.add_argument("--gpu_memory_gib", type=float, default=0.0,
-                        help="cap this process's GPU memory for the run (as tnlora bench --gpu_memory_gib)")
+                        help="cap this process's GPU memory for the run (as tnlora bench train --gpu_memory_gib)")
     parser.add_argument("--keep_checkpoint", action="store_true", help="reuse the checkpoint of an earlier run in --work")
     opts, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]

@@ -1,4 +1,4 @@
-"""Where the GPU waits: idle gaps of a ``tnlora bench --trace`` timeline and the host work behind them.
+"""Where the GPU waits: idle gaps of a ``tnlora bench train --trace`` timeline and the host work behind them.
 
 Usage: python benchmarks/trace_gaps.py TRACE.json [--min_us 20] [--top 15]
 

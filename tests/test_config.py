@@ -92,6 +92,7 @@ def test_bad_type_from_yaml(tmp_path):
         (["--warmup_ratio", "-0.1"], "warmup_ratio: must be >= 0, got -0.1"),
         (["--max_steps", "0"], "max_steps: must be -1"),
         (["--val_size", "2.5"], "val_size: a fraction below 1 or a whole number"),
+        (["--nan_skip_limit", "-1"], "nan_skip_limit: must be >= 0, got -1"),
     ],
 )
 def test_bad_range_is_refused(override, expected):
@@ -106,6 +107,7 @@ def test_bad_range_is_refused(override, expected):
         (["--report_to", "wandb"], "report_to: logging to Weights & Biases ('wandb') is not available in tnlora"),
         (["--stage", "dpo"], "stage: DPO ('dpo') is not available in tnlora, which trains sft only"),
         (["--attention_impl", "flash"], "attention_impl: must be one of auto, chunked"),
+        (["--nan_policy", "ignore"], "nan_policy: must be one of stop, skip; got 'ignore'"),
     ],
 )
 def test_bad_choice_is_refused(override, expected):

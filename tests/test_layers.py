@@ -16,6 +16,7 @@ FORBIDDEN = {
     "data": ("tnlora.train", "tnlora.infer", "tnlora.serve", "tnlora.cli"),
     "infer": ("tnlora.train", "tnlora.serve", "tnlora.cli"),
     "train": ("tnlora.serve", "tnlora.cli"),
+    "serve": ("tnlora.train", "tnlora.bench", "tnlora.cli"),
 }
 
 

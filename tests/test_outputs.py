@@ -15,8 +15,10 @@ from tnlora.outputs import (
     claim_dir,
     clear_previous,
     foreign_entries,
+    leftovers,
     owned_entries,
     plan_dir,
+    run_id_of,
 )
 
 
@@ -105,3 +107,27 @@ def test_output_files(tmp_path, monkeypatch):
     check_output_file("ours.jsonl", overwrite=True, **kwargs)
     with pytest.raises(TnloraError, match="is not replies written by tnlora"):
         check_output_file("theirs.jsonl", overwrite=True, **kwargs)
+
+
+def test_leftovers_of_interrupted_writes_are_tnloras_and_removed_at_the_next_claim(tmp_path):
+    out = earlier_output(tmp_path / "m")
+    (out / ".model.safetensors.abc123.tnlora-tmp").write_text("half")  # a kill inside an atomic write
+    (out / ".tnlora-saving").mkdir()  # a kill inside a checkpoint save
+    assert foreign_entries(out, "merge") == []
+    assert sorted(p.name for p in leftovers(out)) == [".model.safetensors.abc123.tnlora-tmp", ".tnlora-saving"]
+    assert ".tnlora-saving" not in json.loads((out / MARKER).read_text())["files"]
+    clear_previous(plan(out))
+    assert list(out.iterdir()) == []
+    # a folder holding nothing but leftovers is as good as empty
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / ".tnlora_output.json.x1.tnlora-tmp").write_text("")
+    assert plan(new, overwrite=False).remove == []
+
+
+def test_the_run_id_stays_with_the_folder_when_the_marker_is_refreshed(tmp_path):
+    claim_dir(tmp_path / "o", "train", run_id="abc")
+    (tmp_path / "o" / "checkpoint-1").mkdir()
+    claim_dir(tmp_path / "o", "train")
+    assert run_id_of(tmp_path / "o") == "abc"
+    assert "checkpoint-1" in json.loads((tmp_path / "o" / MARKER).read_text())["files"]

@@ -1,7 +1,9 @@
-"""Helpers for the model tests: small deterministic models, float64 unless a test says otherwise."""
+"""Helpers for the tests: small deterministic models (float64 unless a test says otherwise) and a short
+training run's output to load."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,3 +40,35 @@ def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         ids[i, width - len(row) :] = row
         mask[i, width - len(row) :] = 1
     return ids, mask
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def train_tiny_adapter(out: Path, system: str) -> Path:
+    """The output dir of a 30-step LoRA run on the tiny preset and the bundled sample data (chatml, the given
+    system prompt): what the inference and serve tests load."""
+    from tnlora.config import load_run_config
+    from tnlora.train.run import train
+
+    cfg = load_run_config(
+        None,
+        [
+            "--model_name_or_path", "tiny",
+            "--dataset", "quickstart_alpaca,quickstart_chat",
+            "--dataset_dir", str(EXAMPLES / "data"),
+            "--template", "chatml",
+            "--system", system,
+            "--cutoff_len", "256",
+            "--output_dir", str(out),
+            "--per_device_train_batch_size", "4",
+            "--learning_rate", "1e-2",
+            "--max_steps", "30",
+            "--save_steps", "1000",
+            "--report_to", "none",
+            "--plot_loss", "false",
+            "--seed", "0",
+        ],
+    )  # fmt: skip
+    train(cfg)
+    return out

@@ -362,6 +362,19 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The OpenAI-compatible server (the ``serve`` extra: FastAPI and uvicorn)."""
+    import importlib.util
+
+    if any(importlib.util.find_spec(m) is None for m in ("fastapi", "uvicorn")):
+        raise TnloraError("tnlora serve needs the serve extra: pip install 'tnlora[serve]'")
+    from tnlora.serve.server import options_from_args, run_server
+
+    config, options = options_from_args(args)  # refused before the model loads
+    run_server(_load(args), config, options, args.host, args.port)
+    return 0
+
+
 def cmd_bench(argv: list[str]) -> int:
     """``tnlora bench …``: the benchmark lives in ``tnlora.bench`` (optional)."""
     try:
@@ -446,6 +459,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite_arg(p, "replace an earlier eval output")
     _add_generation_args(p, do_sample=False, repetition_penalty=1.0)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server with a chat page (needs tnlora[serve])")
+    _add_model_args(p, merge=True)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api_key", help="require Authorization: Bearer KEY (default: $TNLORA_API_KEY, else none)")
+    g.add_argument("--served_model_name", help="the model name clients send (default: the adapter's dir name)")
+    g.add_argument("--max_batch", type=int, default=16, help="requests decoded together (slots)")
+    g.add_argument("--max_prompt_tokens", type=int, default=16384, help="longer prompts are refused")
+    g.add_argument("--max_tokens", type=int, default=512, help="reply limit of a chat request that sets none")
+    g.add_argument("--max_tokens_limit", type=int, default=8192, help="the largest max_tokens a request may ask")
+    g.add_argument("--temperature", type=float, default=0.7, help="for requests that set none (0: greedy)")
+    g.add_argument("--top_p", type=float, default=0.9, help="for requests that set none")
+    g.add_argument("--max_sessions", type=int, default=64, help="conversation states kept on the device")
+    g.add_argument("--host_sessions", type=int, default=256, help="further ones kept in host memory")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("prepare", help="add model_type to an official checkpoint's config.json (Auto* loading)")
     p.add_argument("directory")
@@ -562,8 +592,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(exc).split("\n"))
         sys.stderr.write(f"error: {message}\n")
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        sys.stderr.write("\ninterrupted\n")
+    except KeyboardInterrupt as exc:
+        # RunInterrupted carries where the run stopped and how to resume it
+        sys.stderr.write(f"\n{exc}\n" if str(exc) else "\ninterrupted\n")
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return 0

@@ -41,6 +41,7 @@ SCHEDULERS = (
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor")
 REPORTERS = ("none", "tensorboard")
 STRATEGIES = ("no", "steps", "epoch")
+NAN_POLICIES = ("stop", "skip")
 LINEAR_TARGETS_ALL = "all"
 # quantization_bit / quantization_method / quantization_type: what tnlora loads with bitsandbytes.
 QUANTIZATION_BITS = (4, 8)
@@ -168,6 +169,17 @@ class RunConfig:
     adam_beta1: float = field(default=0.9, metadata=_opt("AdamW beta1", ge=0, lt=1))
     adam_beta2: float = field(default=0.999, metadata=_opt("AdamW beta2", ge=0, lt=1))
     max_grad_norm: float = field(default=1.0, metadata=_opt("gradient clipping norm (0: off)", ge=0))
+    nan_policy: str = field(
+        default="stop",
+        metadata=_opt(
+            "a NaN or infinite loss or gradient norm: stop (naming the step and the last good checkpoint) or skip "
+            "that batch (no optimizer update with it)",
+            choices=NAN_POLICIES,
+        ),
+    )
+    nan_skip_limit: int = field(
+        default=10, metadata=_opt("nan_policy skip: stop once more batches than this were skipped", ge=0)
+    )
     optim: str | None = field(
         default=None,
         metadata=_opt("optimizer (GPU default adamw_torch_fused, else adamw_torch)", choices=OPTIMIZERS),

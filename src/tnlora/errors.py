@@ -22,3 +22,15 @@ class DataError(TnloraError):
             where += f", field '{field}'"
         super().__init__(f"{where}: {message}")
         self.path, self.record, self.field = path, record, field
+
+
+class OutputError(TnloraError):
+    """An output cannot be written: the folder is not writable, or the disk is full."""
+
+
+class NonFiniteLoss(TnloraError):
+    """Training met a NaN or infinite loss or gradient norm (``nan_policy``)."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run; the message says where it stopped and how to resume (the CLI prints it, exit 130)."""

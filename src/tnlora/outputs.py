@@ -23,9 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tnlora.errors import TnloraError
-from tnlora.io import atomic_write_json
+from tnlora.io import TEMP_SUFFIX, atomic_write_json
 
 MARKER = "tnlora_output.json"
+# Where a training run assembles a checkpoint before renaming it into place (``tnlora.train.checkpoints``).
+STAGING = ".tnlora-saving"
+# What a write interrupted by a kill leaves behind (``tnlora.io``'s temporary entries, a checkpoint being
+# assembled): tnlora's own, in any output folder, removed when the folder is next claimed.
+LEFTOVER_PATTERNS = (f"*{TEMP_SUFFIX}", STAGING)
 # Entries a training run writes under names of its own: recognised as the run's even where the marker has not
 # listed them yet (a run killed between a checkpoint save and the marker update).
 TRAIN_OUTPUT_PATTERNS = ("checkpoint-*", "runs", "samples.jsonl")
@@ -54,6 +59,16 @@ def _entries(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
 
 
+def is_leftover(name: str) -> bool:
+    """Whether an entry's name is that of tnlora's temporary entries (``LEFTOVER_PATTERNS``)."""
+    return _matches(name, LEFTOVER_PATTERNS)
+
+
+def leftovers(directory: str | Path) -> list[Path]:
+    """tnlora's own temporary entries in ``directory``, left by a write that a kill interrupted."""
+    return [Path(directory) / e for e in _entries(Path(directory)) if is_leftover(e)]
+
+
 def read_marker(directory: Path) -> dict | None:
     """The marker of ``directory`` (None when there is none or it is unreadable)."""
     try:
@@ -69,11 +84,11 @@ def owned_entries(directory: Path, verb: str) -> set[str] | None:
     entries = _entries(directory)
     if marker is None:
         if verb == "train" and "tnlora_run.yaml" in entries:
-            return {e for e in entries if _matches(e, _LEGACY_TRAIN_OUTPUTS)}
+            return {e for e in entries if _matches(e, (*_LEGACY_TRAIN_OUTPUTS, *LEFTOVER_PATTERNS))}
         return None
     if marker.get("verb") != verb:
         return None
-    owned = {str(f) for f in marker.get("files", [])} | {MARKER}
+    owned = {str(f) for f in marker.get("files", [])} | {MARKER} | {e for e in entries if is_leftover(e)}
     if verb == "train":
         owned |= {e for e in entries if _matches(e, TRAIN_OUTPUT_PATTERNS)}
     return owned & set(entries)
@@ -122,7 +137,8 @@ def plan_dir(
     if out.exists() and not out.is_dir():
         raise TnloraError(f"{key}: {out} exists and is not a directory")
     check_not_an_input(out, key, inputs or {})
-    entries = _entries(out)
+    # A folder holding only what an interrupted write of tnlora's left is as good as empty.
+    entries = [e for e in _entries(out) if not is_leftover(e)]
     if not entries or resume:
         return OutputPlan(out, verb)
     owned = owned_entries(out, verb)
@@ -143,26 +159,39 @@ def plan_dir(
 
 
 def clear_previous(plan: OutputPlan) -> None:
-    """Remove the earlier output's entries listed in ``plan`` (the marker last, so an interrupted removal still
-    leaves a directory recognised as tnlora's)."""
-    for path in sorted(plan.remove, key=lambda p: p.name == MARKER):
+    """Remove the earlier output's entries listed in ``plan`` and tnlora's leftovers of interrupted writes (the
+    marker last, so an interrupted removal still leaves a directory recognised as tnlora's)."""
+    stale = [p for p in leftovers(plan.directory) if p not in plan.remove]
+    for path in sorted([*stale, *plan.remove], key=lambda p: p.name == MARKER):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
 
 
-def claim_dir(directory: str | Path, verb: str, exclude: Iterable[str] = ()) -> None:
+def claim_dir(directory: str | Path, verb: str, exclude: Iterable[str] = (), run_id: str | None = None) -> None:
     """Write (or refresh) the marker of ``directory``: it lists every entry there but ``exclude`` (entries that
-    were there before this output began, e.g. when resuming into a directory with other files)."""
+    were there before this output began, e.g. when resuming into a directory with other files) and tnlora's
+    leftovers. ``run_id`` names the run that owns the folder (a training run's checkpoints carry it); a refresh
+    without one keeps the marker's."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     skip = set(exclude)
-    files = sorted({*[e for e in _entries(directory) if e not in skip], MARKER})
+    files = sorted({*[e for e in _entries(directory) if e not in skip and not is_leftover(e)], MARKER})
     from tnlora import __version__
 
-    atomic_write_json(directory / MARKER, {"written_by": f"tnlora {verb}", "verb": verb, "version": __version__,
-                                           "files": files})  # fmt: skip
+    marker = {"written_by": f"tnlora {verb}", "verb": verb, "version": __version__, "files": files}
+    run_id = run_id or run_id_of(directory)
+    if run_id:
+        marker["run_id"] = run_id
+    atomic_write_json(directory / MARKER, marker)
+
+
+def run_id_of(directory: str | Path) -> str | None:
+    """The id of the run that owns ``directory`` (from its marker), or None."""
+    marker = read_marker(Path(directory))
+    value = marker.get("run_id") if marker else None
+    return value if isinstance(value, str) else None
 
 
 def foreign_entries(directory: str | Path, verb: str) -> list[str]:

@@ -7,12 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tnlora.config import load_run_config
+from tnl_helpers import train_tiny_adapter
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SYSTEM = "Answer briefly."
-
-
 
 
 @pytest.fixture(autouse=True)
@@ -30,28 +27,5 @@ def system_prompt() -> str:
 @pytest.fixture(scope="session")
 def adapter_dir(tmp_path_factory, one_thread) -> Path:
     """Output dir of a 30-step LoRA run on the tiny preset (chatml, a custom system prompt)."""
-    from tnlora.train.run import train
-
-    out = tmp_path_factory.mktemp("adapter") / "out"
-    cfg = load_run_config(
-        None,
-        [
-            "--model_name_or_path", "tiny",
-            "--dataset", "quickstart_alpaca,quickstart_chat",
-            "--dataset_dir", str(EXAMPLES / "data"),
-            "--template", "chatml",
-            "--system", SYSTEM,
-            "--cutoff_len", "256",
-            "--output_dir", str(out),
-            "--per_device_train_batch_size", "4",
-            "--learning_rate", "1e-2",
-            "--max_steps", "30",
-            "--save_steps", "1000",
-            "--report_to", "none",
-            "--plot_loss", "false",
-            "--seed", "0",
-        ],
-    )  # fmt: skip
     with one_thread():
-        train(cfg)
-    return out
+        return train_tiny_adapter(tmp_path_factory.mktemp("adapter") / "out", SYSTEM)

@@ -86,37 +86,6 @@ def test_static_step_logits_equal_cached_forward(dtype: torch.dtype) -> None:
         assert torch.equal(static_cache.get_state(i), eager_cache.get_state(i))
 
 
-@pytest.mark.parametrize(("layers", "parts", "want"), [
-    (2, 4, [(0, 1), (1, 2)]), (2, 1, [(0, 2)]), (32, 4, [(0, 8), (8, 16), (16, 24), (24, 32)]),
-    (5, 2, [(0, 2), (2, 5)]), (3, 0, [(0, 3)]),
-])
-def test_graph_parts_cover_every_layer_once(layers: int, parts: int, want: list[tuple[int, int]]) -> None:
-    model = build_model(torch.float32, decoder_layers=layers, linear_use_lrpe_list=[1] + [0] * (layers - 1))
-    assert DecodeStepRunner(model, 1, torch.device("cpu"), capture=False, parts=parts).parts == want
-
-
-def test_step_split_into_parts_equals_the_whole_step() -> None:
-    # What the graphs record one part after another, run eagerly: the carry between parts loses nothing.
-    model = build_model(torch.float32, decoder_layers=3, linear_use_lrpe_list=[1, 0, 1])
-    ids = random_ids(2, 1)
-    whole = DecodeStepRunner(model, 2, torch.device("cpu"), capture=False)
-    split = DecodeStepRunner(model, 2, torch.device("cpu"), capture=False, parts=3)
-    with torch.no_grad():
-        for runner in (whole, split):
-            runner.ids.copy_(ids)
-            for i, state in enumerate(runner.states):
-                state.copy_(torch.randn(state.shape, generator=torch.Generator().manual_seed(i)))
-        want = whole._forward(model)
-        carry = split._begin(model)
-        for lo, hi in split.parts:
-            carry = split._layers(model, carry, lo, hi)
-        got = split._end(model, carry)
-    assert len(split.parts) == 3
-    assert torch.equal(got, want)
-    for a, b in zip(whole.states, split.states, strict=True):
-        assert torch.equal(a, b)
-
-
 def test_static_step_with_official_lrpe_rounding() -> None:
     model = _static(build_model(torch.bfloat16, lrpe_angle_dtype="model"))
     prompt = random_ids(2, 9)
@@ -276,13 +245,6 @@ def test_cuda_graph_greedy_generate_equals_eager(batch: int) -> None:
     again = _generate(model, True, prompt, max_new_tokens=24, **GREEDY)  # replayed, not recaptured
     assert installed_graphs(model).runners[batch] is runner
     assert torch.equal(again.sequences, graphed.sequences)
-    assert len(runner.graphs) == 1
-    install_graph_decoding(model, parts=2)  # one graph per layer of the tiny model: the same kernels, the same numbers
-    split = _generate(model, True, prompt, max_new_tokens=24, **GREEDY)
-    assert len(installed_graphs(model).runners[batch].graphs) == 2
-    assert torch.equal(split.sequences, graphed.sequences)
-    for a, b in zip(split.logits, graphed.logits, strict=True):
-        assert torch.equal(a, b)
 
 
 @cuda

@@ -6,10 +6,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from train_helpers import tiny_argv
 
 from tnlora.config import RunConfig, load_run_config
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 @pytest.fixture(autouse=True)
@@ -20,24 +19,7 @@ def _single_thread(one_thread) -> Iterator[None]:
 
 def tiny_config(output_dir: Path, *overrides: str) -> RunConfig:
     """A fast run on the tiny preset; ``overrides`` are ``--key value`` pairs."""
-    base = [
-        "--model_name_or_path", "tiny",
-        "--dataset", "quickstart_alpaca,quickstart_chat",
-        "--dataset_dir", str(EXAMPLES / "data"),
-        "--template", "chatml",
-        "--cutoff_len", "256",
-        "--output_dir", str(output_dir),
-        "--per_device_train_batch_size", "4",
-        "--learning_rate", "1e-2",
-        "--lora_rank", "8",
-        "--logging_steps", "2",
-        "--save_steps", "1000",
-        "--report_to", "none",
-        "--plot_loss", "false",
-        "--seed", "0",
-        "--dataset_cache_dir", str(output_dir.parent / f"{output_dir.name}-token-cache"),
-    ]  # fmt: skip
-    return load_run_config(None, [*base, *overrides])
+    return load_run_config(None, tiny_argv(output_dir, *overrides))
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,8 @@ loss + LoRA gradients of one step."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import TrainerCallback
@@ -13,6 +15,7 @@ from tnlora.model.loading import set_attention_impl
 from tnlora.train.lora import apply_finetuning
 from tnlora.train.run import upcast_trainable
 
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # Two layers with the 1B's head geometry (16 heads of 128; layer 0 at K = 256 with LRPE): the GPU tests.
 GEOMETRY_1B = {"decoder_embed_dim": 2048, "hidden_dim": 2048, "decoder_attention_heads": 16, "glu_dim": 1024}
 
@@ -102,3 +105,25 @@ class StopAtStep(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+def tiny_argv(output_dir: Path, *overrides: str) -> list[str]:
+    """``tnlora train`` arguments of a fast run on the tiny preset; ``overrides`` are ``--key value`` pairs."""
+    base = [
+        "--model_name_or_path", "tiny",
+        "--dataset", "quickstart_alpaca,quickstart_chat",
+        "--dataset_dir", str(EXAMPLES / "data"),
+        "--template", "chatml",
+        "--cutoff_len", "256",
+        "--output_dir", str(output_dir),
+        "--per_device_train_batch_size", "4",
+        "--learning_rate", "1e-2",
+        "--lora_rank", "8",
+        "--logging_steps", "2",
+        "--save_steps", "1000",
+        "--report_to", "none",
+        "--plot_loss", "false",
+        "--seed", "0",
+        "--dataset_cache_dir", str(output_dir.parent / f"{output_dir.name}-token-cache"),
+    ]  # fmt: skip
+    return [*base, *overrides]

@@ -13,8 +13,7 @@ per layer; at small batch their launches, not the weight reads, set the step tim
 * one recurrent state [B, H, K, V] per layer (fp32; fp64 for fp64 models), updated IN PLACE;
 * the logits [B, 1, vocab],
 
-and ``torch.cuda.CUDAGraph``s of embedding → layers → final norm → LM head on them (one, or ``parts`` graphs
-of consecutive layers, launched one after the other). Before a replay the new
+and a ``torch.cuda.CUDAGraph`` of embedding → layers → final norm → LM head on them. Before a replay the new
 ids, position and mask are copied in, and a cache state that is not the static buffer (after the prefill, or
 after beam search reordered the cache) is copied into it; after the replay the cache's layers point at the
 static buffers (the next step copies nothing) and the cache advances by one token.
@@ -42,7 +41,6 @@ new cache (a new ``generate()`` call) comes.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import weakref
 from collections.abc import Hashable, Iterator
 
@@ -62,10 +60,6 @@ logger = logging.get_logger(__name__)
 
 # Graphs kept per model (one per batch size); the oldest goes first. Each holds B·L states and a memory pool.
 MAX_RUNNERS = 4
-# Graphs the step is captured as (consecutive runs of layers, launched one after the other). Splitting would
-# let the GPU start on the first while the host still launches the rest; measured, it did not pay
-# (benchmarks/RESULTS.md, "What was tried and dropped"), so one graph.
-GRAPH_PARTS = 1
 # The BLAS library the graphs are captured with (PyTorch's preferred_blas_library, set for the capture only):
 # at batch 32, cuBLASLt's kernels for the skinny projections move their weights faster than cuBLAS's split-K
 # ones (benchmarks/RESULTS.md).
@@ -85,18 +79,13 @@ class DecodeStepRunner:
         batch_size: int,
         device: torch.device,
         capture: bool,
-        parts: int = GRAPH_PARTS,
         blas: str | None = GRAPH_BLAS,
         per_row_positions: bool = False,
     ) -> None:
         self.capture = capture
         self.blas = blas
         self.kernel = decode_kernel(model, device)
-        num_layers = len(model.model.layers)
-        bounds = sorted({round(i * num_layers / max(1, parts)) for i in range(max(1, parts) + 1)})
-        # Layer ranges [lo, hi) of the graphs, in order (fewer than `parts` when there are fewer layers).
-        self.parts = list(itertools.pairwise(bounds)) or [(0, 0)]
-        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
         self.owner: weakref.ref[TransnormerCache] | None = None
         # Plain tensors even under an outer inference_mode: later no_grad calls write into them in place.
@@ -117,19 +106,12 @@ class DecodeStepRunner:
     def batch_size(self) -> int:
         return self.ids.shape[0]
 
-    @property
-    def graph(self) -> torch.cuda.CUDAGraph | None:
-        """The first captured graph (None before capture or without ``capture``)."""
-        return self.graphs[0] if self.graphs else None
-
     # -----------------------------------------------------------------------------------------------------
     # The step on the static buffers (what the graph records)
 
     def _forward(self, model: TransnormerForCausalLM) -> Tensor:
         """Logits [B, 1, vocab] of the token in ``self.ids``; advances ``self.states`` in place."""
-        carry = self._begin(model)
-        carry = self._layers(model, carry, 0, len(self.states))
-        return self._end(model, carry)
+        return self._end(model, self._layers(model, self._begin(model)))
 
     def _begin(self, model: TransnormerForCausalLM) -> tuple[Tensor, Tensor | None]:
         """The embedding: (hidden, its norm for the first layer when the norms are fused, else None)."""
@@ -143,14 +125,14 @@ class DecodeStepRunner:
         return add_rms_norm(hidden, None, core.layers[0].token_norm.eps)
 
     def _layers(
-        self, model: TransnormerForCausalLM, carry: tuple[Tensor, Tensor | None], lo: int, hi: int
+        self, model: TransnormerForCausalLM, carry: tuple[Tensor, Tensor | None]
     ) -> tuple[Tensor, Tensor | None]:
-        """Layers ``lo`` … ``hi``-1 on ``carry``. With the Triton kernels each residual add comes with the norm
-        after it, one kernel (:func:`~tnlora.model.norm_kernel.add_rms_norm`), as does the token mixer's gated
-        output norm; the norm of the next layer's input then travels in the carry."""
+        """Every layer on ``carry``. With the Triton kernels each residual add comes with the norm after it, one
+        kernel (:func:`~tnlora.ops.norm.add_rms_norm`), as does the token mixer's gated output norm; the norm of
+        the next layer's input then travels in the carry."""
         core = model.model
         hidden, normed = carry
-        for i in range(lo, hi):
+        for i in range(len(core.layers)):
             layer, state, decay = core.layers[i], self.states[i], self.decays[i]
             if normed is None:
                 hidden = hidden + self._token_mix(layer.token_mixer, layer.token_norm(hidden), state, decay)
@@ -187,9 +169,8 @@ class DecodeStepRunner:
     # Capture and replay
 
     def _capture(self, model: TransnormerForCausalLM) -> None:
-        """Warm up on a side stream, then record ``_forward`` as one graph per part, sharing one memory pool
-        (they always replay in capture order); the carry between parts lives in that pool. Capture scribbles on
-        the buffers; step refills them."""
+        """Warm up on a side stream, then record ``_forward`` as one graph. Capture scribbles on the buffers;
+        step refills them."""
         device = self.ids.device
         with torch.cuda.device(device), torch.inference_mode(False), torch.no_grad(), _blas_library(self.blas):
             side = torch.cuda.Stream()
@@ -198,16 +179,10 @@ class DecodeStepRunner:
                 for _ in range(WARMUP_STEPS):
                     self._forward(model)
             torch.cuda.current_stream().wait_stream(side)
-            graphs: list[torch.cuda.CUDAGraph] = []
-            carry: tuple[Tensor, Tensor | None] | None = None
-            for lo, hi in self.parts:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=graphs[0].pool() if graphs else None):
-                    carry = self._layers(model, self._begin(model) if carry is None else carry, lo, hi)
-                    if hi == len(self.states):
-                        self.logits = self._end(model, carry)
-                graphs.append(graph)
-        self.graphs = graphs
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.logits = self._forward(model)
+        self.graph = graph
 
     def fits(self, input_ids: Tensor, cache: TransnormerCache) -> bool:
         """Whether this runner can take the step (same device, every cache state of the static shape)."""
@@ -223,7 +198,7 @@ class DecodeStepRunner:
         self, model: TransnormerForCausalLM, input_ids: Tensor, attention_mask: Tensor | None, cache: TransnormerCache
     ) -> Tensor:
         """Logits [B, 1, vocab] of ``input_ids`` [B, 1]; ``cache`` ends up on the static states, one token on."""
-        if self.capture and not self.graphs:
+        if self.capture and self.graph is None:
             self._capture(model)
         self._adopt(cache)
         self.ids.copy_(input_ids)
@@ -232,26 +207,33 @@ class DecodeStepRunner:
             self.pad.fill_(False)
         else:
             torch.logical_not(attention_mask[:, -1:].to(torch.bool), out=self.pad)
-        states = [cache.get_state(i) for i in range(len(self.states))]
-        if self.graphs:
-            # Each part's states just before its launch: the first graph starts as early as possible.
-            for graph, (lo, hi) in zip(self.graphs, self.parts, strict=True):
-                self._load_states(states, lo, hi)
-                graph.replay()
-            # A copy: the static logits are overwritten by the next replay.
-            logits = self.logits.clone()
+        self._load_states([cache.get_state(i) for i in range(len(self.states))])
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.logits.clone()  # a copy: the static logits are overwritten by the next replay
         else:
-            self._load_states(states, 0, len(self.states))
             logits = self._forward(model)
         for i, static in enumerate(self.states):
             cache.update_state(static, i)
         cache.advance(1)
         return logits
 
-    def _load_states(self, states: list[Tensor | None], lo: int, hi: int) -> None:
-        """Bring the static states of layers ``lo`` … ``hi``-1 to the cache's (no copy when they are its)."""
-        for i in range(lo, hi):
-            state, static = states[i], self.states[i]
+    def run(self, model: TransnormerForCausalLM) -> Tensor:
+        """Logits [B, 1, vocab] of the step on the buffers as they are (ids, pad, position, states), the states
+        advanced in place: the slot-based use of a serving engine, which keeps each row's state and position
+        in the buffers itself (``states[layer][row]``). With ``capture`` the first call records the graph,
+        which runs the step on the buffers a few times first: make it before they hold anything that matters.
+        With a graph the logits are the static buffer, overwritten by the next run."""
+        if self.capture and self.graph is None:
+            self._capture(model)
+        if self.graph is None:
+            return self._forward(model)
+        self.graph.replay()
+        return self.logits
+
+    def _load_states(self, states: list[Tensor | None]) -> None:
+        """Bring the static states to the cache's (no copy where they are its)."""
+        for state, static in zip(states, self.states, strict=True):
             if state is None:
                 static.zero_()  # attention._recurrent starts from zeros
             elif state is not static:
@@ -302,9 +284,8 @@ def _blas_library(name: str | None) -> Iterator[None]:
 class DecodeGraphs:
     """The runners of one model, by batch size, and the model fingerprint they were built against."""
 
-    def __init__(self, capture: bool, parts: int = GRAPH_PARTS, blas: str | None = GRAPH_BLAS) -> None:
+    def __init__(self, capture: bool, blas: str | None = GRAPH_BLAS) -> None:
         self.capture = capture
-        self.parts = parts
         self.blas = blas
         self.runners: dict[int, DecodeStepRunner] = {}
         self.fingerprint: Hashable | None = None
@@ -384,7 +365,7 @@ class DecodeGraphs:
         if runner is None:
             if len(self.runners) >= MAX_RUNNERS:
                 self.runners.pop(next(iter(self.runners))).release()
-            runner = DecodeStepRunner(model, batch, input_ids.device, self.capture, self.parts, self.blas)
+            runner = DecodeStepRunner(model, batch, input_ids.device, self.capture, self.blas)
             self.runners[batch] = runner
         return runner if runner.fits(input_ids, cache) else None
 
@@ -422,16 +403,15 @@ def _base_model(model: nn.Module) -> TransnormerForCausalLM:
 def install_graph_decoding(
     model: nn.Module,
     capture: bool = True,
-    parts: int = GRAPH_PARTS,
     blas: str | None = GRAPH_BLAS,
 ) -> DecodeGraphs:
     """Let ``model`` (or the model under its peft wrapper) take one-token cached steps through static runners,
     replacing any installed before. ``capture=False`` runs the static step without CUDA graphs, on any device
-    (what the CPU tests check the buffer logic with); ``parts``: graphs per step; ``blas``: the BLAS library of
+    (what the CPU tests check the buffer logic with); ``blas``: the BLAS library of
     the capture (None: PyTorch's current one)."""
     base = _base_model(model)
     remove_graph_decoding(base)
-    graphs = DecodeGraphs(capture=capture, parts=parts, blas=blas)
+    graphs = DecodeGraphs(capture=capture, blas=blas)
     base.step_decoder = graphs
     return graphs
 

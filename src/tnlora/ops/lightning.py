@@ -121,30 +121,4 @@ def _check_shapes(
             raise ValueError(f"initial_state must have shape {expected}, got {tuple(initial_state.shape)}")
 
 
-def _check_shapes(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    log_decay: Tensor,
-    seq_ids: Tensor | None,
-    cu_seqlens: Tensor | None,
-    initial_state: Tensor | None,
-) -> None:
-    if q.dim() != 4 or q.shape != k.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"expected q, k [B,T,H,K] and v [B,T,H,V]; got {q.shape}, {k.shape}, {v.shape}")
-    if log_decay.shape != (q.shape[2],):
-        raise ValueError(f"log_decay must have shape [H]={q.shape[2]}, got {tuple(log_decay.shape)}")
-    if seq_ids is not None and cu_seqlens is not None:
-        raise ValueError("pass seq_ids or cu_seqlens, not both")
-    if seq_ids is not None and seq_ids.shape != q.shape[:2]:
-        raise ValueError(f"seq_ids must have shape [B,T]={tuple(q.shape[:2])}, got {tuple(seq_ids.shape)}")
-    if cu_seqlens is not None and q.shape[0] != 1:
-        raise ValueError("cu_seqlens needs B = 1 (flatten the packed rows first)")
-    if initial_state is not None:
-        rows = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else q.shape[0]
-        expected = (rows, q.shape[2], q.shape[3], v.shape[3])
-        if tuple(initial_state.shape) != expected:
-            raise ValueError(f"initial_state must have shape {expected}, got {tuple(initial_state.shape)}")
-
-
 __all__ = ["DEFAULT_CHUNK_SIZE", "Impl", "lightning_attention"]

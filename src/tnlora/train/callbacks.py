@@ -143,7 +143,10 @@ def name_base_model_in_card(directory, base_model: str) -> bool:
         line = f"{BASE_MODEL_LINE} tnlora preset `{preset}` (random weights: `tnlora.model.load_model('{preset}')`)"
     lines = [t for t in card.text.splitlines() if not t.startswith(BASE_MODEL_LINE)]
     card.text = "\n".join([*lines, "", line, ""])
-    card.save(card_file)
+    from tnlora.io import atomic_path
+
+    with atomic_path(card_file) as tmp:  # in a checkpoint already in place: the old card or the new one
+        card.save(tmp)
     return True
 
 

@@ -174,7 +174,7 @@ def fits_in_memory(cfg: RunConfig, device_bytes: int) -> bool:
 def device_memory(device: int | None = None) -> int:
     """The bytes this process may allocate on a GPU (default: the current one): the card's memory times the
     share ``torch.cuda.set_per_process_memory_fraction`` left it, so a capped process gets defaults that fit
-    its share (and ``tnlora bench --gpu_memory_gib`` can stand in for a smaller card)."""
+    its share (and ``tnlora bench train --gpu_memory_gib`` can stand in for a smaller card)."""
     index = torch.cuda.current_device() if device is None else device
     return int(torch.cuda.get_device_properties(index).total_memory * torch.cuda.get_per_process_memory_fraction(index))
 

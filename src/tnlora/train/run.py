@@ -11,7 +11,9 @@ compilation in ``train.compile``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import random
 import sys
 import time
@@ -40,7 +42,7 @@ from tnlora.data.collate import (
     pack_examples,
 )
 from tnlora.data.templates import TEMPLATE_FILE
-from tnlora.errors import ConfigError, TnloraError
+from tnlora.errors import ConfigError, RunInterrupted, TnloraError
 from tnlora.model.loading import load_base_model
 from tnlora.model.tokenizer import pad_token_id
 from tnlora.outputs import OutputPlan, claim_dir, clear_previous, foreign_entries, plan_dir
@@ -48,6 +50,8 @@ from tnlora.train.compile import compile_decoder_layers, uncompile_decoder_layer
 from tnlora.train.trainer import _json_safe, build_trainer, final_eval_metrics, training_arguments
 
 LOSS_PLOT = "loss.png"
+TRAINER_STATE = "trainer_state.json"
+ALL_RESULTS = "all_results.json"
 
 
 @dataclass
@@ -122,6 +126,9 @@ def preflight(cfg: RunConfig) -> tuple[RunConfig, OutputPlan, str | None]:
     plan, resume = plan_output_dir(cfg)
     if resume is not None:
         check_resumed_quantization(cfg, resume)
+    from tnlora.train.checkpoints import check_writable
+
+    check_writable(cfg.output_dir)
     return cfg, plan, resume
 
 
@@ -245,9 +252,11 @@ def plan_output_dir(cfg: RunConfig) -> tuple[OutputPlan, str | None]:
 
     A non-empty output_dir is refused unless resuming, or overwriting an earlier tnlora training run that holds
     nothing tnlora did not write (``tnlora.outputs``); the base model, the data and the current folder are
-    never valid output dirs.
+    never valid output dirs. Resuming takes only a complete checkpoint of the run in output_dir, with a config
+    that keeps its meaning (``train.checkpoints``); ``resume_from_checkpoint: true`` where no checkpoint was
+    completed yet starts the run again from step 0.
     """
-    from transformers.trainer_utils import get_last_checkpoint
+    from tnlora.train.checkpoints import check_owner, check_resume_config, resume_point
 
     out = Path(cfg.output_dir)
     inputs: dict[str, str | None] = {
@@ -256,23 +265,18 @@ def plan_output_dir(cfg: RunConfig) -> tuple[OutputPlan, str | None]:
     }
     for name in split_list(cfg.dataset) + split_list(cfg.eval_dataset):
         inputs[f"the dataset {name}"] = name if Path(name).exists() else None
-    resume = None
-    if cfg.resume_from_checkpoint is True:
-        last = get_last_checkpoint(str(out)) if out.is_dir() else None
-        if last is None:
-            raise ConfigError(f"resume_from_checkpoint: no checkpoint-N folder in {out} to resume from")
-        resume = last
-    elif cfg.resume_from_checkpoint:
-        ckpt = Path(str(cfg.resume_from_checkpoint))
-        if not (ckpt / "trainer_state.json").is_file():
-            raise ConfigError(f"resume_from_checkpoint: {ckpt} is not a checkpoint (no trainer_state.json)")
-        resume = str(ckpt)
+    resume, restart = None, False
+    if cfg.resume_from_checkpoint:
+        resume, restart = resume_point(cfg.resume_from_checkpoint, out)
+        if resume is not None:
+            check_owner(resume, out)
+            check_resume_config(resume, cfg)  # the keys set; those left open once resolved, in train()
     try:
         plan = plan_dir(
             out,
             "train",
             key="output_dir",
-            overwrite=cfg.overwrite_output_dir,
+            overwrite=cfg.overwrite_output_dir or restart,
             overwrite_flag="--overwrite_output_dir true to replace it or --resume_from_checkpoint true to continue it",
             inputs=inputs,
             resume=resume is not None,
@@ -284,12 +288,13 @@ def plan_output_dir(cfg: RunConfig) -> tuple[OutputPlan, str | None]:
     return plan, resume
 
 
-def claim_output_dir(plan: OutputPlan) -> list[str]:
-    """Replace the earlier run (its files only) and mark output_dir as this run's; returns the entries that were
-    there already and are not the run's (files beside a resumed run), which the marker never lists."""
+def claim_output_dir(plan: OutputPlan, run_id: str | None = None) -> list[str]:
+    """Replace the earlier run (its files only) and mark output_dir as this run's (``run_id``: the run's id, kept
+    in the marker); returns the entries that were there already and are not the run's (files beside a resumed
+    run), which the marker never lists."""
     keep = foreign_entries(plan.directory, "train") if plan.directory.is_dir() and not plan.remove else []
     clear_previous(plan)
-    claim_dir(plan.directory, "train", exclude=keep)
+    claim_dir(plan.directory, "train", exclude=keep, run_id=run_id)
     return keep
 
 
@@ -545,13 +550,15 @@ def predict_eval_set(cfg: RunConfig, model, tokenizer, template, conversations: 
 
 
 def save_run_files(cfg: RunConfig, tokenizer, template, directory: str | Path) -> None:
-    """The files that make an output dir self-describing: run config, template, tokenizer."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_run_config(cfg, directory)
-    template.save(directory / TEMPLATE_FILE)
-    attach_chat_template(tokenizer, template)
-    tokenizer.save_pretrained(str(directory))
+    """The files that make an output dir self-describing: run config, template, tokenizer (each replaced by a
+    rename: a kill leaves the old file or the new one)."""
+    from tnlora.io import atomic_files
+
+    with atomic_files(directory) as staged:
+        save_run_config(cfg, staged)
+        template.save(staged / TEMPLATE_FILE)
+        attach_chat_template(tokenizer, template)
+        tokenizer.save_pretrained(str(staged))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -578,11 +585,51 @@ def out_of_memory_advice(cfg: RunConfig) -> str:
     )
 
 
+def resumed_run_id(output_dir: Path, resume: str | None) -> str:
+    """The id of the run: the output dir's (or its checkpoint's) when resuming, a new one otherwise."""
+    from tnlora.outputs import run_id_of
+    from tnlora.train.checkpoints import new_run_id, read_record
+
+    if resume is None:
+        return new_run_id()
+    return run_id_of(output_dir) or (read_record(resume) or {}).get("run_id") or new_run_id()
+
+
+def save_final_outputs(
+    cfg: RunConfig, trainer, output, data: DataBundle, tokenizer, template, predict=None
+) -> dict[str, float]:
+    """The adapter (or model), run files, ``predict()``'s outputs (do_predict), metrics, trainer state and loss
+    plot in output_dir, each file replaced by a rename (``trainer_state.json``, which marks a finished run,
+    last); returns the metrics."""
+    from tnlora.io import atomic_files
+    from tnlora.train.callbacks import name_base_model_in_card
+    from tnlora.train.plot import plot_loss
+
+    out = Path(cfg.output_dir)
+    metrics = _json_safe(output.metrics)
+    if data.eval is not None:
+        metrics.update(final_eval_metrics(trainer))
+    with atomic_files(out) as staged:
+        trainer.save_model(str(staged))
+        name_base_model_in_card(staged, cfg.model_name_or_path)
+        save_run_files(cfg, tokenizer, template, staged)
+    if predict is not None:  # after the adapter is saved (it casts a bf16 run's adapter for generation)
+        metrics.update(predict())
+    with atomic_files(out, last=(TRAINER_STATE,)) as staged:
+        # what Trainer.save_metrics("all", …) and save_state() write, into the staging folder
+        (staged / ALL_RESULTS).write_text(json.dumps(metrics, indent=4, sort_keys=True), encoding="utf-8")
+        trainer.state.save_to_json(str(staged / TRAINER_STATE))
+    if cfg.plot_loss:
+        plot_loss(trainer.state.log_history, out / LOSS_PLOT, title=out.name)
+    return metrics
+
+
 def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
     """Fine-tune as ``cfg`` says; write the adapter, checkpoints, run files and loss plot to ``output_dir``."""
-    from tnlora.train.callbacks import OutputRecordCallback, name_base_model_in_card
+    from tnlora.train import checkpoints
+    from tnlora.train.callbacks import OutputRecordCallback
+    from tnlora.train.interrupt import StopOnInterrupt, stop_cleanly_on_interrupt
     from tnlora.train.lora import count_parameters, describe_trainable
-    from tnlora.train.plot import plot_loss
 
     t0 = time.perf_counter()
     cfg, plan, resume = preflight(cfg)
@@ -605,46 +652,61 @@ def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
         + (f" ({data.stats['packed_rows']} packed rows)" if "packed_rows" in data.stats else "")
     )
     args = training_arguments(cfg, has_eval=data.eval is not None)  # refused combinations: before the model
-    # Everything is checked: only now is an earlier run in output_dir replaced (its own files only).
-    keep = claim_output_dir(plan)
+    if resume:
+        checkpoints.check_resume_config(resume, cfg)  # now with the machine's defaults resolved
     out = Path(cfg.output_dir)
+    run_id = resumed_run_id(out, resume)
+    # Everything is checked: only now is an earlier run in output_dir replaced (its own files only).
+    keep = claim_output_dir(plan, run_id)
     recorder = OutputRecordCallback(str(out), cfg.model_name_or_path, exclude=keep)
+    stop = StopOnInterrupt()
     sampler = sample_callback(cfg, tokenizer, template)
     try:
         model = build_model(cfg, tokenizer)
         trainable, total = count_parameters(model)
         _say(describe_trainable(model))
-        save_run_files(cfg, tokenizer, template, cfg.output_dir)
-        extra = [sampler] if sampler is not None else []
-        trainer = build_trainer(cfg, model, tokenizer, data, [recorder, *extra, *(callbacks or [])], args=args)
-        if sampler is not None:
-            sampler.board = tensorboard_callback(trainer)
-        if resume:
-            _say(f"resuming from {resume}")
+        checkpoints.check_free_space(out, trainable)
         try:
-            output = trainer.train(resume_from_checkpoint=resume)
-        except torch.OutOfMemoryError:
-            raise ConfigError(out_of_memory_advice(cfg)) from None
-        finally:
-            if cfg.torch_compile:
-                # The model outlives the run (TrainResult.model, sample_prompts): back to eager for generation.
-                uncompile_decoder_layers(model)
-
-        trainer.save_model(str(out))
-        name_base_model_in_card(out, cfg.model_name_or_path)
-        trainer.save_state()
-        metrics = _json_safe(output.metrics)
-        if data.eval is not None:
-            metrics.update(final_eval_metrics(trainer))
-        if cfg.do_predict:
-            metrics.update(predict_eval_set(cfg, model, tokenizer, template, examples.eval_conversations, out))
-        trainer.save_metrics("all", metrics)
-        save_run_files(cfg, tokenizer, template, out)
-        if cfg.plot_loss:
-            plot_loss(trainer.state.log_history, out / LOSS_PLOT, title=Path(cfg.output_dir).name)
+            save_run_files(cfg, tokenizer, template, cfg.output_dir)
+            extra = [sampler] if sampler is not None else []
+            trainer = build_trainer(
+                cfg, model, tokenizer, data, [recorder, stop, *extra, *(callbacks or [])], args=args
+            )
+            trainer.run_id = run_id
+            if sampler is not None:
+                sampler.board = tensorboard_callback(trainer)
+            if resume:
+                _say(f"resuming from {resume}")
+            try:
+                with stop_cleanly_on_interrupt(stop):
+                    output = trainer.train(resume_from_checkpoint=resume)
+            except torch.OutOfMemoryError:
+                raise ConfigError(out_of_memory_advice(cfg)) from None
+            finally:
+                if cfg.torch_compile:
+                    # The model outlives the run (TrainResult.model, sample_prompts): back to eager for generation.
+                    uncompile_decoder_layers(model)
+            if stop.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
+                raise RunInterrupted(
+                    f"interrupted at step {trainer.state.global_step} of {trainer.state.max_steps}: saved "
+                    f"{checkpoints.last_complete(out)}; --resume_from_checkpoint true continues the run"
+                )
+            predict = (
+                (lambda: predict_eval_set(cfg, model, tokenizer, template, examples.eval_conversations, out))
+                if cfg.do_predict
+                else None
+            )
+            metrics = save_final_outputs(cfg, trainer, output, data, tokenizer, template, predict)
+        except OSError as exc:
+            error = checkpoints.storage_error(exc, out, str(exc.filename or out))
+            if error is None:
+                raise
+            raise error from None
     finally:
-        # Also when the run fails or is interrupted: whatever it wrote is listed as its own.
-        claim_dir(out, "train", exclude=keep)
+        # Also when the run fails or is interrupted: whatever it wrote is listed as its own. (Best effort: a
+        # full disk keeps the marker as it was, which still names the run's earlier entries.)
+        with contextlib.suppress(OSError):
+            claim_dir(out, "train", exclude=keep)
     ready_for_inference(model, cfg)
     result = TrainResult(
         output_dir=out,

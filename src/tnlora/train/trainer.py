@@ -8,6 +8,7 @@ import functools
 import inspect
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +20,9 @@ from tnlora.errors import ConfigError
 
 @functools.cache
 def trainer_class():
-    """``transformers.Trainer`` that counts tokens seen from the collator's host-side count.
+    """``transformers.Trainer`` that counts tokens seen from the collator's host-side count, checks each
+    optimizer step for a non-finite loss or gradient norm (``nonfinite``, a ``train.nonfinite.NonFiniteGuard``)
+    and writes checkpoints that count only once complete (``train.checkpoints``).
 
     The Trainer's own count (``include_num_input_tokens_seen``) sums the attention mask on the device and
     reads it back with ``.item()`` after every micro-batch: a full stall of the GPU each time.
@@ -27,9 +30,70 @@ def trainer_class():
     from transformers import Trainer
 
     class TnloraTrainer(Trainer):
+        run_id: str | None = None  # the run that owns output_dir (train.run sets it), recorded in each checkpoint
+        nonfinite: Any = None  # the NonFiniteGuard (build_trainer)
+        _staging_root: Path | None = None  # while a checkpoint is being written: where it goes first
+
         def training_step(self, model, inputs, *args, **kwargs):
             self.state.num_input_tokens_seen += inputs.pop(NUM_REAL_TOKENS, 0)
-            return super().training_step(model, inputs, *args, **kwargs)
+            loss = super().training_step(model, inputs, *args, **kwargs)
+            if self.nonfinite is not None:
+                self.nonfinite.add_loss(loss, self)
+            return loss
+
+        def _get_grad_norm(self, model, grad_norm=None):
+            # Called once per optimizer step, after clipping and before the optimizer: the point to judge the step.
+            grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+            if self.nonfinite is not None:
+                self.nonfinite.check_step(self, model, grad_norm)
+            return grad_norm
+
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            # A run resumed from the checkpoint of its last step would take one step more when max_steps is not
+            # a whole number of epochs (the Trainer checks the limit only after a step): no batch is left to take.
+            if 0 < self.state.max_steps <= self.state.global_step:
+                self.control.should_training_stop = True
+                return [], None
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+
+        def _get_output_dir(self, trial) -> str:
+            # While a checkpoint is written, the Trainer's checkpoint folder lives in the staging folder.
+            if self._staging_root is not None:
+                return str(self._staging_root)
+            return super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial) -> None:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            from tnlora.train import checkpoints
+
+            if self.nonfinite is not None:
+                self.nonfinite.drain()  # nothing after a non-finite step is saved
+            run_dir = Path(super()._get_output_dir(trial))
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            if self.args.world_size > 1:
+                # Every process writes its own RNG state into the folder: it is written in place, the main
+                # process's completion record last (no rename).
+                super()._save_checkpoint(model, trial)
+                self.accelerator.wait_for_everyone()  # every RNG file written before the record lists them
+                if self.args.should_save:
+                    checkpoints.commit_in_place(run_dir / name, run_id=self.run_id)
+                return
+            try:
+                staging = self._staging_root = checkpoints.start_staging(run_dir)
+                try:
+                    super()._save_checkpoint(model, trial)
+                finally:
+                    self._staging_root = None
+                checkpoints.commit(staging / name, run_dir / name, run_id=self.run_id)
+                checkpoints.rotate(run_dir, self.args.save_total_limit, keep=run_dir / name)
+            except OSError as exc:
+                checkpoints.end_staging(run_dir)  # also frees the room the unfinished checkpoint took
+                error = checkpoints.storage_error(exc, run_dir, f"{name} ({exc.filename or 'its files'})")
+                if error is None:
+                    raise
+                raise error from None
+            checkpoints.end_staging(run_dir)
 
         def prediction_step(self, model, inputs, *args, **kwargs):
             inputs.pop(NUM_REAL_TOKENS, None)
@@ -137,7 +201,9 @@ def build_trainer(
     from transformers import PrinterCallback
 
     from tnlora.train.callbacks import ProgressCallback
+    from tnlora.train.nonfinite import NonFiniteGuard
 
+    guard = NonFiniteGuard(cfg.nan_policy, cfg.nan_skip_limit, cfg.output_dir)
     trainer = trainer_class()(
         model=model,
         args=args if args is not None else training_arguments(cfg, has_eval=data.eval is not None),
@@ -145,8 +211,9 @@ def build_trainer(
         eval_dataset=data.eval,
         data_collator=data.collator,
         processing_class=tokenizer,
-        callbacks=[ProgressCallback(), *(callbacks or [])],
+        callbacks=[ProgressCallback(), guard, *(callbacks or [])],
     )
+    trainer.nonfinite = guard
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback says the same in a line
     trainer.log_tokens_seen = cfg.include_num_input_tokens_seen
     if cfg.logging_dir and "tensorboard" in split_list(cfg.report_to):

@@ -1,0 +1,98 @@
+"""serve/server.py and the `tnlora serve` verb: one-line refusals before anything loads, and the real command
+serving on 127.0.0.1 until interrupted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tnlora.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_missing_extra_is_one_line_naming_it(monkeypatch, capsys) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
+    assert main(["serve", "--model", "tiny"]) == 2
+    assert capsys.readouterr().err == "error: tnlora serve needs the serve extra: pip install 'tnlora[serve]'\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max_batch", "0"], "error: --max_batch: must be >= 1, got 0\n"),
+        (["--max_sessions", "-1"], "error: --max_sessions: must be >= 0, got -1\n"),
+        (["--temperature", "-1"], "error: --temperature: must be in [0, 2], got -1.0\n"),
+        (["--top_p", "2"], "error: --top_p: must be in [0, 1], got 2.0\n"),
+        (["--port", "0"], "error: --port: must be >= 1, got 0\n"),
+    ],
+)
+def test_bad_options_are_refused_before_the_model_loads(args, message, capsys) -> None:
+    pytest.importorskip("fastapi", reason="needs the serve extra")
+    assert main(["serve", "--model", "no-such-model", *args]) == 2
+    assert capsys.readouterr().err == message
+
+
+def test_the_key_comes_from_the_option_else_the_environment(monkeypatch) -> None:
+    from tnlora.cli import build_parser
+    from tnlora.serve.server import options_from_args
+
+    parser = build_parser()
+    monkeypatch.setenv("TNLORA_API_KEY", "from-env")
+    config, options = options_from_args(parser.parse_args(["serve", "--adapter", "runs/my-run", "--max_batch", "3"]))
+    assert config.api_key == "from-env" and config.model_name == "my-run" and options.max_batch == 3
+    config, _ = options_from_args(parser.parse_args(["serve", "--model", "tiny", "--api_key", "given"]))
+    assert config.api_key == "given" and config.model_name == "tiny"
+    monkeypatch.delenv("TNLORA_API_KEY")
+    assert options_from_args(parser.parse_args(["serve", "--model", "tiny"]))[0].api_key is None
+
+
+def test_tnlora_serve_answers_on_127_0_0_1_until_interrupted(tmp_path) -> None:
+    pytest.importorskip("uvicorn", reason="needs the serve extra")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("TNLORA_API_KEY", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tnlora.cli", "serve", "--model", "tiny", "--device", "cpu", "--port", str(port),
+         "--served_model_name", "cli-tiny", "--max_batch", "2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    health = json.load(response)
+                break
+            except OSError:
+                assert process.poll() is None, process.communicate()[1][-2000:]
+                assert time.monotonic() < deadline, "tnlora serve did not come up"
+                time.sleep(0.2)
+        assert health["model"] == "cli-tiny" and health["slots"]["total"] == 2
+        body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert json.load(response)["usage"]["completion_tokens"] == 3
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            _, err = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    assert process.returncode == 0, err[-2000:]
+    assert "Traceback" not in err
