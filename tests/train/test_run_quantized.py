@@ -98,14 +98,15 @@ def test_a_resumed_run_keeps_the_quantization_it_trained_on(make_config, tmp_pat
     with pytest.raises(ConfigError) as info:
         run.preflight(make_config(out, *resume, "--quantization_bit", "4"))
     assert str(info.value) == (
-        f"quantization_bit: the run being resumed trained on an unquantized base ({out / RUN_CONFIG_NAME}); resume "
-        "it with the same quantization_bit, quantization_type, double_quantization"
+        f"resume_from_checkpoint: {out / 'checkpoint-2'} was trained with other settings, and these change what "
+        f"it means: quantization_bit null → 4 (resume with the values in {out / RUN_CONFIG_NAME}, or start a new "
+        "run in another output_dir)"
     )
     saved.update(quantization_bit=4, bf16=True)  # as a QLoRA run saves it
     (out / RUN_CONFIG_NAME).write_text(yaml.safe_dump(saved))
-    with pytest.raises(ConfigError, match=r"^quantization_bit: the run being resumed trained on 4-bit nf4, double "):
+    with pytest.raises(ConfigError, match=r"these change what it means: quantization_bit 4 → null \("):
         run.preflight(make_config(out, *resume))
-    with pytest.raises(ConfigError, match=r"^quantization_bit: the run being resumed trained on 4-bit nf4"):
+    with pytest.raises(ConfigError, match=r"these change what it means: quantization_type nf4 → fp4 \("):
         run.preflight(make_config(out, *resume, "--quantization_bit", "4", "--quantization_type", "fp4"))
     run.preflight(make_config(out, *resume, "--quantization_bit", "4"))
 

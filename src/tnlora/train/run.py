@@ -124,8 +124,6 @@ def preflight(cfg: RunConfig) -> tuple[RunConfig, OutputPlan, str | None]:
 
         check_metric_libraries()
     plan, resume = plan_output_dir(cfg)
-    if resume is not None:
-        check_resumed_quantization(cfg, resume)
     from tnlora.train.checkpoints import check_writable
 
     check_writable(cfg.output_dir)
@@ -158,25 +156,6 @@ def resolve_for_this_machine(cfg: RunConfig, train_tokens: int | None = None, an
             "memory; set use_unsloth_gc: false to try anyway)"
         )
     return resolved
-
-
-def check_resumed_quantization(cfg: RunConfig, checkpoint: str) -> None:
-    """A resumed run keeps the quantization its adapter was trained on (the run's tnlora_run.yaml, beside its
-    checkpoints): LoRA weights fitted to a 4-bit base would continue on other weights."""
-    from tnlora.config import RUN_CONFIG_NAME, read_run_config
-
-    run_dir = Path(checkpoint).parent
-    saved = read_run_config(run_dir)
-    if saved is None:
-        return
-    keys = ("quantization_bit", "quantization_type", "double_quantization")
-    before = quantization_of(saved)
-    if before != quantization_of(cfg):
-        described = before.describe() if before is not None else "an unquantized base"
-        raise ConfigError(
-            f"quantization_bit: the run being resumed trained on {described} ({run_dir / RUN_CONFIG_NAME}); resume "
-            f"it with the same {', '.join(keys)}"
-        )
 
 
 def quantization_of(cfg: RunConfig):  # -> tnlora.model.quantization.Quantization | None
