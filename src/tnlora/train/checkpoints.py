@@ -42,6 +42,8 @@ MEANING_KEYS = frozenset({
     # the model and the method
     "model_name_or_path", "finetuning_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target",
     "additional_target", "use_dora", "use_rslora", "freeze_trainable_layers", "add_special_tokens",
+    # the base the adapter was fitted to: LoRA weights trained on a 4-bit base would continue on other weights
+    "quantization_bit", "quantization_method", "quantization_type", "double_quantization",
     # the data and how it is encoded, split, ordered and batched (a step is a fixed slice of the data)
     "dataset", "dataset_dir", "dedup", "template", "system", "cutoff_len", "max_samples", "val_size", "packing",
     "train_on_prompt", "mask_history", "seed", "per_device_train_batch_size", "gradient_accumulation_steps",
@@ -60,6 +62,8 @@ HARMLESS_KEYS = frozenset({
     "resume_from_checkpoint", "report_to", "plot_loss", "sample_prompts", "sample_max_new_tokens", "do_train",
     "do_predict", "predict_with_generate", "max_new_tokens",
 })  # fmt: skip
+# MEANING_KEYS whose None is a choice, not a value left open for the defaults (no quantization).
+NONE_IS_A_CHOICE = frozenset({"quantization_bit"})
 RESUME_FLAG = "--resume_from_checkpoint true"
 
 
@@ -268,7 +272,7 @@ def resume_differences(saved: RunConfig, cfg: RunConfig) -> list[str]:
     changes = []
     for key in sorted(MEANING_KEYS):
         new, old = getattr(cfg, key), getattr(saved, key)
-        if new is not None and new != old:
+        if (new is not None or key in NONE_IS_A_CHOICE) and new != old:
             changes.append(f"{key} {_shown(old)} → {_shown(new)}")
     return changes
 
