@@ -4,8 +4,9 @@ A request's whole decoding state is one fixed-size state per layer and its posit
 fixed set of ``max_batch`` slots (:class:`~tnlora.infer.decode_graph.DecodeStepRunner` buffers with a
 position per row): a request joins by copying its prefilled state into a free slot and leaves by marking the
 slot padded, at any step, without touching the others. Every step runs all slots (free ones padded: their
-state only decays and their logits are ignored), so the arithmetic of a row never depends on what the other
-slots hold: a request's greedy output is the same under any concurrency as alone. On a GPU the step is one
+state only decays and their logits are ignored), so a row's decode arithmetic never depends on what the other
+slots hold; prompts read together differ from prompts read alone only in the matrix products' summation order
+(:mod:`tnlora.infer.prefill`). On a GPU the step is one
 CUDA-graph replay (the fused decode kernels included); elsewhere the same step runs eagerly on the same buffers.
 
 The loop: take new requests; prefill the waiting ones that free slots can take, together in one packed forward
