@@ -23,7 +23,14 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (pip install 'tnlora[qlora]')")
 
-from train_helpers import GEOMETRY_1B, StopAtStep, assert_bf16_step_matches, batch, loss_and_grads
+from train_helpers import (
+    GEOMETRY_1B,
+    StopAtStep,
+    assert_bf16_step_matches,
+    batch,
+    loss_and_grads,
+    randomize_lora,
+)
 
 from tnlora.config import RunConfig
 from tnlora.model import TransnormerForCausalLM, config_from_preset, load_model
@@ -100,12 +107,7 @@ def _lora(geometry: str, kind: str) -> torch.nn.Module:
     model = apply_finetuning(model, cfg)
     upcast_trainable(model)
     set_adapter_input_casts(model, False)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen).to(p.device) * 0.05)
-    return model.train()
+    return randomize_lora(model).train()
 
 
 @pytest.mark.parametrize("geometry", ["tiny", "1B"])
