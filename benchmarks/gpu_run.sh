@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements a maintainer reruns, in one go on the GPU machine (repo root): install the wheels carried
-# in .whl/ (fla-core, einops, ...), then run the named stages, logging to $OUT/log.txt and the table rows to
-# $OUT/table.txt. Usage: bash benchmarks/gpu_run.sh tests decode train-defaults ...
+# in .whl/ (fla-core, einops, bitsandbytes for the QLoRA tests and small-cards, ...), then run the named stages,
+# logging to $OUT/log.txt and the table rows to $OUT/table.txt. Usage: bash benchmarks/gpu_run.sh tests decode ...
 #
 # Stages (each named by what it measures):
 #   tests           the GPU tests (kernels, fla vs the exact chunked path, decode graphs, compiled layers, the
@@ -11,6 +11,11 @@
 #   train-defaults  1B and 7B training steps with tnlora train's defaults (CARD_GIB caps the memory)
 #   train-seed      7B at the tutorial recipe's own settings (padding, 4 x 4 micro-batches, checkpointing)
 #   train-long      7B on one LONG_LEN-token sequence (offloaded checkpointing, compiled)
+#   small-cards     7B on smaller cards (the H200's memory capped): bf16 LoRA at 24 GiB and QLoRA (4-bit) at 12 GiB
+#                   with tnlora train's defaults for huanhuan (eager), and the tutorial recipe's own settings at 24
+#                   GiB; each row's `resolved:` line shows what the defaults chose and their memory estimate
+#   small-cards-side  the same cards at one 1,024-token row without checkpointing (the plan the defaults rank
+#                   below checkpointed 8 × 1,024): checks that order
 #   train-ladder    the 1B rungs: padding and the chunked attention, packing, fla, 16k-token rows, compiled
 #   decode          7B and 1B greedy decoding at batch 1 and 32 (CUDA graphs, fused step)
 #   decode-kernel   decoding with the torch and the triton recurrence
@@ -49,7 +54,7 @@ pytests() {  # pytest-xdist workers: first-use autotuning and compiles overlap
 pack() { (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf "$OUT/tcache.tgz" -T -) 2>/dev/null; }
 python3 - <<'PY' 2>&1 | tee -a "$OUT/log.txt"
 import importlib
-for name in ["torch", "triton", "transformers", "peft", "accelerate", "fla", "einops", "fastapi", "uvicorn", "openai"]:
+for name in ["torch", "triton", "transformers", "peft", "accelerate", "fla", "einops", "bitsandbytes", "fastapi", "uvicorn", "openai"]:
     try:
         print(name, getattr(importlib.import_module(name), "__version__", "?"))
     except Exception as exc:
@@ -59,7 +64,7 @@ log "source $SRC at $COMMIT"
 for stage in "$@"; do
   case $stage in
     tests)
-      log "GPU tests"; pytests ${GPU_TESTS:-tests/ops tests/infer/test_decode_graph.py tests/train/test_compile_gpu.py tests/train/test_norm_kernel_gpu.py tests/train/test_sync_gpu.py tests/model/test_modeling.py} ;;
+      log "GPU tests"; pytests ${GPU_TESTS:-tests/ops tests/infer/test_decode_graph.py tests/train/test_compile_gpu.py tests/train/test_norm_kernel_gpu.py tests/train/test_sync_gpu.py tests/train/test_qlora_gpu.py tests/model/test_modeling.py} ;;
     warm)  # autotune fla for both q/k widths and head counts in parallel, then wait (at most WARM_LIMIT s)
       for kd in 128 256; do for h in 16 32; do python3 benchmarks/fla_warmup.py $kd $h > "$OUT/warm$kd-$h.txt" 2>&1 & done; done
       START=$SECONDS; while [ -n "$(jobs -pr)" ] && [ $((SECONDS - START)) -lt ${WARM_LIMIT:-300} ]; do sleep 2; done
@@ -73,6 +78,15 @@ for stage in "$@"; do
       train --model 7B --packing false --per_device_train_batch_size 4 --gradient_accumulation_steps 4 --gradient_checkpointing true --torch_compile false $CAP --name "7B huanhuan-shaped at the tutorial recipe's settings ($COMMIT)$TAG" ;;
     train-long)
       LIMIT=300 train --model 7B --seq_len ${LONG_LEN:-131072} --use_unsloth_gc true --torch_compile true --steps 1 --warmup 1 $CAP --name "7B one ${LONG_LEN:-131072}-token sequence, offloaded checkpointing ($COMMIT)$TAG" ;;
+    small-cards)  # the huanhuan recipe's adapter (rank 8, alpha 32, dropout 0.1); eager, as train picks for 1.2 M tokens
+      HH="--lora_alpha 32 --lora_dropout 0.1 --torch_compile false"
+      train --model 7B $HH --gpu_memory_gib 24 --name "7B huanhuan-shaped, bf16 LoRA, tnlora train's defaults, 24 GiB ($COMMIT)$TAG"
+      train --model 7B $HH --quantization_bit 4 --gpu_memory_gib 12 --name "7B huanhuan-shaped, QLoRA nf4, tnlora train's defaults, 12 GiB ($COMMIT)$TAG"
+      train --model 7B $HH --packing false --per_device_train_batch_size 4 --gradient_accumulation_steps 4 --gradient_checkpointing true --gpu_memory_gib 24 --name "7B huanhuan-shaped, the tutorial recipe's settings (padding, 4 x 4, checkpointing), 24 GiB ($COMMIT)$TAG" ;;
+    small-cards-side)
+      HH="--lora_alpha 32 --lora_dropout 0.1 --torch_compile false --per_device_train_batch_size 1 --gradient_checkpointing false"
+      train --model 7B $HH --gpu_memory_gib 24 --name "7B huanhuan-shaped, bf16 LoRA, 1 x 1,024 without checkpointing, 24 GiB ($COMMIT)$TAG"
+      train --model 7B $HH --quantization_bit 4 --gpu_memory_gib 12 --name "7B huanhuan-shaped, QLoRA nf4, 1 x 1,024 without checkpointing, 12 GiB ($COMMIT)$TAG" ;;
     train-ladder)
       train --model 1B --packing false --attention_impl chunked --per_device_train_batch_size 4 --gradient_accumulation_steps 4 --torch_compile false --name "1B padding, chunked attention, 4 x 4 ($COMMIT)$TAG"
       train --model 1B --cutoff_len 2048 --attention_impl chunked --per_device_train_batch_size 1 --gradient_accumulation_steps 4 --torch_compile false --name "1B + packing 2,048-token rows, 1 x 4 ($COMMIT)$TAG"

@@ -127,9 +127,27 @@ def test_bench_train_defaults_resolve_as_tnlora_train_does(capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert ("resolved: 16 x 1024 tokens a micro-batch, 1 a step, packing True, gradient_checkpointing False, "
-            "torch_compile False") in out
+            "use_unsloth_gc False, torch_compile False, attention chunked, quantization_bit None") in out
     assert re.search(r"^config: tiny data-shaped", out, re.M)
     _row(out)
+
+
+def test_bench_refuses_a_quantized_base_without_a_gpu():
+    from tnlora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^quantization_bit: a quantized base needs a CUDA GPU"):
+        bench.main(["train", "--model", "tiny", "--quantization_bit", "4", "--steps", "1", "--warmup", "0"])
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("bitsandbytes"), reason="bitsandbytes is not installed")
+def test_the_bench_builds_a_quantized_preset_from_the_meta_device():
+    """7B on a 12 GiB card: the model is built on the meta device, each linear weight drawn where it is
+    quantized (here bitsandbytes' CPU backend stands in for the GPU)."""
+    from tnlora.model.quantization import Quantization, is_quantized
+
+    model = common.random_model("tiny", "chunked", "cpu", quantization=Quantization(4))
+    assert is_quantized(model) and not any(p.is_meta for p in model.parameters())
+    assert model.config.use_cache is False and model.model.embed_tokens.weight.dtype == torch.bfloat16
 
 
 def test_gpu_memory_cap_is_refused_without_a_gpu_or_beyond_the_card(monkeypatch):

@@ -190,7 +190,14 @@ def test_saved_config_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["quickstart.yaml", "huanhuan_7b_lora.yaml", "huanhuan_1b_lora.yaml", "huanhuan_7b_lora_fast.yaml"]
+    "name",
+    [
+        "quickstart.yaml",
+        "huanhuan_7b_lora.yaml",
+        "huanhuan_1b_lora.yaml",
+        "huanhuan_7b_lora_fast.yaml",
+        "huanhuan_7b_qlora.yaml",
+    ],
 )
 def test_example_configs_are_valid(name):
     examples = Path(__file__).resolve().parents[1] / "examples"
@@ -200,6 +207,11 @@ def test_example_configs_are_valid(name):
         assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target) == (8, 32, 0.1, "all")
         assert (cfg.packing, cfg.per_device_train_batch_size, cfg.cutoff_len) == (True, 8, 1024)
         assert cfg.gradient_checkpointing is None and cfg.torch_compile is None
+    elif name == "huanhuan_7b_qlora.yaml":  # the fast recipe on a 4-bit base, the micro-batch left to the card
+        assert (cfg.quantization_bit, cfg.quantization_type, cfg.double_quantization) == (4, "nf4", True)
+        assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.cutoff_len) == (8, 32, 0.1, 1024)
+        assert cfg.per_device_train_batch_size is None and cfg.gradient_checkpointing is None
+        assert cfg.use_unsloth_gc is None and cfg.torch_compile is None
     elif name.startswith("huanhuan_7b"):  # the seed tutorial's hyper-parameters
         assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout) == (8, 32, 0.1)
         assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == (4, 4)
@@ -234,7 +246,9 @@ def test_llamafactory_and_trainer_keys_are_accepted_with_their_meaning(tmp_path)
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        (["--quantization_bit", "4"], "quantization_bit: quantized (QLoRA) training is not available in tnlora; got '4'"),
+        (["--quantization_method", "hqq"], "quantization_method: 'hqq' is not available in tnlora, which quantizes "
+                                           "with bitsandbytes (bnb)"),
+        (["--quantization_device_map", "auto"], "quantization_device_map: placing a quantized model across devices"),
         (["--use_galore", "true"], "use_galore: the GaLore optimizer is not available in tnlora"),
         (["--fp16", "true"], "fp16: fp16 mixed precision is not available in tnlora (use bf16: true"),
         (["--flash_attn", "fa2"], "flash_attn: a softmax-attention kernel"),
@@ -244,6 +258,43 @@ def test_llamafactory_and_trainer_keys_are_accepted_with_their_meaning(tmp_path)
     ],
 )
 def test_features_tnlora_lacks_are_refused_naming_them(override, expected):
+    assert refusal(override).startswith(expected)
+
+
+def test_llamafactory_quantization_keys_are_run_keys_and_are_saved_with_the_run(tmp_path):
+    path = write_yaml(tmp_path, (
+        "model_name_or_path: tiny\ndataset: d\noutput_dir: o\nquantization_bit: 4\nquantization_method: bnb\n"
+        "quantization_type: fp4\ndouble_quantization: false\n"
+    ))  # fmt: skip
+    cfg = load_run_config(path)
+    assert (cfg.quantization_bit, cfg.quantization_method, cfg.quantization_type, cfg.double_quantization) == (
+        4, "bnb", "fp4", False,
+    )  # fmt: skip
+    save_run_config(cfg, tmp_path)  # what chat, eval, merge and a resumed run read back
+    again = read_run_config(tmp_path)
+    assert (again.quantization_bit, again.quantization_type, again.double_quantization) == (4, "fp4", False)
+    plain = load_run_config(None, BASE)
+    assert (plain.quantization_bit, plain.quantization_type, plain.double_quantization) == (None, "nf4", True)
+    assert load_run_config(None, [*BASE, "--quantization_bit", "null"]).quantization_bit is None
+    assert load_run_config(None, [*BASE, "quantization_bit=8"]).quantization_bit == 8
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (["--quantization_bit", "2"], "quantization_bit: 4 (QLoRA: NF4/FP4) or 8 (LLM.int8()), the widths "
+                                      "bitsandbytes trains with; got 2 (from --quantization_bit)"),
+        (["--quantization_bit", "3"], "quantization_bit: 4 (QLoRA: NF4/FP4) or 8 (LLM.int8())"),
+        (["--quantization_bit", "4", "--finetuning_type", "full"],
+         "quantization_bit: a quantized base trains LoRA adapters only (QLoRA), not finetuning_type: full; drop "
+         "quantization_bit or use finetuning_type: lora"),
+        (["--quantization_bit", "8", "--finetuning_type", "freeze"], "quantization_bit: a quantized base trains LoRA "
+                                                                     "adapters only (QLoRA), not finetuning_type: freeze"),
+        (["--quantization_bit", "4", "--bf16", "false"], "bf16: a quantized base (quantization_bit) computes in bf16"),
+        (["--quantization_type", "int4"], "quantization_type: must be one of nf4, fp4; got 'int4'"),
+    ],
+)  # fmt: skip
+def test_quantization_that_tnlora_cannot_train_is_refused_in_one_line(override, expected):
     assert refusal(override).startswith(expected)
 
 

@@ -67,10 +67,30 @@ def _add_model_args(p: argparse.ArgumentParser, adapter_required: bool = False, 
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
     g.add_argument("--attention_impl", choices=("auto", "chunked", "recurrent", "fla"), default=None)
     g.add_argument(
-        "--merge_adapter", type=_bool, nargs="?", const=True, default=merge,
-        help=f"fold the adapter into the base weights for decoding, as `tnlora merge` exports them (default "
-        f"{str(merge).lower()}; unmerged, each adapted layer runs its LoRA matmuls at every step)",
+        "--merge_adapter", type=_bool, nargs="?", const=True, default=None if merge else False,
+        help="fold the adapter into the base weights for decoding, as `tnlora merge` exports them (default "
+        + ("true, false on a quantized base" if merge else "false")
+        + "; unmerged, each adapted layer runs its LoRA matmuls at every step)",
     )  # fmt: skip
+    g.add_argument(
+        "--quantization_bit", type=_quantization_bit, default=None,
+        help="4 or 8: the base's linear layers quantized by bitsandbytes, the adapter unmerged (a CUDA GPU and "
+        "pip install 'tnlora[qlora]'); none: unquantized (default: what the adapter's run trained on)",
+    )  # fmt: skip
+    g.add_argument("--quantization_type", choices=("nf4", "fp4"), default=None,
+                   help="4-bit data type (default: the adapter run's, else nf4)")  # fmt: skip
+    g.add_argument("--double_quantization", type=_bool, nargs="?", const=True, default=None,
+                   help="4-bit: quantize the quantization constants too (default: the adapter run's, else true)")
+
+
+def _quantization_bit(text: str) -> int:
+    """``--quantization_bit``: 4, 8, or none (0)."""
+    lowered = text.strip().lower()
+    if lowered in ("none", "null", "false", "0"):
+        return 0
+    if lowered in ("4", "8"):
+        return int(lowered)
+    raise argparse.ArgumentTypeError(f"expected 4, 8 or none, got {text!r}")
 
 
 def _add_generation_args(p: argparse.ArgumentParser, do_sample: bool, repetition_penalty: float = 1.03) -> None:
@@ -98,6 +118,9 @@ def _load(args: argparse.Namespace):
         device=args.device,
         attention_impl=args.attention_impl,
         merge_adapter=args.merge_adapter,
+        quantization_bit=args.quantization_bit,
+        quantization_type=args.quantization_type,
+        double_quantization=args.double_quantization,
     )
 
 

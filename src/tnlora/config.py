@@ -43,6 +43,14 @@ REPORTERS = ("none", "tensorboard")
 STRATEGIES = ("no", "steps", "epoch")
 NAN_POLICIES = ("stop", "skip")
 LINEAR_TARGETS_ALL = "all"
+# quantization_bit / quantization_method / quantization_type: what tnlora loads with bitsandbytes.
+QUANTIZATION_BITS = (4, 8)
+QUANTIZATION_METHODS = ("bnb",)
+QUANTIZATION_TYPES = ("nf4", "fp4")
+NO_GPU_FOR_QUANTIZATION = (
+    "quantization_bit: a quantized base needs a CUDA GPU (bitsandbytes' quantized training), and this machine has "
+    "none; drop quantization_bit to train in bf16 / fp32"
+)
 
 
 def _opt(help: str, **checks: Any) -> dict[str, Any]:
@@ -122,6 +130,25 @@ class RunConfig:
     freeze_trainable_layers: int = field(
         default=2, metadata=_opt("freeze: train the last n layers (negative: the first n)")
     )
+    # --- quantized base (QLoRA; LLaMA-Factory's keys) ---
+    quantization_bit: int | None = field(
+        default=None,
+        metadata=_opt(
+            "load the base model's linear layers quantized by bitsandbytes: 4 (QLoRA) or 8 (LLM.int8()); the "
+            "embedding, tied head and norms stay bf16; needs a CUDA GPU and pip install 'tnlora[qlora]'",
+            choices=QUANTIZATION_BITS,
+        ),
+    )
+    quantization_method: str = field(
+        default="bnb", metadata=_opt("the quantization library (bitsandbytes)", choices=QUANTIZATION_METHODS)
+    )
+    quantization_type: str = field(
+        default="nf4", metadata=_opt("4-bit data type: NormalFloat4 or FP4", choices=QUANTIZATION_TYPES)
+    )
+    double_quantization: bool = field(
+        default=True,
+        metadata=_opt("4-bit: quantize the quantization constants too (~0.4 bit per parameter less)"),
+    )
     # --- optimisation ---
     per_device_train_batch_size: int | None = field(
         default=None,
@@ -166,11 +193,12 @@ class RunConfig:
             "are estimated not to fit)"
         ),
     )
-    use_unsloth_gc: bool = field(
-        default=False,
+    use_unsloth_gc: bool | None = field(
+        default=None,
         metadata=_opt(
             "gradient checkpointing with each layer's saved input kept in CPU memory (LLaMA-Factory's name for "
-            "unsloth-style offloaded checkpointing; implies gradient_checkpointing)"
+            "unsloth-style offloaded checkpointing; implies gradient_checkpointing; default: off, on a GPU on "
+            "when not even plain checkpointing is estimated to fit)"
         ),
     )
     torch_compile: bool | None = field(
@@ -288,8 +316,7 @@ ALIASES: dict[str, tuple[str, Callable[[Any], Any]]] = {
 # false, 0, "none") still runs; any other value is refused naming the feature. A feature that arrives in tnlora
 # becomes a RunConfig field and leaves this table.
 UNSUPPORTED_KEYS: dict[str, str] = {
-    "quantization_bit": "quantized (QLoRA) training",
-    "quantization_method": "quantized (QLoRA) training",
+    "quantization_device_map": "placing a quantized model across devices (tnlora loads it on one GPU)",
     "use_galore": "the GaLore optimizer",
     "use_apollo": "the APOLLO optimizer",
     "use_badam": "the BAdam optimizer",
@@ -699,6 +726,16 @@ def _choice_message(key: str, value: Any, choices: tuple[Any, ...], src: str) ->
             "fp16: fp16 mixed precision is not available in tnlora (use bf16: true on a GPU that has bf16, "
             f"else fp32){src}"
         )
+    if key == "quantization_bit":
+        return (
+            f"quantization_bit: 4 (QLoRA: NF4/FP4) or 8 (LLM.int8()), the widths bitsandbytes trains with; got "
+            f"{value!r}{src}"
+        )
+    if key == "quantization_method":
+        return (
+            f"quantization_method: {value!r} is not available in tnlora, which quantizes with bitsandbytes (bnb)"
+            f"{src}"
+        )
     return f"{key}: must be one of {shown}; got {value!r}{src}"
 
 
@@ -712,6 +749,15 @@ def _check_combinations(cfg: RunConfig) -> None:
         raise ConfigError("max_steps: must be -1 (use num_train_epochs) or a positive number of steps, got 0")
     if cfg.warmup_ratio > 0 and cfg.warmup_steps > 0:
         raise ConfigError("warmup_steps: set either warmup_ratio or warmup_steps, not both")
+    if cfg.quantization_bit is not None and cfg.finetuning_type != "lora":
+        raise ConfigError(
+            f"quantization_bit: a quantized base trains LoRA adapters only (QLoRA), not finetuning_type: "
+            f"{cfg.finetuning_type}; drop quantization_bit or use finetuning_type: lora"
+        )
+    if cfg.quantization_bit is not None and cfg.bf16 is False:
+        raise ConfigError(
+            "bf16: a quantized base (quantization_bit) computes in bf16; set bf16: true or drop quantization_bit"
+        )
     if cfg.freeze_trainable_layers == 0:
         raise ConfigError("freeze_trainable_layers: must not be 0 (n > 0: last n layers, n < 0: first n)")
     if not split_list(cfg.dataset):
@@ -796,6 +842,14 @@ LARGE_PACKED_TOKENS_PER_MICRO_BATCH = 32_768
 SMALL_PACKED_TOKENS_PER_MICRO_BATCH = 8_192
 
 
+# Where not even 8,192 tokens fit without checkpointing (24 GB and smaller cards): the budgets tried with
+# checkpointing, largest first, before the checkpoints' inputs are moved to CPU memory (use_unsloth_gc), which
+# copies every layer's input out and back each micro-batch where a smaller micro-batch costs only the step's
+# fixed work. The last mode left open keeps halving its budget down to one row (see ``memory_plans``).
+CHECKPOINTED_TOKENS_PER_MICRO_BATCH = (16_384, 8_192, 4_096)
+OFFLOADED_TOKENS_PER_MICRO_BATCH = 16_384
+
+
 # Compiling the decoder layers pays only on long runs: compiled layers save a few seconds per million tokens
 # over eager ones (with the Triton norms), against about a minute of compiling in the first steps
 # (benchmarks/RESULTS.md, "tnlora train end to end" and the 7B rows). Unset, torch_compile is on only from
@@ -813,48 +867,129 @@ def resolve_defaults(
 ) -> RunConfig:
     """Fill the "pick for me" values: bf16, packing and compiled decoder layers on a GPU, none of them on CPU
     (compiling pays only where kernel launches dominate; on CPU it costs minutes; on a GPU only when the run
-    trains at least ``COMPILE_MIN_TOKENS`` tokens, or ``train_tokens`` is not known); micro-batches of packed rows
-    sized by a token budget (on a GPU the largest of 32,768, 16,384 and 8,192 tokens that ``fits`` says fits
-    without checkpointing; else, and on CPU, 16,384); the fused AdamW on a GPU; alpha = 2 × rank. Gradient
-    checkpointing: on with a GPU when ``fits`` (given the otherwise resolved config, checkpointing off) says
-    the run would not fit its memory, else off."""
+    trains at least ``COMPILE_MIN_TOKENS`` tokens, or ``train_tokens`` is not known, and not over a quantized
+    base); the fused AdamW on a GPU; alpha = 2 × rank.
+
+    The micro-batch, gradient checkpointing and its offload (``use_unsloth_gc``) come from ``fits`` (on a GPU:
+    whether a resolved config is estimated to fit its memory, ``train.memory.gpu_fits``): packed micro-batches
+    take the first of ``memory_plans`` that fits (the largest of 32,768, 16,384 and 8,192 tokens without
+    checkpointing, then 16,384 to 4,096 with it, then offloaded down to one row); when none does, a
+    ``ConfigError`` names the key to change. With the micro-batch given (or unpacked rows), checkpointing and
+    then offload are switched on only as far as needed. Without ``fits`` (CPU): 16,384 packed tokens or 8
+    examples, no checkpointing. What the user set is kept."""
     out = dataclasses.replace(cfg)
     if out.bf16 is None:
         out.bf16 = bool(cuda and cuda_bf16)
     elif out.bf16 and cuda and not cuda_bf16:
         raise ConfigError("bf16: this GPU does not support bfloat16; set bf16: false")
+    if out.quantization_bit is not None and not cuda:
+        raise ConfigError(NO_GPU_FOR_QUANTIZATION)
+    if out.quantization_bit is not None and not out.bf16:
+        raise ConfigError("quantization_bit: a quantized base computes in bf16, which this GPU does not support")
     if out.packing is None:
         out.packing = bool(cuda)
     if out.torch_compile is None:
-        out.torch_compile = bool(cuda) and (train_tokens is None or train_tokens >= COMPILE_MIN_TOKENS)
+        # bitsandbytes' quantized layers are left to run eagerly unless asked (torch_compile: true).
+        long_enough = train_tokens is None or train_tokens >= COMPILE_MIN_TOKENS
+        out.torch_compile = bool(cuda) and long_enough and out.quantization_bit is None
     if out.optim is None:
         # The fused AdamW updates all LoRA tensors in a few kernels; the foreach one launches dozens per step.
         out.optim = "adamw_torch_fused" if cuda else "adamw_torch"
     if out.use_unsloth_gc:
         out.gradient_checkpointing = True
+    elif out.gradient_checkpointing is False:
+        out.use_unsloth_gc = False  # offloaded checkpointing is checkpointing
+    decide = cuda and fits is not None
     if out.per_device_train_batch_size is None:
         out.per_device_train_batch_size = (
             max(1, PACKED_TOKENS_PER_MICRO_BATCH // out.cutoff_len) if out.packing else DEFAULT_BATCH_SIZE
         )
-        if out.packing and cuda and fits is not None and not out.gradient_checkpointing:
-            for budget in (
-                LARGE_PACKED_TOKENS_PER_MICRO_BATCH,
-                PACKED_TOKENS_PER_MICRO_BATCH,
-                SMALL_PACKED_TOKENS_PER_MICRO_BATCH,
-            ):
-                rows = max(1, budget // out.cutoff_len)
-                if fits(dataclasses.replace(out, per_device_train_batch_size=rows, gradient_checkpointing=False)):
-                    out.per_device_train_batch_size = rows
-                    break
-    if out.gradient_checkpointing is None:
-        out.gradient_checkpointing = False
-        if cuda and fits is not None:
-            out.gradient_checkpointing = not fits(out)
+        if out.packing and decide:
+            plans = memory_plans(out)
+            chosen = next((plan for plan in plans if fits(plan)), None)
+            if chosen is None:
+                raise ConfigError(no_fit_message(plans[-1], getattr(fits, "describe", None)))
+            out = chosen
+    if out.gradient_checkpointing is None or out.use_unsloth_gc is None:
+        modes = _open_modes(out) if decide else [(bool(out.gradient_checkpointing), bool(out.use_unsloth_gc))]
+        candidates = [dataclasses.replace(out, gradient_checkpointing=gc, use_unsloth_gc=off) for gc, off in modes]
+        # Given the micro-batch, the least checkpointing that fits; if nothing does, the most (an out-of-memory
+        # error then names the micro-batch).
+        out = next((c for c in candidates if fits(c)), candidates[-1]) if decide else candidates[0]
     if out.lora_alpha is None:
         out.lora_alpha = float(2 * out.lora_rank)
     if out.eval_steps is None:
         out.eval_steps = out.save_steps
     return out
+
+
+def _open_modes(cfg: RunConfig) -> list[tuple[bool, bool]]:
+    """(gradient_checkpointing, use_unsloth_gc) pairs the config leaves possible, least memory-saving first."""
+    modes = [(False, False), (True, False), (True, True)]
+    return [
+        (gc, off)
+        for gc, off in modes
+        if cfg.gradient_checkpointing in (None, gc) and cfg.use_unsloth_gc in (None, off)
+    ]
+
+
+def memory_plans(cfg: RunConfig) -> list[RunConfig]:
+    """The packed micro-batches the defaults try, in order: ``cfg`` with rows, checkpointing and offload set.
+
+    Without checkpointing 32,768, 16,384 and 8,192 tokens; with it 16,384 to 4,096
+    (``CHECKPOINTED_TOKENS_PER_MICRO_BATCH``); offloaded from 16,384 tokens. The last mode the config leaves
+    open (``gradient_checkpointing`` / ``use_unsloth_gc`` set to false close some) keeps halving down to one
+    ``cutoff_len`` row, the smallest micro-batch there is: cutoff_len stays the user's.
+    """
+    budgets = {
+        (False, False): [LARGE_PACKED_TOKENS_PER_MICRO_BATCH, PACKED_TOKENS_PER_MICRO_BATCH,
+                         SMALL_PACKED_TOKENS_PER_MICRO_BATCH],
+        (True, False): list(CHECKPOINTED_TOKENS_PER_MICRO_BATCH),
+        (True, True): [OFFLOADED_TOKENS_PER_MICRO_BATCH],
+    }  # fmt: skip
+    modes = _open_modes(cfg)
+    plans: list[RunConfig] = []
+    seen: set[tuple[int, bool, bool]] = set()
+    for gc, off in modes:
+        tokens = list(budgets[(gc, off)])
+        if (gc, off) == modes[-1]:
+            while tokens[-1] > cfg.cutoff_len:
+                tokens.append(tokens[-1] // 2)
+        for budget in tokens:
+            rows = max(1, budget // cfg.cutoff_len)
+            if (rows, gc, off) not in seen:
+                seen.add((rows, gc, off))
+                plans.append(
+                    dataclasses.replace(
+                        cfg, per_device_train_batch_size=rows, gradient_checkpointing=gc, use_unsloth_gc=off
+                    )
+                )
+    return plans
+
+
+def no_fit_message(smallest: RunConfig, describe: Callable[[RunConfig], str] | None = None) -> str:
+    """One line for a run whose smallest micro-batch is estimated not to fit the GPU: what was tried, and the key
+    to change first."""
+    how = (
+        "offloaded checkpointing"
+        if smallest.use_unsloth_gc
+        else "gradient checkpointing"
+        if smallest.gradient_checkpointing
+        else "no checkpointing"
+    )
+    rows = smallest.per_device_train_batch_size
+    shape = f"one {smallest.cutoff_len:,}-token row" if rows == 1 else f"{rows} rows of {smallest.cutoff_len:,}"
+    estimate = f" ({describe(smallest)})" if describe is not None else ""
+    tried = f"{smallest.model_name_or_path} does not fit this GPU even with {shape} a micro-batch and {how}{estimate}"
+    if smallest.finetuning_type != "lora":
+        return f"finetuning_type: {tried}; use finetuning_type: lora (with quantization_bit: 4 on small cards)"
+    if not smallest.gradient_checkpointing:
+        return f"gradient_checkpointing: {tried}; set gradient_checkpointing: true (or leave it unset)"
+    if not smallest.use_unsloth_gc:
+        return f"use_unsloth_gc: {tried}; set use_unsloth_gc: true (or leave it unset)"
+    if smallest.quantization_bit != 4:
+        return f"quantization_bit: {tried}; set quantization_bit: 4 (QLoRA: 4-bit base weights), or a smaller cutoff_len"
+    return f"cutoff_len: {tried}; set a smaller cutoff_len (or a GPU with more memory)"
 
 
 def save_run_config(cfg: RunConfig, directory: str | Path) -> Path:
@@ -900,6 +1035,7 @@ _VERB_FIXED: dict[str, tuple[tuple[Any, ...] | None, str]] = {
     "infer_backend": (("huggingface",), "this inference backend (tnlora generates with transformers)"),
     "stage": (("sft",), "this training stage"),
     "export_legacy_format": ((False,), "the legacy .bin export format (tnlora writes safetensors)"),
+    "quantization_method": (("bnb",), "this quantization method (tnlora quantizes with bitsandbytes)"),
     "flash_attn": (("auto", "disabled"), "a softmax-attention kernel (TransNormerLLM's attention is attention_impl)"),
     # How LLaMA-Factory prepares and runs prediction; the results do not depend on them.
     "overwrite_cache": (None, ""),
@@ -911,7 +1047,7 @@ _VERB_UNSUPPORTED: dict[str, str] = {
     "export_hub_model_id": "uploading to the Hugging Face Hub",
     "export_quantization_bit": "quantized export",
     "export_quantization_dataset": "quantized export",
-    "quantization_bit": "quantized models",
+    "quantization_bit": "a quantized export (a QLoRA adapter is merged onto its base dequantized to bf16)",
     "task": "benchmark tasks (tnlora eval measures loss and perplexity on a dataset)",
 }
 
@@ -924,7 +1060,7 @@ def verb_config_argv(verb: str, path: str | Path, options: typing.Collection[str
     notes: list[str] = []
     for key, value in read_yaml_mapping(path).items():
         option = VERB_KEY_NAMES.get(key, key)
-        if key in _VERB_UNSUPPORTED:
+        if key in _VERB_UNSUPPORTED and option not in options:
             if value not in _OFF_VALUES:
                 raise ConfigError(f"{key}: {_VERB_UNSUPPORTED[key]} is not available in tnlora; got {value!r}")
             continue

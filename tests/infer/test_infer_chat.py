@@ -129,6 +129,9 @@ def test_sigint_stops_a_streamed_reply_and_at_the_prompt_exits_130():
          "--max_new_tokens", "100000"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
+        # A shell without job control starts background jobs with SIGINT ignored, and children inherit that;
+        # the chat's Ctrl-C handling is what is tested, so it starts as in a terminal.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     out = bytearray()
     threading.Thread(target=_read_into, args=(proc.stdout, out), daemon=True).start()

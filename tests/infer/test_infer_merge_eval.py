@@ -152,8 +152,10 @@ def test_chat_and_generate_merge_by_default_eval_does_not():
 
     parser = build_parser()
     base = ["--adapter", "a"]
-    assert parser.parse_args(["chat", *base]).merge_adapter is True
-    assert parser.parse_args(["generate", *base, "--prompts", "p", "--output", "o"]).merge_adapter is True
+    # None: merged unless the base is quantized (load_for_inference decides, once it knows)
+    assert parser.parse_args(["chat", *base]).merge_adapter is None
+    assert parser.parse_args(["generate", *base, "--prompts", "p", "--output", "o"]).merge_adapter is None
+    assert parser.parse_args(["chat", *base, "--merge_adapter"]).merge_adapter is True
     assert parser.parse_args(["chat", *base, "--merge_adapter", "false"]).merge_adapter is False
     assert parser.parse_args(["eval", *base, "--dataset", "d"]).merge_adapter is False
 

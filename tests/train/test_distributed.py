@@ -304,3 +304,12 @@ def test_resuming_with_another_engine_is_refused():
     saved = load_run_config(None, [*base, "--fsdp", "full_shard"])
     assert resume_differences(saved, load_run_config(None, base)) == ["fsdp full_shard → null"]
     assert resume_differences(saved, load_run_config(None, [*base, "--fsdp", "full_shard"])) == []
+
+
+def test_a_quantized_base_is_not_sharded():
+    from tnlora.errors import ConfigError
+
+    cfg = load_run_config(None, ["--model_name_or_path", "tiny", "--dataset", "d", "--output_dir", "o",
+                                 "--fsdp", "full_shard", "--quantization_bit", "4"])  # fmt: skip
+    with pytest.raises(ConfigError, match="quantization_bit: a quantized base is not combined with fsdp"):
+        distributed.check_engine(cfg, cuda=True)  # as on a GPU machine

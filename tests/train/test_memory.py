@@ -7,10 +7,12 @@ import pytest
 
 from fixture_files import OFFICIAL_CONFIGS
 from tnlora.config import RunConfig, load_run_config, resolve_defaults
+from tnlora.errors import ConfigError
 from tnlora.model import config_from_preset
 from tnlora.ops import select
 from tnlora.train import memory
 from tnlora.train.memory import (
+    fits_in_memory,
     fits_without_checkpointing,
     memory_without_checkpointing,
     model_config,
@@ -82,22 +84,32 @@ def test_default_is_picked_from_the_estimate_only_when_unset():
         seen.append((resolved.gradient_checkpointing, resolved.per_device_train_batch_size))
         return False
 
-    assert resolve_defaults(cfg, cuda=True, cuda_bf16=True, fits=fits).gradient_checkpointing is True
-    # Asked whether 32k, 16k, 8k tokens fit without checkpointing, then about the resolved (16k) batch.
-    assert seen == [(False, 32), (False, 16), (False, 8), (False, 16)]
+    with pytest.raises(ConfigError, match=r"^quantization_bit: 7B does not fit this GPU even with one 1,024-token "
+                       r"row a micro-batch and offloaded checkpointing; set quantization_bit: 4"):
+        resolve_defaults(cfg, cuda=True, cuda_bf16=True, fits=fits)
+    # Asked whether 32k, 16k, 8k tokens fit without checkpointing, 16k to 4k with it, then offloaded down to one
+    # 1,024-token row.
+    assert seen == [(False, 32), (False, 16), (False, 8), (True, 16), (True, 8), (True, 4),
+                    (True, 16), (True, 8), (True, 4), (True, 2), (True, 1)]  # fmt: skip
+    seen.clear()
+    checkpointed = resolve_defaults(cfg, cuda=True, cuda_bf16=True, fits=lambda c: bool(c.gradient_checkpointing))
+    assert (checkpointed.per_device_train_batch_size, checkpointed.gradient_checkpointing) == (16, True)
+    assert checkpointed.use_unsloth_gc is False
     assert resolve_defaults(cfg, cuda=True, cuda_bf16=True, fits=lambda c: True).gradient_checkpointing is False
     assert resolve_defaults(cfg, cuda=False, cuda_bf16=False, fits=fits).gradient_checkpointing is False
     mine = load_run_config(None, ["--model_name_or_path", "7B", "--dataset", "d", "--output_dir", "o",
                                   "--gradient_checkpointing", "false"])
-    assert resolve_defaults(mine, cuda=True, cuda_bf16=True, fits=fits).gradient_checkpointing is False
+    with pytest.raises(ConfigError, match=r"^gradient_checkpointing: .*set gradient_checkpointing: true"):
+        resolve_defaults(mine, cuda=True, cuda_bf16=True, fits=fits)  # not even one row fits without it
+    given = load_run_config(None, ["--model_name_or_path", "7B", "--dataset", "d", "--output_dir", "o",
+                                   "--gradient_checkpointing", "false", "--per_device_train_batch_size", "4"])
+    assert resolve_defaults(given, cuda=True, cuda_bf16=True, fits=fits).gradient_checkpointing is False
 
 
 def test_the_micro_batch_is_the_largest_that_fits_without_checkpointing():
     def picked(model: str, card: float) -> tuple[int, bool]:
         cfg = load_run_config(None, ["--model_name_or_path", model, "--dataset", "d", "--output_dir", "o"])
-        cfg = resolve_defaults(
-            cfg, cuda=True, cuda_bf16=True, fits=lambda c: fits_without_checkpointing(c, card)
-        )
+        cfg = resolve_defaults(cfg, cuda=True, cuda_bf16=True, fits=lambda c: fits_in_memory(c, card))
         return cfg.per_device_train_batch_size, cfg.gradient_checkpointing
 
     assert picked("1B", H100_80GB) == (32, False)  # 32 rows of 1,024 tokens
@@ -163,7 +175,7 @@ def test_eager_layers_are_sized_with_their_own_memory_estimate(monkeypatch, caps
     monkeypatch.setattr(select, "triton_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    monkeypatch.setattr(memory, "gpu_fits", lambda: lambda c: fits_without_checkpointing(c, card))
+    monkeypatch.setattr(memory, "gpu_fits", lambda: lambda c: fits_in_memory(c, card))
     first = run.resolve_for_this_machine(cfg)
     assert (first.torch_compile, first.per_device_train_batch_size, first.gradient_checkpointing) == (True, 8, False)
     short = run.resolve_for_this_machine(cfg, train_tokens=1_000_000)
@@ -189,3 +201,107 @@ def test_planned_train_tokens_count_epochs_or_max_steps():
     open_batch = ["--model_name_or_path", "tiny", "--dataset", "d", "--output_dir", "o", "--max_steps", "4",
                   "--packing", "true"]  # fmt: skip
     assert planned_train_tokens(load_run_config(None, open_batch), examples) == 4 * 1_000
+
+
+def test_quantized_linear_layers_are_counted_at_about_half_a_byte_a_parameter():
+    """4-bit: half a byte per parameter of the decoder's linear layers plus the block scales (one fp32 per 64, or
+    with double quantization one byte per 64 and an fp32 per 256 blocks); the embedding stays bf16; LoRA A and B
+    of every linear layer at rank 8 train (16 bytes each)."""
+    config = config_from_preset("7B")
+    cfg = gpu_config("7B", "--quantization_bit", "4")
+    counts = memory.parameter_counts(config, cfg)
+    assert (counts.total, counts.linear, counts.lora, counts.additional) == (
+        6_836_719_616, 6_574_571_520, 17_756_160, 0,
+    )  # fmt: skip
+    rest = 2 * (counts.total - counts.linear) + 16 * counts.lora
+    assert memory.weight_bytes(config, cfg) == pytest.approx((0.5 + 1 / 64 + 4 / 16384) * counts.linear + rest)
+    single = gpu_config("7B", "--quantization_bit", "4", "--double_quantization", "false")
+    assert memory.weight_bytes(config, single) == pytest.approx((0.5 + 1 / 16) * counts.linear + rest)
+    assert memory.weight_bytes(config, gpu_config("7B", "--quantization_bit", "8")) == pytest.approx(counts.linear + rest)
+    assert memory.weight_bytes(config, gpu_config("7B")) == pytest.approx(2 * counts.total + 16 * counts.lora)
+    assert memory.weight_bytes(config, cfg) / GIB == pytest.approx(3.91, abs=0.01)  # 12.7 GiB in bf16
+
+
+def test_checkpointing_keeps_each_layers_input_and_offload_keeps_two():
+    config = config_from_preset("7B")
+    plain = gpu_config("7B", "--per_device_train_batch_size", "8", "--gradient_checkpointing", "false")
+    checkpointed = gpu_config("7B", "--per_device_train_batch_size", "8", "--gradient_checkpointing", "true")
+    offloaded = gpu_config("7B", "--per_device_train_batch_size", "8", "--use_unsloth_gc", "true")
+    tokens_width = 8 * 1024 * 4096
+    assert memory.activation_bytes(config, plain) == 46 * tokens_width * 30
+    assert memory.activation_bytes(config, checkpointed) == (2 * 46 + 2 * 30) * tokens_width
+    assert memory.activation_bytes(config, offloaded) == (2 * 46 + 2 * 2) * tokens_width
+
+
+@pytest.mark.parametrize(
+    ("model", "card_gib", "keys", "expected"),
+    [
+        ("7B", 24, [], (8, True, False)),  # bf16 weights 12.7 GiB: 8 × 1,024 tokens checkpointed
+        ("7B", 12, ["--quantization_bit", "4"], (8, True, False)),  # 4-bit weights 3.9 GiB
+        ("7B", 8, ["--quantization_bit", "4"], (4, True, False)),
+        ("7B", 6, ["--quantization_bit", "4"], (2, True, True)),  # only offloaded checkpointing fits
+        ("1B", 12, [], (16, True, False)),
+        ("7B", 79.6, [], (8, False, False)),  # the 80 GB card's choice is unchanged
+        ("7B", 24, ["--cutoff_len", "4096"], (2, True, False)),  # cutoff_len stays; the rows shrink
+    ],
+)
+def test_small_cards_get_a_micro_batch_and_checkpointing_that_fit(model, card_gib, keys, expected):
+    cfg = load_run_config(None, ["--model_name_or_path", model, "--dataset", "d", "--output_dir", "o", *keys])
+    fit = memory.MemoryFit(int(card_gib * GIB))
+    resolved = resolve_defaults(cfg, cuda=True, cuda_bf16=True, fits=fit)
+    assert (resolved.per_device_train_batch_size, resolved.gradient_checkpointing, resolved.use_unsloth_gc) == expected
+    assert fit(resolved)
+    assert resolved.cutoff_len == cfg.cutoff_len
+
+
+@pytest.mark.parametrize(
+    ("keys", "card_gib", "expected"),
+    [
+        ([], 12, r"^quantization_bit: 7B does not fit this GPU even with one 1,024-token row a micro-batch and "
+                 r"offloaded checkpointing \(estimated 13\.9 GiB, 10\.8 GiB usable of 12\.0\); set quantization_bit: 4"),
+        (["--quantization_bit", "4"], 4, r"^cutoff_len: 7B does not fit .*; set a smaller cutoff_len"),
+        (["--quantization_bit", "4", "--use_unsloth_gc", "false"], 5.5,
+         r"^use_unsloth_gc: 7B does not fit this GPU even with one 1,024-token row a micro-batch and gradient "
+         r"checkpointing .*; set use_unsloth_gc: true"),
+        (["--finetuning_type", "full"], 24, r"^finetuning_type: 7B does not fit .*; use finetuning_type: lora"),
+    ],
+)  # fmt: skip
+def test_a_run_that_cannot_fit_is_refused_naming_the_key_to_change(keys, card_gib, expected):
+    cfg = load_run_config(None, ["--model_name_or_path", "7B", "--dataset", "d", "--output_dir", "o", *keys])
+    with pytest.raises(ConfigError, match=expected):
+        resolve_defaults(cfg, cuda=True, cuda_bf16=True, fits=memory.MemoryFit(int(card_gib * GIB)))
+
+
+def test_the_plans_try_only_what_the_user_left_open():
+    from tnlora.config import memory_plans
+
+    def plans(*keys: str) -> list[tuple[int, bool, bool]]:
+        cfg = load_run_config(None, ["--model_name_or_path", "7B", "--dataset", "d", "--output_dir", "o", *keys])
+        return [(p.per_device_train_batch_size, p.gradient_checkpointing, p.use_unsloth_gc) for p in memory_plans(cfg)]
+
+    assert plans("--gradient_checkpointing", "true", "--use_unsloth_gc", "false") == [
+        (16, True, False), (8, True, False), (4, True, False), (2, True, False), (1, True, False),
+    ]  # fmt: skip
+    assert plans("--use_unsloth_gc", "true") == [(16, True, True), (8, True, True), (4, True, True), (2, True, True),
+                                                 (1, True, True)]  # fmt: skip
+    # rows of 16,384 tokens: one row is the smallest micro-batch, whatever the budget
+    assert plans("--cutoff_len", "16384") == [(2, False, False), (1, False, False), (1, True, False), (1, True, True)]
+
+
+def test_a_given_micro_batch_gets_the_least_checkpointing_that_fits():
+    cfg = load_run_config(None, ["--model_name_or_path", "7B", "--dataset", "d", "--output_dir", "o",
+                                 "--quantization_bit", "4", "--per_device_train_batch_size", "16"])  # fmt: skip
+
+    def resolved(card_gib: float) -> tuple[bool, bool]:
+        out = resolve_defaults(cfg, cuda=True, cuda_bf16=True, fits=memory.MemoryFit(int(card_gib * GIB)))
+        assert out.per_device_train_batch_size == 16
+        return out.gradient_checkpointing, out.use_unsloth_gc
+
+    assert resolved(139.8) == (False, False)
+    assert resolved(24) == (True, False)
+    assert resolved(12) == (True, True)
+    assert resolved(4) == (True, True)  # nothing fits: the most saving, and the out-of-memory advice if it fails
+    with pytest.raises(ConfigError, match=r"^quantization_bit: a quantized base needs a CUDA GPU"):
+        resolve_defaults(cfg, cuda=False, cuda_bf16=False)
+    plain = load_run_config(None, ["--model_name_or_path", "7B", "--dataset", "d", "--output_dir", "o"])
+    assert resolve_defaults(plain, cuda=False, cuda_bf16=False).use_unsloth_gc is False

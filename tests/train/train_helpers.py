@@ -42,12 +42,17 @@ def lora_model(
     )
     model = apply_finetuning(model, cfg)
     upcast_trainable(model)
+    return randomize_lora(model).train()
+
+
+def randomize_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """Every LoRA weight drawn at random (seeded; a zero B would make every lora_A gradient zero)."""
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen).to(p.device) * 0.05)
-    return model.train()
+    return model
 
 
 def batch(length: int, rows: int = 2) -> dict[str, torch.Tensor]:

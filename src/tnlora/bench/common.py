@@ -40,23 +40,34 @@ def environment_line() -> str:
     return f"card {card} | {' | '.join(versions)} | commit {commit or '?'}"
 
 
-def random_model(preset: str, attention_impl: str, device: str) -> torch.nn.Module:
+def random_model(preset: str, attention_impl: str, device: str, quantization=None) -> torch.nn.Module:
     """A preset with random weights built directly on ``device``, in bf16 on CUDA (no fp32 CPU copy of a
-    7B), fp32 on the CPU; no cache (training); eval mode is the caller's."""
+    7B), fp32 on the CPU; no cache (training); eval mode is the caller's. With ``quantization`` (a
+    ``tnlora.model.quantization.Quantization``) the model is built on the meta device and each linear weight is
+    drawn on ``device`` just before it is quantized: a 7B never holds its 14 GB of bf16 weights there."""
     from tnlora.model import TransnormerForCausalLM, config_from_preset
+    from tnlora.model.quantization import quantize_linears
 
     config = config_from_preset(preset, lightning_impl=attention_impl)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if quantization is not None:
+        dtype = quantization.compute_dtype
     previous = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         try:
             torch.set_default_dtype(dtype)
-            with torch.device(device):
+            with torch.device("meta" if quantization is not None else device):
                 model = TransnormerForCausalLM(config)
         finally:
             torch.set_default_dtype(previous)
-    model.to(dtype)  # also selects the kernels for the device
+        if quantization is not None:
+            # the weights are drawn on the device: its generator too, seeded for a repeatable model
+            if torch.device(device).type == "cuda":
+                torch.cuda.manual_seed(0)
+            quantize_linears(model, quantization, device, init_std=config.init_std)
+    if quantization is None:
+        model.to(dtype)  # also selects the kernels for the device
     model.config.use_cache = False
     return model
 

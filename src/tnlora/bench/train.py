@@ -217,7 +217,7 @@ def run_config(args: argparse.Namespace, keys: dict[str, Any], lengths: list[tup
         "save_steps": 10**6,
         "report_to": "none",
         "seed": 0,
-        "bf16": cuda,
+        "bf16": True if cuda else None,  # None: resolved (fp32 on the CPU), so the CPU refusals come first
     }
     if args.seq_len:
         values.update(cutoff_len=args.seq_len, packing=False)
@@ -232,11 +232,21 @@ def run_config(args: argparse.Namespace, keys: dict[str, Any], lengths: list[tup
     return resolve_for_this_machine(cfg)
 
 
+def memory_note(cfg) -> str:
+    """The memory estimate the defaults went by, beside the peak the row measures (on a GPU)."""
+    if not torch.cuda.is_available():
+        return ""
+    from tnlora.train.memory import MemoryFit, device_memory
+
+    fit = MemoryFit(device_memory())
+    return f", memory {fit.describe(cfg)}"
+
+
 def train_bench(args: argparse.Namespace, keys: dict[str, Any], name: str) -> TrainBenchResult:
     """Real LoRA training steps through ``build_trainer``; figures from the timed steps after the warm-up."""
     from tnlora.model.tokenizer import ByteTokenizer
-    from tnlora.train.lora import count_parameters
-    from tnlora.train.run import bundle_from_examples, prepare_for_training
+    from tnlora.train.memory import parameter_count
+    from tnlora.train.run import bundle_from_examples, prepare_for_training, quantization_of
     from tnlora.train.trainer import build_trainer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -249,12 +259,13 @@ def train_bench(args: argparse.Namespace, keys: dict[str, Any], name: str) -> Tr
         per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
         print(f"resolved: {cfg.per_device_train_batch_size} x {cfg.cutoff_len} tokens a micro-batch, "
               f"{cfg.gradient_accumulation_steps} a step, packing {cfg.packing}, "
-              f"gradient_checkpointing {cfg.gradient_checkpointing}, torch_compile {cfg.torch_compile}, "
-              f"attention {cfg.attention_impl}", flush=True)  # fmt: skip
-        model = random_model(args.model, cfg.attention_impl, device)
+              f"gradient_checkpointing {cfg.gradient_checkpointing}, use_unsloth_gc {cfg.use_unsloth_gc}, "
+              f"torch_compile {cfg.torch_compile}, attention {cfg.attention_impl}, "
+              f"quantization_bit {cfg.quantization_bit}{memory_note(cfg)}", flush=True)  # fmt: skip
+        model = random_model(args.model, cfg.attention_impl, device, quantization=quantization_of(cfg))
         model.config.norm_kernel = args.norm_kernel
         model.select_kernels()
-        n_params = count_parameters(model)[1]  # the tied embedding once
+        n_params = parameter_count(model.config)  # the tied embedding once, 4-bit weights at their full count
         model = prepare_for_training(model, cfg)  # as `tnlora train` does; warm-up steps absorb compile time
         # Enough examples for every timed step; packing packs them into cutoff-length rows first.
         kept = [pair for pair in lengths if sum(pair) <= cfg.cutoff_len] or lengths

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ class InferenceModel:
     base: str
     adapter: Path | None = None
     run_config: RunConfig | None = None
+    quantization: Any = None  # tnlora.model.quantization.Quantization of a quantized base, else None
 
 
 def run_dir_of(adapter: str | Path) -> Path | None:
@@ -129,6 +131,31 @@ def load_template(run_dir: Path | None, name: str | None):
     return template
 
 
+def inference_quantization(
+    run_cfg: RunConfig | None,
+    quantization_bit: int | None = None,
+    quantization_type: str | None = None,
+    double_quantization: bool | None = None,
+):  # -> tnlora.model.quantization.Quantization | None
+    """How to quantize the base for inference: ``quantization_bit`` (4 or 8; 0: not at all), else what the
+    adapter's run trained on (its tnlora_run.yaml). The type and double quantization default to the run's when
+    it used the same width, else NF4 with double quantization (LLaMA-Factory's defaults)."""
+    from tnlora.model.quantization import Quantization
+
+    recorded = run_cfg.quantization_bit if run_cfg is not None else None
+    bits = recorded if quantization_bit is None else (quantization_bit or None)
+    if bits is None:
+        return None
+    if bits not in (4, 8):
+        raise TnloraError(f"--quantization_bit: 4, 8 or none; got {bits!r}")
+    same = run_cfg is not None and recorded == bits
+    kind = quantization_type or (run_cfg.quantization_type if same else "nf4")
+    if kind not in ("nf4", "fp4"):
+        raise TnloraError(f"--quantization_type: nf4 or fp4; got {kind!r}")
+    double = double_quantization if double_quantization is not None else (run_cfg.double_quantization if same else True)
+    return Quantization(bits, kind, double)
+
+
 def load_for_inference(
     model: str | None = None,
     adapter: str | Path | None = None,
@@ -139,7 +166,11 @@ def load_for_inference(
     device: str = "auto",
     attention_impl: str | None = None,
     graph_decoding: bool | None = None,
-    merge_adapter: bool = False,
+    merge_adapter: bool | None = False,
+    quantization_bit: int | None = None,
+    quantization_type: str | None = None,
+    double_quantization: bool | None = None,
+    dequantize: bool = False,
 ) -> InferenceModel:
     """Base model (``model`` or the adapter's recorded base) + LoRA adapter, tokenizer, template, system.
 
@@ -150,12 +181,34 @@ def load_for_inference(
     product added to each weight and rounded once to its dtype, the weights ``tnlora merge`` exports): a
     decode step then runs the base model's kernels only, where an unmerged adapter adds four small kernels
     per adapted layer.
+
+    A quantized base (``quantization_bit``, by default the adapter run's: :func:`inference_quantization`) is
+    loaded onto the GPU with its linear layers quantized and the adapter kept unmerged: ``merge_adapter`` None
+    means "merge unless the base is quantized", true on a quantized base is refused (folding the adapter into
+    4-bit weights would round it away). With ``dequantize`` (``tnlora merge``) the quantized layers are turned
+    back into plain ones on ``device`` in ``dtype`` (the weights the quantized base computes with) before the
+    adapter is attached.
     """
     from tnlora.model.loading import load_base_model, peft_quietly
+    from tnlora.model.quantization import check_quantization_available, dequantize_linears
     from tnlora.model.tokenizer import load_tokenizer
 
     adapter_path = Path(adapter) if adapter else None
     base, run_dir, run_cfg = base_model_of(model, adapter_path)
+    quantization = inference_quantization(run_cfg, quantization_bit, quantization_type, double_quantization)
+    if quantization is not None:
+        recorded = quantization_bit is None
+        where = f" (as the adapter's run trained: {run_dir / RUN_CONFIG_NAME})" if recorded and run_dir else ""
+        check_quantization_available(
+            "--quantization_bit", f"pass --quantization_bit none to load the base in bf16 / fp32 here{where}"
+        )
+        if merge_adapter and not dequantize:
+            raise TnloraError(
+                f"--merge_adapter: the base is quantized ({quantization.describe()}), and an adapter folded into "
+                "its weights would be rounded away; leave the adapter unmerged (--merge_adapter false), or export a "
+                "merged bf16 model with tnlora merge"
+            )
+    merge = (quantization is None) if merge_adapter is None else merge_adapter
     # The run's tokenizer first: it carries any tokens added for training.
     has_saved_tokenizer = run_dir is not None and (run_dir / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(str(run_dir) if has_saved_tokenizer else base)
@@ -165,7 +218,17 @@ def load_for_inference(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     impl = attention_impl or (run_cfg.attention_impl if run_cfg else None)
-    net = load_base_model(base, dtype=torch_dtype, device=dev, attention_impl=impl or "auto")
+    if quantization is None:
+        net = load_base_model(base, dtype=torch_dtype, device=dev, attention_impl=impl or "auto")
+    elif dequantize:
+        # Quantized as training quantized it (bf16 weights, on the GPU), then back to plain layers on `dev`.
+        net = load_base_model(base, device="cuda", attention_impl=impl or "auto", quantization=quantization)
+        net = dequantize_linears(net, dev, torch_dtype)
+    else:
+        if dev.type != "cuda":
+            raise TnloraError(f"--device: a quantized base ({quantization.describe()}) runs on a CUDA GPU, not {dev}")
+        quantization = dataclasses.replace(quantization, compute_dtype=torch_dtype)
+        net = load_base_model(base, device=dev, attention_impl=impl or "auto", quantization=quantization)
     if len(tokenizer) > net.get_input_embeddings().num_embeddings:
         net.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)  # as training did
     if adapter_path is not None:
@@ -173,9 +236,10 @@ def load_for_inference(
 
         with peft_quietly():
             net = PeftModel.from_pretrained(net, str(adapter_path))
-        if merge_adapter:
+        if merge:
             net = net.merge_and_unload()
-    net.to(dev)
+    if quantization is None or dequantize:
+        net.to(dev)  # a quantized model is where it was loaded, and bitsandbytes' 8-bit layers refuse .to()
     net.eval()
     if graph_decoding if graph_decoding is not None else dev.type == "cuda":
         from tnlora.infer.decode_graph import install_graph_decoding
@@ -190,4 +254,5 @@ def load_for_inference(
         base=base,
         adapter=adapter_path,
         run_config=run_cfg,
+        quantization=quantization if not dequantize else None,
     )

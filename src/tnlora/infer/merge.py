@@ -13,10 +13,12 @@ from pathlib import Path
 
 import torch
 
+from tnlora.config import RUN_CONFIG_NAME
 from tnlora.data.templates import TEMPLATE_FILE
 from tnlora.errors import TnloraError
-from tnlora.infer.loading import base_model_of, load_for_inference, resolve_dtype
+from tnlora.infer.loading import base_model_of, inference_quantization, load_for_inference, resolve_dtype
 from tnlora.io import atomic_dir
+from tnlora.model.quantization import check_quantization_available
 from tnlora.outputs import claim_dir, plan_dir
 
 EXPORT_DEVICES = ("cpu", "auto")
@@ -36,7 +38,10 @@ def merge_adapter(
     """Fold the adapter into the base weights and save model, tokenizer, template and chat template.
 
     The merge happens in fp32 (adding a low-rank product to bf16 weights would round it away), then the
-    result is cast to ``dtype`` ("auto": the base checkpoint's dtype, fp32 for presets). ``device`` "auto" merges
+    result is cast to ``dtype`` ("auto": the base checkpoint's dtype, fp32 for presets). An adapter trained on a
+    quantized base (QLoRA: its run's tnlora_run.yaml records quantization_bit) is merged onto that base as it
+    trained on it: loaded fresh from the checkpoint, quantized on the GPU as training did, and dequantized to the
+    bf16 weights the quantized layers compute with; never into the 4-bit weights themselves. ``device`` "auto" merges
     on the GPU when there is one (LLaMA-Factory's ``export_device``); ``max_shard_size_gb`` splits the weights
     into files of at most that many GB (``export_size``). ``template`` overrides the adapter's saved template
     (the exported chat template).
@@ -46,7 +51,7 @@ def merge_adapter(
         raise TnloraError(f"--export_device: must be one of {', '.join(EXPORT_DEVICES)}; got {device!r}")
     if max_shard_size_gb is not None and max_shard_size_gb < 1:
         raise TnloraError(f"--export_size: must be >= 1 (GB per weights file), got {max_shard_size_gb}")
-    base, run_dir, _ = base_model_of(model, adapter)
+    base, run_dir, run_cfg = base_model_of(model, adapter)
     plan_dir(
         output,
         "merge",
@@ -55,8 +60,24 @@ def merge_adapter(
         overwrite_flag="--overwrite to replace it",
         inputs={"the adapter": adapter, "the adapter's run": run_dir, "the base model": _local(base)},
     )
+    quantization = inference_quantization(run_cfg)
+    if quantization is not None:
+        # The adapter learned on the quantized weights: it is merged onto them, dequantized (never into 4-bit
+        # weights, which would round it away).
+        check_quantization_available(
+            "--adapter",
+            f"this adapter was trained on a {quantization.describe()} base ({run_dir / RUN_CONFIG_NAME}), and "
+            "tnlora merge quantizes the base as training did to merge onto its dequantized weights",
+        )
+        print(f"merging onto the base as the adapter trained on it: {quantization.describe()}, dequantized",
+              file=sys.stderr)  # fmt: skip
     loaded = load_for_inference(
-        model, adapter, template=template, dtype="float32", device="auto" if device == "auto" else "cpu"
+        model,
+        adapter,
+        template=template,
+        dtype="float32",
+        device="auto" if device == "auto" else "cpu",
+        dequantize=quantization is not None,
     )
     target = _target_dtype(loaded.base, dtype)
     merged = loaded.model.merge_and_unload()

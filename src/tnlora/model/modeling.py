@@ -171,10 +171,15 @@ class Lrpe(nn.Module):
         batch whose requests joined at different times). All give bitwise the same result for one token (the
         decode step) below 2^24 positions; for several tokens with angle_dtype "model" the int path's rounding
         is the device's own (the CPU rounds the int to the model dtype before adding, CUDA adds in fp32) and
-        the tensor path follows CUDA's.
+        the tensor path follows CUDA's. A [B, T] integer tensor gives every token its own position (prompts
+        packed into one row, each at its own positions); angle_dtype "float32" only, where it is bitwise the
+        int path's.
         """
         heads, head_dim = self.theta.shape[0], self.theta.shape[-1]
         length = x.shape[1]
+        per_token = isinstance(offset, Tensor) and offset.dim() == 2
+        if per_token and self.angle_dtype == "model":
+            raise ValueError("per-token LRPE positions need lrpe_angle_dtype 'float32'")
         if isinstance(offset, Tensor) and offset.dim() == 1:
             offset = offset[:, None]  # [B, 1]: the index below becomes [B, T], the angles [B, T, H, hd]
         if self.angle_dtype == "model":
@@ -190,7 +195,9 @@ class Lrpe(nn.Module):
             angles = self.theta.to(x.dtype).reshape(heads, head_dim) * index[..., None, None]
             return torch.cat([x * torch.cos(angles), x * torch.sin(angles)], dim=-1)
         xf = _at_least_fp32(x)  # fp64 models keep fp64, so that float64 references can be matched exactly
-        if isinstance(offset, Tensor):
+        if per_token:
+            index = offset.to(xf.dtype)
+        elif isinstance(offset, Tensor):
             # Integer positions rounded once to the angle dtype, as arange(offset, offset + T) gives.
             index = (offset + torch.arange(length, device=x.device)).to(xf.dtype)
         else:

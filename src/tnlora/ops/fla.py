@@ -210,6 +210,9 @@ def fla_attention(
     extra = {}
     if cu_seqlens is not None:
         if cu_seqlens_cpu is None:
+            # A caller that built the boundaries on the host tags them (tag_host_copy): no device read then.
+            cu_seqlens_cpu = host_copy(cu_seqlens)
+        if cu_seqlens_cpu is None:
             cu_seqlens_cpu = cu_seqlens.cpu()
         if install():
             # fla's state kernels then size their buffers from the host copy instead of reading the device.

@@ -4,12 +4,14 @@ A request's whole decoding state is one fixed-size state per layer and its posit
 fixed set of ``max_batch`` slots (:class:`~tnlora.infer.decode_graph.DecodeStepRunner` buffers with a
 position per row): a request joins by copying its prefilled state into a free slot and leaves by marking the
 slot padded, at any step, without touching the others. Every step runs all slots (free ones padded: their
-state only decays and their logits are ignored), so the arithmetic of a row never depends on what the other
-slots hold: a request's greedy output is the same under any concurrency as alone. On a GPU the step is one
+state only decays and their logits are ignored), so a row's decode arithmetic never depends on what the other
+slots hold; prompts read together differ from prompts read alone only in the matrix products' summation order
+(:mod:`tnlora.infer.prefill`). On a GPU the step is one
 CUDA-graph replay (the fused decode kernels included); elsewhere the same step runs eagerly on the same buffers.
 
-The loop: take new requests; prefill waiting ones one at a time (batch 1, from a stored session state when
-the prompt continues one: :mod:`tnlora.serve.sessions`) while slots are free; sample their first token; launch
+The loop: take new requests; prefill the waiting ones that free slots can take, together in one packed forward
+(:mod:`tnlora.infer.prefill`; each from a stored session state when its prompt continues one:
+:mod:`tnlora.serve.sessions`); sample their first token; launch
 one decode step for all slots, sampling each active row on the device (greedy, or temperature / top-p with the
 request's own generator); then, while it runs, turn the previous step's tokens into text
 (:mod:`tnlora.serve.text`) and hand it to the requests' sinks. A request
@@ -34,6 +36,7 @@ import torch
 from torch import Tensor
 
 from tnlora.infer.decode_graph import DecodeStepRunner, installed_graphs, remove_graph_decoding
+from tnlora.infer.prefill import can_pack, packed_prefill
 from tnlora.model.cache import TransnormerCache
 from tnlora.serve.sessions import Checkpoint, SessionStore
 from tnlora.serve.text import ReplyText
@@ -164,6 +167,8 @@ class Engine:
         self.sessions = sessions if sessions is not None else SessionStore(self.device, 0, 0)
         self.capture = self.device.type == "cuda" if capture is None else capture
         self.runner = DecodeStepRunner(base, max_batch, self.device, self.capture, per_row_positions=True)
+        # Prompts admitted together are read in one packed forward (infer.prefill) where the model allows it.
+        self.packed = can_pack(base)
         self.slots: list[Request | None] = [None] * max_batch
         # The step in flight: launched, its tokens not yet taken (see _iteration). On a GPU its tokens come back
         # through one of two pinned buffers (the other holds the step before) and an event.
@@ -318,69 +323,96 @@ class Engine:
             if request is not None and request.cancelled:
                 self._free(slot)
                 request.done = True
-        budget = PREFILL_TOKENS_PER_STEP
-        while self._waiting and budget > 0 and None in self.slots:
+        budget, admitted = PREFILL_TOKENS_PER_STEP, []
+        while self._waiting and budget > 0 and len(admitted) < self.slots.count(None):
             request = self._waiting.popleft()
             if request.cancelled:
                 request.done = True
                 continue
             budget -= len(request.prompt_ids)
-            self._admit(request)
+            admitted.append(request)
+        if admitted:
+            self._admit(admitted)
         launched = self._launch_step() if any(self.slots) else None
         previous, self._in_flight = self._in_flight, launched
         if previous is not None:
             self._take_tokens(previous)
 
-    def _admit(self, request: Request) -> None:
-        """Prefill ``request`` (batch 1), sample its first token and give it a slot unless it is done."""
+    def _admit(self, requests: list[Request]) -> None:
+        """Prefill ``requests`` (together, packed into one forward, where the model allows), sample each one's
+        first token and give it a slot unless it is done."""
         try:
-            cache, cached = self._prefill_cache(request)
-            fresh = request.prompt_ids[cached:]
-            out = self.model(input_ids=torch.tensor([fresh], device=self.device), cache=cache, use_cache=True,
-                             logits_to_keep=1)  # fmt: skip
-            request.cached_tokens = cached
-            self.prompt_tokens_prefilled += len(fresh)
-            if request.session_id is not None and self.sessions.enabled:
-                request.prompt_states = [cache.get_state(i)[0].clone() for i in range(len(self.runner.states))]
-            request.text = ReplyText(self.tokenizer, request.stop_strings)
-            if request.params.temperature > 0:
-                request.generator = torch.Generator(device=self.device)
-                seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
-                request.generator.manual_seed(seed)
-            token = int(self._sample(out.logits[0, -1, : self.vocab], request))
+            prefilled = self._prefill(requests)
         except Exception:
-            logger.exception("prefill of request %d failed", request.id)
-            self._emit(request, self._finish(request, "error", error="internal error while reading the prompt"))
+            logger.exception("prefill of requests %s failed", [r.id for r in requests])
+            for request in requests:
+                self._emit(request, self._finish(request, "error", error="internal error while reading the prompt"))
             return
+        for request, (logits, states) in zip(requests, prefilled):
+            try:
+                if request.session_id is not None and self.sessions.enabled:
+                    request.prompt_states = [state.clone() for state in states]
+                request.text = ReplyText(self.tokenizer, request.stop_strings)
+                if request.params.temperature > 0:
+                    request.generator = torch.Generator(device=self.device)
+                    seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
+                    request.generator.manual_seed(seed)
+                token = int(self._sample(logits[: self.vocab], request))
+            except Exception:
+                logger.exception("first token of request %d failed", request.id)
+                self._emit(request, self._finish(request, "error", error="internal error while reading the prompt"))
+                continue
+            self._place(request, token, states)
+
+    def _prefill(self, requests: list[Request]) -> list[tuple[Tensor, list[Tensor]]]:
+        """Each request's prompt read from its stored session state when it continues one (else from zero):
+        the logits of its last token and every layer's state after it."""
+        starts, stored = [], []
+        for request in requests:
+            checkpoint = self._stored_session(request)
+            starts.append(len(checkpoint.ids) if checkpoint is not None else 0)
+            stored.append([s.to(self.device, non_blocking=True) for s in checkpoint.states] if checkpoint else None)
+        fresh = [request.prompt_ids[start:] for request, start in zip(requests, starts)]
+        for request, start, ids in zip(requests, starts, fresh):
+            request.cached_tokens = start
+            self.prompt_tokens_prefilled += len(ids)
+        if self.packed:
+            out = packed_prefill(self.model, fresh, starts, stored)
+            return [(out.logits[i], [state[i] for state in out.states]) for i in range(len(requests))]
+        results = []
+        for ids, start, states in zip(fresh, starts, stored):
+            cache = TransnormerCache(self.model.config)
+            for i, state in enumerate(states or ()):
+                cache.update_state(state[None], i)
+            cache.seen_tokens = start
+            out = self.model(input_ids=torch.tensor([ids], device=self.device), cache=cache, use_cache=True,
+                             logits_to_keep=1)  # fmt: skip
+            results.append((out.logits[0, -1], [cache.get_state(i)[0] for i in range(len(self.runner.states))]))
+        return results
+
+    def _stored_session(self, request: Request) -> Checkpoint | None:
+        """The stored session state ``request``'s prompt continues, if any (taken from the store)."""
+        if request.session_id is None or not self.sessions.enabled:
+            return None
+        return self.sessions.take(request.session_id, request.prompt_ids)
+
+    def _place(self, request: Request, token: int, states: list[Tensor]) -> None:
+        """Give the prefilled ``request`` a free slot holding ``states`` and its first ``token``."""
         # The slot first, so that the request counts as active from its first token on.
         slot = self.slots.index(None)
         request.slot = slot
         self.slots[slot] = request
         runner = self.runner
-        for i, static in enumerate(runner.states):
-            static[slot].copy_(cache.get_state(i)[0])
+        for static, state in zip(runner.states, states):
+            static[slot].copy_(state)
         runner.position[slot] = len(request.prompt_ids)
         runner.ids[slot, 0] = token
         runner.pad[slot, 0] = False
         final = self._accept(request, token)
         if final is not None:
-            self._store_session(request, [cache.get_state(i)[0] for i in range(len(runner.states))], 0)
+            self._store_session(request, states, 0)
             self._free(slot)
             self._emit(request, final)
-
-    def _prefill_cache(self, request: Request) -> tuple[TransnormerCache, int]:
-        """A cache to prefill into: empty, or holding the request's stored session when the prompt continues
-        it; and the number of prompt tokens that session covers."""
-        cache = TransnormerCache(self.model.config)
-        if request.session_id is None or not self.sessions.enabled:
-            return cache, 0
-        checkpoint = self.sessions.take(request.session_id, request.prompt_ids)
-        if checkpoint is None:
-            return cache, 0
-        for i, state in enumerate(checkpoint.states):
-            cache.update_state(state.to(self.device, non_blocking=True)[None], i)
-        cache.seen_tokens = len(checkpoint.ids)
-        return cache, len(checkpoint.ids)
 
     def _launch_step(self) -> _Step:
         """Run one decode step for all slots and sample each active row (on the device); on a GPU this returns

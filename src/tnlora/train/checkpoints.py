@@ -42,6 +42,8 @@ MEANING_KEYS = frozenset({
     # the model and the method
     "model_name_or_path", "finetuning_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target",
     "additional_target", "use_dora", "use_rslora", "freeze_trainable_layers", "add_special_tokens",
+    # the base the adapter was fitted to: LoRA weights trained on a 4-bit base would continue on other weights
+    "quantization_bit", "quantization_method", "quantization_type", "double_quantization",
     # the data and how it is encoded, split, ordered and batched (a step is a fixed slice of the data)
     "dataset", "dataset_dir", "dedup", "template", "system", "cutoff_len", "max_samples", "val_size", "packing",
     "train_on_prompt", "mask_history", "seed", "per_device_train_batch_size", "gradient_accumulation_steps",
@@ -51,8 +53,6 @@ MEANING_KEYS = frozenset({
     # how the optimizer state and weights are laid out in the checkpoint (DDP, DeepSpeed or FSDP files)
     *("deepspeed", "fsdp", "fsdp_config"),
 })  # fmt: skip
-# Meaning keys whose None is a value too (no engine: the Trainer's own optimizer.pt), not a key left open.
-ENGINE_KEYS = frozenset({"deepspeed", "fsdp", "fsdp_config"})
 # Keys a resumed run may change: logging, saving, evaluation, how long it runs, how it runs.
 HARMLESS_KEYS = frozenset({
     "trust_remote_code", "attention_impl", "eval_dataset", "dataset_cache_dir", "overwrite_cache",
@@ -64,6 +64,9 @@ HARMLESS_KEYS = frozenset({
     "resume_from_checkpoint", "report_to", "plot_loss", "sample_prompts", "sample_max_new_tokens", "do_train",
     "do_predict", "predict_with_generate", "max_new_tokens",
 })  # fmt: skip
+# MEANING_KEYS whose None is a choice, not a value left open for the defaults (no quantization; no engine: the
+# Trainer's own optimizer.pt instead of DeepSpeed's or FSDP's files).
+NONE_IS_A_CHOICE = frozenset({"quantization_bit", "deepspeed", "fsdp", "fsdp_config"})
 RESUME_FLAG = "--resume_from_checkpoint true"
 
 
@@ -275,7 +278,7 @@ def resume_differences(saved: RunConfig, cfg: RunConfig) -> list[str]:
     changes = []
     for key in sorted(MEANING_KEYS):
         new, old = getattr(cfg, key), getattr(saved, key)
-        if (new is not None or key in ENGINE_KEYS) and new != old:
+        if (new is not None or key in NONE_IS_A_CHOICE) and new != old:
             changes.append(f"{key} {_shown(old)} → {_shown(new)}")
     return changes
 

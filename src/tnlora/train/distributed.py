@@ -233,6 +233,12 @@ def check_engine(cfg, cuda: bool) -> None:
         raise ConfigError(
             f"torch_compile: compiled layers are not combined with {key} in tnlora; set torch_compile: false"
         )
+    if getattr(cfg, "quantization_bit", None) is not None:
+        # bitsandbytes' packed 4/8-bit weights are not something DeepSpeed or FSDP can partition and gather
+        raise ConfigError(
+            f"quantization_bit: a quantized base is not combined with {key} in tnlora; QLoRA on several GPUs "
+            "runs with DDP (torchrun without deepspeed/fsdp)"
+        )
     if shards_parameters(cfg):
         what = "FSDP" if cfg.fsdp else "ZeRO-3"
         if cfg.sample_prompts:

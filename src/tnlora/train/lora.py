@@ -3,6 +3,16 @@
 TransNormerLLM's only linear layers are ``qkvu_proj`` and ``out_proj`` (token mixer) and ``l1``, ``l2``, ``l3``
 (channel mixer), plus ``lm_head``. A Llama-style target list (q_proj, v_proj, …) matches nothing, and peft
 would fail or silently train nothing, so every requested name is checked against the model first.
+
+On a quantized base (QLoRA) peft wraps bitsandbytes' layers with its own LoRA layers (``get_peft_model`` sees
+``is_loaded_in_4bit`` / ``is_loaded_in_8bit``). peft's ``prepare_model_for_kbit_training`` is not called: of
+what it does, freezing the base is ``get_peft_model``'s own work, the input-gradient hook serves reentrant
+checkpointing only (tnlora checkpoints non-reentrantly) and the Trainer switches checkpointing on; what remains
+is its cast of every non-quantized weight to fp32, which exists for the gains of LayerNorms in fp16. TNL's
+norms have no weights and compute in fp32 inside; an fp32 embedding would make the whole residual stream fp32
+(bitsandbytes casts each quantized layer's output back to its input's dtype), so q, k and v would reach the fla
+kernel in fp32 and every saved activation would double. The embedding stays bf16, as on a bf16 base, and the
+adapter weights train in fp32 under bf16 autocast, as there.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from torch import nn
 from tnlora.config import LINEAR_TARGETS_ALL, RunConfig, split_list
 from tnlora.errors import ConfigError
 from tnlora.model.loading import peft_quietly
+from tnlora.model.quantization import logical_numel
 
 # The output head is tied to the embedding; adapting it with LoRA would untie what the checkpoint ties.
 EXCLUDED_LINEARS = ("lm_head",)
@@ -96,6 +107,8 @@ def check_finetuning(model: nn.Module, cfg: RunConfig) -> None:
         resolve_lora_targets(model, cfg.lora_target)
         if cfg.additional_target:
             _check_module_names(model, split_list(cfg.additional_target), "additional_target")
+            if cfg.quantization_bit is not None:
+                _check_not_quantized(model, split_list(cfg.additional_target))
     elif cfg.finetuning_type == "freeze":
         layers = decoder_layers(model)
         if abs(cfg.freeze_trainable_layers) > len(layers):
@@ -146,6 +159,21 @@ def _check_module_names(model: nn.Module, names: list[str], key: str) -> None:
         raise ConfigError(f"{key}: {', '.join(repr(m) for m in missing)} matches no module of this model")
 
 
+def _check_not_quantized(model: nn.Module, names: list[str]) -> None:
+    """additional_target modules train in full: none of them may be (or hold) a layer quantization_bit
+    quantizes."""
+    quantized = list(linear_modules(model))
+    for target in names:
+        for name, _ in model.named_modules():
+            if (name == target or name.endswith("." + target)) and any(
+                q == name or q.startswith(name + ".") for q in quantized
+            ):
+                raise ConfigError(
+                    f"additional_target: {target!r} is (or holds) a linear layer that quantization_bit quantizes; "
+                    "a quantized layer trains through LoRA only (lora_target)"
+                )
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The stack of decoder layers (``model.layers`` of a CausalLM, or ``layers`` of a bare model)."""
     for name, module in model.named_modules():
@@ -176,7 +204,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        size = getattr(p, "ds_numel", None) or p.numel()
+        # a 4-bit weight packs two parameters a byte; a ZeRO-3 partition is empty outside its module's forward
+        size = getattr(p, "ds_numel", None) or logical_numel(p)
         total += size
         if p.requires_grad:
             trainable += size

@@ -112,6 +112,10 @@ def preflight(cfg: RunConfig) -> tuple[RunConfig, OutputPlan, str | None]:
             raise ConfigError("report_to: tensorboard is not installed (pip install tensorboard)") from None
     if cfg.attention_impl == "fla" and not torch.cuda.is_available():
         raise ConfigError("attention_impl: 'fla' needs a CUDA GPU; use auto or chunked on CPU")
+    if cfg.quantization_bit is not None:
+        from tnlora.model.quantization import check_quantization_available
+
+        check_quantization_available()  # a GPU, then bitsandbytes
     distributed.check_engine(cfg, cuda=torch.cuda.is_available())
     check_finetuning_targets(cfg)
     if cfg.sample_prompts:
@@ -150,7 +154,22 @@ def resolve_for_this_machine(cfg: RunConfig, train_tokens: int | None = None, an
             f"{resolved.cutoff_len} tokens would not fit this GPU without it; set gradient_checkpointing: false "
             "to try anyway)"
         )
+    if announce and cfg.use_unsloth_gc is None and resolved.use_unsloth_gc:
+        _say(
+            f"use_unsloth_gc: on (micro-batches of {resolved.per_device_train_batch_size} × {resolved.cutoff_len} "
+            "tokens would not fit this GPU even with gradient checkpointing; each layer's input waits in CPU "
+            "memory; set use_unsloth_gc: false to try anyway)"
+        )
     return resolved
+
+
+def quantization_of(cfg: RunConfig):  # -> tnlora.model.quantization.Quantization | None
+    """How the run quantizes its base (None: it does not)."""
+    if cfg.quantization_bit is None:
+        return None
+    from tnlora.model.quantization import Quantization
+
+    return Quantization(cfg.quantization_bit, cfg.quantization_type, cfg.double_quantization)
 
 
 def planned_train_tokens(cfg: RunConfig, examples: list[Any]) -> int:
@@ -389,13 +408,22 @@ def bundle_from_examples(
 
 
 def model_dtype(cfg: RunConfig) -> torch.dtype:
-    """LoRA + bf16: the frozen base in bf16 (half the memory); otherwise fp32 master weights under autocast."""
+    """LoRA + bf16: the frozen base in bf16 (half the memory; a quantized base's other weights and compute dtype
+    too); otherwise fp32 master weights under autocast."""
     return torch.bfloat16 if (cfg.bf16 and cfg.finetuning_type == "lora") else torch.float32
 
 
 def build_model(cfg: RunConfig, tokenizer):
-    """The base model with the run's fine-tuning method applied (peft-wrapped for LoRA)."""
-    model = load_base_model(cfg.model_name_or_path, dtype=model_dtype(cfg), attention_impl=cfg.attention_impl)
+    """The base model with the run's fine-tuning method applied (peft-wrapped for LoRA). A quantized base is
+    loaded straight onto the GPU, each linear layer quantized as it arrives."""
+    quantization = quantization_of(cfg)
+    model = load_base_model(
+        cfg.model_name_or_path,
+        dtype=model_dtype(cfg),
+        device="cuda" if quantization is not None else None,
+        attention_impl=cfg.attention_impl,
+        quantization=quantization,
+    )
     new_ids = added_token_ids(cfg, tokenizer)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
@@ -435,8 +463,9 @@ def ready_for_inference(model, cfg: RunConfig) -> None:
     if not cfg.bf16:
         return
     set_adapter_input_casts(model, True)
-    # Only over a bf16 base: full and freeze tuning keep the whole model in fp32 (model_dtype).
-    if {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}:
+    # Only over a bf16 base (its quantized layers' integer weights aside): full and freeze tuning keep the whole
+    # model in fp32 (model_dtype).
+    if {p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()} == {torch.bfloat16}:
         for p in model.parameters():
             if p.requires_grad and p.dtype == torch.float32:
                 p.data = p.data.to(torch.bfloat16)
@@ -534,7 +563,9 @@ def out_of_memory_advice(cfg: RunConfig) -> str:
         advice.append("use_unsloth_gc: true (layer inputs kept in CPU memory)")
     if rows and rows > 1:
         advice.append(f"a per_device_train_batch_size below {rows}")
-    if not advice:
+    if not advice and cfg.finetuning_type == "lora" and cfg.quantization_bit != 4:
+        advice.append("quantization_bit: 4 (QLoRA: a 4-bit base)")
+    if len(advice) < 2 and not (rows and rows > 1):
         advice.append("a smaller cutoff_len")
     return (
         f"out of GPU memory with micro-batches of up to {rows} × {length} tokens "
