@@ -158,3 +158,25 @@ def test_the_guard_reads_the_verdict_behind_the_gpu_and_drains_before_a_save():
             return
     with pytest.raises(NonFiniteLoss, match="step 3 had a non-finite loss"):
         guard.drain()
+
+
+
+def test_a_gradient_norm_given_as_a_dtensor_becomes_a_plain_tensor():
+    """FSDP2 hands the step a replicated DTensor norm; the verdict must come out a plain tensor (a GPU guard
+    copies it into pinned memory, which a DTensor cannot be copied into)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate
+
+    from tnlora.train.nonfinite import gradient_norm
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for value in (2.5, float("nan")):
+            norm = gradient_norm(DTensor.from_local(torch.tensor(value), mesh, [Replicate()]), torch.device("cpu"))
+            assert type(norm) is torch.Tensor and norm.dtype == torch.float32
+            assert torch.equal(norm, torch.tensor(value)) or (norm.isnan() and value != value)
+        assert type(gradient_norm(1.5, torch.device("cpu"))) is torch.Tensor
+    finally:
+        dist.destroy_process_group()

@@ -22,6 +22,7 @@ from collections import deque
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
@@ -72,7 +73,7 @@ class NonFiniteGuard(TrainerCallback, ExportableState):
         if loss is None:
             return
         step = trainer.state.global_step + 1  # the step being taken, as it will be logged
-        norm = torch.as_tensor(grad_norm, device=loss.device, dtype=torch.float32)
+        norm = gradient_norm(grad_norm, loss.device)
         finite = torch.isfinite(loss) & torch.isfinite(norm)
         if self.policy == "stop" and finite.is_cuda:
             self._poll()
@@ -157,3 +158,11 @@ def _values(loss: torch.Tensor | None, norm: torch.Tensor | None) -> str:
 def _steps(steps: list[int], shown: int = 5) -> str:
     text = ", ".join(str(s) for s in steps[:shown])
     return text + (f" and {len(steps) - shown} more" if len(steps) > shown else "")
+
+
+def gradient_norm(grad_norm: Any, device: torch.device) -> torch.Tensor:
+    """The step's gradient norm as a plain fp32 tensor on ``device``: FSDP2 returns it as a replicated
+    DTensor, which the GPU guard's pinned verdict cannot be copied from."""
+    if isinstance(grad_norm, DTensor):
+        grad_norm = grad_norm.full_tensor()
+    return torch.as_tensor(grad_norm, device=device, dtype=torch.float32)
