@@ -5,8 +5,11 @@ after the other (a random ``--prompt_tokens``-token prompt, ``--max_tokens`` new
 the shape of ``tnlora bench decode``, prompt 64 and 128 new tokens by default) and the script prints one row:
 aggregate tokens/s (completion tokens of all requests ÷ first send to last end), time to first token (send →
 first chunk with text) p50 / p99, and inter-token latency (gap between a reply's consecutive text chunks: one
-token each unless the server sent several at once) p50 / p99. The clients run in ``--client_procs``
-processes (default one per 16 clients) so that the clients' own parsing does not set the figures.
+token each unless the server sent several at once) p50 / p99; and from the server's /health counters over the
+timed load, where its time went: decode steps, tokens generated a step (how full the batch ran), the rounds
+that read prompts, and the scheduler's seconds in those rounds and with nothing to do. The clients run in
+``--client_procs`` processes (default one per 16 clients) so that the clients' own parsing does not set the
+figures.
 
 Then the sessions run (``--turns``, default 50; 0 skips it): one chat of that many turns, each a
 ``--turn_tokens`` user message and a ``--reply_tokens`` reply, with and without a session id; it prints the
@@ -216,6 +219,7 @@ def load_row(args: argparse.Namespace, server: Server, clients: int, vocab: int)
             "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "vocab": vocab}  # fmt: skip
     # A warm-up request (first-use costs of the server's code paths), then the timed load.
     _client_process({**base, "clients": 1, "requests": 1, "start": 0, "seed": -1})
+    before = server.health()
     start = time.time() + 2 + procs  # the client processes start up first
     jobs = [{**base, "clients": n, "start": start, "seed": i} for i, n in enumerate(share)]
     with mp.get_context("spawn").Pool(procs) as pool:
@@ -224,9 +228,17 @@ def load_row(args: argparse.Namespace, server: Server, clients: int, vocab: int)
     wall = max(r["end"] for r in records) - min(r["sent"] for r in records)
     ttft = [(r["chunks"][0] - r["sent"]) * 1e3 for r in records if r["chunks"]]
     itl = [(b - a) * 1e3 for r in records for a, b in zip(r["chunks"], r["chunks"][1:])]
+    # The engine's counters over the timed load: decode steps, generated tokens per step (how full the batch
+    # ran) and the rounds that read prompts (each stops the decode batch for one forward).
+    after = server.health()
+    steps = after["decode_steps"] - before["decode_steps"]
+    generated = after["tokens_generated"] - before["tokens_generated"]
     return {"clients": clients, "requests": len(records), "tokens": tokens, "wall": wall, "rate": tokens / wall,
             "ttft50": percentile(ttft, 50), "ttft99": percentile(ttft, 99), "itl50": percentile(itl, 50),
-            "itl99": percentile(itl, 99)}  # fmt: skip
+            "itl99": percentile(itl, 99), "steps": steps, "per_step": generated / max(1, steps),
+            "rounds": after.get("prefill_rounds", 0) - before.get("prefill_rounds", 0),
+            "prefill_s": after.get("prefill_seconds", 0) - before.get("prefill_seconds", 0),
+            "idle_s": after.get("idle_seconds", 0) - before.get("idle_seconds", 0)}  # fmt: skip
 
 
 def sessions_run(args: argparse.Namespace, server: Server) -> list[dict]:
@@ -287,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"serve_bench: model {args.model} ({args.device}), prompt {args.prompt_tokens} tokens, "
           f"{args.max_tokens} new tokens (greedy, ignore_eos), {args.requests} requests per client", flush=True)  # fmt: skip
     header = ("| clients | max_batch | requests | tokens | wall s | tokens/s | TTFT p50 ms | TTFT p99 ms | "
-              "ITL p50 ms | ITL p99 ms |\n|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+              "ITL p50 ms | ITL p99 ms | decode steps | tokens a step | prefill rounds | prefill s | idle s |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     printed_env = False
     server: Server | None = None
     current = None
@@ -307,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             r = load_row(args, server, n, health["vocab"])
             print(f"| {n} | {health['slots']['total']} | {r['requests']} | {r['tokens']} | {r['wall']:.2f} | "
                   f"{r['rate']:,.0f} | {r['ttft50']:.1f} | {r['ttft99']:.1f} | {r['itl50']:.2f} | "
-                  f"{r['itl99']:.2f} |", flush=True)  # fmt: skip
+                  f"{r['itl99']:.2f} | {r['steps']} | {r['per_step']:.1f} | {r['rounds']} | {r['prefill_s']:.3f} | "
+                  f"{r['idle_s']:.3f} |", flush=True)  # fmt: skip
         if args.turns > 0:
             if server is None:
                 server = Server(args, fixed or 1)

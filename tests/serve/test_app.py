@@ -195,3 +195,32 @@ def test_a_client_that_disconnects_frees_its_slot(live) -> None:
         _wait_for(lambda: live.engine.stats()["slots"]["active"] == 1)
     _wait_for(lambda: live.engine.stats()["slots"]["active"] == 0)
     assert live.engine.stats()["tokens_generated"] < 2 * 8000
+
+
+def test_the_relay_hands_events_over_in_order_and_refuses_a_closed_loop() -> None:
+    """Events put from another thread reach their queues in order, in one wake-up of the loop; once the loop is
+    closed every put raises (the engine then cancels that request), none is silently dropped."""
+    import asyncio
+    import threading
+
+    pytest.importorskip("fastapi", reason="needs the serve extra")
+    from tnlora.serve.app import LoopRelay
+    from tnlora.serve.engine import Event
+
+    loop = asyncio.new_event_loop()
+    try:
+        queues: list[asyncio.Queue] = [asyncio.Queue(), asyncio.Queue()]
+        relay = LoopRelay.of(loop)
+        assert LoopRelay.of(loop) is relay
+        producer = threading.Thread(target=lambda: [relay.put(queues[i % 2], Event(text=str(i))) for i in range(50)])
+        producer.start()
+        producer.join()
+        assert all(q.empty() for q in queues)  # nothing is delivered off the loop's thread
+        loop.run_until_complete(asyncio.sleep(0))
+        got = [[q.get_nowait().text for _ in range(q.qsize())] for q in queues]
+        assert got == [[str(i) for i in range(0, 50, 2)], [str(i) for i in range(1, 50, 2)]]
+    finally:
+        loop.close()
+    for _ in range(2):
+        with pytest.raises(RuntimeError):
+            relay.put(queues[0], Event(text="late"))

@@ -206,6 +206,35 @@ def test_a_failing_sink_or_prompt_does_not_stop_the_scheduler(engine: Engine) ->
     assert engine.running and engine.stats()["slots"]["active"] == 0
 
 
+def test_prompts_read_in_one_round_each_get_their_slot_even_when_one_fails() -> None:
+    """Requests admitted together are prefilled in one round; a failure sampling one's first token ends only
+    that one, and the others decode exactly as they do alone."""
+    engine = make_engine(max_batch=4)
+    try:
+        good = prompts(2, seed=3)
+        alone = [run(engine, ids, SamplingParams(max_tokens=6, ignore_eos=True))[0].generated for ids in good]
+        bad_prompt = [7, 7, 7]
+        sample = engine._sample
+
+        def failing(logits, request):
+            if request.prompt_ids == bad_prompt:
+                raise RuntimeError("sampling failed")
+            return sample(logits, request)
+
+        engine._sample = failing
+        rounds = engine.stats()["prefill_rounds"]
+        with engine._cond:  # the scheduler waits: all three land in one round
+            waiters = [submit(engine, ids, SamplingParams(max_tokens=6, ignore_eos=True)) for ids in (good[0],
+                       bad_prompt, good[1])]  # fmt: skip
+        finals = [waiter.wait() for _, waiter in waiters]
+        assert [f.finish_reason for f in finals] == ["length", "error", "length"]
+        assert [waiters[0][0].generated, waiters[2][0].generated] == alone
+        assert engine.stats()["prefill_rounds"] == rounds + 1
+        assert engine.stats()["slots"]["active"] == 0
+    finally:
+        engine.shutdown()
+
+
 def test_session_continues_from_the_stored_state_and_matches_a_full_prefill_in_float64() -> None:
     engine = make_engine(torch.float64, eos_ids=(), sessions=2)
     plain = make_engine(torch.float64, eos_ids=())

@@ -14,9 +14,11 @@ import dataclasses
 import hmac
 import json
 import logging
+import threading
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 from fastapi import FastAPI, Request
@@ -78,6 +80,52 @@ def context(request: Request) -> ServeContext:
 # From the engine's thread to the request's loop
 
 
+class LoopRelay:
+    """Hands events from the scheduler thread to one asyncio loop in batches.
+
+    A decode step produces an event for every active request at once; waking the loop once for all of them
+    (instead of one ``call_soon_threadsafe`` each) keeps the loop's share of the host small, and the host's
+    time is what the scheduler thread needs to keep the device busy."""
+
+    _relays: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopRelay]] = weakref.WeakKeyDictionary()
+    _relays_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = weakref.ref(loop)  # a strong one would keep the loop (the registry's key) alive
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue[Event], Event]] = []
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> LoopRelay:
+        with cls._relays_lock:
+            relay = cls._relays.get(loop)
+            if relay is None:
+                relay = cls._relays[loop] = cls(loop)
+            return relay
+
+    def put(self, queue: asyncio.Queue[Event], event: Event) -> None:
+        """Queue ``event`` for ``queue`` (any thread); raises when the loop is closed."""
+        with self._lock:
+            wake = not self._pending
+            self._pending.append((queue, event))
+        if wake:
+            try:
+                loop = self._loop()
+                if loop is None:
+                    raise RuntimeError("the event loop is gone")
+                loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:
+                with self._lock:
+                    self._pending.clear()  # the next put tries (and fails) again: its request is cancelled
+                raise
+
+    def _deliver(self) -> None:  # the loop's thread
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
 class EngineStream:
     """One engine request whose events arrive in an ``asyncio.Queue`` of the calling loop."""
 
@@ -90,7 +138,7 @@ class EngineStream:
         session_id: str | None = None,
         stop_strings: Sequence[str] = (),
     ) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._relay = LoopRelay.of(asyncio.get_running_loop())
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         try:
             self.request = engine.submit(
@@ -100,7 +148,7 @@ class EngineStream:
             raise ApiError(503, str(exc), code="server_busy", type_="server_error") from None
 
     def _sink(self, event: Event) -> None:  # the scheduler thread
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        self._relay.put(self._queue, event)
 
     async def events(self) -> AsyncIterator[Event]:
         """The request's events up to its last one; leaving early (or being cancelled) cancels it. Events that

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from tnlora.infer.decode_graph import DecodeStepRunner, installed_graphs, remove_graph_decoding
-from tnlora.infer.prefill import can_pack, packed_prefill
+from tnlora.infer.prefill import Prefilled, can_pack, packed_prefill
 from tnlora.model.cache import TransnormerCache
 from tnlora.serve.sessions import Checkpoint, SessionStore
 from tnlora.serve.text import ReplyText
@@ -190,6 +190,9 @@ class Engine:
         self.tokens_generated = 0
         self.prompt_tokens_prefilled = 0
         self.steps = 0
+        self.prefill_rounds = 0  # scheduler rounds that read prompts (each one forward, packed or not)
+        self.prefill_seconds = 0.0  # the scheduler's time in those rounds (up to their first tokens)
+        self.idle_seconds = 0.0  # the scheduler's time with nothing to do
         self.errors = 0
 
     # ---------------------------------------------------------------------------------------------------
@@ -265,6 +268,9 @@ class Engine:
             "tokens_generated": self.tokens_generated,
             "prompt_tokens_prefilled": self.prompt_tokens_prefilled,
             "decode_steps": self.steps,
+            "prefill_rounds": self.prefill_rounds,
+            "prefill_seconds": round(self.prefill_seconds, 6),
+            "idle_seconds": round(self.idle_seconds, 6),
             "errors": self.errors,
         }
 
@@ -282,8 +288,11 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not (self._stopping or self._inbox or self._waiting or any(self.slots) or self._in_flight):
-                        self._cond.wait()
+                    if not (self._stopping or self._inbox or self._waiting or any(self.slots) or self._in_flight):
+                        idle = time.perf_counter()
+                        while not (self._stopping or self._inbox or self._waiting or any(self.slots)):
+                            self._cond.wait()
+                        self.idle_seconds += time.perf_counter() - idle
                     if self._stopping:
                         break
                     self._waiting.extend(self._inbox)
@@ -332,7 +341,9 @@ class Engine:
             budget -= len(request.prompt_ids)
             admitted.append(request)
         if admitted:
+            start = time.perf_counter()
             self._admit(admitted)
+            self.prefill_seconds += time.perf_counter() - start
         launched = self._launch_step() if any(self.slots) else None
         previous, self._in_flight = self._in_flight, launched
         if previous is not None:
@@ -341,32 +352,50 @@ class Engine:
     def _admit(self, requests: list[Request]) -> None:
         """Prefill ``requests`` (together, packed into one forward, where the model allows), sample each one's
         first token and give it a slot unless it is done."""
+        error = "internal error while reading the prompt"
         try:
-            prefilled = self._prefill(requests)
+            out = self._prefill(requests)
         except Exception:
             logger.exception("prefill of requests %s failed", [r.id for r in requests])
             for request in requests:
-                self._emit(request, self._finish(request, "error", error="internal error while reading the prompt"))
+                self._emit(request, self._finish(request, "error", error=error))
             return
-        for request, (logits, states) in zip(requests, prefilled):
+        self.prefill_rounds += 1
+        rows, firsts = [], []
+        for i, request in enumerate(requests):
             try:
                 if request.session_id is not None and self.sessions.enabled:
-                    request.prompt_states = [state.clone() for state in states]
+                    request.prompt_states = [state[i].clone() for state in out.states]
                 request.text = ReplyText(self.tokenizer, request.stop_strings)
                 if request.params.temperature > 0:
                     request.generator = torch.Generator(device=self.device)
                     seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
                     request.generator.manual_seed(seed)
-                token = int(self._sample(logits[: self.vocab], request))
+                firsts.append(self._sample(out.logits[i, : self.vocab], request))
+                rows.append(i)
             except Exception:
                 logger.exception("first token of request %d failed", request.id)
-                self._emit(request, self._finish(request, "error", error="internal error while reading the prompt"))
-                continue
-            self._place(request, token, states)
+                self._emit(request, self._finish(request, "error", error=error))
+        if not rows:
+            return
+        placed = [requests[i] for i in rows]
+        try:
+            # The first tokens come to the host together: one wait for the device, not one per request.
+            tokens = torch.stack(firsts).tolist()
+            states = out.states
+            if len(rows) < len(requests):
+                index = torch.tensor(rows, device=self.device)
+                states = [state.index_select(0, index) for state in states]
+        except Exception:
+            logger.exception("first tokens of requests %s failed", [r.id for r in placed])
+            for request in placed:
+                self._emit(request, self._finish(request, "error", error=error))
+            return
+        self._place(placed, tokens, states)
 
-    def _prefill(self, requests: list[Request]) -> list[tuple[Tensor, list[Tensor]]]:
+    def _prefill(self, requests: list[Request]) -> Prefilled:
         """Each request's prompt read from its stored session state when it continues one (else from zero):
-        the logits of its last token and every layer's state after it."""
+        the logits of each one's last token [N, vocab] and every layer's states after them [N, ...]."""
         starts, stored = [], []
         for request in requests:
             checkpoint = self._stored_session(request)
@@ -377,18 +406,19 @@ class Engine:
             request.cached_tokens = start
             self.prompt_tokens_prefilled += len(ids)
         if self.packed:
-            out = packed_prefill(self.model, fresh, starts, stored)
-            return [(out.logits[i], [state[i] for state in out.states]) for i in range(len(requests))]
-        results = []
-        for ids, start, states in zip(fresh, starts, stored):
+            return packed_prefill(self.model, fresh, starts, stored)
+        logits, states = [], []
+        layers = range(len(self.runner.states))
+        for ids, start, initial in zip(fresh, starts, stored):
             cache = TransnormerCache(self.model.config)
-            for i, state in enumerate(states or ()):
+            for i, state in enumerate(initial or ()):
                 cache.update_state(state[None], i)
             cache.seen_tokens = start
             out = self.model(input_ids=torch.tensor([ids], device=self.device), cache=cache, use_cache=True,
                              logits_to_keep=1)  # fmt: skip
-            results.append((out.logits[0, -1], [cache.get_state(i)[0] for i in range(len(self.runner.states))]))
-        return results
+            logits.append(out.logits[0, -1])
+            states.append([cache.get_state(i)[0] for i in layers])
+        return Prefilled(torch.stack(logits), [torch.stack([s[i] for s in states]) for i in layers])
 
     def _stored_session(self, request: Request) -> Checkpoint | None:
         """The stored session state ``request``'s prompt continues, if any (taken from the store)."""
@@ -396,23 +426,28 @@ class Engine:
             return None
         return self.sessions.take(request.session_id, request.prompt_ids)
 
-    def _place(self, request: Request, token: int, states: list[Tensor]) -> None:
-        """Give the prefilled ``request`` a free slot holding ``states`` and its first ``token``."""
-        # The slot first, so that the request counts as active from its first token on.
-        slot = self.slots.index(None)
-        request.slot = slot
-        self.slots[slot] = request
-        runner = self.runner
+    def _place(self, requests: list[Request], tokens: list[int], states: list[Tensor]) -> None:
+        """Give each prefilled request a free slot holding its states (each layer's [N, ...], in the order of
+        ``requests``) and its first token."""
+        # The slots first, so that a request counts as active from its first token on.
+        slots = [slot for slot, request in enumerate(self.slots) if request is None][: len(requests)]
+        for request, slot in zip(requests, slots):
+            request.slot = slot
+            self.slots[slot] = request
+        # A few batched copies instead of one per request and layer (the host's launches add up at 32 prompts).
+        runner, device = self.runner, self.device
+        index = torch.tensor(slots, device=device)
         for static, state in zip(runner.states, states):
-            static[slot].copy_(state)
-        runner.position[slot] = len(request.prompt_ids)
-        runner.ids[slot, 0] = token
-        runner.pad[slot, 0] = False
-        final = self._accept(request, token)
-        if final is not None:
-            self._store_session(request, states, 0)
-            self._free(slot)
-            self._emit(request, final)
+            static.index_copy_(0, index, state.to(static.dtype))
+        runner.position[index] = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
+        runner.ids[index, 0] = torch.tensor(tokens, device=device)
+        runner.pad[index, 0] = False
+        for row, (request, token) in enumerate(zip(requests, tokens)):
+            final = self._accept(request, token)
+            if final is not None:
+                self._store_session(request, [state[row] for state in states], 0)
+                self._free(request.slot)
+                self._emit(request, final)
 
     def _launch_step(self) -> _Step:
         """Run one decode step for all slots and sample each active row (on the device); on a GPU this returns

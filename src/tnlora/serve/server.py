@@ -14,6 +14,8 @@ from tnlora.serve.app import ServeConfig, ServeContext, create_app
 from tnlora.serve.engine import Engine
 from tnlora.serve.sessions import SessionStore
 
+SWITCH_INTERVAL_S = 0.001
+
 
 @dataclass
 class EngineOptions:
@@ -27,6 +29,10 @@ class EngineOptions:
 def build_context(loaded: Any, config: ServeConfig, options: EngineOptions) -> ServeContext:
     """A started engine around ``loaded`` (:func:`tnlora.infer.loading.load_for_inference`'s result) and the
     context the app's routes read."""
+    # The scheduler thread shares the interpreter lock with the server's event loop. With many streams the
+    # loop is busy, and a thread waiting for the lock gets it after the switch interval (5 ms by default,
+    # about one 7B decode step): a shorter interval lets the scheduler launch the next step on time.
+    sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
     eos_ids, _ = stop_settings(loaded.tokenizer, loaded.template)
     sessions = SessionStore(loaded.device, options.max_sessions, options.host_sessions)
     engine = Engine(loaded.model, loaded.tokenizer, eos_ids=eos_ids, max_batch=options.max_batch, sessions=sessions)
