@@ -37,6 +37,7 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -219,11 +220,15 @@ def load_row(args: argparse.Namespace, server: Server, clients: int, vocab: int)
             "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "vocab": vocab}  # fmt: skip
     # A warm-up request (first-use costs of the server's code paths), then the timed load.
     _client_process({**base, "clients": 1, "requests": 1, "start": 0, "seed": -1})
-    before = server.health()
     start = time.time() + 2 + procs  # the client processes start up first
     jobs = [{**base, "clients": n, "start": start, "seed": i} for i, n in enumerate(share)]
+    before: dict = {}
+    # The counters as the clients start (not before their processes start up: the engine idles meanwhile).
+    snapshot = threading.Timer(max(0.0, start - time.time() - 0.01), lambda: before.update(server.health()))
+    snapshot.start()
     with mp.get_context("spawn").Pool(procs) as pool:
         records = [r for rs in pool.map(_client_process, jobs) for r in rs]
+    snapshot.join()
     tokens = sum(r["tokens"] for r in records)
     wall = max(r["end"] for r in records) - min(r["sent"] for r in records)
     ttft = [(r["chunks"][0] - r["sent"]) * 1e3 for r in records if r["chunks"]]

@@ -30,6 +30,13 @@ def qlora_dir(adapter_dir, tmp_path) -> Path:
     return out
 
 
+@pytest.fixture
+def cpu_only(monkeypatch) -> None:
+    """This machine as a CPU-only one (the refusals are what such a machine shows, also when a GPU runs the
+    tests)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 def _run(*keys: str):
     return load_run_config(None, ["--model_name_or_path", "tiny", "--dataset", "d", "--output_dir", "o", *keys])
 
@@ -47,7 +54,7 @@ def test_the_base_is_quantized_as_the_run_was_unless_told_otherwise():
     assert inference_quantization(None) is None and inference_quantization(_run()) is None
 
 
-def test_a_qlora_adapter_on_a_cpu_only_machine_is_refused_naming_the_way_out(qlora_dir):
+def test_a_qlora_adapter_on_a_cpu_only_machine_is_refused_naming_the_way_out(qlora_dir, cpu_only):
     with pytest.raises(TnloraError) as info:
         load_for_inference(None, qlora_dir)
     assert str(info.value) == (
@@ -58,9 +65,9 @@ def test_a_qlora_adapter_on_a_cpu_only_machine_is_refused_naming_the_way_out(qlo
 
 
 def test_with_quantization_bit_none_the_adapter_loads_on_an_unquantized_base_and_merges(qlora_dir, adapter_dir):
-    loaded = load_for_inference(None, qlora_dir, quantization_bit=0, merge_adapter=None)
+    loaded = load_for_inference(None, qlora_dir, quantization_bit=0, merge_adapter=None, device="cpu")
     assert loaded.quantization is None and not hasattr(loaded.model, "peft_config")  # merged: merge_adapter None
-    plain = load_for_inference(None, adapter_dir, merge_adapter=True)
+    plain = load_for_inference(None, adapter_dir, merge_adapter=True, device="cpu")
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(ids).logits, plain.model(ids).logits, rtol=0, atol=0)
@@ -87,7 +94,7 @@ def test_a_quantized_base_runs_on_the_gpu_only(qlora_dir, monkeypatch):
         load_for_inference(None, qlora_dir, device="cpu")
 
 
-def test_merging_a_qlora_adapter_needs_a_gpu_and_writes_nothing_without_one(qlora_dir, tmp_path):
+def test_merging_a_qlora_adapter_needs_a_gpu_and_writes_nothing_without_one(qlora_dir, tmp_path, cpu_only):
     out = tmp_path / "merged"
     with pytest.raises(TnloraError) as info:
         merge_adapter(None, qlora_dir, out)
@@ -135,7 +142,7 @@ def test_run_yamls_pass_quantization_bit_to_chat_and_refuse_it_for_merge(tmp_pat
         expand_verb_argv(build_parser(), ["chat", str(wrong)])
 
 
-def test_the_cli_refuses_a_qlora_chat_on_the_cpu_in_one_line(qlora_dir, capsys):
+def test_the_cli_refuses_a_qlora_chat_on_the_cpu_in_one_line(qlora_dir, capsys, cpu_only):
     from tnlora.cli import main
 
     assert main(["chat", "--adapter", str(qlora_dir)]) == 2

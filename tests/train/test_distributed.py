@@ -313,3 +313,22 @@ def test_a_quantized_base_is_not_sharded():
                                  "--fsdp", "full_shard", "--quantization_bit", "4"])  # fmt: skip
     with pytest.raises(ConfigError, match="quantization_bit: a quantized base is not combined with fsdp"):
         distributed.check_engine(cfg, cuda=True)  # as on a GPU machine
+
+
+def test_a_gathered_state_dict_is_saved_without_the_tied_head_as_one_process_saves(tmp_path: Path) -> None:
+    """FSDP's gathered full state dict holds the tied LM head under its own name as a separate tensor; the
+    Trainer's save drops it, so the files equal a plain run's (and the untied case keeps its head)."""
+    from safetensors.torch import load_file
+
+    from tnlora.model import load_model
+    from tnlora.train.trainer import without_tied_copies
+
+    model = load_model("tiny", dtype=torch.float32)
+    plain = tmp_path / "plain"
+    model.save_pretrained(plain)
+    gathered = {k: v.clone() for k, v in model.state_dict().items()}  # separate tensors, as gathered
+    assert "lm_head.weight" in gathered
+    kept = without_tied_copies(model, gathered)
+    assert kept.keys() == load_file(plain / "model.safetensors").keys()
+    model.config.tie_word_embeddings = False
+    assert without_tied_copies(model, gathered) is gathered

@@ -27,8 +27,11 @@ def environment_line() -> str:
             versions.append(f"{label} {getattr(module, '__version__', '?')}")
         except ImportError:
             versions.append(f"{label} -")
+    # A copy of the tree made for another machine names its commit in a COMMIT file at its root (its git
+    # metadata, where copied at all, may be older than the tree).
+    named = Path(__file__).resolve().parents[3] / "COMMIT"
     try:
-        commit = subprocess.run(
+        commit = named.read_text().strip() if named.is_file() else subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
             capture_output=True,
             text=True,

@@ -96,6 +96,11 @@ def trainer_class():
                 raise error from None
             checkpoints.end_staging(run_dir)
 
+        def _save(self, output_dir=None, state_dict=None) -> None:
+            if state_dict is not None:
+                state_dict = without_tied_copies(self.accelerator.unwrap_model(self.model), state_dict)
+            super()._save(output_dir, state_dict=state_dict)
+
         def prediction_step(self, model, inputs, *args, **kwargs):
             inputs.pop(NUM_REAL_TOKENS, None)
             return super().prediction_step(model, inputs, *args, **kwargs)
@@ -120,6 +125,19 @@ def trainer_class():
             return 6 * inputs["input_ids"].numel() * self._flop_parameters
 
     return TnloraTrainer
+
+
+def without_tied_copies(model: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` without the names of tied weights (the LM head tied to the embedding), as one process saves.
+
+    A state dict gathered from shards (FSDP's full state dict) holds a tied weight under both of its names as two
+    separate tensors, which ``save_pretrained`` cannot recognise as one: the files would differ from a plain
+    run's by an extra ``lm_head.weight``."""
+    tied = getattr(model, "_tied_weights_keys", None)
+    if not isinstance(tied, dict) or not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return state_dict
+    drop = {name for name, source in tied.items() if name in state_dict and source in state_dict}
+    return {k: v for k, v in state_dict.items() if k not in drop} if drop else state_dict
 
 
 def training_arguments(cfg: RunConfig, has_eval: bool):
