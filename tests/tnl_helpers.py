@@ -59,6 +59,8 @@ def train_tiny_adapter(out: Path, system: str) -> Path:
             "--dataset_dir", str(EXAMPLES / "data"),
             "--template", "chatml",
             "--system", system,
+            # the chunked attention everywhere: on a GPU, fla would first autotune for the tiny shapes (minutes)
+            "--attention_impl", "chunked",
             "--cutoff_len", "256",
             "--output_dir", str(out),
             "--per_device_train_batch_size", "4",

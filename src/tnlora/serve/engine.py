@@ -192,7 +192,8 @@ class Engine:
         self.steps = 0
         self.prefill_rounds = 0  # scheduler rounds that read prompts (each one forward, packed or not)
         self.prefill_seconds = 0.0  # the scheduler's time in those rounds (up to their first tokens)
-        self.idle_seconds = 0.0  # the scheduler's time with nothing to do
+        self.idle_seconds = 0.0  # the scheduler's time with nothing to do (up to its last wait)
+        self._idle_since: float | None = None  # when the wait going on now began
         self.errors = 0
 
     # ---------------------------------------------------------------------------------------------------
@@ -270,9 +271,13 @@ class Engine:
             "decode_steps": self.steps,
             "prefill_rounds": self.prefill_rounds,
             "prefill_seconds": round(self.prefill_seconds, 6),
-            "idle_seconds": round(self.idle_seconds, 6),
+            "idle_seconds": round(self.idle_seconds + self._idle_now(), 6),
             "errors": self.errors,
         }
+
+    def _idle_now(self) -> float:
+        since = self._idle_since
+        return time.perf_counter() - since if since is not None else 0.0
 
     def _wake(self, cancelled: bool = False) -> None:
         with self._cond:
@@ -289,10 +294,11 @@ class Engine:
             while True:
                 with self._cond:
                     if not (self._stopping or self._inbox or self._waiting or any(self.slots) or self._in_flight):
-                        idle = time.perf_counter()
+                        self._idle_since = time.perf_counter()
                         while not (self._stopping or self._inbox or self._waiting or any(self.slots)):
                             self._cond.wait()
-                        self.idle_seconds += time.perf_counter() - idle
+                        since, self._idle_since = self._idle_since, None
+                        self.idle_seconds += time.perf_counter() - since
                     if self._stopping:
                         break
                     self._waiting.extend(self._inbox)
