@@ -10,9 +10,11 @@ no compiled DeepSpeed ops are needed: the Trainer's torch AdamW runs inside ZeRO
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +25,7 @@ from distributed_helpers import saved_weights
 from safetensors.torch import load_file
 
 import tnlora
+from fixture_files import OFFICIAL_CONFIGS
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
@@ -80,7 +83,8 @@ class Runs:
     def get(self, method: str, engine: str | None, *extra: str) -> Path:
         key = (method, engine, *extra)
         if key not in self.done:
-            out = self.root / f"{method}-{engine or 'plain'}{'-' + '-'.join(extra).strip('-') if extra else ''}"
+            suffix = "-" + hashlib.sha1("\0".join(extra).encode()).hexdigest()[:8] if extra else ""
+            out = self.root / f"{method}-{engine or 'plain'}{suffix}"
             run_tnlora(
                 "train", "--model_name_or_path", "tiny", "--dataset", str(self.data), "--template", "chatml",
                 "--cutoff_len", "256", "--packing", "false", "--finetuning_type", method, "--lora_rank", "4",
@@ -113,6 +117,36 @@ def test_engine_trains_the_adapter_plain_training_trains(runs: Runs, engine: str
     assert_same_weights(got, want, f"lora {engine}")
     # B starts at zero: the adapter moved
     assert any(v.abs().max() > 1e-3 for k, v in want.items() if "lora_B" in k)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_1b(tmp_path_factory: pytest.TempPathFactory, sp_model_file: Path) -> Path:
+    """A checkpoint directory of the official 1B configuration with random weights (seed 0, bf16, built on the
+    GPU) and the session's sample SentencePiece tokenizer."""
+    from tnlora.model import TransnormerConfig, TransnormerForCausalLM
+
+    out = tmp_path_factory.mktemp("random-1B")
+    official = OFFICIAL_CONFIGS / "1B"
+    config = json.loads((official / "config.json").read_text())
+    with torch.random.fork_rng(devices=[0]), torch.device("cuda"):
+        torch.manual_seed(0)
+        model = TransnormerForCausalLM(TransnormerConfig(**config)).to(torch.bfloat16)
+    model.save_pretrained(out)
+    shutil.copy(sp_model_file, out / "tokenizer.model")
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        shutil.copy(official / name, out / name)
+    return out
+
+
+@pytest.mark.parametrize("engine", ["z2", "z3"])
+def test_engine_trains_a_1b_adapter_as_plain_training(runs: Runs, checkpoint_1b: Path, engine: str):
+    """The same at the real 1B sizes: ZeRO's buckets, prefetching and gathers over 1B-shaped layers, not only
+    the tiny preset's. SGD at lr 1, as the whole-model runs (see WHOLE_MODEL)."""
+    needs_deepspeed(engine)
+    extra = ("--model_name_or_path", str(checkpoint_1b), *WHOLE_MODEL)
+    got, want = saved_weights(runs.get("lora", engine, *extra)), saved_weights(runs.get("lora", None, *extra))
+    assert_same_weights(got, want, f"1B lora {engine}")
+    assert any(v.abs().max() > 10 * ATOL for k, v in want.items() if "lora_B" in k)
 
 
 @pytest.mark.parametrize("method", ["full", "freeze"])
