@@ -18,6 +18,8 @@
 #                   below checkpointed 8 × 1,024): checks that order
 #   train-ladder    the 1B rungs: padding and the chunked attention, packing, fla, 16k-token rows, compiled
 #   decode          7B and 1B greedy decoding at batch 1 and 32 (CUDA graphs, fused step)
+#   decode-profile  the top kernels of 7B decoding at batch 1 and 32 and of 1B at batch 1 (32 new tokens: the
+#                   prefill and 31 graph replays): where a step's time goes against its weights' bytes
 #   decode-kernel   decoding with the torch and the triton recurrence
 #   decode-adapter  7B decoding with a LoRA adapter kept unmerged / merged
 #   e2e             `tnlora train examples/huanhuan_7b_lora_fast.yaml` end to end (.whl/e2e: 7B config,
@@ -95,6 +97,11 @@ for stage in "$@"; do
       train --model 1B --cutoff_len 16384 --attention_impl fla --per_device_train_batch_size 1 --torch_compile true --name "1B + compiled layers ($COMMIT)$TAG" ;;
     decode)
       for m in ${MODELS:-7B 1B}; do decode --model $m $CAP; done ;;
+    decode-profile)
+      for mb in "7B 1" "7B 32" "1B 1"; do read -r m b <<< "$mb"
+        log "decode profile $m batch $b"; timeout 150 python3 -m tnlora.cli bench decode --model $m --batch $b --new_tokens 32 --profile > "$OUT/profile-$m-$b.txt" 2>&1
+        grep -vE "Warn|warn" "$OUT/profile-$m-$b.txt" | grep -E "ms/step|Self CUDA time total|nvjet|gemm|rms|recurrent|elementwise|reduce|Memcpy|\| $m" | head -n 24 | cut -c1-60,100-250 | tee -a "$OUT/log.txt"
+      done ;;
     decode-kernel)
       for m in ${MODELS:-7B 1B}; do for k in torch triton; do decode --model $m --decode_kernel $k; done; done ;;
     decode-adapter)
