@@ -41,8 +41,9 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" "$TRITON_CACHE_DIR"
 [ -n "$(ls -A "$TRITON_CACHE_DIR")" ] || tar xzf benchmarks/fla_autotune_sm90.tgz -C "$TRITON_CACHE_DIR"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   >/dev/null 2>&1 || echo "wheel install failed"
-# The device copy has no git metadata: a COMMIT file beside the source tree (or in the root) names its commit.
-COMMIT=$(git -C "$SRC" rev-parse --short HEAD 2>/dev/null || cat "$SRC/../COMMIT" 2>/dev/null || echo "?")
+# A copy of the tree made for another machine names its commit in a COMMIT file beside the source tree (its git
+# metadata, where copied at all, may be older than the tree), as the benches' environment line reads it.
+COMMIT=$(cat "$SRC/../COMMIT" 2>/dev/null || git -C "$SRC" rev-parse --short HEAD 2>/dev/null || echo "?")
 CAP=${CARD_GIB:+--gpu_memory_gib $CARD_GIB}
 TAG=${TAG:-}
 log() { echo "## $(date +%T) $*" | tee -a "$OUT/log.txt"; }

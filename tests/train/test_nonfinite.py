@@ -160,7 +160,6 @@ def test_the_guard_reads_the_verdict_behind_the_gpu_and_drains_before_a_save():
         guard.drain()
 
 
-
 def test_a_gradient_norm_given_as_a_dtensor_becomes_a_plain_tensor():
     """FSDP2 hands the step a replicated DTensor norm; the verdict must come out a plain tensor (a GPU guard
     copies it into pinned memory, which a DTensor cannot be copied into)."""

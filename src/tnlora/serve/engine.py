@@ -275,6 +275,9 @@ class Engine:
             "errors": self.errors,
         }
 
+    def _has_work(self) -> bool:
+        return bool(self._stopping or self._inbox or self._waiting or any(self.slots) or self._in_flight)
+
     def _idle_now(self) -> float:
         since = self._idle_since
         return time.perf_counter() - since if since is not None else 0.0
@@ -293,9 +296,9 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    if not (self._stopping or self._inbox or self._waiting or any(self.slots) or self._in_flight):
+                    if not self._has_work():
                         self._idle_since = time.perf_counter()
-                        while not (self._stopping or self._inbox or self._waiting or any(self.slots)):
+                        while not self._has_work():
                             self._cond.wait()
                         since, self._idle_since = self._idle_since, None
                         self.idle_seconds += time.perf_counter() - since
@@ -358,13 +361,11 @@ class Engine:
     def _admit(self, requests: list[Request]) -> None:
         """Prefill ``requests`` (together, packed into one forward, where the model allows), sample each one's
         first token and give it a slot unless it is done."""
-        error = "internal error while reading the prompt"
         try:
             out = self._prefill(requests)
         except Exception:
             logger.exception("prefill of requests %s failed", [r.id for r in requests])
-            for request in requests:
-                self._emit(request, self._finish(request, "error", error=error))
+            self._fail_prompts(requests)
             return
         self.prefill_rounds += 1
         rows, firsts = [], []
@@ -381,7 +382,7 @@ class Engine:
                 rows.append(i)
             except Exception:
                 logger.exception("first token of request %d failed", request.id)
-                self._emit(request, self._finish(request, "error", error=error))
+                self._fail_prompts([request])
         if not rows:
             return
         placed = [requests[i] for i in rows]
@@ -394,10 +395,14 @@ class Engine:
                 states = [state.index_select(0, index) for state in states]
         except Exception:
             logger.exception("first tokens of requests %s failed", [r.id for r in placed])
-            for request in placed:
-                self._emit(request, self._finish(request, "error", error=error))
+            self._fail_prompts(placed)
             return
         self._place(placed, tokens, states)
+
+    def _fail_prompts(self, requests: list[Request]) -> None:
+        """End ``requests``, not yet in a slot, with an error event."""
+        for request in requests:
+            self._emit(request, self._finish(request, "error", error="internal error while reading the prompt"))
 
     def _prefill(self, requests: list[Request]) -> Prefilled:
         """Each request's prompt read from its stored session state when it continues one (else from zero):
