@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import GenerationMixin
 
 from tnl_helpers import build_model, left_padded, random_ids
 from tnlora.infer.decode_graph import DecodeStepRunner, install_graph_decoding, installed_graphs
@@ -218,6 +219,28 @@ def test_unmerged_lora_is_run_through_the_static_step_and_adapter_switches_rebui
 # ---------------------------------------------------------------------------------------------------------
 # CUDA graphs (skipped without a GPU)
 
+def _overlapped_and_transformers_loop(model: torch.nn.Module, ids: torch.Tensor, **kwargs: object) -> None:
+    """The model's generate (the overlapped loop, through the installed static step) equals transformers' own
+    loop through the same step, greedy and sampled, with an eos that ends row 0 at its third token."""
+    for sample in ({"do_sample": False}, {"do_sample": True, "top_k": 20, "temperature": 0.8}):
+        settings = {**GREEDY, **kwargs, **sample}
+        torch.manual_seed(11)
+        eos = int(model.generate(ids, **{**settings, "max_new_tokens": 3})[0, -1])
+        runs = []
+        for loop in ({}, {"custom_generate": GenerationMixin._sample}):
+            torch.manual_seed(11)
+            runs.append(model.generate(ids, **{**settings, "eos_token_id": eos}, **loop))
+        assert torch.equal(runs[0], runs[1])
+        assert eos in runs[0][0, ids.shape[1] :].tolist()
+
+
+def test_overlapped_loop_through_the_static_step_equals_transformers_loop() -> None:
+    model = _static(build_model())
+    ids, mask = left_padded([random_ids(1, 9, seed=1)[0], random_ids(1, 5, seed=2)[0]])
+    _overlapped_and_transformers_loop(model, ids, attention_mask=mask, max_new_tokens=12)
+    assert installed_graphs(model).runners[2] is not None
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -269,3 +292,15 @@ def test_cuda_lrpe_tensor_offset_equals_int_offset(angle_dtype: str) -> None:
     x = torch.randn(2, 1, 4, 64, device="cuda").to(torch.bfloat16)
     for offset in (0, 257, 1001, 4099, 70001):
         assert torch.equal(lrpe(x, torch.tensor(offset, device="cuda")), lrpe(x, offset))
+
+
+@cuda
+@pytest.mark.gpu
+def test_cuda_graph_overlapped_loop_equals_transformers_loop() -> None:
+    model = _cuda_model()
+    install_graph_decoding(model)
+    ids = random_ids(4, 12).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    _overlapped_and_transformers_loop(model, ids, attention_mask=mask, max_new_tokens=24)
+    assert installed_graphs(model).runners[4].graph is not None

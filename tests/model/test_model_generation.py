@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
-from transformers import TextIteratorStreamer
+from transformers import GenerationMixin, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers.generation.streamers import BaseStreamer
 
 from tnl_helpers import build_model, left_padded, random_ids
 from tnlora.model import TransnormerCache
@@ -190,3 +192,121 @@ def test_generate_continues_from_a_returned_cache() -> None:
     follow = torch.cat([first.sequences, random_ids(1, 5, seed=9)], dim=1)
     resumed = model.generate(follow, past_key_values=first.past_key_values, **kwargs)
     assert torch.equal(resumed, model.generate(follow, **kwargs))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The overlapped loop (tnlora.model.generation) against transformers' own (GenerationMixin._sample, run through
+# generate's custom_generate hook).
+
+
+def _both_loops(model: torch.nn.Module, *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the model's generate, transformers' _sample loop) from the same RNG state; the RNG states after both
+    must agree too (the overlapped loop draws nothing more)."""
+    torch.manual_seed(7)
+    ours = model.generate(*args, **kwargs)
+    after_ours = torch.get_rng_state()
+    torch.manual_seed(7)
+    theirs = model.generate(*args, custom_generate=GenerationMixin._sample, **kwargs)
+    assert torch.equal(after_ours, torch.get_rng_state())
+    return ours, theirs
+
+
+def _eos_mid_reply(model: torch.nn.Module, ids: torch.Tensor, **kwargs: object) -> int:
+    """A token that decoding row 0 with ``kwargs`` (seed 7) produces at its third step, with no eos: taken as
+    the eos, it ends that row early (the steps before it do not depend on the eos id)."""
+    torch.manual_seed(7)
+    free = model.generate(ids, **{**kwargs, "max_new_tokens": 3, "eos_token_id": None})
+    return int(free[0, -1])
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_overlapped_loop_equals_transformers_loop(do_sample: bool) -> None:
+    model = build_model()
+    rows = [random_ids(1, 9, seed=1)[0], random_ids(1, 4, seed=2)[0], random_ids(1, 12, seed=3)[0]]
+    ids, mask = left_padded(rows)
+    kwargs = {
+        "attention_mask": mask, "max_new_tokens": 10, "do_sample": do_sample, "repetition_penalty": 1.3,
+        "pad_token_id": 0,
+    }
+    if do_sample:
+        kwargs.update(temperature=0.9, top_k=40, top_p=0.95)
+    eos = _eos_mid_reply(model, ids, **kwargs)
+    ours, theirs = _both_loops(model, ids, eos_token_id=eos, **kwargs)
+    assert torch.equal(ours, theirs)
+    assert eos in ours[0, ids.shape[1] :].tolist()  # the eos path ran (the row then continues with padding)
+
+
+def test_overlapped_loop_stops_at_an_eos_of_every_row_and_at_the_length_limit() -> None:
+    model = build_model()
+    ids = random_ids(1, 6, seed=4)
+    eos = _eos_mid_reply(model, ids, do_sample=False)
+    ended, reference = _both_loops(model, ids, max_new_tokens=12, do_sample=False, eos_token_id=eos)
+    assert torch.equal(ended, reference) and ended.shape[1] < 6 + 12 and int(ended[0, -1]) == eos
+    one, one_reference = _both_loops(model, ids, max_new_tokens=1, do_sample=False, eos_token_id=None)
+    assert torch.equal(one, one_reference) and one.shape == (1, 7)
+
+
+class _Recorder(StoppingCriteria):
+    """Counts the model's forward calls made before each evaluation of the stopping criteria."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.forwards = 0
+        self.seen: list[int] = []
+        model.register_forward_pre_hook(self._count)
+
+    def _count(self, *_: object) -> None:
+        self.forwards += 1
+
+    def __call__(self, input_ids: torch.Tensor, scores: object, **kwargs: object) -> torch.Tensor:
+        self.seen.append(self.forwards)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def test_the_next_forward_is_launched_before_the_stop_criteria_run() -> None:
+    # What removes the host wait: when the host evaluates step n's criteria, forward n + 1 is already queued
+    # (transformers' loop: only forward n has run). At the length limit no forward is launched.
+    model = build_model()
+    recorder = _Recorder(model)
+    model.generate(random_ids(1, 5), max_new_tokens=4, do_sample=False, eos_token_id=None,
+                   stopping_criteria=StoppingCriteriaList([recorder]))
+    assert recorder.seen == [2, 3, 4, 4]
+    recorder.forwards, recorder.seen = 0, []
+    model.generate(random_ids(1, 5), max_new_tokens=4, do_sample=False, eos_token_id=None,
+                   stopping_criteria=StoppingCriteriaList([recorder]), custom_generate=GenerationMixin._sample)
+    assert recorder.seen == [1, 2, 3, 4]
+
+
+def test_overlapped_loop_streams_every_token_once_and_ends_the_stream() -> None:
+    model = build_model()
+    prompt = random_ids(1, 5)
+
+    class Recording(BaseStreamer):
+        def __init__(self) -> None:
+            self.puts: list[list[int]] = []
+            self.ended = 0
+
+        def put(self, value: torch.Tensor) -> None:
+            self.puts.append(value.flatten().tolist())
+
+        def end(self) -> None:
+            self.ended += 1
+
+    streamer = Recording()
+    out = model.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None, streamer=streamer)
+    assert streamer.puts[0] == prompt[0].tolist()  # generate() puts the prompt, the loop one token a step
+    assert [p for put in streamer.puts[1:] for p in put] == out[0, 5:].tolist()
+    assert len(streamer.puts) == 7 and streamer.ended == 1
+
+
+def test_cache_handed_back_runs_transformers_loop() -> None:
+    # The overlapped loop's extra forward would leave a returned cache one token on: those calls run _sample.
+    model = build_model()
+    recorder = _Recorder(model)
+    out = model.generate(random_ids(1, 5), max_new_tokens=3, do_sample=False, eos_token_id=None,
+                         return_dict_in_generate=True, stopping_criteria=StoppingCriteriaList([recorder]))
+    assert recorder.seen == [1, 2, 3] and out.past_key_values.get_seq_length() == 7
+    recorder.forwards, recorder.seen = 0, []
+    follow = torch.cat([out.sequences, random_ids(1, 2, seed=3)], dim=1)
+    model.generate(follow, past_key_values=out.past_key_values, max_new_tokens=3, do_sample=False,
+                   eos_token_id=None, stopping_criteria=StoppingCriteriaList([recorder]))
+    assert recorder.seen == [1, 2, 3] and out.past_key_values.get_seq_length() == 8 + 2 + 2

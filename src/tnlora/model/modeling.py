@@ -27,6 +27,7 @@ from transformers.utils import ModelOutput, logging
 
 from tnlora.model.cache import TransnormerCache
 from tnlora.model.configuration import TransnormerConfig
+from tnlora.model.generation import overlap_applies, overlapped_sample
 from tnlora.ops.lightning import lightning_attention
 from tnlora.ops.norm import add_rms_norm, gated_rms_norm, rms_norm, takes_rows
 from tnlora.ops.packing import PackedRows
@@ -847,6 +848,32 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
             **{CACHE_FIELD: outputs.get(CACHE_FIELD)},
         )
         return _as_requested(out, return_dict, self.config)
+
+    def _sample(
+        self,
+        input_ids: Tensor,
+        logits_processor: Any,
+        stopping_criteria: Any,
+        generation_config: Any,
+        synced_gpus: bool = False,
+        streamer: Any = None,
+        **model_kwargs: Any,
+    ) -> Any:
+        """GenerationMixin's greedy / multinomial loop; where the cache is not handed back, the overlapped order
+        of :mod:`tnlora.model.generation` (the same tokens, without a host wait between steps)."""
+        if overlap_applies(generation_config, synced_gpus, model_kwargs):
+            return overlapped_sample(
+                self, input_ids, logits_processor, stopping_criteria, generation_config, streamer, **model_kwargs
+            )
+        return super()._sample(
+            input_ids,
+            logits_processor,
+            stopping_criteria,
+            generation_config,
+            synced_gpus=synced_gpus,
+            streamer=streamer,
+            **model_kwargs,
+        )
 
     def prepare_inputs_for_generation(
         self,
