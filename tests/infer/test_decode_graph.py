@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GenerationMixin
+from transformers import GenerationMixin, StoppingCriteriaList
 
 from tnl_helpers import build_model, left_padded, random_ids
 from tnlora.infer.decode_graph import DecodeStepRunner, install_graph_decoding, installed_graphs
 from tnlora.model import TransnormerCache
+from tnlora.model.generation import HostStoppingCriteria
 from tnlora.model.modeling import Lrpe
 
 GREEDY = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0}
@@ -219,11 +220,20 @@ def test_unmerged_lora_is_run_through_the_static_step_and_adapter_switches_rebui
 # ---------------------------------------------------------------------------------------------------------
 # CUDA graphs (skipped without a GPU)
 
+class _StopRowOneAt(HostStoppingCriteria):
+    """A host-side criterion: row 1 is done at its fifth token."""
+
+    def done_on_host(self, generated: list[list[int]]) -> list[bool]:
+        return [i == 1 and len(row) >= 5 for i, row in enumerate(generated)]
+
+
 def _overlapped_and_transformers_loop(model: torch.nn.Module, ids: torch.Tensor, **kwargs: object) -> None:
     """The model's generate (the overlapped loop, through the installed static step) equals transformers' own
-    loop through the same step, greedy and sampled, with an eos that ends row 0 at its third token."""
+    loop through the same step, greedy and sampled, with an eos that ends row 0 at its third token and a
+    host-side criterion that ends row 1 at its fifth."""
+    stop = StoppingCriteriaList([_StopRowOneAt(ids.shape[1])])
     for sample in ({"do_sample": False}, {"do_sample": True, "top_k": 20, "temperature": 0.8}):
-        settings = {**GREEDY, **kwargs, **sample}
+        settings = {**GREEDY, **kwargs, **sample, "stopping_criteria": stop}
         torch.manual_seed(11)
         eos = int(model.generate(ids, **{**settings, "max_new_tokens": 3})[0, -1])
         runs = []
@@ -232,6 +242,7 @@ def _overlapped_and_transformers_loop(model: torch.nn.Module, ids: torch.Tensor,
             runs.append(model.generate(ids, **{**settings, "eos_token_id": eos}, **loop))
         assert torch.equal(runs[0], runs[1])
         assert eos in runs[0][0, ids.shape[1] :].tolist()
+        assert (runs[0][1, ids.shape[1] + 5 :] == GREEDY["pad_token_id"]).all()
 
 
 def test_overlapped_loop_through_the_static_step_equals_transformers_loop() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from tnl_helpers import build_model, left_padded, random_ids
 from tnlora.model import TransnormerCache
+from tnlora.model.generation import HostStoppingCriteria
 from tnlora.model.modeling import CACHE_FIELD
 
 
@@ -246,52 +248,93 @@ def test_overlapped_loop_stops_at_an_eos_of_every_row_and_at_the_length_limit() 
     assert torch.equal(one, one_reference) and one.shape == (1, 7)
 
 
-class _Recorder(StoppingCriteria):
-    """Counts the model's forward calls made before each evaluation of the stopping criteria."""
+class _Forwards:
+    """Counts the model's forward calls."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.forwards = 0
-        self.seen: list[int] = []
+        self.count = 0
         model.register_forward_pre_hook(self._count)
 
     def _count(self, *_: object) -> None:
-        self.forwards += 1
+        self.count += 1
+
+
+class _Recorder(StoppingCriteria):
+    """A device-side criterion (never stops) noting how many forwards had run at each of its calls."""
+
+    def __init__(self, forwards: _Forwards) -> None:
+        self.forwards = forwards
+        self.seen: list[int] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: object, **kwargs: object) -> torch.Tensor:
-        self.seen.append(self.forwards)
+        self.seen.append(self.forwards.count)
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def test_the_next_forward_is_launched_before_the_stop_criteria_run() -> None:
-    # What removes the host wait: when the host evaluates step n's criteria, forward n + 1 is already queued
-    # (transformers' loop: only forward n has run). At the length limit no forward is launched.
+class _HostRecorder(HostStoppingCriteria):
+    """A host-side criterion stopping every row at its ``stop_at``-th token, noting the forwards run before."""
+
+    def __init__(self, forwards: _Forwards, prompt_length: int, stop_at: int = 99) -> None:
+        super().__init__(prompt_length)
+        self.forwards, self.stop_at = forwards, stop_at
+        self.seen: list[int] = []
+
+    def done_on_host(self, generated: Sequence[Sequence[int]]) -> list[bool]:
+        self.seen.append(self.forwards.count)
+        return [len(row) >= self.stop_at for row in generated]
+
+
+class _StreamRecorder(BaseStreamer):
+    """Records each put (and the forwards run before it) and the end."""
+
+    def __init__(self, forwards: _Forwards | None = None) -> None:
+        self.forwards = forwards
+        self.puts: list[list[int]] = []
+        self.seen: list[int] = []
+        self.ended = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts.append(value.flatten().tolist())
+        self.seen.append(self.forwards.count if self.forwards else 0)
+
+    def end(self) -> None:
+        self.ended += 1
+
+
+def test_the_next_forward_is_launched_before_the_host_reads_a_step() -> None:
+    # What removes the host wait: the host reads step n's tokens (streamer, host-side criteria) while forward
+    # n + 1 is queued; transformers' loop reads them with only forward n run. Device-side criteria are queued
+    # before the forward in both. At the length limit no forward is launched.
     model = build_model()
-    recorder = _Recorder(model)
-    model.generate(random_ids(1, 5), max_new_tokens=4, do_sample=False, eos_token_id=None,
-                   stopping_criteria=StoppingCriteriaList([recorder]))
-    assert recorder.seen == [2, 3, 4, 4]
-    recorder.forwards, recorder.seen = 0, []
-    model.generate(random_ids(1, 5), max_new_tokens=4, do_sample=False, eos_token_id=None,
-                   stopping_criteria=StoppingCriteriaList([recorder]), custom_generate=GenerationMixin._sample)
-    assert recorder.seen == [1, 2, 3, 4]
+    forwards = _Forwards(model)
+    device_side, host_side, stream = _Recorder(forwards), _HostRecorder(forwards, 5), _StreamRecorder(forwards)
+    model.generate(random_ids(1, 5), max_new_tokens=4, do_sample=False, eos_token_id=None, streamer=stream,
+                   stopping_criteria=StoppingCriteriaList([device_side, host_side]))
+    assert device_side.seen == [1, 2, 3, 4]
+    assert host_side.seen == [2, 3, 4, 4] and stream.seen == [0, 2, 3, 4, 4]  # the prompt is put before the prefill
+    forwards.count = 0
+    host_side.seen, stream.seen = [], []
+    model.generate(random_ids(1, 5), max_new_tokens=4, do_sample=False, eos_token_id=None, streamer=stream,
+                   stopping_criteria=StoppingCriteriaList([host_side]), custom_generate=GenerationMixin._sample)
+    assert host_side.seen == [1, 2, 3, 4]
+
+
+def test_host_side_criteria_stop_rows_as_in_transformers_loop() -> None:
+    model = build_model()
+    forwards = _Forwards(model)
+    ids, mask = left_padded([random_ids(1, 9, seed=1)[0], random_ids(1, 5, seed=2)[0]])
+    kwargs = {"attention_mask": mask, "max_new_tokens": 10, "do_sample": False, "eos_token_id": 5, "pad_token_id": 0}
+    ended = model.generate(ids, stopping_criteria=StoppingCriteriaList([_HostRecorder(forwards, 9, stop_at=3)]),
+                           **kwargs)
+    reference = model.generate(ids, stopping_criteria=StoppingCriteriaList([_HostRecorder(forwards, 9, stop_at=3)]),
+                               custom_generate=GenerationMixin._sample, **kwargs)
+    assert torch.equal(ended, reference) and ended.shape == (2, 9 + 3)
 
 
 def test_overlapped_loop_streams_every_token_once_and_ends_the_stream() -> None:
     model = build_model()
     prompt = random_ids(1, 5)
-
-    class Recording(BaseStreamer):
-        def __init__(self) -> None:
-            self.puts: list[list[int]] = []
-            self.ended = 0
-
-        def put(self, value: torch.Tensor) -> None:
-            self.puts.append(value.flatten().tolist())
-
-        def end(self) -> None:
-            self.ended += 1
-
-    streamer = Recording()
+    streamer = _StreamRecorder()
     out = model.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None, streamer=streamer)
     assert streamer.puts[0] == prompt[0].tolist()  # generate() puts the prompt, the loop one token a step
     assert [p for put in streamer.puts[1:] for p in put] == out[0, 5:].tolist()
@@ -301,12 +344,14 @@ def test_overlapped_loop_streams_every_token_once_and_ends_the_stream() -> None:
 def test_cache_handed_back_runs_transformers_loop() -> None:
     # The overlapped loop's extra forward would leave a returned cache one token on: those calls run _sample.
     model = build_model()
-    recorder = _Recorder(model)
+    forwards = _Forwards(model)
+    host_side = _HostRecorder(forwards, 5)
     out = model.generate(random_ids(1, 5), max_new_tokens=3, do_sample=False, eos_token_id=None,
-                         return_dict_in_generate=True, stopping_criteria=StoppingCriteriaList([recorder]))
-    assert recorder.seen == [1, 2, 3] and out.past_key_values.get_seq_length() == 7
-    recorder.forwards, recorder.seen = 0, []
+                         return_dict_in_generate=True, stopping_criteria=StoppingCriteriaList([host_side]))
+    assert host_side.seen == [1, 2, 3] and out.past_key_values.get_seq_length() == 7
+    forwards.count, host_side.seen = 0, []
     follow = torch.cat([out.sequences, random_ids(1, 2, seed=3)], dim=1)
+    host_side.prompt_length = follow.shape[1]
     model.generate(follow, past_key_values=out.past_key_values, max_new_tokens=3, do_sample=False,
-                   eos_token_id=None, stopping_criteria=StoppingCriteriaList([recorder]))
-    assert recorder.seen == [1, 2, 3] and out.past_key_values.get_seq_length() == 8 + 2 + 2
+                   eos_token_id=None, stopping_criteria=StoppingCriteriaList([host_side]))
+    assert host_side.seen == [1, 2, 3] and out.past_key_values.get_seq_length() == 8 + 2 + 2

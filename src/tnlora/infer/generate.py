@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 
 from tnlora.errors import DataError, TnloraError
 from tnlora.io import atomic_write_text
+from tnlora.model.generation import HostStoppingCriteria
 from tnlora.model.tokenizer import pad_token_id
 
 
@@ -110,22 +111,22 @@ def partial_stop_suffix(text: str, stop_strings: Sequence[str], min_length: int 
     return best
 
 
-class StopOnStrings(StoppingCriteria):
+class StopOnStrings(HostStoppingCriteria):
     """Stop a row once its generated text contains a stop string (multi-token markers like ``<|im_end|>``)."""
 
     def __init__(self, tokenizer, stop_strings: Sequence[str], prompt_length: int):
+        super().__init__(prompt_length)
         self.tokenizer = tokenizer
         self.stop_strings = list(stop_strings)
-        self.prompt_length = prompt_length
         self.tail = max((len(s) for s in self.stop_strings), default=1) + 8
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+    def done_on_host(self, generated: Sequence[Sequence[int]]) -> list[bool]:
         done = []
-        for row in input_ids[:, self.prompt_length :]:
+        for row in generated:
             # Decoding only the last few tokens keeps this O(1) per step.
-            text = self.tokenizer.decode(row[-self.tail :].tolist(), skip_special_tokens=False)
+            text = self.tokenizer.decode(list(row[-self.tail :]), skip_special_tokens=False)
             done.append(any(s in text for s in self.stop_strings))
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+        return done
 
 
 def generation_inputs(

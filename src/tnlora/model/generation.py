@@ -18,13 +18,14 @@ runs only where the cache is not handed back (no ``return_dict_in_generate``, no
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers import GenerationConfig
-from transformers.generation import LogitsProcessorList, StoppingCriteriaList
+from transformers.generation import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 # The names a cache travels under in generate's model kwargs (transformers 5.24 renamed past_key_values).
 _CACHE_KEYS = ("past_key_values", "cache")
@@ -47,6 +48,51 @@ def overlap_applies(generation_config: GenerationConfig, synced_gpus: bool, mode
     )
 
 
+class HostStoppingCriteria(StoppingCriteria):
+    """A stopping criterion that decides from the generated tokens on the host (e.g. by decoding text).
+
+    Under :func:`overlapped_sample` it reads the tokens the loop brings to the host anyway, after the next
+    forward has been launched, so it adds no device wait; called as a plain criterion (transformers' loop) it
+    copies them itself."""
+
+    def __init__(self, prompt_length: int) -> None:
+        self.prompt_length = prompt_length
+
+    def done_on_host(self, generated: Sequence[Sequence[int]]) -> list[bool]:
+        """Per row: whether it is done, given its tokens after the prompt so far."""
+        raise NotImplementedError
+
+    def __call__(self, input_ids: Tensor, scores: Any, **kwargs: Any) -> Tensor:
+        done = self.done_on_host(input_ids[:, self.prompt_length :].tolist())
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class _ToHost:
+    """Each step's row flags and tokens on their way to the host: one asynchronous copy into pinned memory and
+    an event right behind it, so that reading them waits for that copy only, not for the forward queued
+    after it (a plain ``.tolist()`` would wait for the whole stream)."""
+
+    def __init__(self, batch: int, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.buffer = torch.empty((2, batch), dtype=torch.long, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+        self.pending: Tensor | None = None
+
+    def send(self, unfinished: Tensor, tokens: Tensor) -> None:
+        self.pending = torch.stack([unfinished, tokens])
+        if self.cuda:
+            self.buffer.copy_(self.pending, non_blocking=True)
+            self.event.record()
+
+    def receive(self) -> tuple[list[int], list[int]]:
+        if self.cuda:
+            self.event.synchronize()
+            rows = self.buffer.tolist()
+        else:
+            rows = self.pending.tolist()
+        return rows[0], rows[1]
+
+
 def overlapped_sample(
     model: Any,
     input_ids: Tensor,
@@ -57,13 +103,24 @@ def overlapped_sample(
     **model_kwargs: Any,
 ) -> Tensor:
     """``GenerationMixin._sample`` for a decoder-only model, returning the sequences, with each step's forward
-    launched before the host reads the previous step's tokens and stop flag."""
+    launched before the host reads the previous step's tokens and stop flags.
+
+    Per step, in device order: logits processors, token choice, the device-side stopping criteria (eos, length),
+    the copy of the row flags and tokens to the host, the next forward. Then the host reads the copy (the
+    forward still running), applies :class:`HostStoppingCriteria` to the tokens, streams them, and decides
+    whether to go on. Criteria of other kinds run where _sample runs them (before the next forward; one that
+    reads device tensors on the host then waits for the step, as it would in _sample)."""
     pad_token_id = generation_config._pad_token_tensor
     if pad_token_id is not None:
         pad_token_id = pad_token_id.to(input_ids.device)
     has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
+    on_device = StoppingCriteriaList([c for c in stopping_criteria if not isinstance(c, HostStoppingCriteria)])
+    on_host = [c for c in stopping_criteria if isinstance(c, HostStoppingCriteria)]
     max_length = stopping_criteria.max_length
-    unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    batch = input_ids.shape[0]
+    unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)
+    to_host = _ToHost(batch, input_ids.device)
+    generated: list[list[int]] = [[] for _ in range(batch)]
     outputs = model._prefill(input_ids, generation_config, model_kwargs)
     while True:
         model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
@@ -77,21 +134,33 @@ def overlapped_sample(
         if has_eos_stopping_criteria:  # finished rows continue with padding, as in _sample
             tokens = tokens * unfinished + pad_token_id * (1 - unfinished)
         input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
+        if len(on_device):
+            unfinished = unfinished & ~on_device(input_ids, None)
+        to_host.send(unfinished, tokens)
         at_limit = max_length is not None and input_ids.shape[1] >= max_length
         if not at_limit:
-            # The next forward is queued behind this step's tokens before the host waits for them below.
+            # Queued behind the copy above: the host reads the copy below while this forward runs.
             inputs = model.prepare_inputs_for_generation(
                 input_ids, next_sequence_length=1 if model_kwargs["use_cache"] else None, **model_kwargs
             )
             outputs = model(**inputs, return_dict=True)
-        unfinished = unfinished & ~stopping_criteria(input_ids, None)
+        alive, chosen = to_host.receive()
+        for row, token in zip(generated, chosen):
+            row.append(token)
+        if on_host:
+            done = [any(flags) for flags in zip(*(c.done_on_host(generated) for c in on_host))]
+            if any(done):
+                alive = [a and not d for a, d in zip(alive, done)]
+                flags = torch.tensor(done)  # pinned: the copy must not wait for the forward queued before it
+                flags = flags.pin_memory() if to_host.cuda else flags
+                unfinished = unfinished & ~flags.to(unfinished.device, non_blocking=True)
         if streamer is not None:
-            streamer.put(tokens.cpu())
-        if at_limit or not bool(unfinished.max()):
+            streamer.put(torch.tensor(chosen))
+        if at_limit or not any(alive):
             break
     if streamer is not None:
         streamer.end()
     return input_ids
 
 
-__all__ = ["overlap_applies", "overlapped_sample"]
+__all__ = ["HostStoppingCriteria", "overlap_applies", "overlapped_sample"]
