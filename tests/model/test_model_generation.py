@@ -12,7 +12,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from tnl_helpers import build_model, left_padded, random_ids
 from tnlora.model import TransnormerCache
-from tnlora.model.generation import HostStoppingCriteria, greedy_choice
+from tnlora.model.generation import HostStoppingCriteria
 from tnlora.model.modeling import CACHE_FIELD
 
 
@@ -356,17 +356,3 @@ def test_cache_handed_back_runs_transformers_loop() -> None:
                    eos_token_id=None, stopping_criteria=StoppingCriteriaList([host_side]))
     assert host_side.seen == [1, 2, 3] and out.past_key_values.get_seq_length() == 8 + 2 + 2
 
-
-@pytest.mark.parametrize("chunk", [0, 4, 16, 64])
-def test_greedy_choice_equals_argmax_with_ties_and_nans(chunk: int) -> None:
-    gen = torch.Generator().manual_seed(0)
-    scores = torch.randn(6, 256, generator=gen).to(torch.bfloat16).float()  # bf16-rounded: many near-ties
-    scores[1, 40] = scores[1, 200] = scores[1].max() + 1  # a tie across chunks: the first index wins
-    scores[2, 17] = scores[2, 18] = scores[2].max() + 1  # a tie within a chunk
-    scores[3, 99] = scores[3, 7] = float("nan")  # argmax takes the first NaN
-    scores[4] = 0.0  # all equal
-    scores[5, 255] = scores[5].max() + 1  # the last column
-    assert torch.equal(greedy_choice(scores, chunk), scores.argmax(-1))
-    assert greedy_choice(scores, chunk)[[1, 2, 3, 4, 5]].tolist() == [40, 17, 7, 0, 255]
-    odd = torch.randn(2, 250, generator=gen)  # not divisible into chunks of 16 / 64: argmax directly
-    assert torch.equal(greedy_choice(odd, chunk), odd.argmax(-1))

@@ -25,12 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers import GenerationConfig
-from transformers.generation import (
-    EosTokenCriteria,
-    LogitsProcessorList,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
+from transformers.generation import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 # The names a cache travels under in generate's model kwargs (transformers 5.24 renamed past_key_values).
 _CACHE_KEYS = ("past_key_values", "cache")
@@ -70,32 +65,6 @@ class HostStoppingCriteria(StoppingCriteria):
     def __call__(self, input_ids: Tensor, scores: Any, **kwargs: Any) -> Tensor:
         done = self.done_on_host(input_ids[:, self.prompt_length :].tolist())
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-# Greedy choice in two rounds over a CUDA row of logits: PyTorch's argmax reduces a whole 64,000-wide row in one
-# block (~15 µs at batch 1 on an H200, 1.5 % of a 1B step); chunks of this width reduce in parallel first.
-ARGMAX_CHUNK = 256
-
-
-def greedy_choice(scores: Tensor, chunk: int = ARGMAX_CHUNK) -> Tensor:
-    """``scores.argmax(-1)`` for [B, V] scores: the first index of each row's maximum (a NaN counts as the
-    maximum, as in argmax), computed per chunk of ``chunk`` columns and then across chunks. Rows not divisible
-    into chunks, or ``chunk`` 0, take argmax directly."""
-    rows, width = scores.shape
-    if chunk <= 0 or width % chunk or width <= chunk:
-        return scores.argmax(-1)
-    pieces = scores.view(rows, width // chunk, chunk)
-    within = pieces.argmax(-1)  # [B, V / chunk]: the first maximum of each chunk
-    best = pieces.gather(-1, within[..., None]).squeeze(-1)
-    which = best.argmax(-1)  # the first chunk holding the row's maximum
-    return which * chunk + within.gather(-1, which[:, None]).squeeze(-1)
-
-
-def _eos_ids(stopping_criteria: StoppingCriteriaList, device: torch.device) -> Tensor | None:
-    """The ids of the list's EosTokenCriteria (None without one): the loop compares the new tokens with them
-    itself (equal to their ``isin``, a few kernels fewer a step)."""
-    ids = [c.eos_token_id.to(device).flatten() for c in stopping_criteria if isinstance(c, EosTokenCriteria)]
-    return torch.cat(ids) if ids else None
 
 
 class _ToHost:
@@ -145,10 +114,7 @@ def overlapped_sample(
     if pad_token_id is not None:
         pad_token_id = pad_token_id.to(input_ids.device)
     has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
-    eos_ids = _eos_ids(stopping_criteria, input_ids.device)
-    on_device = StoppingCriteriaList(
-        [c for c in stopping_criteria if not isinstance(c, (HostStoppingCriteria, EosTokenCriteria))]
-    )
+    on_device = StoppingCriteriaList([c for c in stopping_criteria if not isinstance(c, HostStoppingCriteria)])
     on_host = [c for c in stopping_criteria if isinstance(c, HostStoppingCriteria)]
     max_length = stopping_criteria.max_length
     batch = input_ids.shape[0]
@@ -164,12 +130,10 @@ def overlapped_sample(
         if generation_config.do_sample:
             tokens = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         else:
-            tokens = greedy_choice(scores, ARGMAX_CHUNK if scores.is_cuda else 0)
+            tokens = torch.argmax(scores, dim=-1)
         if has_eos_stopping_criteria:  # finished rows continue with padding, as in _sample
             tokens = tokens * unfinished + pad_token_id * (1 - unfinished)
         input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
-        if eos_ids is not None:
-            unfinished = unfinished & ~(tokens[:, None] == eos_ids).any(-1)
         if len(on_device):
             unfinished = unfinished & ~on_device(input_ids, None)
         to_host.send(unfinished, tokens)
@@ -199,4 +163,4 @@ def overlapped_sample(
     return input_ids
 
 
-__all__ = ["HostStoppingCriteria", "greedy_choice", "overlap_applies", "overlapped_sample"]
+__all__ = ["HostStoppingCriteria", "overlap_applies", "overlapped_sample"]
