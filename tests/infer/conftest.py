@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from tnl_helpers import train_tiny_adapter
 
@@ -16,6 +17,14 @@ SYSTEM = "Answer briefly."
 def _single_thread(one_thread) -> Iterator[None]:
     with one_thread():
         yield
+
+
+@pytest.fixture
+def cpu_only(monkeypatch) -> None:
+    """This machine as a CPU-only one: what CI and a user's laptop are. Tests that compare a loaded model with
+    CPU tensors, or check what such a machine refuses, use it so that a GPU machine runs them the same way
+    (``load_for_inference`` would otherwise put the model on the GPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
 @pytest.fixture(scope="session")

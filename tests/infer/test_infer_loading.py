@@ -21,6 +21,9 @@ HUB_REPO = "OpenNLPLab/TransNormerLLM-7B"
 
 PROBE = torch.tensor([[3 + b for b in b"<|im_start|>user\nHi<|im_end|>\n"]])
 
+# Their references are CPU tensors: a GPU machine runs them as a CPU-only one (conftest.cpu_only).
+pytestmark = pytest.mark.usefixtures("cpu_only")
+
 
 def test_a_checkpoint_loads_with_its_run_files(adapter_dir):
     checkpoint = adapter_dir / "checkpoint-30"

@@ -23,6 +23,9 @@ OFFICIAL_KEY = re.compile(
     r"|model\.layers\.0\.token_mixer\.lrpe\.theta|model\.layers\.\d+\.channel_mixer\.l[123]\.weight)$"
 )
 
+# Their references are CPU tensors: a GPU machine runs them as a CPU-only one (conftest.cpu_only).
+pytestmark = pytest.mark.usefixtures("cpu_only")
+
 
 def logits(model) -> torch.Tensor:
     with torch.no_grad():

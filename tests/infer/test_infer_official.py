@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
@@ -15,6 +16,9 @@ from tnlora.infer.loading import load_for_inference
 from tnlora.train.run import train
 
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
+
+# Their references are CPU tensors: a GPU machine runs them as a CPU-only one (conftest.cpu_only).
+pytestmark = pytest.mark.usefixtures("cpu_only")
 
 
 def test_official_checkpoint_train_reload_merge(official_dir, tmp_path):

@@ -30,13 +30,6 @@ def qlora_dir(adapter_dir, tmp_path) -> Path:
     return out
 
 
-@pytest.fixture
-def cpu_only(monkeypatch) -> None:
-    """This machine as a CPU-only one (the refusals are what such a machine shows, also when a GPU runs the
-    tests)."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-
-
 def _run(*keys: str):
     return load_run_config(None, ["--model_name_or_path", "tiny", "--dataset", "d", "--output_dir", "o", *keys])
 
