@@ -1,0 +1,185 @@
+"""Batch-1 decode projections: cuBLAS and cuBLASLt against a Triton GEMV, y = x Wᵀ with x of one row.
+
+The 7B decode step at batch 1 spends ~3.8 of its ~4.3 ms of kernels in cuBLAS GEMMs at ~86 % of the copy rate
+(RESULTS.md, "The decode step alone"); issue 23's aim for batch 1 needs the weights streamed faster than that.
+This answers the first question before any fused decode kernel is built on a GEMV: can a plain Triton GEMV
+read one layer's weight faster than cuBLAS at M = 1? Per projection shape of the 7B and 1B layers, each
+implementation runs inside a CUDA graph over REPEATS distinct weights (more than L2 holds, as in a decode
+step), median of the replays; GB/s = the weights' bytes ÷ time, against a device-to-device copy of 1 GiB.
+The Triton kernel tries CONFIGS (rows per program, columns per iteration, K split into parts whose fp32
+partial sums meet by atomic adds) and reports the best; every result is checked against an fp32 product.
+
+    python3 benchmarks/gemv.py [--models 7B,1B] [--repeats 12]        # on a GPU
+    TRITON_INTERPRET=1 python3 benchmarks/gemv.py --check                # the kernel's arithmetic, on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+# (name, N, K) of y = x Wᵀ, W [N, K]: qkvu, out_proj, l1 / l2, l3 and the LM head of each layer.
+SHAPES = {
+    "7B": [("qkvu", 16384, 4096), ("out_proj", 4096, 4096), ("l1/l2", 11008, 4096), ("l3", 4096, 11008),
+           ("lm_head", 64000, 4096)],
+    "1B": [("qkvu", 8192, 2048), ("out_proj", 2048, 2048), ("l1/l2", 5632, 2048), ("l3", 2048, 5632),
+           ("lm_head", 64000, 2048)],
+}
+# (BLOCK_N rows per program, BLOCK_K columns per iteration, SPLIT_K parts of K, num_warps): a small grid, each
+# shape compiles each config once (ITERS is a constant of the kernel).
+CONFIGS = [(bn, bk, sk, 4) for bn in (4, 8, 16) for bk, sk in ((512, 1), (1024, 1), (512, 2), (256, 4))]
+REPLAYS = 20
+
+
+@triton.jit
+def gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                SPLIT_K: tl.constexpr, ITERS: tl.constexpr):
+    """y[n] (+)= Σ_k W[n, k] x[k] over this program's rows and its part of K (ITERS steps of BLOCK_K columns);
+    fp32 accumulation. With SPLIT_K > 1, y is an fp32 buffer the parts add into."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    k_start = pid_k * ITERS * BLOCK_K
+    k_end = tl.minimum(K, k_start + ITERS * BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for i in range(0, ITERS):
+        cols = k_start + i * BLOCK_K + tl.arange(0, BLOCK_K)
+        col_ok = cols < k_end
+        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_w + cols[None, :],
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    out = tl.sum(acc, axis=1)
+    if SPLIT_K == 1:
+        tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=row_ok)
+    else:
+        tl.atomic_add(y_ptr + rows, out, mask=row_ok)
+
+
+def triton_gemv(x: torch.Tensor, w: torch.Tensor, config: tuple[int, int, int, int]) -> torch.Tensor:
+    """x [K] (one row), w [N, K] row-major → y [N] in x's dtype."""
+    block_n, block_k, split_k, warps = config
+    n, k = w.shape
+    y = torch.zeros(n, dtype=torch.float32, device=x.device) if split_k > 1 else torch.empty(
+        n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n, block_n), split_k)
+    iters = triton.cdiv(triton.cdiv(k, split_k), block_k)  # a constant: one compiled kernel per shape
+    gemv_kernel[grid](x, w, y, n, k, w.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+                      ITERS=iters, num_warps=warps)
+    return y.to(x.dtype) if split_k > 1 else y
+
+
+@contextlib.contextmanager
+def blas(name: str) -> Iterator[None]:
+    previous = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(name)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(previous)
+
+
+def graph_seconds(step: Callable[[int], object], repeats: int, library: str = "cublas") -> float:
+    """Median seconds of one call, from replays of a graph of ``repeats`` calls on distinct weights."""
+    with blas(library):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for i in range(repeats):
+                step(i)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(repeats):
+                step(i)
+    graph.replay()
+    times = []
+    for _ in range(REPLAYS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / repeats)
+    return statistics.median(times)
+
+
+def copy_rate(size: int = 2**30) -> float:
+    src = torch.empty(size, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    return 2 * size / graph_seconds(lambda _: dst.copy_(src), 1)
+
+
+def close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> bool:
+    reference = F.linear(x.float()[None], w.float())[0]
+    return bool(torch.allclose(y.float(), reference, atol=2e-2, rtol=2e-2))
+
+
+def check() -> int:
+    """The kernel's arithmetic on small shapes (any device; on a CPU under TRITON_INTERPRET=1)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(0)
+    failures = 0
+    for n, k in [(24, 64), (33, 100), (8, 256)]:
+        w = torch.randn(n, k, generator=gen).to(device=device, dtype=torch.bfloat16)
+        x = torch.randn(k, generator=gen).to(device=device, dtype=torch.bfloat16)
+        for config in [(4, 32, 1, 4), (8, 64, 2, 4), (16, 32, 3, 4)]:
+            ok = close(triton_gemv(x, w, config), x, w)
+            failures += not ok
+            print(f"N={n} K={k} config={config}: {'ok' if ok else 'WRONG'}")
+    return 1 if failures else 0
+
+
+def measure(models: list[str], repeats: int) -> int:
+    print(f"copy bandwidth: {copy_rate() / 1e9:,.0f} GB/s (device-to-device copies of 1 GiB, read + write)")
+    print("| model | projection | N × K | cuBLAS µs (GB/s) | cuBLASLt µs (GB/s) | Triton µs (GB/s) | best config |")
+    print("|---|---|---|---|---|---|---|")
+    for model in models:
+        for name, n, k in SHAPES[model]:
+            weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(repeats)]
+            x = torch.randn(k, device="cuda", dtype=torch.bfloat16)
+            gb = n * k * 2 / 1e9
+            cells = []
+            for library in ("cublas", "cublaslt"):
+                seconds = graph_seconds(lambda i, x=x, ws=weights: F.linear(x[None], ws[i]), repeats, library)
+                cells.append(f"{seconds * 1e6:.1f} ({gb / seconds:,.0f})")
+            best: tuple[float, tuple[int, int, int, int]] | None = None
+            for config in CONFIGS:
+                if not close(triton_gemv(x, weights[0], config), x, weights[0]):
+                    print(f"{model} {name} {config}: WRONG result", file=sys.stderr)
+                    continue
+                seconds = graph_seconds(lambda i, c=config, x=x, ws=weights: triton_gemv(x, ws[i], c), repeats)
+                if best is None or seconds < best[0]:
+                    best = (seconds, config)
+            triton_cell = f"{best[0] * 1e6:.1f} ({gb / best[0]:,.0f})" if best else "–"
+            print(f"| {model} | {name} | {n:,} × {k:,} | {cells[0]} | {cells[1]} | {triton_cell} | "
+                  f"{best[1] if best else '–'} |", flush=True)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="7B,1B")
+    parser.add_argument("--repeats", type=int, default=12)
+    parser.add_argument("--check", action="store_true", help="check the kernel's results on small shapes only")
+    args = parser.parse_args()
+    if args.check:
+        return check()
+    if not torch.cuda.is_available():
+        print("gemv.py: timing needs a CUDA GPU (use --check on a CPU)", file=sys.stderr)
+        return 2
+    return measure(args.models.split(","), args.repeats)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
