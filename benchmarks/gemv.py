@@ -10,7 +10,7 @@ The Triton kernel tries CONFIGS (rows per program, columns per iteration, K spli
 partial sums meet by atomic adds) and reports the best; every result is checked against an fp32 product.
 
     python3 benchmarks/gemv.py [--models 7B,1B] [--repeats 12]        # on a GPU
-    TRITON_INTERPRET=1 python3 benchmarks/gemv.py --check                # the kernel's arithmetic, on a CPU
+    TRITON_INTERPRET=1 python3 benchmarks/gemv.py --check --device cpu   # the kernel's arithmetic, on a CPU
 """
 
 from __future__ import annotations
@@ -125,9 +125,8 @@ def close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> bool:
     return bool(torch.allclose(y.float(), reference, atol=2e-2, rtol=2e-2))
 
 
-def check() -> int:
-    """The kernel's arithmetic on small shapes (any device; on a CPU under TRITON_INTERPRET=1)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def check(device: str) -> int:
+    """The kernel's arithmetic on small shapes (on a CPU: under TRITON_INTERPRET=1)."""
     gen = torch.Generator().manual_seed(0)
     failures = 0
     for n, k in [(24, 64), (33, 100), (8, 256)]:
@@ -172,9 +171,10 @@ def main() -> int:
     parser.add_argument("--models", default="7B,1B")
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--check", action="store_true", help="check the kernel's results on small shapes only")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="of --check")
     args = parser.parse_args()
     if args.check:
-        return check()
+        return check(args.device)
     if not torch.cuda.is_available():
         print("gemv.py: timing needs a CUDA GPU (use --check on a CPU)", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ the decoding path, one parseable table row each."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -238,3 +239,16 @@ def test_e2e_train_script_runs_a_recipe_on_a_random_official_checkpoint(tmp_path
     assert (tmp_path / "work" / "ckpt" / "model.safetensors").is_file()
     assert (tmp_path / "work" / "ckpt" / "tokenizer.model").is_file()
     assert (tmp_path / "work" / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_gemv_bench_kernel_equals_fp32_products_under_the_triton_interpreter():
+    """benchmarks/gemv.py --check: its Triton GEMV (split-K parts included) on small ragged shapes against an
+    fp32 product, run by Triton's interpreter on the CPU (skips where triton is not installed: the gpu extra)."""
+    pytest.importorskip("triton", reason="triton is not installed (it comes with the gpu extra / CUDA torch)")
+    script = Path(__file__).parents[1] / "benchmarks" / "gemv.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--check", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count(": ok") == 9 and "WRONG" not in result.stdout
