@@ -16,15 +16,17 @@ partial sums meet by atomic adds) and reports the best; every result is checked 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from tnlora.bench.decode import copy_bandwidth
+from tnlora.infer.decode_graph import blas_library
 
 # (name, N, K) of y = x Wᵀ, W [N, K]: qkvu, out_proj, l1 / l2, l3 and the LM head of each layer.
 SHAPES = {
@@ -78,19 +80,9 @@ def triton_gemv(x: torch.Tensor, w: torch.Tensor, config: tuple[int, int, int, i
     return y.to(x.dtype) if split_k > 1 else y
 
 
-@contextlib.contextmanager
-def blas(name: str) -> Iterator[None]:
-    previous = torch.backends.cuda.preferred_blas_library()
-    torch.backends.cuda.preferred_blas_library(name)
-    try:
-        yield
-    finally:
-        torch.backends.cuda.preferred_blas_library(previous)
-
-
 def graph_seconds(step: Callable[[int], object], repeats: int, library: str = "cublas") -> float:
     """Median seconds of one call, from replays of a graph of ``repeats`` calls on distinct weights."""
-    with blas(library):
+    with blas_library(library):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -113,13 +105,6 @@ def graph_seconds(step: Callable[[int], object], repeats: int, library: str = "c
     return statistics.median(times)
 
 
-def copy_rate(size: int = 2**30) -> float:
-    src = torch.empty(size, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    return 2 * size / graph_seconds(lambda _: dst.copy_(src), 1)
-
-
 def close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> bool:
     reference = F.linear(x.float()[None], w.float())[0]
     return bool(torch.allclose(y.float(), reference, atol=2e-2, rtol=2e-2))
@@ -140,7 +125,7 @@ def check(device: str) -> int:
 
 
 def measure(models: list[str], repeats: int) -> int:
-    print(f"copy bandwidth: {copy_rate() / 1e9:,.0f} GB/s (device-to-device copies of 1 GiB, read + write)")
+    print(f"copy bandwidth: {copy_bandwidth() / 1e9:,.0f} GB/s (device-to-device copies of 1 GiB, read + write)")
     print("| model | projection | N × K | cuBLAS µs (GB/s) | cuBLASLt µs (GB/s) | Triton µs (GB/s) | best config |")
     print("|---|---|---|---|---|---|---|")
     for model in models:

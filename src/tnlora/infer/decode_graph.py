@@ -172,7 +172,7 @@ class DecodeStepRunner:
         """Warm up on a side stream, then record ``_forward`` as one graph. Capture scribbles on the buffers;
         step refills them."""
         device = self.ids.device
-        with torch.cuda.device(device), torch.inference_mode(False), torch.no_grad(), _blas_library(self.blas):
+        with torch.cuda.device(device), torch.inference_mode(False), torch.no_grad(), blas_library(self.blas):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -268,7 +268,7 @@ def state_layout(mixer: NormLinearAttention, batch_size: int) -> tuple[tuple[int
 
 
 @contextlib.contextmanager
-def _blas_library(name: str | None) -> Iterator[None]:
+def blas_library(name: str | None) -> Iterator[None]:
     """PyTorch's preferred BLAS library set to ``name`` inside (None: unchanged), restored after."""
     if name is None:
         yield
@@ -433,6 +433,7 @@ def installed_graphs(model: nn.Module) -> DecodeGraphs | None:
 __all__ = [
     "DecodeGraphs",
     "DecodeStepRunner",
+    "blas_library",
     "decode_kernel",
     "install_graph_decoding",
     "installed_graphs",
