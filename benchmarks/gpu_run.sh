@@ -27,7 +27,10 @@
 #                   tokenizer and huanhuan.json, from ../shared)
 #   serve           benchmarks/serve_bench.py against a 7B server (concurrent clients, sessions)
 #   attention       the lightning attention forward + backward, fla against chunked
-#   profile, trace  the top kernels / the idle gaps (benchmarks/trace_gaps.py) of one compiled 1B step
+#   profile       the top kernels of one compiled 1B step (one 16,384-token row)
+#   trace         the timeline of one step with tnlora train's defaults (MODELS, default 1B) through
+#                 benchmarks/trace_gaps.py: device time by kind of kernel, the top kernels, the idle gaps
+#   decode-trace  the same for 7B and 1B decoding at batch 1 (32 new tokens: the prefill and 31 graph replays)
 #   syncaudit       the host syncs left in compiled 1B steps
 # Environment: SRC (the source tree to measure, default ./src; e.g. an older commit's for a before/after row),
 #   CARD_GIB (cap the GPU memory: 79.6 stands in for an 80 GB card), LONG_LEN (default 131072), TAG (row suffix).
@@ -122,8 +125,17 @@ for stage in "$@"; do
       log "profile"; timeout 200 python3 -m tnlora.cli bench train --model 1B --cutoff_len 16384 --attention_impl fla --torch_compile true --per_device_train_batch_size 1 --steps 1 --warmup 2 --profile > "$OUT/profile.txt" 2>&1
       grep -E "Name|aten::|void|gemm|triton|Self CUDA" "$OUT/profile.txt" | head -n 30 | cut -c1-160 | tee -a "$OUT/log.txt" ;;
     trace)
-      log "trace"; timeout 220 python3 -m tnlora.cli bench train --model 1B --cutoff_len 16384 --attention_impl fla --torch_compile true --per_device_train_batch_size 1 --steps 1 --warmup 2 --trace /tmp/trace.json > "$OUT/trace.txt" 2>&1
-      python3 benchmarks/trace_gaps.py /tmp/trace.json 2>&1 | tee -a "$OUT/log.txt" "$OUT/gaps.txt" ;;
+      for m in ${MODELS:-1B}; do
+        log "trace $m train defaults"; timeout 240 python3 -m tnlora.cli bench train --model $m --steps 1 --warmup 2 --trace /tmp/trace.json > "$OUT/trace-$m.txt" 2>&1
+        grep -E "^\| |^config:" "$OUT/trace-$m.txt" | tee -a "$OUT/log.txt"
+        python3 benchmarks/trace_gaps.py /tmp/trace.json --top 25 2>&1 | tee -a "$OUT/log.txt" > "$OUT/gaps-$m.txt"; rm -f /tmp/trace.json
+      done ;;
+    decode-trace)
+      for m in ${MODELS:-7B 1B}; do
+        log "decode trace $m batch 1"; timeout 150 python3 -m tnlora.cli bench decode --model $m --batch 1 --new_tokens 32 --trace /tmp/dtrace.json > "$OUT/dtrace-$m.txt" 2>&1
+        grep -E "^\| $m|ms/step" "$OUT/dtrace-$m.txt" | tee -a "$OUT/log.txt"
+        python3 benchmarks/trace_gaps.py /tmp/dtrace.json --top 25 --min_us 2 2>&1 | tee -a "$OUT/log.txt" > "$OUT/dgaps-$m.txt"; rm -f /tmp/dtrace.json
+      done ;;
     syncaudit)
       log "sync audit"; timeout 200 python3 -m tnlora.cli bench train --model 1B --cutoff_len 16384 --attention_impl fla --torch_compile true --per_device_train_batch_size 1 --steps 2 --warmup 2 --sync_audit > "$OUT/syncaudit.txt" 2>&1
       grep -A12 "host syncs" "$OUT/syncaudit.txt" | cut -c1-200 | tee -a "$OUT/log.txt" ;;

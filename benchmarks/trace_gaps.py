@@ -2,8 +2,10 @@
 
 Usage: python benchmarks/trace_gaps.py TRACE.json [--min_us 20] [--top 15]
 
-Prints the device's busy and idle time over the traced step, the longest idle gaps with the host operators
-that launched the kernel ending each gap (the host was late there), and every synchronising runtime call.
+Prints the device's busy and idle time over the traced step, the device time by kind of kernel (GEMMs, fla's
+attention kernels, Inductor's fused Triton kernels, ...) and the kernels that take most of it, the longest idle
+gaps with the host operators that launched the kernel ending each gap (the host was late there), and every
+synchronising runtime call.
 """
 
 from __future__ import annotations
@@ -12,10 +14,21 @@ import argparse
 import bisect
 import gzip
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
 DEVICE_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
+# Kinds of kernel by name, first match wins (cuBLAS's Hopper GEMMs are "nvjet_*").
+KINDS = (
+    ("GEMM", re.compile(r"nvjet|gemm|cutlass|xmma|splitKreduce", re.I)),
+    ("fla attention", re.compile(r"chunk_|fused_recurrent|simple_gla|fla", re.I)),
+    ("Inductor fused", re.compile(r"^triton_")),
+    ("other Triton", re.compile(r"_kernel$|^_")),
+    ("copy / memset", re.compile(r"memcpy|memset|copy", re.I)),
+    ("reduction", re.compile(r"reduce|softmax|argmax|norm", re.I)),
+    ("elementwise", re.compile(r"elementwise|vectorized", re.I)),
+)
 SYNC_CALLS = ("Synchronize", "cudaMemcpy", "cudaStreamWaitEvent", "cudaMalloc", "cudaFree")
 
 
@@ -32,6 +45,29 @@ def enclosing(ops: list[dict], starts: list[float], tid: object, t: float, depth
     i = bisect.bisect_right(starts, t)
     names = [e["name"] for e in ops[max(0, i - 4000) : i] if e["tid"] == tid and e["ts"] + e["dur"] >= t]
     return " > ".join(n[:40] for n in names[-depth:]) or "(no host operator)"
+
+
+def kind(name: str) -> str:
+    """The kind of a device event by its name (KINDS), "other" when none matches."""
+    return next((label for label, pattern in KINDS if pattern.search(name)), "other")
+
+
+def kernel_table(device: list[dict], busy: float, top: int) -> None:
+    """Device time by kind of kernel, then the ``top`` kernels by total time (count, mean)."""
+    by_kind: Counter[str] = Counter()
+    by_name: Counter[str] = Counter()
+    count: Counter[str] = Counter()
+    for e in device:
+        by_kind[kind(e["name"])] += e["dur"]
+        by_name[e["name"]] += e["dur"]
+        count[e["name"]] += 1
+    total = sum(by_kind.values())
+    print(f"\ndevice time by kind ({total / 1e3:.1f} ms of kernels, copies and sets; {busy / 1e3:.1f} ms busy):")
+    for label, dur in by_kind.most_common():
+        print(f"  {dur / 1e3:8.2f} ms  {100 * dur / total:5.1f}%  {label}")
+    print(f"\ntop {top} kernels by total time:")
+    for name, dur in by_name.most_common(top):
+        print(f"  {dur / 1e3:8.2f} ms  {count[name]:6d} x {dur / count[name]:8.1f} us  {name[:90]}")
 
 
 def main() -> None:
@@ -66,6 +102,7 @@ def main() -> None:
         f"{len(idle)} gaps >= {args.min_us:.0f} us totalling {sum(g[0] for g in idle) / 1e3:.1f} ms, "
         f"all gaps {sum(g[0] for g in gaps) / 1e3:.1f} ms"
     )
+    kernel_table(device, busy, args.top)
     blame: Counter[str] = Counter()
     for dur, _, kernel in idle:
         launch = launches.get(kernel.get("args", {}).get("correlation"))

@@ -69,7 +69,7 @@ def test_trace_gaps_blames_the_launch_that_ended_a_gap(tmp_path):
         {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 50, "tid": 1},
         {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 10, "dur": 5, "tid": 1,
          "args": {"correlation": 1}},
-        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 20, "dur": 10, "tid": 7,
+        {"ph": "X", "cat": "kernel", "name": "nvjet_tst_128x8", "ts": 20, "dur": 10, "tid": 7,
          "args": {"correlation": 1}},
         {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 90, "dur": 5, "tid": 1},
         {"ph": "X", "cat": "cpu_op", "name": "aten::add", "ts": 100, "dur": 50, "tid": 1},
@@ -86,6 +86,9 @@ def test_trace_gaps_blames_the_launch_that_ended_a_gap(tmp_path):
     assert "busy 0.0 ms (18%)" in out and "1 gaps >= 20 us" in out
     assert re.search(r"90 us at .* before add\s+<- aten::add", out)
     assert "cudaStreamSynchronize" in out
+    # the kernel table: one GEMM and one other kernel, 10 us each
+    assert re.search(r"0\.01 ms\s+50\.0%\s+GEMM", out) and re.search(r"0\.01 ms\s+50\.0%\s+other", out)
+    assert re.search(r"1 x\s+10\.0 us\s+nvjet_tst_128x8", out)
 
 
 def test_sync_audit_counts_sync_warnings_by_site_and_first_caller_outside_torch():
