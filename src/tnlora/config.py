@@ -127,6 +127,14 @@ class RunConfig:
     )
     use_dora: bool = field(default=False, metadata=_opt("weight-decomposed LoRA"))
     use_rslora: bool = field(default=False, metadata=_opt("rank-stabilised LoRA scaling alpha/sqrt(r)"))
+    lora_kernel: str = field(
+        default="fused",
+        metadata=_opt(
+            "the adapted layers' training forward: fused (the adapter's B matmul accumulates into the base "
+            "output, forward and backward; tnlora.ops.lora) or peft (peft's layer as it is); the same function",
+            choices=("fused", "peft"),
+        ),
+    )
     freeze_trainable_layers: int = field(
         default=2, metadata=_opt("freeze: train the last n layers (negative: the first n)")
     )

@@ -26,6 +26,7 @@ def lora_model(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     impl: str = "chunked",
+    lora_kernel: str = "fused",
     **overrides: object,
 ) -> torch.nn.Module:
     """The tiny preset (with config ``overrides``) with LoRA on every linear layer, trainable weights in fp32
@@ -38,7 +39,8 @@ def lora_model(
     set_attention_impl(model, impl)
     model.config.use_cache = False
     cfg = RunConfig(
-        model_name_or_path="tiny", dataset="d", output_dir="o", lora_rank=4, lora_alpha=8.0, lora_dropout=dropout
+        model_name_or_path="tiny", dataset="d", output_dir="o", lora_rank=4, lora_alpha=8.0, lora_dropout=dropout,
+        lora_kernel=lora_kernel,
     )
     model = apply_finetuning(model, cfg)
     upcast_trainable(model)

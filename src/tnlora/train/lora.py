@@ -125,8 +125,14 @@ def apply_finetuning(model: nn.Module, cfg: RunConfig, trainable_token_ids: list
         targets = resolve_lora_targets(model, cfg.lora_target)
         if cfg.additional_target:
             _check_module_names(model, split_list(cfg.additional_target), "additional_target")
+        lora_config = build_lora_config(cfg, targets, trainable_token_ids)
+        if cfg.lora_kernel == "fused" and cfg.quantization_bit is None:
+            # (quantized layers subclass nn.Linear; they keep peft's own bitsandbytes layers)
+            from tnlora.train.lora_fused import register_fused_lora
+
+            register_fused_lora(lora_config)
         with peft_quietly():
-            return get_peft_model(model, build_lora_config(cfg, targets, trainable_token_ids))
+            return get_peft_model(model, lora_config)
     if cfg.finetuning_type == "full":
         for p in model.parameters():
             p.requires_grad_(True)

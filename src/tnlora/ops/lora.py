@@ -1,0 +1,112 @@
+"""A LoRA-adapted linear layer as one operation: y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ.
+
+peft's LoRA layer computes the base output, then the adapter's output as a tensor of the base output's size,
+then scales it and adds it: three passes over a [tokens, out_features] tensor (one written by the B matmul,
+read and written again by the scale and the add) on top of the base matmul's own write, and the same again in
+the backward for the input's gradient. At TNL's widths (qkvu_proj writes 4 × hidden) and packed micro-batches
+of 32k tokens those passes are memory-bound work comparable to a GEMM. Here the adapter's B matmul accumulates
+into the base output (a GEMM with β = 1: the output is read and written once), and in the backward the
+adapter's share of the input gradient accumulates into the base's the same way; the rank-r products
+(x Aᵀ, the gradient through B) are the only extra tensors.
+
+Numerically it is the same function as peft's layer: the sums are the same, grouped in one GEMM's fp32
+accumulation instead of rounded to the compute dtype between matmul, scale and add.
+``lora_linear_reference`` is the plain composition (peft's order) that the tests check it against.
+
+The compute dtype is the autocast dtype where autocast is on (as ``F.linear`` under autocast would compute),
+else the input's; the adapter's gradients come back in its weights' dtype (fp32 adapters under bf16 autocast).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def lora_linear_reference(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    """peft's vanilla LoRA forward: base(x) + B(A(dropout(x))) · scaling."""
+    return F.linear(x, weight, bias) + F.linear(F.linear(F.dropout(x, dropout, training), lora_a), lora_b) * scaling
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    """x [..., in] → [..., out] through the frozen ``weight`` [out, in] (and ``bias``) plus the adapter
+    ``lora_a`` [r, in], ``lora_b`` [out, r] scaled by ``scaling``, with dropout ``dropout`` on the adapter's
+    input in training. Gradients flow to x, lora_a and lora_b (and to weight / bias only through the reference
+    path: a trainable base weight is not LoRA's case and takes :func:`lora_linear_reference`)."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout, training)
+    p = dropout if training else 0.0
+    return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, scaling, p)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+class _LoraLinear(torch.autograd.Function):
+    """Forward: y = x Wᵀ + b, then y += s · h Bᵀ with h = drop(x) Aᵀ in the same GEMM (β = 1).
+    Backward: g = dy B; dx = dy W, then dx += s · (g A) ⊙ mask; dA = s · gᵀ drop(x); dB = s · dyᵀ h."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, p):
+        dtype = _compute_dtype(x)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(dtype)
+        w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+        if p > 0.0:
+            # F.dropout's draw: keep with probability 1 - p, kept values scaled by 1 / (1 - p)
+            mask = torch.empty_like(x2).bernoulli_(1.0 - p).bool()
+            xd = x2 * mask * (1.0 / (1.0 - p))
+        else:
+            mask, xd = None, x2
+        h = xd @ a.t()
+        y = torch.addmm(bias.to(dtype), x2, w.t()) if bias is not None else x2 @ w.t()
+        y.addmm_(h, b.t(), alpha=scaling)
+        ctx.save_for_backward(weight, lora_a, lora_b, xd, h, mask)
+        ctx.scaling, ctx.dtype, ctx.x_shape, ctx.x_dtype = scaling, dtype, shape, x.dtype
+        ctx.p = p
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        weight, lora_a, lora_b, xd, h, mask = ctx.saved_tensors
+        s, dtype = ctx.scaling, ctx.dtype
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        g = dy2 @ b  # [T, r]: the gradient reaching h, before the scaling
+        grad_a = grad_b = grad_x = None
+        if ctx.needs_input_grad[4]:
+            grad_b = (dy2.t() @ h).mul_(s).to(lora_b.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_a = (g.t() @ xd).mul_(s).to(lora_a.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_x = dy2 @ weight.to(dtype)
+            if mask is None:
+                grad_x.addmm_(g, a, alpha=s)
+            else:
+                grad_x.add_((g @ a).mul_(mask), alpha=s / (1.0 - ctx.p))
+            grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
+        return grad_x, None, None, grad_a, grad_b, None, None
+
+
+__all__ = ["lora_linear", "lora_linear_reference"]

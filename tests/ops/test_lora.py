@@ -1,0 +1,89 @@
+"""``tnlora.ops.lora.lora_linear`` against the plain composition peft computes (``lora_linear_reference``):
+outputs and every gradient, in float64, with dropout (the same draw), under bf16 autocast and compiled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tnlora.ops.lora import lora_linear, lora_linear_reference
+
+IN, OUT, RANK = 24, 40, 4
+
+
+def _inputs(dtype: torch.dtype = torch.float64, bias: bool = False, adapter_dtype: torch.dtype | None = None):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, IN, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    weight = torch.randn(OUT, IN, generator=gen, dtype=torch.float64).to(dtype)
+    b = torch.randn(OUT, generator=gen, dtype=torch.float64).to(dtype) if bias else None
+    a_dtype = adapter_dtype or dtype
+    lora_a = torch.randn(RANK, IN, generator=gen, dtype=torch.float64).to(a_dtype).requires_grad_()
+    lora_b = torch.randn(OUT, RANK, generator=gen, dtype=torch.float64).to(a_dtype).requires_grad_()
+    return x, weight, b, lora_a, lora_b
+
+
+def _run(fn, inputs, scaling=2.0, dropout=0.0, training=False, seed=1):
+    x, weight, b, lora_a, lora_b = inputs
+    torch.manual_seed(seed)
+    y = fn(x, weight, b, lora_a, lora_b, scaling, dropout, training)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(y.dtype)
+    grads = torch.autograd.grad(y, (x, lora_a, lora_b), gy)
+    return y, grads
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_equals_composition_in_float64(bias: bool, dropout: float) -> None:
+    inputs = _inputs(bias=bias)
+    want_y, want_grads = _run(lora_linear_reference, inputs, dropout=dropout, training=True)
+    got_y, got_grads = _run(lora_linear, inputs, dropout=dropout, training=True)
+    torch.testing.assert_close(got_y, want_y, rtol=1e-12, atol=1e-12)
+    for got, want, name in zip(got_grads, want_grads, ("x", "lora_a", "lora_b"), strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
+    if dropout:  # the draw is F.dropout's: a different seed gives another mask, and the comparison would fail
+        other_y, _ = _run(lora_linear, inputs, dropout=dropout, training=True, seed=3)
+        assert (other_y - want_y).abs().max() > 1e-3
+
+
+def test_dropout_is_off_outside_training() -> None:
+    inputs = _inputs()
+    want_y, want_grads = _run(lora_linear_reference, inputs, dropout=0.5, training=False)
+    got_y, got_grads = _run(lora_linear, inputs, dropout=0.5, training=False)
+    torch.testing.assert_close(got_y, want_y, rtol=1e-12, atol=1e-12)
+    for got, want in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_bf16_autocast_with_fp32_adapters() -> None:
+    """tnlora train's case: bf16 base, fp32 adapter weights, bf16 autocast. The output is bf16, the adapter's
+    gradients come back fp32, and all are within bf16 rounding of the float64 composition."""
+    inputs = _inputs(torch.bfloat16, adapter_dtype=torch.float32)
+    exact = [t.detach().double().requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
+    want_y, want_grads = _run(lora_linear_reference, exact)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_y, got_grads = _run(lora_linear, inputs)
+    assert got_y.dtype == torch.bfloat16
+    assert [g.dtype for g in got_grads] == [torch.bfloat16, torch.float32, torch.float32]
+    for got, want in zip((got_y, *got_grads), (want_y, *want_grads), strict=True):
+        err = (got.double() - want).abs().max() / want.abs().max()
+        assert err < 2e-2, err
+
+
+def test_a_trainable_base_weight_gets_its_gradient() -> None:
+    x, weight, b, lora_a, lora_b = _inputs()
+    weight.requires_grad_()
+    y = lora_linear(x, weight, b, lora_a, lora_b, 2.0)
+    (grad,) = torch.autograd.grad(y.sum(), weight)
+    torch.testing.assert_close(grad, torch.ones(15, OUT, dtype=torch.float64).t() @ x.detach().reshape(15, IN))
+
+
+def test_compiled_equals_eager() -> None:
+    """Dynamo traces the operation (forward and backward) into a compiled region: same numbers."""
+    inputs = _inputs()
+    compiled = torch.compile(lora_linear, backend="aot_eager", fullgraph=True)
+    want_y, want_grads = _run(lora_linear, inputs)
+    got_y, got_grads = _run(compiled, inputs)
+    torch.testing.assert_close(got_y, want_y, rtol=1e-12, atol=1e-12)
+    for got, want in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
