@@ -52,8 +52,9 @@ def kind(name: str) -> str:
     return next((label for label, pattern in KINDS if pattern.search(name)), "other")
 
 
-def kernel_table(device: list[dict], busy: float, top: int) -> None:
-    """Device time by kind of kernel, then the ``top`` kernels by total time (count, mean)."""
+def kernel_table(device: list[dict], busy: float, top: int, where=None) -> None:
+    """Device time by kind of kernel, then the ``top`` kernels by total time (count, mean), each with the host
+    operators that launched most of its time (``where(event)``: their names, innermost last)."""
     by_kind: Counter[str] = Counter()
     by_name: Counter[str] = Counter()
     count: Counter[str] = Counter()
@@ -68,6 +69,14 @@ def kernel_table(device: list[dict], busy: float, top: int) -> None:
     print(f"\ntop {top} kernels by total time:")
     for name, dur in by_name.most_common(top):
         print(f"  {dur / 1e3:8.2f} ms  {count[name]:6d} x {dur / count[name]:8.1f} us  {name[:90]}")
+        if where is None:
+            continue
+        sources: Counter[str] = Counter()
+        for e in device:
+            if e["name"] == name:
+                sources[where(e)] += e["dur"]
+        for source, t in sources.most_common(2):
+            print(f"  {'':8}    {t / 1e3:8.2f} ms from {source}")
 
 
 def main() -> None:
@@ -102,7 +111,11 @@ def main() -> None:
         f"{len(idle)} gaps >= {args.min_us:.0f} us totalling {sum(g[0] for g in idle) / 1e3:.1f} ms, "
         f"all gaps {sum(g[0] for g in gaps) / 1e3:.1f} ms"
     )
-    kernel_table(device, busy, args.top)
+    def launched_from(kernel: dict) -> str:
+        launch = launches.get(kernel.get("args", {}).get("correlation"))
+        return enclosing(ops, starts, launch["tid"], launch["ts"], 3) if launch else "(launch not traced)"
+
+    kernel_table(device, busy, args.top, launched_from)
     blame: Counter[str] = Counter()
     for dur, _, kernel in idle:
         launch = launches.get(kernel.get("args", {}).get("correlation"))

@@ -88,7 +88,7 @@ def test_trace_gaps_blames_the_launch_that_ended_a_gap(tmp_path):
     assert "cudaStreamSynchronize" in out
     # the kernel table: one GEMM and one other kernel, 10 us each
     assert re.search(r"0\.01 ms\s+50\.0%\s+GEMM", out) and re.search(r"0\.01 ms\s+50\.0%\s+other", out)
-    assert re.search(r"1 x\s+10\.0 us\s+nvjet_tst_128x8", out)
+    assert re.search(r"1 x\s+10\.0 us\s+nvjet_tst_128x8\n\s+0\.01 ms from aten::mm\n", out)
 
 
 def test_sync_audit_counts_sync_warnings_by_site_and_first_caller_outside_torch():
