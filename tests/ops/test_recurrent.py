@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from tnl_helpers import build_model, left_padded, random_ids
 from tnlora.errors import ConfigError
-from tnlora.infer.decode_graph import DecodeStepRunner, install_graph_decoding, installed_graphs
+from tnlora.infer.decode_graph import DecodeStepRunner, gemv_applies, install_graph_decoding, installed_graphs
 from tnlora.model import TransnormerCache, config_from_preset
 from tnlora.ops.recurrent import torch_step
 from tnlora.ops.recurrent_triton import triton_step
@@ -241,7 +241,7 @@ def test_greedy_generate_with_the_kernel_equals_torch_step() -> None:
     torch_run = _generate(model, "torch", prompt, max_new_tokens=14, **GREEDY)
     kernel_run = _generate(model, "triton", prompt, max_new_tokens=14, **GREEDY)
     runner = installed_graphs(model).runners[1]
-    assert runner.kernel == "triton"
+    assert runner.kernel == "triton" and runner.gemv  # batch 1: the projections as fused GEMVs (ops/gemv.py)
     assert torch.equal(kernel_run.sequences, torch_run.sequences)
     assert len(set(kernel_run.sequences[0, 11:].tolist())) >= 4  # a non-degenerate continuation
     for got, want in zip(kernel_run.logits, torch_run.logits, strict=True):
@@ -283,6 +283,7 @@ def test_lora_beam_search_with_the_kernels_equals_torch_step() -> None:
     torch_run = _generate(base, "torch", prompt, output_scores=True, **kwargs)
     kernel_run = _generate(base, "triton", prompt, output_scores=True, **kwargs)
     assert installed_graphs(base).runners[6].kernel == "triton"  # 2 prompts × 3 beams
+    assert not gemv_applies(base)  # peft's layers keep their forwards (also at batch 1)
     assert torch.equal(kernel_run.sequences, torch_run.sequences)
     torch.testing.assert_close(kernel_run.sequences_scores, torch_run.sequences_scores, rtol=1e-5, atol=1e-5)
 
@@ -354,3 +355,25 @@ def test_cuda_graph_decoding_with_the_kernel(dtype: torch.dtype) -> None:
         assert torch.equal(runs["triton"].sequences[:, : 12 + 4], runs["torch"].sequences[:, : 12 + 4])
     first = _rel_err(runs["triton"].logits[1], runs["torch"].logits[1])
     assert first < (1e-4 if dtype == torch.float32 else 2e-2)
+
+
+@cuda
+@pytest.mark.gpu
+def test_cuda_graph_batch_one_gemv_step_at_1b_width() -> None:
+    """The batch-1 step on fused GEMVs (captured) against the torch step's graph, at the 1B's width (two
+    layers: the LRPE one and a plain one), bf16."""
+    geometry = {"decoder_embed_dim": 2048, "hidden_dim": 2048, "decoder_attention_heads": 16, "glu_dim": 5632,
+                "init_std": 0.02}
+    model = build_model(torch.float32, **PREFILL, **geometry).to(device="cuda", dtype=torch.bfloat16)
+    prompt = random_ids(1, 12).cuda()
+    runs = {}
+    for kernel in KERNELS:
+        model.config.decode_kernel = kernel
+        graphs = install_graph_decoding(model, capture=True)
+        runs[kernel] = model.generate(prompt, max_new_tokens=8, return_dict_in_generate=True, output_logits=True,
+                                      **GREEDY)
+        assert graphs.runners[1].graph is not None and graphs.runners[1].gemv == (kernel == "triton")
+    model.config.decode_kernel = "torch"
+    assert torch.equal(runs["triton"].sequences[:, : 12 + 4], runs["torch"].sequences[:, : 12 + 4])
+    for step in range(1, 4):
+        assert _rel_err(runs["triton"].logits[step], runs["torch"].logits[step]) < 2e-2

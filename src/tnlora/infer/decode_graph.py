@@ -51,6 +51,7 @@ from transformers.utils import logging
 
 from tnlora.model.cache import TransnormerCache
 from tnlora.model.modeling import NormLinearAttention, TransnormerForCausalLM
+from tnlora.ops.gemv import gemv
 from tnlora.ops.norm import add_rms_norm, gated_rms_norm
 from tnlora.ops.recurrent import torch_step
 from tnlora.ops.recurrent_triton import triton_step
@@ -85,6 +86,8 @@ class DecodeStepRunner:
         self.capture = capture
         self.blas = blas
         self.kernel = decode_kernel(model, device)
+        # At batch 1 the Triton step runs the projections as fused GEMVs where every one is a plain Linear.
+        self.gemv = self.kernel == "triton" and batch_size == 1 and gemv_applies(model)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
         self.owner: weakref.ref[TransnormerCache] | None = None
@@ -111,6 +114,8 @@ class DecodeStepRunner:
 
     def _forward(self, model: TransnormerForCausalLM) -> Tensor:
         """Logits [B, 1, vocab] of the token in ``self.ids``; advances ``self.states`` in place."""
+        if self.gemv:
+            return self._forward_gemv(model)
         return self._end(model, self._layers(model, self._begin(model)))
 
     def _begin(self, model: TransnormerForCausalLM) -> tuple[Tensor, Tensor | None]:
@@ -150,7 +155,13 @@ class DecodeStepRunner:
 
     def _token_mix(self, mixer: NormLinearAttention, x: Tensor, state: Tensor, decay: Tensor) -> Tensor:
         """NormLinearAttention.forward for one token, with the recurrence written into ``state``."""
-        q, k, v, u = mixer.heads(x)
+        return mixer.out_proj(self._gated_attention(mixer, *mixer.heads(x), state, decay))
+
+    def _gated_attention(
+        self, mixer: NormLinearAttention, q: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor, decay: Tensor
+    ) -> Tensor:
+        """u ⊙ norm(o) [B, 1, hidden], the out projection's input, of the projected q, k, v, u; the recurrence
+        written into ``state``."""
         # The Triton step applies SiLU (TNL's activation) itself where nothing comes between it and the step.
         fuse_silu = self.kernel == "triton" and mixer.act is F.silu and mixer.lrpe is None
         if not fuse_silu:
@@ -161,9 +172,30 @@ class DecodeStepRunner:
         # eager path's skipped masking leaves it. The kernel reads v straight from the projection's slice.
         if self.kernel == "triton":
             o = triton_step(q[:, 0], k[:, 0], v[:, 0], state, decay, self.pad[:, 0], silu_qk=fuse_silu)
-            return mixer.out_proj(gated_rms_norm(o.reshape(o.shape[0], 1, -1), u, mixer.norm.eps))
+            return gated_rms_norm(o.reshape(o.shape[0], 1, -1), u, mixer.norm.eps)
         o = torch_step(q[:, 0], k[:, 0], v[:, 0], state, decay, self.pad[:, 0])
-        return mixer.output(o[:, None], u)
+        return mixer.norm(o.reshape(o.shape[0], 1, -1), gate=u)
+
+    def _forward_gemv(self, model: TransnormerForCausalLM) -> Tensor:
+        """``_forward`` at batch 1 as a chain of fused one-row projections (:func:`tnlora.ops.gemv.gemv`): each
+        norm folded into the projection after it, the GLU's two projections and product one kernel, each
+        residual add in the projection before it. Five kernels a layer besides the LRPE layer's rotation: the
+        projections, the recurrence and the output gate's norm."""
+        core = model.model
+        hidden = core.embed_tokens(self.ids)
+        scale = model.config.embed_scale
+        if scale != 1.0:
+            hidden = hidden * scale
+        hidden = hidden.reshape(-1)
+        for i, layer in enumerate(core.layers):
+            mixer, glu = layer.token_mixer, layer.channel_mixer
+            qkvu = gemv(hidden, mixer.qkvu_proj.weight, norm_eps=layer.token_norm.eps)
+            gated = self._gated_attention(mixer, *mixer.split_heads(qkvu.view(1, 1, -1)), self.states[i],
+                                          self.decays[i])
+            hidden = gemv(gated.reshape(-1), mixer.out_proj.weight, residual=hidden)
+            product = gemv(hidden, glu.l1.weight, weight2=glu.l2.weight, norm_eps=layer.channel_norm.eps)
+            hidden = gemv(product, glu.l3.weight, residual=hidden)
+        return gemv(hidden, model.lm_head.weight, norm_eps=core.final_norm.eps).view(1, 1, -1)
 
     # -----------------------------------------------------------------------------------------------------
     # Capture and replay
@@ -257,6 +289,22 @@ class DecodeStepRunner:
             if i < len(cache.layers) and cache.get_state(i) is static:
                 cache.update_state(static.clone(), i)
         self.owner = None
+
+
+def gemv_applies(model: TransnormerForCausalLM) -> bool:
+    """Whether the step's projections can run as fused GEMVs: every one a plain bias-free ``nn.Linear`` of the
+    embedding's dtype with contiguous rows (an unmerged peft adapter or a quantized layer keeps the layer
+    forwards)."""
+    core = model.model
+    linears = [model.lm_head]
+    for layer in core.layers:
+        mixer, glu = layer.token_mixer, layer.channel_mixer
+        linears += [mixer.qkvu_proj, mixer.out_proj, glu.l1, glu.l2, glu.l3]
+    dtype = core.embed_tokens.weight.dtype
+    return all(
+        type(m) is nn.Linear and m.bias is None and m.weight.dtype == dtype and m.weight.stride(1) == 1
+        for m in linears
+    )
 
 
 def state_layout(mixer: NormLinearAttention, batch_size: int) -> tuple[tuple[int, int, int, int], torch.dtype]:
@@ -435,6 +483,7 @@ __all__ = [
     "DecodeStepRunner",
     "blas_library",
     "decode_kernel",
+    "gemv_applies",
     "install_graph_decoding",
     "installed_graphs",
     "model_fingerprint",

@@ -273,8 +273,12 @@ class NormLinearAttention(nn.Module):
 
     def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The fused projection split: q, k, v [B, T, H, D] as projected (no activation) and u [B, T, hidden]."""
-        batch, length, _ = x.shape
-        q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)
+        return self.split_heads(self.qkvu_proj(x))
+
+    def split_heads(self, qkvu: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """q, k, v [B, T, H, D] and u [B, T, hidden] of the projection's output qkvu [B, T, 4 · hidden]."""
+        batch, length, _ = qkvu.shape
+        q, k, v, u = qkvu.chunk(4, dim=-1)
         shape = (batch, length, self.num_heads, self.head_dim)
         return q.reshape(shape), k.reshape(shape), v.reshape(shape), u
 

@@ -1,0 +1,112 @@
+"""One-row projections of the batch-1 decode step, each with its neighbours fused in: y = W x for one x.
+
+At batch 1 a decode step is a chain of matrix-vector products, each reading a weight once, with small kernels
+between them (the RMS norms, the GLU's product, the residual adds). A Triton GEMV streams the weights at least
+as fast as cuBLAS does for one row (``benchmarks/gemv.py``: faster for every 1B and 7B projection but the 7B
+qkvu, benchmarks/RESULTS.md), and the small kernels fold into it:
+
+* ``norm_eps``: x is SimpleRMSNorm-ed first. The dot products need only x's sum of squares, which the same
+  pass over x accumulates: y = rstd(x) · W x, the norm's kernel gone. (The model rounds the normed x to its
+  dtype before the matmul; here it stays exact: results equal the model's up to that rounding.)
+* ``weight2``: the channel mixer's GLU, y = (W x) ⊙ (W₂ x), both products from one pass over x.
+* ``residual``: y = residual + W x, the residual add of a decoder layer.
+
+Products are rounded to the output dtype where the model's Linear rounds them (before the GLU's product and
+before the residual add), so apart from the norm's rounding and the order of the sums the results are the
+model's. :func:`gemv_reference` is the model's own composition of PyTorch ops, that the tests check against.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _kernel() -> Any:
+    """The Triton kernel, imported on first use so that importing this module never imports triton."""
+    from tnlora.ops.gemv_triton import gemv_kernel
+
+    return gemv_kernel
+
+
+def _config(n: int, k: int) -> tuple[int, int]:
+    """(rows per program, columns per step): the best of benchmarks/gemv.py's grid on the H200 for TNL's
+    shapes (8 rows for the wide 7B projections, 1,024 columns for 2,048-wide rows)."""
+    block_k = 1024 if k <= 2048 else 512
+    block_n = 8 if n >= 8192 and k >= 4096 else 4
+    return block_n, min(block_k, 1 << (k - 1).bit_length())
+
+
+def gemv(
+    x: Tensor,
+    weight: Tensor,
+    *,
+    weight2: Tensor | None = None,
+    residual: Tensor | None = None,
+    norm_eps: float | None = None,
+) -> Tensor:
+    """y [N] for one x [K] (contiguous) and weight [N, K] (rows contiguous): W x, with x RMS-normed first when
+    ``norm_eps`` is given, times W₂ x when ``weight2`` [N, K] is given, plus ``residual`` [N] when given. y has
+    x's dtype."""
+    if x.dim() != 1 or not x.is_contiguous():
+        raise ValueError(f"x must be one contiguous vector, got shape {tuple(x.shape)}")
+    n, k = weight.shape
+    for other, name in ((weight, "weight"), (weight2, "weight2")):
+        if other is not None and (other.shape != (n, k) or other.stride(1) != 1 or other.dtype != x.dtype):
+            raise ValueError(f"{name} must be [{n}, {k}] of {x.dtype} with contiguous rows")
+    if x.shape[0] != k:
+        raise ValueError(f"x has {x.shape[0]} values, the weight's rows {k}")
+    if residual is not None and (residual.shape != (n,) or not residual.is_contiguous() or residual.dtype != x.dtype):
+        raise ValueError(f"residual must be a contiguous [{n}] of {x.dtype}")
+    y = torch.empty(n, dtype=x.dtype, device=x.device)
+    block_n, block_k = _config(n, k)
+    _kernel()[(_cdiv(n, block_n),)](
+        x,
+        weight,
+        weight2 if weight2 is not None else weight,  # unread without GLU
+        residual if residual is not None else y,  # unread without a residual
+        y,
+        n,
+        weight.stride(0),
+        (weight2 if weight2 is not None else weight).stride(0),
+        norm_eps if norm_eps is not None else 0.0,
+        K=k,
+        NORM=norm_eps is not None,
+        GLU=weight2 is not None,
+        RESIDUAL=residual is not None,
+        EVEN_K=k % block_k == 0,
+        FP64=x.dtype == torch.float64,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=4,
+    )
+    return y
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def gemv_reference(
+    x: Tensor,
+    weight: Tensor,
+    *,
+    weight2: Tensor | None = None,
+    residual: Tensor | None = None,
+    norm_eps: float | None = None,
+) -> Tensor:
+    """What the model computes for the same step: SimpleRMSNorm (fp32, rounded), Linear, the GLU's product,
+    the residual add."""
+    if norm_eps is not None:
+        xf = x.float() if x.dtype != torch.float64 else x
+        x = (xf * torch.rsqrt(xf.pow(2).mean() + norm_eps)).to(x.dtype)
+    y = F.linear(x, weight)
+    if weight2 is not None:
+        y = y * F.linear(x, weight2)
+    return residual + y if residual is not None else y
+
+
+__all__ = ["gemv", "gemv_reference"]
