@@ -130,8 +130,9 @@ class RunConfig:
     lora_kernel: str = field(
         default="fused",
         metadata=_opt(
-            "the adapted layers' training forward: fused (the adapter's B matmul accumulates into the base "
-            "output, forward and backward; tnlora.ops.lora) or peft (peft's layer as it is); the same function",
+            "the adapted layers' training forward: fused (in eager layers the adapter's B matmul accumulates "
+            "into the base output, forward and backward; compiled layers keep the composition Inductor fuses; "
+            "tnlora.ops.lora) or peft (peft's layer as it is); the same function",
             choices=("fused", "peft"),
         ),
     )

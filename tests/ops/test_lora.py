@@ -79,7 +79,7 @@ def test_a_trainable_base_weight_gets_its_gradient() -> None:
 
 
 def test_compiled_equals_eager() -> None:
-    """Dynamo traces the operation (forward and backward) into a compiled region: same numbers."""
+    """Compiled code runs the composition (Inductor fuses it itself): the same numbers as the eager operation."""
     inputs = _inputs()
     compiled = torch.compile(lora_linear, backend="aot_eager", fullgraph=True)
     want_y, want_grads = _run(lora_linear, inputs)
