@@ -79,9 +79,8 @@ class _LoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1]).to(dtype)
         w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
         if p > 0.0:
-            # F.dropout's draw: keep with probability 1 - p, kept values scaled by 1 / (1 - p)
-            mask = torch.empty_like(x2).bernoulli_(1.0 - p).bool()
-            xd = x2 * mask * (1.0 / (1.0 - p))
+            # F.dropout's own kernel and draw (one pass; the kept-mask comes back for the backward)
+            xd, mask = torch.ops.aten.native_dropout(x2, p, True)
         else:
             mask, xd = None, x2
         h = xd @ a.t()
@@ -109,7 +108,7 @@ class _LoraLinear(torch.autograd.Function):
             if mask is None:
                 grad_x.addmm_(g, a, alpha=s)
             else:
-                grad_x.add_((g @ a).mul_(mask), alpha=s / (1.0 - ctx.p))
+                grad_x.add_(torch.ops.aten.native_dropout_backward(g @ a, mask, s / (1.0 - ctx.p)))
             grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
         return grad_x, None, None, grad_a, grad_b, None, None
 
