@@ -30,7 +30,8 @@
 #   profile       the top kernels of one compiled 1B step (one 16,384-token row)
 #   trace         the timeline of one step with tnlora train's defaults (MODELS, default 1B) through
 #                 benchmarks/trace_gaps.py: device time by kind of kernel, the top kernels, the idle gaps
-#   decode-trace  the same for 7B and 1B decoding at batch 1 (32 new tokens: the prefill and 31 graph replays)
+#   decode-trace  the same for decoding (DECODE_TRACES model:batch pairs, default "7B:1 1B:1"; 32 new tokens: the
+#                 prefill and 31 graph replays)
 #   syncaudit       the host syncs left in compiled 1B steps
 # Environment: SRC (the source tree to measure, default ./src; e.g. an older commit's for a before/after row),
 #   CARD_GIB (cap the GPU memory: 79.6 stands in for an 80 GB card), LONG_LEN (default 131072), TAG (row suffix),
@@ -131,11 +132,11 @@ for stage in "$@"; do
         grep -E "^\| |^config:" "$OUT/trace-$m.txt" | tee -a "$OUT/log.txt"
         python3 benchmarks/trace_gaps.py /tmp/trace.json --top 25 2>&1 | tee -a "$OUT/log.txt" > "$OUT/gaps-$m.txt"; rm -f /tmp/trace.json
       done ;;
-    decode-trace)
-      for m in ${MODELS:-7B 1B}; do
-        log "decode trace $m batch 1"; timeout 150 python3 -m tnlora.cli bench decode --model $m --batch 1 --new_tokens 32 --trace /tmp/dtrace.json > "$OUT/dtrace-$m.txt" 2>&1
-        grep -E "^\| $m|ms/step" "$OUT/dtrace-$m.txt" | tee -a "$OUT/log.txt"
-        python3 benchmarks/trace_gaps.py /tmp/dtrace.json --top 25 --min_us 2 2>&1 | tee -a "$OUT/log.txt" > "$OUT/dgaps-$m.txt"; rm -f /tmp/dtrace.json
+    decode-trace)  # DECODE_TRACES: model:batch pairs
+      for mb in ${DECODE_TRACES:-7B:1 1B:1}; do m=${mb%%:*}; b=${mb##*:}
+        log "decode trace $m batch $b"; timeout 150 python3 -m tnlora.cli bench decode --model $m --batch $b --new_tokens 32 --trace /tmp/dtrace.json > "$OUT/dtrace-$m-$b.txt" 2>&1
+        grep -E "^\| $m|ms/step" "$OUT/dtrace-$m-$b.txt" | tee -a "$OUT/log.txt"
+        python3 benchmarks/trace_gaps.py /tmp/dtrace.json --top 25 --min_us 2 2>&1 | tee -a "$OUT/log.txt" > "$OUT/dgaps-$m-$b.txt"; rm -f /tmp/dtrace.json
       done ;;
     syncaudit)
       log "sync audit"; timeout 200 python3 -m tnlora.cli bench train --model 1B --cutoff_len 16384 --attention_impl fla --torch_compile true --per_device_train_batch_size 1 --steps 2 --warmup 2 --sync_audit > "$OUT/syncaudit.txt" 2>&1
