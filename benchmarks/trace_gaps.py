@@ -29,6 +29,7 @@ KINDS = (
     ("reduction", re.compile(r"reduce|softmax|argmax|norm", re.I)),
     ("elementwise", re.compile(r"elementwise|vectorized", re.I)),
 )
+GAP_DETAIL = 4  # the longest gaps whose host-side operators are listed
 SYNC_CALLS = ("Synchronize", "cudaMemcpy", "cudaStreamWaitEvent", "cudaMalloc", "cudaFree")
 
 
@@ -129,6 +130,18 @@ def main() -> None:
         launch = launches.get(kernel.get("args", {}).get("correlation"))
         where = enclosing(ops, starts, launch["tid"], launch["ts"]) if launch else "(launch not traced)"
         print(f"  {dur:8.0f} us at +{(t - span0) / 1e3:7.2f} ms before {kernel['name'][:40]}  <- {where}")
+    print(f"\nwhat the launching thread ran during the {GAP_DETAIL} longest gaps (host operators >= 100 us):")
+    for dur, t, kernel in sorted(idle, key=lambda g: -g[0])[:GAP_DETAIL]:
+        launch = launches.get(kernel.get("args", {}).get("correlation"))
+        if launch is None:
+            continue
+        print(f"  gap of {dur:.0f} us at +{(t - span0) / 1e3:.2f} ms:")
+        during = [
+            e for e in ops[bisect.bisect_left(starts, t - 50e3) : bisect.bisect_right(starts, t + dur)]
+            if e["tid"] == launch["tid"] and e["dur"] >= 100 and e["ts"] < t + dur and e["ts"] + e["dur"] > t
+        ]
+        for e in during[:12]:
+            print(f"    {e['dur']:8.0f} us  +{(e['ts'] - span0) / 1e3:7.2f} ms  {e['name'][:80]}")
     syncs = [
         e
         for e in events

@@ -91,6 +91,25 @@ def test_trace_gaps_blames_the_launch_that_ended_a_gap(tmp_path):
     assert re.search(r"1 x\s+10\.0 us\s+nvjet_tst_128x8\n\s+0\.01 ms from aten::mm\n", out)
 
 
+def test_trace_gaps_lists_what_the_host_ran_during_a_gap(tmp_path):
+    """A 120 us host operator overlapping the 90 us gap is listed under it; a 60 us one is not."""
+    events = [
+        {"ph": "X", "cat": "kernel", "name": "first", "ts": 20, "dur": 10, "tid": 7},
+        {"ph": "X", "cat": "cpu_op", "name": "slow_host_step", "ts": 35, "dur": 120, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "short_host_step", "ts": 40, "dur": 60, "tid": 1},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 110, "dur": 5, "tid": 1,
+         "args": {"correlation": 2}},
+        {"ph": "X", "cat": "kernel", "name": "second", "ts": 120, "dur": 10, "tid": 7, "args": {"correlation": 2}},
+    ]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    script = Path(__file__).parents[1] / "benchmarks" / "trace_gaps.py"
+    out = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, check=True).stdout
+    detail = out.split("what the launching thread ran")[1].split("synchronising")[0]
+    assert "gap of 90 us" in detail and re.search(r"120 us .* slow_host_step", detail)
+    assert "short_host_step" not in detail
+
+
 def test_sync_audit_counts_sync_warnings_by_site_and_first_caller_outside_torch():
     audit = train_bench.SyncAudit(0)
 
