@@ -35,7 +35,7 @@
 #   syncaudit       the host syncs left in compiled 1B steps
 # Environment: SRC (the source tree to measure, default ./src; e.g. an older commit's for a before/after row),
 #   CARD_GIB (cap the GPU memory: 79.6 stands in for an 80 GB card), LONG_LEN (default 131072), TAG (row suffix),
-#   TRAIN_ARGS (more `--key value` options for every training row, e.g. --lora_kernel peft).
+#   TRAIN_ARGS / DECODE_ARGS (more options for every training / decoding row, e.g. --lora_kernel peft, --batch 1).
 set -uo pipefail
 SRC=${SRC:-$PWD/src}
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$SRC
@@ -55,7 +55,7 @@ TAG=${TAG:-}
 log() { echo "## $(date +%T) $*" | tee -a "$OUT/log.txt"; }
 row() { tee -a "$OUT/log.txt" | grep -E "^\| |^resolved:|copy bandwidth|^config:" | grep -vE "^\|[- |]+\|$|^\| (run|model) " | tee -a "$OUT/table.txt"; }
 train() { log "bench train $* ${TRAIN_ARGS:-}"; timeout "${LIMIT:-260}" python3 -m tnlora.cli bench train "$@" ${TRAIN_ARGS:-} 2>&1 | grep -v Warning | row; }
-decode() { log "bench decode $*"; timeout "${LIMIT:-180}" python3 -m tnlora.cli bench decode "$@" 2>&1 | grep -v Warning | row; }
+decode() { log "bench decode $* ${DECODE_ARGS:-}"; timeout "${LIMIT:-180}" python3 -m tnlora.cli bench decode "$@" ${DECODE_ARGS:-} 2>&1 | grep -v Warning | row; }
 pytests() {  # pytest-xdist workers: first-use autotuning and compiles overlap
   timeout "${TEST_LIMIT:-420}" python3 -m pytest -o addopts= -q -p no:cacheprovider -n ${WORKERS:-8} -rfE "$@" > "$OUT/tests.txt" 2>&1
   grep -E "passed|failed|FAILED|ERROR" "$OUT/tests.txt" | tail -n 25 | tee -a "$OUT/log.txt" "$OUT/table.txt"
