@@ -206,6 +206,13 @@ def test_decode_bench_prints_the_step_alone_and_its_traffic(capsys):
     assert float(tps.replace(",", "")) > 0 and float(ms) > 0 and float(step_ms) > 0 and float(rate.replace(",", "")) >= 0
 
 
+def test_decode_bench_refuses_gemv_without_graphs_and_the_triton_kernel():
+    from tnlora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^--gemv needs CUDA-graph decoding with the triton kernel"):
+        bench.main(["decode", "--model", "tiny", "--no-graphs", "--gemv"])
+
+
 def test_decode_step_bytes_are_the_weights_once_and_the_states_twice():
     from tnlora.infer.decode_graph import DecodeStepRunner
 

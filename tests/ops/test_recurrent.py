@@ -223,11 +223,11 @@ def test_kernel_checks_its_arguments() -> None:
 # Whole model: the static decode step with decode_kernel "triton" (capture=False: runs on the interpreter too)
 
 
-def _generate(model: torch.nn.Module, kernel: str, *args: object, **kwargs: object):
-    """generate() through the static step (no graph) with the given kernel; the logits of every step too. The
-    runners stay installed for the test to inspect."""
+def _generate(model: torch.nn.Module, kernel: str, *args: object, gemv: bool = False, **kwargs: object):
+    """generate() through the static step (no graph) with the given kernel (``gemv``: batch-1 steps as fused
+    GEMVs); the logits of every step too. The runners stay installed for the test to inspect."""
     model.config.decode_kernel = kernel
-    install_graph_decoding(model, capture=False)
+    install_graph_decoding(model, capture=False, gemv=gemv)
     try:
         return model.generate(*args, return_dict_in_generate=True, output_logits=True, **kwargs)
     finally:
@@ -241,13 +241,28 @@ def test_greedy_generate_with_the_kernel_equals_torch_step() -> None:
     torch_run = _generate(model, "torch", prompt, max_new_tokens=14, **GREEDY)
     kernel_run = _generate(model, "triton", prompt, max_new_tokens=14, **GREEDY)
     runner = installed_graphs(model).runners[1]
-    assert runner.kernel == "triton" and runner.gemv  # batch 1: the projections as fused GEMVs (ops/gemv.py)
+    assert runner.kernel == "triton" and not runner.gemv  # the GEMV step only where asked for
     assert torch.equal(kernel_run.sequences, torch_run.sequences)
     assert len(set(kernel_run.sequences[0, 11:].tolist())) >= 4  # a non-degenerate continuation
     for got, want in zip(kernel_run.logits, torch_run.logits, strict=True):
         assert _rel_err(got, want) < 1e-5
     cache = kernel_run.past_key_values
     assert all(cache.get_state(i) is runner.states[i] for i in range(2))
+
+
+@needs_kernel
+def test_batch_one_gemv_step_equals_torch_step() -> None:
+    """The batch-1 step as fused GEMVs (``gemv=True``: norms folded in, GLU and residual adds fused) against
+    the torch step, greedy over 14 tokens in fp32."""
+    model = build_model(torch.float32, **PREFILL).to(DEVICE)
+    prompt = random_ids(1, 11).to(DEVICE)
+    torch_run = _generate(model, "torch", prompt, max_new_tokens=14, **GREEDY)
+    gemv_run = _generate(model, "triton", prompt, max_new_tokens=14, gemv=True, **GREEDY)
+    runner = installed_graphs(model).runners[1]
+    assert runner.kernel == "triton" and runner.gemv
+    assert torch.equal(gemv_run.sequences, torch_run.sequences)
+    for got, want in zip(gemv_run.logits, torch_run.logits, strict=True):
+        assert _rel_err(got, want) < 1e-5
 
 
 @needs_kernel
@@ -369,7 +384,7 @@ def test_cuda_graph_batch_one_gemv_step_at_1b_width() -> None:
     runs = {}
     for kernel in KERNELS:
         model.config.decode_kernel = kernel
-        graphs = install_graph_decoding(model, capture=True)
+        graphs = install_graph_decoding(model, capture=True, gemv=True)
         runs[kernel] = model.generate(prompt, max_new_tokens=8, return_dict_in_generate=True, output_logits=True,
                                       **GREEDY)
         assert graphs.runners[1].graph is not None and graphs.runners[1].gemv == (kernel == "triton")

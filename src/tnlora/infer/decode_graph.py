@@ -82,12 +82,14 @@ class DecodeStepRunner:
         capture: bool,
         blas: str | None = GRAPH_BLAS,
         per_row_positions: bool = False,
+        gemv: bool = False,
     ) -> None:
         self.capture = capture
         self.blas = blas
         self.kernel = decode_kernel(model, device)
-        # At batch 1 the Triton step runs the projections as fused GEMVs where every one is a plain Linear.
-        self.gemv = self.kernel == "triton" and batch_size == 1 and gemv_applies(model)
+        # Asked for, the batch-1 Triton step runs the projections as fused GEMVs where every one is a plain
+        # Linear. Off by default: measured slower at 7B (benchmarks/RESULTS.md, "The decode step alone").
+        self.gemv = gemv and self.kernel == "triton" and batch_size == 1 and gemv_applies(model)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
         self.owner: weakref.ref[TransnormerCache] | None = None
@@ -180,7 +182,9 @@ class DecodeStepRunner:
         """``_forward`` at batch 1 as a chain of fused one-row projections (:func:`tnlora.ops.gemv.gemv`): each
         norm folded into the projection after it, the GLU's two projections and product one kernel, each
         residual add in the projection before it. Five kernels a layer besides the LRPE layer's rotation: the
-        projections, the recurrence and the output gate's norm."""
+        projections, the recurrence and the output gate's norm. Not the default: at 7B this step measured
+        4.88 ms against 4.48 ms for the layer forwards on cuBLASLt (at 1B 1.20 against 1.24 ms;
+        benchmarks/RESULTS.md); ``install_graph_decoding(..., gemv=True)`` / ``tnlora bench decode --gemv``."""
         core = model.model
         hidden = core.embed_tokens(self.ids)
         scale = model.config.embed_scale
@@ -332,9 +336,10 @@ def blas_library(name: str | None) -> Iterator[None]:
 class DecodeGraphs:
     """The runners of one model, by batch size, and the model fingerprint they were built against."""
 
-    def __init__(self, capture: bool, blas: str | None = GRAPH_BLAS) -> None:
+    def __init__(self, capture: bool, blas: str | None = GRAPH_BLAS, gemv: bool = False) -> None:
         self.capture = capture
         self.blas = blas
+        self.gemv = gemv
         self.runners: dict[int, DecodeStepRunner] = {}
         self.fingerprint: Hashable | None = None
         self.last_cache: weakref.ref[TransnormerCache] | None = None
@@ -413,7 +418,7 @@ class DecodeGraphs:
         if runner is None:
             if len(self.runners) >= MAX_RUNNERS:
                 self.runners.pop(next(iter(self.runners))).release()
-            runner = DecodeStepRunner(model, batch, input_ids.device, self.capture, self.blas)
+            runner = DecodeStepRunner(model, batch, input_ids.device, self.capture, self.blas, gemv=self.gemv)
             self.runners[batch] = runner
         return runner if runner.fits(input_ids, cache) else None
 
@@ -452,14 +457,16 @@ def install_graph_decoding(
     model: nn.Module,
     capture: bool = True,
     blas: str | None = GRAPH_BLAS,
+    gemv: bool = False,
 ) -> DecodeGraphs:
     """Let ``model`` (or the model under its peft wrapper) take one-token cached steps through static runners,
     replacing any installed before. ``capture=False`` runs the static step without CUDA graphs, on any device
     (what the CPU tests check the buffer logic with); ``blas``: the BLAS library of
-    the capture (None: PyTorch's current one)."""
+    the capture (None: PyTorch's current one); ``gemv``: batch-1 steps of the Triton kernel as fused GEMVs
+    (``DecodeStepRunner._forward_gemv``; off by default, see there)."""
     base = _base_model(model)
     remove_graph_decoding(base)
-    graphs = DecodeGraphs(capture=capture, blas=blas)
+    graphs = DecodeGraphs(capture=capture, blas=blas, gemv=gemv)
     base.step_decoder = graphs
     return graphs
 
