@@ -134,7 +134,7 @@ for stage in "$@"; do
       done ;;
     decode-trace)  # DECODE_TRACES: model:batch pairs
       for mb in ${DECODE_TRACES:-7B:1 1B:1}; do m=${mb%%:*}; b=${mb##*:}
-        log "decode trace $m batch $b"; timeout 150 python3 -m tnlora.cli bench decode --model $m --batch $b --new_tokens 32 --trace /tmp/dtrace.json > "$OUT/dtrace-$m-$b.txt" 2>&1
+        log "decode trace $m batch $b"; timeout 150 python3 -m tnlora.cli bench decode --model $m --batch $b --new_tokens 32 ${DECODE_ARGS:-} --trace /tmp/dtrace.json > "$OUT/dtrace-$m-$b.txt" 2>&1
         grep -E "^\| $m|ms/step" "$OUT/dtrace-$m-$b.txt" | tee -a "$OUT/log.txt"
         python3 benchmarks/trace_gaps.py /tmp/dtrace.json --top 25 --min_us 2 2>&1 | tee -a "$OUT/log.txt" > "$OUT/dgaps-$m-$b.txt"; rm -f /tmp/dtrace.json
       done ;;
