@@ -71,6 +71,19 @@ def test_the_fused_forward_runs_in_training_only(monkeypatch) -> None:
     assert calls == []
 
 
+def test_zero3_partitioned_weights_keep_peft_forward(monkeypatch) -> None:
+    """A base weight DeepSpeed ZeRO-3 partitions (tagged ds_id) is gathered around the base layer's forward
+    only: such layers run peft's forward, which calls it."""
+    calls = []
+    real = lora_op.lora_linear
+    monkeypatch.setattr("tnlora.train.lora_fused.lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = lora_model()
+    layers = _layers(model)
+    layers[0].get_base_layer().weight.ds_id = 0
+    loss_and_grads(model, batch(24))
+    assert len(calls) == len(layers) - 1
+
+
 def test_saved_adapter_loads_into_plain_peft(tmp_path) -> None:
     model = lora_model(lora_kernel="fused").eval()
     inputs = batch(24)

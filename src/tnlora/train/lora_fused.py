@@ -3,8 +3,8 @@
 Given to peft through its custom-layer hook (``LoraConfig._register_custom_module``, the mapping peft's
 dispatcher consults before its own layers), so the adapter's parameters, names, saving, merging and every
 other behaviour stay peft's own: only the forward that training differentiates changes, and only in the case
-it covers (one plain vanilla-LoRA adapter on a plain ``nn.Linear``). Evaluation, inference and every other
-case run peft's forward.
+it covers (one plain vanilla-LoRA adapter on a plain ``nn.Linear`` whose weight is not a DeepSpeed ZeRO-3
+partition). Evaluation, inference and every other case run peft's forward.
 """
 
 from __future__ import annotations
@@ -44,8 +44,12 @@ class FusedLoraLinear(LoraLinear):
         if len(active) != 1 or active[0] in self.lora_variant:
             return None
         adapter = active[0]
-        if type(self.get_base_layer()) is not nn.Linear:
+        base = self.get_base_layer()
+        if type(base) is not nn.Linear:
             return None  # quantized and other linear subclasses keep their own forward
+        if any(hasattr(p, "ds_id") for p in base.parameters(recurse=False)):
+            # DeepSpeed ZeRO-3 gathers a partitioned weight around the base layer's own forward only
+            return None
         if not isinstance(self.lora_dropout[adapter], nn.Dropout | nn.Identity):
             return None
         weight_dtype = self.lora_A[adapter].weight.dtype
