@@ -10,6 +10,7 @@ The Triton kernel tries CONFIGS (rows per program, columns per iteration, K spli
 partial sums meet by atomic adds) and reports the best; every result is checked against an fp32 product.
 
     python3 benchmarks/gemv.py [--models 7B,1B] [--repeats 12]        # on a GPU
+    python3 benchmarks/gemv.py --fused     # tnlora.ops.gemv's fused forms against what they replace
     TRITON_INTERPRET=1 python3 benchmarks/gemv.py --check --device cpu   # the kernel's arithmetic, on a CPU
 """
 
@@ -151,11 +152,62 @@ def measure(models: list[str], repeats: int) -> int:
     return 0
 
 
+# (projection, fused form) of the batch-1 GEMV step (DecodeStepRunner._forward_gemv), per model.
+FUSED_FORMS = [("qkvu", "norm"), ("out_proj", "residual"), ("l1/l2", "glu"), ("l3", "residual"), ("lm_head", "norm")]
+
+
+def measure_fused(models: list[str], repeats: int) -> int:
+    """Each projection of the GEMV step in its fused form (``tnlora.ops.gemv.gemv``) against the same form
+    without fusion (the plain ``gemv``) and against the layer forwards' composition on cuBLASLt (the norm
+    kernel, the GEMM(s), the product or the add); µs per call and the weights' GB/s."""
+    from tnlora.ops.gemv import gemv
+    from tnlora.ops.norm import add_rms_norm
+
+    eps = 1e-6
+    print("| model | projection | fused form | composition on cuBLASLt µs | plain gemv µs | fused gemv µs (GB/s) |")
+    print("|---|---|---|---|---|---|")
+    for model in models:
+        shapes = {name: (n, k) for name, n, k in SHAPES[model]}
+        for name, form in FUSED_FORMS:
+            n, k = shapes[name]
+            ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(repeats)]
+            ws2 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(repeats)]
+            x = torch.randn(k, device="cuda", dtype=torch.bfloat16)
+            residual = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+            if form == "norm":
+                def composed(i, x=x, ws=ws):
+                    return F.linear(add_rms_norm(x[None], None, eps)[1], ws[i])
+
+                def fused(i, x=x, ws=ws):
+                    return gemv(x, ws[i], norm_eps=eps)
+            elif form == "glu":
+                def composed(i, x=x, ws=ws, ws2=ws2):
+                    normed = add_rms_norm(x[None], None, eps)[1]
+                    return F.linear(normed, ws[i]) * F.linear(normed, ws2[i])
+
+                def fused(i, x=x, ws=ws, ws2=ws2):
+                    return gemv(x, ws[i], weight2=ws2[i], norm_eps=eps)
+            else:
+                def composed(i, x=x, ws=ws, residual=residual):
+                    return residual + F.linear(x[None], ws[i])
+
+                def fused(i, x=x, ws=ws, residual=residual):
+                    return gemv(x, ws[i], residual=residual)
+            gb = n * k * 2 * (2 if form == "glu" else 1) / 1e9
+            composed_s = graph_seconds(composed, repeats, "cublaslt")
+            plain_s = graph_seconds(lambda i, x=x, ws=ws: gemv(x, ws[i]), repeats) * (2 if form == "glu" else 1)
+            fused_s = graph_seconds(fused, repeats)
+            print(f"| {model} | {name} | {form} | {composed_s * 1e6:.1f} | {plain_s * 1e6:.1f}"
+                  f"{' (two)' if form == 'glu' else ''} | {fused_s * 1e6:.1f} ({gb / fused_s:,.0f}) |", flush=True)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="7B,1B")
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--check", action="store_true", help="check the kernel's results on small shapes only")
+    parser.add_argument("--fused", action="store_true", help="time tnlora.ops.gemv's fused forms instead")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="of --check")
     args = parser.parse_args()
     if args.check:
@@ -163,6 +215,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gemv.py: timing needs a CUDA GPU (use --check on a CPU)", file=sys.stderr)
         return 2
+    if args.fused:
+        return measure_fused(args.models.split(","), args.repeats)
     return measure(args.models.split(","), args.repeats)
 
 

@@ -21,7 +21,8 @@
 #   decode-profile  the top kernels of 7B decoding at batch 1 and 32 and of 1B at batch 1 (32 new tokens: the
 #                   prefill and 31 graph replays): where a step's time goes against its weights' bytes
 #   decode-kernel   decoding with the torch and the triton recurrence
-#   gemv            the batch-1 decode projections: cuBLAS / cuBLASLt against a Triton GEMV (benchmarks/gemv.py)
+#   gemv            the batch-1 decode projections: cuBLAS / cuBLASLt against a Triton GEMV (benchmarks/gemv.py;
+#                   GEMV_ARGS=--fused: tnlora.ops.gemv's fused forms against the composition they replace)
 #   decode-adapter  7B decoding with a LoRA adapter kept unmerged / merged
 #   e2e             `tnlora train examples/huanhuan_7b_lora_fast.yaml` end to end (.whl/e2e: 7B config,
 #                   tokenizer and huanhuan.json, from ../shared)
@@ -110,7 +111,7 @@ for stage in "$@"; do
         grep -vE "Warn|warn" "$OUT/profile-$m-$b.txt" | grep -E "ms/step|Self CUDA time total|nvjet|gemm|rms|recurrent|elementwise|reduce|Memcpy|\| $m" | head -n 24 | cut -c1-60,100-250 | tee -a "$OUT/log.txt"
       done ;;
     gemv)
-      log "gemv"; timeout ${LIMIT:-300} python3 benchmarks/gemv.py 2>&1 | grep -v Warning | row ;;
+      log "gemv"; timeout ${LIMIT:-300} python3 benchmarks/gemv.py ${GEMV_ARGS:-} 2>&1 | grep -v Warning | row ;;
     decode-kernel)
       for m in ${MODELS:-7B 1B}; do for k in torch triton; do decode --model $m --decode_kernel $k; done; done ;;
     decode-adapter)
