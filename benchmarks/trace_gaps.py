@@ -112,26 +112,23 @@ def main() -> None:
         f"{len(idle)} gaps >= {args.min_us:.0f} us totalling {sum(g[0] for g in idle) / 1e3:.1f} ms, "
         f"all gaps {sum(g[0] for g in gaps) / 1e3:.1f} ms"
     )
-    def launched_from(kernel: dict) -> str:
+    def launched_from(kernel: dict, depth: int = 4) -> str:
         launch = launches.get(kernel.get("args", {}).get("correlation"))
-        return enclosing(ops, starts, launch["tid"], launch["ts"], 3) if launch else "(launch not traced)"
+        return enclosing(ops, starts, launch["tid"], launch["ts"], depth) if launch else "(launch not traced)"
 
-    kernel_table(device, busy, args.top, launched_from)
+    kernel_table(device, busy, args.top, lambda kernel: launched_from(kernel, 3))
     blame: Counter[str] = Counter()
     for dur, _, kernel in idle:
-        launch = launches.get(kernel.get("args", {}).get("correlation"))
-        where = enclosing(ops, starts, launch["tid"], launch["ts"], 2) if launch else "(launch not traced)"
-        blame[where] += dur
+        blame[launched_from(kernel, 2)] += dur
     print("\nidle time by the host operators that ended the gaps (top):")
     for where, dur in blame.most_common(args.top):
         print(f"  {dur / 1e3:8.2f} ms  {where}")
+    longest = sorted(idle, key=lambda g: -g[0])
     print(f"\nlongest gaps (>= {args.min_us:.0f} us):")
-    for dur, t, kernel in sorted(idle, key=lambda g: -g[0])[: args.top]:
-        launch = launches.get(kernel.get("args", {}).get("correlation"))
-        where = enclosing(ops, starts, launch["tid"], launch["ts"]) if launch else "(launch not traced)"
-        print(f"  {dur:8.0f} us at +{(t - span0) / 1e3:7.2f} ms before {kernel['name'][:40]}  <- {where}")
+    for dur, t, kernel in longest[: args.top]:
+        print(f"  {dur:8.0f} us at +{(t - span0) / 1e3:7.2f} ms before {kernel['name'][:40]}  <- {launched_from(kernel)}")
     print(f"\nwhat the launching thread ran during the {GAP_DETAIL} longest gaps (host operators >= 100 us):")
-    for dur, t, kernel in sorted(idle, key=lambda g: -g[0])[:GAP_DETAIL]:
+    for dur, t, kernel in longest[:GAP_DETAIL]:
         launch = launches.get(kernel.get("args", {}).get("correlation"))
         if launch is None:
             continue

@@ -120,16 +120,18 @@ class DecodeStepRunner:
             return self._forward_gemv(model)
         return self._end(model, self._layers(model, self._begin(model)))
 
+    def _embed(self, model: TransnormerForCausalLM) -> Tensor:
+        """The scaled embedding [B, 1, dim] of the token in ``self.ids``."""
+        hidden = model.model.embed_tokens(self.ids)
+        scale = model.config.embed_scale
+        return hidden * scale if scale != 1.0 else hidden
+
     def _begin(self, model: TransnormerForCausalLM) -> tuple[Tensor, Tensor | None]:
         """The embedding: (hidden, its norm for the first layer when the norms are fused, else None)."""
-        core = model.model
-        hidden = core.embed_tokens(self.ids)
-        scale = model.config.embed_scale
-        if scale != 1.0:
-            hidden = hidden * scale
+        hidden = self._embed(model)
         if self.kernel != "triton":
             return hidden, None
-        return add_rms_norm(hidden, None, core.layers[0].token_norm.eps)
+        return add_rms_norm(hidden, None, model.model.layers[0].token_norm.eps)
 
     def _layers(
         self, model: TransnormerForCausalLM, carry: tuple[Tensor, Tensor | None]
@@ -186,11 +188,7 @@ class DecodeStepRunner:
         4.88 ms against 4.48 ms for the layer forwards on cuBLASLt (at 1B 1.20 against 1.24 ms;
         benchmarks/RESULTS.md); ``install_graph_decoding(..., gemv=True)`` / ``tnlora bench decode --gemv``."""
         core = model.model
-        hidden = core.embed_tokens(self.ids)
-        scale = model.config.embed_scale
-        if scale != 1.0:
-            hidden = hidden * scale
-        hidden = hidden.reshape(-1)
+        hidden = self._embed(model).reshape(-1)
         for i, layer in enumerate(core.layers):
             mixer, glu = layer.token_mixer, layer.channel_mixer
             qkvu = gemv(hidden, mixer.qkvu_proj.weight, norm_eps=layer.token_norm.eps)

@@ -15,6 +15,7 @@ import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import Tensor, nn
 
+from tnlora.model.modeling import partitioned
 from tnlora.ops.lora import lora_linear
 
 
@@ -47,7 +48,7 @@ class FusedLoraLinear(LoraLinear):
         base = self.get_base_layer()
         if type(base) is not nn.Linear:
             return None  # quantized and other linear subclasses keep their own forward
-        if any(hasattr(p, "ds_id") for p in base.parameters(recurse=False)):
+        if partitioned(base):
             # DeepSpeed ZeRO-3 gathers a partitioned weight around the base layer's own forward only
             return None
         if not isinstance(self.lora_dropout[adapter], nn.Dropout | nn.Identity):
