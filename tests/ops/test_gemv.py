@@ -8,20 +8,13 @@ Needs triton and a CUDA device, or Triton's CPU interpreter:
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from kernel_device import DEVICE, INTERPRET, needs_kernel
 
 from tnlora.ops.gemv import gemv, gemv_reference
-from tnlora.ops.select import triton_available
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
-pytestmark = pytest.mark.skipif(
-    not (triton_available() and (INTERPRET or torch.cuda.is_available())),
-    reason="needs triton and CUDA, or Triton's CPU interpreter",
-)
+pytestmark = needs_kernel
 # fp64 / fp32: the order of the sums (and the normed x kept exact instead of rounded: exact in fp64 up to
 # rounding, too); bf16: the output's rounding, and the normed x's.
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2**-6}

@@ -7,21 +7,14 @@ Needs triton and a CUDA device, or Triton's CPU interpreter (see tests/ops/test_
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from kernel_device import DEVICE, INTERPRET, needs_kernel
 
 from tnlora.model.modeling import SimpleRMSNorm
 from tnlora.ops.norm import add_rms_norm, gated_rms_norm, rms_norm
-from tnlora.ops.select import triton_available
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
-pytestmark = pytest.mark.skipif(
-    not (triton_available() and (INTERPRET or torch.cuda.is_available())),
-    reason="needs triton and CUDA, or Triton's CPU interpreter",
-)
+pytestmark = needs_kernel
 # fp32 / fp64: only the order of the sum over D differs; bf16: the rounding of h and of the output.
 TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-14, torch.bfloat16: 2**-6}
 

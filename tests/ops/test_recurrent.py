@@ -18,6 +18,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_device import DEVICE, INTERPRET, needs_kernel
 
 from tnl_helpers import build_model, left_padded, random_ids
 from tnlora.errors import ConfigError
@@ -27,14 +28,6 @@ from tnlora.ops.recurrent import torch_step
 from tnlora.ops.recurrent_triton import triton_step
 from tnlora.ops.select import KERNEL_CHOICES, triton_available
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# The interpreter runs kernels on CPU tensors; compiled kernels need CUDA ones.
-DEVICE = "cpu" if INTERPRET else "cuda"
-needs_kernel = pytest.mark.skipif(
-    not (triton_available() and (INTERPRET or torch.cuda.is_available())),
-    reason="needs triton and CUDA, or Triton's CPU interpreter: "
-    "TRITON_INTERPRET=1 PYTHONPATH=<dir holding triton> pytest tests/ops/test_recurrent.py",
-)
 cuda = pytest.mark.skipif(
     INTERPRET or not torch.cuda.is_available() or not triton_available(),
     reason="needs a CUDA device and triton (not the interpreter)",

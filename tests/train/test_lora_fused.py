@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from peft import PeftModel
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
@@ -50,8 +51,10 @@ def test_training_step_equals_peft_layers_in_float64() -> None:
             torch.testing.assert_close(grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
-def test_the_fused_forward_runs_in_training_only(monkeypatch) -> None:
-    calls = []
+@pytest.fixture
+def fused_calls(monkeypatch) -> list[int]:
+    """One entry per call of the fused operation by the layers."""
+    calls: list[int] = []
     real = lora_op.lora_linear
 
     def counting(*args, **kwargs):
@@ -59,6 +62,11 @@ def test_the_fused_forward_runs_in_training_only(monkeypatch) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr("tnlora.train.lora_fused.lora_linear", counting)
+    return calls
+
+
+def test_the_fused_forward_runs_in_training_only(fused_calls) -> None:
+    calls = fused_calls
     model = lora_model()
     inputs = batch(24)
     loss_and_grads(model, inputs)
@@ -71,12 +79,10 @@ def test_the_fused_forward_runs_in_training_only(monkeypatch) -> None:
     assert calls == []
 
 
-def test_zero3_partitioned_weights_keep_peft_forward(monkeypatch) -> None:
+def test_zero3_partitioned_weights_keep_peft_forward(fused_calls) -> None:
     """A base weight DeepSpeed ZeRO-3 partitions (tagged ds_id) is gathered around the base layer's forward
     only: such layers run peft's forward, which calls it."""
-    calls = []
-    real = lora_op.lora_linear
-    monkeypatch.setattr("tnlora.train.lora_fused.lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = fused_calls
     model = lora_model()
     layers = _layers(model)
     layers[0].get_base_layer().weight.ds_id = 0
