@@ -92,11 +92,13 @@ def test_trace_gaps_blames_the_launch_that_ended_a_gap(tmp_path):
 
 
 def test_trace_gaps_lists_what_the_host_ran_during_a_gap(tmp_path):
-    """A 120 us host operator overlapping the 90 us gap is listed under it; a 60 us one is not."""
+    """A 120 us host operator overlapping the 90 us gap is listed under it, a 60 us one is not; a 70 us runtime
+    call is, a 5 us one is not."""
     events = [
         {"ph": "X", "cat": "kernel", "name": "first", "ts": 20, "dur": 10, "tid": 7},
         {"ph": "X", "cat": "cpu_op", "name": "slow_host_step", "ts": 35, "dur": 120, "tid": 1},
         {"ph": "X", "cat": "cpu_op", "name": "short_host_step", "ts": 40, "dur": 60, "tid": 1},
+        {"ph": "X", "cat": "cuda_driver", "name": "cuLibraryLoadData", "ts": 36, "dur": 70, "tid": 1},
         {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 110, "dur": 5, "tid": 1,
          "args": {"correlation": 2}},
         {"ph": "X", "cat": "kernel", "name": "second", "ts": 120, "dur": 10, "tid": 7, "args": {"correlation": 2}},
@@ -107,7 +109,8 @@ def test_trace_gaps_lists_what_the_host_ran_during_a_gap(tmp_path):
     out = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, check=True).stdout
     detail = out.split("what the launching thread ran")[1].split("synchronising")[0]
     assert "gap of 90 us" in detail and re.search(r"120 us .* slow_host_step", detail)
-    assert "short_host_step" not in detail
+    assert re.search(r"70 us .* cuLibraryLoadData", detail)
+    assert "short_host_step" not in detail and "cudaLaunchKernel" not in detail
 
 
 def test_sync_audit_counts_sync_warnings_by_site_and_first_caller_outside_torch():
