@@ -61,6 +61,8 @@ def test_bench_trace_writes_a_timeline(tmp_path, capsys):
     assert code == 0 and "timeline:" in capsys.readouterr().out
     events = json.loads(trace.read_text())["traceEvents"]
     assert any(e.get("name") == "aten::mm" for e in events)
+    # One step recorded: the warm-up step the profiler also ran (its own set-up) is not in the timeline.
+    assert sum(e.get("name", "").startswith("Optimizer.step#") for e in events) == 1
 
 
 def test_trace_gaps_blames_the_launch_that_ended_a_gap(tmp_path):

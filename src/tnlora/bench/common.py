@@ -87,12 +87,17 @@ def cap_gpu_memory(gib: float) -> str:
     return f" gpu_memory={gib:g}GiB of {total / 2**30:.1f}"
 
 
-def profile_region() -> torch.profiler.profile:
-    """A profiler over the CPU and, when there is one, the GPU."""
+def profile_region(lead_steps: int = 0) -> torch.profiler.profile:
+    """A profiler over the CPU and, when there is one, the GPU. With ``lead_steps`` it runs that many steps
+    (``prof.step()`` after each) without keeping them, then records one, so that the profiler's own set-up on each
+    thread (paid by that thread's first operation under it) falls outside the recorded step."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    return torch.profiler.profile(activities=activities)
+    if not lead_steps:
+        return torch.profiler.profile(activities=activities)
+    schedule = torch.profiler.schedule(wait=0, warmup=lead_steps, active=1)
+    return torch.profiler.profile(activities=activities, schedule=schedule)
 
 
 def print_profile(prof: torch.profiler.profile, trace: str = "") -> None:

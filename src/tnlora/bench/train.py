@@ -129,19 +129,26 @@ class StepTimer(TrainerCallback):
 
 
 class StepProfiler(TrainerCallback):
-    """Profiles the optimizer step after the warm-up and prints its top kernels (the timeline to ``trace``)."""
+    """Profiles the optimizer step after the warm-up and prints its top kernels (the timeline to ``trace``).
+
+    The profiler starts one step earlier without recording it (when there is a warm-up step): the recorded
+    step's first operation on the autograd engine's thread (the loss's ``DivBackward0``, inside which a 1B trace
+    started with the recorded step showed 2.7 ms of idle device) then runs under a profiler already set up."""
 
     def __init__(self, warmup: int, trace: str = "") -> None:
         self.warmup, self.prof, self.trace = warmup, None, trace
+        self.lead = min(warmup, 1)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step == self.warmup:
-            self.prof = profile_region()
+        if state.global_step == self.warmup - self.lead:
+            self.prof = profile_region(self.lead)
             self.prof.__enter__()
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.prof is not None and state.global_step == self.warmup + 1:
+        if self.prof is not None and state.global_step < self.warmup + 1:
+            self.prof.step()  # the lead step ends: record from here
+        elif self.prof is not None and state.global_step == self.warmup + 1:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.prof.__exit__(None, None, None)
