@@ -23,6 +23,8 @@
 #   decode-kernel   decoding with the torch and the triton recurrence
 #   gemv            the batch-1 decode projections: cuBLAS / cuBLASLt against a Triton GEMV (benchmarks/gemv.py;
 #                   GEMV_ARGS=--fused: tnlora.ops.gemv's fused forms against the composition they replace)
+#   loss            one chunk of the training loss: PyTorch's cross-entropy composition against the fused kernel
+#                   (benchmarks/cross_entropy.py; loss_kernel)
 #   decode-adapter  7B decoding with a LoRA adapter kept unmerged / merged
 #   e2e             `tnlora train examples/huanhuan_7b_lora_fast.yaml` end to end (.whl/e2e: 7B config,
 #                   tokenizer and huanhuan.json, from ../shared)
@@ -74,7 +76,7 @@ log "source $SRC at $COMMIT"
 for stage in "$@"; do
   case $stage in
     tests)
-      log "GPU tests"; pytests ${GPU_TESTS:-tests/ops tests/infer/test_decode_graph.py tests/train/test_compile_gpu.py tests/train/test_norm_kernel_gpu.py tests/train/test_sync_gpu.py tests/train/test_qlora_gpu.py tests/model/test_modeling.py} ;;
+      log "GPU tests"; pytests ${GPU_TESTS:-tests/ops tests/infer/test_decode_graph.py tests/train/test_compile_gpu.py tests/train/test_norm_kernel_gpu.py tests/train/test_loss_kernel_gpu.py tests/train/test_sync_gpu.py tests/train/test_qlora_gpu.py tests/model/test_modeling.py} ;;
     warm)  # autotune fla for both q/k widths and head counts in parallel, then wait (at most WARM_LIMIT s)
       for kd in 128 256; do for h in 16 32; do python3 benchmarks/fla_warmup.py $kd $h > "$OUT/warm$kd-$h.txt" 2>&1 & done; done
       START=$SECONDS; while [ -n "$(jobs -pr)" ] && [ $((SECONDS - START)) -lt ${WARM_LIMIT:-300} ]; do sleep 2; done
@@ -112,6 +114,8 @@ for stage in "$@"; do
       done ;;
     gemv)
       log "gemv"; timeout ${LIMIT:-300} python3 benchmarks/gemv.py ${GEMV_ARGS:-} 2>&1 | grep -v Warning | row ;;
+    loss)
+      log "loss"; timeout ${LIMIT:-300} python3 benchmarks/cross_entropy.py 2>&1 | grep -v Warning | row ;;
     decode-kernel)
       for m in ${MODELS:-7B 1B}; do for k in torch triton; do decode --model $m --decode_kernel $k; done; done ;;
     decode-adapter)

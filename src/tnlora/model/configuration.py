@@ -68,6 +68,10 @@ class TransnormerConfig(PreTrainedConfig):
     # backward kernel saving x and 1/rms instead of an fp32 copy of x; equal up to rounding), "torch" or
     # "auto": triton on CUDA when it imports. Compiled layers keep the PyTorch form, which Inductor fuses.
     norm_kernel: str = "auto"
+    # The chunked training loss's per-chunk cross-entropy and logit gradient: "torch" (PyTorch ops over an fp32
+    # copy of the chunk's logits), "triton" (one kernel per chunk that writes the gradient over the logits; equal
+    # up to the order of the sums; CUDA or Triton's interpreter) or "auto": triton on CUDA when it imports.
+    loss_kernel: str = "torch"
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -104,6 +108,11 @@ class TransnormerConfig(PreTrainedConfig):
             raise ConfigError(
                 f"norm_kernel must be one of {KERNEL_CHOICES} (the norms on CUDA), "
                 f"got {self.norm_kernel!r}"
+            )
+        if self.loss_kernel not in KERNEL_CHOICES:
+            raise ConfigError(
+                f"loss_kernel must be one of {KERNEL_CHOICES} (the chunked loss's cross-entropy), "
+                f"got {self.loss_kernel!r}"
             )
         if self.lightning_chunk_size < 1 or self.loss_chunk_size < 1:
             raise ConfigError("lightning_chunk_size and loss_chunk_size must be positive")

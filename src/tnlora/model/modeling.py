@@ -28,6 +28,7 @@ from transformers.utils import ModelOutput, logging
 from tnlora.model.cache import TransnormerCache
 from tnlora.model.configuration import TransnormerConfig
 from tnlora.model.generation import overlap_applies, overlapped_sample
+from tnlora.ops.cross_entropy import cross_entropy_grad_, cross_entropy_grad_reference
 from tnlora.ops.lightning import lightning_attention
 from tnlora.ops.norm import add_rms_norm, gated_rms_norm, rms_norm, takes_rows
 from tnlora.ops.packing import PackedRows
@@ -436,7 +437,8 @@ class TransnormerPreTrainedModel(PreTrainedModel):
     def select_kernels(self, device: torch.device | str | None = None) -> Kernels:
         """Point every norm and token mixer at the implementations ``tnlora.ops.select`` chooses for this config
         on ``device`` (default: where the parameters are). Called when the model is built, loaded or moved, and
-        after a change of ``config.lightning_impl`` / ``norm_kernel``; forwards only read the choice."""
+        after a change of ``config.lightning_impl`` / ``norm_kernel`` / ``loss_kernel``; forwards only read the
+        choice."""
         if device is None:
             first = next(self.parameters(), None)
             device = first.device if first is not None else torch.device("cpu")
@@ -446,6 +448,8 @@ class TransnormerPreTrainedModel(PreTrainedModel):
                 module.kernel = kernels.norm
             elif isinstance(module, NormLinearAttention):
                 module.impl, module.step_impl = kernels.attention, kernels.attention_step
+            elif isinstance(module, TransnormerForCausalLM):
+                module.loss_kernel = kernels.loss
         return kernels
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -649,7 +653,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx, rows: Tensor, weight: Tensor, targets: Tensor, chunk_size: int, kernel: str) -> Tensor:  # type: ignore[override]
         device = rows.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         w = weight.to(dtype)
@@ -661,13 +665,13 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         with torch.autocast(device, enabled=False):
             for lo in range(0, targets.shape[0], chunk_size):
                 chunk, target = rows[lo : lo + chunk_size].to(dtype), targets[lo : lo + chunk_size]
-                logits = _at_least_fp32(F.linear(chunk, w))
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
-                grad = torch.softmax(logits, dim=-1)
+                logits = F.linear(chunk, w)
+                if kernel == "triton":
+                    losses, grad = cross_entropy_grad_(logits, target), logits  # the gradient over the logits
+                else:
+                    losses, grad = cross_entropy_grad_reference(logits, target)
                 del logits
-                grad[torch.arange(target.shape[0], device=grad.device), target] -= 1
-                grad = grad.to(dtype)
+                total += losses.sum()
                 grad_rows[lo : lo + chunk_size] = grad @ w
                 if grad_weight is not None:
                     grad_weight += grad.t() @ chunk
@@ -681,7 +685,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         scale = grad_total.to(grad_rows.dtype)
         rows = grad_rows * scale if ctx.needs_input_grad[0] else None
         weight = (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None
-        return rows, weight, None, None
+        return rows, weight, None, None, None
 
 
 def partitioned(module: nn.Module) -> bool:
@@ -698,6 +702,7 @@ def chunked_causal_lm_loss(
     num_items_in_batch: Tensor | int | None = None,
     chunk_size: int = 1024,
     num_loss_tokens: int | None = None,
+    kernel: str = "torch",
 ) -> Tensor:
     """The same loss without full logits: fp32 logits of at most ``chunk_size`` tokens exist at a time.
 
@@ -705,7 +710,8 @@ def chunked_causal_lm_loss(
     host sync) unless the caller already knows it (``num_loss_tokens``: the labels ≠ -100 after the first
     position of each row, as the training collator counts them on the host); a wrong count fails a
     device-side assertion. With grad and a plain ``nn.Linear`` head (LoRA leaves it alone) each chunk's
-    gradients are computed in the forward pass (:class:`_LinearCrossEntropySum`); any other head, and a head
+    gradients are computed in the forward pass (:class:`_LinearCrossEntropySum`; ``kernel`` "triton": each
+    chunk's loss and logit gradient by one Triton kernel, :mod:`tnlora.ops.cross_entropy`); any other head, and a head
     whose weight ZeRO-3 partitions (:func:`partitioned`), is recomputed per chunk in the backward pass
     (activation checkpointing). Either way the saved activations
     are one row of D values per labelled token.
@@ -720,7 +726,9 @@ def chunked_causal_lm_loss(
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
     targets = targets.index_select(0, keep)
     if torch.is_grad_enabled() and type(lm_head) is nn.Linear and lm_head.bias is None and not partitioned(lm_head):
-        total = _LinearCrossEntropySum.apply(rows, lm_head.weight, targets, chunk_size)
+        if kernel == "triton" and torch.compiler.is_compiling():
+            kernel = "torch"  # traced code gets PyTorch's ops, which the compiler can see
+        total = _LinearCrossEntropySum.apply(rows, lm_head.weight, targets, chunk_size, kernel)
         return _loss_mean(total, targets.shape[0], num_items_in_batch)
     total = _at_least_fp32(rows[:0]).sum()  # stays attached to the graph even when nothing is labelled
     for lo in range(0, targets.shape[0], chunk_size):
@@ -752,6 +760,7 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.decoder_embed_dim, config.vocab_size, bias=False)
         # Fast one-token decoding, installed by the inference side (infer.decode_graph.install_graph_decoding).
         self.step_decoder: Callable[..., Tensor | None] | None = None
+        self.loss_kernel = "torch"  # the chunked loss's per-chunk work (select_kernels sets it from the config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -842,8 +851,10 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
             if logits is not None and keep_all:
                 loss = causal_lm_loss_from_logits(logits, labels, num_items_in_batch)
             else:
+                kernel = self.loss_kernel if hidden.is_cuda else "torch"  # the kernel runs on CUDA tensors
                 loss = chunked_causal_lm_loss(
-                    hidden, self.lm_head, labels, num_items_in_batch, self.config.loss_chunk_size, num_loss_tokens
+                    hidden, self.lm_head, labels, num_items_in_batch, self.config.loss_chunk_size, num_loss_tokens,
+                    kernel,
                 )
         out = CausalLMOutputWithPast(
             loss=loss,

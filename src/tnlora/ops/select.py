@@ -1,10 +1,10 @@
 """Which implementation of each operation runs on which device: decided here and nowhere else.
 
-The model's config names a choice per operation (``lightning_impl``, ``norm_kernel``, ``decode_kernel``), each
-"auto" by default; :func:`kernels_for` turns the choices into implementations for one device. The model applies
-them when it is built and whenever it moves to another device (``TransnormerPreTrainedModel.select_kernels``),
-never inside a forward; the static decode step (``infer.decode_graph``) resolves ``decode_kernel`` with
-:func:`kernel_impl` when its runner is built.
+The model's config names a choice per operation (``lightning_impl``, ``norm_kernel``, ``decode_kernel``,
+``loss_kernel``), each "auto" by default but ``loss_kernel`` ("torch"); :func:`kernels_for` turns the choices
+into implementations for one device. The model applies them when it is built and whenever it moves to
+another device (``TransnormerPreTrainedModel.select_kernels``), never inside a forward; the static decode step
+(``infer.decode_graph``) resolves ``decode_kernel`` with :func:`kernel_impl` when its runner is built.
 
 "auto" means: on CUDA, fla-core's kernels for multi-token attention when fla imports and the Triton kernels
 for norms and the decode step when triton imports; everywhere else, the PyTorch implementations. One-token
@@ -49,7 +49,7 @@ def step_attention_impl(choice: str) -> str:
 
 
 def kernel_impl(choice: str, device: torch.device | str, field: str) -> str:
-    """"torch" or "triton" for the config ``field`` (norm_kernel, decode_kernel) set to ``choice`` on ``device``:
+    """"torch" or "triton" for the config ``field`` (norm_kernel, decode_kernel, loss_kernel) set to ``choice`` on ``device``:
     auto → triton on CUDA when it imports (the device is checked first: a CPU model never imports triton)."""
     if choice not in KERNEL_CHOICES:
         raise ConfigError(f"{field} must be one of {KERNEL_CHOICES}, got {choice!r}")
@@ -69,6 +69,7 @@ class Kernels:
     attention: str  # multi-token lightning attention: chunked | recurrent | fla
     attention_step: str  # one-token lightning attention calls
     norm: str  # SimpleRMSNorm: torch | triton (forward and backward kernels; no-grad forwards too)
+    loss: str  # the chunked loss's cross-entropy and logit gradient: torch | triton
 
 
 def kernels_for(config: object, device: torch.device | str) -> Kernels:
@@ -80,6 +81,7 @@ def kernels_for(config: object, device: torch.device | str) -> Kernels:
         attention=attention_impl(impl, device),
         attention_step=step_attention_impl(impl),
         norm=kernel_impl(getattr(config, "norm_kernel", "auto"), device, "norm_kernel"),
+        loss=kernel_impl(getattr(config, "loss_kernel", "torch"), device, "loss_kernel"),
     )
 
 
