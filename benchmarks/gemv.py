@@ -11,6 +11,7 @@ partial sums meet by atomic adds) and reports the best; every result is checked 
 
     python3 benchmarks/gemv.py [--models 7B,1B] [--repeats 12]        # on a GPU
     python3 benchmarks/gemv.py --fused     # tnlora.ops.gemv's fused forms against what they replace
+    python3 benchmarks/gemv.py --rows 32   # batch 32: cuBLAS against a Triton skinny GEMM (weights read once)
     TRITON_INTERPRET=1 python3 benchmarks/gemv.py --check --device cpu   # the kernel's arithmetic, on a CPU
 """
 
@@ -81,6 +82,53 @@ def triton_gemv(x: torch.Tensor, w: torch.Tensor, config: tuple[int, int, int, i
     return y.to(x.dtype) if split_k > 1 else y
 
 
+@triton.jit
+def skinny_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, ITERS: tl.constexpr):
+    """Y[:, n] (+)= X W[n]ᵀ for all M (≤ BLOCK_M) rows of X over this program's BLOCK_N outputs and its part of
+    K: each weight tile is read once for every row (tensor-core dots, fp32 accumulation). With SPLIT_K > 1, Y
+    is an fp32 buffer the parts add into."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    out_ok = outs < N
+    k_start = pid_k * ITERS * BLOCK_K
+    k_end = tl.minimum(K, k_start + ITERS * BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(0, ITERS):
+        ks = k_start + i * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = ks < k_end
+        x = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + outs[None, :].to(tl.int64) * stride_w + ks[:, None],
+                    mask=out_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(x, w, acc)
+    offsets = y_ptr + rows[:, None] * stride_y + outs[None, :]
+    if SPLIT_K == 1:
+        tl.store(offsets, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & out_ok[None, :])
+    else:
+        tl.atomic_add(offsets, acc, mask=row_ok[:, None] & out_ok[None, :])
+
+
+# (BLOCK_N outputs per program, BLOCK_K, SPLIT_K, num_warps) of the skinny GEMM (M rows, M ≤ 64).
+SKINNY_CONFIGS = [(bn, bk, sk, 4) for bn in (64, 128) for bk in (128, 256) for sk in (1, 2, 4)]
+
+
+def triton_skinny(x: torch.Tensor, w: torch.Tensor, config: tuple[int, int, int, int]) -> torch.Tensor:
+    """x [M, K] (rows contiguous, M ≤ 64), w [N, K] row-major → y [M, N] in x's dtype."""
+    block_n, block_k, split_k, warps = config
+    m, k = x.shape
+    n = w.shape[0]
+    y = torch.zeros(m, n, dtype=torch.float32, device=x.device) if split_k > 1 else torch.empty(
+        m, n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n, block_n), split_k)
+    iters = triton.cdiv(triton.cdiv(k, split_k), block_k)
+    skinny_kernel[grid](x, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0), BLOCK_M=max(16, triton.next_power_of_2(m)),
+                        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, ITERS=iters, num_warps=warps)
+    return y.to(x.dtype) if split_k > 1 else y
+
+
 def graph_seconds(step: Callable[[int], object], repeats: int, library: str = "cublas") -> float:
     """Median seconds of one call, from replays of a graph of ``repeats`` calls on distinct weights."""
     with blas_library(library):
@@ -107,7 +155,8 @@ def graph_seconds(step: Callable[[int], object], repeats: int, library: str = "c
 
 
 def close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> bool:
-    reference = F.linear(x.float()[None], w.float())[0]
+    """y against an fp32 product, for x one row [K] or rows [M, K]."""
+    reference = F.linear(x.float(), w.float())
     return bool(torch.allclose(y.float(), reference, atol=2e-2, rtol=2e-2))
 
 
@@ -122,6 +171,13 @@ def check(device: str) -> int:
             ok = close(triton_gemv(x, w, config), x, w)
             failures += not ok
             print(f"N={n} K={k} config={config}: {'ok' if ok else 'WRONG'}")
+        for m in (3, 32):
+            # fp32: the interpreter's dots do not take bf16 (timing runs check bf16 results on the GPU)
+            xs, wf = torch.randn(m, k, generator=gen).to(device), w.float()
+            for config in [(16, 32, 1, 4), (32, 64, 2, 4), (16, 32, 3, 4)]:
+                ok = close(triton_skinny(xs, wf, config), xs, wf)
+                failures += not ok
+                print(f"M={m} N={n} K={k} skinny config={config}: {'ok' if ok else 'WRONG'}")
     return 1 if failures else 0
 
 
@@ -148,6 +204,35 @@ def measure(models: list[str], repeats: int) -> int:
                     best = (seconds, config)
             triton_cell = f"{best[0] * 1e6:.1f} ({gb / best[0]:,.0f})" if best else "–"
             print(f"| {model} | {name} | {n:,} × {k:,} | {cells[0]} | {cells[1]} | {triton_cell} | "
+                  f"{best[1] if best else '–'} |", flush=True)
+    return 0
+
+
+def measure_rows(models: list[str], repeats: int, m: int) -> int:
+    """The projections at M rows (the decode step at batch M): cuBLAS, cuBLASLt and the Triton skinny GEMM,
+    which reads each weight tile once for all rows."""
+    print(f"copy bandwidth: {copy_bandwidth() / 1e9:,.0f} GB/s (device-to-device copies of 1 GiB, read + write)")
+    print("| model | projection | M × N × K | cuBLAS µs (GB/s) | cuBLASLt µs (GB/s) | Triton skinny µs (GB/s) "
+          "| best config |\n|---|---|---|---|---|---|---|")
+    for model in models:
+        for name, n, k in SHAPES[model]:
+            weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(repeats)]
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            gb = n * k * 2 / 1e9  # the weight's bytes: what bounds a step at small M
+            cells = []
+            for library in ("cublas", "cublaslt"):
+                seconds = graph_seconds(lambda i, x=x, ws=weights: F.linear(x, ws[i]), repeats, library)
+                cells.append(f"{seconds * 1e6:.1f} ({gb / seconds:,.0f})")
+            best: tuple[float, tuple[int, int, int, int]] | None = None
+            for config in SKINNY_CONFIGS:
+                if not close(triton_skinny(x, weights[0], config), x, weights[0]):
+                    print(f"{model} {name} {config}: WRONG result", file=sys.stderr)
+                    continue
+                seconds = graph_seconds(lambda i, c=config, x=x, ws=weights: triton_skinny(x, ws[i], c), repeats)
+                if best is None or seconds < best[0]:
+                    best = (seconds, config)
+            triton_cell = f"{best[0] * 1e6:.1f} ({gb / best[0]:,.0f})" if best else "–"
+            print(f"| {model} | {name} | {m} × {n:,} × {k:,} | {cells[0]} | {cells[1]} | {triton_cell} | "
                   f"{best[1] if best else '–'} |", flush=True)
     return 0
 
@@ -208,6 +293,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--check", action="store_true", help="check the kernel's results on small shapes only")
     parser.add_argument("--fused", action="store_true", help="time tnlora.ops.gemv's fused forms instead")
+    parser.add_argument("--rows", type=int, default=1,
+                        help="rows of x (the decode batch); above 1: cuBLAS against a Triton skinny GEMM")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="of --check")
     args = parser.parse_args()
     if args.check:
@@ -217,6 +304,8 @@ def main() -> int:
         return 2
     if args.fused:
         return measure_fused(args.models.split(","), args.repeats)
+    if args.rows > 1:
+        return measure_rows(args.models.split(","), args.repeats, args.rows)
     return measure(args.models.split(","), args.repeats)
 
 

@@ -22,7 +22,8 @@
 #                   prefill and 31 graph replays): where a step's time goes against its weights' bytes
 #   decode-kernel   decoding with the torch and the triton recurrence
 #   gemv            the batch-1 decode projections: cuBLAS / cuBLASLt against a Triton GEMV (benchmarks/gemv.py;
-#                   GEMV_ARGS=--fused: tnlora.ops.gemv's fused forms against the composition they replace)
+#                   GEMV_ARGS=--fused: tnlora.ops.gemv's fused forms against the composition they replace;
+#                   GEMV_ARGS="--rows 32": batch 32, cuBLAS against a Triton skinny GEMM)
 #   loss            one chunk of the training loss: PyTorch's cross-entropy composition against the fused kernel
 #                   (benchmarks/cross_entropy.py; loss_kernel)
 #   decode-adapter  7B decoding with a LoRA adapter kept unmerged / merged
