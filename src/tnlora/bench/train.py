@@ -111,16 +111,26 @@ class StepTimer(TrainerCallback):
         parts = [f"gen {g}: {int(n)} ({1e3 * t:.1f} ms)" for g, (n, t) in sorted(self.gc.items())]
         return "python gc in the timed steps: " + (", ".join(parts) if parts else "none")
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.warmup == 0:  # no warm-up step ends before the timed ones: they start here
+            self._start(state)
+        return control
+
+    def _start(self, state) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.t0, self.tokens0 = time.perf_counter(), int(state.num_input_tokens_seen)
+        if state.global_step < state.max_steps:  # no timed steps, nothing to watch (and no end to unhook it)
+            gc.callbacks.append(self._on_gc)
+
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step not in (self.warmup, state.max_steps):
             return control
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
         if state.global_step == self.warmup:
-            self.t0, self.tokens0 = time.perf_counter(), int(state.num_input_tokens_seen)
-            if state.global_step < state.max_steps:  # no timed steps, nothing to watch (and no end to unhook it)
-                gc.callbacks.append(self._on_gc)
+            self._start(state)
         elif state.global_step > self.warmup:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             self.t1, self.tokens1 = time.perf_counter(), int(state.num_input_tokens_seen)
             self.steps = state.global_step - self.warmup
             if self._on_gc in gc.callbacks:
@@ -252,6 +262,7 @@ def memory_note(cfg) -> str:
 def train_bench(args: argparse.Namespace, keys: dict[str, Any], name: str) -> TrainBenchResult:
     """Real LoRA training steps through ``build_trainer``; figures from the timed steps after the warm-up."""
     from tnlora.model.tokenizer import ByteTokenizer
+    from tnlora.train.lora_fused import FusedLoraLinear
     from tnlora.train.memory import parameter_count
     from tnlora.train.run import bundle_from_examples, prepare_for_training, quantization_of
     from tnlora.train.trainer import build_trainer
@@ -274,6 +285,10 @@ def train_bench(args: argparse.Namespace, keys: dict[str, Any], name: str) -> Tr
         model.select_kernels()
         n_params = parameter_count(model.config)  # the tied embedding once, 4-bit weights at their full count
         model = prepare_for_training(model, cfg)  # as `tnlora train` does; warm-up steps absorb compile time
+        if args.lora_compiled_op:
+            for module in model.modules():
+                if isinstance(module, FusedLoraLinear):
+                    module.compiled_op = True  # read when the layers compile, at the first step
         # Enough examples for every timed step; packing packs them into cutoff-length rows first.
         kept = [pair for pair in lengths if sum(pair) <= cfg.cutoff_len] or lengths
         mean_len = sum(p + learned for p, learned in kept) / len(kept)
@@ -310,7 +325,8 @@ def run(args: argparse.Namespace, keys: dict[str, Any]) -> int:
     cap = cap_gpu_memory(args.gpu_memory_gib) if args.gpu_memory_gib else ""
     shape = f"one {args.seq_len}-token sequence a row" if args.seq_len else "data-shaped"
     given = " ".join(f"{k}={v}" for k, v in keys.items())
-    settings = f"{shape}{' ' + given if given else ''} norms={args.norm_kernel} loss={args.loss_kernel}{cap}"
+    op = " lora_compiled_op" if args.lora_compiled_op else ""
+    settings = f"{shape}{' ' + given if given else ''} norms={args.norm_kernel} loss={args.loss_kernel}{op}{cap}"
     print(f"config: {args.model} {settings}", flush=True)  # every row can be traced to its settings
     r = train_bench(args, keys, args.name or f"{args.model} {settings}")
     print("| run | tokens/s | MFU | peak GiB | s/step | loss |\n|---|---|---|---|---|---|")
