@@ -75,6 +75,29 @@ def test_compiled_layers_train_like_eager(checkpointing):
     assert_close(loss_and_grads(eager, batch(48)), loss_and_grads(compiled, batch(48)))
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_compiled_layers_with_the_fused_lora_operators_train_like_eager(dropout):
+    """FusedLoraLinear.compiled_op: the compiled layer calls tnlora's custom LoRA operators (forward and
+    backward, one per adapted layer) and trains exactly like the eager fused layers, dropout draws included."""
+    from tnlora.train.lora_fused import FusedLoraLinear
+
+    eager = lora_model(dropout)
+    compiled = copy.deepcopy(eager)
+    for module in compiled.modules():
+        if isinstance(module, FusedLoraLinear):
+            module.compiled_op = True
+    assert compile_decoder_layers(compiled) == 1
+    inputs = batch(48)
+    torch.manual_seed(5)
+    want = loss_and_grads(eager, inputs)
+    torch.manual_seed(5)
+    with torch.profiler.profile() as prof:
+        got = loss_and_grads(compiled, inputs)
+    assert_close(want, got)
+    names = {event.name for event in prof.events()}
+    assert {"tnlora::lora_linear", "tnlora::lora_linear_backward"} <= names
+
+
 def test_new_sequence_lengths_do_not_recompile():
     model = lora_model()
     compile_decoder_layers(model)

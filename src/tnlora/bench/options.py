@@ -26,6 +26,9 @@ def train_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
                         help="the model's norm implementation (config norm_kernel)")
     parser.add_argument("--loss_kernel", default="torch", choices=["auto", "torch", "triton"],
                         help="the chunked loss's cross-entropy (config loss_kernel)")
+    parser.add_argument("--lora_compiled_op", action="store_true",
+                        help="compiled layers call the fused LoRA layers' custom operators instead of peft's "
+                             "composition (lora_kernel fused)")
     parser.add_argument("--gpu_memory_gib", type=float, default=0.0,
                         help="allocate at most this much GPU memory (the defaults size for it too): a smaller "
                              "card on this one, e.g. 79.6 for an 80 GB card")

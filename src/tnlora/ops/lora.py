@@ -13,10 +13,12 @@ Numerically it is the same function as peft's layer: the sums are the same, grou
 accumulation instead of rounded to the compute dtype between matmul, scale and add.
 ``lora_linear_reference`` is the plain composition (peft's order) that the tests check it against.
 
-Compiled code gets the composition: Inductor fuses the scale and the add into the kernels that read the output
-next, and it lowers an in-place β = 1 GEMM as a copy of the output followed by the GEMM (measured on the 1B
-step: 163 device-to-device copies, 17 ms a step, and 2.5 % fewer tokens/s than the composition;
-benchmarks/RESULTS.md). The fused form is for eager layers.
+Compiled code gets the composition by default: Inductor fuses the scale and the add into the kernels that read
+the output next, and it lowers an in-place β = 1 GEMM as a copy of the output followed by the GEMM (measured on
+the 1B step: 163 device-to-device copies, 17 ms a step, and 2.5 % fewer tokens/s than the composition;
+benchmarks/RESULTS.md). ``compiled_op=True`` gives compiled code the fused form as two custom operators
+(``tnlora::lora_linear`` and its backward, ``torch.library``): the compiler calls them as they are instead of
+lowering their in-place GEMMs.
 
 The compute dtype is the autocast dtype where autocast is on (as ``F.linear`` under autocast would compute),
 else the input's; the adapter's gradients come back in its weights' dtype (fp32 adapters under bf16 autocast).
@@ -52,14 +54,19 @@ def lora_linear(
     scaling: float,
     dropout: float = 0.0,
     training: bool = False,
+    compiled_op: bool = False,
 ) -> Tensor:
     """x [..., in] → [..., out] through the frozen ``weight`` [out, in] (and ``bias``) plus the adapter
     ``lora_a`` [r, in], ``lora_b`` [out, r] scaled by ``scaling``, with dropout ``dropout`` on the adapter's
-    input in training. Gradients flow to x, lora_a and lora_b. A trainable base weight (not LoRA's case) and
-    compiled code take :func:`lora_linear_reference`."""
-    if torch.compiler.is_compiling() or weight.requires_grad or (bias is not None and bias.requires_grad):
+    input in training. Gradients flow to x, lora_a and lora_b. A trainable base weight (not LoRA's case) takes
+    :func:`lora_linear_reference`; so does compiled code, unless ``compiled_op`` (the custom operators)."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
         return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout, training)
     p = dropout if training else 0.0
+    if torch.compiler.is_compiling():
+        if not compiled_op:
+            return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout, training)
+        return _lora_linear_op_call(x, weight, bias, lora_a, lora_b, scaling, p)
     return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, scaling, p)
 
 
@@ -111,6 +118,100 @@ class _LoraLinear(torch.autograd.Function):
                 grad_x.add_(torch.ops.aten.native_dropout_backward(g @ a, mask, s / (1.0 - ctx.p)))
             grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
         return grad_x, None, None, grad_a, grad_b, None, None
+
+
+# The same computation as custom operators, for compiled code: the casts to the compute dtype stay outside (where
+# the compiler sees them and autograd casts the gradients back); inside, the GEMMs run as in _LoraLinear.
+
+
+@torch.library.custom_op("tnlora::lora_linear", mutates_args=())
+def _lora_linear_op(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, p: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, h, drop(x), kept-mask) for x [T, in] and the weights in one dtype; without dropout the last two are
+    empty (an operator's outputs may not alias its inputs)."""
+    if p > 0.0:
+        xd, mask = torch.ops.aten.native_dropout(x, p, True)
+    else:
+        xd, mask = x, x.new_empty((0, x.shape[1]), dtype=torch.bool)
+    h = xd @ lora_a.t()
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    y.addmm_(h, lora_b.t(), alpha=scaling)
+    return y, h, (xd if p > 0.0 else x.new_empty((0, x.shape[1]))), mask
+
+
+@_lora_linear_op.register_fake
+def _lora_linear_op_fake(x, weight, bias, lora_a, lora_b, scaling, p):
+    rows, width = x.shape
+    kept = rows if p > 0.0 else 0
+    return (
+        x.new_empty((rows, weight.shape[0])),
+        x.new_empty((rows, lora_a.shape[0])),
+        x.new_empty((kept, width)),
+        x.new_empty((kept, width), dtype=torch.bool),
+    )
+
+
+@torch.library.custom_op("tnlora::lora_linear_backward", mutates_args=())
+def _lora_linear_backward_op(
+    dy: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xd: Tensor, h: Tensor, mask: Tensor,
+    scaling: float, p: float, needs_x: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dA, dB) as _LoraLinear's backward computes them; dx is empty unless ``needs_x``."""
+    g = dy @ lora_b
+    grad_b = (dy.t() @ h).mul_(scaling)
+    grad_a = (g.t() @ xd).mul_(scaling)
+    if not needs_x:
+        return dy.new_empty((0,)), grad_a, grad_b
+    grad_x = dy @ weight
+    if p > 0.0:
+        grad_x.add_(torch.ops.aten.native_dropout_backward(g @ lora_a, mask, scaling / (1.0 - p)))
+    else:
+        grad_x.addmm_(g, lora_a, alpha=scaling)
+    return grad_x, grad_a, grad_b
+
+
+@_lora_linear_backward_op.register_fake
+def _lora_linear_backward_op_fake(dy, weight, lora_a, lora_b, xd, h, mask, scaling, p, needs_x):
+    grad_x = dy.new_empty((dy.shape[0], weight.shape[1])) if needs_x else dy.new_empty((0,))
+    return grad_x, torch.empty_like(lora_a), torch.empty_like(lora_b)
+
+
+def _lora_linear_op_setup(ctx, inputs, output) -> None:
+    x, weight, _bias, lora_a, lora_b, scaling, p = inputs
+    _y, h, xd, mask = output
+    ctx.save_for_backward(weight, lora_a, lora_b, xd if p > 0.0 else x, h, mask)
+    ctx.scaling, ctx.p = scaling, p
+
+
+def _lora_linear_op_backward(ctx, dy, _dh, _dxd, _dmask):
+    weight, lora_a, lora_b, xd, h, mask = ctx.saved_tensors
+    needs_x = ctx.needs_input_grad[0]
+    grad_x, grad_a, grad_b = torch.ops.tnlora.lora_linear_backward(
+        dy.to(h.dtype), weight, lora_a, lora_b, xd, h, mask, ctx.scaling, ctx.p, needs_x
+    )
+    return (grad_x if needs_x else None), None, None, grad_a, grad_b, None, None
+
+
+torch.library.register_autograd(
+    "tnlora::lora_linear", _lora_linear_op_backward, setup_context=_lora_linear_op_setup
+)
+
+
+def _lora_linear_op_call(x, weight, bias, lora_a, lora_b, scaling, p) -> Tensor:
+    """lora_linear through the custom operators: inputs cast to the compute dtype, rows flattened."""
+    dtype = _compute_dtype(x)
+    shape = x.shape
+    y = torch.ops.tnlora.lora_linear(
+        x.reshape(-1, shape[-1]).to(dtype),
+        weight.to(dtype),
+        bias.to(dtype) if bias is not None else None,
+        lora_a.to(dtype),
+        lora_b.to(dtype),
+        scaling,
+        p,
+    )[0]
+    return y.reshape(*shape[:-1], y.shape[-1])
 
 
 __all__ = ["lora_linear", "lora_linear_reference"]

@@ -21,7 +21,11 @@ from tnlora.ops.lora import lora_linear
 
 class FusedLoraLinear(LoraLinear):
     """peft's ``lora.Linear``; in training with gradients on, the vanilla adapter's forward is fused with the
-    base layer's (the B matmul accumulates into the base output, forward and backward)."""
+    base layer's (the B matmul accumulates into the base output, forward and backward). Compiled code runs
+    peft's composition unless ``compiled_op`` is set (the fused form as custom operators; ``tnlora bench train
+    --lora_compiled_op``)."""
+
+    compiled_op = False
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         adapter = self._fused_adapter(x, args, kwargs)
@@ -32,7 +36,7 @@ class FusedLoraLinear(LoraLinear):
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
         return lora_linear(
             x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-            self.scaling[adapter], p, dropout.training,
+            self.scaling[adapter], p, dropout.training, self.compiled_op,
         )
 
     def _fused_adapter(self, x: Tensor, args: tuple, kwargs: dict) -> str | None:
