@@ -38,6 +38,7 @@ def _logits(rows: int, vocab: int, dtype: torch.dtype, seed: int = 0) -> tuple[t
 def test_kernel_equals_the_composition(dtype: torch.dtype, vocab: int) -> None:
     logits, targets = _logits(5, vocab, dtype, seed=vocab)
     want_loss, want_grad = cross_entropy_grad_reference(logits, targets)
+    want_grad = want_grad.to(dtype)
     buffer = logits.clone()
     got_loss = cross_entropy_grad_(buffer, targets)
     assert got_loss.dtype == want_loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -118,6 +119,7 @@ def test_cuda_kernel_at_the_vocabulary_of_the_released_models(rows: int) -> None
     """bf16 logits of a full and a partial chunk over TNL's 64,000-token vocabulary."""
     logits, targets = _logits(rows, 64000, torch.bfloat16, seed=rows)
     want_loss, want_grad = cross_entropy_grad_reference(logits, targets)
+    want_grad = want_grad.to(torch.bfloat16)
     got_loss = cross_entropy_grad_(logits, targets)
     assert ((got_loss - want_loss).abs() / want_loss.abs()).max().item() <= 1e-5
     excess = (logits.double() - want_grad.double()).abs() - 2**-7 * want_grad.double().abs()

@@ -665,12 +665,14 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         with torch.autocast(device, enabled=False):
             for lo in range(0, targets.shape[0], chunk_size):
                 chunk, target = rows[lo : lo + chunk_size].to(dtype), targets[lo : lo + chunk_size]
-                logits = F.linear(chunk, w)
                 if kernel == "triton":
-                    losses, grad = cross_entropy_grad_(logits, target), logits  # the gradient over the logits
+                    grad = F.linear(chunk, w)
+                    losses = cross_entropy_grad_(grad, target)  # the gradient written over the logits
                 else:
+                    logits = _at_least_fp32(F.linear(chunk, w))
                     losses, grad = cross_entropy_grad_reference(logits, target)
-                del logits
+                    del logits
+                    grad = grad.to(dtype)
                 total += losses.sum()
                 grad_rows[lo : lo + chunk_size] = grad @ w
                 if grad_weight is not None:

@@ -1,9 +1,9 @@
 """The chunked loss's per-chunk work after the LM head's matmul: each row's cross-entropy and its logit gradient.
 
 For a chunk of logits [M, V] and one target per row, the loss of a row is lse − logit[target] and its gradient
-with respect to the logits is softmax − onehot(target). PyTorch's composition (:func:`cross_entropy_grad_reference`,
-what ``modeling._LinearCrossEntropySum`` runs with ``loss_kernel: torch``) makes an fp32 copy of the logits and
-passes over it about six times (the cast, the max and the sum of the log-sum-exp, the softmax's read and write,
+with respect to the logits is softmax − onehot(target). PyTorch's composition (:func:`cross_entropy_grad_reference`
+and the cast back, what ``modeling._LinearCrossEntropySum`` runs with ``loss_kernel: torch``) makes an fp32 copy
+of the logits and passes over it about six times (the cast, the max and the sum of the log-sum-exp, the softmax's read and write,
 the cast back), ~28 bytes moved per logit with bf16 logits. :func:`cross_entropy_grad_` is one Triton kernel
 (``loss_kernel: triton``): it reads the logits twice and writes the gradient over them in their dtype, ~6 bytes
 per logit, computing in fp32 (fp64 for fp64 logits) as the composition does. The results are the composition's
@@ -32,14 +32,14 @@ def _accumulation_dtype(logits: Tensor) -> torch.dtype:
 
 
 def cross_entropy_grad_reference(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """(the rows' losses in fp32 or wider, softmax − onehot in the logits' dtype) by PyTorch ops."""
+    """(the rows' losses, softmax − onehot) by PyTorch ops, both in fp32 or wider; the caller casts the gradient
+    back (after dropping the fp32 logits, so that two fp32 chunks are the most alive at a time)."""
     wide = logits.to(_accumulation_dtype(logits))
     lse = torch.logsumexp(wide, dim=-1)
     losses = lse - wide.gather(1, targets[:, None]).squeeze(1)
     grad = torch.softmax(wide, dim=-1)
-    del wide
     grad[torch.arange(targets.shape[0], device=grad.device), targets] -= 1
-    return losses, grad.to(logits.dtype)
+    return losses, grad
 
 
 def cross_entropy_grad_(logits: Tensor, targets: Tensor) -> Tensor:
