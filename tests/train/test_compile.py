@@ -75,18 +75,22 @@ def test_compiled_layers_train_like_eager(checkpointing):
     assert_close(loss_and_grads(eager, batch(48)), loss_and_grads(compiled, batch(48)))
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_compiled_layers_with_the_fused_lora_operators_train_like_eager(dropout):
+@pytest.mark.parametrize(("dropout", "checkpointing"), [(0.0, False), (0.1, False), (0.1, True)])
+def test_compiled_layers_with_the_fused_lora_operators_train_like_eager(dropout, checkpointing):
     """FusedLoraLinear.compiled_op: the compiled layer calls tnlora's custom LoRA operators (forward and
-    backward, one per adapted layer) and trains exactly like the eager fused layers, dropout draws included."""
+    backward, one per adapted layer) and trains exactly like the eager fused layers, dropout draws included
+    (also when checkpointing recomputes the layer)."""
     from tnlora.train.lora_fused import FusedLoraLinear
 
     eager = lora_model(dropout)
     compiled = copy.deepcopy(eager)
+    for model in (eager, compiled):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for module in compiled.modules():
         if isinstance(module, FusedLoraLinear):
             module.compiled_op = True
-    assert compile_decoder_layers(compiled) == 1
+    assert compile_decoder_layers(compiled, checkpointing=checkpointing) == 1
     inputs = batch(48)
     torch.manual_seed(5)
     want = loss_and_grads(eager, inputs)
