@@ -34,3 +34,22 @@ def test_compiled_layers_match_eager_in_bf16_with_fla(checkpointing: str | None)
             results.append(loss_and_grads(model, inputs))
     # bf16 autocast, and inductor fuses the casts differently from eager. Reference: the eager layers.
     assert_bf16_step_matches(results[1], results[0], f"compile, checkpointing={checkpointing}")
+
+
+def test_compiled_layers_with_the_fused_lora_operators_match_eager_in_bf16() -> None:
+    """FusedLoraLinear.compiled_op on CUDA: the compiled layers call tnlora's LoRA operators (cuBLAS GEMMs with
+    the adapter accumulated in place) and give the eager loss and LoRA gradients within bf16 tolerance."""
+    from tnlora.train.lora_fused import FusedLoraLinear
+
+    models = [lora_model(device="cuda", dtype=torch.bfloat16, impl="fla", **GEOMETRY_1B) for _ in range(2)]
+    for module in models[1].modules():
+        if isinstance(module, FusedLoraLinear):
+            module.compiled_op = True
+    compile_decoder_layers(models[1])
+    inputs = {name: t.cuda() for name, t in batch(1000).items()}
+    results = []
+    for model in models:
+        with torch.autocast("cuda", dtype=torch.bfloat16), torch.profiler.profile() as prof:
+            results.append(loss_and_grads(model, inputs))
+    assert "tnlora::lora_linear" in {event.name for event in prof.events()}
+    assert_bf16_step_matches(results[1], results[0], "compile with the fused LoRA operators")
