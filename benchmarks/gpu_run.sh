@@ -24,6 +24,8 @@
 #   gemv            the batch-1 decode projections: cuBLAS / cuBLASLt against a Triton GEMV (benchmarks/gemv.py;
 #                   GEMV_ARGS=--fused: tnlora.ops.gemv's fused forms against the composition they replace;
 #                   GEMV_ARGS="--rows 32": batch 32, cuBLAS against a Triton skinny GEMM)
+#   candidates      the opt-in rungs not yet measured: 1B training with --loss_kernel triton and / or
+#                   --lora_compiled_op against the defaults, then the stages loss, gemv --rows 32, gemv --fused
 #   loss            one chunk of the training loss: PyTorch's cross-entropy composition against the fused kernel
 #                   (benchmarks/cross_entropy.py; loss_kernel)
 #   decode-adapter  7B decoding with a LoRA adapter kept unmerged / merged
@@ -115,6 +117,14 @@ for stage in "$@"; do
       done ;;
     gemv)
       log "gemv"; timeout ${LIMIT:-300} python3 benchmarks/gemv.py ${GEMV_ARGS:-} 2>&1 | grep -v Warning | row ;;
+    candidates)  # the opt-in rungs against the defaults in one go: the loss kernel, the compiled fused-LoRA
+      # operators (1B, tnlora train's defaults), and the projections at batch 32 and in their fused batch-1 forms
+      for extra in "" "--loss_kernel triton" "--lora_compiled_op" "--loss_kernel triton --lora_compiled_op"; do
+        train --model 1B $extra --name "1B huanhuan-shaped, tnlora train's defaults ${extra:-(as they are)} ($COMMIT)$TAG"
+      done
+      log "loss"; timeout ${LIMIT:-300} python3 benchmarks/cross_entropy.py 2>&1 | grep -v Warning | row
+      log "gemv --rows 32"; timeout ${LIMIT:-300} python3 benchmarks/gemv.py --rows 32 2>&1 | grep -v Warning | row
+      log "gemv --fused"; timeout ${LIMIT:-300} python3 benchmarks/gemv.py --fused 2>&1 | grep -v Warning | row ;;
     loss)
       log "loss"; timeout ${LIMIT:-300} python3 benchmarks/cross_entropy.py 2>&1 | grep -v Warning | row ;;
     decode-kernel)
