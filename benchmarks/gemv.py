@@ -181,38 +181,18 @@ def check(device: str) -> int:
     return 1 if failures else 0
 
 
-def measure(models: list[str], repeats: int) -> int:
-    print(f"copy bandwidth: {copy_bandwidth() / 1e9:,.0f} GB/s (device-to-device copies of 1 GiB, read + write)")
-    print("| model | projection | N × K | cuBLAS µs (GB/s) | cuBLASLt µs (GB/s) | Triton µs (GB/s) | best config |")
-    print("|---|---|---|---|---|---|---|")
-    for model in models:
-        for name, n, k in SHAPES[model]:
-            weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(repeats)]
-            x = torch.randn(k, device="cuda", dtype=torch.bfloat16)
-            gb = n * k * 2 / 1e9
-            cells = []
-            for library in ("cublas", "cublaslt"):
-                seconds = graph_seconds(lambda i, x=x, ws=weights: F.linear(x[None], ws[i]), repeats, library)
-                cells.append(f"{seconds * 1e6:.1f} ({gb / seconds:,.0f})")
-            best: tuple[float, tuple[int, int, int, int]] | None = None
-            for config in CONFIGS:
-                if not close(triton_gemv(x, weights[0], config), x, weights[0]):
-                    print(f"{model} {name} {config}: WRONG result", file=sys.stderr)
-                    continue
-                seconds = graph_seconds(lambda i, c=config, x=x, ws=weights: triton_gemv(x, ws[i], c), repeats)
-                if best is None or seconds < best[0]:
-                    best = (seconds, config)
-            triton_cell = f"{best[0] * 1e6:.1f} ({gb / best[0]:,.0f})" if best else "–"
-            print(f"| {model} | {name} | {n:,} × {k:,} | {cells[0]} | {cells[1]} | {triton_cell} | "
-                  f"{best[1] if best else '–'} |", flush=True)
-    return 0
+def measure(models: list[str], repeats: int, m: int = 1) -> int:
+    """Each projection at M rows of x (the decode step at batch M) on cuBLAS, cuBLASLt and a Triton kernel: the
+    GEMV for one row, else the skinny GEMM, which reads each weight tile once for all rows; the best config."""
+    if m == 1:
+        configs, label = CONFIGS, "Triton"
 
-
-def measure_rows(models: list[str], repeats: int, m: int) -> int:
-    """The projections at M rows (the decode step at batch M): cuBLAS, cuBLASLt and the Triton skinny GEMM,
-    which reads each weight tile once for all rows."""
+        def kernel(x, w, config):
+            return triton_gemv(x[0], w, config)[None]
+    else:
+        configs, label, kernel = SKINNY_CONFIGS, "Triton skinny", triton_skinny
     print(f"copy bandwidth: {copy_bandwidth() / 1e9:,.0f} GB/s (device-to-device copies of 1 GiB, read + write)")
-    print("| model | projection | M × N × K | cuBLAS µs (GB/s) | cuBLASLt µs (GB/s) | Triton skinny µs (GB/s) "
+    print(f"| model | projection | M × N × K | cuBLAS µs (GB/s) | cuBLASLt µs (GB/s) | {label} µs (GB/s) "
           "| best config |\n|---|---|---|---|---|---|---|")
     for model in models:
         for name, n, k in SHAPES[model]:
@@ -224,11 +204,11 @@ def measure_rows(models: list[str], repeats: int, m: int) -> int:
                 seconds = graph_seconds(lambda i, x=x, ws=weights: F.linear(x, ws[i]), repeats, library)
                 cells.append(f"{seconds * 1e6:.1f} ({gb / seconds:,.0f})")
             best: tuple[float, tuple[int, int, int, int]] | None = None
-            for config in SKINNY_CONFIGS:
-                if not close(triton_skinny(x, weights[0], config), x, weights[0]):
+            for config in configs:
+                if not close(kernel(x, weights[0], config), x, weights[0]):
                     print(f"{model} {name} {config}: WRONG result", file=sys.stderr)
                     continue
-                seconds = graph_seconds(lambda i, c=config, x=x, ws=weights: triton_skinny(x, ws[i], c), repeats)
+                seconds = graph_seconds(lambda i, c=config, x=x, ws=weights: kernel(x, ws[i], c), repeats)
                 if best is None or seconds < best[0]:
                     best = (seconds, config)
             triton_cell = f"{best[0] * 1e6:.1f} ({gb / best[0]:,.0f})" if best else "–"
@@ -304,9 +284,7 @@ def main() -> int:
         return 2
     if args.fused:
         return measure_fused(args.models.split(","), args.repeats)
-    if args.rows > 1:
-        return measure_rows(args.models.split(","), args.repeats, args.rows)
-    return measure(args.models.split(","), args.repeats)
+    return measure(args.models.split(","), args.repeats, args.rows)
 
 
 if __name__ == "__main__":
