@@ -99,21 +99,13 @@ class TransnormerConfig(PreTrainedConfig):
             )
         if self.lightning_impl not in LIGHTNING_IMPLS:
             raise ConfigError(f"lightning_impl must be one of {LIGHTNING_IMPLS}, got {self.lightning_impl!r}")
-        if self.decode_kernel not in KERNEL_CHOICES:
-            raise ConfigError(
-                f"decode_kernel must be one of {KERNEL_CHOICES} (the recurrence of static decode steps), "
-                f"got {self.decode_kernel!r}"
-            )
-        if self.norm_kernel not in KERNEL_CHOICES:
-            raise ConfigError(
-                f"norm_kernel must be one of {KERNEL_CHOICES} (the norms on CUDA), "
-                f"got {self.norm_kernel!r}"
-            )
-        if self.loss_kernel not in KERNEL_CHOICES:
-            raise ConfigError(
-                f"loss_kernel must be one of {KERNEL_CHOICES} (the chunked loss's cross-entropy), "
-                f"got {self.loss_kernel!r}"
-            )
+        for name, what in (
+            ("decode_kernel", "the recurrence of static decode steps"),
+            ("norm_kernel", "the norms on CUDA"),
+            ("loss_kernel", "the chunked loss's cross-entropy"),
+        ):
+            if getattr(self, name) not in KERNEL_CHOICES:
+                raise ConfigError(f"{name} must be one of {KERNEL_CHOICES} ({what}), got {getattr(self, name)!r}")
         if self.lightning_chunk_size < 1 or self.loss_chunk_size < 1:
             raise ConfigError("lightning_chunk_size and loss_chunk_size must be positive")
 
