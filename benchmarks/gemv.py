@@ -124,8 +124,9 @@ def triton_skinny(x: torch.Tensor, w: torch.Tensor, config: tuple[int, int, int,
         m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, block_n), split_k)
     iters = triton.cdiv(triton.cdiv(k, split_k), block_k)
-    skinny_kernel[grid](x, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0), BLOCK_M=max(16, triton.next_power_of_2(m)),
-                        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, ITERS=iters, num_warps=warps)
+    skinny_kernel[grid](x, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
+                        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
+                        SPLIT_K=split_k, ITERS=iters, num_warps=warps)
     return y.to(x.dtype) if split_k > 1 else y
 
 

@@ -3,11 +3,11 @@
 For a chunk of logits [M, V] and one target per row, the loss of a row is lse − logit[target] and its gradient
 with respect to the logits is softmax − onehot(target). PyTorch's composition (:func:`cross_entropy_grad_reference`
 and the cast back, what ``modeling._LinearCrossEntropySum`` runs with ``loss_kernel: torch``) makes an fp32 copy
-of the logits and passes over it about six times (the cast, the max and the sum of the log-sum-exp, the softmax's read and write,
-the cast back), ~28 bytes moved per logit with bf16 logits. :func:`cross_entropy_grad_` is one Triton kernel
-(``loss_kernel: triton``): it reads the logits twice and writes the gradient over them in their dtype, ~6 bytes
-per logit, computing in fp32 (fp64 for fp64 logits) as the composition does. The results are the composition's
-up to the order of the sums.
+of the logits and passes over it about six times (the cast, the max and the sum of the log-sum-exp, the
+softmax's read and write, the cast back), ~28 bytes moved per logit with bf16 logits. :func:`cross_entropy_grad_`
+is one Triton kernel (``loss_kernel: triton``): it reads the logits twice and writes the gradient over them in
+their dtype, ~6 bytes per logit, computing in fp32 (fp64 for fp64 logits) as the composition does. The results
+are the composition's up to the order of the sums.
 """
 
 from __future__ import annotations

@@ -49,8 +49,9 @@ def step_attention_impl(choice: str) -> str:
 
 
 def kernel_impl(choice: str, device: torch.device | str, field: str) -> str:
-    """"torch" or "triton" for the config ``field`` (norm_kernel, decode_kernel, loss_kernel) set to ``choice`` on ``device``:
-    auto → triton on CUDA when it imports (the device is checked first: a CPU model never imports triton)."""
+    """"torch" or "triton" for the config ``field`` (norm_kernel, decode_kernel, loss_kernel) set to ``choice``
+    on ``device``: auto → triton on CUDA when it imports (the device is checked first: a CPU model never imports
+    triton)."""
     if choice not in KERNEL_CHOICES:
         raise ConfigError(f"{field} must be one of {KERNEL_CHOICES}, got {choice!r}")
     if choice == "auto":
