@@ -75,24 +75,51 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+def _forward_gemms(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, p: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(y, h, drop(x), kept-mask or None without dropout) for x [T, in] and the weights in one compute dtype:
+    y = x Wᵀ + b, then y += s · h Bᵀ with h = drop(x) Aᵀ in the same GEMM (β = 1)."""
+    if p > 0.0:
+        # F.dropout's own kernel and draw (one pass; the kept-mask comes back for the backward)
+        xd, mask = torch.ops.aten.native_dropout(x, p, True)
+    else:
+        xd, mask = x, None
+    h = xd @ lora_a.t()
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    y.addmm_(h, lora_b.t(), alpha=scaling)
+    return y, h, xd, mask
+
+
+def _backward_gemms(
+    dy: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xd: Tensor, h: Tensor, mask: Tensor | None,
+    scaling: float, p: float, needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(dx, dA, dB) in the compute dtype, each only where ``needs`` (x, A, B) asks for it: g = dy B;
+    dx = dy W, then dx += s · (g A) ⊙ mask; dA = s · gᵀ drop(x); dB = s · dyᵀ h."""
+    g = dy @ lora_b  # [T, r]: the gradient reaching h, before the scaling
+    grad_b = (dy.t() @ h).mul_(scaling) if needs[2] else None
+    grad_a = (g.t() @ xd).mul_(scaling) if needs[1] else None
+    grad_x = None
+    if needs[0]:
+        grad_x = dy @ weight
+        if mask is None:
+            grad_x.addmm_(g, lora_a, alpha=scaling)
+        else:
+            grad_x.add_(torch.ops.aten.native_dropout_backward(g @ lora_a, mask, scaling / (1.0 - p)))
+    return grad_x, grad_a, grad_b
+
+
 class _LoraLinear(torch.autograd.Function):
-    """Forward: y = x Wᵀ + b, then y += s · h Bᵀ with h = drop(x) Aᵀ in the same GEMM (β = 1).
-    Backward: g = dy B; dx = dy W, then dx += s · (g A) ⊙ mask; dA = s · gᵀ drop(x); dB = s · dyᵀ h."""
+    """:func:`_forward_gemms` and :func:`_backward_gemms` in eager code, with the casts to the compute dtype."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, p):
         dtype = _compute_dtype(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)
-        w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
-        if p > 0.0:
-            # F.dropout's own kernel and draw (one pass; the kept-mask comes back for the backward)
-            xd, mask = torch.ops.aten.native_dropout(x2, p, True)
-        else:
-            mask, xd = None, x2
-        h = xd @ a.t()
-        y = torch.addmm(bias.to(dtype), x2, w.t()) if bias is not None else x2 @ w.t()
-        y.addmm_(h, b.t(), alpha=scaling)
+        b = bias.to(dtype) if bias is not None else None
+        y, h, xd, mask = _forward_gemms(x2, weight.to(dtype), b, lora_a.to(dtype), lora_b.to(dtype), scaling, p)
         ctx.save_for_backward(weight, lora_a, lora_b, xd, h, mask)
         ctx.scaling, ctx.dtype, ctx.x_shape, ctx.x_dtype = scaling, dtype, shape, x.dtype
         ctx.p = p
@@ -101,27 +128,23 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         weight, lora_a, lora_b, xd, h, mask = ctx.saved_tensors
-        s, dtype = ctx.scaling, ctx.dtype
-        dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
-        g = dy2 @ b  # [T, r]: the gradient reaching h, before the scaling
-        grad_a = grad_b = grad_x = None
-        if ctx.needs_input_grad[4]:
-            grad_b = (dy2.t() @ h).mul_(s).to(lora_b.dtype)
-        if ctx.needs_input_grad[3]:
-            grad_a = (g.t() @ xd).mul_(s).to(lora_a.dtype)
-        if ctx.needs_input_grad[0]:
-            grad_x = dy2 @ weight.to(dtype)
-            if mask is None:
-                grad_x.addmm_(g, a, alpha=s)
-            else:
-                grad_x.add_(torch.ops.aten.native_dropout_backward(g @ a, mask, s / (1.0 - ctx.p)))
+        dtype = ctx.dtype
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
+        grad_x, grad_a, grad_b = _backward_gemms(
+            dy.reshape(-1, dy.shape[-1]).to(dtype), weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype), xd, h,
+            mask, ctx.scaling, ctx.p, needs,
+        )  # fmt: skip
+        if grad_x is not None:
             grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
+        if grad_a is not None:
+            grad_a = grad_a.to(lora_a.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(lora_b.dtype)
         return grad_x, None, None, grad_a, grad_b, None, None
 
 
 # The same computation as custom operators, for compiled code: the casts to the compute dtype stay outside (where
-# the compiler sees them and autograd casts the gradients back); inside, the GEMMs run as in _LoraLinear.
+# the compiler sees them and autograd casts the gradients back); inside, the same GEMMs as _LoraLinear's.
 
 
 @torch.library.custom_op("tnlora::lora_linear", mutates_args=())
@@ -130,14 +153,10 @@ def _lora_linear_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, h, drop(x), kept-mask) for x [T, in] and the weights in one dtype; without dropout the last two are
     empty (an operator's outputs may not alias its inputs)."""
-    if p > 0.0:
-        xd, mask = torch.ops.aten.native_dropout(x, p, True)
-    else:
-        xd, mask = x, x.new_empty((0, x.shape[1]), dtype=torch.bool)
-    h = xd @ lora_a.t()
-    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
-    y.addmm_(h, lora_b.t(), alpha=scaling)
-    return y, h, (xd if p > 0.0 else x.new_empty((0, x.shape[1]))), mask
+    y, h, xd, mask = _forward_gemms(x, weight, bias, lora_a, lora_b, scaling, p)
+    if mask is None:
+        return y, h, x.new_empty((0, x.shape[1])), x.new_empty((0, x.shape[1]), dtype=torch.bool)
+    return y, h, xd, mask
 
 
 @_lora_linear_op.register_fake
@@ -158,17 +177,10 @@ def _lora_linear_backward_op(
     scaling: float, p: float, needs_x: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB) as _LoraLinear's backward computes them; dx is empty unless ``needs_x``."""
-    g = dy @ lora_b
-    grad_b = (dy.t() @ h).mul_(scaling)
-    grad_a = (g.t() @ xd).mul_(scaling)
-    if not needs_x:
-        return dy.new_empty((0,)), grad_a, grad_b
-    grad_x = dy @ weight
-    if p > 0.0:
-        grad_x.add_(torch.ops.aten.native_dropout_backward(g @ lora_a, mask, scaling / (1.0 - p)))
-    else:
-        grad_x.addmm_(g, lora_a, alpha=scaling)
-    return grad_x, grad_a, grad_b
+    grad_x, grad_a, grad_b = _backward_gemms(
+        dy, weight, lora_a, lora_b, xd, h, mask if p > 0.0 else None, scaling, p, (needs_x, True, True)
+    )
+    return (grad_x if grad_x is not None else dy.new_empty((0,))), grad_a, grad_b
 
 
 @_lora_linear_backward_op.register_fake
