@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from tnlora.bench.common import cuda_seconds
 from tnlora.bench.decode import copy_bandwidth
 from tnlora.ops.cross_entropy import cross_entropy_grad_, cross_entropy_grad_reference
 
@@ -30,15 +31,7 @@ def timed(fn: Callable[[], object]) -> float:
     """Median µs of ``fn`` over REPLAYS runs (after two untimed ones)."""
     for _ in range(2):
         fn()
-    times = []
-    for _ in range(REPLAYS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+    return statistics.median(cuda_seconds(fn, REPLAYS)) * 1e6
 
 
 def main() -> None:

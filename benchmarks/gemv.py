@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from tnlora.bench.common import cuda_seconds
 from tnlora.bench.decode import copy_bandwidth
 from tnlora.infer.decode_graph import blas_library
 
@@ -144,15 +145,7 @@ def graph_seconds(step: Callable[[int], object], repeats: int, library: str = "c
             for i in range(repeats):
                 step(i)
     graph.replay()
-    times = []
-    for _ in range(REPLAYS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / repeats)
-    return statistics.median(times)
+    return statistics.median(cuda_seconds(graph.replay, REPLAYS)) / repeats
 
 
 def close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import platform
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -85,6 +86,19 @@ def cap_gpu_memory(gib: float) -> str:
         raise ConfigError(f"--gpu_memory_gib: {gib:g} is not within this card's {total / 2**30:.1f} GiB")
     torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total)
     return f" gpu_memory={gib:g}GiB of {total / 2**30:.1f}"
+
+
+def cuda_seconds(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn``, timed with CUDA events around each call."""
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
 
 
 def profile_region(lead_steps: int = 0) -> torch.profiler.profile:

@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import time
 from typing import Any, NamedTuple
 
 import torch
 
-from tnlora.bench.common import cap_gpu_memory, environment_line, print_profile, profile_region, random_model
+from tnlora.bench.common import (
+    cap_gpu_memory,
+    cuda_seconds,
+    environment_line,
+    print_profile,
+    profile_region,
+    random_model,
+)
 from tnlora.bench.options import decode_args as parse_args
 from tnlora.errors import ConfigError
 
@@ -74,14 +82,7 @@ def copy_bandwidth(size_bytes: int = 2**30, repeats: int = 10) -> float:
     src = torch.empty(size_bytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+    times = cuda_seconds(functools.partial(dst.copy_, src), repeats)
     del src, dst
     return 2 * size_bytes / sorted(times)[len(times) // 2]
 
