@@ -61,6 +61,7 @@ TAG=${TAG:-}
 log() { echo "## $(date +%T) $*" | tee -a "$OUT/log.txt"; }
 row() { tee -a "$OUT/log.txt" | grep -E "^\| |^resolved:|copy bandwidth|^config:" | grep -vE "^\|[- |]+\|$|^\| (run|model) " | tee -a "$OUT/table.txt"; }
 train() { log "bench train $* ${TRAIN_ARGS:-}"; timeout "${LIMIT:-260}" python3 -m tnlora.cli bench train "$@" ${TRAIN_ARGS:-} 2>&1 | grep -v Warning | row; }
+table_script() { log "$*"; timeout "${LIMIT:-300}" python3 benchmarks/"$@" 2>&1 | grep -v Warning | row; }  # benchmarks/SCRIPT ARGS, its table rows kept
 decode() { log "bench decode $* ${DECODE_ARGS:-}"; timeout "${LIMIT:-180}" python3 -m tnlora.cli bench decode "$@" ${DECODE_ARGS:-} 2>&1 | grep -v Warning | row; }
 pytests() {  # pytest-xdist workers: first-use autotuning and compiles overlap
   timeout "${TEST_LIMIT:-420}" python3 -m pytest -o addopts= -q -p no:cacheprovider -n ${WORKERS:-8} -rfE "$@" > "$OUT/tests.txt" 2>&1
@@ -116,17 +117,15 @@ for stage in "$@"; do
         grep -vE "Warn|warn" "$OUT/profile-$m-$b.txt" | grep -E "ms/step|Self CUDA time total|nvjet|gemm|rms|recurrent|elementwise|reduce|Memcpy|\| $m" | head -n 24 | cut -c1-60,100-250 | tee -a "$OUT/log.txt"
       done ;;
     gemv)
-      log "gemv"; timeout ${LIMIT:-300} python3 benchmarks/gemv.py ${GEMV_ARGS:-} 2>&1 | grep -v Warning | row ;;
+      table_script gemv.py ${GEMV_ARGS:-} ;;
     candidates)  # the opt-in rungs against the defaults in one go: the loss kernel, the compiled fused-LoRA
       # operators (1B, tnlora train's defaults), and the projections at batch 32 and in their fused batch-1 forms
       for extra in "" "--loss_kernel triton" "--lora_compiled_op" "--loss_kernel triton --lora_compiled_op"; do
         train --model 1B $extra --name "1B huanhuan-shaped, tnlora train's defaults ${extra:-(as they are)} ($COMMIT)$TAG"
       done
-      log "loss"; timeout ${LIMIT:-300} python3 benchmarks/cross_entropy.py 2>&1 | grep -v Warning | row
-      log "gemv --rows 32"; timeout ${LIMIT:-300} python3 benchmarks/gemv.py --rows 32 2>&1 | grep -v Warning | row
-      log "gemv --fused"; timeout ${LIMIT:-300} python3 benchmarks/gemv.py --fused 2>&1 | grep -v Warning | row ;;
+      table_script cross_entropy.py; table_script gemv.py --rows 32; table_script gemv.py --fused ;;
     loss)
-      log "loss"; timeout ${LIMIT:-300} python3 benchmarks/cross_entropy.py 2>&1 | grep -v Warning | row ;;
+      table_script cross_entropy.py ;;
     decode-kernel)
       for m in ${MODELS:-7B 1B}; do for k in torch triton; do decode --model $m --decode_kernel $k; done; done ;;
     decode-adapter)
