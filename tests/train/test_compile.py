@@ -49,15 +49,27 @@ def assert_close(eager: tuple[float, dict], compiled: tuple[float, dict]) -> Non
         torch.testing.assert_close(compiled[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad-ckpt"])
-def test_compiled_layers_train_like_eager(checkpointing):
-    eager = lora_model()
+def eager_and_compiled(checkpointing: bool, dropout: float = 0.0, compiled_op: bool = False):
+    """Two copies of the tiny LoRA model, the second's decoder layers compiled (the fused LoRA layers' custom
+    operators in them with ``compiled_op``)."""
+    from tnlora.train.lora_fused import FusedLoraLinear
+
+    eager = lora_model(dropout)
     compiled = copy.deepcopy(eager)
     for model in (eager, compiled):
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for module in compiled.modules():
+        if isinstance(module, FusedLoraLinear):
+            module.compiled_op = compiled_op
     # The first layer (LRPE, an input without grad) stays eager: the tiny preset's second layer compiles.
     assert compile_decoder_layers(compiled, checkpointing=checkpointing) == 1
+    return eager, compiled
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad-ckpt"])
+def test_compiled_layers_train_like_eager(checkpointing):
+    eager, compiled = eager_and_compiled(checkpointing)
     layers = compiled.base_model.model.model.layers
     assert layers[0]._compiled_call_impl is None and "project" not in vars(layers[0].token_mixer)
     inputs = batch(48)
@@ -80,17 +92,7 @@ def test_compiled_layers_with_the_fused_lora_operators_train_like_eager(dropout,
     """FusedLoraLinear.compiled_op: the compiled layer calls tnlora's custom LoRA operators (forward and
     backward, one per adapted layer) and trains exactly like the eager fused layers, dropout draws included
     (also when checkpointing recomputes the layer)."""
-    from tnlora.train.lora_fused import FusedLoraLinear
-
-    eager = lora_model(dropout)
-    compiled = copy.deepcopy(eager)
-    for model in (eager, compiled):
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    for module in compiled.modules():
-        if isinstance(module, FusedLoraLinear):
-            module.compiled_op = True
-    assert compile_decoder_layers(compiled, checkpointing=checkpointing) == 1
+    eager, compiled = eager_and_compiled(checkpointing, dropout, compiled_op=True)
     inputs = batch(48)
     torch.manual_seed(5)
     want = loss_and_grads(eager, inputs)
