@@ -24,8 +24,9 @@
 #   gemv            the batch-1 decode projections: cuBLAS / cuBLASLt against a Triton GEMV (benchmarks/gemv.py;
 #                   GEMV_ARGS=--fused: tnlora.ops.gemv's fused forms against the composition they replace;
 #                   GEMV_ARGS="--rows 32": batch 32, cuBLAS against a Triton skinny GEMM)
-#   candidates      the opt-in rungs not yet measured: 1B training with --loss_kernel triton and / or
-#                   --lora_compiled_op against the defaults, then the stages loss, gemv --rows 32, gemv --fused
+#   candidates      the loss kernel and the compiled fused-LoRA operators against their opt-outs (1B training,
+#                   --loss_kernel torch and / or --no-lora_compiled_op), then the stages loss, gemv --rows 32,
+#                   gemv --fused
 #   loss            one chunk of the training loss: PyTorch's cross-entropy composition against the fused kernel
 #                   (benchmarks/cross_entropy.py; loss_kernel)
 #   decode-adapter  7B decoding with a LoRA adapter kept unmerged / merged
@@ -34,8 +35,9 @@
 #   serve           benchmarks/serve_bench.py against a 7B server (concurrent clients, sessions)
 #   attention       the lightning attention forward + backward, fla against chunked
 #   profile       the top kernels of one compiled 1B step (one 16,384-token row)
-#   trace         the timeline of one step with tnlora train's defaults (MODELS, default 1B) through
-#                 benchmarks/trace_gaps.py: device time by kind of kernel, the top kernels, the idle gaps
+#   trace         the timeline of one step with tnlora train's defaults (MODELS, default 1B; the second of two
+#                 timed steps: the first starts after the timer's sync) through benchmarks/trace_gaps.py: device
+#                 time by kind of kernel, the top kernels, the idle gaps
 #   decode-trace  the same for decoding (DECODE_TRACES model:batch pairs, default "7B:1 1B:1"; 32 new tokens: the
 #                 prefill and 31 graph replays)
 #   syncaudit       the host syncs left in compiled 1B steps
@@ -118,9 +120,9 @@ for stage in "$@"; do
       done ;;
     gemv)
       table_script gemv.py ${GEMV_ARGS:-} ;;
-    candidates)  # the opt-in rungs against the defaults in one go: the loss kernel, the compiled fused-LoRA
+    candidates)  # the defaults against their opt-outs in one go: the loss kernel, the compiled fused-LoRA
       # operators (1B, tnlora train's defaults), and the projections at batch 32 and in their fused batch-1 forms
-      for extra in "" "--loss_kernel triton" "--lora_compiled_op" "--loss_kernel triton --lora_compiled_op"; do
+      for extra in "--loss_kernel torch --no-lora_compiled_op" "--loss_kernel torch" "--no-lora_compiled_op" ""; do
         train --model 1B $extra --name "1B huanhuan-shaped, tnlora train's defaults ${extra:-(as they are)} ($COMMIT)$TAG"
       done
       table_script cross_entropy.py; table_script gemv.py --rows 32; table_script gemv.py --fused ;;
@@ -143,7 +145,7 @@ for stage in "$@"; do
       grep -E "Name|aten::|void|gemm|triton|Self CUDA" "$OUT/profile.txt" | head -n 30 | cut -c1-160 | tee -a "$OUT/log.txt" ;;
     trace)
       for m in ${MODELS:-1B}; do
-        log "trace $m train defaults"; timeout 240 python3 -m tnlora.cli bench train --model $m --steps 1 --warmup 2 --trace /tmp/trace.json > "$OUT/trace-$m.txt" 2>&1
+        log "trace $m train defaults"; timeout 240 python3 -m tnlora.cli bench train --model $m --steps 2 --warmup 2 ${TRAIN_ARGS:-} --trace /tmp/trace.json > "$OUT/trace-$m.txt" 2>&1
         grep -E "^\| |^config:" "$OUT/trace-$m.txt" | tee -a "$OUT/log.txt"
         python3 benchmarks/trace_gaps.py /tmp/trace.json --top 25 2>&1 | tee -a "$OUT/log.txt" > "$OUT/gaps-$m.txt"; rm -f /tmp/trace.json
       done ;;

@@ -54,14 +54,17 @@ def test_bench_trains_tiny_and_prints_one_row(capsys, monkeypatch):
     assert seen["dtypes"] == {torch.float32}
 
 
-def test_bench_trace_writes_a_timeline(tmp_path, capsys):
+@pytest.mark.parametrize(("steps", "warmup"), [(1, 1), (3, 0)])
+def test_bench_trace_writes_a_timeline(tmp_path, capsys, steps: int, warmup: int):
+    """One step in the timeline: the last one, whether or not warm-up steps come first."""
     trace = tmp_path / "step.json"
     code = bench.main(["train", "--model", "tiny", "--attention_impl", "chunked", "--seq_len", "32",
-                       "--per_device_train_batch_size", "1", "--steps", "1", "--warmup", "1", "--trace", str(trace)])
+                       "--per_device_train_batch_size", "1", "--steps", str(steps), "--warmup", str(warmup),
+                       "--trace", str(trace)])
     assert code == 0 and "timeline:" in capsys.readouterr().out
     events = json.loads(trace.read_text())["traceEvents"]
     assert any(e.get("name") == "aten::mm" for e in events)
-    # One step recorded: the warm-up step the profiler also ran (its own set-up) is not in the timeline.
+    # One step recorded: the step before it, which the profiler also ran (its own set-up), is not in the timeline.
     assert sum(e.get("name", "").startswith("Optimizer.step#") for e in events) == 1
 
 
@@ -288,3 +291,40 @@ def test_gemv_bench_kernel_equals_fp32_products_under_the_triton_interpreter():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count(": ok") == 9 and "WRONG" not in result.stdout
+
+
+@pytest.mark.parametrize(("steps", "warmup"), [(1, 0), (1, 2), (4, 2)])
+def test_step_profiler_records_the_last_step_after_one_lead_step(monkeypatch, steps: int, warmup: int):
+    from types import SimpleNamespace
+
+    from tnlora.bench import train as bench_train
+
+    log: list[tuple[str, int]] = []
+    state = SimpleNamespace(global_step=0, max_steps=warmup + steps)
+
+    class FakeProfiler:
+        def __init__(self, lead: int) -> None:
+            log.append(("start", state.global_step + 1))  # the step beginning now
+            self.lead = lead
+
+        def __enter__(self):
+            return self
+
+        def step(self) -> None:
+            log.append(("lead ends", state.global_step))
+
+        def __exit__(self, *exc) -> None:
+            log.append(("recorded", state.global_step))
+
+    monkeypatch.setattr(bench_train, "profile_region", FakeProfiler)
+    monkeypatch.setattr(bench_train, "print_profile", lambda prof, trace: None)
+    profiler = bench_train.StepProfiler(warmup)
+    for _ in range(state.max_steps):
+        profiler.on_step_begin(None, state, None)
+        state.global_step += 1
+        profiler.on_step_end(None, state, None)
+    last = warmup + steps
+    if last == 1:
+        assert log == [("start", 1), ("recorded", 1)]
+    else:
+        assert log == [("start", last - 1), ("lead ends", last - 1), ("recorded", last)]

@@ -49,7 +49,7 @@ def test_kernel_equals_the_composition(dtype: torch.dtype, vocab: int) -> None:
     grad_err = ((buffer.double() - want_grad.double()).abs() - GRAD_TOLERANCE[dtype] * scale).max().item()
     assert grad_err <= (0 if dtype == torch.bfloat16 else GRAD_TOLERANCE[dtype]), grad_err
     # softmax − onehot sums to 0 over a row, and the target's entry is the only negative one.
-    assert torch.allclose(buffer.double().sum(1), torch.zeros(5, dtype=torch.float64), atol=1e-2)
+    assert torch.allclose(buffer.double().sum(1), torch.zeros(5, dtype=torch.float64, device=buffer.device), atol=1e-2)
     assert (buffer.argmin(1) == targets).all()
 
 

@@ -24,11 +24,11 @@ def train_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
     parser.add_argument("--norm_kernel", default="auto", choices=["auto", "torch", "triton"],
                         help="the model's norm implementation (config norm_kernel)")
-    parser.add_argument("--loss_kernel", default="torch", choices=["auto", "torch", "triton"],
+    parser.add_argument("--loss_kernel", default="auto", choices=["auto", "torch", "triton"],
                         help="the chunked loss's cross-entropy (config loss_kernel)")
-    parser.add_argument("--lora_compiled_op", action="store_true",
-                        help="compiled layers call the fused LoRA layers' custom operators instead of peft's "
-                             "composition (lora_kernel fused)")
+    parser.add_argument("--lora_compiled_op", action=argparse.BooleanOptionalAction, default=True,
+                        help="compiled layers call the fused LoRA layers' custom operators (default) or, with "
+                             "--no-lora_compiled_op, peft's composition (lora_kernel fused)")
     parser.add_argument("--gpu_memory_gib", type=float, default=0.0,
                         help="allocate at most this much GPU memory (the defaults size for it too): a smaller "
                              "card on this one, e.g. 79.6 for an 80 GB card")

@@ -139,26 +139,31 @@ class StepTimer(TrainerCallback):
 
 
 class StepProfiler(TrainerCallback):
-    """Profiles the optimizer step after the warm-up and prints its top kernels (the timeline to ``trace``).
+    """Profiles the last optimizer step and prints its top kernels (the timeline to ``trace``).
 
-    The profiler starts one step earlier without recording it (when there is a warm-up step): the recorded
-    step's first operation on the autograd engine's thread (the loss's ``DivBackward0``, inside which a 1B trace
-    started with the recorded step showed 2.7 ms of idle device) then runs under a profiler already set up."""
+    The profiler starts one step earlier without recording it: the recorded step's first operation on the
+    autograd engine's thread (the loss's ``DivBackward0``, inside which a 1B trace started with the recorded step
+    showed 2.7 ms of idle device) then runs under a profiler already set up. With two or more timed steps the
+    recorded one is not the first: that one starts after the step timer's synchronize, so the host's batch
+    preparation and the forward's first launches show as idle device time that later steps overlap with the
+    device's work on the step before."""
 
     def __init__(self, warmup: int, trace: str = "") -> None:
-        self.warmup, self.prof, self.trace = warmup, None, trace
-        self.lead = min(warmup, 1)
+        self.warmup, self.prof, self.trace, self.record = warmup, None, trace, 0
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step == self.warmup - self.lead:
-            self.prof = profile_region(self.lead)
+        # global_step counts the steps finished: the step beginning now ends as global_step + 1.
+        self.record = state.max_steps
+        lead = min(self.record - 1, 1)
+        if state.global_step == self.record - 1 - lead and self.prof is None:
+            self.prof = profile_region(lead)
             self.prof.__enter__()
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.prof is not None and state.global_step < self.warmup + 1:
+        if self.prof is not None and state.global_step < self.record:
             self.prof.step()  # the lead step ends: record from here
-        elif self.prof is not None and state.global_step == self.warmup + 1:
+        elif self.prof is not None and state.global_step == self.record:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.prof.__exit__(None, None, None)
@@ -285,10 +290,9 @@ def train_bench(args: argparse.Namespace, keys: dict[str, Any], name: str) -> Tr
         model.select_kernels()
         n_params = parameter_count(model.config)  # the tied embedding once, 4-bit weights at their full count
         model = prepare_for_training(model, cfg)  # as `tnlora train` does; warm-up steps absorb compile time
-        if args.lora_compiled_op:
-            for module in model.modules():
-                if isinstance(module, FusedLoraLinear):
-                    module.compiled_op = True  # read when the layers compile, at the first step
+        for module in model.modules():
+            if isinstance(module, FusedLoraLinear):
+                module.compiled_op = args.lora_compiled_op  # read when the layers compile, at the first step
         # Enough examples for every timed step; packing packs them into cutoff-length rows first.
         kept = [pair for pair in lengths if sum(pair) <= cfg.cutoff_len] or lengths
         mean_len = sum(p + learned for p, learned in kept) / len(kept)
@@ -325,7 +329,7 @@ def run(args: argparse.Namespace, keys: dict[str, Any]) -> int:
     cap = cap_gpu_memory(args.gpu_memory_gib) if args.gpu_memory_gib else ""
     shape = f"one {args.seq_len}-token sequence a row" if args.seq_len else "data-shaped"
     given = " ".join(f"{k}={v}" for k, v in keys.items())
-    op = " lora_compiled_op" if args.lora_compiled_op else ""
+    op = "" if args.lora_compiled_op else " no-lora_compiled_op"
     settings = f"{shape}{' ' + given if given else ''} norms={args.norm_kernel} loss={args.loss_kernel}{op}{cap}"
     print(f"config: {args.model} {settings}", flush=True)  # every row can be traced to its settings
     r = train_bench(args, keys, args.name or f"{args.model} {settings}")

@@ -70,8 +70,9 @@ class TransnormerConfig(PreTrainedConfig):
     norm_kernel: str = "auto"
     # The chunked training loss's per-chunk cross-entropy and logit gradient: "torch" (PyTorch ops over an fp32
     # copy of the chunk's logits), "triton" (one kernel per chunk that writes the gradient over the logits; equal
-    # up to the order of the sums; CUDA or Triton's interpreter) or "auto": triton on CUDA when it imports.
-    loss_kernel: str = "torch"
+    # up to the order of the sums; CUDA or Triton's interpreter) or "auto": triton on CUDA when it imports
+    # (compiled code keeps PyTorch's ops, which the compiler sees).
+    loss_kernel: str = "auto"
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)

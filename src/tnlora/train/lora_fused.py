@@ -21,11 +21,11 @@ from tnlora.ops.lora import lora_linear
 
 class FusedLoraLinear(LoraLinear):
     """peft's ``lora.Linear``; in training with gradients on, the vanilla adapter's forward is fused with the
-    base layer's (the B matmul accumulates into the base output, forward and backward). Compiled code runs
-    peft's composition unless ``compiled_op`` is set (the fused form as custom operators; ``tnlora bench train
-    --lora_compiled_op``)."""
+    base layer's (the B matmul accumulates into the base output, forward and backward). Compiled code calls
+    the fused form as custom operators, or with ``compiled_op`` False peft's composition (``tnlora bench train
+    --no-lora_compiled_op``)."""
 
-    compiled_op = False
+    compiled_op = True
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         adapter = self._fused_adapter(x, args, kwargs)
