@@ -24,9 +24,8 @@
 #   gemv            the batch-1 decode projections: cuBLAS / cuBLASLt against a Triton GEMV (benchmarks/gemv.py;
 #                   GEMV_ARGS=--fused: tnlora.ops.gemv's fused forms against the composition they replace;
 #                   GEMV_ARGS="--rows 32": batch 32, cuBLAS against a Triton skinny GEMM)
-#   candidates      the loss kernel and the compiled fused-LoRA operators against their opt-outs (1B training,
-#                   --loss_kernel torch and / or --no-lora_compiled_op), then the stages loss, gemv --rows 32,
-#                   gemv --fused
+#   opt-outs        tnlora train's defaults against their opt-outs on one machine (MODELS, default 1B):
+#                   --loss_kernel torch and / or --no-lora_compiled_op
 #   loss            one chunk of the training loss: PyTorch's cross-entropy composition against the fused kernel
 #                   (benchmarks/cross_entropy.py; loss_kernel)
 #   decode-adapter  7B decoding with a LoRA adapter kept unmerged / merged
@@ -120,12 +119,13 @@ for stage in "$@"; do
       done ;;
     gemv)
       table_script gemv.py ${GEMV_ARGS:-} ;;
-    candidates)  # the defaults against their opt-outs in one go: the loss kernel, the compiled fused-LoRA
-      # operators (1B, tnlora train's defaults), and the projections at batch 32 and in their fused batch-1 forms
-      for extra in "--loss_kernel torch --no-lora_compiled_op" "--loss_kernel torch" "--no-lora_compiled_op" ""; do
-        train --model 1B $extra --name "1B huanhuan-shaped, tnlora train's defaults ${extra:-(as they are)} ($COMMIT)$TAG"
-      done
-      table_script cross_entropy.py; table_script gemv.py --rows 32; table_script gemv.py --fused ;;
+    opt-outs)  # tnlora train's defaults against their opt-outs on one machine: the loss kernel and the compiled
+      # fused-LoRA operators, each alone and both (MODELS, default 1B)
+      for m in ${MODELS:-1B}; do
+        for extra in "--loss_kernel torch --no-lora_compiled_op" "--loss_kernel torch" "--no-lora_compiled_op" ""; do
+          train --model $m $extra --name "$m huanhuan-shaped, tnlora train's defaults ${extra:-(as they are)} ($COMMIT)$TAG"
+        done
+      done ;;
     loss)
       table_script cross_entropy.py ;;
     decode-kernel)
