@@ -18,6 +18,9 @@ class RecurrentStateLayer(LinearAttentionCacheLayerMixin):
     # States are replaced, not updated in place, so the cache has no static addresses; this also keeps
     # generate() from turning the 2-D attention mask into a 4-D one meant for compiled attention.
     is_compileable = False
+    # No earlier state is kept, so a crop cannot take tokens back (transformers' mixin says True from 5.25 on,
+    # for layers that record their past: assisted generation would then try to roll this one back).
+    is_croppable = False
 
     def lazy_initialization(
         self, conv_states: Tensor | None = None, recurrent_states: Tensor | None = None, state_idx: int = 0
