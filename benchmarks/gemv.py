@@ -45,16 +45,20 @@ REPLAYS = 20
 
 
 @triton.jit
+def _k_part(K, BLOCK_K: tl.constexpr, ITERS: tl.constexpr):
+    """[start, end) of the columns of K that this program's split-K part (program axis 1) covers."""
+    start = tl.program_id(1) * ITERS * BLOCK_K
+    return start, tl.minimum(K, start + ITERS * BLOCK_K)
+
+
+@triton.jit
 def gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 SPLIT_K: tl.constexpr, ITERS: tl.constexpr):
     """y[n] (+)= Σ_k W[n, k] x[k] over this program's rows and its part of K (ITERS steps of BLOCK_K columns);
     fp32 accumulation. With SPLIT_K > 1, y is an fp32 buffer the parts add into."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    k_start = pid_k * ITERS * BLOCK_K
-    k_end = tl.minimum(K, k_start + ITERS * BLOCK_K)
+    k_start, k_end = _k_part(K, BLOCK_K, ITERS)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for i in range(0, ITERS):
         cols = k_start + i * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -70,17 +74,27 @@ def gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BLOCK_N: tl.constexpr, BLOC
         tl.atomic_add(y_ptr + rows, out, mask=row_ok)
 
 
+def _split_k_output(x: torch.Tensor, shape: tuple[int, ...], split_k: int) -> torch.Tensor:
+    """The kernels' output: in x's dtype, or a zeroed fp32 buffer that split-K parts add into."""
+    if split_k > 1:
+        return torch.zeros(shape, dtype=torch.float32, device=x.device)
+    return torch.empty(shape, dtype=x.dtype, device=x.device)
+
+
+def _split_k_steps(k: int, split_k: int, block_k: int) -> int:
+    """BLOCK_K steps a split-K part takes (a constant of the kernel: one compiled kernel per shape)."""
+    return triton.cdiv(triton.cdiv(k, split_k), block_k)
+
+
 def triton_gemv(x: torch.Tensor, w: torch.Tensor, config: tuple[int, int, int, int]) -> torch.Tensor:
     """x [K] (one row), w [N, K] row-major → y [N] in x's dtype."""
     block_n, block_k, split_k, warps = config
     n, k = w.shape
-    y = torch.zeros(n, dtype=torch.float32, device=x.device) if split_k > 1 else torch.empty(
-        n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(n, block_n), split_k)
-    iters = triton.cdiv(triton.cdiv(k, split_k), block_k)  # a constant: one compiled kernel per shape
-    gemv_kernel[grid](x, w, y, n, k, w.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-                      ITERS=iters, num_warps=warps)
-    return y.to(x.dtype) if split_k > 1 else y
+    y = _split_k_output(x, (n,), split_k)
+    gemv_kernel[(triton.cdiv(n, block_n), split_k)](
+        x, w, y, n, k, w.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        ITERS=_split_k_steps(k, split_k, block_k), num_warps=warps)
+    return y.to(x.dtype)
 
 
 @triton.jit
@@ -89,14 +103,11 @@ def skinny_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y, BL
     """Y[:, n] (+)= X W[n]ᵀ for all M (≤ BLOCK_M) rows of X over this program's BLOCK_N outputs and its part of
     K: each weight tile is read once for every row (tensor-core dots, fp32 accumulation). With SPLIT_K > 1, Y
     is an fp32 buffer the parts add into."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
-    outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     out_ok = outs < N
-    k_start = pid_k * ITERS * BLOCK_K
-    k_end = tl.minimum(K, k_start + ITERS * BLOCK_K)
+    k_start, k_end = _k_part(K, BLOCK_K, ITERS)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(0, ITERS):
         ks = k_start + i * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -121,14 +132,12 @@ def triton_skinny(x: torch.Tensor, w: torch.Tensor, config: tuple[int, int, int,
     block_n, block_k, split_k, warps = config
     m, k = x.shape
     n = w.shape[0]
-    y = torch.zeros(m, n, dtype=torch.float32, device=x.device) if split_k > 1 else torch.empty(
-        m, n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(n, block_n), split_k)
-    iters = triton.cdiv(triton.cdiv(k, split_k), block_k)
-    skinny_kernel[grid](x, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
-                        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
-                        SPLIT_K=split_k, ITERS=iters, num_warps=warps)
-    return y.to(x.dtype) if split_k > 1 else y
+    y = _split_k_output(x, (m, n), split_k)
+    skinny_kernel[(triton.cdiv(n, block_n), split_k)](
+        x, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0), BLOCK_M=max(16, triton.next_power_of_2(m)),
+        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, ITERS=_split_k_steps(k, split_k, block_k),
+        num_warps=warps)
+    return y.to(x.dtype)
 
 
 def graph_seconds(step: Callable[[int], object], repeats: int, library: str = "cublas") -> float:
