@@ -281,8 +281,9 @@ def test_e2e_train_script_runs_a_recipe_on_a_random_official_checkpoint(tmp_path
 
 
 def test_gemv_bench_kernel_equals_fp32_products_under_the_triton_interpreter():
-    """benchmarks/gemv.py --check: its Triton GEMV (split-K parts included) on small ragged shapes against an
-    fp32 product, run by Triton's interpreter on the CPU (skips where triton is not installed: the gpu extra)."""
+    """benchmarks/gemv.py --check: its Triton GEMV and skinny GEMM (split-K parts included) on small ragged
+    shapes against an fp32 product, run by Triton's interpreter on the CPU (skips where triton is not
+    installed: the gpu extra)."""
     pytest.importorskip("triton", reason="triton is not installed (it comes with the gpu extra / CUDA torch)")
     script = Path(__file__).parents[1] / "benchmarks" / "gemv.py"
     result = subprocess.run(
@@ -290,7 +291,11 @@ def test_gemv_bench_kernel_equals_fp32_products_under_the_triton_interpreter():
         capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count(": ok") == 9 and "WRONG" not in result.stdout
+    lines = result.stdout.splitlines()
+    # 3 shapes x 3 configs of the GEMV; the same shapes at 2 row counts x 3 configs of the skinny GEMM
+    assert sum(line.endswith(": ok") and "skinny" not in line for line in lines) == 9
+    assert sum(line.endswith(": ok") and "skinny" in line for line in lines) == 18
+    assert "WRONG" not in result.stdout
 
 
 @pytest.mark.parametrize(("steps", "warmup"), [(1, 0), (1, 2), (4, 2)])
