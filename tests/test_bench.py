@@ -323,7 +323,7 @@ def test_step_profiler_records_the_last_step_after_one_lead_step(monkeypatch, st
 
     monkeypatch.setattr(bench_train, "profile_region", FakeProfiler)
     monkeypatch.setattr(bench_train, "print_profile", lambda prof, trace: None)
-    profiler = bench_train.StepProfiler(warmup)
+    profiler = bench_train.StepProfiler()
     for _ in range(state.max_steps):
         profiler.on_step_begin(None, state, None)
         state.global_step += 1

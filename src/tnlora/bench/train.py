@@ -148,22 +148,21 @@ class StepProfiler(TrainerCallback):
     preparation and the forward's first launches show as idle device time that later steps overlap with the
     device's work on the step before."""
 
-    def __init__(self, warmup: int, trace: str = "") -> None:
-        self.warmup, self.prof, self.trace, self.record = warmup, None, trace, 0
+    def __init__(self, trace: str = "") -> None:
+        self.prof, self.trace = None, trace
 
     def on_step_begin(self, args, state, control, **kwargs):
         # global_step counts the steps finished: the step beginning now ends as global_step + 1.
-        self.record = state.max_steps
-        lead = min(self.record - 1, 1)
-        if state.global_step == self.record - 1 - lead and self.prof is None:
+        lead = min(state.max_steps - 1, 1)
+        if state.global_step == state.max_steps - 1 - lead and self.prof is None:
             self.prof = profile_region(lead)
             self.prof.__enter__()
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.prof is not None and state.global_step < self.record:
+        if self.prof is not None and state.global_step < state.max_steps:
             self.prof.step()  # the lead step ends: record from here
-        elif self.prof is not None and state.global_step == self.record:
+        elif self.prof is not None and state.global_step == state.max_steps:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.prof.__exit__(None, None, None)
@@ -304,7 +303,7 @@ def train_bench(args: argparse.Namespace, keys: dict[str, Any], name: str) -> Tr
         audit = SyncAudit(args.warmup) if args.sync_audit else None
         callbacks: list[Any] = [audit, timer] if audit else [timer]  # the audit closes before the timer syncs
         if args.profile or args.trace:
-            callbacks.append(StepProfiler(args.warmup, args.trace))
+            callbacks.append(StepProfiler(args.trace))
         trainer = build_trainer(cfg, model, ByteTokenizer(), data, callbacks=callbacks)
         trainer.train()
         if audit:
