@@ -75,6 +75,20 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+def _in_compute_dtype(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+    """x flattened to [T, in] and every operand in the compute dtype (:func:`_compute_dtype`)."""
+    dtype = _compute_dtype(x)
+    return (
+        x.reshape(-1, x.shape[-1]).to(dtype),
+        weight.to(dtype),
+        bias.to(dtype) if bias is not None else None,
+        lora_a.to(dtype),
+        lora_b.to(dtype),
+    )
+
+
 def _forward_gemms(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, p: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -115,15 +129,12 @@ class _LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, p):
-        dtype = _compute_dtype(x)
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(dtype)
-        b = bias.to(dtype) if bias is not None else None
-        y, h, xd, mask = _forward_gemms(x2, weight.to(dtype), b, lora_a.to(dtype), lora_b.to(dtype), scaling, p)
+        operands = _in_compute_dtype(x, weight, bias, lora_a, lora_b)
+        y, h, xd, mask = _forward_gemms(*operands, scaling, p)
         ctx.save_for_backward(weight, lora_a, lora_b, xd, h, mask)
-        ctx.scaling, ctx.dtype, ctx.x_shape, ctx.x_dtype = scaling, dtype, shape, x.dtype
+        ctx.scaling, ctx.dtype, ctx.x_shape, ctx.x_dtype = scaling, y.dtype, x.shape, x.dtype
         ctx.p = p
-        return y.reshape(*shape[:-1], y.shape[-1])
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
@@ -212,18 +223,8 @@ torch.library.register_autograd(
 
 def _lora_linear_op_call(x, weight, bias, lora_a, lora_b, scaling, p) -> Tensor:
     """lora_linear through the custom operators: inputs cast to the compute dtype, rows flattened."""
-    dtype = _compute_dtype(x)
-    shape = x.shape
-    y = torch.ops.tnlora.lora_linear(
-        x.reshape(-1, shape[-1]).to(dtype),
-        weight.to(dtype),
-        bias.to(dtype) if bias is not None else None,
-        lora_a.to(dtype),
-        lora_b.to(dtype),
-        scaling,
-        p,
-    )[0]
-    return y.reshape(*shape[:-1], y.shape[-1])
+    y = torch.ops.tnlora.lora_linear(*_in_compute_dtype(x, weight, bias, lora_a, lora_b), scaling, p)[0]
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 __all__ = ["lora_linear", "lora_linear_reference"]
