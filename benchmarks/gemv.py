@@ -11,6 +11,7 @@ partial sums meet by atomic adds) and reports the best; every result is checked 
 
     python3 benchmarks/gemv.py [--models 7B,1B] [--repeats 12]        # on a GPU
     python3 benchmarks/gemv.py --fused     # tnlora.ops.gemv's fused forms against what they replace
+    python3 benchmarks/gemv.py --sweep     # tnlora.ops.gemv's launches (GemvConfig grid) per form and shape
     python3 benchmarks/gemv.py --rows 32   # batch 32: cuBLAS against a Triton skinny GEMM (weights read once)
     TRITON_INTERPRET=1 python3 benchmarks/gemv.py --check --device cpu   # the kernel's arithmetic, on a CPU
 """
@@ -270,12 +271,89 @@ def measure_fused(models: list[str], repeats: int) -> int:
     return 0
 
 
+# (projection, form) of the GEMV step's kernels, and the launches tried for each (rows × columns per program
+# kept ≤ 8,192 values: the tile accumulator lives in registers).
+SWEEP_FORMS = [("qkvu", "norm"), ("out_proj", "gated"), ("l1/l2", "glu"), ("l1/l2", "norm"), ("l3", "residual"),
+               ("lm_head", "norm")]
+SWEEP_CONFIGS = [(bn, bk, warps, stages, row_sum) for bn in (2, 4, 8, 16) for bk in (256, 512, 1024)
+                 if bn * bk <= 8192 for warps in (4, 8) for stages in (1, 3) for row_sum in (False, True)]
+
+
+def _sweep_case(model: str, name: str, form: str, repeats: int) -> tuple[list, Callable]:
+    """Weights (``repeats`` of them) and a call ``(i, config, pdl) -> y`` of one form at one shape."""
+    from tnlora.ops.gemv import GemvConfig, gemv
+
+    n, k = {p: (n, k) for p, n, k in SHAPES[model]}[name]
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(repeats)]
+    ws2 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(repeats)] if form == "glu" else []
+    x = torch.randn(k, device="cuda", dtype=torch.bfloat16)
+    gate = torch.randn(k, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    options = {"norm": {"norm_eps": 1e-6}, "gated": {"norm_eps": 1e-6, "gate": gate, "residual": residual},
+               "residual": {"residual": residual}, "glu": {"norm_eps": 1e-6}}[form]
+
+    def call(i: int, config: tuple, pdl: bool = False) -> torch.Tensor:
+        extra = {"weight2": ws2[i]} if ws2 else {}
+        return gemv(x, ws[i], config=GemvConfig(*config), pdl=pdl, **options, **extra)
+
+    return ws, call
+
+
+def _sweep_compile(part: int, parts: int, models: list[str]) -> int:
+    """Compile this worker's share of the sweep's kernels (one call each), so that the timing process finds
+    them in Triton's cache."""
+    calls = 0
+    for model in models:
+        for name, form in SWEEP_FORMS:
+            _, call = _sweep_case(model, name, form, 1)
+            for j, config in enumerate(SWEEP_CONFIGS):
+                if j % parts == part:
+                    call(0, config)
+                    calls += 1
+    torch.cuda.synchronize()
+    return calls
+
+
+def measure_sweep(models: list[str], repeats: int, workers: int) -> int:
+    """Per form and shape of the GEMV step: the default launch (``gemv_config``), the best of SWEEP_CONFIGS,
+    and that launch as programmatic dependent launches (each call's first weight tile read while the call
+    before finishes; a graph of ``repeats`` calls in a row, as in the step). µs per call in CUDA graphs."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from tnlora.ops.gemv import gemv_config
+
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        compiled = sum(pool.map(_sweep_compile, range(workers), [workers] * workers, [models] * workers))
+    print(f"compiled {compiled} kernels in {workers} processes", flush=True)
+    print("| model | projection | form | default µs (config) | best µs (GB/s) | best config | best, dependent "
+          "launches µs |\n|---|---|---|---|---|---|---|")
+    for model in models:
+        shapes = {p: (n, k) for p, n, k in SHAPES[model]}
+        for name, form in SWEEP_FORMS:
+            n, k = shapes[name]
+            ws, call = _sweep_case(model, name, form, repeats)
+            gb = n * k * 2 * (2 if form == "glu" else 1) / 1e9
+            default = tuple(gemv_config(n, k, glu=form == "glu"))
+            times = {}
+            for config in dict.fromkeys([default, *SWEEP_CONFIGS]):
+                times[config] = graph_seconds(lambda i, c=config, f=call: f(i, c), repeats)
+            best = min(times, key=times.get)
+            dependent = graph_seconds(lambda i, c=best, f=call: f(i, c, True), repeats)
+            print(f"| {model} | {name} | {form} | {times[default] * 1e6:.1f} {default} | {times[best] * 1e6:.1f} "
+                  f"({gb / times[best]:,.0f}) | {best} | {dependent * 1e6:.1f} |", flush=True)
+            del ws
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="7B,1B")
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--check", action="store_true", help="check the kernel's results on small shapes only")
     parser.add_argument("--fused", action="store_true", help="time tnlora.ops.gemv's fused forms instead")
+    parser.add_argument("--sweep", action="store_true", help="time tnlora.ops.gemv's launches per form instead")
+    parser.add_argument("--workers", type=int, default=12, help="processes compiling the sweep's kernels")
     parser.add_argument("--rows", type=int, default=1,
                         help="rows of x (the decode batch); above 1: cuBLAS against a Triton skinny GEMM")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="of --check")
@@ -285,6 +363,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gemv.py: timing needs a CUDA GPU (use --check on a CPU)", file=sys.stderr)
         return 2
+    if args.sweep:
+        return measure_sweep(args.models.split(","), args.repeats, args.workers)
     if args.fused:
         return measure_fused(args.models.split(","), args.repeats)
     return measure(args.models.split(","), args.repeats, args.rows)

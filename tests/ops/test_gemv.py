@@ -12,7 +12,7 @@ import pytest
 import torch
 from kernel_device import DEVICE, INTERPRET, needs_kernel
 
-from tnlora.ops.gemv import gemv, gemv_reference
+from tnlora.ops.gemv import GemvConfig, gemv, gemv_reference
 
 pytestmark = needs_kernel
 # fp64 / fp32: the order of the sums (and the normed x kept exact instead of rounded: exact in fp64 up to
@@ -23,7 +23,10 @@ CASES = {
     "norm": {"norm_eps": 1e-6},
     "glu": {"norm_eps": 1e-6, "weight2": True},
     "residual": {"residual": True},
+    "gated norm": {"norm_eps": 1e-6, "gate": True, "residual": True},
 }
+# Launches other than the default: the row-sum accumulator, one-row and wide blocks, an uneven last block.
+CONFIGS = [GemvConfig(1, 32, 1, 1, True), GemvConfig(8, 64, 2, 2, False), GemvConfig(4, 128, 4, 3, True)]
 
 
 def _inputs(n: int, k: int, dtype: torch.dtype, seed: int = 0):
@@ -35,24 +38,54 @@ def _inputs(n: int, k: int, dtype: torch.dtype, seed: int = 0):
     return x, w, w2, residual
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize(("n", "k"), [(24, 64), (37, 200)])  # even and uneven widths (masked rows, columns)
-def test_gemv_equals_the_model_ops(dtype: torch.dtype, case: str, n: int, k: int) -> None:
-    x, w, w2, residual = _inputs(n, k, dtype)
+def _options(case: str, n: int, k: int, dtype: torch.dtype, w2, residual) -> dict:
+    """The keyword arguments of ``case`` with its tensors (the gate: k values of its own)."""
     options = dict(CASES[case])
     if options.pop("weight2", False):
         options["weight2"] = w2
     if options.pop("residual", False):
         options["residual"] = residual
-    got = gemv(x, w, **options)
+    if options.pop("gate", False):
+        gen = torch.Generator().manual_seed(k)
+        options["gate"] = torch.randn(k, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
+    return options
+
+
+def _relative_error(got, x, w, options) -> float:
+    """max |got − the model's ops| over max |the exact product| (fp64)."""
     want = gemv_reference(x, w, **options)
-    assert got.dtype == want.dtype == dtype and got.shape == (n,)
-    exact = gemv_reference(*(t.double() if t.dtype != torch.float64 else t for t in (x, w)), **{
+    assert got.dtype == want.dtype and got.shape == want.shape
+    exact = gemv_reference(*(t.double() for t in (x, w)), **{
         key: (value.double() if isinstance(value, torch.Tensor) else value) for key, value in options.items()
     })
-    err = ((got.double() - want.double()).abs().max() / exact.abs().max()).item()
+    return ((got.double() - want.double()).abs().max() / exact.abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize(("n", "k"), [(24, 64), (37, 200)])  # even and uneven widths (masked rows, columns)
+def test_gemv_equals_the_model_ops(dtype: torch.dtype, case: str, n: int, k: int) -> None:
+    x, w, w2, residual = _inputs(n, k, dtype)
+    options = _options(case, n, k, dtype, w2, residual)
+    got = gemv(x, w, **options)
+    assert got.dtype == dtype and got.shape == (n,)
+    err = _relative_error(got, x, w, options)
     assert err <= TOLERANCE[dtype], err
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("case", ["plain", "glu", "gated norm"])
+def test_every_launch_computes_the_same(config: GemvConfig, case: str) -> None:
+    """Other block shapes and the row-sum accumulator: the same results as the model's ops (fp64: up to the
+    order of the sums), and in float32 within rounding of the default launch."""
+    n, k = 37, 200
+    for dtype in (torch.float64, torch.float32):
+        x, w, w2, residual = _inputs(n, k, dtype, seed=3)
+        options = _options(case, n, k, dtype, w2, residual)
+        got = gemv(x, w, config=config, **options)
+        assert _relative_error(got, x, w, options) <= TOLERANCE[dtype]
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, gemv(x, w, **options), rtol=1e-5, atol=1e-5)
 
 
 def test_a_strided_weight_view_is_read_in_place() -> None:
@@ -73,6 +106,10 @@ def test_arguments_are_checked() -> None:
         gemv(x, w, weight2=w2[:4])
     with pytest.raises(ValueError, match="residual must be"):
         gemv(x, w, residual=residual.double())
+    with pytest.raises(ValueError, match="gate must be"):
+        gemv(x, w, norm_eps=1e-6, gate=x[:4])
+    with pytest.raises(ValueError, match="gate needs norm_eps"):
+        gemv(x, w, gate=x)
 
 
 @pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA device (model-sized shapes)")
@@ -81,8 +118,45 @@ def test_arguments_are_checked() -> None:
 def test_cuda_gemv_at_model_shapes(n: int, k: int) -> None:
     """bf16 at the 7B / 1B projection shapes (masked and unmasked row blocks), each fused form."""
     x, w, w2, residual = _inputs(n, k, torch.bfloat16, seed=n)
-    for options in ({}, {"norm_eps": 1e-6}, {"norm_eps": 1e-6, "weight2": w2}, {"residual": residual}):
+    for case in CASES:
+        options = _options(case, n, k, torch.bfloat16, w2, residual)
         got = gemv(x, w, **options)
         want = gemv_reference(x, w, **options)
         err = ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
-        assert err <= TOLERANCE[torch.bfloat16], (options.keys(), err)
+        assert err <= TOLERANCE[torch.bfloat16], (case, err)
+        # A programmatic dependent launch computes the same bits.
+        assert torch.equal(gemv(x, w, pdl=True, **options), got), case
+
+
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs)")
+@pytest.mark.gpu
+def test_a_graph_of_dependent_launches_equals_the_plain_chain() -> None:
+    """A chain in which each GEMV reads the one before's output (and a residual from two before), captured
+    in a CUDA graph as programmatic dependent launches: replayed, bitwise the chain launched plainly. Each
+    waits for the kernel before it before reading; only its first weight tile is read earlier."""
+    width, depth = 4096, 12
+    gen = torch.Generator().manual_seed(5)
+    weights = [(torch.randn(width, width, generator=gen) / width**0.5).to("cuda", torch.bfloat16)
+               for _ in range(depth)]
+    x = torch.randn(width, generator=gen).to("cuda", torch.bfloat16)
+
+    def chain(pdl: bool) -> torch.Tensor:
+        hidden = x.clone()
+        for i, w in enumerate(weights):
+            out = gemv(hidden, w, norm_eps=1e-6, pdl=pdl) if i % 2 else gemv(hidden, w, residual=hidden, pdl=pdl)
+            hidden = out
+        return hidden
+
+    want = chain(False)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        chain(True)  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = chain(True)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, want)

@@ -369,19 +369,26 @@ def test_cuda_graph_decoding_with_the_kernel(dtype: torch.dtype) -> None:
 @pytest.mark.gpu
 def test_cuda_graph_batch_one_gemv_step_at_1b_width() -> None:
     """The batch-1 step on fused GEMVs (captured) against the torch step's graph, at the 1B's width (two
-    layers: the LRPE one and a plain one), bf16."""
+    layers: the LRPE one and a plain one), bf16; with programmatic dependent launches (on sm_90 and later)
+    bitwise the same as without."""
     geometry = {"decoder_embed_dim": 2048, "hidden_dim": 2048, "decoder_attention_heads": 16, "glu_dim": 5632,
                 "init_std": 0.02}
     model = build_model(torch.float32, **PREFILL, **geometry).to(device="cuda", dtype=torch.bfloat16)
     prompt = random_ids(1, 12).cuda()
     runs = {}
-    for kernel in KERNELS:
+    for kernel, pdl in (("torch", False), ("triton", False), ("triton", True)):
         model.config.decode_kernel = kernel
-        graphs = install_graph_decoding(model, capture=True, gemv=True)
-        runs[kernel] = model.generate(prompt, max_new_tokens=8, return_dict_in_generate=True, output_logits=True,
-                                      **GREEDY)
-        assert graphs.runners[1].graph is not None and graphs.runners[1].gemv == (kernel == "triton")
+        graphs = install_graph_decoding(model, capture=True, gemv=True, pdl=pdl)
+        runs[kernel, pdl] = model.generate(prompt, max_new_tokens=8, return_dict_in_generate=True,
+                                           output_logits=True, **GREEDY)
+        runner = graphs.runners[1]
+        assert runner.graph is not None and runner.gemv == (kernel == "triton")
+        assert runner.pdl == (pdl and torch.cuda.get_device_capability()[0] >= 9)
     model.config.decode_kernel = "torch"
-    assert torch.equal(runs["triton"].sequences[:, : 12 + 4], runs["torch"].sequences[:, : 12 + 4])
+    want, got = runs["torch", False], runs["triton", False]
+    assert torch.equal(got.sequences[:, : 12 + 4], want.sequences[:, : 12 + 4])
     for step in range(1, 4):
-        assert _rel_err(runs["triton"].logits[step], runs["torch"].logits[step]) < 2e-2
+        assert _rel_err(got.logits[step], want.logits[step]) < 2e-2
+    assert torch.equal(runs["triton", True].sequences, got.sequences)
+    for with_pdl, without in zip(runs["triton", True].logits, got.logits, strict=True):
+        assert torch.equal(with_pdl, without)

@@ -140,13 +140,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--gemv needs CUDA-graph decoding with the triton kernel")
     print(f"config: {args.model} decode graphs={graphs} decode_kernel={args.decode_kernel} ({kernel}) "
           f"prompt={args.prompt_len} new_tokens={args.new_tokens} adapter={args.adapter}"
-          f"{' gemv' if args.gemv else ''}{cap}", flush=True)
+          f"{' gemv' if args.gemv else ''}{'' if args.pdl else ' no-pdl'}{cap}", flush=True)
     model = random_model(args.model, "auto", "cuda" if cuda else "cpu")
     model = with_adapter(model, args.adapter, args.lora_rank, args.model).eval()
     model.config.use_cache = True
     model.config.decode_kernel = args.decode_kernel
     if graphs:
-        install_graph_decoding(model, gemv=args.gemv)
+        install_graph_decoding(model, gemv=args.gemv, pdl=args.pdl)
     copy = copy_bandwidth() if cuda else math.nan
     if cuda:
         print(f"copy bandwidth: {copy / 1e9:,.0f} GB/s (device-to-device copies of 1 GiB, read + write)")

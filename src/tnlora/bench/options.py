@@ -54,6 +54,8 @@ def decode_args(argv: list[str]) -> argparse.Namespace:
                         help="the static step's recurrence (config decode_kernel)")
     parser.add_argument("--gemv", action="store_true",
                         help="batch-1 graph steps of the triton kernel as fused GEMVs (tnlora.ops.gemv)")
+    parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
+                        help="the GEMV step's kernels as programmatic dependent launches (sm_90 and later)")
     parser.add_argument("--adapter", default="none", choices=["none", "unmerged", "merged"],
                         help="a random LoRA adapter on every linear layer, kept as peft layers or merged into the "
                              "weights (tnlora chat's default)")

@@ -83,6 +83,7 @@ class DecodeStepRunner:
         blas: str | None = GRAPH_BLAS,
         per_row_positions: bool = False,
         gemv: bool = False,
+        pdl: bool = True,
     ) -> None:
         self.capture = capture
         self.blas = blas
@@ -90,6 +91,9 @@ class DecodeStepRunner:
         # Asked for, the batch-1 Triton step runs the projections as fused GEMVs where every one is a plain
         # Linear. Off by default: measured slower at 7B (benchmarks/RESULTS.md, "The decode step alone").
         self.gemv = gemv and self.kernel == "triton" and batch_size == 1 and gemv_applies(model)
+        # The GEMV step's Triton kernels as programmatic dependent launches (each reads its first weights
+        # while the kernel before finishes), where the card has them: sm_90 and later.
+        self.pdl = pdl and self.gemv and capture and torch.cuda.get_device_capability(device)[0] >= 9
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
         self.owner: weakref.ref[TransnormerCache] | None = None
@@ -166,6 +170,14 @@ class DecodeStepRunner:
     ) -> Tensor:
         """u ⊙ norm(o) [B, 1, hidden], the out projection's input, of the projected q, k, v, u; the recurrence
         written into ``state``."""
+        o = self._attend(mixer, q, k, v, state, decay)
+        o = o.reshape(o.shape[0], 1, -1)
+        if self.kernel == "triton":
+            return gated_rms_norm(o, u, mixer.norm.eps)
+        return mixer.norm(o, gate=u)
+
+    def _attend(self, mixer: NormLinearAttention, q: Tensor, k: Tensor, v: Tensor, state: Tensor, decay: Tensor) -> Tensor:
+        """o [B, H, V] of the projected q, k, v (activation, LRPE, the recurrence written into ``state``)."""
         # The Triton step applies SiLU (TNL's activation) itself where nothing comes between it and the step.
         fuse_silu = self.kernel == "triton" and mixer.act is F.silu and mixer.lrpe is None
         if not fuse_silu:
@@ -175,29 +187,31 @@ class DecodeStepRunner:
         # Both steps always apply the pad flags (a graph has no branches): with no pad, v is unchanged, as the
         # eager path's skipped masking leaves it. The kernel reads v straight from the projection's slice.
         if self.kernel == "triton":
-            o = triton_step(q[:, 0], k[:, 0], v[:, 0], state, decay, self.pad[:, 0], silu_qk=fuse_silu)
-            return gated_rms_norm(o.reshape(o.shape[0], 1, -1), u, mixer.norm.eps)
-        o = torch_step(q[:, 0], k[:, 0], v[:, 0], state, decay, self.pad[:, 0])
-        return mixer.norm(o.reshape(o.shape[0], 1, -1), gate=u)
+            return triton_step(q[:, 0], k[:, 0], v[:, 0], state, decay, self.pad[:, 0], silu_qk=fuse_silu,
+                               pdl=self.pdl)
+        return torch_step(q[:, 0], k[:, 0], v[:, 0], state, decay, self.pad[:, 0])
 
     def _forward_gemv(self, model: TransnormerForCausalLM) -> Tensor:
         """``_forward`` at batch 1 as a chain of fused one-row projections (:func:`tnlora.ops.gemv.gemv`): each
-        norm folded into the projection after it, the GLU's two projections and product one kernel, each
-        residual add in the projection before it. Five kernels a layer besides the LRPE layer's rotation: the
-        projections, the recurrence and the output gate's norm. Not the default: at 7B this step measured
-        4.88 ms against 4.48 ms for the layer forwards on cuBLASLt (at 1B 1.20 against 1.24 ms;
-        benchmarks/RESULTS.md); ``install_graph_decoding(..., gemv=True)`` / ``tnlora bench decode --gemv``."""
+        norm folded into the projection after it (the output gate's too), the GLU's two projections and
+        product one kernel, each residual add in the projection before it. Four projections and the recurrence
+        a layer besides the LRPE layer's rotation, each (with ``pdl``) launched to overlap the one before. Not
+        the default: at 7B this step measured 4.88 ms against 4.48 ms for the layer forwards on cuBLASLt (at 1B
+        1.20 against 1.24 ms; benchmarks/RESULTS.md); ``install_graph_decoding(..., gemv=True)`` /
+        ``tnlora bench decode --gemv``."""
         core = model.model
+        pdl = self.pdl
         hidden = self._embed(model).reshape(-1)
         for i, layer in enumerate(core.layers):
             mixer, glu = layer.token_mixer, layer.channel_mixer
-            qkvu = gemv(hidden, mixer.qkvu_proj.weight, norm_eps=layer.token_norm.eps)
-            gated = self._gated_attention(mixer, *mixer.split_heads(qkvu.view(1, 1, -1)), self.states[i],
-                                          self.decays[i])
-            hidden = gemv(gated.reshape(-1), mixer.out_proj.weight, residual=hidden)
-            product = gemv(hidden, glu.l1.weight, weight2=glu.l2.weight, norm_eps=layer.channel_norm.eps)
-            hidden = gemv(product, glu.l3.weight, residual=hidden)
-        return gemv(hidden, model.lm_head.weight, norm_eps=core.final_norm.eps).view(1, 1, -1)
+            qkvu = gemv(hidden, mixer.qkvu_proj.weight, norm_eps=layer.token_norm.eps, pdl=pdl)
+            q, k, v, u = mixer.split_heads(qkvu.view(1, 1, -1))
+            o = self._attend(mixer, q, k, v, self.states[i], self.decays[i])
+            hidden = gemv(o.reshape(-1), mixer.out_proj.weight, norm_eps=mixer.norm.eps, gate=u.reshape(-1),
+                          residual=hidden, pdl=pdl)
+            product = gemv(hidden, glu.l1.weight, weight2=glu.l2.weight, norm_eps=layer.channel_norm.eps, pdl=pdl)
+            hidden = gemv(product, glu.l3.weight, residual=hidden, pdl=pdl)
+        return gemv(hidden, model.lm_head.weight, norm_eps=core.final_norm.eps, pdl=pdl).view(1, 1, -1)
 
     # -----------------------------------------------------------------------------------------------------
     # Capture and replay
@@ -334,10 +348,11 @@ def blas_library(name: str | None) -> Iterator[None]:
 class DecodeGraphs:
     """The runners of one model, by batch size, and the model fingerprint they were built against."""
 
-    def __init__(self, capture: bool, blas: str | None = GRAPH_BLAS, gemv: bool = False) -> None:
+    def __init__(self, capture: bool, blas: str | None = GRAPH_BLAS, gemv: bool = False, pdl: bool = True) -> None:
         self.capture = capture
         self.blas = blas
         self.gemv = gemv
+        self.pdl = pdl
         self.runners: dict[int, DecodeStepRunner] = {}
         self.fingerprint: Hashable | None = None
         self.last_cache: weakref.ref[TransnormerCache] | None = None
@@ -416,7 +431,8 @@ class DecodeGraphs:
         if runner is None:
             if len(self.runners) >= MAX_RUNNERS:
                 self.runners.pop(next(iter(self.runners))).release()
-            runner = DecodeStepRunner(model, batch, input_ids.device, self.capture, self.blas, gemv=self.gemv)
+            runner = DecodeStepRunner(model, batch, input_ids.device, self.capture, self.blas, gemv=self.gemv,
+                                      pdl=self.pdl)
             self.runners[batch] = runner
         return runner if runner.fits(input_ids, cache) else None
 
@@ -456,15 +472,17 @@ def install_graph_decoding(
     capture: bool = True,
     blas: str | None = GRAPH_BLAS,
     gemv: bool = False,
+    pdl: bool = True,
 ) -> DecodeGraphs:
     """Let ``model`` (or the model under its peft wrapper) take one-token cached steps through static runners,
     replacing any installed before. ``capture=False`` runs the static step without CUDA graphs, on any device
     (what the CPU tests check the buffer logic with); ``blas``: the BLAS library of
     the capture (None: PyTorch's current one); ``gemv``: batch-1 steps of the Triton kernel as fused GEMVs
-    (``DecodeStepRunner._forward_gemv``; off by default, see there)."""
+    (``DecodeStepRunner._forward_gemv``; off by default, see there); ``pdl``: that step's kernels as
+    programmatic dependent launches on cards that have them (sm_90 and later)."""
     base = _base_model(model)
     remove_graph_decoding(base)
-    graphs = DecodeGraphs(capture=capture, blas=blas, gemv=gemv)
+    graphs = DecodeGraphs(capture=capture, blas=blas, gemv=gemv, pdl=pdl)
     base.step_decoder = graphs
     return graphs
 

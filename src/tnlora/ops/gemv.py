@@ -18,7 +18,7 @@ model's. :func:`gemv_reference` is the model's own composition of PyTorch ops, t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,12 +32,24 @@ def _kernel() -> Any:
     return gemv_kernel
 
 
-def _config(n: int, k: int) -> tuple[int, int]:
-    """(rows per program, columns per step): the best of benchmarks/gemv.py's grid on the H200 for TNL's
-    shapes (8 rows for the wide 7B projections, 1,024 columns for 2,048-wide rows)."""
+class GemvConfig(NamedTuple):
+    """How :func:`gemv` launches: rows per program, columns per step, warps, software-pipeline stages, and
+    whether each step's products are summed to the rows at once (``row_sum``: fewer registers) or kept as a
+    tile summed at the end."""
+
+    block_n: int
+    block_k: int
+    warps: int = 4
+    stages: int = 3
+    row_sum: bool = False
+
+
+def gemv_config(n: int, k: int, glu: bool = False) -> GemvConfig:
+    """The launch for y [N] = W [N, K] x: the best of benchmarks/gemv.py's grid on the H200 for TNL's shapes
+    (8 rows for the wide 7B projections, 1,024 columns for 2,048-wide rows)."""
     block_k = 1024 if k <= 2048 else 512
     block_n = 8 if n >= 8192 and k >= 4096 else 4
-    return block_n, min(block_k, 1 << (k - 1).bit_length())
+    return GemvConfig(block_n, min(block_k, 1 << (k - 1).bit_length()))
 
 
 def gemv(
@@ -47,10 +59,15 @@ def gemv(
     weight2: Tensor | None = None,
     residual: Tensor | None = None,
     norm_eps: float | None = None,
+    gate: Tensor | None = None,
+    config: GemvConfig | None = None,
+    pdl: bool = False,
 ) -> Tensor:
     """y [N] for one x [K] (contiguous) and weight [N, K] (rows contiguous): W x, with x RMS-normed first when
-    ``norm_eps`` is given, times W₂ x when ``weight2`` [N, K] is given, plus ``residual`` [N] when given. y has
-    x's dtype."""
+    ``norm_eps`` is given and then multiplied by ``gate`` [K] when given (the token mixer's gated output norm,
+    ``gate ⊙ norm(x)``), times W₂ x when ``weight2`` [N, K] is given, plus ``residual`` [N] when given. y has
+    x's dtype. ``config``: the launch (default :func:`gemv_config`). ``pdl``: launch as a programmatic
+    dependent launch (sm_90 and later; see the kernel), which lets it overlap the kernel before it."""
     if x.dim() != 1 or not x.is_contiguous():
         raise ValueError(f"x must be one contiguous vector, got shape {tuple(x.shape)}")
     n, k = weight.shape
@@ -61,10 +78,15 @@ def gemv(
         raise ValueError(f"x has {x.shape[0]} values, the weight's rows {k}")
     if residual is not None and (residual.shape != (n,) or not residual.is_contiguous() or residual.dtype != x.dtype):
         raise ValueError(f"residual must be a contiguous [{n}] of {x.dtype}")
+    if gate is not None and (gate.shape != (k,) or not gate.is_contiguous() or gate.dtype != x.dtype):
+        raise ValueError(f"gate must be a contiguous [{k}] of {x.dtype}")
+    if gate is not None and norm_eps is None:
+        raise ValueError("gate needs norm_eps: it gates the normed x")
     y = torch.empty(n, dtype=x.dtype, device=x.device)
-    block_n, block_k = _config(n, k)
+    block_n, block_k, warps, stages, row_sum = config or gemv_config(n, k, glu=weight2 is not None)
     _kernel()[(_cdiv(n, block_n),)](
         x,
+        gate if gate is not None else x,  # unread without a gate
         weight,
         weight2 if weight2 is not None else weight,  # unread without GLU
         residual if residual is not None else y,  # unread without a residual
@@ -75,13 +97,18 @@ def gemv(
         norm_eps if norm_eps is not None else 0.0,
         K=k,
         NORM=norm_eps is not None,
+        GATE=gate is not None,
         GLU=weight2 is not None,
         RESIDUAL=residual is not None,
         EVEN_K=k % block_k == 0,
         FP64=x.dtype == torch.float64,
+        ROW_SUM=row_sum,
+        PDL=pdl,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        num_warps=4,
+        num_warps=warps,
+        num_stages=stages,
+        launch_pdl=pdl,
     )
     return y
 
@@ -97,16 +124,19 @@ def gemv_reference(
     weight2: Tensor | None = None,
     residual: Tensor | None = None,
     norm_eps: float | None = None,
+    gate: Tensor | None = None,
 ) -> Tensor:
-    """What the model computes for the same step: SimpleRMSNorm (fp32, rounded), Linear, the GLU's product,
-    the residual add."""
+    """What the model computes for the same step: SimpleRMSNorm (fp32, rounded; times the gate, rounded),
+    Linear, the GLU's product, the residual add."""
     if norm_eps is not None:
         xf = x.float() if x.dtype != torch.float64 else x
         x = (xf * torch.rsqrt(xf.pow(2).mean() + norm_eps)).to(x.dtype)
+        if gate is not None:
+            x = gate * x
     y = F.linear(x, weight)
     if weight2 is not None:
         y = y * F.linear(x, weight2)
     return residual + y if residual is not None else y
 
 
-__all__ = ["gemv", "gemv_reference"]
+__all__ = ["GemvConfig", "gemv", "gemv_config", "gemv_reference"]

@@ -5,11 +5,51 @@ This module imports triton at import; ``tnlora.ops.gemv`` imports it on first us
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+@triton.jit
+def _weight_tile(w_ptr, row_offsets, stride_w, row_ok, cols, K: tl.constexpr, EVEN_K: tl.constexpr):
+    """Rows ``row_offsets`` × columns ``cols`` of W (zeros outside it)."""
+    ptrs = w_ptr + row_offsets * stride_w + cols[None, :]
+    if EVEN_K:
+        return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    return tl.load(ptrs, mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _input_tile(x_ptr, gate_ptr, cols, K: tl.constexpr, EVEN_K: tl.constexpr, GATE: tl.constexpr,
+                FP64: tl.constexpr):
+    """x over ``cols`` (widened to fp32, fp64 for fp64), and the input the products read: x, or gate ⊙ x
+    with GATE."""
+    acc_dtype = tl.float64 if FP64 else tl.float32
+    if EVEN_K:
+        x = tl.load(x_ptr + cols).to(acc_dtype)
+    else:
+        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(acc_dtype)
+    if GATE:
+        if EVEN_K:
+            gate = tl.load(gate_ptr + cols).to(acc_dtype)
+        else:
+            gate = tl.load(gate_ptr + cols, mask=cols < K, other=0.0).to(acc_dtype)
+        return x, gate * x
+    return x, x
+
+
+@triton.jit
+def _accumulate(acc, w, x, ROW_SUM: tl.constexpr):
+    """acc + W x over one tile: the [BLOCK_N] row sums with ROW_SUM, else the [BLOCK_N, BLOCK_K] products
+    summed once at the end (more registers, no reduction in the loop)."""
+    products = w.to(x.dtype) * x[None, :]
+    if ROW_SUM:
+        return acc + tl.sum(products, axis=1)
+    return acc + products
 
 
 @triton.jit
 def gemv_kernel(
     x_ptr,
+    gate_ptr,
     w_ptr,
     w2_ptr,
     residual_ptr,
@@ -20,51 +60,68 @@ def gemv_kernel(
     eps,
     K: tl.constexpr,
     NORM: tl.constexpr,
+    GATE: tl.constexpr,
     GLU: tl.constexpr,
     RESIDUAL: tl.constexpr,
     EVEN_K: tl.constexpr,
     FP64: tl.constexpr,
+    ROW_SUM: tl.constexpr,
+    PDL: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """BLOCK_N rows of y = W x (x one vector of K), streaming W once in BLOCK_K-column steps; with NORM the
-    same pass sums x² for x's RMS norm, applied to the dot products at the end. K is a constant (one
-    compiled kernel per row width; a model has two or three), so the loop's trip count is known."""
+    same pass sums x² for x's RMS norm, applied to the dot products at the end; with GATE the products read
+    gate ⊙ x (the norm still of x). K is a constant (one compiled kernel per row width; a model has two or
+    three), so the loop's trip count is known.
+
+    With PDL (launched as a programmatic dependent launch) the kernel lets the next one start launching at
+    once and reads its first weight tile before it waits for the kernel before it: the weights are not that
+    kernel's output, so their first reads overlap its tail. Everything it writes comes after the wait."""
     acc_dtype = tl.float64 if FP64 else tl.float32
+    if PDL:
+        gdc_launch_dependents()
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     row_offsets = rows[:, None].to(tl.int64)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=acc_dtype)
-    acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=acc_dtype)
+    if ROW_SUM:
+        acc = tl.zeros((BLOCK_N,), dtype=acc_dtype)
+        acc2 = tl.zeros((BLOCK_N,), dtype=acc_dtype)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=acc_dtype)
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=acc_dtype)
     squares = tl.zeros((BLOCK_K,), dtype=acc_dtype)
-    for start in range(0, K, BLOCK_K):
+    # The first step apart: its weight tiles are read before the wait.
+    cols = tl.arange(0, BLOCK_K)
+    w = _weight_tile(w_ptr, row_offsets, stride_w, row_ok, cols, K, EVEN_K)
+    if GLU:
+        w2 = _weight_tile(w2_ptr, row_offsets, stride_w2, row_ok, cols, K, EVEN_K)
+    if PDL:
+        gdc_wait()
+    x, xin = _input_tile(x_ptr, gate_ptr, cols, K, EVEN_K, GATE, FP64)
+    acc = _accumulate(acc, w, xin, ROW_SUM)
+    if GLU:
+        acc2 = _accumulate(acc2, w2, xin, ROW_SUM)
+    if NORM:
+        squares += x * x
+    for start in range(BLOCK_K, K, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
-        if EVEN_K:
-            x = tl.load(x_ptr + cols).to(acc_dtype)
-            w = tl.load(w_ptr + row_offsets * stride_w + cols[None, :], mask=row_ok[:, None], other=0.0)
-        else:
-            col_ok = cols < K
-            x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(acc_dtype)
-            w = tl.load(w_ptr + row_offsets * stride_w + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                        other=0.0)
-        acc += w.to(acc_dtype) * x[None, :]
+        x, xin = _input_tile(x_ptr, gate_ptr, cols, K, EVEN_K, GATE, FP64)
+        w = _weight_tile(w_ptr, row_offsets, stride_w, row_ok, cols, K, EVEN_K)
+        acc = _accumulate(acc, w, xin, ROW_SUM)
         if GLU:
-            if EVEN_K:
-                w2 = tl.load(w2_ptr + row_offsets * stride_w2 + cols[None, :], mask=row_ok[:, None], other=0.0)
-            else:
-                w2 = tl.load(w2_ptr + row_offsets * stride_w2 + cols[None, :],
-                             mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            acc2 += w2.to(acc_dtype) * x[None, :]
+            w2 = _weight_tile(w2_ptr, row_offsets, stride_w2, row_ok, cols, K, EVEN_K)
+            acc2 = _accumulate(acc2, w2, xin, ROW_SUM)
         if NORM:
             squares += x * x
-    out = tl.sum(acc, axis=1)
+    out = acc if ROW_SUM else tl.sum(acc, axis=1)
     if NORM:
         rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
         out = out * rstd
     # Each product is rounded to the output dtype where the model's Linear would round it.
     y = out.to(y_ptr.dtype.element_ty)
     if GLU:
-        out2 = tl.sum(acc2, axis=1)
+        out2 = acc2 if ROW_SUM else tl.sum(acc2, axis=1)
         if NORM:
             out2 = out2 * rstd
         y = (y.to(acc_dtype) * out2.to(y_ptr.dtype.element_ty).to(acc_dtype)).to(y_ptr.dtype.element_ty)

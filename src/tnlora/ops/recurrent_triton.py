@@ -39,6 +39,7 @@ def _kernel() -> Any:
     """The Triton kernel, defined on first use so that importing this module never imports triton."""
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     @triton.jit
     def recurrent_step_kernel(
@@ -62,9 +63,15 @@ def _kernel() -> Any:
         V: tl.constexpr,
         HAS_PAD: tl.constexpr,
         SILU: tl.constexpr,
+        PDL: tl.constexpr,
         BK: tl.constexpr,
         BV: tl.constexpr,
     ):
+        if PDL:
+            # A programmatic dependent launch: the next kernel may start launching; every read of q, k, v
+            # and the write of the state wait for the kernel before.
+            gdc_launch_dependents()
+            gdc_wait()
         # Axis 0 is (row, head) (up to 2³¹ programs; axis 1 is capped at 65,535), axis 1 the V block.
         i_bh = tl.program_id(0)
         i_v = tl.program_id(1)
@@ -120,11 +127,13 @@ def triton_step(
     pad: Tensor | None = None,
     out: Tensor | None = None,
     silu_qk: bool = False,
+    pdl: bool = False,
 ) -> Tensor:
     """One token as one Triton kernel: the arguments and results of :func:`torch_step` (``state`` updated in
     place), o written into ``out`` [B, H, V] (v's dtype) when given. With ``silu_qk`` the kernel applies the
     token mixer's SiLU to q and k itself (they are then the projection's raw slices): the step of
-    ``torch_step(F.silu(q), F.silu(k), ...)`` with two fewer kernels.
+    ``torch_step(F.silu(q), F.silu(k), ...)`` with two fewer kernels. ``pdl``: launched as a programmatic
+    dependent launch (sm_90 and later), its launch overlapping the end of the kernel before.
 
     q, k, v may be strided views (the last dim contiguous, as the slices of the fused projection are);
     ``state`` must be contiguous. Any B, H, K, V; every tensor on one CUDA device (or CPU tensors under
@@ -167,9 +176,11 @@ def triton_step(
         V=value_dim,
         HAS_PAD=pad is not None,
         SILU=silu_qk,
+        PDL=pdl,
         BK=block_k,
         BV=block_v,
         num_warps=NUM_WARPS,
+        launch_pdl=pdl,
     )
     return out
 
