@@ -266,6 +266,9 @@ def _cuda_model(**overrides: object) -> torch.nn.Module:
 @pytest.mark.parametrize("batch", [1, 4])
 def test_cuda_graph_greedy_generate_equals_eager(batch: int) -> None:
     model = _cuda_model()
+    # The layer forwards' step (the GEMV step, the batch-1 default, has its own test: its folded norms round
+    # differently, so a long greedy run may part from eager's at a near-tie).
+    install_graph_decoding(model, gemv=False)
     prompt = random_ids(batch, 12).cuda()
     eager = _generate(model, False, prompt, max_new_tokens=24, **GREEDY)
     library = torch.backends.cuda.preferred_blas_library()

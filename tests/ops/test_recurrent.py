@@ -234,7 +234,7 @@ def test_greedy_generate_with_the_kernel_equals_torch_step() -> None:
     torch_run = _generate(model, "torch", prompt, max_new_tokens=14, **GREEDY)
     kernel_run = _generate(model, "triton", prompt, max_new_tokens=14, **GREEDY)
     runner = installed_graphs(model).runners[1]
-    assert runner.kernel == "triton" and not runner.gemv  # the GEMV step only where asked for
+    assert runner.kernel == "triton" and not runner.gemv  # the layer forwards' step, as asked for
     assert torch.equal(kernel_run.sequences, torch_run.sequences)
     assert len(set(kernel_run.sequences[0, 11:].tolist())) >= 4  # a non-degenerate continuation
     for got, want in zip(kernel_run.logits, torch_run.logits, strict=True):

@@ -138,15 +138,16 @@ def run(args: argparse.Namespace) -> int:
     kernel = kernel_impl(args.decode_kernel, "cuda", "decode_kernel") if graphs else "torch"
     if args.gemv and not (graphs and kernel == "triton"):
         raise ConfigError("--gemv needs CUDA-graph decoding with the triton kernel")
+    gemv = graphs and kernel == "triton" if args.gemv is None else args.gemv
     print(f"config: {args.model} decode graphs={graphs} decode_kernel={args.decode_kernel} ({kernel}) "
           f"prompt={args.prompt_len} new_tokens={args.new_tokens} adapter={args.adapter}"
-          f"{' gemv' if args.gemv else ''}{'' if args.pdl else ' no-pdl'}{cap}", flush=True)
+          f" step={'gemv' if gemv else 'layers'}{' pdl' if gemv and args.pdl else ''}{cap}", flush=True)
     model = random_model(args.model, "auto", "cuda" if cuda else "cpu")
     model = with_adapter(model, args.adapter, args.lora_rank, args.model).eval()
     model.config.use_cache = True
     model.config.decode_kernel = args.decode_kernel
     if graphs:
-        install_graph_decoding(model, gemv=args.gemv, pdl=args.pdl)
+        install_graph_decoding(model, gemv=gemv, pdl=args.pdl)
     copy = copy_bandwidth() if cuda else math.nan
     if cuda:
         print(f"copy bandwidth: {copy / 1e9:,.0f} GB/s (device-to-device copies of 1 GiB, read + write)")

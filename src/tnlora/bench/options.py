@@ -52,9 +52,10 @@ def decode_args(argv: list[str]) -> argparse.Namespace:
                         help="decode steps as replayed CUDA graphs (default: on with a GPU)")
     parser.add_argument("--decode_kernel", default="auto", choices=["auto", "torch", "triton"],
                         help="the static step's recurrence (config decode_kernel)")
-    parser.add_argument("--gemv", action="store_true",
-                        help="batch-1 graph steps of the triton kernel as fused GEMVs (tnlora.ops.gemv)")
-    parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--gemv", action=argparse.BooleanOptionalAction, default=None,
+                        help="batch-1 graph steps of the triton kernel as fused GEMVs (tnlora.ops.gemv; default: on "
+                             "where it applies, as in chat / generate); --no-gemv: the layer forwards")
+    parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=False,
                         help="the GEMV step's kernels as programmatic dependent launches (sm_90 and later)")
     parser.add_argument("--adapter", default="none", choices=["none", "unmerged", "merged"],
                         help="a random LoRA adapter on every linear layer, kept as peft layers or merged into the "

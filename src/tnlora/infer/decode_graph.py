@@ -83,7 +83,7 @@ class DecodeStepRunner:
         blas: str | None = GRAPH_BLAS,
         per_row_positions: bool = False,
         gemv: bool = False,
-        pdl: bool = True,
+        pdl: bool = False,
     ) -> None:
         self.capture = capture
         self.blas = blas
@@ -348,7 +348,7 @@ def blas_library(name: str | None) -> Iterator[None]:
 class DecodeGraphs:
     """The runners of one model, by batch size, and the model fingerprint they were built against."""
 
-    def __init__(self, capture: bool, blas: str | None = GRAPH_BLAS, gemv: bool = False, pdl: bool = True) -> None:
+    def __init__(self, capture: bool, blas: str | None = GRAPH_BLAS, gemv: bool = True, pdl: bool = False) -> None:
         self.capture = capture
         self.blas = blas
         self.gemv = gemv
@@ -471,8 +471,8 @@ def install_graph_decoding(
     model: nn.Module,
     capture: bool = True,
     blas: str | None = GRAPH_BLAS,
-    gemv: bool = False,
-    pdl: bool = True,
+    gemv: bool = True,
+    pdl: bool = False,
 ) -> DecodeGraphs:
     """Let ``model`` (or the model under its peft wrapper) take one-token cached steps through static runners,
     replacing any installed before. ``capture=False`` runs the static step without CUDA graphs, on any device

@@ -12,9 +12,12 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 def _weight_tile(w_ptr, row_offsets, stride_w, row_ok, cols, K: tl.constexpr, EVEN_K: tl.constexpr):
     """Rows ``row_offsets`` × columns ``cols`` of W (zeros outside it)."""
     ptrs = w_ptr + row_offsets * stride_w + cols[None, :]
+    # (One return: the compiler takes a return inside a constant branch as a second return type.)
     if EVEN_K:
-        return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
-    return tl.load(ptrs, mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+        w = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        w = tl.load(ptrs, mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+    return w
 
 
 @triton.jit
@@ -27,13 +30,14 @@ def _input_tile(x_ptr, gate_ptr, cols, K: tl.constexpr, EVEN_K: tl.constexpr, GA
         x = tl.load(x_ptr + cols).to(acc_dtype)
     else:
         x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(acc_dtype)
+    xin = x
     if GATE:
         if EVEN_K:
             gate = tl.load(gate_ptr + cols).to(acc_dtype)
         else:
             gate = tl.load(gate_ptr + cols, mask=cols < K, other=0.0).to(acc_dtype)
-        return x, gate * x
-    return x, x
+        xin = gate * x
+    return x, xin
 
 
 @triton.jit
@@ -41,9 +45,11 @@ def _accumulate(acc, w, x, ROW_SUM: tl.constexpr):
     """acc + W x over one tile: the [BLOCK_N] row sums with ROW_SUM, else the [BLOCK_N, BLOCK_K] products
     summed once at the end (more registers, no reduction in the loop)."""
     products = w.to(x.dtype) * x[None, :]
-    if ROW_SUM:
-        return acc + tl.sum(products, axis=1)
-    return acc + products
+    if ROW_SUM:  # noqa: SIM108 (a constant branch: only the taken side is compiled, shapes differ)
+        acc = acc + tl.sum(products, axis=1)
+    else:
+        acc = acc + products
+    return acc
 
 
 @triton.jit
@@ -75,12 +81,11 @@ def gemv_kernel(
     gate ⊙ x (the norm still of x). K is a constant (one compiled kernel per row width; a model has two or
     three), so the loop's trip count is known.
 
-    With PDL (launched as a programmatic dependent launch) the kernel lets the next one start launching at
-    once and reads its first weight tile before it waits for the kernel before it: the weights are not that
-    kernel's output, so their first reads overlap its tail. Everything it writes comes after the wait."""
+    With PDL (launched as a programmatic dependent launch) the kernel reads its first weight tile before it
+    waits for the kernel before it (the weights are not that kernel's output, so their first reads overlap
+    its tail), and lets the next kernel start launching once its own loop is done. Everything it writes
+    comes after the wait."""
     acc_dtype = tl.float64 if FP64 else tl.float32
-    if PDL:
-        gdc_launch_dependents()
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     row_offsets = rows[:, None].to(tl.int64)
@@ -114,6 +119,8 @@ def gemv_kernel(
             acc2 = _accumulate(acc2, w2, xin, ROW_SUM)
         if NORM:
             squares += x * x
+    if PDL:
+        gdc_launch_dependents()
     out = acc if ROW_SUM else tl.sum(acc, axis=1)
     if NORM:
         rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
