@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     gemv = graphs and kernel == "triton" if args.gemv is None else args.gemv
     print(f"config: {args.model} decode graphs={graphs} decode_kernel={args.decode_kernel} ({kernel}) "
           f"prompt={args.prompt_len} new_tokens={args.new_tokens} adapter={args.adapter}"
-          f" step={'gemv' if gemv else 'layers'}{' pdl' if gemv and args.pdl else ''}{cap}", flush=True)
+          f" step={'gemv' if gemv else 'layers'}{'' if not gemv else ' pdl' if args.pdl else ' no-pdl'}{cap}", flush=True)
     model = random_model(args.model, "auto", "cuda" if cuda else "cpu")
     model = with_adapter(model, args.adapter, args.lora_rank, args.model).eval()
     model.config.use_cache = True

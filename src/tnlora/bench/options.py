@@ -55,8 +55,9 @@ def decode_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--gemv", action=argparse.BooleanOptionalAction, default=None,
                         help="batch-1 graph steps of the triton kernel as fused GEMVs (tnlora.ops.gemv; default: on "
                              "where it applies, as in chat / generate); --no-gemv: the layer forwards")
-    parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=False,
-                        help="the GEMV step's kernels as programmatic dependent launches (sm_90 and later)")
+    parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
+                        help="the GEMV step's kernels as programmatic dependent launches (sm_90 and later; "
+                             "--no-pdl: plain launches)")
     parser.add_argument("--adapter", default="none", choices=["none", "unmerged", "merged"],
                         help="a random LoRA adapter on every linear layer, kept as peft layers or merged into the "
                              "weights (tnlora chat's default)")

@@ -348,7 +348,7 @@ def blas_library(name: str | None) -> Iterator[None]:
 class DecodeGraphs:
     """The runners of one model, by batch size, and the model fingerprint they were built against."""
 
-    def __init__(self, capture: bool, blas: str | None = GRAPH_BLAS, gemv: bool = True, pdl: bool = False) -> None:
+    def __init__(self, capture: bool, blas: str | None = GRAPH_BLAS, gemv: bool = True, pdl: bool = True) -> None:
         self.capture = capture
         self.blas = blas
         self.gemv = gemv
@@ -472,7 +472,7 @@ def install_graph_decoding(
     capture: bool = True,
     blas: str | None = GRAPH_BLAS,
     gemv: bool = True,
-    pdl: bool = False,
+    pdl: bool = True,
 ) -> DecodeGraphs:
     """Let ``model`` (or the model under its peft wrapper) take one-token cached steps through static runners,
     replacing any installed before. ``capture=False`` runs the static step without CUDA graphs, on any device

@@ -44,12 +44,30 @@ class GemvConfig(NamedTuple):
     row_sum: bool = False
 
 
+# The best launch of benchmarks/gemv.py --sweep per TNL shape (N, K, GLU) on the H200 (benchmarks/RESULTS.md,
+# "GEMV launches"): 1,024 columns a step everywhere, no software pipelining mostly, and few rows a program.
+TUNED = {
+    (16384, 4096, False): GemvConfig(4, 1024, 4, 1),  # 7B qkvu
+    (4096, 4096, False): GemvConfig(8, 1024, 4, 1),  # 7B out_proj
+    (11008, 4096, True): GemvConfig(2, 1024, 4, 3),  # 7B l1 / l2 as the GLU
+    (11008, 4096, False): GemvConfig(4, 1024, 4, 1),  # 7B l1 or l2 alone
+    (4096, 11008, False): GemvConfig(8, 1024, 4, 1),  # 7B l3
+    (64000, 4096, False): GemvConfig(4, 1024, 4, 1),  # 7B lm_head
+    (8192, 2048, False): GemvConfig(2, 1024, 4, 1),  # 1B qkvu
+    (2048, 2048, False): GemvConfig(4, 1024, 4, 1),  # 1B out_proj
+    (5632, 2048, True): GemvConfig(2, 1024, 4, 1),  # 1B l1 / l2 as the GLU
+    (5632, 2048, False): GemvConfig(2, 1024, 4, 1),  # 1B l1 or l2 alone
+    (2048, 5632, False): GemvConfig(2, 1024, 4, 3),  # 1B l3
+    (64000, 2048, False): GemvConfig(2, 1024, 4, 3),  # 1B lm_head
+}
+
+
 def gemv_config(n: int, k: int, glu: bool = False) -> GemvConfig:
-    """The launch for y [N] = W [N, K] x: the best of benchmarks/gemv.py's grid on the H200 for TNL's shapes
-    (8 rows for the wide 7B projections, 1,024 columns for 2,048-wide rows)."""
-    block_k = 1024 if k <= 2048 else 512
-    block_n = 8 if n >= 8192 and k >= 4096 else 4
-    return GemvConfig(block_n, min(block_k, 1 << (k - 1).bit_length()))
+    """The launch for y [N] = W [N, K] x: the measured best for TNL's shapes (``TUNED``), else what most of
+    them share (1,024 columns a step, 2 rows a program up to 2,048-wide rows and for the GLU, else 4)."""
+    if (n, k, glu) in TUNED:
+        return TUNED[n, k, glu]
+    return GemvConfig(2 if glu or k <= 2048 else 4, min(1024, 1 << (k - 1).bit_length()), 4, 1)
 
 
 def gemv(
@@ -139,4 +157,4 @@ def gemv_reference(
     return residual + y if residual is not None else y
 
 
-__all__ = ["GemvConfig", "gemv", "gemv_config", "gemv_reference"]
+__all__ = ["TUNED", "GemvConfig", "gemv", "gemv_config", "gemv_reference"]
