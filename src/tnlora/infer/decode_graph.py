@@ -29,7 +29,10 @@ kernel per layer that reads and writes each state once and zeroes padded v itsel
 :mod:`tnlora.ops.recurrent_triton`, and the norms fused with the residual adds and the output gate,
 :mod:`tnlora.ops.norm`; equal up to rounding) or "auto" (the default: triton on CUDA when it imports). A runner
 keeps the choice it was built with; a changed choice rebuilds the runners at the next ``generate()`` call (it
-is part of the fingerprint).
+is part of the fingerprint). With the triton kernel, a batch-1 step whose projections are all plain Linears
+runs as a chain of fused one-row projections instead of the layer forwards (:meth:`DecodeStepRunner._forward_gemv`,
+:mod:`tnlora.ops.gemv`; ``install_graph_decoding(gemv=False)`` keeps the layer forwards), on sm_90 and later
+cards as programmatic dependent launches.
 
 :class:`DecodeGraphs` (the installed object) returns None whenever the eager path must run (training mode,
 grad enabled, not CUDA, several tokens, labels, hidden states asked for, ...). peft LoRA layers are captured
@@ -88,8 +91,8 @@ class DecodeStepRunner:
         self.capture = capture
         self.blas = blas
         self.kernel = decode_kernel(model, device)
-        # Asked for, the batch-1 Triton step runs the projections as fused GEMVs where every one is a plain
-        # Linear. Off by default: measured slower at 7B (benchmarks/RESULTS.md, "The decode step alone").
+        # Asked for (install_graph_decoding's default), the batch-1 Triton step runs the projections as fused
+        # GEMVs where every one is a plain Linear.
         self.gemv = gemv and self.kernel == "triton" and batch_size == 1 and gemv_applies(model)
         # The GEMV step's Triton kernels as programmatic dependent launches (each reads its first weights
         # while the kernel before finishes), where the card has them: sm_90 and later.
@@ -195,10 +198,10 @@ class DecodeStepRunner:
         """``_forward`` at batch 1 as a chain of fused one-row projections (:func:`tnlora.ops.gemv.gemv`): each
         norm folded into the projection after it (the output gate's too), the GLU's two projections and
         product one kernel, each residual add in the projection before it. Four projections and the recurrence
-        a layer besides the LRPE layer's rotation, each (with ``pdl``) launched to overlap the one before. Not
-        the default: at 7B this step measured 4.88 ms against 4.48 ms for the layer forwards on cuBLASLt (at 1B
-        1.20 against 1.24 ms; benchmarks/RESULTS.md); ``install_graph_decoding(..., gemv=True)`` /
-        ``tnlora bench decode --gemv``."""
+        a layer besides the LRPE layer's rotation, each (with ``pdl``) launched to overlap the one before. The
+        batch-1 default of :func:`install_graph_decoding`: on an H200 the 7B step took 3.56 ms against 4.48 for
+        the layer forwards on cuBLASLt, the 1B step 0.88 against 1.18 (benchmarks/RESULTS.md, "The GEMV
+        step"). Results equal the layer forwards' up to the folded norms' rounding."""
         core = model.model
         pdl = self.pdl
         hidden = self._embed(model).reshape(-1)
@@ -478,8 +481,8 @@ def install_graph_decoding(
     replacing any installed before. ``capture=False`` runs the static step without CUDA graphs, on any device
     (what the CPU tests check the buffer logic with); ``blas``: the BLAS library of
     the capture (None: PyTorch's current one); ``gemv``: batch-1 steps of the Triton kernel as fused GEMVs
-    (``DecodeStepRunner._forward_gemv``; off by default, see there); ``pdl``: that step's kernels as
-    programmatic dependent launches on cards that have them (sm_90 and later)."""
+    (``DecodeStepRunner._forward_gemv``; False: the layer forwards at every batch size); ``pdl``: that step's
+    kernels as programmatic dependent launches on cards that have them (sm_90 and later)."""
     base = _base_model(model)
     remove_graph_decoding(base)
     graphs = DecodeGraphs(capture=capture, blas=blas, gemv=gemv, pdl=pdl)

@@ -1,19 +1,23 @@
 """One-row projections of the batch-1 decode step, each with its neighbours fused in: y = W x for one x.
 
 At batch 1 a decode step is a chain of matrix-vector products, each reading a weight once, with small kernels
-between them (the RMS norms, the GLU's product, the residual adds). A Triton GEMV streams the weights at least
-as fast as cuBLAS does for one row (``benchmarks/gemv.py``: faster for every 1B and 7B projection but the 7B
-qkvu, benchmarks/RESULTS.md), and the small kernels fold into it:
+between them (the RMS norms, the GLU's product, the residual adds). A Triton GEMV with a launch chosen per
+shape streams TNL's weights faster than cuBLAS does for one row (``benchmarks/gemv.py --sweep``: the 7B
+projections at 3.8–4.4 TB/s, benchmarks/RESULTS.md), and the small kernels fold into it:
 
 * ``norm_eps``: x is SimpleRMSNorm-ed first. The dot products need only x's sum of squares, which the same
   pass over x accumulates: y = rstd(x) · W x, the norm's kernel gone. (The model rounds the normed x to its
   dtype before the matmul; here it stays exact: results equal the model's up to that rounding.)
+* ``gate``: the token mixer's gated output norm, y = W (gate ⊙ norm(x)): the products read gate ⊙ x, the norm
+  scales the sums.
 * ``weight2``: the channel mixer's GLU, y = (W x) ⊙ (W₂ x), both products from one pass over x.
 * ``residual``: y = residual + W x, the residual add of a decoder layer.
 
 Products are rounded to the output dtype where the model's Linear rounds them (before the GLU's product and
 before the residual add), so apart from the norm's rounding and the order of the sums the results are the
 model's. :func:`gemv_reference` is the model's own composition of PyTorch ops, that the tests check against.
+``pdl`` launches the kernel as a programmatic dependent launch (sm_90 and later): it reads its first weight
+tile while the kernel before it finishes, which a chain of them inside a CUDA graph gains from.
 """
 
 from __future__ import annotations
@@ -44,30 +48,30 @@ class GemvConfig(NamedTuple):
     row_sum: bool = False
 
 
-# The best launch of benchmarks/gemv.py --sweep per TNL shape (N, K, GLU) on the H200 (benchmarks/RESULTS.md,
-# "GEMV launches"): 1,024 columns a step everywhere, no software pipelining mostly, and few rows a program.
+# The launch per TNL shape (N, K, GLU) that measured fastest on the H200 (benchmarks/RESULTS.md, "The GEMV
+# step"): for 7B the best of benchmarks/gemv.py --sweep (1,024 columns a step, no software pipelining but for
+# the GLU, few rows a program); for 1B the launches that ran the whole step faster with dependent launches
+# than the sweep's isolated best did (0.88 against 0.96 ms a step).
 TUNED = {
     (16384, 4096, False): GemvConfig(4, 1024, 4, 1),  # 7B qkvu
     (4096, 4096, False): GemvConfig(8, 1024, 4, 1),  # 7B out_proj
     (11008, 4096, True): GemvConfig(2, 1024, 4, 3),  # 7B l1 / l2 as the GLU
-    (11008, 4096, False): GemvConfig(4, 1024, 4, 1),  # 7B l1 or l2 alone
     (4096, 11008, False): GemvConfig(8, 1024, 4, 1),  # 7B l3
     (64000, 4096, False): GemvConfig(4, 1024, 4, 1),  # 7B lm_head
-    (8192, 2048, False): GemvConfig(2, 1024, 4, 1),  # 1B qkvu
-    (2048, 2048, False): GemvConfig(4, 1024, 4, 1),  # 1B out_proj
-    (5632, 2048, True): GemvConfig(2, 1024, 4, 1),  # 1B l1 / l2 as the GLU
-    (5632, 2048, False): GemvConfig(2, 1024, 4, 1),  # 1B l1 or l2 alone
-    (2048, 5632, False): GemvConfig(2, 1024, 4, 3),  # 1B l3
-    (64000, 2048, False): GemvConfig(2, 1024, 4, 3),  # 1B lm_head
+    (8192, 2048, False): GemvConfig(4, 1024, 4, 3),  # 1B qkvu
+    (2048, 2048, False): GemvConfig(4, 1024, 4, 3),  # 1B out_proj
+    (5632, 2048, True): GemvConfig(4, 1024, 4, 3),  # 1B l1 / l2 as the GLU
+    (2048, 5632, False): GemvConfig(4, 512, 4, 3),  # 1B l3
+    (64000, 2048, False): GemvConfig(4, 1024, 4, 3),  # 1B lm_head
 }
 
 
 def gemv_config(n: int, k: int, glu: bool = False) -> GemvConfig:
-    """The launch for y [N] = W [N, K] x: the measured best for TNL's shapes (``TUNED``), else what most of
-    them share (1,024 columns a step, 2 rows a program up to 2,048-wide rows and for the GLU, else 4)."""
+    """The launch for y [N] = W [N, K] x: the measured one for TNL's shapes (``TUNED``), else 4 rows a program
+    and 1,024 columns a step (or K's next power of two), 3 stages: the 1B's (other shapes are not measured)."""
     if (n, k, glu) in TUNED:
         return TUNED[n, k, glu]
-    return GemvConfig(2 if glu or k <= 2048 else 4, min(1024, 1 << (k - 1).bit_length()), 4, 1)
+    return GemvConfig(4, min(1024, 1 << (k - 1).bit_length()), 4, 3)
 
 
 def gemv(
