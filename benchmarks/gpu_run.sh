@@ -23,7 +23,10 @@
 #   decode-kernel   decoding with the torch and the triton recurrence
 #   gemv            the batch-1 decode projections: cuBLAS / cuBLASLt against a Triton GEMV (benchmarks/gemv.py;
 #                   GEMV_ARGS=--fused: tnlora.ops.gemv's fused forms against the composition they replace;
-#                   GEMV_ARGS="--rows 32": batch 32, cuBLAS against a Triton skinny GEMM)
+#                   GEMV_ARGS="--rows 32": batch 32, cuBLAS against a Triton skinny GEMM; GEMV_ARGS=--sweep:
+#                   tnlora.ops.gemv's launches per form and shape)
+#   decode-steps    batch-1 decoding (MODELS, default "1B 7B") with the layer forwards (--no-gemv), the GEMV
+#                   step (the default) and the GEMV step without dependent launches (--no-pdl), one machine
 #   opt-outs        tnlora train's defaults against their opt-outs on one machine (MODELS, default 1B):
 #                   --loss_kernel torch and / or --no-lora_compiled_op
 #   loss            one chunk of the training loss: PyTorch's cross-entropy composition against the fused kernel
@@ -112,6 +115,8 @@ for stage in "$@"; do
       train --model 1B --cutoff_len 16384 --attention_impl fla --per_device_train_batch_size 1 --torch_compile true --name "1B + compiled layers ($COMMIT)$TAG" ;;
     decode)
       for m in ${MODELS:-7B 1B}; do decode --model $m $CAP; done ;;
+    decode-steps)
+      for m in ${MODELS:-1B 7B}; do for a in "--no-gemv" "" "--no-pdl"; do decode --model $m --batch 1 $a; done; done ;;
     decode-profile)
       for mb in "7B 1" "7B 32" "1B 1"; do read -r m b <<< "$mb"
         log "decode profile $m batch $b"; timeout 150 python3 -m tnlora.cli bench decode --model $m --batch $b --new_tokens 32 --profile > "$OUT/profile-$m-$b.txt" 2>&1
