@@ -54,7 +54,7 @@ from transformers.utils import logging
 
 from tnlora.model.cache import TransnormerCache
 from tnlora.model.modeling import NormLinearAttention, TransnormerForCausalLM
-from tnlora.ops.gemv import gemv
+from tnlora.ops.gemv import gemv, pdl_supported
 from tnlora.ops.norm import add_rms_norm, gated_rms_norm
 from tnlora.ops.recurrent import torch_step
 from tnlora.ops.recurrent_triton import triton_step
@@ -95,8 +95,8 @@ class DecodeStepRunner:
         # GEMVs where every one is a plain Linear.
         self.gemv = gemv and self.kernel == "triton" and batch_size == 1 and gemv_applies(model)
         # The GEMV step's Triton kernels as programmatic dependent launches (each reads its first weights
-        # while the kernel before finishes), where the card has them: sm_90 and later.
-        self.pdl = pdl and self.gemv and capture and torch.cuda.get_device_capability(device)[0] >= 9
+        # while the kernel before finishes), where the card and Triton have them.
+        self.pdl = pdl and self.gemv and capture and pdl_supported(device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
         self.owner: weakref.ref[TransnormerCache] | None = None

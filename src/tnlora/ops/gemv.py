@@ -130,9 +130,20 @@ def gemv(
         BLOCK_K=block_k,
         num_warps=warps,
         num_stages=stages,
-        launch_pdl=pdl,
+        **({"launch_pdl": True} if pdl else {}),  # an option Triton before 3.3 does not know
     )
     return y
+
+
+def pdl_supported(device: torch.device | str) -> bool:
+    """Whether kernels on ``device`` can be programmatic dependent launches: a CUDA card of sm_90 or later and
+    a Triton that has them (3.3 and later)."""
+    device = torch.device(device)
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    from tnlora.ops.gemv_triton import HAS_PDL
+
+    return HAS_PDL
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -161,4 +172,4 @@ def gemv_reference(
     return residual + y if residual is not None else y
 
 
-__all__ = ["TUNED", "GemvConfig", "gemv", "gemv_config", "gemv_reference"]
+__all__ = ["TUNED", "GemvConfig", "gemv", "gemv_config", "gemv_reference", "pdl_supported"]

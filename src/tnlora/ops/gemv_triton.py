@@ -5,7 +5,21 @@ This module imports triton at import; ``tnlora.ops.gemv`` imports it on first us
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_PDL = True
+except ImportError:  # Triton before 3.3: no programmatic dependent launches (the PDL branches never compile)
+    HAS_PDL = False
+
+    @triton.jit
+    def gdc_launch_dependents():
+        """Stands in for Triton 3.3's, never called (kernels take PDL only where HAS_PDL)."""
+
+    @triton.jit
+    def gdc_wait():
+        """Stands in for Triton 3.3's, never called."""
 
 
 @triton.jit

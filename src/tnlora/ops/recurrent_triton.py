@@ -39,7 +39,8 @@ def _kernel() -> Any:
     """The Triton kernel, defined on first use so that importing this module never imports triton."""
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    from tnlora.ops.gemv_triton import gdc_launch_dependents, gdc_wait
 
     @triton.jit
     def recurrent_step_kernel(
@@ -180,7 +181,7 @@ def triton_step(
         BK=block_k,
         BV=block_v,
         num_warps=NUM_WARPS,
-        launch_pdl=pdl,
+        **({"launch_pdl": True} if pdl else {}),  # an option Triton before 3.3 does not know
     )
     return out
 
