@@ -279,9 +279,10 @@ SWEEP_CONFIGS = [(bn, bk, warps, stages, row_sum) for bn in (2, 4, 8, 16) for bk
                  if bn * bk <= 8192 for warps in (4, 8) for stages in (1, 3) for row_sum in (False, True)]
 
 
-def _sweep_case(model: str, name: str, form: str, repeats: int) -> tuple[list, Callable]:
-    """Weights (``repeats`` of them) and a call ``(i, config, pdl) -> y`` of one form at one shape."""
-    from tnlora.ops.gemv import GemvConfig, gemv
+def _sweep_case(model: str, name: str, form: str, repeats: int) -> tuple[list, Callable, Callable]:
+    """Weights (``repeats`` of them), a call ``(i, config, pdl) -> y`` of one form at one shape, and the
+    model's composition ``(i) -> y`` it is checked against."""
+    from tnlora.ops.gemv import GemvConfig, gemv, gemv_reference
 
     n, k = {p: (n, k) for p, n, k in SHAPES[model]}[name]
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(repeats)]
@@ -296,7 +297,10 @@ def _sweep_case(model: str, name: str, form: str, repeats: int) -> tuple[list, C
         extra = {"weight2": ws2[i]} if ws2 else {}
         return gemv(x, ws[i], config=GemvConfig(*config), pdl=pdl, **options, **extra)
 
-    return ws, call
+    def reference(i: int) -> torch.Tensor:
+        return gemv_reference(x, ws[i], **options, **({"weight2": ws2[i]} if ws2 else {}))
+
+    return ws, call, reference
 
 
 def _sweep_compile(part: int, parts: int, models: list[str]) -> int:
@@ -305,7 +309,7 @@ def _sweep_compile(part: int, parts: int, models: list[str]) -> int:
     calls = 0
     for model in models:
         for name, form in SWEEP_FORMS:
-            _, call = _sweep_case(model, name, form, 1)
+            _, call, _ = _sweep_case(model, name, form, 1)
             for j, config in enumerate(SWEEP_CONFIGS):
                 if j % parts == part:
                     call(0, config)
@@ -321,7 +325,7 @@ def measure_sweep(models: list[str], repeats: int, workers: int) -> int:
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    from tnlora.ops.gemv import gemv_config
+    from tnlora.ops.gemv import gemv_config, pdl_supported
 
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
         compiled = sum(pool.map(_sweep_compile, range(workers), [workers] * workers, [models] * workers))
@@ -332,16 +336,21 @@ def measure_sweep(models: list[str], repeats: int, workers: int) -> int:
         shapes = {p: (n, k) for p, n, k in SHAPES[model]}
         for name, form in SWEEP_FORMS:
             n, k = shapes[name]
-            ws, call = _sweep_case(model, name, form, repeats)
+            ws, call, reference = _sweep_case(model, name, form, repeats)
             gb = n * k * 2 * (2 if form == "glu" else 1) / 1e9
             default = tuple(gemv_config(n, k, glu=form == "glu"))
             times = {}
             for config in dict.fromkeys([default, *SWEEP_CONFIGS]):
                 times[config] = graph_seconds(lambda i, c=config, f=call: f(i, c), repeats)
             best = min(times, key=times.get)
-            dependent = graph_seconds(lambda i, c=best, f=call: f(i, c, True), repeats)
+            want = reference(0).float()
+            if not torch.allclose(call(0, best).float(), want, atol=2e-2 * want.abs().max().item(), rtol=2e-2):
+                print(f"{model} {name} {form} {best}: WRONG result", file=sys.stderr)
+            dependent = "–"
+            if pdl_supported("cuda"):
+                dependent = f"{graph_seconds(lambda i, c=best, f=call: f(i, c, True), repeats) * 1e6:.1f}"
             print(f"| {model} | {name} | {form} | {times[default] * 1e6:.1f} {default} | {times[best] * 1e6:.1f} "
-                  f"({gb / times[best]:,.0f}) | {best} | {dependent * 1e6:.1f} |", flush=True)
+                  f"({gb / times[best]:,.0f}) | {best} | {dependent} |", flush=True)
             del ws
     return 0
 

@@ -24,6 +24,7 @@ from tnl_helpers import build_model, left_padded, random_ids
 from tnlora.errors import ConfigError
 from tnlora.infer.decode_graph import DecodeStepRunner, gemv_applies, install_graph_decoding, installed_graphs
 from tnlora.model import TransnormerCache, config_from_preset
+from tnlora.ops.gemv import pdl_supported
 from tnlora.ops.recurrent import torch_step
 from tnlora.ops.recurrent_triton import triton_step
 from tnlora.ops.select import KERNEL_CHOICES, triton_available
@@ -96,6 +97,7 @@ import tnlora, tnlora.model
 from tnlora.errors import ConfigError
 from tnlora.model import TransnormerForCausalLM, config_from_preset
 from tnlora.infer.decode_graph import DecodeStepRunner
+from tnlora.ops.gemv import pdl_supported
 from tnlora.ops.recurrent import torch_step
 from tnlora.ops.select import triton_available
 state = torch.zeros(1, 2, 4, 3)
@@ -383,7 +385,7 @@ def test_cuda_graph_batch_one_gemv_step_at_1b_width() -> None:
                                            output_logits=True, **GREEDY)
         runner = graphs.runners[1]
         assert runner.graph is not None and runner.gemv == (kernel == "triton")
-        assert runner.pdl == (pdl and torch.cuda.get_device_capability()[0] >= 9)
+        assert runner.pdl == (pdl and pdl_supported("cuda"))
     model.config.decode_kernel = "torch"
     want, got = runs["torch", False], runs["triton", False]
     assert torch.equal(got.sequences[:, : 12 + 4], want.sequences[:, : 12 + 4])

@@ -141,8 +141,10 @@ def pdl_supported(device: torch.device | str) -> bool:
     device = torch.device(device)
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
         return False
-    from tnlora.ops.gemv_triton import HAS_PDL
-
+    try:
+        from tnlora.ops.gemv_triton import HAS_PDL
+    except ImportError:  # no triton
+        return False
     return HAS_PDL
 
 
