@@ -334,3 +334,44 @@ def test_step_profiler_records_the_last_step_after_one_lead_step(monkeypatch, st
         assert log == [("start", 1), ("recorded", 1)]
     else:
         assert log == [("start", last - 1), ("lead ends", last - 1), ("recorded", last)]
+
+
+def _benchmark_module(name: str):
+    """A script of benchmarks/ imported as a module."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gemv_step_descent_keeps_the_fastest_launch_per_projection_and_restores_tuned():
+    """benchmarks/gemv_step.py's coordinate descent, with a made-up step time (each projection's cost a
+    function of its launch, one best launch each): it finds each projection's best, reports the first and
+    last time, and leaves ``TUNED`` as it found it."""
+    from tnlora.ops import gemv as gemv_ops
+
+    step = _benchmark_module("gemv_step")
+    shapes = step.step_shapes(common.random_model("tiny", "auto", "cpu"))
+    assert set(shapes) == {"qkvu", "out_proj", "l1 / l2 (GLU)", "l3", "lm_head"}
+    assert shapes["l1 / l2 (GLU)"][2] and not shapes["qkvu"][2]
+    best = {key: step.CANDIDATES[(3 * i + 1) % len(step.CANDIDATES)] for i, key in enumerate(shapes.values())}
+
+    def measure() -> float:
+        return sum(0.0 if gemv_ops.gemv_config(*key) == best[key] else 1.0 + gemv_ops.gemv_config(*key).block_n
+                   for key in shapes.values())
+
+    tuned = dict(gemv_ops.TUNED)
+    start, end, chosen = step.coordinate_descent(shapes, measure, log=lambda line: None)
+    assert chosen == best and end == 0.0 < start
+    assert tuned == gemv_ops.TUNED
+
+
+def test_gemv_step_needs_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    script = Path(__file__).parents[1] / "benchmarks" / "gemv_step.py"
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip() == "gemv_step.py: needs a CUDA GPU"

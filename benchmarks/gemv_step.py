@@ -1,0 +1,124 @@
+"""The GEMV decode step's launches chosen inside the step: per projection, the launch that makes the whole
+captured batch-1 step fastest.
+
+``benchmarks/gemv.py --sweep`` times each projection's kernel alone; inside the step, with programmatic
+dependent launches overlapping each kernel with the one before, the fastest launch alone need not be the
+fastest there (1B: the sweep's launches ran the step in 0.96 ms, the one-rule launches in 0.88; RESULTS.md,
+"The GEMV step"). This takes a random-weight model, captures its batch-1 GEMV step as ``tnlora chat`` does
+(``DecodeStepRunner``: CUDA graph, dependent launches where supported) and, one projection at a time, tries
+each of CANDIDATES for its shape with the others fixed, keeping the fastest (one pass of coordinate descent
+from ``tnlora.ops.gemv.TUNED``). Each try recaptures the step and times REPLAYS replays, median of ROUNDS.
+Prints every try and the entries for ``TUNED``; nothing in the tree changes.
+
+    python3 benchmarks/gemv_step.py --models 1B,7B     # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+from collections.abc import Callable
+
+import torch
+
+from tnlora.bench.common import cuda_seconds, environment_line, random_model
+from tnlora.infer.decode_graph import DecodeStepRunner
+from tnlora.ops import gemv as gemv_ops
+from tnlora.ops.gemv import GemvConfig, gemv_config
+
+# (rows a program, columns a step, warps, stages): the region where the sweep's winners and the one-rule
+# launches lie.
+CANDIDATES = [GemvConfig(bn, bk, 4, stages) for bn in (2, 4, 8) for bk in (512, 1024) for stages in (1, 3)]
+REPLAYS = 50
+ROUNDS = 5
+
+
+def step_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int, bool]]:
+    """(N, K, GLU) of each projection kernel of the GEMV step, by name."""
+    layer = model.model.layers[0]
+    mixer, glu = layer.token_mixer, layer.channel_mixer
+    return {
+        "qkvu": (*mixer.qkvu_proj.weight.shape, False),
+        "out_proj": (*mixer.out_proj.weight.shape, False),
+        "l1 / l2 (GLU)": (*glu.l1.weight.shape, True),
+        "l3": (*glu.l3.weight.shape, False),
+        "lm_head": (*model.lm_head.weight.shape, False),
+    }
+
+
+def step_ms(model: torch.nn.Module, pdl: bool) -> float:
+    """ms of one captured batch-1 GEMV step (median of ROUNDS × REPLAYS replays), with the launches
+    ``gemv_config`` returns now."""
+    runner = DecodeStepRunner(model, 1, torch.device("cuda"), capture=True, gemv=True, pdl=pdl)
+    if not runner.gemv:
+        raise SystemExit("gemv_step.py: this model's batch-1 step does not take the GEMV path")
+    runner.run(model)  # captures
+
+    def replays() -> None:
+        for _ in range(REPLAYS):
+            runner.run(model)
+
+    seconds = statistics.median(cuda_seconds(replays, ROUNDS)) / REPLAYS
+    runner.release()
+    return seconds * 1e3
+
+
+def coordinate_descent(
+    shapes: dict[str, tuple[int, int, bool]], measure: Callable[[], float], log: Callable[[str], None] = print
+) -> tuple[float, float, dict[tuple[int, int, bool], GemvConfig]]:
+    """One pass over ``shapes``: for each, every candidate launch (set in ``TUNED`` while ``measure()`` runs)
+    with the others fixed, keeping the fastest. Returns the first and last measure and the launches chosen;
+    ``TUNED`` is as it was afterwards."""
+    chosen = {key: gemv_config(*key) for key in shapes.values()}
+    saved = dict(gemv_ops.TUNED)
+    try:
+        gemv_ops.TUNED.update(chosen)
+        start = measure()
+        for name, key in shapes.items():
+            tries = {}
+            for config in dict.fromkeys([chosen[key], *CANDIDATES]):
+                gemv_ops.TUNED[key] = config
+                tries[config] = measure()
+            best = min(tries, key=tries.get)
+            gemv_ops.TUNED[key] = chosen[key] = best
+            cells = ", ".join(f"{tuple(c)[:4]} {t:.3f}" for c, t in sorted(tries.items(), key=lambda item: item[1]))
+            log(f"| {name} {key[:2]} | best {tuple(best)[:4]} {tries[best]:.3f} | {cells} |")
+        end = measure()
+    finally:
+        gemv_ops.TUNED.clear()
+        gemv_ops.TUNED.update(saved)
+    return start, end, chosen
+
+
+def tune(preset: str, pdl: bool) -> None:
+    """One pass over the step's projections for ``preset``; prints the tries (ms a step) and the entries."""
+    model = random_model(preset, "auto", "cuda").eval()
+    shapes = step_shapes(model)
+    with torch.inference_mode():
+        start, end, chosen = coordinate_descent(shapes, functools.partial(step_ms, model, pdl),
+                                                lambda line: print(f"| {preset} {line}", flush=True))
+    print(f"{preset}: {start:.3f} → {end:.3f} ms a step; TUNED entries:")
+    for name, key in shapes.items():
+        print(f"    {key}: GemvConfig{tuple(chosen[key])},  # {preset} {name}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="1B,7B")
+    parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
+                        help="dependent launches, as the step's default (where the card has them)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gemv_step.py: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    print(environment_line(), flush=True)
+    for preset in args.models.split(","):
+        tune(preset, args.pdl)
+        torch.cuda.empty_cache()  # the model and its graphs are gone: the next preset gets the memory
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
