@@ -26,7 +26,8 @@ except ImportError:  # Triton before 3.3: no programmatic dependent launches (th
 def _weight_tile(w_ptr, row_offsets, stride_w, row_ok, cols, K: tl.constexpr, EVEN_K: tl.constexpr):
     """Rows ``row_offsets`` × columns ``cols`` of W (zeros outside it)."""
     ptrs = w_ptr + row_offsets * stride_w + cols[None, :]
-    # (One return: the compiler takes a return inside a constant branch as a second return type.)
+    # One return at the end: the compiler carries on past a return inside a constant branch (the CPU
+    # interpreter does not), and the code after it then no longer fits.
     if EVEN_K:
         w = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
     else:
