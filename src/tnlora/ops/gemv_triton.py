@@ -36,22 +36,25 @@ def _weight_tile(w_ptr, row_offsets, stride_w, row_ok, cols, K: tl.constexpr, EV
 
 
 @triton.jit
+def _vector_tile(ptr, cols, K: tl.constexpr, EVEN_K: tl.constexpr):
+    """Entries ``cols`` of a vector of K (zeros past its end)."""
+    if EVEN_K:  # noqa: SIM108 (the form of _weight_tile)
+        v = tl.load(ptr + cols)
+    else:
+        v = tl.load(ptr + cols, mask=cols < K, other=0.0)
+    return v
+
+
+@triton.jit
 def _input_tile(x_ptr, gate_ptr, cols, K: tl.constexpr, EVEN_K: tl.constexpr, GATE: tl.constexpr,
                 FP64: tl.constexpr):
     """x over ``cols`` (widened to fp32, fp64 for fp64), and the input the products read: x, or gate ⊙ x
     with GATE."""
     acc_dtype = tl.float64 if FP64 else tl.float32
-    if EVEN_K:
-        x = tl.load(x_ptr + cols).to(acc_dtype)
-    else:
-        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(acc_dtype)
+    x = _vector_tile(x_ptr, cols, K, EVEN_K).to(acc_dtype)
     xin = x
     if GATE:
-        if EVEN_K:
-            gate = tl.load(gate_ptr + cols).to(acc_dtype)
-        else:
-            gate = tl.load(gate_ptr + cols, mask=cols < K, other=0.0).to(acc_dtype)
-        xin = gate * x
+        xin = _vector_tile(gate_ptr, cols, K, EVEN_K).to(acc_dtype) * x
     return x, xin
 
 
