@@ -279,8 +279,8 @@ SWEEP_CONFIGS = [(bn, bk, warps, stages, row_sum) for bn in (2, 4, 8, 16) for bk
                  if bn * bk <= 8192 for warps in (4, 8) for stages in (1, 3) for row_sum in (False, True)]
 
 
-def _sweep_case(model: str, name: str, form: str, repeats: int) -> tuple[list, Callable, Callable]:
-    """Weights (``repeats`` of them), a call ``(i, config, pdl) -> y`` of one form at one shape, and the
+def _sweep_case(model: str, name: str, form: str, repeats: int) -> tuple[Callable, Callable]:
+    """A call ``(i, config, pdl) -> y`` of one form at one shape on the i-th of ``repeats`` weights, and the
     model's composition ``(i) -> y`` it is checked against."""
     from tnlora.ops.gemv import GemvConfig, gemv, gemv_reference
 
@@ -293,14 +293,16 @@ def _sweep_case(model: str, name: str, form: str, repeats: int) -> tuple[list, C
     options = {"norm": {"norm_eps": 1e-6}, "gated": {"norm_eps": 1e-6, "gate": gate, "residual": residual},
                "residual": {"residual": residual}, "glu": {"norm_eps": 1e-6}}[form]
 
+    def operands(i: int) -> dict:
+        return {**options, "weight2": ws2[i]} if ws2 else options
+
     def call(i: int, config: tuple, pdl: bool = False) -> torch.Tensor:
-        extra = {"weight2": ws2[i]} if ws2 else {}
-        return gemv(x, ws[i], config=GemvConfig(*config), pdl=pdl, **options, **extra)
+        return gemv(x, ws[i], config=GemvConfig(*config), pdl=pdl, **operands(i))
 
     def reference(i: int) -> torch.Tensor:
-        return gemv_reference(x, ws[i], **options, **({"weight2": ws2[i]} if ws2 else {}))
+        return gemv_reference(x, ws[i], **operands(i))
 
-    return ws, call, reference
+    return call, reference
 
 
 def _sweep_compile(part: int, parts: int, models: list[str]) -> int:
@@ -309,7 +311,7 @@ def _sweep_compile(part: int, parts: int, models: list[str]) -> int:
     calls = 0
     for model in models:
         for name, form in SWEEP_FORMS:
-            _, call, _ = _sweep_case(model, name, form, 1)
+            call, _ = _sweep_case(model, name, form, 1)
             for j, config in enumerate(SWEEP_CONFIGS):
                 if j % parts == part:
                     call(0, config)
@@ -336,7 +338,7 @@ def measure_sweep(models: list[str], repeats: int, workers: int) -> int:
         shapes = {p: (n, k) for p, n, k in SHAPES[model]}
         for name, form in SWEEP_FORMS:
             n, k = shapes[name]
-            ws, call, reference = _sweep_case(model, name, form, repeats)
+            call, reference = _sweep_case(model, name, form, repeats)
             gb = n * k * 2 * (2 if form == "glu" else 1) / 1e9
             default = tuple(gemv_config(n, k, glu=form == "glu"))
             times = {}
@@ -351,7 +353,6 @@ def measure_sweep(models: list[str], repeats: int, workers: int) -> int:
                 dependent = f"{graph_seconds(lambda i, c=best, f=call: f(i, c, True), repeats) * 1e6:.1f}"
             print(f"| {model} | {name} | {form} | {times[default] * 1e6:.1f} {default} | {times[best] * 1e6:.1f} "
                   f"({gb / times[best]:,.0f}) | {best} | {dependent} |", flush=True)
-            del ws
     return 0
 
 

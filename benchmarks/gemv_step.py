@@ -60,9 +60,7 @@ def step_ms(model: torch.nn.Module, pdl: bool) -> float:
         for _ in range(REPLAYS):
             runner.run(model)
 
-    seconds = statistics.median(cuda_seconds(replays, ROUNDS)) / REPLAYS
-    runner.release()
-    return seconds * 1e3
+    return statistics.median(cuda_seconds(replays, ROUNDS)) / REPLAYS * 1e3
 
 
 def coordinate_descent(
