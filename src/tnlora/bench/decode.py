@@ -139,9 +139,10 @@ def run(args: argparse.Namespace) -> int:
     if args.gemv and not (graphs and kernel == "triton"):
         raise ConfigError("--gemv needs CUDA-graph decoding with the triton kernel")
     gemv = graphs and kernel == "triton" if args.gemv is None else args.gemv
+    step = ("gemv pdl" if args.pdl else "gemv no-pdl") if gemv else "layers"
     print(f"config: {args.model} decode graphs={graphs} decode_kernel={args.decode_kernel} ({kernel}) "
-          f"prompt={args.prompt_len} new_tokens={args.new_tokens} adapter={args.adapter}"
-          f" step={'gemv' if gemv else 'layers'}{'' if not gemv else ' pdl' if args.pdl else ' no-pdl'}{cap}", flush=True)
+          f"prompt={args.prompt_len} new_tokens={args.new_tokens} adapter={args.adapter} step={step}{cap}",
+          flush=True)
     model = random_model(args.model, "auto", "cuda" if cuda else "cpu")
     model = with_adapter(model, args.adapter, args.lora_rank, args.model).eval()
     model.config.use_cache = True
