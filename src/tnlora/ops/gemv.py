@@ -50,8 +50,9 @@ class GemvConfig(NamedTuple):
 
 # The launch per TNL shape (N, K, GLU) that measured fastest on the H200 (benchmarks/RESULTS.md, "The GEMV
 # step"): for 7B the best of benchmarks/gemv.py --sweep (1,024 columns a step, no software pipelining but for
-# the GLU, few rows a program); for 1B the launches that ran the whole step faster with dependent launches
-# than the sweep's isolated best did (0.88 against 0.96 ms a step).
+# the GLU, few rows a program), which benchmarks/gemv_step.py's choice inside the step kept within 0.1 %; for
+# 1B the launches gemv_step.py chose inside the captured step with dependent launches (0.724 → 0.690 ms a
+# step; the sweep's isolated best lost there).
 TUNED = {
     (16384, 4096, False): GemvConfig(4, 1024, 4, 1),  # 7B qkvu
     (4096, 4096, False): GemvConfig(8, 1024, 4, 1),  # 7B out_proj
@@ -59,9 +60,9 @@ TUNED = {
     (4096, 11008, False): GemvConfig(8, 1024, 4, 1),  # 7B l3
     (64000, 4096, False): GemvConfig(4, 1024, 4, 1),  # 7B lm_head
     (8192, 2048, False): GemvConfig(4, 1024, 4, 3),  # 1B qkvu
-    (2048, 2048, False): GemvConfig(4, 1024, 4, 3),  # 1B out_proj
-    (5632, 2048, True): GemvConfig(4, 1024, 4, 3),  # 1B l1 / l2 as the GLU
-    (2048, 5632, False): GemvConfig(4, 512, 4, 3),  # 1B l3
+    (2048, 2048, False): GemvConfig(2, 1024, 4, 1),  # 1B out_proj
+    (5632, 2048, True): GemvConfig(2, 1024, 4, 3),  # 1B l1 / l2 as the GLU
+    (2048, 5632, False): GemvConfig(2, 1024, 4, 3),  # 1B l3
     (64000, 2048, False): GemvConfig(4, 1024, 4, 3),  # 1B lm_head
 }
 
