@@ -12,7 +12,7 @@ import torch
 from transformers import GenerationMixin, StoppingCriteriaList
 
 from tnl_helpers import build_model, left_padded, random_ids
-from tnlora.infer.decode_graph import DecodeStepRunner, install_graph_decoding, installed_graphs
+from tnlora.infer.decode_graph import DecodeStepRunner, install_graph_decoding, installed_graphs, row_argmax
 from tnlora.model import TransnormerCache
 from tnlora.model.generation import HostStoppingCriteria
 from tnlora.model.modeling import Lrpe
@@ -252,6 +252,122 @@ def test_overlapped_loop_through_the_static_step_equals_transformers_loop() -> N
     assert installed_graphs(model).runners[2] is not None
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Greedy steps on the device (GreedyDeviceSteps: token choice and stopping inside the step)
+
+
+class _StopAtSixth(HostStoppingCriteria):
+    """A host-side criterion: the (single) row is done at its sixth token."""
+
+    def done_on_host(self, generated: list[list[int]]) -> list[bool]:
+        return [len(row) >= 6 for row in generated]
+
+
+def _device_loop_and_transformers_loop(
+    model: torch.nn.Module, ids: torch.Tensor, steps: int, **kwargs: object
+) -> torch.Tensor:
+    """generate() through the device loop equals transformers' loop through the plain static step, and the
+    device loop ran (``steps`` of its steps launched: one more than it read, as the overlapped loop's extra
+    forward); returns the sequences."""
+    graphs = installed_graphs(model)
+    settings = {**GREEDY, **kwargs}
+    ours = model.generate(ids, **settings)
+    theirs = model.generate(ids, **settings, custom_generate=GenerationMixin._sample)
+    assert torch.equal(ours, theirs)
+    eos_count = 0 if settings["eos_token_id"] is None else 1
+    assert graphs.runners[ids.shape[0]].greedy[eos_count].sent == steps
+    return ours
+
+
+def test_device_greedy_loop_equals_transformers_loop_to_the_length_limit() -> None:
+    model = _static(build_model(torch.float32))
+    prompt = random_ids(1, 11)
+    out = _device_loop_and_transformers_loop(model, prompt, 13, max_new_tokens=14)
+    assert out.shape == (1, 25)
+    assert len(set(out[0, 11:].tolist())) >= 4  # a non-degenerate continuation
+
+
+def test_device_greedy_loop_pads_rows_ended_by_eos_and_stops_when_all_are() -> None:
+    model = _static(build_model())
+    ids, mask = left_padded([random_ids(1, 9, seed=1)[0], random_ids(1, 5, seed=2)[0], random_ids(1, 7, seed=3)[0]])
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=12, **GREEDY)
+    eos = int(free[0, ids.shape[1] + 2])  # row 0's third token
+    steps = _steps_until_all_end(free, ids.shape[1], eos, 12)
+    out = _device_loop_and_transformers_loop(model, ids, steps, attention_mask=mask, max_new_tokens=12,
+                                             eos_token_id=eos)
+    new = out[0, ids.shape[1] :].tolist()
+    assert new.index(eos) == 2 and all(t == GREEDY["pad_token_id"] for t in new[3:])
+
+
+def _steps_until_all_end(free: torch.Tensor, start: int, eos: int, limit: int) -> int:
+    """Device steps launched for ``free``'s continuations (decoded without an eos) once ``eos`` ends rows: each
+    row ends at its first ``eos``, the loop reads tokens until every row has (launching the step after each
+    before reading it) or until the limit (where no step follows the last; the first token is the prefill's)."""
+    read = max(row.index(eos) + 1 if eos in row else limit for row in free[:, start:].tolist())
+    return read if read < limit else limit - 1
+
+
+def test_device_greedy_loop_keeps_eos_banned_until_min_new_tokens() -> None:
+    model = _static(build_model())
+    prompt = random_ids(1, 10, seed=4)
+    free = model.generate(prompt, max_new_tokens=10, **GREEDY)
+    eos = int(free[0, 11])  # the second token
+    out = _device_loop_and_transformers_loop(model, prompt, 9, max_new_tokens=10, min_new_tokens=6,
+                                             eos_token_id=eos)
+    assert eos not in out[0, 10:16].tolist()  # banned for the first six
+    assert not torch.equal(out, free)  # the ban changed the continuation
+
+
+def test_device_greedy_loop_stops_at_a_host_criterion_and_streams_every_token_once() -> None:
+    class Collect:
+        def __init__(self) -> None:
+            self.tokens: list[int] = []
+            self.ended = 0
+
+        def put(self, value: torch.Tensor) -> None:
+            self.tokens += value.reshape(-1).tolist()
+
+        def end(self) -> None:
+            self.ended += 1
+
+    model = _static(build_model())
+    prompt = random_ids(1, 8, seed=5)
+    stop = StoppingCriteriaList([_StopAtSixth(prompt.shape[1])])
+    out = _device_loop_and_transformers_loop(model, prompt, 6, max_new_tokens=20, stopping_criteria=stop)
+    assert out.shape == (1, 14)
+    streamer = Collect()
+    model.generate(prompt, max_new_tokens=20, stopping_criteria=stop, streamer=streamer, **GREEDY)
+    # The streamer gets the prompt first (transformers), then each new token once.
+    assert streamer.tokens == out[0].tolist() and streamer.ended == 1
+
+
+@pytest.mark.parametrize("words", [64000, 384])
+def test_row_argmax_equals_torch_argmax_on_ties_and_nan(words: int) -> None:
+    gen = torch.Generator().manual_seed(words)
+    scores = torch.randint(-50, 50, (6, words), generator=gen).float()  # many ties
+    scores[1, 777 % words] = scores[1, 9000 % words] = 1e4  # a tie for the maximum, across pieces
+    scores[2, 12345 % words] = float("nan")
+    scores[3] = -float("inf")
+    scores[4, -1] = 1e5
+    assert torch.equal(row_argmax(scores), torch.argmax(scores, dim=-1))
+    assert row_argmax(scores)[1] == min(777 % words, 9000 % words)
+
+
+def test_greedy_rule_covers_only_what_the_device_step_runs() -> None:
+    model = _static(build_model())
+    prompt = random_ids(2, 6, seed=6)
+    for settings in (
+        {"do_sample": True, "top_k": 5},  # sampling
+        {"repetition_penalty": 1.3},  # a processor the step does not run
+        {"stopping_criteria": StoppingCriteriaList([_StopRowOneAt(6)])},  # a host criterion at batch 2
+    ):
+        out = model.generate(prompt, max_new_tokens=5, **{**GREEDY, **settings})
+        assert out.shape == (2, 11)
+        assert not installed_graphs(model).runners[2].greedy  # the overlapped loop ran
+    model.generate(prompt, max_new_tokens=5, **GREEDY)
+    assert installed_graphs(model).runners[2].greedy
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -318,3 +434,24 @@ def test_cuda_graph_overlapped_loop_equals_transformers_loop() -> None:
     mask[1, :5] = 0
     _overlapped_and_transformers_loop(model, ids, attention_mask=mask, max_new_tokens=24)
     assert installed_graphs(model).runners[4].graph is not None
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 4])
+def test_cuda_graph_device_greedy_loop_equals_transformers_loop(batch: int) -> None:
+    # Batch 1 runs the GEMV step, batch 4 the layer forwards; either way the device loop's replays (step and
+    # token choice in one graph) must choose what transformers' loop chooses from the plain graph's logits.
+    model = _cuda_model()
+    install_graph_decoding(model)
+    ids = random_ids(batch, 12).cuda()
+    free = model.generate(ids, max_new_tokens=24, **GREEDY)
+    eos = int(free[0, 12 + 4])
+    for settings in ({"max_new_tokens": 24}, {"max_new_tokens": 24, "eos_token_id": eos},
+                     {"max_new_tokens": 24, "eos_token_id": eos, "min_new_tokens": 8}):
+        ours = model.generate(ids, **{**GREEDY, **settings})
+        theirs = model.generate(ids, **{**GREEDY, **settings}, custom_generate=GenerationMixin._sample)
+        assert torch.equal(ours, theirs), settings
+    steps = installed_graphs(model).runners[batch].greedy
+    assert all(s.graph is not None for s in steps.values()) and len(steps) == 2  # no eos ids, one eos id
+

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import functools
 import math
+import pstats
+import sys
 import time
 from typing import Any, NamedTuple
 
@@ -88,9 +91,17 @@ def copy_bandwidth(size_bytes: int = 2**30, repeats: int = 10) -> float:
 
 
 def decode_bench(
-    model: torch.nn.Module, batch: int, prompt_len: int, new_tokens: int, profile: bool = False, trace: str = ""
+    model: torch.nn.Module,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    profile: bool = False,
+    trace: str = "",
+    host_profile: int = 0,
 ) -> DecodeResult:
-    """Greedy decoding of ``batch`` random prompts through ``generate()``: the whole call and one step alone."""
+    """Greedy decoding of ``batch`` random prompts through ``generate()``: the whole call and one step alone.
+    ``host_profile``: afterwards, print that many functions by cumulative and by own host time of a 1-token and
+    of a whole call (cProfile: where the host spends its time while the device runs what it queued)."""
     device = next(model.parameters()).device
     prompt = torch.randint(3, model.config.vocab_size, (batch, prompt_len), device=device)
 
@@ -109,6 +120,13 @@ def decode_bench(
         prof = profile_region() if profile or trace else None
         seconds = timed(new_tokens, prof)
         first = sorted(timed(1) for _ in range(3))[1]
+        for tokens in dict.fromkeys([1, new_tokens]) if host_profile else ():
+            host = cProfile.Profile()
+            with host:
+                timed(tokens)
+            print(f"host profile, batch {batch}, a {tokens}-token call:")
+            for order in ("cumulative", "tottime"):
+                pstats.Stats(host, stream=sys.stdout).sort_stats(order).print_stats(host_profile)
     if prof is not None:
         print(f"batch {batch}: {1e3 * seconds / new_tokens:.2f} ms/step (profiled)")
         print_profile(prof, trace)
@@ -141,12 +159,15 @@ def run(args: argparse.Namespace) -> int:
     gemv = graphs and kernel == "triton" if args.gemv is None else args.gemv
     step = ("gemv pdl" if args.pdl else "gemv no-pdl") if gemv else "layers"
     print(f"config: {args.model} decode graphs={graphs} decode_kernel={args.decode_kernel} ({kernel}) "
-          f"prompt={args.prompt_len} new_tokens={args.new_tokens} adapter={args.adapter} step={step}{cap}",
+          f"prompt={args.prompt_len} new_tokens={args.new_tokens} adapter={args.adapter} step={step} "
+          f"prefill={args.lightning_impl}{cap}",
           flush=True)
     model = random_model(args.model, "auto", "cuda" if cuda else "cpu")
     model = with_adapter(model, args.adapter, args.lora_rank, args.model).eval()
     model.config.use_cache = True
     model.config.decode_kernel = args.decode_kernel
+    model.config.lightning_impl = args.lightning_impl
+    model.select_kernels()
     if graphs:
         install_graph_decoding(model, gemv=gemv, pdl=args.pdl)
     copy = copy_bandwidth() if cuda else math.nan
@@ -155,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     print("| model | cuda graphs | decode kernel | batch | tokens/s | ms/step | decode step ms | step GB/s | "
           "of copy bandwidth |\n|---|---|---|---|---|---|---|---|---|")
     for batch in [int(b) for b in args.batch.split(",")]:
-        r = decode_bench(model, batch, args.prompt_len, args.new_tokens, args.profile, args.trace)
+        r = decode_bench(model, batch, args.prompt_len, args.new_tokens, args.profile, args.trace, args.host_profile)
         rate = decode_step_bytes(model, batch) / (r.step_ms / 1e3)
         share = f"{100 * rate / copy:.0f}%" if math.isfinite(copy) else "–"
         print(f"| {args.model} | {graphs} | {kernel} | {batch} | {r.tokens_per_s:,.0f} | {r.ms_per_step:.2f} | "

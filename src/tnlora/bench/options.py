@@ -52,6 +52,8 @@ def decode_args(argv: list[str]) -> argparse.Namespace:
                         help="decode steps as replayed CUDA graphs (default: on with a GPU)")
     parser.add_argument("--decode_kernel", default="auto", choices=["auto", "torch", "triton"],
                         help="the static step's recurrence (config decode_kernel)")
+    parser.add_argument("--lightning_impl", default="auto", choices=["auto", "fla", "chunked"],
+                        help="the prefill's lightning attention (config lightning_impl)")
     parser.add_argument("--gemv", action=argparse.BooleanOptionalAction, default=None,
                         help="batch-1 graph steps of the triton kernel as fused GEMVs (tnlora.ops.gemv; default: on "
                              "where it applies, as in chat / generate); --no-gemv: the layer forwards")
@@ -65,4 +67,7 @@ def decode_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--gpu_memory_gib", type=float, default=0.0, help="allocate at most this much GPU memory")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of the timed call")
     parser.add_argument("--trace", default="", help="profile, and write the timeline (Chrome trace JSON) here")
+    parser.add_argument("--host_profile", type=int, default=0, metavar="N",
+                        help="print the N Python functions taking most host time (cumulative and own, cProfile) "
+                             "in a 1-token call and in the whole call (run after the timed calls)")
     return parser.parse_args(argv)

@@ -44,8 +44,9 @@ new cache (a new ``generate()`` call) comes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,7 @@ from torch import Tensor, nn
 from transformers.utils import logging
 
 from tnlora.model.cache import TransnormerCache
+from tnlora.model.generation import GreedyRule
 from tnlora.model.modeling import NormLinearAttention, TransnormerForCausalLM
 from tnlora.ops.gemv import gemv, pdl_supported
 from tnlora.ops.norm import add_rms_norm, gated_rms_norm
@@ -99,6 +101,7 @@ class DecodeStepRunner:
         self.pdl = pdl and self.gemv and capture and pdl_supported(device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
+        self.greedy: dict[int, GreedyDeviceSteps] = {}  # by the number of eos ids
         self.owner: weakref.ref[TransnormerCache] | None = None
         # Plain tensors even under an outer inference_mode: later no_grad calls write into them in place.
         with torch.inference_mode(False):
@@ -220,20 +223,24 @@ class DecodeStepRunner:
     # Capture and replay
 
     def _capture(self, model: TransnormerForCausalLM) -> None:
-        """Warm up on a side stream, then record ``_forward`` as one graph. Capture scribbles on the buffers;
-        step refills them."""
+        """Record ``_forward`` as one graph. Capture scribbles on the buffers; step refills them."""
+        self.graph, self.logits = self.record(functools.partial(self._forward, model))
+
+    def record(self, step: Callable[[], Tensor]) -> tuple[torch.CUDAGraph, Tensor]:
+        """``step`` (a function of these buffers) warmed up on a side stream, then recorded as one graph; returns
+        the graph and what ``step`` returned in it."""
         device = self.ids.device
         with torch.cuda.device(device), torch.inference_mode(False), torch.no_grad(), blas_library(self.blas):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(WARMUP_STEPS):
-                    self._forward(model)
+                    step()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self.logits = self._forward(model)
-        self.graph = graph
+                out = step()
+        return graph, out
 
     def fits(self, input_ids: Tensor, cache: TransnormerCache) -> bool:
         """Whether this runner can take the step (same device, every cache state of the static shape)."""
@@ -251,14 +258,8 @@ class DecodeStepRunner:
         """Logits [B, 1, vocab] of ``input_ids`` [B, 1]; ``cache`` ends up on the static states, one token on."""
         if self.capture and self.graph is None:
             self._capture(model)
-        self._adopt(cache)
-        self.ids.copy_(input_ids)
-        self.position.fill_(cache.get_seq_length())
-        if attention_mask is None:
-            self.pad.fill_(False)
-        else:
-            torch.logical_not(attention_mask[:, -1:].to(torch.bool), out=self.pad)
-        self._load_states([cache.get_state(i) for i in range(len(self.states))])
+        pad = None if attention_mask is None else attention_mask[:, -1:]
+        self.begin(cache, input_ids, pad)
         if self.graph is not None:
             self.graph.replay()
             logits = self.logits.clone()  # a copy: the static logits are overwritten by the next replay
@@ -268,6 +269,18 @@ class DecodeStepRunner:
             cache.update_state(static, i)
         cache.advance(1)
         return logits
+
+    def begin(self, cache: TransnormerCache, input_ids: Tensor, mask: Tensor | None) -> None:
+        """Fill the buffers for a step of ``cache`` on ``input_ids`` [B, 1] (``mask`` [B, 1]: the new tokens'
+        attention mask, None for all real), ``cache`` made the owner of the static states."""
+        self._adopt(cache)
+        self.ids.copy_(input_ids)
+        self.position.fill_(cache.get_seq_length())
+        if mask is None:
+            self.pad.fill_(False)
+        else:
+            torch.logical_not(mask.to(torch.bool), out=self.pad)
+        self._load_states([cache.get_state(i) for i in range(len(self.states))])
 
     def run(self, model: TransnormerForCausalLM) -> Tensor:
         """Logits [B, 1, vocab] of the step on the buffers as they are (ids, pad, position, states), the states
@@ -308,6 +321,117 @@ class DecodeStepRunner:
             if i < len(cache.layers) and cache.get_state(i) is static:
                 cache.update_state(static.clone(), i)
         self.owner = None
+
+
+class GreedyDeviceSteps:
+    """Greedy decoding steps of one runner run on the device (:meth:`DecodeGraphs.greedy_steps`, the protocol
+    of :class:`tnlora.model.generation.GreedySteps`): each step the runner's forward, then what
+    ``overlapped_sample`` does with its logits under a :class:`~tnlora.model.generation.GreedyRule` (the
+    minimum-length eos ban, the argmax, eos padding and the finished flags), and the chosen tokens written as
+    the next step's ids, the position and length one on; with ``capture`` all of it one graph replay. Each
+    step's flags and tokens go to the host by one asynchronous copy into pinned memory, read a step behind.
+    The rule's numbers live in buffers, so one graph serves every call with the same number of eos ids."""
+
+    def __init__(self, runner: DecodeStepRunner, eos_count: int) -> None:
+        self.runner = runner
+        device = runner.ids.device
+        batch = runner.batch_size
+        with torch.inference_mode(False):
+            self.eos = torch.zeros(eos_count, dtype=torch.long, device=device)
+            self.pad_id = torch.zeros((), dtype=torch.long, device=device)
+            self.ban_below = torch.zeros((), dtype=torch.long, device=device)
+            self.length = torch.zeros((), dtype=torch.long, device=device)  # the sequence's, before the step
+            self.unfinished = torch.ones(batch, dtype=torch.long, device=device)
+            self.out = torch.zeros(2, batch, dtype=torch.long, device=device)  # flags and tokens of the step
+        self.cuda = device.type == "cuda"
+        # Two slots: a step's copy is read before the step after next overwrites its slot.
+        self.slots = [torch.empty(2, batch, dtype=torch.long, pin_memory=self.cuda) for _ in range(2)]
+        self.events = [torch.cuda.Event() if self.cuda else None for _ in range(2)]
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.model: weakref.ref[TransnormerForCausalLM] | None = None  # for the steps without a graph
+        self.cache: TransnormerCache | None = None
+        self.sent = 0
+        self.read = 0
+
+    def _step(self, model: TransnormerForCausalLM) -> Tensor:
+        """One step on the buffers (what the graph records); returns ``out``."""
+        runner = self.runner
+        scores = runner._forward(model)[:, -1].to(dtype=torch.float32, copy=True)
+        eos_scores = scores.index_select(1, self.eos)
+        scores.index_copy_(1, self.eos, torch.where(self.length < self.ban_below, float("-inf"), eos_scores))
+        tokens = row_argmax(scores)
+        # With no eos ids the flags stay 1 and the padding below leaves the tokens as they are.
+        tokens = tokens * self.unfinished + self.pad_id * (1 - self.unfinished)
+        self.unfinished.mul_(~torch.isin(tokens, self.eos))
+        runner.ids.copy_(tokens[:, None])
+        runner.position.add_(1)
+        self.length.add_(1)
+        self.out[0].copy_(self.unfinished)
+        self.out[1].copy_(tokens)
+        return self.out
+
+    def start(
+        self,
+        model: TransnormerForCausalLM,
+        cache: TransnormerCache,
+        rule: GreedyRule,
+        tokens: Tensor,
+        unfinished: Tensor,
+        length: int,
+    ) -> None:
+        """Set up the steps after ``tokens`` [B] (the last chosen, the sequences ``length`` long with them,
+        rows still going in ``unfinished``), ``cache`` on the runner's states. The first start captures the
+        graph (any owner of the states is given copies first: capture scribbles on them)."""
+        runner = self.runner
+        if runner.capture and self.graph is None:
+            runner.release()
+            self.graph, _ = runner.record(functools.partial(self._step, model))
+        runner.begin(cache, tokens[:, None], None)
+        for i, static in enumerate(runner.states):
+            cache.update_state(static, i)
+        self.eos.copy_(torch.tensor(rule.eos, dtype=torch.long))
+        self.pad_id.fill_(rule.pad)
+        self.ban_below.fill_(rule.ban_below)
+        self.length.fill_(length)
+        self.unfinished.copy_(unfinished)
+        self.model = None if runner.capture else weakref.ref(model)
+        self.cache = cache
+        self.sent = self.read = 0
+
+    def step(self) -> None:
+        """Launch the next step and queue its flags and tokens to the host."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step(self.model())
+        self.cache.advance(1)
+        slot = self.sent % 2
+        self.slots[slot].copy_(self.out, non_blocking=self.cuda)
+        if self.cuda:
+            self.events[slot].record()
+        self.sent += 1
+
+    def receive(self) -> tuple[list[int], list[int]]:
+        """The row flags and tokens of the oldest step not yet read (waiting for that step only)."""
+        slot = self.read % 2
+        if self.cuda:
+            self.events[slot].synchronize()
+        self.read += 1
+        rows = self.slots[slot].tolist()
+        return rows[0], rows[1]
+
+
+def row_argmax(scores: Tensor, piece: int = 256) -> Tensor:
+    """``torch.argmax(scores, dim=-1)`` for scores [B, V], the same indices (the first maximum; a NaN counts
+    as the maximum), in two steps where V is a multiple of ``piece`` of at least 16 pieces: the maximum of each
+    piece, then the piece holding the largest. A single row's argmax over a 64,000-word vocabulary runs on one
+    thread block (~16 µs on an H200); in pieces it spreads over the card."""
+    rows, words = scores.shape
+    if words % piece or words < 16 * piece:
+        return torch.argmax(scores, dim=-1)
+    values, within = scores.view(rows, words // piece, piece).max(dim=-1)
+    best = torch.argmax(values, dim=-1, keepdim=True)
+    return (best * piece + within.gather(1, best)).squeeze(1)
 
 
 def gemv_applies(model: TransnormerForCausalLM) -> bool:
@@ -417,6 +541,44 @@ class DecodeGraphs:
             self.clear()
             return None
 
+    def greedy_steps(
+        self,
+        model: TransnormerForCausalLM,
+        cache: object,
+        rule: GreedyRule,
+        tokens: Tensor,
+        unfinished: Tensor,
+        length: int,
+    ) -> GreedyDeviceSteps | None:
+        """Greedy steps on the device after ``tokens`` [B] (``overlapped_sample``'s device loop; see
+        :class:`GreedyDeviceSteps`), or None where the eager steps must run."""
+        if (
+            not isinstance(cache, TransnormerCache)
+            or model.training
+            or torch.is_grad_enabled()
+            or self.failed
+            or (self.capture and not tokens.is_cuda)
+        ):
+            return None
+        runner = self.runner(model, tokens[:, None], cache)
+        if runner is None:
+            return None
+        steps = runner.greedy.get(len(rule.eos))
+        if steps is None:
+            steps = runner.greedy[len(rule.eos)] = GreedyDeviceSteps(runner, len(rule.eos))
+        if not self.capture or steps.graph is not None:
+            steps.start(model, cache, rule, tokens, unfinished, length)
+            return steps
+        try:
+            steps.start(model, cache, rule, tokens, unfinished, length)
+        except RuntimeError as exc:
+            # As in __call__: decode eagerly; the cache is untouched (capture comes before any copy).
+            logger.warning(f"CUDA-graph decoding disabled for this model (capture failed: {exc}); decoding eagerly")
+            self.failed = True
+            self.clear()
+            return None
+        return steps
+
     def runner(self, model: TransnormerForCausalLM, input_ids: Tensor, cache: TransnormerCache) -> DecodeStepRunner | None:
         """The runner for this step, built (and later captured) on first use; None when eager must run."""
         last = self.last_cache() if self.last_cache is not None else None
@@ -507,11 +669,13 @@ def installed_graphs(model: nn.Module) -> DecodeGraphs | None:
 __all__ = [
     "DecodeGraphs",
     "DecodeStepRunner",
+    "GreedyDeviceSteps",
     "blas_library",
     "decode_kernel",
     "gemv_applies",
     "install_graph_decoding",
     "installed_graphs",
+    "row_argmax",
     "model_fingerprint",
     "remove_graph_decoding",
 ]

@@ -16,18 +16,34 @@ The cost: when every row ends before the length limit (an eos, a stop string), o
 logits are never read, and it has advanced the cache. The loop therefore runs only where the cache is not
 handed back (no ``return_dict_in_generate``, no cache passed in) and not under ``synced_gpus`` or assisted
 decoding (:func:`overlap_applies`); ``_sample`` runs elsewhere.
+
+Greedy decoding whose token choice and stopping a captured step can run (:func:`greedy_rule`: no logits
+processor but the minimum-length ones, stopping by length, eos and :class:`HostStoppingCriteria`) goes further
+where the model's step decoder offers it (``greedy_steps``, :mod:`tnlora.infer.decode_graph`): after the first
+token, each step is one replay that runs the forward, chooses the token, applies eos and feeds the token to the
+next step on the device; the host only launches it and reads the tokens one step behind. The tokens are the
+ones the loop above chooses (the same operations on the same logits).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers import GenerationConfig
-from transformers.generation import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.generation import (
+    EosTokenCriteria,
+    LogitsProcessorList,
+    MaxLengthCriteria,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 # The names a cache travels under in generate's model kwargs (transformers 5.24 renamed past_key_values).
 _CACHE_KEYS = ("past_key_values", "cache")
@@ -67,6 +83,79 @@ class HostStoppingCriteria(StoppingCriteria):
     def __call__(self, input_ids: Tensor, scores: Any, **kwargs: Any) -> Tensor:
         done = self.done_on_host(input_ids[:, self.prompt_length :].tolist())
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass(frozen=True)
+class GreedyRule:
+    """What a greedy generate() call does after each forward, in the form a captured step runs it: the scores
+    of ``eos`` set to -inf while the sequence is shorter than ``ban_below`` (the minimum-length processors),
+    the argmax, and with ``stop_at_eos`` (EosTokenCriteria) finished rows continued with ``pad`` and a row
+    finished once its token is in ``eos``."""
+
+    eos: tuple[int, ...]
+    pad: int
+    ban_below: int
+    stop_at_eos: bool
+
+
+class GreedySteps(Protocol):
+    """Greedy steps run on the device (a step decoder's ``greedy_steps``): ``step`` launches one (forward, token
+    choice, stopping, the token fed to the next step) and queues its row flags and tokens to the host;
+    ``receive`` returns the oldest step's not yet read, waiting for that step only."""
+
+    def step(self) -> None: ...
+
+    def receive(self) -> tuple[list[int], list[int]]: ...
+
+
+def _ids(tokens: Any) -> tuple[int, ...]:
+    """Token ids (an int, a list or a tensor) as a sorted tuple."""
+    if isinstance(tokens, Tensor):
+        tokens = tokens.tolist()
+    return tuple(sorted({int(t) for t in ([tokens] if isinstance(tokens, int) else tokens)}))
+
+
+def greedy_rule(
+    generation_config: GenerationConfig,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria: StoppingCriteriaList,
+    batch: int,
+) -> GreedyRule | None:
+    """The rule of this call when a captured step can choose its tokens, else None: greedy; processors only
+    ``MinLengthLogitsProcessor`` / ``MinNewTokensLengthLogitsProcessor`` over the criteria's eos ids; criteria
+    only max length (checked on the host), eos, and :class:`HostStoppingCriteria` at batch 1 (on the device
+    loop a host decision reaches the device one step later than in the loop above, which at batch 1 ends the
+    call anyway)."""
+    if generation_config.do_sample:
+        return None
+    eos: tuple[int, ...] | None = None
+    for criterion in stopping_criteria:
+        if type(criterion) is EosTokenCriteria:
+            if eos is not None:
+                return None
+            eos = _ids(criterion.eos_token_id)
+        elif isinstance(criterion, HostStoppingCriteria):
+            if batch != 1:
+                return None
+        elif type(criterion) is not MaxLengthCriteria:
+            return None
+    ban_below = 0
+    for processor in logits_processor:
+        if type(processor) is MinLengthLogitsProcessor:
+            below = processor.min_length
+        elif type(processor) is MinNewTokensLengthLogitsProcessor:
+            below = processor.prompt_length_to_skip + processor.min_new_tokens
+        else:
+            return None
+        if eos is None or _ids(processor.eos_token_id) != eos:
+            return None
+        ban_below = max(ban_below, below)
+    if eos is None:
+        return GreedyRule((), 0, 0, stop_at_eos=False)
+    pad = generation_config._pad_token_tensor
+    if pad is None:
+        return None
+    return GreedyRule(eos, int(pad), ban_below, stop_at_eos=True)
 
 
 class _ToHost:
@@ -123,6 +212,7 @@ def overlapped_sample(
     unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)
     to_host = _ToHost(batch, input_ids.device)
     generated: list[list[int]] = [[] for _ in range(batch)]
+    rule = greedy_rule(generation_config, logits_processor, stopping_criteria, batch)
     outputs = model._prefill(input_ids, generation_config, model_kwargs)
     while True:
         model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
@@ -140,6 +230,11 @@ def overlapped_sample(
             unfinished = unfinished & ~on_device(input_ids, None)
         to_host.send(unfinished, tokens)
         at_limit = max_length is not None and input_ids.shape[1] >= max_length
+        if not at_limit and rule is not None:
+            steps = _greedy_steps(model, rule, input_ids, tokens, unfinished, model_kwargs)
+            if steps is not None:
+                return _device_loop(steps, input_ids, to_host, generated, on_host, streamer, max_length)
+            rule = None  # none offered: this loop for the rest of the call
         if not at_limit:
             # Queued behind the copy above: the host reads the copy below while this forward runs.
             inputs = model.prepare_inputs_for_generation(
@@ -165,4 +260,59 @@ def overlapped_sample(
     return input_ids
 
 
-__all__ = ["HostStoppingCriteria", "overlap_applies", "overlapped_sample"]
+def _greedy_steps(
+    model: Any, rule: GreedyRule, input_ids: Tensor, tokens: Tensor, unfinished: Tensor, model_kwargs: dict[str, Any]
+) -> GreedySteps | None:
+    """The device loop's steps from the model's step decoder, starting after ``tokens`` (the last chosen), or
+    None where it offers none."""
+    offer = getattr(getattr(model, "step_decoder", None), "greedy_steps", None)
+    cache = next((model_kwargs[key] for key in _CACHE_KEYS if model_kwargs.get(key) is not None), None)
+    if offer is None or cache is None or not model_kwargs.get("use_cache", True):
+        return None
+    return offer(model, cache, rule, tokens, unfinished, input_ids.shape[1])
+
+
+def _device_loop(
+    steps: GreedySteps,
+    input_ids: Tensor,
+    first: _ToHost,
+    generated: list[list[int]],
+    on_host: list[HostStoppingCriteria],
+    streamer: Any,
+    max_length: int | None,
+) -> Tensor:
+    """The rest of :func:`overlapped_sample` on device steps: launch the next step, then read the one before
+    (``first``: the copy of the token chosen last, still in flight), as the loop there does. Returns the
+    sequences: ``input_ids`` and the tokens read after them."""
+    length = input_ids.shape[1]
+    read = first.receive
+    taken = len(generated[0]) + 1  # the tokens in input_ids: those read and the one ``first`` brings
+    while True:
+        at_limit = max_length is not None and length >= max_length
+        if not at_limit:
+            steps.step()
+            length += 1
+        alive, chosen = read()
+        read = steps.receive
+        for row, token in zip(generated, chosen):
+            row.append(token)
+        if on_host and any(any(flags) for flags in zip(*(c.done_on_host(generated) for c in on_host))):
+            alive = [False]  # batch 1 (greedy_rule): the row is done
+        if streamer is not None:
+            streamer.put(torch.tensor(chosen))
+        if at_limit or not any(alive):
+            break
+    if streamer is not None:
+        streamer.end()
+    new = torch.tensor([row[taken:] for row in generated], dtype=input_ids.dtype)
+    return torch.cat([input_ids, new.to(input_ids.device)], dim=-1)
+
+
+__all__ = [
+    "GreedyRule",
+    "GreedySteps",
+    "HostStoppingCriteria",
+    "greedy_rule",
+    "overlap_applies",
+    "overlapped_sample",
+]
