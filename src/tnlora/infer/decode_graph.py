@@ -34,6 +34,10 @@ runs as a chain of fused one-row projections instead of the layer forwards (:met
 :mod:`tnlora.ops.gemv`; ``install_graph_decoding(gemv=False)`` keeps the layer forwards), on sm_90 and later
 cards as programmatic dependent launches.
 
+For greedy ``generate()`` calls (:func:`tnlora.model.generation.greedy_rule`) a runner also offers
+:class:`GreedyDeviceSteps` (:meth:`DecodeGraphs.greedy_steps`): the step, the token choice and the finished
+flags in one graph whose token feeds the next replay, so the host's work per token is one launch and one copy.
+
 :class:`DecodeGraphs` (the installed object) returns None whenever the eager path must run (training mode,
 grad enabled, not CUDA, several tokens, labels, hidden states asked for, ...). peft LoRA layers are captured
 as they are (the adapter's extra matmuls are part of the graph); the graphs are rebuilt when a parameter moves,
@@ -675,7 +679,7 @@ __all__ = [
     "gemv_applies",
     "install_graph_decoding",
     "installed_graphs",
-    "row_argmax",
     "model_fingerprint",
     "remove_graph_decoding",
+    "row_argmax",
 ]
