@@ -249,7 +249,9 @@ def test_overlapped_loop_through_the_static_step_equals_transformers_loop() -> N
     model = _static(build_model())
     ids, mask = left_padded([random_ids(1, 9, seed=1)[0], random_ids(1, 5, seed=2)[0]])
     _overlapped_and_transformers_loop(model, ids, attention_mask=mask, max_new_tokens=12)
-    assert installed_graphs(model).runners[2] is not None
+    # The greedy runs went through the device loop (a host criterion ends row 1 there one step later on the
+    # device; the loop pads the token it chose meanwhile).
+    assert installed_graphs(model).runners[2].greedy[1].sent > 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -359,13 +361,18 @@ def test_greedy_rule_covers_only_what_the_device_step_runs() -> None:
     for settings in (
         {"do_sample": True, "top_k": 5},  # sampling
         {"repetition_penalty": 1.3},  # a processor the step does not run
-        {"stopping_criteria": StoppingCriteriaList([_StopRowOneAt(6)])},  # a host criterion at batch 2
     ):
         out = model.generate(prompt, max_new_tokens=5, **{**GREEDY, **settings})
         assert out.shape == (2, 11)
         assert not installed_graphs(model).runners[2].greedy  # the overlapped loop ran
-    model.generate(prompt, max_new_tokens=5, **GREEDY)
-    assert installed_graphs(model).runners[2].greedy
+    # A host-side criterion is run by the device loop too; without eos no row is padded after it, as in
+    # transformers' loop.
+    stop = StoppingCriteriaList([_StopRowOneAt(6)])
+    ours = model.generate(prompt, max_new_tokens=9, stopping_criteria=stop, **GREEDY)
+    theirs = model.generate(prompt, max_new_tokens=9, stopping_criteria=stop, **GREEDY,
+                            custom_generate=GenerationMixin._sample)
+    assert torch.equal(ours, theirs) and ours.shape == (2, 15)
+    assert installed_graphs(model).runners[2].greedy[0].sent == 8
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

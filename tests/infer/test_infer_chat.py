@@ -10,7 +10,10 @@ import sys
 import threading
 import time
 
+import pytest
+
 from tnlora.infer.chat import StopStringFilter, chat_loop, stream_reply
+from tnlora.infer.decode_graph import install_graph_decoding
 from tnlora.infer.generate import GenerationOptions, generate_replies
 from tnlora.infer.loading import load_for_inference
 
@@ -93,8 +96,25 @@ class _CtrlCWhileStreaming(io.StringIO):
         return super().write(text)
 
 
-def test_ctrl_c_stops_the_reply_and_returns_to_the_prompt():
+def test_greedy_reply_runs_on_device_steps_and_equals_the_eager_reply():
+    # On a GPU load_for_inference installs CUDA-graph decoding; here the same runners without graphs. Chat's
+    # criteria (the Ctrl-C flag, the template's stop strings) are host-side, so greedy replies take the
+    # device loop (the token choice inside the step).
+    loaded = load_for_inference("tiny", None)
+    options = GenerationOptions(max_new_tokens=20, do_sample=False, repetition_penalty=1.0)
+    messages = [{"role": "user", "content": "Tell me more"}]
+    eager = stream_reply(loaded, messages, options, io.StringIO())
+    graphs = install_graph_decoding(loaded.model, capture=False)
+    assert stream_reply(loaded, messages, options, io.StringIO()) == eager
+    (steps,) = graphs.runners[1].greedy.values()
+    assert steps.sent > 0
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_ctrl_c_stops_the_reply_and_returns_to_the_prompt(static: bool):
     loaded = load_for_inference("tiny", None)  # random weights: replies run to max_new_tokens
+    if static:
+        install_graph_decoding(loaded.model, capture=False)  # the device loop stops at the flag too
     options = GenerationOptions(max_new_tokens=400, do_sample=False, repetition_penalty=1.0)
     threads = threading.active_count()
     out = _CtrlCWhileStreaming(at=3)

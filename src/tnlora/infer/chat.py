@@ -8,10 +8,11 @@ stopped, ends the chat (the command exits with status 130).
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import StoppingCriteriaList, TextIteratorStreamer
 
 from tnlora.infer.generate import (
     GenerationOptions,
@@ -22,6 +23,7 @@ from tnlora.infer.generate import (
     prompt_ids,
     stop_settings,
 )
+from tnlora.model.generation import HostStoppingCriteria
 from tnlora.model.tokenizer import pad_token_id
 
 HELP = "commands: /reset clears the conversation, /exit (or end of input) quits; Ctrl-C stops a reply"
@@ -35,13 +37,19 @@ class ReplyStopped(Exception):
         self.text = text
 
 
-class StopOnFlag(StoppingCriteria):
-    """Ends generate() at its next step once ``flag`` is set (from another thread)."""
+class StopOnFlag(HostStoppingCriteria):
+    """Ends generate() at its next step once ``flag`` is set (from another thread). A host-side criterion, so
+    that the overlapped and device loops of :mod:`tnlora.model.generation` keep running with it."""
 
     def __init__(self, flag: threading.Event):
+        super().__init__(prompt_length=0)
         self.flag = flag
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+    def done_on_host(self, generated: Sequence[Sequence[int]]) -> list[bool]:
+        return [self.flag.is_set()] * len(generated)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        # As a plain criterion (transformers' loop) it needs no tokens on the host.
         return torch.full((input_ids.shape[0],), self.flag.is_set(), dtype=torch.bool, device=input_ids.device)
 
 

@@ -415,6 +415,14 @@ class GreedyDeviceSteps:
             self.events[slot].record()
         self.sent += 1
 
+    def finish(self, rows: list[int]) -> None:
+        """Rows finished for the steps launched after this (padded, as eos leaves them)."""
+        flags = torch.zeros(self.runner.batch_size, dtype=torch.bool)
+        flags[rows] = True
+        # From pinned memory: the copy is queued behind the running step instead of waiting for it.
+        flags = flags.pin_memory() if self.cuda else flags
+        self.unfinished.mul_(~flags.to(self.unfinished.device, non_blocking=True))
+
     def receive(self) -> tuple[list[int], list[int]]:
         """The row flags and tokens of the oldest step not yet read (waiting for that step only)."""
         slot = self.read % 2

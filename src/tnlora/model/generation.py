@@ -101,11 +101,14 @@ class GreedyRule:
 class GreedySteps(Protocol):
     """Greedy steps run on the device (a step decoder's ``greedy_steps``): ``step`` launches one (forward, token
     choice, stopping, the token fed to the next step) and queues its row flags and tokens to the host;
-    ``receive`` returns the oldest step's not yet read, waiting for that step only."""
+    ``receive`` returns the oldest step's not yet read, waiting for that step only; ``finish`` marks rows
+    finished for the steps launched after it (rows a host-side criterion ended)."""
 
     def step(self) -> None: ...
 
     def receive(self) -> tuple[list[int], list[int]]: ...
+
+    def finish(self, rows: list[int]) -> None: ...
 
 
 def _ids(tokens: Any) -> tuple[int, ...]:
@@ -116,16 +119,11 @@ def _ids(tokens: Any) -> tuple[int, ...]:
 
 
 def greedy_rule(
-    generation_config: GenerationConfig,
-    logits_processor: LogitsProcessorList,
-    stopping_criteria: StoppingCriteriaList,
-    batch: int,
+    generation_config: GenerationConfig, logits_processor: LogitsProcessorList, stopping_criteria: StoppingCriteriaList
 ) -> GreedyRule | None:
     """The rule of this call when a captured step can choose its tokens, else None: greedy; processors only
     ``MinLengthLogitsProcessor`` / ``MinNewTokensLengthLogitsProcessor`` over the criteria's eos ids; criteria
-    only max length (checked on the host), eos, and :class:`HostStoppingCriteria` at batch 1 (on the device
-    loop a host decision reaches the device one step later than in the loop above, which at batch 1 ends the
-    call anyway)."""
+    only max length (checked on the host), eos and :class:`HostStoppingCriteria`."""
     if generation_config.do_sample:
         return None
     eos: tuple[int, ...] | None = None
@@ -134,10 +132,7 @@ def greedy_rule(
             if eos is not None:
                 return None
             eos = _ids(criterion.eos_token_id)
-        elif isinstance(criterion, HostStoppingCriteria):
-            if batch != 1:
-                return None
-        elif type(criterion) is not MaxLengthCriteria:
+        elif not isinstance(criterion, HostStoppingCriteria) and type(criterion) is not MaxLengthCriteria:
             return None
     ban_below = 0
     for processor in logits_processor:
@@ -212,7 +207,7 @@ def overlapped_sample(
     unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)
     to_host = _ToHost(batch, input_ids.device)
     generated: list[list[int]] = [[] for _ in range(batch)]
-    rule = greedy_rule(generation_config, logits_processor, stopping_criteria, batch)
+    rule = greedy_rule(generation_config, logits_processor, stopping_criteria)
     outputs = model._prefill(input_ids, generation_config, model_kwargs)
     while True:
         model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
@@ -233,7 +228,7 @@ def overlapped_sample(
         if not at_limit and rule is not None:
             steps = _greedy_steps(model, rule, input_ids, tokens, unfinished, model_kwargs)
             if steps is not None:
-                return _device_loop(steps, input_ids, to_host, generated, on_host, streamer, max_length)
+                return _device_loop(steps, rule, input_ids, to_host, generated, on_host, streamer, max_length)
             rule = None  # none offered: this loop for the rest of the call
         if not at_limit:
             # Queued behind the copy above: the host reads the copy below while this forward runs.
@@ -274,6 +269,7 @@ def _greedy_steps(
 
 def _device_loop(
     steps: GreedySteps,
+    rule: GreedyRule,
     input_ids: Tensor,
     first: _ToHost,
     generated: list[list[int]],
@@ -283,10 +279,15 @@ def _device_loop(
 ) -> Tensor:
     """The rest of :func:`overlapped_sample` on device steps: launch the next step, then read the one before
     (``first``: the copy of the token chosen last, still in flight), as the loop there does. Returns the
-    sequences: ``input_ids`` and the tokens read after them."""
+    sequences: ``input_ids`` and the tokens read after them.
+
+    A row a host-side criterion ends is finished on the device from the next step launched, one step later than
+    in the loop above (the step after the one read is already running); the token that step chose for the row
+    is replaced here by the padding the loop above would have chosen."""
     length = input_ids.shape[1]
     read = first.receive
     taken = len(generated[0]) + 1  # the tokens in input_ids: those read and the one ``first`` brings
+    ended = [False] * len(generated)  # rows a host-side criterion ended
     while True:
         at_limit = max_length is not None and length >= max_length
         if not at_limit:
@@ -294,18 +295,26 @@ def _device_loop(
             length += 1
         alive, chosen = read()
         read = steps.receive
+        if rule.stop_at_eos:
+            chosen = [rule.pad if end else token for token, end in zip(chosen, ended)]
         for row, token in zip(generated, chosen):
             row.append(token)
-        if on_host and any(any(flags) for flags in zip(*(c.done_on_host(generated) for c in on_host))):
-            alive = [False]  # batch 1 (greedy_rule): the row is done
+        if on_host:
+            done = [any(flags) for flags in zip(*(c.done_on_host(generated) for c in on_host))]
+            new = [i for i, (now, before) in enumerate(zip(done, ended)) if now and not before]
+            for i in new:
+                ended[i] = True
+            if new and rule.stop_at_eos:  # without eos the loop above pads no row either
+                steps.finish(new)
+        alive = [a and not end for a, end in zip(alive, ended)]
         if streamer is not None:
             streamer.put(torch.tensor(chosen))
         if at_limit or not any(alive):
             break
     if streamer is not None:
         streamer.end()
-    new = torch.tensor([row[taken:] for row in generated], dtype=input_ids.dtype)
-    return torch.cat([input_ids, new.to(input_ids.device)], dim=-1)
+    new_tokens = torch.tensor([row[taken:] for row in generated], dtype=input_ids.dtype)
+    return torch.cat([input_ids, new_tokens.to(input_ids.device)], dim=-1)
 
 
 __all__ = [
