@@ -12,7 +12,7 @@ import torch
 from transformers import GenerationMixin, StoppingCriteriaList
 
 from tnl_helpers import build_model, left_padded, random_ids
-from tnlora.infer.decode_graph import DecodeStepRunner, install_graph_decoding, installed_graphs, row_argmax
+from tnlora.infer.decode_graph import DecodeStepRunner, install_graph_decoding, installed_graphs
 from tnlora.model import TransnormerCache
 from tnlora.model.generation import HostStoppingCriteria
 from tnlora.model.modeling import Lrpe
@@ -341,18 +341,6 @@ def test_device_greedy_loop_stops_at_a_host_criterion_and_streams_every_token_on
     model.generate(prompt, max_new_tokens=20, stopping_criteria=stop, streamer=streamer, **GREEDY)
     # The streamer gets the prompt first (transformers), then each new token once.
     assert streamer.tokens == out[0].tolist() and streamer.ended == 1
-
-
-@pytest.mark.parametrize("words", [64000, 384])
-def test_row_argmax_equals_torch_argmax_on_ties_and_nan(words: int) -> None:
-    gen = torch.Generator().manual_seed(words)
-    scores = torch.randint(-50, 50, (6, words), generator=gen).float()  # many ties
-    scores[1, 777 % words] = scores[1, 9000 % words] = 1e4  # a tie for the maximum, across pieces
-    scores[2, 12345 % words] = float("nan")
-    scores[3] = -float("inf")
-    scores[4, -1] = 1e5
-    assert torch.equal(row_argmax(scores), torch.argmax(scores, dim=-1))
-    assert row_argmax(scores)[1] == min(777 % words, 9000 % words)
 
 
 def test_greedy_rule_covers_only_what_the_device_step_runs() -> None:

@@ -65,6 +65,7 @@ from tnlora.ops.norm import add_rms_norm, gated_rms_norm
 from tnlora.ops.recurrent import torch_step
 from tnlora.ops.recurrent_triton import triton_step
 from tnlora.ops.select import kernel_impl
+from tnlora.ops.token_choice import choose_greedy, choose_greedy_triton
 
 logger = logging.get_logger(__name__)
 
@@ -331,8 +332,9 @@ class GreedyDeviceSteps:
     """Greedy decoding steps of one runner run on the device (:meth:`DecodeGraphs.greedy_steps`, the protocol
     of :class:`tnlora.model.generation.GreedySteps`): each step the runner's forward, then what
     ``overlapped_sample`` does with its logits under a :class:`~tnlora.model.generation.GreedyRule` (the
-    minimum-length eos ban, the argmax, eos padding and the finished flags), and the chosen tokens written as
-    the next step's ids, the position and length one on; with ``capture`` all of it one graph replay. Each
+    minimum-length eos ban, the argmax, eos padding and the finished flags; :mod:`tnlora.ops.token_choice`, two
+    Triton kernels with the Triton step), and the chosen tokens written as the next step's ids, the position
+    and length one on; with ``capture`` all of it one graph replay. Each
     step's flags and tokens go to the host by one asynchronous copy into pinned memory, read a step behind.
     The rule's numbers live in buffers, so one graph serves every call with the same number of eos ids."""
 
@@ -345,8 +347,8 @@ class GreedyDeviceSteps:
             self.pad_id = torch.zeros((), dtype=torch.long, device=device)
             self.ban_below = torch.zeros((), dtype=torch.long, device=device)
             self.length = torch.zeros((), dtype=torch.long, device=device)  # the sequence's, before the step
-            self.unfinished = torch.ones(batch, dtype=torch.long, device=device)
             self.out = torch.zeros(2, batch, dtype=torch.long, device=device)  # flags and tokens of the step
+        self.unfinished = self.out[0]  # updated in place by each step
         self.cuda = device.type == "cuda"
         # Two slots: a step's copy is read before the step after next overwrites its slot.
         self.slots = [torch.empty(2, batch, dtype=torch.long, pin_memory=self.cuda) for _ in range(2)]
@@ -360,18 +362,10 @@ class GreedyDeviceSteps:
     def _step(self, model: TransnormerForCausalLM) -> Tensor:
         """One step on the buffers (what the graph records); returns ``out``."""
         runner = self.runner
-        scores = runner._forward(model)[:, -1].to(dtype=torch.float32, copy=True)
-        eos_scores = scores.index_select(1, self.eos)
-        scores.index_copy_(1, self.eos, torch.where(self.length < self.ban_below, float("-inf"), eos_scores))
-        tokens = row_argmax(scores)
-        # With no eos ids the flags stay 1 and the padding below leaves the tokens as they are.
-        tokens = tokens * self.unfinished + self.pad_id * (1 - self.unfinished)
-        self.unfinished.mul_(~torch.isin(tokens, self.eos))
-        runner.ids.copy_(tokens[:, None])
-        runner.position.add_(1)
-        self.length.add_(1)
-        self.out[0].copy_(self.unfinished)
-        self.out[1].copy_(tokens)
+        logits = runner._forward(model)[:, -1]
+        # The choice's Triton kernels go with the step's (config decode_kernel), its PyTorch ops otherwise.
+        choose = choose_greedy_triton if runner.kernel == "triton" else choose_greedy
+        choose(logits, self.eos, self.ban_below, self.length, self.pad_id, self.out, runner.ids, runner.position)
         return self.out
 
     def start(
@@ -431,19 +425,6 @@ class GreedyDeviceSteps:
         self.read += 1
         rows = self.slots[slot].tolist()
         return rows[0], rows[1]
-
-
-def row_argmax(scores: Tensor, piece: int = 256) -> Tensor:
-    """``torch.argmax(scores, dim=-1)`` for scores [B, V], the same indices (the first maximum; a NaN counts
-    as the maximum), in two steps where V is a multiple of ``piece`` of at least 16 pieces: the maximum of each
-    piece, then the piece holding the largest. A single row's argmax over a 64,000-word vocabulary runs on one
-    thread block (~16 µs on an H200); in pieces it spreads over the card."""
-    rows, words = scores.shape
-    if words % piece or words < 16 * piece:
-        return torch.argmax(scores, dim=-1)
-    values, within = scores.view(rows, words // piece, piece).max(dim=-1)
-    best = torch.argmax(values, dim=-1, keepdim=True)
-    return (best * piece + within.gather(1, best)).squeeze(1)
 
 
 def gemv_applies(model: TransnormerForCausalLM) -> bool:
@@ -689,5 +670,4 @@ __all__ = [
     "installed_graphs",
     "model_fingerprint",
     "remove_graph_decoding",
-    "row_argmax",
 ]
