@@ -343,6 +343,20 @@ def test_device_greedy_loop_stops_at_a_host_criterion_and_streams_every_token_on
     assert streamer.tokens == out[0].tolist() and streamer.ended == 1
 
 
+def test_a_failed_capture_turns_graphs_off_and_asks_for_eager_steps() -> None:
+    from tnlora.infer.decode_graph import DecodeGraphs
+
+    graphs = DecodeGraphs(capture=True)
+
+    def capture() -> None:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    assert graphs._capturing(False, lambda: "replayed") == "replayed"  # captured already: run as it is
+    assert graphs._capturing(True, capture) is None and graphs.failed
+    with pytest.raises(ValueError):  # only a capture's RuntimeError is taken for a failed capture
+        DecodeGraphs(capture=True)._capturing(True, lambda: int("x"))
+
+
 def test_greedy_rule_covers_only_what_the_device_step_runs() -> None:
     model = _static(build_model())
     prompt = random_ids(2, 6, seed=6)

@@ -51,6 +51,7 @@ import contextlib
 import functools
 import weakref
 from collections.abc import Callable, Hashable, Iterator
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,7 @@ from tnlora.ops.select import kernel_impl
 from tnlora.ops.token_choice import choose_greedy, choose_greedy_triton
 
 logger = logging.get_logger(__name__)
+T = TypeVar("T")
 
 # Graphs kept per model (one per batch size); the oldest goes first. Each holds B·L states and a memory pool.
 MAX_RUNNERS = 4
@@ -334,9 +336,9 @@ class GreedyDeviceSteps:
     ``overlapped_sample`` does with its logits under a :class:`~tnlora.model.generation.GreedyRule` (the
     minimum-length eos ban, the argmax, eos padding and the finished flags; :mod:`tnlora.ops.token_choice`, two
     Triton kernels with the Triton step), and the chosen tokens written as the next step's ids, the position
-    and length one on; with ``capture`` all of it one graph replay. Each
-    step's flags and tokens go to the host by one asynchronous copy into pinned memory, read a step behind.
-    The rule's numbers live in buffers, so one graph serves every call with the same number of eos ids."""
+    and length one on; with ``capture`` all of it one graph replay. Each step's flags and tokens go to the
+    host by one asynchronous copy into pinned memory, read a step behind. The rule's numbers live in buffers,
+    so one graph serves every call with the same number of eos ids."""
 
     def __init__(self, runner: DecodeStepRunner, eos_count: int) -> None:
         self.runner = runner
@@ -376,10 +378,10 @@ class GreedyDeviceSteps:
         tokens: Tensor,
         unfinished: Tensor,
         length: int,
-    ) -> None:
+    ) -> GreedyDeviceSteps:
         """Set up the steps after ``tokens`` [B] (the last chosen, the sequences ``length`` long with them,
-        rows still going in ``unfinished``), ``cache`` on the runner's states. The first start captures the
-        graph (any owner of the states is given copies first: capture scribbles on them)."""
+        rows still going in ``unfinished``), ``cache`` on the runner's states; returns them. The first start
+        captures the graph (any owner of the states is given copies first: capture scribbles on them)."""
         runner = self.runner
         if runner.capture and self.graph is None:
             runner.release()
@@ -395,6 +397,7 @@ class GreedyDeviceSteps:
         self.model = None if runner.capture else weakref.ref(model)
         self.cache = cache
         self.sent = self.read = 0
+        return self
 
     def step(self) -> None:
         """Launch the next step and queue its flags and tokens to the host."""
@@ -522,13 +525,17 @@ class DecodeGraphs:
         runner = self.runner(model, input_ids, cache)
         if runner is None:
             return None
-        if not self.capture or runner.graph is not None:
-            return runner.step(model, input_ids, attention_mask, cache)
+        return self._capturing(runner.graph is None, lambda: runner.step(model, input_ids, attention_mask, cache))
+
+    def _capturing(self, captures: bool, run: Callable[[], T]) -> T | None:
+        """``run()``, which captures a graph first when ``captures``. A failed capture (e.g. an op that cannot
+        be captured) must not break generation: graphs are off for this model from then on (logged) and None
+        says decode eagerly; the cache is untouched (capture comes before any copy into or out of it)."""
+        if not (self.capture and captures):
+            return run()
         try:
-            return runner.step(model, input_ids, attention_mask, cache)
+            return run()
         except RuntimeError as exc:
-            # A failed capture (e.g. an op that cannot be captured) must not break generation: decode eagerly.
-            # The cache is untouched: capture comes before any copy into or out of it.
             logger.warning(f"CUDA-graph decoding disabled for this model (capture failed: {exc}); decoding eagerly")
             self.failed = True
             self.clear()
@@ -559,18 +566,7 @@ class DecodeGraphs:
         steps = runner.greedy.get(len(rule.eos))
         if steps is None:
             steps = runner.greedy[len(rule.eos)] = GreedyDeviceSteps(runner, len(rule.eos))
-        if not self.capture or steps.graph is not None:
-            steps.start(model, cache, rule, tokens, unfinished, length)
-            return steps
-        try:
-            steps.start(model, cache, rule, tokens, unfinished, length)
-        except RuntimeError as exc:
-            # As in __call__: decode eagerly; the cache is untouched (capture comes before any copy).
-            logger.warning(f"CUDA-graph decoding disabled for this model (capture failed: {exc}); decoding eagerly")
-            self.failed = True
-            self.clear()
-            return None
-        return steps
+        return self._capturing(steps.graph is None, lambda: steps.start(model, cache, rule, tokens, unfinished, length))
 
     def runner(self, model: TransnormerForCausalLM, input_ids: Tensor, cache: TransnormerCache) -> DecodeStepRunner | None:
         """The runner for this step, built (and later captured) on first use; None when eager must run."""
