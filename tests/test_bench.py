@@ -217,6 +217,16 @@ def test_decode_bench_prints_the_step_alone_and_its_traffic(capsys):
     assert float(tps.replace(",", "")) > 0 and float(ms) > 0 and float(step_ms) > 0 and float(rate.replace(",", "")) >= 0
 
 
+def test_decode_bench_host_profile_and_prefill_attention(capsys):
+    code = bench.main(["decode", "--model", "tiny", "--batch", "1", "--new_tokens", "4", "--host_profile", "5",
+                       "--lightning_impl", "chunked"])
+    out = capsys.readouterr().out
+    assert code == 0 and " prefill=chunked" in out
+    # A 1-token and a 4-token call, each by cumulative and by own time, five functions each.
+    assert out.count("host profile, batch 1, a ") == 2 and "a 4-token call" in out
+    assert out.count("due to restriction <5>") == 4 and "generate" in out
+
+
 def test_decode_bench_refuses_gemv_without_graphs_and_the_triton_kernel():
     from tnlora.errors import ConfigError
 

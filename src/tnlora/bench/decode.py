@@ -162,12 +162,10 @@ def run(args: argparse.Namespace) -> int:
           f"prompt={args.prompt_len} new_tokens={args.new_tokens} adapter={args.adapter} step={step} "
           f"prefill={args.lightning_impl}{cap}",
           flush=True)
-    model = random_model(args.model, "auto", "cuda" if cuda else "cpu")
+    model = random_model(args.model, args.lightning_impl, "cuda" if cuda else "cpu")
     model = with_adapter(model, args.adapter, args.lora_rank, args.model).eval()
     model.config.use_cache = True
     model.config.decode_kernel = args.decode_kernel
-    model.config.lightning_impl = args.lightning_impl
-    model.select_kernels()
     if graphs:
         install_graph_decoding(model, gemv=gemv, pdl=args.pdl)
     copy = copy_bandwidth() if cuda else math.nan
