@@ -5,11 +5,13 @@ interpreter: ``TRITON_INTERPRET=1 PYTHONPATH=<dir holding triton> pytest -q test
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from kernel_device import DEVICE, needs_kernel
 
-from tnlora.ops.token_choice import PIECE, choose_greedy, choose_greedy_triton, row_argmax
+from tnlora.ops.token_choice import PIECE, choose_greedy, row_argmax
 
 
 def _scores(rows: int, words: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -86,13 +88,13 @@ def test_torch_choice_equals_transformers_loop(words: int, dtype: torch.dtype) -
 @pytest.mark.parametrize("words", [384, 3 * PIECE + 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_choice_equals_transformers_loop(words: int, dtype: torch.dtype) -> None:
-    _check(choose_greedy_triton, words, dtype, DEVICE)
+    _check(functools.partial(choose_greedy, kernel="triton"), words, dtype, DEVICE)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.gpu
 def test_triton_choice_at_the_vocabulary_of_tnl() -> None:
-    _check(choose_greedy_triton, 64000, torch.bfloat16, "cuda")
+    _check(functools.partial(choose_greedy, kernel="triton"), 64000, torch.bfloat16, "cuda")
 
 
 def test_wrong_buffers_are_refused() -> None:

@@ -66,7 +66,7 @@ from tnlora.ops.norm import add_rms_norm, gated_rms_norm
 from tnlora.ops.recurrent import torch_step
 from tnlora.ops.recurrent_triton import triton_step
 from tnlora.ops.select import kernel_impl
-from tnlora.ops.token_choice import choose_greedy, choose_greedy_triton
+from tnlora.ops.token_choice import choose_greedy
 
 logger = logging.get_logger(__name__)
 T = TypeVar("T")
@@ -366,8 +366,8 @@ class GreedyDeviceSteps:
         runner = self.runner
         logits = runner._forward(model)[:, -1]
         # The choice's Triton kernels go with the step's (config decode_kernel), its PyTorch ops otherwise.
-        choose = choose_greedy_triton if runner.kernel == "triton" else choose_greedy
-        choose(logits, self.eos, self.ban_below, self.length, self.pad_id, self.out, runner.ids, runner.position)
+        choose_greedy(logits, self.eos, self.ban_below, self.length, self.pad_id, self.out, runner.ids,
+                      runner.position, kernel=runner.kernel)
         return self.out
 
     def start(

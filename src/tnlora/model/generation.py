@@ -237,22 +237,31 @@ def overlapped_sample(
             )
             outputs = model(**inputs, return_dict=True)
         alive, chosen = to_host.receive()
-        for row, token in zip(generated, chosen):
-            row.append(token)
-        if on_host:
-            done = [any(flags) for flags in zip(*(c.done_on_host(generated) for c in on_host))]
-            if any(done):
-                alive = [a and not d for a, d in zip(alive, done)]
-                flags = torch.tensor(done)  # pinned: the copy must not wait for the forward queued before it
-                flags = flags.pin_memory() if to_host.cuda else flags
-                unfinished = unfinished & ~flags.to(unfinished.device, non_blocking=True)
-        if streamer is not None:
-            streamer.put(torch.tensor(chosen))
+        done = _keep(generated, chosen, on_host, streamer)
+        if any(done):
+            alive = [a and not d for a, d in zip(alive, done)]
+            flags = torch.tensor(done)  # pinned: the copy must not wait for the forward queued before it
+            flags = flags.pin_memory() if to_host.cuda else flags
+            unfinished = unfinished & ~flags.to(unfinished.device, non_blocking=True)
         if at_limit or not any(alive):
             break
     if streamer is not None:
         streamer.end()
     return input_ids
+
+
+def _keep(
+    generated: list[list[int]], chosen: list[int], on_host: list[HostStoppingCriteria], streamer: Any
+) -> list[bool]:
+    """Append a step's ``chosen`` tokens to each row of ``generated`` and stream them; the host-side criteria's
+    verdict per row on them (all False when there are none)."""
+    for row, token in zip(generated, chosen):
+        row.append(token)
+    if streamer is not None:
+        streamer.put(torch.tensor(chosen))
+    if not on_host:
+        return [False] * len(generated)
+    return [any(flags) for flags in zip(*(c.done_on_host(generated) for c in on_host))]
 
 
 def _greedy_steps(
@@ -297,18 +306,13 @@ def _device_loop(
         read = steps.receive
         if rule.stop_at_eos:
             chosen = [rule.pad if end else token for token, end in zip(chosen, ended)]
-        for row, token in zip(generated, chosen):
-            row.append(token)
-        if on_host:
-            done = [any(flags) for flags in zip(*(c.done_on_host(generated) for c in on_host))]
-            new = [i for i, (now, before) in enumerate(zip(done, ended)) if now and not before]
-            for i in new:
-                ended[i] = True
-            if new and rule.stop_at_eos:  # without eos the loop above pads no row either
-                steps.finish(new)
+        done = _keep(generated, chosen, on_host, streamer)
+        new = [i for i, (now, before) in enumerate(zip(done, ended)) if now and not before]
+        for i in new:
+            ended[i] = True
+        if new and rule.stop_at_eos:  # without eos the loop above pads no row either
+            steps.finish(new)
         alive = [a and not end for a, end in zip(alive, ended)]
-        if streamer is not None:
-            streamer.put(torch.tensor(chosen))
         if at_limit or not any(alive):
             break
     if streamer is not None:

@@ -12,9 +12,9 @@ For each row b of ``logits`` [B, V]:
 4. ``out[0]`` holds the flags, ``out[1]`` and ``ids`` [B, 1] the tokens, and ``position`` and ``length`` are one
    on.
 
-With no eos ids the flags stay 1 and nothing is padded. :func:`choose_greedy` is that in PyTorch ops (about
-twenty small kernels); :func:`choose_greedy_triton` runs it as two kernels, the maximum of each piece of the
-vocabulary and then, per row, the piece maxima and the rest: bitwise the same tokens and flags.
+With no eos ids the flags stay 1 and nothing is padded. :func:`choose_greedy` runs it as PyTorch ops (about
+twenty small kernels) or as two Triton kernels, the maximum of each piece of the vocabulary and then, per
+row, the piece maxima and the rest: bitwise the same tokens and flags.
 """
 
 from __future__ import annotations
@@ -58,9 +58,20 @@ def choose_greedy(
     out: Tensor,
     ids: Tensor,
     position: Tensor,
+    kernel: str = "torch",
 ) -> None:
-    """The token choice in PyTorch ops (module docstring); any device."""
+    """The token choice (module docstring) for ``logits`` [B, V]: ``eos`` [E], ``ban_below``, ``length``,
+    ``pad`` and ``position`` 0-dim, ``out`` [2, B] and ``ids`` [B, 1], all int64 on the logits' device.
+    ``kernel``: "torch" (PyTorch ops, any device) or "triton" (two kernels; CUDA, or Triton's interpreter)."""
     _check(logits, eos, out, ids)
+    choose = {"torch": _choose_torch, "triton": _choose_triton}.get(kernel)
+    if choose is None:
+        raise ValueError(f"kernel must be 'torch' or 'triton', got {kernel!r}")
+    choose(logits, eos, ban_below, length, pad, out, ids, position)
+
+
+def _choose_torch(logits: Tensor, *buffers: Tensor) -> None:
+    eos, ban_below, length, pad, out, ids, position = buffers
     scores = logits.to(dtype=torch.float32, copy=True)
     scores.index_copy_(1, eos, torch.where(length < ban_below, float("-inf"), scores.index_select(1, eos)))
     unfinished = out[0]
@@ -72,20 +83,11 @@ def choose_greedy(
     length.add_(1)
 
 
-def choose_greedy_triton(
-    logits: Tensor,
-    eos: Tensor,
-    ban_below: Tensor,
-    length: Tensor,
-    pad: Tensor,
-    out: Tensor,
-    ids: Tensor,
-    position: Tensor,
-) -> None:
-    """The token choice as two Triton kernels (module docstring); CUDA tensors (or Triton's interpreter)."""
+def _choose_triton(logits: Tensor, *buffers: Tensor) -> None:
     from tnlora.ops.token_choice_triton import finish_kernel, pieces_kernel
 
-    _check(logits, eos, out, ids)
+    eos, ban_below, length, pad, out, ids, position = buffers
+
     rows, words = logits.shape
     pieces = -(-words // PIECE)
     values = torch.empty(rows, pieces, dtype=torch.float32, device=logits.device)
@@ -99,4 +101,4 @@ def choose_greedy_triton(
     )  # fmt: skip
 
 
-__all__ = ["PIECE", "choose_greedy", "choose_greedy_triton", "row_argmax"]
+__all__ = ["PIECE", "choose_greedy", "row_argmax"]
