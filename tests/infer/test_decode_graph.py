@@ -343,6 +343,17 @@ def test_device_greedy_loop_stops_at_a_host_criterion_and_streams_every_token_on
     assert streamer.tokens == out[0].tolist() and streamer.ended == 1
 
 
+def test_the_device_loop_keeps_no_cache_alive_after_the_call() -> None:
+    # A cache still alive when the next call takes the runner gets copies of every state (7B batch 32: 2 GB).
+    import gc
+
+    model = _static(build_model())
+    model.generate(random_ids(2, 6), max_new_tokens=5, **GREEDY)
+    gc.collect()
+    runner = installed_graphs(model).runners[2]
+    assert runner.greedy[0].sent == 4 and runner.owner() is None
+
+
 def test_a_failed_capture_turns_graphs_off_and_asks_for_eager_steps() -> None:
     from tnlora.infer.decode_graph import DecodeGraphs
 

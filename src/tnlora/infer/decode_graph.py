@@ -357,7 +357,8 @@ class GreedyDeviceSteps:
         self.events = [torch.cuda.Event() if self.cuda else None for _ in range(2)]
         self.graph: torch.cuda.CUDAGraph | None = None
         self.model: weakref.ref[TransnormerForCausalLM] | None = None  # for the steps without a graph
-        self.cache: TransnormerCache | None = None
+        # Weak: a cache kept alive here would make the next call's runner give it copies of every state.
+        self.cache: weakref.ref[TransnormerCache] | None = None
         self.sent = 0
         self.read = 0
 
@@ -395,7 +396,7 @@ class GreedyDeviceSteps:
         self.length.fill_(length)
         self.unfinished.copy_(unfinished)
         self.model = None if runner.capture else weakref.ref(model)
-        self.cache = cache
+        self.cache = weakref.ref(cache)
         self.sent = self.read = 0
         return self
 
@@ -405,7 +406,7 @@ class GreedyDeviceSteps:
             self.graph.replay()
         else:
             self._step(self.model())
-        self.cache.advance(1)
+        self.cache().advance(1)  # the caller holds the cache while it steps
         slot = self.sent % 2
         self.slots[slot].copy_(self.out, non_blocking=self.cuda)
         if self.cuda:
