@@ -266,18 +266,19 @@ class _StopAtSixth(HostStoppingCriteria):
 
 
 def _device_loop_and_transformers_loop(
-    model: torch.nn.Module, ids: torch.Tensor, steps: int, **kwargs: object
+    model: torch.nn.Module, ids: torch.Tensor, steps: int | None, **kwargs: object
 ) -> torch.Tensor:
     """generate() through the device loop equals transformers' loop through the plain static step, and the
-    device loop ran (``steps`` of its steps launched: one more than it read, as the overlapped loop's extra
-    forward); returns the sequences."""
+    device loop ran (``steps`` of its steps launched, one more than it read as the overlapped loop's extra
+    forward; None: at least one); returns the sequences."""
     graphs = installed_graphs(model)
     settings = {**GREEDY, **kwargs}
     ours = model.generate(ids, **settings)
     theirs = model.generate(ids, **settings, custom_generate=GenerationMixin._sample)
     assert torch.equal(ours, theirs)
     eos_count = 0 if settings["eos_token_id"] is None else 1
-    assert graphs.runners[ids.shape[0]].greedy[eos_count].sent == steps
+    sent = graphs.runners[ids.shape[0]].greedy[eos_count].sent
+    assert sent == steps if steps is not None else sent > 0
     return ours
 
 
@@ -318,6 +319,28 @@ def test_device_greedy_loop_keeps_eos_banned_until_min_new_tokens() -> None:
                                              eos_token_id=eos)
     assert eos not in out[0, 10:16].tolist()  # banned for the first six
     assert not torch.equal(out, free)  # the ban changed the continuation
+
+
+def test_device_greedy_loop_with_min_length_an_eos_first_token_and_mixed_criteria() -> None:
+    model = _static(build_model())
+    ids, mask = left_padded([random_ids(1, 7, seed=7)[0], random_ids(1, 4, seed=8)[0]])
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=10, **GREEDY)
+    start = ids.shape[1]
+    # min_length (counted with the prompt) bans row 0's second token as eos for the first five new tokens.
+    eos = int(free[0, start + 1])
+    banned = _device_loop_and_transformers_loop(model, ids, None, attention_mask=mask, max_new_tokens=10,
+                                                eos_token_id=eos, min_length=start + 5)
+    assert eos not in banned[:, start : start + 5].tolist()[0] and not torch.equal(banned[0], free[0])
+    # Every row's first token an eos: the loop launches one step (the overlapped loop's extra forward) and
+    # stops after reading the first token.
+    first = model.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=1, **GREEDY)[0, -1]
+    out = _device_loop_and_transformers_loop(model, ids[:1], 1, attention_mask=mask[:1], max_new_tokens=10,
+                                             eos_token_id=int(first))
+    assert out.shape == (1, start + 1)
+    # An eos, min_new_tokens and a host-side criterion together at batch 2.
+    stop = StoppingCriteriaList([_StopRowOneAt(start)])
+    _device_loop_and_transformers_loop(model, ids, None, attention_mask=mask, max_new_tokens=10, eos_token_id=eos,
+                                       min_new_tokens=3, stopping_criteria=stop)
 
 
 def test_device_greedy_loop_stops_at_a_host_criterion_and_streams_every_token_once() -> None:
