@@ -272,14 +272,13 @@ class DecodeStepRunner:
             logits = self.logits.clone()  # a copy: the static logits are overwritten by the next replay
         else:
             logits = self._forward(model)
-        for i, static in enumerate(self.states):
-            cache.update_state(static, i)
         cache.advance(1)
         return logits
 
     def begin(self, cache: TransnormerCache, input_ids: Tensor, mask: Tensor | None) -> None:
         """Fill the buffers for a step of ``cache`` on ``input_ids`` [B, 1] (``mask`` [B, 1]: the new tokens'
-        attention mask, None for all real), ``cache`` made the owner of the static states."""
+        attention mask, None for all real); ``cache`` is made the owner of the static states and its layers
+        point at them (the steps advance them in place)."""
         self._adopt(cache)
         self.ids.copy_(input_ids)
         self.position.fill_(cache.get_seq_length())
@@ -288,6 +287,8 @@ class DecodeStepRunner:
         else:
             torch.logical_not(mask.to(torch.bool), out=self.pad)
         self._load_states([cache.get_state(i) for i in range(len(self.states))])
+        for i, static in enumerate(self.states):
+            cache.update_state(static, i)
 
     def run(self, model: TransnormerForCausalLM) -> Tensor:
         """Logits [B, 1, vocab] of the step on the buffers as they are (ids, pad, position, states), the states
@@ -388,8 +389,6 @@ class GreedyDeviceSteps:
             runner.release()
             self.graph, _ = runner.record(functools.partial(self._step, model))
         runner.begin(cache, tokens[:, None], None)
-        for i, static in enumerate(runner.states):
-            cache.update_state(static, i)
         self.eos.copy_(torch.tensor(rule.eos, dtype=torch.long))
         self.pad_id.fill_(rule.pad)
         self.ban_below.fill_(rule.ban_below)
