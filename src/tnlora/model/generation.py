@@ -225,10 +225,10 @@ def overlapped_sample(
             unfinished = unfinished & ~on_device(input_ids, None)
         to_host.send(unfinished, tokens)
         at_limit = max_length is not None and input_ids.shape[1] >= max_length
-        if not at_limit and rule is not None:
+        if not at_limit and rule is not None:  # the first token (rule is None after it)
             steps = _greedy_steps(model, rule, input_ids, tokens, unfinished, model_kwargs)
             if steps is not None:
-                return _device_loop(steps, rule, input_ids, to_host, generated, on_host, streamer, max_length)
+                return _device_loop(steps, rule, input_ids, to_host, on_host, streamer, max_length)
             rule = None  # none offered: this loop for the rest of the call
         if not at_limit:
             # Queued behind the copy above: the host reads the copy below while this forward runs.
@@ -281,21 +281,20 @@ def _device_loop(
     rule: GreedyRule,
     input_ids: Tensor,
     first: _ToHost,
-    generated: list[list[int]],
     on_host: list[HostStoppingCriteria],
     streamer: Any,
     max_length: int | None,
 ) -> Tensor:
-    """The rest of :func:`overlapped_sample` on device steps: launch the next step, then read the one before
-    (``first``: the copy of the token chosen last, still in flight), as the loop there does. Returns the
-    sequences: ``input_ids`` and the tokens read after them.
+    """The rest of :func:`overlapped_sample` after its first token on device steps: launch the next step, then
+    read the one before (``first``: the copy of the first token, still in flight), as the loop there does.
+    Returns the sequences: ``input_ids`` (the prompt and the first token) and the tokens read after it.
 
     A row a host-side criterion ends is finished on the device from the next step launched, one step later than
     in the loop above (the step after the one read is already running); the token that step chose for the row
     is replaced here by the padding the loop above would have chosen."""
     length = input_ids.shape[1]
     read = first.receive
-    taken = len(generated[0]) + 1  # the tokens in input_ids: those read and the one ``first`` brings
+    generated: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     ended = [False] * len(generated)  # rows a host-side criterion ended
     while True:
         at_limit = max_length is not None and length >= max_length
@@ -317,7 +316,7 @@ def _device_loop(
             break
     if streamer is not None:
         streamer.end()
-    new_tokens = torch.tensor([row[taken:] for row in generated], dtype=input_ids.dtype)
+    new_tokens = torch.tensor([row[1:] for row in generated], dtype=input_ids.dtype)  # the first is in input_ids
     return torch.cat([input_ids, new_tokens.to(input_ids.device)], dim=-1)
 
 
