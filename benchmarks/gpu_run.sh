@@ -42,6 +42,7 @@
 #   trace         the timeline of one step with tnlora train's defaults (MODELS, default 1B; the second of two
 #                 timed steps: the first starts after the timer's sync) through benchmarks/trace_gaps.py: device
 #                 time by kind of kernel, the top kernels, the idle gaps
+#   prefill       the prefill's host time against its device time (benchmarks/prefill.py; PREFILL_ARGS)
 #   decode-trace  the same for decoding (DECODE_TRACES model:batch pairs, default "7B:1 1B:1"; 32 new tokens: the
 #                 prefill and 31 graph replays)
 #   syncaudit       the host syncs left in compiled 1B steps
@@ -158,6 +159,9 @@ for stage in "$@"; do
         grep -E "^\| |^config:" "$OUT/trace-$m.txt" | tee -a "$OUT/log.txt"
         python3 benchmarks/trace_gaps.py /tmp/trace.json --top 25 2>&1 | tee -a "$OUT/log.txt" > "$OUT/gaps-$m.txt"; rm -f /tmp/trace.json
       done ;;
+    prefill)  # PREFILL_ARGS: more options of benchmarks/prefill.py (e.g. --impls fla,chunked --profile 30)
+      log "prefill ${PREFILL_ARGS:-}"; timeout ${LIMIT:-300} python3 benchmarks/prefill.py ${PREFILL_ARGS:-} > "$OUT/prefill.txt" 2>&1
+      grep -E "^\| |^(card|GPU|torch)" "$OUT/prefill.txt" | tee -a "$OUT/log.txt" "$OUT/table.txt" ;;
     decode-trace)  # DECODE_TRACES: model:batch pairs
       for mb in ${DECODE_TRACES:-7B:1 1B:1}; do m=${mb%%:*}; b=${mb##*:}
         log "decode trace $m batch $b"; timeout 150 python3 -m tnlora.cli bench decode --model $m --batch $b --new_tokens 32 ${DECODE_ARGS:-} --trace /tmp/dtrace.json > "$OUT/dtrace-$m-$b.txt" 2>&1
