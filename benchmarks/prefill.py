@@ -66,13 +66,17 @@ def measure(preset: str, impl: str, batch: int, length: int, repeats: int, profi
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False)
 
     heads, head_dim = config.decoder_attention_heads, config.head_dim
-    q, k, v = (torch.randn(batch, length, heads, head_dim, device="cuda", dtype=torch.bfloat16) * 0.1 for _ in "qkv")
+    q, k, v = (
+        torch.randn(batch, length, heads, head_dim, device="cuda", dtype=torch.bfloat16) * 0.1 for _ in "qkv"
+    )
     decays = [layer.token_mixer.log_decay for layer in model.model.layers]
 
     @torch.no_grad()
     def attention():
         for decay in decays:
-            lightning_attention(q, k, v, decay, output_final_state=True, impl=model.model.layers[0].token_mixer.impl)
+            lightning_attention(
+                q, k, v, decay, output_final_state=True, impl=model.model.layers[0].token_mixer.impl
+            )
 
     for _ in range(3):  # first use: compiles, autotune lookups, cuBLAS handles
         prefill()
@@ -94,8 +98,6 @@ def measure(preset: str, impl: str, batch: int, length: int, repeats: int, profi
         torch.cuda.synchronize()
         profiler.disable()
         pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(profile)
-    del model
-    torch.cuda.empty_cache()
     return rows
 
 
@@ -119,6 +121,7 @@ def main(argv: list[str]) -> int:
             for batch in (int(b) for b in args.batches.split(",")):
                 for length in (int(n) for n in args.lengths.split(",")):
                     measure(preset, impl, batch, length, args.repeats, args.profile)
+                    torch.cuda.empty_cache()
     return 0
 
 
