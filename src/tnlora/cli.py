@@ -65,7 +65,10 @@ def _add_model_args(p: argparse.ArgumentParser, adapter_required: bool = False, 
     g.add_argument("--system", help="system prompt (default: the one the adapter was trained with)")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
-    g.add_argument("--attention_impl", choices=("auto", "chunked", "recurrent", "fla"), default=None)
+    g.add_argument(
+        "--attention_impl", choices=("auto", "chunked", "recurrent", "fla", "triton"), default=None,
+        help="the prompt's lightning attention (default auto: on a GPU one Triton launch a layer)",
+    )
     g.add_argument(
         "--merge_adapter", type=_bool, nargs="?", const=True, default=None if merge else False,
         help="fold the adapter into the base weights for decoding, as `tnlora merge` exports them (default "

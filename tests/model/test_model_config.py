@@ -125,7 +125,7 @@ def test_preset_overrides_apply() -> None:
         ({"linear_use_lrpe_list": [1]}, "one per layer"),
         ({"norm_type": "layernorm"}, "not supported"),
         ({"lrpe_angle_dtype": "bf16"}, "lrpe_angle_dtype"),
-        ({"lightning_impl": "triton"}, "lightning_impl"),
+        ({"lightning_impl": "flash"}, "lightning_impl"),
         ({"norm_kernel": "cuda"}, "norm_kernel"),
     ],
 )

@@ -52,7 +52,7 @@ def decode_args(argv: list[str]) -> argparse.Namespace:
                         help="decode steps as replayed CUDA graphs (default: on with a GPU)")
     parser.add_argument("--decode_kernel", default="auto", choices=["auto", "torch", "triton"],
                         help="the static step's recurrence (config decode_kernel)")
-    parser.add_argument("--lightning_impl", default="auto", choices=["auto", "fla", "chunked"],
+    parser.add_argument("--lightning_impl", default="auto", choices=["auto", "fla", "chunked", "triton"],
                         help="the prefill's lightning attention (config lightning_impl)")
     parser.add_argument("--gemv", action=argparse.BooleanOptionalAction, default=None,
                         help="batch-1 graph steps of the triton kernel as fused GEMVs (tnlora.ops.gemv; default: on "

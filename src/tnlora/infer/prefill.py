@@ -86,7 +86,7 @@ def packed_prefill(
         initial = _initial_states(states, i) if any(s is not None for s in states) else None
         o, final = lightning_attention(
             q, k, v, mixer.log_decay, cu_seqlens=cu_seqlens, initial_state=initial, output_final_state=True,
-            impl=mixer.impl, chunk_size=mixer.chunk_size,
+            impl=mixer.attention_impl(ids.shape[1], packed=True), chunk_size=mixer.chunk_size,
         )  # fmt: skip
         finals.append(final)
         hidden = hidden + mixer.output(o, u)

@@ -214,8 +214,9 @@ class Lrpe(nn.Module):
 
 
 class NormLinearAttention(nn.Module):
-    """The token mixer of one layer; ``log_decay`` is a non-persistent fp32 buffer. ``impl`` / ``step_impl``:
-    the lightning attention of multi-token and one-token calls (set by the model's ``select_kernels``)."""
+    """The token mixer of one layer; ``log_decay`` is a non-persistent fp32 buffer. ``impl`` / ``forward_impl`` /
+    ``step_impl``: the lightning attention of multi-token calls with and without gradients and of one-token calls
+    (set by the model's ``select_kernels``)."""
 
     def __init__(self, config: TransnormerConfig, layer_idx: int) -> None:
         super().__init__()
@@ -224,6 +225,7 @@ class NormLinearAttention(nn.Module):
         self.num_heads = config.decoder_attention_heads
         self.head_dim = config.head_dim
         self.impl = "chunked"
+        self.forward_impl = "chunked"
         self.step_impl = "recurrent"
         self.chunk_size = config.lightning_chunk_size
         # Registration order gives the official key order: out_proj, lrpe.theta, qkvu_proj.
@@ -302,12 +304,20 @@ class NormLinearAttention(nn.Module):
             rows=rows,
             initial_state=cache.get_state(self.layer_idx) if cache is not None else None,
             output_final_state=cache is not None,
-            impl=self.step_impl if q.shape[1] == 1 and rows is None else self.impl,
+            impl=self.attention_impl(q.shape[1], rows is not None),
             chunk_size=self.chunk_size,
         )
         if cache is not None:
             cache.update_state(state, self.layer_idx)
         return o
+
+    def attention_impl(self, length: int, packed: bool = False) -> str:
+        """The lightning attention this call runs: the step's for one unpacked token; the forward-only one in
+        eval mode without gradients (prefill, evaluation); the trainable one otherwise (in train mode always,
+        so that a checkpointed layer's no-grad forward and its recompute run the same kernels)."""
+        if length == 1 and not packed:
+            return self.step_impl
+        return self.forward_impl if not (self.training or torch.is_grad_enabled()) else self.impl
 
     def output(self, o: Tensor, u: Tensor) -> Tensor:
         """out_proj(u ⊙ SRMSNorm(o)) [B, T, dim]."""
@@ -447,7 +457,8 @@ class TransnormerPreTrainedModel(PreTrainedModel):
             if isinstance(module, SimpleRMSNorm):
                 module.kernel = kernels.norm
             elif isinstance(module, NormLinearAttention):
-                module.impl, module.step_impl = kernels.attention, kernels.attention_step
+                module.impl, module.forward_impl = kernels.attention, kernels.attention_forward
+                module.step_impl = kernels.attention_step
             elif isinstance(module, TransnormerForCausalLM):
                 module.loss_kernel = kernels.loss
         return kernels

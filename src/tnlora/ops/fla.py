@@ -24,7 +24,7 @@ import inspect
 import torch
 from torch import Tensor
 
-from tnlora.ops.packing import PackedRows
+from tnlora.ops.packing import PackedRows, end_to_end, per_row
 
 # fla versions whose chunk_fwd_h / chunk_bwd_dh kernel arguments this backend was checked against.
 TESTED_FLA_VERSIONS = frozenset({"0.6.0"})
@@ -197,16 +197,13 @@ def fla_attention(
     """``lightning_attention`` through fla-core's ``chunk_simple_gla`` (see the module docstring)."""
     from fla.ops.simple_gla import chunk_simple_gla
 
-    B, T, H = q.shape[:3]
+    batch = q.shape[0]
     g_gamma = log_decay.to(device=q.device, dtype=torch.float32)
     cu_seqlens_cpu = None
     if rows is not None:
         rows = rows.to(q.device)
         cu_seqlens, cu_seqlens_cpu = rows.cu_seqlens, rows.cu_seqlens_cpu
-        if initial_state is not None:
-            s0 = initial_state.new_zeros(rows.num_examples, *initial_state.shape[1:])
-            initial_state = s0.index_copy(0, rows.row_first, initial_state)
-        q, k, v = (x.reshape(1, B * T, H, x.shape[-1]) for x in (q, k, v))
+        q, k, v, initial_state = end_to_end(rows, q, k, v, initial_state)
     extra = {}
     if cu_seqlens is not None:
         if cu_seqlens_cpu is None:
@@ -232,6 +229,5 @@ def fla_attention(
         **extra,
     )
     if rows is not None:
-        o = o.reshape(B, T, H, -1)
-        final = final[rows.row_last] if final is not None else None
+        o, final = per_row(rows, o, final, batch)
     return o.to(v.dtype), final

@@ -10,6 +10,8 @@ No softmax, no q·k scale, no denominator. One entry point, :func:`lightning_att
   o_t = q_t S_t (decoding steps; the reference for packed rows).
 * ``"fla"`` (:mod:`tnlora.ops.fla`): fla-core's Triton ``chunk_simple_gla`` (CUDA only, optional extra
   ``tnlora[gpu]``).
+* ``"triton"`` (:mod:`tnlora.ops.lightning_triton`): the forward alone in one Triton launch, for calls without
+  gradients (prefill, evaluation); CUDA, or Triton's interpreter.
 * ``"auto"``: what :mod:`tnlora.ops.select` picks for the device (the model passes a concrete choice).
 
 Layout is sequence-first like fla: q, k [B, T, H, K]; v [B, T, H, V]; states [B, H, K, V].
@@ -26,11 +28,11 @@ from torch import Tensor
 
 from tnlora.ops.chunked import chunked_attention
 from tnlora.ops.fla import fla_attention
-from tnlora.ops.packing import PackedRows
+from tnlora.ops.packing import PackedRows, end_to_end, per_row
 from tnlora.ops.recurrent import recurrent_attention
 from tnlora.ops.select import attention_impl, step_attention_impl
 
-Impl = Literal["auto", "chunked", "recurrent", "fla"]
+Impl = Literal["auto", "chunked", "recurrent", "fla", "triton"]
 DEFAULT_CHUNK_SIZE = 64
 
 
@@ -65,8 +67,8 @@ def lightning_attention(
             before the first token of each row (it feeds only the row's first example).
         output_final_state: also return the state after the last token: [N, H, K, V] per example with
             cu_seqlens, otherwise [B, H, K, V] of each row's last example.
-        impl: "chunked", "recurrent", "fla" or "auto" (recurrent for T = 1, fla on CUDA when importable,
-            else chunked).
+        impl: "chunked", "recurrent", "fla", "triton" (no gradients) or "auto" (recurrent for T = 1, fla on
+            CUDA when importable, else chunked).
         chunk_size: chunk length of the chunked implementation.
 
     Returns:
@@ -86,13 +88,45 @@ def lightning_attention(
         if rows is None and seq_ids is not None:
             rows = PackedRows.from_seq_ids(seq_ids)
         return fla_attention(q, k, v, log_decay, rows, cu_seqlens, initial_state, output_final_state)
+    if impl == "triton":
+        return _triton_attention(q, k, v, log_decay, rows, seq_ids, cu_seqlens, initial_state, output_final_state)
     if impl == "chunked":
         return chunked_attention(
             q, k, v, log_decay, seq_ids, cu_seqlens, initial_state, output_final_state, chunk_size
         )
     if impl == "recurrent":
         return recurrent_attention(q, k, v, log_decay, seq_ids, cu_seqlens, initial_state, output_final_state)
-    raise ValueError(f"unknown lightning attention impl {impl!r}; choose auto, chunked, recurrent or fla")
+    raise ValueError(f"unknown lightning attention impl {impl!r}; choose auto, chunked, recurrent, fla or triton")
+
+
+def _triton_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_decay: Tensor,
+    rows: PackedRows | None,
+    seq_ids: Tensor | None,
+    cu_seqlens: Tensor | None,
+    initial_state: Tensor | None,
+    output_final_state: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """The one-launch forward of :mod:`tnlora.ops.lightning_triton`; packed rows run laid end to end."""
+    from tnlora.ops.lightning_triton import triton_forward
+
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise ValueError("lightning attention impl 'triton' computes forwards without gradients only; "
+                         "train with impl 'fla' or 'chunked'")  # fmt: skip
+    if q.dtype == torch.float64:
+        raise ValueError("impl='triton' takes fp32 and half types; use impl='chunked' for fp64")
+    if rows is None and seq_ids is not None:
+        rows = PackedRows.from_seq_ids(seq_ids)
+    if rows is None:
+        return triton_forward(q, k, v, log_decay, cu_seqlens, initial_state, output_final_state)
+    batch = q.shape[0]
+    rows = rows.to(q.device)
+    flat_q, flat_k, flat_v, first = end_to_end(rows, q, k, v, initial_state)
+    o, final = triton_forward(flat_q, flat_k, flat_v, log_decay, rows.cu_seqlens, first, output_final_state)
+    return per_row(rows, o, final, batch)
 
 
 def _check_shapes(

@@ -128,4 +128,23 @@ class PackedRows:
         )
 
 
-__all__ = ["PackedRows", "cu_seqlens_of", "first_tokens", "segment_starts"]
+def end_to_end(
+    rows: PackedRows, q: Tensor, k: Tensor, v: Tensor, initial_state: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """q, k, v [B, T, H, ·] laid end to end as one row [1, B·T, H, ·] (views where the strides allow), and the
+    rows' states [B, H, K, V] placed at their first examples of the N (zeros elsewhere): the form of varlen
+    kernels, which :func:`per_row` undoes."""
+    batch, length, heads = q.shape[:3]
+    if initial_state is not None:
+        zeros = initial_state.new_zeros(rows.num_examples, *initial_state.shape[1:])
+        initial_state = zeros.index_copy(0, rows.row_first, initial_state)
+    flat = (x.reshape(1, batch * length, heads, x.shape[-1]) for x in (q, k, v))
+    return *flat, initial_state
+
+
+def per_row(rows: PackedRows, o: Tensor, final: Tensor | None, batch: int) -> tuple[Tensor, Tensor | None]:
+    """A varlen kernel's output [1, B·T, H, V] back as [B, T, H, V], and each row's last example's state."""
+    return o.reshape(batch, -1, *o.shape[2:]), final[rows.row_last] if final is not None else None
+
+
+__all__ = ["PackedRows", "cu_seqlens_of", "end_to_end", "first_tokens", "per_row", "segment_starts"]

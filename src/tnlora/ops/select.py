@@ -6,9 +6,10 @@ into implementations for one device. The model applies them when it is built and
 another device (``TransnormerPreTrainedModel.select_kernels``), never inside a forward; the static decode step
 (``infer.decode_graph``) resolves ``decode_kernel`` with :func:`kernel_impl` when its runner is built.
 
-"auto" means: on CUDA, fla-core's kernels for multi-token attention when fla imports and the Triton kernels
-for norms and the decode step when triton imports; everywhere else, the PyTorch implementations. One-token
-attention calls (decoding without a static step) use the recurrent form.
+"auto" means: on CUDA, fla-core's kernels for multi-token attention with gradients (training) when fla imports,
+and the Triton kernels for the attention without gradients (prefill, evaluation: one launch a layer,
+:mod:`tnlora.ops.lightning_triton`), the norms and the decode step when triton imports; everywhere else, the
+PyTorch implementations. One-token attention calls (decoding without a static step) use the recurrent form.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import torch
 from tnlora.errors import ConfigError
 from tnlora.ops.fla import fla_available
 
-LIGHTNING_IMPLS = ("auto", "chunked", "recurrent", "fla")
+LIGHTNING_IMPLS = ("auto", "chunked", "recurrent", "fla", "triton")
+# Implementations with a backward: "triton" (lightning_triton) computes forwards without gradients only.
+TRAINABLE_IMPLS = ("auto", "chunked", "recurrent", "fla")
 KERNEL_CHOICES = ("auto", "torch", "triton")
 
 
@@ -34,13 +37,21 @@ def triton_available() -> bool:
 
 
 def attention_impl(choice: str, device: torch.device | str) -> str:
-    """The multi-token lightning attention for ``choice`` on ``device``: auto → fla on CUDA when fla-core imports,
-    else chunked."""
+    """The multi-token lightning attention with gradients for ``choice`` on ``device``: auto → fla on CUDA when
+    fla-core imports, else chunked."""
     if choice not in LIGHTNING_IMPLS:
         raise ConfigError(f"lightning_impl must be one of {LIGHTNING_IMPLS}, got {choice!r}")
     if choice != "auto":
         return choice
     return "fla" if torch.device(device).type == "cuda" and fla_available() else "chunked"
+
+
+def forward_attention_impl(choice: str, device: torch.device | str) -> str:
+    """The multi-token lightning attention of forwards without gradients (prefill, evaluation): auto → triton
+    on CUDA when triton imports (one launch a layer), else what :func:`attention_impl` picks."""
+    if choice == "auto" and torch.device(device).type == "cuda" and triton_available():
+        return "triton"
+    return attention_impl(choice, device)
 
 
 def step_attention_impl(choice: str) -> str:
@@ -67,7 +78,8 @@ def kernel_impl(choice: str, device: torch.device | str, field: str) -> str:
 class Kernels:
     """The implementations a model runs on one device."""
 
-    attention: str  # multi-token lightning attention: chunked | recurrent | fla
+    attention: str  # multi-token lightning attention with gradients: chunked | recurrent | fla (| triton: refused)
+    attention_forward: str  # the same without gradients (prefill, evaluation): also triton
     attention_step: str  # one-token lightning attention calls
     norm: str  # SimpleRMSNorm: torch | triton (forward and backward kernels; no-grad forwards too)
     loss: str  # the chunked loss's cross-entropy and logit gradient: torch | triton
@@ -80,6 +92,7 @@ def kernels_for(config: object, device: torch.device | str) -> Kernels:
     device = torch.device("cpu") if torch.device(device).type == "meta" else torch.device(device)
     return Kernels(
         attention=attention_impl(impl, device),
+        attention_forward=forward_attention_impl(impl, device),
         attention_step=step_attention_impl(impl),
         norm=kernel_impl(getattr(config, "norm_kernel", "auto"), device, "norm_kernel"),
         loss=kernel_impl(getattr(config, "loss_kernel", "auto"), device, "loss_kernel"),
@@ -89,8 +102,10 @@ def kernels_for(config: object, device: torch.device | str) -> Kernels:
 __all__ = [
     "KERNEL_CHOICES",
     "LIGHTNING_IMPLS",
+    "TRAINABLE_IMPLS",
     "Kernels",
     "attention_impl",
+    "forward_attention_impl",
     "kernel_impl",
     "kernels_for",
     "step_attention_impl",

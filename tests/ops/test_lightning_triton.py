@@ -1,0 +1,184 @@
+"""The one-launch lightning attention forward (``impl="triton"``, :mod:`tnlora.ops.lightning_triton`) against the
+recurrence in fp32 and fp64, where the kernel runs (CUDA, or the CPU interpreter: ``TRITON_INTERPRET=1
+PYTHONPATH=<dir holding triton> pytest -q tests/ops/test_lightning_triton.py``); bf16 against fla and the model's
+prefill on CUDA; the choice of the forward-only implementation everywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_device import DEVICE, INTERPRET, needs_kernel
+
+from tnlora.model import TransnormerConfig, TransnormerForCausalLM
+from tnlora.ops.lightning import lightning_attention
+from tnlora.ops.packing import PackedRows
+from tnlora.ops.select import kernels_for, triton_available
+
+DECAY = torch.tensor([-0.02, -0.7, -2.5])  # slow, fast and near-zero λ: chunk-boundary decays of 1 … e^-160
+
+
+def _inputs(batch: int, length: int, heads: int, key_dim: int, value_dim: int, seed: int, dtype=torch.float32):
+    """q, k, v as views of one projection output [B, T, (2K + V) · H] (the model's strides), SiLU'd q and k."""
+    gen = torch.Generator().manual_seed(seed)
+    width = heads * (2 * key_dim + value_dim)
+    qkv = torch.randn(batch, length, width, generator=gen).to(DEVICE)
+    q, k, v = qkv.split([heads * key_dim, heads * key_dim, heads * value_dim], dim=-1)
+    q = torch.nn.functional.silu(q).reshape(batch, length, heads, key_dim)
+    k = torch.nn.functional.silu(k).reshape(batch, length, heads, key_dim)
+    v = v.reshape(batch, length, heads, value_dim)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _reference(q, k, v, decay, **kwargs):
+    """The recurrence in fp64 on the inputs as given."""
+    o, final = lightning_attention(
+        q.double(), k.double(), v.double(), decay[: q.shape[2]].to(q.device), impl="recurrent",
+        output_final_state=True, **kwargs,
+    )  # fmt: skip
+    return o, final
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+    err = ((got.double() - want.double()).norm() / want.double().norm()).item()
+    assert err < tol, f"relative error {err:.2e} ≥ {tol:.0e}"
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("batch", "length", "heads", "key_dim", "value_dim", "with_state"),
+    [
+        (2, 150, 3, 32, 48, True),  # three chunks, the last partial; V not a multiple of the V block
+        (1, 64, 2, 16, 16, False),  # exactly one chunk
+        (3, 5, 1, 160, 32, True),  # a short prompt; q/k wider than 128 (LRPE's layer doubles them)
+    ],
+)
+def test_forward_matches_the_recurrence_in_fp32(batch, length, heads, key_dim, value_dim, with_state) -> None:
+    q, k, v = _inputs(batch, length, heads, key_dim, value_dim, seed=length)
+    state = torch.randn(batch, heads, key_dim, value_dim, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    state = state if with_state else None
+    o, final = lightning_attention(
+        q, k, v, DECAY[:heads].to(DEVICE), impl="triton", initial_state=state, output_final_state=True
+    )
+    want_o, want_final = _reference(q, k, v, DECAY, initial_state=state)
+    assert o.dtype == torch.float32 and final.dtype == torch.float32
+    assert o.shape == want_o.shape and final.shape == want_final.shape
+    _close(o, want_o, 1e-5)
+    _close(final, want_final, 1e-5)
+
+
+@needs_kernel
+def test_examples_given_by_cu_seqlens_start_from_their_own_states() -> None:
+    """Examples of 70, 0, 1, 129 and 100 tokens in one row: none sees another's state or decay; the empty one
+    passes its initial state through."""
+    q, k, v = _inputs(1, 300, 2, 32, 32, seed=3)
+    cu = torch.tensor([0, 70, 70, 71, 200, 300], dtype=torch.int32, device=DEVICE)
+    states = torch.randn(5, 2, 32, 32, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    o, final = lightning_attention(
+        q, k, v, DECAY[:2].to(DEVICE), impl="triton", cu_seqlens=cu, initial_state=states, output_final_state=True
+    )
+    want_o, want_final = _reference(q, k, v, DECAY, cu_seqlens=cu.long(), initial_state=states)
+    _close(o, want_o, 1e-5)
+    _close(final, want_final, 1e-5)
+    assert torch.equal(final[1], states[1])
+
+
+@needs_kernel
+def test_packed_rows_keep_each_rows_state_and_boundaries() -> None:
+    q, k, v = _inputs(2, 96, 2, 32, 32, seed=5)
+    seq_ids = torch.tensor([[0] * 40 + [1] * 56, [2] * 10 + [3] * 86], device=DEVICE)
+    state = torch.randn(2, 2, 32, 32, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    rows = PackedRows.from_seq_ids(seq_ids)
+    decay = DECAY[:2].to(DEVICE)
+    o, final = lightning_attention(q, k, v, decay, impl="triton", rows=rows, initial_state=state, output_final_state=True)
+    want_o, want_final = _reference(q, k, v, DECAY, seq_ids=seq_ids, initial_state=state)
+    _close(o, want_o, 1e-5)
+    _close(final, want_final, 1e-5)
+
+
+@needs_kernel
+def test_refuses_inputs_that_need_gradients_and_fp64() -> None:
+    q, k, v = _inputs(1, 8, 1, 16, 16, seed=7)
+    with pytest.raises(ValueError, match="without gradients only"):
+        lightning_attention(q.requires_grad_(), k, v, DECAY[:1].to(DEVICE), impl="triton")
+    with torch.no_grad():
+        lightning_attention(q, k, v, DECAY[:1].to(DEVICE), impl="triton")  # the same call without grad runs
+    with pytest.raises(ValueError, match="fp64"):
+        lightning_attention(q.detach().double(), k.double(), v.double(), DECAY[:1].to(DEVICE), impl="triton")
+
+
+TINY = {
+    "decoder_embed_dim": 64,
+    "hidden_dim": 64,
+    "decoder_layers": 2,
+    "decoder_attention_heads": 2,
+    "glu_dim": 128,
+    "vocab_size": 300,
+    "linear_use_lrpe_list": [1, 0],
+    "lrpe_angle_dtype": "float32",
+}
+
+
+@needs_kernel
+def test_the_models_eval_forward_runs_the_kernel_and_matches_the_chunked_path() -> None:
+    torch.manual_seed(0)
+    model = TransnormerForCausalLM(TransnormerConfig(**TINY, lightning_impl="triton")).to(DEVICE).eval()
+    reference = TransnormerForCausalLM(TransnormerConfig(**TINY, lightning_impl="chunked")).to(DEVICE).eval()
+    reference.load_state_dict(model.state_dict())
+    ids = torch.randint(3, 300, (2, 70), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0  # left padding
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        want = reference(input_ids=ids, attention_mask=mask, use_cache=True)
+    _close(got.logits, want.logits, 1e-5)
+    for layer in range(2):
+        _close(got.cache.get_state(layer), want.cache.get_state(layer), 1e-5)
+
+
+def test_the_forward_only_kernel_is_chosen_for_eval_forwards_without_gradients() -> None:
+    model = TransnormerForCausalLM(TransnormerConfig(**TINY))
+    mixer = model.model.layers[0].token_mixer
+    mixer.impl, mixer.forward_impl, mixer.step_impl = "fla", "triton", "recurrent"
+    model.eval()
+    with torch.no_grad():
+        assert mixer.attention_impl(64) == "triton"
+        assert mixer.attention_impl(1) == "recurrent"
+        assert mixer.attention_impl(1, packed=True) == "triton"
+    assert mixer.attention_impl(64) == "fla"  # eval mode with gradients
+    model.train()
+    with torch.no_grad():
+        # a checkpointed layer's no-grad forward runs what its recompute will
+        assert mixer.attention_impl(64) == "fla"
+
+
+def test_kernel_selection_per_device() -> None:
+    cpu = kernels_for(TransnormerConfig(), "cpu")
+    assert (cpu.attention, cpu.attention_forward) == ("chunked", "chunked")
+    assert kernels_for(TransnormerConfig(lightning_impl="triton"), "cpu").attention_forward == "triton"
+    assert kernels_for(TransnormerConfig(lightning_impl="fla"), "cuda").attention_forward == "fla"
+    expected = "triton" if triton_available() else kernels_for(TransnormerConfig(), "cuda").attention
+    assert kernels_for(TransnormerConfig(), "cuda").attention_forward == expected
+
+
+GPU = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize(("length", "key_dim"), [(64, 128), (1000, 128), (64, 256), (4096, 256)])
+def test_bf16_forward_against_fla_and_the_fp32_recurrence(length: int, key_dim: int) -> None:
+    """The model's widths (K 128, and 256 in LRPE's layer; 32 heads), prompt-sized and long rows: the kernel is
+    as close to the fp32 chunked result as fla is."""
+    pytest.importorskip("fla.ops.simple_gla", reason="needs fla-core (pip install 'tnlora[gpu]')")
+    q, k, v = _inputs(1, length, 32, key_dim, 128, seed=length, dtype=torch.bfloat16)
+    decay = torch.linspace(-0.001, -1.0, 32, device=DEVICE)
+    state = torch.randn(1, 32, key_dim, 128, device=DEVICE) * 0.1
+    with torch.no_grad():
+        o, final = lightning_attention(q, k, v, decay, impl="triton", initial_state=state, output_final_state=True)
+        fla_o, fla_final = lightning_attention(q, k, v, decay, impl="fla", initial_state=state, output_final_state=True)
+        ref_o, ref_final = lightning_attention(
+            q.float(), k.float(), v.float(), decay, impl="chunked", initial_state=state, output_final_state=True
+        )
+    fla_err = ((fla_o.float() - ref_o).norm() / ref_o.norm()).item()
+    _close(o, ref_o, max(1e-2, 1.5 * fla_err))
+    _close(final, ref_final, max(1e-2, 1.5 * ((fla_final - ref_final).norm() / ref_final.norm()).item()))
