@@ -132,7 +132,7 @@ def test_the_models_eval_forward_runs_the_kernel_and_matches_the_chunked_path() 
         want = reference(input_ids=ids, attention_mask=mask, use_cache=True)
     _close(got.logits, want.logits, 1e-5)
     for layer in range(2):
-        _close(got.cache.get_state(layer), want.cache.get_state(layer), 1e-5)
+        _close(got.past_key_values.get_state(layer), want.past_key_values.get_state(layer), 1e-5)
 
 
 def test_the_forward_only_kernel_is_chosen_for_eval_forwards_without_gradients() -> None:

@@ -18,15 +18,15 @@ row) or one per row; the state enters from ``initial_state`` and leaves in fp32.
 with fp32 accumulation (bf16 inputs: the state is rounded to bf16 for q·S and the decayed k for kᵀv, as fla
 does); fp32 inputs use IEEE fp32 products, which the tests hold against the recurrence.
 
-Triton is imported on the first call, never at import.
+This module imports triton at import; :func:`tnlora.ops.lightning.lightning_attention` imports it on first use
+only.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any
-
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 CHUNK = 64  # tokens a step of a program's loop (fla's chunk size)
@@ -37,119 +37,120 @@ def _next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-@functools.cache
-def _kernel() -> Any:
-    """The Triton kernel, defined on first use so that importing this module never imports triton."""
-    import triton
-    import triton.language as tl
+@triton.jit
+def _chunk(q_base, k_base, v_base, o_base, state, i_c, bos, eos, heads, stride_qt, stride_kt, stride_vt, g,
+           within, to_token, ks, k_ok, cols, col_ok, pos, posf, V: tl.constexpr, PRECISION: tl.constexpr,
+           BT: tl.constexpr):  # fmt: skip
+    """One chunk of BT tokens from token bos + i_c·BT: its outputs stored, the state after it returned."""
+    dtype = v_base.dtype.element_ty
+    start = bos + i_c.to(tl.int64) * BT
+    t = start + pos
+    t_ok = t < eos
+    q = tl.load(q_base + t[:, None] * stride_qt + ks[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+    # k read transposed [BK, BT] (no transpose of a register tile), as both products take it.
+    k_t = tl.load(k_base + ks[:, None] + t[None, :] * stride_kt, mask=k_ok[:, None] & t_ok[None, :], other=0.0)
+    v = tl.load(v_base + t[:, None] * stride_vt + cols[None, :], mask=t_ok[:, None] & col_ok[None, :], other=0.0)
+    scores = tl.dot(q, k_t, input_precision=PRECISION) * within
+    o = tl.dot(scores.to(dtype), v, input_precision=PRECISION)
+    o += tl.dot(q, state.to(dtype), input_precision=PRECISION) * to_token[:, None]
+    tl.store(o_base + t[:, None] * (heads * V) + cols[None, :], o.to(o_base.dtype.element_ty),
+             mask=t_ok[:, None] & col_ok[None, :])  # fmt: skip
+    # The state after the chunk's last valid token (L of them): each v decayed to that token.
+    last = (tl.minimum(eos - start, BT) - 1).to(tl.float32)
+    to_end = tl.where(t_ok, tl.exp(g * tl.maximum(last - posf, 0.0)), 0.0)
+    decayed = (v.to(tl.float32) * to_end[:, None]).to(dtype)
+    return tl.dot(k_t, decayed, state * tl.exp(g * (last + 1.0)), input_precision=PRECISION)
 
-    @triton.jit
-    def lightning_forward_kernel(
-        q_ptr,
-        k_ptr,
-        v_ptr,
-        decay_ptr,
-        h0_ptr,
-        cu_ptr,
-        o_ptr,
-        ht_ptr,
-        length,
-        heads,
-        stride_qb,
-        stride_qt,
-        stride_qh,
-        stride_kb,
-        stride_kt,
-        stride_kh,
-        stride_vb,
-        stride_vt,
-        stride_vh,
-        K: tl.constexpr,
-        V: tl.constexpr,
-        VARLEN: tl.constexpr,
-        HAS_H0: tl.constexpr,
-        STORE_FINAL: tl.constexpr,
-        PRECISION: tl.constexpr,
-        BT: tl.constexpr,
-        BK: tl.constexpr,
-        BV: tl.constexpr,
-    ):
-        # Axis 0 is (example, head) (up to 2³¹ programs), axis 1 the V block.
-        i_nh = tl.program_id(0)
-        i_v = tl.program_id(1)
-        i_n = i_nh // heads
-        i_h = i_nh % heads
-        if VARLEN:
-            row = i_n.to(tl.int64) * 0
-            bos = tl.load(cu_ptr + i_n).to(tl.int64)
-            eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
-        else:
-            row = i_n.to(tl.int64)
-            bos = row * 0
-            eos = bos + length
-        dtype = v_ptr.dtype.element_ty
-        g = tl.load(decay_ptr + i_h)  # log λ, fp32
 
-        ks = tl.arange(0, BK)
-        cols = i_v * BV + tl.arange(0, BV)
-        k_ok = ks < K
-        col_ok = cols < V
-        pos = tl.arange(0, BT)
-        posf = pos.to(tl.float32)
-        # λ^(i−j) below the diagonal; the exponent is clamped before exp so the masked half cannot overflow.
-        gap = posf[:, None] - posf[None, :]
-        causal = pos[:, None] >= pos[None, :]
-        within = tl.exp(g * tl.where(causal, gap, 0.0))
-        within = tl.where(causal, within, 0.0)
-        to_token = tl.exp(g * (posf + 1.0))  # λ^(i+1): the state before the chunk, decayed to token i
+@triton.jit
+def lightning_forward_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    decay_ptr,
+    h0_ptr,
+    cu_ptr,
+    o_ptr,
+    ht_ptr,
+    length,
+    heads,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    VARLEN: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    STORE_FINAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    WHILE_LOOP: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+):
+    # Axis 0 is (example, head) (up to 2³¹ programs), axis 1 the V block.
+    i_nh = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_n = i_nh // heads
+    i_h = i_nh % heads
+    if VARLEN:
+        row = i_n.to(tl.int64) * 0
+        bos = tl.load(cu_ptr + i_n).to(tl.int64)
+        eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    else:
+        row = i_n.to(tl.int64)
+        bos = row * 0
+        eos = bos + length
+    g = tl.load(decay_ptr + i_h)  # log λ, fp32
 
-        q_base = q_ptr + row * stride_qb + i_h * stride_qh
-        k_base = k_ptr + row * stride_kb + i_h * stride_kh
-        v_base = v_ptr + row * stride_vb + i_h * stride_vh
-        # o is [rows, length, heads, V], contiguous.
-        o_base = o_ptr + (row * length * heads + i_h) * V
-        state_offset = i_nh.to(tl.int64) * K * V + ks[:, None] * V + cols[None, :]
-        state_ok = k_ok[:, None] & col_ok[None, :]
-        if HAS_H0:
-            state = tl.load(h0_ptr + state_offset, mask=state_ok, other=0.0).to(tl.float32)
-        else:
-            state = tl.zeros([BK, BV], dtype=tl.float32)
+    ks = tl.arange(0, BK)
+    cols = i_v * BV + tl.arange(0, BV)
+    k_ok = ks < K
+    col_ok = cols < V
+    pos = tl.arange(0, BT)
+    posf = pos.to(tl.float32)
+    # λ^(i−j) below the diagonal; the exponent is clamped before exp so the masked half cannot overflow.
+    gap = posf[:, None] - posf[None, :]
+    causal = pos[:, None] >= pos[None, :]
+    within = tl.where(causal, tl.exp(g * tl.where(causal, gap, 0.0)), 0.0)
+    to_token = tl.exp(g * (posf + 1.0))  # λ^(i+1): the state before the chunk, decayed to token i
 
-        # A while loop, not range(bos, eos, BT): Triton's interpreter cannot take tensor bounds in range().
-        start = bos
-        while start < eos:
-            t = start + pos
-            t_ok = t < eos
-            q = tl.load(
-                q_base + t[:, None] * stride_qt + ks[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0
-            )
-            k = tl.load(
-                k_base + t[:, None] * stride_kt + ks[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0
-            )
-            v = tl.load(
-                v_base + t[:, None] * stride_vt + cols[None, :],
-                mask=t_ok[:, None] & col_ok[None, :],
-                other=0.0,
-            )
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * within
-            o = tl.dot(scores.to(dtype), v, input_precision=PRECISION)
-            o += tl.dot(q, state.to(dtype), input_precision=PRECISION) * to_token[:, None]
-            tl.store(
-                o_base + t[:, None] * (heads * V) + cols[None, :],
-                o.to(o_ptr.dtype.element_ty),
-                mask=t_ok[:, None] & col_ok[None, :],
-            )
-            # The state after the chunk's last valid token (L of them): every k decayed to that token.
-            last = (tl.minimum(eos - start, BT) - 1).to(tl.float32)
-            to_end = tl.where(t_ok, tl.exp(g * tl.maximum(last - posf, 0.0)), 0.0)
-            decayed = (k.to(tl.float32) * to_end[:, None]).to(dtype)
-            state = state * tl.exp(g * (last + 1.0)) + tl.dot(tl.trans(decayed), v, input_precision=PRECISION)
-            start += BT
+    q_base = q_ptr + row * stride_qb + i_h * stride_qh
+    k_base = k_ptr + row * stride_kb + i_h * stride_kh
+    v_base = v_ptr + row * stride_vb + i_h * stride_vh
+    # o is [rows, length, heads, V], contiguous.
+    o_base = o_ptr + (row * length * heads + i_h) * V
+    state_offset = i_nh.to(tl.int64) * K * V + ks[:, None] * V + cols[None, :]
+    state_ok = k_ok[:, None] & col_ok[None, :]
+    if HAS_H0:
+        state = tl.load(h0_ptr + state_offset, mask=state_ok, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros([BK, BV], dtype=tl.float32)
 
-        if STORE_FINAL:
-            tl.store(ht_ptr + state_offset, state, mask=state_ok)
+    chunks = tl.cdiv(eos - bos, BT)
+    # Compiled: a range loop (Triton pipelines its loads). Triton's interpreter cannot take a tensor bound
+    # in range(), so there the same steps run as a while loop.
+    if WHILE_LOOP:
+        i_c = chunks * 0
+        while i_c < chunks:
+            state = _chunk(q_base, k_base, v_base, o_base, state, i_c, bos, eos, heads, stride_qt, stride_kt,
+                           stride_vt, g, within, to_token, ks, k_ok, cols, col_ok, pos, posf, V, PRECISION,
+                           BT)  # fmt: skip
+            i_c += 1
+    else:
+        for i_c in range(0, chunks):
+            state = _chunk(q_base, k_base, v_base, o_base, state, i_c, bos, eos, heads, stride_qt, stride_kt,
+                           stride_vt, g, within, to_token, ks, k_ok, cols, col_ok, pos, posf, V, PRECISION,
+                           BT)  # fmt: skip
 
-    return lightning_forward_kernel
+    if STORE_FINAL:
+        tl.store(ht_ptr + state_offset, state, mask=state_ok)
 
 
 def _token_rows(x: Tensor) -> Tensor:
@@ -203,7 +204,7 @@ def triton_forward(
     grid = (examples * heads, -(-value_dim // block_v))
     # Wider q/k (LRPE's layer: 2 × 128) doubles the tiles a program holds: more warps share them.
     warps = 4 if block_k <= 128 else 8
-    _kernel()[grid](
+    lightning_forward_kernel[grid](
         q, k, v, decay, initial_state if initial_state is not None else decay,
         cu_seqlens if cu_seqlens is not None else decay, o, final if final is not None else o,
         length, heads,
@@ -212,7 +213,7 @@ def triton_forward(
         v.stride(0), v.stride(1), v.stride(2),
         K=key_dim, V=value_dim, VARLEN=cu_seqlens is not None, HAS_H0=initial_state is not None,
         STORE_FINAL=final is not None, PRECISION="ieee" if v.dtype == torch.float32 else "tf32",
-        BT=CHUNK, BK=block_k, BV=block_v, num_warps=warps,
+        WHILE_LOOP=not q.is_cuda, BT=CHUNK, BK=block_k, BV=block_v, num_warps=warps,
     )  # fmt: skip
     return o, final
 
