@@ -4,7 +4,7 @@ A prefill of a few dozen tokens is launch-bound: its GPU work per layer is a few
 ``chunk_simple_gla`` (built for training: chunk-parallel, autotuned, with a backward) goes through several
 autotuned launches and their Python each layer. :func:`triton_attention` computes the same thing as
 :func:`tnlora.ops.chunked.chunked_attention` in one launch with fixed tiles: one program per (example, head,
-block of V columns) walks its example's chunks of ``CHUNK`` tokens in order, keeps the state S [K, BV] in
+block of V columns) walks its example's chunks of ``CHUNK`` tokens (``CHUNK_FP32`` for fp32) in order, keeps the state S [K, BV] in
 registers (fp32) and per chunk computes
 
     o = (q kᵀ ⊙ D) v + (q ⊙ λ^{i+1}) S,    S ← λ^L S + (k ⊙ λ^{L−1−j})ᵀ v
@@ -29,8 +29,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-CHUNK = 64  # tokens a step of a program's loop (fla's chunk size)
+# Tokens a step of a program's loop: fla's chunk size for half types; fp32 tiles at 64 tokens and q/k 256 wide
+# (LRPE's layer) would need 320 KB of shared memory on sm_90 (227 KB there), 176 KB at 32 tokens.
+CHUNK = 64
+CHUNK_FP32 = 32
 BLOCK_V = 32  # state columns a program keeps: 128 × 32 fp32 at 4 warps is 32 values a thread
+NUM_WARPS = 4  # 8 warps gave the same results and no measured gain at q/k 256 wide
 
 
 def _next_power_of_2(n: int) -> int:
@@ -134,8 +138,9 @@ def lightning_forward_kernel(
         state = tl.zeros([BK, BV], dtype=tl.float32)
 
     chunks = tl.cdiv(eos - bos, BT)
-    # Compiled: a range loop (Triton pipelines its loads). Triton's interpreter cannot take a tensor bound
-    # in range(), so there the same steps run as a while loop.
+    # Compiled: a range loop. The same steps as a while loop compiled wrong for sm_90 with Triton 3.6 (bf16:
+    # outputs and states off by 10-100 %, an illegal address at 8 warps), but Triton's interpreter (CPU
+    # tensors) cannot take a tensor bound in range() with numpy 2, so it runs the while loop.
     if WHILE_LOOP:
         i_c = chunks * 0
         while i_c < chunks:
@@ -202,8 +207,6 @@ def triton_forward(
     block_k = max(16, _next_power_of_2(key_dim))
     block_v = min(BLOCK_V, max(16, _next_power_of_2(value_dim)))
     grid = (examples * heads, -(-value_dim // block_v))
-    # Wider q/k (LRPE's layer: 2 × 128) doubles the tiles a program holds: more warps share them.
-    warps = 4 if block_k <= 128 else 8
     lightning_forward_kernel[grid](
         q, k, v, decay, initial_state if initial_state is not None else decay,
         cu_seqlens if cu_seqlens is not None else decay, o, final if final is not None else o,
@@ -213,9 +216,10 @@ def triton_forward(
         v.stride(0), v.stride(1), v.stride(2),
         K=key_dim, V=value_dim, VARLEN=cu_seqlens is not None, HAS_H0=initial_state is not None,
         STORE_FINAL=final is not None, PRECISION="ieee" if v.dtype == torch.float32 else "tf32",
-        WHILE_LOOP=not q.is_cuda, BT=CHUNK, BK=block_k, BV=block_v, num_warps=warps,
+        WHILE_LOOP=not q.is_cuda, BT=CHUNK_FP32 if v.dtype == torch.float32 else CHUNK, BK=block_k, BV=block_v,
+        num_warps=NUM_WARPS,
     )  # fmt: skip
     return o, final
 
 
-__all__ = ["CHUNK", "triton_forward"]
+__all__ = ["CHUNK", "CHUNK_FP32", "lightning_forward_kernel", "triton_forward"]
