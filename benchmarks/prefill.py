@@ -8,7 +8,7 @@ which then run back to back). A prefill whose host ms exceeds its device ms is l
 for the attention alone (every layer's call at the model's shapes). Medians of ``--repeats`` runs.
 
 Usage: python benchmarks/prefill.py [--models 1B,7B] [--batches 1,32] [--lengths 64,512] [--impls fla]
-       [--profile N]  (cProfile of one prefill: N functions by own host time)
+       [--profile N]  (cProfile of three prefills: N functions by own and by cumulative host time)
 """
 
 from __future__ import annotations
@@ -94,10 +94,13 @@ def measure(preset: str, impl: str, batch: int, length: int, repeats: int, profi
     if profile:
         profiler = cProfile.Profile()
         profiler.enable()
-        prefill()
+        for _ in range(3):
+            prefill()
         torch.cuda.synchronize()
         profiler.disable()
-        pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(profile)
+        print(f"{label} three prefill forwards under cProfile")
+        for order in ("tottime", "cumulative"):
+            pstats.Stats(profiler, stream=sys.stdout).sort_stats(order).print_stats(profile)
     return rows
 
 
