@@ -1,7 +1,8 @@
 """Where a prefill's time goes: the host's time to launch it against the GPU's time to run it.
 
 For each model, batch and prompt length: the whole 1-token ``generate()`` (what ``tnlora bench decode`` counts
-before its first step), the prefill forward alone (``model(ids, use_cache=True)``), and the prefill's host and
+before its first step), the prefill forward alone (``model(ids, use_cache=True, logits_to_keep=1)``, as
+``generate()`` calls it; with ``--graphs on`` through the prefill graphs chat and generate install), and the prefill's host and
 device time taken apart: a ~100 ms GPU sleep is queued first, so that the host launches the whole forward while
 the GPU is still busy (host ms: the time the call takes to return; device ms: CUDA events around the forward,
 which then run back to back). A prefill whose host ms exceeds its device ms is launch-bound. Also the same split
@@ -23,6 +24,7 @@ import time
 import torch
 
 from tnlora.bench.common import environment_line, random_model
+from tnlora.infer.decode_graph import install_graph_decoding
 from tnlora.ops.lightning import lightning_attention
 
 SLEEP_CYCLES = 200_000_000  # ~100 ms at the H200's ~1.98 GHz: longer than any host time measured here
@@ -50,8 +52,11 @@ def split_times(run, repeats: int) -> tuple[float, float, float]:
     return statistics.median(walls), statistics.median(hosts), statistics.median(devices)
 
 
-def measure(preset: str, impl: str, batch: int, length: int, repeats: int, profile: int) -> list[str]:
+def measure(preset: str, impl: str, batch: int, length: int, repeats: int, profile: int, graphs: bool) -> list[str]:
     model = random_model(preset, impl, "cuda").eval()
+    if graphs:
+        # What chat / generate install on a GPU: CUDA-graph decode steps and prefill graphs of short prompts.
+        install_graph_decoding(model)
     config = model.config
     ids = torch.randint(100, config.vocab_size, (batch, length), device="cuda")
     mask = torch.ones_like(ids)
@@ -59,7 +64,7 @@ def measure(preset: str, impl: str, batch: int, length: int, repeats: int, profi
 
     @torch.no_grad()
     def prefill():
-        model(input_ids=ids, attention_mask=mask, use_cache=True)
+        model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)  # as generate() calls it
 
     @torch.no_grad()
     def one_token():
@@ -83,7 +88,7 @@ def measure(preset: str, impl: str, batch: int, length: int, repeats: int, profi
         one_token()
         attention()
     torch.cuda.synchronize()
-    label = f"| {preset} | {batch} | {length} | {impl} |"
+    label = f"| {preset} | {batch} | {length} | {impl}{', graphs' if graphs else ''} |"
     wall, _, _ = split_times(one_token, repeats)
     rows.append(f"{label} generate(), 1 new token | {wall:.2f} | – | – |")
     for name, run in (("prefill forward", prefill), ("attention alone, every layer", attention)):
@@ -112,6 +117,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--impls", default="fla", help="lightning_impl values, comma-separated")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--profile", type=int, default=0)
+    parser.add_argument("--graphs", default="off", help="off, on or both: graph decoding installed (prefill graphs)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("prefill.py needs a CUDA GPU", file=sys.stderr)
@@ -123,7 +129,8 @@ def main(argv: list[str]) -> int:
         for impl in args.impls.split(","):
             for batch in (int(b) for b in args.batches.split(",")):
                 for length in (int(n) for n in args.lengths.split(",")):
-                    measure(preset, impl, batch, length, args.repeats, args.profile)
+                    for graphs in {"off": (False,), "on": (True,), "both": (False, True)}[args.graphs]:
+                        measure(preset, impl, batch, length, args.repeats, args.profile, graphs)
                     torch.cuda.empty_cache()
     return 0
 

@@ -160,14 +160,14 @@ def run(args: argparse.Namespace) -> int:
     step = ("gemv pdl" if args.pdl else "gemv no-pdl") if gemv else "layers"
     print(f"config: {args.model} decode graphs={graphs} decode_kernel={args.decode_kernel} ({kernel}) "
           f"prompt={args.prompt_len} new_tokens={args.new_tokens} adapter={args.adapter} step={step} "
-          f"prefill={args.lightning_impl}{cap}",
+          f"prefill={args.lightning_impl}{' graphs' if graphs and args.prefill_graphs else ''}{cap}",
           flush=True)
     model = random_model(args.model, args.lightning_impl, "cuda" if cuda else "cpu")
     model = with_adapter(model, args.adapter, args.lora_rank, args.model).eval()
     model.config.use_cache = True
     model.config.decode_kernel = args.decode_kernel
     if graphs:
-        install_graph_decoding(model, gemv=gemv, pdl=args.pdl)
+        install_graph_decoding(model, gemv=gemv, pdl=args.pdl, prefill=args.prefill_graphs)
     copy = copy_bandwidth() if cuda else math.nan
     if cuda:
         print(f"copy bandwidth: {copy / 1e9:,.0f} GB/s (device-to-device copies of 1 GiB, read + write)")

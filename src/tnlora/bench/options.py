@@ -60,6 +60,9 @@ def decode_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                         help="the GEMV step's kernels as programmatic dependent launches (sm_90 and later; "
                              "--no-pdl: plain launches)")
+    parser.add_argument("--prefill_graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="short prompts' prefills as CUDA graphs with --graphs (tnlora.infer.prefill_graph; "
+                             "--no-prefill_graphs: eager prefills)")
     parser.add_argument("--adapter", default="none", choices=["none", "unmerged", "merged"],
                         help="a random LoRA adapter on every linear layer, kept as peft layers or merged into the "
                              "weights (tnlora chat's default)")

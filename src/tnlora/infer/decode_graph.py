@@ -56,8 +56,11 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.cache_utils import Cache
 from transformers.utils import logging
 
+from tnlora.infer.prefill_graph import MAX_RUNNERS as PREFILL_RUNNERS
+from tnlora.infer.prefill_graph import PrefillRunner, bucket_for
 from tnlora.model.cache import TransnormerCache
 from tnlora.model.generation import GreedyRule
 from tnlora.model.modeling import NormLinearAttention, TransnormerForCausalLM
@@ -234,20 +237,8 @@ class DecodeStepRunner:
         self.graph, self.logits = self.record(functools.partial(self._forward, model))
 
     def record(self, step: Callable[[], Tensor]) -> tuple[torch.CUDAGraph, Tensor]:
-        """``step`` (a function of these buffers) warmed up on a side stream, then recorded as one graph; returns
-        the graph and what ``step`` returned in it."""
-        device = self.ids.device
-        with torch.cuda.device(device), torch.inference_mode(False), torch.no_grad(), blas_library(self.blas):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_STEPS):
-                    step()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = step()
-        return graph, out
+        """``step`` (a function of these buffers) recorded as one graph (:func:`record_graph`)."""
+        return record_graph(step, self.ids.device, self.blas)
 
     def fits(self, input_ids: Tensor, cache: TransnormerCache) -> bool:
         """Whether this runner can take the step (same device, every cache state of the static shape)."""
@@ -454,6 +445,22 @@ def state_layout(mixer: NormLinearAttention, batch_size: int) -> tuple[tuple[int
     return (batch_size, mixer.num_heads, key_dim, mixer.head_dim), dtype
 
 
+def record_graph(step: Callable[[], Tensor], device: torch.device, blas: str | None) -> tuple[torch.CUDAGraph, Tensor]:
+    """``step`` (a function of static buffers on ``device``) warmed up on a side stream, then recorded as one
+    graph with ``blas`` the preferred BLAS library; returns the graph and what ``step`` returned in it."""
+    with torch.cuda.device(device), torch.inference_mode(False), torch.no_grad(), blas_library(blas):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+    return graph, out
+
+
 @contextlib.contextmanager
 def blas_library(name: str | None) -> Iterator[None]:
     """PyTorch's preferred BLAS library set to ``name`` inside (None: unchanged), restored after."""
@@ -471,12 +478,23 @@ def blas_library(name: str | None) -> Iterator[None]:
 class DecodeGraphs:
     """The runners of one model, by batch size, and the model fingerprint they were built against."""
 
-    def __init__(self, capture: bool, blas: str | None = GRAPH_BLAS, gemv: bool = True, pdl: bool = True) -> None:
+    def __init__(
+        self,
+        capture: bool,
+        blas: str | None = GRAPH_BLAS,
+        gemv: bool = True,
+        pdl: bool = True,
+        prefill: bool | None = None,
+    ) -> None:
         self.capture = capture
         self.blas = blas
         self.gemv = gemv
         self.pdl = pdl
+        # Short prefills as graphs (infer.prefill_graph); by default with capture only (on the CPU the static
+        # prefill would only change the summation order of the eager one).
+        self.prefill_graphs = capture if prefill is None else prefill
         self.runners: dict[int, DecodeStepRunner] = {}
+        self.prefills: dict[tuple[int, int], PrefillRunner] = {}
         self.fingerprint: Hashable | None = None
         self.last_cache: weakref.ref[TransnormerCache] | None = None
         self.failed = False
@@ -486,6 +504,7 @@ class DecodeGraphs:
         for runner in self.runners.values():
             runner.release()
         self.runners.clear()
+        self.prefills.clear()  # their caches hold copies of the states
 
     def __call__(
         self,
@@ -568,17 +587,73 @@ class DecodeGraphs:
             steps = runner.greedy[len(rule.eos)] = GreedyDeviceSteps(runner, len(rule.eos))
         return self._capturing(steps.graph is None, lambda: steps.start(model, cache, rule, tokens, unfinished, length))
 
-    def runner(self, model: TransnormerForCausalLM, input_ids: Tensor, cache: TransnormerCache) -> DecodeStepRunner | None:
-        """The runner for this step, built (and later captured) on first use; None when eager must run."""
+    def prefill(
+        self,
+        model: TransnormerForCausalLM,
+        input_ids: Tensor | None,
+        attention_mask: Tensor | None,
+        cache: object,
+        *,
+        use_cache: bool | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        packed: bool = False,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | Tensor = 0,
+    ) -> tuple[Tensor, TransnormerCache] | None:
+        """Logits [B, 1, vocab] of the prompt's last token and the filled cache, through a prefill graph
+        (:mod:`tnlora.infer.prefill_graph`), or None when the eager forward must run (nothing touched then)."""
+        if (
+            not self.prefill_graphs
+            or input_ids is None
+            or input_ids.dim() != 2
+            or input_ids.shape[1] < 2
+            or inputs_embeds is not None
+            or labels is not None
+            or packed
+            or not (isinstance(logits_to_keep, int) and logits_to_keep == 1)
+            or (output_hidden_states if output_hidden_states is not None else model.config.output_hidden_states)
+            or model.training
+            or torch.is_grad_enabled()
+            or self.failed
+            or (self.capture and not input_ids.is_cuda)
+            or (attention_mask is not None and attention_mask.shape != input_ids.shape)
+            or (isinstance(cache, Cache) and cache.get_seq_length() > 0)
+            or (isinstance(cache, TransnormerCache) and cache.get_state(0) is not None)
+        ):
+            return None
+        batch, length = input_ids.shape
+        bucket = bucket_for(batch, length)
+        mixers = [layer.token_mixer for layer in model.model.layers]
+        if bucket is None or (self.capture and any(m.attention_impl(bucket) != "triton" for m in mixers)):
+            return None
+        fresh = model.model._resolve_cache(cache, use_cache)
+        if fresh is None or not self._current(model, fresh):
+            return None
+        runner = self.prefills.pop((batch, bucket), None)
+        if runner is None or not runner.fits(input_ids):
+            if len(self.prefills) >= PREFILL_RUNNERS:
+                self.prefills.pop(next(iter(self.prefills)))
+            runner = PrefillRunner(model, batch, bucket, input_ids.device, self.capture)
+        self.prefills[(batch, bucket)] = runner  # last: the most recently used
+        logits = self._capturing(runner.graph is None, lambda: runner.run(model, input_ids, attention_mask, fresh))
+        return None if logits is None else (logits, fresh)
+
+    def _current(self, model: TransnormerForCausalLM, cache: TransnormerCache) -> bool:
+        """Whether graphs may run for ``cache``: a new cache means a new generate() call, which re-checks what
+        the graphs depend on (once per call) and drops them all if it changed."""
         last = self.last_cache() if self.last_cache is not None else None
         if last is not cache:
-            # A new cache means a new generate() call: re-check what the graphs depend on (once per call).
             fingerprint = model_fingerprint(model)
             if fingerprint != self.fingerprint:
                 self.clear()
                 self.fingerprint = fingerprint
             self.last_cache = weakref.ref(cache)
-        if self.fingerprint is None:
+        return self.fingerprint is not None
+
+    def runner(self, model: TransnormerForCausalLM, input_ids: Tensor, cache: TransnormerCache) -> DecodeStepRunner | None:
+        """The runner for this step, built (and later captured) on first use; None when eager must run."""
+        if not self._current(model, cache):
             return None
         batch = input_ids.shape[0]
         runner = self.runners.get(batch)
@@ -627,16 +702,18 @@ def install_graph_decoding(
     blas: str | None = GRAPH_BLAS,
     gemv: bool = True,
     pdl: bool = True,
+    prefill: bool | None = None,
 ) -> DecodeGraphs:
     """Let ``model`` (or the model under its peft wrapper) take one-token cached steps through static runners,
     replacing any installed before. ``capture=False`` runs the static step without CUDA graphs, on any device
     (what the CPU tests check the buffer logic with); ``blas``: the BLAS library of
     the capture (None: PyTorch's current one); ``gemv``: batch-1 steps of the Triton kernel as fused GEMVs
     (``DecodeStepRunner._forward_gemv``; False: the layer forwards at every batch size); ``pdl``: that step's
-    kernels as programmatic dependent launches on cards that have them (sm_90 and later)."""
+    kernels as programmatic dependent launches on cards that have them (sm_90 and later); ``prefill``: short
+    prefills as graphs too (:mod:`tnlora.infer.prefill_graph`; default: with ``capture``)."""
     base = _base_model(model)
     remove_graph_decoding(base)
-    graphs = DecodeGraphs(capture=capture, blas=blas, gemv=gemv, pdl=pdl)
+    graphs = DecodeGraphs(capture=capture, blas=blas, gemv=gemv, pdl=pdl, prefill=prefill)
     base.step_decoder = graphs
     return graphs
 
@@ -665,5 +742,6 @@ __all__ = [
     "install_graph_decoding",
     "installed_graphs",
     "model_fingerprint",
+    "record_graph",
     "remove_graph_decoding",
 ]

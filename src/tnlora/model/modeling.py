@@ -840,6 +840,25 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
             if logits is not None:
                 out = CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: past_key_values})
                 return _as_requested(out, return_dict, self.config)
+        elif self.step_decoder is not None and input_ids is not None:
+            # The same installer's short prefills (tnlora.infer.prefill_graph): a fresh cache filled by a graph.
+            offer = getattr(self.step_decoder, "prefill", None)
+            done = offer(
+                self,
+                input_ids,
+                attention_mask,
+                past_key_values,
+                use_cache=use_cache,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                packed=packed_rows is not None or seq_ids is not None or cu_seqlens is not None,
+                output_hidden_states=output_hidden_states,
+                logits_to_keep=logits_to_keep,
+            ) if offer is not None else None  # fmt: skip
+            if done is not None:
+                logits, filled = done
+                out = CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: filled})
+                return _as_requested(out, return_dict, self.config)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
