@@ -13,7 +13,7 @@ import torch
 
 from tnl_helpers import build_model, left_padded, random_ids
 from tnlora.infer.decode_graph import install_graph_decoding, installed_graphs
-from tnlora.infer.prefill_graph import BUCKETS, MAX_TOKENS, bucket_for
+from tnlora.infer.prefill_graph import BUCKETS, MAX_WORK, bucket_for
 from tnlora.model import TransnormerCache
 
 GREEDY = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0}
@@ -53,16 +53,19 @@ def model():
 
 
 def test_buckets() -> None:
-    assert [bucket_for(1, n) for n in (2, 16, 17, 64, 65, 257, 512)] == [16, 16, 32, 64, 128, 384, 512]
-    assert bucket_for(1, BUCKETS[-1] + 1) is None  # longer prompts: eager
-    assert bucket_for(MAX_TOKENS // 64, 64) == 64 and bucket_for(MAX_TOKENS // 64 + 1, 64) is None
+    assert [bucket_for(1, n, 10**9) for n in (2, 16, 17, 64, 65, 257, 512)] == [16, 16, 32, 64, 128, 384, 512]
+    assert bucket_for(1, BUCKETS[-1] + 1, 1000) is None  # longer prompts: eager
+    # Prompts whose matrix products outweigh their launches run eagerly: 7B at 32 × 64 tokens, not 1B.
+    assert bucket_for(32, 64, 6_836_719_616) is None and bucket_for(1, 64, 6_836_719_616) == 64
+    assert bucket_for(32, 64, 1_020_266_496) == 64
+    assert bucket_for(2, 64, int(MAX_WORK // 128)) == 64 and bucket_for(2, 64, int(MAX_WORK // 128) + 1) is None
 
 
 @pytest.mark.parametrize("length", [5, 16, 17, 40])
 def test_static_prefill_equals_the_eager_one(model, length: int) -> None:
     ids = random_ids(1, length, seed=length)
     _assert_close(model, _static(model, ids), _eager(model, ids))
-    assert list(installed_graphs(model).prefills) == [(1, bucket_for(1, length))]
+    assert list(installed_graphs(model).prefills) == [(1, bucket_for(1, length, 1))]
 
 
 def test_left_padded_rows_and_a_shorter_prompt_after_a_longer_one(model) -> None:

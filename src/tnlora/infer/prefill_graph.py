@@ -29,17 +29,20 @@ from tnlora.ops.lightning import lightning_attention
 # Prompt lengths a graph is captured for (a prompt takes the first that holds it): powers of two while a few
 # padded tokens cost nothing (launch-bound), then steps of 128 so that padding adds at most a third.
 BUCKETS = (16, 32, 64, 128, 256, 384, 512)
-# Rows × bucket above which the prefill's matrix products, not its launches, set its time (7B, 32 × 64 tokens:
-# 44.7 ms on the GPU against 14.8 of launching): eager there.
-MAX_TOKENS = 2048
+# Tokens × parameters (≈ half the prefill's FLOPs) above which its matrix products, not its launches, set its
+# time: eager there. Measured on the H200: 1B, 32 × 64 tokens (1.3e11 · 1e9 ≈ 2.1e12) ran 9.8 ms as a graph
+# against 16.3 eager; 7B, 32 × 64 (1.4e13) 52.2 against 48.0 (the GPU's 44 ms either way; captured GEMMs were
+# slower); 7B, 1 × 64 (4.4e11) 8.8 against 21.8.
+MAX_WORK = 4e12
 # Prefill graphs kept per model (by batch size and bucket); the least recently used goes first.
 MAX_RUNNERS = 8
 
 
-def bucket_for(batch: int, length: int) -> int | None:
-    """The bucket a prompt of ``length`` tokens in ``batch`` rows runs in, or None (eager)."""
+def bucket_for(batch: int, length: int, parameters: int) -> int | None:
+    """The bucket a prompt of ``length`` tokens in ``batch`` rows runs in on a model of ``parameters``, or None
+    (eager)."""
     bucket = next((b for b in BUCKETS if b >= length), None)
-    return bucket if bucket is not None and batch * bucket <= MAX_TOKENS else None
+    return bucket if bucket is not None and batch * bucket * parameters <= MAX_WORK else None
 
 
 class PrefillRunner:
@@ -117,4 +120,4 @@ class PrefillRunner:
         return logits
 
 
-__all__ = ["BUCKETS", "MAX_RUNNERS", "MAX_TOKENS", "PrefillRunner", "bucket_for"]
+__all__ = ["BUCKETS", "MAX_RUNNERS", "MAX_WORK", "PrefillRunner", "bucket_for"]
