@@ -153,3 +153,16 @@ def test_cuda_prefill_graph_equals_the_eager_prefill() -> None:
     installed, model.step_decoder = model.step_decoder, None
     assert torch.equal(out, model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, **GREEDY))
     model.step_decoder = installed
+
+
+def test_a_failed_prefill_capture_turns_prefill_graphs_off_only() -> None:
+    from tnlora.infer.decode_graph import DecodeGraphs
+
+    graphs = DecodeGraphs(capture=True)
+    graphs.prefills[(1, 16)] = object()
+
+    def capture() -> None:
+        raise RuntimeError("out of memory while capturing")
+
+    assert graphs._capturing(True, capture, prefill=True) is None
+    assert not graphs.prefill_graphs and graphs.prefills == {} and not graphs.failed  # decode graphs stay on

@@ -547,18 +547,24 @@ class DecodeGraphs:
             return None
         return self._capturing(runner.graph is None, lambda: runner.step(model, input_ids, attention_mask, cache))
 
-    def _capturing(self, captures: bool, run: Callable[[], T]) -> T | None:
+    def _capturing(self, captures: bool, run: Callable[[], T], prefill: bool = False) -> T | None:
         """``run()``, which captures a graph first when ``captures``. A failed capture (e.g. an op that cannot
-        be captured) must not break generation: graphs are off for this model from then on (logged) and None
-        says decode eagerly; the cache is untouched (capture comes before any copy into or out of it)."""
+        be captured) must not break generation: graphs (with ``prefill``: prefill graphs only) are off for this
+        model from then on (logged) and None says run eagerly; the cache is untouched (capture comes before any
+        copy into or out of it)."""
         if not (self.capture and captures):
             return run()
         try:
             return run()
         except RuntimeError as exc:
-            logger.warning(f"CUDA-graph decoding disabled for this model (capture failed: {exc}); decoding eagerly")
-            self.failed = True
-            self.clear()
+            if prefill:
+                logger.warning(f"CUDA-graph prefills disabled for this model (capture failed: {exc}); prefilling eagerly")
+                self.prefill_graphs = False
+                self.prefills.clear()
+            else:
+                logger.warning(f"CUDA-graph decoding disabled for this model (capture failed: {exc}); decoding eagerly")
+                self.failed = True
+                self.clear()
             return None
 
     def greedy_steps(
@@ -637,7 +643,9 @@ class DecodeGraphs:
                 self.prefills.pop(next(iter(self.prefills)))
             runner = PrefillRunner(model, batch, bucket, input_ids.device, self.capture)
         self.prefills[(batch, bucket)] = runner  # last: the most recently used
-        logits = self._capturing(runner.graph is None, lambda: runner.run(model, input_ids, attention_mask, fresh))
+        logits = self._capturing(
+            runner.graph is None, lambda: runner.run(model, input_ids, attention_mask, fresh), prefill=True
+        )
         return None if logits is None else (logits, fresh)
 
     def _current(self, model: TransnormerForCausalLM, cache: TransnormerCache) -> bool:
