@@ -116,8 +116,8 @@ def _triton_attention(
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise ValueError("lightning attention impl 'triton' computes forwards without gradients only; "
                          "train with impl 'fla' or 'chunked'")  # fmt: skip
-    if q.dtype == torch.float64:
-        raise ValueError("impl='triton' takes fp32 and half types; use impl='chunked' for fp64")
+    if q.dtype == torch.float64 or not q.dtype == k.dtype == v.dtype:
+        raise ValueError("impl='triton' takes q, k, v of one fp32 or half dtype; use impl='chunked' for fp64")
     if rows is None and seq_ids is not None:
         rows = PackedRows.from_seq_ids(seq_ids)
     if rows is None:

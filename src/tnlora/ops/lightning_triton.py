@@ -2,12 +2,12 @@
 
 A prefill of a few dozen tokens is launch-bound: its GPU work per layer is a few microseconds, and fla's
 ``chunk_simple_gla`` (built for training: chunk-parallel, autotuned, with a backward) goes through several
-autotuned launches and their Python each layer. :func:`triton_attention` computes the same thing as
+autotuned launches and their Python each layer. :func:`triton_forward` computes the same thing as
 :func:`tnlora.ops.chunked.chunked_attention` in one launch with fixed tiles: one program per (example, head,
-block of V columns) walks its example's chunks of ``CHUNK`` tokens (``CHUNK_FP32`` for fp32) in order, keeps the state S [K, BV] in
-registers (fp32) and per chunk computes
+block of V columns) walks its example's chunks of ``CHUNK`` tokens (``CHUNK_FP32`` for fp32) in order, keeps
+the state S [K, BV] in registers (fp32) and per chunk computes
 
-    o = (q kᵀ ⊙ D) v + (q ⊙ λ^{i+1}) S,    S ← λ^L S + (k ⊙ λ^{L−1−j})ᵀ v
+    o = (q kᵀ ⊙ D) v + (q ⊙ λ^{i+1}) S,    S ← λ^L S + kᵀ (v ⊙ λ^{L−1−j})
 
 (D[i, j] = λ^{i−j} for i ≥ j, else 0; L the chunk's length). The chunks of one example run one after another,
 so a long prompt is one program's loop; the grid's parallelism is examples × heads × V blocks (7B, one
@@ -15,7 +15,7 @@ prompt: 32 heads × 4 blocks), enough for prefill lengths. Training keeps fla (c
 
 q, k, v are read in place with their strides (the projection's views), examples given by ``cu_seqlens`` (one
 row) or one per row; the state enters from ``initial_state`` and leaves in fp32. Products use the inputs' dtype
-with fp32 accumulation (bf16 inputs: the state is rounded to bf16 for q·S and the decayed k for kᵀv, as fla
+with fp32 accumulation (bf16 inputs: the state is rounded to bf16 for q·S and the decayed v for kᵀv, as fla
 does); fp32 inputs use IEEE fp32 products, which the tests hold against the recurrence.
 
 This module imports triton at import; :func:`tnlora.ops.lightning.lightning_attention` imports it on first use
