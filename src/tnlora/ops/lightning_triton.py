@@ -37,10 +37,6 @@ BLOCK_V = 32  # state columns a program keeps: 128 × 32 fp32 at 4 warps is 32 v
 NUM_WARPS = 4  # 8 warps gave the same results and no measured gain at q/k 256 wide
 
 
-def _next_power_of_2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
 @triton.jit
 def _chunk(q_base, k_base, v_base, o_base, state, i_c, bos, eos, heads, stride_qt, stride_kt, stride_vt, g,
            within, to_token, ks, k_ok, cols, col_ok, pos, posf, V: tl.constexpr, PRECISION: tl.constexpr,
@@ -204,8 +200,8 @@ def triton_forward(
         elif final is not None:
             final.zero_()
         return o, final
-    block_k = max(16, _next_power_of_2(key_dim))
-    block_v = min(BLOCK_V, max(16, _next_power_of_2(value_dim)))
+    block_k = max(16, triton.next_power_of_2(key_dim))
+    block_v = min(BLOCK_V, max(16, triton.next_power_of_2(value_dim)))
     grid = (examples * heads, -(-value_dim // block_v))
     lightning_forward_kernel[grid](
         q, k, v, decay, initial_state if initial_state is not None else decay,
