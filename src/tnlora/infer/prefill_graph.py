@@ -14,7 +14,8 @@ products' row count (B·L rather than B·T), with which cuBLAS may pick other ke
 
 :class:`~tnlora.infer.decode_graph.DecodeGraphs` offers it for forwards that start a fresh cache, without
 gradients, in eval mode, from ids, asking for the last token's logits only (``generate()``'s prefill), where the
-forward-only attention takes device-side boundaries (the Triton kernel; fla plans its chunks on the host).
+forward-only attention takes device-side boundaries (the Triton kernel; fla plans its chunks on the host), and
+only while the prompt is short enough for its launches to matter (:func:`bucket_for`, :data:`MAX_WORK`).
 """
 
 from __future__ import annotations
