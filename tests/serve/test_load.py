@@ -18,7 +18,9 @@ import torch
 httpx = pytest.importorskip("httpx", reason="needs httpx (the openai client's transport)")
 
 REQUESTS = 64
-HANGUPS = {3, 13, 23, 33, 43, 53}  # these clients leave after two content chunks
+# These clients leave after their first content chunk (under load the server joins queued pieces into fewer
+# chunks, so a short reply may come as one chunk carrying its finish: that client has read the whole reply).
+HANGUPS = {3, 13, 23, 33, 43, 53}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,7 @@ def workload() -> list[dict]:
 
 async def stream_one(client, body: dict, hang_up: bool, usage: list[int] | None = None) -> tuple[str, str | None]:
     """(text, finish_reason) of a streamed reply; a client that hangs up returns what it read and None."""
-    text, finish, chunks = [], None, 0
+    text, finish = [], None
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200, await response.aread()
         async for line in response.aiter_lines():
@@ -69,8 +71,7 @@ async def stream_one(client, body: dict, hang_up: bool, usage: list[int] | None 
             choice = chunk["choices"][0]
             if choice["delta"].get("content"):
                 text.append(choice["delta"]["content"])
-                chunks += 1
-                if hang_up and chunks == 2:
+                if hang_up and not choice["finish_reason"]:
                     return "".join(text), None
             finish = choice["finish_reason"] or finish
     return "".join(text), finish
@@ -109,8 +110,8 @@ def test_64_concurrent_streams_equal_their_solo_answers_and_leak_nothing(chaotic
     solo, together, health, wall, tokens = asyncio.run(asyncio.wait_for(scenario(), 300))
     assert len({text for text, _ in solo}) > REQUESTS // 2  # replies really differ from prompt to prompt
     for i, ((want, want_finish), (got, finish)) in enumerate(zip(solo, together)):
-        if i in HANGUPS:
-            assert finish is None and want.startswith(got), i
+        if i in HANGUPS and finish is None:
+            assert want.startswith(got), i
         else:
             assert (got, finish) == (want, want_finish), i
     stats = chaotic.wait_idle()
