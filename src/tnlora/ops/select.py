@@ -22,8 +22,6 @@ from tnlora.errors import ConfigError
 from tnlora.ops.fla import fla_available
 
 LIGHTNING_IMPLS = ("auto", "chunked", "recurrent", "fla", "triton")
-# Implementations with a backward: "triton" (lightning_triton) computes forwards without gradients only.
-TRAINABLE_IMPLS = ("auto", "chunked", "recurrent", "fla")
 KERNEL_CHOICES = ("auto", "torch", "triton")
 
 
@@ -102,7 +100,6 @@ def kernels_for(config: object, device: torch.device | str) -> Kernels:
 __all__ = [
     "KERNEL_CHOICES",
     "LIGHTNING_IMPLS",
-    "TRAINABLE_IMPLS",
     "Kernels",
     "attention_impl",
     "forward_attention_impl",
