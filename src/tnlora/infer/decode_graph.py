@@ -496,7 +496,6 @@ class DecodeGraphs:
         self.runners: dict[int, DecodeStepRunner] = {}
         self.prefills: dict[tuple[int, int], PrefillRunner] = {}
         self.fingerprint: Hashable | None = None
-        self.parameters = 0  # the model's, counted with each new fingerprint (the prefill graphs' size rule)
         self.last_cache: weakref.ref[TransnormerCache] | None = None
         self.failed = False
 
@@ -630,12 +629,14 @@ class DecodeGraphs:
         ):
             return None
         batch, length = input_ids.shape
-        fresh = model.model._resolve_cache(cache, use_cache)
-        if fresh is None or not self._current(model, fresh):
-            return None
-        bucket = bucket_for(batch, length, self.parameters)
+        # Decided before a cache is made and the model fingerprinted: where eager runs, its forward makes its
+        # own cache, and that cache's first step would fingerprint the model again.
+        bucket = bucket_for(batch, length, sum(p.numel() for p in model.parameters()))
         mixers = [layer.token_mixer for layer in model.model.layers]
         if bucket is None or (self.capture and any(m.attention_impl(bucket) != "triton" for m in mixers)):
+            return None
+        fresh = model.model._resolve_cache(cache, use_cache)
+        if fresh is None or not self._current(model, fresh):
             return None
         runner = self.prefills.pop((batch, bucket), None)
         if runner is None or not runner.fits(input_ids):
@@ -657,7 +658,6 @@ class DecodeGraphs:
             if fingerprint != self.fingerprint:
                 self.clear()
                 self.fingerprint = fingerprint
-                self.parameters = sum(p.numel() for p in model.parameters())
             self.last_cache = weakref.ref(cache)
         return self.fingerprint is not None
 
