@@ -62,7 +62,7 @@ from transformers.utils import logging
 from tnlora.infer.prefill_graph import MAX_RUNNERS as PREFILL_RUNNERS
 from tnlora.infer.prefill_graph import PrefillRunner, bucket_for
 from tnlora.model.cache import TransnormerCache
-from tnlora.model.generation import GreedyRule
+from tnlora.model.generation import GreedyRule, row_flags
 from tnlora.model.modeling import NormLinearAttention, TransnormerForCausalLM
 from tnlora.ops.gemv import gemv, pdl_supported
 from tnlora.ops.norm import add_rms_norm, gated_rms_norm
@@ -405,11 +405,9 @@ class GreedyDeviceSteps:
 
     def finish(self, rows: list[int]) -> None:
         """Rows finished for the steps launched after this (padded, as eos leaves them)."""
-        flags = torch.zeros(self.runner.batch_size, dtype=torch.bool)
-        flags[rows] = True
-        # From pinned memory: the copy is queued behind the running step instead of waiting for it.
-        flags = flags.pin_memory() if self.cuda else flags
-        self.unfinished.mul_(~flags.to(self.unfinished.device, non_blocking=True))
+        ended = set(rows)
+        flags = row_flags([row in ended for row in range(self.runner.batch_size)], self.unfinished.device)
+        self.unfinished.mul_(~flags)
 
     def receive(self) -> tuple[list[int], list[int]]:
         """The row flags and tokens of the oldest step not yet read (waiting for that step only)."""

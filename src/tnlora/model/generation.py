@@ -240,14 +240,21 @@ def overlapped_sample(
         done = _keep(generated, chosen, on_host, streamer)
         if any(done):
             alive = [a and not d for a, d in zip(alive, done)]
-            flags = torch.tensor(done)  # pinned: the copy must not wait for the forward queued before it
-            flags = flags.pin_memory() if to_host.cuda else flags
-            unfinished = unfinished & ~flags.to(unfinished.device, non_blocking=True)
+            unfinished = unfinished & ~row_flags(done, unfinished.device)
         if at_limit or not any(alive):
             break
     if streamer is not None:
         streamer.end()
     return input_ids
+
+
+def row_flags(flags: list[bool], device: torch.device) -> Tensor:
+    """Per-row flags decided on the host, as a bool tensor on ``device``: from pinned memory on a GPU, so that the
+    copy is queued behind the running step instead of waiting for it."""
+    host = torch.tensor(flags, dtype=torch.bool)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def _keep(
@@ -327,4 +334,5 @@ __all__ = [
     "greedy_rule",
     "overlap_applies",
     "overlapped_sample",
+    "row_flags",
 ]
