@@ -31,7 +31,7 @@ from tnlora.ops.lightning import lightning_attention
 # padded tokens cost nothing (launch-bound), then steps of 128 so that padding adds at most a third.
 BUCKETS = (16, 32, 64, 128, 256, 384, 512)
 # Tokens × parameters (≈ half the prefill's FLOPs) above which its matrix products, not its launches, set its
-# time: eager there. Measured on the H200: 1B, 32 × 64 tokens (1.3e11 · 1e9 ≈ 2.1e12) ran 9.8 ms as a graph
+# time: eager there. Measured on the H200: 1B, 32 × 64 tokens (2,048 · 1.0e9 ≈ 2.1e12) ran 9.8 ms as a graph
 # against 16.3 eager; 7B, 32 × 64 (1.4e13) 52.2 against 48.0 (the GPU's 44 ms either way; captured GEMMs were
 # slower); 7B, 1 × 64 (4.4e11) 8.8 against 21.8.
 MAX_WORK = 4e12
