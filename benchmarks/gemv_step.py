@@ -8,9 +8,11 @@ fastest there (1B: the sweep's launches ran the step in 0.96 ms, the one-rule la
 (``DecodeStepRunner``: CUDA graph, dependent launches where supported) and, one projection at a time, tries
 each of CANDIDATES for its shape with the others fixed, keeping the fastest (one pass of coordinate descent
 from ``tnlora.ops.gemv.TUNED``). Each try recaptures the step and times REPLAYS replays, median of ROUNDS.
-Prints every try and the entries for ``TUNED``; nothing in the tree changes.
+First, for every model, the step with ``TUNED``'s launches as they are, their dependents launched after the
+loop and early (``GemvConfig.early``). Prints every try and the entries for ``TUNED``; nothing in the tree
+changes.
 
-    python3 benchmarks/gemv_step.py --models 1B,7B     # on a GPU
+    python3 benchmarks/gemv_step.py --models 1B,7B --descend 1B     # on a GPU
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from tnlora.infer.decode_graph import DecodeStepRunner
 from tnlora.ops import gemv as gemv_ops
 from tnlora.ops.gemv import GemvConfig, gemv_config
 
-# (rows a program, columns a step, warps, stages): the region where the sweep's winners and the one-rule
-# launches lie.
-CANDIDATES = [GemvConfig(bn, bk, 4, stages) for bn in (2, 4, 8) for bk in (512, 1024) for stages in (1, 3)]
+# (rows a program, columns a step, warps, stages, row sum, early): the region where the sweep's winners lie,
+# 2,048 columns a step (a 1B program's whole weight row read before its wait), and the dependents launched
+# early or after the loop.
+CANDIDATES = [GemvConfig(bn, bk, 4, stages, False, early) for bn in (2, 4, 8) for bk in (1024, 2048)
+              for stages in (1, 3) for early in (False, True)]
 REPLAYS = 50
 ROUNDS = 5
 
@@ -81,8 +85,8 @@ def coordinate_descent(
                 tries[config] = measure()
             best = min(tries, key=tries.get)
             gemv_ops.TUNED[key] = chosen[key] = best
-            cells = ", ".join(f"{tuple(c)[:4]} {t:.3f}" for c, t in sorted(tries.items(), key=lambda item: item[1]))
-            log(f"| {name} {key[:2]} | best {tuple(best)[:4]} {tries[best]:.3f} | {cells} |")
+            cells = ", ".join(f"{tuple(c)} {t:.3f}" for c, t in sorted(tries.items(), key=lambda item: item[1]))
+            log(f"| {name} {key[:2]} | best {tuple(best)} {tries[best]:.3f} | {cells} |")
         end = measure()
     finally:
         gemv_ops.TUNED.clear()
@@ -90,13 +94,34 @@ def coordinate_descent(
     return start, end, chosen
 
 
-def tune(preset: str, pdl: bool) -> None:
-    """One pass over the step's projections for ``preset``; prints the tries (ms a step) and the entries."""
+def early_against_late(shapes: dict[str, tuple[int, int, bool]], measure: Callable[[], float]) -> dict[bool, float]:
+    """The step with every projection's launch as ``gemv_config`` gives it, its dependents launched after the
+    loop (False) and early (True): ms a step each. ``TUNED`` is as it was afterwards."""
+    saved = dict(gemv_ops.TUNED)
+    times = {}
+    try:
+        for early in (False, True):
+            gemv_ops.TUNED.update({key: gemv_config(*key)._replace(early=early) for key in shapes.values()})
+            times[early] = measure()
+    finally:
+        gemv_ops.TUNED.clear()
+        gemv_ops.TUNED.update(saved)
+    return times
+
+
+def tune(preset: str, pdl: bool, descend: bool) -> None:
+    """For ``preset``: the step with the launches of now, early and late; with ``descend`` one pass over the
+    step's projections, printing the tries (ms a step) and the entries."""
     model = random_model(preset, "auto", "cuda").eval()
     shapes = step_shapes(model)
+    measure = functools.partial(step_ms, model, pdl)
     with torch.inference_mode():
-        start, end, chosen = coordinate_descent(shapes, functools.partial(step_ms, model, pdl),
-                                                lambda line: print(f"| {preset} {line}", flush=True))
+        times = early_against_late(shapes, measure)
+        print(f"| {preset} | launches of now: dependents after the loop {times[False]:.3f} ms, "
+              f"early {times[True]:.3f} ms |", flush=True)
+        if not descend:
+            return
+        start, end, chosen = coordinate_descent(shapes, measure, lambda line: print(f"| {preset} {line}", flush=True))
     print(f"{preset}: {start:.3f} → {end:.3f} ms a step; TUNED entries:")
     for name, key in shapes.items():
         print(f"    {key}: GemvConfig{tuple(chosen[key])},  # {preset} {name}")
@@ -107,13 +132,15 @@ def main() -> int:
     parser.add_argument("--models", default="1B,7B")
     parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                         help="dependent launches, as the step's default (where the card has them)")
+    parser.add_argument("--descend", default="1B,7B",
+                        help="the presets whose launches are searched (the others: early against late only)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gemv_step.py: needs a CUDA GPU", file=sys.stderr)
         return 2
     print(environment_line(), flush=True)
     for preset in args.models.split(","):
-        tune(preset, args.pdl)
+        tune(preset, args.pdl, preset in args.descend.split(","))
         torch.cuda.empty_cache()  # the model and its graphs are gone: the next preset gets the memory
     return 0
 

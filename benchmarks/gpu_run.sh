@@ -26,7 +26,8 @@
 #                   GEMV_ARGS="--rows 32": batch 32, cuBLAS against a Triton skinny GEMM; GEMV_ARGS=--sweep:
 #                   tnlora.ops.gemv's launches per form and shape)
 #   gemv-step       the GEMV step's launches chosen inside the captured step (benchmarks/gemv_step.py; MODELS,
-#                   default "1B,7B"): every try's ms a step, and the TUNED entries it arrives at
+#                   default "1B,7B"; GEMV_STEP_ARGS, e.g. "--descend 1B": the models searched, the others only
+#                   compare early and late dependent launches): every try's ms a step, and the TUNED entries
 #   decode-steps    batch-1 decoding (MODELS, default "1B 7B") with the layer forwards (--no-gemv), the GEMV
 #                   step (the default) and the GEMV step without dependent launches (--no-pdl), one machine
 #   opt-outs        tnlora train's defaults against their opt-outs on one machine (MODELS, default 1B):
@@ -119,7 +120,7 @@ for stage in "$@"; do
     decode)
       for m in ${MODELS:-7B 1B}; do decode --model $m $CAP; done ;;
     gemv-step)
-      log "gemv step ${MODELS:-1B,7B}"; timeout ${LIMIT:-480} python3 benchmarks/gemv_step.py --models ${MODELS:-1B,7B} 2>&1 | grep -v Warning | tee "$OUT/gemv_step.txt" | row ;;
+      log "gemv step ${MODELS:-1B,7B}"; timeout ${LIMIT:-480} python3 benchmarks/gemv_step.py --models ${MODELS:-1B,7B} ${GEMV_STEP_ARGS:-} 2>&1 | grep -v Warning | tee "$OUT/gemv_step.txt" | row ;;
     decode-steps)
       for m in ${MODELS:-1B 7B}; do for a in "--no-gemv" "" "--no-pdl"; do decode --model $m --batch 1 $a; done; done ;;
     decode-profile)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from kernel_device import DEVICE, INTERPRET, needs_kernel
 
-from tnlora.ops.gemv import TUNED, GemvConfig, gemv, gemv_reference, pdl_supported
+from tnlora.ops.gemv import TUNED, GemvConfig, gemv, gemv_config, gemv_reference, pdl_supported
 
 pytestmark = needs_kernel
 # fp64 / fp32: the order of the sums (and the normed x kept exact instead of rounded: exact in fp64 up to
@@ -25,8 +25,10 @@ CASES = {
     "residual": {"residual": True},
     "gated norm": {"norm_eps": 1e-6, "gate": True, "residual": True},
 }
-# Launches other than the default: the row-sum accumulator, one-row and wide blocks, an uneven last block.
-CONFIGS = [GemvConfig(1, 32, 1, 1, True), GemvConfig(8, 64, 2, 2, False), GemvConfig(4, 128, 4, 3, True)]
+# Launches other than the default: the row-sum accumulator, one-row and wide blocks, an uneven last block,
+# dependents launched early (what a plain launch ignores).
+CONFIGS = [GemvConfig(1, 32, 1, 1, True), GemvConfig(8, 64, 2, 2, False), GemvConfig(4, 128, 4, 3, True),
+           GemvConfig(2, 64, 4, 1, False, True)]
 
 
 def _inputs(n: int, k: int, dtype: torch.dtype, seed: int = 0):
@@ -126,8 +128,11 @@ def test_cuda_gemv_at_model_shapes(n: int, k: int) -> None:
         want = gemv_reference(x, w, **options)
         err = ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
         assert err <= TOLERANCE[torch.bfloat16], (case, err)
-        # A programmatic dependent launch computes the same bits.
-        assert not pdl or torch.equal(gemv(x, w, pdl=True, **options), got), case
+        # A programmatic dependent launch computes the same bits, its dependents launched late or early.
+        config = gemv_config(n, k, glu="weight2" in options)
+        for early in (False, True):
+            launch = config._replace(early=early)
+            assert not pdl or torch.equal(gemv(x, w, pdl=True, config=launch, **options), got), (case, early)
 
 
 @pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs)")
@@ -135,31 +140,35 @@ def test_cuda_gemv_at_model_shapes(n: int, k: int) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available() or not pdl_supported("cuda"), reason="needs sm_90+ and Triton 3.3+")
 def test_a_graph_of_dependent_launches_equals_the_plain_chain() -> None:
     """A chain in which each GEMV reads the one before's output (and a residual from two before), captured
-    in a CUDA graph as programmatic dependent launches: replayed, bitwise the chain launched plainly. Each
-    waits for the kernel before it before reading; only its first weight tile is read earlier."""
+    in a CUDA graph as programmatic dependent launches, each letting the next launch after its loop or as
+    soon as it starts (``early``): replayed, bitwise the chain launched plainly. Each waits for the kernel
+    before it before reading its input; only its first weight tile (here its whole weight row) is read
+    earlier."""
     width, depth = 4096, 12
     gen = torch.Generator().manual_seed(5)
     weights = [(torch.randn(width, width, generator=gen) / width**0.5).to("cuda", torch.bfloat16)
                for _ in range(depth)]
     x = torch.randn(width, generator=gen).to("cuda", torch.bfloat16)
 
-    def chain(pdl: bool) -> torch.Tensor:
+    def chain(pdl: bool, early: bool = False) -> torch.Tensor:
         hidden = x.clone()
+        config = GemvConfig(4, width, 4, 1, False, early)
         for i, w in enumerate(weights):
-            out = gemv(hidden, w, norm_eps=1e-6, pdl=pdl) if i % 2 else gemv(hidden, w, residual=hidden, pdl=pdl)
-            hidden = out
+            options = {"norm_eps": 1e-6} if i % 2 else {"residual": hidden}
+            hidden = gemv(hidden, w, pdl=pdl, config=config, **options)
         return hidden
 
     want = chain(False)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        chain(True)  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        got = chain(True)
-    for _ in range(3):
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(got, want)
+    for early in (False, True):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            chain(True, early)  # compile outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = chain(True, early)
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(got, want), early

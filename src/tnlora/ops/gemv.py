@@ -37,15 +37,17 @@ def _kernel() -> Any:
 
 
 class GemvConfig(NamedTuple):
-    """How :func:`gemv` launches: rows per program, columns per step, warps, software-pipeline stages, and
+    """How :func:`gemv` launches: rows per program, columns per step, warps, software-pipeline stages,
     whether each step's products are summed to the rows at once (``row_sum``: fewer registers) or kept as a
-    tile summed at the end."""
+    tile summed at the end, and, as a dependent launch, whether the next kernel may launch as soon as this one
+    starts (``early``) or only once its loop is done."""
 
     block_n: int
     block_k: int
     warps: int = 4
     stages: int = 3
     row_sum: bool = False
+    early: bool = False
 
 
 # The launch per TNL shape (N, K, GLU) that measured fastest on the H200 (benchmarks/RESULTS.md, "The GEMV
@@ -106,7 +108,7 @@ def gemv(
     if gate is not None and norm_eps is None:
         raise ValueError("gate needs norm_eps: it gates the normed x")
     y = torch.empty(n, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, stages, row_sum = config or gemv_config(n, k, glu=weight2 is not None)
+    block_n, block_k, warps, stages, row_sum, early = config or gemv_config(n, k, glu=weight2 is not None)
     _kernel()[(_cdiv(n, block_n),)](
         x,
         gate if gate is not None else x,  # unread without a gate
@@ -127,6 +129,7 @@ def gemv(
         FP64=x.dtype == torch.float64,
         ROW_SUM=row_sum,
         PDL=pdl,
+        EARLY=early,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=warps,

@@ -91,6 +91,7 @@ def gemv_kernel(
     FP64: tl.constexpr,
     ROW_SUM: tl.constexpr,
     PDL: tl.constexpr,
+    EARLY: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -101,8 +102,13 @@ def gemv_kernel(
 
     With PDL (launched as a programmatic dependent launch) the kernel reads its first weight tile before it
     waits for the kernel before it (the weights are not that kernel's output, so their first reads overlap
-    its tail), and lets the next kernel start launching once its own loop is done. Everything it writes
-    comes after the wait."""
+    its tail; with BLOCK_K = K that is the program's whole weight), and lets the next kernel start launching
+    once its own loop is done, or with EARLY as soon as it starts (the next kernel is then launched once every
+    program of this one has started, and its programs take the places this one's last programs leave).
+    Everything it writes comes after the wait, so a kernel launched early never writes before the ones
+    before it have finished."""
+    if PDL and EARLY:
+        gdc_launch_dependents()
     acc_dtype = tl.float64 if FP64 else tl.float32
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -137,7 +143,7 @@ def gemv_kernel(
             acc2 = _accumulate(acc2, w2, xin, ROW_SUM)
         if NORM:
             squares += x * x
-    if PDL:
+    if PDL and not EARLY:
         gdc_launch_dependents()
     out = acc if ROW_SUM else tl.sum(acc, axis=1)
     if NORM:

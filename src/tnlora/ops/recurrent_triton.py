@@ -68,11 +68,6 @@ def _kernel() -> Any:
         BK: tl.constexpr,
         BV: tl.constexpr,
     ):
-        if PDL:
-            # A programmatic dependent launch: the next kernel may start launching; every read of q, k, v
-            # and the write of the state wait for the kernel before.
-            gdc_launch_dependents()
-            gdc_wait()
         # Axis 0 is (row, head) (up to 2³¹ programs; axis 1 is capped at 65,535), axis 1 the V block.
         i_bh = tl.program_id(0)
         i_v = tl.program_id(1)
@@ -81,17 +76,29 @@ def _kernel() -> Any:
         # int64 offsets: B·H·K·V passes 2³¹ from batch ~1,000 in LRPE layers.
         i_b64 = i_b.to(tl.int64)
         compute = state_ptr.dtype.element_ty
-
         cols = i_v * BV + tl.arange(0, BV)
         col_ok = cols < V
+        state_base = state_ptr + i_bh.to(tl.int64) * (K * V)
+        first_rows = tl.arange(0, BK)
+        first_ok = (first_rows < K)[:, None] & col_ok[None, :]
+        first_ptrs = state_base + first_rows[:, None] * V + cols[None, :]
+        if PDL:
+            # A programmatic dependent launch: the next kernel may start launching. The first state tile and
+            # λ are read before the wait: only this kernel writes the state, in the step before, and a step
+            # begins with a kernel that is not a dependent launch (the embedding), which waits for all before
+            # it. Every read of q, k, v and every write comes after the wait.
+            gdc_launch_dependents()
+        s_first = tl.load(first_ptrs, mask=first_ok, other=0.0)
+        decay = tl.load(decay_ptr + i_h)
+        if PDL:
+            gdc_wait()
+
         v = tl.load(v_ptr + i_b64 * stride_vb + i_h * stride_vh + cols, mask=col_ok, other=0.0).to(compute)
         if HAS_PAD:
             # where, not a product: a padded v of inf/nan must still count as zero (masked_fill).
             keep = tl.load(pad_ptr + i_b).to(tl.int32) == 0
             v = tl.where(keep, v, tl.zeros_like(v))
-        decay = tl.load(decay_ptr + i_h)
 
-        state_base = state_ptr + i_bh.to(tl.int64) * (K * V)
         q_base = q_ptr + i_b64 * stride_qb + i_h * stride_qh
         k_base = k_ptr + i_b64 * stride_kb + i_h * stride_kh
         o = tl.zeros([BV], dtype=compute)
@@ -109,7 +116,10 @@ def _kernel() -> Any:
             q, k = q.to(compute), k.to(compute)
             ptrs = state_base + rows[:, None] * V + cols[None, :]
             tile_ok = row_ok[:, None] & col_ok[None, :]
-            s = tl.load(ptrs, mask=tile_ok, other=0.0)
+            if k0 == 0:  # noqa: SIM108 (a constant: static_range unrolls the loop, one side compiled)
+                s = s_first
+            else:
+                s = tl.load(ptrs, mask=tile_ok, other=0.0)
             s = decay * s + k[:, None] * v[None, :]
             tl.store(ptrs, s, mask=tile_ok)
             # o after the update (recurrent_attention's order), reduced from the registers just stored.
@@ -134,7 +144,8 @@ def triton_step(
     place), o written into ``out`` [B, H, V] (v's dtype) when given. With ``silu_qk`` the kernel applies the
     token mixer's SiLU to q and k itself (they are then the projection's raw slices): the step of
     ``torch_step(F.silu(q), F.silu(k), ...)`` with two fewer kernels. ``pdl``: launched as a programmatic
-    dependent launch (sm_90 and later), its launch overlapping the end of the kernel before.
+    dependent launch (sm_90 and later), its launch and its first state reads overlapping the end of the
+    kernel before (which must therefore not write ``state``).
 
     q, k, v may be strided views (the last dim contiguous, as the slices of the fused projection are);
     ``state`` must be contiguous. Any B, H, K, V; every tensor on one CUDA device (or CPU tensors under
