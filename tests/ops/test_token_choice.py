@@ -11,6 +11,7 @@ import pytest
 import torch
 from kernel_device import DEVICE, needs_kernel
 
+from tnlora.ops.gemv import pdl_supported
 from tnlora.ops.token_choice import PIECE, choose_greedy, row_argmax
 
 
@@ -95,6 +96,8 @@ def test_triton_choice_equals_transformers_loop(words: int, dtype: torch.dtype) 
 @pytest.mark.gpu
 def test_triton_choice_at_the_vocabulary_of_tnl() -> None:
     _check(functools.partial(choose_greedy, kernel="triton"), 64000, torch.bfloat16, "cuda")
+    if pdl_supported("cuda"):  # as programmatic dependent launches (what the decode step's graph records)
+        _check(functools.partial(choose_greedy, kernel="triton", pdl=True), 64000, torch.bfloat16, "cuda")
 
 
 def test_wrong_buffers_are_refused() -> None:

@@ -360,7 +360,7 @@ class GreedyDeviceSteps:
         logits = runner._forward(model)[:, -1]
         # The choice's Triton kernels go with the step's (config decode_kernel), its PyTorch ops otherwise.
         choose_greedy(logits, self.eos, self.ban_below, self.length, self.pad_id, self.out, runner.ids,
-                      runner.position, kernel=runner.kernel)
+                      runner.position, kernel=runner.kernel, pdl=runner.pdl)
         return self.out
 
     def start(

@@ -59,15 +59,20 @@ def choose_greedy(
     ids: Tensor,
     position: Tensor,
     kernel: str = "torch",
+    pdl: bool = False,
 ) -> None:
     """The token choice (module docstring) for ``logits`` [B, V]: ``eos`` [E], ``ban_below``, ``length``,
     ``pad`` and ``position`` 0-dim, ``out`` [2, B] and ``ids`` [B, 1], all int64 on the logits' device.
-    ``kernel``: "torch" (PyTorch ops, any device) or "triton" (two kernels; CUDA, or Triton's interpreter)."""
+    ``kernel``: "torch" (PyTorch ops, any device) or "triton" (two kernels; CUDA, or Triton's interpreter).
+    ``pdl``: the Triton kernels launched as programmatic dependent launches (sm_90 and later), each launch
+    overlapping the end of the kernel before (``tnlora.ops.gemv.pdl_supported``)."""
     _check(logits, eos, out, ids)
-    choose = {"torch": _choose_torch, "triton": _choose_triton}.get(kernel)
-    if choose is None:
+    if kernel == "torch":
+        _choose_torch(logits, eos, ban_below, length, pad, out, ids, position)
+    elif kernel == "triton":
+        _choose_triton(logits, eos, ban_below, length, pad, out, ids, position, pdl=pdl)
+    else:
         raise ValueError(f"kernel must be 'torch' or 'triton', got {kernel!r}")
-    choose(logits, eos, ban_below, length, pad, out, ids, position)
 
 
 def _choose_torch(logits: Tensor, *buffers: Tensor) -> None:
@@ -83,21 +88,23 @@ def _choose_torch(logits: Tensor, *buffers: Tensor) -> None:
     length.add_(1)
 
 
-def _choose_triton(logits: Tensor, *buffers: Tensor) -> None:
+def _choose_triton(logits: Tensor, *buffers: Tensor, pdl: bool = False) -> None:
     from tnlora.ops.token_choice_triton import finish_kernel, pieces_kernel
 
     eos, ban_below, length, pad, out, ids, position = buffers
+    launch = {"launch_pdl": True} if pdl else {}  # an option Triton before 3.3 does not know
 
     rows, words = logits.shape
     pieces = -(-words // PIECE)
     values = torch.empty(rows, pieces, dtype=torch.float32, device=logits.device)
     indices = torch.empty(rows, pieces, dtype=torch.int32, device=logits.device)
     pieces_kernel[(rows, pieces)](
-        logits, logits.stride(0), words, eos, ban_below, length, values, indices, pieces, EOS=eos.numel(), PIECE=PIECE
-    )
+        logits, logits.stride(0), words, eos, ban_below, length, values, indices, pieces, EOS=eos.numel(), PIECE=PIECE,
+        PDL=pdl, **launch,
+    )  # fmt: skip
     finish_kernel[(rows,)](
         values, indices, pieces, eos, pad, out, rows, ids, position, length,
-        EOS=eos.numel(), PIECES=max(16, 1 << (pieces - 1).bit_length()),
+        EOS=eos.numel(), PIECES=max(16, 1 << (pieces - 1).bit_length()), PDL=pdl, **launch,
     )  # fmt: skip
 
 

@@ -6,6 +6,8 @@ This module imports triton at import; ``tnlora.ops.token_choice`` imports it on 
 import triton
 import triton.language as tl
 
+from tnlora.ops.gemv_triton import gdc_launch_dependents, gdc_wait
+
 _NO_INDEX = tl.constexpr(2147483647)  # larger than any index: loses every "first index" comparison
 
 
@@ -26,10 +28,15 @@ def _first_max(values, indices, valid):
 @triton.jit
 def pieces_kernel(
     logits_ptr, stride_row, words, eos_ptr, ban_below_ptr, length_ptr, values_ptr, indices_ptr, pieces,
-    EOS: tl.constexpr, PIECE: tl.constexpr,
+    EOS: tl.constexpr, PIECE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (row, piece): the first maximum of the row's scores over the piece's words (fp32, the eos ids
-    at -inf while the sequence is shorter than ban_below; EOS of them, a constant: the loop over them unrolls)."""
+    at -inf while the sequence is shorter than ban_below; EOS of them, a constant: the loop over them unrolls).
+    With PDL (a programmatic dependent launch) the next kernel may launch at once; this one waits for the
+    kernel before it (the logits' writer) before reading anything."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0)
     piece = tl.program_id(1)
     words_here = piece * PIECE + tl.arange(0, PIECE)
@@ -46,11 +53,14 @@ def pieces_kernel(
 @triton.jit
 def finish_kernel(
     values_ptr, indices_ptr, pieces, eos_ptr, pad_ptr, out_ptr, rows, ids_ptr, position_ptr, length_ptr,
-    EOS: tl.constexpr, PIECES: tl.constexpr,
+    EOS: tl.constexpr, PIECES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program row: the first maximum over the row's pieces (a piece's words all come before the next's, so
     the smallest index among equal maxima is the first), the eos padding and flags, the token stored; program
-    0 also moves the position and the length one on."""
+    0 also moves the position and the length one on. With PDL, as pieces_kernel: waits before reading."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0)
     piece = tl.arange(0, PIECES)
     valid = piece < pieces
