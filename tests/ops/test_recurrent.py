@@ -199,6 +199,39 @@ def test_kernel_applies_silu_to_raw_q_and_k(dtype: torch.dtype) -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("angle_dtype", ["float32", "model"])
+@pytest.mark.parametrize("positions", [(4099,), (5, 2000)], ids=["0-dim", "per row"])
+def test_kernel_applies_silu_and_lrpe(dtype: torch.dtype, angle_dtype: str, positions: tuple[int, ...]) -> None:
+    """lrpe_theta: the kernel's SiLU and LRPE (the doubled state) equal the step after F.silu and the layer's
+    ``Lrpe`` at the same position, one for all rows or one per row, at positions whose angles need range
+    reduction."""
+    from tnlora.model.modeling import Lrpe
+
+    if INTERPRET and dtype == torch.bfloat16 and angle_dtype == "model":
+        pytest.skip("Triton's interpreter truncates bf16 roundings; bf16 angles here (steps of 8–16 radians) "
+                    "need round-to-nearest to match: checked on a CUDA device")
+    gen = torch.Generator().manual_seed(11)
+    batch, heads, head_dim = len(positions) if len(positions) > 1 else 2, 3, 64
+    q, k, v = _step_inputs(batch, heads, head_dim, 32, dtype, gen)
+    lrpe = Lrpe(heads, head_dim, angle_dtype).to(device=DEVICE, dtype=dtype)
+    position = torch.tensor(positions[0] if len(positions) == 1 else positions, device=DEVICE)
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    decay = torch.rand(heads, generator=gen).to(device=DEVICE, dtype=state_dtype)
+    want_state = torch.randn(batch, heads, 2 * head_dim, 32, generator=gen).to(device=DEVICE, dtype=state_dtype)
+    got_state = want_state.clone()
+    with torch.no_grad():
+        features = [lrpe(F.silu(x)[:, None], position)[:, 0] for x in (q, k)]
+    want = torch_step(*features, v, want_state, decay)
+    got = triton_step(q, k, v, got_state, decay, silu_qk=True, lrpe_theta=lrpe.theta.detach(), position=position,
+                      lrpe_angle_dtype=angle_dtype)
+    # bf16: the interpreter truncates the rounded SiLU and products where CUDA rounds to nearest.
+    tolerance = {torch.bfloat16: 2**-6, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    assert _rel_err(got_state, want_state) < tolerance
+    assert _rel_err(got, want) < tolerance
+
+
+@needs_kernel
 def test_kernel_checks_its_arguments() -> None:
     q = torch.zeros(1, 2, 8, device=DEVICE)
     v = torch.zeros(1, 2, 4, device=DEVICE)
@@ -212,6 +245,17 @@ def test_kernel_checks_its_arguments() -> None:
         triton_step(q, q, v, state, decay, pad=torch.zeros(1, device=DEVICE))
     with pytest.raises(ValueError, match="decay"):
         triton_step(q, q, v, state, decay.double())
+    theta = torch.ones(2, 1, 8, device=DEVICE)
+    position = torch.tensor(3, device=DEVICE)
+    with pytest.raises(ValueError, match="state must have shape"):  # LRPE doubles the state's K
+        triton_step(q, q, v, state, decay, lrpe_theta=theta, position=position)
+    doubled = torch.zeros(1, 2, 16, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="lrpe_theta"):
+        triton_step(q, q, v, doubled, decay, lrpe_theta=theta[:1], position=position)
+    with pytest.raises(ValueError, match="integer position"):
+        triton_step(q, q, v, doubled, decay, lrpe_theta=theta, position=position.float())
+    with pytest.raises(ValueError, match="lrpe_angle_dtype"):
+        triton_step(q, q, v, doubled, decay, lrpe_theta=theta, position=position, lrpe_angle_dtype="bf16")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@
   in-place one-token step of static decoding), :mod:`~tnlora.ops.fla` (fla-core's Triton kernels on CUDA).
 * :mod:`~tnlora.ops.packing`: ``PackedRows``, the example boundaries of packed rows, passed as one object.
 * :mod:`~tnlora.ops.norm`: SimpleRMSNorm as Triton kernels (forward, backward, fused residual add / gate);
-  :mod:`~tnlora.ops.recurrent_triton`: the one-token recurrent step as one Triton kernel.
+  :mod:`~tnlora.ops.recurrent_triton`: the one-token recurrent step as one Triton kernel (with the token
+  mixer's SiLU and LRPE on q and k).
 * :mod:`~tnlora.ops.select`: the one place that decides which implementation runs on which device.
 
 Nothing here imports triton or fla at import time; both load on first use.

@@ -60,12 +60,15 @@ def recurrent_attention(
 
 
 
-def check_step_shapes(q: Tensor, k: Tensor, v: Tensor, state: Tensor, decay: Tensor, pad: Tensor | None) -> None:
-    """Shape checks shared by both steps (Python only: no device work)."""
+def check_step_shapes(
+    q: Tensor, k: Tensor, v: Tensor, state: Tensor, decay: Tensor, pad: Tensor | None, state_key_dim: int | None = None
+) -> None:
+    """Shape checks shared by both steps (Python only: no device work); the state's K is q's unless
+    ``state_key_dim`` says otherwise (LRPE doubles it)."""
     if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
         raise ValueError(f"expected q, k [B, H, K] and v [B, H, V]; got {q.shape}, {k.shape}, {v.shape}")
     batch, heads, key_dim = q.shape
-    expected = (batch, heads, key_dim, v.shape[2])
+    expected = (batch, heads, state_key_dim if state_key_dim is not None else key_dim, v.shape[2])
     if tuple(state.shape) != expected:
         raise ValueError(f"state must have shape {expected}, got {tuple(state.shape)}")
     if tuple(decay.shape) != (heads,):

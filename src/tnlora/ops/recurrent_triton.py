@@ -8,13 +8,12 @@ a decode step. Results equal ``torch_step`` up to rounding (the kernel may fuse 
 sums q·S in another order). It launches one kernel and allocates only its output (or none, given ``out``),
 with no host synchronisation, so it can be captured in a CUDA graph.
 
-Triton is imported on the first :func:`triton_step` call, never at import: the CPU path and ``import tnlora``
-work without it.
+The kernel lives in :mod:`tnlora.ops.recurrent_kernel`, imported on the first :func:`triton_step` call, never
+at import: the CPU path and ``import tnlora`` work without triton.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -34,97 +33,9 @@ def _next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-@functools.cache
 def _kernel() -> Any:
-    """The Triton kernel, defined on first use so that importing this module never imports triton."""
-    import triton
-    import triton.language as tl
-
-    from tnlora.ops.gemv_triton import gdc_launch_dependents, gdc_wait
-
-    @triton.jit
-    def recurrent_step_kernel(
-        q_ptr,
-        k_ptr,
-        v_ptr,
-        state_ptr,
-        decay_ptr,
-        pad_ptr,
-        o_ptr,
-        heads,
-        stride_qb,
-        stride_qh,
-        stride_kb,
-        stride_kh,
-        stride_vb,
-        stride_vh,
-        stride_ob,
-        stride_oh,
-        K: tl.constexpr,
-        V: tl.constexpr,
-        HAS_PAD: tl.constexpr,
-        SILU: tl.constexpr,
-        PDL: tl.constexpr,
-        BK: tl.constexpr,
-        BV: tl.constexpr,
-    ):
-        # Axis 0 is (row, head) (up to 2³¹ programs; axis 1 is capped at 65,535), axis 1 the V block.
-        i_bh = tl.program_id(0)
-        i_v = tl.program_id(1)
-        i_b = i_bh // heads
-        i_h = i_bh % heads
-        # int64 offsets: B·H·K·V passes 2³¹ from batch ~1,000 in LRPE layers.
-        i_b64 = i_b.to(tl.int64)
-        compute = state_ptr.dtype.element_ty
-        cols = i_v * BV + tl.arange(0, BV)
-        col_ok = cols < V
-        state_base = state_ptr + i_bh.to(tl.int64) * (K * V)
-        first_rows = tl.arange(0, BK)
-        first_ok = (first_rows < K)[:, None] & col_ok[None, :]
-        first_ptrs = state_base + first_rows[:, None] * V + cols[None, :]
-        if PDL:
-            # A programmatic dependent launch: the next kernel may start launching. The first state tile and
-            # λ are read before the wait: only this kernel writes the state, in the step before, and a step
-            # begins with a kernel that is not a dependent launch (the embedding), which waits for all before
-            # it. Every read of q, k, v and every write comes after the wait.
-            gdc_launch_dependents()
-        s_first = tl.load(first_ptrs, mask=first_ok, other=0.0)
-        decay = tl.load(decay_ptr + i_h)
-        if PDL:
-            gdc_wait()
-
-        v = tl.load(v_ptr + i_b64 * stride_vb + i_h * stride_vh + cols, mask=col_ok, other=0.0).to(compute)
-        if HAS_PAD:
-            # where, not a product: a padded v of inf/nan must still count as zero (masked_fill).
-            keep = tl.load(pad_ptr + i_b).to(tl.int32) == 0
-            v = tl.where(keep, v, tl.zeros_like(v))
-
-        q_base = q_ptr + i_b64 * stride_qb + i_h * stride_qh
-        k_base = k_ptr + i_b64 * stride_kb + i_h * stride_kh
-        o = tl.zeros([BV], dtype=compute)
-        for k0 in tl.static_range(0, K, BK):
-            rows = k0 + tl.arange(0, BK)
-            row_ok = rows < K
-            q = tl.load(q_base + rows, mask=row_ok, other=0.0)
-            k = tl.load(k_base + rows, mask=row_ok, other=0.0)
-            if SILU:
-                # F.silu on the projection's slices (fp32 math for half types), rounded to their dtype as
-                # PyTorch's op returns it.
-                qf, kf = q.to(compute), k.to(compute)
-                q = (qf / (1.0 + tl.exp(-qf))).to(q.dtype)
-                k = (kf / (1.0 + tl.exp(-kf))).to(k.dtype)
-            q, k = q.to(compute), k.to(compute)
-            ptrs = state_base + rows[:, None] * V + cols[None, :]
-            tile_ok = row_ok[:, None] & col_ok[None, :]
-            if k0 == 0:  # noqa: SIM108 (a constant: static_range unrolls the loop, one side compiled)
-                s = s_first
-            else:
-                s = tl.load(ptrs, mask=tile_ok, other=0.0)
-            s = decay * s + k[:, None] * v[None, :]
-            tl.store(ptrs, s, mask=tile_ok)
-            # o after the update (recurrent_attention's order), reduced from the registers just stored.
-            o += tl.sum(q[:, None] * s, axis=0)
-        tl.store(o_ptr + i_b64 * stride_ob + i_h * stride_oh + cols, o.to(o_ptr.dtype.element_ty), mask=col_ok)
+    """The Triton kernel, imported on first use so that importing this module never imports triton."""
+    from tnlora.ops.recurrent_kernel import recurrent_step_kernel
 
     return recurrent_step_kernel
 
@@ -139,26 +50,41 @@ def triton_step(
     out: Tensor | None = None,
     silu_qk: bool = False,
     pdl: bool = False,
+    lrpe_theta: Tensor | None = None,
+    position: Tensor | None = None,
+    lrpe_angle_dtype: str = "float32",
 ) -> Tensor:
     """One token as one Triton kernel: the arguments and results of :func:`torch_step` (``state`` updated in
     place), o written into ``out`` [B, H, V] (v's dtype) when given. With ``silu_qk`` the kernel applies the
     token mixer's SiLU to q and k itself (they are then the projection's raw slices): the step of
-    ``torch_step(F.silu(q), F.silu(k), ...)`` with two fewer kernels. ``pdl``: launched as a programmatic
-    dependent launch (sm_90 and later), its launch and its first state reads overlapping the end of the
-    kernel before (which must therefore not write ``state``).
+    ``torch_step(F.silu(q), F.silu(k), ...)`` with two fewer kernels. With ``lrpe_theta`` (an LRPE layer's θ,
+    H·K values) it also applies that layer's LRPE at ``position`` (0-dim, or [B] one per row; integer):
+    the step of ``torch_step(lrpe(q), lrpe(k), ...)``, ``state`` [B, H, 2K, V], with the roundings of
+    ``Lrpe.forward`` for ``lrpe_angle_dtype`` ("float32" or "model"), where the PyTorch form launches about
+    twenty small kernels. ``pdl``: launched as a programmatic dependent launch (sm_90 and later), its launch
+    and its first state reads overlapping the end of the kernel before (which must therefore not write
+    ``state``).
 
     q, k, v may be strided views (the last dim contiguous, as the slices of the fused projection are);
     ``state`` must be contiguous. Any B, H, K, V; every tensor on one CUDA device (or CPU tensors under
     Triton's interpreter).
     """
-    check_step_shapes(q, k, v, state, decay, pad)
+    head_dim = q.shape[-1] if q.dim() == 3 else 0
+    check_step_shapes(q, k, v, state, decay, pad, state_key_dim=2 * head_dim if lrpe_theta is not None else None)
     if not state.is_contiguous():
         raise ValueError("state must be contiguous (it is updated in place)")
     if decay.dtype != state.dtype:
         raise ValueError(f"decay must be in the state's dtype {state.dtype}, got {decay.dtype}")
+    if lrpe_theta is not None:
+        if lrpe_theta.numel() != q.shape[1] * head_dim or not lrpe_theta.is_contiguous():
+            raise ValueError(f"lrpe_theta must be contiguous with H·K = {q.shape[1] * head_dim} values")
+        if position is None or position.dtype.is_floating_point or tuple(position.shape) not in ((), (q.shape[0],)):
+            raise ValueError(f"LRPE needs an integer position, 0-dim or [B]={q.shape[0]}")
+        if lrpe_angle_dtype not in ("float32", "model"):
+            raise ValueError(f"lrpe_angle_dtype must be 'float32' or 'model', got {lrpe_angle_dtype!r}")
     # The kernel indexes the last dim with stride 1; anything else is copied (never on the model's path).
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    batch, heads, key_dim = q.shape
+    batch, heads, key_dim = state.shape[:3]
     value_dim = v.shape[2]
     if out is None:
         out = torch.empty((batch, heads, value_dim), dtype=v.dtype, device=v.device)
@@ -184,10 +110,16 @@ def triton_step(
         v.stride(1),
         out.stride(0),
         out.stride(1),
+        lrpe_theta if lrpe_theta is not None else decay,  # unread without LRPE
+        position if lrpe_theta is not None else decay,
+        1 if position is not None and position.dim() == 1 else 0,
         K=key_dim,
         V=value_dim,
         HAS_PAD=pad is not None,
         SILU=silu_qk,
+        LRPE=lrpe_theta is not None,
+        ANGLE_MODEL=lrpe_angle_dtype == "model",
+        HD=head_dim,
         PDL=pdl,
         BK=block_k,
         BV=block_v,

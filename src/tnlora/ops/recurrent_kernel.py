@@ -1,0 +1,126 @@
+"""The Triton kernel of :func:`tnlora.ops.recurrent_triton.triton_step` (see there for what it computes).
+
+This module imports triton at import; ``tnlora.ops.recurrent_triton`` imports it on first use only.
+"""
+
+import triton
+import triton.language as tl
+
+from tnlora.ops.gemv_triton import gdc_launch_dependents, gdc_wait
+
+
+@triton.jit
+def _features(base, rows, row_ok, theta_ptr, i_h, position, compute: tl.constexpr, SILU: tl.constexpr,
+              LRPE: tl.constexpr, ANGLE_MODEL: tl.constexpr, HD: tl.constexpr):
+    """The state rows ``rows`` of one head's q (or k), in the compute dtype, from the projection's raw slice
+    at ``base``: F.silu where SILU (fp32 math for half types, rounded to the slice's dtype, as PyTorch's op
+    returns it), then with LRPE the layer's [x·cos θ·p, x·sin θ·p] (row r of the state reads x[r mod HD])
+    rounded where ``Lrpe.forward`` rounds: with ANGLE_MODEL the position, the angle, cos / sin and the
+    product each to the slice's dtype (its "model" angles), else the angle in the compute dtype and only
+    the product rounded ("float32")."""
+    if LRPE:  # noqa: SIM108 (a constant branch: one side compiled)
+        src = rows % HD
+    else:
+        src = rows
+    x = tl.load(base + src, mask=row_ok, other=0.0)
+    if SILU:
+        xf = x.to(compute)
+        x = (xf / (1.0 + tl.exp(-xf))).to(x.dtype)
+    if LRPE:
+        theta = tl.load(theta_ptr + i_h * HD + src, mask=row_ok, other=0.0)
+        if ANGLE_MODEL:
+            at = position.to(compute).to(x.dtype).to(compute)
+            angle = (theta.to(x.dtype).to(compute) * at).to(x.dtype).to(compute)
+            trig = tl.where(rows < HD, tl.cos(angle), tl.sin(angle)).to(x.dtype).to(compute)
+        else:
+            angle = theta.to(compute) * position.to(compute)
+            trig = tl.where(rows < HD, tl.cos(angle), tl.sin(angle))
+        x = (x.to(compute) * trig).to(x.dtype)
+    return x.to(compute)
+
+
+@triton.jit
+def recurrent_step_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    state_ptr,
+    decay_ptr,
+    pad_ptr,
+    o_ptr,
+    heads,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_vb,
+    stride_vh,
+    stride_ob,
+    stride_oh,
+    theta_ptr,
+    position_ptr,
+    stride_position,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    SILU: tl.constexpr,
+    LRPE: tl.constexpr,
+    ANGLE_MODEL: tl.constexpr,
+    HD: tl.constexpr,
+    PDL: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+):
+    # Axis 0 is (row, head) (up to 2³¹ programs; axis 1 is capped at 65,535), axis 1 the V block.
+    i_bh = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_b = i_bh // heads
+    i_h = i_bh % heads
+    # int64 offsets: B·H·K·V passes 2³¹ from batch ~1,000 in LRPE layers.
+    i_b64 = i_b.to(tl.int64)
+    compute = state_ptr.dtype.element_ty
+    cols = i_v * BV + tl.arange(0, BV)
+    col_ok = cols < V
+    state_base = state_ptr + i_bh.to(tl.int64) * (K * V)
+    first_rows = tl.arange(0, BK)
+    first_ok = (first_rows < K)[:, None] & col_ok[None, :]
+    first_ptrs = state_base + first_rows[:, None] * V + cols[None, :]
+    if PDL:
+        # A programmatic dependent launch: the next kernel may start launching. The first state tile and
+        # λ are read before the wait: only this kernel writes the state, in the step before, and a step
+        # begins with a kernel that is not a dependent launch (the embedding), which waits for all before
+        # it. Every read of q, k, v and every write comes after the wait.
+        gdc_launch_dependents()
+    s_first = tl.load(first_ptrs, mask=first_ok, other=0.0)
+    decay = tl.load(decay_ptr + i_h)
+    if PDL:
+        gdc_wait()
+
+    v = tl.load(v_ptr + i_b64 * stride_vb + i_h * stride_vh + cols, mask=col_ok, other=0.0).to(compute)
+    if HAS_PAD:
+        # where, not a product: a padded v of inf/nan must still count as zero (masked_fill).
+        keep = tl.load(pad_ptr + i_b).to(tl.int32) == 0
+        v = tl.where(keep, v, tl.zeros_like(v))
+
+    q_base = q_ptr + i_b64 * stride_qb + i_h * stride_qh
+    k_base = k_ptr + i_b64 * stride_kb + i_h * stride_kh
+    position = 0
+    if LRPE:
+        position = tl.load(position_ptr + i_b64 * stride_position)
+    o = tl.zeros([BV], dtype=compute)
+    for k0 in tl.static_range(0, K, BK):
+        rows = k0 + tl.arange(0, BK)
+        row_ok = rows < K
+        q = _features(q_base, rows, row_ok, theta_ptr, i_h, position, compute, SILU, LRPE, ANGLE_MODEL, HD)
+        k = _features(k_base, rows, row_ok, theta_ptr, i_h, position, compute, SILU, LRPE, ANGLE_MODEL, HD)
+        ptrs = state_base + rows[:, None] * V + cols[None, :]
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        if k0 == 0:  # noqa: SIM108 (a constant: static_range unrolls the loop, one side compiled)
+            s = s_first
+        else:
+            s = tl.load(ptrs, mask=tile_ok, other=0.0)
+        s = decay * s + k[:, None] * v[None, :]
+        tl.store(ptrs, s, mask=tile_ok)
+        # o after the update (recurrent_attention's order), reduced from the registers just stored.
+        o += tl.sum(q[:, None] * s, axis=0)
+    tl.store(o_ptr + i_b64 * stride_ob + i_h * stride_oh + cols, o.to(o_ptr.dtype.element_ty), mask=col_ok)
