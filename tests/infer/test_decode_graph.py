@@ -12,7 +12,12 @@ import torch
 from transformers import GenerationMixin, StoppingCriteriaList
 
 from tnl_helpers import build_model, left_padded, random_ids
-from tnlora.infer.decode_graph import DecodeStepRunner, install_graph_decoding, installed_graphs
+from tnlora.infer.decode_graph import (
+    DecodeStepRunner,
+    install_graph_decoding,
+    installed_graphs,
+    model_fingerprint,
+)
 from tnlora.model import TransnormerCache
 from tnlora.model.generation import HostStoppingCriteria
 from tnlora.model.modeling import Lrpe
@@ -215,6 +220,28 @@ def test_unmerged_lora_is_run_through_the_static_step_and_adapter_switches_rebui
     _assert_same(plain_eager, plain_static)
     assert not torch.equal(plain_eager.sequences, eager.sequences)  # the adapter matters
     assert installed_graphs(base).runners[1] is not runner  # the switch was noticed
+
+
+def test_the_fingerprint_changes_with_what_a_graph_holds_and_only_then() -> None:
+    """What captured graphs depend on: a parameter or buffer replaced (a new address), a module swapped, the
+    decode kernel; values written in place keep it (graphs read them at replay)."""
+    model = build_model()
+    first = model_fingerprint(model)
+    assert first is not None and model_fingerprint(model) == first
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)  # in place: the same tensor
+    assert model_fingerprint(model) == first
+    mixer = model.model.layers[1].token_mixer
+    changes = [
+        lambda: setattr(model.lm_head, "weight", torch.nn.Parameter(model.lm_head.weight.detach().clone())),
+        lambda: mixer.register_buffer("log_decay", mixer.log_decay.clone(), persistent=False),
+        lambda: setattr(model.model.layers[0], "channel_norm", torch.nn.Identity()),
+        lambda: setattr(model.config, "decode_kernel", "triton"),
+    ]
+    for change in changes:
+        before = model_fingerprint(model)
+        change()
+        assert model_fingerprint(model) != before
 
 
 # ---------------------------------------------------------------------------------------------------------

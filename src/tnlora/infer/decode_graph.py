@@ -691,14 +691,17 @@ def model_fingerprint(model: nn.Module) -> Hashable | None:
     spans several devices."""
     items: list[Hashable] = [("decode_kernel", getattr(model.config, "decode_kernel", "auto"))]
     devices = set()
+    # One walk over the modules, each one's own tensors read where it is visited (parameters() and buffers()
+    # would walk the tree twice more): it runs at every generate() call.
     for name, module in model.named_modules():
         items.append((name, type(module)))
         if type(module).__module__.startswith("peft."):
             items.append(tuple(repr(getattr(module, attr, None)) for attr in _ADAPTER_SWITCHES))
-    for tensor in (*model.parameters(), *model.buffers()):
-        devices.add(tensor.device)
-        items.append((tensor.data_ptr(), tuple(tensor.shape), tensor.dtype, tensor.device))
-    return tuple(items) if len(devices) == 1 else None
+        for tensor in (*module._parameters.values(), *module._buffers.values()):
+            if tensor is not None:
+                devices.add(tensor.device)
+                items.append((tensor.data_ptr(), tensor.shape, tensor.dtype))
+    return (*items, *devices) if len(devices) == 1 else None
 
 
 def _base_model(model: nn.Module) -> TransnormerForCausalLM:
