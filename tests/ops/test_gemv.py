@@ -12,7 +12,7 @@ import pytest
 import torch
 from kernel_device import DEVICE, INTERPRET, needs_kernel
 
-from tnlora.ops.gemv import TUNED, GemvConfig, gemv, gemv_config, gemv_reference, pdl_supported
+from tnlora.ops.gemv import TUNED, GemvConfig, embed_rows, gemv, gemv_config, gemv_reference, pdl_supported
 
 pytestmark = needs_kernel
 # fp64 / fp32: the order of the sums (and the normed x kept exact instead of rounded: exact in fp64 up to
@@ -172,3 +172,25 @@ def test_a_graph_of_dependent_launches_equals_the_plain_chain() -> None:
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(got, want), early
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1.0, 2048**0.5])
+def test_embed_rows_equal_the_scaled_embedding(dtype: torch.dtype, scale: float) -> None:
+    """The decode step's embedding kernel: ``F.embedding(ids, table) * scale``, rows of an uneven width (a
+    masked last block), several rows."""
+    gen = torch.Generator().manual_seed(3)
+    table = torch.randn(50, 1100, generator=gen).to(dtype).to(DEVICE)
+    ids = torch.tensor([[7], [0], [49]], device=DEVICE)
+    got = embed_rows(ids, table, scale, trigger=pdl_supported(DEVICE))
+    want = torch.nn.functional.embedding(ids, table)
+    want = want * scale if scale != 1.0 else want
+    assert got.shape == want.shape == (3, 1, 1100) and got.dtype == dtype
+    if INTERPRET and dtype == torch.bfloat16:  # the interpreter truncates where CUDA rounds to nearest
+        torch.testing.assert_close(got, want, rtol=2**-7, atol=0)
+    else:
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="ids"):
+        embed_rows(ids[:, 0], table)
+    with pytest.raises(ValueError, match="table"):
+        embed_rows(ids, table.double())

@@ -64,7 +64,7 @@ from tnlora.infer.prefill_graph import PrefillRunner, bucket_for
 from tnlora.model.cache import TransnormerCache
 from tnlora.model.generation import GreedyRule, row_flags
 from tnlora.model.modeling import NormLinearAttention, TransnormerForCausalLM
-from tnlora.ops.gemv import gemv, pdl_supported
+from tnlora.ops.gemv import embed_rows, gemv, pdl_supported
 from tnlora.ops.norm import add_rms_norm, gated_rms_norm
 from tnlora.ops.recurrent import torch_step
 from tnlora.ops.recurrent_triton import triton_step
@@ -141,9 +141,13 @@ class DecodeStepRunner:
         return self._end(model, self._layers(model, self._begin(model)))
 
     def _embed(self, model: TransnormerForCausalLM) -> Tensor:
-        """The scaled embedding [B, 1, dim] of the token in ``self.ids``."""
-        hidden = model.model.embed_tokens(self.ids)
+        """The scaled embedding [B, 1, dim] of the token in ``self.ids``: in the GEMV step one kernel, which lets
+        the first GEMV launch (and read its weights) while it runs."""
+        embed = model.model.embed_tokens
         scale = model.config.embed_scale
+        if self.gemv and type(embed) is nn.Embedding and embed.weight.dtype != torch.float64:
+            return embed_rows(self.ids, embed.weight, scale, trigger=self.pdl)
+        hidden = embed(self.ids)
         return hidden * scale if scale != 1.0 else hidden
 
     def _begin(self, model: TransnormerForCausalLM) -> tuple[Tensor, Tensor | None]:

@@ -141,6 +141,27 @@ def gemv(
     return y
 
 
+EMBED_BLOCK = 1024
+
+
+def embed_rows(ids: Tensor, table: Tensor, scale: float = 1.0, trigger: bool = False) -> Tensor:
+    """The embedding rows [B, 1, K] of ``ids`` [B, 1] in ``table`` [V, K] (rows contiguous; bf16, fp16 or fp32),
+    times ``scale``: ``F.embedding(ids, table) * scale`` as one kernel (PyTorch's form is two). ``trigger``:
+    the programmatic dependent launch after it (a GEMV with ``pdl``) may launch as soon as it starts."""
+    if ids.shape[-1] != 1 or ids.dim() != 2 or not ids.is_contiguous():
+        raise ValueError(f"ids must be a contiguous [B, 1], got shape {tuple(ids.shape)}")
+    if table.dim() != 2 or table.stride(1) != 1 or table.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError("table must be [V, K] with contiguous rows, bf16, fp16 or fp32")
+    rows, width = ids.shape[0], table.shape[1]
+    out = torch.empty(rows, 1, width, dtype=table.dtype, device=table.device)
+    from tnlora.ops.gemv_triton import embed_kernel
+
+    embed_kernel[(rows, _cdiv(width, EMBED_BLOCK))](
+        ids, table, out, table.stride(0), width, scale, SCALE=scale != 1.0, TRIGGER=trigger, BLOCK=EMBED_BLOCK
+    )
+    return out
+
+
 def pdl_supported(device: torch.device | str) -> bool:
     """Whether kernels on ``device`` can be programmatic dependent launches: a CUDA card of sm_90 or later and
     a Triton that has them (3.3 and later)."""
@@ -180,4 +201,4 @@ def gemv_reference(
     return residual + y if residual is not None else y
 
 
-__all__ = ["TUNED", "GemvConfig", "gemv", "gemv_config", "gemv_reference", "pdl_supported"]
+__all__ = ["TUNED", "GemvConfig", "embed_rows", "gemv", "gemv_config", "gemv_reference", "pdl_supported"]

@@ -160,3 +160,22 @@ def gemv_kernel(
         residual = tl.load(residual_ptr + rows, mask=row_ok, other=0.0)
         y = (residual.to(acc_dtype) + y.to(acc_dtype)).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + rows, y, mask=row_ok)
+
+
+@triton.jit
+def embed_kernel(ids_ptr, table_ptr, out_ptr, stride_table, K, scale, SCALE: tl.constexpr, TRIGGER: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """Program (row, block): BLOCK entries of the embedding row of ``ids[row]``, times ``scale`` where SCALE
+    (in fp32, rounded to the table's dtype, as PyTorch's ``tensor * float`` rounds). With TRIGGER the dependent
+    launch after it (the first GEMV) may launch at once and read its weights while this one runs; this kernel
+    itself is a plain launch, which waits for everything before it."""
+    if TRIGGER:
+        gdc_launch_dependents()
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < K
+    token = tl.load(ids_ptr + row).to(tl.int64)
+    x = tl.load(table_ptr + token * stride_table + cols, mask=inside, other=0.0)
+    if SCALE:
+        x = (x.to(tl.float32) * scale).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row.to(tl.int64) * K + cols, x, mask=inside)
