@@ -192,5 +192,7 @@ def test_embed_rows_equal_the_scaled_embedding(dtype: torch.dtype, scale: float)
         assert torch.equal(got, want)
     with pytest.raises(ValueError, match="ids"):
         embed_rows(ids[:, 0], table)
+    with pytest.raises(ValueError, match="ids"):
+        embed_rows(ids.float(), table)
     with pytest.raises(ValueError, match="table"):
         embed_rows(ids, table.double())

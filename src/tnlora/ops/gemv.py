@@ -148,8 +148,8 @@ def embed_rows(ids: Tensor, table: Tensor, scale: float = 1.0, trigger: bool = F
     """The embedding rows [B, 1, K] of ``ids`` [B, 1] in ``table`` [V, K] (rows contiguous; bf16, fp16 or fp32),
     times ``scale``: ``F.embedding(ids, table) * scale`` as one kernel (PyTorch's form is two). ``trigger``:
     the programmatic dependent launch after it (a GEMV with ``pdl``) may launch as soon as it starts."""
-    if ids.shape[-1] != 1 or ids.dim() != 2 or not ids.is_contiguous():
-        raise ValueError(f"ids must be a contiguous [B, 1], got shape {tuple(ids.shape)}")
+    if ids.dim() != 2 or ids.shape[1] != 1 or not ids.is_contiguous() or ids.dtype.is_floating_point:
+        raise ValueError(f"ids must be a contiguous integer [B, 1], got {ids.dtype} {tuple(ids.shape)}")
     if table.dim() != 2 or table.stride(1) != 1 or table.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError("table must be [V, K] with contiguous rows, bf16, fp16 or fp32")
     rows, width = ids.shape[0], table.shape[1]
