@@ -11,7 +11,7 @@ arithmetic is the one it would get alone but for the matrix products' summation 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -76,23 +76,49 @@ def packed_prefill(
         cu_seqlens = cu_host
     last = (cu_host[1:] - 1).to(device=device, dtype=torch.long, non_blocking=True)
 
+    finals: list[Tensor] = []
+    initial = (lambda i: _initial_states(states, i)) if any(s is not None for s in states) else None
+    hidden = packed_layers(model, ids, cu_seqlens, positions, initial=initial,
+                           take_states=lambda i, final: finals.append(final))  # fmt: skip
+    logits = model.lm_head(core.final_norm(hidden[0, last]))
+    return Prefilled(logits, finals)
+
+
+def packed_layers(
+    model: TransnormerForCausalLM,
+    ids: Tensor,
+    cu_seqlens: Tensor,
+    positions: Tensor | int,
+    mask: Tensor | None = None,
+    initial: Callable[[int], Tensor] | None = None,
+    take_states: Callable[[int, Tensor], None] | None = None,
+) -> Tensor:
+    """The hidden states [B, L, dim] after the embedding and every decoder layer for ``ids`` [B, L], whose
+    tokens the attention runs laid end to end as the examples of ``cu_seqlens`` (of the B·L tokens).
+
+    ``positions``: LRPE positions (per token [B, L], or the offset of every row's first column); ``mask``: the
+    projection's value mask; ``initial(layer)``: the states [N, H, K, V] before the examples (default zeros);
+    ``take_states(layer, final)``: given each layer's states after each example [N, H, K, V] as soon as the
+    layer has run (so that a caller keeping only some holds one layer's at a time).
+    """
+    core = model.model
+    batch, length = ids.shape
     hidden = core.embed_tokens(ids)
     if model.config.embed_scale != 1.0:
         hidden = hidden * model.config.embed_scale
-    finals: list[Tensor] = []
     for i, layer in enumerate(core.layers):
         mixer = layer.token_mixer
-        q, k, v, u = mixer.project(layer.token_norm(hidden), None, positions)
-        initial = _initial_states(states, i) if any(s is not None for s in states) else None
+        q, k, v, u = mixer.project(layer.token_norm(hidden), mask, positions)
         o, final = lightning_attention(
-            q, k, v, mixer.log_decay, cu_seqlens=cu_seqlens, initial_state=initial, output_final_state=True,
-            impl=mixer.attention_impl(ids.shape[1], packed=True), chunk_size=mixer.chunk_size,
+            *(x.reshape(1, batch * length, *x.shape[2:]) for x in (q, k, v)), mixer.log_decay,
+            cu_seqlens=cu_seqlens, initial_state=initial(i) if initial is not None else None,
+            output_final_state=True, impl=mixer.attention_impl(length, packed=True), chunk_size=mixer.chunk_size,
         )  # fmt: skip
-        finals.append(final)
-        hidden = hidden + mixer.output(o, u)
+        if take_states is not None:
+            take_states(i, final)
+        hidden = hidden + mixer.output(o.reshape(batch, length, *o.shape[2:]), u)
         hidden = hidden + layer.channel_mixer(layer.channel_norm(hidden))
-    logits = model.lm_head(core.final_norm(hidden[0, last]))
-    return Prefilled(logits, finals)
+    return hidden
 
 
 def _initial_states(states: Sequence[Sequence[Tensor] | None], layer: int) -> Tensor:
@@ -102,4 +128,4 @@ def _initial_states(states: Sequence[Sequence[Tensor] | None], layer: int) -> Te
     return torch.stack([s[layer].to(given.device, given.dtype) if s is not None else zeros for s in states])
 
 
-__all__ = ["Prefilled", "can_pack", "packed_prefill"]
+__all__ = ["Prefilled", "can_pack", "packed_layers", "packed_prefill"]

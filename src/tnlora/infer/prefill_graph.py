@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tnlora.infer.prefill import packed_layers
 from tnlora.model.cache import TransnormerCache
 from tnlora.model.modeling import TransnormerForCausalLM
-from tnlora.ops.lightning import lightning_attention
 
 # Prompt lengths a graph is captured for (a prompt takes the first that holds it): powers of two while a few
 # padded tokens cost nothing (launch-bound), then steps of 128 so that padding adds at most a third.
@@ -71,28 +71,15 @@ class PrefillRunner:
 
     def _forward(self, model: TransnormerForCausalLM) -> Tensor:
         """Logits [B, 1, vocab] at each row's token ``length − 1``; every layer's state written to ``states``."""
-        core = model.model
         batch, bucket = self.ids.shape
-        hidden = core.embed_tokens(self.ids)
-        if model.config.embed_scale != 1.0:
-            hidden = hidden * model.config.embed_scale
         # Row r's prompt is example 2r (tokens rL … rL + T − 1), its padding example 2r + 1.
         starts = torch.arange(batch, device=self.ids.device) * bucket
         cu_seqlens = torch.stack([starts, starts + self.length], dim=1).reshape(-1)
         cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_full((1,), batch * bucket)]).to(torch.int32)
-        for layer, state in zip(core.layers, self.states):
-            mixer = layer.token_mixer
-            q, k, v, u = mixer.project(layer.token_norm(hidden), self.mask, 0)
-            o, final = lightning_attention(
-                *(x.reshape(1, batch * bucket, *x.shape[2:]) for x in (q, k, v)), mixer.log_decay,
-                cu_seqlens=cu_seqlens, output_final_state=True, impl=mixer.attention_impl(bucket),
-                chunk_size=mixer.chunk_size,
-            )  # fmt: skip
-            state.copy_(final[0::2])
-            hidden = hidden + mixer.output(o.reshape(batch, bucket, *o.shape[2:]), u)
-            hidden = hidden + layer.channel_mixer(layer.channel_norm(hidden))
+        hidden = packed_layers(model, self.ids, cu_seqlens, 0, mask=self.mask,
+                               take_states=lambda i, final: self.states[i].copy_(final[0::2]))  # fmt: skip
         last = hidden.gather(1, (self.length - 1).view(1, 1, 1).expand(batch, 1, hidden.shape[-1]))
-        return model.lm_head(core.final_norm(last))
+        return model.lm_head(model.model.final_norm(last))
 
     def run(
         self, model: TransnormerForCausalLM, input_ids: Tensor, attention_mask: Tensor | None, cache: TransnormerCache
