@@ -1,5 +1,5 @@
 """The GEMV decode step's launches chosen inside the step: per projection, the launch that makes the whole
-captured batch-1 step fastest.
+captured step fastest (batch 1: ``TUNED``; ``--batch`` above 1: the rows kernel's ``ROWS_TUNED``).
 
 ``benchmarks/gemv.py --sweep`` times each projection's kernel alone; inside the step, with programmatic
 dependent launches overlapping each kernel with the one before, the fastest launch alone need not be the
@@ -7,12 +7,13 @@ fastest there (1B: the sweep's launches ran the step in 0.96 ms, the one-rule la
 "The GEMV step"). This takes a random-weight model, captures its batch-1 GEMV step as ``tnlora chat`` does
 (``DecodeStepRunner``: CUDA graph, dependent launches where supported) and, one projection at a time, tries
 each of CANDIDATES for its shape with the others fixed, keeping the fastest (one pass of coordinate descent
-from ``tnlora.ops.gemv.TUNED``). Each try recaptures the step and times REPLAYS replays, median of ROUNDS.
-First, for every model, the step with ``TUNED``'s launches as they are, their dependents launched after the
-loop and early (``GemvConfig.early``). Prints every try and the entries for ``TUNED``; nothing in the tree
-changes.
+from ``tnlora.ops.gemv.TUNED``; at several rows ROW_CANDIDATES from ``ROWS_TUNED`` or the default launch).
+Each try recaptures the step and times REPLAYS replays, median of ROUNDS. First, for every model, the step
+with the launches as they are, their dependents launched after the loop and early (``GemvConfig.early``).
+Prints every try and the table's entries; nothing in the tree changes.
 
     python3 benchmarks/gemv_step.py --models 1B,7B --descend 1B     # on a GPU
+    python3 benchmarks/gemv_step.py --models 1B,7B --batch 32
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ from tnlora.ops.gemv import GemvConfig, gemv_config
 # early or after the loop.
 CANDIDATES = [GemvConfig(bn, bk, 4, stages, False, early) for bn in (2, 4, 8) for bk in (1024, 2048)
               for stages in (1, 3) for early in (False, True)]
+# Several rows (the tensor cores' dot needs 16 weight rows a program at least): 16 to 64 weight rows a
+# program (128 programs for a 2,048-row weight at 16), 128 to 512 columns a step, pipelined or not.
+ROW_CANDIDATES = [GemvConfig(bn, bk, 4, stages, False, True) for bn in (16, 32, 64) for bk in (128, 256, 512)
+                  for stages in (1, 3)]
 REPLAYS = 50
 ROUNDS = 5
 
@@ -52,12 +57,12 @@ def step_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int, bool]]:
     }
 
 
-def step_ms(model: torch.nn.Module, pdl: bool) -> float:
-    """ms of one captured batch-1 GEMV step (median of ROUNDS × REPLAYS replays), with the launches
+def step_ms(model: torch.nn.Module, pdl: bool, batch: int = 1) -> float:
+    """ms of one captured GEMV step of ``batch`` rows (median of ROUNDS × REPLAYS replays), with the launches
     ``gemv_config`` returns now."""
-    runner = DecodeStepRunner(model, 1, torch.device("cuda"), capture=True, gemv=True, pdl=pdl)
+    runner = DecodeStepRunner(model, batch, torch.device("cuda"), capture=True, gemv=True, pdl=pdl)
     if not runner.gemv:
-        raise SystemExit("gemv_step.py: this model's batch-1 step does not take the GEMV path")
+        raise SystemExit(f"gemv_step.py: this model's batch-{batch} step does not take the GEMV path")
     runner.run(model)  # captures
 
     def replays() -> None:
@@ -67,64 +72,79 @@ def step_ms(model: torch.nn.Module, pdl: bool) -> float:
     return statistics.median(cuda_seconds(replays, ROUNDS)) / REPLAYS * 1e3
 
 
+def launch_table(batch: int) -> dict[tuple[int, int, bool], GemvConfig]:
+    """The table of launches ``gemv`` reads at ``batch`` rows (edited in place while a step is measured)."""
+    return gemv_ops.TUNED if batch == 1 else gemv_ops.ROWS_TUNED
+
+
 def coordinate_descent(
-    shapes: dict[str, tuple[int, int, bool]], measure: Callable[[], float], log: Callable[[str], None] = print
+    shapes: dict[str, tuple[int, int, bool]],
+    measure: Callable[[], float],
+    log: Callable[[str], None] = print,
+    batch: int = 1,
 ) -> tuple[float, float, dict[tuple[int, int, bool], GemvConfig]]:
-    """One pass over ``shapes``: for each, every candidate launch (set in ``TUNED`` while ``measure()`` runs)
-    with the others fixed, keeping the fastest. Returns the first and last measure and the launches chosen;
-    ``TUNED`` is as it was afterwards."""
-    chosen = {key: gemv_config(*key) for key in shapes.values()}
-    saved = dict(gemv_ops.TUNED)
+    """One pass over ``shapes``: for each, every candidate launch (set in the table of ``batch`` rows while
+    ``measure()`` runs) with the others fixed, keeping the fastest. Returns the first and last measure and the
+    launches chosen; the table is as it was afterwards."""
+    table = launch_table(batch)
+    candidates = CANDIDATES if batch == 1 else ROW_CANDIDATES
+    chosen = {key: gemv_config(*key, rows=batch) for key in shapes.values()}
+    saved = dict(table)
     try:
-        gemv_ops.TUNED.update(chosen)
+        table.update(chosen)
         start = measure()
         for name, key in shapes.items():
             tries = {}
-            for config in dict.fromkeys([chosen[key], *CANDIDATES]):
-                gemv_ops.TUNED[key] = config
+            for config in dict.fromkeys([chosen[key], *candidates]):
+                table[key] = config
                 tries[config] = measure()
             best = min(tries, key=tries.get)
-            gemv_ops.TUNED[key] = chosen[key] = best
+            table[key] = chosen[key] = best
             cells = ", ".join(f"{tuple(c)} {t:.3f}" for c, t in sorted(tries.items(), key=lambda item: item[1]))
             log(f"| {name} {key[:2]} | best {tuple(best)} {tries[best]:.3f} | {cells} |")
         end = measure()
     finally:
-        gemv_ops.TUNED.clear()
-        gemv_ops.TUNED.update(saved)
+        table.clear()
+        table.update(saved)
     return start, end, chosen
 
 
-def early_against_late(shapes: dict[str, tuple[int, int, bool]], measure: Callable[[], float]) -> dict[bool, float]:
+def early_against_late(
+    shapes: dict[str, tuple[int, int, bool]], measure: Callable[[], float], batch: int = 1
+) -> dict[bool, float]:
     """The step with every projection's launch as ``gemv_config`` gives it, its dependents launched after the
-    loop (False) and early (True): ms a step each. ``TUNED`` is as it was afterwards."""
-    saved = dict(gemv_ops.TUNED)
+    loop (False) and early (True): ms a step each. The table is as it was afterwards."""
+    table = launch_table(batch)
+    saved = dict(table)
     times = {}
     try:
         for early in (False, True):
-            gemv_ops.TUNED.update({key: gemv_config(*key)._replace(early=early) for key in shapes.values()})
+            table.update({key: gemv_config(*key, rows=batch)._replace(early=early) for key in shapes.values()})
             times[early] = measure()
     finally:
-        gemv_ops.TUNED.clear()
-        gemv_ops.TUNED.update(saved)
+        table.clear()
+        table.update(saved)
     return times
 
 
-def tune(preset: str, pdl: bool, descend: bool) -> None:
-    """For ``preset``: the step with the launches of now, early and late; with ``descend`` one pass over the
-    step's projections, printing the tries (ms a step) and the entries."""
+def tune(preset: str, pdl: bool, descend: bool, batch: int = 1) -> None:
+    """For ``preset`` at ``batch`` rows: the step with the launches of now, early and late; with ``descend``
+    one pass over the step's projections, printing the tries (ms a step) and the entries."""
     model = random_model(preset, "auto", "cuda").eval()
     shapes = step_shapes(model)
-    measure = functools.partial(step_ms, model, pdl)
+    measure = functools.partial(step_ms, model, pdl, batch)
+    name = f"{preset} batch {batch}"
     with torch.inference_mode():
-        times = early_against_late(shapes, measure)
-        print(f"| {preset} | launches of now: dependents after the loop {times[False]:.3f} ms, "
+        times = early_against_late(shapes, measure, batch)
+        print(f"| {name} | launches of now: dependents after the loop {times[False]:.3f} ms, "
               f"early {times[True]:.3f} ms |", flush=True)
         if not descend:
             return
-        start, end, chosen = coordinate_descent(shapes, measure, lambda line: print(f"| {preset} {line}", flush=True))
-    print(f"{preset}: {start:.3f} → {end:.3f} ms a step; TUNED entries:")
-    for name, key in shapes.items():
-        print(f"    {key}: GemvConfig{tuple(chosen[key])},  # {preset} {name}")
+        start, end, chosen = coordinate_descent(shapes, measure, lambda line: print(f"| {name} {line}", flush=True),
+                                                batch)
+    print(f"{name}: {start:.3f} → {end:.3f} ms a step; {'TUNED' if batch == 1 else 'ROWS_TUNED'} entries:")
+    for label, key in shapes.items():
+        print(f"    {key}: GemvConfig{tuple(chosen[key])},  # {preset} {label}")
 
 
 def main() -> int:
@@ -134,13 +154,14 @@ def main() -> int:
                         help="dependent launches, as the step's default (where the card has them)")
     parser.add_argument("--descend", default="1B,7B",
                         help="the presets whose launches are searched (the others: early against late only)")
+    parser.add_argument("--batch", type=int, default=1, help="rows of the step (above 1: the rows kernel's launches)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gemv_step.py: needs a CUDA GPU", file=sys.stderr)
         return 2
     print(environment_line(), flush=True)
     for preset in args.models.split(","):
-        tune(preset, args.pdl, preset in args.descend.split(","))
+        tune(preset, args.pdl, preset in args.descend.split(","), args.batch)
         torch.cuda.empty_cache()  # the model and its graphs are gone: the next preset gets the memory
     return 0
 

@@ -367,16 +367,18 @@ def test_gemv_step_descent_keeps_the_fastest_launch_per_projection_and_restores_
     shapes = step.step_shapes(common.random_model("tiny", "auto", "cpu"))
     assert set(shapes) == {"qkvu", "out_proj", "l1 / l2 (GLU)", "l3", "lm_head"}
     assert shapes["l1 / l2 (GLU)"][2] and not shapes["qkvu"][2]
-    best = {key: step.CANDIDATES[(3 * i + 1) % len(step.CANDIDATES)] for i, key in enumerate(shapes.values())}
+    for batch, candidates in ((1, step.CANDIDATES), (32, step.ROW_CANDIDATES)):
+        best = {key: candidates[(3 * i + 1) % len(candidates)] for i, key in enumerate(shapes.values())}
 
-    def measure() -> float:
-        return sum(0.0 if gemv_ops.gemv_config(*key) == best[key] else 1.0 + gemv_ops.gemv_config(*key).block_n
-                   for key in shapes.values())
+        def measure(batch: int = batch, best: dict = best) -> float:
+            launches = [gemv_ops.gemv_config(*key, rows=batch) for key in shapes.values()]
+            return sum(0.0 if launch == best[key] else 1.0 + launch.block_n
+                       for key, launch in zip(shapes.values(), launches, strict=True))
 
-    tuned = dict(gemv_ops.TUNED)
-    start, end, chosen = step.coordinate_descent(shapes, measure, log=lambda line: None)
-    assert chosen == best and end == 0.0 < start
-    assert tuned == gemv_ops.TUNED
+        tables = dict(gemv_ops.TUNED), dict(gemv_ops.ROWS_TUNED)
+        start, end, chosen = step.coordinate_descent(shapes, measure, log=lambda line: None, batch=batch)
+        assert chosen == best and end == 0.0 < start, batch
+        assert tables == (gemv_ops.TUNED, gemv_ops.ROWS_TUNED)
 
 
 def test_gemv_step_needs_a_gpu():

@@ -508,12 +508,13 @@ def test_cuda_graph_overlapped_loop_equals_transformers_loop() -> None:
 
 @cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("batch", [1, 4])
-def test_cuda_graph_device_greedy_loop_equals_transformers_loop(batch: int) -> None:
-    # Batch 1 runs the GEMV step, batch 4 the layer forwards; either way the device loop's replays (step and
-    # token choice in one graph) must choose what transformers' loop chooses from the plain graph's logits.
+@pytest.mark.parametrize(("batch", "gemv"), [(1, True), (4, True), (4, False)])
+def test_cuda_graph_device_greedy_loop_equals_transformers_loop(batch: int, gemv: bool) -> None:
+    # The fused-projection step (one row or several) or the layer forwards: either way the device loop's
+    # replays (step and token choice in one graph) must choose what transformers' loop chooses from the plain
+    # graph's logits.
     model = _cuda_model()
-    install_graph_decoding(model)
+    install_graph_decoding(model, gemv=gemv)
     ids = random_ids(batch, 12).cuda()
     free = model.generate(ids, max_new_tokens=24, **GREEDY)
     eos = int(free[0, 12 + 4])
@@ -522,6 +523,8 @@ def test_cuda_graph_device_greedy_loop_equals_transformers_loop(batch: int) -> N
         ours = model.generate(ids, **{**GREEDY, **settings})
         theirs = model.generate(ids, **{**GREEDY, **settings}, custom_generate=GenerationMixin._sample)
         assert torch.equal(ours, theirs), settings
-    steps = installed_graphs(model).runners[batch].greedy
+    runner = installed_graphs(model).runners[batch]
+    assert runner.gemv == (gemv and runner.kernel == "triton")
+    steps = runner.greedy
     assert all(s.graph is not None for s in steps.values()) and len(steps) == 2  # no eos ids, one eos id
 

@@ -12,7 +12,16 @@ import pytest
 import torch
 from kernel_device import DEVICE, INTERPRET, needs_kernel
 
-from tnlora.ops.gemv import TUNED, GemvConfig, embed_rows, gemv, gemv_config, gemv_reference, pdl_supported
+from tnlora.ops.gemv import (
+    ROWS_MAX,
+    TUNED,
+    GemvConfig,
+    embed_rows,
+    gemv,
+    gemv_config,
+    gemv_reference,
+    pdl_supported,
+)
 
 pytestmark = needs_kernel
 # fp64 / fp32: the order of the sums (and the normed x kept exact instead of rounded: exact in fp64 up to
@@ -31,17 +40,18 @@ CONFIGS = [GemvConfig(1, 32, 1, 1, True), GemvConfig(8, 64, 2, 2, False), GemvCo
            GemvConfig(2, 64, 4, 1, False, True)]
 
 
-def _inputs(n: int, k: int, dtype: torch.dtype, seed: int = 0):
+def _inputs(n: int, k: int, dtype: torch.dtype, seed: int = 0, rows: tuple[int, ...] = ()):
+    """x [*rows, K], W and W₂ [N, K], a residual [*rows, N]."""
     gen = torch.Generator().manual_seed(seed)
-    x = (3 * torch.randn(k, generator=gen, dtype=torch.float64)).to(dtype).to(DEVICE)
+    x = (3 * torch.randn(*rows, k, generator=gen, dtype=torch.float64)).to(dtype).to(DEVICE)
     w = (torch.randn(n, k, generator=gen, dtype=torch.float64) / k**0.5).to(dtype).to(DEVICE)
     w2 = (torch.randn(n, k, generator=gen, dtype=torch.float64) / k**0.5).to(dtype).to(DEVICE)
-    residual = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
+    residual = torch.randn(*rows, n, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
     return x, w, w2, residual
 
 
-def _options(case: str, n: int, k: int, dtype: torch.dtype, w2, residual) -> dict:
-    """The keyword arguments of ``case`` with its tensors (the gate: k values of its own)."""
+def _options(case: str, n: int, k: int, dtype: torch.dtype, w2, residual, rows: tuple[int, ...] = ()) -> dict:
+    """The keyword arguments of ``case`` with its tensors (the gate: [*rows, k] values of its own)."""
     options = dict(CASES[case])
     if options.pop("weight2", False):
         options["weight2"] = w2
@@ -49,7 +59,7 @@ def _options(case: str, n: int, k: int, dtype: torch.dtype, w2, residual) -> dic
         options["residual"] = residual
     if options.pop("gate", False):
         gen = torch.Generator().manual_seed(k)
-        options["gate"] = torch.randn(k, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
+        options["gate"] = torch.randn(*rows, k, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
     return options
 
 
@@ -73,6 +83,63 @@ def test_gemv_equals_the_model_ops(dtype: torch.dtype, case: str, n: int, k: int
     assert got.dtype == dtype and got.shape == (n,)
     err = _relative_error(got, x, w, options)
     assert err <= TOLERANCE[dtype], err
+
+
+# Several rows: the rows kernel (the tensor cores' dot; in fp64 products summed). Under the interpreter bf16 is
+# left to CUDA: Triton 3.6's interpreter computes a bf16 dot wrongly (it reads the operands' bits as another
+# type; an fp32 dot of the same values is right).
+ROW_DTYPES = [torch.float64, torch.float32] + ([] if INTERPRET else [torch.bfloat16])
+ROW_CONFIGS = [GemvConfig(16, 64, 4, 1, False, True), GemvConfig(32, 128, 4, 3, False, False),
+               GemvConfig(64, 32, 2, 2, False, True)]
+
+
+@pytest.mark.parametrize("dtype", ROW_DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("rows", [2, 17])  # a block of 16 rows with 14 masked, of 32 with 15
+def test_several_rows_equal_the_model_ops(dtype: torch.dtype, case: str, rows: int) -> None:
+    """x [M, K]: every row as the model computes it, each normed by itself; uneven widths."""
+    n, k = 37, 200
+    x, w, w2, residual = _inputs(n, k, dtype, seed=rows, rows=(rows,))
+    options = _options(case, n, k, dtype, w2, residual, rows=(rows,))
+    got = gemv(x, w, **options)
+    assert got.dtype == dtype and got.shape == (rows, n) and got.is_contiguous()
+    assert _relative_error(got, x, w, options) <= TOLERANCE[dtype]
+    # Row by row, the same as one row alone (up to the order of the sums).
+    for i in (0, rows - 1):
+        one = gemv(x[i], w, **{key: value[i] if key in ("gate", "residual") else value
+                               for key, value in options.items()})
+        torch.testing.assert_close(got[i], one, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("config", ROW_CONFIGS, ids=str)
+@pytest.mark.parametrize("case", ["plain", "glu", "gated norm"])
+def test_every_launch_of_several_rows_computes_the_same(config: GemvConfig, case: str) -> None:
+    """Row blocks of 16 to 64 weight rows, column steps shorter and longer than an uneven K, pipelined or not:
+    the model's results in fp64 and fp32, and in fp32 those of the default launch."""
+    n, k, rows = 37, 200, 5
+    for dtype in (torch.float64, torch.float32):
+        x, w, w2, residual = _inputs(n, k, dtype, seed=4, rows=(rows,))
+        options = _options(case, n, k, dtype, w2, residual, rows=(rows,))
+        got = gemv(x, w, config=config, **options)
+        assert _relative_error(got, x, w, options) <= TOLERANCE[dtype]
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, gemv(x, w, **options), rtol=1e-5, atol=1e-5)
+
+
+def test_several_rows_are_read_through_their_strides() -> None:
+    """Rows of x and of the gate that are slices of wider rows (the decode step's u is a quarter of each row
+    of the projection's output), and a residual with a row stride of its own, are read in place."""
+    n, k, rows = 24, 64, 3
+    x, w, _, residual = _inputs(n, k, torch.float32, seed=7, rows=(rows,))
+    wide = torch.randn(rows, 4 * k, device=DEVICE)
+    wide[:, :k] = x
+    gate = wide[:, 3 * k:]
+    wide_residual = torch.zeros(rows, n + 8, device=DEVICE)
+    wide_residual[:, 8:] = residual
+    options = {"norm_eps": 1e-6, "gate": gate, "residual": wide_residual[:, 8:]}
+    got = gemv(wide[:, :k], w, **options)
+    want = gemv_reference(x, w, norm_eps=1e-6, gate=gate.contiguous(), residual=residual)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
@@ -101,7 +168,17 @@ def test_a_strided_weight_view_is_read_in_place() -> None:
 def test_arguments_are_checked() -> None:
     x, w, w2, residual = _inputs(8, 32, torch.float32)
     with pytest.raises(ValueError, match="one contiguous vector"):
-        gemv(x[None], w)
+        gemv(x[None, None], w)
+    with pytest.raises(ValueError, match=f"1 to {ROWS_MAX} rows"):
+        gemv(x.expand(ROWS_MAX + 1, 32), w)
+    with pytest.raises(ValueError, match="1 to"):
+        gemv(torch.zeros(2, 64, device=DEVICE)[:, ::2], w)
+    with pytest.raises(ValueError, match="block_n >= 16"):
+        gemv(x.expand(2, 32), w, config=GemvConfig(8, 32))
+    with pytest.raises(ValueError, match=r"residual must be \[2, 8\]"):
+        gemv(x.expand(2, 32), w, residual=residual)
+    with pytest.raises(ValueError, match=r"gate must be \[2, 32\]"):
+        gemv(x.expand(2, 32), w, norm_eps=1e-6, gate=x)
     with pytest.raises(ValueError, match="x has 31 values"):
         gemv(x[:31], w)
     with pytest.raises(ValueError, match="weight2 must be"):

@@ -263,8 +263,8 @@ def test_kernel_checks_its_arguments() -> None:
 
 
 def _generate(model: torch.nn.Module, kernel: str, *args: object, gemv: bool = False, **kwargs: object):
-    """generate() through the static step (no graph) with the given kernel (``gemv``: batch-1 steps as fused
-    GEMVs); the logits of every step too. The runners stay installed for the test to inspect."""
+    """generate() through the static step (no graph) with the given kernel (``gemv``: the steps as fused
+    projections); the logits of every step too. The runners stay installed for the test to inspect."""
     model.config.decode_kernel = kernel
     install_graph_decoding(model, capture=False, gemv=gemv)
     try:
@@ -298,6 +298,23 @@ def test_batch_one_gemv_step_equals_torch_step() -> None:
     torch_run = _generate(model, "torch", prompt, max_new_tokens=14, **GREEDY)
     gemv_run = _generate(model, "triton", prompt, max_new_tokens=14, gemv=True, **GREEDY)
     runner = installed_graphs(model).runners[1]
+    assert runner.kernel == "triton" and runner.gemv
+    assert torch.equal(gemv_run.sequences, torch_run.sequences)
+    for got, want in zip(gemv_run.logits, torch_run.logits, strict=True):
+        assert _rel_err(got, want) < 1e-5
+
+
+@needs_kernel
+def test_small_batch_gemv_step_equals_torch_step() -> None:
+    """Three left-padded rows as fused projections of several rows (each weight tile read once for all rows,
+    each row normed by itself, the pad flags in the recurrence) against the torch step, in fp32."""
+    model = build_model(torch.float32, **PREFILL).to(DEVICE)
+    rows = [random_ids(1, 13, seed=1)[0], random_ids(1, 4, seed=2)[0], random_ids(1, 9, seed=3)[0]]
+    ids, mask = left_padded(rows)
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+    torch_run = _generate(model, "torch", ids, attention_mask=mask, max_new_tokens=9, **GREEDY)
+    gemv_run = _generate(model, "triton", ids, attention_mask=mask, max_new_tokens=9, gemv=True, **GREEDY)
+    runner = installed_graphs(model).runners[3]
     assert runner.kernel == "triton" and runner.gemv
     assert torch.equal(gemv_run.sequences, torch_run.sequences)
     for got, want in zip(gemv_run.logits, torch_run.logits, strict=True):
@@ -413,28 +430,33 @@ def test_cuda_graph_decoding_with_the_kernel(dtype: torch.dtype) -> None:
 
 @cuda
 @pytest.mark.gpu
-def test_cuda_graph_batch_one_gemv_step_at_1b_width() -> None:
-    """The batch-1 step on fused GEMVs (captured) against the torch step's graph, at the 1B's width (two
-    layers: the LRPE one and a plain one), bf16; with programmatic dependent launches (on sm_90 and later)
-    bitwise the same as without."""
+@pytest.mark.parametrize("batch", [1, 32])
+def test_cuda_graph_gemv_step_at_1b_width(batch: int) -> None:
+    """The step on fused projections (captured; one-row GEMVs at batch 1, the rows kernel at 32) against the
+    torch step's graph, at the 1B's width (two layers: the LRPE one and a plain one), bf16; with programmatic
+    dependent launches (on sm_90 and later) bitwise the same as without."""
     geometry = {"decoder_embed_dim": 2048, "hidden_dim": 2048, "decoder_attention_heads": 16, "glu_dim": 5632,
                 "init_std": 0.02}
     model = build_model(torch.float32, **PREFILL, **geometry).to(device="cuda", dtype=torch.bfloat16)
-    prompt = random_ids(1, 12).cuda()
+    prompt = random_ids(batch, 12).cuda()
     runs = {}
     for kernel, pdl in (("torch", False), ("triton", False), ("triton", True)):
         model.config.decode_kernel = kernel
         graphs = install_graph_decoding(model, capture=True, gemv=True, pdl=pdl)
         runs[kernel, pdl] = model.generate(prompt, max_new_tokens=8, return_dict_in_generate=True,
                                            output_logits=True, **GREEDY)
-        runner = graphs.runners[1]
+        runner = graphs.runners[batch]
         assert runner.graph is not None and runner.gemv == (kernel == "triton")
         assert runner.pdl == (pdl and pdl_supported("cuda"))
     model.config.decode_kernel = "torch"
     want, got = runs["torch", False], runs["triton", False]
-    assert torch.equal(got.sequences[:, : 12 + 4], want.sequences[:, : 12 + 4])
-    for step in range(1, 4):
-        assert _rel_err(got.logits[step], want.logits[step]) < 2e-2
+    # The first step's input is the prefill's token in both; later a near-tie may flip a row's token on
+    # rounding (32 rows: a few may).
+    assert _rel_err(got.logits[1], want.logits[1]) < 2e-2
+    agree = (got.sequences[:, : 12 + 4] == want.sequences[:, : 12 + 4]).all(dim=1)
+    assert agree.sum() >= batch - batch // 8, agree
+    for step in range(2, 4):
+        assert _rel_err(got.logits[step][agree], want.logits[step][agree]) < 2e-2
     assert torch.equal(runs["triton", True].sequences, got.sequences)
     for with_pdl, without in zip(runs["triton", True].logits, got.logits, strict=True):
         assert torch.equal(with_pdl, without)

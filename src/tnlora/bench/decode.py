@@ -141,7 +141,8 @@ def main(argv: list[str]) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """The bench with parsed options: the environment line, the settings, one table row per batch size."""
-    from tnlora.infer.decode_graph import install_graph_decoding
+    from tnlora.infer.decode_graph import GEMV_MAX_BATCH, install_graph_decoding
+    from tnlora.ops.gemv import ROWS_MAX
     from tnlora.ops.select import kernel_impl
 
     print(environment_line(), flush=True)
@@ -157,7 +158,10 @@ def run(args: argparse.Namespace) -> int:
     if args.gemv and not (graphs and kernel == "triton"):
         raise ConfigError("--gemv needs CUDA-graph decoding with the triton kernel")
     gemv = graphs and kernel == "triton" if args.gemv is None else args.gemv
-    step = ("gemv pdl" if args.pdl else "gemv no-pdl") if gemv else "layers"
+    most = GEMV_MAX_BATCH if args.gemv_max_batch is None else args.gemv_max_batch
+    if not 1 <= most <= ROWS_MAX:
+        raise ConfigError(f"--gemv_max_batch must be 1 to {ROWS_MAX}, got {most}")
+    step = f"gemv<={most} {'pdl' if args.pdl else 'no-pdl'}" if gemv else "layers"
     print(f"config: {args.model} decode graphs={graphs} decode_kernel={args.decode_kernel} ({kernel}) "
           f"prompt={args.prompt_len} new_tokens={args.new_tokens} adapter={args.adapter} step={step} "
           f"prefill={args.lightning_impl}{' graphs' if graphs and args.prefill_graphs else ''}{cap}",
@@ -167,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     model.config.use_cache = True
     model.config.decode_kernel = args.decode_kernel
     if graphs:
-        install_graph_decoding(model, gemv=gemv, pdl=args.pdl, prefill=args.prefill_graphs)
+        install_graph_decoding(model, gemv=gemv, pdl=args.pdl, prefill=args.prefill_graphs, gemv_max_batch=most)
     copy = copy_bandwidth() if cuda else math.nan
     if cuda:
         print(f"copy bandwidth: {copy / 1e9:,.0f} GB/s (device-to-device copies of 1 GiB, read + write)")

@@ -55,8 +55,12 @@ def decode_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--lightning_impl", default="auto", choices=["auto", "fla", "chunked", "triton"],
                         help="the prefill's lightning attention (config lightning_impl)")
     parser.add_argument("--gemv", action=argparse.BooleanOptionalAction, default=None,
-                        help="batch-1 graph steps of the triton kernel as fused GEMVs (tnlora.ops.gemv; default: on "
-                             "where it applies, as in chat / generate); --no-gemv: the layer forwards")
+                        help="graph steps of the triton kernel as fused projections (tnlora.ops.gemv) up to "
+                             "--gemv_max_batch rows (default: on where it applies, as in chat / generate); --no-gemv: "
+                             "the layer forwards")
+    parser.add_argument("--gemv_max_batch", type=int, default=None,
+                        help="the largest batch whose steps run as fused projections (default: the decode graphs' "
+                             "GEMV_MAX_BATCH)")
     parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                         help="the GEMV step's kernels as programmatic dependent launches (sm_90 and later; "
                              "--no-pdl: plain launches)")

@@ -29,9 +29,10 @@ kernel per layer that reads and writes each state once and zeroes padded v itsel
 :mod:`tnlora.ops.recurrent_triton`, and the norms fused with the residual adds and the output gate,
 :mod:`tnlora.ops.norm`; equal up to rounding) or "auto" (the default: triton on CUDA when it imports). A runner
 keeps the choice it was built with; a changed choice rebuilds the runners at the next ``generate()`` call (it
-is part of the fingerprint). With the triton kernel, a batch-1 step whose projections are all plain Linears
-runs as a chain of fused one-row projections instead of the layer forwards (:meth:`DecodeStepRunner._forward_gemv`,
-:mod:`tnlora.ops.gemv`; ``install_graph_decoding(gemv=False)`` keeps the layer forwards), on sm_90 and later
+is part of the fingerprint). With the triton kernel, a step of up to ``GEMV_MAX_BATCH`` rows whose projections
+are all plain Linears runs as a chain of fused projections instead of the layer forwards
+(:meth:`DecodeStepRunner._forward_gemv`, :mod:`tnlora.ops.gemv`: one-row GEMVs at batch 1, each weight tile read
+once for all rows above; ``install_graph_decoding(gemv=False)`` keeps the layer forwards), on sm_90 and later
 cards as programmatic dependent launches.
 
 For greedy ``generate()`` calls (:func:`tnlora.model.generation.greedy_rule`) a runner also offers
@@ -64,7 +65,7 @@ from tnlora.infer.prefill_graph import PrefillRunner, bucket_for
 from tnlora.model.cache import TransnormerCache
 from tnlora.model.generation import GreedyRule, row_flags
 from tnlora.model.modeling import NormLinearAttention, TransnormerForCausalLM
-from tnlora.ops.gemv import embed_rows, gemv, pdl_supported
+from tnlora.ops.gemv import ROWS_MAX, embed_rows, gemv, pdl_supported
 from tnlora.ops.norm import add_rms_norm, gated_rms_norm
 from tnlora.ops.recurrent import torch_step
 from tnlora.ops.recurrent_triton import triton_step
@@ -80,6 +81,9 @@ MAX_RUNNERS = 4
 # at batch 32, cuBLASLt's kernels for the skinny projections move their weights faster than cuBLAS's split-K
 # ones (benchmarks/RESULTS.md).
 GRAPH_BLAS = "cublaslt"
+# The largest batch whose Triton steps run as fused projections by default (install_graph_decoding's
+# ``gemv_max_batch``); larger batches run the layer forwards on cuBLASLt.
+GEMV_MAX_BATCH = 32
 # Eager runs before capture, on a side stream (PyTorch's CUDA-graph recipe: lazy inits, cuBLAS workspaces).
 WARMUP_STEPS = 2
 # peft layer attributes that change what a captured LoRA forward computes without touching any parameter.
@@ -103,9 +107,9 @@ class DecodeStepRunner:
         self.capture = capture
         self.blas = blas
         self.kernel = decode_kernel(model, device)
-        # Asked for (install_graph_decoding's default), the batch-1 Triton step runs the projections as fused
-        # GEMVs where every one is a plain Linear.
-        self.gemv = gemv and self.kernel == "triton" and batch_size == 1 and gemv_applies(model)
+        # Asked for (install_graph_decoding's default up to GEMV_MAX_BATCH rows), the Triton step runs the
+        # projections as fused GEMVs where every one is a plain Linear.
+        self.gemv = gemv and self.kernel == "triton" and batch_size <= ROWS_MAX and gemv_applies(model)
         # The GEMV step's Triton kernels as programmatic dependent launches (each reads its first weights
         # while the kernel before finishes), where the card and Triton have them.
         self.pdl = pdl and self.gemv and capture and pdl_supported(device)
@@ -217,7 +221,7 @@ class DecodeStepRunner:
         return torch_step(q[:, 0], k[:, 0], v[:, 0], state, decay, self.pad[:, 0])
 
     def _forward_gemv(self, model: TransnormerForCausalLM) -> Tensor:
-        """``_forward`` at batch 1 as a chain of fused one-row projections (:func:`tnlora.ops.gemv.gemv`): each
+        """``_forward`` as a chain of fused projections (:func:`tnlora.ops.gemv.gemv`, one row or a few): each
         norm folded into the projection after it (the output gate's too), the GLU's two projections and
         product one kernel, each residual add in the projection before it. Four projections and the recurrence
         a layer besides the LRPE layer's rotation, each (with ``pdl``) launched to overlap the one before. The
@@ -226,17 +230,20 @@ class DecodeStepRunner:
         step"). Results equal the layer forwards' up to the folded norms' rounding."""
         core = model.model
         pdl = self.pdl
-        hidden = self._embed(model).reshape(-1)
+        batch = self.batch_size
+        # One row as a vector (the one-row kernel), several as [B, width] (u stays a slice of qkvu's rows).
+        rows = (-1,) if batch == 1 else (batch, -1)
+        hidden = self._embed(model).reshape(rows)
         for i, layer in enumerate(core.layers):
             mixer, glu = layer.token_mixer, layer.channel_mixer
             qkvu = gemv(hidden, mixer.qkvu_proj.weight, norm_eps=layer.token_norm.eps, pdl=pdl)
-            q, k, v, u = mixer.split_heads(qkvu.view(1, 1, -1))
+            q, k, v, u = mixer.split_heads(qkvu.view(batch, 1, -1))
             o = self._attend(mixer, q, k, v, self.states[i], self.decays[i])
-            hidden = gemv(o.reshape(-1), mixer.out_proj.weight, norm_eps=mixer.norm.eps, gate=u.reshape(-1),
+            hidden = gemv(o.reshape(rows), mixer.out_proj.weight, norm_eps=mixer.norm.eps, gate=u.reshape(rows),
                           residual=hidden, pdl=pdl)
             product = gemv(hidden, glu.l1.weight, weight2=glu.l2.weight, norm_eps=layer.channel_norm.eps, pdl=pdl)
             hidden = gemv(product, glu.l3.weight, residual=hidden, pdl=pdl)
-        return gemv(hidden, model.lm_head.weight, norm_eps=core.final_norm.eps, pdl=pdl).view(1, 1, -1)
+        return gemv(hidden, model.lm_head.weight, norm_eps=core.final_norm.eps, pdl=pdl).view(batch, 1, -1)
 
     # -----------------------------------------------------------------------------------------------------
     # Capture and replay
@@ -492,10 +499,14 @@ class DecodeGraphs:
         gemv: bool = True,
         pdl: bool = True,
         prefill: bool | None = None,
+        gemv_max_batch: int = GEMV_MAX_BATCH,
     ) -> None:
+        if not 1 <= gemv_max_batch <= ROWS_MAX:
+            raise ValueError(f"gemv_max_batch must be 1 to {ROWS_MAX}, got {gemv_max_batch}")
         self.capture = capture
         self.blas = blas
         self.gemv = gemv
+        self.gemv_max_batch = gemv_max_batch
         self.pdl = pdl
         # Short prefills as graphs (infer.prefill_graph); by default with capture only (on the CPU the static
         # prefill would only change the summation order of the eager one).
@@ -677,8 +688,8 @@ class DecodeGraphs:
         if runner is None:
             if len(self.runners) >= MAX_RUNNERS:
                 self.runners.pop(next(iter(self.runners))).release()
-            runner = DecodeStepRunner(model, batch, input_ids.device, self.capture, self.blas, gemv=self.gemv,
-                                      pdl=self.pdl)
+            runner = DecodeStepRunner(model, batch, input_ids.device, self.capture, self.blas,
+                                      gemv=self.gemv and batch <= self.gemv_max_batch, pdl=self.pdl)
             self.runners[batch] = runner
         return runner if runner.fits(input_ids, cache) else None
 
@@ -723,17 +734,20 @@ def install_graph_decoding(
     gemv: bool = True,
     pdl: bool = True,
     prefill: bool | None = None,
+    gemv_max_batch: int = GEMV_MAX_BATCH,
 ) -> DecodeGraphs:
     """Let ``model`` (or the model under its peft wrapper) take one-token cached steps through static runners,
     replacing any installed before. ``capture=False`` runs the static step without CUDA graphs, on any device
     (what the CPU tests check the buffer logic with); ``blas``: the BLAS library of
-    the capture (None: PyTorch's current one); ``gemv``: batch-1 steps of the Triton kernel as fused GEMVs
-    (``DecodeStepRunner._forward_gemv``; False: the layer forwards at every batch size); ``pdl``: that step's
-    kernels as programmatic dependent launches on cards that have them (sm_90 and later); ``prefill``: short
-    prefills as graphs too (:mod:`tnlora.infer.prefill_graph`; default: with ``capture``)."""
+    the capture (None: PyTorch's current one); ``gemv``: steps of the Triton kernel at batches up to
+    ``gemv_max_batch`` as fused projections (``DecodeStepRunner._forward_gemv``; False: the layer forwards at
+    every batch size); ``pdl``: that step's kernels as programmatic dependent launches on cards that have them
+    (sm_90 and later); ``prefill``: short prefills as graphs too (:mod:`tnlora.infer.prefill_graph`; default:
+    with ``capture``)."""
     base = _base_model(model)
     remove_graph_decoding(base)
-    graphs = DecodeGraphs(capture=capture, blas=blas, gemv=gemv, pdl=pdl, prefill=prefill)
+    graphs = DecodeGraphs(capture=capture, blas=blas, gemv=gemv, pdl=pdl, prefill=prefill,
+                          gemv_max_batch=gemv_max_batch)
     base.step_decoder = graphs
     return graphs
 

@@ -29,11 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _kernel() -> Any:
-    """The Triton kernel, imported on first use so that importing this module never imports triton."""
-    from tnlora.ops.gemv_triton import gemv_kernel
+def _kernels() -> Any:
+    """The module of the Triton kernels, imported on first use so that importing this module never imports
+    triton."""
+    from tnlora.ops import gemv_triton
 
-    return gemv_kernel
+    return gemv_triton
 
 
 class GemvConfig(NamedTuple):
@@ -70,10 +71,21 @@ TUNED = {
 }
 
 
-def gemv_config(n: int, k: int, glu: bool = False) -> GemvConfig:
+# The same for several rows (``ROWS_TUNED``: chosen at 32 rows).
+ROWS_TUNED: dict[tuple[int, int, bool], GemvConfig] = {}
+# The most rows :func:`gemv` takes at once (its block of rows is their next power of two, 16 at least).
+ROWS_MAX = 64
+
+
+def gemv_config(n: int, k: int, glu: bool = False, rows: int = 1) -> GemvConfig:
     """The launch for y [N] = W [N, K] x: the measured one for TNL's shapes (``TUNED``), else 4 rows a program
     and 1,024 columns a step (or K's next power of two), 3 stages, dependents launched early (other shapes are
-    not measured)."""
+    not measured). For several ``rows`` of x: ``ROWS_TUNED``'s, else 32 weight rows a program (the dot's
+    operands need 16 at least) and 256 columns a step."""
+    if rows > 1:
+        if (n, k, glu) in ROWS_TUNED:
+            return ROWS_TUNED[n, k, glu]
+        return GemvConfig(32, min(256, max(16, 1 << (k - 1).bit_length())), 4, 3, False, True)
     if (n, k, glu) in TUNED:
         return TUNED[n, k, glu]
     return GemvConfig(4, min(1024, 1 << (k - 1).bit_length()), 4, 3, False, True)
@@ -94,50 +106,71 @@ def gemv(
     ``norm_eps`` is given and then multiplied by ``gate`` [K] when given (the token mixer's gated output norm,
     ``gate ⊙ norm(x)``), times W₂ x when ``weight2`` [N, K] is given, plus ``residual`` [N] when given. y has
     x's dtype. ``config``: the launch (default :func:`gemv_config`). ``pdl``: launch as a programmatic
-    dependent launch (sm_90 and later; see the kernel), which lets it overlap the kernel before it."""
-    if x.dim() != 1 or not x.is_contiguous():
-        raise ValueError(f"x must be one contiguous vector, got shape {tuple(x.shape)}")
+    dependent launch (sm_90 and later; see the kernel), which lets it overlap the kernel before it.
+
+    For up to ``ROWS_MAX`` rows x [M, K] (rows contiguous, any row stride; gate [M, K] and residual [M, N]
+    alike) the same for every row, y [M, N] (contiguous): each weight tile is read once for all rows, each row
+    normed by itself (the decode step of a small batch)."""
+    rows = x.shape[0] if x.dim() == 2 else None
+    if rows is None and (x.dim() != 1 or not x.is_contiguous()):
+        raise ValueError(f"x must be one contiguous vector or [M, K] rows, got shape {tuple(x.shape)}")
+    if rows is not None and not (1 <= rows <= ROWS_MAX and x.stride(1) == 1):
+        raise ValueError(f"x [M, K] must have 1 to {ROWS_MAX} rows with contiguous values, got {tuple(x.shape)}")
     n, k = weight.shape
+    lead = () if rows is None else (rows,)
     for other, name in ((weight, "weight"), (weight2, "weight2")):
         if other is not None and (other.shape != (n, k) or other.stride(1) != 1 or other.dtype != x.dtype):
             raise ValueError(f"{name} must be [{n}, {k}] of {x.dtype} with contiguous rows")
-    if x.shape[0] != k:
-        raise ValueError(f"x has {x.shape[0]} values, the weight's rows {k}")
-    if residual is not None and (residual.shape != (n,) or not residual.is_contiguous() or residual.dtype != x.dtype):
-        raise ValueError(f"residual must be a contiguous [{n}] of {x.dtype}")
-    if gate is not None and (gate.shape != (k,) or not gate.is_contiguous() or gate.dtype != x.dtype):
-        raise ValueError(f"gate must be a contiguous [{k}] of {x.dtype}")
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} values, the weight's rows {k}")
+    for vector, name, width in ((residual, "residual", n), (gate, "gate", k)):
+        if vector is not None and (vector.shape != (*lead, width) or vector.stride(-1) != 1 or vector.dtype != x.dtype
+                                   or (rows is None and not vector.is_contiguous())):
+            raise ValueError(f"{name} must be {list((*lead, width))} of {x.dtype} with contiguous values")
     if gate is not None and norm_eps is None:
         raise ValueError("gate needs norm_eps: it gates the normed x")
-    y = torch.empty(n, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, stages, row_sum, early = config or gemv_config(n, k, glu=weight2 is not None)
-    _kernel()[(_cdiv(n, block_n),)](
+    y = torch.empty(*lead, n, dtype=x.dtype, device=x.device)
+    block_n, block_k, warps, stages, row_sum, early = config or gemv_config(n, k, glu=weight2 is not None,
+                                                                            rows=rows or 1)
+    pointers = (
         x,
         gate if gate is not None else x,  # unread without a gate
         weight,
         weight2 if weight2 is not None else weight,  # unread without GLU
         residual if residual is not None else y,  # unread without a residual
         y,
-        n,
-        weight.stride(0),
-        (weight2 if weight2 is not None else weight).stride(0),
-        norm_eps if norm_eps is not None else 0.0,
-        K=k,
-        NORM=norm_eps is not None,
-        GATE=gate is not None,
-        GLU=weight2 is not None,
-        RESIDUAL=residual is not None,
-        EVEN_K=k % block_k == 0,
-        FP64=x.dtype == torch.float64,
-        ROW_SUM=row_sum,
-        PDL=pdl,
-        EARLY=early,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        num_warps=warps,
-        num_stages=stages,
-        **({"launch_pdl": True} if pdl else {}),  # an option Triton before 3.3 does not know
     )
+    options = {
+        "K": k,
+        "NORM": norm_eps is not None,
+        "GATE": gate is not None,
+        "GLU": weight2 is not None,
+        "RESIDUAL": residual is not None,
+        "EVEN_K": k % block_k == 0,
+        "PDL": pdl,
+        "EARLY": early,
+        "BLOCK_N": block_n,
+        "BLOCK_K": block_k,
+        "num_warps": warps,
+        "num_stages": stages,
+        **({"launch_pdl": True} if pdl else {}),  # an option Triton before 3.3 does not know
+    }
+    eps = norm_eps if norm_eps is not None else 0.0
+    if rows is None:
+        _kernels().gemv_kernel[(_cdiv(n, block_n),)](
+            *pointers, n, weight.stride(0), pointers[3].stride(0), eps,
+            FP64=x.dtype == torch.float64, ROW_SUM=row_sum, **options,
+        )  # fmt: skip
+        return y
+    # The tensor cores' dot needs 16 rows at least; fp64 sums products instead (no fp64 dot).
+    dot = x.dtype != torch.float64
+    if dot and block_n < 16:
+        raise ValueError(f"a launch for several rows needs block_n >= 16, got {block_n}")
+    _kernels().rows_kernel[(_cdiv(n, block_n),)](
+        *pointers, rows, n, x.stride(0), pointers[1].stride(0), pointers[4].stride(0), weight.stride(0),
+        pointers[3].stride(0), eps, DOT=dot, PRECISION="ieee", BLOCK_M=max(16, 1 << (rows - 1).bit_length()),
+        **options,
+    )  # fmt: skip
     return y
 
 
@@ -154,9 +187,7 @@ def embed_rows(ids: Tensor, table: Tensor, scale: float = 1.0, trigger: bool = F
         raise ValueError("table must be [V, K] with contiguous rows, bf16, fp16 or fp32")
     rows, width = ids.shape[0], table.shape[1]
     out = torch.empty(rows, 1, width, dtype=table.dtype, device=table.device)
-    from tnlora.ops.gemv_triton import embed_kernel
-
-    embed_kernel[(rows, _cdiv(width, EMBED_BLOCK))](
+    _kernels().embed_kernel[(rows, _cdiv(width, EMBED_BLOCK))](
         ids, table, out, table.stride(0), width, scale, SCALE=scale != 1.0, TRIGGER=trigger, BLOCK=EMBED_BLOCK
     )
     return out
@@ -192,7 +223,7 @@ def gemv_reference(
     Linear, the GLU's product, the residual add."""
     if norm_eps is not None:
         xf = x.float() if x.dtype != torch.float64 else x
-        x = (xf * torch.rsqrt(xf.pow(2).mean() + norm_eps)).to(x.dtype)
+        x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm_eps)).to(x.dtype)
         if gate is not None:
             x = gate * x
     y = F.linear(x, weight)
@@ -201,4 +232,4 @@ def gemv_reference(
     return residual + y if residual is not None else y
 
 
-__all__ = ["TUNED", "GemvConfig", "embed_rows", "gemv", "gemv_config", "gemv_reference", "pdl_supported"]
+__all__ = ["ROWS_MAX", "ROWS_TUNED", "TUNED", "GemvConfig", "embed_rows", "gemv", "gemv_config", "gemv_reference", "pdl_supported"]

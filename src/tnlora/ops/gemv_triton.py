@@ -179,3 +179,121 @@ def embed_kernel(ids_ptr, table_ptr, out_ptr, stride_table, K, scale, SCALE: tl.
     if SCALE:
         x = (x.to(tl.float32) * scale).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + row.to(tl.int64) * K + cols, x, mask=inside)
+
+
+@triton.jit
+def _rows_input(x_ptr, gate_ptr, m, m_ok, cols, stride_x, stride_gate, K: tl.constexpr, EVEN_K: tl.constexpr,
+                GATE: tl.constexpr):
+    """x [BLOCK_M, BLOCK_K] over ``cols`` of rows ``m`` (zeros outside), and the input the products read: x, or
+    gate ⊙ x rounded to x's dtype with GATE (the dot's operands are of one dtype)."""
+    ok = m_ok[:, None] if EVEN_K else m_ok[:, None] & (cols < K)[None, :]
+    x = tl.load(x_ptr + m[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
+    xin = x
+    if GATE:
+        gate = tl.load(gate_ptr + m[:, None] * stride_gate + cols[None, :], mask=ok, other=0.0)
+        if x.dtype == tl.float64:  # noqa: SIM108 (a constant branch: only the taken side is compiled)
+            xin = gate * x
+        else:
+            xin = (gate.to(tl.float32) * x.to(tl.float32)).to(x.dtype)
+    return x, xin
+
+
+@triton.jit
+def _rows_accumulate(acc, xin, w, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] + x Wᵀ over one tile: on the tensor cores with DOT, else (fp64) as products
+    summed over the tile."""
+    if DOT:
+        acc = tl.dot(xin, tl.trans(w), acc, input_precision=PRECISION)
+    else:
+        acc = acc + tl.sum(xin[:, None, :] * w[None, :, :], axis=2)
+    return acc
+
+
+@triton.jit
+def rows_kernel(
+    x_ptr,
+    gate_ptr,
+    w_ptr,
+    w2_ptr,
+    residual_ptr,
+    y_ptr,
+    M,
+    N,
+    stride_x,
+    stride_gate,
+    stride_residual,
+    stride_w,
+    stride_w2,
+    eps,
+    K: tl.constexpr,
+    NORM: tl.constexpr,
+    GATE: tl.constexpr,
+    GLU: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
+    EARLY: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """BLOCK_N columns of Y = X Wᵀ for all M (≤ BLOCK_M) rows of X at once: :func:`gemv_kernel` for a few rows,
+    each weight tile read once for every row (a tensor-core dot of the rows and the tile). NORM, GATE, GLU
+    and RESIDUAL as there, each row with its own norm; PDL and EARLY as there (the first weight tiles read
+    before the wait, everything written after it). Y's rows are contiguous."""
+    if PDL and EARLY:
+        gdc_launch_dependents()
+    acc_dtype = tl.float32 if DOT else tl.float64
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    row_offsets = rows[:, None].to(tl.int64)
+    m = tl.arange(0, BLOCK_M)
+    m_ok = m < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+    squares = tl.zeros((BLOCK_M,), dtype=acc_dtype)
+    # The first step apart: its weight tiles are read before the wait.
+    cols = tl.arange(0, BLOCK_K)
+    w = _weight_tile(w_ptr, row_offsets, stride_w, row_ok, cols, K, EVEN_K)
+    if GLU:
+        w2 = _weight_tile(w2_ptr, row_offsets, stride_w2, row_ok, cols, K, EVEN_K)
+    if PDL:
+        gdc_wait()
+    x, xin = _rows_input(x_ptr, gate_ptr, m, m_ok, cols, stride_x, stride_gate, K, EVEN_K, GATE)
+    acc = _rows_accumulate(acc, xin, w, DOT, PRECISION)
+    if GLU:
+        acc2 = _rows_accumulate(acc2, xin, w2, DOT, PRECISION)
+    if NORM:
+        xf = x.to(acc_dtype)
+        squares += tl.sum(xf * xf, axis=1)
+    for start in range(BLOCK_K, K, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
+        x, xin = _rows_input(x_ptr, gate_ptr, m, m_ok, cols, stride_x, stride_gate, K, EVEN_K, GATE)
+        w = _weight_tile(w_ptr, row_offsets, stride_w, row_ok, cols, K, EVEN_K)
+        acc = _rows_accumulate(acc, xin, w, DOT, PRECISION)
+        if GLU:
+            w2 = _weight_tile(w2_ptr, row_offsets, stride_w2, row_ok, cols, K, EVEN_K)
+            acc2 = _rows_accumulate(acc2, xin, w2, DOT, PRECISION)
+        if NORM:
+            xf = x.to(acc_dtype)
+            squares += tl.sum(xf * xf, axis=1)
+    if PDL and not EARLY:
+        gdc_launch_dependents()
+    out = acc
+    if NORM:
+        rstd = 1.0 / tl.sqrt(squares / K + eps)
+        out = out * rstd[:, None]
+    # Each product is rounded to the output dtype where the model's Linear would round it.
+    y = out.to(y_ptr.dtype.element_ty)
+    if GLU:
+        out2 = acc2
+        if NORM:
+            out2 = out2 * rstd[:, None]
+        y = (y.to(acc_dtype) * out2.to(y_ptr.dtype.element_ty).to(acc_dtype)).to(y_ptr.dtype.element_ty)
+    ok = m_ok[:, None] & row_ok[None, :]
+    if RESIDUAL:
+        residual = tl.load(residual_ptr + m[:, None] * stride_residual + rows[None, :], mask=ok, other=0.0)
+        y = (residual.to(acc_dtype) + y.to(acc_dtype)).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + m[:, None] * N + rows[None, :], y, mask=ok)
