@@ -19,7 +19,9 @@ Prints every try and the table's entries; nothing in the tree changes.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import functools
+import multiprocessing
 import statistics
 import sys
 from collections.abc import Callable
@@ -36,10 +38,11 @@ from tnlora.ops.gemv import GemvConfig, gemv_config
 # early or after the loop.
 CANDIDATES = [GemvConfig(bn, bk, 4, stages, False, early) for bn in (2, 4, 8) for bk in (1024, 2048)
               for stages in (1, 3) for early in (False, True)]
-# Several rows (the tensor cores' dot needs 16 weight rows a program at least): 16 to 64 weight rows a
-# program (128 programs for a 2,048-row weight at 16), 128 to 512 columns a step, pipelined or not.
-ROW_CANDIDATES = [GemvConfig(bn, bk, 4, stages, False, True) for bn in (16, 32, 64) for bk in (128, 256, 512)
-                  for stages in (1, 3)]
+# Several rows (the tensor cores' dot needs 16 weight rows a program at least): 16 to 128 weight rows a
+# program (128 programs for a 2,048-row weight at 16; x's tile is read by every program, as large as the
+# weight's at 32), 128 or 256 columns a step, 2 or 4 pipeline stages.
+ROW_CANDIDATES = [GemvConfig(bn, bk, 4, stages, False, True) for bn in (16, 32, 64, 128) for bk in (128, 256)
+                  for stages in (2, 4)]
 REPLAYS = 50
 ROUNDS = 5
 
@@ -57,19 +60,62 @@ def step_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int, bool]]:
     }
 
 
-def step_ms(model: torch.nn.Module, pdl: bool, batch: int = 1) -> float:
-    """ms of one captured GEMV step of ``batch`` rows (median of ROUNDS × REPLAYS replays), with the launches
+def compile_share(preset: str, batch: int, launches: list[tuple[str, GemvConfig]]) -> int:
+    """In a worker process: each (projection name, launch) of ``launches`` called once as the step calls it
+    (same dtypes, flags, strides and dependent launches), so that its compiled kernel lands in Triton's cache
+    on disk and the descent later loads it instead of compiling. Returns the number of calls."""
+    from tnlora.model import config_from_preset
+
+    config = config_from_preset(preset)
+    dim, width, vocab = config.decoder_embed_dim, config.glu_dim, config.vocab_size
+    rows = (-1,) if batch == 1 else (batch, -1)
+
+    def zeros(*shape: int) -> torch.Tensor:
+        return torch.zeros(*shape, dtype=torch.bfloat16, device="cuda")
+
+    hidden, o, qkvu, product = zeros(batch, dim).reshape(rows), zeros(batch, dim).reshape(rows), zeros(
+        batch, 4 * dim), zeros(batch, width).reshape(rows)
+    calls = {
+        "qkvu": lambda c: gemv_ops.gemv(hidden, zeros(4 * dim, dim), norm_eps=1e-6, config=c, pdl=True),
+        "out_proj": lambda c: gemv_ops.gemv(o, zeros(dim, dim), norm_eps=1e-6, gate=qkvu[:, 3 * dim:].reshape(rows),
+                                            residual=hidden, config=c, pdl=True),
+        "l1 / l2 (GLU)": lambda c: gemv_ops.gemv(hidden, zeros(width, dim), weight2=zeros(width, dim), norm_eps=1e-6,
+                                                 config=c, pdl=True),
+        "l3": lambda c: gemv_ops.gemv(product, zeros(dim, width), residual=hidden, config=c, pdl=True),
+        "lm_head": lambda c: gemv_ops.gemv(hidden, zeros(vocab, dim), norm_eps=1e-6, config=c, pdl=True),
+    }
+    for name, launch in launches:
+        calls[name](launch)
+    torch.cuda.synchronize()
+    return len(launches)
+
+
+def precompile(preset: str, batch: int, shapes: dict[str, tuple[int, int, bool]], workers: int) -> None:
+    """Every candidate launch of every projection compiled by ``workers`` processes at once (Triton compiles on
+    the CPU, one kernel at a time per process): the descent's tries then only load them."""
+    candidates = CANDIDATES if batch == 1 else ROW_CANDIDATES
+    launches = [(name, launch) for name, key in shapes.items()
+                for launch in dict.fromkeys([gemv_config(*key, rows=batch), *candidates])]
+    context = multiprocessing.get_context("spawn")  # CUDA in the workers
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        done = sum(pool.map(compile_share, [preset] * workers, [batch] * workers,
+                            [launches[i::workers] for i in range(workers)]))
+    print(f"{preset} batch {batch}: {done} launches compiled by {workers} processes", flush=True)
+
+
+def step_ms(model: torch.nn.Module, pdl: bool, batch: int = 1, replays: int = REPLAYS) -> float:
+    """ms of one captured GEMV step of ``batch`` rows (median of ROUNDS × ``replays`` replays), with the launches
     ``gemv_config`` returns now."""
     runner = DecodeStepRunner(model, batch, torch.device("cuda"), capture=True, gemv=True, pdl=pdl)
     if not runner.gemv:
         raise SystemExit(f"gemv_step.py: this model's batch-{batch} step does not take the GEMV path")
     runner.run(model)  # captures
 
-    def replays() -> None:
-        for _ in range(REPLAYS):
+    def replay() -> None:
+        for _ in range(replays):
             runner.run(model)
 
-    return statistics.median(cuda_seconds(replays, ROUNDS)) / REPLAYS * 1e3
+    return statistics.median(cuda_seconds(replay, ROUNDS)) / replays * 1e3
 
 
 def launch_table(batch: int) -> dict[tuple[int, int, bool], GemvConfig]:
@@ -127,12 +173,15 @@ def early_against_late(
     return times
 
 
-def tune(preset: str, pdl: bool, descend: bool, batch: int = 1) -> None:
+def tune(preset: str, pdl: bool, descend: bool, batch: int = 1, workers: int = 0, replays: int = REPLAYS) -> None:
     """For ``preset`` at ``batch`` rows: the step with the launches of now, early and late; with ``descend``
-    one pass over the step's projections, printing the tries (ms a step) and the entries."""
+    one pass over the step's projections, printing the tries (ms a step) and the entries (``workers``
+    processes compile the candidates first)."""
     model = random_model(preset, "auto", "cuda").eval()
     shapes = step_shapes(model)
-    measure = functools.partial(step_ms, model, pdl, batch)
+    if descend and workers:
+        precompile(preset, batch, shapes, workers)
+    measure = functools.partial(step_ms, model, pdl, batch, replays)
     name = f"{preset} batch {batch}"
     with torch.inference_mode():
         times = early_against_late(shapes, measure, batch)
@@ -155,13 +204,17 @@ def main() -> int:
     parser.add_argument("--descend", default="1B,7B",
                         help="the presets whose launches are searched (the others: early against late only)")
     parser.add_argument("--batch", type=int, default=1, help="rows of the step (above 1: the rows kernel's launches)")
+    parser.add_argument("--compile_workers", type=int, default=8,
+                        help="processes that compile the candidate launches before the search (0: none)")
+    parser.add_argument("--replays", type=int, default=REPLAYS, help="replays a measure, median of 5")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gemv_step.py: needs a CUDA GPU", file=sys.stderr)
         return 2
     print(environment_line(), flush=True)
     for preset in args.models.split(","):
-        tune(preset, args.pdl, preset in args.descend.split(","), args.batch)
+        tune(preset, args.pdl, preset in args.descend.split(","), args.batch, args.compile_workers,
+             args.replays)
         torch.cuda.empty_cache()  # the model and its graphs are gone: the next preset gets the memory
     return 0
 
