@@ -60,10 +60,13 @@ def step_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int, bool]]:
     }
 
 
-def compile_share(preset: str, batch: int, launches: list[tuple[str, GemvConfig]]) -> int:
+def compile_share(preset: str, batch: int, launches: list[tuple[str, GemvConfig]]) -> list[tuple[str, GemvConfig]]:
     """In a worker process: each (projection name, launch) of ``launches`` called once as the step calls it
     (same dtypes, flags, strides and dependent launches), so that its compiled kernel lands in Triton's cache
-    on disk and the descent later loads it instead of compiling. Returns the number of calls."""
+    on disk and the descent later loads it instead of compiling. Returns the launches that do not fit the card
+    (more shared memory than it has)."""
+    from triton.runtime.errors import OutOfResources
+
     from tnlora.model import config_from_preset
 
     config = config_from_preset(preset)
@@ -84,23 +87,32 @@ def compile_share(preset: str, batch: int, launches: list[tuple[str, GemvConfig]
         "l3": lambda c: gemv_ops.gemv(product, zeros(dim, width), residual=hidden, config=c, pdl=True),
         "lm_head": lambda c: gemv_ops.gemv(hidden, zeros(vocab, dim), norm_eps=1e-6, config=c, pdl=True),
     }
+    unfit = []
     for name, launch in launches:
-        calls[name](launch)
+        try:
+            calls[name](launch)
+        except OutOfResources:
+            unfit.append((name, launch))
     torch.cuda.synchronize()
-    return len(launches)
+    return unfit
 
 
-def precompile(preset: str, batch: int, shapes: dict[str, tuple[int, int, bool]], workers: int) -> None:
+def precompile(
+    preset: str, batch: int, shapes: dict[str, tuple[int, int, bool]], workers: int
+) -> set[tuple[tuple[int, int, bool], GemvConfig]]:
     """Every candidate launch of every projection compiled by ``workers`` processes at once (Triton compiles on
-    the CPU, one kernel at a time per process): the descent's tries then only load them."""
+    the CPU, one kernel at a time per process): the descent's tries then only load them. Returns the (shape,
+    launch) pairs that do not fit the card."""
     candidates = CANDIDATES if batch == 1 else ROW_CANDIDATES
     launches = [(name, launch) for name, key in shapes.items()
                 for launch in dict.fromkeys([gemv_config(*key, rows=batch), *candidates])]
     context = multiprocessing.get_context("spawn")  # CUDA in the workers
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        done = sum(pool.map(compile_share, [preset] * workers, [batch] * workers,
-                            [launches[i::workers] for i in range(workers)]))
-    print(f"{preset} batch {batch}: {done} launches compiled by {workers} processes", flush=True)
+        unfit = [pair for share in pool.map(compile_share, [preset] * workers, [batch] * workers,
+                                            [launches[i::workers] for i in range(workers)]) for pair in share]
+    print(f"{preset} batch {batch}: {len(launches)} launches compiled by {workers} processes; too large for the "
+          f"card: {', '.join(f'{name} {tuple(launch)}' for name, launch in unfit) or 'none'}", flush=True)
+    return {(shapes[name], launch) for name, launch in unfit}
 
 
 def step_ms(model: torch.nn.Module, pdl: bool, batch: int = 1, replays: int = REPLAYS) -> float:
@@ -128,10 +140,11 @@ def coordinate_descent(
     measure: Callable[[], float],
     log: Callable[[str], None] = print,
     batch: int = 1,
+    unfit: set[tuple[tuple[int, int, bool], GemvConfig]] = frozenset(),
 ) -> tuple[float, float, dict[tuple[int, int, bool], GemvConfig]]:
     """One pass over ``shapes``: for each, every candidate launch (set in the table of ``batch`` rows while
-    ``measure()`` runs) with the others fixed, keeping the fastest. Returns the first and last measure and the
-    launches chosen; the table is as it was afterwards."""
+    ``measure()`` runs) with the others fixed, keeping the fastest; ``unfit`` (shape, launch) pairs are left
+    out. Returns the first and last measure and the launches chosen; the table is as it was afterwards."""
     table = launch_table(batch)
     candidates = CANDIDATES if batch == 1 else ROW_CANDIDATES
     chosen = {key: gemv_config(*key, rows=batch) for key in shapes.values()}
@@ -142,6 +155,8 @@ def coordinate_descent(
         for name, key in shapes.items():
             tries = {}
             for config in dict.fromkeys([chosen[key], *candidates]):
+                if (key, config) in unfit:
+                    continue
                 table[key] = config
                 tries[config] = measure()
             best = min(tries, key=tries.get)
@@ -179,8 +194,7 @@ def tune(preset: str, pdl: bool, descend: bool, batch: int = 1, workers: int = 0
     processes compile the candidates first)."""
     model = random_model(preset, "auto", "cuda").eval()
     shapes = step_shapes(model)
-    if descend and workers:
-        precompile(preset, batch, shapes, workers)
+    unfit = precompile(preset, batch, shapes, workers) if descend and workers else set()
     measure = functools.partial(step_ms, model, pdl, batch, replays)
     name = f"{preset} batch {batch}"
     with torch.inference_mode():
@@ -190,7 +204,7 @@ def tune(preset: str, pdl: bool, descend: bool, batch: int = 1, workers: int = 0
         if not descend:
             return
         start, end, chosen = coordinate_descent(shapes, measure, lambda line: print(f"| {name} {line}", flush=True),
-                                                batch)
+                                                batch, unfit)
     print(f"{name}: {start:.3f} → {end:.3f} ms a step; {'TUNED' if batch == 1 else 'ROWS_TUNED'} entries:")
     for label, key in shapes.items():
         print(f"    {key}: GemvConfig{tuple(chosen[key])},  # {preset} {label}")
