@@ -225,24 +225,26 @@ def measure(models: list[str], repeats: int, m: int = 1) -> int:
 FUSED_FORMS = [("qkvu", "norm"), ("out_proj", "residual"), ("l1/l2", "glu"), ("l3", "residual"), ("lm_head", "norm")]
 
 
-def measure_fused(models: list[str], repeats: int) -> int:
+def measure_fused(models: list[str], repeats: int, rows: int = 1) -> int:
     """Each projection of the GEMV step in its fused form (``tnlora.ops.gemv.gemv``) against the same form
     without fusion (the plain ``gemv``) and against the layer forwards' composition on cuBLASLt (the norm
-    kernel, the GEMM(s), the product or the add); µs per call and the weights' GB/s."""
+    kernel, the GEMM(s), the product or the add); µs per call and the weights' GB/s. ``rows`` above 1: x of
+    that many rows (the rows kernel, its launches from ``ROWS_TUNED``)."""
     from tnlora.ops.gemv import gemv
     from tnlora.ops.norm import add_rms_norm
 
     eps = 1e-6
-    print("| model | projection | fused form | composition on cuBLASLt µs | plain gemv µs | fused gemv µs (GB/s) |")
-    print("|---|---|---|---|---|---|")
+    lead = () if rows == 1 else (rows,)
+    print("| model | rows | projection | fused form | composition on cuBLASLt µs | plain gemv µs | fused gemv µs "
+          "(GB/s) |\n|---|---|---|---|---|---|---|")
     for model in models:
         shapes = {name: (n, k) for name, n, k in SHAPES[model]}
         for name, form in FUSED_FORMS:
             n, k = shapes[name]
             ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(repeats)]
             ws2 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(repeats)]
-            x = torch.randn(k, device="cuda", dtype=torch.bfloat16)
-            residual = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(*lead, k, device="cuda", dtype=torch.bfloat16)
+            residual = torch.randn(*lead, n, device="cuda", dtype=torch.bfloat16)
             if form == "norm":
                 def composed(i, x=x, ws=ws):
                     return F.linear(add_rms_norm(x[None], None, eps)[1], ws[i])
@@ -266,7 +268,7 @@ def measure_fused(models: list[str], repeats: int) -> int:
             composed_s = graph_seconds(composed, repeats, "cublaslt")
             plain_s = graph_seconds(lambda i, x=x, ws=ws: gemv(x, ws[i]), repeats) * (2 if form == "glu" else 1)
             fused_s = graph_seconds(fused, repeats)
-            print(f"| {model} | {name} | {form} | {composed_s * 1e6:.1f} | {plain_s * 1e6:.1f}"
+            print(f"| {model} | {rows} | {name} | {form} | {composed_s * 1e6:.1f} | {plain_s * 1e6:.1f}"
                   f"{' (two)' if form == 'glu' else ''} | {fused_s * 1e6:.1f} ({gb / fused_s:,.0f}) |", flush=True)
     return 0
 
@@ -365,7 +367,8 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="time tnlora.ops.gemv's launches per form instead")
     parser.add_argument("--workers", type=int, default=12, help="processes compiling the sweep's kernels")
     parser.add_argument("--rows", type=int, default=1,
-                        help="rows of x (the decode batch); above 1: cuBLAS against a Triton skinny GEMM")
+                        help="rows of x (the decode batch); above 1: cuBLAS against a Triton skinny GEMM (with "
+                             "--fused: the fused forms of that many rows)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="of --check")
     args = parser.parse_args()
     if args.check:
@@ -376,7 +379,7 @@ def main() -> int:
     if args.sweep:
         return measure_sweep(args.models.split(","), args.repeats, args.workers)
     if args.fused:
-        return measure_fused(args.models.split(","), args.repeats)
+        return measure_fused(args.models.split(","), args.repeats, args.rows)
     return measure(args.models.split(","), args.repeats, args.rows)
 
 
