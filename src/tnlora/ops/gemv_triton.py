@@ -199,6 +199,18 @@ def _rows_input(x_ptr, gate_ptr, m, m_ok, cols, stride_x, stride_gate, K: tl.con
 
 
 @triton.jit
+def _rows_squares(squares, x, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """The sums of squares of x's rows, one tile more: with DOT as the Gram matrix x xᵀ [BLOCK_M, BLOCK_M] on
+    the tensor cores (its diagonal the sums; x then stays a dot operand only: summing x² in registers made the
+    normed forms twice as slow), else (fp64) the [BLOCK_M] sums themselves."""
+    if DOT:
+        squares = tl.dot(x, tl.trans(x), squares, input_precision=PRECISION)
+    else:
+        squares += tl.sum(x * x, axis=1)
+    return squares
+
+
+@triton.jit
 def _rows_accumulate(acc, xin, w, DOT: tl.constexpr, PRECISION: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N] + x Wᵀ over one tile: on the tensor cores with DOT, else (fp64) as products
     summed over the tile."""
@@ -253,7 +265,10 @@ def rows_kernel(
     m_ok = m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
-    squares = tl.zeros((BLOCK_M,), dtype=acc_dtype)
+    if DOT:  # noqa: SIM108 (a constant branch: only the taken side is compiled, shapes differ)
+        squares = tl.zeros((BLOCK_M, BLOCK_M), dtype=acc_dtype)
+    else:
+        squares = tl.zeros((BLOCK_M,), dtype=acc_dtype)
     # The first step apart: its weight tiles are read before the wait.
     cols = tl.arange(0, BLOCK_K)
     w = _weight_tile(w_ptr, row_offsets, stride_w, row_ok, cols, K, EVEN_K)
@@ -266,8 +281,7 @@ def rows_kernel(
     if GLU:
         acc2 = _rows_accumulate(acc2, xin, w2, DOT, PRECISION)
     if NORM:
-        xf = x.to(acc_dtype)
-        squares += tl.sum(xf * xf, axis=1)
+        squares = _rows_squares(squares, x, DOT, PRECISION)
     for start in range(BLOCK_K, K, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
         x, xin = _rows_input(x_ptr, gate_ptr, m, m_ok, cols, stride_x, stride_gate, K, EVEN_K, GATE)
@@ -277,12 +291,13 @@ def rows_kernel(
             w2 = _weight_tile(w2_ptr, row_offsets, stride_w2, row_ok, cols, K, EVEN_K)
             acc2 = _rows_accumulate(acc2, xin, w2, DOT, PRECISION)
         if NORM:
-            xf = x.to(acc_dtype)
-            squares += tl.sum(xf * xf, axis=1)
+            squares = _rows_squares(squares, x, DOT, PRECISION)
     if PDL and not EARLY:
         gdc_launch_dependents()
     out = acc
     if NORM:
+        if DOT:
+            squares = tl.sum(tl.where(m[:, None] == m[None, :], squares, 0.0), axis=1)
         rstd = 1.0 / tl.sqrt(squares / K + eps)
         out = out * rstd[:, None]
     # Each product is rounded to the output dtype where the model's Linear would round it.
