@@ -13,6 +13,7 @@ from transformers import GenerationMixin, StoppingCriteriaList
 
 from tnl_helpers import build_model, left_padded, random_ids
 from tnlora.infer.decode_graph import (
+    GEMV_MAX_BATCH,
     DecodeStepRunner,
     install_graph_decoding,
     installed_graphs,
@@ -220,6 +221,17 @@ def test_unmerged_lora_is_run_through_the_static_step_and_adapter_switches_rebui
     _assert_same(plain_eager, plain_static)
     assert not torch.equal(plain_eager.sequences, eager.sequences)  # the adapter matters
     assert installed_graphs(base).runners[1] is not runner  # the switch was noticed
+
+
+def test_the_largest_fused_projection_batch_is_checked() -> None:
+    """Fused projections up to ``gemv_max_batch`` rows (by default GEMV_MAX_BATCH, what measured fastest),
+    from 1 to the rows kernel's limit."""
+    model = build_model(torch.float32)
+    assert install_graph_decoding(model, capture=False).gemv_max_batch == GEMV_MAX_BATCH
+    assert install_graph_decoding(model, capture=False, gemv_max_batch=64).gemv_max_batch == 64
+    for wrong in (0, 65):
+        with pytest.raises(ValueError, match="gemv_max_batch must be 1 to 64"):
+            install_graph_decoding(model, capture=False, gemv_max_batch=wrong)
 
 
 def test_the_fingerprint_changes_with_what_a_graph_holds_and_only_then() -> None:
@@ -514,7 +526,7 @@ def test_cuda_graph_device_greedy_loop_equals_transformers_loop(batch: int, gemv
     # replays (step and token choice in one graph) must choose what transformers' loop chooses from the plain
     # graph's logits.
     model = _cuda_model()
-    install_graph_decoding(model, gemv=gemv)
+    install_graph_decoding(model, gemv=gemv, gemv_max_batch=batch)
     ids = random_ids(batch, 12).cuda()
     free = model.generate(ids, max_new_tokens=24, **GREEDY)
     eos = int(free[0, 12 + 4])

@@ -24,7 +24,7 @@ from tnl_helpers import build_model, left_padded, random_ids
 from tnlora.errors import ConfigError
 from tnlora.infer.decode_graph import DecodeStepRunner, gemv_applies, install_graph_decoding, installed_graphs
 from tnlora.model import TransnormerCache, config_from_preset
-from tnlora.ops.gemv import pdl_supported
+from tnlora.ops.gemv import ROWS_MAX, pdl_supported
 from tnlora.ops.recurrent import torch_step
 from tnlora.ops.recurrent_triton import triton_step
 from tnlora.ops.select import KERNEL_CHOICES, triton_available
@@ -97,7 +97,7 @@ import tnlora, tnlora.model
 from tnlora.errors import ConfigError
 from tnlora.model import TransnormerForCausalLM, config_from_preset
 from tnlora.infer.decode_graph import DecodeStepRunner
-from tnlora.ops.gemv import pdl_supported
+from tnlora.ops.gemv import ROWS_MAX, pdl_supported
 from tnlora.ops.recurrent import torch_step
 from tnlora.ops.select import triton_available
 state = torch.zeros(1, 2, 4, 3)
@@ -266,7 +266,7 @@ def _generate(model: torch.nn.Module, kernel: str, *args: object, gemv: bool = F
     """generate() through the static step (no graph) with the given kernel (``gemv``: the steps as fused
     projections); the logits of every step too. The runners stay installed for the test to inspect."""
     model.config.decode_kernel = kernel
-    install_graph_decoding(model, capture=False, gemv=gemv)
+    install_graph_decoding(model, capture=False, gemv=gemv, gemv_max_batch=ROWS_MAX)
     try:
         return model.generate(*args, return_dict_in_generate=True, output_logits=True, **kwargs)
     finally:
@@ -442,7 +442,7 @@ def test_cuda_graph_gemv_step_at_1b_width(batch: int) -> None:
     runs = {}
     for kernel, pdl in (("torch", False), ("triton", False), ("triton", True)):
         model.config.decode_kernel = kernel
-        graphs = install_graph_decoding(model, capture=True, gemv=True, pdl=pdl)
+        graphs = install_graph_decoding(model, capture=True, gemv=True, pdl=pdl, gemv_max_batch=batch)
         runs[kernel, pdl] = model.generate(prompt, max_new_tokens=8, return_dict_in_generate=True,
                                            output_logits=True, **GREEDY)
         runner = graphs.runners[batch]
