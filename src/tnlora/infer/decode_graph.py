@@ -84,7 +84,7 @@ GRAPH_BLAS = "cublaslt"
 # The largest batch whose Triton steps run as fused projections by default (install_graph_decoding's
 # ``gemv_max_batch``); larger batches run the layer forwards on cuBLASLt. Batch 1 only: on an H200 the rows
 # kernel's step lost to the layer forwards at every batch measured (1B at 2 to 32 rows, 7B at 32;
-# benchmarks/RESULTS.md, "Batch-32 projections").
+# benchmarks/RESULTS.md, "Fused projections of several rows").
 GEMV_MAX_BATCH = 1
 # Eager runs before capture, on a side stream (PyTorch's CUDA-graph recipe: lazy inits, cuBLAS workspaces).
 WARMUP_STEPS = 2
