@@ -76,8 +76,10 @@ def compile_share(preset: str, batch: int, launches: list[tuple[str, GemvConfig]
     def zeros(*shape: int) -> torch.Tensor:
         return torch.zeros(*shape, dtype=torch.bfloat16, device="cuda")
 
-    hidden, o, qkvu, product = zeros(batch, dim).reshape(rows), zeros(batch, dim).reshape(rows), zeros(
-        batch, 4 * dim), zeros(batch, width).reshape(rows)
+    hidden = zeros(batch, dim).reshape(rows)
+    o = zeros(batch, dim).reshape(rows)
+    qkvu = zeros(batch, 4 * dim)
+    product = zeros(batch, width).reshape(rows)
     calls = {
         "qkvu": lambda c: gemv_ops.gemv(hidden, zeros(4 * dim, dim), norm_eps=1e-6, config=c, pdl=True),
         "out_proj": lambda c: gemv_ops.gemv(o, zeros(dim, dim), norm_eps=1e-6, gate=qkvu[:, 3 * dim:].reshape(rows),

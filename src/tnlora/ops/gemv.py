@@ -144,14 +144,10 @@ def gemv(
     y = torch.empty(*lead, n, dtype=x.dtype, device=x.device)
     block_n, block_k, warps, stages, row_sum, early = config or gemv_config(n, k, glu=weight2 is not None,
                                                                             rows=rows or 1)
-    pointers = (
-        x,
-        gate if gate is not None else x,  # unread without a gate
-        weight,
-        weight2 if weight2 is not None else weight,  # unread without GLU
-        residual if residual is not None else y,  # unread without a residual
-        y,
-    )
+    gate_in = gate if gate is not None else x  # unread without a gate
+    weight2_in = weight2 if weight2 is not None else weight  # unread without GLU
+    residual_in = residual if residual is not None else y  # unread without a residual
+    pointers = (x, gate_in, weight, weight2_in, residual_in, y)
     options = {
         "K": k,
         "NORM": norm_eps is not None,
@@ -170,7 +166,7 @@ def gemv(
     eps = norm_eps if norm_eps is not None else 0.0
     if rows is None:
         _kernels().gemv_kernel[(_cdiv(n, block_n),)](
-            *pointers, n, weight.stride(0), pointers[3].stride(0), eps,
+            *pointers, n, weight.stride(0), weight2_in.stride(0), eps,
             FP64=x.dtype == torch.float64, ROW_SUM=row_sum, **options,
         )  # fmt: skip
         return y
@@ -179,8 +175,8 @@ def gemv(
     if dot and block_n < 16:
         raise ValueError(f"a launch for several rows needs block_n >= 16, got {block_n}")
     _kernels().rows_kernel[(_cdiv(n, block_n),)](
-        *pointers, rows, n, x.stride(0), pointers[1].stride(0), pointers[4].stride(0), weight.stride(0),
-        pointers[3].stride(0), eps, DOT=dot, PRECISION="ieee", BLOCK_M=max(16, 1 << (rows - 1).bit_length()),
+        *pointers, rows, n, x.stride(0), gate_in.stride(0), residual_in.stride(0), weight.stride(0),
+        weight2_in.stride(0), eps, DOT=dot, PRECISION="ieee", BLOCK_M=max(16, 1 << (rows - 1).bit_length()),
         **options,
     )  # fmt: skip
     return y
