@@ -43,6 +43,8 @@
 #   trace         the timeline of one step with tnlora train's defaults (MODELS, default 1B; the second of two
 #                 timed steps: the first starts after the timer's sync) through benchmarks/trace_gaps.py: device
 #                 time by kind of kernel, the top kernels, the idle gaps
+#   trace-long    the same for 7B on one LONG_LEN-token sequence (offloaded checkpointing, compiled; TRAIN_ARGS
+#                 vary it, e.g. --use_unsloth_gc false): one traced step after one untimed
 #   prefill       the prefill's host time against its device time (benchmarks/prefill.py; PREFILL_ARGS)
 #   decode-trace  the same for decoding (DECODE_TRACES model:batch pairs, default "7B:1 1B:1"; 32 new tokens: the
 #                 prefill and 31 graph replays)
@@ -160,6 +162,10 @@ for stage in "$@"; do
         grep -E "^\| |^config:" "$OUT/trace-$m.txt" | tee -a "$OUT/log.txt"
         python3 benchmarks/trace_gaps.py /tmp/trace.json --top 25 2>&1 | tee -a "$OUT/log.txt" > "$OUT/gaps-$m.txt"; rm -f /tmp/trace.json
       done ;;
+    trace-long)
+      log "trace 7B one ${LONG_LEN:-131072}-token sequence ${TRAIN_ARGS:-}"; timeout ${LIMIT:-360} python3 -m tnlora.cli bench train --model 7B --seq_len ${LONG_LEN:-131072} --use_unsloth_gc true --torch_compile true --steps 1 --warmup 1 ${TRAIN_ARGS:-} --trace /tmp/trace.json > "$OUT/trace-long.txt" 2>&1
+      grep -E "^\| |^config:|^resolved:" "$OUT/trace-long.txt" | tee -a "$OUT/log.txt" "$OUT/table.txt"
+      python3 benchmarks/trace_gaps.py /tmp/trace.json --top 30 2>&1 | tee -a "$OUT/log.txt" > "$OUT/gaps-long.txt"; rm -f /tmp/trace.json ;;
     prefill)  # PREFILL_ARGS: more options of benchmarks/prefill.py (e.g. --impls fla,chunked --profile 30)
       log "prefill ${PREFILL_ARGS:-}"; timeout ${LIMIT:-300} python3 benchmarks/prefill.py ${PREFILL_ARGS:-} > "$OUT/prefill.txt" 2>&1
       grep -E "^\| |^(card|GPU|torch)" "$OUT/prefill.txt" | tee -a "$OUT/log.txt" "$OUT/table.txt" ;;
