@@ -54,6 +54,14 @@ def test_bench_trains_tiny_and_prints_one_row(capsys, monkeypatch):
     assert seen["dtypes"] == {torch.float32}
 
 
+def test_bench_one_long_sequence_is_one_row_unless_the_micro_batch_is_given(capsys):
+    """--seq_len: one sequence a micro-batch (not the unpacked default of 8 rows, which a long row would not fit)."""
+    code = bench.main(["train", "--model", "tiny", "--attention_impl", "chunked", "--seq_len", "48",
+                       "--steps", "1", "--warmup", "0"])
+    assert code == 0
+    assert "resolved: 1 x 48 tokens a micro-batch, 1 a step, packing False" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(("steps", "warmup"), [(1, 1), (3, 0)])
 def test_bench_trace_writes_a_timeline(tmp_path, capsys, steps: int, warmup: int):
     """One step in the timeline: the last one, whether or not warm-up steps come first."""

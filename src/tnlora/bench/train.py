@@ -249,6 +249,10 @@ def run_config(args: argparse.Namespace, keys: dict[str, Any], lengths: list[tup
 
             raise ConfigError(f"--{key}: set by the bench (use its own options)")
         values[key] = value
+    if args.seq_len:
+        # one sequence a row means one row a micro-batch unless given: unpacked rows would otherwise default to
+        # the padded batch (8 rows) and the memory fit would then only add checkpointing
+        values.setdefault("per_device_train_batch_size", 1)
     cfg = build_config({k: (v, f"--{k}") for k, v in values.items()})
     return resolve_for_this_machine(cfg)
 
