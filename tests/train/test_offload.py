@@ -1,10 +1,10 @@
 """use_unsloth_gc: checkpointed layers whose saved inputs wait in CPU memory train exactly like plain ones.
 
 On the CPU the offload copies are no-ops, so these tests check what can fail anywhere: that the non-reentrant
-checkpoint saves only the layer's inputs at its own level (the premise of wrapping it in ``save_on_cpu``),
+checkpoint saves only the layer's inputs at its own level (the premise of wrapping it in saved-tensor hooks),
 that the model installs the offloading function from ``gradient_checkpointing_kwargs`` on every transformers
-entry point, and that loss and LoRA gradients (dropout replayed) equal the un-checkpointed step. The memory
-saving itself is measured on a GPU by ``tnlora bench --use_unsloth_gc``.
+entry point, and that loss and LoRA gradients (dropout replayed) equal the un-checkpointed step. The copies
+themselves are checked on a GPU (test_offload_gpu.py) and timed by ``tnlora bench train --use_unsloth_gc true``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from train_helpers import batch, lora_model, loss_and_grads
 
 from tnlora.config import load_run_config, resolve_defaults
-from tnlora.model.modeling import offloaded_checkpoint
+from tnlora.model.offload import offloaded_checkpoint
 from tnlora.train.lora import decoder_layers
 
 OFFLOAD = {"use_reentrant": False, "offload_to_cpu": True}

@@ -28,6 +28,7 @@ from transformers.utils import ModelOutput, logging
 from tnlora.model.cache import TransnormerCache
 from tnlora.model.configuration import TransnormerConfig
 from tnlora.model.generation import overlap_applies, overlapped_sample
+from tnlora.model.offload import InputOffload, offloaded_checkpoint
 from tnlora.ops.cross_entropy import cross_entropy_grad_, cross_entropy_grad_reference
 from tnlora.ops.lightning import lightning_attention
 from tnlora.ops.norm import add_rms_norm, gated_rms_norm, rms_norm, takes_rows
@@ -346,18 +347,6 @@ class GLU(nn.Module):
 # §4.2 decoder layer: pre-norm, two residuals.
 
 
-def offloaded_checkpoint(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``torch.utils.checkpoint.checkpoint`` whose saved inputs wait in CPU memory for the backward.
-
-    The checkpoint saves its inputs (``save_for_backward``) outside its own saved-tensor hooks and everything
-    inside the layer under them, so a ``save_on_cpu`` around the call moves exactly the inputs: the hidden
-    states [B, T, D] (plus the small masks) leave the GPU, and the recompute in the backward brings them back.
-    """
-    pin = any(isinstance(a, Tensor) and a.is_cuda for a in args)
-    with torch.autograd.graph.save_on_cpu(pin_memory=pin):
-        return checkpoint(function, *args, **kwargs)
-
-
 class TransnormerDecoderLayer(GradientCheckpointingLayer):
     """x ← x + TokenMixer(SRMSNorm(x)); x ← x + GLU(SRMSNorm(x))."""
 
@@ -407,7 +396,8 @@ class TransnormerPreTrainedModel(PreTrainedModel):
         """transformers' activation checkpointing of every decoder layer, with one more key accepted in
         ``gradient_checkpointing_kwargs``: ``offload_to_cpu: True`` keeps each checkpointed layer's inputs in
         (pinned) CPU memory from the forward to the backward, freeing layers × tokens × hidden of GPU memory for
-        long sequences at the cost of one copy each way per layer (see :func:`offloaded_checkpoint`).
+        long sequences at the cost of one copy each way per layer, beside the computation (see
+        :mod:`tnlora.model.offload`).
 
         Reached from both Trainer entry points: ``gradient_checkpointing_enable`` (transformers ≤ 5.23) and
         ``activation_checkpointing_enable`` (5.24+, which defers to this override).
@@ -420,7 +410,7 @@ class TransnormerPreTrainedModel(PreTrainedModel):
         else:
             super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs, **kwargs)
         if offload:
-            func = functools.partial(offloaded_checkpoint, **ckpt_kwargs)
+            func = functools.partial(offloaded_checkpoint, InputOffload(), **ckpt_kwargs)
             for module in self.modules():
                 if hasattr(module, "gradient_checkpointing"):
                     module._gradient_checkpointing_func = func
