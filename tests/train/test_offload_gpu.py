@@ -3,6 +3,8 @@ layer's fetched ahead) in the backward, and the step equals plain checkpointing'
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -21,7 +23,8 @@ TOKENS = 2 * 1000  # batch(1000): two packed rows
 
 
 def _model(offload: bool) -> torch.nn.Module:
-    model = lora_model(device="cuda", **{**GEOMETRY_1B, "decoder_layers": LAYERS})
+    layers = {"decoder_layers": LAYERS, "linear_use_lrpe_list": [1] + [0] * (LAYERS - 1)}  # LRPE in layer 0, as 1B
+    model = lora_model(device="cuda", **GEOMETRY_1B, **layers)
     kwargs = {"use_reentrant": False, "offload_to_cpu": offload}
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
@@ -68,7 +71,8 @@ def test_a_step_without_backward_leaves_nothing_behind() -> None:
     """A forward whose graph is dropped (no backward) frees its host copies: the next step's groups alone are kept."""
     model = _model(True)
     inputs = {name: t.cuda() for name, t in batch(1000).items()}
-    model(**inputs).loss.detach()  # graph dropped at once
+    model(**inputs).loss.detach()  # graph dropped
+    gc.collect()
     loss = model(**inputs).loss
     hooks = _offload_of(model)
     assert len(hooks.groups) == LAYERS
