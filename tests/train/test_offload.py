@@ -31,8 +31,10 @@ def test_checkpoint_saves_only_its_inputs_outside_its_own_hooks():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = checkpoint(layer, hidden, use_reentrant=False)
-    # The inner activations (GLU hidden, q/k/v, norms) are held by the checkpoint's own hooks, not here.
-    assert len(seen) == 1 and seen[0] is hidden
+    # The inner activations (GLU hidden, q/k/v, norms) are held by the checkpoint's own hooks, not here; torch
+    # 2.11 also saves an empty placeholder of its own (which the offload leaves where it is: too small to move).
+    kept = [t for t in seen if t.numel()]
+    assert len(kept) == 1 and kept[0] is hidden
     out.sum().backward()
     assert hidden.grad is not None
 
