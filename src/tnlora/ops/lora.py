@@ -5,9 +5,9 @@ then scales it and adds it: three passes over a [tokens, out_features] tensor (o
 read and written again by the scale and the add) on top of the base matmul's own write, and the same again in
 the backward for the input's gradient. At TNL's widths (qkvu_proj writes 4 × hidden) and packed micro-batches
 of 32k tokens those passes are memory-bound work comparable to a GEMM. Here the adapter's B matmul accumulates
-into the base output (a GEMM with β = 1: the output is read and written once), and in the backward the
-adapter's share of the input gradient accumulates into the base's the same way; the rank-r products
-(x Aᵀ, the gradient through B) are the only extra tensors.
+into the output of the base GEMM (the adapter's output is written first, and the base GEMM adds x Wᵀ to it in its
+epilogue, β = 1), and in the backward the base's input gradient accumulates onto the adapter's the same way; the
+rank-r products (x Aᵀ, the gradient through B) are the only extra tensors.
 
 Numerically it is the same function as peft's layer: the sums are the same, grouped in one GEMM's fp32
 accumulation instead of rounded to the compute dtype between matmul, scale and add.
@@ -92,35 +92,40 @@ def _in_compute_dtype(
 def _forward_gemms(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, p: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """(y, h, drop(x), kept-mask or None without dropout) for x [T, in] and the weights in one compute dtype:
-    y = x Wᵀ + b, then y += s · h Bᵀ with h = drop(x) Aᵀ in the same GEMM (β = 1)."""
+    """(y, s · h, drop(x), kept-mask or None without dropout) for x [T, in] and the weights in one compute dtype:
+    with h = drop(x) Aᵀ, y = s · h Bᵀ (+ b) is written first, then the frozen GEMM adds x Wᵀ to it (β = 1)."""
     if p > 0.0:
         # F.dropout's own kernel and draw (one pass; the kept-mask comes back for the backward)
         xd, mask = torch.ops.aten.native_dropout(x, p, True)
     else:
         xd, mask = x, None
-    h = xd @ lora_a.t()
-    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
-    y.addmm_(h, lora_b.t(), alpha=scaling)
-    return y, h, xd, mask
+    hs = xd @ (lora_a.t() * scaling)  # the scale on the [in, r] factor, not on a [T, ...] tensor
+    # The adapter's output is written once and the large GEMM reads it in its epilogue, where its compute hides
+    # the read; adding it afterwards (y += hs Bᵀ, β = 1) read and wrote the whole output again (~6 % of a step).
+    y = hs @ lora_b.t()
+    if bias is not None:
+        y.add_(bias)
+    y.addmm_(x, weight.t())
+    return y, hs, xd, mask
 
 
 def _backward_gemms(
-    dy: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xd: Tensor, h: Tensor, mask: Tensor | None,
+    dy: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xd: Tensor, hs: Tensor, mask: Tensor | None,
     scaling: float, p: float, needs: tuple[bool, bool, bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """(dx, dA, dB) in the compute dtype, each only where ``needs`` (x, A, B) asks for it: g = dy B;
-    dx = dy W, then dx += s · (g A) ⊙ mask; dA = s · gᵀ drop(x); dB = s · dyᵀ h."""
+    """(dx, dA, dB) in the compute dtype, each only where ``needs`` (x, A, B) asks for it, with hs = s · h:
+    g = dy B; dx = s · (g A) ⊙ mask, then dx += dy W in the large GEMM (β = 1); dA = s · gᵀ drop(x);
+    dB = dyᵀ hs."""
     g = dy @ lora_b  # [T, r]: the gradient reaching h, before the scaling
-    grad_b = (dy.t() @ h).mul_(scaling) if needs[2] else None
+    grad_b = dy.t() @ hs if needs[2] else None
     grad_a = (g.t() @ xd).mul_(scaling) if needs[1] else None
     grad_x = None
     if needs[0]:
-        grad_x = dy @ weight
         if mask is None:
-            grad_x.addmm_(g, lora_a, alpha=scaling)
+            grad_x = g @ (lora_a * scaling)
         else:
-            grad_x.add_(torch.ops.aten.native_dropout_backward(g @ lora_a, mask, scaling / (1.0 - p)))
+            grad_x = torch.ops.aten.native_dropout_backward(g @ lora_a, mask, scaling / (1.0 - p))
+        grad_x.addmm_(dy, weight)
     return grad_x, grad_a, grad_b
 
 
@@ -130,19 +135,19 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, p):
         operands = _in_compute_dtype(x, weight, bias, lora_a, lora_b)
-        y, h, xd, mask = _forward_gemms(*operands, scaling, p)
-        ctx.save_for_backward(weight, lora_a, lora_b, xd, h, mask)
+        y, hs, xd, mask = _forward_gemms(*operands, scaling, p)
+        ctx.save_for_backward(weight, lora_a, lora_b, xd, hs, mask)
         ctx.scaling, ctx.dtype, ctx.x_shape, ctx.x_dtype = scaling, y.dtype, x.shape, x.dtype
         ctx.p = p
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        weight, lora_a, lora_b, xd, h, mask = ctx.saved_tensors
+        weight, lora_a, lora_b, xd, hs, mask = ctx.saved_tensors
         dtype = ctx.dtype
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
         grad_x, grad_a, grad_b = _backward_gemms(
-            dy.reshape(-1, dy.shape[-1]).to(dtype), weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype), xd, h,
+            dy.reshape(-1, dy.shape[-1]).to(dtype), weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype), xd, hs,
             mask, ctx.scaling, ctx.p, needs,
         )  # fmt: skip
         if grad_x is not None:
@@ -162,12 +167,12 @@ class _LoraLinear(torch.autograd.Function):
 def _lora_linear_op(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, p: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y, h, drop(x), kept-mask) for x [T, in] and the weights in one dtype; without dropout the last two are
+    """(y, s · h, drop(x), kept-mask) for x [T, in] and the weights in one dtype; without dropout the last two are
     empty (an operator's outputs may not alias its inputs)."""
-    y, h, xd, mask = _forward_gemms(x, weight, bias, lora_a, lora_b, scaling, p)
+    y, hs, xd, mask = _forward_gemms(x, weight, bias, lora_a, lora_b, scaling, p)
     if mask is None:
-        return y, h, x.new_empty((0, x.shape[1])), x.new_empty((0, x.shape[1]), dtype=torch.bool)
-    return y, h, xd, mask
+        return y, hs, x.new_empty((0, x.shape[1])), x.new_empty((0, x.shape[1]), dtype=torch.bool)
+    return y, hs, xd, mask
 
 
 @_lora_linear_op.register_fake
@@ -184,34 +189,34 @@ def _lora_linear_op_fake(x, weight, bias, lora_a, lora_b, scaling, p):
 
 @torch.library.custom_op("tnlora::lora_linear_backward", mutates_args=())
 def _lora_linear_backward_op(
-    dy: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xd: Tensor, h: Tensor, mask: Tensor,
+    dy: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xd: Tensor, hs: Tensor, mask: Tensor,
     scaling: float, p: float, needs_x: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB) as _LoraLinear's backward computes them; dx is empty unless ``needs_x``."""
     grad_x, grad_a, grad_b = _backward_gemms(
-        dy, weight, lora_a, lora_b, xd, h, mask if p > 0.0 else None, scaling, p, (needs_x, True, True)
+        dy, weight, lora_a, lora_b, xd, hs, mask if p > 0.0 else None, scaling, p, (needs_x, True, True)
     )
     return (grad_x if grad_x is not None else dy.new_empty((0,))), grad_a, grad_b
 
 
 @_lora_linear_backward_op.register_fake
-def _lora_linear_backward_op_fake(dy, weight, lora_a, lora_b, xd, h, mask, scaling, p, needs_x):
+def _lora_linear_backward_op_fake(dy, weight, lora_a, lora_b, xd, hs, mask, scaling, p, needs_x):
     grad_x = dy.new_empty((dy.shape[0], weight.shape[1])) if needs_x else dy.new_empty((0,))
     return grad_x, torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
 def _lora_linear_op_setup(ctx, inputs, output) -> None:
     x, weight, _bias, lora_a, lora_b, scaling, p = inputs
-    _y, h, xd, mask = output
-    ctx.save_for_backward(weight, lora_a, lora_b, xd if p > 0.0 else x, h, mask)
+    _y, hs, xd, mask = output
+    ctx.save_for_backward(weight, lora_a, lora_b, xd if p > 0.0 else x, hs, mask)
     ctx.scaling, ctx.p = scaling, p
 
 
 def _lora_linear_op_backward(ctx, dy, _dh, _dxd, _dmask):
-    weight, lora_a, lora_b, xd, h, mask = ctx.saved_tensors
+    weight, lora_a, lora_b, xd, hs, mask = ctx.saved_tensors
     needs_x = ctx.needs_input_grad[0]
     grad_x, grad_a, grad_b = torch.ops.tnlora.lora_linear_backward(
-        dy.to(h.dtype), weight, lora_a, lora_b, xd, h, mask, ctx.scaling, ctx.p, needs_x
+        dy.to(hs.dtype), weight, lora_a, lora_b, xd, hs, mask, ctx.scaling, ctx.p, needs_x
     )
     return (grad_x if needs_x else None), None, None, grad_a, grad_b, None, None
 
