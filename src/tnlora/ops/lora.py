@@ -101,7 +101,8 @@ def _forward_gemms(
         xd, mask = x, None
     hs = xd @ (lora_a.t() * scaling)  # the scale on the [in, r] factor, not on a [T, ...] tensor
     # The adapter's output is written once and the large GEMM reads it in its epilogue, where its compute hides
-    # the read; adding it afterwards (y += hs Bᵀ, β = 1) read and wrote the whole output again (~6 % of a step).
+    # the read. Adding it afterwards (y += hs Bᵀ, β = 1) read and wrote the whole output again: 0.6 s of an
+    # 11.1 s 7B step at 131,072 tokens, 3.6 % of a 1B step.
     y = hs @ lora_b.t()
     if bias is not None:
         y.add_(bias)
