@@ -882,9 +882,10 @@ def resolve_defaults(
     The micro-batch, gradient checkpointing and its offload (``use_unsloth_gc``) come from ``fits`` (on a GPU:
     whether a resolved config is estimated to fit its memory, ``train.memory.gpu_fits``): packed micro-batches
     take the first of ``memory_plans`` that fits (the largest of 32,768, 16,384 and 8,192 tokens without
-    checkpointing, then 16,384 to 4,096 with it, then offloaded down to one row); when none does, a
-    ``ConfigError`` names the key to change. With the micro-batch given (or unpacked rows), checkpointing and
-    then offload are switched on only as far as needed. Without ``fits`` (CPU): 16,384 packed tokens or 8
+    checkpointing, then 16,384 to 4,096 with it, then offloaded down to one row), unpacked ones the first of
+    ``unpacked_plans`` (8 rows halving, by the same rules, down to one offloaded row); when none does, a
+    ``ConfigError`` names the key to change. With the micro-batch given, checkpointing and then offload are
+    switched on only as far as needed. Without ``fits`` (CPU): 16,384 packed tokens or 8
     examples, no checkpointing. What the user set is kept."""
     out = dataclasses.replace(cfg)
     if out.bf16 is None:
@@ -913,8 +914,8 @@ def resolve_defaults(
         out.per_device_train_batch_size = (
             max(1, PACKED_TOKENS_PER_MICRO_BATCH // out.cutoff_len) if out.packing else DEFAULT_BATCH_SIZE
         )
-        if out.packing and decide:
-            plans = memory_plans(out)
+        if decide:
+            plans = memory_plans(out) if out.packing else unpacked_plans(out)
             chosen = next((plan for plan in plans if fits(plan)), None)
             if chosen is None:
                 raise ConfigError(no_fit_message(plans[-1], getattr(fits, "describe", None)))
@@ -973,6 +974,31 @@ def memory_plans(cfg: RunConfig) -> list[RunConfig]:
                         cfg, per_device_train_batch_size=rows, gradient_checkpointing=gc, use_unsloth_gc=off
                     )
                 )
+    return plans
+
+
+def unpacked_plans(cfg: RunConfig) -> list[RunConfig]:
+    """The micro-batches of unpacked rows the defaults try, in order, by the rules of ``memory_plans``: each
+    checkpointing mode the config leaves open, least memory-saving first, from ``DEFAULT_BATCH_SIZE`` rows
+    halving while the rows still hold 8,192 tokens without checkpointing or 4,096 with it, and in the last
+    mode down to one row. Padded rows are sized by ``cutoff_len``, the longest they can be: long rows (e.g.
+    131,072 tokens) get one checkpointed row instead of eight that cannot fit."""
+    floors = {
+        (False, False): SMALL_PACKED_TOKENS_PER_MICRO_BATCH,
+        (True, False): min(CHECKPOINTED_TOKENS_PER_MICRO_BATCH),
+    }
+    modes = _open_modes(cfg)
+    plans: list[RunConfig] = []
+    for gc, off in modes:
+        floor = 0 if (gc, off) == modes[-1] else floors.get((gc, off), 0)
+        rows = DEFAULT_BATCH_SIZE
+        while True:
+            plans.append(
+                dataclasses.replace(cfg, per_device_train_batch_size=rows, gradient_checkpointing=gc, use_unsloth_gc=off)
+            )
+            if rows == 1 or (rows // 2) * cfg.cutoff_len < floor:
+                break
+            rows //= 2
     return plans
 
 

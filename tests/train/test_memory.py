@@ -257,6 +257,33 @@ def test_small_cards_get_a_micro_batch_and_checkpointing_that_fit(model, card_gi
 @pytest.mark.parametrize(
     ("keys", "card_gib", "expected"),
     [
+        (["--cutoff_len", "1024"], 139.8, (8, False, False)),  # short rows: the eight rows of before
+        # not one 1,024-token row without checkpointing (it would fit): 8,192 tokens at least, as packed
+        (["--cutoff_len", "1024"], 24, (8, True, False)),
+        (["--cutoff_len", "131072"], 139.8, (1, True, False)),  # one checkpointed row before any offload
+        (["--cutoff_len", "131072"], 79.6, (1, True, True)),
+        (["--cutoff_len", "131072", "--gradient_checkpointing", "false"], 139.8, None),  # refused
+        (["--cutoff_len", "131072", "--per_device_train_batch_size", "8"], 139.8, (8, True, True)),  # given: kept
+    ],
+)  # fmt: skip
+def test_unpacked_long_rows_get_fewer_rows_that_fit(keys, card_gib, expected):
+    """Unpacked rows (sized by cutoff_len) halve from eight by the packed plans' rules until a checkpointing
+    mode fits the card, as packed micro-batches shrink; a micro-batch the user gives is left as it is."""
+    argv = ["--model_name_or_path", "7B", "--dataset", "d", "--output_dir", "o", "--packing", "false", *keys]
+    cfg, fit = load_run_config(None, argv), memory.MemoryFit(int(card_gib * GIB))
+    if expected is None:
+        with pytest.raises(ConfigError, match=r"^gradient_checkpointing: 7B does not fit this GPU even with one "
+                                               r"131,072-token row a micro-batch and no checkpointing"):
+            resolve_defaults(cfg, cuda=True, cuda_bf16=True, fits=fit)
+        return
+    resolved = resolve_defaults(cfg, cuda=True, cuda_bf16=True, fits=fit)
+    assert (resolved.per_device_train_batch_size, resolved.gradient_checkpointing, resolved.use_unsloth_gc) == expected
+    assert resolved.cutoff_len == cfg.cutoff_len
+
+
+@pytest.mark.parametrize(
+    ("keys", "card_gib", "expected"),
+    [
         ([], 12, r"^quantization_bit: 7B does not fit this GPU even with one 1,024-token row a micro-batch and "
                  r"offloaded checkpointing \(estimated 13\.9 GiB, 10\.8 GiB usable of 12\.0\); set quantization_bit: 4"),
         (["--quantization_bit", "4"], 4, r"^cutoff_len: 7B does not fit .*; set a smaller cutoff_len"),
