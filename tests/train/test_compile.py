@@ -104,6 +104,36 @@ def test_compiled_layers_with_the_fused_lora_operators_train_like_eager(dropout,
     assert {"tnlora::lora_linear", "tnlora::lora_linear_backward"} <= names
 
 
+def test_compiled_recompute_leaves_out_the_output_projection(monkeypatch):
+    """Under checkpointing the compiled channel mixer's recompute calls l3's custom operator with
+    ``output_needed`` False (a graph of its own), and the step still equals the un-checkpointed eager one."""
+    from tnlora.ops import lora as lora_ops
+
+    reference = lora_model(0.1)
+    _, compiled = eager_and_compiled(True, 0.1, compiled_op=True)
+    calls: list[tuple[int, bool]] = []
+    forward_gemms = lora_ops._forward_gemms
+
+    def recording(x, *args):
+        calls.append((x.shape[1], args[-1]))
+        return forward_gemms(x, *args)
+
+    monkeypatch.setattr(lora_ops, "_forward_gemms", recording)
+    inputs = batch(48)
+    torch.manual_seed(5)
+    want = loss_and_grads(reference, inputs)
+    torch.manual_seed(5)
+    calls.clear()
+    assert_close(want, loss_and_grads(compiled, inputs))
+    layers = compiled.base_model.model.model.layers
+    glu = layers[1].channel_mixer.l3.in_features
+    # five adapted projections a layer, in the forward and again in the recompute; l3's recomputed output only
+    # is not needed (the eager first layer and the compiled second)
+    assert len(calls) == 2 * 5 * len(layers)
+    assert [width for width, needed in calls if not needed] == [glu] * len(layers)
+    assert all(layer.channel_mixer.l3.output_needed for layer in layers)
+
+
 def test_new_sequence_lengths_do_not_recompile():
     model = lora_model()
     compile_decoder_layers(model)

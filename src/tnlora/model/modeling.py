@@ -9,9 +9,10 @@ select_kernels`), the recurrent-state cache in ``cache.py``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -374,9 +375,31 @@ class TransnormerDecoderLayer(GradientCheckpointingLayer):
         x = x + mixer.output(mixer.attend(q, k, v, rows, past_key_values), u)
         return x + self.channel_mixer(self.channel_norm(x))
 
+    @contextlib.contextmanager
+    def recomputing(self) -> Iterator[None]:
+        """The context of this layer's recompute under (non-reentrant) activation checkpointing, which
+        regenerates only the tensors the backward reads. The channel mixer's output projection feeds nothing
+        but the residual add, whose backward reads no values: it is told that its output is not needed
+        (``output_needed``, an attribute of the fused LoRA layer, which then leaves its frozen GEMM out; a layer
+        without it runs as always)."""
+        unread = [m for m in (self.channel_mixer.l3,) if hasattr(m, "output_needed")]
+        for module in unread:
+            module.output_needed = False
+        try:
+            yield
+        finally:
+            for module in unread:
+                module.output_needed = True
+
 
 # ---------------------------------------------------------------------------------------------------------
 # The model.
+
+
+def _recompute_contexts(layer: TransnormerDecoderLayer) -> tuple[Any, Any]:
+    """torch checkpoint's ``context_fn`` for ``layer``: nothing around the forward, its recompute context around
+    the recompute."""
+    return contextlib.nullcontext(), layer.recomputing()
 
 
 class TransnormerPreTrainedModel(PreTrainedModel):
@@ -409,11 +432,17 @@ class TransnormerPreTrainedModel(PreTrainedModel):
             enable(ckpt_kwargs, **kwargs)
         else:
             super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs, **kwargs)
-        if offload:
-            func = functools.partial(offloaded_checkpoint, InputOffload(), **ckpt_kwargs)
-            for module in self.modules():
-                if hasattr(module, "gradient_checkpointing"):
-                    module._gradient_checkpointing_func = func
+        # The function transformers installed, rebuilt per layer: a decoder layer's recompute runs in its
+        # `recomputing` context (torch's `context_fn`, non-reentrant checkpointing only).
+        base = functools.partial(offloaded_checkpoint, InputOffload()) if offload else checkpoint
+        contexts = ckpt_kwargs.get("use_reentrant") is False and "context_fn" not in ckpt_kwargs
+        for module in self.modules():
+            if not hasattr(module, "gradient_checkpointing"):
+                continue
+            layer_kwargs = dict(ckpt_kwargs)
+            if contexts and isinstance(module, TransnormerDecoderLayer):
+                layer_kwargs["context_fn"] = functools.partial(_recompute_contexts, module)
+            module._gradient_checkpointing_func = functools.partial(base, **layer_kwargs)
 
     def post_init(self) -> None:
         super().post_init()

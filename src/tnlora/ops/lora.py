@@ -21,6 +21,12 @@ benchmarks/RESULTS.md).
 
 The compute dtype is the autocast dtype where autocast is on (as ``F.linear`` under autocast would compute),
 else the input's; the adapter's gradients come back in its weights' dtype (fp32 adapters under bf16 autocast).
+
+With ``output_needed=False`` the operation saves what it always saves but leaves its output's values
+uncomputed: the recompute of a checkpointed layer regenerates only the tensors its backward reads, and the
+layer's last projection (TNL's GLU output ``l3``) feeds nothing the backward reads, only the residual add. Its
+frozen GEMM is a fifth of the recomputed layer's GEMM work (7B: 45.1 M of 219 M frozen weights; 1B: 11.5 of
+54.5 M), and the backward needs none of it (its own input gradient is dy W, from the frozen weight alone).
 """
 
 from __future__ import annotations
@@ -54,20 +60,22 @@ def lora_linear(
     dropout: float = 0.0,
     training: bool = False,
     compiled_op: bool = True,
+    output_needed: bool = True,
 ) -> Tensor:
     """x [..., in] → [..., out] through the frozen ``weight`` [out, in] (and ``bias``) plus the adapter
     ``lora_a`` [r, in], ``lora_b`` [out, r] scaled by ``scaling``, with dropout ``dropout`` on the adapter's
     input in training. Gradients flow to x, lora_a and lora_b. A trainable base weight (not LoRA's case) takes
     :func:`lora_linear_reference`; compiled code calls the custom operators, or with ``compiled_op=False``
-    runs the composition."""
+    runs the composition. ``output_needed=False`` (the fused form only): the returned tensor is allocated but
+    not computed, while what the backward reads is saved as always (a checkpointed layer's recompute)."""
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout, training)
     p = dropout if training else 0.0
     if torch.compiler.is_compiling():
         if not compiled_op:
             return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout, training)
-        return _lora_linear_op_call(x, weight, bias, lora_a, lora_b, scaling, p)
-    return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, scaling, p)
+        return _lora_linear_op_call(x, weight, bias, lora_a, lora_b, scaling, p, output_needed)
+    return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, scaling, p, output_needed)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -90,16 +98,20 @@ def _in_compute_dtype(
 
 
 def _forward_gemms(
-    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, p: float
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, p: float,
+    output_needed: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(y, s · h, drop(x), kept-mask or None without dropout) for x [T, in] and the weights in one compute dtype:
-    with h = drop(x) Aᵀ, y = s · h Bᵀ (+ b) is written first, then the frozen GEMM adds x Wᵀ to it (β = 1)."""
+    with h = drop(x) Aᵀ, y = s · h Bᵀ (+ b) is written first, then the frozen GEMM adds x Wᵀ to it (β = 1).
+    Without ``output_needed`` y is left uncomputed (:func:`lora_linear`)."""
     if p > 0.0:
         # F.dropout's own kernel and draw (one pass; the kept-mask comes back for the backward)
         xd, mask = torch.ops.aten.native_dropout(x, p, True)
     else:
         xd, mask = x, None
     hs = xd @ (lora_a.t() * scaling)  # the scale on the [in, r] factor, not on a [T, ...] tensor
+    if not output_needed:
+        return x.new_empty((x.shape[0], weight.shape[0])), hs, xd, mask
     # The adapter's output is written once and the large GEMM reads it in its epilogue, where its compute hides
     # the read. Adding it afterwards (y += hs Bᵀ, β = 1) read and wrote the whole output again: 0.6 s of an
     # 11.1 s 7B step at 131,072 tokens, 3.6 % of a 1B step.
@@ -134,9 +146,9 @@ class _LoraLinear(torch.autograd.Function):
     """:func:`_forward_gemms` and :func:`_backward_gemms` in eager code, with the casts to the compute dtype."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, p):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, p, output_needed):
         operands = _in_compute_dtype(x, weight, bias, lora_a, lora_b)
-        y, hs, xd, mask = _forward_gemms(*operands, scaling, p)
+        y, hs, xd, mask = _forward_gemms(*operands, scaling, p, output_needed)
         ctx.save_for_backward(weight, lora_a, lora_b, xd, hs, mask)
         ctx.scaling, ctx.dtype, ctx.x_shape, ctx.x_dtype = scaling, y.dtype, x.shape, x.dtype
         ctx.p = p
@@ -157,7 +169,7 @@ class _LoraLinear(torch.autograd.Function):
             grad_a = grad_a.to(lora_a.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(lora_b.dtype)
-        return grad_x, None, None, grad_a, grad_b, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
 # The same computation as custom operators, for compiled code: the casts to the compute dtype stay outside (where
@@ -166,18 +178,19 @@ class _LoraLinear(torch.autograd.Function):
 
 @torch.library.custom_op("tnlora::lora_linear", mutates_args=())
 def _lora_linear_op(
-    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, p: float
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, p: float,
+    output_needed: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, s · h, drop(x), kept-mask) for x [T, in] and the weights in one dtype; without dropout the last two are
     empty (an operator's outputs may not alias its inputs)."""
-    y, hs, xd, mask = _forward_gemms(x, weight, bias, lora_a, lora_b, scaling, p)
+    y, hs, xd, mask = _forward_gemms(x, weight, bias, lora_a, lora_b, scaling, p, output_needed)
     if mask is None:
         return y, hs, x.new_empty((0, x.shape[1])), x.new_empty((0, x.shape[1]), dtype=torch.bool)
     return y, hs, xd, mask
 
 
 @_lora_linear_op.register_fake
-def _lora_linear_op_fake(x, weight, bias, lora_a, lora_b, scaling, p):
+def _lora_linear_op_fake(x, weight, bias, lora_a, lora_b, scaling, p, output_needed):
     rows, width = x.shape
     kept = rows if p > 0.0 else 0
     return (
@@ -207,7 +220,7 @@ def _lora_linear_backward_op_fake(dy, weight, lora_a, lora_b, xd, hs, mask, scal
 
 
 def _lora_linear_op_setup(ctx, inputs, output) -> None:
-    x, weight, _bias, lora_a, lora_b, scaling, p = inputs
+    x, weight, _bias, lora_a, lora_b, scaling, p, _output_needed = inputs
     _y, hs, xd, mask = output
     ctx.save_for_backward(weight, lora_a, lora_b, xd if p > 0.0 else x, hs, mask)
     ctx.scaling, ctx.p = scaling, p
@@ -219,7 +232,7 @@ def _lora_linear_op_backward(ctx, dy, _dh, _dxd, _dmask):
     grad_x, grad_a, grad_b = torch.ops.tnlora.lora_linear_backward(
         dy.to(hs.dtype), weight, lora_a, lora_b, xd, hs, mask, ctx.scaling, ctx.p, needs_x
     )
-    return (grad_x if needs_x else None), None, None, grad_a, grad_b, None, None
+    return (grad_x if needs_x else None), None, None, grad_a, grad_b, None, None, None
 
 
 torch.library.register_autograd(
@@ -227,9 +240,10 @@ torch.library.register_autograd(
 )
 
 
-def _lora_linear_op_call(x, weight, bias, lora_a, lora_b, scaling, p) -> Tensor:
+def _lora_linear_op_call(x, weight, bias, lora_a, lora_b, scaling, p, output_needed=True) -> Tensor:
     """lora_linear through the custom operators: inputs cast to the compute dtype, rows flattened."""
-    y = torch.ops.tnlora.lora_linear(*_in_compute_dtype(x, weight, bias, lora_a, lora_b), scaling, p)[0]
+    operands = _in_compute_dtype(x, weight, bias, lora_a, lora_b)
+    y = torch.ops.tnlora.lora_linear(*operands, scaling, p, output_needed)[0]
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

@@ -26,6 +26,9 @@ class FusedLoraLinear(LoraLinear):
     --no-lora_compiled_op``)."""
 
     compiled_op = True
+    # False while a checkpointed layer recomputes this projection and reads none of its output (set by the
+    # layer's recompute context, TransnormerDecoderLayer.recomputing): the frozen GEMM is left out.
+    output_needed = True
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         adapter = self._fused_adapter(x, args, kwargs)
@@ -36,7 +39,7 @@ class FusedLoraLinear(LoraLinear):
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
         return lora_linear(
             x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-            self.scaling[adapter], p, dropout.training, self.compiled_op,
+            self.scaling[adapter], p, dropout.training, self.compiled_op, self.output_needed,
         )
 
     def _fused_adapter(self, x: Tensor, args: tuple, kwargs: dict) -> str | None:

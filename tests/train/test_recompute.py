@@ -1,0 +1,108 @@
+"""A checkpointed layer's recompute leaves out the GLU output projection's output (``l3``: its frozen GEMM and
+its adapter's B product): that output feeds only the residual add, so the backward reads nothing of it. Checked
+on the CPU in float32: the loss and every LoRA gradient equal the un-checkpointed step bit for bit (with and
+without dropout, whose masks the recompute replays), the GEMMs the backward runs hold a recompute of every
+layer but no ``x Wᵀ`` of ``l3``, and the layer's modules read as before once the step is over. The same in
+compiled layers (the custom operator told so in the recompute): test_compile.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import noop_context_fn
+from train_helpers import batch, lora_model, loss_and_grads
+
+from tnlora.train.lora import decoder_layers
+from tnlora.train.lora_fused import FusedLoraLinear
+
+GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default}
+
+
+class Gemms(TorchDispatchMode):
+    """Every GEMM dispatched while active: its first operand's shape and the storage of its second (a frozen
+    weight's, transposed or not, is the weight's own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[tuple[int, ...], int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in GEMMS:
+            mat1, mat2 = (args[0], args[1]) if func is torch.ops.aten.mm.default else (args[1], args[2])
+            self.seen.append((tuple(mat1.shape), mat2.untyped_storage().data_ptr()))
+        return func(*args, **(kwargs or {}))
+
+    def count(self, x_shape: tuple[int, ...], linear: torch.nn.Module) -> int:
+        """How many GEMMs multiplied an input of ``x_shape`` by the frozen weight of ``linear``."""
+        return self.seen.count((x_shape, linear.get_base_layer().weight.untyped_storage().data_ptr()))
+
+
+def step_with_backward_gemms(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[Any, Gemms]:
+    """Loss and LoRA gradients of one step, and the GEMMs of its backward alone."""
+    model.zero_grad(set_to_none=True)
+    loss = model(**inputs, num_items_in_batch=int((inputs["labels"][:, 1:] != -100).sum())).loss
+    with Gemms() as gemms:
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return (loss.item(), grads), gemms
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_recompute_leaves_out_the_output_projection_and_trains_exactly(dropout: float) -> None:
+    reference = lora_model(dropout)
+    skipping, plain = lora_model(dropout), lora_model(dropout)
+    skipping.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # A context_fn of the caller's own is kept: torch's no-op one recomputes the whole layer.
+    plain.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": noop_context_fn}
+    )
+    inputs = batch(48)
+    torch.manual_seed(3)  # the same dropout masks in all three
+    want = loss_and_grads(reference, inputs)
+    torch.manual_seed(3)
+    got, skipped_gemms = step_with_backward_gemms(skipping, inputs)
+    torch.manual_seed(3)
+    got_plain, plain_gemms = step_with_backward_gemms(plain, inputs)
+
+    assert any("lora_A" in name for name in want[1])
+    for loss, grads in (got, got_plain):
+        assert loss == want[0]
+        assert set(grads) == set(want[1])
+        for name, grad in want[1].items():
+            assert torch.equal(grads[name], grad), name
+
+    tokens = inputs["input_ids"].numel()
+    for run, gemms in ((skipping, skipped_gemms), (plain, plain_gemms)):
+        for layer in decoder_layers(run):
+            l3, qkvu = layer.channel_mixer.l3, layer.token_mixer.qkvu_proj
+            assert isinstance(l3, FusedLoraLinear)
+            # the layer is recomputed: its qkvu projection's frozen GEMM runs again in the backward ...
+            assert gemms.count((tokens, qkvu.in_features), qkvu) == 1
+            # ... and l3's x Wᵀ only where the whole layer is recomputed
+            assert gemms.count((tokens, l3.in_features), l3) == (0 if run is skipping else 1)
+    # two GEMMs a layer fewer in all: l3's x Wᵀ and its adapter's s · h Bᵀ (its s · x Aᵀ is saved for dB)
+    assert len(skipped_gemms.seen) == len(plain_gemms.seen) - 2 * len(decoder_layers(skipping))
+    layers = decoder_layers(skipping)
+    # the recompute's setting does not outlive it: a forward after the step computes the whole output
+    assert all(layer.channel_mixer.l3.output_needed for layer in layers)
+
+
+def test_the_recompute_context_is_installed_on_decoder_layers_only() -> None:
+    model = lora_model()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for layer in decoder_layers(model):
+        context_fn = layer._gradient_checkpointing_func.keywords["context_fn"]
+        forward_context, recompute_context = context_fn()
+        with forward_context:
+            assert layer.channel_mixer.l3.output_needed
+        with recompute_context:
+            assert not layer.channel_mixer.l3.output_needed
+            assert layer.channel_mixer.l1.output_needed and layer.token_mixer.out_proj.output_needed
+        assert layer.channel_mixer.l3.output_needed
+    # reentrant checkpointing takes no context_fn
+    reentrant = lora_model()
+    reentrant.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert all("context_fn" not in layer._gradient_checkpointing_func.keywords for layer in decoder_layers(reentrant))
