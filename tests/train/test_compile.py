@@ -132,6 +132,11 @@ def test_compiled_recompute_leaves_out_the_output_projection(monkeypatch):
     assert len(calls) == 2 * 5 * len(layers)
     assert [width for width, needed in calls if not needed] == [glu] * len(layers)
     assert all(layer.channel_mixer.l3.output_needed for layer in layers)
+    # the forward's and the recompute's graphs are compiled once: a second step compiles nothing
+    graphs = counters["stats"]["unique_graphs"]
+    torch.manual_seed(6)
+    loss_and_grads(compiled, batch(56))
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_new_sequence_lengths_do_not_recompile():

@@ -388,8 +388,10 @@ class TransnormerDecoderLayer(GradientCheckpointingLayer):
         try:
             yield
         finally:
+            # Back to the class's default (not an instance attribute of the same value): a compiled channel
+            # mixer's guards then see the forward's state as they first did, and no third variant compiles.
             for module in unread:
-                module.output_needed = True
+                del module.output_needed
 
 
 # ---------------------------------------------------------------------------------------------------------
