@@ -380,8 +380,8 @@ class TransnormerDecoderLayer(GradientCheckpointingLayer):
         """The context of this layer's recompute under (non-reentrant) activation checkpointing, which
         regenerates only the tensors the backward reads. The channel mixer's output projection feeds nothing
         but the residual add, whose backward reads no values: it is told that its output is not needed
-        (``output_needed``, an attribute of the fused LoRA layer, which then leaves its frozen GEMM out; a layer
-        without it runs as always)."""
+        (``output_needed``, an attribute of the fused LoRA layer, which then leaves out its frozen GEMM and its
+        adapter's B product; a layer without the attribute runs as always)."""
         unread = [m for m in (self.channel_mixer.l3,) if hasattr(m, "output_needed")]
         for module in unread:
             module.output_needed = False

@@ -26,7 +26,7 @@ With ``output_needed=False`` the operation saves what it always saves but leaves
 uncomputed: the recompute of a checkpointed layer regenerates only the tensors its backward reads, and the
 layer's last projection (TNL's GLU output ``l3``) feeds nothing the backward reads, only the residual add. Its
 frozen GEMM is a fifth of the recomputed layer's GEMM work (7B: 45.1 M of 219 M frozen weights; 1B: 11.5 of
-54.5 M), and the backward needs none of it (its own input gradient is dy W, from the frozen weight alone).
+55.6 M), and the backward needs none of it (its own input gradient is dy W, from the frozen weight alone).
 """
 
 from __future__ import annotations
