@@ -9,6 +9,7 @@ themselves are checked on a GPU (test_offload_gpu.py) and timed by ``tnlora benc
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 from train_helpers import batch, lora_model, loss_and_grads
@@ -71,6 +72,19 @@ def test_activation_checkpointing_enable_reaches_the_override():
     else:
         enable(activation_checkpointing_kwargs=OFFLOAD)
     assert all(layer._gradient_checkpointing_func.func is offloaded_checkpoint for layer in decoder_layers(model))
+
+
+def test_transformers_own_offload_argument_gets_the_side_stream_offload():
+    import inspect
+
+    model = lora_model().get_base_model()
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is None or "offload" not in inspect.signature(enable).parameters:
+        pytest.skip("this transformers has no offload argument (5.24+ has)")
+    enable(activation_checkpointing_kwargs={"use_reentrant": False}, offload=True)
+    assert all(layer._gradient_checkpointing_func.func is offloaded_checkpoint for layer in decoder_layers(model))
+    enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    assert all(layer._gradient_checkpointing_func.func is checkpoint for layer in decoder_layers(model))
 
 
 def test_use_unsloth_gc_implies_gradient_checkpointing():

@@ -428,7 +428,9 @@ class TransnormerPreTrainedModel(PreTrainedModel):
         ``activation_checkpointing_enable`` (5.24+, which defers to this override).
         """
         ckpt_kwargs = dict(gradient_checkpointing_kwargs or {"use_reentrant": False})
-        offload = ckpt_kwargs.pop("offload_to_cpu", False)
+        # transformers 5.24+ has an `offload` argument of its own (save_on_cpu's copies on the compute stream):
+        # it gets the same side-stream offload as the key.
+        offload = ckpt_kwargs.pop("offload_to_cpu", False) or kwargs.get("offload", False)
         enable = getattr(super(), "_activation_checkpointing_enable", None)
         if enable is not None:  # 5.24+: the deprecated public name would warn
             enable(ckpt_kwargs, **kwargs)
