@@ -42,12 +42,8 @@ class Gemms(TorchDispatchMode):
 
 def step_with_backward_gemms(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[Any, Gemms]:
     """Loss and LoRA gradients of one step, and the GEMMs of its backward alone."""
-    model.zero_grad(set_to_none=True)
-    loss = model(**inputs, num_items_in_batch=int((inputs["labels"][:, 1:] != -100).sum())).loss
-    with Gemms() as gemms:
-        loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return (loss.item(), grads), gemms
+    gemms = Gemms()
+    return loss_and_grads(model, inputs, backward_context=gemms), gemms
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -85,9 +81,8 @@ def test_recompute_leaves_out_the_output_projection_and_trains_exactly(dropout: 
             assert gemms.count((tokens, l3.in_features), l3) == (0 if run is skipping else 1)
     # two GEMMs a layer fewer in all: l3's x Wᵀ and its adapter's s · h Bᵀ (its s · x Aᵀ is saved for dB)
     assert len(skipped_gemms.seen) == len(plain_gemms.seen) - 2 * len(decoder_layers(skipping))
-    layers = decoder_layers(skipping)
     # the recompute's setting does not outlive it: a forward after the step computes the whole output
-    assert all(layer.channel_mixer.l3.output_needed for layer in layers)
+    assert all(layer.channel_mixer.l3.output_needed for layer in decoder_layers(skipping))
 
 
 def test_the_recompute_context_is_installed_on_decoder_layers_only() -> None:
@@ -102,6 +97,9 @@ def test_the_recompute_context_is_installed_on_decoder_layers_only() -> None:
             assert not layer.channel_mixer.l3.output_needed
             assert layer.channel_mixer.l1.output_needed and layer.token_mixer.out_proj.output_needed
         assert layer.channel_mixer.l3.output_needed
+    # the other module transformers gives a checkpoint function (the decoder stack) gets none
+    others = [m for m in model.modules() if hasattr(m, "_gradient_checkpointing_func") and m not in decoder_layers(model)]
+    assert others and all("context_fn" not in m._gradient_checkpointing_func.keywords for m in others)
     # reentrant checkpointing takes no context_fn
     reentrant = lora_model()
     reentrant.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})

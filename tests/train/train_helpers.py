@@ -3,7 +3,9 @@ loss + LoRA gradients of one step."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -74,11 +76,14 @@ def batch(length: int, rows: int = 2) -> dict[str, torch.Tensor]:
 
 
 def loss_and_grads(
-    model: torch.nn.Module, inputs: dict[str, torch.Tensor]
+    model: torch.nn.Module, inputs: dict[str, torch.Tensor], backward_context: Any = None
 ) -> tuple[float, dict[str, torch.Tensor]]:
+    """The loss and trainable gradients of one step; ``backward_context`` (a context manager) around its
+    backward alone."""
     model.zero_grad(set_to_none=True)
     loss = model(**inputs, num_items_in_batch=int((inputs["labels"][:, 1:] != -100).sum())).loss
-    loss.backward()
+    with backward_context or contextlib.nullcontext():
+        loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return loss.item(), grads
 

@@ -99,7 +99,7 @@ def _in_compute_dtype(
 
 def _forward_gemms(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, p: float,
-    output_needed: bool = True,
+    output_needed: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(y, s · h, drop(x), kept-mask or None without dropout) for x [T, in] and the weights in one compute dtype:
     with h = drop(x) Aᵀ, y = s · h Bᵀ (+ b) is written first, then the frozen GEMM adds x Wᵀ to it (β = 1).
@@ -240,7 +240,7 @@ torch.library.register_autograd(
 )
 
 
-def _lora_linear_op_call(x, weight, bias, lora_a, lora_b, scaling, p, output_needed=True) -> Tensor:
+def _lora_linear_op_call(x, weight, bias, lora_a, lora_b, scaling, p, output_needed) -> Tensor:
     """lora_linear through the custom operators: inputs cast to the compute dtype, rows flattened."""
     operands = _in_compute_dtype(x, weight, bias, lora_a, lora_b)
     y = torch.ops.tnlora.lora_linear(*operands, scaling, p, output_needed)[0]
