@@ -82,7 +82,8 @@ def test_tnlora_serve_answers_on_127_0_0_1_until_interrupted(tmp_path) -> None:
                 assert time.monotonic() < deadline, "tnlora serve did not come up"
                 time.sleep(0.2)
         assert health["model"] == "cli-tiny" and health["slots"]["total"] == 2
-        body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}).encode()
+        # greedy: the reply is the same every run (a sampled one can end early at a drawn end-of-text token)
+        body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
                                          headers={"Content-Type": "application/json"})  # fmt: skip
         with urllib.request.urlopen(request, timeout=30) as response:
