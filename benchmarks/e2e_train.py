@@ -1,7 +1,7 @@
 """`tnlora train` end to end, as a user runs it: a recipe YAML, a checkpoint directory, a data file, timed.
 
 Usage: python benchmarks/e2e_train.py --recipe examples/huanhuan_7b_lora_fast.yaml --model_files DIR --data FILE
-       [--work /tmp/e2e] [--shrink] [--keep_checkpoint] [-- extra tnlora train arguments]
+       [--work /tmp/e2e] [--shrink] [--keep_checkpoint] [--profile_host N] [-- extra tnlora train arguments]
 
 No weights can be downloaded, so the checkpoint is written first: the official config.json of ``--model_files``
 (with its tokenizer.model, tokenizer_config.json, special_tokens_map.json, generation_config.json) and random
@@ -10,13 +10,17 @@ width 64 (the real vocabulary and tokenizer) for a CPU smoke run. ``--data`` (e.
 registered as the dataset named in the recipe. Then ``tnlora train RECIPE --model_name_or_path CKPT
 --dataset_dir DATA --output_dir OUT --report_to none [extra]`` runs in this process (``--gpu_memory_gib``
 caps its GPU memory, standing in for a smaller card); the last line gives the wall time of the whole command
-(loading, tokenising, compiling, evaluation, saving included) and its peak GPU memory.
+(loading, tokenising, compiling, evaluation, saving included) and its peak GPU memory. ``--profile_host N``
+runs the command under cProfile and prints its N functions of most cumulative time (the host's time: where a
+first evaluation's or a first step's seconds go), then N by own time.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import shutil
 import time
 from pathlib import Path
@@ -57,6 +61,8 @@ def main() -> int:
     parser.add_argument("--gpu_memory_gib", type=float, default=0.0,
                         help="cap this process's GPU memory for the run (as tnlora bench train --gpu_memory_gib)")
     parser.add_argument("--keep_checkpoint", action="store_true", help="reuse the checkpoint of an earlier run in --work")
+    parser.add_argument("--profile_host", type=int, default=0, metavar="N",
+                        help="run under cProfile; print the N functions of most cumulative and most own time")
     opts, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
     import yaml
@@ -87,8 +93,16 @@ def main() -> int:
         torch.cuda.reset_peak_memory_stats()
     from tnlora.cli import main as tnlora_main
 
+    profiler = cProfile.Profile() if opts.profile_host else None
     t0 = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
     code = tnlora_main(command)  # in this process, so the memory cap and the peak apply to it
+    if profiler is not None:
+        profiler.disable()
+        stats = pstats.Stats(profiler).strip_dirs()
+        stats.sort_stats("cumulative").print_stats(opts.profile_host)
+        stats.sort_stats("tottime").print_stats(opts.profile_host)
     peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_available() else ""
     print(f"tnlora train: exit {code}, {time.perf_counter() - t0:.1f} s wall (the whole command){peak}{cap}",
           flush=True)

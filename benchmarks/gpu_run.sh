@@ -28,6 +28,8 @@
 #   gemv-step       the GEMV step's launches chosen inside the captured step (benchmarks/gemv_step.py; MODELS,
 #                   default "1B,7B"; GEMV_STEP_ARGS, e.g. "--descend 1B": the models searched, the others only
 #                   compare early and late dependent launches): every try's ms a step, and the TUNED entries
+#   gemm            the training step's frozen-weight GEMMs alone (benchmarks/gemm.py; GEMM_ARGS): plain and β = 1,
+#                   forward and input gradient, per projection shape, and the SM clock under a sustained run
 #   decode-steps    batch-1 decoding (MODELS, default "1B 7B") with the layer forwards (--no-gemv), the GEMV
 #                   step (the default) and the GEMV step without dependent launches (--no-pdl), one machine
 #   opt-outs        tnlora train's defaults against their opt-outs on one machine (MODELS, default 1B):
@@ -132,6 +134,8 @@ for stage in "$@"; do
       done ;;
     gemv)
       table_script gemv.py ${GEMV_ARGS:-} ;;
+    gemm)
+      log "gemm ${GEMM_ARGS:-}"; timeout ${LIMIT:-300} python3 benchmarks/gemm.py ${GEMM_ARGS:-} 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | grep -E "^\| |reference|sustained" >> "$OUT/table.txt" ;;
     opt-outs)  # tnlora train's defaults against their opt-outs on one machine: the loss kernel and the compiled
       # fused-LoRA operators, each alone and both (MODELS, default 1B)
       for m in ${MODELS:-1B}; do
