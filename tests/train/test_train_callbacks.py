@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from tnlora.train import plot
 from tnlora.train.callbacks import ProgressCallback, format_duration
-from tnlora.train.plot import build_font_cache, end_font_cache, loss_series, plot_loss
+from tnlora.train.plot import loss_series, plot_loss
 
 
 def test_format_duration():
@@ -60,33 +57,6 @@ def test_plot_writes_a_png_with_train_and_eval(tmp_path):
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["loss.png"]  # no temp file left
     assert plot_loss([{"epoch": 1}], tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
-
-
-HISTORY = [{"loss": 3.0 - 0.1 * i, "step": i} for i in range(1, 8)]
-
-
-def test_the_plot_waits_for_the_font_cache_process(tmp_path):
-    fonts = build_font_cache()
-    assert fonts is not None
-    out = plot_loss(HISTORY, tmp_path / "loss.png", fonts=fonts)
-    assert fonts.returncode == 0  # waited for, and matplotlib's font manager imported there
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_a_font_cache_process_past_its_wait_is_stopped_and_the_plot_still_drawn(tmp_path, monkeypatch):
-    monkeypatch.setattr(plot, "FONT_CACHE_WAIT_S", 0.2)
-    stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    out = plot_loss(HISTORY, tmp_path / "loss.png", fonts=stuck)
-    assert stuck.returncode is not None and stuck.returncode != 0  # killed, reaped
-    assert out.is_file()
-
-
-def test_end_font_cache_stops_a_running_process_and_accepts_none():
-    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    end_font_cache(running)
-    assert running.returncode is not None and running.returncode != 0
-    end_font_cache(running)  # already reaped: nothing to do
-    end_font_cache(None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,50 +26,8 @@ def _ema(values: list[float], weight: float) -> list[float]:
     return out
 
 
-# How long the plot waits for the font cache's process before building the cache itself.
-FONT_CACHE_WAIT_S = 120.0
-
-
-def build_font_cache() -> subprocess.Popen | None:
-    """Start a process that imports matplotlib's font manager, so that the plot at the end of a run finds the font
-    cache built: the first import on a machine reads every system font's names (10.7 s of a 7B huanhuan run's
-    whole command on a GPU machine with CJK fonts, benchmarks/RESULTS.md), which the run then spends training
-    instead of waiting. Where the cache exists the process imports and exits. ``None`` if it cannot start (the
-    plot then builds the cache itself)."""
-    try:
-        return subprocess.Popen(
-            [sys.executable, "-c", "import matplotlib.font_manager"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-    except OSError:
-        return None
-
-
-def end_font_cache(process: subprocess.Popen | None) -> None:
-    """Stop the font cache's process if it still runs (a run that failed or never plotted) and reap it."""
-    if process is not None and process.poll() is None:
-        process.kill()
-        process.wait()
-
-
-def _wait_for_fonts(process: subprocess.Popen | None) -> None:
-    if process is None:
-        return
-    try:
-        process.wait(timeout=FONT_CACHE_WAIT_S)
-    except subprocess.TimeoutExpired:
-        end_font_cache(process)  # matplotlib builds what is missing on import; its cache file is written atomically
-
-
-def plot_loss(
-    log_history: Sequence[dict[str, Any]],
-    path: str | os.PathLike[str],
-    title: str = "",
-    fonts: subprocess.Popen | None = None,
-) -> Path | None:
-    """Draw train loss (raw and smoothed) and eval loss against the step; ``None`` when nothing was logged.
-    ``fonts``: the process of :func:`build_font_cache`, waited for before matplotlib is imported here."""
-    _wait_for_fonts(fonts)
+def plot_loss(log_history: Sequence[dict[str, Any]], path: str | os.PathLike[str], title: str = "") -> Path | None:
+    """Draw train loss (raw and smoothed) and eval loss against the step; ``None`` when nothing was logged."""
     # The Figure/Agg canvas API, not pyplot: no global backend switch, safe in threads and without a display.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

@@ -584,11 +584,11 @@ def resumed_run_id(output_dir: Path, resume: str | None) -> str:
 
 
 def save_final_outputs(
-    cfg: RunConfig, trainer, output, data: DataBundle, tokenizer, template, predict=None, fonts=None
+    cfg: RunConfig, trainer, output, data: DataBundle, tokenizer, template, predict=None
 ) -> dict[str, float]:
     """The adapter (or model), run files, ``predict()``'s outputs (do_predict), metrics, trainer state and loss
     plot in output_dir, each file replaced by a rename (``trainer_state.json``, which marks a finished run,
-    last); returns the metrics. ``fonts``: the plot's font cache process (``plot.build_font_cache``)."""
+    last); returns the metrics."""
     from tnlora.io import atomic_files
     from tnlora.train.callbacks import name_base_model_in_card
     from tnlora.train.plot import plot_loss
@@ -614,7 +614,7 @@ def save_final_outputs(
         (staged / ALL_RESULTS).write_text(json.dumps(metrics, indent=4, sort_keys=True), encoding="utf-8")
         trainer.state.save_to_json(str(staged / TRAINER_STATE))
     if cfg.plot_loss:
-        plot_loss(trainer.state.log_history, out / LOSS_PLOT, title=out.name, fonts=fonts)
+        plot_loss(trainer.state.log_history, out / LOSS_PLOT, title=out.name)
     return metrics
 
 
@@ -624,7 +624,6 @@ def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
     from tnlora.train.callbacks import OutputRecordCallback
     from tnlora.train.interrupt import StopOnInterrupt, stop_cleanly_on_interrupt
     from tnlora.train.lora import count_parameters, describe_trainable
-    from tnlora.train.plot import build_font_cache, end_font_cache
 
     t0 = time.perf_counter()
     cfg, plan, resume = preflight(cfg)
@@ -660,10 +659,7 @@ def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
     recorder = OutputRecordCallback(str(out), cfg.model_name_or_path, exclude=keep)
     stop = StopOnInterrupt()
     sampler = sample_callback(cfg, tokenizer, template)
-    fonts = None
     try:
-        # The loss plot's font cache, built beside the run from here on (matplotlib's first import on a machine).
-        fonts = build_font_cache() if main and cfg.plot_loss else None
         model = build_model(cfg, tokenizer)
         trainable, total = count_parameters(model)
         _say(describe_trainable(model))
@@ -702,14 +698,13 @@ def train(cfg: RunConfig, callbacks: list[Any] | None = None) -> TrainResult:
                 if cfg.do_predict
                 else None
             )
-            metrics = save_final_outputs(cfg, trainer, output, data, tokenizer, template, predict, fonts)
+            metrics = save_final_outputs(cfg, trainer, output, data, tokenizer, template, predict)
         except OSError as exc:
             error = checkpoints.storage_error(exc, out, str(exc.filename or out))
             if error is None:
                 raise
             raise error from None
     finally:
-        end_font_cache(fonts)
         # Also when the run fails or is interrupted: whatever it wrote is listed as its own. (Best effort: a
         # full disk keeps the marker as it was, which still names the run's earlier entries.)
         if main:
