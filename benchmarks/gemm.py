@@ -2,7 +2,7 @@
 forms the fused LoRA layer uses, and whether the card holds its clock under a long run of them.
 
 In the traced 7B steps (RESULTS.md, "Where the training step's time goes") the frozen weights' GEMMs run at
-~670–690 TFLOP/s, against 770–800 for an 8192³ product on the same card (KINDS.md). This separates the
+~670–690 TFLOP/s, against ~785 for a short run of 8192³ products on the same card. This separates the
 possible causes: the shape and layout (forward x Wᵀ, input gradient dy W), the β = 1 epilogue that adds the
 adapter's output already in y (``addmm_``), and the clock under a sustained load (nvidia-smi sampled while a
 few seconds of one shape run back to back).
