@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch import Tensor
 
 from tnlora.bench.common import cuda_seconds, environment_line
 
@@ -29,16 +30,23 @@ SHAPES = {
 }
 
 
-def forms(m: int, n: int, k: int) -> dict[str, tuple[Callable[[], object], float]]:
-    """Each form's callable and its FLOPs, on fresh random operands: forward y = x Wᵀ and input gradient dx = dy W,
-    each written fresh (β = 0) and accumulated into a tensor already holding the adapter's part (β = 1)."""
-    dev, dt = "cuda", torch.bfloat16
-    x = torch.randn(m, k, device=dev, dtype=dt)
-    w = torch.randn(n, k, device=dev, dtype=dt) / k**0.5
-    dy = torch.randn(m, n, device=dev, dtype=dt)
-    y = torch.randn(m, n, device=dev, dtype=dt)
-    dx = torch.randn(m, k, device=dev, dtype=dt)
-    flops = 2.0 * m * n * k
+def operands(m: int, n: int, k: int, device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> dict[str, Tensor]:
+    """Random x [m, k], W [n, k], dy [m, n] and the accumulators y [m, n], dx [m, k]."""
+    return {
+        "x": torch.randn(m, k, device=device, dtype=dtype),
+        "w": torch.randn(n, k, device=device, dtype=dtype) / k**0.5,
+        "dy": torch.randn(m, n, device=device, dtype=dtype),
+        "y": torch.randn(m, n, device=device, dtype=dtype),
+        "dx": torch.randn(m, k, device=device, dtype=dtype),
+    }
+
+
+def forms(t: dict[str, Tensor]) -> dict[str, tuple[Callable[[], Tensor], float]]:
+    """Each form's callable and its FLOPs on the operands ``t``: forward y = x Wᵀ and input gradient dx = dy W,
+    each written fresh (β = 0) and accumulated into a tensor already holding the adapter's part (β = 1, in
+    place: the accumulators change with every call)."""
+    x, w, dy, y, dx = t["x"], t["w"], t["dy"], t["y"], t["dx"]
+    flops = 2.0 * x.shape[0] * w.shape[0] * w.shape[1]
     return {
         "fwd x Wᵀ (β=0)": (lambda: torch.mm(x, w.t()), flops),
         "fwd y += x Wᵀ (β=1)": (lambda: y.addmm_(x, w.t()), flops),
@@ -97,6 +105,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--sustain", type=float, default=4.0, help="seconds of the 7B l1 forward back to back")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.exit(2, "error: benchmarks/gemm.py measures a CUDA GPU's GEMMs; this machine has none\n")
     print(environment_line(), flush=True)
     ref = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
@@ -108,7 +118,7 @@ def main() -> None:
     for model in args.models.split(","):
         for name, n, k in SHAPES[model]:
             for m in (int(r) for r in args.rows.split(",")):
-                for form, (fn, flops) in forms(m, n, k).items():
+                for form, (fn, flops) in forms(operands(m, n, k)).items():
                     for _ in range(2):
                         fn()
                     t = statistics.median(cuda_seconds(fn, args.repeats))
@@ -116,7 +126,7 @@ def main() -> None:
                           flush=True)
                 torch.cuda.empty_cache()
     if args.sustain > 0:
-        fn, flops = forms(131072, 11008, 4096)["fwd y += x Wᵀ (β=1)"]
+        fn, flops = forms(operands(131072, 11008, 4096))["fwd y += x Wᵀ (β=1)"]
         print(f"sustained 7B l1 forward (β=1, 131072 rows): {sustained(fn, flops, args.sustain)}", flush=True)
 
 

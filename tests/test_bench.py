@@ -288,12 +288,14 @@ def test_e2e_train_script_runs_a_recipe_on_a_random_official_checkpoint(tmp_path
     out = subprocess.run(
         [sys.executable, str(root / "benchmarks" / "e2e_train.py"), "--recipe",
          str(root / "examples" / "huanhuan_7b_lora_fast.yaml"), "--model_files", str(model_files), "--data",
-         str(SAMPLE_DATA / "quickstart_alpaca.json"), "--work", str(tmp_path / "work"), "--shrink", "--",
-         "--max_steps", "1", "--val_size", "0", "--sample_prompts", "null"],
+         str(SAMPLE_DATA / "quickstart_alpaca.json"), "--work", str(tmp_path / "work"), "--shrink", "--profile_host", "5",
+         "--", "--max_steps", "1", "--val_size", "0", "--sample_prompts", "null"],
         capture_output=True, text=True, timeout=300, cwd=root,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert re.search(r"^tnlora train: exit 0, [\d.]+ s wall", out.stdout, re.M), out.stdout
+    # --profile_host: the command's host profile, by cumulative and by own time
+    assert "Ordered by: cumulative time" in out.stdout and "Ordered by: internal time" in out.stdout
     assert (tmp_path / "work" / "ckpt" / "model.safetensors").is_file()
     assert (tmp_path / "work" / "ckpt" / "tokenizer.model").is_file()
     assert (tmp_path / "work" / "out" / "adapter_model.safetensors").is_file()
@@ -387,6 +389,31 @@ def test_gemv_step_descent_keeps_the_fastest_launch_per_projection_and_restores_
         start, end, chosen = step.coordinate_descent(shapes, measure, log=lambda line: None, batch=batch)
         assert chosen == best and end == 0.0 < start, batch
         assert tables == (gemv_ops.TUNED, gemv_ops.ROWS_TUNED)
+
+
+def test_gemm_bench_forms_compute_the_products_they_name():
+    """benchmarks/gemm.py's four forms on CPU float64 operands: x Wᵀ and dy W written fresh, and added in place to
+    what the accumulators held (β = 1); each form's FLOPs are 2 · M · N · K."""
+    gemm = _benchmark_module("gemm")
+    t = gemm.operands(6, 5, 4, device="cpu", dtype=torch.float64)
+    y0, dx0 = t["y"].clone(), t["dx"].clone()
+    got = {name: (fn(), flops) for name, (fn, flops) in gemm.forms(t).items()}
+    x, w, dy = t["x"], t["w"], t["dy"]
+    expected = [x @ w.T, y0 + x @ w.T, dy @ w, dx0 + dy @ w]
+    assert len(got) == 4
+    for (name, (out, flops)), want in zip(got.items(), expected, strict=True):
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12, msg=name)
+        assert flops == 2 * 6 * 5 * 4
+    torch.testing.assert_close(t["y"], y0 + x @ w.T)  # in place
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gemm_bench_refuses_without_a_gpu():
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "gemm.py")], capture_output=True, text=True,
+                         timeout=120, cwd=root)  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["error: benchmarks/gemm.py measures a CUDA GPU's GEMMs; this machine has none"]
 
 
 def test_gemv_step_needs_a_gpu():
