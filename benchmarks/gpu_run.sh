@@ -34,6 +34,8 @@
 #                   step (the default) and the GEMV step without dependent launches (--no-pdl), one machine
 #   opt-outs        tnlora train's defaults against their opt-outs on one machine (MODELS, default 1B):
 #                   --loss_kernel torch and / or --no-lora_compiled_op
+#   act-kernel      tnlora train's defaults with the token mixer's activation as PyTorch's form and as the kernels
+#                   (act_kernel torch / triton; MODELS, default "1B 7B"); TRAIN_ARGS="--act_kernel triton" for others
 #   loss            one chunk of the training loss: PyTorch's cross-entropy composition against the fused kernel
 #                   (benchmarks/cross_entropy.py; loss_kernel)
 #   decode-adapter  7B decoding with a LoRA adapter kept unmerged / merged
@@ -92,7 +94,7 @@ log "source $SRC at $COMMIT"
 for stage in "$@"; do
   case $stage in
     tests)
-      log "GPU tests"; pytests ${GPU_TESTS:-tests/ops tests/infer/test_decode_graph.py tests/train/test_compile_gpu.py tests/train/test_norm_kernel_gpu.py tests/train/test_loss_kernel_gpu.py tests/train/test_sync_gpu.py tests/train/test_qlora_gpu.py tests/model/test_modeling.py} ;;
+      log "GPU tests"; pytests ${GPU_TESTS:-tests/ops tests/infer/test_decode_graph.py tests/train/test_compile_gpu.py tests/train/test_norm_kernel_gpu.py tests/train/test_loss_kernel_gpu.py tests/train/test_sync_gpu.py tests/train/test_qlora_gpu.py tests/train/test_act_kernel_gpu.py tests/model/test_modeling.py} ;;
     warm)  # autotune fla for both q/k widths and head counts in parallel, then wait (at most WARM_LIMIT s)
       for kd in 128 256; do for h in 16 32; do python3 benchmarks/fla_warmup.py $kd $h > "$OUT/warm$kd-$h.txt" 2>&1 & done; done
       START=$SECONDS; while [ -n "$(jobs -pr)" ] && [ $((SECONDS - START)) -lt ${WARM_LIMIT:-300} ]; do sleep 2; done
@@ -145,6 +147,10 @@ for stage in "$@"; do
       done ;;
     loss)
       table_script cross_entropy.py ;;
+    act-kernel)  # the token mixer's activation: PyTorch's form against the kernels (MODELS, default "1B 7B")
+      for m in ${MODELS:-1B 7B}; do for a in torch triton; do
+        train --model $m --act_kernel $a --name "$m huanhuan-shaped, tnlora train's defaults, act_kernel $a ($COMMIT)$TAG"
+      done; done ;;
     decode-kernel)
       for m in ${MODELS:-7B 1B}; do for k in torch triton; do decode --model $m --decode_kernel $k; done; done ;;
     decode-adapter)

@@ -290,6 +290,7 @@ def train_bench(args: argparse.Namespace, keys: dict[str, Any], name: str) -> Tr
               f"quantization_bit {cfg.quantization_bit}{memory_note(cfg)}", flush=True)  # fmt: skip
         model = random_model(args.model, cfg.attention_impl, device, quantization=quantization_of(cfg))
         model.config.norm_kernel, model.config.loss_kernel = args.norm_kernel, args.loss_kernel
+        model.config.act_kernel = args.act_kernel
         model.select_kernels()
         n_params = parameter_count(model.config)  # the tied embedding once, 4-bit weights at their full count
         model = prepare_for_training(model, cfg)  # as `tnlora train` does; warm-up steps absorb compile time
@@ -333,7 +334,8 @@ def run(args: argparse.Namespace, keys: dict[str, Any]) -> int:
     shape = f"one {args.seq_len}-token sequence a row" if args.seq_len else "data-shaped"
     given = " ".join(f"{k}={v}" for k, v in keys.items())
     op = "" if args.lora_compiled_op else " no-lora_compiled_op"
-    settings = f"{shape}{' ' + given if given else ''} norms={args.norm_kernel} loss={args.loss_kernel}{op}{cap}"
+    act = f" act={args.act_kernel}" if args.act_kernel != "torch" else ""
+    settings = f"{shape}{' ' + given if given else ''} norms={args.norm_kernel} loss={args.loss_kernel}{act}{op}{cap}"
     print(f"config: {args.model} {settings}", flush=True)  # every row can be traced to its settings
     r = train_bench(args, keys, args.name or f"{args.model} {settings}")
     print("| run | tokens/s | MFU | peak GiB | s/step | loss |\n|---|---|---|---|---|---|")

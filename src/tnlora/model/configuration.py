@@ -73,6 +73,12 @@ class TransnormerConfig(PreTrainedConfig):
     # up to the order of the sums; CUDA or Triton's interpreter) or "auto": triton on CUDA when it imports
     # (compiled code keeps PyTorch's ops, which the compiler sees).
     loss_kernel: str = "auto"
+    # The token mixer's activation of its projection (q, k through SiLU, v's pad mask, u) with grad: "torch"
+    # (PyTorch's ops; autograd concatenates the four gradients) or "triton" (one forward and one backward kernel
+    # that writes each part's gradient in place; equal up to rounding; u becomes a copy, 2 bytes per token and
+    # unit of width more memory). "auto": triton on CUDA when it imports. The default stays "torch" until the
+    # kernel's step time is measured (benchmarks/RESULTS.md).
+    act_kernel: str = "torch"
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -104,6 +110,7 @@ class TransnormerConfig(PreTrainedConfig):
             ("decode_kernel", "the recurrence of static decode steps"),
             ("norm_kernel", "the norms on CUDA"),
             ("loss_kernel", "the chunked loss's cross-entropy"),
+            ("act_kernel", "the token mixer's activation"),
         ):
             if getattr(self, name) not in KERNEL_CHOICES:
                 raise ConfigError(f"{name} must be one of {KERNEL_CHOICES} ({what}), got {getattr(self, name)!r}")

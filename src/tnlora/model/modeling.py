@@ -34,6 +34,7 @@ from tnlora.ops.cross_entropy import cross_entropy_grad_, cross_entropy_grad_ref
 from tnlora.ops.lightning import lightning_attention
 from tnlora.ops.norm import add_rms_norm, gated_rms_norm, rms_norm, takes_rows
 from tnlora.ops.packing import PackedRows
+from tnlora.ops.qkvu_act import qkvu_act
 from tnlora.ops.select import Kernels, kernels_for
 
 logger = logging.get_logger(__name__)
@@ -229,6 +230,7 @@ class NormLinearAttention(nn.Module):
         self.impl = "chunked"
         self.forward_impl = "chunked"
         self.step_impl = "recurrent"
+        self.act_kernel = "torch"  # ops.qkvu_act with grad on CUDA where "triton" (select_kernels sets it)
         self.chunk_size = config.lightning_chunk_size
         # Registration order gives the official key order: out_proj, lrpe.theta, qkvu_proj.
         self.out_proj = nn.Linear(config.hidden_dim, config.decoder_embed_dim, bias=config.bias)
@@ -267,13 +269,19 @@ class NormLinearAttention(nn.Module):
         self, x: Tensor, v_mask: Tensor | None = None, position_offset: int | Tensor = 0
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """q, k, v [B, T, H, D] (activation, LRPE and the pad mask applied) and the gate u [B, T, hidden]."""
-        q, k, v, u = self.heads(x)
-        q, k = self.act(q), self.act(k)
+        if self.act_kernel == "triton" and self.act is F.silu and torch.is_grad_enabled() and x.is_cuda:
+            # One kernel each way; its backward writes the projection's gradient without a concatenation.
+            q, k, v, u = qkvu_act(self.qkvu_proj(x), v_mask)
+            shape = (*q.shape[:2], self.num_heads, self.head_dim)
+            q, k, v = q.view(shape), k.view(shape), v.view(shape)
+        else:
+            q, k, v, u = self.heads(x)
+            q, k = self.act(q), self.act(k)
+            if v_mask is not None:
+                # Padded tokens add nothing to any state; q and k stay unmasked (official behaviour).
+                v = v.masked_fill(~v_mask[:, :, None, None], 0)
         if self.lrpe is not None:
             q, k = self.lrpe(q, position_offset), self.lrpe(k, position_offset)
-        if v_mask is not None:
-            # Padded tokens add nothing to any state; q and k stay unmasked (official behaviour).
-            v = v.masked_fill(~v_mask[:, :, None, None], 0)
         return q, k, v, u
 
     def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -470,7 +478,8 @@ class TransnormerPreTrainedModel(PreTrainedModel):
     def select_kernels(self, device: torch.device | str | None = None) -> Kernels:
         """Point every norm and token mixer at the implementations ``tnlora.ops.select`` chooses for this config
         on ``device`` (default: where the parameters are). Called when the model is built, loaded or moved, and
-        after a change of ``config.lightning_impl`` / ``norm_kernel`` / ``loss_kernel``; forwards only read the
+        after a change of ``config.lightning_impl`` / ``norm_kernel`` / ``loss_kernel`` / ``act_kernel``; forwards
+        only read the
         choice."""
         if device is None:
             first = next(self.parameters(), None)
@@ -482,6 +491,7 @@ class TransnormerPreTrainedModel(PreTrainedModel):
             elif isinstance(module, NormLinearAttention):
                 module.impl, module.forward_impl = kernels.attention, kernels.attention_forward
                 module.step_impl = kernels.attention_step
+                module.act_kernel = kernels.act
             elif isinstance(module, TransnormerForCausalLM):
                 module.loss_kernel = kernels.loss
         return kernels

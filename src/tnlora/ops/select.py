@@ -1,7 +1,7 @@
 """Which implementation of each operation runs on which device: decided here and nowhere else.
 
 The model's config names a choice per operation (``lightning_impl``, ``norm_kernel``, ``decode_kernel``,
-``loss_kernel``), each "auto" by default; :func:`kernels_for` turns the choices
+``loss_kernel``, ``act_kernel``), each "auto" by default (``act_kernel``: "torch" until measured); :func:`kernels_for` turns the choices
 into implementations for one device. The model applies them when it is built and whenever it moves to
 another device (``TransnormerPreTrainedModel.select_kernels``), never inside a forward; the static decode step
 (``infer.decode_graph``) resolves ``decode_kernel`` with :func:`kernel_impl` when its runner is built.
@@ -58,7 +58,7 @@ def step_attention_impl(choice: str) -> str:
 
 
 def kernel_impl(choice: str, device: torch.device | str, field: str) -> str:
-    """"torch" or "triton" for the config ``field`` (norm_kernel, decode_kernel, loss_kernel) set to ``choice``
+    """"torch" or "triton" for the config ``field`` (norm_kernel, decode_kernel, loss_kernel, act_kernel) set to ``choice``
     on ``device``: auto → triton on CUDA when it imports (the device is checked first: a CPU model never imports
     triton)."""
     if choice not in KERNEL_CHOICES:
@@ -81,6 +81,7 @@ class Kernels:
     attention_step: str  # one-token lightning attention calls
     norm: str  # SimpleRMSNorm: torch | triton (forward and backward kernels; no-grad forwards too)
     loss: str  # the chunked loss's cross-entropy and logit gradient: torch | triton
+    act: str  # the token mixer's activation with grad (ops.qkvu_act): torch | triton
 
 
 def kernels_for(config: object, device: torch.device | str) -> Kernels:
@@ -94,6 +95,7 @@ def kernels_for(config: object, device: torch.device | str) -> Kernels:
         attention_step=step_attention_impl(impl),
         norm=kernel_impl(getattr(config, "norm_kernel", "auto"), device, "norm_kernel"),
         loss=kernel_impl(getattr(config, "loss_kernel", "auto"), device, "loss_kernel"),
+        act=kernel_impl(getattr(config, "act_kernel", "torch"), device, "act_kernel"),
     )
 
 
