@@ -479,8 +479,7 @@ class TransnormerPreTrainedModel(PreTrainedModel):
         """Point every norm and token mixer at the implementations ``tnlora.ops.select`` chooses for this config
         on ``device`` (default: where the parameters are). Called when the model is built, loaded or moved, and
         after a change of ``config.lightning_impl`` / ``norm_kernel`` / ``loss_kernel`` / ``act_kernel``; forwards
-        only read the
-        choice."""
+        only read the choice."""
         if device is None:
             first = next(self.parameters(), None)
             device = first.device if first is not None else torch.device("cpu")

@@ -9,7 +9,7 @@ import triton.language as tl
 
 @triton.jit
 def _tile(T, H, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-    """This program's rows (program axis 0) and columns of one part (axis 1), and their mask."""
+    """This program's rows (program axis 0) and its columns within each part (axis 1), and their mask."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     ok = (rows < T)[:, None] & (cols < H)[None, :]
