@@ -8,9 +8,10 @@ PyTorch's form (``qkvu_act_reference``) leaves the backward to autograd: the fou
 concatenation, which Inductor compiles as a single pointwise kernel selecting its source per element with masks
 (1B: 755 µs a layer for 1.3 GB, ~1.7 TB/s; 7B at 131,072 tokens: 6.8 ms, ~1.6 TB/s; benchmarks/RESULTS.md) and
 which no Inductor option changed. Here the backward is one kernel whose programs each take one tile of rows and
-columns and write it in each of the four parts, so every load and store is a plain 2-D block. The forward is one kernel too; u is returned as its own tensor (an
-operator's outputs cannot alias its input), a [..., H] copy that the gate then keeps for its backward in place of
-the view of qkvu: 2 bytes per token and unit of width more activation memory.
+columns and write it in each of the four parts, so every load and store is a plain 2-D block. The forward is one
+kernel too; u is returned as its own tensor (an operator's outputs cannot alias its input), a [..., H] copy that
+the gate then keeps for its backward in place of the view of qkvu: 2 bytes per token and unit of width more
+activation memory.
 
 Custom operators (``tnlora::qkvu_act`` and its backward), so that compiled layers call them as they are; the model
 uses them with ``act_kernel: triton`` (the model config; default "torch", the reference form, until the kernel's

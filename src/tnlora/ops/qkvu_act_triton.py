@@ -22,6 +22,18 @@ def _widen(x, FP64: tl.constexpr):
 
 
 @triton.jit
+def _silu(w):
+    return w / (1.0 + tl.exp(-w))
+
+
+@triton.jit
+def _silu_backward(g, w):
+    """g times silu's derivative at w: σ(w) (1 + w (1 − σ(w)))."""
+    s = 1.0 / (1.0 + tl.exp(-w))
+    return g * s * (1.0 + w * (1.0 - s))
+
+
+@triton.jit
 def qkvu_act_kernel(
     x_ptr, keep_ptr, q_ptr, k_ptr, v_ptr, u_ptr, stride_x, T, H,
     HAS_KEEP: tl.constexpr, FP64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -31,11 +43,10 @@ def qkvu_act_kernel(
     rows, cols, ok = _tile(T, H, BLOCK_T, BLOCK_H)
     src = x_ptr + rows[:, None] * stride_x + cols[None, :]
     dst = rows[:, None] * H + cols[None, :]
-    xq = tl.load(src, mask=ok, other=0.0)
-    wq = _widen(xq, FP64)
-    tl.store(q_ptr + dst, (wq / (1.0 + tl.exp(-wq))).to(q_ptr.dtype.element_ty), mask=ok)
+    wq = _widen(tl.load(src, mask=ok, other=0.0), FP64)
+    tl.store(q_ptr + dst, _silu(wq).to(q_ptr.dtype.element_ty), mask=ok)
     wk = _widen(tl.load(src + H, mask=ok, other=0.0), FP64)
-    tl.store(k_ptr + dst, (wk / (1.0 + tl.exp(-wk))).to(k_ptr.dtype.element_ty), mask=ok)
+    tl.store(k_ptr + dst, _silu(wk).to(k_ptr.dtype.element_ty), mask=ok)
     xv = tl.load(src + 2 * H, mask=ok, other=0.0)
     if HAS_KEEP:
         kept = tl.load(keep_ptr + rows, mask=rows < T, other=0) != 0
@@ -50,21 +61,19 @@ def qkvu_act_backward_kernel(
     stride_x, stride_dq, stride_dk, stride_dv, stride_du, T, H,
     HAS_KEEP: tl.constexpr, FP64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
-    """dx [T, 4H] of the forward above, each part written into its own columns: silu's derivative
-    σ(x) (1 + x (1 − σ(x))) times dq and dk, dv where kept (zero elsewhere), du as it is."""
+    """dx [T, 4H] of the forward above, each part written into its own columns: silu's derivative times dq and
+    dk, dv where kept (zero elsewhere), du as it is."""
     rows, cols, ok = _tile(T, H, BLOCK_T, BLOCK_H)
     src = x_ptr + rows[:, None] * stride_x + cols[None, :]
     dst = dx_ptr + rows[:, None] * (4 * H) + cols[None, :]
     r = rows[:, None]
     c = cols[None, :]
-    dq = tl.load(dq_ptr + r * stride_dq + c, mask=ok, other=0.0)
+    dq = _widen(tl.load(dq_ptr + r * stride_dq + c, mask=ok, other=0.0), FP64)
     wq = _widen(tl.load(src, mask=ok, other=0.0), FP64)
-    sq = 1.0 / (1.0 + tl.exp(-wq))
-    tl.store(dst, (_widen(dq, FP64) * sq * (1.0 + wq * (1.0 - sq))).to(dx_ptr.dtype.element_ty), mask=ok)
-    dk = tl.load(dk_ptr + r * stride_dk + c, mask=ok, other=0.0)
+    tl.store(dst, _silu_backward(dq, wq).to(dx_ptr.dtype.element_ty), mask=ok)
+    dk = _widen(tl.load(dk_ptr + r * stride_dk + c, mask=ok, other=0.0), FP64)
     wk = _widen(tl.load(src + H, mask=ok, other=0.0), FP64)
-    sk = 1.0 / (1.0 + tl.exp(-wk))
-    tl.store(dst + H, (_widen(dk, FP64) * sk * (1.0 + wk * (1.0 - sk))).to(dx_ptr.dtype.element_ty), mask=ok)
+    tl.store(dst + H, _silu_backward(dk, wk).to(dx_ptr.dtype.element_ty), mask=ok)
     dv = tl.load(dv_ptr + r * stride_dv + c, mask=ok, other=0.0)
     if HAS_KEEP:
         kept = tl.load(keep_ptr + rows, mask=rows < T, other=0) != 0

@@ -1,10 +1,11 @@
 """Which implementation of each operation runs on which device: decided here and nowhere else.
 
 The model's config names a choice per operation (``lightning_impl``, ``norm_kernel``, ``decode_kernel``,
-``loss_kernel``, ``act_kernel``), each "auto" by default (``act_kernel``: "torch" until measured); :func:`kernels_for` turns the choices
-into implementations for one device. The model applies them when it is built and whenever it moves to
-another device (``TransnormerPreTrainedModel.select_kernels``), never inside a forward; the static decode step
-(``infer.decode_graph``) resolves ``decode_kernel`` with :func:`kernel_impl` when its runner is built.
+``loss_kernel``, ``act_kernel``), each "auto" by default (``act_kernel``: "torch" until measured);
+:func:`kernels_for` turns the choices into implementations for one device. The model applies them when it is
+built and whenever it moves to another device (``TransnormerPreTrainedModel.select_kernels``), never inside a
+forward; the static decode step (``infer.decode_graph``) resolves ``decode_kernel`` with :func:`kernel_impl` when
+its runner is built.
 
 "auto" means: on CUDA, fla-core's kernels for multi-token attention with gradients (training) when fla imports,
 and the Triton kernels for the attention without gradients (prefill, evaluation: one launch a layer,
@@ -58,9 +59,9 @@ def step_attention_impl(choice: str) -> str:
 
 
 def kernel_impl(choice: str, device: torch.device | str, field: str) -> str:
-    """"torch" or "triton" for the config ``field`` (norm_kernel, decode_kernel, loss_kernel, act_kernel) set to ``choice``
-    on ``device``: auto → triton on CUDA when it imports (the device is checked first: a CPU model never imports
-    triton)."""
+    """"torch" or "triton" for the config ``field`` (norm_kernel, decode_kernel, loss_kernel, act_kernel) set to
+    ``choice`` on ``device``: auto → triton on CUDA when it imports (the device is checked first: a CPU model never
+    imports triton)."""
     if choice not in KERNEL_CHOICES:
         raise ConfigError(f"{field} must be one of {KERNEL_CHOICES}, got {choice!r}")
     if choice == "auto":
