@@ -36,6 +36,8 @@
 #                   --loss_kernel torch and / or --no-lora_compiled_op
 #   act-kernel      tnlora train's defaults with the token mixer's activation as PyTorch's form and as the kernels
 #                   (act_kernel torch / triton; MODELS, default "1B 7B"); TRAIN_ARGS="--act_kernel triton" for others
+#   act             the activation alone, forward and backward, compiled PyTorch form against the operators
+#                   (benchmarks/act.py; ACT_ARGS, e.g. "--shapes 1B:32768"): ms, GB/s and each form's error
 #   loss            one chunk of the training loss: PyTorch's cross-entropy composition against the fused kernel
 #                   (benchmarks/cross_entropy.py; loss_kernel)
 #   decode-adapter  7B decoding with a LoRA adapter kept unmerged / merged
@@ -147,6 +149,8 @@ for stage in "$@"; do
       done ;;
     loss)
       table_script cross_entropy.py ;;
+    act)
+      log "act ${ACT_ARGS:-}"; timeout ${LIMIT:-300} python3 benchmarks/act.py ${ACT_ARGS:-} 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | grep -E "^\| " >> "$OUT/table.txt" ;;
     act-kernel)  # the token mixer's activation: PyTorch's form against the kernels (MODELS, default "1B 7B")
       for m in ${MODELS:-1B 7B}; do for a in torch triton; do
         train --model $m --act_kernel $a --name "$m huanhuan-shaped, tnlora train's defaults, act_kernel $a ($COMMIT)$TAG"

@@ -422,3 +422,31 @@ def test_gemv_step_needs_a_gpu():
     script = Path(__file__).parents[1] / "benchmarks" / "gemv_step.py"
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip() == "gemv_step.py: needs a CUDA GPU"
+
+
+def test_act_bench_backward_gives_the_activations_gradient_and_counts_bytes_alike():
+    """benchmarks/act.py on CPU float64 with PyTorch's form: the backward it times is the gradient of the four
+    outputs against the given incoming gradients (q, k through SiLU's derivative, v zero where padded, u as is),
+    repeatable on the kept graph; the bytes counted are 6 and 10 parts of tokens × hidden."""
+    from tnlora.ops.qkvu_act import qkvu_act_reference
+
+    act = _benchmark_module("act")
+    qkvu, keep, grads = act.inputs(100, 4, device="cpu", dtype=torch.float64)
+    assert keep.sum().item() == 97 and not keep[97:].any()
+    forward, backward = act.step_fns(qkvu_act_reference, qkvu, keep, grads)
+    assert [tuple(o.shape) for o in forward()] == [(100, 4)] * 4
+    x = qkvu.detach()
+    dsilu = lambda t: torch.sigmoid(t) * (1 + t * (1 - torch.sigmoid(t)))  # noqa: E731
+    want = torch.cat([grads[0] * dsilu(x[:, :4]), grads[1] * dsilu(x[:, 4:8]), grads[2] * keep[:, None], grads[3]], 1)
+    torch.testing.assert_close(backward(), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(backward(), want, rtol=1e-12, atol=1e-12)
+    assert act.moved_bytes(100, 4) == (6 * 800, 10 * 800)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_act_bench_refuses_without_a_gpu():
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "act.py")], capture_output=True, text=True,
+                         timeout=120, cwd=root)  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["error: benchmarks/act.py measures CUDA kernels; this machine has none"]
