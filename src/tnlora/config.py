@@ -210,6 +210,15 @@ class RunConfig:
             "when not even plain checkpointing is estimated to fit)"
         ),
     )
+    checkpoint_regions: str = field(
+        default="layer",
+        metadata=_opt(
+            "what one activation checkpoint holds: the whole decoder layer, or each mixer step apart (mixers: "
+            "each layer also keeps its middle residual, tokens x hidden more memory, and its recompute leaves "
+            "out both output projections; not with use_unsloth_gc)",
+            choices=("layer", "mixers"),
+        ),
+    )
     torch_compile: bool | None = field(
         default=None,
         metadata=_opt(
@@ -767,6 +776,11 @@ def _check_combinations(cfg: RunConfig) -> None:
         raise ConfigError(
             "bf16: a quantized base (quantization_bit) computes in bf16; set bf16: true or drop quantization_bit"
         )
+    if cfg.checkpoint_regions == "mixers" and cfg.use_unsloth_gc:
+        raise ConfigError(
+            "checkpoint_regions: mixers keeps each layer's middle residual on the GPU, use_unsloth_gc moves layer "
+            "inputs off it; set one of them"
+        )
     if cfg.freeze_trainable_layers == 0:
         raise ConfigError("freeze_trainable_layers: must not be 0 (n > 0: last n layers, n < 0: first n)")
     if not split_list(cfg.dataset):
@@ -934,12 +948,15 @@ def resolve_defaults(
 
 
 def _open_modes(cfg: RunConfig) -> list[tuple[bool, bool]]:
-    """(gradient_checkpointing, use_unsloth_gc) pairs the config leaves possible, least memory-saving first."""
+    """(gradient_checkpointing, use_unsloth_gc) pairs the config leaves possible, least memory-saving first
+    (``checkpoint_regions: mixers`` leaves out offload)."""
     modes = [(False, False), (True, False), (True, True)]
     return [
         (gc, off)
         for gc, off in modes
-        if cfg.gradient_checkpointing in (None, gc) and cfg.use_unsloth_gc in (None, off)
+        if cfg.gradient_checkpointing in (None, gc)
+        and cfg.use_unsloth_gc in (None, off)
+        and not (off and cfg.checkpoint_regions == "mixers")
     ]
 
 

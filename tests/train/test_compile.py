@@ -49,16 +49,18 @@ def assert_close(eager: tuple[float, dict], compiled: tuple[float, dict]) -> Non
         torch.testing.assert_close(compiled[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def eager_and_compiled(checkpointing: bool, dropout: float = 0.0, compiled_op: bool = False):
+def eager_and_compiled(checkpointing: bool, dropout: float = 0.0, compiled_op: bool = False, regions: str = "layer"):
     """Two copies of the tiny LoRA model, the second's decoder layers compiled (the fused LoRA layers' custom
-    operators in them with ``compiled_op``)."""
+    operators in them with ``compiled_op``; ``regions``: what one checkpoint holds)."""
     from tnlora.train.lora_fused import FusedLoraLinear
 
     eager = lora_model(dropout)
     compiled = copy.deepcopy(eager)
     for model in (eager, compiled):
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False, "checkpoint_regions": regions}
+            )
     for module in compiled.modules():
         if isinstance(module, FusedLoraLinear):
             module.compiled_op = compiled_op
@@ -104,13 +106,15 @@ def test_compiled_layers_with_the_fused_lora_operators_train_like_eager(dropout,
     assert {"tnlora::lora_linear", "tnlora::lora_linear_backward"} <= names
 
 
-def test_compiled_recompute_leaves_out_the_output_projection(monkeypatch):
+@pytest.mark.parametrize("regions", ["layer", "mixers"])
+def test_compiled_recompute_leaves_out_the_output_projection(monkeypatch, regions):
     """Under checkpointing the compiled channel mixer's recompute calls l3's custom operator with
-    ``output_needed`` False (a graph of its own), and the step still equals the un-checkpointed eager one."""
+    ``output_needed`` False (a graph of its own), and the step still equals the un-checkpointed eager one; with
+    the mixers checkpointed apart the token mixer's recompute does the same for out_proj."""
     from tnlora.ops import lora as lora_ops
 
     reference = lora_model(0.1)
-    _, compiled = eager_and_compiled(True, 0.1, compiled_op=True)
+    _, compiled = eager_and_compiled(True, 0.1, compiled_op=True, regions=regions)
     calls: list[tuple[int, bool]] = []
     forward_gemms = lora_ops._forward_gemms
 
@@ -126,12 +130,15 @@ def test_compiled_recompute_leaves_out_the_output_projection(monkeypatch):
     calls.clear()
     assert_close(want, loss_and_grads(compiled, inputs))
     layers = compiled.base_model.model.model.layers
-    glu = layers[1].channel_mixer.l3.in_features
-    # five adapted projections a layer, in the forward and again in the recompute; l3's recomputed output only
-    # is not needed (the eager first layer and the compiled second)
+    glu, dim = layers[1].channel_mixer.l3.in_features, layers[1].token_mixer.out_proj.in_features
+    # five adapted projections a layer, in the forward and again in the recompute; l3's recomputed output (and
+    # out_proj's with the mixers apart, recomputed after the channel mixer's) is not needed (the eager first
+    # layer and the compiled second)
     assert len(calls) == 2 * 5 * len(layers)
-    assert [width for width, needed in calls if not needed] == [glu] * len(layers)
+    unread = [glu] if regions == "layer" else [glu, dim]
+    assert [width for width, needed in calls if not needed] == unread * len(layers)
     assert all(layer.channel_mixer.l3.output_needed for layer in layers)
+    assert all(layer.token_mixer.out_proj.output_needed for layer in layers)
     # the forward's and the recompute's graphs are compiled once: a second step compiles nothing
     graphs = counters["stats"]["unique_graphs"]
     torch.manual_seed(6)

@@ -1,6 +1,7 @@
 """torch_compile on CUDA in bf16 with the fla kernel: compiled decoder layers (whole layers, or their sub-blocks
-under gradient checkpointing, with and without CPU offload) give the eager loss and LoRA gradients within bf16
-tolerance. Skipped without CUDA and fla-core; run on a GPU with ``pytest -s -m gpu tests/train``.
+under gradient checkpointing, with and without CPU offload, each checkpoint a whole layer or one mixer) give the
+eager loss and LoRA gradients within bf16 tolerance. Skipped without CUDA and fla-core; run on a GPU with
+``pytest -s -m gpu tests/train``.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from tnlora.train.compile import compile_decoder_layers
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("checkpointing", [None, "plain", "offload"])
+@pytest.mark.parametrize("checkpointing", [None, "plain", "offload", "mixers"])
 def test_compiled_layers_match_eager_in_bf16_with_fla(checkpointing: str | None) -> None:
     models = [lora_model(device="cuda", dtype=torch.bfloat16, impl="fla", **GEOMETRY_1B) for _ in range(2)]
     if checkpointing:
         kwargs = {"use_reentrant": False, "offload_to_cpu": checkpointing == "offload"}
+        if checkpointing == "mixers":  # each mixer a checkpoint of its own
+            kwargs["checkpoint_regions"] = "mixers"
         for model in models:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     compile_decoder_layers(models[1], checkpointing=checkpointing is not None)

@@ -231,6 +231,10 @@ def test_checkpointing_keeps_each_layers_input_and_offload_keeps_two():
     assert memory.activation_bytes(config, plain) == 46 * tokens_width * 30
     assert memory.activation_bytes(config, checkpointed) == (2 * 46 + 2 * 30) * tokens_width
     assert memory.activation_bytes(config, offloaded) == (2 * 46 + 2 * 2) * tokens_width
+    # the mixers checkpointed apart: each layer's middle residual too
+    apart = gpu_config("7B", "--per_device_train_batch_size", "8", "--gradient_checkpointing", "true",
+                       "--checkpoint_regions", "mixers")  # fmt: skip
+    assert memory.activation_bytes(config, apart) == (2 * 46 + 2 * 2 * 30) * tokens_width
 
 
 @pytest.mark.parametrize(
@@ -313,6 +317,10 @@ def test_the_plans_try_only_what_the_user_left_open():
                                                  (1, True, True)]  # fmt: skip
     # rows of 16,384 tokens: one row is the smallest micro-batch, whatever the budget
     assert plans("--cutoff_len", "16384") == [(2, False, False), (1, False, False), (1, True, False), (1, True, True)]
+    # the mixers checkpointed apart keep their inputs on the GPU: no offloaded plans
+    assert plans("--cutoff_len", "16384", "--checkpoint_regions", "mixers") == [
+        (2, False, False), (1, False, False), (1, True, False),
+    ]  # fmt: skip
 
 
 def test_a_given_micro_batch_gets_the_least_checkpointing_that_fits():

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from train_helpers import batch, lora_model, loss_and_grads
 
 from tnlora.config import load_run_config, resolve_defaults
+from tnlora.errors import ConfigError
 from tnlora.model.offload import offloaded_checkpoint
 from tnlora.train.lora import decoder_layers
 
@@ -109,6 +110,14 @@ def test_training_arguments_use_this_transformers_checkpointing_names(tmp_path):
     kwargs = getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs
     assert args.gradient_checkpointing is True  # mirrored from the new name on 5.24+
     assert kwargs == {"use_reentrant": False, "offload_to_cpu": True}
+    apart = ["--gradient_checkpointing", "true", "--checkpoint_regions", "mixers"]
+    cfg = resolve_defaults(load_run_config(None, [*base, *apart]), cuda=False, cuda_bf16=False)
+    args = training_arguments(cfg, has_eval=False)
+    kwargs = getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs
+    assert kwargs == {"use_reentrant": False, "offload_to_cpu": False, "checkpoint_regions": "mixers"}
+    with pytest.raises(ConfigError, match=r"^checkpoint_regions: mixers keeps each layer's middle residual on the GPU, "
+                       r"use_unsloth_gc moves layer inputs off it; set one of them$"):  # fmt: skip
+        load_run_config(None, [*base, "--checkpoint_regions", "mixers", "--use_unsloth_gc", "true"])
     plain = resolve_defaults(load_run_config(None, base), cuda=False, cuda_bf16=False)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*checkpointing.*deprecated")

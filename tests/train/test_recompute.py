@@ -3,7 +3,11 @@ its adapter's B product): that output feeds only the residual add, so the backwa
 on the CPU in float32: the loss and every LoRA gradient equal the un-checkpointed step bit for bit (with and
 without dropout, whose masks the recompute replays), the GEMMs the backward runs hold a recompute of every
 layer but no ``x Wᵀ`` of ``l3``, and the layer's modules read as before once the step is over. The same in
-compiled layers (the custom operator told so in the recompute): test_compile.py."""
+compiled layers (the custom operator told so in the recompute): test_compile.py.
+
+With ``checkpoint_regions: "mixers"`` each layer's token-mixer and channel-mixer steps are checkpoints of their
+own, and the token step's recompute also leaves out ``out_proj``'s output (it too feeds only a residual add):
+the same exactness, two GEMMs a layer fewer again, and the refusals where it cannot apply."""
 
 from __future__ import annotations
 
@@ -104,3 +108,69 @@ def test_the_recompute_context_is_installed_on_decoder_layers_only() -> None:
     reentrant = lora_model()
     reentrant.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     assert all("context_fn" not in layer._gradient_checkpointing_func.keywords for layer in decoder_layers(reentrant))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_mixers_checkpointed_apart_leave_out_both_output_projections_and_train_exactly(dropout: float) -> None:
+    reference, layered = lora_model(dropout), lora_model(dropout)
+    apart = lora_model(dropout)
+    layered.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apart.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False, "checkpoint_regions": "mixers"}
+    )
+    assert apart.is_gradient_checkpointing
+    inputs = batch(48)
+    torch.manual_seed(3)  # the same dropout masks in all three
+    want = loss_and_grads(reference, inputs)
+    torch.manual_seed(3)
+    _, layered_gemms = step_with_backward_gemms(layered, inputs)
+    torch.manual_seed(3)
+    got, gemms = step_with_backward_gemms(apart, inputs)
+
+    assert got[0] == want[0] and set(got[1]) == set(want[1])
+    for name, grad in want[1].items():
+        assert torch.equal(got[1][name], grad), name
+    tokens = inputs["input_ids"].numel()
+    for layer, whole in zip(decoder_layers(apart), decoder_layers(layered), strict=True):
+        mixer, glu = layer.token_mixer, layer.channel_mixer
+        assert isinstance(mixer.out_proj, FusedLoraLinear)
+        # both steps are recomputed (their input projections run again) ...
+        assert gemms.count((tokens, mixer.qkvu_proj.in_features), mixer.qkvu_proj) == 1
+        assert gemms.count((tokens, glu.l1.in_features), glu.l1) == 1
+        # ... without either output projection's x Wᵀ (the tiny out_proj is square: its input gradient dy W has
+        # the same shape, so one GEMM fewer than the whole layer's recompute, which runs both)
+        x_shape = (tokens, mixer.out_proj.in_features)
+        assert gemms.count(x_shape, mixer.out_proj) == layered_gemms.count(x_shape, whole.token_mixer.out_proj) - 1
+        assert gemms.count((tokens, glu.l3.in_features), glu.l3) == 0
+        assert mixer.out_proj.output_needed and glu.l3.output_needed
+    # out_proj's x Wᵀ and its adapter's B product fewer a layer than the whole layer's recompute
+    assert len(gemms.seen) == len(layered_gemms.seen) - 2 * len(decoder_layers(apart))
+
+
+def test_mixers_apart_run_as_one_layer_without_grad_and_after_checkpointing_is_off() -> None:
+    model = lora_model()
+    model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False, "checkpoint_regions": "mixers"}
+    )
+    inputs = batch(16)
+    with torch.no_grad():
+        before = model(**inputs).logits
+    model.gradient_checkpointing_disable()
+    assert not model.is_gradient_checkpointing
+    torch.testing.assert_close(model(**inputs).logits, before, rtol=0, atol=0)
+    # enabled again for whole layers: the regions' checkpoint is gone
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert all(layer.region_checkpoint is None for layer in decoder_layers(model))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"use_reentrant": False, "checkpoint_regions": "layers"}, "checkpoint_regions must be one of layer, mixers"),
+        ({"use_reentrant": True, "checkpoint_regions": "mixers"}, "needs non-reentrant checkpointing"),
+        ({"use_reentrant": False, "checkpoint_regions": "mixers", "offload_to_cpu": True}, "without offload"),
+    ],
+)
+def test_mixers_apart_are_refused_where_they_cannot_apply(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        lora_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

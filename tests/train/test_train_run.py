@@ -442,13 +442,25 @@ def test_unpacked_batches_are_length_grouped(make_config, tmp_path, packing, sam
     assert type(trainer._get_train_sampler()).__name__ == sampler
 
 
-def test_gradient_checkpointing_changes_nothing_but_memory(make_config, tmp_path):
+def test_gradient_checkpointing_changes_nothing_but_memory(make_config, tmp_path, monkeypatch):
+    from tnlora.model.modeling import TransnormerDecoderLayer
+
     args = ("--max_steps", "2", "--per_device_train_batch_size", "2")
     plain = train(make_config(tmp_path / "plain", *args))
     checkpointed = train(make_config(tmp_path / "gc", *args, "--gradient_checkpointing", "true"))
-    a, b = _adapter_tensors(plain.output_dir), _adapter_tensors(checkpointed.output_dir)
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+    # each mixer checkpointed apart: the token step runs as a function of its own only then, in the forward and
+    # in the recompute
+    steps = []
+    mix_tokens = TransnormerDecoderLayer.mix_tokens
+    monkeypatch.setattr(TransnormerDecoderLayer, "mix_tokens", lambda self, *a: steps.append(1) or mix_tokens(self, *a))
+    apart = train(make_config(tmp_path / "apart", *args, "--gradient_checkpointing", "true",
+                              "--checkpoint_regions", "mixers"))  # fmt: skip
+    assert steps
+    a = _adapter_tensors(plain.output_dir)
+    for run in (checkpointed, apart):
+        b = _adapter_tensors(run.output_dir)
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_attention_impl_reaches_every_token_mixer():

@@ -41,6 +41,9 @@ logger = logging.get_logger(__name__)
 
 # transformers ≤ 5.23 calls the cache `past_key_values` (in generate, forward kwargs and outputs); 5.24 renamed
 # it `cache`. Both are accepted on input; outputs use whichever name the installed release defines.
+# What one checkpoint holds under activation checkpointing (``gradient_checkpointing_kwargs``'
+# ``checkpoint_regions``): the whole decoder layer, or each mixer's residual step apart.
+CHECKPOINT_REGIONS = ("layer", "mixers")
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 # ---------------------------------------------------------------------------------------------------------
@@ -359,6 +362,11 @@ class GLU(nn.Module):
 class TransnormerDecoderLayer(GradientCheckpointingLayer):
     """x ← x + TokenMixer(SRMSNorm(x)); x ← x + GLU(SRMSNorm(x))."""
 
+    # Under activation checkpointing with the mixers as regions of their own (``checkpoint_regions: "mixers"``
+    # of ``gradient_checkpointing_enable``): the checkpoint function each mixer's residual step runs through,
+    # given its recompute context. None: transformers checkpoints the whole layer.
+    region_checkpoint: Callable[..., Any] | None = None
+
     def __init__(self, config: TransnormerConfig, layer_idx: int) -> None:
         super().__init__()
         self.token_norm = SimpleRMSNorm()
@@ -375,22 +383,49 @@ class TransnormerDecoderLayer(GradientCheckpointingLayer):
         position_offset: int = 0,
     ) -> Tensor:
         x = hidden_states
+        regions = self.region_checkpoint
+        if regions is not None and self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            x = regions(self.mix_tokens, x, v_mask, rows, None, position_offset, region="tokens")
+            return regions(self.mix_channels, x, region="channels")
         # The token mixer's steps (its forward) called from here: in a compiled layer the attention, a compile
-        # boundary, then splits this one frame into two graphs. Through `self.token_mixer(...)` a boundary in
-        # the called module also ends this frame's graph: four graphs a layer, each entered from Python.
+        # boundary, then splits this one frame into two graphs. Through `self.token_mixer(...)` (or a method of
+        # this layer) a boundary in the called function also ends this frame's graph: three or four graphs a
+        # layer, each entered from Python.
         mixer = self.token_mixer
         q, k, v, u = mixer.project(self.token_norm(x), v_mask, position_offset)
         x = x + mixer.output(mixer.attend(q, k, v, rows, past_key_values), u)
+        return self.mix_channels(x)
+
+    def mix_tokens(
+        self,
+        x: Tensor,
+        v_mask: Tensor | None = None,
+        rows: PackedRows | None = None,
+        past_key_values: TransnormerCache | None = None,
+        position_offset: int = 0,
+    ) -> Tensor:
+        """x + TokenMixer(SRMSNorm(x)): the token step alone, for its own checkpoint (eager: under checkpointing
+        the compiled parts are the mixer's steps)."""
+        mixer = self.token_mixer
+        q, k, v, u = mixer.project(self.token_norm(x), v_mask, position_offset)
+        return x + mixer.output(mixer.attend(q, k, v, rows, past_key_values), u)
+
+    def mix_channels(self, x: Tensor) -> Tensor:
+        """x + GLU(SRMSNorm(x))."""
         return x + self.channel_mixer(self.channel_norm(x))
 
     @contextlib.contextmanager
-    def recomputing(self) -> Iterator[None]:
-        """The context of this layer's recompute under (non-reentrant) activation checkpointing, which
-        regenerates only the tensors the backward reads. The channel mixer's output projection feeds nothing
-        but the residual add, whose backward reads no values: it is told that its output is not needed
-        (``output_needed``, an attribute of the fused LoRA layer, which then leaves out its frozen GEMM and its
-        adapter's B product; a layer without the attribute runs as always)."""
-        unread = [m for m in (self.channel_mixer.l3,) if hasattr(m, "output_needed")]
+    def recomputing(self, region: str = "layer") -> Iterator[None]:
+        """The context of a recompute under (non-reentrant) activation checkpointing, which regenerates only the
+        tensors the backward reads: of the whole layer (``region`` "layer") or of one mixer's residual step
+        ("tokens", "channels"). An output projection whose output feeds nothing but a residual add, whose
+        backward reads no values, is told that its output is not needed (``output_needed``, an attribute of the
+        fused LoRA layer, which then leaves out its frozen GEMM and its adapter's B product; a layer without the
+        attribute runs as always): the channel mixer's ``l3`` in the layer's and the channel step's recompute,
+        and the token mixer's ``out_proj`` in the token step's (in the layer's, the channel mixer reads its
+        output through the residual)."""
+        projection = self.token_mixer.out_proj if region == "tokens" else self.channel_mixer.l3
+        unread = [projection] if hasattr(projection, "output_needed") else []
         for module in unread:
             module.output_needed = False
         try:
@@ -406,10 +441,30 @@ class TransnormerDecoderLayer(GradientCheckpointingLayer):
 # The model.
 
 
-def _recompute_contexts(layer: TransnormerDecoderLayer) -> tuple[Any, Any]:
-    """torch checkpoint's ``context_fn`` for ``layer``: nothing around the forward, its recompute context around
-    the recompute."""
-    return contextlib.nullcontext(), layer.recomputing()
+def _recompute_contexts(layer: TransnormerDecoderLayer, region: str = "layer") -> tuple[Any, Any]:
+    """torch checkpoint's ``context_fn`` for ``region`` of ``layer``: nothing around the forward, its recompute
+    context around the recompute."""
+    return contextlib.nullcontext(), layer.recomputing(region)
+
+
+def _through(function: Callable[..., Any], *args: Any) -> Any:
+    """A layer's checkpoint function where its mixers are checkpointed as regions of their own: the layer runs
+    as is, and checkpoints its two steps itself."""
+    return function(*args)
+
+
+def _region_checkpoint(
+    base: Callable[..., Any], layer: TransnormerDecoderLayer, kwargs: dict[str, Any]
+) -> Callable[..., Any]:
+    """``layer.region_checkpoint``: ``base`` (torch's checkpoint) over one mixer step with that step's recompute
+    context."""
+
+    def run(function: Callable[..., Any], *args: Any, region: str) -> Any:
+        # A context_fn of the caller's own is kept, as for the whole layer.
+        contexts = {} if "context_fn" in kwargs else {"context_fn": functools.partial(_recompute_contexts, layer, region)}
+        return base(function, *args, **kwargs, **contexts)
+
+    return run
 
 
 class TransnormerPreTrainedModel(PreTrainedModel):
@@ -426,11 +481,14 @@ class TransnormerPreTrainedModel(PreTrainedModel):
     def gradient_checkpointing_enable(
         self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
-        """transformers' activation checkpointing of every decoder layer, with one more key accepted in
+        """transformers' activation checkpointing of every decoder layer, with two more keys accepted in
         ``gradient_checkpointing_kwargs``: ``offload_to_cpu: True`` keeps each checkpointed layer's inputs in
         (pinned) CPU memory from the forward to the backward, freeing layers × tokens × hidden of GPU memory for
         long sequences at the cost of one copy each way per layer, beside the computation (see
-        :mod:`tnlora.model.offload`).
+        :mod:`tnlora.model.offload`). ``checkpoint_regions: "mixers"`` (non-reentrant, not offloaded)
+        checkpoints each layer's token-mixer and channel-mixer steps apart: each layer then also keeps its
+        middle residual (tokens × hidden more), and the token step's recompute leaves out ``out_proj``'s
+        output as the layer's leaves out ``l3``'s (``recomputing``).
 
         Reached from both Trainer entry points: ``gradient_checkpointing_enable`` (transformers ≤ 5.23) and
         ``activation_checkpointing_enable`` (5.24+, which defers to this override).
@@ -439,6 +497,11 @@ class TransnormerPreTrainedModel(PreTrainedModel):
         # transformers 5.24+ has an `offload` argument of its own (save_on_cpu's copies on the compute stream):
         # it gets the same side-stream offload as the key.
         offload = ckpt_kwargs.pop("offload_to_cpu", False) or kwargs.get("offload", False)
+        regions = ckpt_kwargs.pop("checkpoint_regions", "layer")
+        if regions not in CHECKPOINT_REGIONS:
+            raise ValueError(f"checkpoint_regions must be one of {', '.join(CHECKPOINT_REGIONS)}, got {regions!r}")
+        if regions == "mixers" and (offload or ckpt_kwargs.get("use_reentrant") is not False):
+            raise ValueError("checkpoint_regions 'mixers' needs non-reentrant checkpointing without offload")
         enable = getattr(super(), "_activation_checkpointing_enable", None)
         if enable is not None:  # 5.24+: the deprecated public name would warn
             enable(ckpt_kwargs, **kwargs)
@@ -452,8 +515,14 @@ class TransnormerPreTrainedModel(PreTrainedModel):
             if not hasattr(module, "gradient_checkpointing"):
                 continue
             layer_kwargs = dict(ckpt_kwargs)
-            if contexts and isinstance(module, TransnormerDecoderLayer):
-                layer_kwargs["context_fn"] = functools.partial(_recompute_contexts, module)
+            if isinstance(module, TransnormerDecoderLayer):
+                module.region_checkpoint = None
+                if regions == "mixers":
+                    module.region_checkpoint = _region_checkpoint(base, module, layer_kwargs)
+                    module._gradient_checkpointing_func = _through
+                    continue
+                if contexts:
+                    layer_kwargs["context_fn"] = functools.partial(_recompute_contexts, module)
             module._gradient_checkpointing_func = functools.partial(base, **layer_kwargs)
 
     def post_init(self) -> None:
