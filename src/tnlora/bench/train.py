@@ -283,10 +283,11 @@ def train_bench(args: argparse.Namespace, keys: dict[str, Any], name: str) -> Tr
     with tempfile.TemporaryDirectory() as out:
         cfg = run_config(args, keys, lengths, out)
         per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+        regions = f"checkpoint_regions {cfg.checkpoint_regions}, " if cfg.checkpoint_regions != "layer" else ""
         print(f"resolved: {cfg.per_device_train_batch_size} x {cfg.cutoff_len} tokens a micro-batch, "
               f"{cfg.gradient_accumulation_steps} a step, packing {cfg.packing}, "
               f"gradient_checkpointing {cfg.gradient_checkpointing}, use_unsloth_gc {cfg.use_unsloth_gc}, "
-              f"checkpoint_regions {cfg.checkpoint_regions}, "
+              f"{regions}"
               f"torch_compile {cfg.torch_compile}, attention {cfg.attention_impl}, "
               f"quantization_bit {cfg.quantization_bit}{memory_note(cfg)}", flush=True)  # fmt: skip
         model = random_model(args.model, cfg.attention_impl, device, quantization=quantization_of(cfg))
