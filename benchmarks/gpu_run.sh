@@ -11,8 +11,10 @@
 #   train-defaults  1B and 7B training steps with tnlora train's defaults (CARD_GIB caps the memory)
 #   train-seed      7B at the tutorial recipe's own settings (padding, 4 x 4 micro-batches, checkpointing)
 #   train-long      7B on one LONG_LEN-token sequence (offloaded checkpointing, compiled)
-#   train-long-regions  7B on one LONG_LEN-token sequence, checkpointed without offload, compiled: whole layers
-#                   against the mixers checkpointed apart (checkpoint_regions layer / mixers), one machine
+#   train-long-regions  7B on one LONG_LEN-token sequence, checkpointed without offload, compiled, one machine:
+#                   whole layers against the mixers checkpointed apart (checkpoint_regions layer / mixers), each
+#                   with and without the last layers un-checkpointed (uncheckpointed_layers; REGION_PLANS, default
+#                   "layer:0 mixers:0 layer:3 mixers:1")
 #   small-cards     7B on smaller cards (the H200's memory capped): bf16 LoRA at 24 GiB and QLoRA (4-bit) at 12 GiB
 #                   with tnlora train's defaults for huanhuan (eager), and the tutorial recipe's own settings at 24
 #                   GiB; each row's `resolved:` line shows what the defaults chose and their memory estimate
@@ -113,8 +115,9 @@ for stage in "$@"; do
     train-long)
       LIMIT=300 train --model 7B --seq_len ${LONG_LEN:-131072} --use_unsloth_gc true --torch_compile true --steps 1 --warmup 1 $CAP --name "7B one ${LONG_LEN:-131072}-token sequence, offloaded checkpointing ($COMMIT)$TAG" ;;
     train-long-regions)
-      for r in layer mixers; do
-        LIMIT=300 train --model 7B --seq_len ${LONG_LEN:-131072} --gradient_checkpointing true --use_unsloth_gc false --checkpoint_regions $r --torch_compile true --steps 1 --warmup 1 $CAP --name "7B one ${LONG_LEN:-131072}-token sequence, checkpointing without offload, checkpoint_regions $r ($COMMIT)$TAG"
+      for plan in ${REGION_PLANS:-layer:0 mixers:0 layer:3 mixers:1}; do
+        r=${plan%%:*}; k=${plan##*:}
+        LIMIT=300 train --model 7B --seq_len ${LONG_LEN:-131072} --gradient_checkpointing true --use_unsloth_gc false --checkpoint_regions $r --uncheckpointed_layers $k --torch_compile true --steps 1 --warmup 1 $CAP --name "7B one ${LONG_LEN:-131072}-token sequence, checkpointing without offload, checkpoint_regions $r, uncheckpointed_layers $k ($COMMIT)$TAG"
       done ;;
     small-cards)  # the huanhuan recipe's adapter (rank 8, alpha 32, dropout 0.1); eager, as train picks for 1.2 M tokens
       HH="--lora_alpha 32 --lora_dropout 0.1 --torch_compile false"

@@ -219,6 +219,14 @@ class RunConfig:
             choices=("layer", "mixers"),
         ),
     )
+    uncheckpointed_layers: int = field(
+        default=0,
+        metadata=_opt(
+            "under gradient checkpointing, the last this many decoder layers keep their activations and are not "
+            "recomputed (faster; each beyond the first costs a layer's activations of memory)",
+            ge=0,
+        ),
+    )
     torch_compile: bool | None = field(
         default=None,
         metadata=_opt(
@@ -780,6 +788,11 @@ def _check_combinations(cfg: RunConfig) -> None:
         raise ConfigError(
             "checkpoint_regions: mixers keeps each layer's middle residual on the GPU, use_unsloth_gc moves layer "
             "inputs off it; set one of them"
+        )
+    if cfg.uncheckpointed_layers and cfg.gradient_checkpointing is False:
+        raise ConfigError(
+            "uncheckpointed_layers: applies under gradient checkpointing, which is off (gradient_checkpointing: "
+            "false); drop one of them"
         )
     if cfg.freeze_trainable_layers == 0:
         raise ConfigError("freeze_trainable_layers: must not be 0 (n > 0: last n layers, n < 0: first n)")

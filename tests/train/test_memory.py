@@ -235,6 +235,12 @@ def test_checkpointing_keeps_each_layers_input_and_offload_keeps_two():
     apart = gpu_config("7B", "--per_device_train_batch_size", "8", "--gradient_checkpointing", "true",
                        "--checkpoint_regions", "mixers")  # fmt: skip
     assert memory.activation_bytes(config, apart) == (2 * 46 + 2 * 2 * 30) * tokens_width
+    # the last layers un-checkpointed: their inputs are not kept apart, their activations are; the first one
+    # in the place of the first recompute
+    for kept, held in ((1, 2), (3, 4)):
+        fewer = gpu_config("7B", "--per_device_train_batch_size", "8", "--gradient_checkpointing", "true",
+                           "--uncheckpointed_layers", str(kept))  # fmt: skip
+        assert memory.activation_bytes(config, fewer) == (held * 46 + 2 * (30 - kept)) * tokens_width
 
 
 @pytest.mark.parametrize(

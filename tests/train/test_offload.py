@@ -110,11 +110,15 @@ def test_training_arguments_use_this_transformers_checkpointing_names(tmp_path):
     kwargs = getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs
     assert args.gradient_checkpointing is True  # mirrored from the new name on 5.24+
     assert kwargs == {"use_reentrant": False, "offload_to_cpu": True}
-    apart = ["--gradient_checkpointing", "true", "--checkpoint_regions", "mixers"]
+    apart = ["--gradient_checkpointing", "true", "--checkpoint_regions", "mixers", "--uncheckpointed_layers", "1"]
     cfg = resolve_defaults(load_run_config(None, [*base, *apart]), cuda=False, cuda_bf16=False)
     args = training_arguments(cfg, has_eval=False)
     kwargs = getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs
-    assert kwargs == {"use_reentrant": False, "offload_to_cpu": False, "checkpoint_regions": "mixers"}
+    assert kwargs == {"use_reentrant": False, "offload_to_cpu": False, "checkpoint_regions": "mixers",
+                      "uncheckpointed_layers": 1}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^uncheckpointed_layers: applies under gradient checkpointing, which is "
+                       r"off \(gradient_checkpointing: false\); drop one of them$"):  # fmt: skip
+        load_run_config(None, [*base, "--uncheckpointed_layers", "2", "--gradient_checkpointing", "false"])
     with pytest.raises(ConfigError, match=r"^checkpoint_regions: mixers keeps each layer's middle residual on the GPU, "
                        r"use_unsloth_gc moves layer inputs off it; set one of them$"):  # fmt: skip
         load_run_config(None, [*base, "--checkpoint_regions", "mixers", "--use_unsloth_gc", "true"])

@@ -7,7 +7,8 @@ compiled layers (the custom operator told so in the recompute): test_compile.py.
 
 With ``checkpoint_regions: "mixers"`` each layer's token-mixer and channel-mixer steps are checkpoints of their
 own, and the token step's recompute also leaves out ``out_proj``'s output (it too feeds only a residual add):
-the same exactness, two GEMMs a layer fewer again, and the refusals where it cannot apply."""
+the same exactness, two GEMMs a layer fewer again, and the refusals where it cannot apply. With
+``uncheckpointed_layers: N`` the last N layers are not checkpointed: the same exactness, no recompute of theirs."""
 
 from __future__ import annotations
 
@@ -174,3 +175,39 @@ def test_mixers_apart_run_as_one_layer_without_grad_and_after_checkpointing_is_o
 def test_mixers_apart_are_refused_where_they_cannot_apply(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         lora_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+@pytest.mark.parametrize("regions", ["layer", "mixers"])
+def test_the_last_layers_left_out_of_checkpointing_are_not_recomputed_and_train_exactly(regions: str) -> None:
+    reference, model = lora_model(0.1), lora_model(0.1)
+    model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False, "checkpoint_regions": regions, "uncheckpointed_layers": 1}
+    )
+    layers = decoder_layers(model)
+    assert len(layers) >= 2
+    assert [layer.gradient_checkpointing for layer in layers] == [True] * (len(layers) - 1) + [False]
+    inputs = batch(48)
+    torch.manual_seed(3)
+    want = loss_and_grads(reference, inputs)
+    torch.manual_seed(3)
+    got, gemms = step_with_backward_gemms(model, inputs)
+    assert got[0] == want[0] and set(got[1]) == set(want[1])
+    for name, grad in want[1].items():
+        assert torch.equal(got[1][name], grad), name
+    tokens = inputs["input_ids"].numel()
+    # the qkvu projection's frozen GEMM runs again in the backward of the checkpointed layers only
+    recomputed = [gemms.count((tokens, layer.token_mixer.qkvu_proj.in_features), layer.token_mixer.qkvu_proj)
+                  for layer in layers]  # fmt: skip
+    assert recomputed == [1] * (len(layers) - 1) + [0]
+
+
+def test_more_uncheckpointed_layers_than_the_model_has_are_refused() -> None:
+    model = lora_model()
+    count = len(decoder_layers(model))
+    with pytest.raises(ValueError, match=f"uncheckpointed_layers must be 0 to {count} .*got {count + 1}"):
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False, "uncheckpointed_layers": count + 1}
+        )
+    # all of them: nothing is checkpointed
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "uncheckpointed_layers": count})
+    assert not any(layer.gradient_checkpointing for layer in decoder_layers(model))

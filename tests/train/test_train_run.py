@@ -415,6 +415,9 @@ def test_lora_targets_are_checked_on_the_meta_device_before_weights_load(
         assert main(_cli_train(make_config, tmp_path / "o", "--model_name_or_path", model,
                                "--finetuning_type", "freeze", "--freeze_trainable_layers", "3")) == 2  # fmt: skip
         assert "freeze_trainable_layers: 3 but the model has only 2 layers" in capsys.readouterr().err
+        assert main(_cli_train(make_config, tmp_path / "o", "--model_name_or_path", model,
+                               "--gradient_checkpointing", "true", "--uncheckpointed_layers", "3")) == 2  # fmt: skip
+        assert capsys.readouterr().err == "error: uncheckpointed_layers: 3 but the model has only 2 layers\n"
     assert not (tmp_path / "o").exists()
 
 
@@ -456,8 +459,14 @@ def test_gradient_checkpointing_changes_nothing_but_memory(make_config, tmp_path
     apart = train(make_config(tmp_path / "apart", *args, "--gradient_checkpointing", "true",
                               "--checkpoint_regions", "mixers"))  # fmt: skip
     assert steps
+    # and every layer left out of checkpointing (the tiny model has two): each runs as one piece, never
+    # through the token step alone
+    steps.clear()
+    kept = train(make_config(tmp_path / "kept", *args, "--gradient_checkpointing", "true",
+                             "--checkpoint_regions", "mixers", "--uncheckpointed_layers", "2"))  # fmt: skip
+    assert not steps
     a = _adapter_tensors(plain.output_dir)
-    for run in (checkpointed, apart):
+    for run in (checkpointed, apart, kept):
         b = _adapter_tensors(run.output_dir)
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)

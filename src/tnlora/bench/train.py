@@ -284,6 +284,7 @@ def train_bench(args: argparse.Namespace, keys: dict[str, Any], name: str) -> Tr
         cfg = run_config(args, keys, lengths, out)
         per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
         regions = f"checkpoint_regions {cfg.checkpoint_regions}, " if cfg.checkpoint_regions != "layer" else ""
+        regions += f"uncheckpointed_layers {cfg.uncheckpointed_layers}, " if cfg.uncheckpointed_layers else ""
         print(f"resolved: {cfg.per_device_train_batch_size} x {cfg.cutoff_len} tokens a micro-batch, "
               f"{cfg.gradient_accumulation_steps} a step, packing {cfg.packing}, "
               f"gradient_checkpointing {cfg.gradient_checkpointing}, use_unsloth_gc {cfg.use_unsloth_gc}, "

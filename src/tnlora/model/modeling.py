@@ -481,14 +481,15 @@ class TransnormerPreTrainedModel(PreTrainedModel):
     def gradient_checkpointing_enable(
         self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
-        """transformers' activation checkpointing of every decoder layer, with two more keys accepted in
+        """transformers' activation checkpointing of every decoder layer, with three more keys accepted in
         ``gradient_checkpointing_kwargs``: ``offload_to_cpu: True`` keeps each checkpointed layer's inputs in
         (pinned) CPU memory from the forward to the backward, freeing layers × tokens × hidden of GPU memory for
         long sequences at the cost of one copy each way per layer, beside the computation (see
         :mod:`tnlora.model.offload`). ``checkpoint_regions: "mixers"`` (non-reentrant, not offloaded)
         checkpoints each layer's token-mixer and channel-mixer steps apart: each layer then also keeps its
         middle residual (tokens × hidden more), and the token step's recompute leaves out ``out_proj``'s
-        output as the layer's leaves out ``l3``'s (``recomputing``).
+        output as the layer's leaves out ``l3``'s (``recomputing``). ``uncheckpointed_layers: N`` leaves the
+        last N decoder layers out of checkpointing: they keep their activations and are not recomputed.
 
         Reached from both Trainer entry points: ``gradient_checkpointing_enable`` (transformers ≤ 5.23) and
         ``activation_checkpointing_enable`` (5.24+, which defers to this override).
@@ -498,6 +499,10 @@ class TransnormerPreTrainedModel(PreTrainedModel):
         # it gets the same side-stream offload as the key.
         offload = ckpt_kwargs.pop("offload_to_cpu", False) or kwargs.get("offload", False)
         regions = ckpt_kwargs.pop("checkpoint_regions", "layer")
+        kept = ckpt_kwargs.pop("uncheckpointed_layers", 0)
+        layers = [m for m in self.modules() if isinstance(m, TransnormerDecoderLayer)]
+        if not isinstance(kept, int) or not 0 <= kept <= len(layers):
+            raise ValueError(f"uncheckpointed_layers must be 0 to {len(layers)} (the decoder layers), got {kept!r}")
         if regions not in CHECKPOINT_REGIONS:
             raise ValueError(f"checkpoint_regions must be one of {', '.join(CHECKPOINT_REGIONS)}, got {regions!r}")
         if regions == "mixers" and (offload or ckpt_kwargs.get("use_reentrant") is not False):
@@ -524,6 +529,10 @@ class TransnormerPreTrainedModel(PreTrainedModel):
                 if contexts:
                     layer_kwargs["context_fn"] = functools.partial(_recompute_contexts, module)
             module._gradient_checkpointing_func = functools.partial(base, **layer_kwargs)
+        # The last layers keep their activations: the backward reaches them first, when no recompute holds a
+        # layer's activations yet, so each costs memory only beyond the first.
+        for layer in layers[len(layers) - kept :]:
+            layer.gradient_checkpointing = False
 
     def post_init(self) -> None:
         super().post_init()

@@ -145,13 +145,17 @@ def activation_bytes(config, cfg: RunConfig) -> int:
     width, layers = config.decoder_embed_dim, config.decoder_layers
     if not cfg.gradient_checkpointing:
         return int(scale * per_unit * tokens * layers * width)
+    kept = min(cfg.uncheckpointed_layers, layers)
     if cfg.use_unsloth_gc:
         inputs = OFFLOADED_INPUTS_IN_FLIGHT
     else:
         # checkpoint_regions "mixers": two checkpoints a layer, each keeping its input (the layer's input and its
         # middle residual)
-        inputs = layers * (2 if cfg.checkpoint_regions == "mixers" else 1)
-    return int(scale * (RECOMPUTED_LAYERS * per_unit + CHECKPOINT_INPUT_BYTES * inputs) * tokens * width)
+        inputs = (layers - kept) * (2 if cfg.checkpoint_regions == "mixers" else 1)
+    # The last layers left un-checkpointed hold their activations when the backward starts, as the first
+    # recompute would: each costs a layer only beyond the first.
+    held = RECOMPUTED_LAYERS + max(0, kept - 1)
+    return int(scale * (held * per_unit + CHECKPOINT_INPUT_BYTES * inputs) * tokens * width)
 
 
 def memory_estimate(config, cfg: RunConfig) -> int:

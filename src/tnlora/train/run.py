@@ -204,13 +204,18 @@ def with_model_source(cfg: RunConfig) -> RunConfig:
 
 
 def check_finetuning_targets(cfg: RunConfig) -> None:
-    """lora_target, additional_target and freeze_trainable_layers checked against the model's module tree, built
-    from its config on the meta device: a target that matches nothing is refused before any weight is read."""
+    """lora_target, additional_target, freeze_trainable_layers and uncheckpointed_layers checked against the
+    model's module tree, built from its config on the meta device: a target that matches nothing is refused
+    before any weight is read."""
     from tnlora.model import TransnormerForCausalLM
     from tnlora.model.hub import load_model_config
     from tnlora.train.lora import check_finetuning
 
     config = load_model_config(cfg.model_name_or_path)
+    if cfg.uncheckpointed_layers > config.decoder_layers:
+        raise ConfigError(
+            f"uncheckpointed_layers: {cfg.uncheckpointed_layers} but the model has only {config.decoder_layers} layers"
+        )
     with torch.device("meta"):
         skeleton = TransnormerForCausalLM(config)
     check_finetuning(skeleton, cfg)

@@ -154,13 +154,15 @@ def training_arguments(cfg: RunConfig, has_eval: bool):
 def _checkpointing_arguments(TrainingArguments, cfg: RunConfig) -> dict[str, Any]:
     """The checkpointing keys, under the names this transformers takes (5.24 renamed ``gradient_checkpointing*``
     to ``activation_checkpointing*`` and warns on the old ones)."""
-    # non-reentrant checkpointing needs no requires_grad trick on the (frozen) embeddings; offload_to_cpu and
-    # checkpoint_regions are handled by the model's gradient_checkpointing_enable
+    # non-reentrant checkpointing needs no requires_grad trick on the (frozen) embeddings; offload_to_cpu,
+    # checkpoint_regions and uncheckpointed_layers are handled by the model's gradient_checkpointing_enable
     kwargs = None
     if cfg.gradient_checkpointing:
         kwargs = {"use_reentrant": False, "offload_to_cpu": cfg.use_unsloth_gc}
         if cfg.checkpoint_regions != "layer":
             kwargs["checkpoint_regions"] = cfg.checkpoint_regions
+        if cfg.uncheckpointed_layers:
+            kwargs["uncheckpointed_layers"] = cfg.uncheckpointed_layers
     names = {spec.name for spec in dataclasses.fields(TrainingArguments)}
     prefix = "activation" if "activation_checkpointing" in names else "gradient"
     return {f"{prefix}_checkpointing": bool(cfg.gradient_checkpointing), f"{prefix}_checkpointing_kwargs": kwargs}
