@@ -408,12 +408,13 @@ def test_gemm_bench_forms_compute_the_products_they_name():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-def test_gemm_bench_refuses_without_a_gpu():
+@pytest.mark.parametrize(("script", "measures"), [("gemm", "a CUDA GPU's GEMMs"), ("act", "CUDA kernels")])
+def test_gpu_benchmarks_refuse_without_a_gpu(script: str, measures: str):
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(root / "benchmarks" / "gemm.py")], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / f"{script}.py")], capture_output=True, text=True,
                          timeout=120, cwd=root)  # fmt: skip
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == ["error: benchmarks/gemm.py measures a CUDA GPU's GEMMs; this machine has none"]
+    assert out.stderr.strip().splitlines() == [f"error: benchmarks/{script}.py measures {measures}; this machine has none"]
 
 
 def test_gemv_step_needs_a_gpu():
@@ -441,12 +442,3 @@ def test_act_bench_backward_gives_the_activations_gradient_and_counts_bytes_alik
     torch.testing.assert_close(backward(), want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(backward(), want, rtol=1e-12, atol=1e-12)
     assert act.moved_bytes(100, 4) == (6 * 800, 10 * 800)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-def test_act_bench_refuses_without_a_gpu():
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(root / "benchmarks" / "act.py")], capture_output=True, text=True,
-                         timeout=120, cwd=root)  # fmt: skip
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == ["error: benchmarks/act.py measures CUDA kernels; this machine has none"]

@@ -51,31 +51,41 @@ def step_with_backward_gemms(model: torch.nn.Module, inputs: dict[str, torch.Ten
     return loss_and_grads(model, inputs, backward_context=gemms), gemms
 
 
+def checkpointed_steps(dropout: float, *settings: dict[str, Any]) -> tuple[int, Any, list[tuple[Any, Any, Gemms]]]:
+    """One step of the un-checkpointed model (the reference) and of a model checkpointed with each of
+    ``settings`` (``gradient_checkpointing_kwargs``), the same dropout masks in all: the tokens, the reference's
+    loss and gradients, and (model, loss and gradients, backward GEMMs) of each checkpointed one."""
+    reference, models = lora_model(dropout), [lora_model(dropout) for _ in settings]
+    for model, kwargs in zip(models, settings, strict=True):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    inputs = batch(48)
+    torch.manual_seed(3)
+    want = loss_and_grads(reference, inputs)
+    runs = []
+    for model in models:
+        torch.manual_seed(3)
+        runs.append((model, *step_with_backward_gemms(model, inputs)))
+    return inputs["input_ids"].numel(), want, runs
+
+
+def assert_same_step(got: Any, want: Any) -> None:
+    """The same loss and every LoRA gradient bit for bit."""
+    assert any("lora_A" in name for name in want[1])
+    assert got[0] == want[0] and set(got[1]) == set(want[1])
+    for name, grad in want[1].items():
+        assert torch.equal(got[1][name], grad), name
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_recompute_leaves_out_the_output_projection_and_trains_exactly(dropout: float) -> None:
-    reference = lora_model(dropout)
-    skipping, plain = lora_model(dropout), lora_model(dropout)
-    skipping.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # A context_fn of the caller's own is kept: torch's no-op one recomputes the whole layer.
-    plain.gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": noop_context_fn}
+    tokens, want, runs = checkpointed_steps(
+        dropout, {"use_reentrant": False}, {"use_reentrant": False, "context_fn": noop_context_fn}
     )
-    inputs = batch(48)
-    torch.manual_seed(3)  # the same dropout masks in all three
-    want = loss_and_grads(reference, inputs)
-    torch.manual_seed(3)
-    got, skipped_gemms = step_with_backward_gemms(skipping, inputs)
-    torch.manual_seed(3)
-    got_plain, plain_gemms = step_with_backward_gemms(plain, inputs)
+    (skipping, got, skipped_gemms), (plain, got_plain, plain_gemms) = runs
+    assert_same_step(got, want)
+    assert_same_step(got_plain, want)
 
-    assert any("lora_A" in name for name in want[1])
-    for loss, grads in (got, got_plain):
-        assert loss == want[0]
-        assert set(grads) == set(want[1])
-        for name, grad in want[1].items():
-            assert torch.equal(grads[name], grad), name
-
-    tokens = inputs["input_ids"].numel()
     for run, gemms in ((skipping, skipped_gemms), (plain, plain_gemms)):
         for layer in decoder_layers(run):
             l3, qkvu = layer.channel_mixer.l3, layer.token_mixer.qkvu_proj
@@ -113,25 +123,12 @@ def test_the_recompute_context_is_installed_on_decoder_layers_only() -> None:
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_mixers_checkpointed_apart_leave_out_both_output_projections_and_train_exactly(dropout: float) -> None:
-    reference, layered = lora_model(dropout), lora_model(dropout)
-    apart = lora_model(dropout)
-    layered.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    apart.gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": False, "checkpoint_regions": "mixers"}
+    tokens, want, runs = checkpointed_steps(
+        dropout, {"use_reentrant": False}, {"use_reentrant": False, "checkpoint_regions": "mixers"}
     )
+    (layered, _, layered_gemms), (apart, got, gemms) = runs
     assert apart.is_gradient_checkpointing
-    inputs = batch(48)
-    torch.manual_seed(3)  # the same dropout masks in all three
-    want = loss_and_grads(reference, inputs)
-    torch.manual_seed(3)
-    _, layered_gemms = step_with_backward_gemms(layered, inputs)
-    torch.manual_seed(3)
-    got, gemms = step_with_backward_gemms(apart, inputs)
-
-    assert got[0] == want[0] and set(got[1]) == set(want[1])
-    for name, grad in want[1].items():
-        assert torch.equal(got[1][name], grad), name
-    tokens = inputs["input_ids"].numel()
+    assert_same_step(got, want)
     for layer, whole in zip(decoder_layers(apart), decoder_layers(layered), strict=True):
         mixer, glu = layer.token_mixer, layer.channel_mixer
         assert isinstance(mixer.out_proj, FusedLoraLinear)
@@ -179,22 +176,12 @@ def test_mixers_apart_are_refused_where_they_cannot_apply(kwargs: dict[str, Any]
 
 @pytest.mark.parametrize("regions", ["layer", "mixers"])
 def test_the_last_layers_left_out_of_checkpointing_are_not_recomputed_and_train_exactly(regions: str) -> None:
-    reference, model = lora_model(0.1), lora_model(0.1)
-    model.gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": False, "checkpoint_regions": regions, "uncheckpointed_layers": 1}
-    )
+    kwargs = {"use_reentrant": False, "checkpoint_regions": regions, "uncheckpointed_layers": 1}
+    tokens, want, [(model, got, gemms)] = checkpointed_steps(0.1, kwargs)
     layers = decoder_layers(model)
     assert len(layers) >= 2
     assert [layer.gradient_checkpointing for layer in layers] == [True] * (len(layers) - 1) + [False]
-    inputs = batch(48)
-    torch.manual_seed(3)
-    want = loss_and_grads(reference, inputs)
-    torch.manual_seed(3)
-    got, gemms = step_with_backward_gemms(model, inputs)
-    assert got[0] == want[0] and set(got[1]) == set(want[1])
-    for name, grad in want[1].items():
-        assert torch.equal(got[1][name], grad), name
-    tokens = inputs["input_ids"].numel()
+    assert_same_step(got, want)
     # the qkvu projection's frozen GEMM runs again in the backward of the checkpointed layers only
     recomputed = [gemms.count((tokens, layer.token_mixer.qkvu_proj.in_features), layer.token_mixer.qkvu_proj)
                   for layer in layers]  # fmt: skip
