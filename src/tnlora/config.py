@@ -222,8 +222,8 @@ class RunConfig:
     uncheckpointed_layers: int = field(
         default=0,
         metadata=_opt(
-            "under gradient checkpointing, the last this many decoder layers keep their activations and are not "
-            "recomputed (faster; each beyond the first costs a layer's activations of memory)",
+            "under gradient checkpointing, how many of the last decoder layers keep their activations and are "
+            "not recomputed (faster; each beyond the first costs a layer's activations of memory)",
             ge=0,
         ),
     )

@@ -41,10 +41,10 @@ logger = logging.get_logger(__name__)
 
 # transformers ≤ 5.23 calls the cache `past_key_values` (in generate, forward kwargs and outputs); 5.24 renamed
 # it `cache`. Both are accepted on input; outputs use whichever name the installed release defines.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 # What one checkpoint holds under activation checkpointing (``gradient_checkpointing_kwargs``'
 # ``checkpoint_regions``): the whole decoder layer, or each mixer's residual step apart.
 CHECKPOINT_REGIONS = ("layer", "mixers")
-CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 # ---------------------------------------------------------------------------------------------------------
 # §4.3 SRMSNorm: no gain, no bias; fp32 inside, input dtype outside.

@@ -58,12 +58,11 @@ HARMLESS_KEYS = frozenset({
     "trust_remote_code", "attention_impl", "lora_kernel", "eval_dataset", "dataset_cache_dir", "overwrite_cache",
     "preprocessing_num_workers", "per_device_eval_batch_size", "num_train_epochs", "max_steps", "max_grad_norm",
     "nan_policy", "nan_skip_limit", "bf16", "fp16", "gradient_checkpointing", "use_unsloth_gc", "torch_compile",
-    "checkpoint_regions", "uncheckpointed_layers", "dataloader_num_workers", "ddp_timeout", "ddp_find_unused_parameters", "eval_strategy",
-    "eval_steps",
-    "save_strategy", "save_steps", "save_total_limit", "save_only_model", "logging_strategy", "logging_steps",
-    "logging_dir", "include_num_input_tokens_seen", "run_name", "output_dir", "overwrite_output_dir",
-    "resume_from_checkpoint", "report_to", "plot_loss", "sample_prompts", "sample_max_new_tokens", "do_train",
-    "do_predict", "predict_with_generate", "max_new_tokens",
+    "checkpoint_regions", "uncheckpointed_layers", "dataloader_num_workers", "ddp_timeout",
+    "ddp_find_unused_parameters", "eval_strategy", "eval_steps", "save_strategy", "save_steps", "save_total_limit",
+    "save_only_model", "logging_strategy", "logging_steps", "logging_dir", "include_num_input_tokens_seen",
+    "run_name", "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to", "plot_loss",
+    "sample_prompts", "sample_max_new_tokens", "do_train", "do_predict", "predict_with_generate", "max_new_tokens",
 })  # fmt: skip
 # MEANING_KEYS whose None is a choice, not a value left open for the defaults (no quantization; no engine: the
 # Trainer's own optimizer.pt instead of DeepSpeed's or FSDP's files).
