@@ -1050,6 +1050,8 @@ def no_fit_message(smallest: RunConfig, describe: Callable[[RunConfig], str] | N
         return f"finetuning_type: {tried}; use finetuning_type: lora (with quantization_bit: 4 on small cards)"
     if not smallest.gradient_checkpointing:
         return f"gradient_checkpointing: {tried}; set gradient_checkpointing: true (or leave it unset)"
+    if smallest.checkpoint_regions == "mixers":
+        return f"checkpoint_regions: {tried} with the mixers apart; set checkpoint_regions: layer (or leave it unset)"
     if not smallest.use_unsloth_gc:
         return f"use_unsloth_gc: {tried}; set use_unsloth_gc: true (or leave it unset)"
     if smallest.quantization_bit != 4:

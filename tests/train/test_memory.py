@@ -309,6 +309,15 @@ def test_a_run_that_cannot_fit_is_refused_naming_the_key_to_change(keys, card_gi
         resolve_defaults(cfg, cuda=True, cuda_bf16=True, fits=memory.MemoryFit(int(card_gib * GIB)))
 
 
+def test_no_fit_with_the_mixers_apart_names_checkpoint_regions():
+    cfg = load_run_config(None, ["--model_name_or_path", "7B", "--dataset", "d", "--output_dir", "o",
+                                 "--checkpoint_regions", "mixers"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^checkpoint_regions: 7B does not fit this GPU even with one 1,024-token "
+                       r"row a micro-batch and gradient checkpointing .* with the mixers apart; set "
+                       r"checkpoint_regions: layer \(or leave it unset\)$"):  # fmt: skip
+        resolve_defaults(cfg, cuda=True, cuda_bf16=True, fits=memory.MemoryFit(12 * GIB))
+
+
 def test_the_plans_try_only_what_the_user_left_open():
     from tnlora.config import memory_plans
 

@@ -568,6 +568,23 @@ def test_out_of_memory_is_one_line_naming_the_keys(make_config, tmp_path):
     )
 
 
+def test_out_of_memory_advice_with_the_mixers_apart_names_what_they_keep():
+    from tnlora.config import load_run_config
+    from tnlora.train.run import out_of_memory_advice
+
+    base = ["--model_name_or_path", "7B", "--dataset", "d", "--output_dir", "o", "--gradient_checkpointing", "true",
+            "--per_device_train_batch_size", "2"]  # fmt: skip
+    cfg = load_run_config(None, [*base, "--checkpoint_regions", "mixers"])
+    # not use_unsloth_gc, which the mixers apart refuse
+    assert out_of_memory_advice(cfg).endswith(
+        "try checkpoint_regions: layer and uncheckpointed_layers: 0 (fewer activations kept), or a "
+        "per_device_train_batch_size below 2"
+    )
+    kept = load_run_config(None, [*base, "--uncheckpointed_layers", "2"])
+    assert "checkpoint_regions: layer and uncheckpointed_layers: 0" in out_of_memory_advice(kept)
+    assert "use_unsloth_gc: true" in out_of_memory_advice(kept)
+
+
 def test_trainer_keys_reach_the_training_arguments(make_config, tmp_path):
     from tnlora.config import resolve_defaults
     from tnlora.train.trainer import training_arguments

@@ -564,7 +564,9 @@ def out_of_memory_advice(cfg: RunConfig) -> str:
     advice = []
     if not cfg.gradient_checkpointing:
         advice.append("gradient_checkpointing: true")
-    if not cfg.use_unsloth_gc:
+    elif cfg.checkpoint_regions == "mixers" or cfg.uncheckpointed_layers:
+        advice.append("checkpoint_regions: layer and uncheckpointed_layers: 0 (fewer activations kept)")
+    if not cfg.use_unsloth_gc and cfg.checkpoint_regions != "mixers":
         advice.append("use_unsloth_gc: true (layer inputs kept in CPU memory)")
     if rows and rows > 1:
         advice.append(f"a per_device_train_batch_size below {rows}")
