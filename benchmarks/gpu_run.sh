@@ -42,6 +42,8 @@
 #                   (act_kernel torch / triton; MODELS, default "1B 7B"); TRAIN_ARGS="--act_kernel triton" for others
 #   act             the activation alone, forward and backward, compiled PyTorch form against the operators
 #                   (benchmarks/act.py; ACT_ARGS, e.g. "--shapes 1B:32768"): ms, GB/s and each form's error
+#   lora-grad       the LoRA backward's two rank-r products of dy: cuBLAS's two GEMMs against one read of dy
+#                   (benchmarks/lora_grad.py; LORA_GRAD_ARGS, e.g. "--shapes 1B:32768")
 #   loss            one chunk of the training loss: PyTorch's cross-entropy composition against the fused kernel
 #                   (benchmarks/cross_entropy.py; loss_kernel)
 #   decode-adapter  7B decoding with a LoRA adapter kept unmerged / merged
@@ -160,6 +162,8 @@ for stage in "$@"; do
       table_script cross_entropy.py ;;
     act)
       log "act ${ACT_ARGS:-}"; timeout ${LIMIT:-300} python3 benchmarks/act.py ${ACT_ARGS:-} 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | grep -E "^\| " >> "$OUT/table.txt" ;;
+    lora-grad)
+      log "lora-grad ${LORA_GRAD_ARGS:-}"; timeout ${LIMIT:-300} python3 benchmarks/lora_grad.py ${LORA_GRAD_ARGS:-} 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | grep -E "^\| " >> "$OUT/table.txt" ;;
     act-kernel)  # the token mixer's activation: PyTorch's form against the kernels (MODELS, default "1B 7B")
       for m in ${MODELS:-1B 7B}; do for a in torch triton; do
         train --model $m --act_kernel $a --name "$m huanhuan-shaped, tnlora train's defaults, act_kernel $a ($COMMIT)$TAG"

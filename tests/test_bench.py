@@ -408,7 +408,9 @@ def test_gemm_bench_forms_compute_the_products_they_name():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-@pytest.mark.parametrize(("script", "measures"), [("gemm", "a CUDA GPU's GEMMs"), ("act", "CUDA kernels")])
+@pytest.mark.parametrize(
+    ("script", "measures"), [("gemm", "a CUDA GPU's GEMMs"), ("act", "CUDA kernels"), ("lora_grad", "CUDA kernels")]
+)
 def test_gpu_benchmarks_refuse_without_a_gpu(script: str, measures: str):
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, str(root / "benchmarks" / f"{script}.py")], capture_output=True, text=True,
@@ -442,3 +444,13 @@ def test_act_bench_backward_gives_the_activations_gradient_and_counts_bytes_alik
     torch.testing.assert_close(backward(), want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(backward(), want, rtol=1e-12, atol=1e-12)
     assert act.moved_bytes(100, 4) == (6 * 800, 10 * 800)
+
+
+def test_lora_grad_bench_operands_and_errors():
+    """benchmarks/lora_grad.py's operands have the shapes the products take, and its error is relative to the
+    reference's largest value, one figure per product."""
+    bench = _benchmark_module("lora_grad")
+    dy, b, hs = bench.operands(6, 5, 3, device="cpu", dtype=torch.float64)
+    assert (dy.shape, b.shape, hs.shape) == ((6, 5), (5, 3), (6, 3))
+    want = (torch.tensor([[2.0, -4.0]]), torch.tensor([[1.0]]))
+    assert bench.relative_errors((torch.tensor([[2.0, -3.0]]), torch.tensor([[1.5]])), want) == "2.5e-01 / 5.0e-01"

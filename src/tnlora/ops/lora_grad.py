@@ -1,0 +1,74 @@
+"""The two products of a LoRA layer's backward that read the output gradient dy, from one read of it.
+
+In the fused LoRA layer's backward (:mod:`tnlora.ops.lora`) dy [T, N] is read by the frozen weight's input
+gradient dy W, and twice more by the adapter's rank-r products: g = dy B [T, r] (the gradient reaching the
+adapter's hidden h) and dB = dyᵀ (s · h) [N, r]. Those two are memory-bound (r = 8 columns): at 131,072 tokens a
+7B layer's dy is 12.2 GB over its five projections, each read at about the copy rate (benchmarks/RESULTS.md,
+"Next rungs"). :func:`lora_dy_products` computes both from one pass over dy in a Triton kernel: each program
+takes a block of rows and of columns, adds its tiles' shares of g to a per-column-split fp32 partial and keeps
+its share of dB in registers, and the partials are summed after. Accumulation is in fp32 (fp64 for fp64
+inputs), as cuBLAS accumulates; the sums are grouped differently, so results equal the two GEMMs' up to
+rounding.
+
+Not yet wired into the LoRA layer: ``benchmarks/lora_grad.py`` measures it against cuBLAS's two products first.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+BLOCK_T = 64
+BLOCK_N = 128
+ROWS_PER_PROGRAM = 1024
+# Programs per streaming multiprocessor the column splits aim for, so that every SM has several to overlap.
+PROGRAMS_PER_SM = 4
+
+
+def lora_dy_products_reference(dy: Tensor, lora_b: Tensor, hs: Tensor) -> tuple[Tensor, Tensor]:
+    """PyTorch's two products: g = dy B [T, r] and dB = dyᵀ hs [N, r], for dy [T, N], B [N, r], hs [T, r]."""
+    return dy @ lora_b, dy.t() @ hs
+
+
+def launch_grid(rows: int, cols: int, processors: int) -> tuple[int, int, int, int]:
+    """(row programs, column splits, rows a program, columns a program): rows in blocks of ROWS_PER_PROGRAM, the
+    columns split until there are about PROGRAMS_PER_SM programs a processor (whole BLOCK_N chunks each)."""
+    row_programs = max(1, -(-rows // ROWS_PER_PROGRAM))
+    chunks = max(1, -(-cols // BLOCK_N))
+    splits = max(1, min(chunks, -(-PROGRAMS_PER_SM * processors // row_programs)))
+    cols_per_program = -(-chunks // splits) * BLOCK_N
+    return row_programs, -(-cols // cols_per_program), ROWS_PER_PROGRAM, cols_per_program
+
+
+def lora_dy_products(dy: Tensor, lora_b: Tensor, hs: Tensor) -> tuple[Tensor, Tensor]:
+    """g = dy B [T, r] and dB = dyᵀ hs [N, r] as :func:`lora_dy_products_reference`, reading dy once (CUDA tensors,
+    or CPU ones under Triton's CPU interpreter); results in dy's dtype."""
+    from tnlora.ops.lora_grad_triton import lora_dy_products_kernel
+
+    if dy.dim() != 2 or lora_b.dim() != 2 or hs.dim() != 2:
+        raise ValueError("dy, lora_b and hs must be 2-D ([T, N], [N, r], [T, r])")
+    rows, cols = dy.shape
+    rank = lora_b.shape[1]
+    if lora_b.shape[0] != cols or tuple(hs.shape) != (rows, rank):
+        raise ValueError(f"shapes do not match: dy {tuple(dy.shape)}, lora_b {tuple(lora_b.shape)}, hs {tuple(hs.shape)}")
+    dy, lora_b, hs = (t if t.stride(-1) == 1 else t.contiguous() for t in (dy, lora_b, hs))
+    fp64 = dy.dtype == torch.float64
+    acc = torch.float64 if fp64 else torch.float32
+    processors = torch.cuda.get_device_properties(dy.device).multi_processor_count if dy.is_cuda else 8
+    row_programs, splits, rows_each, cols_each = launch_grid(rows, cols, processors)
+    g_part = torch.zeros((splits, rows, rank), dtype=acc, device=dy.device)
+    db_part = torch.empty((row_programs, cols, rank), dtype=acc, device=dy.device)
+    lora_dy_products_kernel[(row_programs, splits)](
+        dy, lora_b, hs, g_part, db_part, dy.stride(0), lora_b.stride(0), hs.stride(0), rows, cols, rank,
+        rows_each, cols_each, FP64=fp64, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N,
+        BLOCK_R=max(16, _next_power_of_2(rank)),
+    )  # fmt: skip
+    return g_part.sum(0).to(dy.dtype), db_part.sum(0).to(dy.dtype)
+
+
+def _next_power_of_2(n: int) -> int:
+    """The smallest power of two ≥ n (n ≥ 1)."""
+    return 1 << (n - 1).bit_length()
+
+
+__all__ = ["launch_grid", "lora_dy_products", "lora_dy_products_reference"]

@@ -1,0 +1,71 @@
+"""The LoRA backward's two products of dy from one read of it (``tnlora.ops.lora_grad``) against PyTorch's two
+GEMMs, and its launch grid.
+
+The kernel tests need triton and a CUDA device, or Triton's CPU interpreter (see tests/ops/test_recurrent.py):
+
+    TRITON_INTERPRET=1 PYTHONPATH=<dir holding triton> pytest -q tests/ops/test_lora_grad.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_device import DEVICE, INTERPRET, needs_kernel
+
+from tnlora.ops import lora_grad
+from tnlora.ops.lora_grad import BLOCK_N, ROWS_PER_PROGRAM, launch_grid, lora_dy_products
+
+# fp64: the same sums grouped differently; fp32 likewise (no TF32); bf16: both round one fp32 sum at the end.
+TOLERANCE = {torch.float64: 1e-13, torch.float32: 1e-5, torch.bfloat16: 2**-7}
+# Under the interpreter bf16 is left to CUDA: Triton 3.6's interpreter computes a bf16 dot wrongly (it reads the
+# operands' bits as another type; tests/ops/test_gemv.py).
+DTYPES = [torch.float64, torch.float32] + ([] if INTERPRET else [torch.bfloat16])
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    err = ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).item()
+    assert err <= TOLERANCE[dtype], err
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rank", "per_processor"), [(8, 4), (5, 4), (8, 0)])
+def test_one_read_of_dy_gives_both_products(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, rank: int, per_processor: int
+) -> None:
+    # two row programs (the second short) and columns that end mid-block: every mask is exercised; with no
+    # programs asked for a processor, one column split walks all three chunks (the partial g read back)
+    monkeypatch.setattr(lora_grad, "PROGRAMS_PER_SM", per_processor)
+    rows, cols = ROWS_PER_PROGRAM + 77, 2 * BLOCK_N + 45
+    assert (launch_grid(rows, cols, 8)[1] == 1) == (per_processor == 0)
+    gen = torch.Generator().manual_seed(rank)
+    dy, b, hs = (torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
+                 for shape in ((rows, cols), (cols, rank), (rows, rank)))  # fmt: skip
+    got = lora_dy_products(dy, b, hs)
+    # the reference in float64 from the same (rounded) inputs, rounded to dtype once
+    want = [t.to(dtype) for t in lora_grad.lora_dy_products_reference(dy.double(), b.double(), hs.double())]
+    for g, w in zip(got, want, strict=True):
+        _close(g, w, dtype)
+
+
+@needs_kernel
+def test_strided_inputs_are_read_as_they_are_and_bad_shapes_refused() -> None:
+    dy = torch.randn(96, 40, dtype=torch.float64, device=DEVICE).t()  # [40, 96], not contiguous
+    b = torch.randn(96, 8, dtype=torch.float64, device=DEVICE)
+    hs = torch.randn(8, 40, dtype=torch.float64, device=DEVICE).t()
+    for g, w in zip(lora_dy_products(dy, b, hs), lora_grad.lora_dy_products_reference(dy, b, hs), strict=True):
+        _close(g, w, torch.float64)
+    with pytest.raises(ValueError, match=r"shapes do not match: dy \(40, 96\), lora_b \(95, 8\), hs \(40, 8\)"):
+        lora_dy_products(dy, b[:95], hs)
+
+
+def test_launch_grid_covers_every_row_and_column_and_fills_the_processors() -> None:
+    for rows, cols, processors in ((131072, 16384, 132), (16384, 4096, 132), (32768, 2048, 132), (100, 30, 8)):
+        row_programs, splits, rows_each, cols_each = launch_grid(rows, cols, processors)
+        assert row_programs * rows_each >= rows > (row_programs - 1) * rows_each
+        assert splits * cols_each >= cols > (splits - 1) * cols_each
+        assert cols_each % 128 == 0
+        # enough programs for every processor where there is enough work, and not a column split too many
+        assert row_programs * splits >= min(processors, row_programs * -(-cols // 128))
+    assert launch_grid(16384, 16384, 132) == (16, 32, 1024, 512)
