@@ -69,3 +69,40 @@ def test_launch_grid_covers_every_row_and_column_and_fills_the_processors() -> N
         # enough programs for every processor where there is enough work, and not a column split too many
         assert row_programs * splits >= min(processors, row_programs * -(-cols // 128))
     assert launch_grid(16384, 16384, 132) == (16, 32, 1024, 512)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_the_lora_layers_backward_with_one_read_equals_the_two_gemms(dropout: float) -> None:
+    """tnlora.ops.lora's autograd function and its custom operators, with ``one_read``: the same gradients as
+    with the two GEMMs (fp64), the same dropout mask drawn in both."""
+    from tnlora.ops.lora import _lora_linear_op_call, _LoraLinear
+
+    gen = torch.Generator().manual_seed(1)
+    x, weight, lora_a, lora_b = (torch.randn(shape, generator=gen, dtype=torch.float64).to(DEVICE)
+                                 for shape in ((3, 50, 24), (40, 24), (8, 24), (40, 8)))  # fmt: skip
+    dy = torch.randn(3, 50, 40, generator=gen, dtype=torch.float64).to(DEVICE)
+    grads = {}
+    for form, one_read in (("function", False), ("function", True), ("operator", False), ("operator", True)):
+        leaves = [t.clone().requires_grad_() for t in (x, lora_a, lora_b)]
+        torch.manual_seed(2)
+        if form == "function":
+            y = _LoraLinear.apply(leaves[0], weight, None, leaves[1], leaves[2], 2.0, dropout, True, one_read)
+        else:
+            y = _lora_linear_op_call(leaves[0], weight, None, leaves[1], leaves[2], 2.0, dropout, True, one_read)
+        grads[form, one_read] = torch.autograd.grad(y, leaves, dy)
+    for key, got in grads.items():
+        for g, w in zip(got, grads["function", False], strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=str(key))
+
+
+@needs_kernel
+def test_the_backward_operator_with_one_read_passes_torch_library_checks() -> None:
+    gen = torch.Generator().manual_seed(0)
+    dy, weight, lora_a, lora_b, x = (torch.randn(shape, generator=gen, dtype=torch.float64).to(DEVICE)
+                                     for shape in ((6, 20), (20, 12), (4, 12), (20, 4), (6, 12)))  # fmt: skip
+    empty = torch.empty(0, 12, dtype=torch.bool, device=DEVICE)
+    torch.library.opcheck(
+        torch.ops.tnlora.lora_linear_backward.default,
+        (dy, weight, lora_a, lora_b, x, x @ lora_a.t(), empty, 2.0, 0.0, True, True),
+    )

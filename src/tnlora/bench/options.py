@@ -31,6 +31,9 @@ def train_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
     parser.add_argument("--lora_compiled_op", action=argparse.BooleanOptionalAction, default=True,
                         help="compiled layers call the fused LoRA layers' custom operators (default) or, with "
                              "--no-lora_compiled_op, peft's composition (lora_kernel fused)")
+    parser.add_argument("--lora_grad_kernel", default="torch", choices=["torch", "triton"],
+                        help="the fused LoRA layers' backward products of dy: two GEMMs (torch) or one read of dy "
+                             "(triton, CUDA)")
     parser.add_argument("--gpu_memory_gib", type=float, default=0.0,
                         help="allocate at most this much GPU memory (the defaults size for it too): a smaller "
                              "card on this one, e.g. 79.6 for an 80 GB card")

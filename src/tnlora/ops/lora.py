@@ -61,21 +61,25 @@ def lora_linear(
     training: bool = False,
     compiled_op: bool = True,
     output_needed: bool = True,
+    grad_kernel: str = "torch",
 ) -> Tensor:
     """x [..., in] → [..., out] through the frozen ``weight`` [out, in] (and ``bias``) plus the adapter
     ``lora_a`` [r, in], ``lora_b`` [out, r] scaled by ``scaling``, with dropout ``dropout`` on the adapter's
     input in training. Gradients flow to x, lora_a and lora_b. A trainable base weight (not LoRA's case) takes
     :func:`lora_linear_reference`; compiled code calls the custom operators, or with ``compiled_op=False``
     runs the composition. ``output_needed=False`` (the fused form only): the returned tensor is allocated but
-    not computed, while what the backward reads is saved as always (a checkpointed layer's recompute)."""
+    not computed, while what the backward reads is saved as always (a checkpointed layer's recompute).
+    ``grad_kernel="triton"`` (the fused form, CUDA tensors): the backward's two products of dy (g = dy B and
+    dB) come from one read of dy (:mod:`tnlora.ops.lora_grad`) instead of two GEMMs."""
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout, training)
     p = dropout if training else 0.0
+    one_read = grad_kernel == "triton" and x.is_cuda
     if torch.compiler.is_compiling():
         if not compiled_op:
             return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout, training)
-        return _lora_linear_op_call(x, weight, bias, lora_a, lora_b, scaling, p, output_needed)
-    return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, scaling, p, output_needed)
+        return _lora_linear_op_call(x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read)
+    return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -124,13 +128,18 @@ def _forward_gemms(
 
 def _backward_gemms(
     dy: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xd: Tensor, hs: Tensor, mask: Tensor | None,
-    scaling: float, p: float, needs: tuple[bool, bool, bool],
+    scaling: float, p: float, needs: tuple[bool, bool, bool], one_read: bool = False,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(dx, dA, dB) in the compute dtype, each only where ``needs`` (x, A, B) asks for it, with hs = s · h:
     g = dy B; dx = s · (g A) ⊙ mask, then dx += dy W in the large GEMM (β = 1); dA = s · gᵀ drop(x);
-    dB = dyᵀ hs."""
-    g = dy @ lora_b  # [T, r]: the gradient reaching h, before the scaling
-    grad_b = dy.t() @ hs if needs[2] else None
+    dB = dyᵀ hs. With ``one_read`` g and dB come from one pass over dy (:func:`lora_dy_products`)."""
+    if one_read and needs[2]:
+        from tnlora.ops.lora_grad import lora_dy_products
+
+        g, grad_b = lora_dy_products(dy, lora_b, hs)
+    else:
+        g = dy @ lora_b  # [T, r]: the gradient reaching h, before the scaling
+        grad_b = dy.t() @ hs if needs[2] else None
     grad_a = (g.t() @ xd).mul_(scaling) if needs[1] else None
     grad_x = None
     if needs[0]:
@@ -146,12 +155,12 @@ class _LoraLinear(torch.autograd.Function):
     """:func:`_forward_gemms` and :func:`_backward_gemms` in eager code, with the casts to the compute dtype."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, p, output_needed):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read):
         operands = _in_compute_dtype(x, weight, bias, lora_a, lora_b)
         y, hs, xd, mask = _forward_gemms(*operands, scaling, p, output_needed)
         ctx.save_for_backward(weight, lora_a, lora_b, xd, hs, mask)
         ctx.scaling, ctx.dtype, ctx.x_shape, ctx.x_dtype = scaling, y.dtype, x.shape, x.dtype
-        ctx.p = p
+        ctx.p, ctx.one_read = p, one_read
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -161,7 +170,7 @@ class _LoraLinear(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
         grad_x, grad_a, grad_b = _backward_gemms(
             dy.reshape(-1, dy.shape[-1]).to(dtype), weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype), xd, hs,
-            mask, ctx.scaling, ctx.p, needs,
+            mask, ctx.scaling, ctx.p, needs, ctx.one_read,
         )  # fmt: skip
         if grad_x is not None:
             grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
@@ -169,7 +178,7 @@ class _LoraLinear(torch.autograd.Function):
             grad_a = grad_a.to(lora_a.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(lora_b.dtype)
-        return grad_x, None, None, grad_a, grad_b, None, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None
 
 
 # The same computation as custom operators, for compiled code: the casts to the compute dtype stay outside (where
@@ -179,10 +188,10 @@ class _LoraLinear(torch.autograd.Function):
 @torch.library.custom_op("tnlora::lora_linear", mutates_args=())
 def _lora_linear_op(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, p: float,
-    output_needed: bool,
+    output_needed: bool, one_read: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, s · h, drop(x), kept-mask) for x [T, in] and the weights in one dtype; without dropout the last two are
-    empty (an operator's outputs may not alias its inputs)."""
+    empty (an operator's outputs may not alias its inputs). ``one_read`` is for the backward."""
     y, hs, xd, mask = _forward_gemms(x, weight, bias, lora_a, lora_b, scaling, p, output_needed)
     if mask is None:
         return y, hs, x.new_empty((0, x.shape[1])), x.new_empty((0, x.shape[1]), dtype=torch.bool)
@@ -190,7 +199,7 @@ def _lora_linear_op(
 
 
 @_lora_linear_op.register_fake
-def _lora_linear_op_fake(x, weight, bias, lora_a, lora_b, scaling, p, output_needed):
+def _lora_linear_op_fake(x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read):
     rows, width = x.shape
     kept = rows if p > 0.0 else 0
     return (
@@ -204,35 +213,35 @@ def _lora_linear_op_fake(x, weight, bias, lora_a, lora_b, scaling, p, output_nee
 @torch.library.custom_op("tnlora::lora_linear_backward", mutates_args=())
 def _lora_linear_backward_op(
     dy: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xd: Tensor, hs: Tensor, mask: Tensor,
-    scaling: float, p: float, needs_x: bool,
+    scaling: float, p: float, needs_x: bool, one_read: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB) as _LoraLinear's backward computes them; dx is empty unless ``needs_x``."""
     grad_x, grad_a, grad_b = _backward_gemms(
-        dy, weight, lora_a, lora_b, xd, hs, mask if p > 0.0 else None, scaling, p, (needs_x, True, True)
+        dy, weight, lora_a, lora_b, xd, hs, mask if p > 0.0 else None, scaling, p, (needs_x, True, True), one_read
     )
     return (grad_x if grad_x is not None else dy.new_empty((0,))), grad_a, grad_b
 
 
 @_lora_linear_backward_op.register_fake
-def _lora_linear_backward_op_fake(dy, weight, lora_a, lora_b, xd, hs, mask, scaling, p, needs_x):
+def _lora_linear_backward_op_fake(dy, weight, lora_a, lora_b, xd, hs, mask, scaling, p, needs_x, one_read):
     grad_x = dy.new_empty((dy.shape[0], weight.shape[1])) if needs_x else dy.new_empty((0,))
     return grad_x, torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
 def _lora_linear_op_setup(ctx, inputs, output) -> None:
-    x, weight, _bias, lora_a, lora_b, scaling, p, _output_needed = inputs
+    x, weight, _bias, lora_a, lora_b, scaling, p, _output_needed, one_read = inputs
     _y, hs, xd, mask = output
     ctx.save_for_backward(weight, lora_a, lora_b, xd if p > 0.0 else x, hs, mask)
-    ctx.scaling, ctx.p = scaling, p
+    ctx.scaling, ctx.p, ctx.one_read = scaling, p, one_read
 
 
 def _lora_linear_op_backward(ctx, dy, _dh, _dxd, _dmask):
     weight, lora_a, lora_b, xd, hs, mask = ctx.saved_tensors
     needs_x = ctx.needs_input_grad[0]
     grad_x, grad_a, grad_b = torch.ops.tnlora.lora_linear_backward(
-        dy.to(hs.dtype), weight, lora_a, lora_b, xd, hs, mask, ctx.scaling, ctx.p, needs_x
+        dy.to(hs.dtype), weight, lora_a, lora_b, xd, hs, mask, ctx.scaling, ctx.p, needs_x, ctx.one_read
     )
-    return (grad_x if needs_x else None), None, None, grad_a, grad_b, None, None, None
+    return (grad_x if needs_x else None), None, None, grad_a, grad_b, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -240,10 +249,10 @@ torch.library.register_autograd(
 )
 
 
-def _lora_linear_op_call(x, weight, bias, lora_a, lora_b, scaling, p, output_needed) -> Tensor:
+def _lora_linear_op_call(x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read) -> Tensor:
     """lora_linear through the custom operators: inputs cast to the compute dtype, rows flattened."""
     operands = _in_compute_dtype(x, weight, bias, lora_a, lora_b)
-    y = torch.ops.tnlora.lora_linear(*operands, scaling, p, output_needed)[0]
+    y = torch.ops.tnlora.lora_linear(*operands, scaling, p, output_needed, one_read)[0]
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

@@ -10,7 +10,9 @@ its share of dB in registers, and the partials are summed after. Accumulation is
 inputs), as cuBLAS accumulates; the sums are grouped differently, so results equal the two GEMMs' up to
 rounding.
 
-Not yet wired into the LoRA layer: ``benchmarks/lora_grad.py`` measures it against cuBLAS's two products first.
+The fused LoRA layer's backward uses it with ``grad_kernel: "triton"`` (a ``FusedLoraLinear`` attribute; ``tnlora
+bench train --lora_grad_kernel triton``), on CUDA tensors; the default stays the two GEMMs until it is measured
+(``benchmarks/lora_grad.py`` alone, ``gpu_run.sh lora-grad-kernel`` in training steps).
 """
 
 from __future__ import annotations

@@ -26,6 +26,9 @@ class FusedLoraLinear(LoraLinear):
     --no-lora_compiled_op``)."""
 
     compiled_op = True
+    # "triton": the backward's two products of dy from one read of it (tnlora.ops.lora_grad, CUDA); "torch" (the
+    # default until measured): two GEMMs. `tnlora bench train --lora_grad_kernel triton` sets it.
+    grad_kernel = "torch"
     # False while a checkpointed layer recomputes this projection and reads none of its output (set by the
     # layer's recompute context, TransnormerDecoderLayer.recomputing): the frozen GEMM is left out.
     output_needed = True
@@ -39,7 +42,7 @@ class FusedLoraLinear(LoraLinear):
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
         return lora_linear(
             x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-            self.scaling[adapter], p, dropout.training, self.compiled_op, self.output_needed,
+            self.scaling[adapter], p, dropout.training, self.compiled_op, self.output_needed, self.grad_kernel,
         )
 
     def _fused_adapter(self, x: Tensor, args: tuple, kwargs: dict) -> str | None:
