@@ -14,10 +14,9 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 pytest.importorskip("triton")
 
-from train_helpers import GEOMETRY_1B, assert_bf16_step_matches, batch, lora_model, loss_and_grads
+from train_helpers import GEOMETRY_1B, assert_bf16_step_matches, kernel_and_torch_steps, lora_model
 
 from tnlora.ops import lora_grad
-from tnlora.train.compile import compile_decoder_layers
 from tnlora.train.lora_fused import FusedLoraLinear
 
 pytestmark = pytest.mark.gpu
@@ -27,18 +26,17 @@ pytestmark = pytest.mark.gpu
 def test_one_read_of_dy_matches_the_two_gemms(monkeypatch, compiled: bool) -> None:
     calls = []
     monkeypatch.setattr(lora_grad, "lora_dy_products", lambda *a, _f=lora_grad.lora_dy_products: calls.append(1) or _f(*a))
-    inputs = {name: t.cuda() for name, t in batch(1000).items()}
-    results = []
-    for kernel in ("triton", "torch"):
+
+    def make(kind: str) -> torch.nn.Module:
         model = lora_model(0.1, device="cuda", dtype=torch.bfloat16, impl="fla", **GEOMETRY_1B)
+        for module in model.modules():
+            if isinstance(module, FusedLoraLinear):
+                module.grad_kernel = kind
+        return model
+
+    def after(kind: str, model: torch.nn.Module) -> None:
         adapted = [m for m in model.modules() if isinstance(m, FusedLoraLinear)]
-        for module in adapted:
-            module.grad_kernel = kernel
-        if compiled:
-            compile_decoder_layers(model)
-        torch.manual_seed(4)  # the same dropout masks in both
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            results.append(loss_and_grads(model, inputs))
-        if kernel == "triton":
-            assert len(calls) == len(adapted)  # one call an adapted layer's backward
+        assert len(calls) == len(adapted)  # one call an adapted layer's backward; none with the two GEMMs
+
+    results = kernel_and_torch_steps(make, after, compiled)
     assert_bf16_step_matches(results[0], results[1], f"lora grad_kernel triton, compiled {compiled}")

@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 pytest.importorskip("triton")
 
-from train_helpers import GEOMETRY_1B, assert_bf16_step_matches, batch, lora_model, loss_and_grads
+from train_helpers import GEOMETRY_1B, assert_bf16_step_matches, kernel_and_torch_steps, lora_model
 
 from tnlora.model import modeling
 
@@ -23,16 +23,14 @@ pytestmark = pytest.mark.gpu
 def test_triton_training_norms_match_the_pytorch_form(monkeypatch, dropout: float) -> None:
     calls = []
     monkeypatch.setattr(modeling, "rms_norm", lambda *a, _f=modeling.rms_norm: calls.append(1) or _f(*a))
-    inputs = {name: t.cuda() for name, t in batch(1000).items()}
-    results = []
-    for kernel in ("triton", "torch"):
-        torch.manual_seed(0)  # the same LoRA dropout masks in both runs
-        model = lora_model(dropout, device="cuda", dtype=torch.bfloat16, norm_kernel=kernel, **GEOMETRY_1B).train()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            results.append(loss_and_grads(model, inputs))
-        if kernel == "triton":
-            layers = len(model.base_model.model.model.layers)
-            assert len(calls) == 3 * layers + 1  # token, output-gate and channel norm a layer; the final norm
-    assert len(calls) == 3 * layers + 1  # none with norm_kernel torch
+
+    def after(kind: str, model: torch.nn.Module) -> None:
+        layers = len(model.base_model.model.model.layers)
+        # token, output-gate and channel norm a layer; the final norm; none with norm_kernel torch
+        assert len(calls) == 3 * layers + 1
+
+    results = kernel_and_torch_steps(
+        lambda kind: lora_model(dropout, device="cuda", dtype=torch.bfloat16, norm_kernel=kind, **GEOMETRY_1B), after
+    )
     # bf16 autocast; the kernel keeps fp32 where the PyTorch form rounds. Reference: the PyTorch norms.
     assert_bf16_step_matches(results[0], results[1], f"norm_kernel triton, dropout {dropout}")

@@ -4,6 +4,7 @@ loss + LoRA gradients of one step."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,31 @@ def loss_and_grads(
         loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return loss.item(), grads
+
+
+def kernel_and_torch_steps(
+    make_model: Callable[[str], torch.nn.Module],
+    after: Callable[[str, torch.nn.Module], None] | None = None,
+    compiled: bool = False,
+) -> list[tuple[float, dict[str, torch.Tensor]]]:
+    """One bf16 step on CUDA of ``make_model("triton")``, then of ``make_model("torch")``, on packed rows (fla's
+    varlen path), their decoder layers compiled with ``compiled``, the same dropout draws in both; ``after(kind,
+    model)`` once each step is done. The GPU tests of a kernel against PyTorch's form compare the two results."""
+    from tnlora.train.compile import compile_decoder_layers
+
+    inputs = {name: t.cuda() for name, t in batch(1000).items()}
+    results = []
+    for kind in ("triton", "torch"):
+        torch.manual_seed(0)  # the same LoRA dropout masks in both runs
+        model = make_model(kind)
+        if compiled:
+            compile_decoder_layers(model)
+        torch.manual_seed(4)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            results.append(loss_and_grads(model, inputs))
+        if after is not None:
+            after(kind, model)
+    return results
 
 
 def assert_bf16_step_matches(
