@@ -104,7 +104,7 @@ log "source $SRC at $COMMIT"
 for stage in "$@"; do
   case $stage in
     tests)
-      log "GPU tests"; pytests ${GPU_TESTS:-tests/ops tests/infer/test_decode_graph.py tests/train/test_compile_gpu.py tests/train/test_norm_kernel_gpu.py tests/train/test_loss_kernel_gpu.py tests/train/test_sync_gpu.py tests/train/test_qlora_gpu.py tests/train/test_act_kernel_gpu.py tests/train/test_lora_grad_gpu.py tests/model/test_modeling.py} ;;
+      log "GPU tests"; pytests ${GPU_TESTS:-tests/ops tests/infer/test_decode_graph.py tests/train/test_compile_gpu.py tests/train/test_norm_kernel_gpu.py tests/train/test_loss_kernel_gpu.py tests/train/test_sync_gpu.py tests/train/test_qlora_gpu.py tests/train/test_training_kernels_gpu.py tests/model/test_modeling.py} ;;
     warm)  # autotune fla for both q/k widths and head counts in parallel, then wait (at most WARM_LIMIT s)
       for kd in 128 256; do for h in 16 32; do python3 benchmarks/fla_warmup.py $kd $h > "$OUT/warm$kd-$h.txt" 2>&1 & done; done
       START=$SECONDS; while [ -n "$(jobs -pr)" ] && [ $((SECONDS - START)) -lt ${WARM_LIMIT:-300} ]; do sleep 2; done

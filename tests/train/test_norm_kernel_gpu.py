@@ -12,7 +12,13 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 pytest.importorskip("triton")
 
-from train_helpers import GEOMETRY_1B, assert_bf16_step_matches, kernel_and_torch_steps, lora_model
+from train_helpers import (
+    GEOMETRY_1B,
+    assert_bf16_step_matches,
+    counted_calls,
+    kernel_and_torch_steps,
+    lora_model,
+)
 
 from tnlora.model import modeling
 
@@ -21,8 +27,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_triton_training_norms_match_the_pytorch_form(monkeypatch, dropout: float) -> None:
-    calls = []
-    monkeypatch.setattr(modeling, "rms_norm", lambda *a, _f=modeling.rms_norm: calls.append(1) or _f(*a))
+    calls = counted_calls(monkeypatch, modeling, "rms_norm")
 
     def after(kind: str, model: torch.nn.Module) -> None:
         layers = len(model.base_model.model.model.layers)

@@ -89,6 +89,14 @@ def loss_and_grads(
     return loss.item(), grads
 
 
+def counted_calls(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[int]:
+    """A list that gets one entry per call of ``owner.name`` from now on (the function still does its work)."""
+    calls: list[int] = []
+    function = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *args: calls.append(1) or function(*args))
+    return calls
+
+
 def kernel_and_torch_steps(
     make_model: Callable[[str], torch.nn.Module],
     after: Callable[[str, torch.nn.Module], None] | None = None,

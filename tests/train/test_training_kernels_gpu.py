@@ -1,0 +1,67 @@
+"""Training-step kernels against the PyTorch form they replace, on CUDA in bf16: a training step gives the loss
+and LoRA gradients of the PyTorch form within bf16 tolerance, eager and in compiled layers, and every layer calls
+the kernel. ``act_kernel: triton``: the token mixers' activation (``tnlora.ops.qkvu_act``). The fused LoRA
+layers' ``grad_kernel = "triton"``: their backward's g = dy B and dB from one read of dy
+(``tnlora.ops.lora_grad``) instead of two GEMMs. Skipped without CUDA; run on a GPU with
+``pytest -s -m gpu tests/train``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+pytest.importorskip("triton")
+
+from train_helpers import (
+    GEOMETRY_1B,
+    assert_bf16_step_matches,
+    counted_calls,
+    kernel_and_torch_steps,
+    lora_model,
+)
+
+from tnlora.model import modeling
+from tnlora.ops import lora_grad
+from tnlora.train.lora_fused import FusedLoraLinear
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_activation_kernels_match_the_pytorch_form(monkeypatch, compiled: bool) -> None:
+    calls = counted_calls(monkeypatch, modeling, "qkvu_act")
+
+    def make(kind: str) -> torch.nn.Module:
+        model = lora_model(device="cuda", dtype=torch.bfloat16, impl="fla", act_kernel=kind, **GEOMETRY_1B)
+        assert all(layer.token_mixer.act_kernel == kind for layer in model.base_model.model.model.layers)
+        return model
+
+    def after(kind: str, model: torch.nn.Module) -> None:
+        if kind == "triton" and not compiled:
+            assert len(calls) == len(model.base_model.model.model.layers)  # one call a token mixer
+
+    results = kernel_and_torch_steps(make, after, compiled)
+    assert calls  # compiled: the calls happen while the graphs are traced
+    assert_bf16_step_matches(results[0], results[1], f"act_kernel triton, compiled {compiled}")
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_one_read_of_dy_in_the_lora_backward_matches_the_two_gemms(monkeypatch, compiled: bool) -> None:
+    calls = counted_calls(monkeypatch, lora_grad, "lora_dy_products")
+
+    def make(kind: str) -> torch.nn.Module:
+        model = lora_model(0.1, device="cuda", dtype=torch.bfloat16, impl="fla", **GEOMETRY_1B)
+        for module in model.modules():
+            if isinstance(module, FusedLoraLinear):
+                module.grad_kernel = kind
+        return model
+
+    def after(kind: str, model: torch.nn.Module) -> None:
+        adapted = [m for m in model.modules() if isinstance(m, FusedLoraLinear)]
+        assert len(calls) == len(adapted)  # one call an adapted layer's backward; none with the two GEMMs
+
+    results = kernel_and_torch_steps(make, after, compiled)
+    assert_bf16_step_matches(results[0], results[1], f"lora grad_kernel triton, compiled {compiled}")
