@@ -65,7 +65,7 @@ def test_launch_grid_covers_every_row_and_column_and_fills_the_processors() -> N
         row_programs, splits, rows_each, cols_each = launch_grid(rows, cols, processors)
         assert row_programs * rows_each >= rows > (row_programs - 1) * rows_each
         assert splits * cols_each >= cols > (splits - 1) * cols_each
-        assert cols_each % 128 == 0
+        assert cols_each % 128 == 0 and (cols_each // 128) & (cols_each // 128 - 1) == 0  # a power of two of chunks
         # enough programs for every processor where there is enough work, and not a column split too many
         assert row_programs * splits >= min(processors, row_programs * -(-cols // 128))
     assert launch_grid(16384, 16384, 132) == (16, 32, 1024, 512)

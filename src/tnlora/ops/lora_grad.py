@@ -34,11 +34,12 @@ def lora_dy_products_reference(dy: Tensor, lora_b: Tensor, hs: Tensor) -> tuple[
 
 def launch_grid(rows: int, cols: int, processors: int) -> tuple[int, int, int, int]:
     """(row programs, column splits, rows a program, columns a program): rows in blocks of ROWS_PER_PROGRAM, the
-    columns split until there are about PROGRAMS_PER_SM programs a processor (whole BLOCK_N chunks each)."""
+    columns split until there are about PROGRAMS_PER_SM programs a processor, each a power of two of BLOCK_N
+    chunks (the span is a compile-time constant of the kernel: few distinct spans, few compiled variants)."""
     row_programs = max(1, -(-rows // ROWS_PER_PROGRAM))
     chunks = max(1, -(-cols // BLOCK_N))
     splits = max(1, min(chunks, -(-PROGRAMS_PER_SM * processors // row_programs)))
-    cols_per_program = -(-chunks // splits) * BLOCK_N
+    cols_per_program = _next_power_of_2(-(-chunks // splits)) * BLOCK_N
     return row_programs, -(-cols // cols_per_program), ROWS_PER_PROGRAM, cols_per_program
 
 
