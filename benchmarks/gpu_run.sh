@@ -163,9 +163,9 @@ for stage in "$@"; do
     loss)
       table_script cross_entropy.py ;;
     act)
-      log "act ${ACT_ARGS:-}"; timeout ${LIMIT:-300} python3 benchmarks/act.py ${ACT_ARGS:-} 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | grep -E "^\| " >> "$OUT/table.txt" ;;
+      table_script act.py ${ACT_ARGS:-} ;;
     lora-grad)
-      log "lora-grad ${LORA_GRAD_ARGS:-}"; timeout ${LIMIT:-300} python3 benchmarks/lora_grad.py ${LORA_GRAD_ARGS:-} 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | grep -E "^\| " >> "$OUT/table.txt" ;;
+      table_script lora_grad.py ${LORA_GRAD_ARGS:-} ;;
     lora-grad-kernel)
       for m in ${MODELS:-1B 7B}; do for k in torch triton; do
         train --model $m --lora_grad_kernel $k --name "$m huanhuan-shaped, tnlora train's defaults, lora_grad_kernel $k ($COMMIT)$TAG"

@@ -24,7 +24,7 @@ from train_helpers import (
 )
 
 from tnlora.model import modeling
-from tnlora.ops import lora_grad
+from tnlora.ops import lora as lora_ops
 from tnlora.train.lora_fused import FusedLoraLinear
 
 pytestmark = pytest.mark.gpu
@@ -50,7 +50,7 @@ def test_the_activation_kernels_match_the_pytorch_form(monkeypatch, compiled: bo
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_one_read_of_dy_in_the_lora_backward_matches_the_two_gemms(monkeypatch, compiled: bool) -> None:
-    calls = counted_calls(monkeypatch, lora_grad, "lora_dy_products")
+    calls = counted_calls(monkeypatch, lora_ops, "lora_dy_products")  # where the LoRA backward looks it up
 
     def make(kind: str) -> torch.nn.Module:
         model = lora_model(0.1, device="cuda", dtype=torch.bfloat16, impl="fla", **GEOMETRY_1B)

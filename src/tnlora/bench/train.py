@@ -338,9 +338,9 @@ def run(args: argparse.Namespace, keys: dict[str, Any]) -> int:
     shape = f"one {args.seq_len}-token sequence a row" if args.seq_len else "data-shaped"
     given = " ".join(f"{k}={v}" for k, v in keys.items())
     op = "" if args.lora_compiled_op else " no-lora_compiled_op"
-    act = f" act={args.act_kernel}" if args.act_kernel != "torch" else ""
-    act += f" lora_grad={args.lora_grad_kernel}" if args.lora_grad_kernel != "torch" else ""
-    settings = f"{shape}{' ' + given if given else ''} norms={args.norm_kernel} loss={args.loss_kernel}{act}{op}{cap}"
+    kernels = f" act={args.act_kernel}" if args.act_kernel != "torch" else ""
+    kernels += f" lora_grad={args.lora_grad_kernel}" if args.lora_grad_kernel != "torch" else ""
+    settings = f"{shape}{' ' + given if given else ''} norms={args.norm_kernel} loss={args.loss_kernel}{kernels}{op}{cap}"
     print(f"config: {args.model} {settings}", flush=True)  # every row can be traced to its settings
     r = train_bench(args, keys, args.name or f"{args.model} {settings}")
     print("| run | tokens/s | MFU | peak GiB | s/step | loss |\n|---|---|---|---|---|---|")

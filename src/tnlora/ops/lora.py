@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tnlora.ops.lora_grad import lora_dy_products, lora_dy_products_reference
+
 
 def lora_linear_reference(
     x: Tensor,
@@ -133,13 +135,10 @@ def _backward_gemms(
     """(dx, dA, dB) in the compute dtype, each only where ``needs`` (x, A, B) asks for it, with hs = s · h:
     g = dy B; dx = s · (g A) ⊙ mask, then dx += dy W in the large GEMM (β = 1); dA = s · gᵀ drop(x);
     dB = dyᵀ hs. With ``one_read`` g and dB come from one pass over dy (:func:`lora_dy_products`)."""
-    if one_read and needs[2]:
-        from tnlora.ops.lora_grad import lora_dy_products
-
-        g, grad_b = lora_dy_products(dy, lora_b, hs)
+    if needs[2]:
+        g, grad_b = (lora_dy_products if one_read else lora_dy_products_reference)(dy, lora_b, hs)
     else:
-        g = dy @ lora_b  # [T, r]: the gradient reaching h, before the scaling
-        grad_b = dy.t() @ hs if needs[2] else None
+        g, grad_b = dy @ lora_b, None  # g [T, r]: the gradient reaching h, before the scaling
     grad_a = (g.t() @ xd).mul_(scaling) if needs[1] else None
     grad_x = None
     if needs[0]:
