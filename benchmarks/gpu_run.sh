@@ -11,6 +11,8 @@
 #   train-defaults  1B and 7B training steps with tnlora train's defaults (CARD_GIB caps the memory)
 #   train-seed      7B at the tutorial recipe's own settings (padding, 4 x 4 micro-batches, checkpointing)
 #   train-long      7B on one LONG_LEN-token sequence (offloaded checkpointing, compiled)
+#   train-long-defaults  7B on one LONG_LEN-token sequence with tnlora train's defaults (on the H200: checkpointing
+#                   without offload, the memory left to less recompute: checkpoint_regions / uncheckpointed_layers)
 #   train-long-regions  7B on one LONG_LEN-token sequence, checkpointed without offload, compiled, one machine:
 #                   whole layers against the mixers checkpointed apart (checkpoint_regions layer / mixers), each
 #                   with and without the last layers un-checkpointed (uncheckpointed_layers; REGION_PLANS, default
@@ -39,7 +41,7 @@
 #   opt-outs        tnlora train's defaults against their opt-outs on one machine (MODELS, default 1B):
 #                   --loss_kernel torch and / or --no-lora_compiled_op
 #   act-kernel      tnlora train's defaults with the token mixer's activation as PyTorch's form and as the kernels
-#                   (act_kernel torch / triton; MODELS, default "1B 7B"); TRAIN_ARGS="--act_kernel triton" for others
+#                   (act_kernel torch / triton; MODELS, default "1B 7B"; "auto", the default, is triton on CUDA)
 #   act             the activation alone, forward and backward, compiled PyTorch form against the operators
 #                   (benchmarks/act.py; ACT_ARGS, e.g. "--shapes 1B:32768"): ms, GB/s and each form's error
 #   lora-grad       the LoRA backward's two rank-r products of dy: cuBLAS's two GEMMs against one read of dy
@@ -118,6 +120,8 @@ for stage in "$@"; do
       train --model 7B --packing false --per_device_train_batch_size 4 --gradient_accumulation_steps 4 --gradient_checkpointing true --torch_compile false $CAP --name "7B huanhuan-shaped at the tutorial recipe's settings ($COMMIT)$TAG" ;;
     train-long)
       LIMIT=300 train --model 7B --seq_len ${LONG_LEN:-131072} --use_unsloth_gc true --torch_compile true --steps 1 --warmup 1 $CAP --name "7B one ${LONG_LEN:-131072}-token sequence, offloaded checkpointing ($COMMIT)$TAG" ;;
+    train-long-defaults)
+      LIMIT=300 train --model 7B --seq_len ${LONG_LEN:-131072} --steps 1 --warmup 1 $CAP --name "7B one ${LONG_LEN:-131072}-token sequence, tnlora train's defaults ($COMMIT)$TAG" ;;
     train-long-regions)
       for plan in ${REGION_PLANS:-layer:0 mixers:0 layer:3 mixers:1}; do
         r=${plan%%:*}; k=${plan##*:}

@@ -53,6 +53,10 @@ NO_GPU_FOR_QUANTIZATION = (
 )
 
 
+# What one activation checkpoint holds (checkpoint_regions): a whole decoder layer, or each mixer step apart.
+CHECKPOINT_REGIONS = ("layer", "mixers")
+
+
 def _opt(help: str, **checks: Any) -> dict[str, Any]:
     """Field metadata: a help line plus checks (choices, ge, gt, lt, le, required)."""
     return {"help": help, **checks}
@@ -210,20 +214,22 @@ class RunConfig:
             "when not even plain checkpointing is estimated to fit)"
         ),
     )
-    checkpoint_regions: str = field(
-        default="layer",
+    checkpoint_regions: str | None = field(
+        default=None,
         metadata=_opt(
             "what one activation checkpoint holds: the whole decoder layer, or each mixer step apart (mixers: "
             "each layer also keeps its middle residual, tokens x hidden more memory, and its recompute leaves "
-            "out both output projections; not with use_unsloth_gc)",
-            choices=("layer", "mixers"),
+            "out both output projections; not with use_unsloth_gc). Default: on a GPU under checkpointing "
+            "without offload, with uncheckpointed_layers the least recompute estimated to fit; else layer",
+            choices=CHECKPOINT_REGIONS,
         ),
     )
-    uncheckpointed_layers: int = field(
-        default=0,
+    uncheckpointed_layers: int | None = field(
+        default=None,
         metadata=_opt(
             "under gradient checkpointing, how many of the last decoder layers keep their activations and are "
-            "not recomputed (faster; each beyond the first costs a layer's activations of memory)",
+            "not recomputed (faster; each beyond the first costs a layer's activations of memory). Default: "
+            "chosen with checkpoint_regions; else 0",
             ge=0,
         ),
     )
@@ -953,6 +959,14 @@ def resolve_defaults(
         # Given the micro-batch, the least checkpointing that fits; if nothing does, the most (an out-of-memory
         # error then names the micro-batch).
         out = next((c for c in candidates if fits(c)), candidates[-1]) if decide else candidates[0]
+    if out.checkpoint_regions is None or out.uncheckpointed_layers is None:
+        # Not searched under FSDP / DeepSpeed: their wrappers are not tested with these regions.
+        engine = out.fsdp or out.deepspeed
+        searched = bool(decide and out.gradient_checkpointing and not out.use_unsloth_gc and not engine)
+        plans = recompute_plans(out) if searched else [out]
+        out = next((plan for plan in plans if fits(plan)), plans[-1]) if searched else out
+        out.checkpoint_regions = out.checkpoint_regions or "layer"
+        out.uncheckpointed_layers = out.uncheckpointed_layers or 0
     if out.lora_alpha is None:
         out.lora_alpha = float(2 * out.lora_rank)
     if out.eval_steps is None:
@@ -971,6 +985,29 @@ def _open_modes(cfg: RunConfig) -> list[tuple[bool, bool]]:
         and cfg.use_unsloth_gc in (None, off)
         and not (off and cfg.checkpoint_regions == "mixers")
     ]
+
+
+def recompute_plans(cfg: RunConfig) -> list[RunConfig]:
+    """Under checkpointing without offload, ``cfg`` with each (checkpoint_regions, uncheckpointed_layers) pair
+    it leaves open, least recompute first, ending with the whole layers all checkpointed (the least memory).
+
+    Ranked by the layer forwards a step's recompute leaves out: one per un-checkpointed layer (at most all
+    but one: checkpointing stays on) and, with the mixers apart, the output projection's share of each
+    checkpointed layer's linear layers (the model's config, read from ``model_name_or_path``). Measured at
+    131,072 tokens on 7B the order held (benchmarks/RESULTS.md, "Long sequences")."""
+    from tnlora.model.hub import load_model_config
+
+    config = load_model_config(cfg.model_name_or_path)
+    layers, hidden, glu = config.decoder_layers, config.hidden_dim, config.glu_dim
+    # the token mixer's qkvu (4 h) and out_proj (h), the channel mixer's l1, l2 and l3 (g each), times d
+    share = hidden / (5 * hidden + 3 * glu)
+    regions = [cfg.checkpoint_regions] if cfg.checkpoint_regions else list(CHECKPOINT_REGIONS)
+    kept = [cfg.uncheckpointed_layers] if cfg.uncheckpointed_layers is not None else range(layers)
+    ranked = sorted(
+        ((k + (share * (layers - k) if r == "mixers" else 0.0), r == "mixers", r, k) for r in regions for k in kept),
+        key=lambda plan: (-plan[0], plan[1]),
+    )
+    return [dataclasses.replace(cfg, checkpoint_regions=r, uncheckpointed_layers=k) for _, _, r, k in ranked]
 
 
 def memory_plans(cfg: RunConfig) -> list[RunConfig]:
@@ -1010,9 +1047,10 @@ def memory_plans(cfg: RunConfig) -> list[RunConfig]:
 def unpacked_plans(cfg: RunConfig) -> list[RunConfig]:
     """The micro-batches of unpacked rows the defaults try, in order, by the rules of ``memory_plans``: each
     checkpointing mode the config leaves open, least memory-saving first, from ``DEFAULT_BATCH_SIZE`` rows
-    halving while the rows still hold 8,192 tokens without checkpointing or 4,096 with it, and in the last
-    mode down to one row. Padded rows are sized by ``cutoff_len``, the longest they can be: long rows (e.g.
-    131,072 tokens) get one checkpointed row instead of eight that cannot fit."""
+    (checkpointed: no more than the packed plans' 16,384 tokens, one row at least) halving while the rows still
+    hold 8,192 tokens without checkpointing or 4,096 with it, and in the last mode down to one row. Padded rows
+    are sized by ``cutoff_len``, the longest they can be: long rows (e.g. 131,072 tokens) get one checkpointed
+    row instead of eight that cannot fit, and the memory left goes to less recompute (``recompute_plans``)."""
     floors = {
         (False, False): SMALL_PACKED_TOKENS_PER_MICRO_BATCH,
         (True, False): min(CHECKPOINTED_TOKENS_PER_MICRO_BATCH),
@@ -1021,7 +1059,9 @@ def unpacked_plans(cfg: RunConfig) -> list[RunConfig]:
     plans: list[RunConfig] = []
     for gc, off in modes:
         floor = 0 if (gc, off) == modes[-1] else floors.get((gc, off), 0)
-        rows = DEFAULT_BATCH_SIZE
+        # checkpointed: no more tokens a micro-batch than the packed plans' largest (long rows: one)
+        most = max(CHECKPOINTED_TOKENS_PER_MICRO_BATCH) // cfg.cutoff_len if gc else DEFAULT_BATCH_SIZE
+        rows = max(1, min(DEFAULT_BATCH_SIZE, most))
         while True:
             plans.append(
                 dataclasses.replace(cfg, per_device_train_batch_size=rows, gradient_checkpointing=gc, use_unsloth_gc=off)

@@ -26,7 +26,7 @@ def train_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
                         help="the model's norm implementation (config norm_kernel)")
     parser.add_argument("--loss_kernel", default="auto", choices=["auto", "torch", "triton"],
                         help="the chunked loss's cross-entropy (config loss_kernel)")
-    parser.add_argument("--act_kernel", default="torch", choices=["auto", "torch", "triton"],
+    parser.add_argument("--act_kernel", default="auto", choices=["auto", "torch", "triton"],
                         help="the token mixer's activation with grad (config act_kernel)")
     parser.add_argument("--lora_compiled_op", action=argparse.BooleanOptionalAction, default=True,
                         help="compiled layers call the fused LoRA layers' custom operators (default) or, with "

@@ -283,7 +283,7 @@ def train_bench(args: argparse.Namespace, keys: dict[str, Any], name: str) -> Tr
     with tempfile.TemporaryDirectory() as out:
         cfg = run_config(args, keys, lengths, out)
         per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-        regions = f"checkpoint_regions {cfg.checkpoint_regions}, " if cfg.checkpoint_regions != "layer" else ""
+        regions = f"checkpoint_regions {cfg.checkpoint_regions}, " if cfg.checkpoint_regions == "mixers" else ""
         regions += f"uncheckpointed_layers {cfg.uncheckpointed_layers}, " if cfg.uncheckpointed_layers else ""
         print(f"resolved: {cfg.per_device_train_batch_size} x {cfg.cutoff_len} tokens a micro-batch, "
               f"{cfg.gradient_accumulation_steps} a step, packing {cfg.packing}, "
@@ -338,7 +338,7 @@ def run(args: argparse.Namespace, keys: dict[str, Any]) -> int:
     shape = f"one {args.seq_len}-token sequence a row" if args.seq_len else "data-shaped"
     given = " ".join(f"{k}={v}" for k, v in keys.items())
     op = "" if args.lora_compiled_op else " no-lora_compiled_op"
-    kernels = f" act={args.act_kernel}" if args.act_kernel != "torch" else ""
+    kernels = f" act={args.act_kernel}" if args.act_kernel != "auto" else ""
     kernels += f" lora_grad={args.lora_grad_kernel}" if args.lora_grad_kernel != "torch" else ""
     settings = f"{shape}{' ' + given if given else ''} norms={args.norm_kernel} loss={args.loss_kernel}{kernels}{op}{cap}"
     print(f"config: {args.model} {settings}", flush=True)  # every row can be traced to its settings

@@ -26,6 +26,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import ModelOutput, logging
 
+from tnlora.config import CHECKPOINT_REGIONS  # gradient_checkpointing_kwargs' checkpoint_regions
 from tnlora.model.cache import TransnormerCache
 from tnlora.model.configuration import TransnormerConfig
 from tnlora.model.generation import overlap_applies, overlapped_sample
@@ -42,9 +43,6 @@ logger = logging.get_logger(__name__)
 # transformers ≤ 5.23 calls the cache `past_key_values` (in generate, forward kwargs and outputs); 5.24 renamed
 # it `cache`. Both are accepted on input; outputs use whichever name the installed release defines.
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
-# What one checkpoint holds under activation checkpointing (``gradient_checkpointing_kwargs``'
-# ``checkpoint_regions``): the whole decoder layer, or each mixer's residual step apart.
-CHECKPOINT_REGIONS = ("layer", "mixers")
 
 # ---------------------------------------------------------------------------------------------------------
 # §4.3 SRMSNorm: no gain, no bias; fp32 inside, input dtype outside.

@@ -14,8 +14,8 @@ the gate then keeps for its backward in place of the view of qkvu: 2 bytes per t
 activation memory.
 
 Custom operators (``tnlora::qkvu_act`` and its backward), so that compiled layers call them as they are; the model
-uses them with ``act_kernel: triton`` (the model config; default "torch", the reference form, until the kernel's
-step time is measured). Results equal the reference up to the rounding of silu and its derivative in fp32.
+uses them where ``act_kernel`` resolves to triton (the model config; "auto", the default: on CUDA where triton
+imports). Results equal the reference up to the rounding of silu and its derivative in fp32.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Which implementation of each operation runs on which device: decided here and nowhere else.
 
 The model's config names a choice per operation (``lightning_impl``, ``norm_kernel``, ``decode_kernel``,
-``loss_kernel``, ``act_kernel``), each "auto" by default (``act_kernel``: "torch" until measured);
+``loss_kernel``, ``act_kernel``), each "auto" by default;
 :func:`kernels_for` turns the choices into implementations for one device. The model applies them when it is
 built and whenever it moves to another device (``TransnormerPreTrainedModel.select_kernels``), never inside a
 forward; the static decode step (``infer.decode_graph``) resolves ``decode_kernel`` with :func:`kernel_impl` when
@@ -96,7 +96,7 @@ def kernels_for(config: object, device: torch.device | str) -> Kernels:
         attention_step=step_attention_impl(impl),
         norm=kernel_impl(getattr(config, "norm_kernel", "auto"), device, "norm_kernel"),
         loss=kernel_impl(getattr(config, "loss_kernel", "auto"), device, "loss_kernel"),
-        act=kernel_impl(getattr(config, "act_kernel", "torch"), device, "act_kernel"),
+        act=kernel_impl(getattr(config, "act_kernel", "auto"), device, "act_kernel"),
     )
 
 

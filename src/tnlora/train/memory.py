@@ -27,12 +27,24 @@ from tnlora.config import RunConfig
 ACTIVATION_BYTES = 46
 ACTIVATION_BYTES_LORA_DROPOUT = 10
 ACTIVATION_BYTES_TORCH_NORMS = 12
+# The token mixer's activation kernel (act_kernel "auto": triton on CUDA where triton imports) keeps u as a copy
+# (measured: +1.9 GiB for 1B at 32 x 1,024 tokens, +3.7 GiB for 7B at 16 x 1,024).
+ACTIVATION_BYTES_ACT_KERNEL = 2
 # With checkpointing: each layer's input (bf16 hidden states, 2 bytes per unit of width; offloaded ones wait in
-# CPU memory, two layers' worth in flight), and the layer whose backward runs holds its recomputed activations
-# plus its gradient buffers, taken as twice a layer's saved activations. Not yet fitted to measured peaks:
-# `benchmarks/gpu_run.sh small-cards` prints the peaks and these estimates side by side.
+# CPU memory, two layers' worth in flight), and what the backward holds while it runs: kept on the GPU, the
+# recomputed layer's saved activations (with the mixers checkpointed apart the larger step's, ~0.85 of a layer;
+# un-checkpointed last layers: theirs) plus RECOMPUTE_EXTRA_LAYERS of a layer, and with compiled layers
+# RECOMPUTE_BUFFER_BYTES more (measured: the compiled recompute holds ~1.3 layers at 16 x 1,024 tokens, the eager
+# one ~0.8); offloaded, two layers' activations (the next layer's inputs are fetched while one recomputes).
+# Fitted on 7B's measured peaks at 131,072 tokens (compiled; checkpoint_regions layer / mixers, 0 to 3 layers
+# un-checkpointed), at 16 x 1,024 tokens compiled and at 8 x 1,024 eager (benchmarks/RESULTS.md;
+# tests/train/test_memory.py holds them).
 CHECKPOINT_INPUT_BYTES = 2
-RECOMPUTED_LAYERS = 2
+RECOMPUTED_LAYERS = 1
+MIXER_RECOMPUTED_SHARE = 0.85
+RECOMPUTE_EXTRA_LAYERS = 0.05
+RECOMPUTE_BUFFER_BYTES = 1.6 * 2**30
+OFFLOADED_RECOMPUTED_LAYERS = 2
 OFFLOADED_INPUTS_IN_FLIGHT = 2
 # Quantized linear layers, bytes per parameter (bitsandbytes): 4-bit values plus one fp32 scale per block of
 # 64 (double quantization: an 8-bit scale per block and an fp32 one per 256 blocks); 8-bit values plus one fp32
@@ -138,24 +150,27 @@ def activation_bytes(config, cfg: RunConfig) -> int:
         per_unit += ACTIVATION_BYTES_LORA_DROPOUT
     from tnlora.ops import select
 
-    if not cfg.torch_compile and not select.triton_available():
+    if select.triton_available():
+        per_unit += ACTIVATION_BYTES_ACT_KERNEL
+    elif not cfg.torch_compile:
         # Eager layers run the Triton norms (norm_kernel "auto") wherever triton imports.
         per_unit += ACTIVATION_BYTES_TORCH_NORMS
     scale = 1 if cfg.bf16 else 2  # fp32 activations are twice the size
     width, layers = config.decoder_embed_dim, config.decoder_layers
     if not cfg.gradient_checkpointing:
         return int(scale * per_unit * tokens * layers * width)
-    kept = min(cfg.uncheckpointed_layers, layers)
+    kept = min(cfg.uncheckpointed_layers or 0, layers)
     if cfg.use_unsloth_gc:
-        inputs = OFFLOADED_INPUTS_IN_FLIGHT
-    else:
-        # checkpoint_regions "mixers": two checkpoints a layer, each keeping its input (the layer's input and its
-        # middle residual)
-        inputs = (layers - kept) * (2 if cfg.checkpoint_regions == "mixers" else 1)
-    # The last layers left un-checkpointed hold their activations when the backward starts, as the first
-    # recompute would: each costs a layer only beyond the first.
-    held = RECOMPUTED_LAYERS + max(0, kept - 1)
-    return int(scale * (held * per_unit + CHECKPOINT_INPUT_BYTES * inputs) * tokens * width)
+        # the last layers left un-checkpointed hold their activations when the backward starts, as the first
+        # recompute would: each costs a layer only beyond the first
+        held = OFFLOADED_RECOMPUTED_LAYERS + max(0, kept - 1)
+        return int(scale * (held * per_unit + CHECKPOINT_INPUT_BYTES * OFFLOADED_INPUTS_IN_FLIGHT) * tokens * width)
+    mixers = cfg.checkpoint_regions == "mixers"
+    # two checkpoints a layer with the mixers apart, each keeping its input (the layer's and its middle residual)
+    inputs = (layers - kept) * (2 if mixers else 1)
+    held = (MIXER_RECOMPUTED_SHARE if mixers and not kept else max(RECOMPUTED_LAYERS, kept)) + RECOMPUTE_EXTRA_LAYERS
+    buffers = RECOMPUTE_BUFFER_BYTES if cfg.torch_compile else 0
+    return int(scale * (held * per_unit + CHECKPOINT_INPUT_BYTES * inputs) * tokens * width + buffers)
 
 
 def memory_estimate(config, cfg: RunConfig) -> int:

@@ -212,7 +212,7 @@ def check_finetuning_targets(cfg: RunConfig) -> None:
     from tnlora.train.lora import check_finetuning
 
     config = load_model_config(cfg.model_name_or_path)
-    if cfg.uncheckpointed_layers > config.decoder_layers:
+    if (cfg.uncheckpointed_layers or 0) > config.decoder_layers:
         raise ConfigError(
             f"uncheckpointed_layers: {cfg.uncheckpointed_layers} but the model has only {config.decoder_layers} layers"
         )

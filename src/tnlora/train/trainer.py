@@ -159,7 +159,7 @@ def _checkpointing_arguments(TrainingArguments, cfg: RunConfig) -> dict[str, Any
     kwargs = None
     if cfg.gradient_checkpointing:
         kwargs = {"use_reentrant": False, "offload_to_cpu": cfg.use_unsloth_gc}
-        if cfg.checkpoint_regions != "layer":
+        if cfg.checkpoint_regions == "mixers":
             kwargs["checkpoint_regions"] = cfg.checkpoint_regions
         if cfg.uncheckpointed_layers:
             kwargs["uncheckpointed_layers"] = cfg.uncheckpointed_layers
