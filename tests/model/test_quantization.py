@@ -55,6 +55,15 @@ def test_without_bitsandbytes_nothing_counts_as_quantized(monkeypatch):
     assert not is_quantized(load_model("tiny"))
 
 
+def test_quantizing_without_bitsandbytes_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)
+    with torch.device("meta"):
+        model = TransnormerForCausalLM(config_from_preset("tiny"))
+    with pytest.raises(ConfigError, match=r"^quantization_bit: a quantized base needs bitsandbytes, which is not "
+                                          r"installed"):  # fmt: skip
+        quantize_linears(model, Quantization(4), "cpu", init_std=0.02)
+
+
 @needs_bnb
 @pytest.mark.parametrize("bits", [4, 8])
 def test_only_the_decoder_linear_layers_are_quantized(bits):

@@ -65,6 +65,11 @@ def check_quantization_available(key: str = "quantization_bit", remedy: str | No
     if not torch.cuda.is_available():
         remedy = remedy or f"leave {key} unset to load the base in bf16 / fp32"
         raise ConfigError(f"{key}: a quantized base needs a CUDA GPU (bitsandbytes), and this machine has none; {remedy}")
+    require_bitsandbytes(key)
+
+
+def require_bitsandbytes(key: str = "quantization_bit") -> None:
+    """Refuse quantization, in one line naming ``key``, where bitsandbytes does not import."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -98,6 +103,7 @@ def quantize_linears(model, quantization: Quantization, device: torch.device | s
     """
     from transformers.quantizers import AutoHfQuantizer
 
+    require_bitsandbytes()  # transformers' quantizer would fail later on a name bitsandbytes defines
     device = torch.device(device)
     dtype = quantization.compute_dtype
     originals = {name: (m.weight, m.bias) for name, m in model.named_modules() if type(m) is nn.Linear}
