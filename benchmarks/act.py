@@ -1,5 +1,6 @@
 """The token mixer's activation alone, forward and backward: PyTorch's form compiled by Inductor (what a compiled
-layer runs with ``act_kernel: torch``) against the Triton operators (``act_kernel: triton``).
+layer runs with ``act_kernel: torch``) against the Triton backward operator with PyTorch's forward compiled
+(``act_kernel: triton``, ``qkvu_act``'s default forward) and with the forward operator (``forward="kernel"``).
 
 The compiled layer's backward writes the qkvu projection's gradient as one concatenation of the four parts'
 gradients, which Inductor emits as a masked pointwise kernel at ~1.6–1.7 TB/s (RESULTS.md, "Where the training
@@ -65,6 +66,7 @@ def main() -> None:
         parser.exit(2, "error: benchmarks/act.py measures CUDA kernels; this machine has none\n")
     print(environment_line(), flush=True)
     compiled = torch.compile(qkvu_act_reference, dynamic=False)
+    compiled_act = torch.compile(qkvu_act, dynamic=False)
     print(
         "| model | tokens | form | forward ms (GB/s) | backward ms (GB/s) | max |Δ| outputs / gradient vs fp32 |"
     )
@@ -78,7 +80,12 @@ def main() -> None:
         ref_outs = qkvu_act_reference(ref_in, keep)
         ref_grad = torch.autograd.grad(ref_outs, ref_in, [g.float() for g in grads])[0]
         fwd_bytes, bwd_bytes = moved_bytes(tokens, hidden)
-        for name, form in (("torch, compiled", compiled), ("triton operator", qkvu_act)):
+        forms = (
+            ("torch, compiled", compiled),
+            ("torch forward compiled, triton backward", compiled_act),
+            ("triton operators", lambda x, m: qkvu_act(x, m, forward="kernel")),
+        )
+        for name, form in forms:
             forward, backward = step_fns(form, qkvu, keep, grads)
             for _ in range(3):
                 forward(), backward()

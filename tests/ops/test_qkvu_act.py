@@ -31,18 +31,21 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("masked", [False, True])
-def test_kernels_equal_the_pytorch_form_forward_and_backward(dtype: torch.dtype, masked: bool) -> None:
+@pytest.mark.parametrize("forward", ["torch", "kernel"])
+def test_kernels_equal_the_pytorch_form_forward_and_backward(dtype: torch.dtype, masked: bool, forward: str) -> None:
     # 37 tokens and H = 160: neither a multiple of the kernels' blocks
     gen = torch.Generator().manual_seed(int(masked))
     x = (3 * torch.randn(2, 37, 4 * 160, generator=gen, dtype=torch.float64)).to(dtype).to(DEVICE)
     keep = (torch.rand(2, 37, generator=gen) > 0.3).to(DEVICE) if masked else None
     grads = [torch.randn(2, 37, 160, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE) for _ in range(4)]
     x.requires_grad_(True)
-    got = qkvu_act(x, keep)
+    got = qkvu_act(x, keep, forward=forward)
     want = qkvu_act_reference(x, keep)
     for g, w in zip(got, want, strict=True):
-        assert g.is_contiguous()
+        assert g.is_contiguous() or forward == "torch"  # PyTorch's forward: u (and unmasked v) views of x
         _close(g, w, dtype)
+    if forward == "torch":
+        assert got[3].data_ptr() == x.data_ptr() + 3 * 160 * x.element_size()  # u not copied
     if masked:
         assert not got[2][~keep].any()  # padded tokens' v is zero
     (dx_got,) = torch.autograd.grad(got, x, grads)
@@ -53,10 +56,11 @@ def test_kernels_equal_the_pytorch_form_forward_and_backward(dtype: torch.dtype,
 
 
 @needs_kernel
-def test_backward_reads_strided_and_missing_gradients() -> None:
+@pytest.mark.parametrize("forward", ["torch", "kernel"])
+def test_backward_reads_strided_and_missing_gradients(forward: str) -> None:
     """A gradient that is a strided view is read as it is; an output that gets no gradient counts as zeros."""
     x = torch.randn(5, 4 * 64, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    q, k, _, _ = qkvu_act(x)
+    q, k, _, _ = qkvu_act(x, forward=forward)
     dq = torch.randn(64, 5, dtype=torch.float64, device=DEVICE).t()  # not contiguous
     (dx,) = torch.autograd.grad((q * dq).sum() + k.sum(), x)
     rq, rk, _, _ = qkvu_act_reference(x)
@@ -76,13 +80,15 @@ def test_the_operators_pass_opcheck() -> None:
 
 
 @needs_kernel
-def test_compiled_code_calls_the_operators_as_they_are() -> None:
-    """Under torch.compile the operators stay opaque calls (the compiled code names them) and the compiled
-    function gives the eager loss and gradient (fp32; Inductor sums the loss in another order)."""
+@pytest.mark.parametrize("forward", ["torch", "kernel"])
+def test_compiled_code_calls_the_operators_as_they_are(forward: str) -> None:
+    """Under torch.compile the operators stay opaque calls (the compiled code names them; PyTorch's forward is
+    compiled with the rest) and the compiled function gives the eager loss and gradient (fp32; Inductor sums
+    the loss in another order)."""
     from torch._inductor.utils import run_and_get_code
 
     def f(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        q, k, v, u = qkvu_act(x, keep)
+        q, k, v, u = qkvu_act(x, keep, forward=forward)
         return (q * k + v * u).sum()
 
     gen = torch.Generator().manual_seed(0)
@@ -92,11 +98,12 @@ def test_compiled_code_calls_the_operators_as_they_are() -> None:
     (dwant,) = torch.autograd.grad(want, x)
     compiled = torch.compile(f, fullgraph=True)
     got, code = run_and_get_code(lambda: compiled(x, keep))
-    (dgot,) = torch.autograd.grad(got, x)
+    (dgot,), backward_code = run_and_get_code(lambda: torch.autograd.grad(got, x))  # compiled on first use
     # the loss: a sum of 448 fp32 products in Inductor's order; the gradient: the same kernels' outputs
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dgot, dwant, rtol=1e-6, atol=1e-6)
-    assert any("tnlora.qkvu_act.default" in c for c in code)
+    assert any("tnlora.qkvu_act.default" in c for c in code) == (forward == "kernel")
+    assert any("tnlora.qkvu_act_backward.default" in c for c in backward_code)
 
 
 def test_bad_shapes_are_refused_before_any_kernel() -> None:
@@ -104,6 +111,8 @@ def test_bad_shapes_are_refused_before_any_kernel() -> None:
         qkvu_act(torch.zeros(3, 10))
     with pytest.raises(ValueError, match=r"keep must be \(2, 3\)"):
         qkvu_act(torch.zeros(2, 3, 8), torch.ones(3, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="forward must be one of"):
+        qkvu_act(torch.zeros(2, 3, 8), forward="fast")
 
 
 def test_reference_is_the_model_s_activation() -> None:

@@ -74,10 +74,9 @@ class TransnormerConfig(PreTrainedConfig):
     # (compiled code keeps PyTorch's ops, which the compiler sees).
     loss_kernel: str = "auto"
     # The token mixer's activation of its projection (q, k through SiLU, v's pad mask, u) with grad: "torch"
-    # (PyTorch's ops; autograd concatenates the four gradients) or "triton" (one forward and one backward kernel
-    # that writes each part's gradient in place; equal up to rounding; u becomes a copy, 2 bytes per token and
-    # unit of width more memory). "auto" (the default): triton on CUDA when it imports (measured +2.8 % on 1B's
-    # and +1.1 % on 7B's default training step, benchmarks/RESULTS.md).
+    # (PyTorch's ops; autograd concatenates the four gradients) or "triton" (PyTorch's forward and a backward
+    # kernel that writes each part's gradient in place; equal up to rounding). "auto" (the default): triton on
+    # CUDA when it imports (benchmarks/RESULTS.md: faster in 1B's and 7B's default training steps).
     act_kernel: str = "auto"
 
     def __post_init__(self, **kwargs: Any) -> None:

@@ -8,14 +8,18 @@ PyTorch's form (``qkvu_act_reference``) leaves the backward to autograd: the fou
 concatenation, which Inductor compiles as a single pointwise kernel selecting its source per element with masks
 (1B: 755 µs a layer for 1.3 GB, ~1.7 TB/s; 7B at 131,072 tokens: 6.8 ms, ~1.6 TB/s; benchmarks/RESULTS.md) and
 which no Inductor option changed. Here the backward is one kernel whose programs each take one tile of rows and
-columns and write it in each of the four parts, so every load and store is a plain 2-D block. The forward is one
-kernel too; u is returned as its own tensor (an operator's outputs cannot alias its input), a [..., H] copy that
-the gate then keeps for its backward in place of the view of qkvu: 2 bytes per token and unit of width more
-activation memory.
+columns and write it in each of the four parts, so every load and store is a plain 2-D block.
 
-Custom operators (``tnlora::qkvu_act`` and its backward), so that compiled layers call them as they are; the model
-uses them where ``act_kernel`` resolves to triton (the model config; "auto", the default: on CUDA where triton
-imports). Results equal the reference up to the rounding of silu and its derivative in fp32.
+The forward (``forward`` argument of :func:`qkvu_act`): "torch", the default, is PyTorch's form, which compiled
+layers fuse with their neighbours and where u stays a view of qkvu; "kernel" is one Triton kernel, where u is
+returned as its own tensor (an operator's outputs cannot alias its input), a [..., H] copy that the gate keeps
+for its backward: 2 bytes per token and unit of width more activation memory. Alone, Inductor's fused form of
+the forward ran in 45 % of the kernel's time at 1B's 32,768 tokens (benchmarks/RESULTS.md).
+
+Custom operators (``tnlora::qkvu_act`` and ``tnlora::qkvu_act_backward``), so that compiled layers call them as
+they are; the model uses the backward where ``act_kernel`` resolves to triton (the model config; "auto", the
+default: on CUDA where triton imports). Results equal the reference up to the rounding of silu and its
+derivative in fp32.
 """
 
 from __future__ import annotations
@@ -38,17 +42,42 @@ def qkvu_act_reference(qkvu: Tensor, keep: Tensor | None = None) -> tuple[Tensor
     return F.silu(q), F.silu(k), v, u
 
 
-def qkvu_act(qkvu: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The same as :func:`qkvu_act_reference` through the Triton kernels (CUDA tensors, or CPU ones under
-    Triton's interpreter); gradients flow to qkvu."""
+FORWARDS = ("torch", "kernel")
+
+
+def qkvu_act(
+    qkvu: Tensor, keep: Tensor | None = None, *, forward: str = "torch"
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The same as :func:`qkvu_act_reference`, its backward through the Triton kernel (CUDA tensors, or CPU ones
+    under Triton's interpreter) and its forward as ``forward`` says ("torch": PyTorch's ops, u a view of qkvu;
+    "kernel": the forward operator, every output its own tensor); gradients flow to qkvu."""
     if qkvu.shape[-1] % 4:
         raise ValueError(f"qkvu's last dim must be 4 · H, got {qkvu.shape[-1]}")
     if keep is not None and tuple(keep.shape) != tuple(qkvu.shape[:-1]):
         raise ValueError(f"keep must be {tuple(qkvu.shape[:-1])}, got {tuple(keep.shape)}")
+    if forward not in FORWARDS:
+        raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
     flat_keep = keep.reshape(-1).to(torch.uint8) if keep is not None else None
-    q, k, v, u = _qkvu_act_op(qkvu.reshape(-1, qkvu.shape[-1]), flat_keep)
+    rows = qkvu.reshape(-1, qkvu.shape[-1])
+    if forward == "kernel":
+        q, k, v, u = _qkvu_act_op(rows, flat_keep)
+    else:
+        q, k, v, u = _TorchForward.apply(rows, flat_keep)
     shape = (*qkvu.shape[:-1], q.shape[-1])
     return q.view(shape), k.view(shape), v.view(shape), u.view(shape)
+
+
+class _TorchForward(torch.autograd.Function):
+    """PyTorch's forward of the rows [T, 4H] (``keep`` [T] uint8 or None) and the backward operator."""
+
+    @staticmethod
+    def forward(ctx: Any, qkvu: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # type: ignore[override]
+        ctx.save_for_backward(qkvu, keep)
+        return qkvu_act_reference(qkvu, keep.bool() if keep is not None else None)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, None]:  # type: ignore[override]
+        return _backward(ctx, *grads)
 
 
 def _rows(x: Tensor) -> Tensor:
