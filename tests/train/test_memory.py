@@ -223,7 +223,7 @@ def test_quantized_linear_layers_are_counted_at_about_half_a_byte_a_parameter():
 
 
 def test_checkpointing_keeps_each_layers_input_and_offload_keeps_two(monkeypatch):
-    monkeypatch.setattr(select, "triton_available", lambda: True)  # the GPU's forms: 46 + 2 (act kernel) bytes
+    monkeypatch.setattr(select, "triton_available", lambda: True)  # the GPU's forms
     config = config_from_preset("7B")
 
     def activations(*keys: str) -> int:
@@ -231,7 +231,7 @@ def test_checkpointing_keeps_each_layers_input_and_offload_keeps_two(monkeypatch
         return memory.activation_bytes(config, cfg)
 
     tokens_width = 8 * 1024 * 4096
-    per_unit = 46 + 2
+    per_unit = 46
     buffers = memory.RECOMPUTE_BUFFER_BYTES  # compiled layers (gpu_config's default)
     assert activations("--gradient_checkpointing", "false") == per_unit * tokens_width * 30
     checkpointed = int((1.05 * per_unit + 2 * 30) * tokens_width + buffers)
@@ -254,8 +254,10 @@ def test_checkpointing_keeps_each_layers_input_and_offload_keeps_two(monkeypatch
             assert fewer == int(((kept + 0.05) * per_unit + 2 * inputs * (30 - kept)) * tokens_width + buffers)
 
 
-# 7B on one 131,072-token row, compiled, dropout 0, act kernel: the peaks of benchmarks/RESULTS.md ("Long
-# sequences"), regions and layers kept as (checkpoint_regions, uncheckpointed_layers); None: ran out of memory.
+# 7B on one 131,072-token row, compiled, dropout 0: the peaks of benchmarks/RESULTS.md ("Long sequences", 00b6473),
+# regions and layers kept as (checkpoint_regions, uncheckpointed_layers); None: ran out of memory. Measured with
+# the activation's forward operator, which kept u as a copy (2 bytes per token and unit of width more than the
+# forward of today, where u is a view): the estimates below count those 2 bytes.
 LONG_ROW_PEAKS = [
     ("layer", 0, 67.8), ("mixers", 0, 94.0), ("layer", 3, 111.3), ("mixers", 1, 98.2), ("mixers", 2, 118.2),
     ("layer", 4, None), ("mixers", 3, None),
@@ -270,6 +272,7 @@ def long_row(*keys: str) -> RunConfig:
 @pytest.mark.parametrize(("regions", "kept", "measured_gib"), LONG_ROW_PEAKS)
 def test_checkpointed_estimates_lie_a_little_above_the_long_row_peaks(monkeypatch, regions, kept, measured_gib):
     monkeypatch.setattr(select, "triton_available", lambda: True)
+    monkeypatch.setattr(memory, "ACTIVATION_BYTES", memory.ACTIVATION_BYTES + 2)  # u's copy, as measured
     cfg = long_row("--gradient_checkpointing", "true", "--use_unsloth_gc", "false", "--checkpoint_regions", regions,
                    "--uncheckpointed_layers", str(kept))  # fmt: skip
     estimate = memory.memory_estimate(config_from_preset("7B"), cfg) / GIB

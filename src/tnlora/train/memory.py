@@ -27,9 +27,6 @@ from tnlora.config import RunConfig
 ACTIVATION_BYTES = 46
 ACTIVATION_BYTES_LORA_DROPOUT = 10
 ACTIVATION_BYTES_TORCH_NORMS = 12
-# The token mixer's activation kernel (act_kernel "auto": triton on CUDA where triton imports) keeps u as a copy
-# (measured: +1.9 GiB for 1B at 32 x 1,024 tokens, +3.7 GiB for 7B at 16 x 1,024).
-ACTIVATION_BYTES_ACT_KERNEL = 2
 # With checkpointing: each layer's input (bf16 hidden states, 2 bytes per unit of width; offloaded ones wait in
 # CPU memory, two layers' worth in flight), and what the backward holds while it runs: kept on the GPU, the
 # recomputed layer's saved activations (with the mixers checkpointed apart the larger step's, ~0.85 of a layer;
@@ -150,9 +147,7 @@ def activation_bytes(config, cfg: RunConfig) -> int:
         per_unit += ACTIVATION_BYTES_LORA_DROPOUT
     from tnlora.ops import select
 
-    if select.triton_available():
-        per_unit += ACTIVATION_BYTES_ACT_KERNEL
-    elif not cfg.torch_compile:
+    if not cfg.torch_compile and not select.triton_available():
         # Eager layers run the Triton norms (norm_kernel "auto") wherever triton imports.
         per_unit += ACTIVATION_BYTES_TORCH_NORMS
     scale = 1 if cfg.bf16 else 2  # fp32 activations are twice the size
