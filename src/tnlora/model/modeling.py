@@ -271,7 +271,7 @@ class NormLinearAttention(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """q, k, v [B, T, H, D] (activation, LRPE and the pad mask applied) and the gate u [B, T, hidden]."""
         if self.act_kernel == "triton" and self.act is F.silu and torch.is_grad_enabled() and x.is_cuda:
-            # One kernel each way; its backward writes the projection's gradient without a concatenation.
+            # PyTorch's forward; the backward kernel writes the projection's gradient without a concatenation.
             q, k, v, u = qkvu_act(self.qkvu_proj(x), v_mask)
             shape = (*q.shape[:2], self.num_heads, self.head_dim)
             q, k, v = q.view(shape), k.view(shape), v.view(shape)
