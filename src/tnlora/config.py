@@ -65,7 +65,8 @@ def _opt(help: str, **checks: Any) -> dict[str, Any]:
 @dataclass
 class RunConfig:
     """One training run. ``None`` on bf16 / packing / torch_compile / per_device_train_batch_size /
-    gradient_checkpointing / lora_alpha means "pick for me" (see ``resolve_defaults``)."""
+    gradient_checkpointing / use_unsloth_gc / checkpoint_regions / uncheckpointed_layers / lora_alpha means
+    "pick for me" (see ``resolve_defaults``)."""
 
     # --- model ---
     model_name_or_path: str = field(
@@ -918,7 +919,9 @@ def resolve_defaults(
     checkpointing, then 16,384 to 4,096 with it, then offloaded down to one row), unpacked ones the first of
     ``unpacked_plans`` (8 rows halving, by the same rules, down to one offloaded row); when none does, a
     ``ConfigError`` names the key to change. With the micro-batch given, checkpointing and then offload are
-    switched on only as far as needed. Without ``fits`` (CPU): 16,384 packed tokens or 8
+    switched on only as far as needed. Under checkpointing without offload (and without FSDP / DeepSpeed),
+    ``checkpoint_regions`` and ``uncheckpointed_layers`` take the first of ``recompute_plans`` that fits (the
+    least recompute); otherwise "layer" and 0. Without ``fits`` (CPU): 16,384 packed tokens or 8
     examples, no checkpointing. What the user set is kept."""
     out = dataclasses.replace(cfg)
     if out.bf16 is None:

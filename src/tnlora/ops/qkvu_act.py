@@ -14,7 +14,7 @@ The forward (``forward`` argument of :func:`qkvu_act`): "torch", the default, is
 layers fuse with their neighbours and where u stays a view of qkvu; "kernel" is one Triton kernel, where u is
 returned as its own tensor (an operator's outputs cannot alias its input), a [..., H] copy that the gate keeps
 for its backward: 2 bytes per token and unit of width more activation memory. Alone, Inductor's fused form of
-the forward ran in 45 % of the kernel's time at 1B's 32,768 tokens (benchmarks/RESULTS.md).
+the forward ran in 45–71 % of the kernel's time at 1B's 32,768 tokens (two machines; benchmarks/RESULTS.md).
 
 Custom operators (``tnlora::qkvu_act`` and ``tnlora::qkvu_act_backward``), so that compiled layers call them as
 they are; the model uses the backward where ``act_kernel`` resolves to triton (the model config; "auto", the
