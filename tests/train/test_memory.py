@@ -257,7 +257,7 @@ def test_checkpointing_keeps_each_layers_input_and_offload_keeps_two(monkeypatch
 # 7B on one 131,072-token row, compiled, dropout 0: the peaks of benchmarks/RESULTS.md ("Long sequences", 00b6473),
 # regions and layers kept as (checkpoint_regions, uncheckpointed_layers); None: ran out of memory. Measured with
 # the activation's forward operator, which kept u as a copy (2 bytes per token and unit of width more than the
-# forward of today, where u is a view): the estimates below count those 2 bytes.
+# forward since e7c57c8, where u is a view): the estimates below count those 2 bytes.
 LONG_ROW_PEAKS = [
     ("layer", 0, 67.8), ("mixers", 0, 94.0), ("layer", 3, 111.3), ("mixers", 1, 98.2), ("mixers", 2, 118.2),
     ("layer", 4, None), ("mixers", 3, None),
