@@ -13,7 +13,7 @@ import torch
 from kernel_device import DEVICE, INTERPRET, needs_kernel
 
 from tnlora.ops import lora_grad
-from tnlora.ops.lora_grad import BLOCK_N, ROWS_PER_PROGRAM, launch_grid, lora_dy_products
+from tnlora.ops.lora_grad import BLOCK_N, BLOCK_T, MAX_ROWS_PER_PROGRAM, launch_grid, lora_dy_products
 
 # fp64: the same sums grouped differently; fp32 likewise (no TF32); bf16: both round one fp32 sum at the end.
 TOLERANCE = {torch.float64: 1e-13, torch.float32: 1e-5, torch.bfloat16: 2**-7}
@@ -30,15 +30,15 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("rank", "per_processor"), [(8, 4), (5, 4), (8, 0)])
+@pytest.mark.parametrize(("rank", "per_processor", "grid"), [(8, 4, (4, 3, 32)), (5, 4, (4, 3, 32)), (8, 0, (1, 3, 4096))])
 def test_one_read_of_dy_gives_both_products(
-    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, rank: int, per_processor: int
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, rank: int, per_processor: int, grid: tuple
 ) -> None:
-    # two row programs (the second short) and columns that end mid-block: every mask is exercised; with no
-    # programs asked for a processor, one column split walks all three chunks (the partial g read back)
+    # three column splits, the last ending mid-block; four row programs of one tile, the last short, or one
+    # program walking all the rows and then tiles wholly past the end: every mask is exercised
     monkeypatch.setattr(lora_grad, "PROGRAMS_PER_SM", per_processor)
-    rows, cols = ROWS_PER_PROGRAM + 77, 2 * BLOCK_N + 45
-    assert (launch_grid(rows, cols, 8)[1] == 1) == (per_processor == 0)
+    rows, cols = 3 * BLOCK_T + 7, 2 * BLOCK_N + 45
+    assert launch_grid(rows, cols, 8) == grid
     gen = torch.Generator().manual_seed(rank)
     dy, b, hs = (torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
                  for shape in ((rows, cols), (cols, rank), (rows, rank)))  # fmt: skip
@@ -62,13 +62,16 @@ def test_strided_inputs_are_read_as_they_are_and_bad_shapes_refused() -> None:
 
 def test_launch_grid_covers_every_row_and_column_and_fills_the_processors() -> None:
     for rows, cols, processors in ((131072, 16384, 132), (16384, 4096, 132), (32768, 2048, 132), (100, 30, 8)):
-        row_programs, splits, rows_each, cols_each = launch_grid(rows, cols, processors)
+        row_programs, splits, rows_each = launch_grid(rows, cols, processors)
         assert row_programs * rows_each >= rows > (row_programs - 1) * rows_each
-        assert splits * cols_each >= cols > (splits - 1) * cols_each
-        assert cols_each % 128 == 0 and (cols_each // 128) & (cols_each // 128 - 1) == 0  # a power of two of chunks
-        # enough programs for every processor where there is enough work, and not a column split too many
-        assert row_programs * splits >= min(processors, row_programs * -(-cols // 128))
-    assert launch_grid(16384, 16384, 132) == (16, 32, 1024, 512)
+        assert splits * BLOCK_N >= cols > (splits - 1) * BLOCK_N
+        tiles = rows_each // BLOCK_T
+        assert rows_each % BLOCK_T == 0 and tiles & (tiles - 1) == 0 and rows_each <= MAX_ROWS_PER_PROGRAM
+        # enough programs for every processor where there are enough tiles
+        wanted = lora_grad.PROGRAMS_PER_SM * processors
+        assert row_programs * splits >= min(wanted, splits * -(-rows // BLOCK_T))
+    assert launch_grid(16384, 16384, 132) == (32, 32, 512)
+    assert launch_grid(131072, 16384, 132) == (32, 32, 4096)  # long rows: the most rows a program
 
 
 @needs_kernel

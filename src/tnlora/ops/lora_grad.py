@@ -5,14 +5,15 @@ gradient dy W, and twice more by the adapter's rank-r products: g = dy B [T, r] 
 adapter's hidden h) and dB = dyᵀ (s · h) [N, r]. Those two are memory-bound (r = 8 columns): at 131,072 tokens a
 7B layer's dy is 12.2 GB over its five projections, each read at about the copy rate (benchmarks/RESULTS.md,
 "Next rungs"). :func:`lora_dy_products` computes both from one pass over dy in a Triton kernel: each program
-takes a block of rows and of columns, adds its tiles' shares of g to a per-column-split fp32 partial and keeps
-its share of dB in registers, and the partials are summed after. Accumulation is in fp32 (fp64 for fp64
-inputs), as cuBLAS accumulates; the sums are grouped differently, so results equal the two GEMMs' up to
-rounding.
+takes a block of rows and BLOCK_N columns and walks down its rows tile by tile, storing each tile's g over its
+columns to a per-column-split fp32 partial and keeping its share of dB in registers; the partials are summed
+after. Accumulation is in fp32 (fp64 for fp64 inputs), as cuBLAS accumulates; the sums are grouped differently,
+so results equal the two GEMMs' up to rounding.
 
 The fused LoRA layer's backward uses it with ``grad_kernel: "triton"`` (a ``FusedLoraLinear`` attribute; ``tnlora
-bench train --lora_grad_kernel triton``), on CUDA tensors; the default stays the two GEMMs until it is measured
-(``benchmarks/lora_grad.py`` alone, ``gpu_run.sh lora-grad-kernel`` in training steps).
+bench train --lora_grad_kernel triton``), on CUDA tensors; the default stays the two GEMMs: a first form of the
+kernel, which read its partial g back for every tile, streamed dy at 0.8–2.1 TB/s against cuBLAS's 3.0–4.3
+(``benchmarks/lora_grad.py``); this form's speed is not yet measured.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-BLOCK_T = 64
-BLOCK_N = 128
-ROWS_PER_PROGRAM = 1024
-# Programs per streaming multiprocessor the column splits aim for, so that every SM has several to overlap.
+BLOCK_T = 32
+BLOCK_N = 512
+# The most rows one program walks; fewer where the card needs more programs (each row block adds a partial dB).
+MAX_ROWS_PER_PROGRAM = 4096
+# Programs per streaming multiprocessor the row blocks aim for, so that every SM has several to overlap.
 PROGRAMS_PER_SM = 4
 
 
@@ -32,15 +34,17 @@ def lora_dy_products_reference(dy: Tensor, lora_b: Tensor, hs: Tensor) -> tuple[
     return dy @ lora_b, dy.t() @ hs
 
 
-def launch_grid(rows: int, cols: int, processors: int) -> tuple[int, int, int, int]:
-    """(row programs, column splits, rows a program, columns a program): rows in blocks of ROWS_PER_PROGRAM, the
-    columns split until there are about PROGRAMS_PER_SM programs a processor, each a power of two of BLOCK_N
-    chunks (the span is a compile-time constant of the kernel: few distinct spans, few compiled variants)."""
-    row_programs = max(1, -(-rows // ROWS_PER_PROGRAM))
-    chunks = max(1, -(-cols // BLOCK_N))
-    splits = max(1, min(chunks, -(-PROGRAMS_PER_SM * processors // row_programs)))
-    cols_per_program = _next_power_of_2(-(-chunks // splits)) * BLOCK_N
-    return row_programs, -(-cols // cols_per_program), ROWS_PER_PROGRAM, cols_per_program
+def launch_grid(rows: int, cols: int, processors: int) -> tuple[int, int, int]:
+    """(row programs, column splits, rows a program): the columns in splits of BLOCK_N, the rows in blocks of
+    the most rows (a power of two of BLOCK_T tiles, at most MAX_ROWS_PER_PROGRAM: the span is a compile-time
+    constant of the kernel, so few compiled variants) that still give about PROGRAMS_PER_SM programs a
+    processor."""
+    splits = max(1, -(-cols // BLOCK_N))
+    wanted = -(-PROGRAMS_PER_SM * processors // splits)  # row programs
+    rows_each = MAX_ROWS_PER_PROGRAM
+    while rows_each > BLOCK_T and -(-rows // rows_each) < wanted:
+        rows_each //= 2
+    return max(1, -(-rows // rows_each)), splits, rows_each
 
 
 def lora_dy_products(dy: Tensor, lora_b: Tensor, hs: Tensor) -> tuple[Tensor, Tensor]:
@@ -58,13 +62,12 @@ def lora_dy_products(dy: Tensor, lora_b: Tensor, hs: Tensor) -> tuple[Tensor, Te
     fp64 = dy.dtype == torch.float64
     acc = torch.float64 if fp64 else torch.float32
     processors = torch.cuda.get_device_properties(dy.device).multi_processor_count if dy.is_cuda else 8
-    row_programs, splits, rows_each, cols_each = launch_grid(rows, cols, processors)
-    g_part = torch.zeros((splits, rows, rank), dtype=acc, device=dy.device)
+    row_programs, splits, rows_each = launch_grid(rows, cols, processors)
+    g_part = torch.empty((splits, rows, rank), dtype=acc, device=dy.device)
     db_part = torch.empty((row_programs, cols, rank), dtype=acc, device=dy.device)
     lora_dy_products_kernel[(row_programs, splits)](
         dy, lora_b, hs, g_part, db_part, dy.stride(0), lora_b.stride(0), hs.stride(0), rows, cols, rank,
-        rows_each, cols_each, FP64=fp64, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N,
-        BLOCK_R=max(16, _next_power_of_2(rank)),
+        rows_each, FP64=fp64, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_R=max(16, _next_power_of_2(rank)),
     )  # fmt: skip
     return g_part.sum(0).to(dy.dtype), db_part.sum(0).to(dy.dtype)
 
