@@ -180,7 +180,11 @@ def test_eager_layers_are_sized_with_their_own_memory_estimate(monkeypatch, caps
     assert (first.torch_compile, first.per_device_train_batch_size, first.gradient_checkpointing) == (True, 8, False)
     short = run.resolve_for_this_machine(cfg, train_tokens=1_000_000)
     assert (short.torch_compile, short.per_device_train_batch_size, short.gradient_checkpointing) == (False, 16, True)
-    assert "gradient_checkpointing: on" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "gradient_checkpointing: on" in said
+    # the memory left under checkpointing went to less recompute, and the run says so
+    assert (short.checkpoint_regions, short.uncheckpointed_layers) != ("layer", 0)
+    assert f"checkpoint_regions: {short.checkpoint_regions}, uncheckpointed_layers: {short.uncheckpointed_layers}" in said
     monkeypatch.setattr(select, "triton_available", lambda: True)
     short = run.resolve_for_this_machine(cfg, train_tokens=1_000_000)
     assert (short.torch_compile, short.per_device_train_batch_size, short.gradient_checkpointing) == (False, 8, False)

@@ -135,7 +135,8 @@ def preflight(cfg: RunConfig) -> tuple[RunConfig, OutputPlan, str | None]:
 
 def resolve_for_this_machine(cfg: RunConfig, train_tokens: int | None = None, announce: bool = True) -> RunConfig:
     """``resolve_defaults`` with this machine's GPU (and its memory) and, once the data is known, the run's
-    training tokens; says when it switched gradient checkpointing on (unless not ``announce``)."""
+    training tokens; says when it switched gradient checkpointing on, or chose checkpoint regions other than
+    whole layers all recomputed (unless not ``announce``)."""
     cuda = torch.cuda.is_available()
     if (cfg.deepspeed or cfg.fsdp) and cfg.torch_compile is None:
         cfg = dataclasses.replace(cfg, torch_compile=False)  # compiled layers are not combined with the engines
@@ -153,6 +154,13 @@ def resolve_for_this_machine(cfg: RunConfig, train_tokens: int | None = None, an
             f"gradient_checkpointing: on (micro-batches of {resolved.per_device_train_batch_size} × "
             f"{resolved.cutoff_len} tokens would not fit this GPU without it; set gradient_checkpointing: false "
             "to try anyway)"
+        )
+    picked = cfg.checkpoint_regions is None or cfg.uncheckpointed_layers is None
+    if announce and picked and (resolved.checkpoint_regions, resolved.uncheckpointed_layers) != ("layer", 0):
+        _say(
+            f"checkpoint_regions: {resolved.checkpoint_regions}, uncheckpointed_layers: "
+            f"{resolved.uncheckpointed_layers} (the memory checkpointing leaves free goes to less recompute; set "
+            "checkpoint_regions: layer and uncheckpointed_layers: 0 to keep it free)"
         )
     if announce and cfg.use_unsloth_gc is None and resolved.use_unsloth_gc:
         _say(
