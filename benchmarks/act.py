@@ -5,8 +5,8 @@ layer runs with ``act_kernel: torch``) against the Triton backward operator with
 The compiled layer's backward writes the qkvu projection's gradient as one concatenation of the four parts'
 gradients, which Inductor emits as a masked pointwise kernel at ~1.6–1.7 TB/s (RESULTS.md, "Where the training
 step's time goes"); ``tnlora.ops.qkvu_act`` writes it from 2-D tiles instead. Each row: milliseconds of the
-forward and of the backward at a layer's shape, their bytes moved ÷ time, and the largest difference of the
-Triton outputs and gradient from the compiled form's in bf16 (both against the same fp32 reference).
+forward and of the backward at a layer's shape, their bytes moved ÷ time, and each form's largest error in bf16,
+outputs and gradient, against the same fp32 reference.
 
     python3 benchmarks/act.py [--shapes 1B:32768,7B:16384,7B:131072]    # on a GPU
 """
@@ -48,7 +48,7 @@ def step_fns(form: Callable, qkvu: Tensor, keep: Tensor, grads: list[Tensor]) ->
 
 
 def moved_bytes(tokens: int, hidden: int, element: int = 2) -> tuple[float, float]:
-    """The least bytes each direction must move, counted alike for both forms: the forward reads q, k, v's parts
+    """The least bytes each direction must move, counted alike for every form: the forward reads q, k, v's parts
     of qkvu and writes q, k, v (u stays a view in PyTorch's form; the operator's copy of it is not counted); the
     backward reads q's and k's parts and the four incoming gradients and writes dqkvu's four parts."""
     part = tokens * hidden * element
@@ -75,7 +75,7 @@ def main() -> None:
         model, tokens = spec.split(":")
         hidden, tokens = HIDDEN[model], int(tokens)
         qkvu, keep, grads = inputs(tokens, hidden)
-        # the fp32 reference both forms are held to
+        # the fp32 reference every form is held to
         ref_in = qkvu.detach().float().requires_grad_()
         ref_outs = qkvu_act_reference(ref_in, keep)
         ref_grad = torch.autograd.grad(ref_outs, ref_in, [g.float() for g in grads])[0]
