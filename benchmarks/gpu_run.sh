@@ -24,8 +24,8 @@
 #                   below checkpointed 8 × 1,024): checks that order
 #   train-ladder    the 1B rungs: padding and the chunked attention, packing, fla, 16k-token rows, compiled
 #   decode          7B and 1B greedy decoding at batch 1 and 32 (CUDA graphs, fused step)
-#   decode-profile  the top kernels of 7B decoding at batch 1 and 32 and of 1B at batch 1 (32 new tokens: the
-#                   prefill and 31 graph replays): where a step's time goes against its weights' bytes
+#   decode-profile  the top kernels of decoding (DECODE_PROFILES model:batch pairs, default "7B:1 7B:32 1B:1";
+#                   32 new tokens: the prefill and 31 graph replays): where a step's time goes against its bytes
 #   decode-kernel   decoding with the torch and the triton recurrence
 #   gemv            the batch-1 decode projections: cuBLAS / cuBLASLt against a Triton GEMV (benchmarks/gemv.py;
 #                   GEMV_ARGS=--fused: tnlora.ops.gemv's fused forms against the composition they replace;
@@ -149,7 +149,7 @@ for stage in "$@"; do
     decode-steps)
       for m in ${MODELS:-1B 7B}; do for a in "--no-gemv" "" "--no-pdl"; do decode --model $m --batch 1 $a; done; done ;;
     decode-profile)
-      for mb in "7B 1" "7B 32" "1B 1"; do read -r m b <<< "$mb"
+      for mb in ${DECODE_PROFILES:-7B:1 7B:32 1B:1}; do m=${mb%%:*}; b=${mb##*:}
         log "decode profile $m batch $b"; timeout 150 python3 -m tnlora.cli bench decode --model $m --batch $b --new_tokens 32 --profile > "$OUT/profile-$m-$b.txt" 2>&1
         grep -vE "Warn|warn" "$OUT/profile-$m-$b.txt" | grep -E "ms/step|Self CUDA time total|nvjet|gemm|rms|recurrent|elementwise|reduce|Memcpy|\| $m" | head -n 24 | cut -c1-60,100-250 | tee -a "$OUT/log.txt"
       done ;;
