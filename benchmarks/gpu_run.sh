@@ -26,6 +26,8 @@
 #   decode          7B and 1B greedy decoding at batch 1 and 32 (CUDA graphs, fused step)
 #   decode-profile  the top kernels of decoding (DECODE_PROFILES model:batch pairs, default "7B:1 7B:32 1B:1";
 #                   32 new tokens: the prefill and 31 graph replays): where a step's time goes against its bytes
+#   decode-branches  batch-32 decoding (BATCH) with the GLU's two projections one after the other and side by
+#                   side in the graph (--no-branches / --branches), twice each, one machine (MODELS, default "7B 1B")
 #   decode-kernel   decoding with the torch and the triton recurrence
 #   gemv            the batch-1 decode projections: cuBLAS / cuBLASLt against a Triton GEMV (benchmarks/gemv.py;
 #                   GEMV_ARGS=--fused: tnlora.ops.gemv's fused forms against the composition they replace;
@@ -178,6 +180,10 @@ for stage in "$@"; do
       for m in ${MODELS:-1B 7B}; do for a in torch triton; do
         train --model $m --act_kernel $a --name "$m huanhuan-shaped, tnlora train's defaults, act_kernel $a ($COMMIT)$TAG"
       done; done ;;
+    decode-branches)  # the GLU's projections one after the other against side by side, twice each (MODELS)
+      for m in ${MODELS:-7B 1B}; do for r in 1 2; do for b in --no-branches --branches; do
+        decode --model $m --batch ${BATCH:-32} $b
+      done; done; done ;;
     decode-kernel)
       for m in ${MODELS:-7B 1B}; do for k in torch triton; do decode --model $m --decode_kernel $k; done; done ;;
     decode-adapter)

@@ -484,6 +484,24 @@ def test_cuda_graph_greedy_generate_equals_eager(batch: int) -> None:
 
 @cuda
 @pytest.mark.gpu
+def test_cuda_graph_glu_branches_equal_one_stream_bitwise() -> None:
+    # The GLU's l2 on a stream of its own beside l1 runs the same kernels on the same buffers: the logits of a
+    # whole greedy run equal those of the one-stream graph bit for bit.
+    model = _cuda_model()
+    prompt = random_ids(4, 12).cuda()
+    runs = {}
+    for branches in (False, True):
+        install_graph_decoding(model, gemv=False, branches=branches)
+        runs[branches] = _generate(model, True, prompt, max_new_tokens=16, **GREEDY)
+        runner = installed_graphs(model).runners[4]
+        assert runner.graph is not None and (runner.branch is not None) == branches
+    assert torch.equal(runs[False].sequences, runs[True].sequences)
+    for a, b in zip(runs[False].logits, runs[True].logits):
+        assert torch.equal(a, b)
+
+
+@cuda
+@pytest.mark.gpu
 def test_cuda_graph_beam_search_and_left_padding_equal_eager() -> None:
     model = _cuda_model()
     ids = random_ids(2, 10).cuda()

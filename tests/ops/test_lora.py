@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tnlora.ops.lora import lora_linear, lora_linear_reference
+from tnlora.ops.lora import LORA_GRAD_MIN_ROWS, lora_linear, lora_linear_reference, reads_dy_once
 
 IN, OUT, RANK = 24, 40, 4
 
@@ -119,3 +119,13 @@ def test_custom_operators_pass_torch_library_checks() -> None:
             torch.ops.tnlora.lora_linear_backward.default,
             (dy, weight, lora_a.detach(), lora_b.detach(), x.detach(), h, empty, 2.0, 0.0, needs_x, False),
         )
+
+
+def test_auto_grad_kernel_reads_dy_once_only_on_cuda_from_the_measured_rows() -> None:
+    assert not reads_dy_once("auto", LORA_GRAD_MIN_ROWS - 1, cuda=True)
+    assert reads_dy_once("auto", LORA_GRAD_MIN_ROWS, cuda=True)
+    assert not reads_dy_once("auto", 10 * LORA_GRAD_MIN_ROWS, cuda=False)
+    assert reads_dy_once("triton", 1, cuda=True) and not reads_dy_once("triton", 1, cuda=False)
+    assert not reads_dy_once("torch", 10 * LORA_GRAD_MIN_ROWS, cuda=True)
+    with pytest.raises(ValueError, match="grad_kernel must be"):
+        reads_dy_once("cublas", 1, cuda=True)

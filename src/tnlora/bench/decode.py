@@ -162,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= most <= ROWS_MAX:
         raise ConfigError(f"--gemv_max_batch must be 1 to {ROWS_MAX}, got {most}")
     step = f"gemv<={most} {'pdl' if args.pdl else 'no-pdl'}" if gemv else "layers"
+    step += "" if args.branches else " no-branches"
     print(f"config: {args.model} decode graphs={graphs} decode_kernel={args.decode_kernel} ({kernel}) "
           f"prompt={args.prompt_len} new_tokens={args.new_tokens} adapter={args.adapter} step={step} "
           f"prefill={args.lightning_impl}{' graphs' if graphs and args.prefill_graphs else ''}{cap}",
@@ -171,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
     model.config.use_cache = True
     model.config.decode_kernel = args.decode_kernel
     if graphs:
-        install_graph_decoding(model, gemv=gemv, pdl=args.pdl, prefill=args.prefill_graphs, gemv_max_batch=most)
+        install_graph_decoding(model, gemv=gemv, pdl=args.pdl, prefill=args.prefill_graphs, gemv_max_batch=most,
+                               branches=args.branches)
     copy = copy_bandwidth() if cuda else math.nan
     if cuda:
         print(f"copy bandwidth: {copy / 1e9:,.0f} GB/s (device-to-device copies of 1 GiB, read + write)")

@@ -31,9 +31,9 @@ def train_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
     parser.add_argument("--lora_compiled_op", action=argparse.BooleanOptionalAction, default=True,
                         help="compiled layers call the fused LoRA layers' custom operators (default) or, with "
                              "--no-lora_compiled_op, peft's composition (lora_kernel fused)")
-    parser.add_argument("--lora_grad_kernel", default="torch", choices=["torch", "triton"],
-                        help="the fused LoRA layers' backward products of dy: two GEMMs (torch) or one read of dy "
-                             "(triton, CUDA)")
+    parser.add_argument("--lora_grad_kernel", default="auto", choices=["auto", "torch", "triton"],
+                        help="the fused LoRA layers' backward products of dy: two GEMMs (torch), one read of dy "
+                             "(triton, CUDA) or auto (the default: the one read from 131,072 tokens a micro-batch)")
     parser.add_argument("--gpu_memory_gib", type=float, default=0.0,
                         help="allocate at most this much GPU memory (the defaults size for it too): a smaller "
                              "card on this one, e.g. 79.6 for an 80 GB card")
@@ -69,6 +69,9 @@ def decode_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                         help="the GEMV step's kernels as programmatic dependent launches (sm_90 and later; "
                              "--no-pdl: plain launches)")
+    parser.add_argument("--branches", action=argparse.BooleanOptionalAction, default=True,
+                        help="the GLU's two projections side by side in the graph of the layer forwards "
+                             "(--no-branches: one after the other)")
     parser.add_argument("--prefill_graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="short prompts' prefills as CUDA graphs with --graphs (tnlora.infer.prefill_graph; "
                              "--no-prefill_graphs: eager prefills)")

@@ -339,7 +339,7 @@ def run(args: argparse.Namespace, keys: dict[str, Any]) -> int:
     given = " ".join(f"{k}={v}" for k, v in keys.items())
     op = "" if args.lora_compiled_op else " no-lora_compiled_op"
     kernels = f" act={args.act_kernel}" if args.act_kernel != "auto" else ""
-    kernels += f" lora_grad={args.lora_grad_kernel}" if args.lora_grad_kernel != "torch" else ""
+    kernels += f" lora_grad={args.lora_grad_kernel}" if args.lora_grad_kernel != "auto" else ""
     settings = f"{shape}{' ' + given if given else ''} norms={args.norm_kernel} loss={args.loss_kernel}{kernels}{op}{cap}"
     print(f"config: {args.model} {settings}", flush=True)  # every row can be traced to its settings
     r = train_bench(args, keys, args.name or f"{args.model} {settings}")

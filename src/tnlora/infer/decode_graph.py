@@ -64,7 +64,7 @@ from tnlora.infer.prefill_graph import MAX_RUNNERS as PREFILL_RUNNERS
 from tnlora.infer.prefill_graph import PrefillRunner, bucket_for
 from tnlora.model.cache import TransnormerCache
 from tnlora.model.generation import GreedyRule, row_flags
-from tnlora.model.modeling import NormLinearAttention, TransnormerForCausalLM
+from tnlora.model.modeling import GLU, NormLinearAttention, TransnormerForCausalLM
 from tnlora.ops.gemv import ROWS_MAX, embed_rows, gemv, pdl_supported
 from tnlora.ops.norm import add_rms_norm, gated_rms_norm
 from tnlora.ops.recurrent import torch_step
@@ -105,6 +105,7 @@ class DecodeStepRunner:
         per_row_positions: bool = False,
         gemv: bool = False,
         pdl: bool = False,
+        branches: bool = False,
     ) -> None:
         self.capture = capture
         self.blas = blas
@@ -115,6 +116,10 @@ class DecodeStepRunner:
         # The GEMV step's Triton kernels as programmatic dependent launches (each reads its first weights
         # while the kernel before finishes), where the card and Triton have them.
         self.pdl = pdl and self.gemv and capture and pdl_supported(device)
+        # The GLU's two projections side by side in the graph (``branches``, captured CUDA steps of the layer
+        # forwards): l2 on a stream of its own while l1 runs, so that the two fill the card together (each
+        # alone leaves SMs idle at batch 32: 7B's l1 takes 86 tiles of 132 SMs).
+        self.branch = torch.cuda.Stream(device) if branches and capture and not self.gemv else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
         self.greedy: dict[int, GreedyDeviceSteps] = {}  # by the number of eos ids
@@ -175,13 +180,28 @@ class DecodeStepRunner:
             layer, state, decay = core.layers[i], self.states[i], self.decays[i]
             if normed is None:
                 hidden = hidden + self._token_mix(layer.token_mixer, layer.token_norm(hidden), state, decay)
-                hidden = hidden + layer.channel_mixer(layer.channel_norm(hidden))
+                hidden = hidden + self._channel_mix(layer.channel_mixer, layer.channel_norm(hidden))
                 continue
             delta = self._token_mix(layer.token_mixer, normed, state, decay)
             hidden, normed = add_rms_norm(hidden, delta, layer.channel_norm.eps)
             after = core.layers[i + 1].token_norm if i + 1 < len(core.layers) else core.final_norm
-            hidden, normed = add_rms_norm(hidden, layer.channel_mixer(normed), after.eps)
+            hidden, normed = add_rms_norm(hidden, self._channel_mix(layer.channel_mixer, normed), after.eps)
         return hidden, normed
+
+    def _channel_mix(self, glu: GLU, x: Tensor) -> Tensor:
+        """``glu(x)``; with ``self.branch`` l2 runs on that stream beside l1 (the same kernels, so the same
+        results bitwise). The branch waits for the step's stream before l2 and the stream for the branch after
+        it, so every tensor the branch touches is made and freed in the step's order (in a graph: a fork and a
+        join)."""
+        if self.branch is None:
+            return glu(x)
+        main = torch.cuda.current_stream(x.device)
+        self.branch.wait_stream(main)
+        with torch.cuda.stream(self.branch):
+            b = glu.l2(x)
+        a = glu.l1(x)
+        main.wait_stream(self.branch)
+        return glu.l3(a * b)
 
     def _end(self, model: TransnormerForCausalLM, carry: tuple[Tensor, Tensor | None]) -> Tensor:
         hidden, normed = carry
@@ -502,6 +522,7 @@ class DecodeGraphs:
         pdl: bool = True,
         prefill: bool | None = None,
         gemv_max_batch: int = GEMV_MAX_BATCH,
+        branches: bool = True,
     ) -> None:
         if not 1 <= gemv_max_batch <= ROWS_MAX:
             raise ValueError(f"gemv_max_batch must be 1 to {ROWS_MAX}, got {gemv_max_batch}")
@@ -510,6 +531,7 @@ class DecodeGraphs:
         self.gemv = gemv
         self.gemv_max_batch = gemv_max_batch
         self.pdl = pdl
+        self.branches = branches
         # Short prefills as graphs (infer.prefill_graph); by default with capture only (on the CPU the static
         # prefill would only change the summation order of the eager one).
         self.prefill_graphs = capture if prefill is None else prefill
@@ -691,7 +713,8 @@ class DecodeGraphs:
             if len(self.runners) >= MAX_RUNNERS:
                 self.runners.pop(next(iter(self.runners))).release()
             runner = DecodeStepRunner(model, batch, input_ids.device, self.capture, self.blas,
-                                      gemv=self.gemv and batch <= self.gemv_max_batch, pdl=self.pdl)
+                                      gemv=self.gemv and batch <= self.gemv_max_batch, pdl=self.pdl,
+                                      branches=self.branches)
             self.runners[batch] = runner
         return runner if runner.fits(input_ids, cache) else None
 
@@ -737,6 +760,7 @@ def install_graph_decoding(
     pdl: bool = True,
     prefill: bool | None = None,
     gemv_max_batch: int = GEMV_MAX_BATCH,
+    branches: bool = True,
 ) -> DecodeGraphs:
     """Let ``model`` (or the model under its peft wrapper) take one-token cached steps through static runners,
     replacing any installed before. ``capture=False`` runs the static step without CUDA graphs, on any device
@@ -745,11 +769,12 @@ def install_graph_decoding(
     ``gemv_max_batch`` as fused projections (``DecodeStepRunner._forward_gemv``; False: the layer forwards at
     every batch size); ``pdl``: that step's kernels as programmatic dependent launches on cards that have them
     (sm_90 and later); ``prefill``: short prefills as graphs too (:mod:`tnlora.infer.prefill_graph`; default:
-    with ``capture``)."""
+    with ``capture``); ``branches``: the GLU's two projections side by side in the captured layer forwards
+    (``DecodeStepRunner._channel_mix``)."""
     base = _base_model(model)
     remove_graph_decoding(base)
     graphs = DecodeGraphs(capture=capture, blas=blas, gemv=gemv, pdl=pdl, prefill=prefill,
-                          gemv_max_batch=gemv_max_batch)
+                          gemv_max_batch=gemv_max_batch, branches=branches)
     base.step_decoder = graphs
     return graphs
 

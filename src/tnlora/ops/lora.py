@@ -52,6 +52,12 @@ def lora_linear_reference(
     return F.linear(x, weight, bias) + F.linear(F.linear(F.dropout(x, dropout, training), lora_a), lora_b) * scaling
 
 
+# The rows (tokens of a micro-batch) from which grad_kernel "auto" takes the one-read kernel: on an H200 it read
+# dy faster than cuBLAS's two GEMMs at 131,072 rows for every 7B projection (−21 to −25 %) and lost at 16,384
+# and 32,768 rows on the narrow ones (benchmarks/RESULTS.md, "The LoRA backward's products of dy").
+LORA_GRAD_MIN_ROWS = 131_072
+
+
 def lora_linear(
     x: Tensor,
     weight: Tensor,
@@ -63,7 +69,7 @@ def lora_linear(
     training: bool = False,
     compiled_op: bool = True,
     output_needed: bool = True,
-    grad_kernel: str = "torch",
+    grad_kernel: str = "auto",
 ) -> Tensor:
     """x [..., in] → [..., out] through the frozen ``weight`` [out, in] (and ``bias``) plus the adapter
     ``lora_a`` [r, in], ``lora_b`` [out, r] scaled by ``scaling``, with dropout ``dropout`` on the adapter's
@@ -72,16 +78,25 @@ def lora_linear(
     runs the composition. ``output_needed=False`` (the fused form only): the returned tensor is allocated but
     not computed, while what the backward reads is saved as always (a checkpointed layer's recompute).
     ``grad_kernel="triton"`` (the fused form, CUDA tensors): the backward's two products of dy (g = dy B and
-    dB) come from one read of dy (:mod:`tnlora.ops.lora_grad`) instead of two GEMMs."""
+    dB) come from one read of dy (:mod:`tnlora.ops.lora_grad`) instead of two GEMMs; "auto" (the default): so
+    from ``LORA_GRAD_MIN_ROWS`` rows of x, "torch": always the two GEMMs."""
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout, training)
     p = dropout if training else 0.0
-    one_read = grad_kernel == "triton" and x.is_cuda
+    one_read = reads_dy_once(grad_kernel, x.numel() // max(1, x.shape[-1]), x.is_cuda)
     if torch.compiler.is_compiling():
         if not compiled_op:
             return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout, training)
         return _lora_linear_op_call(x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read)
     return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read)
+
+
+def reads_dy_once(grad_kernel: str, rows: int, cuda: bool) -> bool:
+    """Whether a fused LoRA layer's backward takes g and dB from one read of dy (:func:`lora_linear`'s
+    ``grad_kernel`` for x of ``rows`` rows, on CUDA or not)."""
+    if grad_kernel not in ("auto", "torch", "triton"):
+        raise ValueError(f"grad_kernel must be 'auto', 'torch' or 'triton', got {grad_kernel!r}")
+    return cuda and (grad_kernel == "triton" or (grad_kernel == "auto" and rows >= LORA_GRAD_MIN_ROWS))
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:

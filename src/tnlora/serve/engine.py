@@ -166,7 +166,8 @@ class Engine:
         self.max_waiting = max_waiting
         self.sessions = sessions if sessions is not None else SessionStore(self.device, 0, 0)
         self.capture = self.device.type == "cuda" if capture is None else capture
-        self.runner = DecodeStepRunner(base, max_batch, self.device, self.capture, per_row_positions=True)
+        self.runner = DecodeStepRunner(base, max_batch, self.device, self.capture, per_row_positions=True,
+                                       branches=True)
         # Prompts admitted together are read in one packed forward (infer.prefill) where the model allows it.
         self.packed = can_pack(base)
         self.slots: list[Request | None] = [None] * max_batch

@@ -26,9 +26,10 @@ class FusedLoraLinear(LoraLinear):
     --no-lora_compiled_op``)."""
 
     compiled_op = True
-    # "triton": the backward's two products of dy from one read of it (tnlora.ops.lora_grad, CUDA); "torch" (the
-    # default until measured): two GEMMs. `tnlora bench train --lora_grad_kernel triton` sets it.
-    grad_kernel = "torch"
+    # "triton": the backward's two products of dy from one read of it (tnlora.ops.lora_grad, CUDA); "torch": two
+    # GEMMs; "auto" (the default): the one read from tnlora.ops.lora.LORA_GRAD_MIN_ROWS tokens a micro-batch.
+    # `tnlora bench train --lora_grad_kernel` sets it.
+    grad_kernel = "auto"
     # False while a checkpointed layer recomputes this projection and reads none of its output (set by the
     # layer's recompute context, TransnormerDecoderLayer.recomputing): the frozen GEMM is left out.
     output_needed = True
