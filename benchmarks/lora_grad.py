@@ -6,17 +6,22 @@ reads dy twice, so its rate is twice dy's bytes ÷ time), and the largest error 
 reference, relative to the reference's largest value.
 
     python3 benchmarks/lora_grad.py [--shapes 1B:32768,7B:16384,7B:131072] [--rank 8]    # on a GPU
+
+With ``--sweep`` each shape also tries the kernel's launches (tile, warps, stages, programs a processor) and
+prints the fastest few with the default's time, and at the end the launch whose summed time over every shape is
+least.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 
 import torch
 
 from tnlora.bench.common import cuda_seconds, environment_line
-from tnlora.ops.lora_grad import lora_dy_products, lora_dy_products_reference
+from tnlora.ops.lora_grad import Launch, lora_dy_products, lora_dy_products_reference
 
 # (name, N) of each adapted projection's output width, the width of its dy.
 OUTPUTS = {
@@ -54,12 +59,14 @@ def main() -> None:
     parser.add_argument("--shapes", default="1B:32768,7B:16384,7B:131072", help="model:tokens, comma-separated")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--sweep", action="store_true", help="also try the kernel's launches on every shape")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.exit(2, "error: benchmarks/lora_grad.py measures CUDA kernels; this machine has none\n")
     print(environment_line(), flush=True)
     print("| model | projection | tokens × N | cuBLAS ms (GB/s) | one read ms (GB/s) | error g / dB: cuBLAS; one read |")
     print("|---|---|---|---|---|---|")
+    totals: dict[Launch, float] = {}
     for spec in args.shapes.split(","):
         model, tokens = spec.split(":")
         for name, width in OUTPUTS[model]:
@@ -68,8 +75,37 @@ def main() -> None:
             (tc, ec), (tf, ef) = (timed(fn, inputs, args.repeats) for fn in (lora_dy_products_reference, lora_dy_products))
             print(f"| {model} | {name} | {tokens} × {width} | {tc * 1e3:.3f} ({2 * dy_bytes / tc / 1e9:,.0f}) | "
                   f"{tf * 1e3:.3f} ({dy_bytes / tf / 1e9:,.0f}) | {ec}; {ef} |", flush=True)  # fmt: skip
+            if args.sweep:
+                sweep(inputs, args.repeats, f"{model} {name} {tokens}", totals)
             del inputs
             torch.cuda.empty_cache()
+    if totals:
+        ranked = sorted(totals.items(), key=lambda item: item[1])
+        for launch, seconds in ranked[:5]:
+            print(f"sweep total {seconds * 1e3:.3f} ms: {launch}")
+        print(f"sweep total {totals[Launch()] * 1e3:.3f} ms: the default {Launch()}")
+
+
+def sweep(inputs: tuple[torch.Tensor, ...], repeats: int, label: str, totals: dict[Launch, float]) -> None:
+    """Time every launch of the grid on ``inputs`` (each checked against the reference), print the fastest three
+    and the default, and add each launch's time to ``totals``."""
+    want = lora_dy_products_reference(*inputs)
+    times = {}
+    for block_t, block_n, warps, stages, per_sm in itertools.product((32, 64), (256, 512), (4, 8), (2, 3, 4), (2, 4, 8)):
+        launch = Launch(block_t, block_n, warps, stages, per_sm)
+        try:
+            got = lora_dy_products(*inputs, launch)
+        except Exception as exc:  # a launch that does not compile (shared memory, registers) is left out
+            print(f"sweep {label}: {launch} failed: {type(exc).__name__}", flush=True)
+            continue
+        if any(not torch.allclose(a.float(), b.float(), atol=5e-2, rtol=5e-2) for a, b in zip(got, want, strict=True)):
+            print(f"sweep {label}: {launch} gave wrong results", flush=True)
+            continue
+        times[launch] = statistics.median(cuda_seconds(lambda launch=launch: lora_dy_products(*inputs, launch), repeats))
+        totals[launch] = totals.get(launch, 0.0) + times[launch]
+    best = sorted(times.items(), key=lambda item: item[1])[:3]
+    line = "; ".join(f"{t * 1e3:.3f} ms {launch}" for launch, t in best)
+    print(f"sweep {label}: default {times.get(Launch(), float('nan')) * 1e3:.3f} ms; best {line}", flush=True)
 
 
 if __name__ == "__main__":

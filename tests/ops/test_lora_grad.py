@@ -13,7 +13,7 @@ import torch
 from kernel_device import DEVICE, INTERPRET, needs_kernel
 
 from tnlora.ops import lora_grad
-from tnlora.ops.lora_grad import BLOCK_N, BLOCK_T, MAX_ROWS_PER_PROGRAM, launch_grid, lora_dy_products
+from tnlora.ops.lora_grad import BLOCK_N, BLOCK_T, MAX_ROWS_PER_PROGRAM, Launch, launch_grid, lora_dy_products
 
 # fp64: the same sums grouped differently; fp32 likewise (no TF32); bf16: both round one fp32 sum at the end.
 TOLERANCE = {torch.float64: 1e-13, torch.float32: 1e-5, torch.bfloat16: 2**-7}
@@ -31,18 +31,16 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
 @needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("rank", "per_processor", "grid"), [(8, 4, (4, 3, 32)), (5, 4, (4, 3, 32)), (8, 0, (1, 3, 4096))])
-def test_one_read_of_dy_gives_both_products(
-    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, rank: int, per_processor: int, grid: tuple
-) -> None:
+def test_one_read_of_dy_gives_both_products(dtype: torch.dtype, rank: int, per_processor: int, grid: tuple) -> None:
     # three column splits, the last ending mid-block; four row programs of one tile, the last short, or one
     # program walking all the rows and then tiles wholly past the end: every mask is exercised
-    monkeypatch.setattr(lora_grad, "PROGRAMS_PER_SM", per_processor)
+    launch = Launch(programs_per_sm=per_processor)
     rows, cols = 3 * BLOCK_T + 7, 2 * BLOCK_N + 45
-    assert launch_grid(rows, cols, 8) == grid
+    assert launch_grid(rows, cols, 8, launch) == grid
     gen = torch.Generator().manual_seed(rank)
     dy, b, hs = (torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
                  for shape in ((rows, cols), (cols, rank), (rows, rank)))  # fmt: skip
-    got = lora_dy_products(dy, b, hs)
+    got = lora_dy_products(dy, b, hs, launch)
     # the reference in float64 from the same (rounded) inputs, rounded to dtype once
     want = [t.to(dtype) for t in lora_grad.lora_dy_products_reference(dy.double(), b.double(), hs.double())]
     for g, w in zip(got, want, strict=True):

@@ -52,10 +52,11 @@ def lora_linear_reference(
     return F.linear(x, weight, bias) + F.linear(F.linear(F.dropout(x, dropout, training), lora_a), lora_b) * scaling
 
 
-# The rows (tokens of a micro-batch) from which grad_kernel "auto" takes the one-read kernel: on an H200 it read
-# dy faster than cuBLAS's two GEMMs at 131,072 rows for every 7B projection (−21 to −25 %) and lost at 16,384
-# and 32,768 rows on the narrow ones (benchmarks/RESULTS.md, "The LoRA backward's products of dy").
-LORA_GRAD_MIN_ROWS = 131_072
+# The rows (tokens of a micro-batch) from which grad_kernel "auto" takes the one-read kernel: on an H200 it took
+# 10–25 % less time than cuBLAS's two GEMMs for every 7B projection at 65,536 and 131,072 rows and as long
+# summed over 1B's at 65,536, and lost on the narrow ones at 16,384 and 32,768 (benchmarks/RESULTS.md, "The
+# activation kernel and the LoRA backward's products of dy, alone").
+LORA_GRAD_MIN_ROWS = 65_536
 
 
 def lora_linear(

@@ -18,6 +18,8 @@ kernel, which read its partial g back for every tile, streamed dy at 0.8–2.1 T
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -29,25 +31,38 @@ MAX_ROWS_PER_PROGRAM = 4096
 PROGRAMS_PER_SM = 4
 
 
+@dataclass(frozen=True)
+class Launch:
+    """The kernel's launch: the tile (``block_t`` rows by ``block_n`` columns), warps and pipeline stages a
+    program, and the programs a processor the row blocks aim for (``benchmarks/lora_grad.py --sweep`` tries
+    others)."""
+
+    block_t: int = BLOCK_T
+    block_n: int = BLOCK_N
+    num_warps: int = 4
+    num_stages: int = 3
+    programs_per_sm: int = PROGRAMS_PER_SM
+
+
 def lora_dy_products_reference(dy: Tensor, lora_b: Tensor, hs: Tensor) -> tuple[Tensor, Tensor]:
     """PyTorch's two products: g = dy B [T, r] and dB = dyᵀ hs [N, r], for dy [T, N], B [N, r], hs [T, r]."""
     return dy @ lora_b, dy.t() @ hs
 
 
-def launch_grid(rows: int, cols: int, processors: int) -> tuple[int, int, int]:
-    """(row programs, column splits, rows a program): the columns in splits of BLOCK_N, the rows in blocks of
-    the most rows (a power of two of BLOCK_T tiles, at most MAX_ROWS_PER_PROGRAM: the span is a compile-time
-    constant of the kernel, so few compiled variants) that still give about PROGRAMS_PER_SM programs a
-    processor."""
-    splits = max(1, -(-cols // BLOCK_N))
-    wanted = -(-PROGRAMS_PER_SM * processors // splits)  # row programs
+def launch_grid(rows: int, cols: int, processors: int, launch: Launch = Launch()) -> tuple[int, int, int]:
+    """(row programs, column splits, rows a program): the columns in splits of ``launch.block_n``, the rows in
+    blocks of the most rows (a power of two of ``block_t`` tiles, at most MAX_ROWS_PER_PROGRAM: the span is a
+    compile-time constant of the kernel, so few compiled variants) that still give about ``programs_per_sm``
+    programs a processor."""
+    splits = max(1, -(-cols // launch.block_n))
+    wanted = -(-launch.programs_per_sm * processors // splits)  # row programs
     rows_each = MAX_ROWS_PER_PROGRAM
-    while rows_each > BLOCK_T and -(-rows // rows_each) < wanted:
+    while rows_each > launch.block_t and -(-rows // rows_each) < wanted:
         rows_each //= 2
     return max(1, -(-rows // rows_each)), splits, rows_each
 
 
-def lora_dy_products(dy: Tensor, lora_b: Tensor, hs: Tensor) -> tuple[Tensor, Tensor]:
+def lora_dy_products(dy: Tensor, lora_b: Tensor, hs: Tensor, launch: Launch = Launch()) -> tuple[Tensor, Tensor]:
     """g = dy B [T, r] and dB = dyᵀ hs [N, r] as :func:`lora_dy_products_reference`, reading dy once (CUDA tensors,
     or CPU ones under Triton's CPU interpreter); results in dy's dtype."""
     from tnlora.ops.lora_grad_triton import lora_dy_products_kernel
@@ -62,12 +77,13 @@ def lora_dy_products(dy: Tensor, lora_b: Tensor, hs: Tensor) -> tuple[Tensor, Te
     fp64 = dy.dtype == torch.float64
     acc = torch.float64 if fp64 else torch.float32
     processors = torch.cuda.get_device_properties(dy.device).multi_processor_count if dy.is_cuda else 8
-    row_programs, splits, rows_each = launch_grid(rows, cols, processors)
+    row_programs, splits, rows_each = launch_grid(rows, cols, processors, launch)
     g_part = torch.empty((splits, rows, rank), dtype=acc, device=dy.device)
     db_part = torch.empty((row_programs, cols, rank), dtype=acc, device=dy.device)
     lora_dy_products_kernel[(row_programs, splits)](
         dy, lora_b, hs, g_part, db_part, dy.stride(0), lora_b.stride(0), hs.stride(0), rows, cols, rank,
-        rows_each, FP64=fp64, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_R=max(16, _next_power_of_2(rank)),
+        rows_each, FP64=fp64, BLOCK_T=launch.block_t, BLOCK_N=launch.block_n,
+        BLOCK_R=max(16, _next_power_of_2(rank)), num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
     return g_part.sum(0).to(dy.dtype), db_part.sum(0).to(dy.dtype)
 
@@ -77,4 +93,4 @@ def _next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-__all__ = ["launch_grid", "lora_dy_products", "lora_dy_products_reference"]
+__all__ = ["Launch", "launch_grid", "lora_dy_products", "lora_dy_products_reference"]
