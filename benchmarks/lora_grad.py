@@ -66,7 +66,7 @@ def main() -> None:
     print(environment_line(), flush=True)
     print("| model | projection | tokens × N | cuBLAS ms (GB/s) | one read ms (GB/s) | error g / dB: cuBLAS; one read |")
     print("|---|---|---|---|---|---|")
-    totals: dict[Launch, float] = {}
+    totals: dict[Launch, tuple[float, int]] = {}
     for spec in args.shapes.split(","):
         model, tokens = spec.split(":")
         for name, width in OUTPUTS[model]:
@@ -80,15 +80,17 @@ def main() -> None:
             del inputs
             torch.cuda.empty_cache()
     if totals:
-        ranked = sorted(totals.items(), key=lambda item: item[1])
+        # Only the launches that ran on every shape (some do not fit the shared memory) are compared.
+        shapes = max(count for _, count in totals.values())
+        ranked = sorted(((launch, t) for launch, (t, count) in totals.items() if count == shapes), key=lambda i: i[1])
         for launch, seconds in ranked[:5]:
             print(f"sweep total {seconds * 1e3:.3f} ms: {launch}")
-        print(f"sweep total {totals[Launch()] * 1e3:.3f} ms: the default {Launch()}")
+        print(f"sweep total {totals[Launch()][0] * 1e3:.3f} ms: the default {Launch()}")
 
 
-def sweep(inputs: tuple[torch.Tensor, ...], repeats: int, label: str, totals: dict[Launch, float]) -> None:
+def sweep(inputs: tuple[torch.Tensor, ...], repeats: int, label: str, totals: dict[Launch, tuple[float, int]]) -> None:
     """Time every launch of the grid on ``inputs`` (each checked against the reference), print the fastest three
-    and the default, and add each launch's time to ``totals``."""
+    and the default, and add each launch's time (and one shape) to ``totals``."""
     want = lora_dy_products_reference(*inputs)
     times = {}
     for block_t, block_n, warps, stages, per_sm in itertools.product((32, 64), (256, 512), (4, 8), (2, 3, 4), (2, 4, 8)):
@@ -102,7 +104,8 @@ def sweep(inputs: tuple[torch.Tensor, ...], repeats: int, label: str, totals: di
             print(f"sweep {label}: {launch} gave wrong results", flush=True)
             continue
         times[launch] = statistics.median(cuda_seconds(lambda launch=launch: lora_dy_products(*inputs, launch), repeats))
-        totals[launch] = totals.get(launch, 0.0) + times[launch]
+        seconds, count = totals.get(launch, (0.0, 0))
+        totals[launch] = (seconds + times[launch], count + 1)
     best = sorted(times.items(), key=lambda item: item[1])[:3]
     line = "; ".join(f"{t * 1e3:.3f} ms {launch}" for launch, t in best)
     print(f"sweep {label}: default {times.get(Launch(), float('nan')) * 1e3:.3f} ms; best {line}", flush=True)

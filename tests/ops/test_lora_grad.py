@@ -30,7 +30,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("rank", "per_processor", "grid"), [(8, 4, (4, 3, 32)), (5, 4, (4, 3, 32)), (8, 0, (1, 3, 4096))])
+@pytest.mark.parametrize(("rank", "per_processor", "grid"), [(8, 4, (4, 3, BLOCK_T)), (5, 4, (4, 3, BLOCK_T)), (8, 0, (1, 3, 4096))])
 def test_one_read_of_dy_gives_both_products(dtype: torch.dtype, rank: int, per_processor: int, grid: tuple) -> None:
     # three column splits, the last ending mid-block; four row programs of one tile, the last short, or one
     # program walking all the rows and then tiles wholly past the end: every mask is exercised
@@ -68,8 +68,8 @@ def test_launch_grid_covers_every_row_and_column_and_fills_the_processors() -> N
         # enough programs for every processor where there are enough tiles
         wanted = lora_grad.PROGRAMS_PER_SM * processors
         assert row_programs * splits >= min(wanted, splits * -(-rows // BLOCK_T))
-    assert launch_grid(16384, 16384, 132) == (32, 32, 512)
-    assert launch_grid(131072, 16384, 132) == (32, 32, 4096)  # long rows: the most rows a program
+    assert launch_grid(16384, 16384, 132) == (16, 64, 1024)
+    assert launch_grid(131072, 16384, 132) == (32, 64, 4096)  # long rows: the most rows a program
 
 
 @needs_kernel

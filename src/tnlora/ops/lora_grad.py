@@ -11,9 +11,10 @@ after. Accumulation is in fp32 (fp64 for fp64 inputs), as cuBLAS accumulates; th
 so results equal the two GEMMs' up to rounding.
 
 The fused LoRA layer's backward uses it with ``grad_kernel: "triton"`` (a ``FusedLoraLinear`` attribute; ``tnlora
-bench train --lora_grad_kernel triton``), on CUDA tensors; the default stays the two GEMMs: a first form of the
-kernel, which read its partial g back for every tile, streamed dy at 0.8–2.1 TB/s against cuBLAS's 3.0–4.3
-(``benchmarks/lora_grad.py``); this form's speed is not yet measured.
+bench train --lora_grad_kernel``), and with "auto" (the default) from ``tnlora.ops.lora.LORA_GRAD_MIN_ROWS``
+tokens a micro-batch, on CUDA tensors. On an H200 it streams dy at 2.0–2.7 TB/s against cuBLAS's 3.0–4.3 for
+two reads, so it wins where dy is long (7B at 65,536 and 131,072 rows: 10–25 % less time) and loses on the
+narrow projections of shorter micro-batches (``benchmarks/lora_grad.py``).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-BLOCK_T = 32
-BLOCK_N = 512
+# The default launch (Launch), the fastest summed over the 1B and 7B projections at 16,384 / 32,768 / 131,072
+# rows of `benchmarks/lora_grad.py --sweep` on an H200 (8 % under the first choice of 32 × 512 tiles, 4 warps).
+BLOCK_T = 64
+BLOCK_N = 256
 # The most rows one program walks; fewer where the card needs more programs (each row block adds a partial dB).
 MAX_ROWS_PER_PROGRAM = 4096
 # Programs per streaming multiprocessor the row blocks aim for, so that every SM has several to overlap.
