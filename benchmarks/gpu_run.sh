@@ -28,6 +28,8 @@
 #                   32 new tokens: the prefill and 31 graph replays): where a step's time goes against its bytes
 #   decode-branches  batch-32 decoding (BATCH) with the GLU's two projections one after the other and side by
 #                   side in the graph (--no-branches / --branches), twice each, one machine (MODELS, default "7B 1B")
+#   decode-defer    decoding (BATCH, default "1,32") with the greedy device loop writing the recurrent states
+#                   back every step and every DEFER (default 4) steps, twice each, one machine (MODELS)
 #   decode-kernel   decoding with the torch and the triton recurrence
 #   gemv            the batch-1 decode projections: cuBLAS / cuBLASLt against a Triton GEMV (benchmarks/gemv.py;
 #                   GEMV_ARGS=--fused: tnlora.ops.gemv's fused forms against the composition they replace;
@@ -183,6 +185,10 @@ for stage in "$@"; do
     decode-branches)  # the GLU's projections one after the other against side by side, twice each (MODELS)
       for m in ${MODELS:-7B 1B}; do for r in 1 2; do for b in --no-branches --branches; do
         decode --model $m --batch ${BATCH:-32} $b
+      done; done; done ;;
+    decode-defer)  # the device loop's state writes every step against every DEFER steps, twice each (MODELS)
+      for m in ${MODELS:-7B 1B}; do for r in 1 2; do for d in 0 ${DEFER:-4}; do
+        decode --model $m --batch ${BATCH:-1,32} --defer_steps $d
       done; done; done ;;
     decode-kernel)
       for m in ${MODELS:-7B 1B}; do for k in torch triton; do decode --model $m --decode_kernel $k; done; done ;;

@@ -544,7 +544,9 @@ def test_cuda_graph_device_greedy_loop_equals_transformers_loop(batch: int, gemv
     # replays (step and token choice in one graph) must choose what transformers' loop chooses from the plain
     # graph's logits.
     model = _cuda_model()
-    install_graph_decoding(model, gemv=gemv, gemv_max_batch=batch)
+    # State writes every step, as transformers' loop's steps: the tokens are compared bit for bit (the deferred
+    # writes round differently: their own test below).
+    install_graph_decoding(model, gemv=gemv, gemv_max_batch=batch, defer_steps=0)
     ids = random_ids(batch, 12).cuda()
     free = model.generate(ids, max_new_tokens=24, **GREEDY)
     eos = int(free[0, 12 + 4])
@@ -558,3 +560,25 @@ def test_cuda_graph_device_greedy_loop_equals_transformers_loop(batch: int, gemv
     steps = runner.greedy
     assert all(s.graph is not None for s in steps.values()) and len(steps) == 2  # no eos ids, one eos id
 
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 4])
+def test_cuda_graph_device_loop_with_deferred_state_writes_equals_writes_every_step(batch: int) -> None:
+    # The captured device loop (the GEMV step at batch 1, with dependent launches; the layer forwards at 4)
+    # writing the states back every 4 steps against every step, fp32: the same tokens, and after the loop (23
+    # steps: five write-backs, three steps held, added at its end) the same states up to rounding.
+    model = build_model(torch.float32, lightning_impl="chunked").cuda()
+    ids = random_ids(batch, 12).cuda()
+    runs = {}
+    for defer in (0, 4):
+        install_graph_decoding(model, defer_steps=defer)
+        out = model.generate(ids, max_new_tokens=24, **GREEDY)
+        runner = installed_graphs(model).runners[batch]
+        steps = runner.greedy[0]
+        assert steps.graph is not None and steps.defer_steps == defer and steps.sent == 23
+        runs[defer] = out, [state.clone() for state in runner.states]
+    assert torch.equal(runs[4][0], runs[0][0])
+    for got, want in zip(runs[4][1], runs[0][1], strict=True):
+        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5

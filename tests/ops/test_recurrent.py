@@ -232,6 +232,78 @@ def test_kernel_applies_silu_and_lrpe(dtype: torch.dtype, angle_dtype: str, posi
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("lrpe", "per_row"), [(False, False), (True, False), (True, True)])
+def test_deferred_state_writes_equal_the_plain_kernel_over_steps(dtype: torch.dtype, lrpe: bool, per_row: bool) -> None:
+    """``deferred``: over 10 steps (two write-backs at steps 4 and 8, two steps held at the end) each o equals the
+    plain kernel's, the state is whole after each write-back step and after ``DeferredTerms.apply``, and the
+    steps between leave it as it was; padded rows, SiLU and LRPE (one position or one a row) included."""
+    from tnlora.model.modeling import Lrpe
+    from tnlora.ops.recurrent_triton import DeferredTerms
+
+    gen = torch.Generator().manual_seed(5)
+    batch, heads, head_dim, value_dim, steps = 3, 2, 16, 32, 4
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    decay = (0.45 + 0.5 * torch.rand(heads, generator=gen)).to(device=DEVICE, dtype=state_dtype)
+    key_dim = 2 * head_dim if lrpe else head_dim
+    plain = torch.randn(batch, heads, key_dim, value_dim, generator=gen).to(device=DEVICE, dtype=state_dtype)
+    state = plain.clone()
+    start = torch.tensor([7, 300, 41] if per_row else 7, device=DEVICE)
+    terms = DeferredTerms.allocate(state, value_dim, start.clone(), steps)
+    theta = Lrpe(heads, head_dim, "float32").theta.detach().to(DEVICE) if lrpe else None
+    tolerance = {torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    for t in range(10):
+        q, k, v = _step_inputs(batch, heads, head_dim, value_dim, dtype, gen)
+        pad = torch.tensor([t % 3 == 1, False, t == 4], device=DEVICE)
+        kwargs = {"silu_qk": True, "lrpe_theta": theta, "position": start + t}
+        held = state.clone()
+        want = triton_step(q, k, v, plain, decay, pad, **kwargs)
+        got = triton_step(q, k, v, state, decay, pad, deferred=terms, **kwargs)
+        assert _rel_err(got, want) < tolerance, t
+        if t % steps == steps - 1:
+            assert _rel_err(state, plain) < tolerance, t  # written back whole
+        else:
+            assert torch.equal(state, held), t  # only read
+    terms.apply(state, decay, 10 % steps)
+    assert _rel_err(state, plain) < tolerance
+    if not lrpe:  # (with LRPE the missing position is refused as LRPE's)
+        with pytest.raises(ValueError, match="need an integer position"):
+            triton_step(q, k, v, state, decay, deferred=terms)
+    with pytest.raises(ValueError, match="pending must be 0 to 3"):
+        terms.apply(state, decay, 4)
+
+
+@needs_kernel
+def test_device_greedy_loop_with_deferred_state_writes_equals_the_plain_kernel() -> None:
+    """The greedy device loop writing the states back every 4 steps (the default ``defer_steps``): the tokens of
+    a left-padded batch and, after the loop (10 steps: two write-backs and two steps held, added by ``close``),
+    every layer's state equal the loop's with a write every step (fp32)."""
+    model = build_model(torch.float32, **PREFILL).to(DEVICE)
+    rows = [random_ids(1, 13, seed=1)[0], random_ids(1, 4, seed=2)[0], random_ids(1, 9, seed=3)[0]]
+    ids, mask = left_padded(rows)
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+    model.config.decode_kernel = "triton"
+    runs = {}
+    try:
+        for defer in (0, 4):
+            install_graph_decoding(model, capture=False, defer_steps=defer)
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=11, **GREEDY)
+            runner = installed_graphs(model).runners[3]
+            steps = runner.greedy[0]
+            assert steps.defer_steps == defer and steps.sent == 10 and steps.held == 0
+            assert bool(runner.terms) == (defer > 0)
+            runs[defer] = out, [state.clone() for state in runner.states]
+    finally:
+        model.config.decode_kernel = "torch"
+    assert torch.equal(runs[4][0], runs[0][0])
+    assert len(set(runs[4][0][0, 13:].tolist())) >= 4  # a non-degenerate continuation
+    for got, want in zip(runs[4][1], runs[0][1], strict=True):
+        assert _rel_err(got, want) < 1e-5
+    with pytest.raises(ValueError, match="defer_steps must be 0"):
+        install_graph_decoding(model, defer_steps=1)
+
+
+@needs_kernel
 def test_kernel_checks_its_arguments() -> None:
     q = torch.zeros(1, 2, 8, device=DEVICE)
     v = torch.zeros(1, 2, 4, device=DEVICE)

@@ -72,6 +72,9 @@ def decode_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--branches", action=argparse.BooleanOptionalAction, default=True,
                         help="the GLU's two projections side by side in the graph of the layer forwards "
                              "(--no-branches: one after the other)")
+    parser.add_argument("--defer_steps", type=int, default=None,
+                        help="the greedy device loop writes the recurrent states back every that many steps "
+                             "(default: the decode graphs' DEFER_STEPS; 0: every step)")
     parser.add_argument("--prefill_graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="short prompts' prefills as CUDA graphs with --graphs (tnlora.infer.prefill_graph; "
                              "--no-prefill_graphs: eager prefills)")

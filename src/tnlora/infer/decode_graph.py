@@ -68,7 +68,7 @@ from tnlora.model.modeling import GLU, NormLinearAttention, TransnormerForCausal
 from tnlora.ops.gemv import ROWS_MAX, embed_rows, gemv, pdl_supported
 from tnlora.ops.norm import add_rms_norm, gated_rms_norm
 from tnlora.ops.recurrent import torch_step
-from tnlora.ops.recurrent_triton import triton_step
+from tnlora.ops.recurrent_triton import DeferredTerms, triton_step
 from tnlora.ops.select import kernel_impl
 from tnlora.ops.token_choice import choose_greedy
 
@@ -86,6 +86,10 @@ GRAPH_BLAS = "cublaslt"
 # kernel's step lost to the layer forwards at every batch measured (1B at 2 to 32 rows, 7B at 32;
 # benchmarks/RESULTS.md, "Fused projections of several rows").
 GEMV_MAX_BATCH = 1
+# The device greedy loop's steps write each recurrent state back every DEFER_STEPS steps only (the Triton
+# step; 0: every step): the steps between read the state and the k, v held beside it, so a step moves one read of
+# the states and a quarter of a write instead of a read and a write (at 7B batch 32, 1.9 GB of fp32 state).
+DEFER_STEPS = 4
 # Eager runs before capture, on a side stream (PyTorch's CUDA-graph recipe: lazy inits, cuBLAS workspaces).
 WARMUP_STEPS = 2
 # peft layer attributes that change what a captured LoRA forward computes without touching any parameter.
@@ -120,6 +124,11 @@ class DecodeStepRunner:
         # forwards): l2 on a stream of its own while l1 runs, so that the two fill the card together (each
         # alone leaves SMs idle at batch 32: 7B's l1 takes 86 tiles of 132 SMs).
         self.branch = torch.cuda.Stream(device) if branches and capture and not self.gemv else None
+        # Deferred state writes (enable_deferral; the device greedy loop's steps): the terms held beside each
+        # layer's state and the position at which the states were whole.
+        self.terms: list[DeferredTerms] = []
+        self.base: Tensor | None = None
+        self._deferring = False
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
         self.greedy: dict[int, GreedyDeviceSteps] = {}  # by the number of eos ids
@@ -177,12 +186,12 @@ class DecodeStepRunner:
         core = model.model
         hidden, normed = carry
         for i in range(len(core.layers)):
-            layer, state, decay = core.layers[i], self.states[i], self.decays[i]
+            layer = core.layers[i]
             if normed is None:
-                hidden = hidden + self._token_mix(layer.token_mixer, layer.token_norm(hidden), state, decay)
+                hidden = hidden + self._token_mix(layer.token_mixer, layer.token_norm(hidden), i)
                 hidden = hidden + self._channel_mix(layer.channel_mixer, layer.channel_norm(hidden))
                 continue
-            delta = self._token_mix(layer.token_mixer, normed, state, decay)
+            delta = self._token_mix(layer.token_mixer, normed, i)
             hidden, normed = add_rms_norm(hidden, delta, layer.channel_norm.eps)
             after = core.layers[i + 1].token_norm if i + 1 < len(core.layers) else core.final_norm
             hidden, normed = add_rms_norm(hidden, self._channel_mix(layer.channel_mixer, normed), after.eps)
@@ -207,23 +216,23 @@ class DecodeStepRunner:
         hidden, normed = carry
         return model.lm_head(model.model.final_norm(hidden) if normed is None else normed)
 
-    def _token_mix(self, mixer: NormLinearAttention, x: Tensor, state: Tensor, decay: Tensor) -> Tensor:
-        """NormLinearAttention.forward for one token, with the recurrence written into ``state``."""
-        return mixer.out_proj(self._gated_attention(mixer, *mixer.heads(x), state, decay))
+    def _token_mix(self, mixer: NormLinearAttention, x: Tensor, i: int) -> Tensor:
+        """NormLinearAttention.forward for one token, with the recurrence written into layer ``i``'s state."""
+        return mixer.out_proj(self._gated_attention(mixer, *mixer.heads(x), i))
 
-    def _gated_attention(
-        self, mixer: NormLinearAttention, q: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor, decay: Tensor
-    ) -> Tensor:
+    def _gated_attention(self, mixer: NormLinearAttention, q: Tensor, k: Tensor, v: Tensor, u: Tensor, i: int) -> Tensor:
         """u ⊙ norm(o) [B, 1, hidden], the out projection's input, of the projected q, k, v, u; the recurrence
-        written into ``state``."""
-        o = self._attend(mixer, q, k, v, state, decay)
+        written into layer ``i``'s state."""
+        o = self._attend(mixer, q, k, v, i)
         o = o.reshape(o.shape[0], 1, -1)
         if self.kernel == "triton":
             return gated_rms_norm(o, u, mixer.norm.eps)
         return mixer.norm(o, gate=u)
 
-    def _attend(self, mixer: NormLinearAttention, q: Tensor, k: Tensor, v: Tensor, state: Tensor, decay: Tensor) -> Tensor:
-        """o [B, H, V] of the projected q, k, v (activation, LRPE, the recurrence written into ``state``)."""
+    def _attend(self, mixer: NormLinearAttention, q: Tensor, k: Tensor, v: Tensor, i: int) -> Tensor:
+        """o [B, H, V] of the projected q, k, v (activation, LRPE, the recurrence written into layer ``i``'s
+        state; while ``deferring``, written back every ``defer_steps`` steps, :meth:`enable_deferral`)."""
+        state, decay = self.states[i], self.decays[i]
         # The Triton step applies SiLU (TNL's activation) and the LRPE layer's rotation itself (about twenty
         # small kernels fewer in that layer).
         fuse = self.kernel == "triton" and mixer.act is F.silu
@@ -239,6 +248,7 @@ class DecodeStepRunner:
                 q[:, 0], k[:, 0], v[:, 0], state, decay, self.pad[:, 0], silu_qk=fuse, pdl=self.pdl,
                 lrpe_theta=lrpe.theta if lrpe is not None else None, position=self.position,
                 lrpe_angle_dtype=lrpe.angle_dtype if lrpe is not None else "float32",
+                deferred=self.terms[i] if self._deferring else None,
             )  # fmt: skip
         return torch_step(q[:, 0], k[:, 0], v[:, 0], state, decay, self.pad[:, 0])
 
@@ -260,12 +270,39 @@ class DecodeStepRunner:
             mixer, glu = layer.token_mixer, layer.channel_mixer
             qkvu = gemv(hidden, mixer.qkvu_proj.weight, norm_eps=layer.token_norm.eps, pdl=pdl)
             q, k, v, u = mixer.split_heads(qkvu.view(batch, 1, -1))
-            o = self._attend(mixer, q, k, v, self.states[i], self.decays[i])
+            o = self._attend(mixer, q, k, v, i)
             hidden = gemv(o.reshape(rows), mixer.out_proj.weight, norm_eps=mixer.norm.eps, gate=u.reshape(rows),
                           residual=hidden, pdl=pdl)
             product = gemv(hidden, glu.l1.weight, weight2=glu.l2.weight, norm_eps=layer.channel_norm.eps, pdl=pdl)
             hidden = gemv(product, glu.l3.weight, residual=hidden, pdl=pdl)
         return gemv(hidden, model.lm_head.weight, norm_eps=core.final_norm.eps, pdl=pdl).view(batch, 1, -1)
+
+    def enable_deferral(self, steps: int) -> bool:
+        """Let steps run under :meth:`deferring` write each state back every ``steps`` steps only (the Triton step;
+        :class:`~tnlora.ops.recurrent_triton.DeferredTerms`): each step then reads the state and the terms held
+        beside it, and :meth:`write_back` makes the states whole. Returns whether the runner has it."""
+        if self.kernel != "triton" or steps < 2:
+            return False
+        if not self.terms or self.terms[0].steps != steps:
+            with torch.inference_mode(False):
+                self.base = torch.zeros_like(self.position)
+                self.terms = [DeferredTerms.allocate(state, state.shape[3], self.base, steps) for state in self.states]
+        return True
+
+    @contextlib.contextmanager
+    def deferring(self, on: bool) -> Iterator[None]:
+        """The steps run (or recorded) inside write the states back every few steps (``on``, after
+        :meth:`enable_deferral`)."""
+        self._deferring = on and bool(self.terms)
+        try:
+            yield
+        finally:
+            self._deferring = False
+
+    def write_back(self, held: int) -> None:
+        """Make every state whole after ``held`` steps with deferred writes since the base position."""
+        for terms, state, decay in zip(self.terms, self.states, self.decays, strict=True):
+            terms.apply(state, decay, held)
 
     # -----------------------------------------------------------------------------------------------------
     # Capture and replay
@@ -370,8 +407,11 @@ class GreedyDeviceSteps:
     host by one asynchronous copy into pinned memory, read a step behind. The rule's numbers live in buffers,
     so one graph serves every call with the same number of eos ids."""
 
-    def __init__(self, runner: DecodeStepRunner, eos_count: int) -> None:
+    def __init__(self, runner: DecodeStepRunner, eos_count: int, defer_steps: int = 0) -> None:
         self.runner = runner
+        # The states written back every defer_steps steps (DecodeStepRunner.enable_deferral), made whole by close.
+        self.defer_steps = defer_steps if runner.enable_deferral(defer_steps) else 0
+        self.held = 0  # steps launched since the states were last whole
         device = runner.ids.device
         batch = runner.batch_size
         with torch.inference_mode(False):
@@ -395,7 +435,8 @@ class GreedyDeviceSteps:
     def _step(self, model: TransnormerForCausalLM) -> Tensor:
         """One step on the buffers (what the graph records); returns ``out``."""
         runner = self.runner
-        logits = runner._forward(model)[:, -1]
+        with runner.deferring(self.defer_steps > 0):
+            logits = runner._forward(model)[:, -1]
         # The choice's Triton kernels go with the step's (config decode_kernel), its PyTorch ops otherwise.
         choose_greedy(logits, self.eos, self.ban_below, self.length, self.pad_id, self.out, runner.ids,
                       runner.position, kernel=runner.kernel, pdl=runner.pdl)
@@ -418,6 +459,9 @@ class GreedyDeviceSteps:
             runner.release()
             self.graph, _ = runner.record(functools.partial(self._step, model))
         runner.begin(cache, tokens[:, None], None)
+        if self.defer_steps:
+            runner.base.copy_(runner.position)  # the states are whole at this position
+        self.held = 0
         self.eos.copy_(torch.tensor(rule.eos, dtype=torch.long))
         self.pad_id.fill_(rule.pad)
         self.ban_below.fill_(rule.ban_below)
@@ -435,11 +479,21 @@ class GreedyDeviceSteps:
         else:
             self._step(self.model())
         self.cache().advance(1)  # the caller holds the cache while it steps
+        if self.defer_steps:
+            self.held = (self.held + 1) % self.defer_steps
         slot = self.sent % 2
         self.slots[slot].copy_(self.out, non_blocking=self.cuda)
         if self.cuda:
             self.events[slot].record()
         self.sent += 1
+
+    def close(self) -> None:
+        """After the last step: the states whole again (the terms of the steps since the last write-back added,
+        queued behind the steps), for the cache the caller keeps."""
+        if self.defer_steps and self.held:
+            with torch.inference_mode(False), torch.no_grad():
+                self.runner.write_back(self.held)
+        self.held = 0
 
     def finish(self, rows: list[int]) -> None:
         """Rows finished for the steps launched after this (padded, as eos leaves them)."""
@@ -523,9 +577,13 @@ class DecodeGraphs:
         prefill: bool | None = None,
         gemv_max_batch: int = GEMV_MAX_BATCH,
         branches: bool = True,
+        defer_steps: int = DEFER_STEPS,
     ) -> None:
         if not 1 <= gemv_max_batch <= ROWS_MAX:
             raise ValueError(f"gemv_max_batch must be 1 to {ROWS_MAX}, got {gemv_max_batch}")
+        if defer_steps < 0 or defer_steps == 1:
+            raise ValueError(f"defer_steps must be 0 (off) or at least 2, got {defer_steps}")
+        self.defer_steps = defer_steps
         self.capture = capture
         self.blas = blas
         self.gemv = gemv
@@ -632,7 +690,7 @@ class DecodeGraphs:
             return None
         steps = runner.greedy.get(len(rule.eos))
         if steps is None:
-            steps = runner.greedy[len(rule.eos)] = GreedyDeviceSteps(runner, len(rule.eos))
+            steps = runner.greedy[len(rule.eos)] = GreedyDeviceSteps(runner, len(rule.eos), self.defer_steps)
         return self._capturing(steps.graph is None, lambda: steps.start(model, cache, rule, tokens, unfinished, length))
 
     def prefill(
@@ -761,6 +819,7 @@ def install_graph_decoding(
     prefill: bool | None = None,
     gemv_max_batch: int = GEMV_MAX_BATCH,
     branches: bool = True,
+    defer_steps: int = DEFER_STEPS,
 ) -> DecodeGraphs:
     """Let ``model`` (or the model under its peft wrapper) take one-token cached steps through static runners,
     replacing any installed before. ``capture=False`` runs the static step without CUDA graphs, on any device
@@ -770,11 +829,12 @@ def install_graph_decoding(
     every batch size); ``pdl``: that step's kernels as programmatic dependent launches on cards that have them
     (sm_90 and later); ``prefill``: short prefills as graphs too (:mod:`tnlora.infer.prefill_graph`; default:
     with ``capture``); ``branches``: the GLU's two projections side by side in the captured layer forwards
-    (``DecodeStepRunner._channel_mix``)."""
+    (``DecodeStepRunner._channel_mix``); ``defer_steps``: the device greedy loop's Triton steps write the
+    recurrent states back every that many steps only (0: every step; ``GreedyDeviceSteps``)."""
     base = _base_model(model)
     remove_graph_decoding(base)
     graphs = DecodeGraphs(capture=capture, blas=blas, gemv=gemv, pdl=pdl, prefill=prefill,
-                          gemv_max_batch=gemv_max_batch, branches=branches)
+                          gemv_max_batch=gemv_max_batch, branches=branches, defer_steps=defer_steps)
     base.step_decoder = graphs
     return graphs
 

@@ -102,13 +102,16 @@ class GreedySteps(Protocol):
     """Greedy steps run on the device (a step decoder's ``greedy_steps``): ``step`` launches one (forward, token
     choice, stopping, the token fed to the next step) and queues its row flags and tokens to the host;
     ``receive`` returns the oldest step's not yet read, waiting for that step only; ``finish`` marks rows
-    finished for the steps launched after it (rows a host-side criterion ended)."""
+    finished for the steps launched after it (rows a host-side criterion ended); ``close`` ends the steps,
+    leaving the cache as the last step left it (whatever the steps held back written into it)."""
 
     def step(self) -> None: ...
 
     def receive(self) -> tuple[list[int], list[int]]: ...
 
     def finish(self, rows: list[int]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def _ids(tokens: Any) -> tuple[int, ...]:
@@ -303,24 +306,27 @@ def _device_loop(
     read = first.receive
     generated: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     ended = [False] * len(generated)  # rows a host-side criterion ended
-    while True:
-        at_limit = max_length is not None and length >= max_length
-        if not at_limit:
-            steps.step()
-            length += 1
-        alive, chosen = read()
-        read = steps.receive
-        if rule.stop_at_eos:
-            chosen = [rule.pad if end else token for token, end in zip(chosen, ended)]
-        done = _keep(generated, chosen, on_host, streamer)
-        new = [i for i, (now, before) in enumerate(zip(done, ended)) if now and not before]
-        for i in new:
-            ended[i] = True
-        if new and rule.stop_at_eos:  # without eos the loop above pads no row either
-            steps.finish(new)
-        alive = [a and not end for a, end in zip(alive, ended)]
-        if at_limit or not any(alive):
-            break
+    try:
+        while True:
+            at_limit = max_length is not None and length >= max_length
+            if not at_limit:
+                steps.step()
+                length += 1
+            alive, chosen = read()
+            read = steps.receive
+            if rule.stop_at_eos:
+                chosen = [rule.pad if end else token for token, end in zip(chosen, ended)]
+            done = _keep(generated, chosen, on_host, streamer)
+            new = [i for i, (now, before) in enumerate(zip(done, ended)) if now and not before]
+            for i in new:
+                ended[i] = True
+            if new and rule.stop_at_eos:  # without eos the loop above pads no row either
+                steps.finish(new)
+            alive = [a and not end for a, end in zip(alive, ended)]
+            if at_limit or not any(alive):
+                break
+    finally:
+        steps.close()  # the cache whole however the loop ends (a streamer's exception included)
     if streamer is not None:
         streamer.end()
     new_tokens = torch.tensor([row[1:] for row in generated], dtype=input_ids.dtype)  # the first is in input_ids

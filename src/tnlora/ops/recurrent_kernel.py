@@ -124,3 +124,115 @@ def recurrent_step_kernel(
         # o after the update (recurrent_attention's order), reduced from the registers just stored.
         o += tl.sum(q[:, None] * s, axis=0)
     tl.store(o_ptr + i_b64 * stride_ob + i_h * stride_oh + cols, o.to(o_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _power(lam, e, M: tl.constexpr):
+    """λ^e for a run-time 0 ≤ e ≤ M, by repeated products (e need not be a compile-time constant)."""
+    r = lam * 0.0 + 1.0
+    for n in tl.static_range(M):
+        r = tl.where(n < e, r * lam, r)
+    return r
+
+
+@triton.jit
+def recurrent_deferred_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    state_ptr,
+    decay_ptr,
+    pad_ptr,
+    o_ptr,
+    hk_ptr,
+    hv_ptr,
+    base_ptr,
+    heads,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_vb,
+    stride_vh,
+    stride_ob,
+    stride_oh,
+    theta_ptr,
+    position_ptr,
+    stride_position,
+    slot_k,
+    slot_v,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    M: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    SILU: tl.constexpr,
+    LRPE: tl.constexpr,
+    ANGLE_MODEL: tl.constexpr,
+    HD: tl.constexpr,
+    PDL: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+):
+    """The step of ``recurrent_step_kernel`` with the state written back every M steps only (see
+    ``tnlora.ops.recurrent_triton.triton_step_deferred``): S holds the state of p = (position − base) mod M steps
+    ago, slots 0..p−1 of hk / hv [M−1, B, H, K or V] the k and (pad-masked) v of those steps. The state of this
+    step, S_t = λ^{p+1} S + Σ_{j<p} λ^{p−j} k_j v_jᵀ + k v, is built tile by tile in registers, o = q S_t; it is
+    stored only at p = M − 1 (a masked store, no traffic otherwise), else k and v go to slot p."""
+    i_bh = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_b = i_bh // heads
+    i_h = i_bh % heads
+    i_b64 = i_b.to(tl.int64)
+    compute = state_ptr.dtype.element_ty
+    cols = i_v * BV + tl.arange(0, BV)
+    col_ok = cols < V
+    state_base = state_ptr + i_bh.to(tl.int64) * (K * V)
+    first_rows = tl.arange(0, BK)
+    first_ok = (first_rows < K)[:, None] & col_ok[None, :]
+    first_ptrs = state_base + first_rows[:, None] * V + cols[None, :]
+    if PDL:
+        # As in recurrent_step_kernel: S and λ are only written by this kernel in an earlier step.
+        gdc_launch_dependents()
+    s_first = tl.load(first_ptrs, mask=first_ok, other=0.0)
+    decay = tl.load(decay_ptr + i_h)
+    if PDL:
+        gdc_wait()
+
+    position = tl.load(position_ptr + i_b64 * stride_position)
+    phase = (position - tl.load(base_ptr + i_b64 * stride_position)) % M
+    flush = phase == M - 1
+    v = tl.load(v_ptr + i_b64 * stride_vb + i_h * stride_vh + cols, mask=col_ok, other=0.0).to(compute)
+    if HAS_PAD:
+        keep = tl.load(pad_ptr + i_b).to(tl.int32) == 0
+        v = tl.where(keep, v, tl.zeros_like(v))
+    # Slot j of hk / hv for this row and head: slots are [B, H, ·] blocks of slot_k / slot_v values.
+    hk_base = hk_ptr + i_bh.to(tl.int64) * K
+    hv_base = hv_ptr + i_bh.to(tl.int64) * V + cols
+    s_scale = _power(decay, phase + 1, M)
+
+    q_base = q_ptr + i_b64 * stride_qb + i_h * stride_qh
+    k_base = k_ptr + i_b64 * stride_kb + i_h * stride_kh
+    o = tl.zeros([BV], dtype=compute)
+    for k0 in tl.static_range(0, K, BK):
+        rows = k0 + tl.arange(0, BK)
+        row_ok = rows < K
+        q = _features(q_base, rows, row_ok, theta_ptr, i_h, position, compute, SILU, LRPE, ANGLE_MODEL, HD)
+        k = _features(k_base, rows, row_ok, theta_ptr, i_h, position, compute, SILU, LRPE, ANGLE_MODEL, HD)
+        ptrs = state_base + rows[:, None] * V + cols[None, :]
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        if k0 == 0:  # noqa: SIM108 (a constant: static_range unrolls the loop, one side compiled)
+            s = s_first
+        else:
+            s = tl.load(ptrs, mask=tile_ok, other=0.0)
+        s = s_scale * s + k[:, None] * v[None, :]
+        for j in tl.static_range(M - 1):
+            held = j < phase  # slot j holds a step not yet in S (masked loads read nothing otherwise)
+            kj = tl.load(hk_base + j * slot_k + rows, mask=row_ok & held, other=0.0)
+            vj = tl.load(hv_base + j * slot_v, mask=col_ok & held, other=0.0)
+            s += _power(decay, phase - j, M) * kj[:, None] * vj[None, :]
+        tl.store(ptrs, s, mask=tile_ok & flush)
+        o += tl.sum(q[:, None] * s, axis=0)
+        # One program a row and head keeps k (every V block computes the same).
+        tl.store(hk_base + phase * slot_k + rows, k, mask=row_ok & (phase < M - 1) & (i_v == 0))
+    tl.store(hv_base + phase * slot_v, v, mask=col_ok & (phase < M - 1))
+    tl.store(o_ptr + i_b64 * stride_ob + i_h * stride_oh + cols, o.to(o_ptr.dtype.element_ty), mask=col_ok)

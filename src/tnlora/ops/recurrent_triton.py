@@ -14,6 +14,7 @@ at import: the CPU path and ``import tnlora`` work without triton.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,11 +34,44 @@ def _next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _kernel() -> Any:
+def _kernel(deferred: bool = False) -> Any:
     """The Triton kernel, imported on first use so that importing this module never imports triton."""
-    from tnlora.ops.recurrent_kernel import recurrent_step_kernel
+    from tnlora.ops.recurrent_kernel import recurrent_deferred_kernel, recurrent_step_kernel
 
-    return recurrent_step_kernel
+    return recurrent_deferred_kernel if deferred else recurrent_step_kernel
+
+
+@dataclass(frozen=True)
+class DeferredTerms:
+    """What a step with deferred state writes keeps beside one layer's state (:func:`triton_step`'s ``deferred``):
+    the k and v of the steps since the state was last written, ``hk`` [steps − 1, B, H, K] and ``hv``
+    [steps − 1, B, H, V] in the state's dtype, and ``base``, the position (0-dim, or [B] as the position is)
+    at which the state was whole. The state is written at every ``steps``-th step after ``base`` only; until
+    then each step reads it and the held terms. :func:`tnlora.ops.recurrent.apply_deferred` makes it whole."""
+
+    hk: Tensor
+    hv: Tensor
+    base: Tensor
+    steps: int
+
+    @staticmethod
+    def allocate(state: Tensor, value_dim: int, base: Tensor, steps: int) -> DeferredTerms:
+        """Zeroed terms for ``state`` [B, H, K, V] (``base`` shared by every layer)."""
+        batch, heads, key_dim = state.shape[:3]
+        hk = torch.zeros((steps - 1, batch, heads, key_dim), dtype=state.dtype, device=state.device)
+        hv = torch.zeros((steps - 1, batch, heads, value_dim), dtype=state.dtype, device=state.device)
+        return DeferredTerms(hk, hv, base, steps)
+
+    def apply(self, state: Tensor, decay: Tensor, pending: int) -> None:
+        """Make ``state`` whole after ``pending`` steps held here: S ← λ^p S + Σ_{j<p} λ^{p−1−j} k_jᵀ v_j, in
+        place (PyTorch ops; ``decay`` λ [H])."""
+        if not 0 <= pending < self.steps:
+            raise ValueError(f"pending must be 0 to {self.steps - 1}, got {pending}")
+        lam = decay[:, None, None]
+        if pending:
+            state.mul_(lam**pending)
+        for j in range(pending):
+            state.add_(lam ** (pending - 1 - j) * self.hk[j][..., :, None] * self.hv[j][..., None, :])
 
 
 def triton_step(
@@ -53,6 +87,7 @@ def triton_step(
     lrpe_theta: Tensor | None = None,
     position: Tensor | None = None,
     lrpe_angle_dtype: str = "float32",
+    deferred: DeferredTerms | None = None,
 ) -> Tensor:
     """One token as one Triton kernel: the arguments and results of :func:`torch_step` (``state`` updated in
     place), o written into ``out`` [B, H, V] (v's dtype) when given. With ``silu_qk`` the kernel applies the
@@ -63,7 +98,11 @@ def triton_step(
     ``Lrpe.forward`` for ``lrpe_angle_dtype`` ("float32" or "model"), where the PyTorch form launches about
     twenty small kernels. ``pdl``: launched as a programmatic dependent launch (sm_90 and later), its launch
     and its first state reads overlapping the end of the kernel before (which must therefore not write
-    ``state``).
+    ``state``). ``deferred`` (with an integer ``position``): the state is written back only every
+    ``deferred.steps`` steps after ``deferred.base`` and the steps between keep their k and v in the terms
+    (:class:`DeferredTerms`): o equals the plain step's up to rounding, ``state`` holds the state of (position
+    − base) mod steps steps before, and each step moves one read of the state and 1 ÷ steps of a write
+    instead of a read and a write.
 
     q, k, v may be strided views (the last dim contiguous, as the slices of the fused projection are);
     ``state`` must be contiguous. Any B, H, K, V; every tensor on one CUDA device (or CPU tensors under
@@ -82,6 +121,17 @@ def triton_step(
             raise ValueError(f"LRPE needs an integer position, 0-dim or [B]={q.shape[0]}")
         if lrpe_angle_dtype not in ("float32", "model"):
             raise ValueError(f"lrpe_angle_dtype must be 'float32' or 'model', got {lrpe_angle_dtype!r}")
+    if deferred is not None:
+        if position is None or position.dtype.is_floating_point or tuple(position.shape) not in ((), (q.shape[0],)):
+            raise ValueError(f"deferred state writes need an integer position, 0-dim or [B]={q.shape[0]}")
+        if deferred.base.shape != position.shape or deferred.steps < 2:
+            raise ValueError("deferred.base must have the position's shape and deferred.steps be at least 2")
+        if tuple(deferred.hk.shape) != (deferred.steps - 1, *state.shape[:3]) or tuple(deferred.hv.shape) != (
+            deferred.steps - 1, *state.shape[:2], v.shape[2]
+        ):
+            raise ValueError(f"deferred terms must be [{deferred.steps - 1}, B, H, K or V] for state {tuple(state.shape)}")
+        if not (deferred.hk.is_contiguous() and deferred.hv.is_contiguous()) or deferred.hk.dtype != state.dtype:
+            raise ValueError("deferred terms must be contiguous and in the state's dtype")
     # The kernel indexes the last dim with stride 1; anything else is copied (never on the model's path).
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     batch, heads, key_dim = state.shape[:3]
@@ -93,40 +143,29 @@ def triton_step(
     block_k = min(BLOCK_K, _next_power_of_2(key_dim))
     block_v = min(BLOCK_V, _next_power_of_2(value_dim))
     grid = (batch * heads, -(-value_dim // block_v))
-    _kernel()[grid](
-        q,
-        k,
-        v,
-        state,
-        decay,
-        pad if pad is not None else decay,  # unread without HAS_PAD; any pointer will do
-        out,
-        heads,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
-        out.stride(0),
-        out.stride(1),
-        lrpe_theta if lrpe_theta is not None else decay,  # unread without LRPE
-        position if lrpe_theta is not None else decay,
-        1 if position is not None and position.dim() == 1 else 0,
-        K=key_dim,
-        V=value_dim,
-        HAS_PAD=pad is not None,
-        SILU=silu_qk,
-        LRPE=lrpe_theta is not None,
-        ANGLE_MODEL=lrpe_angle_dtype == "model",
-        HD=head_dim,
-        PDL=pdl,
-        BK=block_k,
-        BV=block_v,
-        num_warps=NUM_WARPS,
-        **({"launch_pdl": True} if pdl else {}),  # an option Triton before 3.3 does not know
+    common = (
+        heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
+        out.stride(1), lrpe_theta if lrpe_theta is not None else decay,  # unread without LRPE
     )
+    flags = {
+        "HAS_PAD": pad is not None, "SILU": silu_qk, "LRPE": lrpe_theta is not None,
+        "ANGLE_MODEL": lrpe_angle_dtype == "model", "HD": head_dim, "PDL": pdl, "BK": block_k, "BV": block_v,
+        "num_warps": NUM_WARPS, **({"launch_pdl": True} if pdl else {}),  # an option Triton before 3.3 does not know
+    }
+    pad_arg = pad if pad is not None else decay  # unread without HAS_PAD; any pointer will do
+    per_row = 1 if position is not None and position.dim() == 1 else 0
+    if deferred is None:
+        _kernel()[grid](
+            q, k, v, state, decay, pad_arg, out, *common, position if lrpe_theta is not None else decay, per_row,
+            K=key_dim, V=value_dim, **flags,
+        )  # fmt: skip
+    else:
+        _kernel(deferred=True)[grid](
+            q, k, v, state, decay, pad_arg, out, deferred.hk, deferred.hv, deferred.base, *common, position,
+            per_row, batch * heads * key_dim, batch * heads * value_dim, K=key_dim, V=value_dim, M=deferred.steps,
+            **flags,
+        )  # fmt: skip
     return out
 
 
-__all__ = ["triton_step"]
+__all__ = ["DeferredTerms", "triton_step"]
