@@ -573,7 +573,7 @@ def test_cuda_graph_device_loop_with_deferred_state_writes_equals_writes_every_s
     ids = random_ids(batch, 12).cuda()
     runs = {}
     for defer in (0, 4):
-        install_graph_decoding(model, defer_steps=defer)
+        install_graph_decoding(model, defer_steps=defer, defer_min_batch=1)
         out = model.generate(ids, max_new_tokens=24, **GREEDY)
         runner = installed_graphs(model).runners[batch]
         steps = runner.greedy[0]

@@ -286,13 +286,16 @@ def test_device_greedy_loop_with_deferred_state_writes_equals_the_plain_kernel()
     runs = {}
     try:
         for defer in (0, 4):
-            install_graph_decoding(model, capture=False, defer_steps=defer)
+            install_graph_decoding(model, capture=False, defer_steps=defer, defer_min_batch=1)
             out = model.generate(ids, attention_mask=mask, max_new_tokens=11, **GREEDY)
             runner = installed_graphs(model).runners[3]
             steps = runner.greedy[0]
             assert steps.defer_steps == defer and steps.sent == 10 and steps.held == 0
             assert bool(runner.terms) == (defer > 0)
             runs[defer] = out, [state.clone() for state in runner.states]
+        install_graph_decoding(model, capture=False, defer_min_batch=4)  # below the smallest deferred batch
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, **GREEDY)
+        assert installed_graphs(model).runners[3].greedy[0].defer_steps == 0
     finally:
         model.config.decode_kernel = "torch"
     assert torch.equal(runs[4][0], runs[0][0])

@@ -141,7 +141,7 @@ def main(argv: list[str]) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """The bench with parsed options: the environment line, the settings, one table row per batch size."""
-    from tnlora.infer.decode_graph import DEFER_STEPS, GEMV_MAX_BATCH, install_graph_decoding
+    from tnlora.infer.decode_graph import DEFER_MIN_BATCH, DEFER_STEPS, GEMV_MAX_BATCH, install_graph_decoding
     from tnlora.ops.gemv import ROWS_MAX
     from tnlora.ops.select import kernel_impl
 
@@ -166,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
     defer = DEFER_STEPS if args.defer_steps is None else args.defer_steps
     if defer < 0 or defer == 1:
         raise ConfigError(f"--defer_steps must be 0 (off) or at least 2, got {defer}")
-    step += f" defer={defer}"
+    defer_min = DEFER_MIN_BATCH if args.defer_min_batch is None else args.defer_min_batch
+    step += f" defer={defer} from batch {defer_min}" if defer else " defer=0"
     print(f"config: {args.model} decode graphs={graphs} decode_kernel={args.decode_kernel} ({kernel}) "
           f"prompt={args.prompt_len} new_tokens={args.new_tokens} adapter={args.adapter} step={step} "
           f"prefill={args.lightning_impl}{' graphs' if graphs and args.prefill_graphs else ''}{cap}",
@@ -177,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
     model.config.decode_kernel = args.decode_kernel
     if graphs:
         install_graph_decoding(model, gemv=gemv, pdl=args.pdl, prefill=args.prefill_graphs, gemv_max_batch=most,
-                               branches=args.branches, defer_steps=defer)
+                               branches=args.branches, defer_steps=defer,
+                               defer_min_batch=defer_min)
     copy = copy_bandwidth() if cuda else math.nan
     if cuda:
         print(f"copy bandwidth: {copy / 1e9:,.0f} GB/s (device-to-device copies of 1 GiB, read + write)")

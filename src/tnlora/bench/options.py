@@ -75,6 +75,9 @@ def decode_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--defer_steps", type=int, default=None,
                         help="the greedy device loop writes the recurrent states back every that many steps "
                              "(default: the decode graphs' DEFER_STEPS; 0: every step)")
+    parser.add_argument("--defer_min_batch", type=int, default=None,
+                        help="the smallest batch whose states are written back every --defer_steps steps (default: "
+                             "the decode graphs' DEFER_MIN_BATCH)")
     parser.add_argument("--prefill_graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="short prompts' prefills as CUDA graphs with --graphs (tnlora.infer.prefill_graph; "
                              "--no-prefill_graphs: eager prefills)")

@@ -88,8 +88,12 @@ GRAPH_BLAS = "cublaslt"
 GEMV_MAX_BATCH = 1
 # The device greedy loop's steps write each recurrent state back every DEFER_STEPS steps only (the Triton
 # step; 0: every step): the steps between read the state and the k, v held beside it, so a step moves one read of
-# the states and a quarter of a write instead of a read and a write (at 7B batch 32, 1.9 GB of fp32 state).
+# the states and a quarter of a write instead of a read and a write (at 7B batch 32, 1.9 GB of fp32 state) ...
 DEFER_STEPS = 4
+# ... from this batch size: on an H200 the deferred step took 7B batch 32 from 5,584–5,593 to 5,897–5,910 tokens/s
+# and batch 16 from 3,149 to 3,190, left batch 8 as it was and lost at batch 1 (7B 292 → 288, 1B 1,519–1,529 →
+# 1,409–1,451), where the state is a small part of a step's bytes (benchmarks/RESULTS.md, "Deferred state writes").
+DEFER_MIN_BATCH = 16
 # Eager runs before capture, on a side stream (PyTorch's CUDA-graph recipe: lazy inits, cuBLAS workspaces).
 WARMUP_STEPS = 2
 # peft layer attributes that change what a captured LoRA forward computes without touching any parameter.
@@ -578,12 +582,14 @@ class DecodeGraphs:
         gemv_max_batch: int = GEMV_MAX_BATCH,
         branches: bool = True,
         defer_steps: int = DEFER_STEPS,
+        defer_min_batch: int = DEFER_MIN_BATCH,
     ) -> None:
         if not 1 <= gemv_max_batch <= ROWS_MAX:
             raise ValueError(f"gemv_max_batch must be 1 to {ROWS_MAX}, got {gemv_max_batch}")
         if defer_steps < 0 or defer_steps == 1:
             raise ValueError(f"defer_steps must be 0 (off) or at least 2, got {defer_steps}")
         self.defer_steps = defer_steps
+        self.defer_min_batch = defer_min_batch
         self.capture = capture
         self.blas = blas
         self.gemv = gemv
@@ -690,7 +696,8 @@ class DecodeGraphs:
             return None
         steps = runner.greedy.get(len(rule.eos))
         if steps is None:
-            steps = runner.greedy[len(rule.eos)] = GreedyDeviceSteps(runner, len(rule.eos), self.defer_steps)
+            defer = self.defer_steps if runner.batch_size >= self.defer_min_batch else 0
+            steps = runner.greedy[len(rule.eos)] = GreedyDeviceSteps(runner, len(rule.eos), defer)
         return self._capturing(steps.graph is None, lambda: steps.start(model, cache, rule, tokens, unfinished, length))
 
     def prefill(
@@ -820,6 +827,7 @@ def install_graph_decoding(
     gemv_max_batch: int = GEMV_MAX_BATCH,
     branches: bool = True,
     defer_steps: int = DEFER_STEPS,
+    defer_min_batch: int = DEFER_MIN_BATCH,
 ) -> DecodeGraphs:
     """Let ``model`` (or the model under its peft wrapper) take one-token cached steps through static runners,
     replacing any installed before. ``capture=False`` runs the static step without CUDA graphs, on any device
@@ -830,11 +838,13 @@ def install_graph_decoding(
     (sm_90 and later); ``prefill``: short prefills as graphs too (:mod:`tnlora.infer.prefill_graph`; default:
     with ``capture``); ``branches``: the GLU's two projections side by side in the captured layer forwards
     (``DecodeStepRunner._channel_mix``); ``defer_steps``: the device greedy loop's Triton steps write the
-    recurrent states back every that many steps only (0: every step; ``GreedyDeviceSteps``)."""
+    recurrent states back every that many steps only (0: every step; ``GreedyDeviceSteps``), at batches from
+    ``defer_min_batch``."""
     base = _base_model(model)
     remove_graph_decoding(base)
     graphs = DecodeGraphs(capture=capture, blas=blas, gemv=gemv, pdl=pdl, prefill=prefill,
-                          gemv_max_batch=gemv_max_batch, branches=branches, defer_steps=defer_steps)
+                          gemv_max_batch=gemv_max_batch, branches=branches, defer_steps=defer_steps,
+                          defer_min_batch=defer_min_batch)
     base.step_decoder = graphs
     return graphs
 
