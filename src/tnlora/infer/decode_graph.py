@@ -35,9 +35,14 @@ are all plain Linears runs as a chain of fused projections instead of the layer 
 once for all rows above; ``install_graph_decoding(gemv=False)`` keeps the layer forwards), on sm_90 and later
 cards as programmatic dependent launches.
 
+Above that batch the captured layer forwards run the GLU's two projections side by side (l2 on a stream of its
+own; ``branches``).
+
 For greedy ``generate()`` calls (:func:`tnlora.model.generation.greedy_rule`) a runner also offers
 :class:`GreedyDeviceSteps` (:meth:`DecodeGraphs.greedy_steps`): the step, the token choice and the finished
 flags in one graph whose token feeds the next replay, so the host's work per token is one launch and one copy.
+From ``DEFER_MIN_BATCH`` rows its Triton steps write each state back every ``DEFER_STEPS`` steps only
+(:meth:`DecodeStepRunner.enable_deferral`; the loop's ``close`` makes the states whole when it ends).
 
 :class:`DecodeGraphs` (the installed object) returns None whenever the eager path must run (training mode,
 grad enabled, not CUDA, several tokens, labels, hidden states asked for, ...). peft LoRA layers are captured
