@@ -53,9 +53,9 @@ def lora_linear_reference(
 
 
 # The rows (tokens of a micro-batch) from which grad_kernel "auto" takes the one-read kernel: on an H200 it took
-# 10–25 % less time than cuBLAS's two GEMMs for every 7B projection at 65,536 and 131,072 rows and as long
-# summed over 1B's at 65,536, and lost on the narrow ones at 16,384 and 32,768 (benchmarks/RESULTS.md, "The
-# activation kernel and the LoRA backward's products of dy, alone").
+# 18–30 % less time than cuBLAS's two GEMMs for every 7B projection at 65,536 and 131,072 rows (as long summed
+# over 1B's at 65,536 with its first tiles), and lost on the narrow ones at 16,384 and 32,768
+# (benchmarks/RESULTS.md, "The activation kernel and the LoRA backward's products of dy, alone").
 LORA_GRAD_MIN_ROWS = 65_536
 
 

@@ -12,8 +12,8 @@ so results equal the two GEMMs' up to rounding.
 
 The fused LoRA layer's backward uses it with ``grad_kernel: "triton"`` (a ``FusedLoraLinear`` attribute; ``tnlora
 bench train --lora_grad_kernel``), and with "auto" (the default) from ``tnlora.ops.lora.LORA_GRAD_MIN_ROWS``
-tokens a micro-batch, on CUDA tensors. On an H200 it streams dy at 2.0–2.7 TB/s against cuBLAS's 3.0–4.3 for
-two reads, so it wins where dy is long (7B at 65,536 and 131,072 rows: 10–25 % less time) and loses on the
+tokens a micro-batch, on CUDA tensors. On an H200 it streams dy at 2.0–3.1 TB/s against cuBLAS's 3.0–4.3 for
+two reads, so it wins where dy is long (7B at 65,536 and 131,072 rows: 18–30 % less time) and loses on the
 narrow projections of shorter micro-batches (``benchmarks/lora_grad.py``).
 """
 

@@ -174,7 +174,7 @@ def recurrent_deferred_kernel(
     BV: tl.constexpr,
 ):
     """The step of ``recurrent_step_kernel`` with the state written back every M steps only (see
-    ``tnlora.ops.recurrent_triton.triton_step_deferred``): S holds the state of p = (position − base) mod M steps
+    ``tnlora.ops.recurrent_triton.triton_step``'s ``deferred``): S holds the state of p = (position − base) mod M steps
     ago, slots 0..p−1 of hk / hv [M−1, B, H, K or V] the k and (pad-masked) v of those steps. The state of this
     step, S_t = λ^{p+1} S + Σ_{j<p} λ^{p−j} k_j v_jᵀ + k v, is built tile by tile in registers, o = q S_t; it is
     stored only at p = M − 1 (a masked store, no traffic otherwise), else k and v go to slot p."""

@@ -47,7 +47,7 @@ class DeferredTerms:
     the k and v of the steps since the state was last written, ``hk`` [steps − 1, B, H, K] and ``hv``
     [steps − 1, B, H, V] in the state's dtype, and ``base``, the position (0-dim, or [B] as the position is)
     at which the state was whole. The state is written at every ``steps``-th step after ``base`` only; until
-    then each step reads it and the held terms. :func:`tnlora.ops.recurrent.apply_deferred` makes it whole."""
+    then each step reads it and the held terms. :meth:`apply` makes it whole."""
 
     hk: Tensor
     hv: Tensor
