@@ -250,8 +250,11 @@ def test_decode_step_bytes_are_the_weights_once_and_the_states_twice():
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     row = model.config.decoder_embed_dim * model.lm_head.weight.element_size()
     states = DecodeStepRunner(model, 3, torch.device("cpu"), capture=False).states
-    expected = weights + 3 * row + 2 * sum(s.numel() * s.element_size() for s in states)
+    state_bytes = sum(s.numel() * s.element_size() for s in states)
+    expected = weights + 3 * row + 2 * state_bytes
     assert decode.decode_step_bytes(model, 3) == expected
+    # written back every 4th step: one read and a quarter of a write a step
+    assert decode.decode_step_bytes(model, 3, 0.25) == weights + 3 * row + round(1.25 * state_bytes)
 
 
 @pytest.mark.parametrize("mode", ["unmerged", "merged"])
