@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt_tokens", type=int, default=64)
     p.add_argument("--max_tokens", type=int, default=128)
     p.add_argument("--max_batch", default="clients", help="the server's slots: a number, or 'clients' (= N)")
+    p.add_argument("--defer_steps", type=int, default=0,
+                   help="the server's --defer_steps (recurrent states written back every N steps; 0: every step)")
     p.add_argument("--client_procs", type=int, default=0, help="client processes (default: one per 16 clients)")
     p.add_argument("--turns", type=int, default=50, help="turns of the sessions run (0: skip it)")
     p.add_argument("--turn_tokens", type=int, default=32, help="about this many tokens per user message")
@@ -103,7 +105,7 @@ def serve(args: argparse.Namespace) -> None:
     else:
         loaded = load_for_inference(args.model, args.adapter, device=args.device, merge_adapter=True)
     max_batch = int(args.max_batch)
-    options = EngineOptions(max_batch=max_batch, max_sessions=8, host_sessions=8)
+    options = EngineOptions(max_batch=max_batch, max_sessions=8, host_sessions=8, defer_steps=args.defer_steps)
     config = ServeConfig(model_name=MODEL_NAME, max_tokens_limit=1 << 20, max_prompt_tokens=1 << 20)
     ctx = build_context(loaded, config, options)
     print(f"serving {args.model} on {args.device}, max_batch {max_batch}", file=sys.stderr, flush=True)
@@ -122,7 +124,7 @@ class Server:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         command = [sys.executable, __file__, "--serve", "--model", args.model, "--device", args.device,
-                   "--port", str(port), "--max_batch", str(max_batch)]  # fmt: skip
+                   "--port", str(port), "--max_batch", str(max_batch), "--defer_steps", str(args.defer_steps)]  # fmt: skip
         for name in ("adapter", "tokenizer"):
             if getattr(args, name):
                 command += [f"--{name}", getattr(args, name)]

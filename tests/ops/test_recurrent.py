@@ -535,3 +535,49 @@ def test_cuda_graph_gemv_step_at_1b_width(batch: int) -> None:
     assert torch.equal(runs["triton", True].sequences, got.sequences)
     for with_pdl, without in zip(runs["triton", True].logits, got.logits, strict=True):
         assert torch.equal(with_pdl, without)
+
+
+@needs_kernel
+def test_serving_engine_with_deferred_state_writes_equals_writes_every_step() -> None:
+    """The serving engine's slots with the states written back every 4th step (``defer_steps=4``) against every
+    step, fp32, requests joining and leaving at different steps: the same tokens, and the session states stored
+    when a reply ends (made whole from the row's held steps) equal within rounding."""
+    import random
+    import threading
+
+    from tnlora.model import load_model
+    from tnlora.model.loading import set_attention_impl
+    from tnlora.model.tokenizer import ByteTokenizer
+    from tnlora.serve.engine import Engine, SamplingParams
+    from tnlora.serve.sessions import SessionStore
+
+    rng = random.Random(4)
+    batch = [[rng.randrange(3, 259) for _ in range(rng.randrange(2, 30))] for _ in range(6)]
+
+    def engine_run(defer: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+        model = load_model("tiny", dtype=torch.float32, device=DEVICE)
+        set_attention_impl(model, "chunked")
+        model.config.decode_kernel = "triton"
+        store = SessionStore(torch.device(DEVICE), 8, 0)
+        engine = Engine(model, ByteTokenizer(), eos_ids=(), max_batch=4, sessions=store, capture=False,
+                        defer_steps=defer).start()  # fmt: skip
+        try:
+            assert engine.deferred == (defer > 0)
+            done, requests = [threading.Event() for _ in batch], []
+            for i, ids in enumerate(batch):  # six requests in four slots: later ones join as earlier ones end
+                sink = (lambda d: lambda event: d.set() if event.finish_reason else None)(done[i])
+                requests.append(engine.submit(ids, SamplingParams(max_tokens=5 + 3 * i), sink, session_id=f"s{i}"))
+            assert all(d.wait(120) for d in done)
+            states = []
+            for i, ids in enumerate(batch):
+                checkpoint = store.take(f"s{i}", ids + requests[i].generated + [7])
+                assert checkpoint is not None and len(checkpoint.ids) == len(ids) + len(requests[i].generated)
+                states += checkpoint.states
+            return [r.generated for r in requests], states
+        finally:
+            engine.shutdown()
+
+    plain, deferred = engine_run(0), engine_run(4)
+    assert deferred[0] == plain[0]
+    for got, want in zip(deferred[1], plain[1], strict=True):
+        assert _rel_err(got, want) < 1e-5

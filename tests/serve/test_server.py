@@ -36,6 +36,7 @@ def test_missing_extra_is_one_line_naming_it(monkeypatch, capsys) -> None:
         (["--temperature", "-1"], "error: --temperature: must be in [0, 2], got -1.0\n"),
         (["--top_p", "2"], "error: --top_p: must be in [0, 1], got 2.0\n"),
         (["--port", "0"], "error: --port: must be >= 1, got 0\n"),
+        (["--defer_steps", "1"], "error: --defer_steps: must be 0 (every step) or at least 2, got 1\n"),
     ],
 )
 def test_bad_options_are_refused_before_the_model_loads(args, message, capsys) -> None:

@@ -308,6 +308,15 @@ class DecodeStepRunner:
         finally:
             self._deferring = False
 
+    def row_states(self, row: int) -> list[Tensor]:
+        """Every layer's state of ``row`` [H, K, V] as of the last step: the static buffers' views, or with
+        deferred writes each made whole in a new tensor (the row's held steps read from its position and base
+        on the device)."""
+        if not self.terms:
+            return [state[row] for state in self.states]
+        held = (self.position[row] - self.base[row]) % self.terms[0].steps
+        return [t.whole_row(s, d, row, held) for t, s, d in zip(self.terms, self.states, self.decays, strict=True)]
+
     def write_back(self, held: int) -> None:
         """Make every state whole after ``held`` steps with deferred writes since the base position."""
         for terms, state, decay in zip(self.terms, self.states, self.decays, strict=True):

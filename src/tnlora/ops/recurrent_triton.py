@@ -73,6 +73,16 @@ class DeferredTerms:
         for j in range(pending):
             state.add_(lam ** (pending - 1 - j) * self.hk[j][..., :, None] * self.hv[j][..., None, :])
 
+    def whole_row(self, state: Tensor, decay: Tensor, row: int, held: Tensor) -> Tensor:
+        """Row ``row``'s state made whole [H, K, V] (a new tensor; ``state`` is not changed) after ``held`` steps
+        (a 0-dim integer tensor, read on the device: no host sync), as :meth:`apply` does for every row."""
+        lam = decay[:, None, None]
+        whole = lam**held * state[row]
+        for j in range(self.steps - 1):
+            weight = torch.where(j < held, lam ** (held - 1 - j).clamp_min(0), torch.zeros_like(lam))
+            whole = whole + weight * self.hk[j, row][..., :, None] * self.hv[j, row][..., None, :]
+        return whole
+
 
 def triton_step(
     q: Tensor,

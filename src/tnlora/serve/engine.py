@@ -148,6 +148,7 @@ class Engine:
         sessions: SessionStore | None = None,
         max_waiting: int = 1024,
         capture: bool | None = None,
+        defer_steps: int = 0,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -168,6 +169,10 @@ class Engine:
         self.capture = self.device.type == "cuda" if capture is None else capture
         self.runner = DecodeStepRunner(base, max_batch, self.device, self.capture, per_row_positions=True,
                                        branches=True)
+        # The Triton step writing each slot's states back every defer_steps steps only (DecodeStepRunner.
+        # enable_deferral; each placed row's base is its position, a finished row's states are made whole before
+        # they are stored). Off by default: measured for generate() (RESULTS.md), not yet for the engine.
+        self.deferred = defer_steps > 0 and self.runner.enable_deferral(defer_steps)
         # Prompts admitted together are read in one packed forward (infer.prefill) where the model allows it.
         self.packed = can_pack(base)
         self.slots: list[Request | None] = [None] * max_batch
@@ -206,7 +211,7 @@ class Engine:
             return self
         with torch.inference_mode():
             self._reset_slots()
-            self.runner.run(self.model)  # the capture (GPU) or a warm-up; scribbles on the buffers
+            self._run()  # the capture (GPU) or a warm-up; scribbles on the buffers
             self._reset_slots()
         self._thread = threading.Thread(target=self._loop, name="tnlora-scheduler", daemon=True)
         self._thread.start()
@@ -452,6 +457,8 @@ class Engine:
         for static, state in zip(runner.states, states):
             static.index_copy_(0, index, state.to(static.dtype))
         runner.position[index] = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
+        if self.deferred:
+            runner.base[index] = runner.position[index]  # the placed states are whole at this position
         runner.ids[index, 0] = torch.tensor(tokens, device=device)
         runner.pad[index, 0] = False
         for row, (request, token) in enumerate(zip(requests, tokens)):
@@ -465,7 +472,7 @@ class Engine:
         """Run one decode step for all slots and sample each active row (on the device); on a GPU this returns
         once the work is queued."""
         runner = self.runner
-        logits = runner.run(self.model)[:, 0, : self.vocab]
+        logits = self._run()[:, 0, : self.vocab]
         tokens = logits.argmax(dim=-1)
         rows = list(self.slots)
         for slot, request in enumerate(rows):
@@ -492,9 +499,15 @@ class Engine:
             final = self._accept(request, tokens[slot])
             if final is not None:
                 # The launched step fed this last token: the states after it are the states after the reply.
-                self._store_session(request, [state[slot] for state in self.runner.states], len(request.generated))
+                self._store_session(request, self.runner.row_states(slot), len(request.generated))
                 self._free(slot)
                 self._emit(request, final)
+
+    def _run(self) -> Tensor:
+        """The runner's step on its buffers (recorded, on a GPU, at the first call, with deferred writes where
+        the engine has them)."""
+        with self.runner.deferring(self.deferred):
+            return self.runner.run(self.model)
 
     def _sample(self, logits: Tensor, request: Request) -> Tensor:
         """The next token (0-dim) from one row of logits: argmax at temperature 0, else a draw from the
@@ -574,6 +587,8 @@ class Engine:
             state.zero_()
         runner.ids.zero_()
         runner.position.zero_()
+        if runner.base is not None:
+            runner.base.zero_()
         runner.pad.fill_(True)
 
 

@@ -24,6 +24,7 @@ class EngineOptions:
     max_batch: int = 16
     max_sessions: int = 64  # conversations whose states stay on the model's device
     host_sessions: int = 256  # and then in (pinned) host memory, before the least recent is dropped
+    defer_steps: int = 0  # recurrent states written back every that many decode steps (0: every step)
 
 
 def build_context(loaded: Any, config: ServeConfig, options: EngineOptions) -> ServeContext:
@@ -35,7 +36,8 @@ def build_context(loaded: Any, config: ServeConfig, options: EngineOptions) -> S
     sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
     eos_ids, _ = stop_settings(loaded.tokenizer, loaded.template)
     sessions = SessionStore(loaded.device, options.max_sessions, options.host_sessions)
-    engine = Engine(loaded.model, loaded.tokenizer, eos_ids=eos_ids, max_batch=options.max_batch, sessions=sessions)
+    engine = Engine(loaded.model, loaded.tokenizer, eos_ids=eos_ids, max_batch=options.max_batch, sessions=sessions,
+                    defer_steps=options.defer_steps)
     engine.start()
     return ServeContext(engine, loaded.tokenizer, loaded.template, loaded.system, config)
 
@@ -58,6 +60,8 @@ def options_from_args(args: Any) -> tuple[ServeConfig, EngineOptions]:
     for name in ("max_sessions", "host_sessions"):
         if getattr(args, name) < 0:
             raise TnloraError(f"--{name}: must be >= 0, got {getattr(args, name)}")
+    if args.defer_steps < 0 or args.defer_steps == 1:
+        raise TnloraError(f"--defer_steps: must be 0 (every step) or at least 2, got {args.defer_steps}")
     if not 0 <= args.temperature <= 2:
         raise TnloraError(f"--temperature: must be in [0, 2], got {args.temperature}")
     if not 0 <= args.top_p <= 1:
@@ -71,7 +75,8 @@ def options_from_args(args: Any) -> tuple[ServeConfig, EngineOptions]:
         default_temperature=args.temperature,
         default_top_p=args.top_p,
     )
-    options = EngineOptions(max_batch=args.max_batch, max_sessions=args.max_sessions, host_sessions=args.host_sessions)
+    options = EngineOptions(max_batch=args.max_batch, max_sessions=args.max_sessions, host_sessions=args.host_sessions,
+                            defer_steps=args.defer_steps)
     return config, options
 
 
