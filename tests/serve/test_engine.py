@@ -306,6 +306,18 @@ def test_sampling_params_refuse_bad_values(kwargs) -> None:
         SamplingParams(**kwargs)
 
 
+@pytest.mark.parametrize("steps", [-1, 1])
+def test_engine_refuses_a_deferral_it_cannot_run(steps: int) -> None:
+    with pytest.raises(ValueError, match="defer_steps must be 0"):
+        Engine(load_model("tiny"), ByteTokenizer(), eos_ids=(EOS,), defer_steps=steps)
+
+
+def test_deferral_stays_off_where_the_step_is_pytorch_s() -> None:
+    # The CPU's decode kernel is the PyTorch step, which writes every step: asking changes nothing.
+    engine = Engine(load_model("tiny"), ByteTokenizer(), eos_ids=(EOS,), defer_steps=4)
+    assert engine.runner.kernel == "torch" and not engine.deferred
+
+
 # ---------------------------------------------------------------------------------------------------------
 # On a GPU: the slots are one CUDA-graph replay
 

@@ -152,6 +152,8 @@ class Engine:
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if defer_steps < 0 or defer_steps == 1:
+            raise ValueError(f"defer_steps must be 0 (every step) or at least 2, got {defer_steps}")
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if installed_graphs(base) is not None:
             # The engine runs its own slot runner; a prefill of one token must not go to the per-batch runners.
