@@ -40,6 +40,46 @@ def _features(base, rows, row_ok, theta_ptr, i_h, position, compute: tl.constexp
 
 
 @triton.jit
+def _program_start(state_ptr, decay_ptr, heads, K: tl.constexpr, V: tl.constexpr, PDL: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr):  # fmt: skip
+    """This program's place and first reads, for both step kernels: (row, row as int64, head, its V columns and
+    their mask, its state block, the state's first [BK, BV] tile, λ). Axis 0 is (row, head) (up to 2³¹
+    programs; axis 1 is capped at 65,535), axis 1 the V block. As a programmatic dependent launch (PDL) the next
+    kernel may start launching, and the first state tile and λ are read before the wait: only the step kernels
+    write the state, in an earlier step, and a step begins with a kernel that is not a dependent launch (the
+    embedding), which waits for all before it. Every read of q, k, v and every write comes after the wait."""
+    i_bh = tl.program_id(0)
+    i_b = i_bh // heads
+    i_h = i_bh % heads
+    # int64 offsets: B·H·K·V passes 2³¹ from batch ~1,000 in LRPE layers.
+    i_b64 = i_b.to(tl.int64)
+    cols = tl.program_id(1) * BV + tl.arange(0, BV)
+    col_ok = cols < V
+    state_base = state_ptr + i_bh.to(tl.int64) * (K * V)
+    first_rows = tl.arange(0, BK)
+    first_ok = (first_rows < K)[:, None] & col_ok[None, :]
+    if PDL:
+        gdc_launch_dependents()
+    s_first = tl.load(state_base + first_rows[:, None] * V + cols[None, :], mask=first_ok, other=0.0)
+    decay = tl.load(decay_ptr + i_h)
+    if PDL:
+        gdc_wait()
+    return i_b, i_b64, i_h, cols, col_ok, state_base, s_first, decay
+
+
+@triton.jit
+def _value(v_ptr, pad_ptr, i_b, i_b64, i_h, stride_vb, stride_vh, cols, col_ok, compute: tl.constexpr,
+           HAS_PAD: tl.constexpr):  # fmt: skip
+    """This program's columns of v in the compute dtype, zero in a padded row (where, not a product: a padded v
+    of inf/nan must still count as zero, as masked_fill)."""
+    v = tl.load(v_ptr + i_b64 * stride_vb + i_h * stride_vh + cols, mask=col_ok, other=0.0).to(compute)
+    if HAS_PAD:
+        keep = tl.load(pad_ptr + i_b).to(tl.int32) == 0
+        v = tl.where(keep, v, tl.zeros_like(v))
+    return v
+
+
+@triton.jit
 def recurrent_step_kernel(
     q_ptr,
     k_ptr,
@@ -71,36 +111,11 @@ def recurrent_step_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
 ):
-    # Axis 0 is (row, head) (up to 2³¹ programs; axis 1 is capped at 65,535), axis 1 the V block.
-    i_bh = tl.program_id(0)
-    i_v = tl.program_id(1)
-    i_b = i_bh // heads
-    i_h = i_bh % heads
-    # int64 offsets: B·H·K·V passes 2³¹ from batch ~1,000 in LRPE layers.
-    i_b64 = i_b.to(tl.int64)
     compute = state_ptr.dtype.element_ty
-    cols = i_v * BV + tl.arange(0, BV)
-    col_ok = cols < V
-    state_base = state_ptr + i_bh.to(tl.int64) * (K * V)
-    first_rows = tl.arange(0, BK)
-    first_ok = (first_rows < K)[:, None] & col_ok[None, :]
-    first_ptrs = state_base + first_rows[:, None] * V + cols[None, :]
-    if PDL:
-        # A programmatic dependent launch: the next kernel may start launching. The first state tile and
-        # λ are read before the wait: only this kernel writes the state, in the step before, and a step
-        # begins with a kernel that is not a dependent launch (the embedding), which waits for all before
-        # it. Every read of q, k, v and every write comes after the wait.
-        gdc_launch_dependents()
-    s_first = tl.load(first_ptrs, mask=first_ok, other=0.0)
-    decay = tl.load(decay_ptr + i_h)
-    if PDL:
-        gdc_wait()
-
-    v = tl.load(v_ptr + i_b64 * stride_vb + i_h * stride_vh + cols, mask=col_ok, other=0.0).to(compute)
-    if HAS_PAD:
-        # where, not a product: a padded v of inf/nan must still count as zero (masked_fill).
-        keep = tl.load(pad_ptr + i_b).to(tl.int32) == 0
-        v = tl.where(keep, v, tl.zeros_like(v))
+    i_b, i_b64, i_h, cols, col_ok, state_base, s_first, decay = _program_start(
+        state_ptr, decay_ptr, heads, K, V, PDL, BK, BV
+    )
+    v = _value(v_ptr, pad_ptr, i_b, i_b64, i_h, stride_vb, stride_vh, cols, col_ok, compute, HAS_PAD)
 
     q_base = q_ptr + i_b64 * stride_qb + i_h * stride_qh
     k_base = k_ptr + i_b64 * stride_kb + i_h * stride_kh
@@ -178,36 +193,20 @@ def recurrent_deferred_kernel(
     ago, slots 0..p−1 of hk / hv [M−1, B, H, K or V] the k and (pad-masked) v of those steps. The state of this
     step, S_t = λ^{p+1} S + Σ_{j<p} λ^{p−j} k_j v_jᵀ + k v, is built tile by tile in registers, o = q S_t; it is
     stored only at p = M − 1 (a masked store, no traffic otherwise), else k and v go to slot p."""
-    i_bh = tl.program_id(0)
-    i_v = tl.program_id(1)
-    i_b = i_bh // heads
-    i_h = i_bh % heads
-    i_b64 = i_b.to(tl.int64)
     compute = state_ptr.dtype.element_ty
-    cols = i_v * BV + tl.arange(0, BV)
-    col_ok = cols < V
-    state_base = state_ptr + i_bh.to(tl.int64) * (K * V)
-    first_rows = tl.arange(0, BK)
-    first_ok = (first_rows < K)[:, None] & col_ok[None, :]
-    first_ptrs = state_base + first_rows[:, None] * V + cols[None, :]
-    if PDL:
-        # As in recurrent_step_kernel: S and λ are only written by this kernel in an earlier step.
-        gdc_launch_dependents()
-    s_first = tl.load(first_ptrs, mask=first_ok, other=0.0)
-    decay = tl.load(decay_ptr + i_h)
-    if PDL:
-        gdc_wait()
-
+    # S and λ are read before a dependent launch's wait (_program_start): this kernel alone writes S, in an
+    # earlier step; hk and hv are read after it.
+    i_b, i_b64, i_h, cols, col_ok, state_base, s_first, decay = _program_start(
+        state_ptr, decay_ptr, heads, K, V, PDL, BK, BV
+    )
     position = tl.load(position_ptr + i_b64 * stride_position)
     phase = (position - tl.load(base_ptr + i_b64 * stride_position)) % M
     flush = phase == M - 1
-    v = tl.load(v_ptr + i_b64 * stride_vb + i_h * stride_vh + cols, mask=col_ok, other=0.0).to(compute)
-    if HAS_PAD:
-        keep = tl.load(pad_ptr + i_b).to(tl.int32) == 0
-        v = tl.where(keep, v, tl.zeros_like(v))
+    v = _value(v_ptr, pad_ptr, i_b, i_b64, i_h, stride_vb, stride_vh, cols, col_ok, compute, HAS_PAD)
     # Slot j of hk / hv for this row and head: slots are [B, H, ·] blocks of slot_k / slot_v values.
-    hk_base = hk_ptr + i_bh.to(tl.int64) * K
-    hv_base = hv_ptr + i_bh.to(tl.int64) * V + cols
+    i_bh = tl.program_id(0).to(tl.int64)
+    hk_base = hk_ptr + i_bh * K
+    hv_base = hv_ptr + i_bh * V + cols
     s_scale = _power(decay, phase + 1, M)
 
     q_base = q_ptr + i_b64 * stride_qb + i_h * stride_qh
@@ -233,6 +232,6 @@ def recurrent_deferred_kernel(
         tl.store(ptrs, s, mask=tile_ok & flush)
         o += tl.sum(q[:, None] * s, axis=0)
         # One program a row and head keeps k (every V block computes the same).
-        tl.store(hk_base + phase * slot_k + rows, k, mask=row_ok & (phase < M - 1) & (i_v == 0))
+        tl.store(hk_base + phase * slot_k + rows, k, mask=row_ok & (phase < M - 1) & (tl.program_id(1) == 0))
     tl.store(hv_base + phase * slot_v, v, mask=col_ok & (phase < M - 1))
     tl.store(o_ptr + i_b64 * stride_ob + i_h * stride_oh + cols, o.to(o_ptr.dtype.element_ty), mask=col_ok)
