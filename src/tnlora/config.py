@@ -965,9 +965,9 @@ def resolve_defaults(
     if out.checkpoint_regions is None or out.uncheckpointed_layers is None:
         # Not searched under FSDP / DeepSpeed: their wrappers are not tested with these regions.
         engine = out.fsdp or out.deepspeed
-        searched = bool(decide and out.gradient_checkpointing and not out.use_unsloth_gc and not engine)
-        plans = recompute_plans(out) if searched else [out]
-        out = next((plan for plan in plans if fits(plan)), plans[-1]) if searched else out
+        if decide and out.gradient_checkpointing and not out.use_unsloth_gc and not engine:
+            plans = recompute_plans(out)
+            out = next((plan for plan in plans if fits(plan)), plans[-1])
         out.checkpoint_regions = out.checkpoint_regions or "layer"
         out.uncheckpointed_layers = out.uncheckpointed_layers or 0
     if out.lora_alpha is None:

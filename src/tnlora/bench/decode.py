@@ -142,7 +142,14 @@ def main(argv: list[str]) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """The bench with parsed options: the environment line, the settings, one table row per batch size."""
-    from tnlora.infer.decode_graph import DEFER_MIN_BATCH, DEFER_STEPS, GEMV_MAX_BATCH, install_graph_decoding
+    from tnlora.infer.decode_graph import (
+        DEFER_MIN_BATCH,
+        DEFER_STEPS,
+        GEMV_MAX_BATCH,
+        defer_steps_error,
+        install_graph_decoding,
+        installed_graphs,
+    )
     from tnlora.ops.gemv import ROWS_MAX
     from tnlora.ops.select import kernel_impl
 
@@ -165,8 +172,8 @@ def run(args: argparse.Namespace) -> int:
     step = f"gemv<={most} {'pdl' if args.pdl else 'no-pdl'}" if gemv else "layers"
     step += "" if args.branches else " no-branches"
     defer = DEFER_STEPS if args.defer_steps is None else args.defer_steps
-    if defer < 0 or defer == 1:
-        raise ConfigError(f"--defer_steps must be 0 (off) or at least 2, got {defer}")
+    if defer_steps_error(defer):
+        raise ConfigError(f"--defer_steps: {defer_steps_error(defer)}")
     defer_min = DEFER_MIN_BATCH if args.defer_min_batch is None else args.defer_min_batch
     step += f" defer={defer} from batch {defer_min}" if defer else " defer=0"
     print(f"config: {args.model} decode graphs={graphs} decode_kernel={args.decode_kernel} ({kernel}) "
@@ -188,9 +195,10 @@ def run(args: argparse.Namespace) -> int:
           "of copy bandwidth |\n|---|---|---|---|---|---|---|---|---|")
     for batch in [int(b) for b in args.batch.split(",")]:
         r = decode_bench(model, batch, args.prompt_len, args.new_tokens, args.profile, args.trace, args.host_profile)
-        # The greedy device loop of the Triton step writes the states back every `defer` steps from defer_min rows.
-        deferred = graphs and kernel == "triton" and defer and batch >= defer_min
-        rate = decode_step_bytes(model, batch, 1 / defer if deferred else 1.0) / (r.step_ms / 1e3)
+        # The state writes the timed call's steps made: its greedy device loop's (GreedyDeviceSteps.defer_steps).
+        runner = installed_graphs(model).runners.get(batch) if graphs else None
+        deferred = max((steps.defer_steps for steps in runner.greedy.values()), default=0) if runner else 0
+        rate = decode_step_bytes(model, batch, 1 / deferred if deferred else 1.0) / (r.step_ms / 1e3)
         share = f"{100 * rate / copy:.0f}%" if math.isfinite(copy) else "–"
         print(f"| {args.model} | {graphs} | {kernel} | {batch} | {r.tokens_per_s:,.0f} | {r.ms_per_step:.2f} | "
               f"{r.step_ms:.2f} | {rate / 1e9:,.0f} | {share} |", flush=True)

@@ -315,7 +315,7 @@ class DecodeStepRunner:
         if not self.terms:
             return [state[row] for state in self.states]
         held = (self.position[row] - self.base[row]) % self.terms[0].steps
-        return [t.whole_row(s, d, row, held) for t, s, d in zip(self.terms, self.states, self.decays, strict=True)]
+        return [t.whole(s, d, held, row) for t, s, d in zip(self.terms, self.states, self.decays, strict=True)]
 
     def write_back(self, held: int) -> None:
         """Make every state whole after ``held`` steps with deferred writes since the base position."""
@@ -600,8 +600,8 @@ class DecodeGraphs:
     ) -> None:
         if not 1 <= gemv_max_batch <= ROWS_MAX:
             raise ValueError(f"gemv_max_batch must be 1 to {ROWS_MAX}, got {gemv_max_batch}")
-        if defer_steps < 0 or defer_steps == 1:
-            raise ValueError(f"defer_steps must be 0 (off) or at least 2, got {defer_steps}")
+        if defer_steps_error(defer_steps):
+            raise ValueError(f"defer_steps {defer_steps_error(defer_steps)}")
         self.defer_steps = defer_steps
         self.defer_min_batch = defer_min_batch
         self.capture = capture
@@ -798,6 +798,12 @@ class DecodeGraphs:
         return runner if runner.fits(input_ids, cache) else None
 
 
+def defer_steps_error(steps: int) -> str | None:
+    """What is wrong with ``steps`` as a ``defer_steps`` (None: nothing): 0 writes every step, 1 would be the same
+    and is refused, and fewer than 0 has no meaning."""
+    return None if steps == 0 or steps >= 2 else f"must be 0 (every step) or at least 2, got {steps}"
+
+
 def decode_kernel(model: nn.Module, device: torch.device | str) -> str:
     """``config.decode_kernel`` of ``model`` for a step on ``device`` ("torch" or "triton"), checked (it may have
     been set after the config was built)."""
@@ -883,6 +889,7 @@ __all__ = [
     "GreedyDeviceSteps",
     "blas_library",
     "decode_kernel",
+    "defer_steps_error",
     "gemv_applies",
     "install_graph_decoding",
     "installed_graphs",

@@ -62,26 +62,30 @@ class DeferredTerms:
         hv = torch.zeros((steps - 1, batch, heads, value_dim), dtype=state.dtype, device=state.device)
         return DeferredTerms(hk, hv, base, steps)
 
-    def apply(self, state: Tensor, decay: Tensor, pending: int) -> None:
-        """Make ``state`` whole after ``pending`` steps held here: S ← λ^p S + Σ_{j<p} λ^{p−1−j} k_jᵀ v_j, in
-        place (PyTorch ops; ``decay`` λ [H])."""
-        if not 0 <= pending < self.steps:
-            raise ValueError(f"pending must be 0 to {self.steps - 1}, got {pending}")
+    def whole(self, state: Tensor, decay: Tensor, held: Tensor, row: int | None = None) -> Tensor:
+        """The state after ``held`` steps held here (a 0-dim integer tensor, read on the device: no host sync),
+        S' = λ^p S + Σ_{j<p} λ^{p−1−j} k_jᵀ v_j, as a new tensor (``state`` is not changed): of every row, or
+        [H, K, V] of ``row`` alone (PyTorch ops; ``decay`` λ [H])."""
+        index = slice(None) if row is None else row
         lam = decay[:, None, None]
-        if pending:
-            state.mul_(lam**pending)
-        for j in range(pending):
-            state.add_(lam ** (pending - 1 - j) * self.hk[j][..., :, None] * self.hv[j][..., None, :])
-
-    def whole_row(self, state: Tensor, decay: Tensor, row: int, held: Tensor) -> Tensor:
-        """Row ``row``'s state made whole [H, K, V] (a new tensor; ``state`` is not changed) after ``held`` steps
-        (a 0-dim integer tensor, read on the device: no host sync), as :meth:`apply` does for every row."""
-        lam = decay[:, None, None]
-        whole = lam**held * state[row]
+        whole = lam**held * state[index]
         for j in range(self.steps - 1):
             weight = torch.where(j < held, lam ** (held - 1 - j).clamp_min(0), torch.zeros_like(lam))
-            whole = whole + weight * self.hk[j, row][..., :, None] * self.hv[j, row][..., None, :]
+            whole = whole + weight * self.hk[j, index][..., :, None] * self.hv[j, index][..., None, :]
         return whole
+
+    def apply(self, state: Tensor, decay: Tensor, pending: int) -> None:
+        """Make ``state`` whole in place after ``pending`` steps held here (:meth:`whole` of every row)."""
+        if not 0 <= pending < self.steps:
+            raise ValueError(f"pending must be 0 to {self.steps - 1}, got {pending}")
+        if pending:
+            state.copy_(self.whole(state, decay, torch.tensor(pending, device=state.device)))
+
+
+def _check_position(position: Tensor | None, batch: int, what: str) -> None:
+    """Refuse a position that is not an integer tensor, 0-dim or [B] (``what``: who needs it, for the message)."""
+    if position is None or position.dtype.is_floating_point or tuple(position.shape) not in ((), (batch,)):
+        raise ValueError(f"{what} an integer position, 0-dim or [B]={batch}")
 
 
 def triton_step(
@@ -127,13 +131,11 @@ def triton_step(
     if lrpe_theta is not None:
         if lrpe_theta.numel() != q.shape[1] * head_dim or not lrpe_theta.is_contiguous():
             raise ValueError(f"lrpe_theta must be contiguous with H·K = {q.shape[1] * head_dim} values")
-        if position is None or position.dtype.is_floating_point or tuple(position.shape) not in ((), (q.shape[0],)):
-            raise ValueError(f"LRPE needs an integer position, 0-dim or [B]={q.shape[0]}")
+        _check_position(position, q.shape[0], "LRPE needs")
         if lrpe_angle_dtype not in ("float32", "model"):
             raise ValueError(f"lrpe_angle_dtype must be 'float32' or 'model', got {lrpe_angle_dtype!r}")
     if deferred is not None:
-        if position is None or position.dtype.is_floating_point or tuple(position.shape) not in ((), (q.shape[0],)):
-            raise ValueError(f"deferred state writes need an integer position, 0-dim or [B]={q.shape[0]}")
+        _check_position(position, q.shape[0], "deferred state writes need")
         if deferred.base.shape != position.shape or deferred.steps < 2:
             raise ValueError("deferred.base must have the position's shape and deferred.steps be at least 2")
         if tuple(deferred.hk.shape) != (deferred.steps - 1, *state.shape[:3]) or tuple(deferred.hv.shape) != (

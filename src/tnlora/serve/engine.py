@@ -35,7 +35,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tnlora.infer.decode_graph import DecodeStepRunner, installed_graphs, remove_graph_decoding
+from tnlora.infer.decode_graph import (
+    DecodeStepRunner,
+    defer_steps_error,
+    installed_graphs,
+    remove_graph_decoding,
+)
 from tnlora.infer.prefill import Prefilled, can_pack, packed_prefill
 from tnlora.model.cache import TransnormerCache
 from tnlora.serve.sessions import Checkpoint, SessionStore
@@ -152,8 +157,8 @@ class Engine:
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
-        if defer_steps < 0 or defer_steps == 1:
-            raise ValueError(f"defer_steps must be 0 (every step) or at least 2, got {defer_steps}")
+        if defer_steps_error(defer_steps):
+            raise ValueError(f"defer_steps {defer_steps_error(defer_steps)}")
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if installed_graphs(base) is not None:
             # The engine runs its own slot runner; a prefill of one token must not go to the per-batch runners.

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tnlora.errors import TnloraError
+from tnlora.infer.decode_graph import defer_steps_error
 from tnlora.infer.generate import stop_settings
 from tnlora.serve.app import ServeConfig, ServeContext, create_app
 from tnlora.serve.engine import Engine
@@ -60,8 +61,8 @@ def options_from_args(args: Any) -> tuple[ServeConfig, EngineOptions]:
     for name in ("max_sessions", "host_sessions"):
         if getattr(args, name) < 0:
             raise TnloraError(f"--{name}: must be >= 0, got {getattr(args, name)}")
-    if args.defer_steps < 0 or args.defer_steps == 1:
-        raise TnloraError(f"--defer_steps: must be 0 (every step) or at least 2, got {args.defer_steps}")
+    if defer_steps_error(args.defer_steps):
+        raise TnloraError(f"--defer_steps: {defer_steps_error(args.defer_steps)}")
     if not 0 <= args.temperature <= 2:
         raise TnloraError(f"--temperature: must be in [0, 2], got {args.temperature}")
     if not 0 <= args.top_p <= 1:
