@@ -80,6 +80,26 @@ def _value(v_ptr, pad_ptr, i_b, i_b64, i_h, stride_vb, stride_vh, cols, col_ok, 
 
 
 @triton.jit
+def _block(q_base, k_base, state_base, s_first, cols, col_ok, theta_ptr, i_h, position, k0: tl.constexpr,
+           compute: tl.constexpr, SILU: tl.constexpr, LRPE: tl.constexpr, ANGLE_MODEL: tl.constexpr,
+           HD: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """State rows k0 … k0 + BK of this program, for both step kernels: (the rows and their mask, q's and k's
+    features there, the state tile's pointers and mask, the tile as read: the first one from ``s_first``, read
+    before a dependent launch's wait)."""
+    rows = k0 + tl.arange(0, BK)
+    row_ok = rows < K
+    q = _features(q_base, rows, row_ok, theta_ptr, i_h, position, compute, SILU, LRPE, ANGLE_MODEL, HD)
+    k = _features(k_base, rows, row_ok, theta_ptr, i_h, position, compute, SILU, LRPE, ANGLE_MODEL, HD)
+    ptrs = state_base + rows[:, None] * V + cols[None, :]
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    if k0 == 0:  # noqa: SIM108 (a constant: one side compiled)
+        s = s_first
+    else:
+        s = tl.load(ptrs, mask=tile_ok, other=0.0)
+    return rows, row_ok, q, k, ptrs, tile_ok, s
+
+
+@triton.jit
 def recurrent_step_kernel(
     q_ptr,
     k_ptr,
@@ -124,16 +144,10 @@ def recurrent_step_kernel(
         position = tl.load(position_ptr + i_b64 * stride_position)
     o = tl.zeros([BV], dtype=compute)
     for k0 in tl.static_range(0, K, BK):
-        rows = k0 + tl.arange(0, BK)
-        row_ok = rows < K
-        q = _features(q_base, rows, row_ok, theta_ptr, i_h, position, compute, SILU, LRPE, ANGLE_MODEL, HD)
-        k = _features(k_base, rows, row_ok, theta_ptr, i_h, position, compute, SILU, LRPE, ANGLE_MODEL, HD)
-        ptrs = state_base + rows[:, None] * V + cols[None, :]
-        tile_ok = row_ok[:, None] & col_ok[None, :]
-        if k0 == 0:  # noqa: SIM108 (a constant: static_range unrolls the loop, one side compiled)
-            s = s_first
-        else:
-            s = tl.load(ptrs, mask=tile_ok, other=0.0)
+        _, _, q, k, ptrs, tile_ok, s = _block(
+            q_base, k_base, state_base, s_first, cols, col_ok, theta_ptr, i_h, position, k0, compute, SILU, LRPE,
+            ANGLE_MODEL, HD, K, V, BK,
+        )  # fmt: skip
         s = decay * s + k[:, None] * v[None, :]
         tl.store(ptrs, s, mask=tile_ok)
         # o after the update (recurrent_attention's order), reduced from the registers just stored.
@@ -213,16 +227,10 @@ def recurrent_deferred_kernel(
     k_base = k_ptr + i_b64 * stride_kb + i_h * stride_kh
     o = tl.zeros([BV], dtype=compute)
     for k0 in tl.static_range(0, K, BK):
-        rows = k0 + tl.arange(0, BK)
-        row_ok = rows < K
-        q = _features(q_base, rows, row_ok, theta_ptr, i_h, position, compute, SILU, LRPE, ANGLE_MODEL, HD)
-        k = _features(k_base, rows, row_ok, theta_ptr, i_h, position, compute, SILU, LRPE, ANGLE_MODEL, HD)
-        ptrs = state_base + rows[:, None] * V + cols[None, :]
-        tile_ok = row_ok[:, None] & col_ok[None, :]
-        if k0 == 0:  # noqa: SIM108 (a constant: static_range unrolls the loop, one side compiled)
-            s = s_first
-        else:
-            s = tl.load(ptrs, mask=tile_ok, other=0.0)
+        rows, row_ok, q, k, ptrs, tile_ok, s = _block(
+            q_base, k_base, state_base, s_first, cols, col_ok, theta_ptr, i_h, position, k0, compute, SILU, LRPE,
+            ANGLE_MODEL, HD, K, V, BK,
+        )  # fmt: skip
         s = s_scale * s + k[:, None] * v[None, :]
         for j in tl.static_range(M - 1):
             held = j < phase  # slot j holds a step not yet in S (masked loads read nothing otherwise)
