@@ -13,6 +13,7 @@ partial sums meet by atomic adds) and reports the best; every result is checked 
     python3 benchmarks/gemv.py --fused     # tnlora.ops.gemv's fused forms against what they replace
     python3 benchmarks/gemv.py --sweep     # tnlora.ops.gemv's launches (GemvConfig grid) per form and shape
     python3 benchmarks/gemv.py --rows 32   # batch 32: cuBLAS against a Triton skinny GEMM (weights read once)
+    python3 benchmarks/gemv.py --glu --rows 32   # the GLU's l1 and l2: two GEMMs, side by side, or one stacked
     TRITON_INTERPRET=1 python3 benchmarks/gemv.py --check --device cpu   # the kernel's arithmetic, on a CPU
 """
 
@@ -358,6 +359,53 @@ def measure_sweep(models: list[str], repeats: int, workers: int) -> int:
     return 0
 
 
+def _glu_row(model: str, repeats: int, rows: int) -> str:
+    """One model's row of :func:`measure_glu`."""
+    n, k = next((n, k) for name, n, k in SHAPES[model] if name == "l1/l2")
+    stacked = [torch.randn(2 * n, k, device="cuda", dtype=torch.bfloat16) for _ in range(repeats)]
+    firsts = [w[:n].clone() for w in stacked]
+    seconds_ = [w[n:].clone() for w in stacked]
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    branch = torch.cuda.Stream()
+
+    def two(i: int) -> torch.Tensor:
+        return F.linear(x, firsts[i]) * F.linear(x, seconds_[i])
+
+    def side(i: int) -> torch.Tensor:
+        main = torch.cuda.current_stream()
+        branch.wait_stream(main)
+        with torch.cuda.stream(branch):
+            b = F.linear(x, seconds_[i])
+        a = F.linear(x, firsts[i])
+        main.wait_stream(branch)
+        return a * b
+
+    def one(i: int) -> torch.Tensor:
+        both = F.linear(x, stacked[i])
+        return both[:, :n] * both[:, n:]
+
+    error = (one(0).float() - two(0).float()).abs().max().item()
+    gb = 2 * n * k * 2 / 1e9
+    cells = []
+    for step in (two, side, one):
+        seconds = graph_seconds(step, repeats, "cublaslt")
+        cells.append(f"{seconds * 1e6:.1f} ({gb / seconds:,.0f})")
+    return f"| {model} | {rows} × {n:,} × {k:,} | {' | '.join(cells)} | {error:.3g} |"
+
+
+def measure_glu(models: list[str], repeats: int, rows: int) -> int:
+    """The GLU's l1 and l2 at ``rows`` rows of x, each with the product l1(x) ⊙ l2(x), on cuBLASLt: two GEMMs one
+    after the other, the two side by side on two streams (the decode graphs' branches), and one GEMM over the
+    two weights stacked [2F, K] (one launch, twice the columns: the wide qkvu projection streams its weight
+    faster than l1 or l2 alone, RESULTS.md "The batch-32 step"). µs a call and the weights' bytes ÷ time."""
+    print(f"copy bandwidth: {copy_bandwidth() / 1e9:,.0f} GB/s (device-to-device copies of 1 GiB, read + write)")
+    print("| model | M × F × K | two GEMMs µs (GB/s) | side by side µs (GB/s) | stacked µs (GB/s) | stacked − two, largest difference "
+          "|\n|---|---|---|---|---|---|")
+    for model in models:
+        print(_glu_row(model, repeats, rows), flush=True)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="7B,1B")
@@ -366,6 +414,8 @@ def main() -> int:
     parser.add_argument("--fused", action="store_true", help="time tnlora.ops.gemv's fused forms instead")
     parser.add_argument("--sweep", action="store_true", help="time tnlora.ops.gemv's launches per form instead")
     parser.add_argument("--workers", type=int, default=12, help="processes compiling the sweep's kernels")
+    parser.add_argument("--glu", action="store_true", help="time the GLU's two projections: apart, side by side, "
+                        "stacked")
     parser.add_argument("--rows", type=int, default=1,
                         help="rows of x (the decode batch); above 1: cuBLAS against a Triton skinny GEMM (with "
                              "--fused: the fused forms of that many rows)")
@@ -378,6 +428,8 @@ def main() -> int:
         return 2
     if args.sweep:
         return measure_sweep(args.models.split(","), args.repeats, args.workers)
+    if args.glu:
+        return measure_glu(args.models.split(","), args.repeats, args.rows)
     if args.fused:
         return measure_fused(args.models.split(","), args.repeats, args.rows)
     return measure(args.models.split(","), args.repeats, args.rows)

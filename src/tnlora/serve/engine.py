@@ -471,7 +471,7 @@ class Engine:
         for row, (request, token) in enumerate(zip(requests, tokens)):
             final = self._accept(request, token)
             if final is not None:
-                self._store_session(request, [state[row] for state in states], 0)
+                self._store_session(request, lambda row=row: [state[row] for state in states], 0)
                 self._free(request.slot)
                 self._emit(request, final)
 
@@ -506,7 +506,7 @@ class Engine:
             final = self._accept(request, tokens[slot])
             if final is not None:
                 # The launched step fed this last token: the states after it are the states after the reply.
-                self._store_session(request, self.runner.row_states(slot), len(request.generated))
+                self._store_session(request, lambda slot=slot: self.runner.row_states(slot), len(request.generated))
                 self._free(slot)
                 self._emit(request, final)
 
@@ -569,12 +569,13 @@ class Engine:
             logger.debug("sink of request %d failed; cancelling it", request.id, exc_info=True)
             request.cancelled = True
 
-    def _store_session(self, request: Request, states: list[Tensor], fed: int) -> None:
-        """Keep the finished request's states for its session: after the prompt and the first ``fed``
-        generated tokens; and the checkpoint taken after the prompt alone."""
+    def _store_session(self, request: Request, states: Callable[[], list[Tensor]], fed: int) -> None:
+        """Keep the finished request's states (``states()``: every layer's) for its session: after the prompt and
+        the first ``fed`` generated tokens; and the checkpoint taken after the prompt alone. The states are read
+        only for a request with a session (with deferred writes that is a few kernels a layer)."""
         if request.session_id is None or not self.sessions.enabled or request.cancelled:
             return
-        checkpoints = [Checkpoint(request.prompt_ids + request.generated[:fed], [s.clone() for s in states])]
+        checkpoints = [Checkpoint(request.prompt_ids + request.generated[:fed], [s.clone() for s in states()])]
         if request.prompt_states is not None and fed > 0:
             checkpoints.append(Checkpoint(list(request.prompt_ids), request.prompt_states))
         request.prompt_states = None
