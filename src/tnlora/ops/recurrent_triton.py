@@ -67,12 +67,15 @@ class DeferredTerms:
         S' = λ^p S + Σ_{j<p} λ^{p−1−j} k_jᵀ v_j, as a new tensor (``state`` is not changed): of every row, or
         [H, K, V] of ``row`` alone (PyTorch ops; ``decay`` λ [H])."""
         index = slice(None) if row is None else row
-        lam = decay[:, None, None]
-        whole = lam**held * state[index]
-        for j in range(self.steps - 1):
-            weight = torch.where(j < held, lam ** (held - 1 - j).clamp_min(0), torch.zeros_like(lam))
-            whole = whole + weight * self.hk[j, index][..., :, None] * self.hv[j, index][..., None, :]
-        return whole
+        lam = decay.to(state.dtype)
+        j = torch.arange(self.steps - 1, device=state.device)
+        # Step j's weight λ^{p−1−j} for the held steps j < p, 0 for the others: [steps − 1, H].
+        weights = torch.where((j < held)[:, None], lam ** (held - 1 - j).clamp_min(0)[:, None], 0.0)
+        hk, hv = self.hk[:, index], self.hv[:, index]
+        # The held terms summed as batched products over the steps (a few kernels a layer, not a few a step).
+        lead = "bh" if row is None else "h"
+        held_sum = torch.einsum(f"jh,j{lead}k,j{lead}v->{lead}kv", weights, hk, hv)
+        return (lam**held)[:, None, None] * state[index] + held_sum
 
     def apply(self, state: Tensor, decay: Tensor, pending: int) -> None:
         """Make ``state`` whole in place after ``pending`` steps held here (:meth:`whole` of every row)."""
