@@ -58,7 +58,7 @@
 #   e2e             `tnlora train examples/huanhuan_7b_lora_fast.yaml` end to end (.whl/e2e: 7B config,
 #                   tokenizer and huanhuan.json, from ../shared)
 #   serve           benchmarks/serve_bench.py against a 7B server (concurrent clients, sessions; SERVE_ARGS, e.g.
-#                   "--clients 32 --defer_steps 4": the engine's states written back every 4th step)
+#                   "--clients 32 --defer_steps 0": the engine's states written back every step, against the default 4)
 #   attention       the lightning attention forward + backward, fla against chunked
 #   profile       the top kernels of one compiled 1B step (one 16,384-token row)
 #   trace         the timeline of one step with tnlora train's defaults (MODELS, default 1B; the second of two

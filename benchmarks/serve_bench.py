@@ -67,8 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt_tokens", type=int, default=64)
     p.add_argument("--max_tokens", type=int, default=128)
     p.add_argument("--max_batch", default="clients", help="the server's slots: a number, or 'clients' (= N)")
-    p.add_argument("--defer_steps", type=int, default=0,
-                   help="the server's --defer_steps (recurrent states written back every N steps; 0: every step)")
+    p.add_argument("--defer_steps", type=int, default=None,
+                   help="the server's --defer_steps (recurrent states written back every N steps; 0: every step; "
+                        "default: tnlora serve's, 4 from 16 slots)")
     p.add_argument("--client_procs", type=int, default=0, help="client processes (default: one per 16 clients)")
     p.add_argument("--turns", type=int, default=50, help="turns of the sessions run (0: skip it)")
     p.add_argument("--turn_tokens", type=int, default=32, help="about this many tokens per user message")
@@ -92,7 +93,7 @@ def serve(args: argparse.Namespace) -> None:
     from tnlora.model.configuration import PRESETS
     from tnlora.model.tokenizer import ByteTokenizer, load_tokenizer
     from tnlora.serve.app import ServeConfig, create_app
-    from tnlora.serve.server import EngineOptions, build_context
+    from tnlora.serve.server import EngineOptions, build_context, default_defer_steps
 
     if args.model in PRESETS and args.adapter is None:
         from tnlora.bench.common import random_model as build_model
@@ -105,10 +106,12 @@ def serve(args: argparse.Namespace) -> None:
     else:
         loaded = load_for_inference(args.model, args.adapter, device=args.device, merge_adapter=True)
     max_batch = int(args.max_batch)
-    options = EngineOptions(max_batch=max_batch, max_sessions=8, host_sessions=8, defer_steps=args.defer_steps)
+    defer_steps = default_defer_steps(max_batch) if args.defer_steps is None else args.defer_steps
+    options = EngineOptions(max_batch=max_batch, max_sessions=8, host_sessions=8, defer_steps=defer_steps)
     config = ServeConfig(model_name=MODEL_NAME, max_tokens_limit=1 << 20, max_prompt_tokens=1 << 20)
     ctx = build_context(loaded, config, options)
-    print(f"serving {args.model} on {args.device}, max_batch {max_batch}", file=sys.stderr, flush=True)
+    print(f"serving {args.model} on {args.device}, max_batch {max_batch}, defer_steps {defer_steps}", file=sys.stderr,
+          flush=True)
     uvicorn.run(create_app(ctx), host="127.0.0.1", port=args.port, log_level="warning")
 
 
@@ -124,7 +127,9 @@ class Server:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         command = [sys.executable, __file__, "--serve", "--model", args.model, "--device", args.device,
-                   "--port", str(port), "--max_batch", str(max_batch), "--defer_steps", str(args.defer_steps)]  # fmt: skip
+                   "--port", str(port), "--max_batch", str(max_batch)]  # fmt: skip
+        if args.defer_steps is not None:
+            command += ["--defer_steps", str(args.defer_steps)]
         for name in ("adapter", "tokenizer"):
             if getattr(args, name):
                 command += [f"--{name}", getattr(args, name)]

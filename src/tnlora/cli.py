@@ -534,9 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top_p", type=float, default=0.9, help="for requests that set none")
     g.add_argument("--max_sessions", type=int, default=64, help="conversation states kept on the device")
     g.add_argument("--host_sessions", type=int, default=256, help="further ones kept in host memory")
-    g.add_argument("--defer_steps", type=int, default=0,
+    g.add_argument("--defer_steps", type=int, default=None,
                    help="write the recurrent states back every N decode steps (the Triton step on a GPU; 0: every "
-                        "step, the default)")
+                        "step; default: 4 from 16 slots, else 0)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("prepare", help="add model_type to an official checkpoint's config.json (Auto* loading)")

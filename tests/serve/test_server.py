@@ -98,3 +98,13 @@ def test_tnlora_serve_answers_on_127_0_0_1_until_interrupted(tmp_path) -> None:
             raise
     assert process.returncode == 0, err[-2000:]
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("args", "steps"), [([], 4), (["--max_batch", "8"], 0), (["--max_batch", "32"], 4),
+                                             (["--defer_steps", "0"], 0), (["--max_batch", "8", "--defer_steps", "3"], 3)])
+def test_state_writes_are_deferred_by_default_from_16_slots(args, steps) -> None:
+    from tnlora.cli import build_parser
+    from tnlora.serve.server import options_from_args
+
+    _, options = options_from_args(build_parser().parse_args(["serve", "--model", "tiny", *args]))
+    assert options.defer_steps == steps

@@ -178,7 +178,7 @@ class Engine:
                                        branches=True)
         # The Triton step writing each slot's states back every defer_steps steps only (DecodeStepRunner.
         # enable_deferral; each placed row's base is its position, a finished row's states are made whole before
-        # they are stored). Off by default: measured for generate() (RESULTS.md), not yet for the engine.
+        # they are stored). tnlora serve's default turns it on from 16 slots (serve.server.options_from_args).
         self.deferred = defer_steps > 0 and self.runner.enable_deferral(defer_steps)
         # Prompts admitted together are read in one packed forward (infer.prefill) where the model allows it.
         self.packed = can_pack(base)
