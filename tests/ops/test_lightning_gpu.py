@@ -215,3 +215,24 @@ def test_host_planned_backend_is_fla_bitwise_and_never_syncs(head_dim_k: int) ->
     assert torch.equal(s, s_ref[row_last])
     for got, want in zip(grads, (x.grad for x in leaves)):
         assert torch.equal(got.reshape(want.shape), want)
+
+
+def test_chunk_plan_is_made_aside_without_draining_the_stream() -> None:
+    """fla's chunk plan, a blocking copy from pageable memory, made on a side stream (ops/fla.py,
+    ``plan_chunks_aside``): the call returns while work queued on the current stream is still running, and
+    fla's forward then finds the plan in its cache (the same object for the same arguments)."""
+    from fla.ops.utils import prepare_chunk_indices
+
+    assert fla.install()
+    host = torch.tensor([0, 100, 300, 301])
+    cu = host.to(DEVICE)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1 << 30)  # ~0.5 s of device time queued on the current stream
+    plan = fla.plan_chunks_aside(cu, host)
+    still_busy = not torch.cuda.current_stream().query()
+    cached = prepare_chunk_indices(cu, fla.FLA_CHUNK_SIZE, cu_seqlens_cpu=host)
+    torch.cuda.synchronize()
+    assert still_busy, "the plan waited for the current stream's work"
+    assert cached is plan
+    # Chunks of 64 tokens: 100 → 2, 200 → 4, 1 → 1 (example index, chunk within it).
+    assert plan.tolist() == [[0, 0], [0, 1], [1, 0], [1, 1], [1, 2], [1, 3], [2, 0]]

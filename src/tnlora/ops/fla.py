@@ -14,6 +14,12 @@ its TileLang and Ascend backends use). It accepts only calls whose ``cu_seqlens`
 (:func:`tag_host_copy`); every other call, and every fla version it was not checked against, goes to fla's own
 implementation. It launches fla's own kernels with fla's own arguments; only the buffer's size comes from the
 host. The results are bitwise those of fla's path (tests/ops/test_lightning_gpu.py).
+
+One wait is left in fla's forward: ``prepare_chunk_indices`` builds its chunk plan on the host and copies it to
+the device from pageable memory, which PyTorch follows with a synchronisation of the current stream, once per
+``cu_seqlens`` (fla caches the plan by argument identity). On the training stream that drains every kernel the
+host has queued ahead. :func:`plan_chunks_aside` makes the same call with the same arguments on a side stream
+first: the copy then waits for nothing but itself, and fla's forward finds the plan in its cache.
 """
 
 from __future__ import annotations
@@ -166,6 +172,29 @@ def install() -> bool:
     return True
 
 
+# fla's chunk size for chunk_simple_gla when none is given (its forward plans chunks of this many tokens).
+FLA_CHUNK_SIZE = 64
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+def plan_chunks_aside(cu_seqlens: Tensor, cu_seqlens_cpu: Tensor) -> Tensor:
+    """fla's chunk plan for ``cu_seqlens`` (a CUDA tensor) made on a side stream, so that its blocking copy from
+    pageable memory waits for that stream alone, not for the work queued on the current one; fla's forward
+    then takes it from its cache (the same call: the same objects). Returns the plan."""
+    from fla.ops.utils import prepare_chunk_indices
+
+    current = torch.cuda.current_stream(cu_seqlens.device)
+    with torch.cuda.stream(_side_stream(cu_seqlens.device)):
+        plan = prepare_chunk_indices(cu_seqlens, FLA_CHUNK_SIZE, cu_seqlens_cpu=cu_seqlens_cpu)
+    # Made on the side stream, read by kernels on the current one: its memory is not reused before they ran.
+    plan.record_stream(current)
+    return plan
+
+
 @functools.cache
 def fla_available() -> bool:
     """Whether fla-core's simple_gla kernel imports (needs triton and a CUDA build)."""
@@ -217,6 +246,8 @@ def fla_attention(
         if _takes_cu_seqlens_cpu():
             # Lets fla plan its chunks without another device->host copy.
             extra["cu_seqlens_cpu"] = cu_seqlens_cpu
+            if install() and cu_seqlens.is_cuda:
+                plan_chunks_aside(cu_seqlens, cu_seqlens_cpu)
     o, final = chunk_simple_gla(
         q,
         k,
