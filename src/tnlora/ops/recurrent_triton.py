@@ -72,9 +72,10 @@ class DeferredTerms:
         # Step j's weight λ^{p−1−j} for the held steps j < p, 0 for the others: [steps − 1, H].
         weights = torch.where((j < held)[:, None], lam ** (held - 1 - j).clamp_min(0)[:, None], 0.0)
         hk, hv = self.hk[:, index], self.hv[:, index]
-        # The held terms summed as batched products over the steps (a few kernels a layer, not a few a step).
-        lead = "bh" if row is None else "h"
-        held_sum = torch.einsum(f"jh,j{lead}k,j{lead}v->{lead}kv", weights, hk, hv)
+        # Every held step's outer product at once, summed over the steps: a few kernels a layer, not a few a step.
+        # Elementwise, not a matmul, so that TF32 (if a caller allows it) never rounds the state.
+        weights = weights.view(weights.shape[0], *[1] * (hk.dim() - 3), weights.shape[1], 1, 1)
+        held_sum = (weights * hk[..., :, None] * hv[..., None, :]).sum(0)
         return (lam**held)[:, None, None] * state[index] + held_sum
 
     def apply(self, state: Tensor, decay: Tensor, pending: int) -> None:
