@@ -3,6 +3,9 @@ micro-batch, and never in tnlora's own code (skipped without CUDA and fla-core).
 
 A host sync drains the GPU's queue; the kernels after it start only once the host has launched them again.
 The one sync left is inside fla-core: ``prepare_chunk_indices`` copies its chunk plan from pageable memory.
+tnlora has it made on a side stream (``ops.fla.plan_chunks_aside``), so it waits for that stream alone; PyTorch's
+sync debug mode still counts it (tests/ops/test_lightning_gpu.py checks that it leaves the training stream's
+queue alone).
 Run with ``-s`` to see every synchronising line.
 """
 
