@@ -227,7 +227,7 @@ def test_chunk_plan_is_made_aside_without_draining_the_stream() -> None:
     host = torch.tensor([0, 100, 300, 301])
     cu = host.to(DEVICE)
     torch.cuda.synchronize()
-    torch.cuda._sleep(1 << 30)  # ~0.5 s of device time queued on the current stream
+    torch.cuda._sleep(1 << 30)  # ~0.5 s of GPU work queued on the current stream
     plan = fla.plan_chunks_aside(cu, host)
     still_busy = not torch.cuda.current_stream().query()
     cached = prepare_chunk_indices(cu, fla.FLA_CHUNK_SIZE, cu_seqlens_cpu=host)
