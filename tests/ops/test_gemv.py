@@ -126,6 +126,40 @@ def test_every_launch_of_several_rows_computes_the_same(config: GemvConfig, case
             torch.testing.assert_close(got, gemv(x, w, **options), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", ["norm", "glu"])
+@pytest.mark.parametrize("rows", [2, 17])
+def test_a_norm_reads_the_squares_its_input_s_projection_wrote(dtype: torch.dtype, case: str, rows: int) -> None:
+    """A residual projection's partial sums of squares of its output rows (``emit_squares``: one row of sums per
+    program, 13 programs of 16 columns over 200) feed the next normed projection (``norm_squares``): its
+    results are the model's, as when it sums x² itself."""
+    gen = torch.Generator().manual_seed(rows)
+    x_in = torch.randn(rows, 64, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
+    w_in = (torch.randn(200, 64, generator=gen, dtype=torch.float64) / 8).to(dtype).to(DEVICE)
+    before = torch.randn(rows, 200, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
+    x, squares = gemv(x_in, w_in, residual=before, emit_squares=True, config=GemvConfig(16, 64, 4, 1, False, True))
+    assert squares.shape == (13, rows) and squares.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(squares.double().sum(0), (x.double() ** 2).sum(1), rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(x, gemv(x_in, w_in, residual=before), rtol=0.0, atol=0.0)
+    n, k = 37, 200
+    _, w, w2, residual = _inputs(n, k, dtype, seed=rows, rows=(rows,))
+    options = _options(case, n, k, dtype, w2, residual, rows=(rows,))
+    got = gemv(x, w, norm_squares=squares, **options)
+    assert _relative_error(got, x, w, options) <= TOLERANCE[dtype]
+    torch.testing.assert_close(got, gemv(x, w, **options), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
+def test_squares_are_checked() -> None:
+    x, w, _, _ = _inputs(8, 32, torch.float32, rows=(3,))
+    squares = torch.ones(2, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="needs norm_eps"):
+        gemv(x, w, norm_squares=squares)
+    with pytest.raises(ValueError, match=r"contiguous \[P, 3\] of torch.float32"):
+        gemv(x, w, norm_eps=1e-6, norm_squares=squares.double())
+    with pytest.raises(ValueError, match="several rows"):
+        gemv(x[0], w, emit_squares=True)
+
+
 def test_several_rows_are_read_through_their_strides() -> None:
     """Rows of x and of the gate that are slices of wider rows (the decode step's u is a quarter of each row
     of the projection's output), and a residual with a row stride of its own, are read in place."""

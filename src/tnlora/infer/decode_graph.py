@@ -57,7 +57,7 @@ import contextlib
 import functools
 import weakref
 from collections.abc import Callable, Hashable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -275,16 +275,28 @@ class DecodeStepRunner:
         # One row as a vector (the one-row kernel), several as [B, width] (u stays a slice of qkvu's rows).
         rows = (-1,) if batch == 1 else (batch, -1)
         hidden = self._embed(model).reshape(rows)
+        # Several rows: each residual projection also writes the sums of squares of its output rows, which the
+        # normed projection after it reads instead of summing x² beside its dot (what made the normed forms of
+        # several rows slow). None: the projection sums them itself (the first layer's input, one row).
+        squares: Tensor | None = None
+
+        def residual_projection(x: Tensor, weight: Tensor, **options: Any) -> tuple[Tensor, Tensor | None]:
+            if batch == 1:
+                return gemv(x, weight, pdl=pdl, **options), None
+            return gemv(x, weight, pdl=pdl, emit_squares=True, **options)
+
         for i, layer in enumerate(core.layers):
             mixer, glu = layer.token_mixer, layer.channel_mixer
-            qkvu = gemv(hidden, mixer.qkvu_proj.weight, norm_eps=layer.token_norm.eps, pdl=pdl)
+            qkvu = gemv(hidden, mixer.qkvu_proj.weight, norm_eps=layer.token_norm.eps, norm_squares=squares, pdl=pdl)
             q, k, v, u = mixer.split_heads(qkvu.view(batch, 1, -1))
             o = self._attend(mixer, q, k, v, i)
-            hidden = gemv(o.reshape(rows), mixer.out_proj.weight, norm_eps=mixer.norm.eps, gate=u.reshape(rows),
-                          residual=hidden, pdl=pdl)
-            product = gemv(hidden, glu.l1.weight, weight2=glu.l2.weight, norm_eps=layer.channel_norm.eps, pdl=pdl)
-            hidden = gemv(product, glu.l3.weight, residual=hidden, pdl=pdl)
-        return gemv(hidden, model.lm_head.weight, norm_eps=core.final_norm.eps, pdl=pdl).view(batch, 1, -1)
+            hidden, squares = residual_projection(o.reshape(rows), mixer.out_proj.weight, norm_eps=mixer.norm.eps,
+                                                  gate=u.reshape(rows), residual=hidden)
+            product = gemv(hidden, glu.l1.weight, weight2=glu.l2.weight, norm_eps=layer.channel_norm.eps,
+                           norm_squares=squares, pdl=pdl)
+            hidden, squares = residual_projection(product, glu.l3.weight, residual=hidden)
+        logits = gemv(hidden, model.lm_head.weight, norm_eps=core.final_norm.eps, norm_squares=squares, pdl=pdl)
+        return logits.view(batch, 1, -1)
 
     def enable_deferral(self, steps: int) -> bool:
         """Let steps run under :meth:`deferring` write each state back every ``steps`` steps only (the Triton step;

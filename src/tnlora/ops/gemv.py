@@ -113,7 +113,9 @@ def gemv(
     gate: Tensor | None = None,
     config: GemvConfig | None = None,
     pdl: bool = False,
-) -> Tensor:
+    norm_squares: Tensor | None = None,
+    emit_squares: bool = False,
+) -> Any:
     """y [N] for one x [K] (contiguous) and weight [N, K] (rows contiguous): W x, with x RMS-normed first when
     ``norm_eps`` is given and then multiplied by ``gate`` [K] when given (the token mixer's gated output norm,
     ``gate ⊙ norm(x)``), times W₂ x when ``weight2`` [N, K] is given, plus ``residual`` [N] when given. y has
@@ -122,7 +124,10 @@ def gemv(
 
     For up to ``ROWS_MAX`` rows x [M, K] (rows contiguous, any row stride; gate [M, K] and residual [M, N]
     alike) the same for every row, y [M, N] (contiguous): each weight tile is read once for all rows, each row
-    normed by itself (the decode step of a small batch)."""
+    normed by itself (the decode step of a small batch). For rows only: ``norm_squares``, the partial sums of
+    squares of x's rows [P, M] that the projection producing x returned (``emit_squares``), which the norm then
+    reads instead of summing x² itself; ``emit_squares``: also return those of y's rows, ``(y, squares)``
+    (fp32, fp64 for fp64)."""
     rows = x.shape[0] if x.dim() == 2 else None
     if rows is None and (x.dim() != 1 or not x.is_contiguous()):
         raise ValueError(f"x must be one contiguous vector or [M, K] rows, got shape {tuple(x.shape)}")
@@ -141,6 +146,12 @@ def gemv(
             raise ValueError(f"{name} must be {list((*lead, width))} of {x.dtype} with contiguous values")
     if gate is not None and norm_eps is None:
         raise ValueError("gate needs norm_eps: it gates the normed x")
+    sums_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if (norm_squares is not None or emit_squares) and rows is None:
+        raise ValueError("norm_squares and emit_squares are for x of several rows [M, K]")
+    if norm_squares is not None and (norm_eps is None or norm_squares.dim() != 2 or norm_squares.shape[1] != rows
+                                     or not norm_squares.is_contiguous() or norm_squares.dtype != sums_dtype):
+        raise ValueError(f"norm_squares must be contiguous [P, {rows}] of {sums_dtype} and needs norm_eps")
     y = torch.empty(*lead, n, dtype=x.dtype, device=x.device)
     block_n, block_k, warps, stages, row_sum, early = config or gemv_config(n, k, glu=weight2 is not None,
                                                                             rows=rows or 1)
@@ -174,12 +185,17 @@ def gemv(
     dot = x.dtype != torch.float64
     if dot and block_n < 16:
         raise ValueError(f"a launch for several rows needs block_n >= 16, got {block_n}")
-    _kernels().rows_kernel[(_cdiv(n, block_n),)](
+    programs = _cdiv(n, block_n)
+    squares_out = torch.empty(programs, rows, dtype=sums_dtype, device=x.device) if emit_squares else None
+    parts = norm_squares.shape[0] if norm_squares is not None else 1
+    _kernels().rows_kernel[(programs,)](
         *pointers, rows, n, x.stride(0), gate_in.stride(0), residual_in.stride(0), weight.stride(0),
-        weight2_in.stride(0), eps, DOT=dot, PRECISION="ieee", BLOCK_M=max(16, 1 << (rows - 1).bit_length()),
-        **options,
+        weight2_in.stride(0), eps, norm_squares if norm_squares is not None else y,
+        squares_out if squares_out is not None else y, parts, DOT=dot, PRECISION="ieee",
+        BLOCK_M=max(16, 1 << (rows - 1).bit_length()), SQUARES_IN=norm_squares is not None,
+        SQUARES_OUT=emit_squares, BLOCK_P=max(2, 1 << (parts - 1).bit_length()), **options,
     )  # fmt: skip
-    return y
+    return (y, squares_out) if emit_squares else y
 
 
 EMBED_BLOCK = 1024
