@@ -30,6 +30,9 @@
 #                   side in the graph (--no-branches / --branches), twice each, one machine (MODELS, default "7B 1B")
 #   decode-defer    decoding (BATCH, default "1,32") with the greedy device loop writing the recurrent states
 #                   back every step and every DEFER (default 4) steps, twice each, one machine (MODELS)
+#   decode-rows     decoding at BATCH (default 32) with the layer forwards (--gemv_max_batch 1) and the GEMV step
+#                   of several rows (the rows kernel, norms reading the squares the projection before wrote), twice
+#                   each, one machine (MODELS)
 #   decode-kernel   decoding with the torch and the triton recurrence
 #   gemv            the batch-1 decode projections: cuBLAS / cuBLASLt against a Triton GEMV (benchmarks/gemv.py;
 #                   GEMV_ARGS=--fused: tnlora.ops.gemv's fused forms against the composition they replace;
@@ -190,6 +193,10 @@ for stage in "$@"; do
     decode-defer)  # the device loop's state writes every step against every DEFER steps, twice each (MODELS)
       for m in ${MODELS:-7B 1B}; do for r in 1 2; do for d in 0 ${DEFER:-4}; do
         decode --model $m --batch ${BATCH:-1,32} --defer_steps $d
+      done; done; done ;;
+    decode-rows)  # batch BATCH (default 32): the layer forwards against the rows-kernel GEMV step, twice each (MODELS)
+      for m in ${MODELS:-7B 1B}; do for r in 1 2; do for g in 1 ${BATCH:-32}; do
+        decode --model $m --batch ${BATCH:-32} --gemv_max_batch $g
       done; done; done ;;
     decode-kernel)
       for m in ${MODELS:-7B 1B}; do for k in torch triton; do decode --model $m --decode_kernel $k; done; done ;;
