@@ -89,11 +89,12 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from tnlora.data.templates import get_template
+    from tnlora.infer.decode_graph import defer_steps_for
     from tnlora.infer.loading import InferenceModel, load_for_inference
     from tnlora.model.configuration import PRESETS
     from tnlora.model.tokenizer import ByteTokenizer, load_tokenizer
     from tnlora.serve.app import ServeConfig, create_app
-    from tnlora.serve.server import EngineOptions, build_context, default_defer_steps
+    from tnlora.serve.server import EngineOptions, build_context
 
     if args.model in PRESETS and args.adapter is None:
         from tnlora.bench.common import random_model as build_model
@@ -106,7 +107,7 @@ def serve(args: argparse.Namespace) -> None:
     else:
         loaded = load_for_inference(args.model, args.adapter, device=args.device, merge_adapter=True)
     max_batch = int(args.max_batch)
-    defer_steps = default_defer_steps(max_batch) if args.defer_steps is None else args.defer_steps
+    defer_steps = defer_steps_for(max_batch) if args.defer_steps is None else args.defer_steps
     options = EngineOptions(max_batch=max_batch, max_sessions=8, host_sessions=8, defer_steps=defer_steps)
     config = ServeConfig(model_name=MODEL_NAME, max_tokens_limit=1 << 20, max_prompt_tokens=1 << 20)
     ctx = build_context(loaded, config, options)

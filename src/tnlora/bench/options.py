@@ -33,7 +33,8 @@ def train_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
                              "--no-lora_compiled_op, peft's composition (lora_kernel fused)")
     parser.add_argument("--lora_grad_kernel", default="auto", choices=["auto", "torch", "triton"],
                         help="the fused LoRA layers' backward products of dy: two GEMMs (torch), one read of dy "
-                             "(triton, CUDA) or auto (the default: the one read from 131,072 tokens a micro-batch)")
+                             "(triton, CUDA) or auto (the default: the one read from tnlora.ops.lora.LORA_GRAD_MIN_ROWS = "
+                             "65,536 tokens a micro-batch)")
     parser.add_argument("--gpu_memory_gib", type=float, default=0.0,
                         help="allocate at most this much GPU memory (the defaults size for it too): a smaller "
                              "card on this one, e.g. 79.6 for an 80 GB card")

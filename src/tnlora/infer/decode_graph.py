@@ -722,7 +722,7 @@ class DecodeGraphs:
             return None
         steps = runner.greedy.get(len(rule.eos))
         if steps is None:
-            defer = self.defer_steps if runner.batch_size >= self.defer_min_batch else 0
+            defer = defer_steps_for(runner.batch_size, self.defer_steps, self.defer_min_batch)
             steps = runner.greedy[len(rule.eos)] = GreedyDeviceSteps(runner, len(rule.eos), defer)
         return self._capturing(steps.graph is None, lambda: steps.start(model, cache, rule, tokens, unfinished, length))
 
@@ -808,6 +808,12 @@ class DecodeGraphs:
                                       branches=self.branches)
             self.runners[batch] = runner
         return runner if runner.fits(input_ids, cache) else None
+
+
+def defer_steps_for(batch: int, steps: int = DEFER_STEPS, min_batch: int = DEFER_MIN_BATCH) -> int:
+    """The steps between state write-backs for ``batch`` rows: ``steps`` from ``min_batch`` rows, else 0 (every
+    step: below it the held steps' work costs more than the writes save; ``DEFER_MIN_BATCH``)."""
+    return steps if batch >= min_batch else 0
 
 
 def defer_steps_error(steps: int) -> str | None:
@@ -902,6 +908,7 @@ __all__ = [
     "blas_library",
     "decode_kernel",
     "defer_steps_error",
+    "defer_steps_for",
     "gemv_applies",
     "install_graph_decoding",
     "installed_graphs",

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tnlora.errors import TnloraError
-from tnlora.infer.decode_graph import DEFER_MIN_BATCH, DEFER_STEPS, defer_steps_error
+from tnlora.infer.decode_graph import defer_steps_error, defer_steps_for
 from tnlora.infer.generate import stop_settings
 from tnlora.serve.app import ServeConfig, ServeContext, create_app
 from tnlora.serve.engine import Engine
@@ -43,13 +43,6 @@ def build_context(loaded: Any, config: ServeConfig, options: EngineOptions) -> S
     return ServeContext(engine, loaded.tokenizer, loaded.template, loaded.system, config)
 
 
-def default_defer_steps(max_batch: int) -> int:
-    """``--defer_steps``' default for ``max_batch`` slots: as greedy ``generate()`` defers, from DEFER_MIN_BATCH
-    rows, where the state writes saved outweigh the held steps' work (7B at 32 slots: +6 %, RESULTS.md
-    "Serving")."""
-    return DEFER_STEPS if max_batch >= DEFER_MIN_BATCH else 0
-
-
 def default_model_name(model: str | None, adapter: str | None) -> str:
     """The adapter's directory name, else the base model's (a preset name or a directory's name)."""
     for source in (adapter, model):
@@ -68,7 +61,8 @@ def options_from_args(args: Any) -> tuple[ServeConfig, EngineOptions]:
     for name in ("max_sessions", "host_sessions"):
         if getattr(args, name) < 0:
             raise TnloraError(f"--{name}: must be >= 0, got {getattr(args, name)}")
-    defer_steps = default_defer_steps(args.max_batch) if args.defer_steps is None else args.defer_steps
+    # Unset: as greedy generate() defers (7B at 32 slots: +6 %, RESULTS.md "Serving").
+    defer_steps = defer_steps_for(args.max_batch) if args.defer_steps is None else args.defer_steps
     if defer_steps_error(defer_steps):
         raise TnloraError(f"--defer_steps: {defer_steps_error(defer_steps)}")
     if not 0 <= args.temperature <= 2:
