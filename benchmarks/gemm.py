@@ -7,7 +7,12 @@ possible causes: the shape and layout (forward x Wᵀ, input gradient dy W), the
 adapter's output already in y (``addmm_``), and the clock under a sustained load (nvidia-smi sampled while a
 few seconds of one shape run back to back).
 
-    python3 benchmarks/gemm.py [--models 7B,1B] [--rows 16384,131072] [--sustain 4]    # on a GPU
+With ``--fp8`` each shape also runs the forms ``fp8: true`` trains with (tnlora.ops.fp8): the e4m3 GEMM with
+row scales alone (operands quantized beforehand), and as the fused LoRA layer calls it (x or dy quantized per
+token first, the weight's transpose made for the input gradient, the adapter's part added after): what the fp8
+tensor cores give against the bf16 rows of the same shape, and what the quantization costs around them.
+
+    python3 benchmarks/gemm.py [--models 7B,1B] [--rows 16384,131072] [--sustain 4] [--fp8]    # on a GPU
 """
 
 from __future__ import annotations
@@ -53,6 +58,40 @@ def forms(t: dict[str, Tensor]) -> dict[str, tuple[Callable[[], Tensor], float]]
         "dgrad dy W (β=0)": (lambda: torch.mm(dy, w), flops),
         "dgrad dx += dy W (β=1)": (lambda: dx.addmm_(dy, w), flops),
     }
+
+
+def fp8_forms(t: dict[str, Tensor]) -> dict[str, tuple[Callable[[], Tensor], float]]:
+    """The fp8 forms of :func:`forms` (tnlora.ops.fp8): the scaled GEMM alone on operands quantized beforehand,
+    and each GEMM as the fused LoRA layer runs it (quantizing x / dy per token, the transposed weight for the
+    input gradient, then y += adapter's part as a β = 1 rank-8 GEMM standing in for it: the forms' extra passes)."""
+    from tnlora.ops.fp8 import fp8_linear, fp8_linear_input_grad, quantize_rows, quantize_weight
+
+    x, w, dy = t["x"], t["w"], t["dy"]
+    flops = 2.0 * x.shape[0] * w.shape[0] * w.shape[1]
+    wq, ws = quantize_weight(w)
+    wt = wq.t().contiguous()
+    xq, xs = quantize_rows(x)
+    dyq, dys = quantize_rows(dy, ws)
+    ones = torch.ones((1, w.shape[1]), device=x.device)
+    rank = 8
+    h = torch.randn(x.shape[0], rank, device=x.device, dtype=x.dtype)
+    b = torch.randn(w.shape[0], rank, device=x.device, dtype=x.dtype)
+    a = torch.randn(rank, w.shape[1], device=x.device, dtype=x.dtype)
+
+    def layer_forward() -> Tensor:
+        return fp8_linear(x, wq, ws, x.dtype).addmm_(h, b.t())
+
+    def layer_input_grad() -> Tensor:
+        return fp8_linear_input_grad(dy, wq, ws, dy.dtype).addmm_(h, a)
+
+    return {
+        "fp8 fwd x Wᵀ (GEMM alone)": (
+            lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, out_dtype=x.dtype), flops),
+        "fp8 dgrad dy W (GEMM alone)": (
+            lambda: torch._scaled_mm(dyq, wt.t(), scale_a=dys, scale_b=ones, out_dtype=x.dtype), flops),
+        "fp8 fwd as the layer runs it": (layer_forward, flops),
+        "fp8 dgrad as the layer runs it": (layer_input_grad, flops),
+    }  # fmt: skip
 
 
 def clock_sampler() -> subprocess.Popen | None:
@@ -104,6 +143,7 @@ def main() -> None:
     parser.add_argument("--rows", default="16384,131072", help="tokens (GEMM rows), comma-separated")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--sustain", type=float, default=4.0, help="seconds of the 7B l1 forward back to back")
+    parser.add_argument("--fp8", action="store_true", help="also the fp8 forms fp8: true trains with")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.exit(2, "error: benchmarks/gemm.py measures a CUDA GPU's GEMMs; this machine has none\n")
@@ -118,7 +158,9 @@ def main() -> None:
     for model in args.models.split(","):
         for name, n, k in SHAPES[model]:
             for m in (int(r) for r in args.rows.split(",")):
-                for form, (fn, flops) in forms(operands(m, n, k)).items():
+                tensors = operands(m, n, k)
+                every = {**forms(tensors), **(fp8_forms(tensors) if args.fp8 else {})}
+                for form, (fn, flops) in every.items():
                     for _ in range(2):
                         fn()
                     t = statistics.median(cuda_seconds(fn, args.repeats))
@@ -128,6 +170,9 @@ def main() -> None:
     if args.sustain > 0:
         fn, flops = forms(operands(131072, 11008, 4096))["fwd y += x Wᵀ (β=1)"]
         print(f"sustained 7B l1 forward (β=1, 131072 rows): {sustained(fn, flops, args.sustain)}", flush=True)
+        if args.fp8:
+            fn, flops = fp8_forms(operands(131072, 11008, 4096))["fp8 fwd x Wᵀ (GEMM alone)"]
+            print(f"sustained 7B l1 forward (fp8, 131072 rows): {sustained(fn, flops, args.sustain)}", flush=True)
 
 
 if __name__ == "__main__":

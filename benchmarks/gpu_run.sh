@@ -47,6 +47,8 @@
 #                   step (the default) and the GEMV step without dependent launches (--no-pdl), one machine
 #   opt-outs        tnlora train's defaults against their opt-outs on one machine (MODELS, default 1B):
 #                   --loss_kernel torch and / or --no-lora_compiled_op
+#   train-fp8       tnlora train's defaults with the frozen GEMMs in bf16 and in fp8 (fp8 false / true), twice each,
+#                   alternating, one machine (MODELS, default "1B 7B"); gemm with GEMM_ARGS=--fp8: the GEMMs alone
 #   act-kernel      tnlora train's defaults with the token mixer's activation as PyTorch's form and as the kernels
 #                   (act_kernel torch / triton; MODELS, default "1B 7B"; "auto", the default, is triton on CUDA)
 #   act             the activation alone, forward and backward, compiled PyTorch form against the operators
@@ -165,6 +167,10 @@ for stage in "$@"; do
       table_script gemv.py ${GEMV_ARGS:-} ;;
     gemm)
       log "gemm ${GEMM_ARGS:-}"; timeout ${LIMIT:-300} python3 benchmarks/gemm.py ${GEMM_ARGS:-} 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | grep -E "^\| |reference|sustained" >> "$OUT/table.txt" ;;
+    train-fp8)
+      for m in ${MODELS:-1B 7B}; do for round in 1 2; do for f in false true; do
+        train --model $m --fp8 $f $CAP --name "$m huanhuan-shaped, tnlora train's defaults, fp8 $f, round $round ($COMMIT)$TAG"
+      done; done; done ;;
     opt-outs)  # tnlora train's defaults against their opt-outs on one machine: the loss kernel and the compiled
       # fused-LoRA operators, each alone and both (MODELS, default 1B)
       for m in ${MODELS:-1B}; do

@@ -350,3 +350,28 @@ def test_sample_prompts_are_a_list_one_prompt_or_a_file_recorded_absolute(tmp_pa
     assert load_run_config(None, [*BASE, "--sample_prompts", "p.txt"]).sample_prompts == str(tmp_path / "p.txt")
     from_yaml = write_yaml(tmp_path, "sample_prompts:\n  - '[not a list]'\n  - b\n")
     assert load_run_config(from_yaml, BASE).sample_prompts == ["[not a list]", "b"]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (["--fp8", "true", "--finetuning_type", "full"],
+         "fp8: computes the frozen base weights' GEMMs of LoRA training in fp8, not finetuning_type: full"),
+        (["--fp8", "true", "--quantization_bit", "4"], "fp8: the base is already quantized (quantization_bit)"),
+        (["--fp8", "true", "--lora_kernel", "peft"], "fp8: runs in the fused LoRA layer; set lora_kernel: fused"),
+        (["--fp8", "true", "--use_dora", "true"], "fp8: DoRA layers keep peft's own forward"),
+        (["--fp8", "true", "--fsdp", "full_shard"], "fsdp: sharded weights have no fp8 copy"),
+        (["--fp8_backend", "te"], "fp8_backend: another fp8 backend (fp8: true runs PyTorch's scaled matmul"),
+    ],
+)  # fmt: skip
+def test_fp8_that_tnlora_cannot_train_is_refused_in_one_line(override, expected):
+    assert refusal(override).startswith(expected)
+
+
+def test_fp8_is_a_run_key_with_llamafactorys_backend_key_accepted_at_auto(tmp_path):
+    cfg = load_run_config(write_yaml(tmp_path, "fp8: true\nfp8_backend: auto\nfsdp: none\n"), BASE)
+    assert cfg.fp8 is True and load_run_config(None, BASE).fp8 is False
+    # on a GPU the fp8 GEMMs return bf16; the CPU takes fp32 too
+    with pytest.raises(ConfigError, match="fp8: the fp8 GEMMs return bf16 on a GPU; set bf16: true"):
+        resolve_defaults(load_run_config(None, [*BASE, "--fp8", "true", "--bf16", "false"]), cuda=True, cuda_bf16=True)
+    assert resolve_defaults(cfg, cuda=False, cuda_bf16=False).fp8

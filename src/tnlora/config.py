@@ -141,6 +141,15 @@ class RunConfig:
             choices=("fused", "peft"),
         ),
     )
+    fp8: bool = field(
+        default=False,
+        metadata=_opt(
+            "LoRA: the frozen base weights' GEMMs (forward and input gradient) in fp8 e4m3, one scale per row of "
+            "each operand (tnlora.ops.fp8); the adapters, their gradients and everything else keep bf16 / fp32. "
+            "Rounds the base's contribution (as QLoRA does, more finely); on a GPU needs compute capability ≥ 8.9 "
+            "(Ada, Hopper) and bf16; evaluation and generation keep the bf16 base"
+        ),
+    )
     freeze_trainable_layers: int = field(
         default=2, metadata=_opt("freeze: train the last n layers (negative: the first n)")
     )
@@ -391,6 +400,7 @@ _REPORTERS = {
 }
 # LLaMA-Factory keys accepted with the one value that matches what tnlora does: key -> (accepted values, feature).
 _FIXED_KEYS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "fp8_backend": (("auto",), "another fp8 backend (fp8: true runs PyTorch's scaled matmul, tnlora.ops.fp8)"),
     "flash_attn": (("auto", "disabled"), "a softmax-attention kernel (TransNormerLLM's attention is attention_impl)"),
     "mix_strategy": (("concat",), "interleaved dataset mixing (datasets are concatenated)"),
 }
@@ -830,6 +840,26 @@ def _check_combinations(cfg: RunConfig) -> None:
     if cfg.resume_from_checkpoint is False:
         cfg.resume_from_checkpoint = None
     _check_sharding(cfg)
+    if cfg.fp8:
+        _check_fp8(cfg)
+
+
+def _check_fp8(cfg: RunConfig) -> None:
+    """fp8 runs inside the fused LoRA layer, over a plain bf16 / fp32 base on one unsharded copy."""
+    if cfg.finetuning_type != "lora":
+        raise ConfigError(
+            f"fp8: computes the frozen base weights' GEMMs of LoRA training in fp8, not finetuning_type: "
+            f"{cfg.finetuning_type}; drop fp8 or use finetuning_type: lora"
+        )
+    if cfg.quantization_bit is not None:
+        raise ConfigError("fp8: the base is already quantized (quantization_bit); set one of them")
+    if cfg.lora_kernel != "fused":
+        raise ConfigError("fp8: runs in the fused LoRA layer; set lora_kernel: fused (the default) or drop fp8")
+    if cfg.use_dora:
+        raise ConfigError("fp8: DoRA layers keep peft's own forward, which has no fp8 form; drop one of them")
+    if cfg.fsdp or cfg.deepspeed:
+        engine = "fsdp" if cfg.fsdp else "deepspeed"
+        raise ConfigError(f"{engine}: sharded weights have no fp8 copy; drop fp8 or train without {engine}")
 
 
 # The words of the Trainer's (and LLaMA-Factory's) ``fsdp`` string that FSDP2 has.
@@ -932,6 +962,8 @@ def resolve_defaults(
         raise ConfigError(NO_GPU_FOR_QUANTIZATION)
     if out.quantization_bit is not None and not out.bf16:
         raise ConfigError("quantization_bit: a quantized base computes in bf16, which this GPU does not support")
+    if out.fp8 and cuda and not out.bf16:
+        raise ConfigError("fp8: the fp8 GEMMs return bf16 on a GPU; set bf16: true (or drop fp8)")
     if out.packing is None:
         out.packing = bool(cuda)
     if out.torch_compile is None:

@@ -226,6 +226,18 @@ def test_quantized_linear_layers_are_counted_at_about_half_a_byte_a_parameter():
     assert memory.weight_bytes(config, cfg) / GIB == pytest.approx(3.91, abs=0.01)  # 12.7 GiB in bf16
 
 
+def test_fp8_adds_a_byte_for_each_adapted_weight():
+    """fp8: true keeps an e4m3 copy of every adapted layer's frozen weight beside the bf16 one; only the adapted
+    ones (lora_target)."""
+    config = config_from_preset("7B")
+    plain, fp8 = gpu_config("7B"), gpu_config("7B", "--fp8", "true")
+    counts = memory.parameter_counts(config, fp8)
+    assert counts.adapted == counts.linear == 6_574_571_520
+    assert memory.weight_bytes(config, fp8) - memory.weight_bytes(config, plain) == counts.adapted
+    some = gpu_config("7B", "--fp8", "true", "--lora_target", "qkvu_proj")
+    assert memory.parameter_counts(config, some).adapted == config.decoder_layers * 4 * 4096 * 4096  # 30 layers
+
+
 def test_checkpointing_keeps_each_layers_input_and_offload_keeps_two(monkeypatch):
     monkeypatch.setattr(select, "triton_available", lambda: True)  # the GPU's forms
     config = config_from_preset("7B")

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tnlora.ops.fp8 import fp8_linear, fp8_linear_input_grad
 from tnlora.ops.lora_grad import lora_dy_products, lora_dy_products_reference
 
 
@@ -71,6 +72,7 @@ def lora_linear(
     compiled_op: bool = True,
     output_needed: bool = True,
     grad_kernel: str = "auto",
+    weight_fp8: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """x [..., in] → [..., out] through the frozen ``weight`` [out, in] (and ``bias``) plus the adapter
     ``lora_a`` [r, in], ``lora_b`` [out, r] scaled by ``scaling``, with dropout ``dropout`` on the adapter's
@@ -80,16 +82,25 @@ def lora_linear(
     not computed, while what the backward reads is saved as always (a checkpointed layer's recompute).
     ``grad_kernel="triton"`` (the fused form, CUDA tensors): the backward's two products of dy (g = dy B and
     dB) come from one read of dy (:mod:`tnlora.ops.lora_grad`) instead of two GEMMs; "auto" (the default): so
-    from ``LORA_GRAD_MIN_ROWS`` rows of x, "torch": always the two GEMMs."""
+    from ``LORA_GRAD_MIN_ROWS`` rows of x, "torch": always the two GEMMs. ``weight_fp8`` (the fused form): the
+    frozen weight as :func:`tnlora.ops.fp8.quantize_weight` returns it, so the frozen GEMMs (x Wᵀ and dy W) run
+    in fp8 with x and dy quantized per token; the adapter's products and gradients are unchanged."""
     if weight.requires_grad or (bias is not None and bias.requires_grad):
+        if weight_fp8 is not None:
+            raise ValueError("lora_linear: an fp8 copy of the base weight is for a frozen weight only")
         return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout, training)
     p = dropout if training else 0.0
     one_read = reads_dy_once(grad_kernel, x.numel() // max(1, x.shape[-1]), x.is_cuda)
+    weight_q, weight_scale = weight_fp8 if weight_fp8 is not None else (None, None)
     if torch.compiler.is_compiling():
-        if not compiled_op:
+        if not compiled_op and weight_fp8 is None:
             return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout, training)
-        return _lora_linear_op_call(x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read)
-    return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read)
+        return _lora_linear_op_call(
+            x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale
+        )
+    return _LoraLinear.apply(
+        x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale
+    )
 
 
 def reads_dy_once(grad_kernel: str, rows: int, cuda: bool) -> bool:
@@ -121,11 +132,12 @@ def _in_compute_dtype(
 
 def _forward_gemms(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, p: float,
-    output_needed: bool,
+    output_needed: bool, weight_q: Tensor | None = None, weight_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(y, s · h, drop(x), kept-mask or None without dropout) for x [T, in] and the weights in one compute dtype:
     with h = drop(x) Aᵀ, y = s · h Bᵀ (+ b) is written first, then the frozen GEMM adds x Wᵀ to it (β = 1).
-    Without ``output_needed`` y is left uncomputed (:func:`lora_linear`)."""
+    Without ``output_needed`` y is left uncomputed (:func:`lora_linear`). With ``weight_q`` the frozen GEMM is
+    the fp8 one (:func:`tnlora.ops.fp8.fp8_linear`), which has no β = 1 form: s · h Bᵀ is added to its result."""
     if p > 0.0:
         # F.dropout's own kernel and draw (one pass; the kept-mask comes back for the backward)
         xd, mask = torch.ops.aten.native_dropout(x, p, True)
@@ -134,6 +146,12 @@ def _forward_gemms(
     hs = xd @ (lora_a.t() * scaling)  # the scale on the [in, r] factor, not on a [T, ...] tensor
     if not output_needed:
         return x.new_empty((x.shape[0], weight.shape[0])), hs, xd, mask
+    if weight_q is not None:
+        y = fp8_linear(x, weight_q, weight_scale, x.dtype)
+        y.addmm_(hs, lora_b.t())
+        if bias is not None:
+            y.add_(bias)
+        return y, hs, xd, mask
     # The adapter's output is written once and the large GEMM reads it in its epilogue, where its compute hides
     # the read. Adding it afterwards (y += hs Bᵀ, β = 1) read and wrote the whole output again: 0.6 s of an
     # 11.1 s 7B step at 131,072 tokens, 3.6 % of a 1B step.
@@ -147,17 +165,26 @@ def _forward_gemms(
 def _backward_gemms(
     dy: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xd: Tensor, hs: Tensor, mask: Tensor | None,
     scaling: float, p: float, needs: tuple[bool, bool, bool], one_read: bool = False,
+    weight_q: Tensor | None = None, weight_scale: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(dx, dA, dB) in the compute dtype, each only where ``needs`` (x, A, B) asks for it, with hs = s · h:
     g = dy B; dx = s · (g A) ⊙ mask, then dx += dy W in the large GEMM (β = 1); dA = s · gᵀ drop(x);
-    dB = dyᵀ hs. With ``one_read`` g and dB come from one pass over dy (:func:`lora_dy_products`)."""
+    dB = dyᵀ hs. With ``one_read`` g and dB come from one pass over dy (:func:`lora_dy_products`). With
+    ``weight_q`` dy W is the fp8 GEMM (:func:`tnlora.ops.fp8.fp8_linear_input_grad`) and the adapter's part is
+    added to it."""
     if needs[2]:
         g, grad_b = (lora_dy_products if one_read else lora_dy_products_reference)(dy, lora_b, hs)
     else:
         g, grad_b = dy @ lora_b, None  # g [T, r]: the gradient reaching h, before the scaling
     grad_a = (g.t() @ xd).mul_(scaling) if needs[1] else None
     grad_x = None
-    if needs[0]:
+    if needs[0] and weight_q is not None:
+        grad_x = fp8_linear_input_grad(dy, weight_q, weight_scale, dy.dtype)
+        if mask is None:
+            grad_x.addmm_(g, lora_a * scaling)
+        else:
+            grad_x.add_(torch.ops.aten.native_dropout_backward(g @ lora_a, mask, scaling / (1.0 - p)))
+    elif needs[0]:
         if mask is None:
             grad_x = g @ (lora_a * scaling)
         else:
@@ -170,22 +197,22 @@ class _LoraLinear(torch.autograd.Function):
     """:func:`_forward_gemms` and :func:`_backward_gemms` in eager code, with the casts to the compute dtype."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale):
         operands = _in_compute_dtype(x, weight, bias, lora_a, lora_b)
-        y, hs, xd, mask = _forward_gemms(*operands, scaling, p, output_needed)
-        ctx.save_for_backward(weight, lora_a, lora_b, xd, hs, mask)
+        y, hs, xd, mask = _forward_gemms(*operands, scaling, p, output_needed, weight_q, weight_scale)
+        ctx.save_for_backward(weight, lora_a, lora_b, xd, hs, mask, weight_q, weight_scale)
         ctx.scaling, ctx.dtype, ctx.x_shape, ctx.x_dtype = scaling, y.dtype, x.shape, x.dtype
         ctx.p, ctx.one_read = p, one_read
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        weight, lora_a, lora_b, xd, hs, mask = ctx.saved_tensors
+        weight, lora_a, lora_b, xd, hs, mask, weight_q, weight_scale = ctx.saved_tensors
         dtype = ctx.dtype
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
         grad_x, grad_a, grad_b = _backward_gemms(
             dy.reshape(-1, dy.shape[-1]).to(dtype), weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype), xd, hs,
-            mask, ctx.scaling, ctx.p, needs, ctx.one_read,
+            mask, ctx.scaling, ctx.p, needs, ctx.one_read, weight_q, weight_scale,
         )  # fmt: skip
         if grad_x is not None:
             grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
@@ -193,7 +220,7 @@ class _LoraLinear(torch.autograd.Function):
             grad_a = grad_a.to(lora_a.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(lora_b.dtype)
-        return grad_x, None, None, grad_a, grad_b, None, None, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None, None, None
 
 
 # The same computation as custom operators, for compiled code: the casts to the compute dtype stay outside (where
@@ -203,18 +230,18 @@ class _LoraLinear(torch.autograd.Function):
 @torch.library.custom_op("tnlora::lora_linear", mutates_args=())
 def _lora_linear_op(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, p: float,
-    output_needed: bool, one_read: bool,
+    output_needed: bool, one_read: bool, weight_q: Tensor | None, weight_scale: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, s · h, drop(x), kept-mask) for x [T, in] and the weights in one dtype; without dropout the last two are
     empty (an operator's outputs may not alias its inputs). ``one_read`` is for the backward."""
-    y, hs, xd, mask = _forward_gemms(x, weight, bias, lora_a, lora_b, scaling, p, output_needed)
+    y, hs, xd, mask = _forward_gemms(x, weight, bias, lora_a, lora_b, scaling, p, output_needed, weight_q, weight_scale)
     if mask is None:
         return y, hs, x.new_empty((0, x.shape[1])), x.new_empty((0, x.shape[1]), dtype=torch.bool)
     return y, hs, xd, mask
 
 
 @_lora_linear_op.register_fake
-def _lora_linear_op_fake(x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read):
+def _lora_linear_op_fake(x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale):
     rows, width = x.shape
     kept = rows if p > 0.0 else 0
     return (
@@ -228,35 +255,39 @@ def _lora_linear_op_fake(x, weight, bias, lora_a, lora_b, scaling, p, output_nee
 @torch.library.custom_op("tnlora::lora_linear_backward", mutates_args=())
 def _lora_linear_backward_op(
     dy: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xd: Tensor, hs: Tensor, mask: Tensor,
-    scaling: float, p: float, needs_x: bool, one_read: bool,
+    scaling: float, p: float, needs_x: bool, one_read: bool, weight_q: Tensor | None, weight_scale: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB) as _LoraLinear's backward computes them; dx is empty unless ``needs_x``."""
     grad_x, grad_a, grad_b = _backward_gemms(
-        dy, weight, lora_a, lora_b, xd, hs, mask if p > 0.0 else None, scaling, p, (needs_x, True, True), one_read
+        dy, weight, lora_a, lora_b, xd, hs, mask if p > 0.0 else None, scaling, p, (needs_x, True, True), one_read,
+        weight_q, weight_scale,
     )
     return (grad_x if grad_x is not None else dy.new_empty((0,))), grad_a, grad_b
 
 
 @_lora_linear_backward_op.register_fake
-def _lora_linear_backward_op_fake(dy, weight, lora_a, lora_b, xd, hs, mask, scaling, p, needs_x, one_read):
+def _lora_linear_backward_op_fake(
+    dy, weight, lora_a, lora_b, xd, hs, mask, scaling, p, needs_x, one_read, weight_q, weight_scale
+):
     grad_x = dy.new_empty((dy.shape[0], weight.shape[1])) if needs_x else dy.new_empty((0,))
     return grad_x, torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
 def _lora_linear_op_setup(ctx, inputs, output) -> None:
-    x, weight, _bias, lora_a, lora_b, scaling, p, _output_needed, one_read = inputs
+    x, weight, _bias, lora_a, lora_b, scaling, p, _output_needed, one_read, weight_q, weight_scale = inputs
     _y, hs, xd, mask = output
-    ctx.save_for_backward(weight, lora_a, lora_b, xd if p > 0.0 else x, hs, mask)
+    ctx.save_for_backward(weight, lora_a, lora_b, xd if p > 0.0 else x, hs, mask, weight_q, weight_scale)
     ctx.scaling, ctx.p, ctx.one_read = scaling, p, one_read
 
 
 def _lora_linear_op_backward(ctx, dy, _dh, _dxd, _dmask):
-    weight, lora_a, lora_b, xd, hs, mask = ctx.saved_tensors
+    weight, lora_a, lora_b, xd, hs, mask, weight_q, weight_scale = ctx.saved_tensors
     needs_x = ctx.needs_input_grad[0]
     grad_x, grad_a, grad_b = torch.ops.tnlora.lora_linear_backward(
-        dy.to(hs.dtype), weight, lora_a, lora_b, xd, hs, mask, ctx.scaling, ctx.p, needs_x, ctx.one_read
-    )
-    return (grad_x if needs_x else None), None, None, grad_a, grad_b, None, None, None, None
+        dy.to(hs.dtype), weight, lora_a, lora_b, xd, hs, mask, ctx.scaling, ctx.p, needs_x, ctx.one_read,
+        weight_q, weight_scale,
+    )  # fmt: skip
+    return (grad_x if needs_x else None), None, None, grad_a, grad_b, None, None, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -264,10 +295,12 @@ torch.library.register_autograd(
 )
 
 
-def _lora_linear_op_call(x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read) -> Tensor:
+def _lora_linear_op_call(
+    x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q=None, weight_scale=None
+) -> Tensor:
     """lora_linear through the custom operators: inputs cast to the compute dtype, rows flattened."""
     operands = _in_compute_dtype(x, weight, bias, lora_a, lora_b)
-    y = torch.ops.tnlora.lora_linear(*operands, scaling, p, output_needed, one_read)[0]
+    y = torch.ops.tnlora.lora_linear(*operands, scaling, p, output_needed, one_read, weight_q, weight_scale)[0]
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

@@ -9,11 +9,13 @@ partition). Evaluation, inference and every other case run peft's forward.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import Tensor, nn
+from transformers import TrainerCallback
 
 from tnlora.model.modeling import partitioned
 from tnlora.ops.lora import lora_linear
@@ -33,6 +35,10 @@ class FusedLoraLinear(LoraLinear):
     # False while a checkpointed layer recomputes this projection and reads none of its output (set by the
     # layer's recompute context, TransnormerDecoderLayer.recomputing): the frozen GEMM is left out.
     output_needed = True
+    # The frozen weight in fp8 (quantized values, scales: tnlora.ops.fp8.quantize_weight) while a run with fp8: true
+    # trains (set_base_fp8); the fused forward's frozen GEMMs then run in fp8. A plain attribute, not a buffer:
+    # it is never saved, and DDP does not broadcast it each step.
+    fp8_weight: tuple[Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         adapter = self._fused_adapter(x, args, kwargs)
@@ -44,6 +50,7 @@ class FusedLoraLinear(LoraLinear):
         return lora_linear(
             x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
             self.scaling[adapter], p, dropout.training, self.compiled_op, self.output_needed, self.grad_kernel,
+            self.fp8_weight,
         )
 
     def _fused_adapter(self, x: Tensor, args: tuple, kwargs: dict) -> str | None:
@@ -74,6 +81,50 @@ class FusedLoraLinear(LoraLinear):
         return adapter
 
 
+def set_base_fp8(model: nn.Module, enabled: bool) -> int:
+    """Give every fused LoRA layer an fp8 copy of its frozen weight, made where the weight is now
+    (:func:`tnlora.ops.fp8.quantize_weight`: one byte a weight and a scale a row), or drop the copies (``enabled``
+    False). Layers whose weight the fp8 GEMMs cannot take there (:func:`tnlora.ops.fp8.fp8_supported`) keep the
+    compute dtype. Returns how many layers have a copy."""
+    from tnlora.ops.fp8 import fp8_supported, quantize_weight
+
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, FusedLoraLinear):
+            continue
+        weight = module.get_base_layer().weight
+        if enabled and type(module.get_base_layer()) is nn.Linear and fp8_supported(weight):
+            module.fp8_weight = quantize_weight(weight)
+            count += 1
+        else:
+            module.fp8_weight = None
+    return count
+
+
+class BaseFp8Callback(TrainerCallback):
+    """``fp8: true``: the fp8 copies of the frozen weights are made when training starts (the Trainer has put the
+    model on its device by then) and dropped when it ends (evaluation after it, sample replies and the returned
+    model use the bf16 base)."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        count = set_base_fp8(model, True)
+        fused = sum(isinstance(m, FusedLoraLinear) for m in model.modules())
+        if not state.is_world_process_zero:
+            return
+        if count == fused:
+            print(f"fp8: the frozen weights of {count} adapted layers in fp8 (e4m3, row scales)", flush=True)
+        else:
+            print(
+                f"warning: fp8: {fused - count} of {fused} adapted layers keep bf16 here (fp8 GEMMs need compute "
+                "capability ≥ 8.9 and widths that are multiples of 16)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        set_base_fp8(model, False)
+
+
 def register_fused_lora(lora_config: Any) -> Any:
     """``lora_config`` (a peft ``LoraConfig``) with plain ``nn.Linear`` targets wrapped by
     :class:`FusedLoraLinear`; returned for chaining."""
@@ -81,4 +132,4 @@ def register_fused_lora(lora_config: Any) -> Any:
     return lora_config
 
 
-__all__ = ["FusedLoraLinear", "register_fused_lora"]
+__all__ = ["BaseFp8Callback", "FusedLoraLinear", "register_fused_lora", "set_base_fp8"]

@@ -47,6 +47,9 @@ OFFLOADED_INPUTS_IN_FLIGHT = 2
 # 64 (double quantization: an 8-bit scale per block and an fp32 one per 256 blocks); 8-bit values plus one fp32
 # scale per output row, negligible.
 QUANTIZED_BYTES = {(4, False): 0.5 + 4 / 64, (4, True): 0.5 + 1 / 64 + 4 / (64 * 256), (8, False): 1.0, (8, True): 1.0}
+# fp8: true keeps an e4m3 copy of every adapted layer's frozen weight beside the bf16 one (the scales, one fp32 a
+# row, are negligible); the backward's transposed copy of one weight and the quantized x / dy live one GEMM each.
+FP8_COPY_BYTES = 1.0
 # A trained parameter: its fp32 copy, gradient and AdamW's two moments.
 TRAINED_BYTES = 16
 # The chunked loss holds two fp32 logit chunks (loss_chunk_size × vocabulary) at a time: the logits and their
@@ -71,6 +74,7 @@ class ParameterCounts:
     total: int  # the tied embedding once
     linear: int  # the decoder layers' linear layers: what quantization_bit quantizes
     lora: int  # LoRA A and B of the run's targets and rank
+    adapted: int  # the frozen weights of the run's LoRA targets: what fp8 keeps an fp8 copy of
     additional: int  # additional_target modules, trained in full beside the adapter
 
 
@@ -102,11 +106,8 @@ def _counts(config_json: str, lora_target: str, rank: int, additional: str | Non
         model = TransnormerForCausalLM(config)
     linears = linear_modules(model)
     targets = resolve_lora_targets(model, lora_target)
-    lora = sum(
-        rank * (m.in_features + m.out_features)
-        for name, m in linears.items()
-        if any(name == t or name.endswith("." + t) for t in targets)
-    )
+    adapted = [m for name, m in linears.items() if any(name == t or name.endswith("." + t) for t in targets)]
+    lora = sum(rank * (m.in_features + m.out_features) for m in adapted)
     extra = split_list(additional)
     full = {
         id(p): p.numel()
@@ -118,13 +119,15 @@ def _counts(config_json: str, lora_target: str, rank: int, additional: str | Non
         total=count_parameters(model)[1],
         linear=sum(m.weight.numel() for m in linears.values()),
         lora=lora,
+        adapted=sum(m.weight.numel() for m in adapted),
         additional=sum(full.values()),
     )
 
 
 def weight_bytes(config, cfg: RunConfig) -> float:
     """The model's weights as the run keeps them: the frozen base (bf16 under bf16 LoRA, else fp32; quantized
-    linear layers at ``QUANTIZED_BYTES``) and 16 bytes per trained parameter."""
+    linear layers at ``QUANTIZED_BYTES``; with fp8 the adapted layers' fp8 copies too) and 16 bytes per trained
+    parameter."""
     counts = parameter_counts(config, cfg)
     if cfg.finetuning_type == "full":
         return TRAINED_BYTES * counts.total
@@ -134,6 +137,8 @@ def weight_bytes(config, cfg: RunConfig) -> float:
         frozen = quantized * counts.linear + base * (counts.total - counts.linear)
     else:
         frozen = base * counts.total
+    if cfg.fp8:
+        frozen += FP8_COPY_BYTES * counts.adapted
     if cfg.finetuning_type == "freeze":
         return frozen + TRAINED_BYTES * counts.total * min(1.0, abs(cfg.freeze_trainable_layers) / config.decoder_layers)
     return frozen + TRAINED_BYTES * (counts.lora + counts.additional)

@@ -138,6 +138,12 @@ def resolve_for_this_machine(cfg: RunConfig, train_tokens: int | None = None, an
     training tokens; says when it switched gradient checkpointing on, or chose checkpoint regions other than
     whole layers all recomputed (unless not ``announce``)."""
     cuda = torch.cuda.is_available()
+    if cfg.fp8 and cuda and torch.cuda.get_device_capability() < (8, 9):
+        major, minor = torch.cuda.get_device_capability()
+        raise ConfigError(
+            f"fp8: this GPU (compute capability {major}.{minor}) has no fp8 tensor cores (8.9 or later: Ada, "
+            "Hopper); drop fp8"
+        )
     if (cfg.deepspeed or cfg.fsdp) and cfg.torch_compile is None:
         cfg = dataclasses.replace(cfg, torch_compile=False)  # compiled layers are not combined with the engines
     fits = None

@@ -232,6 +232,11 @@ def build_trainer(
     from tnlora.train.nonfinite import NonFiniteGuard
 
     guard = NonFiniteGuard(cfg.nan_policy, cfg.nan_skip_limit, cfg.output_dir)
+    callbacks = list(callbacks or [])
+    if cfg.fp8:
+        from tnlora.train.lora_fused import BaseFp8Callback
+
+        callbacks.append(BaseFp8Callback())
     trainer = trainer_class()(
         model=model,
         args=args if args is not None else training_arguments(cfg, has_eval=data.eval is not None),
@@ -239,7 +244,7 @@ def build_trainer(
         eval_dataset=data.eval,
         data_collator=data.collator,
         processing_class=tokenizer,
-        callbacks=[ProgressCallback(), guard, *(callbacks or [])],
+        callbacks=[ProgressCallback(), guard, *callbacks],
     )
     trainer.nonfinite = guard
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback says the same in a line

@@ -1,0 +1,111 @@
+"""The frozen base weights' GEMMs of LoRA training in fp8 (e4m3, one scale a row): ``fp8: true``.
+
+In a LoRA step the frozen weights' two GEMMs (the forward x Wᵀ and the input gradient dy W) are 65–80 % of the
+device time, and on an H200 they already run at the bf16 rate the card sustains under load (~660–690 TFLOP/s,
+benchmarks/RESULTS.md). Hopper's fp8 tensor cores run twice bf16's rate, so the one way to make those GEMMs
+cheaper is to feed them fp8 operands. The adapters, their gradients and everything else stay in the compute dtype:
+only the base model's contribution is rounded, as QLoRA rounds it (more coarsely) to 4 bits.
+
+Every operand is quantized with one fp32 scale per row of the GEMM's operand as stored (row-wise scaling): the
+weight W [out, in] once at the start of training (one scale per output feature), x [T, in] and dy [T, out] per
+token as they arrive. The scales sit outside the fp8 products, so the GEMM ``torch._scaled_mm`` computes is
+exactly Σ (qₓ sₓ)(q_w s_w): the products of the dequantized operands, accumulated in fp32. For the input gradient
+dx = dy W the contraction runs over W's rows, where the weight's scales are; they are folded into dy before it is
+quantized (dy ⊙ s_w is quantized per token) so the one fp8 copy of W serves both GEMMs: its transpose (the layout
+the fp8 tensor cores read, K-major) is made for the backward's GEMM and dropped after it, a read and a write of one
+byte a weight instead of a second resident copy.
+
+``torch._scaled_mm`` needs a CUDA GPU of compute capability ≥ 8.9 (Ada, Hopper) with widths that are multiples of 16
+and a bf16 result; PyTorch's CPU build runs it too (any widths, fp32 or bf16 results), which the tests use. On CUDA
+the quantization runs as one compiled kernel (PyTorch's ops below, fused by Inductor); elsewhere as those ops.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+# A row of zeros gets this scale (its values quantize to zeros) instead of dividing by zero.
+_SCALE_FLOOR = 1e-12 / FP8_MAX
+# Hopper's fp8 GEMMs read both operands K-major in 16-byte pieces: widths that are multiples of 16.
+CUDA_WIDTH_MULTIPLE = 16
+
+
+def quantize_rows_reference(t: Tensor, col_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """t [M, K] (times ``col_scale`` [1, K] first, in fp32) → (q [M, K] e4m3, scale [M, 1] fp32) with each row
+    ≈ q · scale, its largest magnitude mapped to 448 (e4m3's largest finite value)."""
+    t32 = t.float()
+    if col_scale is not None:
+        t32 = t32 * col_scale
+    scale = (t32.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(_SCALE_FLOOR)
+    # e4m3fn has no infinity: a value rounding past 448 would become NaN, so the (at most one-ulp) excess is clipped
+    # (row-major whatever t's layout: the fp8 GEMM reads its first operand K-major)
+    q = (t32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).contiguous()
+    return q, scale
+
+
+_compiled_quantize = None
+
+
+def quantize_rows(t: Tensor, col_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`quantize_rows_reference`; on CUDA compiled into one kernel (a read of ``t``, a write of the fp8
+    copy) instead of the several passes and fp32 temporaries of the eager ops."""
+    global _compiled_quantize
+    if not t.is_cuda:
+        return quantize_rows_reference(t, col_scale)
+    if _compiled_quantize is None:
+        _compiled_quantize = torch.compile(quantize_rows_reference, dynamic=True, fullgraph=True)
+    return _compiled_quantize(t, col_scale)
+
+
+def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """A frozen weight [out, in] as (q [out, in] e4m3, scale [1, out] fp32): the forward GEMM's second operand and
+    its column scales (``torch._scaled_mm``'s ``scale_b``)."""
+    q, scale = quantize_rows_reference(weight.detach())
+    return q, scale.reshape(1, -1).contiguous()
+
+
+def fp8_supported(weight: Tensor) -> bool:
+    """Whether a frozen weight [out, in] can take the fp8 GEMMs where it is: on CUDA a card of compute capability
+    ≥ 8.9 and both widths multiples of 16; on the CPU any."""
+    if weight.device.type == "cpu":
+        return True
+    if not weight.is_cuda or torch.cuda.get_device_capability(weight.device) < (8, 9):
+        return False
+    return all(width % CUDA_WIDTH_MULTIPLE == 0 for width in weight.shape)
+
+
+def fp8_linear(x: Tensor, weight_q: Tensor, weight_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """x [T, in] → x Wᵀ [T, out] in ``out_dtype``, W given as :func:`quantize_weight` returns it; x is quantized per
+    token here."""
+    xq, x_scale = quantize_rows(x)
+    return torch._scaled_mm(xq, weight_q.t(), scale_a=x_scale, scale_b=weight_scale, out_dtype=out_dtype)
+
+
+def fp8_linear_input_grad(dy: Tensor, weight_q: Tensor, weight_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """dy [T, out] → dy W [T, in] in ``out_dtype``: W = diag(s_w) q_w, so dy W = (dy ⊙ s_w) q_w, with dy ⊙ s_w
+    quantized per token."""
+    dyq, dy_scale = quantize_rows(dy, weight_scale)
+    # The fp8 GEMM reads its second operand K-major: q_wᵀ stored [in, out], made for this product alone.
+    weight_t = weight_q.t().contiguous()
+    ones = torch.ones((1, weight_q.shape[1]), device=dy.device, dtype=torch.float32)
+    return torch._scaled_mm(dyq, weight_t.t(), scale_a=dy_scale, scale_b=ones, out_dtype=out_dtype)
+
+
+def dequantized(q: Tensor, scale: Tensor) -> Tensor:
+    """q · scale in fp32 (scale [M, 1] for rows, or [1, M] as :func:`quantize_weight` keeps a weight's)."""
+    return q.float() * (scale.reshape(-1, 1))
+
+
+__all__ = [
+    "FP8",
+    "dequantized",
+    "fp8_linear",
+    "fp8_linear_input_grad",
+    "fp8_supported",
+    "quantize_rows",
+    "quantize_rows_reference",
+    "quantize_weight",
+]
