@@ -2,7 +2,8 @@
 and LoRA gradients of the PyTorch form within bf16 tolerance, eager and in compiled layers, and every layer calls
 the kernel. ``act_kernel: triton``: the token mixers' activation (``tnlora.ops.qkvu_act``). The fused LoRA
 layers' ``grad_kernel = "triton"``: their backward's g = dy B and dB from one read of dy
-(``tnlora.ops.lora_grad``) instead of two GEMMs. Skipped without CUDA; run on a GPU with
+(``tnlora.ops.lora_grad``) instead of two GEMMs. ``fp8: true``: the frozen GEMMs in fp8 (``tnlora.ops.fp8``),
+within e4m3's rounding of the bf16 step. Skipped without CUDA; run on a GPU with
 ``pytest -s -m gpu tests/train``.
 """
 
@@ -65,3 +66,24 @@ def test_one_read_of_dy_in_the_lora_backward_matches_the_two_gemms(monkeypatch, 
 
     results = kernel_and_torch_steps(make, after, compiled)
     assert_bf16_step_matches(results[0], results[1], f"lora grad_kernel triton, compiled {compiled}")
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fp8_frozen_gemms_stay_within_e4m3_rounding_of_bf16(compiled: bool) -> None:
+    """``fp8: true`` on CUDA: the frozen GEMMs on the fp8 tensor cores (the model of 1B's width, packed rows, fla).
+    e4m3 keeps 3 mantissa bits, so the tolerance is the rounding's, not bf16's: loss within 1 %, each LoRA
+    gradient within 10 % of its norm (the CPU run of the tiny model: ~1e-2); the step must differ from bf16's."""
+    from tnlora.train.lora_fused import set_base_fp8
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 tensor cores need compute capability 8.9 or later")
+
+    def make(kind: str) -> torch.nn.Module:
+        model = lora_model(0.1, device="cuda", dtype=torch.bfloat16, impl="fla", **GEOMETRY_1B)
+        adapted = sum(isinstance(m, FusedLoraLinear) for m in model.modules())
+        assert set_base_fp8(model, kind == "triton") == (adapted if kind == "triton" else 0)
+        return model
+
+    results = kernel_and_torch_steps(make, None, compiled)
+    assert results[0][0] != results[1][0]
+    assert_bf16_step_matches(results[0], results[1], f"fp8 base, compiled {compiled}", tolerance=0.1)
