@@ -84,11 +84,19 @@ def fp8_forms(t: dict[str, Tensor]) -> dict[str, tuple[Callable[[], Tensor], flo
     def layer_input_grad() -> Tensor:
         return fp8_linear_input_grad(dy, wq, ws, dy.dtype).addmm_(h, a)
 
+    # One scale a tensor instead of a row (cuBLAS's fp8 GEMM rather than the row-scaled kernel): what row scales
+    # cost in the GEMM itself, for the same operands' values.
+    one = torch.ones((), device=x.device)
+
     return {
         "fp8 fwd x Wᵀ (GEMM alone)": (
             lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, out_dtype=x.dtype), flops),
         "fp8 dgrad dy W (GEMM alone)": (
             lambda: torch._scaled_mm(dyq, wt.t(), scale_a=dys, scale_b=ones, out_dtype=x.dtype), flops),
+        "fp8 fwd x Wᵀ, one scale a tensor (GEMM alone)": (
+            lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=x.dtype), flops),
+        "fp8 dgrad dy W, one scale a tensor (GEMM alone)": (
+            lambda: torch._scaled_mm(dyq, wt.t(), scale_a=one, scale_b=one, out_dtype=x.dtype), flops),
         "fp8 fwd as the layer runs it": (layer_forward, flops),
         "fp8 dgrad as the layer runs it": (layer_input_grad, flops),
     }  # fmt: skip
