@@ -5,6 +5,8 @@ ones without fp8. On the CPU (PyTorch's CPU ``_scaled_mm``), in float32."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,7 @@ from tnlora.ops.fp8 import (
     FP8,
     FP8_MAX,
     dequantized,
+    fp8_input_grad_operands,
     fp8_linear,
     fp8_linear_input_grad,
     fp8_supported,
@@ -148,19 +151,39 @@ def test_fused_lora_layer_with_an_fp8_base(bias: bool, dropout: float) -> None:
 
 
 @pytest.mark.parametrize("compiled_op", [False, True])
-def test_compiled_fp8_layer_equals_eager(compiled_op: bool) -> None:
+def test_compiled_fp8_layer_equals_eager(monkeypatch, compiled_op: bool) -> None:
     """Compiled code calls the custom operators with the fp8 base whatever ``compiled_op`` says (Inductor has no
-    composition of its own for it): the same numbers as the eager operation."""
+    composition of its own for it), x and dy quantized in the traced graph (where Inductor fuses that with their
+    producers) and handed to the operators: the same numbers as the eager operation, which quantizes inside."""
+    from tnlora.ops import lora as lora_ops
+
     inputs = _lora_inputs(bias=False)
     wq, ws = quantize_weight(inputs[1])
+    handed: list[tuple[str, bool]] = []
+    forward_gemms, backward_gemms = lora_ops._forward_gemms, lora_ops._backward_gemms
+
+    def forward(*args):
+        handed.append(("x", inspect.signature(forward_gemms).bind(*args).arguments.get("x_fp8") is not None))
+        return forward_gemms(*args)
+
+    def backward(*args):
+        given = inspect.signature(backward_gemms).bind(*args).arguments.get("fp8_operands")
+        handed.append(("dy", given is not None))
+        return backward_gemms(*args)
+
+    monkeypatch.setattr(lora_ops, "_forward_gemms", forward)
+    monkeypatch.setattr(lora_ops, "_backward_gemms", backward)
 
     def fp8(*args):
         return lora_linear(*args, compiled_op=compiled_op, weight_fp8=(wq, ws))
 
     compiled = torch.compile(fp8, backend="aot_eager", fullgraph=True)
     want_y, want_grads, _ = _grads(fp8, inputs, 0.25)
+    assert handed == [("x", False), ("dy", False)]
+    handed.clear()
     with torch.profiler.profile() as prof:
         got_y, got_grads, _ = _grads(compiled, inputs, 0.25)
+    assert handed == [("x", True), ("dy", True)]
     assert {"tnlora::lora_linear", "tnlora::lora_linear_backward"} <= {event.name for event in prof.events()}
     torch.testing.assert_close(got_y, want_y, rtol=0, atol=0)
     for got, want in zip(got_grads, want_grads, strict=True):
@@ -168,26 +191,30 @@ def test_compiled_fp8_layer_equals_eager(compiled_op: bool) -> None:
 
 
 def test_custom_operators_pass_torch_library_checks_with_an_fp8_base() -> None:
+    """opcheck with the fp8 base, the operators quantizing x / dy themselves (eager) and given them (compiled)."""
     x, weight, _b, lora_a, lora_b = (t.detach() if t is not None else None for t in _lora_inputs(bias=False))
     x = x.reshape(-1, IN).requires_grad_()
     lora_a.requires_grad_()
     lora_b.requires_grad_()
     wq, ws = quantize_weight(weight)
-    # (opcheck's schema check compares inputs before and after with arithmetic fp8 tensors do not have on the CPU)
-    checks = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    torch.library.opcheck(
-        torch.ops.tnlora.lora_linear.default,
-        (x, weight, None, lora_a, lora_b, 2.0, 0.0, True, False, wq, ws),
-        test_utils=checks,
-    )
     dy = torch.randn(x.shape[0], OUT, generator=_gen(9))
     h = x.detach() @ lora_a.detach().t()
     empty = torch.empty(0, IN, dtype=torch.bool)
-    torch.library.opcheck(
-        torch.ops.tnlora.lora_linear_backward.default,
-        (dy, weight, lora_a.detach(), lora_b.detach(), x.detach(), h, empty, 2.0, 0.0, True, False, wq, ws),
-        test_utils=checks,
-    )
+    # (opcheck's schema check compares inputs before and after with arithmetic fp8 tensors do not have on the CPU)
+    checks = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    for x_fp8, dy_fp8 in (((None, None), (None, None, None)),
+                          (quantize_rows_reference(x.detach()), fp8_input_grad_operands(dy, wq, ws))):  # fmt: skip
+        torch.library.opcheck(
+            torch.ops.tnlora.lora_linear.default,
+            (x, weight, None, lora_a, lora_b, 2.0, 0.0, True, False, wq, ws, *x_fp8),
+            test_utils=checks,
+        )
+        torch.library.opcheck(
+            torch.ops.tnlora.lora_linear_backward.default,
+            (dy, weight, lora_a.detach(), lora_b.detach(), x.detach(), h, empty, 2.0, 0.0, True, False, wq, ws,
+             *dy_fp8),
+            test_utils=checks,
+        )  # fmt: skip
 
 
 def test_a_trainable_base_refuses_an_fp8_copy() -> None:

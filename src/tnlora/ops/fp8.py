@@ -77,19 +77,40 @@ def fp8_supported(weight: Tensor) -> bool:
     return all(width % CUDA_WIDTH_MULTIPLE == 0 for width in weight.shape)
 
 
-def fp8_linear(x: Tensor, weight_q: Tensor, weight_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+def fp8_linear(
+    x: Tensor,
+    weight_q: Tensor,
+    weight_scale: Tensor,
+    out_dtype: torch.dtype,
+    x_fp8: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     """x [T, in] → x Wᵀ [T, out] in ``out_dtype``, W given as :func:`quantize_weight` returns it; x is quantized per
-    token here."""
-    xq, x_scale = quantize_rows(x)
+    token here unless ``x_fp8`` brings it so (compiled code quantizes it where Inductor fuses that with x's
+    producer)."""
+    xq, x_scale = x_fp8 if x_fp8 is not None else quantize_rows(x)
     return torch._scaled_mm(xq, weight_q.t(), scale_a=x_scale, scale_b=weight_scale, out_dtype=out_dtype)
 
 
-def fp8_linear_input_grad(dy: Tensor, weight_q: Tensor, weight_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+def fp8_input_grad_operands(
+    dy: Tensor, weight_q: Tensor, weight_scale: Tensor, quantize=None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(q, scale) of dy ⊙ s_w per token, and q_wᵀ stored [in, out]: the operands of :func:`fp8_linear_input_grad`
+    (the fp8 GEMM reads its second operand K-major; the transpose is made for this product alone). ``quantize``:
+    :func:`quantize_rows` unless given (compiled code passes the reference ops, for Inductor to fuse)."""
+    dyq, dy_scale = (quantize or quantize_rows)(dy, weight_scale)
+    return dyq, dy_scale, weight_q.t().contiguous()
+
+
+def fp8_linear_input_grad(
+    dy: Tensor,
+    weight_q: Tensor,
+    weight_scale: Tensor,
+    out_dtype: torch.dtype,
+    operands: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> Tensor:
     """dy [T, out] → dy W [T, in] in ``out_dtype``: W = diag(s_w) q_w, so dy W = (dy ⊙ s_w) q_w, with dy ⊙ s_w
-    quantized per token."""
-    dyq, dy_scale = quantize_rows(dy, weight_scale)
-    # The fp8 GEMM reads its second operand K-major: q_wᵀ stored [in, out], made for this product alone.
-    weight_t = weight_q.t().contiguous()
+    quantized per token (:func:`fp8_input_grad_operands`, or ``operands`` as it returns them)."""
+    dyq, dy_scale, weight_t = operands if operands is not None else fp8_input_grad_operands(dy, weight_q, weight_scale)
     ones = torch.ones((1, weight_q.shape[1]), device=dy.device, dtype=torch.float32)
     return torch._scaled_mm(dyq, weight_t.t(), scale_a=dy_scale, scale_b=ones, out_dtype=out_dtype)
 
@@ -102,6 +123,7 @@ def dequantized(q: Tensor, scale: Tensor) -> Tensor:
 __all__ = [
     "FP8",
     "dequantized",
+    "fp8_input_grad_operands",
     "fp8_linear",
     "fp8_linear_input_grad",
     "fp8_supported",

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tnlora.ops.fp8 import fp8_linear, fp8_linear_input_grad
+from tnlora.ops.fp8 import fp8_input_grad_operands, fp8_linear, fp8_linear_input_grad, quantize_rows_reference
 from tnlora.ops.lora_grad import lora_dy_products, lora_dy_products_reference
 
 
@@ -133,11 +133,13 @@ def _in_compute_dtype(
 def _forward_gemms(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, p: float,
     output_needed: bool, weight_q: Tensor | None = None, weight_scale: Tensor | None = None,
+    x_fp8: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(y, s · h, drop(x), kept-mask or None without dropout) for x [T, in] and the weights in one compute dtype:
     with h = drop(x) Aᵀ, y = s · h Bᵀ (+ b) is written first, then the frozen GEMM adds x Wᵀ to it (β = 1).
     Without ``output_needed`` y is left uncomputed (:func:`lora_linear`). With ``weight_q`` the frozen GEMM is
-    the fp8 one (:func:`tnlora.ops.fp8.fp8_linear`), which has no β = 1 form: s · h Bᵀ is added to its result."""
+    the fp8 one (:func:`tnlora.ops.fp8.fp8_linear`; x quantized there, or given so in ``x_fp8``), which has no
+    β = 1 form: s · h Bᵀ is added to its result."""
     if p > 0.0:
         # F.dropout's own kernel and draw (one pass; the kept-mask comes back for the backward)
         xd, mask = torch.ops.aten.native_dropout(x, p, True)
@@ -147,7 +149,7 @@ def _forward_gemms(
     if not output_needed:
         return x.new_empty((x.shape[0], weight.shape[0])), hs, xd, mask
     if weight_q is not None:
-        y = fp8_linear(x, weight_q, weight_scale, x.dtype)
+        y = fp8_linear(x, weight_q, weight_scale, x.dtype, x_fp8)
         y.addmm_(hs, lora_b.t())
         if bias is not None:
             y.add_(bias)
@@ -166,12 +168,13 @@ def _backward_gemms(
     dy: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xd: Tensor, hs: Tensor, mask: Tensor | None,
     scaling: float, p: float, needs: tuple[bool, bool, bool], one_read: bool = False,
     weight_q: Tensor | None = None, weight_scale: Tensor | None = None,
+    fp8_operands: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(dx, dA, dB) in the compute dtype, each only where ``needs`` (x, A, B) asks for it, with hs = s · h:
     g = dy B; dx = s · (g A) ⊙ mask, then dx += dy W in the large GEMM (β = 1); dA = s · gᵀ drop(x);
     dB = dyᵀ hs. With ``one_read`` g and dB come from one pass over dy (:func:`lora_dy_products`). With
-    ``weight_q`` dy W is the fp8 GEMM (:func:`tnlora.ops.fp8.fp8_linear_input_grad`) and the adapter's part is
-    added to it."""
+    ``weight_q`` dy W is the fp8 GEMM (:func:`tnlora.ops.fp8.fp8_linear_input_grad`, its operands made there or
+    given in ``fp8_operands``) and the adapter's part is added to it."""
     if needs[2]:
         g, grad_b = (lora_dy_products if one_read else lora_dy_products_reference)(dy, lora_b, hs)
     else:
@@ -179,7 +182,7 @@ def _backward_gemms(
     grad_a = (g.t() @ xd).mul_(scaling) if needs[1] else None
     grad_x = None
     if needs[0] and weight_q is not None:
-        grad_x = fp8_linear_input_grad(dy, weight_q, weight_scale, dy.dtype)
+        grad_x = fp8_linear_input_grad(dy, weight_q, weight_scale, dy.dtype, fp8_operands)
         if mask is None:
             grad_x.addmm_(g, lora_a * scaling)
         else:
@@ -230,18 +233,25 @@ class _LoraLinear(torch.autograd.Function):
 @torch.library.custom_op("tnlora::lora_linear", mutates_args=())
 def _lora_linear_op(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, p: float,
-    output_needed: bool, one_read: bool, weight_q: Tensor | None, weight_scale: Tensor | None,
+    output_needed: bool, one_read: bool, weight_q: Tensor | None, weight_scale: Tensor | None, x_q: Tensor | None,
+    x_scale: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, s · h, drop(x), kept-mask) for x [T, in] and the weights in one dtype; without dropout the last two are
-    empty (an operator's outputs may not alias its inputs). ``one_read`` is for the backward."""
-    y, hs, xd, mask = _forward_gemms(x, weight, bias, lora_a, lora_b, scaling, p, output_needed, weight_q, weight_scale)
+    empty (an operator's outputs may not alias its inputs). ``one_read`` is for the backward; with ``weight_q`` the
+    frozen GEMM is fp8, x quantized as ``x_q``, ``x_scale`` (or here, without them)."""
+    x_fp8 = (x_q, x_scale) if x_q is not None else None
+    y, hs, xd, mask = _forward_gemms(
+        x, weight, bias, lora_a, lora_b, scaling, p, output_needed, weight_q, weight_scale, x_fp8
+    )
     if mask is None:
         return y, hs, x.new_empty((0, x.shape[1])), x.new_empty((0, x.shape[1]), dtype=torch.bool)
     return y, hs, xd, mask
 
 
 @_lora_linear_op.register_fake
-def _lora_linear_op_fake(x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale):
+def _lora_linear_op_fake(
+    x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale, x_q, x_scale
+):
     rows, width = x.shape
     kept = rows if p > 0.0 else 0
     return (
@@ -256,25 +266,29 @@ def _lora_linear_op_fake(x, weight, bias, lora_a, lora_b, scaling, p, output_nee
 def _lora_linear_backward_op(
     dy: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xd: Tensor, hs: Tensor, mask: Tensor,
     scaling: float, p: float, needs_x: bool, one_read: bool, weight_q: Tensor | None, weight_scale: Tensor | None,
+    dy_q: Tensor | None, dy_scale: Tensor | None, weight_t: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dA, dB) as _LoraLinear's backward computes them; dx is empty unless ``needs_x``."""
+    """(dx, dA, dB) as _LoraLinear's backward computes them; dx is empty unless ``needs_x``. With ``weight_q`` the
+    input gradient's frozen GEMM is fp8, on ``dy_q``, ``dy_scale``, ``weight_t`` (or operands made here)."""
+    operands = (dy_q, dy_scale, weight_t) if dy_q is not None else None
     grad_x, grad_a, grad_b = _backward_gemms(
         dy, weight, lora_a, lora_b, xd, hs, mask if p > 0.0 else None, scaling, p, (needs_x, True, True), one_read,
-        weight_q, weight_scale,
+        weight_q, weight_scale, operands,
     )
     return (grad_x if grad_x is not None else dy.new_empty((0,))), grad_a, grad_b
 
 
 @_lora_linear_backward_op.register_fake
 def _lora_linear_backward_op_fake(
-    dy, weight, lora_a, lora_b, xd, hs, mask, scaling, p, needs_x, one_read, weight_q, weight_scale
+    dy, weight, lora_a, lora_b, xd, hs, mask, scaling, p, needs_x, one_read, weight_q, weight_scale, dy_q, dy_scale,
+    weight_t,
 ):
     grad_x = dy.new_empty((dy.shape[0], weight.shape[1])) if needs_x else dy.new_empty((0,))
     return grad_x, torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
 def _lora_linear_op_setup(ctx, inputs, output) -> None:
-    x, weight, _bias, lora_a, lora_b, scaling, p, _output_needed, one_read, weight_q, weight_scale = inputs
+    x, weight, _bias, lora_a, lora_b, scaling, p, _output_needed, one_read, weight_q, weight_scale, _xq, _xs = inputs
     _y, hs, xd, mask = output
     ctx.save_for_backward(weight, lora_a, lora_b, xd if p > 0.0 else x, hs, mask, weight_q, weight_scale)
     ctx.scaling, ctx.p, ctx.one_read = scaling, p, one_read
@@ -283,11 +297,16 @@ def _lora_linear_op_setup(ctx, inputs, output) -> None:
 def _lora_linear_op_backward(ctx, dy, _dh, _dxd, _dmask):
     weight, lora_a, lora_b, xd, hs, mask, weight_q, weight_scale = ctx.saved_tensors
     needs_x = ctx.needs_input_grad[0]
+    dy = dy.to(hs.dtype)
+    operands = (None, None, None)
+    if weight_q is not None and needs_x:
+        # traced with the backward graph: Inductor fuses dy's quantization with the kernel that produced dy
+        operands = fp8_input_grad_operands(dy, weight_q, weight_scale, quantize_rows_reference)
     grad_x, grad_a, grad_b = torch.ops.tnlora.lora_linear_backward(
-        dy.to(hs.dtype), weight, lora_a, lora_b, xd, hs, mask, ctx.scaling, ctx.p, needs_x, ctx.one_read,
-        weight_q, weight_scale,
+        dy, weight, lora_a, lora_b, xd, hs, mask, ctx.scaling, ctx.p, needs_x, ctx.one_read, weight_q, weight_scale,
+        *operands,
     )  # fmt: skip
-    return (grad_x if needs_x else None), None, None, grad_a, grad_b, None, None, None, None, None, None
+    return (grad_x if needs_x else None), None, None, grad_a, grad_b, *([None] * 8)
 
 
 torch.library.register_autograd(
@@ -298,9 +317,13 @@ torch.library.register_autograd(
 def _lora_linear_op_call(
     x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q=None, weight_scale=None
 ) -> Tensor:
-    """lora_linear through the custom operators: inputs cast to the compute dtype, rows flattened."""
+    """lora_linear through the custom operators: inputs cast to the compute dtype, rows flattened; with an fp8
+    base, x quantized here, in the traced graph, where Inductor fuses it with x's producer (a norm)."""
     operands = _in_compute_dtype(x, weight, bias, lora_a, lora_b)
-    y = torch.ops.tnlora.lora_linear(*operands, scaling, p, output_needed, one_read, weight_q, weight_scale)[0]
+    x_fp8 = (None, None)
+    if weight_q is not None and output_needed:
+        x_fp8 = quantize_rows_reference(operands[0])
+    y = torch.ops.tnlora.lora_linear(*operands, scaling, p, output_needed, one_read, weight_q, weight_scale, *x_fp8)[0]
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
