@@ -290,7 +290,8 @@ def train_bench(args: argparse.Namespace, keys: dict[str, Any], name: str) -> Tr
               f"gradient_checkpointing {cfg.gradient_checkpointing}, use_unsloth_gc {cfg.use_unsloth_gc}, "
               f"{regions}"
               f"torch_compile {cfg.torch_compile}, attention {cfg.attention_impl}, "
-              f"quantization_bit {cfg.quantization_bit}{memory_note(cfg)}", flush=True)  # fmt: skip
+              f"quantization_bit {cfg.quantization_bit}{', fp8' if cfg.fp8 else ''}{memory_note(cfg)}",
+              flush=True)  # fmt: skip
         model = random_model(args.model, cfg.attention_impl, device, quantization=quantization_of(cfg))
         model.config.norm_kernel, model.config.loss_kernel = args.norm_kernel, args.loss_kernel
         model.config.act_kernel = args.act_kernel
