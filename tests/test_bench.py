@@ -62,6 +62,15 @@ def test_bench_one_long_sequence_is_one_row_unless_the_micro_batch_is_given(caps
     assert "resolved: 1 x 48 tokens a micro-batch, 1 a step, packing False" in capsys.readouterr().out
 
 
+def test_bench_trains_with_the_fp8_base(capsys):
+    """--fp8 true (a run-config key): the bench's trainer makes the fp8 copies as tnlora train's does."""
+    code = bench.main(["train", "--model", "tiny", "--attention_impl", "chunked", "--seq_len", "48", "--steps", "1",
+                       "--warmup", "0", "--fp8", "true"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "quantization_bit None, fp8" in out
+    assert "fp8: the frozen weights of 10 adapted layers in fp8" in out
+
+
 @pytest.mark.parametrize(("steps", "warmup"), [(1, 1), (3, 0)])
 def test_bench_trace_writes_a_timeline(tmp_path, capsys, steps: int, warmup: int):
     """One step in the timeline: the last one, whether or not warm-up steps come first."""
