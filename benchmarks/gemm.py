@@ -93,6 +93,9 @@ def fp8_forms(t: dict[str, Tensor]) -> dict[str, tuple[Callable[[], Tensor], flo
             lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, out_dtype=x.dtype), flops),
         "fp8 dgrad dy W (GEMM alone)": (
             lambda: torch._scaled_mm(dyq, wt.t(), scale_a=dys, scale_b=ones, out_dtype=x.dtype), flops),
+        "fp8 fwd x Wᵀ, fast accumulation (GEMM alone)": (
+            lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, out_dtype=x.dtype, use_fast_accum=True),
+            flops),
         "fp8 fwd x Wᵀ, one scale a tensor (GEMM alone)": (
             lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=x.dtype), flops),
         "fp8 dgrad dy W, one scale a tensor (GEMM alone)": (
