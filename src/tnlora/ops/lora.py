@@ -28,8 +28,9 @@ layer's last projection (TNL's GLU output ``l3``) feeds nothing the backward rea
 frozen GEMM is a fifth of the recomputed layer's GEMM work (7B: 45.1 M of 219 M frozen weights; 1B: 11.5 of
 55.6 M), and the backward needs none of it (its own input gradient is dy W, from the frozen weight alone).
 
-With ``weight_fp8`` (``fp8: true``) the two frozen GEMMs run on fp8 operands (:mod:`tnlora.ops.fp8`); the fp8 GEMM
-has no β = 1 form, so the adapter's part is added to its result, which moves the same bytes as the β = 1 order.
+With ``weight_fp8`` (``fp8: true``) the two frozen GEMMs run on fp8 operands (:mod:`tnlora.ops.fp8`).
+``torch._scaled_mm`` takes no output to accumulate into, so the adapter's part is added to its result afterwards:
+the pass over the output that the β = 1 epilogue hides in the bf16 form comes back (one read and write of y).
 """
 
 from __future__ import annotations
