@@ -120,6 +120,19 @@ def test_ddp_two_ranks_of_one_row_equal_one_process_of_two_rows(runs: Runs):
     assert any(v.abs().max() > 1e-3 for k, v in got.items() if "lora_B" in k)
 
 
+def _transformers_resumes_cpu_processes() -> bool:
+    import transformers
+    from packaging.version import Version
+
+    from tnlora.train.run import CPU_PROCESSES_RESUME_TRANSFORMERS
+
+    return Version(transformers.__version__) >= Version(CPU_PROCESSES_RESUME_TRANSFORMERS)
+
+
+@pytest.mark.skipif(
+    not _transformers_resumes_cpu_processes(),
+    reason="this transformers cannot resume several CPU processes (tnlora refuses it: the test below)",
+)
 def test_ddp_resume_equals_uninterrupted_run(runs: Runs):
     ddp, _ = runs.ddp()
     resumed, log = runs.resumed()
@@ -332,3 +345,23 @@ def test_a_gathered_state_dict_is_saved_without_the_tied_head_as_one_process_sav
     assert kept.keys() == load_file(plain / "model.safetensors").keys()
     model.config.tie_word_embeddings = False
     assert without_tied_copies(model, gathered) is gathered
+
+
+def test_resuming_cpu_processes_on_a_transformers_that_cannot_is_refused(monkeypatch):
+    """transformers 5.17 loads a multi-process run's optimizer state onto "cpu:<rank>", which torch cannot
+    restore: tnlora says so in one line instead of every rank's traceback (5.18 and later load it)."""
+    import transformers
+
+    from tnlora.errors import ConfigError
+    from tnlora.train.run import check_resume_of_cpu_processes
+
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    with pytest.raises(ConfigError) as info:
+        check_resume_of_cpu_processes()
+    assert str(info.value) == (
+        "resume_from_checkpoint: resuming a run of several CPU processes needs transformers 5.18 or later "
+        "(transformers 5.17.0 loads the optimizer state onto 'cpu:<rank>', which torch cannot restore); pip install "
+        "-U transformers"
+    )
+    monkeypatch.setattr(transformers, "__version__", "5.18.0")
+    check_resume_of_cpu_processes()

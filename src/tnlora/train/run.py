@@ -127,10 +127,30 @@ def preflight(cfg: RunConfig) -> tuple[RunConfig, OutputPlan, str | None]:
 
         check_metric_libraries()
     plan, resume = plan_output_dir(cfg)
+    if resume is not None and distributed.world_size() > 1 and not torch.cuda.is_available():
+        check_resume_of_cpu_processes()
     from tnlora.train.checkpoints import check_writable
 
     check_writable(cfg.output_dir)
     return cfg, plan, resume
+
+
+# transformers 5.17 loads a resumed run's optimizer state with map_location = the process's device when several
+# processes train; on the CPU that is "cpu:<rank>", a location torch cannot restore. 5.18 loads it onto "cpu".
+CPU_PROCESSES_RESUME_TRANSFORMERS = "5.18"
+
+
+def check_resume_of_cpu_processes() -> None:
+    """Refuse to resume a run of several CPU processes on a transformers that cannot load its optimizer state."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version(CPU_PROCESSES_RESUME_TRANSFORMERS):
+        raise ConfigError(
+            f"resume_from_checkpoint: resuming a run of several CPU processes needs transformers "
+            f"{CPU_PROCESSES_RESUME_TRANSFORMERS} or later (transformers {transformers.__version__} loads the "
+            "optimizer state onto 'cpu:<rank>', which torch cannot restore); pip install -U transformers"
+        )
 
 
 def resolve_for_this_machine(cfg: RunConfig, train_tokens: int | None = None, announce: bool = True) -> RunConfig:
