@@ -18,6 +18,7 @@ from fixture_files import OFFICIAL_CONFIGS, SAMPLE_DATA
 from tnlora import bench
 from tnlora.bench import common, decode
 from tnlora.bench import train as train_bench
+from tnlora.ops.fp8 import cpu_row_scaled_mm
 
 
 def _row(out: str) -> list[str]:
@@ -62,6 +63,7 @@ def test_bench_one_long_sequence_is_one_row_unless_the_micro_batch_is_given(caps
     assert "resolved: 1 x 48 tokens a micro-batch, 1 a step, packing False" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(not cpu_row_scaled_mm(), reason="this PyTorch's CPU build has no row-scaled torch._scaled_mm")
 def test_bench_trains_with_the_fp8_base(capsys):
     """--fp8 true (a run-config key): the bench's trainer makes the fp8 copies as tnlora train's does."""
     code = bench.main(["train", "--model", "tiny", "--attention_impl", "chunked", "--seq_len", "48", "--steps", "1",

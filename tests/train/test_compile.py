@@ -18,6 +18,7 @@ from train_helpers import batch, lora_model, loss_and_grads
 
 from tnlora.config import load_run_config
 from tnlora.errors import ConfigError
+from tnlora.ops.fp8 import cpu_row_scaled_mm
 from tnlora.ops.lightning import lightning_attention
 from tnlora.train.compile import compile_decoder_layers, uncompile_decoder_layers
 
@@ -107,6 +108,7 @@ def test_compiled_layers_with_the_fused_lora_operators_train_like_eager(dropout,
     assert {"tnlora::lora_linear", "tnlora::lora_linear_backward"} <= names
 
 
+@pytest.mark.skipif(not cpu_row_scaled_mm(), reason="this PyTorch's CPU build has no row-scaled torch._scaled_mm")
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad-ckpt"])
 def test_compiled_layers_with_an_fp8_base_train_like_eager(checkpointing):
     """fp8: true: the compiled layers pass the fp8 copies to the custom operators and train like the eager fp8

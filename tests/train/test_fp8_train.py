@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from train_helpers import batch, lora_model, loss_and_grads
 from transformers import TrainerCallback
 
 from tnlora.config import resolve_defaults
+from tnlora.ops.fp8 import cpu_row_scaled_mm
 from tnlora.train.lora_fused import FusedLoraLinear, set_base_fp8
 from tnlora.train.run import build_datasets, build_model, build_tokenizer
 from tnlora.train.trainer import build_trainer
+
+pytestmark = pytest.mark.skipif(not cpu_row_scaled_mm(), reason="this PyTorch's CPU build has no row-scaled torch._scaled_mm")
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:

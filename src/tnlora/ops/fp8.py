@@ -22,6 +22,8 @@ the quantization runs as one compiled kernel (PyTorch's ops below, fused by Indu
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -67,11 +69,22 @@ def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale.reshape(1, -1).contiguous()
 
 
+@functools.cache
+def cpu_row_scaled_mm() -> bool:
+    """Whether this PyTorch's CPU build runs ``torch._scaled_mm`` with row-wise scales (tried once, on 16 × 16)."""
+    a = torch.zeros(16, 16).to(FP8)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.float32)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
 def fp8_supported(weight: Tensor) -> bool:
     """Whether a frozen weight [out, in] can take the fp8 GEMMs where it is: on CUDA a card of compute capability
-    ≥ 8.9 and both widths multiples of 16; on the CPU any."""
+    ≥ 8.9 and both widths multiples of 16; on the CPU any, where PyTorch's CPU build has the row-scaled GEMM."""
     if weight.device.type == "cpu":
-        return True
+        return cpu_row_scaled_mm()
     if not weight.is_cuda or torch.cuda.get_device_capability(weight.device) < (8, 9):
         return False
     return all(width % CUDA_WIDTH_MULTIPLE == 0 for width in weight.shape)
@@ -122,6 +135,7 @@ def dequantized(q: Tensor, scale: Tensor) -> Tensor:
 
 __all__ = [
     "FP8",
+    "cpu_row_scaled_mm",
     "dequantized",
     "fp8_input_grad_operands",
     "fp8_linear",
