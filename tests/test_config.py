@@ -360,7 +360,6 @@ def test_sample_prompts_are_a_list_one_prompt_or_a_file_recorded_absolute(tmp_pa
         (["--fp8", "true", "--quantization_bit", "4"], "fp8: the base is already quantized (quantization_bit)"),
         (["--fp8", "true", "--lora_kernel", "peft"], "fp8: runs in the fused LoRA layer; set lora_kernel: fused"),
         (["--fp8", "true", "--use_dora", "true"], "fp8: DoRA layers keep peft's own forward"),
-        (["--fp8", "true", "--fsdp", "full_shard"], "fsdp: sharded weights have no fp8 copy"),
         (["--fp8_backend", "te"], "fp8_backend: another fp8 backend (fp8: true runs PyTorch's scaled matmul"),
     ],
 )  # fmt: skip

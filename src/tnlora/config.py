@@ -845,7 +845,8 @@ def _check_combinations(cfg: RunConfig) -> None:
 
 
 def _check_fp8(cfg: RunConfig) -> None:
-    """fp8 runs inside the fused LoRA layer, over a plain bf16 / fp32 base on one unsharded copy."""
+    """fp8 runs inside the fused LoRA layer, over a plain bf16 / fp32 base (the engines: train.distributed.
+    check_engine)."""
     if cfg.finetuning_type != "lora":
         raise ConfigError(
             f"fp8: computes the frozen base weights' GEMMs of LoRA training in fp8, not finetuning_type: "
@@ -857,9 +858,6 @@ def _check_fp8(cfg: RunConfig) -> None:
         raise ConfigError("fp8: runs in the fused LoRA layer; set lora_kernel: fused (the default) or drop fp8")
     if cfg.use_dora:
         raise ConfigError("fp8: DoRA layers keep peft's own forward, which has no fp8 form; drop one of them")
-    if cfg.fsdp or cfg.deepspeed:
-        engine = "fsdp" if cfg.fsdp else "deepspeed"
-        raise ConfigError(f"{engine}: sharded weights have no fp8 copy; drop fp8 or train without {engine}")
 
 
 # The words of the Trainer's (and LLaMA-Factory's) ``fsdp`` string that FSDP2 has.

@@ -328,6 +328,15 @@ def test_a_quantized_base_is_not_sharded():
         distributed.check_engine(cfg, cuda=True)  # as on a GPU machine
 
 
+def test_the_fp8_base_is_not_combined_with_an_engine():
+    from tnlora.errors import ConfigError
+
+    cfg = load_run_config(None, ["--model_name_or_path", "tiny", "--dataset", "d", "--output_dir", "o",
+                                 "--fsdp", "full_shard", "--fp8", "true"])  # fmt: skip
+    with pytest.raises(ConfigError, match="fp8: the frozen weights' fp8 copies are not combined with fsdp in tnlora"):
+        distributed.check_engine(cfg, cuda=True)  # as on a GPU machine
+
+
 def test_a_gathered_state_dict_is_saved_without_the_tied_head_as_one_process_saves(tmp_path: Path) -> None:
     """FSDP's gathered full state dict holds the tied LM head under its own name as a separate tensor; the
     Trainer's save drops it, so the files equal a plain run's (and the untied case keeps its head)."""

@@ -239,6 +239,12 @@ def check_engine(cfg, cuda: bool) -> None:
             f"quantization_bit: a quantized base is not combined with {key} in tnlora; QLoRA on several GPUs "
             "runs with DDP (torchrun without deepspeed/fsdp)"
         )
+    if getattr(cfg, "fp8", False):
+        # the fp8 copies are made from each process's whole frozen weight at train begin, beside the engine's
+        raise ConfigError(
+            f"fp8: the frozen weights' fp8 copies are not combined with {key} in tnlora; fp8 on several GPUs runs "
+            "with DDP (torchrun without deepspeed/fsdp)"
+        )
     if shards_parameters(cfg):
         what = "FSDP" if cfg.fsdp else "ZeRO-3"
         if cfg.sample_prompts:
