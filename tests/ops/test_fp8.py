@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tnlora.ops.fp8 import (
+    CUDA_MIN_CAPABILITY,
     FP8,
     FP8_MAX,
     cpu_row_scaled_mm,
@@ -240,7 +241,7 @@ def test_fp8_support_by_device_and_width() -> None:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device here: the CUDA rules (capability ≥ 8.9, widths of 16) are checked on a GPU")
     cuda = torch.empty(OUT, IN, device="cuda")
-    capable = torch.cuda.get_device_capability() >= (8, 9)
+    capable = torch.cuda.get_device_capability() >= CUDA_MIN_CAPABILITY
     assert fp8_supported(cuda) == capable
     assert not fp8_supported(torch.empty(OUT, IN + 1, device="cuda"))
 
@@ -250,7 +251,7 @@ def test_quantization_and_gemms_on_cuda() -> None:
     of the operands they were given (bf16 results). Inductor's division need not round as the eager one does, so a
     value on an e4m3 rounding boundary may land on the other side: the scales agree to 1 ulp, the values everywhere
     within e4m3's rounding of the input, and all but a few in 10⁴ equal to the eager ones."""
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < CUDA_MIN_CAPABILITY:
         pytest.skip("needs a CUDA GPU of compute capability ≥ 8.9 (fp8 tensor cores)")
     gen = torch.Generator(device="cuda").manual_seed(0)
     t = torch.randn(1000, 4096, device="cuda", generator=gen, dtype=torch.bfloat16)

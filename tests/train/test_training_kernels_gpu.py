@@ -73,9 +73,10 @@ def test_fp8_frozen_gemms_stay_within_e4m3_rounding_of_bf16(compiled: bool) -> N
     """``fp8: true`` on CUDA: the frozen GEMMs on the fp8 tensor cores (the model of 1B's width, packed rows, fla).
     e4m3 keeps 3 mantissa bits, so the tolerance is the rounding's, not bf16's: loss within 1 %, each LoRA
     gradient within 10 % of its norm (the CPU run of the tiny model: ~1e-2); the step must differ from bf16's."""
+    from tnlora.ops.fp8 import CUDA_MIN_CAPABILITY
     from tnlora.train.lora_fused import set_base_fp8
 
-    if torch.cuda.get_device_capability() < (8, 9):
+    if torch.cuda.get_device_capability() < CUDA_MIN_CAPABILITY:
         pytest.skip("fp8 tensor cores need compute capability 8.9 or later")
 
     def make(kind: str) -> torch.nn.Module:

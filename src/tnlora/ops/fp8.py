@@ -33,6 +33,8 @@ FP8_MAX = float(torch.finfo(FP8).max)  # 448
 _SCALE_FLOOR = 1e-12 / FP8_MAX
 # Hopper's fp8 GEMMs read both operands K-major in 16-byte pieces: widths that are multiples of 16.
 CUDA_WIDTH_MULTIPLE = 16
+# The first CUDA compute capability with fp8 tensor cores (Ada; Hopper is 9.0).
+CUDA_MIN_CAPABILITY = (8, 9)
 
 
 def quantize_rows_reference(t: Tensor, col_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -48,18 +50,17 @@ def quantize_rows_reference(t: Tensor, col_scale: Tensor | None = None) -> tuple
     return q, scale
 
 
-_compiled_quantize = None
+@functools.cache
+def _compiled_quantize():
+    return torch.compile(quantize_rows_reference, dynamic=True, fullgraph=True)
 
 
 def quantize_rows(t: Tensor, col_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """:func:`quantize_rows_reference`; on CUDA compiled into one kernel (a read of ``t``, a write of the fp8
     copy) instead of the several passes and fp32 temporaries of the eager ops."""
-    global _compiled_quantize
     if not t.is_cuda:
         return quantize_rows_reference(t, col_scale)
-    if _compiled_quantize is None:
-        _compiled_quantize = torch.compile(quantize_rows_reference, dynamic=True, fullgraph=True)
-    return _compiled_quantize(t, col_scale)
+    return _compiled_quantize()(t, col_scale)
 
 
 def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -85,7 +86,7 @@ def fp8_supported(weight: Tensor) -> bool:
     ≥ 8.9 and both widths multiples of 16; on the CPU any, where PyTorch's CPU build has the row-scaled GEMM."""
     if weight.device.type == "cpu":
         return cpu_row_scaled_mm()
-    if not weight.is_cuda or torch.cuda.get_device_capability(weight.device) < (8, 9):
+    if not weight.is_cuda or torch.cuda.get_device_capability(weight.device) < CUDA_MIN_CAPABILITY:
         return False
     return all(width % CUDA_WIDTH_MULTIPLE == 0 for width in weight.shape)
 
@@ -134,6 +135,7 @@ def dequantized(q: Tensor, scale: Tensor) -> Tensor:
 
 
 __all__ = [
+    "CUDA_MIN_CAPABILITY",
     "FP8",
     "cpu_row_scaled_mm",
     "dequantized",

@@ -45,6 +45,7 @@ from tnlora.data.templates import TEMPLATE_FILE
 from tnlora.errors import ConfigError, RunInterrupted, TnloraError
 from tnlora.model.loading import load_base_model
 from tnlora.model.tokenizer import pad_token_id
+from tnlora.ops.fp8 import CUDA_MIN_CAPABILITY as FP8_MIN_CAPABILITY
 from tnlora.outputs import OutputPlan, claim_dir, clear_previous, foreign_entries, plan_dir
 from tnlora.train import distributed
 from tnlora.train.compile import compile_decoder_layers, uncompile_decoder_layers
@@ -158,7 +159,7 @@ def resolve_for_this_machine(cfg: RunConfig, train_tokens: int | None = None, an
     training tokens; says when it switched gradient checkpointing on, or chose checkpoint regions other than
     whole layers all recomputed (unless not ``announce``)."""
     cuda = torch.cuda.is_available()
-    if cfg.fp8 and cuda and torch.cuda.get_device_capability() < (8, 9):
+    if cfg.fp8 and cuda and torch.cuda.get_device_capability() < FP8_MIN_CAPABILITY:
         major, minor = torch.cuda.get_device_capability()
         raise ConfigError(
             f"fp8: this GPU (compute capability {major}.{minor}) has no fp8 tensor cores (8.9 or later: Ada, "
