@@ -440,8 +440,8 @@ def test_last_layer_trimmed_to_the_labelled_positions_gives_the_same_loss_and_gr
 
 
 def test_last_layer_keeps_every_position_where_trimming_does_not_apply() -> None:
-    """Mostly labelled batches (above TRIM_MAX_LABELLED_SHARE), asked-for logits or hidden states: the last
-    layer computes every position; the model refuses trimmed positions with every layer's hidden states."""
+    """Mostly labelled batches (above TRIM_MAX_LABELLED_SHARE) or none labelled, asked-for logits or hidden
+    states: the last layer computes every position; the model refuses trimmed positions with every layer's hidden states."""
     from tnlora.model.modeling import TRIM_MAX_LABELLED_SHARE
 
     model = build_model(decoder_layers=2, linear_use_lrpe_list=[1, 0])
@@ -452,7 +452,9 @@ def test_last_layer_keeps_every_position_where_trimming_does_not_apply() -> None
     assert int((half[:, 1:] != -100).sum()) <= TRIM_MAX_LABELLED_SHARE * ids.numel() < 38
     model(ids, labels=half)
     assert seen[-1] == 19 + 19 - 18  # trimmed
-    for kwargs in ({"labels": ids}, {"labels": half, "return_logits": True}, {"labels": half, "logits_to_keep": 2}):
+    nothing = torch.full_like(ids, -100)
+    for kwargs in ({"labels": ids}, {"labels": nothing}, {"labels": half, "return_logits": True},
+                   {"labels": half, "logits_to_keep": 2}):  # fmt: skip
         seen.clear()
         model(ids, **kwargs)
         assert seen == [40, 40], kwargs

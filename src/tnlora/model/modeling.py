@@ -1070,8 +1070,8 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
             # The loss's positions, found before the layers run so that the last one computes only them.
             inputs = input_ids if input_ids is not None else inputs_embeds
             labelled, targets = labelled_positions(labels, inputs.device, num_loss_tokens)
-            # Not where too few are left out to pay for the eager last layer.
-            trim = labelled.shape[0] <= TRIM_MAX_LABELLED_SHARE * labels.numel()
+            # Not where too few are left out to pay for the eager last layer (nor where none is labelled).
+            trim = 0 < labelled.shape[0] <= TRIM_MAX_LABELLED_SHARE * labels.numel()
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
