@@ -192,6 +192,9 @@ def cmd_train(argv: list[str]) -> int:
 
     cfg = load_run_config(config_path, overrides)
     if nproc is not None:
+        from tnlora.train.run import preflight
+
+        preflight(cfg, processes=nproc)  # what each process would refuse is refused once, before any starts
         return launch_processes(nproc, argv)
     from tnlora.train import distributed
     from tnlora.train.run import train
@@ -234,23 +237,40 @@ def _train_error(message: str):
 
 
 def launch_processes(nproc: int, argv: list[str]) -> int:
-    """``tnlora train ... --nproc_per_node N``: the same command in N processes under torchrun (one host, a free
-    port), whose exit status it returns. The config was checked once here first, so a typo fails before any
-    process starts."""
+    """``tnlora train ... --nproc_per_node N``: the same command in N processes under torchrun's launcher (one
+    host, a free port), run from this process. The config was checked here first, so a typo fails before any
+    process starts. When a process fails, the launcher stops the others; the failed processes' own one-line errors
+    (above) are followed by one line saying how each process ended, instead of the launcher's traceback, and the
+    first exit status of an error is returned."""
+    import logging
     import os
-    import subprocess
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
 
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         raise _train_error(f"{NPROC_OPTION}: this process is already one of {os.environ['WORLD_SIZE']} started "
                            "by a launcher; leave the option to the launcher")  # fmt: skip
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "tnlora", "train", *argv]  # fmt: skip
-    process = subprocess.Popen(command)
-    while True:
-        try:
-            return process.wait()
-        except KeyboardInterrupt:  # torchrun got Ctrl-C too: it stops the processes, and then itself
-            continue
+    # The launcher logs a failed process in a line of its own; the line below names it instead.
+    launcher_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    level = launcher_log.level
+    launcher_log.setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "tnlora", "train", *argv]))
+    except ChildFailedError as failed:
+        failures = sorted(failed.failures.items())
+        ended = ", ".join(
+            f"process {rank} exited with status {f.exitcode}" if f.exitcode > 0
+            else f"process {rank} was ended by {f.signal_name()}" for rank, f in failures
+        )  # fmt: skip
+        print(f"error: tnlora train in {nproc} processes: {ended}", file=sys.stderr)
+        return next((f.exitcode for _, f in failures if f.exitcode > 0), 1)
+    except SignalException as stopped:  # Ctrl-C or a kill: the launcher has stopped the processes
+        return 128 + int(stopped.sigval)
+    finally:
+        launcher_log.setLevel(level)
+    return 0
 
 
 def print_samples(samples: list[dict]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -209,6 +210,38 @@ def test_nproc_per_node_is_refused_inside_a_launched_process(monkeypatch: pytest
                  "--nproc_per_node", "2"]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --nproc_per_node: this process is already one of 2") and "\n" not in err
+
+
+def test_nproc_per_node_refuses_what_each_process_would_before_starting_them(monkeypatch, capsys, tmp_path):
+    """``tnlora train --nproc_per_node N``: the run's checks (template, output dir, engine, ...) are made once in
+    the command's own process, so a bad key is one line and no process starts."""
+    from tnlora import cli
+
+    monkeypatch.setattr(cli, "launch_processes", lambda *a: pytest.fail("processes started"))
+    argv = run_argv(two_examples(tmp_path / "two.json"), tmp_path / "out", "--template", "nonexistent")
+    assert cli.main(["train", *argv, "--nproc_per_node", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: template: unknown template 'nonexistent'") and "\n" not in err
+
+
+def test_nproc_per_node_names_the_failed_process_in_one_line_without_the_launcher_traceback(tmp_path: Path):
+    """A process failing under ``--nproc_per_node`` (a bad record, found by the main process while it reads the
+    data): its own line, the others' line naming it, then one line from the command saying how each process
+    ended, no traceback from the launcher; the command exits with the error's status (2, a user's error)."""
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"instruction": "hi", "output": "yo"}, {"instruction": 5, "output": "x"}]))
+    done = subprocess.run([sys.executable, "-m", "tnlora", "train", *run_argv(bad, tmp_path / "out"),
+                           "--nproc_per_node", "2"], capture_output=True, text=True, env=worker_env(),
+                          timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+    log = done.stdout + done.stderr
+    assert "bad.json, record 2, field 'instruction': expected a string" in log, log[-2000:]
+    assert "Traceback" not in log and "ChildFailedError" not in log, log[-2000:]
+    # both stop on the bad record (rank 1 on the main process's word) with status 2, or the launcher, having seen
+    # one of them end first, ends the other
+    last = log.strip().splitlines()[-1]
+    ended = r"(exited with status 2|was ended by SIG[A-Z]+)"
+    assert re.fullmatch(rf"error: tnlora train in 2 processes: process 0 {ended}, process 1 {ended}", last), last
+    assert "status 2" in last and done.returncode == 2
 
 
 def test_fsdp2_wrapping_equals_one_process(tmp_path: Path):

@@ -144,13 +144,22 @@ def main_first(work: Callable[[], T], what: str) -> T:
             result = work()
         except BaseException as exc:
             broadcast(f"{type(exc).__name__}: {exc}" if not isinstance(exc, TnloraError) else str(exc))
+            _stop_together()
             raise
         broadcast(None)
         return result
     failure = broadcast(None)
     if failure is not None:
+        _stop_together()
         raise OtherRankFailed(f"rank {rank()}: stopped, the main process failed while {what}: {failure}")
     return work()
+
+
+def _stop_together() -> None:
+    """Every process stops here: each closes the group once all have got here, instead of leaving it to the
+    interpreter's exit, where the backend's threads could end the process with SIGABRT after its error line."""
+    barrier()
+    finish()
 
 
 @contextlib.contextmanager

@@ -93,14 +93,15 @@ def _say(message: str) -> None:
 # Preflight: everything that can be refused before a model is loaded (nothing is written or deleted)
 
 
-def preflight(cfg: RunConfig) -> tuple[RunConfig, OutputPlan, str | None]:
+def preflight(cfg: RunConfig, processes: int | None = None) -> tuple[RunConfig, OutputPlan, str | None]:
     """Check the model (its config only), template, tensorboard, the LoRA targets (on the module tree built on
     the meta device) and the output dir; nothing is loaded, written or deleted, and the machine defaults are
     left open (they are resolved once the data is read).
 
     Returns the config with the model as the run records it, what writing output_dir will replace, and the
     checkpoint to resume from (or ``None``). The data is checked by ``train`` next, still before anything is
-    deleted.
+    deleted. ``processes``: how many will train (default: this launch's world size), for ``tnlora train
+    --nproc_per_node N``, which checks once before starting them.
     """
     if cfg.trust_remote_code:
         _say("trust_remote_code: ignored; tnlora never runs a model's remote code (TransNormerLLM is built in)")
@@ -128,7 +129,7 @@ def preflight(cfg: RunConfig) -> tuple[RunConfig, OutputPlan, str | None]:
 
         check_metric_libraries()
     plan, resume = plan_output_dir(cfg)
-    if resume is not None and distributed.world_size() > 1 and not torch.cuda.is_available():
+    if resume is not None and (processes or distributed.world_size()) > 1 and not torch.cuda.is_available():
         check_resume_of_cpu_processes()
     from tnlora.train.checkpoints import check_writable
 
