@@ -1064,14 +1064,19 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
                 out = CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: filled})
                 return _as_requested(out, return_dict, self.config)
         keep_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
-        labelled = targets = None
+        # Labels and no full logits asked for: the chunked loss over the labelled positions, found before the layers
+        # run so that the last one can compute only them.
+        chunked = labels is not None and not (return_logits and keep_all)
         trim = False
-        if labels is not None and keep_all and not return_logits and self._trims_last_layer(output_hidden_states):
-            # The loss's positions, found before the layers run so that the last one computes only them.
+        if chunked:
             inputs = input_ids if input_ids is not None else inputs_embeds
             labelled, targets = labelled_positions(labels, inputs.device, num_loss_tokens)
             # Not where too few are left out to pay for the eager last layer (nor where none is labelled).
-            trim = 0 < labelled.shape[0] <= TRIM_MAX_LABELLED_SHARE * labels.numel()
+            trim = (
+                keep_all
+                and self._trims_last_layer(output_hidden_states)
+                and 0 < labelled.shape[0] <= TRIM_MAX_LABELLED_SHARE * labels.numel()
+            )
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1092,21 +1097,13 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
             )
             logits = self.lm_head(kept)
         loss = None
-        if labels is not None:
+        if chunked:
+            rows = hidden.reshape(-1, hidden.shape[-1])
+            rows = rows if trim else rows.index_select(0, labelled)
             kernel = self.loss_kernel if hidden.is_cuda else "torch"  # the kernel runs on CUDA tensors
-            if logits is not None and keep_all:
-                loss = causal_lm_loss_from_logits(logits, labels, num_items_in_batch)
-            elif labelled is not None:
-                rows = hidden.reshape(-1, hidden.shape[-1])
-                rows = rows if trim else rows.index_select(0, labelled)
-                loss = labelled_rows_loss(
-                    rows, targets, self.lm_head, num_items_in_batch, self.config.loss_chunk_size, kernel
-                )
-            else:
-                loss = chunked_causal_lm_loss(
-                    hidden, self.lm_head, labels, num_items_in_batch, self.config.loss_chunk_size, num_loss_tokens,
-                    kernel,
-                )
+            loss = labelled_rows_loss(rows, targets, self.lm_head, num_items_in_batch, self.config.loss_chunk_size, kernel)
+        elif labels is not None:
+            loss = causal_lm_loss_from_logits(logits, labels, num_items_in_batch)
         out = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
