@@ -65,23 +65,22 @@ def test_bench_one_long_sequence_is_one_row_unless_the_micro_batch_is_given(caps
 
 def test_bench_trims_the_last_layer_unless_told_not_to(capsys, monkeypatch):
     """--trim_last_layer (config trim_last_layer, on by default): huanhuan-shaped rows, a quarter of them
-    labelled, take the trimming last layer; false runs every position, to the same loss."""
+    labelled, take the trimming last layer; --no-trim_last_layer runs every position, to the same loss."""
     from tnlora.model.modeling import TransnormerDecoderLayer
 
     trims: list[int] = []
     forward_kept = TransnormerDecoderLayer.forward_kept
     monkeypatch.setattr(TransnormerDecoderLayer, "forward_kept", lambda self, *a: trims.append(1) or forward_kept(self, *a))
     losses = {}
-    for trim in ("true", "false"):
+    for trim in ("--trim_last_layer", "--no-trim_last_layer"):
         trims.clear()
         code = bench.main(["train", "--model", "tiny", "--attention_impl", "chunked", "--cutoff_len", "128",
-                           "--per_device_train_batch_size", "2", "--steps", "1", "--warmup", "1",
-                           "--trim_last_layer", trim])  # fmt: skip
+                           "--per_device_train_batch_size", "2", "--steps", "1", "--warmup", "1", trim])  # fmt: skip
         out = capsys.readouterr().out
-        assert code == 0 and ("no-trim_last_layer" in out) == (trim == "false")
-        assert bool(trims) == (trim == "true")
+        assert code == 0 and ("no-trim_last_layer" in out) == (trim == "--no-trim_last_layer")
+        assert bool(trims) == (trim == "--trim_last_layer")
         losses[trim] = float(_row(out)[-1])
-    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+    assert losses["--trim_last_layer"] == pytest.approx(losses["--no-trim_last_layer"], rel=1e-4)
 
 
 @pytest.mark.skipif(not cpu_row_scaled_mm(), reason="this PyTorch's CPU build has no row-scaled torch._scaled_mm")
