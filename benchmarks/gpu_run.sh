@@ -49,9 +49,6 @@
 #                   --loss_kernel torch and / or --no-lora_compiled_op
 #   train-fp8       tnlora train's defaults with the frozen GEMMs in bf16 and in fp8 (fp8 false / true), twice each,
 #                   alternating, one machine (MODELS, default "1B 7B"); gemm with GEMM_ARGS=--fp8: the GEMMs alone
-#   train-trim      tnlora train's defaults with the last layer computing every position and the labelled ones only
-#                   after its attention (--no-trim_last_layer / --trim_last_layer), twice each, alternating, one machine
-#                   (MODELS, default "1B 7B")
 #   act-kernel      tnlora train's defaults with the token mixer's activation as PyTorch's form and as the kernels
 #                   (act_kernel torch / triton; MODELS, default "1B 7B"; "auto", the default, is triton on CUDA)
 #   act             the activation alone, forward and backward, compiled PyTorch form against the operators
@@ -173,10 +170,6 @@ for stage in "$@"; do
     train-fp8)
       for m in ${MODELS:-1B 7B}; do for round in 1 2; do for f in false true; do
         train --model $m --fp8 $f $CAP --name "$m huanhuan-shaped, tnlora train's defaults, fp8 $f, round $round ($COMMIT)$TAG"
-      done; done; done ;;
-    train-trim)
-      for m in ${MODELS:-1B 7B}; do for round in 1 2; do for t in --no-trim_last_layer --trim_last_layer; do
-        train --model $m $t $CAP --name "$m huanhuan-shaped, tnlora train's defaults, ${t#--}, round $round ($COMMIT)$TAG"
       done; done; done ;;
     opt-outs)  # tnlora train's defaults against their opt-outs on one machine: the loss kernel and the compiled
       # fused-LoRA operators, each alone and both (MODELS, default 1B)

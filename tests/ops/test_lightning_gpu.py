@@ -224,6 +224,9 @@ def test_chunk_plan_is_made_aside_without_draining_the_stream() -> None:
     from fla.ops.utils import prepare_chunk_indices
 
     assert fla.install()
+    # A first plan, as a training run's first step makes: the side stream is created and its memory pool gets a
+    # segment (cudaMalloc waits for the whole device), which later plans reuse.
+    first = fla.plan_chunks_aside(torch.tensor([0, 7]).to(DEVICE), torch.tensor([0, 7]))
     host = torch.tensor([0, 100, 300, 301])
     cu = host.to(DEVICE)
     torch.cuda.synchronize()
@@ -234,5 +237,6 @@ def test_chunk_plan_is_made_aside_without_draining_the_stream() -> None:
     torch.cuda.synchronize()
     assert still_busy, "the plan waited for the current stream's work"
     assert cached is plan
+    assert first.tolist() == [[0, 0]]
     # Chunks of 64 tokens: 100 → 2, 200 → 4, 1 → 1 (example index, chunk within it).
     assert plan.tolist() == [[0, 0], [0, 1], [1, 0], [1, 1], [1, 2], [1, 3], [2, 0]]
