@@ -12,7 +12,9 @@ row scales alone (operands quantized beforehand), and as the fused LoRA layer ca
 token first, the weight's transpose made for the input gradient, the adapter's part added after): what the fp8
 tensor cores give against the bf16 rows of the same shape, and what the quantization costs around them.
 
-    python3 benchmarks/gemm.py [--models 7B,1B] [--rows 16384,131072] [--sustain 4] [--fp8]    # on a GPU
+``--quantize`` times the per-token quantization alone instead (the Triton kernel against Inductor's).
+
+    python3 benchmarks/gemm.py [--models 7B,1B] [--rows 16384,131072] [--sustain 4] [--fp8 | --quantize]  # a GPU
 """
 
 from __future__ import annotations
@@ -64,7 +66,13 @@ def fp8_forms(t: dict[str, Tensor]) -> dict[str, tuple[Callable[[], Tensor], flo
     """The fp8 forms of :func:`forms` (tnlora.ops.fp8): the scaled GEMM alone on operands quantized beforehand,
     and each GEMM as the fused LoRA layer runs it (quantizing x / dy per token, the transposed weight for the
     input gradient, then y += adapter's part as a β = 1 rank-8 GEMM standing in for it: the forms' extra passes)."""
-    from tnlora.ops.fp8 import fp8_linear, fp8_linear_input_grad, quantize_rows, quantize_weight
+    from tnlora.ops.fp8 import (
+        _compiled_quantize,
+        fp8_linear,
+        fp8_linear_input_grad,
+        quantize_rows,
+        quantize_weight,
+    )
 
     x, w, dy = t["x"], t["w"], t["dy"]
     flops = 2.0 * x.shape[0] * w.shape[0] * w.shape[1]
@@ -84,6 +92,15 @@ def fp8_forms(t: dict[str, Tensor]) -> dict[str, tuple[Callable[[], Tensor], flo
     def layer_input_grad() -> Tensor:
         return fp8_linear_input_grad(dy, wq, ws, dy.dtype).addmm_(h, a)
 
+    compiled = _compiled_quantize()
+
+    def layer_forward_compiled() -> Tensor:
+        return fp8_linear(x, wq, ws, x.dtype, x_fp8=compiled(x, None)).addmm_(h, b.t())
+
+    def layer_input_grad_compiled() -> Tensor:
+        operands = (*compiled(dy, ws), wq.t().contiguous())
+        return fp8_linear_input_grad(dy, wq, ws, dy.dtype, operands).addmm_(h, a)
+
     # One scale a tensor instead of a row (cuBLAS's fp8 GEMM rather than the row-scaled kernel): what row scales
     # cost in the GEMM itself, for the same operands' values.
     one = torch.ones((), device=x.device)
@@ -102,7 +119,41 @@ def fp8_forms(t: dict[str, Tensor]) -> dict[str, tuple[Callable[[], Tensor], flo
             lambda: torch._scaled_mm(dyq, wt.t(), scale_a=one, scale_b=one, out_dtype=x.dtype), flops),
         "fp8 fwd as the layer runs it": (layer_forward, flops),
         "fp8 dgrad as the layer runs it": (layer_input_grad, flops),
+        "fp8 fwd as the layer runs it, Inductor's quantization": (layer_forward_compiled, flops),
+        "fp8 dgrad as the layer runs it, Inductor's quantization": (layer_input_grad_compiled, flops),
     }  # fmt: skip
+
+
+def _median_seconds(fn: Callable[..., object], t: Tensor, scale: Tensor | None, repeats: int) -> float:
+    for _ in range(2):
+        fn(t, scale)
+    return statistics.median(cuda_seconds(lambda: fn(t, scale), repeats))
+
+
+def quantize_table(models: list[str], rows: list[int], repeats: int) -> None:
+    """The per-token quantization alone (tnlora.ops.fp8): the Triton kernel against the reference compiled by
+    Inductor, for each projection's x (its input width) and dy ⊙ s_w (its output width): ms and the bytes moved
+    (bf16 in, e4m3 and a scale out) per second."""
+    from tnlora.ops.fp8 import _compiled_quantize, quantize_rows_reference, quantize_rows_triton
+
+    compiled = _compiled_quantize()
+    print("| model | operand | rows × width | Inductor ms | Triton ms | Triton GB/s | equal |")
+    print("|---|---|---|---|---|---|---|")
+    for model in models:
+        for name, n, k in SHAPES[model]:
+            for operand, width, col in ((f"{name} x", k, None), (f"{name} dy ⊙ s_w", n, n)):
+                for m in rows:
+                    t = torch.randn(m, width, device="cuda", dtype=torch.bfloat16)
+                    scale = torch.rand(1, col, device="cuda") + 0.5 if col else None
+                    times = [_median_seconds(fn, t, scale, repeats) for fn in (compiled, quantize_rows_triton)]
+                    q, s = quantize_rows_triton(t, scale)
+                    q_ref, s_ref = quantize_rows_reference(t, scale)
+                    equal = torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+                    gb = m * width * 3 + m * 4
+                    print(f"| {model} | {operand} | {m} × {width} | {times[0] * 1e3:.3f} | {times[1] * 1e3:.3f} | "
+                          f"{gb / times[1] / 1e9:,.0f} | {equal} |", flush=True)
+                    del t
+                torch.cuda.empty_cache()
 
 
 def clock_sampler() -> subprocess.Popen | None:
@@ -155,10 +206,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--sustain", type=float, default=4.0, help="seconds of the 7B l1 forward back to back")
     parser.add_argument("--fp8", action="store_true", help="also the fp8 forms fp8: true trains with")
+    parser.add_argument("--quantize", action="store_true", help="only the fp8 per-token quantization, Inductor's "
+                        "against the Triton kernel")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.exit(2, "error: benchmarks/gemm.py measures a CUDA GPU's GEMMs; this machine has none\n")
     print(environment_line(), flush=True)
+    if args.quantize:
+        quantize_table(args.models.split(","), [int(r) for r in args.rows.split(",")], args.repeats)
+        return
     ref = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
         ref @ ref

@@ -17,7 +17,8 @@ byte a weight instead of a second resident copy.
 
 ``torch._scaled_mm`` needs a CUDA GPU of compute capability ≥ 8.9 (Ada, Hopper) with widths that are multiples of 16
 and a bf16 result; PyTorch's CPU build runs it too (any widths, fp32 or bf16 results), which the tests use. On CUDA
-the quantization runs as one compiled kernel (PyTorch's ops below, fused by Inductor); elsewhere as those ops.
+the quantization runs as one kernel (a Triton kernel, or PyTorch's ops below fused by Inductor); elsewhere as those
+ops.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import functools
 
 import torch
 from torch import Tensor
+
+from tnlora.ops.select import triton_available
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -55,11 +58,44 @@ def _compiled_quantize():
     return torch.compile(quantize_rows_reference, dynamic=True, fullgraph=True)
 
 
+# The widest row the Triton kernel holds in registers (one program a row; 7B's widest operand, qkvu's dy, is 16,384).
+TRITON_MAX_WIDTH = 16_384
+
+
+def quantize_rows_triton(t: Tensor, col_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`quantize_rows_reference` for a CUDA t [M, K] (K ≤ ``TRITON_MAX_WIDTH``) as one Triton launch
+    (:mod:`tnlora.ops.fp8_triton`): each row read once, its e4m3 copy and scale written; equal to the reference
+    bit for bit."""
+    import triton
+
+    from tnlora.ops.fp8_triton import quantize_rows_kernel
+
+    rows, width = t.shape
+    if width > TRITON_MAX_WIDTH:
+        raise ValueError(f"quantize_rows_triton: rows of at most {TRITON_MAX_WIDTH} values, got {width}")
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    q = torch.empty((rows, width), device=t.device, dtype=FP8)
+    scale = torch.empty((rows, 1), device=t.device, dtype=torch.float32)
+    if rows == 0:
+        return q, scale
+    col = col_scale.reshape(-1).float().contiguous() if col_scale is not None else scale
+    block = triton.next_power_of_2(width)
+    quantize_rows_kernel[(rows,)](
+        t, col, q, scale, t.stride(0), q.stride(0), width, FP8_MAX, _SCALE_FLOOR,
+        HAS_COL=col_scale is not None, BLOCK=block, num_warps=min(16, max(4, block // 512)),
+    )  # fmt: skip
+    return q, scale
+
+
 def quantize_rows(t: Tensor, col_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """:func:`quantize_rows_reference`; on CUDA compiled into one kernel (a read of ``t``, a write of the fp8
-    copy) instead of the several passes and fp32 temporaries of the eager ops."""
+    """:func:`quantize_rows_reference`; on CUDA as one kernel that reads ``t`` once and writes the fp8 copy: the
+    Triton kernel where triton imports and the rows fit it (:func:`quantize_rows_triton`), else the reference
+    compiled by Inductor, instead of the several passes and fp32 temporaries of the eager ops."""
     if not t.is_cuda:
         return quantize_rows_reference(t, col_scale)
+    if t.shape[-1] <= TRITON_MAX_WIDTH and triton_available():
+        return quantize_rows_triton(t, col_scale)
     return _compiled_quantize()(t, col_scale)
 
 
@@ -145,5 +181,6 @@ __all__ = [
     "fp8_supported",
     "quantize_rows",
     "quantize_rows_reference",
+    "quantize_rows_triton",
     "quantize_weight",
 ]
