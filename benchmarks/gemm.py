@@ -12,7 +12,9 @@ row scales alone (operands quantized beforehand), and as the fused LoRA layer ca
 token first, the weight's transpose made for the input gradient, the adapter's part added after): what the fp8
 tensor cores give against the bf16 rows of the same shape, and what the quantization costs around them.
 
-``--quantize`` times the per-token quantization alone instead (the Triton kernel against Inductor's).
+``--quantize`` times the per-token quantization alone instead: Inductor's kernel (what the layer runs) against
+the Triton kernel (``quantize_rows_triton``, the candidate), and whether the Triton kernel's result is the eager
+reference's bit for bit.
 
     python3 benchmarks/gemm.py [--models 7B,1B] [--rows 16384,131072] [--sustain 4] [--fp8 | --quantize]  # a GPU
 """
@@ -67,10 +69,10 @@ def fp8_forms(t: dict[str, Tensor]) -> dict[str, tuple[Callable[[], Tensor], flo
     and each GEMM as the fused LoRA layer runs it (quantizing x / dy per token, the transposed weight for the
     input gradient, then y += adapter's part as a β = 1 rank-8 GEMM standing in for it: the forms' extra passes)."""
     from tnlora.ops.fp8 import (
-        _compiled_quantize,
         fp8_linear,
         fp8_linear_input_grad,
         quantize_rows,
+        quantize_rows_triton,
         quantize_weight,
     )
 
@@ -92,13 +94,11 @@ def fp8_forms(t: dict[str, Tensor]) -> dict[str, tuple[Callable[[], Tensor], flo
     def layer_input_grad() -> Tensor:
         return fp8_linear_input_grad(dy, wq, ws, dy.dtype).addmm_(h, a)
 
-    compiled = _compiled_quantize()
+    def layer_forward_triton() -> Tensor:
+        return fp8_linear(x, wq, ws, x.dtype, x_fp8=quantize_rows_triton(x)).addmm_(h, b.t())
 
-    def layer_forward_compiled() -> Tensor:
-        return fp8_linear(x, wq, ws, x.dtype, x_fp8=compiled(x, None)).addmm_(h, b.t())
-
-    def layer_input_grad_compiled() -> Tensor:
-        operands = (*compiled(dy, ws), wq.t().contiguous())
+    def layer_input_grad_triton() -> Tensor:
+        operands = (*quantize_rows_triton(dy, ws), wq.t().contiguous())
         return fp8_linear_input_grad(dy, wq, ws, dy.dtype, operands).addmm_(h, a)
 
     # One scale a tensor instead of a row (cuBLAS's fp8 GEMM rather than the row-scaled kernel): what row scales
@@ -119,8 +119,8 @@ def fp8_forms(t: dict[str, Tensor]) -> dict[str, tuple[Callable[[], Tensor], flo
             lambda: torch._scaled_mm(dyq, wt.t(), scale_a=one, scale_b=one, out_dtype=x.dtype), flops),
         "fp8 fwd as the layer runs it": (layer_forward, flops),
         "fp8 dgrad as the layer runs it": (layer_input_grad, flops),
-        "fp8 fwd as the layer runs it, Inductor's quantization": (layer_forward_compiled, flops),
-        "fp8 dgrad as the layer runs it, Inductor's quantization": (layer_input_grad_compiled, flops),
+        "fp8 fwd as the layer runs it, the Triton quantization": (layer_forward_triton, flops),
+        "fp8 dgrad as the layer runs it, the Triton quantization": (layer_input_grad_triton, flops),
     }  # fmt: skip
 
 
@@ -134,9 +134,8 @@ def quantize_table(models: list[str], rows: list[int], repeats: int) -> None:
     """The per-token quantization alone (tnlora.ops.fp8): the Triton kernel against the reference compiled by
     Inductor, for each projection's x (its input width) and dy ⊙ s_w (its output width): ms and the bytes moved
     (bf16 in, e4m3 and a scale out) per second."""
-    from tnlora.ops.fp8 import _compiled_quantize, quantize_rows_reference, quantize_rows_triton
+    from tnlora.ops.fp8 import quantize_rows, quantize_rows_reference, quantize_rows_triton
 
-    compiled = _compiled_quantize()
     print("| model | operand | rows × width | Inductor ms | Triton ms | Triton GB/s | equal |")
     print("|---|---|---|---|---|---|---|")
     for model in models:
@@ -145,13 +144,13 @@ def quantize_table(models: list[str], rows: list[int], repeats: int) -> None:
                 for m in rows:
                     t = torch.randn(m, width, device="cuda", dtype=torch.bfloat16)
                     scale = torch.rand(1, col, device="cuda") + 0.5 if col else None
-                    times = [_median_seconds(fn, t, scale, repeats) for fn in (compiled, quantize_rows_triton)]
+                    times = [_median_seconds(fn, t, scale, repeats) for fn in (quantize_rows, quantize_rows_triton)]
                     q, s = quantize_rows_triton(t, scale)
                     q_ref, s_ref = quantize_rows_reference(t, scale)
                     equal = torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
-                    gb = m * width * 3 + m * 4
+                    moved = m * width * 3 + m * 4
                     print(f"| {model} | {operand} | {m} × {width} | {times[0] * 1e3:.3f} | {times[1] * 1e3:.3f} | "
-                          f"{gb / times[1] / 1e9:,.0f} | {equal} |", flush=True)
+                          f"{moved / times[1] / 1e9:,.0f} | {equal} |", flush=True)
                     del t
                 torch.cuda.empty_cache()
 

@@ -253,9 +253,10 @@ def _needs_fp8_cuda() -> None:
 
 @pytest.mark.parametrize("width", [48, 2048, 4096, 11008, 16384])
 def test_triton_quantization_is_the_reference_bit_for_bit(width: int) -> None:
-    """The Triton kernel (the CUDA path of quantize_rows up to 16,384 values a row) against the eager ops, bit for
-    bit: rows of zeros, of tiny and of huge magnitudes, with and without column scales, bf16 and fp32 rows, a row
-    stride wider than the row; and quantize_rows on CUDA takes it."""
+    """The Triton kernel (the candidate for quantize_rows' CUDA path, up to 16,384 values a row) against the eager
+    ops, bit for bit: rows of zeros, of tiny and of huge magnitudes, with and without column scales, bf16 and fp32
+    rows, a row stride wider than the row. (Under Triton's CPU interpreter the e4m3 conversion rounds a
+    value that carries into the next binade down: a GPU test.)"""
     _needs_fp8_cuda()
     pytest.importorskip("triton")
     from tnlora.ops.fp8 import quantize_rows_triton
@@ -270,32 +271,16 @@ def test_triton_quantization_is_the_reference_bit_for_bit(width: int) -> None:
             want_q, want_scale = quantize_rows_reference(t, col_scale)
             assert q.dtype == FP8 and q.is_contiguous() and scale.shape == (300, 1) and scale.dtype == torch.float32
             assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(scale, want_scale)
-            q2, scale2 = quantize_rows(t, col_scale)
-            assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8)) and torch.equal(scale2, scale)
     assert quantize_rows_triton(wide[:0, :width])[0].shape == (0, width)
-
-
-def test_rows_wider_than_the_triton_kernel_take_inductors_kernel() -> None:
-    """Past 16,384 values a row quantize_rows on CUDA runs the reference compiled by Inductor (its division may
-    round a boundary value the other way: scales within 1 ulp, all but a few values in 10⁴ equal)."""
-    _needs_fp8_cuda()
-    from tnlora.ops.fp8 import TRITON_MAX_WIDTH, quantize_rows_triton
-
-    t = torch.randn(64, TRITON_MAX_WIDTH + 32, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="at most 16384"):
-        quantize_rows_triton(t)
-    q, scale = quantize_rows(t)
-    want_q, want_scale = quantize_rows_reference(t)
-    torch.testing.assert_close(scale, want_scale, rtol=2.5e-7, atol=0)
-    assert (q.view(torch.uint8) != want_q.view(torch.uint8)).float().mean().item() < 1e-4
+        quantize_rows_triton(torch.zeros(2, 16384 + 16, device="cuda"))
 
 
 def test_quantization_and_gemms_on_cuda() -> None:
-    """On CUDA: the quantization kernel against the eager ops, and the fp8 GEMMs against the fp32 products of the
-    operands they were given (bf16 results). Inductor's division (the kernel where triton does not import) need not
-    round as the eager one does, so a value on an e4m3 rounding boundary may land on the other side: the scales
-    agree to 1 ulp, the values everywhere within e4m3's rounding of the input, and all but a few in 10⁴ equal to
-    the eager ones (the Triton kernel: all)."""
+    """On CUDA: the compiled quantization kernel against the eager ops, and the fp8 GEMMs against the fp32 products
+    of the operands they were given (bf16 results). Inductor's division need not round as the eager one does, so a
+    value on an e4m3 rounding boundary may land on the other side: the scales agree to 1 ulp, the values everywhere
+    within e4m3's rounding of the input, and all but a few in 10⁴ equal to the eager ones."""
     _needs_fp8_cuda()
     gen = torch.Generator(device="cuda").manual_seed(0)
     t = torch.randn(1000, 4096, device="cuda", generator=gen, dtype=torch.bfloat16)

@@ -17,8 +17,7 @@ byte a weight instead of a second resident copy.
 
 ``torch._scaled_mm`` needs a CUDA GPU of compute capability ≥ 8.9 (Ada, Hopper) with widths that are multiples of 16
 and a bf16 result; PyTorch's CPU build runs it too (any widths, fp32 or bf16 results), which the tests use. On CUDA
-the quantization runs as one kernel (a Triton kernel, or PyTorch's ops below fused by Inductor); elsewhere as those
-ops.
+the quantization runs as one compiled kernel (PyTorch's ops below, fused by Inductor); elsewhere as those ops.
 """
 
 from __future__ import annotations
@@ -27,8 +26,6 @@ import functools
 
 import torch
 from torch import Tensor
-
-from tnlora.ops.select import triton_available
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -89,13 +86,11 @@ def quantize_rows_triton(t: Tensor, col_scale: Tensor | None = None) -> tuple[Te
 
 
 def quantize_rows(t: Tensor, col_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """:func:`quantize_rows_reference`; on CUDA as one kernel that reads ``t`` once and writes the fp8 copy: the
-    Triton kernel where triton imports and the rows fit it (:func:`quantize_rows_triton`), else the reference
-    compiled by Inductor, instead of the several passes and fp32 temporaries of the eager ops."""
+    """:func:`quantize_rows_reference`; on CUDA compiled by Inductor into one kernel instead of the several passes
+    and fp32 temporaries of the eager ops. (:func:`quantize_rows_triton` is the candidate to replace it: built and
+    checked on the CPU under Triton's interpreter, not yet measured on a GPU: ``benchmarks/gemm.py --quantize``.)"""
     if not t.is_cuda:
         return quantize_rows_reference(t, col_scale)
-    if t.shape[-1] <= TRITON_MAX_WIDTH and triton_available():
-        return quantize_rows_triton(t, col_scale)
     return _compiled_quantize()(t, col_scale)
 
 
