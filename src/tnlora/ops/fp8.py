@@ -87,8 +87,8 @@ def quantize_rows_triton(t: Tensor, col_scale: Tensor | None = None) -> tuple[Te
 
 def quantize_rows(t: Tensor, col_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """:func:`quantize_rows_reference`; on CUDA compiled by Inductor into one kernel instead of the several passes
-    and fp32 temporaries of the eager ops. (:func:`quantize_rows_triton` is the candidate to replace it: built and
-    checked on the CPU under Triton's interpreter, not yet measured on a GPU: ``benchmarks/gemm.py --quantize``.)"""
+    and fp32 temporaries of the eager ops. (:func:`quantize_rows_triton` is the candidate to replace it: built, with
+    a GPU test and ``benchmarks/gemm.py --quantize`` to time it, not yet run on a GPU.)"""
     if not t.is_cuda:
         return quantize_rows_reference(t, col_scale)
     return _compiled_quantize()(t, col_scale)

@@ -1,4 +1,5 @@
-"""The Triton kernel of :func:`tnlora.ops.fp8.quantize_rows` on CUDA (see there for what it computes).
+"""The Triton kernel of :func:`tnlora.ops.fp8.quantize_rows_triton`: the per-token quantization
+(:func:`tnlora.ops.fp8.quantize_rows_reference` says what it computes) as one launch.
 
 One program a row: the row is read once into registers (times the column scales, in fp32), its largest magnitude
 taken, and the e4m3 copy and the row's scale written, so a row moves its bytes once in and once out. The
