@@ -10,6 +10,7 @@ import inspect
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_device import DEVICE, INTERPRET, needs_kernel
 
 from tnlora.ops.fp8 import (
     CUDA_MIN_CAPABILITY,
@@ -251,29 +252,37 @@ def _needs_fp8_cuda() -> None:
         pytest.skip("needs a CUDA GPU of compute capability ≥ 8.9 (fp8 tensor cores)")
 
 
+@needs_kernel
 @pytest.mark.parametrize("width", [48, 2048, 4096, 11008, 16384])
 def test_triton_quantization_is_the_reference_bit_for_bit(width: int) -> None:
     """The Triton kernel (the candidate for quantize_rows' CUDA path, up to 16,384 values a row) against the eager
-    ops, bit for bit: rows of zeros, of tiny and of huge magnitudes, with and without column scales, bf16 and fp32
-    rows, a row stride wider than the row. (Under Triton's CPU interpreter the e4m3 conversion rounds a
-    value that carries into the next binade down: a GPU test.)"""
-    _needs_fp8_cuda()
-    pytest.importorskip("triton")
+    ops, bit for bit: rows of zeros, -0.0, NaN and inf, of tiny and of huge magnitudes, every e4m3 value and every
+    midpoint between two (ties, to even), with and without column scales, bf16 and fp32 rows, a row stride wider
+    than the row. On CUDA, or on the CPU under Triton's interpreter (fewer rows)."""
     from tnlora.ops.fp8 import quantize_rows_triton
 
-    gen = torch.Generator(device="cuda").manual_seed(width)
-    wide = torch.randn(300, width + 16, device="cuda", generator=gen) * torch.logspace(-8, 8, 300, device="cuda")[:, None]
-    wide[7] = 0.0
-    col = torch.rand(1, width, device="cuda", generator=gen) + 0.5
+    rows = 24 if INTERPRET else 300
+    gen = torch.Generator().manual_seed(width)
+    wide = torch.randn(rows, width + 16, generator=gen) * torch.logspace(-8, 8, rows)[:, None]
+    wide[3] = 0.0
+    wide[4, :5] = -0.0
+    wide[5, 1], wide[5, 2], wide[6, 0] = float("nan"), float("inf"), -float("inf")
+    grid = torch.arange(256, dtype=torch.uint8).view(FP8).float()
+    grid = grid[torch.isfinite(grid)].sort().values
+    ties = torch.cat([grid, (grid[1:] + grid[:-1]) / 2])  # the largest magnitude 448: the scale is 1
+    wide[7, : min(width, ties.numel())] = ties[:width]
+    wide = wide.to(DEVICE)
+    col = (torch.rand(1, width, generator=gen) + 0.5).to(DEVICE)
     for t in (wide[:, :width], wide[:, :width].to(torch.bfloat16), wide[:, :width].contiguous()):
         for col_scale in (None, col):
             q, scale = quantize_rows_triton(t, col_scale)
             want_q, want_scale = quantize_rows_reference(t, col_scale)
-            assert q.dtype == FP8 and q.is_contiguous() and scale.shape == (300, 1) and scale.dtype == torch.float32
-            assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(scale, want_scale)
+            assert q.dtype == FP8 and q.is_contiguous() and scale.shape == (rows, 1) and scale.dtype == torch.float32
+            assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+            torch.testing.assert_close(scale, want_scale, rtol=0, atol=0, equal_nan=True)
     assert quantize_rows_triton(wide[:0, :width])[0].shape == (0, width)
     with pytest.raises(ValueError, match="at most 16384"):
-        quantize_rows_triton(torch.zeros(2, 16384 + 16, device="cuda"))
+        quantize_rows_triton(torch.zeros(2, 16384 + 16, device=DEVICE))
 
 
 def test_quantization_and_gemms_on_cuda() -> None:

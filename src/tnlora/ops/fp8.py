@@ -60,9 +60,9 @@ TRITON_MAX_WIDTH = 16_384
 
 
 def quantize_rows_triton(t: Tensor, col_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """:func:`quantize_rows_reference` for a CUDA t [M, K] (K ≤ ``TRITON_MAX_WIDTH``) as one Triton launch
-    (:mod:`tnlora.ops.fp8_triton`): each row read once, its e4m3 copy and scale written; equal to the reference
-    bit for bit."""
+    """:func:`quantize_rows_reference` for t [M, K] (K ≤ ``TRITON_MAX_WIDTH``; CUDA, or the CPU under Triton's
+    interpreter) as one Triton launch (:mod:`tnlora.ops.fp8_triton`): each row read once, its e4m3 copy and scale
+    written; equal to the reference bit for bit."""
     import triton
 
     from tnlora.ops.fp8_triton import quantize_rows_kernel
@@ -79,7 +79,7 @@ def quantize_rows_triton(t: Tensor, col_scale: Tensor | None = None) -> tuple[Te
     col = col_scale.reshape(-1).float().contiguous() if col_scale is not None else scale
     block = triton.next_power_of_2(width)
     quantize_rows_kernel[(rows,)](
-        t, col, q, scale, t.stride(0), q.stride(0), width, FP8_MAX, _SCALE_FLOOR,
+        t, col, q.view(torch.uint8), scale, t.stride(0), q.stride(0), width, FP8_MAX, _SCALE_FLOOR,
         HAS_COL=col_scale is not None, BLOCK=block, num_warps=min(16, max(4, block // 512)),
     )  # fmt: skip
     return q, scale
@@ -87,8 +87,9 @@ def quantize_rows_triton(t: Tensor, col_scale: Tensor | None = None) -> tuple[Te
 
 def quantize_rows(t: Tensor, col_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """:func:`quantize_rows_reference`; on CUDA compiled by Inductor into one kernel instead of the several passes
-    and fp32 temporaries of the eager ops. (:func:`quantize_rows_triton` is the candidate to replace it: built, with
-    a GPU test and ``benchmarks/gemm.py --quantize`` to time it, not yet run on a GPU.)"""
+    and fp32 temporaries of the eager ops. (:func:`quantize_rows_triton` is the candidate to replace it: bit for bit
+    the reference under Triton's CPU interpreter, ``benchmarks/gemm.py --quantize`` to time it, not yet run on a
+    GPU.)"""
     if not t.is_cuda:
         return quantize_rows_reference(t, col_scale)
     return _compiled_quantize()(t, col_scale)
