@@ -22,6 +22,7 @@ reference's bit for bit.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import subprocess
 import time
@@ -124,10 +125,11 @@ def fp8_forms(t: dict[str, Tensor]) -> dict[str, tuple[Callable[[], Tensor], flo
     }  # fmt: skip
 
 
-def _median_seconds(fn: Callable[..., object], t: Tensor, scale: Tensor | None, repeats: int) -> float:
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """The median seconds of ``repeats`` timed calls of ``fn`` after two untimed ones."""
     for _ in range(2):
-        fn(t, scale)
-    return statistics.median(cuda_seconds(lambda: fn(t, scale), repeats))
+        fn()
+    return statistics.median(cuda_seconds(fn, repeats))
 
 
 def quantize_table(models: list[str], rows: list[int], repeats: int) -> None:
@@ -144,7 +146,8 @@ def quantize_table(models: list[str], rows: list[int], repeats: int) -> None:
                 for m in rows:
                     t = torch.randn(m, width, device="cuda", dtype=torch.bfloat16)
                     scale = torch.rand(1, col, device="cuda") + 0.5 if col else None
-                    times = [_median_seconds(fn, t, scale, repeats) for fn in (quantize_rows, quantize_rows_triton)]
+                    times = [median_seconds(functools.partial(fn, t, scale), repeats)
+                             for fn in (quantize_rows, quantize_rows_triton)]  # fmt: skip
                     q, s = quantize_rows_triton(t, scale)
                     q_ref, s_ref = quantize_rows_reference(t, scale)
                     equal = torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
@@ -227,9 +230,7 @@ def main() -> None:
                 tensors = operands(m, n, k)
                 every = {**forms(tensors), **(fp8_forms(tensors) if args.fp8 else {})}
                 for form, (fn, flops) in every.items():
-                    for _ in range(2):
-                        fn()
-                    t = statistics.median(cuda_seconds(fn, args.repeats))
+                    t = median_seconds(fn, args.repeats)
                     print(f"| {model} | {name} ({n}×{k}) | {m} | {form} | {t * 1e3:.3f} | {flops / t / 1e12:.0f} |",
                           flush=True)
                 torch.cuda.empty_cache()

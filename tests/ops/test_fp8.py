@@ -247,11 +247,6 @@ def test_fp8_support_by_device_and_width() -> None:
     assert not fp8_supported(torch.empty(OUT, IN + 1, device="cuda"))
 
 
-def _needs_fp8_cuda() -> None:
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < CUDA_MIN_CAPABILITY:
-        pytest.skip("needs a CUDA GPU of compute capability ≥ 8.9 (fp8 tensor cores)")
-
-
 @needs_kernel
 @pytest.mark.parametrize("width", [48, 2048, 4096, 11008, 16384])
 def test_triton_quantization_is_the_reference_bit_for_bit(width: int) -> None:
@@ -290,7 +285,8 @@ def test_quantization_and_gemms_on_cuda() -> None:
     of the operands they were given (bf16 results). Inductor's division need not round as the eager one does, so a
     value on an e4m3 rounding boundary may land on the other side: the scales agree to 1 ulp, the values everywhere
     within e4m3's rounding of the input, and all but a few in 10⁴ equal to the eager ones."""
-    _needs_fp8_cuda()
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < CUDA_MIN_CAPABILITY:
+        pytest.skip("needs a CUDA GPU of compute capability ≥ 8.9 (fp8 tensor cores)")
     gen = torch.Generator(device="cuda").manual_seed(0)
     t = torch.randn(1000, 4096, device="cuda", generator=gen, dtype=torch.bfloat16)
     col = torch.rand(1, 4096, device="cuda", generator=gen) + 0.5
