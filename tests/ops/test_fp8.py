@@ -6,6 +6,7 @@ ones without fp8. On the CPU (PyTorch's CPU ``_scaled_mm``), in float32."""
 from __future__ import annotations
 
 import inspect
+import itertools
 
 import pytest
 import torch
@@ -215,17 +216,19 @@ def test_custom_operators_pass_torch_library_checks_with_an_fp8_base() -> None:
     empty = torch.empty(0, IN, dtype=torch.bool)
     # (opcheck's schema check compares inputs before and after with arithmetic fp8 tensors do not have on the CPU)
     checks = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    for x_fp8, dy_fp8 in (((None, None), (None, None, None)),
-                          (quantize_rows_reference(x.detach()), fp8_input_grad_operands(dy, wq, ws))):  # fmt: skip
+    given = (quantize_rows_reference(x.detach()), fp8_input_grad_operands(dy, wq, ws))
+    # the Triton GEMM (fp8_triton) too where it runs on these CPU tensors: under Triton's interpreter
+    for (x_fp8, dy_fp8), fp8_triton in itertools.product((((None, None), (None, None, None)), given),
+                                                          (False, True) if INTERPRET else (False,)):  # fmt: skip
         torch.library.opcheck(
             torch.ops.tnlora.lora_linear.default,
-            (x, weight, None, lora_a, lora_b, 2.0, 0.0, True, False, wq, ws, *x_fp8),
+            (x, weight, None, lora_a, lora_b, 2.0, 0.0, True, False, wq, ws, *x_fp8, fp8_triton),
             test_utils=checks,
         )
         torch.library.opcheck(
             torch.ops.tnlora.lora_linear_backward.default,
             (dy, weight, lora_a.detach(), lora_b.detach(), x.detach(), h, empty, 2.0, 0.0, True, False, wq, ws,
-             *dy_fp8),
+             *dy_fp8, fp8_triton),
             test_utils=checks,
         )  # fmt: skip
 
@@ -325,3 +328,90 @@ def test_dropout_reference_draw_matches() -> None:
     torch.manual_seed(1)
     b, _ = torch.ops.aten.native_dropout(torch.ones(4, 8), 0.5, True)
     assert torch.equal(a, b)
+
+
+def _fp8_gemm_reference(a_q, a_scale, b_q, b_scale, low_rank=None, coef=1.0, keep=None, bias=None):
+    """What :func:`scaled_mm_low_rank_triton` computes, in float64."""
+    out = (a_q.double() @ b_q.double().t()) * a_scale.double()
+    if b_scale is not None:
+        out = out * b_scale.double().reshape(1, -1)
+    if low_rank is not None:
+        low = low_rank[0].double() @ low_rank[1].double().t()
+        out = out + coef * (low * keep if keep is not None else low)
+    return out + bias.double() if bias is not None else out
+
+
+@needs_kernel
+@pytest.mark.parametrize(("rows", "width_out", "width_in"), [(70, 48, 80), (64, 96, 128), (33, 16, 256)])
+def test_triton_fp8_gemm_adds_the_low_rank_term_in_its_epilogue(rows: int, width_out: int, width_in: int) -> None:
+    """The Triton fp8 GEMM (``fp8_kernel="triton"``) against the float64 product of its operands: the scaled fp8
+    product, with and without the weight's scales (the forward / the input gradient), plus the rank-r term with
+    its coefficient, keep-mask and the bias; tiles that do not divide the shapes (edge rows, columns and a partial
+    K block) and ones that do. fp32 results within fp32 accumulation; bf16 ones within one bf16 step (Triton's
+    interpreter truncates to bf16, the GPU rounds)."""
+    from tnlora.ops.fp8 import Fp8GemmTiles, scaled_mm_low_rank_triton
+
+    gen = torch.Generator().manual_seed(rows)
+    a = torch.randn(rows, width_in, generator=gen)
+    b = torch.randn(width_out, width_in, generator=gen) / width_in**0.5
+    a_q, a_scale = (t.to(DEVICE) for t in quantize_rows_reference(a))
+    b_q, b_scale = (t.to(DEVICE) for t in quantize_weight(b))
+    h = torch.randn(rows, RANK, generator=gen).to(DEVICE)
+    c = torch.randn(RANK, width_out, generator=gen).to(DEVICE).t()  # a strided [N, R] view, as lora_a.t() is
+    keep = (torch.rand(rows, width_out, generator=gen) > 0.25).to(DEVICE)
+    bias = torch.randn(width_out, generator=gen).to(DEVICE)
+    tiles = Fp8GemmTiles(32, 16, 32, group_m=2) if INTERPRET else Fp8GemmTiles(64, 64, 64)
+    cases = [
+        dict(b_scale=b_scale),
+        dict(b_scale=None, low_rank=(h, c), coef=2.5, keep=keep),
+        dict(b_scale=b_scale, low_rank=(h, c), coef=0.5, bias=bias),
+        dict(b_scale=b_scale, low_rank=(h, c), bias=bias, fast_accum=True),
+    ]
+    for case in cases:
+        fast = case.pop("fast_accum", False)
+        want = _fp8_gemm_reference(a_q, a_scale, b_q, **case)
+        got = scaled_mm_low_rank_triton(a_q, a_scale, b_q, out_dtype=torch.float32, tiles=tiles, fast_accum=fast,
+                                        **case)  # fmt: skip
+        assert got.shape == (rows, width_out) and got.dtype == torch.float32
+        # fp32 sums of fp8 products (fast accumulation on Hopper keeps fewer bits: looser there)
+        tol = 1e-2 if fast and not INTERPRET else 1e-5
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+        half = scaled_mm_low_rank_triton(a_q, a_scale, b_q, out_dtype=torch.bfloat16, tiles=tiles, **case)
+        assert half.dtype == torch.bfloat16
+        assert ((half.double() - want).abs() <= want.abs() * 2.0**-7 + 1e-30 + 1e-5 * want.abs().max()).all()
+    # the default tiles (the GPU's) and the empty case
+    torch.testing.assert_close(
+        scaled_mm_low_rank_triton(a_q, a_scale, b_q, b_scale, torch.float32).double(),
+        _fp8_gemm_reference(a_q, a_scale, b_q, b_scale), rtol=1e-5, atol=1e-5 * width_in,
+    )  # fmt: skip
+    assert scaled_mm_low_rank_triton(a_q[:0], a_scale[:0], b_q, b_scale, torch.float32).shape == (0, width_out)
+    with pytest.raises(ValueError, match="K contiguous"):
+        scaled_mm_low_rank_triton(a_q, a_scale, b_q.t().contiguous().t(), b_scale, torch.float32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_lora_layer_with_the_triton_fp8_gemm(bias: bool, dropout: float) -> None:
+    """The fused LoRA layer with ``fp8_kernel="triton"`` against ``"torch"`` (``torch._scaled_mm``, the adapter's
+    part added after it): the same fp8 operands and adapter, so output and gradients agree to the compute dtype's
+    rounding (fp32 on the CPU under the interpreter, bf16 on CUDA), and the adapter's gradients exactly; a wrong
+    mask, scale or coefficient in the epilogue would be off by the adapter's whole part."""
+    if INTERPRET and not cpu_row_scaled_mm():
+        pytest.skip("the reference side needs PyTorch's CPU row-scaled torch._scaled_mm")
+    x, weight, b, lora_a, lora_b = (t.to(DEVICE) if t is not None else None for t in _lora_inputs(bias))
+    x, lora_a, lora_b = (t.detach().requires_grad_() for t in (x, lora_a, lora_b))
+    wq, ws = quantize_weight(weight)
+    dtype = torch.float32 if INTERPRET else torch.bfloat16
+    results = []
+    for kernel in ("triton", "torch"):
+        torch.manual_seed(1)
+        with torch.autocast(DEVICE, dtype=dtype, enabled=not INTERPRET):
+            y = lora_linear(x, weight, b, lora_a, lora_b, 2.0, dropout, True, weight_fp8=(wq, ws), fp8_kernel=kernel)
+        dy = torch.randn(y.shape, generator=_gen(8)).to(DEVICE)
+        results.append((y.float(), *(g.float() for g in torch.autograd.grad(y, (x, lora_a, lora_b), dy))))
+    tol = 1e-5 if INTERPRET else 2e-2
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
+    with pytest.raises(ValueError, match="fp8_kernel must be 'torch' or 'triton'"):
+        lora_linear(x, weight, b, lora_a, lora_b, 2.0, weight_fp8=(wq, ws), fp8_kernel="cublas")

@@ -90,3 +90,32 @@ def test_fp8_frozen_gemms_stay_within_e4m3_rounding_of_bf16(compiled: bool) -> N
     results = kernel_and_torch_steps(make, None, compiled)
     assert results[0][0] != results[1][0]
     assert_bf16_step_matches(results[0], results[1], f"fp8 base, compiled {compiled}", tolerance=0.15)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_triton_fp8_gemm_matches_the_scaled_matmul(monkeypatch, compiled: bool) -> None:
+    """``fp8_backend: triton`` against ``torch`` on CUDA: the same fp8 operands, the adapter's part added in the
+    Triton GEMM's epilogue instead of after ``torch._scaled_mm`` (one rounding to bf16 instead of two), so the
+    steps agree to bf16's tolerance, not e4m3's; every adapted layer ran the kernel, forward and input gradient."""
+    from tnlora.ops.fp8 import CUDA_MIN_CAPABILITY
+    from tnlora.train.lora_fused import set_base_fp8
+
+    if torch.cuda.get_device_capability() < CUDA_MIN_CAPABILITY:
+        pytest.skip("fp8 tensor cores need compute capability 8.9 or later")
+    calls = counted_calls(monkeypatch, lora_ops, "scaled_mm_low_rank_triton")
+
+    def make(kind: str) -> torch.nn.Module:
+        model = lora_model(0.1, device="cuda", dtype=torch.bfloat16, impl="fla", **GEOMETRY_1B)
+        adapted = sum(isinstance(m, FusedLoraLinear) for m in model.modules())
+        assert set_base_fp8(model, True, kind) == adapted
+        return model
+
+    def after(kind: str, model: torch.nn.Module) -> None:
+        adapted = sum(isinstance(m, FusedLoraLinear) for m in model.modules())
+        # a forward call for each layer, an input-gradient call for each but those whose input needs no gradient
+        # (the first layer's qkvu_proj reads the frozen embedding's norm)
+        assert (2 * adapted - 1 <= len(calls) <= 2 * adapted) if kind == "triton" else not calls, (kind, len(calls))
+        calls.clear()
+
+    results = kernel_and_torch_steps(make, after, compiled)
+    assert_bf16_step_matches(results[0], results[1], f"fp8 triton GEMM, compiled {compiled}")

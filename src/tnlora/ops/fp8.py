@@ -22,6 +22,7 @@ the quantization runs as one compiled kernel (PyTorch's ops below, fused by Indu
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -83,6 +84,75 @@ def quantize_rows_triton(t: Tensor, col_scale: Tensor | None = None) -> tuple[Te
         HAS_COL=col_scale is not None, BLOCK=block, num_warps=min(16, max(4, block // 512)),
     )  # fmt: skip
     return q, scale
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8GemmTiles:
+    """The tiles of :func:`scaled_mm_low_rank_triton`: one program an output tile of ``block_m`` × ``block_n``,
+    ``block_k`` of the contraction a step, ``group_m`` row tiles walking the column tiles together (L2 reuse)."""
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 128
+    group_m: int = 8
+    num_warps: int = 8
+    num_stages: int = 4
+
+
+def scaled_mm_low_rank_triton(
+    a_q: Tensor,
+    a_scale: Tensor,
+    b_q: Tensor,
+    b_scale: Tensor | None,
+    out_dtype: torch.dtype,
+    low_rank: tuple[Tensor, Tensor] | None = None,
+    coef: float = 1.0,
+    keep: Tensor | None = None,
+    bias: Tensor | None = None,
+    fast_accum: bool = False,
+    tiles: Fp8GemmTiles | None = None,
+) -> Tensor:
+    """a_q [M, K], b_q [N, K] (e4m3, K contiguous), a_scale [M, 1], b_scale [1, N] or None → out [M, N] =
+    (a_q b_qᵀ) ⊙ a_scale ⊙ b_scale + coef · (h cᵀ ⊙ keep) + bias in ``out_dtype``, as one Triton GEMM
+    (:mod:`tnlora.ops.fp8_triton`; CUDA, or the CPU under Triton's interpreter): the fp8 products accumulated
+    in fp32 (each block of ``tiles.block_k`` summed apart, then added, unless ``fast_accum``), then in the same
+    fp32 registers the scales, the low-rank term ``low_rank`` = (h [M, R], c [N, R]) with its ``keep`` mask
+    [M, N] (bool) and the ``bias`` [N], rounded once. It is ``torch._scaled_mm`` with the fused LoRA layer's
+    adapter part added in its epilogue, which ``torch._scaled_mm`` has no operand for: the forward's s · h Bᵀ,
+    the input gradient's dropout-masked s · g A."""
+    import triton
+
+    from tnlora.ops.fp8_triton import scaled_mm_low_rank_kernel
+
+    tiles = tiles or Fp8GemmTiles()
+    (m, k), n = a_q.shape, b_q.shape[0]
+    if b_q.shape[1] != k or a_q.stride(-1) != 1 or b_q.stride(-1) != 1:
+        raise ValueError(f"scaled_mm_low_rank_triton: a [M, K] and b [N, K] with K contiguous, got {a_q.shape}, "
+                         f"{b_q.shape}")  # fmt: skip
+    out = torch.empty((m, n), device=a_q.device, dtype=out_dtype)
+    if m == 0 or n == 0:
+        return out
+    upcast = not a_q.is_cuda  # the interpreter (see the kernel)
+    h, c = low_rank if low_rank is not None else (a_scale, a_scale)
+    if low_rank is not None and not upcast:
+        h, c = h.to(out_dtype), c.to(out_dtype)  # the tensor cores' bf16 product, accumulated in fp32
+    rank = h.shape[1] if low_rank is not None else 1
+    keep_bytes = keep.view(torch.uint8) if keep is not None else a_scale
+    if keep is not None and keep.stride(-1) != 1:
+        keep_bytes = keep.contiguous().view(torch.uint8)
+    grid = (triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n),)
+    scaled_mm_low_rank_kernel[grid](
+        a_q, b_q, out, a_scale.reshape(-1).contiguous(),
+        b_scale.reshape(-1).contiguous() if b_scale is not None else a_scale, h, c, keep_bytes,
+        bias if bias is not None else a_scale, m, n, rank, a_q.stride(0), b_q.stride(0), out.stride(0),
+        h.stride(0), h.stride(1), c.stride(0), c.stride(1), keep_bytes.stride(0), float(coef), K=k,
+        HAS_B_SCALE=b_scale is not None, HAS_LOW_RANK=low_rank is not None, HAS_KEEP=keep is not None,
+        HAS_BIAS=bias is not None, EVEN_K=k % tiles.block_k == 0, FAST_ACCUM=fast_accum, UPCAST=upcast,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), GROUP_M=tiles.group_m, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
+    )  # fmt: skip
+    return out
 
 
 def quantize_rows(t: Tensor, col_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -169,6 +239,7 @@ def dequantized(q: Tensor, scale: Tensor) -> Tensor:
 __all__ = [
     "CUDA_MIN_CAPABILITY",
     "FP8",
+    "Fp8GemmTiles",
     "cpu_row_scaled_mm",
     "dequantized",
     "fp8_input_grad_operands",
@@ -179,4 +250,5 @@ __all__ = [
     "quantize_rows_reference",
     "quantize_rows_triton",
     "quantize_weight",
+    "scaled_mm_low_rank_triton",
 ]

@@ -71,3 +71,101 @@ def quantize_rows_kernel(
     q = _e4m3_bits(tl.clamp(tl.math.div_rn(v, scale), -fp8_max, fp8_max))
     tl.store(q_ptr + row * stride_q + cols, q.to(tl.uint8), mask=ok)  # q_ptr: the e4m3 tensor's bytes
     tl.store(scale_ptr + row, scale)
+
+
+@triton.jit
+def scaled_mm_low_rank_kernel(
+    a_ptr,
+    b_ptr,
+    out_ptr,
+    a_scale_ptr,
+    b_scale_ptr,
+    h_ptr,
+    c_ptr,
+    keep_ptr,
+    bias_ptr,
+    M,
+    N,
+    R,
+    stride_am,
+    stride_bn,
+    stride_om,
+    stride_hm,
+    stride_hr,
+    stride_cn,
+    stride_cr,
+    stride_keep,
+    coef,
+    K: tl.constexpr,
+    HAS_B_SCALE: tl.constexpr,
+    HAS_LOW_RANK: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    FAST_ACCUM: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """out [M, N] = (a bᵀ) ⊙ a_scale ⊙ b_scale + coef · (h cᵀ ⊙ keep) + bias: a [M, K] and b [N, K] e4m3 (K
+    contiguous), their row scales (fp32), the low-rank term's factors h [M, R] and c [N, R], the keep mask [M, N]
+    (bytes), bias [N]; one output tile a program, accumulated in fp32 and rounded once. K is a compile-time
+    constant (a model has a few widths; the loop's trip count is then fixed)."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    # GROUP_M row tiles walk the column tiles together, so the b tiles they share stay in L2
+    in_group = GROUP_M * tiles_n
+    first_m = (pid // in_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_rows
+    pid_n = (pid % in_group) // group_rows
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # rows past the edge read row 0 (their results are not stored); int64 offsets: 131,072 × 16,384 > 2^31
+    safe_m = tl.where(rm < M, rm, 0).to(tl.int64)
+    safe_n = tl.where(rn < N, rn, 0).to(tl.int64)
+    a_ptrs = a_ptr + safe_m[:, None] * stride_am + rk[None, :]
+    b_ptrs = b_ptr + safe_n[None, :] * stride_bn + rk[:, None]  # bᵀ's tile [BLOCK_K, BLOCK_N], K-major
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=rk[None, :] < K - start, other=0.0)
+            b = tl.load(b_ptrs, mask=rk[:, None] < K - start, other=0.0)
+        if UPCAST:  # Triton's CPU interpreter multiplies fp8 (and bf16) tiles wrongly: fp32 there
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if FAST_ACCUM:
+            acc = tl.dot(a, b, acc)
+        else:
+            # each K block's products summed on their own, then added in fp32 (as PyTorch's scaled GEMM without
+            # fast accumulation promotes its partial sums): Hopper's fp8 accumulation keeps fewer bits
+            acc += tl.dot(a, b)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    acc = acc * tl.load(a_scale_ptr + safe_m)[:, None]
+    if HAS_B_SCALE:
+        acc = acc * tl.load(b_scale_ptr + safe_n)[None, :]
+    if HAS_LOW_RANK:
+        rr = tl.arange(0, BLOCK_R)
+        h = tl.load(h_ptr + safe_m[:, None] * stride_hm + rr[None, :] * stride_hr, mask=rr[None, :] < R, other=0.0)
+        c = tl.load(c_ptr + safe_n[None, :] * stride_cn + rr[:, None] * stride_cr, mask=rr[:, None] < R, other=0.0)
+        if UPCAST:
+            h = h.to(tl.float32)
+            c = c.to(tl.float32)
+        low = tl.dot(h, c)
+        if HAS_KEEP:
+            keep = tl.load(keep_ptr + safe_m[:, None] * stride_keep + safe_n[None, :])
+            low = tl.where(keep != 0, low, 0.0)
+        acc += low * coef
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + safe_n).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + safe_m[:, None] * stride_om + safe_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
