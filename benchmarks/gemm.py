@@ -10,13 +10,17 @@ few seconds of one shape run back to back).
 With ``--fp8`` each shape also runs the forms ``fp8: true`` trains with (tnlora.ops.fp8): the e4m3 GEMM with
 row scales alone (operands quantized beforehand), and as the fused LoRA layer calls it (x or dy quantized per
 token first, the weight's transpose made for the input gradient, the adapter's part added after): what the fp8
-tensor cores give against the bf16 rows of the same shape, and what the quantization costs around them.
+tensor cores give against the bf16 rows of the same shape, and what the quantization costs around them. The
+Triton GEMM (``fp8_backend: triton``, ``scaled_mm_low_rank_triton``) runs beside it, alone and as the layer calls
+it, with the adapter's part in its epilogue; ``--tiles`` adds its alone-rows for other tile shapes (block_m,
+block_n, block_k, group_m, num_warps, num_stages; ``;`` between shapes). The input-gradient forms run with the
+huanhuan recipe's LoRA dropout (0.1): the kept-mask is applied to the adapter's part.
 
 ``--quantize`` times the per-token quantization alone instead: Inductor's kernel (what the layer runs) against
 the Triton kernel (``quantize_rows_triton``, the candidate), and whether the Triton kernel's result is the eager
 reference's bit for bit.
 
-    python3 benchmarks/gemm.py [--models 7B,1B] [--rows 16384,131072] [--sustain 4] [--fp8 | --quantize]  # a GPU
+    python3 benchmarks/gemm.py [--models 7B,1B] [--rows 16384,131072] [--sustain 4] [--fp8 [--tiles ...] | --quantize]
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ import functools
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import astuple
 
 import torch
 from torch import Tensor
 
 from tnlora.bench.common import cuda_seconds, environment_line
+from tnlora.ops.fp8 import Fp8GemmTiles
 
 # (name, N, K) of y = x Wᵀ, W [N, K], for each layer's projections.
 SHAPES = {
@@ -65,16 +71,21 @@ def forms(t: dict[str, Tensor]) -> dict[str, tuple[Callable[[], Tensor], float]]
     }
 
 
-def fp8_forms(t: dict[str, Tensor]) -> dict[str, tuple[Callable[[], Tensor], float]]:
+def fp8_forms(
+    t: dict[str, Tensor], tiles: Sequence[Fp8GemmTiles] = ()
+) -> dict[str, tuple[Callable[[], Tensor], float]]:
     """The fp8 forms of :func:`forms` (tnlora.ops.fp8): the scaled GEMM alone on operands quantized beforehand,
     and each GEMM as the fused LoRA layer runs it (quantizing x / dy per token, the transposed weight for the
-    input gradient, then y += adapter's part as a β = 1 rank-8 GEMM standing in for it: the forms' extra passes)."""
+    input gradient, then y += adapter's part as a β = 1 rank-8 GEMM standing in for it: the forms' extra passes);
+    the Triton GEMM with the adapter's part in its epilogue the same two ways, and alone with each of ``tiles``."""
     from tnlora.ops.fp8 import (
+        fp8_input_grad_operands,
         fp8_linear,
         fp8_linear_input_grad,
         quantize_rows,
         quantize_rows_triton,
         quantize_weight,
+        scaled_mm_low_rank_triton,
     )
 
     x, w, dy = t["x"], t["w"], t["dy"]
@@ -88,6 +99,8 @@ def fp8_forms(t: dict[str, Tensor]) -> dict[str, tuple[Callable[[], Tensor], flo
     h = torch.randn(x.shape[0], rank, device=x.device, dtype=x.dtype)
     b = torch.randn(w.shape[0], rank, device=x.device, dtype=x.dtype)
     a = torch.randn(rank, w.shape[1], device=x.device, dtype=x.dtype)
+    p = 0.1  # the huanhuan recipe's LoRA dropout
+    keep = torch.rand(dy.shape[0], w.shape[1], device=x.device) >= p
 
     def layer_forward() -> Tensor:
         return fp8_linear(x, wq, ws, x.dtype).addmm_(h, b.t())
@@ -101,6 +114,28 @@ def fp8_forms(t: dict[str, Tensor]) -> dict[str, tuple[Callable[[], Tensor], flo
     def layer_input_grad_triton() -> Tensor:
         operands = (*quantize_rows_triton(dy, ws), wq.t().contiguous())
         return fp8_linear_input_grad(dy, wq, ws, dy.dtype, operands).addmm_(h, a)
+
+    def layer_input_grad_dropout() -> Tensor:
+        grad = fp8_linear_input_grad(dy, wq, ws, dy.dtype)
+        return grad.add_(torch.ops.aten.native_dropout_backward(h @ a, keep, 2.0 / (1.0 - p)))
+
+    def layer_forward_gemm_kernel() -> Tensor:
+        return scaled_mm_low_rank_triton(*quantize_rows(x), wq, ws, x.dtype, (h, b))
+
+    def layer_input_grad_gemm_kernel() -> Tensor:
+        dy_q, dy_scale, weight_t = fp8_input_grad_operands(dy, wq, ws)
+        return scaled_mm_low_rank_triton(dy_q, dy_scale, weight_t, None, dy.dtype, (h, a.t()), 2.0 / (1.0 - p), keep)
+
+    def alone(shape: Fp8GemmTiles | None) -> dict[str, tuple[Callable[[], Tensor], float]]:
+        label = f", tiles {astuple(shape)}" if shape is not None else ""
+        return {
+            f"fp8 fwd, Triton GEMM + adapter epilogue{label} (GEMM alone)": (
+                lambda: scaled_mm_low_rank_triton(xq, xs, wq, ws, x.dtype, (h, b), tiles=shape), flops),
+            f"fp8 dgrad, Triton GEMM + masked adapter epilogue{label} (GEMM alone)": (
+                lambda: scaled_mm_low_rank_triton(dyq, dys, wt, None, dy.dtype, (h, a.t()), 2.0 / (1.0 - p), keep,
+                                                  tiles=shape),
+                flops),
+        }  # fmt: skip
 
     # One scale a tensor instead of a row (cuBLAS's fp8 GEMM rather than the row-scaled kernel): what row scales
     # cost in the GEMM itself, for the same operands' values.
@@ -122,6 +157,11 @@ def fp8_forms(t: dict[str, Tensor]) -> dict[str, tuple[Callable[[], Tensor], flo
         "fp8 dgrad as the layer runs it": (layer_input_grad, flops),
         "fp8 fwd as the layer runs it, the Triton quantization": (layer_forward_triton, flops),
         "fp8 dgrad as the layer runs it, the Triton quantization": (layer_input_grad_triton, flops),
+        "fp8 dgrad as the layer runs it, dropout 0.1": (layer_input_grad_dropout, flops),
+        **alone(None),
+        "fp8 fwd as the layer runs it, Triton GEMM": (layer_forward_gemm_kernel, flops),
+        "fp8 dgrad as the layer runs it, Triton GEMM, dropout 0.1": (layer_input_grad_gemm_kernel, flops),
+        **{name: form for shape in tiles for name, form in alone(shape).items()},
     }  # fmt: skip
 
 
@@ -208,12 +248,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--sustain", type=float, default=4.0, help="seconds of the 7B l1 forward back to back")
     parser.add_argument("--fp8", action="store_true", help="also the fp8 forms fp8: true trains with")
+    parser.add_argument("--tiles", default="", help="--fp8: more tile shapes for the Triton GEMM alone, e.g. "
+                        "'128,256,128,8,8,3;64,256,128,8,4,4' (block_m,block_n,block_k,group_m,num_warps,num_stages)")
     parser.add_argument("--quantize", action="store_true", help="only the fp8 per-token quantization, Inductor's "
                         "against the Triton kernel")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.exit(2, "error: benchmarks/gemm.py measures a CUDA GPU's GEMMs; this machine has none\n")
     print(environment_line(), flush=True)
+    tiles = [Fp8GemmTiles(*(int(v) for v in shape.split(","))) for shape in args.tiles.split(";") if shape.strip()]
     if args.quantize:
         quantize_table(args.models.split(","), [int(r) for r in args.rows.split(",")], args.repeats)
         return
@@ -228,7 +271,7 @@ def main() -> None:
         for name, n, k in SHAPES[model]:
             for m in (int(r) for r in args.rows.split(",")):
                 tensors = operands(m, n, k)
-                every = {**forms(tensors), **(fp8_forms(tensors) if args.fp8 else {})}
+                every = {**forms(tensors), **(fp8_forms(tensors, tiles) if args.fp8 else {})}
                 for form, (fn, flops) in every.items():
                     t = median_seconds(fn, args.repeats)
                     print(f"| {model} | {name} ({n}×{k}) | {m} | {form} | {t * 1e3:.3f} | {flops / t / 1e12:.0f} |",

@@ -43,14 +43,19 @@
 #                   compare early and late dependent launches): every try's ms a step, and the TUNED entries
 #   gemm            the training step's frozen-weight GEMMs alone (benchmarks/gemm.py; GEMM_ARGS): plain and β = 1,
 #                   forward and input gradient, per projection shape, and the SM clock under a sustained run
-#                   (GEMM_ARGS=--fp8: the fp8 forms too; GEMM_ARGS=--quantize: fp8's per-token quantization alone,
-#                   Inductor's kernel against the Triton one)
+#                   (GEMM_ARGS=--fp8: the fp8 forms too, torch._scaled_mm's and the Triton GEMM's with the
+#                   adapter in its epilogue, GEMM_ARGS="--fp8 --tiles '128,256,128,8,8,3;...'" more tile shapes for
+#                   the latter; GEMM_ARGS=--quantize: fp8's per-token quantization alone, Inductor's kernel against
+#                   the Triton one)
 #   decode-steps    batch-1 decoding (MODELS, default "1B 7B") with the layer forwards (--no-gemv), the GEMV
 #                   step (the default) and the GEMV step without dependent launches (--no-pdl), one machine
 #   opt-outs        tnlora train's defaults against their opt-outs on one machine (MODELS, default 1B):
 #                   --loss_kernel torch and / or --no-lora_compiled_op
 #   train-fp8       tnlora train's defaults with the frozen GEMMs in bf16 and in fp8 (fp8 false / true), twice each,
 #                   alternating, one machine (MODELS, default "1B 7B"); gemm with GEMM_ARGS=--fp8: the GEMMs alone
+#   train-fp8-backend  tnlora train's defaults with fp8: true, its GEMMs as torch._scaled_mm and as the Triton
+#                   GEMM with the adapter in its epilogue (fp8_backend torch / triton), twice each, alternating, one
+#                   machine (MODELS, default "7B 1B")
 #   act-kernel      tnlora train's defaults with the token mixer's activation as PyTorch's form and as the kernels
 #                   (act_kernel torch / triton; MODELS, default "1B 7B"; "auto", the default, is triton on CUDA)
 #   act             the activation alone, forward and backward, compiled PyTorch form against the operators
@@ -172,6 +177,10 @@ for stage in "$@"; do
     train-fp8)
       for m in ${MODELS:-1B 7B}; do for round in 1 2; do for f in false true; do
         train --model $m --fp8 $f $CAP --name "$m huanhuan-shaped, tnlora train's defaults, fp8 $f, round $round ($COMMIT)$TAG"
+      done; done; done ;;
+    train-fp8-backend)
+      for m in ${MODELS:-7B 1B}; do for round in 1 2; do for b in torch triton; do
+        train --model $m --fp8 true --fp8_backend $b $CAP --name "$m huanhuan-shaped, tnlora train's defaults, fp8 true, fp8_backend $b, round $round ($COMMIT)$TAG"
       done; done; done ;;
     opt-outs)  # tnlora train's defaults against their opt-outs on one machine: the loss kernel and the compiled
       # fused-LoRA operators, each alone and both (MODELS, default 1B)

@@ -421,6 +421,35 @@ def test_gemm_bench_forms_compute_the_products_they_name():
     torch.testing.assert_close(t["y"], y0 + x @ w.T)  # in place
 
 
+@pytest.mark.skipif(
+    not (os.environ.get("TRITON_INTERPRET") == "1" and cpu_row_scaled_mm()),
+    reason="runs the Triton forms on the CPU: TRITON_INTERPRET=1 with triton importable and PyTorch's CPU fp8 GEMM",
+)
+def test_gemm_bench_fp8_forms_agree_with_each_other():
+    """benchmarks/gemm.py --fp8 on small CPU operands under Triton's interpreter: every form runs, and the ones
+    that compute one product agree (the layer's forward as torch._scaled_mm + the adapter's add, as the Triton
+    GEMM with the adapter in its epilogue, and that GEMM alone; the same for the input gradient with dropout)."""
+    pytest.importorskip("triton")
+    from tnlora.ops.fp8 import Fp8GemmTiles
+
+    gemm = _benchmark_module("gemm")
+    forms = gemm.fp8_forms(gemm.operands(40, 32, 48, device="cpu", dtype=torch.float32), [Fp8GemmTiles(32, 32, 32)])
+    out = {name: fn() for name, (fn, _flops) in forms.items()}
+    assert len(out) == 16 and all(torch.isfinite(t).all() for t in out.values())
+    same = [
+        ("fp8 fwd as the layer runs it", "fp8 fwd as the layer runs it, Triton GEMM",
+         "fp8 fwd, Triton GEMM + adapter epilogue (GEMM alone)",
+         "fp8 fwd, Triton GEMM + adapter epilogue, tiles (32, 32, 32, 8, 8, 4) (GEMM alone)"),
+        ("fp8 dgrad as the layer runs it, dropout 0.1", "fp8 dgrad as the layer runs it, Triton GEMM, dropout 0.1",
+         "fp8 dgrad, Triton GEMM + masked adapter epilogue (GEMM alone)"),
+    ]  # fmt: skip
+    for names in same:
+        for name in names[1:]:
+            torch.testing.assert_close(out[name], out[names[0]], rtol=1e-5, atol=1e-5, msg=name)
+    # the adapter's part is in them: without it the forward differs
+    assert (out["fp8 fwd x Wᵀ (GEMM alone)"] - out["fp8 fwd as the layer runs it"]).abs().max() > 1e-2
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 @pytest.mark.parametrize(
     ("script", "measures"), [("gemm", "a CUDA GPU's GEMMs"), ("act", "CUDA kernels"), ("lora_grad", "CUDA kernels")]

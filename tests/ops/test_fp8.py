@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import re
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -415,3 +419,53 @@ def test_fused_lora_layer_with_the_triton_fp8_gemm(bias: bool, dropout: float) -
         torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
     with pytest.raises(ValueError, match="fp8_kernel must be 'torch' or 'triton'"):
         lora_linear(x, weight, b, lora_a, lora_b, 2.0, weight_fp8=(wq, ws), fp8_kernel="cublas")
+
+
+def test_the_triton_fp8_gemm_compiles_for_hopper_without_register_spills() -> None:
+    """The Triton GEMM compiled ahead of time for sm_90 (no GPU needed: Triton's compiler and the ptxas it ships):
+    its main loop multiplies on the fp8 tensor cores (wgmma with e4m3 operands) and, with the default tiles, the
+    epilogue's low-rank product and keep-mask fit the registers (no spills), forward and input-gradient forms."""
+    if INTERPRET:
+        pytest.skip("compiles the kernel; under TRITON_INTERPRET=1 Triton interprets it instead")
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tnlora.ops.fp8 import Fp8GemmTiles
+    from tnlora.ops.fp8_triton import scaled_mm_low_rank_kernel as kernel
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.is_file():
+        pytest.skip("this triton has no ptxas of its own")
+    tiles = Fp8GemmTiles()
+    pointers = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "out_ptr": "*bf16", "h_ptr": "*bf16", "c_ptr": "*bf16",
+                "keep_ptr": "*u8"}  # fmt: skip
+    for backward in (False, True):
+        constants = {
+            "K": 4096, "HAS_B_SCALE": not backward, "HAS_LOW_RANK": True, "HAS_KEEP": backward,
+            "HAS_BIAS": False, "EVEN_K": True, "FAST_ACCUM": False, "UPCAST": False, "BLOCK_M": tiles.block_m,
+            "BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k, "BLOCK_R": 16, "GROUP_M": tiles.group_m,
+        }  # fmt: skip
+        signature = {
+            name: "constexpr" if name in constants else pointers.get(name, "*fp32" if name.endswith("_ptr") else
+                                                                     "fp32" if name == "coef" else "i32")
+            for name in kernel.arg_names
+        }  # fmt: skip
+        aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+                   if name.endswith("_ptr") or name in ("stride_am", "stride_bn", "stride_om")}  # fmt: skip
+        compiled = triton.compile(
+            ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=aligned),
+            target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": tiles.num_warps, "num_stages": tiles.num_stages},
+        )
+        ptx = compiled.asm["ptx"]
+        assert "wgmma.mma_async" in ptx and "e4m3" in ptx
+        assert compiled.metadata.shared <= 227 * 1024  # an H100's / H200's shared memory per block
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "k.ptx").write_text(ptx)
+            info = subprocess.run(
+                [str(ptxas), "-v", "--gpu-name", "sm_90a", str(Path(tmp) / "k.ptx"), "-o", str(Path(tmp) / "k.o")],
+                capture_output=True, text=True, check=True,
+            ).stderr  # fmt: skip
+        print(f"backward {backward}: {' '.join(line.strip() for line in info.splitlines() if 'registers' in line)}")
+        assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", info), info

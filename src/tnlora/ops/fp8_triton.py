@@ -142,12 +142,9 @@ def scaled_mm_low_rank_kernel(
         if UPCAST:  # Triton's CPU interpreter multiplies fp8 (and bf16) tiles wrongly: fp32 there
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        if FAST_ACCUM:
-            acc = tl.dot(a, b, acc)
-        else:
-            # each K block's products summed on their own, then added in fp32 (as PyTorch's scaled GEMM without
-            # fast accumulation promotes its partial sums): Hopper's fp8 accumulation keeps fewer bits
-            acc += tl.dot(a, b)
+        # Hopper's fp8 MMA accumulates with fewer bits than fp32: unless FAST_ACCUM its partial sum is added to the
+        # fp32 accumulator after each K block (as PyTorch's scaled GEMM without fast accumulation promotes its own)
+        acc = tl.dot(a, b, acc, max_num_imprecise_acc=None if FAST_ACCUM else BLOCK_K)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     acc = acc * tl.load(a_scale_ptr + safe_m)[:, None]
