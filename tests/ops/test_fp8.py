@@ -404,6 +404,7 @@ def test_fused_lora_layer_with_the_triton_fp8_gemm(bias: bool, dropout: float) -
     if INTERPRET and not cpu_row_scaled_mm():
         pytest.skip("the reference side needs PyTorch's CPU row-scaled torch._scaled_mm")
     x, weight, b, lora_a, lora_b = (t.to(DEVICE) if t is not None else None for t in _lora_inputs(bias))
+    x = torch.randn(4, 8, IN, generator=_gen(9)).to(DEVICE)  # 32 rows: whole fp8 tiles for cuBLAS on CUDA
     x, lora_a, lora_b = (t.detach().requires_grad_() for t in (x, lora_a, lora_b))
     wq, ws = quantize_weight(weight)
     dtype = torch.float32 if INTERPRET else torch.bfloat16
