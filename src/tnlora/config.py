@@ -156,8 +156,9 @@ class RunConfig:
         default="auto",
         metadata=_opt(
             "how fp8: true runs its GEMMs (LLaMA-Factory's key; tnlora's backends): torch (PyTorch's scaled matmul, "
-            "the adapter's part added to its result), triton (one Triton GEMM each, the adapter's part added in "
-            "its epilogue: tnlora.ops.fp8; a CUDA GPU and the triton package) or auto (torch)",
+            "the adapter's part added to its result), triton (Triton kernels: x and dy quantized in one launch, and one "
+            "GEMM each with the adapter's part added in its epilogue: tnlora.ops.fp8; a CUDA GPU and the triton "
+            "package) or auto (torch)",
             choices=FP8_BACKENDS,
         ),
     )

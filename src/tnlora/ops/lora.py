@@ -35,7 +35,8 @@ read and write of y; in the input gradient with dropout, the masked s · g A wri
 ``fp8_kernel="triton"`` runs each frozen GEMM as one Triton kernel that adds the adapter's rank-r part in its
 epilogue (:func:`tnlora.ops.fp8.scaled_mm_low_rank_triton`: h Bᵀ, or the masked g A, as a small product of the
 tile's rows of h and columns of B, in the fp32 registers the GEMM's result is in): no pass over y or dx beyond
-the GEMM's own write.
+the GEMM's own write; in eager code x and dy are quantized by the Triton kernel too
+(:func:`tnlora.ops.fp8.quantize_rows_triton`, bit for bit the compiled reference's values).
 """
 
 from __future__ import annotations
@@ -45,11 +46,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tnlora.ops.fp8 import (
+    TRITON_MAX_WIDTH,
     fp8_input_grad_operands,
     fp8_linear,
     fp8_linear_input_grad,
     quantize_rows,
     quantize_rows_reference,
+    quantize_rows_triton,
     scaled_mm_low_rank_triton,
 )
 from tnlora.ops.lora_grad import lora_dy_products, lora_dy_products_reference
@@ -172,7 +175,7 @@ def _forward_gemms(
     if not output_needed:
         return x.new_empty((x.shape[0], weight.shape[0])), hs, xd, mask
     if weight_q is not None and fp8_triton:
-        xq, x_scale = x_fp8 if x_fp8 is not None else quantize_rows(x)
+        xq, x_scale = x_fp8 if x_fp8 is not None else _quantize_triton(x)
         y = scaled_mm_low_rank_triton(xq, x_scale, weight_q, weight_scale, x.dtype, (hs, lora_b), bias=bias)
         return y, hs, xd, mask
     if weight_q is not None:
@@ -189,6 +192,14 @@ def _forward_gemms(
         y.add_(bias)
     y.addmm_(x, weight.t())
     return y, hs, xd, mask
+
+
+def _quantize_triton(t: Tensor, col_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The eager per-token quantization of the Triton fp8 path: one Triton launch (:func:`quantize_rows_triton`,
+    bit for bit the reference) where the row fits its registers, else :func:`quantize_rows`."""
+    if t.shape[-1] <= TRITON_MAX_WIDTH:
+        return quantize_rows_triton(t, col_scale)
+    return quantize_rows(t, col_scale)
 
 
 def _backward_gemms(
@@ -210,7 +221,7 @@ def _backward_gemms(
     grad_a = (g.t() @ xd).mul_(scaling) if needs[1] else None
     grad_x = None
     if needs[0] and weight_q is not None and fp8_triton:
-        dyq, dy_scale, weight_t = fp8_operands or fp8_input_grad_operands(dy, weight_q, weight_scale)
+        dyq, dy_scale, weight_t = fp8_operands or fp8_input_grad_operands(dy, weight_q, weight_scale, _quantize_triton)
         coef = scaling if mask is None else scaling / (1.0 - p)
         # lora_a.t(): [in, r], the c of the kernel's h cᵀ (a strided view; the kernel reads it as it is)
         grad_x = scaled_mm_low_rank_triton(dyq, dy_scale, weight_t, None, dy.dtype, (g, lora_a.t()), coef, mask)
