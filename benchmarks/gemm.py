@@ -13,7 +13,8 @@ token first, the weight's transpose made for the input gradient, the adapter's p
 tensor cores give against the bf16 rows of the same shape, and what the quantization costs around them. The
 Triton GEMM (``fp8_backend: triton``, ``scaled_mm_low_rank_triton``) runs beside it, alone and as the layer calls
 it, with the adapter's part in its epilogue; ``--tiles`` adds its alone-rows for other tile shapes (block_m,
-block_n, block_k, group_m, num_warps, num_stages; ``;`` between shapes). The input-gradient forms run with the
+block_n, block_k, group_m, num_warps, num_stages and optionally tma, 1 for tiles loaded through tensor
+descriptors; ``;`` between shapes). The input-gradient forms run with the
 huanhuan recipe's LoRA dropout (0.1): the kept-mask is applied to the adapter's part.
 
 ``--quantize`` times the per-token quantization alone instead: Inductor's kernel (what the layer runs) against
@@ -249,14 +250,15 @@ def main() -> None:
     parser.add_argument("--sustain", type=float, default=4.0, help="seconds of the 7B l1 forward back to back")
     parser.add_argument("--fp8", action="store_true", help="also the fp8 forms fp8: true trains with")
     parser.add_argument("--tiles", default="", help="--fp8: more tile shapes for the Triton GEMM alone, e.g. "
-                        "'128,256,128,8,8,3;64,256,128,8,4,4' (block_m,block_n,block_k,group_m,num_warps,num_stages)")
+                        "'128,128,128,8,8,3;128,128,128,8,8,4,1' (block_m,block_n,block_k,group_m,num_warps,num_stages[,tma])")
     parser.add_argument("--quantize", action="store_true", help="only the fp8 per-token quantization, Inductor's "
                         "against the Triton kernel")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.exit(2, "error: benchmarks/gemm.py measures a CUDA GPU's GEMMs; this machine has none\n")
     print(environment_line(), flush=True)
-    tiles = [Fp8GemmTiles(*(int(v) for v in shape.split(","))) for shape in args.tiles.split(";") if shape.strip()]
+    tiles = [Fp8GemmTiles(*values[:6], *(bool(v) for v in values[6:]))
+             for values in ([int(v) for v in shape.split(",")] for shape in args.tiles.split(";") if shape.strip())]
     if args.quantize:
         quantize_table(args.models.split(","), [int(r) for r in args.rows.split(",")], args.repeats)
         return

@@ -5,6 +5,7 @@ ones without fp8. On the CPU (PyTorch's CPU ``_scaled_mm``), in float32."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
 import re
@@ -383,11 +384,12 @@ def test_triton_fp8_gemm_adds_the_low_rank_term_in_its_epilogue(rows: int, width
         half = scaled_mm_low_rank_triton(a_q, a_scale, b_q, out_dtype=torch.bfloat16, tiles=tiles, **case)
         assert half.dtype == torch.bfloat16
         assert ((half.double() - want).abs() <= want.abs() * 2.0**-7 + 1e-30 + 1e-5 * want.abs().max()).all()
-    # the default tiles (the GPU's) and the empty case
-    torch.testing.assert_close(
-        scaled_mm_low_rank_triton(a_q, a_scale, b_q, b_scale, torch.float32).double(),
-        _fp8_gemm_reference(a_q, a_scale, b_q, b_scale), rtol=1e-5, atol=1e-5 * width_in,
-    )  # fmt: skip
+    # the default tiles (the GPU's), the tiles loaded through tensor descriptors (TMA), and the empty case
+    for shape in (None, dataclasses.replace(tiles, tma=True)):
+        torch.testing.assert_close(
+            scaled_mm_low_rank_triton(a_q, a_scale, b_q, b_scale, torch.float32, (h, c), 2.0, keep, tiles=shape).double(),
+            _fp8_gemm_reference(a_q, a_scale, b_q, b_scale, (h, c), 2.0, keep), rtol=1e-5, atol=1e-5 * width_in,
+        )  # fmt: skip
     assert scaled_mm_low_rank_triton(a_q[:0], a_scale[:0], b_q, b_scale, torch.float32).shape == (0, width_out)
     with pytest.raises(ValueError, match="K contiguous"):
         scaled_mm_low_rank_triton(a_q, a_scale, b_q.t().contiguous().t(), b_scale, torch.float32)
@@ -425,7 +427,8 @@ def test_fused_lora_layer_with_the_triton_fp8_gemm(bias: bool, dropout: float) -
 def test_the_triton_fp8_gemm_compiles_for_hopper_without_register_spills() -> None:
     """The Triton GEMM compiled ahead of time for sm_90 (no GPU needed: Triton's compiler and the ptxas it ships):
     its main loop multiplies on the fp8 tensor cores (wgmma with e4m3 operands) and, with the default tiles, the
-    epilogue's low-rank product and keep-mask fit the registers (no spills), forward and input-gradient forms."""
+    epilogue's low-rank product and keep-mask fit the registers (no spills), forward and input-gradient forms;
+    with ``tma`` the tiles come through tensor descriptors (``cp.async.bulk.tensor``)."""
     if INTERPRET:
         pytest.skip("compiles the kernel; under TRITON_INTERPRET=1 Triton interprets it instead")
     triton = pytest.importorskip("triton")
@@ -441,19 +444,22 @@ def test_the_triton_fp8_gemm_compiles_for_hopper_without_register_spills() -> No
     tiles = Fp8GemmTiles()
     pointers = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "out_ptr": "*bf16", "h_ptr": "*bf16", "c_ptr": "*bf16",
                 "keep_ptr": "*u8"}  # fmt: skip
-    for backward in (False, True):
+    for backward, tma in ((False, False), (True, False), (False, True)):
         constants = {
             "K": 4096, "HAS_B_SCALE": not backward, "HAS_LOW_RANK": True, "HAS_KEEP": backward,
-            "HAS_BIAS": False, "EVEN_K": True, "FAST_ACCUM": False, "UPCAST": False, "BLOCK_M": tiles.block_m,
-            "BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k, "BLOCK_R": 16, "GROUP_M": tiles.group_m,
+            "HAS_BIAS": False, "EVEN_K": True, "FAST_ACCUM": False, "UPCAST": False, "TMA": tma,
+            "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k, "BLOCK_R": 16,
+            "GROUP_M": tiles.group_m,
         }  # fmt: skip
+        operands = {"a_ptr": f"tensordesc<fp8e4nv[{tiles.block_m}, {tiles.block_k}]>",
+                    "b_ptr": f"tensordesc<fp8e4nv[{tiles.block_n}, {tiles.block_k}]>"} if tma else {}  # fmt: skip
         signature = {
-            name: "constexpr" if name in constants else pointers.get(name, "*fp32" if name.endswith("_ptr") else
-                                                                     "fp32" if name == "coef" else "i32")
+            name: "constexpr" if name in constants else {**pointers, **operands}.get(
+                name, "*fp32" if name.endswith("_ptr") else "fp32" if name == "coef" else "i32")
             for name in kernel.arg_names
         }  # fmt: skip
         aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
-                   if name.endswith("_ptr") or name in ("stride_am", "stride_bn", "stride_om")}  # fmt: skip
+                   if (name.endswith("_ptr") and name not in operands) or name in ("stride_am", "stride_bn", "stride_om")}  # fmt: skip
         compiled = triton.compile(
             ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=aligned),
             target=GPUTarget("cuda", 90, 32),
@@ -461,6 +467,7 @@ def test_the_triton_fp8_gemm_compiles_for_hopper_without_register_spills() -> No
         )
         ptx = compiled.asm["ptx"]
         assert "wgmma.mma_async" in ptx and "e4m3" in ptx
+        assert ("cp.async.bulk.tensor" in ptx) == tma
         assert compiled.metadata.shared <= 227 * 1024  # an H100's / H200's shared memory per block
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "k.ptx").write_text(ptx)
@@ -468,5 +475,6 @@ def test_the_triton_fp8_gemm_compiles_for_hopper_without_register_spills() -> No
                 [str(ptxas), "-v", "--gpu-name", "sm_90a", str(Path(tmp) / "k.ptx"), "-o", str(Path(tmp) / "k.o")],
                 capture_output=True, text=True, check=True,
             ).stderr  # fmt: skip
-        print(f"backward {backward}: {' '.join(line.strip() for line in info.splitlines() if 'registers' in line)}")
-        assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", info), info
+        print(f"backward {backward}, tma {tma}: {' '.join(line.strip() for line in info.splitlines() if 'registers' in line)}")
+        if not tma:  # the default tiles' loads (the TMA forms spill in the input gradient's epilogue: 160 bytes)
+            assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", info), info

@@ -89,7 +89,9 @@ def quantize_rows_triton(t: Tensor, col_scale: Tensor | None = None) -> tuple[Te
 @dataclasses.dataclass(frozen=True)
 class Fp8GemmTiles:
     """The tiles of :func:`scaled_mm_low_rank_triton`: one program an output tile of ``block_m`` × ``block_n``,
-    ``block_k`` of the contraction a step, ``group_m`` row tiles walking the column tiles together (L2 reuse)."""
+    ``block_k`` of the contraction a step, ``group_m`` row tiles walking the column tiles together (L2 reuse);
+    ``tma``: the a and b tiles loaded by Hopper's tensor memory accelerator (tensor descriptors) instead of the
+    threads' loads."""
 
     block_m: int = 128
     block_n: int = 128
@@ -97,6 +99,7 @@ class Fp8GemmTiles:
     group_m: int = 8
     num_warps: int = 8
     num_stages: int = 4
+    tma: bool = False
 
 
 def scaled_mm_low_rank_triton(
@@ -141,13 +144,19 @@ def scaled_mm_low_rank_triton(
     if keep is not None and keep.stride(-1) != 1:
         keep_bytes = keep.contiguous().view(torch.uint8)
     grid = (triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n),)
+    a_arg, b_arg = a_q, b_q
+    if tiles.tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        a_arg = TensorDescriptor.from_tensor(a_q, [tiles.block_m, tiles.block_k])
+        b_arg = TensorDescriptor.from_tensor(b_q, [tiles.block_n, tiles.block_k])
     scaled_mm_low_rank_kernel[grid](
-        a_q, b_q, out, a_scale.reshape(-1).contiguous(),
+        a_arg, b_arg, out, a_scale.reshape(-1).contiguous(),
         b_scale.reshape(-1).contiguous() if b_scale is not None else a_scale, h, c, keep_bytes,
         bias if bias is not None else a_scale, m, n, rank, a_q.stride(0), b_q.stride(0), out.stride(0),
         h.stride(0), h.stride(1), c.stride(0), c.stride(1), keep_bytes.stride(0), float(coef), K=k,
         HAS_B_SCALE=b_scale is not None, HAS_LOW_RANK=low_rank is not None, HAS_KEEP=keep is not None,
-        HAS_BIAS=bias is not None, EVEN_K=k % tiles.block_k == 0, FAST_ACCUM=fast_accum, UPCAST=upcast,
+        HAS_BIAS=bias is not None, EVEN_K=k % tiles.block_k == 0, FAST_ACCUM=fast_accum, UPCAST=upcast, TMA=tiles.tma,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), GROUP_M=tiles.group_m, num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,

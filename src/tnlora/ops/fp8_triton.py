@@ -104,6 +104,7 @@ def scaled_mm_low_rank_kernel(
     EVEN_K: tl.constexpr,
     FAST_ACCUM: tl.constexpr,
     UPCAST: tl.constexpr,
+    TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -113,7 +114,9 @@ def scaled_mm_low_rank_kernel(
     """out [M, N] = (a bᵀ) ⊙ a_scale ⊙ b_scale + coef · (h cᵀ ⊙ keep) + bias: a [M, K] and b [N, K] e4m3 (K
     contiguous), their row scales (fp32), the low-rank term's factors h [M, R] and c [N, R], the keep mask [M, N]
     (bytes), bias [N]; one output tile a program, accumulated in fp32 and rounded once. K is a compile-time
-    constant (a model has a few widths; the loop's trip count is then fixed)."""
+    constant (a model has a few widths; the loop's trip count is then fixed). With TMA, ``a_ptr`` and ``b_ptr``
+    are tensor descriptors of a and b (blocks [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K]): Hopper's tensor memory
+    accelerator loads the tiles, zero-filling past the edges, instead of the threads' own loads."""
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -129,24 +132,29 @@ def scaled_mm_low_rank_kernel(
     # rows past the edge read row 0 (their results are not stored); int64 offsets: 131,072 × 16,384 > 2^31
     safe_m = tl.where(rm < M, rm, 0).to(tl.int64)
     safe_n = tl.where(rn < N, rn, 0).to(tl.int64)
-    a_ptrs = a_ptr + safe_m[:, None] * stride_am + rk[None, :]
-    b_ptrs = b_ptr + safe_n[None, :] * stride_bn + rk[:, None]  # bᵀ's tile [BLOCK_K, BLOCK_N], K-major
+    if not TMA:
+        a_ptrs = a_ptr + safe_m[:, None] * stride_am + rk[None, :]
+        b_ptrs = b_ptr + safe_n[None, :] * stride_bn + rk[:, None]  # bᵀ's tile [BLOCK_K, BLOCK_N], K-major
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for start in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
+        if TMA:
+            a = a_ptr.load([pid_m * BLOCK_M, start])
+            b = b_ptr.load([pid_n * BLOCK_N, start]).T
         else:
-            a = tl.load(a_ptrs, mask=rk[None, :] < K - start, other=0.0)
-            b = tl.load(b_ptrs, mask=rk[:, None] < K - start, other=0.0)
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=rk[None, :] < K - start, other=0.0)
+                b = tl.load(b_ptrs, mask=rk[:, None] < K - start, other=0.0)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
         if UPCAST:  # Triton's CPU interpreter multiplies fp8 (and bf16) tiles wrongly: fp32 there
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         # Hopper's fp8 MMA accumulates with fewer bits than fp32: unless FAST_ACCUM its partial sum is added to the
         # fp32 accumulator after each K block (as PyTorch's scaled GEMM without fast accumulation promotes its own)
         acc = tl.dot(a, b, acc, max_num_imprecise_acc=None if FAST_ACCUM else BLOCK_K)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
     acc = acc * tl.load(a_scale_ptr + safe_m)[:, None]
     if HAS_B_SCALE:
         acc = acc * tl.load(b_scale_ptr + safe_n)[None, :]
