@@ -93,7 +93,7 @@ def counted_calls(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> lis
     """A list that gets one entry per call of ``owner.name`` from now on (the function still does its work)."""
     calls: list[int] = []
     function = getattr(owner, name)
-    monkeypatch.setattr(owner, name, lambda *args: calls.append(1) or function(*args))
+    monkeypatch.setattr(owner, name, lambda *args, **kwargs: calls.append(1) or function(*args, **kwargs))
     return calls
 
 
