@@ -120,11 +120,12 @@ def fp8_forms(
         grad = fp8_linear_input_grad(dy, wq, ws, dy.dtype)
         return grad.add_(torch.ops.aten.native_dropout_backward(h @ a, keep, 2.0 / (1.0 - p)))
 
+    # fp8_backend triton's eager layer: the Triton quantization, then the Triton GEMM
     def layer_forward_gemm_kernel() -> Tensor:
-        return scaled_mm_low_rank_triton(*quantize_rows(x), wq, ws, x.dtype, (h, b))
+        return scaled_mm_low_rank_triton(*quantize_rows_triton(x), wq, ws, x.dtype, (h, b))
 
     def layer_input_grad_gemm_kernel() -> Tensor:
-        dy_q, dy_scale, weight_t = fp8_input_grad_operands(dy, wq, ws)
+        dy_q, dy_scale, weight_t = fp8_input_grad_operands(dy, wq, ws, quantize_rows_triton)
         return scaled_mm_low_rank_triton(dy_q, dy_scale, weight_t, None, dy.dtype, (h, a.t()), 2.0 / (1.0 - p), keep)
 
     def alone(shape: Fp8GemmTiles | None) -> dict[str, tuple[Callable[[], Tensor], float]]:
@@ -160,8 +161,8 @@ def fp8_forms(
         "fp8 dgrad as the layer runs it, the Triton quantization": (layer_input_grad_triton, flops),
         "fp8 dgrad as the layer runs it, dropout 0.1": (layer_input_grad_dropout, flops),
         **alone(None),
-        "fp8 fwd as the layer runs it, Triton GEMM": (layer_forward_gemm_kernel, flops),
-        "fp8 dgrad as the layer runs it, Triton GEMM, dropout 0.1": (layer_input_grad_gemm_kernel, flops),
+        "fp8 fwd as the layer runs it, fp8_backend triton": (layer_forward_gemm_kernel, flops),
+        "fp8 dgrad as the layer runs it, fp8_backend triton, dropout 0.1": (layer_input_grad_gemm_kernel, flops),
         **{name: form for shape in tiles for name, form in alone(shape).items()},
     }  # fmt: skip
 

@@ -437,10 +437,11 @@ def test_gemm_bench_fp8_forms_agree_with_each_other():
     out = {name: fn() for name, (fn, _flops) in forms.items()}
     assert len(out) == 16 and all(torch.isfinite(t).all() for t in out.values())
     same = [
-        ("fp8 fwd as the layer runs it", "fp8 fwd as the layer runs it, Triton GEMM",
+        ("fp8 fwd as the layer runs it", "fp8 fwd as the layer runs it, fp8_backend triton",
          "fp8 fwd, Triton GEMM + adapter epilogue (GEMM alone)",
-         "fp8 fwd, Triton GEMM + adapter epilogue, tiles (32, 32, 32, 8, 8, 4) (GEMM alone)"),
-        ("fp8 dgrad as the layer runs it, dropout 0.1", "fp8 dgrad as the layer runs it, Triton GEMM, dropout 0.1",
+         "fp8 fwd, Triton GEMM + adapter epilogue, tiles (32, 32, 32, 8, 8, 4, False) (GEMM alone)"),
+        ("fp8 dgrad as the layer runs it, dropout 0.1",
+         "fp8 dgrad as the layer runs it, fp8_backend triton, dropout 0.1",
          "fp8 dgrad, Triton GEMM + masked adapter epilogue (GEMM alone)"),
     ]  # fmt: skip
     for names in same:
