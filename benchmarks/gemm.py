@@ -14,7 +14,9 @@ tensor cores give against the bf16 rows of the same shape, and what the quantiza
 Triton GEMM (``fp8_backend: triton``, ``scaled_mm_low_rank_triton``) runs beside it, alone and as the layer calls
 it, with the adapter's part in its epilogue; ``--tiles`` adds its alone-rows for other tile shapes (block_m,
 block_n, block_k, group_m, num_warps, num_stages and optionally tma, 1 for tiles loaded through tensor
-descriptors; ``;`` between shapes). The input-gradient forms run with the
+descriptors, and low_rank_first, 1 for the adapter's part as the accumulator's start; ``;`` between shapes).
+``--bf16_triton`` adds the bf16 layer's two GEMMs as it runs them (cuBLAS, the adapter's part written first and
+the frozen GEMM adding to it) against the same Triton kernel on bf16 operands with the adapter in its epilogue. The input-gradient forms run with the
 huanhuan recipe's LoRA dropout (0.1): the kept-mask is applied to the adapter's part.
 
 ``--quantize`` times the per-token quantization alone instead: Inductor's kernel (what the layer runs) against
@@ -128,6 +130,11 @@ def fp8_forms(
         dy_q, dy_scale, weight_t = fp8_input_grad_operands(dy, wq, ws, quantize_rows_triton)
         return scaled_mm_low_rank_triton(dy_q, dy_scale, weight_t, None, dy.dtype, (h, a.t()), 2.0 / (1.0 - p), keep)
 
+    def input_grad_untransposed() -> Tensor:  # W [out, in] read as b [K, N]: no transposed copy
+        dy_q, dy_scale = quantize_rows_triton(dy, ws)
+        return scaled_mm_low_rank_triton(dy_q, dy_scale, wq, None, dy.dtype, (h, a.t()), 2.0 / (1.0 - p), keep,
+                                         b_kn=True)
+
     def alone(shape: Fp8GemmTiles | None) -> dict[str, tuple[Callable[[], Tensor], float]]:
         label = f", tiles {astuple(shape)}" if shape is not None else ""
         return {
@@ -163,8 +170,52 @@ def fp8_forms(
         **alone(None),
         "fp8 fwd as the layer runs it, fp8_backend triton": (layer_forward_gemm_kernel, flops),
         "fp8 dgrad as the layer runs it, fp8_backend triton, dropout 0.1": (layer_input_grad_gemm_kernel, flops),
+        "fp8 dgrad, fp8_backend triton, dropout 0.1, W untransposed": (input_grad_untransposed, flops),
         **{name: form for shape in tiles for name, form in alone(shape).items()},
     }  # fmt: skip
+
+
+def bf16_layer_forms(
+    t: dict[str, Tensor], tiles: Sequence[Fp8GemmTiles] = ()
+) -> dict[str, tuple[Callable[[], Tensor], float]]:
+    """The bf16 fused LoRA layer's two frozen GEMMs as it runs them (cuBLAS: the adapter's part written first, then
+    the frozen GEMM adds to it, β = 1; the input gradient with the recipe's dropout 0.1) against the same GEMMs as
+    the Triton kernel with the adapter's part in its epilogue (``scaled_mm_low_rank_triton`` on bf16 operands,
+    default tiles and each of ``tiles``): whether the written-first pass is worth a kernel of our own."""
+    from tnlora.ops.fp8 import scaled_mm_low_rank_triton
+
+    x, w, dy = t["x"], t["w"], t["dy"]
+    flops = 2.0 * x.shape[0] * w.shape[0] * w.shape[1]
+    rank, p = 8, 0.1
+    h = torch.randn(x.shape[0], rank, device=x.device, dtype=x.dtype)
+    b = torch.randn(w.shape[0], rank, device=x.device, dtype=x.dtype)
+    a = torch.randn(rank, w.shape[1], device=x.device, dtype=x.dtype)
+    keep = torch.rand(dy.shape[0], w.shape[1], device=x.device) >= p
+    coef = 2.0 / (1.0 - p)
+
+    def cublas_forward() -> Tensor:
+        return (h @ b.t()).addmm_(x, w.t())
+
+    def cublas_input_grad() -> Tensor:
+        return torch.ops.aten.native_dropout_backward(h @ a, keep, coef).addmm_(dy, w)
+
+    def triton(shape: Fp8GemmTiles | None) -> dict[str, tuple[Callable[[], Tensor], float]]:
+        label = f", tiles {astuple(shape)}" if shape is not None else ""
+        return {
+            f"bf16 fwd, Triton GEMM + adapter epilogue{label}": (
+                lambda: scaled_mm_low_rank_triton(x, None, w, None, x.dtype, (h, b), tiles=shape), flops),
+            f"bf16 dgrad, Triton GEMM (W as it is) + masked adapter epilogue, dropout 0.1{label}": (
+                lambda: scaled_mm_low_rank_triton(dy, None, w, None, dy.dtype, (h, a.t()), coef, keep, tiles=shape,
+                                                  b_kn=True),
+                flops),
+        }  # fmt: skip
+
+    return {
+        "bf16 fwd as the layer runs it (s·h Bᵀ written, then y += x Wᵀ)": (cublas_forward, flops),
+        "bf16 dgrad as the layer runs it, dropout 0.1": (cublas_input_grad, flops),
+        **triton(None),
+        **{name: form for shape in tiles for name, form in triton(shape).items()},
+    }
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -250,15 +301,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--sustain", type=float, default=4.0, help="seconds of the 7B l1 forward back to back")
     parser.add_argument("--fp8", action="store_true", help="also the fp8 forms fp8: true trains with")
-    parser.add_argument("--tiles", default="", help="--fp8: more tile shapes for the Triton GEMM alone, e.g. "
-                        "'128,128,128,8,8,3;128,128,128,8,8,4,1' (block_m,block_n,block_k,group_m,num_warps,num_stages[,tma])")
+    parser.add_argument("--tiles", default="", help="--fp8 / --bf16_triton: more tile shapes for the Triton GEMM, "
+                        "e.g. '128,128,128,8,8,3;128,128,128,8,8,4,1,1' (block_m,block_n,block_k,group_m,num_warps,"
+                        "num_stages[,tma[,low_rank_first]])")
+    parser.add_argument("--bf16_triton", action="store_true", help="also the bf16 layer's GEMMs (cuBLAS, the adapter "
+                        "written first) against the Triton GEMM with the adapter in its epilogue")
     parser.add_argument("--quantize", action="store_true", help="only the fp8 per-token quantization, Inductor's "
                         "against the Triton kernel")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.exit(2, "error: benchmarks/gemm.py measures a CUDA GPU's GEMMs; this machine has none\n")
     print(environment_line(), flush=True)
-    tiles = [Fp8GemmTiles(*values[:6], *(bool(v) for v in values[6:]))
+    tiles = [Fp8GemmTiles(*values[:6], *(bool(v) for v in values[6:8]))
              for values in ([int(v) for v in shape.split(",")] for shape in args.tiles.split(";") if shape.strip())]
     if args.quantize:
         quantize_table(args.models.split(","), [int(r) for r in args.rows.split(",")], args.repeats)
@@ -274,7 +328,8 @@ def main() -> None:
         for name, n, k in SHAPES[model]:
             for m in (int(r) for r in args.rows.split(",")):
                 tensors = operands(m, n, k)
-                every = {**forms(tensors), **(fp8_forms(tensors, tiles) if args.fp8 else {})}
+                every = {**forms(tensors), **(fp8_forms(tensors, tiles) if args.fp8 else {}),
+                         **(bf16_layer_forms(tensors, tiles) if args.bf16_triton else {})}
                 for form, (fn, flops) in every.items():
                     t = median_seconds(fn, args.repeats)
                     print(f"| {model} | {name} ({n}×{k}) | {m} | {form} | {t * 1e3:.3f} | {flops / t / 1e12:.0f} |",

@@ -91,7 +91,8 @@ class Fp8GemmTiles:
     """The tiles of :func:`scaled_mm_low_rank_triton`: one program an output tile of ``block_m`` × ``block_n``,
     ``block_k`` of the contraction a step, ``group_m`` row tiles walking the column tiles together (L2 reuse);
     ``tma``: the a and b tiles loaded by Hopper's tensor memory accelerator (tensor descriptors) instead of the
-    threads' loads."""
+    threads' loads; ``low_rank_first``: the low-rank term the accumulator's starting value (divided by the
+    scales) rather than added after the loop."""
 
     block_m: int = 128
     block_n: int = 128
@@ -100,11 +101,12 @@ class Fp8GemmTiles:
     num_warps: int = 8
     num_stages: int = 4
     tma: bool = False
+    low_rank_first: bool = False
 
 
 def scaled_mm_low_rank_triton(
     a_q: Tensor,
-    a_scale: Tensor,
+    a_scale: Tensor | None,
     b_q: Tensor,
     b_scale: Tensor | None,
     out_dtype: torch.dtype,
@@ -114,6 +116,7 @@ def scaled_mm_low_rank_triton(
     bias: Tensor | None = None,
     fast_accum: bool = False,
     tiles: Fp8GemmTiles | None = None,
+    b_kn: bool = False,
 ) -> Tensor:
     """a_q [M, K], b_q [N, K] (e4m3, K contiguous), a_scale [M, 1], b_scale [1, N] or None → out [M, N] =
     (a_q b_qᵀ) ⊙ a_scale ⊙ b_scale + coef · (h cᵀ ⊙ keep) + bias in ``out_dtype``, as one Triton GEMM
@@ -122,41 +125,47 @@ def scaled_mm_low_rank_triton(
     fp32 registers the scales, the low-rank term ``low_rank`` = (h [M, R], c [N, R]) with its ``keep`` mask
     [M, N] (bool) and the ``bias`` [N], rounded once. It is ``torch._scaled_mm`` with the fused LoRA layer's
     adapter part added in its epilogue, which ``torch._scaled_mm`` has no operand for: the forward's s · h Bᵀ,
-    the input gradient's dropout-masked s · g A."""
+    the input gradient's dropout-masked s · g A. With bf16 operands and no scales (``a_scale`` None) it is the
+    bf16 GEMM with that epilogue (``benchmarks/gemm.py`` times it against cuBLAS's β = 1 form). ``b_kn``: b_q
+    given as [K, N] (N contiguous), e.g. a weight [out, in] as the input gradient's b without its transpose
+    (Hopper's fp8 MMA reads b K-major: for fp8 the compiler then transposes tiles on the way)."""
     import triton
 
     from tnlora.ops.fp8_triton import scaled_mm_low_rank_kernel
 
     tiles = tiles or Fp8GemmTiles()
-    (m, k), n = a_q.shape, b_q.shape[0]
-    if b_q.shape[1] != k or a_q.stride(-1) != 1 or b_q.stride(-1) != 1:
-        raise ValueError(f"scaled_mm_low_rank_triton: a [M, K] and b [N, K] with K contiguous, got {a_q.shape}, "
-                         f"{b_q.shape}")  # fmt: skip
+    (m, k), n = a_q.shape, b_q.shape[1 if b_kn else 0]
+    if b_q.shape[0 if b_kn else 1] != k or a_q.stride(-1) != 1 or b_q.stride(-1) != 1:
+        want = "b [K, N] with N" if b_kn else "b [N, K] with K"
+        raise ValueError(f"scaled_mm_low_rank_triton: a [M, K] with K contiguous and {want} contiguous, got "
+                         f"{tuple(a_q.shape)}, {tuple(b_q.shape)}")  # fmt: skip
     out = torch.empty((m, n), device=a_q.device, dtype=out_dtype)
     if m == 0 or n == 0:
         return out
     upcast = not a_q.is_cuda  # the interpreter (see the kernel)
-    h, c = low_rank if low_rank is not None else (a_scale, a_scale)
+    h, c = low_rank if low_rank is not None else (out, out)  # (an absent operand's pointer: any tensor's)
     if low_rank is not None and not upcast:
         h, c = h.to(out_dtype), c.to(out_dtype)  # the tensor cores' bf16 product, accumulated in fp32
     rank = h.shape[1] if low_rank is not None else 1
-    keep_bytes = keep.view(torch.uint8) if keep is not None else a_scale
+    keep_bytes = keep.view(torch.uint8) if keep is not None else out
     if keep is not None and keep.stride(-1) != 1:
         keep_bytes = keep.contiguous().view(torch.uint8)
     grid = (triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n),)
+    # FAST_ACCUM: the promotion is for fp8's MMA; bf16's accumulates in fp32 as it goes
     a_arg, b_arg = a_q, b_q
     if tiles.tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         a_arg = TensorDescriptor.from_tensor(a_q, [tiles.block_m, tiles.block_k])
-        b_arg = TensorDescriptor.from_tensor(b_q, [tiles.block_n, tiles.block_k])
+        b_arg = TensorDescriptor.from_tensor(b_q, [tiles.block_k, tiles.block_n] if b_kn else [tiles.block_n, tiles.block_k])
     scaled_mm_low_rank_kernel[grid](
-        a_arg, b_arg, out, a_scale.reshape(-1).contiguous(),
-        b_scale.reshape(-1).contiguous() if b_scale is not None else a_scale, h, c, keep_bytes,
-        bias if bias is not None else a_scale, m, n, rank, a_q.stride(0), b_q.stride(0), out.stride(0),
+        a_arg, b_arg, out, a_scale.reshape(-1).contiguous() if a_scale is not None else out,
+        b_scale.reshape(-1).contiguous() if b_scale is not None else out, h, c, keep_bytes,
+        bias if bias is not None else out, m, n, rank, a_q.stride(0), b_q.stride(0), out.stride(0),
         h.stride(0), h.stride(1), c.stride(0), c.stride(1), keep_bytes.stride(0), float(coef), K=k,
-        HAS_B_SCALE=b_scale is not None, HAS_LOW_RANK=low_rank is not None, HAS_KEEP=keep is not None,
-        HAS_BIAS=bias is not None, EVEN_K=k % tiles.block_k == 0, FAST_ACCUM=fast_accum, UPCAST=upcast, TMA=tiles.tma,
+        HAS_A_SCALE=a_scale is not None, HAS_B_SCALE=b_scale is not None, HAS_LOW_RANK=low_rank is not None,
+        HAS_KEEP=keep is not None, HAS_BIAS=bias is not None, EVEN_K=k % tiles.block_k == 0,
+        FAST_ACCUM=fast_accum or a_q.dtype != FP8, UPCAST=upcast, TMA=tiles.tma, B_KN=b_kn, LOW_RANK_FIRST=tiles.low_rank_first,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), GROUP_M=tiles.group_m, num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,

@@ -74,6 +74,23 @@ def quantize_rows_kernel(
 
 
 @triton.jit
+def _low_rank(h_ptr, c_ptr, keep_ptr, safe_m, safe_n, R, stride_hm, stride_hr, stride_cn, stride_cr, stride_keep, coef,
+              HAS_KEEP: tl.constexpr, UPCAST: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+    """coef · (h cᵀ ⊙ keep) on the tile's rows ``safe_m`` and columns ``safe_n``, fp32 (R padded to BLOCK_R)."""
+    rr = tl.arange(0, BLOCK_R)
+    h = tl.load(h_ptr + safe_m[:, None] * stride_hm + rr[None, :] * stride_hr, mask=rr[None, :] < R, other=0.0)
+    c = tl.load(c_ptr + safe_n[None, :] * stride_cn + rr[:, None] * stride_cr, mask=rr[:, None] < R, other=0.0)
+    if UPCAST:
+        h = h.to(tl.float32)
+        c = c.to(tl.float32)
+    low = tl.dot(h, c)
+    if HAS_KEEP:
+        keep = tl.load(keep_ptr + safe_m[:, None] * stride_keep + safe_n[None, :])
+        low = tl.where(keep != 0, low, 0.0)
+    return low * coef
+
+
+@triton.jit
 def scaled_mm_low_rank_kernel(
     a_ptr,
     b_ptr,
@@ -97,6 +114,7 @@ def scaled_mm_low_rank_kernel(
     stride_keep,
     coef,
     K: tl.constexpr,
+    HAS_A_SCALE: tl.constexpr,
     HAS_B_SCALE: tl.constexpr,
     HAS_LOW_RANK: tl.constexpr,
     HAS_KEEP: tl.constexpr,
@@ -105,6 +123,8 @@ def scaled_mm_low_rank_kernel(
     FAST_ACCUM: tl.constexpr,
     UPCAST: tl.constexpr,
     TMA: tl.constexpr,
+    B_KN: tl.constexpr,
+    LOW_RANK_FIRST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -112,11 +132,15 @@ def scaled_mm_low_rank_kernel(
     GROUP_M: tl.constexpr,
 ):
     """out [M, N] = (a bᵀ) ⊙ a_scale ⊙ b_scale + coef · (h cᵀ ⊙ keep) + bias: a [M, K] and b [N, K] e4m3 (K
-    contiguous), their row scales (fp32), the low-rank term's factors h [M, R] and c [N, R], the keep mask [M, N]
+    contiguous; or bf16 without scales), their row scales (fp32), the low-rank term's factors h [M, R] and c [N, R], the keep mask [M, N]
     (bytes), bias [N]; one output tile a program, accumulated in fp32 and rounded once. K is a compile-time
     constant (a model has a few widths; the loop's trip count is then fixed). With TMA, ``a_ptr`` and ``b_ptr``
     are tensor descriptors of a and b (blocks [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K]): Hopper's tensor memory
-    accelerator loads the tiles, zero-filling past the edges, instead of the threads' own loads."""
+    accelerator loads the tiles, zero-filling past the edges, instead of the threads' own loads. With B_KN, b is
+    given as [K, N] (N contiguous, ``stride_bn`` the stride of its rows): a frozen weight W [out, in] is the input
+    gradient's b as it is, without a transposed copy. With LOW_RANK_FIRST the low-rank term (divided by the scales)
+    is the accumulator's starting value instead of being added after the loop: the epilogue then holds no second
+    [BLOCK_M, BLOCK_N] tile in registers (the keep-mask's forms spill without it)."""
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -134,12 +158,28 @@ def scaled_mm_low_rank_kernel(
     safe_n = tl.where(rn < N, rn, 0).to(tl.int64)
     if not TMA:
         a_ptrs = a_ptr + safe_m[:, None] * stride_am + rk[None, :]
-        b_ptrs = b_ptr + safe_n[None, :] * stride_bn + rk[:, None]  # bᵀ's tile [BLOCK_K, BLOCK_N], K-major
+        if B_KN:
+            b_ptrs = b_ptr + rk[:, None].to(tl.int64) * stride_bn + safe_n[None, :]  # [BLOCK_K, BLOCK_N], N-major
+        else:
+            b_ptrs = b_ptr + safe_n[None, :] * stride_bn + rk[:, None]  # bᵀ's tile [BLOCK_K, BLOCK_N], K-major
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_LOW_RANK and LOW_RANK_FIRST:
+        # s_a s_b (Σ q_a q_b + L / (s_a s_b)) = s_a s_b Σ q_a q_b + L to fp32 rounding; the scales are at least
+        # 1e-12 / 448 each (quantize_rows_reference), so their product stays a normal fp32
+        low = _low_rank(h_ptr, c_ptr, keep_ptr, safe_m, safe_n, R, stride_hm, stride_hr, stride_cn, stride_cr,
+                        stride_keep, coef, HAS_KEEP, UPCAST, BLOCK_R)  # fmt: skip
+        if HAS_A_SCALE:
+            low = low / tl.load(a_scale_ptr + safe_m)[:, None]
+        if HAS_B_SCALE:
+            low = low / tl.load(b_scale_ptr + safe_n)[None, :]
+        acc += low
     for start in range(0, K, BLOCK_K):
         if TMA:
             a = a_ptr.load([pid_m * BLOCK_M, start])
-            b = b_ptr.load([pid_n * BLOCK_N, start]).T
+            if B_KN:  # noqa: SIM108 (a constant branch: only the taken side is compiled)
+                b = b_ptr.load([start, pid_n * BLOCK_N])
+            else:
+                b = b_ptr.load([pid_n * BLOCK_N, start]).T
         else:
             if EVEN_K:
                 a = tl.load(a_ptrs)
@@ -148,28 +188,20 @@ def scaled_mm_low_rank_kernel(
                 a = tl.load(a_ptrs, mask=rk[None, :] < K - start, other=0.0)
                 b = tl.load(b_ptrs, mask=rk[:, None] < K - start, other=0.0)
             a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K * stride_bn if B_KN else BLOCK_K
         if UPCAST:  # Triton's CPU interpreter multiplies fp8 (and bf16) tiles wrongly: fp32 there
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         # Hopper's fp8 MMA accumulates with fewer bits than fp32: unless FAST_ACCUM its partial sum is added to the
         # fp32 accumulator after each K block (as PyTorch's scaled GEMM without fast accumulation promotes its own)
         acc = tl.dot(a, b, acc, max_num_imprecise_acc=None if FAST_ACCUM else BLOCK_K)
-    acc = acc * tl.load(a_scale_ptr + safe_m)[:, None]
+    if HAS_A_SCALE:
+        acc = acc * tl.load(a_scale_ptr + safe_m)[:, None]
     if HAS_B_SCALE:
         acc = acc * tl.load(b_scale_ptr + safe_n)[None, :]
-    if HAS_LOW_RANK:
-        rr = tl.arange(0, BLOCK_R)
-        h = tl.load(h_ptr + safe_m[:, None] * stride_hm + rr[None, :] * stride_hr, mask=rr[None, :] < R, other=0.0)
-        c = tl.load(c_ptr + safe_n[None, :] * stride_cn + rr[:, None] * stride_cr, mask=rr[:, None] < R, other=0.0)
-        if UPCAST:
-            h = h.to(tl.float32)
-            c = c.to(tl.float32)
-        low = tl.dot(h, c)
-        if HAS_KEEP:
-            keep = tl.load(keep_ptr + safe_m[:, None] * stride_keep + safe_n[None, :])
-            low = tl.where(keep != 0, low, 0.0)
-        acc += low * coef
+    if HAS_LOW_RANK and not LOW_RANK_FIRST:
+        acc += _low_rank(h_ptr, c_ptr, keep_ptr, safe_m, safe_n, R, stride_hm, stride_hr, stride_cn, stride_cr,
+                         stride_keep, coef, HAS_KEEP, UPCAST, BLOCK_R)  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(bias_ptr + safe_n).to(tl.float32)[None, :]
     out_ptrs = out_ptr + safe_m[:, None] * stride_om + safe_n[None, :]
