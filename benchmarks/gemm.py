@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from tnlora.bench.common import cuda_seconds, environment_line
-from tnlora.ops.fp8 import Fp8GemmTiles
+from tnlora.ops.fp8 import GemmTiles
 
 # (name, N, K) of y = x Wᵀ, W [N, K], for each layer's projections.
 SHAPES = {
@@ -75,7 +75,7 @@ def forms(t: dict[str, Tensor]) -> dict[str, tuple[Callable[[], Tensor], float]]
 
 
 def fp8_forms(
-    t: dict[str, Tensor], tiles: Sequence[Fp8GemmTiles] = ()
+    t: dict[str, Tensor], tiles: Sequence[GemmTiles] = ()
 ) -> dict[str, tuple[Callable[[], Tensor], float]]:
     """The fp8 forms of :func:`forms` (tnlora.ops.fp8): the scaled GEMM alone on operands quantized beforehand,
     and each GEMM as the fused LoRA layer runs it (quantizing x / dy per token, the transposed weight for the
@@ -135,7 +135,7 @@ def fp8_forms(
         return scaled_mm_low_rank_triton(dy_q, dy_scale, wq, None, dy.dtype, (h, a.t()), 2.0 / (1.0 - p), keep,
                                          b_kn=True)
 
-    def alone(shape: Fp8GemmTiles | None) -> dict[str, tuple[Callable[[], Tensor], float]]:
+    def alone(shape: GemmTiles | None) -> dict[str, tuple[Callable[[], Tensor], float]]:
         label = f", tiles {astuple(shape)}" if shape is not None else ""
         return {
             f"fp8 fwd, Triton GEMM + adapter epilogue{label} (GEMM alone)": (
@@ -176,7 +176,7 @@ def fp8_forms(
 
 
 def bf16_layer_forms(
-    t: dict[str, Tensor], tiles: Sequence[Fp8GemmTiles] = ()
+    t: dict[str, Tensor], tiles: Sequence[GemmTiles] = ()
 ) -> dict[str, tuple[Callable[[], Tensor], float]]:
     """The bf16 fused LoRA layer's two frozen GEMMs as it runs them (cuBLAS: the adapter's part written first, then
     the frozen GEMM adds to it, β = 1; the input gradient with the recipe's dropout 0.1) against the same GEMMs as
@@ -199,7 +199,7 @@ def bf16_layer_forms(
     def cublas_input_grad() -> Tensor:
         return torch.ops.aten.native_dropout_backward(h @ a, keep, coef).addmm_(dy, w)
 
-    def triton(shape: Fp8GemmTiles | None) -> dict[str, tuple[Callable[[], Tensor], float]]:
+    def triton(shape: GemmTiles | None) -> dict[str, tuple[Callable[[], Tensor], float]]:
         label = f", tiles {astuple(shape)}" if shape is not None else ""
         return {
             f"bf16 fwd, Triton GEMM + adapter epilogue{label}": (
@@ -312,7 +312,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         parser.exit(2, "error: benchmarks/gemm.py measures a CUDA GPU's GEMMs; this machine has none\n")
     print(environment_line(), flush=True)
-    tiles = [Fp8GemmTiles(*values[:6], *(bool(v) for v in values[6:8]))
+    tiles = [GemmTiles(*values[:6], *(bool(v) for v in values[6:8]))
              for values in ([int(v) for v in shape.split(",")] for shape in args.tiles.split(";") if shape.strip())]
     if args.quantize:
         quantize_table(args.models.split(","), [int(r) for r in args.rows.split(",")], args.repeats)

@@ -56,6 +56,10 @@
 #   train-fp8-backend  tnlora train's defaults with fp8: true, its GEMMs as torch._scaled_mm and as the Triton
 #                   GEMM with the adapter in its epilogue (fp8_backend torch / triton), twice each, alternating, one
 #                   machine (MODELS, default "7B 1B")
+#   lora-gemm-kernel  tnlora train's defaults with the bf16 frozen GEMMs as cuBLAS (the adapter's part written
+#                   first) and as the Triton GEMM with the adapter's part in its epilogue (--lora_gemm_kernel torch /
+#                   triton), twice each, alternating, one machine (MODELS, default "1B 7B"; LONG=1: also 7B on one
+#                   LONG_LEN-token sequence); gemm with GEMM_ARGS=--bf16_triton: the GEMMs alone
 #   act-kernel      tnlora train's defaults with the token mixer's activation as PyTorch's form and as the kernels
 #                   (act_kernel torch / triton; MODELS, default "1B 7B"; "auto", the default, is triton on CUDA)
 #   act             the activation alone, forward and backward, compiled PyTorch form against the operators
@@ -199,6 +203,14 @@ for stage in "$@"; do
       for m in ${MODELS:-1B 7B}; do for k in torch triton; do
         train --model $m --lora_grad_kernel $k --name "$m huanhuan-shaped, tnlora train's defaults, lora_grad_kernel $k ($COMMIT)$TAG"
       done; done ;;
+    lora-gemm-kernel)  # the bf16 frozen GEMMs: cuBLAS (the adapter's part written first) against the Triton GEMM
+      # with it in the epilogue, alternating, one machine (MODELS, default "1B 7B"; LONG=1 adds the long sequence)
+      for m in ${MODELS:-1B 7B}; do for round in 1 2; do for k in torch triton; do
+        train --model $m --lora_gemm_kernel $k --name "$m huanhuan-shaped, tnlora train's defaults, lora_gemm_kernel $k, round $round ($COMMIT)$TAG"
+      done; done; done
+      if [ -n "${LONG:-}" ]; then for k in torch triton; do
+        LIMIT=300 train --model 7B --seq_len ${LONG_LEN:-131072} --steps 1 --warmup 1 --lora_gemm_kernel $k $CAP --name "7B one ${LONG_LEN:-131072}-token sequence, tnlora train's defaults, lora_gemm_kernel $k ($COMMIT)$TAG"
+      done; fi ;;
     act-kernel)  # the token mixer's activation: PyTorch's form against the kernels (MODELS, default "1B 7B")
       for m in ${MODELS:-1B 7B}; do for a in torch triton; do
         train --model $m --act_kernel $a --name "$m huanhuan-shaped, tnlora train's defaults, act_kernel $a ($COMMIT)$TAG"

@@ -430,10 +430,10 @@ def test_gemm_bench_fp8_forms_agree_with_each_other():
     that compute one product agree (the layer's forward as torch._scaled_mm + the adapter's add, as the Triton
     GEMM with the adapter in its epilogue, and that GEMM alone; the same for the input gradient with dropout)."""
     pytest.importorskip("triton")
-    from tnlora.ops.fp8 import Fp8GemmTiles
+    from tnlora.ops.fp8 import GemmTiles
 
     gemm = _benchmark_module("gemm")
-    forms = gemm.fp8_forms(gemm.operands(40, 32, 48, device="cpu", dtype=torch.float32), [Fp8GemmTiles(32, 32, 32)])
+    forms = gemm.fp8_forms(gemm.operands(40, 32, 48, device="cpu", dtype=torch.float32), [GemmTiles(32, 32, 32)])
     out = {name: fn() for name, (fn, _flops) in forms.items()}
     assert len(out) == 17 and all(torch.isfinite(t).all() for t in out.values())
     same = [
@@ -451,7 +451,7 @@ def test_gemm_bench_fp8_forms_agree_with_each_other():
     # the adapter's part is in them: without it the forward differs
     assert (out["fp8 fwd x Wᵀ (GEMM alone)"] - out["fp8 fwd as the layer runs it"]).abs().max() > 1e-2
     # --bf16_triton's forms (here on fp32 operands): cuBLAS's way and the Triton kernel's, both tile forms
-    shape = Fp8GemmTiles(32, 32, 32, low_rank_first=True)
+    shape = GemmTiles(32, 32, 32, low_rank_first=True)
     plain = {name: fn() for name, (fn, _flops) in
              gemm.bf16_layer_forms(gemm.operands(40, 32, 48, device="cpu", dtype=torch.float32), [shape]).items()}
     assert len(plain) == 6

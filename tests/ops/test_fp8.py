@@ -222,20 +222,26 @@ def test_custom_operators_pass_torch_library_checks_with_an_fp8_base() -> None:
     # (opcheck's schema check compares inputs before and after with arithmetic fp8 tensors do not have on the CPU)
     checks = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     given = (quantize_rows_reference(x.detach()), fp8_input_grad_operands(dy, wq, ws))
-    # the Triton GEMM (fp8_triton) too where it runs on these CPU tensors: under Triton's interpreter
-    for (x_fp8, dy_fp8), fp8_triton in itertools.product((((None, None), (None, None, None)), given),
+    # the Triton GEMM (triton_gemm) too where it runs on these CPU tensors: under Triton's interpreter
+    for (x_fp8, dy_fp8), triton_gemm in itertools.product((((None, None), (None, None, None)), given),
                                                           (False, True) if INTERPRET else (False,)):  # fmt: skip
         torch.library.opcheck(
             torch.ops.tnlora.lora_linear.default,
-            (x, weight, None, lora_a, lora_b, 2.0, 0.0, True, False, wq, ws, *x_fp8, fp8_triton),
+            (x, weight, None, lora_a, lora_b, 2.0, 0.0, True, False, wq, ws, *x_fp8, triton_gemm),
             test_utils=checks,
         )
         torch.library.opcheck(
             torch.ops.tnlora.lora_linear_backward.default,
             (dy, weight, lora_a.detach(), lora_b.detach(), x.detach(), h, empty, 2.0, 0.0, True, False, wq, ws,
-             *dy_fp8, fp8_triton),
+             *dy_fp8, triton_gemm),
             test_utils=checks,
         )  # fmt: skip
+    if INTERPRET:  # the Triton GEMM on the plain (unquantized) base
+        torch.library.opcheck(torch.ops.tnlora.lora_linear.default,
+                              (x, weight, None, lora_a, lora_b, 2.0, 0.0, True, False, *[None] * 4, True))
+        torch.library.opcheck(torch.ops.tnlora.lora_linear_backward.default,
+                              (dy, weight, lora_a.detach(), lora_b.detach(), x.detach(), h, empty, 2.0, 0.0, True,
+                               False, *[None] * 5, True))  # fmt: skip
 
 
 def test_a_trainable_base_refuses_an_fp8_copy() -> None:
@@ -349,12 +355,12 @@ def _fp8_gemm_reference(a_q, a_scale, b_q, b_scale, low_rank=None, coef=1.0, kee
 @needs_kernel
 @pytest.mark.parametrize(("rows", "width_out", "width_in"), [(70, 48, 80), (64, 96, 128), (33, 16, 256)])
 def test_triton_fp8_gemm_adds_the_low_rank_term_in_its_epilogue(rows: int, width_out: int, width_in: int) -> None:
-    """The Triton fp8 GEMM (``fp8_kernel="triton"``) against the float64 product of its operands: the scaled fp8
+    """The Triton fp8 GEMM (``gemm_kernel="triton"``) against the float64 product of its operands: the scaled fp8
     product, with and without the weight's scales (the forward / the input gradient), plus the rank-r term with
     its coefficient, keep-mask and the bias; tiles that do not divide the shapes (edge rows, columns and a partial
     K block) and ones that do. fp32 results within fp32 accumulation; bf16 ones within one bf16 step (Triton's
     interpreter truncates to bf16, the GPU rounds)."""
-    from tnlora.ops.fp8 import Fp8GemmTiles, scaled_mm_low_rank_triton
+    from tnlora.ops.fp8 import GemmTiles, scaled_mm_low_rank_triton
 
     gen = torch.Generator().manual_seed(rows)
     a = torch.randn(rows, width_in, generator=gen)
@@ -365,7 +371,7 @@ def test_triton_fp8_gemm_adds_the_low_rank_term_in_its_epilogue(rows: int, width
     c = torch.randn(RANK, width_out, generator=gen).to(DEVICE).t()  # a strided [N, R] view, as lora_a.t() is
     keep = (torch.rand(rows, width_out, generator=gen) > 0.25).to(DEVICE)
     bias = torch.randn(width_out, generator=gen).to(DEVICE)
-    tiles = Fp8GemmTiles(32, 16, 32, group_m=2) if INTERPRET else Fp8GemmTiles(64, 64, 64)
+    tiles = GemmTiles(32, 16, 32, group_m=2) if INTERPRET else GemmTiles(64, 64, 64)
     cases = [
         dict(b_scale=b_scale),
         dict(b_scale=None, low_rank=(h, c), coef=2.5, keep=keep),
@@ -398,83 +404,91 @@ def test_triton_fp8_gemm_adds_the_low_rank_term_in_its_epilogue(rows: int, width
 @needs_kernel
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fused_lora_layer_with_the_triton_fp8_gemm(bias: bool, dropout: float) -> None:
-    """The fused LoRA layer with ``fp8_kernel="triton"`` against ``"torch"`` (``torch._scaled_mm``, the adapter's
-    part added after it): the same fp8 operands and adapter, so output and gradients agree to the compute dtype's
-    rounding (fp32 on the CPU under the interpreter, bf16 on CUDA), and the adapter's gradients exactly; a wrong
-    mask, scale or coefficient in the epilogue would be off by the adapter's whole part."""
-    if INTERPRET and not cpu_row_scaled_mm():
+@pytest.mark.parametrize("fp8", [True, False])
+def test_fused_lora_layer_with_the_triton_gemm(fp8: bool, bias: bool, dropout: float) -> None:
+    """The fused LoRA layer with ``gemm_kernel="triton"`` against ``"torch"`` (fp8: ``torch._scaled_mm``, the
+    adapter's part added after it; bf16: cuBLAS, the adapter's part written first): the same operands and adapter,
+    so output and gradients agree to the compute dtype's rounding (fp32 on the CPU under the interpreter, bf16 on
+    CUDA); a wrong mask, scale or coefficient in the epilogue would be off by the adapter's whole part."""
+    if fp8 and INTERPRET and not cpu_row_scaled_mm():
         pytest.skip("the reference side needs PyTorch's CPU row-scaled torch._scaled_mm")
     x, weight, b, lora_a, lora_b = (t.to(DEVICE) if t is not None else None for t in _lora_inputs(bias))
     x = torch.randn(4, 8, IN, generator=_gen(9)).to(DEVICE)  # 32 rows: whole fp8 tiles for cuBLAS on CUDA
     x, lora_a, lora_b = (t.detach().requires_grad_() for t in (x, lora_a, lora_b))
-    wq, ws = quantize_weight(weight)
+    weight_fp8 = quantize_weight(weight) if fp8 else None
     dtype = torch.float32 if INTERPRET else torch.bfloat16
     results = []
     for kernel in ("triton", "torch"):
         torch.manual_seed(1)
         with torch.autocast(DEVICE, dtype=dtype, enabled=not INTERPRET):
-            y = lora_linear(x, weight, b, lora_a, lora_b, 2.0, dropout, True, weight_fp8=(wq, ws), fp8_kernel=kernel)
+            y = lora_linear(x, weight, b, lora_a, lora_b, 2.0, dropout, True, weight_fp8=weight_fp8, gemm_kernel=kernel)
         dy = torch.randn(y.shape, generator=_gen(8)).to(DEVICE)
         results.append((y.float(), *(g.float() for g in torch.autograd.grad(y, (x, lora_a, lora_b), dy))))
     tol = 1e-5 if INTERPRET else 2e-2
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
-    with pytest.raises(ValueError, match="fp8_kernel must be 'torch' or 'triton'"):
-        lora_linear(x, weight, b, lora_a, lora_b, 2.0, weight_fp8=(wq, ws), fp8_kernel="cublas")
+    with pytest.raises(ValueError, match="gemm_kernel must be 'torch' or 'triton'"):
+        lora_linear(x, weight, b, lora_a, lora_b, 2.0, weight_fp8=weight_fp8, gemm_kernel="cublas")
 
 
-def test_the_triton_fp8_gemm_compiles_for_hopper_without_register_spills() -> None:
+@pytest.mark.parametrize(("fp8", "backward", "tma"),
+                         [(True, False, False), (True, True, False), (True, False, True), (False, False, False),
+                          (False, True, False)])  # fmt: skip
+def test_the_triton_gemm_compiles_for_hopper_without_register_spills(fp8: bool, backward: bool, tma: bool) -> None:
     """The Triton GEMM compiled ahead of time for sm_90 (no GPU needed: Triton's compiler and the ptxas it ships):
-    its main loop multiplies on the fp8 tensor cores (wgmma with e4m3 operands) and, with the default tiles, the
-    epilogue's low-rank product and keep-mask fit the registers (no spills), forward and input-gradient forms;
-    with ``tma`` the tiles come through tensor descriptors (``cp.async.bulk.tensor``)."""
+    its main loop multiplies on the tensor cores (wgmma; e4m3 operands for fp8) and, with the default tiles
+    (:func:`default_tiles`), the epilogue's low-rank product and keep-mask fit the registers (no spills) in the
+    forward and input-gradient forms (bf16's reading the weight as [K, N]) and the shared memory of a block; with
+    ``tma`` the tiles come through tensor descriptors (``cp.async.bulk.tensor``)."""
     if INTERPRET:
         pytest.skip("compiles the kernel; under TRITON_INTERPRET=1 Triton interprets it instead")
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from tnlora.ops.fp8 import Fp8GemmTiles
+    from tnlora.ops.fp8 import default_tiles
     from tnlora.ops.fp8_triton import scaled_mm_low_rank_kernel as kernel
 
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not ptxas.is_file():
         pytest.skip("this triton has no ptxas of its own")
-    tiles = Fp8GemmTiles()
-    pointers = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "out_ptr": "*bf16", "h_ptr": "*bf16", "c_ptr": "*bf16",
-                "keep_ptr": "*u8"}  # fmt: skip
-    for backward, tma in ((False, False), (True, False), (False, True)):
-        constants = {
-            "K": 4096, "HAS_B_SCALE": not backward, "HAS_LOW_RANK": True, "HAS_KEEP": backward,
-            "HAS_BIAS": False, "EVEN_K": True, "FAST_ACCUM": False, "UPCAST": False, "TMA": tma,
-            "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k, "BLOCK_R": 16,
-            "GROUP_M": tiles.group_m,
-        }  # fmt: skip
-        operands = {"a_ptr": f"tensordesc<fp8e4nv[{tiles.block_m}, {tiles.block_k}]>",
-                    "b_ptr": f"tensordesc<fp8e4nv[{tiles.block_n}, {tiles.block_k}]>"} if tma else {}  # fmt: skip
-        signature = {
-            name: "constexpr" if name in constants else {**pointers, **operands}.get(
-                name, "*fp32" if name.endswith("_ptr") else "fp32" if name == "coef" else "i32")
-            for name in kernel.arg_names
-        }  # fmt: skip
-        aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
-                   if (name.endswith("_ptr") and name not in operands) or name in ("stride_am", "stride_bn", "stride_om")}  # fmt: skip
-        compiled = triton.compile(
-            ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=aligned),
-            target=GPUTarget("cuda", 90, 32),
-            options={"num_warps": tiles.num_warps, "num_stages": tiles.num_stages},
-        )
-        ptx = compiled.asm["ptx"]
-        assert "wgmma.mma_async" in ptx and "e4m3" in ptx
-        assert ("cp.async.bulk.tensor" in ptx) == tma
-        assert compiled.metadata.shared <= 227 * 1024  # an H100's / H200's shared memory per block
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "k.ptx").write_text(ptx)
-            info = subprocess.run(
-                [str(ptxas), "-v", "--gpu-name", "sm_90a", str(Path(tmp) / "k.ptx"), "-o", str(Path(tmp) / "k.o")],
-                capture_output=True, text=True, check=True,
-            ).stderr  # fmt: skip
-        print(f"backward {backward}, tma {tma}: {' '.join(line.strip() for line in info.splitlines() if 'registers' in line)}")
-        if not tma:  # the default tiles' loads (the TMA forms spill in the input gradient's epilogue: 160 bytes)
-            assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", info), info
+    tiles = default_tiles(fp8, masked=backward)
+    kind = "fp8e4nv" if fp8 else "bf16"
+    b_kn = backward and not fp8  # the bf16 input gradient reads W [out, in] as it is
+    constants = {
+        "K": 4096, "HAS_A_SCALE": fp8, "HAS_B_SCALE": fp8 and not backward, "HAS_LOW_RANK": True,
+        "HAS_KEEP": backward, "HAS_BIAS": False, "EVEN_K": True, "FAST_ACCUM": not fp8, "UPCAST": False, "TMA": tma,
+        "B_KN": b_kn, "LOW_RANK_FIRST": tiles.low_rank_first, "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n,
+        "BLOCK_K": tiles.block_k, "BLOCK_R": 16, "GROUP_M": tiles.group_m,
+    }  # fmt: skip
+    b_block = [tiles.block_k, tiles.block_n] if b_kn else [tiles.block_n, tiles.block_k]
+    operands = ({"a_ptr": f"tensordesc<{kind}[{tiles.block_m}, {tiles.block_k}]>",
+                 "b_ptr": f"tensordesc<{kind}[{b_block[0]}, {b_block[1]}]>"} if tma else
+                {"a_ptr": f"*{kind}", "b_ptr": f"*{kind}"})  # fmt: skip
+    pointers = {**operands, "out_ptr": "*bf16", "h_ptr": "*bf16", "c_ptr": "*bf16", "keep_ptr": "*u8"}
+    assert set(constants) <= set(kernel.arg_names)
+    signature = {
+        name: "constexpr" if name in constants else pointers.get(
+            name, "*fp32" if name.endswith("_ptr") else "fp32" if name == "coef" else "i32")
+        for name in kernel.arg_names
+    }  # fmt: skip
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+               if (name.endswith("_ptr") and not (tma and name in operands))
+               or name in ("stride_am", "stride_bn", "stride_om")}  # fmt: skip
+    compiled = triton.compile(
+        ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=aligned),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": tiles.num_warps, "num_stages": tiles.num_stages},
+    )
+    ptx = compiled.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and ("e4m3" in ptx) == fp8
+    assert ("cp.async.bulk.tensor" in ptx) == tma
+    assert compiled.metadata.shared <= 227 * 1024  # an H100's / H200's shared memory per block
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.ptx").write_text(ptx)
+        info = subprocess.run(
+            [str(ptxas), "-v", "--gpu-name", "sm_90a", str(Path(tmp) / "k.ptx"), "-o", str(Path(tmp) / "k.o")],
+            capture_output=True, text=True, check=True,
+        ).stderr  # fmt: skip
+    print(" ".join(line.strip() for line in info.splitlines() if "registers" in line))
+    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", info), info

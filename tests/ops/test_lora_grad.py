@@ -88,7 +88,7 @@ def test_the_lora_layers_backward_with_one_read_equals_the_two_gemms(dropout: fl
         leaves = [t.clone().requires_grad_() for t in (x, lora_a, lora_b)]
         torch.manual_seed(2)
         if form == "function":
-            # the trailing Nones and False: no fp8 copy of the base (weight_q, weight_scale, fp8_triton)
+            # the trailing Nones and False: no fp8 copy of the base (weight_q, weight_scale, triton_gemm)
             y = _LoraLinear.apply(
                 leaves[0], weight, None, leaves[1], leaves[2], 2.0, dropout, True, one_read, None, None, False
             )

@@ -52,7 +52,7 @@ class Fp8Seen(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         layers = [m for m in model.modules() if isinstance(m, FusedLoraLinear) and m.fp8_weight is not None]
         self.steps.append(len(layers))
-        self.kernels.update(m.fp8_kernel for m in layers)
+        self.kernels.update(m.gemm_kernel for m in layers)
 
 
 def _train(make_config, out, *args: str) -> tuple[list[float], Fp8Seen, torch.nn.Module]:

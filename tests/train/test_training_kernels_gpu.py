@@ -119,3 +119,26 @@ def test_the_triton_fp8_gemm_matches_the_scaled_matmul(monkeypatch, compiled: bo
 
     results = kernel_and_torch_steps(make, after, compiled)
     assert_bf16_step_matches(results[0], results[1], f"fp8 triton GEMM, compiled {compiled}")
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_triton_bf16_gemm_matches_cublas(monkeypatch, compiled: bool) -> None:
+    """``gemm_kernel = "triton"`` on the bf16 base (``tnlora bench train --lora_gemm_kernel triton``): the frozen
+    GEMMs as the Triton kernel with the adapter's part in its epilogue, against cuBLAS with the part written
+    first; the step within bf16's tolerance, the kernel called by every adapted layer forward and backward."""
+    calls = counted_calls(monkeypatch, lora_ops, "scaled_mm_low_rank_triton")
+
+    def make(kind: str) -> torch.nn.Module:
+        model = lora_model(0.1, device="cuda", dtype=torch.bfloat16, impl="fla", **GEOMETRY_1B)
+        for module in model.modules():
+            if isinstance(module, FusedLoraLinear):
+                module.gemm_kernel = kind
+        return model
+
+    def after(kind: str, model: torch.nn.Module) -> None:
+        adapted = sum(isinstance(m, FusedLoraLinear) for m in model.modules())
+        assert (2 * adapted - 1 <= len(calls) <= 2 * adapted) if kind == "triton" else not calls, (kind, len(calls))
+        calls.clear()
+
+    results = kernel_and_torch_steps(make, after, compiled)
+    assert_bf16_step_matches(results[0], results[1], f"bf16 triton GEMM, compiled {compiled}")

@@ -87,7 +87,7 @@ def quantize_rows_triton(t: Tensor, col_scale: Tensor | None = None) -> tuple[Te
 
 
 @dataclasses.dataclass(frozen=True)
-class Fp8GemmTiles:
+class GemmTiles:
     """The tiles of :func:`scaled_mm_low_rank_triton`: one program an output tile of ``block_m`` × ``block_n``,
     ``block_k`` of the contraction a step, ``group_m`` row tiles walking the column tiles together (L2 reuse);
     ``tma``: the a and b tiles loaded by Hopper's tensor memory accelerator (tensor descriptors) instead of the
@@ -104,6 +104,16 @@ class Fp8GemmTiles:
     low_rank_first: bool = False
 
 
+def default_tiles(fp8: bool, masked: bool) -> GemmTiles:
+    """:func:`scaled_mm_low_rank_triton`'s tiles when none are given: for fp8 operands 128 × 128 × 128, for bf16
+    128 × 128 × 64 (the same bytes a K step), and for bf16 with a keep-mask 128 × 64 × 64 on 4 warps. Chosen by
+    what compiling for sm_90 shows (each within the shared memory and without register spills: the keep-mask's
+    tile spills at 128 × 128 in bf16), not yet by timing (``benchmarks/gemm.py --tiles``)."""
+    if fp8:
+        return GemmTiles()
+    return GemmTiles(128, 64, 64, num_warps=4) if masked else GemmTiles(block_k=64)
+
+
 def scaled_mm_low_rank_triton(
     a_q: Tensor,
     a_scale: Tensor | None,
@@ -115,7 +125,7 @@ def scaled_mm_low_rank_triton(
     keep: Tensor | None = None,
     bias: Tensor | None = None,
     fast_accum: bool = False,
-    tiles: Fp8GemmTiles | None = None,
+    tiles: GemmTiles | None = None,
     b_kn: bool = False,
 ) -> Tensor:
     """a_q [M, K], b_q [N, K] (e4m3, K contiguous), a_scale [M, 1], b_scale [1, N] or None → out [M, N] =
@@ -133,7 +143,7 @@ def scaled_mm_low_rank_triton(
 
     from tnlora.ops.fp8_triton import scaled_mm_low_rank_kernel
 
-    tiles = tiles or Fp8GemmTiles()
+    tiles = tiles or default_tiles(a_q.dtype == FP8, keep is not None)
     (m, k), n = a_q.shape, b_q.shape[1 if b_kn else 0]
     if b_q.shape[0 if b_kn else 1] != k or a_q.stride(-1) != 1 or b_q.stride(-1) != 1:
         want = "b [K, N] with N" if b_kn else "b [N, K] with K"
@@ -257,8 +267,9 @@ def dequantized(q: Tensor, scale: Tensor) -> Tensor:
 __all__ = [
     "CUDA_MIN_CAPABILITY",
     "FP8",
-    "Fp8GemmTiles",
+    "GemmTiles",
     "cpu_row_scaled_mm",
+    "default_tiles",
     "dequantized",
     "fp8_input_grad_operands",
     "fp8_linear",

@@ -39,9 +39,10 @@ class FusedLoraLinear(LoraLinear):
     # trains (set_base_fp8); the fused forward's frozen GEMMs then run in fp8. A plain attribute, not a buffer:
     # it is never saved, and DDP does not broadcast it each step.
     fp8_weight: tuple[Tensor, Tensor] | None = None
-    # How those GEMMs run (tnlora.ops.lora.lora_linear's fp8_kernel; the run's fp8_backend, set with the copy):
-    # "torch" (torch._scaled_mm, the adapter's part added after) or "triton" (added in the GEMM's epilogue).
-    fp8_kernel = "torch"
+    # How the frozen GEMMs run (tnlora.ops.lora.lora_linear's gemm_kernel): "torch" (cuBLAS, or torch._scaled_mm
+    # in fp8) or "triton" (the adapter's part added in the GEMM's epilogue). An fp8 run's fp8_backend sets it with
+    # the fp8 copy; `tnlora bench train --lora_gemm_kernel` sets it for bf16 layers.
+    gemm_kernel = "torch"
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         adapter = self._fused_adapter(x, args, kwargs)
@@ -53,7 +54,7 @@ class FusedLoraLinear(LoraLinear):
         return lora_linear(
             x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
             self.scaling[adapter], p, dropout.training, self.compiled_op, self.output_needed, self.grad_kernel,
-            self.fp8_weight, self.fp8_kernel,
+            self.fp8_weight, self.gemm_kernel,
         )
 
     def _fused_adapter(self, x: Tensor, args: tuple, kwargs: dict) -> str | None:
@@ -88,7 +89,7 @@ def set_base_fp8(model: nn.Module, enabled: bool, kernel: str = "torch") -> int:
     """Give every fused LoRA layer an fp8 copy of its frozen weight, made where the weight is now
     (:func:`tnlora.ops.fp8.quantize_weight`: one byte a weight and a scale a row), or drop the copies (``enabled``
     False). Layers whose weight the fp8 GEMMs cannot take there (:func:`tnlora.ops.fp8.fp8_supported`) keep the
-    compute dtype. ``kernel``: how the fp8 GEMMs run (:func:`tnlora.ops.lora.lora_linear`'s ``fp8_kernel``).
+    compute dtype. ``kernel``: how the fp8 GEMMs run (:func:`tnlora.ops.lora.lora_linear`'s ``gemm_kernel``).
     Returns how many layers have a copy."""
     from tnlora.ops.fp8 import fp8_supported, quantize_weight
 
@@ -99,7 +100,7 @@ def set_base_fp8(model: nn.Module, enabled: bool, kernel: str = "torch") -> int:
         weight = module.get_base_layer().weight
         if enabled and type(module.get_base_layer()) is nn.Linear and fp8_supported(weight):
             module.fp8_weight = quantize_weight(weight)
-            module.fp8_kernel = kernel
+            module.gemm_kernel = kernel
             count += 1
         else:
             module.fp8_weight = None
