@@ -352,10 +352,11 @@ def _lora_linear_backward_op_fake(
 
 
 def _lora_linear_op_setup(ctx, inputs, output) -> None:
-    x, weight, _bias, lora_a, lora_b, scaling, p, _output_needed, one_read, weight_q, weight_scale, _xq, _xs = inputs[:13]
+    (x, weight, _bias, lora_a, lora_b, scaling, p, _output_needed, one_read, weight_q, weight_scale, _xq, _xs,
+     triton_gemm) = inputs  # fmt: skip
     _y, hs, xd, mask = output
     ctx.save_for_backward(weight, lora_a, lora_b, xd if p > 0.0 else x, hs, mask, weight_q, weight_scale)
-    ctx.scaling, ctx.p, ctx.one_read, ctx.triton_gemm = scaling, p, one_read, inputs[13]
+    ctx.scaling, ctx.p, ctx.one_read, ctx.triton_gemm = scaling, p, one_read, triton_gemm
 
 
 def _lora_linear_op_backward(ctx, dy, _dh, _dxd, _dmask):
