@@ -18,6 +18,11 @@ byte a weight instead of a second resident copy.
 ``torch._scaled_mm`` needs a CUDA GPU of compute capability ≥ 8.9 (Ada, Hopper) with widths that are multiples of 16
 and a bf16 result; PyTorch's CPU build runs it too (any widths, fp32 or bf16 results), which the tests use. On CUDA
 the quantization runs as one compiled kernel (PyTorch's ops below, fused by Inductor); elsewhere as those ops.
+
+``fp8_backend: triton`` replaces both with Triton kernels (:mod:`tnlora.ops.fp8_triton`): the quantization as one
+launch (:func:`quantize_rows_triton`) and the GEMM with the fused LoRA layer's adapter part added in its epilogue
+(:func:`scaled_mm_low_rank_triton`, which also takes bf16 operands without scales: the bf16 layer's GEMMs with
+that epilogue, ``tnlora bench train --lora_gemm_kernel triton``).
 """
 
 from __future__ import annotations

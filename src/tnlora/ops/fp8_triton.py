@@ -1,7 +1,9 @@
-"""The Triton kernel of :func:`tnlora.ops.fp8.quantize_rows_triton`: the per-token quantization
-(:func:`tnlora.ops.fp8.quantize_rows_reference` says what it computes) as one launch.
+"""The Triton kernels of ``fp8_backend: triton``: :func:`tnlora.ops.fp8.quantize_rows_triton`'s per-token
+quantization (:func:`tnlora.ops.fp8.quantize_rows_reference` says what it computes) as one launch, and
+:func:`tnlora.ops.fp8.scaled_mm_low_rank_triton`'s GEMM with the adapter's part in its epilogue
+(:func:`scaled_mm_low_rank_kernel`).
 
-One program a row: the row is read once into registers (times the column scales, in fp32), its largest magnitude
+The quantization, one program a row: the row is read once into registers (times the column scales, in fp32), its largest magnitude
 taken, and the e4m3 copy and the row's scale written, so a row moves its bytes once in and once out. The
 divisions are IEEE round-to-nearest (``div_rn``, as PyTorch's ``/``). Each quotient's e4m3 bits are made here
 (rounded to nearest, ties to even, as PyTorch's conversion rounds; the sign of -0.0 kept) and stored as bytes, so
