@@ -218,6 +218,15 @@ def bf16_layer_forms(
     }
 
 
+def triton_errors() -> tuple[type[BaseException], ...]:
+    """Triton's launch failures (a tile shape over the shared memory or registers), where triton is installed."""
+    try:
+        from triton.runtime.errors import OutOfResources
+    except ImportError:
+        return ()
+    return (OutOfResources,)
+
+
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     """The median seconds of ``repeats`` timed calls of ``fn`` after two untimed ones."""
     for _ in range(2):
@@ -331,7 +340,12 @@ def main() -> None:
                 every = {**forms(tensors), **(fp8_forms(tensors, tiles) if args.fp8 else {}),
                          **(bf16_layer_forms(tensors, tiles) if args.bf16_triton else {})}
                 for form, (fn, flops) in every.items():
-                    t = median_seconds(fn, args.repeats)
+                    try:
+                        t = median_seconds(fn, args.repeats)
+                    except triton_errors() as exc:  # a --tiles shape this card cannot launch: a row, not a stop
+                        print(f"| {model} | {name} ({n}×{k}) | {m} | {form} | – | {str(exc).splitlines()[0][:80]} |",
+                              flush=True)  # fmt: skip
+                        continue
                     print(f"| {model} | {name} ({n}×{k}) | {m} | {form} | {t * 1e3:.3f} | {flops / t / 1e12:.0f} |",
                           flush=True)
                 torch.cuda.empty_cache()
