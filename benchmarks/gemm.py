@@ -135,16 +135,11 @@ def fp8_forms(
         return scaled_mm_low_rank_triton(dy_q, dy_scale, wq, None, dy.dtype, (h, a.t()), 2.0 / (1.0 - p), keep,
                                          b_kn=True)
 
-    def alone(shape: GemmTiles | None) -> dict[str, tuple[Callable[[], Tensor], float]]:
-        label = f", tiles {astuple(shape)}" if shape is not None else ""
-        return {
-            f"fp8 fwd, Triton GEMM + adapter epilogue{label} (GEMM alone)": (
-                lambda: scaled_mm_low_rank_triton(xq, xs, wq, ws, x.dtype, (h, b), tiles=shape), flops),
-            f"fp8 dgrad, Triton GEMM + masked adapter epilogue{label} (GEMM alone)": (
-                lambda: scaled_mm_low_rank_triton(dyq, dys, wt, None, dy.dtype, (h, a.t()), 2.0 / (1.0 - p), keep,
-                                                  tiles=shape),
-                flops),
-        }  # fmt: skip
+    def forward_alone(shape: GemmTiles | None) -> Tensor:
+        return scaled_mm_low_rank_triton(xq, xs, wq, ws, x.dtype, (h, b), tiles=shape)
+
+    def input_grad_alone(shape: GemmTiles | None) -> Tensor:
+        return scaled_mm_low_rank_triton(dyq, dys, wt, None, dy.dtype, (h, a.t()), 2.0 / (1.0 - p), keep, tiles=shape)
 
     # One scale a tensor instead of a row (cuBLAS's fp8 GEMM rather than the row-scaled kernel): what row scales
     # cost in the GEMM itself, for the same operands' values.
@@ -167,12 +162,30 @@ def fp8_forms(
         "fp8 fwd as the layer runs it, the Triton quantization": (layer_forward_triton, flops),
         "fp8 dgrad as the layer runs it, the Triton quantization": (layer_input_grad_triton, flops),
         "fp8 dgrad as the layer runs it, dropout 0.1": (layer_input_grad_dropout, flops),
-        **alone(None),
         "fp8 fwd as the layer runs it, fp8_backend triton": (layer_forward_gemm_kernel, flops),
         "fp8 dgrad as the layer runs it, fp8_backend triton, dropout 0.1": (layer_input_grad_gemm_kernel, flops),
         "fp8 dgrad, fp8_backend triton, dropout 0.1, W untransposed": (input_grad_untransposed, flops),
-        **{name: form for shape in tiles for name, form in alone(shape).items()},
+        **epilogue_forms("fp8", forward_alone, input_grad_alone, flops, tiles, " (GEMM alone)"),
     }  # fmt: skip
+
+
+def epilogue_forms(
+    prefix: str,
+    forward: Callable[[GemmTiles | None], Tensor],
+    input_grad: Callable[[GemmTiles | None], Tensor],
+    flops: float,
+    tiles: Sequence[GemmTiles],
+    suffix: str = "",
+) -> dict[str, tuple[Callable[[], Tensor], float]]:
+    """The Triton GEMM's forward and input-gradient forms (``forward(tiles)``, ``input_grad(tiles)``) with the
+    default tiles (None) and each of ``tiles``, named ``prefix`` fwd / dgrad …"""
+    out = {}
+    for shape in (None, *tiles):
+        label = f", tiles {astuple(shape)}" if shape is not None else ""
+        out[f"{prefix} fwd, Triton GEMM + adapter epilogue{label}{suffix}"] = (functools.partial(forward, shape), flops)
+        out[f"{prefix} dgrad, Triton GEMM + masked adapter epilogue, dropout 0.1{label}{suffix}"] = (
+            functools.partial(input_grad, shape), flops)  # fmt: skip
+    return out
 
 
 def bf16_layer_forms(
@@ -199,22 +212,16 @@ def bf16_layer_forms(
     def cublas_input_grad() -> Tensor:
         return torch.ops.aten.native_dropout_backward(h @ a, keep, coef).addmm_(dy, w)
 
-    def triton(shape: GemmTiles | None) -> dict[str, tuple[Callable[[], Tensor], float]]:
-        label = f", tiles {astuple(shape)}" if shape is not None else ""
-        return {
-            f"bf16 fwd, Triton GEMM + adapter epilogue{label}": (
-                lambda: scaled_mm_low_rank_triton(x, None, w, None, x.dtype, (h, b), tiles=shape), flops),
-            f"bf16 dgrad, Triton GEMM (W as it is) + masked adapter epilogue, dropout 0.1{label}": (
-                lambda: scaled_mm_low_rank_triton(dy, None, w, None, dy.dtype, (h, a.t()), coef, keep, tiles=shape,
-                                                  b_kn=True),
-                flops),
-        }  # fmt: skip
+    def triton_forward(shape: GemmTiles | None) -> Tensor:
+        return scaled_mm_low_rank_triton(x, None, w, None, x.dtype, (h, b), tiles=shape)
+
+    def triton_input_grad(shape: GemmTiles | None) -> Tensor:  # W [out, in] read as it is: b [K, N]
+        return scaled_mm_low_rank_triton(dy, None, w, None, dy.dtype, (h, a.t()), coef, keep, tiles=shape, b_kn=True)
 
     return {
         "bf16 fwd as the layer runs it (s·h Bᵀ written, then y += x Wᵀ)": (cublas_forward, flops),
         "bf16 dgrad as the layer runs it, dropout 0.1": (cublas_input_grad, flops),
-        **triton(None),
-        **{name: form for shape in tiles for name, form in triton(shape).items()},
+        **epilogue_forms("bf16", triton_forward, triton_input_grad, flops, tiles),
     }
 
 

@@ -442,7 +442,7 @@ def test_gemm_bench_fp8_forms_agree_with_each_other():
          "fp8 fwd, Triton GEMM + adapter epilogue, tiles (32, 32, 32, 8, 8, 4, False, False) (GEMM alone)"),
         ("fp8 dgrad as the layer runs it, dropout 0.1",
          "fp8 dgrad as the layer runs it, fp8_backend triton, dropout 0.1",
-         "fp8 dgrad, Triton GEMM + masked adapter epilogue (GEMM alone)",
+         "fp8 dgrad, Triton GEMM + masked adapter epilogue, dropout 0.1 (GEMM alone)",
          "fp8 dgrad, fp8_backend triton, dropout 0.1, W untransposed"),
     ]  # fmt: skip
     for names in same:
