@@ -390,6 +390,11 @@ def test_triton_fp8_gemm_adds_the_low_rank_term_in_its_epilogue(rows: int, width
         half = scaled_mm_low_rank_triton(a_q, a_scale, b_q, out_dtype=torch.bfloat16, tiles=tiles, **case)
         assert half.dtype == torch.bfloat16
         assert ((half.double() - want).abs() <= want.abs() * 2.0**-7 + 1e-30 + 1e-5 * want.abs().max()).all()
+    # b given as [K, N] (a weight read as the input gradient's operand without its transpose)
+    got = scaled_mm_low_rank_triton(a_q, a_scale, b_q.t().contiguous(), None, torch.float32, (h, c), 2.5, keep,
+                                    tiles=tiles, b_kn=True)  # fmt: skip
+    want = _fp8_gemm_reference(a_q, a_scale, b_q, None, (h, c), 2.5, keep)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     # the default tiles (the GPU's), the tiles loaded through tensor descriptors (TMA), and the empty case
     for shape in (None, dataclasses.replace(tiles, tma=True)):
         torch.testing.assert_close(
@@ -439,7 +444,8 @@ def test_the_triton_gemm_compiles_for_hopper_without_register_spills(fp8: bool, 
     its main loop multiplies on the tensor cores (wgmma; e4m3 operands for fp8) and, with the default tiles
     (:func:`default_tiles`), the epilogue's low-rank product and keep-mask fit the registers (no spills) in the
     forward and input-gradient forms (bf16's reading the weight as [K, N]) and the shared memory of a block; with
-    ``tma`` the tiles come through tensor descriptors (``cp.async.bulk.tensor``)."""
+    ``tma`` the tiles come through tensor descriptors (``cp.async.bulk.tensor``); the output is stored in 16-byte
+    vectors."""
     if INTERPRET:
         pytest.skip("compiles the kernel; under TRITON_INTERPRET=1 Triton interprets it instead")
     triton = pytest.importorskip("triton")
@@ -452,7 +458,7 @@ def test_the_triton_gemm_compiles_for_hopper_without_register_spills(fp8: bool, 
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not ptxas.is_file():
         pytest.skip("this triton has no ptxas of its own")
-    tiles = default_tiles(fp8, masked=backward)
+    tiles = default_tiles(fp8)
     kind = "fp8e4nv" if fp8 else "bf16"
     b_kn = backward and not fp8  # the bf16 input gradient reads W [out, in] as it is
     constants = {
@@ -472,9 +478,10 @@ def test_the_triton_gemm_compiles_for_hopper_without_register_spills(fp8: bool, 
             name, "*fp32" if name.endswith("_ptr") else "fp32" if name == "coef" else "i32")
         for name in kernel.arg_names
     }  # fmt: skip
+    # what a launch at TNL's shapes specializes: pointers, row counts, widths and row strides divisible by 16
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
                if (name.endswith("_ptr") and not (tma and name in operands))
-               or name in ("stride_am", "stride_bn", "stride_om")}  # fmt: skip
+               or name in ("M", "N", "stride_am", "stride_bn", "stride_om", "stride_keep")}  # fmt: skip
     compiled = triton.compile(
         ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=aligned),
         target=GPUTarget("cuda", 90, 32),
@@ -483,6 +490,9 @@ def test_the_triton_gemm_compiles_for_hopper_without_register_spills(fp8: bool, 
     ptx = compiled.asm["ptx"]
     assert "wgmma.mma_async" in ptx and ("e4m3" in ptx) == fp8
     assert ("cp.async.bulk.tensor" in ptx) == tma
+    # the output leaves in 16-byte vectors along its rows, not element by element (a tl.where on the column
+    # indices once hid their contiguity: 64 two-byte stores a thread)
+    assert "st.global.v4.b32" in ptx and "st.global.b16" not in ptx
     assert compiled.metadata.shared <= 227 * 1024  # an H100's / H200's shared memory per block
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "k.ptx").write_text(ptx)

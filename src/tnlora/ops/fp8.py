@@ -109,14 +109,12 @@ class GemmTiles:
     low_rank_first: bool = False
 
 
-def default_tiles(fp8: bool, masked: bool) -> GemmTiles:
-    """:func:`scaled_mm_low_rank_triton`'s tiles when none are given: for fp8 operands 128 × 128 × 128, for bf16
-    128 × 128 × 64 (the same bytes a K step), and for bf16 with a keep-mask 128 × 64 × 64 on 4 warps. Chosen by
-    what compiling for sm_90 shows (each within the shared memory and without register spills: the keep-mask's
-    tile spills at 128 × 128 in bf16), not yet by timing (``benchmarks/gemm.py --tiles``)."""
-    if fp8:
-        return GemmTiles()
-    return GemmTiles(128, 64, 64, num_warps=4) if masked else GemmTiles(block_k=64)
+def default_tiles(fp8: bool) -> GemmTiles:
+    """:func:`scaled_mm_low_rank_triton`'s tiles when none are given: 128 × 128 output tiles on 8 warps, 4 stages,
+    a K step of 128 fp8 or 64 bf16 values (the same bytes). Chosen by what compiling for sm_90 shows (every form
+    within a block's shared memory and without register spills), not yet by timing (``benchmarks/gemm.py
+    --tiles``)."""
+    return GemmTiles() if fp8 else GemmTiles(block_k=64)
 
 
 def scaled_mm_low_rank_triton(
@@ -148,7 +146,7 @@ def scaled_mm_low_rank_triton(
 
     from tnlora.ops.fp8_triton import scaled_mm_low_rank_kernel
 
-    tiles = tiles or default_tiles(a_q.dtype == FP8, keep is not None)
+    tiles = tiles or default_tiles(a_q.dtype == FP8)
     (m, k), n = a_q.shape, b_q.shape[1 if b_kn else 0]
     if b_q.shape[0 if b_kn else 1] != k or a_q.stride(-1) != 1 or b_q.stride(-1) != 1:
         want = "b [K, N] with N" if b_kn else "b [N, K] with K"

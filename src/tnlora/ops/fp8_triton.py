@@ -76,18 +76,20 @@ def quantize_rows_kernel(
 
 
 @triton.jit
-def _low_rank(h_ptr, c_ptr, keep_ptr, safe_m, safe_n, R, stride_hm, stride_hr, stride_cn, stride_cr, stride_keep, coef,
+def _low_rank(h_ptr, c_ptr, keep_ptr, safe_m, rn, N, R, stride_hm, stride_hr, stride_cn, stride_cr, stride_keep, coef,
               HAS_KEEP: tl.constexpr, UPCAST: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
-    """coef · (h cᵀ ⊙ keep) on the tile's rows ``safe_m`` and columns ``safe_n``, fp32 (R padded to BLOCK_R)."""
+    """coef · (h cᵀ ⊙ keep) on the tile's rows ``safe_m`` and columns ``rn`` (those from N on read as zeros), fp32
+    (R padded to BLOCK_R)."""
     rr = tl.arange(0, BLOCK_R)
     h = tl.load(h_ptr + safe_m[:, None] * stride_hm + rr[None, :] * stride_hr, mask=rr[None, :] < R, other=0.0)
-    c = tl.load(c_ptr + safe_n[None, :] * stride_cn + rr[:, None] * stride_cr, mask=rr[:, None] < R, other=0.0)
+    c = tl.load(c_ptr + rn[None, :] * stride_cn + rr[:, None] * stride_cr, mask=(rr[:, None] < R) & (rn[None, :] < N),
+                other=0.0)  # fmt: skip
     if UPCAST:
         h = h.to(tl.float32)
         c = c.to(tl.float32)
     low = tl.dot(h, c)
     if HAS_KEEP:
-        keep = tl.load(keep_ptr + safe_m[:, None] * stride_keep + safe_n[None, :])
+        keep = tl.load(keep_ptr + safe_m[:, None] * stride_keep + rn[None, :], mask=rn[None, :] < N, other=0)
         low = tl.where(keep != 0, low, 0.0)
     return low * coef
 
@@ -155,25 +157,27 @@ def scaled_mm_low_rank_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    # rows past the edge read row 0 (their results are not stored); int64 offsets: 131,072 × 16,384 > 2^31
+    # rows past the edge read row 0 (their results are not stored); int64 offsets: 131,072 × 16,384 > 2^31. What
+    # runs along N (b's rows when given [K, N], the scales, bias, c, keep, the output) is indexed by rn itself with
+    # masks: its contiguity, which a tl.where would hide from the compiler, makes those loads and the store vectors.
     safe_m = tl.where(rm < M, rm, 0).to(tl.int64)
     safe_n = tl.where(rn < N, rn, 0).to(tl.int64)
     if not TMA:
         a_ptrs = a_ptr + safe_m[:, None] * stride_am + rk[None, :]
         if B_KN:
-            b_ptrs = b_ptr + rk[:, None].to(tl.int64) * stride_bn + safe_n[None, :]  # [BLOCK_K, BLOCK_N], N-major
+            b_ptrs = b_ptr + rk[:, None].to(tl.int64) * stride_bn + rn[None, :]  # [BLOCK_K, BLOCK_N], N-major
         else:
             b_ptrs = b_ptr + safe_n[None, :] * stride_bn + rk[:, None]  # bᵀ's tile [BLOCK_K, BLOCK_N], K-major
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_LOW_RANK and LOW_RANK_FIRST:
         # s_a s_b (Σ q_a q_b + L / (s_a s_b)) = s_a s_b Σ q_a q_b + L to fp32 rounding; the scales are at least
         # 1e-12 / 448 each (quantize_rows_reference), so their product stays a normal fp32
-        low = _low_rank(h_ptr, c_ptr, keep_ptr, safe_m, safe_n, R, stride_hm, stride_hr, stride_cn, stride_cr,
+        low = _low_rank(h_ptr, c_ptr, keep_ptr, safe_m, rn, N, R, stride_hm, stride_hr, stride_cn, stride_cr,
                         stride_keep, coef, HAS_KEEP, UPCAST, BLOCK_R)  # fmt: skip
         if HAS_A_SCALE:
             low = low / tl.load(a_scale_ptr + safe_m)[:, None]
         if HAS_B_SCALE:
-            low = low / tl.load(b_scale_ptr + safe_n)[None, :]
+            low = low / tl.load(b_scale_ptr + rn, mask=rn < N, other=1.0)[None, :]
         acc += low
     for start in range(0, K, BLOCK_K):
         if TMA:
@@ -183,11 +187,15 @@ def scaled_mm_low_rank_kernel(
             else:
                 b = b_ptr.load([pid_n * BLOCK_N, start]).T
         else:
-            if EVEN_K:
+            if EVEN_K:  # noqa: SIM108 (a constant branch: only the taken side is compiled)
                 a = tl.load(a_ptrs)
-                b = tl.load(b_ptrs)
             else:
                 a = tl.load(a_ptrs, mask=rk[None, :] < K - start, other=0.0)
+            if B_KN:
+                b = tl.load(b_ptrs, mask=(rk[:, None] < K - start) & (rn[None, :] < N), other=0.0)
+            elif EVEN_K:
+                b = tl.load(b_ptrs)
+            else:
                 b = tl.load(b_ptrs, mask=rk[:, None] < K - start, other=0.0)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K * stride_bn if B_KN else BLOCK_K
@@ -200,11 +208,11 @@ def scaled_mm_low_rank_kernel(
     if HAS_A_SCALE:
         acc = acc * tl.load(a_scale_ptr + safe_m)[:, None]
     if HAS_B_SCALE:
-        acc = acc * tl.load(b_scale_ptr + safe_n)[None, :]
+        acc = acc * tl.load(b_scale_ptr + rn, mask=rn < N, other=1.0)[None, :]
     if HAS_LOW_RANK and not LOW_RANK_FIRST:
-        acc += _low_rank(h_ptr, c_ptr, keep_ptr, safe_m, safe_n, R, stride_hm, stride_hr, stride_cn, stride_cr,
+        acc += _low_rank(h_ptr, c_ptr, keep_ptr, safe_m, rn, N, R, stride_hm, stride_hr, stride_cn, stride_cr,
                          stride_keep, coef, HAS_KEEP, UPCAST, BLOCK_R)  # fmt: skip
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + safe_n).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + safe_m[:, None] * stride_om + safe_n[None, :]
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + safe_m[:, None] * stride_om + rn[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
