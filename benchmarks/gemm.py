@@ -16,8 +16,9 @@ it, with the adapter's part in its epilogue; ``--tiles`` adds its alone-rows for
 block_n, block_k, group_m, num_warps, num_stages and optionally tma, 1 for tiles loaded through tensor
 descriptors, and low_rank_first, 1 for the adapter's part as the accumulator's start; ``;`` between shapes).
 ``--bf16_triton`` adds the bf16 layer's two GEMMs as it runs them (cuBLAS, the adapter's part written first and
-the frozen GEMM adding to it) against the same Triton kernel on bf16 operands with the adapter in its epilogue. The input-gradient forms run with the
-huanhuan recipe's LoRA dropout (0.1): the kept-mask is applied to the adapter's part.
+the frozen GEMM adding to it) against the same Triton kernel on bf16 operands with the adapter in its epilogue.
+The input-gradient forms run with the huanhuan recipe's LoRA dropout (0.1): the kept-mask is applied to the
+adapter's part.
 
 ``--quantize`` times the per-token quantization alone instead: Inductor's kernel (what the layer runs) against
 the Triton kernel (``quantize_rows_triton``, the candidate), and whether the Triton kernel's result is the eager
@@ -74,6 +75,20 @@ def forms(t: dict[str, Tensor]) -> dict[str, tuple[Callable[[], Tensor], float]]
     }
 
 
+def adapter_operands(
+    t: dict[str, Tensor], rank: int = 8, p: float = 0.1
+) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
+    """A rank-``rank`` adapter's factors for the operands ``t``: h [M, r] (its input's product with A, scaled), B
+    [N, r], A [r, K]; the keep-mask [M, K] of dropout ``p`` (the huanhuan recipe's 0.1) on the input gradient; and
+    the coefficient s / (1 − p) (s = 2) of the masked s · g A."""
+    x, w, dy = t["x"], t["w"], t["dy"]
+    h = torch.randn(x.shape[0], rank, device=x.device, dtype=x.dtype)
+    b = torch.randn(w.shape[0], rank, device=x.device, dtype=x.dtype)
+    a = torch.randn(rank, w.shape[1], device=x.device, dtype=x.dtype)
+    keep = torch.rand(dy.shape[0], w.shape[1], device=x.device) >= p
+    return h, b, a, keep, 2.0 / (1.0 - p)
+
+
 def fp8_forms(
     t: dict[str, Tensor], tiles: Sequence[GemmTiles] = ()
 ) -> dict[str, tuple[Callable[[], Tensor], float]]:
@@ -98,12 +113,7 @@ def fp8_forms(
     xq, xs = quantize_rows(x)
     dyq, dys = quantize_rows(dy, ws)
     ones = torch.ones((1, w.shape[1]), device=x.device)
-    rank = 8
-    h = torch.randn(x.shape[0], rank, device=x.device, dtype=x.dtype)
-    b = torch.randn(w.shape[0], rank, device=x.device, dtype=x.dtype)
-    a = torch.randn(rank, w.shape[1], device=x.device, dtype=x.dtype)
-    p = 0.1  # the huanhuan recipe's LoRA dropout
-    keep = torch.rand(dy.shape[0], w.shape[1], device=x.device) >= p
+    h, b, a, keep, coef = adapter_operands(t)
 
     def layer_forward() -> Tensor:
         return fp8_linear(x, wq, ws, x.dtype).addmm_(h, b.t())
@@ -120,7 +130,7 @@ def fp8_forms(
 
     def layer_input_grad_dropout() -> Tensor:
         grad = fp8_linear_input_grad(dy, wq, ws, dy.dtype)
-        return grad.add_(torch.ops.aten.native_dropout_backward(h @ a, keep, 2.0 / (1.0 - p)))
+        return grad.add_(torch.ops.aten.native_dropout_backward(h @ a, keep, coef))
 
     # fp8_backend triton's eager layer: the Triton quantization, then the Triton GEMM
     def layer_forward_gemm_kernel() -> Tensor:
@@ -128,18 +138,17 @@ def fp8_forms(
 
     def layer_input_grad_gemm_kernel() -> Tensor:
         dy_q, dy_scale, weight_t = fp8_input_grad_operands(dy, wq, ws, quantize_rows_triton)
-        return scaled_mm_low_rank_triton(dy_q, dy_scale, weight_t, None, dy.dtype, (h, a.t()), 2.0 / (1.0 - p), keep)
+        return scaled_mm_low_rank_triton(dy_q, dy_scale, weight_t, None, dy.dtype, (h, a.t()), coef, keep)
 
     def input_grad_untransposed() -> Tensor:  # W [out, in] read as b [K, N]: no transposed copy
         dy_q, dy_scale = quantize_rows_triton(dy, ws)
-        return scaled_mm_low_rank_triton(dy_q, dy_scale, wq, None, dy.dtype, (h, a.t()), 2.0 / (1.0 - p), keep,
-                                         b_kn=True)
+        return scaled_mm_low_rank_triton(dy_q, dy_scale, wq, None, dy.dtype, (h, a.t()), coef, keep, b_kn=True)
 
     def forward_alone(shape: GemmTiles | None) -> Tensor:
         return scaled_mm_low_rank_triton(xq, xs, wq, ws, x.dtype, (h, b), tiles=shape)
 
     def input_grad_alone(shape: GemmTiles | None) -> Tensor:
-        return scaled_mm_low_rank_triton(dyq, dys, wt, None, dy.dtype, (h, a.t()), 2.0 / (1.0 - p), keep, tiles=shape)
+        return scaled_mm_low_rank_triton(dyq, dys, wt, None, dy.dtype, (h, a.t()), coef, keep, tiles=shape)
 
     # One scale a tensor instead of a row (cuBLAS's fp8 GEMM rather than the row-scaled kernel): what row scales
     # cost in the GEMM itself, for the same operands' values.
@@ -199,12 +208,7 @@ def bf16_layer_forms(
 
     x, w, dy = t["x"], t["w"], t["dy"]
     flops = 2.0 * x.shape[0] * w.shape[0] * w.shape[1]
-    rank, p = 8, 0.1
-    h = torch.randn(x.shape[0], rank, device=x.device, dtype=x.dtype)
-    b = torch.randn(w.shape[0], rank, device=x.device, dtype=x.dtype)
-    a = torch.randn(rank, w.shape[1], device=x.device, dtype=x.dtype)
-    keep = torch.rand(dy.shape[0], w.shape[1], device=x.device) >= p
-    coef = 2.0 / (1.0 - p)
+    h, b, a, keep, coef = adapter_operands(t)
 
     def cublas_forward() -> Tensor:
         return (h @ b.t()).addmm_(x, w.t())

@@ -160,17 +160,17 @@ def scaled_mm_low_rank_triton(
     if low_rank is not None and not upcast:
         h, c = h.to(out_dtype), c.to(out_dtype)  # the tensor cores' bf16 product, accumulated in fp32
     rank = h.shape[1] if low_rank is not None else 1
-    keep_bytes = keep.view(torch.uint8) if keep is not None else out
-    if keep is not None and keep.stride(-1) != 1:
-        keep_bytes = keep.contiguous().view(torch.uint8)
+    keep_bytes = out
+    if keep is not None:
+        keep_bytes = (keep if keep.stride(-1) == 1 else keep.contiguous()).view(torch.uint8)
     grid = (triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n),)
-    # FAST_ACCUM: the promotion is for fp8's MMA; bf16's accumulates in fp32 as it goes
     a_arg, b_arg = a_q, b_q
     if tiles.tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
+        b_block = [tiles.block_k, tiles.block_n] if b_kn else [tiles.block_n, tiles.block_k]
         a_arg = TensorDescriptor.from_tensor(a_q, [tiles.block_m, tiles.block_k])
-        b_arg = TensorDescriptor.from_tensor(b_q, [tiles.block_k, tiles.block_n] if b_kn else [tiles.block_n, tiles.block_k])
+        b_arg = TensorDescriptor.from_tensor(b_q, b_block)
     scaled_mm_low_rank_kernel[grid](
         a_arg, b_arg, out, a_scale.reshape(-1).contiguous() if a_scale is not None else out,
         b_scale.reshape(-1).contiguous() if b_scale is not None else out, h, c, keep_bytes,
@@ -178,7 +178,9 @@ def scaled_mm_low_rank_triton(
         h.stride(0), h.stride(1), c.stride(0), c.stride(1), keep_bytes.stride(0), float(coef), K=k,
         HAS_A_SCALE=a_scale is not None, HAS_B_SCALE=b_scale is not None, HAS_LOW_RANK=low_rank is not None,
         HAS_KEEP=keep is not None, HAS_BIAS=bias is not None, EVEN_K=k % tiles.block_k == 0,
-        FAST_ACCUM=fast_accum or a_q.dtype != FP8, UPCAST=upcast, TMA=tiles.tma, B_KN=b_kn, LOW_RANK_FIRST=tiles.low_rank_first,
+        # the promotion is for fp8's MMA; bf16's accumulates in fp32 as it goes
+        FAST_ACCUM=fast_accum or a_q.dtype != FP8, UPCAST=upcast, TMA=tiles.tma, B_KN=b_kn,
+        LOW_RANK_FIRST=tiles.low_rank_first,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), GROUP_M=tiles.group_m, num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,

@@ -3,8 +3,9 @@ quantization (:func:`tnlora.ops.fp8.quantize_rows_reference` says what it comput
 :func:`tnlora.ops.fp8.scaled_mm_low_rank_triton`'s GEMM with the adapter's part in its epilogue
 (:func:`scaled_mm_low_rank_kernel`).
 
-The quantization, one program a row: the row is read once into registers (times the column scales, in fp32), its largest magnitude
-taken, and the e4m3 copy and the row's scale written, so a row moves its bytes once in and once out. The
+The quantization, one program a row: the row is read once into registers (times the column scales, in fp32),
+its largest magnitude taken, and the e4m3 copy and the row's scale written, so a row moves its bytes once in and
+once out. The
 divisions are IEEE round-to-nearest (``div_rn``, as PyTorch's ``/``). Each quotient's e4m3 bits are made here
 (rounded to nearest, ties to even, as PyTorch's conversion rounds; the sign of -0.0 kept) and stored as bytes, so
 no conversion of Triton's is involved: the result is the reference's bit for bit on the GPU and under Triton's CPU
@@ -136,8 +137,8 @@ def scaled_mm_low_rank_kernel(
     GROUP_M: tl.constexpr,
 ):
     """out [M, N] = (a bᵀ) ⊙ a_scale ⊙ b_scale + coef · (h cᵀ ⊙ keep) + bias: a [M, K] and b [N, K] e4m3 (K
-    contiguous; or bf16 without scales), their row scales (fp32), the low-rank term's factors h [M, R] and c [N, R], the keep mask [M, N]
-    (bytes), bias [N]; one output tile a program, accumulated in fp32 and rounded once. K is a compile-time
+    contiguous; or bf16 without scales), their row scales (fp32), the low-rank term's factors h [M, R] and c [N, R],
+    the keep mask [M, N] (bytes), bias [N]; one output tile a program, accumulated in fp32 and rounded once. K is a compile-time
     constant (a model has a few widths; the loop's trip count is then fixed). With TMA, ``a_ptr`` and ``b_ptr``
     are tensor descriptors of a and b (blocks [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K]): Hopper's tensor memory
     accelerator loads the tiles, zero-filling past the edges, instead of the threads' own loads. With B_KN, b is
@@ -161,13 +162,14 @@ def scaled_mm_low_rank_kernel(
     # runs along N (b's rows when given [K, N], the scales, bias, c, keep, the output) is indexed by rn itself with
     # masks: its contiguity, which a tl.where would hide from the compiler, makes those loads and the store vectors.
     safe_m = tl.where(rm < M, rm, 0).to(tl.int64)
-    safe_n = tl.where(rn < N, rn, 0).to(tl.int64)
     if not TMA:
         a_ptrs = a_ptr + safe_m[:, None] * stride_am + rk[None, :]
         if B_KN:
             b_ptrs = b_ptr + rk[:, None].to(tl.int64) * stride_bn + rn[None, :]  # [BLOCK_K, BLOCK_N], N-major
         else:
-            b_ptrs = b_ptr + safe_n[None, :] * stride_bn + rk[:, None]  # bᵀ's tile [BLOCK_K, BLOCK_N], K-major
+            # bᵀ's tile [BLOCK_K, BLOCK_N], K-major: contiguous along K, so b's rows past the edge may read row 0
+            safe_n = tl.where(rn < N, rn, 0).to(tl.int64)
+            b_ptrs = b_ptr + safe_n[None, :] * stride_bn + rk[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_LOW_RANK and LOW_RANK_FIRST:
         # s_a s_b (Σ q_a q_b + L / (s_a s_b)) = s_a s_b Σ q_a q_b + L to fp32 rounding; the scales are at least
