@@ -88,7 +88,8 @@
 #   syncaudit       the host syncs left in compiled 1B steps
 # Environment: SRC (the source tree to measure, default ./src; e.g. an older commit's for a before/after row),
 #   CARD_GIB (cap the GPU memory: 79.6 stands in for an 80 GB card), LONG_LEN (default 131072), TAG (row suffix),
-#   TRAIN_ARGS / DECODE_ARGS (more options for every training / decoding row, e.g. --lora_kernel peft, --batch 1).
+#   TRAIN_ARGS / DECODE_ARGS (more options for every training / decoding row, e.g. --lora_kernel peft, --batch 1),
+#   ROUNDS (the alternating stages' rounds: train-fp8, train-fp8-backend, lora-gemm-kernel; default 2).
 set -uo pipefail
 SRC=${SRC:-$PWD/src}
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$SRC
@@ -179,11 +180,11 @@ for stage in "$@"; do
     gemm)
       log "gemm ${GEMM_ARGS:-}"; timeout ${LIMIT:-300} python3 benchmarks/gemm.py ${GEMM_ARGS:-} 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" | grep -E "^\| |reference|sustained" >> "$OUT/table.txt" ;;
     train-fp8)
-      for m in ${MODELS:-1B 7B}; do for round in 1 2; do for f in false true; do
+      for m in ${MODELS:-1B 7B}; do for round in $(seq ${ROUNDS:-2}); do for f in false true; do
         train --model $m --fp8 $f $CAP --name "$m huanhuan-shaped, tnlora train's defaults, fp8 $f, round $round ($COMMIT)$TAG"
       done; done; done ;;
     train-fp8-backend)
-      for m in ${MODELS:-7B 1B}; do for round in 1 2; do for b in torch triton; do
+      for m in ${MODELS:-7B 1B}; do for round in $(seq ${ROUNDS:-2}); do for b in torch triton; do
         train --model $m --fp8 true --fp8_backend $b $CAP --name "$m huanhuan-shaped, tnlora train's defaults, fp8 true, fp8_backend $b, round $round ($COMMIT)$TAG"
       done; done; done ;;
     opt-outs)  # tnlora train's defaults against their opt-outs on one machine: the loss kernel and the compiled
@@ -205,7 +206,7 @@ for stage in "$@"; do
       done; done ;;
     lora-gemm-kernel)  # the bf16 frozen GEMMs: cuBLAS (the adapter's part written first) against the Triton GEMM
       # with it in the epilogue, alternating, one machine (MODELS, default "1B 7B"; LONG=1 adds the long sequence)
-      for m in ${MODELS:-1B 7B}; do for round in 1 2; do for k in torch triton; do
+      for m in ${MODELS:-1B 7B}; do for round in $(seq ${ROUNDS:-2}); do for k in torch triton; do
         train --model $m --lora_gemm_kernel $k --name "$m huanhuan-shaped, tnlora train's defaults, lora_gemm_kernel $k, round $round ($COMMIT)$TAG"
       done; done; done
       if [ -n "${LONG:-}" ]; then for k in torch triton; do
