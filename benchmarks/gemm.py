@@ -10,21 +10,13 @@ few seconds of one shape run back to back).
 With ``--fp8`` each shape also runs the forms ``fp8: true`` trains with (tnlora.ops.fp8): the e4m3 GEMM with
 row scales alone (operands quantized beforehand), and as the fused LoRA layer calls it (x or dy quantized per
 token first, the weight's transpose made for the input gradient, the adapter's part added after): what the fp8
-tensor cores give against the bf16 rows of the same shape, and what the quantization costs around them. The
-Triton GEMM (``fp8_backend: triton``, ``scaled_mm_low_rank_triton``) runs beside it, alone and as the layer calls
-it, with the adapter's part in its epilogue; ``--tiles`` adds its alone-rows for other tile shapes (block_m,
-block_n, block_k, group_m, num_warps, num_stages and optionally tma, 1 for tiles loaded through tensor
-descriptors, and low_rank_first, 1 for the adapter's part as the accumulator's start; ``;`` between shapes).
-``--bf16_triton`` adds the bf16 layer's two GEMMs as it runs them (cuBLAS, the adapter's part written first and
-the frozen GEMM adding to it) against the same Triton kernel on bf16 operands with the adapter in its epilogue.
-The input-gradient forms run with the huanhuan recipe's LoRA dropout (0.1): the kept-mask is applied to the
-adapter's part.
+tensor cores give against the bf16 rows of the same shape, and what the quantization costs around them.
 
 ``--quantize`` times the per-token quantization alone instead: Inductor's kernel (what the layer runs) against
 the Triton kernel (``quantize_rows_triton``, the candidate), and whether the Triton kernel's result is the eager
 reference's bit for bit.
 
-    python3 benchmarks/gemm.py [--models 7B,1B] [--rows 16384,131072] [--sustain 4] [--fp8 [--tiles ...] | --quantize]
+    python3 benchmarks/gemm.py [--models 7B,1B] [--rows 16384,131072] [--sustain 4] [--fp8 | --quantize]  # a GPU
 """
 
 from __future__ import annotations
@@ -34,14 +26,12 @@ import functools
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import astuple
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from tnlora.bench.common import cuda_seconds, environment_line
-from tnlora.ops.fp8 import GemmTiles
 
 # (name, N, K) of y = x Wᵀ, W [N, K], for each layer's projections.
 SHAPES = {
@@ -75,35 +65,16 @@ def forms(t: dict[str, Tensor]) -> dict[str, tuple[Callable[[], Tensor], float]]
     }
 
 
-def adapter_operands(
-    t: dict[str, Tensor], rank: int = 8, p: float = 0.1
-) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
-    """A rank-``rank`` adapter's factors for the operands ``t``: h [M, r] (its input's product with A, scaled), B
-    [N, r], A [r, K]; the keep-mask [M, K] of dropout ``p`` (the huanhuan recipe's 0.1) on the input gradient; and
-    the coefficient s / (1 − p) (s = 2) of the masked s · g A."""
-    x, w, dy = t["x"], t["w"], t["dy"]
-    h = torch.randn(x.shape[0], rank, device=x.device, dtype=x.dtype)
-    b = torch.randn(w.shape[0], rank, device=x.device, dtype=x.dtype)
-    a = torch.randn(rank, w.shape[1], device=x.device, dtype=x.dtype)
-    keep = torch.rand(dy.shape[0], w.shape[1], device=x.device) >= p
-    return h, b, a, keep, 2.0 / (1.0 - p)
-
-
-def fp8_forms(
-    t: dict[str, Tensor], tiles: Sequence[GemmTiles] = ()
-) -> dict[str, tuple[Callable[[], Tensor], float]]:
+def fp8_forms(t: dict[str, Tensor]) -> dict[str, tuple[Callable[[], Tensor], float]]:
     """The fp8 forms of :func:`forms` (tnlora.ops.fp8): the scaled GEMM alone on operands quantized beforehand,
     and each GEMM as the fused LoRA layer runs it (quantizing x / dy per token, the transposed weight for the
-    input gradient, then y += adapter's part as a β = 1 rank-8 GEMM standing in for it: the forms' extra passes);
-    the Triton GEMM with the adapter's part in its epilogue the same two ways, and alone with each of ``tiles``."""
+    input gradient, then y += adapter's part as a β = 1 rank-8 GEMM standing in for it: the forms' extra passes)."""
     from tnlora.ops.fp8 import (
-        fp8_input_grad_operands,
         fp8_linear,
         fp8_linear_input_grad,
         quantize_rows,
         quantize_rows_triton,
         quantize_weight,
-        scaled_mm_low_rank_triton,
     )
 
     x, w, dy = t["x"], t["w"], t["dy"]
@@ -113,7 +84,10 @@ def fp8_forms(
     xq, xs = quantize_rows(x)
     dyq, dys = quantize_rows(dy, ws)
     ones = torch.ones((1, w.shape[1]), device=x.device)
-    h, b, a, keep, coef = adapter_operands(t)
+    rank = 8
+    h = torch.randn(x.shape[0], rank, device=x.device, dtype=x.dtype)
+    b = torch.randn(w.shape[0], rank, device=x.device, dtype=x.dtype)
+    a = torch.randn(rank, w.shape[1], device=x.device, dtype=x.dtype)
 
     def layer_forward() -> Tensor:
         return fp8_linear(x, wq, ws, x.dtype).addmm_(h, b.t())
@@ -127,28 +101,6 @@ def fp8_forms(
     def layer_input_grad_triton() -> Tensor:
         operands = (*quantize_rows_triton(dy, ws), wq.t().contiguous())
         return fp8_linear_input_grad(dy, wq, ws, dy.dtype, operands).addmm_(h, a)
-
-    def layer_input_grad_dropout() -> Tensor:
-        grad = fp8_linear_input_grad(dy, wq, ws, dy.dtype)
-        return grad.add_(torch.ops.aten.native_dropout_backward(h @ a, keep, coef))
-
-    # fp8_backend triton's eager layer: the Triton quantization, then the Triton GEMM
-    def layer_forward_gemm_kernel() -> Tensor:
-        return scaled_mm_low_rank_triton(*quantize_rows_triton(x), wq, ws, x.dtype, (h, b))
-
-    def layer_input_grad_gemm_kernel() -> Tensor:
-        dy_q, dy_scale, weight_t = fp8_input_grad_operands(dy, wq, ws, quantize_rows_triton)
-        return scaled_mm_low_rank_triton(dy_q, dy_scale, weight_t, None, dy.dtype, (h, a.t()), coef, keep)
-
-    def input_grad_untransposed() -> Tensor:  # W [out, in] read as b [K, N]: no transposed copy
-        dy_q, dy_scale = quantize_rows_triton(dy, ws)
-        return scaled_mm_low_rank_triton(dy_q, dy_scale, wq, None, dy.dtype, (h, a.t()), coef, keep, b_kn=True)
-
-    def forward_alone(shape: GemmTiles | None) -> Tensor:
-        return scaled_mm_low_rank_triton(xq, xs, wq, ws, x.dtype, (h, b), tiles=shape)
-
-    def input_grad_alone(shape: GemmTiles | None) -> Tensor:
-        return scaled_mm_low_rank_triton(dyq, dys, wt, None, dy.dtype, (h, a.t()), coef, keep, tiles=shape)
 
     # One scale a tensor instead of a row (cuBLAS's fp8 GEMM rather than the row-scaled kernel): what row scales
     # cost in the GEMM itself, for the same operands' values.
@@ -170,72 +122,7 @@ def fp8_forms(
         "fp8 dgrad as the layer runs it": (layer_input_grad, flops),
         "fp8 fwd as the layer runs it, the Triton quantization": (layer_forward_triton, flops),
         "fp8 dgrad as the layer runs it, the Triton quantization": (layer_input_grad_triton, flops),
-        "fp8 dgrad as the layer runs it, dropout 0.1": (layer_input_grad_dropout, flops),
-        "fp8 fwd as the layer runs it, fp8_backend triton": (layer_forward_gemm_kernel, flops),
-        "fp8 dgrad as the layer runs it, fp8_backend triton, dropout 0.1": (layer_input_grad_gemm_kernel, flops),
-        "fp8 dgrad, fp8_backend triton, dropout 0.1, W untransposed": (input_grad_untransposed, flops),
-        **epilogue_forms("fp8", forward_alone, input_grad_alone, flops, tiles, " (GEMM alone)"),
     }  # fmt: skip
-
-
-def epilogue_forms(
-    prefix: str,
-    forward: Callable[[GemmTiles | None], Tensor],
-    input_grad: Callable[[GemmTiles | None], Tensor],
-    flops: float,
-    tiles: Sequence[GemmTiles],
-    suffix: str = "",
-) -> dict[str, tuple[Callable[[], Tensor], float]]:
-    """The Triton GEMM's forward and input-gradient forms (``forward(tiles)``, ``input_grad(tiles)``) with the
-    default tiles (None) and each of ``tiles``, named ``prefix`` fwd / dgrad …"""
-    out = {}
-    for shape in (None, *tiles):
-        label = f", tiles {astuple(shape)}" if shape is not None else ""
-        out[f"{prefix} fwd, Triton GEMM + adapter epilogue{label}{suffix}"] = (functools.partial(forward, shape), flops)
-        out[f"{prefix} dgrad, Triton GEMM + masked adapter epilogue, dropout 0.1{label}{suffix}"] = (
-            functools.partial(input_grad, shape), flops)  # fmt: skip
-    return out
-
-
-def bf16_layer_forms(
-    t: dict[str, Tensor], tiles: Sequence[GemmTiles] = ()
-) -> dict[str, tuple[Callable[[], Tensor], float]]:
-    """The bf16 fused LoRA layer's two frozen GEMMs as it runs them (cuBLAS: the adapter's part written first, then
-    the frozen GEMM adds to it, β = 1; the input gradient with the recipe's dropout 0.1) against the same GEMMs as
-    the Triton kernel with the adapter's part in its epilogue (``scaled_mm_low_rank_triton`` on bf16 operands,
-    default tiles and each of ``tiles``): whether the written-first pass is worth a kernel of our own."""
-    from tnlora.ops.fp8 import scaled_mm_low_rank_triton
-
-    x, w, dy = t["x"], t["w"], t["dy"]
-    flops = 2.0 * x.shape[0] * w.shape[0] * w.shape[1]
-    h, b, a, keep, coef = adapter_operands(t)
-
-    def cublas_forward() -> Tensor:
-        return (h @ b.t()).addmm_(x, w.t())
-
-    def cublas_input_grad() -> Tensor:
-        return torch.ops.aten.native_dropout_backward(h @ a, keep, coef).addmm_(dy, w)
-
-    def triton_forward(shape: GemmTiles | None) -> Tensor:
-        return scaled_mm_low_rank_triton(x, None, w, None, x.dtype, (h, b), tiles=shape)
-
-    def triton_input_grad(shape: GemmTiles | None) -> Tensor:  # W [out, in] read as it is: b [K, N]
-        return scaled_mm_low_rank_triton(dy, None, w, None, dy.dtype, (h, a.t()), coef, keep, tiles=shape, b_kn=True)
-
-    return {
-        "bf16 fwd as the layer runs it (s·h Bᵀ written, then y += x Wᵀ)": (cublas_forward, flops),
-        "bf16 dgrad as the layer runs it, dropout 0.1": (cublas_input_grad, flops),
-        **epilogue_forms("bf16", triton_forward, triton_input_grad, flops, tiles),
-    }
-
-
-def triton_errors() -> tuple[type[BaseException], ...]:
-    """Triton's launch failures (a tile shape over the shared memory or registers), where triton is installed."""
-    try:
-        from triton.runtime.errors import OutOfResources
-    except ImportError:
-        return ()
-    return (OutOfResources,)
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -321,19 +208,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--sustain", type=float, default=4.0, help="seconds of the 7B l1 forward back to back")
     parser.add_argument("--fp8", action="store_true", help="also the fp8 forms fp8: true trains with")
-    parser.add_argument("--tiles", default="", help="--fp8 / --bf16_triton: more tile shapes for the Triton GEMM, "
-                        "e.g. '128,128,128,8,8,3;128,128,128,8,8,4,1,1' (block_m,block_n,block_k,group_m,num_warps,"
-                        "num_stages[,tma[,low_rank_first]])")
-    parser.add_argument("--bf16_triton", action="store_true", help="also the bf16 layer's GEMMs (cuBLAS, the adapter "
-                        "written first) against the Triton GEMM with the adapter in its epilogue")
     parser.add_argument("--quantize", action="store_true", help="only the fp8 per-token quantization, Inductor's "
                         "against the Triton kernel")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.exit(2, "error: benchmarks/gemm.py measures a CUDA GPU's GEMMs; this machine has none\n")
     print(environment_line(), flush=True)
-    tiles = [GemmTiles(*values[:6], *(bool(v) for v in values[6:8]))
-             for values in ([int(v) for v in shape.split(",")] for shape in args.tiles.split(";") if shape.strip())]
     if args.quantize:
         quantize_table(args.models.split(","), [int(r) for r in args.rows.split(",")], args.repeats)
         return
@@ -348,15 +228,9 @@ def main() -> None:
         for name, n, k in SHAPES[model]:
             for m in (int(r) for r in args.rows.split(",")):
                 tensors = operands(m, n, k)
-                every = {**forms(tensors), **(fp8_forms(tensors, tiles) if args.fp8 else {}),
-                         **(bf16_layer_forms(tensors, tiles) if args.bf16_triton else {})}
+                every = {**forms(tensors), **(fp8_forms(tensors) if args.fp8 else {})}
                 for form, (fn, flops) in every.items():
-                    try:
-                        t = median_seconds(fn, args.repeats)
-                    except triton_errors() as exc:  # a --tiles shape this card cannot launch: a row, not a stop
-                        print(f"| {model} | {name} ({n}×{k}) | {m} | {form} | – | {str(exc).splitlines()[0][:80]} |",
-                              flush=True)  # fmt: skip
-                        continue
+                    t = median_seconds(fn, args.repeats)
                     print(f"| {model} | {name} ({n}×{k}) | {m} | {form} | {t * 1e3:.3f} | {flops / t / 1e12:.0f} |",
                           flush=True)
                 torch.cuda.empty_cache()

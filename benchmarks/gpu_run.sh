@@ -43,23 +43,14 @@
 #                   compare early and late dependent launches): every try's ms a step, and the TUNED entries
 #   gemm            the training step's frozen-weight GEMMs alone (benchmarks/gemm.py; GEMM_ARGS): plain and β = 1,
 #                   forward and input gradient, per projection shape, and the SM clock under a sustained run
-#                   (GEMM_ARGS=--fp8: the fp8 forms too, torch._scaled_mm's and the Triton GEMM's with the
-#                   adapter in its epilogue, GEMM_ARGS="--fp8 --tiles '128,256,128,8,8,3;...'" more tile shapes for
-#                   the latter; GEMM_ARGS=--quantize: fp8's per-token quantization alone, Inductor's kernel against
-#                   the Triton one)
+#                   (GEMM_ARGS=--fp8: the fp8 forms too; GEMM_ARGS=--quantize: fp8's per-token quantization alone,
+#                   Inductor's kernel against the Triton one)
 #   decode-steps    batch-1 decoding (MODELS, default "1B 7B") with the layer forwards (--no-gemv), the GEMV
 #                   step (the default) and the GEMV step without dependent launches (--no-pdl), one machine
 #   opt-outs        tnlora train's defaults against their opt-outs on one machine (MODELS, default 1B):
 #                   --loss_kernel torch and / or --no-lora_compiled_op
 #   train-fp8       tnlora train's defaults with the frozen GEMMs in bf16 and in fp8 (fp8 false / true), twice each,
 #                   alternating, one machine (MODELS, default "1B 7B"); gemm with GEMM_ARGS=--fp8: the GEMMs alone
-#   train-fp8-backend  tnlora train's defaults with fp8: true, its GEMMs as torch._scaled_mm and as the Triton
-#                   GEMM with the adapter in its epilogue (fp8_backend torch / triton), twice each, alternating, one
-#                   machine (MODELS, default "7B 1B")
-#   lora-gemm-kernel  tnlora train's defaults with the bf16 frozen GEMMs as cuBLAS (the adapter's part written
-#                   first) and as the Triton GEMM with the adapter's part in its epilogue (--lora_gemm_kernel torch /
-#                   triton), twice each, alternating, one machine (MODELS, default "1B 7B"; LONG=1: also 7B on one
-#                   LONG_LEN-token sequence); gemm with GEMM_ARGS=--bf16_triton: the GEMMs alone
 #   act-kernel      tnlora train's defaults with the token mixer's activation as PyTorch's form and as the kernels
 #                   (act_kernel torch / triton; MODELS, default "1B 7B"; "auto", the default, is triton on CUDA)
 #   act             the activation alone, forward and backward, compiled PyTorch form against the operators
@@ -89,7 +80,7 @@
 # Environment: SRC (the source tree to measure, default ./src; e.g. an older commit's for a before/after row),
 #   CARD_GIB (cap the GPU memory: 79.6 stands in for an 80 GB card), LONG_LEN (default 131072), TAG (row suffix),
 #   TRAIN_ARGS / DECODE_ARGS (more options for every training / decoding row, e.g. --lora_kernel peft, --batch 1),
-#   ROUNDS (the alternating stages' rounds: train-fp8, train-fp8-backend, lora-gemm-kernel; default 2).
+#   ROUNDS (train-fp8's alternating rounds, default 2).
 set -uo pipefail
 SRC=${SRC:-$PWD/src}
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$SRC
@@ -183,10 +174,6 @@ for stage in "$@"; do
       for m in ${MODELS:-1B 7B}; do for round in $(seq ${ROUNDS:-2}); do for f in false true; do
         train --model $m --fp8 $f $CAP --name "$m huanhuan-shaped, tnlora train's defaults, fp8 $f, round $round ($COMMIT)$TAG"
       done; done; done ;;
-    train-fp8-backend)
-      for m in ${MODELS:-7B 1B}; do for round in $(seq ${ROUNDS:-2}); do for b in torch triton; do
-        train --model $m --fp8 true --fp8_backend $b $CAP --name "$m huanhuan-shaped, tnlora train's defaults, fp8 true, fp8_backend $b, round $round ($COMMIT)$TAG"
-      done; done; done ;;
     opt-outs)  # tnlora train's defaults against their opt-outs on one machine: the loss kernel and the compiled
       # fused-LoRA operators, each alone and both (MODELS, default 1B)
       for m in ${MODELS:-1B}; do
@@ -204,14 +191,6 @@ for stage in "$@"; do
       for m in ${MODELS:-1B 7B}; do for k in torch triton; do
         train --model $m --lora_grad_kernel $k --name "$m huanhuan-shaped, tnlora train's defaults, lora_grad_kernel $k ($COMMIT)$TAG"
       done; done ;;
-    lora-gemm-kernel)  # the bf16 frozen GEMMs: cuBLAS (the adapter's part written first) against the Triton GEMM
-      # with it in the epilogue, alternating, one machine (MODELS, default "1B 7B"; LONG=1 adds the long sequence)
-      for m in ${MODELS:-1B 7B}; do for round in $(seq ${ROUNDS:-2}); do for k in torch triton; do
-        train --model $m --lora_gemm_kernel $k --name "$m huanhuan-shaped, tnlora train's defaults, lora_gemm_kernel $k, round $round ($COMMIT)$TAG"
-      done; done; done
-      if [ -n "${LONG:-}" ]; then for k in torch triton; do
-        LIMIT=300 train --model 7B --seq_len ${LONG_LEN:-131072} --steps 1 --warmup 1 --lora_gemm_kernel $k $CAP --name "7B one ${LONG_LEN:-131072}-token sequence, tnlora train's defaults, lora_gemm_kernel $k ($COMMIT)$TAG"
-      done; fi ;;
     act-kernel)  # the token mixer's activation: PyTorch's form against the kernels (MODELS, default "1B 7B")
       for m in ${MODELS:-1B 7B}; do for a in torch triton; do
         train --model $m --act_kernel $a --name "$m huanhuan-shaped, tnlora train's defaults, act_kernel $a ($COMMIT)$TAG"

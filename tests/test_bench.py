@@ -421,47 +421,6 @@ def test_gemm_bench_forms_compute_the_products_they_name():
     torch.testing.assert_close(t["y"], y0 + x @ w.T)  # in place
 
 
-@pytest.mark.skipif(
-    not (os.environ.get("TRITON_INTERPRET") == "1" and cpu_row_scaled_mm()),
-    reason="runs the Triton forms on the CPU: TRITON_INTERPRET=1 with triton importable and PyTorch's CPU fp8 GEMM",
-)
-def test_gemm_bench_fp8_forms_agree_with_each_other():
-    """benchmarks/gemm.py --fp8 on small CPU operands under Triton's interpreter: every form runs, and the ones
-    that compute one product agree (the layer's forward as torch._scaled_mm + the adapter's add, as the Triton
-    GEMM with the adapter in its epilogue, and that GEMM alone; the same for the input gradient with dropout)."""
-    pytest.importorskip("triton")
-    from tnlora.ops.fp8 import GemmTiles
-
-    gemm = _benchmark_module("gemm")
-    forms = gemm.fp8_forms(gemm.operands(40, 32, 48, device="cpu", dtype=torch.float32), [GemmTiles(32, 32, 32)])
-    out = {name: fn() for name, (fn, _flops) in forms.items()}
-    assert len(out) == 17 and all(torch.isfinite(t).all() for t in out.values())
-    same = [
-        ("fp8 fwd as the layer runs it", "fp8 fwd as the layer runs it, fp8_backend triton",
-         "fp8 fwd, Triton GEMM + adapter epilogue (GEMM alone)",
-         "fp8 fwd, Triton GEMM + adapter epilogue, tiles (32, 32, 32, 8, 8, 4, False, False) (GEMM alone)"),
-        ("fp8 dgrad as the layer runs it, dropout 0.1",
-         "fp8 dgrad as the layer runs it, fp8_backend triton, dropout 0.1",
-         "fp8 dgrad, Triton GEMM + masked adapter epilogue, dropout 0.1 (GEMM alone)",
-         "fp8 dgrad, fp8_backend triton, dropout 0.1, W untransposed"),
-    ]  # fmt: skip
-    for names in same:
-        for name in names[1:]:
-            torch.testing.assert_close(out[name], out[names[0]], rtol=1e-5, atol=1e-5, msg=name)
-    # the adapter's part is in them: without it the forward differs
-    assert (out["fp8 fwd x Wᵀ (GEMM alone)"] - out["fp8 fwd as the layer runs it"]).abs().max() > 1e-2
-    # --bf16_triton's forms (here on fp32 operands): cuBLAS's way and the Triton kernel's, both tile forms
-    shape = GemmTiles(32, 32, 32, low_rank_first=True)
-    plain = {name: fn() for name, (fn, _flops) in
-             gemm.bf16_layer_forms(gemm.operands(40, 32, 48, device="cpu", dtype=torch.float32), [shape]).items()}
-    assert len(plain) == 6
-    for kind in ("bf16 fwd", "bf16 dgrad"):
-        group = [t for name, t in plain.items() if name.startswith(kind)]
-        assert len(group) == 3
-        for t in group[1:]:
-            torch.testing.assert_close(t, group[0], rtol=1e-5, atol=1e-5, msg=kind)
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 @pytest.mark.parametrize(
     ("script", "measures"), [("gemm", "a CUDA GPU's GEMMs"), ("act", "CUDA kernels"), ("lora_grad", "CUDA kernels")]

@@ -42,8 +42,6 @@ OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor")
 REPORTERS = ("none", "tensorboard")
 STRATEGIES = ("no", "steps", "epoch")
 NAN_POLICIES = ("stop", "skip")
-# fp8: true's GEMMs: "torch" (torch._scaled_mm), "triton" (tnlora.ops.fp8.scaled_mm_low_rank_triton), "auto" (torch).
-FP8_BACKENDS = ("auto", "torch", "triton")
 LINEAR_TARGETS_ALL = "all"
 # quantization_bit / quantization_method / quantization_type: what tnlora loads with bitsandbytes.
 QUANTIZATION_BITS = (4, 8)
@@ -150,16 +148,6 @@ class RunConfig:
             "each operand (tnlora.ops.fp8); the adapters, their gradients and everything else keep bf16 / fp32. "
             "Rounds the base's contribution (as QLoRA does, more finely); on a GPU needs compute capability ≥ 8.9 "
             "(Ada, Hopper) and bf16; evaluation and generation keep the bf16 base"
-        ),
-    )
-    fp8_backend: str = field(
-        default="auto",
-        metadata=_opt(
-            "how fp8: true runs its GEMMs (LLaMA-Factory's key; tnlora's backends): torch (PyTorch's scaled matmul, "
-            "the adapter's part added to its result), triton (Triton kernels: x and dy quantized in one launch, and one "
-            "GEMM each with the adapter's part added in its epilogue: tnlora.ops.fp8; a CUDA GPU and the triton "
-            "package) or auto (torch)",
-            choices=FP8_BACKENDS,
         ),
     )
     freeze_trainable_layers: int = field(
@@ -412,6 +400,7 @@ _REPORTERS = {
 }
 # LLaMA-Factory keys accepted with the one value that matches what tnlora does: key -> (accepted values, feature).
 _FIXED_KEYS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "fp8_backend": (("auto",), "another fp8 backend (fp8: true runs PyTorch's scaled matmul, tnlora.ops.fp8)"),
     "flash_attn": (("auto", "disabled"), "a softmax-attention kernel (TransNormerLLM's attention is attention_impl)"),
     "mix_strategy": (("concat",), "interleaved dataset mixing (datasets are concatenated)"),
 }
@@ -853,11 +842,6 @@ def _check_combinations(cfg: RunConfig) -> None:
     _check_sharding(cfg)
     if cfg.fp8:
         _check_fp8(cfg)
-    elif cfg.fp8_backend != "auto":
-        raise ConfigError(
-            f"fp8_backend: {cfg.fp8_backend} picks how fp8: true runs its GEMMs, and fp8 is off; set fp8: true or "
-            "drop fp8_backend"
-        )
 
 
 def _check_fp8(cfg: RunConfig) -> None:
@@ -874,11 +858,6 @@ def _check_fp8(cfg: RunConfig) -> None:
         raise ConfigError("fp8: runs in the fused LoRA layer; set lora_kernel: fused (the default) or drop fp8")
     if cfg.use_dora:
         raise ConfigError("fp8: DoRA layers keep peft's own forward, which has no fp8 form; drop one of them")
-    if cfg.fp8_backend == "triton":
-        from tnlora.ops.select import triton_available
-
-        if not triton_available():
-            raise ConfigError("fp8_backend: triton needs the triton package (pip install 'tnlora[gpu]')")
 
 
 # The words of the Trainer's (and LLaMA-Factory's) ``fsdp`` string that FSDP2 has.
@@ -983,8 +962,6 @@ def resolve_defaults(
         raise ConfigError("quantization_bit: a quantized base computes in bf16, which this GPU does not support")
     if out.fp8 and cuda and not out.bf16:
         raise ConfigError("fp8: the fp8 GEMMs return bf16 on a GPU; set bf16: true (or drop fp8)")
-    if out.fp8 and out.fp8_backend == "triton" and not cuda:
-        raise ConfigError("fp8_backend: triton runs its GEMMs on a CUDA GPU; set fp8_backend: torch here")
     if out.packing is None:
         out.packing = bool(cuda)
     if out.torch_compile is None:

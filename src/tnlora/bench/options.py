@@ -35,10 +35,6 @@ def train_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
                         help="the fused LoRA layers' backward products of dy: two GEMMs (torch), one read of dy "
                              "(triton, CUDA) or auto (the default: the one read from tnlora.ops.lora.LORA_GRAD_MIN_ROWS = "
                              "65,536 tokens a micro-batch)")
-    parser.add_argument("--lora_gemm_kernel", default="torch", choices=["torch", "triton"],
-                        help="the fused LoRA layers' frozen GEMMs on a bf16 base: cuBLAS with the adapter's part "
-                             "written first (torch) or one Triton GEMM each with it added in the epilogue (triton, "
-                             "CUDA; an fp8 run's fp8_backend decides for its fp8 layers)")
     parser.add_argument("--gpu_memory_gib", type=float, default=0.0,
                         help="allocate at most this much GPU memory (the defaults size for it too): a smaller "
                              "card on this one, e.g. 79.6 for an 80 GB card")

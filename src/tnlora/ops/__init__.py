@@ -8,8 +8,7 @@
   :mod:`~tnlora.ops.recurrent_triton`: the one-token recurrent step as one Triton kernel (with the token
   mixer's SiLU and LRPE on q and k).
 * :mod:`~tnlora.ops.lora`: a LoRA-adapted linear layer as one operation; :mod:`~tnlora.ops.fp8`: its frozen
-  GEMMs in fp8 (``fp8: true``), :mod:`~tnlora.ops.fp8_triton` the per-token quantization and the GEMM with the
-  adapter's part in its epilogue as Triton kernels.
+  GEMMs in fp8 (``fp8: true``), :mod:`~tnlora.ops.fp8_triton` the per-token quantization as a Triton kernel.
 * :mod:`~tnlora.ops.select`: the one place that decides which implementation runs on which device.
 
 Nothing here imports triton or fla at import time; both load on first use.

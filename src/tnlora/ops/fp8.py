@@ -17,17 +17,12 @@ byte a weight instead of a second resident copy.
 
 ``torch._scaled_mm`` needs a CUDA GPU of compute capability ≥ 8.9 (Ada, Hopper) with widths that are multiples of 16
 and a bf16 result; PyTorch's CPU build runs it too (any widths, fp32 or bf16 results), which the tests use. On CUDA
-the quantization runs as one compiled kernel (PyTorch's ops below, fused by Inductor); elsewhere as those ops.
-
-``fp8_backend: triton`` replaces both with Triton kernels (:mod:`tnlora.ops.fp8_triton`): the quantization as one
-launch (:func:`quantize_rows_triton`) and the GEMM with the fused LoRA layer's adapter part added in its epilogue
-(:func:`scaled_mm_low_rank_triton`, which also takes bf16 operands without scales: the bf16 layer's GEMMs with
-that epilogue, ``tnlora bench train --lora_gemm_kernel triton``).
+the quantization runs as one kernel (in eager code a Triton kernel of our own, in compiled code PyTorch's ops below,
+fused by Inductor with what produced the operand); elsewhere as those ops.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import torch
@@ -91,110 +86,16 @@ def quantize_rows_triton(t: Tensor, col_scale: Tensor | None = None) -> tuple[Te
     return q, scale
 
 
-@dataclasses.dataclass(frozen=True)
-class GemmTiles:
-    """The tiles of :func:`scaled_mm_low_rank_triton`: one program an output tile of ``block_m`` × ``block_n``,
-    ``block_k`` of the contraction a step, ``group_m`` row tiles walking the column tiles together (L2 reuse);
-    ``tma``: the a and b tiles loaded by Hopper's tensor memory accelerator (tensor descriptors) instead of the
-    threads' loads; ``low_rank_first``: the low-rank term the accumulator's starting value (divided by the
-    scales) rather than added after the loop."""
-
-    block_m: int = 128
-    block_n: int = 128
-    block_k: int = 128
-    group_m: int = 8
-    num_warps: int = 8
-    num_stages: int = 4
-    tma: bool = False
-    low_rank_first: bool = False
-
-
-def default_tiles(fp8: bool) -> GemmTiles:
-    """:func:`scaled_mm_low_rank_triton`'s tiles when none are given: 128 × 128 output tiles on 8 warps, 4 stages,
-    a K step of 128 fp8 or 64 bf16 values (the same bytes). Chosen by what compiling for sm_90 shows (every form
-    within a block's shared memory and without register spills), not yet by timing (``benchmarks/gemm.py
-    --tiles``)."""
-    return GemmTiles() if fp8 else GemmTiles(block_k=64)
-
-
-def scaled_mm_low_rank_triton(
-    a_q: Tensor,
-    a_scale: Tensor | None,
-    b_q: Tensor,
-    b_scale: Tensor | None,
-    out_dtype: torch.dtype,
-    low_rank: tuple[Tensor, Tensor] | None = None,
-    coef: float = 1.0,
-    keep: Tensor | None = None,
-    bias: Tensor | None = None,
-    fast_accum: bool = False,
-    tiles: GemmTiles | None = None,
-    b_kn: bool = False,
-) -> Tensor:
-    """a_q [M, K], b_q [N, K] (e4m3, K contiguous), a_scale [M, 1], b_scale [1, N] or None → out [M, N] =
-    (a_q b_qᵀ) ⊙ a_scale ⊙ b_scale + coef · (h cᵀ ⊙ keep) + bias in ``out_dtype``, as one Triton GEMM
-    (:mod:`tnlora.ops.fp8_triton`; CUDA, or the CPU under Triton's interpreter): the fp8 products accumulated
-    in fp32 (each block of ``tiles.block_k`` summed apart, then added, unless ``fast_accum``), then in the same
-    fp32 registers the scales, the low-rank term ``low_rank`` = (h [M, R], c [N, R]) with its ``keep`` mask
-    [M, N] (bool) and the ``bias`` [N], rounded once. It is ``torch._scaled_mm`` with the fused LoRA layer's
-    adapter part added in its epilogue, which ``torch._scaled_mm`` has no operand for: the forward's s · h Bᵀ,
-    the input gradient's dropout-masked s · g A. With bf16 operands and no scales (``a_scale`` None) it is the
-    bf16 GEMM with that epilogue (``benchmarks/gemm.py`` times it against cuBLAS's β = 1 form). ``b_kn``: b_q
-    given as [K, N] (N contiguous), e.g. a weight [out, in] as the input gradient's b without its transpose
-    (Hopper's fp8 MMA reads b K-major: for fp8 the compiler then transposes tiles on the way)."""
-    import triton
-
-    from tnlora.ops.fp8_triton import scaled_mm_low_rank_kernel
-
-    tiles = tiles or default_tiles(a_q.dtype == FP8)
-    (m, k), n = a_q.shape, b_q.shape[1 if b_kn else 0]
-    if b_q.shape[0 if b_kn else 1] != k or a_q.stride(-1) != 1 or b_q.stride(-1) != 1:
-        want = "b [K, N] with N" if b_kn else "b [N, K] with K"
-        raise ValueError(f"scaled_mm_low_rank_triton: a [M, K] with K contiguous and {want} contiguous, got "
-                         f"{tuple(a_q.shape)}, {tuple(b_q.shape)}")  # fmt: skip
-    out = torch.empty((m, n), device=a_q.device, dtype=out_dtype)
-    if m == 0 or n == 0:
-        return out
-    upcast = not a_q.is_cuda  # the interpreter (see the kernel)
-    h, c = low_rank if low_rank is not None else (out, out)  # (an absent operand's pointer: any tensor's)
-    if low_rank is not None and not upcast:
-        h, c = h.to(out_dtype), c.to(out_dtype)  # the tensor cores' bf16 product, accumulated in fp32
-    rank = h.shape[1] if low_rank is not None else 1
-    keep_bytes = out
-    if keep is not None:
-        keep_bytes = (keep if keep.stride(-1) == 1 else keep.contiguous()).view(torch.uint8)
-    grid = (triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n),)
-    a_arg, b_arg = a_q, b_q
-    if tiles.tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        b_block = [tiles.block_k, tiles.block_n] if b_kn else [tiles.block_n, tiles.block_k]
-        a_arg = TensorDescriptor.from_tensor(a_q, [tiles.block_m, tiles.block_k])
-        b_arg = TensorDescriptor.from_tensor(b_q, b_block)
-    scaled_mm_low_rank_kernel[grid](
-        a_arg, b_arg, out, a_scale.reshape(-1).contiguous() if a_scale is not None else out,
-        b_scale.reshape(-1).contiguous() if b_scale is not None else out, h, c, keep_bytes,
-        bias if bias is not None else out, m, n, rank, a_q.stride(0), b_q.stride(0), out.stride(0),
-        h.stride(0), h.stride(1), c.stride(0), c.stride(1), keep_bytes.stride(0), float(coef), K=k,
-        HAS_A_SCALE=a_scale is not None, HAS_B_SCALE=b_scale is not None, HAS_LOW_RANK=low_rank is not None,
-        HAS_KEEP=keep is not None, HAS_BIAS=bias is not None, EVEN_K=k % tiles.block_k == 0,
-        # the promotion is for fp8's MMA; bf16's accumulates in fp32 as it goes
-        FAST_ACCUM=fast_accum or a_q.dtype != FP8, UPCAST=upcast, TMA=tiles.tma, B_KN=b_kn,
-        LOW_RANK_FIRST=tiles.low_rank_first,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        BLOCK_R=max(16, triton.next_power_of_2(rank)), GROUP_M=tiles.group_m, num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
-    )  # fmt: skip
-    return out
-
-
 def quantize_rows(t: Tensor, col_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """:func:`quantize_rows_reference`; on CUDA compiled by Inductor into one kernel instead of the several passes
-    and fp32 temporaries of the eager ops. (:func:`quantize_rows_triton` is the candidate to replace it: bit for bit
-    the reference under Triton's CPU interpreter, ``benchmarks/gemm.py --quantize`` to time it, not yet run on a
-    GPU.)"""
+    """:func:`quantize_rows_reference`; on CUDA one launch instead of the several passes and fp32 temporaries of
+    the eager ops: the Triton kernel (:func:`quantize_rows_triton`) for rows of up to ``TRITON_MAX_WIDTH`` values
+    where triton is installed (the reference's bits), else the ops compiled by Inductor."""
     if not t.is_cuda:
         return quantize_rows_reference(t, col_scale)
+    from tnlora.ops.select import triton_available
+
+    if t.shape[-1] <= TRITON_MAX_WIDTH and triton_available():
+        return quantize_rows_triton(t, col_scale)
     return _compiled_quantize()(t, col_scale)
 
 
@@ -272,9 +173,7 @@ def dequantized(q: Tensor, scale: Tensor) -> Tensor:
 __all__ = [
     "CUDA_MIN_CAPABILITY",
     "FP8",
-    "GemmTiles",
     "cpu_row_scaled_mm",
-    "default_tiles",
     "dequantized",
     "fp8_input_grad_operands",
     "fp8_linear",
@@ -284,5 +183,4 @@ __all__ = [
     "quantize_rows_reference",
     "quantize_rows_triton",
     "quantize_weight",
-    "scaled_mm_low_rank_triton",
 ]

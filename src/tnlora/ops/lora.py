@@ -29,17 +29,8 @@ frozen GEMM is a fifth of the recomputed layer's GEMM work (7B: 45.1 M of 219 M 
 55.6 M), and the backward needs none of it (its own input gradient is dy W, from the frozen weight alone).
 
 With ``weight_fp8`` (``fp8: true``) the two frozen GEMMs run on fp8 operands (:mod:`tnlora.ops.fp8`).
-``torch._scaled_mm`` (``gemm_kernel="torch"``) takes no output to accumulate into, so the adapter's part is added
-to its result afterwards: the pass over the output that the β = 1 epilogue hides in the bf16 form comes back (one
-read and write of y; in the input gradient with dropout, the masked s · g A written, read and added as well).
-
-``gemm_kernel="triton"`` runs each frozen GEMM as one Triton kernel that adds the adapter's rank-r part in its
-epilogue (:func:`tnlora.ops.fp8.scaled_mm_low_rank_triton`: h Bᵀ, or the masked g A, as a small product of the
-tile's rows of h and columns of B, in the fp32 registers the GEMM's result is in): no pass over y or dx beyond
-the GEMM's own write, where the bf16 form writes the adapter's part first and the fp8 form adds it after. With an
-fp8 base, eager code quantizes x and dy with the Triton kernel too (:func:`tnlora.ops.fp8.quantize_rows_triton`,
-bit for bit the compiled reference's values); without one, the kernel reads x, dy and the bf16 weight as they are
-(the input gradient reads W [out, in] as its [K, N] operand, no transposed copy).
+``torch._scaled_mm`` takes no output to accumulate into, so the adapter's part is added to its result afterwards:
+the pass over the output that the β = 1 epilogue hides in the bf16 form comes back (one read and write of y).
 """
 
 from __future__ import annotations
@@ -48,16 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tnlora.ops.fp8 import (
-    TRITON_MAX_WIDTH,
-    fp8_input_grad_operands,
-    fp8_linear,
-    fp8_linear_input_grad,
-    quantize_rows,
-    quantize_rows_reference,
-    quantize_rows_triton,
-    scaled_mm_low_rank_triton,
-)
+from tnlora.ops.fp8 import fp8_input_grad_operands, fp8_linear, fp8_linear_input_grad, quantize_rows_reference
 from tnlora.ops.lora_grad import lora_dy_products, lora_dy_products_reference
 
 
@@ -95,7 +77,6 @@ def lora_linear(
     output_needed: bool = True,
     grad_kernel: str = "auto",
     weight_fp8: tuple[Tensor, Tensor] | None = None,
-    gemm_kernel: str = "torch",
 ) -> Tensor:
     """x [..., in] → [..., out] through the frozen ``weight`` [out, in] (and ``bias``) plus the adapter
     ``lora_a`` [r, in], ``lora_b`` [out, r] scaled by ``scaling``, with dropout ``dropout`` on the adapter's
@@ -107,17 +88,11 @@ def lora_linear(
     dB) come from one read of dy (:mod:`tnlora.ops.lora_grad`) instead of two GEMMs; "auto" (the default): so
     from ``LORA_GRAD_MIN_ROWS`` rows of x, "torch": always the two GEMMs. ``weight_fp8`` (the fused form): the
     frozen weight as :func:`tnlora.ops.fp8.quantize_weight` returns it, so the frozen GEMMs (x Wᵀ and dy W) run
-    in fp8 with x and dy quantized per token; the adapter's products and gradients are unchanged. ``gemm_kernel``
-    (the fused form): the frozen GEMMs as cuBLAS's (bf16, the adapter's part written first) or
-    ``torch._scaled_mm`` (fp8, the adapter's part added after) ("torch", the default), or as one Triton GEMM each
-    with the adapter's part added in its epilogue ("triton"; CUDA, or the CPU under Triton's interpreter)."""
+    in fp8 with x and dy quantized per token; the adapter's products and gradients are unchanged."""
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         if weight_fp8 is not None:
             raise ValueError("lora_linear: an fp8 copy of the base weight is for a frozen weight only")
         return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout, training)
-    if gemm_kernel not in ("torch", "triton"):
-        raise ValueError(f"gemm_kernel must be 'torch' or 'triton', got {gemm_kernel!r}")
-    triton_gemm = gemm_kernel == "triton"
     p = dropout if training else 0.0
     one_read = reads_dy_once(grad_kernel, x.numel() // max(1, x.shape[-1]), x.is_cuda)
     weight_q, weight_scale = weight_fp8 if weight_fp8 is not None else (None, None)
@@ -125,10 +100,10 @@ def lora_linear(
         if not compiled_op and weight_fp8 is None:
             return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout, training)
         return _lora_linear_op_call(
-            x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale, triton_gemm
+            x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale
         )
     return _LoraLinear.apply(
-        x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale, triton_gemm
+        x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale
     )
 
 
@@ -162,14 +137,13 @@ def _in_compute_dtype(
 def _forward_gemms(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, p: float,
     output_needed: bool, weight_q: Tensor | None = None, weight_scale: Tensor | None = None,
-    x_fp8: tuple[Tensor, Tensor] | None = None, triton_gemm: bool = False,
+    x_fp8: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(y, s · h, drop(x), kept-mask or None without dropout) for x [T, in] and the weights in one compute dtype:
     with h = drop(x) Aᵀ, y = s · h Bᵀ (+ b) is written first, then the frozen GEMM adds x Wᵀ to it (β = 1).
     Without ``output_needed`` y is left uncomputed (:func:`lora_linear`). With ``weight_q`` the frozen GEMM is
     the fp8 one (:func:`tnlora.ops.fp8.fp8_linear`; x quantized there, or given so in ``x_fp8``), which has no
-    β = 1 form: s · h Bᵀ is added to its result. With ``triton_gemm`` (fp8 or not) s · h Bᵀ and b are added in
-    the epilogue of the Triton GEMM (:func:`tnlora.ops.fp8.scaled_mm_low_rank_triton`)."""
+    β = 1 form: s · h Bᵀ is added to its result."""
     if p > 0.0:
         # F.dropout's own kernel and draw (one pass; the kept-mask comes back for the backward)
         xd, mask = torch.ops.aten.native_dropout(x, p, True)
@@ -178,14 +152,6 @@ def _forward_gemms(
     hs = xd @ (lora_a.t() * scaling)  # the scale on the [in, r] factor, not on a [T, ...] tensor
     if not output_needed:
         return x.new_empty((x.shape[0], weight.shape[0])), hs, xd, mask
-    if triton_gemm and weight_q is not None:
-        xq, x_scale = x_fp8 if x_fp8 is not None else _quantize_triton(x)
-        y = scaled_mm_low_rank_triton(xq, x_scale, weight_q, weight_scale, x.dtype, (hs, lora_b), bias=bias)
-        return y, hs, xd, mask
-    if triton_gemm:
-        x_rows = x if x.stride(-1) == 1 else x.contiguous()
-        y = scaled_mm_low_rank_triton(x_rows, None, weight, None, x.dtype, (hs, lora_b), bias=bias)
-        return y, hs, xd, mask
     if weight_q is not None:
         y = fp8_linear(x, weight_q, weight_scale, x.dtype, x_fp8)
         y.addmm_(hs, lora_b.t())
@@ -202,53 +168,34 @@ def _forward_gemms(
     return y, hs, xd, mask
 
 
-def _quantize_triton(t: Tensor, col_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The eager per-token quantization of the Triton fp8 path: one Triton launch (:func:`quantize_rows_triton`,
-    bit for bit the reference) where the row fits its registers, else :func:`quantize_rows`."""
-    if t.shape[-1] <= TRITON_MAX_WIDTH:
-        return quantize_rows_triton(t, col_scale)
-    return quantize_rows(t, col_scale)
-
-
 def _backward_gemms(
     dy: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xd: Tensor, hs: Tensor, mask: Tensor | None,
     scaling: float, p: float, needs: tuple[bool, bool, bool], one_read: bool = False,
     weight_q: Tensor | None = None, weight_scale: Tensor | None = None,
-    fp8_operands: tuple[Tensor, Tensor, Tensor] | None = None, triton_gemm: bool = False,
+    fp8_operands: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(dx, dA, dB) in the compute dtype, each only where ``needs`` (x, A, B) asks for it, with hs = s · h:
     g = dy B; dx = s · (g A) ⊙ mask, then dx += dy W in the large GEMM (β = 1); dA = s · gᵀ drop(x);
     dB = dyᵀ hs. With ``one_read`` g and dB come from one pass over dy (:func:`lora_dy_products`). With
     ``weight_q`` dy W is the fp8 GEMM (:func:`tnlora.ops.fp8.fp8_linear_input_grad`, its operands made there or
-    given in ``fp8_operands``) and the adapter's part is added to it. With ``triton_gemm`` (fp8 or not) the
-    adapter's part is added in the Triton GEMM's epilogue (the kept-mask applied there)."""
+    given in ``fp8_operands``) and the adapter's part is added to it."""
     if needs[2]:
         g, grad_b = (lora_dy_products if one_read else lora_dy_products_reference)(dy, lora_b, hs)
     else:
         g, grad_b = dy @ lora_b, None  # g [T, r]: the gradient reaching h, before the scaling
     grad_a = (g.t() @ xd).mul_(scaling) if needs[1] else None
     grad_x = None
-    coef = scaling if mask is None else scaling / (1.0 - p)
-    if needs[0] and triton_gemm and weight_q is not None:
-        dyq, dy_scale, weight_t = fp8_operands or fp8_input_grad_operands(dy, weight_q, weight_scale, _quantize_triton)
-        # lora_a.t(): [in, r], the c of the kernel's h cᵀ (a strided view; the kernel reads it as it is)
-        grad_x = scaled_mm_low_rank_triton(dyq, dy_scale, weight_t, None, dy.dtype, (g, lora_a.t()), coef, mask)
-    elif needs[0] and triton_gemm:
-        dy_rows = dy if dy.stride(-1) == 1 else dy.contiguous()
-        # W [out, in] is the product's [K, N] operand as it is (b_kn)
-        grad_x = scaled_mm_low_rank_triton(dy_rows, None, weight, None, dy.dtype, (g, lora_a.t()), coef, mask,
-                                           b_kn=True)  # fmt: skip
-    elif needs[0] and weight_q is not None:
+    if needs[0] and weight_q is not None:
         grad_x = fp8_linear_input_grad(dy, weight_q, weight_scale, dy.dtype, fp8_operands)
         if mask is None:
             grad_x.addmm_(g, lora_a * scaling)
         else:
-            grad_x.add_(torch.ops.aten.native_dropout_backward(g @ lora_a, mask, coef))
+            grad_x.add_(torch.ops.aten.native_dropout_backward(g @ lora_a, mask, scaling / (1.0 - p)))
     elif needs[0]:
         if mask is None:
             grad_x = g @ (lora_a * scaling)
         else:
-            grad_x = torch.ops.aten.native_dropout_backward(g @ lora_a, mask, coef)
+            grad_x = torch.ops.aten.native_dropout_backward(g @ lora_a, mask, scaling / (1.0 - p))
         grad_x.addmm_(dy, weight)
     return grad_x, grad_a, grad_b
 
@@ -257,16 +204,12 @@ class _LoraLinear(torch.autograd.Function):
     """:func:`_forward_gemms` and :func:`_backward_gemms` in eager code, with the casts to the compute dtype."""
 
     @staticmethod
-    def forward(
-        ctx, x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale, triton_gemm
-    ):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale):
         operands = _in_compute_dtype(x, weight, bias, lora_a, lora_b)
-        y, hs, xd, mask = _forward_gemms(
-            *operands, scaling, p, output_needed, weight_q, weight_scale, None, triton_gemm
-        )
+        y, hs, xd, mask = _forward_gemms(*operands, scaling, p, output_needed, weight_q, weight_scale)
         ctx.save_for_backward(weight, lora_a, lora_b, xd, hs, mask, weight_q, weight_scale)
         ctx.scaling, ctx.dtype, ctx.x_shape, ctx.x_dtype = scaling, y.dtype, x.shape, x.dtype
-        ctx.p, ctx.one_read, ctx.triton_gemm = p, one_read, triton_gemm
+        ctx.p, ctx.one_read = p, one_read
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -276,7 +219,7 @@ class _LoraLinear(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
         grad_x, grad_a, grad_b = _backward_gemms(
             dy.reshape(-1, dy.shape[-1]).to(dtype), weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype), xd, hs,
-            mask, ctx.scaling, ctx.p, needs, ctx.one_read, weight_q, weight_scale, None, ctx.triton_gemm,
+            mask, ctx.scaling, ctx.p, needs, ctx.one_read, weight_q, weight_scale,
         )  # fmt: skip
         if grad_x is not None:
             grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
@@ -284,7 +227,7 @@ class _LoraLinear(torch.autograd.Function):
             grad_a = grad_a.to(lora_a.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(lora_b.dtype)
-        return grad_x, None, None, grad_a, grad_b, None, None, None, None, None, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None, None, None
 
 
 # The same computation as custom operators, for compiled code: the casts to the compute dtype stay outside (where
@@ -295,15 +238,14 @@ class _LoraLinear(torch.autograd.Function):
 def _lora_linear_op(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, p: float,
     output_needed: bool, one_read: bool, weight_q: Tensor | None, weight_scale: Tensor | None, x_q: Tensor | None,
-    x_scale: Tensor | None, triton_gemm: bool,
+    x_scale: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, s · h, drop(x), kept-mask) for x [T, in] and the weights in one dtype; without dropout the last two are
     empty (an operator's outputs may not alias its inputs). ``one_read`` is for the backward; with ``weight_q`` the
-    frozen GEMM is fp8, x quantized as ``x_q``, ``x_scale`` (or here, without them), the Triton GEMM with
-    ``triton_gemm``."""
+    frozen GEMM is fp8, x quantized as ``x_q``, ``x_scale`` (or here, without them)."""
     x_fp8 = (x_q, x_scale) if x_q is not None else None
     y, hs, xd, mask = _forward_gemms(
-        x, weight, bias, lora_a, lora_b, scaling, p, output_needed, weight_q, weight_scale, x_fp8, triton_gemm
+        x, weight, bias, lora_a, lora_b, scaling, p, output_needed, weight_q, weight_scale, x_fp8
     )
     if mask is None:
         return y, hs, x.new_empty((0, x.shape[1])), x.new_empty((0, x.shape[1]), dtype=torch.bool)
@@ -312,8 +254,7 @@ def _lora_linear_op(
 
 @_lora_linear_op.register_fake
 def _lora_linear_op_fake(
-    x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale, x_q, x_scale,
-    triton_gemm,
+    x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale, x_q, x_scale
 ):
     rows, width = x.shape
     kept = rows if p > 0.0 else 0
@@ -329,15 +270,14 @@ def _lora_linear_op_fake(
 def _lora_linear_backward_op(
     dy: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xd: Tensor, hs: Tensor, mask: Tensor,
     scaling: float, p: float, needs_x: bool, one_read: bool, weight_q: Tensor | None, weight_scale: Tensor | None,
-    dy_q: Tensor | None, dy_scale: Tensor | None, weight_t: Tensor | None, triton_gemm: bool,
+    dy_q: Tensor | None, dy_scale: Tensor | None, weight_t: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB) as _LoraLinear's backward computes them; dx is empty unless ``needs_x``. With ``weight_q`` the
-    input gradient's frozen GEMM is fp8, on ``dy_q``, ``dy_scale``, ``weight_t`` (or operands made here), the
-    Triton GEMM with ``triton_gemm``."""
+    input gradient's frozen GEMM is fp8, on ``dy_q``, ``dy_scale``, ``weight_t`` (or operands made here)."""
     operands = (dy_q, dy_scale, weight_t) if dy_q is not None else None
     grad_x, grad_a, grad_b = _backward_gemms(
         dy, weight, lora_a, lora_b, xd, hs, mask if p > 0.0 else None, scaling, p, (needs_x, True, True), one_read,
-        weight_q, weight_scale, operands, triton_gemm,
+        weight_q, weight_scale, operands,
     )
     return (grad_x if grad_x is not None else dy.new_empty((0,))), grad_a, grad_b
 
@@ -345,18 +285,17 @@ def _lora_linear_backward_op(
 @_lora_linear_backward_op.register_fake
 def _lora_linear_backward_op_fake(
     dy, weight, lora_a, lora_b, xd, hs, mask, scaling, p, needs_x, one_read, weight_q, weight_scale, dy_q, dy_scale,
-    weight_t, triton_gemm,
+    weight_t,
 ):
     grad_x = dy.new_empty((dy.shape[0], weight.shape[1])) if needs_x else dy.new_empty((0,))
     return grad_x, torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
 def _lora_linear_op_setup(ctx, inputs, output) -> None:
-    (x, weight, _bias, lora_a, lora_b, scaling, p, _output_needed, one_read, weight_q, weight_scale, _xq, _xs,
-     triton_gemm) = inputs  # fmt: skip
+    x, weight, _bias, lora_a, lora_b, scaling, p, _output_needed, one_read, weight_q, weight_scale, _xq, _xs = inputs
     _y, hs, xd, mask = output
     ctx.save_for_backward(weight, lora_a, lora_b, xd if p > 0.0 else x, hs, mask, weight_q, weight_scale)
-    ctx.scaling, ctx.p, ctx.one_read, ctx.triton_gemm = scaling, p, one_read, triton_gemm
+    ctx.scaling, ctx.p, ctx.one_read = scaling, p, one_read
 
 
 def _lora_linear_op_backward(ctx, dy, _dh, _dxd, _dmask):
@@ -369,9 +308,9 @@ def _lora_linear_op_backward(ctx, dy, _dh, _dxd, _dmask):
         operands = fp8_input_grad_operands(dy, weight_q, weight_scale, quantize_rows_reference)
     grad_x, grad_a, grad_b = torch.ops.tnlora.lora_linear_backward(
         dy, weight, lora_a, lora_b, xd, hs, mask, ctx.scaling, ctx.p, needs_x, ctx.one_read, weight_q, weight_scale,
-        *operands, ctx.triton_gemm,
+        *operands,
     )  # fmt: skip
-    return (grad_x if needs_x else None), None, None, grad_a, grad_b, *([None] * 9)
+    return (grad_x if needs_x else None), None, None, grad_a, grad_b, *([None] * 8)
 
 
 torch.library.register_autograd(
@@ -380,8 +319,7 @@ torch.library.register_autograd(
 
 
 def _lora_linear_op_call(
-    x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q=None, weight_scale=None,
-    triton_gemm=False,
+    x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q=None, weight_scale=None
 ) -> Tensor:
     """lora_linear through the custom operators: inputs cast to the compute dtype, rows flattened; with an fp8
     base, x quantized here, in the traced graph, where Inductor fuses it with x's producer (a norm)."""
@@ -389,9 +327,7 @@ def _lora_linear_op_call(
     x_fp8 = (None, None)
     if weight_q is not None and output_needed:
         x_fp8 = quantize_rows_reference(operands[0])
-    y = torch.ops.tnlora.lora_linear(
-        *operands, scaling, p, output_needed, one_read, weight_q, weight_scale, *x_fp8, triton_gemm
-    )[0]
+    y = torch.ops.tnlora.lora_linear(*operands, scaling, p, output_needed, one_read, weight_q, weight_scale, *x_fp8)[0]
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

@@ -55,8 +55,8 @@ MEANING_KEYS = frozenset({
 })  # fmt: skip
 # Keys a resumed run may change: logging, saving, evaluation, how long it runs, how it runs.
 HARMLESS_KEYS = frozenset({
-    "trust_remote_code", "attention_impl", "lora_kernel", "fp8", "fp8_backend", "eval_dataset", "dataset_cache_dir",
-    "overwrite_cache", "preprocessing_num_workers", "per_device_eval_batch_size", "num_train_epochs", "max_steps", "max_grad_norm",
+    "trust_remote_code", "attention_impl", "lora_kernel", "fp8", "eval_dataset", "dataset_cache_dir", "overwrite_cache",
+    "preprocessing_num_workers", "per_device_eval_batch_size", "num_train_epochs", "max_steps", "max_grad_norm",
     "nan_policy", "nan_skip_limit", "bf16", "fp16", "gradient_checkpointing", "use_unsloth_gc", "torch_compile",
     "checkpoint_regions", "uncheckpointed_layers", "dataloader_num_workers", "ddp_timeout",
     "ddp_find_unused_parameters", "eval_strategy", "eval_steps", "save_strategy", "save_steps", "save_total_limit",

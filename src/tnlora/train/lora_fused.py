@@ -39,10 +39,6 @@ class FusedLoraLinear(LoraLinear):
     # trains (set_base_fp8); the fused forward's frozen GEMMs then run in fp8. A plain attribute, not a buffer:
     # it is never saved, and DDP does not broadcast it each step.
     fp8_weight: tuple[Tensor, Tensor] | None = None
-    # How the frozen GEMMs run (tnlora.ops.lora.lora_linear's gemm_kernel): "torch" (cuBLAS, or torch._scaled_mm
-    # in fp8) or "triton" (the adapter's part added in the GEMM's epilogue). An fp8 run's fp8_backend sets it with
-    # the fp8 copy; `tnlora bench train --lora_gemm_kernel` sets it for bf16 layers.
-    gemm_kernel = "torch"
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         adapter = self._fused_adapter(x, args, kwargs)
@@ -54,7 +50,7 @@ class FusedLoraLinear(LoraLinear):
         return lora_linear(
             x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
             self.scaling[adapter], p, dropout.training, self.compiled_op, self.output_needed, self.grad_kernel,
-            self.fp8_weight, self.gemm_kernel,
+            self.fp8_weight,
         )
 
     def _fused_adapter(self, x: Tensor, args: tuple, kwargs: dict) -> str | None:
@@ -85,12 +81,11 @@ class FusedLoraLinear(LoraLinear):
         return adapter
 
 
-def set_base_fp8(model: nn.Module, enabled: bool, kernel: str = "torch") -> int:
+def set_base_fp8(model: nn.Module, enabled: bool) -> int:
     """Give every fused LoRA layer an fp8 copy of its frozen weight, made where the weight is now
     (:func:`tnlora.ops.fp8.quantize_weight`: one byte a weight and a scale a row), or drop the copies (``enabled``
     False). Layers whose weight the fp8 GEMMs cannot take there (:func:`tnlora.ops.fp8.fp8_supported`) keep the
-    compute dtype. ``kernel``: how the fp8 GEMMs run (:func:`tnlora.ops.lora.lora_linear`'s ``gemm_kernel``).
-    Returns how many layers have a copy."""
+    compute dtype. Returns how many layers have a copy."""
     from tnlora.ops.fp8 import fp8_supported, quantize_weight
 
     count = 0
@@ -100,7 +95,6 @@ def set_base_fp8(model: nn.Module, enabled: bool, kernel: str = "torch") -> int:
         weight = module.get_base_layer().weight
         if enabled and type(module.get_base_layer()) is nn.Linear and fp8_supported(weight):
             module.fp8_weight = quantize_weight(weight)
-            module.gemm_kernel = kernel
             count += 1
         else:
             module.fp8_weight = None
@@ -110,21 +104,15 @@ def set_base_fp8(model: nn.Module, enabled: bool, kernel: str = "torch") -> int:
 class BaseFp8Callback(TrainerCallback):
     """``fp8: true``: the fp8 copies of the frozen weights are made when training starts (the Trainer has put the
     model on its device by then) and dropped when it ends (evaluation after it, sample replies and the returned
-    model use the bf16 base). ``backend``: the run's ``fp8_backend`` ("auto" runs "torch")."""
-
-    def __init__(self, backend: str = "auto"):
-        self.kernel = "torch" if backend == "auto" else backend
+    model use the bf16 base)."""
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        count = set_base_fp8(model, True, self.kernel)
+        count = set_base_fp8(model, True)
         fused = sum(isinstance(m, FusedLoraLinear) for m in model.modules())
         if not state.is_world_process_zero:
             return
         if count == fused:
-            print(
-                f"fp8: the frozen weights of {count} adapted layers in fp8 (e4m3, row scales; {self.kernel} GEMMs)",
-                flush=True,
-            )
+            print(f"fp8: the frozen weights of {count} adapted layers in fp8 (e4m3, row scales)", flush=True)
         else:
             print(
                 f"warning: fp8: {fused - count} of {fused} adapted layers keep bf16 here (fp8 GEMMs need compute "

@@ -236,7 +236,7 @@ def build_trainer(
     if cfg.fp8:
         from tnlora.train.lora_fused import BaseFp8Callback
 
-        callbacks.append(BaseFp8Callback(cfg.fp8_backend))
+        callbacks.append(BaseFp8Callback())
     trainer = trainer_class()(
         model=model,
         args=args if args is not None else training_arguments(cfg, has_eval=data.eval is not None),
