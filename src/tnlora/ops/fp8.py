@@ -32,6 +32,10 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 # A row of zeros gets this scale (its values quantize to zeros) instead of dividing by zero.
 _SCALE_FLOOR = 1e-12 / FP8_MAX
+# A row's scale is its largest magnitude times 1/448 rounded to fp32, not divided by 448: PyTorch's CUDA division by
+# a Python number multiplies by the number's reciprocal (its CPU division divides), so the product is the one form
+# that the CPU, CUDA and the Triton kernel round alike (one fp32 ulp apart otherwise, which tips exact ties).
+_INV_FP8_MAX = 1.0 / FP8_MAX
 # Hopper's fp8 GEMMs read both operands K-major in 16-byte pieces: widths that are multiples of 16.
 CUDA_WIDTH_MULTIPLE = 16
 # The first CUDA compute capability with fp8 tensor cores (Ada; Hopper is 9.0).
@@ -44,7 +48,7 @@ def quantize_rows_reference(t: Tensor, col_scale: Tensor | None = None) -> tuple
     t32 = t.float()
     if col_scale is not None:
         t32 = t32 * col_scale
-    scale = (t32.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(_SCALE_FLOOR)
+    scale = (t32.abs().amax(dim=-1, keepdim=True) * _INV_FP8_MAX).clamp_min(_SCALE_FLOOR)
     # e4m3fn has no infinity: a value rounding past 448 would become NaN, so the (at most one-ulp) excess is clipped
     # (row-major whatever t's layout: the fp8 GEMM reads its first operand K-major)
     q = (t32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).contiguous()
@@ -80,7 +84,7 @@ def quantize_rows_triton(t: Tensor, col_scale: Tensor | None = None) -> tuple[Te
     col = col_scale.reshape(-1).float().contiguous() if col_scale is not None else scale
     block = triton.next_power_of_2(width)
     quantize_rows_kernel[(rows,)](
-        t, col, q.view(torch.uint8), scale, t.stride(0), q.stride(0), width, FP8_MAX, _SCALE_FLOOR,
+        t, col, q.view(torch.uint8), scale, t.stride(0), q.stride(0), width, FP8_MAX, _INV_FP8_MAX, _SCALE_FLOOR,
         HAS_COL=col_scale is not None, BLOCK=block, num_warps=min(16, max(4, block // 512)),
     )  # fmt: skip
     return q, scale

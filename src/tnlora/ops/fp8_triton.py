@@ -2,8 +2,9 @@
 (:func:`tnlora.ops.fp8.quantize_rows_reference` says what it computes) as one launch.
 
 One program a row: the row is read once into registers (times the column scales, in fp32), its largest magnitude
-taken, and the e4m3 copy and the row's scale written, so a row moves its bytes once in and once out. The
-divisions are IEEE round-to-nearest (``div_rn``, as PyTorch's ``/``). Each quotient's e4m3 bits are made here
+taken, and the e4m3 copy and the row's scale written, so a row moves its bytes once in and once out. The scale is
+that magnitude times 1/448 (an fp32 product, as the reference's); the quotients are IEEE round-to-nearest
+(``div_rn``, as PyTorch's division of two tensors). Each quotient's e4m3 bits are made here
 (rounded to nearest, ties to even, as PyTorch's conversion rounds; the sign of -0.0 kept) and stored as bytes, so
 no conversion of Triton's is involved: the result is the reference's bit for bit on the GPU and under Triton's CPU
 interpreter alike (the interpreter's own e4m3 conversion rounds a value that carries into the next binade down
@@ -56,6 +57,7 @@ def quantize_rows_kernel(
     stride_q,
     K,
     fp8_max,
+    inv_fp8_max,
     scale_floor,
     HAS_COL: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -67,7 +69,7 @@ def quantize_rows_kernel(
     if HAS_COL:
         v = v * tl.load(col_ptr + cols, mask=ok, other=0.0)
     amax = tl.reduce(tl.abs(v), 0, _max_with_nan)
-    scale = tl.maximum(tl.math.div_rn(amax, fp8_max), scale_floor, propagate_nan=tl.PropagateNan.ALL)
+    scale = tl.maximum(amax * inv_fp8_max, scale_floor, propagate_nan=tl.PropagateNan.ALL)
     # NaN propagates through the clip, as torch.clamp's does (compiled for a GPU, a clamp that ignores NaN returns
     # the bound: a NaN row became -448)
     q = _e4m3_bits(tl.clamp(tl.math.div_rn(v, scale), -fp8_max, fp8_max, propagate_nan=tl.PropagateNan.ALL))
