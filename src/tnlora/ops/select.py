@@ -15,6 +15,7 @@ PyTorch implementations. One-token attention calls (decoding without a static st
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +27,10 @@ LIGHTNING_IMPLS = ("auto", "chunked", "recurrent", "fla", "triton")
 KERNEL_CHOICES = ("auto", "torch", "triton")
 
 
+@functools.cache
 def triton_available() -> bool:
-    """Whether triton imports (its kernels also need a CUDA device or Triton's CPU interpreter)."""
+    """Whether triton imports (its kernels also need a CUDA device or Triton's CPU interpreter). Probed once: the
+    eager fp8 layer asks on every quantization."""
     try:
         import triton  # noqa: F401
     except ImportError:
