@@ -59,6 +59,11 @@
 #                   (benchmarks/lora_grad.py; LORA_GRAD_ARGS, e.g. "--shapes 1B:32768")
 #   lora-grad-kernel  tnlora train's defaults with the LoRA backward's products of dy as two GEMMs and as one read
 #                   (--lora_grad_kernel torch / triton; MODELS, default "1B 7B")
+#   lora-dropout    LoRA's dropout alone: PyTorch's dropout and the products on the dropped input against the
+#                   kernels drawing the mask from a seed (benchmarks/lora_dropout.py; LORA_DROPOUT_ARGS, e.g. --sweep)
+#   train-dropout   the huanhuan recipe's step (eager, 8 x 1,024, LoRA dropout 0.1, alpha 32; MODELS, default 7B)
+#                   with PyTorch's dropout and the seeded kernels (--lora_dropout_kernel torch / triton), ROUNDS
+#                   rounds alternating, then once without dropout (the ceiling)
 #   loss            one chunk of the training loss: PyTorch's cross-entropy composition against the fused kernel
 #                   (benchmarks/cross_entropy.py; loss_kernel)
 #   decode-adapter  7B decoding with a LoRA adapter kept unmerged / merged
@@ -174,6 +179,16 @@ for stage in "$@"; do
       for m in ${MODELS:-1B 7B}; do for round in $(seq ${ROUNDS:-2}); do for f in false true; do
         train --model $m --fp8 $f $CAP --name "$m huanhuan-shaped, tnlora train's defaults, fp8 $f, round $round ($COMMIT)$TAG"
       done; done; done ;;
+    lora-dropout)
+      table_script lora_dropout.py ${LORA_DROPOUT_ARGS:-} ;;
+    train-dropout)
+      RECIPE="--torch_compile false --per_device_train_batch_size 8 --gradient_checkpointing false --lora_alpha 32"
+      for m in ${MODELS:-7B}; do
+        for round in $(seq ${ROUNDS:-2}); do for k in torch triton; do
+          train --model $m $RECIPE --lora_dropout 0.1 --lora_dropout_kernel $k $CAP --name "$m huanhuan recipe's step, LoRA dropout 0.1, lora_dropout_kernel $k, round $round ($COMMIT)$TAG"
+        done; done
+        train --model $m $RECIPE --lora_dropout 0.0 $CAP --name "$m huanhuan recipe's step, no LoRA dropout ($COMMIT)$TAG"
+      done ;;
     opt-outs)  # tnlora train's defaults against their opt-outs on one machine: the loss kernel and the compiled
       # fused-LoRA operators, each alone and both (MODELS, default 1B)
       for m in ${MODELS:-1B}; do

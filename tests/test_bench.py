@@ -156,6 +156,9 @@ def test_bench_passes_run_config_keys_through_and_refuses_bad_ones():
 
     args, keys = train_bench.parse_args(["--model", "tiny", "--gradient_checkpointing", "true", "--lora_rank=4"])
     assert args.model == "tiny" and keys == {"gradient_checkpointing": "true", "lora_rank": "4"}
+    # a run-config key that begins a bench option's name is the key, not that option abbreviated
+    other, other_keys = train_bench.parse_args(["--lora_dropout", "0.1", "--lora_dropout_kernel", "torch"])
+    assert other.lora_dropout_kernel == "torch" and other_keys == {"lora_dropout": "0.1"}
     cfg = train_bench.run_config(args, keys, [(3, 4)], "out")
     assert cfg.gradient_checkpointing is True and cfg.lora_rank == 4 and cfg.lora_alpha == 8.0
     with pytest.raises(ConfigError, match="unknown config key 'lora_rnak'"):
@@ -423,8 +426,10 @@ def test_gemm_bench_forms_compute_the_products_they_name():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 @pytest.mark.parametrize(
-    ("script", "measures"), [("gemm", "a CUDA GPU's GEMMs"), ("act", "CUDA kernels"), ("lora_grad", "CUDA kernels")]
-)
+    ("script", "measures"),
+    [("gemm", "a CUDA GPU's GEMMs"), ("act", "CUDA kernels"), ("lora_grad", "CUDA kernels"),
+     ("lora_dropout", "CUDA kernels")],
+)  # fmt: skip
 def test_gpu_benchmarks_refuse_without_a_gpu(script: str, measures: str):
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, str(root / "benchmarks" / f"{script}.py")], capture_output=True, text=True,

@@ -111,7 +111,7 @@ def test_custom_operators_pass_torch_library_checks() -> None:
     lora_a = torch.randn(RANK, IN, generator=gen, dtype=torch.float64, requires_grad=True)
     lora_b = torch.randn(OUT, RANK, generator=gen, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(
-        torch.ops.tnlora.lora_linear.default, (x, weight, None, lora_a, lora_b, 2.0, 0.0, True, False, None, None, None, None)
+        torch.ops.tnlora.lora_linear.default, (x, weight, None, lora_a, lora_b, 2.0, 0.0, True, False, None, None, None, None, False)
     )
     dy = torch.randn(6, OUT, generator=gen, dtype=torch.float64)
     h = x.detach() @ lora_a.detach().t()
@@ -119,7 +119,8 @@ def test_custom_operators_pass_torch_library_checks() -> None:
     for needs_x in (True, False):
         torch.library.opcheck(
             torch.ops.tnlora.lora_linear_backward.default,
-            (dy, weight, lora_a.detach(), lora_b.detach(), x.detach(), h, empty, 2.0, 0.0, needs_x, False, *[None] * 5),
+            (dy, weight, lora_a.detach(), lora_b.detach(), x.detach(), h, empty, 2.0, 0.0, needs_x, False, *[None] * 5,
+             False),
         )
 
 

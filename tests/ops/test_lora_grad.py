@@ -88,9 +88,9 @@ def test_the_lora_layers_backward_with_one_read_equals_the_two_gemms(dropout: fl
         leaves = [t.clone().requires_grad_() for t in (x, lora_a, lora_b)]
         torch.manual_seed(2)
         if form == "function":
-            # the trailing Nones: no fp8 copy of the base (weight_q, weight_scale)
+            # the trailing Nones: no fp8 copy of the base (weight_q, weight_scale); False: PyTorch's dropout
             y = _LoraLinear.apply(
-                leaves[0], weight, None, leaves[1], leaves[2], 2.0, dropout, True, one_read, None, None
+                leaves[0], weight, None, leaves[1], leaves[2], 2.0, dropout, True, one_read, None, None, False
             )
         else:
             y = _lora_linear_op_call(leaves[0], weight, None, leaves[1], leaves[2], 2.0, dropout, True, one_read)
@@ -108,5 +108,5 @@ def test_the_backward_operator_with_one_read_passes_torch_library_checks() -> No
     empty = torch.empty(0, 12, dtype=torch.bool, device=DEVICE)
     torch.library.opcheck(
         torch.ops.tnlora.lora_linear_backward.default,
-        (dy, weight, lora_a, lora_b, x, x @ lora_a.t(), empty, 2.0, 0.0, True, True, *[None] * 5),  # no fp8 base
+        (dy, weight, lora_a, lora_b, x, x @ lora_a.t(), empty, 2.0, 0.0, True, True, *[None] * 5, False),  # no fp8 base
     )

@@ -12,6 +12,7 @@ def train_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
 
     parser = argparse.ArgumentParser(
         prog="tnlora bench train",
+        allow_abbrev=False,  # a run-config key (--lora_dropout) must not be taken for a bench option it begins
         description="LoRA training steps on random weights. Any run-config key may follow (--key value, as "
         "to `tnlora train`); keys left open resolve as `tnlora train` resolves them on this machine.",
     )
@@ -35,6 +36,9 @@ def train_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
                         help="the fused LoRA layers' backward products of dy: two GEMMs (torch), one read of dy "
                              "(triton, CUDA) or auto (the default: the one read from tnlora.ops.lora.LORA_GRAD_MIN_ROWS = "
                              "65,536 tokens a micro-batch)")
+    parser.add_argument("--lora_dropout_kernel", default="auto", choices=["auto", "torch", "triton"],
+                        help="the fused LoRA layers' dropout (with lora_dropout > 0): PyTorch's (torch), the mask "
+                             "drawn inside Triton kernels from a seed (triton) or auto (the default: triton on CUDA)")
     parser.add_argument("--gpu_memory_gib", type=float, default=0.0,
                         help="allocate at most this much GPU memory (the defaults size for it too): a smaller "
                              "card on this one, e.g. 79.6 for an 80 GB card")

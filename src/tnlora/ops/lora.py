@@ -28,6 +28,9 @@ layer's last projection (TNL's GLU output ``l3``) feeds nothing the backward rea
 frozen GEMM is a fifth of the recomputed layer's GEMM work (7B: 45.1 M of 219 M frozen weights; 1B: 11.5 of
 55.6 M), and the backward needs none of it (its own input gradient is dy W, from the frozen weight alone).
 
+With dropout on CUDA the mask is drawn inside Triton kernels from a seed (:mod:`tnlora.ops.lora_dropout`): the
+dropped input is neither written nor kept for the backward, which reads x itself (``dropout_kernel``).
+
 With ``weight_fp8`` (``fp8: true``) the two frozen GEMMs run on fp8 operands (:mod:`tnlora.ops.fp8`).
 ``torch._scaled_mm`` takes no output to accumulate into, so the adapter's part is added to its result afterwards:
 the pass over the output that the β = 1 epilogue hides in the bf16 form comes back (one read and write of y).
@@ -40,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tnlora.ops.fp8 import fp8_input_grad_operands, fp8_linear, fp8_linear_input_grad, quantize_rows_reference
+from tnlora.ops.lora_dropout import draw_seed, dropout_down, dropout_grad_a, dropout_up
 from tnlora.ops.lora_grad import lora_dy_products, lora_dy_products_reference
 
 
@@ -77,6 +81,7 @@ def lora_linear(
     output_needed: bool = True,
     grad_kernel: str = "auto",
     weight_fp8: tuple[Tensor, Tensor] | None = None,
+    dropout_kernel: str = "auto",
 ) -> Tensor:
     """x [..., in] → [..., out] through the frozen ``weight`` [out, in] (and ``bias``) plus the adapter
     ``lora_a`` [r, in], ``lora_b`` [out, r] scaled by ``scaling``, with dropout ``dropout`` on the adapter's
@@ -88,22 +93,26 @@ def lora_linear(
     dB) come from one read of dy (:mod:`tnlora.ops.lora_grad`) instead of two GEMMs; "auto" (the default): so
     from ``LORA_GRAD_MIN_ROWS`` rows of x, "torch": always the two GEMMs. ``weight_fp8`` (the fused form): the
     frozen weight as :func:`tnlora.ops.fp8.quantize_weight` returns it, so the frozen GEMMs (x Wᵀ and dy W) run
-    in fp8 with x and dy quantized per token; the adapter's products and gradients are unchanged."""
+    in fp8 with x and dy quantized per token; the adapter's products and gradients are unchanged.
+    ``dropout_kernel="triton"`` (the fused form, dropout in training): the mask is drawn inside Triton kernels from
+    a seed (:mod:`tnlora.ops.lora_dropout`), so the dropped input is neither written nor kept; "auto" (the
+    default): so on CUDA tensors where triton imports; "torch": PyTorch's dropout."""
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         if weight_fp8 is not None:
             raise ValueError("lora_linear: an fp8 copy of the base weight is for a frozen weight only")
         return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout, training)
     p = dropout if training else 0.0
     one_read = reads_dy_once(grad_kernel, x.numel() // max(1, x.shape[-1]), x.is_cuda)
+    seeded = p > 0.0 and seeds_dropout(dropout_kernel, x.is_cuda)
     weight_q, weight_scale = weight_fp8 if weight_fp8 is not None else (None, None)
     if torch.compiler.is_compiling():
         if not compiled_op and weight_fp8 is None:
             return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout, training)
         return _lora_linear_op_call(
-            x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale
+            x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale, seeded
         )
     return _LoraLinear.apply(
-        x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale
+        x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale, seeded
     )
 
 
@@ -113,6 +122,18 @@ def reads_dy_once(grad_kernel: str, rows: int, cuda: bool) -> bool:
     if grad_kernel not in ("auto", "torch", "triton"):
         raise ValueError(f"grad_kernel must be 'auto', 'torch' or 'triton', got {grad_kernel!r}")
     return cuda and (grad_kernel == "triton" or (grad_kernel == "auto" and rows >= LORA_GRAD_MIN_ROWS))
+
+
+def seeds_dropout(dropout_kernel: str, cuda: bool) -> bool:
+    """Whether a fused LoRA layer's dropout draws its mask inside the kernels of :mod:`tnlora.ops.lora_dropout`
+    (:func:`lora_linear`'s ``dropout_kernel``; "triton" on any device: CPU tensors under Triton's interpreter)."""
+    if dropout_kernel not in ("auto", "torch", "triton"):
+        raise ValueError(f"dropout_kernel must be 'auto', 'torch' or 'triton', got {dropout_kernel!r}")
+    if dropout_kernel == "auto":
+        from tnlora.ops.select import triton_available
+
+        return cuda and triton_available()
+    return dropout_kernel == "triton"
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -137,19 +158,25 @@ def _in_compute_dtype(
 def _forward_gemms(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, p: float,
     output_needed: bool, weight_q: Tensor | None = None, weight_scale: Tensor | None = None,
-    x_fp8: tuple[Tensor, Tensor] | None = None,
+    x_fp8: tuple[Tensor, Tensor] | None = None, seeded: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """(y, s · h, drop(x), kept-mask or None without dropout) for x [T, in] and the weights in one compute dtype:
+    """(y, s · h, drop(x), kept-mask or None without dropout) for x [T, in] and the weights in one compute dtype
+    (``seeded``: x itself and the mask's seed, :mod:`tnlora.ops.lora_dropout`):
     with h = drop(x) Aᵀ, y = s · h Bᵀ (+ b) is written first, then the frozen GEMM adds x Wᵀ to it (β = 1).
     Without ``output_needed`` y is left uncomputed (:func:`lora_linear`). With ``weight_q`` the frozen GEMM is
     the fp8 one (:func:`tnlora.ops.fp8.fp8_linear`; x quantized there, or given so in ``x_fp8``), which has no
     β = 1 form: s · h Bᵀ is added to its result."""
-    if p > 0.0:
-        # F.dropout's own kernel and draw (one pass; the kept-mask comes back for the backward)
-        xd, mask = torch.ops.aten.native_dropout(x, p, True)
+    if p > 0.0 and seeded:
+        # the mask drawn inside the kernel, from a seed; x is read once and the backward reads x again
+        xd, mask = x, draw_seed(x.device)
+        hs = dropout_down(x, lora_a * (scaling / (1.0 - p)), mask, p)
     else:
-        xd, mask = x, None
-    hs = xd @ (lora_a.t() * scaling)  # the scale on the [in, r] factor, not on a [T, ...] tensor
+        if p > 0.0:
+            # F.dropout's own kernel and draw (one pass; the kept-mask comes back for the backward)
+            xd, mask = torch.ops.aten.native_dropout(x, p, True)
+        else:
+            xd, mask = x, None
+        hs = xd @ (lora_a.t() * scaling)  # the scale on the [in, r] factor, not on a [T, ...] tensor
     if not output_needed:
         return x.new_empty((x.shape[0], weight.shape[0])), hs, xd, mask
     if weight_q is not None:
@@ -172,17 +199,23 @@ def _backward_gemms(
     dy: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xd: Tensor, hs: Tensor, mask: Tensor | None,
     scaling: float, p: float, needs: tuple[bool, bool, bool], one_read: bool = False,
     weight_q: Tensor | None = None, weight_scale: Tensor | None = None,
-    fp8_operands: tuple[Tensor, Tensor, Tensor] | None = None,
+    fp8_operands: tuple[Tensor, Tensor, Tensor] | None = None, seeded: bool = False,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(dx, dA, dB) in the compute dtype, each only where ``needs`` (x, A, B) asks for it, with hs = s · h:
     g = dy B; dx = s · (g A) ⊙ mask, then dx += dy W in the large GEMM (β = 1); dA = s · gᵀ drop(x);
     dB = dyᵀ hs. With ``one_read`` g and dB come from one pass over dy (:func:`lora_dy_products`). With
     ``weight_q`` dy W is the fp8 GEMM (:func:`tnlora.ops.fp8.fp8_linear_input_grad`, its operands made there or
-    given in ``fp8_operands``) and the adapter's part is added to it."""
+    given in ``fp8_operands``) and the adapter's part is added to it. ``seeded``: ``xd`` is x itself and ``mask``
+    the seed the forward drew (:mod:`tnlora.ops.lora_dropout`)."""
     if needs[2]:
         g, grad_b = (lora_dy_products if one_read else lora_dy_products_reference)(dy, lora_b, hs)
     else:
         g, grad_b = dy @ lora_b, None  # g [T, r]: the gradient reaching h, before the scaling
+    if seeded and mask is not None:
+        grad_x, grad_a = _backward_seeded(
+            dy, weight, lora_a, g, xd, mask, scaling / (1.0 - p), p, needs, weight_q, weight_scale, fp8_operands
+        )
+        return grad_x, grad_a, grad_b
     grad_a = (g.t() @ xd).mul_(scaling) if needs[1] else None
     grad_x = None
     if needs[0] and weight_q is not None:
@@ -200,16 +233,36 @@ def _backward_gemms(
     return grad_x, grad_a, grad_b
 
 
+def _backward_seeded(
+    dy: Tensor, weight: Tensor, lora_a: Tensor, g: Tensor, x: Tensor, seed: Tensor, coef: float, p: float,
+    needs: tuple[bool, bool, bool], weight_q: Tensor | None, weight_scale: Tensor | None,
+    fp8_operands: tuple[Tensor, Tensor, Tensor] | None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """(dx, dA) of :func:`_backward_gemms` with the mask drawn from ``seed`` in the kernels, ``coef`` = s / (1 − p):
+    dA = coef · gᵀ (x ⊙ keep); dx = coef · (g A) ⊙ keep written first, then dy W added (β = 1), or added in place
+    to the fp8 GEMM's dy W."""
+    grad_a = dropout_grad_a(g, x, seed, p, coef) if needs[1] else None
+    if not needs[0]:
+        return None, grad_a
+    scaled_a = lora_a * coef
+    if weight_q is not None:
+        grad_x = fp8_linear_input_grad(dy, weight_q, weight_scale, dy.dtype, fp8_operands)
+        return dropout_up(g, scaled_a, seed, p, out=grad_x), grad_a
+    return dropout_up(g, scaled_a, seed, p).addmm_(dy, weight), grad_a
+
+
 class _LoraLinear(torch.autograd.Function):
     """:func:`_forward_gemms` and :func:`_backward_gemms` in eager code, with the casts to the compute dtype."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale):
+    def forward(
+        ctx, x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale, seeded
+    ):
         operands = _in_compute_dtype(x, weight, bias, lora_a, lora_b)
-        y, hs, xd, mask = _forward_gemms(*operands, scaling, p, output_needed, weight_q, weight_scale)
+        y, hs, xd, mask = _forward_gemms(*operands, scaling, p, output_needed, weight_q, weight_scale, None, seeded)
         ctx.save_for_backward(weight, lora_a, lora_b, xd, hs, mask, weight_q, weight_scale)
         ctx.scaling, ctx.dtype, ctx.x_shape, ctx.x_dtype = scaling, y.dtype, x.shape, x.dtype
-        ctx.p, ctx.one_read = p, one_read
+        ctx.p, ctx.one_read, ctx.seeded = p, one_read, seeded
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -219,7 +272,7 @@ class _LoraLinear(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
         grad_x, grad_a, grad_b = _backward_gemms(
             dy.reshape(-1, dy.shape[-1]).to(dtype), weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype), xd, hs,
-            mask, ctx.scaling, ctx.p, needs, ctx.one_read, weight_q, weight_scale,
+            mask, ctx.scaling, ctx.p, needs, ctx.one_read, weight_q, weight_scale, None, ctx.seeded,
         )  # fmt: skip
         if grad_x is not None:
             grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
@@ -227,7 +280,7 @@ class _LoraLinear(torch.autograd.Function):
             grad_a = grad_a.to(lora_a.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(lora_b.dtype)
-        return grad_x, None, None, grad_a, grad_b, None, None, None, None, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None, None, None, None
 
 
 # The same computation as custom operators, for compiled code: the casts to the compute dtype stay outside (where
@@ -238,46 +291,47 @@ class _LoraLinear(torch.autograd.Function):
 def _lora_linear_op(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, p: float,
     output_needed: bool, one_read: bool, weight_q: Tensor | None, weight_scale: Tensor | None, x_q: Tensor | None,
-    x_scale: Tensor | None,
+    x_scale: Tensor | None, seeded: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, s · h, drop(x), kept-mask) for x [T, in] and the weights in one dtype; without dropout the last two are
-    empty (an operator's outputs may not alias its inputs). ``one_read`` is for the backward; with ``weight_q`` the
-    frozen GEMM is fp8, x quantized as ``x_q``, ``x_scale`` (or here, without them)."""
+    empty (an operator's outputs may not alias its inputs); ``seeded``: drop(x) empty (the backward reads x) and
+    the mask's seed (int64 [1]). ``one_read`` is for the backward; with ``weight_q`` the frozen GEMM is fp8, x
+    quantized as ``x_q``, ``x_scale`` (or here, without them)."""
     x_fp8 = (x_q, x_scale) if x_q is not None else None
     y, hs, xd, mask = _forward_gemms(
-        x, weight, bias, lora_a, lora_b, scaling, p, output_needed, weight_q, weight_scale, x_fp8
+        x, weight, bias, lora_a, lora_b, scaling, p, output_needed, weight_q, weight_scale, x_fp8, seeded
     )
     if mask is None:
         return y, hs, x.new_empty((0, x.shape[1])), x.new_empty((0, x.shape[1]), dtype=torch.bool)
+    if seeded:
+        return y, hs, x.new_empty((0, x.shape[1])), mask
     return y, hs, xd, mask
 
 
 @_lora_linear_op.register_fake
 def _lora_linear_op_fake(
-    x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale, x_q, x_scale
+    x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale, x_q, x_scale,
+    seeded,
 ):
     rows, width = x.shape
-    kept = rows if p > 0.0 else 0
-    return (
-        x.new_empty((rows, weight.shape[0])),
-        x.new_empty((rows, lora_a.shape[0])),
-        x.new_empty((kept, width)),
-        x.new_empty((kept, width), dtype=torch.bool),
-    )
+    kept = rows if p > 0.0 and not seeded else 0
+    mask = x.new_empty((1,), dtype=torch.int64) if p > 0.0 and seeded else x.new_empty((kept, width), dtype=torch.bool)
+    return (x.new_empty((rows, weight.shape[0])), x.new_empty((rows, lora_a.shape[0])), x.new_empty((kept, width)), mask)
 
 
 @torch.library.custom_op("tnlora::lora_linear_backward", mutates_args=())
 def _lora_linear_backward_op(
     dy: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xd: Tensor, hs: Tensor, mask: Tensor,
     scaling: float, p: float, needs_x: bool, one_read: bool, weight_q: Tensor | None, weight_scale: Tensor | None,
-    dy_q: Tensor | None, dy_scale: Tensor | None, weight_t: Tensor | None,
+    dy_q: Tensor | None, dy_scale: Tensor | None, weight_t: Tensor | None, seeded: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB) as _LoraLinear's backward computes them; dx is empty unless ``needs_x``. With ``weight_q`` the
-    input gradient's frozen GEMM is fp8, on ``dy_q``, ``dy_scale``, ``weight_t`` (or operands made here)."""
+    input gradient's frozen GEMM is fp8, on ``dy_q``, ``dy_scale``, ``weight_t`` (or operands made here);
+    ``seeded``: ``xd`` is x and ``mask`` the seed."""
     operands = (dy_q, dy_scale, weight_t) if dy_q is not None else None
     grad_x, grad_a, grad_b = _backward_gemms(
         dy, weight, lora_a, lora_b, xd, hs, mask if p > 0.0 else None, scaling, p, (needs_x, True, True), one_read,
-        weight_q, weight_scale, operands,
+        weight_q, weight_scale, operands, seeded,
     )
     return (grad_x if grad_x is not None else dy.new_empty((0,))), grad_a, grad_b
 
@@ -285,17 +339,19 @@ def _lora_linear_backward_op(
 @_lora_linear_backward_op.register_fake
 def _lora_linear_backward_op_fake(
     dy, weight, lora_a, lora_b, xd, hs, mask, scaling, p, needs_x, one_read, weight_q, weight_scale, dy_q, dy_scale,
-    weight_t,
+    weight_t, seeded,
 ):
     grad_x = dy.new_empty((dy.shape[0], weight.shape[1])) if needs_x else dy.new_empty((0,))
     return grad_x, torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
 def _lora_linear_op_setup(ctx, inputs, output) -> None:
-    x, weight, _bias, lora_a, lora_b, scaling, p, _output_needed, one_read, weight_q, weight_scale, _xq, _xs = inputs
+    x, weight, _bias, lora_a, lora_b, scaling, p, _output_needed, one_read, weight_q, weight_scale, _xq, _xs, seeded = (
+        inputs
+    )
     _y, hs, xd, mask = output
-    ctx.save_for_backward(weight, lora_a, lora_b, xd if p > 0.0 else x, hs, mask, weight_q, weight_scale)
-    ctx.scaling, ctx.p, ctx.one_read = scaling, p, one_read
+    ctx.save_for_backward(weight, lora_a, lora_b, xd if p > 0.0 and not seeded else x, hs, mask, weight_q, weight_scale)
+    ctx.scaling, ctx.p, ctx.one_read, ctx.seeded = scaling, p, one_read, seeded
 
 
 def _lora_linear_op_backward(ctx, dy, _dh, _dxd, _dmask):
@@ -308,9 +364,9 @@ def _lora_linear_op_backward(ctx, dy, _dh, _dxd, _dmask):
         operands = fp8_input_grad_operands(dy, weight_q, weight_scale, quantize_rows_reference)
     grad_x, grad_a, grad_b = torch.ops.tnlora.lora_linear_backward(
         dy, weight, lora_a, lora_b, xd, hs, mask, ctx.scaling, ctx.p, needs_x, ctx.one_read, weight_q, weight_scale,
-        *operands,
+        *operands, ctx.seeded,
     )  # fmt: skip
-    return (grad_x if needs_x else None), None, None, grad_a, grad_b, *([None] * 8)
+    return (grad_x if needs_x else None), None, None, grad_a, grad_b, *([None] * 9)
 
 
 torch.library.register_autograd(
@@ -319,7 +375,8 @@ torch.library.register_autograd(
 
 
 def _lora_linear_op_call(
-    x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q=None, weight_scale=None
+    x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q=None, weight_scale=None,
+    seeded=False,
 ) -> Tensor:
     """lora_linear through the custom operators: inputs cast to the compute dtype, rows flattened; with an fp8
     base, x quantized here, in the traced graph, where Inductor fuses it with x's producer (a norm)."""
@@ -327,7 +384,9 @@ def _lora_linear_op_call(
     x_fp8 = (None, None)
     if weight_q is not None and output_needed:
         x_fp8 = quantize_rows_reference(operands[0])
-    y = torch.ops.tnlora.lora_linear(*operands, scaling, p, output_needed, one_read, weight_q, weight_scale, *x_fp8)[0]
+    y = torch.ops.tnlora.lora_linear(
+        *operands, scaling, p, output_needed, one_read, weight_q, weight_scale, *x_fp8, seeded
+    )[0]
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

@@ -32,6 +32,10 @@ class FusedLoraLinear(LoraLinear):
     # GEMMs; "auto" (the default): the one read from tnlora.ops.lora.LORA_GRAD_MIN_ROWS tokens a micro-batch.
     # `tnlora bench train --lora_grad_kernel` sets it.
     grad_kernel = "auto"
+    # "triton": LoRA's dropout mask drawn inside the adapter's kernels from a seed (tnlora.ops.lora_dropout: the
+    # dropped input neither written nor kept); "torch": PyTorch's dropout; "auto" (the default): triton on CUDA
+    # where triton imports. `tnlora bench train --lora_dropout_kernel` sets it.
+    dropout_kernel = "auto"
     # False while a checkpointed layer recomputes this projection and reads none of its output (set by the
     # layer's recompute context, TransnormerDecoderLayer.recomputing): the frozen GEMM is left out.
     output_needed = True
@@ -50,7 +54,7 @@ class FusedLoraLinear(LoraLinear):
         return lora_linear(
             x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
             self.scaling[adapter], p, dropout.training, self.compiled_op, self.output_needed, self.grad_kernel,
-            self.fp8_weight,
+            self.fp8_weight, self.dropout_kernel,
         )
 
     def _fused_adapter(self, x: Tensor, args: tuple, kwargs: dict) -> str | None:
