@@ -4,7 +4,7 @@ before ``tnlora.ops.lora_dropout``) against the kernels that draw the mask from 
 Each row: one adapted input width at a micro-batch's tokens, rank 8, p = 0.1; milliseconds of the forward
 (PyTorch: the dropout kernel writing drop(x) and its mask, then drop(x) (s Aᵀ); the kernels: (x ⊙ keep) Aᵀ in one
 read of x) and of the backward's two products that see the mask (PyTorch: dA = gᵀ drop(x), and dx's share, g A
-through the mask; the kernels: gᵀ (x ⊙ keep) and (g A) ⊙ keep), x's bytes ÷ time, and the kernels' largest error
+through the mask; the kernels: gᵀ (x ⊙ keep) and (g A) ⊙ keep on the forward's bits), x's bytes ÷ time, and the kernels' largest error
 against an fp32 composition on their own mask, relative to its largest value.
 
     python3 benchmarks/lora_dropout.py [--shapes 1B:32768,7B:8192] [--sweep]    # on a GPU
@@ -43,8 +43,8 @@ def kernel_forward(x, a, seed):
     return dropout_down(x, a * COEF, seed, P)
 
 
-def kernel_backward(g, a, x, seed):
-    return dropout_grad_a(g, x, seed, P, COEF), dropout_up(g, a * COEF, seed, P)
+def kernel_backward(g, a, x, bits):
+    return dropout_grad_a(g, x, bits, COEF), dropout_up(g, a * COEF, bits)
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -58,7 +58,8 @@ def errors(x, a, g, seed) -> str:
     kept = keep_mask(seed, *x.shape, P).float()
     xd = x.float() * kept
     want = (xd @ a.float().t() * COEF, COEF * g.float().t() @ xd, (g.float() @ a.float()) * kept * COEF)
-    got = (kernel_forward(x, a, seed), *kernel_backward(g, a, x, seed))
+    h, bits = kernel_forward(x, a, seed)
+    got = (h, *kernel_backward(g, a, x, bits))
     return " / ".join(f"{((u.float() - w).abs().max() / w.abs().max()).item():.1e}" for u, w in zip(got, want, strict=True))
 
 
@@ -95,27 +96,28 @@ def measure(label: str, tokens: int, width: int, args: argparse.Namespace, total
     g = torch.randn(tokens, RANK, device="cuda", dtype=torch.bfloat16, generator=gen)
     seed = draw_seed("cuda")
     _, xd, mask = torch_forward(x, a, seed)
+    _, bits = kernel_forward(x, a, seed)
     gb = x.numel() * x.element_size() / 1e9
     tf = median_ms(lambda: torch_forward(x, a, seed), args.repeats)
     kf = median_ms(lambda: kernel_forward(x, a, seed), args.repeats)
     tb = median_ms(lambda: torch_backward(g, a, xd, mask), args.repeats)
-    kb = median_ms(lambda: kernel_backward(g, a, x, seed), args.repeats)
+    kb = median_ms(lambda: kernel_backward(g, a, x, bits), args.repeats)
     print(f"{label} {tf:.3f} ({gb / tf * 1e3:,.0f}) | {kf:.3f} ({gb / kf * 1e3:,.0f}) | {tb:.3f} | {kb:.3f} | "
           f"{errors(x, a, g, seed)} |", flush=True)  # fmt: skip
     if args.sweep:
-        sweep(x, a, g, seed, args.repeats, totals)
+        sweep(x, a, g, seed, bits, args.repeats, totals)
 
 
-def sweep(x, a, g, seed, repeats: int, totals: dict) -> None:
+def sweep(x, a, g, seed, bits, repeats: int, totals: dict) -> None:
     """Each kernel alone at every launch of the grid; summed ms a launch and kernel into ``totals``."""
     scaled = a * COEF
     kernels = {
         "down": lambda launch: dropout_down(x, scaled, seed, P, launch),
-        "grad_a": lambda launch: dropout_grad_a(g, x, seed, P, COEF, launch),
-        "up": lambda launch: dropout_up(g, scaled, seed, P, launch=launch),
+        "grad_a": lambda launch: dropout_grad_a(g, x, bits, COEF, launch),
+        "up": lambda launch: dropout_up(g, scaled, bits, launch=launch),
     }
     for (kernel, fn), (block_t, block_k, warps, stages) in itertools.product(
-        kernels.items(), itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (2, 3))
+        kernels.items(), itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (3,))
     ):
         launch = Launch(block_t, block_k, warps, stages)
         try:

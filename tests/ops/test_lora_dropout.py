@@ -26,6 +26,7 @@ from tnlora.ops.lora_dropout import (
     keep_mask,
     keep_mask_reference,
     keep_threshold,
+    unpack_keep,
 )
 
 # fp64: the same products summed in another order; fp32 likewise (no TF32); bf16: one rounding of fp32 sums against
@@ -98,30 +99,37 @@ def test_each_kernel_equals_the_composition_on_the_same_mask(dtype: torch.dtype,
     x, a, g = (torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
                for shape in ((rows, cols), (rank, cols), (rows, rank)))  # fmt: skip
     p, seed = 0.25, _seed(42 + rank)
-    kept = keep_mask_reference(seed.cpu(), rows, cols, p).double()
+    want_kept = keep_mask_reference(seed.cpu(), rows, cols, p)
+    kept = want_kept.double()
     xd = x.double() * kept
     dev = [t.to(DEVICE) for t in (x, a, g)]
-    _close(dropout_down(dev[0], dev[1], seed, p), (xd @ a.double().t()).to(dtype), dtype)
-    # another tile and split of the columns: the same mask
-    _close(dropout_down(dev[0], dev[1], seed, p, Launch(block_t=32, block_k=64)), (xd @ a.double().t()).to(dtype), dtype)
-    _close(dropout_grad_a(dev[2], dev[0], seed, p, 1.5), (1.5 * g.double().t() @ xd).to(dtype), dtype)
+    # another tile and split of the columns: the same mask and bits
+    for launch in (Launch(), Launch(block_t=32, block_k=64)):
+        h, bits = dropout_down(dev[0], dev[1], seed, p, launch)
+        assert bits.dtype == torch.uint8 and bits.shape == (rows, -(-cols // 8))
+        assert torch.equal(unpack_keep(bits, cols).cpu(), want_kept)
+        _close(h, (xd @ a.double().t()).to(dtype), dtype)
+    _close(dropout_grad_a(dev[2], dev[0], bits, 1.5), (1.5 * g.double().t() @ xd).to(dtype), dtype)
     up = (g.double() @ a.double()) * kept
-    _close(dropout_up(dev[2], dev[1], seed, p), up.to(dtype), dtype)
+    _close(dropout_up(dev[2], dev[1], bits), up.to(dtype), dtype)
     base = torch.randn(rows, cols, generator=gen, dtype=torch.float64).to(dtype)
     out = base.to(DEVICE, copy=True)
-    assert dropout_up(dev[2], dev[1], seed, p, out=out) is out  # added in place
+    assert dropout_up(dev[2], dev[1], bits, out=out) is out  # added in place
     _close(out, (base.double() + up).to(dtype), dtype)
 
 
 @needs_kernel
 def test_the_kernels_refuse_mismatched_shapes() -> None:
     x, a = torch.zeros(4, 16, device=DEVICE), torch.zeros(2, 15, device=DEVICE)
+    bits = torch.zeros(4, 2, dtype=torch.uint8, device=DEVICE)
     with pytest.raises(ValueError, match=r"lora_a must be 2-D with 16 columns, got \(2, 15\)"):
         dropout_down(x, a, _seed(1), 0.1)
     with pytest.raises(ValueError, match=r"g and x must have the same rows, got \(3, 2\) and \(4, 16\)"):
-        dropout_grad_a(torch.zeros(3, 2, device=DEVICE), x, _seed(1), 0.1, 1.0)
+        dropout_grad_a(torch.zeros(3, 2, device=DEVICE), x, bits, 1.0)
+    with pytest.raises(ValueError, match=r"bits must be contiguous uint8 \[4, 2\], got torch.uint8 \(4, 1\)"):
+        dropout_grad_a(torch.zeros(4, 2, device=DEVICE), x, bits[:, :1], 1.0)
     with pytest.raises(ValueError, match=r"out must be \[4, 15\]"):
-        dropout_up(torch.zeros(4, 2, device=DEVICE), a, _seed(1), 0.1, out=x)
+        dropout_up(torch.zeros(4, 2, device=DEVICE), a, bits, out=x)
 
 
 def _layer_inputs(dtype: torch.dtype = torch.float64):
@@ -182,8 +190,9 @@ def test_the_operators_with_the_seed_pass_torch_library_checks() -> None:
         (leaves[0], weight, None, leaves[1], leaves[2], 2.0, 0.3, True, False, None, None, None, None, True),
         test_utils=checks,
     )
+    bits = torch.randint(0, 256, (150, 5), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).to(DEVICE)
     for needs_x in (True, False):
         torch.library.opcheck(
             torch.ops.tnlora.lora_linear_backward.default,
-            (dy, weight, lora_a, lora_b, x, x @ lora_a.t(), _seed(5), 2.0, 0.3, needs_x, False, *[None] * 5, True),
+            (dy, weight, lora_a, lora_b, x, x @ lora_a.t(), bits, 2.0, 0.3, needs_x, False, *[None] * 5, True),
         )

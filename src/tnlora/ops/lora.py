@@ -28,8 +28,9 @@ layer's last projection (TNL's GLU output ``l3``) feeds nothing the backward rea
 frozen GEMM is a fifth of the recomputed layer's GEMM work (7B: 45.1 M of 219 M frozen weights; 1B: 11.5 of
 55.6 M), and the backward needs none of it (its own input gradient is dy W, from the frozen weight alone).
 
-With dropout on CUDA the mask is drawn inside Triton kernels from a seed (:mod:`tnlora.ops.lora_dropout`): the
-dropped input is neither written nor kept for the backward, which reads x itself (``dropout_kernel``).
+With dropout on CUDA the mask is drawn inside a Triton kernel from a seed and kept as bits
+(:mod:`tnlora.ops.lora_dropout`): the dropped input is neither written nor kept for the backward, which reads x
+itself (``dropout_kernel``).
 
 With ``weight_fp8`` (``fp8: true``) the two frozen GEMMs run on fp8 operands (:mod:`tnlora.ops.fp8`).
 ``torch._scaled_mm`` takes no output to accumulate into, so the adapter's part is added to its result afterwards:
@@ -161,15 +162,15 @@ def _forward_gemms(
     x_fp8: tuple[Tensor, Tensor] | None = None, seeded: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(y, s · h, drop(x), kept-mask or None without dropout) for x [T, in] and the weights in one compute dtype
-    (``seeded``: x itself and the mask's seed, :mod:`tnlora.ops.lora_dropout`):
+    (``seeded``: x itself and the mask's bits, :mod:`tnlora.ops.lora_dropout`):
     with h = drop(x) Aᵀ, y = s · h Bᵀ (+ b) is written first, then the frozen GEMM adds x Wᵀ to it (β = 1).
     Without ``output_needed`` y is left uncomputed (:func:`lora_linear`). With ``weight_q`` the frozen GEMM is
     the fp8 one (:func:`tnlora.ops.fp8.fp8_linear`; x quantized there, or given so in ``x_fp8``), which has no
     β = 1 form: s · h Bᵀ is added to its result."""
     if p > 0.0 and seeded:
-        # the mask drawn inside the kernel, from a seed; x is read once and the backward reads x again
-        xd, mask = x, draw_seed(x.device)
-        hs = dropout_down(x, lora_a * (scaling / (1.0 - p)), mask, p)
+        # the mask drawn inside the kernel from a seed and kept as bits; the backward reads x again
+        xd = x
+        hs, mask = dropout_down(x, lora_a * (scaling / (1.0 - p)), draw_seed(x.device), p)
     else:
         if p > 0.0:
             # F.dropout's own kernel and draw (one pass; the kept-mask comes back for the backward)
@@ -206,14 +207,14 @@ def _backward_gemms(
     dB = dyᵀ hs. With ``one_read`` g and dB come from one pass over dy (:func:`lora_dy_products`). With
     ``weight_q`` dy W is the fp8 GEMM (:func:`tnlora.ops.fp8.fp8_linear_input_grad`, its operands made there or
     given in ``fp8_operands``) and the adapter's part is added to it. ``seeded``: ``xd`` is x itself and ``mask``
-    the seed the forward drew (:mod:`tnlora.ops.lora_dropout`)."""
+    the bits of the mask the forward drew (:mod:`tnlora.ops.lora_dropout`)."""
     if needs[2]:
         g, grad_b = (lora_dy_products if one_read else lora_dy_products_reference)(dy, lora_b, hs)
     else:
         g, grad_b = dy @ lora_b, None  # g [T, r]: the gradient reaching h, before the scaling
     if seeded and mask is not None:
         grad_x, grad_a = _backward_seeded(
-            dy, weight, lora_a, g, xd, mask, scaling / (1.0 - p), p, needs, weight_q, weight_scale, fp8_operands
+            dy, weight, lora_a, g, xd, mask, scaling / (1.0 - p), needs, weight_q, weight_scale, fp8_operands
         )
         return grad_x, grad_a, grad_b
     grad_a = (g.t() @ xd).mul_(scaling) if needs[1] else None
@@ -234,21 +235,21 @@ def _backward_gemms(
 
 
 def _backward_seeded(
-    dy: Tensor, weight: Tensor, lora_a: Tensor, g: Tensor, x: Tensor, seed: Tensor, coef: float, p: float,
+    dy: Tensor, weight: Tensor, lora_a: Tensor, g: Tensor, x: Tensor, bits: Tensor, coef: float,
     needs: tuple[bool, bool, bool], weight_q: Tensor | None, weight_scale: Tensor | None,
     fp8_operands: tuple[Tensor, Tensor, Tensor] | None,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """(dx, dA) of :func:`_backward_gemms` with the mask drawn from ``seed`` in the kernels, ``coef`` = s / (1 − p):
+    """(dx, dA) of :func:`_backward_gemms` with the mask's ``bits`` read in the kernels, ``coef`` = s / (1 − p):
     dA = coef · gᵀ (x ⊙ keep); dx = coef · (g A) ⊙ keep written first, then dy W added (β = 1), or added in place
     to the fp8 GEMM's dy W."""
-    grad_a = dropout_grad_a(g, x, seed, p, coef) if needs[1] else None
+    grad_a = dropout_grad_a(g, x, bits, coef) if needs[1] else None
     if not needs[0]:
         return None, grad_a
     scaled_a = lora_a * coef
     if weight_q is not None:
         grad_x = fp8_linear_input_grad(dy, weight_q, weight_scale, dy.dtype, fp8_operands)
-        return dropout_up(g, scaled_a, seed, p, out=grad_x), grad_a
-    return dropout_up(g, scaled_a, seed, p).addmm_(dy, weight), grad_a
+        return dropout_up(g, scaled_a, bits, out=grad_x), grad_a
+    return dropout_up(g, scaled_a, bits).addmm_(dy, weight), grad_a
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -295,7 +296,7 @@ def _lora_linear_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, s · h, drop(x), kept-mask) for x [T, in] and the weights in one dtype; without dropout the last two are
     empty (an operator's outputs may not alias its inputs); ``seeded``: drop(x) empty (the backward reads x) and
-    the mask's seed (int64 [1]). ``one_read`` is for the backward; with ``weight_q`` the frozen GEMM is fp8, x
+    the mask's bits (uint8 [T, ⌈in/8⌉]). ``one_read`` is for the backward; with ``weight_q`` the frozen GEMM is fp8, x
     quantized as ``x_q``, ``x_scale`` (or here, without them)."""
     x_fp8 = (x_q, x_scale) if x_q is not None else None
     y, hs, xd, mask = _forward_gemms(
@@ -315,7 +316,10 @@ def _lora_linear_op_fake(
 ):
     rows, width = x.shape
     kept = rows if p > 0.0 and not seeded else 0
-    mask = x.new_empty((1,), dtype=torch.int64) if p > 0.0 and seeded else x.new_empty((kept, width), dtype=torch.bool)
+    if p > 0.0 and seeded:
+        mask = x.new_empty((rows, -(-width // 8)), dtype=torch.uint8)
+    else:
+        mask = x.new_empty((kept, width), dtype=torch.bool)
     return (x.new_empty((rows, weight.shape[0])), x.new_empty((rows, lora_a.shape[0])), x.new_empty((kept, width)), mask)
 
 
@@ -327,7 +331,7 @@ def _lora_linear_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB) as _LoraLinear's backward computes them; dx is empty unless ``needs_x``. With ``weight_q`` the
     input gradient's frozen GEMM is fp8, on ``dy_q``, ``dy_scale``, ``weight_t`` (or operands made here);
-    ``seeded``: ``xd`` is x and ``mask`` the seed."""
+    ``seeded``: ``xd`` is x and ``mask`` the mask's bits."""
     operands = (dy_q, dy_scale, weight_t) if dy_q is not None else None
     grad_x, grad_a, grad_b = _backward_gemms(
         dy, weight, lora_a, lora_b, xd, hs, mask if p > 0.0 else None, scaling, p, (needs_x, True, True), one_read,

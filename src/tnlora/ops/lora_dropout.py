@@ -5,12 +5,15 @@ the adapter's GEMM reads drop(x) again, the backward reads it for dA and passes 
 kernel: about 10 bytes an element of every adapted layer's input beyond the products themselves (at 7B, 8 × 1,024
 tokens, ~5 % of a training step), and the dropped inputs stay in memory until the backward. Here one seed a
 layer call (an int64 tensor drawn from PyTorch's generator on the input's device, so a checkpointed recompute
-that restores the random state draws it again) defines the mask, and three Triton kernels regenerate it tile by
-tile where they need it:
+that restores the random state draws it again) defines the mask, which the forward's kernel draws tile by tile
+and keeps as bits (one byte a group of 8 columns: 1/16 of x's bf16 bytes) for the backward's two:
 
-- :func:`dropout_down`: h = (x ⊙ keep) Aᵀ, reading x once (the forward);
-- :func:`dropout_grad_a`: gᵀ (x ⊙ keep), reading x once (the backward's dA);
+- :func:`dropout_down`: h = (x ⊙ keep) Aᵀ, reading x once, and the mask's bits (the forward);
+- :func:`dropout_grad_a`: gᵀ (x ⊙ keep), reading x and the bits once (the backward's dA);
 - :func:`dropout_up`: (g A) ⊙ keep, written once or added to a tensor in place (the backward's share of dx).
+
+Drawing the mask again in each backward kernel instead of reading bits made those kernels slower than PyTorch's
+(Philox's integer work at every element, three times; benchmarks/RESULTS.md).
 
 The mask (:func:`keep_mask_reference`, and :func:`keep_mask` from the kernels' own generator): element (t, c) of a
 [T, K] input is kept where the 16-bit half c mod 2 of word (c mod 8) // 2 of Philox4x32-10(key = seed, counter =
@@ -122,20 +125,31 @@ def _rows(t: Tensor, name: str, width: int | None = None) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def unpack_keep(bits: Tensor, cols: int) -> Tensor:
+    """The kept-mask [T, cols] (bool) of its bits [T, ⌈cols/8⌉] (uint8; bit s of byte j: column 8j + s)."""
+    shifts = torch.arange(8, device=bits.device, dtype=torch.int32)
+    kept = (bits.to(torch.int32)[:, :, None] >> shifts) & 1
+    return kept.reshape(bits.shape[0], -1)[:, :cols].bool()
+
+
 def keep_mask(seed: Tensor, rows: int, cols: int, p: float, launch: Launch = Launch()) -> Tensor:
     """The kept-mask ([rows, cols] bool, on ``seed``'s device) from the kernels' generator."""
-    from tnlora.ops.lora_dropout_triton import keep_mask_kernel
+    from tnlora.ops.lora_dropout_triton import keep_bits_kernel
 
-    out = torch.empty((rows, cols), dtype=torch.int8, device=seed.device)
+    groups = -(-cols // 8)
+    bits = torch.empty((rows, groups), dtype=torch.uint8, device=seed.device)
     grid = (-(-rows // launch.block_t), -(-cols // launch.block_k))
-    keep_mask_kernel[grid](
-        seed, out, rows, cols, -(-cols // 8), keep_threshold(p), BLOCK_T=launch.block_t, BLOCK_K=launch.block_k
+    keep_bits_kernel[grid](
+        seed, bits, rows, groups, keep_threshold(p), BLOCK_T=launch.block_t, BLOCK_K=launch.block_k
     )
-    return out.bool()
+    return unpack_keep(bits, cols)
 
 
-def dropout_down(x: Tensor, lora_a: Tensor, seed: Tensor, p: float, launch: Launch = Launch()) -> Tensor:
-    """(x ⊙ keep) Aᵀ [T, r] for x [T, K], A [r, K] (scale folded into A by the caller), in x's dtype."""
+def dropout_down(
+    x: Tensor, lora_a: Tensor, seed: Tensor, p: float, launch: Launch = Launch()
+) -> tuple[Tensor, Tensor]:
+    """((x ⊙ keep) Aᵀ [T, r] in x's dtype, the mask's bits [T, ⌈K/8⌉] uint8) for x [T, K], A [r, K] (scale
+    folded into A by the caller)."""
     from tnlora.ops.lora_dropout_triton import dropout_down_kernel
 
     x = _rows(x, "x")
@@ -147,16 +161,24 @@ def dropout_down(x: Tensor, lora_a: Tensor, seed: Tensor, p: float, launch: Laun
     span = _grid_span(cols, block_k, row_programs, _processors(x), max(block_k, 1 << (cols - 1).bit_length()))
     splits = -(-cols // span)
     part = torch.empty((splits, rows, rank), dtype=_acc_dtype(x), device=x.device)
+    bits = torch.empty((rows, -(-cols // 8)), dtype=torch.uint8, device=x.device)
     dropout_down_kernel[(row_programs, splits)](
-        x, lora_a, part, seed, rows, cols, rank, x.stride(0), lora_a.stride(0), -(-cols // 8), keep_threshold(p),
+        x, lora_a, part, bits, seed, rows, cols, rank, x.stride(0), lora_a.stride(0), -(-cols // 8), keep_threshold(p),
         COLS_PER_PROGRAM=span, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_R=_rank_block(rank),
         FP64=x.dtype == torch.float64, num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
-    return (part[0] if splits == 1 else part.sum(0)).to(x.dtype)
+    return (part[0] if splits == 1 else part.sum(0)).to(x.dtype), bits
 
 
-def dropout_grad_a(g: Tensor, x: Tensor, seed: Tensor, p: float, scale: float, launch: Launch = Launch()) -> Tensor:
-    """``scale`` · gᵀ (x ⊙ keep) [r, K] for g [T, r], x [T, K], in x's dtype (summed in fp32, fp64 for fp64)."""
+def _bits_of(bits: Tensor, rows: int, cols: int) -> Tensor:
+    if bits.dtype != torch.uint8 or tuple(bits.shape) != (rows, -(-cols // 8)) or not bits.is_contiguous():
+        raise ValueError(f"bits must be contiguous uint8 [{rows}, {-(-cols // 8)}], got {bits.dtype} {tuple(bits.shape)}")
+    return bits
+
+
+def dropout_grad_a(g: Tensor, x: Tensor, bits: Tensor, scale: float, launch: Launch = Launch()) -> Tensor:
+    """``scale`` · gᵀ (x ⊙ keep) [r, K] for g [T, r], x [T, K] and the mask's ``bits`` (:func:`dropout_down`), in
+    x's dtype (summed in fp32, fp64 for fp64)."""
     from tnlora.ops.lora_dropout_triton import dropout_grad_a_kernel
 
     x = _rows(x, "x")
@@ -165,24 +187,25 @@ def dropout_grad_a(g: Tensor, x: Tensor, seed: Tensor, p: float, scale: float, l
     if g.shape[0] != rows:
         raise ValueError(f"g and x must have the same rows, got {tuple(g.shape)} and {tuple(x.shape)}")
     rank = g.shape[1]
+    bits = _bits_of(bits, rows, cols)
     block_t, block_k = launch.block_t, launch.block_k
     col_programs = -(-cols // block_k)
     span = _grid_span(rows, block_t, col_programs, _processors(x), max(block_t, 4096))
     row_programs = -(-rows // span)
     part = torch.empty((row_programs, rank, cols), dtype=_acc_dtype(x), device=x.device)
     dropout_grad_a_kernel[(col_programs, row_programs)](
-        g, x, part, seed, rows, cols, rank, g.stride(0), x.stride(0), -(-cols // 8), keep_threshold(p),
-        ROWS_PER_PROGRAM=span, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_R=_rank_block(rank),
+        g, x, part, bits, rows, cols, rank, g.stride(0), x.stride(0), -(-cols // 8), ROWS_PER_PROGRAM=span, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_R=_rank_block(rank),
         FP64=x.dtype == torch.float64, num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
     return (part[0] if row_programs == 1 else part.sum(0)).mul_(scale).to(x.dtype)
 
 
 def dropout_up(
-    g: Tensor, lora_a: Tensor, seed: Tensor, p: float, out: Tensor | None = None, launch: Launch = Launch()
+    g: Tensor, lora_a: Tensor, bits: Tensor, out: Tensor | None = None, launch: Launch = Launch()
 ) -> Tensor:
-    """(g A) ⊙ keep [T, K] for g [T, r], A [r, K] (scale folded into A by the caller): a new tensor in g's dtype,
-    or added to ``out`` in place (one rounding of the sum) and ``out`` returned."""
+    """(g A) ⊙ keep [T, K] for g [T, r], A [r, K] (scale folded into A by the caller) and the mask's ``bits``
+    (:func:`dropout_down`): a new tensor in g's dtype, or added to ``out`` in place (one rounding of the sum) and
+    ``out`` returned."""
     from tnlora.ops.lora_dropout_triton import dropout_up_kernel
 
     g = _rows(g, "g")
@@ -191,6 +214,7 @@ def dropout_up(
     if lora_a.shape[0] != rank:
         raise ValueError(f"g has rank {rank}, lora_a {tuple(lora_a.shape)}")
     cols = lora_a.shape[1]
+    bits = _bits_of(bits, rows, cols)
     accumulate = out is not None
     if out is None:
         out = torch.empty((rows, cols), dtype=g.dtype, device=g.device)
@@ -198,8 +222,8 @@ def dropout_up(
         raise ValueError(f"out must be [{rows}, {cols}] with unit column stride, got {tuple(out.shape)}")
     grid = (-(-rows // launch.block_t), -(-cols // launch.block_k))
     dropout_up_kernel[grid](
-        g, lora_a, out, seed, rows, cols, rank, g.stride(0), lora_a.stride(0), out.stride(0), -(-cols // 8),
-        keep_threshold(p), ACCUMULATE=accumulate, BLOCK_T=launch.block_t, BLOCK_K=launch.block_k,
+        g, lora_a, out, bits, rows, cols, rank, g.stride(0), lora_a.stride(0), out.stride(0), -(-cols // 8),
+        ACCUMULATE=accumulate, BLOCK_T=launch.block_t, BLOCK_K=launch.block_k,
         BLOCK_R=_rank_block(rank), FP64=g.dtype == torch.float64, num_warps=launch.num_warps,
         num_stages=launch.num_stages,
     )  # fmt: skip
@@ -215,4 +239,5 @@ __all__ = [
     "keep_mask",
     "keep_mask_reference",
     "keep_threshold",
+    "unpack_keep",
 ]
