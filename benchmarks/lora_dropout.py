@@ -2,9 +2,9 @@
 before ``tnlora.ops.lora_dropout``) against the kernels that draw the mask from a seed.
 
 Each row: one adapted input width at a micro-batch's tokens, rank 8, p = 0.1; milliseconds of the forward
-(PyTorch: the dropout kernel writing drop(x) and its mask, then drop(x) (s Aᵀ); the kernels: (x ⊙ keep) Aᵀ in one
-read of x) and of the backward's two products that see the mask (PyTorch: dA = gᵀ drop(x), and dx's share, g A
-through the mask; the kernels: gᵀ (x ⊙ keep) and (g A) ⊙ keep on the forward's bits), x's bytes ÷ time, and the kernels' largest error
+(PyTorch: the dropout kernel writing drop(x) and its mask, then drop(x) (s Aᵀ); the kernels: the byte mask drawn
+by ``bernoulli_``, then (x ⊙ keep) Aᵀ in one read of x and the mask) and of the backward's two products that see the mask (PyTorch: dA = gᵀ drop(x), and dx's share, g A
+through the mask; the kernels: gᵀ (x ⊙ keep) and (g A) ⊙ keep), x's bytes ÷ time, and the kernels' largest error
 against an fp32 composition on their own mask, relative to its largest value.
 
     python3 benchmarks/lora_dropout.py [--shapes 1B:32768,7B:8192] [--sweep]    # on a GPU
@@ -22,7 +22,7 @@ import statistics
 import torch
 
 from tnlora.bench.common import cuda_seconds, environment_line
-from tnlora.ops.lora_dropout import Launch, draw_seed, dropout_down, dropout_grad_a, dropout_up, keep_mask
+from tnlora.ops.lora_dropout import Launch, draw_keep, dropout_down, dropout_grad_a, dropout_up
 
 # The adapted layers' input widths (in_features): qkvu, out_proj, l1 and l2 read the model width, l3 the GLU's.
 INPUTS = {"7B": [("qkvu/out_proj/l1/l2", 4096), ("l3", 11008)], "1B": [("qkvu/out_proj/l1/l2", 2048), ("l3", 5632)]}
@@ -30,7 +30,7 @@ P, SCALE, RANK = 0.1, 4.0, 8
 COEF = SCALE / (1 - P)
 
 
-def torch_forward(x, a, _seed):
+def torch_forward(x, a):
     xd, mask = torch.ops.aten.native_dropout(x, P, True)
     return xd @ (a.t() * SCALE), xd, mask
 
@@ -39,12 +39,13 @@ def torch_backward(g, a, xd, mask):
     return (g.t() @ xd).mul_(SCALE), torch.ops.aten.native_dropout_backward(g @ a, mask, COEF)
 
 
-def kernel_forward(x, a, seed):
-    return dropout_down(x, a * COEF, seed, P)
+def kernel_forward(x, a):
+    keep = draw_keep(x, P)
+    return dropout_down(x, keep, a * COEF), keep
 
 
-def kernel_backward(g, a, x, bits):
-    return dropout_grad_a(g, x, bits, COEF), dropout_up(g, a * COEF, bits)
+def kernel_backward(g, a, x, keep):
+    return dropout_grad_a(g, x, keep, COEF), dropout_up(g, a * COEF, keep)
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -53,13 +54,13 @@ def median_ms(fn, repeats: int) -> float:
     return statistics.median(cuda_seconds(fn, repeats)) * 1e3
 
 
-def errors(x, a, g, seed) -> str:
+def errors(x, a, g) -> str:
     """The kernels' largest errors (h, dA, dx) against the fp32 composition on the kernels' mask."""
-    kept = keep_mask(seed, *x.shape, P).float()
+    h, keep = kernel_forward(x, a)
+    kept = keep.float()
     xd = x.float() * kept
     want = (xd @ a.float().t() * COEF, COEF * g.float().t() @ xd, (g.float() @ a.float()) * kept * COEF)
-    h, bits = kernel_forward(x, a, seed)
-    got = (h, *kernel_backward(g, a, x, bits))
+    got = (h, *kernel_backward(g, a, x, keep))
     return " / ".join(f"{((u.float() - w).abs().max() / w.abs().max()).item():.1e}" for u, w in zip(got, want, strict=True))
 
 
@@ -94,27 +95,26 @@ def measure(label: str, tokens: int, width: int, args: argparse.Namespace, total
     x = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16, generator=gen)
     a = torch.randn(RANK, width, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
     g = torch.randn(tokens, RANK, device="cuda", dtype=torch.bfloat16, generator=gen)
-    seed = draw_seed("cuda")
-    _, xd, mask = torch_forward(x, a, seed)
-    _, bits = kernel_forward(x, a, seed)
+    _, xd, mask = torch_forward(x, a)
+    _, keep = kernel_forward(x, a)
     gb = x.numel() * x.element_size() / 1e9
-    tf = median_ms(lambda: torch_forward(x, a, seed), args.repeats)
-    kf = median_ms(lambda: kernel_forward(x, a, seed), args.repeats)
+    tf = median_ms(lambda: torch_forward(x, a), args.repeats)
+    kf = median_ms(lambda: kernel_forward(x, a), args.repeats)
     tb = median_ms(lambda: torch_backward(g, a, xd, mask), args.repeats)
-    kb = median_ms(lambda: kernel_backward(g, a, x, bits), args.repeats)
+    kb = median_ms(lambda: kernel_backward(g, a, x, keep), args.repeats)
     print(f"{label} {tf:.3f} ({gb / tf * 1e3:,.0f}) | {kf:.3f} ({gb / kf * 1e3:,.0f}) | {tb:.3f} | {kb:.3f} | "
-          f"{errors(x, a, g, seed)} |", flush=True)  # fmt: skip
+          f"{errors(x, a, g)} |", flush=True)  # fmt: skip
     if args.sweep:
-        sweep(x, a, g, seed, bits, args.repeats, totals)
+        sweep(x, a, g, keep, args.repeats, totals)
 
 
-def sweep(x, a, g, seed, bits, repeats: int, totals: dict) -> None:
+def sweep(x, a, g, keep, repeats: int, totals: dict) -> None:
     """Each kernel alone at every launch of the grid; summed ms a launch and kernel into ``totals``."""
     scaled = a * COEF
     kernels = {
-        "down": lambda launch: dropout_down(x, scaled, seed, P, launch),
-        "grad_a": lambda launch: dropout_grad_a(g, x, bits, COEF, launch),
-        "up": lambda launch: dropout_up(g, scaled, bits, launch=launch),
+        "down": lambda launch: dropout_down(x, keep, scaled, launch),
+        "grad_a": lambda launch: dropout_grad_a(g, x, keep, COEF, launch),
+        "up": lambda launch: dropout_up(g, scaled, keep, launch=launch),
     }
     for (kernel, fn), (block_t, block_k, warps, stages) in itertools.product(
         kernels.items(), itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (3,))

@@ -28,7 +28,7 @@ layer's last projection (TNL's GLU output ``l3``) feeds nothing the backward rea
 frozen GEMM is a fifth of the recomputed layer's GEMM work (7B: 45.1 M of 219 M frozen weights; 1B: 11.5 of
 55.6 M), and the backward needs none of it (its own input gradient is dy W, from the frozen weight alone).
 
-With dropout on CUDA the mask is drawn inside a Triton kernel from a seed and kept as bits
+With dropout on CUDA the mask is one byte an element, applied inside Triton kernels where x is read
 (:mod:`tnlora.ops.lora_dropout`): the dropped input is neither written nor kept for the backward, which reads x
 itself (``dropout_kernel``).
 
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tnlora.ops.fp8 import fp8_input_grad_operands, fp8_linear, fp8_linear_input_grad, quantize_rows_reference
-from tnlora.ops.lora_dropout import draw_seed, dropout_down, dropout_grad_a, dropout_up
+from tnlora.ops.lora_dropout import draw_keep, dropout_down, dropout_grad_a, dropout_up
 from tnlora.ops.lora_grad import lora_dy_products, lora_dy_products_reference
 
 
@@ -95,25 +95,25 @@ def lora_linear(
     from ``LORA_GRAD_MIN_ROWS`` rows of x, "torch": always the two GEMMs. ``weight_fp8`` (the fused form): the
     frozen weight as :func:`tnlora.ops.fp8.quantize_weight` returns it, so the frozen GEMMs (x Wᵀ and dy W) run
     in fp8 with x and dy quantized per token; the adapter's products and gradients are unchanged.
-    ``dropout_kernel="triton"`` (the fused form, dropout in training): the mask is drawn inside Triton kernels from
-    a seed (:mod:`tnlora.ops.lora_dropout`), so the dropped input is neither written nor kept; "auto" (the
-    default): so on CUDA tensors where triton imports; "torch": PyTorch's dropout."""
+    ``dropout_kernel="triton"`` (the fused form, dropout in training): a byte mask applied inside Triton kernels
+    (:mod:`tnlora.ops.lora_dropout`), so the dropped input is neither written nor kept; "auto" (the default): so on
+    CUDA tensors where triton imports; "torch": PyTorch's dropout."""
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         if weight_fp8 is not None:
             raise ValueError("lora_linear: an fp8 copy of the base weight is for a frozen weight only")
         return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout, training)
     p = dropout if training else 0.0
     one_read = reads_dy_once(grad_kernel, x.numel() // max(1, x.shape[-1]), x.is_cuda)
-    seeded = p > 0.0 and seeds_dropout(dropout_kernel, x.is_cuda)
+    byte_mask = p > 0.0 and dropout_in_kernels(dropout_kernel, x.is_cuda)
     weight_q, weight_scale = weight_fp8 if weight_fp8 is not None else (None, None)
     if torch.compiler.is_compiling():
         if not compiled_op and weight_fp8 is None:
             return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout, training)
         return _lora_linear_op_call(
-            x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale, seeded
+            x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale, byte_mask
         )
     return _LoraLinear.apply(
-        x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale, seeded
+        x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale, byte_mask
     )
 
 
@@ -125,8 +125,8 @@ def reads_dy_once(grad_kernel: str, rows: int, cuda: bool) -> bool:
     return cuda and (grad_kernel == "triton" or (grad_kernel == "auto" and rows >= LORA_GRAD_MIN_ROWS))
 
 
-def seeds_dropout(dropout_kernel: str, cuda: bool) -> bool:
-    """Whether a fused LoRA layer's dropout draws its mask inside the kernels of :mod:`tnlora.ops.lora_dropout`
+def dropout_in_kernels(dropout_kernel: str, cuda: bool) -> bool:
+    """Whether a fused LoRA layer's dropout runs in the kernels of :mod:`tnlora.ops.lora_dropout`
     (:func:`lora_linear`'s ``dropout_kernel``; "triton" on any device: CPU tensors under Triton's interpreter)."""
     if dropout_kernel not in ("auto", "torch", "triton"):
         raise ValueError(f"dropout_kernel must be 'auto', 'torch' or 'triton', got {dropout_kernel!r}")
@@ -159,18 +159,18 @@ def _in_compute_dtype(
 def _forward_gemms(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, p: float,
     output_needed: bool, weight_q: Tensor | None = None, weight_scale: Tensor | None = None,
-    x_fp8: tuple[Tensor, Tensor] | None = None, seeded: bool = False,
+    x_fp8: tuple[Tensor, Tensor] | None = None, byte_mask: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(y, s · h, drop(x), kept-mask or None without dropout) for x [T, in] and the weights in one compute dtype
-    (``seeded``: x itself and the mask's bits, :mod:`tnlora.ops.lora_dropout`):
+    (``byte_mask``: x itself and a uint8 mask, :mod:`tnlora.ops.lora_dropout`):
     with h = drop(x) Aᵀ, y = s · h Bᵀ (+ b) is written first, then the frozen GEMM adds x Wᵀ to it (β = 1).
     Without ``output_needed`` y is left uncomputed (:func:`lora_linear`). With ``weight_q`` the frozen GEMM is
     the fp8 one (:func:`tnlora.ops.fp8.fp8_linear`; x quantized there, or given so in ``x_fp8``), which has no
     β = 1 form: s · h Bᵀ is added to its result."""
-    if p > 0.0 and seeded:
-        # the mask drawn inside the kernel from a seed and kept as bits; the backward reads x again
-        xd = x
-        hs, mask = dropout_down(x, lora_a * (scaling / (1.0 - p)), draw_seed(x.device), p)
+    if p > 0.0 and byte_mask:
+        # a byte mask applied where the kernels read x: drop(x) is never written, the backward reads x again
+        xd, mask = x, draw_keep(x, p)
+        hs = dropout_down(x, mask, lora_a * (scaling / (1.0 - p)))
     else:
         if p > 0.0:
             # F.dropout's own kernel and draw (one pass; the kept-mask comes back for the backward)
@@ -200,19 +200,19 @@ def _backward_gemms(
     dy: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xd: Tensor, hs: Tensor, mask: Tensor | None,
     scaling: float, p: float, needs: tuple[bool, bool, bool], one_read: bool = False,
     weight_q: Tensor | None = None, weight_scale: Tensor | None = None,
-    fp8_operands: tuple[Tensor, Tensor, Tensor] | None = None, seeded: bool = False,
+    fp8_operands: tuple[Tensor, Tensor, Tensor] | None = None, byte_mask: bool = False,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(dx, dA, dB) in the compute dtype, each only where ``needs`` (x, A, B) asks for it, with hs = s · h:
     g = dy B; dx = s · (g A) ⊙ mask, then dx += dy W in the large GEMM (β = 1); dA = s · gᵀ drop(x);
     dB = dyᵀ hs. With ``one_read`` g and dB come from one pass over dy (:func:`lora_dy_products`). With
     ``weight_q`` dy W is the fp8 GEMM (:func:`tnlora.ops.fp8.fp8_linear_input_grad`, its operands made there or
-    given in ``fp8_operands``) and the adapter's part is added to it. ``seeded``: ``xd`` is x itself and ``mask``
-    the bits of the mask the forward drew (:mod:`tnlora.ops.lora_dropout`)."""
+    given in ``fp8_operands``) and the adapter's part is added to it. ``byte_mask``: ``xd`` is x itself and ``mask``
+    the uint8 mask the forward drew (:mod:`tnlora.ops.lora_dropout`)."""
     if needs[2]:
         g, grad_b = (lora_dy_products if one_read else lora_dy_products_reference)(dy, lora_b, hs)
     else:
         g, grad_b = dy @ lora_b, None  # g [T, r]: the gradient reaching h, before the scaling
-    if seeded and mask is not None:
+    if byte_mask and mask is not None:
         grad_x, grad_a = _backward_seeded(
             dy, weight, lora_a, g, xd, mask, scaling / (1.0 - p), needs, weight_q, weight_scale, fp8_operands
         )
@@ -235,21 +235,21 @@ def _backward_gemms(
 
 
 def _backward_seeded(
-    dy: Tensor, weight: Tensor, lora_a: Tensor, g: Tensor, x: Tensor, bits: Tensor, coef: float,
+    dy: Tensor, weight: Tensor, lora_a: Tensor, g: Tensor, x: Tensor, keep: Tensor, coef: float,
     needs: tuple[bool, bool, bool], weight_q: Tensor | None, weight_scale: Tensor | None,
     fp8_operands: tuple[Tensor, Tensor, Tensor] | None,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """(dx, dA) of :func:`_backward_gemms` with the mask's ``bits`` read in the kernels, ``coef`` = s / (1 − p):
+    """(dx, dA) of :func:`_backward_gemms` with the mask ``keep`` read in the kernels, ``coef`` = s / (1 − p):
     dA = coef · gᵀ (x ⊙ keep); dx = coef · (g A) ⊙ keep written first, then dy W added (β = 1), or added in place
     to the fp8 GEMM's dy W."""
-    grad_a = dropout_grad_a(g, x, bits, coef) if needs[1] else None
+    grad_a = dropout_grad_a(g, x, keep, coef) if needs[1] else None
     if not needs[0]:
         return None, grad_a
     scaled_a = lora_a * coef
     if weight_q is not None:
         grad_x = fp8_linear_input_grad(dy, weight_q, weight_scale, dy.dtype, fp8_operands)
-        return dropout_up(g, scaled_a, bits, out=grad_x), grad_a
-    return dropout_up(g, scaled_a, bits).addmm_(dy, weight), grad_a
+        return dropout_up(g, scaled_a, keep, out=grad_x), grad_a
+    return dropout_up(g, scaled_a, keep).addmm_(dy, weight), grad_a
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -257,13 +257,13 @@ class _LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale, seeded
+        ctx, x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale, byte_mask
     ):
         operands = _in_compute_dtype(x, weight, bias, lora_a, lora_b)
-        y, hs, xd, mask = _forward_gemms(*operands, scaling, p, output_needed, weight_q, weight_scale, None, seeded)
+        y, hs, xd, mask = _forward_gemms(*operands, scaling, p, output_needed, weight_q, weight_scale, None, byte_mask)
         ctx.save_for_backward(weight, lora_a, lora_b, xd, hs, mask, weight_q, weight_scale)
         ctx.scaling, ctx.dtype, ctx.x_shape, ctx.x_dtype = scaling, y.dtype, x.shape, x.dtype
-        ctx.p, ctx.one_read, ctx.seeded = p, one_read, seeded
+        ctx.p, ctx.one_read, ctx.byte_mask = p, one_read, byte_mask
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -273,7 +273,7 @@ class _LoraLinear(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
         grad_x, grad_a, grad_b = _backward_gemms(
             dy.reshape(-1, dy.shape[-1]).to(dtype), weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype), xd, hs,
-            mask, ctx.scaling, ctx.p, needs, ctx.one_read, weight_q, weight_scale, None, ctx.seeded,
+            mask, ctx.scaling, ctx.p, needs, ctx.one_read, weight_q, weight_scale, None, ctx.byte_mask,
         )  # fmt: skip
         if grad_x is not None:
             grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
@@ -292,19 +292,19 @@ class _LoraLinear(torch.autograd.Function):
 def _lora_linear_op(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, p: float,
     output_needed: bool, one_read: bool, weight_q: Tensor | None, weight_scale: Tensor | None, x_q: Tensor | None,
-    x_scale: Tensor | None, seeded: bool,
+    x_scale: Tensor | None, byte_mask: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, s · h, drop(x), kept-mask) for x [T, in] and the weights in one dtype; without dropout the last two are
-    empty (an operator's outputs may not alias its inputs); ``seeded``: drop(x) empty (the backward reads x) and
-    the mask's bits (uint8 [T, ⌈in/8⌉]). ``one_read`` is for the backward; with ``weight_q`` the frozen GEMM is fp8, x
+    empty (an operator's outputs may not alias its inputs); ``byte_mask``: drop(x) empty (the backward reads x) and
+    the mask (uint8 [T, in]). ``one_read`` is for the backward; with ``weight_q`` the frozen GEMM is fp8, x
     quantized as ``x_q``, ``x_scale`` (or here, without them)."""
     x_fp8 = (x_q, x_scale) if x_q is not None else None
     y, hs, xd, mask = _forward_gemms(
-        x, weight, bias, lora_a, lora_b, scaling, p, output_needed, weight_q, weight_scale, x_fp8, seeded
+        x, weight, bias, lora_a, lora_b, scaling, p, output_needed, weight_q, weight_scale, x_fp8, byte_mask
     )
     if mask is None:
         return y, hs, x.new_empty((0, x.shape[1])), x.new_empty((0, x.shape[1]), dtype=torch.bool)
-    if seeded:
+    if byte_mask:
         return y, hs, x.new_empty((0, x.shape[1])), mask
     return y, hs, xd, mask
 
@@ -312,12 +312,12 @@ def _lora_linear_op(
 @_lora_linear_op.register_fake
 def _lora_linear_op_fake(
     x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale, x_q, x_scale,
-    seeded,
+    byte_mask,
 ):
     rows, width = x.shape
-    kept = rows if p > 0.0 and not seeded else 0
-    if p > 0.0 and seeded:
-        mask = x.new_empty((rows, -(-width // 8)), dtype=torch.uint8)
+    kept = rows if p > 0.0 and not byte_mask else 0
+    if p > 0.0 and byte_mask:
+        mask = x.new_empty((rows, width), dtype=torch.uint8)
     else:
         mask = x.new_empty((kept, width), dtype=torch.bool)
     return (x.new_empty((rows, weight.shape[0])), x.new_empty((rows, lora_a.shape[0])), x.new_empty((kept, width)), mask)
@@ -327,15 +327,15 @@ def _lora_linear_op_fake(
 def _lora_linear_backward_op(
     dy: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xd: Tensor, hs: Tensor, mask: Tensor,
     scaling: float, p: float, needs_x: bool, one_read: bool, weight_q: Tensor | None, weight_scale: Tensor | None,
-    dy_q: Tensor | None, dy_scale: Tensor | None, weight_t: Tensor | None, seeded: bool,
+    dy_q: Tensor | None, dy_scale: Tensor | None, weight_t: Tensor | None, byte_mask: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB) as _LoraLinear's backward computes them; dx is empty unless ``needs_x``. With ``weight_q`` the
     input gradient's frozen GEMM is fp8, on ``dy_q``, ``dy_scale``, ``weight_t`` (or operands made here);
-    ``seeded``: ``xd`` is x and ``mask`` the mask's bits."""
+    ``byte_mask``: ``xd`` is x and ``mask`` the uint8 mask."""
     operands = (dy_q, dy_scale, weight_t) if dy_q is not None else None
     grad_x, grad_a, grad_b = _backward_gemms(
         dy, weight, lora_a, lora_b, xd, hs, mask if p > 0.0 else None, scaling, p, (needs_x, True, True), one_read,
-        weight_q, weight_scale, operands, seeded,
+        weight_q, weight_scale, operands, byte_mask,
     )
     return (grad_x if grad_x is not None else dy.new_empty((0,))), grad_a, grad_b
 
@@ -343,19 +343,19 @@ def _lora_linear_backward_op(
 @_lora_linear_backward_op.register_fake
 def _lora_linear_backward_op_fake(
     dy, weight, lora_a, lora_b, xd, hs, mask, scaling, p, needs_x, one_read, weight_q, weight_scale, dy_q, dy_scale,
-    weight_t, seeded,
+    weight_t, byte_mask,
 ):
     grad_x = dy.new_empty((dy.shape[0], weight.shape[1])) if needs_x else dy.new_empty((0,))
     return grad_x, torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
 def _lora_linear_op_setup(ctx, inputs, output) -> None:
-    x, weight, _bias, lora_a, lora_b, scaling, p, _output_needed, one_read, weight_q, weight_scale, _xq, _xs, seeded = (
+    x, weight, _bias, lora_a, lora_b, scaling, p, _output_needed, one_read, weight_q, weight_scale, _xq, _xs, byte_mask = (
         inputs
     )
     _y, hs, xd, mask = output
-    ctx.save_for_backward(weight, lora_a, lora_b, xd if p > 0.0 and not seeded else x, hs, mask, weight_q, weight_scale)
-    ctx.scaling, ctx.p, ctx.one_read, ctx.seeded = scaling, p, one_read, seeded
+    ctx.save_for_backward(weight, lora_a, lora_b, xd if p > 0.0 and not byte_mask else x, hs, mask, weight_q, weight_scale)
+    ctx.scaling, ctx.p, ctx.one_read, ctx.byte_mask = scaling, p, one_read, byte_mask
 
 
 def _lora_linear_op_backward(ctx, dy, _dh, _dxd, _dmask):
@@ -368,7 +368,7 @@ def _lora_linear_op_backward(ctx, dy, _dh, _dxd, _dmask):
         operands = fp8_input_grad_operands(dy, weight_q, weight_scale, quantize_rows_reference)
     grad_x, grad_a, grad_b = torch.ops.tnlora.lora_linear_backward(
         dy, weight, lora_a, lora_b, xd, hs, mask, ctx.scaling, ctx.p, needs_x, ctx.one_read, weight_q, weight_scale,
-        *operands, ctx.seeded,
+        *operands, ctx.byte_mask,
     )  # fmt: skip
     return (grad_x if needs_x else None), None, None, grad_a, grad_b, *([None] * 9)
 
@@ -380,7 +380,7 @@ torch.library.register_autograd(
 
 def _lora_linear_op_call(
     x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q=None, weight_scale=None,
-    seeded=False,
+    byte_mask=False,
 ) -> Tensor:
     """lora_linear through the custom operators: inputs cast to the compute dtype, rows flattened; with an fp8
     base, x quantized here, in the traced graph, where Inductor fuses it with x's producer (a norm)."""
@@ -389,7 +389,7 @@ def _lora_linear_op_call(
     if weight_q is not None and output_needed:
         x_fp8 = quantize_rows_reference(operands[0])
     y = torch.ops.tnlora.lora_linear(
-        *operands, scaling, p, output_needed, one_read, weight_q, weight_scale, *x_fp8, seeded
+        *operands, scaling, p, output_needed, one_read, weight_q, weight_scale, *x_fp8, byte_mask
     )[0]
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
