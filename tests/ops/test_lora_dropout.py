@@ -40,12 +40,10 @@ def test_the_mask_is_a_byte_an_element_at_the_rate_asked() -> None:
         draw_keep(torch.empty(3, 5), 1.0)
 
 
-def test_the_dropout_kernels_are_chosen_on_cuda_where_triton_imports() -> None:
-    from tnlora.ops.select import triton_available
-
-    assert dropout_in_kernels("auto", cuda=True) == triton_available()
-    assert not dropout_in_kernels("auto", cuda=False) and not dropout_in_kernels("torch", cuda=True)
-    assert dropout_in_kernels("triton", cuda=False)
+def test_the_dropout_kernels_run_only_when_asked_for() -> None:
+    # opt-in until they win on a GPU (benchmarks/RESULTS.md): "auto" is PyTorch's dropout
+    assert not dropout_in_kernels("auto", cuda=True) and not dropout_in_kernels("torch", cuda=True)
+    assert dropout_in_kernels("triton", cuda=False) and dropout_in_kernels("triton", cuda=True)
     with pytest.raises(ValueError, match="dropout_kernel must be"):
         dropout_in_kernels("cudnn", cuda=True)
 

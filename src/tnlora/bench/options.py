@@ -37,8 +37,8 @@ def train_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
                              "(triton, CUDA) or auto (the default: the one read from tnlora.ops.lora.LORA_GRAD_MIN_ROWS = "
                              "65,536 tokens a micro-batch)")
     parser.add_argument("--lora_dropout_kernel", default="auto", choices=["auto", "torch", "triton"],
-                        help="the fused LoRA layers' dropout (with lora_dropout > 0): PyTorch's (torch), the mask "
-                             "drawn inside Triton kernels from a seed (triton) or auto (the default: triton on CUDA)")
+                        help="the fused LoRA layers' dropout (with lora_dropout > 0): PyTorch's (torch, and auto, the "
+                             "default) or a byte mask applied inside Triton kernels (triton)")
     parser.add_argument("--gpu_memory_gib", type=float, default=0.0,
                         help="allocate at most this much GPU memory (the defaults size for it too): a smaller "
                              "card on this one, e.g. 79.6 for an 80 GB card")

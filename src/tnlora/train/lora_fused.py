@@ -32,9 +32,9 @@ class FusedLoraLinear(LoraLinear):
     # GEMMs; "auto" (the default): the one read from tnlora.ops.lora.LORA_GRAD_MIN_ROWS tokens a micro-batch.
     # `tnlora bench train --lora_grad_kernel` sets it.
     grad_kernel = "auto"
-    # "triton": LoRA's dropout mask drawn inside the adapter's kernels from a seed (tnlora.ops.lora_dropout: the
-    # dropped input neither written nor kept); "torch": PyTorch's dropout; "auto" (the default): triton on CUDA
-    # where triton imports. `tnlora bench train --lora_dropout_kernel` sets it.
+    # "triton": LoRA's dropout applied inside the adapter's kernels as a byte mask (tnlora.ops.lora_dropout: the
+    # dropped input neither written nor kept; opt-in until it wins on a GPU); "torch" and "auto" (the default):
+    # PyTorch's dropout. `tnlora bench train --lora_dropout_kernel` sets it.
     dropout_kernel = "auto"
     # False while a checkpointed layer recomputes this projection and reads none of its output (set by the
     # layer's recompute context, TransnormerDecoderLayer.recomputing): the frozen GEMM is left out.

@@ -22,9 +22,8 @@ from tnlora.config import RunConfig
 # linear layer, bf16, no checkpointing: fitted on measured peaks (benchmarks/RESULTS.md, "Memory estimate
 # against measured peaks") and rounded up, so that each estimate lies a little above its peak
 # (tests/train/test_memory.py holds those peaks). Compiled layers and eager ones with the Triton norms keep
-# about the same; LoRA dropout also keeps each adapted layer's dropped input and mask where PyTorch's dropout runs
-# (peft's layers, a quantized base, no triton; the fused layers' kernels keep only bits: tnlora.ops.lora_dropout,
-# measured at the dropout-free peak); the PyTorch norms (eager, no triton) keep an fp32 copy of each norm's input.
+# about the same; LoRA dropout also keeps each adapted layer's dropped input; the PyTorch norms (eager, no
+# triton) keep an fp32 copy of each norm's input.
 ACTIVATION_BYTES = 46
 ACTIVATION_BYTES_LORA_DROPOUT = 10
 ACTIVATION_BYTES_TORCH_NORMS = 12
@@ -149,11 +148,9 @@ def activation_bytes(config, cfg: RunConfig) -> int:
     """What autograd keeps for the backward of one micro-batch (``cfg`` resolved: the batch size is set)."""
     tokens = cfg.per_device_train_batch_size * cfg.cutoff_len
     per_unit = ACTIVATION_BYTES
-    from tnlora.ops import select
-
-    seeded = cfg.lora_kernel == "fused" and cfg.quantization_bit is None and select.triton_available()
-    if cfg.finetuning_type == "lora" and cfg.lora_dropout > 0 and not seeded:
+    if cfg.finetuning_type == "lora" and cfg.lora_dropout > 0:
         per_unit += ACTIVATION_BYTES_LORA_DROPOUT
+    from tnlora.ops import select
 
     if not cfg.torch_compile and not select.triton_available():
         # Eager layers run the Triton norms (norm_kernel "auto") wherever triton imports.
