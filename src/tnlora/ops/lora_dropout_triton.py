@@ -8,6 +8,14 @@ import triton.language as tl
 
 
 @triton.jit
+def kept_x(x_ptr, keep_ptr, rows, cols, stride_x, stride_keep, ok):
+    """The [len(rows), len(cols)] tile of x ⊙ keep (zero where not ``ok``)."""
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=ok, other=0.0)
+    keep = tl.load(keep_ptr + rows[:, None].to(tl.int64) * stride_keep + cols[None, :], mask=ok, other=0)
+    return tl.where(keep != 0, x, 0.0)
+
+
+@triton.jit
 def dropout_down_kernel(
     x_ptr, keep_ptr, a_ptr, part_ptr, T, K, R, stride_x, stride_keep, stride_a,
     COLS_PER_PROGRAM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -25,10 +33,7 @@ def dropout_down_kernel(
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=acc_type)
     for k in range(0, COLS_PER_PROGRAM, BLOCK_K):
         cols = col0 + k + tl.arange(0, BLOCK_K)
-        ok = t_ok[:, None] & (cols < K)[None, :]
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=ok, other=0.0)
-        keep = tl.load(keep_ptr + rows[:, None].to(tl.int64) * stride_keep + cols[None, :], mask=ok, other=0)
-        x = tl.where(keep != 0, x, 0.0)
+        x = kept_x(x_ptr, keep_ptr, rows, cols, stride_x, stride_keep, t_ok[:, None] & (cols < K)[None, :])
         a = tl.load(a_ptr + r[None, :] * stride_a + cols[:, None], mask=(cols < K)[:, None] & r_ok[None, :],
                     other=0.0)  # fmt: skip
         if FP64:  # no fp64 tensor-core product for every shape: the sum of the broadcast products
@@ -58,10 +63,7 @@ def dropout_grad_a_kernel(
     for t in range(0, ROWS_PER_PROGRAM, BLOCK_T):
         rows = row0 + t + tl.arange(0, BLOCK_T)
         t_ok = rows < T
-        ok = t_ok[:, None] & c_ok[None, :]
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=ok, other=0.0)
-        keep = tl.load(keep_ptr + rows[:, None].to(tl.int64) * stride_keep + cols[None, :], mask=ok, other=0)
-        x = tl.where(keep != 0, x, 0.0)
+        x = kept_x(x_ptr, keep_ptr, rows, cols, stride_x, stride_keep, t_ok[:, None] & c_ok[None, :])
         g = tl.load(g_ptr + rows[:, None].to(tl.int64) * stride_g + r[None, :], mask=t_ok[:, None] & r_ok[None, :],
                     other=0.0)  # fmt: skip
         if FP64:
