@@ -211,7 +211,7 @@ def _backward_gemms(
     else:
         g, grad_b = dy @ lora_b, None  # g [T, r]: the gradient reaching h, before the scaling
     if byte_mask and mask is not None:
-        grad_x, grad_a = _backward_seeded(
+        grad_x, grad_a = _backward_byte_mask(
             dy, weight, lora_a, g, xd, mask, scaling / (1.0 - p), needs, weight_q, weight_scale, fp8_operands
         )
         return grad_x, grad_a, grad_b
@@ -232,7 +232,7 @@ def _backward_gemms(
     return grad_x, grad_a, grad_b
 
 
-def _backward_seeded(
+def _backward_byte_mask(
     dy: Tensor, weight: Tensor, lora_a: Tensor, g: Tensor, x: Tensor, keep: Tensor, coef: float,
     needs: tuple[bool, bool, bool], weight_q: Tensor | None, weight_scale: Tensor | None,
     fp8_operands: tuple[Tensor, Tensor, Tensor] | None,

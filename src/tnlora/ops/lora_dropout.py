@@ -15,9 +15,10 @@ three Triton kernels apply it where the products read x:
 The 1/(1 − p) of the kept values is folded into A or the result by the caller. The mask is a Bernoulli draw of
 its own, not the one ``F.dropout`` makes from the same generator state.
 
-The mask was first drawn inside the kernels (Philox from one seed a call, again in each backward kernel, or once
-and kept as bits): the integer work, and unpacking bits into the tile's layout, made those kernels slower than
-PyTorch's at every shape measured (benchmarks/RESULTS.md).
+The mask was first drawn inside the kernels (Philox from one seed a call), again in each backward kernel (the
+huanhuan step +1.7 % on an H100: Philox's integer work kept the backward's kernels slower than PyTorch's), then
+once and kept as bits (−7 % on an H200: unpacking bits into the tile's layout): benchmarks/RESULTS.md. This form is
+opt-in (``dropout_kernel="triton"``) until it is timed there.
 """
 
 from __future__ import annotations
