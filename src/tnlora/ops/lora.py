@@ -210,9 +210,10 @@ def _backward_gemms(
         g, grad_b = (lora_dy_products if one_read else lora_dy_products_reference)(dy, lora_b, hs)
     else:
         g, grad_b = dy @ lora_b, None  # g [T, r]: the gradient reaching h, before the scaling
-    if byte_mask and mask is not None:
+    coef = scaling if mask is None else scaling / (1.0 - p)  # the kept values' scale
+    if byte_mask:  # (only with dropout)
         grad_x, grad_a = _backward_byte_mask(
-            dy, weight, lora_a, g, xd, mask, scaling / (1.0 - p), needs, weight_q, weight_scale, fp8_operands
+            dy, weight, lora_a, g, xd, mask, coef, needs, weight_q, weight_scale, fp8_operands
         )
         return grad_x, grad_a, grad_b
     grad_a = (g.t() @ xd).mul_(scaling) if needs[1] else None
@@ -222,12 +223,12 @@ def _backward_gemms(
         if mask is None:
             grad_x.addmm_(g, lora_a * scaling)
         else:
-            grad_x.add_(torch.ops.aten.native_dropout_backward(g @ lora_a, mask, scaling / (1.0 - p)))
+            grad_x.add_(torch.ops.aten.native_dropout_backward(g @ lora_a, mask, coef))
     elif needs[0]:
         if mask is None:
             grad_x = g @ (lora_a * scaling)
         else:
-            grad_x = torch.ops.aten.native_dropout_backward(g @ lora_a, mask, scaling / (1.0 - p))
+            grad_x = torch.ops.aten.native_dropout_backward(g @ lora_a, mask, coef)
         grad_x.addmm_(dy, weight)
     return grad_x, grad_a, grad_b
 

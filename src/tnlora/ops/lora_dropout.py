@@ -28,8 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# The splits of a reduction give every SM several programs, as tnlora.ops.lora_grad's.
-PROGRAMS_PER_SM = 4
+from tnlora.ops.lora_grad import PROGRAMS_PER_SM, processor_count, program_span, rank_block
 
 
 @dataclass(frozen=True)
@@ -57,23 +56,11 @@ def draw_keep(x: Tensor, p: float) -> Tensor:
     return torch.empty(x.shape, dtype=torch.uint8, device=x.device).bernoulli_(1.0 - p)
 
 
-def _grid_span(length: int, block: int, other_programs: int, processors: int, largest: int) -> int:
-    """The span (a power of two of ``block``, at most ``largest``) one program walks along a dimension of
-    ``length``, the fewest steps that still give about PROGRAMS_PER_SM programs a processor beside
-    ``other_programs`` along the other dimension."""
-    wanted = -(-PROGRAMS_PER_SM * processors // max(1, other_programs))
-    span = largest
-    while span > block and -(-length // span) < wanted:
-        span //= 2
-    return span
-
-
-def _processors(t: Tensor) -> int:
-    return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else 8
-
-
-def _rank_block(rank: int) -> int:
-    return max(16, 1 << (rank - 1).bit_length())
+def _split_span(t: Tensor, length: int, block: int, largest: int, other_programs: int) -> int:
+    """The span a program walks along a reduced dimension of ``length``: splits enough that, beside
+    ``other_programs`` along the other dimension, every SM of ``t``'s device gets about PROGRAMS_PER_SM programs
+    (as :func:`tnlora.ops.lora_grad.launch_grid` splits its rows)."""
+    return program_span(length, block, largest, -(-PROGRAMS_PER_SM * processor_count(t) // max(1, other_programs)))
 
 
 def _rows(t: Tensor, name: str, width: int | None = None) -> Tensor:
@@ -107,13 +94,13 @@ def dropout_down(x: Tensor, keep: Tensor, lora_a: Tensor, launch: Launch | None 
     launch = _launch(x, launch, Launch())
     row_programs = -(-rows // launch.block_t)
     largest = max(launch.block_k, 1 << (cols - 1).bit_length())
-    span = _grid_span(cols, launch.block_k, row_programs, _processors(x), largest)
+    span = _split_span(x, cols, launch.block_k, largest, row_programs)
     splits = -(-cols // span)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     part = torch.empty((splits, rows, rank), dtype=acc, device=x.device)
     dropout_down_kernel[(row_programs, splits)](
         x, keep, lora_a, part, rows, cols, rank, x.stride(0), keep.stride(0), lora_a.stride(0),
-        COLS_PER_PROGRAM=span, BLOCK_T=launch.block_t, BLOCK_K=launch.block_k, BLOCK_R=_rank_block(rank),
+        COLS_PER_PROGRAM=span, BLOCK_T=launch.block_t, BLOCK_K=launch.block_k, BLOCK_R=rank_block(rank),
         FP64=x.dtype == torch.float64, num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
     return (part[0] if splits == 1 else part.sum(0)).to(x.dtype)
@@ -133,13 +120,13 @@ def dropout_grad_a(g: Tensor, x: Tensor, keep: Tensor, scale: float, launch: Lau
     rank = g.shape[1]
     launch = _launch(x, launch, GRAD_A_LAUNCH)
     col_programs = -(-cols // launch.block_k)
-    span = _grid_span(rows, launch.block_t, col_programs, _processors(x), max(launch.block_t, 4096))
+    span = _split_span(x, rows, launch.block_t, max(launch.block_t, 4096), col_programs)
     row_programs = -(-rows // span)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     part = torch.empty((row_programs, rank, cols), dtype=acc, device=x.device)
     dropout_grad_a_kernel[(col_programs, row_programs)](
         g, x, keep, part, rows, cols, rank, g.stride(0), x.stride(0), keep.stride(0), ROWS_PER_PROGRAM=span,
-        BLOCK_T=launch.block_t, BLOCK_K=launch.block_k, BLOCK_R=_rank_block(rank), FP64=x.dtype == torch.float64,
+        BLOCK_T=launch.block_t, BLOCK_K=launch.block_k, BLOCK_R=rank_block(rank), FP64=x.dtype == torch.float64,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
     return (part[0] if row_programs == 1 else part.sum(0)).mul_(scale).to(x.dtype)
@@ -168,7 +155,7 @@ def dropout_up(
     grid = (-(-rows // launch.block_t), -(-cols // launch.block_k))
     dropout_up_kernel[grid](
         g, lora_a, keep, out, rows, cols, rank, g.stride(0), lora_a.stride(0), keep.stride(0), out.stride(0),
-        ACCUMULATE=accumulate, BLOCK_T=launch.block_t, BLOCK_K=launch.block_k, BLOCK_R=_rank_block(rank),
+        ACCUMULATE=accumulate, BLOCK_T=launch.block_t, BLOCK_K=launch.block_k, BLOCK_R=rank_block(rank),
         FP64=g.dtype == torch.float64, num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
     return out

@@ -59,10 +59,28 @@ def launch_grid(rows: int, cols: int, processors: int, launch: Launch = Launch()
     programs a processor."""
     splits = max(1, -(-cols // launch.block_n))
     wanted = -(-launch.programs_per_sm * processors // splits)  # row programs
-    rows_each = MAX_ROWS_PER_PROGRAM
-    while rows_each > launch.block_t and -(-rows // rows_each) < wanted:
-        rows_each //= 2
+    rows_each = program_span(rows, launch.block_t, MAX_ROWS_PER_PROGRAM, wanted)
     return max(1, -(-rows // rows_each)), splits, rows_each
+
+
+def program_span(length: int, block: int, largest: int, wanted: int) -> int:
+    """The span one program walks along a dimension of ``length``: the largest power of two of ``block`` (at most
+    ``largest``) that still gives ``wanted`` programs along it, or ``block``. Few compiled variants: the span is a
+    compile-time constant of the kernels that walk it."""
+    span = largest
+    while span > block and -(-length // span) < wanted:
+        span //= 2
+    return span
+
+
+def processor_count(t: Tensor) -> int:
+    """The streaming multiprocessors of ``t``'s CUDA device; 8 for CPU tensors (Triton's CPU interpreter)."""
+    return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else 8
+
+
+def rank_block(rank: int) -> int:
+    """A rank-``rank`` operand's width in a kernel: the next power of two, at least 16 (``tl.dot``'s least)."""
+    return max(16, _next_power_of_2(rank))
 
 
 def lora_dy_products(dy: Tensor, lora_b: Tensor, hs: Tensor, launch: Launch = Launch()) -> tuple[Tensor, Tensor]:
@@ -79,14 +97,13 @@ def lora_dy_products(dy: Tensor, lora_b: Tensor, hs: Tensor, launch: Launch = La
     dy, lora_b, hs = (t if t.stride(-1) == 1 else t.contiguous() for t in (dy, lora_b, hs))
     fp64 = dy.dtype == torch.float64
     acc = torch.float64 if fp64 else torch.float32
-    processors = torch.cuda.get_device_properties(dy.device).multi_processor_count if dy.is_cuda else 8
-    row_programs, splits, rows_each = launch_grid(rows, cols, processors, launch)
+    row_programs, splits, rows_each = launch_grid(rows, cols, processor_count(dy), launch)
     g_part = torch.empty((splits, rows, rank), dtype=acc, device=dy.device)
     db_part = torch.empty((row_programs, cols, rank), dtype=acc, device=dy.device)
     lora_dy_products_kernel[(row_programs, splits)](
         dy, lora_b, hs, g_part, db_part, dy.stride(0), lora_b.stride(0), hs.stride(0), rows, cols, rank,
         rows_each, FP64=fp64, BLOCK_T=launch.block_t, BLOCK_N=launch.block_n,
-        BLOCK_R=max(16, _next_power_of_2(rank)), num_warps=launch.num_warps, num_stages=launch.num_stages,
+        BLOCK_R=rank_block(rank), num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
     return g_part.sum(0).to(dy.dtype), db_part.sum(0).to(dy.dtype)
 
