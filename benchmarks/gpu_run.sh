@@ -62,13 +62,13 @@
 #   lora-dropout    LoRA's dropout alone: PyTorch's dropout and the products on the dropped input against the
 #                   kernels drawing the mask from a seed (benchmarks/lora_dropout.py; LORA_DROPOUT_ARGS, e.g. --sweep)
 #   train-dropout   the huanhuan recipe's step (eager, 8 x 1,024, LoRA dropout 0.1, alpha 32; MODELS, default 7B)
-#                   with PyTorch's dropout and the seeded kernels (--lora_dropout_kernel torch / triton), ROUNDS
+#                   with PyTorch's dropout and the byte-mask kernels (--lora_dropout_kernel torch / triton), ROUNDS
 #                   rounds alternating, then once without dropout (the ceiling)
 #   loss            one chunk of the training loss: PyTorch's cross-entropy composition against the fused kernel
 #                   (benchmarks/cross_entropy.py; loss_kernel)
 #   decode-adapter  7B decoding with a LoRA adapter kept unmerged / merged
 #   e2e             `tnlora train examples/huanhuan_7b_lora_fast.yaml` end to end (.whl/e2e: 7B config,
-#                   tokenizer and huanhuan.json, from ../shared)
+#                   tokenizer and huanhuan.json, from ../shared), each line behind its second (--timeline)
 #   serve           benchmarks/serve_bench.py against a 7B server (concurrent clients, sessions; SERVE_ARGS, e.g.
 #                   "--clients 32 --defer_steps 0": the engine's states written back every step, against the default 4)
 #   attention       the lightning attention forward + backward, fla against chunked
@@ -227,8 +227,8 @@ for stage in "$@"; do
     decode-adapter)
       for a in unmerged merged; do decode --model 7B --adapter $a; done ;;
     e2e)
-      log "e2e train 7B ${E2E_ARGS:-}"; timeout ${E2E_LIMIT:-480} python3 benchmarks/e2e_train.py --recipe examples/huanhuan_7b_lora_fast.yaml --model_files .whl/e2e --data .whl/e2e/huanhuan.json --work /tmp/e2e --keep_checkpoint $CAP -- ${E2E_ARGS:-} > "$OUT/e2e.txt" 2>&1
-      grep -vE "Warning|warn|it/s\]" "$OUT/e2e.txt" | grep -v "^ *\(File\|torch\._dynamo\)" | tail -n 25 | cut -c1-240 | tee -a "$OUT/log.txt" "$OUT/table.txt" ;;
+      log "e2e train 7B ${E2E_ARGS:-}"; timeout ${E2E_LIMIT:-480} python3 benchmarks/e2e_train.py --recipe examples/huanhuan_7b_lora_fast.yaml --model_files .whl/e2e --data .whl/e2e/huanhuan.json --work /tmp/e2e --keep_checkpoint --timeline $CAP -- ${E2E_ARGS:-} > "$OUT/e2e.txt" 2>&1
+      grep -vE "Warning|warn|it/s\]" "$OUT/e2e.txt" | grep -v "^ *\(File\|torch\._dynamo\)" | tail -n 40 | cut -c1-240 | tee -a "$OUT/log.txt" "$OUT/table.txt" ;;
     serve)
       log "serve bench"; timeout ${SERVE_LIMIT:-480} python3 benchmarks/serve_bench.py --model ${SERVE_MODEL:-7B} --device cuda ${SERVE_ARGS:-} > "$OUT/serve.txt" 2>&1
       grep -vE "Warning|warn" "$OUT/serve.txt" | tail -n 30 | tee -a "$OUT/log.txt" "$OUT/table.txt" ;;

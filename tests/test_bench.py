@@ -295,7 +295,8 @@ def test_decode_adapter_is_random_lora_kept_or_merged(mode):
 
 def test_e2e_train_script_runs_a_recipe_on_a_random_official_checkpoint(tmp_path, sp_model_file):
     """benchmarks/e2e_train.py, shrunk to 2 layers: a checkpoint in the official layout (the 7B configuration
-    files, the sample SentencePiece model), the recipe's dataset registered, `tnlora train` run and timed."""
+    files, the sample SentencePiece model), the recipe's dataset registered, `tnlora train` run and timed, its
+    host profiled and its lines stamped with their seconds."""
     model_files = tmp_path / "model_files"
     model_files.mkdir()
     for name in ("config.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
@@ -306,13 +307,18 @@ def test_e2e_train_script_runs_a_recipe_on_a_random_official_checkpoint(tmp_path
         [sys.executable, str(root / "benchmarks" / "e2e_train.py"), "--recipe",
          str(root / "examples" / "huanhuan_7b_lora_fast.yaml"), "--model_files", str(model_files), "--data",
          str(SAMPLE_DATA / "quickstart_alpaca.json"), "--work", str(tmp_path / "work"), "--shrink", "--profile_host", "5",
-         "--", "--max_steps", "1", "--val_size", "0", "--sample_prompts", "null"],
+         "--timeline", "--", "--max_steps", "1", "--val_size", "0", "--sample_prompts", "null"],
         capture_output=True, text=True, timeout=300, cwd=root,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert re.search(r"^tnlora train: exit 0, [\d.]+ s wall", out.stdout, re.M), out.stdout
     # --profile_host: the command's host profile, by cumulative and by own time
     assert "Ordered by: cumulative time" in out.stdout and "Ordered by: internal time" in out.stdout
+    # --timeline: the command's own lines behind their seconds, in order; the script's own lines unstamped
+    stamps = [float(t) for t in re.findall(r"^\[ *([\d.]+) s\] data: \d+ records", out.stderr, re.M)]
+    stamps += [float(t) for t in re.findall(r"^\[ *([\d.]+) s\] saved to ", out.stderr, re.M)]
+    assert len(stamps) == 2 and stamps[0] <= stamps[1], out.stderr[-2000:]
+    assert not re.search(r"^\[ *[\d.]+ s\] tnlora train: exit", out.stdout, re.M)
     assert (tmp_path / "work" / "ckpt" / "model.safetensors").is_file()
     assert (tmp_path / "work" / "ckpt" / "tokenizer.model").is_file()
     assert (tmp_path / "work" / "out" / "adapter_model.safetensors").is_file()

@@ -17,8 +17,9 @@ its own, not the one ``F.dropout`` makes from the same generator state.
 
 The mask was first drawn inside the kernels (Philox from one seed a call), again in each backward kernel (the
 huanhuan step +1.7 % on an H100: Philox's integer work kept the backward's kernels slower than PyTorch's), then
-once and kept as bits (−7 % on an H200: unpacking bits into the tile's layout): benchmarks/RESULTS.md. This form is
-opt-in (``dropout_kernel="triton"``) until it is timed there.
+once and kept as bits (−7 % on an H200: unpacking bits into the tile's layout). This form ties with PyTorch's
+dropout in the 7B huanhuan step (−1.0 % and −0.2 % on an H100) and keeps 1.9 GiB less at the peak: an opt-in
+(``dropout_kernel="triton"``) for memory, not the default (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
