@@ -89,10 +89,6 @@
 set -uo pipefail
 SRC=${SRC:-$PWD/src}
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$SRC
-# The GPU machine's packages sit where Python cannot write their bytecode, and ship without it: every process
-# compiled ~1,800 modules from source (9.4 s of a `tnlora train` start, profiled). Bytecode kept in /tmp instead,
-# as a pip-installed environment has it, so the start of a command is timed as a user's machine runs it.
-export PYTHONPYCACHEPREFIX=/tmp/pycache
 export TRITON_CACHE_DIR=$PWD/.tcache  # autotune results travel back in $OUT/tcache.tgz (fla autotunes ~minutes)
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" "$TRITON_CACHE_DIR"
 # fla's autotune results for sm_90 (triton 3.6.0, fla-core 0.6.0): a fresh machine then skips ~5 minutes of
