@@ -128,7 +128,8 @@ def reads_dy_once(grad_kernel: str, rows: int, cuda: bool) -> bool:
 def dropout_in_kernels(dropout_kernel: str, cuda: bool) -> bool:
     """Whether a fused LoRA layer's dropout runs in the kernels of :mod:`tnlora.ops.lora_dropout`
     (:func:`lora_linear`'s ``dropout_kernel``; "triton" on any device: CPU tensors under Triton's interpreter).
-    "auto" is PyTorch's dropout: the kernels tie with it in a training step and save the dropped input's memory (benchmarks/RESULTS.md, "LoRA's dropout inside the kernels")."""
+    "auto" is PyTorch's dropout: the kernels tie with it in a training step and save the dropped input's memory
+    (benchmarks/RESULTS.md, "LoRA's dropout inside the kernels")."""
     if dropout_kernel not in ("auto", "torch", "triton"):
         raise ValueError(f"dropout_kernel must be 'auto', 'torch' or 'triton', got {dropout_kernel!r}")
     return dropout_kernel == "triton"
