@@ -60,7 +60,7 @@
 #   lora-grad-kernel  tnlora train's defaults with the LoRA backward's products of dy as two GEMMs and as one read
 #                   (--lora_grad_kernel torch / triton; MODELS, default "1B 7B")
 #   lora-dropout    LoRA's dropout alone: PyTorch's dropout and the products on the dropped input against the
-#                   kernels drawing the mask from a seed (benchmarks/lora_dropout.py; LORA_DROPOUT_ARGS, e.g. --sweep)
+#                   byte-mask kernels (benchmarks/lora_dropout.py; LORA_DROPOUT_ARGS, e.g. --sweep)
 #   train-dropout   the huanhuan recipe's step (eager, 8 x 1,024, LoRA dropout 0.1, alpha 32; MODELS, default 7B)
 #                   with PyTorch's dropout and the byte-mask kernels (--lora_dropout_kernel torch / triton), ROUNDS
 #                   rounds alternating, then once without dropout (the ceiling)

@@ -1,10 +1,11 @@
-"""LoRA's dropout alone: PyTorch's dropout and the products on the dropped input (what the fused LoRA layer ran
-before ``tnlora.ops.lora_dropout``) against the kernels that draw the mask from a seed.
+"""LoRA's dropout alone: PyTorch's dropout and the products on the dropped input (what the fused LoRA layer runs
+by default) against the kernels of ``tnlora.ops.lora_dropout`` that read x beside a byte mask.
 
 Each row: one adapted input width at a micro-batch's tokens, rank 8, p = 0.1; milliseconds of the forward
 (PyTorch: the dropout kernel writing drop(x) and its mask, then drop(x) (s Aᵀ); the kernels: the byte mask drawn
-by ``bernoulli_``, then (x ⊙ keep) Aᵀ in one read of x and the mask) and of the backward's two products that see the mask (PyTorch: dA = gᵀ drop(x), and dx's share, g A
-through the mask; the kernels: gᵀ (x ⊙ keep) and (g A) ⊙ keep), x's bytes ÷ time, and the kernels' largest error
+by ``bernoulli_``, then (x ⊙ keep) Aᵀ in one read of x and the mask) and of the backward's two products that see
+the mask (PyTorch: dA = gᵀ drop(x), and dx's share, g A through the mask; the kernels: gᵀ (x ⊙ keep) and
+(g A) ⊙ keep), x's bytes ÷ time, and the kernels' largest error
 against an fp32 composition on their own mask, relative to its largest value.
 
     python3 benchmarks/lora_dropout.py [--shapes 1B:32768,7B:8192] [--sweep]    # on a GPU
