@@ -227,8 +227,9 @@ for stage in "$@"; do
     decode-adapter)
       for a in unmerged merged; do decode --model 7B --adapter $a; done ;;
     e2e)
-      log "e2e train 7B ${E2E_ARGS:-}"; timeout ${E2E_LIMIT:-480} python3 benchmarks/e2e_train.py --recipe examples/huanhuan_7b_lora_fast.yaml --model_files .whl/e2e --data .whl/e2e/huanhuan.json --work /tmp/e2e --keep_checkpoint --timeline $CAP -- ${E2E_ARGS:-} > "$OUT/e2e.txt" 2>&1
-      grep -vE "Warning|warn|it/s\]" "$OUT/e2e.txt" | grep -v "^ *\(File\|torch\._dynamo\)" | tail -n 40 | cut -c1-240 | tee -a "$OUT/log.txt" "$OUT/table.txt" ;;
+      E2E_OUT="$OUT/e2e.txt"; n=1; while [ -e "$E2E_OUT" ]; do n=$((n + 1)); E2E_OUT="$OUT/e2e-$n.txt"; done  # a run's log each
+      log "e2e train 7B ${E2E_ARGS:-} (log: $E2E_OUT)"; timeout ${E2E_LIMIT:-480} python3 benchmarks/e2e_train.py --recipe examples/huanhuan_7b_lora_fast.yaml --model_files .whl/e2e --data .whl/e2e/huanhuan.json --work /tmp/e2e --keep_checkpoint --timeline $CAP -- ${E2E_ARGS:-} > "$E2E_OUT" 2>&1
+      grep -vE "Warning|warn|it/s\]" "$E2E_OUT" | grep -v "^ *\(File\|torch\._dynamo\)" | tail -n 40 | cut -c1-240 | tee -a "$OUT/log.txt" "$OUT/table.txt" ;;
     serve)
       log "serve bench"; timeout ${SERVE_LIMIT:-480} python3 benchmarks/serve_bench.py --model ${SERVE_MODEL:-7B} --device cuda ${SERVE_ARGS:-} > "$OUT/serve.txt" 2>&1
       grep -vE "Warning|warn" "$OUT/serve.txt" | tail -n 30 | tee -a "$OUT/log.txt" "$OUT/table.txt" ;;
