@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from tnlora.bench.common import cuda_seconds, environment_line
+from tnlora.bench.common import cuda_seconds, environment_line, median_seconds
 
 # (name, N, K) of y = x Wᵀ, W [N, K], for each layer's projections.
 SHAPES = {
@@ -123,13 +123,6 @@ def fp8_forms(t: dict[str, Tensor]) -> dict[str, tuple[Callable[[], Tensor], flo
         "fp8 fwd as the layer runs it, the Triton quantization": (layer_forward_triton, flops),
         "fp8 dgrad as the layer runs it, the Triton quantization": (layer_input_grad_triton, flops),
     }  # fmt: skip
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """The median seconds of ``repeats`` timed calls of ``fn`` after two untimed ones."""
-    for _ in range(2):
-        fn()
-    return statistics.median(cuda_seconds(fn, repeats))
 
 
 def quantize_table(models: list[str], rows: list[int], repeats: int) -> None:

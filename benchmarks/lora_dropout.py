@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 
 import torch
 
-from tnlora.bench.common import cuda_seconds, environment_line
+from tnlora.bench.common import environment_line, median_seconds
 from tnlora.ops.lora_dropout import Launch, draw_keep, dropout_down, dropout_grad_a, dropout_up
 
 # The adapted layers' input widths (in_features): qkvu, out_proj, l1 and l2 read the model width, l3 the GLU's.
@@ -50,9 +49,7 @@ def kernel_backward(g, a, x, keep):
 
 
 def median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    return statistics.median(cuda_seconds(fn, repeats)) * 1e3
+    return median_seconds(fn, repeats, warmup=3) * 1e3
 
 
 def errors(x, a, g) -> str:

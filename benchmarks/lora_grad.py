@@ -20,7 +20,7 @@ import statistics
 
 import torch
 
-from tnlora.bench.common import cuda_seconds, environment_line
+from tnlora.bench.common import cuda_seconds, environment_line, median_seconds
 from tnlora.ops.lora_grad import Launch, lora_dy_products, lora_dy_products_reference
 
 # (name, N) of each adapted projection's output width, the width of its dy.
@@ -48,9 +48,7 @@ def relative_errors(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...
 def timed(fn, inputs: tuple[torch.Tensor, ...], repeats: int) -> tuple[float, str]:
     """Median seconds of ``fn(*inputs)`` after three untimed calls, and its errors against an fp32 reference."""
     want = lora_dy_products_reference(*(t.float() for t in inputs))
-    for _ in range(3):
-        fn(*inputs)
-    seconds = statistics.median(cuda_seconds(lambda: fn(*inputs), repeats))
+    seconds = median_seconds(lambda: fn(*inputs), repeats, warmup=3)
     return seconds, relative_errors(fn(*inputs), want)
 
 

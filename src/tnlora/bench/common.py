@@ -4,6 +4,7 @@ the profiler output."""
 from __future__ import annotations
 
 import platform
+import statistics
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -99,6 +100,13 @@ def cuda_seconds(fn: Callable[[], object], repeats: int) -> list[float]:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return times
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """The median seconds of ``repeats`` timed calls of ``fn`` (:func:`cuda_seconds`) after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    return statistics.median(cuda_seconds(fn, repeats))
 
 
 def profile_region(lead_steps: int = 0) -> torch.profiler.profile:
