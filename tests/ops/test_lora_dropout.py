@@ -41,7 +41,7 @@ def test_the_mask_is_a_byte_an_element_at_the_rate_asked() -> None:
 
 
 def test_the_dropout_kernels_run_only_when_asked_for() -> None:
-    # opt-in until they win on a GPU (benchmarks/RESULTS.md): "auto" is PyTorch's dropout
+    # opt-in: they tie with PyTorch's dropout on a GPU (benchmarks/RESULTS.md), so "auto" is PyTorch's dropout
     assert not dropout_in_kernels("auto", cuda=True) and not dropout_in_kernels("torch", cuda=True)
     assert dropout_in_kernels("triton", cuda=False) and dropout_in_kernels("triton", cuda=True)
     with pytest.raises(ValueError, match="dropout_kernel must be"):

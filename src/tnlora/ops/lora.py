@@ -170,11 +170,8 @@ def _forward_gemms(
         xd, mask = x, draw_keep(x, p)
         hs = dropout_down(x, mask, lora_a * (scaling / (1.0 - p)))
     else:
-        if p > 0.0:
-            # F.dropout's own kernel and draw (one pass; the kept-mask comes back for the backward)
-            xd, mask = torch.ops.aten.native_dropout(x, p, True)
-        else:
-            xd, mask = x, None
+        # F.dropout's own kernel and draw (one pass; the kept-mask comes back for the backward)
+        xd, mask = torch.ops.aten.native_dropout(x, p, True) if p > 0.0 else (x, None)
         hs = xd @ (lora_a.t() * scaling)  # the scale on the [in, r] factor, not on a [T, ...] tensor
     if not output_needed:
         return x.new_empty((x.shape[0], weight.shape[0])), hs, xd, mask

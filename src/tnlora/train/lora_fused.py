@@ -33,8 +33,8 @@ class FusedLoraLinear(LoraLinear):
     # `tnlora bench train --lora_grad_kernel` sets it.
     grad_kernel = "auto"
     # "triton": LoRA's dropout applied inside the adapter's kernels as a byte mask (tnlora.ops.lora_dropout: the
-    # dropped input neither written nor kept; opt-in until it wins on a GPU); "torch" and "auto" (the default):
-    # PyTorch's dropout. `tnlora bench train --lora_dropout_kernel` sets it.
+    # dropped input neither written nor kept; opt-in: PyTorch's speed, less memory); "torch" and "auto" (the
+    # default): PyTorch's dropout. `tnlora bench train --lora_dropout_kernel` sets it.
     dropout_kernel = "auto"
     # False while a checkpointed layer recomputes this projection and reads none of its output (set by the
     # layer's recompute context, TransnormerDecoderLayer.recomputing): the frozen GEMM is left out.
