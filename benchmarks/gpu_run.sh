@@ -6,7 +6,8 @@
 # Stages (each named by what it measures):
 #   tests           the GPU tests (kernels, fla vs the exact chunked path, decode graphs, compiled layers, the
 #                   sync-free step), one process per test so that first-use autotuning overlaps
-#   warm, pack      fla's first-use autotuning for the 1B / 7B shapes; its results packed into $OUT/tcache.tgz
+#   warm, pack      fla's first-use autotuning (WARM_HEADS: 16 32 for 1B / 7B, 8 for 385M); the cache's results packed
+#                   into $OUT/tcache.tgz (what src/tnlora/resources/fla_autotune_sm90.tgz ships)
 #   defaults        what tnlora train's defaults resolve to on this card (no training)
 #   train-defaults  1B and 7B training steps with tnlora train's defaults (CARD_GIB caps the memory)
 #   train-seed      7B at the tutorial recipe's own settings (padding, 4 x 4 micro-batches, checkpointing)
@@ -69,6 +70,9 @@
 #   decode-adapter  7B decoding with a LoRA adapter kept unmerged / merged
 #   e2e             `tnlora train examples/huanhuan_7b_lora_fast.yaml` end to end (.whl/e2e: 7B config,
 #                   tokenizer and huanhuan.json, from ../shared), each line behind its second (--timeline)
+#   e2e-fresh       the same with an empty Triton cache (a new machine's first run: fla's autotuning unless tnlora's
+#                   shipped results serve the card, every kernel compiled), then how many autotune results the run
+#                   tuned itself
 #   serve           benchmarks/serve_bench.py against a 7B server (concurrent clients, sessions; SERVE_ARGS, e.g.
 #                   "--clients 32 --defer_steps 0": the engine's states written back every step, against the default 4)
 #   attention       the lightning attention forward + backward, fla against chunked
@@ -92,9 +96,10 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$SRC
 export TRITON_CACHE_DIR=$PWD/.tcache  # autotune results travel back in $OUT/tcache.tgz (fla autotunes ~minutes)
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" "$TRITON_CACHE_DIR"
 # fla's autotune results for sm_90 (triton 3.6.0, fla-core 0.6.0): a fresh machine then skips ~5 minutes of
-# first-use tuning per q/k width. Triton keys them by kernel source, target and versions, so other cards or
-# versions simply tune again.
-[ -n "$(ls -A "$TRITON_CACHE_DIR")" ] || tar xzf benchmarks/fla_autotune_sm90.tgz -C "$TRITON_CACHE_DIR"
+# first-use tuning per q/k width. tnlora stores them in Triton's cache itself on the cards they serve
+# (tnlora.ops.fla_autotune); seeded here too for the scripts that call fla directly. Triton keys them by kernel
+# source, target and versions, so other cards or versions simply tune again.
+[ -n "$(ls -A "$TRITON_CACHE_DIR")" ] || tar xzf src/tnlora/resources/fla_autotune_sm90.tgz -C "$TRITON_CACHE_DIR"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   >/dev/null 2>&1 || echo "wheel install failed"
 # A copy of the tree made for another machine names its commit in a COMMIT file beside the source tree (its git
@@ -125,8 +130,9 @@ for stage in "$@"; do
   case $stage in
     tests)
       log "GPU tests"; pytests ${GPU_TESTS:-tests/ops tests/infer/test_decode_graph.py tests/train/test_compile_gpu.py tests/train/test_norm_kernel_gpu.py tests/train/test_loss_kernel_gpu.py tests/train/test_sync_gpu.py tests/train/test_qlora_gpu.py tests/train/test_training_kernels_gpu.py tests/model/test_modeling.py} ;;
-    warm)  # autotune fla for both q/k widths and head counts in parallel, then wait (at most WARM_LIMIT s)
-      for kd in 128 256; do for h in 16 32; do python3 benchmarks/fla_warmup.py $kd $h > "$OUT/warm$kd-$h.txt" 2>&1 & done; done
+    warm)  # autotune fla for both q/k widths and the head counts WARM_HEADS (default "16 32": 1B, 7B; 385M: 8) in
+      # parallel, then wait (at most WARM_LIMIT s); pack then archives the cache, shipped results and new ones
+      for kd in 128 256; do for h in ${WARM_HEADS:-16 32}; do python3 benchmarks/fla_warmup.py $kd $h > "$OUT/warm$kd-$h.txt" 2>&1 & done; done
       START=$SECONDS; while [ -n "$(jobs -pr)" ] && [ $((SECONDS - START)) -lt ${WARM_LIMIT:-300} ]; do sleep 2; done
       cat "$OUT"/warm*.txt | grep -v Warning | tail -n 4 | tee -a "$OUT/log.txt" ;;
     pack) pack ;;
@@ -230,6 +236,21 @@ for stage in "$@"; do
       E2E_OUT="$OUT/e2e.txt"; n=1; while [ -e "$E2E_OUT" ]; do n=$((n + 1)); E2E_OUT="$OUT/e2e-$n.txt"; done  # a run's log each
       log "e2e train 7B ${E2E_ARGS:-} (log: $E2E_OUT)"; timeout ${E2E_LIMIT:-480} python3 benchmarks/e2e_train.py --recipe examples/huanhuan_7b_lora_fast.yaml --model_files .whl/e2e --data .whl/e2e/huanhuan.json --work /tmp/e2e --keep_checkpoint --timeline $CAP -- ${E2E_ARGS:-} > "$E2E_OUT" 2>&1
       grep -vE "Warning|warn|it/s\]" "$E2E_OUT" | grep -v "^ *\(File\|torch\._dynamo\)" | tail -n 40 | cut -c1-240 | tee -a "$OUT/log.txt" "$OUT/table.txt" ;;
+    e2e-fresh)  # the same command with an empty Triton cache, as on a new machine (fla's autotuning, every kernel
+      # compiled); SRC=an older tree for the row before a change. Then the autotune results the run tuned itself.
+      FRESH=$(mktemp -d); E2E_OUT="$OUT/e2e-fresh.txt"; n=1; while [ -e "$E2E_OUT" ]; do n=$((n + 1)); E2E_OUT="$OUT/e2e-fresh-$n.txt"; done
+      log "e2e train 7B, empty Triton cache, ${E2E_ARGS:-} (log: $E2E_OUT)"; TRITON_CACHE_DIR=$FRESH timeout ${E2E_LIMIT:-480} python3 benchmarks/e2e_train.py --recipe examples/huanhuan_7b_lora_fast.yaml --model_files .whl/e2e --data .whl/e2e/huanhuan.json --work /tmp/e2e --keep_checkpoint --timeline $CAP -- ${E2E_ARGS:-} > "$E2E_OUT" 2>&1
+      grep -vE "Warning|warn|it/s\]" "$E2E_OUT" | grep -v "^ *\(File\|torch\._dynamo\)" | tail -n 40 | cut -c1-240 | tee -a "$OUT/log.txt" "$OUT/table.txt"
+      python3 - "$FRESH" <<'PY' 2>&1 | tee -a "$OUT/log.txt" "$OUT/table.txt"
+import sys, tarfile
+from pathlib import Path
+root = Path(sys.argv[1])
+found = {p.relative_to(root).as_posix() for p in root.rglob("*.autotune.json")}
+with tarfile.open("src/tnlora/resources/fla_autotune_sm90.tgz") as tar:
+    shipped = {m.name.removeprefix("./") for m in tar.getmembers() if m.isfile()}
+print(f"autotune results in the cache: {len(found)}, of them shipped {len(found & shipped)}, tuned by the run {len(found - shipped)}")
+PY
+      rm -rf "$FRESH" ;;
     serve)
       log "serve bench"; timeout ${SERVE_LIMIT:-480} python3 benchmarks/serve_bench.py --model ${SERVE_MODEL:-7B} --device cuda ${SERVE_ARGS:-} > "$OUT/serve.txt" 2>&1
       grep -vE "Warning|warn" "$OUT/serve.txt" | tail -n 30 | tee -a "$OUT/log.txt" "$OUT/table.txt" ;;

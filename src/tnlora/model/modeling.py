@@ -32,6 +32,7 @@ from tnlora.model.configuration import TransnormerConfig
 from tnlora.model.generation import overlap_applies, overlapped_sample
 from tnlora.model.offload import InputOffload, offloaded_checkpoint
 from tnlora.ops.cross_entropy import cross_entropy_grad_, cross_entropy_grad_reference
+from tnlora.ops.fla_autotune import store_shipped_results
 from tnlora.ops.lightning import lightning_attention
 from tnlora.ops.norm import add_rms_norm, gated_rms_norm, rms_norm, takes_rows
 from tnlora.ops.packing import PackedRows
@@ -560,6 +561,10 @@ class TransnormerPreTrainedModel(PreTrainedModel):
             first = next(self.parameters(), None)
             device = first.device if first is not None else torch.device("cpu")
         kernels = kernels_for(self.config, device)
+        device = torch.device(device)
+        if kernels.attention == "fla" and device.type == "cuda":
+            # fla's tuned launches for the shipped shapes, in Triton's cache before its first launch autotunes.
+            store_shipped_results(torch.cuda.current_device() if device.index is None else device.index)
         for module in self.modules():
             if isinstance(module, SimpleRMSNorm):
                 module.kernel = kernels.norm
