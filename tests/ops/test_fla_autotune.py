@@ -1,6 +1,6 @@
 """fla's shipped autotune results (tnlora.ops.fla_autotune): which machines they serve, how they are stored in
 Triton's cache (never over a result already there), and, on a card they were tuned for, that fla's kernels for
-the 1B / 7B shapes then launch without tuning."""
+the 385M / 1B / 7B shapes then launch without tuning."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def test_the_shipped_archive_holds_fla_results_only():
     with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
         members = [m for m in tar.getmembers() if m.isfile()]
         results = {m.name: json.loads(tar.extractfile(m).read()) for m in members}
-    assert len(members) >= 54
+    assert len(members) >= 66
     for name, result in results.items():
         match = MEMBER.match(name)
         assert match is not None, name
@@ -132,7 +132,7 @@ def test_results_land_where_tritons_autotuner_reads_them(tmp_path, monkeypatch):
 
 
 # On a card the results were tuned for: a fresh Triton cache, the shipped results stored, then fla's kernels for
-# the 1B and 7B shapes (q/k widths 128 and 256, packed and not, forward and backward) in a new process. Triton
+# the 385M, 1B and 7B shapes (q/k widths 128 and 256, packed and not, forward and backward) in a new process. Triton
 # writes an .autotune.json for every key it had to tune, so the cache must hold exactly what was stored.
 FRESH_PROCESS = """
 import sys, torch
@@ -140,7 +140,7 @@ from tnlora.model.modeling import layer_log_decay
 from tnlora.ops.fla_autotune import store_shipped_results
 from tnlora.ops.lightning import lightning_attention
 print("stored", store_shipped_results(0))
-for heads in (16, 32):
+for heads in (8, 16, 32):
     decay = layer_log_decay(heads, 0, 16, torch.device("cuda"))
     for width in (128, 256):
         for seq_ids in (None, torch.arange(2048, device="cuda")[None] // 700):
