@@ -116,6 +116,11 @@ pytests() {  # pytest-xdist workers: first-use autotuning and compiles overlap
   timeout "${TEST_LIMIT:-420}" python3 -m pytest -o addopts= -q -p no:cacheprovider -n ${WORKERS:-8} -rfE "$@" > "$OUT/tests.txt" 2>&1
   grep -E "passed|failed|FAILED|ERROR" "$OUT/tests.txt" | tail -n 25 | tee -a "$OUT/log.txt" "$OUT/table.txt"
 }
+e2e_run() {  # the huanhuan command end to end; $1 names its log ($1.txt, then $1-2.txt, ...: a run's log each), $2 the log line
+  E2E_OUT="$OUT/$1.txt"; n=1; while [ -e "$E2E_OUT" ]; do n=$((n + 1)); E2E_OUT="$OUT/$1-$n.txt"; done
+  log "$2 (log: $E2E_OUT)"; timeout ${E2E_LIMIT:-480} python3 benchmarks/e2e_train.py --recipe examples/huanhuan_7b_lora_fast.yaml --model_files .whl/e2e --data .whl/e2e/huanhuan.json --work /tmp/e2e --keep_checkpoint --timeline $CAP -- ${E2E_ARGS:-} > "$E2E_OUT" 2>&1
+  grep -vE "Warning|warn|it/s\]" "$E2E_OUT" | grep -v "^ *\(File\|torch\._dynamo\)" | tail -n 40 | cut -c1-240 | tee -a "$OUT/log.txt" "$OUT/table.txt"
+}
 pack() { (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf "$OUT/tcache.tgz" -T -) 2>/dev/null; }
 python3 - <<'PY' 2>&1 | tee -a "$OUT/log.txt"
 import importlib
@@ -232,15 +237,10 @@ for stage in "$@"; do
       for m in ${MODELS:-7B 1B}; do for k in torch triton; do decode --model $m --decode_kernel $k; done; done ;;
     decode-adapter)
       for a in unmerged merged; do decode --model 7B --adapter $a; done ;;
-    e2e)
-      E2E_OUT="$OUT/e2e.txt"; n=1; while [ -e "$E2E_OUT" ]; do n=$((n + 1)); E2E_OUT="$OUT/e2e-$n.txt"; done  # a run's log each
-      log "e2e train 7B ${E2E_ARGS:-} (log: $E2E_OUT)"; timeout ${E2E_LIMIT:-480} python3 benchmarks/e2e_train.py --recipe examples/huanhuan_7b_lora_fast.yaml --model_files .whl/e2e --data .whl/e2e/huanhuan.json --work /tmp/e2e --keep_checkpoint --timeline $CAP -- ${E2E_ARGS:-} > "$E2E_OUT" 2>&1
-      grep -vE "Warning|warn|it/s\]" "$E2E_OUT" | grep -v "^ *\(File\|torch\._dynamo\)" | tail -n 40 | cut -c1-240 | tee -a "$OUT/log.txt" "$OUT/table.txt" ;;
+    e2e) e2e_run e2e "e2e train 7B ${E2E_ARGS:-}" ;;
     e2e-fresh)  # the same command with an empty Triton cache, as on a new machine (fla's autotuning, every kernel
       # compiled); SRC=an older tree for the row before a change. Then the autotune results the run tuned itself.
-      FRESH=$(mktemp -d); E2E_OUT="$OUT/e2e-fresh.txt"; n=1; while [ -e "$E2E_OUT" ]; do n=$((n + 1)); E2E_OUT="$OUT/e2e-fresh-$n.txt"; done
-      log "e2e train 7B, empty Triton cache, ${E2E_ARGS:-} (log: $E2E_OUT)"; TRITON_CACHE_DIR=$FRESH timeout ${E2E_LIMIT:-480} python3 benchmarks/e2e_train.py --recipe examples/huanhuan_7b_lora_fast.yaml --model_files .whl/e2e --data .whl/e2e/huanhuan.json --work /tmp/e2e --keep_checkpoint --timeline $CAP -- ${E2E_ARGS:-} > "$E2E_OUT" 2>&1
-      grep -vE "Warning|warn|it/s\]" "$E2E_OUT" | grep -v "^ *\(File\|torch\._dynamo\)" | tail -n 40 | cut -c1-240 | tee -a "$OUT/log.txt" "$OUT/table.txt"
+      FRESH=$(mktemp -d); (export TRITON_CACHE_DIR=$FRESH; e2e_run e2e-fresh "e2e train 7B, empty Triton cache, ${E2E_ARGS:-}")
       python3 - "$FRESH" <<'PY' 2>&1 | tee -a "$OUT/log.txt" "$OUT/table.txt"
 import sys, tarfile
 from pathlib import Path
