@@ -6,7 +6,7 @@
 # Stages (each named by what it measures):
 #   tests           the GPU tests (kernels, fla vs the exact chunked path, decode graphs, compiled layers, the
 #                   sync-free step), one process per test so that first-use autotuning overlaps
-#   warm, pack      fla's first-use autotuning (WARM_HEADS: 16 32 for 1B / 7B, 8 for 385M); the cache's results packed
+#   warm, pack      fla's first-use autotuning (WARM_SHAPES, default the 1B / 7B shapes); the cache's results packed
 #                   into $OUT/tcache.tgz (what src/tnlora/resources/fla_autotune_sm90.tgz ships)
 #   defaults        what tnlora train's defaults resolve to on this card (no training)
 #   train-defaults  1B and 7B training steps with tnlora train's defaults (CARD_GIB caps the memory)
@@ -135,11 +135,14 @@ for stage in "$@"; do
   case $stage in
     tests)
       log "GPU tests"; pytests ${GPU_TESTS:-tests/ops tests/infer/test_decode_graph.py tests/train/test_compile_gpu.py tests/train/test_norm_kernel_gpu.py tests/train/test_loss_kernel_gpu.py tests/train/test_sync_gpu.py tests/train/test_qlora_gpu.py tests/train/test_training_kernels_gpu.py tests/model/test_modeling.py} ;;
-    warm)  # autotune fla for both q/k widths and the head counts WARM_HEADS (default "16 32": 1B, 7B; 385M: 8) in
-      # parallel, then wait (at most WARM_LIMIT s); pack then archives the cache, shipped results and new ones
-      for kd in 128 256; do for h in ${WARM_HEADS:-16 32}; do python3 benchmarks/fla_warmup.py $kd $h > "$OUT/warm$kd-$h.txt" 2>&1 & done; done
+    warm)  # autotune fla for the shapes WARM_SHAPES (q/k width:heads:v width; default the 1B and 7B ones; 385M:
+      # "128:8:128 256:8:128", the tiny preset "32:2:32 64:2:32") in parallel, then wait (at most WARM_LIMIT s); pack
+      # then archives the cache, shipped results and new ones
+      for shape in ${WARM_SHAPES:-128:16:128 256:16:128 128:32:128 256:32:128}; do
+        python3 benchmarks/fla_warmup.py ${shape//:/ } > "$OUT/warm-${shape//:/-}.txt" 2>&1 &
+      done
       START=$SECONDS; while [ -n "$(jobs -pr)" ] && [ $((SECONDS - START)) -lt ${WARM_LIMIT:-300} ]; do sleep 2; done
-      cat "$OUT"/warm*.txt | grep -v Warning | tail -n 4 | tee -a "$OUT/log.txt" ;;
+      cat "$OUT"/warm-*.txt | grep -v Warning | tail -n 8 | tee -a "$OUT/log.txt" ;;
     pack) pack ;;
     defaults)
       log "defaults"; timeout 120 python3 benchmarks/gpu_defaults.py 2>&1 | grep -v Warning | tail -n 5 | tee -a "$OUT/log.txt" "$OUT/table.txt" ;;

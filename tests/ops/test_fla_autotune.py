@@ -132,7 +132,8 @@ def test_results_land_where_tritons_autotuner_reads_them(tmp_path, monkeypatch):
 
 
 # On a card the results were tuned for: a fresh Triton cache, the shipped results stored, then fla's kernels for
-# the 385M, 1B and 7B shapes (q/k widths 128 and 256, packed and not, forward and backward) in a new process. Triton
+# the tiny, 385M, 1B and 7B shapes (q/k widths 128 and 256, tiny's 32 and 64; packed and not, forward and backward)
+# in a new process. Triton
 # writes an .autotune.json for every key it had to tune, so the cache must hold exactly what was stored.
 FRESH_PROCESS = """
 import sys, torch
@@ -140,13 +141,14 @@ from tnlora.model.modeling import layer_log_decay
 from tnlora.ops.fla_autotune import store_shipped_results
 from tnlora.ops.lightning import lightning_attention
 print("stored", store_shipped_results(0))
-for heads in (8, 16, 32):
+# (heads, q/k widths, v width): 385M, 1B, 7B; the tiny preset
+for heads, widths, v_width in ((8, (128, 256), 128), (16, (128, 256), 128), (32, (128, 256), 128), (2, (32, 64), 32)):
     decay = layer_log_decay(heads, 0, 16, torch.device("cuda"))
-    for width in (128, 256):
+    for width in widths:
         for seq_ids in (None, torch.arange(2048, device="cuda")[None] // 700):
             q, k = (torch.randn(1, 2048, heads, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                     for _ in "qk")
-            v = torch.randn(1, 2048, heads, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            v = torch.randn(1, 2048, heads, v_width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             o, _ = lightning_attention(q, k, v, decay, seq_ids=seq_ids, impl="fla")
             o.float().pow(2).mean().backward()
 torch.cuda.synchronize()
