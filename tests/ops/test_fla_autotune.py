@@ -133,8 +133,8 @@ def test_results_land_where_tritons_autotuner_reads_them(tmp_path, monkeypatch):
 
 # On a card the results were tuned for: a fresh Triton cache, the shipped results stored, then fla's kernels for
 # the tiny, 385M, 1B and 7B shapes (q/k widths 128 and 256, tiny's 32 and 64; packed and not, forward and backward)
-# in a new process. Triton
-# writes an .autotune.json for every key it had to tune, so the cache must hold exactly what was stored.
+# in a new process. Triton writes an .autotune.json for every key it had to tune, so the cache must hold exactly what
+# was stored.
 FRESH_PROCESS = """
 import sys, torch
 from tnlora.model.modeling import layer_log_decay
