@@ -103,7 +103,7 @@ def test_the_shipped_archive_holds_fla_results_only():
     with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
         members = [m for m in tar.getmembers() if m.isfile()]
         results = {m.name: json.loads(tar.extractfile(m).read()) for m in members}
-    assert len(members) >= 66
+    assert len(members) >= 85
     for name, result in results.items():
         match = MEMBER.match(name)
         assert match is not None, name

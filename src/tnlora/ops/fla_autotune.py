@@ -6,7 +6,8 @@ five minutes per q/k width on an H100, so the first training run on every new ma
 first step. Triton keeps what it found on disk (fla asks for ``cache_results``), under a key that hashes
 Triton's build, the compile target (ptxas and the architecture), the kernel's source and the shape key.
 
-``resources/fla_autotune_sm90.tgz`` holds those results for the 385M, 1B and 7B shapes, tuned on an H100
+``resources/fla_autotune_sm90.tgz`` holds those results for the shapes of the tiny preset, 385M, 1B and 7B, tuned
+on an H100 (the tiny preset's on an H200, the same sm_90 target)
 (``benchmarks/gpu_run.sh warm pack`` writes them). On the cards and versions they were made and measured with
 (:data:`SHIPPED`), :func:`store_shipped_results` puts each into Triton's cache where that entry is absent,
 through Triton's own cache manager (so wherever the user's Triton cache lives); fla's autotuner then reads it as
