@@ -2,13 +2,13 @@
 
 fla-core 0.6.0 autotunes each of its chunk kernels on first use, for every new shape key (head count, q/k and
 v widths, packed rows or not, with or without states): Triton compiles and times every candidate launch, about
-five minutes per q/k width on an H100, so the first training run on every new machine paid them before its
+five minutes per q/k width on an H100, which the first training run on a new machine would spend before its
 first step. Triton keeps what it found on disk (fla asks for ``cache_results``), under a key that hashes
 Triton's build, the compile target (ptxas and the architecture), the kernel's source and the shape key.
 
 ``resources/fla_autotune_sm90.tgz`` holds those results for the shapes of the tiny preset, 385M, 1B and 7B, tuned
-on an H100 (the tiny preset's on an H200, the same sm_90 target)
-(``benchmarks/gpu_run.sh warm pack`` writes them). On the cards and versions they were made and measured with
+on an H100 (the tiny preset's on an H200, the same sm_90 target; ``benchmarks/gpu_run.sh warm pack`` writes
+them). On the cards and versions they were made and measured with
 (:data:`SHIPPED`), :func:`store_shipped_results` puts each into Triton's cache where that entry is absent,
 through Triton's own cache manager (so wherever the user's Triton cache lives); fla's autotuner then reads it as
 it would read its own earlier result. An entry already in the cache (tuned on the user's machine) is never
