@@ -6,6 +6,12 @@
 Shapes are 1B-like: H = 16 heads, V = 128, and K = 128 (layers 1…L−1) or K = 256 (layer 0, LRPE doubles q/k).
 One row per (K, T, impl): milliseconds for forward + backward (median of --repeats after --warmup runs) and,
 on CUDA, the peak memory of that step. The per-token recurrent loop is timed only up to --recurrent-max.
+
+    python benchmarks/attention.py --impls fla,triton --heads 32 --examples huanhuan --lengths 16384
+
+``--examples huanhuan`` cuts the T tokens into examples of huanhuan.json's lengths (one row, ``cu_seqlens``, as
+packed training rows reach the kernels); ``--examples N`` into examples of N tokens. ``--forward`` times the
+forward alone (no gradients).
 """
 
 from __future__ import annotations
@@ -45,20 +51,49 @@ def header(device: torch.device, dtype: torch.dtype) -> str:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    return f"# {card} | {' | '.join(versions)} | commit {commit} | {dtype} | H=16 V=128"
+    return f"# {card} | {' | '.join(versions)} | commit {commit} | {dtype} | V=128"
+
+
+def example_bounds(spec: str, length: int, device: torch.device) -> torch.Tensor | None:
+    """cu_seqlens of ``length`` tokens cut into examples (``spec``: "huanhuan", a token count, or "" for none)."""
+    if not spec:
+        return None
+    if spec == "huanhuan":
+        from tnlora.bench.train import read_lengths
+
+        sizes = [prompt + learned for prompt, learned in read_lengths(None)]
+    else:
+        sizes = [int(spec)]
+    bounds, at, i = [0], 0, 0
+    while at < length:
+        at = min(length, at + sizes[i % len(sizes)])
+        bounds.append(at)
+        i += 1
+    return torch.tensor(bounds, dtype=torch.long, device=device)
 
 
 def time_step(impl: str, K: int, T: int, args: argparse.Namespace) -> tuple[float, float | None]:
     """Median ms of forward + backward, and peak MiB on CUDA."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    H, V, B = 16, 128, args.batch
-    q, k, v = (torch.randn(B, T, H, d, device=device, dtype=dtype).requires_grad_() for d in (K, K, V))
+    H, V, B = args.heads, 128, args.batch
+    cu_seqlens = example_bounds(args.examples, T, device)
+    if cu_seqlens is not None:
+        B = 1
+    train = not args.forward
+    # SiLU'd q and k, as the model's token mixer gives them (unbounded ones overflow bf16 sums over long rows).
+    q, k = (torch.nn.functional.silu(torch.randn(B, T, H, K, device=device)).to(dtype) for _ in range(2))
+    v = torch.randn(B, T, H, V, device=device, dtype=dtype)
+    q, k, v = (x.requires_grad_(train) for x in (q, k, v))
     grad = torch.randn(B, T, H, V, device=device, dtype=dtype)
     log_decay = layer_log_decay(H, 0, 16, device)
 
     def step() -> None:
-        o, _ = lightning_attention(q, k, v, log_decay, impl=impl, chunk_size=args.chunk_size)
-        o.backward(grad)
+        with torch.set_grad_enabled(train):
+            o, _ = lightning_attention(
+                q, k, v, log_decay, cu_seqlens=cu_seqlens, impl=impl, chunk_size=args.chunk_size
+            )
+        if train:
+            o.backward(grad)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -90,6 +125,12 @@ def main() -> None:
         "--impls", default=None, help="comma list; default: chunked, recurrent, fla if usable"
     )
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=16, help="H: 16 is 1B's, 32 7B's, 8 385M's")
+    parser.add_argument("--examples", default="", help="huanhuan, or a token count: examples cut from one row")
+    parser.add_argument("--forward", action="store_true", help="the forward alone, without gradients")
+    parser.add_argument(
+        "--triton-grad", default="", help="K block:V block:warps of impl triton's backward kernels (a sweep)"
+    )
     parser.add_argument("--chunk-size", type=int, default=64, help="chunk of the pure-PyTorch chunked impl")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
@@ -97,11 +138,19 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    if args.triton_grad:
+        from tnlora.ops import lightning_triton
+
+        block_k, block_v, warps = (int(x) for x in args.triton_grad.split(":"))
+        lightning_triton.BLOCK_K_GRAD, lightning_triton.BLOCK_V_GRAD = block_k, block_v
+        lightning_triton.NUM_WARPS_GRAD = warps
+        print(f"# triton backward: K block {block_k}, V block {block_v}, {warps} warps")
     impls = args.impls.split(",") if args.impls else ["chunked", "recurrent"]
     if not args.impls and device.type == "cuda" and fla_available():
         impls.insert(0, "fla")
     print(header(device, DTYPES[args.dtype]))
-    print(f"{'impl':<10} {'K':>4} {'T':>6} {'fwd+bwd ms':>11} {'peak MiB':>9}")
+    print(f"# H={args.heads} examples={args.examples or 'one per row'} {'forward' if args.forward else 'fwd+bwd'}")
+    print(f"{'impl':<10} {'K':>4} {'T':>6} {'ms':>11} {'peak MiB':>9}")
     for head_k in (int(x) for x in args.head_dims.split(",")):
         for length in (int(x) for x in args.lengths.split(",")):
             for impl in impls:

@@ -76,6 +76,10 @@
 #   serve           benchmarks/serve_bench.py against a 7B server (concurrent clients, sessions; SERVE_ARGS, e.g.
 #                   "--clients 32 --defer_steps 0": the engine's states written back every step, against the default 4)
 #   attention       the lightning attention forward + backward, fla against chunked
+#   attention-packed  the lightning attention forward + backward (and forward alone), fla against tnlora's Triton
+#                   scans, on packed rows of huanhuan.json's example lengths at the 7B / 1B / huanhuan-command
+#                   micro-batches, on examples of 1,024 / 4,096 tokens and on single long rows; then the scans'
+#                   backward launches (GRAD_SWEEP, "K block:V block:warps ...") at the 7B micro-batch
 #   profile       the top kernels of one compiled 1B step (one 16,384-token row)
 #   trace         the timeline of one step with tnlora train's defaults (MODELS, default 1B; the second of two
 #                 timed steps: the first starts after the timer's sync) through benchmarks/trace_gaps.py: device
@@ -261,6 +265,17 @@ PY
       grep -vE "Warning|warn" "$OUT/serve.txt" | tail -n 30 | tee -a "$OUT/log.txt" "$OUT/table.txt" ;;
     attention)
       log "attention"; timeout ${LIMIT:-200} python3 benchmarks/attention.py --impls fla,chunked 2>&1 | tee -a "$OUT/log.txt" | tail -n 20 >> "$OUT/table.txt" ;;
+    attention-packed)
+      att() { table_script attention.py --impls ${ATT_IMPLS:-fla,triton} --repeats 10 "$@"; }
+      for shape in 32:16384 16:32768 32:8192; do
+        att --heads ${shape%%:*} --lengths ${shape##*:} --examples huanhuan --head-dims 128,256
+        att --heads ${shape%%:*} --lengths ${shape##*:} --examples huanhuan --head-dims 128 --forward
+      done
+      for ex in 1024 4096; do att --heads 32 --lengths 16384 --examples $ex --head-dims 128; done
+      att --heads 32 --lengths 16384,131072 --head-dims 128
+      for cfg in ${GRAD_SWEEP:-64:32:8 32:32:4 128:32:8 64:64:4 64:16:4}; do
+        att --impls triton --heads 32 --lengths 16384 --examples huanhuan --head-dims 128,256 --triton-grad $cfg
+      done ;;
     profile)
       log "profile"; timeout 200 python3 -m tnlora.cli bench train --model 1B --cutoff_len 16384 --attention_impl fla --torch_compile true --per_device_train_batch_size 1 --steps 1 --warmup 2 --profile > "$OUT/profile.txt" 2>&1
       grep -E "Name|aten::|void|gemm|triton|Self CUDA" "$OUT/profile.txt" | head -n 30 | cut -c1-160 | tee -a "$OUT/log.txt" ;;

@@ -96,14 +96,76 @@ def test_packed_rows_keep_each_rows_state_and_boundaries() -> None:
 
 
 @needs_kernel
-def test_refuses_inputs_that_need_gradients_and_fp64() -> None:
+def test_refuses_fp64_inputs_and_mixed_dtypes() -> None:
     q, k, v = _inputs(1, 8, 1, 16, 16, seed=7)
-    with pytest.raises(ValueError, match="without gradients only"):
-        lightning_attention(q.requires_grad_(), k, v, DECAY[:1].to(DEVICE), impl="triton")
-    with torch.no_grad():
-        lightning_attention(q, k, v, DECAY[:1].to(DEVICE), impl="triton")  # the same call without grad runs
     with pytest.raises(ValueError, match="one fp32 or half dtype"):
-        lightning_attention(q.detach().double(), k.double(), v.double(), DECAY[:1].to(DEVICE), impl="triton")
+        lightning_attention(q.double(), k.double(), v.double(), DECAY[:1].to(DEVICE), impl="triton")
+    with pytest.raises(ValueError, match="one fp32 or half dtype"):
+        lightning_attention(q, k, v.half(), DECAY[:1].to(DEVICE), impl="triton")
+
+
+def _gradients(q, k, v, decay, impl, state=None, final_weight=None, **kwargs):
+    """o, the final state and the gradients of Σ o·w + Σ final·final_weight w.r.t. q, k, v (and the state)."""
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    start = state.detach().requires_grad_() if state is not None else None
+    o, final = lightning_attention(
+        *leaves, decay, impl=impl, initial_state=start, output_final_state=final_weight is not None, **kwargs
+    )
+    weight = torch.randn(o.shape, generator=torch.Generator().manual_seed(11)).to(o)
+    loss = (o * weight).sum()
+    if final_weight is not None:
+        loss = loss + (final * final_weight.to(final)).sum()
+    grads = torch.autograd.grad(loss, leaves + ([start] if start is not None else []))
+    return o, final, grads
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("batch", "length", "heads", "key_dim", "value_dim", "with_states"),
+    [
+        (2, 150, 3, 32, 48, False),  # three chunks, the last partial; V not a multiple of dv's block
+        (1, 64, 2, 16, 16, True),  # exactly one chunk; the states' gradients in and out
+        (2, 37, 1, 160, 40, True),  # q/k wider than one K block of dq / dk (LRPE's layer doubles them)
+    ],
+)
+def test_gradients_match_the_recurrence_in_fp32(batch, length, heads, key_dim, value_dim, with_states) -> None:
+    """dq, dk, dv (and the initial state's gradient, with the final state's own gradient flowing back) against
+    autograd through the fp64 recurrence."""
+    q, k, v = _inputs(batch, length, heads, key_dim, value_dim, seed=length + 1)
+    gen = torch.Generator().manual_seed(2)
+    state = torch.randn(batch, heads, key_dim, value_dim, generator=gen).to(DEVICE) if with_states else None
+    final_weight = torch.randn(batch, heads, key_dim, value_dim, generator=gen).to(DEVICE) if with_states else None
+    decay = DECAY[:heads].to(DEVICE)
+    o, final, grads = _gradients(q, k, v, decay, "triton", state, final_weight)
+    want_o, want_final, want = _gradients(
+        q.double(), k.double(), v.double(), decay, "recurrent",
+        state.double() if state is not None else None, final_weight,
+    )  # fmt: skip
+    assert len(grads) == len(want) == (4 if with_states else 3)
+    _close(o, want_o, 1e-5)
+    for got, expected in zip(grads, want, strict=True):
+        assert got.shape == expected.shape
+        _close(got, expected, 1e-5)
+    if with_states:
+        _close(final, want_final, 1e-5)
+
+
+@needs_kernel
+def test_gradients_of_packed_rows_stay_within_each_example() -> None:
+    """Packed rows (the model's training batches): examples of 40 / 56 and 10 / 86 / 0 tokens, each row's state
+    entering its first example; the gradients equal the recurrence's, so none crosses a boundary."""
+    q, k, v = _inputs(2, 96, 2, 32, 32, seed=12)
+    seq_ids = torch.tensor([[0] * 40 + [1] * 56, [2] * 10 + [3] * 86], device=DEVICE)
+    state = torch.randn(2, 2, 32, 32, generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    decay = DECAY[:2].to(DEVICE)
+    _, _, grads = _gradients(q, k, v, decay, "triton", state, rows=PackedRows.from_seq_ids(seq_ids))
+    _, _, want = _gradients(
+        q.double(), k.double(), v.double(), decay, "recurrent", state.double(), seq_ids=seq_ids
+    )
+    for got, expected in zip(grads, want, strict=True):
+        _close(got, expected, 1e-5)
+    # q of the second row's first example only sees its own 10 tokens: its gradient is zero past them
+    assert torch.count_nonzero(grads[0][1, 10:]) > 0 and torch.count_nonzero(grads[3]) > 0
 
 
 TINY = {
@@ -133,6 +195,27 @@ def test_the_models_eval_forward_runs_the_kernel_and_matches_the_chunked_path() 
     _close(got.logits, want.logits, 1e-5)
     for layer in range(2):
         _close(got.past_key_values.get_state(layer), want.past_key_values.get_state(layer), 1e-5)
+
+
+@needs_kernel
+def test_a_model_trains_through_the_kernels_as_through_the_chunked_path() -> None:
+    """One training forward and backward of a tiny model (LRPE in its first layer, packed rows) with
+    ``lightning_impl="triton"``: the loss and every parameter's gradient equal the chunked path's in fp32."""
+    torch.manual_seed(0)
+    model = TransnormerForCausalLM(TransnormerConfig(**TINY, lightning_impl="triton")).to(DEVICE).train()
+    reference = TransnormerForCausalLM(TransnormerConfig(**TINY, lightning_impl="chunked")).to(DEVICE).train()
+    reference.load_state_dict(model.state_dict())
+    ids = torch.randint(3, 300, (2, 90), device=DEVICE)
+    seq_ids = torch.tensor([[0] * 30 + [1] * 60, [2] * 90], device=DEVICE)
+    losses = []
+    for net in (model, reference):
+        out = net(input_ids=ids, labels=ids, seq_ids=seq_ids)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for (name, got), (_, want) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
+        assert got.grad is not None, name
+        _close(got.grad, want.grad, 1e-4)
 
 
 def test_the_forward_only_kernel_is_chosen_for_eval_forwards_without_gradients() -> None:
@@ -182,3 +265,26 @@ def test_bf16_forward_against_fla_and_the_fp32_recurrence(length: int, key_dim: 
     fla_err = ((fla_o.float() - ref_o).norm() / ref_o.norm()).item()
     _close(o, ref_o, max(1e-2, 1.5 * fla_err))
     _close(final, ref_final, max(1e-2, 1.5 * ((fla_final - ref_final).norm() / ref_final.norm()).item()))
+
+
+@GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("lengths", "key_dim"),
+    [((97, 230, 64, 1, 150, 482), 128), ((97, 230, 64, 1, 150, 482), 256), ((2048, 1000), 128)],
+)
+def test_bf16_gradients_against_fla_and_fp32(lengths: tuple[int, ...], key_dim: int) -> None:
+    """Packed examples at the model's widths (32 heads): the bf16 kernels' dq, dk, dv are as close to the fp32
+    chunked path's as fla's are."""
+    pytest.importorskip("fla.ops.simple_gla", reason="needs fla-core (pip install 'tnlora[gpu]')")
+    total = sum(lengths)
+    q, k, v = _inputs(1, total, 32, key_dim, 128, seed=total, dtype=torch.bfloat16)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE)
+    decay = torch.linspace(-0.001, -1.0, 32, device=DEVICE)
+    _, _, got = _gradients(q, k, v, decay, "triton", cu_seqlens=cu)
+    _, _, fla = _gradients(q, k, v, decay, "fla", cu_seqlens=cu)
+    _, _, want = _gradients(q.float(), k.float(), v.float(), decay, "chunked", cu_seqlens=cu)
+    for name, mine, theirs, exact in zip("qkv", got, fla, want, strict=True):
+        fla_err = ((theirs.float() - exact).norm() / exact.norm()).item()
+        err = ((mine.float() - exact).norm() / exact.norm()).item()
+        assert err < max(1e-2, 1.5 * fla_err), f"d{name}: {err:.2e} against fla's {fla_err:.2e}"

@@ -10,8 +10,9 @@ No softmax, no q·k scale, no denominator. One entry point, :func:`lightning_att
   o_t = q_t S_t (decoding steps; the reference for packed rows).
 * ``"fla"`` (:mod:`tnlora.ops.fla`): fla-core's Triton ``chunk_simple_gla`` (CUDA only, optional extra
   ``tnlora[gpu]``).
-* ``"triton"`` (:mod:`tnlora.ops.lightning_triton`): the forward alone in one Triton launch, for calls without
-  gradients (prefill, evaluation); CUDA, or Triton's interpreter.
+* ``"triton"`` (:mod:`tnlora.ops.lightning_triton`): each example's chunks scanned in order by one program per
+  (example, head, block): the forward in one Triton launch (prefill, evaluation), the backward in three;
+  CUDA, or Triton's interpreter.
 * ``"auto"``: what :mod:`tnlora.ops.select` picks for the device (the model passes a concrete choice).
 
 Layout is sequence-first like fla: q, k [B, T, H, K]; v [B, T, H, V]; states [B, H, K, V].
@@ -67,8 +68,8 @@ def lightning_attention(
             before the first token of each row (it feeds only the row's first example).
         output_final_state: also return the state after the last token: [N, H, K, V] per example with
             cu_seqlens, otherwise [B, H, K, V] of each row's last example.
-        impl: "chunked", "recurrent", "fla", "triton" (no gradients) or "auto" (recurrent for T = 1, fla on
-            CUDA when importable, else chunked).
+        impl: "chunked", "recurrent", "fla", "triton" or "auto" (recurrent for T = 1, fla on CUDA when
+            importable, else chunked).
         chunk_size: chunk length of the chunked implementation.
 
     Returns:
@@ -110,22 +111,22 @@ def _triton_attention(
     initial_state: Tensor | None,
     output_final_state: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    """The one-launch forward of :mod:`tnlora.ops.lightning_triton`; packed rows run laid end to end."""
-    from tnlora.ops.lightning_triton import triton_forward
+    """:mod:`tnlora.ops.lightning_triton`'s scans: the forward in one launch, with gradients the backward in three;
+    packed rows run laid end to end."""
+    from tnlora.ops.lightning_triton import triton_attention, triton_forward
 
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        raise ValueError("lightning attention impl 'triton' computes forwards without gradients only; "
-                         "train with impl 'fla' or 'chunked'")  # fmt: skip
     if q.dtype == torch.float64 or not q.dtype == k.dtype == v.dtype:
         raise ValueError("impl='triton' takes q, k, v of one fp32 or half dtype; use impl='chunked' for fp64")
+    tracked = [x for x in (q, k, v, initial_state) if x is not None]
+    attention = triton_attention if torch.is_grad_enabled() and any(x.requires_grad for x in tracked) else triton_forward
     if rows is None and seq_ids is not None:
         rows = PackedRows.from_seq_ids(seq_ids)
     if rows is None:
-        return triton_forward(q, k, v, log_decay, cu_seqlens, initial_state, output_final_state)
+        return attention(q, k, v, log_decay, cu_seqlens, initial_state, output_final_state)
     batch = q.shape[0]
     rows = rows.to(q.device)
     flat_q, flat_k, flat_v, first = end_to_end(rows, q, k, v, initial_state)
-    o, final = triton_forward(flat_q, flat_k, flat_v, log_decay, rows.cu_seqlens, first, output_final_state)
+    o, final = attention(flat_q, flat_k, flat_v, log_decay, rows.cu_seqlens, first, output_final_state)
     return per_row(rows, o, final, batch)
 
 

@@ -94,9 +94,11 @@ def lightning_forward_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
 ):
-    # Axis 0 is (example, head) (up to 2³¹ programs), axis 1 the V block.
-    i_nh = tl.program_id(0)
-    i_v = tl.program_id(1)
+    # One axis (up to 2³¹ programs), the V blocks of one (example, head) next to each other: they read the same q
+    # and k, which the later ones then find in L2.
+    blocks = tl.cdiv(V, BV)
+    i_nh = tl.program_id(0) // blocks
+    i_v = tl.program_id(0) % blocks
     i_n = i_nh // heads
     i_h = i_nh % heads
     if VARLEN:
@@ -202,7 +204,7 @@ def triton_forward(
         return o, final
     block_k = max(16, triton.next_power_of_2(key_dim))
     block_v = min(BLOCK_V, max(16, triton.next_power_of_2(value_dim)))
-    grid = (examples * heads, -(-value_dim // block_v))
+    grid = (examples * heads * -(-value_dim // block_v),)
     lightning_forward_kernel[grid](
         q, k, v, decay, initial_state if initial_state is not None else decay,
         cu_seqlens if cu_seqlens is not None else decay, o, final if final is not None else o,
@@ -218,4 +220,347 @@ def triton_forward(
     return o, final
 
 
-__all__ = ["CHUNK", "CHUNK_FP32", "lightning_forward_kernel", "triton_forward"]
+
+# ---------------------------------------------------------------------------------------------------------------
+# The backward: three scans over each example's chunks, one program per (example, head, block of K or V).
+#
+# With dS_e = Σ_{t>e} λ^{t−e} q_tᵀ do_t (the gradient reaching the state after token e, a reverse scan):
+#   dq_i = Σ_{j≤i} λ^{i−j} (do_i·v_j) k_j + λ^{i+1} do_i Sᵀ        (S: the state before the chunk, forward scan)
+#   dk_j = Σ_{i≥j} λ^{i−j} (v_j·do_i) q_i + λ^{L−1−j} dS v_j       (dS: after the chunk's last token)
+#   dv_j = Σ_{i≥j} λ^{i−j} (k_j·q_i) do_i + λ^{L−1−j} k_j dS
+#   dS ← λ^L dS + Σ_i λ^{i+1} q_iᵀ do_i,  and the initial state's gradient is dS after the first chunk.
+# dq needs S's rows of its K block and all of V, dk dS's rows of its K block, dv dS's columns of its V block: so
+# dq and dk run over K blocks and dv over V blocks, each keeping its part of the state in registers (fp32). Nothing
+# is stored between chunks, so the backward reads q, k, v, do and writes dq, dk, dv (and dh0) once per block.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _example(pid, heads, blocks, cu_ptr, length, VARLEN: tl.constexpr):
+    """(example·heads + head, block, head, bos, eos, row) of program ``pid``: blocks of one example next to each
+    other, so that they find the inputs they share in L2."""
+    i_nh = pid // blocks
+    i_b = pid % blocks
+    i_n = i_nh // heads
+    if VARLEN:
+        row = i_n.to(tl.int64) * 0
+        bos = tl.load(cu_ptr + i_n).to(tl.int64)
+        eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    else:
+        row = i_n.to(tl.int64)
+        bos = row * 0
+        eos = bos + length
+    return i_nh, i_b, i_nh % heads, bos, eos, row
+
+
+@triton.jit
+def _decays(g, BT: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Positions in a chunk, λ^(i−j) below the diagonal [i, j] (or its transpose [j, i]; exponents clamped before
+    exp) and λ^(i+1)."""
+    pos = tl.arange(0, BT)
+    posf = pos.to(tl.float32)
+    if TRANSPOSED:
+        causal = pos[None, :] >= pos[:, None]
+        gap = posf[None, :] - posf[:, None]
+    else:
+        causal = pos[:, None] >= pos[None, :]
+        gap = posf[:, None] - posf[None, :]
+    within = tl.where(causal, tl.exp(g * tl.where(causal, gap, 0.0)), 0.0)
+    return pos, posf, within, tl.exp(g * (posf + 1.0))
+
+
+@triton.jit
+def lightning_dq_kernel(
+    k_ptr, v_ptr, do_ptr, decay_ptr, h0_ptr, cu_ptr, dq_ptr, length, heads,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, HAS_H0: tl.constexpr, PRECISION: tl.constexpr,
+    WHILE_LOOP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr,
+):  # fmt: skip
+    """dq of a block of BK columns of K: the forward scan, S's rows of the block kept transposed [V, BK]."""
+    i_nh, i_k, i_h, bos, eos, row = _example(tl.program_id(0), heads, tl.cdiv(K, BK), cu_ptr, length, VARLEN)
+    g = tl.load(decay_ptr + i_h)
+    pos, posf, within, to_token = _decays(g, BT, False)
+    ks = i_k * BK + tl.arange(0, BK)
+    vs = tl.arange(0, BVF)
+    k_ok = ks < K
+    v_ok = vs < V
+    k_base = k_ptr + row * stride_kb + i_h * stride_kh
+    v_base = v_ptr + row * stride_vb + i_h * stride_vh
+    do_base = do_ptr + (row * length * heads + i_h) * V  # do and dq: [rows, length, heads, ·], contiguous
+    dq_base = dq_ptr + (row * length * heads + i_h) * K
+    if HAS_H0:
+        offset = i_nh.to(tl.int64) * K * V + ks[None, :] * V + vs[:, None]
+        state_t = tl.load(h0_ptr + offset, mask=v_ok[:, None] & k_ok[None, :], other=0.0)
+    else:
+        state_t = tl.zeros([BVF, BK], dtype=tl.float32)
+    chunks = tl.cdiv(eos - bos, BT)
+    # A range loop compiled, the while loop under the interpreter (see lightning_forward_kernel).
+    if WHILE_LOOP:
+        i_c = chunks * 0
+        while i_c < chunks:
+            state_t = _dq_chunk(k_base, v_base, do_base, dq_base, state_t, bos + i_c.to(tl.int64) * BT, eos, heads,
+                                stride_kt, stride_vt, g, pos, posf, within, to_token, ks, k_ok, vs, v_ok, K, V,
+                                PRECISION)  # fmt: skip
+            i_c += 1
+    else:
+        for i_c in range(0, chunks):
+            state_t = _dq_chunk(k_base, v_base, do_base, dq_base, state_t, bos + i_c.to(tl.int64) * BT, eos, heads,
+                                stride_kt, stride_vt, g, pos, posf, within, to_token, ks, k_ok, vs, v_ok, K, V,
+                                PRECISION)  # fmt: skip
+
+
+@triton.jit
+def _dq_chunk(k_base, v_base, do_base, dq_base, state_t, start, eos, heads, stride_kt, stride_vt, g, pos, posf,
+              within, to_token, ks, k_ok, vs, v_ok, K: tl.constexpr, V: tl.constexpr, PRECISION: tl.constexpr):
+    """One chunk of dq from token ``start``: its rows stored, the state (transposed) after it returned."""
+    dtype = do_base.dtype.element_ty
+    t = start + pos
+    t_ok = t < eos
+    do = tl.load(do_base + t[:, None] * (heads * V) + vs[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
+    v_t = tl.load(v_base + vs[:, None] + t[None, :] * stride_vt, mask=v_ok[:, None] & t_ok[None, :], other=0.0)
+    kb = tl.load(k_base + t[:, None] * stride_kt + ks[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+    scores = tl.dot(do, v_t, input_precision=PRECISION) * within
+    dq = tl.dot(scores.to(dtype), kb, input_precision=PRECISION)
+    dq += tl.dot(do, state_t.to(dtype), input_precision=PRECISION) * to_token[:, None]
+    tl.store(dq_base + t[:, None] * (heads * K) + ks[None, :], dq.to(dq_base.dtype.element_ty),
+             mask=t_ok[:, None] & k_ok[None, :])  # fmt: skip
+    last = (tl.minimum(eos - start, pos.shape[0]) - 1).to(tl.float32)
+    to_end = tl.where(t_ok, tl.exp(g * tl.maximum(last - posf, 0.0)), 0.0)
+    decayed = (v_t.to(tl.float32) * to_end[None, :]).to(dtype)
+    return tl.dot(decayed, kb, state_t * tl.exp(g * (last + 1.0)), input_precision=PRECISION)
+
+
+@triton.jit
+def lightning_dk_kernel(
+    q_ptr, v_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, dk_ptr, dh0_ptr, length, heads,
+    stride_qb, stride_qt, stride_qh, stride_vb, stride_vt, stride_vh,
+    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+    PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr,
+):  # fmt: skip
+    """dk of a block of BK columns of K (and those rows of the initial state's gradient): the reverse scan, dS's
+    rows of the block kept transposed [V, BK]."""
+    i_nh, i_k, i_h, bos, eos, row = _example(tl.program_id(0), heads, tl.cdiv(K, BK), cu_ptr, length, VARLEN)
+    g = tl.load(decay_ptr + i_h)
+    pos, posf, within_t, to_token = _decays(g, BT, True)
+    ks = i_k * BK + tl.arange(0, BK)
+    vs = tl.arange(0, BVF)
+    k_ok = ks < K
+    v_ok = vs < V
+    q_base = q_ptr + row * stride_qb + i_h * stride_qh
+    v_base = v_ptr + row * stride_vb + i_h * stride_vh
+    do_base = do_ptr + (row * length * heads + i_h) * V
+    dk_base = dk_ptr + (row * length * heads + i_h) * K
+    offset = i_nh.to(tl.int64) * K * V + ks[None, :] * V + vs[:, None]
+    state_ok = v_ok[:, None] & k_ok[None, :]
+    if HAS_DHT:
+        grad_t = tl.load(dht_ptr + offset, mask=state_ok, other=0.0)
+    else:
+        grad_t = tl.zeros([BVF, BK], dtype=tl.float32)
+    chunks = tl.cdiv(eos - bos, BT)
+    if WHILE_LOOP:
+        i_r = chunks * 0
+        while i_r < chunks:
+            grad_t = _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, bos + (chunks - 1 - i_r).to(tl.int64) * BT,
+                               eos, heads, stride_qt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok,
+                               K, V, PRECISION)  # fmt: skip
+            i_r += 1
+    else:
+        for i_r in range(0, chunks):
+            grad_t = _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, bos + (chunks - 1 - i_r).to(tl.int64) * BT,
+                               eos, heads, stride_qt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok,
+                               K, V, PRECISION)  # fmt: skip
+    if STORE_DH0:
+        tl.store(dh0_ptr + offset, grad_t, mask=state_ok)
+
+
+@triton.jit
+def lightning_dv_kernel(
+    q_ptr, k_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, dv_ptr, length, heads,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, HAS_DHT: tl.constexpr, PRECISION: tl.constexpr,
+    WHILE_LOOP: tl.constexpr, BT: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    """dv of a block of BV columns of V: the reverse scan, dS's columns of the block kept [K, BV]."""
+    i_nh, i_v, i_h, bos, eos, row = _example(tl.program_id(0), heads, tl.cdiv(V, BV), cu_ptr, length, VARLEN)
+    g = tl.load(decay_ptr + i_h)
+    pos, posf, within_t, to_token = _decays(g, BT, True)
+    ks = tl.arange(0, BKF)
+    vs = i_v * BV + tl.arange(0, BV)
+    k_ok = ks < K
+    v_ok = vs < V
+    q_base = q_ptr + row * stride_qb + i_h * stride_qh
+    k_base = k_ptr + row * stride_kb + i_h * stride_kh
+    do_base = do_ptr + (row * length * heads + i_h) * V
+    dv_base = dv_ptr + (row * length * heads + i_h) * V
+    if HAS_DHT:
+        offset = i_nh.to(tl.int64) * K * V + ks[:, None] * V + vs[None, :]
+        grad = tl.load(dht_ptr + offset, mask=k_ok[:, None] & v_ok[None, :], other=0.0)
+    else:
+        grad = tl.zeros([BKF, BV], dtype=tl.float32)
+    chunks = tl.cdiv(eos - bos, BT)
+    if WHILE_LOOP:
+        i_r = chunks * 0
+        while i_r < chunks:
+            grad = _dv_chunk(q_base, k_base, do_base, dv_base, grad, bos + (chunks - 1 - i_r).to(tl.int64) * BT, eos,
+                             heads, stride_qt, stride_kt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, V,
+                             PRECISION)  # fmt: skip
+            i_r += 1
+    else:
+        for i_r in range(0, chunks):
+            grad = _dv_chunk(q_base, k_base, do_base, dv_base, grad, bos + (chunks - 1 - i_r).to(tl.int64) * BT, eos,
+                             heads, stride_qt, stride_kt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, V,
+                             PRECISION)  # fmt: skip
+
+
+@triton.jit
+def _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, start, eos, heads, stride_qt, stride_vt, g, pos, posf,
+              within_t, to_token, ks, k_ok, vs, v_ok, K: tl.constexpr, V: tl.constexpr, PRECISION: tl.constexpr):
+    """One chunk of dk from token ``start``: its rows stored, dS (transposed) before the chunk returned."""
+    dtype = do_base.dtype.element_ty
+    t = start + pos
+    t_ok = t < eos
+    v = tl.load(v_base + t[:, None] * stride_vt + vs[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
+    do_t = tl.load(do_base + vs[:, None] + t[None, :] * (heads * V), mask=v_ok[:, None] & t_ok[None, :], other=0.0)
+    qb = tl.load(q_base + t[:, None] * stride_qt + ks[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+    last = (tl.minimum(eos - start, pos.shape[0]) - 1).to(tl.float32)
+    to_end = tl.where(t_ok, tl.exp(g * tl.maximum(last - posf, 0.0)), 0.0)
+    scores = tl.dot(v, do_t, input_precision=PRECISION) * within_t
+    dk = tl.dot(scores.to(dtype), qb, input_precision=PRECISION)
+    dk += tl.dot(v, grad_t.to(dtype), input_precision=PRECISION) * to_end[:, None]
+    tl.store(dk_base + t[:, None] * (heads * K) + ks[None, :], dk.to(dk_base.dtype.element_ty),
+             mask=t_ok[:, None] & k_ok[None, :])  # fmt: skip
+    scaled = (qb.to(tl.float32) * to_token[:, None]).to(dtype)
+    return tl.dot(do_t, scaled, grad_t * tl.exp(g * (last + 1.0)), input_precision=PRECISION)
+
+
+@triton.jit
+def _dv_chunk(q_base, k_base, do_base, dv_base, grad, start, eos, heads, stride_qt, stride_kt, g, pos, posf,
+              within_t, to_token, ks, k_ok, vs, v_ok, V: tl.constexpr, PRECISION: tl.constexpr):
+    """One chunk of dv from token ``start``: its rows stored, dS's block before the chunk returned."""
+    dtype = do_base.dtype.element_ty
+    t = start + pos
+    t_ok = t < eos
+    kk = tl.load(k_base + t[:, None] * stride_kt + ks[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+    q_t = tl.load(q_base + ks[:, None] + t[None, :] * stride_qt, mask=k_ok[:, None] & t_ok[None, :], other=0.0)
+    do = tl.load(do_base + t[:, None] * (heads * V) + vs[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
+    last = (tl.minimum(eos - start, pos.shape[0]) - 1).to(tl.float32)
+    to_end = tl.where(t_ok, tl.exp(g * tl.maximum(last - posf, 0.0)), 0.0)
+    scores = tl.dot(kk, q_t, input_precision=PRECISION) * within_t
+    dv = tl.dot(scores.to(dtype), do, input_precision=PRECISION)
+    dv += tl.dot(kk, grad.to(dtype), input_precision=PRECISION) * to_end[:, None]
+    tl.store(dv_base + t[:, None] * (heads * V) + vs[None, :], dv.to(dv_base.dtype.element_ty),
+             mask=t_ok[:, None] & v_ok[None, :])  # fmt: skip
+    scaled = (q_t.to(tl.float32) * to_token[None, :]).to(dtype)
+    return tl.dot(scaled, do, grad * tl.exp(g * (last + 1.0)), input_precision=PRECISION)
+
+
+# Blocks of the backward's programs: dq and dk over K blocks of BLOCK_K_GRAD (all of V), dv over V blocks of
+# BLOCK_V_GRAD (all of K).
+BLOCK_K_GRAD = 64
+BLOCK_V_GRAD = 32
+NUM_WARPS_GRAD = 4
+
+
+def triton_backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_decay: Tensor,
+    do: Tensor,
+    cu_seqlens: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    final_grad: Tensor | None = None,
+    initial_grad: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The gradients of :func:`triton_forward`'s outputs: dq, dk, dv in the inputs' dtype, and the initial
+    state's gradient (fp32) when ``initial_grad``. ``final_grad`` is the final state's incoming gradient."""
+    batch, length, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    q, k, v = _token_rows(q), _token_rows(k), _token_rows(v)
+    do = do.to(v.dtype).contiguous()
+    examples = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else batch
+    dq = torch.empty(batch, length, heads, key_dim, device=q.device, dtype=q.dtype)
+    dk = torch.empty_like(dq, dtype=k.dtype)
+    dv = torch.empty(batch, length, heads, value_dim, device=v.device, dtype=v.dtype)
+    dh0 = (
+        torch.zeros(examples, heads, key_dim, value_dim, device=v.device, dtype=torch.float32)
+        if initial_grad
+        else None
+    )
+    if examples == 0 or length == 0:
+        if dh0 is not None and final_grad is not None:
+            dh0.copy_(final_grad)
+        return dq.zero_(), dk.zero_(), dv.zero_(), dh0
+    decay = log_decay.to(device=q.device, dtype=torch.float32).contiguous()
+    h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
+    dht = final_grad.to(torch.float32).contiguous() if final_grad is not None else None
+    cu = cu_seqlens if cu_seqlens is not None else decay
+    full_k = max(16, triton.next_power_of_2(key_dim))
+    full_v = max(16, triton.next_power_of_2(value_dim))
+    block_k = min(BLOCK_K_GRAD, full_k)
+    block_v = min(BLOCK_V_GRAD, full_v)
+    k_blocks = -(-key_dim // block_k)
+    common = dict(
+        K=key_dim, V=value_dim, VARLEN=cu_seqlens is not None,
+        PRECISION="ieee" if v.dtype == torch.float32 else "tf32", WHILE_LOOP=not q.is_cuda,
+        BT=CHUNK_FP32 if v.dtype == torch.float32 else CHUNK, num_warps=NUM_WARPS_GRAD,
+    )  # fmt: skip
+    lightning_dq_kernel[(examples * heads * k_blocks,)](
+        k, v, do, decay, h0 if h0 is not None else decay, cu, dq, length, heads,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        HAS_H0=h0 is not None, BK=block_k, BVF=full_v, **common,
+    )  # fmt: skip
+    lightning_dk_kernel[(examples * heads * k_blocks,)](
+        q, v, do, decay, dht if dht is not None else decay, cu, dk, dh0 if dh0 is not None else decay, length, heads,
+        q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, BK=block_k, BVF=full_v, **common,
+    )  # fmt: skip
+    lightning_dv_kernel[(examples * heads * -(-value_dim // block_v),)](
+        q, k, do, decay, dht if dht is not None else decay, cu, dv, length, heads,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        HAS_DHT=dht is not None, BKF=full_k, BV=block_v, **common,
+    )  # fmt: skip
+    return dq, dk, dv, dh0
+
+
+class TritonLightning(torch.autograd.Function):
+    """:func:`triton_forward` with :func:`triton_backward` as its gradient (q, k, v and the initial state)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, cu_seqlens, initial_state, output_final_state):
+        o, final = triton_forward(q, k, v, log_decay, cu_seqlens, initial_state, output_final_state)
+        ctx.save_for_backward(q, k, v, log_decay, cu_seqlens, initial_state)
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, final_grad):
+        q, k, v, log_decay, cu_seqlens, initial_state = ctx.saved_tensors
+        wants_h0 = initial_state is not None and ctx.needs_input_grad[5]
+        dq, dk, dv, dh0 = triton_backward(q, k, v, log_decay, do, cu_seqlens, initial_state, final_grad, wants_h0)
+        return dq, dk, dv, None, None, dh0, None
+
+
+def triton_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_decay: Tensor,
+    cu_seqlens: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`triton_forward` with gradients for q, k, v and ``initial_state`` (three backward launches)."""
+    return TritonLightning.apply(q, k, v, log_decay, cu_seqlens, initial_state, output_final_state)
+
+__all__ = [
+    "CHUNK",
+    "CHUNK_FP32",
+    "TritonLightning",
+    "lightning_dk_kernel",
+    "lightning_dq_kernel",
+    "lightning_dv_kernel",
+    "lightning_forward_kernel",
+    "triton_attention",
+    "triton_backward",
+    "triton_forward",
+]

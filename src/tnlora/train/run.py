@@ -112,8 +112,8 @@ def preflight(cfg: RunConfig, processes: int | None = None) -> tuple[RunConfig, 
             import tensorboard  # noqa: F401
         except ImportError:
             raise ConfigError("report_to: tensorboard is not installed (pip install tensorboard)") from None
-    if cfg.attention_impl == "fla" and not torch.cuda.is_available():
-        raise ConfigError("attention_impl: 'fla' needs a CUDA GPU; use auto or chunked on CPU")
+    if cfg.attention_impl in ("fla", "triton") and not torch.cuda.is_available():
+        raise ConfigError(f"attention_impl: {cfg.attention_impl!r} needs a CUDA GPU; use auto or chunked on CPU")
     if cfg.quantization_bit is not None:
         from tnlora.model.quantization import check_quantization_available
 
