@@ -80,6 +80,8 @@
 #                   scans, on packed rows of huanhuan.json's example lengths at the 7B / 1B / huanhuan-command
 #                   micro-batches, on examples of 1,024 / 4,096 tokens and on single long rows; then the scans'
 #                   backward launches (GRAD_SWEEP, "K block:V block:warps ...") at the 7B micro-batch
+#   attention-train  tnlora train's defaults with the attention as fla's chunk kernels and as tnlora's Triton scans
+#                   (--attention_impl fla / triton; MODELS, default "1B 7B"; ROUNDS rounds, default 1, alternating)
 #   profile       the top kernels of one compiled 1B step (one 16,384-token row)
 #   trace         the timeline of one step with tnlora train's defaults (MODELS, default 1B; the second of two
 #                 timed steps: the first starts after the timer's sync) through benchmarks/trace_gaps.py: device
@@ -265,6 +267,10 @@ PY
       grep -vE "Warning|warn" "$OUT/serve.txt" | tail -n 30 | tee -a "$OUT/log.txt" "$OUT/table.txt" ;;
     attention)
       log "attention"; timeout ${LIMIT:-200} python3 benchmarks/attention.py --impls fla,chunked 2>&1 | tee -a "$OUT/log.txt" | tail -n 20 >> "$OUT/table.txt" ;;
+    attention-train)
+      for r in $(seq ${ROUNDS:-1}); do for m in ${MODELS:-1B 7B}; do for impl in fla triton; do
+        train --model $m $CAP --attention_impl $impl --name "$m huanhuan-shaped, defaults, attention $impl ($COMMIT)$TAG"
+      done; done; done ;;
     attention-packed)
       att() { table_script attention.py --impls ${ATT_IMPLS:-fla,triton} --repeats 10 "$@"; }
       for shape in 32:16384 16:32768 32:8192; do

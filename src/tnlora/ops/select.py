@@ -7,10 +7,11 @@ built and whenever it moves to another device (``TransnormerPreTrainedModel.sele
 forward; the static decode step (``infer.decode_graph``) resolves ``decode_kernel`` with :func:`kernel_impl` when
 its runner is built.
 
-"auto" means: on CUDA, fla-core's kernels for multi-token attention with gradients (training) when fla imports,
-and the Triton kernels for the attention without gradients (prefill, evaluation: one launch a layer,
-:mod:`tnlora.ops.lightning_triton`), the norms and the decode step when triton imports; everywhere else, the
-PyTorch implementations. One-token attention calls (decoding without a static step) use the recurrent form.
+"auto" means: on CUDA, the Triton kernels when triton imports: the lightning attention as per-example scans
+(:mod:`tnlora.ops.lightning_triton`: the forward in one launch a layer, the backward in three), the norms, the
+loss, the activation and the decode step; fla-core's chunk kernels for the attention where triton does not import
+but fla does; everywhere else, the PyTorch implementations. One-token attention calls (decoding without a static
+step) use the recurrent form.
 """
 
 from __future__ import annotations
@@ -39,20 +40,23 @@ def triton_available() -> bool:
 
 
 def attention_impl(choice: str, device: torch.device | str) -> str:
-    """The multi-token lightning attention with gradients for ``choice`` on ``device``: auto → fla on CUDA when
-    fla-core imports, else chunked."""
+    """The multi-token lightning attention with gradients for ``choice`` on ``device``: auto → on CUDA the Triton
+    scans when triton imports (faster than fla-core's chunk kernels at every shape measured, packed or long rows:
+    benchmarks/RESULTS.md, "Attention kernel"), else fla when it imports; else chunked."""
     if choice not in LIGHTNING_IMPLS:
         raise ConfigError(f"lightning_impl must be one of {LIGHTNING_IMPLS}, got {choice!r}")
     if choice != "auto":
         return choice
-    return "fla" if torch.device(device).type == "cuda" and fla_available() else "chunked"
+    if torch.device(device).type != "cuda":
+        return "chunked"
+    if triton_available():
+        return "triton"
+    return "fla" if fla_available() else "chunked"
 
 
 def forward_attention_impl(choice: str, device: torch.device | str) -> str:
-    """The multi-token lightning attention of forwards without gradients (prefill, evaluation): auto → triton
-    on CUDA when triton imports (one launch a layer), else what :func:`attention_impl` picks."""
-    if choice == "auto" and torch.device(device).type == "cuda" and triton_available():
-        return "triton"
+    """The multi-token lightning attention of forwards without gradients (prefill, evaluation): what
+    :func:`attention_impl` picks (on CUDA the Triton forward, one launch a layer)."""
     return attention_impl(choice, device)
 
 
@@ -80,7 +84,7 @@ def kernel_impl(choice: str, device: torch.device | str, field: str) -> str:
 class Kernels:
     """The implementations a model runs on one device."""
 
-    attention: str  # multi-token lightning attention with gradients: chunked | recurrent | fla (| triton: refused)
+    attention: str  # multi-token lightning attention with gradients: chunked | recurrent | fla | triton
     attention_forward: str  # the same without gradients (prefill, evaluation): also triton
     attention_step: str  # one-token lightning attention calls
     norm: str  # SimpleRMSNorm: torch | triton (forward and backward kernels; no-grad forwards too)
