@@ -5,7 +5,8 @@
 
 Shapes are 1B-like: H = 16 heads, V = 128, and K = 128 (layers 1…L−1) or K = 256 (layer 0, LRPE doubles q/k).
 One row per (K, T, impl): milliseconds for forward + backward (median of --repeats after --warmup runs) and,
-on CUDA, the peak memory of that step. The per-token recurrent loop is timed only up to --recurrent-max.
+on CUDA, the peak memory of that step; ``--back-to-back N`` times N calls between two syncs, as a training step
+makes them. The per-token recurrent loop is timed only up to --recurrent-max.
 
     python benchmarks/attention.py --impls fla,triton --heads 32 --examples huanhuan --lengths 16384
 
@@ -106,12 +107,21 @@ def time_step(impl: str, K: int, T: int, args: argparse.Namespace) -> tuple[floa
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(args.repeats):
+        # --back-to-back calls between two syncs, as a training step makes them: the host's own time per call
+        # then hides behind the device's wherever it is shorter.
         sync()
         start = time.perf_counter()
-        step()
+        for _ in range(args.back_to_back):
+            step()
         sync()
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append((time.perf_counter() - start) * 1e3 / args.back_to_back)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    if args.profile and device.type == "cuda":
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.back_to_back):
+                step()
+            sync()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile))
     return statistics.median(times), peak
 
 
@@ -128,6 +138,9 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=16, help="H: 16 is 1B's, 32 7B's, 8 385M's")
     parser.add_argument("--examples", default="", help="huanhuan, or a token count: examples cut from one row")
     parser.add_argument("--forward", action="store_true", help="the forward alone, without gradients")
+    parser.add_argument("--back-to-back", type=int, default=1,
+                        help="calls timed together between two syncs (the host's time per call hides behind the device's)")
+    parser.add_argument("--profile", type=int, default=0, help="also list this many kernels by device time (CUDA)")
     parser.add_argument(
         "--triton-grad", default="", help="K block:V block:warps of impl triton's backward kernels (a sweep)"
     )

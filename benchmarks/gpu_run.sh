@@ -272,7 +272,7 @@ PY
         train --model $m $CAP --attention_impl $impl --name "$m huanhuan-shaped, defaults, attention $impl ($COMMIT)$TAG"
       done; done; done ;;
     attention-packed)
-      att() { table_script attention.py --impls ${ATT_IMPLS:-fla,triton} --repeats 10 "$@"; }
+      att() { table_script attention.py --impls ${ATT_IMPLS:-fla,triton} --repeats 5 --back-to-back 20 "$@"; }
       for shape in 32:16384 16:32768 32:8192; do
         att --heads ${shape%%:*} --lengths ${shape##*:} --examples huanhuan --head-dims 128,256
         att --heads ${shape%%:*} --lengths ${shape##*:} --examples huanhuan --head-dims 128 --forward
