@@ -1,17 +1,21 @@
-"""Lightning attention without gradients as one Triton kernel: the prefill's attention in one launch.
+"""Lightning attention as per-example scans in Triton: the forward in one launch, the backward in three.
 
 A prefill of a few dozen tokens is launch-bound: its GPU work per layer is a few microseconds, and fla's
-``chunk_simple_gla`` (built for training: chunk-parallel, autotuned, with a backward) goes through several
-autotuned launches and their Python each layer. :func:`triton_forward` computes the same thing as
-:func:`tnlora.ops.chunked.chunked_attention` in one launch with fixed tiles: one program per (example, head,
-block of V columns) walks its example's chunks of ``CHUNK`` tokens (``CHUNK_FP32`` for fp32) in order, keeps
-the state S [K, BV] in registers (fp32) and per chunk computes
+``chunk_simple_gla`` (chunk-parallel, autotuned) goes through several autotuned launches and their Python each
+layer. :func:`triton_forward` computes the same thing as :func:`tnlora.ops.chunked.chunked_attention` in one
+launch with fixed tiles: one program per (example, head, block of V columns) walks its example's chunks of
+``CHUNK`` tokens (``CHUNK_FP32`` for fp32) in order, keeps the state S [K, BV] in registers (fp32) and per chunk
+computes
 
     o = (q kᵀ ⊙ D) v + (q ⊙ λ^{i+1}) S,    S ← λ^L S + kᵀ (v ⊙ λ^{L−1−j})
 
-(D[i, j] = λ^{i−j} for i ≥ j, else 0; L the chunk's length). The chunks of one example run one after another,
-so a long prompt is one program's loop; the grid's parallelism is examples × heads × V blocks (7B, one
-prompt: 32 heads × 4 blocks), enough for prefill lengths. Training keeps fla (chunk-parallel, with a backward).
+(D[i, j] = λ^{i−j} for i ≥ j, else 0; L the chunk's length). The chunks of one example run one after another;
+the grid's parallelism is examples × heads × blocks. Training's packed rows hold many short examples, so the
+same form trains: :func:`triton_backward` (below) scans each example again, forward for dq and in reverse for
+dk and dv, and nothing is stored between chunks (fla writes every chunk's state and its gradient to memory).
+Measured against fla's chunk kernels on an H100 (benchmarks/RESULTS.md, "Attention kernel"): faster at every
+shape tried (huanhuan-sized, 1,024- and 4,096-token examples at 16 and 32 heads; one 16,384- or 131,072-token
+row at 32 heads), with half the memory.
 
 q, k, v are read in place with their strides (the projection's views), examples given by ``cu_seqlens`` (one
 row) or one per row; the state enters from ``initial_state`` and leaves in fp32. Products use the inputs' dtype

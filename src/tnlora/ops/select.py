@@ -41,8 +41,8 @@ def triton_available() -> bool:
 
 def attention_impl(choice: str, device: torch.device | str) -> str:
     """The multi-token lightning attention with gradients for ``choice`` on ``device``: auto → on CUDA the Triton
-    scans when triton imports (faster than fla-core's chunk kernels at every shape measured, packed or long rows:
-    benchmarks/RESULTS.md, "Attention kernel"), else fla when it imports; else chunked."""
+    scans when triton imports (faster than fla-core's chunk kernels at every shape measured: benchmarks/RESULTS.md,
+    "Attention kernel"), else fla when it imports; else chunked."""
     if choice not in LIGHTNING_IMPLS:
         raise ConfigError(f"lightning_impl must be one of {LIGHTNING_IMPLS}, got {choice!r}")
     if choice != "auto":
