@@ -151,6 +151,25 @@ def test_gradients_match_the_recurrence_in_fp32(batch, length, heads, key_dim, v
 
 
 @needs_kernel
+def test_gradients_of_examples_given_by_cu_seqlens_with_an_empty_one() -> None:
+    """Examples of 30, 0 and 65 tokens with their own states: the empty one's initial-state gradient is its final
+    state's own gradient passed through; the others' equal the recurrence's."""
+    q, k, v = _inputs(1, 95, 2, 32, 24, seed=14)
+    cu = torch.tensor([0, 30, 30, 95], device=DEVICE)
+    gen = torch.Generator().manual_seed(15)
+    state = torch.randn(3, 2, 32, 24, generator=gen).to(DEVICE)
+    final_weight = torch.randn(3, 2, 32, 24, generator=gen).to(DEVICE)
+    decay = DECAY[:2].to(DEVICE)
+    _, _, grads = _gradients(q, k, v, decay, "triton", state, final_weight, cu_seqlens=cu)
+    _, _, want = _gradients(
+        q.double(), k.double(), v.double(), decay, "recurrent", state.double(), final_weight, cu_seqlens=cu
+    )
+    for got, expected in zip(grads, want, strict=True):
+        _close(got, expected, 1e-5)
+    torch.testing.assert_close(grads[3][1], final_weight[1])
+
+
+@needs_kernel
 def test_gradients_of_packed_rows_stay_within_each_example() -> None:
     """Packed rows (the model's training batches): examples of 40 / 56 and 10 / 86 / 0 tokens, each row's state
     entering its first example; the gradients equal the recurrence's, so none crosses a boundary."""
