@@ -142,7 +142,8 @@ def main() -> None:
                         help="calls timed together between two syncs (the host's time per call hides behind the device's)")
     parser.add_argument("--profile", type=int, default=0, help="also list this many kernels by device time (CUDA)")
     parser.add_argument(
-        "--triton-grad", default="", help="K block:V block:warps of impl triton's backward kernels (a sweep)"
+        "--triton-grad", default="",
+        help="K block:V block:warps[:merged] of impl triton's backward kernels (a sweep; merged: dk and dv in one launch)"
     )
     parser.add_argument("--chunk-size", type=int, default=64, help="chunk of the pure-PyTorch chunked impl")
     parser.add_argument("--warmup", type=int, default=2)
@@ -154,10 +155,15 @@ def main() -> None:
     if args.triton_grad:
         from tnlora.ops import lightning_triton
 
-        block_k, block_v, warps = (int(x) for x in args.triton_grad.split(":"))
+        fields = args.triton_grad.split(":")
+        block_k, block_v, warps = (int(x) for x in fields[:3])
         lightning_triton.BLOCK_K_GRAD, lightning_triton.BLOCK_V_GRAD = block_k, block_v
         lightning_triton.NUM_WARPS_GRAD = warps
-        print(f"# triton backward: K block {block_k}, V block {block_v}, {warps} warps")
+        lightning_triton.MERGE_DKV = fields[3:] == ["merged"]
+        if lightning_triton.MERGE_DKV:
+            lightning_triton.NUM_WARPS_MERGED = warps
+        print(f"# triton backward: K block {block_k}, V block {block_v}, {warps} warps"
+              f"{', dk and dv in one launch (up to 128 wide)' if lightning_triton.MERGE_DKV else ''}")  # fmt: skip
     impls = args.impls.split(",") if args.impls else ["chunked", "recurrent"]
     if not args.impls and device.type == "cuda" and fla_available():
         impls.insert(0, "fla")

@@ -78,8 +78,9 @@
 #   attention       the lightning attention forward + backward, fla against chunked
 #   attention-packed  the lightning attention forward + backward (and forward alone), fla against tnlora's Triton
 #                   scans, on packed rows of huanhuan.json's example lengths at the 7B / 1B / huanhuan-command
-#                   micro-batches, on examples of 1,024 / 4,096 tokens and on single long rows; then the scans'
-#                   backward launches (GRAD_SWEEP, "K block:V block:warps ...") at the 7B micro-batch
+#                   micro-batches, on examples of 1,024 / 4,096 tokens and on single long rows (32, 16, 8 heads);
+#                   then the scans' backward launches (GRAD_SWEEP, "K block:V block:warps[:merged] ..."; merged: dk
+#                   and dv in one launch) at the 7B micro-batch
 #   attention-train  tnlora train's defaults with the attention as fla's chunk kernels and as tnlora's Triton scans
 #                   (--attention_impl fla / triton; MODELS, default "1B 7B"; ROUNDS rounds, default 1, alternating)
 #   profile       the top kernels of one compiled 1B step (one 16,384-token row)
@@ -279,7 +280,9 @@ PY
       done
       for ex in 1024 4096; do att --heads 32 --lengths 16384 --examples $ex --head-dims 128; done
       att --heads 32 --lengths 16384,131072 --head-dims 128
-      for cfg in ${GRAD_SWEEP:-64:32:8 32:32:4 128:32:8 64:64:4 64:16:4}; do
+      att --heads 16 --lengths 32768,131072 --head-dims 128
+      att --heads 8 --lengths 131072 --head-dims 128
+      for cfg in ${GRAD_SWEEP:-64:32:4 64:32:4:merged 64:32:8:merged 128:32:8}; do
         att --impls triton --heads 32 --lengths 16384 --examples huanhuan --head-dims 128,256 --triton-grad $cfg
       done ;;
     profile)

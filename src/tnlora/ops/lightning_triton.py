@@ -458,11 +458,90 @@ def _dv_chunk(q_base, k_base, do_base, dv_base, grad, start, eos, heads, stride_
     return tl.dot(scaled, do, grad * tl.exp(g * (last + 1.0)), input_precision=PRECISION)
 
 
+@triton.jit
+def lightning_dkv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, dk_ptr, dv_ptr, dh0_ptr, length, heads,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+    PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, BT: tl.constexpr, BKF: tl.constexpr, BVF: tl.constexpr,
+):  # fmt: skip
+    """dk and dv together (``MERGE_DKV``): one reverse scan per (example, head) holding the whole dS [K, V], so q,
+    k, v and do are read once where the two kernels read them twice."""
+    i_nh, _, i_h, bos, eos, row = _example(tl.program_id(0), heads, 1, cu_ptr, length, VARLEN)
+    g = tl.load(decay_ptr + i_h)
+    pos, posf, within_t, to_token = _decays(g, BT, True)
+    ks = tl.arange(0, BKF)
+    vs = tl.arange(0, BVF)
+    k_ok = ks < K
+    v_ok = vs < V
+    q_base = q_ptr + row * stride_qb + i_h * stride_qh
+    k_base = k_ptr + row * stride_kb + i_h * stride_kh
+    v_base = v_ptr + row * stride_vb + i_h * stride_vh
+    do_base = do_ptr + (row * length * heads + i_h) * V
+    dk_base = dk_ptr + (row * length * heads + i_h) * K
+    dv_base = dv_ptr + (row * length * heads + i_h) * V
+    offset = i_nh.to(tl.int64) * K * V + ks[:, None] * V + vs[None, :]
+    state_ok = k_ok[:, None] & v_ok[None, :]
+    if HAS_DHT:
+        grad = tl.load(dht_ptr + offset, mask=state_ok, other=0.0)
+    else:
+        grad = tl.zeros([BKF, BVF], dtype=tl.float32)
+    chunks = tl.cdiv(eos - bos, BT)
+    if WHILE_LOOP:
+        i_r = chunks * 0
+        while i_r < chunks:
+            grad = _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad,
+                              bos + (chunks - 1 - i_r).to(tl.int64) * BT, eos, heads, stride_qt, stride_kt, stride_vt,
+                              g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, K, V, PRECISION)  # fmt: skip
+            i_r += 1
+    else:
+        for i_r in range(0, chunks):
+            grad = _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad,
+                              bos + (chunks - 1 - i_r).to(tl.int64) * BT, eos, heads, stride_qt, stride_kt, stride_vt,
+                              g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, K, V, PRECISION)  # fmt: skip
+    if STORE_DH0:
+        tl.store(dh0_ptr + offset, grad, mask=state_ok)
+
+
+@triton.jit
+def _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, start, eos, heads, stride_qt, stride_kt,
+               stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, K: tl.constexpr, V: tl.constexpr,
+               PRECISION: tl.constexpr):  # fmt: skip
+    """One chunk of dk and dv from token ``start``: both stored, the whole dS before the chunk returned."""
+    dtype = do_base.dtype.element_ty
+    t = start + pos
+    t_ok = t < eos
+    row_k = t_ok[:, None] & k_ok[None, :]
+    row_v = t_ok[:, None] & v_ok[None, :]
+    qq = tl.load(q_base + t[:, None] * stride_qt + ks[None, :], mask=row_k, other=0.0)
+    kk = tl.load(k_base + t[:, None] * stride_kt + ks[None, :], mask=row_k, other=0.0)
+    v = tl.load(v_base + t[:, None] * stride_vt + vs[None, :], mask=row_v, other=0.0)
+    do = tl.load(do_base + t[:, None] * (heads * V) + vs[None, :], mask=row_v, other=0.0)
+    last = (tl.minimum(eos - start, pos.shape[0]) - 1).to(tl.float32)
+    to_end = tl.where(t_ok, tl.exp(g * tl.maximum(last - posf, 0.0)), 0.0)
+    grad_in = grad.to(dtype)
+    scores = tl.dot(v, tl.trans(do), input_precision=PRECISION) * within_t
+    dk = tl.dot(scores.to(dtype), qq, input_precision=PRECISION)
+    dk += tl.dot(v, tl.trans(grad_in), input_precision=PRECISION) * to_end[:, None]
+    tl.store(dk_base + t[:, None] * (heads * K) + ks[None, :], dk.to(dk_base.dtype.element_ty), mask=row_k)
+    scores = tl.dot(kk, tl.trans(qq), input_precision=PRECISION) * within_t
+    dv = tl.dot(scores.to(dtype), do, input_precision=PRECISION)
+    dv += tl.dot(kk, grad_in, input_precision=PRECISION) * to_end[:, None]
+    tl.store(dv_base + t[:, None] * (heads * V) + vs[None, :], dv.to(dv_base.dtype.element_ty), mask=row_v)
+    scaled = (qq.to(tl.float32) * to_token[:, None]).to(dtype)
+    return tl.dot(tl.trans(scaled), do, grad * tl.exp(g * (last + 1.0)), input_precision=PRECISION)
+
+
 # Blocks of the backward's programs: dq and dk over K blocks of BLOCK_K_GRAD (all of V), dv over V blocks of
 # BLOCK_V_GRAD (all of K).
 BLOCK_K_GRAD = 64
 BLOCK_V_GRAD = 32
 NUM_WARPS_GRAD = 4
+# dk and dv as one launch holding the whole state gradient (lightning_dkv_kernel), for q/k and v at most
+# MERGED_MAX_WIDTH wide, at NUM_WARPS_MERGED warps: built to be measured against the two launches, off until it is.
+MERGE_DKV = False
+MERGED_MAX_WIDTH = 128
+NUM_WARPS_MERGED = 8
 
 
 def triton_backward(
@@ -514,6 +593,14 @@ def triton_backward(
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         HAS_H0=h0 is not None, BK=block_k, BVF=full_v, **common,
     )  # fmt: skip
+    if MERGE_DKV and max(key_dim, value_dim) <= MERGED_MAX_WIDTH:
+        lightning_dkv_kernel[(examples * heads,)](
+            q, k, v, do, decay, dht if dht is not None else decay, cu, dk, dv, dh0 if dh0 is not None else decay,
+            length, heads, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, BKF=full_k,
+            BVF=full_v, **{**common, "num_warps": NUM_WARPS_MERGED},
+        )  # fmt: skip
+        return dq, dk, dv, dh0
     lightning_dk_kernel[(examples * heads * k_blocks,)](
         q, v, do, decay, dht if dht is not None else decay, cu, dk, dh0 if dh0 is not None else decay, length, heads,
         q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
@@ -561,6 +648,7 @@ __all__ = [
     "CHUNK_FP32",
     "TritonLightning",
     "lightning_dk_kernel",
+    "lightning_dkv_kernel",
     "lightning_dq_kernel",
     "lightning_dv_kernel",
     "lightning_forward_kernel",
