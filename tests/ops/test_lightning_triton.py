@@ -151,30 +151,14 @@ def test_gradients_match_the_recurrence_in_fp32(batch, length, heads, key_dim, v
 
 
 @needs_kernel
-def test_dk_and_dv_in_one_launch_equal_the_recurrence(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``MERGE_DKV``: dk and dv from one reverse scan holding the whole state gradient (q/k and v up to 128 wide),
-    with initial and final states and packed examples, against the fp64 recurrence."""
+@pytest.mark.parametrize("merged", [False, True])
+def test_gradients_of_examples_given_by_cu_seqlens_with_an_empty_one(monkeypatch, merged: bool) -> None:
+    """Examples of 30, 0 and 65 tokens with their own states: the empty one's initial-state gradient is its final
+    state's own gradient passed through; the others' equal the recurrence's. ``merged``: dk and dv from one reverse
+    scan holding the whole state gradient (``MERGE_DKV``) instead of two."""
     from tnlora.ops import lightning_triton
 
-    monkeypatch.setattr(lightning_triton, "MERGE_DKV", True)
-    q, k, v = _inputs(1, 150, 2, 32, 48, seed=16)
-    cu = torch.tensor([0, 100, 100, 150], device=DEVICE)
-    gen = torch.Generator().manual_seed(17)
-    state = torch.randn(3, 2, 32, 48, generator=gen).to(DEVICE)
-    final_weight = torch.randn(3, 2, 32, 48, generator=gen).to(DEVICE)
-    decay = DECAY[:2].to(DEVICE)
-    _, _, grads = _gradients(q, k, v, decay, "triton", state, final_weight, cu_seqlens=cu)
-    _, _, want = _gradients(
-        q.double(), k.double(), v.double(), decay, "recurrent", state.double(), final_weight, cu_seqlens=cu
-    )
-    for got, expected in zip(grads, want, strict=True):
-        _close(got, expected, 1e-5)
-
-
-@needs_kernel
-def test_gradients_of_examples_given_by_cu_seqlens_with_an_empty_one() -> None:
-    """Examples of 30, 0 and 65 tokens with their own states: the empty one's initial-state gradient is its final
-    state's own gradient passed through; the others' equal the recurrence's."""
+    monkeypatch.setattr(lightning_triton, "MERGE_DKV", merged)
     q, k, v = _inputs(1, 95, 2, 32, 24, seed=14)
     cu = torch.tensor([0, 30, 30, 95], device=DEVICE)
     gen = torch.Generator().manual_seed(15)
