@@ -267,6 +267,23 @@ def test_kernel_selection_per_device() -> None:
     assert kernels_for(TransnormerConfig(), "cuda").attention_forward == expected
 
 
+@pytest.mark.parametrize(
+    ("has_triton", "has_fla", "expected"),
+    [(True, True, "triton"), (True, False, "triton"), (False, True, "fla"), (False, False, "chunked")],
+)
+def test_auto_trains_with_the_scans_on_cuda_then_fla_then_chunked(monkeypatch, has_triton, has_fla, expected) -> None:
+    """``lightning_impl: auto`` on CUDA: the Triton scans for training and prefill alike when triton imports, fla's
+    chunk kernels when only fla-core does, the chunked path otherwise; the CPU always chunked."""
+    from tnlora.ops import select
+
+    monkeypatch.setattr(select, "triton_available", lambda: has_triton)
+    monkeypatch.setattr(select, "fla_available", lambda: has_fla)
+    kernels = kernels_for(TransnormerConfig(), "cuda")
+    assert (kernels.attention, kernels.attention_forward) == (expected, expected)
+    assert kernels_for(TransnormerConfig(), "cpu").attention == "chunked"
+    assert kernels_for(TransnormerConfig(lightning_impl="fla"), "cuda").attention == "fla"  # a choice is kept
+
+
 GPU = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
