@@ -12,7 +12,7 @@ from kernel_device import DEVICE, INTERPRET, needs_kernel
 from tnlora.model import TransnormerConfig, TransnormerForCausalLM
 from tnlora.ops.lightning import lightning_attention
 from tnlora.ops.packing import PackedRows
-from tnlora.ops.select import kernels_for, triton_available
+from tnlora.ops.select import kernels_for, scans_train_on, triton_available
 
 DECAY = torch.tensor([-0.02, -0.7, -2.5])  # slow, fast and near-zero λ: chunk-boundary decays of 1 … e^-160
 
@@ -268,20 +268,38 @@ def test_kernel_selection_per_device() -> None:
 
 
 @pytest.mark.parametrize(
-    ("has_triton", "has_fla", "expected"),
-    [(True, True, "triton"), (True, False, "triton"), (False, True, "fla"), (False, False, "chunked")],
+    ("has_triton", "has_fla", "hopper", "expected"),
+    [
+        (True, True, True, "triton"),
+        (True, False, True, "triton"),
+        (True, True, False, "fla"),
+        (True, False, False, "chunked"),
+        (False, True, True, "fla"),
+        (False, False, True, "chunked"),
+    ],
 )
-def test_auto_trains_with_the_scans_on_cuda_then_fla_then_chunked(monkeypatch, has_triton, has_fla, expected) -> None:
-    """``lightning_impl: auto`` on CUDA: the Triton scans for training and prefill alike when triton imports, fla's
-    chunk kernels when only fla-core does, the chunked path otherwise; the CPU always chunked."""
+def test_auto_trains_with_the_scans_on_hopper_cards(monkeypatch, has_triton, has_fla, hopper, expected) -> None:
+    """``lightning_impl: auto`` on CUDA: training's attention is the Triton scans on the cards they were measured
+    and tested on (Hopper) when triton imports, else fla's chunk kernels when fla-core imports, else the chunked
+    path; prefill and evaluation take the Triton forward on any CUDA card; the CPU always the chunked path."""
     from tnlora.ops import select
 
     monkeypatch.setattr(select, "triton_available", lambda: has_triton)
     monkeypatch.setattr(select, "fla_available", lambda: has_fla)
+    monkeypatch.setattr(select, "scans_train_on", lambda device: hopper)
     kernels = kernels_for(TransnormerConfig(), "cuda")
-    assert (kernels.attention, kernels.attention_forward) == (expected, expected)
+    assert kernels.attention == expected
+    assert kernels.attention_forward == ("triton" if has_triton else expected)
     assert kernels_for(TransnormerConfig(), "cpu").attention == "chunked"
     assert kernels_for(TransnormerConfig(lightning_impl="fla"), "cuda").attention == "fla"  # a choice is kept
+
+
+def test_the_scans_train_by_default_only_on_cuda_cards() -> None:
+    assert not scans_train_on("cpu")
+    if not torch.cuda.is_available():
+        assert not scans_train_on("cuda")  # no card: nothing asked of CUDA
+    else:
+        assert scans_train_on("cuda") == (torch.cuda.get_device_capability()[0] == 9)
 
 
 GPU = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,6 +1,6 @@
 """A LoRA training step through the real Trainer on CUDA makes the host wait for the GPU at most once per
 micro-batch, and never in tnlora's own code (skipped without CUDA; fla's case without fla-core). With the
-attention as tnlora's Triton scans (the default on CUDA) the step makes no sync at all.
+attention as tnlora's Triton scans (the default on Hopper cards) the step makes no sync at all.
 
 A host sync drains the GPU's queue; the kernels after it start only once the host has launched them again.
 With fla the one sync left is inside fla-core: ``prepare_chunk_indices`` copies its chunk plan from pageable memory.

@@ -14,8 +14,8 @@ the grid's parallelism is examples × heads × blocks. Training's packed rows ho
 same form trains: :func:`triton_backward` (below) scans each example again, forward for dq and in reverse for
 dk and dv, and nothing is stored between chunks (fla writes every chunk's state and its gradient to memory).
 Measured against fla's chunk kernels on an H100 (benchmarks/RESULTS.md, "Attention kernel"): faster at every
-shape tried (huanhuan-sized, 1,024- and 4,096-token examples at 16 and 32 heads; one 16,384- or 131,072-token
-row at 32 heads), with half the memory.
+shape tried (huanhuan-sized, 1,024- and 4,096-token examples at 16 and 32 heads; one 16,384- or 131,072-token row
+at 32 heads), with half the memory; training's default on Hopper cards (``tnlora.ops.select``).
 
 q, k, v are read in place with their strides (the projection's views), examples given by ``cu_seqlens`` (one
 row) or one per row; the state enters from ``initial_state`` and leaves in fp32. Products use the inputs' dtype

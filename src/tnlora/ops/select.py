@@ -8,9 +8,10 @@ forward; the static decode step (``infer.decode_graph``) resolves ``decode_kerne
 its runner is built.
 
 "auto" means: on CUDA, the Triton kernels when triton imports: the lightning attention as per-example scans
-(:mod:`tnlora.ops.lightning_triton`: the forward in one launch a layer, the backward in three), the norms, the
-loss, the activation and the decode step; fla-core's chunk kernels for the attention where triton does not import
-but fla does; everywhere else, the PyTorch implementations. One-token attention calls (decoding without a static
+(:mod:`tnlora.ops.lightning_triton`: the forward in one launch a layer for prefill and evaluation; in training
+with the backward's three launches on Hopper cards, where they were measured and tested, and fla-core's chunk
+kernels on other cards when fla imports), the norms, the loss, the activation and the decode step; everywhere
+else, the PyTorch implementations. One-token attention calls (decoding without a static
 step) use the recurrent form.
 """
 
@@ -39,24 +40,45 @@ def triton_available() -> bool:
     return True
 
 
+# Compute capabilities (major) whose cards the Triton scans were measured and GPU-tested on for training (H100;
+# Hopper's 227 KB of shared memory a block): elsewhere "auto" trains with fla as before until they are.
+SCAN_TRAINING_CAPABILITIES = frozenset({9})
+
+
+@functools.cache
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def scans_train_on(device: torch.device | str) -> bool:
+    """Whether ``device`` is a CUDA card of a kind the Triton scans train on by default."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return _capability_major(index) in SCAN_TRAINING_CAPABILITIES
+
+
 def attention_impl(choice: str, device: torch.device | str) -> str:
-    """The multi-token lightning attention with gradients for ``choice`` on ``device``: auto → on CUDA the Triton
-    scans when triton imports (faster than fla-core's chunk kernels at every shape measured: benchmarks/RESULTS.md,
-    "Attention kernel"), else fla when it imports; else chunked."""
+    """The multi-token lightning attention with gradients for ``choice`` on ``device``: auto → on a Hopper card the
+    Triton scans when triton imports (less device time than fla-core's chunk kernels at every shape measured, half
+    the memory: benchmarks/RESULTS.md, "Attention kernel"); on other CUDA cards fla when it imports; else chunked."""
     if choice not in LIGHTNING_IMPLS:
         raise ConfigError(f"lightning_impl must be one of {LIGHTNING_IMPLS}, got {choice!r}")
     if choice != "auto":
         return choice
     if torch.device(device).type != "cuda":
         return "chunked"
-    if triton_available():
+    if triton_available() and scans_train_on(device):
         return "triton"
     return "fla" if fla_available() else "chunked"
 
 
 def forward_attention_impl(choice: str, device: torch.device | str) -> str:
-    """The multi-token lightning attention of forwards without gradients (prefill, evaluation): what
-    :func:`attention_impl` picks (on CUDA the Triton forward, one launch a layer)."""
+    """The multi-token lightning attention of forwards without gradients (prefill, evaluation): auto → the Triton
+    forward on CUDA when triton imports (one launch a layer), else what :func:`attention_impl` picks."""
+    if choice == "auto" and torch.device(device).type == "cuda" and triton_available():
+        return "triton"
     return attention_impl(choice, device)
 
 
@@ -115,6 +137,7 @@ __all__ = [
     "forward_attention_impl",
     "kernel_impl",
     "kernels_for",
+    "scans_train_on",
     "step_attention_impl",
     "triton_available",
 ]
