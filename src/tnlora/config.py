@@ -80,7 +80,8 @@ class RunConfig:
         default=False, metadata=_opt("accepted for LLaMA-Factory YAMLs; tnlora never runs a model's remote code")
     )
     attention_impl: str = field(
-        default="auto", metadata=_opt("lightning attention backend", choices=("auto", "chunked", "recurrent", "fla", "triton"))
+        default="auto",
+        metadata=_opt("lightning attention backend", choices=("auto", "chunked", "recurrent", "fla", "triton")),
     )
     # --- data ---
     dataset: str = field(

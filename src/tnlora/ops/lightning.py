@@ -68,8 +68,8 @@ def lightning_attention(
             before the first token of each row (it feeds only the row's first example).
         output_final_state: also return the state after the last token: [N, H, K, V] per example with
             cu_seqlens, otherwise [B, H, K, V] of each row's last example.
-        impl: "chunked", "recurrent", "fla", "triton" or "auto" (recurrent for T = 1, fla on CUDA when
-            importable, else chunked).
+        impl: "chunked", "recurrent", "fla", "triton" or "auto" (recurrent for T = 1, else what
+            :func:`tnlora.ops.select.attention_impl` picks for the device).
         chunk_size: chunk length of the chunked implementation.
 
     Returns:
