@@ -42,6 +42,47 @@ NUM_WARPS = 4  # 8 warps gave the same results and no measured gain at q/k 256 w
 
 
 @triton.jit
+def _example(pid, heads, blocks, cu_ptr, length, VARLEN: tl.constexpr):
+    """(example·heads + head, block, head, bos, eos, row) of program ``pid``: blocks of one example next to each
+    other, so that they find the inputs they share in L2."""
+    i_nh = pid // blocks
+    i_b = pid % blocks
+    i_n = i_nh // heads
+    if VARLEN:
+        row = i_n.to(tl.int64) * 0
+        bos = tl.load(cu_ptr + i_n).to(tl.int64)
+        eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    else:
+        row = i_n.to(tl.int64)
+        bos = row * 0
+        eos = bos + length
+    return i_nh, i_b, i_nh % heads, bos, eos, row
+
+
+@triton.jit
+def _decays(g, BT: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Positions in a chunk, λ^(i−j) below the diagonal [i, j] (or its transpose [j, i]; exponents clamped before
+    exp) and λ^(i+1)."""
+    pos = tl.arange(0, BT)
+    posf = pos.to(tl.float32)
+    if TRANSPOSED:
+        causal = pos[None, :] >= pos[:, None]
+        gap = posf[None, :] - posf[:, None]
+    else:
+        causal = pos[:, None] >= pos[None, :]
+        gap = posf[:, None] - posf[None, :]
+    within = tl.where(causal, tl.exp(g * tl.where(causal, gap, 0.0)), 0.0)
+    return pos, posf, within, tl.exp(g * (posf + 1.0))
+
+
+@triton.jit
+def _chunk_end(start, eos, t_ok, posf, g):
+    """The chunk's last valid token (as a float) and each token's decay to it, λ^(L−1−j) (0 past the example)."""
+    last = (tl.minimum(eos - start, posf.shape[0]) - 1).to(tl.float32)
+    return last, tl.where(t_ok, tl.exp(g * tl.maximum(last - posf, 0.0)), 0.0)
+
+
+@triton.jit
 def _chunk(q_base, k_base, v_base, o_base, state, i_c, bos, eos, heads, stride_qt, stride_kt, stride_vt, g,
            within, to_token, ks, k_ok, cols, col_ok, pos, posf, V: tl.constexpr, PRECISION: tl.constexpr,
            BT: tl.constexpr):  # fmt: skip
@@ -60,8 +101,7 @@ def _chunk(q_base, k_base, v_base, o_base, state, i_c, bos, eos, heads, stride_q
     tl.store(o_base + t[:, None] * (heads * V) + cols[None, :], o.to(o_base.dtype.element_ty),
              mask=t_ok[:, None] & col_ok[None, :])  # fmt: skip
     # The state after the chunk's last valid token (L of them): each v decayed to that token.
-    last = (tl.minimum(eos - start, BT) - 1).to(tl.float32)
-    to_end = tl.where(t_ok, tl.exp(g * tl.maximum(last - posf, 0.0)), 0.0)
+    last, to_end = _chunk_end(start, eos, t_ok, posf, g)
     decayed = (v.to(tl.float32) * to_end[:, None]).to(dtype)
     return tl.dot(k_t, decayed, state * tl.exp(g * (last + 1.0)), input_precision=PRECISION)
 
@@ -98,34 +138,16 @@ def lightning_forward_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
 ):
-    # One axis (up to 2³¹ programs), the V blocks of one (example, head) next to each other: they read the same q
-    # and k, which the later ones then find in L2.
-    blocks = tl.cdiv(V, BV)
-    i_nh = tl.program_id(0) // blocks
-    i_v = tl.program_id(0) % blocks
-    i_n = i_nh // heads
-    i_h = i_nh % heads
-    if VARLEN:
-        row = i_n.to(tl.int64) * 0
-        bos = tl.load(cu_ptr + i_n).to(tl.int64)
-        eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
-    else:
-        row = i_n.to(tl.int64)
-        bos = row * 0
-        eos = bos + length
+    # One axis (up to 2³¹ programs), the V blocks of one (example, head) next to each other.
+    i_nh, i_v, i_h, bos, eos, row = _example(tl.program_id(0), heads, tl.cdiv(V, BV), cu_ptr, length, VARLEN)
     g = tl.load(decay_ptr + i_h)  # log λ, fp32
 
     ks = tl.arange(0, BK)
     cols = i_v * BV + tl.arange(0, BV)
     k_ok = ks < K
     col_ok = cols < V
-    pos = tl.arange(0, BT)
-    posf = pos.to(tl.float32)
-    # λ^(i−j) below the diagonal; the exponent is clamped before exp so the masked half cannot overflow.
-    gap = posf[:, None] - posf[None, :]
-    causal = pos[:, None] >= pos[None, :]
-    within = tl.where(causal, tl.exp(g * tl.where(causal, gap, 0.0)), 0.0)
-    to_token = tl.exp(g * (posf + 1.0))  # λ^(i+1): the state before the chunk, decayed to token i
+    # λ^(i−j) below the diagonal, and λ^(i+1): the state before the chunk, decayed to token i.
+    pos, posf, within, to_token = _decays(g, BT, False)
 
     q_base = q_ptr + row * stride_qb + i_h * stride_qh
     k_base = k_ptr + row * stride_kb + i_h * stride_kh
@@ -158,6 +180,16 @@ def lightning_forward_kernel(
 
     if STORE_FINAL:
         tl.store(ht_ptr + state_offset, state, mask=state_ok)
+
+
+def _scan_args(q: Tensor, v: Tensor, cu_seqlens: Tensor | None) -> dict:
+    """The launch arguments every scan kernel takes alike: widths, boundaries, product precision, loop form and
+    chunk (fp32 runs IEEE products in chunks of CHUNK_FP32; the interpreter the while loop)."""
+    fp32 = v.dtype == torch.float32
+    return dict(
+        K=q.shape[-1], V=v.shape[-1], VARLEN=cu_seqlens is not None, PRECISION="ieee" if fp32 else "tf32",
+        WHILE_LOOP=not q.is_cuda, BT=CHUNK_FP32 if fp32 else CHUNK,
+    )  # fmt: skip
 
 
 def _token_rows(x: Tensor) -> Tensor:
@@ -216,10 +248,8 @@ def triton_forward(
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        K=key_dim, V=value_dim, VARLEN=cu_seqlens is not None, HAS_H0=initial_state is not None,
-        STORE_FINAL=final is not None, PRECISION="ieee" if v.dtype == torch.float32 else "tf32",
-        WHILE_LOOP=not q.is_cuda, BT=CHUNK_FP32 if v.dtype == torch.float32 else CHUNK, BK=block_k, BV=block_v,
-        num_warps=NUM_WARPS,
+        HAS_H0=initial_state is not None, STORE_FINAL=final is not None, BK=block_k, BV=block_v,
+        num_warps=NUM_WARPS, **_scan_args(q, v, cu_seqlens),
     )  # fmt: skip
     return o, final
 
@@ -237,40 +267,6 @@ def triton_forward(
 # dq and dk run over K blocks and dv over V blocks, each keeping its part of the state in registers (fp32). Nothing
 # is stored between chunks, so the backward reads q, k, v, do and writes dq, dk, dv (and dh0) once per block.
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _example(pid, heads, blocks, cu_ptr, length, VARLEN: tl.constexpr):
-    """(example·heads + head, block, head, bos, eos, row) of program ``pid``: blocks of one example next to each
-    other, so that they find the inputs they share in L2."""
-    i_nh = pid // blocks
-    i_b = pid % blocks
-    i_n = i_nh // heads
-    if VARLEN:
-        row = i_n.to(tl.int64) * 0
-        bos = tl.load(cu_ptr + i_n).to(tl.int64)
-        eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
-    else:
-        row = i_n.to(tl.int64)
-        bos = row * 0
-        eos = bos + length
-    return i_nh, i_b, i_nh % heads, bos, eos, row
-
-
-@triton.jit
-def _decays(g, BT: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """Positions in a chunk, λ^(i−j) below the diagonal [i, j] (or its transpose [j, i]; exponents clamped before
-    exp) and λ^(i+1)."""
-    pos = tl.arange(0, BT)
-    posf = pos.to(tl.float32)
-    if TRANSPOSED:
-        causal = pos[None, :] >= pos[:, None]
-        gap = posf[None, :] - posf[:, None]
-    else:
-        causal = pos[:, None] >= pos[None, :]
-        gap = posf[:, None] - posf[None, :]
-    within = tl.where(causal, tl.exp(g * tl.where(causal, gap, 0.0)), 0.0)
-    return pos, posf, within, tl.exp(g * (posf + 1.0))
 
 
 @triton.jit
@@ -328,8 +324,7 @@ def _dq_chunk(k_base, v_base, do_base, dq_base, state_t, start, eos, heads, stri
     dq += tl.dot(do, state_t.to(dtype), input_precision=PRECISION) * to_token[:, None]
     tl.store(dq_base + t[:, None] * (heads * K) + ks[None, :], dq.to(dq_base.dtype.element_ty),
              mask=t_ok[:, None] & k_ok[None, :])  # fmt: skip
-    last = (tl.minimum(eos - start, pos.shape[0]) - 1).to(tl.float32)
-    to_end = tl.where(t_ok, tl.exp(g * tl.maximum(last - posf, 0.0)), 0.0)
+    last, to_end = _chunk_end(start, eos, t_ok, posf, g)
     decayed = (v_t.to(tl.float32) * to_end[None, :]).to(dtype)
     return tl.dot(decayed, kb, state_t * tl.exp(g * (last + 1.0)), input_precision=PRECISION)
 
@@ -426,8 +421,7 @@ def _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, start, eos, heads, strid
     v = tl.load(v_base + t[:, None] * stride_vt + vs[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
     do_t = tl.load(do_base + vs[:, None] + t[None, :] * (heads * V), mask=v_ok[:, None] & t_ok[None, :], other=0.0)
     qb = tl.load(q_base + t[:, None] * stride_qt + ks[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-    last = (tl.minimum(eos - start, pos.shape[0]) - 1).to(tl.float32)
-    to_end = tl.where(t_ok, tl.exp(g * tl.maximum(last - posf, 0.0)), 0.0)
+    last, to_end = _chunk_end(start, eos, t_ok, posf, g)
     scores = tl.dot(v, do_t, input_precision=PRECISION) * within_t
     dk = tl.dot(scores.to(dtype), qb, input_precision=PRECISION)
     dk += tl.dot(v, grad_t.to(dtype), input_precision=PRECISION) * to_end[:, None]
@@ -447,8 +441,7 @@ def _dv_chunk(q_base, k_base, do_base, dv_base, grad, start, eos, heads, stride_
     kk = tl.load(k_base + t[:, None] * stride_kt + ks[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
     q_t = tl.load(q_base + ks[:, None] + t[None, :] * stride_qt, mask=k_ok[:, None] & t_ok[None, :], other=0.0)
     do = tl.load(do_base + t[:, None] * (heads * V) + vs[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
-    last = (tl.minimum(eos - start, pos.shape[0]) - 1).to(tl.float32)
-    to_end = tl.where(t_ok, tl.exp(g * tl.maximum(last - posf, 0.0)), 0.0)
+    last, to_end = _chunk_end(start, eos, t_ok, posf, g)
     scores = tl.dot(kk, q_t, input_precision=PRECISION) * within_t
     dv = tl.dot(scores.to(dtype), do, input_precision=PRECISION)
     dv += tl.dot(kk, grad.to(dtype), input_precision=PRECISION) * to_end[:, None]
@@ -517,8 +510,7 @@ def _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, start, e
     kk = tl.load(k_base + t[:, None] * stride_kt + ks[None, :], mask=row_k, other=0.0)
     v = tl.load(v_base + t[:, None] * stride_vt + vs[None, :], mask=row_v, other=0.0)
     do = tl.load(do_base + t[:, None] * (heads * V) + vs[None, :], mask=row_v, other=0.0)
-    last = (tl.minimum(eos - start, pos.shape[0]) - 1).to(tl.float32)
-    to_end = tl.where(t_ok, tl.exp(g * tl.maximum(last - posf, 0.0)), 0.0)
+    last, to_end = _chunk_end(start, eos, t_ok, posf, g)
     grad_in = grad.to(dtype)
     scores = tl.dot(v, tl.trans(do), input_precision=PRECISION) * within_t
     dk = tl.dot(scores.to(dtype), qq, input_precision=PRECISION)
@@ -583,11 +575,7 @@ def triton_backward(
     block_k = min(BLOCK_K_GRAD, full_k)
     block_v = min(BLOCK_V_GRAD, full_v)
     k_blocks = -(-key_dim // block_k)
-    common = dict(
-        K=key_dim, V=value_dim, VARLEN=cu_seqlens is not None,
-        PRECISION="ieee" if v.dtype == torch.float32 else "tf32", WHILE_LOOP=not q.is_cuda,
-        BT=CHUNK_FP32 if v.dtype == torch.float32 else CHUNK, num_warps=NUM_WARPS_GRAD,
-    )  # fmt: skip
+    common = {**_scan_args(q, v, cu_seqlens), "num_warps": NUM_WARPS_GRAD}
     lightning_dq_kernel[(examples * heads * k_blocks,)](
         k, v, do, decay, h0 if h0 is not None else decay, cu, dq, length, heads,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),

@@ -11,8 +11,8 @@ its runner is built.
 (:mod:`tnlora.ops.lightning_triton`: the forward in one launch a layer for prefill and evaluation; in training
 with the backward's three launches on Hopper cards, where they were measured and tested, and fla-core's chunk
 kernels on other cards when fla imports), the norms, the loss, the activation and the decode step; everywhere
-else, the PyTorch implementations. One-token attention calls (decoding without a static
-step) use the recurrent form.
+else, the PyTorch implementations. One-token attention calls (decoding without a static step) use the recurrent
+form.
 """
 
 from __future__ import annotations
@@ -45,18 +45,12 @@ def triton_available() -> bool:
 SCAN_TRAINING_CAPABILITIES = frozenset({9})
 
 
-@functools.cache
-def _capability_major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
-
-
 def scans_train_on(device: torch.device | str) -> bool:
     """Whether ``device`` is a CUDA card of a kind the Triton scans train on by default."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
-    index = torch.cuda.current_device() if device.index is None else device.index
-    return _capability_major(index) in SCAN_TRAINING_CAPABILITIES
+    return torch.cuda.get_device_capability(device)[0] in SCAN_TRAINING_CAPABILITIES
 
 
 def attention_impl(choice: str, device: torch.device | str) -> str:
