@@ -157,13 +157,11 @@ def main() -> None:
 
         fields = args.triton_grad.split(":")
         block_k, block_v, warps = (int(x) for x in fields[:3])
-        lightning_triton.BLOCK_K_GRAD, lightning_triton.BLOCK_V_GRAD = block_k, block_v
-        lightning_triton.NUM_WARPS_GRAD = warps
-        lightning_triton.MERGE_DKV = fields[3:] == ["merged"]
-        if lightning_triton.MERGE_DKV:
-            lightning_triton.NUM_WARPS_MERGED = warps
+        launch = lightning_triton.GradLaunch(block_k, block_v, warps, merged=fields[3:] == ["merged"])
+        # Every width the sweep's launch (the tree's own per width: lightning_triton.GRAD_LAUNCHES).
+        lightning_triton.GRAD_LAUNCHES = {width: launch for width in lightning_triton.GRAD_LAUNCHES}
         print(f"# triton backward: K block {block_k}, V block {block_v}, {warps} warps"
-              f"{', dk and dv in one launch (up to 128 wide)' if lightning_triton.MERGE_DKV else ''}")  # fmt: skip
+              f"{', dk and dv in one launch (up to 128 wide)' if launch.merged else ''}")  # fmt: skip
     impls = args.impls.split(",") if args.impls else ["chunked", "recurrent"]
     if not args.impls and device.type == "cuda" and fla_available():
         impls.insert(0, "fla")

@@ -119,7 +119,21 @@ def _gradients(q, k, v, decay, impl, state=None, final_weight=None, **kwargs):
     return o, final, grads
 
 
+def _use_launch(monkeypatch, launch: tuple[int, int, int, bool] | None) -> None:
+    """The backward's launch (K block, V block, warps, dk and dv merged) at every width; None: the tree's."""
+    if launch is not None:
+        from tnlora.ops import lightning_triton
+
+        form = lightning_triton.GradLaunch(*launch)
+        monkeypatch.setattr(lightning_triton, "GRAD_LAUNCHES", {128: form, 256: form})
+
+
+# The backward's launch forms: the tree's per width, dk and dv as two launches, merged, and 128-wide K blocks.
+LAUNCHES = [None, (64, 32, 4, False), (64, 32, 8, True), (128, 32, 8, False)]
+
+
 @needs_kernel
+@pytest.mark.parametrize("launch", LAUNCHES)
 @pytest.mark.parametrize(
     ("batch", "length", "heads", "key_dim", "value_dim", "with_states"),
     [
@@ -128,9 +142,12 @@ def _gradients(q, k, v, decay, impl, state=None, final_weight=None, **kwargs):
         (2, 37, 1, 160, 40, True),  # q/k wider than one K block of dq / dk (LRPE's layer doubles them)
     ],
 )
-def test_gradients_match_the_recurrence_in_fp32(batch, length, heads, key_dim, value_dim, with_states) -> None:
+def test_gradients_match_the_recurrence_in_fp32(
+    monkeypatch, batch, length, heads, key_dim, value_dim, with_states, launch
+) -> None:
     """dq, dk, dv (and the initial state's gradient, with the final state's own gradient flowing back) against
-    autograd through the fp64 recurrence."""
+    autograd through the fp64 recurrence, in each launch form of the backward."""
+    _use_launch(monkeypatch, launch)
     q, k, v = _inputs(batch, length, heads, key_dim, value_dim, seed=length + 1)
     gen = torch.Generator().manual_seed(2)
     state = torch.randn(batch, heads, key_dim, value_dim, generator=gen).to(DEVICE) if with_states else None
@@ -155,10 +172,8 @@ def test_gradients_match_the_recurrence_in_fp32(batch, length, heads, key_dim, v
 def test_gradients_of_examples_given_by_cu_seqlens_with_an_empty_one(monkeypatch, merged: bool) -> None:
     """Examples of 30, 0 and 65 tokens with their own states: the empty one's initial-state gradient is its final
     state's own gradient passed through; the others' equal the recurrence's. ``merged``: dk and dv from one reverse
-    scan holding the whole state gradient (``MERGE_DKV``) instead of two."""
-    from tnlora.ops import lightning_triton
-
-    monkeypatch.setattr(lightning_triton, "MERGE_DKV", merged)
+    scan holding the whole state gradient instead of two."""
+    _use_launch(monkeypatch, (64, 32, 4, merged))
     q, k, v = _inputs(1, 95, 2, 32, 24, seed=14)
     cu = torch.tensor([0, 30, 30, 95], device=DEVICE)
     gen = torch.Generator().manual_seed(15)
@@ -258,6 +273,51 @@ def test_the_forward_only_kernel_is_chosen_for_eval_forwards_without_gradients()
         assert mixer.attention_impl(64) == "fla"
 
 
+def test_a_training_call_of_few_lanes_takes_the_few_lanes_kernel(monkeypatch) -> None:
+    """Lanes = heads × tokens ÷ the longest example: a training call below ``SCAN_MIN_LANES`` runs
+    ``few_lanes_impl`` (one long example at few heads), others ``impl``; forwards without gradients keep theirs."""
+    from tnlora.model import modeling
+    from tnlora.ops.select import SCAN_MIN_LANES, scan_lanes
+
+    assert scan_lanes(32, 131_072, 131_072) == SCAN_MIN_LANES  # 7B's 32 heads, one row: the scans
+    assert scan_lanes(16, 131_072, 131_072) < SCAN_MIN_LANES  # 1B's 16 heads: fla
+    assert scan_lanes(16, 32_768, 1_024) >= SCAN_MIN_LANES  # packed 1,024-token examples
+    model = TransnormerForCausalLM(TransnormerConfig(**TINY))  # 2 heads a layer
+    mixers = [layer.token_mixer for layer in model.model.layers]
+    calls: list[str] = []
+
+    def spy(*args, impl: str, **kwargs):
+        calls.append(impl)
+        return lightning_attention(*args, impl="chunked" if impl == "many" else impl, **kwargs)
+
+    monkeypatch.setattr(modeling, "lightning_attention", spy)
+    for mixer in mixers:
+        mixer.impl, mixer.few_lanes_impl = "many", "recurrent"
+    ids = torch.randint(0, TINY["vocab_size"], (1, 64))
+    model.train()
+    model(input_ids=ids)  # one row of one example: 2 lanes
+    assert calls == ["recurrent"] * len(mixers)
+    calls.clear()
+    # 32 examples of 2 tokens: 2 × 64 ÷ 2 = 64 lanes
+    model(input_ids=ids, seq_ids=torch.arange(64).div(2, rounding_mode="floor")[None])
+    assert calls == ["many"] * len(mixers)
+    calls.clear()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert calls == [mixers[0].forward_impl] * len(mixers)
+    calls.clear()
+    for mixer in mixers:  # the same kernel either way: nothing to count
+        mixer.few_lanes_impl = "many"
+        assert mixer.lanes(torch.zeros(1, 64, 2, 8), None) is None
+
+
+def test_packed_rows_know_their_longest_example_on_the_host() -> None:
+    rows = PackedRows.from_seq_ids(torch.tensor([[0, 0, 0, 1, 1], [2, 3, 3, 3, 3]]))
+    assert rows.longest_example == 4
+    assert PackedRows.from_cu_seqlens(torch.tensor([0, 3, 3, 10]), 10).longest_example == 7
+
+
 def test_kernel_selection_per_device() -> None:
     cpu = kernels_for(TransnormerConfig(), "cpu")
     assert (cpu.attention, cpu.attention_forward) == ("chunked", "chunked")
@@ -289,6 +349,9 @@ def test_auto_trains_with_the_scans_on_hopper_cards(monkeypatch, has_triton, has
     monkeypatch.setattr(select, "scans_train_on", lambda device: hopper)
     kernels = kernels_for(TransnormerConfig(), "cuda")
     assert kernels.attention == expected
+    # one long example at few heads: fla where it imports
+    assert kernels.attention_few_lanes == ("fla" if expected == "triton" and has_fla else expected)
+    assert kernels_for(TransnormerConfig(lightning_impl="triton"), "cuda").attention_few_lanes == "triton"
     assert kernels.attention_forward == ("triton" if has_triton else expected)
     assert kernels_for(TransnormerConfig(), "cpu").attention == "chunked"
     assert kernels_for(TransnormerConfig(lightning_impl="fla"), "cuda").attention == "fla"  # a choice is kept

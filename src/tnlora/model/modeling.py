@@ -37,7 +37,7 @@ from tnlora.ops.lightning import lightning_attention
 from tnlora.ops.norm import add_rms_norm, gated_rms_norm, rms_norm, takes_rows
 from tnlora.ops.packing import PackedRows
 from tnlora.ops.qkvu_act import qkvu_act
-from tnlora.ops.select import Kernels, kernels_for
+from tnlora.ops.select import SCAN_MIN_LANES, Kernels, kernels_for, scan_lanes
 
 logger = logging.get_logger(__name__)
 
@@ -220,8 +220,8 @@ class Lrpe(nn.Module):
 
 class NormLinearAttention(nn.Module):
     """The token mixer of one layer; ``log_decay`` is a non-persistent fp32 buffer. ``impl`` / ``forward_impl`` /
-    ``step_impl``: the lightning attention of multi-token calls with and without gradients and of one-token calls
-    (set by the model's ``select_kernels``)."""
+    ``step_impl``: the lightning attention of multi-token calls with and without gradients and of one-token calls,
+    ``few_lanes_impl`` that of calls with gradients holding few lanes (set by the model's ``select_kernels``)."""
 
     def __init__(self, config: TransnormerConfig, layer_idx: int) -> None:
         super().__init__()
@@ -230,6 +230,7 @@ class NormLinearAttention(nn.Module):
         self.num_heads = config.decoder_attention_heads
         self.head_dim = config.head_dim
         self.impl = "chunked"
+        self.few_lanes_impl = "chunked"
         self.forward_impl = "chunked"
         self.step_impl = "recurrent"
         self.act_kernel = "torch"  # ops.qkvu_act with grad on CUDA where "triton" (select_kernels sets it)
@@ -316,20 +317,31 @@ class NormLinearAttention(nn.Module):
             rows=rows,
             initial_state=cache.get_state(self.layer_idx) if cache is not None else None,
             output_final_state=cache is not None,
-            impl=self.attention_impl(q.shape[1], rows is not None),
+            impl=self.attention_impl(q.shape[1], rows is not None, self.lanes(q, rows)),
             chunk_size=self.chunk_size,
         )
         if cache is not None:
             cache.update_state(state, self.layer_idx)
         return o
 
-    def attention_impl(self, length: int, packed: bool = False) -> str:
+    def attention_impl(self, length: int, packed: bool = False, lanes: int | None = None) -> str:
         """The lightning attention this call runs: the step's for one unpacked token; the forward-only one in
         eval mode without gradients (prefill, evaluation); the trainable one otherwise (in train mode always,
-        so that a checkpointed layer's no-grad forward and its recompute run the same kernels)."""
+        so that a checkpointed layer's no-grad forward and its recompute run the same kernels), the few-lanes one
+        for a call of fewer than ``SCAN_MIN_LANES`` ``lanes``."""
         if length == 1 and not packed:
             return self.step_impl
-        return self.forward_impl if not (self.training or torch.is_grad_enabled()) else self.impl
+        if not (self.training or torch.is_grad_enabled()):
+            return self.forward_impl
+        return self.few_lanes_impl if lanes is not None and lanes < SCAN_MIN_LANES else self.impl
+
+    def lanes(self, q: Tensor, rows: PackedRows | None) -> int | None:
+        """The call's lanes (``ops.select.scan_lanes``: heads × tokens ÷ the longest example, from the host's
+        boundaries); None where the few-lanes choice is the same kernel."""
+        if self.few_lanes_impl == self.impl:
+            return None
+        batch, length = q.shape[:2]
+        return scan_lanes(self.num_heads, batch * length, rows.longest_example if rows is not None else length)
 
     def output(self, o: Tensor, u: Tensor) -> Tensor:
         """out_proj(u ⊙ SRMSNorm(o)) [B, T, dim]."""
@@ -562,7 +574,7 @@ class TransnormerPreTrainedModel(PreTrainedModel):
             device = first.device if first is not None else torch.device("cpu")
         kernels = kernels_for(self.config, device)
         device = torch.device(device)
-        if kernels.attention == "fla" and device.type == "cuda":
+        if "fla" in (kernels.attention, kernels.attention_few_lanes) and device.type == "cuda":
             # fla's tuned launches for the shipped shapes, in Triton's cache before its first launch autotunes.
             store_shipped_results(torch.cuda.current_device() if device.index is None else device.index)
         for module in self.modules():
@@ -570,6 +582,7 @@ class TransnormerPreTrainedModel(PreTrainedModel):
                 module.kernel = kernels.norm
             elif isinstance(module, NormLinearAttention):
                 module.impl, module.forward_impl = kernels.attention, kernels.attention_forward
+                module.few_lanes_impl = kernels.attention_few_lanes
                 module.step_impl = kernels.attention_step
                 module.act_kernel = kernels.act
             elif isinstance(module, TransnormerForCausalLM):

@@ -11,7 +11,7 @@ No softmax, no q·k scale, no denominator. One entry point, :func:`lightning_att
 * ``"fla"`` (:mod:`tnlora.ops.fla`): fla-core's Triton ``chunk_simple_gla`` (CUDA only, optional extra
   ``tnlora[gpu]``).
 * ``"triton"`` (:mod:`tnlora.ops.lightning_triton`): each example's chunks scanned in order by one program per
-  (example, head, block): the forward in one Triton launch (prefill, evaluation), the backward in three;
+  (example, head, block): the forward in one Triton launch (prefill, evaluation), the backward in two or three;
   CUDA, or Triton's interpreter.
 * ``"auto"``: what :mod:`tnlora.ops.select` picks for the device (the model passes a concrete choice).
 
@@ -111,8 +111,8 @@ def _triton_attention(
     initial_state: Tensor | None,
     output_final_state: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    """:mod:`tnlora.ops.lightning_triton`'s scans: the forward in one launch, with gradients the backward in three;
-    packed rows run laid end to end."""
+    """:mod:`tnlora.ops.lightning_triton`'s scans: the forward in one launch, with gradients the backward in two or
+    three; packed rows run laid end to end."""
     from tnlora.ops.lightning_triton import triton_attention, triton_forward
 
     if q.dtype == torch.float64 or not q.dtype == k.dtype == v.dtype:

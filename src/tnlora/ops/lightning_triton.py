@@ -1,4 +1,4 @@
-"""Lightning attention as per-example scans in Triton: the forward in one launch, the backward in three.
+"""Lightning attention as per-example scans in Triton: the forward in one launch, the backward in two or three.
 
 A prefill of a few dozen tokens is launch-bound: its GPU work per layer is a few microseconds, and fla's
 ``chunk_simple_gla`` (chunk-parallel, autotuned) goes through several autotuned launches and their Python each
@@ -13,9 +13,10 @@ computes
 the grid's parallelism is examples × heads × blocks. Training's packed rows hold many short examples, so the
 same form trains: :func:`triton_backward` (below) scans each example again, forward for dq and in reverse for
 dk and dv, and nothing is stored between chunks (fla writes every chunk's state and its gradient to memory).
-Measured against fla's chunk kernels on an H100 (benchmarks/RESULTS.md, "Attention kernel"): faster at every
-shape tried (huanhuan-sized, 1,024- and 4,096-token examples at 16 and 32 heads; one 16,384- or 131,072-token row
-at 32 heads), with half the memory; training's default on Hopper cards (``tnlora.ops.select``).
+Measured against fla's chunk kernels on an H100 (benchmarks/RESULTS.md, "Attention kernel"): faster with half the
+memory wherever the examples × heads fill the card (huanhuan-sized, 1,024- and 4,096-token examples at 16 and 32
+heads; one 16,384- or 131,072-token row at 32 heads), slower on one long row at 16 or 8 heads, where a few programs
+walk the whole row; training's default on Hopper cards for calls with enough of them (``tnlora.ops.select``).
 
 q, k, v are read in place with their strides (the projection's views), examples given by ``cu_seqlens`` (one
 row) or one per row; the state enters from ``initial_state`` and leaves in fp32. Products use the inputs' dtype
@@ -27,6 +28,8 @@ only.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -256,7 +259,8 @@ def triton_forward(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The backward: three scans over each example's chunks, one program per (example, head, block of K or V).
+# The backward: three scans over each example's chunks, one program per (example, head, block of K or V); dk's and
+# dv's reverse scans run as one where GRAD_LAUNCHES says (lightning_dkv_kernel).
 #
 # With dS_e = Σ_{t>e} λ^{t−e} q_tᵀ do_t (the gradient reaching the state after token e, a reverse scan):
 #   dq_i = Σ_{j≤i} λ^{i−j} (do_i·v_j) k_j + λ^{i+1} do_i Sᵀ        (S: the state before the chunk, forward scan)
@@ -458,8 +462,8 @@ def lightning_dkv_kernel(
     K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
     PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, BT: tl.constexpr, BKF: tl.constexpr, BVF: tl.constexpr,
 ):  # fmt: skip
-    """dk and dv together (``MERGE_DKV``): one reverse scan per (example, head) holding the whole dS [K, V], so q,
-    k, v and do are read once where the two kernels read them twice."""
+    """dk and dv together (``GradLaunch.merged``): one reverse scan per (example, head) holding the whole dS [K, V],
+    so q, k, v and do are read once where the two kernels read them twice."""
     i_nh, _, i_h, bos, eos, row = _example(tl.program_id(0), heads, 1, cu_ptr, length, VARLEN)
     g = tl.load(decay_ptr + i_h)
     pos, posf, within_t, to_token = _decays(g, BT, True)
@@ -524,16 +528,33 @@ def _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, start, e
     return tl.dot(tl.trans(scaled), do, grad * tl.exp(g * (last + 1.0)), input_precision=PRECISION)
 
 
-# Blocks of the backward's programs: dq and dk over K blocks of BLOCK_K_GRAD (all of V), dv over V blocks of
-# BLOCK_V_GRAD (all of K).
-BLOCK_K_GRAD = 64
-BLOCK_V_GRAD = 32
-NUM_WARPS_GRAD = 4
-# dk and dv as one launch holding the whole state gradient (lightning_dkv_kernel), for q/k and v at most
-# MERGED_MAX_WIDTH wide, at NUM_WARPS_MERGED warps: built to be measured against the two launches, off until it is.
-MERGE_DKV = False
+@dataclass(frozen=True)
+class GradLaunch:
+    """How the backward launches for one width of q / k: dq and dk over K blocks of ``block_k`` (all of V), dv over
+    V blocks of ``block_v`` (all of K), ``num_warps`` a program; ``merged``: dk and dv from one reverse scan
+    holding the whole state gradient [K, V] (:func:`lightning_dkv_kernel`: q, k, v and do read once), where q / k
+    and v are at most ``MERGED_MAX_WIDTH`` wide."""
+
+    block_k: int
+    block_v: int
+    num_warps: int
+    merged: bool
+
+
+# The launches per q / k width (the next power of two), swept on an H100 at 32 heads and huanhuan-shaped packed
+# examples (benchmarks/RESULTS.md, "tnlora's scans against fla's chunk kernels"): at 128 (every layer but LRPE's)
+# dk and dv as one launch at 8 warps, 2.35 → 2.18 ms forward + backward; at 256 (LRPE's layer doubles q / k)
+# 128-wide K blocks at 8 warps, 5.68 → 5.11 ms (the merged scan's whole state gradient would not fit there).
+# Other widths take the launch of the narrowest listed one at least as wide (the widest past it).
+GRAD_LAUNCHES: dict[int, GradLaunch] = {128: GradLaunch(64, 32, 8, True), 256: GradLaunch(128, 32, 8, False)}
 MERGED_MAX_WIDTH = 128
-NUM_WARPS_MERGED = 8
+
+
+def grad_launch(key_dim: int) -> GradLaunch:
+    """The backward's launch for q / k ``key_dim`` wide (:data:`GRAD_LAUNCHES`)."""
+    width = max(16, triton.next_power_of_2(key_dim))
+    fitting = [w for w in sorted(GRAD_LAUNCHES) if w >= width]
+    return GRAD_LAUNCHES[fitting[0] if fitting else max(GRAD_LAUNCHES)]
 
 
 def triton_backward(
@@ -572,21 +593,22 @@ def triton_backward(
     cu = cu_seqlens if cu_seqlens is not None else decay
     full_k = max(16, triton.next_power_of_2(key_dim))
     full_v = max(16, triton.next_power_of_2(value_dim))
-    block_k = min(BLOCK_K_GRAD, full_k)
-    block_v = min(BLOCK_V_GRAD, full_v)
+    launch = grad_launch(key_dim)
+    block_k = min(launch.block_k, full_k)
+    block_v = min(launch.block_v, full_v)
     k_blocks = -(-key_dim // block_k)
-    common = {**_scan_args(q, v, cu_seqlens), "num_warps": NUM_WARPS_GRAD}
+    common = {**_scan_args(q, v, cu_seqlens), "num_warps": launch.num_warps}
     lightning_dq_kernel[(examples * heads * k_blocks,)](
         k, v, do, decay, h0 if h0 is not None else decay, cu, dq, length, heads,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         HAS_H0=h0 is not None, BK=block_k, BVF=full_v, **common,
     )  # fmt: skip
-    if MERGE_DKV and max(key_dim, value_dim) <= MERGED_MAX_WIDTH:
+    if launch.merged and max(key_dim, value_dim) <= MERGED_MAX_WIDTH:
         lightning_dkv_kernel[(examples * heads,)](
             q, k, v, do, decay, dht if dht is not None else decay, cu, dk, dv, dh0 if dh0 is not None else decay,
             length, heads, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, BKF=full_k,
-            BVF=full_v, **{**common, "num_warps": NUM_WARPS_MERGED},
+            BVF=full_v, **common,
         )  # fmt: skip
         return dq, dk, dv, dh0
     lightning_dk_kernel[(examples * heads * k_blocks,)](
@@ -628,13 +650,16 @@ def triton_attention(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """:func:`triton_forward` with gradients for q, k, v and ``initial_state`` (three backward launches)."""
+    """:func:`triton_forward` with gradients for q, k, v and ``initial_state`` (two or three backward launches)."""
     return TritonLightning.apply(q, k, v, log_decay, cu_seqlens, initial_state, output_final_state)
 
 __all__ = [
     "CHUNK",
     "CHUNK_FP32",
+    "GRAD_LAUNCHES",
+    "GradLaunch",
     "TritonLightning",
+    "grad_launch",
     "lightning_dk_kernel",
     "lightning_dkv_kernel",
     "lightning_dq_kernel",

@@ -12,6 +12,7 @@ only given ``seq_ids`` (costing a host read on a GPU) and hands the same object 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,11 @@ class PackedRows:
     @property
     def device(self) -> torch.device:
         return self.seq_ids.device
+
+    @functools.cached_property
+    def longest_example(self) -> int:
+        """The most tokens of one example, read from the host copy (no device access)."""
+        return int(self.cu_seqlens_cpu.diff().max()) if self.num_examples > 0 else 0
 
     @property
     def num_examples(self) -> int:

@@ -9,8 +9,8 @@ its runner is built.
 
 "auto" means: on CUDA, the Triton kernels when triton imports: the lightning attention as per-example scans
 (:mod:`tnlora.ops.lightning_triton`: the forward in one launch a layer for prefill and evaluation; in training
-with the backward's three launches on Hopper cards, where they were measured and tested, and fla-core's chunk
-kernels on other cards when fla imports), the norms, the loss, the activation and the decode step; everywhere
+with the backward's launches on Hopper cards, where they were measured and tested, for calls that fill the card
+(:data:`SCAN_MIN_LANES`), and fla-core's chunk kernels for the others and on other cards when fla imports), the norms, the loss, the activation and the decode step; everywhere
 else, the PyTorch implementations. One-token attention calls (decoding without a static step) use the recurrent
 form.
 """
@@ -68,6 +68,26 @@ def attention_impl(choice: str, device: torch.device | str) -> str:
     return "fla" if fla_available() else "chunked"
 
 
+# The scans walk each example's chunks in order, one program per (example, head, block), so one long example at few
+# heads leaves most of the card idle: on an H100 one 131,072-token row took them 14.7 ms forward + backward at 16
+# heads (fla 10.7) and 13.8 at 8 (fla 6.5), against 16.0 (fla 20.4) at 32 heads (benchmarks/RESULTS.md, "tnlora's
+# scans against fla's chunk kernels"). A call's lanes are its heads × tokens ÷ its longest example (how many
+# whole-length walks it holds); "auto" trains a call of fewer than SCAN_MIN_LANES with fla.
+SCAN_MIN_LANES = 32
+
+
+def scan_lanes(heads: int, tokens: int, longest: int) -> int:
+    """The lanes of an attention call over ``tokens`` tokens whose longest example has ``longest``."""
+    return heads * tokens // max(longest, 1)
+
+
+def few_lanes_attention_impl(choice: str, device: torch.device | str) -> str:
+    """The trainable attention of calls with fewer than :data:`SCAN_MIN_LANES` lanes: fla where "auto" picked the
+    scans and fla-core imports; otherwise what :func:`attention_impl` picks (a named choice is kept)."""
+    impl = attention_impl(choice, device)
+    return "fla" if choice == "auto" and impl == "triton" and fla_available() else impl
+
+
 def forward_attention_impl(choice: str, device: torch.device | str) -> str:
     """The multi-token lightning attention of forwards without gradients (prefill, evaluation): auto → the Triton
     forward on CUDA when triton imports (one launch a layer), else what :func:`attention_impl` picks."""
@@ -101,6 +121,7 @@ class Kernels:
     """The implementations a model runs on one device."""
 
     attention: str  # multi-token lightning attention with gradients: chunked | recurrent | fla | triton
+    attention_few_lanes: str  # the same for calls of fewer than SCAN_MIN_LANES lanes (one long example, few heads)
     attention_forward: str  # the same without gradients (prefill, evaluation): also triton
     attention_step: str  # one-token lightning attention calls
     norm: str  # SimpleRMSNorm: torch | triton (forward and backward kernels; no-grad forwards too)
@@ -115,6 +136,7 @@ def kernels_for(config: object, device: torch.device | str) -> Kernels:
     device = torch.device("cpu") if torch.device(device).type == "meta" else torch.device(device)
     return Kernels(
         attention=attention_impl(impl, device),
+        attention_few_lanes=few_lanes_attention_impl(impl, device),
         attention_forward=forward_attention_impl(impl, device),
         attention_step=step_attention_impl(impl),
         norm=kernel_impl(getattr(config, "norm_kernel", "auto"), device, "norm_kernel"),
@@ -126,11 +148,14 @@ def kernels_for(config: object, device: torch.device | str) -> Kernels:
 __all__ = [
     "KERNEL_CHOICES",
     "LIGHTNING_IMPLS",
+    "SCAN_MIN_LANES",
     "Kernels",
     "attention_impl",
+    "few_lanes_attention_impl",
     "forward_attention_impl",
     "kernel_impl",
     "kernels_for",
+    "scan_lanes",
     "scans_train_on",
     "step_attention_impl",
     "triton_available",
