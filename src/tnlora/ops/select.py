@@ -10,9 +10,9 @@ its runner is built.
 "auto" means: on CUDA, the Triton kernels when triton imports: the lightning attention as per-example scans
 (:mod:`tnlora.ops.lightning_triton`: the forward in one launch a layer for prefill and evaluation; in training
 with the backward's launches on Hopper cards, where they were measured and tested, for calls that fill the card
-(:data:`SCAN_MIN_LANES`), and fla-core's chunk kernels for the others and on other cards when fla imports), the norms, the loss, the activation and the decode step; everywhere
-else, the PyTorch implementations. One-token attention calls (decoding without a static step) use the recurrent
-form.
+(:data:`SCAN_MIN_LANES`), and fla-core's chunk kernels for the others and on other cards when fla imports), the
+norms, the loss, the activation and the decode step; everywhere else, the PyTorch implementations. One-token
+attention calls (decoding without a static step) use the recurrent form.
 """
 
 from __future__ import annotations
