@@ -78,11 +78,14 @@
 #   attention       the lightning attention forward + backward, fla against chunked
 #   attention-packed  the lightning attention forward + backward (and forward alone), fla against tnlora's Triton
 #                   scans, on packed rows of huanhuan.json's example lengths at the 7B / 1B / huanhuan-command
-#                   micro-batches, on examples of 1,024 / 4,096 tokens and on single long rows (32, 16, 8 heads);
+#                   micro-batches, on examples of 1,024 / 4,096 tokens and on single long rows (32, 16, 8 heads;
+#                   also the forward alone there, as a long prompt's prefill runs it);
 #                   then the scans' backward launches (GRAD_SWEEP, "K block:V block:warps[:merged] ..."; merged: dk
 #                   and dv in one launch) at the 7B micro-batch
 #   attention-train  tnlora train's defaults with the attention as fla's chunk kernels and as tnlora's Triton scans
 #                   (--attention_impl fla / triton; MODELS, default "1B 7B"; ROUNDS rounds, default 1, alternating)
+#   attention-long  7B on one LONG_LEN-token sequence with tnlora train's defaults, the attention as "auto" (the
+#                   scans on a Hopper card at 32 heads) and as fla's chunk kernels (ROUNDS rounds, default 1, alternating)
 #   profile       the top kernels of one compiled 1B step (one 16,384-token row)
 #   trace         the timeline of one step with tnlora train's defaults (MODELS, default 1B; the second of two
 #                 timed steps: the first starts after the timer's sync) through benchmarks/trace_gaps.py: device
@@ -272,6 +275,10 @@ PY
       for r in $(seq ${ROUNDS:-1}); do for m in ${MODELS:-1B 7B}; do for impl in fla triton; do
         train --model $m $CAP --attention_impl $impl --name "$m huanhuan-shaped, defaults, attention $impl ($COMMIT)$TAG"
       done; done; done ;;
+    attention-long)
+      for r in $(seq ${ROUNDS:-1}); do for impl in auto fla; do
+        LIMIT=300 train --model 7B --seq_len ${LONG_LEN:-131072} --steps 1 --warmup 1 --attention_impl $impl $CAP --name "7B one ${LONG_LEN:-131072}-token sequence, tnlora train's defaults, attention $impl ($COMMIT)$TAG"
+      done; done ;;
     attention-packed)
       att() { table_script attention.py --impls ${ATT_IMPLS:-fla,triton} --repeats 5 --back-to-back 20 "$@"; }
       for shape in 32:16384 16:32768 32:8192; do
@@ -282,6 +289,7 @@ PY
       att --heads 32 --lengths 16384,131072 --head-dims 128
       att --heads 16 --lengths 32768,131072 --head-dims 128
       att --heads 8 --lengths 131072 --head-dims 128
+      for h in 32 16 8; do att --heads $h --lengths 32768,131072 --head-dims 128 --forward; done
       for cfg in ${GRAD_SWEEP:-64:32:4 64:32:4:merged 64:32:8:merged 128:32:8}; do
         att --impls triton --heads 32 --lengths 16384 --examples huanhuan --head-dims 128,256 --triton-grad $cfg
       done ;;
