@@ -133,6 +133,17 @@ LAUNCHES = [None, (64, 32, 4, False), (64, 32, 8, True), (128, 32, 8, False)]
 
 
 @needs_kernel
+def test_each_width_takes_the_launch_listed_for_it_or_the_next_wider() -> None:
+    from tnlora.ops.lightning_triton import GRAD_LAUNCHES, grad_launch
+
+    assert grad_launch(128) == GRAD_LAUNCHES[128] and grad_launch(256) == GRAD_LAUNCHES[256]
+    assert grad_launch(32) == grad_launch(100) == GRAD_LAUNCHES[128]  # narrower: the narrowest listed
+    assert grad_launch(160) == GRAD_LAUNCHES[256]  # between: the next wider
+    assert grad_launch(512) == GRAD_LAUNCHES[256]  # wider than all: the widest
+    assert GRAD_LAUNCHES[128].merged and not GRAD_LAUNCHES[256].merged
+
+
+@needs_kernel
 @pytest.mark.parametrize("launch", LAUNCHES)
 @pytest.mark.parametrize(
     ("batch", "length", "heads", "key_dim", "value_dim", "with_states"),

@@ -55,8 +55,9 @@ def scans_train_on(device: torch.device | str) -> bool:
 
 def attention_impl(choice: str, device: torch.device | str) -> str:
     """The multi-token lightning attention with gradients for ``choice`` on ``device``: auto → on a Hopper card the
-    Triton scans when triton imports (less device time than fla-core's chunk kernels at every shape measured, half
-    the memory: benchmarks/RESULTS.md, "Attention kernel"); on other CUDA cards fla when it imports; else chunked."""
+    Triton scans when triton imports (less device time than fla-core's chunk kernels on every packed micro-batch
+    measured, half the memory: benchmarks/RESULTS.md, "Attention kernel"; calls of few lanes take
+    :func:`few_lanes_attention_impl`); on other CUDA cards fla when it imports; else chunked."""
     if choice not in LIGHTNING_IMPLS:
         raise ConfigError(f"lightning_impl must be one of {LIGHTNING_IMPLS}, got {choice!r}")
     if choice != "auto":
