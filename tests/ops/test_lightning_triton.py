@@ -318,9 +318,13 @@ def test_a_training_call_of_few_lanes_takes_the_few_lanes_kernel(monkeypatch) ->
         model(input_ids=ids)
     assert calls == [mixers[0].forward_impl] * len(mixers)
     calls.clear()
+    q = torch.zeros(1, 64, 2, 8)
+    with torch.no_grad():  # a forward-only call runs forward_impl: nothing to count
+        assert mixers[0].lanes(q, None) is None
+    assert mixers[0].lanes(q, None) == mixers[0].num_heads  # eval mode with gradients trains: counted
     for mixer in mixers:  # the same kernel either way: nothing to count
         mixer.few_lanes_impl = "many"
-        assert mixer.lanes(torch.zeros(1, 64, 2, 8), None) is None
+        assert mixer.lanes(q, None) is None
 
 
 def test_packed_rows_know_their_longest_example_on_the_host() -> None:

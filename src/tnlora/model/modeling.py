@@ -337,8 +337,8 @@ class NormLinearAttention(nn.Module):
 
     def lanes(self, q: Tensor, rows: PackedRows | None) -> int | None:
         """The call's lanes (``ops.select.scan_lanes``: heads × tokens ÷ the longest example, from the host's
-        boundaries); None where the few-lanes choice is the same kernel."""
-        if self.few_lanes_impl == self.impl:
+        boundaries); None where the few-lanes choice is the same kernel or the call runs the forward-only one."""
+        if self.few_lanes_impl == self.impl or not (self.training or torch.is_grad_enabled()):
             return None
         batch, length = q.shape[:2]
         return scan_lanes(self.num_heads, batch * length, rows.longest_example if rows is not None else length)
