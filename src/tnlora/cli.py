@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from tnlora import __version__
+from tnlora.choices import LIGHTNING_IMPLS
 from tnlora.errors import TnloraError
 
 EXIT_USER_ERROR = 2
@@ -66,7 +67,7 @@ def _add_model_args(p: argparse.ArgumentParser, adapter_required: bool = False, 
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
     g.add_argument(
-        "--attention_impl", choices=("auto", "chunked", "recurrent", "fla", "triton"), default=None,
+        "--attention_impl", choices=LIGHTNING_IMPLS, default=None,
         help="the prompt's lightning attention (default auto: on a GPU one Triton launch a layer)",
     )
     g.add_argument(

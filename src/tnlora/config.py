@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from tnlora.choices import LIGHTNING_IMPLS
 from tnlora.errors import ConfigError
 
 RUN_CONFIG_NAME = "tnlora_run.yaml"
@@ -81,7 +82,7 @@ class RunConfig:
     )
     attention_impl: str = field(
         default="auto",
-        metadata=_opt("lightning attention backend", choices=("auto", "chunked", "recurrent", "fla", "triton")),
+        metadata=_opt("lightning attention backend", choices=LIGHTNING_IMPLS),
     )
     # --- data ---
     dataset: str = field(

@@ -5,11 +5,15 @@ prefill on CUDA; the choice of the forward-only implementation everywhere."""
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 import torch
 from kernel_device import DEVICE, INTERPRET, needs_kernel
 
+from tnlora.choices import LIGHTNING_IMPLS
 from tnlora.model import TransnormerConfig, TransnormerForCausalLM
+from tnlora.ops import lightning
 from tnlora.ops.lightning import lightning_attention
 from tnlora.ops.packing import PackedRows
 from tnlora.ops.select import kernels_for, scans_train_on, triton_available
@@ -331,6 +335,11 @@ def test_packed_rows_know_their_longest_example_on_the_host() -> None:
     rows = PackedRows.from_seq_ids(torch.tensor([[0, 0, 0, 1, 1], [2, 3, 3, 3, 3]]))
     assert rows.longest_example == 4
     assert PackedRows.from_cu_seqlens(torch.tensor([0, 3, 3, 10]), 10).longest_example == 7
+
+
+def test_the_attention_s_type_names_every_choice() -> None:
+    # the config, the CLI and ops.select take their choices from tnlora.choices; the dispatcher's type must match
+    assert set(typing.get_args(lightning.Impl)) == set(LIGHTNING_IMPLS)
 
 
 def test_kernel_selection_per_device() -> None:

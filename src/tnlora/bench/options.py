@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from tnlora.choices import KERNEL_CHOICES
+
 
 def train_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
     """The bench's own options, and the run-config keys given beside them (``--key value`` as to train)."""
@@ -23,20 +25,20 @@ def train_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
                         help="one sequence of this many tokens per row instead of data-shaped examples")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
-    parser.add_argument("--norm_kernel", default="auto", choices=["auto", "torch", "triton"],
+    parser.add_argument("--norm_kernel", default="auto", choices=KERNEL_CHOICES,
                         help="the model's norm implementation (config norm_kernel)")
-    parser.add_argument("--loss_kernel", default="auto", choices=["auto", "torch", "triton"],
+    parser.add_argument("--loss_kernel", default="auto", choices=KERNEL_CHOICES,
                         help="the chunked loss's cross-entropy (config loss_kernel)")
-    parser.add_argument("--act_kernel", default="auto", choices=["auto", "torch", "triton"],
+    parser.add_argument("--act_kernel", default="auto", choices=KERNEL_CHOICES,
                         help="the token mixer's activation with grad (config act_kernel)")
     parser.add_argument("--lora_compiled_op", action=argparse.BooleanOptionalAction, default=True,
                         help="compiled layers call the fused LoRA layers' custom operators (default) or, with "
                              "--no-lora_compiled_op, peft's composition (lora_kernel fused)")
-    parser.add_argument("--lora_grad_kernel", default="auto", choices=["auto", "torch", "triton"],
+    parser.add_argument("--lora_grad_kernel", default="auto", choices=KERNEL_CHOICES,
                         help="the fused LoRA layers' backward products of dy: two GEMMs (torch), one read of dy "
                              "(triton, CUDA) or auto (the default: the one read from tnlora.ops.lora.LORA_GRAD_MIN_ROWS = "
                              "65,536 tokens a micro-batch)")
-    parser.add_argument("--lora_dropout_kernel", default="auto", choices=["auto", "torch", "triton"],
+    parser.add_argument("--lora_dropout_kernel", default="auto", choices=KERNEL_CHOICES,
                         help="the fused LoRA layers' dropout (with lora_dropout > 0): PyTorch's (torch, and auto, the "
                              "default) or a byte mask applied inside Triton kernels (triton)")
     parser.add_argument("--gpu_memory_gib", type=float, default=0.0,
@@ -60,7 +62,7 @@ def decode_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="decode steps as replayed CUDA graphs (default: on with a GPU)")
-    parser.add_argument("--decode_kernel", default="auto", choices=["auto", "torch", "triton"],
+    parser.add_argument("--decode_kernel", default="auto", choices=KERNEL_CHOICES,
                         help="the static step's recurrence (config decode_kernel)")
     parser.add_argument("--lightning_impl", default="auto", choices=["auto", "fla", "chunked", "triton"],
                         help="the prefill's lightning attention (config lightning_impl)")

@@ -12,8 +12,8 @@ from typing import Any, ClassVar
 
 from transformers import PreTrainedConfig
 
+from tnlora.choices import KERNEL_CHOICES, LIGHTNING_IMPLS
 from tnlora.errors import ConfigError
-from tnlora.ops.select import KERNEL_CHOICES, LIGHTNING_IMPLS
 
 LRPE_ANGLE_DTYPES = ("float32", "model")
 
@@ -53,8 +53,8 @@ class TransnormerConfig(PreTrainedConfig):
     # model dtype (bf16 checkpoints were run this way by the official code, spec §10).
     lrpe_angle_dtype: str = "float32"
     # The implementations of the operations (tnlora.ops.select resolves "auto" for the model's device when the
-    # model is built or moved). Lightning attention: "auto" (fla on CUDA if importable, else chunked; recurrent
-    # for one-token steps), "chunked", "recurrent" or "fla".
+    # model is built or moved). Lightning attention: one of tnlora.choices.LIGHTNING_IMPLS; "auto" as
+    # tnlora.ops.select resolves it (on CUDA the Triton scans or fla, else chunked; recurrent for one-token steps).
     lightning_impl: str = "auto"
     # Chunk length of the pure-PyTorch chunked attention.
     lightning_chunk_size: int = 64

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tnlora.choices import KERNEL_CHOICES
 from tnlora.ops.fp8 import fp8_input_grad_operands, fp8_linear, fp8_linear_input_grad, quantize_rows_reference
 from tnlora.ops.lora_dropout import draw_keep, dropout_down, dropout_grad_a, dropout_up
 from tnlora.ops.lora_grad import lora_dy_products, lora_dy_products_reference
@@ -120,7 +121,7 @@ def lora_linear(
 def reads_dy_once(grad_kernel: str, rows: int, cuda: bool) -> bool:
     """Whether a fused LoRA layer's backward takes g and dB from one read of dy (:func:`lora_linear`'s
     ``grad_kernel`` for x of ``rows`` rows, on CUDA or not)."""
-    if grad_kernel not in ("auto", "torch", "triton"):
+    if grad_kernel not in KERNEL_CHOICES:
         raise ValueError(f"grad_kernel must be 'auto', 'torch' or 'triton', got {grad_kernel!r}")
     return cuda and (grad_kernel == "triton" or (grad_kernel == "auto" and rows >= LORA_GRAD_MIN_ROWS))
 
@@ -130,7 +131,7 @@ def dropout_in_kernels(dropout_kernel: str, cuda: bool) -> bool:
     (:func:`lora_linear`'s ``dropout_kernel``; "triton" on any device: CPU tensors under Triton's interpreter).
     "auto" is PyTorch's dropout: the kernels tie with it in a training step and save the dropped input's memory
     (benchmarks/RESULTS.md, "LoRA's dropout inside the kernels")."""
-    if dropout_kernel not in ("auto", "torch", "triton"):
+    if dropout_kernel not in KERNEL_CHOICES:
         raise ValueError(f"dropout_kernel must be 'auto', 'torch' or 'triton', got {dropout_kernel!r}")
     return dropout_kernel == "triton"
 

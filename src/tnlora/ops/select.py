@@ -22,11 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from tnlora.choices import KERNEL_CHOICES, LIGHTNING_IMPLS
 from tnlora.errors import ConfigError
 from tnlora.ops.fla import fla_available
-
-LIGHTNING_IMPLS = ("auto", "chunked", "recurrent", "fla", "triton")
-KERNEL_CHOICES = ("auto", "torch", "triton")
 
 
 @functools.cache
@@ -147,8 +145,6 @@ def kernels_for(config: object, device: torch.device | str) -> Kernels:
 
 
 __all__ = [
-    "KERNEL_CHOICES",
-    "LIGHTNING_IMPLS",
     "SCAN_MIN_LANES",
     "Kernels",
     "attention_impl",
