@@ -10,8 +10,8 @@ makes them. The per-token recurrent loop is timed only up to --recurrent-max.
 
     python benchmarks/attention.py --impls fla,triton --heads 32 --examples huanhuan --lengths 16384
 
-``--examples huanhuan`` cuts the T tokens into examples of huanhuan.json's lengths (one row, ``cu_seqlens``, as
-packed training rows reach the kernels); ``--examples N`` into examples of N tokens. ``--forward`` times the
+``--examples huanhuan`` cuts the T tokens into examples of huanhuan.json's lengths (one row with its
+``PackedRows``, as packed training rows reach the kernels); ``--examples N`` into examples of N tokens. ``--forward`` times the
 forward alone (no gradients).
 """
 
@@ -30,6 +30,7 @@ import torch
 from tnlora.model.modeling import layer_log_decay
 from tnlora.ops.fla import fla_available
 from tnlora.ops.lightning import lightning_attention
+from tnlora.ops.packing import PackedRows
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -78,6 +79,8 @@ def time_step(impl: str, K: int, T: int, args: argparse.Namespace) -> tuple[floa
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     H, V, B = args.heads, 128, args.batch
     cu_seqlens = example_bounds(args.examples, T, device)
+    # The boundaries as the model passes them (host copies: the scans' backward counts its lanes from them).
+    rows = PackedRows.from_cu_seqlens(cu_seqlens, T) if cu_seqlens is not None else None
     if cu_seqlens is not None:
         B = 1
     train = not args.forward
@@ -90,9 +93,7 @@ def time_step(impl: str, K: int, T: int, args: argparse.Namespace) -> tuple[floa
 
     def step() -> None:
         with torch.set_grad_enabled(train):
-            o, _ = lightning_attention(
-                q, k, v, log_decay, cu_seqlens=cu_seqlens, impl=impl, chunk_size=args.chunk_size
-            )
+            o, _ = lightning_attention(q, k, v, log_decay, rows=rows, impl=impl, chunk_size=args.chunk_size)
         if train:
             o.backward(grad)
 
@@ -158,8 +159,10 @@ def main() -> None:
         fields = args.triton_grad.split(":")
         block_k, block_v, warps = (int(x) for x in fields[:3])
         launch = lightning_triton.GradLaunch(block_k, block_v, warps, merged=fields[3:] == ["merged"])
-        # Every width the sweep's launch (the tree's own per width: lightning_triton.GRAD_LAUNCHES).
+        # Every width and lane count the sweep's launch (the tree's own: GRAD_LAUNCHES per width, FEW_LANES_LAUNCH
+        # for calls of fewer than MERGED_MIN_LANES lanes).
         lightning_triton.GRAD_LAUNCHES = {width: launch for width in lightning_triton.GRAD_LAUNCHES}
+        lightning_triton.MERGED_MIN_LANES = 0
         print(f"# triton backward: K block {block_k}, V block {block_v}, {warps} warps"
               f"{', dk and dv in one launch (up to 128 wide)' if launch.merged else ''}")  # fmt: skip
     impls = args.impls.split(",") if args.impls else ["chunked", "recurrent"]

@@ -124,12 +124,14 @@ def _gradients(q, k, v, decay, impl, state=None, final_weight=None, **kwargs):
 
 
 def _use_launch(monkeypatch, launch: tuple[int, int, int, bool] | None) -> None:
-    """The backward's launch (K block, V block, warps, dk and dv merged) at every width; None: the tree's."""
+    """The backward's launch (K block, V block, warps, dk and dv merged) at every width and lane count; None: the
+    tree's (the tests' calls have few lanes: FEW_LANES_LAUNCH where a width's launch is merged)."""
     if launch is not None:
         from tnlora.ops import lightning_triton
 
         form = lightning_triton.GradLaunch(*launch)
         monkeypatch.setattr(lightning_triton, "GRAD_LAUNCHES", {128: form, 256: form})
+        monkeypatch.setattr(lightning_triton, "MERGED_MIN_LANES", 0)
 
 
 # The backward's launch forms: the tree's per width, dk and dv as two launches, merged, and 128-wide K blocks.
@@ -145,6 +147,40 @@ def test_each_width_takes_the_launch_listed_for_it_or_the_next_wider() -> None:
     assert grad_launch(160) == GRAD_LAUNCHES[256]  # between: the next wider
     assert grad_launch(512) == GRAD_LAUNCHES[256]  # wider than all: the widest
     assert GRAD_LAUNCHES[128].merged and not GRAD_LAUNCHES[256].merged
+
+
+@needs_kernel
+def test_few_lanes_take_two_launches_where_the_width_s_launch_is_merged() -> None:
+    from tnlora.ops.lightning_triton import FEW_LANES_LAUNCH, GRAD_LAUNCHES, MERGED_MIN_LANES, grad_launch
+
+    assert not FEW_LANES_LAUNCH.merged
+    assert grad_launch(128, 32) == grad_launch(128, MERGED_MIN_LANES - 1) == FEW_LANES_LAUNCH
+    assert grad_launch(128, MERGED_MIN_LANES) == grad_launch(128, None) == GRAD_LAUNCHES[128]
+    assert grad_launch(256, 8) == GRAD_LAUNCHES[256]  # not merged: kept
+
+
+@needs_kernel
+def test_the_backward_is_told_the_lanes_of_its_call(monkeypatch) -> None:
+    """lanes = heads × tokens ÷ the longest example, from packed rows' host boundaries or the unpacked shape; None
+    where only cu_seqlens (a device tensor) gives the examples."""
+    from tnlora.ops import lightning_triton
+
+    seen: list[int | None] = []
+    real = lightning_triton.grad_launch
+
+    def spy(key_dim: int, lanes: int | None = None):
+        seen.append(lanes)
+        return real(key_dim, lanes)
+
+    monkeypatch.setattr(lightning_triton, "grad_launch", spy)
+    decay = DECAY[:2].to(DEVICE)
+    q, k, v = _inputs(1, 128, 2, 16, 16, seed=21)
+    _gradients(q, k, v, decay, "triton", rows=PackedRows.from_seq_ids(torch.zeros(1, 128, dtype=torch.long)))
+    _gradients(q, k, v, decay, "triton", rows=PackedRows.from_seq_ids(torch.arange(128).div(2, rounding_mode="floor")[None]))
+    _gradients(q, k, v, decay, "triton", cu_seqlens=torch.tensor([0, 64, 128], device=DEVICE))
+    q, k, v = _inputs(3, 40, 2, 16, 16, seed=22)
+    _gradients(q, k, v, decay, "triton")
+    assert seen == [2, 128, None, 6]
 
 
 @needs_kernel

@@ -31,7 +31,7 @@ from tnlora.ops.chunked import chunked_attention
 from tnlora.ops.fla import fla_attention
 from tnlora.ops.packing import PackedRows, end_to_end, per_row
 from tnlora.ops.recurrent import recurrent_attention
-from tnlora.ops.select import attention_impl, step_attention_impl
+from tnlora.ops.select import attention_impl, scan_lanes, step_attention_impl
 
 Impl = Literal["auto", "chunked", "recurrent", "fla", "triton"]
 DEFAULT_CHUNK_SIZE = 64
@@ -118,15 +118,20 @@ def _triton_attention(
     if q.dtype == torch.float64 or not q.dtype == k.dtype == v.dtype:
         raise ValueError("impl='triton' takes q, k, v of one fp32 or half dtype; use impl='chunked' for fp64")
     tracked = [x for x in (q, k, v, initial_state) if x is not None]
-    attention = triton_attention if torch.is_grad_enabled() and any(x.requires_grad for x in tracked) else triton_forward
+    trains = torch.is_grad_enabled() and any(x.requires_grad for x in tracked)
     if rows is None and seq_ids is not None:
         rows = PackedRows.from_seq_ids(seq_ids)
     if rows is None:
+        attention = triton_attention if trains else triton_forward
         return attention(q, k, v, log_decay, cu_seqlens, initial_state, output_final_state)
-    batch = q.shape[0]
+    batch, length, heads = q.shape[:3]
     rows = rows.to(q.device)
     flat_q, flat_k, flat_v, first = end_to_end(rows, q, k, v, initial_state)
-    o, final = attention(flat_q, flat_k, flat_v, log_decay, rows.cu_seqlens, first, output_final_state)
+    if trains:  # the backward's launch depends on the lanes, counted from the rows' host boundaries
+        lanes = scan_lanes(heads, batch * length, rows.longest_example)
+        o, final = triton_attention(flat_q, flat_k, flat_v, log_decay, rows.cu_seqlens, first, output_final_state, lanes)
+    else:
+        o, final = triton_forward(flat_q, flat_k, flat_v, log_decay, rows.cu_seqlens, first, output_final_state)
     return per_row(rows, o, final, batch)
 
 

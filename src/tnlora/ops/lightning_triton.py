@@ -548,13 +548,22 @@ class GradLaunch:
 # Other widths take the launch of the narrowest listed one at least as wide (the widest past it).
 GRAD_LAUNCHES: dict[int, GradLaunch] = {128: GradLaunch(64, 32, 8, True), 256: GradLaunch(128, 32, 8, False)}
 MERGED_MAX_WIDTH = 128
+# The merged scan gives each (example, head) one program doing dk's and dv's work: fine when the programs fill the
+# card, slow when a few long walks set the time. On an H200, 32 heads over 131,072 tokens (K 128) forward +
+# backward: one example (32 lanes) 24.5 ms merged against 15.3 with two launches at 64:32:4 (fla 16.2), two
+# examples (64 lanes) 13.7 against 10.6, four (128) 10.4 against 10.6. So a call of fewer than MERGED_MIN_LANES
+# lanes (heads × tokens ÷ its longest example) takes FEW_LANES_LAUNCH where its width's launch is merged.
+MERGED_MIN_LANES = 128
+FEW_LANES_LAUNCH = GradLaunch(64, 32, 4, False)
 
 
-def grad_launch(key_dim: int) -> GradLaunch:
-    """The backward's launch for q / k ``key_dim`` wide (:data:`GRAD_LAUNCHES`)."""
+def grad_launch(key_dim: int, lanes: int | None = None) -> GradLaunch:
+    """The backward's launch for q / k ``key_dim`` wide (:data:`GRAD_LAUNCHES`), for a call of ``lanes`` lanes
+    (None: not known, taken as many)."""
     width = max(16, triton.next_power_of_2(key_dim))
     fitting = [w for w in sorted(GRAD_LAUNCHES) if w >= width]
-    return GRAD_LAUNCHES[fitting[0] if fitting else max(GRAD_LAUNCHES)]
+    launch = GRAD_LAUNCHES[fitting[0] if fitting else max(GRAD_LAUNCHES)]
+    return FEW_LANES_LAUNCH if launch.merged and lanes is not None and lanes < MERGED_MIN_LANES else launch
 
 
 def triton_backward(
@@ -567,9 +576,12 @@ def triton_backward(
     initial_state: Tensor | None = None,
     final_grad: Tensor | None = None,
     initial_grad: bool = False,
+    lanes: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The gradients of :func:`triton_forward`'s outputs: dq, dk, dv in the inputs' dtype, and the initial
-    state's gradient (fp32) when ``initial_grad``. ``final_grad`` is the final state's incoming gradient."""
+    state's gradient (fp32) when ``initial_grad``. ``final_grad`` is the final state's incoming gradient;
+    ``lanes`` the call's lanes where the caller knows its longest example (:func:`grad_launch`; without
+    ``cu_seqlens`` they are heads × rows)."""
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     q, k, v = _token_rows(q), _token_rows(k), _token_rows(v)
@@ -593,7 +605,7 @@ def triton_backward(
     cu = cu_seqlens if cu_seqlens is not None else decay
     full_k = max(16, triton.next_power_of_2(key_dim))
     full_v = max(16, triton.next_power_of_2(value_dim))
-    launch = grad_launch(key_dim)
+    launch = grad_launch(key_dim, heads * batch if lanes is None and cu_seqlens is None else lanes)
     block_k = min(launch.block_k, full_k)
     block_v = min(launch.block_v, full_v)
     k_blocks = -(-key_dim // block_k)
@@ -628,17 +640,20 @@ class TritonLightning(torch.autograd.Function):
     """:func:`triton_forward` with :func:`triton_backward` as its gradient (q, k, v and the initial state)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, cu_seqlens, initial_state, output_final_state):
+    def forward(ctx, q, k, v, log_decay, cu_seqlens, initial_state, output_final_state, lanes):
         o, final = triton_forward(q, k, v, log_decay, cu_seqlens, initial_state, output_final_state)
         ctx.save_for_backward(q, k, v, log_decay, cu_seqlens, initial_state)
+        ctx.lanes = lanes
         return o, final
 
     @staticmethod
     def backward(ctx, do, final_grad):
         q, k, v, log_decay, cu_seqlens, initial_state = ctx.saved_tensors
         wants_h0 = initial_state is not None and ctx.needs_input_grad[5]
-        dq, dk, dv, dh0 = triton_backward(q, k, v, log_decay, do, cu_seqlens, initial_state, final_grad, wants_h0)
-        return dq, dk, dv, None, None, dh0, None
+        dq, dk, dv, dh0 = triton_backward(
+            q, k, v, log_decay, do, cu_seqlens, initial_state, final_grad, wants_h0, ctx.lanes
+        )
+        return dq, dk, dv, None, None, dh0, None, None
 
 
 def triton_attention(
@@ -649,14 +664,18 @@ def triton_attention(
     cu_seqlens: Tensor | None = None,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    lanes: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """:func:`triton_forward` with gradients for q, k, v and ``initial_state`` (two or three backward launches)."""
-    return TritonLightning.apply(q, k, v, log_decay, cu_seqlens, initial_state, output_final_state)
+    """:func:`triton_forward` with gradients for q, k, v and ``initial_state`` (two or three backward launches;
+    ``lanes``: :func:`triton_backward`'s)."""
+    return TritonLightning.apply(q, k, v, log_decay, cu_seqlens, initial_state, output_final_state, lanes)
 
 __all__ = [
     "CHUNK",
     "CHUNK_FP32",
+    "FEW_LANES_LAUNCH",
     "GRAD_LAUNCHES",
+    "MERGED_MIN_LANES",
     "GradLaunch",
     "TritonLightning",
     "grad_launch",
