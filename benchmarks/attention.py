@@ -11,8 +11,8 @@ makes them. The per-token recurrent loop is timed only up to --recurrent-max.
     python benchmarks/attention.py --impls fla,triton --heads 32 --examples huanhuan --lengths 16384
 
 ``--examples huanhuan`` cuts the T tokens into examples of huanhuan.json's lengths (one row with its
-``PackedRows``, as packed training rows reach the kernels); ``--examples N`` into examples of N tokens. ``--forward`` times the
-forward alone (no gradients).
+``PackedRows``, as packed training rows reach the kernels); ``--examples N`` into examples of N tokens.
+``--forward`` times the forward alone (no gradients).
 """
 
 from __future__ import annotations
