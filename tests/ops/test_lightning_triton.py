@@ -455,15 +455,18 @@ def test_bf16_forward_against_fla_and_the_fp32_recurrence(length: int, key_dim: 
     ("lengths", "key_dim"),
     [((97, 230, 64, 1, 150, 482), 128), ((97, 230, 64, 1, 150, 482), 256), ((2048, 1000), 128)],
 )
-def test_bf16_gradients_against_fla_and_fp32(lengths: tuple[int, ...], key_dim: int) -> None:
+@pytest.mark.parametrize("as_rows", [False, True])
+def test_bf16_gradients_against_fla_and_fp32(lengths: tuple[int, ...], key_dim: int, as_rows: bool) -> None:
     """Packed examples at the model's widths (32 heads): the bf16 kernels' dq, dk, dv are as close to the fp32
-    chunked path's as fla's are."""
+    chunked path's as fla's are. Given as bare ``cu_seqlens`` the scans run the width's launch (merged at 128);
+    given as ``PackedRows`` (``as_rows``) they count these calls' lanes (under 128) and run FEW_LANES_LAUNCH."""
     pytest.importorskip("fla.ops.simple_gla", reason="needs fla-core (pip install 'tnlora[gpu]')")
     total = sum(lengths)
     q, k, v = _inputs(1, total, 32, key_dim, 128, seed=total, dtype=torch.bfloat16)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE)
     decay = torch.linspace(-0.001, -1.0, 32, device=DEVICE)
-    _, _, got = _gradients(q, k, v, decay, "triton", cu_seqlens=cu)
+    boundaries = {"rows": PackedRows.from_cu_seqlens(cu, total)} if as_rows else {"cu_seqlens": cu}
+    _, _, got = _gradients(q, k, v, decay, "triton", **boundaries)
     _, _, fla = _gradients(q, k, v, decay, "fla", cu_seqlens=cu)
     _, _, want = _gradients(q.float(), k.float(), v.float(), decay, "chunked", cu_seqlens=cu)
     for name, mine, theirs, exact in zip("qkv", got, fla, want, strict=True):
