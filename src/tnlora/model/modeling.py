@@ -33,11 +33,11 @@ from tnlora.model.generation import overlap_applies, overlapped_sample
 from tnlora.model.offload import InputOffload, offloaded_checkpoint
 from tnlora.ops.cross_entropy import cross_entropy_grad_, cross_entropy_grad_reference
 from tnlora.ops.fla_autotune import store_shipped_results
-from tnlora.ops.lightning import lightning_attention
+from tnlora.ops.lightning import call_lanes, lightning_attention
 from tnlora.ops.norm import add_rms_norm, gated_rms_norm, rms_norm, takes_rows
 from tnlora.ops.packing import PackedRows
 from tnlora.ops.qkvu_act import qkvu_act
-from tnlora.ops.select import SCAN_MIN_LANES, Kernels, kernels_for, scan_lanes
+from tnlora.ops.select import SCAN_MIN_LANES, Kernels, kernels_for
 
 logger = logging.get_logger(__name__)
 
@@ -336,12 +336,11 @@ class NormLinearAttention(nn.Module):
         return self.few_lanes_impl if lanes is not None and lanes < SCAN_MIN_LANES else self.impl
 
     def lanes(self, q: Tensor, rows: PackedRows | None) -> int | None:
-        """The call's lanes (``ops.select.scan_lanes``: heads × tokens ÷ the longest example, from the host's
+        """The call's lanes (``ops.lightning.call_lanes``: heads × tokens ÷ the longest example, from the host's
         boundaries); None where the few-lanes choice is the same kernel or the call runs the forward-only one."""
         if self.few_lanes_impl == self.impl or not (self.training or torch.is_grad_enabled()):
             return None
-        batch, length = q.shape[:2]
-        return scan_lanes(self.num_heads, batch * length, rows.longest_example if rows is not None else length)
+        return call_lanes(q, rows)
 
     def output(self, o: Tensor, u: Tensor) -> Tensor:
         """out_proj(u ⊙ SRMSNorm(o)) [B, T, dim]."""

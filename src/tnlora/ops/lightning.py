@@ -100,6 +100,13 @@ def lightning_attention(
     raise ValueError(f"unknown lightning attention impl {impl!r}; choose auto, chunked, recurrent, fla or triton")
 
 
+def call_lanes(q: Tensor, rows: PackedRows | None) -> int:
+    """The lanes of an attention call on q [B, T, H, K] (:func:`tnlora.ops.select.scan_lanes`): heads × tokens ÷
+    the longest example, from ``rows``' host boundaries (no device read), one example a row without them."""
+    batch, length, heads = q.shape[:3]
+    return scan_lanes(heads, batch * length, rows.longest_example if rows is not None else length)
+
+
 def _triton_attention(
     q: Tensor,
     k: Tensor,
@@ -124,11 +131,11 @@ def _triton_attention(
     if rows is None:
         attention = triton_attention if trains else triton_forward
         return attention(q, k, v, log_decay, cu_seqlens, initial_state, output_final_state)
-    batch, length, heads = q.shape[:3]
+    batch = q.shape[0]
     rows = rows.to(q.device)
     flat_q, flat_k, flat_v, first = end_to_end(rows, q, k, v, initial_state)
     if trains:  # the backward's launch depends on the lanes, counted from the rows' host boundaries
-        lanes = scan_lanes(heads, batch * length, rows.longest_example)
+        lanes = call_lanes(q, rows)
         o, final = triton_attention(flat_q, flat_k, flat_v, log_decay, rows.cu_seqlens, first, output_final_state, lanes)
     else:
         o, final = triton_forward(flat_q, flat_k, flat_v, log_decay, rows.cu_seqlens, first, output_final_state)
@@ -161,4 +168,4 @@ def _check_shapes(
             raise ValueError(f"initial_state must have shape {expected}, got {tuple(initial_state.shape)}")
 
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "Impl", "lightning_attention"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "Impl", "call_lanes", "lightning_attention"]
