@@ -134,8 +134,9 @@ def _use_launch(monkeypatch, launch: tuple[int, int, int, bool] | None) -> None:
         monkeypatch.setattr(lightning_triton, "MERGED_MIN_LANES", 0)
 
 
-# The backward's launch forms: the tree's per width, dk and dv as two launches, merged, and 128-wide K blocks.
-LAUNCHES = [None, (64, 32, 4, False), (64, 32, 8, True), (128, 32, 8, False)]
+# The backward's launch forms: the tree's (at these tests' few lanes FEW_LANES_LAUNCH, dk and dv as two launches),
+# merged, and 128-wide K blocks.
+LAUNCHES = [None, (64, 32, 8, True), (128, 32, 8, False)]
 
 
 @needs_kernel
