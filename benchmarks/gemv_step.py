@@ -132,6 +132,19 @@ def step_ms(model: torch.nn.Module, pdl: bool, batch: int = 1, replays: int = RE
     return statistics.median(cuda_seconds(replay, ROUNDS)) / replays * 1e3
 
 
+def layer_forwards_ms(model: torch.nn.Module, batch: int, replays: int = REPLAYS) -> float:
+    """ms of one captured step of ``batch`` rows with the layer forwards on cuBLASLt (the default above
+    ``GEMV_MAX_BATCH``: the GLU's projections side by side), timed as :func:`step_ms` times the GEMV step."""
+    runner = DecodeStepRunner(model, batch, torch.device("cuda"), capture=True, branches=True)
+    runner.run(model)  # captures
+
+    def replay() -> None:
+        for _ in range(replays):
+            runner.run(model)
+
+    return statistics.median(cuda_seconds(replay, ROUNDS)) / replays * 1e3
+
+
 def launch_table(batch: int) -> dict[tuple[int, int, bool], GemvConfig]:
     """The table of launches ``gemv`` reads at ``batch`` rows (edited in place while a step is measured)."""
     return gemv_ops.TUNED if batch == 1 else gemv_ops.ROWS_TUNED
@@ -200,6 +213,9 @@ def tune(preset: str, pdl: bool, descend: bool, batch: int = 1, workers: int = 0
     measure = functools.partial(step_ms, model, pdl, batch, replays)
     name = f"{preset} batch {batch}"
     with torch.inference_mode():
+        if batch > 1:  # what the rows kernel's step has to beat
+            print(f"| {preset} batch {batch} | layer forwards on cuBLASLt: "
+                  f"{layer_forwards_ms(model, batch, replays):.3f} ms |", flush=True)
         times = early_against_late(shapes, measure, batch)
         print(f"| {name} | launches of now: dependents after the loop {times[False]:.3f} ms, "
               f"early {times[True]:.3f} ms |", flush=True)
