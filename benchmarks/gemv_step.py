@@ -40,9 +40,10 @@ CANDIDATES = [GemvConfig(bn, bk, 4, stages, False, early) for bn in (2, 4, 8) fo
               for stages in (1, 3) for early in (False, True)]
 # Several rows (the tensor cores' dot needs 16 weight rows a program at least): 16 to 128 weight rows a
 # program (128 programs for a 2,048-row weight at 16; x's tile is read by every program, as large as the
-# weight's at 32), 128 or 256 columns a step, 2 or 4 pipeline stages.
-ROW_CANDIDATES = [GemvConfig(bn, bk, 4, stages, False, True) for bn in (16, 32, 64, 128) for bk in (128, 256)
-                  for stages in (2, 4)]
+# weight's at 32), 128 or 256 columns a step, 2 or 4 pipeline stages; from 64 weight rows also the products
+# taken as W xᵀ (``swap``: the weight's rows on the MMA's wide side).
+ROW_CANDIDATES = [GemvConfig(bn, bk, 4, stages, False, True, swap) for bn in (16, 32, 64, 128) for bk in (128, 256)
+                  for stages in (2, 4) for swap in (False, True) if bn >= 64 or not swap]
 REPLAYS = 50
 ROUNDS = 5
 
@@ -73,21 +74,31 @@ def compile_share(preset: str, batch: int, launches: list[tuple[str, GemvConfig]
     dim, width, vocab = config.decoder_embed_dim, config.glu_dim, config.vocab_size
     rows = (-1,) if batch == 1 else (batch, -1)
 
-    def zeros(*shape: int) -> torch.Tensor:
-        return torch.zeros(*shape, dtype=torch.bfloat16, device="cuda")
+    def zeros(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return torch.zeros(*shape, dtype=dtype, device="cuda")
 
     hidden = zeros(batch, dim).reshape(rows)
     o = zeros(batch, dim).reshape(rows)
     qkvu = zeros(batch, 4 * dim)
     product = zeros(batch, width).reshape(rows)
+    # Several rows: the residual projections write their rows' sums of squares, which the normed projection
+    # after each reads; the kernel is compiled per block of those partial sums (one a program of the projection
+    # before: any candidate's count), and the first layer's qkvu sums its own.
+    squares = [None] if batch == 1 else [None] + [zeros(-(-dim // bn), batch, dtype=torch.float32)
+                                                  for bn in sorted({c.block_n for c in ROW_CANDIDATES})]
+    residual = {} if batch == 1 else {"emit_squares": True}
+
+    def normed(weight: torch.Tensor, c: GemvConfig, **options: object) -> None:
+        for parts in squares:
+            gemv_ops.gemv(hidden, weight, norm_eps=1e-6, norm_squares=parts, config=c, pdl=True, **options)
+
     calls = {
-        "qkvu": lambda c: gemv_ops.gemv(hidden, zeros(4 * dim, dim), norm_eps=1e-6, config=c, pdl=True),
+        "qkvu": lambda c: normed(zeros(4 * dim, dim), c),
         "out_proj": lambda c: gemv_ops.gemv(o, zeros(dim, dim), norm_eps=1e-6, gate=qkvu[:, 3 * dim:].reshape(rows),
-                                            residual=hidden, config=c, pdl=True),
-        "l1 / l2 (GLU)": lambda c: gemv_ops.gemv(hidden, zeros(width, dim), weight2=zeros(width, dim), norm_eps=1e-6,
-                                                 config=c, pdl=True),
-        "l3": lambda c: gemv_ops.gemv(product, zeros(dim, width), residual=hidden, config=c, pdl=True),
-        "lm_head": lambda c: gemv_ops.gemv(hidden, zeros(vocab, dim), norm_eps=1e-6, config=c, pdl=True),
+                                            residual=hidden, config=c, pdl=True, **residual),
+        "l1 / l2 (GLU)": lambda c: normed(zeros(width, dim), c, weight2=zeros(width, dim)),
+        "l3": lambda c: gemv_ops.gemv(product, zeros(dim, width), residual=hidden, config=c, pdl=True, **residual),
+        "lm_head": lambda c: normed(zeros(vocab, dim), c),
     }
     unfit = []
     for name, launch in launches:

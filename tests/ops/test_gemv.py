@@ -90,7 +90,8 @@ def test_gemv_equals_the_model_ops(dtype: torch.dtype, case: str, n: int, k: int
 # type; an fp32 dot of the same values is right).
 ROW_DTYPES = [torch.float64, torch.float32] + ([] if INTERPRET else [torch.bfloat16])
 ROW_CONFIGS = [GemvConfig(16, 64, 4, 1, False, True), GemvConfig(32, 128, 4, 3, False, False),
-               GemvConfig(64, 32, 2, 2, False, True)]
+               GemvConfig(64, 32, 2, 2, False, True), GemvConfig(16, 64, 4, 1, False, True, True),
+               GemvConfig(64, 128, 4, 3, False, False, True)]
 
 
 @pytest.mark.parametrize("dtype", ROW_DTYPES)
@@ -114,8 +115,9 @@ def test_several_rows_equal_the_model_ops(dtype: torch.dtype, case: str, rows: i
 @pytest.mark.parametrize("config", ROW_CONFIGS, ids=str)
 @pytest.mark.parametrize("case", ["plain", "glu", "gated norm"])
 def test_every_launch_of_several_rows_computes_the_same(config: GemvConfig, case: str) -> None:
-    """Row blocks of 16 to 64 weight rows, column steps shorter and longer than an uneven K, pipelined or not:
-    the model's results in fp64 and fp32, and in fp32 those of the default launch."""
+    """Row blocks of 16 to 64 weight rows, column steps shorter and longer than an uneven K, pipelined or not,
+    the products as x Wᵀ or W xᵀ (``swap``): the model's results in fp64 and fp32, and in fp32 those of the
+    default launch."""
     n, k, rows = 37, 200, 5
     for dtype in (torch.float64, torch.float32):
         x, w, w2, residual = _inputs(n, k, dtype, seed=4, rows=(rows,))
@@ -209,6 +211,8 @@ def test_arguments_are_checked() -> None:
         gemv(torch.zeros(2, 64, device=DEVICE)[:, ::2], w)
     with pytest.raises(ValueError, match="block_n >= 16"):
         gemv(x.expand(2, 32), w, config=GemvConfig(8, 32))
+    with pytest.raises(ValueError, match="swap is for x of several rows"):
+        gemv(x, w, config=GemvConfig(8, 32, swap=True))
     with pytest.raises(ValueError, match=r"residual must be \[2, 8\]"):
         gemv(x.expand(2, 32), w, residual=residual)
     with pytest.raises(ValueError, match=r"gate must be \[2, 32\]"):

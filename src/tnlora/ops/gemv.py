@@ -41,7 +41,9 @@ class GemvConfig(NamedTuple):
     """How :func:`gemv` launches: rows per program, columns per step, warps, software-pipeline stages,
     whether each step's products are summed to the rows at once (``row_sum``: fewer registers) or kept as a
     tile summed at the end, and, as a dependent launch, whether the next kernel may launch as soon as this one
-    starts (``early``) or only once its loop is done."""
+    starts (``early``) or only once its loop is done. For several rows only, ``swap``: each step's product taken
+    as W xᵀ rather than x Wᵀ, the weight's rows on the matrix unit's wide side (Hopper's warpgroup MMA takes 64
+    rows there at least; a block of 16 to 64 rows of x is the narrow side)."""
 
     block_n: int
     block_k: int
@@ -49,6 +51,7 @@ class GemvConfig(NamedTuple):
     stages: int = 3
     row_sum: bool = False
     early: bool = False
+    swap: bool = False
 
 
 # The launch per TNL shape (N, K, GLU) that measured fastest on the H200 (benchmarks/RESULTS.md, "The GEMV
@@ -153,8 +156,10 @@ def gemv(
                                      or not norm_squares.is_contiguous() or norm_squares.dtype != sums_dtype):
         raise ValueError(f"norm_squares must be contiguous [P, {rows}] of {sums_dtype} and needs norm_eps")
     y = torch.empty(*lead, n, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, stages, row_sum, early = config or gemv_config(n, k, glu=weight2 is not None,
-                                                                            rows=rows or 1)
+    block_n, block_k, warps, stages, row_sum, early, swap = config or gemv_config(n, k, glu=weight2 is not None,
+                                                                                  rows=rows or 1)
+    if swap and rows is None:
+        raise ValueError("a launch with swap is for x of several rows [M, K]")
     gate_in = gate if gate is not None else x  # unread without a gate
     weight2_in = weight2 if weight2 is not None else weight  # unread without GLU
     residual_in = residual if residual is not None else y  # unread without a residual
@@ -193,7 +198,7 @@ def gemv(
         weight2_in.stride(0), eps, norm_squares if norm_squares is not None else y,
         squares_out if squares_out is not None else y, parts, DOT=dot, PRECISION="ieee",
         BLOCK_M=max(16, 1 << (rows - 1).bit_length()), SQUARES_IN=norm_squares is not None,
-        SQUARES_OUT=emit_squares, BLOCK_P=max(2, 1 << (parts - 1).bit_length()), **options,
+        SQUARES_OUT=emit_squares, SWAP=swap and dot, BLOCK_P=max(2, 1 << (parts - 1).bit_length()), **options,
     )  # fmt: skip
     return (y, squares_out) if emit_squares else y
 

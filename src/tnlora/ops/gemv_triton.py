@@ -211,10 +211,13 @@ def _rows_squares(squares, x, DOT: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _rows_accumulate(acc, xin, w, DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] + x Wᵀ over one tile: on the tensor cores with DOT, else (fp64) as products
-    summed over the tile."""
-    if DOT:
+def _rows_accumulate(acc, xin, w, DOT: tl.constexpr, PRECISION: tl.constexpr, SWAP: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] + x Wᵀ over one tile: on the tensor cores with DOT (with SWAP acc is [BLOCK_N,
+    BLOCK_M] plus W xᵀ: the weight tile the dot's first operand), else (fp64) as products summed over the
+    tile."""
+    if SWAP:
+        acc = tl.dot(w, tl.trans(xin), acc, input_precision=PRECISION)
+    elif DOT:
         acc = tl.dot(xin, tl.trans(w), acc, input_precision=PRECISION)
     else:
         acc = acc + tl.sum(xin[:, None, :] * w[None, :, :], axis=2)
@@ -252,6 +255,7 @@ def rows_kernel(
     EARLY: tl.constexpr,
     SQUARES_IN: tl.constexpr,
     SQUARES_OUT: tl.constexpr,
+    SWAP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -266,7 +270,8 @@ def rows_kernel(
     at ``squares_in_ptr`` that the kernel producing x wrote (summing x² beside the dot made the normed forms
     ~1.6–2× the plain one). With SQUARES_OUT each program writes its columns' sums of squares of Y's rows
     (as rounded to Y's dtype: what the next norm reads) to row ``program_id`` of [programs, M] at
-    ``squares_out_ptr``."""
+    ``squares_out_ptr``. With SWAP (DOT only) the products are accumulated transposed, W xᵀ, and turned back
+    once after the loop."""
     if PDL and EARLY:
         gdc_launch_dependents()
     acc_dtype = tl.float32 if DOT else tl.float64
@@ -275,8 +280,12 @@ def rows_kernel(
     row_offsets = rows[:, None].to(tl.int64)
     m = tl.arange(0, BLOCK_M)
     m_ok = m < M
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+    if SWAP:  # a constant branch: only the taken side is compiled, shapes differ
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=acc_dtype)
+        acc2 = tl.zeros((BLOCK_N, BLOCK_M), dtype=acc_dtype)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
     if DOT:  # noqa: SIM108 (a constant branch: only the taken side is compiled, shapes differ)
         squares = tl.zeros((BLOCK_M, BLOCK_M), dtype=acc_dtype)
     else:
@@ -289,23 +298,26 @@ def rows_kernel(
     if PDL:
         gdc_wait()
     x, xin = _rows_input(x_ptr, gate_ptr, m, m_ok, cols, stride_x, stride_gate, K, EVEN_K, GATE)
-    acc = _rows_accumulate(acc, xin, w, DOT, PRECISION)
+    acc = _rows_accumulate(acc, xin, w, DOT, PRECISION, SWAP)
     if GLU:
-        acc2 = _rows_accumulate(acc2, xin, w2, DOT, PRECISION)
+        acc2 = _rows_accumulate(acc2, xin, w2, DOT, PRECISION, SWAP)
     if NORM and not SQUARES_IN:
         squares = _rows_squares(squares, x, DOT, PRECISION)
     for start in range(BLOCK_K, K, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
         x, xin = _rows_input(x_ptr, gate_ptr, m, m_ok, cols, stride_x, stride_gate, K, EVEN_K, GATE)
         w = _weight_tile(w_ptr, row_offsets, stride_w, row_ok, cols, K, EVEN_K)
-        acc = _rows_accumulate(acc, xin, w, DOT, PRECISION)
+        acc = _rows_accumulate(acc, xin, w, DOT, PRECISION, SWAP)
         if GLU:
             w2 = _weight_tile(w2_ptr, row_offsets, stride_w2, row_ok, cols, K, EVEN_K)
-            acc2 = _rows_accumulate(acc2, xin, w2, DOT, PRECISION)
+            acc2 = _rows_accumulate(acc2, xin, w2, DOT, PRECISION, SWAP)
         if NORM and not SQUARES_IN:
             squares = _rows_squares(squares, x, DOT, PRECISION)
     if PDL and not EARLY:
         gdc_launch_dependents()
+    if SWAP:
+        acc = tl.trans(acc)
+        acc2 = tl.trans(acc2)
     out = acc
     if NORM:
         if SQUARES_IN:
