@@ -176,8 +176,10 @@ def test_the_backward_is_told_the_lanes_of_its_call(monkeypatch) -> None:
     monkeypatch.setattr(lightning_triton, "grad_launch", spy)
     decay = DECAY[:2].to(DEVICE)
     q, k, v = _inputs(1, 128, 2, 16, 16, seed=21)
-    _gradients(q, k, v, decay, "triton", rows=PackedRows.from_seq_ids(torch.zeros(1, 128, dtype=torch.long)))
-    _gradients(q, k, v, decay, "triton", rows=PackedRows.from_seq_ids(torch.arange(128).div(2, rounding_mode="floor")[None]))
+    one = torch.zeros(1, 128, dtype=torch.long, device=DEVICE)
+    pairs = torch.arange(128, device=DEVICE).div(2, rounding_mode="floor")[None]
+    _gradients(q, k, v, decay, "triton", rows=PackedRows.from_seq_ids(one))
+    _gradients(q, k, v, decay, "triton", rows=PackedRows.from_seq_ids(pairs))
     _gradients(q, k, v, decay, "triton", cu_seqlens=torch.tensor([0, 64, 128], device=DEVICE))
     q, k, v = _inputs(3, 40, 2, 16, 16, seed=22)
     _gradients(q, k, v, decay, "triton")
