@@ -129,17 +129,19 @@ def _triton_attention(
     if rows is None and seq_ids is not None:
         rows = PackedRows.from_seq_ids(seq_ids)
     if rows is None:
-        attention = triton_attention if trains else triton_forward
-        return attention(q, k, v, log_decay, cu_seqlens, initial_state, output_final_state)
-    batch = q.shape[0]
-    rows = rows.to(q.device)
-    flat_q, flat_k, flat_v, first = end_to_end(rows, q, k, v, initial_state)
-    if trains:  # the backward's launch depends on the lanes, counted from the rows' host boundaries
-        lanes = call_lanes(q, rows)
-        o, final = triton_attention(flat_q, flat_k, flat_v, log_decay, rows.cu_seqlens, first, output_final_state, lanes)
+        inputs = (q, k, v, log_decay, cu_seqlens, initial_state, output_final_state)
     else:
-        o, final = triton_forward(flat_q, flat_k, flat_v, log_decay, rows.cu_seqlens, first, output_final_state)
-    return per_row(rows, o, final, batch)
+        rows = rows.to(q.device)
+        flat_q, flat_k, flat_v, first = end_to_end(rows, q, k, v, initial_state)
+        inputs = (flat_q, flat_k, flat_v, log_decay, rows.cu_seqlens, first, output_final_state)
+    if trains:
+        # The backward's launch depends on the call's lanes: counted from the packed rows' host boundaries or the
+        # unpacked shape; unknown where only a bare cu_seqlens (a device tensor) bounds the examples.
+        lanes = call_lanes(q, rows) if rows is not None or cu_seqlens is None else None
+        o, final = triton_attention(*inputs, lanes)
+    else:
+        o, final = triton_forward(*inputs)
+    return (o, final) if rows is None else per_row(rows, o, final, q.shape[0])
 
 
 def _check_shapes(

@@ -580,8 +580,8 @@ def triton_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The gradients of :func:`triton_forward`'s outputs: dq, dk, dv in the inputs' dtype, and the initial
     state's gradient (fp32) when ``initial_grad``. ``final_grad`` is the final state's incoming gradient;
-    ``lanes`` the call's lanes where the caller knows its longest example (:func:`grad_launch`; without
-    ``cu_seqlens`` they are heads × rows)."""
+    ``lanes`` the call's lanes where the caller knows them (:func:`grad_launch`; the dispatcher counts them,
+    :func:`tnlora.ops.lightning.call_lanes`)."""
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     q, k, v = _token_rows(q), _token_rows(k), _token_rows(v)
@@ -605,7 +605,7 @@ def triton_backward(
     cu = cu_seqlens if cu_seqlens is not None else decay
     full_k = max(16, triton.next_power_of_2(key_dim))
     full_v = max(16, triton.next_power_of_2(value_dim))
-    launch = grad_launch(key_dim, heads * batch if lanes is None and cu_seqlens is None else lanes)
+    launch = grad_launch(key_dim, lanes)
     block_k = min(launch.block_k, full_k)
     block_v = min(launch.block_v, full_v)
     k_blocks = -(-key_dim // block_k)
