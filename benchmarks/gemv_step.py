@@ -134,19 +134,18 @@ def step_ms(model: torch.nn.Module, pdl: bool, batch: int = 1, replays: int = RE
     runner = DecodeStepRunner(model, batch, torch.device("cuda"), capture=True, gemv=True, pdl=pdl)
     if not runner.gemv:
         raise SystemExit(f"gemv_step.py: this model's batch-{batch} step does not take the GEMV path")
-    runner.run(model)  # captures
-
-    def replay() -> None:
-        for _ in range(replays):
-            runner.run(model)
-
-    return statistics.median(cuda_seconds(replay, ROUNDS)) / replays * 1e3
+    return replayed_ms(runner, model, replays)
 
 
 def layer_forwards_ms(model: torch.nn.Module, batch: int, replays: int = REPLAYS) -> float:
     """ms of one captured step of ``batch`` rows with the layer forwards on cuBLASLt (the default above
     ``GEMV_MAX_BATCH``: the GLU's projections side by side), timed as :func:`step_ms` times the GEMV step."""
     runner = DecodeStepRunner(model, batch, torch.device("cuda"), capture=True, branches=True)
+    return replayed_ms(runner, model, replays)
+
+
+def replayed_ms(runner: DecodeStepRunner, model: torch.nn.Module, replays: int) -> float:
+    """ms of one replay of ``runner``'s step, captured by its first run (median of ROUNDS × ``replays``)."""
     runner.run(model)  # captures
 
     def replay() -> None:
