@@ -41,9 +41,11 @@ CANDIDATES = [GemvConfig(bn, bk, 4, stages, False, early) for bn in (2, 4, 8) fo
 # Several rows (the tensor cores' dot needs 16 weight rows a program at least): 16 to 128 weight rows a
 # program (128 programs for a 2,048-row weight at 16; x's tile is read by every program, as large as the
 # weight's at 32), 128 or 256 columns a step, 2 or 4 pipeline stages; from 64 weight rows also the products
-# taken as W xᵀ (``swap``: the weight's rows on the MMA's wide side).
-ROW_CANDIDATES = [GemvConfig(bn, bk, 4, stages, False, True, swap) for bn in (16, 32, 64, 128) for bk in (128, 256)
-                  for stages in (2, 4) for swap in (False, True) if bn >= 64 or not swap]
+# taken as W xᵀ (``swap``: the weight's rows on the MMA's wide side); at 128 weight rows also 8 warps (the two
+# accumulators of a GLU program hold 2 × 128 × 32 fp32 values).
+ROW_CANDIDATES = [GemvConfig(bn, bk, warps, stages, False, True, swap) for bn in (16, 32, 64, 128)
+                  for bk in (128, 256) for warps in (4, 8) for stages in (2, 4) for swap in (False, True)
+                  if (bn >= 64 or not swap) and (bn == 128 or warps == 4)]
 REPLAYS = 50
 ROUNDS = 5
 
