@@ -135,7 +135,7 @@ def test_every_launch_of_several_rows_computes_the_same(config: GemvConfig, case
 def test_a_norm_reads_the_squares_its_input_s_projection_wrote(dtype: torch.dtype, case: str, rows: int) -> None:
     """A residual projection's partial sums of squares of its output rows (``emit_squares``: one row of sums per
     program, 13 programs of 16 columns over 200) feed the next normed projection (``norm_squares``): its
-    results are the model's, as when it sums x² itself."""
+    results are the model's, as when it sums x² itself, with the products taken either way."""
     gen = torch.Generator().manual_seed(rows)
     x_in = torch.randn(rows, 64, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
     w_in = (torch.randn(200, 64, generator=gen, dtype=torch.float64) / 8).to(dtype).to(DEVICE)
@@ -147,9 +147,10 @@ def test_a_norm_reads_the_squares_its_input_s_projection_wrote(dtype: torch.dtyp
     n, k = 37, 200
     _, w, w2, residual = _inputs(n, k, dtype, seed=rows, rows=(rows,))
     options = _options(case, n, k, dtype, w2, residual, rows=(rows,))
-    got = gemv(x, w, norm_squares=squares, **options)
-    assert _relative_error(got, x, w, options) <= TOLERANCE[dtype]
-    torch.testing.assert_close(got, gemv(x, w, **options), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+    for config in (None, GemvConfig(16, 64, 4, 1, False, True, True)):  # the products as X Wᵀ and as W xᵀ
+        got = gemv(x, w, norm_squares=squares, config=config, **options)
+        assert _relative_error(got, x, w, options) <= TOLERANCE[dtype]
+        torch.testing.assert_close(got, gemv(x, w, **options), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 
 
 def test_squares_are_checked() -> None:
@@ -257,16 +258,23 @@ def test_cuda_gemv_at_model_shapes(n: int, k: int) -> None:
 def test_cuda_rows_at_model_shapes(n: int, k: int, glu: bool) -> None:
     """bf16, 32 rows, at every 7B / 1B projection shape with a tuned launch of several rows: the tuned launch and
     the same with the products taken the other way (``swap``; at most 128 columns a step and 2 stages, which fit
-    the shared memory either way), each as close to the model's ops as bf16 allows."""
+    the shared memory either way), the norm's sums of squares summed in the kernel and read in (the decode
+    step's form), each as close to the model's ops as bf16 allows. A swapped launch whose norm sums its own
+    squares runs as X Wᵀ (the two dots' race, ``gemv``): the same bits as the unswapped launch."""
     x, w, w2, _ = _inputs(n, k, torch.bfloat16, seed=n, rows=(32,))
     options = {"norm_eps": 1e-6, "weight2": w2} if glu else {"norm_eps": 1e-6}
     want = gemv_reference(x, w, **options).double()
+    squares = x.float().square().sum(-1)[None, :].contiguous()  # one partial sum [1, M]
     tuned = ROWS_TUNED[n, k, glu]
     other = tuned._replace(swap=not tuned.swap, block_k=min(tuned.block_k, 128), stages=2)
     for launch in (tuned, other):
-        got = gemv(x, w, config=launch, **options)
-        err = ((got.double() - want).abs().max() / want.abs().max()).item()
-        assert err <= TOLERANCE[torch.bfloat16], (launch, err)
+        for read_in in (False, True):
+            got = gemv(x, w, config=launch, norm_squares=squares if read_in else None, **options)
+            err = ((got.double() - want).abs().max() / want.abs().max()).item()
+            assert err <= TOLERANCE[torch.bfloat16], (launch, read_in, err)
+        if launch.swap:
+            plain = gemv(x, w, config=launch._replace(swap=False), **options)
+            assert torch.equal(gemv(x, w, config=launch, **options), plain), launch
 
 
 @pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs)")

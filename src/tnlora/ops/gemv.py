@@ -192,6 +192,10 @@ def gemv(
     dot = x.dtype != torch.float64
     if dot and block_n < 16:
         raise ValueError(f"a launch for several rows needs block_n >= 16, got {block_n}")
+    # The products as W xᵀ beside the norm's own Gram matrix x xᵀ (two tensor-core dots in one loop) summed
+    # wrong on an H100 with Triton 3.6, differently run to run (a race in the generated code; fine with the
+    # squares read in, or the products as X Wᵀ): a launch whose norm sums its own squares takes them as X Wᵀ.
+    swap = swap and dot and not (norm_eps is not None and norm_squares is None)
     programs = _cdiv(n, block_n)
     squares_out = torch.empty(programs, rows, dtype=sums_dtype, device=x.device) if emit_squares else None
     parts = norm_squares.shape[0] if norm_squares is not None else 1
@@ -200,7 +204,7 @@ def gemv(
         weight2_in.stride(0), eps, norm_squares if norm_squares is not None else y,
         squares_out if squares_out is not None else y, parts, DOT=dot, PRECISION="ieee",
         BLOCK_M=max(16, 1 << (rows - 1).bit_length()), SQUARES_IN=norm_squares is not None,
-        SQUARES_OUT=emit_squares, SWAP=swap and dot, BLOCK_P=max(2, 1 << (parts - 1).bit_length()), **options,
+        SQUARES_OUT=emit_squares, SWAP=swap, BLOCK_P=max(2, 1 << (parts - 1).bit_length()), **options,
     )  # fmt: skip
     return (y, squares_out) if emit_squares else y
 
