@@ -117,8 +117,8 @@ def test_several_rows_equal_the_model_ops(dtype: torch.dtype, case: str, rows: i
 @pytest.mark.parametrize("case", ["plain", "glu", "gated norm"])
 def test_every_launch_of_several_rows_computes_the_same(config: GemvConfig, case: str) -> None:
     """Row blocks of 16 to 64 weight rows, column steps shorter and longer than an uneven K, pipelined or not,
-    the products as x Wᵀ or W xᵀ (``swap``): the model's results in fp64 and fp32, and in fp32 those of the
-    default launch."""
+    the products as x Wᵀ or W xᵀ (``swap``; the normed cases sum their own squares, so they run as x Wᵀ): the
+    model's results in fp64 and fp32, and in fp32 those of the default launch."""
     n, k, rows = 37, 200, 5
     for dtype in (torch.float64, torch.float32):
         x, w, w2, residual = _inputs(n, k, dtype, seed=4, rows=(rows,))

@@ -43,7 +43,8 @@ class GemvConfig(NamedTuple):
     tile summed at the end, and, as a dependent launch, whether the next kernel may launch as soon as this one
     starts (``early``) or only once its loop is done. For several rows only, ``swap``: each step's product taken
     as W xᵀ rather than x Wᵀ, the weight's rows on the matrix unit's wide side (Hopper's warpgroup MMA takes 64
-    rows there at least; a block of 16 to 64 rows of x is the narrow side)."""
+    rows there at least; a block of 16 to 64 rows of x is the narrow side). A normed call that sums its own
+    squares (no ``norm_squares``) takes its products as x Wᵀ whatever ``swap`` says (see :func:`gemv`)."""
 
     block_n: int
     block_k: int
