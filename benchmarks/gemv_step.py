@@ -46,8 +46,18 @@ CANDIDATES = [GemvConfig(bn, bk, 4, stages, False, early) for bn in (2, 4, 8) fo
 ROW_CANDIDATES = [GemvConfig(bn, bk, warps, stages, False, True, swap) for bn in (16, 32, 64, 128)
                   for bk in (128, 256) for warps in (4, 8) for stages in (2, 4) for swap in (False, True)
                   if (bn >= 64 or not swap) and (bn == 128 or warps == 4)]
+# The projections whose norm sums its own squares in the step (out_proj's gated norm of o): a W xᵀ launch runs
+# as x Wᵀ there (``gemv``), so their searches leave the swapped launches out.
+OWN_SQUARES = {"out_proj"}
 REPLAYS = 50
 ROUNDS = 5
+
+
+def candidates_for(name: str, batch: int) -> list[GemvConfig]:
+    """The launches searched for projection ``name`` at ``batch`` rows."""
+    if batch == 1:
+        return CANDIDATES
+    return [c for c in ROW_CANDIDATES if not (c.swap and name in OWN_SQUARES)]
 
 
 def step_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int, bool]]:
@@ -118,9 +128,8 @@ def precompile(
     """Every candidate launch of every projection compiled by ``workers`` processes at once (Triton compiles on
     the CPU, one kernel at a time per process): the descent's tries then only load them. Returns the (shape,
     launch) pairs that do not fit the card."""
-    candidates = CANDIDATES if batch == 1 else ROW_CANDIDATES
     launches = [(name, launch) for name, key in shapes.items()
-                for launch in dict.fromkeys([gemv_config(*key, rows=batch), *candidates])]
+                for launch in dict.fromkeys([gemv_config(*key, rows=batch), *candidates_for(name, batch)])]
     context = multiprocessing.get_context("spawn")  # CUDA in the workers
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
         unfit = [pair for share in pool.map(compile_share, [preset] * workers, [batch] * workers,
@@ -173,7 +182,6 @@ def coordinate_descent(
     ``measure()`` runs) with the others fixed, keeping the fastest; ``unfit`` (shape, launch) pairs are left
     out. Returns the first and last measure and the launches chosen; the table is as it was afterwards."""
     table = launch_table(batch)
-    candidates = CANDIDATES if batch == 1 else ROW_CANDIDATES
     chosen = {key: gemv_config(*key, rows=batch) for key in shapes.values()}
     saved = dict(table)
     try:
@@ -181,7 +189,7 @@ def coordinate_descent(
         start = measure()
         for name, key in shapes.items():
             tries = {}
-            for config in dict.fromkeys([chosen[key], *candidates]):
+            for config in dict.fromkeys([chosen[key], *candidates_for(name, batch)]):
                 if (key, config) in unfit:
                     continue
                 table[key] = config
