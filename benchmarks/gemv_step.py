@@ -32,6 +32,7 @@ from tnlora.bench.common import cuda_seconds, environment_line, random_model
 from tnlora.infer.decode_graph import DecodeStepRunner
 from tnlora.ops import gemv as gemv_ops
 from tnlora.ops.gemv import GemvConfig, gemv_config
+from tnlora.ops.recurrent_triton import BLOCK_V
 
 # (rows a program, columns a step, warps, stages, row sum, early): the region where the sweep's winners lie,
 # 2,048 columns a step (a 1B program's whole weight row read before its wait), and the dependents launched
@@ -46,18 +47,8 @@ CANDIDATES = [GemvConfig(bn, bk, 4, stages, False, early) for bn in (2, 4, 8) fo
 ROW_CANDIDATES = [GemvConfig(bn, bk, warps, stages, False, True, swap) for bn in (16, 32, 64, 128)
                   for bk in (128, 256) for warps in (4, 8) for stages in (2, 4) for swap in (False, True)
                   if (bn >= 64 or not swap) and (bn == 128 or warps == 4)]
-# The projections whose norm sums its own squares in the step (out_proj's gated norm of o): a W xᵀ launch runs
-# as x Wᵀ there (``gemv``), so their searches leave the swapped launches out.
-OWN_SQUARES = {"out_proj"}
 REPLAYS = 50
 ROUNDS = 5
-
-
-def candidates_for(name: str, batch: int) -> list[GemvConfig]:
-    """The launches searched for projection ``name`` at ``batch`` rows."""
-    if batch == 1:
-        return CANDIDATES
-    return [c for c in ROW_CANDIDATES if not (c.swap and name in OWN_SQUARES)]
 
 
 def step_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int, bool]]:
@@ -99,6 +90,10 @@ def compile_share(preset: str, batch: int, launches: list[tuple[str, GemvConfig]
     squares = [None] if batch == 1 else [None] + [zeros(-(-dim // bn), batch, dtype=torch.float32)
                                                   for bn in sorted({c.block_n for c in ROW_CANDIDATES})]
     residual = {} if batch == 1 else {"emit_squares": True}
+    # out_proj's norm of o reads the recurrence's partial sums at several rows: one a head and V block.
+    heads, value_dim = config.decoder_attention_heads, config.head_dim
+    o_parts = heads * -(-value_dim // min(BLOCK_V, 1 << (value_dim - 1).bit_length()))
+    o_squares = {} if batch == 1 else {"norm_squares": zeros(o_parts, batch, dtype=torch.float32)}
 
     def normed(weight: torch.Tensor, c: GemvConfig, **options: object) -> None:
         for parts in squares:
@@ -107,7 +102,7 @@ def compile_share(preset: str, batch: int, launches: list[tuple[str, GemvConfig]
     calls = {
         "qkvu": lambda c: normed(zeros(4 * dim, dim), c),
         "out_proj": lambda c: gemv_ops.gemv(o, zeros(dim, dim), norm_eps=1e-6, gate=qkvu[:, 3 * dim:].reshape(rows),
-                                            residual=hidden, config=c, pdl=True, **residual),
+                                            residual=hidden, config=c, pdl=True, **residual, **o_squares),
         "l1 / l2 (GLU)": lambda c: normed(zeros(width, dim), c, weight2=zeros(width, dim)),
         "l3": lambda c: gemv_ops.gemv(product, zeros(dim, width), residual=hidden, config=c, pdl=True, **residual),
         "lm_head": lambda c: normed(zeros(vocab, dim), c),
@@ -128,8 +123,9 @@ def precompile(
     """Every candidate launch of every projection compiled by ``workers`` processes at once (Triton compiles on
     the CPU, one kernel at a time per process): the descent's tries then only load them. Returns the (shape,
     launch) pairs that do not fit the card."""
+    candidates = CANDIDATES if batch == 1 else ROW_CANDIDATES
     launches = [(name, launch) for name, key in shapes.items()
-                for launch in dict.fromkeys([gemv_config(*key, rows=batch), *candidates_for(name, batch)])]
+                for launch in dict.fromkeys([gemv_config(*key, rows=batch), *candidates])]
     context = multiprocessing.get_context("spawn")  # CUDA in the workers
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
         unfit = [pair for share in pool.map(compile_share, [preset] * workers, [batch] * workers,
@@ -182,6 +178,7 @@ def coordinate_descent(
     ``measure()`` runs) with the others fixed, keeping the fastest; ``unfit`` (shape, launch) pairs are left
     out. Returns the first and last measure and the launches chosen; the table is as it was afterwards."""
     table = launch_table(batch)
+    candidates = CANDIDATES if batch == 1 else ROW_CANDIDATES
     chosen = {key: gemv_config(*key, rows=batch) for key in shapes.values()}
     saved = dict(table)
     try:
@@ -189,7 +186,7 @@ def coordinate_descent(
         start = measure()
         for name, key in shapes.items():
             tries = {}
-            for config in dict.fromkeys([chosen[key], *candidates_for(name, batch)]):
+            for config in dict.fromkeys([chosen[key], *candidates]):
                 if (key, config) in unfit:
                     continue
                 table[key] = config

@@ -274,6 +274,39 @@ def test_deferred_state_writes_equal_the_plain_kernel_over_steps(dtype: torch.dt
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("deferred", [False, True])
+def test_kernel_emits_the_sums_of_squares_of_o_rows(dtype: torch.dtype, deferred: bool) -> None:
+    """``emit_squares``: the same o, and [H · V blocks, B] partial sums whose sum over the parts is each row's
+    sum of o² as stored (V = 48: a whole block of 32 columns and a masked one, so 2 parts a head); they are
+    what the out_proj norm of o reads (``gemv``'s ``norm_squares``)."""
+    from tnlora.ops.recurrent_triton import DeferredTerms
+
+    gen = torch.Generator().manual_seed(11)
+    batch, heads, key_dim, value_dim = 3, 2, 16, 48
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    decay = (0.45 + 0.5 * torch.rand(heads, generator=gen)).to(device=DEVICE, dtype=state_dtype)
+    state = torch.randn(batch, heads, key_dim, value_dim, generator=gen).to(device=DEVICE, dtype=state_dtype)
+    position = torch.tensor(5, device=DEVICE)
+    for _ in range(2):
+        q, k, v = _step_inputs(batch, heads, key_dim, value_dim, dtype, gen)
+        options = {"silu_qk": True, "position": position}
+        if deferred:
+            options["deferred"] = DeferredTerms.allocate(state, value_dim, position.clone(), 4)
+        want = triton_step(q, k, v, state.clone(), decay, **options)
+        o, squares = triton_step(q, k, v, state, decay, emit_squares=True, **options)
+        assert torch.equal(o, want)
+        assert squares.shape == (heads * 2, batch)
+        assert squares.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        rows = (o.double() ** 2).sum(dim=(1, 2))
+        torch.testing.assert_close(squares.double().sum(0), rows, rtol=1e-6, atol=0.0)
+        # Part (head h, V block j) holds that block's columns alone.
+        first = (o[:, 1, :32].double() ** 2).sum(-1)
+        torch.testing.assert_close(squares[2].double(), first, rtol=1e-6, atol=0.0)
+        position = position + 1
+
+
+@needs_kernel
 def test_device_greedy_loop_with_deferred_state_writes_equals_the_plain_kernel() -> None:
     """The greedy device loop writing the states back every 4 steps (the default ``defer_steps``): the tokens of
     a left-padded batch and, after the loop (10 steps: two write-backs and two steps held, added by ``close``),

@@ -238,9 +238,12 @@ class DecodeStepRunner:
             return gated_rms_norm(o, u, mixer.norm.eps)
         return mixer.norm(o, gate=u)
 
-    def _attend(self, mixer: NormLinearAttention, q: Tensor, k: Tensor, v: Tensor, i: int) -> Tensor:
+    def _attend(
+        self, mixer: NormLinearAttention, q: Tensor, k: Tensor, v: Tensor, i: int, emit_squares: bool = False
+    ) -> Any:
         """o [B, H, V] of the projected q, k, v (activation, LRPE, the recurrence written into layer ``i``'s
-        state; while ``deferring``, written back every ``defer_steps`` steps, :meth:`enable_deferral`)."""
+        state; while ``deferring``, written back every ``defer_steps`` steps, :meth:`enable_deferral`). With
+        ``emit_squares`` (the Triton kernel only) ``(o, squares)``: the partial sums of squares of o's rows."""
         state, decay = self.states[i], self.decays[i]
         # The Triton step applies SiLU (TNL's activation) and the LRPE layer's rotation itself (about twenty
         # small kernels fewer in that layer).
@@ -257,7 +260,7 @@ class DecodeStepRunner:
                 q[:, 0], k[:, 0], v[:, 0], state, decay, self.pad[:, 0], silu_qk=fuse, pdl=self.pdl,
                 lrpe_theta=lrpe.theta if lrpe is not None else None, position=self.position,
                 lrpe_angle_dtype=lrpe.angle_dtype if lrpe is not None else "float32",
-                deferred=self.terms[i] if self._deferring else None,
+                deferred=self.terms[i] if self._deferring else None, emit_squares=emit_squares,
             )  # fmt: skip
         return torch_step(q[:, 0], k[:, 0], v[:, 0], state, decay, self.pad[:, 0])
 
@@ -289,9 +292,13 @@ class DecodeStepRunner:
             mixer, glu = layer.token_mixer, layer.channel_mixer
             qkvu = gemv(hidden, mixer.qkvu_proj.weight, norm_eps=layer.token_norm.eps, norm_squares=squares, pdl=pdl)
             q, k, v, u = mixer.split_heads(qkvu.view(batch, 1, -1))
-            o = self._attend(mixer, q, k, v, i)
+            # Several rows: the recurrence also writes the sums of squares of o's rows, which out_proj's norm reads.
+            if batch > 1:
+                o, o_squares = self._attend(mixer, q, k, v, i, emit_squares=True)
+            else:
+                o, o_squares = self._attend(mixer, q, k, v, i), None
             hidden, squares = residual_projection(o.reshape(rows), mixer.out_proj.weight, norm_eps=mixer.norm.eps,
-                                                  gate=u.reshape(rows), residual=hidden)
+                                                  gate=u.reshape(rows), residual=hidden, norm_squares=o_squares)
             product = gemv(hidden, glu.l1.weight, weight2=glu.l2.weight, norm_eps=layer.channel_norm.eps,
                            norm_squares=squares, pdl=pdl)
             hidden, squares = residual_projection(product, glu.l3.weight, residual=hidden)

@@ -100,6 +100,20 @@ def _block(q_base, k_base, state_base, s_first, cols, col_ok, theta_ptr, i_h, po
 
 
 @triton.jit
+def _store_o(o, o_ptr, i_b, i_b64, i_h, heads, stride_ob, stride_oh, cols, col_ok, squares_ptr, compute: tl.constexpr,
+             SQUARES: tl.constexpr):  # fmt: skip
+    """Both step kernels' output: this program's o values, and with SQUARES the sum of their squares as stored
+    (rounded to o's dtype) at row (head × V blocks + V block) of [H · V blocks, B] at ``squares_ptr``: the
+    partial sums the out_proj's norm of o reads instead of summing o² itself."""
+    y = o.to(o_ptr.dtype.element_ty)
+    tl.store(o_ptr + i_b64 * stride_ob + i_h * stride_oh + cols, y, mask=col_ok)
+    if SQUARES:
+        rounded = tl.where(col_ok, y.to(compute), 0.0)
+        part = i_h * tl.num_programs(1) + tl.program_id(1)
+        tl.store(squares_ptr + part * (tl.num_programs(0) // heads) + i_b, tl.sum(rounded * rounded, axis=0))
+
+
+@triton.jit
 def recurrent_step_kernel(
     q_ptr,
     k_ptr,
@@ -120,6 +134,7 @@ def recurrent_step_kernel(
     theta_ptr,
     position_ptr,
     stride_position,
+    squares_ptr,
     K: tl.constexpr,
     V: tl.constexpr,
     HAS_PAD: tl.constexpr,
@@ -128,6 +143,7 @@ def recurrent_step_kernel(
     ANGLE_MODEL: tl.constexpr,
     HD: tl.constexpr,
     PDL: tl.constexpr,
+    SQUARES: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
 ):
@@ -152,7 +168,7 @@ def recurrent_step_kernel(
         tl.store(ptrs, s, mask=tile_ok)
         # o after the update (recurrent_attention's order), reduced from the registers just stored.
         o += tl.sum(q[:, None] * s, axis=0)
-    tl.store(o_ptr + i_b64 * stride_ob + i_h * stride_oh + cols, o.to(o_ptr.dtype.element_ty), mask=col_ok)
+    _store_o(o, o_ptr, i_b, i_b64, i_h, heads, stride_ob, stride_oh, cols, col_ok, squares_ptr, compute, SQUARES)
 
 
 @triton.jit
@@ -190,6 +206,7 @@ def recurrent_deferred_kernel(
     stride_position,
     slot_k,
     slot_v,
+    squares_ptr,
     K: tl.constexpr,
     V: tl.constexpr,
     M: tl.constexpr,
@@ -199,6 +216,7 @@ def recurrent_deferred_kernel(
     ANGLE_MODEL: tl.constexpr,
     HD: tl.constexpr,
     PDL: tl.constexpr,
+    SQUARES: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
 ):
@@ -242,4 +260,4 @@ def recurrent_deferred_kernel(
         # One program a row and head keeps k (every V block computes the same).
         tl.store(hk_base + phase * slot_k + rows, k, mask=row_ok & (phase < M - 1) & (tl.program_id(1) == 0))
     tl.store(hv_base + phase * slot_v, v, mask=col_ok & (phase < M - 1))
-    tl.store(o_ptr + i_b64 * stride_ob + i_h * stride_oh + cols, o.to(o_ptr.dtype.element_ty), mask=col_ok)
+    _store_o(o, o_ptr, i_b, i_b64, i_h, heads, stride_ob, stride_oh, cols, col_ok, squares_ptr, compute, SQUARES)

@@ -106,7 +106,8 @@ def triton_step(
     position: Tensor | None = None,
     lrpe_angle_dtype: str = "float32",
     deferred: DeferredTerms | None = None,
-) -> Tensor:
+    emit_squares: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """One token as one Triton kernel: the arguments and results of :func:`torch_step` (``state`` updated in
     place), o written into ``out`` [B, H, V] (v's dtype) when given. With ``silu_qk`` the kernel applies the
     token mixer's SiLU to q and k itself (they are then the projection's raw slices): the step of
@@ -120,7 +121,9 @@ def triton_step(
     ``deferred.steps`` steps after ``deferred.base`` and the steps between keep their k and v in the terms
     (:class:`DeferredTerms`): o equals the plain step's up to rounding, ``state`` holds the state of (position
     − base) mod steps steps before, and each step moves one read of the state and 1 ÷ steps of a write
-    instead of a read and a write.
+    instead of a read and a write. ``emit_squares``: also return the partial sums of squares of o's rows (as
+    stored, in v's dtype), ``(o, squares)``, squares [H · ⌈V ÷ BLOCK_V⌉, B] (fp64 for fp64 o, else fp32): what
+    :func:`tnlora.ops.gemv.gemv` takes as ``norm_squares`` for the norm of o [B, H · V].
 
     q, k, v may be strided views (the last dim contiguous, as the slices of the fused projection are);
     ``state`` must be contiguous. Any B, H, K, V; every tensor on one CUDA device (or CPU tensors under
@@ -159,29 +162,33 @@ def triton_step(
     block_k = min(BLOCK_K, _next_power_of_2(key_dim))
     block_v = min(BLOCK_V, _next_power_of_2(value_dim))
     grid = (batch * heads, -(-value_dim // block_v))
+    sums_dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
+    squares = torch.empty(heads * grid[1], batch, dtype=sums_dtype, device=v.device) if emit_squares else None
     common = (
         heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
         out.stride(1), lrpe_theta if lrpe_theta is not None else decay,  # unread without LRPE
     )
     flags = {
         "HAS_PAD": pad is not None, "SILU": silu_qk, "LRPE": lrpe_theta is not None,
-        "ANGLE_MODEL": lrpe_angle_dtype == "model", "HD": head_dim, "PDL": pdl, "BK": block_k, "BV": block_v,
+        "ANGLE_MODEL": lrpe_angle_dtype == "model", "HD": head_dim, "PDL": pdl, "SQUARES": emit_squares,
+        "BK": block_k, "BV": block_v,
         "num_warps": NUM_WARPS, **({"launch_pdl": True} if pdl else {}),  # an option Triton before 3.3 does not know
     }
     pad_arg = pad if pad is not None else decay  # unread without HAS_PAD; any pointer will do
+    squares_arg = squares if squares is not None else out  # unwritten without SQUARES
     per_row = 1 if position is not None and position.dim() == 1 else 0
     if deferred is None:
         _kernel()[grid](
             q, k, v, state, decay, pad_arg, out, *common, position if lrpe_theta is not None else decay, per_row,
-            K=key_dim, V=value_dim, **flags,
+            squares_arg, K=key_dim, V=value_dim, **flags,
         )  # fmt: skip
     else:
         _kernel(deferred=True)[grid](
             q, k, v, state, decay, pad_arg, out, deferred.hk, deferred.hv, deferred.base, *common, position,
-            per_row, batch * heads * key_dim, batch * heads * value_dim, K=key_dim, V=value_dim, M=deferred.steps,
-            **flags,
+            per_row, batch * heads * key_dim, batch * heads * value_dim, squares_arg, K=key_dim, V=value_dim,
+            M=deferred.steps, **flags,
         )  # fmt: skip
-    return out
+    return (out, squares) if squares is not None else out
 
 
 __all__ = ["DeferredTerms", "triton_step"]
