@@ -32,7 +32,7 @@ from tnlora.bench.common import cuda_seconds, environment_line, random_model
 from tnlora.infer.decode_graph import DecodeStepRunner
 from tnlora.ops import gemv as gemv_ops
 from tnlora.ops.gemv import GemvConfig, gemv_config
-from tnlora.ops.recurrent_triton import BLOCK_V
+from tnlora.ops.recurrent_triton import square_parts
 
 # (rows a program, columns a step, warps, stages, row sum, early): the region where the sweep's winners lie,
 # 2,048 columns a step (a 1B program's whole weight row read before its wait), and the dependents launched
@@ -91,8 +91,7 @@ def compile_share(preset: str, batch: int, launches: list[tuple[str, GemvConfig]
                                                   for bn in sorted({c.block_n for c in ROW_CANDIDATES})]
     residual = {} if batch == 1 else {"emit_squares": True}
     # out_proj's norm of o reads the recurrence's partial sums at several rows: one a head and V block.
-    heads, value_dim = config.decoder_attention_heads, config.head_dim
-    o_parts = heads * -(-value_dim // min(BLOCK_V, 1 << (value_dim - 1).bit_length()))
+    o_parts = square_parts(config.decoder_attention_heads, config.head_dim)
     o_squares = {} if batch == 1 else {"norm_squares": zeros(o_parts, batch, dtype=torch.float32)}
 
     def normed(weight: torch.Tensor, c: GemvConfig, **options: object) -> None:

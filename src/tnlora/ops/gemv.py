@@ -95,6 +95,12 @@ ROWS_TUNED = {
 ROWS_MAX = 64
 
 
+def squares_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the partial sums of squares a norm of rows of ``dtype`` reads (``norm_squares``) and a kernel
+    writes for it (``emit_squares``, here and in :func:`tnlora.ops.recurrent_triton.triton_step`)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def gemv_config(n: int, k: int, glu: bool = False, rows: int = 1) -> GemvConfig:
     """The launch for y [N] = W [N, K] x: the measured one for TNL's shapes (``TUNED``), else 4 rows a program
     and 1,024 columns a step (or K's next power of two), 3 stages, dependents launched early (other shapes are
@@ -152,7 +158,7 @@ def gemv(
             raise ValueError(f"{name} must be {list((*lead, width))} of {x.dtype} with contiguous values")
     if gate is not None and norm_eps is None:
         raise ValueError("gate needs norm_eps: it gates the normed x")
-    sums_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    sums_dtype = squares_dtype(x.dtype)
     if (norm_squares is not None or emit_squares) and rows is None:
         raise ValueError("norm_squares and emit_squares are for x of several rows [M, K]")
     if norm_squares is not None and (norm_eps is None or norm_squares.dim() != 2 or norm_squares.shape[1] != rows
@@ -268,4 +274,7 @@ def gemv_reference(
     return residual + y if residual is not None else y
 
 
-__all__ = ["ROWS_MAX", "ROWS_TUNED", "TUNED", "GemvConfig", "embed_rows", "gemv", "gemv_config", "gemv_reference", "pdl_supported"]
+__all__ = [
+    "ROWS_MAX", "ROWS_TUNED", "TUNED", "GemvConfig", "embed_rows", "gemv", "gemv_config", "gemv_reference",
+    "pdl_supported", "squares_dtype",
+]

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tnlora.ops.gemv import squares_dtype
 from tnlora.ops.recurrent import check_step_shapes
 
 # Tile of one program: BLOCK_K rows of the state (looped over K) by BLOCK_V columns (128-byte row segments,
@@ -32,6 +33,17 @@ NUM_WARPS = 4
 
 def _next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
+
+
+def _value_block(value_dim: int) -> int:
+    """Columns of v (and o) one program takes."""
+    return min(BLOCK_V, _next_power_of_2(value_dim))
+
+
+def square_parts(heads: int, value_dim: int) -> int:
+    """How many partial sums of squares of one o row ``triton_step(..., emit_squares=True)`` writes: one a head
+    and block of V columns."""
+    return heads * -(-value_dim // _value_block(value_dim))
 
 
 def _kernel(deferred: bool = False) -> Any:
@@ -122,7 +134,7 @@ def triton_step(
     (:class:`DeferredTerms`): o equals the plain step's up to rounding, ``state`` holds the state of (position
     − base) mod steps steps before, and each step moves one read of the state and 1 ÷ steps of a write
     instead of a read and a write. ``emit_squares``: also return the partial sums of squares of o's rows (as
-    stored, in v's dtype), ``(o, squares)``, squares [H · ⌈V ÷ BLOCK_V⌉, B] (fp64 for fp64 o, else fp32): what
+    stored, in v's dtype), ``(o, squares)``, squares [:func:`square_parts`, B] (fp64 for fp64 o, else fp32): what
     :func:`tnlora.ops.gemv.gemv` takes as ``norm_squares`` for the norm of o [B, H · V].
 
     q, k, v may be strided views (the last dim contiguous, as the slices of the fused projection are);
@@ -160,10 +172,10 @@ def triton_step(
     elif tuple(out.shape) != (batch, heads, value_dim) or out.dtype != v.dtype or out.stride(-1) != 1:
         raise ValueError(f"out must be a {v.dtype} tensor [B, H, V] with a contiguous last dim")
     block_k = min(BLOCK_K, _next_power_of_2(key_dim))
-    block_v = min(BLOCK_V, _next_power_of_2(value_dim))
+    block_v = _value_block(value_dim)
     grid = (batch * heads, -(-value_dim // block_v))
-    sums_dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
-    squares = torch.empty(heads * grid[1], batch, dtype=sums_dtype, device=v.device) if emit_squares else None
+    squares = (torch.empty(square_parts(heads, value_dim), batch, dtype=squares_dtype(v.dtype), device=v.device)
+               if emit_squares else None)  # fmt: skip
     common = (
         heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
         out.stride(1), lrpe_theta if lrpe_theta is not None else decay,  # unread without LRPE
@@ -191,4 +203,4 @@ def triton_step(
     return (out, squares) if squares is not None else out
 
 
-__all__ = ["DeferredTerms", "triton_step"]
+__all__ = ["DeferredTerms", "square_parts", "triton_step"]
