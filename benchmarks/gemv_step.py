@@ -84,11 +84,12 @@ def compile_share(preset: str, batch: int, launches: list[tuple[str, GemvConfig]
     o = zeros(batch, dim).reshape(rows)
     qkvu = zeros(batch, 4 * dim)
     product = zeros(batch, width).reshape(rows)
-    # Several rows: the residual projections write their rows' sums of squares, which the normed projection
-    # after each reads; the kernel is compiled per block of those partial sums (one a program of the projection
-    # before: any candidate's count), and the first layer's qkvu sums its own.
-    squares = [None] if batch == 1 else [None] + [zeros(-(-dim // bn), batch, dtype=torch.float32)
-                                                  for bn in sorted({c.block_n for c in ROW_CANDIDATES})]
+    # Several rows: the embedding and the residual projections write their rows' sums of squares, which the
+    # normed projection after each reads; the kernel is compiled per block of those partial sums (one a block
+    # of the embedding's kernel for the first layer's qkvu, one a program of the projection before: any
+    # candidate's count).
+    squares = [None] if batch == 1 else [zeros(-(-dim // n), batch, dtype=torch.float32) for n in
+                                         sorted({gemv_ops.EMBED_BLOCK} | {c.block_n for c in ROW_CANDIDATES})]
     residual = {} if batch == 1 else {"emit_squares": True}
     # out_proj's norm of o reads the recurrence's partial sums at several rows: one a head and V block.
     o_parts = square_parts(config.decoder_attention_heads, config.head_dim)

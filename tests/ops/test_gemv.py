@@ -13,6 +13,7 @@ import torch
 from kernel_device import DEVICE, INTERPRET, needs_kernel
 
 from tnlora.ops.gemv import (
+    EMBED_BLOCK,
     ROWS_MAX,
     ROWS_TUNED,
     TUNED,
@@ -332,6 +333,12 @@ def test_embed_rows_equal_the_scaled_embedding(dtype: torch.dtype, scale: float)
         torch.testing.assert_close(got, want, rtol=2**-7, atol=0)
     else:
         assert torch.equal(got, want)
+    # The partial sums of squares a normed projection of these rows reads: one a block of the kernel's columns
+    # (1,100 = a whole block and a masked one), of the rows as stored.
+    rows, squares = embed_rows(ids, table, scale, emit_squares=True)
+    assert torch.equal(rows, got) and squares.shape == (2, 3) and squares.dtype == torch.float32
+    parts = rows[:, 0].float().pow(2).split(EMBED_BLOCK, dim=1)
+    torch.testing.assert_close(squares, torch.stack([p.sum(1) for p in parts]), rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match="ids"):
         embed_rows(ids[:, 0], table)
     with pytest.raises(ValueError, match="ids"):

@@ -169,19 +169,22 @@ class DecodeStepRunner:
             return self._forward_gemv(model)
         return self._end(model, self._layers(model, self._begin(model)))
 
-    def _embed(self, model: TransnormerForCausalLM) -> Tensor:
-        """The scaled embedding [B, 1, dim] of the token in ``self.ids``: in the GEMV step one kernel, which lets
-        the first GEMV launch (and read its weights) while it runs."""
+    def _embed(self, model: TransnormerForCausalLM, emit_squares: bool = False) -> tuple[Tensor, Tensor | None]:
+        """The scaled embedding [B, 1, dim] of the token in ``self.ids``, and with ``emit_squares`` the partial
+        sums of squares of its rows where the kernel made it (else None): in the GEMV step one kernel, which
+        lets the first GEMV launch (and read its weights) while it runs."""
         embed = model.model.embed_tokens
         scale = model.config.embed_scale
         if self.gemv and type(embed) is nn.Embedding and embed.weight.dtype != torch.float64:
-            return embed_rows(self.ids, embed.weight, scale, trigger=self.pdl)
+            if emit_squares:
+                return embed_rows(self.ids, embed.weight, scale, trigger=self.pdl, emit_squares=True)
+            return embed_rows(self.ids, embed.weight, scale, trigger=self.pdl), None
         hidden = embed(self.ids)
-        return hidden * scale if scale != 1.0 else hidden
+        return (hidden * scale if scale != 1.0 else hidden), None
 
     def _begin(self, model: TransnormerForCausalLM) -> tuple[Tensor, Tensor | None]:
         """The embedding: (hidden, its norm for the first layer when the norms are fused, else None)."""
-        hidden = self._embed(model)
+        hidden, _ = self._embed(model)
         if self.kernel != "triton":
             return hidden, None
         return add_rms_norm(hidden, None, model.model.layers[0].token_norm.eps)
@@ -277,11 +280,12 @@ class DecodeStepRunner:
         batch = self.batch_size
         # One row as a vector (the one-row kernel), several as [B, width] (u stays a slice of qkvu's rows).
         rows = (-1,) if batch == 1 else (batch, -1)
-        hidden = self._embed(model).reshape(rows)
-        # Several rows: each residual projection also writes the sums of squares of its output rows, which the
-        # normed projection after it reads instead of summing x² beside its dot (what made the normed forms of
-        # several rows slow). None: the projection sums them itself (the first layer's input, one row).
-        squares: Tensor | None = None
+        # Several rows: the embedding and each residual projection also write the sums of squares of their
+        # output rows, which the normed projection after it reads instead of summing x² beside its dot (what
+        # made the normed forms of several rows slow). None: the projection sums them itself (one row; an
+        # embedding other than the kernel's).
+        hidden, squares = self._embed(model, emit_squares=batch > 1)
+        hidden = hidden.reshape(rows)
 
         def residual_projection(x: Tensor, weight: Tensor, **options: Any) -> tuple[Tensor, Tensor | None]:
             if batch == 1:

@@ -219,20 +219,27 @@ def gemv(
 EMBED_BLOCK = 1024
 
 
-def embed_rows(ids: Tensor, table: Tensor, scale: float = 1.0, trigger: bool = False) -> Tensor:
+def embed_rows(
+    ids: Tensor, table: Tensor, scale: float = 1.0, trigger: bool = False, emit_squares: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
     """The embedding rows [B, 1, K] of ``ids`` [B, 1] in ``table`` [V, K] (rows contiguous; bf16, fp16 or fp32),
     times ``scale``: ``F.embedding(ids, table) * scale`` as one kernel (PyTorch's form is two). ``trigger``:
-    the programmatic dependent launch after it (a GEMV with ``pdl``) may launch as soon as it starts."""
+    the programmatic dependent launch after it (a GEMV with ``pdl``) may launch as soon as it starts.
+    ``emit_squares``: also return the partial sums of squares of the rows [P, B] (fp32), which a normed
+    :func:`gemv` of the rows reads as ``norm_squares``: ``(rows, squares)``."""
     if ids.dim() != 2 or ids.shape[1] != 1 or not ids.is_contiguous() or ids.dtype.is_floating_point:
         raise ValueError(f"ids must be a contiguous integer [B, 1], got {ids.dtype} {tuple(ids.shape)}")
     if table.dim() != 2 or table.stride(1) != 1 or table.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError("table must be [V, K] with contiguous rows, bf16, fp16 or fp32")
     rows, width = ids.shape[0], table.shape[1]
+    blocks = _cdiv(width, EMBED_BLOCK)
     out = torch.empty(rows, 1, width, dtype=table.dtype, device=table.device)
-    _kernels().embed_kernel[(rows, _cdiv(width, EMBED_BLOCK))](
-        ids, table, out, table.stride(0), width, scale, SCALE=scale != 1.0, TRIGGER=trigger, BLOCK=EMBED_BLOCK
-    )
-    return out
+    squares = torch.empty(blocks, rows, dtype=squares_dtype(table.dtype), device=table.device) if emit_squares else None
+    _kernels().embed_kernel[(rows, blocks)](
+        ids, table, out, squares if squares is not None else out, table.stride(0), width, rows, scale,
+        SCALE=scale != 1.0, TRIGGER=trigger, SQUARES=emit_squares, BLOCK=EMBED_BLOCK,
+    )  # fmt: skip
+    return (out, squares) if squares is not None else out
 
 
 def pdl_supported(device: torch.device | str) -> bool:
@@ -275,6 +282,6 @@ def gemv_reference(
 
 
 __all__ = [
-    "ROWS_MAX", "ROWS_TUNED", "TUNED", "GemvConfig", "embed_rows", "gemv", "gemv_config", "gemv_reference",
+    "EMBED_BLOCK", "ROWS_MAX", "ROWS_TUNED", "TUNED", "GemvConfig", "embed_rows", "gemv", "gemv_config", "gemv_reference",
     "pdl_supported", "squares_dtype",
 ]

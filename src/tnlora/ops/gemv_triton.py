@@ -163,10 +163,12 @@ def gemv_kernel(
 
 
 @triton.jit
-def embed_kernel(ids_ptr, table_ptr, out_ptr, stride_table, K, scale, SCALE: tl.constexpr, TRIGGER: tl.constexpr,
-                 BLOCK: tl.constexpr):
+def embed_kernel(ids_ptr, table_ptr, out_ptr, squares_ptr, stride_table, K, M, scale, SCALE: tl.constexpr,
+                 TRIGGER: tl.constexpr, SQUARES: tl.constexpr, BLOCK: tl.constexpr):
     """Program (row, block): BLOCK entries of the embedding row of ``ids[row]``, times ``scale`` where SCALE
-    (in fp32, rounded to the table's dtype, as PyTorch's ``tensor * float`` rounds). With TRIGGER the dependent
+    (in fp32, rounded to the table's dtype, as PyTorch's ``tensor * float`` rounds). With SQUARES the sum of
+    squares of those entries as stored (fp32) goes to ``squares[block, row]`` of [blocks, M]: what the first
+    layer's normed projection of several rows reads instead of summing them itself. With TRIGGER the dependent
     launch after it (the first GEMV) may launch at once and read its weights while this one runs; this kernel
     itself is a plain launch, which waits for everything before it."""
     if TRIGGER:
@@ -179,6 +181,9 @@ def embed_kernel(ids_ptr, table_ptr, out_ptr, stride_table, K, scale, SCALE: tl.
     if SCALE:
         x = (x.to(tl.float32) * scale).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + row.to(tl.int64) * K + cols, x, mask=inside)
+    if SQUARES:
+        xf = x.to(tl.float32)  # zeros outside K (the masked load's other)
+        tl.store(squares_ptr + tl.program_id(1) * M + row, tl.sum(xf * xf, axis=0))
 
 
 @triton.jit
