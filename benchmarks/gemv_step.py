@@ -145,8 +145,9 @@ def step_ms(model: torch.nn.Module, pdl: bool, batch: int = 1, replays: int = RE
 
 
 def layer_forwards_ms(model: torch.nn.Module, batch: int, replays: int = REPLAYS) -> float:
-    """ms of one captured step of ``batch`` rows with the layer forwards on cuBLASLt (the default above
-    ``GEMV_MAX_BATCH``: the GLU's projections side by side), timed as :func:`step_ms` times the GEMV step."""
+    """ms of one captured step of ``batch`` rows with the layer forwards on cuBLASLt (what the batches that do
+    not run fused projections run: the GLU's projections side by side), timed as :func:`step_ms` times the GEMV
+    step."""
     runner = DecodeStepRunner(model, batch, torch.device("cuda"), capture=True, branches=True)
     return replayed_ms(runner, model, replays)
 

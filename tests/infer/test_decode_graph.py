@@ -14,6 +14,7 @@ from transformers import GenerationMixin, StoppingCriteriaList
 from tnl_helpers import build_model, left_padded, random_ids
 from tnlora.infer.decode_graph import (
     GEMV_MAX_BATCH,
+    ROWS_MIN_BATCH,
     DecodeStepRunner,
     install_graph_decoding,
     installed_graphs,
@@ -223,15 +224,22 @@ def test_unmerged_lora_is_run_through_the_static_step_and_adapter_switches_rebui
     assert installed_graphs(base).runners[1] is not runner  # the switch was noticed
 
 
-def test_the_largest_fused_projection_batch_is_checked() -> None:
-    """Fused projections up to ``gemv_max_batch`` rows (by default GEMV_MAX_BATCH, what measured fastest),
-    from 1 to the rows kernel's limit."""
+def test_the_fused_projection_batches_are_checked() -> None:
+    """Fused projections at one row and at ``rows_min_batch`` to ``gemv_max_batch`` rows (by default
+    ROWS_MIN_BATCH to GEMV_MAX_BATCH, what measured fastest), each bound within the rows kernel's limit."""
     model = build_model(torch.float32)
-    assert install_graph_decoding(model, capture=False).gemv_max_batch == GEMV_MAX_BATCH
-    assert install_graph_decoding(model, capture=False, gemv_max_batch=64).gemv_max_batch == 64
+    graphs = install_graph_decoding(model, capture=False)
+    assert (graphs.rows_min_batch, graphs.gemv_max_batch) == (ROWS_MIN_BATCH, GEMV_MAX_BATCH)
+    assert [b for b in range(1, 65) if graphs.fused(b)] == [1, *range(ROWS_MIN_BATCH, GEMV_MAX_BATCH + 1)]
+    graphs = install_graph_decoding(model, capture=False, gemv_max_batch=64, rows_min_batch=2)
+    assert [b for b in range(1, 66) if graphs.fused(b)] == list(range(1, 65))
+    assert [b for b in range(1, 9) if install_graph_decoding(model, capture=False, gemv_max_batch=1).fused(b)] == [1]
     for wrong in (0, 65):
         with pytest.raises(ValueError, match="gemv_max_batch must be 1 to 64"):
             install_graph_decoding(model, capture=False, gemv_max_batch=wrong)
+    for wrong in (1, 65):
+        with pytest.raises(ValueError, match="rows_min_batch must be 2 to 64"):
+            install_graph_decoding(model, capture=False, rows_min_batch=wrong)
 
 
 def test_the_fingerprint_changes_with_what_a_graph_holds_and_only_then() -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from kernel_device import DEVICE, INTERPRET, needs_kernel
 
+from tnlora.ops import gemv as gemv_module
 from tnlora.ops.gemv import (
     EMBED_BLOCK,
     ROWS_MAX,
@@ -276,6 +277,59 @@ def test_cuda_rows_at_model_shapes(n: int, k: int, glu: bool) -> None:
         if launch.swap:
             plain = gemv(x, w, config=launch._replace(swap=False), **options)
             assert torch.equal(gemv(x, w, config=launch, **options), plain), launch
+
+
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA device (model-sized shapes)")
+@pytest.mark.gpu
+@pytest.mark.parametrize(("n", "k", "glu"), sorted(ROWS_TUNED))
+def test_cuda_rows_of_64_fit_the_card(n: int, k: int, glu: bool) -> None:
+    """bf16, 64 rows (the rows kernel's limit) with each shape's tuned launch, measured at 32 rows: where its
+    stages need more shared memory than the card has at 64, fewer run, and the result is as close as bf16
+    allows (the residual and the sums of squares written, as the decode step calls the residual projections)."""
+    x, w, w2, residual = _inputs(n, k, torch.bfloat16, seed=n, rows=(64,))
+    options = {"norm_eps": 1e-6, "weight2": w2} if glu else {"residual": residual}
+    got = gemv(x, w, emit_squares=not glu, **options)
+    if not glu:
+        got, squares = got
+        torch.testing.assert_close(squares.sum(0), got.float().square().sum(-1), rtol=1e-5, atol=0)
+    assert _relative_error(got, x, w, options) <= TOLERANCE[torch.bfloat16]
+
+
+def test_a_rows_launch_drops_stages_the_shared_memory_cannot_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rows kernel's launch with more stages than fit (Triton's OutOfResources, raised before it launches)
+    runs again with one fewer until one fits, and the next call of that launch starts there."""
+    from triton.runtime.errors import OutOfResources
+
+    real = gemv_module._kernels()
+    tried: list[int] = []
+
+    class Kernel:
+        fits = 2  # the most stages the "card" holds
+
+        def __getitem__(self, grid):
+            def launch(*args, **options):
+                tried.append(options["num_stages"])
+                if options["num_stages"] > self.fits:
+                    raise OutOfResources(4096 * options["num_stages"], 4096 * self.fits, "shared memory")
+                return real.rows_kernel[grid](*args, **options)
+            return launch
+
+    class Kernels:
+        rows_kernel = Kernel()
+
+    monkeypatch.setattr(gemv_module, "_kernels", lambda: Kernels())
+    monkeypatch.setattr(gemv_module, "_FITTED_STAGES", {})
+    x, w, _, residual = _inputs(40, 64, torch.float32, seed=2, rows=(3,))
+    launch = GemvConfig(16, 32, 4, 4)
+    got = gemv(x, w, residual=residual, config=launch)
+    assert tried == [4, 3, 2]
+    assert _relative_error(got, x, w, {"residual": residual}) <= TOLERANCE[torch.float32]
+    assert torch.equal(gemv(x, w, residual=residual, config=launch), got) and tried == [4, 3, 2, 2]
+    Kernels.rows_kernel.fits = 0
+    tried.clear()
+    with pytest.raises(OutOfResources):  # none fits: the error stands
+        gemv(x, w, config=launch._replace(block_k=64))
+    assert tried == [4, 3, 2, 1]
 
 
 @pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs)")

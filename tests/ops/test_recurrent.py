@@ -371,12 +371,27 @@ def test_kernel_checks_its_arguments() -> None:
 
 
 def _generate(model: torch.nn.Module, kernel: str, *args: object, gemv: bool = False, **kwargs: object):
-    """generate() through the static step (no graph) with the given kernel (``gemv``: the steps as fused
-    projections); the logits of every step too. The runners stay installed for the test to inspect."""
+    """generate() through the static step (no graph) with the given kernel (``gemv``: the steps of every batch
+    as fused projections); the logits of every step too. The runners stay installed for the test to inspect."""
     model.config.decode_kernel = kernel
-    install_graph_decoding(model, capture=False, gemv=gemv, gemv_max_batch=ROWS_MAX)
+    install_graph_decoding(model, capture=False, gemv=gemv, gemv_max_batch=ROWS_MAX, rows_min_batch=2)
     try:
         return model.generate(*args, return_dict_in_generate=True, output_logits=True, **kwargs)
+    finally:
+        model.config.decode_kernel = "torch"
+
+
+@needs_kernel
+def test_the_runners_take_fused_projections_at_the_batches_asked_for() -> None:
+    """The runner of each batch takes the GEMV step exactly where ``fused`` says (the Triton kernel; here 2 is
+    below rows_min_batch, 3 inside, 5 above gemv_max_batch)."""
+    model = build_model(torch.float32).to(DEVICE)
+    model.config.decode_kernel = "triton"
+    try:
+        install_graph_decoding(model, capture=False, rows_min_batch=3, gemv_max_batch=4)
+        for batch, fused in ((1, True), (2, False), (3, True), (5, False)):
+            model.generate(random_ids(batch, 5).to(DEVICE), max_new_tokens=2, **GREEDY)
+            assert installed_graphs(model).runners[batch].gemv == fused, batch
     finally:
         model.config.decode_kernel = "torch"
 

@@ -146,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         DEFER_MIN_BATCH,
         DEFER_STEPS,
         GEMV_MAX_BATCH,
+        ROWS_MIN_BATCH,
         defer_steps_error,
         install_graph_decoding,
         installed_graphs,
@@ -169,7 +170,10 @@ def run(args: argparse.Namespace) -> int:
     most = GEMV_MAX_BATCH if args.gemv_max_batch is None else args.gemv_max_batch
     if not 1 <= most <= ROWS_MAX:
         raise ConfigError(f"--gemv_max_batch must be 1 to {ROWS_MAX}, got {most}")
-    step = f"gemv<={most} {'pdl' if args.pdl else 'no-pdl'}" if gemv else "layers"
+    least = ROWS_MIN_BATCH if args.rows_min_batch is None else args.rows_min_batch
+    if not 2 <= least <= ROWS_MAX:
+        raise ConfigError(f"--rows_min_batch must be 2 to {ROWS_MAX}, got {least}")
+    step = f"gemv 1,{least}..{most} {'pdl' if args.pdl else 'no-pdl'}" if gemv else "layers"
     step += "" if args.branches else " no-branches"
     defer = DEFER_STEPS if args.defer_steps is None else args.defer_steps
     if defer_steps_error(defer):
@@ -186,8 +190,8 @@ def run(args: argparse.Namespace) -> int:
     model.config.decode_kernel = args.decode_kernel
     if graphs:
         install_graph_decoding(model, gemv=gemv, pdl=args.pdl, prefill=args.prefill_graphs, gemv_max_batch=most,
-                               branches=args.branches, defer_steps=defer,
-                               defer_min_batch=defer_min)
+                               branches=args.branches, defer_steps=defer, defer_min_batch=defer_min,
+                               rows_min_batch=least)
     copy = copy_bandwidth() if cuda else math.nan
     if cuda:
         print(f"copy bandwidth: {copy / 1e9:,.0f} GB/s (device-to-device copies of 1 GiB, read + write)")

@@ -73,6 +73,9 @@ def decode_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--gemv_max_batch", type=int, default=None,
                         help="the largest batch whose steps run as fused projections (default: the decode graphs' "
                              "GEMV_MAX_BATCH)")
+    parser.add_argument("--rows_min_batch", type=int, default=None,
+                        help="the smallest batch of several rows whose steps run as fused projections (default: "
+                             "the decode graphs' ROWS_MIN_BATCH)")
     parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                         help="the GEMV step's kernels as programmatic dependent launches (sm_90 and later; "
                              "--no-pdl: plain launches)")

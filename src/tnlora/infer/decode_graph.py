@@ -29,13 +29,13 @@ kernel per layer that reads and writes each state once and zeroes padded v itsel
 :mod:`tnlora.ops.recurrent_triton`, and the norms fused with the residual adds and the output gate,
 :mod:`tnlora.ops.norm`; equal up to rounding) or "auto" (the default: triton on CUDA when it imports). A runner
 keeps the choice it was built with; a changed choice rebuilds the runners at the next ``generate()`` call (it
-is part of the fingerprint). With the triton kernel, a step of up to ``GEMV_MAX_BATCH`` rows whose projections
-are all plain Linears runs as a chain of fused projections instead of the layer forwards
-(:meth:`DecodeStepRunner._forward_gemv`, :mod:`tnlora.ops.gemv`: one-row GEMVs at batch 1, each weight tile read
-once for all rows above; ``install_graph_decoding(gemv=False)`` keeps the layer forwards), on sm_90 and later
-cards as programmatic dependent launches.
+is part of the fingerprint). With the triton kernel, a step of one row or of ``ROWS_MIN_BATCH`` to
+``GEMV_MAX_BATCH`` rows whose projections are all plain Linears runs as a chain of fused projections instead of
+the layer forwards (:meth:`DecodeStepRunner._forward_gemv`, :mod:`tnlora.ops.gemv`: one-row GEMVs at batch 1,
+each weight tile read once for all rows above; ``install_graph_decoding(gemv=False)`` keeps the layer
+forwards), on sm_90 and later cards as programmatic dependent launches.
 
-Above that batch the captured layer forwards run the GLU's two projections side by side (l2 on a stream of its
+At other batches the captured layer forwards run the GLU's two projections side by side (l2 on a stream of its
 own; ``branches``).
 
 For greedy ``generate()`` calls (:func:`tnlora.model.generation.greedy_rule`) a runner also offers
@@ -86,11 +86,14 @@ MAX_RUNNERS = 4
 # at batch 32, cuBLASLt's kernels for the skinny projections move their weights faster than cuBLAS's split-K
 # ones (benchmarks/RESULTS.md).
 GRAPH_BLAS = "cublaslt"
-# The largest batch whose Triton steps run as fused projections by default (install_graph_decoding's
-# ``gemv_max_batch``); larger batches run the layer forwards on cuBLASLt. Batch 1 only: on an H200 the rows
-# kernel's step lost to the layer forwards at every batch measured (1B at 2 to 32 rows, 7B at 32;
-# benchmarks/RESULTS.md, "Fused projections of several rows").
-GEMV_MAX_BATCH = 1
+# The batches whose Triton steps run as fused projections by default (install_graph_decoding's
+# ``gemv_max_batch`` and ``rows_min_batch``): batch 1, and ROWS_MIN_BATCH to GEMV_MAX_BATCH rows; the others run
+# the layer forwards on cuBLASLt. On an H100, with every norm reading the sums of squares the kernel before wrote
+# and the launches searched in the step, the rows step beat the layer forwards at batch 16 (1B +11 %, 7B +1 %)
+# and 32 (1B +10 %, 7B +4 %, the step at 85 % of the card's copy rate), tied at 4 and 8 and lost at 2 (1B −7 %);
+# 64 rows are not measured (benchmarks/RESULTS.md, "Fused projections of several rows").
+GEMV_MAX_BATCH = 32
+ROWS_MIN_BATCH = 4
 # The device greedy loop's steps write each recurrent state back every DEFER_STEPS steps only (the Triton
 # step; 0: every step): the steps between read the state and the k, v held beside it, so a step moves one read of
 # the states and a quarter of a write instead of a read and a write (at 7B batch 32, 1.9 GB of fp32 state) ...
@@ -620,9 +623,13 @@ class DecodeGraphs:
         branches: bool = True,
         defer_steps: int = DEFER_STEPS,
         defer_min_batch: int = DEFER_MIN_BATCH,
+        rows_min_batch: int = ROWS_MIN_BATCH,
     ) -> None:
         if not 1 <= gemv_max_batch <= ROWS_MAX:
             raise ValueError(f"gemv_max_batch must be 1 to {ROWS_MAX}, got {gemv_max_batch}")
+        if not 2 <= rows_min_batch <= ROWS_MAX:
+            raise ValueError(f"rows_min_batch must be 2 to {ROWS_MAX}, got {rows_min_batch}")
+        self.rows_min_batch = rows_min_batch
         if defer_steps_error(defer_steps):
             raise ValueError(f"defer_steps {defer_steps_error(defer_steps)}")
         self.defer_steps = defer_steps
@@ -805,6 +812,11 @@ class DecodeGraphs:
             self.last_cache = weakref.ref(cache)
         return self.fingerprint is not None
 
+    def fused(self, batch: int) -> bool:
+        """Whether a step of ``batch`` rows runs as fused projections (with the Triton kernel, where they apply):
+        one row, or ``rows_min_batch`` to ``gemv_max_batch`` rows."""
+        return batch == 1 or self.rows_min_batch <= batch <= self.gemv_max_batch
+
     def runner(self, model: TransnormerForCausalLM, input_ids: Tensor, cache: TransnormerCache) -> DecodeStepRunner | None:
         """The runner for this step, built (and later captured) on first use; None when eager must run."""
         if not self._current(model, cache):
@@ -815,8 +827,7 @@ class DecodeGraphs:
             if len(self.runners) >= MAX_RUNNERS:
                 self.runners.pop(next(iter(self.runners))).release()
             runner = DecodeStepRunner(model, batch, input_ids.device, self.capture, self.blas,
-                                      gemv=self.gemv and batch <= self.gemv_max_batch, pdl=self.pdl,
-                                      branches=self.branches)
+                                      gemv=self.gemv and self.fused(batch), pdl=self.pdl, branches=self.branches)
             self.runners[batch] = runner
         return runner if runner.fits(input_ids, cache) else None
 
@@ -877,13 +888,14 @@ def install_graph_decoding(
     branches: bool = True,
     defer_steps: int = DEFER_STEPS,
     defer_min_batch: int = DEFER_MIN_BATCH,
+    rows_min_batch: int = ROWS_MIN_BATCH,
 ) -> DecodeGraphs:
     """Let ``model`` (or the model under its peft wrapper) take one-token cached steps through static runners,
     replacing any installed before. ``capture=False`` runs the static step without CUDA graphs, on any device
     (what the CPU tests check the buffer logic with); ``blas``: the BLAS library of
-    the capture (None: PyTorch's current one); ``gemv``: steps of the Triton kernel at batches up to
-    ``gemv_max_batch`` as fused projections (``DecodeStepRunner._forward_gemv``; False: the layer forwards at
-    every batch size); ``pdl``: that step's kernels as programmatic dependent launches on cards that have them
+    the capture (None: PyTorch's current one); ``gemv``: steps of the Triton kernel at batch 1 and at
+    ``rows_min_batch`` to ``gemv_max_batch`` rows as fused projections (``DecodeStepRunner._forward_gemv``;
+    False: the layer forwards at every batch size); ``pdl``: that step's kernels as programmatic dependent launches on cards that have them
     (sm_90 and later); ``prefill``: short prefills as graphs too (:mod:`tnlora.infer.prefill_graph`; default:
     with ``capture``); ``branches``: the GLU's two projections side by side in the captured layer forwards
     (``DecodeStepRunner._channel_mix``); ``defer_steps``: the device greedy loop's Triton steps write the
@@ -893,7 +905,7 @@ def install_graph_decoding(
     remove_graph_decoding(base)
     graphs = DecodeGraphs(capture=capture, blas=blas, gemv=gemv, pdl=pdl, prefill=prefill,
                           gemv_max_batch=gemv_max_batch, branches=branches, defer_steps=defer_steps,
-                          defer_min_batch=defer_min_batch)
+                          defer_min_batch=defer_min_batch, rows_min_batch=rows_min_batch)
     base.step_decoder = graphs
     return graphs
 

@@ -206,14 +206,38 @@ def gemv(
     programs = _cdiv(n, block_n)
     squares_out = torch.empty(programs, rows, dtype=sums_dtype, device=x.device) if emit_squares else None
     parts = norm_squares.shape[0] if norm_squares is not None else 1
-    _kernels().rows_kernel[(programs,)](
-        *pointers, rows, n, x.stride(0), gate_in.stride(0), residual_in.stride(0), weight.stride(0),
-        weight2_in.stride(0), eps, norm_squares if norm_squares is not None else y,
-        squares_out if squares_out is not None else y, parts, DOT=dot, PRECISION="ieee",
-        BLOCK_M=max(16, 1 << (rows - 1).bit_length()), SQUARES_IN=norm_squares is not None,
-        SQUARES_OUT=emit_squares, SWAP=swap, BLOCK_P=max(2, 1 << (parts - 1).bit_length()), **options,
-    )  # fmt: skip
+    options.update(DOT=dot, PRECISION="ieee", BLOCK_M=max(16, 1 << (rows - 1).bit_length()),
+                   SQUARES_IN=norm_squares is not None, SQUARES_OUT=emit_squares, SWAP=swap,
+                   BLOCK_P=max(2, 1 << (parts - 1).bit_length()))
+    arguments = (*pointers, rows, n, x.stride(0), gate_in.stride(0), residual_in.stride(0), weight.stride(0),
+                 weight2_in.stride(0), eps, norm_squares if norm_squares is not None else y,
+                 squares_out if squares_out is not None else y, parts)
+    _launch_rows(programs, arguments, options, x)
     return (y, squares_out) if emit_squares else y
+
+
+# The pipeline stages that fit the card's shared memory, by launch (device, dtype and the kernel's constexprs):
+# the launches are measured at 32 rows, and a block of 64 rows needs more shared memory a stage than some have.
+_FITTED_STAGES: dict[tuple[Any, ...], int] = {}
+
+
+def _launch_rows(programs: int, arguments: tuple[Any, ...], options: dict[str, Any], x: Tensor) -> None:
+    """The rows kernel's launch; where its stages do not fit the card's shared memory, one stage fewer at a
+    time (as Triton's autotuner drops such configs), the number that fits remembered for the launch."""
+    from triton.runtime.errors import OutOfResources
+
+    key = (x.device, x.dtype, *sorted(options.items()))
+    stages = _FITTED_STAGES.get(key, options["num_stages"])
+    while True:
+        try:
+            _kernels().rows_kernel[(programs,)](*arguments, **{**options, "num_stages": stages})
+        except OutOfResources:
+            if stages == 1:
+                raise
+            stages -= 1
+            continue
+        _FITTED_STAGES[key] = stages
+        return
 
 
 EMBED_BLOCK = 1024
