@@ -90,8 +90,8 @@ GRAPH_BLAS = "cublaslt"
 # ``gemv_max_batch`` and ``rows_min_batch``): batch 1, and ROWS_MIN_BATCH to GEMV_MAX_BATCH rows; the others run
 # the layer forwards on cuBLASLt. On an H100, with every norm reading the sums of squares the kernel before wrote
 # and the launches searched in the step, the rows step beat the layer forwards at batch 16 (1B +11 %, 7B +1 %)
-# and 32 (1B +10 %, 7B +4 %, the step at 85 % of the card's copy rate), tied at 4 and 8 and lost at 2 (1B −7 %);
-# 64 rows are not measured (benchmarks/RESULTS.md, "Fused projections of several rows").
+# and 32 (1B +10 %, 7B +4 %, the step at 85 % of the card's copy rate), tied at 4 and 8, lost at 2 (1B −7 %)
+# and at 64 (1–2 %, its launches' stages cut to fit; benchmarks/RESULTS.md, "Fused projections of several rows").
 GEMV_MAX_BATCH = 32
 ROWS_MIN_BATCH = 4
 # The device greedy loop's steps write each recurrent state back every DEFER_STEPS steps only (the Triton
@@ -895,8 +895,8 @@ def install_graph_decoding(
     (what the CPU tests check the buffer logic with); ``blas``: the BLAS library of
     the capture (None: PyTorch's current one); ``gemv``: steps of the Triton kernel at batch 1 and at
     ``rows_min_batch`` to ``gemv_max_batch`` rows as fused projections (``DecodeStepRunner._forward_gemv``;
-    False: the layer forwards at every batch size); ``pdl``: that step's kernels as programmatic dependent launches on cards that have them
-    (sm_90 and later); ``prefill``: short prefills as graphs too (:mod:`tnlora.infer.prefill_graph`; default:
+    False: the layer forwards at every batch size); ``pdl``: that step's kernels as programmatic dependent
+    launches on cards that have them (sm_90 and later); ``prefill``: short prefills as graphs too (:mod:`tnlora.infer.prefill_graph`; default:
     with ``capture``); ``branches``: the GLU's two projections side by side in the captured layer forwards
     (``DecodeStepRunner._channel_mix``); ``defer_steps``: the device greedy loop's Triton steps write the
     recurrent states back every that many steps only (0: every step; ``GreedyDeviceSteps``), at batches from
