@@ -587,9 +587,10 @@ def test_cuda_graph_gemv_step_at_1b_width(batch: int) -> None:
 
 @needs_kernel
 def test_serving_engine_with_deferred_state_writes_equals_writes_every_step() -> None:
-    """The serving engine's slots with the states written back every 4th step (``defer_steps=4``) against every
-    step, fp32, requests joining and leaving at different steps: the same tokens, and the session states stored
-    when a reply ends (made whole from the row's held steps) equal within rounding."""
+    """The serving engine's slots with the states written back every 4th step (``defer_steps=4``), and so with
+    the step as fused projections of the slots' rows (``fused_projections``), against every step on the layer
+    forwards, fp32, requests joining and leaving at different steps: the same tokens, and the session states
+    stored when a reply ends (made whole from the row's held steps) equal within rounding."""
     import random
     import threading
 
@@ -602,15 +603,15 @@ def test_serving_engine_with_deferred_state_writes_equals_writes_every_step() ->
     rng = random.Random(4)
     batch = [[rng.randrange(3, 259) for _ in range(rng.randrange(2, 30))] for _ in range(6)]
 
-    def engine_run(defer: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+    def engine_run(defer: int, fused_projections: bool = False) -> tuple[list[list[int]], list[torch.Tensor]]:
         model = load_model("tiny", dtype=torch.float32, device=DEVICE)
         set_attention_impl(model, "chunked")
         model.config.decode_kernel = "triton"
         store = SessionStore(torch.device(DEVICE), 8, 0)
         engine = Engine(model, ByteTokenizer(), eos_ids=(), max_batch=4, sessions=store, capture=False,
-                        defer_steps=defer).start()  # fmt: skip
+                        defer_steps=defer, fused_projections=fused_projections).start()  # fmt: skip
         try:
-            assert engine.deferred == (defer > 0)
+            assert engine.deferred == (defer > 0) and engine.runner.gemv == fused_projections
             done, requests = [threading.Event() for _ in batch], []
             for i, ids in enumerate(batch):  # six requests in four slots: later ones join as earlier ones end
                 sink = (lambda d: lambda event: d.set() if event.finish_reason else None)(done[i])
@@ -625,7 +626,8 @@ def test_serving_engine_with_deferred_state_writes_equals_writes_every_step() ->
         finally:
             engine.shutdown()
 
-    plain, deferred = engine_run(0), engine_run(4)
-    assert deferred[0] == plain[0]
-    for got, want in zip(deferred[1], plain[1], strict=True):
-        assert _rel_err(got, want) < 1e-5
+    plain, deferred, fused = engine_run(0), engine_run(4), engine_run(4, fused_projections=True)
+    for other in (deferred, fused):
+        assert other[0] == plain[0]
+        for got, want in zip(other[1], plain[1], strict=True):
+            assert _rel_err(got, want) < 1e-5

@@ -37,6 +37,8 @@ def test_missing_extra_is_one_line_naming_it(monkeypatch, capsys) -> None:
         (["--top_p", "2"], "error: --top_p: must be in [0, 1], got 2.0\n"),
         (["--port", "0"], "error: --port: must be >= 1, got 0\n"),
         (["--defer_steps", "1"], "error: --defer_steps: must be 0 (every step) or at least 2, got 1\n"),
+        (["--fused_projections", "--max_batch", "65"],
+         "error: --fused_projections: at most 64 slots (--max_batch), got 65\n"),
     ],
 )
 def test_bad_options_are_refused_before_the_model_loads(args, message, capsys) -> None:
@@ -108,3 +110,14 @@ def test_state_writes_are_deferred_by_default_from_16_slots(args, steps) -> None
 
     _, options = options_from_args(build_parser().parse_args(["serve", "--model", "tiny", *args]))
     assert options.defer_steps == steps
+
+
+def test_fused_projections_are_asked_for() -> None:
+    """``--fused_projections`` reaches the engine's options; off by default (refused above 64 slots: above)."""
+    from tnlora.cli import build_parser
+    from tnlora.serve.server import options_from_args
+
+    parser = build_parser()
+    assert not options_from_args(parser.parse_args(["serve", "--model", "tiny"]))[1].fused_projections
+    _, options = options_from_args(parser.parse_args(["serve", "--model", "tiny", "--fused_projections"]))
+    assert options.fused_projections and options.max_batch == 16

@@ -154,6 +154,7 @@ class Engine:
         max_waiting: int = 1024,
         capture: bool | None = None,
         defer_steps: int = 0,
+        fused_projections: bool = False,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -174,8 +175,11 @@ class Engine:
         self.max_waiting = max_waiting
         self.sessions = sessions if sessions is not None else SessionStore(self.device, 0, 0)
         self.capture = self.device.type == "cuda" if capture is None else capture
+        # ``fused_projections``: the step as the fused projections of the slots' rows (the Triton kernel, plain
+        # Linears, up to ROWS_MAX slots; the rows kernel that greedy generate() runs at 4 to 32 rows), else the
+        # layer forwards with the GLU's projections side by side.
         self.runner = DecodeStepRunner(base, max_batch, self.device, self.capture, per_row_positions=True,
-                                       branches=True)
+                                       branches=True, gemv=fused_projections, pdl=fused_projections)
         # The Triton step writing each slot's states back every defer_steps steps only (DecodeStepRunner.
         # enable_deferral; each placed row's base is its position, a finished row's states are made whole before
         # they are stored). tnlora serve's default turns it on from 16 slots (serve.server.options_from_args).

@@ -11,6 +11,7 @@ from typing import Any
 from tnlora.errors import TnloraError
 from tnlora.infer.decode_graph import defer_steps_error, defer_steps_for
 from tnlora.infer.generate import stop_settings
+from tnlora.ops.gemv import ROWS_MAX
 from tnlora.serve.app import ServeConfig, ServeContext, create_app
 from tnlora.serve.engine import Engine
 from tnlora.serve.sessions import SessionStore
@@ -26,6 +27,7 @@ class EngineOptions:
     max_sessions: int = 64  # conversations whose states stay on the model's device
     host_sessions: int = 256  # and then in (pinned) host memory, before the least recent is dropped
     defer_steps: int = 0  # recurrent states written back every that many decode steps (0: every step)
+    fused_projections: bool = False  # the decode step as fused projections of the slots' rows (Engine)
 
 
 def build_context(loaded: Any, config: ServeConfig, options: EngineOptions) -> ServeContext:
@@ -38,7 +40,7 @@ def build_context(loaded: Any, config: ServeConfig, options: EngineOptions) -> S
     eos_ids, _ = stop_settings(loaded.tokenizer, loaded.template)
     sessions = SessionStore(loaded.device, options.max_sessions, options.host_sessions)
     engine = Engine(loaded.model, loaded.tokenizer, eos_ids=eos_ids, max_batch=options.max_batch, sessions=sessions,
-                    defer_steps=options.defer_steps)
+                    defer_steps=options.defer_steps, fused_projections=options.fused_projections)
     engine.start()
     return ServeContext(engine, loaded.tokenizer, loaded.template, loaded.system, config)
 
@@ -65,6 +67,8 @@ def options_from_args(args: Any) -> tuple[ServeConfig, EngineOptions]:
     defer_steps = defer_steps_for(args.max_batch) if args.defer_steps is None else args.defer_steps
     if defer_steps_error(defer_steps):
         raise TnloraError(f"--defer_steps: {defer_steps_error(defer_steps)}")
+    if args.fused_projections and args.max_batch > ROWS_MAX:
+        raise TnloraError(f"--fused_projections: at most {ROWS_MAX} slots (--max_batch), got {args.max_batch}")
     if not 0 <= args.temperature <= 2:
         raise TnloraError(f"--temperature: must be in [0, 2], got {args.temperature}")
     if not 0 <= args.top_p <= 1:
@@ -79,7 +83,7 @@ def options_from_args(args: Any) -> tuple[ServeConfig, EngineOptions]:
         default_top_p=args.top_p,
     )
     options = EngineOptions(max_batch=args.max_batch, max_sessions=args.max_sessions, host_sessions=args.host_sessions,
-                            defer_steps=defer_steps)
+                            defer_steps=defer_steps, fused_projections=args.fused_projections)
     return config, options
 
 
