@@ -238,7 +238,7 @@ class DecodeStepRunner:
     def _gated_attention(self, mixer: NormLinearAttention, q: Tensor, k: Tensor, v: Tensor, u: Tensor, i: int) -> Tensor:
         """u ⊙ norm(o) [B, 1, hidden], the out projection's input, of the projected q, k, v, u; the recurrence
         written into layer ``i``'s state."""
-        o = self._attend(mixer, q, k, v, i)
+        o, _ = self._attend(mixer, q, k, v, i)
         o = o.reshape(o.shape[0], 1, -1)
         if self.kernel == "triton":
             return gated_rms_norm(o, u, mixer.norm.eps)
@@ -246,10 +246,10 @@ class DecodeStepRunner:
 
     def _attend(
         self, mixer: NormLinearAttention, q: Tensor, k: Tensor, v: Tensor, i: int, emit_squares: bool = False
-    ) -> Any:
+    ) -> tuple[Tensor, Tensor | None]:
         """o [B, H, V] of the projected q, k, v (activation, LRPE, the recurrence written into layer ``i``'s
-        state; while ``deferring``, written back every ``defer_steps`` steps, :meth:`enable_deferral`). With
-        ``emit_squares`` (the Triton kernel only) ``(o, squares)``: the partial sums of squares of o's rows."""
+        state; while ``deferring``, written back every ``defer_steps`` steps, :meth:`enable_deferral`), and with
+        ``emit_squares`` (the Triton kernel only) the partial sums of squares of o's rows, else None."""
         state, decay = self.states[i], self.decays[i]
         # The Triton step applies SiLU (TNL's activation) and the LRPE layer's rotation itself (about twenty
         # small kernels fewer in that layer).
@@ -262,13 +262,14 @@ class DecodeStepRunner:
         # eager path's skipped masking leaves it. The kernel reads v straight from the projection's slice.
         if self.kernel == "triton":
             lrpe = mixer.lrpe if fuse else None
-            return triton_step(
+            result = triton_step(
                 q[:, 0], k[:, 0], v[:, 0], state, decay, self.pad[:, 0], silu_qk=fuse, pdl=self.pdl,
                 lrpe_theta=lrpe.theta if lrpe is not None else None, position=self.position,
                 lrpe_angle_dtype=lrpe.angle_dtype if lrpe is not None else "float32",
                 deferred=self.terms[i] if self._deferring else None, emit_squares=emit_squares,
             )  # fmt: skip
-        return torch_step(q[:, 0], k[:, 0], v[:, 0], state, decay, self.pad[:, 0])
+            return result if emit_squares else (result, None)
+        return torch_step(q[:, 0], k[:, 0], v[:, 0], state, decay, self.pad[:, 0]), None
 
     def _forward_gemv(self, model: TransnormerForCausalLM) -> Tensor:
         """``_forward`` as a chain of fused projections (:func:`tnlora.ops.gemv.gemv`, one row or a few): each
@@ -300,10 +301,7 @@ class DecodeStepRunner:
             qkvu = gemv(hidden, mixer.qkvu_proj.weight, norm_eps=layer.token_norm.eps, norm_squares=squares, pdl=pdl)
             q, k, v, u = mixer.split_heads(qkvu.view(batch, 1, -1))
             # Several rows: the recurrence also writes the sums of squares of o's rows, which out_proj's norm reads.
-            if batch > 1:
-                o, o_squares = self._attend(mixer, q, k, v, i, emit_squares=True)
-            else:
-                o, o_squares = self._attend(mixer, q, k, v, i), None
+            o, o_squares = self._attend(mixer, q, k, v, i, emit_squares=batch > 1)
             hidden, squares = residual_projection(o.reshape(rows), mixer.out_proj.weight, norm_eps=mixer.norm.eps,
                                                   gate=u.reshape(rows), residual=hidden, norm_squares=o_squares)
             product = gemv(hidden, glu.l1.weight, weight2=glu.l2.weight, norm_eps=layer.channel_norm.eps,
