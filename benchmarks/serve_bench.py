@@ -70,8 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--defer_steps", type=int, default=None,
                    help="the server's --defer_steps (recurrent states written back every N steps; 0: every step; "
                         "default: tnlora serve's, 4 from 16 slots)")
-    p.add_argument("--fused_projections", action="store_true",
-                   help="the server's --fused_projections (decode steps as fused projections of the slots' rows)")
+    p.add_argument("--fused_projections", action=argparse.BooleanOptionalAction, default=None,
+                   help="the server's --fused_projections (decode steps as fused projections of the slots' rows; "
+                        "default: tnlora serve's, with 1 or 4 to 32 slots)")
     p.add_argument("--client_procs", type=int, default=0, help="client processes (default: one per 16 clients)")
     p.add_argument("--turns", type=int, default=50, help="turns of the sessions run (0: skip it)")
     p.add_argument("--turn_tokens", type=int, default=32, help="about this many tokens per user message")
@@ -91,7 +92,7 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from tnlora.data.templates import get_template
-    from tnlora.infer.decode_graph import defer_steps_for
+    from tnlora.infer.decode_graph import defer_steps_for, fused_batch
     from tnlora.infer.loading import InferenceModel, load_for_inference
     from tnlora.model.configuration import PRESETS
     from tnlora.model.tokenizer import ByteTokenizer, load_tokenizer
@@ -110,12 +111,13 @@ def serve(args: argparse.Namespace) -> None:
         loaded = load_for_inference(args.model, args.adapter, device=args.device, merge_adapter=True)
     max_batch = int(args.max_batch)
     defer_steps = defer_steps_for(max_batch) if args.defer_steps is None else args.defer_steps
+    fused = fused_batch(max_batch) if args.fused_projections is None else args.fused_projections
     options = EngineOptions(max_batch=max_batch, max_sessions=8, host_sessions=8, defer_steps=defer_steps,
-                            fused_projections=args.fused_projections)
+                            fused_projections=fused)
     config = ServeConfig(model_name=MODEL_NAME, max_tokens_limit=1 << 20, max_prompt_tokens=1 << 20)
     ctx = build_context(loaded, config, options)
     print(f"serving {args.model} on {args.device}, max_batch {max_batch}, defer_steps {defer_steps}, fused "
-          f"projections {args.fused_projections}", file=sys.stderr, flush=True)
+          f"projections {fused}", file=sys.stderr, flush=True)
     uvicorn.run(create_app(ctx), host="127.0.0.1", port=args.port, log_level="warning")
 
 
@@ -134,8 +136,8 @@ class Server:
                    "--port", str(port), "--max_batch", str(max_batch)]  # fmt: skip
         if args.defer_steps is not None:
             command += ["--defer_steps", str(args.defer_steps)]
-        if args.fused_projections:
-            command.append("--fused_projections")
+        if args.fused_projections is not None:
+            command.append("--fused_projections" if args.fused_projections else "--no-fused_projections")
         for name in ("adapter", "tokenizer"):
             if getattr(args, name):
                 command += [f"--{name}", getattr(args, name)]

@@ -558,9 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--defer_steps", type=int, default=None,
                    help="write the recurrent states back every N decode steps (the Triton step on a GPU; 0: every "
                         "step; default: 4 from 16 slots, else 0)")
-    g.add_argument("--fused_projections", action=argparse.BooleanOptionalAction, default=False,
+    g.add_argument("--fused_projections", action=argparse.BooleanOptionalAction, default=None,
                    help="decode steps as fused projections of the slots' rows (the Triton step on a GPU, plain "
-                        "Linears, up to 64 slots; default: the layer forwards)")
+                        "Linears, up to 64 slots; default: with 1 or 4 to 32 slots, as generate() steps)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("prepare", help="add model_type to an official checkpoint's config.json (Auto* loading)")

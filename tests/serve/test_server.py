@@ -61,6 +61,31 @@ def test_the_key_comes_from_the_option_else_the_environment(monkeypatch) -> None
     assert options_from_args(parser.parse_args(["serve", "--model", "tiny"]))[0].api_key is None
 
 
+@pytest.mark.parametrize(
+    ("args", "fused"),
+    [
+        (["--max_batch", "1"], True),
+        (["--max_batch", "2"], False),
+        (["--max_batch", "3"], False),
+        (["--max_batch", "4"], True),
+        ([], True),  # the default 16 slots
+        (["--max_batch", "32"], True),
+        (["--max_batch", "33"], False),
+        (["--max_batch", "65"], False),  # unset: no refusal above 64 slots, the layer forwards
+        (["--max_batch", "16", "--no-fused_projections"], False),
+        (["--max_batch", "2", "--fused_projections"], True),
+    ],
+)
+def test_fused_projections_default_to_the_slot_counts_generate_fuses(args, fused) -> None:
+    """Unset, ``--fused_projections`` follows greedy generate()'s rule on the slot count (1, or 4 to 32 slots);
+    given, it is what was given."""
+    from tnlora.cli import build_parser
+    from tnlora.serve.server import options_from_args
+
+    _, options = options_from_args(build_parser().parse_args(["serve", "--model", "tiny", *args]))
+    assert options.fused_projections is fused
+
+
 def test_tnlora_serve_answers_on_127_0_0_1_until_interrupted(tmp_path) -> None:
     pytest.importorskip("uvicorn", reason="needs the serve extra")
     with socket.socket() as sock:
@@ -110,14 +135,3 @@ def test_state_writes_are_deferred_by_default_from_16_slots(args, steps) -> None
 
     _, options = options_from_args(build_parser().parse_args(["serve", "--model", "tiny", *args]))
     assert options.defer_steps == steps
-
-
-def test_fused_projections_are_asked_for() -> None:
-    """``--fused_projections`` reaches the engine's options; off by default (refused above 64 slots: above)."""
-    from tnlora.cli import build_parser
-    from tnlora.serve.server import options_from_args
-
-    parser = build_parser()
-    assert not options_from_args(parser.parse_args(["serve", "--model", "tiny"]))[1].fused_projections
-    _, options = options_from_args(parser.parse_args(["serve", "--model", "tiny", "--fused_projections"]))
-    assert options.fused_projections and options.max_batch == 16

@@ -813,7 +813,7 @@ class DecodeGraphs:
     def fused(self, batch: int) -> bool:
         """Whether a step of ``batch`` rows runs as fused projections (with the Triton kernel, where they apply):
         one row, or ``rows_min_batch`` to ``gemv_max_batch`` rows."""
-        return batch == 1 or self.rows_min_batch <= batch <= self.gemv_max_batch
+        return fused_batch(batch, self.rows_min_batch, self.gemv_max_batch)
 
     def runner(self, model: TransnormerForCausalLM, input_ids: Tensor, cache: TransnormerCache) -> DecodeStepRunner | None:
         """The runner for this step, built (and later captured) on first use; None when eager must run."""
@@ -828,6 +828,12 @@ class DecodeGraphs:
                                       gemv=self.gemv and self.fused(batch), pdl=self.pdl, branches=self.branches)
             self.runners[batch] = runner
         return runner if runner.fits(input_ids, cache) else None
+
+
+def fused_batch(batch: int, rows_min_batch: int = ROWS_MIN_BATCH, gemv_max_batch: int = GEMV_MAX_BATCH) -> bool:
+    """Whether a step of ``batch`` rows runs as fused projections by default: one row, or ``rows_min_batch`` to
+    ``gemv_max_batch`` rows (``GEMV_MAX_BATCH``; ``tnlora serve`` takes its slot count through it)."""
+    return batch == 1 or rows_min_batch <= batch <= gemv_max_batch
 
 
 def defer_steps_for(batch: int, steps: int = DEFER_STEPS, min_batch: int = DEFER_MIN_BATCH) -> int:
@@ -930,6 +936,7 @@ __all__ = [
     "decode_kernel",
     "defer_steps_error",
     "defer_steps_for",
+    "fused_batch",
     "gemv_applies",
     "install_graph_decoding",
     "installed_graphs",

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tnlora.errors import TnloraError
-from tnlora.infer.decode_graph import defer_steps_error, defer_steps_for
+from tnlora.infer.decode_graph import defer_steps_error, defer_steps_for, fused_batch
 from tnlora.infer.generate import stop_settings
 from tnlora.ops.gemv import ROWS_MAX
 from tnlora.serve.app import ServeConfig, ServeContext, create_app
@@ -69,6 +69,8 @@ def options_from_args(args: Any) -> tuple[ServeConfig, EngineOptions]:
         raise TnloraError(f"--defer_steps: {defer_steps_error(defer_steps)}")
     if args.fused_projections and args.max_batch > ROWS_MAX:
         raise TnloraError(f"--fused_projections: at most {ROWS_MAX} slots (--max_batch), got {args.max_batch}")
+    # Unset: as greedy generate() steps (4 to 32 slots; 7B +4 to +12 % at 16 and 32 slots, RESULTS.md "Serving").
+    fused = fused_batch(args.max_batch) if args.fused_projections is None else args.fused_projections
     if not 0 <= args.temperature <= 2:
         raise TnloraError(f"--temperature: must be in [0, 2], got {args.temperature}")
     if not 0 <= args.top_p <= 1:
@@ -83,7 +85,7 @@ def options_from_args(args: Any) -> tuple[ServeConfig, EngineOptions]:
         default_top_p=args.top_p,
     )
     options = EngineOptions(max_batch=args.max_batch, max_sessions=args.max_sessions, host_sessions=args.host_sessions,
-                            defer_steps=defer_steps, fused_projections=args.fused_projections)
+                            defer_steps=defer_steps, fused_projections=fused)
     return config, options
 
 
