@@ -16,6 +16,7 @@ from tnlora.infer.decode_graph import (
     GEMV_MAX_BATCH,
     ROWS_MIN_BATCH,
     DecodeStepRunner,
+    graph_decoding,
     install_graph_decoding,
     installed_graphs,
     model_fingerprint,
@@ -240,6 +241,26 @@ def test_the_fused_projection_batches_are_checked() -> None:
     for wrong in (1, 65):
         with pytest.raises(ValueError, match="rows_min_batch must be 2 to 64"):
             install_graph_decoding(model, capture=False, rows_min_batch=wrong)
+
+
+def test_graph_decoding_installs_runners_for_the_call_only() -> None:
+    """``graph_decoding``: runners for the ``with`` block, the model's own forward after it; nothing changed where
+    runners are installed already, or for graphs (``capture``) of a model that is not on a CUDA device."""
+    model = build_model(torch.float32)
+    prompt = random_ids(2, 7)
+    eager = _generate(model, False, prompt, max_new_tokens=6, **GREEDY)
+    with graph_decoding(model, capture=False) as graphs:
+        assert graphs is not None and installed_graphs(model) is graphs
+        _assert_same(eager, model.generate(prompt, max_new_tokens=6, return_dict_in_generate=True,
+                                           output_logits=True, **GREEDY))  # fmt: skip
+        assert graphs.runners[2].graph is None  # the static step ran (no graph without capture)
+    assert model.step_decoder is None and not graphs.runners
+    with graph_decoding(model) as graphs:  # graphs asked for, a CPU model: the eager steps
+        assert graphs is None and model.step_decoder is None
+    kept = install_graph_decoding(model, capture=False)
+    with graph_decoding(model, capture=False) as graphs:
+        assert graphs is None and installed_graphs(model) is kept
+    assert installed_graphs(model) is kept
 
 
 def test_the_fingerprint_changes_with_what_a_graph_holds_and_only_then() -> None:

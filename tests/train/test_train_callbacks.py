@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 
+import pytest
+import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from tnlora.train.callbacks import ProgressCallback, format_duration
@@ -63,13 +65,13 @@ def test_plot_writes_a_png_with_train_and_eval(tmp_path):
 # Sample replies
 
 
-def _sampler(tmp_path, prompts=("Who are you?", "Say hi."), board=None):
+def _sampler(tmp_path, prompts=("Who are you?", "Say hi."), board=None, capture=True):
     from tnlora.data.templates import get_template
     from tnlora.model.tokenizer import load_tokenizer
     from tnlora.train.callbacks import SampleRepliesCallback, read_sample_prompts
 
     return SampleRepliesCallback(read_sample_prompts(list(prompts)), load_tokenizer("tiny"), get_template("chatml"),
-                                 str(tmp_path), max_new_tokens=6, board=board)  # fmt: skip
+                                 str(tmp_path), max_new_tokens=6, board=board, capture=capture)  # fmt: skip
 
 
 def test_sampling_leaves_the_random_state_and_the_train_mode_as_they_were(tmp_path):
@@ -149,3 +151,68 @@ def test_sample_prompts_come_from_a_list_one_prompt_or_a_file(tmp_path):
     assert prompt["system"] == "Be brief." and prompt["messages"] == [{"role": "user", "content": "hi"}]
     with pytest.raises(DataError, match="prompts file not found"):
         read_sample_prompts(str(tmp_path / "missing.txt"))
+
+
+def _recording_removals(monkeypatch) -> list[list[object]]:
+    """The runners installed for each sampling call, as they were when it removed them (each a list of
+    ``DecodeStepRunner``): records that the static steps ran, and that they went afterwards."""
+    from tnlora.infer import decode_graph
+
+    removed: list[list[object]] = []
+    remove = decode_graph.remove_graph_decoding
+
+    def recording(model):
+        graphs = decode_graph.installed_graphs(model)
+        if graphs is not None:  # (installing removes whatever was there first: nothing, here)
+            removed.append(list(graphs.runners.values()))
+        remove(model)
+
+    monkeypatch.setattr(decode_graph, "remove_graph_decoding", recording)
+    return removed
+
+
+def test_sample_replies_through_the_static_steps_equal_the_eager_ones(tmp_path, monkeypatch):
+    from train_helpers import lora_model
+
+    model = lora_model(dropout=0.5)
+    removed = _recording_removals(monkeypatch)
+    eager = _sampler(tmp_path).replies(model)  # graphs asked for on a CPU model: no runners, the eager steps
+    assert removed == []
+    assert _sampler(tmp_path, capture=False).replies(model) == eager
+    assert len(removed) == 1 and len(removed[0]) == 1  # one runner (both prompts in one batch) took the steps
+    assert model.get_base_model().step_decoder is None and model.training
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_cuda_sample_replies_replay_captured_steps_and_free_them(tmp_path, monkeypatch):
+    """On a GPU the replies' steps are captured graphs, for the call only: fp32 gives the eager replies; a bf16
+    base with fp32 adapters under the training autocast captures too (no autocast cache in the graph)."""
+    from train_helpers import lora_model
+
+    from tnlora.infer.generate import GenerationOptions, generate_replies
+
+    options = GenerationOptions(max_new_tokens=6, do_sample=False, repetition_penalty=1.0)
+    conversations = [[{"role": "user", "content": p}] for p in ("Who are you?", "Say hi.")]
+    model = lora_model(device="cuda")
+    expected = generate_replies(model.eval(), _sampler(tmp_path).tokenizer, _sampler(tmp_path).template,
+                                conversations, options)  # fmt: skip
+    model.train()
+    removed = _recording_removals(monkeypatch)
+    assert _sampler(tmp_path).replies(model) == expected
+    (runner,) = removed[0]
+    assert runner.capture and _captured(runner)
+    assert model.get_base_model().step_decoder is None
+
+    mixed = lora_model(device="cuda", dtype=torch.bfloat16)
+    sampler = _sampler(tmp_path)
+    sampler.autocast_dtype = torch.bfloat16
+    replies = sampler.replies(mixed)
+    assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
+    (runner,) = removed[1]
+    assert _captured(runner) and mixed.get_base_model().step_decoder is None
+
+
+def _captured(runner) -> bool:
+    """Whether ``runner`` replayed a captured graph: its own step's or the greedy device loop's."""
+    return runner.graph is not None or any(steps.graph is not None for steps in runner.greedy.values())

@@ -914,6 +914,26 @@ def install_graph_decoding(
     return graphs
 
 
+@contextlib.contextmanager
+def graph_decoding(model: nn.Module, capture: bool = True, **options: Any) -> Iterator[DecodeGraphs | None]:
+    """Runners of :func:`install_graph_decoding` (``options``) on ``model`` for the duration, removed after (their
+    graphs and buffers freed, the model's forward as before): for a caller that generates now and then beside
+    other work, as training's sample replies do. Yields None and changes nothing where runners are installed
+    already, or, with ``capture``, unless every parameter is a plain one on a single CUDA device (sharded or
+    quantized parameters, e.g. FSDP's or bitsandbytes', keep the eager steps)."""
+    base = _base_model(model)
+    params = list(base.parameters())
+    plain = all(type(p) is nn.Parameter for p in params) and len({p.device for p in params}) == 1
+    if installed_graphs(base) is not None or (capture and not (plain and params[0].is_cuda)):
+        yield None
+        return
+    graphs = install_graph_decoding(base, capture=capture, **options)
+    try:
+        yield graphs
+    finally:
+        remove_graph_decoding(base)
+
+
 def remove_graph_decoding(model: nn.Module) -> None:
     """Back to eager decoding; any cache still on a runner's states gets private copies."""
     base = _base_model(model)
@@ -938,6 +958,7 @@ __all__ = [
     "defer_steps_for",
     "fused_batch",
     "gemv_applies",
+    "graph_decoding",
     "install_graph_decoding",
     "installed_graphs",
     "model_fingerprint",

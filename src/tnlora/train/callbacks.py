@@ -201,6 +201,7 @@ class SampleRepliesCallback(TrainerCallback):
         *,
         autocast_dtype=None,
         board=None,
+        capture: bool = True,
     ):
         self.prompts = prompts
         self.tokenizer = tokenizer
@@ -209,6 +210,9 @@ class SampleRepliesCallback(TrainerCallback):
         self.max_new_tokens = max_new_tokens
         self.autocast_dtype = autocast_dtype
         self.board = board  # transformers' TensorBoardCallback: its logging_dir is where the text goes
+        # The steps as CUDA graphs on a GPU (False: the same static steps without graphs, on any device, as the
+        # CPU tests run them; decode_graph.graph_decoding).
+        self.capture = capture
         self.last: list[dict[str, Any]] = []
         self._step = -1
         self._writer = None
@@ -252,13 +256,21 @@ class SampleRepliesCallback(TrainerCallback):
         options = GenerationOptions(max_new_tokens=self.max_new_tokens, do_sample=False, repetition_penalty=1.0)
         device = next(model.parameters()).device
         cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-        autocast = torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+        # Without autocast's cache of cast weights: the decode step is captured as a CUDA graph under it, and a
+        # graph must not hold a cached cast that the context frees on exit (PyTorch's CUDA-graph notes).
+        autocast = torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None,
+                                  cache_enabled=False)  # fmt: skip
         replies = [""] * len(self.prompts)
         groups: dict[str | None, list[int]] = {}
         for i, p in enumerate(self.prompts):
             groups.setdefault(p["system"], []).append(i)
         was_training = model.training
-        with torch.random.fork_rng(devices=cuda_devices), torch.compiler.set_stance("force_eager"), autocast:
+        with (
+            torch.random.fork_rng(devices=cuda_devices),
+            torch.compiler.set_stance("force_eager"),
+            autocast,
+            self._decode_steps(model),
+        ):
             model.eval()
             try:
                 for system, idx in groups.items():
@@ -271,6 +283,14 @@ class SampleRepliesCallback(TrainerCallback):
             finally:
                 model.train(was_training)
         return replies
+
+    def _decode_steps(self, model):
+        """The replies' one-token steps as the CUDA graphs `tnlora generate` replays, for this call only
+        (``capture``; where the model allows, else eager): each step at a few ms where the eager step's Python
+        takes tens of ms at 7B. The prompts' forwards stay eager (no prefill graphs to capture for one use)."""
+        from tnlora.infer.decode_graph import graph_decoding
+
+        return graph_decoding(model, capture=self.capture, prefill=False)
 
     def _write_board(self, step: int) -> None:
         log_dir = getattr(self.board, "logging_dir", None)

@@ -552,6 +552,7 @@ def tensorboard_callback(trainer):
 def predict_eval_set(cfg: RunConfig, model, tokenizer, template, conversations: list[Any], out: Path):
     """``do_predict``: a greedy reply for every eval conversation, scored (BLEU-4, ROUGE, exact match) and written
     to ``predictions.jsonl`` and ``predict_results.json``; returns the ``predict_…`` metrics."""
+    from tnlora.infer.decode_graph import graph_decoding
     from tnlora.infer.evaluate import predict_conversations, score_predictions, write_predictions
     from tnlora.infer.generate import GenerationOptions
     from tnlora.io import atomic_write_json
@@ -560,9 +561,10 @@ def predict_eval_set(cfg: RunConfig, model, tokenizer, template, conversations: 
     model.eval()
     options = GenerationOptions(max_new_tokens=cfg.max_new_tokens, do_sample=False, repetition_penalty=1.0)
     _say(f"predicting the {len(conversations)} eval examples (greedy, at most {cfg.max_new_tokens} new tokens)")
-    rows = predict_conversations(
-        model, tokenizer, template, conversations, options, batch_size=cfg.per_device_eval_batch_size
-    )
+    with graph_decoding(model):  # on a GPU the steps as `tnlora eval` runs them: CUDA graphs, freed after
+        rows = predict_conversations(
+            model, tokenizer, template, conversations, options, batch_size=cfg.per_device_eval_batch_size
+        )
     metrics = score_predictions(rows)
     write_predictions(rows, out / PREDICTIONS_FILE)
     atomic_write_json(out / PREDICT_RESULTS_FILE, metrics)
