@@ -69,7 +69,7 @@ def options_from_args(args: Any) -> tuple[ServeConfig, EngineOptions]:
         raise TnloraError(f"--defer_steps: {defer_steps_error(defer_steps)}")
     if args.fused_projections and args.max_batch > ROWS_MAX:
         raise TnloraError(f"--fused_projections: at most {ROWS_MAX} slots (--max_batch), got {args.max_batch}")
-    # Unset: as greedy generate() steps (4 to 32 slots; 7B +4 to +12 % at 16 and 32 slots, RESULTS.md "Serving").
+    # Unset: as greedy generate() steps (1, 4 to 32 slots; 7B +0.6 to +11.5 % at 16 and 32, RESULTS.md "Serving").
     fused = fused_batch(args.max_batch) if args.fused_projections is None else args.fused_projections
     if not 0 <= args.temperature <= 2:
         raise TnloraError(f"--temperature: must be in [0, 2], got {args.temperature}")

@@ -561,7 +561,9 @@ def predict_eval_set(cfg: RunConfig, model, tokenizer, template, conversations: 
     model.eval()
     options = GenerationOptions(max_new_tokens=cfg.max_new_tokens, do_sample=False, repetition_penalty=1.0)
     _say(f"predicting the {len(conversations)} eval examples (greedy, at most {cfg.max_new_tokens} new tokens)")
-    with graph_decoding(model):  # on a GPU the steps as `tnlora eval` runs them: CUDA graphs, freed after
+    # On a GPU the one-token steps as `tnlora eval` runs them, CUDA graphs freed after; the prompts' forwards as
+    # before (the layers may be compiled: no prefill graphs captured around them).
+    with graph_decoding(model, prefill=False):
         rows = predict_conversations(
             model, tokenizer, template, conversations, options, batch_size=cfg.per_device_eval_batch_size
         )
