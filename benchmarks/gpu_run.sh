@@ -26,7 +26,9 @@
 #   train-ladder    the 1B rungs: padding and the chunked attention, packing, fla, 16k-token rows, compiled
 #   decode          7B and 1B greedy decoding at batch 1 and 32 (CUDA graphs, fused step)
 #   decode-profile  the top kernels of decoding (DECODE_PROFILES model:batch pairs, default "7B:1 7B:32 1B:1";
-#                   32 new tokens: the prefill and 31 graph replays): where a step's time goes against its bytes
+#                   32 new tokens: the prefill and 31 graph replays): where a step's time goes against its bytes;
+#                   DECODE_ARGS=--no-pdl for the fused step's kernels (under the profiler a dependent launch's time
+#                   includes its wait for the kernel before)
 #   decode-branches  batch-32 decoding (BATCH) with the GLU's two projections one after the other and side by
 #                   side in the graph (--no-branches / --branches), twice each, one machine (MODELS, default "7B 1B")
 #   decode-defer    decoding (BATCH, default "1,32") with the greedy device loop writing the recurrent states
@@ -193,7 +195,7 @@ for stage in "$@"; do
       for m in ${MODELS:-1B 7B}; do for a in "--no-gemv" "" "--no-pdl"; do decode --model $m --batch 1 $a; done; done ;;
     decode-profile)
       for mb in ${DECODE_PROFILES:-7B:1 7B:32 1B:1}; do m=${mb%%:*}; b=${mb##*:}
-        log "decode profile $m batch $b"; timeout 150 python3 -m tnlora.cli bench decode --model $m --batch $b --new_tokens 32 --profile > "$OUT/profile-$m-$b.txt" 2>&1
+        log "decode profile $m batch $b"; timeout 150 python3 -m tnlora.cli bench decode --model $m --batch $b --new_tokens 32 --profile ${DECODE_ARGS:-} > "$OUT/profile-$m-$b.txt" 2>&1
         grep -vE "Warn|warn" "$OUT/profile-$m-$b.txt" | grep -E "ms/step|Self CUDA time total|nvjet|gemm|rms|recurrent|elementwise|reduce|Memcpy|\| $m" | head -n 24 | cut -c1-60,100-250 | tee -a "$OUT/log.txt"
       done ;;
     gemv)
