@@ -585,13 +585,11 @@ def test_cuda_graph_gemv_step_at_1b_width(batch: int) -> None:
         assert torch.equal(with_pdl, without)
 
 
-@needs_kernel
-def test_serving_engine_with_deferred_state_writes_equals_writes_every_step() -> None:
-    """The serving engine's slots with the states written back every 4th step (``defer_steps=4``), and so with
-    the step as fused projections of the slots' rows (``fused_projections``), against every step on the layer
-    forwards, fp32, requests joining and leaving at different steps: the same tokens, and the session states
-    stored when a reply ends (made whole from the row's held steps) equal within rounding."""
-    import random
+def _engine_run(
+    batch: list[list[int]], slots: int, defer: int, fused_projections: bool = False
+) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """The serving engine's replies to ``batch`` (one request each, in ``slots`` slots: later ones join as
+    earlier ones end; the tiny model in fp32, the Triton step), and the session states stored as each ends."""
     import threading
 
     from tnlora.model import load_model
@@ -600,34 +598,56 @@ def test_serving_engine_with_deferred_state_writes_equals_writes_every_step() ->
     from tnlora.serve.engine import Engine, SamplingParams
     from tnlora.serve.sessions import SessionStore
 
+    model = load_model("tiny", dtype=torch.float32, device=DEVICE)
+    set_attention_impl(model, "chunked")
+    model.config.decode_kernel = "triton"
+    store = SessionStore(torch.device(DEVICE), 8, 0)
+    engine = Engine(model, ByteTokenizer(), eos_ids=(), max_batch=slots, sessions=store, capture=False,
+                    defer_steps=defer, fused_projections=fused_projections).start()  # fmt: skip
+    try:
+        assert engine.deferred == (defer > 0) and engine.runner.gemv == fused_projections
+        done, requests = [threading.Event() for _ in batch], []
+        for i, ids in enumerate(batch):
+            sink = (lambda d: lambda event: d.set() if event.finish_reason else None)(done[i])
+            requests.append(engine.submit(ids, SamplingParams(max_tokens=5 + 3 * i), sink, session_id=f"s{i}"))
+        assert all(d.wait(120) for d in done)
+        states = []
+        for i, ids in enumerate(batch):
+            checkpoint = store.take(f"s{i}", ids + requests[i].generated + [7])
+            assert checkpoint is not None and len(checkpoint.ids) == len(ids) + len(requests[i].generated)
+            states += checkpoint.states
+        return [r.generated for r in requests], states
+    finally:
+        engine.shutdown()
+
+
+def _assert_same_run(got: tuple[list[list[int]], list[torch.Tensor]], want: tuple[list[list[int]], list[torch.Tensor]]) -> None:
+    assert got[0] == want[0]
+    for a, b in zip(got[1], want[1], strict=True):
+        assert _rel_err(a, b) < 1e-5
+
+
+@needs_kernel
+def test_serving_engine_with_deferred_state_writes_equals_writes_every_step() -> None:
+    """The serving engine's slots with the states written back every 4th step (``defer_steps=4``), and so with
+    the step as fused projections of the slots' rows (``fused_projections``), against every step on the layer
+    forwards, fp32, requests joining and leaving at different steps: the same tokens, and the session states
+    stored when a reply ends (made whole from the row's held steps) equal within rounding."""
+    import random
+
     rng = random.Random(4)
     batch = [[rng.randrange(3, 259) for _ in range(rng.randrange(2, 30))] for _ in range(6)]
+    plain = _engine_run(batch, 4, 0)
+    for other in (_engine_run(batch, 4, 4), _engine_run(batch, 4, 4, fused_projections=True)):
+        _assert_same_run(other, plain)
 
-    def engine_run(defer: int, fused_projections: bool = False) -> tuple[list[list[int]], list[torch.Tensor]]:
-        model = load_model("tiny", dtype=torch.float32, device=DEVICE)
-        set_attention_impl(model, "chunked")
-        model.config.decode_kernel = "triton"
-        store = SessionStore(torch.device(DEVICE), 8, 0)
-        engine = Engine(model, ByteTokenizer(), eos_ids=(), max_batch=4, sessions=store, capture=False,
-                        defer_steps=defer, fused_projections=fused_projections).start()  # fmt: skip
-        try:
-            assert engine.deferred == (defer > 0) and engine.runner.gemv == fused_projections
-            done, requests = [threading.Event() for _ in batch], []
-            for i, ids in enumerate(batch):  # six requests in four slots: later ones join as earlier ones end
-                sink = (lambda d: lambda event: d.set() if event.finish_reason else None)(done[i])
-                requests.append(engine.submit(ids, SamplingParams(max_tokens=5 + 3 * i), sink, session_id=f"s{i}"))
-            assert all(d.wait(120) for d in done)
-            states = []
-            for i, ids in enumerate(batch):
-                checkpoint = store.take(f"s{i}", ids + requests[i].generated + [7])
-                assert checkpoint is not None and len(checkpoint.ids) == len(ids) + len(requests[i].generated)
-                states += checkpoint.states
-            return [r.generated for r in requests], states
-        finally:
-            engine.shutdown()
 
-    plain, deferred, fused = engine_run(0), engine_run(4), engine_run(4, fused_projections=True)
-    for other in (deferred, fused):
-        assert other[0] == plain[0]
-        for got, want in zip(other[1], plain[1], strict=True):
-            assert _rel_err(got, want) < 1e-5
+@needs_kernel
+def test_serving_engine_of_one_slot_as_fused_projections_equals_the_layer_forwards() -> None:
+    """One slot (``tnlora serve --max_batch 1``, fused by default): the one-row fused step, requests one after the
+    other, against the layer forwards: the same tokens and stored session states."""
+    import random
+
+    rng = random.Random(5)
+    batch = [[rng.randrange(3, 259) for _ in range(rng.randrange(2, 20))] for _ in range(3)]
+    _assert_same_run(_engine_run(batch, 1, 0, fused_projections=True), _engine_run(batch, 1, 0))
