@@ -75,7 +75,8 @@
 #   e2e-fresh       the same with an empty Triton cache (a new machine's first run: fla's autotuning unless tnlora's
 #                   shipped results serve the card, every kernel compiled), then how many autotune results the run
 #                   tuned itself
-#   serve           benchmarks/serve_bench.py against a 7B server (concurrent clients, sessions; SERVE_ARGS, e.g.
+#   serve           benchmarks/serve_bench.py against a 7B server (concurrent clients, sessions; the serve extra's
+#                   wheels from .whl/serve/: fastapi, uvicorn, openai and their dependencies; SERVE_ARGS, e.g.
 #                   "--clients 32 --defer_steps 0": the engine's states written back every step, against the default 4)
 #   attention       the lightning attention forward + backward, fla against chunked
 #   attention-packed  the lightning attention forward + backward (and forward alone), fla against tnlora's Triton
@@ -269,7 +270,12 @@ tuned = [name for name, data in found.items() if shipped.get(name) != data]
 print(f"autotune results in the cache: {len(found)}, the shipped ones {len(found) - len(tuned)}, tuned by the run {len(tuned)}")
 PY
       rm -rf "$FRESH" ;;
-    serve)
+    serve)  # the serve extra from .whl/serve/ where carried (pure wheels, and the binary ones of this Python)
+      if [ -d .whl/serve ]; then
+        tag=$(python3 -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}-")')
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $(ls .whl/serve/*.whl | grep -E "none-any|$tag") \
+          >/dev/null 2>&1 || echo "serve wheel install failed"
+      fi
       log "serve bench"; timeout ${SERVE_LIMIT:-480} python3 benchmarks/serve_bench.py --model ${SERVE_MODEL:-7B} --device cuda ${SERVE_ARGS:-} > "$OUT/serve.txt" 2>&1
       grep -vE "Warning|warn" "$OUT/serve.txt" | tail -n 30 | tee -a "$OUT/log.txt" "$OUT/table.txt" ;;
     attention)
