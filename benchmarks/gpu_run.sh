@@ -4,7 +4,8 @@
 # logging to $OUT/log.txt and the table rows to $OUT/table.txt. Usage: bash benchmarks/gpu_run.sh tests decode ...
 #
 # Stages (each named by what it measures):
-#   tests           the GPU tests (kernels, fla vs the exact chunked path, decode graphs, compiled layers, the
+#   tests           the GPU tests (kernels, fla vs the exact chunked path, decode graphs, compiled layers, training's
+#                   sample replies through captured graphs, the
 #                   sync-free step), one process per test so that first-use autotuning overlaps
 #   warm, pack      fla's first-use autotuning (WARM_SHAPES, default the 1B / 7B shapes); the cache's results packed
 #                   into $OUT/tcache.tgz (what src/tnlora/resources/fla_autotune_sm90.tgz ships)
@@ -148,7 +149,7 @@ log "source $SRC at $COMMIT"
 for stage in "$@"; do
   case $stage in
     tests)
-      log "GPU tests"; pytests ${GPU_TESTS:-tests/ops tests/infer/test_decode_graph.py tests/train/test_compile_gpu.py tests/train/test_norm_kernel_gpu.py tests/train/test_loss_kernel_gpu.py tests/train/test_sync_gpu.py tests/train/test_qlora_gpu.py tests/train/test_training_kernels_gpu.py tests/model/test_modeling.py} ;;
+      log "GPU tests"; pytests ${GPU_TESTS:-tests/ops tests/infer/test_decode_graph.py tests/train/test_compile_gpu.py tests/train/test_norm_kernel_gpu.py tests/train/test_loss_kernel_gpu.py tests/train/test_sync_gpu.py tests/train/test_qlora_gpu.py tests/train/test_training_kernels_gpu.py tests/train/test_train_callbacks.py tests/model/test_modeling.py} ;;
     warm)  # autotune fla for the shapes WARM_SHAPES (q/k width:heads:v width; default the 1B and 7B ones; 385M:
       # "128:8:128 256:8:128", the tiny preset "32:2:32 64:2:32") in parallel, then wait (at most WARM_LIMIT s); pack
       # then archives the cache, shipped results and new ones
