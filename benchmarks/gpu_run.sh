@@ -4,9 +4,9 @@
 # logging to $OUT/log.txt and the table rows to $OUT/table.txt. Usage: bash benchmarks/gpu_run.sh tests decode ...
 #
 # Stages (each named by what it measures):
-#   tests           the GPU tests (kernels, fla vs the exact chunked path, decode graphs, compiled layers, training's
-#                   sample replies through captured graphs, the
-#                   sync-free step), one process per test so that first-use autotuning overlaps
+#   tests           the GPU tests (kernels, fla vs the exact chunked path, decode graphs, compiled layers, the
+#                   sync-free step, training's sample replies through captured graphs), one process per test so
+#                   that first-use autotuning overlaps
 #   warm, pack      fla's first-use autotuning (WARM_SHAPES, default the 1B / 7B shapes); the cache's results packed
 #                   into $OUT/tcache.tgz (what src/tnlora/resources/fla_autotune_sm90.tgz ships)
 #   defaults        what tnlora train's defaults resolve to on this card (no training)
