@@ -585,9 +585,10 @@ def test_cuda_graph_gemv_step_at_1b_width(batch: int) -> None:
         assert torch.equal(with_pdl, without)
 
 
-def _engine_run(
-    batch: list[list[int]], slots: int, defer: int, fused_projections: bool = False
-) -> tuple[list[list[int]], list[torch.Tensor]]:
+EngineRun = tuple[list[list[int]], list[torch.Tensor]]  # each request's tokens, the stored session states
+
+
+def _engine_run(batch: list[list[int]], slots: int, defer: int, fused_projections: bool = False) -> EngineRun:
     """The serving engine's replies to ``batch`` (one request each, in ``slots`` slots: later ones join as
     earlier ones end; the tiny model in fp32, the Triton step), and the session states stored as each ends."""
     import threading
@@ -621,7 +622,7 @@ def _engine_run(
         engine.shutdown()
 
 
-def _assert_same_run(got: tuple[list[list[int]], list[torch.Tensor]], want: tuple[list[list[int]], list[torch.Tensor]]) -> None:
+def _assert_same_run(got: EngineRun, want: EngineRun) -> None:
     assert got[0] == want[0]
     for a, b in zip(got[1], want[1], strict=True):
         assert _rel_err(a, b) < 1e-5

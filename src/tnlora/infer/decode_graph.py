@@ -896,12 +896,12 @@ def install_graph_decoding(
 ) -> DecodeGraphs:
     """Let ``model`` (or the model under its peft wrapper) take one-token cached steps through static runners,
     replacing any installed before. ``capture=False`` runs the static step without CUDA graphs, on any device
-    (what the CPU tests check the buffer logic with); ``blas``: the BLAS library of
-    the capture (None: PyTorch's current one); ``gemv``: steps of the Triton kernel at batch 1 and at
-    ``rows_min_batch`` to ``gemv_max_batch`` rows as fused projections (``DecodeStepRunner._forward_gemv``;
-    False: the layer forwards at every batch size); ``pdl``: that step's kernels as programmatic dependent
-    launches on cards that have them (sm_90 and later); ``prefill``: short prefills as graphs too (:mod:`tnlora.infer.prefill_graph`; default:
-    with ``capture``); ``branches``: the GLU's two projections side by side in the captured layer forwards
+    (what the CPU tests check the buffer logic with); ``blas``: the BLAS library of the capture (None:
+    PyTorch's current one); ``gemv``: steps of the Triton kernel at batch 1 and at ``rows_min_batch`` to
+    ``gemv_max_batch`` rows as fused projections (``DecodeStepRunner._forward_gemv``; False: the layer forwards
+    at every batch size); ``pdl``: that step's kernels as programmatic dependent launches on cards that have
+    them (sm_90 and later); ``prefill``: short prefills as graphs too (:mod:`tnlora.infer.prefill_graph`;
+    default: with ``capture``); ``branches``: the GLU's two projections side by side in the captured layer forwards
     (``DecodeStepRunner._channel_mix``); ``defer_steps``: the device greedy loop's Triton steps write the
     recurrent states back every that many steps only (0: every step; ``GreedyDeviceSteps``), at batches from
     ``defer_min_batch``."""
