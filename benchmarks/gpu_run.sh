@@ -38,6 +38,8 @@
 #                   of several rows (the rows kernel, norms reading the squares the projection before wrote), twice
 #                   each, one machine (MODELS)
 #   decode-kernel   decoding with the torch and the triton recurrence
+#   recurrence      the decode step's recurrence alone at 7B / 1B batch 32 and 1, per launch (tiles, warps;
+#                   benchmarks/recurrence.py; RECURRENCE_ARGS, e.g. "--shapes 7B:32 --launches 128:32:4,128:64:8")
 #   gemv            the batch-1 decode projections: cuBLAS / cuBLASLt against a Triton GEMV (benchmarks/gemv.py;
 #                   GEMV_ARGS=--fused: tnlora.ops.gemv's fused forms against the composition they replace;
 #                   GEMV_ARGS="--rows 32": batch 32, cuBLAS against a Triton skinny GEMM; GEMV_ARGS=--sweep:
@@ -89,7 +91,8 @@
 #   attention-train  tnlora train's defaults with the attention as fla's chunk kernels and as tnlora's Triton scans
 #                   (--attention_impl fla / triton; MODELS, default "1B 7B"; ROUNDS rounds, default 1, alternating)
 #   attention-long  7B on one LONG_LEN-token sequence with tnlora train's defaults, the attention as "auto" (the
-#                   scans on a Hopper card at 32 heads) and as fla's chunk kernels (ROUNDS rounds, default 1, alternating)
+#                   scans on a Hopper card at 32 heads) and as fla's chunk kernels (ROUNDS rounds, default 1, alternating;
+#                   IMPLS, default "auto fla": the forms run)
 #   profile       the top kernels of one compiled 1B step (one 16,384-token row)
 #   trace         the timeline of one step with tnlora train's defaults (MODELS, default 1B; the second of two
 #                 timed steps: the first starts after the timer's sync) through benchmarks/trace_gaps.py: device
@@ -251,6 +254,8 @@ for stage in "$@"; do
       for m in ${MODELS:-7B 1B}; do for r in 1 2; do for g in 1 ${BATCH:-32}; do
         decode --model $m --batch ${BATCH:-32} --gemv_max_batch $g
       done; done; done ;;
+    recurrence)  # the decode step's recurrence alone, per launch (benchmarks/recurrence.py; RECURRENCE_ARGS)
+      table_script recurrence.py ${RECURRENCE_ARGS:-} ;;
     decode-kernel)
       for m in ${MODELS:-7B 1B}; do for k in torch triton; do decode --model $m --decode_kernel $k; done; done ;;
     decode-adapter)
@@ -286,7 +291,7 @@ PY
         train --model $m $CAP --attention_impl $impl --name "$m huanhuan-shaped, defaults, attention $impl ($COMMIT)$TAG"
       done; done; done ;;
     attention-long)
-      for r in $(seq ${ROUNDS:-1}); do for impl in auto fla; do
+      for r in $(seq ${ROUNDS:-1}); do for impl in ${IMPLS:-auto fla}; do
         LIMIT=300 train --model 7B --seq_len ${LONG_LEN:-131072} --steps 1 --warmup 1 --attention_impl $impl $CAP --name "7B one ${LONG_LEN:-131072}-token sequence, tnlora train's defaults, attention $impl ($COMMIT)$TAG"
       done; done ;;
     attention-packed)

@@ -307,6 +307,36 @@ def test_kernel_emits_the_sums_of_squares_of_o_rows(dtype: torch.dtype, deferred
 
 
 @needs_kernel
+@pytest.mark.parametrize("deferred", [False, True])
+@pytest.mark.parametrize(("block_k", "block_v", "warps"), [(8, 16, 1), (16, 64, 2), (32, 8, 4)])
+def test_every_launch_gives_the_default_launch_s_step(deferred: bool, block_k: int, block_v: int, warps: int) -> None:
+    """``launch`` (tiles looped over K, V blocks of another width, other warps) changes how the step runs, not
+    what it computes: o and the state as the default launch's (fp32, the sums in another order), the sums of
+    squares one part a head and V block of the launch's width, summing to the same rows."""
+    from tnlora.ops.recurrent_triton import DeferredTerms, StepLaunch, square_parts
+
+    gen = torch.Generator().manual_seed(13)
+    batch, heads, key_dim, value_dim = 2, 2, 32, 48
+    decay = (0.45 + 0.5 * torch.rand(heads, generator=gen)).to(DEVICE)
+    state = torch.randn(batch, heads, key_dim, value_dim, generator=gen).to(DEVICE)
+    launch = StepLaunch(block_k, block_v, warps)
+    position = torch.tensor(3, device=DEVICE)
+    want_state, got_state = state.clone(), state.clone()
+    terms = [DeferredTerms.allocate(s, value_dim, position.clone(), 2) if deferred else None for s in (want_state, got_state)]
+    for _ in range(2):  # deferred: one held step, then one written back
+        q, k, v = _step_inputs(batch, heads, key_dim, value_dim, torch.float32, gen)
+        options = {"silu_qk": True, "position": position, "emit_squares": True}
+        want, want_squares = triton_step(q, k, v, want_state, decay, deferred=terms[0], **options)
+        got, squares = triton_step(q, k, v, got_state, decay, deferred=terms[1], launch=launch, **options)
+        assert _rel_err(got, want) < 1e-5
+        assert squares.shape == (square_parts(heads, value_dim, block_v), batch)
+        torch.testing.assert_close(squares.sum(0), want_squares.sum(0), rtol=1e-5, atol=0.0)
+        position = position + 1
+    assert _rel_err(got_state, want_state) < 1e-5
+    assert not torch.equal(got_state, state)
+
+
+@needs_kernel
 def test_device_greedy_loop_with_deferred_state_writes_equals_the_plain_kernel() -> None:
     """The greedy device loop writing the states back every 4 steps (the default ``defer_steps``): the tokens of
     a left-padded batch and, after the loop (10 steps: two write-backs and two steps held, added by ``close``),

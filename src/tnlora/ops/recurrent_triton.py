@@ -15,7 +15,7 @@ at import: the CPU path and ``import tnlora`` work without triton.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -35,15 +35,23 @@ def _next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _value_block(value_dim: int) -> int:
+class StepLaunch(NamedTuple):
+    """How :func:`triton_step` launches: state rows a tile (looped over K), columns of V a program, warps."""
+
+    block_k: int = BLOCK_K
+    block_v: int = BLOCK_V
+    warps: int = NUM_WARPS
+
+
+def _value_block(value_dim: int, block_v: int = BLOCK_V) -> int:
     """Columns of v (and o) one program takes."""
-    return min(BLOCK_V, _next_power_of_2(value_dim))
+    return min(block_v, _next_power_of_2(value_dim))
 
 
-def square_parts(heads: int, value_dim: int) -> int:
+def square_parts(heads: int, value_dim: int, block_v: int = BLOCK_V) -> int:
     """How many partial sums of squares of one o row ``triton_step(..., emit_squares=True)`` writes: one a head
-    and block of V columns."""
-    return heads * -(-value_dim // _value_block(value_dim))
+    and block of V columns (``block_v``: the launch's, :class:`StepLaunch`)."""
+    return heads * -(-value_dim // _value_block(value_dim, block_v))
 
 
 def _kernel(deferred: bool = False) -> Any:
@@ -119,6 +127,7 @@ def triton_step(
     lrpe_angle_dtype: str = "float32",
     deferred: DeferredTerms | None = None,
     emit_squares: bool = False,
+    launch: StepLaunch | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """One token as one Triton kernel: the arguments and results of :func:`torch_step` (``state`` updated in
     place), o written into ``out`` [B, H, V] (v's dtype) when given. With ``silu_qk`` the kernel applies the
@@ -135,7 +144,8 @@ def triton_step(
     − base) mod steps steps before, and each step moves one read of the state and 1 ÷ steps of a write
     instead of a read and a write. ``emit_squares``: also return the partial sums of squares of o's rows (as
     stored, in v's dtype), ``(o, squares)``, squares [:func:`square_parts`, B] (fp64 for fp64 o, else fp32): what
-    :func:`tnlora.ops.gemv.gemv` takes as ``norm_squares`` for the norm of o [B, H · V].
+    :func:`tnlora.ops.gemv.gemv` takes as ``norm_squares`` for the norm of o [B, H · V]. ``launch``: the tiles
+    and warps (:class:`StepLaunch`; the default's when None; the square parts follow its ``block_v``).
 
     q, k, v may be strided views (the last dim contiguous, as the slices of the fused projection are);
     ``state`` must be contiguous. Any B, H, K, V; every tensor on one CUDA device (or CPU tensors under
@@ -171,10 +181,12 @@ def triton_step(
         out = torch.empty((batch, heads, value_dim), dtype=v.dtype, device=v.device)
     elif tuple(out.shape) != (batch, heads, value_dim) or out.dtype != v.dtype or out.stride(-1) != 1:
         raise ValueError(f"out must be a {v.dtype} tensor [B, H, V] with a contiguous last dim")
-    block_k = min(BLOCK_K, _next_power_of_2(key_dim))
-    block_v = _value_block(value_dim)
+    launch = launch or StepLaunch()
+    block_k = min(launch.block_k, _next_power_of_2(key_dim))
+    block_v = _value_block(value_dim, launch.block_v)
     grid = (batch * heads, -(-value_dim // block_v))
-    squares = (torch.empty(square_parts(heads, value_dim), batch, dtype=squares_dtype(v.dtype), device=v.device)
+    parts = square_parts(heads, value_dim, launch.block_v)
+    squares = (torch.empty(parts, batch, dtype=squares_dtype(v.dtype), device=v.device)
                if emit_squares else None)  # fmt: skip
     common = (
         heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
@@ -184,7 +196,7 @@ def triton_step(
         "HAS_PAD": pad is not None, "SILU": silu_qk, "LRPE": lrpe_theta is not None,
         "ANGLE_MODEL": lrpe_angle_dtype == "model", "HD": head_dim, "PDL": pdl, "SQUARES": emit_squares,
         "BK": block_k, "BV": block_v,
-        "num_warps": NUM_WARPS, **({"launch_pdl": True} if pdl else {}),  # an option Triton before 3.3 does not know
+        "num_warps": launch.warps, **({"launch_pdl": True} if pdl else {}),  # an option Triton before 3.3 does not know
     }
     pad_arg = pad if pad is not None else decay  # unread without HAS_PAD; any pointer will do
     squares_arg = squares if squares is not None else out  # unwritten without SQUARES
@@ -203,4 +215,4 @@ def triton_step(
     return (out, squares) if squares is not None else out
 
 
-__all__ = ["DeferredTerms", "square_parts", "triton_step"]
+__all__ = ["DeferredTerms", "StepLaunch", "square_parts", "triton_step"]
