@@ -57,6 +57,9 @@
 #                   --loss_kernel torch and / or --no-lora_compiled_op
 #   train-fp8       tnlora train's defaults with the frozen GEMMs in bf16 and in fp8 (fp8 false / true), twice each,
 #                   alternating, one machine (MODELS, default "1B 7B"); gemm with GEMM_ARGS=--fp8: the GEMMs alone
+#   micro-batch     tnlora train's defaults at ROWS rows of 1,024 a micro-batch (default "32 64"; MODELS, default 1B;
+#                   ROUNDS rounds alternating): whether twice the default micro-batch pays (the LoRA backward's
+#                   one-read kernel takes over from 65,536 rows)
 #   act-kernel      tnlora train's defaults with the token mixer's activation as PyTorch's form and as the kernels
 #                   (act_kernel torch / triton; MODELS, default "1B 7B"; "auto", the default, is triton on CUDA)
 #   act             the activation alone, forward and backward, compiled PyTorch form against the operators
@@ -238,6 +241,11 @@ for stage in "$@"; do
       for m in ${MODELS:-1B 7B}; do for k in torch triton; do
         train --model $m --lora_grad_kernel $k --name "$m huanhuan-shaped, tnlora train's defaults, lora_grad_kernel $k ($COMMIT)$TAG"
       done; done ;;
+    micro-batch)  # tnlora train's defaults at the default micro-batch and at twice its rows (MODELS, default 1B; ROUNDS
+      # rounds alternating; ROWS, default "32 64": 64 x 1,024 is where the LoRA backward's one-read kernel applies)
+      for m in ${MODELS:-1B}; do for r in $(seq ${ROUNDS:-1}); do for b in ${ROWS:-32 64}; do
+        train --model $m --per_device_train_batch_size $b $CAP --name "$m huanhuan-shaped, tnlora train's defaults, $b x 1,024 a micro-batch, round $r ($COMMIT)$TAG"
+      done; done; done ;;
     act-kernel)  # the token mixer's activation: PyTorch's form against the kernels (MODELS, default "1B 7B")
       for m in ${MODELS:-1B 7B}; do for a in torch triton; do
         train --model $m --act_kernel $a --name "$m huanhuan-shaped, tnlora train's defaults, act_kernel $a ($COMMIT)$TAG"
