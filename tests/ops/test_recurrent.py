@@ -322,7 +322,8 @@ def test_every_launch_gives_the_default_launch_s_step(deferred: bool, block_k: i
     launch = StepLaunch(block_k, block_v, warps)
     position = torch.tensor(3, device=DEVICE)
     want_state, got_state = state.clone(), state.clone()
-    terms = [DeferredTerms.allocate(s, value_dim, position.clone(), 2) if deferred else None for s in (want_state, got_state)]
+    terms = [DeferredTerms.allocate(s, value_dim, position.clone(), 2) if deferred else None
+             for s in (want_state, got_state)]
     for _ in range(2):  # deferred: one held step, then one written back
         q, k, v = _step_inputs(batch, heads, key_dim, value_dim, torch.float32, gen)
         options = {"silu_qk": True, "position": position, "emit_squares": True}
