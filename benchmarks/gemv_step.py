@@ -14,6 +14,7 @@ Prints every try and the table's entries; nothing in the tree changes.
 
     python3 benchmarks/gemv_step.py --models 1B,7B --descend 1B     # on a GPU
     python3 benchmarks/gemv_step.py --models 1B,7B --batch 32
+    python3 benchmarks/gemv_step.py --models 7B --descend 7B --batch 32 --splits 2,3,4   # split launches too
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ ROW_CANDIDATES = [GemvConfig(bn, bk, warps, stages, False, True, swap) for bn in
                   for bk in (128, 256) for warps in (4, 8) for stages in (2, 4) for swap in (False, True)
                   if (bn >= 64 or not swap) and (bn == 128 or warps == 4)]
 REPLAYS = 50
+
+
+def split_candidates(splits: list[int]) -> list[GemvConfig]:
+    """ROW_CANDIDATES of 64 and 128 weight rows a program and 4 stages with K split into each of ``splits``
+    parts (``GemvConfig.split``): wide tiles (x read by fewer programs) in as many programs as narrow ones."""
+    return [config._replace(split=split) for split in splits for config in ROW_CANDIDATES
+            if config.block_n >= 64 and config.stages == 4]
 ROUNDS = 5
 
 
@@ -118,12 +126,11 @@ def compile_share(preset: str, batch: int, launches: list[tuple[str, GemvConfig]
 
 
 def precompile(
-    preset: str, batch: int, shapes: dict[str, tuple[int, int, bool]], workers: int
+    preset: str, batch: int, shapes: dict[str, tuple[int, int, bool]], workers: int, candidates: list[GemvConfig]
 ) -> set[tuple[tuple[int, int, bool], GemvConfig]]:
     """Every candidate launch of every projection compiled by ``workers`` processes at once (Triton compiles on
     the CPU, one kernel at a time per process): the descent's tries then only load them. Returns the (shape,
     launch) pairs that do not fit the card."""
-    candidates = CANDIDATES if batch == 1 else ROW_CANDIDATES
     launches = [(name, launch) for name, key in shapes.items()
                 for launch in dict.fromkeys([gemv_config(*key, rows=batch), *candidates])]
     context = multiprocessing.get_context("spawn")  # CUDA in the workers
@@ -174,12 +181,15 @@ def coordinate_descent(
     log: Callable[[str], None] = print,
     batch: int = 1,
     unfit: set[tuple[tuple[int, int, bool], GemvConfig]] = frozenset(),
+    candidates: list[GemvConfig] | None = None,
 ) -> tuple[float, float, dict[tuple[int, int, bool], GemvConfig]]:
     """One pass over ``shapes``: for each, every candidate launch (set in the table of ``batch`` rows while
     ``measure()`` runs) with the others fixed, keeping the fastest; ``unfit`` (shape, launch) pairs are left
-    out. Returns the first and last measure and the launches chosen; the table is as it was afterwards."""
+    out; ``candidates``: the launches tried (default CANDIDATES at one row, else ROW_CANDIDATES). Returns the first
+    and last measure and the launches chosen; the table is as it was afterwards."""
     table = launch_table(batch)
-    candidates = CANDIDATES if batch == 1 else ROW_CANDIDATES
+    if candidates is None:
+        candidates = CANDIDATES if batch == 1 else ROW_CANDIDATES
     chosen = {key: gemv_config(*key, rows=batch) for key in shapes.values()}
     saved = dict(table)
     try:
@@ -221,13 +231,18 @@ def early_against_late(
     return times
 
 
-def tune(preset: str, pdl: bool, descend: bool, batch: int = 1, workers: int = 0, replays: int = REPLAYS) -> None:
+def tune(
+    preset: str, pdl: bool, descend: bool, batch: int = 1, workers: int = 0, replays: int = REPLAYS,
+    splits: list[int] = (),
+) -> None:
     """For ``preset`` at ``batch`` rows: the step with the launches of now, early and late; with ``descend``
     one pass over the step's projections, printing the tries (ms a step) and the entries (``workers``
-    processes compile the candidates first)."""
+    processes compile the candidates first; ``splits``: the split launches of :func:`split_candidates` tried
+    too, at several rows)."""
     model = random_model(preset, "auto", "cuda").eval()
     shapes = step_shapes(model)
-    unfit = precompile(preset, batch, shapes, workers) if descend and workers else set()
+    candidates = CANDIDATES if batch == 1 else ROW_CANDIDATES + split_candidates(list(splits))
+    unfit = precompile(preset, batch, shapes, workers, candidates) if descend and workers else set()
     measure = functools.partial(step_ms, model, pdl, batch, replays)
     name = f"{preset} batch {batch}"
     with torch.inference_mode():
@@ -240,7 +255,7 @@ def tune(preset: str, pdl: bool, descend: bool, batch: int = 1, workers: int = 0
         if not descend:
             return
         start, end, chosen = coordinate_descent(shapes, measure, lambda line: print(f"| {name} {line}", flush=True),
-                                                batch, unfit)
+                                                batch, unfit, candidates)
     print(f"{name}: {start:.3f} → {end:.3f} ms a step; {'TUNED' if batch == 1 else 'ROWS_TUNED'} entries:")
     for label, key in shapes.items():
         print(f"    {key}: GemvConfig{tuple(chosen[key])},  # {preset} {label}")
@@ -257,14 +272,17 @@ def main() -> int:
     parser.add_argument("--compile_workers", type=int, default=8,
                         help="processes that compile the candidate launches before the search (0: none)")
     parser.add_argument("--replays", type=int, default=REPLAYS, help="replays a measure, median of 5")
+    parser.add_argument("--splits", default="", help="at several rows, also the launches with K split into these "
+                        "parts, e.g. 2,3,4 (split_candidates)")
     args = parser.parse_args()
+    splits = [int(part) for part in args.splits.split(",") if part]
     if not torch.cuda.is_available():
         print("gemv_step.py: needs a CUDA GPU", file=sys.stderr)
         return 2
     print(environment_line(), flush=True)
     for preset in args.models.split(","):
         tune(preset, args.pdl, preset in args.descend.split(","), args.batch, args.compile_workers,
-             args.replays)
+             args.replays, splits)
         torch.cuda.empty_cache()  # the model and its graphs are gone: the next preset gets the memory
     return 0
 

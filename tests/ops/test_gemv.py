@@ -155,6 +155,58 @@ def test_a_norm_reads_the_squares_its_input_s_projection_wrote(dtype: torch.dtyp
         torch.testing.assert_close(got, gemv(x, w, **options), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("split", [2, 3, 5])
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("case", ["plain", "residual", "norm", "glu", "gated norm"])
+def test_a_split_launch_equals_the_unsplit_one(split: int, swap: bool, case: str) -> None:
+    """``split``: K's columns in parts (200 in steps of 32: 4 + 3, 3 + 3 + 1, and 2 + 2 + 2 + 1 steps, so 5
+    parts leave 4), each program's sums added up by the tile's last one: the unsplit launch's results (fp32: the
+    sums in another order; fp64 and fp32 against the model's ops), the same sums of squares of the output rows
+    (one row a tile), the same bits call after call, and every counter back at zero. The norms read the squares
+    of their input, as a split launch's must."""
+    n, k, rows = 37, 200, 5
+    for dtype in (torch.float64, torch.float32):
+        x, w, w2, residual = _inputs(n, k, dtype, seed=split, rows=(rows,))
+        options = _options(case, n, k, dtype, w2, residual, rows=(rows,))
+        if "norm_eps" in options:
+            options["norm_squares"] = (x.double() ** 2).sum(1, keepdim=True).T.to(gemv_module.squares_dtype(dtype))
+        unsplit = GemvConfig(16, 32, 4, 2, False, True, swap)
+        want, want_squares = gemv(x, w, config=unsplit, emit_squares=True, **options)
+        config = unsplit._replace(split=split)
+        got, squares = gemv(x, w, config=config, emit_squares=True, **options)
+        assert _relative_error(got, x, w, {k: v for k, v in options.items() if k != "norm_squares"}) <= TOLERANCE[dtype]
+        tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+        assert squares.shape == want_squares.shape == (3, rows)
+        torch.testing.assert_close(squares, want_squares, rtol=tolerance, atol=0.0)
+        assert torch.equal(gemv(x, w, config=config, **options), got)
+    for counters, _ in gemv_module._SPLIT_COUNTERS.values():
+        assert counters.count_nonzero() == 0
+
+
+def test_a_split_launch_whose_norm_sums_its_own_squares_runs_unsplit() -> None:
+    """A part of K has only its columns of x, so a norm without ``norm_squares`` runs the launch unsplit: the
+    unsplit launch's bits."""
+    x, w, w2, _ = _inputs(37, 200, torch.float32, seed=9, rows=(3,))
+    config = GemvConfig(16, 32, 4, 2, False, True)
+    for options in ({"norm_eps": 1e-6}, {"norm_eps": 1e-6, "weight2": w2}):
+        want = gemv(x, w, config=config, **options)
+        assert torch.equal(gemv(x, w, config=config._replace(split=4), **options), want)
+
+
+def test_split_counters_come_from_a_ring() -> None:
+    """Each split launch takes the ring's next slots, starting again at the front when they run out."""
+    device = torch.device(DEVICE)
+    first = gemv_module.split_counters(device, 5)
+    second = gemv_module.split_counters(device, 5)
+    assert first.data_ptr() + 5 * first.element_size() == second.data_ptr()
+    ring = gemv_module._SPLIT_COUNTERS[device]
+    ring[1] = gemv_module.SPLIT_COUNTER_SLOTS - 2
+    assert gemv_module.split_counters(device, 5).data_ptr() == ring[0].data_ptr()
+    with pytest.raises(ValueError, match="counters kept"):
+        gemv_module.split_counters(device, gemv_module.SPLIT_COUNTER_SLOTS + 1)
+
+
 def test_squares_are_checked() -> None:
     x, w, _, _ = _inputs(8, 32, torch.float32, rows=(3,))
     squares = torch.ones(2, 3, device=DEVICE)
@@ -215,8 +267,12 @@ def test_arguments_are_checked() -> None:
         gemv(torch.zeros(2, 64, device=DEVICE)[:, ::2], w)
     with pytest.raises(ValueError, match="block_n >= 16"):
         gemv(x.expand(2, 32), w, config=GemvConfig(8, 32))
-    with pytest.raises(ValueError, match="swap is for x of several rows"):
+    with pytest.raises(ValueError, match="swap or split is for x of several rows"):
         gemv(x, w, config=GemvConfig(8, 32, swap=True))
+    with pytest.raises(ValueError, match="swap or split is for x of several rows"):
+        gemv(x, w, config=GemvConfig(8, 32, split=2))
+    with pytest.raises(ValueError, match="split must be at least 1"):
+        gemv(x.expand(2, 32), w, config=GemvConfig(16, 32, split=0))
     with pytest.raises(ValueError, match=r"residual must be \[2, 8\]"):
         gemv(x.expand(2, 32), w, residual=residual)
     with pytest.raises(ValueError, match=r"gate must be \[2, 32\]"):
@@ -277,6 +333,37 @@ def test_cuda_rows_at_model_shapes(n: int, k: int, glu: bool) -> None:
         if launch.swap:
             plain = gemv(x, w, config=launch._replace(swap=False), **options)
             assert torch.equal(gemv(x, w, config=launch, **options), plain), launch
+
+
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA device (model-sized shapes)")
+@pytest.mark.gpu
+@pytest.mark.parametrize(("n", "k", "glu"), sorted(ROWS_TUNED))
+def test_cuda_split_launches_at_model_shapes(n: int, k: int, glu: bool) -> None:
+    """bf16, 32 rows, each shape's tuned launch with K split into 2 and 3 parts (the decode step's forms: the
+    norm's squares read in, the residual projections' squares written): as close to the model's ops as bf16
+    allows, the same bits call after call and replayed in a CUDA graph (the counters set back to zero by each
+    call), and every counter zero afterwards."""
+    x, w, w2, residual = _inputs(n, k, torch.bfloat16, seed=n, rows=(32,))
+    if glu or n == 64000 or (n, k) in ((16384, 4096), (8192, 2048)):  # the normed projections
+        options = {"norm_eps": 1e-6, "weight2": w2} if glu else {"norm_eps": 1e-6}
+        options["norm_squares"] = x.float().square().sum(-1)[None, :].contiguous()
+    else:
+        options = {"residual": residual}
+    reference = {key: value for key, value in options.items() if key != "norm_squares"}
+    for split in (2, 3):
+        launch = ROWS_TUNED[n, k, glu]._replace(split=split)
+        got = gemv(x, w, config=launch, **options)
+        assert _relative_error(got, x, w, reference) <= TOLERANCE[torch.bfloat16], split
+        assert torch.equal(gemv(x, w, config=launch, **options), got), split
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = gemv(x, w, config=launch, **options)
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(replayed, got), split
+    for counters, _ in gemv_module._SPLIT_COUNTERS.values():
+        assert counters.count_nonzero() == 0
 
 
 @pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA device (model-sized shapes)")

@@ -44,7 +44,9 @@ class GemvConfig(NamedTuple):
     starts (``early``) or only once its loop is done. For several rows only, ``swap``: each step's product taken
     as W xᵀ rather than x Wᵀ, the weight's rows on the matrix unit's wide side (Hopper's warpgroup MMA takes 64
     rows there at least; a block of 16 to 64 rows of x is the narrow side). A normed call that sums its own
-    squares (no ``norm_squares``) takes its products as x Wᵀ whatever ``swap`` says (see :func:`gemv`)."""
+    squares (no ``norm_squares``) takes its products as x Wᵀ whatever ``swap`` says (see :func:`gemv`). For
+    several rows only, ``split``: the columns of K split into that many parts, each a program of its own whose
+    sums the last to finish adds up (more programs for a weight of few tiles; see :func:`gemv`)."""
 
     block_n: int
     block_k: int
@@ -53,6 +55,7 @@ class GemvConfig(NamedTuple):
     row_sum: bool = False
     early: bool = False
     swap: bool = False
+    split: int = 1
 
 
 # The launch per TNL shape (N, K, GLU) that measured fastest on the H200 (benchmarks/RESULTS.md, "The GEMV
@@ -165,10 +168,13 @@ def gemv(
                                      or not norm_squares.is_contiguous() or norm_squares.dtype != sums_dtype):
         raise ValueError(f"norm_squares must be contiguous [P, {rows}] of {sums_dtype} and needs norm_eps")
     y = torch.empty(*lead, n, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, stages, row_sum, early, swap = config or gemv_config(n, k, glu=weight2 is not None,
-                                                                                  rows=rows or 1)
-    if swap and rows is None:
-        raise ValueError("a launch with swap is for x of several rows [M, K]")
+    block_n, block_k, warps, stages, row_sum, early, swap, split = config or gemv_config(
+        n, k, glu=weight2 is not None, rows=rows or 1
+    )
+    if (swap or split != 1) and rows is None:
+        raise ValueError("a launch with swap or split is for x of several rows [M, K]")
+    if split < 1:
+        raise ValueError(f"split must be at least 1, got {split}")
     gate_in = gate if gate is not None else x  # unread without a gate
     weight2_in = weight2 if weight2 is not None else weight  # unread without GLU
     residual_in = residual if residual is not None else y  # unread without a residual
@@ -203,17 +209,55 @@ def gemv(
     # wrong on an H100 with Triton 3.6, differently run to run (a race in the generated code; fine with the
     # squares read in, or the products as X Wᵀ): a launch whose norm sums its own squares takes them as X Wᵀ.
     swap = swap and dot and not (norm_eps is not None and norm_squares is None)
-    programs = _cdiv(n, block_n)
-    squares_out = torch.empty(programs, rows, dtype=sums_dtype, device=x.device) if emit_squares else None
+    # A part of K has only its own columns of x, so a norm that sums its own squares runs unsplit; parts of
+    # whole steps, as many as that leaves (every part has columns).
+    own_squares = norm_eps is not None and norm_squares is None
+    steps = _cdiv(k, block_k)
+    k_part = (steps if own_squares else _cdiv(steps, split)) * block_k
+    splits = _cdiv(k, k_part)
+    tiles = _cdiv(n, block_n)
+    squares_out = torch.empty(tiles, rows, dtype=sums_dtype, device=x.device) if emit_squares else None
+    if splits > 1:
+        kinds = 2 if weight2 is not None else 1
+        part_sums = torch.empty(splits * kinds, rows, n, dtype=sums_dtype, device=x.device)
+        counts = split_counters(x.device, tiles)
+    else:
+        part_sums = counts = y  # unread unsplit
     parts = norm_squares.shape[0] if norm_squares is not None else 1
     options.update(DOT=dot, PRECISION="ieee", BLOCK_M=max(16, 1 << (rows - 1).bit_length()),
-                   SQUARES_IN=norm_squares is not None, SQUARES_OUT=emit_squares, SWAP=swap,
-                   BLOCK_P=max(2, 1 << (parts - 1).bit_length()))
+                   SQUARES_IN=norm_squares is not None, SQUARES_OUT=emit_squares, SWAP=swap, SPLIT=splits,
+                   K_PART=k_part, EVEN_K=k % k_part == 0, BLOCK_P=max(2, 1 << (parts - 1).bit_length()))
     arguments = (*pointers, rows, n, x.stride(0), gate_in.stride(0), residual_in.stride(0), weight.stride(0),
                  weight2_in.stride(0), eps, norm_squares if norm_squares is not None else y,
-                 squares_out if squares_out is not None else y, parts)
-    _launch_rows(programs, arguments, options, x)
+                 squares_out if squares_out is not None else y, parts, part_sums, counts)
+    _launch_rows((tiles, splits), arguments, options, x)
     return (y, squares_out) if emit_squares else y
+
+
+# The counters of split launches (:func:`gemv` with ``split``), one a tile, by device: zero before a launch and
+# set back to zero by the launch's last program, so calls one after the other reuse them as they are. Each
+# call takes the next slots of the ring, so that calls running at once (other streams, graphs replayed side by
+# side) do not share counters unless the ring has wrapped between them.
+SPLIT_COUNTER_SLOTS = 1 << 16
+_SPLIT_COUNTERS: dict[torch.device, list[Any]] = {}
+
+
+def split_counters(device: torch.device, tiles: int) -> Tensor:
+    """``tiles`` zeroed int32 counters on ``device`` for one split launch (the ring's next slots). The ring is
+    made on the device's first split call, which therefore must not be inside a CUDA graph's capture (graph
+    decoding warms every launch up before it captures)."""
+    ring = _SPLIT_COUNTERS.get(device)
+    if ring is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("a split launch's first call on a device must come before a CUDA graph capture")
+        ring = _SPLIT_COUNTERS[device] = [torch.zeros(SPLIT_COUNTER_SLOTS, dtype=torch.int32, device=device), 0]
+    counters, start = ring
+    if tiles > SPLIT_COUNTER_SLOTS:
+        raise ValueError(f"a split launch of {tiles} tiles needs more than the {SPLIT_COUNTER_SLOTS} counters kept")
+    if start + tiles > SPLIT_COUNTER_SLOTS:
+        start = 0
+    ring[1] = start + tiles
+    return counters[start : start + tiles]
 
 
 # The pipeline stages that fit the card's shared memory, by launch (device, dtype and the kernel's constexprs):
@@ -221,7 +265,7 @@ def gemv(
 _FITTED_STAGES: dict[tuple[Any, ...], int] = {}
 
 
-def _launch_rows(programs: int, arguments: tuple[Any, ...], options: dict[str, Any], x: Tensor) -> None:
+def _launch_rows(grid: tuple[int, int], arguments: tuple[Any, ...], options: dict[str, Any], x: Tensor) -> None:
     """The rows kernel's launch; where its stages do not fit the card's shared memory, one stage fewer at a
     time (as Triton's autotuner drops such configs), the number that fits remembered for the launch."""
     from triton.runtime.errors import OutOfResources
@@ -230,7 +274,7 @@ def _launch_rows(programs: int, arguments: tuple[Any, ...], options: dict[str, A
     stages = _FITTED_STAGES.get(key, options["num_stages"])
     while True:
         try:
-            _kernels().rows_kernel[(programs,)](*arguments, **{**options, "num_stages": stages})
+            _kernels().rows_kernel[grid](*arguments, **{**options, "num_stages": stages})
         except OutOfResources:
             if stages == 1:
                 raise
@@ -306,6 +350,6 @@ def gemv_reference(
 
 
 __all__ = [
-    "EMBED_BLOCK", "ROWS_MAX", "ROWS_TUNED", "TUNED", "GemvConfig", "embed_rows", "gemv", "gemv_config", "gemv_reference",
-    "pdl_supported", "squares_dtype",
+    "EMBED_BLOCK", "ROWS_MAX", "ROWS_TUNED", "SPLIT_COUNTER_SLOTS", "TUNED", "GemvConfig", "embed_rows", "gemv",
+    "gemv_config", "gemv_reference", "pdl_supported", "split_counters", "squares_dtype",
 ]

@@ -230,99 +230,13 @@ def _rows_accumulate(acc, xin, w, DOT: tl.constexpr, PRECISION: tl.constexpr, SW
 
 
 @triton.jit
-def rows_kernel(
-    x_ptr,
-    gate_ptr,
-    w_ptr,
-    w2_ptr,
-    residual_ptr,
-    y_ptr,
-    M,
-    N,
-    stride_x,
-    stride_gate,
-    stride_residual,
-    stride_w,
-    stride_w2,
-    eps,
-    squares_in_ptr,
-    squares_out_ptr,
-    P_IN,
-    K: tl.constexpr,
-    NORM: tl.constexpr,
-    GATE: tl.constexpr,
-    GLU: tl.constexpr,
-    RESIDUAL: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    DOT: tl.constexpr,
-    PRECISION: tl.constexpr,
-    PDL: tl.constexpr,
-    EARLY: tl.constexpr,
-    SQUARES_IN: tl.constexpr,
-    SQUARES_OUT: tl.constexpr,
-    SWAP: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    """BLOCK_N columns of Y = X Wᵀ for all M (≤ BLOCK_M) rows of X at once: :func:`gemv_kernel` for a few rows,
-    each weight tile read once for every row (a tensor-core dot of the rows and the tile). NORM, GATE, GLU
-    and RESIDUAL as there, each row with its own norm; PDL and EARLY as there (the first weight tiles read
-    before the wait, everything written after it). Y's rows are contiguous.
-
-    With SQUARES_IN the norm's sums of squares are not summed here: they are the P_IN partial sums [P_IN, M]
-    at ``squares_in_ptr`` that the kernel producing x wrote (summing x² beside the dot made the normed forms
-    ~1.6–2× the plain one). With SQUARES_OUT each program writes its columns' sums of squares of Y's rows
-    (as rounded to Y's dtype: what the next norm reads) to row ``program_id`` of [programs, M] at
-    ``squares_out_ptr``. With SWAP (DOT only) the products are accumulated transposed, W xᵀ, and turned back
-    once after the loop."""
-    if PDL and EARLY:
-        gdc_launch_dependents()
-    acc_dtype = tl.float32 if DOT else tl.float64
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    row_offsets = rows[:, None].to(tl.int64)
-    m = tl.arange(0, BLOCK_M)
-    m_ok = m < M
-    if SWAP:  # a constant branch: only the taken side is compiled, shapes differ
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=acc_dtype)
-        acc2 = tl.zeros((BLOCK_N, BLOCK_M), dtype=acc_dtype)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
-        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
-    if DOT:  # noqa: SIM108 (a constant branch: only the taken side is compiled, shapes differ)
-        squares = tl.zeros((BLOCK_M, BLOCK_M), dtype=acc_dtype)
-    else:
-        squares = tl.zeros((BLOCK_M,), dtype=acc_dtype)
-    # The first step apart: its weight tiles are read before the wait.
-    cols = tl.arange(0, BLOCK_K)
-    w = _weight_tile(w_ptr, row_offsets, stride_w, row_ok, cols, K, EVEN_K)
-    if GLU:
-        w2 = _weight_tile(w2_ptr, row_offsets, stride_w2, row_ok, cols, K, EVEN_K)
-    if PDL:
-        gdc_wait()
-    x, xin = _rows_input(x_ptr, gate_ptr, m, m_ok, cols, stride_x, stride_gate, K, EVEN_K, GATE)
-    acc = _rows_accumulate(acc, xin, w, DOT, PRECISION, SWAP)
-    if GLU:
-        acc2 = _rows_accumulate(acc2, xin, w2, DOT, PRECISION, SWAP)
-    if NORM and not SQUARES_IN:
-        squares = _rows_squares(squares, x, DOT, PRECISION)
-    for start in range(BLOCK_K, K, BLOCK_K):
-        cols = start + tl.arange(0, BLOCK_K)
-        x, xin = _rows_input(x_ptr, gate_ptr, m, m_ok, cols, stride_x, stride_gate, K, EVEN_K, GATE)
-        w = _weight_tile(w_ptr, row_offsets, stride_w, row_ok, cols, K, EVEN_K)
-        acc = _rows_accumulate(acc, xin, w, DOT, PRECISION, SWAP)
-        if GLU:
-            w2 = _weight_tile(w2_ptr, row_offsets, stride_w2, row_ok, cols, K, EVEN_K)
-            acc2 = _rows_accumulate(acc2, xin, w2, DOT, PRECISION, SWAP)
-        if NORM and not SQUARES_IN:
-            squares = _rows_squares(squares, x, DOT, PRECISION)
-    if PDL and not EARLY:
-        gdc_launch_dependents()
-    if SWAP:
-        acc = tl.trans(acc)
-        acc2 = tl.trans(acc2)
+def _rows_finish(acc, acc2, y_ptr, residual_ptr, squares_in_ptr, squares_out_ptr, rows, row_ok, m, m_ok, M, N,
+                 stride_residual, eps, P_IN, squares, acc_dtype: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr,
+                 GLU: tl.constexpr, RESIDUAL: tl.constexpr, DOT: tl.constexpr, SQUARES_IN: tl.constexpr,
+                 SQUARES_OUT: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+    """The rows kernel's epilogue on this tile's whole sums acc (and acc2 with GLU) [BLOCK_M, BLOCK_N]: each row's
+    norm applied, the GLU's product, the residual added, Y stored, and with SQUARES_OUT the tile's sums of
+    squares of Y's rows written to row ``program_id(0)`` of [tiles, M]."""
     out = acc
     if NORM:
         if SQUARES_IN:
@@ -349,3 +263,142 @@ def rows_kernel(
     if SQUARES_OUT:
         rounded = tl.where(ok, y.to(acc_dtype), 0.0)
         tl.store(squares_out_ptr + tl.program_id(0) * M + m, tl.sum(rounded * rounded, axis=1), mask=m_ok)
+
+
+@triton.jit
+def rows_kernel(
+    x_ptr,
+    gate_ptr,
+    w_ptr,
+    w2_ptr,
+    residual_ptr,
+    y_ptr,
+    M,
+    N,
+    stride_x,
+    stride_gate,
+    stride_residual,
+    stride_w,
+    stride_w2,
+    eps,
+    squares_in_ptr,
+    squares_out_ptr,
+    P_IN,
+    part_ptr,
+    count_ptr,
+    K: tl.constexpr,
+    NORM: tl.constexpr,
+    GATE: tl.constexpr,
+    GLU: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
+    EARLY: tl.constexpr,
+    SQUARES_IN: tl.constexpr,
+    SQUARES_OUT: tl.constexpr,
+    SWAP: tl.constexpr,
+    SPLIT: tl.constexpr,
+    K_PART: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """BLOCK_N columns of Y = X Wᵀ for all M (≤ BLOCK_M) rows of X at once: :func:`gemv_kernel` for a few rows,
+    each weight tile read once for every row (a tensor-core dot of the rows and the tile). NORM, GATE, GLU
+    and RESIDUAL as there, each row with its own norm; PDL and EARLY as there (the first weight tiles read
+    before the wait, everything written after it). Y's rows are contiguous.
+
+    With SQUARES_IN the norm's sums of squares are not summed here: they are the P_IN partial sums [P_IN, M]
+    at ``squares_in_ptr`` that the kernel producing x wrote (summing x² beside the dot made the normed forms
+    ~1.6–2× the plain one). With SQUARES_OUT each tile writes its columns' sums of squares of Y's rows
+    (as rounded to Y's dtype: what the next norm reads) to row ``program_id(0)`` of [tiles, M] at
+    ``squares_out_ptr``. With SWAP (DOT only) the products are accumulated transposed, W xᵀ, and turned back
+    once after the loop.
+
+    K_PART: the columns a program sums, a multiple of BLOCK_K (K rounded up to one unsplit). With SPLIT > 1 the
+    columns of K are split into SPLIT parts of K_PART (axis 1 of the grid; the last may be shorter): each sums
+    its part's products, writes them to its slot of ``part_ptr`` [SPLIT, (2 with GLU,) M, N] (the accumulator's
+    dtype), and adds one to its tile's counter at ``count_ptr`` (zero before the launch); the program that
+    arrives last sums the parts in their order (the same bits whichever arrives last), sets the counter back to
+    zero and finishes the tile. A norm then reads its sums of squares (SQUARES_IN): a part has only its own
+    columns of x."""
+    tl.static_assert(SPLIT == 1 or not NORM or SQUARES_IN, "a split launch's norm reads its sums of squares")
+    if PDL and EARLY:
+        gdc_launch_dependents()
+    acc_dtype = tl.float32 if DOT else tl.float64
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    row_offsets = rows[:, None].to(tl.int64)
+    m = tl.arange(0, BLOCK_M)
+    m_ok = m < M
+    if SWAP:  # a constant branch: only the taken side is compiled, shapes differ
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=acc_dtype)
+        acc2 = tl.zeros((BLOCK_N, BLOCK_M), dtype=acc_dtype)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+    if DOT:  # noqa: SIM108 (a constant branch: only the taken side is compiled, shapes differ)
+        squares = tl.zeros((BLOCK_M, BLOCK_M), dtype=acc_dtype)
+    else:
+        squares = tl.zeros((BLOCK_M,), dtype=acc_dtype)
+    # This program's columns of K: K_PART from k_first (all of them unsplit, in whole steps; the loop's trip
+    # count a constant either way, a short last part's steps past K masked: its launch is not EVEN_K).
+    k_first = tl.program_id(1) * K_PART if SPLIT > 1 else 0
+    # The first step apart: its weight tiles are read before the wait.
+    cols = k_first + tl.arange(0, BLOCK_K)
+    w = _weight_tile(w_ptr, row_offsets, stride_w, row_ok, cols, K, EVEN_K)
+    if GLU:
+        w2 = _weight_tile(w2_ptr, row_offsets, stride_w2, row_ok, cols, K, EVEN_K)
+    if PDL:
+        gdc_wait()
+    x, xin = _rows_input(x_ptr, gate_ptr, m, m_ok, cols, stride_x, stride_gate, K, EVEN_K, GATE)
+    acc = _rows_accumulate(acc, xin, w, DOT, PRECISION, SWAP)
+    if GLU:
+        acc2 = _rows_accumulate(acc2, xin, w2, DOT, PRECISION, SWAP)
+    if NORM and not SQUARES_IN:
+        squares = _rows_squares(squares, x, DOT, PRECISION)
+    for start in range(BLOCK_K, K_PART, BLOCK_K):
+        cols = k_first + start + tl.arange(0, BLOCK_K)
+        x, xin = _rows_input(x_ptr, gate_ptr, m, m_ok, cols, stride_x, stride_gate, K, EVEN_K, GATE)
+        w = _weight_tile(w_ptr, row_offsets, stride_w, row_ok, cols, K, EVEN_K)
+        acc = _rows_accumulate(acc, xin, w, DOT, PRECISION, SWAP)
+        if GLU:
+            w2 = _weight_tile(w2_ptr, row_offsets, stride_w2, row_ok, cols, K, EVEN_K)
+            acc2 = _rows_accumulate(acc2, xin, w2, DOT, PRECISION, SWAP)
+        if NORM and not SQUARES_IN:
+            squares = _rows_squares(squares, x, DOT, PRECISION)
+    if PDL and not EARLY:
+        gdc_launch_dependents()
+    if SWAP:
+        acc = tl.trans(acc)
+        acc2 = tl.trans(acc2)
+    if SPLIT == 1:
+        _rows_finish(acc, acc2, y_ptr, residual_ptr, squares_in_ptr, squares_out_ptr, rows, row_ok, m, m_ok, M, N,
+                     stride_residual, eps, P_IN, squares, acc_dtype, K, NORM, GLU, RESIDUAL, DOT, SQUARES_IN,
+                     SQUARES_OUT, BLOCK_P)  # fmt: skip
+    else:
+        kinds: tl.constexpr = 1 + GLU  # sums a tile: 2 with the GLU's second product
+        slot = m[:, None] * N + rows[None, :]
+        ok = m_ok[:, None] & row_ok[None, :]
+        part = part_ptr + tl.program_id(1) * kinds * M * N
+        tl.store(part + slot, acc, mask=ok)
+        if GLU:
+            tl.store(part + M * N + slot, acc2, mask=ok)
+        # Release: this program's part is visible before its arrival counts; acquire: the last one sees them all.
+        arrived = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+            total2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+            for j in tl.static_range(SPLIT):
+                # .cg: from L2, where the other programs' stores are (this SM's L1 is not kept coherent).
+                total += tl.load(part_ptr + j * kinds * M * N + slot, mask=ok, other=0.0, cache_modifier=".cg")
+                if GLU:
+                    total2 += tl.load(part_ptr + (j * kinds + 1) * M * N + slot, mask=ok, other=0.0,
+                                      cache_modifier=".cg")
+            tl.atomic_xchg(count_ptr + tl.program_id(0), 0, sem="relaxed", scope="gpu")
+            _rows_finish(total, total2, y_ptr, residual_ptr, squares_in_ptr, squares_out_ptr, rows, row_ok, m, m_ok,
+                         M, N, stride_residual, eps, P_IN, squares, acc_dtype, K, NORM, GLU, RESIDUAL, DOT,
+                         SQUARES_IN, SQUARES_OUT, BLOCK_P)  # fmt: skip
