@@ -46,7 +46,8 @@
 #                   tnlora.ops.gemv's launches per form and shape)
 #   gemv-step       the GEMV step's launches chosen inside the captured step (benchmarks/gemv_step.py; MODELS,
 #                   default "1B,7B"; GEMV_STEP_ARGS, e.g. "--descend 1B": the models searched, the others only
-#                   compare early and late dependent launches): every try's ms a step, and the TUNED entries
+#                   compare early and late dependent launches; "--batch 32 --splits 2,3,4": the rows kernel's
+#                   launches with K split into parts too): every try's ms a step, and the TUNED entries
 #   gemm            the training step's frozen-weight GEMMs alone (benchmarks/gemm.py; GEMM_ARGS): plain and β = 1,
 #                   forward and input gradient, per projection shape, and the SM clock under a sustained run
 #                   (GEMM_ARGS=--fp8: the fp8 forms too; GEMM_ARGS=--quantize: fp8's per-token quantization alone,
