@@ -89,9 +89,14 @@ def main() -> None:
     parser.add_argument("--defer", type=int, default=4, help="deferred state writes from batch 16 (0: never)")
     parser.add_argument("--launches", default="", help="block_k:block_v:warps, comma-separated (default: a sweep)")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.exit(2, "error: benchmarks/recurrence.py measures CUDA kernels; this machine has none\n")
     launches = LAUNCHES
     if args.launches:
-        launches = [StepLaunch(*map(int, item.split(":"))) for item in args.launches.split(",")]
+        try:
+            launches = [StepLaunch(*map(int, item.split(":"))) for item in args.launches.split(",")]
+        except (TypeError, ValueError):
+            parser.error(f"--launches: block_k:block_v:warps, comma-separated, got {args.launches!r}")
     print(environment_line())
     copy = copy_bandwidth()
     print(f"copy bandwidth: {copy / 1e9:,.0f} GB/s (device-to-device copies of 1 GiB, read + write)")

@@ -434,7 +434,7 @@ def test_gemm_bench_forms_compute_the_products_they_name():
 @pytest.mark.parametrize(
     ("script", "measures"),
     [("gemm", "a CUDA GPU's GEMMs"), ("act", "CUDA kernels"), ("lora_grad", "CUDA kernels"),
-     ("lora_dropout", "CUDA kernels")],
+     ("lora_dropout", "CUDA kernels"), ("recurrence", "CUDA kernels")],
 )  # fmt: skip
 def test_gpu_benchmarks_refuse_without_a_gpu(script: str, measures: str):
     root = Path(__file__).resolve().parents[1]
