@@ -174,7 +174,8 @@ def test_a_split_launch_equals_the_unsplit_one(split: int, swap: bool, case: str
         want, want_squares = gemv(x, w, config=unsplit, emit_squares=True, **options)
         config = unsplit._replace(split=split)
         got, squares = gemv(x, w, config=config, emit_squares=True, **options)
-        assert _relative_error(got, x, w, {k: v for k, v in options.items() if k != "norm_squares"}) <= TOLERANCE[dtype]
+        reference = {key: value for key, value in options.items() if key != "norm_squares"}
+        assert _relative_error(got, x, w, reference) <= TOLERANCE[dtype]
         tolerance = 1e-12 if dtype == torch.float64 else 1e-5
         torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
         assert squares.shape == want_squares.shape == (3, rows)

@@ -205,13 +205,13 @@ def gemv(
     dot = x.dtype != torch.float64
     if dot and block_n < 16:
         raise ValueError(f"a launch for several rows needs block_n >= 16, got {block_n}")
+    own_squares = norm_eps is not None and norm_squares is None
     # The products as W xᵀ beside the norm's own Gram matrix x xᵀ (two tensor-core dots in one loop) summed
     # wrong on an H100 with Triton 3.6, differently run to run (a race in the generated code; fine with the
     # squares read in, or the products as X Wᵀ): a launch whose norm sums its own squares takes them as X Wᵀ.
-    swap = swap and dot and not (norm_eps is not None and norm_squares is None)
+    swap = swap and dot and not own_squares
     # A part of K has only its own columns of x, so a norm that sums its own squares runs unsplit; parts of
     # whole steps, as many as that leaves (every part has columns).
-    own_squares = norm_eps is not None and norm_squares is None
     steps = _cdiv(k, block_k)
     k_part = (steps if own_squares else _cdiv(steps, split)) * block_k
     splits = _cdiv(k, k_part)
