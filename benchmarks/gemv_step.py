@@ -15,6 +15,7 @@ Prints every try and the table's entries; nothing in the tree changes.
     python3 benchmarks/gemv_step.py --models 1B,7B --descend 1B     # on a GPU
     python3 benchmarks/gemv_step.py --models 1B,7B --batch 32
     python3 benchmarks/gemv_step.py --models 7B --descend 7B --batch 32 --splits 2,3,4   # split launches too
+    python3 benchmarks/gemv_step.py --models 7B --descend 7B --batch 32 --splits 2,4 --split_only
 """
 
 from __future__ import annotations
@@ -233,15 +234,18 @@ def early_against_late(
 
 def tune(
     preset: str, pdl: bool, descend: bool, batch: int = 1, workers: int = 0, replays: int = REPLAYS,
-    splits: list[int] = (),
+    splits: list[int] = (), split_only: bool = False,
 ) -> None:
     """For ``preset`` at ``batch`` rows: the step with the launches of now, early and late; with ``descend``
     one pass over the step's projections, printing the tries (ms a step) and the entries (``workers``
     processes compile the candidates first; ``splits``: the split launches of :func:`split_candidates` tried
-    too, at several rows)."""
+    too, at several rows; ``split_only``: those and the launch of now only)."""
     model = random_model(preset, "auto", "cuda").eval()
     shapes = step_shapes(model)
-    candidates = CANDIDATES if batch == 1 else ROW_CANDIDATES + split_candidates(list(splits))
+    if batch == 1:
+        candidates = CANDIDATES
+    else:
+        candidates = ([] if split_only else ROW_CANDIDATES) + split_candidates(list(splits))
     unfit = precompile(preset, batch, shapes, workers, candidates) if descend and workers else set()
     measure = functools.partial(step_ms, model, pdl, batch, replays)
     name = f"{preset} batch {batch}"
@@ -274,15 +278,19 @@ def main() -> int:
     parser.add_argument("--replays", type=int, default=REPLAYS, help="replays a measure, median of 5")
     parser.add_argument("--splits", default="", help="at several rows, also the launches with K split into these "
                         "parts, e.g. 2,3,4 (split_candidates)")
+    parser.add_argument("--split_only", action="store_true",
+                        help="with --splits: try only the split launches against the launch of now (a shorter search)")
     args = parser.parse_args()
     splits = [int(part) for part in args.splits.split(",") if part]
+    if args.split_only and not splits:
+        parser.error("--split_only needs --splits")
     if not torch.cuda.is_available():
         print("gemv_step.py: needs a CUDA GPU", file=sys.stderr)
         return 2
     print(environment_line(), flush=True)
     for preset in args.models.split(","):
         tune(preset, args.pdl, preset in args.descend.split(","), args.batch, args.compile_workers,
-             args.replays, splits)
+             args.replays, splits, args.split_only)
         torch.cuda.empty_cache()  # the model and its graphs are gone: the next preset gets the memory
     return 0
 
