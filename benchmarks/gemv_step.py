@@ -234,14 +234,17 @@ def early_against_late(
 
 def tune(
     preset: str, pdl: bool, descend: bool, batch: int = 1, workers: int = 0, replays: int = REPLAYS,
-    splits: list[int] = (), split_only: bool = False,
+    splits: list[int] = (), split_only: bool = False, projections: list[str] | None = None,
 ) -> None:
     """For ``preset`` at ``batch`` rows: the step with the launches of now, early and late; with ``descend``
     one pass over the step's projections, printing the tries (ms a step) and the entries (``workers``
     processes compile the candidates first; ``splits``: the split launches of :func:`split_candidates` tried
-    too, at several rows; ``split_only``: those and the launch of now only)."""
+    too, at several rows; ``split_only``: those and the launch of now only; ``projections``: the first words
+    of the names of :func:`step_shapes` searched, default all)."""
     model = random_model(preset, "auto", "cuda").eval()
     shapes = step_shapes(model)
+    if projections:
+        shapes = {name: key for name, key in shapes.items() if name.split()[0] in projections}
     if batch == 1:
         candidates = CANDIDATES
     else:
@@ -280,7 +283,13 @@ def main() -> int:
                         "parts, e.g. 2,3,4 (split_candidates)")
     parser.add_argument("--split_only", action="store_true",
                         help="with --splits: try only the split launches against the launch of now (a shorter search)")
+    parser.add_argument("--projections", default="", help="the projections searched, e.g. l3,lm_head (first "
+                        "words of the names: qkvu, out_proj, l1, l3, lm_head; default all)")
     args = parser.parse_args()
+    projections = [name for name in args.projections.split(",") if name]
+    known = {"qkvu", "out_proj", "l1", "l3", "lm_head"}
+    if set(projections) - known:
+        parser.error(f"--projections: unknown {', '.join(sorted(set(projections) - known))}; known: {', '.join(sorted(known))}")
     splits = [int(part) for part in args.splits.split(",") if part]
     if args.split_only and not splits:
         parser.error("--split_only needs --splits")
@@ -290,7 +299,7 @@ def main() -> int:
     print(environment_line(), flush=True)
     for preset in args.models.split(","):
         tune(preset, args.pdl, preset in args.descend.split(","), args.batch, args.compile_workers,
-             args.replays, splits, args.split_only)
+             args.replays, splits, args.split_only, projections)
         torch.cuda.empty_cache()  # the model and its graphs are gone: the next preset gets the memory
     return 0
 
