@@ -80,13 +80,14 @@ TUNED = {
 
 # The same for several rows: what benchmarks/gemv_step.py --batch 32 chose inside the captured batch-32 step
 # (weight rows a program, columns a step, warps, stages; dependents launched early; the last field: the
-# products as W xᵀ), both on an H100 with the norms reading the squares the projection before wrote: 1B's step
-# 1.551 → 1.520 ms (the layer forwards' 1.609), 7B's 7.640 → 7.179 (7.262).
+# products as W xᵀ; the parts K is split into), both on an H100 with the norms reading the squares the projection
+# before wrote: 1B's step 1.551 → 1.520 ms (the layer forwards' 1.609), 7B's 7.640 → 7.179 (7.262); then 7B's
+# out_proj and l3 in two parts of K each (``--splits 2,4 --split_only``): 6.797 → 6.605 ms.
 ROWS_TUNED = {
     (16384, 4096, False): GemvConfig(128, 128, 4, 4, False, True),  # 7B qkvu
-    (4096, 4096, False): GemvConfig(32, 256, 4, 4, False, True),  # 7B out_proj
+    (4096, 4096, False): GemvConfig(64, 128, 4, 4, False, True, True, 2),  # 7B out_proj
     (11008, 4096, True): GemvConfig(64, 128, 4, 4, False, True, True),  # 7B l1 / l2 as the GLU
-    (4096, 11008, False): GemvConfig(64, 128, 4, 4, False, True, True),  # 7B l3
+    (4096, 11008, False): GemvConfig(64, 128, 4, 4, False, True, True, 2),  # 7B l3
     (64000, 4096, False): GemvConfig(128, 128, 8, 4, False, True, True),  # 7B lm_head
     (8192, 2048, False): GemvConfig(64, 128, 4, 4, False, True, True),  # 1B qkvu
     (2048, 2048, False): GemvConfig(16, 256, 4, 4, False, True),  # 1B out_proj
