@@ -115,6 +115,21 @@ def test_several_rows_equal_the_model_ops(dtype: torch.dtype, case: str, rows: i
         torch.testing.assert_close(got[i], one, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("rows", [2, 17, 64])
+def test_fp64_rows_take_short_column_steps(rows: int) -> None:
+    """fp64 sums a step's products in registers: a launch's column step is cut to ``FP64_STEP`` values of x (a
+    longer one spills to local memory, gigabytes of it reserved on a large card), so a long step sums in the
+    order of the short one, and the sums stay the model's."""
+    n, k = 37, 200
+    x, w, w2, _ = _inputs(n, k, torch.float64, seed=rows, rows=(rows,))
+    options = {"norm_eps": 1e-6, "weight2": w2}
+    block_m = max(16, 1 << (rows - 1).bit_length())
+    short = GemvConfig(32, gemv_module.FP64_STEP // block_m, 4, 1, False, True)
+    got = gemv(x, w, config=short._replace(block_k=256), **options)
+    assert torch.equal(got, gemv(x, w, config=short, **options))
+    assert _relative_error(got, x, w, options) <= TOLERANCE[torch.float64]
+
+
 @pytest.mark.parametrize("config", ROW_CONFIGS, ids=str)
 @pytest.mark.parametrize("case", ["plain", "glu", "gated norm"])
 def test_every_launch_of_several_rows_computes_the_same(config: GemvConfig, case: str) -> None:

@@ -46,7 +46,8 @@ class GemvConfig(NamedTuple):
     rows there at least; a block of 16 to 64 rows of x is the narrow side). A normed call that sums its own
     squares (no ``norm_squares``) takes its products as x Wᵀ whatever ``swap`` says (see :func:`gemv`). For
     several rows only, ``split``: the columns of K split into that many parts, each a program of its own whose
-    sums the last to finish adds up (more programs for a weight of few tiles; see :func:`gemv`)."""
+    sums the last to finish adds up (more programs for a weight of few tiles; see :func:`gemv`). In fp64 several
+    rows take at most ``FP64_STEP`` values of x a step (``block_k`` shortened to fit)."""
 
     block_n: int
     block_k: int
@@ -95,6 +96,12 @@ ROWS_TUNED = {
     (2048, 5632, False): GemvConfig(32, 256, 4, 4, False, True),  # 1B l3
     (64000, 2048, False): GemvConfig(128, 128, 4, 2, False, True),  # 1B lm_head
 }
+# The most values of x a step of the fp64 rows kernel multiplies (BLOCK_M x BLOCK_K; the column step is
+# shortened to fit): it holds a tile's products [BLOCK_M, BLOCK_N, BLOCK_K] in registers, and ptxas for sm_90
+# gives the normed GLU form 0 to 560 B of stack a thread at the tested launches so shortened, against 57 KB
+# at 32 x 32 x 256. A bound on x's part alone keeps the order of the sums the same for launches that differ only
+# in weight rows a program.
+FP64_STEP = 128
 # The most rows :func:`gemv` takes at once (its block of rows is their next power of two, 16 at least).
 ROWS_MAX = 64
 
@@ -206,6 +213,13 @@ def gemv(
     dot = x.dtype != torch.float64
     if dot and block_n < 16:
         raise ValueError(f"a launch for several rows needs block_n >= 16, got {block_n}")
+    block_m = max(16, 1 << (rows - 1).bit_length())
+    if not dot:
+        # fp64 holds a tile's products in registers; a long step spills them (32 x 32 x 256, the default launch
+        # at 17 rows: 57 KB of stack a thread, which CUDA reserves for every thread the card can run, ~16 GB on
+        # an H100: out of memory beside other processes). Shorter steps sum the same products in another order.
+        block_k = min(block_k, max(2, FP64_STEP // block_m))
+        options["BLOCK_K"] = block_k
     own_squares = norm_eps is not None and norm_squares is None
     # The products as W xᵀ beside the norm's own Gram matrix x xᵀ (two tensor-core dots in one loop) summed
     # wrong on an H100 with Triton 3.6, differently run to run (a race in the generated code; fine with the
@@ -225,7 +239,7 @@ def gemv(
     else:
         part_sums = counts = y  # unread unsplit
     parts = norm_squares.shape[0] if norm_squares is not None else 1
-    options.update(DOT=dot, PRECISION="ieee", BLOCK_M=max(16, 1 << (rows - 1).bit_length()),
+    options.update(DOT=dot, PRECISION="ieee", BLOCK_M=block_m,
                    SQUARES_IN=norm_squares is not None, SQUARES_OUT=emit_squares, SWAP=swap, SPLIT=splits,
                    K_PART=k_part, EVEN_K=k % k_part == 0, BLOCK_P=max(2, 1 << (parts - 1).bit_length()))
     arguments = (*pointers, rows, n, x.stride(0), gate_in.stride(0), residual_in.stride(0), weight.stride(0),
