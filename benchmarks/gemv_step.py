@@ -16,6 +16,7 @@ Prints every try and the table's entries; nothing in the tree changes.
     python3 benchmarks/gemv_step.py --models 1B,7B --batch 32
     python3 benchmarks/gemv_step.py --models 7B --descend 7B --batch 32 --splits 2,3,4   # split launches too
     python3 benchmarks/gemv_step.py --models 7B --descend 7B --batch 32 --splits 2,4 --split_only
+    python3 benchmarks/gemv_step.py --models 1B,7B --descend "" --batch 32 --tma   # the launches of now by TMA
 """
 
 from __future__ import annotations
@@ -234,13 +235,14 @@ def early_against_late(
 
 def tune(
     preset: str, pdl: bool, descend: bool, batch: int = 1, workers: int = 0, replays: int = REPLAYS,
-    splits: list[int] = (), split_only: bool = False, projections: list[str] | None = None,
+    splits: list[int] = (), split_only: bool = False, projections: list[str] | None = None, tma: bool = False,
 ) -> None:
     """For ``preset`` at ``batch`` rows: the step with the launches of now, early and late; with ``descend``
     one pass over the step's projections, printing the tries (ms a step) and the entries (``workers``
     processes compile the candidates first; ``splits``: the split launches of :func:`split_candidates` tried
     too, at several rows; ``split_only``: those and the launch of now only; ``projections``: the first words
-    of the names of :func:`step_shapes` searched, default all)."""
+    of the names of :func:`step_shapes` searched, default all; ``tma``: every launch tried also with
+    ``GemvConfig.tma``)."""
     model = random_model(preset, "auto", "cuda").eval()
     shapes = step_shapes(model)
     if projections:
@@ -249,6 +251,8 @@ def tune(
         candidates = CANDIDATES
     else:
         candidates = ([] if split_only else ROW_CANDIDATES) + split_candidates(list(splits))
+        if tma:  # each launch also with its weight tiles through tensor descriptors
+            candidates += [config._replace(tma=True) for config in candidates]
     unfit = precompile(preset, batch, shapes, workers, candidates) if descend and workers else set()
     measure = functools.partial(step_ms, model, pdl, batch, replays)
     name = f"{preset} batch {batch}"
@@ -259,6 +263,15 @@ def tune(
         times = early_against_late(shapes, measure, batch)
         print(f"| {name} | launches of now: dependents after the loop {times[False]:.3f} ms, "
               f"early {times[True]:.3f} ms |", flush=True)
+        if tma:  # every launch of now with its weight tiles through tensor descriptors
+            table = launch_table(batch)
+            saved = dict(table)
+            try:
+                table.update({key: gemv_config(*key, rows=batch)._replace(tma=True) for key in shapes.values()})
+                print(f"| {name} | launches of now with tma: {measure():.3f} ms |", flush=True)
+            finally:
+                table.clear()
+                table.update(saved)
         if not descend:
             return
         start, end, chosen = coordinate_descent(shapes, measure, lambda line: print(f"| {name} {line}", flush=True),
@@ -285,6 +298,8 @@ def main() -> int:
                         help="with --splits: try only the split launches against the launch of now (a shorter search)")
     parser.add_argument("--projections", default="", help="the projections searched, e.g. l3,lm_head (first "
                         "words of the names: qkvu, out_proj, l1, l3, lm_head; default all)")
+    parser.add_argument("--tma", action="store_true", help="at several rows, every launch tried also with its "
+                        "weight tiles through tensor descriptors (GemvConfig.tma)")
     args = parser.parse_args()
     projections = [name for name in args.projections.split(",") if name]
     known = {"qkvu", "out_proj", "l1", "l3", "lm_head"}
@@ -299,7 +314,7 @@ def main() -> int:
     print(environment_line(), flush=True)
     for preset in args.models.split(","):
         tune(preset, args.pdl, preset in args.descend.split(","), args.batch, args.compile_workers,
-             args.replays, splits, args.split_only, projections)
+             args.replays, splits, args.split_only, projections, args.tma)
         torch.cuda.empty_cache()  # the model and its graphs are gone: the next preset gets the memory
     return 0
 

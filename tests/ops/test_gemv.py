@@ -200,6 +200,47 @@ def test_a_split_launch_equals_the_unsplit_one(split: int, swap: bool, case: str
         assert counters.count_nonzero() == 0
 
 
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("case", ["plain", "residual", "norm", "glu", "gated norm"])
+def test_a_tma_launch_equals_the_pointer_one(split: int, swap: bool, case: str) -> None:
+    """``tma``: the weight tiles through tensor descriptors (zeros past W's 37 rows and 200 columns, as the
+    pointer loads' masks give): the pointer launch's bits in fp32 (the same products in the same order), the
+    same sums of squares of the output rows, whole and split, the products either way. fp64 has no dot and reads
+    through pointers: the same bits too."""
+    n, k, rows = 37, 200, 5
+    for dtype in (torch.float32, torch.float64):
+        x, w, w2, residual = _inputs(n, k, dtype, seed=split, rows=(rows,))
+        options = _options(case, n, k, dtype, w2, residual, rows=(rows,))
+        if "norm_eps" in options:
+            options["norm_squares"] = (x.double() ** 2).sum(1, keepdim=True).T.to(gemv_module.squares_dtype(dtype))
+        pointers = GemvConfig(16, 32, 4, 2, False, True, swap, split)
+        want, want_squares = gemv(x, w, config=pointers, emit_squares=True, **options)
+        got, squares = gemv(x, w, config=pointers._replace(tma=True), emit_squares=True, **options)
+        assert torch.equal(got, want) and torch.equal(squares, want_squares), dtype
+    reference = {key: value for key, value in options.items() if key != "norm_squares"}
+    assert _relative_error(got, x, w, reference) <= TOLERANCE[torch.float64]
+
+
+def test_tma_reads_only_weights_it_can_address() -> None:
+    """The copy engine needs 16-byte rows and steps: a weight or x whose rows are 37 fp32 values apart, or a step
+    of 2 fp32 columns, is read through pointers by a ``tma`` launch (x so while the weight comes by descriptor),
+    with the same results."""
+    x, w, _, _ = _inputs(24, 36, torch.float32, seed=3, rows=(4,))
+
+    def unaligned(t: torch.Tensor) -> torch.Tensor:  # the same values, rows 148 bytes apart
+        padded = torch.zeros(t.shape[0], 37, dtype=t.dtype, device=DEVICE)
+        padded[:, :36] = t
+        return padded[:, :36]
+
+    assert gemv_module.tma_addressable(w, 32) and not gemv_module.tma_addressable(unaligned(w), 32)
+    assert not gemv_module.tma_addressable(w, 2)
+    config = GemvConfig(16, 32, 4, 1, False, True, False, 1, True)
+    want = gemv(x, w, config=config._replace(tma=False))
+    for inputs in ((x, unaligned(w)), (unaligned(x), w), (x, w)):
+        assert torch.equal(gemv(*inputs, config=config), want)
+
+
 def test_a_split_launch_whose_norm_sums_its_own_squares_runs_unsplit() -> None:
     """A part of K has only its columns of x, so a norm without ``norm_squares`` runs the launch unsplit: the
     unsplit launch's bits."""
@@ -283,10 +324,9 @@ def test_arguments_are_checked() -> None:
         gemv(torch.zeros(2, 64, device=DEVICE)[:, ::2], w)
     with pytest.raises(ValueError, match="block_n >= 16"):
         gemv(x.expand(2, 32), w, config=GemvConfig(8, 32))
-    with pytest.raises(ValueError, match="swap or split is for x of several rows"):
-        gemv(x, w, config=GemvConfig(8, 32, swap=True))
-    with pytest.raises(ValueError, match="swap or split is for x of several rows"):
-        gemv(x, w, config=GemvConfig(8, 32, split=2))
+    for launch in (GemvConfig(8, 32, swap=True), GemvConfig(8, 32, split=2), GemvConfig(8, 32, tma=True)):
+        with pytest.raises(ValueError, match="swap, split or tma is for x of several rows"):
+            gemv(x, w, config=launch)
     with pytest.raises(ValueError, match="split must be at least 1"):
         gemv(x.expand(2, 32), w, config=GemvConfig(16, 32, split=0))
     with pytest.raises(ValueError, match=r"residual must be \[2, 8\]"):
@@ -380,6 +420,33 @@ def test_cuda_split_launches_at_model_shapes(n: int, k: int, glu: bool) -> None:
             assert torch.equal(replayed, got), split
     for counters, _ in gemv_module._SPLIT_COUNTERS.values():
         assert counters.count_nonzero() == 0
+
+
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA device (model-sized shapes)")
+@pytest.mark.gpu
+@pytest.mark.parametrize(("n", "k", "glu"), sorted(ROWS_TUNED))
+def test_cuda_tma_launches_at_model_shapes(n: int, k: int, glu: bool) -> None:
+    """bf16, 32 rows, each shape's tuned launch with its weight tiles through tensor descriptors (``tma``; on a
+    card before sm_90 it reads through pointers), whole and in two parts, in the decode step's forms: as close
+    to the model's ops as bf16 allows, the same bits call after call and replayed in a CUDA graph."""
+    x, w, w2, residual = _inputs(n, k, torch.bfloat16, seed=n, rows=(32,))
+    if glu or n == 64000 or (n, k) in ((16384, 4096), (8192, 2048)):  # the normed projections
+        options = {"norm_eps": 1e-6, "weight2": w2} if glu else {"norm_eps": 1e-6}
+        options["norm_squares"] = x.float().square().sum(-1)[None, :].contiguous()
+    else:
+        options = {"residual": residual}
+    reference = {key: value for key, value in options.items() if key != "norm_squares"}
+    for split in (1, 2):
+        launch = ROWS_TUNED[n, k, glu]._replace(split=split, tma=True)
+        got = gemv(x, w, config=launch, **options)
+        assert _relative_error(got, x, w, reference) <= TOLERANCE[torch.bfloat16], split
+        assert torch.equal(gemv(x, w, config=launch, **options), got), split
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = gemv(x, w, config=launch, **options)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(replayed, got), split
 
 
 @pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA device (model-sized shapes)")

@@ -46,8 +46,10 @@ class GemvConfig(NamedTuple):
     rows there at least; a block of 16 to 64 rows of x is the narrow side). A normed call that sums its own
     squares (no ``norm_squares``) takes its products as x Wᵀ whatever ``swap`` says (see :func:`gemv`). For
     several rows only, ``split``: the columns of K split into that many parts, each a program of its own whose
-    sums the last to finish adds up (more programs for a weight of few tiles; see :func:`gemv`). In fp64 several
-    rows take at most ``FP64_STEP`` values of x a step (``block_k`` shortened to fit)."""
+    sums the last to finish adds up (more programs for a weight of few tiles; see :func:`gemv`); ``tma``: the
+    weight tiles read by the copy engine (TMA, sm_90 and later) through tensor descriptors instead of each
+    thread's loads (see :func:`gemv`). In fp64 several rows take at most ``FP64_STEP`` values of x a step
+    (``block_k`` shortened to fit)."""
 
     block_n: int
     block_k: int
@@ -57,6 +59,7 @@ class GemvConfig(NamedTuple):
     early: bool = False
     swap: bool = False
     split: int = 1
+    tma: bool = False
 
 
 # The launch per TNL shape (N, K, GLU) that measured fastest on the H200 (benchmarks/RESULTS.md, "The GEMV
@@ -176,11 +179,11 @@ def gemv(
                                      or not norm_squares.is_contiguous() or norm_squares.dtype != sums_dtype):
         raise ValueError(f"norm_squares must be contiguous [P, {rows}] of {sums_dtype} and needs norm_eps")
     y = torch.empty(*lead, n, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, stages, row_sum, early, swap, split = config or gemv_config(
+    block_n, block_k, warps, stages, row_sum, early, swap, split, tma = config or gemv_config(
         n, k, glu=weight2 is not None, rows=rows or 1
     )
-    if (swap or split != 1) and rows is None:
-        raise ValueError("a launch with swap or split is for x of several rows [M, K]")
+    if (swap or split != 1 or tma) and rows is None:
+        raise ValueError("a launch with swap, split or tma is for x of several rows [M, K]")
     if split < 1:
         raise ValueError(f"split must be at least 1, got {split}")
     gate_in = gate if gate is not None else x  # unread without a gate
@@ -239,7 +242,18 @@ def gemv(
     else:
         part_sums = counts = y  # unread unsplit
     parts = norm_squares.shape[0] if norm_squares is not None else 1
-    options.update(DOT=dot, PRECISION="ieee", BLOCK_M=block_m,
+    # The copy engine reads what it can address: the weights, and x and the gate where their rows allow too.
+    tma = tma and dot and tma_addressable(weight, block_k) and (weight2 is None or tma_addressable(weight2, block_k))
+    tma_x = tma and tma_addressable(x, block_k) and (gate is None or tma_addressable(gate, block_k))
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        def described(t: Tensor, block: int) -> TensorDescriptor:
+            return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [block, block_k])
+
+        inputs = (described(x, block_m), described(gate_in, block_m)) if tma_x else (x, gate_in)
+        pointers = (*inputs, described(weight, block_n), described(weight2_in, block_n), residual_in, y)
+    options.update(DOT=dot, PRECISION="ieee", BLOCK_M=block_m, TMA=tma, TMA_X=tma_x,
                    SQUARES_IN=norm_squares is not None, SQUARES_OUT=emit_squares, SWAP=swap, SPLIT=splits,
                    K_PART=k_part, EVEN_K=k % k_part == 0, BLOCK_P=max(2, 1 << (parts - 1).bit_length()))
     arguments = (*pointers, rows, n, x.stride(0), gate_in.stride(0), residual_in.stride(0), weight.stride(0),
@@ -325,6 +339,18 @@ def embed_rows(
     return (out, squares) if squares is not None else out
 
 
+def tma_addressable(weight: Tensor, block_k: int) -> bool:
+    """Whether the copy engine (TMA) can read ``weight`` [N, K] (or x [M, K]) in steps of ``block_k`` columns:
+    a matrix whose start and rows lie on 16 bytes, with 16 bytes a step at least, on a CUDA card of sm_90 or
+    later (elsewhere the kernels run under Triton's interpreter, which reads descriptors too). A launch with
+    ``tma`` reads other matrices through pointers."""
+    size = weight.element_size()
+    aligned = weight.data_ptr() % 16 == 0 and weight.stride(0) * size % 16 == 0 and block_k * size >= 16
+    if weight.device.type == "cuda":
+        return aligned and torch.cuda.get_device_capability(weight.device)[0] >= 9
+    return aligned
+
+
 def pdl_supported(device: torch.device | str) -> bool:
     """Whether kernels on ``device`` can be programmatic dependent launches: a CUDA card of sm_90 or later and
     a Triton that has them (3.3 and later)."""
@@ -365,6 +391,6 @@ def gemv_reference(
 
 
 __all__ = [
-    "EMBED_BLOCK", "ROWS_MAX", "ROWS_TUNED", "SPLIT_COUNTER_SLOTS", "TUNED", "GemvConfig", "embed_rows", "gemv",
-    "gemv_config", "gemv_reference", "pdl_supported", "split_counters", "squares_dtype",
+    "EMBED_BLOCK", "FP64_STEP", "ROWS_MAX", "ROWS_TUNED", "SPLIT_COUNTER_SLOTS", "TUNED", "GemvConfig", "embed_rows", "gemv",
+    "gemv_config", "gemv_reference", "pdl_supported", "split_counters", "squares_dtype", "tma_addressable",
 ]

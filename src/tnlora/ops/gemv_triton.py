@@ -36,6 +36,18 @@ def _weight_tile(w_ptr, row_offsets, stride_w, row_ok, cols, K: tl.constexpr, EV
 
 
 @triton.jit
+def _rows_weight(w, row_offsets, stride_w, row_ok, cols, col0, K: tl.constexpr, EVEN_K: tl.constexpr,
+                 TMA: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """The rows kernel's weight tile at columns ``cols`` (from ``col0``): with TMA ``w`` is a tensor descriptor of
+    W [N, K] read by the copy engine (zeros outside W), else a pointer (:func:`_weight_tile`)."""
+    if TMA:
+        tile = w.load([tl.program_id(0) * BLOCK_N, col0])
+    else:
+        tile = _weight_tile(w, row_offsets, stride_w, row_ok, cols, K, EVEN_K)
+    return tile
+
+
+@triton.jit
 def _vector_tile(ptr, cols, K: tl.constexpr, EVEN_K: tl.constexpr):
     """Entries ``cols`` of a vector of K (zeros past its end)."""
     if EVEN_K:  # noqa: SIM108 (the form of _weight_tile)
@@ -187,15 +199,23 @@ def embed_kernel(ids_ptr, table_ptr, out_ptr, squares_ptr, stride_table, K, M, s
 
 
 @triton.jit
-def _rows_input(x_ptr, gate_ptr, m, m_ok, cols, stride_x, stride_gate, K: tl.constexpr, EVEN_K: tl.constexpr,
-                GATE: tl.constexpr):
-    """x [BLOCK_M, BLOCK_K] over ``cols`` of rows ``m`` (zeros outside), and the input the products read: x, or
-    gate ⊙ x rounded to x's dtype with GATE (the dot's operands are of one dtype)."""
-    ok = m_ok[:, None] if EVEN_K else m_ok[:, None] & (cols < K)[None, :]
-    x = tl.load(x_ptr + m[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
+def _rows_input(x_ptr, gate_ptr, m, m_ok, cols, col0, stride_x, stride_gate, K: tl.constexpr, EVEN_K: tl.constexpr,
+                GATE: tl.constexpr, TMA_X: tl.constexpr):  # fmt: skip
+    """x [BLOCK_M, BLOCK_K] over ``cols`` (from ``col0``) of rows ``m`` (zeros outside), and the input the
+    products read: x, or gate ⊙ x rounded to x's dtype with GATE (the dot's operands are of one dtype). With
+    TMA_X ``x_ptr`` and ``gate_ptr`` are tensor descriptors of x and the gate [M, K] with blocks [BLOCK_M,
+    BLOCK_K] (zeros outside them)."""
+    if TMA_X:
+        x = x_ptr.load([0, col0])
+    else:
+        ok = m_ok[:, None] if EVEN_K else m_ok[:, None] & (cols < K)[None, :]
+        x = tl.load(x_ptr + m[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
     xin = x
     if GATE:
-        gate = tl.load(gate_ptr + m[:, None] * stride_gate + cols[None, :], mask=ok, other=0.0)
+        if TMA_X:
+            gate = gate_ptr.load([0, col0])
+        else:
+            gate = tl.load(gate_ptr + m[:, None] * stride_gate + cols[None, :], mask=ok, other=0.0)
         if x.dtype == tl.float64:  # noqa: SIM108 (a constant branch: only the taken side is compiled)
             xin = gate * x
         else:
@@ -305,6 +325,8 @@ def rows_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    TMA: tl.constexpr = False,
+    TMA_X: tl.constexpr = False,
 ):
     """BLOCK_N columns of Y = X Wᵀ for all M (≤ BLOCK_M) rows of X at once: :func:`gemv_kernel` for a few rows,
     each weight tile read once for every row (a tensor-core dot of the rows and the tile). NORM, GATE, GLU
@@ -324,7 +346,12 @@ def rows_kernel(
     dtype), and adds one to its tile's counter at ``count_ptr`` (zero before the launch); the program that
     arrives last sums the parts in their order (the same bits whichever arrives last), sets the counter back to
     zero and finishes the tile. A norm then reads its sums of squares (SQUARES_IN): a part has only its own
-    columns of x."""
+    columns of x.
+
+    With TMA ``w_ptr`` and ``w2_ptr`` are tensor descriptors of the weights [N, K] with blocks [BLOCK_N,
+    BLOCK_K]: the tiles come by the Hopper copy engine (TMA) straight into shared memory, several steps ahead
+    (the loop's stages); with TMA_X also x and the gate (``x_ptr``, ``gate_ptr``: [M, K], blocks [BLOCK_M,
+    BLOCK_K])."""
     tl.static_assert(SPLIT == 1 or not NORM or SQUARES_IN, "a split launch's norm reads its sums of squares")
     if PDL and EARLY:
         gdc_launch_dependents()
@@ -349,12 +376,12 @@ def rows_kernel(
     k_first = tl.program_id(1) * K_PART if SPLIT > 1 else 0
     # The first step apart: its weight tiles are read before the wait.
     cols = k_first + tl.arange(0, BLOCK_K)
-    w = _weight_tile(w_ptr, row_offsets, stride_w, row_ok, cols, K, EVEN_K)
+    w = _rows_weight(w_ptr, row_offsets, stride_w, row_ok, cols, k_first, K, EVEN_K, TMA, BLOCK_N)
     if GLU:
-        w2 = _weight_tile(w2_ptr, row_offsets, stride_w2, row_ok, cols, K, EVEN_K)
+        w2 = _rows_weight(w2_ptr, row_offsets, stride_w2, row_ok, cols, k_first, K, EVEN_K, TMA, BLOCK_N)
     if PDL:
         gdc_wait()
-    x, xin = _rows_input(x_ptr, gate_ptr, m, m_ok, cols, stride_x, stride_gate, K, EVEN_K, GATE)
+    x, xin = _rows_input(x_ptr, gate_ptr, m, m_ok, cols, k_first, stride_x, stride_gate, K, EVEN_K, GATE, TMA_X)
     acc = _rows_accumulate(acc, xin, w, DOT, PRECISION, SWAP)
     if GLU:
         acc2 = _rows_accumulate(acc2, xin, w2, DOT, PRECISION, SWAP)
@@ -362,11 +389,13 @@ def rows_kernel(
         squares = _rows_squares(squares, x, DOT, PRECISION)
     for start in range(BLOCK_K, K_PART, BLOCK_K):
         cols = k_first + start + tl.arange(0, BLOCK_K)
-        x, xin = _rows_input(x_ptr, gate_ptr, m, m_ok, cols, stride_x, stride_gate, K, EVEN_K, GATE)
-        w = _weight_tile(w_ptr, row_offsets, stride_w, row_ok, cols, K, EVEN_K)
+        x, xin = _rows_input(x_ptr, gate_ptr, m, m_ok, cols, k_first + start, stride_x, stride_gate, K, EVEN_K,
+                             GATE, TMA_X)
+        w = _rows_weight(w_ptr, row_offsets, stride_w, row_ok, cols, k_first + start, K, EVEN_K, TMA, BLOCK_N)
         acc = _rows_accumulate(acc, xin, w, DOT, PRECISION, SWAP)
         if GLU:
-            w2 = _weight_tile(w2_ptr, row_offsets, stride_w2, row_ok, cols, K, EVEN_K)
+            w2 = _rows_weight(w2_ptr, row_offsets, stride_w2, row_ok, cols, k_first + start, K, EVEN_K, TMA,
+                              BLOCK_N)
             acc2 = _rows_accumulate(acc2, xin, w2, DOT, PRECISION, SWAP)
         if NORM and not SQUARES_IN:
             squares = _rows_squares(squares, x, DOT, PRECISION)
