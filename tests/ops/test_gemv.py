@@ -170,6 +170,16 @@ def test_a_norm_reads_the_squares_its_input_s_projection_wrote(dtype: torch.dtyp
         torch.testing.assert_close(got, gemv(x, w, **options), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 
 
+def _squares_read_in(case: str, dtype: torch.dtype, seed: int, rows: int) -> tuple:
+    """x [rows, 200], W [37, 200] and ``case``'s options, a norm reading x's sums of squares (one partial sum)."""
+    n, k = 37, 200
+    x, w, w2, residual = _inputs(n, k, dtype, seed=seed, rows=(rows,))
+    options = _options(case, n, k, dtype, w2, residual, rows=(rows,))
+    if "norm_eps" in options:
+        options["norm_squares"] = (x.double() ** 2).sum(1, keepdim=True).T.to(gemv_module.squares_dtype(dtype))
+    return x, w, options
+
+
 @pytest.mark.parametrize("split", [2, 3, 5])
 @pytest.mark.parametrize("swap", [False, True])
 @pytest.mark.parametrize("case", ["plain", "residual", "norm", "glu", "gated norm"])
@@ -179,12 +189,9 @@ def test_a_split_launch_equals_the_unsplit_one(split: int, swap: bool, case: str
     sums in another order; fp64 and fp32 against the model's ops), the same sums of squares of the output rows
     (one row a tile), the same bits call after call, and every counter back at zero. The norms read the squares
     of their input, as a split launch's must."""
-    n, k, rows = 37, 200, 5
+    rows = 5
     for dtype in (torch.float64, torch.float32):
-        x, w, w2, residual = _inputs(n, k, dtype, seed=split, rows=(rows,))
-        options = _options(case, n, k, dtype, w2, residual, rows=(rows,))
-        if "norm_eps" in options:
-            options["norm_squares"] = (x.double() ** 2).sum(1, keepdim=True).T.to(gemv_module.squares_dtype(dtype))
+        x, w, options = _squares_read_in(case, dtype, split, rows)
         unsplit = GemvConfig(16, 32, 4, 2, False, True, swap)
         want, want_squares = gemv(x, w, config=unsplit, emit_squares=True, **options)
         config = unsplit._replace(split=split)
@@ -208,12 +215,8 @@ def test_a_tma_launch_equals_the_pointer_one(split: int, swap: bool, case: str) 
     pointer loads' masks give): the pointer launch's bits in fp32 (the same products in the same order), the
     same sums of squares of the output rows, whole and split, the products either way. fp64 has no dot and reads
     through pointers: the same bits too."""
-    n, k, rows = 37, 200, 5
     for dtype in (torch.float32, torch.float64):
-        x, w, w2, residual = _inputs(n, k, dtype, seed=split, rows=(rows,))
-        options = _options(case, n, k, dtype, w2, residual, rows=(rows,))
-        if "norm_eps" in options:
-            options["norm_squares"] = (x.double() ** 2).sum(1, keepdim=True).T.to(gemv_module.squares_dtype(dtype))
+        x, w, options = _squares_read_in(case, dtype, split, rows=5)
         pointers = GemvConfig(16, 32, 4, 2, False, True, swap, split)
         want, want_squares = gemv(x, w, config=pointers, emit_squares=True, **options)
         got, squares = gemv(x, w, config=pointers._replace(tma=True), emit_squares=True, **options)
@@ -393,11 +396,14 @@ def test_cuda_rows_at_model_shapes(n: int, k: int, glu: bool) -> None:
 
 @pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA device (model-sized shapes)")
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", [{"split": 2}, {"split": 3}, {"split": 1, "tma": True}, {"split": 2, "tma": True}],
+                         ids=str)
 @pytest.mark.parametrize(("n", "k", "glu"), sorted(ROWS_TUNED))
-def test_cuda_split_launches_at_model_shapes(n: int, k: int, glu: bool) -> None:
-    """bf16, 32 rows, each shape's tuned launch with K split into 2 and 3 parts (the decode step's forms: the
-    norm's squares read in, the residual projections' squares written): as close to the model's ops as bf16
-    allows, the same bits call after call and replayed in a CUDA graph (the counters set back to zero by each
+def test_cuda_launch_variants_at_model_shapes(n: int, k: int, glu: bool, variant: dict) -> None:
+    """bf16, 32 rows, each shape's tuned launch with K split into parts and with its tiles through tensor
+    descriptors (``tma``; a card before sm_90 reads through pointers), in the decode step's forms (the norm's
+    squares read in, the residual projections' squares written): as close to the model's ops as bf16 allows,
+    the same bits call after call and replayed in a CUDA graph (the split counters set back to zero by each
     call), and every counter zero afterwards."""
     x, w, w2, residual = _inputs(n, k, torch.bfloat16, seed=n, rows=(32,))
     if glu or n == 64000 or (n, k) in ((16384, 4096), (8192, 2048)):  # the normed projections
@@ -406,47 +412,19 @@ def test_cuda_split_launches_at_model_shapes(n: int, k: int, glu: bool) -> None:
     else:
         options = {"residual": residual}
     reference = {key: value for key, value in options.items() if key != "norm_squares"}
-    for split in (2, 3):
-        launch = ROWS_TUNED[n, k, glu]._replace(split=split)
-        got = gemv(x, w, config=launch, **options)
-        assert _relative_error(got, x, w, reference) <= TOLERANCE[torch.bfloat16], split
-        assert torch.equal(gemv(x, w, config=launch, **options), got), split
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            replayed = gemv(x, w, config=launch, **options)
-        for _ in range(3):
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(replayed, got), split
-    for counters, _ in gemv_module._SPLIT_COUNTERS.values():
-        assert counters.count_nonzero() == 0
-
-
-@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA device (model-sized shapes)")
-@pytest.mark.gpu
-@pytest.mark.parametrize(("n", "k", "glu"), sorted(ROWS_TUNED))
-def test_cuda_tma_launches_at_model_shapes(n: int, k: int, glu: bool) -> None:
-    """bf16, 32 rows, each shape's tuned launch with its weight tiles through tensor descriptors (``tma``; on a
-    card before sm_90 it reads through pointers), whole and in two parts, in the decode step's forms: as close
-    to the model's ops as bf16 allows, the same bits call after call and replayed in a CUDA graph."""
-    x, w, w2, residual = _inputs(n, k, torch.bfloat16, seed=n, rows=(32,))
-    if glu or n == 64000 or (n, k) in ((16384, 4096), (8192, 2048)):  # the normed projections
-        options = {"norm_eps": 1e-6, "weight2": w2} if glu else {"norm_eps": 1e-6}
-        options["norm_squares"] = x.float().square().sum(-1)[None, :].contiguous()
-    else:
-        options = {"residual": residual}
-    reference = {key: value for key, value in options.items() if key != "norm_squares"}
-    for split in (1, 2):
-        launch = ROWS_TUNED[n, k, glu]._replace(split=split, tma=True)
-        got = gemv(x, w, config=launch, **options)
-        assert _relative_error(got, x, w, reference) <= TOLERANCE[torch.bfloat16], split
-        assert torch.equal(gemv(x, w, config=launch, **options), got), split
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            replayed = gemv(x, w, config=launch, **options)
+    launch = ROWS_TUNED[n, k, glu]._replace(**variant)
+    got = gemv(x, w, config=launch, **options)
+    assert _relative_error(got, x, w, reference) <= TOLERANCE[torch.bfloat16]
+    assert torch.equal(gemv(x, w, config=launch, **options), got)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = gemv(x, w, config=launch, **options)
+    for _ in range(3):
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(replayed, got), split
+        assert torch.equal(replayed, got)
+    for counters, _ in gemv_module._SPLIT_COUNTERS.values():
+        assert counters.count_nonzero() == 0
 
 
 @pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA device (model-sized shapes)")
