@@ -16,7 +16,7 @@ Prints every try and the table's entries; nothing in the tree changes.
     python3 benchmarks/gemv_step.py --models 1B,7B --batch 32
     python3 benchmarks/gemv_step.py --models 7B --descend 7B --batch 32 --splits 2,3,4   # split launches too
     python3 benchmarks/gemv_step.py --models 7B --descend 7B --batch 32 --splits 2,4 --split_only
-    python3 benchmarks/gemv_step.py --models 1B,7B --descend "" --batch 32 --tma   # the launches of now by TMA
+    python3 benchmarks/gemv_step.py --models 1B,7B --descend none --batch 32 --tma   # the launches of now by TMA
 """
 
 from __future__ import annotations
@@ -303,8 +303,8 @@ def main() -> int:
     args = parser.parse_args()
     projections = [name for name in args.projections.split(",") if name]
     known = {"qkvu", "out_proj", "l1", "l3", "lm_head"}
-    if set(projections) - known:
-        parser.error(f"--projections: unknown {', '.join(sorted(set(projections) - known))}; known: {', '.join(sorted(known))}")
+    if unknown := sorted(set(projections) - known):
+        parser.error(f"--projections: unknown {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     splits = [int(part) for part in args.splits.split(",") if part]
     if args.split_only and not splits:
         parser.error("--split_only needs --splits")

@@ -339,15 +339,15 @@ def embed_rows(
     return (out, squares) if squares is not None else out
 
 
-def tma_addressable(weight: Tensor, block_k: int) -> bool:
-    """Whether the copy engine (TMA) can read ``weight`` [N, K] (or x [M, K]) in steps of ``block_k`` columns:
-    a matrix whose start and rows lie on 16 bytes, with 16 bytes a step at least, on a CUDA card of sm_90 or
-    later (elsewhere the kernels run under Triton's interpreter, which reads descriptors too). A launch with
-    ``tma`` reads other matrices through pointers."""
-    size = weight.element_size()
-    aligned = weight.data_ptr() % 16 == 0 and weight.stride(0) * size % 16 == 0 and block_k * size >= 16
-    if weight.device.type == "cuda":
-        return aligned and torch.cuda.get_device_capability(weight.device)[0] >= 9
+def tma_addressable(matrix: Tensor, block_k: int) -> bool:
+    """Whether the copy engine (TMA) can read ``matrix`` (a weight [N, K], x [M, K]) in steps of ``block_k``
+    columns: its start and rows on 16 bytes, 16 bytes a step at least, on a CUDA card of sm_90 or later
+    (elsewhere the kernels run under Triton's interpreter, which reads descriptors too). A launch with ``tma``
+    reads other matrices through pointers."""
+    size = matrix.element_size()
+    aligned = matrix.data_ptr() % 16 == 0 and matrix.stride(0) * size % 16 == 0 and block_k * size >= 16
+    if matrix.device.type == "cuda":
+        return aligned and torch.cuda.get_device_capability(matrix.device)[0] >= 9
     return aligned
 
 
@@ -391,6 +391,7 @@ def gemv_reference(
 
 
 __all__ = [
-    "EMBED_BLOCK", "FP64_STEP", "ROWS_MAX", "ROWS_TUNED", "SPLIT_COUNTER_SLOTS", "TUNED", "GemvConfig", "embed_rows", "gemv",
-    "gemv_config", "gemv_reference", "pdl_supported", "split_counters", "squares_dtype", "tma_addressable",
+    "EMBED_BLOCK", "FP64_STEP", "ROWS_MAX", "ROWS_TUNED", "SPLIT_COUNTER_SLOTS", "TUNED", "GemvConfig",
+    "embed_rows", "gemv", "gemv_config", "gemv_reference", "pdl_supported", "split_counters", "squares_dtype",
+    "tma_addressable",
 ]
