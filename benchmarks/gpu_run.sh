@@ -134,8 +134,12 @@ train() { log "bench train $* ${TRAIN_ARGS:-}"; timeout "${LIMIT:-260}" python3 
 table_script() { log "$*"; timeout "${LIMIT:-300}" python3 benchmarks/"$@" 2>&1 | grep -v Warning | row; }  # benchmarks/SCRIPT ARGS, its table rows kept
 decode() { log "bench decode $* ${DECODE_ARGS:-}"; timeout "${LIMIT:-180}" python3 -m tnlora.cli bench decode "$@" ${DECODE_ARGS:-} 2>&1 | grep -v Warning | row; }
 pytests() {  # pytest-xdist workers: first-use autotuning and compiles overlap. At the limit pytest gets an interrupt
-  # (then a kill 30 s later), so that it still prints the failures' names and messages it has (-rfE)
-  timeout -s INT -k 30 "${TEST_LIMIT:-420}" python3 -m pytest -o addopts= -q -p no:cacheprovider -n ${WORKERS:-8} -rfE "$@" > "$OUT/tests.txt" 2>&1
+  # (then a kill 30 s later), so that it still prints the failures' names and messages it has (-rfE). WORKERS
+  # (default 8, or 4 on a card under 100 GB: 8 with the 7B graph tests beside the kernels' ran an 80 GB card out
+  # of memory)
+  local mib; mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1)
+  local workers=${WORKERS:-$([ "${mib:-0}" -ge 100000 ] && echo 8 || echo 4)}
+  timeout -s INT -k 30 "${TEST_LIMIT:-420}" python3 -m pytest -o addopts= -q -p no:cacheprovider -n "$workers" -rfE "$@" > "$OUT/tests.txt" 2>&1
   grep -E "passed|failed|FAILED|ERROR" "$OUT/tests.txt" | tail -n 25 | tee -a "$OUT/log.txt" "$OUT/table.txt"
 }
 e2e_run() {  # the huanhuan command end to end; $1 names its log ($1.txt, then $1-2.txt, ...: a run's log each), $2 the log line
