@@ -61,6 +61,24 @@ def split_candidates(splits: list[int]) -> list[GemvConfig]:
 ROUNDS = 5
 
 
+def search_candidates(
+    batch: int, splits: list[int] = (), split_only: bool = False, tma: bool = False
+) -> list[GemvConfig]:
+    """The launches a search tries: CANDIDATES at one row; at several ROW_CANDIDATES (none with ``split_only``)
+    and the split launches of ``splits``, each also with its tiles through tensor descriptors with ``tma``."""
+    if batch == 1:
+        return CANDIDATES
+    candidates = ([] if split_only else ROW_CANDIDATES) + split_candidates(list(splits))
+    if tma:
+        candidates += [config._replace(tma=True) for config in candidates]
+    return candidates
+
+
+def searched_shapes(shapes: dict[str, tuple[int, int, bool]], projections: list[str] | None) -> dict:
+    """``shapes`` (:func:`step_shapes`) whose names start with one of ``projections`` (all without)."""
+    return {name: key for name, key in shapes.items() if not projections or name.split()[0] in projections}
+
+
 def step_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int, bool]]:
     """(N, K, GLU) of each projection kernel of the GEMV step, by name."""
     layer = model.model.layers[0]
@@ -244,15 +262,8 @@ def tune(
     of the names of :func:`step_shapes` searched, default all; ``tma``: every launch tried also with
     ``GemvConfig.tma``)."""
     model = random_model(preset, "auto", "cuda").eval()
-    shapes = step_shapes(model)
-    if projections:
-        shapes = {name: key for name, key in shapes.items() if name.split()[0] in projections}
-    if batch == 1:
-        candidates = CANDIDATES
-    else:
-        candidates = ([] if split_only else ROW_CANDIDATES) + split_candidates(list(splits))
-        if tma:  # each launch also with its weight tiles through tensor descriptors
-            candidates += [config._replace(tma=True) for config in candidates]
+    shapes = searched_shapes(step_shapes(model), projections)
+    candidates = search_candidates(batch, splits, split_only, tma)
     unfit = precompile(preset, batch, shapes, workers, candidates) if descend and workers else set()
     measure = functools.partial(step_ms, model, pdl, batch, replays)
     name = f"{preset} batch {batch}"

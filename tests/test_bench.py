@@ -414,6 +414,22 @@ def test_gemv_step_descent_keeps_the_fastest_launch_per_projection_and_restores_
         assert tables == (gemv_ops.TUNED, gemv_ops.ROWS_TUNED)
 
 
+def test_gemv_step_search_options_choose_launches_and_projections():
+    """gemv_step.py's --splits / --split_only / --tma / --projections: the split launches beside the row ones or
+    alone, each with a TMA twin, one row's candidates untouched; the projections named by their first word."""
+    step = _benchmark_module("gemv_step")
+    assert step.search_candidates(1, [2], tma=True) == step.CANDIDATES
+    assert step.search_candidates(32) == step.ROW_CANDIDATES
+    split = step.search_candidates(32, [2, 4], split_only=True)
+    assert split and {c.split for c in split} == {2, 4} and all(c.block_n >= 64 and not c.tma for c in split)
+    both = step.search_candidates(32, [2], tma=True)
+    plain = step.ROW_CANDIDATES + step.split_candidates([2])
+    assert both == plain + [c._replace(tma=True) for c in plain]
+    shapes = {"qkvu": (1, 2, False), "l1 / l2 (GLU)": (3, 4, True), "l3": (4, 3, False)}
+    assert step.searched_shapes(shapes, ["l1", "l3"]) == {"l1 / l2 (GLU)": (3, 4, True), "l3": (4, 3, False)}
+    assert step.searched_shapes(shapes, []) == shapes
+
+
 def test_gemm_bench_forms_compute_the_products_they_name():
     """benchmarks/gemm.py's four forms on CPU float64 operands: x Wᵀ and dy W written fresh, and added in place to
     what the accumulators held (β = 1); each form's FLOPs are 2 · M · N · K."""
