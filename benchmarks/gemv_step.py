@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import functools
 import multiprocessing
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -195,6 +196,18 @@ def launch_table(batch: int) -> dict[tuple[int, int, bool], GemvConfig]:
     return gemv_ops.TUNED if batch == 1 else gemv_ops.ROWS_TUNED
 
 
+@contextlib.contextmanager
+def table_kept(batch: int) -> Iterator[dict[tuple[int, int, bool], GemvConfig]]:
+    """The launch table of ``batch`` rows (:func:`launch_table`), to edit inside; as it was afterwards."""
+    table = launch_table(batch)
+    saved = dict(table)
+    try:
+        yield table
+    finally:
+        table.clear()
+        table.update(saved)
+
+
 def coordinate_descent(
     shapes: dict[str, tuple[int, int, bool]],
     measure: Callable[[], float],
@@ -207,12 +220,10 @@ def coordinate_descent(
     ``measure()`` runs) with the others fixed, keeping the fastest; ``unfit`` (shape, launch) pairs are left
     out; ``candidates``: the launches tried (default CANDIDATES at one row, else ROW_CANDIDATES). Returns the first
     and last measure and the launches chosen; the table is as it was afterwards."""
-    table = launch_table(batch)
     if candidates is None:
         candidates = CANDIDATES if batch == 1 else ROW_CANDIDATES
     chosen = {key: gemv_config(*key, rows=batch) for key in shapes.values()}
-    saved = dict(table)
-    try:
+    with table_kept(batch) as table:
         table.update(chosen)
         start = measure()
         for name, key in shapes.items():
@@ -227,27 +238,21 @@ def coordinate_descent(
             cells = ", ".join(f"{tuple(c)} {t:.3f}" for c, t in sorted(tries.items(), key=lambda item: item[1]))
             log(f"| {name} {key[:2]} | best {tuple(best)} {tries[best]:.3f} | {cells} |")
         end = measure()
-    finally:
-        table.clear()
-        table.update(saved)
     return start, end, chosen
 
 
-def early_against_late(
-    shapes: dict[str, tuple[int, int, bool]], measure: Callable[[], float], batch: int = 1
-) -> dict[bool, float]:
-    """The step with every projection's launch as ``gemv_config`` gives it, its dependents launched after the
-    loop (False) and early (True): ms a step each. The table is as it was afterwards."""
-    table = launch_table(batch)
-    saved = dict(table)
+def launches_of_now(
+    shapes: dict[str, tuple[int, int, bool]], measure: Callable[[], float], batch: int, changes: dict[str, dict]
+) -> dict[str, float]:
+    """The step with every projection's launch as ``gemv_config`` gives it, changed by each of ``changes``
+    (label: the GemvConfig fields set, e.g. ``{"early": True}``): ms a step by label. The table is as it was
+    afterwards."""
+    now = {key: gemv_config(*key, rows=batch) for key in shapes.values()}
     times = {}
-    try:
-        for early in (False, True):
-            table.update({key: gemv_config(*key, rows=batch)._replace(early=early) for key in shapes.values()})
-            times[early] = measure()
-    finally:
-        table.clear()
-        table.update(saved)
+    with table_kept(batch) as table:
+        for label, change in changes.items():
+            table.update({key: launch._replace(**change) for key, launch in now.items()})
+            times[label] = measure()
     return times
 
 
@@ -271,18 +276,12 @@ def tune(
         if batch > 1:  # what the rows kernel's step has to beat
             print(f"| {preset} batch {batch} | layer forwards on cuBLASLt: "
                   f"{layer_forwards_ms(model, batch, replays):.3f} ms |", flush=True)
-        times = early_against_late(shapes, measure, batch)
-        print(f"| {name} | launches of now: dependents after the loop {times[False]:.3f} ms, "
-              f"early {times[True]:.3f} ms |", flush=True)
+        changes = {"late": {"early": False}, "early": {"early": True}} | ({"tma": {"tma": True}} if tma else {})
+        times = launches_of_now(shapes, measure, batch, changes)
+        print(f"| {name} | launches of now: dependents after the loop {times['late']:.3f} ms, "
+              f"early {times['early']:.3f} ms |", flush=True)
         if tma:  # every launch of now with its weight tiles through tensor descriptors
-            table = launch_table(batch)
-            saved = dict(table)
-            try:
-                table.update({key: gemv_config(*key, rows=batch)._replace(tma=True) for key in shapes.values()})
-                print(f"| {name} | launches of now with tma: {measure():.3f} ms |", flush=True)
-            finally:
-                table.clear()
-                table.update(saved)
+            print(f"| {name} | launches of now with tma: {times['tma']:.3f} ms |", flush=True)
         if not descend:
             return
         start, end, chosen = coordinate_descent(shapes, measure, lambda line: print(f"| {name} {line}", flush=True),

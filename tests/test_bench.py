@@ -414,6 +414,23 @@ def test_gemv_step_descent_keeps_the_fastest_launch_per_projection_and_restores_
         assert tables == (gemv_ops.TUNED, gemv_ops.ROWS_TUNED)
 
 
+def test_gemv_step_launches_of_now_measures_each_change_and_restores_the_table():
+    """gemv_step.py's launches_of_now: every projection's launch of now changed by each labelled change while
+    the step is measured (here the count of early launches in the table), the table as it was afterwards."""
+    from tnlora.ops import gemv as gemv_ops
+
+    step = _benchmark_module("gemv_step")
+    shapes = {"l3": (4096, 11008, False), "out_proj": (4096, 4096, False)}
+    saved = dict(gemv_ops.ROWS_TUNED)
+
+    def measure() -> float:
+        return sum(gemv_ops.ROWS_TUNED[key].early + 10 * gemv_ops.ROWS_TUNED[key].tma for key in shapes.values())
+
+    times = step.launches_of_now(shapes, measure, 32, {"late": {"early": False}, "tma": {"tma": True}})
+    assert times == {"late": 0.0, "tma": 22.0}
+    assert saved == gemv_ops.ROWS_TUNED
+
+
 def test_gemv_step_search_options_choose_launches_and_projections():
     """gemv_step.py's --splits / --split_only / --tma / --projections: the split launches beside the row ones or
     alone, each with a TMA twin, one row's candidates untouched; the projections named by their first word."""
