@@ -243,8 +243,8 @@ def gemv(
         part_sums = counts = y  # unread unsplit
     parts = norm_squares.shape[0] if norm_squares is not None else 1
     # The copy engine reads what it can address: the weights, and x and the gate where their rows allow too.
-    tma = tma and dot and tma_addressable(weight, block_k) and (weight2 is None or tma_addressable(weight2, block_k))
-    tma_x = tma and tma_addressable(x, block_k) and (gate is None or tma_addressable(gate, block_k))
+    tma = tma and dot and all(tma_addressable(t, block_k) for t in (weight, weight2) if t is not None)
+    tma_x = tma and all(tma_addressable(t, block_k) for t in (x, gate) if t is not None)
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 

@@ -36,14 +36,14 @@ def _weight_tile(w_ptr, row_offsets, stride_w, row_ok, cols, K: tl.constexpr, EV
 
 
 @triton.jit
-def _rows_weight(w, row_offsets, stride_w, row_ok, cols, col0, K: tl.constexpr, EVEN_K: tl.constexpr,
-                 TMA: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """The rows kernel's weight tile at columns ``cols`` (from ``col0``): with TMA ``w`` is a tensor descriptor of
+def _rows_weight(w, row_offsets, stride_w, row_ok, col0, K: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """The rows kernel's weight tile at BLOCK_K columns from ``col0``: with TMA ``w`` is a tensor descriptor of
     W [N, K] read by the copy engine (zeros outside W), else a pointer (:func:`_weight_tile`)."""
     if TMA:
         tile = w.load([tl.program_id(0) * BLOCK_N, col0])
     else:
-        tile = _weight_tile(w, row_offsets, stride_w, row_ok, cols, K, EVEN_K)
+        tile = _weight_tile(w, row_offsets, stride_w, row_ok, col0 + tl.arange(0, BLOCK_K), K, EVEN_K)
     return tile
 
 
@@ -199,12 +199,13 @@ def embed_kernel(ids_ptr, table_ptr, out_ptr, squares_ptr, stride_table, K, M, s
 
 
 @triton.jit
-def _rows_input(x_ptr, gate_ptr, m, m_ok, cols, col0, stride_x, stride_gate, K: tl.constexpr, EVEN_K: tl.constexpr,
-                GATE: tl.constexpr, TMA_X: tl.constexpr):  # fmt: skip
-    """x [BLOCK_M, BLOCK_K] over ``cols`` (from ``col0``) of rows ``m`` (zeros outside), and the input the
+def _rows_input(x_ptr, gate_ptr, m, m_ok, col0, stride_x, stride_gate, K: tl.constexpr, EVEN_K: tl.constexpr,
+                GATE: tl.constexpr, TMA_X: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """x [BLOCK_M, BLOCK_K] over BLOCK_K columns from ``col0`` of rows ``m`` (zeros outside), and the input the
     products read: x, or gate ⊙ x rounded to x's dtype with GATE (the dot's operands are of one dtype). With
     TMA_X ``x_ptr`` and ``gate_ptr`` are tensor descriptors of x and the gate [M, K] with blocks [BLOCK_M,
     BLOCK_K] (zeros outside them)."""
+    cols = col0 + tl.arange(0, BLOCK_K)
     if TMA_X:
         x = x_ptr.load([0, col0])
     else:
@@ -375,27 +376,24 @@ def rows_kernel(
     # count a constant either way, a short last part's steps past K masked: its launch is not EVEN_K).
     k_first = tl.program_id(1) * K_PART if SPLIT > 1 else 0
     # The first step apart: its weight tiles are read before the wait.
-    cols = k_first + tl.arange(0, BLOCK_K)
-    w = _rows_weight(w_ptr, row_offsets, stride_w, row_ok, cols, k_first, K, EVEN_K, TMA, BLOCK_N)
+    w = _rows_weight(w_ptr, row_offsets, stride_w, row_ok, k_first, K, EVEN_K, TMA, BLOCK_N, BLOCK_K)
     if GLU:
-        w2 = _rows_weight(w2_ptr, row_offsets, stride_w2, row_ok, cols, k_first, K, EVEN_K, TMA, BLOCK_N)
+        w2 = _rows_weight(w2_ptr, row_offsets, stride_w2, row_ok, k_first, K, EVEN_K, TMA, BLOCK_N, BLOCK_K)
     if PDL:
         gdc_wait()
-    x, xin = _rows_input(x_ptr, gate_ptr, m, m_ok, cols, k_first, stride_x, stride_gate, K, EVEN_K, GATE, TMA_X)
+    x, xin = _rows_input(x_ptr, gate_ptr, m, m_ok, k_first, stride_x, stride_gate, K, EVEN_K, GATE, TMA_X, BLOCK_K)
     acc = _rows_accumulate(acc, xin, w, DOT, PRECISION, SWAP)
     if GLU:
         acc2 = _rows_accumulate(acc2, xin, w2, DOT, PRECISION, SWAP)
     if NORM and not SQUARES_IN:
         squares = _rows_squares(squares, x, DOT, PRECISION)
     for start in range(BLOCK_K, K_PART, BLOCK_K):
-        cols = k_first + start + tl.arange(0, BLOCK_K)
-        x, xin = _rows_input(x_ptr, gate_ptr, m, m_ok, cols, k_first + start, stride_x, stride_gate, K, EVEN_K,
-                             GATE, TMA_X)
-        w = _rows_weight(w_ptr, row_offsets, stride_w, row_ok, cols, k_first + start, K, EVEN_K, TMA, BLOCK_N)
+        col0 = k_first + start
+        x, xin = _rows_input(x_ptr, gate_ptr, m, m_ok, col0, stride_x, stride_gate, K, EVEN_K, GATE, TMA_X, BLOCK_K)
+        w = _rows_weight(w_ptr, row_offsets, stride_w, row_ok, col0, K, EVEN_K, TMA, BLOCK_N, BLOCK_K)
         acc = _rows_accumulate(acc, xin, w, DOT, PRECISION, SWAP)
         if GLU:
-            w2 = _rows_weight(w2_ptr, row_offsets, stride_w2, row_ok, cols, k_first + start, K, EVEN_K, TMA,
-                              BLOCK_N)
+            w2 = _rows_weight(w2_ptr, row_offsets, stride_w2, row_ok, col0, K, EVEN_K, TMA, BLOCK_N, BLOCK_K)
             acc2 = _rows_accumulate(acc2, xin, w2, DOT, PRECISION, SWAP)
         if NORM and not SQUARES_IN:
             squares = _rows_squares(squares, x, DOT, PRECISION)
