@@ -391,6 +391,32 @@ def test_chunked_loss_with_a_host_count_equals_the_counted_one() -> None:
         chunked_causal_lm_loss(hidden, head, labels, chunk_size=3, num_loss_tokens=count - 1)
 
 
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_the_loss_s_partial_last_chunk_takes_a_repeating_row_count(monkeypatch, head_trains: bool) -> None:
+    """The fused loss's partial last chunk runs over a multiple of LOSS_ROW_STEP rows, reaching back into the
+    chunk before; the repeated rows add nothing: loss and gradients (rows, and the head's when it trains) equal
+    one unchunked pass in float64."""
+    from tnlora.model import modeling
+
+    monkeypatch.setattr(modeling, "LOSS_ROW_STEP", 4)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=False).double().requires_grad_(head_trains)
+    hidden = torch.randn(1, 20, 8, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (1, 20))  # 19 labelled positions: chunks of 8, 8 and 3 rows
+    seen = []
+    linear = modeling.F.linear
+    monkeypatch.setattr(modeling.F, "linear", lambda x, w, *a: seen.append(x.shape[0]) or linear(x, w, *a))
+    results = []
+    for chunk in (8, 64):
+        head.weight.grad = None
+        loss = modeling.chunked_causal_lm_loss(hidden, head, labels, chunk_size=chunk)
+        grads = torch.autograd.grad(loss, [hidden, head.weight] if head_trains else [hidden])
+        results.append((loss, *grads))
+    assert seen == [8, 8, 4, 19]  # 3 rows rounded up to 4, one taken again from the chunk before
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+
+
 def test_gated_norm_and_the_kernel_layout_check() -> None:
     from tnlora.model.modeling import SimpleRMSNorm
     from tnlora.ops.norm import takes_rows

@@ -778,6 +778,10 @@ def _cross_entropy_sum(lm_head: nn.Module, hidden: Tensor, targets: Tensor) -> T
     return F.cross_entropy(_at_least_fp32(lm_head(hidden)), targets, reduction="sum")
 
 
+# The row counts of the chunked loss's partial last chunk are multiples of this (see _LinearCrossEntropySum).
+LOSS_ROW_STEP = 128
+
+
 class _LinearCrossEntropySum(torch.autograd.Function):
     """Σ cross-entropy(rows @ Wᵀ, targets) with the gradients computed chunk by chunk in the forward pass.
 
@@ -798,9 +802,17 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             torch.zeros_like(weight, dtype=_at_least_fp32(weight[:0]).dtype) if ctx.needs_input_grad[1] else None
         )
         total = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=rows.device)
+        count = targets.shape[0]
         with torch.autocast(device, enabled=False):
-            for lo in range(0, targets.shape[0], chunk_size):
-                chunk, target = rows[lo : lo + chunk_size].to(dtype), targets[lo : lo + chunk_size]
+            for lo in range(0, count, chunk_size):
+                hi = min(lo + chunk_size, count)
+                # A partial last chunk starts earlier, over the last rows of the chunk before, so that its row
+                # count is a multiple of LOSS_ROW_STEP (or a whole chunk): a count new every step made the BLAS
+                # library choose its kernels anew each step, milliseconds of host time with the GPU idle. The
+                # rows it repeats (`skip`) add nothing: their losses and gradient rows are dropped.
+                start = max(0, hi - min(chunk_size, -(-(hi - lo) // LOSS_ROW_STEP) * LOSS_ROW_STEP)) if lo else 0
+                skip = lo - start
+                chunk, target = rows[start:hi].to(dtype), targets[start:hi]
                 if kernel == "triton":
                     grad = F.linear(chunk, w)
                     losses = cross_entropy_grad_(grad, target)  # the gradient written over the logits
@@ -809,9 +821,10 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                     losses, grad = cross_entropy_grad_reference(logits, target)
                     del logits
                     grad = grad.to(dtype)
-                total += losses.sum()
-                grad_rows[lo : lo + chunk_size] = grad @ w
+                total += losses[skip:].sum()
+                grad_rows[lo:hi] = (grad @ w)[skip:]
                 if grad_weight is not None:
+                    grad[:skip] = 0
                     grad_weight += grad.t() @ chunk
         ctx.grads, ctx.weight_dtype = (grad_rows, grad_weight), weight.dtype
         return total
