@@ -132,6 +132,33 @@ def test_the_reply_streams_in_and_the_stop_button_ends_it_and_frees_the_slot(pag
     assert page.is_enabled("#send") and not page.is_enabled("#stop")
 
 
+def test_the_pane_follows_the_reply_until_the_reader_scrolls_up(page, live) -> None:
+    """While a long reply streams in, the messages pane keeps its end in view; scrolled up, it stays where the
+    reader put it; the page itself never scrolls (the composer and its Stop button stay put)."""
+    page.set_viewport_size({"width": 900, "height": 420})
+    open_chat(page, live)
+
+    def endless(route):
+        body = {**route.request.post_data_json, "ignore_eos": True, "max_tokens": 8000}
+        route.continue_(post_data=json.dumps(body))
+
+    page.route("**/v1/chat/completions", endless)
+    page.fill("#input", "Talk forever")
+    page.press("#input", "Enter")
+    pane = "document.getElementById('messages')"
+    page.wait_for_function(f"{pane}.scrollHeight > {pane}.clientHeight + 200")
+    at_end = f"{pane}.scrollHeight - {pane}.scrollTop - {pane}.clientHeight < 40"
+    assert page.evaluate(at_end) and page.evaluate(f"{pane}.scrollTop") > 0
+    stop_box = page.locator("#stop").bounding_box()
+    page.evaluate(f"{pane}.scrollTop = 0")
+    shown = len(page.inner_text(".msg.assistant .text"))
+    page.wait_for_function(f"document.querySelector('.msg.assistant .text').textContent.length > {shown + 20}")
+    assert page.evaluate(f"{pane}.scrollTop") == 0 and not page.evaluate(at_end)
+    assert page.evaluate("window.scrollY") == 0 and page.locator("#stop").bounding_box() == stop_box
+    page.click("#stop")
+    page.wait_for_function("document.querySelector('.msg.assistant').dataset.finish === 'stopped'")
+
+
 def test_the_api_key_field(page, loaded, start) -> None:
     server = start(loaded, api_key="page-key")
     try:
