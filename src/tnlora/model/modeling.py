@@ -824,7 +824,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 total += losses[skip:].sum()
                 grad_rows[lo:hi] = (grad @ w)[skip:]
                 if grad_weight is not None:
-                    grad[:skip] = 0
+                    if skip:
+                        grad[:skip] = 0
                     grad_weight += grad.t() @ chunk
         ctx.grads, ctx.weight_dtype = (grad_rows, grad_weight), weight.dtype
         return total
