@@ -10,6 +10,8 @@
 #   warm, pack      fla's first-use autotuning (WARM_SHAPES, default the 1B / 7B shapes); the cache's results packed
 #                   into $OUT/tcache.tgz (what src/tnlora/resources/fla_autotune_sm90.tgz ships)
 #   defaults        what tnlora train's defaults resolve to on this card (no training)
+#   issue-rows      every row of the throughput issue with the defaults: decoding 7B / 1B at batch 1 and 32,
+#                   the huanhuan-shaped training defaults 1B / 7B, 7B on one LONG_LEN-token sequence
 #   train-defaults  1B and 7B training steps with tnlora train's defaults (CARD_GIB caps the memory)
 #   train-seed      7B at the tutorial recipe's own settings (padding, 4 x 4 micro-batches, checkpointing)
 #   train-long      7B on one LONG_LEN-token sequence (offloaded checkpointing, compiled)
@@ -178,6 +180,11 @@ for stage in "$@"; do
       train --model 7B --packing false --per_device_train_batch_size 4 --gradient_accumulation_steps 4 --gradient_checkpointing true --torch_compile false $CAP --name "7B huanhuan-shaped at the tutorial recipe's settings ($COMMIT)$TAG" ;;
     train-long)
       LIMIT=300 train --model 7B --seq_len ${LONG_LEN:-131072} --use_unsloth_gc true --torch_compile true --steps 1 --warmup 1 $CAP --name "7B one ${LONG_LEN:-131072}-token sequence, offloaded checkpointing ($COMMIT)$TAG" ;;
+    issue-rows)  # the issue's rows with every default: decoding (7B, 1B at batch 1 and 32), the huanhuan-shaped
+      # training defaults (1B, 7B) and 7B on one LONG_LEN-token sequence (the last only where the card has the memory)
+      for m in 7B 1B; do decode --model $m $CAP; done
+      for m in 1B 7B; do train --model $m $CAP --name "$m huanhuan-shaped, tnlora train's defaults ($COMMIT)$TAG"; done
+      LIMIT=300 train --model 7B --seq_len ${LONG_LEN:-131072} --steps 1 --warmup 1 $CAP --name "7B one ${LONG_LEN:-131072}-token sequence, tnlora train's defaults ($COMMIT)$TAG" ;;
     train-long-defaults)
       LIMIT=300 train --model 7B --seq_len ${LONG_LEN:-131072} --steps 1 --warmup 1 $CAP --name "7B one ${LONG_LEN:-131072}-token sequence, tnlora train's defaults ($COMMIT)$TAG" ;;
     train-long-regions)
