@@ -155,7 +155,7 @@ def test_the_pane_follows_the_reply_until_the_reader_scrolls_up(page, live) -> N
     page.wait_for_function(f"document.querySelector('.msg.assistant .text').textContent.length > {shown}")
     assert page.evaluate(f"{pane}.scrollTop") == 0 and not page.evaluate(at_end)
     assert page.evaluate("window.scrollY") == 0 and page.locator("#stop").bounding_box() == stop_box
-    # The reply may have met the model's context by now (how long that takes depends on the tokenizer):
+    # The reply may have run out its 8,000 tokens by now (how much text they make depends on the tokenizer):
     # stopped if it still runs (a disabled button takes no click), then let the page finish it.
     page.evaluate("document.getElementById('stop').click()")
     page.wait_for_function("document.querySelector('.msg.assistant').dataset.finish !== undefined")
