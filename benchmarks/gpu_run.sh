@@ -149,6 +149,7 @@ e2e_run() {  # the huanhuan command end to end; $1 names its log ($1.txt, then $
   log "$2 (log: $E2E_OUT)"; timeout ${E2E_LIMIT:-480} python3 benchmarks/e2e_train.py --recipe examples/huanhuan_7b_lora_fast.yaml --model_files .whl/e2e --data .whl/e2e/huanhuan.json --work /tmp/e2e --keep_checkpoint --timeline $CAP -- ${E2E_ARGS:-} > "$E2E_OUT" 2>&1
   grep -vE "Warning|warn|it/s\]" "$E2E_OUT" | grep -v "^ *\(File\|torch\._dynamo\)" | tail -n 40 | cut -c1-240 | tee -a "$OUT/log.txt" "$OUT/table.txt"
 }
+train_long_defaults() { LIMIT=300 train --model 7B --seq_len ${LONG_LEN:-131072} --steps 1 --warmup 1 $CAP --name "7B one ${LONG_LEN:-131072}-token sequence, tnlora train's defaults ($COMMIT)$TAG"; }
 pack() { (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf "$OUT/tcache.tgz" -T -) 2>/dev/null; }
 python3 - <<'PY' 2>&1 | tee -a "$OUT/log.txt"
 import importlib
@@ -184,9 +185,9 @@ for stage in "$@"; do
       # training defaults (1B, 7B) and 7B on one LONG_LEN-token sequence (the last only where the card has the memory)
       for m in 7B 1B; do decode --model $m $CAP; done
       for m in 1B 7B; do train --model $m $CAP --name "$m huanhuan-shaped, tnlora train's defaults ($COMMIT)$TAG"; done
-      LIMIT=300 train --model 7B --seq_len ${LONG_LEN:-131072} --steps 1 --warmup 1 $CAP --name "7B one ${LONG_LEN:-131072}-token sequence, tnlora train's defaults ($COMMIT)$TAG" ;;
+      train_long_defaults ;;
     train-long-defaults)
-      LIMIT=300 train --model 7B --seq_len ${LONG_LEN:-131072} --steps 1 --warmup 1 $CAP --name "7B one ${LONG_LEN:-131072}-token sequence, tnlora train's defaults ($COMMIT)$TAG" ;;
+      train_long_defaults ;;
     train-long-regions)
       for plan in ${REGION_PLANS:-layer:0 mixers:0 layer:3 mixers:1}; do
         r=${plan%%:*}; k=${plan##*:}
