@@ -38,6 +38,13 @@ def page(browser):
     context.close()
 
 
+def endless_reply(route) -> None:
+    """A route that sends the page's request on asking for a reply that does not end by itself (eos ignored,
+    8,000 tokens): what the page never asks for, to see it while it streams."""
+    body = {**route.request.post_data_json, "ignore_eos": True, "max_tokens": 8000}
+    route.continue_(post_data=json.dumps(body))
+
+
 def open_chat(page, server) -> list[dict]:
     """Open /chat; return the list that collects the JSON bodies the page posts to the API."""
     sent: list[dict] = []
@@ -110,11 +117,7 @@ def test_chat_page_streams_replies_and_uses_the_system_prompt_and_controls(page,
 def test_the_reply_streams_in_and_the_stop_button_ends_it_and_frees_the_slot(page, live) -> None:
     open_chat(page, live)
 
-    def endless(route):  # a reply that would not end by itself (the page never asks for this)
-        body = {**route.request.post_data_json, "ignore_eos": True, "max_tokens": 8000}
-        route.continue_(post_data=json.dumps(body))
-
-    page.route("**/v1/chat/completions", endless)
+    page.route("**/v1/chat/completions", endless_reply)
     page.fill("#input", "Talk forever")
     page.press("#input", "Enter")
     # Text shows while the server is still generating: the reply streams in.
@@ -138,11 +141,7 @@ def test_the_pane_follows_the_reply_until_the_reader_scrolls_up(page, live) -> N
     page.set_viewport_size({"width": 900, "height": 360})
     open_chat(page, live)
 
-    def endless(route):
-        body = {**route.request.post_data_json, "ignore_eos": True, "max_tokens": 8000}
-        route.continue_(post_data=json.dumps(body))
-
-    page.route("**/v1/chat/completions", endless)
+    page.route("**/v1/chat/completions", endless_reply)
     page.fill("#input", "Talk forever")
     page.press("#input", "Enter")
     pane = "document.getElementById('messages')"
