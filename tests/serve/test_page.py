@@ -116,7 +116,6 @@ def test_chat_page_streams_replies_and_uses_the_system_prompt_and_controls(page,
 
 def test_the_reply_streams_in_and_the_stop_button_ends_it_and_frees_the_slot(page, live) -> None:
     open_chat(page, live)
-
     page.route("**/v1/chat/completions", endless_reply)
     page.fill("#input", "Talk forever")
     page.press("#input", "Enter")
@@ -140,7 +139,6 @@ def test_the_pane_follows_the_reply_until_the_reader_scrolls_up(page, live) -> N
     reader put it; the page itself never scrolls (the composer and its Stop button stay put)."""
     page.set_viewport_size({"width": 900, "height": 360})
     open_chat(page, live)
-
     page.route("**/v1/chat/completions", endless_reply)
     page.fill("#input", "Talk forever")
     page.press("#input", "Enter")
