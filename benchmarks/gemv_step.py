@@ -17,6 +17,7 @@ Prints every try and the table's entries; nothing in the tree changes.
     python3 benchmarks/gemv_step.py --models 7B --descend 7B --batch 32 --splits 2,3,4   # split launches too
     python3 benchmarks/gemv_step.py --models 7B --descend 7B --batch 32 --splits 2,4 --split_only
     python3 benchmarks/gemv_step.py --models 1B,7B --descend none --batch 32 --tma   # the launches of now by TMA
+    python3 benchmarks/gemv_step.py --models 1B,7B --descend none --batch 32 --prefetch 2,4   # weights asked into L2
 """
 
 from __future__ import annotations
@@ -63,16 +64,23 @@ ROUNDS = 5
 
 
 def search_candidates(
-    batch: int, splits: list[int] = (), split_only: bool = False, tma: bool = False
+    batch: int, splits: list[int] = (), split_only: bool = False, tma: bool = False, prefetch: list[int] = ()
 ) -> list[GemvConfig]:
     """The launches a search tries: CANDIDATES at one row; at several ROW_CANDIDATES (none with ``split_only``)
-    and the split launches of ``splits``, each also with its tiles through tensor descriptors with ``tma``."""
+    and the split launches of ``splits``, each also with its tiles through tensor descriptors with ``tma`` and
+    with its next column steps asked into L2 by each count of ``prefetch``."""
     if batch == 1:
         return CANDIDATES
     candidates = ([] if split_only else ROW_CANDIDATES) + split_candidates(list(splits))
     if tma:
         candidates += [config._replace(tma=True) for config in candidates]
+    candidates += [config._replace(prefetch=steps) for steps in prefetch for config in candidates if not config.tma]
     return candidates
+
+
+def prefetch_variants(launch: GemvConfig, prefetch: list[int]) -> list[GemvConfig]:
+    """``launch`` asking for each count of ``prefetch`` column steps in L2 (``--prefetch_only``'s tries)."""
+    return [launch._replace(prefetch=steps) for steps in prefetch]
 
 
 def searched_shapes(shapes: dict[str, tuple[int, int, bool]], projections: list[str] | None) -> dict:
@@ -214,12 +222,13 @@ def coordinate_descent(
     log: Callable[[str], None] = print,
     batch: int = 1,
     unfit: set[tuple[tuple[int, int, bool], GemvConfig]] = frozenset(),
-    candidates: list[GemvConfig] | None = None,
+    candidates: list[GemvConfig] | Callable[[GemvConfig], list[GemvConfig]] | None = None,
 ) -> tuple[float, float, dict[tuple[int, int, bool], GemvConfig]]:
     """One pass over ``shapes``: for each, every candidate launch (set in the table of ``batch`` rows while
     ``measure()`` runs) with the others fixed, keeping the fastest; ``unfit`` (shape, launch) pairs are left
-    out; ``candidates``: the launches tried (default CANDIDATES at one row, else ROW_CANDIDATES). Returns the first
-    and last measure and the launches chosen; the table is as it was afterwards."""
+    out; ``candidates``: the launches tried (default CANDIDATES at one row, else ROW_CANDIDATES), or a function of
+    a projection's launch of now giving them. Returns the first and last measure and the launches chosen; the
+    table is as it was afterwards."""
     if candidates is None:
         candidates = CANDIDATES if batch == 1 else ROW_CANDIDATES
     chosen = {key: gemv_config(*key, rows=batch) for key in shapes.values()}
@@ -228,7 +237,8 @@ def coordinate_descent(
         start = measure()
         for name, key in shapes.items():
             tries = {}
-            for config in dict.fromkeys([chosen[key], *candidates]):
+            tried = candidates(chosen[key]) if callable(candidates) else candidates
+            for config in dict.fromkeys([chosen[key], *tried]):
                 if (key, config) in unfit:
                     continue
                 table[key] = config
@@ -259,17 +269,21 @@ def launches_of_now(
 def tune(
     preset: str, pdl: bool, descend: bool, batch: int = 1, workers: int = 0, replays: int = REPLAYS,
     splits: list[int] = (), split_only: bool = False, projections: list[str] | None = None, tma: bool = False,
+    prefetch: list[int] = (), prefetch_only: bool = False,
 ) -> None:
     """For ``preset`` at ``batch`` rows: the step with the launches of now, early and late; with ``descend``
     one pass over the step's projections, printing the tries (ms a step) and the entries (``workers``
     processes compile the candidates first; ``splits``: the split launches of :func:`split_candidates` tried
     too, at several rows; ``split_only``: those and the launch of now only; ``projections``: the first words
-    of the names of :func:`step_shapes` searched, default all; ``tma``: every launch tried also with
-    ``GemvConfig.tma``)."""
+    of the names of :func:`step_shapes` searched, default all; ``tma``, ``prefetch``: every launch tried also
+    with ``GemvConfig.tma`` / each ``GemvConfig.prefetch`` of ``prefetch``; ``prefetch_only``: each projection's
+    launch of now tried only with each of those)."""
     model = random_model(preset, "auto", "cuda").eval()
     shapes = searched_shapes(step_shapes(model), projections)
-    candidates = search_candidates(batch, splits, split_only, tma)
-    unfit = precompile(preset, batch, shapes, workers, candidates) if descend and workers else set()
+    candidates = search_candidates(batch, splits, split_only, tma, prefetch)
+    if prefetch_only:
+        candidates = functools.partial(prefetch_variants, prefetch=prefetch)
+    unfit = precompile(preset, batch, shapes, workers, candidates) if descend and workers and not prefetch_only else set()
     measure = functools.partial(step_ms, model, pdl, batch, replays)
     name = f"{preset} batch {batch}"
     with torch.inference_mode():
@@ -277,11 +291,17 @@ def tune(
             print(f"| {preset} batch {batch} | layer forwards on cuBLASLt: "
                   f"{layer_forwards_ms(model, batch, replays):.3f} ms |", flush=True)
         changes = {"late": {"early": False}, "early": {"early": True}} | ({"tma": {"tma": True}} if tma else {})
+        changes |= {f"prefetch {steps}": {"prefetch": steps} for steps in prefetch}
+        changes |= {"early again": {"early": True}} if prefetch else {}
         times = launches_of_now(shapes, measure, batch, changes)
         print(f"| {name} | launches of now: dependents after the loop {times['late']:.3f} ms, "
               f"early {times['early']:.3f} ms |", flush=True)
         if tma:  # every launch of now with its weight tiles through tensor descriptors
             print(f"| {name} | launches of now with tma: {times['tma']:.3f} ms |", flush=True)
+        if prefetch:  # every launch of now asking for its next column steps in L2 before its wait; then without
+            cells = ", ".join(f"{steps} steps {times[f'prefetch {steps}']:.3f} ms" for steps in prefetch)
+            print(f"| {name} | launches of now with prefetch: {cells}; without again {times['early again']:.3f} ms |",
+                  flush=True)
         if not descend:
             return
         start, end, chosen = coordinate_descent(shapes, measure, lambda line: print(f"| {name} {line}", flush=True),
@@ -310,12 +330,19 @@ def main() -> int:
                         "words of the names: qkvu, out_proj, l1, l3, lm_head; default all)")
     parser.add_argument("--tma", action="store_true", help="at several rows, every launch tried also with its "
                         "weight tiles through tensor descriptors (GemvConfig.tma)")
+    parser.add_argument("--prefetch", default="", help="at several rows, every launch tried also with its next "
+                        "column steps asked into L2 before its wait, these many (GemvConfig.prefetch), e.g. 2,4")
+    parser.add_argument("--prefetch_only", action="store_true",
+                        help="with --prefetch: try only each projection's launch of now with those counts")
     args = parser.parse_args()
     projections = [name for name in args.projections.split(",") if name]
     known = {"qkvu", "out_proj", "l1", "l3", "lm_head"}
     if unknown := sorted(set(projections) - known):
         parser.error(f"--projections: unknown {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     splits = [int(part) for part in args.splits.split(",") if part]
+    prefetch = [int(part) for part in args.prefetch.split(",") if part]
+    if args.prefetch_only and not prefetch:
+        parser.error("--prefetch_only needs --prefetch")
     if args.split_only and not splits:
         parser.error("--split_only needs --splits")
     if not torch.cuda.is_available():
@@ -324,7 +351,8 @@ def main() -> int:
     print(environment_line(), flush=True)
     for preset in args.models.split(","):
         tune(preset, args.pdl, preset in args.descend.split(","), args.batch, args.compile_workers,
-             args.replays, splits, args.split_only, projections, args.tma)
+             args.replays, splits, args.split_only, projections, args.tma,
+             prefetch, args.prefetch_only)
         torch.cuda.empty_cache()  # the model and its graphs are gone: the next preset gets the memory
     return 0
 

@@ -3,6 +3,7 @@ the decoding path, one parseable table row each."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -412,6 +413,17 @@ def test_gemv_step_descent_keeps_the_fastest_launch_per_projection_and_restores_
         start, end, chosen = step.coordinate_descent(shapes, measure, log=lambda line: None, batch=batch)
         assert chosen == best and end == 0.0 < start, batch
         assert tables == (gemv_ops.TUNED, gemv_ops.ROWS_TUNED)
+    # --prefetch_only: each projection's launch of now with each count; here 2 steps pay for qkvu only
+    now = {key: gemv_ops.gemv_config(*key, rows=32) for key in shapes.values()}
+    want = {key: launch._replace(prefetch=2 if key == shapes["qkvu"] else 0) for key, launch in now.items()}
+
+    def fetched(want: dict = want) -> float:
+        return sum(abs(gemv_ops.gemv_config(*key, rows=32).prefetch - launch.prefetch) for key, launch in want.items())
+
+    variants = functools.partial(step.prefetch_variants, prefetch=[1, 2])
+    start, end, chosen = step.coordinate_descent(shapes, fetched, log=lambda line: None, batch=32, candidates=variants)
+    assert chosen == want and (start, end) == (2, 0)
+    assert dict(gemv_ops.ROWS_TUNED) == tables[1]
 
 
 def test_gemv_step_launches_of_now_measures_each_change_and_restores_the_table():
@@ -432,8 +444,9 @@ def test_gemv_step_launches_of_now_measures_each_change_and_restores_the_table()
 
 
 def test_gemv_step_search_options_choose_launches_and_projections():
-    """gemv_step.py's --splits / --split_only / --tma / --projections: the split launches beside the row ones or
-    alone, each with a TMA twin, one row's candidates untouched; the projections named by their first word."""
+    """gemv_step.py's --splits / --split_only / --tma / --prefetch / --projections: the split launches beside the
+    row ones or alone, each with a TMA twin and a prefetching one, one row's candidates untouched; the projections
+    named by their first word."""
     step = _benchmark_module("gemv_step")
     assert step.search_candidates(1, [2], tma=True) == step.CANDIDATES
     assert step.search_candidates(32) == step.ROW_CANDIDATES
@@ -442,6 +455,9 @@ def test_gemv_step_search_options_choose_launches_and_projections():
     both = step.search_candidates(32, [2], tma=True)
     plain = step.ROW_CANDIDATES + step.split_candidates([2])
     assert both == plain + [c._replace(tma=True) for c in plain]
+    fetched = step.search_candidates(32, [2], tma=True, prefetch=[2, 4])
+    asked = [c._replace(prefetch=steps) for steps in (2, 4) for c in plain]
+    assert fetched == both + asked  # no TMA launch asks for a prefetch
     shapes = {"qkvu": (1, 2, False), "l1 / l2 (GLU)": (3, 4, True), "l3": (4, 3, False)}
     assert step.searched_shapes(shapes, ["l1", "l3"]) == {"l1 / l2 (GLU)": (3, 4, True), "l3": (4, 3, False)}
     assert step.searched_shapes(shapes, []) == shapes

@@ -244,6 +244,25 @@ def test_tma_reads_only_weights_it_can_address() -> None:
         assert torch.equal(gemv(*inputs, config=config), want)
 
 
+def test_a_prefetch_launch_asks_only_where_it_can() -> None:
+    """``prefetch`` asks sm_90's bulk copies for whole rows of the weight on 16 bytes: never off a CUDA card of
+    sm_90 (the interpreter has no inline assembly), nor for rows, steps or a start off 16 bytes; where it cannot,
+    the launch runs without, with the same bits."""
+    x, w, _, _ = _inputs(37, 64, torch.float32, seed=5, rows=(3,))
+    odd = torch.zeros(37 * 64 + 1, dtype=w.dtype, device=w.device)[1:].view(37, 64)
+    odd.copy_(w)  # rows of 256 bytes from a start 4 bytes past the allocation's
+    on_sm90 = w.is_cuda and torch.cuda.get_device_capability(w.device)[0] >= 9
+    assert gemv_module.prefetchable(w, 32) == on_sm90
+    assert not gemv_module.prefetchable(odd, 32)
+    assert not gemv_module.prefetchable(w, 2)  # 8 bytes a step
+    assert not gemv_module.prefetchable(w[:, :62], 32)  # rows of 248 bytes
+    config = GemvConfig(16, 32, 4, 2, False, True)
+    want = gemv(x, w, config=config)
+    for weight in (w, odd):
+        for steps in (1, 5):  # the second past the weight's end
+            assert torch.equal(gemv(x, weight, config=config._replace(prefetch=steps)), want)
+
+
 def test_a_split_launch_whose_norm_sums_its_own_squares_runs_unsplit() -> None:
     """A part of K has only its columns of x, so a norm without ``norm_squares`` runs the launch unsplit: the
     unsplit launch's bits."""
@@ -327,9 +346,12 @@ def test_arguments_are_checked() -> None:
         gemv(torch.zeros(2, 64, device=DEVICE)[:, ::2], w)
     with pytest.raises(ValueError, match="block_n >= 16"):
         gemv(x.expand(2, 32), w, config=GemvConfig(8, 32))
-    for launch in (GemvConfig(8, 32, swap=True), GemvConfig(8, 32, split=2), GemvConfig(8, 32, tma=True)):
-        with pytest.raises(ValueError, match="swap, split or tma is for x of several rows"):
+    for launch in (GemvConfig(8, 32, swap=True), GemvConfig(8, 32, split=2), GemvConfig(8, 32, tma=True),
+                   GemvConfig(8, 32, prefetch=2)):
+        with pytest.raises(ValueError, match="swap, split, tma or prefetch is for x of several rows"):
             gemv(x, w, config=launch)
+    with pytest.raises(ValueError, match="prefetch must be 0 or more"):
+        gemv(x.expand(2, 32), w, config=GemvConfig(16, 32, prefetch=-1))
     with pytest.raises(ValueError, match="split must be at least 1"):
         gemv(x.expand(2, 32), w, config=GemvConfig(16, 32, split=0))
     with pytest.raises(ValueError, match=r"residual must be \[2, 8\]"):
@@ -396,15 +418,16 @@ def test_cuda_rows_at_model_shapes(n: int, k: int, glu: bool) -> None:
 
 @pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA device (model-sized shapes)")
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", [{"split": 2}, {"split": 3}, {"split": 1, "tma": True}, {"split": 2, "tma": True}],
-                         ids=str)
+@pytest.mark.parametrize("variant", [{"split": 2}, {"split": 3}, {"split": 1, "tma": True}, {"split": 2, "tma": True},
+                                     {"split": 1, "prefetch": 2}, {"split": 2, "prefetch": 4}], ids=str)
 @pytest.mark.parametrize(("n", "k", "glu"), sorted(ROWS_TUNED))
 def test_cuda_launch_variants_at_model_shapes(n: int, k: int, glu: bool, variant: dict) -> None:
-    """bf16, 32 rows, each shape's tuned launch with K split into parts and with its tiles through tensor
-    descriptors (``tma``; a card before sm_90 reads through pointers), in the decode step's forms (the norm's
-    squares read in, the residual projections' squares written): as close to the model's ops as bf16 allows,
-    the same bits call after call and replayed in a CUDA graph (the split counters set back to zero by each
-    call), and every counter zero afterwards."""
+    """bf16, 32 rows, each shape's tuned launch with K split into parts, with its tiles through tensor
+    descriptors (``tma``; a card before sm_90 reads through pointers) and with its weight rows prefetched to L2
+    (``prefetch``), in the decode step's forms (the norm's squares read in, the residual projections' squares
+    written): as close to the model's ops as bf16 allows, the same bits call after call and replayed in a CUDA
+    graph (the split counters set back to zero by each call), every counter zero afterwards, and with ``tma`` or
+    ``prefetch`` the bits of the same launch without."""
     x, w, w2, residual = _inputs(n, k, torch.bfloat16, seed=n, rows=(32,))
     if glu or n == 64000 or (n, k) in ((16384, 4096), (8192, 2048)):  # the normed projections
         options = {"norm_eps": 1e-6, "weight2": w2} if glu else {"norm_eps": 1e-6}
@@ -416,6 +439,8 @@ def test_cuda_launch_variants_at_model_shapes(n: int, k: int, glu: bool, variant
     got = gemv(x, w, config=launch, **options)
     assert _relative_error(got, x, w, reference) <= TOLERANCE[torch.bfloat16]
     assert torch.equal(gemv(x, w, config=launch, **options), got)
+    if variant.get("tma") or variant.get("prefetch"):
+        assert torch.equal(gemv(x, w, config=launch._replace(tma=False, prefetch=0), **options), got)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         replayed = gemv(x, w, config=launch, **options)

@@ -48,7 +48,9 @@ class GemvConfig(NamedTuple):
     several rows only, ``split``: the columns of K split into that many parts, each a program of its own whose
     sums the last to finish adds up (more programs for a weight of few tiles; see :func:`gemv`); ``tma``: the
     weight tiles read by the copy engine (TMA, sm_90 and later) through tensor descriptors instead of each
-    thread's loads (see :func:`gemv`). In fp64 several rows take at most ``FP64_STEP`` values of x a step
+    thread's loads (see :func:`gemv`); ``prefetch``: each program asks for its weight rows' next ``prefetch``
+    column steps to be brought into L2 before it waits for the kernel before it (sm_90 and later; see
+    :func:`gemv`). In fp64 several rows take at most ``FP64_STEP`` values of x a step
     (``block_k`` shortened to fit)."""
 
     block_n: int
@@ -60,6 +62,7 @@ class GemvConfig(NamedTuple):
     swap: bool = False
     split: int = 1
     tma: bool = False
+    prefetch: int = 0
 
 
 # The launch per TNL shape (N, K, GLU) that measured fastest on the H200 (benchmarks/RESULTS.md, "The GEMV
@@ -86,16 +89,18 @@ TUNED = {
 # (weight rows a program, columns a step, warps, stages; dependents launched early; the last field: the
 # products as W xᵀ; the parts K is split into), both on an H100 with the norms reading the squares the projection
 # before wrote: 1B's step 1.551 → 1.520 ms (the layer forwards' 1.609), 7B's 7.640 → 7.179 (7.262); then 7B's
-# out_proj and l3 in two parts of K each (``--splits 2,4 --split_only``): 6.797 → 6.605 ms.
+# out_proj and l3 in two parts of K each (``--splits 2,4 --split_only``): 6.797 → 6.605 ms; then the next one or
+# two column steps asked into L2 before the wait (``--prefetch 1,2,3 --prefetch_only``; l3 and the heads tied
+# without): 1B 1.428 → 1.412, 7B 6.611 → 6.569.
 ROWS_TUNED = {
-    (16384, 4096, False): GemvConfig(128, 128, 4, 4, False, True),  # 7B qkvu
-    (4096, 4096, False): GemvConfig(64, 128, 4, 4, False, True, True, 2),  # 7B out_proj
-    (11008, 4096, True): GemvConfig(64, 128, 4, 4, False, True, True),  # 7B l1 / l2 as the GLU
+    (16384, 4096, False): GemvConfig(128, 128, 4, 4, False, True, prefetch=2),  # 7B qkvu
+    (4096, 4096, False): GemvConfig(64, 128, 4, 4, False, True, True, 2, prefetch=2),  # 7B out_proj
+    (11008, 4096, True): GemvConfig(64, 128, 4, 4, False, True, True, prefetch=2),  # 7B l1 / l2 as the GLU
     (4096, 11008, False): GemvConfig(64, 128, 4, 4, False, True, True, 2),  # 7B l3
     (64000, 4096, False): GemvConfig(128, 128, 8, 4, False, True, True),  # 7B lm_head
-    (8192, 2048, False): GemvConfig(64, 128, 4, 4, False, True, True),  # 1B qkvu
-    (2048, 2048, False): GemvConfig(16, 256, 4, 4, False, True),  # 1B out_proj
-    (5632, 2048, True): GemvConfig(32, 128, 4, 4, False, True),  # 1B l1 / l2 as the GLU
+    (8192, 2048, False): GemvConfig(64, 128, 4, 4, False, True, True, prefetch=2),  # 1B qkvu
+    (2048, 2048, False): GemvConfig(16, 256, 4, 4, False, True, prefetch=1),  # 1B out_proj
+    (5632, 2048, True): GemvConfig(32, 128, 4, 4, False, True, prefetch=1),  # 1B l1 / l2 as the GLU
     (2048, 5632, False): GemvConfig(32, 256, 4, 4, False, True),  # 1B l3
     (64000, 2048, False): GemvConfig(128, 128, 4, 2, False, True),  # 1B lm_head
 }
@@ -179,13 +184,15 @@ def gemv(
                                      or not norm_squares.is_contiguous() or norm_squares.dtype != sums_dtype):
         raise ValueError(f"norm_squares must be contiguous [P, {rows}] of {sums_dtype} and needs norm_eps")
     y = torch.empty(*lead, n, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, stages, row_sum, early, swap, split, tma = config or gemv_config(
+    block_n, block_k, warps, stages, row_sum, early, swap, split, tma, prefetch = config or gemv_config(
         n, k, glu=weight2 is not None, rows=rows or 1
     )
-    if (swap or split != 1 or tma) and rows is None:
-        raise ValueError("a launch with swap, split or tma is for x of several rows [M, K]")
+    if (swap or split != 1 or tma or prefetch) and rows is None:
+        raise ValueError("a launch with swap, split, tma or prefetch is for x of several rows [M, K]")
     if split < 1:
         raise ValueError(f"split must be at least 1, got {split}")
+    if prefetch < 0:
+        raise ValueError(f"prefetch must be 0 or more column steps, got {prefetch}")
     gate_in = gate if gate is not None else x  # unread without a gate
     weight2_in = weight2 if weight2 is not None else weight  # unread without GLU
     residual_in = residual if residual is not None else y  # unread without a residual
@@ -245,6 +252,9 @@ def gemv(
     # The copy engine reads what it can address: the weights, and x and the gate where their rows allow too.
     tma = tma and dot and all(tma_addressable(t, block_k) for t in (weight, weight2) if t is not None)
     tma_x = tma and all(tma_addressable(t, block_k) for t in (x, gate) if t is not None)
+    # L2 prefetches of whole rows need the rows and the steps on 16 bytes, and sm_90's bulk copies.
+    if not (dot and not tma and all(prefetchable(t, block_k) for t in (weight, weight2) if t is not None)):
+        prefetch = 0
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -253,7 +263,7 @@ def gemv(
 
         inputs = (described(x, block_m), described(gate_in, block_m)) if tma_x else (x, gate_in)
         pointers = (*inputs, described(weight, block_n), described(weight2_in, block_n), residual_in, y)
-    options.update(DOT=dot, PRECISION="ieee", BLOCK_M=block_m, TMA=tma, TMA_X=tma_x,
+    options.update(DOT=dot, PRECISION="ieee", BLOCK_M=block_m, TMA=tma, TMA_X=tma_x, PREFETCH=prefetch,
                    SQUARES_IN=norm_squares is not None, SQUARES_OUT=emit_squares, SWAP=swap, SPLIT=splits,
                    K_PART=k_part, EVEN_K=k % k_part == 0, BLOCK_P=max(2, 1 << (parts - 1).bit_length()))
     arguments = (*pointers, rows, n, x.stride(0), gate_in.stride(0), residual_in.stride(0), weight.stride(0),
@@ -351,6 +361,16 @@ def tma_addressable(matrix: Tensor, block_k: int) -> bool:
     return aligned
 
 
+def prefetchable(weight: Tensor, block_k: int) -> bool:
+    """Whether a launch with ``prefetch`` can ask for ``weight`` [N, K]'s rows in L2 in steps of ``block_k``
+    columns: a CUDA card of sm_90 or later (the bulk prefetch; the interpreter has no inline assembly), the
+    start, the rows, the steps and the row's end on 16 bytes. Elsewhere the launch runs without."""
+    size = weight.element_size()
+    aligned = all(value % 16 == 0 for value in (weight.data_ptr(), weight.stride(0) * size, block_k * size,
+                                                   weight.shape[1] * size))
+    return aligned and weight.device.type == "cuda" and torch.cuda.get_device_capability(weight.device)[0] >= 9
+
+
 def pdl_supported(device: torch.device | str) -> bool:
     """Whether kernels on ``device`` can be programmatic dependent launches: a CUDA card of sm_90 or later and
     a Triton that has them (3.3 and later)."""
@@ -392,6 +412,6 @@ def gemv_reference(
 
 __all__ = [
     "EMBED_BLOCK", "FP64_STEP", "ROWS_MAX", "ROWS_TUNED", "SPLIT_COUNTER_SLOTS", "TUNED", "GemvConfig",
-    "embed_rows", "gemv", "gemv_config", "gemv_reference", "pdl_supported", "split_counters", "squares_dtype",
-    "tma_addressable",
+    "embed_rows", "gemv", "gemv_config", "gemv_reference", "pdl_supported", "prefetchable", "split_counters",
+    "squares_dtype", "tma_addressable",
 ]

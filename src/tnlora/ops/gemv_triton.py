@@ -48,6 +48,21 @@ def _rows_weight(w, row_offsets, stride_w, row_ok, col0, K: tl.constexpr, EVEN_K
 
 
 @triton.jit
+def _prefetch_rows(w_ptr, rows, stride_w, row_ok, col_from, col_to):
+    """Asks the copy engine to bring W's rows ``rows``, columns [col_from, col_to), into L2 (sm_90's bulk
+    prefetch, one request a row: a hint; nothing is read into this program and nothing waits for it). Rows
+    outside W and an empty range ask for nothing. The range's start and length must lie on 16 bytes."""
+    nbytes = (col_to - col_from) * (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
+    ptrs = w_ptr + rows.to(tl.int64) * stride_w + col_from
+    ask = (row_ok & (nbytes > 0)).to(tl.int32)
+    # The result is a dummy: the request is the point (not pure, so it is kept).
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.b32 $0, 0; }",
+        "=r,l,r,r", [ptrs, ask, nbytes + tl.zeros_like(ask)], dtype=tl.int32, is_pure=False, pack=1,
+    )
+
+
+@triton.jit
 def _vector_tile(ptr, cols, K: tl.constexpr, EVEN_K: tl.constexpr):
     """Entries ``cols`` of a vector of K (zeros past its end)."""
     if EVEN_K:  # noqa: SIM108 (the form of _weight_tile)
@@ -328,6 +343,7 @@ def rows_kernel(
     BLOCK_P: tl.constexpr,
     TMA: tl.constexpr = False,
     TMA_X: tl.constexpr = False,
+    PREFETCH: tl.constexpr = 0,
 ):
     """BLOCK_N columns of Y = X Wᵀ for all M (≤ BLOCK_M) rows of X at once: :func:`gemv_kernel` for a few rows,
     each weight tile read once for every row (a tensor-core dot of the rows and the tile). NORM, GATE, GLU
@@ -352,7 +368,12 @@ def rows_kernel(
     With TMA ``w_ptr`` and ``w2_ptr`` are tensor descriptors of the weights [N, K] with blocks [BLOCK_N,
     BLOCK_K]: the tiles come by the Hopper copy engine (TMA) straight into shared memory, several steps ahead
     (the loop's stages); with TMA_X also x and the gate (``x_ptr``, ``gate_ptr``: [M, K], blocks [BLOCK_M,
-    BLOCK_K])."""
+    BLOCK_K]).
+
+    With PREFETCH > 0 (sm_90, pointers, not TMA) each program asks for its weight rows' columns of the PREFETCH
+    steps after the first to be brought into L2 before it waits (:func:`_prefetch_rows`), so that the weight
+    reads of a dependent launch start while the kernel before it ends rather than after (rows and steps on 16
+    bytes)."""
     tl.static_assert(SPLIT == 1 or not NORM or SQUARES_IN, "a split launch's norm reads its sums of squares")
     if PDL and EARLY:
         gdc_launch_dependents()
@@ -379,6 +400,11 @@ def rows_kernel(
     w = _rows_weight(w_ptr, row_offsets, stride_w, row_ok, k_first, K, EVEN_K, TMA, BLOCK_N, BLOCK_K)
     if GLU:
         w2 = _rows_weight(w2_ptr, row_offsets, stride_w2, row_ok, k_first, K, EVEN_K, TMA, BLOCK_N, BLOCK_K)
+    if PREFETCH > 0:  # the next steps' weight columns on their way to L2 while the kernel before ends
+        k_end = tl.minimum(tl.minimum(k_first + K_PART, K), k_first + (PREFETCH + 1) * BLOCK_K)
+        _prefetch_rows(w_ptr, rows, stride_w, row_ok, k_first + BLOCK_K, k_end)
+        if GLU:
+            _prefetch_rows(w2_ptr, rows, stride_w2, row_ok, k_first + BLOCK_K, k_end)
     if PDL:
         gdc_wait()
     x, xin = _rows_input(x_ptr, gate_ptr, m, m_ok, k_first, stride_x, stride_gate, K, EVEN_K, GATE, TMA_X, BLOCK_K)
