@@ -263,6 +263,18 @@ def test_a_prefetch_launch_asks_only_where_it_can() -> None:
             assert torch.equal(gemv(x, weight, config=config._replace(prefetch=steps)), want)
 
 
+def test_tuned_launches_ask_for_their_prefetch_from_the_rows_they_were_chosen_at() -> None:
+    """``ROWS_TUNED``'s prefetch counts were chosen at 32 rows; under ``PREFETCH_MIN_ROWS`` the same launches run
+    without (at 8 rows they slowed the 7B step), everything else about them the same."""
+    fetching = {key: launch for key, launch in ROWS_TUNED.items() if launch.prefetch}
+    assert fetching  # the entries this test is about
+    for (n, k, glu), launch in fetching.items():
+        assert gemv_config(n, k, glu, rows=gemv_module.PREFETCH_MIN_ROWS) == launch
+        assert gemv_config(n, k, glu, rows=32) == launch
+        assert gemv_config(n, k, glu, rows=gemv_module.PREFETCH_MIN_ROWS - 1) == launch._replace(prefetch=0)
+        assert gemv_config(n, k, glu, rows=4) == launch._replace(prefetch=0)
+
+
 def test_a_split_launch_whose_norm_sums_its_own_squares_runs_unsplit() -> None:
     """A part of K has only its columns of x, so a norm without ``norm_squares`` runs the launch unsplit: the
     unsplit launch's bits."""

@@ -104,6 +104,9 @@ ROWS_TUNED = {
     (2048, 5632, False): GemvConfig(32, 256, 4, 4, False, True),  # 1B l3
     (64000, 2048, False): GemvConfig(128, 128, 4, 2, False, True),  # 1B lm_head
 }
+# The fewest rows of x a launch of ROWS_TUNED asks for its prefetch at: the entries were chosen at 32 rows, and
+# at 8 the 7B step ran 2 % slower with them (1B unchanged), so smaller batches run their launches without.
+PREFETCH_MIN_ROWS = 17
 # The most values of x a step of the fp64 rows kernel multiplies (BLOCK_M x BLOCK_K; the column step is
 # shortened to fit): it holds a tile's products [BLOCK_M, BLOCK_N, BLOCK_K] in registers, and ptxas for sm_90
 # gives the normed GLU form 0 to 560 B of stack a thread at the tested launches so shortened, against 57 KB
@@ -123,11 +126,13 @@ def squares_dtype(dtype: torch.dtype) -> torch.dtype:
 def gemv_config(n: int, k: int, glu: bool = False, rows: int = 1) -> GemvConfig:
     """The launch for y [N] = W [N, K] x: the measured one for TNL's shapes (``TUNED``), else 4 rows a program
     and 1,024 columns a step (or K's next power of two), 3 stages, dependents launched early (other shapes are
-    not measured). For several ``rows`` of x: ``ROWS_TUNED``'s, else 32 weight rows a program (the dot's
-    operands need 16 at least) and 256 columns a step."""
+    not measured). For several ``rows`` of x: ``ROWS_TUNED``'s (without its prefetch under
+    ``PREFETCH_MIN_ROWS`` rows), else 32 weight rows a program (the dot's operands need 16 at least) and 256
+    columns a step."""
     if rows > 1:
         if (n, k, glu) in ROWS_TUNED:
-            return ROWS_TUNED[n, k, glu]
+            launch = ROWS_TUNED[n, k, glu]
+            return launch if rows >= PREFETCH_MIN_ROWS else launch._replace(prefetch=0)
         return GemvConfig(32, min(256, max(16, 1 << (k - 1).bit_length())), 4, 3, False, True)
     if (n, k, glu) in TUNED:
         return TUNED[n, k, glu]
@@ -411,7 +416,7 @@ def gemv_reference(
 
 
 __all__ = [
-    "EMBED_BLOCK", "FP64_STEP", "ROWS_MAX", "ROWS_TUNED", "SPLIT_COUNTER_SLOTS", "TUNED", "GemvConfig",
+    "EMBED_BLOCK", "FP64_STEP", "PREFETCH_MIN_ROWS", "ROWS_MAX", "ROWS_TUNED", "SPLIT_COUNTER_SLOTS", "TUNED", "GemvConfig",
     "embed_rows", "gemv", "gemv_config", "gemv_reference", "pdl_supported", "prefetchable", "split_counters",
     "squares_dtype", "tma_addressable",
 ]
