@@ -17,7 +17,8 @@ Prints every try and the table's entries; nothing in the tree changes.
     python3 benchmarks/gemv_step.py --models 7B --descend 7B --batch 32 --splits 2,3,4   # split launches too
     python3 benchmarks/gemv_step.py --models 7B --descend 7B --batch 32 --splits 2,4 --split_only
     python3 benchmarks/gemv_step.py --models 1B,7B --descend none --batch 32 --tma   # the launches of now by TMA
-    python3 benchmarks/gemv_step.py --models 1B,7B --descend none --batch 32 --prefetch 2,4   # weights asked into L2
+    python3 benchmarks/gemv_step.py --models 1B,7B --descend none --batch 32 --prefetch 1,2   # weights asked into L2
+    python3 benchmarks/gemv_step.py --descend 1B,7B --batch 16 --prefetch 0,1,2 --prefetch_only --compile_workers 0
 """
 
 from __future__ import annotations
@@ -216,6 +217,18 @@ def table_kept(batch: int) -> Iterator[dict[tuple[int, int, bool], GemvConfig]]:
         table.update(saved)
 
 
+@contextlib.contextmanager
+def prefetch_at_every_batch() -> Iterator[None]:
+    """Inside, ``gemv_config`` keeps a launch's prefetch count at any number of rows (``ROWS_TUNED``'s counts apply
+    from ``PREFETCH_MIN_ROWS`` rows only), so that a search below that measures the counts it tries."""
+    saved = gemv_ops.PREFETCH_MIN_ROWS
+    gemv_ops.PREFETCH_MIN_ROWS = 2
+    try:
+        yield
+    finally:
+        gemv_ops.PREFETCH_MIN_ROWS = saved
+
+
 def coordinate_descent(
     shapes: dict[str, tuple[int, int, bool]],
     measure: Callable[[], float],
@@ -278,6 +291,16 @@ def tune(
     of the names of :func:`step_shapes` searched, default all; ``tma``, ``prefetch``: every launch tried also
     with ``GemvConfig.tma`` / each ``GemvConfig.prefetch`` of ``prefetch``; ``prefetch_only``: each projection's
     launch of now tried only with each of those)."""
+    with prefetch_at_every_batch() if prefetch else contextlib.nullcontext():
+        _tune(preset, pdl, descend, batch, workers, replays, splits, split_only, projections, tma, prefetch,
+              prefetch_only)
+
+
+def _tune(
+    preset: str, pdl: bool, descend: bool, batch: int, workers: int, replays: int, splits: list[int],
+    split_only: bool, projections: list[str] | None, tma: bool, prefetch: list[int], prefetch_only: bool,
+) -> None:
+    """:func:`tune`'s body."""
     model = random_model(preset, "auto", "cuda").eval()
     shapes = searched_shapes(step_shapes(model), projections)
     candidates = search_candidates(batch, splits, split_only, tma, prefetch)
@@ -291,17 +314,18 @@ def tune(
             print(f"| {preset} batch {batch} | layer forwards on cuBLASLt: "
                   f"{layer_forwards_ms(model, batch, replays):.3f} ms |", flush=True)
         changes = {"late": {"early": False}, "early": {"early": True}} | ({"tma": {"tma": True}} if tma else {})
-        changes |= {f"prefetch {steps}": {"prefetch": steps} for steps in prefetch}
-        changes |= {"early again": {"early": True}} if prefetch else {}
+        if prefetch:  # without, each count, without again (the spread between the two)
+            changes |= {"prefetch 0": {"prefetch": 0}} | {f"prefetch {n}": {"prefetch": n} for n in prefetch}
+            changes |= {"prefetch 0 again": {"prefetch": 0}}
         times = launches_of_now(shapes, measure, batch, changes)
         print(f"| {name} | launches of now: dependents after the loop {times['late']:.3f} ms, "
               f"early {times['early']:.3f} ms |", flush=True)
         if tma:  # every launch of now with its weight tiles through tensor descriptors
             print(f"| {name} | launches of now with tma: {times['tma']:.3f} ms |", flush=True)
-        if prefetch:  # every launch of now asking for its next column steps in L2 before its wait; then without
-            cells = ", ".join(f"{steps} steps {times[f'prefetch {steps}']:.3f} ms" for steps in prefetch)
-            print(f"| {name} | launches of now with prefetch: {cells}; without again {times['early again']:.3f} ms |",
-                  flush=True)
+        if prefetch:  # every launch of now asking for its next column steps in L2 before its wait, and without
+            cells = ", ".join(f"{n} steps {times[f'prefetch {n}']:.3f} ms" for n in prefetch)
+            print(f"| {name} | launches of now without prefetch {times['prefetch 0']:.3f} ms; with {cells}; "
+                  f"without again {times['prefetch 0 again']:.3f} ms |", flush=True)
         if not descend:
             return
         start, end, chosen = coordinate_descent(shapes, measure, lambda line: print(f"| {name} {line}", flush=True),
@@ -331,7 +355,8 @@ def main() -> int:
     parser.add_argument("--tma", action="store_true", help="at several rows, every launch tried also with its "
                         "weight tiles through tensor descriptors (GemvConfig.tma)")
     parser.add_argument("--prefetch", default="", help="at several rows, every launch tried also with its next "
-                        "column steps asked into L2 before its wait, these many (GemvConfig.prefetch), e.g. 2,4")
+                        "column steps asked into L2 before its wait, these many (GemvConfig.prefetch), e.g. 0,1,2; "
+                        "the launches keep their counts at any batch meanwhile (PREFETCH_MIN_ROWS set aside)")
     parser.add_argument("--prefetch_only", action="store_true",
                         help="with --prefetch: try only each projection's launch of now with those counts")
     args = parser.parse_args()

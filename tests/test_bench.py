@@ -424,6 +424,12 @@ def test_gemv_step_descent_keeps_the_fastest_launch_per_projection_and_restores_
     start, end, chosen = step.coordinate_descent(shapes, fetched, log=lambda line: None, batch=32, candidates=variants)
     assert chosen == want and (start, end) == (2, 0)
     assert dict(gemv_ops.ROWS_TUNED) == tables[1]
+    # below PREFETCH_MIN_ROWS the table's counts are dropped, but not while a search measures them
+    key, launch = next((key, launch) for key, launch in gemv_ops.ROWS_TUNED.items() if launch.prefetch)
+    assert gemv_ops.gemv_config(*key, rows=8).prefetch == 0
+    with step.prefetch_at_every_batch():
+        assert gemv_ops.gemv_config(*key, rows=8) == launch
+    assert gemv_ops.gemv_config(*key, rows=8).prefetch == 0
 
 
 def test_gemv_step_launches_of_now_measures_each_change_and_restores_the_table():
