@@ -416,7 +416,7 @@ def gemv_reference(
 
 
 __all__ = [
-    "EMBED_BLOCK", "FP64_STEP", "PREFETCH_MIN_ROWS", "ROWS_MAX", "ROWS_TUNED", "SPLIT_COUNTER_SLOTS", "TUNED", "GemvConfig",
-    "embed_rows", "gemv", "gemv_config", "gemv_reference", "pdl_supported", "prefetchable", "split_counters",
-    "squares_dtype", "tma_addressable",
+    "EMBED_BLOCK", "FP64_STEP", "PREFETCH_MIN_ROWS", "ROWS_MAX", "ROWS_TUNED", "SPLIT_COUNTER_SLOTS", "TUNED",
+    "GemvConfig", "embed_rows", "gemv", "gemv_config", "gemv_reference", "pdl_supported", "prefetchable",
+    "split_counters", "squares_dtype", "tma_addressable",
 ]
