@@ -258,7 +258,7 @@ def gemv(
     tma = tma and dot and all(tma_addressable(t, block_k) for t in (weight, weight2) if t is not None)
     tma_x = tma and all(tma_addressable(t, block_k) for t in (x, gate) if t is not None)
     # L2 prefetches of whole rows need the rows and the steps on 16 bytes, and sm_90's bulk copies.
-    if not (dot and not tma and all(prefetchable(t, block_k) for t in (weight, weight2) if t is not None)):
+    if prefetch and not (dot and not tma and all(prefetchable(t, block_k) for t in (weight, weight2) if t is not None)):
         prefetch = 0
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -371,9 +371,9 @@ def prefetchable(weight: Tensor, block_k: int) -> bool:
     columns: a CUDA card of sm_90 or later (the bulk prefetch; the interpreter has no inline assembly), the
     start, the rows, the steps and the row's end on 16 bytes. Elsewhere the launch runs without."""
     size = weight.element_size()
-    aligned = all(value % 16 == 0 for value in (weight.data_ptr(), weight.stride(0) * size, block_k * size,
-                                                   weight.shape[1] * size))
-    return aligned and weight.device.type == "cuda" and torch.cuda.get_device_capability(weight.device)[0] >= 9
+    # What the copy engine needs (start and rows on 16 bytes, an sm_90 card), and whole 16-byte steps and row ends.
+    return (weight.is_cuda and tma_addressable(weight, block_k) and block_k * size % 16 == 0
+            and weight.shape[1] * size % 16 == 0)
 
 
 def pdl_supported(device: torch.device | str) -> bool:
