@@ -292,47 +292,39 @@ def tune(
     with ``GemvConfig.tma`` / each ``GemvConfig.prefetch`` of ``prefetch``; ``prefetch_only``: each projection's
     launch of now tried only with each of those)."""
     with prefetch_at_every_batch() if prefetch else contextlib.nullcontext():
-        _tune(preset, pdl, descend, batch, workers, replays, splits, split_only, projections, tma, prefetch,
-              prefetch_only)
-
-
-def _tune(
-    preset: str, pdl: bool, descend: bool, batch: int, workers: int, replays: int, splits: list[int],
-    split_only: bool, projections: list[str] | None, tma: bool, prefetch: list[int], prefetch_only: bool,
-) -> None:
-    """:func:`tune`'s body."""
-    model = random_model(preset, "auto", "cuda").eval()
-    shapes = searched_shapes(step_shapes(model), projections)
-    candidates = search_candidates(batch, splits, split_only, tma, prefetch)
-    if prefetch_only:
-        candidates = functools.partial(prefetch_variants, prefetch=prefetch)
-    unfit = precompile(preset, batch, shapes, workers, candidates) if descend and workers and not prefetch_only else set()
-    measure = functools.partial(step_ms, model, pdl, batch, replays)
-    name = f"{preset} batch {batch}"
-    with torch.inference_mode():
-        if batch > 1:  # what the rows kernel's step has to beat
-            print(f"| {preset} batch {batch} | layer forwards on cuBLASLt: "
-                  f"{layer_forwards_ms(model, batch, replays):.3f} ms |", flush=True)
-        changes = {"late": {"early": False}, "early": {"early": True}} | ({"tma": {"tma": True}} if tma else {})
-        if prefetch:  # without, each count, without again (the spread between the two)
-            changes |= {"prefetch 0": {"prefetch": 0}} | {f"prefetch {n}": {"prefetch": n} for n in prefetch}
-            changes |= {"prefetch 0 again": {"prefetch": 0}}
-        times = launches_of_now(shapes, measure, batch, changes)
-        print(f"| {name} | launches of now: dependents after the loop {times['late']:.3f} ms, "
-              f"early {times['early']:.3f} ms |", flush=True)
-        if tma:  # every launch of now with its weight tiles through tensor descriptors
-            print(f"| {name} | launches of now with tma: {times['tma']:.3f} ms |", flush=True)
-        if prefetch:  # every launch of now asking for its next column steps in L2 before its wait, and without
-            cells = ", ".join(f"{n} steps {times[f'prefetch {n}']:.3f} ms" for n in prefetch)
-            print(f"| {name} | launches of now without prefetch {times['prefetch 0']:.3f} ms; with {cells}; "
-                  f"without again {times['prefetch 0 again']:.3f} ms |", flush=True)
-        if not descend:
-            return
-        start, end, chosen = coordinate_descent(shapes, measure, lambda line: print(f"| {name} {line}", flush=True),
-                                                batch, unfit, candidates)
-    print(f"{name}: {start:.3f} → {end:.3f} ms a step; {'TUNED' if batch == 1 else 'ROWS_TUNED'} entries:")
-    for label, key in shapes.items():
-        print(f"    {key}: GemvConfig{tuple(chosen[key])},  # {preset} {label}")
+        model = random_model(preset, "auto", "cuda").eval()
+        shapes = searched_shapes(step_shapes(model), projections)
+        if prefetch_only:  # each projection's own launch with each count: nothing to compile ahead
+            candidates, unfit = functools.partial(prefetch_variants, prefetch=prefetch), set()
+        else:
+            candidates = search_candidates(batch, splits, split_only, tma, prefetch)
+            unfit = precompile(preset, batch, shapes, workers, candidates) if descend and workers else set()
+        measure = functools.partial(step_ms, model, pdl, batch, replays)
+        name = f"{preset} batch {batch}"
+        with torch.inference_mode():
+            if batch > 1:  # what the rows kernel's step has to beat
+                print(f"| {preset} batch {batch} | layer forwards on cuBLASLt: "
+                      f"{layer_forwards_ms(model, batch, replays):.3f} ms |", flush=True)
+            changes = {"late": {"early": False}, "early": {"early": True}} | ({"tma": {"tma": True}} if tma else {})
+            if prefetch:  # without, each count, without again (the spread between the two)
+                changes |= {"prefetch 0": {"prefetch": 0}} | {f"prefetch {n}": {"prefetch": n} for n in prefetch}
+                changes |= {"prefetch 0 again": {"prefetch": 0}}
+            times = launches_of_now(shapes, measure, batch, changes)
+            print(f"| {name} | launches of now: dependents after the loop {times['late']:.3f} ms, "
+                  f"early {times['early']:.3f} ms |", flush=True)
+            if tma:  # every launch of now with its weight tiles through tensor descriptors
+                print(f"| {name} | launches of now with tma: {times['tma']:.3f} ms |", flush=True)
+            if prefetch:  # every launch of now asking for its next column steps in L2 before its wait, and without
+                cells = ", ".join(f"{n} steps {times[f'prefetch {n}']:.3f} ms" for n in prefetch)
+                print(f"| {name} | launches of now without prefetch {times['prefetch 0']:.3f} ms; with {cells}; "
+                      f"without again {times['prefetch 0 again']:.3f} ms |", flush=True)
+            if not descend:
+                return
+            start, end, chosen = coordinate_descent(shapes, measure, lambda line: print(f"| {name} {line}", flush=True),
+                                                    batch, unfit, candidates)
+        print(f"{name}: {start:.3f} → {end:.3f} ms a step; {'TUNED' if batch == 1 else 'ROWS_TUNED'} entries:")
+        for label, key in shapes.items():
+            print(f"    {key}: GemvConfig{tuple(chosen[key])},  # {preset} {label}")
 
 
 def main() -> int:
