@@ -12,7 +12,9 @@ makes them. The per-token recurrent loop is timed only up to --recurrent-max.
 
 ``--examples huanhuan`` cuts the T tokens into examples of huanhuan.json's lengths (one row with its
 ``PackedRows``, as packed training rows reach the kernels); ``--examples N`` into examples of N tokens.
-``--forward`` times the forward alone (no gradients).
+``--forward`` times the forward alone (no gradients). ``--segment-chunks 1,8`` times impl triton once for each
+value of ``lightning_triton.SEGMENT_CHUNKS`` (packed examples: the chunks a program walks, several examples one
+after another; 1 walks one example a program).
 """
 
 from __future__ import annotations
@@ -146,6 +148,8 @@ def main() -> None:
         "--triton-grad", default="",
         help="K block:V block:warps[:merged] of impl triton's backward kernels (a sweep; merged: dk and dv in one launch)"
     )
+    parser.add_argument("--segment-chunks", default="",
+                        help="comma list: impl triton timed at each SEGMENT_CHUNKS (packed examples walked a segment a program)")
     parser.add_argument("--chunk-size", type=int, default=64, help="chunk of the pure-PyTorch chunked impl")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
@@ -168,13 +172,19 @@ def main() -> None:
     impls = args.impls.split(",") if args.impls else ["chunked", "recurrent"]
     if not args.impls and device.type == "cuda" and fla_available():
         impls.insert(0, "fla")
+    segments = [int(x) for x in args.segment_chunks.split(",")] if args.segment_chunks else [None]
+    runs = [(impl, seg) for impl in impls for seg in (segments if impl == "triton" else [None])]
     print(header(device, DTYPES[args.dtype]))
     print(f"# H={args.heads} examples={args.examples or 'one per row'} {'forward' if args.forward else 'fwd+bwd'}")
     print(f"{'impl':<10} {'K':>4} {'T':>6} {'ms':>11} {'peak MiB':>9}")
     for head_k in (int(x) for x in args.head_dims.split(",")):
         for length in (int(x) for x in args.lengths.split(",")):
-            for impl in impls:
-                row = f"{impl:<10} {head_k:>4} {length:>6}"
+            for impl, seg in runs:
+                row = f"{impl if seg is None else f'{impl}/s{seg}':<10} {head_k:>4} {length:>6}"
+                if seg is not None:
+                    from tnlora.ops import lightning_triton
+
+                    lightning_triton.SEGMENT_CHUNKS = seg
                 if impl == "recurrent" and length > args.recurrent_max:
                     print(f"{row} {'skipped':>11}")
                     continue

@@ -15,7 +15,7 @@ from tnlora.choices import LIGHTNING_IMPLS
 from tnlora.model import TransnormerConfig, TransnormerForCausalLM
 from tnlora.ops import lightning
 from tnlora.ops.lightning import lightning_attention
-from tnlora.ops.packing import PackedRows
+from tnlora.ops.packing import ChunkPlan, PackedRows
 from tnlora.ops.select import kernels_for, scans_train_on, triton_available
 
 DECAY = torch.tensor([-0.02, -0.7, -2.5])  # slow, fast and near-zero λ: chunk-boundary decays of 1 … e^-160
@@ -162,9 +162,11 @@ def test_few_lanes_take_two_launches_where_the_width_s_launch_is_merged() -> Non
 
 @needs_kernel
 def test_the_backward_is_told_the_lanes_of_its_call(monkeypatch) -> None:
-    """lanes = heads × tokens ÷ the longest example, from packed rows' host boundaries or the unpacked shape; None
-    where only cu_seqlens (a device tensor) gives the examples."""
+    """lanes = heads × the chunk plan's segments for packed rows (one example of 2 chunks: one segment; 64 examples
+    of one chunk: 64 ÷ SEGMENT_CHUNKS), heads × rows unpacked; None where only cu_seqlens (a device tensor) gives
+    the examples."""
     from tnlora.ops import lightning_triton
+    from tnlora.ops.lightning_triton import SEGMENT_CHUNKS
 
     seen: list[int | None] = []
     real = lightning_triton.grad_launch
@@ -183,7 +185,7 @@ def test_the_backward_is_told_the_lanes_of_its_call(monkeypatch) -> None:
     _gradients(q, k, v, decay, "triton", cu_seqlens=torch.tensor([0, 64, 128], device=DEVICE))
     q, k, v = _inputs(3, 40, 2, 16, 16, seed=22)
     _gradients(q, k, v, decay, "triton")
-    assert seen == [2, 128, None, 6]
+    assert seen == [2, 2 * (64 // SEGMENT_CHUNKS), None, 6]
 
 
 @needs_kernel
@@ -259,6 +261,91 @@ def test_gradients_of_packed_rows_stay_within_each_example() -> None:
         _close(got, expected, 1e-5)
     # q of the second row's first example only sees its own 10 tokens: its gradient is zero past them
     assert torch.count_nonzero(grads[0][1, 10:]) > 0 and torch.count_nonzero(grads[3]) > 0
+
+
+def test_a_chunk_plan_cuts_each_example_into_chunks_and_groups_examples_into_segments() -> None:
+    """Examples of 5, 0, 70 and 64 tokens and 1 token in chunks of 32: 1 + 0 + 3 + 2 + 1 chunks, each with its first
+    token, whether it opens its example and its example's end; segments of the examples whose first chunks fall
+    in one block of 2 chunks (a long example runs past its block), or one example each with blocks of 1."""
+    cu = torch.tensor([0, 5, 5, 75, 139, 140])
+    plan = ChunkPlan.build(cu, 32, 2)
+    assert plan.chunks.dtype == plan.segments.dtype == torch.int32
+    assert plan.chunks.tolist() == [
+        [0, 1, 5], [5, 1, 75], [37, 0, 75], [69, 0, 75], [75, 1, 139], [107, 0, 139], [139, 1, 140]
+    ]
+    # first chunks 0, 1, 4, 6 → blocks 0, 0, 2, 3
+    assert plan.segments.tolist() == [0, 4, 6, 7] and plan.count == 3
+    one_each = ChunkPlan.build(cu, 32, 1)
+    assert one_each.segments.tolist() == [0, 1, 4, 6, 7] and one_each.count == 4
+    assert ChunkPlan.build(torch.tensor([0]), 64, 8).count == 0
+    with pytest.raises(ValueError, match="must be positive"):
+        ChunkPlan.build(cu, 32, 0)
+
+
+def test_packed_rows_keep_their_chunk_plans() -> None:
+    rows = PackedRows.from_seq_ids(torch.tensor([[0] * 40 + [1] * 30]))
+    plan = rows.chunk_plan(32, 8)
+    assert rows.chunk_plan(32, 8) is plan and rows.chunk_plan(64, 8) is not plan
+    assert plan.chunks.tolist() == [[0, 1, 40], [32, 0, 40], [40, 1, 70]] and plan.count == 1
+
+
+# Packed examples walked a segment at a time: lengths around the fp32 chunk (32 tokens), a 1-token example, one
+# of several chunks, runs of short ones.
+PLAN_LENGTHS = (1, 31, 32, 33, 5, 64, 2, 97, 3, 3, 40, 1, 20)
+
+
+@needs_kernel
+@pytest.mark.parametrize("launch", LAUNCHES)
+@pytest.mark.parametrize("segment_chunks", [1, 3, 64])
+def test_examples_walked_a_segment_at_a_time_match_the_recurrence(monkeypatch, launch, segment_chunks) -> None:
+    """o, dq, dk, dv of packed examples through a chunk plan (each program walking several examples, the state
+    starting over at each) against autograd through the fp64 recurrence, in each launch form of the backward."""
+    from tnlora.ops.lightning_triton import chunk_tokens, triton_attention
+
+    _use_launch(monkeypatch, launch)
+    cu = torch.tensor([0, *torch.tensor(PLAN_LENGTHS).cumsum(0).tolist()])
+    total = int(cu[-1])
+    q, k, v = _inputs(1, total, 2, 32, 24, seed=31)
+    decay = DECAY[:2].to(DEVICE)
+    plan = ChunkPlan.build(cu, chunk_tokens(q.dtype), segment_chunks).to(DEVICE)
+    assert (plan.count == 1) == (segment_chunks == 64)  # all in one walk, or several
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    o, final = triton_attention(*leaves, decay, cu.to(DEVICE), lanes=plan.count * 2, plan=plan)
+    assert final is None
+    weight = torch.randn(o.shape, generator=torch.Generator().manual_seed(11)).to(o)
+    grads = torch.autograd.grad((o * weight).sum(), leaves)
+    want_o, _, want = _gradients(q.double(), k.double(), v.double(), decay, "recurrent", cu_seqlens=cu.to(DEVICE))
+    _close(o, want_o, 1e-5)
+    for got, expected in zip(grads, want, strict=True):
+        _close(got, expected, 1e-5)
+
+
+@needs_kernel
+def test_the_dispatcher_walks_packed_rows_without_states_by_a_chunk_plan(monkeypatch) -> None:
+    """Packed rows without states take the rows' chunk plan (the forward and its backward the same one); with an
+    initial state or a final state returned, the examples one a program."""
+    from tnlora.ops import lightning_triton
+
+    plans: list[object] = []
+    real = lightning_triton.triton_forward
+
+    def spy(*args, **kwargs):
+        plans.append(args[7] if len(args) > 7 else kwargs.get("plan"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lightning_triton, "triton_forward", spy)
+    q, k, v = _inputs(2, 70, 2, 16, 16, seed=32)
+    rows = PackedRows.from_seq_ids(torch.tensor([[0] * 20 + [1] * 50, [2] * 3 + [3] * 67], device=DEVICE))
+    decay = DECAY[:2].to(DEVICE)
+    with torch.no_grad():
+        o, _ = lightning_attention(q, k, v, decay, rows=rows, impl="triton")
+        lightning_attention(q, k, v, decay, rows=rows, impl="triton", output_final_state=True)
+    assert plans[0] is rows.chunk_plan(lightning_triton.chunk_tokens(q.dtype), lightning_triton.SEGMENT_CHUNKS)
+    assert plans[1] is None
+    want, _ = lightning_attention(q.double(), k.double(), v.double(), decay, rows=rows, impl="recurrent")
+    _close(o, want, 1e-5)
+    with pytest.raises(ValueError, match="no initial state"):
+        real(q[:1], k[:1], v[:1], decay, None, None, True, plans[0])
 
 
 TINY = {

@@ -36,12 +36,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from tnlora.ops.packing import ChunkPlan
+
 # Tokens a step of a program's loop: fla's chunk size for half types; fp32 tiles at 64 tokens and q/k 256 wide
 # (LRPE's layer) would need 320 KB of shared memory on sm_90 (227 KB there), 176 KB at 32 tokens.
 CHUNK = 64
 CHUNK_FP32 = 32
 BLOCK_V = 32  # state columns a program keeps: 128 × 32 fp32 at 4 warps is 32 values a thread
 NUM_WARPS = 4  # 8 warps gave the same results and no measured gain at q/k 256 wide
+# Packed examples (a ChunkPlan): a program walks the examples whose first chunks fall in one block of this many
+# chunks, one after another. Walking one example each, the huanhuan-shaped micro-batches (~2 chunks an example)
+# ran their scans 1.5x slower than the same tokens in 1,024-token examples (benchmarks/RESULTS.md).
+SEGMENT_CHUNKS = 8
 
 
 @triton.jit
@@ -60,6 +66,33 @@ def _example(pid, heads, blocks, cu_ptr, length, VARLEN: tl.constexpr):
         bos = row * 0
         eos = bos + length
     return i_nh, i_b, i_nh % heads, bos, eos, row
+
+
+@triton.jit
+def _chunk_count(bos, eos, PLAN: tl.constexpr, BT: tl.constexpr):
+    """The chunks a program walks: its example's tokens bos to eos in chunks of BT, or with PLAN its segment's rows
+    bos to eos of the chunk plan (see :func:`_chunk_at`)."""
+    return eos - bos if PLAN else tl.cdiv(eos - bos, BT)
+
+
+@triton.jit
+def _chunk_at(i, chunks, bos, eos, plan_ptr, pos, PLAN: tl.constexpr, REVERSE: tl.constexpr):
+    """(first token, end of its example, whether the state carried in starts over) of the program's i-th chunk of
+    ``chunks`` (REVERSE: the last first). Without PLAN the chunks of one example, tokens bos to eos; with PLAN
+    rows bos to eos of the plan, [start, opens its example, end of its example] a chunk: several examples one
+    after another, the state starting over at each (at the chunk that opens an example in the forward scans, at
+    the one that closes it in the reverse ones)."""
+    j = chunks - 1 - i if REVERSE else i
+    if PLAN:
+        entry = plan_ptr + (bos + j) * 3
+        start = tl.load(entry).to(tl.int64)
+        end = tl.load(entry + 2).to(tl.int64)
+        reset = start + pos.shape[0] >= end if REVERSE else tl.load(entry + 1) != 0
+    else:
+        start = bos + j.to(tl.int64) * pos.shape[0]
+        end = eos
+        reset = j < 0
+    return start, end, reset
 
 
 @triton.jit
@@ -86,12 +119,14 @@ def _chunk_end(start, eos, t_ok, posf, g):
 
 
 @triton.jit
-def _chunk(q_base, k_base, v_base, o_base, state, i_c, bos, eos, heads, stride_qt, stride_kt, stride_vt, g,
-           within, to_token, ks, k_ok, cols, col_ok, pos, posf, V: tl.constexpr, PRECISION: tl.constexpr,
-           BT: tl.constexpr):  # fmt: skip
-    """One chunk of BT tokens from token bos + i_c·BT: its outputs stored, the state after it returned."""
+def _chunk(q_base, k_base, v_base, o_base, state, i_c, chunks, bos, eos, plan_ptr, heads, stride_qt, stride_kt,
+           stride_vt, g, within, to_token, ks, k_ok, cols, col_ok, pos, posf, V: tl.constexpr,
+           PRECISION: tl.constexpr, PLAN: tl.constexpr):  # fmt: skip
+    """The program's chunk i_c (:func:`_chunk_at`): its outputs stored, the state after it returned."""
     dtype = v_base.dtype.element_ty
-    start = bos + i_c.to(tl.int64) * BT
+    start, eos, reset = _chunk_at(i_c, chunks, bos, eos, plan_ptr, pos, PLAN, False)
+    if PLAN:
+        state = tl.where(reset, 0.0, state)
     t = start + pos
     t_ok = t < eos
     q = tl.load(q_base + t[:, None] * stride_qt + ks[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
@@ -117,6 +152,7 @@ def lightning_forward_kernel(
     decay_ptr,
     h0_ptr,
     cu_ptr,
+    plan_ptr,
     o_ptr,
     ht_ptr,
     length,
@@ -133,6 +169,7 @@ def lightning_forward_kernel(
     K: tl.constexpr,
     V: tl.constexpr,
     VARLEN: tl.constexpr,
+    PLAN: tl.constexpr,
     HAS_H0: tl.constexpr,
     STORE_FINAL: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -141,7 +178,7 @@ def lightning_forward_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
 ):
-    # One axis (up to 2³¹ programs), the V blocks of one (example, head) next to each other.
+    # One axis (up to 2³¹ programs), the V blocks of one (example or segment, head) next to each other.
     i_nh, i_v, i_h, bos, eos, row = _example(tl.program_id(0), heads, tl.cdiv(V, BV), cu_ptr, length, VARLEN)
     g = tl.load(decay_ptr + i_h)  # log λ, fp32
 
@@ -164,34 +201,49 @@ def lightning_forward_kernel(
     else:
         state = tl.zeros([BK, BV], dtype=tl.float32)
 
-    chunks = tl.cdiv(eos - bos, BT)
+    chunks = _chunk_count(bos, eos, PLAN, BT)
     # Compiled: a range loop. The same steps as a while loop compiled wrong for sm_90 with Triton 3.6 (bf16:
     # outputs and states off by 10-100 %, an illegal address at 8 warps), but Triton's interpreter (CPU
     # tensors) cannot take a tensor bound in range() with numpy 2, so it runs the while loop.
     if WHILE_LOOP:
         i_c = chunks * 0
         while i_c < chunks:
-            state = _chunk(q_base, k_base, v_base, o_base, state, i_c, bos, eos, heads, stride_qt, stride_kt,
-                           stride_vt, g, within, to_token, ks, k_ok, cols, col_ok, pos, posf, V, PRECISION,
-                           BT)  # fmt: skip
+            state = _chunk(q_base, k_base, v_base, o_base, state, i_c, chunks, bos, eos, plan_ptr, heads, stride_qt,
+                           stride_kt, stride_vt, g, within, to_token, ks, k_ok, cols, col_ok, pos, posf, V, PRECISION,
+                           PLAN)  # fmt: skip
             i_c += 1
     else:
         for i_c in range(0, chunks):
-            state = _chunk(q_base, k_base, v_base, o_base, state, i_c, bos, eos, heads, stride_qt, stride_kt,
-                           stride_vt, g, within, to_token, ks, k_ok, cols, col_ok, pos, posf, V, PRECISION,
-                           BT)  # fmt: skip
+            state = _chunk(q_base, k_base, v_base, o_base, state, i_c, chunks, bos, eos, plan_ptr, heads, stride_qt,
+                           stride_kt, stride_vt, g, within, to_token, ks, k_ok, cols, col_ok, pos, posf, V, PRECISION,
+                           PLAN)  # fmt: skip
 
     if STORE_FINAL:
         tl.store(ht_ptr + state_offset, state, mask=state_ok)
 
 
-def _scan_args(q: Tensor, v: Tensor, cu_seqlens: Tensor | None) -> dict:
+def chunk_tokens(dtype: torch.dtype) -> int:
+    """The tokens a step of the scans' loops takes for inputs of ``dtype`` (a :class:`ChunkPlan`'s chunk)."""
+    return CHUNK_FP32 if dtype == torch.float32 else CHUNK
+
+
+def _walks(batch: int, cu_seqlens: Tensor | None, plan: ChunkPlan | None) -> tuple[int, Tensor | None, Tensor | None]:
+    """(the walks a head's programs make: the plan's segments, the examples or the rows; the boundaries the
+    kernels read; the plan's chunks)."""
+    if plan is not None:
+        if batch != 1:
+            raise ValueError(f"a chunk plan is for one row laid end to end (B = 1), got {batch} rows")
+        return plan.count, plan.segments, plan.chunks
+    return (cu_seqlens.shape[0] - 1 if cu_seqlens is not None else batch), cu_seqlens, None
+
+
+def _scan_args(q: Tensor, v: Tensor, bounds: Tensor | None, plan_chunks: Tensor | None) -> dict:
     """The launch arguments every scan kernel takes alike: widths, boundaries, product precision, loop form and
     chunk (fp32 runs IEEE products in chunks of CHUNK_FP32; the interpreter the while loop)."""
     fp32 = v.dtype == torch.float32
     return dict(
-        K=q.shape[-1], V=v.shape[-1], VARLEN=cu_seqlens is not None, PRECISION="ieee" if fp32 else "tf32",
-        WHILE_LOOP=not q.is_cuda, BT=CHUNK_FP32 if fp32 else CHUNK,
+        K=q.shape[-1], V=v.shape[-1], VARLEN=bounds is not None, PLAN=plan_chunks is not None,
+        PRECISION="ieee" if fp32 else "tf32", WHILE_LOOP=not q.is_cuda, BT=chunk_tokens(v.dtype),
     )  # fmt: skip
 
 
@@ -208,6 +260,7 @@ def triton_forward(
     cu_seqlens: Tensor | None = None,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    plan: ChunkPlan | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Lightning attention's forward in one launch (see the module docstring).
 
@@ -218,6 +271,9 @@ def triton_forward(
         cu_seqlens: [N+1] example boundaries of one row (B = 1); otherwise each row is one example.
         initial_state: [N, H, K, V] (or [B, H, K, V]) state before each example, any float dtype.
         output_final_state: also return each example's state after its last token, fp32.
+        plan: the examples of one row (B = 1) as a :class:`~tnlora.ops.packing.ChunkPlan` of
+            :func:`chunk_tokens` chunks, in place of ``cu_seqlens``: each program walks a segment of examples;
+            no state in or out.
 
     Returns:
         o in v.dtype [B, T, H, V], and the final states [N, H, K, V] fp32 or None.
@@ -225,7 +281,9 @@ def triton_forward(
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     q, k, v = _token_rows(q), _token_rows(k), _token_rows(v)
-    examples = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else batch
+    if plan is not None and (initial_state is not None or output_final_state):
+        raise ValueError("a chunk plan's scans take no initial state and return no final state")
+    examples, bounds, plan_chunks = _walks(batch, cu_seqlens, plan)
     o = torch.empty(batch, length, heads, value_dim, device=v.device, dtype=v.dtype)
     final = (
         torch.empty(examples, heads, key_dim, value_dim, device=v.device, dtype=torch.float32)
@@ -246,13 +304,13 @@ def triton_forward(
     grid = (examples * heads * -(-value_dim // block_v),)
     lightning_forward_kernel[grid](
         q, k, v, decay, initial_state if initial_state is not None else decay,
-        cu_seqlens if cu_seqlens is not None else decay, o, final if final is not None else o,
-        length, heads,
+        bounds if bounds is not None else decay, plan_chunks if plan_chunks is not None else decay, o,
+        final if final is not None else o, length, heads,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         HAS_H0=initial_state is not None, STORE_FINAL=final is not None, BK=block_k, BV=block_v,
-        num_warps=NUM_WARPS, **_scan_args(q, v, cu_seqlens),
+        num_warps=NUM_WARPS, **_scan_args(q, v, bounds, plan_chunks),
     )  # fmt: skip
     return o, final
 
@@ -275,9 +333,10 @@ def triton_forward(
 
 @triton.jit
 def lightning_dq_kernel(
-    k_ptr, v_ptr, do_ptr, decay_ptr, h0_ptr, cu_ptr, dq_ptr, length, heads,
+    k_ptr, v_ptr, do_ptr, decay_ptr, h0_ptr, cu_ptr, plan_ptr, dq_ptr, length, heads,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, HAS_H0: tl.constexpr, PRECISION: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, PLAN: tl.constexpr, HAS_H0: tl.constexpr,
+    PRECISION: tl.constexpr,
     WHILE_LOOP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr,
 ):  # fmt: skip
     """dq of a block of BK columns of K: the forward scan, S's rows of the block kept transposed [V, BK]."""
@@ -297,27 +356,31 @@ def lightning_dq_kernel(
         state_t = tl.load(h0_ptr + offset, mask=v_ok[:, None] & k_ok[None, :], other=0.0)
     else:
         state_t = tl.zeros([BVF, BK], dtype=tl.float32)
-    chunks = tl.cdiv(eos - bos, BT)
+    chunks = _chunk_count(bos, eos, PLAN, BT)
     # A range loop compiled, the while loop under the interpreter (see lightning_forward_kernel).
     if WHILE_LOOP:
         i_c = chunks * 0
         while i_c < chunks:
-            state_t = _dq_chunk(k_base, v_base, do_base, dq_base, state_t, bos + i_c.to(tl.int64) * BT, eos, heads,
+            state_t = _dq_chunk(k_base, v_base, do_base, dq_base, state_t, i_c, chunks, bos, eos, plan_ptr, heads,
                                 stride_kt, stride_vt, g, pos, posf, within, to_token, ks, k_ok, vs, v_ok, K, V,
-                                PRECISION)  # fmt: skip
+                                PRECISION, PLAN)  # fmt: skip
             i_c += 1
     else:
         for i_c in range(0, chunks):
-            state_t = _dq_chunk(k_base, v_base, do_base, dq_base, state_t, bos + i_c.to(tl.int64) * BT, eos, heads,
+            state_t = _dq_chunk(k_base, v_base, do_base, dq_base, state_t, i_c, chunks, bos, eos, plan_ptr, heads,
                                 stride_kt, stride_vt, g, pos, posf, within, to_token, ks, k_ok, vs, v_ok, K, V,
-                                PRECISION)  # fmt: skip
+                                PRECISION, PLAN)  # fmt: skip
 
 
 @triton.jit
-def _dq_chunk(k_base, v_base, do_base, dq_base, state_t, start, eos, heads, stride_kt, stride_vt, g, pos, posf,
-              within, to_token, ks, k_ok, vs, v_ok, K: tl.constexpr, V: tl.constexpr, PRECISION: tl.constexpr):
-    """One chunk of dq from token ``start``: its rows stored, the state (transposed) after it returned."""
+def _dq_chunk(k_base, v_base, do_base, dq_base, state_t, i, chunks, bos, eos, plan_ptr, heads, stride_kt, stride_vt,
+              g, pos, posf, within, to_token, ks, k_ok, vs, v_ok, K: tl.constexpr, V: tl.constexpr,
+              PRECISION: tl.constexpr, PLAN: tl.constexpr):  # fmt: skip
+    """The program's chunk i of dq (:func:`_chunk_at`): its rows stored, the state (transposed) after it returned."""
     dtype = do_base.dtype.element_ty
+    start, eos, reset = _chunk_at(i, chunks, bos, eos, plan_ptr, pos, PLAN, False)
+    if PLAN:
+        state_t = tl.where(reset, 0.0, state_t)
     t = start + pos
     t_ok = t < eos
     do = tl.load(do_base + t[:, None] * (heads * V) + vs[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
@@ -335,9 +398,10 @@ def _dq_chunk(k_base, v_base, do_base, dq_base, state_t, start, eos, heads, stri
 
 @triton.jit
 def lightning_dk_kernel(
-    q_ptr, v_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, dk_ptr, dh0_ptr, length, heads,
+    q_ptr, v_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, plan_ptr, dk_ptr, dh0_ptr, length, heads,
     stride_qb, stride_qt, stride_qh, stride_vb, stride_vt, stride_vh,
-    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, PLAN: tl.constexpr, HAS_DHT: tl.constexpr,
+    STORE_DH0: tl.constexpr,
     PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr,
 ):  # fmt: skip
     """dk of a block of BK columns of K (and those rows of the initial state's gradient): the reverse scan, dS's
@@ -359,28 +423,29 @@ def lightning_dk_kernel(
         grad_t = tl.load(dht_ptr + offset, mask=state_ok, other=0.0)
     else:
         grad_t = tl.zeros([BVF, BK], dtype=tl.float32)
-    chunks = tl.cdiv(eos - bos, BT)
+    chunks = _chunk_count(bos, eos, PLAN, BT)
     if WHILE_LOOP:
         i_r = chunks * 0
         while i_r < chunks:
-            grad_t = _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, bos + (chunks - 1 - i_r).to(tl.int64) * BT,
-                               eos, heads, stride_qt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok,
-                               K, V, PRECISION)  # fmt: skip
+            grad_t = _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, i_r, chunks, bos, eos, plan_ptr, heads,
+                               stride_qt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, K, V,
+                               PRECISION, PLAN)  # fmt: skip
             i_r += 1
     else:
         for i_r in range(0, chunks):
-            grad_t = _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, bos + (chunks - 1 - i_r).to(tl.int64) * BT,
-                               eos, heads, stride_qt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok,
-                               K, V, PRECISION)  # fmt: skip
+            grad_t = _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, i_r, chunks, bos, eos, plan_ptr, heads,
+                               stride_qt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, K, V,
+                               PRECISION, PLAN)  # fmt: skip
     if STORE_DH0:
         tl.store(dh0_ptr + offset, grad_t, mask=state_ok)
 
 
 @triton.jit
 def lightning_dv_kernel(
-    q_ptr, k_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, dv_ptr, length, heads,
+    q_ptr, k_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, plan_ptr, dv_ptr, length, heads,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, HAS_DHT: tl.constexpr, PRECISION: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, PLAN: tl.constexpr, HAS_DHT: tl.constexpr,
+    PRECISION: tl.constexpr,
     WHILE_LOOP: tl.constexpr, BT: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
     """dv of a block of BV columns of V: the reverse scan, dS's columns of the block kept [K, BV]."""
@@ -400,26 +465,31 @@ def lightning_dv_kernel(
         grad = tl.load(dht_ptr + offset, mask=k_ok[:, None] & v_ok[None, :], other=0.0)
     else:
         grad = tl.zeros([BKF, BV], dtype=tl.float32)
-    chunks = tl.cdiv(eos - bos, BT)
+    chunks = _chunk_count(bos, eos, PLAN, BT)
     if WHILE_LOOP:
         i_r = chunks * 0
         while i_r < chunks:
-            grad = _dv_chunk(q_base, k_base, do_base, dv_base, grad, bos + (chunks - 1 - i_r).to(tl.int64) * BT, eos,
-                             heads, stride_qt, stride_kt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, V,
-                             PRECISION)  # fmt: skip
+            grad = _dv_chunk(q_base, k_base, do_base, dv_base, grad, i_r, chunks, bos, eos, plan_ptr, heads, stride_qt,
+                             stride_kt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, V, PRECISION,
+                             PLAN)  # fmt: skip
             i_r += 1
     else:
         for i_r in range(0, chunks):
-            grad = _dv_chunk(q_base, k_base, do_base, dv_base, grad, bos + (chunks - 1 - i_r).to(tl.int64) * BT, eos,
-                             heads, stride_qt, stride_kt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, V,
-                             PRECISION)  # fmt: skip
+            grad = _dv_chunk(q_base, k_base, do_base, dv_base, grad, i_r, chunks, bos, eos, plan_ptr, heads, stride_qt,
+                             stride_kt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, V, PRECISION,
+                             PLAN)  # fmt: skip
 
 
 @triton.jit
-def _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, start, eos, heads, stride_qt, stride_vt, g, pos, posf,
-              within_t, to_token, ks, k_ok, vs, v_ok, K: tl.constexpr, V: tl.constexpr, PRECISION: tl.constexpr):
-    """One chunk of dk from token ``start``: its rows stored, dS (transposed) before the chunk returned."""
+def _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, i, chunks, bos, eos, plan_ptr, heads, stride_qt, stride_vt,
+              g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, K: tl.constexpr, V: tl.constexpr,
+              PRECISION: tl.constexpr, PLAN: tl.constexpr):  # fmt: skip
+    """The program's chunk i of dk, the last first (:func:`_chunk_at`): its rows stored, dS (transposed) before the
+    chunk returned."""
     dtype = do_base.dtype.element_ty
+    start, eos, reset = _chunk_at(i, chunks, bos, eos, plan_ptr, pos, PLAN, True)
+    if PLAN:
+        grad_t = tl.where(reset, 0.0, grad_t)
     t = start + pos
     t_ok = t < eos
     v = tl.load(v_base + t[:, None] * stride_vt + vs[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
@@ -436,10 +506,15 @@ def _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, start, eos, heads, strid
 
 
 @triton.jit
-def _dv_chunk(q_base, k_base, do_base, dv_base, grad, start, eos, heads, stride_qt, stride_kt, g, pos, posf,
-              within_t, to_token, ks, k_ok, vs, v_ok, V: tl.constexpr, PRECISION: tl.constexpr):
-    """One chunk of dv from token ``start``: its rows stored, dS's block before the chunk returned."""
+def _dv_chunk(q_base, k_base, do_base, dv_base, grad, i, chunks, bos, eos, plan_ptr, heads, stride_qt, stride_kt, g,
+              pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, V: tl.constexpr, PRECISION: tl.constexpr,
+              PLAN: tl.constexpr):  # fmt: skip
+    """The program's chunk i of dv, the last first (:func:`_chunk_at`): its rows stored, dS's block before the
+    chunk returned."""
     dtype = do_base.dtype.element_ty
+    start, eos, reset = _chunk_at(i, chunks, bos, eos, plan_ptr, pos, PLAN, True)
+    if PLAN:
+        grad = tl.where(reset, 0.0, grad)
     t = start + pos
     t_ok = t < eos
     kk = tl.load(k_base + t[:, None] * stride_kt + ks[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
@@ -457,9 +532,10 @@ def _dv_chunk(q_base, k_base, do_base, dv_base, grad, start, eos, heads, stride_
 
 @triton.jit
 def lightning_dkv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, dk_ptr, dv_ptr, dh0_ptr, length, heads,
+    q_ptr, k_ptr, v_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, plan_ptr, dk_ptr, dv_ptr, dh0_ptr, length, heads,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, PLAN: tl.constexpr, HAS_DHT: tl.constexpr,
+    STORE_DH0: tl.constexpr,
     PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, BT: tl.constexpr, BKF: tl.constexpr, BVF: tl.constexpr,
 ):  # fmt: skip
     """dk and dv together (``GradLaunch.merged``): one reverse scan per (example, head) holding the whole dS [K, V],
@@ -483,29 +559,33 @@ def lightning_dkv_kernel(
         grad = tl.load(dht_ptr + offset, mask=state_ok, other=0.0)
     else:
         grad = tl.zeros([BKF, BVF], dtype=tl.float32)
-    chunks = tl.cdiv(eos - bos, BT)
+    chunks = _chunk_count(bos, eos, PLAN, BT)
     if WHILE_LOOP:
         i_r = chunks * 0
         while i_r < chunks:
-            grad = _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad,
-                              bos + (chunks - 1 - i_r).to(tl.int64) * BT, eos, heads, stride_qt, stride_kt, stride_vt,
-                              g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, K, V, PRECISION)  # fmt: skip
+            grad = _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, i_r, chunks, bos, eos, plan_ptr,
+                              heads, stride_qt, stride_kt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs,
+                              v_ok, K, V, PRECISION, PLAN)  # fmt: skip
             i_r += 1
     else:
         for i_r in range(0, chunks):
-            grad = _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad,
-                              bos + (chunks - 1 - i_r).to(tl.int64) * BT, eos, heads, stride_qt, stride_kt, stride_vt,
-                              g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, K, V, PRECISION)  # fmt: skip
+            grad = _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, i_r, chunks, bos, eos, plan_ptr,
+                              heads, stride_qt, stride_kt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs,
+                              v_ok, K, V, PRECISION, PLAN)  # fmt: skip
     if STORE_DH0:
         tl.store(dh0_ptr + offset, grad, mask=state_ok)
 
 
 @triton.jit
-def _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, start, eos, heads, stride_qt, stride_kt,
-               stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, K: tl.constexpr, V: tl.constexpr,
-               PRECISION: tl.constexpr):  # fmt: skip
-    """One chunk of dk and dv from token ``start``: both stored, the whole dS before the chunk returned."""
+def _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, i, chunks, bos, eos, plan_ptr, heads,
+               stride_qt, stride_kt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, K: tl.constexpr,
+               V: tl.constexpr, PRECISION: tl.constexpr, PLAN: tl.constexpr):  # fmt: skip
+    """The program's chunk i of dk and dv, the last first (:func:`_chunk_at`): both stored, the whole dS before the
+    chunk returned."""
     dtype = do_base.dtype.element_ty
+    start, eos, reset = _chunk_at(i, chunks, bos, eos, plan_ptr, pos, PLAN, True)
+    if PLAN:
+        grad = tl.where(reset, 0.0, grad)
     t = start + pos
     t_ok = t < eos
     row_k = t_ok[:, None] & k_ok[None, :]
@@ -577,16 +657,19 @@ def triton_backward(
     final_grad: Tensor | None = None,
     initial_grad: bool = False,
     lanes: int | None = None,
+    plan: ChunkPlan | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The gradients of :func:`triton_forward`'s outputs: dq, dk, dv in the inputs' dtype, and the initial
     state's gradient (fp32) when ``initial_grad``. ``final_grad`` is the final state's incoming gradient;
     ``lanes`` the call's lanes where the caller knows them (:func:`grad_launch`; the dispatcher counts them,
-    :func:`tnlora.ops.lightning.call_lanes`)."""
+    :func:`tnlora.ops.lightning.call_lanes`); ``plan`` as :func:`triton_forward`'s (no state gradients)."""
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     q, k, v = _token_rows(q), _token_rows(k), _token_rows(v)
     do = do.to(v.dtype).contiguous()
-    examples = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else batch
+    if plan is not None and (initial_state is not None or final_grad is not None or initial_grad):
+        raise ValueError("a chunk plan's scans take no initial state and no final state's gradient")
+    examples, bounds, plan_chunks = _walks(batch, cu_seqlens, plan)
     dq = torch.empty(batch, length, heads, key_dim, device=q.device, dtype=q.dtype)
     dk = torch.empty_like(dq, dtype=k.dtype)
     dv = torch.empty(batch, length, heads, value_dim, device=v.device, dtype=v.dtype)
@@ -602,34 +685,36 @@ def triton_backward(
     decay = log_decay.to(device=q.device, dtype=torch.float32).contiguous()
     h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
     dht = final_grad.to(torch.float32).contiguous() if final_grad is not None else None
-    cu = cu_seqlens if cu_seqlens is not None else decay
+    cu = bounds if bounds is not None else decay
+    chunks = plan_chunks if plan_chunks is not None else decay
     full_k = max(16, triton.next_power_of_2(key_dim))
     full_v = max(16, triton.next_power_of_2(value_dim))
     launch = grad_launch(key_dim, lanes)
     block_k = min(launch.block_k, full_k)
     block_v = min(launch.block_v, full_v)
     k_blocks = -(-key_dim // block_k)
-    common = {**_scan_args(q, v, cu_seqlens), "num_warps": launch.num_warps}
+    common = {**_scan_args(q, v, bounds, plan_chunks), "num_warps": launch.num_warps}
     lightning_dq_kernel[(examples * heads * k_blocks,)](
-        k, v, do, decay, h0 if h0 is not None else decay, cu, dq, length, heads,
+        k, v, do, decay, h0 if h0 is not None else decay, cu, chunks, dq, length, heads,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         HAS_H0=h0 is not None, BK=block_k, BVF=full_v, **common,
     )  # fmt: skip
     if launch.merged and max(key_dim, value_dim) <= MERGED_MAX_WIDTH:
         lightning_dkv_kernel[(examples * heads,)](
-            q, k, v, do, decay, dht if dht is not None else decay, cu, dk, dv, dh0 if dh0 is not None else decay,
-            length, heads, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            q, k, v, do, decay, dht if dht is not None else decay, cu, chunks, dk, dv,
+            dh0 if dh0 is not None else decay, length, heads, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, BKF=full_k,
             BVF=full_v, **common,
         )  # fmt: skip
         return dq, dk, dv, dh0
     lightning_dk_kernel[(examples * heads * k_blocks,)](
-        q, v, do, decay, dht if dht is not None else decay, cu, dk, dh0 if dh0 is not None else decay, length, heads,
+        q, v, do, decay, dht if dht is not None else decay, cu, chunks, dk, dh0 if dh0 is not None else decay,
+        length, heads,
         q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, BK=block_k, BVF=full_v, **common,
     )  # fmt: skip
     lightning_dv_kernel[(examples * heads * -(-value_dim // block_v),)](
-        q, k, do, decay, dht if dht is not None else decay, cu, dv, length, heads,
+        q, k, do, decay, dht if dht is not None else decay, cu, chunks, dv, length, heads,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         HAS_DHT=dht is not None, BKF=full_k, BV=block_v, **common,
     )  # fmt: skip
@@ -640,10 +725,10 @@ class TritonLightning(torch.autograd.Function):
     """:func:`triton_forward` with :func:`triton_backward` as its gradient (q, k, v and the initial state)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, cu_seqlens, initial_state, output_final_state, lanes):
-        o, final = triton_forward(q, k, v, log_decay, cu_seqlens, initial_state, output_final_state)
+    def forward(ctx, q, k, v, log_decay, cu_seqlens, initial_state, output_final_state, lanes, plan):
+        o, final = triton_forward(q, k, v, log_decay, cu_seqlens, initial_state, output_final_state, plan)
         ctx.save_for_backward(q, k, v, log_decay, cu_seqlens, initial_state)
-        ctx.lanes = lanes
+        ctx.lanes, ctx.plan = lanes, plan
         return o, final
 
     @staticmethod
@@ -651,9 +736,9 @@ class TritonLightning(torch.autograd.Function):
         q, k, v, log_decay, cu_seqlens, initial_state = ctx.saved_tensors
         wants_h0 = initial_state is not None and ctx.needs_input_grad[5]
         dq, dk, dv, dh0 = triton_backward(
-            q, k, v, log_decay, do, cu_seqlens, initial_state, final_grad, wants_h0, ctx.lanes
+            q, k, v, log_decay, do, cu_seqlens, initial_state, final_grad, wants_h0, ctx.lanes, ctx.plan
         )
-        return dq, dk, dv, None, None, dh0, None, None
+        return dq, dk, dv, None, None, dh0, None, None, None
 
 
 def triton_attention(
@@ -665,10 +750,11 @@ def triton_attention(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     lanes: int | None = None,
+    plan: ChunkPlan | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`triton_forward` with gradients for q, k, v and ``initial_state`` (two or three backward launches;
-    ``lanes``: :func:`triton_backward`'s)."""
-    return TritonLightning.apply(q, k, v, log_decay, cu_seqlens, initial_state, output_final_state, lanes)
+    ``lanes``: :func:`triton_backward`'s; ``plan``: :func:`triton_forward`'s)."""
+    return TritonLightning.apply(q, k, v, log_decay, cu_seqlens, initial_state, output_final_state, lanes, plan)
 
 __all__ = [
     "CHUNK",
@@ -676,8 +762,10 @@ __all__ = [
     "FEW_LANES_LAUNCH",
     "GRAD_LAUNCHES",
     "MERGED_MIN_LANES",
+    "SEGMENT_CHUNKS",
     "GradLaunch",
     "TritonLightning",
+    "chunk_tokens",
     "grad_launch",
     "lightning_dk_kernel",
     "lightning_dkv_kernel",

@@ -51,6 +51,59 @@ def segment_starts(seq_ids: Tensor | None, cu_seqlens: Tensor | None, length: in
 
 
 @dataclass(frozen=True)
+class ChunkPlan:
+    """Packed examples cut into chunks and grouped into segments, for scans that walk a segment's chunks one after
+    another with the state starting over at each example (:mod:`tnlora.ops.lightning_triton`): one program then
+    walks several short examples instead of one, so fewer programs each start up and their loads can run ahead
+    across the examples' boundaries.
+
+    Attributes:
+        segments: int32 [S+1], segment s is rows ``segments[s]`` to ``segments[s+1]`` of ``chunks``.
+        chunks: int32 [C, 3], one row a chunk in token order: its first token, 1 where it opens its example (else
+            0), and its example's end (the chunk's tokens are those from its start below both that end and start +
+            ``chunk``).
+        count: S, on the host.
+    """
+
+    segments: Tensor
+    chunks: Tensor
+    count: int
+
+    @classmethod
+    def build(cls, cu_seqlens: Tensor, chunk: int, segment_chunks: int) -> ChunkPlan:
+        """The plan of the examples bounded by ``cu_seqlens`` [N+1] (a host tensor): chunks of ``chunk`` tokens
+        (each example's last one short), and a segment for each run of examples whose first chunks fall in one
+        block of ``segment_chunks`` chunks (so a segment holds that many chunks or a little more, or one long
+        example)."""
+        if chunk < 1 or segment_chunks < 1:
+            raise ValueError(f"chunk and segment_chunks must be positive, got {chunk} and {segment_chunks}")
+        bounds = cu_seqlens.to(device="cpu", dtype=torch.int64)
+        counts = (bounds.diff() + chunk - 1) // chunk  # chunks per example (none for an empty one)
+        firsts = F.pad(counts.cumsum(0), (1, 0))  # each example's first chunk, then the total
+        example = torch.repeat_interleave(torch.arange(counts.shape[0]), counts)
+        within = torch.arange(int(firsts[-1])) - firsts[example]
+        chunks = torch.stack([bounds[example] + within * chunk, (within == 0).long(), bounds[example + 1]], dim=1)
+        opening = firsts[:-1][counts > 0]
+        block = opening // segment_chunks
+        starts = opening[torch.cat([block.new_ones(min(1, block.shape[0]), dtype=torch.bool), block[1:] != block[:-1]])]
+        segments = torch.cat([starts, firsts[-1:]])
+        return cls(segments.to(torch.int32), chunks.to(torch.int32), starts.shape[0])
+
+    def to(self, device: torch.device | str) -> ChunkPlan:
+        """The plan on ``device``; a host plan goes to a GPU from pinned memory without waiting for it."""
+        device = torch.device(device)
+        if device == self.chunks.device:
+            return self
+
+        def move(x: Tensor) -> Tensor:
+            if device.type == "cuda" and x.device.type == "cpu":
+                return x.pin_memory().to(device, non_blocking=True)
+            return x.to(device)
+
+        return ChunkPlan(move(self.segments), move(self.chunks), self.count)
+
+
+@dataclass(frozen=True)
 class PackedRows:
     """The example boundaries of a batch of packed rows.
 
@@ -99,6 +152,18 @@ class PackedRows:
     def num_examples(self) -> int:
         """N, read from the host copy (no device access)."""
         return self.cu_seqlens_cpu.shape[0] - 1
+
+    def chunk_plan(self, chunk: int, segment_chunks: int) -> ChunkPlan:
+        """The examples laid end to end as a :class:`ChunkPlan` on the rows' device, built from the host copy once
+        per (chunk, segment_chunks) and kept: every layer of a forward and its backward take the same."""
+        key = (chunk, segment_chunks)
+        if key not in self._chunk_plans:
+            self._chunk_plans[key] = ChunkPlan.build(self.cu_seqlens_cpu, chunk, segment_chunks).to(self.device)
+        return self._chunk_plans[key]
+
+    @functools.cached_property
+    def _chunk_plans(self) -> dict[tuple[int, int], ChunkPlan]:
+        return {}
 
     def starts(self) -> Tensor:
         """Position where each token's example starts, [B, T]."""
@@ -153,4 +218,4 @@ def per_row(rows: PackedRows, o: Tensor, final: Tensor | None, batch: int) -> tu
     return o.reshape(batch, -1, *o.shape[2:]), final[rows.row_last] if final is not None else None
 
 
-__all__ = ["PackedRows", "cu_seqlens_of", "end_to_end", "first_tokens", "per_row", "segment_starts"]
+__all__ = ["ChunkPlan", "PackedRows", "cu_seqlens_of", "end_to_end", "first_tokens", "per_row", "segment_starts"]
