@@ -19,7 +19,10 @@ heads; one 16,384- or 131,072-token row at 32 heads), slower on one long row at 
 walk the whole row; training's default on Hopper cards for calls with enough of them (``tnlora.ops.select``).
 
 q, k, v are read in place with their strides (the projection's views), examples given by ``cu_seqlens`` (one
-row) or one per row; the state enters from ``initial_state`` and leaves in fp32. Products use the inputs' dtype
+row) or one per row; the state enters from ``initial_state`` and leaves in fp32. Packed examples without states
+(training's micro-batches) can be given as a :class:`~tnlora.ops.packing.ChunkPlan` instead: then a program walks a
+segment of several examples one after another, the state starting over at each, where one program per example of
+~100 tokens would walk only one or two chunks each. Products use the inputs' dtype
 with fp32 accumulation (bf16 inputs: the state is rounded to bf16 for q·S and the decayed v for kᵀv, as fla
 does); fp32 inputs use IEEE fp32 products, which the tests hold against the recurrence.
 
