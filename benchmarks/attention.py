@@ -14,7 +14,8 @@ makes them. The per-token recurrent loop is timed only up to --recurrent-max.
 ``PackedRows``, as packed training rows reach the kernels); ``--examples N`` into examples of N tokens.
 ``--forward`` times the forward alone (no gradients). ``--segment-chunks 1,8`` times impl triton once for each
 value of ``lightning_triton.SEGMENT_CHUNKS`` (packed examples: the chunks a program walks, several examples one
-after another; 1 walks one example a program).
+after another), ``--plan-across 1,0`` for each value of ``CHUNKS_ACROSS`` (chunks across the examples' boundaries,
+or each example cut on its own: with 0, segments of 1 walk one example a program, as without a plan).
 """
 
 from __future__ import annotations
@@ -150,6 +151,8 @@ def main() -> None:
     )
     parser.add_argument("--segment-chunks", default="",
                         help="comma list: impl triton timed at each SEGMENT_CHUNKS (packed examples walked a segment a program)")
+    parser.add_argument("--plan-across", default="",
+                        help="comma list of 1 / 0: impl triton timed with the plan's chunks across examples or not")
     parser.add_argument("--chunk-size", type=int, default=64, help="chunk of the pure-PyTorch chunked impl")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
@@ -173,18 +176,23 @@ def main() -> None:
     if not args.impls and device.type == "cuda" and fla_available():
         impls.insert(0, "fla")
     segments = [int(x) for x in args.segment_chunks.split(",")] if args.segment_chunks else [None]
-    runs = [(impl, seg) for impl in impls for seg in (segments if impl == "triton" else [None])]
+    layouts = [x == "1" for x in args.plan_across.split(",")] if args.plan_across else [None]
+    plans = [(seg, across) for across in layouts for seg in segments]
+    runs = [(impl, plan) for impl in impls for plan in (plans if impl == "triton" else [(None, None)])]
     print(header(device, DTYPES[args.dtype]))
     print(f"# H={args.heads} examples={args.examples or 'one per row'} {'forward' if args.forward else 'fwd+bwd'}")
     print(f"{'impl':<10} {'K':>4} {'T':>6} {'ms':>11} {'peak MiB':>9}")
     for head_k in (int(x) for x in args.head_dims.split(",")):
         for length in (int(x) for x in args.lengths.split(",")):
-            for impl, seg in runs:
-                row = f"{impl if seg is None else f'{impl}/s{seg}':<10} {head_k:>4} {length:>6}"
-                if seg is not None:
-                    from tnlora.ops import lightning_triton
+            for impl, (seg, across) in runs:
+                label = impl + (f"/s{seg}" if seg is not None else "") + {None: "", True: "a", False: "e"}[across]
+                row = f"{label:<10} {head_k:>4} {length:>6}"
+                from tnlora.ops import lightning_triton
 
+                if seg is not None:
                     lightning_triton.SEGMENT_CHUNKS = seg
+                if across is not None:
+                    lightning_triton.CHUNKS_ACROSS = across
                 if impl == "recurrent" and length > args.recurrent_max:
                     print(f"{row} {'skipped':>11}")
                     continue

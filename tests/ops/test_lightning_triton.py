@@ -162,11 +162,10 @@ def test_few_lanes_take_two_launches_where_the_width_s_launch_is_merged() -> Non
 
 @needs_kernel
 def test_the_backward_is_told_the_lanes_of_its_call(monkeypatch) -> None:
-    """lanes = heads × the chunk plan's segments for packed rows (one example of 2 chunks: one segment; 64 examples
-    of one chunk: 64 ÷ SEGMENT_CHUNKS), heads × rows unpacked; None where only cu_seqlens (a device tensor) gives
-    the examples."""
+    """lanes = heads × the chunk plan's segments for packed rows (one example of 128 tokens: one segment; 64
+    examples of 2 tokens in fp32 chunks: as many segments as the plan makes of them), heads × rows unpacked; None
+    where only cu_seqlens (a device tensor) gives the examples."""
     from tnlora.ops import lightning_triton
-    from tnlora.ops.lightning_triton import SEGMENT_CHUNKS
 
     seen: list[int | None] = []
     real = lightning_triton.grad_launch
@@ -181,11 +180,13 @@ def test_the_backward_is_told_the_lanes_of_its_call(monkeypatch) -> None:
     one = torch.zeros(1, 128, dtype=torch.long, device=DEVICE)
     pairs = torch.arange(128, device=DEVICE).div(2, rounding_mode="floor")[None]
     _gradients(q, k, v, decay, "triton", rows=PackedRows.from_seq_ids(one))
-    _gradients(q, k, v, decay, "triton", rows=PackedRows.from_seq_ids(pairs))
+    paired = PackedRows.from_seq_ids(pairs)
+    _gradients(q, k, v, decay, "triton", rows=paired)
+    segments = paired.chunk_plan(32, lightning_triton.SEGMENT_CHUNKS, lightning_triton.CHUNKS_ACROSS).count
     _gradients(q, k, v, decay, "triton", cu_seqlens=torch.tensor([0, 64, 128], device=DEVICE))
     q, k, v = _inputs(3, 40, 2, 16, 16, seed=22)
     _gradients(q, k, v, decay, "triton")
-    assert seen == [2, 2 * (64 // SEGMENT_CHUNKS), None, 6]
+    assert seen == [2, 2 * segments, None, 6]
 
 
 @needs_kernel
@@ -263,21 +264,26 @@ def test_gradients_of_packed_rows_stay_within_each_example() -> None:
     assert torch.count_nonzero(grads[0][1, 10:]) > 0 and torch.count_nonzero(grads[3]) > 0
 
 
-def test_a_chunk_plan_cuts_each_example_into_chunks_and_groups_examples_into_segments() -> None:
-    """Examples of 5, 0, 70 and 64 tokens and 1 token in chunks of 32: 1 + 0 + 3 + 2 + 1 chunks, each with its first
-    token, whether it opens its example and its example's end; segments of the examples whose first chunks fall
-    in one block of 2 chunks (a long example runs past its block), or one example each with blocks of 1."""
+def test_a_chunk_plan_cuts_examples_into_chunks_and_groups_them_into_segments() -> None:
+    """Examples of 5, 0, 70 and 64 tokens and 1 token in chunks of 32. Each cut on its own: 1 + 0 + 3 + 2 + 1
+    chunks, [first token, its example's end] each, the segments the examples whose first chunks fall in one block of
+    2 chunks (a long example runs past its block). Across the boundaries: a segment is the examples that start in
+    one block of 2 × 32 tokens, cut every 32 tokens, each chunk ending at its segment's end."""
     cu = torch.tensor([0, 5, 5, 75, 139, 140])
-    plan = ChunkPlan.build(cu, 32, 2)
-    assert plan.chunks.dtype == plan.segments.dtype == torch.int32
-    assert plan.chunks.tolist() == [
-        [0, 1, 5], [5, 1, 75], [37, 0, 75], [69, 0, 75], [75, 1, 139], [107, 0, 139], [139, 1, 140]
-    ]
+    own = ChunkPlan.build(cu, 32, 2, across=False)
+    assert own.chunks.dtype == own.segments.dtype == own.starts.dtype == torch.int32
+    assert own.chunks.tolist() == [[0, 5], [5, 75], [37, 75], [69, 75], [75, 139], [107, 139], [139, 140]]
     # first chunks 0, 1, 4, 6 → blocks 0, 0, 2, 3
-    assert plan.segments.tolist() == [0, 4, 6, 7] and plan.count == 3
-    one_each = ChunkPlan.build(cu, 32, 1)
-    assert one_each.segments.tolist() == [0, 1, 4, 6, 7] and one_each.count == 4
-    assert ChunkPlan.build(torch.tensor([0]), 64, 8).count == 0
+    assert own.segments.tolist() == [0, 4, 6, 7] and own.count == 3
+    assert own.starts.tolist() == [0] * 5 + [5] * 70 + [75] * 64 + [139]
+    assert ChunkPlan.build(cu, 32, 1, across=False).segments.tolist() == [0, 1, 4, 6, 7]
+    across = ChunkPlan.build(cu, 32, 2)
+    # starts 0, 5, 75, 139 → blocks of 64 tokens 0, 0, 1, 2
+    assert across.chunks.tolist() == [[0, 75], [32, 75], [64, 75], [75, 139], [107, 139], [139, 140]]
+    assert across.segments.tolist() == [0, 3, 5, 6] and across.count == 3
+    assert torch.equal(across.starts, own.starts)
+    for layout in (True, False):
+        assert ChunkPlan.build(torch.tensor([0]), 64, 8, layout).count == 0
     with pytest.raises(ValueError, match="must be positive"):
         ChunkPlan.build(cu, 32, 0)
 
@@ -286,7 +292,8 @@ def test_packed_rows_keep_their_chunk_plans() -> None:
     rows = PackedRows.from_seq_ids(torch.tensor([[0] * 40 + [1] * 30]))
     plan = rows.chunk_plan(32, 8)
     assert rows.chunk_plan(32, 8) is plan and rows.chunk_plan(64, 8) is not plan
-    assert plan.chunks.tolist() == [[0, 1, 40], [32, 0, 40], [40, 1, 70]] and plan.count == 1
+    assert plan.chunks.tolist() == [[0, 70], [32, 70], [64, 70]] and plan.count == 1
+    assert rows.chunk_plan(32, 8, across=False).chunks.tolist() == [[0, 40], [32, 40], [40, 70]]
 
 
 # Packed examples walked a segment at a time: lengths around the fp32 chunk (32 tokens), a 1-token example, one
@@ -296,10 +303,12 @@ PLAN_LENGTHS = (1, 31, 32, 33, 5, 64, 2, 97, 3, 3, 40, 1, 20)
 
 @needs_kernel
 @pytest.mark.parametrize("launch", LAUNCHES)
+@pytest.mark.parametrize("across", [True, False])
 @pytest.mark.parametrize("segment_chunks", [1, 3, 64])
-def test_examples_walked_a_segment_at_a_time_match_the_recurrence(monkeypatch, launch, segment_chunks) -> None:
+def test_examples_walked_a_segment_at_a_time_match_the_recurrence(monkeypatch, launch, across, segment_chunks) -> None:
     """o, dq, dk, dv of packed examples through a chunk plan (each program walking several examples, the state
-    starting over at each) against autograd through the fp64 recurrence, in each launch form of the backward."""
+    passing only within an example; chunks across the examples' boundaries or each example cut on its own) against
+    autograd through the fp64 recurrence, in each launch form of the backward."""
     from tnlora.ops.lightning_triton import chunk_tokens, triton_attention
 
     _use_launch(monkeypatch, launch)
@@ -307,7 +316,7 @@ def test_examples_walked_a_segment_at_a_time_match_the_recurrence(monkeypatch, l
     total = int(cu[-1])
     q, k, v = _inputs(1, total, 2, 32, 24, seed=31)
     decay = DECAY[:2].to(DEVICE)
-    plan = ChunkPlan.build(cu, chunk_tokens(q.dtype), segment_chunks).to(DEVICE)
+    plan = ChunkPlan.build(cu, chunk_tokens(q.dtype), segment_chunks, across).to(DEVICE)
     assert (plan.count == 1) == (segment_chunks == 64)  # all in one walk, or several
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
     o, final = triton_attention(*leaves, decay, cu.to(DEVICE), lanes=plan.count * 2, plan=plan)
@@ -340,7 +349,8 @@ def test_the_dispatcher_walks_packed_rows_without_states_by_a_chunk_plan(monkeyp
     with torch.no_grad():
         o, _ = lightning_attention(q, k, v, decay, rows=rows, impl="triton")
         lightning_attention(q, k, v, decay, rows=rows, impl="triton", output_final_state=True)
-    assert plans[0] is rows.chunk_plan(lightning_triton.chunk_tokens(q.dtype), lightning_triton.SEGMENT_CHUNKS)
+    chunk = lightning_triton.chunk_tokens(q.dtype)
+    assert plans[0] is rows.chunk_plan(chunk, lightning_triton.SEGMENT_CHUNKS, lightning_triton.CHUNKS_ACROSS)
     assert plans[1] is None
     want, _ = lightning_attention(q.double(), k.double(), v.double(), decay, rows=rows, impl="recurrent")
     _close(o, want, 1e-5)

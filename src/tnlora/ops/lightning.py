@@ -120,7 +120,7 @@ def _triton_attention(
 ) -> tuple[Tensor, Tensor | None]:
     """:mod:`tnlora.ops.lightning_triton`'s scans: the forward in one launch, with gradients the backward in two or
     three; packed rows run laid end to end."""
-    from tnlora.ops.lightning_triton import SEGMENT_CHUNKS, chunk_tokens, triton_attention, triton_forward
+    from tnlora.ops import lightning_triton as scans
 
     if q.dtype == torch.float64 or not q.dtype == k.dtype == v.dtype:
         raise ValueError("impl='triton' takes q, k, v of one fp32 or half dtype; use impl='chunked' for fp64")
@@ -137,7 +137,7 @@ def _triton_attention(
         inputs = (flat_q, flat_k, flat_v, log_decay, rows.cu_seqlens, first, output_final_state)
         if initial_state is None and not output_final_state:
             # Packed rows without states (training, evaluation): each program walks a segment of examples.
-            plan = rows.chunk_plan(chunk_tokens(q.dtype), SEGMENT_CHUNKS)
+            plan = rows.chunk_plan(scans.chunk_tokens(q.dtype), scans.SEGMENT_CHUNKS, scans.CHUNKS_ACROSS)
     if trains:
         # The backward's launch depends on the call's lanes: the plan's segments a head, or counted from the
         # packed rows' host boundaries or the unpacked shape; unknown where only a bare cu_seqlens (a device
@@ -146,9 +146,9 @@ def _triton_attention(
             lanes = q.shape[2] * plan.count
         else:
             lanes = call_lanes(q, rows) if rows is not None or cu_seqlens is None else None
-        o, final = triton_attention(*inputs, lanes, plan)
+        o, final = scans.triton_attention(*inputs, lanes, plan)
     else:
-        o, final = triton_forward(*inputs, plan)
+        o, final = scans.triton_forward(*inputs, plan)
     return (o, final) if rows is None else per_row(rows, o, final, q.shape[0])
 
 

@@ -51,6 +51,10 @@ NUM_WARPS = 4  # 8 warps gave the same results and no measured gain at q/k 256 w
 # chunks, one after another. Walking one example each, the huanhuan-shaped micro-batches (~2 chunks an example)
 # ran their scans 1.5x slower than the same tokens in 1,024-token examples (benchmarks/RESULTS.md).
 SEGMENT_CHUNKS = 8
+# Whether a plan's chunks run across the examples' boundaries (a segment cut every CHUNK tokens, the examples told
+# apart by their tokens' starts inside the chunk) or each example is cut on its own (its last chunk short: a
+# quarter of the huanhuan-shaped chunks' rows are past their example's end).
+CHUNKS_ACROSS = True
 
 
 @triton.jit
@@ -80,22 +84,18 @@ def _chunk_count(bos, eos, PLAN: tl.constexpr, BT: tl.constexpr):
 
 @triton.jit
 def _chunk_at(i, chunks, bos, eos, plan_ptr, pos, PLAN: tl.constexpr, REVERSE: tl.constexpr):
-    """(first token, end of its example, whether the state carried in starts over) of the program's i-th chunk of
-    ``chunks`` (REVERSE: the last first). Without PLAN the chunks of one example, tokens bos to eos; with PLAN
-    rows bos to eos of the plan, [start, opens its example, end of its example] a chunk: several examples one
-    after another, the state starting over at each (at the chunk that opens an example in the forward scans, at
-    the one that closes it in the reverse ones)."""
+    """(first token, end) of the program's i-th chunk of ``chunks`` (REVERSE: the last first): its tokens are those
+    from its first below both the end and first + len(pos). Without PLAN the chunks of one example, tokens bos to
+    eos; with PLAN rows bos to eos of the plan, [first token, end] a row (:class:`~tnlora.ops.packing.ChunkPlan`)."""
     j = chunks - 1 - i if REVERSE else i
     if PLAN:
-        entry = plan_ptr + (bos + j) * 3
+        entry = plan_ptr + (bos + j) * 2
         start = tl.load(entry).to(tl.int64)
-        end = tl.load(entry + 2).to(tl.int64)
-        reset = start + pos.shape[0] >= end if REVERSE else tl.load(entry + 1) != 0
+        end = tl.load(entry + 1).to(tl.int64)
     else:
         start = bos + j.to(tl.int64) * pos.shape[0]
         end = eos
-        reset = j < 0
-    return start, end, reset
+    return start, end
 
 
 @triton.jit
@@ -115,23 +115,40 @@ def _decays(g, BT: tl.constexpr, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
-def _chunk_end(start, eos, t_ok, posf, g):
-    """The chunk's last valid token (as a float) and each token's decay to it, λ^(L−1−j) (0 past the example)."""
-    last = (tl.minimum(eos - start, posf.shape[0]) - 1).to(tl.float32)
-    return last, tl.where(t_ok, tl.exp(g * tl.maximum(last - posf, 0.0)), 0.0)
+def _chunk_masks(starts_ptr, t, t_ok, start, end, posf, g, within, to_token, PLAN: tl.constexpr,
+                 TRANSPOSED: tl.constexpr):  # fmt: skip
+    """A chunk's decays as its tokens' examples allow, (within, to_token, to_end, across): λ^(i−j) between
+    tokens of one example (``within`` as :func:`_decays` gives it, [i, j] or TRANSPOSED [j, i]); λ^(i+1) for the
+    tokens of the example the state before the chunk belongs to; the chunk's last token (a float); each token's
+    decay to it, λ^(L−1−j), for the tokens of the last token's example; and the state's decay across the chunk,
+    λ^L, where one example spans it (else 0: the state after the chunk is the last example's alone). Without PLAN
+    the chunk is one example's; with PLAN ``starts_ptr`` holds each token's example start."""
+    last = (tl.minimum(end - start, posf.shape[0]) - 1).to(tl.float32)
+    to_end = tl.where(t_ok, tl.exp(g * tl.maximum(last - posf, 0.0)), 0.0)
+    across = tl.exp(g * (last + 1.0))
+    if PLAN:
+        first = tl.load(starts_ptr + t, mask=t_ok, other=0)
+        # token j is in token i's example where j ≥ i's example start (j ≤ i: the causal mask already holds)
+        same = t[:, None] >= first[None, :] if TRANSPOSED else t[None, :] >= first[:, None]
+        within = tl.where(same, within, 0.0)
+        to_token = tl.where(first < start, to_token, 0.0)
+        first_last = tl.max(tl.where(t_ok, first, 0))
+        to_end = tl.where(t >= first_last, to_end, 0.0)
+        across = tl.where(first_last < start, across, 0.0)
+    return within, to_token, to_end, across
 
 
 @triton.jit
-def _chunk(q_base, k_base, v_base, o_base, state, i_c, chunks, bos, eos, plan_ptr, heads, stride_qt, stride_kt,
-           stride_vt, g, within, to_token, ks, k_ok, cols, col_ok, pos, posf, V: tl.constexpr,
-           PRECISION: tl.constexpr, PLAN: tl.constexpr):  # fmt: skip
+def _chunk(q_base, k_base, v_base, o_base, state, i_c, chunks, bos, eos, plan_ptr, starts_ptr, heads,
+           stride_qt, stride_kt, stride_vt, g, within, to_token, ks, k_ok, cols, col_ok, pos, posf, V:
+           tl.constexpr, PRECISION: tl.constexpr, PLAN: tl.constexpr):  # fmt: skip
     """The program's chunk i_c (:func:`_chunk_at`): its outputs stored, the state after it returned."""
     dtype = v_base.dtype.element_ty
-    start, eos, reset = _chunk_at(i_c, chunks, bos, eos, plan_ptr, pos, PLAN, False)
-    if PLAN:
-        state = tl.where(reset, 0.0, state)
+    start, eos = _chunk_at(i_c, chunks, bos, eos, plan_ptr, pos, PLAN, False)
     t = start + pos
     t_ok = t < eos
+    within, to_token, to_end, across = _chunk_masks(starts_ptr, t, t_ok, start, eos, posf, g, within, to_token,
+                                                          PLAN, False)  # fmt: skip
     q = tl.load(q_base + t[:, None] * stride_qt + ks[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
     # k read transposed [BK, BT] (no transpose of a register tile), as both products take it.
     k_t = tl.load(k_base + ks[:, None] + t[None, :] * stride_kt, mask=k_ok[:, None] & t_ok[None, :], other=0.0)
@@ -142,9 +159,8 @@ def _chunk(q_base, k_base, v_base, o_base, state, i_c, chunks, bos, eos, plan_pt
     tl.store(o_base + t[:, None] * (heads * V) + cols[None, :], o.to(o_base.dtype.element_ty),
              mask=t_ok[:, None] & col_ok[None, :])  # fmt: skip
     # The state after the chunk's last valid token (L of them): each v decayed to that token.
-    last, to_end = _chunk_end(start, eos, t_ok, posf, g)
     decayed = (v.to(tl.float32) * to_end[:, None]).to(dtype)
-    return tl.dot(k_t, decayed, state * tl.exp(g * (last + 1.0)), input_precision=PRECISION)
+    return tl.dot(k_t, decayed, state * across, input_precision=PRECISION)
 
 
 @triton.jit
@@ -156,6 +172,7 @@ def lightning_forward_kernel(
     h0_ptr,
     cu_ptr,
     plan_ptr,
+    starts_ptr,
     o_ptr,
     ht_ptr,
     length,
@@ -211,15 +228,15 @@ def lightning_forward_kernel(
     if WHILE_LOOP:
         i_c = chunks * 0
         while i_c < chunks:
-            state = _chunk(q_base, k_base, v_base, o_base, state, i_c, chunks, bos, eos, plan_ptr, heads, stride_qt,
-                           stride_kt, stride_vt, g, within, to_token, ks, k_ok, cols, col_ok, pos, posf, V, PRECISION,
-                           PLAN)  # fmt: skip
+            state = _chunk(q_base, k_base, v_base, o_base, state, i_c, chunks, bos, eos, plan_ptr, starts_ptr,
+                           heads, stride_qt, stride_kt, stride_vt, g, within, to_token, ks, k_ok, cols,
+                           col_ok, pos, posf, V, PRECISION, PLAN)  # fmt: skip
             i_c += 1
     else:
         for i_c in range(0, chunks):
-            state = _chunk(q_base, k_base, v_base, o_base, state, i_c, chunks, bos, eos, plan_ptr, heads, stride_qt,
-                           stride_kt, stride_vt, g, within, to_token, ks, k_ok, cols, col_ok, pos, posf, V, PRECISION,
-                           PLAN)  # fmt: skip
+            state = _chunk(q_base, k_base, v_base, o_base, state, i_c, chunks, bos, eos, plan_ptr, starts_ptr,
+                           heads, stride_qt, stride_kt, stride_vt, g, within, to_token, ks, k_ok, cols,
+                           col_ok, pos, posf, V, PRECISION, PLAN)  # fmt: skip
 
     if STORE_FINAL:
         tl.store(ht_ptr + state_offset, state, mask=state_ok)
@@ -230,22 +247,27 @@ def chunk_tokens(dtype: torch.dtype) -> int:
     return CHUNK_FP32 if dtype == torch.float32 else CHUNK
 
 
-def _walks(batch: int, cu_seqlens: Tensor | None, plan: ChunkPlan | None) -> tuple[int, Tensor | None, Tensor | None]:
+def _walks(batch: int, cu_seqlens: Tensor | None, plan: ChunkPlan | None) -> tuple[int, Tensor | None]:
     """(the walks a head's programs make: the plan's segments, the examples or the rows; the boundaries the
-    kernels read; the plan's chunks)."""
+    kernels read)."""
     if plan is not None:
         if batch != 1:
             raise ValueError(f"a chunk plan is for one row laid end to end (B = 1), got {batch} rows")
-        return plan.count, plan.segments, plan.chunks
-    return (cu_seqlens.shape[0] - 1 if cu_seqlens is not None else batch), cu_seqlens, None
+        return plan.count, plan.segments
+    return (cu_seqlens.shape[0] - 1 if cu_seqlens is not None else batch), cu_seqlens
 
 
-def _scan_args(q: Tensor, v: Tensor, bounds: Tensor | None, plan_chunks: Tensor | None) -> dict:
+def _plan_args(plan: ChunkPlan | None, dummy: Tensor) -> tuple[Tensor, Tensor]:
+    """The plan's chunks and token starts as the kernels take them (``dummy`` without a plan)."""
+    return (plan.chunks, plan.starts) if plan is not None else (dummy, dummy)
+
+
+def _scan_args(q: Tensor, v: Tensor, bounds: Tensor | None, plan: ChunkPlan | None) -> dict:
     """The launch arguments every scan kernel takes alike: widths, boundaries, product precision, loop form and
     chunk (fp32 runs IEEE products in chunks of CHUNK_FP32; the interpreter the while loop)."""
     fp32 = v.dtype == torch.float32
     return dict(
-        K=q.shape[-1], V=v.shape[-1], VARLEN=bounds is not None, PLAN=plan_chunks is not None,
+        K=q.shape[-1], V=v.shape[-1], VARLEN=bounds is not None, PLAN=plan is not None,
         PRECISION="ieee" if fp32 else "tf32", WHILE_LOOP=not q.is_cuda, BT=chunk_tokens(v.dtype),
     )  # fmt: skip
 
@@ -286,7 +308,7 @@ def triton_forward(
     q, k, v = _token_rows(q), _token_rows(k), _token_rows(v)
     if plan is not None and (initial_state is not None or output_final_state):
         raise ValueError("a chunk plan's scans take no initial state and return no final state")
-    examples, bounds, plan_chunks = _walks(batch, cu_seqlens, plan)
+    examples, bounds = _walks(batch, cu_seqlens, plan)
     o = torch.empty(batch, length, heads, value_dim, device=v.device, dtype=v.dtype)
     final = (
         torch.empty(examples, heads, key_dim, value_dim, device=v.device, dtype=torch.float32)
@@ -307,13 +329,13 @@ def triton_forward(
     grid = (examples * heads * -(-value_dim // block_v),)
     lightning_forward_kernel[grid](
         q, k, v, decay, initial_state if initial_state is not None else decay,
-        bounds if bounds is not None else decay, plan_chunks if plan_chunks is not None else decay, o,
-        final if final is not None else o, length, heads,
+        bounds if bounds is not None else decay, *_plan_args(plan, decay), o, final if final is not None else o,
+        length, heads,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         HAS_H0=initial_state is not None, STORE_FINAL=final is not None, BK=block_k, BV=block_v,
-        num_warps=NUM_WARPS, **_scan_args(q, v, bounds, plan_chunks),
+        num_warps=NUM_WARPS, **_scan_args(q, v, bounds, plan),
     )  # fmt: skip
     return o, final
 
@@ -336,7 +358,7 @@ def triton_forward(
 
 @triton.jit
 def lightning_dq_kernel(
-    k_ptr, v_ptr, do_ptr, decay_ptr, h0_ptr, cu_ptr, plan_ptr, dq_ptr, length, heads,
+    k_ptr, v_ptr, do_ptr, decay_ptr, h0_ptr, cu_ptr, plan_ptr, starts_ptr, dq_ptr, length, heads,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, PLAN: tl.constexpr, HAS_H0: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -364,28 +386,28 @@ def lightning_dq_kernel(
     if WHILE_LOOP:
         i_c = chunks * 0
         while i_c < chunks:
-            state_t = _dq_chunk(k_base, v_base, do_base, dq_base, state_t, i_c, chunks, bos, eos, plan_ptr, heads,
-                                stride_kt, stride_vt, g, pos, posf, within, to_token, ks, k_ok, vs, v_ok, K, V,
-                                PRECISION, PLAN)  # fmt: skip
+            state_t = _dq_chunk(k_base, v_base, do_base, dq_base, state_t, i_c, chunks, bos, eos, plan_ptr,
+                                starts_ptr, heads, stride_kt, stride_vt, g, pos, posf, within, to_token, ks,
+                                k_ok, vs, v_ok, K, V, PRECISION, PLAN)  # fmt: skip
             i_c += 1
     else:
         for i_c in range(0, chunks):
-            state_t = _dq_chunk(k_base, v_base, do_base, dq_base, state_t, i_c, chunks, bos, eos, plan_ptr, heads,
-                                stride_kt, stride_vt, g, pos, posf, within, to_token, ks, k_ok, vs, v_ok, K, V,
-                                PRECISION, PLAN)  # fmt: skip
+            state_t = _dq_chunk(k_base, v_base, do_base, dq_base, state_t, i_c, chunks, bos, eos, plan_ptr,
+                                starts_ptr, heads, stride_kt, stride_vt, g, pos, posf, within, to_token, ks,
+                                k_ok, vs, v_ok, K, V, PRECISION, PLAN)  # fmt: skip
 
 
 @triton.jit
-def _dq_chunk(k_base, v_base, do_base, dq_base, state_t, i, chunks, bos, eos, plan_ptr, heads, stride_kt, stride_vt,
-              g, pos, posf, within, to_token, ks, k_ok, vs, v_ok, K: tl.constexpr, V: tl.constexpr,
-              PRECISION: tl.constexpr, PLAN: tl.constexpr):  # fmt: skip
+def _dq_chunk(k_base, v_base, do_base, dq_base, state_t, i, chunks, bos, eos, plan_ptr, starts_ptr, heads,
+              stride_kt, stride_vt, g, pos, posf, within, to_token, ks, k_ok, vs, v_ok, K: tl.constexpr, V:
+              tl.constexpr, PRECISION: tl.constexpr, PLAN: tl.constexpr):  # fmt: skip
     """The program's chunk i of dq (:func:`_chunk_at`): its rows stored, the state (transposed) after it returned."""
     dtype = do_base.dtype.element_ty
-    start, eos, reset = _chunk_at(i, chunks, bos, eos, plan_ptr, pos, PLAN, False)
-    if PLAN:
-        state_t = tl.where(reset, 0.0, state_t)
+    start, eos = _chunk_at(i, chunks, bos, eos, plan_ptr, pos, PLAN, False)
     t = start + pos
     t_ok = t < eos
+    within, to_token, to_end, across = _chunk_masks(starts_ptr, t, t_ok, start, eos, posf, g, within, to_token,
+                                                          PLAN, False)  # fmt: skip
     do = tl.load(do_base + t[:, None] * (heads * V) + vs[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
     v_t = tl.load(v_base + vs[:, None] + t[None, :] * stride_vt, mask=v_ok[:, None] & t_ok[None, :], other=0.0)
     kb = tl.load(k_base + t[:, None] * stride_kt + ks[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
@@ -394,14 +416,13 @@ def _dq_chunk(k_base, v_base, do_base, dq_base, state_t, i, chunks, bos, eos, pl
     dq += tl.dot(do, state_t.to(dtype), input_precision=PRECISION) * to_token[:, None]
     tl.store(dq_base + t[:, None] * (heads * K) + ks[None, :], dq.to(dq_base.dtype.element_ty),
              mask=t_ok[:, None] & k_ok[None, :])  # fmt: skip
-    last, to_end = _chunk_end(start, eos, t_ok, posf, g)
     decayed = (v_t.to(tl.float32) * to_end[None, :]).to(dtype)
-    return tl.dot(decayed, kb, state_t * tl.exp(g * (last + 1.0)), input_precision=PRECISION)
+    return tl.dot(decayed, kb, state_t * across, input_precision=PRECISION)
 
 
 @triton.jit
 def lightning_dk_kernel(
-    q_ptr, v_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, plan_ptr, dk_ptr, dh0_ptr, length, heads,
+    q_ptr, v_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, plan_ptr, starts_ptr, dk_ptr, dh0_ptr, length, heads,
     stride_qb, stride_qt, stride_qh, stride_vb, stride_vt, stride_vh,
     K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, PLAN: tl.constexpr, HAS_DHT: tl.constexpr,
     STORE_DH0: tl.constexpr,
@@ -430,22 +451,22 @@ def lightning_dk_kernel(
     if WHILE_LOOP:
         i_r = chunks * 0
         while i_r < chunks:
-            grad_t = _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, i_r, chunks, bos, eos, plan_ptr, heads,
-                               stride_qt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, K, V,
-                               PRECISION, PLAN)  # fmt: skip
+            grad_t = _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, i_r, chunks, bos, eos, plan_ptr,
+                               starts_ptr, heads, stride_qt, stride_vt, g, pos, posf, within_t, to_token, ks,
+                               k_ok, vs, v_ok, K, V, PRECISION, PLAN)  # fmt: skip
             i_r += 1
     else:
         for i_r in range(0, chunks):
-            grad_t = _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, i_r, chunks, bos, eos, plan_ptr, heads,
-                               stride_qt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, K, V,
-                               PRECISION, PLAN)  # fmt: skip
+            grad_t = _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, i_r, chunks, bos, eos, plan_ptr,
+                               starts_ptr, heads, stride_qt, stride_vt, g, pos, posf, within_t, to_token, ks,
+                               k_ok, vs, v_ok, K, V, PRECISION, PLAN)  # fmt: skip
     if STORE_DH0:
         tl.store(dh0_ptr + offset, grad_t, mask=state_ok)
 
 
 @triton.jit
 def lightning_dv_kernel(
-    q_ptr, k_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, plan_ptr, dv_ptr, length, heads,
+    q_ptr, k_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, plan_ptr, starts_ptr, dv_ptr, length, heads,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, PLAN: tl.constexpr, HAS_DHT: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -472,70 +493,69 @@ def lightning_dv_kernel(
     if WHILE_LOOP:
         i_r = chunks * 0
         while i_r < chunks:
-            grad = _dv_chunk(q_base, k_base, do_base, dv_base, grad, i_r, chunks, bos, eos, plan_ptr, heads, stride_qt,
-                             stride_kt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, V, PRECISION,
-                             PLAN)  # fmt: skip
+            grad = _dv_chunk(q_base, k_base, do_base, dv_base, grad, i_r, chunks, bos, eos, plan_ptr,
+                             starts_ptr, heads, stride_qt, stride_kt, g, pos, posf, within_t, to_token, ks,
+                             k_ok, vs, v_ok, V, PRECISION, PLAN)  # fmt: skip
             i_r += 1
     else:
         for i_r in range(0, chunks):
-            grad = _dv_chunk(q_base, k_base, do_base, dv_base, grad, i_r, chunks, bos, eos, plan_ptr, heads, stride_qt,
-                             stride_kt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, V, PRECISION,
-                             PLAN)  # fmt: skip
+            grad = _dv_chunk(q_base, k_base, do_base, dv_base, grad, i_r, chunks, bos, eos, plan_ptr,
+                             starts_ptr, heads, stride_qt, stride_kt, g, pos, posf, within_t, to_token, ks,
+                             k_ok, vs, v_ok, V, PRECISION, PLAN)  # fmt: skip
 
 
 @triton.jit
-def _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, i, chunks, bos, eos, plan_ptr, heads, stride_qt, stride_vt,
-              g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, K: tl.constexpr, V: tl.constexpr,
-              PRECISION: tl.constexpr, PLAN: tl.constexpr):  # fmt: skip
+def _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, i, chunks, bos, eos, plan_ptr, starts_ptr, heads,
+              stride_qt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, K: tl.constexpr, V:
+              tl.constexpr, PRECISION: tl.constexpr, PLAN: tl.constexpr):  # fmt: skip
     """The program's chunk i of dk, the last first (:func:`_chunk_at`): its rows stored, dS (transposed) before the
     chunk returned."""
     dtype = do_base.dtype.element_ty
-    start, eos, reset = _chunk_at(i, chunks, bos, eos, plan_ptr, pos, PLAN, True)
-    if PLAN:
-        grad_t = tl.where(reset, 0.0, grad_t)
+    start, eos = _chunk_at(i, chunks, bos, eos, plan_ptr, pos, PLAN, True)
     t = start + pos
     t_ok = t < eos
     v = tl.load(v_base + t[:, None] * stride_vt + vs[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
     do_t = tl.load(do_base + vs[:, None] + t[None, :] * (heads * V), mask=v_ok[:, None] & t_ok[None, :], other=0.0)
     qb = tl.load(q_base + t[:, None] * stride_qt + ks[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-    last, to_end = _chunk_end(start, eos, t_ok, posf, g)
+    within_t, to_token, to_end, across = _chunk_masks(starts_ptr, t, t_ok, start, eos, posf, g, within_t,
+                                                            to_token, PLAN, True)  # fmt: skip
     scores = tl.dot(v, do_t, input_precision=PRECISION) * within_t
     dk = tl.dot(scores.to(dtype), qb, input_precision=PRECISION)
     dk += tl.dot(v, grad_t.to(dtype), input_precision=PRECISION) * to_end[:, None]
     tl.store(dk_base + t[:, None] * (heads * K) + ks[None, :], dk.to(dk_base.dtype.element_ty),
              mask=t_ok[:, None] & k_ok[None, :])  # fmt: skip
     scaled = (qb.to(tl.float32) * to_token[:, None]).to(dtype)
-    return tl.dot(do_t, scaled, grad_t * tl.exp(g * (last + 1.0)), input_precision=PRECISION)
+    return tl.dot(do_t, scaled, grad_t * across, input_precision=PRECISION)
 
 
 @triton.jit
-def _dv_chunk(q_base, k_base, do_base, dv_base, grad, i, chunks, bos, eos, plan_ptr, heads, stride_qt, stride_kt, g,
-              pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, V: tl.constexpr, PRECISION: tl.constexpr,
-              PLAN: tl.constexpr):  # fmt: skip
+def _dv_chunk(q_base, k_base, do_base, dv_base, grad, i, chunks, bos, eos, plan_ptr, starts_ptr, heads,
+              stride_qt, stride_kt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, V: tl.constexpr,
+              PRECISION: tl.constexpr, PLAN: tl.constexpr):  # fmt: skip
     """The program's chunk i of dv, the last first (:func:`_chunk_at`): its rows stored, dS's block before the
     chunk returned."""
     dtype = do_base.dtype.element_ty
-    start, eos, reset = _chunk_at(i, chunks, bos, eos, plan_ptr, pos, PLAN, True)
-    if PLAN:
-        grad = tl.where(reset, 0.0, grad)
+    start, eos = _chunk_at(i, chunks, bos, eos, plan_ptr, pos, PLAN, True)
     t = start + pos
     t_ok = t < eos
     kk = tl.load(k_base + t[:, None] * stride_kt + ks[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
     q_t = tl.load(q_base + ks[:, None] + t[None, :] * stride_qt, mask=k_ok[:, None] & t_ok[None, :], other=0.0)
     do = tl.load(do_base + t[:, None] * (heads * V) + vs[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
-    last, to_end = _chunk_end(start, eos, t_ok, posf, g)
+    within_t, to_token, to_end, across = _chunk_masks(starts_ptr, t, t_ok, start, eos, posf, g, within_t,
+                                                            to_token, PLAN, True)  # fmt: skip
     scores = tl.dot(kk, q_t, input_precision=PRECISION) * within_t
     dv = tl.dot(scores.to(dtype), do, input_precision=PRECISION)
     dv += tl.dot(kk, grad.to(dtype), input_precision=PRECISION) * to_end[:, None]
     tl.store(dv_base + t[:, None] * (heads * V) + vs[None, :], dv.to(dv_base.dtype.element_ty),
              mask=t_ok[:, None] & v_ok[None, :])  # fmt: skip
     scaled = (q_t.to(tl.float32) * to_token[None, :]).to(dtype)
-    return tl.dot(scaled, do, grad * tl.exp(g * (last + 1.0)), input_precision=PRECISION)
+    return tl.dot(scaled, do, grad * across, input_precision=PRECISION)
 
 
 @triton.jit
 def lightning_dkv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, plan_ptr, dk_ptr, dv_ptr, dh0_ptr, length, heads,
+    q_ptr, k_ptr, v_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, plan_ptr, starts_ptr, dk_ptr, dv_ptr, dh0_ptr, length,
+    heads,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, PLAN: tl.constexpr, HAS_DHT: tl.constexpr,
     STORE_DH0: tl.constexpr,
@@ -566,29 +586,27 @@ def lightning_dkv_kernel(
     if WHILE_LOOP:
         i_r = chunks * 0
         while i_r < chunks:
-            grad = _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, i_r, chunks, bos, eos, plan_ptr,
-                              heads, stride_qt, stride_kt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs,
-                              v_ok, K, V, PRECISION, PLAN)  # fmt: skip
+            grad = _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, i_r, chunks, bos, eos,
+                              plan_ptr, starts_ptr, heads, stride_qt, stride_kt, stride_vt, g, pos, posf,
+                              within_t, to_token, ks, k_ok, vs, v_ok, K, V, PRECISION, PLAN)  # fmt: skip
             i_r += 1
     else:
         for i_r in range(0, chunks):
-            grad = _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, i_r, chunks, bos, eos, plan_ptr,
-                              heads, stride_qt, stride_kt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs,
-                              v_ok, K, V, PRECISION, PLAN)  # fmt: skip
+            grad = _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, i_r, chunks, bos, eos,
+                              plan_ptr, starts_ptr, heads, stride_qt, stride_kt, stride_vt, g, pos, posf,
+                              within_t, to_token, ks, k_ok, vs, v_ok, K, V, PRECISION, PLAN)  # fmt: skip
     if STORE_DH0:
         tl.store(dh0_ptr + offset, grad, mask=state_ok)
 
 
 @triton.jit
-def _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, i, chunks, bos, eos, plan_ptr, heads,
-               stride_qt, stride_kt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, K: tl.constexpr,
-               V: tl.constexpr, PRECISION: tl.constexpr, PLAN: tl.constexpr):  # fmt: skip
+def _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, i, chunks, bos, eos, plan_ptr,
+               starts_ptr, heads, stride_qt, stride_kt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok,
+               vs, v_ok, K: tl.constexpr, V: tl.constexpr, PRECISION: tl.constexpr, PLAN: tl.constexpr):  # fmt: skip
     """The program's chunk i of dk and dv, the last first (:func:`_chunk_at`): both stored, the whole dS before the
     chunk returned."""
     dtype = do_base.dtype.element_ty
-    start, eos, reset = _chunk_at(i, chunks, bos, eos, plan_ptr, pos, PLAN, True)
-    if PLAN:
-        grad = tl.where(reset, 0.0, grad)
+    start, eos = _chunk_at(i, chunks, bos, eos, plan_ptr, pos, PLAN, True)
     t = start + pos
     t_ok = t < eos
     row_k = t_ok[:, None] & k_ok[None, :]
@@ -597,7 +615,8 @@ def _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, i, chunk
     kk = tl.load(k_base + t[:, None] * stride_kt + ks[None, :], mask=row_k, other=0.0)
     v = tl.load(v_base + t[:, None] * stride_vt + vs[None, :], mask=row_v, other=0.0)
     do = tl.load(do_base + t[:, None] * (heads * V) + vs[None, :], mask=row_v, other=0.0)
-    last, to_end = _chunk_end(start, eos, t_ok, posf, g)
+    within_t, to_token, to_end, across = _chunk_masks(starts_ptr, t, t_ok, start, eos, posf, g, within_t,
+                                                            to_token, PLAN, True)  # fmt: skip
     grad_in = grad.to(dtype)
     scores = tl.dot(v, tl.trans(do), input_precision=PRECISION) * within_t
     dk = tl.dot(scores.to(dtype), qq, input_precision=PRECISION)
@@ -608,7 +627,7 @@ def _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, i, chunk
     dv += tl.dot(kk, grad_in, input_precision=PRECISION) * to_end[:, None]
     tl.store(dv_base + t[:, None] * (heads * V) + vs[None, :], dv.to(dv_base.dtype.element_ty), mask=row_v)
     scaled = (qq.to(tl.float32) * to_token[:, None]).to(dtype)
-    return tl.dot(tl.trans(scaled), do, grad * tl.exp(g * (last + 1.0)), input_precision=PRECISION)
+    return tl.dot(tl.trans(scaled), do, grad * across, input_precision=PRECISION)
 
 
 @dataclass(frozen=True)
@@ -672,7 +691,7 @@ def triton_backward(
     do = do.to(v.dtype).contiguous()
     if plan is not None and (initial_state is not None or final_grad is not None or initial_grad):
         raise ValueError("a chunk plan's scans take no initial state and no final state's gradient")
-    examples, bounds, plan_chunks = _walks(batch, cu_seqlens, plan)
+    examples, bounds = _walks(batch, cu_seqlens, plan)
     dq = torch.empty(batch, length, heads, key_dim, device=q.device, dtype=q.dtype)
     dk = torch.empty_like(dq, dtype=k.dtype)
     dv = torch.empty(batch, length, heads, value_dim, device=v.device, dtype=v.dtype)
@@ -689,35 +708,35 @@ def triton_backward(
     h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
     dht = final_grad.to(torch.float32).contiguous() if final_grad is not None else None
     cu = bounds if bounds is not None else decay
-    chunks = plan_chunks if plan_chunks is not None else decay
+    chunks, starts = _plan_args(plan, decay)
     full_k = max(16, triton.next_power_of_2(key_dim))
     full_v = max(16, triton.next_power_of_2(value_dim))
     launch = grad_launch(key_dim, lanes)
     block_k = min(launch.block_k, full_k)
     block_v = min(launch.block_v, full_v)
     k_blocks = -(-key_dim // block_k)
-    common = {**_scan_args(q, v, bounds, plan_chunks), "num_warps": launch.num_warps}
+    common = {**_scan_args(q, v, bounds, plan), "num_warps": launch.num_warps}
     lightning_dq_kernel[(examples * heads * k_blocks,)](
-        k, v, do, decay, h0 if h0 is not None else decay, cu, chunks, dq, length, heads,
+        k, v, do, decay, h0 if h0 is not None else decay, cu, chunks, starts, dq, length, heads,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         HAS_H0=h0 is not None, BK=block_k, BVF=full_v, **common,
     )  # fmt: skip
     if launch.merged and max(key_dim, value_dim) <= MERGED_MAX_WIDTH:
         lightning_dkv_kernel[(examples * heads,)](
-            q, k, v, do, decay, dht if dht is not None else decay, cu, chunks, dk, dv,
-            dh0 if dh0 is not None else decay, length, heads, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, BKF=full_k,
-            BVF=full_v, **common,
+            q, k, v, do, decay, dht if dht is not None else decay, cu, chunks, starts, dk, dv,
+            dh0 if dh0 is not None else decay, length, heads, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
+            k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), HAS_DHT=dht is not None,
+            STORE_DH0=dh0 is not None, BKF=full_k, BVF=full_v, **common,
         )  # fmt: skip
         return dq, dk, dv, dh0
     lightning_dk_kernel[(examples * heads * k_blocks,)](
-        q, v, do, decay, dht if dht is not None else decay, cu, chunks, dk, dh0 if dh0 is not None else decay,
+        q, v, do, decay, dht if dht is not None else decay, cu, chunks, starts, dk, dh0 if dh0 is not None else decay,
         length, heads,
         q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, BK=block_k, BVF=full_v, **common,
     )  # fmt: skip
     lightning_dv_kernel[(examples * heads * -(-value_dim // block_v),)](
-        q, k, do, decay, dht if dht is not None else decay, cu, chunks, dv, length, heads,
+        q, k, do, decay, dht if dht is not None else decay, cu, chunks, starts, dv, length, heads,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         HAS_DHT=dht is not None, BKF=full_k, BV=block_v, **common,
     )  # fmt: skip
@@ -761,6 +780,7 @@ def triton_attention(
 
 __all__ = [
     "CHUNK",
+    "CHUNKS_ACROSS",
     "CHUNK_FP32",
     "FEW_LANES_LAUNCH",
     "GRAD_LAUNCHES",

@@ -52,42 +52,56 @@ def segment_starts(seq_ids: Tensor | None, cu_seqlens: Tensor | None, length: in
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """Packed examples cut into chunks and grouped into segments, for scans that walk a segment's chunks one after
-    another with the state starting over at each example (:mod:`tnlora.ops.lightning_triton`): one program then
-    walks several short examples instead of one, so fewer programs each start up and their loads can run ahead
+    """Packed examples in chunks, grouped into segments, for scans that walk a segment's chunks one after another,
+    the state passing from chunk to chunk only within an example (:mod:`tnlora.ops.lightning_triton`): one program
+    then walks several short examples instead of one, so fewer programs each start up and their loads run ahead
     across the examples' boundaries.
 
     Attributes:
         segments: int32 [S+1], segment s is rows ``segments[s]`` to ``segments[s+1]`` of ``chunks``.
-        chunks: int32 [C, 3], one row a chunk in token order: its first token, 1 where it opens its example (else
-            0), and its example's end (the chunk's tokens are those from its start below both that end and start +
-            ``chunk``).
+        chunks: int32 [C, 2], one row a chunk in token order: its first token and its end (its tokens are those
+            from the first below both the end and first + ``chunk``).
+        starts: int32 [T], where each token's example starts.
         count: S, on the host.
     """
 
     segments: Tensor
     chunks: Tensor
+    starts: Tensor
     count: int
 
     @classmethod
-    def build(cls, cu_seqlens: Tensor, chunk: int, segment_chunks: int) -> ChunkPlan:
-        """The plan of the examples bounded by ``cu_seqlens`` [N+1] (a host tensor): chunks of ``chunk`` tokens
-        (each example's last one short), and a segment for each run of examples whose first chunks fall in one
-        block of ``segment_chunks`` chunks (so a segment holds that many chunks or a little more, or one long
-        example)."""
+    def build(cls, cu_seqlens: Tensor, chunk: int, segment_chunks: int, across: bool = True) -> ChunkPlan:
+        """The plan of the examples bounded by ``cu_seqlens`` [N+1] (a host tensor), in chunks of ``chunk`` tokens.
+        ``across``: the chunks run across examples' boundaries (a segment's tokens cut every ``chunk`` tokens; a
+        segment: the examples that start in one block of ``segment_chunks`` chunks' tokens); else each example is
+        cut on its own (its last chunk short; a segment: the examples whose first chunks fall in one block of
+        ``segment_chunks`` chunks). Either way a segment holds about that many chunks, or one long example."""
         if chunk < 1 or segment_chunks < 1:
             raise ValueError(f"chunk and segment_chunks must be positive, got {chunk} and {segment_chunks}")
         bounds = cu_seqlens.to(device="cpu", dtype=torch.int64)
-        counts = (bounds.diff() + chunk - 1) // chunk  # chunks per example (none for an empty one)
-        firsts = F.pad(counts.cumsum(0), (1, 0))  # each example's first chunk, then the total
-        example = torch.repeat_interleave(torch.arange(counts.shape[0]), counts)
-        within = torch.arange(int(firsts[-1])) - firsts[example]
-        chunks = torch.stack([bounds[example] + within * chunk, (within == 0).long(), bounds[example + 1]], dim=1)
-        opening = firsts[:-1][counts > 0]
-        block = opening // segment_chunks
-        starts = opening[torch.cat([block.new_ones(min(1, block.shape[0]), dtype=torch.bool), block[1:] != block[:-1]])]
-        segments = torch.cat([starts, firsts[-1:]])
-        return cls(segments.to(torch.int32), chunks.to(torch.int32), starts.shape[0])
+        lengths = bounds.diff()
+        starts = torch.repeat_interleave(bounds[:-1], lengths)
+        if across:
+            # the cut is where a block's first example starts; the chunks run from there to the next cut
+            opening, ends, unit = bounds[:-1][lengths > 0], bounds[-1:], segment_chunks * chunk
+        else:
+            counts = (lengths + chunk - 1) // chunk  # chunks per example (none for an empty one)
+            firsts = F.pad(counts.cumsum(0), (1, 0))  # each example's first chunk, then the total
+            example = torch.repeat_interleave(torch.arange(counts.shape[0]), counts)
+            within = torch.arange(int(firsts[-1])) - firsts[example]
+            chunks = torch.stack([bounds[example] + within * chunk, bounds[example + 1]], dim=1)
+            opening, ends, unit = firsts[:-1][counts > 0], firsts[-1:], segment_chunks
+        block = opening // unit
+        cuts = opening[torch.cat([block.new_ones(min(1, block.shape[0]), dtype=torch.bool), block[1:] != block[:-1]])]
+        edges = torch.cat([cuts, ends])
+        if across:
+            per_segment = (edges.diff() + chunk - 1) // chunk
+            segment = torch.repeat_interleave(torch.arange(cuts.shape[0]), per_segment)
+            within = torch.arange(int(per_segment.sum())) - F.pad(per_segment.cumsum(0), (1, 0))[segment]
+            chunks = torch.stack([edges[segment] + within * chunk, edges[segment + 1]], dim=1)
+            edges = F.pad(per_segment.cumsum(0), (1, 0))
+        return cls(edges.to(torch.int32), chunks.reshape(-1, 2).to(torch.int32), starts.to(torch.int32), cuts.shape[0])
 
     def to(self, device: torch.device | str) -> ChunkPlan:
         """The plan on ``device``; a host plan goes to a GPU from pinned memory without waiting for it."""
@@ -100,7 +114,7 @@ class ChunkPlan:
                 return x.pin_memory().to(device, non_blocking=True)
             return x.to(device)
 
-        return ChunkPlan(move(self.segments), move(self.chunks), self.count)
+        return ChunkPlan(move(self.segments), move(self.chunks), move(self.starts), self.count)
 
 
 @dataclass(frozen=True)
@@ -153,16 +167,17 @@ class PackedRows:
         """N, read from the host copy (no device access)."""
         return self.cu_seqlens_cpu.shape[0] - 1
 
-    def chunk_plan(self, chunk: int, segment_chunks: int) -> ChunkPlan:
+    def chunk_plan(self, chunk: int, segment_chunks: int, across: bool = True) -> ChunkPlan:
         """The examples laid end to end as a :class:`ChunkPlan` on the rows' device, built from the host copy once
-        per (chunk, segment_chunks) and kept: every layer of a forward and its backward take the same."""
-        key = (chunk, segment_chunks)
+        per (chunk, segment_chunks, across) and kept: every layer of a forward and its backward take the same."""
+        key = (chunk, segment_chunks, across)
         if key not in self._chunk_plans:
-            self._chunk_plans[key] = ChunkPlan.build(self.cu_seqlens_cpu, chunk, segment_chunks).to(self.device)
+            plan = ChunkPlan.build(self.cu_seqlens_cpu, chunk, segment_chunks, across)
+            self._chunk_plans[key] = plan.to(self.device)
         return self._chunk_plans[key]
 
     @functools.cached_property
-    def _chunk_plans(self) -> dict[tuple[int, int], ChunkPlan]:
+    def _chunk_plans(self) -> dict[tuple[int, int, bool], ChunkPlan]:
         return {}
 
     def starts(self) -> Tensor:
