@@ -12,10 +12,9 @@ makes them. The per-token recurrent loop is timed only up to --recurrent-max.
 
 ``--examples huanhuan`` cuts the T tokens into examples of huanhuan.json's lengths (one row with its
 ``PackedRows``, as packed training rows reach the kernels); ``--examples N`` into examples of N tokens.
-``--forward`` times the forward alone (no gradients). ``--segment-chunks 1,8`` times impl triton once for each
-value of ``lightning_triton.SEGMENT_CHUNKS`` (packed examples: the chunks a program walks, several examples one
-after another), ``--plan-across 1,0`` for each value of ``CHUNKS_ACROSS`` (chunks across the examples' boundaries,
-or each example cut on its own: with 0, segments of 1 walk one example a program, as without a plan).
+``--forward`` times the forward alone (no gradients). ``--segment-tokens 0,2048`` times impl triton once for each
+value of ``lightning_triton.SEGMENT_TOKENS`` (packed examples: a program walks the examples that start in one block
+of that many tokens; 0: one example a program).
 """
 
 from __future__ import annotations
@@ -149,10 +148,9 @@ def main() -> None:
         "--triton-grad", default="",
         help="K block:V block:warps[:merged] of impl triton's backward kernels (a sweep; merged: dk and dv in one launch)"
     )
-    parser.add_argument("--segment-chunks", default="",
-                        help="comma list: impl triton timed at each SEGMENT_CHUNKS (packed examples walked a segment a program)")
-    parser.add_argument("--plan-across", default="",
-                        help="comma list of 1 / 0: impl triton timed with the plan's chunks across examples or not")
+    parser.add_argument("--segment-form", type=int, default=0, help="lightning_triton.SEGMENT_FORM (0: the tree's)")
+    parser.add_argument("--segment-tokens", default="",
+                        help="comma list: impl triton timed at each SEGMENT_TOKENS (packed examples; 0: one a program)")
     parser.add_argument("--chunk-size", type=int, default=64, help="chunk of the pure-PyTorch chunked impl")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
@@ -175,24 +173,22 @@ def main() -> None:
     impls = args.impls.split(",") if args.impls else ["chunked", "recurrent"]
     if not args.impls and device.type == "cuda" and fla_available():
         impls.insert(0, "fla")
-    segments = [int(x) for x in args.segment_chunks.split(",")] if args.segment_chunks else [None]
-    layouts = [x == "1" for x in args.plan_across.split(",")] if args.plan_across else [None]
-    plans = [(seg, across) for across in layouts for seg in segments]
-    runs = [(impl, plan) for impl in impls for plan in (plans if impl == "triton" else [(None, None)])]
+    segments = [int(x) for x in args.segment_tokens.split(",")] if args.segment_tokens else [None]
+    runs = [(impl, seg) for impl in impls for seg in (segments if impl == "triton" else [None])]
     print(header(device, DTYPES[args.dtype]))
     print(f"# H={args.heads} examples={args.examples or 'one per row'} {'forward' if args.forward else 'fwd+bwd'}")
-    print(f"{'impl':<10} {'K':>4} {'T':>6} {'ms':>11} {'peak MiB':>9}")
+    print(f"{'impl':<11} {'K':>4} {'T':>6} {'ms':>11} {'peak MiB':>9}")
     for head_k in (int(x) for x in args.head_dims.split(",")):
         for length in (int(x) for x in args.lengths.split(",")):
-            for impl, (seg, across) in runs:
-                label = impl + (f"/s{seg}" if seg is not None else "") + {None: "", True: "a", False: "e"}[across]
-                row = f"{label:<10} {head_k:>4} {length:>6}"
-                from tnlora.ops import lightning_triton
-
+            for impl, seg in runs:
+                label = impl if seg is None else f"{impl}/s{seg}"
+                row = f"{label:<11} {head_k:>4} {length:>6}"
                 if seg is not None:
-                    lightning_triton.SEGMENT_CHUNKS = seg
-                if across is not None:
-                    lightning_triton.CHUNKS_ACROSS = across
+                    from tnlora.ops import lightning_triton
+
+                    lightning_triton.SEGMENT_TOKENS = seg
+                    if args.segment_form:
+                        lightning_triton.SEGMENT_FORM = args.segment_form
                 if impl == "recurrent" and length > args.recurrent_max:
                     print(f"{row} {'skipped':>11}")
                     continue

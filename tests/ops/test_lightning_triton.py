@@ -15,7 +15,7 @@ from tnlora.choices import LIGHTNING_IMPLS
 from tnlora.model import TransnormerConfig, TransnormerForCausalLM
 from tnlora.ops import lightning
 from tnlora.ops.lightning import lightning_attention
-from tnlora.ops.packing import ChunkPlan, PackedRows
+from tnlora.ops.packing import PackedRows, ScanSegments
 from tnlora.ops.select import kernels_for, scans_train_on, triton_available
 
 DECAY = torch.tensor([-0.02, -0.7, -2.5])  # slow, fast and near-zero λ: chunk-boundary decays of 1 … e^-160
@@ -162,9 +162,9 @@ def test_few_lanes_take_two_launches_where_the_width_s_launch_is_merged() -> Non
 
 @needs_kernel
 def test_the_backward_is_told_the_lanes_of_its_call(monkeypatch) -> None:
-    """lanes = heads × the chunk plan's segments for packed rows (one example of 128 tokens: one segment; 64
-    examples of 2 tokens in fp32 chunks: as many segments as the plan makes of them), heads × rows unpacked; None
-    where only cu_seqlens (a device tensor) gives the examples."""
+    """lanes = heads × the scan segments for packed rows (one example of 128 tokens: one segment; 64 examples of 2
+    tokens: as many as SEGMENT_TOKENS makes of them), heads × rows unpacked; None where only cu_seqlens (a device
+    tensor) gives the examples."""
     from tnlora.ops import lightning_triton
 
     seen: list[int | None] = []
@@ -182,7 +182,7 @@ def test_the_backward_is_told_the_lanes_of_its_call(monkeypatch) -> None:
     _gradients(q, k, v, decay, "triton", rows=PackedRows.from_seq_ids(one))
     paired = PackedRows.from_seq_ids(pairs)
     _gradients(q, k, v, decay, "triton", rows=paired)
-    segments = paired.chunk_plan(32, lightning_triton.SEGMENT_CHUNKS, lightning_triton.CHUNKS_ACROSS).count
+    segments = paired.scan_segments(lightning_triton.SEGMENT_TOKENS).count
     _gradients(q, k, v, decay, "triton", cu_seqlens=torch.tensor([0, 64, 128], device=DEVICE))
     q, k, v = _inputs(3, 40, 2, 16, 16, seed=22)
     _gradients(q, k, v, decay, "triton")
@@ -264,62 +264,54 @@ def test_gradients_of_packed_rows_stay_within_each_example() -> None:
     assert torch.count_nonzero(grads[0][1, 10:]) > 0 and torch.count_nonzero(grads[3]) > 0
 
 
-def test_a_chunk_plan_cuts_examples_into_chunks_and_groups_them_into_segments() -> None:
-    """Examples of 5, 0, 70 and 64 tokens and 1 token in chunks of 32. Each cut on its own: 1 + 0 + 3 + 2 + 1
-    chunks, [first token, its example's end] each, the segments the examples whose first chunks fall in one block of
-    2 chunks (a long example runs past its block). Across the boundaries: a segment is the examples that start in
-    one block of 2 × 32 tokens, cut every 32 tokens, each chunk ending at its segment's end."""
+def test_scan_segments_group_whole_examples_by_where_they_start() -> None:
+    """Examples of 5, 0, 70 and 64 tokens and 1 token, segments of 64 tokens: the examples that start in one block
+    of 64 tokens (0 and 5; 75; 139), a long one running past its block; each token's example start."""
     cu = torch.tensor([0, 5, 5, 75, 139, 140])
-    own = ChunkPlan.build(cu, 32, 2, across=False)
-    assert own.chunks.dtype == own.segments.dtype == own.starts.dtype == torch.int32
-    assert own.chunks.tolist() == [[0, 5], [5, 75], [37, 75], [69, 75], [75, 139], [107, 139], [139, 140]]
-    # first chunks 0, 1, 4, 6 → blocks 0, 0, 2, 3
-    assert own.segments.tolist() == [0, 4, 6, 7] and own.count == 3
-    assert own.starts.tolist() == [0] * 5 + [5] * 70 + [75] * 64 + [139]
-    assert ChunkPlan.build(cu, 32, 1, across=False).segments.tolist() == [0, 1, 4, 6, 7]
-    across = ChunkPlan.build(cu, 32, 2)
-    # starts 0, 5, 75, 139 → blocks of 64 tokens 0, 0, 1, 2
-    assert across.chunks.tolist() == [[0, 75], [32, 75], [64, 75], [75, 139], [107, 139], [139, 140]]
-    assert across.segments.tolist() == [0, 3, 5, 6] and across.count == 3
-    assert torch.equal(across.starts, own.starts)
-    for layout in (True, False):
-        assert ChunkPlan.build(torch.tensor([0]), 64, 8, layout).count == 0
+    segments = ScanSegments.build(cu, 64)
+    assert segments.bounds.dtype == segments.starts.dtype == torch.int32
+    assert segments.bounds.tolist() == [0, 75, 139, 140] and segments.count == 3
+    assert segments.starts.tolist() == [0] * 5 + [5] * 70 + [75] * 64 + [139]
+    assert ScanSegments.build(cu, 1).bounds.tolist() == [0, 5, 75, 139, 140]
+    assert ScanSegments.build(cu, 1000).bounds.tolist() == [0, 140]
+    assert ScanSegments.build(torch.tensor([0]), 64).count == 0
     with pytest.raises(ValueError, match="must be positive"):
-        ChunkPlan.build(cu, 32, 0)
+        ScanSegments.build(cu, 0)
 
 
-def test_packed_rows_keep_their_chunk_plans() -> None:
-    rows = PackedRows.from_seq_ids(torch.tensor([[0] * 40 + [1] * 30]))
-    plan = rows.chunk_plan(32, 8)
-    assert rows.chunk_plan(32, 8) is plan and rows.chunk_plan(64, 8) is not plan
-    assert plan.chunks.tolist() == [[0, 70], [32, 70], [64, 70]] and plan.count == 1
-    assert rows.chunk_plan(32, 8, across=False).chunks.tolist() == [[0, 40], [32, 40], [40, 70]]
+def test_packed_rows_keep_their_scan_segments() -> None:
+    rows = PackedRows.from_seq_ids(torch.tensor([[0] * 40 + [1] * 30, [2] * 70]))
+    segments = rows.scan_segments(64)
+    assert rows.scan_segments(64) is segments and rows.scan_segments(32) is not segments
+    assert segments.bounds.tolist() == [0, 70, 140] and rows.scan_segments(32).bounds.tolist() == [0, 40, 70, 140]
 
 
 # Packed examples walked a segment at a time: lengths around the fp32 chunk (32 tokens), a 1-token example, one
-# of several chunks, runs of short ones.
+# of several chunks, runs of short ones inside one chunk.
 PLAN_LENGTHS = (1, 31, 32, 33, 5, 64, 2, 97, 3, 3, 40, 1, 20)
 
 
 @needs_kernel
 @pytest.mark.parametrize("launch", LAUNCHES)
-@pytest.mark.parametrize("across", [True, False])
-@pytest.mark.parametrize("segment_chunks", [1, 3, 64])
-def test_examples_walked_a_segment_at_a_time_match_the_recurrence(monkeypatch, launch, across, segment_chunks) -> None:
-    """o, dq, dk, dv of packed examples through a chunk plan (each program walking several examples, the state
-    passing only within an example; chunks across the examples' boundaries or each example cut on its own) against
-    autograd through the fp64 recurrence, in each launch form of the backward."""
-    from tnlora.ops.lightning_triton import chunk_tokens, triton_attention
+@pytest.mark.parametrize("segment_tokens", [1, 70, 1000])
+@pytest.mark.parametrize("form", [1, 2])
+def test_examples_walked_a_segment_at_a_time_match_the_recurrence(monkeypatch, launch, segment_tokens, form) -> None:
+    """o, dq, dk, dv of packed examples walked by segments (a program walking several examples chunk by chunk
+    across their boundaries, the state passing only within an example; one example a segment, a few, all; each
+    form of the chunks' decays) against autograd through the fp64 recurrence, in each launch form of the
+    backward."""
+    from tnlora.ops import lightning_triton
+    from tnlora.ops.lightning_triton import triton_attention
 
     _use_launch(monkeypatch, launch)
+    monkeypatch.setattr(lightning_triton, "SEGMENT_FORM", form)
     cu = torch.tensor([0, *torch.tensor(PLAN_LENGTHS).cumsum(0).tolist()])
-    total = int(cu[-1])
-    q, k, v = _inputs(1, total, 2, 32, 24, seed=31)
+    q, k, v = _inputs(1, int(cu[-1]), 2, 32, 24, seed=31)
     decay = DECAY[:2].to(DEVICE)
-    plan = ChunkPlan.build(cu, chunk_tokens(q.dtype), segment_chunks, across).to(DEVICE)
-    assert (plan.count == 1) == (segment_chunks == 64)  # all in one walk, or several
+    segments = ScanSegments.build(cu, segment_tokens).to(DEVICE)
+    assert segments.count == {1: len(PLAN_LENGTHS), 70: 5, 1000: 1}[segment_tokens]
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-    o, final = triton_attention(*leaves, decay, cu.to(DEVICE), lanes=plan.count * 2, plan=plan)
+    o, final = triton_attention(*leaves, decay, cu.to(DEVICE), lanes=segments.count * 2, segments=segments)
     assert final is None
     weight = torch.randn(o.shape, generator=torch.Generator().manual_seed(11)).to(o)
     grads = torch.autograd.grad((o * weight).sum(), leaves)
@@ -330,16 +322,16 @@ def test_examples_walked_a_segment_at_a_time_match_the_recurrence(monkeypatch, l
 
 
 @needs_kernel
-def test_the_dispatcher_walks_packed_rows_without_states_by_a_chunk_plan(monkeypatch) -> None:
-    """Packed rows without states take the rows' chunk plan (the forward and its backward the same one); with an
-    initial state or a final state returned, the examples one a program."""
+def test_the_dispatcher_walks_packed_rows_without_states_by_segments(monkeypatch) -> None:
+    """Packed rows without states take the rows' scan segments; with an initial state or a final state returned,
+    the examples one a program."""
     from tnlora.ops import lightning_triton
 
-    plans: list[object] = []
+    seen: list[object] = []
     real = lightning_triton.triton_forward
 
     def spy(*args, **kwargs):
-        plans.append(args[7] if len(args) > 7 else kwargs.get("plan"))
+        seen.append(args[7] if len(args) > 7 else kwargs.get("segments"))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(lightning_triton, "triton_forward", spy)
@@ -349,13 +341,12 @@ def test_the_dispatcher_walks_packed_rows_without_states_by_a_chunk_plan(monkeyp
     with torch.no_grad():
         o, _ = lightning_attention(q, k, v, decay, rows=rows, impl="triton")
         lightning_attention(q, k, v, decay, rows=rows, impl="triton", output_final_state=True)
-    chunk = lightning_triton.chunk_tokens(q.dtype)
-    assert plans[0] is rows.chunk_plan(chunk, lightning_triton.SEGMENT_CHUNKS, lightning_triton.CHUNKS_ACROSS)
-    assert plans[1] is None
+    assert seen[0] is rows.scan_segments(lightning_triton.SEGMENT_TOKENS)
+    assert seen[1] is None
     want, _ = lightning_attention(q.double(), k.double(), v.double(), decay, rows=rows, impl="recurrent")
     _close(o, want, 1e-5)
     with pytest.raises(ValueError, match="no initial state"):
-        real(q[:1], k[:1], v[:1], decay, None, None, True, plans[0])
+        real(q[:1], k[:1], v[:1], decay, None, None, True, seen[0])
 
 
 TINY = {

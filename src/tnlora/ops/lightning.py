@@ -128,27 +128,27 @@ def _triton_attention(
     trains = torch.is_grad_enabled() and any(x.requires_grad for x in tracked)
     if rows is None and seq_ids is not None:
         rows = PackedRows.from_seq_ids(seq_ids)
-    plan = None
+    segments = None
     if rows is None:
         inputs = (q, k, v, log_decay, cu_seqlens, initial_state, output_final_state)
     else:
         rows = rows.to(q.device)
         flat_q, flat_k, flat_v, first = end_to_end(rows, q, k, v, initial_state)
         inputs = (flat_q, flat_k, flat_v, log_decay, rows.cu_seqlens, first, output_final_state)
-        if initial_state is None and not output_final_state:
+        if initial_state is None and not output_final_state and scans.SEGMENT_TOKENS > 0:
             # Packed rows without states (training, evaluation): each program walks a segment of examples.
-            plan = rows.chunk_plan(scans.chunk_tokens(q.dtype), scans.SEGMENT_CHUNKS, scans.CHUNKS_ACROSS)
+            segments = rows.scan_segments(scans.SEGMENT_TOKENS)
     if trains:
-        # The backward's launch depends on the call's lanes: the plan's segments a head, or counted from the
-        # packed rows' host boundaries or the unpacked shape; unknown where only a bare cu_seqlens (a device
-        # tensor) bounds the examples.
-        if plan is not None:
-            lanes = q.shape[2] * plan.count
+        # The backward's launch depends on the call's lanes: the segments a head, or counted from the packed
+        # rows' host boundaries or the unpacked shape; unknown where only a bare cu_seqlens (a device tensor)
+        # bounds the examples.
+        if segments is not None:
+            lanes = q.shape[2] * segments.count
         else:
             lanes = call_lanes(q, rows) if rows is not None or cu_seqlens is None else None
-        o, final = scans.triton_attention(*inputs, lanes, plan)
+        o, final = scans.triton_attention(*inputs, lanes, segments)
     else:
-        o, final = scans.triton_forward(*inputs, plan)
+        o, final = scans.triton_forward(*inputs, segments)
     return (o, final) if rows is None else per_row(rows, o, final, q.shape[0])
 
 

@@ -20,9 +20,10 @@ walk the whole row; training's default on Hopper cards for calls with enough of 
 
 q, k, v are read in place with their strides (the projection's views), examples given by ``cu_seqlens`` (one
 row) or one per row; the state enters from ``initial_state`` and leaves in fp32. Packed examples without states
-(training's micro-batches) can be given as a :class:`~tnlora.ops.packing.ChunkPlan` instead: then a program walks a
-segment of several examples one after another, the state starting over at each, where one program per example of
-~100 tokens would walk only one or two chunks each. Products use the inputs' dtype
+(training's micro-batches) can be given as :class:`~tnlora.ops.packing.ScanSegments` instead: then a program walks a
+segment of several examples chunk by chunk, the chunks across the examples' boundaries, each token's example start
+telling it which decays and states apply, where one program an example of ~100 tokens would walk one or two chunks
+each, a quarter of their rows past the example's end. Products use the inputs' dtype
 with fp32 accumulation (bf16 inputs: the state is rounded to bf16 for q·S and the decayed v for kᵀv, as fla
 does); fp32 inputs use IEEE fp32 products, which the tests hold against the recurrence.
 
@@ -39,7 +40,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from tnlora.ops.packing import ChunkPlan
+from tnlora.ops.packing import ScanSegments
 
 # Tokens a step of a program's loop: fla's chunk size for half types; fp32 tiles at 64 tokens and q/k 256 wide
 # (LRPE's layer) would need 320 KB of shared memory on sm_90 (227 KB there), 176 KB at 32 tokens.
@@ -47,14 +48,12 @@ CHUNK = 64
 CHUNK_FP32 = 32
 BLOCK_V = 32  # state columns a program keeps: 128 × 32 fp32 at 4 warps is 32 values a thread
 NUM_WARPS = 4  # 8 warps gave the same results and no measured gain at q/k 256 wide
-# Packed examples (a ChunkPlan): a program walks the examples whose first chunks fall in one block of this many
-# chunks, one after another. Walking one example each, the huanhuan-shaped micro-batches (~2 chunks an example)
-# ran their scans 1.5x slower than the same tokens in 1,024-token examples (benchmarks/RESULTS.md).
-SEGMENT_CHUNKS = 8
-# Whether a plan's chunks run across the examples' boundaries (a segment cut every CHUNK tokens, the examples told
-# apart by their tokens' starts inside the chunk) or each example is cut on its own (its last chunk short: a
-# quarter of the huanhuan-shaped chunks' rows are past their example's end).
-CHUNKS_ACROSS = True
+# Packed examples without states (ScanSegments): a program walks the examples that start in one block of this many
+# tokens, chunk by chunk across their boundaries. One program an example walked the huanhuan-shaped micro-batches'
+# ~100-token examples in one or two chunks each, a quarter of the chunks' rows past an example's end
+# (benchmarks/RESULTS.md, "Packed examples walked a segment at a time").
+SEGMENT_TOKENS = 2048  # 0: one example a program
+SEGMENT_FORM = 1  # 1: the chunk's decays masked from the kernel's; 2: made in each chunk
 
 
 @triton.jit
@@ -76,26 +75,10 @@ def _example(pid, heads, blocks, cu_ptr, length, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _chunk_count(bos, eos, PLAN: tl.constexpr, BT: tl.constexpr):
-    """The chunks a program walks: its example's tokens bos to eos in chunks of BT, or with PLAN its segment's rows
-    bos to eos of the chunk plan (see :func:`_chunk_at`)."""
-    return eos - bos if PLAN else tl.cdiv(eos - bos, BT)
-
-
-@triton.jit
-def _chunk_at(i, chunks, bos, eos, plan_ptr, pos, PLAN: tl.constexpr, REVERSE: tl.constexpr):
-    """(first token, end) of the program's i-th chunk of ``chunks`` (REVERSE: the last first): its tokens are those
-    from its first below both the end and first + len(pos). Without PLAN the chunks of one example, tokens bos to
-    eos; with PLAN rows bos to eos of the plan, [first token, end] a row (:class:`~tnlora.ops.packing.ChunkPlan`)."""
+def _chunk_at(i, chunks, bos, pos, REVERSE: tl.constexpr):
+    """The first token of the program's i-th chunk of ``chunks`` from token bos on (REVERSE: the last first)."""
     j = chunks - 1 - i if REVERSE else i
-    if PLAN:
-        entry = plan_ptr + (bos + j) * 2
-        start = tl.load(entry).to(tl.int64)
-        end = tl.load(entry + 1).to(tl.int64)
-    else:
-        start = bos + j.to(tl.int64) * pos.shape[0]
-        end = eos
-    return start, end
+    return bos + j.to(tl.int64) * pos.shape[0]
 
 
 @triton.jit
@@ -115,22 +98,33 @@ def _decays(g, BT: tl.constexpr, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
-def _chunk_masks(starts_ptr, t, t_ok, start, end, posf, g, within, to_token, PLAN: tl.constexpr,
+def _chunk_masks(starts_ptr, t, t_ok, start, end, posf, g, within, to_token, SEGMENTED: tl.constexpr,
                  TRANSPOSED: tl.constexpr):  # fmt: skip
     """A chunk's decays as its tokens' examples allow, (within, to_token, to_end, across): λ^(i−j) between
     tokens of one example (``within`` as :func:`_decays` gives it, [i, j] or TRANSPOSED [j, i]); λ^(i+1) for the
-    tokens of the example the state before the chunk belongs to; the chunk's last token (a float); each token's
-    decay to it, λ^(L−1−j), for the tokens of the last token's example; and the state's decay across the chunk,
-    λ^L, where one example spans it (else 0: the state after the chunk is the last example's alone). Without PLAN
-    the chunk is one example's; with PLAN ``starts_ptr`` holds each token's example start."""
+    tokens of the example the state before the chunk belongs to; each token's decay to the chunk's last valid
+    token, λ^(L−1−j), for the tokens of that token's example; and the state's decay across the chunk, λ^L, where
+    one example spans it (else 0: the state after the chunk is the last example's alone). Without SEGMENTED the
+    chunk is one example's; with it ``starts_ptr`` holds each token's example start."""
     last = (tl.minimum(end - start, posf.shape[0]) - 1).to(tl.float32)
     to_end = tl.where(t_ok, tl.exp(g * tl.maximum(last - posf, 0.0)), 0.0)
     across = tl.exp(g * (last + 1.0))
-    if PLAN:
+    if SEGMENTED:
         first = tl.load(starts_ptr + t, mask=t_ok, other=0)
         # token j is in token i's example where j ≥ i's example start (j ≤ i: the causal mask already holds)
         same = t[:, None] >= first[None, :] if TRANSPOSED else t[None, :] >= first[:, None]
-        within = tl.where(same, within, 0.0)
+        if SEGMENTED == 2:
+            # the decays made here rather than kept from the kernel's start: a tile fewer in registers
+            pos = posf.to(tl.int32)
+            if TRANSPOSED:
+                keep = same & (pos[None, :] >= pos[:, None])
+                gap = posf[None, :] - posf[:, None]
+            else:
+                keep = same & (pos[:, None] >= pos[None, :])
+                gap = posf[:, None] - posf[None, :]
+            within = tl.where(keep, tl.exp(g * tl.where(keep, gap, 0.0)), 0.0)
+        else:
+            within = tl.where(same, within, 0.0)
         to_token = tl.where(first < start, to_token, 0.0)
         first_last = tl.max(tl.where(t_ok, first, 0))
         to_end = tl.where(t >= first_last, to_end, 0.0)
@@ -139,16 +133,16 @@ def _chunk_masks(starts_ptr, t, t_ok, start, end, posf, g, within, to_token, PLA
 
 
 @triton.jit
-def _chunk(q_base, k_base, v_base, o_base, state, i_c, chunks, bos, eos, plan_ptr, starts_ptr, heads,
-           stride_qt, stride_kt, stride_vt, g, within, to_token, ks, k_ok, cols, col_ok, pos, posf, V:
-           tl.constexpr, PRECISION: tl.constexpr, PLAN: tl.constexpr):  # fmt: skip
+def _chunk(q_base, k_base, v_base, o_base, state, i_c, chunks, bos, eos, starts_ptr, heads, stride_qt,
+           stride_kt, stride_vt, g, within, to_token, ks, k_ok, cols, col_ok, pos, posf, V: tl.constexpr,
+           PRECISION: tl.constexpr, SEGMENTED: tl.constexpr):  # fmt: skip
     """The program's chunk i_c (:func:`_chunk_at`): its outputs stored, the state after it returned."""
     dtype = v_base.dtype.element_ty
-    start, eos = _chunk_at(i_c, chunks, bos, eos, plan_ptr, pos, PLAN, False)
+    start = _chunk_at(i_c, chunks, bos, pos, False)
     t = start + pos
     t_ok = t < eos
-    within, to_token, to_end, across = _chunk_masks(starts_ptr, t, t_ok, start, eos, posf, g, within, to_token,
-                                                          PLAN, False)  # fmt: skip
+    within, to_token, to_end, across = _chunk_masks(starts_ptr, t, t_ok, start, eos, posf, g, within,
+                                                    to_token, SEGMENTED, False)  # fmt: skip
     q = tl.load(q_base + t[:, None] * stride_qt + ks[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
     # k read transposed [BK, BT] (no transpose of a register tile), as both products take it.
     k_t = tl.load(k_base + ks[:, None] + t[None, :] * stride_kt, mask=k_ok[:, None] & t_ok[None, :], other=0.0)
@@ -171,7 +165,6 @@ def lightning_forward_kernel(
     decay_ptr,
     h0_ptr,
     cu_ptr,
-    plan_ptr,
     starts_ptr,
     o_ptr,
     ht_ptr,
@@ -189,7 +182,7 @@ def lightning_forward_kernel(
     K: tl.constexpr,
     V: tl.constexpr,
     VARLEN: tl.constexpr,
-    PLAN: tl.constexpr,
+    SEGMENTED: tl.constexpr,
     HAS_H0: tl.constexpr,
     STORE_FINAL: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -221,54 +214,44 @@ def lightning_forward_kernel(
     else:
         state = tl.zeros([BK, BV], dtype=tl.float32)
 
-    chunks = _chunk_count(bos, eos, PLAN, BT)
+    chunks = tl.cdiv(eos - bos, BT)
     # Compiled: a range loop. The same steps as a while loop compiled wrong for sm_90 with Triton 3.6 (bf16:
     # outputs and states off by 10-100 %, an illegal address at 8 warps), but Triton's interpreter (CPU
     # tensors) cannot take a tensor bound in range() with numpy 2, so it runs the while loop.
     if WHILE_LOOP:
         i_c = chunks * 0
         while i_c < chunks:
-            state = _chunk(q_base, k_base, v_base, o_base, state, i_c, chunks, bos, eos, plan_ptr, starts_ptr,
-                           heads, stride_qt, stride_kt, stride_vt, g, within, to_token, ks, k_ok, cols,
-                           col_ok, pos, posf, V, PRECISION, PLAN)  # fmt: skip
+            state = _chunk(q_base, k_base, v_base, o_base, state, i_c, chunks, bos, eos, starts_ptr, heads,
+                           stride_qt, stride_kt, stride_vt, g, within, to_token, ks, k_ok, cols, col_ok, pos,
+                           posf, V, PRECISION, SEGMENTED)  # fmt: skip
             i_c += 1
     else:
         for i_c in range(0, chunks):
-            state = _chunk(q_base, k_base, v_base, o_base, state, i_c, chunks, bos, eos, plan_ptr, starts_ptr,
-                           heads, stride_qt, stride_kt, stride_vt, g, within, to_token, ks, k_ok, cols,
-                           col_ok, pos, posf, V, PRECISION, PLAN)  # fmt: skip
+            state = _chunk(q_base, k_base, v_base, o_base, state, i_c, chunks, bos, eos, starts_ptr, heads,
+                           stride_qt, stride_kt, stride_vt, g, within, to_token, ks, k_ok, cols, col_ok, pos,
+                           posf, V, PRECISION, SEGMENTED)  # fmt: skip
 
     if STORE_FINAL:
         tl.store(ht_ptr + state_offset, state, mask=state_ok)
 
 
-def chunk_tokens(dtype: torch.dtype) -> int:
-    """The tokens a step of the scans' loops takes for inputs of ``dtype`` (a :class:`ChunkPlan`'s chunk)."""
-    return CHUNK_FP32 if dtype == torch.float32 else CHUNK
-
-
-def _walks(batch: int, cu_seqlens: Tensor | None, plan: ChunkPlan | None) -> tuple[int, Tensor | None]:
-    """(the walks a head's programs make: the plan's segments, the examples or the rows; the boundaries the
-    kernels read)."""
-    if plan is not None:
+def _walks(batch: int, cu_seqlens: Tensor | None, segments: ScanSegments | None) -> tuple[int, Tensor | None]:
+    """(the walks a head's programs make: the segments, the examples or the rows; the boundaries the kernels
+    read)."""
+    if segments is not None:
         if batch != 1:
-            raise ValueError(f"a chunk plan is for one row laid end to end (B = 1), got {batch} rows")
-        return plan.count, plan.segments
+            raise ValueError(f"segments are of one row laid end to end (B = 1), got {batch} rows")
+        return segments.count, segments.bounds
     return (cu_seqlens.shape[0] - 1 if cu_seqlens is not None else batch), cu_seqlens
 
 
-def _plan_args(plan: ChunkPlan | None, dummy: Tensor) -> tuple[Tensor, Tensor]:
-    """The plan's chunks and token starts as the kernels take them (``dummy`` without a plan)."""
-    return (plan.chunks, plan.starts) if plan is not None else (dummy, dummy)
-
-
-def _scan_args(q: Tensor, v: Tensor, bounds: Tensor | None, plan: ChunkPlan | None) -> dict:
+def _scan_args(q: Tensor, v: Tensor, bounds: Tensor | None, segments: ScanSegments | None) -> dict:
     """The launch arguments every scan kernel takes alike: widths, boundaries, product precision, loop form and
     chunk (fp32 runs IEEE products in chunks of CHUNK_FP32; the interpreter the while loop)."""
     fp32 = v.dtype == torch.float32
     return dict(
-        K=q.shape[-1], V=v.shape[-1], VARLEN=bounds is not None, PLAN=plan is not None,
-        PRECISION="ieee" if fp32 else "tf32", WHILE_LOOP=not q.is_cuda, BT=chunk_tokens(v.dtype),
+        K=q.shape[-1], V=v.shape[-1], VARLEN=bounds is not None, SEGMENTED=SEGMENT_FORM if segments is not None else 0,
+        PRECISION="ieee" if fp32 else "tf32", WHILE_LOOP=not q.is_cuda, BT=CHUNK_FP32 if fp32 else CHUNK,
     )  # fmt: skip
 
 
@@ -285,7 +268,7 @@ def triton_forward(
     cu_seqlens: Tensor | None = None,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
-    plan: ChunkPlan | None = None,
+    segments: ScanSegments | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Lightning attention's forward in one launch (see the module docstring).
 
@@ -296,9 +279,8 @@ def triton_forward(
         cu_seqlens: [N+1] example boundaries of one row (B = 1); otherwise each row is one example.
         initial_state: [N, H, K, V] (or [B, H, K, V]) state before each example, any float dtype.
         output_final_state: also return each example's state after its last token, fp32.
-        plan: the examples of one row (B = 1) as a :class:`~tnlora.ops.packing.ChunkPlan` of
-            :func:`chunk_tokens` chunks, in place of ``cu_seqlens``: each program walks a segment of examples;
-            no state in or out.
+        segments: the examples of one row (B = 1) as :class:`~tnlora.ops.packing.ScanSegments`, in place of
+            ``cu_seqlens``: each program walks a segment of examples; no state in or out.
 
     Returns:
         o in v.dtype [B, T, H, V], and the final states [N, H, K, V] fp32 or None.
@@ -306,9 +288,9 @@ def triton_forward(
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     q, k, v = _token_rows(q), _token_rows(k), _token_rows(v)
-    if plan is not None and (initial_state is not None or output_final_state):
-        raise ValueError("a chunk plan's scans take no initial state and return no final state")
-    examples, bounds = _walks(batch, cu_seqlens, plan)
+    if segments is not None and (initial_state is not None or output_final_state):
+        raise ValueError("segmented scans take no initial state and return no final state")
+    examples, bounds = _walks(batch, cu_seqlens, segments)
     o = torch.empty(batch, length, heads, value_dim, device=v.device, dtype=v.dtype)
     final = (
         torch.empty(examples, heads, key_dim, value_dim, device=v.device, dtype=torch.float32)
@@ -329,13 +311,13 @@ def triton_forward(
     grid = (examples * heads * -(-value_dim // block_v),)
     lightning_forward_kernel[grid](
         q, k, v, decay, initial_state if initial_state is not None else decay,
-        bounds if bounds is not None else decay, *_plan_args(plan, decay), o, final if final is not None else o,
-        length, heads,
+        bounds if bounds is not None else decay, segments.starts if segments is not None else decay, o,
+        final if final is not None else o, length, heads,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         HAS_H0=initial_state is not None, STORE_FINAL=final is not None, BK=block_k, BV=block_v,
-        num_warps=NUM_WARPS, **_scan_args(q, v, bounds, plan),
+        num_warps=NUM_WARPS, **_scan_args(q, v, bounds, segments),
     )  # fmt: skip
     return o, final
 
@@ -358,9 +340,9 @@ def triton_forward(
 
 @triton.jit
 def lightning_dq_kernel(
-    k_ptr, v_ptr, do_ptr, decay_ptr, h0_ptr, cu_ptr, plan_ptr, starts_ptr, dq_ptr, length, heads,
+    k_ptr, v_ptr, do_ptr, decay_ptr, h0_ptr, cu_ptr, starts_ptr, dq_ptr, length, heads,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, PLAN: tl.constexpr, HAS_H0: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, SEGMENTED: tl.constexpr, HAS_H0: tl.constexpr,
     PRECISION: tl.constexpr,
     WHILE_LOOP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr,
 ):  # fmt: skip
@@ -381,33 +363,33 @@ def lightning_dq_kernel(
         state_t = tl.load(h0_ptr + offset, mask=v_ok[:, None] & k_ok[None, :], other=0.0)
     else:
         state_t = tl.zeros([BVF, BK], dtype=tl.float32)
-    chunks = _chunk_count(bos, eos, PLAN, BT)
+    chunks = tl.cdiv(eos - bos, BT)
     # A range loop compiled, the while loop under the interpreter (see lightning_forward_kernel).
     if WHILE_LOOP:
         i_c = chunks * 0
         while i_c < chunks:
-            state_t = _dq_chunk(k_base, v_base, do_base, dq_base, state_t, i_c, chunks, bos, eos, plan_ptr,
-                                starts_ptr, heads, stride_kt, stride_vt, g, pos, posf, within, to_token, ks,
-                                k_ok, vs, v_ok, K, V, PRECISION, PLAN)  # fmt: skip
+            state_t = _dq_chunk(k_base, v_base, do_base, dq_base, state_t, i_c, chunks, bos, eos, starts_ptr,
+                                heads, stride_kt, stride_vt, g, pos, posf, within, to_token, ks, k_ok, vs,
+                                v_ok, K, V, PRECISION, SEGMENTED)  # fmt: skip
             i_c += 1
     else:
         for i_c in range(0, chunks):
-            state_t = _dq_chunk(k_base, v_base, do_base, dq_base, state_t, i_c, chunks, bos, eos, plan_ptr,
-                                starts_ptr, heads, stride_kt, stride_vt, g, pos, posf, within, to_token, ks,
-                                k_ok, vs, v_ok, K, V, PRECISION, PLAN)  # fmt: skip
+            state_t = _dq_chunk(k_base, v_base, do_base, dq_base, state_t, i_c, chunks, bos, eos, starts_ptr,
+                                heads, stride_kt, stride_vt, g, pos, posf, within, to_token, ks, k_ok, vs,
+                                v_ok, K, V, PRECISION, SEGMENTED)  # fmt: skip
 
 
 @triton.jit
-def _dq_chunk(k_base, v_base, do_base, dq_base, state_t, i, chunks, bos, eos, plan_ptr, starts_ptr, heads,
-              stride_kt, stride_vt, g, pos, posf, within, to_token, ks, k_ok, vs, v_ok, K: tl.constexpr, V:
-              tl.constexpr, PRECISION: tl.constexpr, PLAN: tl.constexpr):  # fmt: skip
+def _dq_chunk(k_base, v_base, do_base, dq_base, state_t, i, chunks, bos, eos, starts_ptr, heads, stride_kt,
+              stride_vt, g, pos, posf, within, to_token, ks, k_ok, vs, v_ok, K: tl.constexpr, V: tl.constexpr,
+              PRECISION: tl.constexpr, SEGMENTED: tl.constexpr):  # fmt: skip
     """The program's chunk i of dq (:func:`_chunk_at`): its rows stored, the state (transposed) after it returned."""
     dtype = do_base.dtype.element_ty
-    start, eos = _chunk_at(i, chunks, bos, eos, plan_ptr, pos, PLAN, False)
+    start = _chunk_at(i, chunks, bos, pos, False)
     t = start + pos
     t_ok = t < eos
-    within, to_token, to_end, across = _chunk_masks(starts_ptr, t, t_ok, start, eos, posf, g, within, to_token,
-                                                          PLAN, False)  # fmt: skip
+    within, to_token, to_end, across = _chunk_masks(starts_ptr, t, t_ok, start, eos, posf, g, within,
+                                                    to_token, SEGMENTED, False)  # fmt: skip
     do = tl.load(do_base + t[:, None] * (heads * V) + vs[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
     v_t = tl.load(v_base + vs[:, None] + t[None, :] * stride_vt, mask=v_ok[:, None] & t_ok[None, :], other=0.0)
     kb = tl.load(k_base + t[:, None] * stride_kt + ks[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
@@ -422,9 +404,9 @@ def _dq_chunk(k_base, v_base, do_base, dq_base, state_t, i, chunks, bos, eos, pl
 
 @triton.jit
 def lightning_dk_kernel(
-    q_ptr, v_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, plan_ptr, starts_ptr, dk_ptr, dh0_ptr, length, heads,
+    q_ptr, v_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, starts_ptr, dk_ptr, dh0_ptr, length, heads,
     stride_qb, stride_qt, stride_qh, stride_vb, stride_vt, stride_vh,
-    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, PLAN: tl.constexpr, HAS_DHT: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, SEGMENTED: tl.constexpr, HAS_DHT: tl.constexpr,
     STORE_DH0: tl.constexpr,
     PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr,
 ):  # fmt: skip
@@ -447,28 +429,28 @@ def lightning_dk_kernel(
         grad_t = tl.load(dht_ptr + offset, mask=state_ok, other=0.0)
     else:
         grad_t = tl.zeros([BVF, BK], dtype=tl.float32)
-    chunks = _chunk_count(bos, eos, PLAN, BT)
+    chunks = tl.cdiv(eos - bos, BT)
     if WHILE_LOOP:
         i_r = chunks * 0
         while i_r < chunks:
-            grad_t = _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, i_r, chunks, bos, eos, plan_ptr,
-                               starts_ptr, heads, stride_qt, stride_vt, g, pos, posf, within_t, to_token, ks,
-                               k_ok, vs, v_ok, K, V, PRECISION, PLAN)  # fmt: skip
+            grad_t = _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, i_r, chunks, bos, eos, starts_ptr,
+                               heads, stride_qt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs,
+                               v_ok, K, V, PRECISION, SEGMENTED)  # fmt: skip
             i_r += 1
     else:
         for i_r in range(0, chunks):
-            grad_t = _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, i_r, chunks, bos, eos, plan_ptr,
-                               starts_ptr, heads, stride_qt, stride_vt, g, pos, posf, within_t, to_token, ks,
-                               k_ok, vs, v_ok, K, V, PRECISION, PLAN)  # fmt: skip
+            grad_t = _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, i_r, chunks, bos, eos, starts_ptr,
+                               heads, stride_qt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs,
+                               v_ok, K, V, PRECISION, SEGMENTED)  # fmt: skip
     if STORE_DH0:
         tl.store(dh0_ptr + offset, grad_t, mask=state_ok)
 
 
 @triton.jit
 def lightning_dv_kernel(
-    q_ptr, k_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, plan_ptr, starts_ptr, dv_ptr, length, heads,
+    q_ptr, k_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, starts_ptr, dv_ptr, length, heads,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, PLAN: tl.constexpr, HAS_DHT: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, SEGMENTED: tl.constexpr, HAS_DHT: tl.constexpr,
     PRECISION: tl.constexpr,
     WHILE_LOOP: tl.constexpr, BT: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
@@ -489,36 +471,36 @@ def lightning_dv_kernel(
         grad = tl.load(dht_ptr + offset, mask=k_ok[:, None] & v_ok[None, :], other=0.0)
     else:
         grad = tl.zeros([BKF, BV], dtype=tl.float32)
-    chunks = _chunk_count(bos, eos, PLAN, BT)
+    chunks = tl.cdiv(eos - bos, BT)
     if WHILE_LOOP:
         i_r = chunks * 0
         while i_r < chunks:
-            grad = _dv_chunk(q_base, k_base, do_base, dv_base, grad, i_r, chunks, bos, eos, plan_ptr,
-                             starts_ptr, heads, stride_qt, stride_kt, g, pos, posf, within_t, to_token, ks,
-                             k_ok, vs, v_ok, V, PRECISION, PLAN)  # fmt: skip
+            grad = _dv_chunk(q_base, k_base, do_base, dv_base, grad, i_r, chunks, bos, eos, starts_ptr, heads,
+                             stride_qt, stride_kt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, V,
+                             PRECISION, SEGMENTED)  # fmt: skip
             i_r += 1
     else:
         for i_r in range(0, chunks):
-            grad = _dv_chunk(q_base, k_base, do_base, dv_base, grad, i_r, chunks, bos, eos, plan_ptr,
-                             starts_ptr, heads, stride_qt, stride_kt, g, pos, posf, within_t, to_token, ks,
-                             k_ok, vs, v_ok, V, PRECISION, PLAN)  # fmt: skip
+            grad = _dv_chunk(q_base, k_base, do_base, dv_base, grad, i_r, chunks, bos, eos, starts_ptr, heads,
+                             stride_qt, stride_kt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, V,
+                             PRECISION, SEGMENTED)  # fmt: skip
 
 
 @triton.jit
-def _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, i, chunks, bos, eos, plan_ptr, starts_ptr, heads,
-              stride_qt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, K: tl.constexpr, V:
-              tl.constexpr, PRECISION: tl.constexpr, PLAN: tl.constexpr):  # fmt: skip
+def _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, i, chunks, bos, eos, starts_ptr, heads, stride_qt,
+              stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, K: tl.constexpr, V:
+              tl.constexpr, PRECISION: tl.constexpr, SEGMENTED: tl.constexpr):  # fmt: skip
     """The program's chunk i of dk, the last first (:func:`_chunk_at`): its rows stored, dS (transposed) before the
     chunk returned."""
     dtype = do_base.dtype.element_ty
-    start, eos = _chunk_at(i, chunks, bos, eos, plan_ptr, pos, PLAN, True)
+    start = _chunk_at(i, chunks, bos, pos, True)
     t = start + pos
     t_ok = t < eos
     v = tl.load(v_base + t[:, None] * stride_vt + vs[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
     do_t = tl.load(do_base + vs[:, None] + t[None, :] * (heads * V), mask=v_ok[:, None] & t_ok[None, :], other=0.0)
     qb = tl.load(q_base + t[:, None] * stride_qt + ks[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
     within_t, to_token, to_end, across = _chunk_masks(starts_ptr, t, t_ok, start, eos, posf, g, within_t,
-                                                            to_token, PLAN, True)  # fmt: skip
+                                                      to_token, SEGMENTED, True)  # fmt: skip
     scores = tl.dot(v, do_t, input_precision=PRECISION) * within_t
     dk = tl.dot(scores.to(dtype), qb, input_precision=PRECISION)
     dk += tl.dot(v, grad_t.to(dtype), input_precision=PRECISION) * to_end[:, None]
@@ -529,20 +511,20 @@ def _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, i, chunks, bos, eos, pla
 
 
 @triton.jit
-def _dv_chunk(q_base, k_base, do_base, dv_base, grad, i, chunks, bos, eos, plan_ptr, starts_ptr, heads,
-              stride_qt, stride_kt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, V: tl.constexpr,
-              PRECISION: tl.constexpr, PLAN: tl.constexpr):  # fmt: skip
+def _dv_chunk(q_base, k_base, do_base, dv_base, grad, i, chunks, bos, eos, starts_ptr, heads, stride_qt,
+              stride_kt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, V: tl.constexpr, PRECISION:
+              tl.constexpr, SEGMENTED: tl.constexpr):  # fmt: skip
     """The program's chunk i of dv, the last first (:func:`_chunk_at`): its rows stored, dS's block before the
     chunk returned."""
     dtype = do_base.dtype.element_ty
-    start, eos = _chunk_at(i, chunks, bos, eos, plan_ptr, pos, PLAN, True)
+    start = _chunk_at(i, chunks, bos, pos, True)
     t = start + pos
     t_ok = t < eos
     kk = tl.load(k_base + t[:, None] * stride_kt + ks[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
     q_t = tl.load(q_base + ks[:, None] + t[None, :] * stride_qt, mask=k_ok[:, None] & t_ok[None, :], other=0.0)
     do = tl.load(do_base + t[:, None] * (heads * V) + vs[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
     within_t, to_token, to_end, across = _chunk_masks(starts_ptr, t, t_ok, start, eos, posf, g, within_t,
-                                                            to_token, PLAN, True)  # fmt: skip
+                                                      to_token, SEGMENTED, True)  # fmt: skip
     scores = tl.dot(kk, q_t, input_precision=PRECISION) * within_t
     dv = tl.dot(scores.to(dtype), do, input_precision=PRECISION)
     dv += tl.dot(kk, grad.to(dtype), input_precision=PRECISION) * to_end[:, None]
@@ -554,10 +536,10 @@ def _dv_chunk(q_base, k_base, do_base, dv_base, grad, i, chunks, bos, eos, plan_
 
 @triton.jit
 def lightning_dkv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, plan_ptr, starts_ptr, dk_ptr, dv_ptr, dh0_ptr, length,
+    q_ptr, k_ptr, v_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, starts_ptr, dk_ptr, dv_ptr, dh0_ptr, length,
     heads,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, PLAN: tl.constexpr, HAS_DHT: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, SEGMENTED: tl.constexpr, HAS_DHT: tl.constexpr,
     STORE_DH0: tl.constexpr,
     PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, BT: tl.constexpr, BKF: tl.constexpr, BVF: tl.constexpr,
 ):  # fmt: skip
@@ -582,31 +564,31 @@ def lightning_dkv_kernel(
         grad = tl.load(dht_ptr + offset, mask=state_ok, other=0.0)
     else:
         grad = tl.zeros([BKF, BVF], dtype=tl.float32)
-    chunks = _chunk_count(bos, eos, PLAN, BT)
+    chunks = tl.cdiv(eos - bos, BT)
     if WHILE_LOOP:
         i_r = chunks * 0
         while i_r < chunks:
             grad = _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, i_r, chunks, bos, eos,
-                              plan_ptr, starts_ptr, heads, stride_qt, stride_kt, stride_vt, g, pos, posf,
-                              within_t, to_token, ks, k_ok, vs, v_ok, K, V, PRECISION, PLAN)  # fmt: skip
+                              starts_ptr, heads, stride_qt, stride_kt, stride_vt, g, pos, posf, within_t,
+                              to_token, ks, k_ok, vs, v_ok, K, V, PRECISION, SEGMENTED)  # fmt: skip
             i_r += 1
     else:
         for i_r in range(0, chunks):
             grad = _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, i_r, chunks, bos, eos,
-                              plan_ptr, starts_ptr, heads, stride_qt, stride_kt, stride_vt, g, pos, posf,
-                              within_t, to_token, ks, k_ok, vs, v_ok, K, V, PRECISION, PLAN)  # fmt: skip
+                              starts_ptr, heads, stride_qt, stride_kt, stride_vt, g, pos, posf, within_t,
+                              to_token, ks, k_ok, vs, v_ok, K, V, PRECISION, SEGMENTED)  # fmt: skip
     if STORE_DH0:
         tl.store(dh0_ptr + offset, grad, mask=state_ok)
 
 
 @triton.jit
-def _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, i, chunks, bos, eos, plan_ptr,
-               starts_ptr, heads, stride_qt, stride_kt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok,
-               vs, v_ok, K: tl.constexpr, V: tl.constexpr, PRECISION: tl.constexpr, PLAN: tl.constexpr):  # fmt: skip
+def _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, i, chunks, bos, eos, starts_ptr,
+               heads, stride_qt, stride_kt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok,
+               K: tl.constexpr, V: tl.constexpr, PRECISION: tl.constexpr, SEGMENTED: tl.constexpr):  # fmt: skip
     """The program's chunk i of dk and dv, the last first (:func:`_chunk_at`): both stored, the whole dS before the
     chunk returned."""
     dtype = do_base.dtype.element_ty
-    start, eos = _chunk_at(i, chunks, bos, eos, plan_ptr, pos, PLAN, True)
+    start = _chunk_at(i, chunks, bos, pos, True)
     t = start + pos
     t_ok = t < eos
     row_k = t_ok[:, None] & k_ok[None, :]
@@ -616,7 +598,7 @@ def _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, i, chunk
     v = tl.load(v_base + t[:, None] * stride_vt + vs[None, :], mask=row_v, other=0.0)
     do = tl.load(do_base + t[:, None] * (heads * V) + vs[None, :], mask=row_v, other=0.0)
     within_t, to_token, to_end, across = _chunk_masks(starts_ptr, t, t_ok, start, eos, posf, g, within_t,
-                                                            to_token, PLAN, True)  # fmt: skip
+                                                      to_token, SEGMENTED, True)  # fmt: skip
     grad_in = grad.to(dtype)
     scores = tl.dot(v, tl.trans(do), input_precision=PRECISION) * within_t
     dk = tl.dot(scores.to(dtype), qq, input_precision=PRECISION)
@@ -679,19 +661,19 @@ def triton_backward(
     final_grad: Tensor | None = None,
     initial_grad: bool = False,
     lanes: int | None = None,
-    plan: ChunkPlan | None = None,
+    segments: ScanSegments | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The gradients of :func:`triton_forward`'s outputs: dq, dk, dv in the inputs' dtype, and the initial
     state's gradient (fp32) when ``initial_grad``. ``final_grad`` is the final state's incoming gradient;
     ``lanes`` the call's lanes where the caller knows them (:func:`grad_launch`; the dispatcher counts them,
-    :func:`tnlora.ops.lightning.call_lanes`); ``plan`` as :func:`triton_forward`'s (no state gradients)."""
+    :func:`tnlora.ops.lightning.call_lanes`); ``segments`` as :func:`triton_forward`'s (no state gradients)."""
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     q, k, v = _token_rows(q), _token_rows(k), _token_rows(v)
     do = do.to(v.dtype).contiguous()
-    if plan is not None and (initial_state is not None or final_grad is not None or initial_grad):
-        raise ValueError("a chunk plan's scans take no initial state and no final state's gradient")
-    examples, bounds = _walks(batch, cu_seqlens, plan)
+    if segments is not None and (initial_state is not None or final_grad is not None or initial_grad):
+        raise ValueError("segmented scans take no initial state and no final state's gradient")
+    examples, bounds = _walks(batch, cu_seqlens, segments)
     dq = torch.empty(batch, length, heads, key_dim, device=q.device, dtype=q.dtype)
     dk = torch.empty_like(dq, dtype=k.dtype)
     dv = torch.empty(batch, length, heads, value_dim, device=v.device, dtype=v.dtype)
@@ -708,35 +690,35 @@ def triton_backward(
     h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
     dht = final_grad.to(torch.float32).contiguous() if final_grad is not None else None
     cu = bounds if bounds is not None else decay
-    chunks, starts = _plan_args(plan, decay)
+    starts = segments.starts if segments is not None else decay
     full_k = max(16, triton.next_power_of_2(key_dim))
     full_v = max(16, triton.next_power_of_2(value_dim))
     launch = grad_launch(key_dim, lanes)
     block_k = min(launch.block_k, full_k)
     block_v = min(launch.block_v, full_v)
     k_blocks = -(-key_dim // block_k)
-    common = {**_scan_args(q, v, bounds, plan), "num_warps": launch.num_warps}
+    common = {**_scan_args(q, v, bounds, segments), "num_warps": launch.num_warps}
     lightning_dq_kernel[(examples * heads * k_blocks,)](
-        k, v, do, decay, h0 if h0 is not None else decay, cu, chunks, starts, dq, length, heads,
+        k, v, do, decay, h0 if h0 is not None else decay, cu, starts, dq, length, heads,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         HAS_H0=h0 is not None, BK=block_k, BVF=full_v, **common,
     )  # fmt: skip
     if launch.merged and max(key_dim, value_dim) <= MERGED_MAX_WIDTH:
         lightning_dkv_kernel[(examples * heads,)](
-            q, k, v, do, decay, dht if dht is not None else decay, cu, chunks, starts, dk, dv,
+            q, k, v, do, decay, dht if dht is not None else decay, cu, starts, dk, dv,
             dh0 if dh0 is not None else decay, length, heads, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
             k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), HAS_DHT=dht is not None,
             STORE_DH0=dh0 is not None, BKF=full_k, BVF=full_v, **common,
         )  # fmt: skip
         return dq, dk, dv, dh0
     lightning_dk_kernel[(examples * heads * k_blocks,)](
-        q, v, do, decay, dht if dht is not None else decay, cu, chunks, starts, dk, dh0 if dh0 is not None else decay,
+        q, v, do, decay, dht if dht is not None else decay, cu, starts, dk, dh0 if dh0 is not None else decay,
         length, heads,
         q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, BK=block_k, BVF=full_v, **common,
     )  # fmt: skip
     lightning_dv_kernel[(examples * heads * -(-value_dim // block_v),)](
-        q, k, do, decay, dht if dht is not None else decay, cu, chunks, starts, dv, length, heads,
+        q, k, do, decay, dht if dht is not None else decay, cu, starts, dv, length, heads,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         HAS_DHT=dht is not None, BKF=full_k, BV=block_v, **common,
     )  # fmt: skip
@@ -747,10 +729,10 @@ class TritonLightning(torch.autograd.Function):
     """:func:`triton_forward` with :func:`triton_backward` as its gradient (q, k, v and the initial state)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, cu_seqlens, initial_state, output_final_state, lanes, plan):
-        o, final = triton_forward(q, k, v, log_decay, cu_seqlens, initial_state, output_final_state, plan)
+    def forward(ctx, q, k, v, log_decay, cu_seqlens, initial_state, output_final_state, lanes, segments):
+        o, final = triton_forward(q, k, v, log_decay, cu_seqlens, initial_state, output_final_state, segments)
         ctx.save_for_backward(q, k, v, log_decay, cu_seqlens, initial_state)
-        ctx.lanes, ctx.plan = lanes, plan
+        ctx.lanes, ctx.segments = lanes, segments
         return o, final
 
     @staticmethod
@@ -758,7 +740,7 @@ class TritonLightning(torch.autograd.Function):
         q, k, v, log_decay, cu_seqlens, initial_state = ctx.saved_tensors
         wants_h0 = initial_state is not None and ctx.needs_input_grad[5]
         dq, dk, dv, dh0 = triton_backward(
-            q, k, v, log_decay, do, cu_seqlens, initial_state, final_grad, wants_h0, ctx.lanes, ctx.plan
+            q, k, v, log_decay, do, cu_seqlens, initial_state, final_grad, wants_h0, ctx.lanes, ctx.segments
         )
         return dq, dk, dv, None, None, dh0, None, None, None
 
@@ -772,23 +754,21 @@ def triton_attention(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     lanes: int | None = None,
-    plan: ChunkPlan | None = None,
+    segments: ScanSegments | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`triton_forward` with gradients for q, k, v and ``initial_state`` (two or three backward launches;
-    ``lanes``: :func:`triton_backward`'s; ``plan``: :func:`triton_forward`'s)."""
-    return TritonLightning.apply(q, k, v, log_decay, cu_seqlens, initial_state, output_final_state, lanes, plan)
+    ``lanes``: :func:`triton_backward`'s; ``segments``: :func:`triton_forward`'s)."""
+    return TritonLightning.apply(q, k, v, log_decay, cu_seqlens, initial_state, output_final_state, lanes, segments)
 
 __all__ = [
     "CHUNK",
-    "CHUNKS_ACROSS",
     "CHUNK_FP32",
     "FEW_LANES_LAUNCH",
     "GRAD_LAUNCHES",
     "MERGED_MIN_LANES",
-    "SEGMENT_CHUNKS",
+    "SEGMENT_TOKENS",
     "GradLaunch",
     "TritonLightning",
-    "chunk_tokens",
     "grad_launch",
     "lightning_dk_kernel",
     "lightning_dkv_kernel",

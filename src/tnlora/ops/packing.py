@@ -51,62 +51,42 @@ def segment_starts(seq_ids: Tensor | None, cu_seqlens: Tensor | None, length: in
 
 
 @dataclass(frozen=True)
-class ChunkPlan:
-    """Packed examples in chunks, grouped into segments, for scans that walk a segment's chunks one after another,
-    the state passing from chunk to chunk only within an example (:mod:`tnlora.ops.lightning_triton`): one program
-    then walks several short examples instead of one, so fewer programs each start up and their loads run ahead
-    across the examples' boundaries.
+class ScanSegments:
+    """Packed examples grouped into segments of whole examples, for scans in which one program walks a segment's
+    tokens chunk by chunk, the chunks running across the examples' boundaries and the state passing only within an
+    example (:mod:`tnlora.ops.lightning_triton`): a few long walks a head instead of one or two chunks for each
+    example of a ~100-token micro-batch, and no chunk rows past an example's end.
 
     Attributes:
-        segments: int32 [S+1], segment s is rows ``segments[s]`` to ``segments[s+1]`` of ``chunks``.
-        chunks: int32 [C, 2], one row a chunk in token order: its first token and its end (its tokens are those
-            from the first below both the end and first + ``chunk``).
+        bounds: int32 [S+1], segment s is tokens ``bounds[s]`` to ``bounds[s+1]``.
         starts: int32 [T], where each token's example starts.
         count: S, on the host.
     """
 
-    segments: Tensor
-    chunks: Tensor
+    bounds: Tensor
     starts: Tensor
     count: int
 
     @classmethod
-    def build(cls, cu_seqlens: Tensor, chunk: int, segment_chunks: int, across: bool = True) -> ChunkPlan:
-        """The plan of the examples bounded by ``cu_seqlens`` [N+1] (a host tensor), in chunks of ``chunk`` tokens.
-        ``across``: the chunks run across examples' boundaries (a segment's tokens cut every ``chunk`` tokens; a
-        segment: the examples that start in one block of ``segment_chunks`` chunks' tokens); else each example is
-        cut on its own (its last chunk short; a segment: the examples whose first chunks fall in one block of
-        ``segment_chunks`` chunks). Either way a segment holds about that many chunks, or one long example."""
-        if chunk < 1 or segment_chunks < 1:
-            raise ValueError(f"chunk and segment_chunks must be positive, got {chunk} and {segment_chunks}")
+    def build(cls, cu_seqlens: Tensor, segment_tokens: int) -> ScanSegments:
+        """The segments of the examples bounded by ``cu_seqlens`` [N+1] (a host tensor): each the examples that
+        start in one block of ``segment_tokens`` tokens (so about that many tokens, or one longer example)."""
+        if segment_tokens < 1:
+            raise ValueError(f"segment_tokens must be positive, got {segment_tokens}")
         bounds = cu_seqlens.to(device="cpu", dtype=torch.int64)
         lengths = bounds.diff()
+        opening = bounds[:-1][lengths > 0]
+        block = opening // segment_tokens
+        first = block.new_ones(min(1, block.shape[0]), dtype=torch.bool)
+        cuts = opening[torch.cat([first, block[1:] != block[:-1]])]
+        edges = torch.cat([cuts, bounds[-1:]])
         starts = torch.repeat_interleave(bounds[:-1], lengths)
-        if across:
-            # the cut is where a block's first example starts; the chunks run from there to the next cut
-            opening, ends, unit = bounds[:-1][lengths > 0], bounds[-1:], segment_chunks * chunk
-        else:
-            counts = (lengths + chunk - 1) // chunk  # chunks per example (none for an empty one)
-            firsts = F.pad(counts.cumsum(0), (1, 0))  # each example's first chunk, then the total
-            example = torch.repeat_interleave(torch.arange(counts.shape[0]), counts)
-            within = torch.arange(int(firsts[-1])) - firsts[example]
-            chunks = torch.stack([bounds[example] + within * chunk, bounds[example + 1]], dim=1)
-            opening, ends, unit = firsts[:-1][counts > 0], firsts[-1:], segment_chunks
-        block = opening // unit
-        cuts = opening[torch.cat([block.new_ones(min(1, block.shape[0]), dtype=torch.bool), block[1:] != block[:-1]])]
-        edges = torch.cat([cuts, ends])
-        if across:
-            per_segment = (edges.diff() + chunk - 1) // chunk
-            segment = torch.repeat_interleave(torch.arange(cuts.shape[0]), per_segment)
-            within = torch.arange(int(per_segment.sum())) - F.pad(per_segment.cumsum(0), (1, 0))[segment]
-            chunks = torch.stack([edges[segment] + within * chunk, edges[segment + 1]], dim=1)
-            edges = F.pad(per_segment.cumsum(0), (1, 0))
-        return cls(edges.to(torch.int32), chunks.reshape(-1, 2).to(torch.int32), starts.to(torch.int32), cuts.shape[0])
+        return cls(edges.to(torch.int32), starts.to(torch.int32), cuts.shape[0])
 
-    def to(self, device: torch.device | str) -> ChunkPlan:
-        """The plan on ``device``; a host plan goes to a GPU from pinned memory without waiting for it."""
+    def to(self, device: torch.device | str) -> ScanSegments:
+        """The segments on ``device``; host tensors go to a GPU from pinned memory without waiting for it."""
         device = torch.device(device)
-        if device == self.chunks.device:
+        if device == self.bounds.device:
             return self
 
         def move(x: Tensor) -> Tensor:
@@ -114,7 +94,7 @@ class ChunkPlan:
                 return x.pin_memory().to(device, non_blocking=True)
             return x.to(device)
 
-        return ChunkPlan(move(self.segments), move(self.chunks), move(self.starts), self.count)
+        return ScanSegments(move(self.bounds), move(self.starts), self.count)
 
 
 @dataclass(frozen=True)
@@ -167,17 +147,16 @@ class PackedRows:
         """N, read from the host copy (no device access)."""
         return self.cu_seqlens_cpu.shape[0] - 1
 
-    def chunk_plan(self, chunk: int, segment_chunks: int, across: bool = True) -> ChunkPlan:
-        """The examples laid end to end as a :class:`ChunkPlan` on the rows' device, built from the host copy once
-        per (chunk, segment_chunks, across) and kept: every layer of a forward and its backward take the same."""
-        key = (chunk, segment_chunks, across)
-        if key not in self._chunk_plans:
-            plan = ChunkPlan.build(self.cu_seqlens_cpu, chunk, segment_chunks, across)
-            self._chunk_plans[key] = plan.to(self.device)
-        return self._chunk_plans[key]
+    def scan_segments(self, segment_tokens: int) -> ScanSegments:
+        """The examples laid end to end as :class:`ScanSegments` on the rows' device, built from the host copy
+        once per ``segment_tokens`` and kept: every layer of a forward and its backward take the same."""
+        if segment_tokens not in self._scan_segments:
+            segments = ScanSegments.build(self.cu_seqlens_cpu, segment_tokens)
+            self._scan_segments[segment_tokens] = segments.to(self.device)
+        return self._scan_segments[segment_tokens]
 
     @functools.cached_property
-    def _chunk_plans(self) -> dict[tuple[int, int, bool], ChunkPlan]:
+    def _scan_segments(self) -> dict[int, ScanSegments]:
         return {}
 
     def starts(self) -> Tensor:
@@ -233,4 +212,4 @@ def per_row(rows: PackedRows, o: Tensor, final: Tensor | None, batch: int) -> tu
     return o.reshape(batch, -1, *o.shape[2:]), final[rows.row_last] if final is not None else None
 
 
-__all__ = ["ChunkPlan", "PackedRows", "cu_seqlens_of", "end_to_end", "first_tokens", "per_row", "segment_starts"]
+__all__ = ["PackedRows", "ScanSegments", "cu_seqlens_of", "end_to_end", "first_tokens", "per_row", "segment_starts"]
