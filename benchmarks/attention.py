@@ -13,8 +13,8 @@ makes them. The per-token recurrent loop is timed only up to --recurrent-max.
 ``--examples huanhuan`` cuts the T tokens into examples of huanhuan.json's lengths (one row with its
 ``PackedRows``, as packed training rows reach the kernels); ``--examples N`` into examples of N tokens.
 ``--forward`` times the forward alone (no gradients). ``--segment-tokens 0,2048`` times impl triton once for each
-value of ``lightning_triton.SEGMENT_TOKENS`` (packed examples: a program walks the examples that start in one block
-of that many tokens; 0: one example a program).
+value of ``lightning_triton.SEGMENT_TOKENS`` (packed examples: a forward program walks the examples that start in
+one block of that many tokens; 0: one example a program).
 """
 
 from __future__ import annotations
@@ -148,7 +148,6 @@ def main() -> None:
         "--triton-grad", default="",
         help="K block:V block:warps[:merged] of impl triton's backward kernels (a sweep; merged: dk and dv in one launch)"
     )
-    parser.add_argument("--segment-form", type=int, default=0, help="lightning_triton.SEGMENT_FORM (0: the tree's)")
     parser.add_argument("--segment-tokens", default="",
                         help="comma list: impl triton timed at each SEGMENT_TOKENS (packed examples; 0: one a program)")
     parser.add_argument("--chunk-size", type=int, default=64, help="chunk of the pure-PyTorch chunked impl")
@@ -187,8 +186,6 @@ def main() -> None:
                     from tnlora.ops import lightning_triton
 
                     lightning_triton.SEGMENT_TOKENS = seg
-                    if args.segment_form:
-                        lightning_triton.SEGMENT_FORM = args.segment_form
                 if impl == "recurrent" and length > args.recurrent_max:
                     print(f"{row} {'skipped':>11}")
                     continue

@@ -96,8 +96,7 @@
 #                   and dv in one launch) at the 7B micro-batch
 #   attention-segments  packed huanhuan-shaped examples (SEGMENT_SHAPES heads:tokens): the scans walking the examples
 #                   that start in one block of SEGMENTS tokens a program (benchmarks/attention.py --segment-tokens;
-#                   0: one example a program; FORM: lightning_triton.SEGMENT_FORM) against fla (ATT_IMPLS), forward +
-#                   backward and forward alone
+#                   0: one example a program) against fla (ATT_IMPLS), forward + backward and forward alone
 #   attention-train  tnlora train's defaults with the attention as fla's chunk kernels and as tnlora's Triton scans
 #                   (--attention_impl fla / triton; MODELS, default "1B 7B"; ROUNDS rounds, default 1, alternating)
 #   attention-long  7B on one LONG_LEN-token sequence with tnlora train's defaults, the attention as "auto" (the
@@ -336,8 +335,8 @@ PY
     attention-segments)  # packed huanhuan-shaped examples: the scans walking SEGMENTS tokens' examples a program (0:
       # one example a program) against fla, forward + backward and forward alone, back to back
       for shape in ${SEGMENT_SHAPES:-32:16384 16:32768 32:8192}; do
-        table_script attention.py --impls ${ATT_IMPLS:-fla,triton} --segment-tokens ${SEGMENTS:-0,1024,2048,4096} ${FORM:+--segment-form $FORM} --repeats 5 --back-to-back 20 --heads ${shape%%:*} --lengths ${shape##*:} --examples huanhuan --head-dims 128,256
-        table_script attention.py --impls triton --segment-tokens ${SEGMENTS:-0,1024,2048,4096} ${FORM:+--segment-form $FORM} --repeats 5 --back-to-back 20 --heads ${shape%%:*} --lengths ${shape##*:} --examples huanhuan --head-dims 128 --forward
+        table_script attention.py --impls ${ATT_IMPLS:-fla,triton} --segment-tokens ${SEGMENTS:-0,1024,2048,4096} --repeats 5 --back-to-back 20 --heads ${shape%%:*} --lengths ${shape##*:} --examples huanhuan --head-dims 128,256
+        table_script attention.py --impls triton --segment-tokens ${SEGMENTS:-0,1024,2048,4096} --repeats 5 --back-to-back 20 --heads ${shape%%:*} --lengths ${shape##*:} --examples huanhuan --head-dims 128 --forward
       done ;;
     profile)
       log "profile"; timeout 200 python3 -m tnlora.cli bench train --model 1B --cutoff_len 16384 --attention_impl fla --torch_compile true --per_device_train_batch_size 1 --steps 1 --warmup 2 --profile > "$OUT/profile.txt" 2>&1

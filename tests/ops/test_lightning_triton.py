@@ -162,9 +162,8 @@ def test_few_lanes_take_two_launches_where_the_width_s_launch_is_merged() -> Non
 
 @needs_kernel
 def test_the_backward_is_told_the_lanes_of_its_call(monkeypatch) -> None:
-    """lanes = heads × the scan segments for packed rows (one example of 128 tokens: one segment; 64 examples of 2
-    tokens: as many as SEGMENT_TOKENS makes of them), heads × rows unpacked; None where only cu_seqlens (a device
-    tensor) gives the examples."""
+    """lanes = heads × tokens ÷ the longest example, from packed rows' host boundaries or the unpacked shape; None
+    where only cu_seqlens (a device tensor) gives the examples."""
     from tnlora.ops import lightning_triton
 
     seen: list[int | None] = []
@@ -180,13 +179,11 @@ def test_the_backward_is_told_the_lanes_of_its_call(monkeypatch) -> None:
     one = torch.zeros(1, 128, dtype=torch.long, device=DEVICE)
     pairs = torch.arange(128, device=DEVICE).div(2, rounding_mode="floor")[None]
     _gradients(q, k, v, decay, "triton", rows=PackedRows.from_seq_ids(one))
-    paired = PackedRows.from_seq_ids(pairs)
-    _gradients(q, k, v, decay, "triton", rows=paired)
-    segments = paired.scan_segments(lightning_triton.SEGMENT_TOKENS).count
+    _gradients(q, k, v, decay, "triton", rows=PackedRows.from_seq_ids(pairs))
     _gradients(q, k, v, decay, "triton", cu_seqlens=torch.tensor([0, 64, 128], device=DEVICE))
     q, k, v = _inputs(3, 40, 2, 16, 16, seed=22)
     _gradients(q, k, v, decay, "triton")
-    assert seen == [2, 2 * segments, None, 6]
+    assert seen == [2, 128, None, 6]
 
 
 @needs_kernel
@@ -294,17 +291,13 @@ PLAN_LENGTHS = (1, 31, 32, 33, 5, 64, 2, 97, 3, 3, 40, 1, 20)
 @needs_kernel
 @pytest.mark.parametrize("launch", LAUNCHES)
 @pytest.mark.parametrize("segment_tokens", [1, 70, 1000])
-@pytest.mark.parametrize("form", [1, 2])
-def test_examples_walked_a_segment_at_a_time_match_the_recurrence(monkeypatch, launch, segment_tokens, form) -> None:
-    """o, dq, dk, dv of packed examples walked by segments (a program walking several examples chunk by chunk
-    across their boundaries, the state passing only within an example; one example a segment, a few, all; each
-    form of the chunks' decays) against autograd through the fp64 recurrence, in each launch form of the
-    backward."""
-    from tnlora.ops import lightning_triton
+def test_examples_walked_a_segment_at_a_time_match_the_recurrence(monkeypatch, launch, segment_tokens) -> None:
+    """o of packed examples walked by segments in the forward (a program walking several examples chunk by chunk
+    across their boundaries, the state passing only within an example; one example a segment, a few, all), and the
+    gradients of that call, against autograd through the fp64 recurrence, in each launch form of the backward."""
     from tnlora.ops.lightning_triton import triton_attention
 
     _use_launch(monkeypatch, launch)
-    monkeypatch.setattr(lightning_triton, "SEGMENT_FORM", form)
     cu = torch.tensor([0, *torch.tensor(PLAN_LENGTHS).cumsum(0).tolist()])
     q, k, v = _inputs(1, int(cu[-1]), 2, 32, 24, seed=31)
     decay = DECAY[:2].to(DEVICE)

@@ -136,16 +136,12 @@ def _triton_attention(
         flat_q, flat_k, flat_v, first = end_to_end(rows, q, k, v, initial_state)
         inputs = (flat_q, flat_k, flat_v, log_decay, rows.cu_seqlens, first, output_final_state)
         if initial_state is None and not output_final_state and scans.SEGMENT_TOKENS > 0:
-            # Packed rows without states (training, evaluation): each program walks a segment of examples.
+            # Packed rows without states (training, evaluation): each forward program walks a segment of examples.
             segments = rows.scan_segments(scans.SEGMENT_TOKENS)
     if trains:
-        # The backward's launch depends on the call's lanes: the segments a head, or counted from the packed
-        # rows' host boundaries or the unpacked shape; unknown where only a bare cu_seqlens (a device tensor)
-        # bounds the examples.
-        if segments is not None:
-            lanes = q.shape[2] * segments.count
-        else:
-            lanes = call_lanes(q, rows) if rows is not None or cu_seqlens is None else None
+        # The backward's launch depends on the call's lanes: counted from the packed rows' host boundaries or the
+        # unpacked shape; unknown where only a bare cu_seqlens (a device tensor) bounds the examples.
+        lanes = call_lanes(q, rows) if rows is not None or cu_seqlens is None else None
         o, final = scans.triton_attention(*inputs, lanes, segments)
     else:
         o, final = scans.triton_forward(*inputs, segments)

@@ -20,10 +20,11 @@ walk the whole row; training's default on Hopper cards for calls with enough of 
 
 q, k, v are read in place with their strides (the projection's views), examples given by ``cu_seqlens`` (one
 row) or one per row; the state enters from ``initial_state`` and leaves in fp32. Packed examples without states
-(training's micro-batches) can be given as :class:`~tnlora.ops.packing.ScanSegments` instead: then a program walks a
-segment of several examples chunk by chunk, the chunks across the examples' boundaries, each token's example start
-telling it which decays and states apply, where one program an example of ~100 tokens would walk one or two chunks
-each, a quarter of their rows past the example's end. Products use the inputs' dtype
+(training's micro-batches) can be given to the forward as :class:`~tnlora.ops.packing.ScanSegments` too: then a
+program walks a segment of several examples chunk by chunk, the chunks across the examples' boundaries, each token's
+example start telling it which decays and states apply, where one program an example of ~100 tokens would walk one
+or two chunks, a quarter of their rows past the example's end. The backward walks one example a program either way
+(segmented, its kernels ran slower: benchmarks/RESULTS.md). Products use the inputs' dtype
 with fp32 accumulation (bf16 inputs: the state is rounded to bf16 for q·S and the decayed v for kᵀv, as fla
 does); fp32 inputs use IEEE fp32 products, which the tests hold against the recurrence.
 
@@ -53,7 +54,6 @@ NUM_WARPS = 4  # 8 warps gave the same results and no measured gain at q/k 256 w
 # ~100-token examples in one or two chunks each, a quarter of the chunks' rows past an example's end
 # (benchmarks/RESULTS.md, "Packed examples walked a segment at a time").
 SEGMENT_TOKENS = 2048  # 0: one example a program
-SEGMENT_FORM = 1  # 1: the chunk's decays masked from the kernel's; 2: made in each chunk
 
 
 @triton.jit
@@ -75,13 +75,6 @@ def _example(pid, heads, blocks, cu_ptr, length, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _chunk_at(i, chunks, bos, pos, REVERSE: tl.constexpr):
-    """The first token of the program's i-th chunk of ``chunks`` from token bos on (REVERSE: the last first)."""
-    j = chunks - 1 - i if REVERSE else i
-    return bos + j.to(tl.int64) * pos.shape[0]
-
-
-@triton.jit
 def _decays(g, BT: tl.constexpr, TRANSPOSED: tl.constexpr):
     """Positions in a chunk, λ^(i−j) below the diagonal [i, j] (or its transpose [j, i]; exponents clamped before
     exp) and λ^(i+1)."""
@@ -98,33 +91,26 @@ def _decays(g, BT: tl.constexpr, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
-def _chunk_masks(starts_ptr, t, t_ok, start, end, posf, g, within, to_token, SEGMENTED: tl.constexpr,
-                 TRANSPOSED: tl.constexpr):  # fmt: skip
+def _chunk_end(start, eos, t_ok, posf, g):
+    """The chunk's last valid token (as a float) and each token's decay to it, λ^(L−1−j) (0 past the example)."""
+    last = (tl.minimum(eos - start, posf.shape[0]) - 1).to(tl.float32)
+    return last, tl.where(t_ok, tl.exp(g * tl.maximum(last - posf, 0.0)), 0.0)
+
+
+@triton.jit
+def _chunk_decays(starts_ptr, t, t_ok, start, end, posf, g, within, to_token, SEGMENTED: tl.constexpr):
     """A chunk's decays as its tokens' examples allow, (within, to_token, to_end, across): λ^(i−j) between
-    tokens of one example (``within`` as :func:`_decays` gives it, [i, j] or TRANSPOSED [j, i]); λ^(i+1) for the
-    tokens of the example the state before the chunk belongs to; each token's decay to the chunk's last valid
-    token, λ^(L−1−j), for the tokens of that token's example; and the state's decay across the chunk, λ^L, where
-    one example spans it (else 0: the state after the chunk is the last example's alone). Without SEGMENTED the
-    chunk is one example's; with it ``starts_ptr`` holds each token's example start."""
-    last = (tl.minimum(end - start, posf.shape[0]) - 1).to(tl.float32)
-    to_end = tl.where(t_ok, tl.exp(g * tl.maximum(last - posf, 0.0)), 0.0)
+    tokens of one example (``within`` as :func:`_decays` gives it); λ^(i+1) for the tokens of the example the
+    state before the chunk belongs to; each token's decay to the chunk's last valid token, λ^(L−1−j), for the
+    tokens of that token's example; and the state's decay across the chunk, λ^L, where one example spans it (else
+    0: the state after the chunk is the last example's alone). Without SEGMENTED the chunk is one example's; with
+    it ``starts_ptr`` holds each token's example start."""
+    last, to_end = _chunk_end(start, end, t_ok, posf, g)
     across = tl.exp(g * (last + 1.0))
     if SEGMENTED:
         first = tl.load(starts_ptr + t, mask=t_ok, other=0)
         # token j is in token i's example where j ≥ i's example start (j ≤ i: the causal mask already holds)
-        same = t[:, None] >= first[None, :] if TRANSPOSED else t[None, :] >= first[:, None]
-        if SEGMENTED == 2:
-            # the decays made here rather than kept from the kernel's start: a tile fewer in registers
-            pos = posf.to(tl.int32)
-            if TRANSPOSED:
-                keep = same & (pos[None, :] >= pos[:, None])
-                gap = posf[None, :] - posf[:, None]
-            else:
-                keep = same & (pos[:, None] >= pos[None, :])
-                gap = posf[:, None] - posf[None, :]
-            within = tl.where(keep, tl.exp(g * tl.where(keep, gap, 0.0)), 0.0)
-        else:
-            within = tl.where(same, within, 0.0)
+        within = tl.where(t[None, :] >= first[:, None], within, 0.0)
         to_token = tl.where(first < start, to_token, 0.0)
         first_last = tl.max(tl.where(t_ok, first, 0))
         to_end = tl.where(t >= first_last, to_end, 0.0)
@@ -136,13 +122,13 @@ def _chunk_masks(starts_ptr, t, t_ok, start, end, posf, g, within, to_token, SEG
 def _chunk(q_base, k_base, v_base, o_base, state, i_c, chunks, bos, eos, starts_ptr, heads, stride_qt,
            stride_kt, stride_vt, g, within, to_token, ks, k_ok, cols, col_ok, pos, posf, V: tl.constexpr,
            PRECISION: tl.constexpr, SEGMENTED: tl.constexpr):  # fmt: skip
-    """The program's chunk i_c (:func:`_chunk_at`): its outputs stored, the state after it returned."""
+    """The program's chunk i_c: its outputs stored, the state after it returned."""
     dtype = v_base.dtype.element_ty
-    start = _chunk_at(i_c, chunks, bos, pos, False)
+    start = bos + i_c.to(tl.int64) * pos.shape[0]
     t = start + pos
     t_ok = t < eos
-    within, to_token, to_end, across = _chunk_masks(starts_ptr, t, t_ok, start, eos, posf, g, within,
-                                                    to_token, SEGMENTED, False)  # fmt: skip
+    within, to_token, to_end, across = _chunk_decays(starts_ptr, t, t_ok, start, eos, posf, g, within, to_token,
+                                                     SEGMENTED)  # fmt: skip
     q = tl.load(q_base + t[:, None] * stride_qt + ks[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
     # k read transposed [BK, BT] (no transpose of a register tile), as both products take it.
     k_t = tl.load(k_base + ks[:, None] + t[None, :] * stride_kt, mask=k_ok[:, None] & t_ok[None, :], other=0.0)
@@ -245,12 +231,12 @@ def _walks(batch: int, cu_seqlens: Tensor | None, segments: ScanSegments | None)
     return (cu_seqlens.shape[0] - 1 if cu_seqlens is not None else batch), cu_seqlens
 
 
-def _scan_args(q: Tensor, v: Tensor, bounds: Tensor | None, segments: ScanSegments | None) -> dict:
+def _scan_args(q: Tensor, v: Tensor, bounds: Tensor | None) -> dict:
     """The launch arguments every scan kernel takes alike: widths, boundaries, product precision, loop form and
     chunk (fp32 runs IEEE products in chunks of CHUNK_FP32; the interpreter the while loop)."""
     fp32 = v.dtype == torch.float32
     return dict(
-        K=q.shape[-1], V=v.shape[-1], VARLEN=bounds is not None, SEGMENTED=SEGMENT_FORM if segments is not None else 0,
+        K=q.shape[-1], V=v.shape[-1], VARLEN=bounds is not None,
         PRECISION="ieee" if fp32 else "tf32", WHILE_LOOP=not q.is_cuda, BT=CHUNK_FP32 if fp32 else CHUNK,
     )  # fmt: skip
 
@@ -317,7 +303,7 @@ def triton_forward(
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         HAS_H0=initial_state is not None, STORE_FINAL=final is not None, BK=block_k, BV=block_v,
-        num_warps=NUM_WARPS, **_scan_args(q, v, bounds, segments),
+        SEGMENTED=segments is not None, num_warps=NUM_WARPS, **_scan_args(q, v, bounds),
     )  # fmt: skip
     return o, final
 
@@ -340,10 +326,9 @@ def triton_forward(
 
 @triton.jit
 def lightning_dq_kernel(
-    k_ptr, v_ptr, do_ptr, decay_ptr, h0_ptr, cu_ptr, starts_ptr, dq_ptr, length, heads,
+    k_ptr, v_ptr, do_ptr, decay_ptr, h0_ptr, cu_ptr, dq_ptr, length, heads,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, SEGMENTED: tl.constexpr, HAS_H0: tl.constexpr,
-    PRECISION: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, HAS_H0: tl.constexpr, PRECISION: tl.constexpr,
     WHILE_LOOP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr,
 ):  # fmt: skip
     """dq of a block of BK columns of K: the forward scan, S's rows of the block kept transposed [V, BK]."""
@@ -368,28 +353,24 @@ def lightning_dq_kernel(
     if WHILE_LOOP:
         i_c = chunks * 0
         while i_c < chunks:
-            state_t = _dq_chunk(k_base, v_base, do_base, dq_base, state_t, i_c, chunks, bos, eos, starts_ptr,
-                                heads, stride_kt, stride_vt, g, pos, posf, within, to_token, ks, k_ok, vs,
-                                v_ok, K, V, PRECISION, SEGMENTED)  # fmt: skip
+            state_t = _dq_chunk(k_base, v_base, do_base, dq_base, state_t, bos + i_c.to(tl.int64) * BT, eos, heads,
+                                stride_kt, stride_vt, g, pos, posf, within, to_token, ks, k_ok, vs, v_ok, K, V,
+                                PRECISION)  # fmt: skip
             i_c += 1
     else:
         for i_c in range(0, chunks):
-            state_t = _dq_chunk(k_base, v_base, do_base, dq_base, state_t, i_c, chunks, bos, eos, starts_ptr,
-                                heads, stride_kt, stride_vt, g, pos, posf, within, to_token, ks, k_ok, vs,
-                                v_ok, K, V, PRECISION, SEGMENTED)  # fmt: skip
+            state_t = _dq_chunk(k_base, v_base, do_base, dq_base, state_t, bos + i_c.to(tl.int64) * BT, eos, heads,
+                                stride_kt, stride_vt, g, pos, posf, within, to_token, ks, k_ok, vs, v_ok, K, V,
+                                PRECISION)  # fmt: skip
 
 
 @triton.jit
-def _dq_chunk(k_base, v_base, do_base, dq_base, state_t, i, chunks, bos, eos, starts_ptr, heads, stride_kt,
-              stride_vt, g, pos, posf, within, to_token, ks, k_ok, vs, v_ok, K: tl.constexpr, V: tl.constexpr,
-              PRECISION: tl.constexpr, SEGMENTED: tl.constexpr):  # fmt: skip
-    """The program's chunk i of dq (:func:`_chunk_at`): its rows stored, the state (transposed) after it returned."""
+def _dq_chunk(k_base, v_base, do_base, dq_base, state_t, start, eos, heads, stride_kt, stride_vt, g, pos, posf,
+              within, to_token, ks, k_ok, vs, v_ok, K: tl.constexpr, V: tl.constexpr, PRECISION: tl.constexpr):
+    """One chunk of dq from token ``start``: its rows stored, the state (transposed) after it returned."""
     dtype = do_base.dtype.element_ty
-    start = _chunk_at(i, chunks, bos, pos, False)
     t = start + pos
     t_ok = t < eos
-    within, to_token, to_end, across = _chunk_masks(starts_ptr, t, t_ok, start, eos, posf, g, within,
-                                                    to_token, SEGMENTED, False)  # fmt: skip
     do = tl.load(do_base + t[:, None] * (heads * V) + vs[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
     v_t = tl.load(v_base + vs[:, None] + t[None, :] * stride_vt, mask=v_ok[:, None] & t_ok[None, :], other=0.0)
     kb = tl.load(k_base + t[:, None] * stride_kt + ks[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
@@ -398,16 +379,16 @@ def _dq_chunk(k_base, v_base, do_base, dq_base, state_t, i, chunks, bos, eos, st
     dq += tl.dot(do, state_t.to(dtype), input_precision=PRECISION) * to_token[:, None]
     tl.store(dq_base + t[:, None] * (heads * K) + ks[None, :], dq.to(dq_base.dtype.element_ty),
              mask=t_ok[:, None] & k_ok[None, :])  # fmt: skip
+    last, to_end = _chunk_end(start, eos, t_ok, posf, g)
     decayed = (v_t.to(tl.float32) * to_end[None, :]).to(dtype)
-    return tl.dot(decayed, kb, state_t * across, input_precision=PRECISION)
+    return tl.dot(decayed, kb, state_t * tl.exp(g * (last + 1.0)), input_precision=PRECISION)
 
 
 @triton.jit
 def lightning_dk_kernel(
-    q_ptr, v_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, starts_ptr, dk_ptr, dh0_ptr, length, heads,
+    q_ptr, v_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, dk_ptr, dh0_ptr, length, heads,
     stride_qb, stride_qt, stride_qh, stride_vb, stride_vt, stride_vh,
-    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, SEGMENTED: tl.constexpr, HAS_DHT: tl.constexpr,
-    STORE_DH0: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
     PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr,
 ):  # fmt: skip
     """dk of a block of BK columns of K (and those rows of the initial state's gradient): the reverse scan, dS's
@@ -433,25 +414,24 @@ def lightning_dk_kernel(
     if WHILE_LOOP:
         i_r = chunks * 0
         while i_r < chunks:
-            grad_t = _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, i_r, chunks, bos, eos, starts_ptr,
-                               heads, stride_qt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs,
-                               v_ok, K, V, PRECISION, SEGMENTED)  # fmt: skip
+            grad_t = _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, bos + (chunks - 1 - i_r).to(tl.int64) * BT,
+                               eos, heads, stride_qt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok,
+                               K, V, PRECISION)  # fmt: skip
             i_r += 1
     else:
         for i_r in range(0, chunks):
-            grad_t = _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, i_r, chunks, bos, eos, starts_ptr,
-                               heads, stride_qt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs,
-                               v_ok, K, V, PRECISION, SEGMENTED)  # fmt: skip
+            grad_t = _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, bos + (chunks - 1 - i_r).to(tl.int64) * BT,
+                               eos, heads, stride_qt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok,
+                               K, V, PRECISION)  # fmt: skip
     if STORE_DH0:
         tl.store(dh0_ptr + offset, grad_t, mask=state_ok)
 
 
 @triton.jit
 def lightning_dv_kernel(
-    q_ptr, k_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, starts_ptr, dv_ptr, length, heads,
+    q_ptr, k_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, dv_ptr, length, heads,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, SEGMENTED: tl.constexpr, HAS_DHT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, HAS_DHT: tl.constexpr, PRECISION: tl.constexpr,
     WHILE_LOOP: tl.constexpr, BT: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
     """dv of a block of BV columns of V: the reverse scan, dS's columns of the block kept [K, BV]."""
@@ -475,72 +455,62 @@ def lightning_dv_kernel(
     if WHILE_LOOP:
         i_r = chunks * 0
         while i_r < chunks:
-            grad = _dv_chunk(q_base, k_base, do_base, dv_base, grad, i_r, chunks, bos, eos, starts_ptr, heads,
-                             stride_qt, stride_kt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, V,
-                             PRECISION, SEGMENTED)  # fmt: skip
+            grad = _dv_chunk(q_base, k_base, do_base, dv_base, grad, bos + (chunks - 1 - i_r).to(tl.int64) * BT, eos,
+                             heads, stride_qt, stride_kt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, V,
+                             PRECISION)  # fmt: skip
             i_r += 1
     else:
         for i_r in range(0, chunks):
-            grad = _dv_chunk(q_base, k_base, do_base, dv_base, grad, i_r, chunks, bos, eos, starts_ptr, heads,
-                             stride_qt, stride_kt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, V,
-                             PRECISION, SEGMENTED)  # fmt: skip
+            grad = _dv_chunk(q_base, k_base, do_base, dv_base, grad, bos + (chunks - 1 - i_r).to(tl.int64) * BT, eos,
+                             heads, stride_qt, stride_kt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, V,
+                             PRECISION)  # fmt: skip
 
 
 @triton.jit
-def _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, i, chunks, bos, eos, starts_ptr, heads, stride_qt,
-              stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, K: tl.constexpr, V:
-              tl.constexpr, PRECISION: tl.constexpr, SEGMENTED: tl.constexpr):  # fmt: skip
-    """The program's chunk i of dk, the last first (:func:`_chunk_at`): its rows stored, dS (transposed) before the
-    chunk returned."""
+def _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, start, eos, heads, stride_qt, stride_vt, g, pos, posf,
+              within_t, to_token, ks, k_ok, vs, v_ok, K: tl.constexpr, V: tl.constexpr, PRECISION: tl.constexpr):
+    """One chunk of dk from token ``start``: its rows stored, dS (transposed) before the chunk returned."""
     dtype = do_base.dtype.element_ty
-    start = _chunk_at(i, chunks, bos, pos, True)
     t = start + pos
     t_ok = t < eos
     v = tl.load(v_base + t[:, None] * stride_vt + vs[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
     do_t = tl.load(do_base + vs[:, None] + t[None, :] * (heads * V), mask=v_ok[:, None] & t_ok[None, :], other=0.0)
     qb = tl.load(q_base + t[:, None] * stride_qt + ks[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-    within_t, to_token, to_end, across = _chunk_masks(starts_ptr, t, t_ok, start, eos, posf, g, within_t,
-                                                      to_token, SEGMENTED, True)  # fmt: skip
+    last, to_end = _chunk_end(start, eos, t_ok, posf, g)
     scores = tl.dot(v, do_t, input_precision=PRECISION) * within_t
     dk = tl.dot(scores.to(dtype), qb, input_precision=PRECISION)
     dk += tl.dot(v, grad_t.to(dtype), input_precision=PRECISION) * to_end[:, None]
     tl.store(dk_base + t[:, None] * (heads * K) + ks[None, :], dk.to(dk_base.dtype.element_ty),
              mask=t_ok[:, None] & k_ok[None, :])  # fmt: skip
     scaled = (qb.to(tl.float32) * to_token[:, None]).to(dtype)
-    return tl.dot(do_t, scaled, grad_t * across, input_precision=PRECISION)
+    return tl.dot(do_t, scaled, grad_t * tl.exp(g * (last + 1.0)), input_precision=PRECISION)
 
 
 @triton.jit
-def _dv_chunk(q_base, k_base, do_base, dv_base, grad, i, chunks, bos, eos, starts_ptr, heads, stride_qt,
-              stride_kt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, V: tl.constexpr, PRECISION:
-              tl.constexpr, SEGMENTED: tl.constexpr):  # fmt: skip
-    """The program's chunk i of dv, the last first (:func:`_chunk_at`): its rows stored, dS's block before the
-    chunk returned."""
+def _dv_chunk(q_base, k_base, do_base, dv_base, grad, start, eos, heads, stride_qt, stride_kt, g, pos, posf,
+              within_t, to_token, ks, k_ok, vs, v_ok, V: tl.constexpr, PRECISION: tl.constexpr):
+    """One chunk of dv from token ``start``: its rows stored, dS's block before the chunk returned."""
     dtype = do_base.dtype.element_ty
-    start = _chunk_at(i, chunks, bos, pos, True)
     t = start + pos
     t_ok = t < eos
     kk = tl.load(k_base + t[:, None] * stride_kt + ks[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
     q_t = tl.load(q_base + ks[:, None] + t[None, :] * stride_qt, mask=k_ok[:, None] & t_ok[None, :], other=0.0)
     do = tl.load(do_base + t[:, None] * (heads * V) + vs[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
-    within_t, to_token, to_end, across = _chunk_masks(starts_ptr, t, t_ok, start, eos, posf, g, within_t,
-                                                      to_token, SEGMENTED, True)  # fmt: skip
+    last, to_end = _chunk_end(start, eos, t_ok, posf, g)
     scores = tl.dot(kk, q_t, input_precision=PRECISION) * within_t
     dv = tl.dot(scores.to(dtype), do, input_precision=PRECISION)
     dv += tl.dot(kk, grad.to(dtype), input_precision=PRECISION) * to_end[:, None]
     tl.store(dv_base + t[:, None] * (heads * V) + vs[None, :], dv.to(dv_base.dtype.element_ty),
              mask=t_ok[:, None] & v_ok[None, :])  # fmt: skip
     scaled = (q_t.to(tl.float32) * to_token[None, :]).to(dtype)
-    return tl.dot(scaled, do, grad * across, input_precision=PRECISION)
+    return tl.dot(scaled, do, grad * tl.exp(g * (last + 1.0)), input_precision=PRECISION)
 
 
 @triton.jit
 def lightning_dkv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, starts_ptr, dk_ptr, dv_ptr, dh0_ptr, length,
-    heads,
+    q_ptr, k_ptr, v_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, dk_ptr, dv_ptr, dh0_ptr, length, heads,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, SEGMENTED: tl.constexpr, HAS_DHT: tl.constexpr,
-    STORE_DH0: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
     PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, BT: tl.constexpr, BKF: tl.constexpr, BVF: tl.constexpr,
 ):  # fmt: skip
     """dk and dv together (``GradLaunch.merged``): one reverse scan per (example, head) holding the whole dS [K, V],
@@ -568,27 +538,25 @@ def lightning_dkv_kernel(
     if WHILE_LOOP:
         i_r = chunks * 0
         while i_r < chunks:
-            grad = _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, i_r, chunks, bos, eos,
-                              starts_ptr, heads, stride_qt, stride_kt, stride_vt, g, pos, posf, within_t,
-                              to_token, ks, k_ok, vs, v_ok, K, V, PRECISION, SEGMENTED)  # fmt: skip
+            grad = _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad,
+                              bos + (chunks - 1 - i_r).to(tl.int64) * BT, eos, heads, stride_qt, stride_kt, stride_vt,
+                              g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, K, V, PRECISION)  # fmt: skip
             i_r += 1
     else:
         for i_r in range(0, chunks):
-            grad = _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, i_r, chunks, bos, eos,
-                              starts_ptr, heads, stride_qt, stride_kt, stride_vt, g, pos, posf, within_t,
-                              to_token, ks, k_ok, vs, v_ok, K, V, PRECISION, SEGMENTED)  # fmt: skip
+            grad = _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad,
+                              bos + (chunks - 1 - i_r).to(tl.int64) * BT, eos, heads, stride_qt, stride_kt, stride_vt,
+                              g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, K, V, PRECISION)  # fmt: skip
     if STORE_DH0:
         tl.store(dh0_ptr + offset, grad, mask=state_ok)
 
 
 @triton.jit
-def _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, i, chunks, bos, eos, starts_ptr,
-               heads, stride_qt, stride_kt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok,
-               K: tl.constexpr, V: tl.constexpr, PRECISION: tl.constexpr, SEGMENTED: tl.constexpr):  # fmt: skip
-    """The program's chunk i of dk and dv, the last first (:func:`_chunk_at`): both stored, the whole dS before the
-    chunk returned."""
+def _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, start, eos, heads, stride_qt, stride_kt,
+               stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, K: tl.constexpr, V: tl.constexpr,
+               PRECISION: tl.constexpr):  # fmt: skip
+    """One chunk of dk and dv from token ``start``: both stored, the whole dS before the chunk returned."""
     dtype = do_base.dtype.element_ty
-    start = _chunk_at(i, chunks, bos, pos, True)
     t = start + pos
     t_ok = t < eos
     row_k = t_ok[:, None] & k_ok[None, :]
@@ -597,8 +565,7 @@ def _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, i, chunk
     kk = tl.load(k_base + t[:, None] * stride_kt + ks[None, :], mask=row_k, other=0.0)
     v = tl.load(v_base + t[:, None] * stride_vt + vs[None, :], mask=row_v, other=0.0)
     do = tl.load(do_base + t[:, None] * (heads * V) + vs[None, :], mask=row_v, other=0.0)
-    within_t, to_token, to_end, across = _chunk_masks(starts_ptr, t, t_ok, start, eos, posf, g, within_t,
-                                                      to_token, SEGMENTED, True)  # fmt: skip
+    last, to_end = _chunk_end(start, eos, t_ok, posf, g)
     grad_in = grad.to(dtype)
     scores = tl.dot(v, tl.trans(do), input_precision=PRECISION) * within_t
     dk = tl.dot(scores.to(dtype), qq, input_precision=PRECISION)
@@ -609,7 +576,7 @@ def _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, i, chunk
     dv += tl.dot(kk, grad_in, input_precision=PRECISION) * to_end[:, None]
     tl.store(dv_base + t[:, None] * (heads * V) + vs[None, :], dv.to(dv_base.dtype.element_ty), mask=row_v)
     scaled = (qq.to(tl.float32) * to_token[:, None]).to(dtype)
-    return tl.dot(tl.trans(scaled), do, grad * across, input_precision=PRECISION)
+    return tl.dot(tl.trans(scaled), do, grad * tl.exp(g * (last + 1.0)), input_precision=PRECISION)
 
 
 @dataclass(frozen=True)
@@ -661,19 +628,16 @@ def triton_backward(
     final_grad: Tensor | None = None,
     initial_grad: bool = False,
     lanes: int | None = None,
-    segments: ScanSegments | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The gradients of :func:`triton_forward`'s outputs: dq, dk, dv in the inputs' dtype, and the initial
     state's gradient (fp32) when ``initial_grad``. ``final_grad`` is the final state's incoming gradient;
     ``lanes`` the call's lanes where the caller knows them (:func:`grad_launch`; the dispatcher counts them,
-    :func:`tnlora.ops.lightning.call_lanes`); ``segments`` as :func:`triton_forward`'s (no state gradients)."""
+    :func:`tnlora.ops.lightning.call_lanes`)."""
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     q, k, v = _token_rows(q), _token_rows(k), _token_rows(v)
     do = do.to(v.dtype).contiguous()
-    if segments is not None and (initial_state is not None or final_grad is not None or initial_grad):
-        raise ValueError("segmented scans take no initial state and no final state's gradient")
-    examples, bounds = _walks(batch, cu_seqlens, segments)
+    examples = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else batch
     dq = torch.empty(batch, length, heads, key_dim, device=q.device, dtype=q.dtype)
     dk = torch.empty_like(dq, dtype=k.dtype)
     dv = torch.empty(batch, length, heads, value_dim, device=v.device, dtype=v.dtype)
@@ -689,36 +653,34 @@ def triton_backward(
     decay = log_decay.to(device=q.device, dtype=torch.float32).contiguous()
     h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
     dht = final_grad.to(torch.float32).contiguous() if final_grad is not None else None
-    cu = bounds if bounds is not None else decay
-    starts = segments.starts if segments is not None else decay
+    cu = cu_seqlens if cu_seqlens is not None else decay
     full_k = max(16, triton.next_power_of_2(key_dim))
     full_v = max(16, triton.next_power_of_2(value_dim))
     launch = grad_launch(key_dim, lanes)
     block_k = min(launch.block_k, full_k)
     block_v = min(launch.block_v, full_v)
     k_blocks = -(-key_dim // block_k)
-    common = {**_scan_args(q, v, bounds, segments), "num_warps": launch.num_warps}
+    common = {**_scan_args(q, v, cu_seqlens), "num_warps": launch.num_warps}
     lightning_dq_kernel[(examples * heads * k_blocks,)](
-        k, v, do, decay, h0 if h0 is not None else decay, cu, starts, dq, length, heads,
+        k, v, do, decay, h0 if h0 is not None else decay, cu, dq, length, heads,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         HAS_H0=h0 is not None, BK=block_k, BVF=full_v, **common,
     )  # fmt: skip
     if launch.merged and max(key_dim, value_dim) <= MERGED_MAX_WIDTH:
         lightning_dkv_kernel[(examples * heads,)](
-            q, k, v, do, decay, dht if dht is not None else decay, cu, starts, dk, dv,
-            dh0 if dh0 is not None else decay, length, heads, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
-            k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), HAS_DHT=dht is not None,
-            STORE_DH0=dh0 is not None, BKF=full_k, BVF=full_v, **common,
+            q, k, v, do, decay, dht if dht is not None else decay, cu, dk, dv, dh0 if dh0 is not None else decay,
+            length, heads, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, BKF=full_k,
+            BVF=full_v, **common,
         )  # fmt: skip
         return dq, dk, dv, dh0
     lightning_dk_kernel[(examples * heads * k_blocks,)](
-        q, v, do, decay, dht if dht is not None else decay, cu, starts, dk, dh0 if dh0 is not None else decay,
-        length, heads,
+        q, v, do, decay, dht if dht is not None else decay, cu, dk, dh0 if dh0 is not None else decay, length, heads,
         q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, BK=block_k, BVF=full_v, **common,
     )  # fmt: skip
     lightning_dv_kernel[(examples * heads * -(-value_dim // block_v),)](
-        q, k, do, decay, dht if dht is not None else decay, cu, starts, dv, length, heads,
+        q, k, do, decay, dht if dht is not None else decay, cu, dv, length, heads,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         HAS_DHT=dht is not None, BKF=full_k, BV=block_v, **common,
     )  # fmt: skip
@@ -732,7 +694,7 @@ class TritonLightning(torch.autograd.Function):
     def forward(ctx, q, k, v, log_decay, cu_seqlens, initial_state, output_final_state, lanes, segments):
         o, final = triton_forward(q, k, v, log_decay, cu_seqlens, initial_state, output_final_state, segments)
         ctx.save_for_backward(q, k, v, log_decay, cu_seqlens, initial_state)
-        ctx.lanes, ctx.segments = lanes, segments
+        ctx.lanes = lanes
         return o, final
 
     @staticmethod
@@ -740,7 +702,7 @@ class TritonLightning(torch.autograd.Function):
         q, k, v, log_decay, cu_seqlens, initial_state = ctx.saved_tensors
         wants_h0 = initial_state is not None and ctx.needs_input_grad[5]
         dq, dk, dv, dh0 = triton_backward(
-            q, k, v, log_decay, do, cu_seqlens, initial_state, final_grad, wants_h0, ctx.lanes, ctx.segments
+            q, k, v, log_decay, do, cu_seqlens, initial_state, final_grad, wants_h0, ctx.lanes
         )
         return dq, dk, dv, None, None, dh0, None, None, None
 
@@ -757,7 +719,8 @@ def triton_attention(
     segments: ScanSegments | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`triton_forward` with gradients for q, k, v and ``initial_state`` (two or three backward launches;
-    ``lanes``: :func:`triton_backward`'s; ``segments``: :func:`triton_forward`'s)."""
+    ``lanes``: :func:`triton_backward`'s; ``segments``: :func:`triton_forward`'s, for the forward only: the
+    backward walks the examples of ``cu_seqlens`` one a program)."""
     return TritonLightning.apply(q, k, v, log_decay, cu_seqlens, initial_state, output_final_state, lanes, segments)
 
 __all__ = [
