@@ -119,8 +119,8 @@ def _chunk_decays(starts_ptr, t, t_ok, start, end, posf, g, within, to_token, SE
 
 
 @triton.jit
-def _chunk(q_base, k_base, v_base, o_base, state, i_c, chunks, bos, eos, starts_ptr, heads, stride_qt,
-           stride_kt, stride_vt, g, within, to_token, ks, k_ok, cols, col_ok, pos, posf, V: tl.constexpr,
+def _chunk(q_base, k_base, v_base, o_base, state, i_c, bos, eos, starts_ptr, heads, stride_qt, stride_kt,
+           stride_vt, g, within, to_token, ks, k_ok, cols, col_ok, pos, posf, V: tl.constexpr,
            PRECISION: tl.constexpr, SEGMENTED: tl.constexpr):  # fmt: skip
     """The program's chunk i_c: its outputs stored, the state after it returned."""
     dtype = v_base.dtype.element_ty
@@ -207,13 +207,13 @@ def lightning_forward_kernel(
     if WHILE_LOOP:
         i_c = chunks * 0
         while i_c < chunks:
-            state = _chunk(q_base, k_base, v_base, o_base, state, i_c, chunks, bos, eos, starts_ptr, heads,
+            state = _chunk(q_base, k_base, v_base, o_base, state, i_c, bos, eos, starts_ptr, heads,
                            stride_qt, stride_kt, stride_vt, g, within, to_token, ks, k_ok, cols, col_ok, pos,
                            posf, V, PRECISION, SEGMENTED)  # fmt: skip
             i_c += 1
     else:
         for i_c in range(0, chunks):
-            state = _chunk(q_base, k_base, v_base, o_base, state, i_c, chunks, bos, eos, starts_ptr, heads,
+            state = _chunk(q_base, k_base, v_base, o_base, state, i_c, bos, eos, starts_ptr, heads,
                            stride_qt, stride_kt, stride_vt, g, within, to_token, ks, k_ok, cols, col_ok, pos,
                            posf, V, PRECISION, SEGMENTED)  # fmt: skip
 

@@ -50,6 +50,15 @@ def segment_starts(seq_ids: Tensor | None, cu_seqlens: Tensor | None, length: in
     return torch.where(new, positions, 0).cummax(dim=1).values
 
 
+def _to_device(x: Tensor, device: torch.device, non_blocking: bool = False) -> Tensor:
+    """``x`` on ``device``; a host tensor goes to a GPU from pinned memory without waiting (a blocking copy from
+    pageable memory syncs the stream)."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        source = x if x.is_pinned() else x.pin_memory()
+        return source.to(device, non_blocking=True)
+    return x.to(device, non_blocking=non_blocking)
+
+
 @dataclass(frozen=True)
 class ScanSegments:
     """Packed examples grouped into segments of whole examples, for scans in which one program walks a segment's
@@ -89,12 +98,7 @@ class ScanSegments:
         if device == self.bounds.device:
             return self
 
-        def move(x: Tensor) -> Tensor:
-            if device.type == "cuda" and x.device.type == "cpu":
-                return x.pin_memory().to(device, non_blocking=True)
-            return x.to(device)
-
-        return ScanSegments(move(self.bounds), move(self.starts), self.count)
+        return ScanSegments(_to_device(self.bounds, device), _to_device(self.starts, device), self.count)
 
 
 @dataclass(frozen=True)
@@ -171,11 +175,7 @@ class PackedRows:
             return self
 
         def move(x: Tensor) -> Tensor:
-            if device.type == "cuda" and x.device.type == "cpu":
-                # From pinned memory without waiting: a blocking copy from pageable memory syncs the stream.
-                source = x if x.is_pinned() else x.pin_memory()
-                return source.to(device, non_blocking=True)
-            return x.to(device, non_blocking=non_blocking)
+            return _to_device(x, device, non_blocking)
 
         cu_seqlens = move(self.cu_seqlens_cpu) if self.cu_seqlens.device.type == "cpu" else self.cu_seqlens.to(device)
         return PackedRows(move(self.seq_ids), cu_seqlens, self.cu_seqlens_cpu, move(self.row_first), move(self.row_last))
