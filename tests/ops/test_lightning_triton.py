@@ -285,7 +285,7 @@ def test_packed_rows_keep_their_scan_segments() -> None:
 
 # Packed examples walked a segment at a time: lengths around the fp32 chunk (32 tokens), a 1-token example, one
 # of several chunks, runs of short ones inside one chunk.
-PLAN_LENGTHS = (1, 31, 32, 33, 5, 64, 2, 97, 3, 3, 40, 1, 20)
+SEGMENTED_LENGTHS = (1, 31, 32, 33, 5, 64, 2, 97, 3, 3, 40, 1, 20)
 
 
 @needs_kernel
@@ -298,11 +298,11 @@ def test_examples_walked_a_segment_at_a_time_match_the_recurrence(monkeypatch, l
     from tnlora.ops.lightning_triton import triton_attention
 
     _use_launch(monkeypatch, launch)
-    cu = torch.tensor([0, *torch.tensor(PLAN_LENGTHS).cumsum(0).tolist()])
+    cu = torch.tensor([0, *torch.tensor(SEGMENTED_LENGTHS).cumsum(0).tolist()])
     q, k, v = _inputs(1, int(cu[-1]), 2, 32, 24, seed=31)
     decay = DECAY[:2].to(DEVICE)
     segments = ScanSegments.build(cu, segment_tokens).to(DEVICE)
-    assert segments.count == {1: len(PLAN_LENGTHS), 70: 5, 1000: 1}[segment_tokens]
+    assert segments.count == {1: len(SEGMENTED_LENGTHS), 70: 5, 1000: 1}[segment_tokens]
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
     o, final = triton_attention(*leaves, decay, cu.to(DEVICE), lanes=segments.count * 2, segments=segments)
     assert final is None
