@@ -97,7 +97,6 @@ class ScanSegments:
         device = torch.device(device)
         if device == self.bounds.device:
             return self
-
         return ScanSegments(_to_device(self.bounds, device), _to_device(self.starts, device), self.count)
 
 
@@ -153,7 +152,8 @@ class PackedRows:
 
     def scan_segments(self, segment_tokens: int) -> ScanSegments:
         """The examples laid end to end as :class:`ScanSegments` on the rows' device, built from the host copy
-        once per ``segment_tokens`` and kept: every layer of a forward and its backward take the same."""
+        once per ``segment_tokens`` and kept: every layer's forward (and a checkpointed layer's recompute) takes
+        the same."""
         if segment_tokens not in self._scan_segments:
             segments = ScanSegments.build(self.cu_seqlens_cpu, segment_tokens)
             self._scan_segments[segment_tokens] = segments.to(self.device)
