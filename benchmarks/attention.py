@@ -14,7 +14,8 @@ makes them. The per-token recurrent loop is timed only up to --recurrent-max.
 ``PackedRows``, as packed training rows reach the kernels); ``--examples N`` into examples of N tokens.
 ``--forward`` times the forward alone (no gradients). ``--segment-tokens 0,2048`` times impl triton once for each
 value of ``lightning_triton.SEGMENT_TOKENS`` (packed examples: a forward program walks the examples that start in
-one block of that many tokens; 0: one example a program).
+one block of that many tokens; 0: one example a program); ``--backward-segment-tokens 0,512`` the same for
+``BACKWARD_SEGMENT_TOKENS`` (a backward program walks those examples one after another, each in chunks of its own).
 """
 
 from __future__ import annotations
@@ -150,6 +151,8 @@ def main() -> None:
     )
     parser.add_argument("--segment-tokens", default="",
                         help="comma list: impl triton timed at each SEGMENT_TOKENS (packed examples; 0: one a program)")
+    parser.add_argument("--backward-segment-tokens", default="",
+                        help="comma list: impl triton timed at each BACKWARD_SEGMENT_TOKENS (0: one example a program)")
     parser.add_argument("--chunk-size", type=int, default=64, help="chunk of the pure-PyTorch chunked impl")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
@@ -173,19 +176,24 @@ def main() -> None:
     if not args.impls and device.type == "cuda" and fla_available():
         impls.insert(0, "fla")
     segments = [int(x) for x in args.segment_tokens.split(",")] if args.segment_tokens else [None]
-    runs = [(impl, seg) for impl in impls for seg in (segments if impl == "triton" else [None])]
+    backward = [int(x) for x in args.backward_segment_tokens.split(",")] if args.backward_segment_tokens else [None]
+    scans = [(seg, back) for seg in segments for back in backward]
+    runs = [(impl, walk) for impl in impls for walk in (scans if impl == "triton" else [(None, None)])]
     print(header(device, DTYPES[args.dtype]))
     print(f"# H={args.heads} examples={args.examples or 'one per row'} {'forward' if args.forward else 'fwd+bwd'}")
     print(f"{'impl':<11} {'K':>4} {'T':>6} {'ms':>11} {'peak MiB':>9}")
     for head_k in (int(x) for x in args.head_dims.split(",")):
         for length in (int(x) for x in args.lengths.split(",")):
-            for impl, seg in runs:
-                label = impl if seg is None else f"{impl}/s{seg}"
+            for impl, (seg, back) in runs:
+                label = impl + (f"/s{seg}" if seg is not None else "") + (f"/b{back}" if back is not None else "")
                 row = f"{label:<11} {head_k:>4} {length:>6}"
-                if seg is not None:
+                if seg is not None or back is not None:
                     from tnlora.ops import lightning_triton
 
-                    lightning_triton.SEGMENT_TOKENS = seg
+                    if seg is not None:
+                        lightning_triton.SEGMENT_TOKENS = seg
+                    if back is not None:
+                        lightning_triton.BACKWARD_SEGMENT_TOKENS = back
                 if impl == "recurrent" and length > args.recurrent_max:
                     print(f"{row} {'skipped':>11}")
                     continue

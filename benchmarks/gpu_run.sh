@@ -97,6 +97,10 @@
 #   attention-segments  packed huanhuan-shaped examples (SEGMENT_SHAPES heads:tokens): the scans walking the examples
 #                   that start in one block of SEGMENTS tokens a program (benchmarks/attention.py --segment-tokens;
 #                   0: one example a program) against fla (ATT_IMPLS), forward + backward and forward alone
+#   attention-backward  packed huanhuan-shaped examples (SEGMENT_SHAPES heads:tokens): the scans' backward walking the
+#                   examples that start in one block of BACKWARD_SEGMENTS tokens a program, each in chunks of its own
+#                   (benchmarks/attention.py --backward-segment-tokens; 0: one example a program), forward + backward
+#                   back to back; at q/k 128 also with the backward's launches GRAD_FORMS (--triton-grad)
 #   attention-train  tnlora train's defaults with the attention as fla's chunk kernels and as tnlora's Triton scans
 #                   (--attention_impl fla / triton; MODELS, default "1B 7B"; ROUNDS rounds, default 1, alternating)
 #   attention-long  7B on one LONG_LEN-token sequence with tnlora train's defaults, the attention as "auto" (the
@@ -337,6 +341,14 @@ PY
       for shape in ${SEGMENT_SHAPES:-32:16384 16:32768 32:8192}; do
         table_script attention.py --impls ${ATT_IMPLS:-fla,triton} --segment-tokens ${SEGMENTS:-0,1024,2048,4096} --repeats 5 --back-to-back 20 --heads ${shape%%:*} --lengths ${shape##*:} --examples huanhuan --head-dims 128,256
         table_script attention.py --impls triton --segment-tokens ${SEGMENTS:-0,1024,2048,4096} --repeats 5 --back-to-back 20 --heads ${shape%%:*} --lengths ${shape##*:} --examples huanhuan --head-dims 128 --forward
+      done ;;
+    attention-backward)  # the scans' backward walking BACKWARD_SEGMENTS tokens' examples a program (0: one example a
+      # program), huanhuan-shaped, forward + backward back to back; the launches GRAD_FORMS at q/k 128 too
+      for shape in ${SEGMENT_SHAPES:-32:16384 16:32768}; do
+        table_script attention.py --impls triton --backward-segment-tokens ${BACKWARD_SEGMENTS:-0,256,512,1024,2048} --repeats 5 --back-to-back 20 --heads ${shape%%:*} --lengths ${shape##*:} --examples huanhuan --head-dims 128,256
+        for g in ${GRAD_FORMS:-64:32:4 64:32:8}; do
+          table_script attention.py --impls triton --triton-grad $g --backward-segment-tokens ${BACKWARD_SEGMENTS:-0,256,512,1024,2048} --repeats 5 --back-to-back 20 --heads ${shape%%:*} --lengths ${shape##*:} --examples huanhuan --head-dims 128
+        done
       done ;;
     profile)
       log "profile"; timeout 200 python3 -m tnlora.cli bench train --model 1B --cutoff_len 16384 --attention_impl fla --torch_compile true --per_device_train_batch_size 1 --steps 1 --warmup 2 --profile > "$OUT/profile.txt" 2>&1

@@ -15,7 +15,7 @@ from tnlora.choices import LIGHTNING_IMPLS
 from tnlora.model import TransnormerConfig, TransnormerForCausalLM
 from tnlora.ops import lightning
 from tnlora.ops.lightning import lightning_attention
-from tnlora.ops.packing import PackedRows, ScanSegments
+from tnlora.ops.packing import PackedRows, ScanChunks, ScanSegments
 from tnlora.ops.select import kernels_for, scans_train_on, triton_available
 
 DECAY = torch.tensor([-0.02, -0.7, -2.5])  # slow, fast and near-zero λ: chunk-boundary decays of 1 … e^-160
@@ -291,11 +291,15 @@ SEGMENTED_LENGTHS = (1, 31, 32, 33, 5, 64, 2, 97, 3, 3, 40, 1, 20)
 @needs_kernel
 @pytest.mark.parametrize("launch", LAUNCHES)
 @pytest.mark.parametrize("segment_tokens", [1, 70, 1000])
-def test_examples_walked_a_segment_at_a_time_match_the_recurrence(monkeypatch, launch, segment_tokens) -> None:
+@pytest.mark.parametrize("backward", ["examples", "chunks"])
+def test_examples_walked_a_segment_at_a_time_match_the_recurrence(
+    monkeypatch, launch, segment_tokens, backward
+) -> None:
     """o of packed examples walked by segments in the forward (a program walking several examples chunk by chunk
     across their boundaries, the state passing only within an example; one example a segment, a few, all), and the
-    gradients of that call, against autograd through the fp64 recurrence, in each launch form of the backward."""
-    from tnlora.ops.lightning_triton import triton_attention
+    gradients of that call, against autograd through the fp64 recurrence, in each launch form of the backward:
+    one example a program, or the segments' examples one after another, each cut into chunks on its own."""
+    from tnlora.ops.lightning_triton import chunk_tokens, triton_attention
 
     _use_launch(monkeypatch, launch)
     cu = torch.tensor([0, *torch.tensor(SEGMENTED_LENGTHS).cumsum(0).tolist()])
@@ -303,8 +307,11 @@ def test_examples_walked_a_segment_at_a_time_match_the_recurrence(monkeypatch, l
     decay = DECAY[:2].to(DEVICE)
     segments = ScanSegments.build(cu, segment_tokens).to(DEVICE)
     assert segments.count == {1: len(SEGMENTED_LENGTHS), 70: 5, 1000: 1}[segment_tokens]
+    chunks = ScanChunks.build(cu, segment_tokens, chunk_tokens(q.dtype)).to(DEVICE) if backward == "chunks" else None
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-    o, final = triton_attention(*leaves, decay, cu.to(DEVICE), lanes=segments.count * 2, segments=segments)
+    o, final = triton_attention(
+        *leaves, decay, cu.to(DEVICE), lanes=segments.count * 2, segments=segments, chunks=chunks
+    )
     assert final is None
     weight = torch.randn(o.shape, generator=torch.Generator().manual_seed(11)).to(o)
     grads = torch.autograd.grad((o * weight).sum(), leaves)
@@ -312,6 +319,26 @@ def test_examples_walked_a_segment_at_a_time_match_the_recurrence(monkeypatch, l
     _close(o, want_o, 1e-5)
     for got, expected in zip(grads, want, strict=True):
         _close(got, expected, 1e-5)
+
+
+def test_scan_chunks_cut_each_example_on_its_own() -> None:
+    """Examples of 5, 0, 70 and 64 tokens and 1 token in chunks of 32: each example's chunks from its own start
+    (70 tokens: 32, 32, 6), each with its example's end; segments of 64 tokens as :class:`ScanSegments` cuts them,
+    as rows of the table."""
+    cu = torch.tensor([0, 5, 5, 75, 139, 140])
+    chunks = ScanChunks.build(cu, 64, 32)
+    assert chunks.table.dtype == chunks.bounds.dtype == torch.int32 and chunks.chunk == 32
+    assert chunks.table.tolist() == [[0, 5], [5, 75], [37, 75], [69, 75], [75, 139], [107, 139], [139, 140]]
+    assert chunks.bounds.tolist() == [0, 4, 6, 7] and chunks.count == 3
+    assert ScanChunks.build(cu, 1, 32).bounds.tolist() == [0, 1, 4, 6, 7]
+    assert ScanChunks.build(cu, 1000, 64).table.tolist() == [[0, 5], [5, 75], [69, 75], [75, 139], [139, 140]]
+    empty = ScanChunks.build(torch.tensor([0]), 64, 32)
+    assert empty.count == 0 and empty.table.shape == (0, 2)
+    with pytest.raises(ValueError, match="must be positive"):
+        ScanChunks.build(cu, 64, 0)
+    rows = PackedRows.from_seq_ids(torch.tensor([[0] * 40 + [1] * 30, [2] * 70]))
+    assert rows.scan_chunks(64, 32) is rows.scan_chunks(64, 32) and rows.scan_chunks(64, 64) is not None
+    assert rows.scan_chunks(64, 32).bounds.tolist() == [0, 3, 6]  # 40 + 30 tokens: 2 + 1 chunks; 70: 3
 
 
 @needs_kernel
@@ -340,6 +367,44 @@ def test_the_dispatcher_walks_packed_rows_without_states_by_segments(monkeypatch
     _close(o, want, 1e-5)
     with pytest.raises(ValueError, match="no initial state"):
         real(q[:1], k[:1], v[:1], decay, None, None, True, seen[0])
+
+
+@needs_kernel
+def test_the_dispatcher_walks_packed_rows_without_states_by_chunks_in_the_backward(monkeypatch) -> None:
+    """Packed rows without states that train take the rows' scan chunks for the backward (of the dtype's chunk);
+    with an initial state, or without gradients, none; the gradients through the chunks equal the recurrence's."""
+    from tnlora.ops import lightning_triton
+
+    seen: list[object] = []
+    real = lightning_triton.triton_attention
+
+    def spy(*args, **kwargs):
+        seen.append(args[9] if len(args) > 9 else kwargs.get("chunks"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lightning_triton, "triton_attention", spy)
+    monkeypatch.setattr(lightning_triton, "BACKWARD_SEGMENT_TOKENS", 64)
+    q, k, v = _inputs(2, 70, 2, 16, 16, seed=33)
+    rows = PackedRows.from_seq_ids(torch.tensor([[0] * 20 + [1] * 50, [2] * 3 + [3] * 67], device=DEVICE))
+    decay = DECAY[:2].to(DEVICE)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    o, _ = lightning_attention(*leaves, decay, rows=rows, impl="triton")
+    state = torch.zeros(2, 2, 16, 16, device=DEVICE, requires_grad=True)
+    lightning_attention(*leaves, decay, rows=rows, impl="triton", initial_state=state)
+    assert seen[0] is rows.scan_chunks(64, lightning_triton.chunk_tokens(q.dtype)) and seen[0].count == 2
+    assert seen[1] is None
+    weight = torch.randn(o.shape, generator=torch.Generator().manual_seed(11)).to(o)  # _gradients' weight
+    grads = torch.autograd.grad((o * weight).sum(), leaves)
+    want_o, _, want = _gradients(q.double(), k.double(), v.double(), decay, "recurrent", seq_ids=rows.seq_ids)
+    _close(o, want_o, 1e-5)
+    for got, expected in zip(grads, want, strict=True):
+        _close(got, expected, 1e-5)
+    with pytest.raises(ValueError, match="no initial state"):
+        lightning_triton.triton_backward(q[:1], k[:1], v[:1], decay, v[:1], initial_state=state[:1], chunks=seen[0])
+    with pytest.raises(ValueError, match="chunks of"):
+        lightning_triton.triton_backward(
+            q[:1], k[:1], v[:1], decay, v[:1], chunks=ScanChunks.build(rows.cu_seqlens_cpu, 64, 7).to(DEVICE)
+        )
 
 
 TINY = {
@@ -539,17 +604,23 @@ def test_bf16_forward_against_fla_and_the_fp32_recurrence(length: int, key_dim: 
     ("lengths", "key_dim"),
     [((97, 230, 64, 1, 150, 482), 128), ((97, 230, 64, 1, 150, 482), 256), ((2048, 1000), 128)],
 )
-@pytest.mark.parametrize("as_rows", [False, True])
-def test_bf16_gradients_against_fla_and_fp32(lengths: tuple[int, ...], key_dim: int, as_rows: bool) -> None:
+@pytest.mark.parametrize("form", ["cu_seqlens", "rows", "rows, width's launch"])
+def test_bf16_gradients_against_fla_and_fp32(monkeypatch, lengths: tuple[int, ...], key_dim: int, form: str) -> None:
     """Packed examples at the model's widths (32 heads): the bf16 kernels' dq, dk, dv are as close to the fp32
-    chunked path's as fla's are. Given as bare ``cu_seqlens`` the scans run the width's launch (merged at 128);
-    given as ``PackedRows`` (``as_rows``) they count these calls' lanes (under 128) and run FEW_LANES_LAUNCH."""
+    chunked path's as fla's are. Given as bare ``cu_seqlens`` the scans run the width's launch (merged at 128), one
+    example a program; given as ``PackedRows`` the forward walks the rows' segments and the backward their chunks
+    (``BACKWARD_SEGMENT_TOKENS``), with the launch for these calls' lanes (under 128: FEW_LANES_LAUNCH) or, as in
+    training's many-lane calls, the width's."""
     pytest.importorskip("fla.ops.simple_gla", reason="needs fla-core (pip install 'tnlora[gpu]')")
+    from tnlora.ops import lightning_triton
+
+    if form == "rows, width's launch":
+        monkeypatch.setattr(lightning_triton, "MERGED_MIN_LANES", 0)
     total = sum(lengths)
     q, k, v = _inputs(1, total, 32, key_dim, 128, seed=total, dtype=torch.bfloat16)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE)
     decay = torch.linspace(-0.001, -1.0, 32, device=DEVICE)
-    boundaries = {"rows": PackedRows.from_cu_seqlens(cu, total)} if as_rows else {"cu_seqlens": cu}
+    boundaries = {"rows": PackedRows.from_cu_seqlens(cu, total)} if form != "cu_seqlens" else {"cu_seqlens": cu}
     _, _, got = _gradients(q, k, v, decay, "triton", **boundaries)
     _, _, fla = _gradients(q, k, v, decay, "fla", cu_seqlens=cu)
     _, _, want = _gradients(q.float(), k.float(), v.float(), decay, "chunked", cu_seqlens=cu)

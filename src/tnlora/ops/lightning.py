@@ -128,7 +128,7 @@ def _triton_attention(
     trains = torch.is_grad_enabled() and any(x.requires_grad for x in tracked)
     if rows is None and seq_ids is not None:
         rows = PackedRows.from_seq_ids(seq_ids)
-    segments = None
+    segments = chunks = None
     if rows is None:
         inputs = (q, k, v, log_decay, cu_seqlens, initial_state, output_final_state)
     else:
@@ -138,11 +138,14 @@ def _triton_attention(
         if initial_state is None and not output_final_state and scans.SEGMENT_TOKENS > 0:
             # Packed rows without states (training, evaluation): each forward program walks a segment of examples.
             segments = rows.scan_segments(scans.SEGMENT_TOKENS)
+        if initial_state is None and not output_final_state and trains and scans.BACKWARD_SEGMENT_TOKENS > 0:
+            # and each backward program the examples of a segment, each cut into chunks on its own.
+            chunks = rows.scan_chunks(scans.BACKWARD_SEGMENT_TOKENS, scans.chunk_tokens(q.dtype))
     if trains:
         # The backward's launch depends on the call's lanes: counted from the packed rows' host boundaries or the
         # unpacked shape; unknown where only a bare cu_seqlens (a device tensor) bounds the examples.
         lanes = call_lanes(q, rows) if rows is not None or cu_seqlens is None else None
-        o, final = scans.triton_attention(*inputs, lanes, segments)
+        o, final = scans.triton_attention(*inputs, lanes, segments, chunks)
     else:
         o, final = scans.triton_forward(*inputs, segments)
     return (o, final) if rows is None else per_row(rows, o, final, q.shape[0])

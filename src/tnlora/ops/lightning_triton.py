@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from tnlora.ops.packing import ScanSegments
+from tnlora.ops.packing import ScanChunks, ScanSegments
 
 # Tokens a step of a program's loop: fla's chunk size for half types; fp32 tiles at 64 tokens and q/k 256 wide
 # (LRPE's layer) would need 320 KB of shared memory on sm_90 (227 KB there), 176 KB at 32 tokens.
@@ -54,6 +54,11 @@ NUM_WARPS = 4  # 8 warps gave the same results and no measured gain at q/k 256 w
 # ~100-token examples in one or two chunks each, a quarter of the chunks' rows past an example's end
 # (benchmarks/RESULTS.md, "Packed examples walked a segment at a time").
 SEGMENT_TOKENS = 2048  # 0: one example a program
+# The backward's programs (ScanChunks): each walks the examples that start in one block of this many tokens one
+# after another, each example cut into chunks on its own (the per-token masks of the forward's chunks across the
+# examples' boundaries made every backward kernel spill). Fewer tokens than the forward's: a backward program holds
+# more registers, so fewer run on an SM at once, and the walks must still fill the card.
+BACKWARD_SEGMENT_TOKENS = 512  # 0: one example a program
 
 
 @triton.jit
@@ -221,7 +226,9 @@ def lightning_forward_kernel(
         tl.store(ht_ptr + state_offset, state, mask=state_ok)
 
 
-def _walks(batch: int, cu_seqlens: Tensor | None, segments: ScanSegments | None) -> tuple[int, Tensor | None]:
+def _walks(
+    batch: int, cu_seqlens: Tensor | None, segments: ScanSegments | ScanChunks | None
+) -> tuple[int, Tensor | None]:
     """(the walks a head's programs make: the segments, the examples or the rows; the boundaries the kernels
     read)."""
     if segments is not None:
@@ -231,13 +238,19 @@ def _walks(batch: int, cu_seqlens: Tensor | None, segments: ScanSegments | None)
     return (cu_seqlens.shape[0] - 1 if cu_seqlens is not None else batch), cu_seqlens
 
 
+def chunk_tokens(dtype: torch.dtype) -> int:
+    """The tokens of a chunk of the scans' loops for inputs of ``dtype`` (a :class:`~tnlora.ops.packing.ScanChunks`'
+    chunk)."""
+    return CHUNK_FP32 if dtype == torch.float32 else CHUNK
+
+
 def _scan_args(q: Tensor, v: Tensor, bounds: Tensor | None) -> dict:
     """The launch arguments every scan kernel takes alike: widths, boundaries, product precision, loop form and
     chunk (fp32 runs IEEE products in chunks of CHUNK_FP32; the interpreter the while loop)."""
     fp32 = v.dtype == torch.float32
     return dict(
         K=q.shape[-1], V=v.shape[-1], VARLEN=bounds is not None,
-        PRECISION="ieee" if fp32 else "tf32", WHILE_LOOP=not q.is_cuda, BT=CHUNK_FP32 if fp32 else CHUNK,
+        PRECISION="ieee" if fp32 else "tf32", WHILE_LOOP=not q.is_cuda, BT=chunk_tokens(v.dtype),
     )  # fmt: skip
 
 
@@ -325,11 +338,47 @@ def triton_forward(
 
 
 @triton.jit
+def _walk_begin(bos, eos, table_ptr, SEGMENTED: tl.constexpr, REVERSE: tl.constexpr, BT: tl.constexpr):
+    """(chunks, first chunk's start, its example's end) of a backward program's walk: its example's tokens bos to
+    eos in chunks of BT, or with SEGMENTED rows bos to eos of a :class:`~tnlora.ops.packing.ScanChunks` table
+    (REVERSE: the last chunk first)."""
+    if SEGMENTED:
+        chunks = eos - bos
+        entry = table_ptr + (eos - 1 if REVERSE else bos) * 2
+        start = tl.load(entry).to(tl.int64)
+        end = tl.load(entry + 1).to(tl.int64)
+    else:
+        chunks = tl.cdiv(eos - bos, BT)
+        start = bos
+        end = eos
+    return chunks, start, end
+
+
+@triton.jit
+def _walk_chunk(i, chunks, bos, eos, start, end, table_ptr, SEGMENTED: tl.constexpr, REVERSE: tl.constexpr,
+                BT: tl.constexpr):  # fmt: skip
+    """(start, example's end) of the program's i-th chunk and of the one after it. With SEGMENTED the i-th's are
+    ``start`` / ``end``, read from the table an iteration before: the next row is read here, one chunk ahead, so
+    that the loop's data loads keep their pipeline stages (read in the same iteration as its chunk, the table cost
+    one: benchmarks/RESULTS.md). Without, the chunks of one example, counted from ``bos``."""
+    if SEGMENTED:
+        row = tl.maximum(eos - 2 - i, bos) if REVERSE else tl.minimum(bos + 1 + i, eos - 1)
+        next_start = tl.load(table_ptr + row * 2).to(tl.int64)
+        next_end = tl.load(table_ptr + row * 2 + 1).to(tl.int64)
+    else:
+        j = chunks - 1 - i if REVERSE else i
+        start = bos + j.to(tl.int64) * BT
+        next_start = start
+        next_end = eos
+    return start, end, next_start, next_end
+
+
+@triton.jit
 def lightning_dq_kernel(
-    k_ptr, v_ptr, do_ptr, decay_ptr, h0_ptr, cu_ptr, dq_ptr, length, heads,
+    k_ptr, v_ptr, do_ptr, decay_ptr, h0_ptr, cu_ptr, table_ptr, dq_ptr, length, heads,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, HAS_H0: tl.constexpr, PRECISION: tl.constexpr,
-    WHILE_LOOP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, SEGMENTED: tl.constexpr, HAS_H0: tl.constexpr,
+    PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr,
 ):  # fmt: skip
     """dq of a block of BK columns of K: the forward scan, S's rows of the block kept transposed [V, BK]."""
     i_nh, i_k, i_h, bos, eos, row = _example(tl.program_id(0), heads, tl.cdiv(K, BK), cu_ptr, length, VARLEN)
@@ -348,20 +397,33 @@ def lightning_dq_kernel(
         state_t = tl.load(h0_ptr + offset, mask=v_ok[:, None] & k_ok[None, :], other=0.0)
     else:
         state_t = tl.zeros([BVF, BK], dtype=tl.float32)
-    chunks = tl.cdiv(eos - bos, BT)
+    chunks, start, end = _walk_begin(bos, eos, table_ptr, SEGMENTED, False, BT)
     # A range loop compiled, the while loop under the interpreter (see lightning_forward_kernel).
     if WHILE_LOOP:
         i_c = chunks * 0
         while i_c < chunks:
-            state_t = _dq_chunk(k_base, v_base, do_base, dq_base, state_t, bos + i_c.to(tl.int64) * BT, eos, heads,
-                                stride_kt, stride_vt, g, pos, posf, within, to_token, ks, k_ok, vs, v_ok, K, V,
-                                PRECISION)  # fmt: skip
+            state_t, start, end = _dq_step(k_base, v_base, do_base, dq_base, state_t, i_c, chunks, bos, eos, start,
+                                           end, table_ptr, heads, stride_kt, stride_vt, g, pos, posf, within, to_token,
+                                           ks, k_ok, vs, v_ok, K, V, PRECISION, SEGMENTED, BT)  # fmt: skip
             i_c += 1
     else:
         for i_c in range(0, chunks):
-            state_t = _dq_chunk(k_base, v_base, do_base, dq_base, state_t, bos + i_c.to(tl.int64) * BT, eos, heads,
-                                stride_kt, stride_vt, g, pos, posf, within, to_token, ks, k_ok, vs, v_ok, K, V,
-                                PRECISION)  # fmt: skip
+            state_t, start, end = _dq_step(k_base, v_base, do_base, dq_base, state_t, i_c, chunks, bos, eos, start,
+                                           end, table_ptr, heads, stride_kt, stride_vt, g, pos, posf, within, to_token,
+                                           ks, k_ok, vs, v_ok, K, V, PRECISION, SEGMENTED, BT)  # fmt: skip
+
+
+@triton.jit
+def _dq_step(k_base, v_base, do_base, dq_base, state_t, i, chunks, bos, eos, start, end, table_ptr, heads, stride_kt,
+             stride_vt, g, pos, posf, within, to_token, ks, k_ok, vs, v_ok, K: tl.constexpr, V: tl.constexpr,
+             PRECISION: tl.constexpr, SEGMENTED: tl.constexpr, BT: tl.constexpr):  # fmt: skip
+    """The program's i-th chunk of dq (:func:`_walk_chunk`): (the state after it, the next chunk's start and end)."""
+    start, end, next_start, next_end = _walk_chunk(i, chunks, bos, eos, start, end, table_ptr, SEGMENTED, False, BT)
+    state_t = _dq_chunk(k_base, v_base, do_base, dq_base, state_t, start, end, heads, stride_kt, stride_vt, g, pos,
+                        posf, within, to_token, ks, k_ok, vs, v_ok, K, V, PRECISION)  # fmt: skip
+    if SEGMENTED:
+        state_t = tl.where(start + BT >= end, 0.0, state_t)  # the example's last chunk: the next example starts anew
+    return state_t, next_start, next_end
 
 
 @triton.jit
@@ -386,10 +448,11 @@ def _dq_chunk(k_base, v_base, do_base, dq_base, state_t, start, eos, heads, stri
 
 @triton.jit
 def lightning_dk_kernel(
-    q_ptr, v_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, dk_ptr, dh0_ptr, length, heads,
+    q_ptr, v_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, table_ptr, dk_ptr, dh0_ptr, length, heads,
     stride_qb, stride_qt, stride_qh, stride_vb, stride_vt, stride_vh,
-    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-    PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, SEGMENTED: tl.constexpr, HAS_DHT: tl.constexpr,
+    STORE_DH0: tl.constexpr, PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BVF: tl.constexpr,
 ):  # fmt: skip
     """dk of a block of BK columns of K (and those rows of the initial state's gradient): the reverse scan, dS's
     rows of the block kept transposed [V, BK]."""
@@ -410,29 +473,43 @@ def lightning_dk_kernel(
         grad_t = tl.load(dht_ptr + offset, mask=state_ok, other=0.0)
     else:
         grad_t = tl.zeros([BVF, BK], dtype=tl.float32)
-    chunks = tl.cdiv(eos - bos, BT)
+    chunks, start, end = _walk_begin(bos, eos, table_ptr, SEGMENTED, True, BT)
     if WHILE_LOOP:
         i_r = chunks * 0
         while i_r < chunks:
-            grad_t = _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, bos + (chunks - 1 - i_r).to(tl.int64) * BT,
-                               eos, heads, stride_qt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok,
-                               K, V, PRECISION)  # fmt: skip
+            grad_t, start, end = _dk_step(q_base, v_base, do_base, dk_base, grad_t, i_r, chunks, bos, eos, start, end,
+                                          table_ptr, heads, stride_qt, stride_vt, g, pos, posf, within_t, to_token, ks,
+                                          k_ok, vs, v_ok, K, V, PRECISION, SEGMENTED, BT)  # fmt: skip
             i_r += 1
     else:
         for i_r in range(0, chunks):
-            grad_t = _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, bos + (chunks - 1 - i_r).to(tl.int64) * BT,
-                               eos, heads, stride_qt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok,
-                               K, V, PRECISION)  # fmt: skip
+            grad_t, start, end = _dk_step(q_base, v_base, do_base, dk_base, grad_t, i_r, chunks, bos, eos, start, end,
+                                          table_ptr, heads, stride_qt, stride_vt, g, pos, posf, within_t, to_token, ks,
+                                          k_ok, vs, v_ok, K, V, PRECISION, SEGMENTED, BT)  # fmt: skip
     if STORE_DH0:
         tl.store(dh0_ptr + offset, grad_t, mask=state_ok)
 
 
 @triton.jit
+def _dk_step(q_base, v_base, do_base, dk_base, grad_t, i, chunks, bos, eos, start, end, table_ptr, heads, stride_qt,
+             stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, K: tl.constexpr, V: tl.constexpr,
+             PRECISION: tl.constexpr, SEGMENTED: tl.constexpr, BT: tl.constexpr):  # fmt: skip
+    """The program's i-th chunk from the end of dk (:func:`_walk_chunk`): (dS before it, the next chunk's start and
+    end)."""
+    start, end, next_start, next_end = _walk_chunk(i, chunks, bos, eos, start, end, table_ptr, SEGMENTED, True, BT)
+    if SEGMENTED:
+        grad_t = tl.where(start + BT >= end, 0.0, grad_t)  # an example's last chunk: no gradient from a later one
+    grad_t = _dk_chunk(q_base, v_base, do_base, dk_base, grad_t, start, end, heads, stride_qt, stride_vt, g, pos,
+                       posf, within_t, to_token, ks, k_ok, vs, v_ok, K, V, PRECISION)  # fmt: skip
+    return grad_t, next_start, next_end
+
+
+@triton.jit
 def lightning_dv_kernel(
-    q_ptr, k_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, dv_ptr, length, heads,
+    q_ptr, k_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, table_ptr, dv_ptr, length, heads,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, HAS_DHT: tl.constexpr, PRECISION: tl.constexpr,
-    WHILE_LOOP: tl.constexpr, BT: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, SEGMENTED: tl.constexpr, HAS_DHT: tl.constexpr,
+    PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, BT: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
     """dv of a block of BV columns of V: the reverse scan, dS's columns of the block kept [K, BV]."""
     i_nh, i_v, i_h, bos, eos, row = _example(tl.program_id(0), heads, tl.cdiv(V, BV), cu_ptr, length, VARLEN)
@@ -451,19 +528,33 @@ def lightning_dv_kernel(
         grad = tl.load(dht_ptr + offset, mask=k_ok[:, None] & v_ok[None, :], other=0.0)
     else:
         grad = tl.zeros([BKF, BV], dtype=tl.float32)
-    chunks = tl.cdiv(eos - bos, BT)
+    chunks, start, end = _walk_begin(bos, eos, table_ptr, SEGMENTED, True, BT)
     if WHILE_LOOP:
         i_r = chunks * 0
         while i_r < chunks:
-            grad = _dv_chunk(q_base, k_base, do_base, dv_base, grad, bos + (chunks - 1 - i_r).to(tl.int64) * BT, eos,
-                             heads, stride_qt, stride_kt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, V,
-                             PRECISION)  # fmt: skip
+            grad, start, end = _dv_step(q_base, k_base, do_base, dv_base, grad, i_r, chunks, bos, eos, start, end,
+                                        table_ptr, heads, stride_qt, stride_kt, g, pos, posf, within_t, to_token, ks,
+                                        k_ok, vs, v_ok, V, PRECISION, SEGMENTED, BT)  # fmt: skip
             i_r += 1
     else:
         for i_r in range(0, chunks):
-            grad = _dv_chunk(q_base, k_base, do_base, dv_base, grad, bos + (chunks - 1 - i_r).to(tl.int64) * BT, eos,
-                             heads, stride_qt, stride_kt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, V,
-                             PRECISION)  # fmt: skip
+            grad, start, end = _dv_step(q_base, k_base, do_base, dv_base, grad, i_r, chunks, bos, eos, start, end,
+                                        table_ptr, heads, stride_qt, stride_kt, g, pos, posf, within_t, to_token, ks,
+                                        k_ok, vs, v_ok, V, PRECISION, SEGMENTED, BT)  # fmt: skip
+
+
+@triton.jit
+def _dv_step(q_base, k_base, do_base, dv_base, grad, i, chunks, bos, eos, start, end, table_ptr, heads, stride_qt,
+             stride_kt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, V: tl.constexpr,
+             PRECISION: tl.constexpr, SEGMENTED: tl.constexpr, BT: tl.constexpr):  # fmt: skip
+    """The program's i-th chunk from the end of dv (:func:`_walk_chunk`): (dS's block before it, the next chunk's
+    start and end)."""
+    start, end, next_start, next_end = _walk_chunk(i, chunks, bos, eos, start, end, table_ptr, SEGMENTED, True, BT)
+    if SEGMENTED:
+        grad = tl.where(start + BT >= end, 0.0, grad)
+    grad = _dv_chunk(q_base, k_base, do_base, dv_base, grad, start, end, heads, stride_qt, stride_kt, g, pos, posf,
+                     within_t, to_token, ks, k_ok, vs, v_ok, V, PRECISION)  # fmt: skip
+    return grad, next_start, next_end
 
 
 @triton.jit
@@ -508,10 +599,11 @@ def _dv_chunk(q_base, k_base, do_base, dv_base, grad, start, eos, heads, stride_
 
 @triton.jit
 def lightning_dkv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, dk_ptr, dv_ptr, dh0_ptr, length, heads,
+    q_ptr, k_ptr, v_ptr, do_ptr, decay_ptr, dht_ptr, cu_ptr, table_ptr, dk_ptr, dv_ptr, dh0_ptr, length, heads,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-    PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, BT: tl.constexpr, BKF: tl.constexpr, BVF: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, VARLEN: tl.constexpr, SEGMENTED: tl.constexpr, HAS_DHT: tl.constexpr,
+    STORE_DH0: tl.constexpr, PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, BT: tl.constexpr,
+    BKF: tl.constexpr, BVF: tl.constexpr,
 ):  # fmt: skip
     """dk and dv together (``GradLaunch.merged``): one reverse scan per (example, head) holding the whole dS [K, V],
     so q, k, v and do are read once where the two kernels read them twice."""
@@ -534,21 +626,39 @@ def lightning_dkv_kernel(
         grad = tl.load(dht_ptr + offset, mask=state_ok, other=0.0)
     else:
         grad = tl.zeros([BKF, BVF], dtype=tl.float32)
-    chunks = tl.cdiv(eos - bos, BT)
+    chunks, start, end = _walk_begin(bos, eos, table_ptr, SEGMENTED, True, BT)
     if WHILE_LOOP:
         i_r = chunks * 0
         while i_r < chunks:
-            grad = _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad,
-                              bos + (chunks - 1 - i_r).to(tl.int64) * BT, eos, heads, stride_qt, stride_kt, stride_vt,
-                              g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, K, V, PRECISION)  # fmt: skip
+            grad, start, end = _dkv_step(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, i_r, chunks, bos,
+                                         eos, start, end, table_ptr, heads, stride_qt, stride_kt, stride_vt, g, pos,
+                                         posf, within_t, to_token, ks, k_ok, vs, v_ok, K, V, PRECISION, SEGMENTED,
+                                         BT)  # fmt: skip
             i_r += 1
     else:
         for i_r in range(0, chunks):
-            grad = _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad,
-                              bos + (chunks - 1 - i_r).to(tl.int64) * BT, eos, heads, stride_qt, stride_kt, stride_vt,
-                              g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, K, V, PRECISION)  # fmt: skip
+            grad, start, end = _dkv_step(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, i_r, chunks, bos,
+                                         eos, start, end, table_ptr, heads, stride_qt, stride_kt, stride_vt, g, pos,
+                                         posf, within_t, to_token, ks, k_ok, vs, v_ok, K, V, PRECISION, SEGMENTED,
+                                         BT)  # fmt: skip
     if STORE_DH0:
         tl.store(dh0_ptr + offset, grad, mask=state_ok)
+
+
+@triton.jit
+def _dkv_step(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, i, chunks, bos, eos, start, end, table_ptr,
+              heads, stride_qt, stride_kt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok,
+              K: tl.constexpr, V: tl.constexpr, PRECISION: tl.constexpr, SEGMENTED: tl.constexpr,
+              BT: tl.constexpr):  # fmt: skip
+    """The program's i-th chunk from the end of dk and dv (:func:`_walk_chunk`): (dS before it, the next chunk's
+    start and end)."""
+    start, end, next_start, next_end = _walk_chunk(i, chunks, bos, eos, start, end, table_ptr, SEGMENTED, True, BT)
+    if SEGMENTED:
+        grad = tl.where(start + BT >= end, 0.0, grad)
+    grad = _dkv_chunk(q_base, k_base, v_base, do_base, dk_base, dv_base, grad, start, end, heads, stride_qt,
+                      stride_kt, stride_vt, g, pos, posf, within_t, to_token, ks, k_ok, vs, v_ok, K, V,
+                      PRECISION)  # fmt: skip
+    return grad, next_start, next_end
 
 
 @triton.jit
@@ -628,16 +738,24 @@ def triton_backward(
     final_grad: Tensor | None = None,
     initial_grad: bool = False,
     lanes: int | None = None,
+    chunks: ScanChunks | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The gradients of :func:`triton_forward`'s outputs: dq, dk, dv in the inputs' dtype, and the initial
     state's gradient (fp32) when ``initial_grad``. ``final_grad`` is the final state's incoming gradient;
     ``lanes`` the call's lanes where the caller knows them (:func:`grad_launch`; the dispatcher counts them,
-    :func:`tnlora.ops.lightning.call_lanes`)."""
+    :func:`tnlora.ops.lightning.call_lanes`). ``chunks``: the examples of one row (B = 1) as
+    :class:`~tnlora.ops.packing.ScanChunks` of :func:`chunk_tokens` chunks, in place of ``cu_seqlens``: each
+    program walks a segment of examples, each example's chunks on their own; no states in or out."""
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     q, k, v = _token_rows(q), _token_rows(k), _token_rows(v)
     do = do.to(v.dtype).contiguous()
-    examples = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else batch
+    if chunks is not None:
+        if initial_state is not None or final_grad is not None or initial_grad:
+            raise ValueError("segmented scans take no initial state and return no final state")
+        if chunks.chunk != chunk_tokens(v.dtype):
+            raise ValueError(f"{v.dtype} scans walk chunks of {chunk_tokens(v.dtype)} tokens, got {chunks.chunk}")
+    examples, cu_seqlens = _walks(batch, cu_seqlens, chunks)
     dq = torch.empty(batch, length, heads, key_dim, device=q.device, dtype=q.dtype)
     dk = torch.empty_like(dq, dtype=k.dtype)
     dv = torch.empty(batch, length, heads, value_dim, device=v.device, dtype=v.dtype)
@@ -654,33 +772,34 @@ def triton_backward(
     h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
     dht = final_grad.to(torch.float32).contiguous() if final_grad is not None else None
     cu = cu_seqlens if cu_seqlens is not None else decay
+    table = chunks.table if chunks is not None else decay
     full_k = max(16, triton.next_power_of_2(key_dim))
     full_v = max(16, triton.next_power_of_2(value_dim))
     launch = grad_launch(key_dim, lanes)
     block_k = min(launch.block_k, full_k)
     block_v = min(launch.block_v, full_v)
     k_blocks = -(-key_dim // block_k)
-    common = {**_scan_args(q, v, cu_seqlens), "num_warps": launch.num_warps}
+    common = {**_scan_args(q, v, cu_seqlens), "SEGMENTED": chunks is not None, "num_warps": launch.num_warps}
     lightning_dq_kernel[(examples * heads * k_blocks,)](
-        k, v, do, decay, h0 if h0 is not None else decay, cu, dq, length, heads,
+        k, v, do, decay, h0 if h0 is not None else decay, cu, table, dq, length, heads,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         HAS_H0=h0 is not None, BK=block_k, BVF=full_v, **common,
     )  # fmt: skip
     if launch.merged and max(key_dim, value_dim) <= MERGED_MAX_WIDTH:
         lightning_dkv_kernel[(examples * heads,)](
-            q, k, v, do, decay, dht if dht is not None else decay, cu, dk, dv, dh0 if dh0 is not None else decay,
-            length, heads, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, BKF=full_k,
-            BVF=full_v, **common,
+            q, k, v, do, decay, dht if dht is not None else decay, cu, table, dk, dv,
+            dh0 if dh0 is not None else decay, length, heads, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
+            k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), HAS_DHT=dht is not None,
+            STORE_DH0=dh0 is not None, BKF=full_k, BVF=full_v, **common,
         )  # fmt: skip
         return dq, dk, dv, dh0
     lightning_dk_kernel[(examples * heads * k_blocks,)](
-        q, v, do, decay, dht if dht is not None else decay, cu, dk, dh0 if dh0 is not None else decay, length, heads,
-        q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        q, v, do, decay, dht if dht is not None else decay, cu, table, dk, dh0 if dh0 is not None else decay, length,
+        heads, q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, BK=block_k, BVF=full_v, **common,
     )  # fmt: skip
     lightning_dv_kernel[(examples * heads * -(-value_dim // block_v),)](
-        q, k, do, decay, dht if dht is not None else decay, cu, dv, length, heads,
+        q, k, do, decay, dht if dht is not None else decay, cu, table, dv, length, heads,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         HAS_DHT=dht is not None, BKF=full_k, BV=block_v, **common,
     )  # fmt: skip
@@ -691,20 +810,23 @@ class TritonLightning(torch.autograd.Function):
     """:func:`triton_forward` with :func:`triton_backward` as its gradient (q, k, v and the initial state)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, cu_seqlens, initial_state, output_final_state, lanes, segments):
+    def forward(ctx, q, k, v, log_decay, cu_seqlens, initial_state, output_final_state, lanes, segments, chunks):
         o, final = triton_forward(q, k, v, log_decay, cu_seqlens, initial_state, output_final_state, segments)
         ctx.save_for_backward(q, k, v, log_decay, cu_seqlens, initial_state)
         ctx.lanes = lanes
+        ctx.chunks = chunks
         return o, final
 
     @staticmethod
     def backward(ctx, do, final_grad):
         q, k, v, log_decay, cu_seqlens, initial_state = ctx.saved_tensors
         wants_h0 = initial_state is not None and ctx.needs_input_grad[5]
+        if ctx.chunks is not None:
+            cu_seqlens = None  # the chunks' segments bound the walks
         dq, dk, dv, dh0 = triton_backward(
-            q, k, v, log_decay, do, cu_seqlens, initial_state, final_grad, wants_h0, ctx.lanes
+            q, k, v, log_decay, do, cu_seqlens, initial_state, final_grad, wants_h0, ctx.lanes, ctx.chunks
         )
-        return dq, dk, dv, None, None, dh0, None, None, None
+        return dq, dk, dv, None, None, dh0, None, None, None, None
 
 
 def triton_attention(
@@ -717,13 +839,18 @@ def triton_attention(
     output_final_state: bool = False,
     lanes: int | None = None,
     segments: ScanSegments | None = None,
+    chunks: ScanChunks | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`triton_forward` with gradients for q, k, v and ``initial_state`` (two or three backward launches;
-    ``lanes``: :func:`triton_backward`'s; ``segments``: :func:`triton_forward`'s, for the forward only: the
-    backward walks the examples of ``cu_seqlens`` one a program)."""
-    return TritonLightning.apply(q, k, v, log_decay, cu_seqlens, initial_state, output_final_state, lanes, segments)
+    ``lanes`` and ``chunks``: :func:`triton_backward`'s; ``segments``: :func:`triton_forward`'s). Without
+    ``chunks`` the backward walks the examples of ``cu_seqlens`` one a program."""
+    return TritonLightning.apply(
+        q, k, v, log_decay, cu_seqlens, initial_state, output_final_state, lanes, segments, chunks
+    )
+
 
 __all__ = [
+    "BACKWARD_SEGMENT_TOKENS",
     "CHUNK",
     "CHUNK_FP32",
     "FEW_LANES_LAUNCH",
@@ -732,6 +859,7 @@ __all__ = [
     "SEGMENT_TOKENS",
     "GradLaunch",
     "TritonLightning",
+    "chunk_tokens",
     "grad_launch",
     "lightning_dk_kernel",
     "lightning_dkv_kernel",

@@ -59,6 +59,17 @@ def _to_device(x: Tensor, device: torch.device, non_blocking: bool = False) -> T
     return x.to(device, non_blocking=non_blocking)
 
 
+def _segment_openers(bounds: Tensor, segment_tokens: int) -> Tensor:
+    """Indices of the examples bounded by ``bounds`` [N+1] (int64, host) that open a segment: the first non-empty
+    example starting in each block of ``segment_tokens`` tokens that holds an example's start."""
+    if segment_tokens < 1:
+        raise ValueError(f"segment_tokens must be positive, got {segment_tokens}")
+    examples = (bounds.diff() > 0).nonzero().squeeze(1)
+    block = bounds[examples] // segment_tokens
+    first = block.new_ones(min(1, block.shape[0]), dtype=torch.bool)
+    return examples[torch.cat([first, block[1:] != block[:-1]])]
+
+
 @dataclass(frozen=True)
 class ScanSegments:
     """Packed examples grouped into segments of whole examples, for scans in which one program walks a segment's
@@ -80,14 +91,9 @@ class ScanSegments:
     def build(cls, cu_seqlens: Tensor, segment_tokens: int) -> ScanSegments:
         """The segments of the examples bounded by ``cu_seqlens`` [N+1] (a host tensor): each the examples that
         start in one block of ``segment_tokens`` tokens (so about that many tokens, or one longer example)."""
-        if segment_tokens < 1:
-            raise ValueError(f"segment_tokens must be positive, got {segment_tokens}")
         bounds = cu_seqlens.to(device="cpu", dtype=torch.int64)
         lengths = bounds.diff()
-        opening = bounds[:-1][lengths > 0]
-        block = opening // segment_tokens
-        first = block.new_ones(min(1, block.shape[0]), dtype=torch.bool)
-        cuts = opening[torch.cat([first, block[1:] != block[:-1]])]
+        cuts = bounds[:-1][_segment_openers(bounds, segment_tokens)]
         edges = torch.cat([cuts, bounds[-1:]])
         starts = torch.repeat_interleave(bounds[:-1], lengths)
         return cls(edges.to(torch.int32), starts.to(torch.int32), cuts.shape[0])
@@ -98,6 +104,50 @@ class ScanSegments:
         if device == self.bounds.device:
             return self
         return ScanSegments(_to_device(self.bounds, device), _to_device(self.starts, device), self.count)
+
+
+@dataclass(frozen=True)
+class ScanChunks:
+    """Packed examples cut into chunks, each example on its own, and grouped into segments of whole examples, for
+    scans in which one program walks a segment's chunks one after another and the state starts over at each
+    example (the backward of :mod:`tnlora.ops.lightning_triton`): a few walks a head instead of one a ~100-token
+    example, without the per-token masks of :class:`ScanSegments`' chunks across the examples' boundaries.
+
+    Attributes:
+        bounds: int32 [S+1], segment s is rows ``bounds[s]`` to ``bounds[s+1]`` of ``table``.
+        table: int32 [C, 2], one row a chunk in token order: its first token and its example's end (the chunk's
+            tokens are those from its start below both that end and start + ``chunk``).
+        chunk: the tokens of a whole chunk.
+        count: S, on the host.
+    """
+
+    bounds: Tensor
+    table: Tensor
+    chunk: int
+    count: int
+
+    @classmethod
+    def build(cls, cu_seqlens: Tensor, segment_tokens: int, chunk: int) -> ScanChunks:
+        """The chunks of ``chunk`` tokens (each example's last one short) of the examples bounded by ``cu_seqlens``
+        [N+1] (a host tensor), in the segments :meth:`ScanSegments.build` makes of them."""
+        if chunk < 1:
+            raise ValueError(f"chunk must be positive, got {chunk}")
+        bounds = cu_seqlens.to(device="cpu", dtype=torch.int64)
+        counts = (bounds.diff() + chunk - 1) // chunk  # chunks an example (none for an empty one)
+        firsts = F.pad(counts.cumsum(0), (1, 0))  # each example's first chunk, then the total
+        example = torch.repeat_interleave(torch.arange(counts.shape[0]), counts)
+        within = torch.arange(int(firsts[-1])) - firsts[example]
+        table = torch.stack([bounds[example] + within * chunk, bounds[example + 1]], dim=1)
+        cuts = firsts[_segment_openers(bounds, segment_tokens)]
+        edges = torch.cat([cuts, firsts[-1:]])
+        return cls(edges.to(torch.int32), table.to(torch.int32), chunk, cuts.shape[0])
+
+    def to(self, device: torch.device | str) -> ScanChunks:
+        """The chunks on ``device``; host tensors go to a GPU from pinned memory without waiting for it."""
+        device = torch.device(device)
+        if device == self.table.device:
+            return self
+        return ScanChunks(_to_device(self.bounds, device), _to_device(self.table, device), self.chunk, self.count)
 
 
 @dataclass(frozen=True)
@@ -154,13 +204,21 @@ class PackedRows:
         """The examples laid end to end as :class:`ScanSegments` on the rows' device, built from the host copy
         once per ``segment_tokens`` and kept: every layer's forward (and a checkpointed layer's recompute) takes
         the same."""
-        if segment_tokens not in self._scan_segments:
-            segments = ScanSegments.build(self.cu_seqlens_cpu, segment_tokens)
-            self._scan_segments[segment_tokens] = segments.to(self.device)
-        return self._scan_segments[segment_tokens]
+        key = ("segments", segment_tokens)
+        if key not in self._scans:
+            self._scans[key] = ScanSegments.build(self.cu_seqlens_cpu, segment_tokens).to(self.device)
+        return self._scans[key]
+
+    def scan_chunks(self, segment_tokens: int, chunk: int) -> ScanChunks:
+        """The examples laid end to end as :class:`ScanChunks` on the rows' device, built from the host copy once
+        per (``segment_tokens``, ``chunk``) and kept: every layer's backward takes the same."""
+        key = ("chunks", segment_tokens, chunk)
+        if key not in self._scans:
+            self._scans[key] = ScanChunks.build(self.cu_seqlens_cpu, segment_tokens, chunk).to(self.device)
+        return self._scans[key]
 
     @functools.cached_property
-    def _scan_segments(self) -> dict[int, ScanSegments]:
+    def _scans(self) -> dict[tuple, ScanSegments | ScanChunks]:
         return {}
 
     def starts(self) -> Tensor:
@@ -212,4 +270,4 @@ def per_row(rows: PackedRows, o: Tensor, final: Tensor | None, batch: int) -> tu
     return o.reshape(batch, -1, *o.shape[2:]), final[rows.row_last] if final is not None else None
 
 
-__all__ = ["PackedRows", "ScanSegments", "cu_seqlens_of", "end_to_end", "first_tokens", "per_row", "segment_starts"]
+__all__ = ["PackedRows", "ScanChunks", "ScanSegments", "cu_seqlens_of", "end_to_end", "first_tokens", "per_row", "segment_starts"]
