@@ -23,8 +23,11 @@ row) or one per row; the state enters from ``initial_state`` and leaves in fp32.
 (training's micro-batches) can be given to the forward as :class:`~tnlora.ops.packing.ScanSegments` too: then a
 program walks a segment of several examples chunk by chunk, the chunks across the examples' boundaries, each token's
 example start telling it which decays and states apply, where one program an example of ~100 tokens would walk one
-or two chunks, a quarter of their rows past the example's end. The backward walks one example a program either way
-(segmented, its kernels ran slower: benchmarks/RESULTS.md). Products use the inputs' dtype
+or two chunks, a quarter of their rows past the example's end. The backward's kernels have no registers left for
+those masks (with them every launch spilled and ran slower: benchmarks/RESULTS.md); given
+:class:`~tnlora.ops.packing.ScanChunks` a backward program walks a segment's examples one after another instead,
+each cut into chunks of its own (a table of chunks, read one chunk ahead), the state starting over at each example.
+Products use the inputs' dtype
 with fp32 accumulation (bf16 inputs: the state is rounded to bf16 for q·S and the decayed v for kᵀv, as fla
 does); fp32 inputs use IEEE fp32 products, which the tests hold against the recurrence.
 
