@@ -609,13 +609,15 @@ def test_bf16_gradients_against_fla_and_fp32(monkeypatch, lengths: tuple[int, ..
     """Packed examples at the model's widths (32 heads): the bf16 kernels' dq, dk, dv are as close to the fp32
     chunked path's as fla's are. Given as bare ``cu_seqlens`` the scans run the width's launch (merged at 128), one
     example a program; given as ``PackedRows`` the forward walks the rows' segments and the backward their chunks
-    (``BACKWARD_SEGMENT_TOKENS``), with the launch for these calls' lanes (under 128: FEW_LANES_LAUNCH) or, as in
+    (``BACKWARD_SEGMENT_TOKENS`` 512), with the launch for these calls' lanes (under 128: FEW_LANES_LAUNCH) or, as in
     training's many-lane calls, the width's."""
     pytest.importorskip("fla.ops.simple_gla", reason="needs fla-core (pip install 'tnlora[gpu]')")
     from tnlora.ops import lightning_triton
 
     if form == "rows, width's launch":
         monkeypatch.setattr(lightning_triton, "MERGED_MIN_LANES", 0)
+    # segments of 512 tokens: several examples a walk here (the first six examples: two segments), whatever the default
+    monkeypatch.setattr(lightning_triton, "BACKWARD_SEGMENT_TOKENS", 512)
     total = sum(lengths)
     q, k, v = _inputs(1, total, 32, key_dim, 128, seed=total, dtype=torch.bfloat16)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE)
