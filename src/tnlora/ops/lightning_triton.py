@@ -59,9 +59,12 @@ NUM_WARPS = 4  # 8 warps gave the same results and no measured gain at q/k 256 w
 SEGMENT_TOKENS = 2048  # 0: one example a program
 # The backward's programs (ScanChunks): each walks the examples that start in one block of this many tokens one
 # after another, each example cut into chunks on its own (the per-token masks of the forward's chunks across the
-# examples' boundaries made every backward kernel spill). Fewer tokens than the forward's: a backward program holds
-# more registers, so fewer run on an SM at once, and the walks must still fill the card.
-BACKWARD_SEGMENT_TOKENS = 512  # 0: one example a program
+# examples' boundaries made every backward kernel spill). 0, one example a program, stays the default until the walk
+# is timed on a GPU (`gpu_run.sh attention-backward` sweeps it; benchmarks/RESULTS.md, "Next rungs"): compiled for
+# sm_90 it keeps the data loads' pipeline stages and registers of one example a program, but an earlier table read
+# in the same iteration as its chunk ran 30 % slower. A backward program holds more registers than a forward one,
+# so fewer run on an SM at once: the sweep starts below the forward's 2,048 tokens.
+BACKWARD_SEGMENT_TOKENS = 0
 
 
 @triton.jit
