@@ -341,20 +341,29 @@ def test_scan_chunks_cut_each_example_on_its_own() -> None:
     assert rows.scan_chunks(64, 32).bounds.tolist() == [0, 3, 6]  # 40 + 30 tokens: 2 + 1 chunks; 70: 3
 
 
+def _record_argument(monkeypatch, name: str, position: int, keyword: str) -> tuple[list[object], typing.Callable]:
+    """``lightning_triton.<name>`` wrapped so that each call's argument ``keyword`` (or its ``position``-th) is
+    recorded: (the arguments seen, the real function)."""
+    from tnlora.ops import lightning_triton
+
+    seen: list[object] = []
+    real = getattr(lightning_triton, name)
+
+    def spy(*args, **kwargs):
+        seen.append(args[position] if len(args) > position else kwargs.get(keyword))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lightning_triton, name, spy)
+    return seen, real
+
+
 @needs_kernel
 def test_the_dispatcher_walks_packed_rows_without_states_by_segments(monkeypatch) -> None:
     """Packed rows without states take the rows' scan segments; with an initial state or a final state returned,
     the examples one a program."""
     from tnlora.ops import lightning_triton
 
-    seen: list[object] = []
-    real = lightning_triton.triton_forward
-
-    def spy(*args, **kwargs):
-        seen.append(args[7] if len(args) > 7 else kwargs.get("segments"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(lightning_triton, "triton_forward", spy)
+    seen, real = _record_argument(monkeypatch, "triton_forward", 7, "segments")
     q, k, v = _inputs(2, 70, 2, 16, 16, seed=32)
     rows = PackedRows.from_seq_ids(torch.tensor([[0] * 20 + [1] * 50, [2] * 3 + [3] * 67], device=DEVICE))
     decay = DECAY[:2].to(DEVICE)
@@ -375,14 +384,7 @@ def test_the_dispatcher_walks_packed_rows_without_states_by_chunks_in_the_backwa
     with an initial state, or without gradients, none; the gradients through the chunks equal the recurrence's."""
     from tnlora.ops import lightning_triton
 
-    seen: list[object] = []
-    real = lightning_triton.triton_attention
-
-    def spy(*args, **kwargs):
-        seen.append(args[9] if len(args) > 9 else kwargs.get("chunks"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(lightning_triton, "triton_attention", spy)
+    seen, _ = _record_argument(monkeypatch, "triton_attention", 9, "chunks")
     monkeypatch.setattr(lightning_triton, "BACKWARD_SEGMENT_TOKENS", 64)
     q, k, v = _inputs(2, 70, 2, 16, 16, seed=33)
     rows = PackedRows.from_seq_ids(torch.tensor([[0] * 20 + [1] * 50, [2] * 3 + [3] * 67], device=DEVICE))

@@ -135,12 +135,13 @@ def _triton_attention(
         rows = rows.to(q.device)
         flat_q, flat_k, flat_v, first = end_to_end(rows, q, k, v, initial_state)
         inputs = (flat_q, flat_k, flat_v, log_decay, rows.cu_seqlens, first, output_final_state)
-        if initial_state is None and not output_final_state and scans.SEGMENT_TOKENS > 0:
-            # Packed rows without states (training, evaluation): each forward program walks a segment of examples.
-            segments = rows.scan_segments(scans.SEGMENT_TOKENS)
-        if initial_state is None and not output_final_state and trains and scans.BACKWARD_SEGMENT_TOKENS > 0:
+        if initial_state is None and not output_final_state:
+            # Packed rows without states (training, evaluation): each forward program walks a segment of examples,
             # and each backward program the examples of a segment, each cut into chunks on its own.
-            chunks = rows.scan_chunks(scans.BACKWARD_SEGMENT_TOKENS, scans.chunk_tokens(q.dtype))
+            if scans.SEGMENT_TOKENS > 0:
+                segments = rows.scan_segments(scans.SEGMENT_TOKENS)
+            if trains and scans.BACKWARD_SEGMENT_TOKENS > 0:
+                chunks = rows.scan_chunks(scans.BACKWARD_SEGMENT_TOKENS, scans.chunk_tokens(q.dtype))
     if trains:
         # The backward's launch depends on the call's lanes: counted from the packed rows' host boundaries or the
         # unpacked shape; unknown where only a bare cu_seqlens (a device tensor) bounds the examples.

@@ -761,7 +761,7 @@ def triton_backward(
             raise ValueError("segmented scans take no initial state and return no final state")
         if chunks.chunk != chunk_tokens(v.dtype):
             raise ValueError(f"{v.dtype} scans walk chunks of {chunk_tokens(v.dtype)} tokens, got {chunks.chunk}")
-    examples, cu_seqlens = _walks(batch, cu_seqlens, chunks)
+    examples, bounds = _walks(batch, cu_seqlens, chunks)
     dq = torch.empty(batch, length, heads, key_dim, device=q.device, dtype=q.dtype)
     dk = torch.empty_like(dq, dtype=k.dtype)
     dv = torch.empty(batch, length, heads, value_dim, device=v.device, dtype=v.dtype)
@@ -777,7 +777,7 @@ def triton_backward(
     decay = log_decay.to(device=q.device, dtype=torch.float32).contiguous()
     h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
     dht = final_grad.to(torch.float32).contiguous() if final_grad is not None else None
-    cu = cu_seqlens if cu_seqlens is not None else decay
+    cu = bounds if bounds is not None else decay
     table = chunks.table if chunks is not None else decay
     full_k = max(16, triton.next_power_of_2(key_dim))
     full_v = max(16, triton.next_power_of_2(value_dim))
@@ -785,7 +785,7 @@ def triton_backward(
     block_k = min(launch.block_k, full_k)
     block_v = min(launch.block_v, full_v)
     k_blocks = -(-key_dim // block_k)
-    common = {**_scan_args(q, v, cu_seqlens), "SEGMENTED": chunks is not None, "num_warps": launch.num_warps}
+    common = {**_scan_args(q, v, bounds), "SEGMENTED": chunks is not None, "num_warps": launch.num_warps}
     lightning_dq_kernel[(examples * heads * k_blocks,)](
         k, v, do, decay, h0 if h0 is not None else decay, cu, table, dq, length, heads,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
@@ -827,8 +827,6 @@ class TritonLightning(torch.autograd.Function):
     def backward(ctx, do, final_grad):
         q, k, v, log_decay, cu_seqlens, initial_state = ctx.saved_tensors
         wants_h0 = initial_state is not None and ctx.needs_input_grad[5]
-        if ctx.chunks is not None:
-            cu_seqlens = None  # the chunks' segments bound the walks
         dq, dk, dv, dh0 = triton_backward(
             q, k, v, log_decay, do, cu_seqlens, initial_state, final_grad, wants_h0, ctx.lanes, ctx.chunks
         )
