@@ -166,9 +166,10 @@ def main() -> None:
         fields = args.triton_grad.split(":")
         block_k, block_v, warps = (int(x) for x in fields[:3])
         launch = lightning_triton.GradLaunch(block_k, block_v, warps, merged=fields[3:] == ["merged"])
-        # Every width and lane count the sweep's launch (the tree's own: GRAD_LAUNCHES per width, FEW_LANES_LAUNCH
-        # for calls of fewer than MERGED_MIN_LANES lanes).
+        # Every width and lane count the sweep's launch (the tree's own: GRAD_LAUNCHES per width, SEGMENTED_LAUNCHES
+        # where the backward walks ScanChunks, FEW_LANES_LAUNCH for calls of fewer than MERGED_MIN_LANES lanes).
         lightning_triton.GRAD_LAUNCHES = {width: launch for width in lightning_triton.GRAD_LAUNCHES}
+        lightning_triton.SEGMENTED_LAUNCHES = {width: launch for width in lightning_triton.SEGMENTED_LAUNCHES}
         lightning_triton.MERGED_MIN_LANES = 0
         print(f"# triton backward: K block {block_k}, V block {block_v}, {warps} warps"
               f"{', dk and dv in one launch (up to 128 wide)' if launch.merged else ''}")  # fmt: skip

@@ -151,6 +151,15 @@ def test_each_width_takes_the_launch_listed_for_it_or_the_next_wider() -> None:
 
 
 @needs_kernel
+def test_a_backward_walking_scan_chunks_takes_the_segmented_launches() -> None:
+    from tnlora.ops.lightning_triton import SEGMENTED_LAUNCHES, grad_launch
+
+    assert grad_launch(128, segmented=True) == SEGMENTED_LAUNCHES[128] != grad_launch(128)
+    assert not SEGMENTED_LAUNCHES[128].merged  # the merged scan lost there on an H100
+    assert grad_launch(160, 8, segmented=True) == SEGMENTED_LAUNCHES[256]
+
+
+@needs_kernel
 def test_few_lanes_take_two_launches_where_the_width_s_launch_is_merged() -> None:
     from tnlora.ops.lightning_triton import FEW_LANES_LAUNCH, GRAD_LAUNCHES, MERGED_MIN_LANES, grad_launch
 

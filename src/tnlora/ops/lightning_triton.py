@@ -59,12 +59,10 @@ NUM_WARPS = 4  # 8 warps gave the same results and no measured gain at q/k 256 w
 SEGMENT_TOKENS = 2048  # 0: one example a program
 # The backward's programs (ScanChunks): each walks the examples that start in one block of this many tokens one
 # after another, each example cut into chunks on its own (the per-token masks of the forward's chunks across the
-# examples' boundaries made every backward kernel spill). 0, one example a program, stays the default until the walk
-# is timed on a GPU (`gpu_run.sh attention-backward` sweeps it; benchmarks/RESULTS.md, "Next rungs"): compiled for
-# sm_90 it keeps the data loads' pipeline stages and registers of one example a program, but an earlier table read
-# in the same iteration as its chunk ran 30 % slower. A backward program holds more registers than a forward one,
-# so fewer run on an SM at once: the sweep starts below the forward's 2,048 tokens.
-BACKWARD_SEGMENT_TOKENS = 0
+# examples' boundaries made every backward kernel spill). 0: one example a program. On an H100 (huanhuan-shaped
+# micro-batches, forward + backward; benchmarks/RESULTS.md, "The backward walked a segment at a time") 2,048 with
+# SEGMENTED_LAUNCHES took 1B's and 7B's layers from 2.08-2.09 to 1.84-1.88 ms at q/k 128 and 5.28 to 4.60 at 256.
+BACKWARD_SEGMENT_TOKENS = 2048
 
 
 @triton.jit
@@ -715,6 +713,10 @@ class GradLaunch:
 # Other widths take the launch of the narrowest listed one at least as wide (the widest past it).
 GRAD_LAUNCHES: dict[int, GradLaunch] = {128: GradLaunch(64, 32, 8, True), 256: GradLaunch(128, 32, 8, False)}
 MERGED_MAX_WIDTH = 128
+# The launches per width when the backward walks ScanChunks (BACKWARD_SEGMENT_TOKENS): there the merged dk / dv scan
+# lost (2.22 ms against 1.88 at q/k 128, 1B's huanhuan-shaped layer on an H100) and dq, dk, dv apart at 64-wide K
+# blocks and 4 warps won; at 256 the width's own launch stayed best (4.60 against 4.69 at 64:32:4).
+SEGMENTED_LAUNCHES: dict[int, GradLaunch] = {128: GradLaunch(64, 32, 4, False), 256: GradLaunch(128, 32, 8, False)}
 # The merged scan gives each (example, head) one program doing dk's and dv's work: fine when the programs fill the
 # card, slow when a few long walks set the time. On an H200, 32 heads over 131,072 tokens (K 128) forward +
 # backward: one example (32 lanes) 24.5 ms merged against 15.3 with two launches at 64:32:4 (fla 16.2), two
@@ -724,12 +726,14 @@ MERGED_MIN_LANES = 128
 FEW_LANES_LAUNCH = GradLaunch(64, 32, 4, False)
 
 
-def grad_launch(key_dim: int, lanes: int | None = None) -> GradLaunch:
-    """The backward's launch for q / k ``key_dim`` wide (:data:`GRAD_LAUNCHES`), for a call of ``lanes`` lanes
-    (None: not known, taken as many)."""
+def grad_launch(key_dim: int, lanes: int | None = None, segmented: bool = False) -> GradLaunch:
+    """The backward's launch for q / k ``key_dim`` wide (:data:`GRAD_LAUNCHES`, or :data:`SEGMENTED_LAUNCHES` where
+    the backward walks :class:`~tnlora.ops.packing.ScanChunks`), for a call of ``lanes`` lanes (None: not known,
+    taken as many)."""
+    launches = SEGMENTED_LAUNCHES if segmented else GRAD_LAUNCHES
     width = max(16, triton.next_power_of_2(key_dim))
-    fitting = [w for w in sorted(GRAD_LAUNCHES) if w >= width]
-    launch = GRAD_LAUNCHES[fitting[0] if fitting else max(GRAD_LAUNCHES)]
+    fitting = [w for w in sorted(launches) if w >= width]
+    launch = launches[fitting[0] if fitting else max(launches)]
     return FEW_LANES_LAUNCH if launch.merged and lanes is not None and lanes < MERGED_MIN_LANES else launch
 
 
@@ -781,7 +785,7 @@ def triton_backward(
     table = chunks.table if chunks is not None else decay
     full_k = max(16, triton.next_power_of_2(key_dim))
     full_v = max(16, triton.next_power_of_2(value_dim))
-    launch = grad_launch(key_dim, lanes)
+    launch = grad_launch(key_dim, lanes, segmented=chunks is not None)
     block_k = min(launch.block_k, full_k)
     block_v = min(launch.block_v, full_v)
     k_blocks = -(-key_dim // block_k)
@@ -860,6 +864,7 @@ __all__ = [
     "FEW_LANES_LAUNCH",
     "GRAD_LAUNCHES",
     "MERGED_MIN_LANES",
+    "SEGMENTED_LAUNCHES",
     "SEGMENT_TOKENS",
     "GradLaunch",
     "TritonLightning",
