@@ -178,9 +178,9 @@ def test_the_backward_is_told_the_lanes_of_its_call(monkeypatch) -> None:
     seen: list[int | None] = []
     real = lightning_triton.grad_launch
 
-    def spy(key_dim: int, lanes: int | None = None):
+    def spy(key_dim: int, lanes: int | None = None, segmented: bool = False):
         seen.append(lanes)
-        return real(key_dim, lanes)
+        return real(key_dim, lanes, segmented)
 
     monkeypatch.setattr(lightning_triton, "grad_launch", spy)
     decay = DECAY[:2].to(DEVICE)
