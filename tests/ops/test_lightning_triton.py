@@ -615,18 +615,19 @@ def test_bf16_forward_against_fla_and_the_fp32_recurrence(length: int, key_dim: 
     ("lengths", "key_dim"),
     [((97, 230, 64, 1, 150, 482), 128), ((97, 230, 64, 1, 150, 482), 256), ((2048, 1000), 128)],
 )
-@pytest.mark.parametrize("form", ["cu_seqlens", "rows", "rows, width's launch"])
+@pytest.mark.parametrize("form", ["cu_seqlens", "rows", "rows, merged launch"])
 def test_bf16_gradients_against_fla_and_fp32(monkeypatch, lengths: tuple[int, ...], key_dim: int, form: str) -> None:
     """Packed examples at the model's widths (32 heads): the bf16 kernels' dq, dk, dv are as close to the fp32
     chunked path's as fla's are. Given as bare ``cu_seqlens`` the scans run the width's launch (merged at 128), one
     example a program; given as ``PackedRows`` the forward walks the rows' segments and the backward their chunks
-    (``BACKWARD_SEGMENT_TOKENS`` 512), with the launch for these calls' lanes (under 128: FEW_LANES_LAUNCH) or, as in
-    training's many-lane calls, the width's."""
+    (``BACKWARD_SEGMENT_TOKENS`` 512) with ``SEGMENTED_LAUNCHES`` (dq, dk, dv apart), or with the width's launches
+    (dk and dv merged at 128, which the segmented walk can take too)."""
     pytest.importorskip("fla.ops.simple_gla", reason="needs fla-core (pip install 'tnlora[gpu]')")
     from tnlora.ops import lightning_triton
 
-    if form == "rows, width's launch":
-        monkeypatch.setattr(lightning_triton, "MERGED_MIN_LANES", 0)
+    if form == "rows, merged launch":
+        monkeypatch.setattr(lightning_triton, "SEGMENTED_LAUNCHES", dict(lightning_triton.GRAD_LAUNCHES))
+        monkeypatch.setattr(lightning_triton, "MERGED_MIN_LANES", 0)  # these calls' few lanes would not merge
     # segments of 512 tokens: several examples a walk here (the first six examples: two segments), whatever the default
     monkeypatch.setattr(lightning_triton, "BACKWARD_SEGMENT_TOKENS", 512)
     total = sum(lengths)
