@@ -8,7 +8,7 @@ import torch
 from tnl_reference import reference_attention
 from tnlora.model.modeling import layer_log_decay
 from tnlora.ops.lightning import lightning_attention
-from tnlora.ops.packing import PackedRows, segment_starts
+from tnlora.ops.packing import PackedRows, ScanChunks, ScanSegments, segment_starts
 
 
 def test_boundaries_of_packed_rows() -> None:
@@ -40,6 +40,19 @@ def test_to_the_same_device_is_the_same_object_and_keeps_the_host_copy() -> None
     assert rows.to("cpu") is rows
     meta = rows.to("meta")
     assert meta.seq_ids.device.type == "meta" and meta.cu_seqlens_cpu is rows.cu_seqlens_cpu
+
+
+def test_the_scan_plans_move_their_tensors_and_keep_their_sizes() -> None:
+    cu = torch.tensor([0, 5, 75, 139, 140])
+    segments, chunks = ScanSegments.build(cu, 64), ScanChunks.build(cu, 64, 32)
+    for plan, tensors in ((segments, ("bounds", "starts")), (chunks, ("bounds", "table"))):
+        assert plan.to("cpu") is plan
+        moved = plan.to("meta")
+        assert type(moved) is type(plan) and moved.count == plan.count == 3
+        for name in tensors:
+            assert getattr(moved, name).device.type == "meta"
+            assert getattr(moved, name).shape == getattr(plan, name).shape
+    assert chunks.to("meta").chunk == 32
 
 
 def test_attention_takes_rows_as_it_takes_seq_ids() -> None:

@@ -12,8 +12,10 @@ only given ``seq_ids`` (costing a host read on a GPU) and hands the same object 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +61,20 @@ def _to_device(x: Tensor, device: torch.device, non_blocking: bool = False) -> T
     return x.to(device, non_blocking=non_blocking)
 
 
+_Plan = TypeVar("_Plan", "ScanSegments", "ScanChunks")
+
+
+def _plan_to(plan: _Plan, device: torch.device | str) -> _Plan:
+    """A scan plan (its tensors on one device) on ``device``: each tensor moved by :func:`_to_device`, the plan
+    itself where it is there already."""
+    device = torch.device(device)
+    tensors = {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)}
+    tensors = {name: value for name, value in tensors.items() if isinstance(value, Tensor)}
+    if all(value.device == device for value in tensors.values()):
+        return plan
+    return dataclasses.replace(plan, **{name: _to_device(value, device) for name, value in tensors.items()})
+
+
 def _segment_openers(bounds: Tensor, segment_tokens: int) -> Tensor:
     """Indices of the examples bounded by ``bounds`` [N+1] (int64, host) that open a segment: the first non-empty
     example starting in each block of ``segment_tokens`` tokens that holds an example's start."""
@@ -100,10 +116,7 @@ class ScanSegments:
 
     def to(self, device: torch.device | str) -> ScanSegments:
         """The segments on ``device``; host tensors go to a GPU from pinned memory without waiting for it."""
-        device = torch.device(device)
-        if device == self.bounds.device:
-            return self
-        return ScanSegments(_to_device(self.bounds, device), _to_device(self.starts, device), self.count)
+        return _plan_to(self, device)
 
 
 @dataclass(frozen=True)
@@ -144,10 +157,7 @@ class ScanChunks:
 
     def to(self, device: torch.device | str) -> ScanChunks:
         """The chunks on ``device``; host tensors go to a GPU from pinned memory without waiting for it."""
-        device = torch.device(device)
-        if device == self.table.device:
-            return self
-        return ScanChunks(_to_device(self.bounds, device), _to_device(self.table, device), self.chunk, self.count)
+        return _plan_to(self, device)
 
 
 @dataclass(frozen=True)
