@@ -388,6 +388,22 @@ def test_the_dispatcher_walks_packed_rows_without_states_by_segments(monkeypatch
 
 
 @needs_kernel
+def test_by_default_the_backward_walks_one_example_a_program(monkeypatch) -> None:
+    """``BACKWARD_SEGMENT_TOKENS`` is 0 (the walk by chunks lost its one training pair): training on packed rows
+    without states passes no chunks, and the forward still walks the rows' segments."""
+    from tnlora.ops import lightning_triton
+
+    assert lightning_triton.BACKWARD_SEGMENT_TOKENS == 0
+    chunks, _ = _record_argument(monkeypatch, "triton_attention", 9, "chunks")
+    segments, _ = _record_argument(monkeypatch, "triton_attention", 8, "segments")
+    q, k, v = _inputs(1, 70, 2, 16, 16, seed=34)
+    rows = PackedRows.from_seq_ids(torch.tensor([[0] * 20 + [1] * 50], device=DEVICE))
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    lightning_attention(*leaves, DECAY[:2].to(DEVICE), rows=rows, impl="triton")
+    assert chunks == [None] and segments[0] is rows.scan_segments(lightning_triton.SEGMENT_TOKENS)
+
+
+@needs_kernel
 def test_the_dispatcher_walks_packed_rows_without_states_by_chunks_in_the_backward(monkeypatch) -> None:
     """Packed rows without states that train take the rows' scan chunks for the backward (of the dtype's chunk);
     with an initial state, or without gradients, none; the gradients through the chunks equal the recurrence's."""

@@ -59,10 +59,13 @@ NUM_WARPS = 4  # 8 warps gave the same results and no measured gain at q/k 256 w
 SEGMENT_TOKENS = 2048  # 0: one example a program
 # The backward's programs (ScanChunks): each walks the examples that start in one block of this many tokens one
 # after another, each example cut into chunks on its own (the per-token masks of the forward's chunks across the
-# examples' boundaries made every backward kernel spill). 0: one example a program. On an H100 (huanhuan-shaped
-# micro-batches, forward + backward; benchmarks/RESULTS.md, "The backward walked a segment at a time") 2,048 with
-# SEGMENTED_LAUNCHES took 1B's and 7B's layers from 2.08-2.09 to 1.84-1.88 ms at q/k 128 and 5.28 to 4.60 at 256.
-BACKWARD_SEGMENT_TOKENS = 2048
+# examples' boundaries made every backward kernel spill). 0: one example a program. Alone, on an H100
+# (huanhuan-shaped micro-batches, forward + backward; benchmarks/RESULTS.md, "The backward walked a segment at a
+# time"), 2,048 with SEGMENTED_LAUNCHES took 1B's and 7B's layers from 2.08-2.09 to 1.84-1.88 ms at q/k 128 and
+# 5.28 to 4.60 at 256; but the one training pair run with it as the default was 9 % slower than the tree before on
+# that machine (95,151 against 104,979 tokens/s at 1B; it ran first, and a machine's first run has been up to 7 %
+# slow), so 0, the setting with a training figure, stays the default until an alternating run settles it.
+BACKWARD_SEGMENT_TOKENS = 0
 
 
 @triton.jit
