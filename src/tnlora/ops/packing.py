@@ -68,8 +68,8 @@ def _plan_to(plan: _Plan, device: torch.device | str) -> _Plan:
     """A scan plan (its tensors on one device) on ``device``: each tensor moved by :func:`_to_device`, the plan
     itself where it is there already."""
     device = torch.device(device)
-    tensors = {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)}
-    tensors = {name: value for name, value in tensors.items() if isinstance(value, Tensor)}
+    fields = ((f.name, getattr(plan, f.name)) for f in dataclasses.fields(plan))
+    tensors = {name: value for name, value in fields if isinstance(value, Tensor)}
     if all(value.device == device for value in tensors.values()):
         return plan
     return dataclasses.replace(plan, **{name: _to_device(value, device) for name, value in tensors.items()})
