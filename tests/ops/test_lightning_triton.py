@@ -47,6 +47,15 @@ def _close(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
     assert err < tol, f"relative error {err:.2e} ≥ {tol:.0e}"
 
 
+@pytest.fixture
+def scans_for_packed_rows(monkeypatch) -> None:
+    """Packed rows of short examples to the scans (the dispatcher takes them to the quadratic form by default:
+    tests/ops/test_quadratic_triton.py)."""
+    from tnlora.ops import quadratic_triton
+
+    monkeypatch.setattr(quadratic_triton, "QUADRATIC_MAX_TOKENS", 0)
+
+
 @needs_kernel
 @pytest.mark.parametrize(
     ("batch", "length", "heads", "key_dim", "value_dim", "with_state"),
@@ -170,7 +179,7 @@ def test_few_lanes_take_two_launches_where_the_width_s_launch_is_merged() -> Non
 
 
 @needs_kernel
-def test_the_backward_is_told_the_lanes_of_its_call(monkeypatch) -> None:
+def test_the_backward_is_told_the_lanes_of_its_call(monkeypatch, scans_for_packed_rows) -> None:
     """lanes = heads × tokens ÷ the longest example, from packed rows' host boundaries or the unpacked shape; None
     where only cu_seqlens (a device tensor) gives the examples."""
     from tnlora.ops import lightning_triton
@@ -367,7 +376,7 @@ def _record_argument(monkeypatch, name: str, position: int, keyword: str) -> tup
 
 
 @needs_kernel
-def test_the_dispatcher_walks_packed_rows_without_states_by_segments(monkeypatch) -> None:
+def test_the_dispatcher_walks_packed_rows_without_states_by_segments(monkeypatch, scans_for_packed_rows) -> None:
     """Packed rows without states take the rows' scan segments; with an initial state or a final state returned,
     the examples one a program."""
     from tnlora.ops import lightning_triton
@@ -388,7 +397,7 @@ def test_the_dispatcher_walks_packed_rows_without_states_by_segments(monkeypatch
 
 
 @needs_kernel
-def test_by_default_the_backward_walks_one_example_a_program(monkeypatch) -> None:
+def test_by_default_the_backward_walks_one_example_a_program(monkeypatch, scans_for_packed_rows) -> None:
     """``BACKWARD_SEGMENT_TOKENS`` is 0 (the walk by chunks lost its one training pair): training on packed rows
     without states passes no chunks, and the forward still walks the rows' segments."""
     from tnlora.ops import lightning_triton
@@ -404,7 +413,7 @@ def test_by_default_the_backward_walks_one_example_a_program(monkeypatch) -> Non
 
 
 @needs_kernel
-def test_the_dispatcher_walks_packed_rows_without_states_by_chunks_in_the_backward(monkeypatch) -> None:
+def test_the_dispatcher_walks_packed_rows_without_states_by_chunks_in_the_backward(monkeypatch, scans_for_packed_rows) -> None:
     """Packed rows without states that train take the rows' scan chunks for the backward (of the dtype's chunk);
     with an initial state, or without gradients, none; the gradients through the chunks equal the recurrence's."""
     from tnlora.ops import lightning_triton
@@ -632,7 +641,9 @@ def test_bf16_forward_against_fla_and_the_fp32_recurrence(length: int, key_dim: 
     [((97, 230, 64, 1, 150, 482), 128), ((97, 230, 64, 1, 150, 482), 256), ((2048, 1000), 128)],
 )
 @pytest.mark.parametrize("form", ["cu_seqlens", "rows", "rows, merged launch"])
-def test_bf16_gradients_against_fla_and_fp32(monkeypatch, lengths: tuple[int, ...], key_dim: int, form: str) -> None:
+def test_bf16_gradients_against_fla_and_fp32(
+    monkeypatch, scans_for_packed_rows, lengths: tuple[int, ...], key_dim: int, form: str
+) -> None:
     """Packed examples at the model's widths (32 heads): the bf16 kernels' dq, dk, dv are as close to the fp32
     chunked path's as fla's are. Given as bare ``cu_seqlens`` the scans run the width's launch (merged at 128), one
     example a program; given as ``PackedRows`` the forward walks the rows' segments and the backward their chunks

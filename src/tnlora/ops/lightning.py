@@ -129,6 +129,19 @@ def _triton_attention(
     if rows is None and seq_ids is not None:
         rows = PackedRows.from_seq_ids(seq_ids)
     segments = chunks = None
+    if rows is not None and initial_state is None and not output_final_state and _quadratic_fits(rows):
+        # Packed short examples without states (training's micro-batches, evaluation): the quadratic form in
+        # blocks, every block of tokens × head at once, where the scans walk each example's chunks in order.
+        from tnlora.ops import quadratic_triton
+
+        rows = rows.to(q.device)
+        flat_q, flat_k, flat_v, _ = end_to_end(rows, q, k, v, None)
+        spans = rows.example_spans()
+        if trains:
+            o = quadratic_triton.quadratic_attention(flat_q, flat_k, flat_v, log_decay, spans)
+        else:
+            o = quadratic_triton.quadratic_forward(flat_q, flat_k, flat_v, log_decay, spans)
+        return per_row(rows, o, None, q.shape[0])
     if rows is None:
         inputs = (q, k, v, log_decay, cu_seqlens, initial_state, output_final_state)
     else:
@@ -150,6 +163,14 @@ def _triton_attention(
     else:
         o, final = scans.triton_forward(*inputs, segments)
     return (o, final) if rows is None else per_row(rows, o, final, q.shape[0])
+
+
+def _quadratic_fits(rows: PackedRows) -> bool:
+    """Whether packed rows' examples are short enough for the quadratic form (their longest at most
+    :data:`tnlora.ops.quadratic_triton.QUADRATIC_MAX_TOKENS`, read from the host copy)."""
+    from tnlora.ops import quadratic_triton
+
+    return 0 < rows.longest_example <= quadratic_triton.QUADRATIC_MAX_TOKENS
 
 
 def _check_shapes(

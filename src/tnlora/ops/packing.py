@@ -61,7 +61,7 @@ def _to_device(x: Tensor, device: torch.device, non_blocking: bool = False) -> T
     return x.to(device, non_blocking=non_blocking)
 
 
-_Plan = TypeVar("_Plan", "ScanSegments", "ScanChunks")
+_Plan = TypeVar("_Plan", "ScanSegments", "ScanChunks", "ExampleSpans")
 
 
 def _plan_to(plan: _Plan, device: torch.device | str) -> _Plan:
@@ -161,6 +161,33 @@ class ScanChunks:
 
 
 @dataclass(frozen=True)
+class ExampleSpans:
+    """Each token's example as the span of tokens it covers, for kernels that take a block of tokens and the blocks
+    its examples reach (:mod:`tnlora.ops.quadratic_triton`).
+
+    Attributes:
+        starts: int32 [T], where each token's example starts.
+        ends: int32 [T], where it ends (one past its last token).
+    """
+
+    starts: Tensor
+    ends: Tensor
+
+    @classmethod
+    def build(cls, cu_seqlens: Tensor) -> ExampleSpans:
+        """The spans of the examples bounded by ``cu_seqlens`` [N+1] (a host tensor)."""
+        bounds = cu_seqlens.to(device="cpu", dtype=torch.int64)
+        lengths = bounds.diff()
+        starts = torch.repeat_interleave(bounds[:-1], lengths)
+        ends = torch.repeat_interleave(bounds[1:], lengths)
+        return cls(starts.to(torch.int32), ends.to(torch.int32))
+
+    def to(self, device: torch.device | str) -> ExampleSpans:
+        """The spans on ``device``; host tensors go to a GPU from pinned memory without waiting for it."""
+        return _plan_to(self, device)
+
+
+@dataclass(frozen=True)
 class PackedRows:
     """The example boundaries of a batch of packed rows.
 
@@ -227,8 +254,16 @@ class PackedRows:
             self._scans[key] = ScanChunks.build(self.cu_seqlens_cpu, segment_tokens, chunk).to(self.device)
         return self._scans[key]
 
+    def example_spans(self) -> ExampleSpans:
+        """The examples laid end to end as :class:`ExampleSpans` on the rows' device, built from the host copy once
+        and kept for every layer."""
+        key = ("spans",)
+        if key not in self._scans:
+            self._scans[key] = ExampleSpans.build(self.cu_seqlens_cpu).to(self.device)
+        return self._scans[key]
+
     @functools.cached_property
-    def _scans(self) -> dict[tuple, ScanSegments | ScanChunks]:
+    def _scans(self) -> dict[tuple, ScanSegments | ScanChunks | ExampleSpans]:
         return {}
 
     def starts(self) -> Tensor:
@@ -280,4 +315,4 @@ def per_row(rows: PackedRows, o: Tensor, final: Tensor | None, batch: int) -> tu
     return o.reshape(batch, -1, *o.shape[2:]), final[rows.row_last] if final is not None else None
 
 
-__all__ = ["PackedRows", "ScanChunks", "ScanSegments", "cu_seqlens_of", "end_to_end", "first_tokens", "per_row", "segment_starts"]
+__all__ = ["ExampleSpans", "PackedRows", "ScanChunks", "ScanSegments", "cu_seqlens_of", "end_to_end", "first_tokens", "per_row", "segment_starts"]

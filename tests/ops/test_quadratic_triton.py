@@ -1,0 +1,211 @@
+"""The quadratic form in blocks (:mod:`tnlora.ops.quadratic_triton`): packed short examples' attention and its
+gradients against the fp64 recurrence in fp32, where the kernels run (CUDA, or the CPU interpreter:
+``TRITON_INTERPRET=1 PYTHONPATH=<dir holding triton> pytest -q tests/ops/test_quadratic_triton.py``); bf16 against
+fla and the fp32 chunked path on CUDA; the dispatcher's choice between it and the scans everywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_device import DEVICE, INTERPRET, needs_kernel
+
+from tnlora.ops.lightning import lightning_attention
+from tnlora.ops.packing import ExampleSpans, PackedRows
+from tnlora.ops.select import triton_available
+
+DECAY = torch.tensor([-0.02, -0.7, -2.5])  # slow, fast and near-zero λ
+
+
+def _inputs(length: int, heads: int, key_dim: int, value_dim: int, seed: int, dtype=torch.float32):
+    """q, k, v [1, T, H, ·] as views of one projection output (the model's strides), SiLU'd q and k."""
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(1, length, heads * (2 * key_dim + value_dim), generator=gen).to(DEVICE)
+    q, k, v = qkv.split([heads * key_dim, heads * key_dim, heads * value_dim], dim=-1)
+    q = torch.nn.functional.silu(q).reshape(1, length, heads, key_dim)
+    k = torch.nn.functional.silu(k).reshape(1, length, heads, key_dim)
+    return q.to(dtype), k.to(dtype), v.reshape(1, length, heads, value_dim).to(dtype)
+
+
+def _rows(lengths: tuple[int, ...]) -> PackedRows:
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE)
+    return PackedRows.from_cu_seqlens(cu, sum(lengths))
+
+
+def _gradients(q, k, v, decay, impl: str, **kwargs):
+    """o and autograd's dq, dk, dv of Σ o ⊙ w (a fixed random w) through ``impl``."""
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    o, _ = lightning_attention(*leaves, decay, impl=impl, **kwargs)
+    weight = torch.randn(o.shape, generator=torch.Generator().manual_seed(11)).to(o)
+    return o, torch.autograd.grad((o * weight).sum(), leaves)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+    err = ((got.double() - want.double()).norm() / want.double().norm()).item()
+    assert err < tol, f"relative error {err:.2e} ≥ {tol:.0e}"
+
+
+@pytest.fixture(autouse=True)
+def quadratic_for_short_examples(monkeypatch) -> None:
+    """The dispatcher takes packed examples of up to 2,048 tokens to the quadratic form."""
+    if not triton_available():  # the module imports triton; without it no test here runs a kernel
+        return
+    from tnlora.ops import quadratic_triton
+
+    monkeypatch.setattr(quadratic_triton, "QUADRATIC_MAX_TOKENS", 2048)
+
+
+def test_example_spans_give_each_token_its_example_s_start_and_end() -> None:
+    spans = ExampleSpans.build(torch.tensor([0, 3, 3, 4, 8]))  # an empty example in between
+    assert spans.starts.tolist() == [0, 0, 0, 3, 4, 4, 4, 4]
+    assert spans.ends.tolist() == [3, 3, 3, 4, 8, 8, 8, 8]
+    assert spans.starts.dtype == spans.ends.dtype == torch.int32
+
+
+def test_packed_rows_keep_their_example_spans() -> None:
+    rows = PackedRows.from_seq_ids(torch.tensor([[0, 0, 1], [1, 1, 1]]))
+    spans = rows.example_spans()
+    assert spans is rows.example_spans()
+    assert spans.starts.tolist() == [0, 0, 2, 3, 3, 3] and spans.ends.tolist() == [2, 2, 3, 6, 6, 6]
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("lengths", "heads", "key_dim", "value_dim"),
+    [
+        ((1, 5, 70, 97, 13, 40, 64, 2, 130), 3, 48, 40),  # examples across blocks; K, V not powers of two
+        ((33, 1, 31), 2, 160, 24),  # q/k wider than dq's K block (LRPE's layer doubles them)
+        ((200,), 1, 16, 16),  # one example of several blocks
+    ],
+)
+def test_output_and_gradients_match_the_recurrence_in_fp32(lengths, heads, key_dim, value_dim) -> None:
+    """Packed examples through the dispatcher (rows without states train in the quadratic form): o, dq, dk, dv
+    against autograd through the fp64 recurrence."""
+    rows = _rows(lengths)
+    q, k, v = _inputs(sum(lengths), heads, key_dim, value_dim, seed=sum(lengths))
+    decay = DECAY[:heads].to(DEVICE)
+    o, grads = _gradients(q, k, v, decay, "triton", rows=rows)
+    want_o, want = _gradients(q.double(), k.double(), v.double(), decay, "recurrent", rows=rows)
+    assert o.dtype == torch.float32 and o.shape == want_o.shape
+    _close(o, want_o, 1e-5)
+    for got, expected in zip(grads, want, strict=True):
+        assert got.shape == expected.shape
+        _close(got, expected, 1e-5)
+
+
+@needs_kernel
+def test_two_packed_rows_keep_their_examples_apart() -> None:
+    """Rows [20, 50] and [3, 67] tokens (a row's start always starts an example), B = 2 laid end to end."""
+    q, k, v = (x.reshape(2, 70, 2, -1) for x in _inputs(140, 2, 16, 16, seed=5))
+    rows = PackedRows.from_seq_ids(torch.tensor([[0] * 20 + [1] * 50, [1] * 3 + [2] * 67], device=DEVICE))
+    decay = DECAY[:2].to(DEVICE)
+    o, grads = _gradients(q, k, v, decay, "triton", rows=rows)
+    want_o, want = _gradients(q.double(), k.double(), v.double(), decay, "recurrent", rows=rows)
+    assert o.shape == (2, 70, 2, 16)
+    _close(o, want_o, 1e-5)
+    for got, expected in zip(grads, want, strict=True):
+        _close(got, expected, 1e-5)
+
+
+def _spy(monkeypatch, name: str) -> list[str]:
+    """Record the calls of quadratic_triton's ``name`` (still run)."""
+    from tnlora.ops import quadratic_triton
+
+    calls: list[str] = []
+    real = getattr(quadratic_triton, name)
+
+    def spy(*args, **kwargs):
+        calls.append(name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(quadratic_triton, name, spy)
+    return calls
+
+
+@needs_kernel
+def test_the_dispatcher_takes_the_quadratic_form_for_short_packed_examples_without_states(monkeypatch) -> None:
+    """Training and forward-only calls on packed rows of short examples run it; an initial state, a final state
+    asked for, an example longer than QUADRATIC_MAX_TOKENS, or no packed rows send the call to the scans."""
+    from tnlora.ops import quadratic_triton
+
+    trained = _spy(monkeypatch, "quadratic_attention")
+    forwards = _spy(monkeypatch, "quadratic_forward")
+    q, k, v = _inputs(90, 2, 16, 16, seed=7)
+    rows = _rows((30, 60))
+    decay = DECAY[:2].to(DEVICE)
+    _gradients(q, k, v, decay, "triton", rows=rows)
+    assert trained == ["quadratic_attention"]
+    forwards.clear()  # the training call's own forward
+    with torch.no_grad():
+        lightning_attention(q, k, v, decay, rows=rows, impl="triton")
+    assert forwards == ["quadratic_forward"]
+    state = torch.zeros(1, 2, 16, 16, device=DEVICE)
+    with torch.no_grad():
+        lightning_attention(q, k, v, decay, rows=rows, impl="triton", initial_state=state)
+        lightning_attention(q, k, v, decay, rows=rows, impl="triton", output_final_state=True)
+        lightning_attention(q, k, v, decay, cu_seqlens=rows.cu_seqlens, impl="triton")
+        lightning_attention(q, k, v, decay, impl="triton")
+    monkeypatch.setattr(quadratic_triton, "QUADRATIC_MAX_TOKENS", 59)
+    _gradients(q, k, v, decay, "triton", rows=rows)
+    assert trained == ["quadratic_attention"] and forwards == ["quadratic_forward"]
+
+
+@needs_kernel
+def test_refuses_more_than_one_row() -> None:
+    from tnlora.ops.quadratic_triton import quadratic_forward
+
+    q, k, v = (x.reshape(2, 10, 1, -1) for x in _inputs(20, 1, 16, 16, seed=8))
+    with pytest.raises(ValueError, match="one row"):
+        quadratic_forward(q, k, v, DECAY[:1].to(DEVICE), ExampleSpans.build(torch.tensor([0, 20])).to(DEVICE))
+
+
+GPU = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("lengths", "key_dim"),
+    [((97, 230, 64, 1, 150, 482), 128), ((97, 230, 64, 1, 150, 482), 256), ((2048, 1000), 128)],
+)
+def test_bf16_output_and_gradients_against_fla_and_fp32(lengths: tuple[int, ...], key_dim: int) -> None:
+    """Packed examples at the model's widths (32 heads): the bf16 kernels' o, dq, dk, dv are as close to the fp32
+    chunked path's as fla's are."""
+    pytest.importorskip("fla.ops.simple_gla", reason="needs fla-core (pip install 'tnlora[gpu]')")
+    total = sum(lengths)
+    q, k, v = _inputs(total, 32, key_dim, 128, seed=total, dtype=torch.bfloat16)
+    rows = _rows(lengths)
+    decay = torch.linspace(-0.001, -1.0, 32, device=DEVICE)
+    o, got = _gradients(q, k, v, decay, "triton", rows=rows)
+    fla_o, fla = _gradients(q, k, v, decay, "fla", cu_seqlens=rows.cu_seqlens)
+    want_o, want = _gradients(q.float(), k.float(), v.float(), decay, "chunked", cu_seqlens=rows.cu_seqlens)
+    for name, mine, theirs, exact in zip(["o", "dq", "dk", "dv"], [o, *got], [fla_o, *fla], [want_o, *want]):
+        fla_err = ((theirs.float() - exact).norm() / exact.norm()).item()
+        err = ((mine.float() - exact).norm() / exact.norm()).item()
+        assert err < max(1e-2, 1.5 * fla_err), f"{name}: {err:.2e} against fla's {fla_err:.2e}"
+
+
+@needs_kernel
+def test_a_model_trains_through_the_quadratic_form_as_through_the_chunked_path(monkeypatch) -> None:
+    """A tiny model's training forward and backward on packed rows (LRPE in its first layer: q/k twice as wide):
+    the loss and every parameter's gradient equal the chunked path's in fp32."""
+    from test_lightning_triton import TINY
+
+    from tnlora.model import TransnormerConfig, TransnormerForCausalLM
+
+    calls = _spy(monkeypatch, "quadratic_attention")
+    torch.manual_seed(0)
+    model = TransnormerForCausalLM(TransnormerConfig(**TINY, lightning_impl="triton")).to(DEVICE).train()
+    reference = TransnormerForCausalLM(TransnormerConfig(**TINY, lightning_impl="chunked")).to(DEVICE).train()
+    reference.load_state_dict(model.state_dict())
+    ids = torch.randint(3, 300, (2, 90), device=DEVICE)
+    seq_ids = torch.tensor([[0] * 30 + [1] * 60, [2] * 7 + [3] * 83], device=DEVICE)
+    losses = []
+    for net in (model, reference):
+        out = net(input_ids=ids, labels=ids, seq_ids=seq_ids)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for (name, got), (_, want) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
+        assert got.grad is not None, name
+        _close(got.grad, want.grad, 1e-4)
+    assert len(calls) == TINY["decoder_layers"]
