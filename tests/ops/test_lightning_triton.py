@@ -473,15 +473,21 @@ def test_the_models_eval_forward_runs_the_kernel_and_matches_the_chunked_path() 
 
 
 @needs_kernel
-def test_a_model_trains_through_the_kernels_as_through_the_chunked_path() -> None:
+def test_a_model_trains_through_the_kernels_as_through_the_chunked_path(scans_for_packed_rows) -> None:
     """One training forward and backward of a tiny model (LRPE in its first layer, packed rows) with
+    ``lightning_impl="triton"``: the loss and every parameter's gradient equal the chunked path's in fp32."""
+    assert_trains_as_chunked([[0] * 30 + [1] * 60, [2] * 90])
+
+
+def assert_trains_as_chunked(seq_ids: list[list[int]]) -> None:
+    """A tiny model's training forward and backward on packed rows ``seq_ids`` (2 rows of 90 tokens) with
     ``lightning_impl="triton"``: the loss and every parameter's gradient equal the chunked path's in fp32."""
     torch.manual_seed(0)
     model = TransnormerForCausalLM(TransnormerConfig(**TINY, lightning_impl="triton")).to(DEVICE).train()
     reference = TransnormerForCausalLM(TransnormerConfig(**TINY, lightning_impl="chunked")).to(DEVICE).train()
     reference.load_state_dict(model.state_dict())
     ids = torch.randint(3, 300, (2, 90), device=DEVICE)
-    seq_ids = torch.tensor([[0] * 30 + [1] * 60, [2] * 90], device=DEVICE)
+    seq_ids = torch.tensor(seq_ids, device=DEVICE)
     losses = []
     for net in (model, reference):
         out = net(input_ids=ids, labels=ids, seq_ids=seq_ids)

@@ -187,25 +187,9 @@ def test_bf16_output_and_gradients_against_fla_and_fp32(lengths: tuple[int, ...]
 @needs_kernel
 def test_a_model_trains_through_the_quadratic_form_as_through_the_chunked_path(monkeypatch) -> None:
     """A tiny model's training forward and backward on packed rows (LRPE in its first layer: q/k twice as wide):
-    the loss and every parameter's gradient equal the chunked path's in fp32."""
-    from test_lightning_triton import TINY
-
-    from tnlora.model import TransnormerConfig, TransnormerForCausalLM
+    the loss and every parameter's gradient equal the chunked path's in fp32, every layer in the quadratic form."""
+    from test_lightning_triton import TINY, assert_trains_as_chunked
 
     calls = _spy(monkeypatch, "quadratic_attention")
-    torch.manual_seed(0)
-    model = TransnormerForCausalLM(TransnormerConfig(**TINY, lightning_impl="triton")).to(DEVICE).train()
-    reference = TransnormerForCausalLM(TransnormerConfig(**TINY, lightning_impl="chunked")).to(DEVICE).train()
-    reference.load_state_dict(model.state_dict())
-    ids = torch.randint(3, 300, (2, 90), device=DEVICE)
-    seq_ids = torch.tensor([[0] * 30 + [1] * 60, [2] * 7 + [3] * 83], device=DEVICE)
-    losses = []
-    for net in (model, reference):
-        out = net(input_ids=ids, labels=ids, seq_ids=seq_ids)
-        out.loss.backward()
-        losses.append(out.loss.detach())
-    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
-    for (name, got), (_, want) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
-        assert got.grad is not None, name
-        _close(got.grad, want.grad, 1e-4)
+    assert_trains_as_chunked([[0] * 30 + [1] * 60, [2] * 7 + [3] * 83])
     assert len(calls) == TINY["decoder_layers"]

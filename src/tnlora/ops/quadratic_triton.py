@@ -14,11 +14,11 @@ anything else). The work grows with the square of an example's length, so the di
 most :data:`QUADRATIC_MAX_TOKENS`, and no states in or out.
 
 The examples come as :class:`~tnlora.ops.packing.ExampleSpans` (each token's example start and end) of one row laid
-end to end. The forward is one launch; the backward two: dq per row block (its column blocks as the forward's), dk
-and dv together per column block (the row blocks forward to the end of its last token's example). Products take
-the inputs' dtype with fp32 accumulation (bf16: the decayed scores rounded to bf16 for the second product, as
-FlashAttention rounds its probabilities); fp32 inputs IEEE fp32 products, which the tests hold against the
-recurrence. Imports triton at import; the dispatcher imports it on first use.
+end to end. The forward is one launch; the backward two: dq per row block (the forward's kernel, its operands
+swapped), dk and dv together per column block (the row blocks forward to the end of its last token's example).
+Products take the inputs' dtype with fp32 accumulation (bf16: the decayed scores rounded to bf16 for the second
+product, as FlashAttention rounds its probabilities); fp32 inputs IEEE fp32 products, which the tests hold against
+the recurrence. Imports triton at import; the dispatcher imports it on first use.
 """
 
 from __future__ import annotations
@@ -88,92 +88,50 @@ def _load(base, tokens, stride_t, cols, n_tokens, n_cols, TRANSPOSED: tl.constex
 
 
 @triton.jit
-def _forward_tile(q, k_base, v_base, acc, j, rows, first, g, length, stride_kt, stride_vt, ks, vs,
-                  K: tl.constexpr, V: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr):  # fmt: skip
+def _rows_tile(a, b_base, c_base, acc, j, rows, first, g, length, stride_bt, stride_ct, bs, cs,
+               AB: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr):  # fmt: skip
     cols = j * BT + tl.arange(0, BT)
-    k_t = _load(k_base, cols, stride_kt, ks, length, K, True)
-    v = _load(v_base, cols, stride_vt, vs, length, V, False)
-    scores = tl.dot(q, k_t, input_precision=PRECISION) * _decays(rows, cols, first, g, False)
-    return tl.dot(scores.to(v.dtype), v, acc, input_precision=PRECISION)
+    b_t = _load(b_base, cols, stride_bt, bs, length, AB, True)
+    c = _load(c_base, cols, stride_ct, cs, length, C, False)
+    scores = tl.dot(a, b_t, input_precision=PRECISION) * _decays(rows, cols, first, g, False)
+    return tl.dot(scores.to(c.dtype), c, acc, input_precision=PRECISION)
 
 
 @triton.jit
-def quadratic_forward_kernel(
-    q_ptr, k_ptr, v_ptr, decay_ptr, starts_ptr, o_ptr, length, heads, stride_qt, stride_qh, stride_kt, stride_kh,
-    stride_vt, stride_vh, K: tl.constexpr, V: tl.constexpr, PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+def quadratic_rows_kernel(
+    a_ptr, b_ptr, c_ptr, decay_ptr, starts_ptr, out_ptr, length, heads, stride_at, stride_ah, stride_bt, stride_bh,
+    stride_ct, stride_ch, AB: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    BT: tl.constexpr, BAB: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
-    """o for one block of tokens, one head and BV columns of V: the column blocks from its first token's example
-    start to the block itself."""
+    """(a bᵀ ⊙ D) c for one block of tokens (D's rows), one head and BC columns of c, over the column blocks from
+    its first token's example start to the block itself: the forward's o with (a, b, c) = (q, k, v), dq with
+    (do, v, k). a and b are AB wide, c and the output [T, H, C] (contiguous) C wide."""
     i_t = tl.program_id(0)
     i_h = tl.program_id(1)
-    i_v = tl.program_id(2)
+    i_c = tl.program_id(2)
     g = tl.load(decay_ptr + i_h)
     rows = i_t * BT + tl.arange(0, BT)
     first = tl.load(starts_ptr + rows, mask=rows < length, other=0)
-    ks = tl.arange(0, BK)
-    vs = i_v * BV + tl.arange(0, BV)
-    q = _load(q_ptr + i_h * stride_qh, rows, stride_qt, ks, length, K, False)
-    k_base = k_ptr + i_h * stride_kh
-    v_base = v_ptr + i_h * stride_vh
-    acc = tl.zeros([BT, BV], dtype=tl.float32)
+    bs = tl.arange(0, BAB)
+    cs = i_c * BC + tl.arange(0, BC)
+    a = _load(a_ptr + i_h * stride_ah, rows, stride_at, bs, length, AB, False)
+    b_base = b_ptr + i_h * stride_bh
+    c_base = c_ptr + i_h * stride_ch
+    acc = tl.zeros([BT, BC], dtype=tl.float32)
     # Starts only grow along the row: the block's first token reaches back furthest.
     j = tl.load(starts_ptr + i_t * BT) // BT
     # Triton's interpreter cannot take a tensor bound in range() (numpy 2); compiled, the range loop.
     if WHILE_LOOP:
         while j <= i_t:
-            acc = _forward_tile(q, k_base, v_base, acc, j, rows, first, g, length, stride_kt, stride_vt,
-                                ks, vs, K, V, PRECISION, BT)  # fmt: skip
+            acc = _rows_tile(a, b_base, c_base, acc, j, rows, first, g, length, stride_bt, stride_ct, bs, cs, AB, C,
+                             PRECISION, BT)  # fmt: skip
             j += 1
     else:
         for jj in range(j, i_t + 1):
-            acc = _forward_tile(q, k_base, v_base, acc, jj, rows, first, g, length, stride_kt, stride_vt,
-                                ks, vs, K, V, PRECISION, BT)  # fmt: skip
-    tl.store(o_ptr + (rows.to(tl.int64)[:, None] * heads + i_h) * V + vs[None, :], acc.to(o_ptr.dtype.element_ty),
-             mask=(rows[:, None] < length) & (vs[None, :] < V))  # fmt: skip
-
-
-@triton.jit
-def _dq_tile(do, k_base, v_base, dq, j, rows, first, g, length, stride_kt, stride_vt, ks, vs,
-             K: tl.constexpr, V: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr):  # fmt: skip
-    cols = j * BT + tl.arange(0, BT)
-    v_t = _load(v_base, cols, stride_vt, vs, length, V, True)
-    kk = _load(k_base, cols, stride_kt, ks, length, K, False)
-    grads = tl.dot(do, v_t, input_precision=PRECISION) * _decays(rows, cols, first, g, False)
-    return tl.dot(grads.to(kk.dtype), kk, dq, input_precision=PRECISION)
-
-
-@triton.jit
-def quadratic_dq_kernel(
-    k_ptr, v_ptr, do_ptr, decay_ptr, starts_ptr, dq_ptr, length, heads, stride_kt, stride_kh, stride_vt, stride_vh,
-    K: tl.constexpr, V: tl.constexpr, PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BVF: tl.constexpr,
-):  # fmt: skip
-    """dq for one block of tokens, one head and BK columns of K: dq = (do vᵀ ⊙ D) k over the forward's blocks."""
-    i_t = tl.program_id(0)
-    i_h = tl.program_id(1)
-    i_k = tl.program_id(2)
-    g = tl.load(decay_ptr + i_h)
-    rows = i_t * BT + tl.arange(0, BT)
-    first = tl.load(starts_ptr + rows, mask=rows < length, other=0)
-    vs = tl.arange(0, BVF)
-    ks = i_k * BK + tl.arange(0, BK)
-    do = _load(do_ptr + i_h * V, rows, heads * V, vs, length, V, False)
-    k_base = k_ptr + i_h * stride_kh
-    v_base = v_ptr + i_h * stride_vh
-    dq = tl.zeros([BT, BK], dtype=tl.float32)
-    j = tl.load(starts_ptr + i_t * BT) // BT
-    if WHILE_LOOP:
-        while j <= i_t:
-            dq = _dq_tile(do, k_base, v_base, dq, j, rows, first, g, length, stride_kt, stride_vt,
-                          ks, vs, K, V, PRECISION, BT)  # fmt: skip
-            j += 1
-    else:
-        for jj in range(j, i_t + 1):
-            dq = _dq_tile(do, k_base, v_base, dq, jj, rows, first, g, length, stride_kt, stride_vt,
-                          ks, vs, K, V, PRECISION, BT)  # fmt: skip
-    tl.store(dq_ptr + (rows.to(tl.int64)[:, None] * heads + i_h) * K + ks[None, :], dq.to(dq_ptr.dtype.element_ty),
-             mask=(rows[:, None] < length) & (ks[None, :] < K))  # fmt: skip
+            acc = _rows_tile(a, b_base, c_base, acc, jj, rows, first, g, length, stride_bt, stride_ct, bs, cs, AB,
+                             C, PRECISION, BT)  # fmt: skip
+    tl.store(out_ptr + (rows.to(tl.int64)[:, None] * heads + i_h) * C + cs[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rows[:, None] < length) & (cs[None, :] < C))  # fmt: skip
 
 
 @triton.jit
@@ -237,16 +195,21 @@ def _flat(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _common(q: Tensor, v: Tensor, launch: BlockLaunch) -> dict:
-    """Launch arguments the three kernels take alike."""
-    return dict(
-        K=q.shape[-1], V=v.shape[-1], PRECISION="ieee" if v.dtype == torch.float32 else "tf32",
-        WHILE_LOOP=not q.is_cuda, BT=launch.block, num_warps=launch.num_warps,
-    )  # fmt: skip
-
-
 def _width(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
+
+
+def _rows_launch(a: Tensor, b: Tensor, c: Tensor, decay: Tensor, spans: ExampleSpans, out: Tensor,
+                 launch: BlockLaunch, block_c: int) -> None:  # fmt: skip
+    """:func:`quadratic_rows_kernel` writing ``out`` [1, T, H, C] from a, b [1, T, H, AB] and c [1, T, H, C]."""
+    _, length, heads, width = a.shape
+    c_width = c.shape[-1]
+    block_c = min(block_c, _width(c_width))
+    quadratic_rows_kernel[(triton.cdiv(length, launch.block), heads, triton.cdiv(c_width, block_c))](
+        a, b, c, decay, spans.starts, out, length, heads, a.stride(1), a.stride(2), b.stride(1), b.stride(2),
+        c.stride(1), c.stride(2), AB=width, C=c_width, PRECISION="ieee" if c.dtype == torch.float32 else "tf32",
+        WHILE_LOOP=not a.is_cuda, BT=launch.block, BAB=_width(width), BC=block_c, num_warps=launch.num_warps,
+    )  # fmt: skip
 
 
 def quadratic_forward(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, spans: ExampleSpans) -> Tensor:
@@ -259,13 +222,7 @@ def quadratic_forward(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, spans:
     if length == 0:
         return o
     decay = log_decay.to(device=q.device, dtype=torch.float32).contiguous()
-    launch = _launch(FORWARD_LAUNCHES, key_dim, v.dtype == torch.float32)
-    block_v = min(BLOCK_V, _width(value_dim))
-    grid = (triton.cdiv(length, launch.block), heads, triton.cdiv(value_dim, block_v))
-    quadratic_forward_kernel[grid](
-        q, k, v, decay, spans.starts, o, length, heads, q.stride(1), q.stride(2), k.stride(1), k.stride(2),
-        v.stride(1), v.stride(2), BK=_width(key_dim), BV=block_v, **_common(q, v, launch),
-    )  # fmt: skip
+    _rows_launch(q, k, v, decay, spans, o, _launch(FORWARD_LAUNCHES, key_dim, v.dtype == torch.float32), BLOCK_V)
     return o
 
 
@@ -284,17 +241,13 @@ def quadratic_backward(
         return dq, dk, dv
     decay = log_decay.to(device=q.device, dtype=torch.float32).contiguous()
     fp32 = v.dtype == torch.float32
-    launch = _launch(DQ_LAUNCHES, key_dim, fp32)
-    block_k = min(BLOCK_K_DQ, _width(key_dim))
-    grid = (triton.cdiv(length, launch.block), heads, triton.cdiv(key_dim, block_k))
-    quadratic_dq_kernel[grid](
-        k, v, do, decay, spans.starts, dq, length, heads, k.stride(1), k.stride(2), v.stride(1), v.stride(2),
-        BK=block_k, BVF=_width(value_dim), **_common(q, v, launch),
-    )  # fmt: skip
+    _rows_launch(do, v, k, decay, spans, dq, _launch(DQ_LAUNCHES, key_dim, fp32), BLOCK_K_DQ)
     launch = _launch(DKV_LAUNCHES, key_dim, fp32)
     quadratic_dkv_kernel[(triton.cdiv(length, launch.block), heads)](
         q, k, v, do, decay, spans.starts, spans.ends, dk, dv, length, heads, q.stride(1), q.stride(2), k.stride(1),
-        k.stride(2), v.stride(1), v.stride(2), BKF=_width(key_dim), BVF=_width(value_dim), **_common(q, v, launch),
+        k.stride(2), v.stride(1), v.stride(2), K=key_dim, V=value_dim, PRECISION="ieee" if fp32 else "tf32",
+        WHILE_LOOP=not q.is_cuda, BT=launch.block, BKF=_width(key_dim), BVF=_width(value_dim),
+        num_warps=launch.num_warps,
     )  # fmt: skip
     return dq, dk, dv
 
@@ -330,7 +283,6 @@ __all__ = [
     "quadratic_attention",
     "quadratic_backward",
     "quadratic_dkv_kernel",
-    "quadratic_dq_kernel",
     "quadratic_forward",
-    "quadratic_forward_kernel",
+    "quadratic_rows_kernel",
 ]
