@@ -53,7 +53,7 @@ def scans_for_packed_rows(monkeypatch) -> None:
     tests/ops/test_quadratic_triton.py)."""
     from tnlora.ops import quadratic_triton
 
-    monkeypatch.setattr(quadratic_triton, "QUADRATIC_MAX_TOKENS", 0)
+    monkeypatch.setattr(quadratic_triton, "QUADRATIC_MAX_MEAN_TOKENS", 0)
 
 
 @needs_kernel

@@ -46,12 +46,12 @@ def _close(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
 
 @pytest.fixture(autouse=True)
 def quadratic_for_short_examples(monkeypatch) -> None:
-    """The dispatcher takes packed examples of up to 2,048 tokens to the quadratic form."""
+    """The dispatcher takes these tests' packed examples (up to 200 tokens) to the quadratic form."""
     if not triton_available():  # the module imports triton; without it no test here runs a kernel
         return
     from tnlora.ops import quadratic_triton
 
-    monkeypatch.setattr(quadratic_triton, "QUADRATIC_MAX_TOKENS", 2048)
+    monkeypatch.setattr(quadratic_triton, "QUADRATIC_MAX_MEAN_TOKENS", 2048)
 
 
 def test_example_spans_give_each_token_its_example_s_start_and_end() -> None:
@@ -59,6 +59,21 @@ def test_example_spans_give_each_token_its_example_s_start_and_end() -> None:
     assert spans.starts.tolist() == [0, 0, 0, 3, 4, 4, 4, 4]
     assert spans.ends.tolist() == [3, 3, 3, 4, 8, 8, 8, 8]
     assert spans.starts.dtype == spans.ends.dtype == torch.int32
+
+
+def test_packed_rows_know_how_long_their_tokens_examples_are_on_average() -> None:
+    rows = PackedRows.from_cu_seqlens(torch.tensor([0, 3, 3, 4, 8]), 8)  # 3, 0, 1 and 4 tokens
+    assert rows.mean_example_reach == pytest.approx((9 + 1 + 16) / 8)
+
+
+@pytest.mark.skipif(not triton_available(), reason="the dispatcher's rule reads quadratic_triton, which imports triton")
+def test_by_default_huanhuan_sized_examples_take_the_quadratic_form_and_long_ones_the_scans(monkeypatch) -> None:
+    from tnlora.ops import lightning, quadratic_triton
+
+    monkeypatch.undo()  # the module's own default, not this file's fixture
+    assert quadratic_triton.QUADRATIC_MAX_MEAN_TOKENS > 0
+    assert lightning._quadratic_fits(PackedRows.from_cu_seqlens(torch.arange(0, 1025, 100).clamp(max=1024), 1024))
+    assert not lightning._quadratic_fits(PackedRows.from_cu_seqlens(torch.tensor([0, 24, 1024]), 1024))
 
 
 def test_packed_rows_keep_their_example_spans() -> None:
@@ -124,7 +139,8 @@ def _spy(monkeypatch, name: str) -> list[str]:
 @needs_kernel
 def test_the_dispatcher_takes_the_quadratic_form_for_short_packed_examples_without_states(monkeypatch) -> None:
     """Training and forward-only calls on packed rows of short examples run it; an initial state, a final state
-    asked for, an example longer than QUADRATIC_MAX_TOKENS, or no packed rows send the call to the scans."""
+    asked for, examples longer on average than QUADRATIC_MAX_MEAN_TOKENS (30 and 60 tokens: 50 a token), or no
+    packed rows send the call to the scans."""
     from tnlora.ops import quadratic_triton
 
     trained = _spy(monkeypatch, "quadratic_attention")
@@ -144,7 +160,7 @@ def test_the_dispatcher_takes_the_quadratic_form_for_short_packed_examples_witho
         lightning_attention(q, k, v, decay, rows=rows, impl="triton", output_final_state=True)
         lightning_attention(q, k, v, decay, cu_seqlens=rows.cu_seqlens, impl="triton")
         lightning_attention(q, k, v, decay, impl="triton")
-    monkeypatch.setattr(quadratic_triton, "QUADRATIC_MAX_TOKENS", 59)
+    monkeypatch.setattr(quadratic_triton, "QUADRATIC_MAX_MEAN_TOKENS", 49)
     _gradients(q, k, v, decay, "triton", rows=rows)
     assert trained == ["quadratic_attention"] and forwards == ["quadratic_forward"]
 

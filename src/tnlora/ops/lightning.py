@@ -166,11 +166,11 @@ def _triton_attention(
 
 
 def _quadratic_fits(rows: PackedRows) -> bool:
-    """Whether packed rows' examples are short enough for the quadratic form (their longest at most
-    :data:`tnlora.ops.quadratic_triton.QUADRATIC_MAX_TOKENS`, read from the host copy)."""
+    """Whether packed rows' examples are short enough for the quadratic form (their tokens' examples at most
+    :data:`tnlora.ops.quadratic_triton.QUADRATIC_MAX_MEAN_TOKENS` long on average, from the host copy)."""
     from tnlora.ops import quadratic_triton
 
-    return 0 < rows.longest_example <= quadratic_triton.QUADRATIC_MAX_TOKENS
+    return 0 < rows.mean_example_reach <= quadratic_triton.QUADRATIC_MAX_MEAN_TOKENS
 
 
 def _check_shapes(

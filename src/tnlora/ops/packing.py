@@ -232,6 +232,14 @@ class PackedRows:
         """The most tokens of one example, read from the host copy (no device access)."""
         return int(self.cu_seqlens_cpu.diff().max()) if self.num_examples > 0 else 0
 
+    @functools.cached_property
+    def mean_example_reach(self) -> float:
+        """The length of a token's example, averaged over the tokens (Σ L² ÷ Σ L over the examples' lengths L),
+        read from the host copy: what the quadratic form's work a token grows with."""
+        lengths = self.cu_seqlens_cpu.diff().double()
+        total = float(lengths.sum())
+        return float((lengths * lengths).sum()) / total if total > 0 else 0.0
+
     @property
     def num_examples(self) -> int:
         """N, read from the host copy (no device access)."""

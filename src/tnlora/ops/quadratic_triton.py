@@ -10,8 +10,8 @@ of tokens and those blocks, as FlashAttention's kernels do (without a softmax th
 grid's parallelism is every block × head at once, where :mod:`tnlora.ops.lightning_triton`'s scans walk each
 example's chunks one after another holding a [K, V] state (whose registers leave its backward kernels none for
 anything else). The work grows with the square of an example's length, so the dispatcher
-(:func:`tnlora.ops.lightning._triton_attention`) takes this form only for packed rows whose longest example is at
-most :data:`QUADRATIC_MAX_TOKENS`, and no states in or out.
+(:func:`tnlora.ops.lightning._triton_attention`) takes this form only for packed rows of short examples (their
+tokens' examples at most :data:`QUADRATIC_MAX_MEAN_TOKENS` long on average), and no states in or out.
 
 The examples come as :class:`~tnlora.ops.packing.ExampleSpans` (each token's example start and end) of one row laid
 end to end. The forward is one launch; the backward two: dq per row block (the forward's kernel, its operands
@@ -32,9 +32,12 @@ from torch import Tensor
 
 from tnlora.ops.packing import ExampleSpans
 
-# The longest example taken in this form (tokens); longer ones go to the scans, whose work grows linearly. 0: never
-# (the default until the form has a training figure on the GPU).
-QUADRATIC_MAX_TOKENS = 0
+# Packed rows whose tokens' examples are this long on average (PackedRows.mean_example_reach: Σ L² ÷ Σ L) take this
+# form; longer go to the scans, whose work a token does not grow with the example's length (0: never). On an H100 at
+# 1B's huanhuan-shaped micro-batch (~110 tokens by that mean) the form took 28-44 % off the scans' forward +
+# backward; its work a token grows about linearly with the mean, so 192 keeps it to the examples' lengths where
+# it stays ahead by that measurement (benchmarks/RESULTS.md, "Short packed examples in the quadratic form").
+QUADRATIC_MAX_MEAN_TOKENS = 192
 
 
 @dataclass(frozen=True)
@@ -46,20 +49,24 @@ class BlockLaunch:
     num_warps: int
 
 
-# Per q / k width (the next power of two); other widths take the narrowest listed at least as wide.
-FORWARD_LAUNCHES: dict[int, BlockLaunch] = {128: BlockLaunch(64, 4), 256: BlockLaunch(64, 8)}
-DQ_LAUNCHES: dict[int, BlockLaunch] = {128: BlockLaunch(64, 4), 256: BlockLaunch(64, 8)}
-DKV_LAUNCHES: dict[int, BlockLaunch] = {128: BlockLaunch(64, 8), 256: BlockLaunch(32, 8)}
+# Per q / k width (the next power of two); other widths take the narrowest listed at least as wide. Swept on an H100
+# at 1B's huanhuan-shaped micro-batch (16 heads, 32,768 tokens; benchmarks/RESULTS.md, "Short packed examples in the
+# quadratic form"): 32-token blocks at 4 warps won every launch at both widths (less of the blocks' area past the
+# ~100-token examples' diagonal blocks than at 64).
+FORWARD_LAUNCHES: dict[int, BlockLaunch] = {128: BlockLaunch(32, 4), 256: BlockLaunch(32, 4)}
+DQ_LAUNCHES: dict[int, BlockLaunch] = {128: BlockLaunch(32, 4), 256: BlockLaunch(32, 4)}
+DKV_LAUNCHES: dict[int, BlockLaunch] = {128: BlockLaunch(32, 4), 256: BlockLaunch(32, 4)}
 BLOCK_V = 128  # the forward's V columns a program (o's block)
 BLOCK_K_DQ = 128  # the dq launch's K columns a program
 
 
 def _launch(launches: dict[int, BlockLaunch], key_dim: int, fp32: bool) -> BlockLaunch:
-    """The launch listed for ``key_dim``'s width; fp32 tiles at half the tokens (IEEE products, twice the bytes)."""
+    """The launch listed for ``key_dim``'s width; fp32 tiles at half the tokens (IEEE products, twice the bytes), at
+    least 16 (the products' least)."""
     width = max(16, triton.next_power_of_2(key_dim))
     fitting = [w for w in sorted(launches) if w >= width]
     launch = launches[fitting[0] if fitting else max(launches)]
-    return BlockLaunch(launch.block // 2, launch.num_warps) if fp32 else launch
+    return BlockLaunch(max(16, launch.block // 2), launch.num_warps) if fp32 else launch
 
 
 @triton.jit
@@ -80,11 +87,14 @@ def _load(base, tokens, stride_t, cols, n_tokens, n_cols, TRANSPOSED: tl.constex
     """A tile of a [tokens, cols] operand at ``base`` (token stride ``stride_t``, columns contiguous), zero outside;
     [cols, tokens] TRANSPOSED."""
     at = tokens.to(tl.int64) * stride_t
+    # One return: compiled, the code after a constexpr branch's early return is generated too.
     if TRANSPOSED:
-        return tl.load(base + cols[:, None] + at[None, :], mask=(cols[:, None] < n_cols) & (tokens[None, :] < n_tokens),
+        tile = tl.load(base + cols[:, None] + at[None, :], mask=(cols[:, None] < n_cols) & (tokens[None, :] < n_tokens),
                        other=0.0)  # fmt: skip
-    return tl.load(base + at[:, None] + cols[None, :], mask=(tokens[:, None] < n_tokens) & (cols[None, :] < n_cols),
-                   other=0.0)  # fmt: skip
+    else:
+        tile = tl.load(base + at[:, None] + cols[None, :], mask=(tokens[:, None] < n_tokens) & (cols[None, :] < n_cols),
+                       other=0.0)  # fmt: skip
+    return tile
 
 
 @triton.jit
@@ -277,7 +287,7 @@ __all__ = [
     "DKV_LAUNCHES",
     "DQ_LAUNCHES",
     "FORWARD_LAUNCHES",
-    "QUADRATIC_MAX_TOKENS",
+    "QUADRATIC_MAX_MEAN_TOKENS",
     "BlockLaunch",
     "QuadraticLightning",
     "quadratic_attention",
