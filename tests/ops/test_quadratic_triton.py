@@ -73,7 +73,7 @@ def test_by_default_huanhuan_sized_examples_take_the_quadratic_form_and_long_one
     monkeypatch.undo()  # the module's own default, not this file's fixture
     assert quadratic_triton.QUADRATIC_MAX_MEAN_TOKENS > 0
     assert lightning._quadratic_fits(PackedRows.from_cu_seqlens(torch.arange(0, 1025, 100).clamp(max=1024), 1024))
-    assert not lightning._quadratic_fits(PackedRows.from_cu_seqlens(torch.tensor([0, 24, 1024]), 1024))
+    assert not lightning._quadratic_fits(PackedRows.from_cu_seqlens(torch.tensor([0, 512, 1024]), 1024))
 
 
 def test_packed_rows_keep_their_example_spans() -> None:

@@ -33,11 +33,11 @@ from torch import Tensor
 from tnlora.ops.packing import ExampleSpans
 
 # Packed rows whose tokens' examples are this long on average (PackedRows.mean_example_reach: Σ L² ÷ Σ L) take this
-# form; longer go to the scans, whose work a token does not grow with the example's length (0: never). On an H100 at
-# 1B's huanhuan-shaped micro-batch (~110 tokens by that mean) the form took 28-44 % off the scans' forward +
-# backward; its work a token grows about linearly with the mean, so 192 keeps it to the examples' lengths where
-# it stays ahead by that measurement (benchmarks/RESULTS.md, "Short packed examples in the quadratic form").
-QUADRATIC_MAX_MEAN_TOKENS = 192
+# form; longer go to the scans, whose work a token does not grow with the example's length (0: never). On an H100
+# (1B's 16 heads, 32,768 tokens, forward + backward; benchmarks/RESULTS.md, "Short packed examples in the quadratic
+# form"): huanhuan-shaped examples (~110 by that mean) 2.05 -> 1.22 ms at q/k 128; uniform 256-token examples 1.67
+# -> 1.42; 512 1.62 -> 2.06 (at q/k 256 still ahead, 4.09 -> 3.31). 320 sits below the crossover at q/k 128.
+QUADRATIC_MAX_MEAN_TOKENS = 320
 
 
 @dataclass(frozen=True)
