@@ -413,7 +413,9 @@ def test_by_default_the_backward_walks_one_example_a_program(monkeypatch, scans_
 
 
 @needs_kernel
-def test_the_dispatcher_walks_packed_rows_without_states_by_chunks_in_the_backward(monkeypatch, scans_for_packed_rows) -> None:
+def test_the_dispatcher_walks_packed_rows_without_states_by_chunks_in_the_backward(
+    monkeypatch, scans_for_packed_rows
+) -> None:
     """Packed rows without states that train take the rows' scan chunks for the backward (of the dtype's chunk);
     with an initial state, or without gradients, none; the gradients through the chunks equal the recurrence's."""
     from tnlora.ops import lightning_triton
