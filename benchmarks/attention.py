@@ -15,7 +15,9 @@ makes them. The per-token recurrent loop is timed only up to --recurrent-max.
 ``--forward`` times the forward alone (no gradients). ``--segment-tokens 0,2048`` times impl triton once for each
 value of ``lightning_triton.SEGMENT_TOKENS`` (packed examples: a forward program walks the examples that start in
 one block of that many tokens; 0: one example a program); ``--backward-segment-tokens 0,512`` the same for
-``BACKWARD_SEGMENT_TOKENS`` (a backward program walks those examples one after another, each in chunks of its own).
+``BACKWARD_SEGMENT_TOKENS`` (a backward program walks those examples one after another, each in chunks of its own);
+``--quadratic-mean-tokens 0,320`` the same for ``quadratic_triton.QUADRATIC_MAX_MEAN_TOKENS`` (packed examples
+at most that long on average take the quadratic form in blocks; 0: the scans).
 """
 
 from __future__ import annotations
@@ -153,6 +155,8 @@ def main() -> None:
                         help="comma list: impl triton timed at each SEGMENT_TOKENS (packed examples; 0: one a program)")
     parser.add_argument("--backward-segment-tokens", default="",
                         help="comma list: impl triton timed at each BACKWARD_SEGMENT_TOKENS (0: one example a program)")
+    parser.add_argument("--quadratic-mean-tokens", default="",
+                        help="comma list: impl triton timed at each QUADRATIC_MAX_MEAN_TOKENS (0: the scans)")
     parser.add_argument("--chunk-size", type=int, default=64, help="chunk of the pure-PyTorch chunked impl")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
@@ -178,16 +182,22 @@ def main() -> None:
         impls.insert(0, "fla")
     segments = [int(x) for x in args.segment_tokens.split(",")] if args.segment_tokens else [None]
     backward = [int(x) for x in args.backward_segment_tokens.split(",")] if args.backward_segment_tokens else [None]
-    scans = [(seg, back) for seg in segments for back in backward]
-    runs = [(impl, walk) for impl in impls for walk in (scans if impl == "triton" else [(None, None)])]
+    quadratic = [int(x) for x in args.quadratic_mean_tokens.split(",")] if args.quadratic_mean_tokens else [None]
+    scans = [(seg, back, quad) for seg in segments for back in backward for quad in quadratic]
+    runs = [(impl, walk) for impl in impls for walk in (scans if impl == "triton" else [(None, None, None)])]
     print(header(device, DTYPES[args.dtype]))
     print(f"# H={args.heads} examples={args.examples or 'one per row'} {'forward' if args.forward else 'fwd+bwd'}")
     print(f"{'impl':<11} {'K':>4} {'T':>6} {'ms':>11} {'peak MiB':>9}")
     for head_k in (int(x) for x in args.head_dims.split(",")):
         for length in (int(x) for x in args.lengths.split(",")):
-            for impl, (seg, back) in runs:
+            for impl, (seg, back, quad) in runs:
                 label = impl + (f"/s{seg}" if seg is not None else "") + (f"/b{back}" if back is not None else "")
+                label += f"/q{quad}" if quad is not None else ""
                 row = f"{label:<11} {head_k:>4} {length:>6}"
+                if quad is not None:
+                    from tnlora.ops import quadratic_triton
+
+                    quadratic_triton.QUADRATIC_MAX_MEAN_TOKENS = quad
                 if seg is not None or back is not None:
                     from tnlora.ops import lightning_triton
 

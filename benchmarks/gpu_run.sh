@@ -101,6 +101,9 @@
 #                   examples that start in one block of BACKWARD_SEGMENTS tokens a program, each in chunks of its own
 #                   (benchmarks/attention.py --backward-segment-tokens; 0: one example a program), forward + backward
 #                   back to back; at q/k 128 also with the backward's launches GRAD_FORMS (--triton-grad)
+#   attention-quadratic  packed examples (QUADRATIC_EXAMPLES: huanhuan.json's lengths and uniform ones; 1B's 16 heads,
+#                   32,768 tokens) forward + backward, the scans against the quadratic form in blocks
+#                   (benchmarks/attention.py --quadratic-mean-tokens 0,4096): where the form stops paying
 #   attention-train  tnlora train's defaults with the attention as fla's chunk kernels and as tnlora's Triton scans
 #                   (--attention_impl fla / triton; MODELS, default "1B 7B"; ROUNDS rounds, default 1, alternating)
 #   attention-long  7B on one LONG_LEN-token sequence with tnlora train's defaults, the attention as "auto" (the
@@ -335,6 +338,10 @@ PY
       for h in 32 16 8; do att --heads $h --lengths 32768,131072 --head-dims 128 --forward; done
       for cfg in ${GRAD_SWEEP:-64:32:4 64:32:4:merged 64:32:8:merged 128:32:8}; do
         att --impls triton --heads 32 --lengths 16384 --examples huanhuan --head-dims 128,256 --triton-grad $cfg
+      done ;;
+    attention-quadratic)  # the scans against the quadratic form in blocks, by the examples' length
+      for ex in ${QUADRATIC_EXAMPLES:-huanhuan 256 512 1024}; do
+        table_script attention.py --impls triton --quadratic-mean-tokens 0,4096 --repeats 5 --back-to-back 20 --heads 16 --lengths 32768 --examples $ex --head-dims 128,256
       done ;;
     attention-segments)  # packed huanhuan-shaped examples: the scans walking SEGMENTS tokens' examples a program (0:
       # one example a program) against fla, forward + backward and forward alone, back to back
