@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_device import DEVICE, INTERPRET, needs_kernel
+from test_lightning_triton import _close, _gradients, _inputs
 
 from tnlora.ops.lightning import lightning_attention
 from tnlora.ops.packing import ExampleSpans, PackedRows
@@ -16,32 +17,9 @@ from tnlora.ops.select import triton_available
 DECAY = torch.tensor([-0.02, -0.7, -2.5])  # slow, fast and near-zero λ
 
 
-def _inputs(length: int, heads: int, key_dim: int, value_dim: int, seed: int, dtype=torch.float32):
-    """q, k, v [1, T, H, ·] as views of one projection output (the model's strides), SiLU'd q and k."""
-    gen = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(1, length, heads * (2 * key_dim + value_dim), generator=gen).to(DEVICE)
-    q, k, v = qkv.split([heads * key_dim, heads * key_dim, heads * value_dim], dim=-1)
-    q = torch.nn.functional.silu(q).reshape(1, length, heads, key_dim)
-    k = torch.nn.functional.silu(k).reshape(1, length, heads, key_dim)
-    return q.to(dtype), k.to(dtype), v.reshape(1, length, heads, value_dim).to(dtype)
-
-
 def _rows(lengths: tuple[int, ...]) -> PackedRows:
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE)
     return PackedRows.from_cu_seqlens(cu, sum(lengths))
-
-
-def _gradients(q, k, v, decay, impl: str, **kwargs):
-    """o and autograd's dq, dk, dv of Σ o ⊙ w (a fixed random w) through ``impl``."""
-    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-    o, _ = lightning_attention(*leaves, decay, impl=impl, **kwargs)
-    weight = torch.randn(o.shape, generator=torch.Generator().manual_seed(11)).to(o)
-    return o, torch.autograd.grad((o * weight).sum(), leaves)
-
-
-def _close(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
-    err = ((got.double() - want.double()).norm() / want.double().norm()).item()
-    assert err < tol, f"relative error {err:.2e} ≥ {tol:.0e}"
 
 
 @pytest.fixture(autouse=True)
@@ -96,10 +74,10 @@ def test_output_and_gradients_match_the_recurrence_in_fp32(lengths, heads, key_d
     """Packed examples through the dispatcher (rows without states train in the quadratic form): o, dq, dk, dv
     against autograd through the fp64 recurrence."""
     rows = _rows(lengths)
-    q, k, v = _inputs(sum(lengths), heads, key_dim, value_dim, seed=sum(lengths))
+    q, k, v = _inputs(1, sum(lengths), heads, key_dim, value_dim, seed=sum(lengths))
     decay = DECAY[:heads].to(DEVICE)
-    o, grads = _gradients(q, k, v, decay, "triton", rows=rows)
-    want_o, want = _gradients(q.double(), k.double(), v.double(), decay, "recurrent", rows=rows)
+    o, _, grads = _gradients(q, k, v, decay, "triton", rows=rows)
+    want_o, _, want = _gradients(q.double(), k.double(), v.double(), decay, "recurrent", rows=rows)
     assert o.dtype == torch.float32 and o.shape == want_o.shape
     _close(o, want_o, 1e-5)
     for got, expected in zip(grads, want, strict=True):
@@ -110,11 +88,11 @@ def test_output_and_gradients_match_the_recurrence_in_fp32(lengths, heads, key_d
 @needs_kernel
 def test_two_packed_rows_keep_their_examples_apart() -> None:
     """Rows [20, 50] and [3, 67] tokens (a row's start always starts an example), B = 2 laid end to end."""
-    q, k, v = (x.reshape(2, 70, 2, -1) for x in _inputs(140, 2, 16, 16, seed=5))
+    q, k, v = _inputs(2, 70, 2, 16, 16, seed=5)
     rows = PackedRows.from_seq_ids(torch.tensor([[0] * 20 + [1] * 50, [1] * 3 + [2] * 67], device=DEVICE))
     decay = DECAY[:2].to(DEVICE)
-    o, grads = _gradients(q, k, v, decay, "triton", rows=rows)
-    want_o, want = _gradients(q.double(), k.double(), v.double(), decay, "recurrent", rows=rows)
+    o, _, grads = _gradients(q, k, v, decay, "triton", rows=rows)
+    want_o, _, want = _gradients(q.double(), k.double(), v.double(), decay, "recurrent", rows=rows)
     assert o.shape == (2, 70, 2, 16)
     _close(o, want_o, 1e-5)
     for got, expected in zip(grads, want, strict=True):
@@ -145,7 +123,7 @@ def test_the_dispatcher_takes_the_quadratic_form_for_short_packed_examples_witho
 
     trained = _spy(monkeypatch, "quadratic_attention")
     forwards = _spy(monkeypatch, "quadratic_forward")
-    q, k, v = _inputs(90, 2, 16, 16, seed=7)
+    q, k, v = _inputs(1, 90, 2, 16, 16, seed=7)
     rows = _rows((30, 60))
     decay = DECAY[:2].to(DEVICE)
     _gradients(q, k, v, decay, "triton", rows=rows)
@@ -169,7 +147,7 @@ def test_the_dispatcher_takes_the_quadratic_form_for_short_packed_examples_witho
 def test_refuses_more_than_one_row() -> None:
     from tnlora.ops.quadratic_triton import quadratic_forward
 
-    q, k, v = (x.reshape(2, 10, 1, -1) for x in _inputs(20, 1, 16, 16, seed=8))
+    q, k, v = _inputs(2, 10, 1, 16, 16, seed=8)
     with pytest.raises(ValueError, match="one row"):
         quadratic_forward(q, k, v, DECAY[:1].to(DEVICE), ExampleSpans.build(torch.tensor([0, 20])).to(DEVICE))
 
@@ -188,12 +166,12 @@ def test_bf16_output_and_gradients_against_fla_and_fp32(lengths: tuple[int, ...]
     chunked path's as fla's are."""
     pytest.importorskip("fla.ops.simple_gla", reason="needs fla-core (pip install 'tnlora[gpu]')")
     total = sum(lengths)
-    q, k, v = _inputs(total, 32, key_dim, 128, seed=total, dtype=torch.bfloat16)
+    q, k, v = _inputs(1, total, 32, key_dim, 128, seed=total, dtype=torch.bfloat16)
     rows = _rows(lengths)
     decay = torch.linspace(-0.001, -1.0, 32, device=DEVICE)
-    o, got = _gradients(q, k, v, decay, "triton", rows=rows)
-    fla_o, fla = _gradients(q, k, v, decay, "fla", cu_seqlens=rows.cu_seqlens)
-    want_o, want = _gradients(q.float(), k.float(), v.float(), decay, "chunked", cu_seqlens=rows.cu_seqlens)
+    o, _, got = _gradients(q, k, v, decay, "triton", rows=rows)
+    fla_o, _, fla = _gradients(q, k, v, decay, "fla", cu_seqlens=rows.cu_seqlens)
+    want_o, _, want = _gradients(q.float(), k.float(), v.float(), decay, "chunked", cu_seqlens=rows.cu_seqlens)
     for name, mine, theirs, exact in zip(["o", "dq", "dk", "dv"], [o, *got], [fla_o, *fla], [want_o, *want]):
         fla_err = ((theirs.float() - exact).norm() / exact.norm()).item()
         err = ((mine.float() - exact).norm() / exact.norm()).item()

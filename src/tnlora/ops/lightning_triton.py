@@ -38,6 +38,7 @@ only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import triton
@@ -45,6 +46,8 @@ import triton.language as tl
 from torch import Tensor
 
 from tnlora.ops.packing import ScanChunks, ScanSegments
+
+_Launch = TypeVar("_Launch")
 
 # Tokens a step of a program's loop: fla's chunk size for half types; fp32 tiles at 64 tokens and q/k 256 wide
 # (LRPE's layer) would need 320 KB of shared memory on sm_90 (227 KB there), 176 KB at 32 tokens.
@@ -312,8 +315,8 @@ def triton_forward(
         elif final is not None:
             final.zero_()
         return o, final
-    block_k = max(16, triton.next_power_of_2(key_dim))
-    block_v = min(BLOCK_V, max(16, triton.next_power_of_2(value_dim)))
+    block_k = tile_width(key_dim)
+    block_v = min(BLOCK_V, tile_width(value_dim))
     grid = (examples * heads * -(-value_dim // block_v),)
     lightning_forward_kernel[grid](
         q, k, v, decay, initial_state if initial_state is not None else decay,
@@ -729,14 +732,24 @@ MERGED_MIN_LANES = 128
 FEW_LANES_LAUNCH = GradLaunch(64, 32, 4, False)
 
 
+def tile_width(n: int) -> int:
+    """A tile's width for ``n`` columns: the next power of two, at least 16 (the products' least)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def listed_for_width(launches: dict[int, _Launch], key_dim: int) -> _Launch:
+    """The launch ``launches`` lists for q / k ``key_dim`` wide: that of the narrowest listed width at least
+    :func:`tile_width` (``key_dim``), the widest listed past them all."""
+    width = tile_width(key_dim)
+    fitting = [w for w in sorted(launches) if w >= width]
+    return launches[fitting[0] if fitting else max(launches)]
+
+
 def grad_launch(key_dim: int, lanes: int | None = None, segmented: bool = False) -> GradLaunch:
     """The backward's launch for q / k ``key_dim`` wide (:data:`GRAD_LAUNCHES`, or :data:`SEGMENTED_LAUNCHES` where
     the backward walks :class:`~tnlora.ops.packing.ScanChunks`), for a call of ``lanes`` lanes (None: not known,
     taken as many)."""
-    launches = SEGMENTED_LAUNCHES if segmented else GRAD_LAUNCHES
-    width = max(16, triton.next_power_of_2(key_dim))
-    fitting = [w for w in sorted(launches) if w >= width]
-    launch = launches[fitting[0] if fitting else max(launches)]
+    launch = listed_for_width(SEGMENTED_LAUNCHES if segmented else GRAD_LAUNCHES, key_dim)
     return FEW_LANES_LAUNCH if launch.merged and lanes is not None and lanes < MERGED_MIN_LANES else launch
 
 
@@ -786,8 +799,8 @@ def triton_backward(
     dht = final_grad.to(torch.float32).contiguous() if final_grad is not None else None
     cu = bounds if bounds is not None else decay
     table = chunks.table if chunks is not None else decay
-    full_k = max(16, triton.next_power_of_2(key_dim))
-    full_v = max(16, triton.next_power_of_2(value_dim))
+    full_k = tile_width(key_dim)
+    full_v = tile_width(value_dim)
     launch = grad_launch(key_dim, lanes, segmented=chunks is not None)
     block_k = min(launch.block_k, full_k)
     block_v = min(launch.block_v, full_v)
@@ -878,6 +891,8 @@ __all__ = [
     "lightning_dq_kernel",
     "lightning_dv_kernel",
     "lightning_forward_kernel",
+    "listed_for_width",
+    "tile_width",
     "triton_attention",
     "triton_backward",
     "triton_forward",

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from tnlora.ops.lightning_triton import listed_for_width, tile_width
 from tnlora.ops.packing import ExampleSpans
 
 # Packed rows whose tokens' examples are this long on average (PackedRows.mean_example_reach: Σ L² ÷ Σ L) take this
@@ -63,9 +64,7 @@ BLOCK_K_DQ = 128  # the dq launch's K columns a program
 def _launch(launches: dict[int, BlockLaunch], key_dim: int, fp32: bool) -> BlockLaunch:
     """The launch listed for ``key_dim``'s width; fp32 tiles at half the tokens (IEEE products, twice the bytes), at
     least 16 (the products' least)."""
-    width = max(16, triton.next_power_of_2(key_dim))
-    fitting = [w for w in sorted(launches) if w >= width]
-    launch = launches[fitting[0] if fitting else max(launches)]
+    launch = listed_for_width(launches, key_dim)
     return BlockLaunch(max(16, launch.block // 2), launch.num_warps) if fp32 else launch
 
 
@@ -205,20 +204,16 @@ def _flat(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _width(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
 def _rows_launch(a: Tensor, b: Tensor, c: Tensor, decay: Tensor, spans: ExampleSpans, out: Tensor,
                  launch: BlockLaunch, block_c: int) -> None:  # fmt: skip
     """:func:`quadratic_rows_kernel` writing ``out`` [1, T, H, C] from a, b [1, T, H, AB] and c [1, T, H, C]."""
     _, length, heads, width = a.shape
     c_width = c.shape[-1]
-    block_c = min(block_c, _width(c_width))
+    block_c = min(block_c, tile_width(c_width))
     quadratic_rows_kernel[(triton.cdiv(length, launch.block), heads, triton.cdiv(c_width, block_c))](
         a, b, c, decay, spans.starts, out, length, heads, a.stride(1), a.stride(2), b.stride(1), b.stride(2),
         c.stride(1), c.stride(2), AB=width, C=c_width, PRECISION="ieee" if c.dtype == torch.float32 else "tf32",
-        WHILE_LOOP=not a.is_cuda, BT=launch.block, BAB=_width(width), BC=block_c, num_warps=launch.num_warps,
+        WHILE_LOOP=not a.is_cuda, BT=launch.block, BAB=tile_width(width), BC=block_c, num_warps=launch.num_warps,
     )  # fmt: skip
 
 
@@ -256,7 +251,7 @@ def quadratic_backward(
     quadratic_dkv_kernel[(triton.cdiv(length, launch.block), heads)](
         q, k, v, do, decay, spans.starts, spans.ends, dk, dv, length, heads, q.stride(1), q.stride(2), k.stride(1),
         k.stride(2), v.stride(1), v.stride(2), K=key_dim, V=value_dim, PRECISION="ieee" if fp32 else "tf32",
-        WHILE_LOOP=not q.is_cuda, BT=launch.block, BKF=_width(key_dim), BVF=_width(value_dim),
+        WHILE_LOOP=not q.is_cuda, BT=launch.block, BKF=tile_width(key_dim), BVF=tile_width(value_dim),
         num_warps=launch.num_warps,
     )  # fmt: skip
     return dq, dk, dv
