@@ -17,7 +17,8 @@ value of ``lightning_triton.SEGMENT_TOKENS`` (packed examples: a forward program
 one block of that many tokens; 0: one example a program); ``--backward-segment-tokens 0,512`` the same for
 ``BACKWARD_SEGMENT_TOKENS`` (a backward program walks those examples one after another, each in chunks of its own);
 ``--quadratic-mean-tokens 0,320`` the same for ``quadratic_triton.QUADRATIC_MAX_MEAN_TOKENS`` (packed examples
-at most that long on average take the quadratic form in blocks; 0: the scans).
+at most that long on average take the quadratic form in blocks; 0: the scans); ``--quadratic-launch 32:4:2`` runs
+all three of its launches with that block, warps and pipeline stages (``quadratic_triton.BlockLaunch``).
 """
 
 from __future__ import annotations
@@ -157,6 +158,8 @@ def main() -> None:
                         help="comma list: impl triton timed at each BACKWARD_SEGMENT_TOKENS (0: one example a program)")
     parser.add_argument("--quadratic-mean-tokens", default="",
                         help="comma list: impl triton timed at each QUADRATIC_MAX_MEAN_TOKENS (0: the scans)")
+    parser.add_argument("--quadratic-launch", default="",
+                        help="block:warps:stages for the quadratic form's three launches (the tree's own if empty)")
     parser.add_argument("--chunk-size", type=int, default=64, help="chunk of the pure-PyTorch chunked impl")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
@@ -177,6 +180,14 @@ def main() -> None:
         lightning_triton.MERGED_MIN_LANES = 0
         print(f"# triton backward: K block {block_k}, V block {block_v}, {warps} warps"
               f"{', dk and dv in one launch (up to 128 wide)' if launch.merged else ''}")  # fmt: skip
+    if args.quadratic_launch:
+        from tnlora.ops import quadratic_triton
+
+        block, warps, stages = (int(x) for x in args.quadratic_launch.split(":"))
+        launch = quadratic_triton.BlockLaunch(block, warps, stages)
+        for launches in (quadratic_triton.FORWARD_LAUNCHES, quadratic_triton.DQ_LAUNCHES, quadratic_triton.DKV_LAUNCHES):
+            launches.update({width: launch for width in launches})
+        print(f"# quadratic form: {block}-token blocks, {warps} warps, {stages} stages")
     impls = args.impls.split(",") if args.impls else ["chunked", "recurrent"]
     if not args.impls and device.type == "cuda" and fla_available():
         impls.insert(0, "fla")

@@ -104,6 +104,8 @@
 #   attention-quadratic  packed examples (QUADRATIC_EXAMPLES: huanhuan.json's lengths and uniform ones; 1B's 16 heads,
 #                   32,768 tokens) forward + backward, the scans against the quadratic form in blocks
 #                   (benchmarks/attention.py --quadratic-mean-tokens 0,4096): where the form stops paying
+#   attention-quadratic-launches  the quadratic form's three launches at each of QUADRATIC_LAUNCHES (block:warps:
+#                   pipeline stages) on huanhuan-shaped packed examples at 1B's and 7B's micro-batches (QUADRATIC_SHAPES)
 #   attention-train  tnlora train's defaults with the attention as fla's chunk kernels and as tnlora's Triton scans
 #                   (--attention_impl fla / triton; MODELS, default "1B 7B"; ROUNDS rounds, default 1, alternating)
 #   attention-long  7B on one LONG_LEN-token sequence with tnlora train's defaults, the attention as "auto" (the
@@ -342,6 +344,13 @@ PY
     attention-quadratic)  # the scans against the quadratic form in blocks, by the examples' length
       for ex in ${QUADRATIC_EXAMPLES:-huanhuan 256 512 1024}; do
         table_script attention.py --impls triton --quadratic-mean-tokens 0,4096 --repeats 5 --back-to-back 20 --heads 16 --lengths 32768 --examples $ex --head-dims 128,256
+      done ;;
+    attention-quadratic-launches)  # the quadratic form's launches (QUADRATIC_LAUNCHES, block:warps:stages) on packed
+      # huanhuan-shaped examples (QUADRATIC_SHAPES heads:tokens: 1B's and 7B's micro-batches), q/k 128
+      for shape in ${QUADRATIC_SHAPES:-16:32768 32:8192}; do
+        for launch in ${QUADRATIC_LAUNCHES:-32:4:3 32:4:2 32:4:1 32:2:2 32:2:1 32:8:2 16:2:2 16:4:2 64:4:1}; do
+          table_script attention.py --impls triton --quadratic-mean-tokens 4096 --quadratic-launch $launch --repeats 5 --back-to-back 20 --heads ${shape%%:*} --lengths ${shape##*:} --examples huanhuan --head-dims 128
+        done
       done ;;
     attention-segments)  # packed huanhuan-shaped examples: the scans walking SEGMENTS tokens' examples a program (0:
       # one example a program) against fla, forward + backward and forward alone, back to back

@@ -43,11 +43,13 @@ QUADRATIC_MAX_MEAN_TOKENS = 320
 
 @dataclass(frozen=True)
 class BlockLaunch:
-    """Tokens a block (``block``, both sides of D's tiles) and warps a program, for the forward and the two backward
+    """Tokens a block (``block``, both sides of D's tiles), warps a program and software-pipeline stages of the
+    loop over blocks (``num_stages``: Triton's default on CUDA is 3), for the forward and the two backward
     launches."""
 
     block: int
     num_warps: int
+    num_stages: int = 3
 
 
 # Per q / k width (the next power of two); other widths take the narrowest listed at least as wide. Swept on an H100
@@ -65,7 +67,7 @@ def _launch(launches: dict[int, BlockLaunch], key_dim: int, fp32: bool) -> Block
     """The launch listed for ``key_dim``'s width; fp32 tiles at half the tokens (IEEE products, twice the bytes), at
     least 16 (the products' least)."""
     launch = listed_for_width(launches, key_dim)
-    return BlockLaunch(max(16, launch.block // 2), launch.num_warps) if fp32 else launch
+    return BlockLaunch(max(16, launch.block // 2), launch.num_warps, launch.num_stages) if fp32 else launch
 
 
 @triton.jit
@@ -214,6 +216,7 @@ def _rows_launch(a: Tensor, b: Tensor, c: Tensor, decay: Tensor, spans: ExampleS
         a, b, c, decay, spans.starts, out, length, heads, a.stride(1), a.stride(2), b.stride(1), b.stride(2),
         c.stride(1), c.stride(2), AB=width, C=c_width, PRECISION="ieee" if c.dtype == torch.float32 else "tf32",
         WHILE_LOOP=not a.is_cuda, BT=launch.block, BAB=tile_width(width), BC=block_c, num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
     )  # fmt: skip
 
 
@@ -252,7 +255,7 @@ def quadratic_backward(
         q, k, v, do, decay, spans.starts, spans.ends, dk, dv, length, heads, q.stride(1), q.stride(2), k.stride(1),
         k.stride(2), v.stride(1), v.stride(2), K=key_dim, V=value_dim, PRECISION="ieee" if fp32 else "tf32",
         WHILE_LOOP=not q.is_cuda, BT=launch.block, BKF=tile_width(key_dim), BVF=tile_width(value_dim),
-        num_warps=launch.num_warps,
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
     return dq, dk, dv
 
