@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tnlora.ops.lora import LORA_GRAD_MIN_ROWS, lora_linear, lora_linear_reference, reads_dy_once
+from tnlora.ops.lora import (
+    LORA_GRAD_MIN_ROWS,
+    LoraOperands,
+    lora_linear,
+    lora_linear_pair,
+    lora_linear_reference,
+    reads_dy_once,
+)
 
 IN, OUT, RANK = 24, 40, 4
 
@@ -132,3 +139,103 @@ def test_auto_grad_kernel_reads_dy_once_only_on_cuda_from_the_measured_rows() ->
     assert not reads_dy_once("torch", 10 * LORA_GRAD_MIN_ROWS, cuda=True)
     with pytest.raises(ValueError, match="grad_kernel must be"):
         reads_dy_once("cublas", 1, cuda=True)
+
+
+def _pair_inputs(dtype: torch.dtype = torch.float64, adapter_dtype: torch.dtype | None = None, bias: bool = False):
+    """x and two projections of it (widths 40 and 32, ranks 4 and 2) as LoraOperands, scalings 2 and 0.5."""
+    gen = torch.Generator().manual_seed(3)
+
+    def rand(*shape, to=dtype, grad=False):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(to).requires_grad_(grad)
+
+    x = rand(3, 5, IN, grad=True)
+    a_dtype = adapter_dtype or dtype
+    first = LoraOperands(rand(OUT, IN), rand(OUT) if bias else None, rand(RANK, IN, to=a_dtype, grad=True),
+                         rand(OUT, RANK, to=a_dtype, grad=True), 2.0)  # fmt: skip
+    second = LoraOperands(rand(32, IN), None, rand(2, IN, to=a_dtype, grad=True), rand(32, 2, to=a_dtype, grad=True), 0.5)
+    return x, first, second
+
+
+def _pair_run(fn, x, first, second):
+    y1, y2 = fn(x, first, second)
+    gen = torch.Generator().manual_seed(4)
+    gy1, gy2 = (torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype) for y in (y1, y2))
+    params = (x, first.lora_a, first.lora_b, second.lora_a, second.lora_b)
+    return (y1, y2), torch.autograd.grad((y1, y2), params, (gy1, gy2))
+
+
+def _pair_reference(x, first, second):
+    return lora_linear_reference(x, *first), lora_linear_reference(x, *second)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_pair_equals_two_compositions_in_float64(bias: bool) -> None:
+    """Two projections of one input as one operation: each output and every gradient (x's the sum of both
+    paths) as peft's composition computes them."""
+    x, first, second = _pair_inputs(bias=bias)
+    want, want_grads = _pair_run(_pair_reference, x, first, second)
+    got, got_grads = _pair_run(lora_linear_pair, x, first, second)
+    for g, w in zip((*got, *got_grads), (*want, *want_grads), strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_pair_under_bf16_autocast_with_fp32_adapters() -> None:
+    x, first, second = _pair_inputs(torch.bfloat16, adapter_dtype=torch.float32)
+
+    def exact(t):
+        return t.detach().double().requires_grad_(t.requires_grad) if t is not None else None
+
+    def exact_ops(ops):
+        return LoraOperands(*(exact(t) for t in ops[:4]), ops.scaling)
+
+    want, want_grads = _pair_run(_pair_reference, exact(x), exact_ops(first), exact_ops(second))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, got_grads = _pair_run(lora_linear_pair, x, first, second)
+    assert [t.dtype for t in got] == [torch.bfloat16] * 2
+    assert [t.dtype for t in got_grads] == [torch.bfloat16] + [torch.float32] * 4
+    for g, w in zip((*got, *got_grads), (*want, *want_grads), strict=True):
+        err = (g.double() - w).abs().max() / w.abs().max()
+        assert err < 2e-2, err
+
+
+@pytest.mark.parametrize("compiled_op", [False, True])
+def test_compiled_pair_equals_eager(compiled_op: bool) -> None:
+    x, first, second = _pair_inputs()
+
+    def pair(x, first, second):
+        return lora_linear_pair(x, first, second, compiled_op=compiled_op)
+
+    compiled = torch.compile(pair, backend="aot_eager", fullgraph=True)
+    want, want_grads = _pair_run(lora_linear_pair, x, first, second)
+    with torch.profiler.profile() as prof:
+        got, got_grads = _pair_run(compiled, x, first, second)
+    names = {event.name for event in prof.events()}
+    if compiled_op:
+        assert {"tnlora::lora_pair", "tnlora::lora_pair_backward"} <= names
+    else:
+        assert not any(name.startswith("tnlora::") for name in names)
+    for g, w in zip((*got, *got_grads), (*want, *want_grads), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_pair_operators_pass_torch_library_checks() -> None:
+    x, first, second = _pair_inputs()
+    x = x.detach().reshape(-1, IN).requires_grad_()
+    torch.library.opcheck(torch.ops.tnlora.lora_pair.default, (x, *first[:4], *second[:4], 2.0, 0.5, False))
+    gen = torch.Generator().manual_seed(5)
+    dy1, dy2 = torch.randn(15, OUT, generator=gen, dtype=torch.float64), torch.randn(15, 32, generator=gen, dtype=torch.float64)
+    hs = torch.randn(15, RANK + 2, generator=gen, dtype=torch.float64)
+    adapters = [t.detach() for t in (first.lora_a, second.lora_a, first.lora_b, second.lora_b)]
+    for needs_x in (True, False):
+        torch.library.opcheck(
+            torch.ops.tnlora.lora_pair_backward.default,
+            (dy1, dy2, x.detach(), first.weight, second.weight, *adapters, hs, 2.0, 0.5, needs_x, False),
+        )
+
+
+def test_pair_refuses_a_trainable_base_weight() -> None:
+    x, first, second = _pair_inputs()
+    first.weight.requires_grad_()
+    with pytest.raises(ValueError, match="frozen weights"):
+        lora_linear_pair(x, first, second)

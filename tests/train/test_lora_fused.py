@@ -53,15 +53,18 @@ def test_training_step_equals_peft_layers_in_float64() -> None:
 
 @pytest.fixture
 def fused_calls(monkeypatch) -> list[int]:
-    """One entry per call of the fused operation by the layers."""
+    """One entry per adapted layer a call of the fused operations computes: 1 for a layer's own, 2 for a pair's."""
     calls: list[int] = []
-    real = lora_op.lora_linear
 
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def counting(real, layers):
+        def call(*args, **kwargs):
+            calls.append(layers)
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr("tnlora.train.lora_fused.lora_linear", counting)
+        return call
+
+    monkeypatch.setattr("tnlora.train.lora_fused.lora_linear", counting(lora_op.lora_linear, 1))
+    monkeypatch.setattr("tnlora.train.lora_fused.lora_linear_pair", counting(lora_op.lora_linear_pair, 2))
     return calls
 
 
@@ -70,13 +73,35 @@ def test_the_fused_forward_runs_in_training_only(fused_calls) -> None:
     model = lora_model()
     inputs = batch(24)
     loss_and_grads(model, inputs)
-    assert len(calls) == 10  # every adapted layer of the step
+    assert sum(calls) == 10  # every adapted layer of the step
+    assert calls.count(2) == 2  # each GLU's l1 and l2 as one operation
     calls.clear()
     with torch.no_grad():
         model(**inputs)
     model.eval()
     model(**inputs)
     assert calls == []
+
+
+def test_the_glu_pair_equals_each_layer_on_its_own_in_float64(fused_calls) -> None:
+    """The GLU's l1 and l2 as one operation (FusedLoraLinear.paired, the default) against each layer's own fused
+    operation: the same loss and LoRA gradients; without dropout only (with it each layer runs its own)."""
+    inputs = batch(40)
+    results = []
+    for paired in (True, False):
+        model = lora_model(dtype=torch.float64)
+        for layer in _layers(model):
+            layer.paired = paired
+        fused_calls.clear()
+        results.append(loss_and_grads(model, inputs))
+        assert fused_calls.count(2) == (2 if paired else 0) and sum(fused_calls) == 10
+    (loss, grads), (want_loss, want_grads) = results
+    assert abs(loss - want_loss) < 1e-12 * abs(want_loss)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+    fused_calls.clear()
+    loss_and_grads(lora_model(0.2, dtype=torch.float64), inputs)
+    assert fused_calls == [1] * 10
 
 
 def test_zero3_partitioned_weights_keep_peft_forward(fused_calls) -> None:
@@ -87,7 +112,7 @@ def test_zero3_partitioned_weights_keep_peft_forward(fused_calls) -> None:
     layers = _layers(model)
     layers[0].get_base_layer().weight.ds_id = 0
     loss_and_grads(model, batch(24))
-    assert len(calls) == len(layers) - 1
+    assert sum(calls) == len(layers) - 1
 
 
 def test_saved_adapter_loads_into_plain_peft(tmp_path) -> None:

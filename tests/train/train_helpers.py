@@ -46,7 +46,10 @@ def lora_model(
         lora_kernel=lora_kernel,
     )
     model = apply_finetuning(model, cfg)
-    upcast_trainable(model)
+    if dtype != torch.float64:
+        # tnlora train's fp32 adapters; a float64 model keeps float64 ones, so that the fused layers (which leave a
+        # cast input to peft) run in the float64 comparisons
+        upcast_trainable(model)
     return randomize_lora(model).train()
 
 

@@ -301,6 +301,7 @@ def train_bench(args: argparse.Namespace, keys: dict[str, Any], name: str) -> Tr
         for module in model.modules():
             if isinstance(module, FusedLoraLinear):
                 module.compiled_op = args.lora_compiled_op  # read when the layers compile, at the first step
+                module.paired = args.lora_pair
                 module.grad_kernel = args.lora_grad_kernel
                 module.dropout_kernel = args.lora_dropout_kernel
         # Enough examples for every timed step; packing packs them into cutoff-length rows first.
@@ -340,6 +341,7 @@ def run(args: argparse.Namespace, keys: dict[str, Any]) -> int:
     shape = f"one {args.seq_len}-token sequence a row" if args.seq_len else "data-shaped"
     given = " ".join(f"{k}={v}" for k, v in keys.items())
     op = "" if args.lora_compiled_op else " no-lora_compiled_op"
+    op += "" if args.lora_pair else " no-lora_pair"
     kernels = f" act={args.act_kernel}" if args.act_kernel != "auto" else ""
     kernels += f" lora_grad={args.lora_grad_kernel}" if args.lora_grad_kernel != "auto" else ""
     kernels += f" lora_dropout={args.lora_dropout_kernel}" if args.lora_dropout_kernel != "auto" else ""

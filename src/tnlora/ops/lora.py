@@ -32,12 +32,19 @@ With ``dropout_kernel="triton"`` (opt-in) the dropout mask is one byte an elemen
 where x is read (:mod:`tnlora.ops.lora_dropout`): the dropped input is neither written nor kept for the backward,
 which reads x itself.
 
+:func:`lora_linear_pair` is two such layers that read one input (TNL's GLU: ``l1`` and ``l2`` of the channel
+norm's output) as one operation: both adapters' A products read x once ([T, r₁ + r₂] at once), and in the
+backward both dA from one more read of x, and one input gradient (the adapters' part written once, both frozen
+GEMMs adding to it) where two would each be written and then summed.
+
 With ``weight_fp8`` (``fp8: true``) the two frozen GEMMs run on fp8 operands (:mod:`tnlora.ops.fp8`).
 ``torch._scaled_mm`` takes no output to accumulate into, so the adapter's part is added to its result afterwards:
 the pass over the output that the β = 1 epilogue hides in the bf16 form comes back (one read and write of y).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -391,4 +398,170 @@ def _lora_linear_op_call(
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-__all__ = ["lora_linear", "lora_linear_reference"]
+class LoraOperands(NamedTuple):
+    """One adapted projection of :func:`lora_linear_pair`: the frozen ``weight`` [out, in] and ``bias``, the adapter
+    ``lora_a`` [r, in] and ``lora_b`` [out, r], and its ``scaling``."""
+
+    weight: Tensor
+    bias: Tensor | None
+    lora_a: Tensor
+    lora_b: Tensor
+    scaling: float
+
+
+def lora_linear_pair(
+    x: Tensor, first: LoraOperands, second: LoraOperands, compiled_op: bool = True, grad_kernel: str = "auto"
+) -> tuple[Tensor, Tensor]:
+    """(:func:`lora_linear` of x through ``first``, the same through ``second``) for two adapted projections of one
+    input x [..., in], without dropout, as one operation: the adapters' down products of x in one GEMM, and one
+    input gradient for both. Gradients flow to x and both adapters; the frozen weights must not require them.
+    ``compiled_op``, ``grad_kernel``: as :func:`lora_linear` (compiled code without the operators runs each
+    projection's composition)."""
+    for operands in (first, second):
+        if operands.weight.requires_grad or (operands.bias is not None and operands.bias.requires_grad):
+            raise ValueError("lora_linear_pair: the frozen weights must not require gradients")
+    one_read = reads_dy_once(grad_kernel, x.numel() // max(1, x.shape[-1]), x.is_cuda)
+    if torch.compiler.is_compiling():
+        if not compiled_op:
+            return tuple(lora_linear_reference(x, *operands) for operands in (first, second))  # type: ignore[return-value]
+        return _lora_pair_op_call(x, first, second, one_read)
+    y1, y2 = _LoraPair.apply(x, *first[:4], *second[:4], first.scaling, second.scaling, one_read)
+    return y1, y2
+
+
+def _pair_in_compute_dtype(x: Tensor, first: LoraOperands, second: LoraOperands) -> tuple[Tensor, ...]:
+    """x [T, in] and both projections' weights (weight, bias, A, B, weight, bias, A, B) in the compute dtype."""
+    x2, *one = _in_compute_dtype(x, *first[:4])
+    _, *two = _in_compute_dtype(x, *second[:4])
+    return (x2, *one, *two)
+
+
+def _pair_forward_gemms(
+    x: Tensor, w1: Tensor, bias1: Tensor | None, a1: Tensor, b1: Tensor, w2: Tensor, bias2: Tensor | None,
+    a2: Tensor, b2: Tensor, s1: float, s2: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y1, y2, hs) for x [T, in]: hs = x [s₁A₁; s₂A₂]ᵀ [T, r₁ + r₂] in one GEMM, then each y written as its
+    adapter's part and its frozen GEMM added to it (β = 1), as :func:`_forward_gemms`."""
+    r1 = a1.shape[0]
+    hs = x @ torch.cat([a1 * s1, a2 * s2]).t()
+    outputs = []
+    for h, weight, bias, lora_b in ((hs[:, :r1], w1, bias1, b1), (hs[:, r1:], w2, bias2, b2)):
+        y = h @ lora_b.t()
+        if bias is not None:
+            y.add_(bias)
+        outputs.append(y.addmm_(x, weight.t()))
+    return outputs[0], outputs[1], hs
+
+
+def _pair_backward_gemms(
+    dy1: Tensor, dy2: Tensor, x: Tensor, w1: Tensor, w2: Tensor, a1: Tensor, a2: Tensor, b1: Tensor, b2: Tensor,
+    hs: Tensor, s1: float, s2: float, needs_x: bool, one_read: bool,
+) -> tuple[Tensor | None, Tensor, Tensor, Tensor, Tensor]:
+    """(dx or None, dA₁, dB₁, dA₂, dB₂) of :func:`_pair_forward_gemms`: each g = dy B and dB as
+    :func:`_backward_gemms` computes them; [dA₁; dA₂] = [g₁ g₂]ᵀ x in one GEMM; dx = [g₁ g₂] [s₁A₁; s₂A₂] written
+    once, then both frozen GEMMs added to it (β = 1)."""
+    r1 = a1.shape[0]
+    products = lora_dy_products if one_read else lora_dy_products_reference
+    g1, grad_b1 = products(dy1, b1, hs[:, :r1])
+    g2, grad_b2 = products(dy2, b2, hs[:, r1:])
+    g = torch.cat([g1, g2], dim=1)
+    grad_a = g.t() @ x
+    grad_x = None
+    if needs_x:
+        grad_x = g @ torch.cat([a1 * s1, a2 * s2])
+        grad_x.addmm_(dy1, w1).addmm_(dy2, w2)
+    return grad_x, grad_a[:r1] * s1, grad_b1, grad_a[r1:] * s2, grad_b2
+
+
+class _LoraPair(torch.autograd.Function):
+    """:func:`_pair_forward_gemms` and :func:`_pair_backward_gemms` in eager code, with the casts to the compute
+    dtype."""
+
+    @staticmethod
+    def forward(ctx, x, w1, bias1, a1, b1, w2, bias2, a2, b2, s1, s2, one_read):
+        first, second = LoraOperands(w1, bias1, a1, b1, s1), LoraOperands(w2, bias2, a2, b2, s2)
+        operands = _pair_in_compute_dtype(x, first, second)
+        y1, y2, hs = _pair_forward_gemms(*operands, s1, s2)
+        x2, cw1, _, ca1, cb1, cw2, _, ca2, cb2 = operands
+        ctx.save_for_backward(x2, cw1, cw2, ca1, ca2, cb1, cb2, hs)
+        ctx.scales, ctx.one_read, ctx.x_shape, ctx.x_dtype = (s1, s2), one_read, x.shape, x.dtype
+        ctx.adapter_dtypes = (a1.dtype, b1.dtype, a2.dtype, b2.dtype)
+        rows = x.shape[:-1]
+        return y1.reshape(*rows, y1.shape[-1]), y2.reshape(*rows, y2.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy1, dy2):
+        x2, w1, w2, a1, a2, b1, b2, hs = ctx.saved_tensors
+        dy1, dy2 = (d.reshape(-1, d.shape[-1]).to(hs.dtype) for d in (dy1, dy2))
+        grad_x, *adapters = _pair_backward_gemms(
+            dy1, dy2, x2, w1, w2, a1, a2, b1, b2, hs, *ctx.scales, ctx.needs_input_grad[0], ctx.one_read
+        )
+        grad_a1, grad_b1, grad_a2, grad_b2 = (g.to(dtype) for g, dtype in zip(adapters, ctx.adapter_dtypes, strict=True))
+        if grad_x is not None:
+            grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
+        return grad_x, None, None, grad_a1, grad_b1, None, None, grad_a2, grad_b2, None, None, None
+
+
+@torch.library.custom_op("tnlora::lora_pair", mutates_args=())
+def _lora_pair_op(
+    x: Tensor, w1: Tensor, bias1: Tensor | None, a1: Tensor, b1: Tensor, w2: Tensor, bias2: Tensor | None,
+    a2: Tensor, b2: Tensor, s1: float, s2: float, one_read: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y1, y2, hs) of :func:`_pair_forward_gemms` for x [T, in] and the weights in one dtype (``one_read`` is
+    for the backward)."""
+    return _pair_forward_gemms(x, w1, bias1, a1, b1, w2, bias2, a2, b2, s1, s2)
+
+
+@_lora_pair_op.register_fake
+def _lora_pair_op_fake(x, w1, bias1, a1, b1, w2, bias2, a2, b2, s1, s2, one_read):
+    rows = x.shape[0]
+    return (
+        x.new_empty((rows, w1.shape[0])),
+        x.new_empty((rows, w2.shape[0])),
+        x.new_empty((rows, a1.shape[0] + a2.shape[0])),
+    )
+
+
+@torch.library.custom_op("tnlora::lora_pair_backward", mutates_args=())
+def _lora_pair_backward_op(
+    dy1: Tensor, dy2: Tensor, x: Tensor, w1: Tensor, w2: Tensor, a1: Tensor, a2: Tensor, b1: Tensor, b2: Tensor,
+    hs: Tensor, s1: float, s2: float, needs_x: bool, one_read: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dA₁, dB₁, dA₂, dB₂) of :func:`_pair_backward_gemms`; dx is empty unless ``needs_x``."""
+    grad_x, *adapters = _pair_backward_gemms(dy1, dy2, x, w1, w2, a1, a2, b1, b2, hs, s1, s2, needs_x, one_read)
+    return (grad_x if grad_x is not None else dy1.new_empty((0,))), *adapters
+
+
+@_lora_pair_backward_op.register_fake
+def _lora_pair_backward_op_fake(dy1, dy2, x, w1, w2, a1, a2, b1, b2, hs, s1, s2, needs_x, one_read):
+    grad_x = dy1.new_empty((dy1.shape[0], w1.shape[1])) if needs_x else dy1.new_empty((0,))
+    return grad_x, torch.empty_like(a1), torch.empty_like(b1), torch.empty_like(a2), torch.empty_like(b2)
+
+
+def _lora_pair_op_setup(ctx, inputs, output) -> None:
+    x, w1, _bias1, a1, b1, w2, _bias2, a2, b2, s1, s2, one_read = inputs
+    ctx.save_for_backward(x, w1, w2, a1, a2, b1, b2, output[2])
+    ctx.scales, ctx.one_read = (s1, s2), one_read
+
+
+def _lora_pair_op_backward(ctx, dy1, dy2, _dhs):
+    x, w1, w2, a1, a2, b1, b2, hs = ctx.saved_tensors
+    needs_x = ctx.needs_input_grad[0]
+    grad_x, grad_a1, grad_b1, grad_a2, grad_b2 = torch.ops.tnlora.lora_pair_backward(
+        dy1.to(hs.dtype), dy2.to(hs.dtype), x, w1, w2, a1, a2, b1, b2, hs, *ctx.scales, needs_x, ctx.one_read
+    )
+    return (grad_x if needs_x else None), None, None, grad_a1, grad_b1, None, None, grad_a2, grad_b2, None, None, None
+
+
+torch.library.register_autograd("tnlora::lora_pair", _lora_pair_op_backward, setup_context=_lora_pair_op_setup)
+
+
+def _lora_pair_op_call(x: Tensor, first: LoraOperands, second: LoraOperands, one_read: bool) -> tuple[Tensor, Tensor]:
+    """lora_linear_pair through the custom operators: inputs cast to the compute dtype, rows flattened."""
+    operands = _pair_in_compute_dtype(x, first, second)
+    y1, y2, _ = torch.ops.tnlora.lora_pair(*operands, first.scaling, second.scaling, one_read)
+    rows = x.shape[:-1]
+    return y1.reshape(*rows, y1.shape[-1]), y2.reshape(*rows, y2.shape[-1])
+
+
+__all__ = ["LoraOperands", "lora_linear", "lora_linear_pair", "lora_linear_reference"]

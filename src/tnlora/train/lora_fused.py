@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from transformers import TrainerCallback
 
 from tnlora.model.modeling import partitioned
-from tnlora.ops.lora import lora_linear
+from tnlora.ops.lora import LoraOperands, lora_linear, lora_linear_pair
 
 
 class FusedLoraLinear(LoraLinear):
@@ -28,6 +28,9 @@ class FusedLoraLinear(LoraLinear):
     --no-lora_compiled_op``)."""
 
     compiled_op = True
+    # Two fused layers reading one input (the GLU's l1 and l2) run as one operation where the model asks for it
+    # (forward_with); False: each as its own. `tnlora bench train --no-lora_pair` sets it.
+    paired = True
     # "triton": the backward's two products of dy from one read of it (tnlora.ops.lora_grad, CUDA); "torch": two
     # GEMMs; "auto" (the default): the one read from tnlora.ops.lora.LORA_GRAD_MIN_ROWS tokens a micro-batch.
     # `tnlora bench train --lora_grad_kernel` sets it.
@@ -56,6 +59,27 @@ class FusedLoraLinear(LoraLinear):
             self.scaling[adapter], p, dropout.training, self.compiled_op, self.output_needed, self.grad_kernel,
             self.fp8_weight, self.dropout_kernel,
         )
+
+    def forward_with(self, other: nn.Module, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(self(x), other(x)) as one operation (:func:`tnlora.ops.lora.lora_linear_pair`: the adapters' down
+        products in one GEMM, one input gradient) where both are fused layers in the case it covers (no dropout, no
+        fp8 copy, both outputs needed); None otherwise, and the caller calls each."""
+        if not (self.paired and type(other) is FusedLoraLinear):
+            return None
+        pair = []
+        for layer in (self, other):
+            adapter = layer._fused_adapter(x, (), {})
+            if adapter is None or layer.fp8_weight is not None or not layer.output_needed:
+                return None
+            dropout = layer.lora_dropout[adapter]
+            if isinstance(dropout, nn.Dropout) and dropout.p > 0.0 and dropout.training:
+                return None
+            base = layer.get_base_layer()
+            pair.append(LoraOperands(base.weight, base.bias, layer.lora_A[adapter].weight,
+                                     layer.lora_B[adapter].weight, layer.scaling[adapter]))  # fmt: skip
+        if torch.compiler.is_compiling() and not (self.compiled_op and other.compiled_op):
+            return None
+        return lora_linear_pair(x, pair[0], pair[1], grad_kernel=self.grad_kernel)
 
     def _fused_adapter(self, x: Tensor, args: tuple, kwargs: dict) -> str | None:
         """The adapter the fused forward computes, or None where peft's forward must run."""
