@@ -65,7 +65,6 @@ def fused_calls(monkeypatch) -> list[int]:
 
     monkeypatch.setattr("tnlora.train.lora_fused.lora_linear", counting(lora_op.lora_linear, 1))
     monkeypatch.setattr("tnlora.train.lora_fused.lora_linear_pair", counting(lora_op.lora_linear_pair, 2))
-    monkeypatch.setattr("tnlora.train.lora_fused.lora_glu", counting(lora_op.lora_glu, 2))
     return calls
 
 
@@ -85,9 +84,8 @@ def test_the_fused_forward_runs_in_training_only(fused_calls) -> None:
 
 
 def test_the_glu_pair_equals_each_layer_on_its_own_in_float64(fused_calls) -> None:
-    """The GLU's l1 and l2 as one operation (FusedLoraLinear.paired, the default; on the CPU the pair and the
-    product in PyTorch's ops) against each layer's own fused operation: the same loss and LoRA gradients; without
-    dropout only (with it each layer runs its own)."""
+    """The GLU's l1 and l2 as one operation (FusedLoraLinear.paired, the default) against each layer's own fused
+    operation: the same loss and LoRA gradients; without dropout only (with it each layer runs its own)."""
     inputs = batch(40)
     results = []
     for paired in (True, False):

@@ -69,30 +69,6 @@ def test_one_read_of_dy_in_the_lora_backward_matches_the_two_gemms(monkeypatch, 
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_the_glu_kernel_matches_the_pair_and_its_product(monkeypatch, compiled: bool) -> None:
-    """``glu_kernel`` "triton" (the GLU product's backward with both adapters' products of dy in one kernel,
-    tnlora.ops.glu_grad) against "torch" (the pair operation and the product in PyTorch's ops), no dropout."""
-    from tnlora.ops import glu_grad
-
-    calls = counted_calls(monkeypatch, glu_grad, "glu_backward")
-
-    def make(kind: str) -> torch.nn.Module:
-        model = lora_model(0.0, device="cuda", dtype=torch.bfloat16, impl="fla", **GEOMETRY_1B)
-        for module in model.modules():
-            if isinstance(module, FusedLoraLinear):
-                module.glu_kernel = kind
-        calls.clear()
-        return model
-
-    def after(kind: str, model: torch.nn.Module) -> None:
-        layers = len(model.base_model.model.model.layers)
-        assert len(calls) == (layers if kind == "triton" else 0)  # one call a GLU's backward
-
-    results = kernel_and_torch_steps(make, after, compiled)
-    assert_bf16_step_matches(results[0], results[1], f"glu_kernel triton, compiled {compiled}")
-
-
-@pytest.mark.parametrize("compiled", [False, True])
 def test_fp8_frozen_gemms_stay_within_e4m3_rounding_of_bf16(compiled: bool) -> None:
     """``fp8: true`` on CUDA: the frozen GEMMs on the fp8 tensor cores (the model of 1B's width, packed rows, fla).
     e4m3 keeps 3 mantissa bits (a relative step of 2^-4, ~3.6 % rms per rounded operand), so the tolerance is

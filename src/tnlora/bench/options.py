@@ -37,9 +37,6 @@ def train_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
     parser.add_argument("--lora_pair", action=argparse.BooleanOptionalAction, default=True,
                         help="the GLU's l1 and l2 (fused LoRA layers of one input) as one operation (default) or, "
                              "with --no-lora_pair, each as its own")
-    parser.add_argument("--lora_glu_kernel", default="auto", choices=KERNEL_CHOICES,
-                        help="the GLU pair's product: its backward with both adapters' products of dy in one kernel "
-                             "(triton; auto, the default, on CUDA) or PyTorch's ops (torch)")
     parser.add_argument("--lora_grad_kernel", default="auto", choices=KERNEL_CHOICES,
                         help="the fused LoRA layers' backward products of dy: two GEMMs (torch), one read of dy "
                              "(triton, CUDA) or auto (the default: the one read from tnlora.ops.lora.LORA_GRAD_MIN_ROWS = "

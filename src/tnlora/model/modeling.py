@@ -362,14 +362,15 @@ class GLU(nn.Module):
         self.l3 = nn.Linear(glu_dim, dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        gated = self.gated(x)
-        return self.l3(gated if gated is not None else self.l1(x) * self.l2(x))
+        pair = self.inputs_pair(x)
+        h1, h2 = pair if pair is not None else (self.l1(x), self.l2(x))
+        return self.l3(h1 * h2)
 
-    def gated(self, x: Tensor) -> Tensor | None:
-        """l1(x) ⊙ l2(x) from ``l1``'s ``forward_gated(l2, x)`` where it has one and computes it (an adapted layer
-        that runs both projections of one input and their product as one operation), else None."""
-        forward_gated = getattr(self.l1, "forward_gated", None)
-        return forward_gated(self.l2, x) if forward_gated is not None else None
+    def inputs_pair(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(l1(x), l2(x)) from ``l1``'s ``forward_with(l2, x)`` where it has one and computes both (an adapted layer
+        that runs two projections of one input as one operation), else None."""
+        forward_with = getattr(self.l1, "forward_with", None)
+        return forward_with(self.l2, x) if forward_with is not None else None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -456,21 +456,15 @@ def _pair_forward_gemms(
 def _pair_backward_gemms(
     dy1: Tensor, dy2: Tensor, x: Tensor, w1: Tensor, w2: Tensor, a1: Tensor, a2: Tensor, b1: Tensor, b2: Tensor,
     hs: Tensor, s1: float, s2: float, needs_x: bool, one_read: bool,
-    rank_grads: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor | None, Tensor, Tensor, Tensor, Tensor]:
     """(dx or None, dA₁, dB₁, dA₂, dB₂) of :func:`_pair_forward_gemms`: each g = dy B and dB as
-    :func:`_backward_gemms` computes them, or given side by side in ``rank_grads`` (g [T, r₁ + r₂], dB [out, r₁ +
-    r₂]: :func:`tnlora.ops.glu_grad.glu_backward`); [dA₁; dA₂] = [g₁ g₂]ᵀ x in one GEMM; dx = [g₁ g₂] [s₁A₁; s₂A₂]
-    written once, then both frozen GEMMs added to it (β = 1)."""
+    :func:`_backward_gemms` computes them; [dA₁; dA₂] = [g₁ g₂]ᵀ x in one GEMM; dx = [g₁ g₂] [s₁A₁; s₂A₂] written
+    once, then both frozen GEMMs added to it (β = 1)."""
     r1 = a1.shape[0]
-    if rank_grads is None:
-        products = lora_dy_products if one_read else lora_dy_products_reference
-        g1, grad_b1 = products(dy1, b1, hs[:, :r1])
-        g2, grad_b2 = products(dy2, b2, hs[:, r1:])
-        g = torch.cat([g1, g2], dim=1)
-    else:
-        g, grad_b = rank_grads
-        grad_b1, grad_b2 = grad_b[:, :r1].contiguous(), grad_b[:, r1:].contiguous()
+    products = lora_dy_products if one_read else lora_dy_products_reference
+    g1, grad_b1 = products(dy1, b1, hs[:, :r1])
+    g2, grad_b2 = products(dy2, b2, hs[:, r1:])
+    g = torch.cat([g1, g2], dim=1)
     grad_a = g.t() @ x
     grad_x = None
     if needs_x:
@@ -570,133 +564,4 @@ def _lora_pair_op_call(x: Tensor, first: LoraOperands, second: LoraOperands, one
     return y1.reshape(*rows, y1.shape[-1]), y2.reshape(*rows, y2.shape[-1])
 
 
-def glu_in_kernel(glu_kernel: str, cuda: bool) -> bool:
-    """Whether :func:`lora_glu` takes the GLU product's backward with both adapters' products of dy in one kernel
-    (``glu_kernel`` "triton" on any device: CPU tensors under Triton's interpreter; "auto" on CUDA) rather than
-    :func:`lora_linear_pair` and the product left to the caller ("torch")."""
-    if glu_kernel not in KERNEL_CHOICES:
-        raise ValueError(f"glu_kernel must be 'auto', 'torch' or 'triton', got {glu_kernel!r}")
-    return glu_kernel == "triton" or (glu_kernel == "auto" and cuda)
-
-
-def lora_glu(x: Tensor, first: LoraOperands, second: LoraOperands, compiled_op: bool = True) -> Tensor:
-    """first(x) ⊙ second(x) (TNL's GLU before ``l3``; each as :func:`lora_linear` without dropout) as one operation:
-    :func:`lora_linear_pair`'s GEMMs, the product, and in the backward dy₁ = dm ⊙ y₂, dy₂ = dm ⊙ y₁ with both
-    adapters' g and dB formed in the kernel that writes them (:func:`tnlora.ops.glu_grad.glu_backward`; CUDA
-    tensors, or CPU ones under Triton's interpreter). Compiled code calls it as custom operators, or with
-    ``compiled_op=False`` runs the compositions."""
-    for operands in (first, second):
-        if operands.weight.requires_grad or (operands.bias is not None and operands.bias.requires_grad):
-            raise ValueError("lora_glu: the frozen weights must not require gradients")
-    if torch.compiler.is_compiling():
-        if not compiled_op:
-            return lora_linear_reference(x, *first) * lora_linear_reference(x, *second)
-        operands = _pair_in_compute_dtype(x, first, second)
-        m = torch.ops.tnlora.lora_glu(*operands, first.scaling, second.scaling)[0]
-        return m.reshape(*x.shape[:-1], m.shape[-1])
-    return _LoraGlu.apply(x, *first[:4], *second[:4], first.scaling, second.scaling)
-
-
-def _glu_forward(
-    x: Tensor, w1: Tensor, bias1: Tensor | None, a1: Tensor, b1: Tensor, w2: Tensor, bias2: Tensor | None,
-    a2: Tensor, b2: Tensor, s1: float, s2: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y₁ ⊙ y₂, y₁, y₂, hs) of :func:`_pair_forward_gemms`."""
-    y1, y2, hs = _pair_forward_gemms(x, w1, bias1, a1, b1, w2, bias2, a2, b2, s1, s2)
-    return y1 * y2, y1, y2, hs
-
-
-def _glu_backward(
-    dm: Tensor, x: Tensor, w1: Tensor, w2: Tensor, a1: Tensor, a2: Tensor, b1: Tensor, b2: Tensor, y1: Tensor,
-    y2: Tensor, hs: Tensor, s1: float, s2: float, needs_x: bool,
-) -> tuple[Tensor | None, Tensor, Tensor, Tensor, Tensor]:
-    """(dx or None, dA₁, dB₁, dA₂, dB₂) of :func:`_glu_forward` for the product's gradient dm [T, out]."""
-    from tnlora.ops.glu_grad import glu_backward
-
-    dy1, dy2, g, grad_b = glu_backward(dm, y1, y2, b1, b2, hs)
-    return _pair_backward_gemms(dy1, dy2, x, w1, w2, a1, a2, b1, b2, hs, s1, s2, needs_x, False, (g, grad_b))
-
-
-class _LoraGlu(torch.autograd.Function):
-    """:func:`_glu_forward` and :func:`_glu_backward` in eager code, with the casts to the compute dtype."""
-
-    @staticmethod
-    def forward(ctx, x, w1, bias1, a1, b1, w2, bias2, a2, b2, s1, s2):
-        first, second = LoraOperands(w1, bias1, a1, b1, s1), LoraOperands(w2, bias2, a2, b2, s2)
-        operands = _pair_in_compute_dtype(x, first, second)
-        m, y1, y2, hs = _glu_forward(*operands, s1, s2)
-        x2, cw1, _, ca1, cb1, cw2, _, ca2, cb2 = operands
-        ctx.save_for_backward(x2, cw1, cw2, ca1, ca2, cb1, cb2, y1, y2, hs)
-        ctx.scales, ctx.x_shape, ctx.x_dtype = (s1, s2), x.shape, x.dtype
-        ctx.adapter_dtypes = (a1.dtype, b1.dtype, a2.dtype, b2.dtype)
-        return m.reshape(*x.shape[:-1], m.shape[-1])
-
-    @staticmethod
-    def backward(ctx, dm):
-        x2, w1, w2, a1, a2, b1, b2, y1, y2, hs = ctx.saved_tensors
-        dm = dm.reshape(-1, dm.shape[-1]).to(hs.dtype)
-        grad_x, *adapters = _glu_backward(
-            dm, x2, w1, w2, a1, a2, b1, b2, y1, y2, hs, *ctx.scales, ctx.needs_input_grad[0]
-        )
-        grad_a1, grad_b1, grad_a2, grad_b2 = (g.to(dtype) for g, dtype in zip(adapters, ctx.adapter_dtypes, strict=True))
-        if grad_x is not None:
-            grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
-        return grad_x, None, None, grad_a1, grad_b1, None, None, grad_a2, grad_b2, None, None
-
-
-@torch.library.custom_op("tnlora::lora_glu", mutates_args=())
-def _lora_glu_op(
-    x: Tensor, w1: Tensor, bias1: Tensor | None, a1: Tensor, b1: Tensor, w2: Tensor, bias2: Tensor | None,
-    a2: Tensor, b2: Tensor, s1: float, s2: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y₁ ⊙ y₂, y₁, y₂, hs) of :func:`_glu_forward` for x [T, in] and the weights in one dtype."""
-    return _glu_forward(x, w1, bias1, a1, b1, w2, bias2, a2, b2, s1, s2)
-
-
-@_lora_glu_op.register_fake
-def _lora_glu_op_fake(x, w1, bias1, a1, b1, w2, bias2, a2, b2, s1, s2):
-    rows = x.shape[0]
-    return (
-        x.new_empty((rows, w1.shape[0])),
-        x.new_empty((rows, w1.shape[0])),
-        x.new_empty((rows, w2.shape[0])),
-        x.new_empty((rows, a1.shape[0] + a2.shape[0])),
-    )
-
-
-@torch.library.custom_op("tnlora::lora_glu_backward", mutates_args=())
-def _lora_glu_backward_op(
-    dm: Tensor, x: Tensor, w1: Tensor, w2: Tensor, a1: Tensor, a2: Tensor, b1: Tensor, b2: Tensor, y1: Tensor,
-    y2: Tensor, hs: Tensor, s1: float, s2: float, needs_x: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dA₁, dB₁, dA₂, dB₂) of :func:`_glu_backward`; dx is empty unless ``needs_x``."""
-    grad_x, *adapters = _glu_backward(dm, x, w1, w2, a1, a2, b1, b2, y1, y2, hs, s1, s2, needs_x)
-    return (grad_x if grad_x is not None else dm.new_empty((0,))), *adapters
-
-
-@_lora_glu_backward_op.register_fake
-def _lora_glu_backward_op_fake(dm, x, w1, w2, a1, a2, b1, b2, y1, y2, hs, s1, s2, needs_x):
-    grad_x = dm.new_empty((dm.shape[0], w1.shape[1])) if needs_x else dm.new_empty((0,))
-    return grad_x, torch.empty_like(a1), torch.empty_like(b1), torch.empty_like(a2), torch.empty_like(b2)
-
-
-def _lora_glu_op_setup(ctx, inputs, output) -> None:
-    x, w1, _bias1, a1, b1, w2, _bias2, a2, b2, s1, s2 = inputs
-    _m, y1, y2, hs = output
-    ctx.save_for_backward(x, w1, w2, a1, a2, b1, b2, y1, y2, hs)
-    ctx.scales = (s1, s2)
-
-
-def _lora_glu_op_backward(ctx, dm, _dy1, _dy2, _dhs):
-    x, w1, w2, a1, a2, b1, b2, y1, y2, hs = ctx.saved_tensors
-    needs_x = ctx.needs_input_grad[0]
-    grad_x, grad_a1, grad_b1, grad_a2, grad_b2 = torch.ops.tnlora.lora_glu_backward(
-        dm.to(hs.dtype), x, w1, w2, a1, a2, b1, b2, y1, y2, hs, *ctx.scales, needs_x
-    )
-    return (grad_x if needs_x else None), None, None, grad_a1, grad_b1, None, None, grad_a2, grad_b2, None, None
-
-
-torch.library.register_autograd("tnlora::lora_glu", _lora_glu_op_backward, setup_context=_lora_glu_op_setup)
-
-
-__all__ = ["LoraOperands", "glu_in_kernel", "lora_glu", "lora_linear", "lora_linear_pair", "lora_linear_reference"]
+__all__ = ["LoraOperands", "lora_linear", "lora_linear_pair", "lora_linear_reference"]

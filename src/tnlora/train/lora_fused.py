@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from transformers import TrainerCallback
 
 from tnlora.model.modeling import partitioned
-from tnlora.ops.lora import LoraOperands, glu_in_kernel, lora_glu, lora_linear, lora_linear_pair
+from tnlora.ops.lora import LoraOperands, lora_linear, lora_linear_pair
 
 
 class FusedLoraLinear(LoraLinear):
@@ -28,13 +28,9 @@ class FusedLoraLinear(LoraLinear):
     --no-lora_compiled_op``)."""
 
     compiled_op = True
-    # Two fused layers reading one input (the GLU's l1 and l2) run as one operation where the model asks for their
-    # product (forward_gated); False: each as its own. `tnlora bench train --no-lora_pair` sets it.
+    # Two fused layers reading one input (the GLU's l1 and l2) run as one operation where the model asks for it
+    # (forward_with); False: each as its own. `tnlora bench train --no-lora_pair` sets it.
     paired = True
-    # The pair's product: "triton" (on CUDA; CPU tensors under Triton's interpreter) its backward with both
-    # adapters' products of dy in one kernel (tnlora.ops.glu_grad); "torch": the pair and the product as PyTorch's
-    # ops; "auto" (the default): the kernel on CUDA. `tnlora bench train --lora_glu_kernel` sets it.
-    glu_kernel = "auto"
     # "triton": the backward's two products of dy from one read of it (tnlora.ops.lora_grad, CUDA); "torch": two
     # GEMMs; "auto" (the default): the one read from tnlora.ops.lora.LORA_GRAD_MIN_ROWS tokens a micro-batch.
     # `tnlora bench train --lora_grad_kernel` sets it.
@@ -64,13 +60,10 @@ class FusedLoraLinear(LoraLinear):
             self.fp8_weight, self.dropout_kernel,
         )
 
-    def forward_gated(self, other: nn.Module, x: Tensor) -> Tensor | None:
-        """self(x) ⊙ other(x) (the GLU's l1 and l2) as one operation where both are fused layers in the case it
-        covers (no dropout, no fp8 copy, both outputs needed); None otherwise, and the caller calls each. With
-        ``glu_kernel`` resolving to the kernel (:func:`tnlora.ops.lora.glu_in_kernel`) the product's backward forms
-        both adapters' products of dy (:func:`tnlora.ops.lora.lora_glu`); else the two projections as
-        :func:`tnlora.ops.lora.lora_linear_pair` (the adapters' down products in one GEMM, one input gradient)
-        and the product here."""
+    def forward_with(self, other: nn.Module, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(self(x), other(x)) as one operation (:func:`tnlora.ops.lora.lora_linear_pair`: the adapters' down
+        products in one GEMM, one input gradient) where both are fused layers in the case it covers (no dropout, no
+        fp8 copy, both outputs needed); None otherwise, and the caller calls each."""
         if not (self.paired and type(other) is FusedLoraLinear):
             return None
         pair = []
@@ -84,13 +77,9 @@ class FusedLoraLinear(LoraLinear):
             base = layer.get_base_layer()
             pair.append(LoraOperands(base.weight, base.bias, layer.lora_A[adapter].weight,
                                      layer.lora_B[adapter].weight, layer.scaling[adapter]))  # fmt: skip
-        compiled_op = self.compiled_op and other.compiled_op
-        if torch.compiler.is_compiling() and not compiled_op:
+        if torch.compiler.is_compiling() and not (self.compiled_op and other.compiled_op):
             return None
-        if glu_in_kernel(self.glu_kernel, x.is_cuda):
-            return lora_glu(x, pair[0], pair[1], compiled_op)
-        y1, y2 = lora_linear_pair(x, pair[0], pair[1], grad_kernel=self.grad_kernel)
-        return y1 * y2
+        return lora_linear_pair(x, pair[0], pair[1], grad_kernel=self.grad_kernel)
 
     def _fused_adapter(self, x: Tensor, args: tuple, kwargs: dict) -> str | None:
         """The adapter the fused forward computes, or None where peft's forward must run."""
