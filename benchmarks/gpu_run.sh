@@ -105,7 +105,9 @@
 #                   32,768 tokens) forward + backward, the scans against the quadratic form in blocks
 #                   (benchmarks/attention.py --quadratic-mean-tokens 0,4096): where the form stops paying
 #   attention-quadratic-launches  the quadratic form's three launches at each of QUADRATIC_LAUNCHES (block:warps:
-#                   pipeline stages) on huanhuan-shaped packed examples at 1B's and 7B's micro-batches (QUADRATIC_SHAPES)
+#                   pipeline stages[:output columns of the forward / dq programs]) on huanhuan-shaped packed examples
+#                   at 1B's and 7B's micro-batches (QUADRATIC_SHAPES); benchmarks/kernel_registers.py gives each
+#                   launch's registers and occupancy without a GPU
 #   attention-train  tnlora train's defaults with the attention as fla's chunk kernels and as tnlora's Triton scans
 #                   (--attention_impl fla / triton; MODELS, default "1B 7B"; ROUNDS rounds, default 1, alternating)
 #   attention-long  7B on one LONG_LEN-token sequence with tnlora train's defaults, the attention as "auto" (the
@@ -348,7 +350,7 @@ PY
     attention-quadratic-launches)  # the quadratic form's launches (QUADRATIC_LAUNCHES, block:warps:stages) on packed
       # huanhuan-shaped examples (QUADRATIC_SHAPES heads:tokens: 1B's and 7B's micro-batches), q/k 128
       for shape in ${QUADRATIC_SHAPES:-16:32768 32:8192}; do
-        for launch in ${QUADRATIC_LAUNCHES:-32:4:3 32:4:2 32:4:1 32:2:2 32:2:1 32:8:2 16:2:2 16:4:2 64:4:1}; do
+        for launch in ${QUADRATIC_LAUNCHES:-32:4:3:128 32:4:3:64 32:4:2:64 32:8:3:64 16:8:3:128 16:8:3:64 64:4:3:64}; do
           table_script attention.py --impls triton --quadratic-mean-tokens 4096 --quadratic-launch $launch --repeats 5 --back-to-back 20 --heads ${shape%%:*} --lengths ${shape##*:} --examples huanhuan --head-dims 128
         done
       done ;;

@@ -86,6 +86,25 @@ def test_output_and_gradients_match_the_recurrence_in_fp32(lengths, heads, key_d
 
 
 @needs_kernel
+def test_narrower_output_columns_split_the_forward_and_dq_over_more_programs(monkeypatch) -> None:
+    """``BlockLaunch.columns`` below the width (16 of V 40 and K 48: three programs a block, the last partly
+    masked) gives the same o and gradients."""
+    from tnlora.ops import quadratic_triton
+
+    for name in ("FORWARD_LAUNCHES", "DQ_LAUNCHES"):
+        monkeypatch.setattr(quadratic_triton, name, {128: quadratic_triton.BlockLaunch(32, 4, 2, columns=16)})
+    lengths = (1, 5, 70, 97, 13)
+    rows = _rows(lengths)
+    q, k, v = _inputs(1, sum(lengths), 2, 48, 40, seed=3)
+    decay = DECAY[:2].to(DEVICE)
+    o, _, grads = _gradients(q, k, v, decay, "triton", rows=rows)
+    want_o, _, want = _gradients(q.double(), k.double(), v.double(), decay, "recurrent", rows=rows)
+    _close(o, want_o, 1e-5)
+    for got, expected in zip(grads, want, strict=True):
+        _close(got, expected, 1e-5)
+
+
+@needs_kernel
 def test_two_packed_rows_keep_their_examples_apart() -> None:
     """Rows [20, 50] and [3, 67] tokens (a row's start always starts an example), B = 2 laid end to end."""
     q, k, v = _inputs(2, 70, 2, 16, 16, seed=5)

@@ -23,7 +23,7 @@ the recurrence. Imports triton at import; the dispatcher imports it on first use
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -45,11 +45,13 @@ QUADRATIC_MAX_MEAN_TOKENS = 320
 class BlockLaunch:
     """Tokens a block (``block``, both sides of D's tiles), warps a program and software-pipeline stages of the
     loop over blocks (``num_stages``: Triton's default on CUDA is 3), for the forward and the two backward
-    launches."""
+    launches; ``columns``: the output columns a program of the forward and dq launches (o's V, dq's K; at most the
+    width: a narrower block splits the width over more programs, which each hold a smaller accumulator)."""
 
     block: int
     num_warps: int
     num_stages: int = 3
+    columns: int = 128
 
 
 # Per q / k width (the next power of two); other widths take the narrowest listed at least as wide. Swept on an H100
@@ -59,15 +61,13 @@ class BlockLaunch:
 FORWARD_LAUNCHES: dict[int, BlockLaunch] = {128: BlockLaunch(32, 4), 256: BlockLaunch(32, 4)}
 DQ_LAUNCHES: dict[int, BlockLaunch] = {128: BlockLaunch(32, 4), 256: BlockLaunch(32, 4)}
 DKV_LAUNCHES: dict[int, BlockLaunch] = {128: BlockLaunch(32, 4), 256: BlockLaunch(32, 4)}
-BLOCK_V = 128  # the forward's V columns a program (o's block)
-BLOCK_K_DQ = 128  # the dq launch's K columns a program
 
 
 def _launch(launches: dict[int, BlockLaunch], key_dim: int, fp32: bool) -> BlockLaunch:
     """The launch listed for ``key_dim``'s width; fp32 tiles at half the tokens (IEEE products, twice the bytes), at
     least 16 (the products' least)."""
     launch = listed_for_width(launches, key_dim)
-    return BlockLaunch(max(16, launch.block // 2), launch.num_warps, launch.num_stages) if fp32 else launch
+    return replace(launch, block=max(16, launch.block // 2)) if fp32 else launch
 
 
 @triton.jit
@@ -207,11 +207,11 @@ def _flat(x: Tensor) -> Tensor:
 
 
 def _rows_launch(a: Tensor, b: Tensor, c: Tensor, decay: Tensor, spans: ExampleSpans, out: Tensor,
-                 launch: BlockLaunch, block_c: int) -> None:  # fmt: skip
+                 launch: BlockLaunch) -> None:  # fmt: skip
     """:func:`quadratic_rows_kernel` writing ``out`` [1, T, H, C] from a, b [1, T, H, AB] and c [1, T, H, C]."""
     _, length, heads, width = a.shape
     c_width = c.shape[-1]
-    block_c = min(block_c, tile_width(c_width))
+    block_c = min(launch.columns, tile_width(c_width))
     quadratic_rows_kernel[(triton.cdiv(length, launch.block), heads, triton.cdiv(c_width, block_c))](
         a, b, c, decay, spans.starts, out, length, heads, a.stride(1), a.stride(2), b.stride(1), b.stride(2),
         c.stride(1), c.stride(2), AB=width, C=c_width, PRECISION="ieee" if c.dtype == torch.float32 else "tf32",
@@ -230,7 +230,7 @@ def quadratic_forward(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, spans:
     if length == 0:
         return o
     decay = log_decay.to(device=q.device, dtype=torch.float32).contiguous()
-    _rows_launch(q, k, v, decay, spans, o, _launch(FORWARD_LAUNCHES, key_dim, v.dtype == torch.float32), BLOCK_V)
+    _rows_launch(q, k, v, decay, spans, o, _launch(FORWARD_LAUNCHES, key_dim, v.dtype == torch.float32))
     return o
 
 
@@ -249,7 +249,7 @@ def quadratic_backward(
         return dq, dk, dv
     decay = log_decay.to(device=q.device, dtype=torch.float32).contiguous()
     fp32 = v.dtype == torch.float32
-    _rows_launch(do, v, k, decay, spans, dq, _launch(DQ_LAUNCHES, key_dim, fp32), BLOCK_K_DQ)
+    _rows_launch(do, v, k, decay, spans, dq, _launch(DQ_LAUNCHES, key_dim, fp32))
     launch = _launch(DKV_LAUNCHES, key_dim, fp32)
     quadratic_dkv_kernel[(triton.cdiv(length, launch.block), heads)](
         q, k, v, do, decay, spans.starts, spans.ends, dk, dv, length, heads, q.stride(1), q.stride(2), k.stride(1),
