@@ -18,8 +18,9 @@ one block of that many tokens; 0: one example a program); ``--backward-segment-t
 ``BACKWARD_SEGMENT_TOKENS`` (a backward program walks those examples one after another, each in chunks of its own);
 ``--quadratic-mean-tokens 0,320`` the same for ``quadratic_triton.QUADRATIC_MAX_MEAN_TOKENS`` (packed examples
 at most that long on average take the quadratic form in blocks; 0: the scans); ``--quadratic-launch 32:4:2`` runs
-all three of its launches with that block, warps and pipeline stages, and ``32:4:2:64`` also with 64 output
-columns a forward / dq program (``quadratic_triton.BlockLaunch``).
+all three of its launches with that block, warps and pipeline stages, ``32:4:2:64`` also with 64 output columns a
+program (``quadratic_triton.BlockLaunch``), ``32:4:3:64/32:4:3:64/16:4:3:64`` the forward, dq and dk / dv each
+with its own.
 """
 
 from __future__ import annotations
@@ -160,8 +161,8 @@ def main() -> None:
     parser.add_argument("--quadratic-mean-tokens", default="",
                         help="comma list: impl triton timed at each QUADRATIC_MAX_MEAN_TOKENS (0: the scans)")
     parser.add_argument("--quadratic-launch", default="",
-                        help="block:warps:stages[:columns] for the quadratic form's three launches (the tree's own "
-                             "if empty)")
+                        help="block:warps:stages[:columns] for the quadratic form's three launches, or three such "
+                             "joined by / (forward / dq / dk and dv); the tree's own if empty")
     parser.add_argument("--chunk-size", type=int, default=64, help="chunk of the pure-PyTorch chunked impl")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
@@ -185,11 +186,14 @@ def main() -> None:
     if args.quadratic_launch:
         from tnlora.ops import quadratic_triton
 
-        launch = quadratic_triton.BlockLaunch(*(int(x) for x in args.quadratic_launch.split(":")))
-        for launches in (quadratic_triton.FORWARD_LAUNCHES, quadratic_triton.DQ_LAUNCHES, quadratic_triton.DKV_LAUNCHES):
+        given = [quadratic_triton.BlockLaunch(*(int(x) for x in text.split(":")))
+                 for text in args.quadratic_launch.split("/")]  # fmt: skip
+        given += [given[-1]] * (3 - len(given))
+        tables = (quadratic_triton.FORWARD_LAUNCHES, quadratic_triton.DQ_LAUNCHES, quadratic_triton.DKV_LAUNCHES)
+        for launches, launch, name in zip(tables, given, ("forward", "dq", "dk / dv"), strict=True):
             launches.update({width: launch for width in launches})
-        print(f"# quadratic form: {launch.block}-token blocks, {launch.num_warps} warps, {launch.num_stages} stages, "
-              f"{launch.columns} output columns a forward / dq program")
+            print(f"# quadratic form, {name}: {launch.block}-token blocks, {launch.num_warps} warps, "
+                  f"{launch.num_stages} stages, {launch.columns} output columns a program")
     impls = args.impls.split(",") if args.impls else ["chunked", "recurrent"]
     if not args.impls and device.type == "cuda" and fla_available():
         impls.insert(0, "fla")

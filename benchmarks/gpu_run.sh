@@ -105,7 +105,7 @@
 #                   32,768 tokens) forward + backward, the scans against the quadratic form in blocks
 #                   (benchmarks/attention.py --quadratic-mean-tokens 0,4096): where the form stops paying
 #   attention-quadratic-launches  the quadratic form's three launches at each of QUADRATIC_LAUNCHES (block:warps:
-#                   pipeline stages[:output columns of the forward / dq programs]) on huanhuan-shaped packed examples
+#                   pipeline stages[:output columns a program], or forward/dq/dkv launches joined by /) on huanhuan-shaped packed examples
 #                   at 1B's and 7B's micro-batches (QUADRATIC_SHAPES); benchmarks/kernel_registers.py gives each
 #                   launch's registers and occupancy without a GPU
 #   attention-train  tnlora train's defaults with the attention as fla's chunk kernels and as tnlora's Triton scans
@@ -350,7 +350,7 @@ PY
     attention-quadratic-launches)  # the quadratic form's launches (QUADRATIC_LAUNCHES, block:warps:stages) on packed
       # huanhuan-shaped examples (QUADRATIC_SHAPES heads:tokens: 1B's and 7B's micro-batches), q/k 128
       for shape in ${QUADRATIC_SHAPES:-16:32768 32:8192}; do
-        for launch in ${QUADRATIC_LAUNCHES:-32:4:3:128 32:4:3:64 32:4:2:64 32:8:3:64 16:8:3:128 16:8:3:64 64:4:3:64}; do
+        for launch in ${QUADRATIC_LAUNCHES:-32:4:3:128 32:4:3:64 32:4:3:64/32:4:3:64/16:4:3:64 32:4:3:64/32:4:3:64/16:8:3:128 16:4:3:64 32:8:3:64 32:4:3:64/32:4:3:64/32:4:3:128}; do
           table_script attention.py --impls triton --quadratic-mean-tokens 4096 --quadratic-launch $launch --repeats 5 --back-to-back 20 --heads ${shape%%:*} --lengths ${shape##*:} --examples huanhuan --head-dims 128
         done
       done ;;

@@ -86,12 +86,14 @@ def test_output_and_gradients_match_the_recurrence_in_fp32(lengths, heads, key_d
 
 
 @needs_kernel
-def test_narrower_output_columns_split_the_forward_and_dq_over_more_programs(monkeypatch) -> None:
-    """``BlockLaunch.columns`` below the width (16 of V 40 and K 48: three programs a block, the last partly
-    masked) gives the same o and gradients."""
+def test_narrower_output_columns_split_each_launch_over_more_programs(monkeypatch) -> None:
+    """``BlockLaunch.columns`` below the width gives the same o and gradients: 16 of V 40 and K 48 (the forward
+    and dq in three programs a block, the last partly masked; dk / dv in four, the last wholly masked)."""
     from tnlora.ops import quadratic_triton
 
-    for name in ("FORWARD_LAUNCHES", "DQ_LAUNCHES"):
+    assert quadratic_triton.dkv_splits(64, 64, 16) == 4 and quadratic_triton.dkv_splits(256, 128, 128) == 2
+    assert quadratic_triton.dkv_splits(128, 16, 32) == 1  # both keep 16 columns at least
+    for name in ("FORWARD_LAUNCHES", "DQ_LAUNCHES", "DKV_LAUNCHES"):
         monkeypatch.setattr(quadratic_triton, name, {128: quadratic_triton.BlockLaunch(32, 4, 2, columns=16)})
     lengths = (1, 5, 70, 97, 13)
     rows = _rows(lengths)

@@ -45,8 +45,9 @@ QUADRATIC_MAX_MEAN_TOKENS = 320
 class BlockLaunch:
     """Tokens a block (``block``, both sides of D's tiles), warps a program and software-pipeline stages of the
     loop over blocks (``num_stages``: Triton's default on CUDA is 3), for the forward and the two backward
-    launches; ``columns``: the output columns a program of the forward and dq launches (o's V, dq's K; at most the
-    width: a narrower block splits the width over more programs, which each hold a smaller accumulator)."""
+    launches; ``columns``: the output columns a program (o's V, dq's K; dk's and dv's, the wider in ``columns``:
+    :func:`dkv_splits`). Below the width, more programs share a block, each holding smaller accumulators (fewer
+    registers, more programs resident), while each reads the block's whole q / k tiles for the scores."""
 
     block: int
     num_warps: int
@@ -60,7 +61,7 @@ class BlockLaunch:
 # ~100-token examples' diagonal blocks than at 64).
 FORWARD_LAUNCHES: dict[int, BlockLaunch] = {128: BlockLaunch(32, 4), 256: BlockLaunch(32, 4)}
 DQ_LAUNCHES: dict[int, BlockLaunch] = {128: BlockLaunch(32, 4), 256: BlockLaunch(32, 4)}
-DKV_LAUNCHES: dict[int, BlockLaunch] = {128: BlockLaunch(32, 4), 256: BlockLaunch(32, 4)}
+DKV_LAUNCHES: dict[int, BlockLaunch] = {128: BlockLaunch(32, 4), 256: BlockLaunch(32, 4, columns=256)}
 
 
 def _launch(launches: dict[int, BlockLaunch], key_dim: int, fp32: bool) -> BlockLaunch:
@@ -146,16 +147,20 @@ def quadratic_rows_kernel(
 
 
 @triton.jit
-def _dkv_tile(kk, v, q_base, do_base, dk, dv, i, cols, starts_ptr, g, length, heads, stride_qt, ks, vs,
-              K: tl.constexpr, V: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr):  # fmt: skip
+def _dkv_tile(kk, v, q_base, do_base, dk, dv, i, cols, starts_ptr, g, length, heads, stride_qt, ks, vs, kc, vc,
+              K: tl.constexpr, V: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
+              SPLIT: tl.constexpr):  # fmt: skip
     rows = i * BT + tl.arange(0, BT)
     first = tl.load(starts_ptr + rows, mask=rows < length, other=length)
     qq = _load(q_base, rows, stride_qt, ks, length, K, False)
     do = _load(do_base, rows, heads * V, vs, length, V, False)
     decays = _decays(rows, cols, first, g, True)  # [cols, rows]
     scores = tl.dot(kk, tl.trans(qq), input_precision=PRECISION) * decays
-    dv = tl.dot(scores.to(do.dtype), do, dv, input_precision=PRECISION)
     grads = tl.dot(v, tl.trans(do), input_precision=PRECISION) * decays
+    if SPLIT:  # this program's output columns of do and q, loaded again (cached) rather than sliced from the tiles
+        do = _load(do_base, rows, heads * V, vc, length, V, False)
+        qq = _load(q_base, rows, stride_qt, kc, length, K, False)
+    dv = tl.dot(scores.to(do.dtype), do, dv, input_precision=PRECISION)
     dk = tl.dot(grads.to(qq.dtype), qq, dk, input_precision=PRECISION)
     return dk, dv
 
@@ -165,21 +170,27 @@ def quadratic_dkv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, decay_ptr, starts_ptr, ends_ptr, dk_ptr, dv_ptr, length, heads, stride_qt,
     stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, K: tl.constexpr, V: tl.constexpr,
     PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, BT: tl.constexpr, BKF: tl.constexpr, BVF: tl.constexpr,
+    BKC: tl.constexpr, BVC: tl.constexpr,
 ):  # fmt: skip
     """dk and dv for one block of tokens (D's columns) and one head: dv = (q kᵀ ⊙ D)ᵀ do, dk = (do vᵀ ⊙ D)ᵀ q over
-    the row blocks from the block itself to the end of its last token's example."""
+    the row blocks from the block itself to the end of its last token's example; program axis 2 takes dk's BKC
+    and dv's BVC columns of its split (the scores over the whole widths in every split)."""
     i_c = tl.program_id(0)
     i_h = tl.program_id(1)
+    i_s = tl.program_id(2)
     g = tl.load(decay_ptr + i_h)
     cols = i_c * BT + tl.arange(0, BT)
     ks = tl.arange(0, BKF)
     vs = tl.arange(0, BVF)
+    kc = i_s * BKC + tl.arange(0, BKC)
+    vc = i_s * BVC + tl.arange(0, BVC)
+    split: tl.constexpr = BKC < BKF
     kk = _load(k_ptr + i_h * stride_kh, cols, stride_kt, ks, length, K, False)
     v = _load(v_ptr + i_h * stride_vh, cols, stride_vt, vs, length, V, False)
     q_base = q_ptr + i_h * stride_qh
     do_base = do_ptr + i_h * V
-    dk = tl.zeros([BT, BKF], dtype=tl.float32)
-    dv = tl.zeros([BT, BVF], dtype=tl.float32)
+    dk = tl.zeros([BT, BKC], dtype=tl.float32)
+    dv = tl.zeros([BT, BVC], dtype=tl.float32)
     # Ends only grow along the row: the block's last token's example ends last.
     last = tl.load(ends_ptr + tl.minimum(i_c * BT + BT, length) - 1)
     i_end = (last - 1) // BT
@@ -187,16 +198,25 @@ def quadratic_dkv_kernel(
         i = i_c
         while i <= i_end:
             dk, dv = _dkv_tile(kk, v, q_base, do_base, dk, dv, i, cols, starts_ptr, g, length, heads, stride_qt,
-                               ks, vs, K, V, PRECISION, BT)  # fmt: skip
+                               ks, vs, kc, vc, K, V, PRECISION, BT, split)  # fmt: skip
             i += 1
     else:
         for i in range(i_c, i_end + 1):
             dk, dv = _dkv_tile(kk, v, q_base, do_base, dk, dv, i, cols, starts_ptr, g, length, heads, stride_qt,
-                               ks, vs, K, V, PRECISION, BT)  # fmt: skip
+                               ks, vs, kc, vc, K, V, PRECISION, BT, split)  # fmt: skip
     at = cols.to(tl.int64)[:, None] * heads + i_h
     c_ok = cols[:, None] < length
-    tl.store(dk_ptr + at * K + ks[None, :], dk.to(dk_ptr.dtype.element_ty), mask=c_ok & (ks[None, :] < K))
-    tl.store(dv_ptr + at * V + vs[None, :], dv.to(dv_ptr.dtype.element_ty), mask=c_ok & (vs[None, :] < V))
+    tl.store(dk_ptr + at * K + kc[None, :], dk.to(dk_ptr.dtype.element_ty), mask=c_ok & (kc[None, :] < K))
+    tl.store(dv_ptr + at * V + vc[None, :], dv.to(dv_ptr.dtype.element_ty), mask=c_ok & (vc[None, :] < V))
+
+
+def dkv_splits(key_tile: int, value_tile: int, columns: int) -> int:
+    """The programs a dk / dv block's outputs split over: the wider tile in ``columns`` (a power of two), while each
+    split keeps at least 16 columns of both (the products' least)."""
+    splits = max(1, max(key_tile, value_tile) // columns)
+    while splits > 1 and min(key_tile, value_tile) // splits < 16:
+        splits //= 2
+    return splits
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -251,11 +271,13 @@ def quadratic_backward(
     fp32 = v.dtype == torch.float32
     _rows_launch(do, v, k, decay, spans, dq, _launch(DQ_LAUNCHES, key_dim, fp32))
     launch = _launch(DKV_LAUNCHES, key_dim, fp32)
-    quadratic_dkv_kernel[(triton.cdiv(length, launch.block), heads)](
+    key_tile, value_tile = tile_width(key_dim), tile_width(value_dim)
+    splits = dkv_splits(key_tile, value_tile, launch.columns)
+    quadratic_dkv_kernel[(triton.cdiv(length, launch.block), heads, splits)](
         q, k, v, do, decay, spans.starts, spans.ends, dk, dv, length, heads, q.stride(1), q.stride(2), k.stride(1),
         k.stride(2), v.stride(1), v.stride(2), K=key_dim, V=value_dim, PRECISION="ieee" if fp32 else "tf32",
-        WHILE_LOOP=not q.is_cuda, BT=launch.block, BKF=tile_width(key_dim), BVF=tile_width(value_dim),
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
+        WHILE_LOOP=not q.is_cuda, BT=launch.block, BKF=key_tile, BVF=value_tile, BKC=key_tile // splits,
+        BVC=value_tile // splits, num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
     return dq, dk, dv
 
