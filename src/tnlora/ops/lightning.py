@@ -129,19 +129,6 @@ def _triton_attention(
     if rows is None and seq_ids is not None:
         rows = PackedRows.from_seq_ids(seq_ids)
     segments = chunks = None
-    if rows is not None and initial_state is None and not output_final_state and _quadratic_fits(rows):
-        # Packed short examples without states (training's micro-batches, evaluation): the quadratic form in
-        # blocks, every block of tokens × head at once, where the scans walk each example's chunks in order.
-        from tnlora.ops import quadratic_triton
-
-        rows = rows.to(q.device)
-        flat_q, flat_k, flat_v, _ = end_to_end(rows, q, k, v, None)
-        spans = rows.example_spans()
-        if trains:
-            o = quadratic_triton.quadratic_attention(flat_q, flat_k, flat_v, log_decay, spans)
-        else:
-            o = quadratic_triton.quadratic_forward(flat_q, flat_k, flat_v, log_decay, spans)
-        return per_row(rows, o, None, q.shape[0])
     if rows is None:
         inputs = (q, k, v, log_decay, cu_seqlens, initial_state, output_final_state)
     else:
@@ -149,6 +136,14 @@ def _triton_attention(
         flat_q, flat_k, flat_v, first = end_to_end(rows, q, k, v, initial_state)
         inputs = (flat_q, flat_k, flat_v, log_decay, rows.cu_seqlens, first, output_final_state)
         if initial_state is None and not output_final_state:
+            if _quadratic_fits(rows):
+                # Packed short examples (training's micro-batches, evaluation): the quadratic form in blocks, every
+                # block of tokens × head at once, where the scans walk each example's chunks in order.
+                from tnlora.ops import quadratic_triton
+
+                attention = quadratic_triton.quadratic_attention if trains else quadratic_triton.quadratic_forward
+                o = attention(flat_q, flat_k, flat_v, log_decay, rows.example_spans())
+                return per_row(rows, o, None, q.shape[0])
             # Packed rows without states (training, evaluation): each forward program walks a segment of examples,
             # and each backward program the examples of a segment, each cut into chunks on its own.
             if scans.SEGMENT_TOKENS > 0:
