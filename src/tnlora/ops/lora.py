@@ -153,13 +153,14 @@ def _in_compute_dtype(
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
     """x flattened to [T, in] and every operand in the compute dtype (:func:`_compute_dtype`)."""
     dtype = _compute_dtype(x)
-    return (
-        x.reshape(-1, x.shape[-1]).to(dtype),
-        weight.to(dtype),
-        bias.to(dtype) if bias is not None else None,
-        lora_a.to(dtype),
-        lora_b.to(dtype),
-    )
+    return (x.reshape(-1, x.shape[-1]).to(dtype), *_weights_in(dtype, weight, bias, lora_a, lora_b))
+
+
+def _weights_in(
+    dtype: torch.dtype, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """One projection's weight, bias, A and B in ``dtype``."""
+    return weight.to(dtype), bias.to(dtype) if bias is not None else None, lora_a.to(dtype), lora_b.to(dtype)
 
 
 def _forward_gemms(
@@ -431,9 +432,8 @@ def lora_linear_pair(
 
 def _pair_in_compute_dtype(x: Tensor, first: LoraOperands, second: LoraOperands) -> tuple[Tensor, ...]:
     """x [T, in] and both projections' weights (weight, bias, A, B, weight, bias, A, B) in the compute dtype."""
-    x2, *one = _in_compute_dtype(x, *first[:4])
-    _, *two = _in_compute_dtype(x, *second[:4])
-    return (x2, *one, *two)
+    dtype = _compute_dtype(x)
+    return (x.reshape(-1, x.shape[-1]).to(dtype), *_weights_in(dtype, *first[:4]), *_weights_in(dtype, *second[:4]))
 
 
 def _pair_forward_gemms(
