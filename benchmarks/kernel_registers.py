@@ -22,7 +22,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from tnlora.ops.quadratic_triton import BlockLaunch, dkv_splits, quadratic_dkv_kernel, quadratic_rows_kernel
+from tnlora.ops.lightning_triton import tile_width
+from tnlora.ops.quadratic_triton import (
+    BlockLaunch,
+    dkv_splits,
+    output_columns,
+    quadratic_dkv_kernel,
+    quadratic_rows_kernel,
+)
 
 REGISTERS_PER_SM = 65_536
 SHARED_PER_SM = 228 * 1024
@@ -41,7 +48,7 @@ def rows_kernel(launch: BlockLaunch, width: int, columns_width: int, target):
                 "out_ptr": "*bf16"}  # fmt: skip
     scalars = ["length", "heads", "stride_at", "stride_ah", "stride_bt", "stride_bh", "stride_ct", "stride_ch"]
     constants = {"AB": width, "C": columns_width, "PRECISION": "tf32", "WHILE_LOOP": False, "BT": launch.block,
-                 "BAB": triton.next_power_of_2(width), "BC": min(launch.columns, triton.next_power_of_2(columns_width))}  # fmt: skip
+                 "BAB": tile_width(width), "BC": output_columns(launch, columns_width)}  # fmt: skip
     return _compile(quadratic_rows_kernel, {**pointers, **dict.fromkeys(scalars, "i32")}, constants, launch, target)
 
 
@@ -50,7 +57,7 @@ def dkv_kernel(launch: BlockLaunch, key_dim: int, value_dim: int, target):
     pointers = {**dict.fromkeys(["q_ptr", "k_ptr", "v_ptr", "do_ptr"], "*bf16"), "decay_ptr": "*fp32",
                 "starts_ptr": "*i32", "ends_ptr": "*i32", "dk_ptr": "*bf16", "dv_ptr": "*bf16"}  # fmt: skip
     scalars = ["length", "heads", "stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh"]
-    key_tile, value_tile = triton.next_power_of_2(key_dim), triton.next_power_of_2(value_dim)
+    key_tile, value_tile = tile_width(key_dim), tile_width(value_dim)
     splits = dkv_splits(key_tile, value_tile, launch.columns)
     constants = {"K": key_dim, "V": value_dim, "PRECISION": "tf32", "WHILE_LOOP": False, "BT": launch.block,
                  "BKF": key_tile, "BVF": value_tile, "BKC": key_tile // splits, "BVC": value_tile // splits}  # fmt: skip

@@ -210,6 +210,11 @@ def quadratic_dkv_kernel(
     tl.store(dv_ptr + at * V + vc[None, :], dv.to(dv_ptr.dtype.element_ty), mask=c_ok & (vc[None, :] < V))
 
 
+def output_columns(launch: BlockLaunch, width: int) -> int:
+    """The output columns a forward / dq program of ``launch`` takes of an output ``width`` wide."""
+    return min(launch.columns, tile_width(width))
+
+
 def dkv_splits(key_tile: int, value_tile: int, columns: int) -> int:
     """The programs a dk / dv block's outputs split over: the wider tile in ``columns`` (a power of two), while each
     split keeps at least 16 columns of both (the products' least)."""
@@ -231,7 +236,7 @@ def _rows_launch(a: Tensor, b: Tensor, c: Tensor, decay: Tensor, spans: ExampleS
     """:func:`quadratic_rows_kernel` writing ``out`` [1, T, H, C] from a, b [1, T, H, AB] and c [1, T, H, C]."""
     _, length, heads, width = a.shape
     c_width = c.shape[-1]
-    block_c = min(launch.columns, tile_width(c_width))
+    block_c = output_columns(launch, c_width)
     quadratic_rows_kernel[(triton.cdiv(length, launch.block), heads, triton.cdiv(c_width, block_c))](
         a, b, c, decay, spans.starts, out, length, heads, a.stride(1), a.stride(2), b.stride(1), b.stride(2),
         c.stride(1), c.stride(2), AB=width, C=c_width, PRECISION="ieee" if c.dtype == torch.float32 else "tf32",
@@ -310,6 +315,8 @@ __all__ = [
     "QUADRATIC_MAX_MEAN_TOKENS",
     "BlockLaunch",
     "QuadraticLightning",
+    "dkv_splits",
+    "output_columns",
     "quadratic_attention",
     "quadratic_backward",
     "quadratic_dkv_kernel",
