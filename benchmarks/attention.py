@@ -20,7 +20,8 @@ one block of that many tokens; 0: one example a program); ``--backward-segment-t
 at most that long on average take the quadratic form in blocks; 0: the scans); ``--quadratic-launch 32:4:2`` runs
 all three of its launches with that block, warps and pipeline stages, ``32:4:2:64`` also with 64 output columns a
 program (``quadratic_triton.BlockLaunch``), ``32:4:3:64/32:4:3:64/16:4:3:64`` the forward, dq and dk / dv each
-with its own.
+with its own; several such entries, comma-separated, are timed one after another in one process (rows labelled
+L0, L1, ... as the header lines list them).
 """
 
 from __future__ import annotations
@@ -134,6 +135,24 @@ def time_step(impl: str, K: int, T: int, args: argparse.Namespace) -> tuple[floa
     return statistics.median(times), peak
 
 
+def _quadratic_launches(text: str) -> tuple:
+    """The forward, dq and dk / dv ``BlockLaunch`` of one ``--quadratic-launch`` entry: one launch for all three,
+    or three joined by /."""
+    from tnlora.ops.quadratic_triton import BlockLaunch
+
+    given = [BlockLaunch(*(int(x) for x in part.split(":"))) for part in text.split("/")]
+    return tuple(given + [given[-1]] * (3 - len(given)))
+
+
+def _set_quadratic_launches(launches: tuple) -> None:
+    """The quadratic form's launch tables set to ``launches`` (forward, dq, dk / dv) at every width."""
+    from tnlora.ops import quadratic_triton
+
+    tables = (quadratic_triton.FORWARD_LAUNCHES, quadratic_triton.DQ_LAUNCHES, quadratic_triton.DKV_LAUNCHES)
+    for table, launch in zip(tables, launches, strict=True):
+        table.update({width: launch for width in table})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -162,7 +181,8 @@ def main() -> None:
                         help="comma list: impl triton timed at each QUADRATIC_MAX_MEAN_TOKENS (0: the scans)")
     parser.add_argument("--quadratic-launch", default="",
                         help="block:warps:stages[:columns] for the quadratic form's three launches, or three such "
-                             "joined by / (forward / dq / dk and dv); the tree's own if empty")
+                             "joined by / (forward / dq / dk and dv); several such entries comma-separated are "
+                             "each timed (labelled L0, L1, ...); the tree's own if empty")
     parser.add_argument("--chunk-size", type=int, default=64, help="chunk of the pure-PyTorch chunked impl")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
@@ -183,34 +203,32 @@ def main() -> None:
         lightning_triton.MERGED_MIN_LANES = 0
         print(f"# triton backward: K block {block_k}, V block {block_v}, {warps} warps"
               f"{', dk and dv in one launch (up to 128 wide)' if launch.merged else ''}")  # fmt: skip
-    if args.quadratic_launch:
-        from tnlora.ops import quadratic_triton
-
-        given = [quadratic_triton.BlockLaunch(*(int(x) for x in text.split(":")))
-                 for text in args.quadratic_launch.split("/")]  # fmt: skip
-        given += [given[-1]] * (3 - len(given))
-        tables = (quadratic_triton.FORWARD_LAUNCHES, quadratic_triton.DQ_LAUNCHES, quadratic_triton.DKV_LAUNCHES)
-        for launches, launch, name in zip(tables, given, ("forward", "dq", "dk / dv"), strict=True):
-            launches.update({width: launch for width in launches})
-            print(f"# quadratic form, {name}: {launch.block}-token blocks, {launch.num_warps} warps, "
-                  f"{launch.num_stages} stages, {launch.columns} output columns a program")
+    quadratic_launches = [_quadratic_launches(text) for text in args.quadratic_launch.split(",") if text] or [None]
+    for number, launches in enumerate(quadratic_launches):
+        for name, launch in zip(("forward", "dq", "dk / dv"), launches or (), strict=False):
+            print(f"# quadratic launch L{number}, {name}: {launch.block}-token blocks, {launch.num_warps} warps, "
+                  f"{launch.num_stages} stages, {launch.columns} output columns a program")  # fmt: skip
     impls = args.impls.split(",") if args.impls else ["chunked", "recurrent"]
     if not args.impls and device.type == "cuda" and fla_available():
         impls.insert(0, "fla")
     segments = [int(x) for x in args.segment_tokens.split(",")] if args.segment_tokens else [None]
     backward = [int(x) for x in args.backward_segment_tokens.split(",")] if args.backward_segment_tokens else [None]
     quadratic = [int(x) for x in args.quadratic_mean_tokens.split(",")] if args.quadratic_mean_tokens else [None]
-    scans = [(seg, back, quad) for seg in segments for back in backward for quad in quadratic]
-    runs = [(impl, walk) for impl in impls for walk in (scans if impl == "triton" else [(None, None, None)])]
+    numbered = list(enumerate(quadratic_launches))
+    scans = [(seg, back, quad, ql) for seg in segments for back in backward for quad in quadratic for ql in numbered]
+    runs = [(impl, walk) for impl in impls for walk in (scans if impl == "triton" else [(None, None, None, None)])]
     print(header(device, DTYPES[args.dtype]))
     print(f"# H={args.heads} examples={args.examples or 'one per row'} {'forward' if args.forward else 'fwd+bwd'}")
-    print(f"{'impl':<11} {'K':>4} {'T':>6} {'ms':>11} {'peak MiB':>9}")
+    print(f"{'impl':<16} {'K':>4} {'T':>6} {'ms':>11} {'peak MiB':>9}")
     for head_k in (int(x) for x in args.head_dims.split(",")):
         for length in (int(x) for x in args.lengths.split(",")):
-            for impl, (seg, back, quad) in runs:
+            for impl, (seg, back, quad, numbered_launch) in runs:
                 label = impl + (f"/s{seg}" if seg is not None else "") + (f"/b{back}" if back is not None else "")
                 label += f"/q{quad}" if quad is not None else ""
-                row = f"{label:<11} {head_k:>4} {length:>6}"
+                if numbered_launch is not None and numbered_launch[1] is not None:
+                    label += f"/L{numbered_launch[0]}"
+                    _set_quadratic_launches(numbered_launch[1])
+                row = f"{label:<16} {head_k:>4} {length:>6}"
                 if quad is not None:
                     from tnlora.ops import quadratic_triton
 
@@ -232,7 +250,7 @@ def main() -> None:
                     torch.cuda.empty_cache()
                     continue
                 peak_text = f"{peak:9.0f}" if peak is not None else f"{'-':>9}"
-                print(f"{row} {ms:11.2f} {peak_text}", flush=True)
+                print(f"{row} {ms:11.3f} {peak_text}", flush=True)
 
 
 if __name__ == "__main__":

@@ -348,11 +348,12 @@ PY
         table_script attention.py --impls triton --quadratic-mean-tokens 0,4096 --repeats 5 --back-to-back 20 --heads 16 --lengths 32768 --examples $ex --head-dims 128,256
       done ;;
     attention-quadratic-launches)  # the quadratic form's launches (QUADRATIC_LAUNCHES, block:warps:stages) on packed
-      # huanhuan-shaped examples (QUADRATIC_SHAPES heads:tokens: 1B's and 7B's micro-batches), q/k 128
+      # huanhuan-shaped examples (QUADRATIC_SHAPES heads:tokens: 1B's and 7B's micro-batches), q/k 128, one process a
+      # shape, the launches one after another (rows L0, L1, ... in the order given), then the first again (the last row)
       for shape in ${QUADRATIC_SHAPES:-16:32768 32:8192}; do
-        for launch in ${QUADRATIC_LAUNCHES:-32:4:3:128 32:4:3:64 32:4:3:64/32:4:3:64/16:4:3:64 32:4:3:64/32:4:3:64/16:8:3:128 16:4:3:64 32:8:3:64 32:4:3:64/32:4:3:64/32:4:3:128}; do
-          table_script attention.py --impls triton --quadratic-mean-tokens 4096 --quadratic-launch $launch --repeats 5 --back-to-back 20 --heads ${shape%%:*} --lengths ${shape##*:} --examples huanhuan --head-dims 128
-        done
+        launches=${QUADRATIC_LAUNCHES:-32:4:3:128 32:4:3:64 16:8:3:128 16:4:3:64 32:8:3:64 32:4:3:128/32:4:3:128/16:8:3:128 32:4:3:128/32:4:3:128/16:4:3:64 32:4:3:64/32:4:3:64/16:8:3:128}
+        first=${launches%% *}
+        table_script attention.py --impls triton --quadratic-mean-tokens 4096 --quadratic-launch "${launches// /,},$first" --repeats 5 --back-to-back 20 --heads ${shape%%:*} --lengths ${shape##*:} --examples huanhuan --head-dims 128
       done ;;
     attention-segments)  # packed huanhuan-shaped examples: the scans walking SEGMENTS tokens' examples a program (0:
       # one example a program) against fla, forward + backward and forward alone, back to back
