@@ -63,7 +63,7 @@ def rows_kernel(launch: BlockLaunch, width: int, columns_width: int, heads: int,
                "stride_bt": heads * width, "stride_bh": width, "stride_ct": heads * columns_width,
                "stride_ch": columns_width}  # fmt: skip
     constants = {"AB": width, "C": columns_width, "PRECISION": "tf32", "WHILE_LOOP": False, "BT": launch.block,
-                 "BAB": tile_width(width), "BC": output_columns(launch, columns_width)}  # fmt: skip
+                 "BS": launch.walk, "BAB": tile_width(width), "BC": output_columns(launch, columns_width)}  # fmt: skip
     return _compile(quadratic_rows_kernel, pointers, scalars, constants, launch.num_warps, launch.num_stages, target)
 
 
@@ -77,7 +77,7 @@ def dkv_kernel(launch: BlockLaunch, key_dim: int, value_dim: int, heads: int, to
     key_tile, value_tile = tile_width(key_dim), tile_width(value_dim)
     splits = dkv_splits(key_tile, value_tile, launch.columns)
     constants = {"K": key_dim, "V": value_dim, "PRECISION": "tf32", "WHILE_LOOP": False, "BT": launch.block,
-                 "BKF": key_tile, "BVF": value_tile, "BKC": key_tile // splits, "BVC": value_tile // splits}  # fmt: skip
+                 "BS": launch.walk, "BKF": key_tile, "BVF": value_tile, "BKC": key_tile // splits, "BVC": value_tile // splits}  # fmt: skip
     return _compile(quadratic_dkv_kernel, pointers, scalars, constants, launch.num_warps, launch.num_stages, target)
 
 

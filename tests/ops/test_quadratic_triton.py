@@ -107,6 +107,29 @@ def test_narrower_output_columns_split_each_launch_over_more_programs(monkeypatc
 
 
 @needs_kernel
+@pytest.mark.parametrize("block_and_step", [(64, 32), (32, 64), (64, 16)])
+def test_blocks_walking_tiles_of_another_size_give_the_same_gradients(monkeypatch, block_and_step) -> None:
+    """``BlockLaunch.step`` other than the block (a program's block taller or shorter than the tiles its loop
+    walks; fp32 halves both) gives the same o and gradients: examples across blocks and tiles."""
+    from tnlora.ops import quadratic_triton
+
+    block, step = block_and_step
+    launch = quadratic_triton.BlockLaunch(block, 4, 2, step=step)
+    assert launch.walk == step and quadratic_triton.BlockLaunch(32, 4).walk == 32
+    for name in ("FORWARD_LAUNCHES", "DQ_LAUNCHES", "DKV_LAUNCHES"):
+        monkeypatch.setattr(quadratic_triton, name, {128: launch})
+    lengths = (1, 5, 70, 97, 13, 40)
+    rows = _rows(lengths)
+    q, k, v = _inputs(1, sum(lengths), 2, 48, 40, seed=5)
+    decay = DECAY[:2].to(DEVICE)
+    o, _, grads = _gradients(q, k, v, decay, "triton", rows=rows)
+    want_o, _, want = _gradients(q.double(), k.double(), v.double(), decay, "recurrent", rows=rows)
+    _close(o, want_o, 1e-5)
+    for got, expected in zip(grads, want, strict=True):
+        _close(got, expected, 1e-5)
+
+
+@needs_kernel
 def test_two_packed_rows_keep_their_examples_apart() -> None:
     """Rows [20, 50] and [3, 67] tokens (a row's start always starts an example), B = 2 laid end to end."""
     q, k, v = _inputs(2, 70, 2, 16, 16, seed=5)

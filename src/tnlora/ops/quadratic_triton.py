@@ -43,16 +43,25 @@ QUADRATIC_MAX_MEAN_TOKENS = 320
 
 @dataclass(frozen=True)
 class BlockLaunch:
-    """Tokens a block (``block``, both sides of D's tiles), warps a program and software-pipeline stages of the
-    loop over blocks (``num_stages``: Triton's default on CUDA is 3), for the forward and the two backward
-    launches; ``columns``: the output columns a program (o's V, dq's K; dk's and dv's, the wider in ``columns``:
-    :func:`dkv_splits`). Below the width, more programs share a block, each holding smaller accumulators (fewer
-    registers, more programs resident), while each reads the block's whole q / k tiles for the scores."""
+    """Tokens a program's own block (``block``: the forward's and dq's rows of D, dk / dv's columns), warps a
+    program and software-pipeline stages of the loop over the other side's tiles (``num_stages``: Triton's default
+    on CUDA is 3), for the forward and the two backward launches; ``columns``: the output columns a program (o's V,
+    dq's K; dk's and dv's, the wider in ``columns``: :func:`dkv_splits`). Below the width, more programs share a
+    block, each holding smaller accumulators (fewer registers, more programs resident), while each reads the
+    block's whole q / k tiles for the scores. ``step``: the tokens of each tile the loop walks (0: ``block``); a
+    tall block over narrow steps reads each walked tile for more tokens of its own while less of its tiles lies
+    past the examples' diagonal than a square one of its size."""
 
     block: int
     num_warps: int
     num_stages: int = 3
     columns: int = 128
+    step: int = 0
+
+    @property
+    def walk(self) -> int:
+        """The tokens of each tile the loop walks."""
+        return self.step or self.block
 
 
 # Per q / k width (the next power of two); other widths take the narrowest listed at least as wide. Swept on an H100
@@ -68,7 +77,9 @@ def _launch(launches: dict[int, BlockLaunch], key_dim: int, fp32: bool) -> Block
     """The launch listed for ``key_dim``'s width; fp32 tiles at half the tokens (IEEE products, twice the bytes), at
     least 16 (the products' least)."""
     launch = listed_for_width(launches, key_dim)
-    return replace(launch, block=max(16, launch.block // 2)) if fp32 else launch
+    if not fp32:
+        return launch
+    return replace(launch, block=max(16, launch.block // 2), step=max(16, launch.step // 2) if launch.step else 0)
 
 
 @triton.jit
@@ -101,8 +112,8 @@ def _load(base, tokens, stride_t, cols, n_tokens, n_cols, TRANSPOSED: tl.constex
 
 @triton.jit
 def _rows_tile(a, b_base, c_base, acc, j, rows, first, g, length, stride_bt, stride_ct, bs, cs,
-               AB: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr):  # fmt: skip
-    cols = j * BT + tl.arange(0, BT)
+               AB: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr, BS: tl.constexpr):  # fmt: skip
+    cols = j * BS + tl.arange(0, BS)
     b_t = _load(b_base, cols, stride_bt, bs, length, AB, True)
     c = _load(c_base, cols, stride_ct, cs, length, C, False)
     scores = tl.dot(a, b_t, input_precision=PRECISION) * _decays(rows, cols, first, g, False)
@@ -113,11 +124,11 @@ def _rows_tile(a, b_base, c_base, acc, j, rows, first, g, length, stride_bt, str
 def quadratic_rows_kernel(
     a_ptr, b_ptr, c_ptr, decay_ptr, starts_ptr, out_ptr, length, heads, stride_at, stride_ah, stride_bt, stride_bh,
     stride_ct, stride_ch, AB: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
-    BT: tl.constexpr, BAB: tl.constexpr, BC: tl.constexpr,
+    BT: tl.constexpr, BS: tl.constexpr, BAB: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
-    """(a bᵀ ⊙ D) c for one block of tokens (D's rows), one head and BC columns of c, over the column blocks from
-    its first token's example start to the block itself: the forward's o with (a, b, c) = (q, k, v), dq with
-    (do, v, k). a and b are AB wide, c and the output [T, H, C] (contiguous) C wide."""
+    """(a bᵀ ⊙ D) c for one block of BT tokens (D's rows), one head and BC columns of c, over the column tiles of
+    BS tokens from its first token's example start to its last token: the forward's o with (a, b, c) = (q, k, v),
+    dq with (do, v, k). a and b are AB wide, c and the output [T, H, C] (contiguous) C wide."""
     i_t = tl.program_id(0)
     i_h = tl.program_id(1)
     i_c = tl.program_id(2)
@@ -131,26 +142,27 @@ def quadratic_rows_kernel(
     c_base = c_ptr + i_h * stride_ch
     acc = tl.zeros([BT, BC], dtype=tl.float32)
     # Starts only grow along the row: the block's first token reaches back furthest.
-    j = tl.load(starts_ptr + i_t * BT) // BT
+    j = tl.load(starts_ptr + i_t * BT) // BS
+    j_last = (tl.minimum(i_t * BT + BT, length) - 1) // BS
     # Triton's interpreter cannot take a tensor bound in range() (numpy 2); compiled, the range loop.
     if WHILE_LOOP:
-        while j <= i_t:
+        while j <= j_last:
             acc = _rows_tile(a, b_base, c_base, acc, j, rows, first, g, length, stride_bt, stride_ct, bs, cs, AB, C,
-                             PRECISION, BT)  # fmt: skip
+                             PRECISION, BS)  # fmt: skip
             j += 1
     else:
-        for jj in range(j, i_t + 1):
+        for jj in range(j, j_last + 1):
             acc = _rows_tile(a, b_base, c_base, acc, jj, rows, first, g, length, stride_bt, stride_ct, bs, cs, AB,
-                             C, PRECISION, BT)  # fmt: skip
+                             C, PRECISION, BS)  # fmt: skip
     tl.store(out_ptr + (rows.to(tl.int64)[:, None] * heads + i_h) * C + cs[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(rows[:, None] < length) & (cs[None, :] < C))  # fmt: skip
 
 
 @triton.jit
 def _dkv_tile(kk, v, q_base, do_base, dk, dv, i, cols, starts_ptr, g, length, heads, stride_qt, ks, vs, kc, vc,
-              K: tl.constexpr, V: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr,
+              K: tl.constexpr, V: tl.constexpr, PRECISION: tl.constexpr, BS: tl.constexpr,
               SPLIT: tl.constexpr):  # fmt: skip
-    rows = i * BT + tl.arange(0, BT)
+    rows = i * BS + tl.arange(0, BS)
     first = tl.load(starts_ptr + rows, mask=rows < length, other=length)
     qq = _load(q_base, rows, stride_qt, ks, length, K, False)
     do = _load(do_base, rows, heads * V, vs, length, V, False)
@@ -169,12 +181,12 @@ def _dkv_tile(kk, v, q_base, do_base, dk, dv, i, cols, starts_ptr, g, length, he
 def quadratic_dkv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, decay_ptr, starts_ptr, ends_ptr, dk_ptr, dv_ptr, length, heads, stride_qt,
     stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, K: tl.constexpr, V: tl.constexpr,
-    PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, BT: tl.constexpr, BKF: tl.constexpr, BVF: tl.constexpr,
-    BKC: tl.constexpr, BVC: tl.constexpr,
+    PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BKF: tl.constexpr,
+    BVF: tl.constexpr, BKC: tl.constexpr, BVC: tl.constexpr,
 ):  # fmt: skip
-    """dk and dv for one block of tokens (D's columns) and one head: dv = (q kᵀ ⊙ D)ᵀ do, dk = (do vᵀ ⊙ D)ᵀ q over
-    the row blocks from the block itself to the end of its last token's example; program axis 2 takes dk's BKC
-    and dv's BVC columns of its split (the scores over the whole widths in every split)."""
+    """dk and dv for one block of BT tokens (D's columns) and one head: dv = (q kᵀ ⊙ D)ᵀ do, dk = (do vᵀ ⊙ D)ᵀ q
+    over the row tiles of BS tokens from its first token to the end of its last token's example; program axis 2
+    takes dk's BKC and dv's BVC columns of its split (the scores over the whole widths in every split)."""
     i_c = tl.program_id(0)
     i_h = tl.program_id(1)
     i_s = tl.program_id(2)
@@ -193,17 +205,19 @@ def quadratic_dkv_kernel(
     dv = tl.zeros([BT, BVC], dtype=tl.float32)
     # Ends only grow along the row: the block's last token's example ends last.
     last = tl.load(ends_ptr + tl.minimum(i_c * BT + BT, length) - 1)
-    i_end = (last - 1) // BT
+    # Whole tiles a block (the launches listed): the first tile's index without a division.
+    i_first = i_c * (BT // BS) if BT % BS == 0 else i_c * BT // BS
+    i_end = (last - 1) // BS
     if WHILE_LOOP:
-        i = i_c
+        i = i_first
         while i <= i_end:
             dk, dv = _dkv_tile(kk, v, q_base, do_base, dk, dv, i, cols, starts_ptr, g, length, heads, stride_qt,
-                               ks, vs, kc, vc, K, V, PRECISION, BT, split)  # fmt: skip
+                               ks, vs, kc, vc, K, V, PRECISION, BS, split)  # fmt: skip
             i += 1
     else:
-        for i in range(i_c, i_end + 1):
+        for i in range(i_first, i_end + 1):
             dk, dv = _dkv_tile(kk, v, q_base, do_base, dk, dv, i, cols, starts_ptr, g, length, heads, stride_qt,
-                               ks, vs, kc, vc, K, V, PRECISION, BT, split)  # fmt: skip
+                               ks, vs, kc, vc, K, V, PRECISION, BS, split)  # fmt: skip
     at = cols.to(tl.int64)[:, None] * heads + i_h
     c_ok = cols[:, None] < length
     tl.store(dk_ptr + at * K + kc[None, :], dk.to(dk_ptr.dtype.element_ty), mask=c_ok & (kc[None, :] < K))
@@ -240,8 +254,8 @@ def _rows_launch(a: Tensor, b: Tensor, c: Tensor, decay: Tensor, spans: ExampleS
     quadratic_rows_kernel[(triton.cdiv(length, launch.block), heads, triton.cdiv(c_width, block_c))](
         a, b, c, decay, spans.starts, out, length, heads, a.stride(1), a.stride(2), b.stride(1), b.stride(2),
         c.stride(1), c.stride(2), AB=width, C=c_width, PRECISION="ieee" if c.dtype == torch.float32 else "tf32",
-        WHILE_LOOP=not a.is_cuda, BT=launch.block, BAB=tile_width(width), BC=block_c, num_warps=launch.num_warps,
-        num_stages=launch.num_stages,
+        WHILE_LOOP=not a.is_cuda, BT=launch.block, BS=launch.walk, BAB=tile_width(width), BC=block_c,
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
 
 
@@ -281,7 +295,7 @@ def quadratic_backward(
     quadratic_dkv_kernel[(triton.cdiv(length, launch.block), heads, splits)](
         q, k, v, do, decay, spans.starts, spans.ends, dk, dv, length, heads, q.stride(1), q.stride(2), k.stride(1),
         k.stride(2), v.stride(1), v.stride(2), K=key_dim, V=value_dim, PRECISION="ieee" if fp32 else "tf32",
-        WHILE_LOOP=not q.is_cuda, BT=launch.block, BKF=key_tile, BVF=value_tile, BKC=key_tile // splits,
+        WHILE_LOOP=not q.is_cuda, BT=launch.block, BS=launch.walk, BKF=key_tile, BVF=value_tile, BKC=key_tile // splits,
         BVC=value_tile // splits, num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
     return dq, dk, dv
