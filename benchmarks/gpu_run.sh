@@ -351,7 +351,7 @@ PY
       # huanhuan-shaped examples (QUADRATIC_SHAPES heads:tokens: 1B's and 7B's micro-batches), q/k 128, one process a
       # shape, the launches one after another (rows L0, L1, ... in the order given), then the first again (the last row)
       for shape in ${QUADRATIC_SHAPES:-16:32768 32:8192}; do
-        launches=${QUADRATIC_LAUNCHES:-32:4:3:128 32:4:3:64 16:8:3:128 16:4:3:64 32:8:3:64 32:4:3:128/32:4:3:128/16:8:3:128 32:4:3:128/32:4:3:128/16:4:3:64 32:4:3:64/32:4:3:64/16:8:3:128}
+        launches=${QUADRATIC_LAUNCHES:-64:4:3:128:32 32:4:3:128 64:8:3:128:32 64:4:3:128:16 64:4:2:128:32 64:4:3:128:64 32:4:3:128/32:4:3:128/64:4:3:128:32 64:4:3:128:32/64:4:3:128:32/32:4:3:128}
         first=${launches%% *}
         table_script attention.py --impls triton --quadratic-mean-tokens 4096 --quadratic-launch "${launches// /,},$first" --repeats 5 --back-to-back 20 --heads ${shape%%:*} --lengths ${shape##*:} --examples huanhuan --head-dims 128
       done ;;

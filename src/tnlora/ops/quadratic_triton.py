@@ -66,11 +66,13 @@ class BlockLaunch:
 
 # Per q / k width (the next power of two); other widths take the narrowest listed at least as wide. Swept on an H100
 # at 1B's huanhuan-shaped micro-batch (16 heads, 32,768 tokens; benchmarks/RESULTS.md, "Short packed examples in the
-# quadratic form"): 32-token blocks at 4 warps won every launch at both widths (less of the blocks' area past the
-# ~100-token examples' diagonal blocks than at 64).
-FORWARD_LAUNCHES: dict[int, BlockLaunch] = {128: BlockLaunch(32, 4), 256: BlockLaunch(32, 4)}
-DQ_LAUNCHES: dict[int, BlockLaunch] = {128: BlockLaunch(32, 4), 256: BlockLaunch(32, 4)}
-DKV_LAUNCHES: dict[int, BlockLaunch] = {128: BlockLaunch(32, 4), 256: BlockLaunch(32, 4, columns=256)}
+# quadratic form"): 32-token blocks at 4 warps won every square launch at both widths (less of the blocks' area past
+# the ~100-token examples' diagonal blocks than at 64). At q/k 128, 64-token blocks walking 32-token tiles since
+# (their products on Hopper's warpgroup MMA, which needs 64 rows; 5.8 % off the three kernels at 1B's and 7B's
+# micro-batches, H100); at 256 that launch's dk / dv holds 255 registers and 160 KB of shared memory a program.
+FORWARD_LAUNCHES: dict[int, BlockLaunch] = {128: BlockLaunch(64, 4, step=32), 256: BlockLaunch(32, 4)}
+DQ_LAUNCHES: dict[int, BlockLaunch] = {128: BlockLaunch(64, 4, step=32), 256: BlockLaunch(32, 4)}
+DKV_LAUNCHES: dict[int, BlockLaunch] = {128: BlockLaunch(64, 4, step=32), 256: BlockLaunch(32, 4, columns=256)}
 
 
 def _launch(launches: dict[int, BlockLaunch], key_dim: int, fp32: bool) -> BlockLaunch:
