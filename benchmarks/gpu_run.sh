@@ -68,7 +68,7 @@
 #   act             the activation alone, forward and backward, compiled PyTorch form against the operators
 #                   (benchmarks/act.py; ACT_ARGS, e.g. "--shapes 1B:32768"): ms, GB/s and each form's error
 #   lora-grad       the LoRA backward's two rank-r products of dy: cuBLAS's two GEMMs against one read of dy
-#                   (benchmarks/lora_grad.py; LORA_GRAD_ARGS, e.g. "--shapes 1B:32768")
+#                   (benchmarks/lora_grad.py; LORA_GRAD_ARGS, e.g. "--shapes 1B:32768", "--sweep --tiles 64:128,128:128,64:256")
 #   lora-grad-kernel  tnlora train's defaults with the LoRA backward's products of dy as two GEMMs and as one read
 #                   (--lora_grad_kernel torch / triton; MODELS, default "1B 7B")
 #   lora-dropout    LoRA's dropout alone: PyTorch's dropout and the products on the dropped input against the
@@ -348,12 +348,13 @@ PY
         table_script attention.py --impls triton --quadratic-mean-tokens 0,4096 --repeats 5 --back-to-back 20 --heads 16 --lengths 32768 --examples $ex --head-dims 128,256
       done ;;
     attention-quadratic-launches)  # the quadratic form's launches (QUADRATIC_LAUNCHES, block:warps:stages) on packed
-      # huanhuan-shaped examples (QUADRATIC_SHAPES heads:tokens: 1B's and 7B's micro-batches), q/k 128, one process a
+      # huanhuan-shaped examples (QUADRATIC_SHAPES heads:tokens: 1B's and 7B's micro-batches), q/k QUADRATIC_HEAD_DIM
+      # (default 128; 256: LRPE's layer, whose list should start from its own launch 32:4:3:128), one process a
       # shape, the launches one after another (rows L0, L1, ... in the order given), then the first again (the last row)
       for shape in ${QUADRATIC_SHAPES:-16:32768 32:8192}; do
         launches=${QUADRATIC_LAUNCHES:-64:4:3:128:32 32:4:3:128 64:8:3:128:32 64:4:3:128:16 64:4:2:128:32 64:4:3:128:64 32:4:3:128/32:4:3:128/64:4:3:128:32 64:4:3:128:32/64:4:3:128:32/32:4:3:128}
         first=${launches%% *}
-        table_script attention.py --impls triton --quadratic-mean-tokens 4096 --quadratic-launch "${launches// /,},$first" --repeats 5 --back-to-back 20 --heads ${shape%%:*} --lengths ${shape##*:} --examples huanhuan --head-dims 128
+        table_script attention.py --impls triton --quadratic-mean-tokens 4096 --quadratic-launch "${launches// /,},$first" --repeats 5 --back-to-back 20 --heads ${shape%%:*} --lengths ${shape##*:} --examples huanhuan --head-dims ${QUADRATIC_HEAD_DIM:-128}
       done ;;
     attention-segments)  # packed huanhuan-shaped examples: the scans walking SEGMENTS tokens' examples a program (0:
       # one example a program) against fla, forward + backward and forward alone, back to back

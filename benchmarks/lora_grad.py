@@ -58,6 +58,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--sweep", action="store_true", help="also try the kernel's launches on every shape")
+    parser.add_argument("--tiles", default="32:256,32:512,64:256,64:512",
+                        help="the sweep's tiles, rows:columns comma-separated (each with 4 and 8 warps, 2 to 4 "
+                             "stages, 2 to 8 programs a processor)")  # fmt: skip
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.exit(2, "error: benchmarks/lora_grad.py measures CUDA kernels; this machine has none\n")
@@ -65,6 +68,7 @@ def main() -> None:
     print("| model | projection | tokens × N | cuBLAS ms (GB/s) | one read ms (GB/s) | error g / dB: cuBLAS; one read |")
     print("|---|---|---|---|---|---|")
     totals: dict[Launch, tuple[float, int]] = {}
+    tiles = [tuple(int(x) for x in text.split(":")) for text in args.tiles.split(",")]
     for spec in args.shapes.split(","):
         model, tokens = spec.split(":")
         for name, width in OUTPUTS[model]:
@@ -74,7 +78,7 @@ def main() -> None:
             print(f"| {model} | {name} | {tokens} × {width} | {tc * 1e3:.3f} ({2 * dy_bytes / tc / 1e9:,.0f}) | "
                   f"{tf * 1e3:.3f} ({dy_bytes / tf / 1e9:,.0f}) | {ec}; {ef} |", flush=True)  # fmt: skip
             if args.sweep:
-                sweep(inputs, args.repeats, f"{model} {name} {tokens}", totals)
+                sweep(inputs, args.repeats, f"{model} {name} {tokens}", totals, tiles)
             del inputs
             torch.cuda.empty_cache()
     if totals:
@@ -83,15 +87,18 @@ def main() -> None:
         ranked = sorted(((launch, t) for launch, (t, count) in totals.items() if count == shapes), key=lambda i: i[1])
         for launch, seconds in ranked[:5]:
             print(f"sweep total {seconds * 1e3:.3f} ms: {launch}")
-        print(f"sweep total {totals[Launch()][0] * 1e3:.3f} ms: the default {Launch()}")
+        if Launch() in totals:  # the default's tile may be left out of --tiles
+            print(f"sweep total {totals[Launch()][0] * 1e3:.3f} ms: the default {Launch()}")
 
 
-def sweep(inputs: tuple[torch.Tensor, ...], repeats: int, label: str, totals: dict[Launch, tuple[float, int]]) -> None:
-    """Time every launch of the grid on ``inputs`` (each checked against the reference), print the fastest three
-    and the default, and add each launch's time (and one shape) to ``totals``."""
+def sweep(inputs: tuple[torch.Tensor, ...], repeats: int, label: str, totals: dict[Launch, tuple[float, int]],
+          tiles: list[tuple[int, int]]) -> None:  # fmt: skip
+    """Time every launch of the grid (``tiles`` by warps, stages and programs a processor) on ``inputs`` (each
+    checked against the reference), print the fastest three and the default, and add each launch's time (and one
+    shape) to ``totals``."""
     want = lora_dy_products_reference(*inputs)
     times = {}
-    for block_t, block_n, warps, stages, per_sm in itertools.product((32, 64), (256, 512), (4, 8), (2, 3, 4), (2, 4, 8)):
+    for (block_t, block_n), warps, stages, per_sm in itertools.product(tiles, (4, 8), (2, 3, 4), (2, 4, 8)):
         launch = Launch(block_t, block_n, warps, stages, per_sm)
         try:
             got = lora_dy_products(*inputs, launch)
