@@ -349,7 +349,7 @@ PY
       done ;;
     attention-quadratic-launches)  # the quadratic form's launches (QUADRATIC_LAUNCHES, block:warps:stages) on packed
       # huanhuan-shaped examples (QUADRATIC_SHAPES heads:tokens: 1B's and 7B's micro-batches), q/k QUADRATIC_HEAD_DIM
-      # (default 128; 256: LRPE's layer, whose list should start from its own launch 32:4:3:128), one process a
+      # (default 128; 256: LRPE's layer, whose list should start from its own launches 32:4:3:128/32:4:3:128/32:4:3:256), one process a
       # shape, the launches one after another (rows L0, L1, ... in the order given), then the first again (the last row)
       for shape in ${QUADRATIC_SHAPES:-16:32768 32:8192}; do
         launches=${QUADRATIC_LAUNCHES:-64:4:3:128:32 32:4:3:128 64:8:3:128:32 64:4:3:128:16 64:4:2:128:32 64:4:3:128:64 32:4:3:128/32:4:3:128/64:4:3:128:32 64:4:3:128:32/64:4:3:128:32/32:4:3:128}
