@@ -30,12 +30,11 @@ import argparse
 import importlib
 import platform
 import statistics
-import subprocess
 import time
-from pathlib import Path
 
 import torch
 
+from tnlora.bench.common import source_commit
 from tnlora.model.modeling import layer_log_decay
 from tnlora.ops.fla import fla_available
 from tnlora.ops.lightning import lightning_attention
@@ -52,17 +51,7 @@ def header(device: torch.device, dtype: torch.dtype) -> str:
             versions.append(f"{name} {importlib.import_module(name).__version__}")
         except Exception:  # a missing optional package is reported, not fatal
             versions.append(f"{name} -")
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return f"# {card} | {' | '.join(versions)} | commit {commit} | {dtype} | V=128"
+    return f"# {card} | {' | '.join(versions)} | commit {source_commit() or 'unknown'} | {dtype} | V=128"
 
 
 def example_bounds(spec: str, length: int, device: torch.device) -> torch.Tensor | None:

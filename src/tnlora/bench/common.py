@@ -29,11 +29,16 @@ def environment_line() -> str:
             versions.append(f"{label} {getattr(module, '__version__', '?')}")
         except ImportError:
             versions.append(f"{label} -")
-    # A copy of the tree made for another machine names its commit in a COMMIT file at its root (its git
-    # metadata, where copied at all, may be older than the tree).
+    return f"card {card} | {' | '.join(versions)} | commit {source_commit() or '?'}"
+
+
+def source_commit() -> str:
+    """The commit of the source tree this module runs from ("" where not known). A copy of the tree made for another
+    machine names its commit in a COMMIT file at its root (its git metadata, where copied at all, may be older than
+    the tree)."""
     named = Path(__file__).resolve().parents[3] / "COMMIT"
     try:
-        commit = named.read_text().strip() if named.is_file() else subprocess.run(
+        return named.read_text().strip() if named.is_file() else subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
             capture_output=True,
             text=True,
@@ -41,8 +46,7 @@ def environment_line() -> str:
             cwd=Path(__file__).parent,
         ).stdout.strip()
     except OSError:
-        commit = ""
-    return f"card {card} | {' | '.join(versions)} | commit {commit or '?'}"
+        return ""
 
 
 def random_model(preset: str, attention_impl: str, device: str, quantization=None) -> torch.nn.Module:
