@@ -192,31 +192,32 @@ def main() -> None:
         lightning_triton.MERGED_MIN_LANES = 0
         print(f"# triton backward: K block {block_k}, V block {block_v}, {warps} warps"
               f"{', dk and dv in one launch (up to 128 wide)' if launch.merged else ''}")  # fmt: skip
-    quadratic_launches = [_quadratic_launches(text) for text in args.quadratic_launch.split(",") if text] or [None]
+    quadratic_launches = [_quadratic_launches(text) for text in args.quadratic_launch.split(",") if text]
     for number, launches in enumerate(quadratic_launches):
-        for name, launch in zip(("forward", "dq", "dk / dv"), launches or (), strict=False):
-            print(f"# quadratic launch L{number}, {name}: {launch.block}-token blocks, {launch.num_warps} warps, "
-                  f"{launch.num_stages} stages, {launch.columns} output columns a program")  # fmt: skip
+        for name, launch in zip(("forward", "dq", "dk / dv"), launches, strict=True):
+            print(f"# quadratic launch L{number}, {name}: {launch.block}-token blocks walking {launch.walk}-token "
+                  f"tiles, {launch.num_warps} warps, {launch.num_stages} stages, {launch.columns} output columns "
+                  "a program")  # fmt: skip
     impls = args.impls.split(",") if args.impls else ["chunked", "recurrent"]
     if not args.impls and device.type == "cuda" and fla_available():
         impls.insert(0, "fla")
     segments = [int(x) for x in args.segment_tokens.split(",")] if args.segment_tokens else [None]
     backward = [int(x) for x in args.backward_segment_tokens.split(",")] if args.backward_segment_tokens else [None]
     quadratic = [int(x) for x in args.quadratic_mean_tokens.split(",")] if args.quadratic_mean_tokens else [None]
-    numbered = list(enumerate(quadratic_launches))
-    scans = [(seg, back, quad, ql) for seg in segments for back in backward for quad in quadratic for ql in numbered]
+    numbers = list(range(len(quadratic_launches))) or [None]  # the launch each triton row runs (None: the tree's)
+    scans = [(seg, back, quad, n) for seg in segments for back in backward for quad in quadratic for n in numbers]
     runs = [(impl, walk) for impl in impls for walk in (scans if impl == "triton" else [(None, None, None, None)])]
     print(header(device, DTYPES[args.dtype]))
     print(f"# H={args.heads} examples={args.examples or 'one per row'} {'forward' if args.forward else 'fwd+bwd'}")
     print(f"{'impl':<16} {'K':>4} {'T':>6} {'ms':>11} {'peak MiB':>9}")
     for head_k in (int(x) for x in args.head_dims.split(",")):
         for length in (int(x) for x in args.lengths.split(",")):
-            for impl, (seg, back, quad, numbered_launch) in runs:
+            for impl, (seg, back, quad, number) in runs:
                 label = impl + (f"/s{seg}" if seg is not None else "") + (f"/b{back}" if back is not None else "")
                 label += f"/q{quad}" if quad is not None else ""
-                if numbered_launch is not None and numbered_launch[1] is not None:
-                    label += f"/L{numbered_launch[0]}"
-                    _set_quadratic_launches(numbered_launch[1])
+                if number is not None:
+                    label += f"/L{number}"
+                    _set_quadratic_launches(quadratic_launches[number])
                 row = f"{label:<16} {head_k:>4} {length:>6}"
                 if quad is not None:
                     from tnlora.ops import quadratic_triton

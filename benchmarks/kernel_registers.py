@@ -129,12 +129,10 @@ def main() -> None:
     print(f"# triton {triton.__version__}, sm_{args.arch}, bf16, V {args.value_dim}, {args.heads} heads, {args.tokens} tokens, "
           f"rank {args.rank}")
     print(f"{'kernel':<8} {'K/N':>4} {'launch':<11} {'regs':>5} {'local':>6} {'shared':>7} {'blocks/SM':>10} {'warps/SM':>9}")
+    shape = (args.heads, args.tokens, target)
     for key_dim in (int(x) for x in args.key_dims.split(",") if x):
-        for text in args.launches.split(","):
-            if not text:
-                continue
+        for text in (t for t in args.launches.split(",") if t):
             launch = BlockLaunch(*(int(x) for x in text.split(":")))
-            shape = (args.heads, args.tokens, target)
             kernels = {
                 "forward": rows_kernel(launch, key_dim, args.value_dim, *shape),
                 "dq": rows_kernel(launch, args.value_dim, key_dim, *shape),
@@ -142,8 +140,9 @@ def main() -> None:
             }
             for name, compiled in kernels.items():
                 _report(name, key_dim, text, compiled, launch.num_warps)
-    for cols in (int(x) for x in args.dy_cols.split(",") if x and args.dy_launches):
-        for text in args.dy_launches.split(","):
+    dy_launches = [t for t in args.dy_launches.split(",") if t]
+    for cols in (int(x) for x in args.dy_cols.split(",") if x and dy_launches):
+        for text in dy_launches:
             block_t, block_n, warps, stages = (int(x) for x in text.split(":"))
             launch = Launch(block_t, block_n, warps, stages)
             _report("dy-prod", cols, text, dy_products_kernel(launch, args.tokens, cols, args.rank, args.processors,
