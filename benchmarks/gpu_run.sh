@@ -69,6 +69,8 @@
 #                   (benchmarks/act.py; ACT_ARGS, e.g. "--shapes 1B:32768"): ms, GB/s and each form's error
 #   lora-grad       the LoRA backward's two rank-r products of dy: cuBLAS's two GEMMs against one read of dy
 #                   (benchmarks/lora_grad.py; LORA_GRAD_ARGS, e.g. "--shapes 1B:32768", "--sweep --tiles 64:128,128:128,64:256")
+#   lora-products   every rank-r product of the fused LoRA layers' step alone, cuBLAS against the Triton forms
+#                   (benchmarks/lora_products.py; LORA_PRODUCTS_ARGS, e.g. "--shapes 1B:32768 --sweep")
 #   lora-grad-kernel  tnlora train's defaults with the LoRA backward's products of dy as two GEMMs and as one read
 #                   (--lora_grad_kernel torch / triton; MODELS, default "1B 7B")
 #   lora-dropout    LoRA's dropout alone: PyTorch's dropout and the products on the dropped input against the
@@ -264,6 +266,8 @@ for stage in "$@"; do
       table_script act.py ${ACT_ARGS:-} ;;
     lora-grad)
       table_script lora_grad.py ${LORA_GRAD_ARGS:-} ;;
+    lora-products)
+      table_script lora_products.py ${LORA_PRODUCTS_ARGS:-} ;;
     lora-grad-kernel)
       for m in ${MODELS:-1B 7B}; do for k in torch triton; do
         train --model $m --lora_grad_kernel $k --name "$m huanhuan-shaped, tnlora train's defaults, lora_grad_kernel $k ($COMMIT)$TAG"

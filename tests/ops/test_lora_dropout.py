@@ -69,6 +69,10 @@ def test_each_kernel_equals_the_composition_on_the_same_mask(dtype: torch.dtype,
     out = base.to(DEVICE, copy=True)
     assert dropout_up(dev[2], dev[1], dev[3], out=out) is out  # added in place
     _close(out, (base.double() + up).to(dtype), dtype)
+    # without a mask: the plain rank-r products (x Aᵀ, gᵀ x, g A)
+    _close(dropout_down(dev[0], None, dev[1]), (x.double() @ a.double().t()).to(dtype), dtype)
+    _close(dropout_grad_a(dev[2], dev[0], None, 1.5), (1.5 * g.double().t() @ x.double()).to(dtype), dtype)
+    _close(dropout_up(dev[2], dev[1], None), (g.double() @ a.double()).to(dtype), dtype)
 
 
 @needs_kernel

@@ -70,10 +70,21 @@ def _rows(t: Tensor, name: str, width: int | None = None) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _keep_of(keep: Tensor, rows: int, cols: int) -> Tensor:
+def _keep_of(keep: Tensor | None, rows: int, cols: int) -> Tensor | None:
+    if keep is None:
+        return None
     if keep.dtype != torch.uint8 or tuple(keep.shape) != (rows, cols):
         raise ValueError(f"keep must be uint8 [{rows}, {cols}], got {keep.dtype} {tuple(keep.shape)}")
     return keep if keep.stride(-1) == 1 else keep.contiguous()
+
+
+def _or(keep: Tensor | None, stand_in: Tensor) -> Tensor:
+    """The mask, or a tensor standing in for its pointer where there is none (the kernels then never read it)."""
+    return stand_in if keep is None else keep
+
+
+def _stride(keep: Tensor | None) -> int:
+    return 0 if keep is None else keep.stride(0)
 
 
 def _launch(t: Tensor, launch: Launch | None, default: Launch) -> Launch:
@@ -82,9 +93,9 @@ def _launch(t: Tensor, launch: Launch | None, default: Launch) -> Launch:
     return FP64_LAUNCH if t.dtype == torch.float64 else default
 
 
-def dropout_down(x: Tensor, keep: Tensor, lora_a: Tensor, launch: Launch | None = None) -> Tensor:
-    """(x ⊙ keep) Aᵀ [T, r] in x's dtype for x [T, K], its mask ``keep`` (:func:`draw_keep`) and A [r, K] (the scale
-    folded in by the caller); summed in fp32 (fp64 for fp64)."""
+def dropout_down(x: Tensor, keep: Tensor | None, lora_a: Tensor, launch: Launch | None = None) -> Tensor:
+    """(x ⊙ keep) Aᵀ [T, r] in x's dtype for x [T, K], its mask ``keep`` (:func:`draw_keep`; None: x Aᵀ) and A [r, K]
+    (the scale folded in by the caller); summed in fp32 (fp64 for fp64)."""
     from tnlora.ops.lora_dropout_triton import dropout_down_kernel
 
     x = _rows(x, "x")
@@ -100,16 +111,19 @@ def dropout_down(x: Tensor, keep: Tensor, lora_a: Tensor, launch: Launch | None 
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     part = torch.empty((splits, rows, rank), dtype=acc, device=x.device)
     dropout_down_kernel[(row_programs, splits)](
-        x, keep, lora_a, part, rows, cols, rank, x.stride(0), keep.stride(0), lora_a.stride(0),
+        x, _or(keep, x), lora_a, part, rows, cols, rank, x.stride(0), _stride(keep), lora_a.stride(0),
         COLS_PER_PROGRAM=span, BLOCK_T=launch.block_t, BLOCK_K=launch.block_k, BLOCK_R=rank_block(rank),
-        FP64=x.dtype == torch.float64, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        FP64=x.dtype == torch.float64, HAS_KEEP=keep is not None, num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
     )  # fmt: skip
     return (part[0] if splits == 1 else part.sum(0)).to(x.dtype)
 
 
-def dropout_grad_a(g: Tensor, x: Tensor, keep: Tensor, scale: float, launch: Launch | None = None) -> Tensor:
-    """``scale`` · gᵀ (x ⊙ keep) [r, K] in x's dtype for g [T, r], x [T, K] and its mask; summed in fp32 (fp64 for
-    fp64)."""
+def dropout_grad_a(
+    g: Tensor, x: Tensor, keep: Tensor | None, scale: float, launch: Launch | None = None
+) -> Tensor:
+    """``scale`` · gᵀ (x ⊙ keep) [r, K] in x's dtype for g [T, r], x [T, K] and its mask (None: gᵀ x); summed in fp32
+    (fp64 for fp64)."""
     from tnlora.ops.lora_dropout_triton import dropout_grad_a_kernel
 
     x = _rows(x, "x")
@@ -126,18 +140,18 @@ def dropout_grad_a(g: Tensor, x: Tensor, keep: Tensor, scale: float, launch: Lau
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     part = torch.empty((row_programs, rank, cols), dtype=acc, device=x.device)
     dropout_grad_a_kernel[(col_programs, row_programs)](
-        g, x, keep, part, rows, cols, rank, g.stride(0), x.stride(0), keep.stride(0), ROWS_PER_PROGRAM=span,
+        g, x, _or(keep, x), part, rows, cols, rank, g.stride(0), x.stride(0), _stride(keep), ROWS_PER_PROGRAM=span,
         BLOCK_T=launch.block_t, BLOCK_K=launch.block_k, BLOCK_R=rank_block(rank), FP64=x.dtype == torch.float64,
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
+        HAS_KEEP=keep is not None, num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
     return (part[0] if row_programs == 1 else part.sum(0)).mul_(scale).to(x.dtype)
 
 
 def dropout_up(
-    g: Tensor, lora_a: Tensor, keep: Tensor, out: Tensor | None = None, launch: Launch | None = None
+    g: Tensor, lora_a: Tensor, keep: Tensor | None, out: Tensor | None = None, launch: Launch | None = None
 ) -> Tensor:
-    """(g A) ⊙ keep [T, K] for g [T, r], A [r, K] (the scale folded in by the caller) and the mask: a new tensor in
-    g's dtype, or added to ``out`` in place (one rounding of the sum) and ``out`` returned."""
+    """(g A) ⊙ keep [T, K] for g [T, r], A [r, K] (the scale folded in by the caller) and the mask (None: g A): a new
+    tensor in g's dtype, or added to ``out`` in place (one rounding of the sum) and ``out`` returned."""
     from tnlora.ops.lora_dropout_triton import dropout_up_kernel
 
     g = _rows(g, "g")
@@ -155,9 +169,10 @@ def dropout_up(
     launch = _launch(g, launch, Launch())
     grid = (-(-rows // launch.block_t), -(-cols // launch.block_k))
     dropout_up_kernel[grid](
-        g, lora_a, keep, out, rows, cols, rank, g.stride(0), lora_a.stride(0), keep.stride(0), out.stride(0),
+        g, lora_a, _or(keep, out), out, rows, cols, rank, g.stride(0), lora_a.stride(0), _stride(keep), out.stride(0),
         ACCUMULATE=accumulate, BLOCK_T=launch.block_t, BLOCK_K=launch.block_k, BLOCK_R=rank_block(rank),
-        FP64=g.dtype == torch.float64, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        FP64=g.dtype == torch.float64, HAS_KEEP=keep is not None, num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
     )  # fmt: skip
     return out
 
