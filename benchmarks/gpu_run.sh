@@ -60,6 +60,9 @@
 #                   --loss_kernel torch and / or --no-lora_compiled_op
 #   train-fp8       tnlora train's defaults with the frozen GEMMs in bf16 and in fp8 (fp8 false / true), twice each,
 #                   alternating, one machine (MODELS, default "1B 7B"); gemm with GEMM_ARGS=--fp8: the GEMMs alone
+#   train-candidate  tnlora train's defaults with the tree and with a candidate (the tree's source with the patch
+#                   CANDIDATE_PATCH applied, e.g. .whl/rule.patch from `git diff A B -- src`), after one warm-up run of
+#                   the tree, alternating ROUNDS rounds (default 2), one machine (MODELS, default 1B; TRAIN_ARGS for both)
 #   micro-batch     tnlora train's defaults at ROWS rows of 1,024 a micro-batch (default "32 64"; MODELS, default 1B;
 #                   ROUNDS rounds alternating): whether twice the default micro-batch pays (the LoRA backward's
 #                   one-read kernel takes over from 65,536 rows)
@@ -272,6 +275,19 @@ for stage in "$@"; do
       for m in ${MODELS:-1B 7B}; do for k in torch triton; do
         train --model $m --lora_grad_kernel $k --name "$m huanhuan-shaped, tnlora train's defaults, lora_grad_kernel $k ($COMMIT)$TAG"
       done; done ;;
+    train-candidate)
+      rm -rf /tmp/cand && mkdir -p /tmp/cand && cp -r "$SRC" /tmp/cand/src
+      if ! patch -s -d /tmp/cand -p1 < "${CANDIDATE_PATCH:?CANDIDATE_PATCH names the patch to try}"; then
+        log "$CANDIDATE_PATCH does not apply to $SRC"; continue
+      fi
+      for m in ${MODELS:-1B}; do
+        train --model $m $CAP --name "$m huanhuan-shaped, tnlora train's defaults, warm-up ($COMMIT)$TAG"
+        for r in $(seq ${ROUNDS:-2}); do
+          train --model $m $CAP --name "$m huanhuan-shaped, tnlora train's defaults, round $r ($COMMIT)$TAG"
+          (export PYTHONPATH=/tmp/site:/tmp/cand/src
+           train --model $m $CAP --name "$m huanhuan-shaped, tnlora train's defaults + $(basename "$CANDIDATE_PATCH"), round $r ($COMMIT)$TAG")
+        done
+      done ;;
     micro-batch)  # tnlora train's defaults at the default micro-batch and at twice its rows (MODELS, default 1B; ROUNDS
       # rounds alternating; ROWS, default "32 64": 64 x 1,024 is where the LoRA backward's one-read kernel applies)
       for m in ${MODELS:-1B}; do for r in $(seq ${ROUNDS:-1}); do for b in ${ROWS:-32 64}; do
