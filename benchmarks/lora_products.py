@@ -46,16 +46,17 @@ def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
 
 
-def product_forms(tokens: int, k: int, n: int, rank: int, scale: float = 2.0):
-    """{product: (bytes, cuBLAS fn, Triton fn)} for one projection (rank r where x is read)."""
+def product_forms(tokens: int, k: int, n: int, down_rank: int, up_rank: int, scale: float = 2.0):
+    """{product: (bytes, cuBLAS fn, Triton fn)} for one projection: the products of x (x Aᵀ, dA, g A) at
+    ``down_rank``, those of one output (hs Bᵀ, g and dB) at ``up_rank``."""
     gen = torch.Generator(device="cuda").manual_seed(k * 7 + n)
     bf = dict(device="cuda", dtype=torch.bfloat16)
     x = torch.randn(tokens, k, generator=gen, **bf)
     dy = torch.randn(tokens, n, generator=gen, **bf)
-    a = torch.randn(rank, k, generator=gen, **bf) * 0.02
-    b = torch.randn(n, rank, generator=gen, **bf) * 0.02
-    hs = torch.randn(tokens, rank, generator=gen, **bf)
-    g = torch.randn(tokens, rank, generator=gen, **bf)
+    a = torch.randn(down_rank, k, generator=gen, **bf) * 0.02
+    b = torch.randn(n, up_rank, generator=gen, **bf) * 0.02
+    hs = torch.randn(tokens, up_rank, generator=gen, **bf)
+    g = torch.randn(tokens, down_rank, generator=gen, **bf)
     sa, bt = a * scale, b.t().contiguous()
     two = 2  # bytes a bf16 element
     return {
@@ -94,10 +95,7 @@ def main() -> None:
         hidden, glu, layers = MODELS[model]
         sums = {"cuBLAS": 0.0, "Triton": 0.0, "faster": 0.0, "copy rate": 0.0}
         for name, k, n, multiple, outputs in projections(hidden, glu):
-            forms = product_forms(int(tokens), k, n, args.rank * multiple)
-            if outputs > 1:  # the pair's outputs: rank r each
-                per_output = product_forms(int(tokens), k, n, args.rank)
-                forms.update({p: per_output[p] for p in ("hs Bᵀ", "g, dB")})
+            forms = product_forms(int(tokens), k, n, args.rank * multiple, args.rank)  # each output: rank r
             for product, (nbytes, cublas, triton_form) in forms.items():
                 count = outputs if product in ("hs Bᵀ", "g, dB") else 1
                 tc = median_seconds(cublas, args.repeats, warmup=3)
