@@ -12,11 +12,16 @@ row scales alone (operands quantized beforehand), and as the fused LoRA layer ca
 token first, the weight's transpose made for the input gradient, the adapter's part added after): what the fp8
 tensor cores give against the bf16 rows of the same shape, and what the quantization costs around them.
 
+``--stacked`` compares, for the GLU's l1 and l2 (one input, two weights of one shape), the two β = 1 GEMMs the
+fused pair runs today with one GEMM over the weights stacked [W₁; W₂] (forward y₁₂ += x [W₁; W₂]ᵀ; input gradient
+dx += [dy₁ dy₂] [W₁; W₂]), each form run back to back for a second at a time, alternating, so that both meet the
+card's clock under its power cap alike.
+
 ``--quantize`` times the per-token quantization alone instead: Inductor's kernel (what the layer runs) against
 the Triton kernel (``quantize_rows_triton``, the candidate), and whether the Triton kernel's result is the eager
 reference's bit for bit.
 
-    python3 benchmarks/gemm.py [--models 7B,1B] [--rows 16384,131072] [--sustain 4] [--fp8 | --quantize]  # a GPU
+    python3 benchmarks/gemm.py [--models 7B,1B] [--rows 16384,131072] [--sustain 4] [--fp8 | --quantize | --stacked]
 """
 
 from __future__ import annotations
@@ -151,6 +156,61 @@ def quantize_table(models: list[str], rows: list[int], repeats: int) -> None:
                 torch.cuda.empty_cache()
 
 
+def stacked_forms(m: int, n: int, k: int) -> dict[str, tuple[Callable[[], Tensor], float]]:
+    """The GLU pair's frozen GEMMs for m rows, two weights [n, k]: as two β = 1 GEMMs (the pair's form) and as one
+    over the stacked weights [2n, k] (the stacked form), forward and input gradient; each callable with its
+    FLOPs (the same for both forms)."""
+    t = operands(m, 2 * n, k)
+    x, w12, dy12, y12, dx = t["x"], t["w"], t["dy"], t["y"], t["dx"]
+    w1, w2 = w12[:n], w12[n:]
+    y1, y2 = torch.empty_like(y12[:, :n]), torch.empty_like(y12[:, n:])
+    dy1, dy2 = dy12[:, :n].contiguous(), dy12[:, n:].contiguous()
+    flops = 2.0 * 2 * m * n * k
+    return {
+        "fwd, two GEMMs": (lambda: (y1.addmm_(x, w1.t()), y2.addmm_(x, w2.t())), flops),
+        "fwd, stacked": (lambda: y12.addmm_(x, w12.t()), flops),
+        "dgrad, two GEMMs": (lambda: dx.addmm_(dy1, w1).addmm_(dy2, w2), flops),
+        "dgrad, stacked": (lambda: dx.addmm_(dy12, w12), flops),
+    }
+
+
+def rate(fn: Callable[[], object], flops: float, seconds: float) -> float:
+    """TFLOP/s of ``fn`` run back to back for ``seconds``."""
+    torch.cuda.synchronize()
+    t0, done = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        done += 1
+        if done % 8 == 0:
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    return flops * done / (time.perf_counter() - t0) / 1e12
+
+
+def stacked_table(models: list[str], rows: list[int], rounds: int = 3, seconds: float = 1.0) -> None:
+    """The GLU pair's GEMMs, two against stacked (:func:`stacked_forms`): TFLOP/s of each round, alternating."""
+    print("| model | rows | GEMM | two GEMMs, TFLOP/s by round | stacked, TFLOP/s by round | stacked / two |")
+    print("|---|---|---|---|---|---|")
+    glu = {"7B": (11008, 4096), "1B": (5632, 2048)}
+    for model in models:
+        n, k = glu[model]
+        for m in rows:
+            every = stacked_forms(m, n, k)
+            for kind in ("fwd", "dgrad"):
+                two, one = every[f"{kind}, two GEMMs"], every[f"{kind}, stacked"]
+                for fn, flops in (two, one):
+                    rate(fn, flops, 0.2)
+                a, b = [], []
+                for _ in range(rounds):
+                    a.append(rate(*two, seconds))
+                    b.append(rate(*one, seconds))
+                print(f"| {model} | {m} | {kind} | {', '.join(f'{r:.0f}' for r in a)} | "
+                      f"{', '.join(f'{r:.0f}' for r in b)} | {statistics.median(b) / statistics.median(a):.3f} |",
+                      flush=True)
+            del every
+            torch.cuda.empty_cache()
+
+
 def clock_sampler() -> subprocess.Popen | None:
     """nvidia-smi printing the SM clock, power and throttle reasons every 100 ms, or None without it."""
     query = "clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
@@ -203,12 +263,17 @@ def main() -> None:
     parser.add_argument("--fp8", action="store_true", help="also the fp8 forms fp8: true trains with")
     parser.add_argument("--quantize", action="store_true", help="only the fp8 per-token quantization, Inductor's "
                         "against the Triton kernel")
+    parser.add_argument("--stacked", action="store_true", help="only the GLU pair's GEMMs: two against one over "
+                        "the stacked weights")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.exit(2, "error: benchmarks/gemm.py measures a CUDA GPU's GEMMs; this machine has none\n")
     print(environment_line(), flush=True)
     if args.quantize:
         quantize_table(args.models.split(","), [int(r) for r in args.rows.split(",")], args.repeats)
+        return
+    if args.stacked:
+        stacked_table(args.models.split(","), [int(r) for r in args.rows.split(",")])
         return
     ref = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):

@@ -53,7 +53,8 @@
 #   gemm            the training step's frozen-weight GEMMs alone (benchmarks/gemm.py; GEMM_ARGS): plain and β = 1,
 #                   forward and input gradient, per projection shape, and the SM clock under a sustained run
 #                   (GEMM_ARGS=--fp8: the fp8 forms too; GEMM_ARGS=--quantize: fp8's per-token quantization alone,
-#                   Inductor's kernel against the Triton one)
+#                   Inductor's kernel against the Triton one; GEMM_ARGS=--stacked: the GLU's l1 and l2 as two GEMMs
+#                   against one over the stacked weights, alternating under sustained load)
 #   decode-steps    batch-1 decoding (MODELS, default "1B 7B") with the layer forwards (--no-gemv), the GEMV
 #                   step (the default) and the GEMV step without dependent launches (--no-pdl), one machine
 #   opt-outs        tnlora train's defaults against their opt-outs on one machine (MODELS, default 1B):
