@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tnlora.ops.lora import (
-    LORA_GRAD_MIN_ROWS,
+    LORA_GRAD_MIN_ELEMENTS,
     LoraOperands,
     lora_linear,
     lora_linear_pair,
@@ -131,14 +131,17 @@ def test_custom_operators_pass_torch_library_checks() -> None:
         )
 
 
-def test_auto_grad_kernel_reads_dy_once_only_on_cuda_from_the_measured_rows() -> None:
-    assert not reads_dy_once("auto", LORA_GRAD_MIN_ROWS - 1, cuda=True)
-    assert reads_dy_once("auto", LORA_GRAD_MIN_ROWS, cuda=True)
-    assert not reads_dy_once("auto", 10 * LORA_GRAD_MIN_ROWS, cuda=False)
-    assert reads_dy_once("triton", 1, cuda=True) and not reads_dy_once("triton", 1, cuda=False)
-    assert not reads_dy_once("torch", 10 * LORA_GRAD_MIN_ROWS, cuda=True)
+def test_auto_grad_kernel_reads_dy_once_only_on_cuda_from_the_measured_size() -> None:
+    # by dy's elements: 1B's qkvu at 32,768 rows (8,192 wide) reads once, its out_proj (2,048) at 65,536 does not
+    assert LORA_GRAD_MIN_ELEMENTS == 32_768 * 8_192
+    assert reads_dy_once("auto", 32_768, 8_192, cuda=True)
+    assert not reads_dy_once("auto", 65_536, 2_048, cuda=True) and not reads_dy_once("auto", 32_768, 5_632, cuda=True)
+    assert reads_dy_once("auto", 131_072, 2_048, cuda=True)
+    assert not reads_dy_once("auto", 131_072, 16_384, cuda=False)
+    assert reads_dy_once("triton", 1, 1, cuda=True) and not reads_dy_once("triton", 1, 1, cuda=False)
+    assert not reads_dy_once("torch", 131_072, 16_384, cuda=True)
     with pytest.raises(ValueError, match="grad_kernel must be"):
-        reads_dy_once("cublas", 1, cuda=True)
+        reads_dy_once("cublas", 1, 1, cuda=True)
 
 
 def _pair_inputs(dtype: torch.dtype = torch.float64, adapter_dtype: torch.dtype | None = None, bias: bool = False):

@@ -39,8 +39,8 @@ def train_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
                              "with --no-lora_pair, each as its own")
     parser.add_argument("--lora_grad_kernel", default="auto", choices=KERNEL_CHOICES,
                         help="the fused LoRA layers' backward products of dy: two GEMMs (torch), one read of dy "
-                             "(triton, CUDA) or auto (the default: the one read from tnlora.ops.lora.LORA_GRAD_MIN_ROWS = "
-                             "65,536 tokens a micro-batch)")
+                             "(triton, CUDA) or auto (the default: the one read where dy holds "
+                             "tnlora.ops.lora.LORA_GRAD_MIN_ELEMENTS = 2^28 elements, tokens × output width)")
     parser.add_argument("--lora_dropout_kernel", default="auto", choices=KERNEL_CHOICES,
                         help="the fused LoRA layers' dropout (with lora_dropout > 0): PyTorch's (torch, and auto, the "
                              "default) or a byte mask applied inside Triton kernels (triton)")

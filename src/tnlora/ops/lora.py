@@ -70,11 +70,13 @@ def lora_linear_reference(
     return F.linear(x, weight, bias) + F.linear(F.linear(F.dropout(x, dropout, training), lora_a), lora_b) * scaling
 
 
-# The rows (tokens of a micro-batch) from which grad_kernel "auto" takes the one-read kernel: on an H200 it took
-# 18–30 % less time than cuBLAS's two GEMMs for every 7B projection at 65,536 and 131,072 rows (as long summed
-# over 1B's at 65,536 with its first tiles), and lost on the narrow ones at 16,384 and 32,768
-# (benchmarks/RESULTS.md, "The activation kernel and the LoRA backward's products of dy, alone").
-LORA_GRAD_MIN_ROWS = 65_536
+# The size of dy (rows × the projection's output width) from which grad_kernel "auto" takes the one-read kernel.
+# Alone, against cuBLAS's two GEMMs, it wins from about this size and loses below it on both cards measured: at
+# 2^28 elements 1B's qkvu at 32,768 rows (H100 0.393 → 0.315 ms, H200 0.274 → 0.252), 7B's qkvu at 16,384 and
+# out_proj at 65,536; below it 1B's out_proj and l3 at 65,536 rows (H200 0.156 against 0.182 ms) and 7B's qkvu at
+# 8,192 (a tie) (benchmarks/RESULTS.md, "The activation kernel and the LoRA backward's products of dy, alone" and
+# "Every rank-8 product alone"). A rows rule (65,536) took the one read for every projection from there.
+LORA_GRAD_MIN_ELEMENTS = 1 << 28
 
 
 def lora_linear(
@@ -100,7 +102,7 @@ def lora_linear(
     not computed, while what the backward reads is saved as always (a checkpointed layer's recompute).
     ``grad_kernel="triton"`` (the fused form, CUDA tensors): the backward's two products of dy (g = dy B and
     dB) come from one read of dy (:mod:`tnlora.ops.lora_grad`) instead of two GEMMs; "auto" (the default): so
-    from ``LORA_GRAD_MIN_ROWS`` rows of x, "torch": always the two GEMMs. ``weight_fp8`` (the fused form): the
+    where dy holds ``LORA_GRAD_MIN_ELEMENTS`` elements or more, "torch": always the two GEMMs. ``weight_fp8`` (the fused form): the
     frozen weight as :func:`tnlora.ops.fp8.quantize_weight` returns it, so the frozen GEMMs (x Wᵀ and dy W) run
     in fp8 with x and dy quantized per token; the adapter's products and gradients are unchanged.
     ``dropout_kernel="triton"`` (the fused form, dropout in training): a byte mask applied inside Triton kernels
@@ -111,7 +113,7 @@ def lora_linear(
             raise ValueError("lora_linear: an fp8 copy of the base weight is for a frozen weight only")
         return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout, training)
     p = dropout if training else 0.0
-    one_read = reads_dy_once(grad_kernel, x.numel() // max(1, x.shape[-1]), x.is_cuda)
+    one_read = reads_dy_once(grad_kernel, x.numel() // max(1, x.shape[-1]), weight.shape[0], x.is_cuda)
     byte_mask = p > 0.0 and dropout_in_kernels(dropout_kernel, x.is_cuda)
     weight_q, weight_scale = weight_fp8 if weight_fp8 is not None else (None, None)
     if torch.compiler.is_compiling():
@@ -125,12 +127,12 @@ def lora_linear(
     )
 
 
-def reads_dy_once(grad_kernel: str, rows: int, cuda: bool) -> bool:
+def reads_dy_once(grad_kernel: str, rows: int, cols: int, cuda: bool) -> bool:
     """Whether a fused LoRA layer's backward takes g and dB from one read of dy (:func:`lora_linear`'s
-    ``grad_kernel`` for x of ``rows`` rows, on CUDA or not)."""
+    ``grad_kernel`` for dy of ``rows`` rows and ``cols`` columns, on CUDA or not)."""
     if grad_kernel not in KERNEL_CHOICES:
         raise ValueError(f"grad_kernel must be 'auto', 'torch' or 'triton', got {grad_kernel!r}")
-    return cuda and (grad_kernel == "triton" or (grad_kernel == "auto" and rows >= LORA_GRAD_MIN_ROWS))
+    return cuda and (grad_kernel == "triton" or (grad_kernel == "auto" and rows * cols >= LORA_GRAD_MIN_ELEMENTS))
 
 
 def dropout_in_kernels(dropout_kernel: str, cuda: bool) -> bool:
@@ -421,7 +423,8 @@ def lora_linear_pair(
     for operands in (first, second):
         if operands.weight.requires_grad or (operands.bias is not None and operands.bias.requires_grad):
             raise ValueError("lora_linear_pair: the frozen weights must not require gradients")
-    one_read = reads_dy_once(grad_kernel, x.numel() // max(1, x.shape[-1]), x.is_cuda)
+    rows = x.numel() // max(1, x.shape[-1])
+    one_read = reads_dy_once(grad_kernel, rows, min(first.weight.shape[0], second.weight.shape[0]), x.is_cuda)
     if torch.compiler.is_compiling():
         if not compiled_op:
             return tuple(lora_linear_reference(x, *operands) for operands in (first, second))  # type: ignore[return-value]

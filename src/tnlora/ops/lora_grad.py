@@ -11,10 +11,11 @@ after. Accumulation is in fp32 (fp64 for fp64 inputs), as cuBLAS accumulates; th
 so results equal the two GEMMs' up to rounding.
 
 The fused LoRA layer's backward uses it with ``grad_kernel: "triton"`` (a ``FusedLoraLinear`` attribute; ``tnlora
-bench train --lora_grad_kernel``), and with "auto" (the default) from ``tnlora.ops.lora.LORA_GRAD_MIN_ROWS``
-tokens a micro-batch, on CUDA tensors. On an H200 it streams dy at 2.0–3.1 TB/s against cuBLAS's 3.0–4.3 for
-two reads, so it wins where dy is long (7B at 65,536 and 131,072 rows: 18–30 % less time) and loses on the
-narrow projections of shorter micro-batches (``benchmarks/lora_grad.py``).
+bench train --lora_grad_kernel``), and with "auto" (the default) where dy holds
+``tnlora.ops.lora.LORA_GRAD_MIN_ELEMENTS`` elements, on CUDA tensors. On an H200 it streams dy at 2.0–3.1 TB/s
+against cuBLAS's 3.0–4.3 for two reads, so it wins where dy is large (7B at 65,536 and 131,072 rows: 18–30 % less
+time; the widest projections at 16,384 and 32,768) and loses on the narrow projections of shorter micro-batches
+(``benchmarks/lora_grad.py``, ``benchmarks/lora_products.py``).
 """
 
 from __future__ import annotations

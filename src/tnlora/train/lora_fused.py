@@ -32,7 +32,7 @@ class FusedLoraLinear(LoraLinear):
     # (forward_with); False: each as its own. `tnlora bench train --no-lora_pair` sets it.
     paired = True
     # "triton": the backward's two products of dy from one read of it (tnlora.ops.lora_grad, CUDA); "torch": two
-    # GEMMs; "auto" (the default): the one read from tnlora.ops.lora.LORA_GRAD_MIN_ROWS tokens a micro-batch.
+    # GEMMs; "auto" (the default): the one read where dy holds tnlora.ops.lora.LORA_GRAD_MIN_ELEMENTS elements.
     # `tnlora bench train --lora_grad_kernel` sets it.
     grad_kernel = "auto"
     # "triton": LoRA's dropout applied inside the adapter's kernels as a byte mask (tnlora.ops.lora_dropout: the
