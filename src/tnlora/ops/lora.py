@@ -103,8 +103,9 @@ def lora_linear(
     ``grad_kernel="triton"`` (the fused form, CUDA tensors): the backward's two products of dy (g = dy B and
     dB) come from one read of dy (:mod:`tnlora.ops.lora_grad`) instead of two GEMMs; "auto" (the default): so
     where dy holds ``LORA_GRAD_MIN_ELEMENTS`` elements or more, "torch": always the two GEMMs. ``weight_fp8`` (the
-    fused form): the frozen weight as :func:`tnlora.ops.fp8.quantize_weight` returns it, so the frozen GEMMs (x Wᵀ and dy W) run
-    in fp8 with x and dy quantized per token; the adapter's products and gradients are unchanged.
+    fused form): the frozen weight as :func:`tnlora.ops.fp8.quantize_weight` returns it, so the frozen GEMMs
+    (x Wᵀ and dy W) run in fp8 with x and dy quantized per token; the adapter's products and gradients are
+    unchanged.
     ``dropout_kernel="triton"`` (the fused form, dropout in training): a byte mask applied inside Triton kernels
     (:mod:`tnlora.ops.lora_dropout`), so the dropped input is neither written nor kept; "auto" (the default) and
     "torch": PyTorch's dropout (:func:`dropout_in_kernels`)."""
