@@ -13,7 +13,7 @@ token first, the weight's transpose made for the input gradient, the adapter's p
 tensor cores give against the bf16 rows of the same shape, and what the quantization costs around them.
 
 ``--stacked`` compares, for the GLU's l1 and l2 (one input, two weights of one shape), the two β = 1 GEMMs the
-fused pair runs today with one GEMM over the weights stacked [W₁; W₂] (forward y₁₂ += x [W₁; W₂]ᵀ; input gradient
+fused pair runs with one GEMM over the weights stacked [W₁; W₂] (forward y₁₂ += x [W₁; W₂]ᵀ; input gradient
 dx += [dy₁ dy₂] [W₁; W₂]), each form run back to back for a second at a time, alternating, so that both meet the
 card's clock under its power cap alike.
 
