@@ -156,18 +156,21 @@ def quantize_table(models: list[str], rows: list[int], repeats: int) -> None:
                 torch.cuda.empty_cache()
 
 
-def stacked_forms(m: int, n: int, k: int) -> dict[str, tuple[Callable[[], Tensor], float]]:
+def stacked_forms(
+    m: int, n: int, k: int, device: str = "cuda", dtype: torch.dtype = torch.bfloat16
+) -> dict[str, tuple[Callable[[], Tensor], float]]:
     """The GLU pair's frozen GEMMs for m rows, two weights [n, k]: as two β = 1 GEMMs (the pair's form) and as one
     over the stacked weights [2n, k] (the stacked form), forward and input gradient; each callable with its
-    FLOPs (the same for both forms)."""
-    t = operands(m, 2 * n, k)
+    FLOPs (the same for both forms). The callables return what they wrote (the accumulators change with every
+    call)."""
+    t = operands(m, 2 * n, k, device, dtype)
     x, w12, dy12, y12, dx = t["x"], t["w"], t["dy"], t["y"], t["dx"]
     w1, w2 = w12[:n], w12[n:]
-    y1, y2 = torch.empty_like(y12[:, :n]), torch.empty_like(y12[:, n:])
+    y1, y2 = torch.zeros_like(y12[:, :n]), torch.zeros_like(y12[:, n:])
     dy1, dy2 = dy12[:, :n].contiguous(), dy12[:, n:].contiguous()
     flops = 2.0 * 2 * m * n * k
     return {
-        "fwd, two GEMMs": (lambda: (y1.addmm_(x, w1.t()), y2.addmm_(x, w2.t())), flops),
+        "fwd, two GEMMs": (lambda: torch.cat([y1.addmm_(x, w1.t()), y2.addmm_(x, w2.t())], dim=1), flops),
         "fwd, stacked": (lambda: y12.addmm_(x, w12.t()), flops),
         "dgrad, two GEMMs": (lambda: dx.addmm_(dy1, w1).addmm_(dy2, w2), flops),
         "dgrad, stacked": (lambda: dx.addmm_(dy12, w12), flops),

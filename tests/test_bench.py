@@ -489,6 +489,21 @@ def test_gemm_bench_forms_compute_the_products_they_name():
     torch.testing.assert_close(t["y"], y0 + x @ w.T)  # in place
 
 
+def test_gemm_bench_stacked_forms_equal_the_two_gemms():
+    """benchmarks/gemm.py --stacked on CPU float64 operands: one β = 1 GEMM over [W₁; W₂] adds what the two β = 1
+    GEMMs add, forward ([y₁ y₂]) and input gradient (dx), each from the same starting accumulators."""
+    gemm = _benchmark_module("gemm")
+    forms = gemm.stacked_forms(6, 5, 4, device="cpu", dtype=torch.float64)
+    assert {name: flops for name, (_, flops) in forms.items()} == dict.fromkeys(forms, 2 * 2 * 6 * 5 * 4)
+    added = {}
+    for name, (fn, _) in forms.items():
+        first, second = fn().clone(), fn().clone()
+        added[name] = second - first  # what one call adds, whatever the accumulator held
+    for kind in ("fwd", "dgrad"):
+        torch.testing.assert_close(added[f"{kind}, stacked"], added[f"{kind}, two GEMMs"], rtol=1e-12, atol=1e-12)
+        assert added[f"{kind}, stacked"].abs().max() > 0
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 @pytest.mark.parametrize(
     ("script", "measures"),
