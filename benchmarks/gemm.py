@@ -161,8 +161,8 @@ def stacked_forms(
 ) -> dict[str, tuple[Callable[[], Tensor], float]]:
     """The GLU pair's frozen GEMMs for m rows, two weights [n, k]: as two β = 1 GEMMs (the pair's form) and as one
     over the stacked weights [2n, k] (the stacked form), forward and input gradient; each callable with its
-    FLOPs (the same for both forms). The callables return what they wrote (the accumulators change with every
-    call)."""
+    FLOPs (the same for both forms). The callables return the accumulators they added to (the two-GEMM forward
+    both y₁ and y₂), which change with every call."""
     t = operands(m, 2 * n, k, device, dtype)
     x, w12, dy12, y12, dx = t["x"], t["w"], t["dy"], t["y"], t["dx"]
     w1, w2 = w12[:n], w12[n:]
@@ -170,7 +170,7 @@ def stacked_forms(
     dy1, dy2 = dy12[:, :n].contiguous(), dy12[:, n:].contiguous()
     flops = 2.0 * 2 * m * n * k
     return {
-        "fwd, two GEMMs": (lambda: torch.cat([y1.addmm_(x, w1.t()), y2.addmm_(x, w2.t())], dim=1), flops),
+        "fwd, two GEMMs": (lambda: (y1.addmm_(x, w1.t()), y2.addmm_(x, w2.t())), flops),
         "fwd, stacked": (lambda: y12.addmm_(x, w12.t()), flops),
         "dgrad, two GEMMs": (lambda: dx.addmm_(dy1, w1).addmm_(dy2, w2), flops),
         "dgrad, stacked": (lambda: dx.addmm_(dy12, w12), flops),
