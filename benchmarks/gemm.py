@@ -231,12 +231,7 @@ def sustained(fn: Callable[[], object], flops: float, seconds: float) -> str:
     sampler = clock_sampler()
     rates, start = [], time.perf_counter()
     while time.perf_counter() - start < seconds:
-        t0, done = time.perf_counter(), 0
-        while time.perf_counter() - t0 < 1.0:
-            fn()
-            done += 1
-        torch.cuda.synchronize()
-        rates.append(flops * done / (time.perf_counter() - t0) / 1e12)
+        rates.append(rate(fn, flops, 1.0))
     samples = []
     if sampler is not None:
         sampler.terminate()

@@ -491,10 +491,11 @@ def test_gemm_bench_forms_compute_the_products_they_name():
 
 def test_gemm_bench_stacked_forms_equal_the_two_gemms():
     """benchmarks/gemm.py --stacked on CPU float64 operands: one β = 1 GEMM over [W₁; W₂] adds what the two β = 1
-    GEMMs add, forward ([y₁ y₂]) and input gradient (dx), each from the same starting accumulators."""
+    GEMMs add, forward ([y₁ y₂]) and input gradient (dx): each form's increment over two calls."""
     gemm = _benchmark_module("gemm")
     forms = gemm.stacked_forms(6, 5, 4, device="cpu", dtype=torch.float64)
     assert {name: flops for name, (_, flops) in forms.items()} == dict.fromkeys(forms, 2 * 2 * 6 * 5 * 4)
+
     def call(fn) -> torch.Tensor:
         out = fn()
         return torch.cat(out, dim=1) if isinstance(out, tuple) else out.clone()

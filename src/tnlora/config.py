@@ -926,8 +926,8 @@ OFFLOADED_TOKENS_PER_MICRO_BATCH = 16_384
 # Compiling the decoder layers pays only on long runs: at the steady rate compiled layers are ~1 % ahead of eager
 # ones (the fused LoRA operations, the Triton norms and activation kernels: 7B +0.9 %, 1B +1.1 % on an H100),
 # against about a minute of compiling in the first steps: at 7B's ~19,000 tokens/s, 1 % of the steps adds up to
-# that minute after ~110 M tokens (benchmarks/RESULTS.md, the 7B rows and "tnlora train end to end"). Unset, torch_compile is on only from this
-# many training tokens.
+# that minute after ~110 M tokens (benchmarks/RESULTS.md, the 7B rows and "tnlora train end to end"). Unset,
+# torch_compile is on only from this many training tokens.
 COMPILE_MIN_TOKENS = 100_000_000
 
 
