@@ -17,11 +17,18 @@ fused pair runs with one GEMM over the weights stacked [W₁; W₂] (forward y�
 dx += [dy₁ dy₂] [W₁; W₂]), each form run back to back for a second at a time, alternating, so that both meet the
 card's clock under its power cap alike.
 
+``--appended`` compares each projection's fused LoRA layer as the tree runs it (:mod:`tnlora.ops.lora`: x Aᵀ, the
+adapter's output written, the frozen GEMM adding to it; in the backward g = dy B, dB, dA and the input gradient
+written then added to) with the adapter appended to the frozen GEMM's reduction: y = [x | s·h] [W | B]ᵀ with
+K = k + r, and [dx | g] = dy [W | B] in one GEMM (then dB and dA as in the tree). The appended forms leave work to
+the kernels around the layer (s·h written beside x by the kernel that writes x, s·g A added by the one that reads
+dx), so they bound what moving the rank-r products there could give; the K and N tails of k + r are their price.
+
 ``--quantize`` times the per-token quantization alone instead: Inductor's kernel (what the layer runs) against
 the Triton kernel (``quantize_rows_triton``, the candidate), and whether the Triton kernel's result is the eager
 reference's bit for bit.
 
-    python3 benchmarks/gemm.py [--models 7B,1B] [--rows 16384,131072] [--sustain 4] [--fp8 | --quantize | --stacked]
+    python3 benchmarks/gemm.py [--models 7B,1B] [--rows 16384,131072] [--sustain 4] [--fp8 | --quantize | --stacked | --appended]
 """
 
 from __future__ import annotations
@@ -177,6 +184,73 @@ def stacked_forms(
     }
 
 
+def appended_forms(
+    m: int, n: int, k: int, rank: int = 8, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
+    one_read: bool = False,
+) -> tuple[dict[str, Callable[[], object]], dict[str, Tensor]]:
+    """One adapted projection (W [n, k], A [r, k], B [n, r], scaling 2) of m rows: the tree's fused forward and
+    backward (``tnlora.ops.lora``'s GEMMs; ``one_read`` as its rule picks) against the adapter appended to the
+    frozen GEMM's reduction (:data:`__doc__`), each a callable returning what it computed: the forward y, the
+    backward (dx or [dx | g], dA, dB). "dx += s·g A" is the rank-r pass the appended backward leaves to dx's reader,
+    timed alone. Returned with the operands (x, w, a, b, dy, scaling)."""
+    from tnlora.ops.lora import _backward_gemms, _forward_gemms
+
+    scaling = 2.0
+    t = operands(m, n, k, device, dtype)
+    x, w, dy = t["x"], t["w"], t["dy"]
+    a = torch.randn(rank, k, device=device, dtype=dtype) / k**0.5
+    b = torch.randn(n, rank, device=device, dtype=dtype)
+    hs = x @ (a.t() * scaling)
+    xp = torch.cat([x, hs], dim=1)  # what the kernel writing x would write
+    wp = torch.cat([w, b], dim=1)
+    sa = a * scaling
+    dx, g = torch.randn(m, k, device=device, dtype=dtype), torch.randn(m, rank, device=device, dtype=dtype)
+
+    def tree_backward() -> tuple:
+        return _backward_gemms(dy, w, a, b, x, hs, None, scaling, 0.0, (True, True, True), one_read)
+
+    def appended_backward() -> tuple:
+        dxp = torch.mm(dy, wp)
+        g = dxp[:, k:]
+        return dxp, (g.t() @ x).mul_(scaling), dy.t() @ hs
+
+    forms = {
+        "fwd, the tree": lambda: _forward_gemms(x, w, None, a, b, scaling, 0.0, True)[0],
+        "fwd, appended": lambda: torch.mm(xp, wp.t()),
+        "dgrad, the tree": tree_backward,
+        "dgrad, appended": appended_backward,
+        "dx += s·g A": lambda: dx.addmm_(g, sa),
+    }
+    return forms, {"x": x, "w": w, "a": a, "b": b, "dy": dy, "scaling": torch.tensor(scaling)}
+
+
+def appended_table(models: list[str], rows: dict[str, int], rounds: int = 3, seconds: float = 0.5) -> None:
+    """Each projection's fused layer, the tree against appended (:func:`appended_forms`): ms a call, the median of
+    ``rounds`` alternating rounds of ``seconds`` each."""
+    from tnlora.ops.lora import reads_dy_once
+
+    print("| model | projection | rows | fwd: tree | fwd: appended | dgrad: tree | dgrad: appended | dx += s·g A "
+          "| appended saves (fwd + dgrad − dx pass) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for model in models:
+        m = rows[model]
+        for name, n, k in SHAPES[model]:
+            every, _ = appended_forms(m, n, k, one_read=reads_dy_once("auto", m, n, True))
+            for fn in every.values():
+                rate(fn, 1e12, 0.1)
+            times: dict[str, list[float]] = {form: [] for form in every}
+            for _ in range(rounds):
+                for form, fn in every.items():
+                    times[form].append(1e3 / rate(fn, 1e12, seconds))  # rate(): calls a second here
+            ms = {form: statistics.median(v) for form, v in times.items()}
+            saved = (ms["fwd, the tree"] - ms["fwd, appended"] + ms["dgrad, the tree"] - ms["dgrad, appended"]
+                     - ms["dx += s·g A"])
+            print(f"| {model} | {name} ({n}×{k}) | {m} | " + " | ".join(f"{v:.3f}" for v in ms.values())
+                  + f" | {saved:.3f} |", flush=True)
+            del every
+            torch.cuda.empty_cache()
+
+
 def rate(fn: Callable[[], object], flops: float, seconds: float) -> float:
     """TFLOP/s of ``fn`` run back to back for ``seconds``."""
     torch.cuda.synchronize()
@@ -263,6 +337,8 @@ def main() -> None:
                         "against the Triton kernel")
     parser.add_argument("--stacked", action="store_true", help="only the GLU pair's GEMMs: two against one over "
                         "the stacked weights")
+    parser.add_argument("--appended", action="store_true", help="only each projection's fused LoRA layer: the "
+                        "tree's GEMMs against the adapter appended to the frozen GEMM's reduction")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.exit(2, "error: benchmarks/gemm.py measures a CUDA GPU's GEMMs; this machine has none\n")
@@ -272,6 +348,9 @@ def main() -> None:
         return
     if args.stacked:
         stacked_table(args.models.split(","), [int(r) for r in args.rows.split(",")])
+        return
+    if args.appended:  # each model at its training defaults' micro-batch on an H200
+        appended_table(args.models.split(","), {"7B": 16384, "1B": 32768})
         return
     ref = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):

@@ -558,3 +558,20 @@ def test_lora_grad_bench_operands_and_errors():
     assert (dy.shape, b.shape, hs.shape) == ((6, 5), (5, 3), (6, 3))
     want = (torch.tensor([[2.0, -4.0]]), torch.tensor([[1.0]]))
     assert bench.relative_errors((torch.tensor([[2.0, -3.0]]), torch.tensor([[1.5]])), want) == "2.5e-01 / 5.0e-01"
+
+
+def test_gemm_bench_appended_forms_equal_the_tree_s_layer():
+    """benchmarks/gemm.py --appended on CPU float64 operands: y = [x | s·h] [W | B]ᵀ is the fused layer's output,
+    and [dx | g] = dy [W | B] gives g = dy B and, with s·g A added, the layer's input gradient; dA and dB its own."""
+    gemm = _benchmark_module("gemm")
+    m, n, k, r = 6, 5, 4, 3
+    forms, t = gemm.appended_forms(m, n, k, rank=r, device="cpu", dtype=torch.float64)
+    torch.testing.assert_close(forms["fwd, appended"](), forms["fwd, the tree"](), rtol=1e-12, atol=1e-12)
+    (tree_dx, tree_da, tree_db), (dxp, da, db) = forms["dgrad, the tree"](), forms["dgrad, appended"]()
+    assert dxp.shape == (m, k + r)
+    g = dxp[:, k:]
+    torch.testing.assert_close(g, t["dy"] @ t["b"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dxp[:, :k] + t["scaling"] * g @ t["a"], tree_dx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(da, tree_da, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(db, tree_db, rtol=1e-12, atol=1e-12)
+    assert tree_da.abs().max() > 0 and tree_db.abs().max() > 0
