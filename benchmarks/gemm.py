@@ -23,6 +23,8 @@ written then added to) with the adapter appended to the frozen GEMM's reduction:
 K = k + r, and [dx | g] = dy [W | B] in one GEMM (then dB and dA as in the tree). The appended forms leave work to
 the kernels around the layer (s·h written beside x by the kernel that writes x, s·g A added by the one that reads
 dx), so they bound what moving the rank-r products there could give; the K and N tails of k + r are their price.
+"with its cats" builds [x | s·h] and [W | B] in the call, and the last column adds the rank-r pass over dx too: what
+the appended form costs where nothing around it takes those passes over.
 
 ``--quantize`` times the per-token quantization alone instead: Inductor's kernel (what the layer runs) against
 the Triton kernel (``quantize_rows_triton``, the candidate), and whether the Triton kernel's result is the eager
@@ -214,11 +216,21 @@ def appended_forms(
         g = dxp[:, k:]
         return dxp, (g.t() @ x).mul_(scaling), dy.t() @ hs
 
+    def appended_with_cats() -> Tensor:
+        return torch.mm(torch.cat([x, x @ sa.t()], dim=1), torch.cat([w, b], dim=1).t())
+
+    def appended_backward_with_cat() -> tuple:
+        dxp = torch.mm(dy, torch.cat([w, b], dim=1))
+        g = dxp[:, k:]
+        return dxp, (g.t() @ x).mul_(scaling), dy.t() @ hs
+
     forms = {
         "fwd, the tree": lambda: _forward_gemms(x, w, None, a, b, scaling, 0.0, True)[0],
         "fwd, appended": lambda: torch.mm(xp, wp.t()),
+        "fwd, appended with its cats": appended_with_cats,
         "dgrad, the tree": tree_backward,
         "dgrad, appended": appended_backward,
+        "dgrad, appended with its cat": appended_backward_with_cat,
         "dx += s·g A": lambda: dx.addmm_(g, sa),
     }
     return forms, {"x": x, "w": w, "a": a, "b": b, "dy": dy, "scaling": torch.tensor(scaling)}
@@ -229,9 +241,9 @@ def appended_table(models: list[str], rows: dict[str, int], rounds: int = 3, sec
     ``rounds`` alternating rounds of ``seconds`` each."""
     from tnlora.ops.lora import reads_dy_once
 
-    print("| model | projection | rows | fwd: tree | fwd: appended | dgrad: tree | dgrad: appended | dx += s·g A "
-          "| appended saves (fwd + dgrad − dx pass) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | projection | rows | fwd: tree | appended | with its cats | dgrad: tree | appended | with its cat "
+          "| dx += s·g A | appended saves (fwd + dgrad) | with the cats and the dx pass |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model in models:
         m = rows[model]
         for name, n, k in SHAPES[model]:
@@ -243,10 +255,11 @@ def appended_table(models: list[str], rows: dict[str, int], rounds: int = 3, sec
                 for form, fn in every.items():
                     times[form].append(1e3 / rate(fn, 1e12, seconds))  # rate(): calls a second here
             ms = {form: statistics.median(v) for form, v in times.items()}
-            saved = (ms["fwd, the tree"] - ms["fwd, appended"] + ms["dgrad, the tree"] - ms["dgrad, appended"]
-                     - ms["dx += s·g A"])
+            tree = ms["fwd, the tree"] + ms["dgrad, the tree"]
+            bound = tree - ms["fwd, appended"] - ms["dgrad, appended"]
+            plain = tree - ms["fwd, appended with its cats"] - ms["dgrad, appended with its cat"] - ms["dx += s·g A"]
             print(f"| {model} | {name} ({n}×{k}) | {m} | " + " | ".join(f"{v:.3f}" for v in ms.values())
-                  + f" | {saved:.3f} |", flush=True)
+                  + f" | {bound:.3f} | {plain:.3f} |", flush=True)
             del every
             torch.cuda.empty_cache()
 

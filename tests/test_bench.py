@@ -566,7 +566,10 @@ def test_gemm_bench_appended_forms_equal_the_tree_s_layer():
     gemm = _benchmark_module("gemm")
     m, n, k, r = 6, 5, 4, 3
     forms, t = gemm.appended_forms(m, n, k, rank=r, device="cpu", dtype=torch.float64)
-    torch.testing.assert_close(forms["fwd, appended"](), forms["fwd, the tree"](), rtol=1e-12, atol=1e-12)
+    for form in ("fwd, appended", "fwd, appended with its cats"):
+        torch.testing.assert_close(forms[form](), forms["fwd, the tree"](), rtol=1e-12, atol=1e-12)
+    for got, want in zip(forms["dgrad, appended with its cat"](), forms["dgrad, appended"](), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     (tree_dx, tree_da, tree_db), (dxp, da, db) = forms["dgrad, the tree"](), forms["dgrad, appended"]()
     assert dxp.shape == (m, k + r)
     g = dxp[:, k:]
