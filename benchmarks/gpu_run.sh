@@ -67,8 +67,6 @@
 #   micro-batch     tnlora train's defaults at ROWS rows of 1,024 a micro-batch (default "32 64"; MODELS, default 1B;
 #                   ROUNDS rounds alternating): whether twice the default micro-batch pays (the LoRA backward's
 #                   one-read kernel takes over from 65,536 rows)
-#   lora-forward    tnlora train's defaults with the fused LoRA layers' forward as the frozen GEMM's epilogue adding the
-#                   adapter's output, against appended to its reduction where auto picks it (MODELS, ROUNDS alternating)
 #   act-kernel      tnlora train's defaults with the token mixer's activation as PyTorch's form and as the kernels
 #                   (act_kernel torch / triton; MODELS, default "1B 7B"; "auto", the default, is triton on CUDA)
 #   act             the activation alone, forward and backward, compiled PyTorch form against the operators
@@ -295,11 +293,6 @@ for stage in "$@"; do
       # rounds alternating; ROWS, default "32 64": 64 x 1,024 is where the LoRA backward's one-read kernel applies)
       for m in ${MODELS:-1B}; do for r in $(seq ${ROUNDS:-1}); do for b in ${ROWS:-32 64}; do
         train --model $m --per_device_train_batch_size $b $CAP --name "$m huanhuan-shaped, tnlora train's defaults, $b x 1,024 a micro-batch, round $r ($COMMIT)$TAG"
-      done; done; done ;;
-    lora-forward)  # the fused LoRA layers' forward: the adapter's output added in the frozen GEMM's epilogue against
-      # appended to its reduction where "auto" picks it (MODELS, default "1B 7B"; ROUNDS rounds alternating, default 2)
-      for m in ${MODELS:-1B 7B}; do for r in $(seq ${ROUNDS:-2}); do for f in epilogue auto; do
-        train --model $m --lora_forward $f --name "$m huanhuan-shaped, tnlora train's defaults, lora_forward $f, round $r ($COMMIT)$TAG"
       done; done; done ;;
     act-kernel)  # the token mixer's activation: PyTorch's form against the kernels (MODELS, default "1B 7B")
       for m in ${MODELS:-1B 7B}; do for a in torch triton; do

@@ -8,8 +8,5 @@ LIGHTNING_IMPLS = ("auto", "chunked", "recurrent", "fla", "triton")
 # Every other kernel choice (``norm_kernel``, ``loss_kernel``, ``act_kernel``, ``decode_kernel``, the LoRA layer's
 # ``grad_kernel`` / ``dropout_kernel``): PyTorch's operations or the Triton kernels.
 KERNEL_CHOICES = ("auto", "torch", "triton")
-# The fused LoRA layer's forward (``forward_form``, :func:`tnlora.ops.lora.appends_adapter`): the adapter's output
-# added in the frozen GEMM's epilogue, or appended to its reduction; "auto" picks by the projection's widths.
-FORWARD_FORMS = ("auto", "epilogue", "appended")
 
-__all__ = ["FORWARD_FORMS", "KERNEL_CHOICES", "LIGHTNING_IMPLS"]
+__all__ = ["KERNEL_CHOICES", "LIGHTNING_IMPLS"]

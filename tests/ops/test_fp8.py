@@ -220,7 +220,7 @@ def test_custom_operators_pass_torch_library_checks_with_an_fp8_base() -> None:
                           (quantize_rows_reference(x.detach()), fp8_input_grad_operands(dy, wq, ws))):  # fmt: skip
         torch.library.opcheck(
             torch.ops.tnlora.lora_linear.default,
-            (x, weight, None, lora_a, lora_b, 2.0, 0.0, True, False, wq, ws, *x_fp8, False, False),
+            (x, weight, None, lora_a, lora_b, 2.0, 0.0, True, False, wq, ws, *x_fp8, False),
             test_utils=checks,
         )
         torch.library.opcheck(

@@ -7,10 +7,8 @@ import pytest
 import torch
 
 from tnlora.ops.lora import (
-    APPEND_MIN_WIDENING,
     LORA_GRAD_MIN_ELEMENTS,
     LoraOperands,
-    appends_adapter,
     lora_linear,
     lora_linear_pair,
     lora_linear_reference,
@@ -42,22 +40,16 @@ def _run(fn, inputs, scaling=2.0, dropout=0.0, training=False, seed=1):
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-@pytest.mark.parametrize("form", ["epilogue", "appended"])
-def test_fused_equals_composition_in_float64(bias: bool, dropout: float, form: str) -> None:
-    """Both forward forms (the adapter's output added in the frozen GEMM's epilogue; appended to its reduction)."""
+def test_fused_equals_composition_in_float64(bias: bool, dropout: float) -> None:
     inputs = _inputs(bias=bias)
     want_y, want_grads = _run(lora_linear_reference, inputs, dropout=dropout, training=True)
-
-    def fused(*args):
-        return lora_linear(*args, forward_form=form)
-
-    got_y, got_grads = _run(fused, inputs, dropout=dropout, training=True)
+    got_y, got_grads = _run(lora_linear, inputs, dropout=dropout, training=True)
     torch.testing.assert_close(got_y, want_y, rtol=1e-12, atol=1e-12)
     for got, want, name in zip(got_grads, want_grads, ("x", "lora_a", "lora_b"), strict=True):
         assert got.dtype == want.dtype
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
     if dropout:  # the draw is F.dropout's: a different seed gives another mask, and the comparison would fail
-        other_y, _ = _run(fused, inputs, dropout=dropout, training=True, seed=3)
+        other_y, _ = _run(lora_linear, inputs, dropout=dropout, training=True, seed=3)
         assert (other_y - want_y).abs().max() > 1e-3
 
 
@@ -96,15 +88,13 @@ def test_a_trainable_base_weight_gets_its_gradient() -> None:
 @pytest.mark.parametrize("compiled_op", [False, True])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("form", ["epilogue", "appended"])
-def test_compiled_equals_eager(compiled_op: bool, bias: bool, dropout: float, form: str) -> None:
+def test_compiled_equals_eager(compiled_op: bool, bias: bool, dropout: float) -> None:
     """Compiled code runs the composition (Inductor fuses it itself), or with ``compiled_op=True`` the custom
     operators: either way the same numbers, dropout draw and gradients as the eager operation (float64)."""
-    torch._dynamo.reset()  # one code object for every case: its compiles would pass dynamo's recompile limit
     inputs = _inputs(bias=bias)
 
     def fused(*args):
-        return lora_linear(*args, compiled_op=compiled_op, forward_form=form)
+        return lora_linear(*args, compiled_op=compiled_op)
 
     compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
     want_y, want_grads = _run(lora_linear, inputs, dropout=dropout, training=True)
@@ -127,11 +117,9 @@ def test_custom_operators_pass_torch_library_checks() -> None:
     weight = torch.randn(OUT, IN, generator=gen, dtype=torch.float64)
     lora_a = torch.randn(RANK, IN, generator=gen, dtype=torch.float64, requires_grad=True)
     lora_b = torch.randn(OUT, RANK, generator=gen, dtype=torch.float64, requires_grad=True)
-    for append in (False, True):
-        torch.library.opcheck(
-            torch.ops.tnlora.lora_linear.default,
-            (x, weight, None, lora_a, lora_b, 2.0, 0.0, True, False, None, None, None, None, False, append),
-        )
+    torch.library.opcheck(
+        torch.ops.tnlora.lora_linear.default, (x, weight, None, lora_a, lora_b, 2.0, 0.0, True, False, None, None, None, None, False)
+    )
     dy = torch.randn(6, OUT, generator=gen, dtype=torch.float64)
     h = x.detach() @ lora_a.detach().t()
     empty = torch.empty(0, IN, dtype=torch.bool)
@@ -154,16 +142,6 @@ def test_auto_grad_kernel_reads_dy_once_only_on_cuda_from_the_measured_size() ->
     assert not reads_dy_once("torch", 131_072, 16_384, cuda=True)
     with pytest.raises(ValueError, match="grad_kernel must be"):
         reads_dy_once("cublas", 1, 1, cuda=True)
-
-
-def test_auto_forward_appends_where_the_output_is_at_least_twice_the_input() -> None:
-    # 1B's qkvu_proj (2,048 → 8,192) and GLU pair (2 × 5,632) append; out_proj (2,048) and l3 (5,632 → 2,048) do not
-    assert APPEND_MIN_WIDENING == 2
-    assert appends_adapter("auto", 2_048, 8_192) and appends_adapter("auto", 2_048, 11_264)
-    assert not appends_adapter("auto", 2_048, 2_048) and not appends_adapter("auto", 5_632, 2_048)
-    assert appends_adapter("appended", 5_632, 2_048) and not appends_adapter("epilogue", 2_048, 8_192)
-    with pytest.raises(ValueError, match="forward_form must be"):
-        appends_adapter("fused", 1, 1)
 
 
 def _pair_inputs(dtype: torch.dtype = torch.float64, adapter_dtype: torch.dtype | None = None, bias: bool = False):
@@ -194,17 +172,12 @@ def _pair_reference(x, first, second):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("form", ["epilogue", "appended"])
-def test_pair_equals_two_compositions_in_float64(bias: bool, form: str) -> None:
+def test_pair_equals_two_compositions_in_float64(bias: bool) -> None:
     """Two projections of one input as one operation: each output and every gradient (x's the sum of both
-    paths) as peft's composition computes them, in either forward form."""
+    paths) as peft's composition computes them."""
     x, first, second = _pair_inputs(bias=bias)
     want, want_grads = _pair_run(_pair_reference, x, first, second)
-
-    def pair(x, first, second):
-        return lora_linear_pair(x, first, second, forward_form=form)
-
-    got, got_grads = _pair_run(pair, x, first, second)
+    got, got_grads = _pair_run(lora_linear_pair, x, first, second)
     for g, w in zip((*got, *got_grads), (*want, *want_grads), strict=True):
         assert g.shape == w.shape and g.dtype == w.dtype
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
@@ -230,13 +203,11 @@ def test_pair_under_bf16_autocast_with_fp32_adapters() -> None:
 
 
 @pytest.mark.parametrize("compiled_op", [False, True])
-@pytest.mark.parametrize("form", ["epilogue", "appended"])
-def test_compiled_pair_equals_eager(compiled_op: bool, form: str) -> None:
-    torch._dynamo.reset()
+def test_compiled_pair_equals_eager(compiled_op: bool) -> None:
     x, first, second = _pair_inputs()
 
     def pair(x, first, second):
-        return lora_linear_pair(x, first, second, compiled_op=compiled_op, forward_form=form)
+        return lora_linear_pair(x, first, second, compiled_op=compiled_op)
 
     compiled = torch.compile(pair, backend="aot_eager", fullgraph=True)
     want, want_grads = _pair_run(lora_linear_pair, x, first, second)
@@ -254,8 +225,7 @@ def test_compiled_pair_equals_eager(compiled_op: bool, form: str) -> None:
 def test_pair_operators_pass_torch_library_checks() -> None:
     x, first, second = _pair_inputs()
     x = x.detach().reshape(-1, IN).requires_grad_()
-    for append in (False, True):
-        torch.library.opcheck(torch.ops.tnlora.lora_pair.default, (x, *first[:4], *second[:4], 2.0, 0.5, False, append))
+    torch.library.opcheck(torch.ops.tnlora.lora_pair.default, (x, *first[:4], *second[:4], 2.0, 0.5, False))
     gen = torch.Generator().manual_seed(5)
     dy1, dy2 = torch.randn(15, OUT, generator=gen, dtype=torch.float64), torch.randn(15, 32, generator=gen, dtype=torch.float64)
     hs = torch.randn(15, RANK + 2, generator=gen, dtype=torch.float64)

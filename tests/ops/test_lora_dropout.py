@@ -138,7 +138,7 @@ def test_the_operators_with_the_byte_mask_pass_torch_library_checks() -> None:
     checks = ("test_autograd_registration", "test_faketensor")
     torch.library.opcheck(
         torch.ops.tnlora.lora_linear.default,
-        (leaves[0], weight, None, leaves[1], leaves[2], 2.0, 0.3, True, False, None, None, None, None, True, False),
+        (leaves[0], weight, None, leaves[1], leaves[2], 2.0, 0.3, True, False, None, None, None, None, True),
         test_utils=checks,
     )
     keep = (torch.rand(150, 40, generator=torch.Generator().manual_seed(0)) > 0.3).to(torch.uint8).to(DEVICE)

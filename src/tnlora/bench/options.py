@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from tnlora.choices import FORWARD_FORMS, KERNEL_CHOICES
+from tnlora.choices import KERNEL_CHOICES
 
 
 def train_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
@@ -41,10 +41,6 @@ def train_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
                         help="the fused LoRA layers' backward products of dy: two GEMMs (torch), one read of dy "
                              "(triton, CUDA) or auto (the default: the one read where dy holds "
                              "tnlora.ops.lora.LORA_GRAD_MIN_ELEMENTS = 2^28 elements, tokens × output width)")
-    parser.add_argument("--lora_forward", default="auto", choices=FORWARD_FORMS,
-                        help="the fused LoRA layers' forward: the adapter's output added in the frozen GEMM's "
-                             "epilogue (epilogue), appended to its reduction (appended), or auto (the default: "
-                             "appended where the output is at least twice the input's width)")
     parser.add_argument("--lora_dropout_kernel", default="auto", choices=KERNEL_CHOICES,
                         help="the fused LoRA layers' dropout (with lora_dropout > 0): PyTorch's (torch, and auto, the "
                              "default) or a byte mask applied inside Triton kernels (triton)")

@@ -303,7 +303,6 @@ def train_bench(args: argparse.Namespace, keys: dict[str, Any], name: str) -> Tr
                 module.compiled_op = args.lora_compiled_op  # read when the layers compile, at the first step
                 module.paired = args.lora_pair
                 module.grad_kernel = args.lora_grad_kernel
-                module.forward_form = args.lora_forward
                 module.dropout_kernel = args.lora_dropout_kernel
         # Enough examples for every timed step; packing packs them into cutoff-length rows first.
         kept = [pair for pair in lengths if sum(pair) <= cfg.cutoff_len] or lengths
@@ -345,7 +344,6 @@ def run(args: argparse.Namespace, keys: dict[str, Any]) -> int:
     op += "" if args.lora_pair else " no-lora_pair"
     kernels = f" act={args.act_kernel}" if args.act_kernel != "auto" else ""
     kernels += f" lora_grad={args.lora_grad_kernel}" if args.lora_grad_kernel != "auto" else ""
-    kernels += f" lora_forward={args.lora_forward}" if args.lora_forward != "auto" else ""
     kernels += f" lora_dropout={args.lora_dropout_kernel}" if args.lora_dropout_kernel != "auto" else ""
     settings = f"{shape}{' ' + given if given else ''} norms={args.norm_kernel} loss={args.loss_kernel}{kernels}{op}{cap}"
     print(f"config: {args.model} {settings}", flush=True)  # every row can be traced to its settings

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tnlora.choices import FORWARD_FORMS, KERNEL_CHOICES
+from tnlora.choices import KERNEL_CHOICES
 from tnlora.ops.fp8 import fp8_input_grad_operands, fp8_linear, fp8_linear_input_grad, quantize_rows_reference
 from tnlora.ops.lora_dropout import draw_keep, dropout_down, dropout_grad_a, dropout_up
 from tnlora.ops.lora_grad import lora_dy_products, lora_dy_products_reference
@@ -93,7 +93,6 @@ def lora_linear(
     grad_kernel: str = "auto",
     weight_fp8: tuple[Tensor, Tensor] | None = None,
     dropout_kernel: str = "auto",
-    forward_form: str = "auto",
 ) -> Tensor:
     """x [..., in] → [..., out] through the frozen ``weight`` [out, in] (and ``bias``) plus the adapter
     ``lora_a`` [r, in], ``lora_b`` [out, r] scaled by ``scaling``, with dropout ``dropout`` on the adapter's
@@ -109,8 +108,7 @@ def lora_linear(
     unchanged.
     ``dropout_kernel="triton"`` (the fused form, dropout in training): a byte mask applied inside Triton kernels
     (:mod:`tnlora.ops.lora_dropout`), so the dropped input is neither written nor kept; "auto" (the default) and
-    "torch": PyTorch's dropout (:func:`dropout_in_kernels`). ``forward_form`` (the fused form, a bf16 / fp32 frozen
-    GEMM): "epilogue", "appended" or "auto" (:data:`FORWARD_FORMS`, :func:`appends_adapter`)."""
+    "torch": PyTorch's dropout (:func:`dropout_in_kernels`)."""
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         if weight_fp8 is not None:
             raise ValueError("lora_linear: an fp8 copy of the base weight is for a frozen weight only")
@@ -119,17 +117,14 @@ def lora_linear(
     one_read = reads_dy_once(grad_kernel, x.numel() // max(1, x.shape[-1]), weight.shape[0], x.is_cuda)
     byte_mask = p > 0.0 and dropout_in_kernels(dropout_kernel, x.is_cuda)
     weight_q, weight_scale = weight_fp8 if weight_fp8 is not None else (None, None)
-    append = appends_adapter(forward_form, weight.shape[1], weight.shape[0]) and weight_fp8 is None
     if torch.compiler.is_compiling():
         if not compiled_op and weight_fp8 is None:
             return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout, training)
         return _lora_linear_op_call(
-            x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale, byte_mask,
-            append,
+            x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale, byte_mask
         )
     return _LoraLinear.apply(
-        x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale, byte_mask,
-        append,
+        x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale, byte_mask
     )
 
 
@@ -139,24 +134,6 @@ def reads_dy_once(grad_kernel: str, rows: int, cols: int, cuda: bool) -> bool:
     if grad_kernel not in KERNEL_CHOICES:
         raise ValueError(f"grad_kernel must be 'auto', 'torch' or 'triton', got {grad_kernel!r}")
     return cuda and (grad_kernel == "triton" or (grad_kernel == "auto" and rows * cols >= LORA_GRAD_MIN_ELEMENTS))
-
-
-# The forward's two forms (lora_linear's ``forward_form``): "epilogue" writes s · h Bᵀ first and the frozen GEMM adds
-# x Wᵀ to it (β = 1); "appended" runs one GEMM over the adapter appended to its reduction, y = [x | s · h] [W | B]ᵀ,
-# which neither writes nor reads the adapter's [T, out] output but copies x and W into the concatenations (and
-# adds r columns to K). "auto" appends where the output is at least APPEND_MIN_WIDENING times the input's width,
-# where the output's two passes outweigh x's copy: qkvu_proj and the GLU pair, not out_proj or l3.
-APPEND_MIN_WIDENING = 2
-
-
-def appends_adapter(forward_form: str, in_features: int, out_features: int) -> bool:
-    """Whether a fused LoRA layer's forward of ``in_features`` → ``out_features`` (the pair: both outputs) runs
-    the appended form (:data:`FORWARD_FORMS`)."""
-    if forward_form not in FORWARD_FORMS:
-        raise ValueError(f"forward_form must be 'auto', 'epilogue' or 'appended', got {forward_form!r}")
-    if forward_form == "auto":
-        return out_features >= APPEND_MIN_WIDENING * in_features
-    return forward_form == "appended"
 
 
 def dropout_in_kernels(dropout_kernel: str, cuda: bool) -> bool:
@@ -192,15 +169,14 @@ def _weights_in(
 def _forward_gemms(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, p: float,
     output_needed: bool, weight_q: Tensor | None = None, weight_scale: Tensor | None = None,
-    x_fp8: tuple[Tensor, Tensor] | None = None, byte_mask: bool = False, append: bool = False,
+    x_fp8: tuple[Tensor, Tensor] | None = None, byte_mask: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(y, s · h, drop(x), kept-mask or None without dropout) for x [T, in] and the weights in one compute dtype
     (``byte_mask``: x itself and a uint8 mask, :mod:`tnlora.ops.lora_dropout`):
     with h = drop(x) Aᵀ, y = s · h Bᵀ (+ b) is written first, then the frozen GEMM adds x Wᵀ to it (β = 1).
     Without ``output_needed`` y is left uncomputed (:func:`lora_linear`). With ``weight_q`` the frozen GEMM is
     the fp8 one (:func:`tnlora.ops.fp8.fp8_linear`; x quantized there, or given so in ``x_fp8``), which has no
-    β = 1 form: s · h Bᵀ is added to its result. With ``append`` (bf16 / fp32 frozen GEMM) y = [x | s · h] [W | B]ᵀ,
-    one GEMM (:data:`FORWARD_FORMS`)."""
+    β = 1 form: s · h Bᵀ is added to its result."""
     if p > 0.0 and byte_mask:
         # a byte mask applied where the kernels read x: drop(x) is never written, the backward reads x again
         xd, mask = x, draw_keep(x, p)
@@ -217,9 +193,6 @@ def _forward_gemms(
         if bias is not None:
             y.add_(bias)
         return y, hs, xd, mask
-    if append:
-        y = torch.cat([x, hs], dim=1) @ torch.cat([weight, lora_b], dim=1).t()
-        return (y.add_(bias) if bias is not None else y), hs, xd, mask
     # The adapter's output is written once and the large GEMM reads it in its epilogue, where its compute hides
     # the read. Adding it afterwards (y += hs Bᵀ, β = 1) read and wrote the whole output again: 0.6 s of an
     # 11.1 s 7B step at 131,072 tokens, 3.6 % of a 1B step.
@@ -292,13 +265,10 @@ class _LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale, byte_mask,
-        append,
+        ctx, x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale, byte_mask
     ):
         operands = _in_compute_dtype(x, weight, bias, lora_a, lora_b)
-        y, hs, xd, mask = _forward_gemms(
-            *operands, scaling, p, output_needed, weight_q, weight_scale, None, byte_mask, append
-        )
+        y, hs, xd, mask = _forward_gemms(*operands, scaling, p, output_needed, weight_q, weight_scale, None, byte_mask)
         ctx.save_for_backward(weight, lora_a, lora_b, xd, hs, mask, weight_q, weight_scale)
         ctx.scaling, ctx.dtype, ctx.x_shape, ctx.x_dtype = scaling, y.dtype, x.shape, x.dtype
         ctx.p, ctx.one_read, ctx.byte_mask = p, one_read, byte_mask
@@ -319,7 +289,7 @@ class _LoraLinear(torch.autograd.Function):
             grad_a = grad_a.to(lora_a.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(lora_b.dtype)
-        return grad_x, None, None, grad_a, grad_b, None, None, None, None, None, None, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None, None, None, None
 
 
 # The same computation as custom operators, for compiled code: the casts to the compute dtype stay outside (where
@@ -330,15 +300,15 @@ class _LoraLinear(torch.autograd.Function):
 def _lora_linear_op(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, p: float,
     output_needed: bool, one_read: bool, weight_q: Tensor | None, weight_scale: Tensor | None, x_q: Tensor | None,
-    x_scale: Tensor | None, byte_mask: bool, append: bool,
+    x_scale: Tensor | None, byte_mask: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, s · h, drop(x), kept-mask) for x [T, in] and the weights in one dtype; without dropout the last two are
     empty (an operator's outputs may not alias its inputs); ``byte_mask``: drop(x) empty (the backward reads x) and
     the mask (uint8 [T, in]). ``one_read`` is for the backward; with ``weight_q`` the frozen GEMM is fp8, x
-    quantized as ``x_q``, ``x_scale`` (or here, without them); ``append``: the appended form."""
+    quantized as ``x_q``, ``x_scale`` (or here, without them)."""
     x_fp8 = (x_q, x_scale) if x_q is not None else None
     y, hs, xd, mask = _forward_gemms(
-        x, weight, bias, lora_a, lora_b, scaling, p, output_needed, weight_q, weight_scale, x_fp8, byte_mask, append
+        x, weight, bias, lora_a, lora_b, scaling, p, output_needed, weight_q, weight_scale, x_fp8, byte_mask
     )
     if mask is None:
         return y, hs, x.new_empty((0, x.shape[1])), x.new_empty((0, x.shape[1]), dtype=torch.bool)
@@ -350,7 +320,7 @@ def _lora_linear_op(
 @_lora_linear_op.register_fake
 def _lora_linear_op_fake(
     x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q, weight_scale, x_q, x_scale,
-    byte_mask, append,
+    byte_mask,
 ):
     rows, width = x.shape
     kept = rows if p > 0.0 and not byte_mask else 0
@@ -388,8 +358,9 @@ def _lora_linear_backward_op_fake(
 
 
 def _lora_linear_op_setup(ctx, inputs, output) -> None:
-    x, weight, _bias, lora_a, lora_b, scaling, p, _output_needed, one_read, weight_q, weight_scale, _xq, _xs = inputs[:13]
-    byte_mask = inputs[13]
+    x, weight, _bias, lora_a, lora_b, scaling, p, _output_needed, one_read, weight_q, weight_scale, _xq, _xs, byte_mask = (
+        inputs
+    )
     _y, hs, xd, mask = output
     ctx.save_for_backward(weight, lora_a, lora_b, xd if p > 0.0 and not byte_mask else x, hs, mask, weight_q, weight_scale)
     ctx.scaling, ctx.p, ctx.one_read, ctx.byte_mask = scaling, p, one_read, byte_mask
@@ -407,7 +378,7 @@ def _lora_linear_op_backward(ctx, dy, _dh, _dxd, _dmask):
         dy, weight, lora_a, lora_b, xd, hs, mask, ctx.scaling, ctx.p, needs_x, ctx.one_read, weight_q, weight_scale,
         *operands, ctx.byte_mask,
     )  # fmt: skip
-    return (grad_x if needs_x else None), None, None, grad_a, grad_b, *([None] * 10)
+    return (grad_x if needs_x else None), None, None, grad_a, grad_b, *([None] * 9)
 
 
 torch.library.register_autograd(
@@ -417,7 +388,7 @@ torch.library.register_autograd(
 
 def _lora_linear_op_call(
     x, weight, bias, lora_a, lora_b, scaling, p, output_needed, one_read, weight_q=None, weight_scale=None,
-    byte_mask=False, append=False,
+    byte_mask=False,
 ) -> Tensor:
     """lora_linear through the custom operators: inputs cast to the compute dtype, rows flattened; with an fp8
     base, x quantized here, in the traced graph, where Inductor fuses it with x's producer (a norm)."""
@@ -426,7 +397,7 @@ def _lora_linear_op_call(
     if weight_q is not None and output_needed:
         x_fp8 = quantize_rows_reference(operands[0])
     y = torch.ops.tnlora.lora_linear(
-        *operands, scaling, p, output_needed, one_read, weight_q, weight_scale, *x_fp8, byte_mask, append
+        *operands, scaling, p, output_needed, one_read, weight_q, weight_scale, *x_fp8, byte_mask
     )[0]
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -443,25 +414,23 @@ class LoraOperands(NamedTuple):
 
 
 def lora_linear_pair(
-    x: Tensor, first: LoraOperands, second: LoraOperands, compiled_op: bool = True, grad_kernel: str = "auto",
-    forward_form: str = "auto",
+    x: Tensor, first: LoraOperands, second: LoraOperands, compiled_op: bool = True, grad_kernel: str = "auto"
 ) -> tuple[Tensor, Tensor]:
     """(:func:`lora_linear` of x through ``first``, the same through ``second``) for two adapted projections of one
     input x [..., in], without dropout, as one operation: the adapters' down products of x in one GEMM, and one
     input gradient for both. Gradients flow to x and both adapters; the frozen weights must not require them.
-    ``compiled_op``, ``grad_kernel``, ``forward_form``: as :func:`lora_linear` (compiled code without the operators
-    runs each projection's composition; the appended form by both outputs' width)."""
+    ``compiled_op``, ``grad_kernel``: as :func:`lora_linear` (compiled code without the operators runs each
+    projection's composition)."""
     for operands in (first, second):
         if operands.weight.requires_grad or (operands.bias is not None and operands.bias.requires_grad):
             raise ValueError("lora_linear_pair: the frozen weights must not require gradients")
     rows = x.numel() // max(1, x.shape[-1])
     one_read = reads_dy_once(grad_kernel, rows, min(first.weight.shape[0], second.weight.shape[0]), x.is_cuda)
-    append = appends_adapter(forward_form, x.shape[-1], first.weight.shape[0] + second.weight.shape[0])
     if torch.compiler.is_compiling():
         if not compiled_op:
             return tuple(lora_linear_reference(x, *operands) for operands in (first, second))  # type: ignore[return-value]
-        return _lora_pair_op_call(x, first, second, one_read, append)
-    y1, y2 = _LoraPair.apply(x, *first[:4], *second[:4], first.scaling, second.scaling, one_read, append)
+        return _lora_pair_op_call(x, first, second, one_read)
+    y1, y2 = _LoraPair.apply(x, *first[:4], *second[:4], first.scaling, second.scaling, one_read)
     return y1, y2
 
 
@@ -473,19 +442,12 @@ def _pair_in_compute_dtype(x: Tensor, first: LoraOperands, second: LoraOperands)
 
 def _pair_forward_gemms(
     x: Tensor, w1: Tensor, bias1: Tensor | None, a1: Tensor, b1: Tensor, w2: Tensor, bias2: Tensor | None,
-    a2: Tensor, b2: Tensor, s1: float, s2: float, append: bool = False,
+    a2: Tensor, b2: Tensor, s1: float, s2: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y1, y2, hs) for x [T, in]: hs = x [s₁A₁; s₂A₂]ᵀ [T, r₁ + r₂] in one GEMM, then each y written as its
-    adapter's part and its frozen GEMM added to it (β = 1), as :func:`_forward_gemms`; with ``append`` each
-    y = [x | hs] [W | B | 0]ᵀ (zeros against the other adapter's columns of hs), x copied once for both."""
+    adapter's part and its frozen GEMM added to it (β = 1), as :func:`_forward_gemms`."""
     r1 = a1.shape[0]
     hs = x @ torch.cat([a1 * s1, a2 * s2]).t()
-    if append:
-        xh = torch.cat([x, hs], dim=1)
-        y1 = xh @ torch.cat([w1, b1, b1.new_zeros(b1.shape[0], a2.shape[0])], dim=1).t()
-        y2 = xh @ torch.cat([w2, b2.new_zeros(b2.shape[0], r1), b2], dim=1).t()
-        y1, y2 = (y.add_(bias) if bias is not None else y for y, bias in ((y1, bias1), (y2, bias2)))
-        return y1, y2, hs
     outputs = []
     for h, weight, bias, lora_b in ((hs[:, :r1], w1, bias1, b1), (hs[:, r1:], w2, bias2, b2)):
         y = h @ lora_b.t()
@@ -520,10 +482,10 @@ class _LoraPair(torch.autograd.Function):
     dtype."""
 
     @staticmethod
-    def forward(ctx, x, w1, bias1, a1, b1, w2, bias2, a2, b2, s1, s2, one_read, append):
+    def forward(ctx, x, w1, bias1, a1, b1, w2, bias2, a2, b2, s1, s2, one_read):
         first, second = LoraOperands(w1, bias1, a1, b1, s1), LoraOperands(w2, bias2, a2, b2, s2)
         operands = _pair_in_compute_dtype(x, first, second)
-        y1, y2, hs = _pair_forward_gemms(*operands, s1, s2, append)
+        y1, y2, hs = _pair_forward_gemms(*operands, s1, s2)
         x2, cw1, _, ca1, cb1, cw2, _, ca2, cb2 = operands
         ctx.save_for_backward(x2, cw1, cw2, ca1, ca2, cb1, cb2, hs)
         ctx.scales, ctx.one_read, ctx.x_shape, ctx.x_dtype = (s1, s2), one_read, x.shape, x.dtype
@@ -541,21 +503,21 @@ class _LoraPair(torch.autograd.Function):
         grad_a1, grad_b1, grad_a2, grad_b2 = (g.to(dtype) for g, dtype in zip(adapters, ctx.adapter_dtypes, strict=True))
         if grad_x is not None:
             grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
-        return grad_x, None, None, grad_a1, grad_b1, None, None, grad_a2, grad_b2, None, None, None, None
+        return grad_x, None, None, grad_a1, grad_b1, None, None, grad_a2, grad_b2, None, None, None
 
 
 @torch.library.custom_op("tnlora::lora_pair", mutates_args=())
 def _lora_pair_op(
     x: Tensor, w1: Tensor, bias1: Tensor | None, a1: Tensor, b1: Tensor, w2: Tensor, bias2: Tensor | None,
-    a2: Tensor, b2: Tensor, s1: float, s2: float, one_read: bool, append: bool,
+    a2: Tensor, b2: Tensor, s1: float, s2: float, one_read: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y1, y2, hs) of :func:`_pair_forward_gemms` for x [T, in] and the weights in one dtype (``one_read`` is
     for the backward)."""
-    return _pair_forward_gemms(x, w1, bias1, a1, b1, w2, bias2, a2, b2, s1, s2, append)
+    return _pair_forward_gemms(x, w1, bias1, a1, b1, w2, bias2, a2, b2, s1, s2)
 
 
 @_lora_pair_op.register_fake
-def _lora_pair_op_fake(x, w1, bias1, a1, b1, w2, bias2, a2, b2, s1, s2, one_read, append):
+def _lora_pair_op_fake(x, w1, bias1, a1, b1, w2, bias2, a2, b2, s1, s2, one_read):
     rows = x.shape[0]
     return (
         x.new_empty((rows, w1.shape[0])),
@@ -581,7 +543,7 @@ def _lora_pair_backward_op_fake(dy1, dy2, x, w1, w2, a1, a2, b1, b2, hs, s1, s2,
 
 
 def _lora_pair_op_setup(ctx, inputs, output) -> None:
-    x, w1, _bias1, a1, b1, w2, _bias2, a2, b2, s1, s2, one_read, _append = inputs
+    x, w1, _bias1, a1, b1, w2, _bias2, a2, b2, s1, s2, one_read = inputs
     ctx.save_for_backward(x, w1, w2, a1, a2, b1, b2, output[2])
     ctx.scales, ctx.one_read = (s1, s2), one_read
 
@@ -592,18 +554,16 @@ def _lora_pair_op_backward(ctx, dy1, dy2, _dhs):
     grad_x, grad_a1, grad_b1, grad_a2, grad_b2 = torch.ops.tnlora.lora_pair_backward(
         dy1.to(hs.dtype), dy2.to(hs.dtype), x, w1, w2, a1, a2, b1, b2, hs, *ctx.scales, needs_x, ctx.one_read
     )
-    return (grad_x if needs_x else None), None, None, grad_a1, grad_b1, None, None, grad_a2, grad_b2, *([None] * 4)
+    return (grad_x if needs_x else None), None, None, grad_a1, grad_b1, None, None, grad_a2, grad_b2, None, None, None
 
 
 torch.library.register_autograd("tnlora::lora_pair", _lora_pair_op_backward, setup_context=_lora_pair_op_setup)
 
 
-def _lora_pair_op_call(
-    x: Tensor, first: LoraOperands, second: LoraOperands, one_read: bool, append: bool
-) -> tuple[Tensor, Tensor]:
+def _lora_pair_op_call(x: Tensor, first: LoraOperands, second: LoraOperands, one_read: bool) -> tuple[Tensor, Tensor]:
     """lora_linear_pair through the custom operators: inputs cast to the compute dtype, rows flattened."""
     operands = _pair_in_compute_dtype(x, first, second)
-    y1, y2, _ = torch.ops.tnlora.lora_pair(*operands, first.scaling, second.scaling, one_read, append)
+    y1, y2, _ = torch.ops.tnlora.lora_pair(*operands, first.scaling, second.scaling, one_read)
     rows = x.shape[:-1]
     return y1.reshape(*rows, y1.shape[-1]), y2.reshape(*rows, y2.shape[-1])
 

@@ -39,10 +39,6 @@ class FusedLoraLinear(LoraLinear):
     # dropped input neither written nor kept; opt-in: PyTorch's speed, less memory); "torch" and "auto" (the
     # default): PyTorch's dropout. `tnlora bench train --lora_dropout_kernel` sets it.
     dropout_kernel = "auto"
-    # The forward's form (tnlora.ops.lora.FORWARD_FORMS): the adapter's output added in the frozen GEMM's epilogue,
-    # appended to its reduction, or "auto" (the default: appended where the output is at least twice the input's
-    # width). `tnlora bench train --lora_forward` sets it.
-    forward_form = "auto"
     # False while a checkpointed layer recomputes this projection and reads none of its output (set by the
     # layer's recompute context, TransnormerDecoderLayer.recomputing): the frozen GEMM is left out.
     output_needed = True
@@ -61,7 +57,7 @@ class FusedLoraLinear(LoraLinear):
         return lora_linear(
             x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
             self.scaling[adapter], p, dropout.training, self.compiled_op, self.output_needed, self.grad_kernel,
-            self.fp8_weight, self.dropout_kernel, self.forward_form,
+            self.fp8_weight, self.dropout_kernel,
         )
 
     def forward_with(self, other: nn.Module, x: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -83,7 +79,7 @@ class FusedLoraLinear(LoraLinear):
                                      layer.lora_B[adapter].weight, layer.scaling[adapter]))  # fmt: skip
         if torch.compiler.is_compiling() and not (self.compiled_op and other.compiled_op):
             return None
-        return lora_linear_pair(x, pair[0], pair[1], grad_kernel=self.grad_kernel, forward_form=self.forward_form)
+        return lora_linear_pair(x, pair[0], pair[1], grad_kernel=self.grad_kernel)
 
     def _fused_adapter(self, x: Tensor, args: tuple, kwargs: dict) -> str | None:
         """The adapter the fused forward computes, or None where peft's forward must run."""
