@@ -67,6 +67,9 @@
 #   micro-batch     tnlora train's defaults at ROWS rows of 1,024 a micro-batch (default "32 64"; MODELS, default 1B;
 #                   ROUNDS rounds alternating): whether twice the default micro-batch pays (the LoRA backward's
 #                   one-read kernel takes over from 65,536 rows)
+#   train-trim      tnlora train's defaults with the last layer computing every position and the labelled ones only
+#                   after its attention (--no-trim_last_layer / --trim_last_layer), twice each, alternating, one machine
+#                   (MODELS, default "1B 7B"); run a warm-up row first (TAG=", warm-up" train-defaults)
 #   act-kernel      tnlora train's defaults with the token mixer's activation as PyTorch's form and as the kernels
 #                   (act_kernel torch / triton; MODELS, default "1B 7B"; "auto", the default, is triton on CUDA)
 #   act             the activation alone, forward and backward, compiled PyTorch form against the operators
@@ -257,6 +260,10 @@ for stage in "$@"; do
         done; done
         train --model $m $RECIPE --lora_dropout 0.0 $CAP --name "$m huanhuan recipe's step, no LoRA dropout ($COMMIT)$TAG"
       done ;;
+    train-trim)
+      for m in ${MODELS:-1B 7B}; do for round in 1 2; do for t in --no-trim_last_layer --trim_last_layer; do
+        train --model $m $t $CAP --name "$m huanhuan-shaped, tnlora train's defaults, ${t#--}, round $round ($COMMIT)$TAG"
+      done; done; done ;;
     opt-outs)  # tnlora train's defaults against their opt-outs on one machine: the loss kernel and the compiled
       # fused-LoRA operators, each alone and both (MODELS, default 1B)
       for m in ${MODELS:-1B}; do

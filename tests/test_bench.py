@@ -65,6 +65,27 @@ def test_bench_one_long_sequence_is_one_row_unless_the_micro_batch_is_given(caps
     assert "resolved: 1 x 48 tokens a micro-batch, 1 a step, packing False" in capsys.readouterr().out
 
 
+def test_bench_trims_the_last_layer_when_told_to(capsys, monkeypatch):
+    """--trim_last_layer (config trim_last_layer): huanhuan-shaped rows, a quarter of them labelled, take the
+    trimming last layer; --no-trim_last_layer (the default) runs every position, to the same loss."""
+    from tnlora.model.modeling import TransnormerDecoderLayer
+
+    trims: list[int] = []
+    forward_kept = TransnormerDecoderLayer.forward_kept
+    monkeypatch.setattr(TransnormerDecoderLayer, "forward_kept", lambda self, *a: trims.append(1) or forward_kept(self, *a))
+    losses = {}
+    for trim in ("--trim_last_layer", "--no-trim_last_layer"):
+        trims.clear()
+        code = bench.main(["train", "--model", "tiny", "--attention_impl", "chunked", "--cutoff_len", "128",
+                           "--per_device_train_batch_size", "2", "--steps", "1", "--warmup", "1", trim])  # fmt: skip
+        out = capsys.readouterr().out
+        config = next(line for line in out.splitlines() if line.startswith("config:"))
+        assert code == 0 and (" trim_last_layer" in config) == (trim == "--trim_last_layer")
+        assert bool(trims) == (trim == "--trim_last_layer")
+        losses[trim] = float(_row(out)[-1])
+    assert losses["--trim_last_layer"] == pytest.approx(losses["--no-trim_last_layer"], rel=1e-4)
+
+
 @pytest.mark.skipif(not cpu_row_scaled_mm(), reason="this PyTorch's CPU build has no row-scaled torch._scaled_mm")
 def test_bench_trains_with_the_fp8_base(capsys):
     """--fp8 true (a run-config key): the bench's trainer makes the fp8 copies as tnlora train's does."""

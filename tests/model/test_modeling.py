@@ -417,6 +417,109 @@ def test_the_loss_s_partial_last_chunk_takes_a_repeating_row_count(monkeypatch, 
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
 
 
+def _rows_into_l3(model: TransnormerForCausalLM) -> list[int]:
+    """A list that gets, per forward of each layer's GLU output projection, the rows it multiplies."""
+    seen: list[int] = []
+    for layer in model.model.layers:
+        layer.channel_mixer.l3.register_forward_hook(lambda m, args, out: seen.append(args[0].reshape(-1, m.in_features).shape[0]))
+    return seen
+
+
+def _trimmed_and_whole(model: TransnormerForCausalLM, **inputs: object) -> tuple[tuple, tuple]:
+    """(loss, gradients of every parameter) with ``trim_last_layer`` on and off."""
+    out = []
+    for trim in (True, False):
+        model.config.trim_last_layer = trim
+        loss = model(**inputs).loss
+        out.append((loss.detach(), torch.autograd.grad(loss, list(model.parameters()))))
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize("case", ["padded", "packed", "host-count", "items"])
+def test_last_layer_trimmed_to_the_labelled_positions_gives_the_same_loss_and_gradients(case: str) -> None:
+    """trim_last_layer: after its attention the last layer computes the labelled positions only (the output's
+    gated norm and projection, the GLU, the final norm), and the loss and every gradient are those of the whole
+    computation (float64)."""
+    model = build_model(decoder_layers=3, linear_use_lrpe_list=[1, 0, 1]).train()
+    ids = random_ids(2, 30)
+    labels = ids.clone()
+    labels[0, :18] = -100  # a prompt
+    labels[1, :9] = -100
+    labels[1, -6:] = -100  # padding
+    inputs: dict[str, object] = {"input_ids": ids, "labels": labels}
+    if case == "padded":
+        inputs["attention_mask"] = (labels != -100) | (torch.arange(30) < 24)
+    elif case == "packed":
+        inputs["seq_ids"] = (torch.arange(30) >= 13).long().expand(2, 30)
+    elif case == "host-count":
+        inputs["num_loss_tokens"] = int((labels[:, 1:] != -100).sum())
+    else:
+        inputs["num_items_in_batch"] = 50
+    seen = _rows_into_l3(model)
+    trimmed, whole = _trimmed_and_whole(model, **inputs)
+    labelled = int((labels[:, 1:] != -100).sum())
+    assert seen == [60, 60, labelled] + [60] * 3  # the last layer's GLU took the labelled rows alone
+    torch.testing.assert_close(trimmed[0], whole[0], rtol=1e-12, atol=0)
+    for got, want in zip(trimmed[1], whole[1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+    assert any(g.abs().sum() > 0 for g in model.model.layers[-1].channel_mixer.parameters())
+
+
+def test_trimmed_rows_are_padded_to_a_repeating_count(monkeypatch) -> None:
+    """Batches of at least 8 × TRIM_ROW_STEP positions pad the trimmed rows to a multiple of it with positions
+    taken again from the start: the last layer's GEMMs see one of few row counts, and the loss and every gradient
+    are still the whole computation's (float64); below that size the count is the labelled one; trimming is off
+    by default."""
+    from tnlora.model import modeling
+
+    assert modeling.TransnormerConfig().trim_last_layer is False
+    monkeypatch.setattr(modeling, "TRIM_ROW_STEP", 8)
+    model = build_model(decoder_layers=2, linear_use_lrpe_list=[1, 0]).train()
+    ids = random_ids(2, 40)  # 80 positions: at least 8 × 8
+    labels = ids.clone()
+    labels[0, :25] = -100
+    labels[1, :21] = -100
+    labelled = int((labels[:, 1:] != -100).sum())
+    assert labelled % 8 and labelled <= modeling.TRIM_MAX_LABELLED_SHARE * 80
+    seen = _rows_into_l3(model)
+    trimmed, whole = _trimmed_and_whole(model, input_ids=ids, labels=labels, num_loss_tokens=labelled)
+    assert seen == [80, -(-labelled // 8) * 8, 80, 80]  # trimmed (padded), then whole
+    torch.testing.assert_close(trimmed[0], whole[0], rtol=1e-12, atol=0)
+    for got, want in zip(trimmed[1], whole[1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+    seen.clear()
+    monkeypatch.setattr(modeling, "TRIM_ROW_STEP", 16)  # 80 positions < 8 × 16: the labelled count itself
+    _trimmed_and_whole(model, input_ids=ids, labels=labels)
+    assert seen[:2] == [80, labelled]
+
+
+def test_last_layer_keeps_every_position_where_trimming_does_not_apply() -> None:
+    """Mostly labelled batches (above TRIM_MAX_LABELLED_SHARE) or none labelled, asked-for logits or hidden
+    states: the last layer computes every position; the model refuses trimmed positions with every layer's hidden states."""
+    from tnlora.model.modeling import TRIM_MAX_LABELLED_SHARE
+
+    model = build_model(decoder_layers=2, linear_use_lrpe_list=[1, 0])
+    model.config.trim_last_layer = True
+    seen = _rows_into_l3(model)
+    ids = random_ids(2, 20)
+    half = ids.clone()
+    half[:, :10] = -100
+    assert int((half[:, 1:] != -100).sum()) <= TRIM_MAX_LABELLED_SHARE * ids.numel() < 38
+    model(ids, labels=half)
+    assert seen[-1] == 19 + 19 - 18  # trimmed
+    nothing = torch.full_like(ids, -100)
+    for kwargs in ({"labels": ids}, {"labels": nothing}, {"labels": half, "return_logits": True},
+                   {"labels": half, "logits_to_keep": 2}):  # fmt: skip
+        seen.clear()
+        model(ids, **kwargs)
+        assert seen == [40, 40], kwargs
+    seen.clear()
+    out = model(ids, labels=half, output_hidden_states=True)
+    assert seen == [40, 40] and out.hidden_states[-1].shape == (2, 20, 64)
+    with pytest.raises(ValueError, match="kept_positions"):
+        model.model(ids, output_hidden_states=True, kept_positions=torch.arange(3))
+
+
 def test_gated_norm_and_the_kernel_layout_check() -> None:
     from tnlora.model.modeling import SimpleRMSNorm
     from tnlora.ops.norm import takes_rows

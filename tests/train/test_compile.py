@@ -2,7 +2,8 @@
 
 The loss and every LoRA gradient match eager within 1e-5 relative, with packed rows (seq_ids) and with
 gradient checkpointing; the lightning attention is a clean graph break; a new sequence length does not
-recompile; the config key validates like any other.
+recompile; the config key validates like any other. A last layer that trims to the labelled positions runs
+eagerly and compiles nothing of its own.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import shutil
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from train_helpers import batch, lora_model, loss_and_grads
+from train_helpers import batch, half_labelled, lora_model, loss_and_grads
 
 from tnlora.config import load_run_config
 from tnlora.errors import ConfigError
@@ -167,6 +168,34 @@ def test_compiled_recompute_leaves_out_the_output_projection(monkeypatch, region
     graphs = counters["stats"]["unique_graphs"]
     torch.manual_seed(6)
     loss_and_grads(compiled, batch(56))
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.parametrize(("checkpointing", "regions"), [(False, "layer"), (True, "layer"), (True, "mixers")])
+def test_a_trimmed_last_layer_runs_eagerly_and_compiles_nothing(checkpointing, regions):
+    """trim_last_layer with compiled layers: the last layer, trimming to the labelled positions, runs eagerly
+    (forward and recompute) instead of compiling graphs for its shapes; after an untrimmed step a trimmed one
+    compiles nothing, and both train like the eager untrimmed model."""
+    eager = lora_model(decoder_layers=3, linear_use_lrpe_list=[1, 0, 0])
+    compiled = copy.deepcopy(eager)
+    for model in (eager, compiled):
+        if checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False, "checkpoint_regions": regions}
+            )
+    assert compile_decoder_layers(compiled, checkpointing=checkpointing) == 2
+    inputs = half_labelled(batch(48))
+    eager.config.trim_last_layer = compiled.config.trim_last_layer = False
+    want = loss_and_grads(eager, inputs)
+    assert_close(want, loss_and_grads(compiled, inputs))
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0
+    compiled.config.trim_last_layer = True
+    rows: list[int] = []
+    l3 = compiled.base_model.model.model.layers[-1].channel_mixer.l3
+    l3.register_forward_hook(lambda m, args, out: rows.append(args[0].reshape(-1, m.in_features).shape[0]))
+    assert_close(want, loss_and_grads(compiled, inputs))
+    assert rows and set(rows) == {int((inputs["labels"][:, 1:] != -100).sum())}
     assert counters["stats"]["unique_graphs"] == graphs
 
 

@@ -8,7 +8,9 @@ compiled layers (the custom operator told so in the recompute): test_compile.py.
 With ``checkpoint_regions: "mixers"`` each layer's token-mixer and channel-mixer steps are checkpoints of their
 own, and the token step's recompute also leaves out ``out_proj``'s output (it too feeds only a residual add):
 the same exactness, two GEMMs a layer fewer again, and the refusals where it cannot apply. With
-``uncheckpointed_layers: N`` the last N layers are not checkpointed: the same exactness, no recompute of theirs."""
+``uncheckpointed_layers: N`` the last N layers are not checkpointed: the same exactness, no recompute of theirs.
+A last layer that computes the labelled positions alone (``trim_last_layer``) recomputes them alone, under every
+form of checkpointing, with the same exactness."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import noop_context_fn
-from train_helpers import batch, lora_model, loss_and_grads
+from train_helpers import batch, half_labelled, lora_model, loss_and_grads
 
 from tnlora.train.lora import decoder_layers
 from tnlora.train.lora_fused import FusedLoraLinear
@@ -198,3 +200,36 @@ def test_more_uncheckpointed_layers_than_the_model_has_are_refused() -> None:
     # all of them: nothing is checkpointed
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "uncheckpointed_layers": count})
     assert not any(layer.gradient_checkpointing for layer in decoder_layers(model))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"use_reentrant": False},
+        {"use_reentrant": True},
+        {"use_reentrant": False, "checkpoint_regions": "mixers"},
+        {"use_reentrant": False, "offload_to_cpu": True},
+    ],
+    ids=["layer", "reentrant", "mixers", "offload"],
+)
+def test_a_trimmed_last_layer_recomputes_its_labelled_positions_and_trains_exactly(kwargs: dict[str, Any]) -> None:
+    """trim_last_layer under checkpointing: the last layer's recompute runs on the labelled positions as its
+    forward did, and the step equals the un-checkpointed trimmed one bit for bit (dropout masks replayed)."""
+    reference, model = lora_model(0.1), lora_model(0.1)
+    for m in (reference, model):
+        m.config.trim_last_layer = True
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    inputs = half_labelled(batch(48))
+    torch.manual_seed(3)
+    want = loss_and_grads(reference, inputs)
+    torch.manual_seed(3)
+    got, gemms = step_with_backward_gemms(model, inputs)
+    assert_same_step(got, want)
+    labelled = int((inputs["labels"][:, 1:] != -100).sum())
+    assert labelled < inputs["labels"].numel() // 2
+    *layers, last = decoder_layers(model)
+    l1 = last.channel_mixer.l1
+    # in the backward: the GLU's input projection recomputed on the labelled rows of the last layer, on every
+    # row of the others
+    assert gemms.count((labelled, l1.in_features), l1) == 1
+    assert all(gemms.count((inputs["input_ids"].numel(), l1.in_features), layer.channel_mixer.l1) == 1 for layer in layers)

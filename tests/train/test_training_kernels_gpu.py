@@ -3,7 +3,8 @@ and LoRA gradients of the PyTorch form within bf16 tolerance, eager and in compi
 the kernel. ``act_kernel: triton``: the token mixers' activation (``tnlora.ops.qkvu_act``). The fused LoRA
 layers' ``grad_kernel = "triton"``: their backward's g = dy B and dB from one read of dy
 (``tnlora.ops.lora_grad``) instead of two GEMMs. ``fp8: true``: the frozen GEMMs in fp8 (``tnlora.ops.fp8``),
-within e4m3's rounding of the bf16 step. Skipped without CUDA; run on a GPU with
+within e4m3's rounding of the bf16 step. ``trim_last_layer``: the last layer computing the labelled positions
+alone after its attention, within bf16 tolerance of every position. Skipped without CUDA; run on a GPU with
 ``pytest -s -m gpu tests/train``.
 """
 
@@ -20,6 +21,7 @@ from train_helpers import (
     GEOMETRY_1B,
     assert_bf16_step_matches,
     counted_calls,
+    half_labelled,
     kernel_and_torch_steps,
     lora_model,
 )
@@ -90,3 +92,24 @@ def test_fp8_frozen_gemms_stay_within_e4m3_rounding_of_bf16(compiled: bool) -> N
     results = kernel_and_torch_steps(make, None, compiled)
     assert results[0][0] != results[1][0]
     assert_bf16_step_matches(results[0], results[1], f"fp8 base, compiled {compiled}", tolerance=0.15)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_trimmed_last_layer_matches_every_position(monkeypatch, compiled: bool) -> None:
+    """``trim_last_layer`` on CUDA (fla, the model of 1B's width with three layers, half the positions labelled):
+    the step within bf16 tolerance of the one that computes every position; compiled, the trimming layer runs
+    eagerly beside the compiled one before it."""
+    trims = counted_calls(monkeypatch, modeling.TransnormerDecoderLayer, "forward_kept")
+
+    def make(kind: str) -> torch.nn.Module:
+        model = lora_model(device="cuda", dtype=torch.bfloat16, impl="fla", decoder_layers=3,
+                           linear_use_lrpe_list=[1, 0, 0], **GEOMETRY_1B)  # fmt: skip
+        model.config.trim_last_layer = kind == "triton"
+        return model
+
+    def after(kind: str, model: torch.nn.Module) -> None:
+        assert len(trims) == (1 if kind == "triton" else 0)
+        trims.clear()
+
+    results = kernel_and_torch_steps(make, after, compiled, prepare=half_labelled)
+    assert_bf16_step_matches(results[0], results[1], f"trim_last_layer, compiled {compiled}")

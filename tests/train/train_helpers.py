@@ -79,6 +79,14 @@ def batch(length: int, rows: int = 2) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "seq_ids": seq_ids, "attention_mask": mask}
 
 
+def half_labelled(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``inputs`` with every other position unlabelled, as prompts leave them: the last layer then trims
+    (``trim_last_layer``)."""
+    labels = inputs["labels"].clone()
+    labels[:, ::2] = -100
+    return {**inputs, "labels": labels}
+
+
 def loss_and_grads(
     model: torch.nn.Module, inputs: dict[str, torch.Tensor], backward_context: Any = None
 ) -> tuple[float, dict[str, torch.Tensor]]:
@@ -104,13 +112,16 @@ def kernel_and_torch_steps(
     make_model: Callable[[str], torch.nn.Module],
     after: Callable[[str, torch.nn.Module], None] | None = None,
     compiled: bool = False,
+    prepare: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> list[tuple[float, dict[str, torch.Tensor]]]:
     """One bf16 step on CUDA of ``make_model("triton")``, then of ``make_model("torch")``, on packed rows (fla's
-    varlen path), their decoder layers compiled with ``compiled``, the same dropout draws in both; ``after(kind,
-    model)`` once each step is done. The GPU tests of a kernel against PyTorch's form compare the two results."""
+    varlen path; ``prepare`` changes them first), their decoder layers compiled with ``compiled``, the same dropout
+    draws in both; ``after(kind, model)`` once each step is done. The GPU tests of a kernel against PyTorch's form
+    compare the two results."""
     from tnlora.train.compile import compile_decoder_layers
 
-    inputs = {name: t.cuda() for name, t in batch(1000).items()}
+    rows = batch(1000) if prepare is None else prepare(batch(1000))
+    inputs = {name: t.cuda() for name, t in rows.items()}
     results = []
     for kind in ("triton", "torch"):
         torch.manual_seed(0)  # the same LoRA dropout masks in both runs

@@ -295,6 +295,7 @@ def train_bench(args: argparse.Namespace, keys: dict[str, Any], name: str) -> Tr
         model = random_model(args.model, cfg.attention_impl, device, quantization=quantization_of(cfg))
         model.config.norm_kernel, model.config.loss_kernel = args.norm_kernel, args.loss_kernel
         model.config.act_kernel = args.act_kernel
+        model.config.trim_last_layer = args.trim_last_layer
         model.select_kernels()
         n_params = parameter_count(model.config)  # the tied embedding once, 4-bit weights at their full count
         model = prepare_for_training(model, cfg)  # as `tnlora train` does; warm-up steps absorb compile time
@@ -345,6 +346,7 @@ def run(args: argparse.Namespace, keys: dict[str, Any]) -> int:
     kernels = f" act={args.act_kernel}" if args.act_kernel != "auto" else ""
     kernels += f" lora_grad={args.lora_grad_kernel}" if args.lora_grad_kernel != "auto" else ""
     kernels += f" lora_dropout={args.lora_dropout_kernel}" if args.lora_dropout_kernel != "auto" else ""
+    kernels += " trim_last_layer" if args.trim_last_layer else ""
     settings = f"{shape}{' ' + given if given else ''} norms={args.norm_kernel} loss={args.loss_kernel}{kernels}{op}{cap}"
     print(f"config: {args.model} {settings}", flush=True)  # every row can be traced to its settings
     r = train_bench(args, keys, args.name or f"{args.model} {settings}")

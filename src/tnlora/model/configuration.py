@@ -78,6 +78,12 @@ class TransnormerConfig(PreTrainedConfig):
     # kernel that writes each part's gradient in place; equal up to rounding). "auto" (the default): triton on
     # CUDA when it imports (benchmarks/RESULTS.md: faster in 1B's and 7B's default training steps).
     act_kernel: str = "auto"
+    # With labels and the chunked loss, the last decoder layer computes what follows its attention (the output's
+    # gated norm and projection, the GLU, the final norm) at the labelled positions only: the loss reads no
+    # others. The same loss and gradients up to rounding. Off by default: measured before its row counts were
+    # padded (modeling.TRIM_ROW_STEP) it lost 0.6 % at 1B (benchmarks/RESULTS.md). Where more than
+    # modeling.TRIM_MAX_LABELLED_SHARE of a batch is labelled, every position either way.
+    trim_last_layer: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)

@@ -399,7 +399,13 @@ class TransnormerDecoderLayer(GradientCheckpointingLayer):
         rows: PackedRows | None = None,
         past_key_values: TransnormerCache | None = None,
         position_offset: int = 0,
+        keep: Tensor | None = None,
     ) -> Tensor:
+        """The layer's output [B, T, dim]; with ``keep`` (flat indices into the B·T positions) the output of those
+        positions alone, [1, n, dim]: the attention runs on every position (each one's state feeds the later
+        ones), everything after it on the kept ones (:meth:`forward_kept`)."""
+        if keep is not None:
+            return self.forward_kept(hidden_states, keep, v_mask, rows, past_key_values, position_offset)
         x = hidden_states
         regions = self.region_checkpoint
         if regions is not None and self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -414,6 +420,27 @@ class TransnormerDecoderLayer(GradientCheckpointingLayer):
         x = x + mixer.output(mixer.attend(q, k, v, rows, past_key_values), u)
         return self.mix_channels(x)
 
+    def forward_kept(
+        self,
+        x: Tensor,
+        keep: Tensor,
+        v_mask: Tensor | None = None,
+        rows: PackedRows | None = None,
+        past_key_values: TransnormerCache | None = None,
+        position_offset: int = 0,
+    ) -> Tensor:
+        """:meth:`forward` at the positions ``keep`` only ([1, n, dim]), run eagerly, in the forward and in a
+        checkpoint's recompute alike: compiled layers' graphs are for whole rows, and a variant of its own for the
+        one layer that trims would cost as much compile time as the layer's graphs."""
+        with _eagerly():
+            regions = self.region_checkpoint
+            if regions is not None and self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # The recompute calls the step again, not this method: the step takes the eager stance itself.
+                x = regions(functools.partial(_eager_call, self.mix_tokens), x, v_mask, rows, None, position_offset,
+                            keep, region="tokens")  # fmt: skip
+                return regions(functools.partial(_eager_call, self.mix_channels), x, region="channels")
+            return self.mix_channels(self.mix_tokens(x, v_mask, rows, past_key_values, position_offset, keep))
+
     def mix_tokens(
         self,
         x: Tensor,
@@ -421,12 +448,17 @@ class TransnormerDecoderLayer(GradientCheckpointingLayer):
         rows: PackedRows | None = None,
         past_key_values: TransnormerCache | None = None,
         position_offset: int = 0,
+        keep: Tensor | None = None,
     ) -> Tensor:
         """x + TokenMixer(SRMSNorm(x)): the token step alone, for its own checkpoint (eager: under checkpointing
-        the compiled parts are the mixer's steps)."""
+        the compiled parts are the mixer's steps); with ``keep``, at those positions only ([1, n, dim]), the
+        output's gated norm and projection on them alone."""
         mixer = self.token_mixer
         q, k, v, u = mixer.project(self.token_norm(x), v_mask, position_offset)
-        return x + mixer.output(mixer.attend(q, k, v, rows, past_key_values), u)
+        o = mixer.attend(q, k, v, rows, past_key_values)
+        if keep is not None:
+            x, o, u = (_kept_positions(t, keep) for t in (x, o, u))
+        return x + mixer.output(o, u)
 
     def mix_channels(self, x: Tensor) -> Tensor:
         """x + GLU(SRMSNorm(x))."""
@@ -453,6 +485,24 @@ class TransnormerDecoderLayer(GradientCheckpointingLayer):
             # mixer's guards then see the forward's state as they first did, and no third variant compiles.
             for module in unread:
                 del module.output_needed
+
+
+def _kept_positions(t: Tensor, keep: Tensor) -> Tensor:
+    """t [B, T, ...] at the flat positions ``keep`` (into B·T), as one row [1, n, ...]."""
+    return t.reshape(-1, *t.shape[2:]).index_select(0, keep).unsqueeze(0)
+
+
+def _eagerly() -> contextlib.AbstractContextManager[Any]:
+    """Compiled modules run as plain PyTorch inside (a no-op where a caller compiles the whole model: the stance
+    is not set inside traced code)."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("force_eager")
+
+
+def _eager_call(function: Callable[..., Any], *args: Any) -> Any:
+    with _eagerly():
+        return function(*args)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -645,6 +695,7 @@ class TransnormerModel(TransnormerPreTrainedModel):
         cu_seqlens: Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        kept_positions: Tensor | None = None,
         **kwargs: object,
     ) -> BaseModelOutputWithPast | tuple:
         """Hidden states after the final norm.
@@ -654,7 +705,9 @@ class TransnormerModel(TransnormerPreTrainedModel):
         ``position_ids`` are ignored: LRPE positions come from the cache length. Packed rows: ``packed_rows``
         (a :class:`~tnlora.ops.packing.PackedRows`, what the training collator passes: built on the host, so
         nothing is read back from the GPU), or ``seq_ids`` [B, T] (example id per token), or ``cu_seqlens``
-        [N+1] for one row; no state or decay crosses an example boundary.
+        [N+1] for one row; no state or decay crosses an example boundary. ``kept_positions``: flat indices into
+        the B·T positions whose hidden states alone are wanted (the loss's): the last layer leaves out the others
+        after its attention, and ``last_hidden_state`` is [1, n, dim] (not with ``output_hidden_states``).
         """
         rows = _packed_rows(packed_rows, seq_ids, cu_seqlens, input_ids if input_ids is not None else inputs_embeds)
         past_key_values = cache if cache is not None else past_key_values
@@ -672,17 +725,24 @@ class TransnormerModel(TransnormerPreTrainedModel):
 
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
+        if output_hidden_states and kept_positions is not None:
+            raise ValueError("kept_positions leaves positions out of the last hidden states: not with output_hidden_states")
         all_hidden = [] if output_hidden_states else None
-        for layer in self.layers:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
             if all_hidden is not None:
                 all_hidden.append(hidden)
-            hidden = layer(
-                hidden,
-                v_mask=v_mask,
-                rows=rows,
-                past_key_values=cache,
-                position_offset=offset,
-            )
+            keep = kept_positions if i == last else None
+            # The trimming layer runs eagerly (TransnormerDecoderLayer.forward_kept), also where it is compiled.
+            with _eagerly() if keep is not None else contextlib.nullcontext():
+                hidden = layer(
+                    hidden,
+                    v_mask=v_mask,
+                    rows=rows,
+                    past_key_values=cache,
+                    position_offset=offset,
+                    keep=keep,
+                )
         hidden = self.final_norm(hidden)
         if all_hidden is not None:
             all_hidden.append(hidden)
@@ -764,6 +824,27 @@ def _packed_rows(
 
 # ---------------------------------------------------------------------------------------------------------
 # §4.6 LM head (tied to the embedding) and the loss.
+
+
+# The last layer trims (config.trim_last_layer) only where at most this share of a batch's positions is
+# labelled: the trimming layer runs eagerly, which may cost a compiled layer's gain (≤ ~10 % of one layer), while
+# it saves the unlabelled share of the layer's work after its attention (about 2/3 of the layer).
+TRIM_MAX_LABELLED_SHARE = 0.8
+# The trimmed rows are padded to a multiple of this many (positions 0, 1, ... taken again; their outputs feed
+# nothing, so their gradients are zero) in batches of at least 8 times as many positions: a row count new every
+# step made the BLAS library pick its kernels anew for each of the trimmed layer's GEMMs, milliseconds of host time
+# each (as the loss's partial chunk did, LOSS_ROW_STEP), with the device left idle.
+TRIM_ROW_STEP = 1024
+
+
+def trimmed_positions(labelled: Tensor, positions: int) -> Tensor:
+    """The positions the trimmed last layer computes: ``labelled`` (flat indices into ``positions``), then as many
+    of the first positions as bring the count to a multiple of :data:`TRIM_ROW_STEP` where the batch holds at
+    least 8 times that many positions."""
+    if positions < 8 * TRIM_ROW_STEP:
+        return labelled
+    pad = -labelled.shape[0] % TRIM_ROW_STEP
+    return torch.cat([labelled, torch.arange(pad, device=labelled.device, dtype=labelled.dtype)]) if pad else labelled
 
 
 def _shifted_targets(labels: Tensor, device: torch.device) -> Tensor:
@@ -876,15 +957,37 @@ def chunked_causal_lm_loss(
     (activation checkpointing). Either way the saved activations
     are one row of D values per labelled token.
     """
-    targets = _shifted_targets(labels, hidden.device)
+    keep, targets = labelled_positions(labels, hidden.device, num_loss_tokens)
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
+    return labelled_rows_loss(rows, targets, lm_head, num_items_in_batch, chunk_size, kernel)
+
+
+def labelled_positions(
+    labels: Tensor, device: torch.device, num_loss_tokens: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """(the flat positions into B·T whose shifted label is not -100, those labels) on ``device``. Finding them
+    reads their count back from the device (a host sync) unless ``num_loss_tokens`` gives it; a wrong count
+    fails a device-side assertion."""
+    targets = _shifted_targets(labels, device)
     labelled = targets != -100
     if num_loss_tokens is None:
         keep = labelled.nonzero().squeeze(1)
     else:
         torch._assert_async(labelled.sum() == num_loss_tokens, "num_loss_tokens is not the number of labels")
         keep = torch.nonzero_static(labelled, size=num_loss_tokens).squeeze(1)
-    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
-    targets = targets.index_select(0, keep)
+    return keep, targets.index_select(0, keep)
+
+
+def labelled_rows_loss(
+    rows: Tensor,
+    targets: Tensor,
+    lm_head: nn.Module,
+    num_items_in_batch: Tensor | int | None = None,
+    chunk_size: int = 1024,
+    kernel: str = "torch",
+) -> Tensor:
+    """:func:`chunked_causal_lm_loss` of the labelled positions' hidden states ``rows`` [n, dim] and their
+    ``targets`` [n] (as :func:`labelled_positions` gives them)."""
     if torch.is_grad_enabled() and type(lm_head) is nn.Linear and lm_head.bias is None and not partitioned(lm_head):
         if kernel == "triton" and torch.compiler.is_compiling():
             kernel = "torch"  # traced code gets PyTorch's ops, which the compiler can see
@@ -935,6 +1038,12 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    def _trims_last_layer(self, output_hidden_states: bool | None) -> bool:
+        """Whether a forward with labels and the chunked loss leaves the unlabelled positions out of the last
+        layer (``config.trim_last_layer``; not where every layer's hidden states are returned)."""
+        wanted = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        return bool(self.config.trim_last_layer) and not wanted
+
     def get_decoder(self) -> TransnormerModel:
         return self.model
 
@@ -965,7 +1074,9 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
         loss is computed in token chunks and no logits are returned unless asked for (``return_logits=True``,
         or ``logits_to_keep`` ≠ 0 for a subset); when all logits are asked for, the loss is the plain fp32 CE
         over them. ``num_items_in_batch`` turns the mean into sum / num_items_in_batch. ``num_loss_tokens``
-        (the number of labels ≠ -100, counted on the host) spares the chunked loss a device→host read.
+        (the number of labels ≠ -100, counted on the host) spares the chunked loss a device→host read. With the
+        chunked loss the last layer computes the labelled positions alone after its attention
+        (``config.trim_last_layer``, where at most ``TRIM_MAX_LABELLED_SHARE`` of the positions are labelled).
         """
         if use_cache is None and labels is not None:
             use_cache = False  # scoring needs no recurrent state
@@ -1006,6 +1117,20 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
                 logits, filled = done
                 out = CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: filled})
                 return _as_requested(out, return_dict, self.config)
+        keep_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
+        # Labels and no full logits asked for: the chunked loss over the labelled positions, found before the layers
+        # run so that the last one can compute only them.
+        chunked = labels is not None and not (return_logits and keep_all)
+        trim = False
+        if chunked:
+            inputs = input_ids if input_ids is not None else inputs_embeds
+            labelled, targets = labelled_positions(labels, inputs.device, num_loss_tokens)
+            # Not where too few are left out to pay for the eager last layer (nor where none is labelled).
+            trim = (
+                keep_all
+                and self._trims_last_layer(output_hidden_states)
+                and 0 < labelled.shape[0] <= TRIM_MAX_LABELLED_SHARE * labels.numel()
+            )
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1016,9 +1141,9 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
             seq_ids=seq_ids,
             cu_seqlens=cu_seqlens,
             output_hidden_states=output_hidden_states,
+            kept_positions=trimmed_positions(labelled, labels.numel()) if trim else None,
         )
         hidden = outputs.last_hidden_state
-        keep_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
         logits = None
         if labels is None or return_logits or not keep_all:
             kept = (
@@ -1026,15 +1151,13 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
             )
             logits = self.lm_head(kept)
         loss = None
-        if labels is not None:
-            if logits is not None and keep_all:
-                loss = causal_lm_loss_from_logits(logits, labels, num_items_in_batch)
-            else:
-                kernel = self.loss_kernel if hidden.is_cuda else "torch"  # the kernel runs on CUDA tensors
-                loss = chunked_causal_lm_loss(
-                    hidden, self.lm_head, labels, num_items_in_batch, self.config.loss_chunk_size, num_loss_tokens,
-                    kernel,
-                )
+        if chunked:
+            rows = hidden.reshape(-1, hidden.shape[-1])
+            rows = rows[: labelled.shape[0]] if trim else rows.index_select(0, labelled)
+            kernel = self.loss_kernel if hidden.is_cuda else "torch"  # the kernel runs on CUDA tensors
+            loss = labelled_rows_loss(rows, targets, self.lm_head, num_items_in_batch, self.config.loss_chunk_size, kernel)
+        elif labels is not None:
+            loss = causal_lm_loss_from_logits(logits, labels, num_items_in_batch)
         out = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
