@@ -1118,19 +1118,17 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
                 out = CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: filled})
                 return _as_requested(out, return_dict, self.config)
         keep_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
-        # Labels and no full logits asked for: the chunked loss over the labelled positions, found before the layers
-        # run so that the last one can compute only them.
+        # Labels and no full logits asked for: the chunked loss over the labelled positions. Where the last layer may
+        # compute only them they are found before the layers run; otherwise after, so that a count read back from
+        # the device (no num_loss_tokens) waits behind the layers' launches rather than ahead of them.
         chunked = labels is not None and not (return_logits and keep_all)
+        labelled = targets = None
         trim = False
-        if chunked:
+        if chunked and keep_all and self._trims_last_layer(output_hidden_states):
             inputs = input_ids if input_ids is not None else inputs_embeds
             labelled, targets = labelled_positions(labels, inputs.device, num_loss_tokens)
             # Not where too few are left out to pay for the eager last layer (nor where none is labelled).
-            trim = (
-                keep_all
-                and self._trims_last_layer(output_hidden_states)
-                and 0 < labelled.shape[0] <= TRIM_MAX_LABELLED_SHARE * labels.numel()
-            )
+            trim = 0 < labelled.shape[0] <= TRIM_MAX_LABELLED_SHARE * labels.numel()
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1152,6 +1150,8 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
             logits = self.lm_head(kept)
         loss = None
         if chunked:
+            if labelled is None:
+                labelled, targets = labelled_positions(labels, hidden.device, num_loss_tokens)
             rows = hidden.reshape(-1, hidden.shape[-1])
             rows = rows[: labelled.shape[0]] if trim else rows.index_select(0, labelled)
             kernel = self.loss_kernel if hidden.is_cuda else "torch"  # the kernel runs on CUDA tensors
