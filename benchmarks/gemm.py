@@ -211,7 +211,7 @@ def appended_forms(
     def tree_backward() -> tuple:
         return _backward_gemms(dy, w, a, b, x, hs, None, scaling, 0.0, (True, True, True), one_read)
 
-    def appended_backward() -> tuple:
+    def appended_backward(wp: Tensor) -> tuple:
         dxp = torch.mm(dy, wp)
         g = dxp[:, k:]
         return dxp, (g.t() @ x).mul_(scaling), dy.t() @ hs
@@ -219,18 +219,13 @@ def appended_forms(
     def appended_with_cats() -> Tensor:
         return torch.mm(torch.cat([x, x @ sa.t()], dim=1), torch.cat([w, b], dim=1).t())
 
-    def appended_backward_with_cat() -> tuple:
-        dxp = torch.mm(dy, torch.cat([w, b], dim=1))
-        g = dxp[:, k:]
-        return dxp, (g.t() @ x).mul_(scaling), dy.t() @ hs
-
     forms = {
         "fwd, the tree": lambda: _forward_gemms(x, w, None, a, b, scaling, 0.0, True)[0],
         "fwd, appended": lambda: torch.mm(xp, wp.t()),
         "fwd, appended with its cats": appended_with_cats,
         "dgrad, the tree": tree_backward,
-        "dgrad, appended": appended_backward,
-        "dgrad, appended with its cat": appended_backward_with_cat,
+        "dgrad, appended": lambda: appended_backward(wp),
+        "dgrad, appended with its cat": lambda: appended_backward(torch.cat([w, b], dim=1)),
         "dx += s·g A": lambda: dx.addmm_(g, sa),
     }
     return forms, {"x": x, "w": w, "a": a, "b": b, "dy": dy, "scaling": torch.tensor(scaling)}
