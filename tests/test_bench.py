@@ -66,8 +66,8 @@ def test_bench_one_long_sequence_is_one_row_unless_the_micro_batch_is_given(caps
 
 
 def test_bench_trims_the_last_layer_when_told_to(capsys, monkeypatch):
-    """--trim_last_layer (config trim_last_layer): huanhuan-shaped rows, a quarter of them labelled, take the
-    trimming last layer; --no-trim_last_layer (the default) runs every position, to the same loss."""
+    """--trim_last_layer (config trim_last_layer, the default): huanhuan-shaped rows, a quarter of them labelled,
+    take the trimming last layer; --no-trim_last_layer runs every position, to the same loss."""
     from tnlora.model.modeling import TransnormerDecoderLayer
 
     trims: list[int] = []

@@ -468,11 +468,11 @@ def test_last_layer_trimmed_to_the_labelled_positions_gives_the_same_loss_and_gr
 def test_trimmed_rows_are_padded_to_a_repeating_count(monkeypatch) -> None:
     """Batches of at least 8 × TRIM_ROW_STEP positions pad the trimmed rows to a multiple of it with positions
     taken again from the start: the last layer's GEMMs see one of few row counts, and the loss and every gradient
-    are still the whole computation's (float64); below that size the count is the labelled one; trimming is off
+    are still the whole computation's (float64); below that size the count is the labelled one; trimming is on
     by default."""
     from tnlora.model import modeling
 
-    assert modeling.TransnormerConfig().trim_last_layer is False
+    assert modeling.TransnormerConfig().trim_last_layer is True
     monkeypatch.setattr(modeling, "TRIM_ROW_STEP", 8)
     model = build_model(decoder_layers=2, linear_use_lrpe_list=[1, 0]).train()
     ids = random_ids(2, 40)  # 80 positions: at least 8 × 8

@@ -31,9 +31,9 @@ def train_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
                         help="the chunked loss's cross-entropy (config loss_kernel)")
     parser.add_argument("--act_kernel", default="auto", choices=KERNEL_CHOICES,
                         help="the token mixer's activation with grad (config act_kernel)")
-    parser.add_argument("--trim_last_layer", action=argparse.BooleanOptionalAction, default=False,
+    parser.add_argument("--trim_last_layer", action=argparse.BooleanOptionalAction, default=True,
                         help="the last layer computes the labelled positions alone after its attention (config "
-                             "trim_last_layer; the default, --no-trim_last_layer: every position)")
+                             "trim_last_layer, the default; --no-trim_last_layer: every position)")
     parser.add_argument("--lora_compiled_op", action=argparse.BooleanOptionalAction, default=True,
                         help="compiled layers call the fused LoRA layers' custom operators (default) or, with "
                              "--no-lora_compiled_op, peft's composition (lora_kernel fused)")
