@@ -39,8 +39,6 @@
 #   decode-rows     decoding at BATCH (default 32) with the layer forwards (--gemv_max_batch 1) and the GEMV step
 #                   of several rows (the rows kernel, norms reading the squares the projection before wrote), twice
 #                   each, one machine (MODELS)
-#   decode-warm     decoding at BATCH (default "1,32") with the fused step's recurrence asking the out projection's
-#                   weight into L2 and without (--warm_l2 / --no-warm_l2), alternating, twice each (MODELS)
 #   decode-kernel   decoding with the torch and the triton recurrence
 #   recurrence      the decode step's recurrence alone at 7B / 1B batch 32 and 1, per launch (tiles, warps;
 #                   benchmarks/recurrence.py; RECURRENCE_ARGS, e.g. "--shapes 7B:32 --launches 128:32:4,128:64:8")
@@ -321,11 +319,6 @@ for stage in "$@"; do
       done; done; done ;;
     recurrence)  # the decode step's recurrence alone, per launch (benchmarks/recurrence.py; RECURRENCE_ARGS)
       table_script recurrence.py ${RECURRENCE_ARGS:-} ;;
-    decode-warm)  # batch BATCH (default "1,32"): the recurrence asking the out projection's weight into L2 or not,
-      # alternating, twice each (MODELS)
-      for m in ${MODELS:-7B 1B}; do for r in 1 2; do for w in --no-warm_l2 --warm_l2; do
-        decode --model $m --batch ${BATCH:-1,32} $w
-      done; done; done ;;
     decode-kernel)
       for m in ${MODELS:-7B 1B}; do for k in torch triton; do decode --model $m --decode_kernel $k; done; done ;;
     decode-adapter)

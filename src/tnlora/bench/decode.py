@@ -147,7 +147,6 @@ def run(args: argparse.Namespace) -> int:
         DEFER_STEPS,
         GEMV_MAX_BATCH,
         ROWS_MIN_BATCH,
-        WARM_L2,
         defer_steps_error,
         install_graph_decoding,
         installed_graphs,
@@ -176,8 +175,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--rows_min_batch must be 2 to {ROWS_MAX}, got {least}")
     step = f"gemv 1,{least}..{most} {'pdl' if args.pdl else 'no-pdl'}" if gemv else "layers"
     step += "" if args.branches else " no-branches"
-    warm = WARM_L2 if args.warm_l2 is None else args.warm_l2
-    step += " warm-l2" if warm and gemv else ""
     defer = DEFER_STEPS if args.defer_steps is None else args.defer_steps
     if defer_steps_error(defer):
         raise ConfigError(f"--defer_steps: {defer_steps_error(defer)}")
@@ -194,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     if graphs:
         install_graph_decoding(model, gemv=gemv, pdl=args.pdl, prefill=args.prefill_graphs, gemv_max_batch=most,
                                branches=args.branches, defer_steps=defer, defer_min_batch=defer_min,
-                               rows_min_batch=least, warm_l2=warm)
+                               rows_min_batch=least)
     copy = copy_bandwidth() if cuda else math.nan
     if cuda:
         print(f"copy bandwidth: {copy / 1e9:,.0f} GB/s (device-to-device copies of 1 GiB, read + write)")

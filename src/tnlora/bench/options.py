@@ -88,9 +88,6 @@ def decode_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--branches", action=argparse.BooleanOptionalAction, default=True,
                         help="the GLU's two projections side by side in the graph of the layer forwards "
                              "(--no-branches: one after the other)")
-    parser.add_argument("--warm_l2", action=argparse.BooleanOptionalAction, default=None,
-                        help="the fused step's recurrence asks the out projection's weight into L2 for it "
-                             "(default: the decode graphs' WARM_L2)")
     parser.add_argument("--defer_steps", type=int, default=None,
                         help="the greedy device loop writes the recurrent states back every that many steps "
                              "(default: the decode graphs' DEFER_STEPS; 0: every step)")

@@ -102,10 +102,6 @@ DEFER_STEPS = 4
 # and batch 16 from 3,149 to 3,190, left batch 8 as it was and lost at batch 1 (7B 292 → 288, 1B 1,519–1,529 →
 # 1,409–1,451), where the state is a small part of a step's bytes (benchmarks/RESULTS.md, "Deferred state writes").
 DEFER_MIN_BATCH = 16
-# The fused step's recurrence asks the out projection's weight into L2 while it runs (its state's traffic marked
-# first to leave L2), so that the projection reads its weight from L2: the recurrence moves the state at ~70 % of
-# the copy rate, and the rest of that rate is idle (7B: 32 MB of weight beside 67 MB of state a layer at batch 32).
-WARM_L2 = False
 # Eager runs before capture, on a side stream (PyTorch's CUDA-graph recipe: lazy inits, cuBLAS workspaces).
 WARMUP_STEPS = 2
 # peft layer attributes that change what a captured LoRA forward computes without touching any parameter.
@@ -126,7 +122,6 @@ class DecodeStepRunner:
         gemv: bool = False,
         pdl: bool = False,
         branches: bool = False,
-        warm_l2: bool = WARM_L2,
     ) -> None:
         self.capture = capture
         self.blas = blas
@@ -141,8 +136,6 @@ class DecodeStepRunner:
         # forwards): l2 on a stream of its own while l1 runs. On an H200 at batch 32: +1.0 % (7B) and +1.2 % (1B)
         # tokens/s, the pair moving its weights at ~3.3 TB/s against 3.2 one after the other (RESULTS.md).
         self.branch = torch.cuda.Stream(device) if branches and capture and not self.gemv else None
-        # The fused step's recurrence asks the out projection's weight into L2 while it runs (``warm_l2``).
-        self.warm_l2 = warm_l2 and self.gemv
         # Deferred state writes (enable_deferral; the device greedy loop's steps): the terms held beside each
         # layer's state and the position at which the states were whole.
         self.terms: list[DeferredTerms] = []
@@ -252,13 +245,11 @@ class DecodeStepRunner:
         return mixer.norm(o, gate=u)
 
     def _attend(
-        self, mixer: NormLinearAttention, q: Tensor, k: Tensor, v: Tensor, i: int, emit_squares: bool = False,
-        warm: Tensor | None = None,
+        self, mixer: NormLinearAttention, q: Tensor, k: Tensor, v: Tensor, i: int, emit_squares: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """o [B, H, V] of the projected q, k, v (activation, LRPE, the recurrence written into layer ``i``'s
         state; while ``deferring``, written back every ``defer_steps`` steps, :meth:`enable_deferral`), and with
-        ``emit_squares`` (the Triton kernel only) the partial sums of squares of o's rows, else None. ``warm``: the
-        tensor the Triton kernel asks into L2 for the kernel after it (``triton_step``'s)."""
+        ``emit_squares`` (the Triton kernel only) the partial sums of squares of o's rows, else None."""
         state, decay = self.states[i], self.decays[i]
         # The Triton step applies SiLU (TNL's activation) and the LRPE layer's rotation itself (about twenty
         # small kernels fewer in that layer).
@@ -275,7 +266,7 @@ class DecodeStepRunner:
                 q[:, 0], k[:, 0], v[:, 0], state, decay, self.pad[:, 0], silu_qk=fuse, pdl=self.pdl,
                 lrpe_theta=lrpe.theta if lrpe is not None else None, position=self.position,
                 lrpe_angle_dtype=lrpe.angle_dtype if lrpe is not None else "float32",
-                deferred=self.terms[i] if self._deferring else None, emit_squares=emit_squares, warm=warm,
+                deferred=self.terms[i] if self._deferring else None, emit_squares=emit_squares,
             )  # fmt: skip
             return result if emit_squares else (result, None)
         return torch_step(q[:, 0], k[:, 0], v[:, 0], state, decay, self.pad[:, 0]), None
@@ -310,8 +301,7 @@ class DecodeStepRunner:
             qkvu = gemv(hidden, mixer.qkvu_proj.weight, norm_eps=layer.token_norm.eps, norm_squares=squares, pdl=pdl)
             q, k, v, u = mixer.split_heads(qkvu.view(batch, 1, -1))
             # Several rows: the recurrence also writes the sums of squares of o's rows, which out_proj's norm reads.
-            o, o_squares = self._attend(mixer, q, k, v, i, emit_squares=batch > 1,
-                                        warm=mixer.out_proj.weight if self.warm_l2 else None)
+            o, o_squares = self._attend(mixer, q, k, v, i, emit_squares=batch > 1)
             hidden, squares = residual_projection(o.reshape(rows), mixer.out_proj.weight, norm_eps=mixer.norm.eps,
                                                   gate=u.reshape(rows), residual=hidden, norm_squares=o_squares)
             product = gemv(hidden, glu.l1.weight, weight2=glu.l2.weight, norm_eps=layer.channel_norm.eps,
@@ -632,7 +622,6 @@ class DecodeGraphs:
         defer_steps: int = DEFER_STEPS,
         defer_min_batch: int = DEFER_MIN_BATCH,
         rows_min_batch: int = ROWS_MIN_BATCH,
-        warm_l2: bool = WARM_L2,
     ) -> None:
         if not 1 <= gemv_max_batch <= ROWS_MAX:
             raise ValueError(f"gemv_max_batch must be 1 to {ROWS_MAX}, got {gemv_max_batch}")
@@ -649,7 +638,6 @@ class DecodeGraphs:
         self.gemv_max_batch = gemv_max_batch
         self.pdl = pdl
         self.branches = branches
-        self.warm_l2 = warm_l2
         # Short prefills as graphs (infer.prefill_graph); by default with capture only (on the CPU the static
         # prefill would only change the summation order of the eager one).
         self.prefill_graphs = capture if prefill is None else prefill
@@ -837,8 +825,7 @@ class DecodeGraphs:
             if len(self.runners) >= MAX_RUNNERS:
                 self.runners.pop(next(iter(self.runners))).release()
             runner = DecodeStepRunner(model, batch, input_ids.device, self.capture, self.blas,
-                                      gemv=self.gemv and self.fused(batch), pdl=self.pdl, branches=self.branches,
-                                      warm_l2=self.warm_l2)
+                                      gemv=self.gemv and self.fused(batch), pdl=self.pdl, branches=self.branches)
             self.runners[batch] = runner
         return runner if runner.fits(input_ids, cache) else None
 
@@ -906,7 +893,6 @@ def install_graph_decoding(
     defer_steps: int = DEFER_STEPS,
     defer_min_batch: int = DEFER_MIN_BATCH,
     rows_min_batch: int = ROWS_MIN_BATCH,
-    warm_l2: bool = WARM_L2,
 ) -> DecodeGraphs:
     """Let ``model`` (or the model under its peft wrapper) take one-token cached steps through static runners,
     replacing any installed before. ``capture=False`` runs the static step without CUDA graphs, on any device
@@ -918,13 +904,12 @@ def install_graph_decoding(
     default: with ``capture``); ``branches``: the GLU's two projections side by side in the captured layer forwards
     (``DecodeStepRunner._channel_mix``); ``defer_steps``: the device greedy loop's Triton steps write the
     recurrent states back every that many steps only (0: every step; ``GreedyDeviceSteps``), at batches from
-    ``defer_min_batch``; ``warm_l2``: the fused step's recurrence asks the out projection's weight into L2 for the
-    projection after it."""
+    ``defer_min_batch``."""
     base = _base_model(model)
     remove_graph_decoding(base)
     graphs = DecodeGraphs(capture=capture, blas=blas, gemv=gemv, pdl=pdl, prefill=prefill,
                           gemv_max_batch=gemv_max_batch, branches=branches, defer_steps=defer_steps,
-                          defer_min_batch=defer_min_batch, rows_min_batch=rows_min_batch, warm_l2=warm_l2)
+                          defer_min_batch=defer_min_batch, rows_min_batch=rows_min_batch)
     base.step_decoder = graphs
     return graphs
 

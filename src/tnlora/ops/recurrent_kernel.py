@@ -6,7 +6,7 @@ This module imports triton at import; ``tnlora.ops.recurrent_triton`` imports it
 import triton
 import triton.language as tl
 
-from tnlora.ops.gemv_triton import _prefetch_rows, gdc_launch_dependents, gdc_wait
+from tnlora.ops.gemv_triton import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -40,40 +40,8 @@ def _features(base, rows, row_ok, theta_ptr, i_h, position, compute: tl.constexp
 
 
 @triton.jit
-def _warm(warm_ptr, warm_chunk, warm_total, LANES: tl.constexpr):
-    """Asks the copy engine to bring this program's share of ``warm_ptr``'s first ``warm_total`` values into L2:
-    ``warm_chunk`` values (a multiple of 16 bytes) from program (axis 0 × axis 1 + axis 1) × ``warm_chunk``, one
-    request, made by one of the program's LANES threads (a hint; nothing waits for it)."""
-    program = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)  # int32: the caller keeps the total below 2³¹
-    start = program * warm_chunk
-    count = tl.maximum(tl.minimum(warm_total - start, warm_chunk), 0)
-    lane = tl.arange(0, LANES)
-    _prefetch_rows(warm_ptr, lane * 0, 0, lane == 0, start, start + count)
-
-
-@triton.jit
-def _load_state(ptrs, mask, WARM: tl.constexpr):
-    """A state tile; with WARM marked first to leave L2 (read once a step, it would push out the lines warmed)."""
-    if WARM:
-        s = tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
-    else:
-        s = tl.load(ptrs, mask=mask, other=0.0)
-    return s
-
-
-@triton.jit
-def _store_state(ptrs, s, mask, WARM: tl.constexpr):
-    """A state tile written back; with WARM marked first to leave L2, as :func:`_load_state`."""
-    if WARM:
-        tl.store(ptrs, s, mask=mask, eviction_policy="evict_first")
-    else:
-        tl.store(ptrs, s, mask=mask)
-
-
-@triton.jit
-def _program_start(state_ptr, decay_ptr, heads, warm_ptr, warm_chunk, warm_total, K: tl.constexpr, V: tl.constexpr,
-                   PDL: tl.constexpr, WARM: tl.constexpr, LANES: tl.constexpr, BK: tl.constexpr,
-                   BV: tl.constexpr):  # fmt: skip
+def _program_start(state_ptr, decay_ptr, heads, K: tl.constexpr, V: tl.constexpr, PDL: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr):  # fmt: skip
     """This program's place and first reads, for both step kernels: (row, row as int64, head, its V columns and
     their mask, its state block, the state's first [BK, BV] tile, λ). Axis 0 is (row, head) (up to 2³¹
     programs; axis 1 is capped at 65,535), axis 1 the V block. As a programmatic dependent launch (PDL) the next
@@ -92,9 +60,7 @@ def _program_start(state_ptr, decay_ptr, heads, warm_ptr, warm_chunk, warm_total
     first_ok = (first_rows < K)[:, None] & col_ok[None, :]
     if PDL:
         gdc_launch_dependents()
-    if WARM:  # the next kernel's weights are no kernel's output: asked for before the wait
-        _warm(warm_ptr, warm_chunk, warm_total, LANES)
-    s_first = _load_state(state_base + first_rows[:, None] * V + cols[None, :], first_ok, WARM)
+    s_first = tl.load(state_base + first_rows[:, None] * V + cols[None, :], mask=first_ok, other=0.0)
     decay = tl.load(decay_ptr + i_h)
     if PDL:
         gdc_wait()
@@ -116,7 +82,7 @@ def _value(v_ptr, pad_ptr, i_b, i_b64, i_h, stride_vb, stride_vh, cols, col_ok, 
 @triton.jit
 def _block(q_base, k_base, state_base, s_first, cols, col_ok, theta_ptr, i_h, position, k0: tl.constexpr,
            compute: tl.constexpr, SILU: tl.constexpr, LRPE: tl.constexpr, ANGLE_MODEL: tl.constexpr,
-           HD: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, WARM: tl.constexpr):  # fmt: skip
+           HD: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr):  # fmt: skip
     """State rows k0 … k0 + BK of this program, for both step kernels: (the rows and their mask, q's and k's
     features there, the state tile's pointers and mask, the tile as read: the first one from ``s_first``, read
     before a dependent launch's wait)."""
@@ -129,7 +95,7 @@ def _block(q_base, k_base, state_base, s_first, cols, col_ok, theta_ptr, i_h, po
     if k0 == 0:  # noqa: SIM108 (a constant: one side compiled)
         s = s_first
     else:
-        s = _load_state(ptrs, tile_ok, WARM)
+        s = tl.load(ptrs, mask=tile_ok, other=0.0)
     return rows, row_ok, q, k, ptrs, tile_ok, s
 
 
@@ -169,9 +135,6 @@ def recurrent_step_kernel(
     position_ptr,
     stride_position,
     squares_ptr,
-    warm_ptr,
-    warm_chunk,
-    warm_total,
     K: tl.constexpr,
     V: tl.constexpr,
     HAS_PAD: tl.constexpr,
@@ -181,14 +144,12 @@ def recurrent_step_kernel(
     HD: tl.constexpr,
     PDL: tl.constexpr,
     SQUARES: tl.constexpr,
-    WARM: tl.constexpr,
-    LANES: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
 ):
     compute = state_ptr.dtype.element_ty
     i_b, i_b64, i_h, cols, col_ok, state_base, s_first, decay = _program_start(
-        state_ptr, decay_ptr, heads, warm_ptr, warm_chunk, warm_total, K, V, PDL, WARM, LANES, BK, BV
+        state_ptr, decay_ptr, heads, K, V, PDL, BK, BV
     )
     v = _value(v_ptr, pad_ptr, i_b, i_b64, i_h, stride_vb, stride_vh, cols, col_ok, compute, HAS_PAD)
 
@@ -201,10 +162,10 @@ def recurrent_step_kernel(
     for k0 in tl.static_range(0, K, BK):
         _, _, q, k, ptrs, tile_ok, s = _block(
             q_base, k_base, state_base, s_first, cols, col_ok, theta_ptr, i_h, position, k0, compute, SILU, LRPE,
-            ANGLE_MODEL, HD, K, V, BK, WARM,
+            ANGLE_MODEL, HD, K, V, BK,
         )  # fmt: skip
         s = decay * s + k[:, None] * v[None, :]
-        _store_state(ptrs, s, tile_ok, WARM)
+        tl.store(ptrs, s, mask=tile_ok)
         # o after the update (recurrent_attention's order), reduced from the registers just stored.
         o += tl.sum(q[:, None] * s, axis=0)
     _store_o(o, o_ptr, i_b, i_b64, i_h, heads, stride_ob, stride_oh, cols, col_ok, squares_ptr, compute, SQUARES)
@@ -246,9 +207,6 @@ def recurrent_deferred_kernel(
     slot_k,
     slot_v,
     squares_ptr,
-    warm_ptr,
-    warm_chunk,
-    warm_total,
     K: tl.constexpr,
     V: tl.constexpr,
     M: tl.constexpr,
@@ -259,8 +217,6 @@ def recurrent_deferred_kernel(
     HD: tl.constexpr,
     PDL: tl.constexpr,
     SQUARES: tl.constexpr,
-    WARM: tl.constexpr,
-    LANES: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
 ):
@@ -273,7 +229,7 @@ def recurrent_deferred_kernel(
     # S and λ are read before a dependent launch's wait (_program_start): this kernel alone writes S, in an
     # earlier step; hk and hv are read after it.
     i_b, i_b64, i_h, cols, col_ok, state_base, s_first, decay = _program_start(
-        state_ptr, decay_ptr, heads, warm_ptr, warm_chunk, warm_total, K, V, PDL, WARM, LANES, BK, BV
+        state_ptr, decay_ptr, heads, K, V, PDL, BK, BV
     )
     position = tl.load(position_ptr + i_b64 * stride_position)
     phase = (position - tl.load(base_ptr + i_b64 * stride_position)) % M
@@ -291,7 +247,7 @@ def recurrent_deferred_kernel(
     for k0 in tl.static_range(0, K, BK):
         rows, row_ok, q, k, ptrs, tile_ok, s = _block(
             q_base, k_base, state_base, s_first, cols, col_ok, theta_ptr, i_h, position, k0, compute, SILU, LRPE,
-            ANGLE_MODEL, HD, K, V, BK, WARM,
+            ANGLE_MODEL, HD, K, V, BK,
         )  # fmt: skip
         s = s_scale * s + k[:, None] * v[None, :]
         for j in tl.static_range(M - 1):
@@ -299,7 +255,7 @@ def recurrent_deferred_kernel(
             kj = tl.load(hk_base + j * slot_k + rows, mask=row_ok & held, other=0.0)
             vj = tl.load(hv_base + j * slot_v, mask=col_ok & held, other=0.0)
             s += _power(decay, phase - j, M) * kj[:, None] * vj[None, :]
-        _store_state(ptrs, s, tile_ok & flush, WARM)
+        tl.store(ptrs, s, mask=tile_ok & flush)
         o += tl.sum(q[:, None] * s, axis=0)
         # One program a row and head keeps k (every V block computes the same).
         tl.store(hk_base + phase * slot_k + rows, k, mask=row_ok & (phase < M - 1) & (tl.program_id(1) == 0))

@@ -112,13 +112,6 @@ def _check_position(position: Tensor | None, batch: int, what: str) -> None:
         raise ValueError(f"{what} an integer position, 0-dim or [B]={batch}")
 
 
-def _warmable(t: Tensor) -> bool:
-    """Whether :func:`triton_step` can ask ``t`` into L2: contiguous on 16 bytes, fewer than 2³¹ values and 16 /
-    element size dividing into whole pieces, on a CUDA card with the bulk prefetch (sm_90 and later)."""
-    return (t.is_cuda and t.is_contiguous() and t.data_ptr() % 16 == 0 and t.numel() < 2**31
-            and 16 % t.element_size() == 0 and t.numel() * t.element_size() % 16 == 0 and torch.cuda.get_device_capability(t.device)[0] >= 9)
-
-
 def triton_step(
     q: Tensor,
     k: Tensor,
@@ -135,7 +128,6 @@ def triton_step(
     deferred: DeferredTerms | None = None,
     emit_squares: bool = False,
     launch: StepLaunch | None = None,
-    warm: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """One token as one Triton kernel: the arguments and results of :func:`torch_step` (``state`` updated in
     place), o written into ``out`` [B, H, V] (v's dtype) when given. With ``silu_qk`` the kernel applies the
@@ -154,10 +146,6 @@ def triton_step(
     stored, in v's dtype), ``(o, squares)``, squares [:func:`square_parts`, B] (fp64 for fp64 o, else fp32): what
     :func:`tnlora.ops.gemv.gemv` takes as ``norm_squares`` for the norm of o [B, H · V]. ``launch``: the tiles
     and warps (:class:`StepLaunch`; the default's when None; the square parts follow its ``block_v``).
-    ``warm``: a tensor the kernel after this one reads (the out projection's weight), which the programs ask
-    into L2 while they run, a share each, with the state's reads and writes marked first to leave it, so that
-    the next kernel reads it from L2 (sm_90's bulk prefetch, a hint: the results are the same; elsewhere, or
-    where the tensor is not contiguous on 16 bytes, ignored).
 
     q, k, v may be strided views (the last dim contiguous, as the slices of the fused projection are);
     ``state`` must be contiguous. Any B, H, K, V; every tensor on one CUDA device (or CPU tensors under
@@ -210,28 +198,19 @@ def triton_step(
         "BK": block_k, "BV": block_v,
         "num_warps": launch.warps, **({"launch_pdl": True} if pdl else {}),  # an option Triton before 3.3 does not know
     }
-    warm_chunk = warm_total = 0
-    if warm is not None and _warmable(warm):
-        size = warm.element_size()
-        warm_total = warm.numel()
-        # Whole 16-byte pieces a program (the bulk prefetch's unit).
-        warm_chunk = -(-warm_total // (grid[0] * grid[1] * (16 // size))) * (16 // size)
-    flags["WARM"] = warm_total > 0
-    flags["LANES"] = 32 * launch.warps
-    warm_arg = warm if warm_total else decay  # unread without WARM
     pad_arg = pad if pad is not None else decay  # unread without HAS_PAD; any pointer will do
     squares_arg = squares if squares is not None else out  # unwritten without SQUARES
     per_row = 1 if position is not None and position.dim() == 1 else 0
     if deferred is None:
         _kernel()[grid](
             q, k, v, state, decay, pad_arg, out, *common, position if lrpe_theta is not None else decay, per_row,
-            squares_arg, warm_arg, warm_chunk, warm_total, K=key_dim, V=value_dim, **flags,
+            squares_arg, K=key_dim, V=value_dim, **flags,
         )  # fmt: skip
     else:
         _kernel(deferred=True)[grid](
             q, k, v, state, decay, pad_arg, out, deferred.hk, deferred.hv, deferred.base, *common, position,
-            per_row, batch * heads * key_dim, batch * heads * value_dim, squares_arg, warm_arg, warm_chunk,
-            warm_total, K=key_dim, V=value_dim, M=deferred.steps, **flags,
+            per_row, batch * heads * key_dim, batch * heads * value_dim, squares_arg, K=key_dim, V=value_dim,
+            M=deferred.steps, **flags,
         )  # fmt: skip
     return (out, squares) if squares is not None else out
 
