@@ -80,7 +80,7 @@ def test_bench_trims_the_last_layer_when_told_to(capsys, monkeypatch):
                            "--per_device_train_batch_size", "2", "--steps", "1", "--warmup", "1", trim])  # fmt: skip
         out = capsys.readouterr().out
         config = next(line for line in out.splitlines() if line.startswith("config:"))
-        assert code == 0 and (" trim_last_layer" in config) == (trim == "--trim_last_layer")
+        assert code == 0 and (" no-trim_last_layer" in config) == (trim == "--no-trim_last_layer")
         assert bool(trims) == (trim == "--trim_last_layer")
         losses[trim] = float(_row(out)[-1])
     assert losses["--trim_last_layer"] == pytest.approx(losses["--no-trim_last_layer"], rel=1e-4)

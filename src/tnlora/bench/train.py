@@ -346,7 +346,7 @@ def run(args: argparse.Namespace, keys: dict[str, Any]) -> int:
     kernels = f" act={args.act_kernel}" if args.act_kernel != "auto" else ""
     kernels += f" lora_grad={args.lora_grad_kernel}" if args.lora_grad_kernel != "auto" else ""
     kernels += f" lora_dropout={args.lora_dropout_kernel}" if args.lora_dropout_kernel != "auto" else ""
-    kernels += " trim_last_layer" if args.trim_last_layer else ""
+    kernels += "" if args.trim_last_layer else " no-trim_last_layer"
     settings = f"{shape}{' ' + given if given else ''} norms={args.norm_kernel} loss={args.loss_kernel}{kernels}{op}{cap}"
     print(f"config: {args.model} {settings}", flush=True)  # every row can be traced to its settings
     r = train_bench(args, keys, args.name or f"{args.model} {settings}")
