@@ -1,8 +1,17 @@
-"""Registers, shared memory and occupancy of the quadratic form's kernels and of the LoRA backward's one-read
-kernel, compiled ahead of time for a target card, no GPU needed (a script, not a test).
+"""Registers, shared memory and occupancy of the quadratic form's kernels, of the LoRA backward's one-read
+kernel and of the decode step's rows kernel, compiled ahead of time for a target card, no GPU needed (a script,
+not a test).
 
     PYTHONPATH=src python benchmarks/kernel_registers.py --launches 32:4:3:128,32:4:3:64 --key-dims 128,256
     PYTHONPATH=src python benchmarks/kernel_registers.py --dy-launches 64:256:4:3,32:256:4:3 --dy-cols 8192,2048
+    PYTHONPATH=src python benchmarks/kernel_registers.py --launches "" --decode-rows 7B,1B --decode-tma
+
+``--decode-rows``: each projection of the batch-32 decode step (:mod:`tnlora.infer.decode_graph`) at the model's
+shapes, with its launch of ``gemv.ROWS_TUNED`` and the options the step calls it with (norm, gate, GLU, residual,
+sums of squares read and written, K split), and with ``--decode-tma`` the same launch with the weight tiles
+(and x where it can) read by the copy engine; besides the resources, the asynchronous copy instructions in the
+PTX (``cp.async``, issued by every thread; ``cp.async.bulk.tensor``, the copy engine's), which show that the
+loop's loads are pipelined in either form.
 
 Each launch (``quadratic_triton.BlockLaunch``: block:warps:stages:columns; ``lora_grad.Launch``: rows:columns:
 warps:stages of a tile) is compiled with Triton for the target (default sm_90, Hopper) in bf16, specialised as
@@ -19,14 +28,19 @@ resident to hide it: the rows a launch's occupancy allows are what this prints n
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from tnlora.model.configuration import config_from_preset
+from tnlora.ops.gemv import ROWS_TUNED, gemv_config, squares_dtype
+from tnlora.ops.gemv_triton import rows_kernel as decode_rows_kernel
 from tnlora.ops.lightning_triton import tile_width
 from tnlora.ops.lora_grad import Launch, launch_grid, rank_block
 from tnlora.ops.lora_grad_triton import lora_dy_products_kernel
@@ -37,6 +51,7 @@ from tnlora.ops.quadratic_triton import (
     quadratic_dkv_kernel,
     quadratic_rows_kernel,
 )
+from tnlora.ops.recurrent_triton import square_parts
 
 REGISTERS_PER_SM = 65_536
 SHARED_PER_SM = 228 * 1024
@@ -45,14 +60,18 @@ WARPS_PER_SM = 64
 
 
 def _compile(kernel, pointers: dict[str, str], scalars: dict[str, int], constants: dict[str, object],
-             num_warps: int, num_stages: int, target):
+             num_warps: int, num_stages: int, target, descriptors: dict[str, str] | None = None,
+             floats: tuple[str, ...] = (), options: dict[str, object] | None = None):
     """``kernel`` compiled for ``target`` with these pointer types, integer arguments (their values decide the
-    divisibility marks, as at a launch) and constants."""
-    signature = {**pointers, **dict.fromkeys(scalars, "i32"), **dict.fromkeys(constants, "constexpr")}
+    divisibility marks, as at a launch), tensor descriptors (their types), fp32 arguments and constants."""
+    signature = {**pointers, **(descriptors or {}), **dict.fromkeys(scalars, "i32"), **dict.fromkeys(floats, "fp32"),
+                 **dict.fromkeys(constants, "constexpr")}  # fmt: skip
+    signature = {name: signature[name] for name in kernel.arg_names if name in signature}
     aligned = [*pointers, *(name for name, value in scalars.items() if value % 16 == 0)]
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
-    return triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(source, target=target,
+                          options={"num_warps": num_warps, "num_stages": num_stages, **(options or {})})
 
 
 def rows_kernel(launch: BlockLaunch, width: int, columns_width: int, heads: int, tokens: int, target):
@@ -91,6 +110,71 @@ def dy_products_kernel(launch: Launch, rows: int, cols: int, rank: int, processo
     return _compile(lora_dy_products_kernel, pointers, scalars, constants, launch.num_warps, launch.num_stages, target)
 
 
+def decode_projections(preset: str, rows: int) -> list[tuple[str, int, int, dict[str, bool], int]]:
+    """The batch-``rows`` decode step's projections of ``preset`` as :mod:`tnlora.infer.decode_graph` calls them:
+    (name, N, K, the kernel's options, partial sums of squares its norm reads). qkvu's come from the previous
+    layer's l3 (a sum a tile of it), out_proj's from the recurrence, the GLU's from out_proj's tiles."""
+    config = config_from_preset(preset)
+    d, hidden, inner, heads = config.decoder_embed_dim, config.hidden_dim, config.glu_dim, config.decoder_attention_heads
+
+    def tiles(n: int, k: int, glu: bool = False) -> int:
+        return -(-n // ROWS_TUNED[n, k, glu].block_n)
+
+    off = dict.fromkeys(["NORM", "GATE", "GLU", "RESIDUAL", "SQUARES_IN", "SQUARES_OUT"], False)
+    normed = {**off, "NORM": True, "SQUARES_IN": True}
+    return [
+        ("qkvu", 4 * hidden, d, normed, tiles(d, inner)),
+        ("out_proj", d, hidden, {**normed, "GATE": True, "RESIDUAL": True, "SQUARES_OUT": True},
+         square_parts(heads, hidden // heads)),
+        ("l1/l2", inner, d, {**normed, "GLU": True}, tiles(d, d)),
+        ("l3", d, inner, {**off, "RESIDUAL": True, "SQUARES_OUT": True}, 1),
+        ("lm_head", config.vocab_size, d, normed, tiles(d, inner)),
+    ]
+
+
+def decode_rows(n: int, k: int, flags: dict[str, bool], parts: int, rows: int, tma: bool, target):
+    """The rows kernel (bf16) for y [rows, n] = x Wᵀ with W [n, k], launched as :func:`tnlora.ops.gemv.gemv`
+    launches it at ``rows`` rows on an sm_90 card (:func:`~tnlora.ops.gemv.gemv_config`'s launch, as a dependent
+    launch); with ``tma`` the weight tiles by the copy engine (x too: its rows of k bf16 values lie on 16 bytes)
+    and no L2 prefetch (the launcher drops it for TMA). Returns (the compiled kernel, the launch)."""
+    launch = gemv_config(n, k, glu=flags["GLU"], rows=rows)
+    block_m = max(16, 1 << (rows - 1).bit_length())
+    steps = -(-k // launch.block_k)
+    k_part = -(-steps // launch.split) * launch.block_k
+    splits = -(-k // k_part)
+    sums = "*fp32" if squares_dtype(torch.bfloat16) == torch.float32 else "*fp64"
+    pointers = {"residual_ptr": "*bf16", "y_ptr": "*bf16", "squares_in_ptr": sums if flags["SQUARES_IN"] else "*bf16",
+                "squares_out_ptr": sums if flags["SQUARES_OUT"] else "*bf16",
+                "part_ptr": sums if splits > 1 else "*bf16", "count_ptr": "*i32" if splits > 1 else "*bf16"}  # fmt: skip
+    inputs = {"x_ptr": f"tensordesc<bf16[{block_m}, {launch.block_k}]>", "gate_ptr": f"tensordesc<bf16[{block_m}, {launch.block_k}]>"}
+    weights = {"w_ptr": f"tensordesc<bf16[{launch.block_n}, {launch.block_k}]>",
+               "w2_ptr": f"tensordesc<bf16[{launch.block_n}, {launch.block_k}]>"}  # fmt: skip
+    if tma:
+        descriptors = {**inputs, **weights}
+    else:
+        descriptors = {}
+        pointers.update(dict.fromkeys([*inputs, *weights], "*bf16"))
+    scalars = {"M": rows, "N": n, "stride_x": k, "stride_gate": k, "stride_residual": n, "stride_w": k, "stride_w2": k,
+               "P_IN": parts}  # fmt: skip
+    # The launcher makes an integer argument equal to 1 a constant, as it does here.
+    constants: dict[str, object] = {name: 1 for name, value in scalars.items() if value == 1}
+    scalars = {name: value for name, value in scalars.items() if value != 1}
+    swap = launch.swap and not (flags["NORM"] and not flags["SQUARES_IN"])
+    constants.update(K=k, **flags, EVEN_K=k % k_part == 0, DOT=True, PRECISION="ieee", PDL=True, EARLY=launch.early,
+                     SWAP=swap, SPLIT=splits, K_PART=k_part, BLOCK_M=block_m, BLOCK_N=launch.block_n,
+                     BLOCK_K=launch.block_k, BLOCK_P=max(2, 1 << (parts - 1).bit_length()), TMA=tma, TMA_X=tma,
+                     PREFETCH=0 if tma else launch.prefetch)  # fmt: skip
+    compiled = _compile(decode_rows_kernel, pointers, scalars, constants, launch.warps, launch.stages, target,
+                        descriptors=descriptors, floats=("eps",), options={"launch_pdl": True})  # fmt: skip
+    return compiled, launch
+
+
+def async_copies(compiled) -> tuple[int, int]:
+    """(``cp.async`` copies, ``cp.async.bulk.tensor`` copies) in a compiled kernel's PTX."""
+    ptx = compiled.asm["ptx"]
+    return len(re.findall(r"cp\.async\.c[ag]\.", ptx)), len(re.findall(r"cp\.async\.bulk\.tensor", ptx))
+
+
 def resource_usage(compiled) -> tuple[int, int]:
     """(registers a thread, local memory bytes a thread) of a compiled kernel, read by cuobjdump."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -124,6 +208,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--processors", type=int, default=132, help="streaming multiprocessors (H100 SXM: 132)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability as one number (90: Hopper)")
+    parser.add_argument("--decode-rows", default="", help="presets whose batch-32 decode projections to compile, e.g. 7B,1B")
+    parser.add_argument("--decode-batch", type=int, default=32, help="rows of the decode step")
+    parser.add_argument("--decode-tma", action="store_true", help="each decode launch also with its tiles by TMA")
     args = parser.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
     print(f"# triton {triton.__version__}, sm_{args.arch}, bf16, V {args.value_dim}, {args.heads} heads, {args.tokens} tokens, "
@@ -147,6 +234,23 @@ def main() -> None:
             launch = Launch(block_t, block_n, warps, stages)
             _report("dy-prod", cols, text, dy_products_kernel(launch, args.tokens, cols, args.rank, args.processors,
                                                               target), warps)  # fmt: skip
+    presets = [p for p in args.decode_rows.split(",") if p]
+    if presets:
+        print(f"\n# the rows kernel at {args.decode_batch} rows (ROWS_TUNED's launches: weight rows, columns a step, "
+              "warps, stages); copies: cp.async / cp.async.bulk.tensor in the PTX")
+        print(f"{'model':<6} {'projection':<9} {'launch':<14} {'form':<8} {'regs':>5} {'local':>6} {'shared':>7} "
+              f"{'blocks/SM':>10} {'copies':>8}")  # fmt: skip
+    for preset in presets:
+        for name, n, k, flags, parts in decode_projections(preset, args.decode_batch):
+            for tma in (False, True) if args.decode_tma else (False,):
+                compiled, launch = decode_rows(n, k, flags, parts, args.decode_batch, tma, target)
+                registers, local = resource_usage(compiled)
+                shared = compiled.metadata.shared
+                blocks = blocks_per_sm(registers, shared, launch.warps)
+                text = f"{launch.block_n}:{launch.block_k}:{launch.warps}:{launch.stages}"
+                copies = "/".join(str(c) for c in async_copies(compiled))
+                print(f"{preset:<6} {name:<9} {text:<14} {'TMA' if tma else 'pointers':<8} {registers:>5} {local:>6} "
+                      f"{shared:>7} {blocks:>10} {copies:>8}", flush=True)  # fmt: skip
 
 
 def _report(name: str, width: int, launch: str, compiled, warps: int) -> None:
