@@ -33,13 +33,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from tnlora.model.configuration import config_from_preset
-from tnlora.ops.gemv import ROWS_TUNED, gemv_config, squares_dtype
+from tnlora.ops.gemv import ROWS_TUNED, gemv_config, k_parts, row_block
 from tnlora.ops.gemv_triton import rows_kernel as decode_rows_kernel
 from tnlora.ops.lightning_triton import tile_width
 from tnlora.ops.lora_grad import Launch, launch_grid, rank_block
@@ -138,11 +137,9 @@ def decode_rows(n: int, k: int, flags: dict[str, bool], parts: int, rows: int, t
     launch); with ``tma`` the weight tiles by the copy engine (x too: its rows of k bf16 values lie on 16 bytes)
     and no L2 prefetch (the launcher drops it for TMA). Returns (the compiled kernel, the launch)."""
     launch = gemv_config(n, k, glu=flags["GLU"], rows=rows)
-    block_m = max(16, 1 << (rows - 1).bit_length())
-    steps = -(-k // launch.block_k)
-    k_part = -(-steps // launch.split) * launch.block_k
-    splits = -(-k // k_part)
-    sums = "*fp32" if squares_dtype(torch.bfloat16) == torch.float32 else "*fp64"
+    block_m = row_block(rows)
+    k_part, splits = k_parts(k, launch.block_k, launch.split)  # the step's normed launches read their squares
+    sums = "*fp32"  # the sums of squares and the split parts of bf16 rows (gemv.squares_dtype)
     pointers = {"residual_ptr": "*bf16", "y_ptr": "*bf16", "squares_in_ptr": sums if flags["SQUARES_IN"] else "*bf16",
                 "squares_out_ptr": sums if flags["SQUARES_OUT"] else "*bf16",
                 "part_ptr": sums if splits > 1 else "*bf16", "count_ptr": "*i32" if splits > 1 else "*bf16"}  # fmt: skip

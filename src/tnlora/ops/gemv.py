@@ -228,7 +228,7 @@ def gemv(
     dot = x.dtype != torch.float64
     if dot and block_n < 16:
         raise ValueError(f"a launch for several rows needs block_n >= 16, got {block_n}")
-    block_m = max(16, 1 << (rows - 1).bit_length())
+    block_m = row_block(rows)
     if not dot:
         # fp64 holds a tile's products in registers; a long step spills them (32 x 32 x 256, the default launch
         # at 17 rows: 57 KB of stack a thread, which CUDA reserves for every thread the card can run, ~16 GB on
@@ -240,11 +240,8 @@ def gemv(
     # wrong on an H100 with Triton 3.6, differently run to run (a race in the generated code; fine with the
     # squares read in, or the products as X Wᵀ): a launch whose norm sums its own squares takes them as X Wᵀ.
     swap = swap and dot and not own_squares
-    # A part of K has only its own columns of x, so a norm that sums its own squares runs unsplit; parts of
-    # whole steps, as many as that leaves (every part has columns).
-    steps = _cdiv(k, block_k)
-    k_part = (steps if own_squares else _cdiv(steps, split)) * block_k
-    splits = _cdiv(k, k_part)
+    # A part of K has only its own columns of x, so a norm that sums its own squares runs unsplit.
+    k_part, splits = k_parts(k, block_k, 1 if own_squares else split)
     tiles = _cdiv(n, block_n)
     squares_out = torch.empty(tiles, rows, dtype=sums_dtype, device=x.device) if emit_squares else None
     if splits > 1:
@@ -389,6 +386,19 @@ def pdl_supported(device: torch.device | str) -> bool:
     return HAS_PDL
 
 
+def row_block(rows: int) -> int:
+    """The rows kernel's block of rows for ``rows`` rows of x: their next power of two, 16 at least (the tensor
+    cores' dot)."""
+    return max(16, 1 << (rows - 1).bit_length())
+
+
+def k_parts(k: int, block_k: int, split: int) -> tuple[int, int]:
+    """(columns a part sums, parts) of K cut into ``split`` parts of whole steps of ``block_k`` columns: as many
+    parts as that leaves, so that every part has columns."""
+    k_part = _cdiv(_cdiv(k, block_k), split) * block_k
+    return k_part, _cdiv(k, k_part)
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -417,6 +427,6 @@ def gemv_reference(
 
 __all__ = [
     "EMBED_BLOCK", "FP64_STEP", "PREFETCH_MIN_ROWS", "ROWS_MAX", "ROWS_TUNED", "SPLIT_COUNTER_SLOTS", "TUNED",
-    "GemvConfig", "embed_rows", "gemv", "gemv_config", "gemv_reference", "pdl_supported", "prefetchable",
-    "split_counters", "squares_dtype", "tma_addressable",
+    "GemvConfig", "embed_rows", "gemv", "gemv_config", "gemv_reference", "k_parts", "pdl_supported", "prefetchable",
+    "row_block", "split_counters", "squares_dtype", "tma_addressable",
 ]
