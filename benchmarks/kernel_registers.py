@@ -138,7 +138,7 @@ def decode_rows(n: int, k: int, flags: dict[str, bool], parts: int, rows: int, t
     and no L2 prefetch (the launcher drops it for TMA). Returns (the compiled kernel, the launch)."""
     launch = gemv_config(n, k, glu=flags["GLU"], rows=rows)
     block_m = row_block(rows)
-    k_part, splits = k_parts(k, launch.block_k, launch.split)  # the step's normed launches read their squares
+    k_part, splits = k_parts(k, launch.block_k, launch.split)  # the step's norms read their squares: split, swap as given
     sums = "*fp32"  # the sums of squares and the split parts of bf16 rows (gemv.squares_dtype)
     pointers = {"residual_ptr": "*bf16", "y_ptr": "*bf16", "squares_in_ptr": sums if flags["SQUARES_IN"] else "*bf16",
                 "squares_out_ptr": sums if flags["SQUARES_OUT"] else "*bf16",
@@ -153,12 +153,11 @@ def decode_rows(n: int, k: int, flags: dict[str, bool], parts: int, rows: int, t
         pointers.update(dict.fromkeys([*inputs, *weights], "*bf16"))
     scalars = {"M": rows, "N": n, "stride_x": k, "stride_gate": k, "stride_residual": n, "stride_w": k, "stride_w2": k,
                "P_IN": parts}  # fmt: skip
-    # The launcher makes an integer argument equal to 1 a constant, as it does here.
+    # Triton's launcher makes an integer argument equal to 1 a constant; so does this compile.
     constants: dict[str, object] = {name: 1 for name, value in scalars.items() if value == 1}
     scalars = {name: value for name, value in scalars.items() if value != 1}
-    swap = launch.swap and not (flags["NORM"] and not flags["SQUARES_IN"])
     constants.update(K=k, **flags, EVEN_K=k % k_part == 0, DOT=True, PRECISION="ieee", PDL=True, EARLY=launch.early,
-                     SWAP=swap, SPLIT=splits, K_PART=k_part, BLOCK_M=block_m, BLOCK_N=launch.block_n,
+                     SWAP=launch.swap, SPLIT=splits, K_PART=k_part, BLOCK_M=block_m, BLOCK_N=launch.block_n,
                      BLOCK_K=launch.block_k, BLOCK_P=max(2, 1 << (parts - 1).bit_length()), TMA=tma, TMA_X=tma,
                      PREFETCH=0 if tma else launch.prefetch)  # fmt: skip
     compiled = _compile(decode_rows_kernel, pointers, scalars, constants, launch.warps, launch.stages, target,
